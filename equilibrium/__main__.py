@@ -1,0 +1,7 @@
+"""Allow ``python -m equilibrium``."""
+
+import sys
+
+from equilibrium.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""The ``equilibrium`` command: one entry point, one subcommand per component.
+
+Each component owns its own arguments: a module listed in ``SUBCOMMANDS`` exposes
+``register(subparsers)``, which adds its subparser and sets ``func`` (a callable taking the
+parsed namespace and returning an exit code). Modules are imported only when needed, so
+``equilibrium sidecar`` never pays for cvxpy or matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module that registers it, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sidecar": ("sidecar.cli", "run the proxy beside an app"),
+    "signaler": ("signaler.cli", "run the correlated-equilibrium signaler"),
+    "injector": ("injector.cli", "run the Kubernetes sidecar-injector webhook"),
+    "init": ("injector.init_cli", "install the transparent-interception iptables rules"),
+    "demo": ("equilibrium.demo", "run a local mesh with a bad pod and watch traffic shift"),
+    "bench": ("equilibrium.bench.cli", "compare routing policies on a real local fleet"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="equilibrium",
+        description="Equilibrium: a game-theoretic sidecar proxy for microservices.",
+    )
+    parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if wanted == name:
+            module = importlib.import_module(module_name)
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

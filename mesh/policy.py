@@ -1,0 +1,94 @@
+"""The one seam between measuring and choosing: the routing ``Policy`` protocol.
+
+A policy owns the estimators of one upstream's endpoints and picks an endpoint for each
+request. The proxy calls it in this order for every request::
+
+    endpoint = policy.pick(rng, now, exclude)      # request path: reads the snapshot only
+    policy.on_start(endpoint, now)                  # in-flight + 1
+    ...forward...
+    policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion))   # in-flight - 1
+
+and, off the request path, ``policy.tick(now)`` every ``tick_interval`` seconds to rebuild
+the routing snapshot (weights) from what was learned; the request path only reads the last
+snapshot, which is swapped in whole (as pingora's load-balancer selector is).
+
+Policies differ only in how they choose; measuring is done by :mod:`mesh.estimators`, as
+tower separates ``Load`` from ``Balance``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the proxy observed for one forwarded request.
+
+    ``latency`` is in seconds from sending the request to the response head (or failure).
+    ``ok`` is False for connect errors, timeouts and 5xx answers; such outcomes are charged a
+    penalty latency by the estimators. ``congestion`` is the upstream's piggybacked
+    ``X-GT-Congestion`` level in [0, 1], when it sent one.
+    """
+
+    endpoint: str
+    latency: float
+    ok: bool
+    now: float
+    congestion: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """One endpoint as the policy sees it, for /debug/state, metrics and the demo."""
+
+    endpoint: str
+    weight: float
+    latency_estimate: float
+    regret: float
+    in_flight: int
+    requests: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySnapshot:
+    """Everything an observer needs about one upstream's routing state at one instant."""
+
+    policy: str
+    weights: Mapping[str, float]
+    endpoints: Sequence[EndpointView]
+    nash_gap: float = 0.0
+    flapping: float = 0.0
+    converged: bool = False
+    regret_matrix: Sequence[Sequence[float]] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A routing policy for one upstream service (see the module docstring for the call order)."""
+
+    name: str
+
+    def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
+        """Replace the endpoint set; state of endpoints that stay is kept."""
+
+    def pick(
+        self, rng: random.Random, now: float, exclude: frozenset[str] = frozenset()
+    ) -> str | None:
+        """Choose an endpoint for one request, never one in ``exclude``; None if none is left."""
+
+    def on_start(self, endpoint: str, now: float) -> None:
+        """A request to ``endpoint`` was sent."""
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """A request finished (successfully or not)."""
+
+    def tick(self, now: float) -> None:
+        """Off the request path: rebuild the routing snapshot from what was learned."""
+
+    def snapshot(self) -> PolicySnapshot:
+        """The current state, for observers."""
