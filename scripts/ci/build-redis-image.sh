@@ -61,8 +61,12 @@ CMD ["/usr/bin/redis-server", "--protected-mode", "no", "--save", "", "--appendo
 DOCKERFILE
 
 log "building ${IMAGE} from ${REAL_BIN} ($(du -sh "${ROOT}" | cut -f1))"
-docker build --network none --pull=false -q \
+if ! docker build --network none --pull=false -q \
     --label "org.equilibrium.redis-sha256=${SHA}" \
     --label "org.opencontainers.image.title=equilibrium-redis" \
-    -t "${IMAGE}" "${CTX}" 2>&1 >/dev/null | grep -v -i -e "legacy builder" -e buildkit -e "environment-variable" -e "^ *$" >&2 || true
+    -t "${IMAGE}" "${CTX}" >"${CTX}/build.log" 2>&1; then
+    log "docker build failed:"
+    cat "${CTX}/build.log" >&2
+    exit 1
+fi
 log "built ${IMAGE}: $(docker image inspect "${IMAGE}" --format '{{.Id}}' | cut -c1-19)"
