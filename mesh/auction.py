@@ -1,0 +1,292 @@
+"""Priority auction for admission under overload: ``X-GT-Bid`` parsing, bid budgets, and a
+second-price (Vickrey) clearing of the inbound wait queue.
+
+This module owns who is admitted first when the app is congested and what they pay. It is pure:
+the sidecar passes ``now``, tells :meth:`SecondPriceAuction.offer` whether a concurrency slot is
+free, and tells :meth:`SecondPriceAuction.release` how many slots have freed up. The waiting
+itself (a future per queued request, a timeout) belongs to the sidecar's async wrapper::
+
+    outcome = auction.offer(request_id, caller, bid, now, slot_available=limiter.on_start(now))
+    if isinstance(outcome, Rejected): answer 503
+    if isinstance(outcome, Queued):
+        if outcome.evicted: answer 503 to outcome.evicted
+        wait for the request's future (answered by release) or its expiry
+    ...after each response:  limiter.on_finish(rtt, now)
+        for admission in auction.release(now, slots=limiter.available()):
+            limiter.on_start(now); resolve admission.request_id's future
+        for request_id in auction.expire(now, max_wait): answer 503
+
+Rules (Vickrey 1961, "Counterspeculation, auctions, and competitive sealed tenders"):
+
+- **Uncongested** (a slot is free when the request arrives): admitted at once, price 0.
+- **Congested**: the request waits. When ``k`` slots free, the ``k`` highest bids win (ties by
+  arrival order, FIFO) and each pays the *highest losing bid*, the (k+1)-th highest bid among
+  those that were waiting, or 0 if nobody is left waiting. With one slot this is the second
+  price: bids (5, 3, 1) -> 5 wins and pays 3. A winner never pays more than its own bid, and
+  since the price does not depend on the winner's own bid, bidding one's true value is a
+  dominant strategy (for unit demand; multi-unit uniform (k+1)-th price is the VCG price).
+- **Budgets**: each caller pays from a :class:`BidBudget` that refills at ``budget_rate`` per
+  second up to ``budget_cap``. A bid is capped at the caller's *available* budget, the balance
+  minus what its other queued bids have reserved; the capped bid is reserved while it waits and
+  the reservation is released when it wins (after paying the price), expires or is evicted. So
+  a balance can never go negative however many requests a caller has queued.
+- **Bounded queue**: at most ``max_queue`` waiters. When full, a new bid strictly higher than
+  the lowest waiting bid evicts that waiter (the latest arrival among equal lowest bids); any
+  other new request is rejected.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+MAX_BID = 1_000_000.0
+"""Largest accepted ``X-GT-Bid`` value."""
+MAX_BID_CHARS = 32
+_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+class BidError(ValueError):
+    """A malformed ``X-GT-Bid``; ``reason`` is a short label for the rejection metric."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_bid(header_value: str | None, max_bid: float = MAX_BID) -> float:
+    """The bid carried by an ``X-GT-Bid`` header value; an absent or empty header bids 0.
+
+    Accepts a plain decimal (``3``, ``2.5``, ``1e2``). Raises :class:`BidError` (the sidecar
+    answers 400) for anything else: non-numbers, NaN, infinities, negative values, values above
+    ``max_bid`` and values longer than 32 characters.
+    """
+    if header_value is None:
+        return 0.0
+    text = header_value.strip()
+    if text == "":
+        return 0.0
+    if len(text) > MAX_BID_CHARS:
+        raise BidError("too-long", f"X-GT-Bid is longer than {MAX_BID_CHARS} characters")
+    lowered = text.lower().lstrip("+-")
+    if lowered == "nan":
+        raise BidError("nan", "X-GT-Bid must be a number, got NaN")
+    if lowered in ("inf", "infinity"):
+        raise BidError("infinite", "X-GT-Bid must be finite")
+    if not _DECIMAL.fullmatch(text):
+        raise BidError("malformed", f"X-GT-Bid must be a decimal number, got {text!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise BidError("infinite", "X-GT-Bid must be finite")
+    if value < 0:
+        raise BidError("negative", f"X-GT-Bid must not be negative, got {text}")
+    if value > max_bid:
+        raise BidError("too-large", f"X-GT-Bid must be at most {max_bid:g}, got {text}")
+    return value + 0.0  # turns -0.0 into 0.0
+
+
+class BidBudget:
+    """One caller's replenishing budget: a token bucket of money, with reservations.
+
+    ``balance`` refills at ``rate`` per second up to ``cap`` (starting full). ``reserved`` is
+    held by queued bids; ``available = balance - reserved`` is what a new bid may use.
+    """
+
+    __slots__ = ("_balance", "_last", "cap", "rate", "reserved")
+
+    def __init__(self, rate: float, cap: float, now: float) -> None:
+        if not (math.isfinite(rate) and math.isfinite(cap)) or rate < 0 or cap < 0:
+            raise ValueError("budget rate and cap must be finite and non-negative")
+        self.rate, self.cap = rate, cap
+        self._balance, self._last = cap, now
+        self.reserved = 0.0
+
+    def balance(self, now: float) -> float:
+        """The balance at ``now`` after refilling (time never runs backwards here)."""
+        if now > self._last:
+            self._balance = min(self.cap, self._balance + (now - self._last) * self.rate)
+            self._last = now
+        return self._balance
+
+    def available(self, now: float) -> float:
+        return max(0.0, self.balance(now) - self.reserved)
+
+    def reserve(self, bid: float, now: float) -> float:
+        """Reserve ``min(bid, available)`` and return it (the effective, capped bid)."""
+        effective = min(bid, self.available(now))
+        self.reserved += effective
+        return effective
+
+    def settle(self, reserved: float, price: float, now: float) -> None:
+        """Release a reservation and pay ``price`` (which is at most the reservation)."""
+        self.balance(now)
+        self.reserved = max(0.0, self.reserved - reserved)
+        self._balance = max(0.0, self._balance - min(price, reserved))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request that may go to the app now; ``price`` is charged and sent as ``X-GT-Price``."""
+
+    request_id: str
+    caller: str
+    bid: float
+    """The effective bid (capped at the caller's available budget)."""
+    price: float
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A request waiting for a slot; ``evicted`` is a waiter pushed out to make room (503)."""
+
+    request_id: str
+    bid: float
+    queue_length: int
+    evicted: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A request refused because the queue is full of bids at least as high (503)."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuctionParams:
+    budget_rate: float = 10.0
+    """Budget each caller earns per second."""
+    budget_cap: float = 100.0
+    max_queue: int = 1000
+    max_callers: int = 10_000
+    """Budgets kept at most; the least recently bidding caller's budget is dropped beyond this."""
+
+
+@dataclass(slots=True)
+class _Waiter:
+    request_id: str
+    caller: str
+    bid: float
+    seq: int
+    arrived: float
+
+
+class SecondPriceAuction:
+    """The inbound wait queue, cleared by second price (see the module docstring)."""
+
+    def __init__(self, params: AuctionParams | None = None) -> None:
+        self.params = params or AuctionParams()
+        if self.params.max_queue < 1 or self.params.max_callers < 1:
+            raise ValueError("max_queue and max_callers must be at least 1")
+        self._budgets: OrderedDict[str, BidBudget] = OrderedDict()
+        self._waiters: dict[str, _Waiter] = {}  # insertion order is arrival order
+        self._order: list[tuple[float, int, str]] = []  # sorted by (-bid, seq): best first
+        self._seq = 0
+        self.last_price = 0.0
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiters)
+
+    def budget(self, caller: str, now: float) -> BidBudget:
+        """The caller's budget (created full on first use; least recently used dropped)."""
+        budget = self._budgets.get(caller)
+        if budget is None:
+            budget = BidBudget(self.params.budget_rate, self.params.budget_cap, now)
+            self._budgets[caller] = budget
+            self._drop_idle_budgets()
+        else:
+            self._budgets.move_to_end(caller)
+        return budget
+
+    def offer(
+        self, request_id: str, caller: str, bid: float, now: float, slot_available: bool
+    ) -> Admission | Queued | Rejected:
+        """A request arrives with a parsed ``bid`` (see :func:`parse_bid`).
+
+        ``slot_available`` says whether the concurrency limiter granted a slot right now; if
+        so the request is admitted at price 0. ``request_id`` must be unique among waiters.
+        """
+        if request_id in self._waiters:
+            raise ValueError(f"request id {request_id!r} is already waiting")
+        if not math.isfinite(bid) or bid < 0:
+            raise ValueError(f"bid must be finite and non-negative, got {bid!r}")
+        budget = self.budget(caller, now)
+        if slot_available:
+            self.last_price = 0.0
+            return Admission(request_id, caller, min(bid, budget.available(now)), 0.0, 0.0)
+        evicted: str | None = None
+        if len(self._waiters) >= self.params.max_queue:
+            lowest_bid = -self._order[-1][0]
+            if min(bid, budget.available(now)) <= lowest_bid:
+                return Rejected(request_id, "queue full of bids at least as high")
+            evicted = self._order[-1][2]
+            self._remove(evicted, now)
+        effective = budget.reserve(bid, now)
+        self._seq += 1
+        self._waiters[request_id] = _Waiter(request_id, caller, effective, self._seq, now)
+        bisect.insort(self._order, (-effective, self._seq, request_id))
+        return Queued(request_id, effective, len(self._waiters), evicted)
+
+    def release(self, now: float, slots: int = 1) -> list[Admission]:
+        """``slots`` slots freed: admit the best waiters at the highest losing bid."""
+        count = min(max(0, slots), len(self._order))
+        if count == 0:
+            return []
+        winners = self._order[:count]
+        del self._order[:count]
+        price_bid = -self._order[0][0] if self._order else 0.0
+        admissions = []
+        for neg_bid, _, request_id in winners:
+            waiter = self._waiters.pop(request_id)
+            price = min(price_bid, -neg_bid)
+            self.budget(waiter.caller, now).settle(waiter.bid, price, now)
+            admissions.append(
+                Admission(request_id, waiter.caller, waiter.bid, price, now - waiter.arrived)
+            )
+        self.last_price = price_bid
+        return admissions
+
+    def expire(self, now: float, max_wait: float) -> list[str]:
+        """Drop waiters that have waited longer than ``max_wait`` (the sidecar answers 503)."""
+        expired = []
+        for request_id, waiter in self._waiters.items():
+            if now - waiter.arrived <= max_wait:
+                break  # arrival order: everyone after arrived later
+            expired.append(request_id)
+        for request_id in expired:
+            self._remove(request_id, now)
+        return expired
+
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Drop a waiter whose client went away; False if it was not waiting."""
+        if request_id not in self._waiters:
+            return False
+        self._remove(request_id, now)
+        return True
+
+    def _remove(self, request_id: str, now: float) -> None:
+        waiter = self._waiters.pop(request_id)
+        key = (-waiter.bid, waiter.seq, request_id)
+        index = bisect.bisect_left(self._order, key)
+        del self._order[index]
+        self.budget(waiter.caller, now).settle(waiter.bid, 0.0, now)
+
+    def _drop_idle_budgets(self) -> None:
+        """Drop least recently used budgets with nothing reserved (never the newest one)."""
+        newest = next(reversed(self._budgets))
+        while len(self._budgets) > self.params.max_callers:
+            for caller, budget in self._budgets.items():
+                if caller != newest and budget.reserved == 0.0:
+                    del self._budgets[caller]
+                    break
+            else:
+                return

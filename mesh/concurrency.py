@@ -1,0 +1,198 @@
+"""Adaptive concurrency limit (gradient style) and the ``X-GT-Congestion`` level it reports.
+
+This module owns how the inbound sidecar decides how many requests its app may have in flight,
+and how congested the app is. It is pure: the sidecar passes ``now`` and each request's
+round-trip time, and an optional ``random.Random`` for jitter.
+
+The algorithm follows Envoy's adaptive concurrency filter (gradient controller) and Netflix's
+concurrency-limits ``Gradient2Limit``:
+
+- **minRTT** is the app's round-trip time with no queueing. It is measured in a *probe*: the
+  limit is pinned to ``probe_limit`` (a few requests) until ``probe_samples`` requests *started
+  during the probe* have finished (a request started at ``now - rtt``), and minRTT becomes the
+  smallest of them. A probe runs at start-up and again every ``probe_interval`` seconds (plus up
+  to ``probe_jitter`` of that, drawn from the injected rng), because a standing queue would
+  otherwise hide the true minimum (the same reason BBR drains to ProbeRTT).
+- **sampleRTT** is the ``percentile`` of the RTTs that finished in the last ``update_interval``
+  (at least ``min_samples`` of them; the window waits for them).
+- Every window: ``gradient = clamp((1 + tolerance) * minRTT / sampleRTT, min_gradient, 1)`` and
+  ``limit <- (1 - smoothing) * limit + smoothing * (limit * gradient + sqrt(limit))``, bounded to
+  ``[min_limit, max_limit]``. The ``sqrt(limit)`` headroom (Envoy's default) lets the limit grow
+  while RTT stays within the tolerance and settles where ``limit * (1 - gradient) = headroom``.
+  As in Gradient2, a window in which the app was *app-limited* (its peak in-flight count stayed
+  below half the limit) leaves the limit unchanged, so an idle app keeps a meaningful limit.
+
+``congestion_level()`` is ``in_flight / limit`` in [0, 1] (1 during a probe once the probe's
+few slots are taken); it travels on every response as ``X-GT-Congestion``.
+``capacity_estimate()`` is Little's law, ``limit / minRTT`` requests per second, which
+:mod:`mesh.reputation` divides into fair shares.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyParams:
+    """Tuning of :class:`AdaptiveConcurrencyLimit` (defaults after Envoy / Gradient2)."""
+
+    initial_limit: float = 20.0
+    min_limit: float = 1.0
+    max_limit: float = 1000.0
+    tolerance: float = 0.5
+    """RTT may exceed minRTT by this fraction before the limit shrinks."""
+    min_gradient: float = 0.5
+    smoothing: float = 0.2
+    update_interval: float = 0.1
+    min_samples: int = 5
+    percentile: float = 0.5
+    probe_limit: int = 3
+    probe_samples: int = 10
+    probe_interval: float = 60.0
+    probe_jitter: float = 0.15
+    max_window_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("need 1 <= min_limit <= initial_limit <= max_limit")
+        if self.tolerance < 0 or not 0 < self.min_gradient <= 1 or not 0 < self.smoothing <= 1:
+            raise ValueError("need tolerance >= 0, 0 < min_gradient <= 1, 0 < smoothing <= 1")
+        if self.update_interval <= 0 or self.probe_interval <= 0 or self.probe_jitter < 0:
+            raise ValueError("intervals must be positive and the jitter non-negative")
+        if self.min_samples < 1 or self.probe_samples < 1 or self.probe_limit < 1:
+            raise ValueError("sample counts and probe_limit must be at least 1")
+        if not 0 < self.percentile <= 1:
+            raise ValueError("percentile must be in (0, 1]")
+
+
+class AdaptiveConcurrencyLimit:
+    """Gradient concurrency limiter for one app (see the module docstring for the rules).
+
+    Call order per request: ``if limiter.on_start(now): ...forward...;
+    limiter.on_finish(rtt, now)``; a request that ends without a usable RTT (cancelled, connect
+    error) calls ``on_abandon(now)`` instead, so the in-flight count stays exact.
+    """
+
+    def __init__(self, params: ConcurrencyParams | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.params = params or ConcurrencyParams()
+        self._rng = rng
+        self._limit = float(self.params.initial_limit)
+        self._in_flight = 0
+        self._min_rtt: float | None = None
+        self._sample_rtt: float | None = None
+        self._window: list[float] = []
+        self._window_start: float | None = None
+        self._window_peak = 0
+        self._probe_start: float | None = None  # set while probing; None before the first call
+        self._probe_rtts: list[float] = []
+        self._next_probe = -math.inf  # the first call starts a probe
+
+    # --- request path ---------------------------------------------------------------------
+
+    def on_start(self, now: float) -> bool:
+        """Take a slot if one is free under the current limit; False means over the limit."""
+        self._maybe_start_probe(now)
+        if self._in_flight >= self.limit:
+            return False
+        self._in_flight += 1
+        self._window_peak = max(self._window_peak, self._in_flight)
+        return True
+
+    def on_finish(self, rtt: float, now: float) -> None:
+        """A request admitted by :meth:`on_start` finished after ``rtt`` seconds."""
+        self._in_flight = max(0, self._in_flight - 1)
+        if not math.isfinite(rtt) or rtt <= 0:
+            return
+        if self._probe_start is not None:
+            if now - rtt >= self._probe_start:
+                self._probe_rtts.append(rtt)
+                if len(self._probe_rtts) >= self.params.probe_samples:
+                    self._finish_probe(now)
+            return
+        if self._window_start is None:
+            self._window_start = now
+        if len(self._window) < self.params.max_window_samples:
+            self._window.append(rtt)
+        if (now - self._window_start >= self.params.update_interval
+                and len(self._window) >= self.params.min_samples):
+            self._update_limit(now)
+
+    def on_abandon(self, now: float) -> None:
+        """A request admitted by :meth:`on_start` ended without an RTT worth learning from."""
+        self._in_flight = max(0, self._in_flight - 1)
+
+    # --- observers ------------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The current concurrency limit (the probe's pinned limit while probing)."""
+        if self.probing:
+            return self.params.probe_limit
+        return int(self._limit)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def probing(self) -> bool:
+        return self._probe_start is not None
+
+    @property
+    def min_rtt(self) -> float | None:
+        return self._min_rtt
+
+    @property
+    def sample_rtt(self) -> float | None:
+        return self._sample_rtt
+
+    def available(self) -> int:
+        """Free slots under the current limit (how many queued requests may be released)."""
+        return max(0, self.limit - self._in_flight)
+
+    def congestion_level(self) -> float:
+        """``in_flight / limit`` clamped to [0, 1]: the ``X-GT-Congestion`` value."""
+        return min(1.0, self._in_flight / max(1, self.limit))
+
+    def capacity_estimate(self) -> float | None:
+        """Sustainable throughput by Little's law, ``limit / minRTT`` requests/s (None before
+        the first probe has finished)."""
+        if self._min_rtt is None:
+            return None
+        return self._limit / self._min_rtt
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _maybe_start_probe(self, now: float) -> None:
+        if self._probe_start is None and now >= self._next_probe:
+            self._probe_start = now
+            self._probe_rtts = []
+
+    def _finish_probe(self, now: float) -> None:
+        self._min_rtt = min(self._probe_rtts)
+        self._probe_start = None
+        self._probe_rtts = []
+        jitter = self._rng.uniform(0.0, self.params.probe_jitter) if self._rng else 0.0
+        self._next_probe = now + self.params.probe_interval * (1.0 + jitter)
+        self._window, self._window_start, self._window_peak = [], None, self._in_flight
+
+    def _update_limit(self, now: float) -> None:
+        p = self.params
+        ordered = sorted(self._window)
+        index = min(len(ordered) - 1, max(0, math.ceil(p.percentile * len(ordered)) - 1))
+        self._sample_rtt = ordered[index]
+        assert self._min_rtt is not None  # windows only run after a probe
+        gradient = (1.0 + p.tolerance) * self._min_rtt / self._sample_rtt
+        gradient = min(1.0, max(p.min_gradient, gradient))
+        if self._window_peak < self._limit / 2:
+            # app-limited: the window says nothing about the limit (Gradient2's rule)
+            self._window, self._window_start, self._window_peak = [], now, self._in_flight
+            return
+        target = self._limit * gradient + math.sqrt(self._limit)
+        new_limit = (1.0 - p.smoothing) * self._limit + p.smoothing * target
+        self._limit = min(p.max_limit, max(p.min_limit, new_limit))
+        self._window, self._window_start, self._window_peak = [], now, self._in_flight

@@ -1,0 +1,407 @@
+"""Folk-theorem policing of inbound callers: reputation, a punishment ladder, and forgiveness.
+
+This module owns how the inbound sidecar judges each caller against a cooperative norm and
+throttles the ones that defect. It is pure: the sidecar passes ``now``, the caller's verified
+name (:mod:`mesh.identity`; unverified callers share :data:`~mesh.identity.ANONYMOUS`), whether
+the request is a retry, and, from :mod:`mesh.concurrency`, the app's congestion level and
+capacity. It never reads a clock and keeps bounded memory.
+
+The game
+--------
+The callers of one app play a repeated game. Each period every caller chooses how hard to
+load the app; the app's capacity ``C`` is shared. In the one-shot game flooding is dominant:
+a caller that sends ten times its share (and retries every failure) gets more of the app while
+everyone's latency rises, so the one-shot Nash equilibrium is a retry storm (a tragedy of the
+commons). The *folk theorem* for repeated games (Friedman 1971; Fudenberg & Maskin 1986, "The
+folk theorem in repeated games with discounting or with incomplete information", Econometrica
+54(3)) says that any feasible, individually rational outcome, here "everyone takes at most its
+fair share ``C / n`` when the app is congested and retries within a budget", is an equilibrium
+of the repeated game for patient players, provided a deviation is followed by a punishment
+whose cost outweighs the deviation's gain.
+
+*Grim trigger* (punish forever after one deviation) sustains cooperation but is brittle: the
+monitoring here is noisy (bursty but honest traffic, a retry burst after a deploy), and under
+imperfect monitoring grim trigger eventually locks every caller out for good. Equilibria with
+*finite* punishment phases do better under noise (Green & Porter 1984), and forgiving
+strategies like tit-for-tat and generous tit-for-tat (Axelrod 1984; Nowak & Sigmund 1992)
+recover cooperation after a mistake. Equilibrium plays such a *forgiving trigger strategy*:
+
+- punishment is finite and proportionate: level ``L`` throttles to ``throttle_fraction ** L``
+  of the fair share for ``min(base_punishment * 2 ** (L - 1), max_punishment)`` seconds;
+- it deters: a flood is detected within about ``reputation_tau * ln(1 / trigger_threshold)``
+  seconds, and the punishment takes away more than the flood gained (see ``docs/policing.md``
+  for the inequality with the default numbers); repeated defection climbs the ladder, so the
+  loss grows geometrically while the gain per flood does not;
+- it forgives: a caller that cooperates through its punishment returns to full service, and
+  its level decays back to 0 over clean probation periods, so an honest caller caught by noise
+  is not locked out.
+
+The rules, exactly
+------------------
+Per caller, with ``s`` its fair share (``capacity / active callers``; times
+``anonymous_share`` for the anonymous bucket):
+
+- **Rates.** Request rate ``x`` and retry rate ``y`` are exponentially decayed event rates
+  (time constant ``rate_tau``; non-retries ``x - y``).
+- **Norm / verdict.** A request is *cooperative* (``v = 1``) unless (a) the rate norm applies
+  (the app is congested, ``congestion >= congestion_threshold``, or the caller is being
+  punished) and ``x > max(rate_floor, rate_tolerance * s)``; or (b) ``y > retry_ratio *
+  (x - y) + retry_floor`` (a retry budget of 20 % plus a floor, as in Linkerd and Finagle).
+- **Reputation** ``r`` in [0, 1] relaxes toward the current verdict with time constant
+  ``reputation_tau``: ``r <- v + (r - v) * exp(-dt / reputation_tau)`` at each request (an idle
+  gap is judged by the verdict at its end, so silence is cooperation). New callers start at 1;
+  the anonymous bucket starts at ``anonymous_initial_reputation`` (suspicious).
+- **Trigger.** When not being punished and ``r < trigger_threshold``: ``L <- min(L + 1,
+  max_level)`` and a punishment of ``duration(L)`` starts now.
+- **End of punishment.** If ``r >= forgive_threshold`` the caller cooperated through it and
+  enters probation (full service, level kept); otherwise ``L <- min(L + 1, max_level)`` and a
+  new, longer punishment starts.
+- **Probation.** Each clean ``probation`` period lowers ``L`` by one; at ``L = 0`` the caller
+  is back in good standing. A trigger during probation climbs from the current level.
+- **Throttle.** While punished, requests are admitted by a token bucket of rate
+  ``throttle_fraction ** L * s`` and burst ``max(1, rate * throttle_burst)``; the rest are
+  answered 429 with ``Retry-After = ceil(remaining punishment)``.
+
+Memory is bounded: callers idle for ``idle_ttl`` (long enough that they would have been
+forgiven anyway) are dropped, and at most ``max_callers`` are tracked (least recently seen
+dropped first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mesh.identity import ANONYMOUS
+
+
+class Phase(StrEnum):
+    """Where a caller stands on the punishment ladder."""
+
+    GOOD = "good"
+    PUNISHED = "punished"
+    PROBATION = "probation"
+
+
+@dataclass(frozen=True, slots=True)
+class LadderRules:
+    """The trigger, punishment and forgiveness rules (see the module docstring)."""
+
+    trigger_threshold: float = 0.5
+    forgive_threshold: float = 0.7
+    base_punishment: float = 10.0
+    max_punishment: float = 120.0
+    max_level: int = 5
+    throttle_fraction: float = 0.5
+    probation: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.trigger_threshold <= self.forgive_threshold <= 1:
+            raise ValueError("need 0 < trigger_threshold <= forgive_threshold <= 1")
+        if not 0 < self.base_punishment <= self.max_punishment or self.probation <= 0:
+            raise ValueError("need 0 < base_punishment <= max_punishment and probation > 0")
+        if self.max_level < 1 or not 0 < self.throttle_fraction < 1:
+            raise ValueError("need max_level >= 1 and 0 < throttle_fraction < 1")
+
+    def duration(self, level: int) -> float:
+        """Seconds of punishment at ``level`` (>= 1): base * 2^(level-1), capped."""
+        return min(self.base_punishment * 2.0 ** (level - 1), self.max_punishment)
+
+    def fraction(self, level: int) -> float:
+        """Share of the fair share a caller at ``level`` may use while punished."""
+        return self.throttle_fraction**level if level > 0 else 1.0
+
+
+class PunishmentLadder:
+    """One caller's position on the ladder: a small state machine driven by its reputation."""
+
+    __slots__ = ("level", "phase", "punishments", "rules", "until")
+
+    def __init__(self, rules: LadderRules) -> None:
+        self.rules = rules
+        self.level = 0
+        self.phase = Phase.GOOD
+        self.until = -math.inf
+        self.punishments = 0
+
+    def step(self, now: float, reputation: float) -> None:
+        """Apply the expiry, forgiveness and trigger rules at ``now``."""
+        rules = self.rules
+        while self.phase is not Phase.GOOD and now >= self.until:
+            if self.phase is Phase.PUNISHED:
+                if reputation >= rules.forgive_threshold:
+                    self.phase, self.until = Phase.PROBATION, self.until + rules.probation
+                else:
+                    self._punish(now)
+            else:  # a clean probation period has passed
+                self.level -= 1
+                if self.level == 0:
+                    self.phase, self.until = Phase.GOOD, -math.inf
+                else:
+                    self.until += rules.probation
+        if self.phase is not Phase.PUNISHED and reputation < rules.trigger_threshold:
+            self._punish(now)
+
+    def remaining(self, now: float) -> float:
+        """Seconds of punishment left (0 unless punished)."""
+        return max(0.0, self.until - now) if self.phase is Phase.PUNISHED else 0.0
+
+    def _punish(self, now: float) -> None:
+        self.level = min(self.level + 1, self.rules.max_level)
+        self.phase = Phase.PUNISHED
+        self.until = now + self.rules.duration(self.level)
+        self.punishments += 1
+
+
+@dataclass(frozen=True, slots=True)
+class PolicingParams:
+    """Tuning of :class:`ReputationBook` (the rules are in the module docstring)."""
+
+    capacity: float = 100.0
+    """App capacity in requests/s until :meth:`ReputationBook.update_load` gives one."""
+    congestion_threshold: float = 0.8
+    active_window: float = 5.0
+    rate_tau: float = 1.0
+    rate_tolerance: float = 1.5
+    rate_floor: float = 2.0
+    retry_ratio: float = 0.2
+    retry_floor: float = 1.0
+    reputation_tau: float = 2.0
+    throttle_burst: float = 1.0
+    anonymous_share: float = 0.5
+    anonymous_initial_reputation: float = 0.6
+    max_callers: int = 10_000
+    idle_ttl: float = 900.0
+    ladder: LadderRules = field(default_factory=LadderRules)
+
+    def __post_init__(self) -> None:
+        positive = (self.capacity, self.active_window, self.rate_tau, self.rate_tolerance,
+                    self.reputation_tau, self.throttle_burst)
+        if not all(math.isfinite(v) and v > 0 for v in positive):
+            raise ValueError("capacity, windows, time constants and tolerances must be > 0")
+        if not 0 < self.anonymous_share <= 1 or not 0 <= self.anonymous_initial_reputation <= 1:
+            raise ValueError("need 0 < anonymous_share <= 1 and a reputation in [0, 1]")
+        if self.max_callers < 1:
+            raise ValueError("max_callers must be at least 1")
+        worst = self.ladder.max_punishment + self.ladder.max_level * self.ladder.probation
+        if self.idle_ttl < worst:
+            raise ValueError(
+                f"idle_ttl must be at least the longest punishment plus probation ({worst:g} s)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policing decision for one request.
+
+    ``status`` is 200 when admitted (forward to the app) and 429 when throttled, with
+    ``retry_after`` in whole seconds for the ``Retry-After`` header. ``reputation`` and
+    ``level`` are the caller's standing after this request (``X-GT-Reputation``).
+    """
+
+    admitted: bool
+    status: int
+    retry_after: float | None
+    level: int
+    reputation: float
+    phase: Phase = Phase.GOOD
+    fair_share: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """One caller's state, for metrics and ``/debug/state``."""
+
+    caller: str
+    reputation: float
+    level: int
+    phase: Phase
+    punished_for: float
+    rate: float
+    retry_rate: float
+    punishments: int
+
+
+class _DecayingRate:
+    """An exponentially decayed event rate: events in the last ~tau seconds, per second."""
+
+    __slots__ = ("_count", "_last", "_tau")
+
+    def __init__(self, tau: float, now: float) -> None:
+        self._tau, self._count, self._last = tau, 0.0, now
+
+    def add(self, now: float) -> None:
+        self._decay(now)
+        self._count += 1.0
+
+    def rate(self, now: float) -> float:
+        self._decay(now)
+        return self._count / self._tau
+
+    def _decay(self, now: float) -> None:
+        if now > self._last:
+            self._count *= math.exp(-(now - self._last) / self._tau)
+            self._last = now
+
+
+class _CallerState:
+    __slots__ = (
+        "bucket_epoch",
+        "ladder",
+        "last_seen",
+        "rate",
+        "reputation",
+        "retries",
+        "tokens",
+        "tokens_at",
+    )
+
+    def __init__(self, params: PolicingParams, reputation: float, now: float) -> None:
+        self.rate = _DecayingRate(params.rate_tau, now)
+        self.retries = _DecayingRate(params.rate_tau, now)
+        self.reputation = reputation
+        self.ladder = PunishmentLadder(params.ladder)
+        self.last_seen = now
+        self.tokens = 0.0
+        self.tokens_at = now
+        self.bucket_epoch = 0
+
+
+class ReputationBook:
+    """Per-caller reputation and punishment for one app (see the module docstring).
+
+    Per request call exactly one of :meth:`admit` (police) or :meth:`observe` (only record);
+    call :meth:`update_load` whenever the congestion level or capacity estimate changes
+    (e.g. after each response, from :class:`mesh.concurrency.AdaptiveConcurrencyLimit`).
+    """
+
+    def __init__(self, params: PolicingParams | None = None) -> None:
+        self.params = params or PolicingParams()
+        self._callers: OrderedDict[str, _CallerState] = OrderedDict()  # least recent first
+        self._active: OrderedDict[str, float] = OrderedDict()  # seen within active_window
+        self._capacity = self.params.capacity
+        self._congestion = 0.0
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def update_load(self, now: float, congestion: float, capacity: float | None = None) -> None:
+        """The app's congestion level in [0, 1] and, if known, its capacity in requests/s."""
+        if math.isfinite(congestion):
+            self._congestion = min(1.0, max(0.0, congestion))
+        if capacity is not None and math.isfinite(capacity) and capacity > 0:
+            self._capacity = capacity
+
+    def observe(self, caller: str, now: float, is_retry: bool = False) -> Decision:
+        """Record one request and update the caller's standing; never refuses."""
+        state, share = self._record(caller, now, is_retry)
+        ladder = state.ladder
+        return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+
+    def admit(self, caller: str, now: float, is_retry: bool = False) -> Decision:
+        """Record one request and decide whether it may reach the app (429 if throttled)."""
+        state, share = self._record(caller, now, is_retry)
+        ladder = state.ladder
+        if ladder.phase is not Phase.PUNISHED:
+            return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+        rate = ladder.rules.fraction(ladder.level) * share
+        burst = max(1.0, rate * self.params.throttle_burst)
+        if state.bucket_epoch != ladder.punishments:  # a new punishment starts a full bucket
+            state.bucket_epoch, state.tokens, state.tokens_at = ladder.punishments, burst, now
+        elif now > state.tokens_at:
+            state.tokens = min(burst, state.tokens + (now - state.tokens_at) * rate)
+            state.tokens_at = now
+        if state.tokens >= 1.0:
+            state.tokens -= 1.0
+            return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+        retry_after = float(max(1, math.ceil(ladder.remaining(now))))
+        return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
+                        share)
+
+    # --- observers ------------------------------------------------------------------------
+
+    @property
+    def congested(self) -> bool:
+        return self._congestion >= self.params.congestion_threshold
+
+    @property
+    def capacity(self) -> float:
+        return self._capacity
+
+    def active_callers(self, now: float) -> int:
+        self._expire_active(now)
+        return max(1, len(self._active))
+
+    def fair_share(self, caller: str, now: float) -> float:
+        """The caller's fair share of the app in requests/s."""
+        share = self._capacity / self.active_callers(now)
+        return share * self.params.anonymous_share if caller == ANONYMOUS else share
+
+    def standing(self, caller: str, now: float) -> Standing | None:
+        """The caller's current standing without recording a request (None if untracked)."""
+        state = self._callers.get(caller)
+        if state is None:
+            return None
+        ladder = state.ladder
+        return Standing(caller, state.reputation, ladder.level, ladder.phase,
+                        ladder.remaining(now), state.rate.rate(now), state.retries.rate(now),
+                        ladder.punishments)
+
+    def standings(self, now: float) -> list[Standing]:
+        """Every tracked caller's standing (bounded by ``max_callers``)."""
+        return [s for c in list(self._callers) if (s := self.standing(c, now)) is not None]
+
+    def __len__(self) -> int:
+        return len(self._callers)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _record(self, caller: str, now: float, is_retry: bool) -> tuple[_CallerState, float]:
+        p = self.params
+        self._evict_idle(now)
+        state = self._callers.get(caller)
+        if state is None:
+            initial = p.anonymous_initial_reputation if caller == ANONYMOUS else 1.0
+            state = _CallerState(p, initial, now)
+            self._callers[caller] = state
+            while len(self._callers) > p.max_callers:
+                evicted, _ = self._callers.popitem(last=False)
+                self._active.pop(evicted, None)
+        else:
+            self._callers.move_to_end(caller)
+        self._active[caller] = now
+        self._active.move_to_end(caller)
+        share = self.fair_share(caller, now)
+
+        state.rate.add(now)
+        if is_retry:
+            state.retries.add(now)
+        rate, retry_rate = state.rate.rate(now), state.retries.rate(now)
+        norm_applies = self.congested or state.ladder.phase is Phase.PUNISHED
+        over_share = norm_applies and rate > max(p.rate_floor, p.rate_tolerance * share)
+        over_retry_budget = retry_rate > p.retry_ratio * (rate - retry_rate) + p.retry_floor
+        verdict = 0.0 if (over_share or over_retry_budget) else 1.0
+        dt = max(0.0, now - state.last_seen)
+        state.reputation = verdict + (state.reputation - verdict) * math.exp(
+            -dt / p.reputation_tau)
+        state.last_seen = now
+        state.ladder.step(now, state.reputation)
+        return state, share
+
+    def _expire_active(self, now: float) -> None:
+        horizon = now - self.params.active_window
+        while self._active:
+            caller, seen = next(iter(self._active.items()))
+            if seen >= horizon:
+                break
+            del self._active[caller]
+
+    def _evict_idle(self, now: float) -> None:
+        horizon = now - self.params.idle_ttl
+        while self._callers:
+            caller, state = next(iter(self._callers.items()))
+            if state.last_seen >= horizon:
+                break
+            del self._callers[caller]
+            self._active.pop(caller, None)
