@@ -35,6 +35,8 @@ from types import TracebackType
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "EmbeddedRedis",
@@ -372,7 +374,9 @@ class EmbeddedRedis:
                     + self._log_tail()
                 )
             try:
-                with self.client(socket_timeout=1.0, socket_connect_timeout=1.0) as conn:
+                with self.client(
+                    socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+                ) as conn:
                     if conn.ping():
                         return
             except redis.RedisError as exc:
