@@ -64,6 +64,7 @@ class PolicySnapshot:
     nash_gap: float = 0.0
     flapping: float = 0.0
     converged: bool = False
+    following: bool = False
     regret_matrix: Sequence[Sequence[float]] = field(default_factory=tuple)
 
 

@@ -1,0 +1,111 @@
+"""The thundering-herd defence: shaping a learned strategy into the weights actually used.
+
+Regret matching says where traffic *should* go; this module decides how fast and how far it may
+go there. The shaped weights are the Euclidean projection of the (smoothed) target onto a box
+inside the probability simplex::
+
+    lower_i <= w_i <= upper_i,   sum_i w_i = 1
+
+- **Cap** (default 0.8): no endpoint gets more than ``cap`` of the traffic, however good it
+  looks; the rest stays spread over the other endpoints, so a recovered pod is never handed
+  the whole load and the others keep being measured. (With a single endpoint the cap cannot
+  hold and the weight is 1.)
+- **Ramp** (gradual re-admission): a weight may grow by at most ``ramp_per_s`` per second. An
+  endpoint that recovers, or joins, climbs back linearly instead of being stampeded — the
+  slow-start that Envoy applies only to new hosts, applied here also to hosts that come back.
+- **Exploration floor**: every live endpoint keeps at least ``explore_floor`` of the traffic
+  (bounded: at most ``explore_budget`` in total), so a bad pod is re-checked with a small,
+  bounded share of user requests rather than never (stale) or often (costly).
+- **Ejected** endpoints (too many consecutive failures) get weight 0 until their ejection ends.
+- **Smoothing**: the target is approached by a fraction ``smoothing`` per tick, damping noise
+  so that shares settle instead of flapping.
+
+The projection is computed exactly by bisection on the shift ``lambda`` in
+``w_i = clip(t_i + lambda, lower_i, upper_i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class HerdGuard:
+    cap: float = 0.8
+    ramp_per_s: float = 0.10
+    explore_floor: float = 0.005
+    explore_budget: float = 0.05
+    smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.cap <= 1.0:
+            raise ValueError("cap must be in (0, 1]")
+        if self.ramp_per_s <= 0.0:
+            raise ValueError("ramp_per_s must be positive")
+        if not 0.0 <= self.explore_floor < 1.0 or not 0.0 <= self.explore_budget < 1.0:
+            raise ValueError("explore_floor and explore_budget must be in [0, 1)")
+        if not 0.0 < self.smoothing <= 1.0:
+            raise ValueError("smoothing must be in (0, 1]")
+
+    def shape(self, target: np.ndarray, previous: np.ndarray, dt: float,
+              live: np.ndarray | None = None) -> np.ndarray:
+        """New weights from the learned ``target``, the ``previous`` weights and the time step.
+
+        ``live[i]`` is False for ejected endpoints. Returns weights summing to 1 (or all zeros
+        when no endpoint is live).
+        """
+        t = _normalise(np.asarray(target, dtype=float))
+        p = np.asarray(previous, dtype=float)
+        k = t.shape[0]
+        live = np.ones(k, dtype=bool) if live is None else np.asarray(live, dtype=bool)
+        n_live = int(live.sum())
+        if n_live == 0:
+            return np.zeros(k)
+        if n_live == 1:
+            return live.astype(float)
+        t = np.where(live, t, 0.0)
+        t = _normalise(t) if t.sum() > 0 else live / n_live
+        goal = p + self.smoothing * (t - p) if p.shape == t.shape and p.sum() > 0 else t
+        floor = min(self.explore_floor, self.explore_budget / n_live)
+        lower = np.where(live, floor, 0.0)
+        cap = max(self.cap, 1.0 / n_live)
+        upper = np.where(live, np.minimum(cap, p + self.ramp_per_s * max(dt, 0.0)), 0.0)
+        upper = np.maximum(upper, lower)
+        if upper.sum() < 1.0:
+            # The endpoint set shrank faster than the ramp allows: keep only the cap.
+            upper = np.where(live, cap, 0.0)
+        return project_box_simplex(goal, lower, upper)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.where(np.isfinite(x) & (x > 0), x, 0.0)
+    s = x.sum()
+    return x / s if s > 0 else np.full(x.shape[0], 1.0 / max(1, x.shape[0]))
+
+
+def project_box_simplex(x: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                        iterations: int = 100) -> np.ndarray:
+    """Euclidean projection of ``x`` onto {lower <= w <= upper, sum w = 1}.
+
+    Requires sum(lower) <= 1 <= sum(upper) (ValueError otherwise). The projection has the form
+    clip(x + lambda, lower, upper); sum is monotone in lambda, so bisection finds it.
+    """
+    if lower.sum() > 1.0 + 1e-12 or upper.sum() < 1.0 - 1e-12:
+        raise ValueError("infeasible bounds for a probability vector")
+    lo = float(np.min(lower - x)) - 1.0
+    hi = float(np.max(upper - x)) + 1.0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if np.clip(x + mid, lower, upper).sum() < 1.0:
+            lo = mid
+        else:
+            hi = mid
+    w = np.clip(x + 0.5 * (lo + hi), lower, upper)
+    # Remove the last rounding error on coordinates with room to move.
+    slack = 1.0 - w.sum()
+    room = (w < upper - 1e-15) if slack > 0 else (w > lower + 1e-15)
+    if room.any():
+        w[room] += slack / room.sum()
+    return np.clip(w, lower, upper)

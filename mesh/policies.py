@@ -1,0 +1,341 @@
+"""Routing policies behind one interface (:class:`mesh.policy.Policy`).
+
+The baselines are the strategies Equilibrium is measured against (DESIGN.md §4):
+
+- ``round-robin`` and ``random``;
+- ``p2c-least-request`` — Envoy's default LEAST_REQUEST: two distinct endpoints at random, the
+  one with fewer active requests wins (Mitzenmacher, "The power of two choices", 2001);
+- ``peak-ewma`` — Linkerd2-proxy's balancer: power of two choices on peak-EWMA RTT x
+  (pending + 1), default RTT 30 ms, decay 10 s.
+
+``equilibrium`` is :class:`RegretMatchingPolicy`: Hart & Mas-Colell regret matching over the
+endpoints (:mod:`mesh.regret`), shaped by the thundering-herd guard (:mod:`mesh.herd`), with
+consecutive-failure ejection, stability checks (:mod:`mesh.nash`) and, when a fresh signed
+recommendation from the signaler is handed in, following it inside the same guard.
+
+Every policy keeps its measurements in :class:`mesh.estimators.EndpointStats`; the request path
+(:meth:`pick`) reads a snapshot rebuilt by :meth:`tick` off the request path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from itertools import accumulate
+
+import numpy as np
+
+from mesh.estimators import EndpointStats
+from mesh.nash import StabilityMonitor, wardrop_gap
+from mesh.policy import EndpointView, Outcome, PolicySnapshot
+from mesh.profiles import StrategyProfile
+from mesh.regret import RoutingRegret
+
+
+class _MeasuredPolicy:
+    """Shared bookkeeping: endpoint stats, observed shares, snapshots."""
+
+    name = "base"
+
+    def __init__(self, profile: StrategyProfile) -> None:
+        self.profile = profile
+        self.endpoints: list[str] = []
+        self.stats: dict[str, EndpointStats] = {}
+        self._weights = np.zeros(0)
+        self._cumulative: list[float] = []
+        self._last_tick: float | None = None
+        self._monitor = StabilityMonitor(window=profile.stability_window)
+        self._gap = 0.0
+        self._regret_view = np.zeros(0)
+        self._regret_matrix: list[list[float]] = []
+
+    # -- endpoint set -------------------------------------------------------------------
+    def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
+        new = list(dict.fromkeys(endpoints))
+        old_index = {e: i for i, e in enumerate(self.endpoints)}
+        for e in new:
+            if e not in self.stats:
+                self.stats[e] = EndpointStats.new(
+                    e,
+                    tau=self.profile.estimator_tau,
+                    decay=self.profile.peak_ewma_decay,
+                    failure_penalty=self.profile.failure_penalty,
+                    default_rtt=self.profile.default_rtt,
+                )
+        for e in list(self.stats):
+            if e not in new and self.stats[e].in_flight == 0:
+                del self.stats[e]
+        keep = [old_index.get(e) for e in new]
+        self._on_resize(keep, new)
+        self.endpoints = new
+        self._publish(self._initial_weights(keep))
+
+    def _on_resize(self, keep: list[int | None], new: list[str]) -> None:
+        self._monitor.reset()
+
+    def _initial_weights(self, keep: list[int | None]) -> np.ndarray:
+        k = len(keep)
+        if k == 0:
+            return np.zeros(0)
+        old = self._weights
+        w = np.array([old[i] if i is not None and i < old.shape[0] else 0.0 for i in keep])
+        if w.sum() <= 0:
+            return np.full(k, 1.0 / k)
+        return w / w.sum()
+
+    def _publish(self, weights: np.ndarray) -> None:
+        """Swap in a new routing snapshot (weights and their cumulative sums) whole."""
+        self._weights = weights
+        self._cumulative = list(accumulate(float(x) for x in weights))
+
+    # -- request path ---------------------------------------------------------------------
+    def on_start(self, endpoint: str, now: float) -> None:
+        stats = self.stats.get(endpoint)
+        if stats is not None:
+            stats.start()
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        stats = self.stats.get(outcome.endpoint)
+        if stats is None:
+            return
+        stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion)
+        if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
+            del self.stats[outcome.endpoint]  # removed while in flight: forget it now
+
+    def _candidates(self, exclude: frozenset[str]) -> list[str]:
+        return [e for e in self.endpoints if e not in exclude]
+
+    def pick(self, rng: random.Random, now: float,
+             exclude: frozenset[str] = frozenset()) -> str | None:
+        raise NotImplementedError  # each concrete policy defines how it chooses
+
+    # -- off the request path -------------------------------------------------------------
+    def _estimates(self) -> np.ndarray:
+        known = [s.latency.value for e in self.endpoints
+                 if (s := self.stats[e]).latency.value is not None]
+        fallback = float(np.median(known)) if known else self.profile.default_rtt
+        return np.array([self.stats[e].latency_estimate(fallback) for e in self.endpoints])
+
+    def tick(self, now: float) -> None:
+        dt = 0.0 if self._last_tick is None else max(0.0, now - self._last_tick)
+        self._last_tick = now
+        counts = np.zeros(len(self.endpoints))
+        means = np.zeros(len(self.endpoints))
+        for i, e in enumerate(self.endpoints):
+            counts[i], means[i] = self.stats[e].take_tick()
+        estimates = self._estimates()
+        weights = self._next_weights(counts, means, estimates, dt, now)
+        self._publish(weights)
+        shares = self._observed_shares(counts, weights)
+        if estimates.size:
+            self._gap = wardrop_gap(shares, estimates)
+            best = float(estimates.min())
+            self._monitor.record(shares, self._gap / max(best, 1e-3), now)
+
+    def _observed_shares(self, counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return weights
+
+    def _next_weights(self, counts: np.ndarray, means: np.ndarray, estimates: np.ndarray,
+                      dt: float, now: float) -> np.ndarray:
+        """Baselines: the weights shown are the observed shares, smoothed."""
+        total = counts.sum()
+        if total <= 0 or self._weights.shape != counts.shape:
+            return self._weights if self._weights.shape == counts.shape else counts
+        return 0.5 * self._weights + 0.5 * counts / total
+
+    @property
+    def following(self) -> bool:
+        return False
+
+    def snapshot(self) -> PolicySnapshot:
+        estimates = self._estimates() if self.endpoints else np.zeros(0)
+        regret = self._regret_view if self._regret_view.shape[0] == len(self.endpoints) \
+            else np.zeros(len(self.endpoints))
+        views = [
+            EndpointView(
+                endpoint=e,
+                weight=float(self._weights[i]) if i < self._weights.shape[0] else 0.0,
+                latency_estimate=float(estimates[i]),
+                regret=float(regret[i]),
+                in_flight=self.stats[e].in_flight,
+                requests=self.stats[e].requests,
+                failures=self.stats[e].failures,
+            )
+            for i, e in enumerate(self.endpoints)
+        ]
+        return PolicySnapshot(
+            policy=self.name,
+            weights={v.endpoint: v.weight for v in views},
+            endpoints=tuple(views),
+            nash_gap=self._gap,
+            flapping=self._monitor.flapping,
+            converged=self._monitor.converged,
+            following=self.following,
+            regret_matrix=tuple(tuple(row) for row in self._regret_matrix),
+        )
+
+
+class RoundRobin(_MeasuredPolicy):
+    name = "round-robin"
+
+    def __init__(self, profile: StrategyProfile) -> None:
+        super().__init__(profile)
+        self._next = 0
+
+    def pick(self, rng: random.Random, now: float,
+             exclude: frozenset[str] = frozenset()) -> str | None:
+        n = len(self.endpoints)
+        for _ in range(n):
+            e = self.endpoints[self._next % n]
+            self._next = (self._next + 1) % n
+            if e not in exclude:
+                return e
+        return None
+
+
+class RandomChoice(_MeasuredPolicy):
+    name = "random"
+
+    def pick(self, rng: random.Random, now: float,
+             exclude: frozenset[str] = frozenset()) -> str | None:
+        candidates = self._candidates(exclude)
+        return rng.choice(candidates) if candidates else None
+
+
+class _PowerOfTwoChoices(_MeasuredPolicy):
+    """Pick two distinct endpoints uniformly at random; the lower :meth:`load` wins."""
+
+    def load(self, stats: EndpointStats, now: float) -> float:
+        raise NotImplementedError  # subclasses say how load is measured
+
+    def pick(self, rng: random.Random, now: float,
+             exclude: frozenset[str] = frozenset()) -> str | None:
+        candidates = self._candidates(exclude)
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        a, b = rng.sample(candidates, 2)
+        la, lb = self.load(self.stats[a], now), self.load(self.stats[b], now)
+        if la == lb:
+            return a if rng.random() < 0.5 else b
+        return a if la < lb else b
+
+
+class P2CLeastRequest(_PowerOfTwoChoices):
+    name = "p2c-least-request"
+
+    def load(self, stats: EndpointStats, now: float) -> float:
+        return float(stats.in_flight)
+
+
+class P2CPeakEwma(_PowerOfTwoChoices):
+    name = "peak-ewma"
+
+    def load(self, stats: EndpointStats, now: float) -> float:
+        return stats.peak.cost(now, stats.in_flight)
+
+
+class RegretMatchingPolicy(_MeasuredPolicy):
+    """Equilibrium's policy: regret matching + anti-herd shaping + ejection + following."""
+
+    name = "equilibrium"
+
+    def __init__(self, profile: StrategyProfile) -> None:
+        super().__init__(profile)
+        self.regret = RoutingRegret(0, profile.regret_memory)
+        self._recommendation: tuple[dict[str, float], float] | None = None
+        self._following = False
+
+    def _on_resize(self, keep: list[int | None], new: list[str]) -> None:
+        super()._on_resize(keep, new)
+        self.regret.resize(keep)
+
+    def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
+        """Adopt a (verified) recommendation until ``expires_at``; it is still shaped by the
+        thundering-herd guard. Weights for unknown endpoints are ignored."""
+        clean = {e: float(w) for e, w in weights.items()
+                 if e in self.stats and math.isfinite(float(w)) and float(w) >= 0.0}
+        self._recommendation = (clean, expires_at) if clean else None
+
+    def stop_following(self) -> None:
+        self._recommendation = None
+
+    @property
+    def following(self) -> bool:
+        return self._following
+
+    def pick(self, rng: random.Random, now: float,
+             exclude: frozenset[str] = frozenset()) -> str | None:
+        endpoints, cumulative = self.endpoints, self._cumulative
+        if not endpoints:
+            return None
+        if not exclude and cumulative and cumulative[-1] > 0:
+            i = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
+            return endpoints[min(i, len(endpoints) - 1)]
+        weights = self._weights
+        pool = [(e, float(weights[i])) for i, e in enumerate(endpoints)
+                if e not in exclude and i < weights.shape[0]]
+        positive = [(e, w) for e, w in pool if w > 0]
+        if positive:
+            return rng.choices([e for e, _ in positive], [w for _, w in positive])[0]
+        rest = [e for e in endpoints if e not in exclude]
+        return rng.choice(rest) if rest else None
+
+    def _live(self, now: float) -> np.ndarray:
+        live = np.ones(len(self.endpoints), dtype=bool)
+        p = self.profile
+        for i, e in enumerate(self.endpoints):
+            s = self.stats[e]
+            if s.consecutive_failures >= p.eject_after_failures:
+                s.ejected_until = now + p.eject_base * 2 ** min(s.ejections, 3)
+                s.ejections += 1
+                s.consecutive_failures = 0
+            elif s.ejections and now > s.ejected_until + 4 * p.eject_base:
+                s.ejections = 0  # healthy long enough: next ejection starts short again
+            live[i] = now >= s.ejected_until
+        return live
+
+    def _target(self, now: float) -> np.ndarray:
+        rec = self._recommendation
+        if rec is not None and now < rec[1]:
+            weights, _ = rec
+            target = np.array([weights.get(e, 0.0) for e in self.endpoints])
+            if target.sum() > 0:
+                self._following = True
+                return target
+        if rec is not None and now >= rec[1]:
+            self._recommendation = None
+        self._following = False
+        return self.regret.strategy(self.profile.regret_mode)
+
+    def _next_weights(self, counts: np.ndarray, means: np.ndarray, estimates: np.ndarray,
+                      dt: float, now: float) -> np.ndarray:
+        self.regret.update(counts, means, estimates, dt)
+        self._regret_view = self.regret.endpoint_regret()
+        self._regret_matrix = self.regret.conditional.tolist()
+        if not self.endpoints:
+            return np.zeros(0)
+        live = self._live(now)
+        return self.profile.herd.shape(self._target(now), self._weights, dt, live)
+
+
+POLICIES: dict[str, Callable[[StrategyProfile], _MeasuredPolicy]] = {
+    RoundRobin.name: RoundRobin,
+    RandomChoice.name: RandomChoice,
+    P2CLeastRequest.name: P2CLeastRequest,
+    P2CPeakEwma.name: P2CPeakEwma,
+    RegretMatchingPolicy.name: RegretMatchingPolicy,
+}
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
+
+
+def make_policy(name: str, profile: StrategyProfile) -> _MeasuredPolicy:
+    """Build a policy by name (see :data:`POLICY_NAMES`); ValueError for unknown names."""
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}"
+        ) from None
+    return factory(profile)
