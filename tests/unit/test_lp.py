@@ -1,0 +1,255 @@
+"""Correlated-equilibrium LPs: configuration LP vs naive joint LP, CE verification, a textbook
+game where a CE beats every Nash equilibrium, the size guard, and degenerate inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from signaler.latency_model import LatencyModel
+from signaler.lp import (
+    CESolution,
+    CorrelatedEquilibriumLP,
+    NoCapacityError,
+    SolverError,
+    ce_max_gain,
+    naive_joint_lp,
+    solve_normal_form_ce,
+)
+from signaler.routing_game import (
+    ce_gap,
+    configuration_costs,
+    enumerate_configurations,
+    greedy_nash,
+    greedy_system_optimum,
+    latency_table,
+    pure_nash_mask,
+)
+from signaler.system_optimum import polish_by_exchange, round_to_tokens, solve_system_optimum
+
+# Asymmetric M/M/1 endpoints: fast-but-far, slow-but-near, small.
+ASYMMETRIC = (
+    LatencyModel(d=0.010, mu=10.0),
+    LatencyModel(d=0.020, mu=6.0),
+    LatencyModel(d=0.005, mu=4.0),
+)
+
+
+def _assert_is_ce(solution: CESolution, models: tuple[LatencyModel, ...], lam: float) -> None:
+    """Recompute the CE gap independently of CESolution and check it is (numerically) zero."""
+    n = solution.n_tokens
+    table = latency_table(models, n + 1, lam)
+    assert ce_gap(solution.configurations, solution.probabilities, table) <= 1e-6
+    assert solution.ce_gap <= 1e-6
+    assert solution.probabilities.sum() == pytest.approx(1.0)
+    assert np.all(solution.probabilities >= 0)
+    assert np.all(solution.configurations.sum(axis=1) == n)
+
+
+def test_enumeration_counts_and_covers_every_configuration() -> None:
+    configurations = enumerate_configurations(5, 3)
+    assert configurations.shape == (21, 3)  # C(7, 2)
+    assert np.all(configurations.sum(axis=1) == 5)
+    assert len({tuple(row) for row in configurations}) == 21
+
+
+@pytest.mark.parametrize(("n", "utilisation"), [(4, 0.6), (6, 0.6), (6, 0.85)])
+def test_configuration_lp_matches_naive_joint_lp(n: int, utilisation: float) -> None:
+    lam = utilisation * sum(m.mu for m in ASYMMETRIC) / n
+    configuration = CorrelatedEquilibriumLP(ASYMMETRIC, n, lam).solve()
+    naive = naive_joint_lp(ASYMMETRIC, n, lam)
+    assert configuration.method == "configuration-lp"
+    assert naive.method == "joint-profile-lp"
+    assert naive.n_variables == 3**n
+    assert configuration.n_variables == enumerate_configurations(n, 3).shape[0]
+    assert configuration.n_constraints == 3 * 2 + 1
+    assert configuration.objective == pytest.approx(naive.objective, rel=1e-6)
+    _assert_is_ce(configuration, ASYMMETRIC, lam)
+    assert naive.ce_gap <= 1e-6
+
+
+@pytest.mark.parametrize("n", [3, 8, 20])
+def test_best_ce_is_between_system_optimum_and_best_pure_nash(n: int) -> None:
+    lam = 0.8 * sum(m.mu for m in ASYMMETRIC) / n
+    solution = CorrelatedEquilibriumLP(ASYMMETRIC, n, lam).solve()
+    _assert_is_ce(solution, ASYMMETRIC, lam)
+    configurations = enumerate_configurations(n, 3)
+    table = latency_table(ASYMMETRIC, n + 1, lam)
+    costs = configuration_costs(configurations, table)
+    nash = pure_nash_mask(configurations, table)
+    assert nash.any()  # congestion games have pure equilibria (Rosenthal 1973)
+    # Every pure NE is a CE, so the best CE is no worse than the best pure NE ...
+    assert solution.objective <= costs[nash].min() + 1e-9
+    # ... and no distribution beats the best single configuration.
+    assert solution.objective >= costs.min() - 1e-9
+    optimum = greedy_system_optimum(table, n)
+    assert configuration_costs(optimum[None, :], table)[0] == pytest.approx(costs.min())
+    greedy = greedy_nash(table, n)
+    assert pure_nash_mask(greedy[None, :], table)[0]
+
+
+def test_epsilon_relaxation_never_costs_more() -> None:
+    lam = 0.85 * sum(m.mu for m in ASYMMETRIC) / 10
+    exact = CorrelatedEquilibriumLP(ASYMMETRIC, 10, lam).solve()
+    relaxed = CorrelatedEquilibriumLP(ASYMMETRIC, 10, lam, epsilon=0.05).solve()
+    assert relaxed.objective <= exact.objective + 1e-9
+    assert relaxed.ce_gap <= 0.05 + 1e-6
+
+
+CHICKEN_ROW = np.array([[6.0, 2.0], [7.0, 0.0]])  # actions: 0 = yield (C), 1 = dare (D)
+
+
+def test_chicken_best_ce_beats_every_nash_equilibrium() -> None:
+    payoffs = [CHICKEN_ROW, CHICKEN_ROW.T]
+    ce = solve_normal_form_ce(payoffs)
+    # Known answer: P(C,C) = 1/2, P(C,D) = P(D,C) = 1/4, total payoff 10.5.
+    assert ce.total_payoff == pytest.approx(10.5, abs=1e-7)
+    assert ce.distribution == pytest.approx(np.array([[0.5, 0.25], [0.25, 0.0]]), abs=1e-7)
+    assert ce.max_gain <= 1e-9
+    # Nash equilibria by hand: the pure ones (D,C), (C,D) total 9; the mixed one has each
+    # player yield with q where 6q + 2(1-q) = 7q  =>  q = 2/3, payoff 14/3 each, total 28/3.
+    pure_totals = [7 + 2, 2 + 7]
+    q = 2 / 3
+    mixed = np.outer([q, 1 - q], [q, 1 - q])
+    mixed_total = float(np.sum(mixed * (payoffs[0] + payoffs[1])))
+    assert mixed_total == pytest.approx(28 / 3)
+    assert ce_max_gain(payoffs, mixed) <= 1e-12  # it is an equilibrium ...
+    assert ce.total_payoff > max([*pure_totals, mixed_total]) + 1  # ... and the CE beats it
+
+
+def test_ce_max_gain_detects_a_non_equilibrium() -> None:
+    payoffs = [CHICKEN_ROW, CHICKEN_ROW.T]
+    both_yield = np.array([[1.0, 0.0], [0.0, 0.0]])
+    assert ce_max_gain(payoffs, both_yield) == pytest.approx(1.0)  # 7 - 6 by daring
+
+
+def test_normal_form_three_player_game() -> None:
+    # Three players each pick one of two roads; a road's cost is its number of users.
+    profiles = np.indices((2, 2, 2))
+    loads = [np.sum(profiles == road, axis=0) for road in (0, 1)]
+    payoffs = [-np.choose(profiles[i], loads) for i in range(3)]
+    ce = solve_normal_form_ce(payoffs)
+    assert ce.max_gain <= 1e-9
+    assert ce.total_payoff == pytest.approx(-5.0)  # a 2-1 split: 2*2 + 1
+
+
+def test_normal_form_rejects_malformed_games() -> None:
+    with pytest.raises(ValueError):
+        solve_normal_form_ce([np.zeros((2, 2))])
+    with pytest.raises(ValueError):
+        solve_normal_form_ce([np.zeros((2, 2)), np.full((2, 2), np.nan)])
+
+
+def test_size_guard_solves_64x4_by_lp_and_16x8_by_system_optimum() -> None:
+    four = tuple(LatencyModel(d=0.002 * (1 + j % 3), mu=50.0 * (1 + j)) for j in range(4))
+    lam4 = 0.7 * sum(m.mu for m in four) / 64
+    big = CorrelatedEquilibriumLP(four, 64, lam4).solve()
+    assert big.method == "configuration-lp"
+    assert big.n_variables == 47_905
+    _assert_is_ce(big, four, lam4)
+
+    eight = tuple(LatencyModel(d=0.002 * (1 + j % 3), mu=50.0 * (1 + j % 4)) for j in range(8))
+    lam8 = 0.7 * sum(m.mu for m in eight) / 16
+    guarded = CorrelatedEquilibriumLP(eight, 16, lam8)
+    assert guarded.n_configurations == 245_157
+    fallback = guarded.solve()
+    assert fallback.method == "system-optimum"
+    assert fallback.configurations.shape == (1, 8)
+    assert fallback.probabilities.tolist() == [1.0]
+    assert fallback.n_tokens == 16
+    # The rounded-and-polished convex optimum is the exact integer optimum.
+    table = latency_table(eight, 17, lam8)
+    best = configuration_costs(greedy_system_optimum(table, 16)[None, :], table)[0]
+    assert fallback.objective == pytest.approx(best, rel=1e-12)
+
+
+def test_system_optimum_equalises_marginal_costs() -> None:
+    models = (LatencyModel(d=0.01, mu=30.0), LatencyModel(d=0.0, mu=10.0))
+    solution = solve_system_optimum(models, 1000, 0.02)  # demand 20, fine-grained tokens
+    flows = solution.configurations[0] * 0.02
+    marginals = [m.marginal_cost(x) for m, x in zip(models, flows, strict=True)]
+    assert marginals[0] == pytest.approx(marginals[1], rel=0.01)
+    assert solution.status == "optimal"
+    assert all(x <= m.knee_load for m, x in zip(models, flows, strict=True))
+
+
+def test_system_optimum_over_capacity_is_overloaded_not_an_error() -> None:
+    models = (LatencyModel(d=0.01, mu=10.0), LatencyModel(d=0.01, mu=5.0))
+    solution = solve_system_optimum(models, 30, 1.0)  # demand 30 > capacity 15
+    assert solution.status == "overloaded"
+    assert solution.configurations[0].sum() == 30
+    # Spread so both are past the knee: neither endpoint takes everything.
+    assert np.all(solution.configurations[0] > 0)
+
+
+def test_exchange_polish_reaches_the_integer_optimum_from_a_bad_start() -> None:
+    lam = 0.8 * sum(m.mu for m in ASYMMETRIC) / 12
+    table = latency_table(ASYMMETRIC, 13, lam)
+    polished = polish_by_exchange(np.array([12, 0, 0]), table)
+    configurations = enumerate_configurations(12, 3)
+    costs = configuration_costs(configurations, table)
+    assert configuration_costs(polished[None, :], table)[0] == pytest.approx(costs.min())
+
+
+def test_round_to_tokens_keeps_total_and_proportions() -> None:
+    assert round_to_tokens(np.array([1.5, 1.5, 1.0]), 4).tolist() == [2, 1, 1]
+    assert round_to_tokens(np.array([0.2, 0.3, 0.5]), 10).tolist() == [2, 3, 5]
+    with pytest.raises(ValueError):
+        round_to_tokens(np.array([np.nan, 1.0]), 3)
+
+
+def test_single_endpoint_is_trivial() -> None:
+    solution = CorrelatedEquilibriumLP((LatencyModel(d=0.01, mu=10.0),), 7, 1.0).solve()
+    assert solution.status == "trivial"
+    assert solution.configurations.tolist() == [[7]]
+    assert solution.objective == pytest.approx(7 * (0.01 + 1 / 3))
+    assert solution.ce_gap == 0.0
+
+
+def test_no_demand_gives_the_empty_configuration() -> None:
+    solution = CorrelatedEquilibriumLP(ASYMMETRIC, 0, 1.0).solve()
+    assert solution.configurations.tolist() == [[0, 0, 0]]
+    assert solution.objective == 0.0
+    assert solution.ce_gap == 0.0
+
+
+def test_failing_endpoint_gets_no_tokens() -> None:
+    models = (*ASYMMETRIC, LatencyModel(d=0.0, mu=1e-7))
+    lam = 0.6 * sum(m.mu for m in ASYMMETRIC) / 6
+    solution = CorrelatedEquilibriumLP(models, 6, lam).solve()
+    assert np.all(solution.configurations[:, 3] == 0)
+    healthy = CorrelatedEquilibriumLP(ASYMMETRIC, 6, lam).solve()
+    assert solution.objective == pytest.approx(healthy.objective, rel=1e-6)
+    _assert_is_ce(solution, models, lam)
+
+
+def test_all_endpoints_failing_is_a_clear_error() -> None:
+    models = (LatencyModel(d=0.0, mu=1e-9), LatencyModel(d=0.0, mu=2e-9))
+    lp = CorrelatedEquilibriumLP(models, 8, 1.0)
+    with pytest.raises(NoCapacityError, match="failing"):
+        lp.solve()
+    assert issubclass(NoCapacityError, SolverError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n_tokens": -1},
+        {"token_load": float("nan")},
+        {"token_load": -1.0},
+        {"epsilon": -0.1},
+        {"models": ()},
+        {"n_tokens": 2.5},
+    ],
+)
+def test_invalid_lp_inputs_are_rejected(kwargs: dict[str, object]) -> None:
+    arguments: dict[str, object] = {"models": ASYMMETRIC, "n_tokens": 4, "token_load": 1.0}
+    arguments.update(kwargs)
+    with pytest.raises(ValueError):
+        CorrelatedEquilibriumLP(**arguments)  # type: ignore[arg-type]
+
+
+def test_solution_arrays_are_read_only() -> None:
+    solution = CorrelatedEquilibriumLP(ASYMMETRIC, 4, 2.0).solve()
+    with pytest.raises(ValueError):
+        solution.probabilities[0] = 0.5
