@@ -1,0 +1,510 @@
+"""``equilibrium demo``: a local mesh with a bad pod; watch the traffic shift away from it.
+
+Owns the demo's run: a fleet of pods (one of them the seed's "bad" pod that adds 500 ms to
+half of its requests), client apps each behind its own real ``equilibrium sidecar`` process,
+a bounded open-loop load per client, a live view once a second, then a summary, a JSON
+record of it and a PNG plot. No Docker, cluster or Redis is needed.
+
+Processes: the parent (this module: orchestration, live view), one fleet process, one
+sidecar per client and one load generator per client. The load generator of a client sends
+``Host: demo`` requests to that client's sidecar, as the client app would. All children are
+stopped and reaped on every exit path (``finally``, own process groups, and on Linux a
+parent-death signal), including Ctrl-C.
+
+Later phases plug in through :class:`DemoPhase` hooks (start Redis and a signaler before the
+sidecars, add sidecar flags, act during the run, add live lines and summary entries) without
+touching the core sequence in :func:`run_demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from equilibrium import analysis
+from equilibrium.fleet import Fleet
+from equilibrium.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
+from equilibrium.loadgen import LoadGenerator, LoadSpec, Record
+from equilibrium.processes import ChildProcess, stop_all
+from equilibrium.sidecars import Sidecar
+
+UPSTREAM = "demo"
+
+
+@dataclass(slots=True)
+class DemoConfig:
+    """The demo's knobs (see ``equilibrium demo --help``)."""
+
+    pods: int = 5
+    bad: int = 4
+    bad_delay: float = 0.5
+    bad_fraction: float = 0.5
+    clients: int = 3
+    rate: float = 50.0
+    duration: float = 40.0
+    policy: str = "equilibrium"
+    strategy: str | None = None
+    seed: int = 1
+    out: Path = Path(".")
+    window: float = 2.0
+    recover_at: float | None = None
+    sidecar_args: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.pods < 2:
+            raise ValueError("--pods must be at least 2")
+        if not 0 <= self.bad < self.pods:
+            raise ValueError(f"--bad must be a pod index in 0..{self.pods - 1}")
+        if self.clients < 1:
+            raise ValueError("--clients must be at least 1")
+        if not (self.rate > 0 and self.duration > 0):
+            raise ValueError("--rate and --duration must be > 0")
+        if self.duration > 600:
+            raise ValueError("--duration is limited to 600 s (the load is always bounded)")
+        if self.rate * self.clients > 5000:
+            raise ValueError("total rate above 5000 req/s is more than one machine can show")
+
+
+@dataclass(slots=True)
+class StateSample:
+    """One ``/debug/state`` reading of one sidecar, ``t`` seconds after the load started."""
+
+    t: float
+    sidecar: str
+    state: dict[str, Any] | None
+
+
+class DemoPhase:
+    """A step that extends the demo. Every hook has a default that does nothing.
+
+    Order: the fleet starts, then every phase's :meth:`prepare`, then the sidecars (each gets
+    the flags of every phase's :meth:`sidecar_args`), then the load; once a second every
+    phase's :meth:`on_tick` runs and its :meth:`live_lines` are shown; after the load the
+    phases' :meth:`summary` entries join the summary; :meth:`close` always runs at the end.
+    Child processes a phase starts go into ``run.children`` so they are always reaped.
+    """
+
+    name = "phase"
+
+    async def prepare(self, run: DemoRun) -> None:
+        """After the fleet started, before any sidecar (e.g. start Redis and a signaler)."""
+
+    def sidecar_args(self, run: DemoRun, sidecar_id: str) -> list[str]:
+        """Extra command-line flags for one sidecar (e.g. ``--redis URL``)."""
+        return []
+
+    async def on_tick(self, run: DemoRun, elapsed: float) -> None:
+        """Once a second during the load (e.g. make a pod recover, start a rogue caller)."""
+
+    def live_lines(self, run: DemoRun) -> list[str]:
+        """Lines added to the live view."""
+        return []
+
+    def summary(self, run: DemoRun) -> dict[str, Any]:
+        """Entries for the summary (printed as ``key: value`` and saved in the JSON)."""
+        return {}
+
+    async def close(self, run: DemoRun) -> None:
+        """Always called at the end, also after errors and Ctrl-C."""
+
+
+class RecoveryPhase(DemoPhase):
+    """The bad pod recovers at ``at`` seconds: is it re-admitted gradually, without a herd?"""
+
+    name = "recovery"
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.done = False
+
+    async def on_tick(self, run: DemoRun, elapsed: float) -> None:
+        if not self.done and elapsed >= self.at and run.fleet is not None:
+            await run.fleet.control(run.config.bad, bad=False)
+            self.done = True
+
+    def live_lines(self, run: DemoRun) -> list[str]:
+        state = "recovered" if self.done else f"recovers at t={self.at:.0f}s"
+        return [f"  bad pod {run.bad_pod}: {state}"]
+
+    def summary(self, run: DemoRun) -> dict[str, Any]:
+        after = analysis.share_between(run.records, run.bad_pod, run.t0 + self.at,
+                                       run.t0 + run.config.duration)
+        return {"recovered at (s)": self.at, "bad pod share after recovery": after}
+
+
+@dataclass
+class DemoRun:
+    """The state of one demo run, shared with the phases."""
+
+    config: DemoConfig
+    logs: Path
+    fleet: Fleet | None = None
+    sidecars: list[Sidecar] = field(default_factory=list)
+    loadgens: list[LoadGenerator] = field(default_factory=list)
+    children: list[ChildProcess] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    states: list[StateSample] = field(default_factory=list)
+    t0: float = 0.0
+
+    @property
+    def pod_names(self) -> list[str]:
+        return [p.name for p in self.fleet.pods] if self.fleet else []
+
+    @property
+    def bad_pod(self) -> str:
+        return f"pod-{self.config.bad}"
+
+    def pod_of_endpoint(self, endpoint: str) -> str:
+        by_url = self.fleet.pod_by_url() if self.fleet else {}
+        return by_url.get(endpoint.rstrip("/"), endpoint)
+
+
+async def _start_sidecars(run: DemoRun, phases: Sequence[DemoPhase]) -> None:
+    assert run.fleet is not None
+    cfg = run.config
+    ids = [f"client-{i + 1}" for i in range(cfg.clients)]
+
+    async def one(sid: str) -> Sidecar:
+        extra = list(cfg.sidecar_args)
+        for phase in phases:
+            extra += phase.sidecar_args(run, sid)
+        return await Sidecar.start(sid, {UPSTREAM: run.fleet.urls}, cfg.policy, cfg.strategy,
+                                   extra, stderr_path=str(run.logs / f"{sid}.log"))
+
+    results = await asyncio.gather(*(one(s) for s in ids), return_exceptions=True)
+    run.sidecars = [r for r in results if isinstance(r, Sidecar)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+
+
+async def _pump(run: DemoRun, gen: LoadGenerator) -> None:
+    async for rec in gen.records():
+        run.records.append(rec)
+
+
+async def _poll_states(run: DemoRun, elapsed: float) -> dict[str, dict[str, Any] | None]:
+    states = await asyncio.gather(*(s.state() for s in run.sidecars))
+    out = {}
+    for sidecar, state in zip(run.sidecars, states, strict=True):
+        run.states.append(StateSample(elapsed, sidecar.id, state))
+        out[sidecar.id] = state
+    return out
+
+
+def _frame(run: DemoRun, elapsed: float, states: dict[str, Any],
+           phases: Sequence[DemoPhase]) -> Frame:
+    cfg = run.config
+    now_rel = elapsed
+    recent = [r for r in run.records if now_rel - cfg.window <= r.intended - run.t0 < now_rel]
+    win = analysis.windows(recent, run.t0 + now_rel - cfg.window, cfg.window, cfg.window)[0]
+    pods = [
+        PodLine(name, win.share(name), win.pod_percentile(name, 50),
+                win.pod_percentile(name, 99), bad=name == run.bad_pod)
+        for name in run.pod_names
+    ]
+    extra = [line for phase in phases for line in phase.live_lines(run)]
+    return Frame(
+        elapsed=elapsed, duration=cfg.duration, requests=len(run.records),
+        errors=sum(1 for r in run.records if not r.ok), window=cfg.window, pods=pods,
+        states=states, upstream=UPSTREAM, extra=extra,
+    )
+
+
+async def run_demo(
+    config: DemoConfig, phases: Sequence[DemoPhase] = (), stream: TextIO | None = None,
+    live: bool = True,
+) -> dict[str, Any]:
+    """Run the whole demo; returns the summary (also saved as JSON next to the plot)."""
+    config.validate()
+    stream = stream or sys.stdout
+    logs = Path(tempfile.mkdtemp(prefix="equilibrium-demo-"))
+    run = DemoRun(config=config, logs=logs)
+    pumps: list[asyncio.Task[None]] = []
+    try:
+        run.fleet = await Fleet.start(
+            ["--pods", str(config.pods), "--bad", str(config.bad), "--bad-delay",
+             repr(config.bad_delay), "--bad-fraction", repr(config.bad_fraction),
+             "--seed", str(config.seed)],
+            stderr_path=str(logs / "fleet.log"),
+        )
+        for phase in phases:
+            await phase.prepare(run)
+        stream.write(
+            f"fleet: {config.pods} pods of service '{UPSTREAM}' on loopback, "
+            f"{run.bad_pod} is bad (+{config.bad_delay * 1000:.0f} ms on "
+            f"{config.bad_fraction:.0%} of requests); starting {config.clients} sidecars "
+            f"(policy {config.policy}); logs in {logs}\n"
+        )
+        stream.flush()
+        await _start_sidecars(run, phases)
+        loop = asyncio.get_running_loop()
+        run.t0 = loop.time() + 0.5
+        for sidecar in run.sidecars:
+            spec = LoadSpec(target=sidecar.outbound_url, host=UPSTREAM, rate=config.rate,
+                            duration=config.duration, client=sidecar.id, start_at=run.t0)
+            gen = await LoadGenerator.start(spec, stderr_path=str(logs / f"load-{sidecar.id}.log"))
+            run.loadgens.append(gen)
+            pumps.append(asyncio.create_task(_pump(run, gen)))
+        view = LiveView(stream) if live else None
+        tick = 1
+        while not all(p.done() for p in pumps):
+            await asyncio.sleep(max(0.0, run.t0 + tick - loop.time()))
+            elapsed = loop.time() - run.t0
+            states = await _poll_states(run, elapsed)
+            for phase in phases:
+                await phase.on_tick(run, elapsed)
+            if view is not None and elapsed <= config.duration + 0.5:
+                view.show(_frame(run, elapsed, states, phases))
+            tick += 1
+        await asyncio.gather(*pumps)
+        await _poll_states(run, loop.time() - run.t0)
+        summary = summarize(run, phases)
+        print_summary(summary, stream)
+        return summary
+    finally:
+        for task in pumps:
+            task.cancel()
+        for phase in phases:
+            with contextlib.suppress(Exception):
+                await phase.close(run)
+        children: list[Any] = [*run.loadgens, *run.sidecars]
+        await asyncio.gather(*(c.stop() for c in children), return_exceptions=True)
+        await stop_all(run.children)
+        if run.fleet is not None:
+            await run.fleet.stop()
+
+
+def _state_series(run: DemoRun) -> tuple[list[float], dict[str, list[float]],
+                                         dict[str, list[float]]]:
+    """Sample times, mean regret per pod over sidecars, and Nash gap per sidecar."""
+    times = sorted({s.t for s in run.states})
+    index = {t: i for i, t in enumerate(times)}
+    regret_sum = {p: [0.0] * len(times) for p in run.pod_names}
+    regret_n = {p: [0] * len(times) for p in run.pod_names}
+    gaps: dict[str, list[float]] = {s.id: [math.nan] * len(times) for s in run.sidecars}
+    for sample in run.states:
+        up = ((sample.state or {}).get("upstreams") or {}).get(UPSTREAM)
+        if not up:
+            continue
+        i = index[sample.t]
+        gaps.setdefault(sample.sidecar, [math.nan] * len(times))[i] = float(
+            up.get("nash_gap", math.nan))
+        for ep in up.get("endpoints", []):
+            pod = run.pod_of_endpoint(str(ep.get("endpoint", "")))
+            if pod in regret_sum:
+                regret_sum[pod][i] += float(ep.get("regret", 0.0))
+                regret_n[pod][i] += 1
+    regrets = {
+        p: [s / n if n else math.nan for s, n in zip(regret_sum[p], regret_n[p], strict=True)]
+        for p in regret_sum
+    }
+    return times, regrets, gaps
+
+
+def _final_states(run: DemoRun) -> dict[str, dict[str, Any]]:
+    last: dict[str, dict[str, Any]] = {}
+    for sample in run.states:
+        up = ((sample.state or {}).get("upstreams") or {}).get(UPSTREAM)
+        if up:
+            last[sample.sidecar] = up
+    return last
+
+
+def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
+    """Compute the summary, write the JSON and the PNG into ``--out``."""
+    from equilibrium.plot import plot_demo
+
+    cfg = run.config
+    pods = run.pod_names
+    metrics = analysis.run_metrics(run.records, run.t0, cfg.duration, pods, run.bad_pod)
+    totals = metrics.pod_totals
+    good = [p for p in pods if p != run.bad_pod]
+    bad_less = all(totals.get(run.bad_pod, 0) < totals.get(p, 0) for p in good)
+    final = _final_states(run)
+    wins = analysis.windows(run.records, run.t0, 1.0, cfg.duration)
+    share_times = [w.start + w.width for w in wins]
+    shares = {p: analysis.share_series(wins, p) for p in pods}
+    state_times, regrets, gaps = _state_series(run)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    png = plot_demo(
+        cfg.out / "equilibrium-demo.png", share_times, shares, [run.bad_pod], state_times,
+        regrets, gaps,
+        title=(f"equilibrium demo: {cfg.clients} clients × {cfg.rate:g} req/s, "
+               f"policy {cfg.policy}, {run.bad_pod} bad"),
+    )
+    summary: dict[str, Any] = {
+        "config": {
+            "pods": cfg.pods, "bad_pod": run.bad_pod, "bad_delay": cfg.bad_delay,
+            "bad_fraction": cfg.bad_fraction, "clients": cfg.clients, "rate": cfg.rate,
+            "duration": cfg.duration, "policy": cfg.policy, "strategy": cfg.strategy,
+            "seed": cfg.seed,
+        },
+        "metrics": metrics.as_dict(),
+        "bad_pod_less_than_each_good_pod": bad_less,
+        "sidecars": {
+            sid: {"converged": bool(up.get("converged")),
+                  "nash_gap": float(up.get("nash_gap", math.nan)),
+                  "flapping": float(up.get("flapping", math.nan)),
+                  "weights": {run.pod_of_endpoint(str(ep.get("endpoint"))):
+                              float(ep.get("weight", math.nan))
+                              for ep in up.get("endpoints", [])}}
+            for sid, up in final.items()
+        },
+        "load": {g.spec.client: _load_summary(g) for g in run.loadgens},
+        "phases": {phase.name: phase.summary(run) for phase in phases},
+        "plot": str(png),
+        "logs": str(run.logs),
+    }
+    path = cfg.out / "equilibrium-demo.json"
+    path.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    summary["json"] = str(path)
+    return summary
+
+
+def _load_summary(gen: LoadGenerator) -> dict[str, Any] | None:
+    if gen.summary is None:
+        return None
+    s = gen.summary
+    return {"planned": s.planned, "sent": s.sent, "errors": s.errors,
+            "delayed_by_cap": s.delayed_by_cap, "late_starts": s.late_starts,
+            "max_start_lag": s.max_start_lag}
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
+    cfg = summary["config"]
+    m = summary["metrics"]
+    bad = cfg["bad_pod"]
+    lat, steady = m["latency"], m["steady_latency"]
+    shift = m["time_to_shift"]
+    shift_text = "never (still at or above 5 % at the end)" if shift is None else f"{shift:.0f} s"
+    lines = [
+        "",
+        f"summary: {cfg['clients']} clients × {cfg['rate']:g} req/s for {cfg['duration']:g} s,"
+        f" policy {cfg['policy']}",
+        f"  requests {m['requests']}, errors {m['errors']}",
+        f"  share sent to the bad pod {bad}: first 5 s {fmt_pct(m['bad_share_first'])}"
+        f" -> second half {fmt_pct(m['bad_share_steady'])} (whole run"
+        f" {fmt_pct(m['bad_share'])})",
+        f"  time until its share stayed under 5 %: {shift_text}",
+        f"  latency, whole run:   mean {fmt_ms(lat['mean'])}  p50 {fmt_ms(lat['p50'])}"
+        f"  p99 {fmt_ms(lat['p99'])}  p99.9 {fmt_ms(lat['p99.9'])}",
+        f"  latency, second half: mean {fmt_ms(steady['mean'])}  p50 {fmt_ms(steady['p50'])}"
+        f"  p99 {fmt_ms(steady['p99'])}  p99.9 {fmt_ms(steady['p99.9'])}",
+        f"  flapping (largest share change between 5 s windows, second half):"
+        f" {m['flapping_pp']:.1f} pp (sampling noise alone: ~{m['flapping_noise_pp']:.1f} pp"
+        f" at 1 sigma)",
+        "  requests per pod: " + ", ".join(
+            f"{p} {n}" for p, n in sorted(m["pod_totals"].items())),
+        f"  the bad pod got less traffic than each good pod: "
+        f"{'yes' if summary['bad_pod_less_than_each_good_pod'] else 'NO'}",
+    ]
+    for sid, s in summary["sidecars"].items():
+        weights = " ".join(f"{p}={w:.2f}" for p, w in sorted(s["weights"].items()))
+        lines.append(
+            f"  {sid}: {'converged' if s['converged'] else 'not converged'},"
+            f" Nash gap {s['nash_gap']:.4f}, flapping {s['flapping']:.3f}, weights {weights}"
+        )
+    for name, entries in summary["phases"].items():
+        for key, value in entries.items():
+            shown = fmt_pct(value) if "share" in key and isinstance(value, float) else value
+            lines.append(f"  {name}: {key}: {shown}")
+    lines.append(f"  plot: {summary['plot']}   summary: {summary['json']}")
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run a local mesh with a bad pod and watch traffic shift",
+        description=("Start a local fleet with one bad pod, client apps behind real "
+                     "sidecars and a bounded load; show the traffic shift live, then print "
+                     "a summary and write a PNG plot. Needs no Docker, cluster or Redis."),
+    )
+    d = DemoConfig()
+    p.add_argument("--duration", type=float, default=d.duration, help="seconds of load (40)")
+    p.add_argument("--rate", type=float, default=d.rate, help="requests/s per client (50)")
+    p.add_argument("--clients", type=int, default=d.clients, help="client apps (3)")
+    p.add_argument("--pods", type=int, default=d.pods, help="pods of the demo service (5)")
+    p.add_argument("--bad", type=int, default=None, help="index of the bad pod (the last)")
+    p.add_argument("--bad-delay", type=float, default=d.bad_delay, help="seconds added (0.5)")
+    p.add_argument("--bad-fraction", type=float, default=d.bad_fraction,
+                   help="share of the bad pod's requests that are slow (0.5)")
+    p.add_argument("--policy", default=d.policy, help="sidecar routing policy (equilibrium)")
+    p.add_argument("--strategy", default=None, help="sidecar strategy profile")
+    p.add_argument("--seed", type=int, default=d.seed, help="fleet RNG seed (1)")
+    p.add_argument("--window", type=float, default=d.window, help="live view window, s (2)")
+    p.add_argument("--recover-at", type=float, default=None,
+                   help="make the bad pod healthy this many seconds into the load")
+    p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag passed to every sidecar (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG and JSON")
+    p.add_argument("--no-live", action="store_true", help="no live view, only the summary")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(
+        pods=args.pods, bad=args.pods - 1 if args.bad is None else args.bad,
+        bad_delay=args.bad_delay, bad_fraction=args.bad_fraction, clients=args.clients,
+        rate=args.rate, duration=args.duration, policy=args.policy, strategy=args.strategy,
+        seed=args.seed, out=args.out, window=args.window, recover_at=args.recover_at,
+        sidecar_args=list(args.sidecar_arg),
+    )
+
+
+def default_phases(config: DemoConfig) -> list[DemoPhase]:
+    """The phases ``equilibrium demo`` runs (later issues append theirs here)."""
+    phases: list[DemoPhase] = []
+    if config.recover_at is not None:
+        phases.append(RecoveryPhase(config.recover_at))
+    return phases
+
+
+async def _main_async(config: DemoConfig, live: bool) -> None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    await run_demo(config, default_phases(config), live=live)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as exc:
+        print(f"equilibrium demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_main_async(config, live=not args.no_live))
+    except KeyboardInterrupt:
+        print("\ninterrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("\nterminated; every child process was stopped", file=sys.stderr)
+        return 143
+    except (RuntimeError, OSError) as exc:
+        print(f"equilibrium demo: {exc}", file=sys.stderr)
+        return 1
+    return 0

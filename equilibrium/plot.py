@@ -1,0 +1,82 @@
+"""PNG plots of the demo and the benchmark (matplotlib, Agg; no display needed).
+
+Owns the figures only: the caller passes plain series (times in seconds from the start of
+the load). Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no
+global GUI state or backend switch is involved and plotting works on a headless machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+
+def _clean(values: Sequence[float]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def plot_demo(
+    path: Path,
+    share_times: Sequence[float],
+    shares: Mapping[str, Sequence[float]],
+    bad_pods: Sequence[str],
+    state_times: Sequence[float],
+    regrets: Mapping[str, Sequence[float]],
+    nash_gaps: Mapping[str, Sequence[float]],
+    title: str = "equilibrium demo",
+) -> Path:
+    """Three panels: traffic share per pod, regret per pod, Nash gap per sidecar."""
+    fig = Figure(figsize=(10, 9), layout="constrained")
+    ax_share, ax_regret, ax_gap = fig.subplots(3, 1, sharex=True)
+    for pod, series in shares.items():
+        bad = pod in bad_pods
+        ax_share.plot(share_times, [v * 100 for v in _clean(series)],
+                      label=pod + (" (bad)" if bad else ""),
+                      linewidth=2.5 if bad else 1.2, linestyle="-" if bad else "--")
+    ax_share.axhline(5, color="grey", linewidth=0.8, linestyle=":")
+    ax_share.set_ylabel("traffic share (%)")
+    ax_share.set_ylim(bottom=0)
+    ax_share.legend(loc="upper right", fontsize="small", ncol=2)
+    ax_share.set_title(title)
+
+    for pod, series in regrets.items():
+        ax_regret.plot(state_times, _clean(series), label=pod,
+                       linewidth=2.5 if pod in bad_pods else 1.2)
+    ax_regret.set_ylabel("regret (mean over sidecars)")
+    if regrets:
+        ax_regret.legend(loc="upper right", fontsize="small", ncol=2)
+
+    for sidecar, series in nash_gaps.items():
+        ax_gap.plot(state_times, _clean(series), label=sidecar)
+    ax_gap.set_ylabel("Nash gap")
+    ax_gap.set_xlabel("seconds since the load started")
+    if nash_gaps:
+        ax_gap.legend(loc="upper right", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_bad_share(
+    path: Path,
+    times: Mapping[str, Sequence[float]],
+    bad_share: Mapping[str, Sequence[float]],
+    title: str,
+) -> Path:
+    """One line per policy: the bad pod's traffic share over time (benchmark)."""
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for policy, series in bad_share.items():
+        ax.plot(times[policy], [v * 100 for v in _clean(series)], label=policy)
+    ax.axhline(5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylabel("share sent to the bad pod (%)")
+    ax.set_xlabel("seconds since the load started")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
