@@ -1,0 +1,343 @@
+"""The sidecar's settings: one validated ``SidecarConfig`` built from four layers.
+
+Owns the parsing and validation of every setting (listen addresses, upstreams, strategy,
+policy, id, drain timeout) and the precedence rule: command-line flags > environment variables
+> config file (YAML or JSON) > defaults. Nothing here opens a socket or starts a task; the
+runner re-reads a ``ConfigSource`` on reload and gets either a new config or a ``ConfigError``
+whose message is fit for a human.
+
+Config file shape (YAML or JSON, every key optional)::
+
+    id: pod-a
+    outbound: 127.0.0.1:15001
+    admin: 127.0.0.1:15000
+    strategy: balanced          # a mesh.profiles name
+    policy: equilibrium         # a mesh.policies name
+    drain_timeout: 20           # seconds
+    max_attempts: 3             # 1 try + retries (default: the profile's max_retries + 1)
+    upstreams:
+      users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
+      orders: http://10.0.1.1:8080,http://10.0.1.2:8080
+
+Upstreams given by a higher layer replace the whole set of a lower one (they are not merged),
+so a reload of the file changes endpoints only when neither flags nor the environment fix them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from mesh.policies import POLICY_NAMES
+from mesh.profiles import PROFILE_NAMES, get_profile
+
+DEFAULT_OUTBOUND = "127.0.0.1:15001"
+DEFAULT_ADMIN = "127.0.0.1:15000"
+DEFAULT_STRATEGY = "balanced"
+DEFAULT_POLICY = "equilibrium"
+DEFAULT_DRAIN_TIMEOUT = 20.0
+
+ENV_PREFIX = "EQUILIBRIUM_"
+# setting -> environment variable
+ENV_VARS: dict[str, str] = {
+    "outbound": "EQUILIBRIUM_OUTBOUND",
+    "admin": "EQUILIBRIUM_ADMIN",
+    "upstreams": "EQUILIBRIUM_UPSTREAMS",
+    "strategy": "EQUILIBRIUM_STRATEGY",
+    "policy": "EQUILIBRIUM_POLICY",
+    "id": "EQUILIBRIUM_ID",
+    "drain_timeout": "EQUILIBRIUM_DRAIN_TIMEOUT",
+    "max_attempts": "EQUILIBRIUM_MAX_ATTEMPTS",
+    "config": "EQUILIBRIUM_CONFIG",
+}
+FILE_KEYS = frozenset(
+    {"id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout", "max_attempts"}
+)
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the setting and its source."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """Everything the runner needs; immutable, rebuilt whole on reload."""
+
+    id: str
+    outbound: ListenAddress
+    admin: ListenAddress
+    upstreams: Mapping[str, tuple[str, ...]]
+    strategy: str = DEFAULT_STRATEGY
+    policy: str = DEFAULT_POLICY
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    max_attempts: int | None = None  # None: the profile's max_retries + 1
+    config_file: Path | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
+
+
+# ---------------------------------------------------------------- parsers of single values
+
+
+def parse_listen(value: str, what: str = "address") -> ListenAddress:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback)."""
+    text = str(value).strip()
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^\s:\[\]]*):(\d+)", text)
+    if not m:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    host = m.group(1) or m.group(3) or "127.0.0.1"
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} out of range 0..65535")
+    return ListenAddress(host, port)
+
+
+def parse_endpoint(url: str, upstream: str) -> str:
+    """Validate one endpoint URL and return it normalised (``scheme://host:port``)."""
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"upstream {upstream!r}: bad endpoint URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"upstream {upstream!r}: endpoint {url!r} must be http:// or https://")
+    if not parts.hostname:
+        raise ConfigError(f"upstream {upstream!r}: endpoint {url!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            f"upstream {upstream!r}: endpoint {url!r} must be scheme://host[:port] only"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default_port = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}:{port if port is not None else default_port}"
+
+
+def parse_upstream_name(name: str) -> str:
+    lowered = str(name).strip().lower()
+    if not _NAME_RE.match(lowered):
+        raise ConfigError(
+            f"upstream name {name!r} is not a DNS-style name (letters, digits, '-', '.')"
+        )
+    return lowered
+
+
+def parse_endpoints(name: str, value: Any) -> tuple[str, ...]:
+    """A comma-separated string or a list of URLs -> de-duplicated, ordered tuple."""
+    if isinstance(value, str):
+        items: Sequence[Any] = [v for v in value.split(",") if v.strip()]
+    elif isinstance(value, list | tuple):
+        items = value
+    elif value is None:
+        items = []
+    else:
+        raise ConfigError(
+            f"upstream {name!r}: endpoints must be a list or a comma-separated string"
+        )
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"upstream {name!r}: endpoint {item!r} is not a string")
+        ep = parse_endpoint(item, name)
+        if ep not in out:
+            out.append(ep)
+    return tuple(out)
+
+
+def parse_upstream_flag(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``NAME=URL[,URL...]`` as given to ``--upstream``."""
+    name, sep, urls = spec.partition("=")
+    if not sep:
+        raise ConfigError(f"--upstream: expected NAME=URL[,URL...], got {spec!r}")
+    clean = parse_upstream_name(name)
+    return clean, parse_endpoints(clean, urls)
+
+
+def parse_upstreams_env(value: str) -> dict[str, tuple[str, ...]]:
+    """``a=url,url;b=url`` as in ``EQUILIBRIUM_UPSTREAMS``."""
+    out: dict[str, tuple[str, ...]] = {}
+    for part in value.split(";"):
+        if part.strip():
+            name, endpoints = parse_upstream_flag(part.strip())
+            if name in out:
+                raise ConfigError(f"upstream {name!r} given twice")
+            out[name] = endpoints
+    return out
+
+
+def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("upstreams: expected a mapping NAME -> list of URLs")
+    out: dict[str, tuple[str, ...]] = {}
+    for raw_name, endpoints in value.items():
+        name = parse_upstream_name(str(raw_name))
+        if name in out:
+            raise ConfigError(f"upstream {name!r} given twice")
+        out[name] = parse_endpoints(name, endpoints)
+    return out
+
+
+def _parse_float(value: Any, what: str, low: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+    if not number >= low or number != number or number == float("inf"):
+        raise ConfigError(f"{what}: must be a finite number >= {low}, got {value!r}")
+    return number
+
+
+def _parse_int(value: Any, what: str, low: int, high: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{what}: expected an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{what}: must be in {low}..{high}, got {number}")
+    return number
+
+
+def _parse_choice(value: Any, what: str, names: Sequence[str]) -> str:
+    text = str(value).strip()
+    if text not in names:
+        raise ConfigError(f"{what}: unknown {text!r}; choose one of {', '.join(names)}")
+    return text
+
+
+# ---------------------------------------------------------------- layers
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file (JSON is YAML; ``.json`` files are parsed strictly)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: cannot read: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(path)!r}: not valid YAML/JSON: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm not in FILE_KEYS:
+            known = ", ".join(sorted(FILE_KEYS))
+            raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}; known: {known}")
+        out[norm] = value
+    return out
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings present in the environment (empty values count as absent)."""
+    return {k: env[v] for k, v in ENV_VARS.items() if k != "config" and env.get(v, "").strip()}
+
+
+def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
+    """Parse one layer's raw values; errors name the layer."""
+    out: dict[str, Any] = {}
+    try:
+        for key, value in raw.items():
+            if value is None:
+                continue
+            if key in ("outbound", "admin"):
+                out[key] = parse_listen(value, key)
+            elif key == "upstreams":
+                if isinstance(value, str):
+                    out[key] = parse_upstreams_env(value)
+                elif isinstance(value, list | tuple):  # repeated --upstream flags
+                    flags: dict[str, tuple[str, ...]] = {}
+                    for spec in value:
+                        name, endpoints = parse_upstream_flag(spec)
+                        if name in flags:
+                            raise ConfigError(f"upstream {name!r} given twice")
+                        flags[name] = endpoints
+                    out[key] = flags
+                else:
+                    out[key] = parse_upstreams_mapping(value)
+            elif key == "strategy":
+                name = _parse_choice(value, "strategy", PROFILE_NAMES)
+                get_profile(name)
+                out[key] = name
+            elif key == "policy":
+                out[key] = _parse_choice(value, "policy", POLICY_NAMES)
+            elif key == "id":
+                text = str(value).strip()
+                if not text or any(c.isspace() or ord(c) < 32 for c in text):
+                    raise ConfigError(f"id: must be non-empty without spaces, got {value!r}")
+                out[key] = text
+            elif key == "drain_timeout":
+                out[key] = _parse_float(value, "drain_timeout", 0.0)
+            elif key == "max_attempts":
+                out[key] = _parse_int(value, "max_attempts", 1, 10)
+    except ConfigError as exc:
+        raise ConfigError(f"{layer}: {exc}") from None
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """The inputs of a config (flags, environment, file path); ``load()`` re-reads the file.
+
+    ``flags`` holds only the settings given on the command line (absent = not given).
+    """
+
+    flags: Mapping[str, Any]
+    env: Mapping[str, str]
+    config_file: Path | None = None
+
+    @classmethod
+    def from_sources(
+        cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> ConfigSource:
+        environ = dict(os.environ if env is None else env)
+        path = flags.get("config") or environ.get(ENV_VARS["config"], "").strip() or None
+        given = {k: v for k, v in flags.items() if k != "config" and v not in (None, [], ())}
+        return cls(given, environ, Path(path) if path else None)
+
+    def load(self) -> SidecarConfig:
+        merged: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        layers: list[tuple[str, Mapping[str, Any]]] = []
+        if self.config_file is not None:
+            layers.append((f"config file {str(self.config_file)!r}", read_file(self.config_file)))
+        layers.append(("environment", read_env(self.env)))
+        layers.append(("command line", self.flags))
+        for layer, raw in layers:
+            for key, value in _validate_layer(raw, layer).items():
+                merged[key] = value
+                sources[key] = layer
+        return SidecarConfig(
+            id=merged.get("id") or f"{socket.gethostname()}-{os.getpid()}",
+            outbound=merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
+            admin=merged.get("admin") or parse_listen(DEFAULT_ADMIN),
+            upstreams=merged.get("upstreams", {}),
+            strategy=merged.get("strategy", DEFAULT_STRATEGY),
+            policy=merged.get("policy", DEFAULT_POLICY),
+            drain_timeout=merged.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT),
+            max_attempts=merged.get("max_attempts"),
+            config_file=self.config_file,
+            sources=sources,
+        )

@@ -1,0 +1,110 @@
+"""HTTP/1.1 forwarding rules shared by the sidecar's listeners: headers and streamed bodies.
+
+Owns what a proxy must change on the way through (RFC 9110 §7.6): hop-by-hop headers are
+removed (§7.6.1: ``Connection`` and every header it names, ``Keep-Alive``,
+``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, and the
+proxy-auth pair meant for this hop), ``Via`` is appended (§7.6.3), ``X-Forwarded-For`` /
+``X-Forwarded-Proto`` are appended; every other end-to-end header (``traceparent``,
+``Content-Encoding``, cookies, …) passes untouched and in order. Game headers (``X-GT-*``)
+are never passed between the app and the network unvalidated: the functions here strip them
+and report what they stripped; the caller counts it.
+
+Bodies are relayed chunk by chunk with an idle timeout on each read, so memory stays bounded
+by the socket buffers whatever the body size, and no read waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+from aiohttp import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from mesh.headers import GT_PREFIX, strip_gt_headers
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+CHUNK_SIZE = 64 * 1024
+
+
+def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
+    """Header names listed in ``Connection`` (lower-cased), which are hop-by-hop too."""
+    getall = getattr(headers, "getall", None)
+    values = getall("Connection", []) if getall else [headers.get("Connection", "")]
+    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
+
+
+def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop ones (order and duplicates kept)."""
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def strip_game_headers(headers: CIMultiDict[str]) -> list[str]:
+    """Remove every ``X-GT-*`` header in place; return the names removed (lower-cased)."""
+    return [name.lower() for name in strip_gt_headers(headers)]
+
+
+def append_header(headers: CIMultiDict[str], name: str, value: str) -> None:
+    """Append to a list-valued header, merging existing field lines into one."""
+    existing = headers.getall(name, [])
+    if existing:
+        headers.popall(name)
+        headers[name] = ", ".join([*existing, value])
+    else:
+        headers[name] = value
+
+
+def request_headers_to_upstream(
+    headers: CIMultiDictProxy[str],
+    *,
+    client_ip: str | None,
+    proto: str,
+    via: str,
+) -> tuple[CIMultiDict[str], list[str]]:
+    """Headers to send upstream, and the ``X-GT-*`` names stripped from the app's request."""
+    out = end_to_end(headers)
+    stripped = strip_game_headers(out)
+    append_header(out, "Via", via)
+    if client_ip:
+        append_header(out, "X-Forwarded-For", client_ip)
+    append_header(out, "X-Forwarded-Proto", proto)
+    return out, stripped
+
+
+def response_headers_to_app(
+    headers: CIMultiDictProxy[str], via: str
+) -> tuple[CIMultiDict[str], dict[str, str]]:
+    """Headers to hand the app, and the ``X-GT-*`` headers consumed (name -> last value)."""
+    out = end_to_end(headers)
+    game = {k.lower(): v for k, v in out.items() if k.lower().startswith(GT_PREFIX)}
+    strip_game_headers(out)
+    append_header(out, "Via", via)
+    return out, game
+
+
+def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]:
+    drop = {n.lower() for n in names}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+async def relay_chunks(stream: StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
+    """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``."""
+    while True:
+        async with asyncio.timeout(idle_timeout):
+            chunk = await stream.readany()
+        if not chunk:
+            return
+        yield chunk

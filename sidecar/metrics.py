@@ -1,0 +1,129 @@
+"""The sidecar's Prometheus metrics, in one registry per process (never the global one).
+
+Owns metric names, labels and buckets. The request path only increments counters and observes
+the histogram; the routing gauges (weights, regrets, Nash gap, flapping, converged) are set
+off the request path, from the snapshot rebuilt at each policy tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from mesh.policy import PolicySnapshot
+
+# 1 ms .. 5 s: the proxy's own overhead sits at the bottom, the seed's bad pod (500 ms) mid-way.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0,
+)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class SidecarMetrics:
+    """All metrics of one sidecar process; label values are bounded by the config."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "equilibrium_requests",
+            "Requests forwarded, by upstream, endpoint and response code",
+            ["upstream", "endpoint", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "equilibrium_request_duration_seconds",
+            "Time from forwarding a request to the upstream's response head",
+            ["upstream", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "equilibrium_errors",
+            "Requests answered by the sidecar itself with an error, by reason",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "equilibrium_retries", "Retries sent to another endpoint", ["upstream"], registry=r
+        )
+        self.retry_budget_exhausted = Counter(
+            "equilibrium_retry_budget_exhausted",
+            "Retries not sent because the retry budget was empty",
+            ["upstream"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "equilibrium_in_flight", "Requests in flight through the outbound listener",
+            ["upstream"], registry=r,
+        )
+        self.rejected_headers = Counter(
+            "equilibrium_rejected_headers",
+            "Game headers dropped: from-app = X-GT-* sent by the app (stripped), "
+            "malformed = an upstream's X-GT-* value that failed validation",
+            ["header", "reason"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "equilibrium_config_reloads",
+            "Config reloads, by result (applied, rejected)",
+            ["result"],
+            registry=r,
+        )
+        self.route_weight = Gauge(
+            "equilibrium_route_weight", "Share of traffic the policy routes to each endpoint",
+            ["upstream", "endpoint"], registry=r,
+        )
+        self.regret = Gauge(
+            "equilibrium_regret", "Regret toward each endpoint (seconds of latency)",
+            ["upstream", "endpoint"], registry=r,
+        )
+        self.latency_estimate = Gauge(
+            "equilibrium_latency_estimate_seconds", "The policy's latency estimate per endpoint",
+            ["upstream", "endpoint"], registry=r,
+        )
+        self.nash_gap = Gauge(
+            "equilibrium_nash_gap", "Wardrop/Nash gap of the current routing", ["upstream"],
+            registry=r,
+        )
+        self.flapping = Gauge(
+            "equilibrium_flapping", "Window-to-window change of the traffic shares", ["upstream"],
+            registry=r,
+        )
+        self.converged = Gauge(
+            "equilibrium_converged", "1 when the routing has settled", ["upstream"], registry=r
+        )
+        self.draining = Gauge("equilibrium_draining", "1 while draining on shutdown", registry=r)
+        self._endpoint_labels: dict[str, set[str]] = {}
+
+    def observe_snapshot(self, upstream: str, snapshot: PolicySnapshot) -> None:
+        """Set the routing gauges from a fresh snapshot (off the request path)."""
+        self.nash_gap.labels(upstream).set(snapshot.nash_gap)
+        self.flapping.labels(upstream).set(snapshot.flapping)
+        self.converged.labels(upstream).set(1.0 if snapshot.converged else 0.0)
+        seen: set[str] = set()
+        for view in snapshot.endpoints:
+            seen.add(view.endpoint)
+            self.route_weight.labels(upstream, view.endpoint).set(view.weight)
+            self.regret.labels(upstream, view.endpoint).set(view.regret)
+            self.latency_estimate.labels(upstream, view.endpoint).set(view.latency_estimate)
+        for gone in self._endpoint_labels.get(upstream, set()) - seen:
+            self._remove_endpoint(upstream, gone)
+        self._endpoint_labels[upstream] = seen
+
+    def forget_upstream(self, upstream: str) -> None:
+        for gone in self._endpoint_labels.pop(upstream, set()):
+            self._remove_endpoint(upstream, gone)
+        for gauge in (self.nash_gap, self.flapping, self.converged):
+            with contextlib.suppress(KeyError):
+                gauge.remove(upstream)
+
+    def _remove_endpoint(self, upstream: str, endpoint: str) -> None:
+        for gauge in (self.route_weight, self.regret, self.latency_estimate):
+            with contextlib.suppress(KeyError):
+                gauge.remove(upstream, endpoint)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

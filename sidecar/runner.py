@@ -1,0 +1,295 @@
+"""The sidecar process: listeners, background tasks, reload and graceful shutdown.
+
+Owns the lifecycle. ``SidecarRunner.run()`` binds every listener (outbound and admin, plus
+any added with ``add_listener``), starts the background tasks (policy ticks, config-file
+watch, plus any added with ``add_background``), then marks the process ready. On SIGHUP or a
+change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
+
+1. ``/readyz`` answers 503 (the orchestrator stops sending new work);
+2. draining listeners stop accepting and close idle keep-alive connections;
+3. requests in flight get up to ``drain_timeout`` seconds to finish, then are cancelled;
+4. background tasks stop, the admin listener closes last, and ``run()`` returns 0.
+
+Extension points for later components (inbound listener, Redis publishing, discovery):
+``add_listener(name, app, address, drains=True)``, ``add_background(name, factory)``,
+``add_reload_hook(callback)`` and the ``phases`` given to the constructor. They must be
+called before ``run()``. The shared objects they may need are attributes: ``config``,
+``profile``, ``metrics``, ``table``, ``proxy`` (its ``session`` is the upstream pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from mesh.profiles import get_profile
+from sidecar.admin import Readiness, debug_state, make_admin_app
+from sidecar.config import ConfigError, ConfigSource, ListenAddress, SidecarConfig
+from sidecar.metrics import SidecarMetrics
+from sidecar.outbound import OutboundProxy
+from sidecar.phases import ProxyPhases
+from sidecar.upstreams import UpstreamTable
+
+log = logging.getLogger(__name__)
+
+CONFIG_POLL_INTERVAL = 1.0
+BackgroundFactory = Callable[[], Coroutine[Any, Any, None]]
+ReloadHook = Callable[[SidecarConfig], None]
+
+
+@dataclass(slots=True)
+class Listener:
+    name: str
+    app: web.Application
+    address: ListenAddress
+    drains: bool  # True: waits for in-flight requests on shutdown; False: closed last
+    runner: web.AppRunner | None = None
+    bound_port: int | None = None
+
+
+class StartupError(RuntimeError):
+    """A listener could not be bound (address in use, permission, bad host)."""
+
+
+class SidecarRunner:
+    def __init__(
+        self,
+        source: ConfigSource,
+        config: SidecarConfig,
+        *,
+        phases: ProxyPhases | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.clock = clock
+        self.profile = get_profile(config.strategy)
+        self.metrics = SidecarMetrics()
+        self.table = UpstreamTable(config.policy, self.profile)
+        self.readiness = Readiness()
+        self.proxy = OutboundProxy(
+            sidecar_id=config.id,
+            table=self.table,
+            profile=self.profile,
+            metrics=self.metrics,
+            phases=phases,
+            max_attempts=config.max_attempts or self.profile.max_retries + 1,
+            rng=rng or random.Random(),
+            clock=clock,
+        )
+        self._listeners: list[Listener] = []
+        self._background: list[tuple[str, BackgroundFactory]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reload_hooks: list[ReloadHook] = []
+        self._stop = asyncio.Event()
+        self._config_mtime: float | None = None
+        self.add_listener("outbound", self.proxy.make_app(), config.outbound, drains=True)
+        admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
+        self.add_listener("admin", admin, config.admin, drains=False)
+        self.add_background("policy-ticks", self._tick_loop)
+        if config.config_file is not None:
+            self.add_background("config-watch", self._watch_config_file)
+
+    # ------------------------------------------------------------ extension points
+
+    def add_listener(
+        self, name: str, app: web.Application, address: ListenAddress, *, drains: bool = True
+    ) -> None:
+        self._listeners.append(Listener(name, app, address, drains))
+
+    def add_background(self, name: str, factory: BackgroundFactory) -> None:
+        self._background.append((name, factory))
+
+    def add_reload_hook(self, hook: ReloadHook) -> None:
+        """``hook(new_config)`` runs after a reload was applied."""
+        self._reload_hooks.append(hook)
+
+    def bound_port(self, name: str) -> int | None:
+        return next((lst.bound_port for lst in self._listeners if lst.name == name), None)
+
+    # ------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return debug_state(
+            sidecar_id=self.config.id,
+            strategy=self.config.strategy,
+            policy=self.config.policy,
+            draining=self.readiness.draining,
+            table=self.table,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or ``stop()``), drain, return the exit code."""
+        loop = asyncio.get_running_loop()
+        await self.proxy.start()
+        try:
+            self.table.apply(self.config.upstreams, self.clock())
+            self._remember_mtime()
+            for listener in self._listeners:
+                await self._bind(listener)
+            for name, factory in self._background:
+                self._tasks.append(asyncio.create_task(factory(), name=name))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            self.readiness.started = True
+            log.info(
+                "sidecar %s ready: %s; upstreams: %s",
+                self.config.id,
+                ", ".join(
+                    f"{lst.name}={lst.address.host}:{lst.bound_port}" for lst in self._listeners
+                ),
+                ", ".join(self.table.names()) or "(none)",
+            )
+            await self._stop.wait()
+            await self._drain()
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._shutdown_rest()
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("sidecar %s: stopping, draining for up to %.1fs",
+                     self.config.id, self.config.drain_timeout)
+            self.readiness.draining = True
+            self.metrics.draining.set(1)
+            self._stop.set()
+
+    async def _bind(self, listener: Listener) -> None:
+        runner = web.AppRunner(
+            listener.app,
+            access_log=None,
+            shutdown_timeout=self.config.drain_timeout if listener.drains else 1.0,
+            handle_signals=False,
+        )
+        await runner.setup()
+        listener.runner = runner
+        site = web.TCPSite(runner, listener.address.host, listener.address.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {listener.address} for {listener.name}: {exc.strerror or exc}"
+            ) from None
+        server = site._server  # aiohttp keeps the asyncio server private
+        sockets = getattr(server, "sockets", None) or ()
+        listener.bound_port = sockets[0].getsockname()[1] if sockets else listener.address.port
+
+    async def _drain(self) -> None:
+        deadline = self.config.drain_timeout + 2.0  # aiohttp waits, then cancels; bound both
+        draining = [lst for lst in self._listeners if lst.drains and lst.runner is not None]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                await asyncio.gather(*(lst.runner.cleanup() for lst in draining if lst.runner))
+        for lst in draining:
+            lst.runner = None
+        log.info("sidecar %s: drained", self.config.id)
+
+    async def _shutdown_rest(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for lst in self._listeners:
+            if lst.runner is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2.0):
+                        await lst.runner.cleanup()
+                lst.runner = None
+        await self.proxy.close()
+
+    # ------------------------------------------------------------ background tasks
+
+    async def _tick_loop(self) -> None:
+        """Off the request path: every upstream's policy learns and its snapshot is swapped."""
+        interval = max(self.profile.tick_interval, 0.01)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            for group in self.table:
+                try:
+                    snapshot = group.tick(now)
+                except Exception:  # a policy bug must not stop routing of the others
+                    log.exception("policy tick failed for upstream %s", group.name)
+                    continue
+                self.metrics.observe_snapshot(group.name, snapshot)
+
+    def _file_mtime(self) -> float | None:
+        path = self.config.config_file
+        try:
+            return path.stat().st_mtime if path is not None else None
+        except OSError:
+            return None
+
+    def _remember_mtime(self) -> None:
+        self._config_mtime = self._file_mtime()
+
+    async def _watch_config_file(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_INTERVAL)
+            mtime = self._file_mtime()
+            if mtime is not None and mtime != self._config_mtime:
+                self._config_mtime = mtime
+                log.info("config file %s changed", self.config.config_file)
+                self.reload()
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Re-read the config; apply new endpoints or keep the old config. True if applied."""
+        if self.readiness.draining:
+            return False
+        self._remember_mtime()
+        try:
+            new = self.source.load()
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("rejected").inc()
+            log.error("config reload rejected, keeping the running config: %s", exc)
+            return False
+        for field_name in ("id", "outbound", "admin", "strategy", "policy"):
+            if getattr(new, field_name) != getattr(self.config, field_name):
+                log.warning("config reload: %s changed; takes effect on restart", field_name)
+        added, removed = self.table.apply(new.upstreams, self.clock())
+        for name in removed:
+            self.metrics.forget_upstream(name)
+        self.config = SidecarConfig(
+            id=self.config.id,
+            outbound=self.config.outbound,
+            admin=self.config.admin,
+            upstreams=new.upstreams,
+            strategy=self.config.strategy,
+            policy=self.config.policy,
+            drain_timeout=new.drain_timeout,
+            max_attempts=self.config.max_attempts,
+            config_file=self.config.config_file,
+            sources=new.sources,
+        )
+        self.metrics.config_reloads.labels("applied").inc()
+        log.info(
+            "config reloaded: upstreams %s (added %s, removed %s)",
+            ", ".join(self.table.names()) or "(none)",
+            ", ".join(sorted(added)) or "none",
+            ", ".join(sorted(removed)) or "none",
+        )
+        for hook in self._reload_hooks:
+            try:
+                hook(self.config)
+            except Exception:
+                log.exception("reload hook %r failed", hook)
+        return True

@@ -1,0 +1,95 @@
+"""The live table of upstream services: one policy, snapshot and retry budget per upstream.
+
+Owns the mapping NAME -> ``UpstreamGroup`` and its changes on reload (endpoints replaced via
+``policy.set_endpoints``, which keeps the state of endpoints that stay; groups added and
+removed). The request path only reads ``group.regret_header`` and calls ``policy.pick``;
+``tick`` (off the request path) rebuilds the snapshot and the cached ``X-GT-Regret`` value,
+which are swapped in whole. A request that already holds a group keeps using it when a reload
+removes it, so in-flight requests are never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mesh.headers import format_regret
+from mesh.policies import make_policy
+from mesh.policy import Policy, PolicySnapshot
+from mesh.profiles import StrategyProfile
+from mesh.retry import RetryBudget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class UpstreamGroup:
+    """One upstream service as the proxy sees it."""
+
+    name: str
+    policy: Policy
+    budget: RetryBudget
+    endpoints: tuple[str, ...] = ()
+    snapshot: PolicySnapshot | None = None
+    regret_header: str | None = None
+    in_flight: int = 0
+    extra: dict[str, object] = field(default_factory=dict)  # room for later phases' state
+
+    def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
+        self.endpoints = tuple(endpoints)
+        self.policy.set_endpoints(self.endpoints, now)
+
+    def tick(self, now: float) -> PolicySnapshot:
+        """Off the request path: let the policy learn, then swap in the new snapshot."""
+        self.policy.tick(now)
+        snapshot = self.policy.snapshot()
+        header = format_regret(snapshot)
+        self.snapshot, self.regret_header = snapshot, header
+        return snapshot
+
+
+class UpstreamTable:
+    """NAME -> UpstreamGroup, all groups built with the same policy name and profile."""
+
+    def __init__(self, policy_name: str, profile: StrategyProfile) -> None:
+        self.policy_name = policy_name
+        self.profile = profile
+        self._groups: dict[str, UpstreamGroup] = {}
+
+    def get(self, name: str) -> UpstreamGroup | None:
+        return self._groups.get(name)
+
+    def __iter__(self) -> Iterator[UpstreamGroup]:
+        return iter(list(self._groups.values()))
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def names(self) -> list[str]:
+        return sorted(self._groups)
+
+    def apply(
+        self, upstreams: Mapping[str, Sequence[str]], now: float
+    ) -> tuple[set[str], set[str]]:
+        """Make the table match ``upstreams``; returns (added, removed) names."""
+        added = set(upstreams) - set(self._groups)
+        removed = set(self._groups) - set(upstreams)
+        for name in removed:
+            del self._groups[name]
+        for name, endpoints in upstreams.items():
+            group = self._groups.get(name)
+            if group is None:
+                group = UpstreamGroup(
+                    name=name,
+                    policy=make_policy(self.policy_name, self.profile),
+                    budget=RetryBudget(
+                        self.profile.retry_budget_ratio, self.profile.retry_budget_min_per_s
+                    ),
+                )
+                self._groups[name] = group
+            if group.endpoints != tuple(endpoints) or group.snapshot is None:
+                group.set_endpoints(endpoints, now)
+                group.tick(now)  # observers see the new set at once
+                log.info("upstream %s endpoints: %s", name, ", ".join(endpoints) or "(none)")
+        return added, removed
