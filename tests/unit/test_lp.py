@@ -88,6 +88,18 @@ def test_best_ce_is_between_system_optimum_and_best_pure_nash(n: int) -> None:
     assert pure_nash_mask(greedy[None, :], table)[0]
 
 
+@pytest.mark.parametrize(("n", "utilisation"), [(6, 0.5), (4, 0.85)])
+def test_private_signals_beat_every_pure_nash_equilibrium(n: int, utilisation: float) -> None:
+    lam = utilisation * sum(m.mu for m in ASYMMETRIC) / n
+    solution = CorrelatedEquilibriumLP(ASYMMETRIC, n, lam).solve()
+    configurations = enumerate_configurations(n, 3)
+    table = latency_table(ASYMMETRIC, n + 1, lam)
+    nash_costs = configuration_costs(configurations, table)[pure_nash_mask(configurations, table)]
+    assert solution.probabilities.size >= 2  # the mediator randomises ...
+    assert solution.objective < 0.95 * nash_costs.min()  # ... and that buys >5 % latency
+    _assert_is_ce(solution, ASYMMETRIC, lam)
+
+
 def test_epsilon_relaxation_never_costs_more() -> None:
     lam = 0.85 * sum(m.mu for m in ASYMMETRIC) / 10
     exact = CorrelatedEquilibriumLP(ASYMMETRIC, 10, lam).solve()
