@@ -196,6 +196,11 @@ class SecondPriceAuction:
     def queue_length(self) -> int:
         return len(self._waiters)
 
+    @property
+    def tracked_callers(self) -> int:
+        """How many callers' budgets are kept (at most ``max_callers`` plus waiters')."""
+        return len(self._budgets)
+
     def budget(self, caller: str, now: float) -> BidBudget:
         """The caller's budget (created full on first use; least recently used dropped)."""
         budget = self._budgets.get(caller)

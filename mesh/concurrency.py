@@ -135,6 +135,11 @@ class AdaptiveConcurrencyLimit:
         return int(self._limit)
 
     @property
+    def estimated_limit(self) -> float:
+        """The learned limit (unaffected by a probe's pinning), as a float."""
+        return self._limit
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

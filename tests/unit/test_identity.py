@@ -1,0 +1,171 @@
+"""mesh.identity: the X-GT-Identity wire format, signing, verification, and the mesh key."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.identity import (
+    ANONYMOUS,
+    IdentityReason,
+    IdentityRejection,
+    MeshKeyError,
+    VerifiedIdentity,
+    load_mesh_key,
+    sign_identity,
+    verify_identity,
+)
+
+KEY = b"k" * 32
+OTHER_KEY = b"o" * 32
+NOW = 1_764_183_600.0
+
+
+def _fields(header: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in header.split(";")[1:])
+
+
+def test_round_trip_gives_the_caller_and_signing_time() -> None:
+    header = sign_identity("payments-7f9c", KEY, NOW)
+    result = verify_identity(header, KEY, NOW + 1.0)
+    assert result == VerifiedIdentity(caller="payments-7f9c", issued_at=NOW)
+    assert result.trusted
+
+
+def test_signature_is_hmac_sha256_over_version_id_and_ts_text() -> None:
+    header = sign_identity("svc-a", KEY, 12.5)
+    assert header.startswith("v1;id=svc-a;ts=12.500;sig=")
+    expected = hmac.new(KEY, b"v1|svc-a|12.500", hashlib.sha256).digest()
+    sig = _fields(header)["sig"]
+    assert base64.urlsafe_b64decode(sig + "=") == expected
+    assert "=" not in sig and len(sig) == 43
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda h: h.replace("id=svc-a", "id=svc-b"),
+        lambda h: h.replace("ts=100.000", "ts=101.000"),
+        lambda h: h[:-2] + ("AA" if not h.endswith("AA") else "BB"),
+    ],
+    ids=["id", "ts", "sig"],
+)
+def test_tampered_fields_are_rejected_as_bad_signature(tamper) -> None:
+    header = tamper(sign_identity("svc-a", KEY, 100.0))
+    result = verify_identity(header, KEY, 100.0)
+    assert isinstance(result, IdentityRejection)
+    assert result.reason is IdentityReason.BAD_SIGNATURE
+    assert result.caller == ANONYMOUS and not result.trusted
+
+
+def test_a_header_signed_with_another_key_is_a_forgery() -> None:
+    forged = sign_identity("svc-a", OTHER_KEY, NOW)
+    assert verify_identity(forged, KEY, NOW).reason is IdentityReason.BAD_SIGNATURE
+
+
+def test_key_rotation_accepts_either_key() -> None:
+    old = sign_identity("svc-a", OTHER_KEY, NOW)
+    new = sign_identity("svc-a", KEY, NOW)
+    for header in (old, new):
+        assert verify_identity(header, [KEY, OTHER_KEY], NOW).caller == "svc-a"
+
+
+def test_expired_and_future_identities_are_rejected_at_the_skew_boundary() -> None:
+    header = sign_identity("svc-a", KEY, NOW)
+    assert verify_identity(header, KEY, NOW + 30.0, max_skew=30.0).trusted
+    expired = verify_identity(header, KEY, NOW + 30.5, max_skew=30.0)
+    assert expired.reason is IdentityReason.EXPIRED
+    assert verify_identity(header, KEY, NOW - 30.0, max_skew=30.0).trusted
+    future = verify_identity(header, KEY, NOW - 30.5, max_skew=30.0)
+    assert future.reason is IdentityReason.FUTURE
+
+
+def test_unknown_version_is_rejected_as_unsupported() -> None:
+    header = sign_identity("svc-a", KEY, NOW).replace("v1;", "v2;", 1)
+    result = verify_identity(header, KEY, NOW)
+    assert result.reason is IdentityReason.UNSUPPORTED_VERSION
+    assert "v2" in result.detail
+
+
+def test_missing_header_is_anonymous() -> None:
+    for header in (None, ""):
+        result = verify_identity(header, KEY, NOW)
+        assert result.reason is IdentityReason.MISSING and result.caller == ANONYMOUS
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "garbage",
+        "v1",
+        "v1;id=svc-a;ts=1.0",
+        "v1;ts=1.0;id=svc-a;sig=" + "A" * 43,
+        "v1;id=svc a;ts=1.0;sig=" + "A" * 43,
+        "v1;id=" + "a" * 65 + ";ts=1.0;sig=" + "A" * 43,
+        "v1;id=anonymous;ts=1.0;sig=" + "A" * 43,
+        "v1;id=svc-a;ts=nan;sig=" + "A" * 43,
+        "v1;id=svc-a;ts=-5;sig=" + "A" * 43,
+        "v1;id=svc-a;ts=1e9;sig=" + "A" * 43,
+        "v1;id=svc-a;ts=1.0;sig=" + "A" * 42,
+        "v1;id=svc-a;ts=1.0;sig=" + "+" * 43,
+        "v1;id=svc-a;ts=1.0;sig=" + "A" * 43 + ";extra=1",
+        "v1;id=svc-a;" + "x" * 300,
+    ],
+)
+def test_malformed_headers_are_rejected_with_a_reason(header: str) -> None:
+    result = verify_identity(header, KEY, NOW)
+    assert isinstance(result, IdentityRejection)
+    assert result.reason is IdentityReason.MALFORMED
+    assert result.detail
+
+
+@pytest.mark.parametrize("caller", ["", "has space", "semi;colon", "a" * 65, ANONYMOUS])
+def test_signing_refuses_bad_caller_ids(caller: str) -> None:
+    with pytest.raises(ValueError):
+        sign_identity(caller, KEY, NOW)
+
+
+def test_signing_refuses_a_short_key() -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        sign_identity("svc-a", b"short", NOW)
+
+
+def test_load_mesh_key_prefers_the_environment_and_strips_whitespace() -> None:
+    assert load_mesh_key("  0123456789abcdef0123  ", b"file-key-file-key-file") == (
+        b"0123456789abcdef0123"
+    )
+    assert load_mesh_key(None, b"file-key-file-key-file\n") == b"file-key-file-key-file"
+    assert load_mesh_key("", b"file-key-file-key-file\n") == b"file-key-file-key-file"
+
+
+def test_load_mesh_key_rejects_absent_and_short_keys_clearly() -> None:
+    with pytest.raises(MeshKeyError, match="EQUILIBRIUM_MESH_SECRET"):
+        load_mesh_key(None, None)
+    with pytest.raises(MeshKeyError, match="environment value is 5 bytes"):
+        load_mesh_key("short", None)
+    with pytest.raises(MeshKeyError, match="key file is 3 bytes"):
+        load_mesh_key(None, b"abc\n")
+
+
+@given(st.text(max_size=300))
+def test_arbitrary_headers_never_raise_and_never_verify(header: str) -> None:
+    result = verify_identity(header, KEY, NOW)
+    assert isinstance(result, IdentityRejection)
+    assert result.caller == ANONYMOUS
+
+
+@given(
+    caller=st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True).filter(
+        lambda c: c != ANONYMOUS
+    ),
+    now=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_every_valid_caller_round_trips(caller: str, now: float) -> None:
+    result = verify_identity(sign_identity(caller, KEY, now), KEY, now)
+    assert isinstance(result, VerifiedIdentity)
+    assert result.caller == caller
