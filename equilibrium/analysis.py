@@ -96,7 +96,12 @@ def time_to_shift(
 
 
 def flapping_index(wins: Sequence[Window], pods: Sequence[str]) -> float:
-    """Largest window-to-window change of any pod's share, in percentage points."""
+    """Largest window-to-window change of any pod's share, in percentage points.
+
+    NaN when there are fewer than two windows to compare.
+    """
+    if len(wins) < 2:
+        return math.nan
     worst = 0.0
     for pod in pods:
         shares = [s for s in share_series(wins, pod) if not math.isnan(s)]
@@ -186,8 +191,7 @@ def run_metrics(
     half = t0 + duration / 2.0
     steady = [r for r in records if r.intended >= half]
     shift_wins = windows(records, t0, shift_window, duration)
-    flap_wins = [w for w in windows(records, t0, flap_window, duration)
-                 if w.start >= duration / 2.0 - 1e-9]
+    flap_wins = windows(steady, half, flap_window, duration / 2.0)
     return RunMetrics(
         requests=len(records),
         errors=sum(1 for r in records if not r.ok),

@@ -249,12 +249,14 @@ async def run_demo(
         stream.flush()
         await _start_sidecars(run, phases)
         loop = asyncio.get_running_loop()
-        run.t0 = loop.time() + 0.5
         for sidecar in run.sidecars:
             spec = LoadSpec(target=sidecar.outbound_url, host=UPSTREAM, rate=config.rate,
-                            duration=config.duration, client=sidecar.id, start_at=run.t0)
+                            duration=config.duration, client=sidecar.id)
             gen = await LoadGenerator.start(spec, stderr_path=str(logs / f"load-{sidecar.id}.log"))
             run.loadgens.append(gen)
+        run.t0 = loop.time() + 0.2
+        for gen in run.loadgens:
+            await gen.begin(run.t0)
             pumps.append(asyncio.create_task(_pump(run, gen)))
         view = LiveView(stream) if live else None
         tick = 1

@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,8 +137,16 @@ def _pod_of(resp: aiohttp.ClientResponse, body: bytes) -> str | None:
     return text if text.startswith("pod-") and "\n" not in text else None
 
 
-async def run_open_loop(spec: LoadSpec, sink: Callable[[Record], None]) -> LoadSummary:
-    """Send ``spec``'s schedule; call ``sink`` with every finished request's record."""
+async def run_open_loop(
+    spec: LoadSpec,
+    sink: Callable[[Record], None],
+    ready: Callable[[], Awaitable[float]] | None = None,
+) -> LoadSummary:
+    """Send ``spec``'s schedule; call ``sink`` with every finished request's record.
+
+    With ``ready``, the generator first sets itself up, then awaits ``ready()`` for the
+    schedule's origin (monotonic seconds), so process start-up never counts as latency.
+    """
     spec.validate()
     loop = asyncio.get_running_loop()
     summary = LoadSummary(client=spec.client, planned=spec.planned())
@@ -182,7 +190,12 @@ async def run_open_loop(spec: LoadSpec, sink: Callable[[Record], None]) -> LoadS
                 summary.delayed_by_cap += 1
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        t0 = spec.start_at if spec.start_at is not None else loop.time()
+        if ready is not None:
+            t0 = await ready()
+        elif spec.start_at is not None:
+            t0 = spec.start_at
+        else:
+            t0 = loop.time()
         summary.started = t0
         tasks: set[asyncio.Task[None]] = set()
         for seq in range(summary.planned):
@@ -256,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="GET")
     p.add_argument("--client", default="client", help="name stamped on the records")
     p.add_argument("--start-at", type=float, default=None, help="monotonic start time")
+    p.add_argument(
+        "--wait-start", action="store_true",
+        help='print {"ready": true} once set up, then read the monotonic start time from stdin',
+    )
     return p
 
 
@@ -282,9 +299,18 @@ def spec_to_argv(spec: LoadSpec) -> list[str]:
     return argv
 
 
-async def _stream(spec: LoadSpec) -> LoadSummary:
+async def _stream(spec: LoadSpec, wait_start: bool = False) -> LoadSummary:
     out = sys.stdout
     pending: list[str] = []
+
+    async def ready() -> float:
+        out.write(json.dumps({"ready": True}) + "\n")
+        out.flush()
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        try:
+            return float(line)
+        except ValueError:
+            raise SystemExit(f"loadgen: expected a start time on stdin, got {line!r}") from None
 
     def sink(rec: Record) -> None:
         pending.append(rec.to_json())
@@ -299,7 +325,7 @@ async def _stream(spec: LoadSpec) -> LoadSummary:
 
     task = asyncio.create_task(flusher())
     try:
-        summary = await run_open_loop(spec, sink)
+        summary = await run_open_loop(spec, sink, ready if wait_start else None)
     finally:
         task.cancel()
     if pending:
@@ -317,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_stream(spec))
+    asyncio.run(_stream(spec, args.wait_start))
     return 0
 
 
@@ -334,10 +360,21 @@ class LoadGenerator:
         from equilibrium.processes import ChildProcess
 
         spec.validate()
-        argv = [sys.executable, "-m", "equilibrium.loadgen", *spec_to_argv(spec)]
+        argv = [sys.executable, "-m", "equilibrium.loadgen", *spec_to_argv(spec), "--wait-start"]
         child = await ChildProcess.start(f"loadgen {spec.client}", argv,
                                          stderr_path=stderr_path)
+        try:
+            line = await asyncio.wait_for(child.readline(), 30.0)
+            if not line or not json.loads(line).get("ready"):
+                raise RuntimeError(f"load generator {spec.client} did not start: {line!r}")
+        except BaseException:
+            await child.stop()
+            raise
         return cls(child, spec)
+
+    async def begin(self, start_at: float) -> None:
+        """Start the schedule at ``start_at`` (monotonic seconds, normally a little ahead)."""
+        await self.child.write_line(repr(start_at))
 
     async def records(self) -> AsyncIterator[Record]:
         """Every record as it arrives; ends at the summary line (stored in ``summary``)."""

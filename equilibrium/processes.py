@@ -91,6 +91,12 @@ class ChildProcess:
         assert self.proc.stdout is not None
         return await self.proc.stdout.readline()
 
+    async def write_line(self, text: str) -> None:
+        """Send one line to the child's stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
     async def stop(self, grace: float = 5.0) -> int:
         """SIGTERM the child's process group, wait up to ``grace`` s, then SIGKILL it. Reaps."""
         if self.proc.stdin is not None and not self.proc.stdin.is_closing():
