@@ -1,0 +1,293 @@
+"""mesh.reputation: the cooperative norm, the punishment ladder, and forgiveness.
+
+The scenarios drive a :class:`ReputationBook` with periodic request flows against a simulated
+app of capacity 30 requests/s, whose congestion level is the admitted rate of the last second
+over its capacity. Two cooperative callers send 10/s each (their fair share with three active
+callers); the rogue sends 100/s (ten times its share), every second request a retry.
+
+Hand-computed timings with the defaults (rate_tau 1 s, reputation_tau 2 s, trigger 0.5):
+the rogue's rate passes 1.5 x share within 0.2 s and its reputation falls from 1 to 0.5 after
+a further 2 ln 2 = 1.39 s, so it is punished at about t = 1.6 s for 10 s (level 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.identity import ANONYMOUS
+from mesh.reputation import (
+    Decision,
+    LadderRules,
+    Phase,
+    PolicingParams,
+    PunishmentLadder,
+    ReputationBook,
+)
+
+CAPACITY = 30.0
+
+
+@dataclass(frozen=True)
+class Flow:
+    caller: str
+    rate: float
+    start: float
+    end: float
+    retry_every: int = 0  # every n-th request is a retry (0: none)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    t: float
+    caller: str
+    decision: Decision
+
+
+def simulate(book: ReputationBook, flows: list[Flow]) -> list[Outcome]:
+    arrivals = []
+    for index, flow in enumerate(flows):
+        n, t = 0, flow.start + 0.001 * index
+        while t < flow.end:
+            retry = flow.retry_every > 0 and n % flow.retry_every == flow.retry_every - 1
+            arrivals.append((t, flow.caller, retry))
+            n += 1
+            t += 1.0 / flow.rate
+    arrivals.sort()
+    admitted: deque[float] = deque()
+    outcomes = []
+    for t, caller, retry in arrivals:
+        while admitted and admitted[0] <= t - 1.0:
+            admitted.popleft()
+        book.update_load(t, len(admitted) / CAPACITY, capacity=CAPACITY)
+        decision = book.admit(caller, t, is_retry=retry)
+        if decision.admitted:
+            admitted.append(t)
+        outcomes.append(Outcome(t, caller, decision))
+    return outcomes
+
+
+def of(outcomes: list[Outcome], caller: str, start: float = 0.0,
+       end: float = math.inf) -> list[Outcome]:
+    return [o for o in outcomes if o.caller == caller and start <= o.t < end]
+
+
+def first_punished(outcomes: list[Outcome], caller: str) -> float:
+    return next(o.t for o in of(outcomes, caller) if o.decision.phase is Phase.PUNISHED)
+
+
+COOPERATIVE = [Flow("alice", 10, 0, 60), Flow("bob", 10, 0, 60)]
+
+
+def test_rogue_at_ten_times_its_share_is_punished_quickly_and_cooperators_are_untouched() -> None:
+    book = ReputationBook()
+    outcomes = simulate(book, [*COOPERATIVE, Flow("rogue", 100, 0, 10, retry_every=2)])
+    punished_at = first_punished(outcomes, "rogue")
+    assert 1.0 < punished_at < 3.0
+    throttled = [o.decision for o in of(outcomes, "rogue") if not o.decision.admitted]
+    assert throttled, "the rogue must see 429s"
+    assert all(d.status == 429 and d.level >= 1 for d in throttled)
+    for d in throttled:
+        assert d.retry_after is not None and d.retry_after == int(d.retry_after)
+        assert 1 <= d.retry_after <= 10
+    # throttled to half its fair share (5/s) of the 100/s it sends, after the first burst
+    late = of(outcomes, "rogue", punished_at + 2.0, punished_at + 8.0)
+    assert sum(o.decision.admitted for o in late) / len(late) < 0.07
+    for caller in ("alice", "bob"):
+        mine = of(outcomes, caller)
+        assert all(o.decision.admitted and o.decision.level == 0 for o in mine)
+        assert min(o.decision.reputation for o in mine) > 0.99
+
+
+def test_retry_after_counts_down_the_remaining_punishment() -> None:
+    book = ReputationBook()
+    outcomes = simulate(book, [*COOPERATIVE, Flow("rogue", 100, 0, 12, retry_every=2)])
+    punished_at = first_punished(outcomes, "rogue")
+    for o in of(outcomes, "rogue", punished_at, punished_at + 9.9):
+        if not o.decision.admitted:
+            assert o.decision.retry_after == math.ceil(punished_at + 10.0 - o.t)
+
+
+def test_rogue_that_returns_to_its_share_is_forgiven_after_punishment_and_probation() -> None:
+    book = ReputationBook()
+    flows = [*COOPERATIVE, Flow("rogue", 100, 0, 4, retry_every=2), Flow("rogue", 10, 4, 60)]
+    outcomes = simulate(book, flows)
+    punished_at = first_punished(outcomes, "rogue")
+    ends = punished_at + 10.0
+    # cooperated through the punishment: full service from its end, on probation at level 1
+    after = of(outcomes, "rogue", ends + 0.01)
+    assert all(o.decision.admitted for o in after)
+    assert all(o.decision.level == 1 for o in of(outcomes, "rogue", ends + 0.01, ends + 29.9))
+    # one clean probation period later it is back in good standing
+    back = of(outcomes, "rogue", ends + 30.01)
+    assert back and all(o.decision.level == 0 and o.decision.phase is Phase.GOOD for o in back)
+    assert back[-1].decision.reputation > 0.99
+    assert book.standing("rogue", 60.0).punishments == 1
+
+
+def test_defecting_again_during_probation_climbs_to_a_longer_punishment() -> None:
+    book = ReputationBook()
+    flows = [
+        *COOPERATIVE,
+        Flow("rogue", 100, 0, 4, retry_every=2),
+        Flow("rogue", 10, 4, 20),
+        Flow("rogue", 100, 20, 30, retry_every=2),  # the first punishment ended near t = 11.6
+    ]
+    outcomes = simulate(book, flows)
+    second = next(o for o in of(outcomes, "rogue", 20.0) if o.decision.phase is Phase.PUNISHED)
+    assert second.decision.level == 2
+    waits = [o.decision.retry_after for o in of(outcomes, "rogue", second.t, second.t + 1.0)
+             if not o.decision.admitted]
+    assert waits and max(waits) == 20  # level 2 lasts base * 2 = 20 s
+    first = [o.decision.retry_after for o in of(outcomes, "rogue", 0.0, 4.0)
+             if not o.decision.admitted]
+    assert max(first) == 10
+    # harsher too: a quarter of its fair share instead of a half
+    late = of(outcomes, "rogue", second.t + 2.0, 30.0)
+    assert sum(o.decision.admitted for o in late) / len(late) < 0.04
+
+
+def test_flooding_through_the_punishment_escalates_at_its_end() -> None:
+    book = ReputationBook()
+    outcomes = simulate(book, [*COOPERATIVE, Flow("rogue", 100, 0, 15, retry_every=2)])
+    punished_at = first_punished(outcomes, "rogue")
+    levels = [o.decision.level for o in of(outcomes, "rogue", punished_at + 10.05, 15.0)]
+    assert levels and set(levels) == {2}
+
+
+def test_silence_through_the_punishment_is_cooperation() -> None:
+    book = ReputationBook()
+    flows = [*COOPERATIVE, Flow("rogue", 100, 0, 3, retry_every=2), Flow("rogue", 10, 45, 50)]
+    outcomes = simulate(book, flows)
+    assert any(o.decision.level == 1 for o in of(outcomes, "rogue", 0, 3))
+    back = of(outcomes, "rogue", 45)
+    assert all(o.decision.admitted and o.decision.level == 0 for o in back)
+
+
+def test_heavy_caller_is_not_policed_while_the_app_has_spare_capacity() -> None:
+    book = ReputationBook()
+    book.update_load(0.0, congestion=0.1, capacity=100.0)
+    for i in range(2000):  # 200/s for 10 s, ten times its fair share of 20/s, no retries
+        now = i * 0.005
+        if i % 100 == 0:  # four other callers stay active: five share the app
+            for other in ("w", "x", "y", "z"):
+                book.admit(other, now)
+        decision = book.admit("batch-job", now)
+        assert decision.fair_share == pytest.approx(20.0)
+        assert decision.admitted and decision.level == 0
+    # the same traffic against a congested app is a defection
+    book.update_load(10.0, congestion=0.95)
+    decisions = [book.admit("batch-job", 10.0 + i * 0.005) for i in range(600)]
+    assert decisions[-1].level == 1
+    assert sum(d.admitted for d in decisions[-200:]) <= 12  # throttled to 10/s (+ rounding)
+
+
+def test_retry_storm_is_a_defection_even_without_congestion() -> None:
+    book = ReputationBook()
+    book.update_load(0.0, congestion=0.0, capacity=1000.0)
+    # 10/s of which half are retries: 5 retries/s against a budget of 0.2 * 5 + 1 = 2/s
+    decisions = [book.admit("stormy", i * 0.1, is_retry=i % 2 == 1) for i in range(50)]
+    assert decisions[-1].level == 1
+    # 10/s with one retry in ten: 1/s against a budget of 0.2 * 9 + 1 = 2.8/s
+    polite = [book.admit("polite", i * 0.1, is_retry=i % 10 == 9) for i in range(50)]
+    assert all(d.level == 0 for d in polite)
+
+
+def test_anonymous_bucket_is_treated_most_strictly() -> None:
+    book = ReputationBook()
+    first = book.admit(ANONYMOUS, 0.0)
+    assert first.reputation == pytest.approx(0.6)
+    assert book.fair_share(ANONYMOUS, 0.0) == pytest.approx(0.5 * book.fair_share("x", 0.0))
+    # 13/s each with three active callers: 1.3 x a named share, 2.6 x the anonymous share
+    flows = [Flow("alice", 13, 0, 10), Flow("bob", 13, 0, 10), Flow(ANONYMOUS, 13, 0, 10)]
+    outcomes = simulate(ReputationBook(), flows)
+    assert all(o.decision.level == 0 for o in of(outcomes, "alice"))
+    anonymous_punished = first_punished(outcomes, ANONYMOUS)
+    assert anonymous_punished < 3.0
+
+
+def test_memory_is_bounded_by_the_cap_and_by_idle_eviction() -> None:
+    params = PolicingParams(max_callers=50)
+    book = ReputationBook(params)
+    for i in range(500):
+        book.admit(f"caller-{i}", i * 0.01)
+    assert len(book) == 50
+    assert book.standing("caller-0", 5.0) is None and book.standing("caller-499", 5.0)
+    book.admit("late", 5.0 + params.idle_ttl + 1.0)
+    assert len(book) == 1
+
+
+def test_fair_share_divides_capacity_among_recently_active_callers() -> None:
+    book = ReputationBook(PolicingParams(capacity=60.0, active_window=5.0))
+    for caller in ("a", "b", "c"):
+        book.admit(caller, 0.0)
+    assert book.fair_share("a", 1.0) == pytest.approx(20.0)
+    book.admit("a", 6.0)
+    assert book.fair_share("a", 6.0) == pytest.approx(60.0)
+
+
+def test_ladder_durations_and_fractions() -> None:
+    rules = LadderRules()
+    assert [rules.duration(level) for level in range(1, 6)] == [10, 20, 40, 80, 120]
+    assert [rules.fraction(level) for level in range(0, 4)] == [1.0, 0.5, 0.25, 0.125]
+
+
+def test_ladder_rules_step_by_step() -> None:
+    ladder = PunishmentLadder(LadderRules(max_level=2))
+    ladder.step(0.0, reputation=0.49)  # trigger
+    assert (ladder.level, ladder.phase, ladder.until) == (1, Phase.PUNISHED, 10.0)
+    ladder.step(5.0, reputation=0.0)  # no restart while punished
+    assert ladder.until == 10.0 and ladder.remaining(5.0) == 5.0
+    ladder.step(10.0, reputation=0.69)  # not forgiven: climbs
+    assert (ladder.level, ladder.phase, ladder.until) == (2, Phase.PUNISHED, 30.0)
+    ladder.step(30.0, reputation=0.2)  # at the top: stays at the top, a new punishment
+    assert (ladder.level, ladder.until) == (2, 50.0)
+    ladder.step(50.0, reputation=0.7)  # forgiven: probation at level 2
+    assert (ladder.level, ladder.phase, ladder.until) == (2, Phase.PROBATION, 80.0)
+    ladder.step(81.0, reputation=0.9)  # one clean probation period: one level down
+    assert (ladder.level, ladder.phase, ladder.until) == (1, Phase.PROBATION, 110.0)
+    ladder.step(500.0, reputation=0.9)  # a long clean gap passes every period
+    assert (ladder.level, ladder.phase) == (0, Phase.GOOD)
+    assert ladder.punishments == 3
+
+
+def test_params_are_validated() -> None:
+    with pytest.raises(ValueError, match="idle_ttl"):
+        PolicingParams(idle_ttl=10.0)
+    with pytest.raises(ValueError):
+        LadderRules(trigger_threshold=0.8, forgive_threshold=0.5)
+
+
+_request = st.tuples(
+    st.sampled_from(["a", "b", ANONYMOUS]),
+    st.floats(0.0, 3.0),  # gap to the previous request
+    st.booleans(),  # retry
+    st.floats(0.0, 1.0),  # congestion
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_request, max_size=150))
+def test_standing_stays_well_formed(requests) -> None:
+    rules = LadderRules(base_punishment=1.0, max_punishment=4.0, max_level=3, probation=2.0)
+    book = ReputationBook(PolicingParams(ladder=rules, capacity=5.0, reputation_tau=0.5))
+    now = 0.0
+    for caller, gap, retry, congestion in requests:
+        now += gap
+        book.update_load(now, congestion)
+        d = book.admit(caller, now, retry)
+        assert 0.0 <= d.reputation <= 1.0 and not math.isnan(d.reputation)
+        assert 0 <= d.level <= rules.max_level
+        assert (d.level == 0) == (d.phase is Phase.GOOD)
+        if d.admitted:
+            assert d.status == 200 and d.retry_after is None
+        else:
+            assert d.status == 429 and d.phase is Phase.PUNISHED
+            assert d.retry_after is not None
+            assert 1 <= d.retry_after <= rules.max_punishment
+            assert d.retry_after == int(d.retry_after)
