@@ -69,13 +69,12 @@ class PeakEwma:
     updated_at: float | None = None
 
     def update(self, rtt: float, now: float) -> None:
-        current = self.value(now)
-        if rtt > current:
+        if rtt > self.estimate:
             self.estimate = rtt
         else:
             w = _decay_weight(0.0 if self.updated_at is None else now - self.updated_at,
                               self.decay)
-            self.estimate = current * w + rtt * (1.0 - w)
+            self.estimate = self.estimate * w + rtt * (1.0 - w)
         self.updated_at = now
 
     def value(self, now: float) -> float:

@@ -59,10 +59,21 @@ def switching_matrix(regrets: np.ndarray, mu: float) -> np.ndarray:
     return p
 
 
-def next_action(last: int, regrets: np.ndarray, mu: float, rng: random.Random) -> int:
-    """One step of the Hart & Mas-Colell procedure from the last action played."""
-    row = switching_matrix(regrets, mu)[last]
-    return _sample(row, rng)
+def next_action(last: int, regrets: np.ndarray, mu: float, rng: random.Random,
+                *, row_index: int | None = None) -> int:
+    """One step of the Hart & Mas-Colell procedure from the last action played:
+    switch to k with probability R(last, k)/mu, otherwise stay. ``regrets`` is the whole
+    matrix, or (with ``row_index``) just the row of the last action."""
+    r = 0 if row_index is not None else last
+    row = np.maximum(np.asarray(regrets[r], dtype=float), 0.0)
+    row[last] = 0.0
+    total = float(row.sum())
+    if total >= mu:
+        raise ValueError(f"mu={mu} must exceed the row sum of positive regrets {total}")
+    x = rng.random() * mu
+    if x >= total:
+        return last
+    return int(np.searchsorted(np.cumsum(row), x, side="right"))
 
 
 def stationary_strategy(regrets: np.ndarray, epsilon: float = 1e-9) -> np.ndarray:
@@ -152,7 +163,8 @@ class RegretMatcher:
         elif self.last is None:
             action = rng.randrange(self.k)
         else:
-            action = next_action(self.last, self.conditional_regrets, self.mu, rng)
+            row = self._cond_sum[self.last] / max(1, self.t)
+            action = next_action(self.last, row[None, :], self.mu, rng, row_index=self.last)
         return action
 
     def observe(self, played: int, payoffs: np.ndarray) -> None:

@@ -1,0 +1,49 @@
+"""Estimators: EWMA, Linkerd's peak EWMA, failure penalty."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mesh.estimators import DEFAULT_RTT, EndpointStats, Ewma, PeakEwma
+
+
+def test_ewma_first_sample_then_time_weighted() -> None:
+    e = Ewma(tau=1.0)
+    assert e.update(0.1, 0.0) == 0.1
+    w = math.exp(-1.0)
+    assert e.update(0.2, 1.0) == pytest.approx(0.1 * w + 0.2 * (1 - w))
+
+
+def test_peak_ewma_jumps_to_slower_samples_and_decays() -> None:
+    p = PeakEwma()
+    assert p.value(0.0) == DEFAULT_RTT  # Linkerd's default before any sample
+    p.update(0.5, 1.0)
+    assert p.value(1.0) == 0.5  # peak: a slower sample replaces the estimate at once
+    p.update(0.1, 2.0)
+    w = math.exp(-1.0 / 10.0)
+    assert p.value(2.0) == pytest.approx(0.5 * w + 0.1 * (1 - w))
+    # Idle, the estimate decays towards zero (tower: update with rtt=0 to decay).
+    assert p.value(12.0) == pytest.approx(p.value(2.0) * math.exp(-1.0))
+    assert p.cost(2.0, pending=3) == pytest.approx(4 * p.value(2.0))
+
+
+def test_failures_are_charged_the_penalty_latency() -> None:
+    s = EndpointStats.new("a", tau=1.0, decay=10.0, failure_penalty=1.0)
+    s.start()
+    assert s.finish(0.002, ok=False, now=0.0) == 1.0
+    assert s.failures == 1 and s.consecutive_failures == 1 and s.in_flight == 0
+    assert s.finish(0.002, ok=True, now=0.1) == 0.002
+    assert s.consecutive_failures == 0
+    assert s.finish(float("nan"), ok=True, now=0.2) == 1.0  # garbage latency is not trusted
+
+
+def test_congestion_inflates_the_estimate_and_is_clamped() -> None:
+    s = EndpointStats.new("a", tau=1.0, decay=10.0, failure_penalty=1.0)
+    s.finish(0.01, True, 0.0, congestion=5.0)
+    assert 0.0 < s.congestion <= 1.0
+    assert s.latency_estimate(0.03) > 0.01
+    n, mean = s.take_tick()
+    assert n == 1 and mean == pytest.approx(0.01)
+    assert s.take_tick() == (0, 0.0)

@@ -1,0 +1,74 @@
+"""X-GT-* header formats: round trips and every rejection."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from mesh.headers import (
+    HeaderError,
+    format_congestion,
+    format_regret,
+    parse_congestion,
+    parse_congestion_signal,
+    parse_regret,
+    parse_retry,
+    strip_gt_headers,
+)
+from mesh.policy import EndpointView, PolicySnapshot
+
+
+def test_regret_round_trip() -> None:
+    snap = PolicySnapshot("equilibrium", {"a": 1.0},
+                          (EndpointView("a", 1.0, 0.01, 0.2, 0, 1, 0),), nash_gap=0.05,
+                          converged=True)
+    sig = parse_regret(format_regret(snap))
+    assert sig.gap == pytest.approx(0.05) and sig.max_regret == pytest.approx(0.2)
+    assert sig.converged
+
+
+def test_congestion_round_trip_and_clamp() -> None:
+    assert parse_congestion(format_congestion(0.42, 10, 4)) == pytest.approx(0.42)
+    s = parse_congestion_signal(format_congestion(7.0))
+    assert s.level == 1.0 and s.limit is None
+    assert parse_congestion("v=1;level=0.5;future=x") == 0.5  # unknown keys are ignored
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("0.5", "malformed"), ("level=0.5", "version"), ("v=2;level=0.5", "version"),
+    ("v=1", "malformed"), ("v=1;level=nan", "malformed"), ("v=1;level=2", "out-of-range"),
+    ("v=1;level=abc", "malformed"), ("v=1;" + "x=1;" * 200, "too-long"),
+])
+def test_bad_congestion_values_are_rejected_with_a_reason(value: str, reason: str) -> None:
+    with pytest.raises(HeaderError) as err:
+        parse_congestion(value)
+    assert err.value.reason == reason
+
+
+def test_retry_header() -> None:
+    assert parse_retry("2") == 2
+    for bad in ("0", "-1", "x", "1000"):
+        with pytest.raises(HeaderError):
+            parse_retry(bad)
+
+
+def test_strip_removes_every_gt_header_in_any_case() -> None:
+    h = CIMultiDict([("X-GT-Bid", "1"), ("x-gt-bid", "2"), ("X-Gt-Identity", "x"),
+                     ("traceparent", "00-abc"), ("Host", "a")])
+    removed = strip_gt_headers(h)
+    assert {r.lower() for r in removed} == {"x-gt-bid", "x-gt-identity"}
+    assert list(h.keys()) == ["traceparent", "Host"]
+    plain = {"X-GT-Regret": "v=1", "Accept": "*/*"}
+    strip_gt_headers(plain)
+    assert plain == {"Accept": "*/*"}
+
+
+@given(st.text(max_size=300))
+def test_parsers_never_raise_anything_but_header_error(value: str) -> None:
+    for parse in (parse_congestion, parse_regret, parse_retry):
+        with contextlib.suppress(HeaderError):
+            parse(value)

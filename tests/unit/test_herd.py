@@ -1,0 +1,74 @@
+"""The thundering-herd guard: cap, ramp, exploration floor, ejection, projection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.herd import HerdGuard, project_box_simplex
+
+
+def test_cap_holds_and_the_rest_stays_on_other_endpoints() -> None:
+    guard = HerdGuard(cap=0.8, smoothing=1.0, ramp_per_s=10.0)
+    w = guard.shape(np.array([1.0, 0.0, 0.0]), np.full(3, 1 / 3), dt=1.0)
+    assert w[0] == pytest.approx(0.8)
+    assert w[1] > 0 and w[2] > 0 and w.sum() == pytest.approx(1.0)
+
+
+def test_recovered_endpoint_is_readmitted_gradually() -> None:
+    guard = HerdGuard(cap=0.8, ramp_per_s=0.1, smoothing=1.0)
+    prev = np.array([0.005, 0.4975, 0.4975])
+    history = []
+    for _ in range(10):
+        prev = guard.shape(np.array([1.0, 0.0, 0.0]), prev, dt=0.5)
+        history.append(prev[0])
+    steps = np.diff([0.005, *history])
+    assert np.all(steps <= 0.05 + 1e-9)  # at most ramp * dt per tick
+    assert history[-1] == pytest.approx(0.505, abs=1e-6)
+
+
+def test_exploration_floor_keeps_a_bad_endpoint_measured_but_small() -> None:
+    guard = HerdGuard(explore_floor=0.005, smoothing=1.0)
+    w = guard.shape(np.array([0.5, 0.5, 0.0]), np.array([0.45, 0.45, 0.1]), dt=0.5)
+    assert w[2] == pytest.approx(0.005)
+
+
+def test_ejected_endpoint_gets_nothing_and_single_live_gets_everything() -> None:
+    guard = HerdGuard()
+    w = guard.shape(np.full(3, 1 / 3), np.full(3, 1 / 3), 0.5, live=np.array([1, 0, 1], bool))
+    assert w[1] == 0.0 and w.sum() == pytest.approx(1.0)
+    w = guard.shape(np.full(3, 1 / 3), np.full(3, 1 / 3), 0.5, live=np.array([0, 0, 1], bool))
+    assert list(w) == [0.0, 0.0, 1.0]
+    assert guard.shape(np.ones(2), np.ones(2) / 2, 0.5, live=np.zeros(2, bool)).sum() == 0.0
+
+
+def test_invalid_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        HerdGuard(cap=0.0)
+    with pytest.raises(ValueError):
+        HerdGuard(smoothing=0.0)
+    with pytest.raises(ValueError):
+        project_box_simplex(np.ones(2), np.array([0.6, 0.6]), np.ones(2))
+
+
+weights = st.lists(st.one_of(st.floats(min_value=0.0, max_value=1e6),
+                             st.sampled_from([float("nan"), float("inf"), -1.0])),
+                   min_size=2, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(target=weights, seed_prev=st.integers(0, 2**32 - 1),
+       dt=st.floats(min_value=0.0, max_value=10.0))
+def test_shaped_weights_sum_to_one_respect_cap_and_are_finite(target, seed_prev, dt) -> None:
+    k = len(target)
+    prev = np.random.default_rng(seed_prev).dirichlet(np.ones(k))
+    # Previous weights that already respect the cap, as the guard always produces.
+    guard = HerdGuard(cap=0.8)
+    prev = guard.shape(prev, prev, 1e6)
+    w = guard.shape(np.array(target), prev, dt)
+    assert np.all(np.isfinite(w))
+    assert w.sum() == pytest.approx(1.0, abs=1e-9)
+    assert np.all(w >= -1e-12)
+    assert np.all(w <= max(0.8, 1.0 / k) + 1e-9)

@@ -1,0 +1,187 @@
+"""Policies driven through the pure core with a simulated clock and fleet (no I/O)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.policies import POLICY_NAMES, RegretMatchingPolicy, make_policy
+from mesh.policy import Outcome, Policy
+from mesh.profiles import PROFILE_NAMES, get_profile
+
+ENDPOINTS = [f"http://127.0.0.1:{8000 + i}" for i in range(5)]
+BAD = ENDPOINTS[4]
+
+
+def simulate(policy: Policy, seconds: float, rps: int = 200, seed: int = 1,
+             bad_until: float = float("inf"), start: float = 0.0) -> dict[str, int]:
+    """Seed scenario: pod 4 adds 500 ms to half its requests (until ``bad_until``)."""
+    rng = random.Random(seed)
+    counts = dict.fromkeys(ENDPOINTS, 0)
+    now = start
+    tick = get_profile("balanced").tick_interval
+    next_tick = now + tick
+    dt = 1.0 / rps
+    while now < start + seconds:
+        e = policy.pick(rng, now)
+        assert e is not None
+        policy.on_start(e, now)
+        latency = 0.005 + rng.random() * 0.002
+        if e == BAD and now < bad_until and rng.random() < 0.5:
+            latency += 0.5
+        policy.on_outcome(Outcome(e, latency, True, now + latency))
+        counts[e] += 1
+        now += dt
+        if now >= next_tick:
+            policy.tick(now)
+            next_tick += tick
+    return counts
+
+
+def test_all_named_policies_and_profiles_exist() -> None:
+    assert set(POLICY_NAMES) == {"round-robin", "random", "p2c-least-request", "peak-ewma",
+                                 "equilibrium"}
+    assert set(PROFILE_NAMES) == {"balanced", "aggressive-learning", "conservative"}
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("nope", get_profile("balanced"))
+    with pytest.raises(ValueError, match="unknown strategy profile"):
+        get_profile("nope")
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_equilibrium_moves_traffic_off_the_bad_pod(profile: str) -> None:
+    p = make_policy("equilibrium", get_profile(profile))
+    p.set_endpoints(ENDPOINTS, 0.0)
+    simulate(p, 15.0)
+    later = simulate(p, 20.0, start=15.0, seed=2)
+    total = sum(later.values())
+    assert later[BAD] / total < 0.03
+    goods = [later[e] / total for e in ENDPOINTS[:4]]
+    assert min(goods) > 0.15  # the rest is spread, not herded onto one pod
+    snap = p.snapshot()
+    assert snap.weights[BAD] < 0.03
+    assert max(snap.weights.values()) <= get_profile(profile).herd.cap + 1e-9
+
+
+def test_equilibrium_settles_without_flapping() -> None:
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS, 0.0)
+    simulate(p, 40.0)
+    snap = p.snapshot()
+    assert snap.converged and snap.flapping < 0.05
+
+
+def test_recovered_pod_is_readmitted_gradually() -> None:
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS, 0.0)
+    simulate(p, 15.0, bad_until=15.0)
+    shares = []
+    now = 15.0
+    for _ in range(60):
+        simulate(p, 0.5, start=now, bad_until=0.0, seed=int(now * 10))
+        now += 0.5
+        shares.append(p.snapshot().weights[BAD])
+    assert shares[-1] > 0.15  # back in service
+    steps = np.diff(shares)
+    ramp = get_profile("balanced").herd.ramp_per_s * 0.5
+    assert np.all(steps <= ramp + 1e-6)  # never stampeded: bounded growth per tick
+
+
+@pytest.mark.parametrize("name", ["peak-ewma", "p2c-least-request", "round-robin", "random"])
+def test_baselines_route_to_every_endpoint_and_peak_ewma_avoids_the_bad_pod(name: str) -> None:
+    p = make_policy(name, get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS, 0.0)
+    counts = simulate(p, 10.0)
+    total = sum(counts.values())
+    if name == "peak-ewma":
+        assert counts[BAD] / total < 0.1
+    elif name == "round-robin":
+        assert all(c == pytest.approx(total / 5, abs=1) for c in counts.values())
+    else:
+        assert counts[BAD] / total > 0.1
+
+
+def test_pick_respects_exclude_and_reports_none_when_nothing_is_left() -> None:
+    for name in POLICY_NAMES:
+        p = make_policy(name, get_profile("balanced"))
+        p.set_endpoints(ENDPOINTS[:2], 0.0)
+        rng = random.Random(0)
+        for _ in range(20):
+            assert p.pick(rng, 0.0, frozenset({ENDPOINTS[0]})) == ENDPOINTS[1]
+        assert p.pick(rng, 0.0, frozenset(ENDPOINTS[:2])) is None
+
+
+def test_consecutive_failures_eject_an_endpoint() -> None:
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    for i in range(6):
+        p.on_start(ENDPOINTS[0], i * 0.01)
+        p.on_outcome(Outcome(ENDPOINTS[0], 0.001, False, i * 0.01))
+    p.tick(0.5)
+    assert p.snapshot().weights[ENDPOINTS[0]] == 0.0
+    rng = random.Random(0)
+    assert all(p.pick(rng, 0.6) != ENDPOINTS[0] for _ in range(200))
+
+
+def test_endpoint_set_changes_keep_state_and_ramp_new_endpoints() -> None:
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:4], 0.0)
+    simulate(p, 5.0)
+    p.set_endpoints([*ENDPOINTS[:3], "http://127.0.0.1:9999"], 5.0)
+    w = p.snapshot().weights
+    assert w["http://127.0.0.1:9999"] == 0.0 and sum(w.values()) == pytest.approx(1.0)
+    p.tick(5.5)
+    assert 0.0 < p.snapshot().weights["http://127.0.0.1:9999"] <= 0.05 + 1e-9
+
+
+def test_following_a_recommendation_inside_the_cap_until_it_expires() -> None:
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    p.follow({ENDPOINTS[0]: 1.0, "http://elsewhere": 5.0}, expires_at=100.0)
+    now = 0.0
+    for _ in range(40):
+        now += 0.5
+        p.tick(now)
+    snap = p.snapshot()
+    assert snap.following
+    assert snap.weights[ENDPOINTS[0]] == pytest.approx(0.8)  # cap still holds
+    p.tick(101.0)
+    assert not p.snapshot().following
+
+
+outcomes = st.lists(
+    st.tuples(st.integers(0, 3), st.floats(allow_nan=True, allow_infinity=True),
+              st.booleans(), st.one_of(st.none(), st.floats())),
+    max_size=200,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(events=outcomes, name=st.sampled_from(POLICY_NAMES))
+def test_any_observations_keep_weights_a_capped_distribution(events, name) -> None:
+    p = make_policy(name, get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:4], 0.0)
+    rng = random.Random(0)
+    now = 0.0
+    for i, (idx, latency, ok, congestion) in enumerate(events):
+        e = ENDPOINTS[idx]
+        p.on_start(e, now)
+        p.on_outcome(Outcome(e, latency, ok, now, congestion))
+        now += 0.05
+        if i % 10 == 9:
+            p.tick(now)
+        assert p.pick(rng, now) in ENDPOINTS[:4]
+    p.tick(now + 1.0)
+    snap = p.snapshot()
+    w = np.array(list(snap.weights.values()))
+    assert np.all(np.isfinite(w))
+    assert w.sum() == pytest.approx(1.0, abs=1e-6)
+    if name == "equilibrium":
+        assert w.max() <= 0.8 + 1e-9
+    assert np.isfinite(snap.nash_gap) and np.isfinite(snap.flapping)
+    assert all(np.isfinite(v.latency_estimate) for v in snap.endpoints)

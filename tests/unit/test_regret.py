@@ -1,0 +1,156 @@
+"""Regret matching against equilibria computable by hand (Hart & Mas-Colell 2000)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from mesh.regret import (
+    RegretMatcher,
+    RoutingRegret,
+    stationary_strategy,
+    switching_matrix,
+    unconditional_strategy,
+)
+
+# Rock-paper-scissors, row player's payoff; the column player's is the negative.
+RPS = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=float)
+
+
+def play(game_row: np.ndarray, game_col: np.ndarray, mode: str, rounds: int, seed: int):
+    rng = random.Random(seed)
+    k_row, k_col = game_row.shape
+    bound = float(max(np.abs(game_row).max(), np.abs(game_col).max()))
+    a = RegretMatcher(k_row, mode=mode, payoff_bound=bound)  # type: ignore[arg-type]
+    b = RegretMatcher(k_col, mode=mode, payoff_bound=bound)  # type: ignore[arg-type]
+    joint = np.zeros((k_row, k_col))
+    for _ in range(rounds):
+        i, j = a.choose(rng), b.choose(rng)
+        a.observe(i, game_row[:, j])
+        b.observe(j, game_col[i, :])
+        joint[i, j] += 1
+    return a, b, joint / rounds
+
+
+def ce_violation(joint: np.ndarray, game_row: np.ndarray, game_col: np.ndarray) -> float:
+    """Largest gain either player gets by a swap j -> k under the joint distribution."""
+    worst = 0.0
+    k_row, k_col = joint.shape
+    for j in range(k_row):
+        for k in range(k_row):
+            worst = max(worst, float(joint[j] @ (game_row[k] - game_row[j])))
+    for j in range(k_col):
+        for k in range(k_col):
+            worst = max(worst, float(joint[:, j] @ (game_col[:, k] - game_col[:, j])))
+    return worst
+
+
+def test_rock_paper_scissors_averages_one_third() -> None:
+    a, b, _ = play(RPS, -RPS, "unconditional", 20000, seed=3)
+    assert np.allclose(a.counts / a.t, 1 / 3, atol=0.03)
+    assert np.allclose(b.counts / b.t, 1 / 3, atol=0.03)
+
+
+def test_rock_paper_scissors_conditional_procedure_approaches_the_unique_ce() -> None:
+    # The procedure's inertia (mu > 2M(m-1)) makes it slow; the CE violation shrinks with t.
+    for seed in (1, 2):
+        _, _, early = play(RPS, -RPS, "conditional", 1000, seed=seed)
+        a, b, late = play(RPS, -RPS, "conditional", 20000, seed=seed)
+        assert ce_violation(late, RPS, -RPS) < ce_violation(early, RPS, -RPS)
+        assert ce_violation(late, RPS, -RPS) < 0.1
+        assert np.allclose(a.counts / a.t, 1 / 3, atol=0.08)
+        assert np.allclose(b.counts / b.t, 1 / 3, atol=0.08)
+
+
+def test_conditional_regret_matching_reaches_ce_set_in_chicken() -> None:
+    # Chicken: (dare, dare) crashes. Payoffs (row, col).
+    row = np.array([[0.0, 7.0], [2.0, 6.0]])
+    col = row.T.copy()
+    a, b, joint = play(row, col, "conditional", 30000, seed=5)
+    # The empirical joint distribution is (close to) a correlated equilibrium ...
+    assert ce_violation(joint, row, col) < 0.05
+    # ... and the players' conditional regrets, which *are* that CE constraint, vanish.
+    assert np.max(a.conditional_regrets) < 0.05
+    assert np.max(b.conditional_regrets) < 0.05
+    # Crash (dare, dare) is rare in every correlated equilibrium of chicken here.
+    assert joint[0, 0] < 0.2
+
+
+def test_prisoners_dilemma_learns_dominant_strategy() -> None:
+    # Defect (1) strictly dominates cooperate (0): the only CE is (defect, defect).
+    row = np.array([[3.0, 0.0], [5.0, 1.0]])
+    _, _, joint = play(row, row.T.copy(), "conditional", 5000, seed=1)
+    assert joint[1, 1] > 0.9
+
+
+def test_switching_matrix_is_stochastic_with_inertia() -> None:
+    d = np.array([[0.0, 0.3, -0.1], [0.0, 0.0, 0.0], [0.2, 0.2, 0.0]])
+    p = switching_matrix(d, mu=1.0)
+    assert np.allclose(p.sum(axis=1), 1.0)
+    assert p[0, 1] == pytest.approx(0.3) and p[0, 2] == 0.0 and p[0, 0] == pytest.approx(0.7)
+    assert np.all(np.diag(p) > 0)
+    with pytest.raises(ValueError):
+        switching_matrix(d, mu=0.3)
+
+
+def test_stationary_strategy_is_invariant_and_independent_of_mu() -> None:
+    d = np.array([[0.0, 0.4, 0.1], [0.05, 0.0, 0.0], [0.3, 0.2, 0.0]])
+    q = stationary_strategy(d)
+    for mu in (1.0, 5.0):
+        assert np.allclose(q @ switching_matrix(d, mu), q, atol=1e-9)
+    assert q.sum() == pytest.approx(1.0)
+    # Action 1 is regretted least (it is rarely left): it gets the most weight.
+    assert q.argmax() == 1
+
+
+def test_stationary_strategy_without_regret_is_uniform() -> None:
+    assert np.allclose(stationary_strategy(np.zeros((4, 4))), 0.25)
+
+
+def test_unconditional_strategy() -> None:
+    assert np.allclose(unconditional_strategy(np.array([1.0, -2.0, 3.0])), [0.25, 0.0, 0.75])
+    assert np.allclose(unconditional_strategy(np.array([-1.0, -2.0])), [0.5, 0.5])
+
+
+def test_routing_regret_moves_off_a_slow_endpoint_and_back() -> None:
+    rr = RoutingRegret(3, memory=5.0)
+    fast, slow = 0.005, 0.25
+    q = np.full(3, 1 / 3)
+    for _ in range(20):
+        counts = 300 * q
+        costs = np.array([fast, fast, slow])
+        rr.update(counts, costs, costs, dt=0.5)
+        q = rr.strategy("conditional")
+    assert q[2] < 0.01 and q[0] == pytest.approx(q[1], rel=0.05)
+    # Recovery: fresh estimates show endpoint 2 as fast as the others.
+    for _ in range(10):
+        rr.update(300 * q, np.full(3, fast), np.full(3, fast), dt=0.5)
+    assert rr.strategy("conditional")[2] > 0.25
+
+
+def test_routing_regret_ignores_jitter_within_the_indifference_margin() -> None:
+    rr = RoutingRegret(2, memory=5.0)
+    rr.update(np.array([50.0, 50.0]), np.array([0.0100, 0.0104]), np.array([0.0100, 0.0104]), 0.5)
+    assert np.allclose(rr.strategy("conditional"), 0.5)
+
+
+def test_routing_regret_matrix_is_hart_mas_colell_average() -> None:
+    rr = RoutingRegret(2, memory=1e9, tolerance=0.0, tolerance_abs=0.0)
+    rr.update(np.array([10.0, 0.0]), np.array([0.3, 0.0]), np.array([0.3, 0.1]), dt=1.0)
+    rr.update(np.array([0.0, 10.0]), np.array([0.0, 0.1]), np.array([0.3, 0.1]), dt=1.0)
+    # D(0,1) = (1/t) * sum over periods where 0 was played of [u(1) - u(0)] = (0.3-0.1)/2.
+    assert rr.conditional[0, 1] == pytest.approx(0.1, rel=1e-6)
+    assert rr.conditional[1, 0] == pytest.approx(-0.1, rel=1e-6)
+
+
+def test_resize_keeps_regrets_of_surviving_endpoints() -> None:
+    rr = RoutingRegret(3, memory=5.0)
+    rr.update(np.array([10.0, 10.0, 10.0]), np.array([0.01, 0.01, 0.5]),
+              np.array([0.01, 0.01, 0.5]), dt=0.5)
+    before = rr.conditional[2, 0]
+    rr.resize([2, 0, None])
+    assert rr.conditional.shape == (3, 3)
+    assert rr.conditional[0, 1] == pytest.approx(before)
+    assert np.all(rr.conditional[2] == 0)
