@@ -147,13 +147,14 @@ def simulate_regret_matching(
     every token keeps ``D(j, j')``, its summed gain had it played ``j'`` whenever it played ``j``,
     and switches from its last action ``j`` to ``j'`` with probability ``[D(j,j')]^+ / (t * mu)``.
     Full-information variant (the counterfactual latency ``l_j'((c_j' + 1) lam)`` is known).
-    ``mu`` is ``k`` times the latency range, so staying always keeps positive probability.
+    ``mu`` is ``2 (k - 1)`` times the largest positive gain seen so far (an average of gains never
+    exceeds it), so every row of positive average regrets sums below ``mu`` and staying always
+    keeps positive probability.
     """
     k = table.shape[0]
     if n_tokens == 0:
         return 0.0
-    spread = float(table[:, 1 : n_tokens + 1].max() - table[:, 1 : n_tokens + 1].min())
-    inertia = k * max(spread, 1e-12)
+    largest_gain = 1e-12
     actions = rng.integers(0, k, size=n_tokens)
     regrets = np.zeros((n_tokens, k, k))
     players = np.arange(n_tokens)
@@ -169,6 +170,8 @@ def simulate_regret_matching(
         gains = own[:, None] - moved[None, :]
         gains[players, actions] = 0.0
         regrets[players, actions, :] += gains
+        largest_gain = max(largest_gain, float(gains.max()))
+        inertia = 2.0 * max(k - 1, 1) * largest_gain
         switch = np.maximum(regrets[players, actions, :], 0.0) / (t * inertia)
         switch[players, actions] = 0.0
         switch[players, actions] = 1.0 - switch.sum(axis=1)

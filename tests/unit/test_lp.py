@@ -16,6 +16,7 @@ from signaler.lp import (
     naive_joint_lp,
     solve_normal_form_ce,
 )
+from signaler.lp_bench import format_markdown, lp_solve_table
 from signaler.routing_game import (
     ce_gap,
     configuration_costs,
@@ -265,3 +266,17 @@ def test_solution_arrays_are_read_only() -> None:
     solution = CorrelatedEquilibriumLP(ASYMMETRIC, 4, 2.0).solve()
     with pytest.raises(ValueError):
         solution.probabilities[0] = 0.5
+
+
+def test_benchmark_table_rows_and_markdown() -> None:
+    rows = lp_solve_table([(4, 2), (6, 3)], repeats=1, regret_rounds=200, regret_runs=1)
+    assert [(r["tokens"], r["endpoints"]) for r in rows] == [(4, 2), (6, 3)]
+    for row in rows:
+        assert row["method"] == "configuration-lp"
+        assert row["system_optimum_ms"] <= row["best_ce_ms"] + 1e-9
+        assert row["best_ce_ms"] <= row["pure_nash_ms"] + 1e-9
+        assert row["pure_nash_ms"] <= row["worst_pure_nash_ms"]
+        assert row["ce_gap"] <= 1e-6
+    table = format_markdown(rows)
+    lines = table.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 4 × 2 | 5 | configuration-lp")
