@@ -28,7 +28,8 @@ EPILOG = """\
 precedence: flags > environment > config file > defaults.
 environment: EQUILIBRIUM_OUTBOUND, EQUILIBRIUM_ADMIN, EQUILIBRIUM_UPSTREAMS="a=url,url;b=url",
   EQUILIBRIUM_STRATEGY, EQUILIBRIUM_POLICY, EQUILIBRIUM_ID, EQUILIBRIUM_DRAIN_TIMEOUT,
-  EQUILIBRIUM_MAX_ATTEMPTS, EQUILIBRIUM_CONFIG.
+  EQUILIBRIUM_MAX_ATTEMPTS, EQUILIBRIUM_REQUEST_TIMEOUT, EQUILIBRIUM_CONNECT_TIMEOUT,
+  EQUILIBRIUM_CONFIG.
 signals: SIGHUP reloads the config file (also re-read when its mtime changes);
   SIGTERM drains in-flight requests up to --drain-timeout, then exits 0.
 """
@@ -76,6 +77,14 @@ def register(subparsers: Any) -> None:
         help="attempts per request incl. retries (default: the profile's max_retries + 1)",
     )
     parser.add_argument(
+        "--request-timeout", metavar="SECONDS",
+        help="upstream response-head and body-idle timeout (default: the profile's)",
+    )
+    parser.add_argument(
+        "--connect-timeout", metavar="SECONDS",
+        help="upstream connect timeout (default: the profile's)",
+    )
+    parser.add_argument(
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
@@ -93,6 +102,8 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "config": args.config,
         "drain_timeout": args.drain_timeout,
         "max_attempts": args.max_attempts,
+        "request_timeout": args.request_timeout,
+        "connect_timeout": args.connect_timeout,
     }
 
 

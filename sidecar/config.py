@@ -15,6 +15,8 @@ Config file shape (YAML or JSON, every key optional)::
     policy: equilibrium         # a mesh.policies name
     drain_timeout: 20           # seconds
     max_attempts: 3             # 1 try + retries (default: the profile's max_retries + 1)
+    request_timeout: 15         # to the response head, and idle time on bodies (default: profile)
+    connect_timeout: 1          # TCP connect to an endpoint (default: profile)
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
       orders: http://10.0.1.1:8080,http://10.0.1.2:8080
@@ -57,10 +59,15 @@ ENV_VARS: dict[str, str] = {
     "id": "EQUILIBRIUM_ID",
     "drain_timeout": "EQUILIBRIUM_DRAIN_TIMEOUT",
     "max_attempts": "EQUILIBRIUM_MAX_ATTEMPTS",
+    "request_timeout": "EQUILIBRIUM_REQUEST_TIMEOUT",
+    "connect_timeout": "EQUILIBRIUM_CONNECT_TIMEOUT",
     "config": "EQUILIBRIUM_CONFIG",
 }
 FILE_KEYS = frozenset(
-    {"id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout", "max_attempts"}
+    {
+        "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
+        "max_attempts", "request_timeout", "connect_timeout",
+    }
 )
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
@@ -91,6 +98,8 @@ class SidecarConfig:
     policy: str = DEFAULT_POLICY
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     max_attempts: int | None = None  # None: the profile's max_retries + 1
+    request_timeout: float | None = None  # None: the profile's
+    connect_timeout: float | None = None  # None: the profile's
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
 
@@ -201,7 +210,7 @@ def _parse_float(value: Any, what: str, low: float) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{what}: expected a number, got {value!r}") from None
-    if not number >= low or number != number or number == float("inf"):
+    if not low <= number < float("inf"):
         raise ConfigError(f"{what}: must be a finite number >= {low}, got {value!r}")
     return number
 
@@ -292,6 +301,8 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 out[key] = _parse_float(value, "drain_timeout", 0.0)
             elif key == "max_attempts":
                 out[key] = _parse_int(value, "max_attempts", 1, 10)
+            elif key in ("request_timeout", "connect_timeout"):
+                out[key] = _parse_float(value, key, 0.001)
     except ConfigError as exc:
         raise ConfigError(f"{layer}: {exc}") from None
     return out
@@ -338,6 +349,8 @@ class ConfigSource:
             policy=merged.get("policy", DEFAULT_POLICY),
             drain_timeout=merged.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT),
             max_attempts=merged.get("max_attempts"),
+            request_timeout=merged.get("request_timeout"),
+            connect_timeout=merged.get("connect_timeout"),
             config_file=self.config_file,
             sources=sources,
         )

@@ -157,6 +157,11 @@ class OutboundProxy:
                 sock_connect=self.profile.connect_timeout,
             ),
         )
+        # aiohttp silently re-sends an idempotent request once, to the SAME endpoint, after a
+        # reset; retries here are explicit, budgeted and go to another endpoint instead
+        # (linkerd2#11669). aiohttp has no public switch for it.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:
@@ -243,11 +248,6 @@ class OutboundProxy:
         failure: AttemptFailure | None = None
         for attempt in range(self.max_attempts):
             now = self.clock()
-            if attempt > 0:
-                if not group.budget.try_withdraw(now):
-                    self.metrics.retry_budget_exhausted.labels(group.name).inc()
-                    break
-                self.metrics.retries.labels(group.name).inc()
             ctx.attempt = attempt
             endpoint = self.phases.upstream_pick(ctx, self.rng, now)
             if endpoint is None:
@@ -255,7 +255,12 @@ class OutboundProxy:
                     return self._error(
                         ctx, 503, "no-endpoint", f"upstream {group.name!r} has no endpoint to use"
                     )
-                break
+                break  # every endpoint was tried
+            if attempt > 0:
+                if not group.budget.try_withdraw(now):
+                    self.metrics.retry_budget_exhausted.labels(group.name).inc()
+                    break
+                self.metrics.retries.labels(group.name).inc()
             ctx.endpoint = endpoint
             ctx.tried.append(endpoint)
             headers = CIMultiDict(base_headers)

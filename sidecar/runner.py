@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
@@ -31,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh.profiles import get_profile
+from mesh.profiles import StrategyProfile, get_profile
 from sidecar.admin import Readiness, debug_state, make_admin_app
 from sidecar.config import ConfigError, ConfigSource, ListenAddress, SidecarConfig
 from sidecar.metrics import SidecarMetrics
@@ -56,6 +57,17 @@ class Listener:
     bound_port: int | None = None
 
 
+def effective_profile(config: SidecarConfig) -> StrategyProfile:
+    """The strategy profile with the config's timeout overrides applied."""
+    profile = get_profile(config.strategy)
+    overrides = {
+        name: getattr(config, name)
+        for name in ("request_timeout", "connect_timeout")
+        if getattr(config, name) is not None
+    }
+    return dataclasses.replace(profile, **overrides) if overrides else profile
+
+
 class StartupError(RuntimeError):
     """A listener could not be bound (address in use, permission, bad host)."""
 
@@ -73,7 +85,7 @@ class SidecarRunner:
         self.source = source
         self.config = config
         self.clock = clock
-        self.profile = get_profile(config.strategy)
+        self.profile = effective_profile(config)
         self.metrics = SidecarMetrics()
         self.table = UpstreamTable(config.policy, self.profile)
         self.readiness = Readiness()
@@ -277,6 +289,8 @@ class SidecarRunner:
             policy=self.config.policy,
             drain_timeout=new.drain_timeout,
             max_attempts=self.config.max_attempts,
+            request_timeout=self.config.request_timeout,
+            connect_timeout=self.config.connect_timeout,
             config_file=self.config.config_file,
             sources=new.sources,
         )

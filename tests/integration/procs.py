@@ -423,3 +423,23 @@ class ResetServer:
 def dead_endpoint() -> str:
     """A loopback URL nobody listens on (connection refused)."""
     return f"http://{LOOPBACK}:{free_port()}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole HTTP answer, read: status, headers (case-insensitive), body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def fetch(
+    client: Any, method: str, url: str, **kwargs: Any
+) -> Reply:
+    """One request with an ``aiohttp.ClientSession``, body read in full."""
+    async with client.request(method, url, **kwargs) as resp:
+        return Reply(resp.status, resp.headers, await resp.read())

@@ -1,0 +1,145 @@
+"""The real ``equilibrium sidecar`` process routes by Host and absolute-form, and fails clearly.
+
+Backends are real aiohttp servers on loopback; the sidecar is a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections import Counter
+
+import aiohttp
+from yarl import URL
+
+from tests.integration.procs import (
+    async_start_sidecar,
+    async_stop,
+    backends,
+    dead_endpoint,
+    fetch,
+    start_backend,
+)
+
+
+async def test_host_header_routes_to_the_upstreams_endpoints() -> None:
+    async with backends(3, prefix="users") as pods, backends(1, prefix="orders") as others:
+        sidecar = await async_start_sidecar(
+            {"users": [p.url for p in pods], "orders": [o.url for o in others]}
+        )
+        try:
+            seen: Counter[str] = Counter()
+            async with aiohttp.ClientSession() as client:
+                for i in range(30):
+                    # the port in Host is ignored; the name is case-insensitive
+                    host = "Users:8080" if i % 2 else "users"
+                    async with client.get(
+                        f"{sidecar.outbound_url}/items?page={i}", headers={"Host": host}
+                    ) as resp:
+                        assert resp.status == 200
+                        seen[await resp.text()] += 1
+                async with client.get(
+                    f"{sidecar.outbound_url}/x", headers={"Host": "orders"}
+                ) as resp:
+                    assert await resp.text() == "orders-0"
+            assert set(seen) == {"users-0", "users-1", "users-2"}
+            assert sum(seen.values()) == 30
+            assert all(p.seen[-1].path_qs.startswith("/items?page=") for p in pods)
+            assert others[0].hits == 1
+            assert sidecar.metric("equilibrium_requests_total", upstream="users") == 30
+        finally:
+            assert await async_stop(sidecar) == 0
+
+
+async def test_absolute_form_and_http_proxy_setting() -> None:
+    async with backends(2, prefix="catalog") as pods:
+        sidecar = await async_start_sidecar({"catalog": [p.url for p in pods]})
+        try:
+            async with aiohttp.ClientSession() as client:
+                reply = await fetch(
+                    client, "GET", URL("http://catalog/books/1?x=%2F", encoded=True),
+                    proxy=sidecar.outbound_url,
+                )
+                assert reply.status == 200 and reply.body.startswith(b"catalog-")
+
+            def via_env_proxy() -> tuple[int, bytes]:
+                # urllib honours HTTP_PROXY like most HTTP clients: zero code changes in the app
+                handler = urllib.request.ProxyHandler({"http": sidecar.outbound_url})
+                with urllib.request.build_opener(handler).open(
+                    "http://catalog/books/2", timeout=5
+                ) as resp:
+                    return resp.status, resp.read()
+
+            status, body = await asyncio.to_thread(via_env_proxy)
+            assert status == 200 and body.startswith(b"catalog-")
+            targets = [r.raw_path for p in pods for r in p.seen]
+            assert sorted(targets) == ["/books/1?x=%2F", "/books/2"]
+            assert all(r.headers["Host"] == "catalog" for p in pods for r in p.seen)
+        finally:
+            await async_stop(sidecar)
+
+
+async def test_unknown_upstream_and_dead_or_missing_endpoints_answer_json() -> None:
+    sidecar = await async_start_sidecar(
+        {"down": [dead_endpoint(), dead_endpoint()], "empty": []},
+        extra_args=["--connect-timeout", "0.5"],
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+            cases = {"nowhere": (404, "unknown-upstream"), "down": (502, "connect-error"),
+                     "empty": (503, "no-endpoint")}
+            for host, (status, reason) in cases.items():
+                async with client.get(f"{sidecar.outbound_url}/", headers={"Host": host}) as resp:
+                    assert resp.status == status
+                    body = json.loads(await resp.read())
+                    assert body["reason"] == reason and body["upstream"] == host
+                    assert body["error"]
+            # the dead upstream's GET was retried on the other endpoint before giving up
+            assert sidecar.metric("equilibrium_retries_total", upstream="down") == 1
+            for host, (_, reason) in cases.items():
+                assert sidecar.metric("equilibrium_errors_total", upstream=host, reason=reason) == 1
+    finally:
+        await async_stop(sidecar)
+
+
+async def test_upstream_timeout_is_a_504_not_a_hang() -> None:
+    slow = await start_backend("slow", latency=5.0)
+    sidecar = await async_start_sidecar(
+        {"slow": [slow.url]}, extra_args=["--request-timeout", "0.3"]
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=4)) as client:
+            reply = await fetch(client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "slow"})
+            assert reply.status == 504 and reply.json()["reason"] == "upstream-timeout"
+        # a timeout may have reached the app: it is not retried
+        assert slow.hits == 1
+        assert sidecar.metric("equilibrium_errors_total", reason="upstream-timeout") == 1
+    finally:
+        await async_stop(sidecar)
+        await slow.stop()
+
+
+async def test_debug_state_shape() -> None:
+    async with backends(2) as pods:
+        sidecar = await async_start_sidecar(
+            {"pods": [p.url for p in pods]}, sidecar_id="app-1", strategy="conservative",
+            policy="p2c-least-request",
+        )
+        try:
+            state = sidecar.state()
+            assert set(state) == {"id", "strategy", "policy", "draining", "upstreams"}
+            assert (state["id"], state["strategy"], state["policy"], state["draining"]) == (
+                "app-1", "conservative", "p2c-least-request", False,
+            )
+            upstream = state["upstreams"]["pods"]
+            assert upstream["following"] is False
+            assert isinstance(upstream["converged"], bool)
+            assert {e["endpoint"] for e in upstream["endpoints"]} == {p.url for p in pods}
+            for ep in upstream["endpoints"]:
+                assert set(ep) == {"endpoint", "weight", "latency_estimate", "regret",
+                                   "in_flight", "requests", "failures"}
+            assert abs(sum(e["weight"] for e in upstream["endpoints"]) - 1.0) < 1e-6
+        finally:
+            await async_stop(sidecar)
+
