@@ -1,0 +1,132 @@
+"""``equilibrium injector``: run the webhook, or bootstrap its certificates.
+
+    equilibrium injector --listen 0.0.0.0:8443 --tls-cert tls.crt --tls-key tls.key
+    equilibrium injector bootstrap-certs --manifest k8s/install.yaml | kubectl apply -f -
+
+Argument parsing only; serving is ``injector.server``, certificates ``injector.certs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from injector import certs
+from injector.config import InjectorConfig, Resources
+from injector.server import DEFAULT_MAX_BODY, ListenAddress, serve
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "injector",
+        help="run the Kubernetes sidecar-injector webhook",
+        description="Mutating admission webhook adding the Equilibrium sidecar to pods "
+                    "(see docs/kubernetes.md).",
+    )
+    parser.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT (default %(default)s)")
+    parser.add_argument("--tls-cert", help="PEM serving certificate")
+    parser.add_argument("--tls-key", help="PEM serving key")
+    parser.add_argument("--sidecar-image", default=InjectorConfig.image,
+                        help="image of the injected containers (default %(default)s)")
+    parser.add_argument("--image-pull-policy", default=InjectorConfig.image_pull_policy,
+                        choices=("Always", "IfNotPresent", "Never"))
+    parser.add_argument("--mesh-secret", default=InjectorConfig.mesh_secret_name,
+                        help="Secret (in each meshed namespace) with mesh-hmac-key and redis-url")
+    parser.add_argument("--sidecar-cpu", default=Resources.cpu_request, help="CPU request")
+    parser.add_argument("--sidecar-memory", default=Resources.memory_request,
+                        help="memory request")
+    parser.add_argument("--sidecar-cpu-limit", default=Resources.cpu_limit)
+    parser.add_argument("--sidecar-memory-limit", default=Resources.memory_limit)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+                        help="reject larger AdmissionReviews with 413 (default %(default)s)")
+    parser.set_defaults(func=_run_server)
+
+    sub = parser.add_subparsers(dest="injector_command", metavar="COMMAND")
+    boot = sub.add_parser(
+        "bootstrap-certs",
+        help="make a self-signed CA and serving certificate for the webhook",
+        description="Print the TLS Secret (and, with --manifest, that manifest with caBundle "
+                    "set) as YAML for `kubectl apply -f -`; or, with --json-patch, the patch "
+                    "for `kubectl patch mutatingwebhookconfiguration ... --type=json -p`.",
+    )
+    boot.add_argument("--service", default="equilibrium-injector")
+    boot.add_argument("--namespace", default="equilibrium-system")
+    boot.add_argument("--secret-name", default=certs.TLS_SECRET)
+    boot.add_argument("--webhook-config", default=certs.WEBHOOK_CONFIGURATION,
+                      help="MutatingWebhookConfiguration name (default %(default)s)")
+    boot.add_argument("--days", type=int, default=825, help="validity (default %(default)s)")
+    boot.add_argument("--extra-name", action="append", default=[],
+                      help="extra DNS name or IP in the certificate (repeatable)")
+    boot.add_argument("--out-dir", type=Path,
+                      help="also write ca.crt, tls.crt and tls.key (0600) there")
+    boot.add_argument("--manifest", type=Path,
+                      help="YAML stream to print back with caBundle set (e.g. k8s/install.yaml)")
+    boot.add_argument("--json-patch", type=int, metavar="N_WEBHOOKS",
+                      help="print only a JSON patch setting caBundle on N webhooks")
+    boot.set_defaults(func=_run_bootstrap)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    if not args.tls_cert or not args.tls_key:
+        print("equilibrium injector: --tls-cert and --tls-key are required (the API server "
+              "only calls webhooks over HTTPS; see `equilibrium injector bootstrap-certs`)",
+              file=sys.stderr)
+        return 2
+    try:
+        listen = ListenAddress.parse(args.listen)
+    except ValueError as exc:
+        print(f"equilibrium injector: --listen: {exc}", file=sys.stderr)
+        return 2
+    config = InjectorConfig(
+        image=args.sidecar_image,
+        image_pull_policy=args.image_pull_policy,
+        mesh_secret_name=args.mesh_secret,
+        resources=Resources(cpu_request=args.sidecar_cpu, memory_request=args.sidecar_memory,
+                            cpu_limit=args.sidecar_cpu_limit,
+                            memory_limit=args.sidecar_memory_limit),
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(config, listen, args.tls_cert, args.tls_key,
+                          max_body=args.max_body_bytes))
+    except (OSError, ValueError) as exc:  # bad cert files, port in use
+        print(f"equilibrium injector: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_bootstrap(args: argparse.Namespace) -> int:
+    bundle = certs.bootstrap(args.service, args.namespace, dt.datetime.now(dt.UTC),
+                             days=args.days, extra_names=tuple(args.extra_name))
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "ca.crt").write_bytes(bundle.ca_pem)
+        (args.out_dir / "tls.crt").write_bytes(bundle.cert_pem)
+        key_path = args.out_dir / "tls.key"
+        key_path.touch(mode=0o600)
+        os.chmod(key_path, 0o600)
+        key_path.write_bytes(bundle.key_pem)
+    if args.json_patch is not None:
+        print(json.dumps(certs.ca_bundle_json_patch(bundle.ca_bundle, args.json_patch)))
+        return 0
+    documents: list[Any] = []
+    if args.manifest:
+        try:
+            documents = [d for d in yaml.safe_load_all(args.manifest.read_text()) if d]
+            certs.set_ca_bundle(documents, bundle.ca_bundle, args.webhook_config)
+        except (OSError, yaml.YAMLError, LookupError) as exc:
+            print(f"equilibrium injector bootstrap-certs: {args.manifest}: {exc}",
+                  file=sys.stderr)
+            return 1
+    documents.append(certs.tls_secret(bundle, args.namespace, args.secret_name))
+    sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False))
+    return 0

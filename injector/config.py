@@ -1,0 +1,114 @@
+"""What the injector injects: its configuration and the pod-annotation contract.
+
+Owns the names users type (annotations, label, strategy profiles, ports, UID) and the parsing of
+annotation values. Pure: no I/O, no environment reads; the CLI builds an ``InjectorConfig``.
+Documented for users in docs/kubernetes.md ("Annotations").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from mesh.profiles import PROFILE_NAMES
+
+# ---- the annotation / label contract -----------------------------------------------------------
+ANNOTATION_PREFIX: Final = "equilibrium.io/"
+INJECT: Final = "equilibrium.io/inject"  # "true" | "false" (per-pod opt-in / opt-out)
+STRATEGY: Final = "equilibrium.io/strategy"  # one of STRATEGY_PROFILES
+EXCLUDE_OUTBOUND_PORTS: Final = "equilibrium.io/exclude-outbound-ports"  # "5432,6379"
+EXCLUDE_INBOUND_PORTS: Final = "equilibrium.io/exclude-inbound-ports"  # "9090"
+APP_PORT: Final = "equilibrium.io/app-port"  # port the inbound listener forwards to
+STATUS: Final = "equilibrium.io/status"  # written by the injector: "injected"
+STATUS_INJECTED: Final = "injected"
+DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
+NAMESPACE_LABEL: Final = "equilibrium.io/injection"  # "enabled" on a namespace
+
+STRATEGY_PROFILES: Final = PROFILE_NAMES  # the sidecar's profiles (mesh/profiles.py)
+DEFAULT_STRATEGY: Final = "balanced"
+
+SIDECAR_NAME: Final = "equilibrium-sidecar"
+INIT_NAME: Final = "equilibrium-init"
+
+# ---- pod networking (the same numbers Istio uses) ----------------------------------------------
+OUTBOUND_PORT: Final = 15001
+INBOUND_PORT: Final = 15006
+ADMIN_PORT: Final = 15020
+SIDECAR_UID: Final = 1337
+DEFAULT_APP_PORT: Final = 8080
+
+
+class AnnotationError(ValueError):
+    """An annotation value the injector cannot honour exactly (the message names it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Kubernetes resource requests/limits of the sidecar container."""
+
+    cpu_request: str = "50m"
+    memory_request: str = "96Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "256Mi"
+
+
+@dataclass(frozen=True, slots=True)
+class InjectorConfig:
+    """Everything the injector needs to build the patch; one per webhook process.
+
+    ``mesh_secret_name`` names a Secret that must exist in every namespace running meshed pods
+    (``secretKeyRef`` cannot cross namespaces), with keys ``mesh-hmac-key`` and ``redis-url``.
+    """
+
+    image: str = "equilibrium:local"
+    image_pull_policy: str = "IfNotPresent"
+    mesh_secret_name: str = "equilibrium-mesh"
+    mesh_secret_key: str = "mesh-hmac-key"
+    redis_url_key: str = "redis-url"
+    resources: Resources = field(default_factory=Resources)
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
+    admin_port: int = ADMIN_PORT
+    sidecar_uid: int = SIDECAR_UID
+
+
+def parse_port_list(source: str, value: str) -> tuple[int, ...]:
+    """Parse ``"80, 443"`` into ``(80, 443)``: a comma list of TCP ports 1..65535, no duplicates.
+
+    ``""`` (or only spaces) means no ports. Raises ``AnnotationError`` naming ``source`` (e.g.
+    ``"annotation equilibrium.io/exclude-inbound-ports"``).
+    """
+    ports: list[int] = []
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item and not value.strip():
+            continue
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise AnnotationError(
+                f"{source}={value!r}: {item!r} is not a port (expected a comma "
+                "list of integers 1-65535, e.g. \"5432,6379\")"
+            )
+        if int(item) in ports:
+            raise AnnotationError(f"{source}={value!r}: port {item} is repeated")
+        ports.append(int(item))
+    return tuple(ports)
+
+
+def parse_strategy(value: str | None) -> str:
+    """Validate ``equilibrium.io/strategy``; absent means ``balanced``."""
+    if value is None:
+        return DEFAULT_STRATEGY
+    if value not in STRATEGY_PROFILES:
+        raise AnnotationError(
+            f"annotation {STRATEGY}={value!r} is not a strategy profile "
+            f"(expected one of: {', '.join(STRATEGY_PROFILES)})"
+        )
+    return value
+
+
+def parse_app_port(value: str) -> int:
+    """Validate ``equilibrium.io/app-port``: one TCP port."""
+    ports = parse_port_list(f"annotation {APP_PORT}", value)
+    if len(ports) != 1:
+        raise AnnotationError(f"annotation {APP_PORT}={value!r}: expected exactly one port")
+    return ports[0]

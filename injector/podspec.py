@@ -1,0 +1,128 @@
+"""The two containers the injector adds to a pod, as Kubernetes JSON.
+
+Owns the sidecar container (proxy listeners, probes, hardening) and the ``equilibrium-init``
+container (interception rules, NET_ADMIN + NET_RAW only). Pure data in, data out: the flags
+here must match ``equilibrium sidecar`` and ``equilibrium init`` (sidecar/cli.py,
+injector/init_cli.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from injector.config import INIT_NAME, SIDECAR_NAME, InjectorConfig
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PodMeshSettings:
+    """What one pod's annotations decided (already validated)."""
+
+    strategy: str
+    app_port: int
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = ()
+
+
+def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
+    """The proxy container: runs as the sidecar UID so its own traffic is not intercepted."""
+    res = config.resources
+    return {
+        "name": SIDECAR_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": [
+            "sidecar",
+            "--outbound", f"0.0.0.0:{config.outbound_port}",
+            "--inbound", f"0.0.0.0:{config.inbound_port}",
+            "--app", f"http://127.0.0.1:{settings.app_port}",
+            "--admin", f"0.0.0.0:{config.admin_port}",
+            "--id", "$(POD_NAME)",
+            "--strategy", settings.strategy,
+        ],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+            _field_env("POD_IP", "status.podIP"),
+            # Secrets stay out of argv (visible in /proc); the sidecar reads them from env.
+            _secret_env("EQUILIBRIUM_MESH_SECRET", config.mesh_secret_name,
+                        config.mesh_secret_key),
+            _secret_env("EQUILIBRIUM_REDIS_URL", config.mesh_secret_name, config.redis_url_key),
+        ],
+        "ports": [{"name": "eq-admin", "containerPort": config.admin_port, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": res.cpu_request, "memory": res.memory_request},
+            "limits": {"cpu": res.cpu_limit, "memory": res.memory_limit},
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": config.admin_port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": config.admin_port},
+            "initialDelaySeconds": 5,
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "securityContext": {
+            "runAsUser": config.sidecar_uid,
+            "runAsGroup": config.sidecar_uid,
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def init_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
+    """The rule installer: root inside the pod's network namespace, NET_ADMIN + NET_RAW only."""
+    args = [
+        "init",
+        "--outbound-port", str(config.outbound_port),
+        "--inbound-port", str(config.inbound_port),
+        "--proxy-uid", str(config.sidecar_uid),
+        "--exclude-inbound-ports", _ports_arg((config.admin_port, *settings.exclude_inbound_ports)),
+    ]
+    if settings.exclude_outbound_ports:
+        args += ["--exclude-outbound-ports", _ports_arg(settings.exclude_outbound_ports)]
+    return {
+        "name": INIT_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": args,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"cpu": "200m", "memory": "128Mi"},
+        },
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            # iptables takes its lock under /run; Istio's init also keeps a writable root.
+            "readOnlyRootFilesystem": False,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def _ports_arg(ports: tuple[int, ...]) -> str:
+    return ",".join(str(p) for p in dict.fromkeys(ports))
+
+
+def _field_env(name: str, field_path: str) -> Json:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
+
+
+def _secret_env(name: str, secret: str, key: str) -> Json:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}

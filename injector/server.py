@@ -1,0 +1,163 @@
+"""The webhook's HTTPS server: a thin aiohttp wrapper around ``injector.review.decide``.
+
+Owns transport concerns only: TLS (reloaded when the mounted Secret changes), the body size
+limit, JSON decoding, mapping ``MalformedReview`` to HTTP 400, and metrics. Every decision
+about the pod is the pure function's.
+
+Routes: ``POST /mutate`` (the annotation decides), ``POST /mutate/namespace`` (the namespace
+opted in: inject unless annotated ``"false"``), ``GET /healthz``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from injector.config import InjectorConfig
+from injector.review import MalformedReview, Outcome, decide
+
+log = logging.getLogger("equilibrium.injector")
+
+DEFAULT_MAX_BODY = 1 << 20  # a pod spec is a few kB; the API server caps objects at 1.5 MiB
+CERT_RELOAD_SECONDS = 30.0
+
+CONFIG_KEY = web.AppKey("config", InjectorConfig)
+REVIEWS_KEY = web.AppKey("reviews", Counter)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+MAX_BODY_KEY = web.AppKey("max_body", int)
+
+
+def make_app(config: InjectorConfig, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+    """The aiohttp application (no TLS, no socket: ``serve`` adds those)."""
+    app = web.Application(client_max_size=max_body)
+    registry = CollectorRegistry()
+    reviews = Counter("equilibrium_injector_reviews", "AdmissionReviews answered, by result",
+                      ["result"], registry=registry)
+    for outcome in Outcome:
+        reviews.labels(result=outcome.value)
+    reviews.labels(result="too_large")
+    reviews.labels(result="error")
+    app[CONFIG_KEY] = config
+    app[REVIEWS_KEY] = reviews
+    app[REGISTRY_KEY] = registry
+    app[MAX_BODY_KEY] = max_body
+    app.router.add_post("/mutate", _mutate)
+    app.router.add_post("/mutate/namespace", _mutate)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _mutate(request: web.Request) -> web.Response:
+    reviews = request.app[REVIEWS_KEY]
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        reviews.labels(result="too_large").inc()
+        return _error(413, f"body larger than {request.app[MAX_BODY_KEY]} bytes")
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reviews.labels(result=Outcome.REJECTED.value).inc()
+        return _error(400, f"body is not JSON: {exc}")
+    namespace_default = request.path.endswith("/namespace")
+    try:
+        verdict = decide(document, request.app[CONFIG_KEY], namespace_default=namespace_default)
+    except MalformedReview as exc:
+        reviews.labels(result=Outcome.REJECTED.value).inc()
+        return _error(400, f"malformed AdmissionReview: {exc}")
+    except Exception:  # a bug must not take the webhook down; the API server then Ignores
+        log.exception("review failed")
+        reviews.labels(result="error").inc()
+        return _error(500, "internal error while reviewing the pod")
+    reviews.labels(result=verdict.outcome.value).inc()
+    response = verdict.response["response"]
+    log.info("review uid=%s namespace=%s result=%s", response["uid"],
+             (document.get("request") or {}).get("namespace"), verdict.outcome.value)
+    return web.json_response(verdict.response)
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[REGISTRY_KEY])
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# ---- serving ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """``HOST:PORT`` or ``[V6]:PORT``; port 0 picks a free port."""
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        return cls(host.strip("[]"), int(port))
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def serve(config: InjectorConfig, listen: ListenAddress, cert_file: str, key_file: str,
+                *, max_body: int = DEFAULT_MAX_BODY) -> None:
+    """Serve until SIGTERM/SIGINT. Prints ``listening on https://HOST:PORT`` once bound."""
+    context = tls_context(cert_file, key_file)
+    runner = web.AppRunner(make_app(config, max_body=max_body), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=context)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    print(f"listening on https://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloader = asyncio.create_task(_reload_on_change(context, cert_file, key_file))
+    try:
+        await stop.wait()
+    finally:
+        reloader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reloader
+        await runner.cleanup()
+
+
+async def _reload_on_change(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """Pick up a rotated Secret (cert-manager renewals): new handshakes use the new pair."""
+    def stamp() -> tuple[float, float]:
+        return os.stat(cert_file).st_mtime, os.stat(key_file).st_mtime
+
+    seen = stamp()
+    while True:
+        await asyncio.sleep(CERT_RELOAD_SECONDS)
+        try:
+            now = stamp()
+            if now != seen:
+                context.load_cert_chain(cert_file, key_file)
+                seen = now
+                log.info("reloaded the serving certificate from %s", cert_file)
+        except (OSError, ssl.SSLError) as exc:  # mid-rotation: keep the old pair, retry later
+            log.warning("certificate reload failed, keeping the current one: %s", exc)

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Build the project image `equilibrium:local` with no registry and no network inside the build.
+#
+# Three steps, each cached:
+#   1. base image: a Debian bookworm minbase rootfs made with debootstrap (python3, python3-venv,
+#      iptables for `equilibrium init`), imported with `docker import` as equilibrium-base:bookworm.
+#      Rebuilt only when missing (or FORCE_BASE=1). The rootfs lives outside the build context.
+#   2. wheelhouse: the project wheel plus every dependency as binary wheels for the base's
+#      interpreter (CPython 3.11, manylinux, x86_64), downloaded on the host into
+#      build/wheelhouse/ inside the build context (build/ is git-ignored).
+#   3. `docker build --network none --pull=false` of ./Dockerfile FROM the local base, installing
+#      from the wheelhouse only (`pip install --no-index --find-links`).
+#
+# Users with a registry do not need this script: `docker build -t equilibrium .` uses the
+# Dockerfile's default python:3.12-slim base and installs from PyPI.
+#
+# Environment:
+#   IMAGE         tag to build (default equilibrium:local)
+#   BASE_TAG      base image tag (default equilibrium-base:bookworm)
+#   CACHE_DIR     where the rootfs tarball is kept (default /var/cache/equilibrium-image)
+#   MIRROR        Debian mirror (default: first URIs: line of /etc/apt/sources.list.d/debian.sources)
+#   PYTHON        host interpreter running pip (default python3)
+#   FORCE_BASE=1  rebuild the base even if it exists
+set -euo pipefail
+
+ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+IMAGE="${IMAGE:-equilibrium:local}"
+BASE_TAG="${BASE_TAG:-equilibrium-base:bookworm}"
+CACHE_DIR="${CACHE_DIR:-/var/cache/equilibrium-image}"
+PYTHON="${PYTHON:-python3}"
+SUITE=bookworm
+PACKAGES="python3,python3-venv,iptables"
+BASE_PY="3.11"   # bookworm's python3
+WHEELHOUSE_REL="build/wheelhouse"
+export DOCKER_HOST="${DOCKER_HOST:-unix:///run/docker.sock}"
+export DOCKER_BUILDKIT=0   # the classic builder honours --network none and needs no buildx
+
+log() { echo "build-image: $*" >&2; }
+started=$(date +%s)
+
+# ---- 1. base image ---------------------------------------------------------------------------
+build_base() {
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        log "installing debootstrap (apt-get)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q debootstrap >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q debootstrap >/dev/null; }
+    fi
+    local mirror="${MIRROR:-}"
+    if [ -z "${mirror}" ]; then
+        mirror="$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null \
+            || true)"
+    fi
+    mirror="${mirror:-http://deb.debian.org/debian}"
+    local tarball="${CACHE_DIR}/rootfs-${SUITE}.tar"
+    mkdir -p "${CACHE_DIR}"
+    if [ ! -s "${tarball}" ] || [ "${FORCE_BASE:-0}" = "1" ]; then
+        local rootfs
+        rootfs="$(mktemp -d "${CACHE_DIR}/rootfs.XXXXXX")"
+        log "debootstrap ${SUITE} (${PACKAGES}) from ${mirror}"
+        debootstrap --variant=minbase --include="${PACKAGES}" "${SUITE}" "${rootfs}" "${mirror}" \
+            >"${CACHE_DIR}/debootstrap.log" 2>&1 \
+            || { tail -n 20 "${CACHE_DIR}/debootstrap.log" >&2; exit 1; }
+        # Trim what a runtime image never needs.
+        rm -rf "${rootfs}"/var/cache/apt/archives/*.deb "${rootfs}"/var/lib/apt/lists/* \
+            "${rootfs}"/usr/share/doc/* "${rootfs}"/usr/share/man/* "${rootfs}"/usr/share/locale/*
+        tar -C "${rootfs}" -cf "${tarball}.tmp" .
+        mv "${tarball}.tmp" "${tarball}"
+        rm -rf "${rootfs}"
+    fi
+    log "importing ${tarball} as ${BASE_TAG}"
+    docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["/usr/bin/python3"]' "${tarball}" "${BASE_TAG}" >/dev/null
+}
+
+if [ "${FORCE_BASE:-0}" = "1" ] || ! docker image inspect "${BASE_TAG}" >/dev/null 2>&1; then
+    build_base
+else
+    log "base ${BASE_TAG} present"
+fi
+have_py="$(docker run --rm --network none "${BASE_TAG}" python3 -c \
+    'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ "${have_py}" != "${BASE_PY}" ]; then
+    log "base python is ${have_py}, the wheelhouse targets ${BASE_PY}"; exit 1
+fi
+
+# ---- 2. wheelhouse ---------------------------------------------------------------------------
+WHEELHOUSE="${ROOT_DIR}/${WHEELHOUSE_REL}"
+mkdir -p "${WHEELHOUSE}"
+rm -f "${WHEELHOUSE}"/equilibrium_mesh-*.whl
+log "building the project wheel"
+"${PYTHON}" -m pip wheel -q --no-deps -w "${WHEELHOUSE}" "${ROOT_DIR}" >/dev/null
+log "downloading dependency wheels for cp${BASE_PY/./} manylinux x86_64"
+# The tags are the base's, not the host's: the same wheelhouse is right whatever runs pip here.
+# pip does not widen an explicit --platform to older glibc tags, so list every manylinux tag up to
+# bookworm's glibc 2.36.
+platforms=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
+for minor in $(seq 5 36); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
+download() {
+    "${PYTHON}" -m pip download -q --only-binary=:all: -d "${WHEELHOUSE}" \
+        --python-version "${BASE_PY}" --implementation cp --abi "cp${BASE_PY/./}" --abi abi3 \
+        --abi none "${platforms[@]}" "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2
+}
+download "${WHEELHOUSE}"/equilibrium_mesh-*.whl
+# Markers were evaluated for the host's interpreter: add what the base's interpreter needs too.
+target_env="$(docker run --rm --network none "${BASE_TAG}" python3 -c "$("${PYTHON}" -c \
+    'import sys; sys.path.insert(0, sys.argv[1]); import complete_wheelhouse as c;
+print(c.MARKER_ENV_SNIPPET)' "${ROOT_DIR}/scripts/image")")"
+for _ in 1 2 3 4 5; do
+    mapfile -t extra < <("${PYTHON}" "${ROOT_DIR}/scripts/image/complete_wheelhouse.py" \
+        "${WHEELHOUSE}" "${target_env}")
+    [ "${#extra[@]}" -eq 0 ] && break
+    log "adding for the base's interpreter: ${extra[*]}"
+    download "${extra[@]}"
+done
+
+# ---- 3. the image ----------------------------------------------------------------------------
+log "docker build ${IMAGE} FROM ${BASE_TAG} (--network none)"
+docker build --network none --pull=false -q \
+    --build-arg "BASE_IMAGE=${BASE_TAG}" \
+    --build-arg "WHEELHOUSE=${WHEELHOUSE_REL}" \
+    -t "${IMAGE}" "${ROOT_DIR}" >/dev/null
+size="$(docker image inspect "${IMAGE}" --format '{{.Size}}')"
+log "built ${IMAGE} ($(( size / 1024 / 1024 )) MB) in $(( $(date +%s) - started )) s"
