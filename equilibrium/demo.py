@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from equilibrium import analysis
+from equilibrium.bench.harness import StateSample
 from equilibrium.fleet import Fleet
 from equilibrium.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
 from equilibrium.loadgen import LoadGenerator, LoadSpec, Record
@@ -73,15 +74,6 @@ class DemoConfig:
             raise ValueError("--duration is limited to 600 s (the load is always bounded)")
         if self.rate * self.clients > 5000:
             raise ValueError("total rate above 5000 req/s is more than one machine can show")
-
-
-@dataclass(slots=True)
-class StateSample:
-    """One ``/debug/state`` reading of one sidecar, ``t`` seconds after the load started."""
-
-    t: float
-    sidecar: str
-    state: dict[str, Any] | None
 
 
 class DemoPhase:

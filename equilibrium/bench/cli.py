@@ -1,0 +1,116 @@
+"""``equilibrium bench``: the command line of the benchmark harness.
+
+Parses the common options, resolves the scenario's defaults, runs the scenario, prints the
+tables and writes ``<scenario>.json`` and ``<scenario>.md`` into ``--out`` (default
+``bench-results/``). The header records the fully resolved command, so a result can be
+reproduced exactly. Child processes are stopped on every exit path, including Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from equilibrium.bench.report import build_document, render_console, write_report
+from equilibrium.bench.scenarios import SCENARIOS, BenchContext, all_scenarios, load_scenario
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="compare routing policies on a real local fleet",
+        description=("Run a benchmark scenario against a real fleet of pods on loopback, "
+                     "with real sidecar processes and an open-loop load generator."),
+    )
+    p.add_argument("--scenario", default="slow-pod", help=f"one of: {', '.join(SCENARIOS)}")
+    p.add_argument("--policies", default=None,
+                   help="comma-separated routing policies, run in this order "
+                        "(default: the scenario's)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of load per policy or mode (default: the scenario's)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="requests/s per client (default: the scenario's)")
+    p.add_argument("--clients", type=int, default=2, help="client apps with a sidecar each (2)")
+    p.add_argument("--strategy", default=None, help="sidecar strategy profile")
+    p.add_argument("--seed", type=int, default=1, help="fleet RNG seed (1)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="folder for the JSON and Markdown results (bench-results/)")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    for scenario in all_scenarios():
+        scenario.add_arguments(p.add_argument_group(f"scenario {scenario.name}"))
+    p.set_defaults(func=main)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """Fill the scenario's defaults into ``args``; returns the scenario and the exact argv."""
+    scenario = load_scenario(args.scenario)
+    if args.policies is None:
+        args.policies = list(scenario.default_policies)
+    elif isinstance(args.policies, str):
+        args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.duration is None:
+        args.duration = scenario.default_duration
+    if args.rate is None:
+        args.rate = scenario.default_rate
+    if not args.policies and scenario.default_policies:
+        raise ValueError("--policies is empty")
+    if len(set(args.policies)) != len(args.policies):
+        raise ValueError("--policies lists a policy twice")
+    if not (args.duration > 0 and args.rate > 0 and args.clients >= 1):
+        raise ValueError("--duration and --rate must be > 0, --clients >= 1")
+    if args.duration > 3600:
+        raise ValueError("--duration is limited to 3600 s (the load is always bounded)")
+    argv = ["bench", "--scenario", scenario.name]
+    if args.policies:
+        argv += ["--policies", ",".join(args.policies)]
+    argv += ["--duration", f"{args.duration:g}", "--rate", f"{args.rate:g}",
+             "--clients", str(args.clients), "--seed", str(args.seed)]
+    if args.strategy:
+        argv += ["--strategy", args.strategy]
+    return scenario, argv
+
+
+async def _run(scenario: Any, ctx: BenchContext) -> Any:
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await scenario.run(ctx)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        for scenario in all_scenarios():
+            print(f"{scenario.name:<16} {scenario.summary}")
+        return 0
+    try:
+        scenario, argv = resolve(args)
+    except ValueError as exc:
+        print(f"equilibrium bench: {exc}", file=sys.stderr)
+        return 2
+    logs = Path(tempfile.mkdtemp(prefix=f"equilibrium-bench-{scenario.name}-"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = BenchContext(args=args, out=args.out, logs=logs, stream=sys.stdout)
+    started = dt.datetime.now(dt.UTC)
+    ctx.say(f"equilibrium bench: {scenario.name} ({scenario.summary}); logs in {logs}")
+    try:
+        result = asyncio.run(_run(scenario, ctx))
+    except KeyboardInterrupt:
+        print("\ninterrupted; every child process was stopped", file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("\nterminated; every child process was stopped", file=sys.stderr)
+        return 143
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"equilibrium bench: {exc} (logs in {logs})", file=sys.stderr)
+        return 1
+    doc = build_document(scenario.name, scenario.summary, argv, result, started)
+    json_path, md_path = write_report(doc, args.out)
+    sys.stdout.write("\n" + render_console(doc))
+    print(f"results: {json_path}, {md_path}")
+    return 0

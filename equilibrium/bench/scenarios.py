@@ -1,0 +1,97 @@
+"""The benchmark's scenario interface and registry.
+
+A scenario sets up a fleet (and sidecars, and whatever else it needs: Redis, a signaler, a
+rogue caller), drives open-loop load, and turns the records into a :class:`ScenarioResult`:
+tables for people, raw numbers for machines. The harness around it (command line, machine
+header, Markdown/JSON output) is the same for all scenarios.
+
+To add one: write a module in this package that defines a :class:`Scenario` subclass and a
+module-level ``SCENARIO`` instance, and add one line to :data:`SCENARIOS`. Modules are imported
+only when their scenario is listed or run, as the top-level CLI does with subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+# scenario name -> module defining SCENARIO
+SCENARIOS: dict[str, str] = {
+    "slow-pod": "equilibrium.bench.slow_pod",
+    "proxy-overhead": "equilibrium.bench.proxy_overhead",
+}
+
+
+@dataclass(slots=True)
+class Table:
+    """A result table: ``rows`` are lists of already formatted cells."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    """What a scenario hands back: tables and notes for the report, ``data`` for the JSON."""
+
+    parameters: dict[str, Any]
+    tables: list[Table]
+    data: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BenchContext:
+    """What a scenario gets from the harness."""
+
+    args: argparse.Namespace
+    out: Path
+    logs: Path
+    stream: TextIO
+
+    def say(self, text: str) -> None:
+        """Progress line on the console."""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+class Scenario:
+    """One benchmark scenario. Override :meth:`run`; the rest has defaults."""
+
+    name = "scenario"
+    summary = ""
+    #: policies compared when ``--policies`` is not given (empty: the scenario has none)
+    default_policies: tuple[str, ...] = ()
+    #: seconds of load per policy (or per mode) when ``--duration`` is not given
+    default_duration: float = 30.0
+    #: requests/s per client when ``--rate`` is not given
+    default_rate: float = 100.0
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        """Scenario-specific options (prefix them with the scenario's name to avoid clashes)."""
+
+    async def run(self, ctx: BenchContext) -> ScenarioResult:
+        raise NotImplementedError
+
+
+def load_scenario(name: str) -> Scenario:
+    """The registered scenario called ``name``; ValueError lists the known ones."""
+    try:
+        module_name = SCENARIOS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}"
+        ) from None
+    scenario = importlib.import_module(module_name).SCENARIO
+    if not isinstance(scenario, Scenario):
+        raise TypeError(f"{module_name}.SCENARIO is not a Scenario")
+    return scenario
+
+
+def all_scenarios() -> list[Scenario]:
+    return [load_scenario(name) for name in SCENARIOS]
