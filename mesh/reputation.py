@@ -26,12 +26,13 @@ imperfect monitoring grim trigger eventually locks every caller out for good. Eq
 strategies like tit-for-tat and generous tit-for-tat (Axelrod 1984; Nowak & Sigmund 1992)
 recover cooperation after a mistake. Equilibrium plays such a *forgiving trigger strategy*:
 
-- punishment is finite and proportionate: level ``L`` throttles to ``throttle_fraction ** L``
-  of the fair share for ``min(base_punishment * 2 ** (L - 1), max_punishment)`` seconds;
-- it deters: a flood is detected within about ``reputation_tau * ln(1 / trigger_threshold)``
-  seconds, and the punishment takes away more than the flood gained (see ``docs/policing.md``
-  for the inequality with the default numbers); repeated defection climbs the ladder, so the
-  loss grows geometrically while the gain per flood does not;
+- punishment is finite: level ``L`` throttles to ``throttle_fraction ** L`` of the fair share
+  for a duration that doubles with each level and is capped at ``max_punishment``;
+- it deters by construction: a flood goes unpunished for at most ``detection_lag()`` seconds,
+  and the first punishment is made long enough to take away more than the flood gained in
+  that time (:meth:`ReputationBook.deterrent_duration`; the inequality is in
+  ``docs/policing.md``); repeated defection climbs the ladder, so the loss grows geometrically
+  while the gain per flood does not;
 - it forgives: a caller that cooperates through its punishment returns to full service, and
   its level decays back to 0 over clean probation periods, so an honest caller caught by noise
   is not locked out.
@@ -52,10 +53,13 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   gap is judged by the verdict at its end, so silence is cooperation). New callers start at 1;
   the anonymous bucket starts at ``anonymous_initial_reputation`` (suspicious).
 - **Trigger.** When not being punished and ``r < trigger_threshold``: ``L <- min(L + 1,
-  max_level)`` and a punishment of ``duration(L)`` starts now.
+  max_level)`` and a punishment starts now, lasting ``min(max(base_punishment * 2 ** (L - 1),
+  deterrence_margin * D), max_punishment)`` where ``D = g * T_d / ((1 - throttle_fraction) *
+  s)`` is the deterrent length for the caller's current gain ``g = min(x - s, capacity - s)``
+  and detection lag ``T_d``.
 - **End of punishment.** If ``r >= forgive_threshold`` the caller cooperated through it and
   enters probation (full service, level kept); otherwise ``L <- min(L + 1, max_level)`` and a
-  new, longer punishment starts.
+  new, longer punishment starts (same duration rule).
 - **Probation.** Each clean ``probation`` period lowers ``L`` by one; at ``L = 0`` the caller
   is back in good standing. A trigger during probation climbs from the current level.
 - **Throttle.** While punished, requests are admitted by a token bucket of rate
@@ -126,15 +130,19 @@ class PunishmentLadder:
         self.until = -math.inf
         self.punishments = 0
 
-    def step(self, now: float, reputation: float) -> None:
-        """Apply the expiry, forgiveness and trigger rules at ``now``."""
+    def step(self, now: float, reputation: float, min_duration: float = 0.0) -> None:
+        """Apply the expiry, forgiveness and trigger rules at ``now``.
+
+        A punishment that starts here lasts at least ``min_duration`` (the deterrent length
+        :class:`ReputationBook` computes), still capped at ``max_punishment``.
+        """
         rules = self.rules
         while self.phase is not Phase.GOOD and now >= self.until:
             if self.phase is Phase.PUNISHED:
                 if reputation >= rules.forgive_threshold:
                     self.phase, self.until = Phase.PROBATION, self.until + rules.probation
                 else:
-                    self._punish(now)
+                    self._punish(now, min_duration)
             else:  # a clean probation period has passed
                 self.level -= 1
                 if self.level == 0:
@@ -142,16 +150,17 @@ class PunishmentLadder:
                 else:
                     self.until += rules.probation
         if self.phase is not Phase.PUNISHED and reputation < rules.trigger_threshold:
-            self._punish(now)
+            self._punish(now, min_duration)
 
     def remaining(self, now: float) -> float:
         """Seconds of punishment left (0 unless punished)."""
         return max(0.0, self.until - now) if self.phase is Phase.PUNISHED else 0.0
 
-    def _punish(self, now: float) -> None:
+    def _punish(self, now: float, min_duration: float) -> None:
         self.level = min(self.level + 1, self.rules.max_level)
         self.phase = Phase.PUNISHED
-        self.until = now + self.rules.duration(self.level)
+        duration = max(self.rules.duration(self.level), min_duration)
+        self.until = now + min(duration, self.rules.max_punishment)
         self.punishments += 1
 
 
@@ -170,6 +179,8 @@ class PolicingParams:
     retry_floor: float = 1.0
     reputation_tau: float = 2.0
     throttle_burst: float = 1.0
+    deterrence_margin: float = 1.0
+    """Punishments last at least this multiple of the deterrent length (0 disables it)."""
     anonymous_share: float = 0.5
     anonymous_initial_reputation: float = 0.6
     max_callers: int = 10_000
@@ -183,8 +194,8 @@ class PolicingParams:
             raise ValueError("capacity, windows, time constants and tolerances must be > 0")
         if not 0 < self.anonymous_share <= 1 or not 0 <= self.anonymous_initial_reputation <= 1:
             raise ValueError("need 0 < anonymous_share <= 1 and a reputation in [0, 1]")
-        if self.max_callers < 1:
-            raise ValueError("max_callers must be at least 1")
+        if self.max_callers < 1 or not self.deterrence_margin >= 0:
+            raise ValueError("max_callers must be at least 1 and deterrence_margin >= 0")
         worst = self.ladder.max_punishment + self.ladder.max_level * self.ladder.probation
         if self.idle_ttl < worst:
             raise ValueError(
@@ -333,6 +344,27 @@ class ReputationBook:
         self._expire_active(now)
         return max(1, len(self._active))
 
+    def detection_lag(self) -> float:
+        """Seconds a flood goes unpunished, at most: ``rate_tau`` for the rate estimate to
+        pass the norm (exact for floods of 2.4 x the threshold or more) plus
+        ``reputation_tau * ln(1 / trigger_threshold)`` for the reputation to fall from 1."""
+        p = self.params
+        return p.rate_tau + p.reputation_tau * math.log(1.0 / p.ladder.trigger_threshold)
+
+    def deterrent_duration(self, rate: float, share: float) -> float:
+        """The shortest punishment that takes away more than a flood at ``rate`` gained.
+
+        While undetected a flood gains at most ``g = min(rate - share, capacity - share)``
+        requests/s over its fair share, for ``detection_lag()`` seconds; a level-1 punishment
+        takes ``(1 - throttle_fraction) * share`` requests/s from a caller that then sends its
+        share. The punishment deters when ``D * (1 - f) * share >= g * T_d``.
+        """
+        gain = min(rate - share, self._capacity - share)
+        if gain <= 0 or share <= 0:
+            return 0.0
+        loss_rate = (1.0 - self.params.ladder.fraction(1)) * share
+        return self.params.deterrence_margin * gain * self.detection_lag() / loss_rate
+
     def fair_share(self, caller: str, now: float) -> float:
         """The caller's fair share of the app in requests/s."""
         share = self._capacity / self.active_callers(now)
@@ -386,7 +418,7 @@ class ReputationBook:
         state.reputation = verdict + (state.reputation - verdict) * math.exp(
             -dt / p.reputation_tau)
         state.last_seen = now
-        state.ladder.step(now, state.reputation)
+        state.ladder.step(now, state.reputation, self.deterrent_duration(rate, share))
         return state, share
 
     def _expire_active(self, now: float) -> None:

@@ -1,9 +1,10 @@
 """mesh.reputation: the cooperative norm, the punishment ladder, and forgiveness.
 
 The scenarios drive a :class:`ReputationBook` with periodic request flows against a simulated
-app of capacity 30 requests/s, whose congestion level is the admitted rate of the last second
-over its capacity. Two cooperative callers send 10/s each (their fair share with three active
-callers); the rogue sends 100/s (ten times its share), every second request a retry.
+app that serves at most 30 requests in any one second (the rest fail) and reports as its
+congestion level the served count of the last second over that capacity. Two cooperative
+callers send 10/s each (their fair share with three active callers); the rogue sends 100/s
+(ten times its share), every second request a retry.
 
 Hand-computed timings with the defaults (rate_tau 1 s, reputation_tau 2 s, trigger 0.5):
 the rogue's rate passes 1.5 x share within 0.2 s and its reputation falls from 1 to 0.5 after
@@ -47,6 +48,7 @@ class Outcome:
     t: float
     caller: str
     decision: Decision
+    served: bool
 
 
 def simulate(book: ReputationBook, flows: list[Flow]) -> list[Outcome]:
@@ -59,16 +61,17 @@ def simulate(book: ReputationBook, flows: list[Flow]) -> list[Outcome]:
             n += 1
             t += 1.0 / flow.rate
     arrivals.sort()
-    admitted: deque[float] = deque()
+    served: deque[float] = deque()
     outcomes = []
     for t, caller, retry in arrivals:
-        while admitted and admitted[0] <= t - 1.0:
-            admitted.popleft()
-        book.update_load(t, len(admitted) / CAPACITY, capacity=CAPACITY)
+        while served and served[0] <= t - 1.0:
+            served.popleft()
+        book.update_load(t, len(served) / CAPACITY, capacity=CAPACITY)
         decision = book.admit(caller, t, is_retry=retry)
-        if decision.admitted:
-            admitted.append(t)
-        outcomes.append(Outcome(t, caller, decision))
+        was_served = decision.admitted and len(served) < CAPACITY
+        if was_served:
+            served.append(t)
+        outcomes.append(Outcome(t, caller, decision, was_served))
     return outcomes
 
 
@@ -102,6 +105,8 @@ def test_rogue_at_ten_times_its_share_is_punished_quickly_and_cooperators_are_un
         mine = of(outcomes, caller)
         assert all(o.decision.admitted and o.decision.level == 0 for o in mine)
         assert min(o.decision.reputation for o in mine) > 0.99
+        # once the rogue is throttled the app has room for them again
+        assert all(o.served for o in of(outcomes, caller, punished_at + 1.5))
 
 
 def test_retry_after_counts_down_the_remaining_punishment() -> None:
@@ -229,6 +234,34 @@ def test_fair_share_divides_capacity_among_recently_active_callers() -> None:
     assert book.fair_share("a", 1.0) == pytest.approx(20.0)
     book.admit("a", 6.0)
     assert book.fair_share("a", 6.0) == pytest.approx(60.0)
+
+
+def test_punishment_outweighs_the_flood_gain_when_many_callers_share_the_app() -> None:
+    # ten callers share 30/s: s = 3/s. A 100/s flood gains at most g = 30 - 3 = 27/s for
+    # T_d = rate_tau + reputation_tau * ln 2 = 2.386 s; a level-1 punishment takes 1.5/s, so it
+    # must last 27 * 2.386 / 1.5 = 42.9 s, longer than the 10 s base.
+    book = ReputationBook()
+    assert book.detection_lag() == pytest.approx(1.0 + 2.0 * math.log(2.0))
+    flows = [Flow(f"c{i}", 3, 0, 8) for i in range(9)] + [Flow("rogue", 100, 0, 8)]
+    outcomes = simulate(book, flows)
+    punished_at = first_punished(outcomes, "rogue")
+    waits = [o.decision.retry_after for o in of(outcomes, "rogue", punished_at, punished_at + 1)
+             if not o.decision.admitted]
+    assert max(waits) == math.ceil(27.0 * book.detection_lag() / 1.5)
+    assert all(o.decision.level == 0 for o in outcomes if o.caller != "rogue")
+    # what the flood gained while undetected is less than what the punishment takes away
+    gained = sum(o.served for o in of(outcomes, "rogue", 0, punished_at)) - 3 * punished_at
+    assert 0 < gained < 1.5 * max(waits)
+
+
+@given(rate=st.floats(0, 1e4), share=st.floats(0.01, 100), capacity=st.floats(0.01, 1e4))
+def test_deterrent_duration_satisfies_the_inequality(rate, share, capacity) -> None:
+    book = ReputationBook()
+    book.update_load(0.0, 0.0, capacity=capacity)
+    duration = book.deterrent_duration(rate, share)
+    gain = min(rate - share, capacity - share)
+    assert duration >= 0.0 and math.isfinite(duration)
+    assert duration * 0.5 * share >= gain * book.detection_lag() * (1 - 1e-9)
 
 
 def test_ladder_durations_and_fractions() -> None:
