@@ -24,12 +24,16 @@ from ``k**n`` variables and ``n k (k-1)`` rows to ``C(n+k-1, k-1)`` variables an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cvxpy as cp
+import highspy
 import numpy as np
 
 from signaler.latency_model import LatencyModel
@@ -53,6 +57,7 @@ __all__ = [
     "ce_max_gain",
     "naive_joint_lp",
     "solve_normal_form_ce",
+    "solve_with_highs",
 ]
 
 #: Largest number of configurations the LP is built for: 64 tokens x 4 endpoints (47,905
@@ -64,7 +69,30 @@ MAX_JOINT_PROFILES = 200_000
 _ACCEPTED = {cp.OPTIMAL: "optimal", cp.OPTIMAL_INACCURATE: "optimal_inaccurate"}
 
 
-def _solve_lp(problem: cp.Problem, what: str) -> str:
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS prints a copyright banner on stdout the first time a solver object is created in a
+    process, which would corrupt machine-readable output (e.g. the bench CLI's JSON). Create that
+    first object with file descriptor 1 pointed at /dev/null; later ones print nothing."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable stdout: nothing to protect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def solve_with_highs(problem: cp.Problem, what: str) -> str:
+    """Solve ``problem`` with HiGHS; return ``"optimal"`` or ``"optimal_inaccurate"``, or raise
+    :class:`SolverError` naming ``what`` and the solver's status (infeasible, unbounded, ...)."""
+    _silence_highs_banner()
     try:
         problem.solve(solver=cp.HIGHS)
     except cp.error.SolverError as error:
@@ -154,7 +182,7 @@ class CorrelatedEquilibriumLP:
         problem = cp.Problem(
             cp.Minimize(costs @ p), [cp.sum(p) == 1, gains @ p <= self.epsilon]
         )
-        status = _solve_lp(problem, f"configuration LP ({n} tokens x {kw} endpoints)")
+        status = solve_with_highs(problem, f"configuration LP ({n} tokens x {kw} endpoints)")
         if p.value is None:
             raise SolverError("configuration LP returned no solution")
 
@@ -247,7 +275,7 @@ def solve_normal_form_ce(
     if rows.shape[0]:
         constraints.append(rows @ p <= epsilon)
     problem = cp.Problem(cp.Maximize(welfare @ p), constraints)
-    status = _solve_lp(problem, f"normal-form CE LP (game {tensors[0].shape})")
+    status = solve_with_highs(problem, f"normal-form CE LP (game {tensors[0].shape})")
     if p.value is None:
         raise SolverError("normal-form CE LP returned no solution")
     flat = np.maximum(np.asarray(p.value, dtype=float), 0.0)

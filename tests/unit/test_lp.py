@@ -3,6 +3,7 @@ game where a CE beats every Nash equilibrium, the size guard, and degenerate inp
 
 from __future__ import annotations
 
+import cvxpy as cp
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from signaler.lp import (
     ce_max_gain,
     naive_joint_lp,
     solve_normal_form_ce,
+    solve_with_highs,
 )
 from signaler.lp_bench import format_markdown, lp_solve_table
 from signaler.routing_game import (
@@ -260,6 +262,16 @@ def test_invalid_lp_inputs_are_rejected(kwargs: dict[str, object]) -> None:
     arguments.update(kwargs)
     with pytest.raises(ValueError):
         CorrelatedEquilibriumLP(**arguments)  # type: ignore[arg-type]
+
+
+def test_infeasible_or_unbounded_programs_raise_solver_error() -> None:
+    x = cp.Variable(2, nonneg=True)
+    infeasible = cp.Problem(cp.Minimize(cp.sum(x)), [cp.sum(x) == 1, x[0] + x[1] <= 0.5])
+    with pytest.raises(SolverError, match="toy LP: HiGHS ended with status 'infeasible'"):
+        solve_with_highs(infeasible, "toy LP")
+    unbounded = cp.Problem(cp.Maximize(cp.sum(x)), [x[0] >= 1])
+    with pytest.raises(SolverError, match="unbounded"):
+        solve_with_highs(unbounded, "toy LP")
 
 
 def test_solution_arrays_are_read_only() -> None:
