@@ -24,8 +24,8 @@ concurrency-limits ``Gradient2Limit``:
 
 ``congestion_level()`` is ``in_flight / limit`` in [0, 1] (1 during a probe once the probe's
 few slots are taken); it travels on every response as ``X-GT-Congestion``.
-``capacity_estimate()`` is Little's law, ``limit / minRTT`` requests per second, which
-:mod:`mesh.reputation` divides into fair shares.
+``capacity_estimate()`` is Little's law, ``limit / sampleRTT`` requests per second (the app's
+throughput when saturated), which :mod:`mesh.reputation` divides into fair shares.
 """
 
 from __future__ import annotations
@@ -164,11 +164,16 @@ class AdaptiveConcurrencyLimit:
         return min(1.0, self._in_flight / max(1, self.limit))
 
     def capacity_estimate(self) -> float | None:
-        """Sustainable throughput by Little's law, ``limit / minRTT`` requests/s (None before
-        the first probe has finished)."""
-        if self._min_rtt is None:
+        """The app's throughput at the limit by Little's law, ``limit / sampleRTT`` requests/s
+        (``minRTT`` before the first window; None before the first probe has finished).
+
+        It is the app's capacity while the app is saturated (in flight = limit, each request
+        taking sampleRTT), which is when :mod:`mesh.reputation` divides it into fair shares.
+        """
+        rtt = self._sample_rtt if self._sample_rtt is not None else self._min_rtt
+        if rtt is None:
             return None
-        return self._limit / self._min_rtt
+        return self._limit / rtt
 
     # --- internals ------------------------------------------------------------------------
 

@@ -209,3 +209,68 @@ def test_nobody_pays_more_than_their_bid_and_budgets_stay_non_negative(steps) ->
     # everyone's spending is bounded by what they could have earned
     for total in spent.values():
         assert total <= 20.0 + 1.0 * now + 1e-9
+
+
+# --- the auction in front of a saturated app --------------------------------------------------
+
+
+def test_under_overload_high_bids_wait_less_and_pay_the_second_price() -> None:
+    """A discrete-event run of the inbound path: limiter + auction in front of an app with 4
+    workers of 10 ms (400/s), offered 500/s for 4 s, alternating bids of 5 ("hi") and 1
+    ("lo"); waiters expire after 1 s. This is the call sequence the sidecar performs."""
+    import heapq
+
+    from mesh.concurrency import AdaptiveConcurrencyLimit
+
+    limiter = AdaptiveConcurrencyLimit()
+    auction = _auction(budget_rate=1000.0, budget_cap=1000.0, max_queue=1000)
+    workers_free = [0.0] * 4
+    events: list[tuple[float, int, str, str]] = []  # (time, seq, kind, request id)
+    for i in range(2000):
+        heapq.heappush(events, (i / 500.0, i, "arrive", f"r{i}"))
+    arrived: dict[str, float] = {}
+    waits: dict[str, list[float]] = {"hi": [], "lo": []}
+    expired = {"hi": 0, "lo": 0}
+    started: dict[str, float] = {}
+    seq = 2000
+
+    def start(request_id: str, now: float) -> None:
+        nonlocal seq
+        free_at = heapq.heappop(workers_free)
+        done = max(now, free_at) + 0.01
+        heapq.heappush(workers_free, done)
+        started[request_id] = now
+        seq += 1
+        heapq.heappush(events, (done, seq, "finish", request_id))
+
+    def admit(admission: Admission, now: float) -> None:
+        assert 0.0 <= admission.price <= admission.bid
+        if admission.price > 0:
+            assert admission.price in (1.0, 5.0)  # always someone else's bid
+        waits[admission.caller].append(now - arrived[admission.request_id])
+        start(admission.request_id, now)
+
+    while events:
+        now, _, kind, request_id = heapq.heappop(events)
+        for gone in auction.expire(now, max_wait=1.0):
+            expired["hi" if int(gone[1:]) % 2 == 0 else "lo"] += 1
+        if kind == "arrive":
+            caller = "hi" if int(request_id[1:]) % 2 == 0 else "lo"
+            arrived[request_id] = now
+            free = auction.queue_length == 0 and limiter.on_start(now)
+            outcome = auction.offer(request_id, caller, 5.0 if caller == "hi" else 1.0, now, free)
+            if isinstance(outcome, Admission):
+                admit(outcome, now)
+        else:
+            limiter.on_finish(now - started.pop(request_id), now)
+            for admission in auction.release(now, slots=limiter.available()):
+                assert limiter.on_start(now)
+                admit(admission, now)
+
+    def p99(values: list[float]) -> float:
+        return sorted(values)[int(0.99 * (len(values) - 1))]
+
+    assert expired["hi"] == 0 and expired["lo"] > 100  # the overload falls on the low bids
+    assert p99(waits["hi"]) < 0.1
+    assert p99(waits["lo"]) > 5 * p99(waits["hi"])
+    assert len(waits["hi"]) == 1000

@@ -69,6 +69,8 @@ def test_limit_settles_at_the_gradient_fixed_point() -> None:
     _saturate(limiter, 0.0, 20.0, workers=10)
     assert limiter.min_rtt == pytest.approx(0.01)
     assert abs(limiter.limit - _fixed_point(10)) <= 2
+    # saturated, limit / sampleRTT is the app's real capacity: 10 workers / 10 ms = 1000/s
+    assert limiter.capacity_estimate() == pytest.approx(1000.0, rel=0.1)
 
 
 def test_limit_shrinks_when_rtt_rises_and_grows_back_when_it_falls() -> None:
