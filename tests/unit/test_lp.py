@@ -6,6 +6,8 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signaler.latency_model import LatencyModel
 from signaler.lp import (
@@ -101,6 +103,28 @@ def test_private_signals_beat_every_pure_nash_equilibrium(n: int, utilisation: f
     assert solution.probabilities.size >= 2  # the mediator randomises ...
     assert solution.objective < 0.95 * nash_costs.min()  # ... and that buys >5 % latency
     _assert_is_ce(solution, ASYMMETRIC, lam)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    capacities=st.lists(st.floats(1.0, 20.0), min_size=2, max_size=4),
+    delays=st.lists(st.floats(0.0, 0.05), min_size=4, max_size=4),
+    n=st.integers(1, 7),
+    utilisation=st.floats(0.1, 1.2),
+)
+def test_every_lp_solution_is_a_ce_between_optimum_and_nash(
+    capacities: list[float], delays: list[float], n: int, utilisation: float
+) -> None:
+    models = tuple(LatencyModel(d=d, mu=mu) for d, mu in zip(delays, capacities, strict=False))
+    lam = utilisation * sum(capacities) / n
+    solution = CorrelatedEquilibriumLP(models, n, lam).solve()
+    _assert_is_ce(solution, models, lam)
+    configurations = enumerate_configurations(n, len(models))
+    table = latency_table(models, n + 1, lam)
+    costs = configuration_costs(configurations, table)
+    nash = pure_nash_mask(configurations, table)
+    scale = max(1.0, float(costs.max()))
+    assert costs.min() - 1e-9 * scale <= solution.objective <= costs[nash].min() + 1e-7 * scale
 
 
 def test_epsilon_relaxation_never_costs_more() -> None:
