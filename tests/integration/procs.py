@@ -349,7 +349,7 @@ class Backend:
         app = web.Application(client_max_size=1024**3, middlewares=[count])
         app.add_routes(self.routes)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.25)
         await self._runner.setup()
         site = web.TCPSite(self._runner, LOOPBACK, self.port or 0)
         await site.start()

@@ -1,0 +1,48 @@
+"""The seed's scenario in miniature: the real sidecar learns to avoid a slow pod."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import aiohttp
+
+from tests.integration.procs import async_start_sidecar, async_stop, backends, fetch, start_backend
+
+REQUESTS = 600  # bounded load: at most this many requests, and at most MAX_SECONDS
+MAX_SECONDS = 15.0
+CONCURRENCY = 8
+
+
+async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_policy() -> None:
+    async with backends(3, prefix="fast", latency=0.005) as fast:
+        slow = await start_backend("slow", latency=0.2)
+        sidecar = await async_start_sidecar(
+            {"svc": [p.url for p in fast] + [slow.url]}, policy="equilibrium"
+        )
+        try:
+            answers: list[str] = []
+            started = time.monotonic()
+            async with aiohttp.ClientSession() as client:
+
+                async def caller() -> None:
+                    while len(answers) < REQUESTS and time.monotonic() - started < MAX_SECONDS:
+                        reply = await fetch(
+                            client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "svc"}
+                        )
+                        assert reply.status == 200
+                        answers.append(reply.body.decode())
+
+                await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+            late = Counter(answers[len(answers) // 2 :])  # once the policy had time to learn
+            fast_counts = [late[p.name] for p in fast]
+            assert late["slow"] * 3 < min(fast_counts), late
+            state = sidecar.state()["upstreams"]["svc"]
+            weights = {e["endpoint"]: e["weight"] for e in state["endpoints"]}
+            assert all(weights[slow.url] < weights[p.url] for p in fast), weights
+            estimates = {e["endpoint"]: e["latency_estimate"] for e in state["endpoints"]}
+            assert all(estimates[slow.url] > estimates[p.url] for p in fast), estimates
+        finally:
+            await async_stop(sidecar)
+            await slow.stop()

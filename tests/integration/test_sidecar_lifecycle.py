@@ -1,0 +1,155 @@
+"""Lifecycle of the real sidecar process: drain on SIGTERM, reload on SIGHUP and file change."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.integration.procs import (
+    Backend,
+    SidecarProcess,
+    async_start_sidecar,
+    async_stop,
+    fetch,
+    http_get,
+    start_backend,
+)
+
+POLL = 0.05
+
+
+async def eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    """Poll ``check()`` (sync, may block briefly) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(POLL)
+
+
+def endpoints_of(sidecar: SidecarProcess, upstream: str) -> list[str]:
+    return [e["endpoint"] for e in sidecar.state()["upstreams"].get(upstream, {"endpoints": []})
+            ["endpoints"]]
+
+
+async def get_via(sidecar: SidecarProcess, path: str = "/") -> tuple[int, bytes]:
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(timeout=timeout) as client:
+        reply = await fetch(client, "GET", f"{sidecar.outbound_url}{path}", headers={"Host": "svc"})
+        return reply.status, reply.body
+
+
+async def wait_hits(backend: Backend, count: int) -> None:
+    for _ in range(200):
+        if backend.hits >= count:
+            return
+        await asyncio.sleep(POLL)
+    raise AssertionError(f"{backend.name} never saw {count} request(s)")
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+async def test_sigterm_drains_an_in_flight_request_then_exits_0() -> None:
+    slow = await start_backend("slow", latency=1.5)
+    sidecar = await async_start_sidecar({"svc": [slow.url]}, extra_args=["--drain-timeout", "10"])
+    try:
+        in_flight = asyncio.create_task(get_via(sidecar))
+        await wait_hits(slow, 1)
+        sidecar.send_signal(signal.SIGTERM)
+        assert await eventually(lambda: http_get(f"{sidecar.admin_url}/readyz")[0] == 503)
+        assert sidecar.state()["draining"] is True
+        assert await eventually(lambda: refuses_connections(sidecar.outbound_port))
+        assert await in_flight == (200, b"slow")
+        assert await asyncio.to_thread(sidecar.wait, 15) == 0
+    finally:
+        await async_stop(sidecar)
+        await slow.stop()
+
+
+async def test_drain_deadline_bounds_shutdown() -> None:
+    stuck = await start_backend("stuck", latency=60.0)
+    sidecar = await async_start_sidecar({"svc": [stuck.url]}, extra_args=["--drain-timeout", "0.3"])
+    try:
+        in_flight = asyncio.create_task(get_via(sidecar))
+        await wait_hits(stuck, 1)
+        sidecar.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(sidecar.wait, 15) == 0  # did not wait for the 60 s
+        in_flight.cancel()
+    finally:
+        await async_stop(sidecar)
+        await stuck.stop()
+
+
+def write_config(path: Path, endpoints: list[str]) -> None:
+    # write-then-rename: the watcher never sees a half-written file
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"upstreams:\n  svc: [{', '.join(endpoints)}]\n")
+    tmp.replace(path)
+
+
+async def test_sighup_swaps_endpoints_while_a_request_is_in_flight(tmp_path: Path) -> None:
+    old = await start_backend("old", latency=1.0)
+    new = await start_backend("new")
+    config = tmp_path / "sidecar.yaml"
+    write_config(config, [old.url])
+    sidecar = await async_start_sidecar(config_file=config)
+    try:
+        in_flight = asyncio.create_task(get_via(sidecar))
+        await wait_hits(old, 1)
+        write_config(config, [new.url])
+        sidecar.send_signal(signal.SIGHUP)
+        assert await eventually(lambda: endpoints_of(sidecar, "svc") == [new.url])
+        assert await in_flight == (200, b"old")  # not dropped by the reload
+        assert await get_via(sidecar) == (200, b"new")
+        assert old.hits == 1
+        assert sidecar.metric("equilibrium_config_reloads_total", result="applied") >= 1
+    finally:
+        assert await async_stop(sidecar) == 0
+        await old.stop()
+        await new.stop()
+
+
+async def test_file_change_reloads_and_a_bad_file_keeps_the_old_config(tmp_path: Path) -> None:
+    first = await start_backend("first")
+    second = await start_backend("second")
+    config = tmp_path / "sidecar.json"
+    config.write_text(json.dumps({"upstreams": {"svc": [first.url]}}))
+    sidecar = await async_start_sidecar(config_file=config)
+    try:
+        assert await get_via(sidecar) == (200, b"first")
+        tmp = tmp_path / "next.json"
+        tmp.write_text(json.dumps({"upstreams": {"svc": [second.url], "extra": []}}))
+        tmp.replace(config)  # no signal: the mtime watcher notices
+        assert await eventually(lambda: endpoints_of(sidecar, "svc") == [second.url])
+        assert "extra" in sidecar.state()["upstreams"]
+        assert await get_via(sidecar) == (200, b"second")
+
+        tmp.write_text('{"upstreams": {"svc": ["ftp://nope"]}}')
+        tmp.replace(config)
+        assert await eventually(
+            lambda: sidecar.metric("equilibrium_config_reloads_total", result="rejected") >= 1
+        )
+        sidecar.send_signal(signal.SIGHUP)  # the signal path rejects it too
+        assert await eventually(
+            lambda: sidecar.metric("equilibrium_config_reloads_total", result="rejected") >= 2
+        )
+        assert endpoints_of(sidecar, "svc") == [second.url]
+        assert await get_via(sidecar) == (200, b"second")
+        assert "config reload rejected" in sidecar.output()
+    finally:
+        assert await async_stop(sidecar) == 0
+        await first.stop()
+        await second.stop()
