@@ -1,0 +1,353 @@
+"""The injector's pure core: AdmissionReview in, response + JSON Patch out (injector/review.py).
+
+Each test builds a full AdmissionReview, calls the pure function, applies the returned patch
+with an independent RFC 6902 applier and validates the patched pod strictly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from injector.config import STRATEGY_PROFILES, InjectorConfig
+from injector.review import MalformedReview, Outcome, decide, review
+from tests.injector_support import (
+    apply_patch,
+    assert_valid,
+    decode_patch,
+    make_pod,
+    make_review,
+)
+
+CONFIG = InjectorConfig(image="equilibrium:test")
+INJECT = {"equilibrium.io/inject": "true"}
+
+
+def inject(pod: dict[str, Any], **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Review ``pod``; return (response, patched pod). Fails if nothing was injected."""
+    response = review(make_review(pod), CONFIG, **kwargs)
+    assert response["response"]["allowed"] is True
+    return response, apply_patch(pod, decode_patch(response))
+
+
+def container(pod: dict[str, Any], name: str, init: bool = False) -> dict[str, Any]:
+    key = "initContainers" if init else "containers"
+    (found,) = [c for c in pod["spec"].get(key) or [] if c["name"] == name]
+    return found
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+# ---- the injected pod -------------------------------------------------------------------------
+def test_annotated_pod_gets_sidecar_and_init_and_validates() -> None:
+    review_in = make_review(make_pod(INJECT))
+    response = review(review_in, CONFIG)
+    assert response["apiVersion"] == "admission.k8s.io/v1"
+    assert response["kind"] == "AdmissionReview"
+    assert response["response"]["uid"] == review_in["request"]["uid"]
+    patched = apply_patch(review_in["request"]["object"], decode_patch(response))
+    assert_valid(patched)
+
+    sidecar = container(patched, "equilibrium-sidecar")
+    assert sidecar["image"] == "equilibrium:test"
+    args = sidecar["args"]
+    assert args[0] == "sidecar"
+    assert arg_after(args, "--outbound") == "0.0.0.0:15001"
+    assert arg_after(args, "--inbound") == "0.0.0.0:15006"
+    assert arg_after(args, "--admin") == "0.0.0.0:15020"
+    assert arg_after(args, "--app") == "http://127.0.0.1:8080"
+    assert arg_after(args, "--strategy") == "balanced"
+    assert arg_after(args, "--id") == "$(POD_NAME)"
+    env = {e["name"]: e["valueFrom"] for e in sidecar["env"]}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["EQUILIBRIUM_MESH_SECRET"]["secretKeyRef"] == {"name": "equilibrium-mesh",
+                                                              "key": "mesh-hmac-key"}
+    assert env["EQUILIBRIUM_REDIS_URL"]["secretKeyRef"]["key"] == "redis-url"
+    assert not any("secret" in a.lower() or "redis://" in a for a in args)
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 15020}
+    assert set(sidecar["resources"]) == {"requests", "limits"}
+    sc = sidecar["securityContext"]
+    assert sc["runAsUser"] == 1337 and sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+
+    init = container(patched, "equilibrium-init", init=True)
+    assert init["args"][0] == "init"
+    assert arg_after(init["args"], "--outbound-port") == "15001"
+    assert arg_after(init["args"], "--inbound-port") == "15006"
+    assert arg_after(init["args"], "--proxy-uid") == "1337"
+    assert arg_after(init["args"], "--exclude-inbound-ports") == "15020"
+    isc = init["securityContext"]
+    assert isc["runAsUser"] == 0 and isc["runAsNonRoot"] is False
+    assert isc["allowPrivilegeEscalation"] is False and isc["privileged"] is False
+    assert isc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+
+    annotations = patched["metadata"]["annotations"]
+    assert annotations["equilibrium.io/status"] == "injected"
+    assert annotations["kubectl.kubernetes.io/default-container"] == "app"
+    assert annotations["equilibrium.io/inject"] == "true"  # the user's annotations stay
+    assert [c["name"] for c in patched["spec"]["containers"]] == ["app", "equilibrium-sidecar"]
+
+
+def test_missing_lists_and_maps_are_added_whole() -> None:
+    pod = make_pod(INJECT)  # no initContainers
+    ops = decode_patch(review(make_review(pod), CONFIG))
+    paths = {op["path"]: op["value"] for op in ops}
+    assert isinstance(paths["/spec/initContainers"], list)
+    assert paths["/spec/initContainers"][0]["name"] == "equilibrium-init"
+    assert "/spec/containers/-" in paths  # containers exist: appended
+
+    bare = make_pod(None)  # no annotations map at all: inject by namespace default
+    response, patched = inject(bare, namespace_default=True)
+    ops = decode_patch(response)
+    whole = [op for op in ops if op["path"] == "/metadata/annotations"]
+    assert len(whole) == 1 and whole[0]["value"]["equilibrium.io/status"] == "injected"
+    assert_valid(patched)
+
+
+def test_existing_lists_are_appended_and_keys_escaped() -> None:
+    app_init = {"name": "migrate", "image": "my-company/migrate:1"}
+    pod = make_pod({**INJECT, "prometheus.io/scrape": "false"}, init_containers=[app_init])
+    response, patched = inject(pod)
+    ops = decode_patch(response)
+    paths = [op["path"] for op in ops]
+    assert "/spec/initContainers/-" in paths
+    assert "/metadata/annotations/equilibrium.io~1status" in paths
+    assert "/metadata/annotations/kubectl.kubernetes.io~1default-container" in paths
+    # The app's own init containers run first, with a normal network.
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["migrate",
+                                                                      "equilibrium-init"]
+    # An annotation the app already set is not overwritten.
+    assert patched["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    assert_valid(patched)
+
+
+def test_pod_without_metadata_is_patched_validly() -> None:
+    pod = make_pod(None)
+    del pod["metadata"]
+    response, patched = inject(pod, namespace_default=True)
+    assert decode_patch(response)[0] == {"op": "add", "path": "/metadata", "value": {}}
+    assert patched["metadata"]["annotations"]["equilibrium.io/status"] == "injected"
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_PROFILES)
+def test_strategy_annotation_reaches_the_sidecar(strategy: str) -> None:
+    _, patched = inject(make_pod({**INJECT, "equilibrium.io/strategy": strategy}))
+    args = container(patched, "equilibrium-sidecar")["args"]
+    assert arg_after(args, "--strategy") == strategy
+
+
+def test_strategy_profiles_are_the_sidecars() -> None:
+    assert set(STRATEGY_PROFILES) == {"balanced", "aggressive-learning", "conservative"}
+
+
+# ---- idempotence and opt-in/out ---------------------------------------------------------------
+def test_reviewing_an_injected_pod_again_changes_nothing() -> None:
+    _, patched = inject(make_pod(INJECT))
+    again = decide(make_review(patched), CONFIG)
+    assert again.outcome is Outcome.ALREADY_INJECTED
+    assert again.response["response"] == {"uid": again.response["response"]["uid"],
+                                          "allowed": True}
+
+
+@pytest.mark.parametrize("marker", ["annotation", "sidecar", "init"])
+def test_any_trace_of_injection_counts_as_injected(marker: str) -> None:
+    pod = make_pod(INJECT)
+    if marker == "annotation":
+        pod["metadata"]["annotations"]["equilibrium.io/status"] = "injected"
+    elif marker == "sidecar":
+        pod["spec"]["containers"].append({"name": "equilibrium-sidecar", "image": "x"})
+    else:
+        pod["spec"]["initContainers"] = [{"name": "equilibrium-init", "image": "x"}]
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.ALREADY_INJECTED and "patch" not in verdict.response[
+        "response"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "namespace_default", "outcome"),
+    [
+        (None, False, Outcome.NOT_REQUESTED),
+        ({}, False, Outcome.NOT_REQUESTED),
+        ({"equilibrium.io/inject": "false"}, False, Outcome.OPTED_OUT),
+        ({"equilibrium.io/inject": "false"}, True, Outcome.OPTED_OUT),
+        ({"equilibrium.io/inject": "true"}, False, Outcome.INJECTED),
+        ({"equilibrium.io/inject": "true"}, True, Outcome.INJECTED),
+        (None, True, Outcome.INJECTED),
+        ({"equilibrium.io/inject": "yes"}, True, Outcome.INVALID_ANNOTATION),
+    ],
+)
+def test_who_gets_injected(annotations: dict[str, str] | None, namespace_default: bool,
+                           outcome: Outcome) -> None:
+    verdict = decide(make_review(make_pod(annotations)), CONFIG,
+                     namespace_default=namespace_default)
+    assert verdict.outcome is outcome
+    assert ("patch" in verdict.response["response"]) is (outcome is Outcome.INJECTED)
+    assert verdict.response["response"]["allowed"] is True
+
+
+def test_host_network_pods_are_never_injected() -> None:
+    verdict = decide(make_review(make_pod(INJECT, extra_spec={"hostNetwork": True})), CONFIG)
+    assert verdict.outcome is Outcome.HOST_NETWORK
+    assert "patch" not in verdict.response["response"]
+    assert "hostNetwork" in verdict.response["response"]["warnings"][0]
+
+
+def test_updates_are_left_alone() -> None:
+    verdict = decide(make_review(make_pod(INJECT), operation="UPDATE"), CONFIG)
+    assert verdict.outcome is Outcome.NOT_CREATE
+    assert "patch" not in verdict.response["response"]
+
+
+# ---- annotations the injector cannot honour ---------------------------------------------------
+def test_unknown_strategy_admits_the_pod_uninjected_with_a_clear_warning() -> None:
+    verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/strategy": "greedy"})),
+                     CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+    response = verdict.response["response"]
+    assert response["allowed"] is True and "patch" not in response
+    (warning,) = response["warnings"]
+    assert "equilibrium.io/strategy='greedy'" in warning
+    assert all(name in warning for name in STRATEGY_PROFILES)
+    assert "not injected" in warning
+
+
+@pytest.mark.parametrize("value", ["80,abc", "0", "70000", "80,80", "80,,443", "-1", "8080 9090"])
+@pytest.mark.parametrize("annotation", ["equilibrium.io/exclude-outbound-ports",
+                                        "equilibrium.io/exclude-inbound-ports"])
+def test_malformed_port_lists_are_rejected_by_name(annotation: str, value: str) -> None:
+    verdict = decide(make_review(make_pod({**INJECT, annotation: value})), CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+    assert annotation in verdict.response["response"]["warnings"][0]
+    assert "patch" not in verdict.response["response"]
+
+
+def test_excluded_ports_reach_the_init_container() -> None:
+    pod = make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": "5432, 6379",
+                    "equilibrium.io/exclude-inbound-ports": "9000"})
+    _, patched = inject(pod)
+    args = container(patched, "equilibrium-init", init=True)["args"]
+    assert arg_after(args, "--exclude-outbound-ports") == "5432,6379"
+    assert arg_after(args, "--exclude-inbound-ports") == "15020,9000"
+
+
+def test_app_port_and_other_declared_ports() -> None:
+    # First declared TCP port is the app; the others (metrics, gRPC) bypass the sidecar.
+    pod = make_pod(INJECT, ports=(8080, 9090, 8080))
+    _, patched = inject(pod)
+    sidecar_args = container(patched, "equilibrium-sidecar")["args"]
+    init_args = container(patched, "equilibrium-init", init=True)["args"]
+    assert arg_after(sidecar_args, "--app") == "http://127.0.0.1:8080"
+    assert arg_after(init_args, "--exclude-inbound-ports") == "15020,9090"
+
+    pod = make_pod({**INJECT, "equilibrium.io/app-port": "9090"}, ports=(8080, 9090))
+    _, patched = inject(pod)
+    assert arg_after(container(patched, "equilibrium-sidecar")["args"],
+                     "--app") == "http://127.0.0.1:9090"
+    assert arg_after(container(patched, "equilibrium-init", init=True)["args"],
+                     "--exclude-inbound-ports") == "15020,8080"
+
+
+def test_no_declared_port_defaults_to_8080_with_a_warning() -> None:
+    response, patched = inject(make_pod(INJECT, ports=None))
+    assert arg_after(container(patched, "equilibrium-sidecar")["args"],
+                     "--app") == "http://127.0.0.1:8080"
+    assert "equilibrium.io/app-port" in response["response"]["warnings"][0]
+
+
+@pytest.mark.parametrize("annotations", [
+    {"equilibrium.io/app-port": "15001"},
+    {"equilibrium.io/app-port": "8080", "equilibrium.io/exclude-inbound-ports": "8080"},
+    {"equilibrium.io/app-port": "80,81"},
+])
+def test_app_port_conflicts_are_rejected(annotations: dict[str, str]) -> None:
+    verdict = decide(make_review(make_pod({**INJECT, **annotations})), CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+
+
+# ---- malformed reviews ------------------------------------------------------------------------
+@pytest.mark.parametrize("body", [
+    None, [], "AdmissionReview", 42,
+    {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"},
+    {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": "x"},
+    {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}},
+    {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": 7}},
+    {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": ""}},
+])
+def test_no_readable_uid_raises_malformed_review(body: Any) -> None:
+    with pytest.raises(MalformedReview):
+        review(body, CONFIG)
+
+
+def mangled(change: str) -> dict[str, Any]:
+    body = make_review(make_pod(INJECT), uid="abc-123")
+    request = body["request"]
+    if change == "api_version":
+        body["apiVersion"] = "admission.k8s.io/v1beta1"
+    elif change == "kind":
+        body["kind"] = "TokenReview"
+    elif change == "not_pod":
+        request["kind"] = {"group": "apps", "version": "v1", "kind": "Deployment"}
+    elif change == "no_object":
+        del request["object"]
+    elif change == "no_spec":
+        del request["object"]["spec"]
+    elif change == "no_containers":
+        request["object"]["spec"]["containers"] = []
+    elif change == "bad_annotations":
+        request["object"]["metadata"]["annotations"] = {"equilibrium.io/inject": True}
+    elif change == "bad_init":
+        request["object"]["spec"]["initContainers"] = "equilibrium-init"
+    return body
+
+
+@pytest.mark.parametrize("change", ["api_version", "kind", "not_pod", "no_object", "no_spec",
+                                    "no_containers", "bad_annotations", "bad_init"])
+def test_malformed_review_with_uid_is_allowed_with_a_warning(change: str) -> None:
+    verdict = decide(mangled(change), CONFIG)
+    assert verdict.outcome is Outcome.MALFORMED
+    response = verdict.response["response"]
+    assert response["uid"] == "abc-123" and response["allowed"] is True
+    assert "patch" not in response
+    assert response["warnings"][0].startswith("equilibrium-injector: ")
+
+
+# ---- property: never crashes, and any patch applies and yields exactly one sidecar -----------
+annotation_values = st.one_of(st.sampled_from(["true", "false", "", "80", "balanced",
+                                               "aggressive-learning", "5432,6379", "x"]),
+                              st.text(max_size=8))
+annotation_keys = st.sampled_from(["equilibrium.io/inject", "equilibrium.io/strategy",
+                                   "equilibrium.io/exclude-outbound-ports",
+                                   "equilibrium.io/exclude-inbound-ports",
+                                   "equilibrium.io/app-port", "equilibrium.io/status",
+                                   "prometheus.io/scrape", "a/b~c"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(annotations=st.one_of(st.none(), st.dictionaries(annotation_keys, annotation_values)),
+       ports=st.one_of(st.none(), st.lists(st.integers(1, 65535), max_size=3).map(tuple)),
+       with_init=st.booleans(), namespace_default=st.booleans())
+def test_any_pod_gets_a_valid_answer(annotations: dict[str, str] | None,
+                                     ports: tuple[int, ...] | None, with_init: bool,
+                                     namespace_default: bool) -> None:
+    pod = make_pod(annotations, ports=ports,
+                   init_containers=[{"name": "setup", "image": "busybox"}] if with_init else None)
+    verdict = decide(make_review(pod), CONFIG, namespace_default=namespace_default)
+    response = verdict.response["response"]
+    assert response["allowed"] is True
+    json.dumps(verdict.response)  # serialisable
+    if "patch" in response:
+        assert verdict.outcome is Outcome.INJECTED
+        patched = apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
+        names = [c["name"] for c in patched["spec"]["containers"]]
+        assert names.count("equilibrium-sidecar") == 1
+        assert decide(make_review(patched), CONFIG).outcome is Outcome.ALREADY_INJECTED

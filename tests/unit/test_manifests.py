@@ -1,0 +1,183 @@
+"""k8s/: install.yaml is the rendering of k8s/base, and every manifest is valid and safe.
+
+Needs kubectl (it embeds kustomize): on these machines it is /usr/bin/kubectl.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from injector.config import InjectorConfig
+from injector.review import review
+from tests.injector_support import KUBERNETES_VERSIONS, apply_patch, decode_patch, make_review
+from tests.integration.procs import REPO_ROOT
+
+INSTALL = REPO_ROOT / "k8s" / "install.yaml"
+EXAMPLE = REPO_ROOT / "k8s" / "examples" / "my-legacy-java-app.yaml"
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+INSTALL_DOCS = load(INSTALL)
+EXAMPLE_DOCS = load(EXAMPLE)
+
+
+def test_install_yaml_is_up_to_date_with_kustomize_sources(tmp_path: Path) -> None:
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is not on PATH: install it (it embeds kustomize) to check that "
+                    "k8s/install.yaml matches k8s/base, e.g. apt-get install kubectl")
+    out = tmp_path / "install.yaml"
+    subprocess.run([str(REPO_ROOT / "scripts/image/render-install.sh"), str(out)],
+                   check=True, capture_output=True, timeout=60)
+    assert out.read_text() == INSTALL.read_text(), (
+        "k8s/install.yaml is stale: run scripts/image/render-install.sh and commit the result")
+
+
+def doc_id(doc: dict[str, Any]) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("doc", INSTALL_DOCS + EXAMPLE_DOCS, ids=doc_id)
+def test_every_manifest_validates_strictly(doc: dict[str, Any], version: str) -> None:
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_example_pod_after_injection_validates() -> None:
+    deployment = by_kind(EXAMPLE_DOCS, "Deployment")
+    template = deployment["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {**template["metadata"], "namespace": "legacy-apps",
+                        "generateName": "my-legacy-java-app-"},
+           "spec": template["spec"]}
+    patched = apply_patch(pod, decode_patch(review(make_review(pod), InjectorConfig())))
+    names = [c["name"] for c in patched["spec"]["containers"]]
+    assert names == ["app", "equilibrium-sidecar"]
+    sidecar = patched["spec"]["containers"][1]
+    assert sidecar["args"][sidecar["args"].index("--strategy") + 1] == "aggressive-learning"
+    init = patched["spec"]["initContainers"][0]
+    assert init["args"][init["args"].index("--exclude-outbound-ports") + 1] == "5432"
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(patched, version, strict=True)
+
+
+def test_webhook_configuration() -> None:
+    mwc = by_kind(INSTALL_DOCS, "MutatingWebhookConfiguration", "equilibrium-injector")
+    service = by_kind(INSTALL_DOCS, "Service", "equilibrium-injector")
+    paths = set()
+    for hook in mwc["webhooks"]:
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["failurePolicy"] == "Ignore"
+        assert hook["sideEffects"] == "None"
+        assert hook["timeoutSeconds"] == 5
+        assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"],
+                                  "operations": ["CREATE"], "resources": ["pods"],
+                                  "scope": "Namespaced"}]
+        ref = hook["clientConfig"]["service"]
+        assert (ref["name"], ref["namespace"]) == ("equilibrium-injector", "equilibrium-system")
+        assert ref["port"] == service["spec"]["ports"][0]["port"]
+        paths.add(ref["path"])
+        keys = {e["key"] for e in hook["namespaceSelector"]["matchExpressions"]}
+        assert "equilibrium.io/injection" in keys
+        assert hook["objectSelector"]["matchExpressions"] == [
+            {"key": "app.kubernetes.io/name", "operator": "NotIn",
+             "values": ["equilibrium-injector"]}]
+    assert paths == {"/mutate", "/mutate/namespace"}
+    enabled = next(h for h in mwc["webhooks"] if h["clientConfig"]["service"]["path"]
+                   == "/mutate/namespace")
+    assert enabled["namespaceSelector"]["matchExpressions"] == [
+        {"key": "equilibrium.io/injection", "operator": "In", "values": ["enabled"]}]
+    namespace = by_kind(INSTALL_DOCS, "Namespace", "equilibrium-system")
+    assert namespace["metadata"]["labels"]["equilibrium.io/injection"] == "disabled"
+
+
+def pod_spec(kind: str, name: str) -> dict[str, Any]:
+    return by_kind(INSTALL_DOCS, kind, name)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(("kind", "name"), [("Deployment", "equilibrium-signaler"),
+                                            ("Deployment", "equilibrium-injector"),
+                                            ("StatefulSet", "equilibrium-redis")])
+def test_workloads_are_non_root_hardened_and_probed(kind: str, name: str) -> None:
+    spec = pod_spec(kind, name)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert "readinessProbe" in c and "livenessProbe" in c
+        assert "limits" in c["resources"]
+
+
+def test_redis_statefulset() -> None:
+    sts = by_kind(INSTALL_DOCS, "StatefulSet", "equilibrium-redis")
+    svc = by_kind(INSTALL_DOCS, "Service", "equilibrium-redis")
+    assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == "equilibrium-redis"
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    (redis,) = sts["spec"]["template"]["spec"]["containers"]
+    assert redis["args"][:2] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
+    assert refs["REDIS_PASSWORD"] == {"name": "equilibrium-redis-auth", "key": "password"}
+    assert refs["REDISCLI_AUTH"] == refs["REDIS_PASSWORD"]  # the probes authenticate
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "redis-cli -h 127.0.0.1 ping" in " ".join(redis[probe]["exec"]["command"])
+
+
+def test_signaler_runs_two_replicas_and_pdbs_cover_the_control_plane() -> None:
+    assert by_kind(INSTALL_DOCS, "Deployment", "equilibrium-signaler")["spec"]["replicas"] == 2
+    for name in ("equilibrium-signaler", "equilibrium-injector"):
+        deployment = by_kind(INSTALL_DOCS, "Deployment", name)
+        pdb = by_kind(INSTALL_DOCS, "PodDisruptionBudget", name)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def test_no_secret_values_are_committed() -> None:
+    assert not [d for d in INSTALL_DOCS + EXAMPLE_DOCS if d["kind"] == "Secret"]
+
+
+def test_rbac_is_least_privilege() -> None:
+    roles = [d for d in INSTALL_DOCS if d["kind"] in ("Role", "ClusterRole")]
+    assert [doc_id(r) for r in roles] == ["ClusterRole/equilibrium-sidecar"]
+    assert roles[0]["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+    ]
+    # The injector and the signaler get no API access at all.
+    assert not [d for d in INSTALL_DOCS if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    for name in ("equilibrium-injector", "equilibrium-signaler"):
+        assert by_kind(INSTALL_DOCS, "ServiceAccount", name)["automountServiceAccountToken"] \
+            is False
+    binding = by_kind(EXAMPLE_DOCS, "RoleBinding")
+    assert binding["roleRef"]["name"] == "equilibrium-sidecar"
+
+
+def test_injector_serves_the_mounted_secret() -> None:
+    spec = pod_spec("Deployment", "equilibrium-injector")
+    (injector,) = spec["containers"]
+    args = injector["args"]
+    mount = injector["volumeMounts"][0]["mountPath"]
+    assert args[args.index("--tls-cert") + 1] == f"{mount}/tls.crt"
+    assert args[args.index("--tls-key") + 1] == f"{mount}/tls.key"
+    assert spec["volumes"][0]["secret"]["secretName"] == "equilibrium-injector-tls"
+    assert injector["image"] == args[args.index("--sidecar-image") + 1] == "equilibrium:local"
