@@ -12,12 +12,16 @@ A ``binary`` argument is used as given. Otherwise binaries are tried in this ord
 binary is built without TLS: asking for TLS picks the first binary that accepts ``--tls-port``
 and raises :class:`RedisUnavailable` with the reason when none does (it never silently falls
 back to plain TCP).
+
+No server outlives its parent: servers still running at interpreter exit are killed, and a
+server started from the main thread is also started under ``setpriv --pdeathsig KILL`` so that
+it dies even when the parent is killed outright.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import ctypes
 import datetime
 import ipaddress
 import os
@@ -27,7 +31,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -49,7 +55,6 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 DEBIAN_BINARY = Path("/usr/bin/redis-server")
-_PR_SET_PDEATHSIG = 1
 
 
 class RedisUnavailable(RuntimeError):
@@ -65,11 +70,31 @@ class RedisBinary:
     tls: bool
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent dies (Linux), so no orphans."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+@cache
+def _pdeathsig_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig KILL`` when util-linux has it: the server dies with its parent.
+
+    Linux delivers the signal when the *thread* that started the child exits, so the prefix is
+    used only for servers started from the main thread (see :meth:`EmbeddedRedis.start`).
+    """
+    setpriv = shutil.which("setpriv")
+    if not setpriv or not sys.platform.startswith("linux"):
+        return ()
+    helptext = subprocess.run(
+        [setpriv, "--help"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    return (setpriv, "--pdeathsig", "KILL") if "--pdeathsig" in helptext else ()
+
+
+_RUNNING: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """At interpreter exit, no server started here outlives the process."""
+    for server in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            server.stop(graceful=False)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -396,14 +421,16 @@ class EmbeddedRedis:
         for attempt in range(attempts):
             port = self._port if self._port is not None else free_port(self.host)
             self._port = port
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            prefix = list(_pdeathsig_prefix()) if in_main_thread else []
             self._proc = subprocess.Popen(
-                self._argv(port),
+                [*prefix, *self._argv(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
+            _RUNNING.add(self)
             try:
                 self._wait_ready()
                 return self
