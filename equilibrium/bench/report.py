@@ -82,7 +82,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"## `{doc['scenario']}` — {doc['summary']}",
         "",
         f"- command: `{doc['command']}`",
-        f"- date: {doc['date']} UTC",
+        f"- date: {doc['date']}",
         f"- machine: {m.get('platform')}, {m.get('cpus')} CPUs ({m.get('processor')}),"
         f" {m.get('implementation')} {m.get('python')}"
         + (f", load average at start {', '.join(str(x) for x in load)}" if load else ""),
