@@ -81,7 +81,8 @@ def test_limit_shrinks_when_rtt_rises_and_grows_back_when_it_falls() -> None:
     now = _saturate(limiter, now, 10.0, workers=5)  # app loses capacity: RTT rises
     degraded = limiter.limit
     assert abs(degraded - _fixed_point(5)) <= 2
-    assert limiter.sample_rtt is not None and limiter.sample_rtt > 1.5 * limiter.min_rtt
+    assert limiter.sample_rtt is not None and limiter.min_rtt is not None
+    assert limiter.sample_rtt > 1.5 * limiter.min_rtt
     _saturate(limiter, now, 10.0, workers=20)  # capacity is back: RTT falls
     assert degraded < healthy - 15
     assert abs(limiter.limit - healthy) <= 2

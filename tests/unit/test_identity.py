@@ -26,6 +26,12 @@ OTHER_KEY = b"o" * 32
 NOW = 1_764_183_600.0
 
 
+def _rejected(header: str | None, now: float = NOW, max_skew: float = 30.0) -> IdentityRejection:
+    result = verify_identity(header, KEY, now, max_skew=max_skew)
+    assert isinstance(result, IdentityRejection)
+    return result
+
+
 def _fields(header: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in header.split(";")[1:])
 
@@ -65,7 +71,7 @@ def test_tampered_fields_are_rejected_as_bad_signature(tamper) -> None:
 
 def test_a_header_signed_with_another_key_is_a_forgery() -> None:
     forged = sign_identity("svc-a", OTHER_KEY, NOW)
-    assert verify_identity(forged, KEY, NOW).reason is IdentityReason.BAD_SIGNATURE
+    assert _rejected(forged).reason is IdentityReason.BAD_SIGNATURE
 
 
 def test_key_rotation_accepts_either_key() -> None:
@@ -78,23 +84,23 @@ def test_key_rotation_accepts_either_key() -> None:
 def test_expired_and_future_identities_are_rejected_at_the_skew_boundary() -> None:
     header = sign_identity("svc-a", KEY, NOW)
     assert verify_identity(header, KEY, NOW + 30.0, max_skew=30.0).trusted
-    expired = verify_identity(header, KEY, NOW + 30.5, max_skew=30.0)
+    expired = _rejected(header, NOW + 30.5, max_skew=30.0)
     assert expired.reason is IdentityReason.EXPIRED
     assert verify_identity(header, KEY, NOW - 30.0, max_skew=30.0).trusted
-    future = verify_identity(header, KEY, NOW - 30.5, max_skew=30.0)
+    future = _rejected(header, NOW - 30.5, max_skew=30.0)
     assert future.reason is IdentityReason.FUTURE
 
 
 def test_unknown_version_is_rejected_as_unsupported() -> None:
     header = sign_identity("svc-a", KEY, NOW).replace("v1;", "v2;", 1)
-    result = verify_identity(header, KEY, NOW)
+    result = _rejected(header)
     assert result.reason is IdentityReason.UNSUPPORTED_VERSION
     assert "v2" in result.detail
 
 
 def test_missing_header_is_anonymous() -> None:
     for header in (None, ""):
-        result = verify_identity(header, KEY, NOW)
+        result = _rejected(header)
         assert result.reason is IdentityReason.MISSING and result.caller == ANONYMOUS
 
 

@@ -80,6 +80,16 @@ def of(outcomes: list[Outcome], caller: str, start: float = 0.0,
     return [o for o in outcomes if o.caller == caller and start <= o.t < end]
 
 
+def retry_afters(outcomes: list[Outcome], caller: str, start: float, end: float) -> list[float]:
+    """The Retry-After of every throttled request of ``caller`` in [start, end)."""
+    waits = []
+    for o in of(outcomes, caller, start, end):
+        if not o.decision.admitted:
+            assert o.decision.retry_after is not None
+            waits.append(o.decision.retry_after)
+    return waits
+
+
 def first_punished(outcomes: list[Outcome], caller: str) -> float:
     return next(o.t for o in of(outcomes, caller) if o.decision.phase is Phase.PUNISHED)
 
@@ -132,7 +142,8 @@ def test_rogue_that_returns_to_its_share_is_forgiven_after_punishment_and_probat
     back = of(outcomes, "rogue", ends + 30.01)
     assert back and all(o.decision.level == 0 and o.decision.phase is Phase.GOOD for o in back)
     assert back[-1].decision.reputation > 0.99
-    assert book.standing("rogue", 60.0).punishments == 1
+    standing = book.standing("rogue", 60.0)
+    assert standing is not None and standing.punishments == 1
 
 
 def test_defecting_again_during_probation_climbs_to_a_longer_punishment() -> None:
@@ -146,12 +157,9 @@ def test_defecting_again_during_probation_climbs_to_a_longer_punishment() -> Non
     outcomes = simulate(book, flows)
     second = next(o for o in of(outcomes, "rogue", 20.0) if o.decision.phase is Phase.PUNISHED)
     assert second.decision.level == 2
-    waits = [o.decision.retry_after for o in of(outcomes, "rogue", second.t, second.t + 1.0)
-             if not o.decision.admitted]
+    waits = retry_afters(outcomes, "rogue", second.t, second.t + 1.0)
     assert waits and max(waits) == 20  # level 2 lasts base * 2 = 20 s
-    first = [o.decision.retry_after for o in of(outcomes, "rogue", 0.0, 4.0)
-             if not o.decision.admitted]
-    assert max(first) == 10
+    assert max(retry_afters(outcomes, "rogue", 0.0, 4.0)) == 10
     # harsher too: a quarter of its fair share instead of a half
     late = of(outcomes, "rogue", second.t + 2.0, 30.0)
     assert sum(o.decision.admitted for o in late) / len(late) < 0.04
@@ -245,8 +253,7 @@ def test_punishment_outweighs_the_flood_gain_when_many_callers_share_the_app() -
     flows = [Flow(f"c{i}", 3, 0, 8) for i in range(9)] + [Flow("rogue", 100, 0, 8)]
     outcomes = simulate(book, flows)
     punished_at = first_punished(outcomes, "rogue")
-    waits = [o.decision.retry_after for o in of(outcomes, "rogue", punished_at, punished_at + 1)
-             if not o.decision.admitted]
+    waits = retry_afters(outcomes, "rogue", punished_at, punished_at + 1)
     assert max(waits) == math.ceil(27.0 * book.detection_lag() / 1.5)
     assert all(o.decision.level == 0 for o in outcomes if o.caller != "rogue")
     # what the flood gained while undetected is less than what the punishment takes away
