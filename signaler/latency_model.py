@@ -109,9 +109,9 @@ def _as_observations(name: str, values: Sequence[float] | np.ndarray) -> np.ndar
 def _queueing(loads: np.ndarray, mu: float, knee: float) -> np.ndarray:
     """The queueing part ``1/(mu - load)`` of the curve (tangent-continued), i.e. latency - d."""
     kappa = knee * mu
-    return 1.0 / (mu - np.minimum(loads, kappa)) + np.maximum(loads - kappa, 0.0) / (
-        mu - kappa
-    ) ** 2
+    return (
+        1.0 / (mu - np.minimum(loads, kappa)) + np.maximum(loads - kappa, 0.0) / (mu - kappa) ** 2
+    )
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

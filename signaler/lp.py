@@ -179,9 +179,7 @@ class CorrelatedEquilibriumLP:
         gains = deviation_gains(local, table).reshape(local.shape[0], -1)[:, off_diagonal].T
 
         p = cp.Variable(local.shape[0], nonneg=True)
-        problem = cp.Problem(
-            cp.Minimize(costs @ p), [cp.sum(p) == 1, gains @ p <= self.epsilon]
-        )
+        problem = cp.Problem(cp.Minimize(costs @ p), [cp.sum(p) == 1, gains @ p <= self.epsilon])
         status = solve_with_highs(problem, f"configuration LP ({n} tokens x {kw} endpoints)")
         if p.value is None:
             raise SolverError("configuration LP returned no solution")
@@ -305,9 +303,7 @@ def routing_game_payoffs(
     return [payoffs[:, i].reshape((k,) * n_tokens) for i in range(n_tokens)]
 
 
-def naive_joint_lp(
-    models: Sequence[LatencyModel], n_tokens: int, token_load: float
-) -> CESolution:
+def naive_joint_lp(models: Sequence[LatencyModel], n_tokens: int, token_load: float) -> CESolution:
     """The best CE over all ``k**n`` joint profiles (no symmetry used). For tests, small ``n``.
 
     The optimal joint distribution is aggregated into configurations so it compares directly
@@ -323,9 +319,7 @@ def naive_joint_lp(
     profiles = np.indices((k,) * n_tokens).reshape(n_tokens, -1).T
     counts = np.stack([np.sum(profiles == j, axis=1) for j in range(k)], axis=1)
     configurations, inverse = np.unique(counts, axis=0, return_inverse=True)
-    probabilities = np.bincount(
-        inverse.reshape(-1), weights=equilibrium.distribution.reshape(-1)
-    )
+    probabilities = np.bincount(inverse.reshape(-1), weights=equilibrium.distribution.reshape(-1))
     solution = CESolution.from_distribution(
         configurations,
         probabilities,

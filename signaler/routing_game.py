@@ -58,9 +58,7 @@ def enumerate_configurations(n_tokens: int, n_endpoints: int) -> np.ndarray:
     return np.diff(edges, axis=1) - 1
 
 
-def latency_table(
-    models: Sequence[LatencyModel], max_tokens: int, token_load: float
-) -> np.ndarray:
+def latency_table(models: Sequence[LatencyModel], max_tokens: int, token_load: float) -> np.ndarray:
     """``table[j, c] = l_j(c * token_load)`` for ``c = 0 .. max_tokens``, shape ``(k, max+1)``."""
     if not (math.isfinite(token_load) and token_load >= 0):
         raise ValueError(f"token_load must be finite and >= 0, got {token_load!r}")

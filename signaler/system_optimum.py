@@ -161,4 +161,3 @@ def continuous_optimum_cost(models: Sequence[LatencyModel], demand: float) -> fl
         return 0.0
     flows, _ = _solve_flows(models, demand)
     return float(sum(m.total_cost(x) for m, x in zip(models, flows, strict=True)))
-
