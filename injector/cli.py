@@ -24,6 +24,8 @@ from injector import certs
 from injector.config import InjectorConfig, Resources
 from injector.server import DEFAULT_MAX_BODY, ListenAddress, serve
 
+DEFAULTS = InjectorConfig()
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -35,17 +37,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT (default %(default)s)")
     parser.add_argument("--tls-cert", help="PEM serving certificate")
     parser.add_argument("--tls-key", help="PEM serving key")
-    parser.add_argument("--sidecar-image", default=InjectorConfig.image,
+    parser.add_argument("--sidecar-image", default=DEFAULTS.image,
                         help="image of the injected containers (default %(default)s)")
-    parser.add_argument("--image-pull-policy", default=InjectorConfig.image_pull_policy,
+    parser.add_argument("--image-pull-policy", default=DEFAULTS.image_pull_policy,
                         choices=("Always", "IfNotPresent", "Never"))
-    parser.add_argument("--mesh-secret", default=InjectorConfig.mesh_secret_name,
+    parser.add_argument("--mesh-secret", default=DEFAULTS.mesh_secret_name,
                         help="Secret (in each meshed namespace) with mesh-hmac-key and redis-url")
-    parser.add_argument("--sidecar-cpu", default=Resources.cpu_request, help="CPU request")
-    parser.add_argument("--sidecar-memory", default=Resources.memory_request,
+    parser.add_argument("--sidecar-cpu", default=DEFAULTS.resources.cpu_request,
+                        help="CPU request")
+    parser.add_argument("--sidecar-memory", default=DEFAULTS.resources.memory_request,
                         help="memory request")
-    parser.add_argument("--sidecar-cpu-limit", default=Resources.cpu_limit)
-    parser.add_argument("--sidecar-memory-limit", default=Resources.memory_limit)
+    parser.add_argument("--sidecar-cpu-limit", default=DEFAULTS.resources.cpu_limit)
+    parser.add_argument("--sidecar-memory-limit", default=DEFAULTS.resources.memory_limit)
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help="reject larger AdmissionReviews with 413 (default %(default)s)")
     parser.set_defaults(func=_run_server)
