@@ -92,6 +92,8 @@ MAX_TIMESTAMP = 1e11
 MAX_EPOCH = 2**63 - 1
 MAX_OBJECTIVE = 1e12
 WEIGHT_SUM_TOLERANCE = 1e-6
+WEIGHT_ROUNDING = 1e-9
+"""Weights down to -1e-9 (a linear solve's rounding) are accepted and stored as 0.0."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """Upstream names and sidecar/signer ids: DNS-label-ish, no ``{}:;|`` or whitespace."""
 _ENDPOINT_RE = re.compile(r"[A-Za-z0-9\[\]][A-Za-z0-9._:\[\]/-]{0,199}")
@@ -232,8 +234,9 @@ def _check_vector(value: object, what: str, k: int) -> tuple[Any, ...]:
 
 
 def _check_weights(value: object, k: int) -> tuple[float, ...]:
+    """Finite, in [0, 1], summing to 1 within tolerance; rounding noise below 0 reads as 0."""
     weights = tuple(
-        _check_float(w, f"weights[{i}]", 0.0, 1.0 + WEIGHT_SUM_TOLERANCE)
+        max(0.0, _check_float(w, f"weights[{i}]", -WEIGHT_ROUNDING, 1.0 + WEIGHT_SUM_TOLERANCE))
         for i, w in enumerate(_check_vector(value, "weights", k))
     )
     total = math.fsum(weights)
