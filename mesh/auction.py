@@ -218,10 +218,15 @@ class SecondPriceAuction:
         """A request arrives with a parsed ``bid`` (see :func:`parse_bid`).
 
         ``slot_available`` says whether the concurrency limiter granted a slot right now; if
-        so the request is admitted at price 0. ``request_id`` must be unique among waiters.
+        so the request is admitted at price 0. Only pass True when nobody is waiting (a slot
+        that frees while others wait goes through :meth:`release`, so nobody jumps the
+        queue). ``request_id`` must be unique among waiters, and ``now`` must not decrease
+        from one call to the next.
         """
         if request_id in self._waiters:
             raise ValueError(f"request id {request_id!r} is already waiting")
+        if slot_available and self._waiters:
+            raise ValueError("slot_available with requests waiting: release() the slot instead")
         if not math.isfinite(bid) or bid < 0:
             raise ValueError(f"bid must be finite and non-negative, got {bid!r}")
         budget = self.budget(caller, now)

@@ -195,7 +195,9 @@ class AdaptiveConcurrencyLimit:
         ordered = sorted(self._window)
         index = min(len(ordered) - 1, max(0, math.ceil(p.percentile * len(ordered)) - 1))
         self._sample_rtt = ordered[index]
-        assert self._min_rtt is not None  # windows only run after a probe
+        if self._min_rtt is None:  # on_finish without on_start: nothing to compare against
+            self._window, self._window_start = [], now
+            return
         gradient = (1.0 + p.tolerance) * self._min_rtt / self._sample_rtt
         gradient = min(1.0, max(p.min_gradient, gradient))
         if self._window_peak < self._limit / 2:

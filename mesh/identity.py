@@ -120,7 +120,7 @@ def sign_identity(caller_id: str, key: bytes, now: float) -> str:
     """The ``X-GT-Identity`` header value for ``caller_id`` signed at ``now`` (unix seconds).
 
     Raises ValueError for a caller id outside ``[A-Za-z0-9._:-]{1,64}``, a key shorter than
-    :data:`MIN_KEY_BYTES`, or a negative or non-finite ``now``.
+    :data:`MIN_KEY_BYTES`, or a ``now`` that is not unix seconds in [0, 1e12).
     """
     if not CALLER_ID_PATTERN.fullmatch(caller_id):
         raise ValueError(f"caller id {caller_id!r} must match {CALLER_ID_PATTERN.pattern}")
@@ -128,8 +128,8 @@ def sign_identity(caller_id: str, key: bytes, now: float) -> str:
         raise ValueError(f"caller id {ANONYMOUS!r} is reserved for unverified callers")
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"mesh key must be at least {MIN_KEY_BYTES} bytes")
-    if not math.isfinite(now) or now < 0:
-        raise ValueError(f"signing time must be finite and non-negative, got {now!r}")
+    if not math.isfinite(now) or not 0 <= now < 1e12:
+        raise ValueError(f"signing time must be unix seconds in [0, 1e12), got {now!r}")
     ts_text = f"{now:.3f}"
     return f"{IDENTITY_VERSION};id={caller_id};ts={ts_text};sig={_mac(key, caller_id, ts_text)}"
 

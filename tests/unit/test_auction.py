@@ -153,6 +153,13 @@ def test_a_full_queue_evicts_its_lowest_bid_for_a_higher_one_and_rejects_lower_o
     assert [a.request_id for a in auction.release(0.0, slots=5)] == ["r4", "r1"]
 
 
+def test_a_free_slot_cannot_jump_the_queue() -> None:
+    auction = _auction()
+    auction.offer("r1", "a", 3.0, 0.0, False)
+    with pytest.raises(ValueError, match="release"):
+        auction.offer("r2", "b", 9.0, 0.0, slot_available=True)
+
+
 def test_cancel_removes_a_waiter() -> None:
     auction = _auction()
     auction.offer("r1", "a", 3.0, 0.0, False)
@@ -186,7 +193,7 @@ def test_nobody_pays_more_than_their_bid_and_budgets_stay_non_negative(steps) ->
     for step in steps:
         if step[0] == "offer":
             n += 1
-            result = auction.offer(f"r{n}", step[1], step[2], now, step[3])
+            result = auction.offer(f"r{n}", step[1], step[2], now, step[3] and not auction)
             admitted = [result] if isinstance(result, Admission) else []
             if isinstance(result, Queued):
                 assert result.bid <= step[2]

@@ -131,6 +131,13 @@ def test_congestion_level_is_in_flight_over_limit_and_abandon_frees_a_slot() -> 
     assert limiter.in_flight == 1 and limiter.congestion_level() == 0.25
 
 
+def test_finishing_without_starting_is_harmless() -> None:
+    limiter = AdaptiveConcurrencyLimit(ConcurrencyParams(min_samples=1, update_interval=0.01))
+    for i in range(5):
+        limiter.on_finish(0.01, i * 0.1)
+    assert limiter.in_flight == 0 and limiter.limit == 20 and limiter.min_rtt is None
+
+
 def test_params_are_validated() -> None:
     with pytest.raises(ValueError):
         ConcurrencyParams(min_limit=10, initial_limit=5)

@@ -136,6 +136,12 @@ def test_signing_refuses_bad_caller_ids(caller: str) -> None:
         sign_identity(caller, KEY, NOW)
 
 
+@pytest.mark.parametrize("now", [-1.0, float("nan"), float("inf"), 1e12])
+def test_signing_refuses_times_the_format_cannot_carry(now: float) -> None:
+    with pytest.raises(ValueError, match="unix seconds"):
+        sign_identity("svc-a", KEY, now)
+
+
 def test_signing_refuses_a_short_key() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         sign_identity("svc-a", b"short", NOW)
