@@ -1,0 +1,65 @@
+"""``equilibrium bench`` end to end on a real fleet with real sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "equilibrium", "bench", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_path: Path) -> None:
+    proc = _run(["--scenario", "slow-pod", "--duration", "6", "--policies",
+                 "round-robin,equilibrium", "--out", "results"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "slow-pod.json").read_text())
+    policies = doc["data"]["policies"]
+    assert list(policies) == ["round-robin", "equilibrium"]  # run in the order given
+    rr, eq = policies["round-robin"], policies["equilibrium"]
+    assert eq["bad_share"] < rr["bad_share"]
+    assert eq["bad_share_steady"] < rr["bad_share_steady"]
+    # Round robin cannot shift: a fifth of the traffic, to within sampling noise.
+    assert 0.15 < rr["bad_share"] < 0.25
+    assert rr["time_to_shift"] is None
+    for m in (rr, eq):
+        assert m["errors"] == 0
+        assert m["requests"] == 2 * 100 * 6  # 2 clients × 100 req/s × 6 s, all recorded
+        assert m["latency"]["p50"] <= m["latency"]["p99"] <= m["latency"]["p99.9"]
+    assert doc["command"].startswith("equilibrium bench --scenario slow-pod --policies "
+                                     "round-robin,equilibrium --duration 6")
+    assert doc["machine"]["cpus"] == os.cpu_count()
+    md = (tmp_path / "results" / "slow-pod.md").read_text()
+    assert "| round-robin |" in md and "| equilibrium |" in md
+    assert (tmp_path / "results" / "slow-pod-bad-share.png").read_bytes()[:4] == b"\x89PNG"
+    assert "round-robin" in proc.stdout and "results:" in proc.stdout
+
+
+def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
+    proc = _run(["--scenario", "proxy-overhead", "--duration", "2", "--rate", "100",
+                 "--overhead-rounds", "2", "--overhead-warmup", "0.2", "--out", "r"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "r" / "proxy-overhead.json").read_text())
+    data = doc["data"]
+    assert len(data["rounds"]) == 2
+    assert data["errors"] == {"direct": 0, "proxied": 0}
+    # Going through a proxy adds a hop: it is never faster at the median.
+    assert data["proxied"]["p50"] > data["direct"]["p50"]
+    assert data["added"]["p50"] == data["proxied"]["p50"] - data["direct"]["p50"]
+    assert data["direct"]["count"] == data["proxied"]["count"] >= 2 * 70  # same schedule
+
+
+def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _run(["--scenario", "no-such-thing"], tmp_path)
+    assert proc.returncode == 2
+    assert "unknown scenario 'no-such-thing'" in proc.stderr
+    assert "slow-pod" in proc.stderr

@@ -1,0 +1,94 @@
+"""``equilibrium demo`` end to end: real fleet, real sidecars, real load, real exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_demo_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "equilibrium", "demo", "--duration", "8", "--out", str(out)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Not a terminal: one live line per second, then the summary.
+    live = [line for line in proc.stdout.splitlines() if line.startswith("t=")]
+    assert len(live) >= 5
+    assert "pod-4*=" in live[-1] and "converged=" in live[-1]
+    assert "the bad pod got less traffic than each good pod: yes" in proc.stdout
+    png = out / "equilibrium-demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "equilibrium-demo.json").read_text())
+    totals = summary["metrics"]["pod_totals"]
+    assert summary["bad_pod_less_than_each_good_pod"] is True
+    assert all(totals["pod-4"] < totals[f"pod-{i}"] for i in range(4))
+    assert summary["metrics"]["errors"] == 0
+    assert set(summary["sidecars"]) == {"client-1", "client-2", "client-3"}
+    # Later in the run the bad pod gets less than at the start.
+    assert summary["metrics"]["bad_share_steady"] < summary["metrics"]["bad_share_first"]
+
+
+def test_demo_ctrl_c_stops_and_reaps_every_child(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "equilibrium", "demo", "--duration", "60", "--clients", "2",
+         "--out", str(tmp_path)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline and not line.startswith("t="):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert line.startswith("t="), "the demo never showed its live view"
+        children = _children(proc.pid)
+        assert len(children) >= 5  # fleet, 2 sidecars, 2 load generators
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert not [pid for pid in children if _alive(pid)]
+    assert not (tmp_path / "equilibrium-demo.png").exists()  # interrupted: no summary
