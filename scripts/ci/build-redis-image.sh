@@ -69,4 +69,6 @@ if ! docker build --network none --pull=false -q \
     cat "${CTX}/build.log" >&2
     exit 1
 fi
+# The image this one replaced (same label, now untagged) is ours to remove.
+docker image prune -f --filter "label=org.opencontainers.image.title=equilibrium-redis" >/dev/null
 log "built ${IMAGE}: $(docker image inspect "${IMAGE}" --format '{{.Id}}' | cut -c1-19)"
