@@ -24,6 +24,7 @@ missing image is never pulled: it is looked up with the Docker SDK first and rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -216,18 +217,28 @@ class ContainerRedis(RedisHandle):
 
         self.password = password
         self.username = username
-        self.port = free_port()
         command = ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
         if password is not None:
             command += ["--requirepass", password]
             if username:
                 command += ["--user", username, "on", f">{password}", "~*", "&*", "+@all"]
-        container = RedisContainer(image=IMAGE, port=_CONTAINER_PORT, password=password)
-        container.with_command(command)
-        # Publish on loopback only, on a host port fixed now so that restarts keep the URL.
-        container.ports[str(_CONTAINER_PORT)] = (_LOOPBACK, self.port)
-        self._container = container
-        container.start()  # waits for PING itself
+        from docker.errors import APIError
+
+        for attempt in range(3):
+            self.port = free_port()
+            container = RedisContainer(image=IMAGE, port=_CONTAINER_PORT, password=password)
+            container.with_command(command)
+            # Publish on loopback only, on a host port fixed now so that restarts keep the URL.
+            container.ports[str(_CONTAINER_PORT)] = (_LOOPBACK, self.port)
+            self._container = container
+            try:
+                container.start()  # waits for PING itself
+                return
+            except APIError as exc:  # the free port was taken meanwhile by someone else
+                with contextlib.suppress(Exception):
+                    container.stop()
+                if attempt == 2 or "already" not in str(exc):
+                    raise
 
     def _docker_container(self) -> Any:
         return self._container.get_wrapped_container()
