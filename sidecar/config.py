@@ -20,6 +20,9 @@ Config file shape (YAML or JSON, every key optional)::
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
       orders: http://10.0.1.1:8080,http://10.0.1.2:8080
+    inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
+    app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
+    mesh_secret_file: /etc/equilibrium/mesh.key
 
 Upstreams given by a higher layer replace the whole set of a lower one (they are not merged),
 so a reload of the file changes endpoints only when neither flags nor the environment fix them.
@@ -37,10 +40,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from mesh.policies import POLICY_NAMES
 from mesh.profiles import PROFILE_NAMES, get_profile
+from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -62,11 +66,15 @@ ENV_VARS: dict[str, str] = {
     "request_timeout": "EQUILIBRIUM_REQUEST_TIMEOUT",
     "connect_timeout": "EQUILIBRIUM_CONNECT_TIMEOUT",
     "config": "EQUILIBRIUM_CONFIG",
+    "inbound": "EQUILIBRIUM_INBOUND",
+    "app": "EQUILIBRIUM_APP",
+    "mesh_secret_file": "EQUILIBRIUM_MESH_SECRET_FILE",
 }
 FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
         "max_attempts", "request_timeout", "connect_timeout",
+        "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
     }
 )
 
@@ -100,6 +108,10 @@ class SidecarConfig:
     max_attempts: int | None = None  # None: the profile's max_retries + 1
     request_timeout: float | None = None  # None: the profile's
     connect_timeout: float | None = None  # None: the profile's
+    inbound: ListenAddress | None = None  # listener in front of the app (with ``app``)
+    app: str | None = None
+    mesh_secret_file: Path | None = None  # or env EQUILIBRIUM_MESH_SECRET
+    policing: PolicingSettings = field(default_factory=PolicingSettings)
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
 
@@ -271,8 +283,15 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
         for key, value in raw.items():
             if value is None:
                 continue
-            if key in ("outbound", "admin"):
+            if key in ("outbound", "admin", "inbound"):
                 out[key] = parse_listen(value, key)
+            elif key in ("app", "policing"):
+                try:
+                    out[key] = parse_app_url(value) if key == "app" else parse_policing(value)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            elif key == "mesh_secret_file":
+                out[key] = Path(str(value).strip())
             elif key == "upstreams":
                 if isinstance(value, str):
                     out[key] = parse_upstreams_env(value)
@@ -340,6 +359,8 @@ class ConfigSource:
             for key, value in _validate_layer(raw, layer).items():
                 merged[key] = value
                 sources[key] = layer
+        if (merged.get("inbound") is None) != (merged.get("app") is None):
+            raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
         return SidecarConfig(
             id=merged.get("id") or f"{socket.gethostname()}-{os.getpid()}",
             outbound=merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
@@ -351,6 +372,10 @@ class ConfigSource:
             max_attempts=merged.get("max_attempts"),
             request_timeout=merged.get("request_timeout"),
             connect_timeout=merged.get("connect_timeout"),
+            inbound=merged.get("inbound"),
+            app=merged.get("app"),
+            mesh_secret_file=merged.get("mesh_secret_file"),
+            policing=merged.get("policing", PolicingSettings()),
             config_file=self.config_file,
             sources=sources,
         )

@@ -46,6 +46,13 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
     return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
 
+def has_passed(headers: CIMultiDictProxy[str], via: str) -> bool:
+    """Whether this proxy's own ``Via`` entry is already on the request (a forwarding loop)."""
+    return any(
+        entry.strip() == via for value in headers.getall("Via", []) for entry in value.split(",")
+    )
+
+
 def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """A copy of ``headers`` without hop-by-hop ones (order and duplicates kept)."""
     drop = HOP_BY_HOP | connection_tokens(headers)

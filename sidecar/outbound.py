@@ -36,6 +36,7 @@ from mesh.profiles import StrategyProfile
 from sidecar.forward import (
     CHUNK_SIZE,
     connection_tokens,
+    has_passed,
     relay_chunks,
     request_headers_to_upstream,
     response_headers_to_app,
@@ -202,6 +203,8 @@ class OutboundProxy:
         if not ctx.authority:
             return self._error(ctx, 400, "no-host", "request has neither Host nor absolute URL")
         ctx.upstream = upstream_name(ctx.authority)
+        if has_passed(request.headers, self.via):
+            return self._error(ctx, 508, "loop-detected", "request already passed this sidecar")
         group = self.table.get(ctx.upstream)
         if group is None:
             return self._error(

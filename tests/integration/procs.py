@@ -257,9 +257,11 @@ def start_sidecar(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     timeout: float = 20.0,
+    outbound_port: int | None = None,
+    admin_port: int | None = None,
 ) -> SidecarProcess:
-    """Start ``equilibrium sidecar`` on free loopback ports and wait for ``/readyz``."""
-    outbound, admin = free_port(), free_port()
+    """Start ``equilibrium sidecar`` on loopback (free ports unless given); wait for /readyz."""
+    outbound, admin = outbound_port or free_port(), admin_port or free_port()
     args = ["sidecar", "--outbound", f"{LOOPBACK}:{outbound}", "--admin", f"{LOOPBACK}:{admin}"]
     for name, urls in (upstreams or {}).items():
         args += ["--upstream", f"{name}={','.join(urls)}"]
@@ -353,9 +355,9 @@ class Backend:
         await self._runner.setup()
         site = web.TCPSite(self._runner, LOOPBACK, self.port or 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sockets = getattr(site._server, "sockets", None)
+        assert sockets, "backend did not bind"
+        self.port = int(sockets[0].getsockname()[1])
         return self
 
     async def stop(self) -> None:
@@ -437,9 +439,7 @@ class Reply:
         return json.loads(self.body)
 
 
-async def fetch(
-    client: Any, method: str, url: str, **kwargs: Any
-) -> Reply:
+async def fetch(client: Any, method: str, url: Any, **kwargs: Any) -> Reply:
     """One request with an ``aiohttp.ClientSession``, body read in full."""
     async with client.request(method, url, **kwargs) as resp:
         return Reply(resp.status, resp.headers, await resp.read())

@@ -19,6 +19,7 @@ from tests.integration.procs import (
     backends,
     dead_endpoint,
     fetch,
+    free_port,
     start_backend,
 )
 
@@ -81,14 +82,17 @@ async def test_absolute_form_and_http_proxy_setting() -> None:
 
 
 async def test_unknown_upstream_and_dead_or_missing_endpoints_answer_json() -> None:
+    outbound = free_port()
+    loop_url = f"http://127.0.0.1:{outbound}"  # an endpoint that is the sidecar itself
     sidecar = await async_start_sidecar(
-        {"down": [dead_endpoint(), dead_endpoint()], "empty": []},
+        {"down": [dead_endpoint(), dead_endpoint()], "empty": [], "loop": [loop_url]},
+        outbound_port=outbound,
         extra_args=["--connect-timeout", "0.5"],
     )
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
             cases = {"nowhere": (404, "unknown-upstream"), "down": (502, "connect-error"),
-                     "empty": (503, "no-endpoint")}
+                     "empty": (503, "no-endpoint"), "loop": (508, "loop-detected")}
             for host, (status, reason) in cases.items():
                 async with client.get(f"{sidecar.outbound_url}/", headers={"Host": host}) as resp:
                     assert resp.status == status
