@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 from equilibrium.loadgen import Record, latency_summary, percentile_sorted
 
 SHIFT_THRESHOLD = 0.05
+FLAP_WINDOW = 5.0
+
+
+def default_flap_window(duration: float) -> float:
+    """5 s windows, shorter for short runs so that the steady state holds 3 windows."""
+    return min(FLAP_WINDOW, duration / 2.0 / 3.0)
 
 
 @dataclass(slots=True)
@@ -160,6 +166,7 @@ class RunMetrics:
     flapping_pp: float
     flapping_noise_pp: float
     pod_totals: dict[str, int]
+    flap_window: float
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -174,6 +181,7 @@ class RunMetrics:
             "flapping_pp": self.flapping_pp,
             "flapping_noise_pp": self.flapping_noise_pp,
             "pod_totals": self.pod_totals,
+            "flap_window": self.flap_window,
         }
 
 
@@ -184,15 +192,18 @@ def run_metrics(
     pods: Sequence[str],
     bad_pod: str,
     shift_window: float = 1.0,
-    flap_window: float = 5.0,
+    flap_window: float | None = None,
     first_window: float = 5.0,
 ) -> RunMetrics:
     """All numbers of one run; ``t0`` is the schedule's origin, ``duration`` its length."""
+    if flap_window is None:
+        flap_window = default_flap_window(duration)
     half = t0 + duration / 2.0
     steady = [r for r in records if r.intended >= half]
     shift_wins = windows(records, t0, shift_window, duration)
     flap_wins = windows(steady, half, flap_window, duration / 2.0)
     return RunMetrics(
+        flap_window=flap_window,
         requests=len(records),
         errors=sum(1 for r in records if not r.ok),
         latency=latency_summary(r.latency for r in records),

@@ -381,6 +381,10 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+def _pp(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1f} pp"
+
+
 def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
     cfg = summary["config"]
     m = summary["metrics"]
@@ -401,9 +405,9 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
         f"  p99 {fmt_ms(lat['p99'])}  p99.9 {fmt_ms(lat['p99.9'])}",
         f"  latency, second half: mean {fmt_ms(steady['mean'])}  p50 {fmt_ms(steady['p50'])}"
         f"  p99 {fmt_ms(steady['p99'])}  p99.9 {fmt_ms(steady['p99.9'])}",
-        f"  flapping (largest share change between 5 s windows, second half):"
-        f" {m['flapping_pp']:.1f} pp (sampling noise alone: ~{m['flapping_noise_pp']:.1f} pp"
-        f" at 1 sigma)",
+        f"  flapping (largest share change between {m['flap_window']:g} s windows, second"
+        f" half): {_pp(m['flapping_pp'])} (sampling noise alone: ~"
+        f"{_pp(m['flapping_noise_pp'])} at 1 sigma)",
         "  requests per pod: " + ", ".join(
             f"{p} {n}" for p, n in sorted(m["pod_totals"].items())),
         f"  the bad pod got less traffic than each good pod: "
