@@ -29,7 +29,8 @@ precedence: flags > environment > config file > defaults.
 environment: EQUILIBRIUM_OUTBOUND, EQUILIBRIUM_ADMIN, EQUILIBRIUM_UPSTREAMS="a=url,url;b=url",
   EQUILIBRIUM_STRATEGY, EQUILIBRIUM_POLICY, EQUILIBRIUM_ID, EQUILIBRIUM_DRAIN_TIMEOUT,
   EQUILIBRIUM_MAX_ATTEMPTS, EQUILIBRIUM_REQUEST_TIMEOUT, EQUILIBRIUM_CONNECT_TIMEOUT,
-  EQUILIBRIUM_CONFIG.
+  EQUILIBRIUM_CONFIG, EQUILIBRIUM_INBOUND, EQUILIBRIUM_APP, EQUILIBRIUM_MESH_SECRET_FILE,
+  EQUILIBRIUM_MESH_SECRET (the mesh key itself; wins over the file).
 signals: SIGHUP reloads the config file (also re-read when its mtime changes);
   SIGTERM drains in-flight requests up to --drain-timeout, then exits 0.
 """
@@ -85,6 +86,15 @@ def register(subparsers: Any) -> None:
         help="upstream connect timeout (default: the profile's)",
     )
     parser.add_argument(
+        "--inbound", metavar="HOST:PORT",
+        help="inbound listener in front of the local app (policing, congestion, bids)",
+    )
+    parser.add_argument("--app", metavar="URL", help="the local app behind --inbound")
+    parser.add_argument(
+        "--mesh-secret-file", metavar="FILE",
+        help="mesh key for signed caller identities (or env EQUILIBRIUM_MESH_SECRET)",
+    )
+    parser.add_argument(
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
@@ -104,6 +114,9 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_attempts": args.max_attempts,
         "request_timeout": args.request_timeout,
         "connect_timeout": args.connect_timeout,
+        "inbound": args.inbound,
+        "app": args.app,
+        "mesh_secret_file": args.mesh_secret_file,
     }
 
 
@@ -114,8 +127,11 @@ def main(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     source = ConfigSource.from_sources(flags_from_args(args))
+    from sidecar.policing import PolicingWiring
+
     try:
         config = source.load()
+        policing = PolicingWiring.prepare(config, source.env)
     except ConfigError as exc:
         print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -123,6 +139,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         runner = SidecarRunner(source, config)
+        policing.install(runner)
         return await runner.run()
 
     try:

@@ -1,0 +1,604 @@
+"""The inbound listener: the sidecar in front of its own app, policing who gets in and when.
+
+Owns the request path from the network to the local app (``--inbound HOST:PORT --app URL``):
+
+1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`mesh.identity`).
+   A missing, malformed, forged or expired identity is never trusted: the caller is
+   ``anonymous``, one shared bucket with the strictest treatment, and every other ``X-GT-*``
+   header it sent (bid, retry mark) is ignored. Without a mesh key nobody can be verified,
+   so every caller is anonymous (a warning is logged at start).
+2. **Bid.** A trusted caller's ``X-GT-Bid`` is parsed (:func:`mesh.auction.parse_bid`);
+   a malformed bid is answered 400 with a JSON reason and counted.
+3. **Reputation** (:mod:`mesh.reputation`). The caller's request is judged against the
+   cooperative norm; a punished caller beyond its throttled share gets 429 + ``Retry-After``.
+4. **Congestion and auction** (:mod:`mesh.concurrency`, :mod:`mesh.auction`). A request that
+   finds a free slot under the adaptive concurrency limit goes straight to the app at price 0;
+   otherwise it waits in the bid queue, the highest bids are admitted as slots free and pay the
+   highest losing bid (second price); a request that waits longer than ``max_wait`` (or is
+   pushed out of a full queue) gets 503.
+5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
+   headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
+   ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
+6. **Signals back.** Every response carries ``X-GT-Congestion`` and ``X-GT-Reputation``;
+   admitted responses carry ``X-GT-Price``.
+
+The game logic is :mod:`mesh`'s; this module measures, carries decisions out, and counts.
+The modes ``token-bucket`` (one Envoy-style local rate limit for all callers, 429 when empty)
+and ``off`` (a plain reverse proxy) exist as baselines for the benchmark and send no game
+headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from yarl import URL
+
+from mesh.auction import (
+    Admission,
+    BidError,
+    Queued,
+    Rejected,
+    SecondPriceAuction,
+    parse_bid,
+)
+from mesh.concurrency import AdaptiveConcurrencyLimit
+from mesh.headers import (
+    BID,
+    CONGESTION,
+    IDENTITY,
+    PRICE,
+    REPUTATION,
+    RETRY,
+    HeaderError,
+    format_congestion,
+    is_gt_header,
+    parse_retry,
+)
+from mesh.identity import ANONYMOUS, IdentityRejection, verify_identity
+from mesh.reputation import Decision, Phase, ReputationBook
+from mesh.standing import format_standing
+from sidecar.forward import (
+    CHUNK_SIZE,
+    append_header,
+    end_to_end,
+    relay_chunks,
+    request_headers_to_upstream,
+    strip_game_headers,
+)
+from sidecar.metrics import LATENCY_BUCKETS
+from sidecar.outbound import CLIENT_AUTO_HEADERS, classify, must_be_empty
+from sidecar.policing_config import PolicingSettings
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"
+GAUGE_REFRESH_INTERVAL = 0.5
+
+
+class CallerLabels:
+    """Bounded metric labels for callers: the first ``limit`` verified callers keep their own
+    label for the life of the process, ``anonymous`` always has one, the rest share ``other``.
+
+    Prometheus keeps every label value forever, so an attacker who could mint caller names
+    must not be able to grow the metrics without bound (names come only from verified
+    identities, but the cap holds even for a mesh with many callers).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._known: set[str] = set()
+
+    def of(self, caller: str) -> str:
+        if caller == ANONYMOUS or caller in self._known:
+            return caller
+        if len(self._known) < self.limit:
+            self._known.add(caller)
+            return caller
+        return OTHER
+
+    def __contains__(self, caller: object) -> bool:
+        return caller in self._known or caller == ANONYMOUS
+
+
+class LocalRateLimit:
+    """The baseline: one token bucket for all callers, as Envoy's local rate limit filter
+    (``max_tokens`` = ``burst``, refilled at ``rate`` per second). Pure; ``now`` is passed."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if not (rate > 0 and burst >= 1):
+            raise ValueError("need rate > 0 and burst >= 1")
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, now
+
+    def try_take(self, now: float) -> bool:
+        if now > self._at:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class InboundMetrics:
+    """The inbound side's metrics, registered in the sidecar's own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.requests = Counter(
+            "equilibrium_inbound_requests",
+            "Requests to the inbound listener by caller and outcome (admitted, throttled, "
+            "rate-limited, bad-bid, queue-full, queue-timeout, app-error)",
+            ["caller", "outcome"], registry=r,
+        )
+        self.identity = Counter(
+            "equilibrium_inbound_identity",
+            "Identity checks by result (trusted, or why the caller was treated as anonymous)",
+            ["result"], registry=r,
+        )
+        self.bad_bids = Counter(
+            "equilibrium_inbound_bad_bids", "Malformed X-GT-Bid values rejected with 400",
+            ["reason"], registry=r,
+        )
+        self.stripped = Counter(
+            "equilibrium_inbound_stripped_headers",
+            "X-GT-* headers removed: untrusted = sent by a caller that did not verify (ignored); "
+            "from-app = set by the app on its response",
+            ["source"], registry=r,
+        )
+        self.bad_headers = Counter(
+            "equilibrium_inbound_bad_headers", "Malformed game headers from trusted callers",
+            ["header"], registry=r,
+        )
+        self.reputation = Gauge(
+            "equilibrium_inbound_caller_reputation",
+            "Caller reputation in [0, 1] (other = the lowest among untracked callers)",
+            ["caller"], registry=r,
+        )
+        self.level = Gauge(
+            "equilibrium_inbound_caller_punishment_level",
+            "Caller punishment level, 0 = good standing (other = the highest among the rest)",
+            ["caller"], registry=r,
+        )
+        self.punished = Gauge(
+            "equilibrium_inbound_punished_callers", "Callers currently being punished",
+            registry=r,
+        )
+        self.price = Gauge(
+            "equilibrium_inbound_clearing_price", "Price of the last admission (0 uncongested)",
+            registry=r,
+        )
+        self.paid = Counter(
+            "equilibrium_inbound_price_paid", "Sum of prices charged, by caller", ["caller"],
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "equilibrium_inbound_queue_length", "Requests waiting in the bid queue", registry=r
+        )
+        self.limit = Gauge(
+            "equilibrium_inbound_concurrency_limit", "Adaptive concurrency limit of the app",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "equilibrium_inbound_in_flight", "Requests at the app through this listener",
+            registry=r,
+        )
+        self.congestion = Gauge(
+            "equilibrium_inbound_congestion", "Congestion level sent as X-GT-Congestion",
+            registry=r,
+        )
+        self.capacity = Gauge(
+            "equilibrium_inbound_capacity_estimate",
+            "App capacity in requests/s used for fair shares", registry=r,
+        )
+        self.mesh_key = Gauge(
+            "equilibrium_inbound_mesh_key_configured",
+            "1 if a mesh key is configured (0: every caller is anonymous)", registry=r,
+        )
+        self.app_latency = Histogram(
+            "equilibrium_inbound_app_duration_seconds",
+            "Time from forwarding to the app until its response finished", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.wait = Histogram(
+            "equilibrium_inbound_queue_wait_seconds", "Time admitted requests waited in the queue",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """What policing decided for one request, for the response headers."""
+
+    caller: str
+    label: str
+    decision: Decision | None = None
+    price: float | None = None
+
+
+class InboundProxy:
+    """The aiohttp handler of the inbound listener; one instance per sidecar process."""
+
+    def __init__(
+        self,
+        *,
+        sidecar_id: str,
+        app_url: str,
+        settings: PolicingSettings,
+        registry: CollectorRegistry,
+        mesh_key: bytes | None,
+        request_timeout: float = 15.0,
+        connect_timeout: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sidecar_id = sidecar_id
+        self.app_url = app_url.rstrip("/")
+        self.settings = settings
+        self.mesh_key = mesh_key
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.via = f"1.1 {sidecar_id}"
+        self.metrics = InboundMetrics(registry)
+        self.metrics.mesh_key.set(1 if mesh_key else 0)
+        self.labels = CallerLabels(settings.max_caller_labels)
+        now = clock()
+        self.book = ReputationBook(settings.reputation)
+        self.limiter = AdaptiveConcurrencyLimit(settings.concurrency)
+        self.auction = SecondPriceAuction(settings.auction)
+        self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
+        self._waiting: dict[str, asyncio.Future[Admission | None]] = {}
+        self._ids = itertools.count(1)
+        self._session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
+
+    @property
+    def game(self) -> bool:
+        """Whether the game is played (mode equilibrium) rather than a baseline."""
+        return self.settings.mode == "equilibrium"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def make_app(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": 16384}, client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _start(self, _: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            auto_decompress=False,
+            skip_auto_headers=CLIENT_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
+                                          sock_connect=self.connect_timeout),
+        )
+        if hasattr(self._session, "_retry_connection"):  # never re-send behind our back
+            self._session._retry_connection = False
+
+    async def _close(self, _: web.Application) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_result(None)
+        self._waiting.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def refresh_gauges(self) -> None:
+        """Background task: per-caller standing and load gauges, off the request path."""
+        while True:
+            self.update_gauges(self.clock())
+            await asyncio.sleep(GAUGE_REFRESH_INTERVAL)
+
+    def update_gauges(self, now: float) -> None:
+        m = self.metrics
+        worst_rep, worst_level, others, punished = 1.0, 0, False, 0
+        for standing in self.book.standings(now):
+            punished += standing.phase is Phase.PUNISHED
+            if standing.caller in self.labels:
+                m.reputation.labels(standing.caller).set(round(standing.reputation, 4))
+                m.level.labels(standing.caller).set(standing.level)
+            else:
+                others = True
+                worst_rep = min(worst_rep, standing.reputation)
+                worst_level = max(worst_level, standing.level)
+        if others:
+            m.reputation.labels(OTHER).set(round(worst_rep, 4))
+            m.level.labels(OTHER).set(worst_level)
+        m.punished.set(punished)
+        self._load_gauges()
+
+    def _load_gauges(self) -> None:
+        m = self.metrics
+        m.queue_length.set(self.auction.queue_length)
+        m.limit.set(self.limiter.limit)
+        m.in_flight.set(self.in_flight)
+        m.congestion.set(self._congestion())
+        m.capacity.set(self.capacity())
+
+    # ------------------------------------------------------------ load
+
+    def capacity(self) -> float:
+        """App capacity in requests/s: configured, or Little's law at the learned limit."""
+        if self.settings.capacity is not None:
+            return self.settings.capacity
+        lim = self.limiter
+        if lim.sample_rtt:
+            return lim.estimated_limit / lim.sample_rtt
+        return lim.capacity_estimate() or self.book.params.capacity
+
+    def _congestion(self) -> float:
+        """``in_flight / limit``, and 1 while anyone waits in the bid queue."""
+        return 1.0 if self.auction.queue_length else self.limiter.congestion_level()
+
+    def _update_load(self, now: float) -> None:
+        self.book.update_load(now, self._congestion(), self.capacity())
+
+    # ------------------------------------------------------------ request path
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        now = self.clock()
+        caller, trusted = self._identify(request)
+        verdict = _Verdict(caller, self.labels.of(caller))
+        if not self.game:
+            return await self._baseline(request, verdict, now)
+        bid, is_retry = 0.0, False
+        if trusted:
+            try:
+                bid = parse_bid(request.headers.get(BID))
+            except BidError as exc:
+                self.metrics.bad_bids.labels(exc.reason).inc()
+                self.metrics.requests.labels(verdict.label, "bad-bid").inc()
+                return self._answer(verdict, 400, "bad-bid", str(exc), {"header": BID})
+            is_retry = self._is_retry(request)
+        verdict.decision = self.book.admit(caller, now, is_retry)
+        if not verdict.decision.admitted:
+            self.metrics.requests.labels(verdict.label, "throttled").inc()
+            retry_after = verdict.decision.retry_after or 1.0
+            return self._answer(
+                verdict, 429, "punished",
+                f"caller {caller!r} is punished (level {verdict.decision.level}) for exceeding "
+                "its fair share or retry budget; back off", {},
+                {"Retry-After": str(math.ceil(retry_after))},
+            )
+        admission = await self._admit(request, verdict, bid, now)
+        if isinstance(admission, web.StreamResponse):
+            return admission
+        verdict.price = admission.price
+        self.metrics.price.set(admission.price)
+        if admission.price > 0:
+            self.metrics.paid.labels(verdict.label).inc(admission.price)
+        self.metrics.wait.observe(admission.waited)
+        return await self._forward(request, verdict, tracked=True)
+
+    def _identify(self, request: web.Request) -> tuple[str, bool]:
+        header = request.headers.get(IDENTITY)
+        if self.mesh_key is None:
+            result = "no-key" if header else "missing"
+            self.metrics.identity.labels(result).inc()
+            trusted = False
+        else:
+            checked = verify_identity(header, self.mesh_key, self.wall_clock(),
+                                      self.settings.identity_max_skew)
+            if isinstance(checked, IdentityRejection):
+                self.metrics.identity.labels(checked.reason.value).inc()
+                trusted = False
+            else:
+                self.metrics.identity.labels("trusted").inc()
+                return checked.caller, True
+        ignored = sum(1 for name in request.headers if is_gt_header(name)
+                      and name.lower() != IDENTITY.lower())
+        if ignored:
+            self.metrics.stripped.labels("untrusted").inc(ignored)
+        return ANONYMOUS, trusted
+
+    def _is_retry(self, request: web.Request) -> bool:
+        raw = request.headers.get(RETRY)
+        if raw is None:
+            return False
+        try:
+            parse_retry(raw)
+        except HeaderError:
+            self.metrics.bad_headers.labels(RETRY.lower()).inc()
+            return True  # a malformed mark is still a mark: never cheaper than a valid one
+        return True
+
+    async def _admit(
+        self, request: web.Request, verdict: _Verdict, bid: float, now: float
+    ) -> Admission | web.StreamResponse:
+        """A slot now (price 0), or a place in the bid queue until one frees up."""
+        request_id = f"r{next(self._ids)}"
+        slot = self.limiter.on_start(now)
+        outcome = self.auction.offer(request_id, verdict.caller, bid, now, slot)
+        self._update_load(now)
+        if isinstance(outcome, Admission):
+            return outcome
+        if isinstance(outcome, Rejected):
+            self.metrics.requests.labels(verdict.label, "queue-full").inc()
+            return self._answer(verdict, 503, "queue-full",
+                                "the app is overloaded and the queue is full of higher bids", {},
+                                {"Retry-After": "1"})
+        assert isinstance(outcome, Queued)
+        if outcome.evicted is not None:
+            evicted = self._waiting.pop(outcome.evicted, None)
+            if evicted is not None and not evicted.done():
+                evicted.set_result(None)
+        future: asyncio.Future[Admission | None] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        self.metrics.queue_length.set(self.auction.queue_length)
+        try:
+            await asyncio.wait({future}, timeout=self.settings.max_wait)
+        except asyncio.CancelledError:  # the client went away while waiting
+            self._abandon_wait(request_id, future)
+            raise
+        if not future.done():
+            self._abandon_wait(request_id, future)
+            self.metrics.requests.labels(verdict.label, "queue-timeout").inc()
+            return self._answer(verdict, 503, "queue-timeout",
+                                f"no slot at the app within {self.settings.max_wait:g} s "
+                                "(overloaded; a higher bid is served first)", {},
+                                {"Retry-After": "1"})
+        admission = future.result()
+        if admission is None:
+            self.metrics.requests.labels(verdict.label, "queue-full").inc()
+            return self._answer(verdict, 503, "queue-full",
+                                "pushed out of a full queue by a higher bid", {},
+                                {"Retry-After": "1"})
+        return admission
+
+    def _abandon_wait(self, request_id: str, future: asyncio.Future[Admission | None]) -> None:
+        now = self.clock()
+        self._waiting.pop(request_id, None)
+        if future.done() and future.result() is not None:  # admitted just now: give it back
+            self.limiter.on_abandon(now)
+            self._release(now)
+        else:
+            self.auction.cancel(request_id, now)
+            if not future.done():
+                future.cancel()
+        self._update_load(now)
+
+    def _release(self, now: float) -> None:
+        """Hand free slots to the best waiters (each pays the highest losing bid)."""
+        while self.auction.queue_length and self.limiter.available() > 0:
+            for admission in self.auction.release(now, self.limiter.available()):
+                future = self._waiting.pop(admission.request_id, None)
+                self.limiter.on_start(now)
+                if future is None or future.done():
+                    self.limiter.on_abandon(now)  # its client is gone: the slot is free again
+                else:
+                    future.set_result(admission)
+        self._update_load(now)
+
+    async def _baseline(
+        self, request: web.Request, verdict: _Verdict, now: float
+    ) -> web.StreamResponse:
+        if self.settings.mode == "token-bucket" and not self.bucket.try_take(now):
+            self.metrics.requests.labels(verdict.label, "rate-limited").inc()
+            return self._answer(verdict, 429, "local-rate-limited",
+                                "local rate limit exceeded", {}, {"X-RateLimit-Limit":
+                                f"{self.settings.token_bucket_rate:g}"})
+        return await self._forward(request, verdict, tracked=False)
+
+    # ------------------------------------------------------------ forwarding
+
+    async def _forward(
+        self, request: web.Request, verdict: _Verdict, *, tracked: bool
+    ) -> web.StreamResponse:
+        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot."""
+        if self._session is None:
+            raise RuntimeError("the inbound listener's app was not started")
+        headers, _ = request_headers_to_upstream(
+            request.headers, client_ip=request.remote, proto=request.scheme, via=self.via
+        )
+        headers.popall("Expect", None)
+        body = relay_chunks(request.content, self.request_timeout) if request.body_exists else None
+        started = self.clock()
+        finished_ok = False
+        self.in_flight += 1
+        try:
+            try:
+                async with asyncio.timeout(self.request_timeout):
+                    upstream = await self._session.request(
+                        request.method, URL(self.app_url + request.raw_path, encoded=True),
+                        headers=headers, data=body, allow_redirects=False,
+                        read_bufsize=CHUNK_SIZE,
+                    )
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                failure = classify(exc)
+                self.metrics.requests.labels(verdict.label, "app-error").inc()
+                log.info("app %s: %s", self.app_url, failure.detail)
+                return self._answer(verdict, failure.status, failure.reason,
+                                    f"the app did not answer: {failure.detail}", {})
+            try:
+                out = end_to_end(upstream.headers)
+                if strip_game_headers(out):
+                    self.metrics.stripped.labels("from-app").inc()
+                append_header(out, "Via", self.via)
+                self._signal_headers(out, verdict)
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                              headers=out)
+                await response.prepare(request)
+                if not must_be_empty(request.method, upstream.status):
+                    try:
+                        async for chunk in relay_chunks(upstream.content, self.request_timeout):
+                            await response.write(chunk)
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        upstream.close()
+                        raise ConnectionResetError(f"app body failed: {exc!r}") from exc
+                await response.write_eof()
+                finished_ok = True
+                self.metrics.requests.labels(verdict.label, "admitted").inc()
+                return response
+            finally:
+                upstream.release()
+        finally:
+            self.in_flight -= 1
+            now = self.clock()
+            if tracked:
+                if finished_ok:
+                    self.limiter.on_finish(now - started, now)
+                else:
+                    self.limiter.on_abandon(now)
+                self._release(now)
+            if finished_ok:
+                self.metrics.app_latency.observe(now - started)
+
+    # ------------------------------------------------------------ answers
+
+    def _signal_headers(self, headers: CIMultiDict[str], verdict: _Verdict) -> None:
+        if not self.game:
+            return
+        limiter = self.limiter
+        headers[CONGESTION] = format_congestion(self._congestion(), limiter.limit,
+                                                limiter.in_flight)
+        decision = verdict.decision
+        if decision is not None:
+            headers[REPUTATION] = format_standing(decision.reputation, decision.level,
+                                                  decision.phase, decision.retry_after)
+        else:  # answered before policing (bad bid): the standing as it is
+            now = self.clock()
+            standing = self.book.standing(verdict.caller, now)
+            headers[REPUTATION] = (
+                format_standing(standing.reputation, standing.level, standing.phase,
+                                standing.punished_for)
+                if standing is not None else format_standing(1.0, 0, Phase.GOOD, None)
+            )
+        if verdict.price is not None:
+            headers[PRICE] = f"{verdict.price:g}"
+
+    def _answer(
+        self,
+        verdict: _Verdict,
+        status: int,
+        reason: str,
+        message: str,
+        extra: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        out: CIMultiDict[str] = CIMultiDict(headers or {})
+        out["Via"] = self.via
+        self._signal_headers(out, verdict)
+        body = {"error": message, "reason": reason, "caller": verdict.caller,
+                "sidecar": self.sidecar_id, **extra}
+        return web.json_response(body, status=status, headers=out)

@@ -1,0 +1,181 @@
+"""Settings of the sidecar's inbound side and of its caller identity: parsing and validation.
+
+Owns the ``policing:`` section of the config file and the ``--app`` URL check. Nothing here
+opens a socket: :mod:`sidecar.config` calls :func:`parse_policing` and :func:`parse_app_url`
+while it validates a layer (so a bad value is a ``ConfigError`` naming its source), and
+:mod:`sidecar.inbound` / :mod:`sidecar.identity_phase` read the resulting
+:class:`PolicingSettings`.
+
+Config file shape (every key optional; the numbers shown are the defaults)::
+
+    inbound: 0.0.0.0:15006          # the listener in front of the app (flag --inbound)
+    app: http://127.0.0.1:8080      # the local app (flag --app)
+    mesh_secret_file: /etc/equilibrium/mesh.key   # or env EQUILIBRIUM_MESH_SECRET
+    policing:
+      mode: equilibrium             # equilibrium | token-bucket | off (the bench baselines)
+      capacity: auto                # app capacity in requests/s; auto = learned (see below)
+      max_wait: 2                   # seconds a request may wait in the bid queue, then 503
+      identity_max_skew: 30         # seconds an X-GT-Identity stays valid
+      max_caller_labels: 20         # callers with their own metric label; the rest "other"
+      default_bid: 1                # bid this sidecar sends when its app sets none
+      token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
+      reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
+      ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
+      concurrency: {initial_limit: 20, ...}      # mesh.concurrency.ConcurrencyParams fields
+      auction: {budget_rate: 10, ...}            # mesh.auction.AuctionParams fields
+
+``capacity: auto`` estimates the app's throughput by Little's law from the adaptive
+concurrency limit and the RTT measured under load (``limit / sampleRTT``), which, unlike
+``limit / minRTT``, does not overestimate an app whose service times vary a lot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from mesh.auction import MAX_BID, AuctionParams
+from mesh.concurrency import ConcurrencyParams
+from mesh.reputation import LadderRules, PolicingParams
+
+MODES = ("equilibrium", "token-bucket", "off")
+MESH_SECRET_ENV = "EQUILIBRIUM_MESH_SECRET"
+APP_BID_HEADER = "X-Equilibrium-Bid"
+"""The header an app sets on an outgoing request to bid for priority (the sidecar turns it
+into a signed caller's ``X-GT-Bid`` and never forwards it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicingSettings:
+    """Everything the inbound listener and the caller phases are tuned by."""
+
+    mode: str = "equilibrium"
+    capacity: float | None = None  # None: auto
+    max_wait: float = 2.0
+    identity_max_skew: float = 30.0
+    max_caller_labels: int = 20
+    default_bid: float = 1.0
+    token_bucket_rate: float = 100.0
+    token_bucket_burst: float = 100.0
+    reputation: PolicingParams = field(default_factory=PolicingParams)
+    concurrency: ConcurrencyParams = field(default_factory=ConcurrencyParams)
+    auction: AuctionParams = field(default_factory=AuctionParams)
+
+
+_SECTIONS = ("reputation", "ladder", "concurrency", "auction", "token_bucket")
+_TOP_KEYS = frozenset(
+    {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "default_bid",
+     *_SECTIONS}
+)
+
+
+def parse_app_url(value: Any) -> str:
+    """``http://host:port`` of the local app, normalised; ValueError says what is wrong."""
+    text = str(value).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"app: bad URL {text!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"app: expected http://HOST:PORT, got {text!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"app: {text!r} must be scheme://host[:port] only")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default_port = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}:{port if port is not None else default_port}"
+
+
+def _number(value: Any, what: str, *, integer: bool = False, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{what}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{what}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number < low:
+        raise ValueError(f"{what}: must be a finite number >= {low:g}, got {value!r}")
+    if integer and number != int(number):
+        raise ValueError(f"{what}: expected an integer, got {value!r}")
+    return number
+
+
+def _section(cls: type, defaults: Any, raw: Any, what: str, skip: frozenset[str]) -> Any:
+    """A copy of the dataclass ``defaults`` with the numeric fields given in ``raw``."""
+    if raw is None:
+        return defaults
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{what}: expected a mapping of settings")
+    names = {f.name for f in dataclasses.fields(cls)} - skip
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ValueError(f"{what}: unknown key {key!r}; known: {', '.join(sorted(names))}")
+        current = getattr(defaults, name)
+        integer = isinstance(current, int) and not isinstance(current, bool)
+        number = _number(value, f"{what}.{name}", integer=integer)
+        changes[name] = int(number) if integer else number
+    try:
+        return dataclasses.replace(defaults, **changes)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def parse_policing(raw: Any) -> PolicingSettings:
+    """The ``policing:`` mapping -> :class:`PolicingSettings`; ValueError names the bad key."""
+    if raw is None:
+        return PolicingSettings()
+    if not isinstance(raw, Mapping):
+        raise ValueError("policing: expected a mapping of settings")
+    for key in raw:
+        if str(key).replace("-", "_") not in _TOP_KEYS:
+            raise ValueError(
+                f"policing: unknown key {key!r}; known: {', '.join(sorted(_TOP_KEYS))}"
+            )
+    get = {str(k).replace("-", "_"): v for k, v in raw.items()}.get
+    mode = str(get("mode", "equilibrium")).strip()
+    if mode not in MODES:
+        raise ValueError(f"policing.mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
+    capacity_raw = get("capacity", "auto")
+    capacity = (None if str(capacity_raw).strip() == "auto"
+                else _number(capacity_raw, "policing.capacity", low=1e-9))
+    bucket = get("token_bucket") or {}
+    if not isinstance(bucket, Mapping):
+        raise ValueError("policing.token_bucket: expected {rate: N, burst: N}")
+    unknown = set(map(str, bucket)) - {"rate", "burst"}
+    if unknown:
+        raise ValueError(f"policing.token_bucket: unknown key(s) {sorted(unknown)}; "
+                         "known: burst, rate")
+    ladder = _section(LadderRules, LadderRules(), get("ladder"), "policing.ladder", frozenset())
+    reputation = _section(
+        PolicingParams, PolicingParams(ladder=ladder), get("reputation"),
+        "policing.reputation", frozenset({"ladder", "capacity"}),
+    )
+    default_bid = _number(get("default_bid", 1.0), "policing.default_bid")
+    if default_bid > MAX_BID:
+        raise ValueError(f"policing.default_bid: must be at most {MAX_BID:g}")
+    settings = PolicingSettings(
+        mode=mode,
+        capacity=capacity,
+        max_wait=_number(get("max_wait", 2.0), "policing.max_wait", low=0.001),
+        identity_max_skew=_number(get("identity_max_skew", 30.0), "policing.identity_max_skew",
+                                  low=1.0),
+        max_caller_labels=int(_number(get("max_caller_labels", 20), "policing.max_caller_labels",
+                                      integer=True, low=1)),
+        default_bid=default_bid,
+        token_bucket_rate=_number(bucket.get("rate", 100.0), "policing.token_bucket.rate",
+                                  low=1e-9),
+        token_bucket_burst=_number(bucket.get("burst", 100.0), "policing.token_bucket.burst",
+                                   low=1.0),
+        reputation=reputation,
+        concurrency=_section(ConcurrencyParams, ConcurrencyParams(), get("concurrency"),
+                             "policing.concurrency", frozenset()),
+        auction=_section(AuctionParams, AuctionParams(), get("auction"), "policing.auction",
+                         frozenset()),
+    )
+    return settings
