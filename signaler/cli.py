@@ -1,0 +1,187 @@
+"""``equilibrium signaler``: flags, the mesh key, the admin listener, and exit codes.
+
+Owns the command line only; the work is :class:`signaler.service.SignalerService`. Exit codes:
+0 after SIGTERM/SIGINT, 2 for a bad configuration (no mesh key, bad flag; message on stderr),
+1 when the admin listener cannot be bound.
+
+The mesh key (HMAC key of the recommendations) comes from ``EQUILIBRIUM_MESH_SECRET`` or from
+``--mesh-secret-file``; without one the signaler refuses to start: unsigned routing signals are
+never an option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from mesh.identity import MeshKeyError, load_mesh_key
+
+DEFAULT_ADMIN = "127.0.0.1:15020"
+DEFAULT_EPOCH = 1.0
+DEFAULT_TOKENS = 32
+
+EPILOG = """\
+environment: EQUILIBRIUM_REDIS_URL (for --redis), EQUILIBRIUM_MESH_SECRET (the mesh key,
+  at least 16 bytes; or --mesh-secret-file), EQUILIBRIUM_SIGNALER_ID (for --id).
+redis URLs: redis://[user:password@]host:port/db, rediss:// for TLS
+  (add ?ssl_ca_certs=/path/ca.pem to trust a private CA).
+several replicas may run: one leads each upstream (a Redis lease fenced by a token), the
+  others stand by and take over within --lease-epochs epochs if it dies.
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "signaler",
+        help="run the correlated-equilibrium signaler",
+        description="Read regret summaries from Redis, solve the correlated-equilibrium LP each "
+        "epoch, publish signed private routing recommendations.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--redis", metavar="URL",
+                        default=os.environ.get("EQUILIBRIUM_REDIS_URL"),
+                        help="Redis URL (default $EQUILIBRIUM_REDIS_URL)")
+    parser.add_argument("--epoch", metavar="SECONDS", default=str(DEFAULT_EPOCH),
+                        help=f"seconds between solves (default {DEFAULT_EPOCH:g})")
+    parser.add_argument("--id", default=os.environ.get("EQUILIBRIUM_SIGNALER_ID"),
+                        help="this replica's id (default signaler-HOSTNAME-PID)")
+    parser.add_argument("--admin", metavar="HOST:PORT", default=DEFAULT_ADMIN,
+                        help=f"admin listener: /metrics /healthz /readyz (default {DEFAULT_ADMIN})")
+    parser.add_argument("--tokens", metavar="N", default=str(DEFAULT_TOKENS),
+                        help=f"tokens the traffic is quantised into (default {DEFAULT_TOKENS})")
+    parser.add_argument("--upstream", dest="upstreams", action="append", metavar="NAME",
+                        help="serve only these upstreams (repeatable; default: discover)")
+    parser.add_argument("--mesh-secret-file", metavar="FILE",
+                        help="file holding the mesh key (EQUILIBRIUM_MESH_SECRET wins)")
+    parser.add_argument("--lease-epochs", metavar="N", default="3",
+                        help="lease time-to-live in epochs: how soon a standby takes over (3)")
+    parser.add_argument("--seed", metavar="N", default=None,
+                        help="seed of the configuration sampling (default: random)")
+    parser.add_argument("--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.set_defaults(func=main)
+
+
+class UsageError(ValueError):
+    """A flag or the environment is unusable; the message is for a human."""
+
+
+def read_mesh_key(secret_file: str | None, env: dict[str, str] | None = None) -> bytes:
+    """The mesh key from ``EQUILIBRIUM_MESH_SECRET`` or ``secret_file``; UsageError if none."""
+    environ = os.environ if env is None else env
+    content = None
+    if secret_file:
+        try:
+            content = Path(secret_file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--mesh-secret-file {secret_file!r}: {exc.strerror}") from None
+    try:
+        return load_mesh_key(environ.get("EQUILIBRIUM_MESH_SECRET"), content)
+    except MeshKeyError as exc:
+        raise UsageError(f"{exc}; signaling refuses to run without one") from None
+
+
+def _number(text: str, flag: str, low: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{flag}: expected a number, got {text!r}") from None
+    if not (low <= value < float("inf")):
+        raise UsageError(f"{flag}: must be a finite number >= {low:g}, got {text!r}")
+    return value
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--admin: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
+    """The service config and admin address from the parsed flags (UsageError if bad)."""
+    from signaler.service import SignalerConfig
+
+    if not args.redis:
+        raise UsageError("--redis URL (or EQUILIBRIUM_REDIS_URL) is required")
+    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise UsageError(f"--redis: expected a redis:// or rediss:// URL, got {args.redis!r}")
+    key = read_mesh_key(args.mesh_secret_file)
+    signer = args.id or f"signaler-{socket.gethostname()}-{os.getpid()}"
+    try:
+        config = SignalerConfig(
+            redis_url=args.redis,
+            signer=signer,
+            key=key,
+            epoch=_number(args.epoch, "--epoch", 0.05),
+            tokens=int(_number(args.tokens, "--tokens", 1)),
+            upstreams=tuple(args.upstreams or ()),
+            lease_epochs=_number(args.lease_epochs, "--lease-epochs", 1.5),
+            seed=None if args.seed is None else int(_number(args.seed, "--seed", 0)),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from mesh.protocol import ProtocolError, leader_key
+
+    try:  # ids and upstream names must be valid protocol names
+        leader_key(signer)
+        for upstream in config.upstreams:
+            leader_key(upstream)
+    except ProtocolError as exc:
+        raise UsageError(f"--id/--upstream: {exc.detail}") from None
+    return config, _listen(args.admin)
+
+
+async def serve(config: Any, admin: tuple[str, int]) -> int:
+    """Run the service and its admin listener until SIGTERM/SIGINT."""
+    from aiohttp import web
+
+    from signaler.metrics import make_admin_app
+    from signaler.service import SignalerService
+
+    service = SignalerService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(
+        make_admin_app(service.metrics, service.health, service.state), access_log=None
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, admin[0], admin[1], reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(f"equilibrium signaler: cannot listen on {admin[0]}:{admin[1]}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    logging.getLogger(__name__).info(
+        "signaler %s: epoch %gs, %d tokens, admin %s:%d", config.signer, config.epoch,
+        config.tokens, admin[0], admin[1])
+    try:
+        await service.run(stop)
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config, admin = build_config(args)
+    except UsageError as exc:
+        print(f"equilibrium signaler: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config, admin))

@@ -1,0 +1,257 @@
+"""What the signaler knows about one upstream, and the plan it draws from that each epoch.
+
+Owns: :class:`UpstreamView` (the latest regret summary of each sidecar, a bounded history of
+(load, latency) observations per endpoint, latency models fitted from it, and the CE gap read
+from the sidecars' regrets) and :func:`make_plan` (solve the correlated-equilibrium program,
+sample one configuration, deal its tokens to the sidecars as private weights). Pure: no Redis,
+no asyncio, no clock (``now`` is passed in), no global RNG (a ``numpy.random.Generator`` is).
+
+Observations. Once per epoch the fresh summaries (sent within ``freshness`` seconds) are folded
+into one observation per endpoint: its offered load is the sum over sidecars of the sidecar's
+request rate times the share of its requests that went there, its latency the request-weighted
+mean latency, plus ``failure_penalty`` times the failure rate (a failed request costs the
+caller at least a retry). The model ``d + 1/(mu - load)`` of :mod:`signaler.latency_model` is
+fitted over the last ``history`` observations, with the previous fit as prior (so an endpoint
+with few samples keeps a sane model). An endpoint never observed borrows the median model of
+the others: optimistic enough to be tried, and its first real samples replace it.
+
+The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
+correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
+Mas-Colell 2000, Econometrica 68(5)), so the largest positive D over fresh summaries is a live
+measure of how far the mesh is from a correlated equilibrium.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mesh.protocol import RegretSummary
+from signaler.latency_model import LatencyModel, fit_latency_model
+from signaler.lp import DEFAULT_MAX_CONFIGURATIONS, CorrelatedEquilibriumLP
+from signaler.solution import CESolution
+from signaler.tokens import assign_tokens, quantise_demand, sample_configuration
+
+DEFAULT_HISTORY = 60
+DEFAULT_FAILURE_PENALTY = 1.0
+#: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
+FALLBACK_MODEL = LatencyModel(d=0.005, mu=1000.0)
+
+
+class NoDemand(Exception):
+    """Nothing to plan: no fresh summary reports traffic (not an error, nothing is published)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    load: float
+    latency: float
+    weight: float
+
+
+@dataclass(slots=True)
+class UpstreamView:
+    """The signaler's knowledge of one upstream (see the module docstring)."""
+
+    upstream: str
+    freshness: float
+    history: int = DEFAULT_HISTORY
+    failure_penalty: float = DEFAULT_FAILURE_PENALTY
+    latest: dict[str, RegretSummary] = field(default_factory=dict)
+    observations: dict[str, deque[Observation]] = field(default_factory=dict)
+    models: dict[str, LatencyModel] = field(default_factory=dict)
+    _dirty: bool = False
+
+    def offer(self, summary: RegretSummary) -> bool:
+        """Keep ``summary`` if it is the sidecar's newest; True if it was kept."""
+        if summary.upstream != self.upstream:
+            raise ValueError(f"summary for {summary.upstream!r} offered to {self.upstream!r}")
+        current = self.latest.get(summary.sidecar)
+        if current is not None and (summary.sent_at, summary.epoch) <= (
+            current.sent_at, current.epoch
+        ):
+            return False
+        self.latest[summary.sidecar] = summary
+        self._dirty = True
+        return True
+
+    def fresh(self, now: float) -> list[RegretSummary]:
+        """Summaries sent within ``freshness`` seconds of ``now``, by sidecar id; older ones
+        are forgotten (a sidecar that stopped reporting is no longer planned for)."""
+        for sidecar, summary in list(self.latest.items()):
+            if now - summary.sent_at > self.freshness:
+                del self.latest[sidecar]
+        return [self.latest[s] for s in sorted(self.latest)]
+
+    def endpoints(self, now: float) -> tuple[str, ...]:
+        """The union of the fresh summaries' endpoints, in first-seen order."""
+        seen: dict[str, None] = {}
+        for summary in self.fresh(now):
+            for endpoint in summary.endpoints:
+                seen.setdefault(endpoint, None)
+        return tuple(seen)
+
+    def observe(self, now: float) -> None:
+        """Fold the summaries received since the last call into one observation per endpoint
+        and refit the models of the endpoints that got one."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        load: dict[str, float] = {}
+        latency_sum: dict[str, float] = {}
+        count: dict[str, float] = {}
+        for summary in self.fresh(now):
+            total = sum(summary.requests)
+            if total <= 0:
+                continue
+            for i, endpoint in enumerate(summary.endpoints):
+                n = summary.requests[i]
+                mean = summary.latency_mean[i]
+                if n <= 0 or mean is None:
+                    continue
+                charged = mean + self.failure_penalty * summary.failures[i] / n
+                load[endpoint] = load.get(endpoint, 0.0) + summary.demand * n / total
+                latency_sum[endpoint] = latency_sum.get(endpoint, 0.0) + charged * n
+                count[endpoint] = count.get(endpoint, 0.0) + n
+        for endpoint, n in count.items():
+            series = self.observations.setdefault(endpoint, deque(maxlen=self.history))
+            series.append(Observation(load[endpoint], latency_sum[endpoint] / n, n))
+            self._refit(endpoint)
+
+    def _refit(self, endpoint: str) -> None:
+        series = self.observations[endpoint]
+        # A fit that fails keeps the previous model (or the fallback) rather than fail the epoch.
+        with contextlib.suppress(ValueError):
+            self.models[endpoint] = fit_latency_model(
+                [o.load for o in series],
+                [o.latency for o in series],
+                weights=[o.weight for o in series],
+                prior=self.models.get(endpoint),
+            )
+
+    def model_for(self, endpoint: str) -> LatencyModel:
+        """The fitted model, or the median of the known ones, or :data:`FALLBACK_MODEL`."""
+        model = self.models.get(endpoint)
+        if model is not None:
+            return model
+        known = list(self.models.values())
+        if not known:
+            return FALLBACK_MODEL
+        return LatencyModel(
+            d=float(np.median([m.d for m in known])), mu=float(np.median([m.mu for m in known]))
+        )
+
+    def regret_gap(self, now: float) -> float:
+        """The largest positive conditional regret D(j, k), j != k, over fresh summaries."""
+        gap = 0.0
+        for summary in self.fresh(now):
+            for j, row in enumerate(summary.regret):
+                for k, value in enumerate(row):
+                    if j != k and value > gap:
+                        gap = value
+        return gap
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One epoch's plan for one upstream: the solution, the sampled configuration, and each
+    sidecar's private weights over its own endpoints."""
+
+    upstream: str
+    endpoints: tuple[str, ...]
+    models: tuple[LatencyModel, ...]
+    solution: CESolution
+    configuration: tuple[int, ...]
+    tokens: Mapping[str, int]
+    weights: Mapping[str, Mapping[str, float]]
+    sidecar_endpoints: Mapping[str, tuple[str, ...]]
+
+    @property
+    def status(self) -> str:
+        """The solver outcome as a protocol status token (``optimal``, ``system-optimum``...)."""
+        if self.solution.method == "system-optimum":
+            return "system-optimum"
+        return self.solution.status.replace("_", "-")
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    total = math.fsum(weights)
+    out = [w / total for w in weights]
+    # Put the last rounding error on the largest weight so the sum is 1 to the last bit.
+    largest = max(range(len(out)), key=out.__getitem__)
+    out[largest] += 1.0 - math.fsum(out)
+    return [min(max(w, 0.0), 1.0) for w in out]
+
+
+def sidecar_weights(
+    own_endpoints: Sequence[str],
+    share: Mapping[int, float],
+    index: Mapping[str, int],
+    marginal: np.ndarray,
+) -> list[float]:
+    """A sidecar's weights over its own endpoints from its dealt ``share`` (endpoint index ->
+    fraction); falls back to the plan's marginal when the share misses all its endpoints."""
+    raw = [share.get(index[e], 0.0) if e in index else 0.0 for e in own_endpoints]
+    if math.fsum(raw) <= 0:
+        raw = [float(marginal[index[e]]) if e in index else 0.0 for e in own_endpoints]
+    if math.fsum(raw) <= 0:
+        raw = [1.0] * len(own_endpoints)
+    return _normalised(raw)
+
+
+def make_plan(
+    view: UpstreamView,
+    now: float,
+    n_tokens: int,
+    rng: np.random.Generator,
+    *,
+    max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
+) -> Plan:
+    """Solve this epoch's program for ``view`` and deal a sampled configuration.
+
+    The fresh sidecars' demands (requests/s) are quantised into ``n_tokens`` tokens (more when
+    more sidecars have demand, so each gets one); each token carries the total demand divided by
+    the tokens. Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
+    :class:`~signaler.solution.SolverError` propagate (the caller keeps its previous plan).
+    """
+    if n_tokens < 1:
+        raise ValueError("n_tokens must be >= 1")
+    view.observe(now)
+    fresh = view.fresh(now)
+    endpoints = view.endpoints(now)
+    rates = {s.sidecar: s.demand for s in fresh}
+    total = math.fsum(rates.values())
+    if not fresh or not endpoints or total <= 0:
+        raise NoDemand(f"no fresh summary with demand for {view.upstream!r}")
+    active = sum(1 for r in rates.values() if r > 0)
+    n = max(n_tokens, active)
+    tokens = quantise_demand(rates, n)
+    models = tuple(view.model_for(e) for e in endpoints)
+    solution = CorrelatedEquilibriumLP(
+        models, n, total / n, max_configurations=max_configurations
+    ).solve()
+    counts = sample_configuration(solution, rng)
+    shares = assign_tokens(counts, tokens, rng)
+    index = {e: i for i, e in enumerate(endpoints)}
+    marginal = solution.marginal()
+    weights: dict[str, dict[str, float]] = {}
+    own: dict[str, tuple[str, ...]] = {}
+    for summary in fresh:
+        ws = sidecar_weights(summary.endpoints, shares[summary.sidecar], index, marginal)
+        weights[summary.sidecar] = dict(zip(summary.endpoints, ws, strict=True))
+        own[summary.sidecar] = summary.endpoints
+    return Plan(
+        upstream=view.upstream,
+        endpoints=endpoints,
+        models=models,
+        solution=solution,
+        configuration=tuple(int(c) for c in counts),
+        tokens=tokens,
+        weights=weights,
+        sidecar_endpoints=own,
+    )
