@@ -7,8 +7,13 @@ bytes to :func:`load_mesh_key`, and passes ``now`` to :func:`sign_identity` and
 
 Wire format (version 1)::
 
-    X-GT-Identity: v1;id=<caller>;ts=<unix seconds>;sig=<mac>
-    <mac> = base64url(HMAC-SHA256(key, "v1|<caller>|<ts>")), unpadded
+    X-GT-Identity: v=1;id=<caller>;ts=<unix seconds>;sig=<mac>
+    <mac> = base64url(HMAC-SHA256(key, "X-GT-Identity|v=1|<caller>|<ts>")), unpadded
+
+It follows the ``v=<version>;key=value`` convention of :mod:`mesh.headers`, but strictly: a
+signed value has no optional or unknown keys, so nothing unsigned can ride along. The MAC input
+starts with the header name and version (domain separation: a MAC made with the mesh key for
+any other purpose can never pass as an identity).
 
 - ``<caller>`` matches ``[A-Za-z0-9._:-]{1,64}`` (so it can never contain ``;``, ``=`` or ``|``).
 - ``<ts>`` is the signing time in seconds, written as a decimal (``1764183600.125``); the MAC
@@ -40,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-IDENTITY_VERSION = "v1"
+IDENTITY_VERSION = "v=1"
 ANONYMOUS = "anonymous"
 """The caller name of every request whose identity did not verify."""
 
@@ -111,7 +116,7 @@ def load_mesh_key(env_value: str | None, file_content: bytes | None) -> bytes:
 
 
 def _mac(key: bytes, caller: str, ts_text: str) -> str:
-    message = f"{IDENTITY_VERSION}|{caller}|{ts_text}".encode("ascii")
+    message = f"X-GT-Identity|{IDENTITY_VERSION}|{caller}|{ts_text}".encode("ascii")
     digest = hmac.new(key, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
@@ -156,12 +161,12 @@ def verify_identity(
         return _reject(IdentityReason.MALFORMED, f"longer than {MAX_HEADER_CHARS} characters")
     parts = header.strip().split(";")
     if parts[0] != IDENTITY_VERSION:
-        if parts[0].startswith("v") and parts[0][1:].isdigit():
+        if parts[0].startswith("v=") and parts[0][2:].isdigit():
             return _reject(
                 IdentityReason.UNSUPPORTED_VERSION,
                 f"version {parts[0][:8]!r} is not supported (expected {IDENTITY_VERSION})",
             )
-        return _reject(IdentityReason.MALFORMED, "does not start with a version such as 'v1'")
+        return _reject(IdentityReason.MALFORMED, "does not start with a version such as 'v=1'")
     if len(parts) != 1 + len(_FIELDS):
         return _reject(IdentityReason.MALFORMED, "expected exactly the fields id, ts, sig")
     values: list[str] = []

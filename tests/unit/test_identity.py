@@ -45,8 +45,9 @@ def test_round_trip_gives_the_caller_and_signing_time() -> None:
 
 def test_signature_is_hmac_sha256_over_version_id_and_ts_text() -> None:
     header = sign_identity("svc-a", KEY, 12.5)
-    assert header.startswith("v1;id=svc-a;ts=12.500;sig=")
-    expected = hmac.new(KEY, b"v1|svc-a|12.500", hashlib.sha256).digest()
+    assert header.startswith("v=1;id=svc-a;ts=12.500;sig=")
+    message = b"X-GT-Identity|v=1|svc-a|12.500"
+    expected = hmac.new(KEY, message, hashlib.sha256).digest()
     sig = _fields(header)["sig"]
     assert base64.urlsafe_b64decode(sig + "=") == expected
     assert "=" not in sig and len(sig) == 43
@@ -92,10 +93,10 @@ def test_expired_and_future_identities_are_rejected_at_the_skew_boundary() -> No
 
 
 def test_unknown_version_is_rejected_as_unsupported() -> None:
-    header = sign_identity("svc-a", KEY, NOW).replace("v1;", "v2;", 1)
+    header = sign_identity("svc-a", KEY, NOW).replace("v=1;", "v=2;", 1)
     result = _rejected(header)
     assert result.reason is IdentityReason.UNSUPPORTED_VERSION
-    assert "v2" in result.detail
+    assert "v=2" in result.detail
 
 
 def test_missing_header_is_anonymous() -> None:
@@ -108,19 +109,20 @@ def test_missing_header_is_anonymous() -> None:
     "header",
     [
         "garbage",
-        "v1",
-        "v1;id=svc-a;ts=1.0",
-        "v1;ts=1.0;id=svc-a;sig=" + "A" * 43,
-        "v1;id=svc a;ts=1.0;sig=" + "A" * 43,
-        "v1;id=" + "a" * 65 + ";ts=1.0;sig=" + "A" * 43,
-        "v1;id=anonymous;ts=1.0;sig=" + "A" * 43,
-        "v1;id=svc-a;ts=nan;sig=" + "A" * 43,
-        "v1;id=svc-a;ts=-5;sig=" + "A" * 43,
-        "v1;id=svc-a;ts=1e9;sig=" + "A" * 43,
-        "v1;id=svc-a;ts=1.0;sig=" + "A" * 42,
-        "v1;id=svc-a;ts=1.0;sig=" + "+" * 43,
-        "v1;id=svc-a;ts=1.0;sig=" + "A" * 43 + ";extra=1",
-        "v1;id=svc-a;" + "x" * 300,
+        "v1;id=svc-a;ts=1.0;sig=" + "A" * 43,
+        "v=1",
+        "v=1;id=svc-a;ts=1.0",
+        "v=1;ts=1.0;id=svc-a;sig=" + "A" * 43,
+        "v=1;id=svc a;ts=1.0;sig=" + "A" * 43,
+        "v=1;id=" + "a" * 65 + ";ts=1.0;sig=" + "A" * 43,
+        "v=1;id=anonymous;ts=1.0;sig=" + "A" * 43,
+        "v=1;id=svc-a;ts=nan;sig=" + "A" * 43,
+        "v=1;id=svc-a;ts=-5;sig=" + "A" * 43,
+        "v=1;id=svc-a;ts=1e9;sig=" + "A" * 43,
+        "v=1;id=svc-a;ts=1.0;sig=" + "A" * 42,
+        "v=1;id=svc-a;ts=1.0;sig=" + "+" * 43,
+        "v=1;id=svc-a;ts=1.0;sig=" + "A" * 43 + ";extra=1",
+        "v=1;id=svc-a;" + "x" * 300,
     ],
 )
 def test_malformed_headers_are_rejected_with_a_reason(header: str) -> None:
