@@ -4,7 +4,7 @@ Owns the JSON shape of ``/debug/state`` (the demo and the benchmark parse it)::
 
     {"id": str, "strategy": str, "policy": str, "draining": bool,
      "upstreams": {NAME: {"policy": str, "nash_gap": float, "flapping": float,
-                          "converged": bool, "following": false,
+                          "converged": bool, "following": bool,
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int}]}}}
@@ -54,7 +54,7 @@ def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str
         "nash_gap": _num(snapshot.nash_gap),
         "flapping": _num(snapshot.flapping),
         "converged": bool(snapshot.converged),
-        "following": False,
+        "following": bool(snapshot.following),
         "endpoints": [
             {
                 "endpoint": view.endpoint,

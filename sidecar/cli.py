@@ -98,6 +98,15 @@ def register(subparsers: Any) -> None:
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    parser.add_argument(
+        "--redis", metavar="URL",
+        help="join the signaling plane: publish regret summaries, follow the signaler's signed "
+        "recommendations (redis://, rediss://; or env EQUILIBRIUM_REDIS_URL; needs the mesh key)",
+    )
+    parser.add_argument(
+        "--signaling-epoch", metavar="SECONDS",
+        help="seconds between regret summaries (default 1; env EQUILIBRIUM_SIGNALING_EPOCH)",
+    )
     parser.set_defaults(func=main)
 
 
@@ -117,6 +126,8 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "inbound": args.inbound,
         "app": args.app,
         "mesh_secret_file": args.mesh_secret_file,
+        "redis": args.redis,
+        "signaling_epoch": args.signaling_epoch,
     }
 
 
@@ -128,10 +139,12 @@ def main(args: argparse.Namespace) -> int:
     )
     source = ConfigSource.from_sources(flags_from_args(args))
     from sidecar.policing import PolicingWiring
+    from sidecar.signaling import SignalingWiring
 
     try:
         config = source.load()
         policing = PolicingWiring.prepare(config, source.env)
+        signaling = SignalingWiring.prepare(config, policing.mesh_key)
     except ConfigError as exc:
         print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
     async def serve() -> int:
         runner = SidecarRunner(source, config)
         policing.install(runner)
+        signaling.install(runner)
         return await runner.run()
 
     try:

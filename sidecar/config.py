@@ -69,12 +69,15 @@ ENV_VARS: dict[str, str] = {
     "inbound": "EQUILIBRIUM_INBOUND",
     "app": "EQUILIBRIUM_APP",
     "mesh_secret_file": "EQUILIBRIUM_MESH_SECRET_FILE",
+    "redis": "EQUILIBRIUM_REDIS_URL",
+    "signaling_epoch": "EQUILIBRIUM_SIGNALING_EPOCH",
 }
 FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
         "max_attempts", "request_timeout", "connect_timeout",
         "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
+        "redis", "signaling_epoch",  # sidecar.signaling
     }
 )
 
@@ -111,6 +114,8 @@ class SidecarConfig:
     inbound: ListenAddress | None = None  # listener in front of the app (with ``app``)
     app: str | None = None
     mesh_secret_file: Path | None = None  # or env EQUILIBRIUM_MESH_SECRET
+    redis: str | None = None  # signaling plane (sidecar.signaling); needs the mesh key
+    signaling_epoch: float = 1.0  # seconds between regret summaries
     policing: PolicingSettings = field(default_factory=PolicingSettings)
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
@@ -151,6 +156,15 @@ def parse_endpoint(url: str, upstream: str) -> str:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     default_port = 443 if parts.scheme == "https" else 80
     return f"{parts.scheme}://{host}:{port if port is not None else default_port}"
+
+
+def parse_redis_url(value: Any) -> str:
+    """``redis://[user:password@]host:port[/db]``, ``rediss://`` (TLS) or ``unix://``."""
+    text = str(value).strip()
+    if not text.startswith(("redis://", "rediss://", "unix://")) or len(text) < 9:
+        # the value is not echoed: it may hold a password
+        raise ConfigError("redis: expected a redis://, rediss:// or unix:// URL")
+    return text
 
 
 def parse_upstream_name(name: str) -> str:
@@ -290,6 +304,10 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                     out[key] = parse_app_url(value) if key == "app" else parse_policing(value)
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+            elif key == "redis":
+                out[key] = parse_redis_url(value)
+            elif key == "signaling_epoch":
+                out[key] = _parse_float(value, "signaling_epoch", 0.05)
             elif key == "mesh_secret_file":
                 out[key] = Path(str(value).strip())
             elif key == "upstreams":
@@ -375,6 +393,8 @@ class ConfigSource:
             inbound=merged.get("inbound"),
             app=merged.get("app"),
             mesh_secret_file=merged.get("mesh_secret_file"),
+            redis=merged.get("redis"),
+            signaling_epoch=merged.get("signaling_epoch", 1.0),
             policing=merged.get("policing", PolicingSettings()),
             config_file=self.config_file,
             sources=sources,

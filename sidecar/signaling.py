@@ -408,3 +408,52 @@ class SidecarSignaling:
         group.policy.follow(rec.weight_map(), self.clock() + (rec.expires_at - wall))  # type: ignore[attr-defined]
         self.metrics.accepted.labels(group.name).inc()
         return True
+
+
+# ---------------------------------------------------------------------- wiring
+
+
+@dataclass(frozen=True, slots=True)
+class SignalingWiring:
+    """Start-up decision for the signaling plane, made before the runner is built (so that a
+    missing key is a configuration error, exit 2)::
+
+        wiring = SignalingWiring.prepare(config, mesh_key)   # ConfigError without a key
+        runner = SidecarRunner(source, config)
+        wiring.install(runner)                                # adds the background task
+
+    Security default: with ``redis`` set and no mesh key, the sidecar refuses to start; it
+    would otherwise follow routing signals anyone with access to Redis could forge.
+    """
+
+    settings: SignalingSettings | None
+
+    @classmethod
+    def prepare(cls, config: Any, mesh_key: bytes | None) -> SignalingWiring:
+        from sidecar.config import ConfigError
+
+        url = getattr(config, "redis", None)
+        if url is None:
+            return cls(None)
+        if mesh_key is None:
+            raise ConfigError(
+                "redis is set but there is no mesh key to verify recommendations with: set "
+                "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
+            )
+        epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
+        return cls(SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch))
+
+    def install(self, runner: Any) -> SidecarSignaling | None:
+        if self.settings is None:
+            return None
+        signaling = SidecarSignaling(
+            sidecar_id=runner.config.id,
+            table=runner.table,
+            registry=runner.metrics.registry,
+            latency_histogram=runner.metrics.latency,
+            settings=self.settings,
+            clock=runner.clock,
+        )
+        runner.add_background("signaling", signaling.run)
+        log.info("signaling: summaries every %gs as %s", self.settings.epoch, signaling.sidecar)
+        return signaling
