@@ -298,7 +298,11 @@ class ReputationBook:
     # --- inputs ---------------------------------------------------------------------------
 
     def update_load(self, now: float, congestion: float, capacity: float | None = None) -> None:
-        """The app's congestion level in [0, 1] and, if known, its capacity in requests/s."""
+        """The app's congestion level in [0, 1] and, if known, its capacity in requests/s.
+
+        Non-finite values are ignored (the last good value stays). ``now`` is taken for
+        symmetry with the other inputs; the level applies from the next request on.
+        """
         if math.isfinite(congestion):
             self._congestion = min(1.0, max(0.0, congestion))
         if capacity is not None and math.isfinite(capacity) and capacity > 0:
