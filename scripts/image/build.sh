@@ -90,7 +90,6 @@ mkdir -p "${WHEELHOUSE}"
 rm -f "${WHEELHOUSE}"/equilibrium_mesh-*.whl
 log "building the project wheel"
 "${PYTHON}" -m pip wheel -q --no-deps -w "${WHEELHOUSE}" "${ROOT_DIR}" >/dev/null
-log "downloading dependency wheels for cp${BASE_PY/./} manylinux x86_64"
 # The tags are the base's, not the host's: the same wheelhouse is right whatever runs pip here.
 # pip does not widen an explicit --platform to older glibc tags, so list every manylinux tag up to
 # bookworm's glibc 2.36.
@@ -101,18 +100,20 @@ download() {
         --python-version "${BASE_PY}" --implementation cp --abi "cp${BASE_PY/./}" --abi abi3 \
         --abi none "${platforms[@]}" "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2
 }
-download "${WHEELHOUSE}"/equilibrium_mesh-*.whl
-# Markers were evaluated for the host's interpreter: add what the base's interpreter needs too.
+# pip evaluates environment markers for the HOST interpreter, so the closure is computed here
+# for the base's (complete_wheelhouse.py); a warm wheelhouse makes no request at all.
 target_env="$(docker run --rm --network none "${BASE_TAG}" python3 -c "$("${PYTHON}" -c \
     'import sys; sys.path.insert(0, sys.argv[1]); import complete_wheelhouse as c;
 print(c.MARKER_ENV_SNIPPET)' "${ROOT_DIR}/scripts/image")")"
-for _ in 1 2 3 4 5; do
-    mapfile -t extra < <("${PYTHON}" "${ROOT_DIR}/scripts/image/complete_wheelhouse.py" \
+complete=0
+for _ in 1 2 3 4 5 6; do
+    mapfile -t missing < <("${PYTHON}" "${ROOT_DIR}/scripts/image/complete_wheelhouse.py" \
         "${WHEELHOUSE}" "${target_env}")
-    [ "${#extra[@]}" -eq 0 ] && break
-    log "adding for the base's interpreter: ${extra[*]}"
-    download "${extra[@]}"
+    if [ "${#missing[@]}" -eq 0 ]; then complete=1; break; fi
+    log "downloading ${#missing[@]} requirement(s) and their dependencies: ${missing[*]:0:8}"
+    download "${missing[@]}"
 done
+[ "${complete}" = 1 ] || { log "wheelhouse still incomplete: ${missing[*]}"; exit 1; }
 
 # ---- 3. the image ----------------------------------------------------------------------------
 log "docker build ${IMAGE} FROM ${BASE_TAG} (--network none)"

@@ -1,12 +1,14 @@
 """List the requirements a wheelhouse is missing for ANOTHER interpreter (the image's).
 
+Missing means: no wheel of that project, or none whose version satisfies the specifier.
+
 `pip download --python-version` picks wheel tags for the target but evaluates environment
 markers against the host (e.g. redis needs ``async-timeout; python_full_version < "3.11.3"``:
 true for bookworm's 3.11.2, false for a 3.11.7 host). This script reads every wheel's
 ``Requires-Dist``, evaluates the markers with the target's environment (a JSON object of PEP 508
 marker variables, as printed by ``MARKER_ENV_SNIPPET`` inside the image) and prints, one per
-line, each requirement whose project has no wheel in the folder. build.sh downloads those and
-repeats until nothing is missing.
+line, each requirement no wheel in the folder satisfies. build.sh downloads those and repeats
+until nothing is missing, so a warm wheelhouse needs no network at all.
 
 usage: complete_wheelhouse.py WHEELHOUSE TARGET_ENV_JSON
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 # Runs inside the target image with only the standard library (PEP 508 marker variables).
 MARKER_ENV_SNIPPET = """
@@ -42,7 +45,10 @@ print(json.dumps({
 def missing_requirements(wheelhouse: Path, target_env: dict[str, str]) -> list[str]:
     """Requirements (as strings) needed on the target whose project has no wheel here."""
     wheels = sorted(wheelhouse.glob("*.whl"))
-    have = {parse_wheel_filename(w.name)[0] for w in wheels}
+    have: dict[str, list[Version]] = {}
+    for wheel in wheels:
+        name, version, _, _ = parse_wheel_filename(wheel.name)
+        have.setdefault(name, []).append(version)
     missing: dict[str, str] = {}
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as archive:
@@ -55,7 +61,7 @@ def missing_requirements(wheelhouse: Path, target_env: dict[str, str]) -> list[s
             if req.marker is not None and not req.marker.evaluate(env):
                 continue
             name = canonicalize_name(req.name)
-            if name not in have:
+            if not any(req.specifier.contains(v, prereleases=True) for v in have.get(name, [])):
                 missing[name] = f"{req.name}{req.specifier}"
     return sorted(missing.values())
 
