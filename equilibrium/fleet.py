@@ -349,7 +349,9 @@ class Fleet:
         try:
             line = await asyncio.wait_for(child.readline(), 20.0)
             if not line:
-                raise RuntimeError(f"fleet exited ({child.proc.returncode}) without a pod table")
+                status = await asyncio.wait_for(child.proc.wait(), 5.0)
+                where = f"; see {stderr_path}" if stderr_path else ""
+                raise RuntimeError(f"fleet exited ({status}) without a pod table{where}")
             table = json.loads(line)["pods"]
         except BaseException:
             await child.stop()

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import aiohttp
 
@@ -43,6 +44,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment, with the code's root first on PYTHONPATH.
+
+    Children run ``python -m equilibrium...``; they must import the same code as the parent
+    even when it is not installed (run from a checkout or from another folder).
+    """
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    return env
+
+
 class ChildProcess:
     """One child process in its own process group, with its stdout available as lines."""
 
@@ -61,6 +75,8 @@ class ChildProcess:
         env: dict[str, str] | None = None,
     ) -> ChildProcess:
         """Start ``argv``; stdout is a pipe (or discarded), stderr goes to a file or nowhere."""
+        if env is None:
+            env = child_environment()
         stderr = open(stderr_path, "ab") if stderr_path else None  # noqa: SIM115
         try:
             proc = await asyncio.create_subprocess_exec(

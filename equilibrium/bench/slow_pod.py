@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any
 
 from equilibrium import analysis
@@ -68,6 +69,7 @@ class SlowPod(Scenario):
                 ctx.say(f"[{i}/{len(args.policies)}] {policy}: {args.clients} clients × "
                         f"{args.rate:g} req/s for {args.duration:g} s")
                 await fleet.reset(seed=args.seed)
+                load_average = _load_average()
                 sidecars = await start_sidecars(
                     [f"{policy}-{c + 1}" for c in range(args.clients)],
                     {UPSTREAM: fleet.urls}, policy=policy, strategy=args.strategy,
@@ -81,6 +83,7 @@ class SlowPod(Scenario):
                     for s in sidecars:
                         await s.stop()
                 per_policy[policy] = self._measure(result, fleet.pods, bad)
+                per_policy[policy]["load_average_at_start"] = load_average
                 wins = analysis.windows(result.records, result.t0, SHIFT_WINDOW, args.duration)
                 series[policy] = {"t": [w.start + w.width for w in wins],
                                   "bad_share": analysis.share_series(wins, bad)}
@@ -191,6 +194,10 @@ class SlowPod(Scenario):
             f"(up to {analysis.FLAP_WINDOW:g} s) of the steady state; randomised routing "
             "shows sampling noise of about the listed 1-sigma even when its weights stay put.",
         ]
+        loads = ", ".join(f"{p} {m['load_average_at_start']:.1f}"
+                          for p, m in per_policy.items())
+        notes.append(f"1-minute load average of the machine when each policy started: {loads}"
+                     " (other work on the machine shows up here and in the generator's lag).")
         for policy, m in per_policy.items():
             g = m["generator"]
             if g["delayed_by_cap"] or g["late_starts"]:
@@ -201,6 +208,13 @@ class SlowPod(Scenario):
                     "counts from the intended start."
                 )
         return notes
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
 
 
 SCENARIO = SlowPod()
