@@ -35,6 +35,7 @@ class UpstreamGroup:
     regret_header: str | None = None
     in_flight: int = 0
     extra: dict[str, object] = field(default_factory=dict)  # room for later phases' state
+    source: str = "config"  # who owns the group: "config" or "discovery" (sidecar.discovery)
 
     def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
         self.endpoints = tuple(endpoints)
@@ -56,9 +57,17 @@ class UpstreamTable:
         self.policy_name = policy_name
         self.profile = profile
         self._groups: dict[str, UpstreamGroup] = {}
+        self._aliases: dict[str, str] = {}  # Host name -> group name (sidecar.discovery)
 
     def get(self, name: str) -> UpstreamGroup | None:
-        return self._groups.get(name)
+        group = self._groups.get(name)
+        if group is None and name in self._aliases:
+            group = self._groups.get(self._aliases[name])
+        return group
+
+    def set_aliases(self, aliases: Mapping[str, str]) -> None:
+        """Replace the alias map; a group's own name wins over an alias of the same text."""
+        self._aliases = dict(aliases)
 
     def __iter__(self) -> Iterator[UpstreamGroup]:
         return iter(list(self._groups.values()))
@@ -70,22 +79,34 @@ class UpstreamTable:
         return sorted(self._groups)
 
     def apply(
-        self, upstreams: Mapping[str, Sequence[str]], now: float
+        self, upstreams: Mapping[str, Sequence[str]], now: float, *, source: str = "config"
     ) -> tuple[set[str], set[str]]:
-        """Make the table match ``upstreams``; returns (added, removed) names."""
-        added = set(upstreams) - set(self._groups)
-        removed = set(self._groups) - set(upstreams)
+        """Make ``source``'s groups match ``upstreams``; returns (added, removed) names.
+
+        Groups of other sources are left alone; on a name both claim, "config" wins.
+        """
+        owned = {name for name, group in self._groups.items() if group.source == source}
+        claimed = {
+            name for name in upstreams
+            if name not in self._groups or self._groups[name].source == source
+            or source == "config"
+        }
+        added = claimed - owned
+        removed = owned - claimed
         for name in removed:
             del self._groups[name]
         for name, endpoints in upstreams.items():
+            if name not in claimed:
+                continue
             group = self._groups.get(name)
-            if group is None:
+            if group is None or group.source != source:
                 group = UpstreamGroup(
                     name=name,
                     policy=make_policy(self.policy_name, self.profile),
                     budget=RetryBudget(
                         self.profile.retry_budget_ratio, self.profile.retry_budget_min_per_s
                     ),
+                    source=source,
                 )
                 self._groups[name] = group
             if group.endpoints != tuple(endpoints) or group.snapshot is None:
