@@ -59,6 +59,28 @@ def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+def split_game_headers(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+) -> tuple[CIMultiDict[str], list[tuple[str, str]]]:
+    """One pass: (end-to-end headers without ``X-GT-*``, the ``X-GT-*`` pairs lower-cased).
+
+    The same rule as :func:`mesh.headers.strip_gt_headers`, without a second walk over the
+    headers on the request path.
+    """
+    drop = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP
+    out: CIMultiDict[str] = CIMultiDict()
+    game: list[tuple[str, str]] = []
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower in drop:
+            continue
+        if lower.startswith(GT_PREFIX):
+            game.append((lower, value))
+        else:
+            out.add(key, value)
+    return out, game
+
+
 def strip_game_headers(headers: CIMultiDict[str]) -> list[str]:
     """Remove every ``X-GT-*`` header in place; return the names removed (lower-cased)."""
     return [name.lower() for name in strip_gt_headers(headers)]
@@ -82,8 +104,8 @@ def request_headers_to_upstream(
     via: str,
 ) -> tuple[CIMultiDict[str], list[str]]:
     """Headers to send upstream, and the ``X-GT-*`` names stripped from the app's request."""
-    out = end_to_end(headers)
-    stripped = strip_game_headers(out)
+    out, game = split_game_headers(headers)
+    stripped = [name for name, _ in game]
     append_header(out, "Via", via)
     if client_ip:
         append_header(out, "X-Forwarded-For", client_ip)
@@ -95,11 +117,9 @@ def response_headers_to_app(
     headers: CIMultiDictProxy[str], via: str
 ) -> tuple[CIMultiDict[str], dict[str, str]]:
     """Headers to hand the app, and the ``X-GT-*`` headers consumed (name -> last value)."""
-    out = end_to_end(headers)
-    game = {k.lower(): v for k, v in out.items() if k.lower().startswith(GT_PREFIX)}
-    strip_game_headers(out)
+    out, game = split_game_headers(headers)
     append_header(out, "Via", via)
-    return out, game
+    return out, dict(game)
 
 
 def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]:

@@ -8,6 +8,7 @@ off the request path, from the snapshot rebuilt at each policy tick.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -97,6 +98,28 @@ class SidecarMetrics:
         )
         self.draining = Gauge("equilibrium_draining", "1 while draining on shutdown", registry=r)
         self._endpoint_labels: dict[str, set[str]] = {}
+        # labelled children of the request-path metrics, looked up once (labels() takes a lock)
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    # ---------------------------------------------------------------- request path
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request_in_flight(self, upstream: str, delta: int) -> None:
+        self._child(self.in_flight, upstream).inc(delta)
+
+    def forwarded(self, upstream: str, endpoint: str, code: str, latency: float | None) -> None:
+        """One attempt got an answer (``code``) or failed (``code`` = the error reason)."""
+        self._child(self.requests, upstream, endpoint, code).inc()
+        if latency is not None:
+            self._child(self.latency, upstream, endpoint).observe(latency)
+
+    # ---------------------------------------------------------------- off the request path
 
     def observe_snapshot(self, upstream: str, snapshot: PolicySnapshot) -> None:
         """Set the routing gauges from a fresh snapshot (off the request path)."""

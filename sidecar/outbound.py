@@ -194,7 +194,7 @@ class OutboundProxy:
             self.in_flight -= 1
             if ctx.group is not None:
                 ctx.group.in_flight -= 1
-                self.metrics.in_flight.labels(ctx.group.name).dec()
+                self.metrics.request_in_flight(ctx.group.name, -1)
             self.phases.logging(ctx, self.clock())
 
     async def _handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
@@ -212,7 +212,7 @@ class OutboundProxy:
             )
         ctx.group = group
         group.in_flight += 1
-        self.metrics.in_flight.labels(group.name).inc()
+        self.metrics.request_in_flight(group.name, 1)
         early = await self.phases.request_filter(request, ctx)
         if early is not None:
             ctx.status = early.status
@@ -286,7 +286,7 @@ class OutboundProxy:
                 done = self.clock()
                 ctx.upstream_latency = done - sent
                 group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
-                self.metrics.requests.labels(group.name, endpoint, failure.reason).inc()
+                self.metrics.forwarded(group.name, endpoint, failure.reason, None)
                 log.info("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail)
                 if not (failure.nothing_received and retryable):
                     break
@@ -322,8 +322,7 @@ class OutboundProxy:
                 self.metrics.rejected_headers.labels(CONGESTION.lower(), "malformed").inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(Outcome(endpoint, now - sent, status < 500, now, congestion))
-        self.metrics.requests.labels(group.name, endpoint, str(status)).inc()
-        self.metrics.latency.labels(group.name, endpoint).observe(now - sent)
+        self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
 
     async def _relay_response(
         self,
