@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 CONFIG_POLL_INTERVAL = 1.0
 BackgroundFactory = Callable[[], Coroutine[Any, Any, None]]
 ReloadHook = Callable[[SidecarConfig], None]
+# (app runner, host, port) -> an unstarted site; default web.TCPSite (sidecar.transparent's
+# TransparentSite reads each accepted connection's original destination first)
+SiteFactory = Callable[[web.AppRunner, str, int], web.BaseSite]
 
 
 @dataclass(slots=True)
@@ -55,6 +58,7 @@ class Listener:
     drains: bool  # True: waits for in-flight requests on shutdown; False: closed last
     runner: web.AppRunner | None = None
     bound_port: int | None = None
+    site_factory: SiteFactory | None = None
 
 
 def effective_profile(config: SidecarConfig) -> StrategyProfile:
@@ -118,6 +122,14 @@ class SidecarRunner:
         self, name: str, app: web.Application, address: ListenAddress, *, drains: bool = True
     ) -> None:
         self._listeners.append(Listener(name, app, address, drains))
+
+    def set_site_factory(self, name: str, factory: SiteFactory) -> None:
+        """Bind listener ``name`` with ``factory(app_runner, host, port)`` instead of TCPSite."""
+        for listener in self._listeners:
+            if listener.name == name:
+                listener.site_factory = factory
+                return
+        raise KeyError(f"no listener named {name!r}")
 
     def add_background(self, name: str, factory: BackgroundFactory) -> None:
         self._background.append((name, factory))
@@ -190,7 +202,11 @@ class SidecarRunner:
         )
         await runner.setup()
         listener.runner = runner
-        site = web.TCPSite(runner, listener.address.host, listener.address.port, reuse_address=True)
+        host, port = listener.address.host, listener.address.port
+        site = (
+            listener.site_factory(runner, host, port) if listener.site_factory is not None
+            else web.TCPSite(runner, host, port, reuse_address=True)
+        )
         try:
             await site.start()
         except OSError as exc:
