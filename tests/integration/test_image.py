@@ -1,0 +1,177 @@
+"""The project image `equilibrium:local` (Dockerfile, built by scripts/image/build.sh).
+
+The `docker` tests run the image the way the pod spec does (non-root, read-only root
+filesystem, no capabilities; the init container as root with NET_ADMIN + NET_RAW only) and
+reach it only through ports published on 127.0.0.1. They need the engine and the image: a
+missing one is a failure with instructions (CI sets EQUILIBRIUM_REQUIRE_DOCKER=1 and builds the
+image first; elsewhere deselect them with `-m "not docker"`). Nothing is ever pulled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.injector_support import apply_patch, assert_valid, decode_patch, make_pod, make_review
+from tests.integration.procs import REPO_ROOT, run_equilibrium
+
+IMAGE = os.environ.get("EQUILIBRIUM_IMAGE", "equilibrium:local")
+HARDENED = ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--user", "1337:1337"]
+
+
+def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                          check=check)
+
+
+# ---- always: the Dockerfile's contract --------------------------------------------------------
+def test_dockerfile_contract() -> None:
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.12-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS build$", text, re.M)
+    assert re.search(r"^USER 1337:1337$", text, re.M)
+    assert 'ENTRYPOINT ["/opt/equilibrium/bin/equilibrium"]' in text
+    # The runtime stage copies the virtualenv only: no wheels, sources or pip cache.
+    runtime = text.split("\nFROM ${BASE_IMAGE}\n", 1)[1]
+    assert "COPY --from=build /opt/equilibrium /opt/equilibrium" in runtime
+    assert "COPY . " not in runtime
+    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1:].count("!build/wheelhouse/") == 1
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert {"mesh", "sidecar", "signaler", "injector", "equilibrium", "pyproject.toml"} <= allowed
+    assert not allowed & {"tests", ".git", "k8s", "docs", ".venv"}
+
+
+# ---- with the engine and the image ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image() -> str:
+    help_text = ("build it with scripts/image/build.sh (after scripts/ci/docker-up.sh), or "
+                 "deselect these tests with -m 'not docker'")
+    if shutil.which("docker") is None:
+        pytest.fail(f"docker CLI not found; {help_text}")
+    info = docker("info", check=False, timeout=20)
+    if info.returncode != 0:
+        pytest.fail(f"no Docker engine answers ({info.stderr.strip()[:200]}); {help_text}")
+    if docker("image", "inspect", IMAGE, check=False).returncode != 0:
+        pytest.fail(f"image {IMAGE} is missing; {help_text}")
+    return IMAGE
+
+
+
+@pytest.fixture
+def container_names() -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        docker("rm", "-f", name, check=False)
+
+
+def published_port(name: str, port: int) -> int:
+    out = docker("port", name, str(port)).stdout
+    return int(out.strip().splitlines()[0].rsplit(":", 1)[1])
+
+
+def wait_http(url: str, context: ssl.SSLContext | None, name: str, timeout: float = 30) -> bytes:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(url, timeout=2) as resp:
+                return resp.read()
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    logs = docker("logs", name, check=False)
+    raise TimeoutError(f"{url}: {last}\n{logs.stdout}{logs.stderr}")
+
+
+@pytest.mark.docker
+def test_image_metadata(image: str) -> None:
+    (meta,) = json.loads(docker("image", "inspect", image).stdout)
+    assert meta["Config"]["User"] == "1337:1337"
+    assert meta["Config"]["Entrypoint"] == ["/opt/equilibrium/bin/equilibrium"]
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("command", "expect"), [
+    ("sidecar", "--outbound"), ("injector", "--tls-cert"), ("init", "--exclude-outbound-ports"),
+    ("signaler", "--redis"),
+])
+def test_every_component_starts_offline(image: str, command: str, expect: str) -> None:
+    done = docker("run", "--rm", "--network", "none", *HARDENED, image, command, "--help",
+                  check=False)
+    assert done.returncode == 0, done.stderr
+    assert expect in done.stdout
+
+
+@pytest.mark.docker
+def test_sidecar_from_the_image_answers_healthz(image: str, container_names: list[str]) -> None:
+    name = f"eq-image-sidecar-{os.getpid()}"
+    container_names.append(name)
+    docker("run", "-d", "--name", name, "-p", "127.0.0.1::15020", *HARDENED, image,
+           "sidecar", "--admin", "0.0.0.0:15020", "--outbound", "0.0.0.0:15001",
+           "--id", "image-test")
+    port = published_port(name, 15020)
+    assert wait_http(f"http://127.0.0.1:{port}/healthz", None, name)
+    metrics = wait_http(f"http://127.0.0.1:{port}/metrics", None, name)
+    assert b"# TYPE" in metrics
+
+
+@pytest.mark.docker
+def test_injector_from_the_image_patches_a_pod(image: str, container_names: list[str],
+                                               tmp_path: Path) -> None:
+    made = run_equilibrium("injector", "bootstrap-certs", "--out-dir", str(tmp_path),
+                           "--extra-name", "127.0.0.1")
+    assert made.returncode == 0, made.stderr
+    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path / "tls.key", 0o644)  # a test copy, readable by the container's UID
+    name = f"eq-image-injector-{os.getpid()}"
+    container_names.append(name)
+    docker("run", "-d", "--name", name, "-p", "127.0.0.1::8443", *HARDENED,
+           "-v", f"{tmp_path}:/tls:ro", image, "injector", "--listen", "0.0.0.0:8443",
+           "--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key")
+    port = published_port(name, 8443)
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    base = f"https://127.0.0.1:{port}"
+    assert wait_http(base + "/healthz", context, name) == b"ok\n"
+
+    pod = make_pod({"equilibrium.io/inject": "true"})
+    request = urllib.request.Request(base + "/mutate", data=json.dumps(make_review(pod)).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=10) as resp:
+        answer = json.loads(resp.read())
+    patched = apply_patch(pod, decode_patch(answer))
+    assert_valid(patched)
+    assert patched["spec"]["containers"][-1]["image"] == "equilibrium:local"
+
+
+@pytest.mark.docker
+def test_init_from_the_image_installs_rules_with_net_admin_only(image: str) -> None:
+    done = docker("run", "--rm", "--network", "none", "--user", "0:0", "--cap-drop", "ALL",
+                  "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
+                  "--security-opt", "no-new-privileges", "--entrypoint", "/bin/sh", image, "-c",
+                  "equilibrium init --exclude-outbound-ports 5432 && iptables-save -t nat",
+                  check=False)
+    assert done.returncode == 0, done.stderr
+    assert "rules installed" in done.stdout
+    assert "-A EQUILIBRIUM_OUTPUT -m owner --uid-owner 1337 -j RETURN" in done.stdout
+    assert "-A EQUILIBRIUM_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN" in done.stdout
+
+    # Without NET_ADMIN the same command fails loudly instead of leaving a half-meshed pod.
+    done = docker("run", "--rm", "--network", "none", "--user", "0:0", "--cap-drop", "ALL",
+                  image, "init", check=False)
+    assert done.returncode == 1
+    assert "failed" in done.stderr
