@@ -140,6 +140,9 @@ class OutboundProxy:
         self.clock = clock
         self.via = f"1.1 {sidecar_id}"
         self.in_flight = 0
+        # The upstream a request's connection is bound to regardless of Host, or None (Host
+        # routing); sidecar.transparent sets it from the connection's original destination.
+        self.pinned_upstream: Callable[[web.BaseRequest], str | None] = lambda request: None
         self._session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -202,7 +205,7 @@ class OutboundProxy:
             return self._error(ctx, 501, "connect-not-supported", "CONNECT tunnels are not proxied")
         if not ctx.authority:
             return self._error(ctx, 400, "no-host", "request has neither Host nor absolute URL")
-        ctx.upstream = upstream_name(ctx.authority)
+        ctx.upstream = self.pinned_upstream(request) or upstream_name(ctx.authority)
         if has_passed(request.headers, self.via):
             return self._error(ctx, 508, "loop-detected", "request already passed this sidecar")
         group = self.table.get(ctx.upstream)
