@@ -181,3 +181,27 @@ def test_injector_serves_the_mounted_secret() -> None:
     assert args[args.index("--tls-key") + 1] == f"{mount}/tls.key"
     assert spec["volumes"][0]["secret"]["secretName"] == "equilibrium-injector-tls"
     assert injector["image"] == args[args.index("--sidecar-image") + 1] == "equilibrium:local"
+
+
+def parse_with_the_real_cli(args: list[str]) -> None:
+    """The flags we put in manifests and patches must exist in the CLIs they call."""
+    from equilibrium.cli import build_parser
+
+    expanded = [a.replace("$(POD_NAME)", "pod-0") for a in args]
+    try:
+        build_parser(expanded).parse_args(expanded)
+    except SystemExit as exc:
+        pytest.fail(f"`equilibrium {' '.join(expanded)}` is rejected by its parser ({exc})")
+
+
+def test_container_args_are_accepted_by_the_equilibrium_cli() -> None:
+    for kind, name in (("Deployment", "equilibrium-signaler"),
+                       ("Deployment", "equilibrium-injector")):
+        (container,) = pod_spec(kind, name)["containers"]
+        parse_with_the_real_cli(container["args"])
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"annotations": {
+        "equilibrium.io/inject": "true", "equilibrium.io/exclude-outbound-ports": "5432"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
+    patched = apply_patch(pod, decode_patch(review(make_review(pod), InjectorConfig())))
+    parse_with_the_real_cli(patched["spec"]["containers"][1]["args"])
+    parse_with_the_real_cli(patched["spec"]["initContainers"][0]["args"])
