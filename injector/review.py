@@ -277,7 +277,8 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
 def _declared_tcp_ports(spec: dict[str, Any]) -> list[int]:
     ports: list[int] = []
     for container in spec["containers"]:
-        for port in container.get("ports") or []:
+        declared = container.get("ports")
+        for port in declared if isinstance(declared, list) else []:
             number = port.get("containerPort") if isinstance(port, dict) else None
             if (isinstance(number, int) and port.get("protocol", "TCP") == "TCP"
                     and number not in ports):

@@ -310,6 +310,16 @@ def mangled(change: str) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.parametrize("ports", [7, "8080", [8080], [{"containerPort": "8080"}], None])
+def test_odd_container_ports_fall_back_to_the_default_app_port(ports: Any) -> None:
+    pod = make_pod(INJECT, ports=None)
+    pod["spec"]["containers"][0]["ports"] = ports
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.INJECTED
+    (sidecar_op,) = [op for op in verdict.patch if op["path"] == "/spec/containers/-"]
+    assert arg_after(sidecar_op["value"]["args"], "--app") == "http://127.0.0.1:8080"
+
+
 @pytest.mark.parametrize("change", ["api_version", "kind", "not_pod", "no_object", "no_spec",
                                     "no_containers", "bad_annotations", "bad_init"])
 def test_malformed_review_with_uid_is_allowed_with_a_warning(change: str) -> None:
