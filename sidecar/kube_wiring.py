@@ -1,0 +1,100 @@
+"""Wiring of transparent interception and Kubernetes discovery into a sidecar process.
+
+Owns the flags ``--transparent``, ``--discovery``, ``--kube-api`` and ``--kube-token-file``
+(each also from the environment: ``EQUILIBRIUM_TRANSPARENT=1``, ``EQUILIBRIUM_DISCOVERY=1``,
+``EQUILIBRIUM_KUBE_API``, ``EQUILIBRIUM_KUBE_TOKEN_FILE``) and the start-up decisions; the
+behaviour lives in :mod:`sidecar.transparent` and :mod:`sidecar.discovery`. Used by the
+command line in two steps, so that bad settings are a configuration error (exit 2)::
+
+    wiring = KubeWiring.prepare(args, env)   # ConfigError on bad flags / not in a cluster
+    runner = SidecarRunner(source, config)
+    wiring.install(runner)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.config import ConfigError
+from sidecar.discovery import Discovery, KubeCredentials, credentials_from_flags
+
+log = logging.getLogger(__name__)
+
+TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--transparent", action="store_true", default=None,
+        help="route connections redirected by `equilibrium init` by their original destination "
+        "(env EQUILIBRIUM_TRANSPARENT=1)",
+    )
+    parser.add_argument(
+        "--discovery", action="store_true", default=None,
+        help="watch Services and EndpointSlices through the Kubernetes API "
+        "(env EQUILIBRIUM_DISCOVERY=1)",
+    )
+    parser.add_argument(
+        "--kube-api", metavar="URL",
+        help="Kubernetes API server (default: in-cluster; env EQUILIBRIUM_KUBE_API)",
+    )
+    parser.add_argument(
+        "--kube-token-file", metavar="FILE",
+        help="bearer token file (default: the pod's service account; "
+        "env EQUILIBRIUM_KUBE_TOKEN_FILE)",
+    )
+
+
+def _flag(value: bool | None, env: Mapping[str, str], name: str) -> bool:
+    if value is not None:
+        return bool(value)
+    return env.get(name, "").strip().lower() in TRUE
+
+
+@dataclass(frozen=True, slots=True)
+class KubeWiring:
+    transparent: bool
+    credentials: KubeCredentials | None  # None: discovery off
+
+    @classmethod
+    def prepare(cls, args: argparse.Namespace, env: Mapping[str, str]) -> KubeWiring:
+        transparent = _flag(getattr(args, "transparent", None), env, "EQUILIBRIUM_TRANSPARENT")
+        discovery = _flag(getattr(args, "discovery", None), env, "EQUILIBRIUM_DISCOVERY")
+        api = getattr(args, "kube_api", None) or env.get("EQUILIBRIUM_KUBE_API", "").strip()
+        token = (getattr(args, "kube_token_file", None)
+                 or env.get("EQUILIBRIUM_KUBE_TOKEN_FILE", "").strip())
+        if (api or token) and not discovery:
+            raise ConfigError("--kube-api/--kube-token-file need --discovery")
+        credentials = None
+        if discovery:
+            try:
+                credentials = credentials_from_flags(api or None, token or None, env)
+            except ValueError as exc:
+                raise ConfigError(f"discovery: {exc}") from None
+            if credentials.token_file is not None and not credentials.token_file.is_file():
+                raise ConfigError(f"discovery: token file {str(credentials.token_file)!r} "
+                                  "does not exist")
+        return cls(transparent, credentials)
+
+    def install(self, runner: Any) -> Discovery | None:
+        discovery: Discovery | None = None
+        if self.credentials is not None:
+            discovery = Discovery(
+                self.credentials, runner.table, registry=runner.metrics.registry,
+                clock=runner.clock,
+            )
+            runner.add_background("discovery", discovery.run)
+            runner.add_reload_hook(discovery.reapply)
+            log.info("discovery: watching Services and EndpointSlices at %s (namespace %s)",
+                     self.credentials.api_url, self.credentials.namespace or "unknown")
+        if self.transparent:
+            from sidecar.transparent import install
+
+            install(runner, discovery.destination if discovery is not None else None)
+            log.info("transparent interception: routing redirected connections by their "
+                     "original destination")
+        return discovery

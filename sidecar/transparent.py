@@ -1,0 +1,303 @@
+"""Transparent interception: what the outbound listener does with a REDIRECTed connection.
+
+Owns the per-connection decision and the TCP relay. With ``equilibrium init``'s rules the
+app's outbound TCP lands on the outbound listener whatever address it dialled; for each
+accepted connection ``TransparentSite`` reads the original destination (``SO_ORIGINAL_DST``,
+:mod:`sidecar.original_dst`) and picks one of three routes:
+
+- ``direct``: not redirected (the app dialled the listener itself, e.g. ``HTTP_PROXY``):
+  the ordinary HTTP proxy, routed by ``Host``.
+- ``service``: the destination is a Service's cluster IP and port known to discovery (or a
+  static upstream named by that IP): the HTTP proxy, with the upstream pinned to that
+  Service port whatever the ``Host`` says (``TransparentRouter.pinned_upstream``), so the
+  mesh policy picks the endpoint exactly as for Host-based routing. ``Host`` is sent on
+  untouched.
+- ``passthrough``: anything else (a database, an external API, TLS): a byte-for-byte TCP
+  relay to the original destination, with half-close and flow control, untouched.
+
+The sidecar's own upstream connections are not redirected again because the init rules
+exempt its UID/GID. On drain, the listener stops accepting, relays get up to the drain
+timeout to finish, then are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from sidecar.original_dst import Address, redirected_to
+
+log = logging.getLogger(__name__)
+
+DestinationLookup = Callable[[str, int], str | None]  # (ip, port) -> upstream group, or None
+
+
+class TransparentMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Counter(
+            "equilibrium_transparent_connections",
+            "Connections accepted on the outbound listener, by route "
+            "(direct, service, passthrough)",
+            ["route"], registry=registry,
+        )
+        self.passthrough_failures = Counter(
+            "equilibrium_passthrough_failures",
+            "Pass-through connections that could not reach their original destination",
+            ["reason"], registry=registry,
+        )
+        self.relays_open = Gauge(
+            "equilibrium_passthrough_open", "Pass-through TCP relays currently open",
+            registry=registry,
+        )
+        self.relayed_bytes = Counter(
+            "equilibrium_passthrough_bytes", "Bytes relayed by pass-through connections",
+            ["direction"], registry=registry,
+        )
+
+
+class TransparentRouter:
+    """Maps an original destination to an upstream group (or to nothing: pass through)."""
+
+    def __init__(self, table: Any, lookup: DestinationLookup | None = None) -> None:
+        self.table = table
+        self.lookup = lookup
+
+    def upstream_for(self, dst: Address) -> str | None:
+        host, port = dst
+        if self.lookup is not None:
+            name = self.lookup(host, port)
+            if name is not None and self.table.get(name) is not None:
+                return name
+        # Without discovery: a static upstream named by the IP itself, e.g. `10.96.0.10=URL`.
+        group = self.table.get(_canonical_ip(host))
+        return group.name if group is not None else None
+
+    def pinned_upstream(self, request: web.BaseRequest) -> str | None:
+        """The upstream a request's connection is bound to by its original destination."""
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return None
+        try:
+            dst = redirected_to(sock)
+        except OSError:
+            return None
+        return self.upstream_for(dst) if dst is not None else None
+
+
+class TransparentSite(web.BaseSite):
+    """An aiohttp site that routes each accepted connection by its original destination."""
+
+    __slots__ = (
+        "_connect_timeout",
+        "_drain_timeout",
+        "_host",
+        "_metrics",
+        "_port",
+        "_relays",
+        "_router",
+    )
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        router: TransparentRouter,
+        metrics: TransparentMetrics,
+        connect_timeout: float,
+        drain_timeout: float,
+    ) -> None:
+        super().__init__(runner, shutdown_timeout=drain_timeout)
+        self._host, self._port = host, port
+        self._router = router
+        self._metrics = metrics
+        self._connect_timeout = connect_timeout
+        self._drain_timeout = drain_timeout
+        self._relays: set[_RelaySide] = set()
+
+    @property
+    def name(self) -> str:
+        return f"transparent://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._accept, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._relays:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._drain_timeout):
+                    while self._relays:
+                        await asyncio.sleep(0.05)
+            for side in list(self._relays):
+                side.abort()
+        await super().stop()
+
+    # ------------------------------------------------------------ per connection
+
+    def _accept(self) -> asyncio.Protocol:
+        return _Dispatch(self)
+
+    def dispatch(self, transport: asyncio.Transport) -> asyncio.BaseProtocol:
+        """Choose the protocol that serves a freshly accepted connection."""
+        sock = transport.get_extra_info("socket")
+        try:
+            dst = redirected_to(sock) if sock is not None else None
+        except OSError as exc:
+            log.warning("cannot read the original destination: %s", exc)
+            dst = None
+        if dst is None or self._router.upstream_for(dst) is not None:
+            self._metrics.connections.labels("direct" if dst is None else "service").inc()
+            server = self._runner.server
+            assert server is not None
+            return server()  # aiohttp's HTTP protocol for this connection
+        self._metrics.connections.labels("passthrough").inc()
+        return _RelaySide(self, dst, downstream=True)
+
+    # ------------------------------------------------------------ relay bookkeeping
+
+    def relay_opened(self, side: _RelaySide) -> None:
+        self._relays.add(side)
+        self._metrics.relays_open.set(len(self._relays))
+
+    def relay_closed(self, side: _RelaySide) -> None:
+        self._relays.discard(side)
+        self._metrics.relays_open.set(len(self._relays))
+
+
+class _Dispatch(asyncio.Protocol):
+    """Decides at ``connection_made`` and hands the transport to the chosen protocol."""
+
+    def __init__(self, site: TransparentSite) -> None:
+        self.site = site
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        protocol = self.site.dispatch(transport)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+class _RelaySide(asyncio.Protocol):
+    """One end of a byte relay; the downstream end (the app) opens the upstream end."""
+
+    def __init__(self, site: TransparentSite, dst: Address, *, downstream: bool) -> None:
+        self.site = site
+        self.dst = dst
+        self.downstream = downstream
+        self.transport: asyncio.Transport | None = None
+        self.peer: _RelaySide | None = None
+        self.eof = False
+        self._connect: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.downstream:
+            self.site.relay_opened(self)
+            transport.pause_reading()  # nothing is read until the upstream is connected
+            self._connect = asyncio.get_running_loop().create_task(self._open_upstream())
+
+    async def _open_upstream(self) -> None:
+        loop = asyncio.get_running_loop()
+        upstream = _RelaySide(self.site, self.dst, downstream=False)
+        upstream.peer, self.peer = self, upstream
+        host, port = self.dst
+        try:
+            async with asyncio.timeout(self.site._connect_timeout):
+                await loop.create_connection(lambda: upstream, host, port)
+        except (OSError, TimeoutError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else "refused-or-unreachable"
+            self.site._metrics.passthrough_failures.labels(reason).inc()
+            log.info("pass-through to %s:%d failed: %s", host, port, exc or reason)
+            self.peer = None
+            self.abort()
+            return
+        if self.transport is None or self.transport.is_closing():
+            upstream.abort()
+            return
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+            direction = "to-destination" if self.downstream else "to-app"
+            self.site._metrics.relayed_bytes.labels(direction).inc(len(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.transport.is_closing():
+            return False
+        if peer.eof:  # both directions finished
+            peer.transport.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.downstream:
+            self.site.relay_closed(self)
+            if self._connect is not None and not self._connect.done():
+                self._connect.cancel()
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if exc is None:
+                peer.transport.close()  # flushes what is buffered, then FIN
+            else:
+                peer.transport.abort()
+        self.transport = None
+
+    def pause_writing(self) -> None:  # our buffer is full: stop reading the other side
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.abort()
+
+
+def _canonical_ip(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def install(runner: Any, lookup: DestinationLookup | None = None) -> TransparentRouter:
+    """Make the runner's outbound listener transparent (before ``runner.run()``)."""
+    router = TransparentRouter(runner.table, lookup)
+    metrics = TransparentMetrics(runner.metrics.registry)
+
+    def site(app_runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
+        return TransparentSite(
+            app_runner, host, port, router=router, metrics=metrics,
+            connect_timeout=runner.profile.connect_timeout,
+            drain_timeout=runner.config.drain_timeout,
+        )
+
+    runner.set_site_factory("outbound", site)
+    runner.proxy.pinned_upstream = router.pinned_upstream
+    return router

@@ -1,0 +1,254 @@
+"""A small Kubernetes API server for tests: Services and EndpointSlices, list + watch.
+
+No cluster can run on these machines, so this stands in for the *external* API server (it is
+not a mock of our code): it speaks the wire format the real one does for the two collections
+discovery reads -- ``GET /api/v1/services`` and ``GET /apis/discovery.k8s.io/v1/endpointslices``
+with ``limit``/``continue`` paging, a list ``resourceVersion``, and ``?watch=1`` streams of
+newline-delimited ``{"type", "object"}`` events from a resource version, ``BOOKMARK`` events,
+``timeoutSeconds``, and an ``ERROR`` event with a 410 ``Status`` when the version was
+compacted away. Requests without the bearer token get 401. Tests can change objects, compact
+history, cut open watches and inject raw bytes into them.
+
+Bind it to any socket (``start(sock=...)`` serves one made inside a network namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+PATHS = {
+    "/api/v1/services": ("services", "v1", "ServiceList", "Service"),
+    "/apis/discovery.k8s.io/v1/endpointslices": (
+        "endpointslices", "discovery.k8s.io/v1", "EndpointSliceList", "EndpointSlice",
+    ),
+}
+
+
+def service(name: str, namespace: str, cluster_ip: str | None,
+            ports: list[tuple[str, int]]) -> dict[str, Any]:
+    """A Service object; ``ports`` are (name, port) pairs, TCP."""
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip or "None",
+            "clusterIPs": [cluster_ip] if cluster_ip else ["None"],
+            "ports": [{"name": n, "port": p, "protocol": "TCP", "targetPort": p}
+                      for n, p in ports],
+        },
+    }
+
+
+def endpoint_slice(name: str, namespace: str, service_name: str, ports: list[tuple[str, int]],
+                   addresses: list[str], not_ready: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An IPv4 EndpointSlice of ``service_name``; ``not_ready`` addresses are terminating."""
+    return {
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service_name}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": a not in not_ready,
+                                              "serving": True,
+                                              "terminating": a in not_ready}}
+            for a in addresses
+        ],
+        "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+    }
+
+
+@dataclass
+class Collection:
+    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    history: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    oldest: int = 0  # watches from a version below this get 410
+
+
+@dataclass
+class KubeApiServer:
+    token: str = "test-token"
+    version: int = 100
+    collections: dict[str, Collection] = field(
+        default_factory=lambda: {"services": Collection(), "endpointslices": Collection()}
+    )
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    port: int = 0
+    host: str = "127.0.0.1"
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each change
+    _streams: set[web.StreamResponse] = field(default_factory=set)
+    _raw: dict[str, list[bytes]] = field(default_factory=dict)
+    _cut: int = 0  # bumped to end every open watch
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    # ------------------------------------------------------------ test controls
+
+    def put(self, resource: str, obj: dict[str, Any]) -> int:
+        """Create or replace an object; returns its new resourceVersion."""
+        coll = self.collections[resource]
+        obj = copy.deepcopy(obj)
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        kind = "MODIFIED" if key in coll.objects else "ADDED"
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        coll.objects[key] = obj
+        coll.history.append((self.version, kind, obj))
+        self._notify()
+        return self.version
+
+    def delete(self, resource: str, namespace: str, name: str) -> None:
+        coll = self.collections[resource]
+        obj = coll.objects.pop((namespace, name))
+        self.version += 1
+        gone = copy.deepcopy(obj)
+        gone["metadata"]["resourceVersion"] = str(self.version)
+        coll.history.append((self.version, "DELETED", gone))
+        self._notify()
+
+    def compact(self) -> None:
+        """Forget the event history: watches from older versions now get 410 Gone."""
+        for coll in self.collections.values():
+            coll.history.clear()
+            coll.oldest = self.version
+        self._notify()
+
+    def cut_watches(self) -> None:
+        """End every open watch stream (as an API server restart or timeout would)."""
+        self._cut += 1
+        self._notify()
+
+    def inject(self, resource: str, raw: bytes) -> None:
+        """Send raw bytes (e.g. a malformed event line) to the open watches of ``resource``."""
+        self._raw.setdefault(resource, []).append(raw)
+        self._notify()
+
+    def count(self, resource: str, verb: str) -> int:
+        return sum(1 for r, v, _ in self.requests if r == resource and v == verb)
+
+    def bookmark(self) -> None:
+        """Send a BOOKMARK (the server's progress marker) on every open watch."""
+        line = _line({"type": "BOOKMARK",
+                      "object": {"metadata": {"resourceVersion": str(self.version)}}})
+        for resource in self.collections:
+            self._raw.setdefault(resource, []).append(line)
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, sock: socket.socket | None = None) -> KubeApiServer:
+        app = web.Application()
+        for path in PATHS:
+            app.router.add_get(path, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock)
+            self.host, self.port = sock.getsockname()[:2]
+        else:
+            site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        if sock is None:
+            server = site._server
+            assert server is not None and getattr(server, "sockets", None)
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        self.cut_watches()
+        await asyncio.sleep(0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------ HTTP
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        resource, api_version, list_kind, kind = PATHS[request.path]
+        params = dict(request.query)
+        verb = "watch" if params.get("watch") in ("1", "true") else "list"
+        self.requests.append((resource, verb, params))
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        if verb == "list":
+            return self._list(resource, api_version, list_kind, kind, params)
+        return await self._watch(request, resource, api_version, kind, params)
+
+    def _list(self, resource: str, api_version: str, list_kind: str, kind: str,
+              params: dict[str, str]) -> web.Response:
+        items = [self._typed(o, api_version, kind)
+                 for _, o in sorted(self.collections[resource].objects.items())]
+        limit = int(params.get("limit") or 0) or len(items) or 1
+        start = int(params.get("continue") or 0)
+        page = items[start:start + limit]
+        meta: dict[str, Any] = {"resourceVersion": str(self.version)}
+        if start + limit < len(items):
+            meta["continue"] = str(start + limit)
+        return web.json_response({"kind": list_kind, "apiVersion": api_version,
+                                  "metadata": meta, "items": page})
+
+    async def _watch(self, request: web.Request, resource: str, api_version: str, kind: str,
+                     params: dict[str, str]) -> web.StreamResponse:
+        coll = self.collections[resource]
+        since = int(params.get("resourceVersion") or 0)
+        timeout = float(params.get("timeoutSeconds") or 300)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        if since < coll.oldest:
+            status = _status(410, "Expired", f"too old resource version: {since} "
+                                             f"({coll.oldest})")
+            await response.write(_line({"type": "ERROR", "object": status}))
+            return response
+        cut = self._cut
+        sent = since
+        raw_seen = len(self._raw.get(resource, []))
+        self._streams.add(response)
+        try:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(timeout):
+                    while True:
+                        changed = self._changed  # set by any change made from here on
+                        for version, event_type, obj in list(coll.history):
+                            if version > sent:
+                                await response.write(_line(
+                                    {"type": event_type,
+                                     "object": self._typed(obj, api_version, kind)}))
+                                sent = version
+                        raw = self._raw.get(resource, [])
+                        for chunk in raw[raw_seen:]:
+                            await response.write(chunk)
+                        raw_seen = len(raw)
+                        if self._cut != cut or since < coll.oldest:
+                            break
+                        await changed.wait()
+        finally:
+            self._streams.discard(response)
+        return response
+
+    @staticmethod
+    def _typed(obj: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
+        return {"apiVersion": api_version, "kind": kind, **obj}
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode() + b"\n"
