@@ -1,7 +1,7 @@
 """HTTP/1.1 correctness of the real sidecar: headers, bodies, WebSocket, game headers.
 
-One sidecar process and one backend serve every test of this module through a module-level
-fixture started per test (cheap: about a second), so each test sees fresh counters.
+One sidecar process and one backend serve every test of this module (a module-scoped
+fixture on a module-scoped event loop); tests compare counters before and after.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -25,6 +26,8 @@ from tests.integration.procs import (
     rss_bytes,
     start_backend,
 )
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MB = 1024 * 1024
 PAYLOAD = b"0123456789abcdef" * 4096  # 64 KiB
@@ -103,7 +106,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
     return web.Response(status=404)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def proxied() -> AsyncIterator[tuple[SidecarProcess, Backend]]:
     backend = await start_backend("app", handler=handler)
     sidecar = await async_start_sidecar({"svc": [backend.url]}, sidecar_id="sc-http")
@@ -222,6 +225,13 @@ async def test_game_headers_never_cross_and_bad_values_are_counted(
     proxied: tuple[SidecarProcess, Backend],
 ) -> None:
     sidecar, backend = proxied
+    hits_before = backend.hits
+    from_app = sidecar.metric(
+        "equilibrium_rejected_headers_total", header="x-gt-bid", reason="from-app"
+    )
+    malformed = sidecar.metric(
+        "equilibrium_rejected_headers_total", header="x-gt-congestion", reason="malformed"
+    )
     async with aiohttp.ClientSession() as client:
         forged = {"Host": "svc", "X-GT-Bid": "v=1;amount=99", "x-gt-regret": "forged"}
         reply = await fetch(client, "GET", f"{sidecar.outbound_url}/echo", headers=forged)
@@ -239,15 +249,16 @@ async def test_game_headers_never_cross_and_bad_values_are_counted(
             assert reply.headers["X-Other"] == "kept"
     assert sidecar.metric(
         "equilibrium_rejected_headers_total", header="x-gt-bid", reason="from-app"
-    ) == 1
+    ) == from_app + 1
     assert sidecar.metric(
         "equilibrium_rejected_headers_total", header="x-gt-congestion", reason="malformed"
-    ) == 1
-    assert backend.hits == 3
+    ) == malformed + 1
+    assert backend.hits == hits_before + 3
 
 
 async def test_websocket_echo_through_the_proxy(proxied: tuple[SidecarProcess, Backend]) -> None:
     sidecar, _ = proxied
+    upgrades = sidecar.metric("equilibrium_requests_total", upstream="svc", code="101")
     async with (
         aiohttp.ClientSession() as client,
         client.ws_connect(f"{sidecar.outbound_url}/ws", headers={"Host": "svc"}) as ws,
@@ -257,7 +268,9 @@ async def test_websocket_echo_through_the_proxy(proxied: tuple[SidecarProcess, B
         await ws.send_bytes(b"\x01\x02\x03")
         assert (await ws.receive(timeout=5)).data == b"\x03\x02\x01"
         await ws.close()
-    assert sidecar.metric("equilibrium_requests_total", upstream="svc", code="101") == 1
+    assert sidecar.metric(
+        "equilibrium_requests_total", upstream="svc", code="101"
+    ) == upgrades + 1
 
 
 async def test_100_mb_bodies_stream_with_bounded_memory(
@@ -265,7 +278,7 @@ async def test_100_mb_bodies_stream_with_bounded_memory(
 ) -> None:
     sidecar, _ = proxied
     size = 100 * MB
-    baseline = rss_bytes(sidecar.pid)
+    baseline = rss_bytes(sidecar.pid, peak=True)  # the peak so far, before the big bodies
 
     async def generated() -> AsyncIterator[bytes]:
         for _ in range(size // len(PAYLOAD)):
