@@ -441,7 +441,9 @@ class SignalingWiring:
                 "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
             )
         epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
-        return cls(SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch))
+        # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
+        return cls(SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,
+                                     backoff_max=min(5.0, max(1.0, 4 * epoch))))
 
     def install(self, runner: Any) -> SidecarSignaling | None:
         if self.settings is None:

@@ -125,6 +125,7 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
             tokens=int(_number(args.tokens, "--tokens", 1)),
             upstreams=tuple(args.upstreams or ()),
             lease_epochs=_number(args.lease_epochs, "--lease-epochs", 1.5),
+            backoff_max=min(5.0, max(1.0, 4 * _number(args.epoch, "--epoch", 0.05))),
             seed=None if args.seed is None else int(_number(args.seed, "--seed", 0)),
         )
     except ValueError as exc:

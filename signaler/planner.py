@@ -15,6 +15,12 @@ fitted over the last ``history`` observations, with the previous fit as prior (s
 with few samples keeps a sane model). An endpoint never observed borrows the median model of
 the others: optimistic enough to be tried, and its first real samples replace it.
 
+Unmeasured capacity. An endpoint whose latency never rose with its load fits an almost infinite
+capacity ``mu``; planned as such, it would attract every token, which is exactly the herd a
+correlated equilibrium is meant to prevent. So a plan caps every capacity at
+``capacity_headroom`` (default 2) times the whole upstream's current demand: endpoints that look
+alike share the load, and a capacity that was actually measured below the cap is used as is.
+
 The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
 correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
 Mas-Colell 2000, Econometrica 68(5)), so the largest positive D over fresh summaries is a live
@@ -39,6 +45,7 @@ from signaler.tokens import assign_tokens, quantise_demand, sample_configuration
 
 DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
+DEFAULT_CAPACITY_HEADROOM = 2.0
 #: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
 FALLBACK_MODEL = LatencyModel(d=0.005, mu=1000.0)
 
@@ -211,12 +218,14 @@ def make_plan(
     rng: np.random.Generator,
     *,
     max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
+    capacity_headroom: float = DEFAULT_CAPACITY_HEADROOM,
 ) -> Plan:
     """Solve this epoch's program for ``view`` and deal a sampled configuration.
 
     The fresh sidecars' demands (requests/s) are quantised into ``n_tokens`` tokens (more when
     more sidecars have demand, so each gets one); each token carries the total demand divided by
-    the tokens. Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
+    the tokens; capacities are capped at ``capacity_headroom`` times the total demand (see the
+    module docstring). Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
     :class:`~signaler.solution.SolverError` propagate (the caller keeps its previous plan).
     """
     if n_tokens < 1:
@@ -231,7 +240,11 @@ def make_plan(
     active = sum(1 for r in rates.values() if r > 0)
     n = max(n_tokens, active)
     tokens = quantise_demand(rates, n)
-    models = tuple(view.model_for(e) for e in endpoints)
+    cap = capacity_headroom * total
+    models = tuple(
+        m if m.mu <= cap else LatencyModel(d=m.d, mu=cap, knee=m.knee)
+        for m in (view.model_for(e) for e in endpoints)
+    )
     solution = CorrelatedEquilibriumLP(
         models, n, total / n, max_configurations=max_configurations
     ).solve()

@@ -143,6 +143,20 @@ def test_plan_moves_every_sidecar_off_the_bad_endpoint() -> None:
         assert verified.weight_map()[BAD] == 0.0
 
 
+def test_alike_endpoints_with_unmeasured_capacity_share_the_tokens() -> None:
+    # latency flat in load: the fit cannot see a capacity; the plan must not herd onto one
+    view = UpstreamView("orders", freshness=5.0)
+    for t in range(6):
+        for i in range(3):
+            view.offer(summary(f"sc-{i}", sent_at=NOW + t, demand=20.0 + 5 * t,
+                               latency_mean=(0.010, 0.010, 0.300)))
+        view.observe(NOW + t)
+    plan = make_plan(view, NOW + 5, 12, np.random.default_rng(2))
+    first, second, bad = plan.solution.marginal()
+    assert bad == 0.0
+    assert min(first, second) >= 4.0  # 12 tokens split about evenly, not 12 / 0
+
+
 def test_plan_needs_demand() -> None:
     view = UpstreamView("orders", freshness=5.0)
     with pytest.raises(NoDemand):
