@@ -23,6 +23,8 @@ from sidecar.config import (
     ConfigError,
     ConfigSource,
 )
+from sidecar.kube_wiring import KubeWiring
+from sidecar.kube_wiring import add_arguments as add_kube_arguments
 
 EPILOG = """\
 precedence: flags > environment > config file > defaults.
@@ -107,6 +109,7 @@ def register(subparsers: Any) -> None:
         "--signaling-epoch", metavar="SECONDS",
         help="seconds between regret summaries (default 1; env EQUILIBRIUM_SIGNALING_EPOCH)",
     )
+    add_kube_arguments(parser)  # --transparent, --discovery, --kube-api, --kube-token-file
     parser.set_defaults(func=main)
 
 
@@ -145,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
         config = source.load()
         policing = PolicingWiring.prepare(config, source.env)
         signaling = SignalingWiring.prepare(config, policing.mesh_key)
+        kube = KubeWiring.prepare(args, source.env)
     except ConfigError as exc:
         print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
         runner = SidecarRunner(source, config)
         policing.install(runner)
         signaling.install(runner)
+        kube.install(runner)
         return await runner.run()
 
     try:

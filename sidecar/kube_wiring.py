@@ -17,10 +17,12 @@ import argparse
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import ConfigError
-from sidecar.discovery import Discovery, KubeCredentials, credentials_from_flags
+
+if TYPE_CHECKING:  # aiohttp and friends load only when the sidecar runs (cli imports this)
+    from sidecar.discovery import Discovery, KubeCredentials
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class KubeWiring:
             raise ConfigError("--kube-api/--kube-token-file need --discovery")
         credentials = None
         if discovery:
+            from sidecar.discovery import credentials_from_flags
+
             try:
                 credentials = credentials_from_flags(api or None, token or None, env)
             except ValueError as exc:
@@ -81,6 +85,8 @@ class KubeWiring:
         return cls(transparent, credentials)
 
     def install(self, runner: Any) -> Discovery | None:
+        from sidecar.discovery import Discovery
+
         discovery: Discovery | None = None
         if self.credentials is not None:
             discovery = Discovery(

@@ -233,7 +233,7 @@ class KubeApiServer:
                         for chunk in raw[raw_seen:]:
                             await response.write(chunk)
                         raw_seen = len(raw)
-                        if self._cut != cut or since < coll.oldest:
+                        if self._cut != cut or sent < coll.oldest:  # restart / compaction
                             break
                         await changed.wait()
         finally:
