@@ -1,0 +1,103 @@
+"""compose.yaml: structure, safety, and that every command parses with our own CLI.
+
+``docker compose`` is not installed on these machines, so the file is checked here: it loads
+as YAML (merge keys resolved), the services the README promises exist and build from the
+project's Dockerfile, no port is published beyond loopback, no mesh key is written in the file,
+and each command line is accepted by the ``equilibrium`` parsers it will meet in the container.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from equilibrium.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
+_VAR = re.compile(r"\$\{([A-Z_]+)(?::-([^}]*)|:\?[^}]*)?\}")
+
+
+def interpolate(value: Any) -> Any:
+    """Compose's ``${VAR:-default}``, with every variable unset."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: m.group(2) or "", value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return dict(interpolate(data))
+
+
+def test_services_and_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "mesh-key", "signaler", "signaler-standby", "demo"} <= set(services)
+    assert (ROOT / "Dockerfile").is_file()
+    for name in ("mesh-key", "signaler", "signaler-standby", "demo"):
+        service = services[name]
+        assert service["build"] == ".", name
+        assert service["image"] == "equilibrium:local", name
+    for name in ("signaler", "signaler-standby", "demo"):
+        needs = services[name]["depends_on"]
+        assert needs["redis"]["condition"] == "service_healthy"
+        assert needs["mesh-key"]["condition"] == "service_completed_successfully"
+    assert "healthcheck" in services["redis"]
+    assert set(compose["volumes"]) == {"mesh-key"}
+
+
+def test_nothing_is_exposed_beyond_loopback_and_no_key_is_in_the_file(
+    compose: dict[str, Any]
+) -> None:
+    assert "ports" not in compose["services"]["redis"]
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+        env = service.get("environment") or {}
+        assert "EQUILIBRIUM_MESH_SECRET" not in env, name
+    assert "--requirepass" in compose["services"]["redis"]["command"]
+
+
+def parse(argv: list[str]) -> Any:
+    return build_parser(argv).parse_args(argv)
+
+
+def test_every_command_parses_with_the_equilibrium_cli(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    urls = set()
+    for name in ("signaler", "signaler-standby"):
+        args = parse(services[name]["command"])
+        assert args.command == "signaler"
+        assert args.mesh_secret_file == "/run/equilibrium/mesh.key"
+        assert args.redis.startswith("redis://:") and "@redis:6379" in args.redis
+        urls.add(args.redis)
+    ids = {parse(services[n]["command"]).id for n in ("signaler", "signaler-standby")}
+    assert len(ids) == 2  # two replicas must not share an id (one lease holder each)
+
+    demo = parse(services["demo"]["command"])
+    assert demo.command == "demo"
+    sidecar = parse(["sidecar", *demo.sidecar_arg])  # what every demo sidecar is given
+    assert sidecar.redis in urls
+    assert sidecar.mesh_secret_file == "/run/equilibrium/mesh.key"
+
+
+def test_the_key_generator_writes_a_random_key_once(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    service = compose["services"]["mesh-key"]
+    script = service["command"][0].replace("/run/equilibrium", str(tmp_path))
+    exec(compile(script, "mesh-key", "exec"), {})  # the container's script, on a temp dir
+    key = (tmp_path / "mesh.key").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    exec(compile(script, "mesh-key", "exec"), {})
+    assert (tmp_path / "mesh.key").read_text() == key  # kept across restarts
