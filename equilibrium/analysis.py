@@ -101,6 +101,22 @@ def time_to_shift(
     return wins[last_above].start + wins[last_above].width
 
 
+def first_under(
+    wins: Sequence[Window], pod: str, threshold: float = SHIFT_THRESHOLD
+) -> tuple[float | None, int]:
+    """When ``pod``'s share first dropped below ``threshold``, and how often it came back.
+
+    Returns the start of the first window under the threshold (None if none was) and the
+    number of later windows at or above it ("relapses": probes bursts, re-admissions).
+    """
+    shares = share_series(wins, pod)
+    for i, s in enumerate(shares):
+        if not math.isnan(s) and s < threshold:
+            relapses = sum(1 for x in shares[i + 1:] if not math.isnan(x) and x >= threshold)
+            return wins[i].start, relapses
+    return None, 0
+
+
 def flapping_index(wins: Sequence[Window], pods: Sequence[str]) -> float:
     """Largest window-to-window change of any pod's share, in percentage points.
 
@@ -163,6 +179,8 @@ class RunMetrics:
     bad_share_first: float
     bad_share_steady: float
     time_to_shift: float | None
+    first_under: float | None
+    relapses: int
     flapping_pp: float
     flapping_noise_pp: float
     pod_totals: dict[str, int]
@@ -178,6 +196,8 @@ class RunMetrics:
             "bad_share_first": self.bad_share_first,
             "bad_share_steady": self.bad_share_steady,
             "time_to_shift": self.time_to_shift,
+            "first_under": self.first_under,
+            "relapses": self.relapses,
             "flapping_pp": self.flapping_pp,
             "flapping_noise_pp": self.flapping_noise_pp,
             "pod_totals": self.pod_totals,
@@ -202,7 +222,10 @@ def run_metrics(
     steady = [r for r in records if r.intended >= half]
     shift_wins = windows(records, t0, shift_window, duration)
     flap_wins = windows(steady, half, flap_window, duration / 2.0)
+    under, relapses = first_under(shift_wins, bad_pod)
     return RunMetrics(
+        first_under=under,
+        relapses=relapses,
         flap_window=flap_window,
         requests=len(records),
         errors=sum(1 for r in records if not r.ok),

@@ -15,6 +15,7 @@ converged flag. A last table checks the targets of the sidecar v0.1 issue.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from typing import Any
@@ -24,6 +25,7 @@ from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_
 from equilibrium.bench.report import ms, pct, pp, secs
 from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.fleet import Fleet
+from equilibrium.loadgen import Record
 from equilibrium.sidecars import start_sidecars
 
 UPSTREAM = "demo"
@@ -43,18 +45,22 @@ class SlowPod(Scenario):
                            help="seconds the bad pod adds (0.5)")
         group.add_argument("--slow-pod-fraction", type=float, default=0.5,
                            help="share of the bad pod's requests that are slow (0.5)")
+        group.add_argument("--slow-pod-repeat", type=int, default=1,
+                           help="run the policy list this many times, interleaved (1)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
         pods = args.slow_pod_pods
         bad_index = pods - 1
         bad = f"pod-{bad_index}"
+        repeat = max(1, args.slow_pod_repeat)
+        order = " → ".join(args.policies)
         params = {
             "pods": pods, "bad_pod": bad, "bad_delay_s": args.slow_pod_delay,
             "bad_fraction": args.slow_pod_fraction, "clients": args.clients,
             "rate_per_client": args.rate, "duration_per_policy_s": args.duration,
-            "order": " → ".join(args.policies), "strategy": args.strategy or "default",
-            "seed": args.seed,
+            "order": order if repeat == 1 else f"({order}) × {repeat}",
+            "strategy": args.strategy or "default", "seed": args.seed,
         }
         fleet = await Fleet.start(
             ["--pods", str(pods), "--bad", str(bad_index), "--bad-delay",
@@ -62,38 +68,38 @@ class SlowPod(Scenario):
              "--seed", str(args.seed)],
             stderr_path=str(ctx.logs / "fleet.log"),
         )
-        per_policy: dict[str, dict[str, Any]] = {}
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.policies}
+        pooled: dict[str, list[Record]] = {p: [] for p in args.policies}
         series: dict[str, dict[str, list[float]]] = {}
+        names = [p.name for p in fleet.pods]
+        step, steps = 0, repeat * len(args.policies)
         try:
-            for i, policy in enumerate(args.policies, 1):
-                ctx.say(f"[{i}/{len(args.policies)}] {policy}: {args.clients} clients × "
-                        f"{args.rate:g} req/s for {args.duration:g} s")
-                await fleet.reset(seed=args.seed)
-                load_average = _load_average()
-                sidecars = await start_sidecars(
-                    [f"{policy}-{c + 1}" for c in range(args.clients)],
-                    {UPSTREAM: fleet.urls}, policy=policy, strategy=args.strategy,
-                    stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
-                )
-                try:
-                    targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
-                    result = await drive_load(targets, args.rate, args.duration, ctx.logs,
-                                              sidecars)
-                finally:
-                    for s in sidecars:
-                        await s.stop()
-                per_policy[policy] = self._measure(result, fleet.pods, bad)
-                per_policy[policy]["load_average_at_start"] = load_average
-                wins = analysis.windows(result.records, result.t0, SHIFT_WINDOW, args.duration)
-                series[policy] = {"t": [w.start + w.width for w in wins],
-                                  "bad_share": analysis.share_series(wins, bad)}
-                m = per_policy[policy]
-                ctx.say(f"    p99 {ms(m['latency']['p99'])}, steady p99 "
-                        f"{ms(m['steady_latency']['p99'])}, bad share "
-                        f"{pct(m['bad_share_steady'])} (steady), shift "
-                        f"{secs(m['time_to_shift'])}")
+            for rep in range(repeat):
+                for policy in args.policies:
+                    step += 1
+                    ctx.say(f"[{step}/{steps}] {policy}: {args.clients} clients × "
+                            f"{args.rate:g} req/s for {args.duration:g} s")
+                    result, load_average = await self._one_run(ctx, fleet, policy)
+                    m = self._measure(result, names, bad)
+                    m["load_average_at_start"] = load_average
+                    runs[policy].append(m)
+                    pooled[policy] += [dataclasses.replace(r, intended=r.intended - result.t0)
+                                       for r in result.records]
+                    if rep == 0:
+                        wins = analysis.windows(result.records, result.t0, SHIFT_WINDOW,
+                                                args.duration)
+                        series[policy] = {"t": [w.start + w.width for w in wins],
+                                          "bad_share": analysis.share_series(wins, bad)}
+                    ctx.say(f"    p99 {ms(m['latency']['p99'])}, steady p99 "
+                            f"{ms(m['steady_latency']['p99'])}, bad share "
+                            f"{pct(m['bad_share_steady'])} (steady), shift "
+                            f"{secs(m['time_to_shift'])}")
         finally:
             await fleet.stop()
+        per_policy = {
+            policy: self._pool(pooled[policy], runs[policy], args.duration, names, bad)
+            for policy in args.policies if runs[policy]
+        }
         files = []
         if series:
             from equilibrium.plot import plot_bad_share
@@ -102,20 +108,38 @@ class SlowPod(Scenario):
                 ctx.out / "slow-pod-bad-share.png",
                 {p: s["t"] for p, s in series.items()},
                 {p: s["bad_share"] for p, s in series.items()},
-                title=f"slow-pod: share sent to {bad} (1 s windows)",
+                title=f"slow-pod: share sent to {bad} (1 s windows, first run of each policy)",
             )
             files.append(png.name)
         return ScenarioResult(
             parameters=params,
             tables=[self._table(per_policy), *self._targets(per_policy)],
             data={"policies": per_policy, "series": series},
-            notes=self._notes(per_policy),
+            notes=self._notes(per_policy, repeat),
             files=files,
         )
 
     @staticmethod
-    def _measure(result: LoadResult, pods: Any, bad: str) -> dict[str, Any]:
-        names = [p.name for p in pods]
+    async def _one_run(ctx: BenchContext, fleet: Fleet, policy: str) -> tuple[LoadResult, float]:
+        """Reset the fleet, start fresh sidecars with ``policy``, drive the load, stop them."""
+        args = ctx.args
+        await fleet.reset(seed=args.seed)
+        load_average = _load_average()
+        sidecars = await start_sidecars(
+            [f"{policy}-{c + 1}" for c in range(args.clients)],
+            {UPSTREAM: fleet.urls}, policy=policy, strategy=args.strategy,
+            stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
+        )
+        try:
+            targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
+            result = await drive_load(targets, args.rate, args.duration, ctx.logs, sidecars)
+        finally:
+            for s in sidecars:
+                await s.stop()
+        return result, load_average
+
+    @staticmethod
+    def _measure(result: LoadResult, names: list[str], bad: str) -> dict[str, Any]:
         metrics = analysis.run_metrics(
             result.records, result.t0, result.duration, names, bad,
             shift_window=SHIFT_WINDOW,
@@ -140,22 +164,54 @@ class SlowPod(Scenario):
         return out
 
     @staticmethod
+    def _pool(records: list[Record], runs: list[dict[str, Any]], duration: float,
+              names: list[str], bad: str) -> dict[str, Any]:
+        """One policy's numbers: latencies and shares over all runs pooled, the rest per run.
+
+        The time to shift is the worst run's (None if any run never shifted); flapping is
+        the largest of any run; ``runs`` keeps every run's own numbers.
+        """
+        if len(runs) == 1:
+            return {**runs[0], "runs": runs}
+        pooled = analysis.run_metrics(records, 0.0, duration, names, bad,
+                                      shift_window=SHIFT_WINDOW).as_dict()
+        shifts = [r["time_to_shift"] for r in runs]
+        flaps = [r["flapping_pp"] for r in runs if not math.isnan(r["flapping_pp"])]
+        generator = {k: sum(r["generator"][k] for r in runs) for k in runs[0]["generator"]}
+        generator["max_start_lag"] = max(r["generator"]["max_start_lag"] for r in runs)
+        pooled.update(
+            time_to_shift=None if None in shifts else max(shifts),
+            relapses=sum(r["relapses"] for r in runs),
+            flapping_pp=max(flaps, default=math.nan),
+            flapping_noise_pp=max(r["flapping_noise_pp"] for r in runs),
+            sidecars={f"{sid} (run {i + 1})": v for i, r in enumerate(runs)
+                      for sid, v in r["sidecars"].items()},
+            generator=generator,
+            load_average_at_start=max(r["load_average_at_start"] for r in runs),
+            runs=runs,
+        )
+        return pooled
+
+    @staticmethod
     def _table(per_policy: dict[str, dict[str, Any]]) -> Table:
         rows = []
         for policy, m in per_policy.items():
             lat, steady = m["latency"], m["steady_latency"]
             conv = sum(1 for s in m["sidecars"].values() if s["converged"])
+            runs = m["runs"]
+            shift = " / ".join(secs(r["time_to_shift"]) for r in runs)
+            first = " / ".join(f"{secs(r['first_under'])} ({r['relapses']})" for r in runs)
             rows.append([
                 policy, ms(lat["mean"]), ms(lat["p50"]), ms(lat["p99"]), ms(lat["p99.9"]),
                 ms(steady["p99"]), str(m["errors"]), pct(m["bad_share"]),
-                pct(m["bad_share_steady"]), secs(m["time_to_shift"]), pp(m["flapping_pp"]),
+                pct(m["bad_share_steady"]), shift, first, pp(m["flapping_pp"]),
                 f"{conv}/{len(m['sidecars'])}",
             ])
         return Table(
             title="slow-pod: latency from intended start, share sent to the bad pod",
             columns=["policy", "mean", "p50", "p99", "p99.9", "steady p99", "errors",
-                     "bad share", "bad share (steady)", "time to < 5 %", "flapping",
-                     "converged"],
+                     "bad share", "bad share (steady)", "time to < 5 %",
+                     "first < 5 % (relapses)", "flapping", "converged"],
             rows=rows,
         )
 
@@ -184,18 +240,23 @@ class SlowPod(Scenario):
                       ["target", "measured", "verdict"], rows)]
 
     @staticmethod
-    def _notes(per_policy: dict[str, dict[str, Any]]) -> list[str]:
+    def _notes(per_policy: dict[str, dict[str, Any]], repeat: int) -> list[str]:
         notes = [
             "Latency runs from each request's intended start on the open-loop schedule "
-            "(no coordinated omission); percentiles are exact nearest-rank over all clients.",
+            "(no coordinated omission); percentiles are exact nearest-rank over all clients"
+            + (f" and all {repeat} runs of a policy (runs interleaved across policies)."
+               if repeat > 1 else "."),
             "Steady state = the second half of each policy's run. Time to < 5 %: end of the "
-            "last 1 s window in which the bad pod's share was at or above 5 %.",
+            "last 1 s window in which the bad pod's share was at or above 5 % (one value per "
+            "run). First < 5 %: start of the first 1 s window under 5 %; in brackets the "
+            "number of later windows at or above 5 % (relapses).",
             "Flapping: largest change of any pod's share between consecutive windows "
             f"(up to {analysis.FLAP_WINDOW:g} s) of the steady state; randomised routing "
             "shows sampling noise of about the listed 1-sigma even when its weights stay put.",
         ]
-        loads = ", ".join(f"{p} {m['load_average_at_start']:.1f}"
-                          for p, m in per_policy.items())
+        loads = ", ".join(
+            f"{p} " + "/".join(f"{r['load_average_at_start']:.1f}" for r in m["runs"])
+            for p, m in per_policy.items())
         notes.append(f"1-minute load average of the machine when each policy started: {loads}"
                      " (other work on the machine shows up here and in the generator's lag).")
         for policy, m in per_policy.items():

@@ -131,6 +131,7 @@ def test_time_to_shift_flapping_and_shares_on_known_records() -> None:
     assert m.bad_share_first == pytest.approx(0.2)
     assert m.bad_share_steady == pytest.approx(4 / 300)
     assert m.time_to_shift == 3.0
+    assert (m.first_under, m.relapses) == (3.0, 0)
     assert m.flapping_pp == pytest.approx(20.0)
     assert m.pod_totals["bad"] == 40
     assert m.steady_latency["p99"] == 0.5 and m.steady_latency["p50"] == 0.01
@@ -143,3 +144,9 @@ def test_time_to_shift_is_none_when_never_shifted_and_zero_when_never_high() -> 
     assert analysis.time_to_shift(clean, "bad") == 0.0
     assert analysis.flapping_index(clean, ["a", "bad"]) == 0.0
     assert analysis.share_noise_pp(clean, ["a", "bad"]) > 0
+    relapse = analysis.windows(
+        _records([{"a": 80, "bad": 20}, {"a": 99, "bad": 1}, {"a": 90, "bad": 10},
+                  {"a": 99, "bad": 1}]), 100.0, 1.0, 4.0)
+    assert analysis.first_under(relapse, "bad") == (1.0, 1)
+    assert analysis.time_to_shift(relapse, "bad") == 3.0
+    assert analysis.first_under(stuck, "bad") == (None, 0)
