@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from aiohttp import StreamReader
+from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mesh.headers import GT_PREFIX, strip_gt_headers
@@ -135,3 +136,19 @@ async def relay_chunks(stream: StreamReader, idle_timeout: float) -> AsyncIterat
         if not chunk:
             return
         yield chunk
+
+
+async def relay_body(stream: StreamReader, response: StreamResponse, idle_timeout: float) -> int:
+    """Copy a body from ``stream`` to ``response`` as it arrives; returns the bytes copied.
+
+    Each step (read a chunk, then write it out) must finish within ``idle_timeout``: a stalled
+    upstream and an app that stopped reading both end in ``TimeoutError``, never a hang.
+    """
+    copied = 0
+    while True:
+        async with asyncio.timeout(idle_timeout):
+            chunk = await stream.readany()
+            if not chunk:
+                return copied
+            await response.write(chunk)
+        copied += len(chunk)

@@ -37,6 +37,7 @@ from sidecar.forward import (
     CHUNK_SIZE,
     connection_tokens,
     has_passed,
+    relay_body,
     relay_chunks,
     request_headers_to_upstream,
     response_headers_to_app,
@@ -341,18 +342,24 @@ class OutboundProxy:
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=headers
             )
-            await response.prepare(request)
-            if not must_be_empty(ctx.method, upstream.status):
-                try:
-                    async for chunk in relay_chunks(upstream.content, self.profile.request_timeout):
-                        await response.write(chunk)
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    # Head already sent: the only honest signal left is to cut the connection.
-                    ctx.error_reason = "upstream-body-error"
-                    self.metrics.errors.labels(ctx.upstream or "", "upstream-body-error").inc()
-                    upstream.close()
-                    raise ConnectionResetError(f"upstream body failed: {exc!r}") from exc
-            await response.write_eof()
+            idle = self.profile.request_timeout
+            try:
+                async with asyncio.timeout(idle):
+                    await response.prepare(request)
+                if not must_be_empty(ctx.method, upstream.status):
+                    await relay_body(upstream.content, response, idle)
+                async with asyncio.timeout(idle):
+                    await response.write_eof()
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                # The head may be out already: the only honest signal left is to cut the
+                # connection (the app sees a truncated body, never a silently short one).
+                reason = "body-relay-failed"
+                ctx.error_reason = reason
+                self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+                upstream.close()
+                if request.transport is not None:
+                    request.transport.abort()
+                log.info("%s %s: body relay failed: %r", ctx.upstream, ctx.endpoint, exc)
             return response
         finally:
             upstream.release()

@@ -6,11 +6,14 @@ Backends are real aiohttp servers on loopback; the sidecar is a subprocess.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 from collections import Counter
 
 import aiohttp
+import pytest
+from aiohttp import web
 from yarl import URL
 
 from tests.integration.procs import (
@@ -20,6 +23,7 @@ from tests.integration.procs import (
     dead_endpoint,
     fetch,
     free_port,
+    http_get,
     start_backend,
 )
 
@@ -147,3 +151,48 @@ async def test_debug_state_shape() -> None:
         finally:
             await async_stop(sidecar)
 
+
+
+async def broken_bodies(request: web.Request) -> web.StreamResponse:
+    """/truncated: promises 1 MB, dies after 64 KiB. /large: 64 MB for a reader that stalls."""
+    resp = web.StreamResponse()
+    if request.path == "/truncated":
+        resp.content_length = 1024 * 1024
+        await resp.prepare(request)
+        await resp.write(b"t" * 65536)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+    resp.content_length = 64 * 1024 * 1024
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(1024):
+            await resp.write(b"l" * 65536)
+    return resp
+
+
+async def test_failed_bodies_cut_the_connection_and_never_hang() -> None:
+    backend = await start_backend("bodies", handler=broken_bodies)
+    sidecar = await async_start_sidecar(
+        {"svc": [backend.url]}, extra_args=["--request-timeout", "0.5"]
+    )
+    metric = "equilibrium_errors_total"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
+            # an upstream that dies mid-body: the app sees a truncated body, not a short 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await fetch(client, "GET", f"{sidecar.outbound_url}/truncated",
+                            headers={"Host": "svc"})
+            # an app that stops reading: the sidecar gives up on it after the idle timeout
+            async with client.get(f"{sidecar.outbound_url}/large", headers={"Host": "svc"}) as r:
+                assert r.status == 200
+                for _ in range(100):
+                    if sidecar.metric(metric, reason="body-relay-failed") >= 2:
+                        break
+                    await asyncio.sleep(0.1)
+        assert sidecar.metric(metric, upstream="svc", reason="body-relay-failed") == 2
+        reply = await asyncio.to_thread(http_get, f"{sidecar.admin_url}/healthz")
+        assert reply[0] == 200
+    finally:
+        assert await async_stop(sidecar) == 0
+        await backend.stop()
