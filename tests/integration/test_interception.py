@@ -1,0 +1,392 @@
+"""Transparent interception for real: a pod's network namespace, `equilibrium init`, the sidecar.
+
+Topology (two network namespaces this test creates and always deletes; nothing else is touched,
+no traffic leaves them)::
+
+    "pod" namespace                              "cluster" namespace
+    app (this test, uid 0)   veth 10.200.0.1 <-> veth 10.200.0.2, 10.200.0.3
+    sidecar (gid 1337)       route 10.96.0.0/16 (Service IPs) via 10.200.0.2
+      outbound 127.0.0.1:O                       users pods    10.200.0.2:P, 10.200.0.3:P
+      admin    127.0.0.1:A                       metrics pod   10.200.0.2:M
+    iptables nat from `equilibrium init`         an echo server (not a Service) 10.200.0.2:E
+                                                 the Kubernetes API stand-in   10.200.0.2:K
+
+The app dials the Service's cluster IP 10.96.0.10 with no proxy settings at all; nothing
+listens on that address, so only the init rules can make the connection work: they send it to
+the sidecar, which recovers the original destination and routes it to the Service's endpoints
+(found through the EndpointSlice watch). A destination that is no Service passes through as a
+TCP relay. The sidecar runs with GID 1337 and UID 0: the interpreter lives under /root
+(mode 0700), which UID 1337 cannot reach, and the init rules exempt the proxy's GID as well as
+its UID, so the GID is what keeps the sidecar's own connections from being redirected here.
+
+Sockets of the app, the backends and the API server are made inside the namespaces by
+switching this thread's network namespace (``setns``) just for the ``socket()``/``bind()``
+calls; they are then served and used from the test's event loop. Needs root, ``ip``
+(iproute2), ``iptables`` and ``setpriv``: a missing one fails the test with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
+from tests.integration.procs import REPO_ROOT, metric_value
+
+CLONE_NEWNET = 0x40000000
+POD_IP, CLUSTER_IP_A, CLUSTER_IP_B = "10.200.0.1", "10.200.0.2", "10.200.0.3"
+SERVICE_IP = "10.96.0.10"  # the "users" Service's cluster IP: exists only in the init rules
+PROXY_GID = 1337
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def require_tools() -> None:
+    missing = [tool for tool in ("ip", "iptables", "setpriv") if shutil.which(tool) is None]
+    if os.geteuid() != 0:
+        missing.append("root (network namespaces and iptables)")
+    if missing:
+        pytest.fail("transparent interception test needs: " + ", ".join(missing)
+                    + " (CI installs iptables and iproute2 in .ci/run)")
+
+
+def run(*cmd: str) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+# ---------------------------------------------------------------- sockets inside a namespace
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def inside(namespace: str) -> Iterator[None]:
+    """Sockets this thread creates meanwhile belong to ``namespace`` (no await inside!)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def listen_in(namespace: str, host: str, port: int = 0) -> socket.socket:
+    with inside(namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def free_port_in(namespace: str, host: str) -> int:
+    with listen_in(namespace, host) as sock:
+        return int(sock.getsockname()[1])
+
+
+async def connect_in(
+    namespace: str, host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection made from ``namespace`` -- no proxy of any kind configured."""
+    with inside(namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http_in(namespace: str, host: str, port: int, path: str = "/",
+                  host_header: str | None = None) -> Answer:
+    """One HTTP/1.1 GET written by hand (``Connection: close``), as an app would send it."""
+    reader, writer = await connect_in(namespace, host, port)
+    try:
+        head = (f"GET {path} HTTP/1.1\r\nHost: {host_header or host}\r\n"
+                "Connection: close\r\n\r\n")
+        writer.write(head.encode())
+        async with asyncio.timeout(10):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    header_block, _, body = raw.partition(b"\r\n\r\n")
+    lines = header_block.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return Answer(int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body)
+
+
+# ---------------------------------------------------------------- the pod and the cluster
+
+
+@dataclass
+class Cluster:
+    """Servers in the cluster namespace, run by this test's event loop."""
+
+    namespace: str
+    api: KubeApiServer = field(default_factory=KubeApiServer)
+    seen_hosts: Counter[str] = field(default_factory=Counter)
+    echo_peers: list[tuple[str, int]] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    users_port: int = 0
+    metrics_port: int = 0
+    echo_port: int = 0
+
+    async def serve_http(self, name: str, sock: socket.socket) -> None:
+        async def handle(request: web.Request) -> web.Response:
+            self.seen_hosts[request.headers.get("Host", "")] += 1
+            return web.Response(text=f"{name} {request.path}", headers={"X-Backend": name})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        self.runners.append(runner)
+
+    async def start(self) -> None:
+        ns = self.namespace
+        users_a = listen_in(ns, CLUSTER_IP_A)
+        self.users_port = users_a.getsockname()[1]
+        users_b = listen_in(ns, CLUSTER_IP_B, self.users_port)  # a fresh namespace: free
+        metrics = listen_in(ns, CLUSTER_IP_A)
+        self.metrics_port = metrics.getsockname()[1]
+        await self.serve_http("users-a", users_a)
+        await self.serve_http("users-b", users_b)
+        await self.serve_http("users-metrics", metrics)
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.echo_peers.append(writer.get_extra_info("peername")[:2])
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while line := await reader.readline():
+                    writer.write(b"echo:" + line)
+                    await writer.drain()
+            writer.close()
+
+        echo_sock = listen_in(ns, CLUSTER_IP_A)
+        self.echo_port = echo_sock.getsockname()[1]
+        self.servers.append(await asyncio.start_server(echo, sock=echo_sock))
+
+        self.api.put("services", service("users", "default", SERVICE_IP,
+                                         [("http", 80), ("metrics", 9090)]))
+        self.api.put("endpointslices", self.users_slice([CLUSTER_IP_A, CLUSTER_IP_B]))
+        await self.api.start(sock=listen_in(ns, CLUSTER_IP_A))
+
+    def users_slice(self, addresses: list[str]) -> dict[str, object]:
+        return endpoint_slice("users-x1", "default", "users",
+                              [("http", self.users_port), ("metrics", self.metrics_port)],
+                              addresses)
+
+    async def stop(self) -> None:
+        await self.api.stop()
+        for server in self.servers:
+            server.close()
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+@dataclass
+class Pod:
+    namespace: str
+    outbound_port: int
+    admin_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def admin(self, path: str) -> Answer:
+        return await http_in(self.namespace, "127.0.0.1", self.admin_port, path)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return metric_value((await self.admin("/metrics")).body.decode(), name, **labels)
+
+    async def endpoints(self, upstream: str) -> list[str]:
+        import json
+
+        state = json.loads((await self.admin("/debug/state")).body)
+        return [e["endpoint"] for e in state["upstreams"].get(upstream, {}).get("endpoints", [])]
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[Pod, Cluster]]:
+    require_tools()
+    tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
+    pod_ns, cluster_ns = f"eq-pod-{tag}", f"eq-cluster-{tag}"
+    created: list[str] = []
+    cluster: Cluster | None = None
+    pod: Pod | None = None
+    try:
+        for ns in (pod_ns, cluster_ns):
+            run("ip", "netns", "add", ns)
+            created.append(ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        # The veth pair is created inside the pod namespace with its peer in the cluster's.
+        run("ip", "-n", pod_ns, "link", "add", "eth0", "type", "veth",
+            "peer", "name", "eth0", "netns", cluster_ns)
+        run("ip", "-n", pod_ns, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
+        run("ip", "-n", cluster_ns, "addr", "add", f"{CLUSTER_IP_A}/24", "dev", "eth0")
+        run("ip", "-n", cluster_ns, "addr", "add", f"{CLUSTER_IP_B}/24", "dev", "eth0")
+        for ns in (pod_ns, cluster_ns):
+            run("ip", "-n", ns, "link", "set", "eth0", "up")
+        run("ip", "-n", pod_ns, "route", "add", "10.96.0.0/16", "via", CLUSTER_IP_A)
+
+        cluster = Cluster(cluster_ns)
+        await cluster.start()
+        outbound, admin = free_port_in(pod_ns, "127.0.0.1"), free_port_in(pod_ns, "127.0.0.1")
+        inbound = free_port_in(pod_ns, "127.0.0.1")
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("EQUILIBRIUM_") and "proxy" not in k.lower()}
+        env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", POD_NAMESPACE="default")
+        init = subprocess.run(
+            ["ip", "netns", "exec", pod_ns, sys.executable, "-m", "equilibrium", "init",
+             "--outbound-port", str(outbound), "--inbound-port", str(inbound),
+             "--proxy-uid", "1337", "--proxy-gid", str(PROXY_GID),
+             "--exclude-inbound-ports", str(admin)],
+            capture_output=True, text=True, timeout=30, env=env, cwd=REPO_ROOT, check=False)
+        assert init.returncode == 0, init.stderr
+        token = tmp_path / "token"
+        token.write_text(cluster.api.token)
+        log_fd, log_name = tempfile.mkstemp(prefix="eq-intercept-", suffix=".log")
+        pod = Pod(pod_ns, outbound, admin, Path(log_name))
+        with os.fdopen(log_fd, "wb") as log_file:
+            pod.process = subprocess.Popen(
+                ["ip", "netns", "exec", pod_ns,
+                 "setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--",
+                 sys.executable, "-m", "equilibrium", "sidecar",
+                 "--outbound", f"127.0.0.1:{outbound}", "--admin", f"127.0.0.1:{admin}",
+                 "--id", "pod-sidecar", "--transparent", "--discovery",
+                 "--kube-api", cluster.api.url, "--kube-token-file", str(token)],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, cwd=REPO_ROOT,
+            )
+        async with asyncio.timeout(20):
+            while True:
+                assert pod.process.poll() is None, f"sidecar exited:\n{pod.output()}"
+                with contextlib.suppress(OSError):
+                    if (await pod.endpoints("users.default:80")) and \
+                            (await pod.admin("/readyz")).status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        yield pod, cluster
+    finally:
+        if pod is not None and pod.process is not None:
+            if pod.process.poll() is None:
+                pod.process.send_signal(signal.SIGTERM)
+                try:
+                    pod.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pod.process.kill()
+                    pod.process.wait(timeout=5)
+            with contextlib.suppress(OSError):
+                pod.log_path.unlink()
+        if cluster is not None:
+            await cluster.stop()
+        for ns in created:  # takes the veth pair and the nat rules with it
+            subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+
+
+async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints(
+    world: tuple[Pod, Cluster],
+) -> None:
+    pod, cluster = world
+    # No proxy anywhere: the app just dials the Service IP. 6 connections, 6 answers.
+    answers = [await http_in(pod.namespace, SERVICE_IP, 80, f"/users/{i}") for i in range(6)]
+    assert {a.status for a in answers} == {200}
+    assert {a.headers["x-backend"] for a in answers} <= {"users-a", "users-b"}
+    assert answers[0].body.startswith(b"users-") and answers[0].body.endswith(b"/users/0")
+    assert cluster.seen_hosts == Counter({SERVICE_IP: 6})  # Host went on untouched
+    # The other port of the same Service IP is another group: its own endpoints.
+    metrics = await http_in(pod.namespace, SERVICE_IP, 9090, "/metrics", host_header="users")
+    assert (metrics.status, metrics.headers["x-backend"]) == (200, "users-metrics")
+
+    # An EndpointSlice update: 10.200.0.2 leaves the Service; the sidecar follows the watch.
+    cluster.api.put("endpointslices", cluster.users_slice([CLUSTER_IP_B]))
+    async with asyncio.timeout(10):
+        while await pod.endpoints("users.default:80") != [f"http://{CLUSTER_IP_B}:"
+                                                           f"{cluster.users_port}"]:
+            await asyncio.sleep(0.05)
+    later = [await http_in(pod.namespace, SERVICE_IP, 80, "/again") for _ in range(5)]
+    assert [(a.status, a.headers["x-backend"]) for a in later] == [(200, "users-b")] * 5
+
+    # The same sidecar still serves an app that uses it on purpose (HTTP_PROXY style, by Host).
+    direct = await http_in(pod.namespace, "127.0.0.1", pod.outbound_port, "/", "users")
+    assert (direct.status, direct.headers["x-backend"]) == (200, "users-b")
+
+    connections = "equilibrium_transparent_connections_total"
+    assert await pod.metric(connections, route="service") == 12
+    assert await pod.metric(connections, route="direct") == 1
+    # The sidecar's own upstream and API connections were never redirected back to itself.
+    assert await pod.metric(connections, route="passthrough") == 0
+
+
+async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Cluster]) -> None:
+    pod, cluster = world
+    reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.echo_port)
+    app_side = writer.get_extra_info("sockname")[:2]
+    writer.write(b"ping\n")
+    writer.write(b"\x00\xffbinary\n")
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"echo:ping\n"
+        assert await reader.readline() == b"echo:\x00\xffbinary\n"
+    writer.write_eof()  # half-close travels through the relay; the server closes in turn
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    # The echo server saw a different connection than the app made: the sidecar's relay.
+    assert len(cluster.echo_peers) == 1
+    assert cluster.echo_peers[0][0] == POD_IP and cluster.echo_peers[0] != app_side
+
+    # A destination where nothing listens: the app's connection is closed, nothing hangs.
+    dead = free_port_in(cluster.namespace, CLUSTER_IP_A)
+    reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, dead)
+    async with asyncio.timeout(5):
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read() == b""
+    writer.close()
+
+    assert await pod.metric("equilibrium_transparent_connections_total",
+                            route="passthrough") == 2
+    assert await pod.metric("equilibrium_passthrough_failures_total",
+                            reason="refused-or-unreachable") == 1
+    assert await pod.metric("equilibrium_passthrough_bytes_total",
+                            direction="to-destination") == len(b"ping\n\x00\xffbinary\n")
