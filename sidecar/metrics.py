@@ -30,7 +30,8 @@ class SidecarMetrics:
         r = self.registry
         self.requests = Counter(
             "equilibrium_requests",
-            "Requests forwarded, by upstream, endpoint and response code",
+            "Attempts forwarded, by upstream, endpoint and response code (or, for an attempt "
+            "that got no response, the error reason: connect-error, upstream-reset, ...)",
             ["upstream", "endpoint", "code"],
             registry=r,
         )

@@ -291,7 +291,9 @@ class OutboundProxy:
                 ctx.upstream_latency = done - sent
                 group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
                 self.metrics.forwarded(group.name, endpoint, failure.reason, None)
-                log.info("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail)
+                log.debug(
+                    "%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail
+                )
                 if not (failure.nothing_received and retryable):
                     break
                 continue
@@ -300,9 +302,8 @@ class OutboundProxy:
                 group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
                 raise
             return await self._relay_response(request, ctx, upstream, sent)
-        assert failure is not None or ctx.tried
-        if failure is None:  # budget exhausted before any failure recorded cannot happen
-            failure = AttemptFailure("upstream-reset", 502, True, "no attempt left")
+        # the first attempt either returned or recorded why it failed
+        assert failure is not None
         return self._error(
             ctx, failure.status, failure.reason,
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure.detail}",
