@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,7 @@ class TransparentSite(web.BaseSite):
         "_host",
         "_metrics",
         "_port",
+        "_relay_origins",
         "_relays",
         "_router",
     )
@@ -116,13 +118,16 @@ class TransparentSite(web.BaseSite):
         connect_timeout: float,
         drain_timeout: float,
     ) -> None:
-        super().__init__(runner, shutdown_timeout=drain_timeout)
+        super().__init__(runner)
         self._host, self._port = host, port
         self._router = router
         self._metrics = metrics
         self._connect_timeout = connect_timeout
         self._drain_timeout = drain_timeout
         self._relays: set[_RelaySide] = set()
+        # (local port, destination) of each relay's own upstream socket: if one of them comes
+        # back to us, the init rules do not exempt this process and we would relay forever.
+        self._relay_origins: set[tuple[int, Address]] = set()
 
     @property
     def name(self) -> str:
@@ -160,6 +165,13 @@ class TransparentSite(web.BaseSite):
         except OSError as exc:
             log.warning("cannot read the original destination: %s", exc)
             dst = None
+        peer = transport.get_extra_info("peername")
+        if dst is not None and peer is not None and (peer[1], dst) in self._relay_origins:
+            self._metrics.passthrough_failures.labels("loop").inc()
+            log.error("pass-through to %s:%d came back to the sidecar: its own connections are "
+                      "being redirected (run it as the proxy UID/GID the init rules exempt)",
+                      *dst)
+            return _Refuse()
         if dst is None or self._router.upstream_for(dst) is not None:
             self._metrics.connections.labels("direct" if dst is None else "service").inc()
             server = self._runner.server
@@ -177,6 +189,11 @@ class TransparentSite(web.BaseSite):
     def relay_closed(self, side: _RelaySide) -> None:
         self._relays.discard(side)
         self._metrics.relays_open.set(len(self._relays))
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
 
 
 class _Dispatch(asyncio.Protocol):
@@ -202,6 +219,7 @@ class _RelaySide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: _RelaySide | None = None
         self.eof = False
+        self.origin: tuple[int, Address] | None = None  # upstream end: its (port, destination)
         self._connect: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -217,16 +235,32 @@ class _RelaySide(asyncio.Protocol):
         upstream = _RelaySide(self.site, self.dst, downstream=False)
         upstream.peer, self.peer = self, upstream
         host, port = self.dst
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        origin: tuple[int, Address] | None = None
         try:
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # port known now
+            origin = (sock.getsockname()[1], self.dst)
+            self.site._relay_origins.add(origin)
             async with asyncio.timeout(self.site._connect_timeout):
-                await loop.create_connection(lambda: upstream, host, port)
+                await loop.sock_connect(sock, (host, port))
+            await loop.create_connection(lambda: upstream, sock=sock)
         except (OSError, TimeoutError) as exc:
+            sock.close()
             reason = "timeout" if isinstance(exc, TimeoutError) else "refused-or-unreachable"
             self.site._metrics.passthrough_failures.labels(reason).inc()
             log.info("pass-through to %s:%d failed: %s", host, port, exc or reason)
             self.peer = None
             self.abort()
             return
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            if upstream.transport is None and origin is not None:  # not connected
+                self.site._relay_origins.discard(origin)
+        upstream.origin = origin
         if self.transport is None or self.transport.is_closing():
             upstream.abort()
             return
@@ -252,6 +286,8 @@ class _RelaySide(asyncio.Protocol):
         return True  # keep our write side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.origin is not None:
+            self.site._relay_origins.discard(self.origin)
         if self.downstream:
             self.site.relay_closed(self)
             if self._connect is not None and not self._connect.done():

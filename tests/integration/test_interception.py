@@ -248,8 +248,16 @@ class Pod:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[Pod, Cluster]]:
+async def world(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Pod, Cluster]]:
+    """The two namespaces, the cluster's servers, init rules, and the sidecar in the pod.
+
+    Indirect parameter ``exempt`` (default True): False runs the sidecar as plain root, whose
+    own connections the init rules then redirect back to it (a misconfigured pod).
+    """
     require_tools()
+    exempt = getattr(request, "param", True)
     tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
     pod_ns, cluster_ns = f"eq-pod-{tag}", f"eq-cluster-{tag}"
     created: list[str] = []
@@ -288,14 +296,15 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Pod, Cluster]]:
         token.write_text(cluster.api.token)
         log_fd, log_name = tempfile.mkstemp(prefix="eq-intercept-", suffix=".log")
         pod = Pod(pod_ns, outbound, admin, Path(log_name))
+        as_proxy = ["setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--"] if exempt else []
+        discovery = ["--discovery", "--kube-api", cluster.api.url,
+                     "--kube-token-file", str(token)] if exempt else []
         with os.fdopen(log_fd, "wb") as log_file:
             pod.process = subprocess.Popen(
-                ["ip", "netns", "exec", pod_ns,
-                 "setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--",
+                ["ip", "netns", "exec", pod_ns, *as_proxy,
                  sys.executable, "-m", "equilibrium", "sidecar",
                  "--outbound", f"127.0.0.1:{outbound}", "--admin", f"127.0.0.1:{admin}",
-                 "--id", "pod-sidecar", "--transparent", "--discovery",
-                 "--kube-api", cluster.api.url, "--kube-token-file", str(token)],
+                 "--id", "pod-sidecar", "--transparent", *discovery],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, cwd=REPO_ROOT,
             )
@@ -303,8 +312,8 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Pod, Cluster]]:
             while True:
                 assert pod.process.poll() is None, f"sidecar exited:\n{pod.output()}"
                 with contextlib.suppress(OSError):
-                    if (await pod.endpoints("users.default:80")) and \
-                            (await pod.admin("/readyz")).status == 200:
+                    if (await pod.admin("/readyz")).status == 200 and \
+                            (not exempt or await pod.endpoints("users.default:80")):
                         break
                 await asyncio.sleep(0.05)
         yield pod, cluster
@@ -390,3 +399,22 @@ async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Clu
                             reason="refused-or-unreachable") == 1
     assert await pod.metric("equilibrium_passthrough_bytes_total",
                             direction="to-destination") == len(b"ping\n\x00\xffbinary\n")
+
+
+@pytest.mark.parametrize("world", [False], indirect=True, ids=["sidecar-not-exempt"])
+async def test_a_sidecar_whose_own_traffic_is_redirected_refuses_to_loop(
+    world: tuple[Pod, Cluster],
+) -> None:
+    pod, cluster = world
+    reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.echo_port)
+    writer.write(b"ping\n")
+    async with asyncio.timeout(5):
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read() == b""  # cut, instead of relaying to itself forever
+    writer.close()
+    assert cluster.echo_peers == []
+    assert await pod.metric("equilibrium_passthrough_failures_total", reason="loop") == 1
+    # The app's connection was relayed once; the hop that came back was refused, not relayed.
+    assert await pod.metric("equilibrium_transparent_connections_total",
+                            route="passthrough") == 1
+    assert "being redirected" in pod.output()
