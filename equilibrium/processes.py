@@ -134,6 +134,16 @@ class ChildProcess:
             os.killpg(self.proc.pid, sig)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
 async def stop_all(children: Sequence[ChildProcess], grace: float = 5.0) -> None:
     """Stop every child (in parallel), swallowing nothing but errors of already-dead ones."""
     await asyncio.gather(*(c.stop(grace) for c in children), return_exceptions=True)

@@ -3,7 +3,8 @@
 One fast pod (no service time, no jitter) and one sidecar in front of it. The run alternates
 segments, direct then proxied, ``rounds`` times, each segment a fresh open-loop generator at
 the same rate, so slow drifts of the machine (other processes, thermal, caches) hit both
-modes alike. The first ``warmup`` seconds of each segment are discarded (connection set-up).
+modes alike. One unmeasured segment per mode warms the proxy up first (a long-running proxy
+is warm), and the first ``warmup`` seconds of each segment are discarded (connection set-up).
 Reported: latency percentiles per mode, the latency the proxy adds (proxied minus direct) at
 p50, p99 and p99.9, their ratios, and the added p50/p99 of every round to show the spread.
 """
@@ -11,6 +12,7 @@ p50, p99 and p99.9, their ratios, and the added p50/p99 of every round to show t
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from equilibrium.bench.harness import LoadTarget, drive_load
@@ -18,6 +20,7 @@ from equilibrium.bench.report import ms
 from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.fleet import Fleet
 from equilibrium.loadgen import Record, latency_summary
+from equilibrium.processes import cpu_seconds
 from equilibrium.sidecars import Sidecar
 
 UPSTREAM = "backend"
@@ -39,6 +42,8 @@ class ProxyOverhead(Scenario):
                            help="direct/proxied alternations (4)")
         group.add_argument("--overhead-warmup", type=float, default=1.0,
                            help="seconds discarded at the start of each segment (1)")
+        group.add_argument("--overhead-warmup-segment", type=float, default=3.0,
+                           help="unmeasured seconds per mode before the first round (3)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
@@ -46,9 +51,11 @@ class ProxyOverhead(Scenario):
         segment = args.duration / rounds
         warmup = min(args.overhead_warmup, segment / 2)
         policy = args.policies[0]
+        warmup_segment = max(0.0, args.overhead_warmup_segment)
         params = {
             "rate": args.rate, "duration_per_mode_s": args.duration, "rounds": rounds,
-            "segment_s": round(segment, 3), "warmup_s": warmup, "sidecar_policy": policy,
+            "segment_s": round(segment, 3), "warmup_s": warmup,
+            "warmup_segment_s": warmup_segment, "sidecar_policy": policy,
             "order": "direct → proxied, repeated",
         }
         fleet = await Fleet.start(["--pods", "1", "--service-time", "0", "--jitter", "0",
@@ -59,11 +66,19 @@ class ProxyOverhead(Scenario):
         per_round: list[dict[str, Any]] = []
         errors = {"direct": 0, "proxied": 0}
         late = {"direct": 0, "proxied": 0}
+        sidecar_cpu, proxied_requests = 0.0, 0
         try:
             sidecar = await Sidecar.start("overhead", {UPSTREAM: fleet.urls}, policy=policy,
                                           strategy=args.strategy,
                                           stderr_path=str(ctx.logs / "sidecar.log"))
             try:
+                if warmup_segment > 0:
+                    ctx.say(f"warm-up: {warmup_segment:g} s direct, {warmup_segment:g} s "
+                            "proxied (not measured)")
+                    for name, url, host in (("direct", fleet.urls[0], None),
+                                            ("proxied", sidecar.outbound_url, UPSTREAM)):
+                        await drive_load([LoadTarget(f"warmup-{name}", url, host)], args.rate,
+                                         warmup_segment, ctx.logs)
                 for r in range(rounds):
                     ctx.say(f"round {r + 1}/{rounds}: {segment:g} s direct, {segment:g} s "
                             f"proxied at {args.rate:g} req/s")
@@ -72,7 +87,11 @@ class ProxyOverhead(Scenario):
                         ("direct", LoadTarget("direct", fleet.urls[0], None)),
                         ("proxied", LoadTarget("proxied", sidecar.outbound_url, UPSTREAM)),
                     ):
+                        cpu_before = cpu_seconds(sidecar.child.pid)
                         res = await drive_load([target], args.rate, segment, ctx.logs)
+                        if mode == "proxied":
+                            sidecar_cpu += cpu_seconds(sidecar.child.pid) - cpu_before
+                            proxied_requests += len(res.records)
                         samples[mode] = _kept(res.records, res.t0, warmup)
                         errors[mode] += sum(1 for x in res.records if not x.ok)
                         late[mode] += res.load_counts()["late_starts"]
@@ -112,6 +131,14 @@ class ProxyOverhead(Scenario):
                    ms(x["added_p50"]), ms(x["direct"]["p99"]), ms(x["proxied"]["p99"]),
                    ms(x["added_p99"])] for i, x in enumerate(per_round)],
         )
+        cpu_per_request = sidecar_cpu / proxied_requests if proxied_requests else math.nan
+        cpu = Table(
+            title="sidecar CPU (user + system, from /proc) during the proxied segments",
+            columns=["CPU time", "requests", "CPU per request", "CPU share of one core"],
+            rows=[[f"{sidecar_cpu:.2f} s", str(proxied_requests),
+                   f"{cpu_per_request * 1e6:.0f} µs",
+                   f"{sidecar_cpu / (segment * rounds) * 100:.0f} %"]],
+        )
         targets = Table(
             title="targets (sidecar v0.1 issue)",
             columns=["target", "measured", "verdict"],
@@ -133,8 +160,9 @@ class ProxyOverhead(Scenario):
                          "start.")
         return ScenarioResult(
             parameters=params,
-            tables=[modes, add, rounds_table, targets],
+            tables=[modes, add, rounds_table, cpu, targets],
             data={"direct": d, "proxied": p, "added": added, "ratio": ratio,
+                  "sidecar_cpu_s": sidecar_cpu, "sidecar_cpu_per_request_s": cpu_per_request,
                   "rounds": per_round, "errors": errors, "late_starts": late},
             notes=notes,
         )

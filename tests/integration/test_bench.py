@@ -46,7 +46,8 @@ def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_pat
 
 def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
     proc = _run(["--scenario", "proxy-overhead", "--duration", "2", "--rate", "100",
-                 "--overhead-rounds", "2", "--overhead-warmup", "0.2", "--out", "r"], tmp_path)
+                 "--overhead-rounds", "2", "--overhead-warmup", "0.2",
+                 "--overhead-warmup-segment", "0", "--out", "r"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r" / "proxy-overhead.json").read_text())
     data = doc["data"]
