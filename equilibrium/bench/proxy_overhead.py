@@ -26,8 +26,10 @@ from equilibrium.sidecars import Sidecar
 UPSTREAM = "backend"
 
 
-def _kept(records: list[Record], t0: float, warmup: float) -> list[float]:
-    return [r.latency for r in records if r.ok and r.intended - t0 >= warmup]
+def _kept(records: list[Record], rate: float, warmup: float) -> list[float]:
+    """Latencies of answered requests scheduled after the first ``warmup`` seconds."""
+    skip = round(warmup * rate)
+    return [r.latency for r in records if r.ok and r.seq >= skip]
 
 
 class ProxyOverhead(Scenario):
@@ -92,7 +94,7 @@ class ProxyOverhead(Scenario):
                         if mode == "proxied":
                             sidecar_cpu += cpu_seconds(sidecar.child.pid) - cpu_before
                             proxied_requests += len(res.records)
-                        samples[mode] = _kept(res.records, res.t0, warmup)
+                        samples[mode] = _kept(res.records, args.rate, warmup)
                         errors[mode] += sum(1 for x in res.records if not x.ok)
                         late[mode] += res.load_counts()["late_starts"]
                     direct += samples["direct"]
