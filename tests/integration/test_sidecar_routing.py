@@ -57,9 +57,12 @@ async def test_host_header_routes_to_the_upstreams_endpoints() -> None:
             assert await async_stop(sidecar) == 0
 
 
-async def test_absolute_form_and_http_proxy_setting() -> None:
+async def test_absolute_form_http_proxy_setting_and_debug_state() -> None:
     async with backends(2, prefix="catalog") as pods:
-        sidecar = await async_start_sidecar({"catalog": [p.url for p in pods]})
+        sidecar = await async_start_sidecar(
+            {"catalog": [p.url for p in pods]}, sidecar_id="app-1", strategy="conservative",
+            policy="p2c-least-request",
+        )
         try:
             async with aiohttp.ClientSession() as client:
                 reply = await fetch(
@@ -81,6 +84,21 @@ async def test_absolute_form_and_http_proxy_setting() -> None:
             targets = [r.raw_path for p in pods for r in p.seen]
             assert sorted(targets) == ["/books/1?x=%2F", "/books/2"]
             assert all(r.headers["Host"] == "catalog" for p in pods for r in p.seen)
+
+            state = sidecar.state()
+            assert set(state) == {"id", "strategy", "policy", "draining", "upstreams"}
+            assert (state["id"], state["strategy"], state["policy"], state["draining"]) == (
+                "app-1", "conservative", "p2c-least-request", False,
+            )
+            upstream = state["upstreams"]["catalog"]
+            assert upstream["policy"] == "p2c-least-request"
+            assert upstream["following"] is False
+            assert isinstance(upstream["converged"], bool)
+            assert {e["endpoint"] for e in upstream["endpoints"]} == {p.url for p in pods}
+            for ep in upstream["endpoints"]:
+                assert set(ep) == {"endpoint", "weight", "latency_estimate", "regret",
+                                   "in_flight", "requests", "failures"}
+            assert abs(sum(e["weight"] for e in upstream["endpoints"]) - 1.0) < 1e-6
         finally:
             await async_stop(sidecar)
 
@@ -111,48 +129,6 @@ async def test_unknown_upstream_and_dead_or_missing_endpoints_answer_json() -> N
         await async_stop(sidecar)
 
 
-async def test_upstream_timeout_is_a_504_not_a_hang() -> None:
-    slow = await start_backend("slow", latency=5.0)
-    sidecar = await async_start_sidecar(
-        {"slow": [slow.url]}, extra_args=["--request-timeout", "0.3"]
-    )
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=4)) as client:
-            reply = await fetch(client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "slow"})
-            assert reply.status == 504 and reply.json()["reason"] == "upstream-timeout"
-        # a timeout may have reached the app: it is not retried
-        assert slow.hits == 1
-        assert sidecar.metric("equilibrium_errors_total", reason="upstream-timeout") == 1
-    finally:
-        await async_stop(sidecar)
-        await slow.stop()
-
-
-async def test_debug_state_shape() -> None:
-    async with backends(2) as pods:
-        sidecar = await async_start_sidecar(
-            {"pods": [p.url for p in pods]}, sidecar_id="app-1", strategy="conservative",
-            policy="p2c-least-request",
-        )
-        try:
-            state = sidecar.state()
-            assert set(state) == {"id", "strategy", "policy", "draining", "upstreams"}
-            assert (state["id"], state["strategy"], state["policy"], state["draining"]) == (
-                "app-1", "conservative", "p2c-least-request", False,
-            )
-            upstream = state["upstreams"]["pods"]
-            assert upstream["following"] is False
-            assert isinstance(upstream["converged"], bool)
-            assert {e["endpoint"] for e in upstream["endpoints"]} == {p.url for p in pods}
-            for ep in upstream["endpoints"]:
-                assert set(ep) == {"endpoint", "weight", "latency_estimate", "regret",
-                                   "in_flight", "requests", "failures"}
-            assert abs(sum(e["weight"] for e in upstream["endpoints"]) - 1.0) < 1e-6
-        finally:
-            await async_stop(sidecar)
-
-
-
 async def broken_bodies(request: web.Request) -> web.StreamResponse:
     """/truncated: promises 1 MB, dies after 64 KiB. /large: 64 MB for a reader that stalls."""
     resp = web.StreamResponse()
@@ -171,14 +147,20 @@ async def broken_bodies(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def test_failed_bodies_cut_the_connection_and_never_hang() -> None:
+async def test_timeouts_and_failed_bodies_never_hang() -> None:
     backend = await start_backend("bodies", handler=broken_bodies)
+    slow = await start_backend("slow", latency=5.0)
     sidecar = await async_start_sidecar(
-        {"svc": [backend.url]}, extra_args=["--request-timeout", "0.5"]
+        {"svc": [backend.url], "slow": [slow.url]}, extra_args=["--request-timeout", "0.5"]
     )
     metric = "equilibrium_errors_total"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
+            reply = await fetch(client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "slow"})
+            assert reply.status == 504 and reply.json()["reason"] == "upstream-timeout"
+            assert slow.hits == 1  # a timeout may have reached the app: it is not retried
+            assert sidecar.metric(metric, upstream="slow", reason="upstream-timeout") == 1
+
             # an upstream that dies mid-body: the app sees a truncated body, not a short 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await fetch(client, "GET", f"{sidecar.outbound_url}/truncated",
@@ -191,8 +173,9 @@ async def test_failed_bodies_cut_the_connection_and_never_hang() -> None:
                         break
                     await asyncio.sleep(0.1)
         assert sidecar.metric(metric, upstream="svc", reason="body-relay-failed") == 2
-        reply = await asyncio.to_thread(http_get, f"{sidecar.admin_url}/healthz")
-        assert reply[0] == 200
+        health = await asyncio.to_thread(http_get, f"{sidecar.admin_url}/healthz")
+        assert health[0] == 200
     finally:
         assert await async_stop(sidecar) == 0
         await backend.stop()
+        await slow.stop()
