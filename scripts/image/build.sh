@@ -117,9 +117,15 @@ done
 
 # ---- 3. the image ----------------------------------------------------------------------------
 log "docker build ${IMAGE} FROM ${BASE_TAG} (--network none)"
-docker build --network none --pull=false -q \
-    --build-arg "BASE_IMAGE=${BASE_TAG}" \
-    --build-arg "WHEELHOUSE=${WHEELHOUSE_REL}" \
-    -t "${IMAGE}" "${ROOT_DIR}" >/dev/null
+build_log="$(mktemp /tmp/equilibrium-image-build.XXXXXX)"
+if ! docker build --network none --pull=false \
+        --build-arg "BASE_IMAGE=${BASE_TAG}" \
+        --build-arg "WHEELHOUSE=${WHEELHOUSE_REL}" \
+        -t "${IMAGE}" "${ROOT_DIR}" >"${build_log}" 2>&1; then
+    tail -n 40 "${build_log}" >&2
+    log "docker build failed (full log: ${build_log})"
+    exit 1
+fi
+rm -f "${build_log}"
 size="$(docker image inspect "${IMAGE}" --format '{{.Size}}')"
 log "built ${IMAGE} ($(( size / 1024 / 1024 )) MB) in $(( $(date +%s) - started )) s"
