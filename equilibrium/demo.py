@@ -455,7 +455,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--recover-at", type=float, default=None,
                    help="make the bad pod healthy this many seconds into the load")
     p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag passed to every sidecar (repeatable)")
+                   help="extra flag for every sidecar, e.g. --sidecar-arg=--redis=URL "
+                        "(repeatable)")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG and JSON")
     p.add_argument("--no-live", action="store_true", help="no live view, only the summary")
     p.set_defaults(func=main)

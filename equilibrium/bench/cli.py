@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="fleet RNG seed (1)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="folder for the JSON and Markdown results (bench-results/)")
+    p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for every sidecar, e.g. --sidecar-arg=--redis=URL "
+                        "(repeatable)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     for scenario in all_scenarios():
         scenario.add_arguments(p.add_argument_group(f"scenario {scenario.name}"))
@@ -73,6 +76,7 @@ def resolve(args: argparse.Namespace) -> tuple[Any, list[str]]:
              "--clients", str(args.clients), "--seed", str(args.seed)]
     if args.strategy:
         argv += ["--strategy", args.strategy]
+    argv += [f"--sidecar-arg={a}" for a in args.sidecar_arg]
     return scenario, argv
 
 

@@ -71,7 +71,7 @@ class ProxyOverhead(Scenario):
         sidecar_cpu, proxied_requests = 0.0, 0
         try:
             sidecar = await Sidecar.start("overhead", {UPSTREAM: fleet.urls}, policy=policy,
-                                          strategy=args.strategy,
+                                          strategy=args.strategy, extra=args.sidecar_arg,
                                           stderr_path=str(ctx.logs / "sidecar.log"))
             try:
                 if warmup_segment > 0:

@@ -128,7 +128,7 @@ class SlowPod(Scenario):
         sidecars = await start_sidecars(
             [f"{policy}-{c + 1}" for c in range(args.clients)],
             {UPSTREAM: fleet.urls}, policy=policy, strategy=args.strategy,
-            stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
+            extra=args.sidecar_arg, stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
         )
         try:
             targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
