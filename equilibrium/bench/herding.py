@@ -1,0 +1,265 @@
+"""Scenario ``herding``: independent learners pile onto the pod that looks fastest; a
+correlated equilibrium spreads them.
+
+The fleet: pod-0 is small but quick (one server, 10 ms mean service, about 100 req/s of
+capacity); pod-1..3 are big but slower (four servers each, 40 ms mean service, about 100 req/s
+each). Service times are exponential and requests queue FIFO (M/M/c), so a pod's latency
+climbs steeply as its load nears its capacity. Idle, pod-0 answers four times faster than the
+others, so every client that learns on its own moves its traffic there -- and once the clients
+together send it more than it can serve, its queue grows, they all flee, and come back: the
+herd of DESIGN.md §3 (Mitzenmacher's "stale information" effect, with learners instead of
+load reports).
+
+Policies, in one run against the same fleet (reset to the same seed before each):
+
+- ``peak-ewma``: Linkerd's P2C on peak-EWMA RTT x (pending + 1);
+- ``equilibrium``: each sidecar's own Hart & Mas-Colell regret matching, anti-herd cap included;
+- ``equilibrium-ce``: the same sidecars with ``--redis``: they publish regret summaries, and a
+  signaler (started once for the run, with an embedded Redis and a fresh random mesh key) fits
+  each pod's latency curve, solves the correlated-equilibrium LP every epoch and sends each
+  sidecar its private share of a sampled configuration, which the sidecars follow.
+
+Reported per policy: mean, p50, p99, p99.9 over the run and the mean of its second half
+(steady state), errors, the share of requests each pod served in the steady state, and the
+flapping index (largest window-to-window change of any pod's share). A last table checks the
+issue's target: CE-coordinated routing has a lower mean latency than both others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from equilibrium import analysis
+from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
+from equilibrium.bench.report import ms, pct, pp
+from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
+from equilibrium.embedded_redis import EmbeddedRedis
+from equilibrium.fleet import Fleet
+from equilibrium.loadgen import latency_summary
+from equilibrium.processes import ChildProcess, free_port, wait_http_ok
+from equilibrium.sidecars import start_sidecars
+
+UPSTREAM = "demo"
+CE_POLICY = "equilibrium-ce"
+SIGNALER_READY_TIMEOUT = 90.0  # importing cvxpy takes seconds on a loaded machine
+FLAP_WINDOW = 5.0
+
+
+def fleet_spec(small_rate: float, big_servers: int, big_rate: float, big_pods: int) -> str:
+    """The ``--spec`` of the fleet: one small fast pod, then ``big_pods`` big slow ones."""
+    small = {"capacity": 1, "service_rate": small_rate}
+    big = {"capacity": big_servers, "service_rate": big_rate}
+    return json.dumps([small] + [big] * big_pods)
+
+
+class SignalingPlane:
+    """An embedded Redis and one signaler process, with a random mesh key in a 0600 file."""
+
+    def __init__(self, logs: Path, epoch: float, tokens: int) -> None:
+        self.logs = logs
+        self.epoch = epoch
+        self.tokens = tokens
+        self.redis = EmbeddedRedis(password=secrets.token_urlsafe(18))
+        self.key_file = logs / "mesh.key"
+        self.signaler: ChildProcess | None = None
+        self.admin = f"127.0.0.1:{free_port()}"
+
+    async def start(self) -> None:
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        await asyncio.to_thread(self.redis.start)
+        argv = [sys.executable, "-m", "equilibrium", "signaler", "--redis", self.redis.url,
+                "--epoch", repr(self.epoch), "--tokens", str(self.tokens), "--id", "bench",
+                "--admin", self.admin, "--mesh-secret-file", str(self.key_file)]
+        self.signaler = await ChildProcess.start(
+            "signaler", argv, stdout_pipe=False, stderr_path=str(self.logs / "signaler.log"))
+        await wait_http_ok(f"http://{self.admin}/readyz", SIGNALER_READY_TIMEOUT, self.signaler)
+
+    def sidecar_args(self) -> list[str]:
+        return ["--redis", self.redis.url, "--mesh-secret-file", str(self.key_file),
+                "--signaling-epoch", repr(self.epoch)]
+
+    async def stop(self) -> None:
+        if self.signaler is not None:
+            await self.signaler.stop()
+        await asyncio.to_thread(self.redis.close)
+        self.key_file.unlink(missing_ok=True)
+
+
+class Herding(Scenario):
+    name = "herding"
+    summary = "one small fast pod, three big slow ones: independent learners herd"
+    default_policies = ("peak-ewma", "equilibrium", CE_POLICY)
+    default_duration = 40.0
+    default_rate = 80.0
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--herding-small-rate", type=float, default=100.0,
+                           help="service rate of the small pod's one server, 1/s (100)")
+        group.add_argument("--herding-big-pods", type=int, default=3, help="big pods (3)")
+        group.add_argument("--herding-big-servers", type=int, default=4,
+                           help="servers per big pod (4)")
+        group.add_argument("--herding-big-rate", type=float, default=25.0,
+                           help="service rate of each big-pod server, 1/s (25)")
+        group.add_argument("--herding-epoch", type=float, default=1.0,
+                           help="signaling epoch, s (1)")
+        group.add_argument("--herding-tokens", type=int, default=16,
+                           help="tokens of the signaler's LP (16)")
+
+    async def run(self, ctx: BenchContext) -> ScenarioResult:
+        args = ctx.args
+        return await run_herding(
+            ctx, policies=list(args.policies), clients=args.clients, rate=args.rate,
+            duration=args.duration, seed=args.seed, strategy=args.strategy,
+            small_rate=args.herding_small_rate, big_pods=args.herding_big_pods,
+            big_servers=args.herding_big_servers, big_rate=args.herding_big_rate,
+            epoch=args.herding_epoch, tokens=args.herding_tokens,
+        )
+
+
+async def run_herding(
+    ctx: BenchContext,
+    *,
+    policies: list[str],
+    clients: int,
+    rate: float,
+    duration: float,
+    seed: int = 1,
+    strategy: str | None = None,
+    small_rate: float = 100.0,
+    big_pods: int = 3,
+    big_servers: int = 4,
+    big_rate: float = 25.0,
+    epoch: float = 1.0,
+    tokens: int = 16,
+) -> ScenarioResult:
+    """Run the herding comparison (see the module docstring); usable without the CLI."""
+    capacity = small_rate + big_pods * big_servers * big_rate
+    params = {
+        "pods": f"pod-0: 1 x {small_rate:g}/s; pod-1..{big_pods}: {big_servers} x {big_rate:g}/s",
+        "capacity_req_per_s": capacity, "clients": clients, "rate_per_client": rate,
+        "offered_load": f"{clients * rate:g} req/s ({clients * rate / capacity:.0%} of capacity)",
+        "duration_per_policy_s": duration, "order": " → ".join(policies),
+        "strategy": strategy or "default", "signaling_epoch_s": epoch, "lp_tokens": tokens,
+        "seed": seed,
+    }
+    fleet = await Fleet.start(
+        ["--spec", fleet_spec(small_rate, big_servers, big_rate, big_pods), "--seed", str(seed)],
+        stderr_path=str(ctx.logs / "fleet.log"),
+    )
+    plane: SignalingPlane | None = None
+    per_policy: dict[str, dict[str, Any]] = {}
+    try:
+        if CE_POLICY in policies:
+            ctx.say("starting the signaling plane (embedded Redis, signaler)")
+            plane = SignalingPlane(ctx.logs, epoch, tokens)
+            await plane.start()
+        for i, policy in enumerate(policies, 1):
+            ctx.say(f"[{i}/{len(policies)}] {policy}: {clients} clients × {rate:g} req/s "
+                    f"for {duration:g} s")
+            await fleet.reset(seed=seed)
+            sidecar_policy = "equilibrium" if policy == CE_POLICY else policy
+            extra = plane.sidecar_args() if policy == CE_POLICY and plane else []
+            sidecars = await start_sidecars(
+                [f"{policy}-{c + 1}" for c in range(clients)], {UPSTREAM: fleet.urls},
+                policy=sidecar_policy, strategy=strategy, extra=extra,
+                stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
+            )
+            try:
+                targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
+                result = await drive_load(targets, rate, duration, ctx.logs, sidecars)
+            finally:
+                for s in sidecars:
+                    await s.stop()
+            per_policy[policy] = measure(result, [p.name for p in fleet.pods])
+            m = per_policy[policy]
+            ctx.say(f"    mean {ms(m['latency']['mean'])}, p99 {ms(m['latency']['p99'])}, "
+                    f"steady mean {ms(m['steady_latency']['mean'])}, errors {m['errors']}, "
+                    f"following {m['following']}")
+    finally:
+        if plane is not None:
+            await plane.stop()
+        await fleet.stop()
+    return ScenarioResult(
+        parameters=params,
+        tables=[latency_table(per_policy), share_table(per_policy, [p.name for p in fleet.pods]),
+                *targets_table(per_policy)],
+        data={"policies": per_policy},
+        notes=[
+            "Latency runs from each request's intended start on the open-loop schedule; "
+            "steady = the second half of each policy's run.",
+            "Pod shares are of the requests answered in the steady state; flapping is the "
+            f"largest change of any pod's share between consecutive {FLAP_WINDOW:g} s windows.",
+            "equilibrium-ce: `following` counts sidecars that followed a recommendation at the "
+            "end of the run.",
+        ],
+    )
+
+
+def measure(result: LoadResult, pods: list[str]) -> dict[str, Any]:
+    """The per-policy numbers of the tables."""
+    half = result.t0 + result.duration / 2.0
+    steady = [r for r in result.records if r.intended >= half]
+    answered = [r for r in steady if r.ok and r.pod]
+    width = min(FLAP_WINDOW, result.duration / 2.0 / 3.0)
+    wins = analysis.windows(steady, half, width, result.duration / 2.0)
+    final = final_upstream_states(result.states, UPSTREAM)
+    return {
+        "requests": len(result.records),
+        "errors": sum(1 for r in result.records if not r.ok),
+        "latency": latency_summary(r.latency for r in result.records),
+        "steady_latency": latency_summary(r.latency for r in steady),
+        "steady_shares": {p: sum(1 for r in answered if r.pod == p) / max(len(answered), 1)
+                          for p in pods},
+        "flapping_pp": analysis.flapping_index(wins, pods),
+        "following": sum(1 for up in final.values() if up.get("following")),
+        "generator": result.load_counts(),
+    }
+
+
+def latency_table(per_policy: dict[str, dict[str, Any]]) -> Table:
+    rows = []
+    for policy, m in per_policy.items():
+        lat, steady = m["latency"], m["steady_latency"]
+        rows.append([policy, ms(lat["mean"]), ms(lat["p50"]), ms(lat["p99"]), ms(lat["p99.9"]),
+                     ms(steady["mean"]), ms(steady["p99"]), str(m["errors"]),
+                     pp(m["flapping_pp"])])
+    return Table("herding: latency from intended start",
+                 ["policy", "mean", "p50", "p99", "p99.9", "steady mean", "steady p99",
+                  "errors", "flapping"], rows)
+
+
+def share_table(per_policy: dict[str, dict[str, Any]], pods: list[str]) -> Table:
+    rows = [[policy, *(pct(m["steady_shares"].get(p)) for p in pods)]
+            for policy, m in per_policy.items()]
+    return Table("herding: share of requests per pod (steady state)", ["policy", *pods], rows)
+
+
+def targets_table(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
+    ce = per_policy.get(CE_POLICY)
+    if ce is None:
+        return []
+    rows = []
+    for other in ("equilibrium", "peak-ewma"):
+        m = per_policy.get(other)
+        if m is None:
+            continue
+        for label, key in (("mean", "latency"), ("steady mean", "steady_latency")):
+            a, b = ce[key]["mean"], m[key]["mean"]
+            verdict = "not measured" if math.isnan(a) or math.isnan(b) else (
+                "met" if a < b else "missed")
+            rows.append([f"{label} below {other}'s", f"{ms(a)} vs {ms(b)}", verdict])
+    return [Table("target (CE issue): equilibrium-ce has the lowest mean latency",
+                  ["target", "measured", "verdict"], rows)]
+
+
+SCENARIO = Herding()
