@@ -1,87 +1,111 @@
-"""Retries: never a POST, GET on another endpoint after a reset, within the attempt limit."""
+"""Retries: never a POST, GET on another endpoint after a reset, within the attempt limit.
+
+One sidecar serves the module (module-scoped loop and fixture): upstream ``svc`` has an
+endpoint that resets every connection and a healthy one, routed round-robin so the resetting
+endpoint is certain to be picked; upstream ``broken`` has four resetting endpoints. Tests
+compare counters before and after.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
 import aiohttp
+import pytest
+import pytest_asyncio
 
 from tests.integration.procs import (
+    Backend,
     ResetServer,
+    SidecarProcess,
     async_start_sidecar,
     async_stop,
     fetch,
     start_backend,
 )
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-async def test_post_is_never_replayed_after_a_connection_reset() -> None:
-    broken = await ResetServer().start()
+
+@dataclass
+class Mesh:
+    sidecar: SidecarProcess
+    resetting: ResetServer
+    healthy: Backend
+    broken: list[ResetServer]
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def mesh() -> AsyncIterator[Mesh]:
+    resetting = await ResetServer().start()
     healthy = await start_backend("healthy")
-    # round-robin makes the resetting endpoint certain to be picked for some of the POSTs
+    broken = [await ResetServer().start() for _ in range(4)]
     sidecar = await async_start_sidecar(
-        {"svc": [broken.url, healthy.url]}, policy="round-robin"
+        {"svc": [resetting.url, healthy.url], "broken": [r.url for r in broken]},
+        policy="round-robin",
+        extra_args=["--max-attempts", "3"],
     )
     try:
-        statuses = []
-        async with aiohttp.ClientSession() as client:
-            for i in range(6):
-                reply = await fetch(
-                    client, "POST", f"{sidecar.outbound_url}/orders",
-                    headers={"Host": "svc"}, data=f"order-{i}".encode(),
-                )
-                statuses.append(reply.status)
-                if reply.status == 502:
-                    assert reply.json()["reason"] == "upstream-reset"
-        posts_seen = broken.methods["POST"] + healthy.methods["POST"]
-        assert broken.methods["POST"] >= 1
-        assert posts_seen == 6  # each POST reached exactly one endpoint once
-        assert statuses.count(502) == broken.methods["POST"]
-        assert statuses.count(200) == healthy.methods["POST"]
-        assert sidecar.metric("equilibrium_retries_total", upstream="svc") == 0
+        yield Mesh(sidecar, resetting, healthy, broken)
     finally:
         await async_stop(sidecar)
-        await broken.stop()
+        for server in (resetting, *broken):
+            await server.stop()
         await healthy.stop()
 
 
-async def test_get_is_retried_on_another_endpoint_after_a_reset() -> None:
-    broken = await ResetServer().start()
-    healthy = await start_backend("healthy")
-    sidecar = await async_start_sidecar(
-        {"svc": [broken.url, healthy.url]}, policy="round-robin"
-    )
-    try:
-        async with aiohttp.ClientSession() as client:
-            for _ in range(6):
-                reply = await fetch(
-                    client, "GET", f"{sidecar.outbound_url}/items", headers={"Host": "svc"}
-                )
-                assert reply.status == 200 and reply.body == b"healthy"
-        resets = broken.methods["GET"]
-        assert resets >= 1
-        assert healthy.methods["GET"] == 6
-        retried = [r for r in healthy.seen if "X-GT-Retry" in r.headers]
-        assert len(retried) == resets
-        assert all(r.headers["X-GT-Retry"] == "1" for r in retried)
-        assert sidecar.metric("equilibrium_retries_total", upstream="svc") == resets
-    finally:
-        await async_stop(sidecar)
-        await broken.stop()
-        await healthy.stop()
+async def test_post_is_never_replayed_after_a_connection_reset(mesh: Mesh) -> None:
+    resets_before = mesh.resetting.methods["POST"]
+    served_before = mesh.healthy.methods["POST"]
+    retries_before = mesh.sidecar.metric("equilibrium_retries_total", upstream="svc")
+    statuses = []
+    async with aiohttp.ClientSession() as client:
+        for i in range(6):
+            reply = await fetch(
+                client, "POST", f"{mesh.sidecar.outbound_url}/orders",
+                headers={"Host": "svc"}, data=f"order-{i}".encode(),
+            )
+            statuses.append(reply.status)
+            if reply.status == 502:
+                assert reply.json()["reason"] == "upstream-reset"
+    resets = mesh.resetting.methods["POST"] - resets_before
+    served = mesh.healthy.methods["POST"] - served_before
+    assert resets >= 1
+    assert resets + served == 6  # each POST reached exactly one endpoint, once
+    assert statuses.count(502) == resets and statuses.count(200) == served
+    assert mesh.sidecar.metric("equilibrium_retries_total", upstream="svc") == retries_before
 
 
-async def test_attempts_are_bounded_and_each_endpoint_tried_once() -> None:
-    resets = [await ResetServer().start() for _ in range(4)]
-    sidecar = await async_start_sidecar(
-        {"svc": [r.url for r in resets]}, extra_args=["--max-attempts", "3"]
+async def test_get_is_retried_on_another_endpoint_after_a_reset(mesh: Mesh) -> None:
+    resets_before = mesh.resetting.methods["GET"]
+    seen_before = len(mesh.healthy.seen)
+    retries_before = mesh.sidecar.metric("equilibrium_retries_total", upstream="svc")
+    async with aiohttp.ClientSession() as client:
+        for _ in range(6):
+            reply = await fetch(
+                client, "GET", f"{mesh.sidecar.outbound_url}/items", headers={"Host": "svc"}
+            )
+            assert reply.status == 200 and reply.body == b"healthy"
+    resets = mesh.resetting.methods["GET"] - resets_before
+    assert resets >= 1
+    served = mesh.healthy.seen[seen_before:]
+    assert len(served) == 6
+    retried = [r for r in served if "X-GT-Retry" in r.headers]
+    assert len(retried) == resets
+    assert all(r.headers["X-GT-Retry"] == "1" for r in retried)
+    assert mesh.sidecar.metric("equilibrium_retries_total", upstream="svc") == (
+        retries_before + resets
     )
-    try:
-        async with aiohttp.ClientSession() as client:
-            reply = await fetch(client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "svc"})
-        assert reply.status == 502
-        assert reply.json()["reason"] == "upstream-reset"
-        per_endpoint = [r.methods["GET"] for r in resets]
-        assert sum(per_endpoint) == 3 and max(per_endpoint) == 1
-    finally:
-        await async_stop(sidecar)
-        for r in resets:
-            await r.stop()
+
+
+async def test_attempts_are_bounded_and_each_endpoint_tried_once(mesh: Mesh) -> None:
+    before = [r.methods["GET"] for r in mesh.broken]
+    async with aiohttp.ClientSession() as client:
+        reply = await fetch(
+            client, "GET", f"{mesh.sidecar.outbound_url}/", headers={"Host": "broken"}
+        )
+    assert reply.status == 502
+    assert reply.json()["reason"] == "upstream-reset"
+    per_endpoint = [r.methods["GET"] - b for r, b in zip(mesh.broken, before, strict=True)]
+    assert sum(per_endpoint) == 3 and max(per_endpoint) == 1
