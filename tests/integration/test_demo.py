@@ -92,3 +92,37 @@ def test_demo_ctrl_c_stops_and_reaps_every_child(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert not [pid for pid in children if _alive(pid)]
     assert not (tmp_path / "equilibrium-demo.png").exists()  # interrupted: no summary
+
+
+def test_live_view_redraws_in_place_on_a_terminal_and_prints_lines_otherwise() -> None:
+    import io
+    import math
+
+    from equilibrium.live import Frame, LiveView, PodLine
+
+    state = {"upstreams": {"demo": {"policy": "equilibrium", "nash_gap": 0.01, "flapping": 0.0,
+                                    "converged": True, "endpoints": [
+                                        {"endpoint": "http://127.0.0.1:1", "weight": 0.99,
+                                         "regret": 0.0},
+                                        {"endpoint": "http://127.0.0.1:2", "weight": 0.01,
+                                         "regret": 0.2}]}}}
+    frame = Frame(elapsed=3, duration=10, requests=300, errors=0, window=2,
+                  pods=[PodLine("pod-0", 0.99, 0.004, 0.009),
+                        PodLine("pod-1", 0.01, math.nan, math.nan, bad=True)],
+                  states={"client-1": state, "client-2": None}, upstream="demo")
+    tty = io.StringIO()
+    view = LiveView(tty, tty=True)
+    view.show(frame)
+    first = tty.getvalue()
+    view.show(frame)
+    second = tty.getvalue()[len(first):]
+    drawn = first.count("\n")
+    assert not first.startswith("\x1b[") or first.startswith("\x1b[J")
+    assert second.startswith(f"\x1b[{drawn}F\x1b[J")  # back up over the last frame, clear
+    assert "w=[0.99 0.01]" in first and "regret=0.2000" in first and "converged" in first
+    assert "(no state)" in first and "(bad)" in first
+    pipe = io.StringIO()
+    LiveView(pipe, tty=False).show(frame)
+    line = pipe.getvalue()
+    assert line.count("\n") == 1 and "\x1b" not in line
+    assert "pod-1*=1.0%" in line and "converged=1/2" in line
