@@ -181,9 +181,9 @@ class Plan:
     @property
     def status(self) -> str:
         """The solver outcome as a protocol status token (``optimal``, ``system-optimum``...)."""
-        if self.solution.method == "system-optimum":
+        if self.solution.method == "system-optimum" and self.solution.status == "optimal":
             return "system-optimum"
-        return self.solution.status.replace("_", "-")
+        return self.solution.status  # optimal, optimal_inaccurate, trivial, overloaded
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
