@@ -10,8 +10,8 @@ import aiohttp
 
 from tests.integration.procs import async_start_sidecar, async_stop, backends, fetch, start_backend
 
-REQUESTS = 600  # bounded load: at most this many requests, and at most MAX_SECONDS
-MAX_SECONDS = 15.0
+REQUESTS = 400  # bounded load: at most this many requests, and at most MAX_SECONDS
+MAX_SECONDS = 10.0
 CONCURRENCY = 8
 
 
