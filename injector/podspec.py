@@ -24,11 +24,15 @@ class PodMeshSettings:
     app_port: int
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_inbound_ports: tuple[int, ...] = ()
+    discovery: bool = True  # watch Services/EndpointSlices (needs the pod's API token)
 
 
 def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
     """The proxy container: runs as the sidecar UID so its own traffic is not intercepted."""
     res = config.resources
+    # Redirected connections are routed by their original destination (--transparent), and
+    # a Service's cluster IP maps to its endpoints through the Kubernetes API (--discovery).
+    mesh_flags = ["--transparent", *(["--discovery"] if settings.discovery else [])]
     return {
         "name": SIDECAR_NAME,
         "image": config.image,
@@ -41,6 +45,7 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             "--admin", f"0.0.0.0:{config.admin_port}",
             "--id", "$(POD_NAME)",
             "--strategy", settings.strategy,
+            *mesh_flags,
         ],
         "env": [
             _field_env("POD_NAME", "metadata.name"),

@@ -269,9 +269,13 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
                               f"{app_port}, which the sidecar must receive")
     # Other declared ports (metrics, admin, gRPC...) bypass the sidecar: it forwards to one port.
     others = tuple(p for p in declared if p != app_port and p not in inbound)
+    discovery = spec.get("automountServiceAccountToken") is not False
+    if not discovery:
+        warnings.append("automountServiceAccountToken is false: the sidecar cannot watch "
+                        "EndpointSlices; Service IPs are passed through unbalanced")
     return PodMeshSettings(strategy=strategy, app_port=app_port,
                            exclude_outbound_ports=outbound,
-                           exclude_inbound_ports=inbound + others)
+                           exclude_inbound_ports=inbound + others, discovery=discovery)
 
 
 def _declared_tcp_ports(spec: dict[str, Any]) -> list[int]:

@@ -65,6 +65,7 @@ def test_annotated_pod_gets_sidecar_and_init_and_validates() -> None:
     assert arg_after(args, "--app") == "http://127.0.0.1:8080"
     assert arg_after(args, "--strategy") == "balanced"
     assert arg_after(args, "--id") == "$(POD_NAME)"
+    assert "--transparent" in args and "--discovery" in args
     env = {e["name"]: e["valueFrom"] for e in sidecar["env"]}
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["EQUILIBRIUM_MESH_SECRET"]["secretKeyRef"] == {"name": "equilibrium-mesh",
@@ -361,3 +362,11 @@ def test_any_pod_gets_a_valid_answer(annotations: dict[str, str] | None,
         names = [c["name"] for c in patched["spec"]["containers"]]
         assert names.count("equilibrium-sidecar") == 1
         assert decide(make_review(patched), CONFIG).outcome is Outcome.ALREADY_INJECTED
+
+
+def test_pods_without_an_api_token_get_no_discovery() -> None:
+    pod = make_pod(INJECT, extra_spec={"automountServiceAccountToken": False})
+    response, patched = inject(pod)
+    args = container(patched, "equilibrium-sidecar")["args"]
+    assert "--transparent" in args and "--discovery" not in args
+    assert "automountServiceAccountToken" in response["response"]["warnings"][0]
