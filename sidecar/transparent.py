@@ -193,6 +193,7 @@ class TransparentSite(web.BaseSite):
 
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         transport.abort()
 
 

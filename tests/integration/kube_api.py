@@ -82,7 +82,6 @@ class KubeApiServer:
     port: int = 0
     host: str = "127.0.0.1"
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each change
-    _streams: set[web.StreamResponse] = field(default_factory=set)
     _raw: dict[str, list[bytes]] = field(default_factory=dict)
     _cut: int = 0  # bumped to end every open watch
     _runner: web.AppRunner | None = None
@@ -156,17 +155,11 @@ class KubeApiServer:
             app.router.add_get(path, self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
-        site: web.BaseSite
-        if sock is not None:
-            site = web.SockSite(self._runner, sock)
-            self.host, self.port = sock.getsockname()[:2]
-        else:
-            site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
         if sock is None:
-            server = site._server
-            assert server is not None and getattr(server, "sockets", None)
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            sock = socket.create_server((self.host, 0))
+        sock.setblocking(False)
+        self.host, self.port = sock.getsockname()[:2]
+        await web.SockSite(self._runner, sock).start()
         return self
 
     async def stop(self) -> None:
@@ -217,27 +210,23 @@ class KubeApiServer:
         cut = self._cut
         sent = since
         raw_seen = len(self._raw.get(resource, []))
-        self._streams.add(response)
-        try:
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                async with asyncio.timeout(timeout):
-                    while True:
-                        changed = self._changed  # set by any change made from here on
-                        for version, event_type, obj in list(coll.history):
-                            if version > sent:
-                                await response.write(_line(
-                                    {"type": event_type,
-                                     "object": self._typed(obj, api_version, kind)}))
-                                sent = version
-                        raw = self._raw.get(resource, [])
-                        for chunk in raw[raw_seen:]:
-                            await response.write(chunk)
-                        raw_seen = len(raw)
-                        if self._cut != cut or sent < coll.oldest:  # restart / compaction
-                            break
-                        await changed.wait()
-        finally:
-            self._streams.discard(response)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self._changed  # set by any change made from here on
+                    for version, event_type, obj in list(coll.history):
+                        if version > sent:
+                            await response.write(_line(
+                                {"type": event_type,
+                                 "object": self._typed(obj, api_version, kind)}))
+                            sent = version
+                    raw = self._raw.get(resource, [])
+                    for chunk in raw[raw_seen:]:
+                        await response.write(chunk)
+                    raw_seen = len(raw)
+                    if self._cut != cut or sent < coll.oldest:  # restart / compaction
+                        break
+                    await changed.wait()
         return response
 
     @staticmethod
