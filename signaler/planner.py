@@ -15,11 +15,14 @@ fitted over the last ``history`` observations, with the previous fit as prior (s
 with few samples keeps a sane model). An endpoint never observed borrows the median model of
 the others: optimistic enough to be tried, and its first real samples replace it.
 
-Unmeasured capacity. An endpoint whose latency never rose with its load fits an almost infinite
-capacity ``mu``; planned as such, it would attract every token, which is exactly the herd a
-correlated equilibrium is meant to prevent. So a plan caps every capacity at
-``capacity_headroom`` (default 2) times the whole upstream's current demand: endpoints that look
-alike share the load, and a capacity that was actually measured below the cap is used as is.
+Unmeasured capacity (a trust region). An endpoint whose latency never rose with its load fits an
+almost infinite capacity ``mu``; planned as such, it would attract every token -- exactly the herd
+a correlated equilibrium is meant to prevent, and on a real queue a few seconds of overload
+leave a backlog that takes far longer to drain. So a plan trusts a capacity only as far as it
+has been seen: every endpoint's ``mu`` is capped at ``capacity_headroom`` (default 2) times the
+largest load it was observed under (at least an even share of the current demand). An endpoint
+is therefore never planned at much more than twice the load it has already carried; endpoints
+that look alike share the load; and a capacity actually measured below the cap is used as is.
 
 The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
 correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
@@ -153,6 +156,10 @@ class UpstreamView:
             d=float(np.median([m.d for m in known])), mu=float(np.median([m.mu for m in known]))
         )
 
+    def peak_load(self, endpoint: str) -> float:
+        """The largest load (req/s) ``endpoint`` was observed under in the history (0 if none)."""
+        return max((o.load for o in self.observations.get(endpoint, ())), default=0.0)
+
     def regret_gap(self, now: float) -> float:
         """The largest positive conditional regret D(j, k), j != k, over fresh summaries."""
         gap = 0.0
@@ -184,6 +191,11 @@ class Plan:
         if self.solution.method == "system-optimum" and self.solution.status == "optimal":
             return "system-optimum"
         return self.solution.status  # optimal, optimal_inaccurate, trivial, overloaded
+
+
+def capped(model: LatencyModel, mu_cap: float) -> LatencyModel:
+    """``model`` with its capacity lowered to ``mu_cap`` if above it."""
+    return model if model.mu <= mu_cap else LatencyModel(d=model.d, mu=mu_cap, knee=model.knee)
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
@@ -224,8 +236,10 @@ def make_plan(
 
     The fresh sidecars' demands (requests/s) are quantised into ``n_tokens`` tokens (more when
     more sidecars have demand, so each gets one); each token carries the total demand divided by
-    the tokens; capacities are capped at ``capacity_headroom`` times the total demand (see the
-    module docstring). Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
+    the tokens; each capacity is capped at ``capacity_headroom`` times the largest load the
+    endpoint was seen under, or an even share of the demand (see the module docstring).
+
+    Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
     :class:`~signaler.solution.SolverError` propagate (the caller keeps its previous plan).
     """
     if n_tokens < 1:
@@ -240,10 +254,10 @@ def make_plan(
     active = sum(1 for r in rates.values() if r > 0)
     n = max(n_tokens, active)
     tokens = quantise_demand(rates, n)
-    cap = capacity_headroom * total
+    even_share = total / len(endpoints)
     models = tuple(
-        m if m.mu <= cap else LatencyModel(d=m.d, mu=cap, knee=m.knee)
-        for m in (view.model_for(e) for e in endpoints)
+        capped(view.model_for(e), capacity_headroom * max(view.peak_load(e), even_share))
+        for e in endpoints
     )
     solution = CorrelatedEquilibriumLP(
         models, n, total / n, max_configurations=max_configurations

@@ -157,6 +157,23 @@ def test_alike_endpoints_with_unmeasured_capacity_share_the_tokens() -> None:
     assert min(first, second) >= 4.0  # 12 tokens split about evenly, not 12 / 0
 
 
+def test_a_capacity_is_trusted_only_as_far_as_it_was_seen() -> None:
+    # EPS[0] answered fast but only ever carried ~5 req/s; the others carried their share
+    view = UpstreamView("orders", freshness=5.0)
+    for t in range(6):
+        view.offer(summary("sc-1", sent_at=NOW + t, demand=60.0, requests=(5, 50, 50),
+                           latency_mean=(0.002, 0.020, 0.021), latency_p50=(0.002, 0.02, 0.02),
+                           latency_p99=(0.004, 0.03, 0.03)))
+        view.observe(NOW + t)
+    assert view.peak_load(EPS[0]) == pytest.approx(60.0 * 5 / 105)
+    plan = make_plan(view, NOW + 5, 30, np.random.default_rng(5))
+    token_load = 60.0 / 30
+    # capped at 2 x max(seen load, even share of 60 over 3) = 40 req/s: below ~20 tokens
+    assert plan.solution.marginal()[0] * token_load < 2 * 20.0
+    unlimited = make_plan(view, NOW + 5, 30, np.random.default_rng(5), capacity_headroom=1e9)
+    assert unlimited.solution.marginal()[0] > plan.solution.marginal()[0]
+
+
 def test_plan_needs_demand() -> None:
     view = UpstreamView("orders", freshness=5.0)
     with pytest.raises(NoDemand):
