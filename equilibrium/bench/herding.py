@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from equilibrium import analysis
 from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
 from equilibrium.bench.report import ms, pct, pp
@@ -83,6 +85,17 @@ class SignalingPlane:
         self.signaler = await ChildProcess.start(
             "signaler", argv, stdout_pipe=False, stderr_path=str(self.logs / "signaler.log"))
         await wait_http_ok(f"http://{self.admin}/readyz", SIGNALER_READY_TIMEOUT, self.signaler)
+
+    async def state(self) -> dict[str, Any]:
+        """The signaler's ``/debug/state`` for the upstream (models, last plan), or {}."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with (aiohttp.ClientSession(timeout=timeout) as session,
+                        session.get(f"http://{self.admin}/debug/state") as resp):
+                body = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return {}
+        return dict((body.get("upstreams") or {}).get(UPSTREAM) or {})
 
     def sidecar_args(self) -> list[str]:
         return ["--redis", self.redis.url, "--mesh-secret-file", str(self.key_file),
@@ -174,13 +187,18 @@ async def run_herding(
                 policy=sidecar_policy, strategy=strategy, extra=extra,
                 stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
             )
+            signaler: dict[str, Any] = {}
             try:
                 targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
                 result = await drive_load(targets, rate, duration, ctx.logs, sidecars)
+                if policy == CE_POLICY and plane is not None:
+                    signaler = await plane.state()
             finally:
                 for s in sidecars:
                     await s.stop()
             per_policy[policy] = measure(result, [p.name for p in fleet.pods])
+            if signaler:
+                per_policy[policy]["signaler"] = signaler_summary(signaler, fleet.pod_by_url())
             m = per_policy[policy]
             ctx.say(f"    mean {ms(m['latency']['mean'])}, p99 {ms(m['latency']['p99'])}, "
                     f"steady mean {ms(m['steady_latency']['mean'])}, errors {m['errors']}, "
@@ -223,6 +241,20 @@ def measure(result: LoadResult, pods: list[str]) -> dict[str, Any]:
         "flapping_pp": analysis.flapping_index(wins, pods),
         "following": sum(1 for up in final.values() if up.get("following")),
         "generator": result.load_counts(),
+    }
+
+
+def signaler_summary(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The signaler's fitted models and last plan, with pod names instead of URLs."""
+    plan = state.get("plan") or {}
+    endpoints = [names.get(e, e) for e in plan.get("endpoints", [])]
+    return {
+        "models": {names.get(e, e): m for e, m in (state.get("models") or {}).items()},
+        "plan": {k: plan.get(k) for k in ("status", "method", "objective", "ce_gap", "tokens",
+                                          "variables", "constraints", "solve_seconds")},
+        "marginal": dict(zip(endpoints, plan.get("marginal", []), strict=False)),
+        "regret_gap": state.get("regret_gap"),
+        "published": state.get("published"),
     }
 
 

@@ -1,0 +1,40 @@
+"""The herding benchmark's pure parts: the fleet it asks for and how it judges the target."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from equilibrium.bench.herding import CE_POLICY, SCENARIO, fleet_spec, targets_table
+from equilibrium.bench.scenarios import Scenario
+from equilibrium.fleet import PodBehaviour
+
+
+def test_the_fleet_is_one_small_fast_pod_and_big_slow_ones() -> None:
+    pods = [PodBehaviour().updated(x) for x in json.loads(fleet_spec(100.0, 4, 25.0, 3))]
+    assert [p.capacity for p in pods] == [1, 4, 4, 4]
+    # idle, the small pod answers 4x faster; loaded, it saturates first (100 vs 100 req/s each)
+    assert 1 / pods[0].service_rate * 4 == 1 / pods[1].service_rate
+    assert pods[0].service_rate * 1 == pods[1].service_rate * 4
+
+
+def test_scenario_interface_and_defaults() -> None:
+    assert isinstance(SCENARIO, Scenario) and SCENARIO.name == "herding"
+    assert SCENARIO.default_policies == ("peak-ewma", "equilibrium", CE_POLICY)
+
+
+def lat(mean: float, steady: float) -> dict[str, dict[str, float]]:
+    return {"latency": {"mean": mean}, "steady_latency": {"mean": steady}}
+
+
+def test_the_target_needs_ce_below_both_others() -> None:
+    tables = targets_table({"peak-ewma": lat(0.05, 0.05), "equilibrium": lat(0.07, 0.06),
+                            CE_POLICY: lat(0.06, 0.04)})
+    verdicts = {row[0]: row[2] for row in tables[0].rows}
+    assert verdicts == {
+        "mean below equilibrium's": "met", "steady mean below equilibrium's": "met",
+        "mean below peak-ewma's": "missed", "steady mean below peak-ewma's": "met",
+    }
+    nan = targets_table({"equilibrium": lat(math.nan, 0.1), CE_POLICY: lat(0.1, 0.1)})
+    assert nan[0].rows[0][2] == "not measured"
+    assert targets_table({"equilibrium": lat(0.1, 0.1)}) == []
