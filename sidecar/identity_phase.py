@@ -8,7 +8,9 @@ sends through the outbound listener:
   so the upstream's inbound side can tell callers apart and police each one;
 - ``X-GT-Bid``: the app's bid from the ``X-Equilibrium-Bid`` request header (never forwarded
   itself), or the configured ``policing.default_bid``; a malformed app bid is answered 400
-  and counted, never forwarded;
+  and counted, never forwarded; the price charged comes back to the app as
+  ``X-Equilibrium-Price`` (the upstream's ``X-GT-Price``, which is stripped like every
+  ``X-GT-*``);
 - **self-enforced punishment**: when an upstream's ``X-GT-Reputation`` says this caller is
   punished, the sidecar answers its app 429 (with ``Retry-After``) *without sending* until
   the punishment's remaining time has passed. In the repeated game this is the deviator's
@@ -34,11 +36,11 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.auction import BidError, parse_bid
-from mesh.headers import BID, IDENTITY, REPUTATION, HeaderError
+from mesh.headers import BID, IDENTITY, PRICE, REPUTATION, HeaderError
 from mesh.identity import ANONYMOUS, CALLER_ID_PATTERN, sign_identity
 from mesh.standing import parse_standing
 from sidecar.phases import ProxyPhases, RequestContext
-from sidecar.policing_config import APP_BID_HEADER
+from sidecar.policing_config import APP_BID_HEADER, APP_PRICE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,12 @@ class CallerPhases(ProxyPhases):
 
     def response_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         self.inner.response_filter(ctx, headers)
+        price = ctx.game_response_headers.get(PRICE.lower())
+        if price is not None:
+            try:  # the app learns what its bid cost; a bad value is dropped
+                headers[APP_PRICE_HEADER] = format_bid(parse_bid(price))
+            except BidError:
+                log.info("%s: ignored malformed %s %r", ctx.upstream, PRICE, price[:32])
         raw = ctx.game_response_headers.get(REPUTATION.lower())
         if raw is None or not ctx.upstream:
             return

@@ -220,6 +220,18 @@ class InboundMetrics:
         )
 
 
+EVICTED = "evicted"
+PUNISHED_WHILE_WAITING = "punished"
+CLOSING = "closing"
+
+
+@dataclass(slots=True)
+class _Waiter:
+    caller: str
+    future: asyncio.Future[Admission | str]
+    in_good_standing: bool
+
+
 @dataclass(slots=True)
 class _Verdict:
     """What policing decided for one request, for the response headers."""
@@ -263,7 +275,8 @@ class InboundProxy:
         self.limiter = AdaptiveConcurrencyLimit(settings.concurrency)
         self.auction = SecondPriceAuction(settings.auction)
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
-        self._waiting: dict[str, asyncio.Future[Admission | None]] = {}
+        self._waiting: dict[str, _Waiter] = {}
+        self._queued_by: dict[str, set[str]] = {}  # caller -> its waiters in good standing
         self._ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
@@ -296,10 +309,8 @@ class InboundProxy:
             self._session._retry_connection = False
 
     async def _close(self, _: web.Application) -> None:
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result(None)
-        self._waiting.clear()
+        for request_id in list(self._waiting):
+            self._resolve(request_id, CLOSING)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -372,6 +383,8 @@ class InboundProxy:
                 return self._answer(verdict, 400, "bad-bid", str(exc), {"header": BID})
             is_retry = self._is_retry(request)
         verdict.decision = self.book.admit(caller, now, is_retry)
+        if verdict.decision.phase is Phase.PUNISHED and caller in self._queued_by:
+            self._flush_punished(caller, now)
         if not verdict.decision.admitted:
             self.metrics.requests.labels(verdict.label, "throttled").inc()
             retry_after = verdict.decision.retry_after or 1.0
@@ -440,11 +453,12 @@ class InboundProxy:
                                 {"Retry-After": "1"})
         assert isinstance(outcome, Queued)
         if outcome.evicted is not None:
-            evicted = self._waiting.pop(outcome.evicted, None)
-            if evicted is not None and not evicted.done():
-                evicted.set_result(None)
-        future: asyncio.Future[Admission | None] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+            self._resolve(outcome.evicted, EVICTED)
+        future: asyncio.Future[Admission | str] = asyncio.get_running_loop().create_future()
+        in_good_standing = verdict.decision is None or verdict.decision.phase is not Phase.PUNISHED
+        self._waiting[request_id] = _Waiter(verdict.caller, future, in_good_standing)
+        if in_good_standing:
+            self._queued_by.setdefault(verdict.caller, set()).add(request_id)
         self.metrics.queue_length.set(self.auction.queue_length)
         try:
             await asyncio.wait({future}, timeout=self.settings.max_wait)
@@ -458,18 +472,54 @@ class InboundProxy:
                                 f"no slot at the app within {self.settings.max_wait:g} s "
                                 "(overloaded; a higher bid is served first)", {},
                                 {"Retry-After": "1"})
-        admission = future.result()
-        if admission is None:
-            self.metrics.requests.labels(verdict.label, "queue-full").inc()
-            return self._answer(verdict, 503, "queue-full",
-                                "pushed out of a full queue by a higher bid", {},
-                                {"Retry-After": "1"})
-        return admission
+        result = future.result()
+        if isinstance(result, Admission):
+            return result
+        if result == PUNISHED_WHILE_WAITING:
+            verdict.decision = None  # report the standing as it is now (punished)
+            standing = self.book.standing(verdict.caller, self.clock())
+            retry_after = max(1, math.ceil(standing.punished_for)) if standing else 1
+            self.metrics.requests.labels(verdict.label, "throttled").inc()
+            return self._answer(verdict, 429, "punished",
+                                f"caller {verdict.caller!r} was punished while this request "
+                                "waited; back off", {}, {"Retry-After": str(retry_after)})
+        if result == CLOSING:
+            return self._answer(verdict, 503, "shutting-down", "the sidecar is shutting down",
+                                {}, {"Retry-After": "1"})
+        self.metrics.requests.labels(verdict.label, "queue-full").inc()
+        return self._answer(verdict, 503, "queue-full",
+                            "pushed out of a full queue by a higher bid", {},
+                            {"Retry-After": "1"})
 
-    def _abandon_wait(self, request_id: str, future: asyncio.Future[Admission | None]) -> None:
+    def _resolve(self, request_id: str, result: Admission | str) -> bool:
+        """Hand a waiter its outcome; False if its client is already gone."""
+        waiter = self._waiting.pop(request_id, None)
+        if waiter is None:
+            return False
+        queued = self._queued_by.get(waiter.caller)
+        if queued is not None:
+            queued.discard(request_id)
+            if not queued:
+                del self._queued_by[waiter.caller]
+        if waiter.future.done():
+            return False
+        waiter.future.set_result(result)
+        return True
+
+    def _flush_punished(self, caller: str, now: float) -> None:
+        """A caller was just punished: its requests queued in good standing leave the queue
+        (429), so the flood that earned the punishment is not served after it."""
+        for request_id in list(self._queued_by.get(caller, ())):
+            if self.auction.cancel(request_id, now):
+                self._resolve(request_id, PUNISHED_WHILE_WAITING)
+        self._queued_by.pop(caller, None)
+
+    def _abandon_wait(self, request_id: str, future: asyncio.Future[Admission | str]) -> None:
         now = self.clock()
-        self._waiting.pop(request_id, None)
-        if future.done() and future.result() is not None:  # admitted just now: give it back
+        admitted = future.done() and not future.cancelled() and isinstance(
+            future.result(), Admission)
+        self._resolve(request_id, CLOSING)
+        if admitted:  # admitted just now: give the slot back
             self.limiter.on_abandon(now)
             self._release(now)
         else:
@@ -482,12 +532,9 @@ class InboundProxy:
         """Hand free slots to the best waiters (each pays the highest losing bid)."""
         while self.auction.queue_length and self.limiter.available() > 0:
             for admission in self.auction.release(now, self.limiter.available()):
-                future = self._waiting.pop(admission.request_id, None)
                 self.limiter.on_start(now)
-                if future is None or future.done():
+                if not self._resolve(admission.request_id, admission):
                     self.limiter.on_abandon(now)  # its client is gone: the slot is free again
-                else:
-                    future.set_result(admission)
         self._update_load(now)
 
     async def _baseline(

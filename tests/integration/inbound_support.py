@@ -1,0 +1,273 @@
+"""Helpers of the inbound-side integration tests: a capacity-limited app, open-loop callers,
+and a mesh of real sidecar processes (one inbound in front of the app, one outbound per caller).
+
+Everything runs on loopback and is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.integration.procs import (
+    LOOPBACK,
+    REPO_ROOT,
+    Backend,
+    SidecarProcess,
+    async_start_sidecar,
+    free_port,
+    start_backend,
+)
+
+MESH_KEY = "integration-test-mesh-key-0123456789abcdef"
+
+
+@dataclass
+class CapacityApp:
+    """An app that serves ``servers`` requests at once, each taking ``service`` seconds; the
+    rest wait in its own queue (an M/D/c server). Records the headers it saw."""
+
+    servers: int
+    service: float
+    backend: Backend | None = None
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+    async def start(self) -> CapacityApp:
+        slots = asyncio.Semaphore(self.servers)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
+            body = await request.read()
+            if body:
+                self.bodies.append(body)
+            async with slots:
+                await asyncio.sleep(self.service)
+            # an app trying to forge game headers on its response: they must never pass
+            return web.Response(text="ok", headers={"X-GT-Price": "0", "X-App": "capacity"})
+
+        self.backend = await start_backend("app", handler=handle)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.backend is not None
+        return self.backend.url
+
+    async def stop(self) -> None:
+        if self.backend is not None:
+            await self.backend.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Shot:
+    """One logical request of a caller (after its own retries)."""
+
+    caller: str
+    intended: float
+    latency: float
+    status: int
+    attempts: int
+    price: str | None = None
+    bid: str | None = None
+
+
+async def open_loop(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    caller: str,
+    rate: float,
+    duration: float,
+    host: str = "svc",
+    headers: Mapping[str, str] | None = None,
+    retries: int = 0,
+    timeout: float = 10.0,
+    out: list[Shot],
+) -> None:
+    """Send ``rate`` requests/s for ``duration`` s on a fixed schedule (open loop); a failed
+    request (status >= 400 or no answer) is retried at once up to ``retries`` times, as a
+    misbehaving app does. Latency counts from the intended start."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    count = max(1, math.floor(rate * duration))
+    send_headers = {"Host": host, **(headers or {})}
+
+    async def one(intended: float) -> None:
+        status, attempts = 0, 0
+        price = None
+        while attempts <= retries:
+            attempts += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    async with session.get(url + "/work", headers=send_headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                        price = resp.headers.get("X-Equilibrium-Price")
+            except (aiohttp.ClientError, TimeoutError):
+                status = 0
+            if 0 < status < 400:
+                break
+        out.append(Shot(caller, intended, loop.time() - intended, status, attempts, price,
+                        send_headers.get("X-Equilibrium-Bid")))
+
+    tasks = []
+    for i in range(count):
+        intended = t0 + i / rate
+        delay = intended - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(intended)))
+    await asyncio.gather(*tasks)
+
+
+def p99(shots: list[Shot]) -> float:
+    return percentile([s.latency for s in shots], 99)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def success_ratio(shots: list[Shot]) -> float:
+    return sum(1 for s in shots if 200 <= s.status < 300) / max(1, len(shots))
+
+
+def write_config(path: Path, policing: Mapping[str, Any]) -> Path:
+    path.write_text(json.dumps({"policing": policing}))
+    return path
+
+
+@dataclass
+class Mesh:
+    """An inbound sidecar in front of ``app`` and one outbound sidecar per caller."""
+
+    inbound_port: int
+    server: SidecarProcess
+    callers: dict[str, SidecarProcess]
+
+    @property
+    def inbound_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.inbound_port}"
+
+    def level(self, caller: str) -> float:
+        return self.server.metric("equilibrium_inbound_caller_punishment_level", caller=caller)
+
+
+@contextlib.asynccontextmanager
+async def mesh(
+    app_url: str,
+    callers: list[str],
+    config: Path,
+    *,
+    server_key: str | None = MESH_KEY,
+    caller_key: str | None = MESH_KEY,
+) -> AsyncIterator[Mesh]:
+    """Start the sidecars (in parallel) and stop them all on exit."""
+    inbound_port = free_port()
+    server_env = {"EQUILIBRIUM_MESH_SECRET": server_key} if server_key else {}
+    caller_env = {"EQUILIBRIUM_MESH_SECRET": caller_key} if caller_key else {}
+    inbound_url = f"http://{LOOPBACK}:{inbound_port}"
+    starts = [
+        async_start_sidecar({}, sidecar_id="app-sidecar", config_file=config, env=server_env,
+                            extra_args=["--inbound", f"{LOOPBACK}:{inbound_port}",
+                                        "--app", app_url]),
+        *(async_start_sidecar({"svc": [inbound_url]}, sidecar_id=name, config_file=config,
+                              env=caller_env, extra_args=["--max-attempts", "1"])
+          for name in callers),
+    ]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    procs = [r for r in results if isinstance(r, SidecarProcess)]
+    try:
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        server, *caller_procs = procs
+        yield Mesh(inbound_port, server, dict(zip(callers, caller_procs, strict=True)))
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
+        for p in procs:
+            p.cleanup()
+
+
+# ---------------------------------------------------------------- helper processes
+
+
+def _module_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("EQUILIBRIUM_") and k.lower() not in PROXY_VARS}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
+
+
+@dataclass
+class AppProcess:
+    """The capacity-limited app in its own process (``inbound_loads app``)."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+
+    @classmethod
+    async def start(cls, servers: int, service: float) -> AppProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.integration.inbound_loads", "app", str(servers),
+            str(service), stdout=asyncio.subprocess.PIPE, cwd=str(REPO_ROOT), env=_module_env())
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(20):
+                line = (await proc.stdout.readline()).decode()
+        except TimeoutError:
+            proc.kill()
+            raise
+        if not line.startswith("PORT "):
+            proc.kill()
+            raise RuntimeError(f"app process did not start: {line!r}")
+        return cls(proc, f"http://{LOOPBACK}:{int(line.split()[1])}")
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(5):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def run_flood(url: str, rate: float, duration: float, retries: int,
+                    headers: Mapping[str, str] | None = None) -> list[Shot]:
+    """An open-loop flood with retries from its own process (``inbound_loads flood``)."""
+    args = [url, str(rate), str(duration), str(retries),
+            *(f"{k}={v}" for k, v in (headers or {}).items())]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.inbound_loads", "flood", *args,
+        stdout=asyncio.subprocess.PIPE, cwd=str(REPO_ROOT), env=_module_env())
+    try:
+        async with asyncio.timeout(duration + 30):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return [Shot("rogue", t, lat, status, attempts, price)
+            for t, lat, status, attempts, price in json.loads(out)]

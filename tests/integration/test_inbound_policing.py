@@ -1,0 +1,102 @@
+"""A rogue caller floods with retries: it is punished, the cooperative callers do not notice,
+and it is forgiven once it behaves (real sidecar processes, a capacity-limited app)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+
+from mesh.reputation import LadderRules, PolicingParams, ReputationBook
+from tests.integration.inbound_support import (
+    AppProcess,
+    Shot,
+    mesh,
+    open_loop,
+    p99,
+    run_flood,
+    success_ratio,
+    write_config,
+)
+
+SERVERS, SERVICE = 8, 0.2  # the app: 8 at once, 200 ms each -> 40 requests/s
+COOP_RATE = 5.0  # each cooperative caller, well under its fair share (~13/s)
+ROGUE_RATE = 133.0  # ten times the fair share of three callers, plus retries
+LADDER = {"base_punishment": 2, "max_punishment": 3, "probation": 1.5}
+POLICING = {"ladder": LADDER, "max_wait": 3,
+            "auction": {"budget_rate": 3, "budget_cap": 3}}
+
+
+def detection_bound() -> float:
+    """How long a flood may go unpunished: the book's own detection lag, doubled, plus a
+    second for the flood's process to reach its rate on a loaded 2-core machine."""
+    book = ReputationBook(PolicingParams(ladder=LadderRules(**LADDER)))
+    return 2 * book.detection_lag() + 1.0
+
+
+async def test_rogue_is_throttled_cooperators_unharmed_and_rogue_forgiven(tmp_path: Path) -> None:
+    app = await AppProcess.start(SERVERS, SERVICE)
+    config = write_config(tmp_path / "policing.json", POLICING)
+    try:
+        async with mesh(app.url, ["coop-a", "coop-b", "rogue"], config) as m, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            urls = {name: proc.outbound_url for name, proc in m.callers.items()}
+
+            async def coop(phase: list[Shot], duration: float) -> None:
+                await asyncio.gather(*(
+                    open_loop(session, urls[name], caller=name, rate=COOP_RATE,
+                              duration=duration, out=phase)
+                    for name in ("coop-a", "coop-b")))
+
+            async def level() -> float:
+                return await asyncio.to_thread(m.level, "rogue")
+
+            # warm-up: the concurrency limiter measures the app (minRTT probe, first windows)
+            await coop([], 1.5)
+            baseline: list[Shot] = []
+            await coop(baseline, 3.0)
+
+            during: list[Shot] = []
+            _, rogue = await asyncio.gather(
+                coop(during, 5.0), run_flood(urls["rogue"], ROGUE_RATE, 4.0, retries=2))
+            level_after_flood = await level()
+            throttled = await asyncio.to_thread(
+                m.server.metric, "equilibrium_inbound_requests_total", caller="rogue",
+                outcome="throttled")
+            backed_off = await asyncio.to_thread(
+                m.callers["rogue"].metric, "equilibrium_caller_backoff_total")
+
+            # the rogue returns to a normal rate: it must be forgiven within its punishment
+            # time (the rest of its punishment plus one probation period per level)
+            forgiven_within = LADDER["max_punishment"] + level_after_flood * LADDER["probation"]
+            after: list[Shot] = []
+            calm: list[Shot] = []
+            await asyncio.gather(
+                open_loop(session, urls["rogue"], caller="rogue", rate=5.0,
+                          duration=forgiven_within + 1.5, out=after),
+                coop(calm, forgiven_within + 1.5))
+            final_level = await level()
+    finally:
+        await app.stop()
+
+    flood_start = min(s.intended for s in rogue)  # its process starts when it can
+    first_429 = min((s.intended + s.latency - flood_start for s in rogue if s.status == 429),
+                    default=None)
+    story = (f"first 429 after {first_429}s, level {level_after_flood} -> {final_level}, "
+             f"throttled {throttled}, backed off {backed_off}; coop p99 baseline "
+             f"{p99(baseline):.3f}s, under the flood {p99(during):.3f}s; statuses "
+             f"{sorted((s.status for s in during + calm), reverse=True)[:5]}")
+    # the rogue is throttled: 429s at the inbound side, a punishment level, and its own
+    # sidecar backs off locally, within the book's detection lag
+    assert first_429 is not None and first_429 <= detection_bound(), story
+    assert throttled > 0 and level_after_flood >= 1 and backed_off > 0, story
+    # the cooperative callers keep >= 99.9 % success and a p99 close to their baseline
+    assert success_ratio(baseline) == 1.0, story
+    assert success_ratio(during + calm) >= 0.999, story
+    assert p99(during) <= 4.0 * p99(baseline), story
+    # forgiven: level back to 0 and the rogue's requests admitted again
+    assert final_level == 0, story
+    calm_start = min(s.intended for s in after)
+    late = [s for s in after if s.intended - calm_start >= forgiven_within]
+    assert late and all(s.status == 200 for s in late), story
