@@ -77,6 +77,7 @@ class ServicePort:
     name: str
     port: int
     scheme: str  # http or https (from appProtocol or the port name)
+    protocol: str = "unknown"  # http | opaque | unknown: how transparent interception treats it
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ class Routes:
     upstreams: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)  # Host name -> group name
     destinations: Mapping[tuple[str, int], str] = field(default_factory=dict)  # ip:port -> group
+    protocols: Mapping[str, str] = field(default_factory=dict)  # group -> http|opaque|unknown
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -138,6 +140,30 @@ def _ip(value: Any, what: str) -> str:
         return str(ipaddress.ip_address(str(value)))
     except ValueError:
         raise MalformedObject(f"{what}: {value!r} is not an IP address") from None
+
+
+HTTP_APP_PROTOCOLS = frozenset({"http", "kubernetes.io/ws"})
+OPAQUE_NAME_PREFIXES = ("tcp", "tls", "https", "http2", "grpc", "h2c", "mongo", "mysql", "redis",
+                        "postgres", "amqp", "kafka", "zookeeper")
+
+
+def port_protocol(port: Mapping[str, Any]) -> str:
+    """How intercepted connections to a Service port are handled (as Istio selects protocols).
+
+    ``appProtocol`` decides when set (``http`` or ``kubernetes.io/ws``: HTTP/1.1, routed by the
+    mesh policy; anything else: opaque TCP). Otherwise the port name: ``http`` or ``http-*``
+    is HTTP; a name starting with a known non-HTTP/1.1 protocol (``tcp``, ``tls``, ``https``,
+    ``grpc``, ``redis``...) is opaque; any other or no name is ``unknown`` and is sniffed.
+    """
+    app_protocol = str(port.get("appProtocol") or "").strip().lower()
+    if app_protocol:
+        return "http" if app_protocol in HTTP_APP_PROTOCOLS else "opaque"
+    name = str(port.get("name") or "").lower()
+    if name == "http" or name.startswith("http-"):
+        return "http"
+    if name.startswith(OPAQUE_NAME_PREFIXES):
+        return "opaque"
+    return "unknown"
 
 
 def _scheme(port: Mapping[str, Any]) -> str:
@@ -169,7 +195,8 @@ def parse_service(obj: Mapping[str, Any]) -> ServiceInfo:
         port_name = raw.get("name") or ""
         if not isinstance(port_name, str):
             raise MalformedObject(f"{what}: port name {port_name!r} is not a string")
-        ports.append(ServicePort(port_name, _port_number(raw.get("port"), what), _scheme(raw)))
+        ports.append(ServicePort(port_name, _port_number(raw.get("port"), what), _scheme(raw),
+                                 port_protocol(raw)))
     return ServiceInfo(namespace, name, ips, tuple(ports))
 
 
@@ -246,6 +273,7 @@ def build_routes(
     upstreams: dict[str, tuple[str, ...]] = {}
     aliases: dict[str, str] = {}
     destinations: dict[tuple[str, int], str] = {}
+    protocols: dict[str, str] = {}
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         service_slices = by_service.get((svc.namespace, svc.name), [])
         for port in svc.ports:
@@ -260,6 +288,7 @@ def build_routes(
                     (ready if ep.ready else serving if ep.serving else []).append(url)
             group = group_name(svc, port)
             upstreams[group] = tuple(sorted(set(ready or serving)))
+            protocols[group] = port.protocol
             for ip in svc.cluster_ips:
                 destinations[(ip, port.port)] = group
         primary = svc.primary
@@ -272,7 +301,7 @@ def build_routes(
             names.append(svc.name)
         for alias in names:
             aliases[alias.lower()] = group
-    return Routes(upstreams, aliases, destinations)
+    return Routes(upstreams, aliases, destinations, protocols)
 
 
 # ---------------------------------------------------------------- the API client
@@ -627,6 +656,11 @@ class Discovery:
     def destination(self, host: str, port: int) -> str | None:
         """The upstream group a connection to ``host:port`` (a cluster IP) belongs to."""
         return self.routes.destinations.get((host, port))
+
+    def route(self, host: str, port: int) -> tuple[str, str] | None:
+        """(group, protocol) of a connection to ``host:port``, or None if it is no Service."""
+        group = self.routes.destinations.get((host, port))
+        return (group, self.routes.protocols.get(group, "unknown")) if group else None
 
     def _changed(self) -> None:
         self._dirty.set()

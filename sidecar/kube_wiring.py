@@ -100,7 +100,7 @@ class KubeWiring:
         if self.transparent:
             from sidecar.transparent import install
 
-            install(runner, discovery.destination if discovery is not None else None)
+            install(runner, discovery.route if discovery is not None else None)
             log.info("transparent interception: routing redirected connections by their "
                      "original destination")
         return discovery

@@ -3,21 +3,28 @@
 Owns the per-connection decision and the TCP relay. With ``equilibrium init``'s rules the
 app's outbound TCP lands on the outbound listener whatever address it dialled; for each
 accepted connection ``TransparentSite`` reads the original destination (``SO_ORIGINAL_DST``,
-:mod:`sidecar.original_dst`) and picks one of three routes:
+:mod:`sidecar.original_dst`) and picks a route:
 
 - ``direct``: not redirected (the app dialled the listener itself, e.g. ``HTTP_PROXY``):
   the ordinary HTTP proxy, routed by ``Host``.
 - ``service``: the destination is a Service's cluster IP and port known to discovery (or a
-  static upstream named by that IP): the HTTP proxy, with the upstream pinned to that
-  Service port whatever the ``Host`` says (``TransparentRouter.pinned_upstream``), so the
-  mesh policy picks the endpoint exactly as for Host-based routing. ``Host`` is sent on
-  untouched.
-- ``passthrough``: anything else (a database, an external API, TLS): a byte-for-byte TCP
-  relay to the original destination, with half-close and flow control, untouched.
+  static upstream named by that IP) and the connection speaks HTTP/1.1: the HTTP proxy, with
+  the upstream pinned to that Service port whatever the ``Host`` says
+  (``TransparentRouter.pinned_upstream``), so the mesh policy picks the endpoint exactly as
+  for Host-based routing. ``Host`` is sent on untouched.
+- ``passthrough``: anything else -- no Service, or a Service port that does not speak
+  HTTP/1.1 (a database, TLS, gRPC): a byte-for-byte TCP relay to the original destination,
+  with half-close and flow control, untouched (a cluster IP is then balanced by kube-proxy).
+
+Whether a Service port speaks HTTP comes from discovery (``appProtocol`` or the port name,
+see :func:`sidecar.discovery.port_protocol`). For a port without such a hint the first bytes
+are sniffed: an HTTP/1.x request line means HTTP; other bytes, or silence for
+``sniff_timeout`` (a server-first protocol such as MySQL or SMTP), mean pass-through.
 
 The sidecar's own upstream connections are not redirected again because the init rules
-exempt its UID/GID. On drain, the listener stops accepting, relays get up to the drain
-timeout to finish, then are closed.
+exempt its UID/GID; if they are not exempt, a relay that comes back to the listener is
+refused (metric ``equilibrium_passthrough_failures{reason="loop"}``) instead of looping. On
+drain, the listener stops accepting, relays get up to the drain timeout, then are closed.
 """
 
 from __future__ import annotations
@@ -37,7 +44,22 @@ from sidecar.original_dst import Address, redirected_to
 
 log = logging.getLogger(__name__)
 
-DestinationLookup = Callable[[str, int], str | None]  # (ip, port) -> upstream group, or None
+# (ip, port) -> (upstream group, protocol: http | opaque | unknown), or None for no Service
+DestinationLookup = Callable[[str, int], tuple[str, str] | None]
+HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")
+SNIFF_BYTES = 8  # "OPTIONS " is the longest method + space
+DEFAULT_SNIFF_TIMEOUT = 0.2
+
+
+def sniff_http(data: bytes) -> bool | None:
+    """True if ``data`` starts an HTTP/1.x request, False if it cannot, None if too short."""
+    for method in HTTP_METHODS:
+        token = method + b" "
+        if data.startswith(token):
+            return True
+        if len(data) < len(token) and token.startswith(data):
+            return None  # a prefix of a method: wait for more bytes
+    return False
 
 
 class TransparentMetrics:
@@ -70,15 +92,20 @@ class TransparentRouter:
         self.table = table
         self.lookup = lookup
 
-    def upstream_for(self, dst: Address) -> str | None:
+    def route(self, dst: Address) -> tuple[str, str] | None:
+        """(upstream group, protocol) for an original destination, or None: pass through."""
         host, port = dst
         if self.lookup is not None:
-            name = self.lookup(host, port)
-            if name is not None and self.table.get(name) is not None:
-                return name
+            found = self.lookup(host, port)
+            if found is not None and self.table.get(found[0]) is not None:
+                return found
         # Without discovery: a static upstream named by the IP itself, e.g. `10.96.0.10=URL`.
         group = self.table.get(_canonical_ip(host))
-        return group.name if group is not None else None
+        return (group.name, "unknown") if group is not None else None
+
+    def upstream_for(self, dst: Address) -> str | None:
+        found = self.route(dst)
+        return found[0] if found is not None else None
 
     def pinned_upstream(self, request: web.BaseRequest) -> str | None:
         """The upstream a request's connection is bound to by its original destination."""
@@ -105,6 +132,7 @@ class TransparentSite(web.BaseSite):
         "_relay_origins",
         "_relays",
         "_router",
+        "_sniff_timeout",
     )
 
     def __init__(
@@ -117,8 +145,10 @@ class TransparentSite(web.BaseSite):
         metrics: TransparentMetrics,
         connect_timeout: float,
         drain_timeout: float,
+        sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     ) -> None:
         super().__init__(runner)
+        self._sniff_timeout = sniff_timeout
         self._host, self._port = host, port
         self._router = router
         self._metrics = metrics
@@ -157,26 +187,42 @@ class TransparentSite(web.BaseSite):
     def _accept(self) -> asyncio.Protocol:
         return _Dispatch(self)
 
-    def dispatch(self, transport: asyncio.Transport) -> asyncio.BaseProtocol:
-        """Choose the protocol that serves a freshly accepted connection."""
+    def classify(self, transport: asyncio.Transport) -> tuple[str, Address | None]:
+        """The route of a freshly accepted connection: direct, http, passthrough, sniff or
+        loop; with its original destination (None when not redirected)."""
         sock = transport.get_extra_info("socket")
         try:
             dst = redirected_to(sock) if sock is not None else None
         except OSError as exc:
             log.warning("cannot read the original destination: %s", exc)
             dst = None
+        if dst is None:
+            return "direct", None
         peer = transport.get_extra_info("peername")
-        if dst is not None and peer is not None and (peer[1], dst) in self._relay_origins:
+        if peer is not None and (peer[1], dst) in self._relay_origins:
+            return "loop", dst
+        found = self._router.route(dst)
+        if found is None:
+            return "passthrough", dst
+        protocol = found[1]
+        return ("http" if protocol == "http" else "passthrough" if protocol == "opaque"
+                else "sniff"), dst
+
+    def protocol_for(self, route: str, dst: Address | None) -> asyncio.BaseProtocol:
+        """The protocol that serves a connection once its route is decided."""
+        if route == "loop":
+            assert dst is not None
             self._metrics.passthrough_failures.labels("loop").inc()
             log.error("pass-through to %s:%d came back to the sidecar: its own connections are "
                       "being redirected (run it as the proxy UID/GID the init rules exempt)",
                       *dst)
             return _Refuse()
-        if dst is None or self._router.upstream_for(dst) is not None:
+        if route in ("direct", "http"):
             self._metrics.connections.labels("direct" if dst is None else "service").inc()
             server = self._runner.server
             assert server is not None
             return server()  # aiohttp's HTTP protocol for this connection
+        assert dst is not None
         self._metrics.connections.labels("passthrough").inc()
         return _RelaySide(self, dst, downstream=True)
 
@@ -198,16 +244,57 @@ class _Refuse(asyncio.Protocol):
 
 
 class _Dispatch(asyncio.Protocol):
-    """Decides at ``connection_made`` and hands the transport to the chosen protocol."""
+    """Decides the route (sniffing the first bytes when needed), then hands the transport
+    and any bytes already read to the chosen protocol."""
 
     def __init__(self, site: TransparentSite) -> None:
         self.site = site
+        self.transport: asyncio.Transport | None = None
+        self.dst: Address | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        protocol = self.site.dispatch(transport)
+        self.transport = transport
+        route, self.dst = self.site.classify(transport)
+        if route == "sniff":
+            self.timer = asyncio.get_running_loop().call_later(
+                self.site._sniff_timeout, self._hand_over, "passthrough")  # server speaks first
+        else:
+            self._hand_over(route)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        verdict = sniff_http(self.buffer[:SNIFF_BYTES])
+        if verdict is not None:
+            self._hand_over("http" if verdict else "passthrough")
+
+    def eof_received(self) -> bool:
+        self._cancel_timer()
+        return False  # the app left before saying anything: nothing to relay
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _hand_over(self, route: str) -> None:
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.transport = None
+        protocol = self.site.protocol_for(route, self.dst)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        if self.buffer and not transport.is_closing():
+            assert isinstance(protocol, asyncio.Protocol)
+            protocol.data_received(self.buffer)
+        self.buffer = b""
 
 
 class _RelaySide(asyncio.Protocol):
@@ -221,6 +308,7 @@ class _RelaySide(asyncio.Protocol):
         self.peer: _RelaySide | None = None
         self.eof = False
         self.origin: tuple[int, Address] | None = None  # upstream end: its (port, destination)
+        self.pending: list[bytes] = []  # downstream bytes read before the upstream connected
         self._connect: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -265,11 +353,18 @@ class _RelaySide(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             upstream.abort()
             return
+        pending, self.pending = self.pending, []
+        for data in pending:
+            self.data_received(data)
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+        if peer is None or peer.transport is None:
+            if self.downstream:
+                self.pending.append(data)  # sniffed bytes, handed over before the connect
+            return
+        if not peer.transport.is_closing():
             peer.transport.write(data)
             direction = "to-destination" if self.downstream else "to-app"
             self.site._metrics.relayed_bytes.labels(direction).inc(len(data))
@@ -323,7 +418,11 @@ def _canonical_ip(host: str) -> str:
         return host
 
 
-def install(runner: Any, lookup: DestinationLookup | None = None) -> TransparentRouter:
+def install(
+    runner: Any,
+    lookup: DestinationLookup | None = None,
+    sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+) -> TransparentRouter:
     """Make the runner's outbound listener transparent (before ``runner.run()``)."""
     router = TransparentRouter(runner.table, lookup)
     metrics = TransparentMetrics(runner.metrics.registry)
@@ -333,6 +432,7 @@ def install(runner: Any, lookup: DestinationLookup | None = None) -> Transparent
             app_runner, host, port, router=router, metrics=metrics,
             connect_timeout=runner.profile.connect_timeout,
             drain_timeout=runner.config.drain_timeout,
+            sniff_timeout=sniff_timeout,
         )
 
     runner.set_site_factory("outbound", site)

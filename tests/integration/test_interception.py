@@ -9,15 +9,21 @@ no traffic leaves them)::
       outbound 127.0.0.1:O                       users pods    10.200.0.2:P, 10.200.0.3:P
       admin    127.0.0.1:A                       metrics pod   10.200.0.2:M
     iptables nat from `equilibrium init`         an echo server (not a Service) 10.200.0.2:E
+                                                 a server-first "banner" server 10.200.0.2:B
                                                  the Kubernetes API stand-in   10.200.0.2:K
+                                                 "kube-proxy": DNAT 10.96.0.10:7000 -> E,
+                                                               10.96.0.10:2525 -> B
 
 The app dials the Service's cluster IP 10.96.0.10 with no proxy settings at all; nothing
 listens on that address, so only the init rules can make the connection work: they send it to
 the sidecar, which recovers the original destination and routes it to the Service's endpoints
-(found through the EndpointSlice watch). A destination that is no Service passes through as a
-TCP relay. The sidecar runs with GID 1337 and UID 0: the interpreter lives under /root
-(mode 0700), which UID 1337 cannot reach, and the init rules exempt the proxy's GID as well as
-its UID, so the GID is what keeps the sidecar's own connections from being redirected here.
+(found through the EndpointSlice watch). A destination that is no Service, or a Service port
+that does not speak HTTP/1.1 (named ``tcp-*``, or silent until the server speaks first),
+passes through as a TCP relay -- to kube-proxy, played by a DNAT rule in the cluster namespace.
+
+The sidecar runs with GID 1337 and UID 0: the interpreter lives under /root (mode 0700), which
+UID 1337 cannot reach, and the init rules exempt the proxy's GID as well as its UID, so the GID
+is what keeps the sidecar's own connections from being redirected here.
 
 Sockets of the app, the backends and the API server are made inside the namespaces by
 switching this thread's network namespace (``setns``) just for the ``socket()``/``bind()``
@@ -52,6 +58,7 @@ from tests.integration.procs import REPO_ROOT, metric_value
 CLONE_NEWNET = 0x40000000
 POD_IP, CLUSTER_IP_A, CLUSTER_IP_B = "10.200.0.1", "10.200.0.2", "10.200.0.3"
 SERVICE_IP = "10.96.0.10"  # the "users" Service's cluster IP: exists only in the init rules
+TCP_PORT, BANNER_PORT = 7000, 2525  # the Service's non-HTTP ports (opaque, server-first)
 PROXY_GID = 1337
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -169,6 +176,7 @@ class Cluster:
     users_port: int = 0
     metrics_port: int = 0
     echo_port: int = 0
+    banner_port: int = 0
 
     async def serve_http(self, name: str, sock: socket.socket) -> None:
         async def handle(request: web.Request) -> web.Response:
@@ -205,14 +213,34 @@ class Cluster:
         self.echo_port = echo_sock.getsockname()[1]
         self.servers.append(await asyncio.start_server(echo, sock=echo_sock))
 
-        self.api.put("services", service("users", "default", SERVICE_IP,
-                                         [("http", 80), ("metrics", 9090)]))
+        async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 banner ready\r\n")  # the server speaks first, as SMTP does
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while line := await reader.readline():
+                    writer.write(b"250 " + line)
+                    await writer.drain()
+            writer.close()
+
+        banner_sock = listen_in(ns, CLUSTER_IP_A)
+        self.banner_port = banner_sock.getsockname()[1]
+        self.servers.append(await asyncio.start_server(banner, sock=banner_sock))
+        # kube-proxy's part for the ports the sidecar does not route: DNAT the Service IP.
+        for service_port, target in ((TCP_PORT, self.echo_port),
+                                     (BANNER_PORT, self.banner_port)):
+            run("ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "PREROUTING",
+                "-d", SERVICE_IP, "-p", "tcp", "--dport", str(service_port),
+                "-j", "DNAT", "--to-destination", f"{CLUSTER_IP_A}:{target}")
+
+        self.api.put("services", service(
+            "users", "default", SERVICE_IP,
+            [("http", 80), ("metrics", 9090), ("tcp-echo", TCP_PORT), ("banner", BANNER_PORT)]))
         self.api.put("endpointslices", self.users_slice([CLUSTER_IP_A, CLUSTER_IP_B]))
         await self.api.start(sock=listen_in(ns, CLUSTER_IP_A))
 
     def users_slice(self, addresses: list[str]) -> dict[str, object]:
         return endpoint_slice("users-x1", "default", "users",
-                              [("http", self.users_port), ("metrics", self.metrics_port)],
+                              [("http", self.users_port), ("metrics", self.metrics_port),
+                               ("tcp-echo", self.echo_port), ("banner", self.banner_port)],
                               addresses)
 
     async def stop(self) -> None:
@@ -399,6 +427,34 @@ async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Clu
                             reason="refused-or-unreachable") == 1
     assert await pod.metric("equilibrium_passthrough_bytes_total",
                             direction="to-destination") == len(b"ping\n\x00\xffbinary\n")
+
+
+async def test_service_ports_that_do_not_speak_http_pass_through(
+    world: tuple[Pod, Cluster],
+) -> None:
+    pod, cluster = world
+    # A port named tcp-*: opaque, relayed byte for byte to the Service IP (kube-proxy's DNAT).
+    reader, writer = await connect_in(pod.namespace, SERVICE_IP, TCP_PORT)
+    writer.write(b"\x16\x03\x01 not http\n")
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"echo:\x16\x03\x01 not http\n"
+    writer.close()
+    assert len(cluster.echo_peers) == 1  # through the DNAT, from the sidecar's relay
+    # A port without a protocol hint whose server speaks first: the sidecar waits for the app's
+    # first bytes, hears nothing, and relays -- the greeting arrives, the dialogue works.
+    reader, writer = await connect_in(pod.namespace, SERVICE_IP, BANNER_PORT)
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"220 banner ready\r\n"
+        writer.write(b"HELO app\r\n")
+        assert await reader.readline() == b"250 HELO app\r\n"
+    writer.close()
+    # A port without a hint whose client sends HTTP: routed by the mesh (not by kube-proxy).
+    metrics = await http_in(pod.namespace, SERVICE_IP, 9090, "/m")
+    assert (metrics.status, metrics.headers["x-backend"]) == (200, "users-metrics")
+
+    connections = "equilibrium_transparent_connections_total"
+    assert await pod.metric(connections, route="passthrough") == 2
+    assert await pod.metric(connections, route="service") == 1
 
 
 @pytest.mark.parametrize("world", [False], indirect=True, ids=["sidecar-not-exempt"])

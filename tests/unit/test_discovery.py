@@ -21,8 +21,10 @@ from sidecar.discovery import (
     credentials_from_flags,
     parse_endpoint_slice,
     parse_service,
+    port_protocol,
 )
 from sidecar.kube_wiring import KubeWiring
+from sidecar.transparent import sniff_http
 from sidecar.upstreams import UpstreamTable
 from tests.integration.kube_api import endpoint_slice, service
 
@@ -268,3 +270,50 @@ def test_wiring_rejects_bad_settings(kw: dict[str, Any], env: dict[str, str],
                                      message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         KubeWiring.prepare(wiring_args(**kw), env)
+
+
+@pytest.mark.parametrize(
+    ("port", "protocol"),
+    [
+        ({"name": "http"}, "http"),
+        ({"name": "http-api"}, "http"),
+        ({"name": "web", "appProtocol": "http"}, "http"),
+        ({"name": "http", "appProtocol": "kubernetes.io/h2c"}, "opaque"),  # appProtocol wins
+        ({"name": "ws", "appProtocol": "kubernetes.io/ws"}, "http"),
+        ({"name": "tcp-db"}, "opaque"),
+        ({"name": "grpc"}, "opaque"),
+        ({"name": "https"}, "opaque"),
+        ({"name": "redis"}, "opaque"),
+        ({"name": "metrics"}, "unknown"),
+        ({}, "unknown"),
+    ],
+)
+def test_port_protocol_follows_app_protocol_then_the_name(
+    port: dict[str, str], protocol: str
+) -> None:
+    assert port_protocol(port) == protocol
+
+
+def test_routes_carry_each_groups_protocol() -> None:
+    obj = service("users", "default", "10.96.0.10", [("http", 80), ("tcp-db", 5432), ("x", 81)])
+    routes = routes_for([obj], [])
+    assert routes.protocols == {"users.default:80": "http", "users.default:5432": "opaque",
+                                "users.default:81": "unknown"}
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"GET / HTTP/1.1\r\n", True),
+        (b"OPTIONS ", True),
+        (b"DELETE /x", True),
+        (b"G", None),
+        (b"OPTIO", None),
+        (b"GETX", False),
+        (b"PRI * HTTP/2.0", False),  # HTTP/2 prior knowledge: not for the HTTP/1.1 proxy
+        (b"\x16\x03\x01\x02\x00", False),  # TLS ClientHello
+        (b"get / HTTP/1.1", False),
+    ],
+)
+def test_sniffing_recognises_http1_request_lines(data: bytes, verdict: bool | None) -> None:
+    assert sniff_http(data) is verdict
