@@ -138,17 +138,28 @@ async def relay_chunks(stream: StreamReader, idle_timeout: float) -> AsyncIterat
         yield chunk
 
 
-async def relay_body(stream: StreamReader, response: StreamResponse, idle_timeout: float) -> int:
+async def relay_body(
+    stream: StreamReader,
+    response: StreamResponse,
+    idle_timeout: float,
+    deadline: asyncio.Timeout | None = None,
+) -> int:
     """Copy a body from ``stream`` to ``response`` as it arrives; returns the bytes copied.
 
     Each step (read a chunk, then write it out) must finish within ``idle_timeout``: a stalled
     upstream and an app that stopped reading both end in ``TimeoutError``, never a hang.
+    ``deadline``: an enclosing ``asyncio.timeout`` to push forward per chunk instead of
+    arming a new timer for each one.
     """
+    if deadline is None:
+        async with asyncio.timeout(idle_timeout) as own:
+            return await relay_body(stream, response, idle_timeout, own)
+    loop = asyncio.get_running_loop()
     copied = 0
     while True:
-        async with asyncio.timeout(idle_timeout):
-            chunk = await stream.readany()
-            if not chunk:
-                return copied
-            await response.write(chunk)
+        deadline.reschedule(loop.time() + idle_timeout)
+        chunk = await stream.readany()
+        if not chunk:
+            return copied
+        await response.write(chunk)
         copied += len(chunk)

@@ -344,12 +344,14 @@ class OutboundProxy:
                 status=upstream.status, reason=upstream.reason, headers=headers
             )
             idle = self.profile.request_timeout
+            loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(idle):
+                # one timer for the whole relay, pushed forward at each step
+                async with asyncio.timeout(idle) as deadline:
                     await response.prepare(request)
-                if not must_be_empty(ctx.method, upstream.status):
-                    await relay_body(upstream.content, response, idle)
-                async with asyncio.timeout(idle):
+                    if not must_be_empty(ctx.method, upstream.status):
+                        await relay_body(upstream.content, response, idle, deadline)
+                    deadline.reschedule(loop.time() + idle)
                     await response.write_eof()
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
                 # The head may be out already: the only honest signal left is to cut the
