@@ -144,6 +144,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def cpu_pressure_stall() -> float:
+    """Seconds (since boot) during which some runnable task waited for a CPU (Linux PSI).
+
+    The difference over a run divided by its length is the share of time the machine's CPUs
+    were oversubscribed: the best single number for "was this run disturbed". NaN where
+    /proc/pressure/cpu does not exist.
+    """
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                total = dict(f.split("=") for f in line.split()[1:])["total"]
+                return int(total) / 1e6
+    except (OSError, KeyError, ValueError):
+        pass
+    return float("nan")
+
+
 async def stop_all(children: Sequence[ChildProcess], grace: float = 5.0) -> None:
     """Stop every child (in parallel), swallowing nothing but errors of already-dead ones."""
     await asyncio.gather(*(c.stop(grace) for c in children), return_exceptions=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from equilibrium.loadgen import LoadGenerator, LoadSpec, LoadSummary, Record
+from equilibrium.processes import cpu_pressure_stall
 from equilibrium.sidecars import Sidecar
 
 START_MARGIN = 0.2  # seconds between "all generators ready" and the schedule's origin
@@ -44,6 +45,9 @@ class LoadResult:
     records: list[Record] = field(default_factory=list)
     summaries: list[LoadSummary] = field(default_factory=list)
     states: list[StateSample] = field(default_factory=list)
+    #: share of the run's wall time in which some task waited for a CPU (Linux PSI; NaN if
+    #: unknown): high values mean other work on the machine disturbed the measurement
+    cpu_pressure: float = float("nan")
 
     def in_window(self, start: float, end: float) -> list[Record]:
         """Records intended in [t0 + start, t0 + end)."""
@@ -85,6 +89,7 @@ async def drive_load(
             gens.append(await LoadGenerator.start(
                 spec, stderr_path=str(logs / f"load-{target.client}.log")))
         result.t0 = loop.time() + START_MARGIN
+        stall0 = cpu_pressure_stall()
         for gen in gens:
             await gen.begin(result.t0)
             pumps.append(asyncio.create_task(pump(gen)))
@@ -99,6 +104,9 @@ async def drive_load(
                     result.states.append(StateSample(elapsed, sidecar.id, state))
                 tick += 1
         await asyncio.gather(*pumps)
+        elapsed = loop.time() - result.t0
+        if elapsed > 0:
+            result.cpu_pressure = (cpu_pressure_stall() - stall0) / elapsed
         result.summaries = [g.summary for g in gens if g.summary is not None]
         return result
     finally:

@@ -69,6 +69,7 @@ class ProxyOverhead(Scenario):
         errors = {"direct": 0, "proxied": 0}
         late = {"direct": 0, "proxied": 0}
         sidecar_cpu, proxied_requests = 0.0, 0
+        pressure: dict[str, list[float]] = {"direct": [], "proxied": []}
         try:
             sidecar = await Sidecar.start("overhead", {UPSTREAM: fleet.urls}, policy=policy,
                                           strategy=args.strategy, extra=args.sidecar_arg,
@@ -97,6 +98,7 @@ class ProxyOverhead(Scenario):
                         samples[mode] = _kept(res.records, args.rate, warmup)
                         errors[mode] += sum(1 for x in res.records if not x.ok)
                         late[mode] += res.load_counts()["late_starts"]
+                        pressure[mode].append(res.cpu_pressure)
                     direct += samples["direct"]
                     proxied += samples["proxied"]
                     d, p = latency_summary(samples["direct"]), latency_summary(samples["proxied"])
@@ -156,6 +158,11 @@ class ProxyOverhead(Scenario):
             "Everything (generator, sidecar, backend) shares the machine's CPUs, so the added "
             "latency includes the sidecar's CPU competing with the generator's.",
         ]
+        notes.append(
+            "Share of each segment in which some task waited for a CPU (Linux PSI): direct "
+            + "/".join(f"{x * 100:.0f} %" for x in pressure["direct"]) + ", proxied "
+            + "/".join(f"{x * 100:.0f} %" for x in pressure["proxied"])
+            + ". High values mean other work on the machine competed with the measurement.")
         if late["direct"] or late["proxied"]:
             notes.append(f"generator late starts (> 10 ms): direct {late['direct']}, "
                          f"proxied {late['proxied']}; latency still counts from the intended "
@@ -165,7 +172,8 @@ class ProxyOverhead(Scenario):
             tables=[modes, add, rounds_table, cpu, targets],
             data={"direct": d, "proxied": p, "added": added, "ratio": ratio,
                   "sidecar_cpu_s": sidecar_cpu, "sidecar_cpu_per_request_s": cpu_per_request,
-                  "rounds": per_round, "errors": errors, "late_starts": late},
+                  "rounds": per_round, "errors": errors, "late_starts": late,
+                  "cpu_pressure": pressure},
             notes=notes,
         )
 

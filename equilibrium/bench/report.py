@@ -10,6 +10,7 @@ and its rendering. Scenarios produce the tables and the data; they never format 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -31,7 +32,11 @@ def machine_info() -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = []
+    pressure = ""
+    with contextlib.suppress(OSError):
+        pressure = Path("/proc/pressure/cpu").read_text().splitlines()[0]
     return {
+        "cpu_pressure": pressure,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -87,6 +92,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f" {m.get('implementation')} {m.get('python')}"
         + (f", load average at start {', '.join(str(x) for x in load)}" if load else ""),
     ]
+    if m.get("cpu_pressure"):
+        lines.append(f"- CPU pressure at start (Linux PSI, % of time some task waited for a "
+                     f"CPU): `{m['cpu_pressure']}`")
     params = doc.get("parameters") or {}
     if params:
         lines.append("- parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))

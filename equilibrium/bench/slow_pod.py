@@ -159,6 +159,7 @@ class SlowPod(Scenario):
             for sid, up in final.items()
         }
         out["sidecar_flapping_steady_max"] = max(flaps, default=math.nan)
+        out["cpu_pressure"] = result.cpu_pressure
         out["generator"] = result.load_counts()
         out["generator"]["max_start_lag"] = result.max_start_lag()
         return out
@@ -187,6 +188,7 @@ class SlowPod(Scenario):
             sidecars={f"{sid} (run {i + 1})": v for i, r in enumerate(runs)
                       for sid, v in r["sidecars"].items()},
             generator=generator,
+            cpu_pressure=max(r["cpu_pressure"] for r in runs),
             load_average_at_start=max(r["load_average_at_start"] for r in runs),
             runs=runs,
         )
@@ -257,8 +259,13 @@ class SlowPod(Scenario):
         loads = ", ".join(
             f"{p} " + "/".join(f"{r['load_average_at_start']:.1f}" for r in m["runs"])
             for p, m in per_policy.items())
-        notes.append(f"1-minute load average of the machine when each policy started: {loads}"
-                     " (other work on the machine shows up here and in the generator's lag).")
+        stalls = ", ".join(
+            f"{p} " + "/".join(pct(r["cpu_pressure"]) for r in m["runs"])
+            for p, m in per_policy.items())
+        notes.append(f"Machine load while each policy ran: 1-minute load average at its start "
+                     f"{loads}; share of the run in which some task waited for a CPU (Linux "
+                     f"PSI) {stalls}. Runs with high values measure the machine as much as the "
+                     "policy, above all at p99 and beyond.")
         for policy, m in per_policy.items():
             g = m["generator"]
             if g["delayed_by_cap"] or g["late_starts"]:
