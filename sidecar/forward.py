@@ -16,6 +16,7 @@ by the socket buffers whatever the body size, and no read waits forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from aiohttp import StreamReader
@@ -128,13 +129,23 @@ def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
-async def relay_chunks(stream: StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
-    """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``."""
+async def relay_chunks(
+    stream: StreamReader, idle_timeout: float, progress: asyncio.Timeout | None = None
+) -> AsyncIterator[bytes]:
+    """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``.
+
+    ``progress``: a timeout (e.g. the wait for the upstream's answer) that each chunk pushes
+    ``idle_timeout`` into the future, so a long upload that keeps moving is not cut off by it.
+    """
+    loop = asyncio.get_running_loop()
     while True:
         async with asyncio.timeout(idle_timeout):
             chunk = await stream.readany()
         if not chunk:
             return
+        if progress is not None:
+            with contextlib.suppress(RuntimeError):  # already left: the answer came first
+                progress.reschedule(loop.time() + idle_timeout)
         yield chunk
 
 

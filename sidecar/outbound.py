@@ -272,11 +272,16 @@ class OutboundProxy:
             ctx.tried.append(endpoint)
             headers = CIMultiDict(base_headers)
             self.phases.upstream_request_filter(ctx, headers)
-            body = relay_chunks(request.content, self.profile.request_timeout) if has_body else None
             sent = self.clock()
             group.policy.on_start(endpoint, sent)
             try:
-                async with asyncio.timeout(self.profile.request_timeout):
+                # request_timeout bounds the wait for the answer after the last byte sent:
+                # each uploaded chunk pushes the deadline forward
+                async with asyncio.timeout(self.profile.request_timeout) as deadline:
+                    body = (
+                        relay_chunks(request.content, self.profile.request_timeout, deadline)
+                        if has_body else None
+                    )
                     upstream = await self.session.request(
                         ctx.method,
                         URL(endpoint + ctx.target, encoded=True),

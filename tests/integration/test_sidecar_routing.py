@@ -10,6 +10,7 @@ import contextlib
 import json
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -130,7 +131,12 @@ async def test_unknown_upstream_and_dead_or_missing_endpoints_answer_json() -> N
 
 
 async def broken_bodies(request: web.Request) -> web.StreamResponse:
-    """/truncated: promises 1 MB, dies after 64 KiB. /large: 64 MB for a reader that stalls."""
+    """/truncated: promises 1 MB, dies after 64 KiB. /large: 64 MB for a reader that stalls.
+
+    /upload: counts the bytes of the request body.
+    """
+    if request.path == "/upload":
+        return web.Response(text=str(len(await request.read())))
     resp = web.StreamResponse()
     if request.path == "/truncated":
         resp.content_length = 1024 * 1024
@@ -160,6 +166,17 @@ async def test_timeouts_and_failed_bodies_never_hang() -> None:
             assert reply.status == 504 and reply.json()["reason"] == "upstream-timeout"
             assert slow.hits == 1  # a timeout may have reached the app: it is not retried
             assert sidecar.metric(metric, upstream="slow", reason="upstream-timeout") == 1
+
+            async def trickle() -> AsyncIterator[bytes]:
+                for _ in range(8):  # 8 x 0.2 s: longer than the timeout, but always moving
+                    await asyncio.sleep(0.2)
+                    yield b"u" * 1000
+
+            reply = await fetch(
+                client, "POST", f"{sidecar.outbound_url}/upload", headers={"Host": "svc"},
+                data=trickle(),
+            )
+            assert (reply.status, reply.body) == (200, b"8000")
 
             # an upstream that dies mid-body: the app sees a truncated body, not a short 200
             with pytest.raises(aiohttp.ClientPayloadError):
