@@ -81,7 +81,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--request-timeout", metavar="SECONDS",
-        help="upstream response-head and body-idle timeout (default: the profile's)",
+        help="longest upstream stall: during the upload, waiting for the answer after the last "
+        "byte sent, or between body chunks (default: the profile's)",
     )
     parser.add_argument(
         "--connect-timeout", metavar="SECONDS",

@@ -15,7 +15,7 @@ Config file shape (YAML or JSON, every key optional)::
     policy: equilibrium         # a mesh.policies name
     drain_timeout: 20           # seconds
     max_attempts: 3             # 1 try + retries (default: the profile's max_retries + 1)
-    request_timeout: 15         # to the response head, and idle time on bodies (default: profile)
+    request_timeout: 15         # longest stall: upload, wait for answer, body (default: profile)
     connect_timeout: 1          # TCP connect to an endpoint (default: profile)
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
