@@ -442,6 +442,11 @@ class InboundProxy:
         """A slot now (price 0), or a place in the bid queue until one frees up."""
         request_id = f"r{next(self._ids)}"
         slot = self.limiter.on_start(now)
+        if slot and self.auction.queue_length:
+            # others wait: the free slot goes to the best bid through release(), not to
+            # whoever arrives now (no queue jumping)
+            self.limiter.on_abandon(now)
+            slot = False
         outcome = self.auction.offer(request_id, verdict.caller, bid, now, slot)
         self._update_load(now)
         if isinstance(outcome, Admission):
@@ -460,6 +465,7 @@ class InboundProxy:
         if in_good_standing:
             self._queued_by.setdefault(verdict.caller, set()).add(request_id)
         self.metrics.queue_length.set(self.auction.queue_length)
+        self._release(now)  # a slot may be free (the limit grew, a client left)
         try:
             await asyncio.wait({future}, timeout=self.settings.max_wait)
         except asyncio.CancelledError:  # the client went away while waiting

@@ -1,0 +1,238 @@
+"""The inbound listener's trust boundary and HTTP correctness, with real sidecar processes.
+
+One app (in the test's loop, so it can record what it saw), one inbound sidecar with the mesh
+key in front of it, an honest caller ``coop-a`` and ``mallory``, whose sidecar claims the id
+``coop-a`` but does not know the mesh key. Module-scoped, tests compare counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from mesh.identity import sign_identity
+from tests.integration.inbound_support import MESH_KEY, Shot, open_loop, write_config
+from tests.integration.procs import (
+    LOOPBACK,
+    Backend,
+    SidecarProcess,
+    async_start_sidecar,
+    fetch,
+    free_port,
+    metric_value,
+    run_equilibrium,
+    start_backend,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+PAYLOAD = b"0123456789abcdef" * 8192  # 128 KiB
+
+
+@dataclass
+class Setup:
+    app: Backend
+    seen: list[dict[str, str]]
+    inbound_url: str
+    server: SidecarProcess
+    coop: SidecarProcess
+    mallory: SidecarProcess
+
+
+async def app_handler(request: web.Request, seen: list[dict[str, str]],
+                      slots: asyncio.Semaphore) -> web.StreamResponse:
+    seen.append({k.lower(): v for k, v in request.headers.items()})
+    if request.path == "/echo":
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items()}
+        return web.json_response({"len": len(body), "ok": body == PAYLOAD, "headers": headers},
+                                 headers={"X-GT-Price": "123", "Connection": "X-Hop",
+                                          "X-Hop": "1"})
+    if request.path == "/stream":
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for _ in range(8):
+            await response.write(PAYLOAD[:16384])
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+    async with slots:  # an app with capacity: 2 at once, 50 ms each
+        await asyncio.sleep(0.05)
+    return web.Response(text="ok")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup]:
+    seen: list[dict[str, str]] = []
+    slots = asyncio.Semaphore(2)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await app_handler(request, seen, slots)
+
+    app = await start_backend("app", handler=handler)
+    config = write_config(tmp_path_factory.mktemp("inbound") / "policing.json",
+                          {"max_wait": 2, "ladder": {"base_punishment": 3, "max_punishment": 3}})
+    inbound_port = free_port()
+    inbound_url = f"http://{LOOPBACK}:{inbound_port}"
+    procs = await asyncio.gather(
+        async_start_sidecar({}, sidecar_id="app-sidecar", config_file=config,
+                            env={"EQUILIBRIUM_MESH_SECRET": MESH_KEY},
+                            extra_args=["--inbound", f"{LOOPBACK}:{inbound_port}",
+                                        "--app", app.url]),
+        async_start_sidecar({"svc": [inbound_url]}, sidecar_id="coop-a", config_file=config,
+                            env={"EQUILIBRIUM_MESH_SECRET": MESH_KEY}),
+        async_start_sidecar({"svc": [inbound_url]}, sidecar_id="coop-a", config_file=config,
+                            env={"EQUILIBRIUM_MESH_SECRET": "not-the-mesh-key-0123456789"}),
+    )
+    try:
+        yield Setup(app, seen, inbound_url, *procs)
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
+        for p in procs:
+            p.cleanup()
+        await app.stop()
+
+
+def signed(caller: str) -> str:
+    return sign_identity(caller, MESH_KEY.encode(), time.time())
+
+
+async def test_http_correctness_through_the_inbound_listener(setup: Setup) -> None:
+    async with aiohttp.ClientSession() as client:
+        reply = await fetch(
+            client, "POST", setup.coop.outbound_url + "/echo", data=PAYLOAD,
+            headers={"Host": "svc", "Connection": "X-Custom-Hop", "X-Custom-Hop": "drop me",
+                     "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        streamed = await fetch(client, "GET", setup.coop.outbound_url + "/stream",
+                               headers={"Host": "svc"})
+    assert reply.status == 200
+    body = reply.json()
+    assert body["ok"] and body["len"] == len(PAYLOAD)
+    seen = {k.lower(): v for k, v in body["headers"].items()}
+    assert "x-custom-hop" not in seen  # hop-by-hop, named in Connection
+    assert seen["traceparent"].startswith("00-0af7651916cd43dd")
+    assert seen["via"] == "1.1 coop-a, 1.1 app-sidecar"
+    assert seen["x-forwarded-for"].count("127.0.0.1") == 2
+    assert not any(k.startswith("x-gt-") for k in seen)  # identity and bid stripped
+    assert "x-equilibrium-bid" not in seen
+    # the app's forged X-GT-Price never passes; the caller's app gets the real price (0)
+    assert "X-GT-Price" not in reply.headers and "X-Hop" not in reply.headers
+    assert reply.headers["X-Equilibrium-Price"] == "0"
+    assert streamed.status == 200 and streamed.body == PAYLOAD[:16384] * 8
+
+
+async def test_signals_on_every_response_and_unsigned_headers_ignored(setup: Setup) -> None:
+    before = setup.server.metric("equilibrium_inbound_stripped_headers_total", source="untrusted")
+    async with aiohttp.ClientSession() as client:
+        outsider = await fetch(client, "GET", setup.inbound_url + "/x", headers={
+            "X-GT-Bid": "999", "X-GT-Retry": "1", "X-GT-Whatever": "1",
+            "X-GT-Identity": "v=1;id=coop-a;ts=1;sig=" + "A" * 43})
+        member = await fetch(client, "GET", setup.inbound_url + "/x", headers={
+            "X-GT-Identity": signed("coop-b"), "X-GT-Bid": "2"})
+    for reply in (outsider, member):
+        assert reply.status == 200
+        assert reply.headers["X-GT-Congestion"].startswith("v=1;level=")
+        assert reply.headers["X-GT-Reputation"].startswith("v=1;score=")
+        assert reply.headers["X-GT-Price"] == "0"  # uncongested
+    # outsiders share the suspicious anonymous bucket (it starts below full reputation)
+    assert "score=0.6" in outsider.headers["X-GT-Reputation"]
+    assert "score=1.000" in member.headers["X-GT-Reputation"]
+    after = setup.server.metric("equilibrium_inbound_stripped_headers_total", source="untrusted")
+    assert after - before == 3  # bid, retry, whatever: ignored and stripped
+    assert not any(k.startswith("x-gt-") for h in setup.seen for k in h)
+    assert setup.server.metric("equilibrium_inbound_identity_total", result="bad-signature") >= 1
+
+
+async def test_malformed_bids_are_rejected_with_a_clear_400(setup: Setup) -> None:
+    before_in = setup.server.metric("equilibrium_inbound_bad_bids_total", reason="malformed")
+    async with aiohttp.ClientSession() as client:
+        direct = await fetch(client, "GET", setup.inbound_url + "/x", headers={
+            "X-GT-Identity": signed("coop-b"), "X-GT-Bid": "lots"})
+        from_app = await fetch(client, "GET", setup.coop.outbound_url + "/x", headers={
+            "Host": "svc", "X-Equilibrium-Bid": "-3"})
+    assert direct.status == 400
+    assert direct.json()["reason"] == "bad-bid" and "X-GT-Bid" in direct.json()["error"]
+    assert direct.json()["header"] == "X-GT-Bid"
+    assert setup.server.metric("equilibrium_inbound_bad_bids_total",
+                               reason="malformed") == before_in + 1
+    assert from_app.status == 400 and from_app.json()["header"] == "X-Equilibrium-Bid"
+    assert "negative" in from_app.json()["error"]
+    assert setup.coop.metric("equilibrium_caller_bad_app_bids_total", reason="negative") == 1
+
+
+async def test_a_forger_gains_nothing(setup: Setup) -> None:
+    """mallory claims to be coop-a (wrong key) and floods with a huge bid: it lands in the
+    anonymous bucket, is punished there, its bid is ignored, and coop-a is untouched."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        flood: list[Shot] = []
+        honest: list[Shot] = []
+        await asyncio.gather(
+            open_loop(session, setup.mallory.outbound_url, caller="mallory", rate=100,
+                      duration=3.0, headers={"X-Equilibrium-Bid": "900"}, out=flood),
+            open_loop(session, setup.coop.outbound_url, caller="coop-a", rate=5, duration=3.5,
+                      out=honest),
+        )
+    await asyncio.sleep(0.6)  # the gauges refresh every 0.5 s
+    metrics = setup.server.metrics_text()
+    assert metric_value(metrics, "equilibrium_inbound_caller_punishment_level",
+                        caller="anonymous") >= 1
+    assert metric_value(metrics, "equilibrium_inbound_caller_punishment_level",
+                        caller="coop-a") == 0
+    assert metric_value(metrics, "equilibrium_inbound_requests_total", caller="anonymous",
+                        outcome="throttled") > 0
+    assert metric_value(metrics, "equilibrium_inbound_price_paid_total",
+                        caller="anonymous") == 0  # its bid was never honoured
+    assert all(s.status == 200 for s in honest)
+    assert any(s.status == 429 for s in flood)
+    assert not any(k.startswith("x-gt-") for h in setup.seen for k in h)
+
+
+async def test_configuration_errors_exit_2_with_a_message(tmp_path: Path) -> None:
+    short = tmp_path / "short.key"
+    short.write_text("tooshort\n")
+    bad_policing = write_config(tmp_path / "bad.json", {"ladder": {"base_punishmnt": 3}})
+    cases = [
+        (["--inbound", "127.0.0.1:0"], "inbound and app go together"),
+        (["--inbound", "127.0.0.1:0", "--app", "ftp://x"], "app: expected http://"),
+        (["--mesh-secret-file", str(short)], "at least 16 are required"),
+        (["--mesh-secret-file", str(tmp_path / "missing.key")], "cannot read"),
+        (["--config", str(bad_policing)], "unknown key 'base_punishmnt'"),
+    ]
+    runs = await asyncio.gather(*(
+        asyncio.to_thread(run_equilibrium, "sidecar", "--admin", "127.0.0.1:0", "--outbound",
+                          "127.0.0.1:0", *args, timeout=30)
+        for args, _ in cases))
+    for (args, message), done in zip(cases, runs, strict=True):
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+
+
+async def test_without_a_mesh_key_every_caller_is_anonymous(tmp_path: Path) -> None:
+    app = await start_backend("plain")
+    port = free_port()
+    server = await async_start_sidecar({}, sidecar_id="keyless",
+                                       extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                                   "--app", app.url])
+    try:
+        async with aiohttp.ClientSession() as client:
+            reply = await fetch(client, "GET", f"http://{LOOPBACK}:{port}/", headers={
+                "X-GT-Identity": signed("coop-a"), "X-GT-Bid": "3"})
+        assert reply.status == 200
+        assert "score=0.6" in reply.headers["X-GT-Reputation"]  # the anonymous bucket
+        assert server.metric("equilibrium_inbound_mesh_key_configured") == 0
+        assert server.metric("equilibrium_inbound_requests_total", caller="anonymous") == 1
+        assert "every caller is policed as 'anonymous'" in server.output()
+        assert not any(k.lower().startswith("x-gt-") for r in app.seen for k in r.headers)
+    finally:
+        await asyncio.to_thread(server.stop, 5.0)
+        server.cleanup()
+        await app.stop()
+
