@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import random
 import signal
@@ -168,6 +169,11 @@ class SidecarRunner:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+            # Everything allocated so far (modules, config, pools) lives as long as the
+            # process: move it out of the collector's sight, so full collections on the
+            # request path only walk what requests allocate (shorter GC pauses at p99).
+            gc.collect()
+            gc.freeze()
             self.readiness.started = True
             log.info(
                 "sidecar %s ready: %s; upstreams: %s",
