@@ -1,8 +1,9 @@
 """The sidecar process: listeners, background tasks, reload and graceful shutdown.
 
 Owns the lifecycle. ``SidecarRunner.run()`` binds every listener (outbound and admin, plus
-any added with ``add_listener``), starts the background tasks (policy ticks, config-file
-watch, plus any added with ``add_background``), then marks the process ready. On SIGHUP or a
+any added with ``add_listener``), starts the background tasks (policy ticks: one task that
+ticks every upstream's policy in turn each ``tick_interval``; config-file watch; plus any
+added with ``add_background``), then marks the process ready. On SIGHUP or a
 change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
 
 1. ``/readyz`` answers 503 (the orchestrator stops sending new work);
@@ -11,8 +12,9 @@ change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
 4. background tasks stop, the admin listener closes last, and ``run()`` returns 0.
 
 Extension points for later components (inbound listener, Redis publishing, discovery):
-``add_listener(name, app, address, drains=True)``, ``add_background(name, factory)``,
-``add_reload_hook(callback)`` and the ``phases`` given to the constructor. They must be
+``add_listener(name, app, address, drains=True)``, ``set_site_factory(name, factory)``,
+``add_background(name, factory)``, ``add_reload_hook(callback)``, and the proxy's phases
+(``phases=`` of the constructor, or wrap ``runner.proxy.phases``). They must be
 called before ``run()``. The shared objects they may need are attributes: ``config``,
 ``profile``, ``metrics``, ``table``, ``proxy`` (its ``session`` is the upstream pool).
 """
