@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
-SERVICES_PATH = "/api/v1/services"
-ENDPOINT_SLICES_PATH = "/apis/discovery.k8s.io/v1/endpointslices"
 WATCH_TIMEOUT_S = 300  # the server ends a watch after this; we resume from the last version
 LIST_PAGE_SIZE = 500
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one watch event; the API server's own limit is ~3 MiB
@@ -629,8 +627,20 @@ class ResourceWatch:
 # ---------------------------------------------------------------- discovery as a whole
 
 
+def collection_path(resource: str, namespace: str | None) -> str:
+    """The API path of a collection, cluster-wide (``namespace`` None) or in one namespace."""
+    group = "/api/v1" if resource == "services" else "/apis/discovery.k8s.io/v1"
+    scope = f"/namespaces/{namespace}" if namespace else ""
+    return f"{group}{scope}/{resource}"
+
+
 class Discovery:
-    """Services + EndpointSlices -> the sidecar's upstream table, aliases and destinations."""
+    """Services + EndpointSlices -> the sidecar's upstream table, aliases and destinations.
+
+    ``namespaces``: the namespaces to watch (one list+watch per namespace and resource, which
+    a RoleBinding in each suffices for), or None for the whole cluster (needs a
+    ClusterRoleBinding).
+    """
 
     def __init__(
         self,
@@ -638,20 +648,21 @@ class Discovery:
         table: Any,
         *,
         registry: CollectorRegistry,
+        namespaces: tuple[str, ...] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
     ) -> None:
         self.credentials = credentials
         self.table = table
+        self.namespaces = namespaces
         self.clock = clock
         self.rng = rng or random.Random()
         self.cluster_domain = cluster_domain
         self.metrics = DiscoveryMetrics(registry)
         self.routes = Routes()
         self._dirty = asyncio.Event()
-        self.services: ResourceWatch | None = None
-        self.slices: ResourceWatch | None = None
+        self.watches: list[ResourceWatch] = []
 
     def destination(self, host: str, port: int) -> str | None:
         """The upstream group a connection to ``host:port`` (a cluster IP) belongs to."""
@@ -662,24 +673,26 @@ class Discovery:
         group = self.routes.destinations.get((host, port))
         return (group, self.routes.protocols.get(group, "unknown")) if group else None
 
+    @property
+    def synced(self) -> bool:
+        """Every watch has listed once (before that, half a picture would drop groups)."""
+        return bool(self.watches) and all(w.synced for w in self.watches)
+
     def _changed(self) -> None:
         self._dirty.set()
 
     async def run(self) -> None:
         async with KubeClient(self.credentials) as client:
-            self.services = ResourceWatch(
-                client, "services", SERVICES_PATH, parse_service, self._changed,
-                self.metrics, self.rng,
-            )
-            self.slices = ResourceWatch(
-                client, "endpointslices", ENDPOINT_SLICES_PATH, parse_endpoint_slice,
-                self._changed, self.metrics, self.rng,
-            )
-            tasks = [
-                asyncio.create_task(self.services.run(), name="discovery-services"),
-                asyncio.create_task(self.slices.run(), name="discovery-endpointslices"),
-                asyncio.create_task(self._apply_loop(), name="discovery-apply"),
+            parsers = {"services": parse_service, "endpointslices": parse_endpoint_slice}
+            self.watches = [
+                ResourceWatch(client, resource, collection_path(resource, namespace), parse,
+                              self._changed, self.metrics, self.rng)
+                for namespace in (self.namespaces or (None,))
+                for resource, parse in parsers.items()
             ]
+            tasks = [asyncio.create_task(w.run(), name=f"discovery {w.path}")
+                     for w in self.watches]
+            tasks.append(asyncio.create_task(self._apply_loop(), name="discovery-apply"))
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -696,23 +709,22 @@ class Discovery:
             await self._dirty.wait()
             await asyncio.sleep(APPLY_SETTLE_S)
             self._dirty.clear()
-            if self.services is None or self.slices is None:
-                continue
-            if not (self.services.synced and self.slices.synced):
-                continue  # half a picture would remove the other half's groups
-            self.apply()
+            if self.synced:
+                self.apply()
 
     def reapply(self, _config: object = None) -> None:
         """Apply again once synced (a reload hook: config may have released a name)."""
-        if self.services and self.slices and self.services.synced and self.slices.synced:
+        if self.synced:
             self.apply()
 
     def apply(self) -> Routes:
         """Rebuild the routes from the stores and swap them into the table (synchronous)."""
-        assert self.services is not None and self.slices is not None
+        services = [v for w in self.watches if w.resource == "services"
+                    for v in w.store.values()]
+        slices = [v for w in self.watches if w.resource == "endpointslices"
+                  for v in w.store.values()]
         routes = build_routes(
-            self.services.store.values(),
-            [s for s in self.slices.store.values() if s is not None],
+            services, slices,
             own_namespace=self.credentials.namespace,
             cluster_domain=self.cluster_domain,
         )
@@ -720,7 +732,7 @@ class Discovery:
         self.table.set_aliases(routes.aliases)
         self.routes = routes
         self.metrics.applied.inc()
-        self.metrics.services.set(len(self.services.store))
+        self.metrics.services.set(len(services))
         return routes
 
 

@@ -1,8 +1,9 @@
 """Wiring of transparent interception and Kubernetes discovery into a sidecar process.
 
-Owns the flags ``--transparent``, ``--discovery``, ``--kube-api`` and ``--kube-token-file``
-(each also from the environment: ``EQUILIBRIUM_TRANSPARENT=1``, ``EQUILIBRIUM_DISCOVERY=1``,
-``EQUILIBRIUM_KUBE_API``, ``EQUILIBRIUM_KUBE_TOKEN_FILE``) and the start-up decisions; the
+Owns the flags ``--transparent``, ``--discovery``, ``--discovery-namespaces``, ``--kube-api``
+and ``--kube-token-file`` (each also from the environment: ``EQUILIBRIUM_TRANSPARENT=1``,
+``EQUILIBRIUM_DISCOVERY=1``, ``EQUILIBRIUM_DISCOVERY_NAMESPACES``, ``EQUILIBRIUM_KUBE_API``,
+``EQUILIBRIUM_KUBE_TOKEN_FILE``) and the start-up decisions; the
 behaviour lives in :mod:`sidecar.transparent` and :mod:`sidecar.discovery`. Used by the
 command line in two steps, so that bad settings are a configuration error (exit 2)::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ if TYPE_CHECKING:  # aiohttp and friends load only when the sidecar runs (cli im
 log = logging.getLogger(__name__)
 
 TRUE = frozenset({"1", "true", "yes", "on"})
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--discovery", action="store_true", default=None,
         help="watch Services and EndpointSlices through the Kubernetes API "
         "(env EQUILIBRIUM_DISCOVERY=1)",
+    )
+    parser.add_argument(
+        "--discovery-namespaces", metavar="NS[,NS...]|*",
+        help="namespaces to watch (default: the pod's own, which a RoleBinding allows; '*': the "
+        "whole cluster, which needs a ClusterRoleBinding; env EQUILIBRIUM_DISCOVERY_NAMESPACES)",
     )
     parser.add_argument(
         "--kube-api", metavar="URL",
@@ -57,10 +65,26 @@ def _flag(value: bool | None, env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in TRUE
 
 
+def parse_namespaces(value: str, own: str | None) -> tuple[str, ...] | None:
+    """``*`` -> None (cluster-wide); ``a,b`` -> ("a", "b"); empty -> the pod's own namespace
+    (cluster-wide when that is unknown)."""
+    text = value.strip()
+    if text == "*":
+        return None
+    if not text:
+        return (own,) if own else None
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if not _NAMESPACE_RE.match(name):
+            raise ConfigError(f"--discovery-namespaces: {name!r} is not a namespace name")
+    return names or ((own,) if own else None)
+
+
 @dataclass(frozen=True, slots=True)
 class KubeWiring:
     transparent: bool
     credentials: KubeCredentials | None  # None: discovery off
+    namespaces: tuple[str, ...] | None = None  # None: the whole cluster
 
     @classmethod
     def prepare(cls, args: argparse.Namespace, env: Mapping[str, str]) -> KubeWiring:
@@ -69,8 +93,11 @@ class KubeWiring:
         api = getattr(args, "kube_api", None) or env.get("EQUILIBRIUM_KUBE_API", "").strip()
         token = (getattr(args, "kube_token_file", None)
                  or env.get("EQUILIBRIUM_KUBE_TOKEN_FILE", "").strip())
-        if (api or token) and not discovery:
-            raise ConfigError("--kube-api/--kube-token-file need --discovery")
+        scope = (getattr(args, "discovery_namespaces", None)
+                 or env.get("EQUILIBRIUM_DISCOVERY_NAMESPACES", "").strip())
+        if (api or token or scope) and not discovery:
+            raise ConfigError("--kube-api/--kube-token-file/--discovery-namespaces need "
+                              "--discovery")
         credentials = None
         if discovery:
             from sidecar.discovery import credentials_from_flags
@@ -82,7 +109,10 @@ class KubeWiring:
             if credentials.token_file is not None and not credentials.token_file.is_file():
                 raise ConfigError(f"discovery: token file {str(credentials.token_file)!r} "
                                   "does not exist")
-        return cls(transparent, credentials)
+        namespaces: tuple[str, ...] | None = None
+        if credentials is not None:
+            namespaces = parse_namespaces(scope, credentials.namespace)
+        return cls(transparent, credentials, namespaces)
 
     def install(self, runner: Any) -> Discovery | None:
         from sidecar.discovery import Discovery
@@ -91,12 +121,13 @@ class KubeWiring:
         if self.credentials is not None:
             discovery = Discovery(
                 self.credentials, runner.table, registry=runner.metrics.registry,
-                clock=runner.clock,
+                namespaces=self.namespaces, clock=runner.clock,
             )
             runner.add_background("discovery", discovery.run)
             runner.add_reload_hook(discovery.reapply)
-            log.info("discovery: watching Services and EndpointSlices at %s (namespace %s)",
-                     self.credentials.api_url, self.credentials.namespace or "unknown")
+            log.info("discovery: watching Services and EndpointSlices at %s in %s",
+                     self.credentials.api_url,
+                     ", ".join(self.namespaces) if self.namespaces else "all namespaces")
         if self.transparent:
             from sidecar.transparent import install
 

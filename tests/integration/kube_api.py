@@ -2,11 +2,13 @@
 
 No cluster can run on these machines, so this stands in for the *external* API server (it is
 not a mock of our code): it speaks the wire format the real one does for the two collections
-discovery reads -- ``GET /api/v1/services`` and ``GET /apis/discovery.k8s.io/v1/endpointslices``
-with ``limit``/``continue`` paging, a list ``resourceVersion``, and ``?watch=1`` streams of
-newline-delimited ``{"type", "object"}`` events from a resource version, ``BOOKMARK`` events,
+discovery reads -- Services (``/api/v1``) and EndpointSlices (``/apis/discovery.k8s.io/v1``),
+cluster-wide or per namespace (``.../namespaces/NS/...``) -- with ``limit``/``continue``
+paging, a list ``resourceVersion``, and ``?watch=1`` streams of newline-delimited
+``{"type", "object"}`` events from a resource version, ``BOOKMARK`` events,
 ``timeoutSeconds``, and an ``ERROR`` event with a 410 ``Status`` when the version was
-compacted away. Requests without the bearer token get 401. Tests can change objects, compact
+compacted away. Requests without the bearer token get 401; with ``allowed_namespaces`` set
+(RoleBindings only), a request outside them gets 403. Tests can change objects, compact
 history, cut open watches and inject raw bytes into them.
 
 Bind it to any socket (``start(sock=...)`` serves one made inside a network namespace).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import socket
 from dataclasses import dataclass, field
@@ -24,9 +27,11 @@ from typing import Any
 
 from aiohttp import web
 
-PATHS = {
-    "/api/v1/services": ("services", "v1", "ServiceList", "Service"),
-    "/apis/discovery.k8s.io/v1/endpointslices": (
+# API group prefix -> (resource, apiVersion, list kind, kind); served cluster-wide at
+# PREFIX/RESOURCE and per namespace at PREFIX/namespaces/NS/RESOURCE.
+RESOURCES = {
+    "/api/v1": ("services", "v1", "ServiceList", "Service"),
+    "/apis/discovery.k8s.io/v1": (
         "endpointslices", "discovery.k8s.io/v1", "EndpointSliceList", "EndpointSlice",
     ),
 }
@@ -79,6 +84,10 @@ class KubeApiServer:
         default_factory=lambda: {"services": Collection(), "endpointslices": Collection()}
     )
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # every request's path, in order
+    # RBAC: None = the token may read every namespace (a ClusterRoleBinding); a set = only
+    # these namespaces (RoleBindings), so a cluster-wide list or watch gets 403.
+    allowed_namespaces: set[str] | None = None
     port: int = 0
     host: str = "127.0.0.1"
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each change
@@ -151,8 +160,10 @@ class KubeApiServer:
 
     async def start(self, sock: socket.socket | None = None) -> KubeApiServer:
         app = web.Application()
-        for path in PATHS:
-            app.router.add_get(path, self._handle)
+        for prefix, (resource, *_) in RESOURCES.items():
+            handler = functools.partial(self._handle, prefix)
+            app.router.add_get(f"{prefix}/{resource}", handler)
+            app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{resource}", handler)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         if sock is None:
@@ -171,21 +182,29 @@ class KubeApiServer:
 
     # ------------------------------------------------------------ HTTP
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        resource, api_version, list_kind, kind = PATHS[request.path]
+    async def _handle(self, prefix: str, request: web.Request) -> web.StreamResponse:
+        resource, api_version, list_kind, kind = RESOURCES[prefix]
+        namespace = request.match_info.get("namespace")
         params = dict(request.query)
         verb = "watch" if params.get("watch") in ("1", "true") else "list"
         self.requests.append((resource, verb, params))
+        self.paths.append(request.path)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        if self.allowed_namespaces is not None and namespace not in self.allowed_namespaces:
+            where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            return web.json_response(_status(
+                403, "Forbidden", f'{resource} is forbidden: cannot {verb} {resource} {where}'),
+                status=403)
         if verb == "list":
-            return self._list(resource, api_version, list_kind, kind, params)
-        return await self._watch(request, resource, api_version, kind, params)
+            return self._list(resource, api_version, list_kind, kind, params, namespace)
+        return await self._watch(request, resource, api_version, kind, params, namespace)
 
     def _list(self, resource: str, api_version: str, list_kind: str, kind: str,
-              params: dict[str, str]) -> web.Response:
+              params: dict[str, str], namespace: str | None) -> web.Response:
         items = [self._typed(o, api_version, kind)
-                 for _, o in sorted(self.collections[resource].objects.items())]
+                 for (ns, _), o in sorted(self.collections[resource].objects.items())
+                 if namespace is None or ns == namespace]
         limit = int(params.get("limit") or 0) or len(items) or 1
         start = int(params.get("continue") or 0)
         page = items[start:start + limit]
@@ -196,7 +215,7 @@ class KubeApiServer:
                                   "metadata": meta, "items": page})
 
     async def _watch(self, request: web.Request, resource: str, api_version: str, kind: str,
-                     params: dict[str, str]) -> web.StreamResponse:
+                     params: dict[str, str], namespace: str | None) -> web.StreamResponse:
         coll = self.collections[resource]
         since = int(params.get("resourceVersion") or 0)
         timeout = float(params.get("timeoutSeconds") or 300)
@@ -215,7 +234,9 @@ class KubeApiServer:
                 while True:
                     changed = self._changed  # set by any change made from here on
                     for version, event_type, obj in list(coll.history):
-                        if version > sent:
+                        if namespace is not None and obj["metadata"]["namespace"] != namespace:
+                            sent = max(sent, version)
+                        elif version > sent:
                             await response.write(_line(
                                 {"type": event_type,
                                  "object": self._typed(obj, api_version, kind)}))

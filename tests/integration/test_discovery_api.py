@@ -178,6 +178,40 @@ async def test_malformed_objects_and_lines_are_counted_and_skipped(
                 "recovered after the bad line", timeout=10)
 
 
+async def test_namespaced_watches_need_only_role_bindings(
+    api: KubeApiServer, token_path: Path
+) -> None:
+    api.allowed_namespaces = {"default"}  # RoleBindings in "default" only, as k8s/ installs
+    api.put("services", service("orders", "shop", "10.96.0.20", [("http", 80)]))
+    registry = CollectorRegistry()
+    table = UpstreamTable("equilibrium", get_profile("balanced"))
+    scoped = Discovery(KubeCredentials(api.url, token_path, namespace="default"), table,
+                       registry=registry, namespaces=("default",), rng=random.Random(3))
+    wide_registry, wide_table = CollectorRegistry(), UpstreamTable("equilibrium",
+                                                                    get_profile("balanced"))
+    cluster_wide = Discovery(KubeCredentials(api.url, token_path, namespace="default"),
+                             wide_table, registry=wide_registry, rng=random.Random(4))
+    tasks = [asyncio.create_task(scoped.run()), asyncio.create_task(cluster_wide.run())]
+    run = Running(scoped, table, registry)
+    wide = Running(cluster_wide, wide_table, wide_registry)
+    try:
+        await until(lambda: run.endpoints() is not None, "scoped discovery synced")
+        assert table.get("orders.shop") is None  # outside the watched namespace
+        assert all("/namespaces/default/" in path for path in api.paths
+                   if path.startswith(("/api/v1/namespaces", "/apis/discovery.k8s.io/v1/n")))
+        # Cluster-wide needs a ClusterRoleBinding: 403, retried with backoff, nothing applied.
+        await until(lambda: wide.metric("equilibrium_discovery_errors_total",
+                                        resource="services", kind="ApiError") >= 1,
+                    "403 counted")
+        assert not cluster_wide.synced and wide_table.names() == []
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
 async def test_bad_token_backs_off_then_recovers_when_the_token_rotates(
     api: KubeApiServer, tmp_path: Path
 ) -> None:

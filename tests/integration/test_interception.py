@@ -168,7 +168,9 @@ class Cluster:
     """Servers in the cluster namespace, run by this test's event loop."""
 
     namespace: str
-    api: KubeApiServer = field(default_factory=KubeApiServer)
+    # The sidecar's service account may read only its own namespace (a RoleBinding).
+    api: KubeApiServer = field(
+        default_factory=lambda: KubeApiServer(allowed_namespaces={"default"}))
     seen_hosts: Counter[str] = field(default_factory=Counter)
     echo_peers: list[tuple[str, int]] = field(default_factory=list)
     runners: list[web.AppRunner] = field(default_factory=list)

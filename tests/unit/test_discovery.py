@@ -23,7 +23,7 @@ from sidecar.discovery import (
     parse_service,
     port_protocol,
 )
-from sidecar.kube_wiring import KubeWiring
+from sidecar.kube_wiring import KubeWiring, parse_namespaces
 from sidecar.transparent import sniff_http
 from sidecar.upstreams import UpstreamTable
 from tests.integration.kube_api import endpoint_slice, service
@@ -239,7 +239,8 @@ def test_explicit_api_url_must_be_http(tmp_path: Path) -> None:
 
 
 def wiring_args(**kw: Any) -> argparse.Namespace:
-    base = {"transparent": None, "discovery": None, "kube_api": None, "kube_token_file": None}
+    base = {"transparent": None, "discovery": None, "kube_api": None, "kube_token_file": None,
+            "discovery_namespaces": None}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -254,12 +255,26 @@ def test_wiring_flags_and_environment(tmp_path: Path) -> None:
     })
     assert on.transparent and on.credentials is not None
     assert on.credentials.token_file == token
+    assert on.namespaces is None  # the pod's namespace is unknown here: cluster-wide
+    scoped = KubeWiring.prepare(wiring_args(discovery=True, kube_api="http://127.0.0.1:1"),
+                                {"POD_NAMESPACE": "shop"})
+    assert scoped.namespaces == ("shop",)  # default: the pod's own namespace
+
+
+def test_discovery_namespaces() -> None:
+    assert parse_namespaces("", "shop") == ("shop",)
+    assert parse_namespaces("", None) is None
+    assert parse_namespaces("*", "shop") is None
+    assert parse_namespaces("a, b,a", "shop") == ("a", "b")
+    with pytest.raises(ConfigError, match="not a namespace"):
+        parse_namespaces("Bad_NS", None)
 
 
 @pytest.mark.parametrize(
     ("kw", "env", "message"),
     [
         ({"kube_api": "http://127.0.0.1:1"}, {}, "need --discovery"),
+        ({"discovery_namespaces": "*"}, {}, "need --discovery"),
         ({"discovery": True}, {}, "KUBERNETES_SERVICE_HOST"),
         ({"discovery": True, "kube_api": "ftp://x"}, {}, "http"),
         ({"discovery": True, "kube_api": "http://127.0.0.1:1",
