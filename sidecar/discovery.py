@@ -7,13 +7,15 @@ Owns three things, from the wire to the routing table:
    turns the current objects into ``Routes``: one upstream group per Service port
    (``NAME.NAMESPACE:PORT``) with its ready endpoints as URLs, the Host aliases of each
    Service's primary port (``svc`` in the sidecar's own namespace, ``svc.ns``, ``svc.ns.svc``,
-   ``svc.ns.svc.cluster.local`` and the cluster IP), and the cluster IP:port -> group map
-   that transparent interception routes by.
+   ``svc.ns.svc.cluster.local`` and the cluster IP), the cluster IP:port -> group map that
+   transparent interception routes by, and each port's protocol (``port_protocol``: HTTP,
+   opaque TCP, or unknown = sniffed).
 2. ``ResourceWatch``: list (paginated) + watch from the list's ``resourceVersion``, with
    bookmarks; a watch that ends is resumed from the last version seen; ``410 Gone`` (as HTTP
    status or as a watch ``ERROR`` event) relists; any other failure reconnects after an
    exponential, jittered backoff. Only aiohttp is used, no Kubernetes client library.
-3. ``Discovery``: both watches plus the application of ``Routes`` to the sidecar's
+3. ``Discovery``: the watches (Services and EndpointSlices, per watched namespace, or
+   cluster-wide) plus the application of ``Routes`` to the sidecar's
    ``UpstreamTable`` (``apply(..., source="discovery")``, which calls ``policy.set_endpoints``
    and so keeps the learned state of endpoints that stay; requests in flight hold their group
    and are never dropped). Bursts of events are coalesced into one application.
@@ -22,7 +24,8 @@ Credentials: in a pod, the service account's token, CA and namespace under
 ``/var/run/secrets/kubernetes.io/serviceaccount`` and ``KUBERNETES_SERVICE_HOST``/``_PORT``;
 for tests, an explicit API URL and token file. The token file is re-read at every request,
 since the kubelet rotates bound tokens. The RBAC this needs: get, list and watch on
-``services`` and ``discovery.k8s.io/endpointslices``.
+``services`` and ``discovery.k8s.io/endpointslices`` -- a RoleBinding in each watched
+namespace (by default only the pod's own), or a ClusterRoleBinding for cluster-wide.
 """
 
 from __future__ import annotations
