@@ -652,6 +652,7 @@ class Discovery:
         *,
         registry: CollectorRegistry,
         namespaces: tuple[str, ...] | None = None,
+        on_removed: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
@@ -659,6 +660,7 @@ class Discovery:
         self.credentials = credentials
         self.table = table
         self.namespaces = namespaces
+        self.on_removed = on_removed  # e.g. drop a removed group's metric labels
         self.clock = clock
         self.rng = rng or random.Random()
         self.cluster_domain = cluster_domain
@@ -731,8 +733,11 @@ class Discovery:
             own_namespace=self.credentials.namespace,
             cluster_domain=self.cluster_domain,
         )
-        self.table.apply(routes.upstreams, self.clock(), source="discovery")
+        _, removed = self.table.apply(routes.upstreams, self.clock(), source="discovery")
         self.table.set_aliases(routes.aliases)
+        if self.on_removed is not None:
+            for name in sorted(removed):
+                self.on_removed(name)
         self.routes = routes
         self.metrics.applied.inc()
         self.metrics.services.set(len(services))

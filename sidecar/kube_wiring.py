@@ -121,7 +121,8 @@ class KubeWiring:
         if self.credentials is not None:
             discovery = Discovery(
                 self.credentials, runner.table, registry=runner.metrics.registry,
-                namespaces=self.namespaces, clock=runner.clock,
+                namespaces=self.namespaces, on_removed=runner.metrics.forget_upstream,
+                clock=runner.clock,
             )
             runner.add_background("discovery", discovery.run)
             runner.add_reload_hook(discovery.reapply)

@@ -65,6 +65,7 @@ class Running:
     def __init__(self, discovery: Discovery, table: UpstreamTable,
                  registry: CollectorRegistry) -> None:
         self.discovery, self.table, self.registry = discovery, table, registry
+        self.removed: list[str] = []  # groups reported by discovery's on_removed
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(generate_latest(self.registry).decode(), name, **labels)
@@ -79,12 +80,14 @@ async def running(api: KubeApiServer, token_path: Path) -> AsyncIterator[Running
     table = UpstreamTable("equilibrium", get_profile("balanced"))
     table.apply({"static": ["http://127.0.0.1:9"]}, 0.0)
     registry = CollectorRegistry()
+    removed: list[str] = []
     discovery = Discovery(
         KubeCredentials(api.url, token_path, namespace="default"), table,
-        registry=registry, rng=random.Random(1),
+        registry=registry, rng=random.Random(1), on_removed=removed.append,
     )
     task = asyncio.create_task(discovery.run())
     run = Running(discovery, table, registry)
+    run.removed = removed
     try:
         await until(lambda: run.endpoints() is not None, "first sync")
         yield run
@@ -122,6 +125,7 @@ async def test_watch_events_update_endpoints_in_place(
     assert running.table.get("orders") is None  # short names only in our own namespace
     api.delete("services", "default", "users")
     await until(lambda: running.table.get(USERS) is None, "deleted service removed")
+    assert USERS in running.removed and "users.default:9090" in running.removed
     assert running.discovery.destination("10.96.0.10", 80) is None
     assert api.count("services", "list") == 1  # all of it without relisting
 
