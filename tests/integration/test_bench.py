@@ -45,8 +45,8 @@ def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_pat
 
 
 def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
-    proc = _run(["--scenario", "proxy-overhead", "--duration", "2", "--rate", "100",
-                 "--overhead-rounds", "2", "--overhead-warmup", "0.2",
+    proc = _run(["--scenario", "proxy-overhead", "--duration", "1.2", "--rate", "100",
+                 "--overhead-rounds", "2", "--overhead-warmup", "0.1",
                  "--overhead-warmup-segment", "0", "--out", "r"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r" / "proxy-overhead.json").read_text())
@@ -56,7 +56,7 @@ def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -
     # Going through a proxy adds a hop: it is never faster at the median.
     assert data["proxied"]["p50"] > data["direct"]["p50"]
     assert data["added"]["p50"] == data["proxied"]["p50"] - data["direct"]["p50"]
-    assert data["direct"]["count"] == data["proxied"]["count"] >= 2 * 70  # same schedule
+    assert data["direct"]["count"] == data["proxied"]["count"] == 2 * 50  # same schedule
 
 
 def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
