@@ -175,3 +175,91 @@ def test_init_from_the_image_installs_rules_with_net_admin_only(image: str) -> N
                   image, "init", check=False)
     assert done.returncode == 1
     assert "failed" in done.stderr
+
+
+BACKEND = """
+import http.server, sys
+name = sys.argv[1].encode()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(name)))
+        self.end_headers()
+        self.wfile.write(name)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
+"""
+
+# The app: plain urllib, no proxy settings, dials the "Service" address and another pod.
+APP = """
+import json, sys, time, urllib.request
+service, other = sys.argv[1], sys.argv[2]
+attempts = 0
+def get(url):
+    global attempts
+    for _ in range(50):  # the backends may still be starting
+        attempts += 1
+        try:
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} never answered")
+answers = [get(f"http://{service}:8000/") for _ in range(30)]
+# Both backends are up by now: no retries, so the relay count below is exact.
+others = [urllib.request.urlopen(f"http://{other}:8000/", timeout=10).read().decode()
+          for _ in range(3)]
+print(json.dumps({"service": answers, "attempts": attempts, "other": others}))
+"""
+
+
+def container_ip(name: str) -> str:
+    return docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name).stdout.strip()
+
+
+@pytest.mark.docker
+def test_a_pod_from_the_image_routes_the_apps_calls_through_the_sidecar(
+        image: str, container_names: list[str]) -> None:
+    """A pod assembled from the image: sidecar, init rules and app share one network namespace.
+
+    Two backend containers stand for a Service's pods; the first one's address plays the
+    Service IP (a static upstream named by that IP). The app dials it with no proxy settings;
+    the init container's rules must hand every connection to the sidecar, which balances them
+    over both backends, and pass a connection to an unknown destination through untouched.
+    """
+    tag = os.getpid()
+    backends = []
+    for name in ("b1", "b2"):
+        container = f"eq-image-{name}-{tag}"
+        container_names.append(container)
+        docker("run", "-d", "--name", container, *HARDENED, "--entrypoint", "python3", image,
+               "-c", BACKEND, name)
+        backends.append(container_ip(container))
+    service_ip, other_ip = backends
+    pod = f"eq-image-pod-{tag}"
+    container_names.append(pod)
+    docker("run", "-d", "--name", pod, "-p", "127.0.0.1::15020", *HARDENED, image, "sidecar",
+           "--transparent", "--outbound", "0.0.0.0:15001", "--admin", "0.0.0.0:15020",
+           "--id", "pod-test",
+           "--upstream", f"{service_ip}=http://{service_ip}:8000,http://{other_ip}:8000")
+    admin = f"http://127.0.0.1:{published_port(pod, 15020)}"
+    wait_http(admin + "/readyz", None, pod)
+
+    init = docker("run", "--rm", "--network", f"container:{pod}", "--user", "0:0",
+                  "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
+                  "--security-opt", "no-new-privileges", image, "init", check=False)
+    assert init.returncode == 0, init.stderr
+    app = docker("run", "--rm", "--network", f"container:{pod}", "--user", "1000:1000",
+                 "--read-only", "--cap-drop", "ALL", "--entrypoint", "python3", image,
+                 "-c", APP, service_ip, other_ip, check=False)
+    assert app.returncode == 0, app.stderr
+    answers = json.loads(app.stdout)
+    assert len(answers["service"]) == 30 and set(answers["service"]) <= {"b1", "b2"}
+    assert answers["other"] == ["b2", "b2", "b2"]
+
+    metrics = wait_http(admin + "/metrics", None, pod).decode()
+    routes = dict(re.findall(
+        r'^equilibrium_transparent_connections_total\{route="(\w+)"\} (\S+)$', metrics, re.M))
+    # Every connection to the Service went through the sidecar.
+    assert float(routes["service"]) == answers["attempts"]
+    assert float(routes["passthrough"]) == 3  # the unknown destination was relayed untouched
