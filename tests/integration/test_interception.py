@@ -6,7 +6,7 @@ no traffic leaves them)::
     "pod" namespace                              "cluster" namespace
     app (this test, uid 0)   veth 10.200.0.1 <-> veth 10.200.0.2, 10.200.0.3
     sidecar (gid 1337)       route 10.96.0.0/16 (Service IPs) via 10.200.0.2
-      outbound 127.0.0.1:O                       users pods    10.200.0.2:P, 10.200.0.3:P
+      outbound 0.0.0.0:O                         users pods    10.200.0.2:P, 10.200.0.3:P
       admin    127.0.0.1:A                       metrics pod   10.200.0.2:M
     iptables nat from `equilibrium init`         an echo server (not a Service) 10.200.0.2:E
                                                  a server-first "banner" server 10.200.0.2:B
@@ -333,7 +333,7 @@ async def world(
             pod.process = subprocess.Popen(
                 ["ip", "netns", "exec", pod_ns, *as_proxy,
                  sys.executable, "-m", "equilibrium", "sidecar",
-                 "--outbound", f"127.0.0.1:{outbound}", "--admin", f"127.0.0.1:{admin}",
+                 "--outbound", f"0.0.0.0:{outbound}", "--admin", f"127.0.0.1:{admin}",
                  "--id", "pod-sidecar", "--transparent", *discovery],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, cwd=REPO_ROOT,
