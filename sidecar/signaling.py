@@ -109,6 +109,11 @@ class SignalingMetrics:
             "Recommendations ignored, by reason (stale, expired, bad-signature, unsigned, "
             "malformed, fenced, ...)", ["upstream", "reason"], registry=r,
         )
+        self.summaries_invalid = Counter(
+            "equilibrium_signaling_summaries_invalid",
+            "Summaries not sent because they failed the protocol's validation, by reason",
+            ["upstream", "reason"], registry=r,
+        )
         self.fallbacks = Counter(
             "equilibrium_signaling_fallbacks",
             "Times routing fell back to local regret matching because Redis failed",
@@ -323,7 +328,9 @@ class SidecarSignaling:
                     self.metrics.connected.set(1)
                     backoff = 0.0
                     wait = started + self.settings.epoch - loop.time()
-                except (RedisError, OSError, TimeoutError) as exc:
+                except Exception as exc:  # Redis errors, timeouts, or a bug: never fatal
+                    if not isinstance(exc, RedisError | OSError | TimeoutError):
+                        log.exception("signaling: unexpected error; falling back")
                     await self._fall_back(exc)
                     backoff = min(max(2 * backoff, self.settings.backoff_min),
                                   self.settings.backoff_max)
@@ -373,7 +380,12 @@ class SidecarSignaling:
             builder = self._builders.get(group.name)
             if builder is None:
                 builder = self._builders[group.name] = SummaryBuilder(self.sidecar, group.name)
-            summary = builder.build(group, histograms, now, wall, self.settings.epoch)
+            try:
+                summary = builder.build(group, histograms, now, wall, self.settings.epoch)
+            except ProtocolError as exc:  # e.g. an endpoint id the protocol cannot carry
+                self.metrics.summaries_invalid.labels(group.name, exc.reason.value).inc()
+                log.debug("signaling: no summary for %s: %s", group.name, exc)
+                summary = None
             if summary is not None:
                 pipe.xadd(summary_stream(group.name), encode_summary(summary),
                           maxlen=SUMMARY_MAXLEN, approximate=True)

@@ -106,6 +106,11 @@ class SignalerMetrics:
             "equilibrium_signaler_redis_errors", "Failed Redis round trips, by kind",
             ["kind"], registry=r,
         )
+        self.epoch_errors = Counter(
+            "equilibrium_signaler_epoch_errors",
+            "Epochs cut short by an unexpected error (logged with its traceback)", ["kind"],
+            registry=r,
+        )
         self.epochs = Counter(
             "equilibrium_signaler_epochs", "Epochs run by this replica", registry=r
         )

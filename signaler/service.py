@@ -177,6 +177,10 @@ class SignalerService:
                     self._redis_failed(exc)
                     backoff = min(max(2 * backoff, self.config.epoch / 4), self.config.backoff_max)
                     wait = backoff
+                except Exception as exc:  # a bug must not stop the signaler: log, count, go on
+                    log.exception("signaler %s: epoch failed", self.config.signer)
+                    self.metrics.epoch_errors.labels(type(exc).__name__).inc()
+                    wait = self.config.epoch
                 self._state = self._build_state()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(wait, 0.0))
@@ -372,11 +376,12 @@ class SignalerService:
             )
         except NoDemand:
             return
-        except (SolverError, ValueError) as exc:
+        except Exception as exc:  # SolverError, bad model input, or a solver bug: never fatal
             self.metrics.solver_failures.labels(upstream, type(exc).__name__).inc()
             status.last_error = f"{type(exc).__name__}: {exc}"
             log.error("signaler: no plan for %s this epoch (previous recommendations stay in "
-                      "force until they expire): %s", upstream, exc)
+                      "force until they expire): %s", upstream, exc,
+                      exc_info=not isinstance(exc, SolverError | ValueError))
             return
         self.metrics.solve_seconds.labels(upstream).observe(time.perf_counter() - started)
         solution = plan.solution

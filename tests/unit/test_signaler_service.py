@@ -36,6 +36,7 @@ from sidecar.signaling import (
 )
 from sidecar.upstreams import UpstreamTable
 from signaler.cli import UsageError, build_config, read_mesh_key
+from signaler.latency_model import LatencyModel
 from signaler.leader import Leadership
 from signaler.planner import NoDemand, UpstreamView, make_plan, sidecar_weights
 from signaler.service import SignalerConfig, SignalerService
@@ -239,6 +240,23 @@ def test_bad_entries_are_counted_by_reason_and_never_raise(fields: object, reaso
     assert "orders" not in svc.views or not svc.views["orders"].latest
     assert svc.apply_entry("orders", encode_summary(summary())) is True
     assert svc.views["orders"].latest["sc-1"] == summary()
+
+
+async def test_a_plan_that_cannot_be_solved_is_counted_and_publishes_nothing() -> None:
+    svc = service()
+    svc._set_leader("orders", 3)
+    svc.clock = lambda: NOW
+    assert svc.apply_entry("orders", encode_summary(summary()))
+    view = svc.views["orders"]
+    view.observe(NOW)
+    for endpoint in EPS:  # every endpoint measured as failing: no capacity to plan onto
+        view.models[endpoint] = LatencyModel(d=1.0, mu=1e-6)
+    await svc._plan_and_publish("orders")  # must not raise (and must not touch Redis)
+    assert svc.metrics.registry.get_sample_value(
+        "equilibrium_signaler_solver_failures_total",
+        {"upstream": "orders", "error": "NoCapacityError"}) == 1
+    assert svc.status["orders"].plan is None
+    assert "failing" in (svc.status["orders"].last_error or "")
 
 
 def test_leadership_transitions() -> None:
