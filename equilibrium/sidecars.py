@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -85,7 +86,7 @@ class Sidecar:
                 await child.stop()
                 raise
             return cls(sidecar_id, child, outbound, admin)
-        raise RuntimeError(f"sidecar {sidecar_id} did not start: {last}")
+        raise RuntimeError(f"sidecar {sidecar_id} did not start: {last}{_tail(stderr_path)}")
 
     async def state(self) -> dict[str, Any] | None:
         """``/debug/state`` as JSON, or None when the sidecar does not answer in time."""
@@ -106,6 +107,18 @@ class Sidecar:
                 await self._session.close()
             self._session = None
         await self.child.stop()
+
+
+def _tail(path: str | None, lines: int = 3) -> str:
+    """The last lines of a log file, for error messages ("" when there is nothing)."""
+    if not path:
+        return ""
+    try:
+        raw = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    text = list(dict.fromkeys(reversed(raw)))[:lines][::-1]  # last distinct lines
+    return ("\n  " + "\n  ".join(text)) if text else ""
 
 
 async def start_sidecars(
