@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,22 @@ class SidecarRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_hooks: list[ReloadHook] = []
         self._stop = asyncio.Event()
+        self._in_flight_tasks: set[asyncio.Task[Any]] = set()
+
+        @web.middleware
+        async def track_in_flight(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            task = asyncio.current_task()
+            if task is None:
+                return await handler(request)
+            self._in_flight_tasks.add(task)
+            try:
+                return await handler(request)
+            finally:
+                self._in_flight_tasks.discard(task)
+
+        self._track_in_flight = track_in_flight
         self._config_mtime: float | None = None
         self.add_listener("outbound", self.proxy.make_app(), config.outbound, drains=True)
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
@@ -124,6 +140,8 @@ class SidecarRunner:
     def add_listener(
         self, name: str, app: web.Application, address: ListenAddress, *, drains: bool = True
     ) -> None:
+        if drains:  # the drain deadline must be able to cut what is still running
+            app.middlewares.append(self._track_in_flight)
         self._listeners.append(Listener(name, app, address, drains))
 
     def set_site_factory(self, name: str, factory: SiteFactory) -> None:
@@ -226,11 +244,27 @@ class SidecarRunner:
         listener.bound_port = sockets[0].getsockname()[1] if sockets else listener.address.port
 
     async def _drain(self) -> None:
-        deadline = self.config.drain_timeout + 2.0  # aiohttp waits, then cancels; bound both
+        """Stop accepting, wait for in-flight requests up to the deadline, then cut the rest."""
         draining = [lst for lst in self._listeners if lst.drains and lst.runner is not None]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(deadline):
-                await asyncio.gather(*(lst.runner.cleanup() for lst in draining if lst.runner))
+        cleanup = asyncio.ensure_future(
+            asyncio.gather(*(lst.runner.cleanup() for lst in draining if lst.runner))
+        )
+        try:
+            async with asyncio.timeout(self.config.drain_timeout):
+                await asyncio.shield(cleanup)
+        except TimeoutError:
+            stuck = [task for task in self._in_flight_tasks if not task.done()]
+            log.warning(
+                "sidecar %s: drain deadline reached, cutting %d request(s) still in flight",
+                self.config.id, len(stuck),
+            )
+            for task in stuck:
+                task.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(cleanup)
+        if not cleanup.done():
+            cleanup.cancel()
         for lst in draining:
             lst.runner = None
         log.info("sidecar %s: drained", self.config.id)
