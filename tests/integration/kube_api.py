@@ -88,6 +88,7 @@ class KubeApiServer:
     # RBAC: None = the token may read every namespace (a ClusterRoleBinding); a set = only
     # these namespaces (RoleBindings), so a cluster-wide list or watch gets 403.
     allowed_namespaces: set[str] | None = None
+    gone_as_status: bool = False  # a too-old watch: HTTP 410 instead of a 410 ERROR event
     port: int = 0
     host: str = "127.0.0.1"
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each change
@@ -219,13 +220,17 @@ class KubeApiServer:
         coll = self.collections[resource]
         since = int(params.get("resourceVersion") or 0)
         timeout = float(params.get("timeoutSeconds") or 300)
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
         if since < coll.oldest:
             status = _status(410, "Expired", f"too old resource version: {since} "
                                              f"({coll.oldest})")
+            if self.gone_as_status:
+                return web.json_response(status, status=410)
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
             await response.write(_line({"type": "ERROR", "object": status}))
             return response
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
         cut = self._cut
         sent = since
         raw_seen = len(self._raw.get(resource, []))

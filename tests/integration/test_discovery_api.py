@@ -130,9 +130,11 @@ async def test_watch_events_update_endpoints_in_place(
     assert api.count("services", "list") == 1  # all of it without relisting
 
 
+@pytest.mark.parametrize("as_status", [False, True], ids=["error-event", "http-410"])
 async def test_gone_relists_and_catches_up_with_missed_changes(
-    api: KubeApiServer, running: Running
+    api: KubeApiServer, running: Running, as_status: bool
 ) -> None:
+    api.gone_as_status = as_status
     lists_before = api.count("endpointslices", "list")
     # The change is made and the history compacted at once (as across an API server restart):
     # the open watch ends without it, resuming from our version gets 410, a relist follows.

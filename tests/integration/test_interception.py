@@ -334,7 +334,7 @@ async def world(
                 ["ip", "netns", "exec", pod_ns, *as_proxy,
                  sys.executable, "-m", "equilibrium", "sidecar",
                  "--outbound", f"0.0.0.0:{outbound}", "--admin", f"127.0.0.1:{admin}",
-                 "--id", "pod-sidecar", "--transparent", *discovery],
+                 "--id", "pod-sidecar", "--drain-timeout", "1", "--transparent", *discovery],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, cwd=REPO_ROOT,
             )
@@ -429,6 +429,21 @@ async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Clu
                             reason="refused-or-unreachable") == 1
     assert await pod.metric("equilibrium_passthrough_bytes_total",
                             direction="to-destination") == len(b"ping\n\x00\xffbinary\n")
+
+    # SIGTERM with a relay still open: it gets the drain timeout (1 s), then is closed, and
+    # the sidecar exits cleanly.
+    reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.echo_port)
+    writer.write(b"still here\n")
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"echo:still here\n"
+    assert await pod.metric("equilibrium_passthrough_open") == 1
+    assert pod.process is not None
+    pod.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        with contextlib.suppress(ConnectionResetError):
+            assert await reader.read() == b""
+    writer.close()
+    assert await asyncio.to_thread(pod.process.wait, 10) == 0
 
 
 async def test_service_ports_that_do_not_speak_http_pass_through(
