@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
                    help="extra flag for every sidecar, e.g. --sidecar-arg=--redis=URL "
                         "(repeatable)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    for scenario in all_scenarios():
+    scenarios, _ = all_scenarios()
+    for scenario in scenarios:
         scenario.add_arguments(p.add_argument_group(f"scenario {scenario.name}"))
     p.set_defaults(func=main)
 
@@ -89,12 +90,15 @@ async def _run(scenario: Any, ctx: BenchContext) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     if args.list:
-        for scenario in all_scenarios():
+        scenarios, broken = all_scenarios()
+        for scenario in scenarios:
             print(f"{scenario.name:<16} {scenario.summary}")
+        for name, error in broken.items():
+            print(f"{name:<16} (cannot be loaded: {error})")
         return 0
     try:
         scenario, argv = resolve(args)
-    except ValueError as exc:
+    except (ValueError, ImportError, TypeError) as exc:
         print(f"equilibrium bench: {exc}", file=sys.stderr)
         return 2
     logs = Path(tempfile.mkdtemp(prefix=f"equilibrium-bench-{scenario.name}-"))

@@ -22,6 +22,9 @@ from typing import Any, TextIO
 SCENARIOS: dict[str, str] = {
     "slow-pod": "equilibrium.bench.slow_pod",
     "proxy-overhead": "equilibrium.bench.proxy_overhead",
+    "herding": "equilibrium.bench.herding",
+    "retry-flood": "equilibrium.bench.retry_flood",
+    "overload-bids": "equilibrium.bench.overload_bids",
 }
 
 
@@ -93,5 +96,16 @@ def load_scenario(name: str) -> Scenario:
     return scenario
 
 
-def all_scenarios() -> list[Scenario]:
-    return [load_scenario(name) for name in SCENARIOS]
+def all_scenarios() -> tuple[list[Scenario], dict[str, str]]:
+    """Every registered scenario that imports, and the import error of each one that does not.
+
+    One broken scenario module must not take the others (or ``--help``) down with it.
+    """
+    loaded: list[Scenario] = []
+    broken: dict[str, str] = {}
+    for name in SCENARIOS:
+        try:
+            loaded.append(load_scenario(name))
+        except Exception as exc:  # any import-time failure of that one module
+            broken[name] = f"{type(exc).__name__}: {exc}"
+    return loaded, broken

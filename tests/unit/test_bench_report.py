@@ -13,7 +13,13 @@ import pytest
 from equilibrium import analysis
 from equilibrium.bench import cli
 from equilibrium.bench.report import build_document, render_console, render_markdown, write_report
-from equilibrium.bench.scenarios import SCENARIOS, ScenarioResult, Table, load_scenario
+from equilibrium.bench.scenarios import (
+    SCENARIOS,
+    ScenarioResult,
+    Table,
+    all_scenarios,
+    load_scenario,
+)
 from equilibrium.loadgen import Record
 
 MACHINE = {"platform": "Linux-test", "processor": "x86_64", "cpus": 2, "python": "3.11.7",
@@ -67,6 +73,16 @@ def test_registry_loads_every_scenario_and_rejects_unknown() -> None:
         assert load_scenario(name).name == name
     with pytest.raises(ValueError, match="unknown scenario 'nope'"):
         load_scenario("nope")
+
+
+def test_a_scenario_module_that_fails_to_import_does_not_hide_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(SCENARIOS, "broken", "equilibrium.bench.no_such_module")
+    loaded, broken = all_scenarios()
+    assert "slow-pod" in [s.name for s in loaded]
+    assert list(broken) == ["broken"] and "ModuleNotFoundError" in broken["broken"]
+    assert cli.main(_parse(["bench", "--scenario", "broken"])) == 2
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
