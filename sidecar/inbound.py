@@ -350,13 +350,11 @@ class InboundProxy:
     # ------------------------------------------------------------ load
 
     def capacity(self) -> float:
-        """App capacity in requests/s: configured, or Little's law at the learned limit."""
+        """App capacity in requests/s: configured, or Little's law at the learned limit
+        (``limit / sampleRTT``, see :meth:`AdaptiveConcurrencyLimit.capacity_estimate`)."""
         if self.settings.capacity is not None:
             return self.settings.capacity
-        lim = self.limiter
-        if lim.sample_rtt:
-            return lim.estimated_limit / lim.sample_rtt
-        return lim.capacity_estimate() or self.book.params.capacity
+        return self.limiter.capacity_estimate() or self.book.params.capacity
 
     def _congestion(self) -> float:
         """``in_flight / limit``, and 1 while anyone waits in the bid queue."""

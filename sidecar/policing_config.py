@@ -25,8 +25,8 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       auction: {budget_rate: 10, ...}            # mesh.auction.AuctionParams fields
 
 ``capacity: auto`` estimates the app's throughput by Little's law from the adaptive
-concurrency limit and the RTT measured under load (``limit / sampleRTT``), which, unlike
-``limit / minRTT``, does not overestimate an app whose service times vary a lot.
+concurrency limit and the RTT measured under load (``limit / sampleRTT``,
+:meth:`mesh.concurrency.AdaptiveConcurrencyLimit.capacity_estimate`); a number fixes it.
 """
 
 from __future__ import annotations
