@@ -106,15 +106,19 @@ def test_image_metadata(image: str) -> None:
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize(("command", "expect"), [
-    ("sidecar", "--outbound"), ("injector", "--tls-cert"), ("init", "--exclude-outbound-ports"),
-    ("signaler", "--redis"),
-])
-def test_every_component_starts_offline(image: str, command: str, expect: str) -> None:
-    done = docker("run", "--rm", "--network", "none", *HARDENED, image, command, "--help",
-                  check=False)
+def test_every_component_starts_offline(image: str) -> None:
+    expected = {"sidecar": "--outbound", "signaler": "--redis", "injector": "--tls-cert",
+                "init": "--exclude-outbound-ports"}
+    script = "; ".join(f"echo '== {c}'; equilibrium {c} --help || echo 'FAILED {c}'"
+                       for c in expected)
+    done = docker("run", "--rm", "--network", "none", *HARDENED, "--entrypoint", "/bin/sh",
+                  image, "-c", script, check=False)
     assert done.returncode == 0, done.stderr
-    assert expect in done.stdout
+    sections = dict(re.findall(r"^== (\w+)\n(.*?)(?=^== |\Z)", done.stdout, re.M | re.S))
+    assert set(sections) == set(expected)
+    for command, flag in expected.items():
+        assert flag in sections[command] and "FAILED" not in sections[command], (
+            f"`equilibrium {command} --help` in the image:\n{sections[command]}\n{done.stderr}")
 
 
 @pytest.mark.docker

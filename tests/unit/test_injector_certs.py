@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from equilibrium.cli import main
 from injector import certs
 from tests.injector_support import assert_valid
 from tests.integration.procs import REPO_ROOT
@@ -79,22 +78,29 @@ def test_json_patch_targets_each_webhook() -> None:
                                             "/webhooks/1/clientConfig/caBundle"]
 
 
-def test_cli_prints_install_yaml_with_ca_and_secret(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "equilibrium", "injector", "bootstrap-certs",
-         "--manifest", "k8s/install.yaml", "--out-dir", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
-    docs = list(yaml.safe_load_all(done.stdout))
+def test_cli_prints_install_yaml_with_ca_and_secret(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["injector", "bootstrap-certs", "--manifest", str(REPO_ROOT / "k8s/install.yaml"),
+                 "--out-dir", str(tmp_path)]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
     secret = docs[-1]
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "equilibrium-injector-tls"
     (mwc,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
     ca_pem = (tmp_path / "ca.crt").read_bytes()
     assert {base64.b64decode(w["clientConfig"]["caBundle"]) for w in mwc["webhooks"]} == {ca_pem}
     assert (tmp_path / "tls.key").stat().st_mode & 0o777 == 0o600
-    for doc in docs:
-        assert_valid(doc)
+    assert_valid(secret)
+    assert_valid(mwc)
+    installed = [d for d in yaml.safe_load_all((REPO_ROOT / "k8s/install.yaml").read_text()) if d]
+    assert len(docs) == len(installed) + 1  # everything kept, the Secret added
 
-    done = subprocess.run(
-        [sys.executable, "-m", "equilibrium", "injector", "bootstrap-certs", "--json-patch", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
-    assert len(json.loads(done.stdout)) == 2
+    assert main(["injector", "bootstrap-certs", "--json-patch", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_cli_reports_a_manifest_without_the_webhook(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other.yaml"
+    other.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
+    assert main(["injector", "bootstrap-certs", "--manifest", str(other)]) == 1
+    assert "no MutatingWebhookConfiguration 'equilibrium-injector'" in capsys.readouterr().err

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
+from equilibrium.cli import main
 from injector.iptables import InterceptionConfig, build_rules, cleanup_rules
-from tests.integration.procs import REPO_ROOT
 
 NAT = ["-t", "nat"]
 
@@ -74,12 +74,27 @@ def test_invalid_configs_are_refused(kwargs: dict[str, object]) -> None:
         InterceptionConfig(**kwargs)  # type: ignore[arg-type]
 
 
-def run_init(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "equilibrium", "init", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_dry_run_prints_exactly_the_rules() -> None:
+@pytest.fixture
+def run_init(capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
+    """`equilibrium init ARGS` through the real entry point, in this process."""
+    def run(*args: str) -> Run:
+        try:
+            code = main(["init", *args])
+        except SystemExit as exc:  # argparse errors
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return Run(code, out.out, out.err)
+    return run
+
+
+def test_dry_run_prints_exactly_the_rules(run_init: Callable[..., Run]) -> None:
     done = run_init("--dry-run", "--exclude-outbound-ports", "5432",
                     "--exclude-inbound-ports", "15020,9090")
     assert done.returncode == 0, done.stderr
@@ -92,7 +107,7 @@ def test_dry_run_prints_exactly_the_rules() -> None:
                                         for r in cleanup_rules()]
 
 
-def test_bad_port_flags_fail_with_a_message() -> None:
+def test_bad_port_flags_fail_with_a_message(run_init: Callable[..., Run]) -> None:
     done = run_init("--dry-run", "--exclude-outbound-ports", "5432,http")
     assert done.returncode == 2
     assert "'http' is not a port" in done.stderr
