@@ -4,7 +4,10 @@ Five pods of one service on loopback; pod-4 adds 500 ms to a random half of its 
 For each policy, in the order given: the fleet's counters and RNGs are reset (same seed), fresh
 sidecars start with ``--policy P``, every client sends the same open-loop load through its
 sidecar, the sidecars stop. Policies therefore run one after another against the same pod
-processes, never at the same time, so they do not compete for the two CPUs.
+processes, never at the same time, so they do not compete for the two CPUs; ``--slow-pod-repeat``
+interleaves several such rounds. ``--slow-pod-mode concurrent`` instead runs all policies at
+once, each on its own five pods of the one fleet process, so other work on the machine hits
+them alike (at the price of multiplying the benchmark's own load).
 
 Reported per policy (definitions in :mod:`equilibrium.analysis`): mean, p50, p99, p99.9 over
 the whole run and p99 in the steady state (second half), errors, the share sent to the bad
@@ -47,6 +50,11 @@ class SlowPod(Scenario):
                            help="share of the bad pod's requests that are slow (0.5)")
         group.add_argument("--slow-pod-repeat", type=int, default=1,
                            help="run the policy list this many times, interleaved (1)")
+        group.add_argument("--slow-pod-mode", choices=("sequential", "concurrent"),
+                           default="sequential",
+                           help="policies one after another on the same pods (default), or "
+                                "all at once, each on its own pods, so that other work on "
+                                "the machine hits them alike")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
@@ -59,41 +67,57 @@ class SlowPod(Scenario):
             "pods": pods, "bad_pod": bad, "bad_delay_s": args.slow_pod_delay,
             "bad_fraction": args.slow_pod_fraction, "clients": args.clients,
             "rate_per_client": args.rate, "duration_per_policy_s": args.duration,
+            "mode": args.slow_pod_mode,
             "order": order if repeat == 1 else f"({order}) × {repeat}",
             "strategy": args.strategy or "default", "seed": args.seed,
         }
+        concurrent = args.slow_pod_mode == "concurrent"
+        groups = len(args.policies) if concurrent else 1
+        fleet_args = ["--pods", str(pods * groups)]
+        for g in range(groups):
+            fleet_args += ["--bad", str(g * pods + bad_index)]
         fleet = await Fleet.start(
-            ["--pods", str(pods), "--bad", str(bad_index), "--bad-delay",
-             repr(args.slow_pod_delay), "--bad-fraction", repr(args.slow_pod_fraction),
-             "--seed", str(args.seed)],
+            [*fleet_args, "--bad-delay", repr(args.slow_pod_delay), "--bad-fraction",
+             repr(args.slow_pod_fraction), "--seed", str(args.seed)],
             stderr_path=str(ctx.logs / "fleet.log"),
         )
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.policies}
         pooled: dict[str, list[Record]] = {p: [] for p in args.policies}
         series: dict[str, dict[str, list[float]]] = {}
-        names = [p.name for p in fleet.pods]
-        step, steps = 0, repeat * len(args.policies)
+        names = [f"pod-{i}" for i in range(pods)]
+
+        def record(policy: str, result: LoadResult, load_average: float, rep: int) -> None:
+            m = self._measure(result, names, bad)
+            m["load_average_at_start"] = load_average
+            runs[policy].append(m)
+            pooled[policy] += [dataclasses.replace(r, intended=r.intended - result.t0)
+                               for r in result.records]
+            if rep == 0:
+                wins = analysis.windows(result.records, result.t0, SHIFT_WINDOW, args.duration)
+                series[policy] = {"t": [w.start + w.width for w in wins],
+                                  "bad_share": analysis.share_series(wins, bad)}
+            ctx.say(f"    {policy}: p99 {ms(m['latency']['p99'])}, steady p99 "
+                    f"{ms(m['steady_latency']['p99'])}, bad share "
+                    f"{pct(m['bad_share_steady'])} (steady), shift {secs(m['time_to_shift'])}")
+
         try:
+            step = 0
             for rep in range(repeat):
+                if concurrent:
+                    ctx.say(f"[{rep + 1}/{repeat}] all {len(args.policies)} policies at once, "
+                            f"each on its own {pods} pods: {args.clients} clients × "
+                            f"{args.rate:g} req/s each for {args.duration:g} s")
+                    outcomes = await self._concurrent_run(ctx, fleet, pods)
+                    for policy, (result, load_average) in outcomes.items():
+                        record(policy, result, load_average, rep)
+                    continue
                 for policy in args.policies:
                     step += 1
-                    ctx.say(f"[{step}/{steps}] {policy}: {args.clients} clients × "
-                            f"{args.rate:g} req/s for {args.duration:g} s")
+                    ctx.say(f"[{step}/{repeat * len(args.policies)}] {policy}: "
+                            f"{args.clients} clients × {args.rate:g} req/s for "
+                            f"{args.duration:g} s")
                     result, load_average = await self._one_run(ctx, fleet, policy)
-                    m = self._measure(result, names, bad)
-                    m["load_average_at_start"] = load_average
-                    runs[policy].append(m)
-                    pooled[policy] += [dataclasses.replace(r, intended=r.intended - result.t0)
-                                       for r in result.records]
-                    if rep == 0:
-                        wins = analysis.windows(result.records, result.t0, SHIFT_WINDOW,
-                                                args.duration)
-                        series[policy] = {"t": [w.start + w.width for w in wins],
-                                          "bad_share": analysis.share_series(wins, bad)}
-                    ctx.say(f"    p99 {ms(m['latency']['p99'])}, steady p99 "
-                            f"{ms(m['steady_latency']['p99'])}, bad share "
-                            f"{pct(m['bad_share_steady'])} (steady), shift "
-                            f"{secs(m['time_to_shift'])}")
+                    record(policy, result, load_average, rep)
         finally:
             await fleet.stop()
         per_policy = {
@@ -137,6 +161,49 @@ class SlowPod(Scenario):
             for s in sidecars:
                 await s.stop()
         return result, load_average
+
+    @staticmethod
+    async def _concurrent_run(
+        ctx: BenchContext, fleet: Fleet, pods: int
+    ) -> dict[str, tuple[LoadResult, float]]:
+        """Every policy at once, policy i on pods [i·pods, (i+1)·pods) of the one fleet.
+
+        Each policy's records are renamed to its local pod names (pod-0 … pod-{pods-1}), so
+        the reports read the same as in sequential mode.
+        """
+        args = ctx.args
+        await fleet.reset(seed=args.seed)
+        load_average = _load_average()
+        groups: dict[str, list[Any]] = {}
+        try:
+            for g, policy in enumerate(args.policies):
+                urls = fleet.urls[g * pods:(g + 1) * pods]
+                groups[policy] = await start_sidecars(
+                    [f"{policy}-{c + 1}" for c in range(args.clients)], {UPSTREAM: urls},
+                    policy=policy, strategy=args.strategy, extra=args.sidecar_arg,
+                    stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
+                )
+            every = [s for group in groups.values() for s in group]
+            targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in every]
+            result = await drive_load(targets, args.rate, args.duration, ctx.logs, every)
+        finally:
+            for group in groups.values():
+                for s in group:
+                    await s.stop()
+        out = {}
+        for g, policy in enumerate(args.policies):
+            ids = {s.id for s in groups[policy]}
+            local = {f"pod-{g * pods + i}": f"pod-{i}" for i in range(pods)}
+            view = LoadResult(
+                t0=result.t0, duration=result.duration,
+                records=[dataclasses.replace(r, pod=local.get(r.pod or "", r.pod))
+                         for r in result.records if r.client in ids],
+                summaries=[x for x in result.summaries if x.client in ids],
+                states=[x for x in result.states if x.sidecar in ids],
+                cpu_pressure=result.cpu_pressure,
+            )
+            out[policy] = (view, load_average)
+        return out
 
     @staticmethod
     def _measure(result: LoadResult, names: list[str], bad: str) -> dict[str, Any]:
