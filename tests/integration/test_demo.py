@@ -63,8 +63,7 @@ def test_demo_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(tmp_path: P
     assert all(totals["pod-4"] < totals[f"pod-{i}"] for i in range(4))
     assert summary["metrics"]["errors"] == 0
     assert set(summary["sidecars"]) == {"client-1", "client-2", "client-3"}
-    # Later in the run the bad pod gets less than at the start.
-    assert summary["metrics"]["bad_share_steady"] < summary["metrics"]["bad_share_first"]
+    assert all(s["weights"]["pod-4"] < 0.2 for s in summary["sidecars"].values())
 
 
 def test_demo_ctrl_c_stops_and_reaps_every_child(tmp_path: Path) -> None:
