@@ -63,6 +63,8 @@ def sniff_http(data: bytes) -> bool | None:
 
 
 class TransparentMetrics:
+    """Counters of the outbound listener's routes and relays, in the sidecar's registry."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.connections = Counter(
             "equilibrium_transparent_connections",
@@ -99,9 +101,11 @@ class TransparentRouter:
             found = self.lookup(host, port)
             if found is not None and self.table.get(found[0]) is not None:
                 return found
-        # Without discovery: a static upstream named by the IP itself, e.g. `10.96.0.10=URL`.
-        group = self.table.get(_canonical_ip(host))
-        return (group.name, "unknown") if group is not None else None
+        # Without discovery: a static upstream named by the IP itself, e.g. `10.96.0.10=URL`
+        # (its own name, not discovery's alias of a cluster IP, which covers one port only).
+        ip = _canonical_ip(host)
+        group = self.table.get(ip)
+        return (ip, "unknown") if group is not None and group.name == ip else None
 
     def upstream_for(self, dst: Address) -> str | None:
         found = self.route(dst)
