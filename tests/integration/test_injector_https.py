@@ -6,6 +6,7 @@ trusts only that CA and checks the name, as the API server does with caBundle.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import signal
@@ -19,6 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from equilibrium.cli import main
+from injector import certs
 from tests.injector_support import (
     apply_patch,
     assert_valid,
@@ -26,7 +29,7 @@ from tests.injector_support import (
     make_pod,
     make_review,
 )
-from tests.integration.procs import EquilibriumProcess, run_equilibrium, start_equilibrium
+from tests.integration.procs import EquilibriumProcess, start_equilibrium
 
 MAX_BODY = 64 * 1024
 
@@ -50,12 +53,19 @@ def wait_listening(proc: EquilibriumProcess, timeout: float = 20.0) -> str:
     raise TimeoutError(f"injector did not listen within {timeout}s:\n{proc.output()}")
 
 
+def write_certs(directory: Path) -> None:
+    """What `equilibrium injector bootstrap-certs --out-dir` writes (tested in unit tests)."""
+    bundle = certs.bootstrap("equilibrium-injector", "equilibrium-system",
+                             dt.datetime.now(dt.UTC), days=1, extra_names=("127.0.0.1",))
+    (directory / "ca.crt").write_bytes(bundle.ca_pem)
+    (directory / "tls.crt").write_bytes(bundle.cert_pem)
+    (directory / "tls.key").write_bytes(bundle.key_pem)
+
+
 @pytest.fixture(scope="module")
 def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
     tls = tmp_path_factory.mktemp("tls")
-    made = run_equilibrium("injector", "bootstrap-certs", "--out-dir", str(tls),
-                           "--extra-name", "127.0.0.1")
-    assert made.returncode == 0, made.stderr
+    write_certs(tls)
     proc = start_equilibrium(
         "injector", "--listen", "127.0.0.1:0", "--tls-cert", str(tls / "tls.crt"),
         "--tls-key", str(tls / "tls.key"), "--sidecar-image", "equilibrium:it",
@@ -171,15 +181,13 @@ async def test_healthz_and_tls_is_required_and_verified(webhook: Webhook,
             await session.get(webhook.url.replace("https://", "http://") + "/healthz")
 
 
-def test_missing_certificate_flags_fail_clearly() -> None:
-    done = run_equilibrium("injector", "--listen", "127.0.0.1:0")
-    assert done.returncode == 2
-    assert "--tls-cert and --tls-key are required" in done.stderr
+def test_missing_certificate_flags_fail_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["injector", "--listen", "127.0.0.1:0"]) == 2
+    assert "--tls-cert and --tls-key are required" in capsys.readouterr().err
 
 
 def test_sigterm_stops_the_webhook_cleanly(tmp_path: Path) -> None:
-    made = run_equilibrium("injector", "bootstrap-certs", "--out-dir", str(tmp_path))
-    assert made.returncode == 0, made.stderr
+    write_certs(tmp_path)
     proc = start_equilibrium("injector", "--listen", "127.0.0.1:0",
                              "--tls-cert", str(tmp_path / "tls.crt"),
                              "--tls-key", str(tmp_path / "tls.key"))
