@@ -398,8 +398,11 @@ async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints
     assert await pod.metric(connections, route="passthrough") == 0
 
 
-async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Cluster]) -> None:
+async def test_what_is_not_a_services_http_passes_through_untouched(
+    world: tuple[Pod, Cluster],
+) -> None:
     pod, cluster = world
+    # 1. No Service at all (a pod IP): a byte relay to the original destination.
     reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.echo_port)
     app_side = writer.get_extra_info("sockname")[:2]
     writer.write(b"ping\n")
@@ -415,7 +418,7 @@ async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Clu
     assert len(cluster.echo_peers) == 1
     assert cluster.echo_peers[0][0] == POD_IP and cluster.echo_peers[0] != app_side
 
-    # A destination where nothing listens: the app's connection is closed, nothing hangs.
+    # 2. A destination where nothing listens: the app's connection is closed, nothing hangs.
     dead = free_port_in(cluster.namespace, CLUSTER_IP_A)
     reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, dead)
     async with asyncio.timeout(5):
@@ -423,14 +426,35 @@ async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Clu
             assert await reader.read() == b""
     writer.close()
 
-    assert await pod.metric("equilibrium_transparent_connections_total",
-                            route="passthrough") == 2
+    # 3. A Service port named tcp-*: opaque, relayed to the Service IP (kube-proxy's DNAT).
+    reader, writer = await connect_in(pod.namespace, SERVICE_IP, TCP_PORT)
+    writer.write(b"\x16\x03\x01 not http\n")
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"echo:\x16\x03\x01 not http\n"
+    writer.close()
+    assert len(cluster.echo_peers) == 2
+
+    # 4. A Service port without a protocol hint whose server speaks first: the sidecar waits
+    # for the app's first bytes, hears nothing, and relays; the greeting arrives.
+    reader, writer = await connect_in(pod.namespace, SERVICE_IP, BANNER_PORT)
+    async with asyncio.timeout(5):
+        assert await reader.readline() == b"220 banner ready\r\n"
+        writer.write(b"HELO app\r\n")
+        assert await reader.readline() == b"250 HELO app\r\n"
+    writer.close()
+    # ...while on a port without a hint whose client sends HTTP, the mesh routes it.
+    metrics = await http_in(pod.namespace, SERVICE_IP, 9090, "/m")
+    assert (metrics.status, metrics.headers["x-backend"]) == (200, "users-metrics")
+
+    connections = "equilibrium_transparent_connections_total"
+    assert await pod.metric(connections, route="passthrough") == 4
+    assert await pod.metric(connections, route="service") == 1
     assert await pod.metric("equilibrium_passthrough_failures_total",
                             reason="refused-or-unreachable") == 1
-    assert await pod.metric("equilibrium_passthrough_bytes_total",
-                            direction="to-destination") == len(b"ping\n\x00\xffbinary\n")
+    assert await pod.metric("equilibrium_passthrough_bytes_total", direction="to-destination") \
+        == len(b"ping\n\x00\xffbinary\n" b"\x16\x03\x01 not http\n" b"HELO app\r\n")
 
-    # SIGTERM with a relay still open: it gets the drain timeout (1 s), then is closed, and
+    # 5. SIGTERM with a relay still open: it gets the drain timeout (1 s), then is closed, and
     # the sidecar exits cleanly.
     reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.echo_port)
     writer.write(b"still here\n")
@@ -444,34 +468,6 @@ async def test_unknown_destinations_pass_through_untouched(world: tuple[Pod, Clu
             assert await reader.read() == b""
     writer.close()
     assert await asyncio.to_thread(pod.process.wait, 10) == 0
-
-
-async def test_service_ports_that_do_not_speak_http_pass_through(
-    world: tuple[Pod, Cluster],
-) -> None:
-    pod, cluster = world
-    # A port named tcp-*: opaque, relayed byte for byte to the Service IP (kube-proxy's DNAT).
-    reader, writer = await connect_in(pod.namespace, SERVICE_IP, TCP_PORT)
-    writer.write(b"\x16\x03\x01 not http\n")
-    async with asyncio.timeout(5):
-        assert await reader.readline() == b"echo:\x16\x03\x01 not http\n"
-    writer.close()
-    assert len(cluster.echo_peers) == 1  # through the DNAT, from the sidecar's relay
-    # A port without a protocol hint whose server speaks first: the sidecar waits for the app's
-    # first bytes, hears nothing, and relays -- the greeting arrives, the dialogue works.
-    reader, writer = await connect_in(pod.namespace, SERVICE_IP, BANNER_PORT)
-    async with asyncio.timeout(5):
-        assert await reader.readline() == b"220 banner ready\r\n"
-        writer.write(b"HELO app\r\n")
-        assert await reader.readline() == b"250 HELO app\r\n"
-    writer.close()
-    # A port without a hint whose client sends HTTP: routed by the mesh (not by kube-proxy).
-    metrics = await http_in(pod.namespace, SERVICE_IP, 9090, "/m")
-    assert (metrics.status, metrics.headers["x-backend"]) == (200, "users-metrics")
-
-    connections = "equilibrium_transparent_connections_total"
-    assert await pod.metric(connections, route="passthrough") == 2
-    assert await pod.metric(connections, route="service") == 1
 
 
 @pytest.mark.parametrize("world", [False], indirect=True, ids=["sidecar-not-exempt"])
