@@ -38,6 +38,11 @@ export DOCKER_BUILDKIT=0   # the classic builder honours --network none and need
 log() { echo "build-image: $*" >&2; }
 started=$(date +%s)
 
+if ! docker info >/dev/null 2>&1; then
+    log "no Docker engine answers on ${DOCKER_HOST} (start one: scripts/ci/docker-up.sh)"
+    exit 1
+fi
+
 # ---- 1. base image ---------------------------------------------------------------------------
 build_base() {
     if ! command -v debootstrap >/dev/null 2>&1; then
