@@ -33,10 +33,11 @@ from typing import Any, TextIO
 
 from equilibrium import analysis
 from equilibrium.bench.harness import StateSample
+from equilibrium.bench.report import json_safe
 from equilibrium.fleet import Fleet
 from equilibrium.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
 from equilibrium.loadgen import LoadGenerator, LoadSpec, Record
-from equilibrium.processes import ChildProcess, stop_all
+from equilibrium.processes import ChildProcess, cpu_pressure_stall, stop_all
 from equilibrium.sidecars import Sidecar
 
 UPSTREAM = "demo"
@@ -147,6 +148,8 @@ class DemoRun:
     records: list[Record] = field(default_factory=list)
     states: list[StateSample] = field(default_factory=list)
     t0: float = 0.0
+    #: share of the load's wall time in which some task waited for a CPU (Linux PSI)
+    cpu_pressure: float = math.nan
 
     @property
     def pod_names(self) -> list[str]:
@@ -247,6 +250,7 @@ async def run_demo(
             gen = await LoadGenerator.start(spec, stderr_path=str(logs / f"load-{sidecar.id}.log"))
             run.loadgens.append(gen)
         run.t0 = loop.time() + 0.2
+        stall0 = cpu_pressure_stall()
         for gen in run.loadgens:
             await gen.begin(run.t0)
             pumps.append(asyncio.create_task(_pump(run, gen)))
@@ -262,6 +266,7 @@ async def run_demo(
                 view.show(_frame(run, elapsed, states, phases))
             tick += 1
         await asyncio.gather(*pumps)
+        run.cpu_pressure = (cpu_pressure_stall() - stall0) / max(loop.time() - run.t0, 1e-9)
         await _poll_states(run, loop.time() - run.t0)
         summary = summarize(run, phases)
         print_summary(summary, stream)
@@ -359,9 +364,11 @@ def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
         "phases": {phase.name: phase.summary(run) for phase in phases},
         "plot": str(png),
         "logs": str(run.logs),
+        "cpu_pressure": run.cpu_pressure,
     }
     path = cfg.out / "equilibrium-demo.json"
-    path.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    path.write_text(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False)
+                    + "\n")
     summary["json"] = str(path)
     return summary
 
@@ -373,12 +380,6 @@ def _load_summary(gen: LoadGenerator) -> dict[str, Any] | None:
     return {"planned": s.planned, "sent": s.sent, "errors": s.errors,
             "delayed_by_cap": s.delayed_by_cap, "late_starts": s.late_starts,
             "max_start_lag": s.max_start_lag}
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
 
 
 def _pp(value: float | None) -> str:
@@ -423,6 +424,10 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
         for key, value in entries.items():
             shown = fmt_pct(value) if "share" in key and isinstance(value, float) else value
             lines.append(f"  {name}: {key}: {shown}")
+    pressure = summary.get("cpu_pressure")
+    if isinstance(pressure, float) and pressure > 0.3:
+        lines.append(f"  note: during the run some task waited for a CPU {pressure:.0%} of the"
+                     " time (Linux PSI); other work on this machine is in these latencies")
     lines.append(f"  plot: {summary['plot']}   summary: {summary['json']}")
     stream.write("\n".join(lines) + "\n")
     stream.flush()

@@ -123,13 +123,14 @@ def render_console(doc: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, so the JSON is strict."""
     if isinstance(value, float):
         return None if math.isnan(value) or math.isinf(value) else value
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -138,7 +139,7 @@ def write_report(doc: dict[str, Any], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{doc['scenario']}.json"
     md_path = out / f"{doc['scenario']}.md"
-    json_path.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
     md_path.write_text(render_markdown(doc))
     return json_path, md_path
 
