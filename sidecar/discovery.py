@@ -56,6 +56,7 @@ WATCH_TIMEOUT_S = 300  # the server ends a watch after this; we resume from the 
 LIST_PAGE_SIZE = 500
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one watch event; the API server's own limit is ~3 MiB
 APPLY_SETTLE_S = 0.02  # coalesce a burst of events into one table update
+MIN_WATCH_S = 1.0  # a watch that ends sooner without any event counts as a failure
 
 
 class MalformedObject(ValueError):
@@ -554,9 +555,14 @@ class ResourceWatch:
             try:
                 if self._version is None:
                     await self._relist(reason)
-                await self._watch_once()
-                self.backoff.reset()  # a watch that ran its course: resume at once
+                started = asyncio.get_running_loop().time()
+                events = await self._watch_once()
                 reason = "start"
+                if events or asyncio.get_running_loop().time() - started >= MIN_WATCH_S:
+                    self.backoff.reset()  # a watch that ran its course: resume at once
+                else:  # ended at once with nothing: back off rather than spin on the server
+                    self.metrics.errors.labels(self.resource, "EmptyWatch").inc()
+                    await asyncio.sleep(self.backoff.next())
             except Gone:
                 log.info("%s: resource version too old (410), relisting", self.resource)
                 self._version, reason = None, "gone"
@@ -597,10 +603,13 @@ class ResourceWatch:
             log.warning("%s: skipped a malformed object: %s", self.resource, exc)
             return False, None
 
-    async def _watch_once(self) -> None:
+    async def _watch_once(self) -> int:
+        """Follow one watch stream to its end; returns how many events it carried."""
         assert self._version is not None
+        count = 0
         async with self.client.watch(self.path, self._version) as events:
             async for event in events:
+                count += 1
                 kind, obj = event["type"], event["object"]
                 self.metrics.events.labels(self.resource, kind).inc()
                 if kind == "ERROR":
@@ -625,6 +634,7 @@ class ResourceWatch:
                         self.on_change()
                 if version:
                     self._version = str(version)
+        return count
 
 
 # ---------------------------------------------------------------- discovery as a whole

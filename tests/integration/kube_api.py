@@ -89,6 +89,7 @@ class KubeApiServer:
     # these namespaces (RoleBindings), so a cluster-wide list or watch gets 403.
     allowed_namespaces: set[str] | None = None
     gone_as_status: bool = False  # a too-old watch: HTTP 410 instead of a 410 ERROR event
+    empty_watches: bool = False  # a misbehaving server: every watch ends at once, empty
     port: int = 0
     host: str = "127.0.0.1"
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each change
@@ -231,6 +232,8 @@ class KubeApiServer:
             return response
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
+        if self.empty_watches:
+            return response
         cut = self._cut
         sent = since
         raw_seen = len(self._raw.get(resource, []))

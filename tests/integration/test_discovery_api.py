@@ -165,6 +165,22 @@ async def test_a_cut_watch_resumes_from_the_last_version_without_relisting(
     assert api.count("endpointslices", "list") == lists
 
 
+async def test_watches_that_end_at_once_back_off_instead_of_spinning(
+    api: KubeApiServer, running: Running
+) -> None:
+    api.empty_watches = True
+    api.cut_watches()
+    slices = next(w for w in running.discovery.watches if w.resource == "endpointslices")
+    await until(lambda: slices.backoff.attempts >= 3, "backoff engaged", timeout=10)
+    assert running.metric("equilibrium_discovery_errors_total", resource="endpointslices",
+                          kind="EmptyWatch") >= 3
+    api.empty_watches = False
+    api.put("endpointslices", endpoint_slice(
+        "users-a", "default", "users", [("http", 8080)], ["10.0.0.6"]))
+    await until(lambda: running.endpoints() == ("http://10.0.0.6:8080",), "recovered",
+                timeout=10)
+
+
 async def test_malformed_objects_and_lines_are_counted_and_skipped(
     api: KubeApiServer, running: Running
 ) -> None:
