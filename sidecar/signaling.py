@@ -387,8 +387,9 @@ class SidecarSignaling:
                 log.debug("signaling: no summary for %s: %s", group.name, exc)
                 summary = None
             if summary is not None:
-                pipe.xadd(summary_stream(group.name), encode_summary(summary),
-                          maxlen=SUMMARY_MAXLEN, approximate=True)
+                fields: dict[Any, Any] = dict(encode_summary(summary))
+                pipe.xadd(summary_stream(group.name), fields, maxlen=SUMMARY_MAXLEN,
+                          approximate=True)
                 self.metrics.summaries.labels(group.name).inc()
             pipe.xrevrange(recommendation_stream(group.name, self.sidecar), count=1)
         replies = await pipe.execute()

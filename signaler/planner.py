@@ -128,9 +128,9 @@ class UpstreamView:
                 load[endpoint] = load.get(endpoint, 0.0) + summary.demand * n / total
                 latency_sum[endpoint] = latency_sum.get(endpoint, 0.0) + charged * n
                 count[endpoint] = count.get(endpoint, 0.0) + n
-        for endpoint, n in count.items():
+        for endpoint, weight in count.items():
             series = self.observations.setdefault(endpoint, deque(maxlen=self.history))
-            series.append(Observation(load[endpoint], latency_sum[endpoint] / n, n))
+            series.append(Observation(load[endpoint], latency_sum[endpoint] / weight, weight))
             self._refit(endpoint)
 
     def _refit(self, endpoint: str) -> None:

@@ -291,7 +291,7 @@ class SignalerService:
         stream = summary_stream(upstream)
         await self._ensure_group(redis, stream)
         view = self._view(upstream)
-        newest = await redis.xrevrange(stream, count=self.config.warmup_entries)
+        newest: Any = await redis.xrevrange(stream, count=self.config.warmup_entries)
         for _, fields in reversed(newest):
             with contextlib.suppress(ProtocolError):
                 summary = decode_summary(fields)
@@ -299,11 +299,11 @@ class SignalerService:
                     view.offer(summary)
         start: Any = "0-0"
         for _ in range(1000):  # bounded: at most 1000 batches of read_count entries
-            reply = await redis.xautoclaim(
+            claim: Any = await redis.xautoclaim(
                 stream, SIGNALER_GROUP, self.config.signer, min_idle_time=0,
                 start_id=start, count=self.config.read_count,
             )
-            start, claimed = reply[0], reply[1]
+            start, claimed = claim[0], claim[1]
             if claimed:
                 self.metrics.entries_reclaimed.labels(upstream).inc(len(claimed))
                 self.status[upstream].reclaimed += len(claimed)
@@ -315,7 +315,7 @@ class SignalerService:
         stream = summary_stream(upstream)
         for _ in range(100):  # bounded per epoch; the rest is read next epoch
             try:
-                reply = await redis.xreadgroup(
+                reply: Any = await redis.xreadgroup(
                     SIGNALER_GROUP, self.config.signer, {stream: ">"},
                     count=self.config.read_count,
                 )
