@@ -28,30 +28,21 @@ issue's target: CE-coordinated routing has a lower mean latency than both others
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
-import os
-import secrets
-import sys
-from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from equilibrium import analysis
 from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
 from equilibrium.bench.report import ms, pct, pp
 from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
-from equilibrium.embedded_redis import EmbeddedRedis
 from equilibrium.fleet import Fleet
 from equilibrium.loadgen import latency_summary
-from equilibrium.processes import ChildProcess, free_port, wait_http_ok
 from equilibrium.sidecars import start_sidecars
+from equilibrium.signaling_plane import SignalingPlane
 
 UPSTREAM = "demo"
 CE_POLICY = "equilibrium-ce"
-SIGNALER_READY_TIMEOUT = 90.0  # importing cvxpy takes seconds on a loaded machine
 FLAP_WINDOW = 5.0
 
 
@@ -60,52 +51,6 @@ def fleet_spec(small_rate: float, big_servers: int, big_rate: float, big_pods: i
     small = {"capacity": 1, "service_rate": small_rate}
     big = {"capacity": big_servers, "service_rate": big_rate}
     return json.dumps([small] + [big] * big_pods)
-
-
-class SignalingPlane:
-    """An embedded Redis and one signaler process, with a random mesh key in a 0600 file."""
-
-    def __init__(self, logs: Path, epoch: float, tokens: int) -> None:
-        self.logs = logs
-        self.epoch = epoch
-        self.tokens = tokens
-        self.redis = EmbeddedRedis(password=secrets.token_urlsafe(18))
-        self.key_file = logs / "mesh.key"
-        self.signaler: ChildProcess | None = None
-        self.admin = f"127.0.0.1:{free_port()}"
-
-    async def start(self) -> None:
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-        await asyncio.to_thread(self.redis.start)
-        argv = [sys.executable, "-m", "equilibrium", "signaler", "--redis", self.redis.url,
-                "--epoch", repr(self.epoch), "--tokens", str(self.tokens), "--id", "bench",
-                "--admin", self.admin, "--mesh-secret-file", str(self.key_file)]
-        self.signaler = await ChildProcess.start(
-            "signaler", argv, stdout_pipe=False, stderr_path=str(self.logs / "signaler.log"))
-        await wait_http_ok(f"http://{self.admin}/readyz", SIGNALER_READY_TIMEOUT, self.signaler)
-
-    async def state(self) -> dict[str, Any]:
-        """The signaler's ``/debug/state`` for the upstream (models, last plan), or {}."""
-        try:
-            timeout = aiohttp.ClientTimeout(total=5)
-            async with (aiohttp.ClientSession(timeout=timeout) as session,
-                        session.get(f"http://{self.admin}/debug/state") as resp):
-                body = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return {}
-        return dict((body.get("upstreams") or {}).get(UPSTREAM) or {})
-
-    def sidecar_args(self) -> list[str]:
-        return ["--redis", self.redis.url, "--mesh-secret-file", str(self.key_file),
-                "--signaling-epoch", repr(self.epoch)]
-
-    async def stop(self) -> None:
-        if self.signaler is not None:
-            await self.signaler.stop()
-        await asyncio.to_thread(self.redis.close)
-        self.key_file.unlink(missing_ok=True)
 
 
 class Herding(Scenario):
@@ -174,7 +119,7 @@ async def run_herding(
     try:
         if CE_POLICY in policies:
             ctx.say("starting the signaling plane (embedded Redis, signaler)")
-            plane = SignalingPlane(ctx.logs, epoch, tokens)
+            plane = SignalingPlane(ctx.logs, epoch=epoch, tokens=tokens)
             await plane.start()
         for i, policy in enumerate(policies, 1):
             ctx.say(f"[{i}/{len(policies)}] {policy}: {clients} clients × {rate:g} req/s "
@@ -192,7 +137,7 @@ async def run_herding(
                 targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
                 result = await drive_load(targets, rate, duration, ctx.logs, sidecars)
                 if policy == CE_POLICY and plane is not None:
-                    signaler = await plane.state()
+                    signaler = await plane.state(UPSTREAM)
             finally:
                 for s in sidecars:
                     await s.stop()
