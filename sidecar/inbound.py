@@ -13,9 +13,10 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    cooperative norm; a punished caller beyond its throttled share gets 429 + ``Retry-After``.
 4. **Congestion and auction** (:mod:`mesh.concurrency`, :mod:`mesh.auction`). A request that
    finds a free slot under the adaptive concurrency limit goes straight to the app at price 0;
-   otherwise it waits in the bid queue, the highest bids are admitted as slots free and pay the
-   highest losing bid (second price); a request that waits longer than ``max_wait`` (or is
-   pushed out of a full queue) gets 503.
+   otherwise it waits in the bid queue (bidding 0 if it takes its caller over its fair share
+   of the congested app: priority is bought only within the norm), the highest bids are
+   admitted as slots free and pay the highest losing bid (second price); a request that waits
+   longer than ``max_wait`` (or is pushed out of a full queue) gets 503.
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
    headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
    ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
@@ -159,6 +160,11 @@ class InboundMetrics:
             "X-GT-* headers removed: untrusted = sent by a caller that did not verify (ignored); "
             "from-app = set by the app on its response",
             ["source"], registry=r,
+        )
+        self.voided_bids = Counter(
+            "equilibrium_inbound_voided_bids",
+            "Bids set to 0 because the request took its caller over its fair share of a "
+            "congested app", registry=r,
         )
         self.bad_headers = Counter(
             "equilibrium_inbound_bad_headers", "Malformed game headers from trusted callers",
@@ -392,6 +398,9 @@ class InboundProxy:
                 "its fair share or retry budget; back off", {},
                 {"Retry-After": str(math.ceil(retry_after))},
             )
+        if bid > 0 and self._beyond_norm(caller, verdict.decision, now):
+            self.metrics.voided_bids.inc()
+            bid = 0.0
         admission = await self._admit(request, verdict, bid, now)
         if isinstance(admission, web.StreamResponse):
             return admission
@@ -401,6 +410,20 @@ class InboundProxy:
             self.metrics.paid.labels(verdict.label).inc(admission.price)
         self.metrics.wait.observe(admission.waited)
         return await self._forward(request, verdict, tracked=True)
+
+    def _beyond_norm(self, caller: str, decision: Decision, now: float) -> bool:
+        """Whether this request takes the caller over its fair share of a congested app.
+
+        Such a request still waits for a slot, but with bid 0: a bid buys priority only
+        within the cooperative norm, so a flood cannot outrank cooperative callers during the
+        few seconds before its reputation triggers a punishment.
+        """
+        p = self.book.params
+        if not self.book.congested or decision.fair_share <= 0:
+            return False
+        standing = self.book.standing(caller, now)
+        return standing is not None and standing.rate > max(
+            p.rate_floor, p.rate_tolerance * decision.fair_share)
 
     def _identify(self, request: web.Request) -> tuple[str, bool]:
         header = request.headers.get(IDENTITY)

@@ -2,11 +2,12 @@
 
 One capacity-limited app (a fleet pod with ``c`` servers and exponential service times, an
 M/M/c queue) sits behind an inbound sidecar; every caller has its own outbound sidecar
-(``--id``, the mesh key). Each run compares, one after another against the same app process,
-three inbound modes (``policing.mode``):
+(``--id``, the mesh key). Each run compares, one after another, the
+inbound modes (``policing.mode``), each against a fresh app process (a backlog left
+in the app by one mode must not slow the next):
 
 - ``off``: a plain reverse proxy (what the app gets without any protection);
-- ``token-bucket``: one Envoy-style local rate limit for all callers at the app's capacity
+- ``token-bucket``: one Envoy-style local rate limit for all callers at 90 % of the app's capacity
   (Envoy's ``local_ratelimit`` filter: a token bucket, 429 when empty);
 - ``equilibrium``: identity, folk-theorem reputation and punishment, adaptive concurrency
   limit and the second-price bid queue.
@@ -284,13 +285,12 @@ class RetryFlood(PolicingScenario):
                   "cooperative_rate_rps": args.rate, "rogue_rate_rps": round(rogue_rate, 1),
                   "rogue_retries": 2, "duration_per_mode_s": args.duration,
                   "modes": " → ".join(modes), "token_bucket_rate_rps": 0.9 * capacity}
-        fleet = await self.with_app(ctx, servers, mu)
         per_mode: dict[str, Any] = {}
-        try:
-            for i, mode in enumerate(modes, 1):
-                ctx.say(f"[{i}/{len(modes)}] {mode}: 2 cooperative callers × {args.rate:g} "
-                        f"req/s, rogue {rogue_rate:.0f} req/s + retries, {args.duration:g} s")
-                await fleet.reset(seed=args.seed)
+        for i, mode in enumerate(modes, 1):
+            ctx.say(f"[{i}/{len(modes)}] {mode}: 2 cooperative callers × {args.rate:g} "
+                    f"req/s, rogue {rogue_rate:.0f} req/s + retries, {args.duration:g} s")
+            fleet = await self.with_app(ctx, servers, mu)
+            try:
                 mesh = await start_mesh(ctx, fleet.urls[0], ["coop-a", "coop-b", "rogue"],
                                         self.policing(mode, capacity), mode)
                 try:
@@ -303,13 +303,13 @@ class RetryFlood(PolicingScenario):
                     text = await mesh.metrics()
                 finally:
                     await mesh.stop()
-                per_mode[mode] = self._measure(coop_a + coop_b, rogue, text, args.duration)
-                m = per_mode[mode]
-                ctx.say(f"    cooperative success {pct(m['coop']['success'])}, p99 "
-                        f"{ms(m['coop']['latency']['p99'])}; rogue goodput "
-                        f"{m['rogue_goodput_rps']:.1f} req/s")
-        finally:
-            await fleet.stop()
+            finally:
+                await fleet.stop()
+            per_mode[mode] = self._measure(coop_a + coop_b, rogue, text, args.duration)
+            m = per_mode[mode]
+            ctx.say(f"    cooperative success {pct(m['coop']['success'])}, p99 "
+                    f"{ms(m['coop']['latency']['p99'])}; rogue goodput "
+                    f"{m['rogue_goodput_rps']:.1f} req/s")
         return ScenarioResult(parameters=params, tables=[self._table(per_mode)],
                               data={"modes": per_mode}, notes=self._notes())
 
@@ -392,13 +392,12 @@ class OverloadBids(PolicingScenario):
                   "rate_per_caller_rps": rate, "load_vs_capacity": round(2 * rate / capacity, 2),
                   "bids": {"high": self.HIGH, "low": self.LOW},
                   "duration_per_mode_s": args.duration, "modes": " → ".join(modes)}
-        fleet = await self.with_app(ctx, servers, mu)
         per_mode: dict[str, Any] = {}
-        try:
-            for i, mode in enumerate(modes, 1):
-                ctx.say(f"[{i}/{len(modes)}] {mode}: high and low bidder × {rate:g} req/s "
-                        f"(capacity {capacity:g}), {args.duration:g} s")
-                await fleet.reset(seed=args.seed)
+        for i, mode in enumerate(modes, 1):
+            ctx.say(f"[{i}/{len(modes)}] {mode}: high and low bidder × {rate:g} req/s "
+                    f"(capacity {capacity:g}), {args.duration:g} s")
+            fleet = await self.with_app(ctx, servers, mu)
+            try:
                 mesh = await start_mesh(ctx, fleet.urls[0], ["high", "low"],
                                         self.policing(mode, capacity), f"bids-{mode}")
                 try:
@@ -410,12 +409,12 @@ class OverloadBids(PolicingScenario):
                         for c, bid in (("high", self.HIGH), ("low", self.LOW))))
                 finally:
                     await mesh.stop()
-                per_mode[mode] = {"high": summarize(high), "low": summarize(low)}
-                h, lo = per_mode[mode]["high"], per_mode[mode]["low"]
-                ctx.say(f"    high p99 {ms(h['latency']['p99'])} ({pct(h['success'])} ok), "
-                        f"low p99 {ms(lo['latency']['p99'])} ({pct(lo['success'])} ok)")
-        finally:
-            await fleet.stop()
+            finally:
+                await fleet.stop()
+            per_mode[mode] = {"high": summarize(high), "low": summarize(low)}
+            h, lo = per_mode[mode]["high"], per_mode[mode]["low"]
+            ctx.say(f"    high p99 {ms(h['latency']['p99'])} ({pct(h['success'])} ok), "
+                    f"low p99 {ms(lo['latency']['p99'])} ({pct(lo['success'])} ok)")
         rows = []
         for mode, m in per_mode.items():
             for who, bid in (("high", self.HIGH), ("low", self.LOW)):
