@@ -235,6 +235,8 @@ def targets_table(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
             verdict = "not measured" if math.isnan(a) or math.isnan(b) else (
                 "met" if a < b else "missed")
             rows.append([f"{label} below {other}'s", f"{ms(a)} vs {ms(b)}", verdict])
+    if not rows:
+        return []
     return [Table("target (CE issue): equilibrium-ce has the lowest mean latency",
                   ["target", "measured", "verdict"], rows)]
 

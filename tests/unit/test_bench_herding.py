@@ -38,3 +38,4 @@ def test_the_target_needs_ce_below_both_others() -> None:
     nan = targets_table({"equilibrium": lat(math.nan, 0.1), CE_POLICY: lat(0.1, 0.1)})
     assert nan[0].rows[0][2] == "not measured"
     assert targets_table({"equilibrium": lat(0.1, 0.1)}) == []
+    assert targets_table({CE_POLICY: lat(0.1, 0.1)}) == []  # nothing to compare with
