@@ -5,7 +5,7 @@ Owns three things, from the wire to the routing table:
 1. The pure model. ``parse_service`` and ``parse_endpoint_slice`` validate API objects
    (a malformed one raises ``MalformedObject``, is counted and skipped); ``build_routes``
    turns the current objects into ``Routes``: one upstream group per Service port
-   (``NAME.NAMESPACE:PORT``) with its ready endpoints as URLs, the Host aliases of each
+   (``NAME.NAMESPACE.PORT``) with its ready endpoints as URLs, the Host aliases of each
    Service's primary port (``svc`` in the sidecar's own namespace, ``svc.ns``, ``svc.ns.svc``,
    ``svc.ns.svc.cluster.local`` and the cluster IP), the cluster IP:port -> group map that
    transparent interception routes by, and each port's protocol (``port_protocol``: HTTP,
@@ -253,7 +253,10 @@ def endpoint_url(scheme: str, address: str, port: int) -> str:
 
 
 def group_name(service: ServiceInfo, port: ServicePort) -> str:
-    return f"{service.name}.{service.namespace}:{port.port}"
+    """``NAME.NAMESPACE.PORT``: the same in every sidecar (so the signaler coordinates them),
+    unambiguous (Service and namespace names have no dots) and a valid upstream name of the
+    signaling protocol (no ``:``)."""
+    return f"{service.name}.{service.namespace}.{port.port}"
 
 
 def build_routes(

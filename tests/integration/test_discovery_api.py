@@ -32,7 +32,7 @@ from tests.integration.procs import (
     start_backend,
 )
 
-USERS = "users.default:80"
+USERS = "users.default.80"
 
 
 async def until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -99,12 +99,12 @@ async def running(api: KubeApiServer, token_path: Path) -> AsyncIterator[Running
 
 async def test_list_then_watch_fills_groups_aliases_and_destinations(running: Running) -> None:
     assert running.endpoints() == ("http://10.0.0.1:8080", "http://10.0.0.2:8080")
-    assert running.endpoints("users.default:9090") == ("http://10.0.0.1:9100",
+    assert running.endpoints("users.default.9090") == ("http://10.0.0.1:9100",
                                                        "http://10.0.0.2:9100")
     for alias in ("users", "users.default.svc.cluster.local", "10.96.0.10"):
         group = running.table.get(alias)
         assert group is not None and group.name == USERS
-    assert running.discovery.destination("10.96.0.10", 9090) == "users.default:9090"
+    assert running.discovery.destination("10.96.0.10", 9090) == "users.default.9090"
     assert running.discovery.destination("10.96.0.11", 80) is None
     assert running.table.get("static") is not None  # the config's own group stays
     assert running.metric("equilibrium_discovery_synced", resource="endpointslices") == 1
@@ -125,7 +125,7 @@ async def test_watch_events_update_endpoints_in_place(
     assert running.table.get("orders") is None  # short names only in our own namespace
     api.delete("services", "default", "users")
     await until(lambda: running.table.get(USERS) is None, "deleted service removed")
-    assert USERS in running.removed and "users.default:9090" in running.removed
+    assert USERS in running.removed and "users.default.9090" in running.removed
     assert running.discovery.destination("10.96.0.10", 80) is None
     assert api.count("services", "list") == 1  # all of it without relisting
 

@@ -343,7 +343,7 @@ async def world(
                 assert pod.process.poll() is None, f"sidecar exited:\n{pod.output()}"
                 with contextlib.suppress(OSError):
                     if (await pod.admin("/readyz")).status == 200 and \
-                            (not exempt or await pod.endpoints("users.default:80")):
+                            (not exempt or await pod.endpoints("users.default.80")):
                         break
                 await asyncio.sleep(0.05)
         yield pod, cluster
@@ -381,7 +381,7 @@ async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints
     # An EndpointSlice update: 10.200.0.2 leaves the Service; the sidecar follows the watch.
     cluster.api.put("endpointslices", cluster.users_slice([CLUSTER_IP_B]))
     async with asyncio.timeout(10):
-        while await pod.endpoints("users.default:80") != [f"http://{CLUSTER_IP_B}:"
+        while await pod.endpoints("users.default.80") != [f"http://{CLUSTER_IP_B}:"
                                                            f"{cluster.users_port}"]:
             await asyncio.sleep(0.05)
     later = [await http_in(pod.namespace, SERVICE_IP, 80, "/again") for _ in range(5)]

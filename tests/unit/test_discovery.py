@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mesh.profiles import get_profile
+from mesh.protocol import summary_stream
 from sidecar.config import ConfigError
 from sidecar.discovery import (
     Backoff,
@@ -130,34 +131,40 @@ def test_routes_group_each_service_port_and_merge_slices_by_port_name() -> None:
         ],
     )
     assert routes.upstreams == {
-        "users.default:80": ("http://10.0.0.1:8080", "http://10.0.0.2:8080",
+        "users.default.80": ("http://10.0.0.1:8080", "http://10.0.0.2:8080",
                              "http://10.0.0.3:8081"),
-        "users.default:9090": ("http://10.0.0.1:9100", "http://10.0.0.2:9100"),
+        "users.default.9090": ("http://10.0.0.1:9100", "http://10.0.0.2:9100"),
     }
     assert routes.destinations == {
-        ("10.96.0.10", 80): "users.default:80", ("10.96.0.10", 9090): "users.default:9090",
+        ("10.96.0.10", 80): "users.default.80", ("10.96.0.10", 9090): "users.default.9090",
     }
     for alias in ("users", "users.default", "users.default.svc",
                   "users.default.svc.cluster.local", "10.96.0.10"):
-        assert routes.aliases[alias] == "users.default:80"
+        assert routes.aliases[alias] == "users.default.80"
+
+
+def test_group_names_are_valid_signaling_upstream_names() -> None:
+    routes = routes_for([users_service()], [])
+    for group in routes.upstreams:
+        assert summary_stream(group) == f"eq:{{{group}}}:summaries"  # raises if invalid
 
 
 def test_short_names_resolve_only_in_the_sidecars_own_namespace() -> None:
     routes = routes_for([users_service()], [], own_namespace="shop")
     assert "users" not in routes.aliases
-    assert routes.aliases["users.default"] == "users.default:80"
-    assert routes.upstreams["users.default:80"] == ()  # known service, no endpoint yet
+    assert routes.aliases["users.default"] == "users.default.80"
+    assert routes.upstreams["users.default.80"] == ()  # known service, no endpoint yet
 
 
 def test_terminating_endpoints_serve_only_when_none_is_ready() -> None:
     slices = [endpoint_slice("users-a", "default", "users", [("http", 8080)],
                              ["10.0.0.1", "10.0.0.2"], not_ready=("10.0.0.2",))]
-    assert routes_for([users_service()], slices).upstreams["users.default:80"] == (
+    assert routes_for([users_service()], slices).upstreams["users.default.80"] == (
         "http://10.0.0.1:8080",
     )
     slices = [endpoint_slice("users-a", "default", "users", [("http", 8080)],
                              ["10.0.0.1", "10.0.0.2"], not_ready=("10.0.0.1", "10.0.0.2"))]
-    assert routes_for([users_service()], slices).upstreams["users.default:80"] == (
+    assert routes_for([users_service()], slices).upstreams["users.default.80"] == (
         "http://10.0.0.1:8080", "http://10.0.0.2:8080",
     )
 
@@ -168,7 +175,7 @@ def test_ipv6_endpoints_are_bracketed_and_other_services_slices_ignored() -> Non
     v6["endpoints"] = [{"addresses": ["fd00::5"], "conditions": {"ready": True}}]
     other = endpoint_slice("orders-a", "default", "orders", [("http", 8080)], ["10.0.0.9"])
     routes = routes_for([users_service()], [v6, other])
-    assert routes.upstreams["users.default:80"] == ("http://[fd00::5]:8080",)
+    assert routes.upstreams["users.default.80"] == ("http://[fd00::5]:8080",)
 
 
 def table() -> UpstreamTable:
@@ -178,33 +185,33 @@ def table() -> UpstreamTable:
 def test_discovery_and_config_groups_coexist_and_config_wins_a_shared_name() -> None:
     t = table()
     t.apply({"static": ["http://127.0.0.1:1"]}, 0.0)
-    t.apply({"users.default:80": ["http://10.0.0.1:80"], "static": ["http://10.0.0.9:80"]},
+    t.apply({"users.default.80": ["http://10.0.0.1:80"], "static": ["http://10.0.0.9:80"]},
             0.0, source="discovery")
-    t.set_aliases({"users": "users.default:80"})
-    assert t.names() == ["static", "users.default:80"]
+    t.set_aliases({"users": "users.default.80"})
+    assert t.names() == ["static", "users.default.80"]
     static = t.get("static")
     assert static is not None and static.endpoints == ("http://127.0.0.1:1",)
     users = t.get("users")
-    assert users is not None and users.name == "users.default:80"
+    assert users is not None and users.name == "users.default.80"
 
     # A config reload keeps discovery's groups; a discovery update keeps config's.
     t.apply({"static": ["http://127.0.0.1:2"]}, 1.0)
     assert t.get("users") is users
     added, removed = t.apply({}, 2.0, source="discovery")
-    assert added == set() and removed == {"users.default:80"} and t.get("users") is None
+    assert added == set() and removed == {"users.default.80"} and t.get("users") is None
     assert t.names() == ["static"]
 
 
 def test_endpoint_updates_keep_the_group_and_learned_state_of_staying_endpoints() -> None:
     t = table()
-    t.apply({"users.default:80": ["http://10.0.0.1:80", "http://10.0.0.2:80"]}, 0.0,
+    t.apply({"users.default.80": ["http://10.0.0.1:80", "http://10.0.0.2:80"]}, 0.0,
             source="discovery")
-    group = t.get("users.default:80")
+    group = t.get("users.default.80")
     assert group is not None
     policy = group.policy
-    t.apply({"users.default:80": ["http://10.0.0.2:80", "http://10.0.0.3:80"]}, 1.0,
+    t.apply({"users.default.80": ["http://10.0.0.2:80", "http://10.0.0.3:80"]}, 1.0,
             source="discovery")
-    same = t.get("users.default:80")
+    same = t.get("users.default.80")
     assert same is group and same.policy is policy  # a request holding it keeps working
     assert same.endpoints == ("http://10.0.0.2:80", "http://10.0.0.3:80")
 
@@ -312,8 +319,8 @@ def test_port_protocol_follows_app_protocol_then_the_name(
 def test_routes_carry_each_groups_protocol() -> None:
     obj = service("users", "default", "10.96.0.10", [("http", 80), ("tcp-db", 5432), ("x", 81)])
     routes = routes_for([obj], [])
-    assert routes.protocols == {"users.default:80": "http", "users.default:5432": "opaque",
-                                "users.default:81": "unknown"}
+    assert routes.protocols == {"users.default.80": "http", "users.default.5432": "opaque",
+                                "users.default.81": "unknown"}
 
 
 @pytest.mark.parametrize(

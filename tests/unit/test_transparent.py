@@ -10,23 +10,23 @@ from sidecar.upstreams import UpstreamTable
 def make_table() -> UpstreamTable:
     table = UpstreamTable("equilibrium", get_profile("balanced"))
     table.apply({"10.96.0.50": ["http://10.0.0.5:80"]}, 0.0)  # static, named by its IP
-    table.apply({"users.default:80": ["http://10.0.0.1:8080"],
-                 "users.default:5432": ["http://10.0.0.1:5432"]}, 0.0, source="discovery")
-    table.set_aliases({"users": "users.default:80", "10.96.0.10": "users.default:80"})
+    table.apply({"users.default.80": ["http://10.0.0.1:8080"],
+                 "users.default.5432": ["http://10.0.0.1:5432"]}, 0.0, source="discovery")
+    table.set_aliases({"users": "users.default.80", "10.96.0.10": "users.default.80"})
     return table
 
 
 def discovered(host: str, port: int) -> tuple[str, str] | None:
-    return {("10.96.0.10", 80): ("users.default:80", "http"),
-            ("10.96.0.10", 5432): ("users.default:5432", "opaque"),
-            ("10.96.0.11", 80): ("gone.default:80", "http")}.get((host, port))
+    return {("10.96.0.10", 80): ("users.default.80", "http"),
+            ("10.96.0.10", 5432): ("users.default.5432", "opaque"),
+            ("10.96.0.11", 80): ("gone.default.80", "http")}.get((host, port))
 
 
 def test_discovered_service_ports_route_with_their_protocol() -> None:
     router = TransparentRouter(make_table(), discovered)
-    assert router.route(("10.96.0.10", 80)) == ("users.default:80", "http")
-    assert router.route(("10.96.0.10", 5432)) == ("users.default:5432", "opaque")
-    assert router.upstream_for(("10.96.0.10", 80)) == "users.default:80"
+    assert router.route(("10.96.0.10", 80)) == ("users.default.80", "http")
+    assert router.route(("10.96.0.10", 5432)) == ("users.default.5432", "opaque")
+    assert router.upstream_for(("10.96.0.10", 80)) == "users.default.80"
 
 
 def test_a_port_the_service_does_not_expose_passes_through() -> None:
