@@ -332,24 +332,19 @@ class SidecarRunner:
             self.metrics.config_reloads.labels("rejected").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)
             return False
-        for field_name in ("id", "outbound", "admin", "strategy", "policy"):
+        for field_name in ("id", "outbound", "admin", "strategy", "policy", "redis",
+                           "signaling_epoch"):
             if getattr(new, field_name) != getattr(self.config, field_name):
                 log.warning("config reload: %s changed; takes effect on restart", field_name)
         added, removed = self.table.apply(new.upstreams, self.clock())
         for name in removed:
             self.metrics.forget_upstream(name)
-        self.config = SidecarConfig(
-            id=self.config.id,
-            outbound=self.config.outbound,
-            admin=self.config.admin,
+        # Only these change live; every other setting (listeners, policy, inbound, redis, ...)
+        # is kept as it was started with.
+        self.config = dataclasses.replace(
+            self.config,
             upstreams=new.upstreams,
-            strategy=self.config.strategy,
-            policy=self.config.policy,
             drain_timeout=new.drain_timeout,
-            max_attempts=self.config.max_attempts,
-            request_timeout=self.config.request_timeout,
-            connect_timeout=self.config.connect_timeout,
-            config_file=self.config.config_file,
             sources=new.sources,
         )
         self.metrics.config_reloads.labels("applied").inc()

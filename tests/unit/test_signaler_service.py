@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -430,3 +431,22 @@ def test_signaler_cli_requires_a_key_and_a_redis_url(tmp_path: object) -> None:
             with pytest.raises(UsageError, match=message):
                 build_config(args(**bad))
 
+
+
+def test_a_config_reload_keeps_the_signaling_settings(tmp_path: Path) -> None:
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(
+        f"redis: redis://127.0.0.1:1/0\nsignaling_epoch: 0.5\nupstreams:\n  orders: [{EPS[0]}]\n"
+    )
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load())
+    config_file.write_text(
+        f"redis: redis://127.0.0.1:1/0\nsignaling_epoch: 0.5\nupstreams:\n"
+        f"  orders: [{EPS[0]}, {EPS[1]}]\n"
+    )
+    assert runner.reload()
+    assert runner.config.upstreams["orders"] == EPS[:2]  # applied live
+    assert runner.config.redis == "redis://127.0.0.1:1/0"  # kept (restart-only)
+    assert runner.config.signaling_epoch == 0.5
