@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 DEFAULT_RTT = 0.030  # Linkerd's default RTT estimate for an endpoint never measured (seconds)
 DEFAULT_DECAY = 10.0  # Linkerd's peak-EWMA decay time constant (seconds)
+MAX_LATENCY = 3600.0  # any observation above this is clamped: nothing real takes an hour
 
 
 def _decay_weight(dt: float, tau: float) -> float:
@@ -34,23 +35,29 @@ def _decay_weight(dt: float, tau: float) -> float:
 
 @dataclass(slots=True)
 class Ewma:
-    """Time-weighted EWMA: each sample pulls the average by ``1 - exp(-dt/tau)``.
+    """Time-weighted EWMA: each sample pulls the average by ``1 - exp(-dt/tau)``, clamped to
+    ``[min_step, max_step]``.
 
-    The first sample sets the value. ``tau`` is the time constant in seconds.
+    The first sample sets the value. ``tau`` is the time constant in seconds. The clamp keeps
+    both extremes honest: a burst of same-instant samples still moves the average (at least
+    ``min_step`` each), and a lone sample after a long silence cannot replace it (at most
+    ``max_step``) — an endpoint probed once every few seconds, whose latencies are bimodal (a
+    bad pod slow on half its requests), would otherwise look healthy after one lucky answer.
     """
 
     tau: float
     value: float | None = None
     updated_at: float = 0.0
+    min_step: float = 1.0 / 16.0
+    max_step: float = 1.0 / 3.0
 
     def update(self, sample: float, now: float) -> float:
         if self.value is None:
             self.value = sample
         else:
-            # Weight by elapsed time, but never let a burst of same-instant samples be ignored:
-            # each sample moves the average at least as much as a 1/16 step.
-            w = min(_decay_weight(now - self.updated_at, self.tau), 15.0 / 16.0)
-            self.value = self.value * w + sample * (1.0 - w)
+            step = 1.0 - _decay_weight(now - self.updated_at, self.tau)
+            step = min(max(step, self.min_step), self.max_step)
+            self.value = self.value * (1.0 - step) + sample * step
         self.updated_at = max(self.updated_at, now)
         return self.value
 
@@ -115,6 +122,7 @@ class EndpointStats:
         """The cost an outcome is charged: its latency, or at least the penalty on failure."""
         if not math.isfinite(latency) or latency < 0.0:
             latency = self.failure_penalty
+        latency = min(latency, MAX_LATENCY)
         return latency if ok else max(latency, self.failure_penalty)
 
     def start(self) -> None:

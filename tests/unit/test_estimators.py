@@ -9,11 +9,18 @@ import pytest
 from mesh.estimators import DEFAULT_RTT, EndpointStats, Ewma, PeakEwma
 
 
-def test_ewma_first_sample_then_time_weighted() -> None:
-    e = Ewma(tau=1.0)
+def test_ewma_first_sample_then_time_weighted_within_bounds() -> None:
+    e = Ewma(tau=4.0)
     assert e.update(0.1, 0.0) == 0.1
-    w = math.exp(-1.0)
+    w = math.exp(-1.0 / 4.0)
     assert e.update(0.2, 1.0) == pytest.approx(0.1 * w + 0.2 * (1 - w))
+    # A lone sample after a long silence moves the average by a third at most ...
+    assert e.update(5.0, 100.0) == pytest.approx(e.value)
+    f = Ewma(tau=1.0)
+    f.update(0.3, 0.0)
+    assert f.update(0.0, 100.0) == pytest.approx(0.2)
+    # ... and same-instant samples by a sixteenth at least.
+    assert f.update(1.6, 100.0) == pytest.approx(0.2 * 15 / 16 + 1.6 / 16)
 
 
 def test_peak_ewma_jumps_to_slower_samples_and_decays() -> None:
