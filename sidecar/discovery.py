@@ -119,6 +119,8 @@ class Routes:
     aliases: Mapping[str, str] = field(default_factory=dict)  # Host name -> group name
     destinations: Mapping[tuple[str, int], str] = field(default_factory=dict)  # ip:port -> group
     protocols: Mapping[str, str] = field(default_factory=dict)  # group -> http|opaque|unknown
+    # (Host name or cluster IP, port) -> group, for every port: `users:9090` -> users...9090
+    authorities: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -247,6 +249,20 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSliceInfo | None:
     return EndpointSliceInfo(namespace, name, service, ports, tuple(endpoints))
 
 
+def split_authority(authority: str, default_port: int = 80) -> tuple[str, int]:
+    """``Host`` header -> (lower-case host without brackets or trailing dot, port)."""
+    text = authority.strip().lower()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        host, port_text = (text[1:end], text[end + 2:]) if end > 0 else (text, "")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if port_text.isdigit() and 0 < int(port_text) < 65536:
+        return host.rstrip("."), int(port_text)
+    return (host.rstrip("."), default_port) if not port_text else ("", 0)
+
+
 def endpoint_url(scheme: str, address: str, port: int) -> str:
     host = f"[{address}]" if ":" in address else address
     return f"{scheme}://{host}:{port}"
@@ -279,6 +295,7 @@ def build_routes(
     aliases: dict[str, str] = {}
     destinations: dict[tuple[str, int], str] = {}
     protocols: dict[str, str] = {}
+    authorities: dict[tuple[str, int], str] = {}
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         service_slices = by_service.get((svc.namespace, svc.name), [])
         for port in svc.ports:
@@ -299,14 +316,15 @@ def build_routes(
         primary = svc.primary
         if primary is None:
             continue
-        group = group_name(svc, primary)
         names = [f"{svc.name}.{svc.namespace}", f"{svc.name}.{svc.namespace}.svc",
                  f"{svc.name}.{svc.namespace}.svc.{cluster_domain}", *svc.cluster_ips]
         if svc.namespace == own_namespace:
             names.append(svc.name)
         for alias in names:
-            aliases[alias.lower()] = group
-    return Routes(upstreams, aliases, destinations, protocols)
+            aliases[alias.lower()] = group_name(svc, primary)
+            for port in svc.ports:
+                authorities[(alias.lower(), port.port)] = group_name(svc, port)
+    return Routes(upstreams, aliases, destinations, protocols, authorities)
 
 
 # ---------------------------------------------------------------- the API client
@@ -690,6 +708,12 @@ class Discovery:
         """(group, protocol) of a connection to ``host:port``, or None if it is no Service."""
         group = self.routes.destinations.get((host, port))
         return (group, self.routes.protocols.get(group, "unknown")) if group else None
+
+    def upstream_for_authority(self, authority: str) -> str | None:
+        """The group a request's ``Host`` (or absolute-form authority) names, port included:
+        ``users:9090`` is the Service port 9090 (no port: 80). None if it names none."""
+        host, port = split_authority(authority)
+        return self.routes.authorities.get((host, port)) if host else None
 
     @property
     def synced(self) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -129,10 +129,26 @@ class KubeWiring:
             log.info("discovery: watching Services and EndpointSlices at %s in %s",
                      self.credentials.api_url,
                      ", ".join(self.namespaces) if self.namespaces else "all namespaces")
+        by_authority = _authority_pin(discovery) if discovery is not None else None
         if self.transparent:
             from sidecar.transparent import install
 
-            install(runner, discovery.route if discovery is not None else None)
+            install(runner, discovery.route if discovery is not None else None,
+                    fallback=by_authority)
             log.info("transparent interception: routing redirected connections by their "
                      "original destination")
+        elif by_authority is not None:
+            runner.proxy.pinned_upstream = by_authority
         return discovery
+
+
+def _authority_pin(discovery: Discovery) -> Callable[[Any], str | None]:
+    """Route ``Host: users:9090`` to the Service's port 9090 (plain Host routing ignores the
+    port and would take the Service's primary port)."""
+    from sidecar.outbound import split_target
+
+    def pinned(request: Any) -> str | None:
+        authority, _ = split_target(request)
+        return discovery.upstream_for_authority(authority) if authority else None
+
+    return pinned

@@ -426,8 +426,13 @@ def install(
     runner: Any,
     lookup: DestinationLookup | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+    fallback: Callable[[web.BaseRequest], str | None] | None = None,
 ) -> TransparentRouter:
-    """Make the runner's outbound listener transparent (before ``runner.run()``)."""
+    """Make the runner's outbound listener transparent (before ``runner.run()``).
+
+    Requests on redirected connections are pinned to their destination's upstream; on
+    direct ones, ``fallback(request)`` may pin one (else ``Host`` routing decides).
+    """
     router = TransparentRouter(runner.table, lookup)
     metrics = TransparentMetrics(runner.metrics.registry)
 
@@ -439,6 +444,12 @@ def install(
             sniff_timeout=sniff_timeout,
         )
 
+    def pinned(request: web.BaseRequest) -> str | None:
+        name = router.pinned_upstream(request)
+        if name is None and fallback is not None:
+            name = fallback(request)
+        return name
+
     runner.set_site_factory("outbound", site)
-    runner.proxy.pinned_upstream = router.pinned_upstream
+    runner.proxy.pinned_upstream = pinned
     return router

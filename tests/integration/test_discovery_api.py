@@ -270,7 +270,8 @@ async def test_sidecar_routes_by_service_name_from_discovery(
     pod0 = await start_backend("pod-0", routes=[web.get("/slow", slow)])
     pod1 = await start_backend("pod-1")
     api.put("endpointslices", endpoint_slice(
-        "users-a", "default", "users", [("http", pod0.port)], ["127.0.0.1"]))
+        "users-a", "default", "users", [("http", pod0.port), ("metrics", pod1.port)],
+        ["127.0.0.1"]))
     sidecar = await async_start_sidecar(
         {"static": [pod1.url]},
         extra_args=["--discovery", "--kube-api", api.url, "--kube-token-file", str(token_path)],
@@ -289,6 +290,9 @@ async def test_sidecar_routes_by_service_name_from_discovery(
             for host in ("users", "users.default", "users.default.svc.cluster.local"):
                 assert await get(host) == (200, "pod-0")
             assert (await get("users.elsewhere"))[0] == 404
+            # The port in Host picks the Service port: 9090 is another group than 80.
+            assert await get("users:9090") == (200, "pod-1")
+            assert await get("users.default.svc.cluster.local:9090") == (200, "pod-1")
             assert await get("static") == (200, "pod-1")  # static upstreams still served
 
             # A request in flight on pod-0 survives pod-0 leaving the Service.

@@ -377,6 +377,12 @@ async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints
     # The other port of the same Service IP is another group: its own endpoints.
     metrics = await http_in(pod.namespace, SERVICE_IP, 9090, "/metrics", host_header="users")
     assert (metrics.status, metrics.headers["x-backend"]) == (200, "users-metrics")
+    # The same sidecar still serves an app that uses it on purpose (HTTP_PROXY style): by Host,
+    # whose port picks the Service port.
+    direct = await http_in(pod.namespace, "127.0.0.1", pod.outbound_port, "/", "users")
+    assert (direct.status, direct.headers["x-backend"][:6]) == (200, "users-")
+    direct = await http_in(pod.namespace, "127.0.0.1", pod.outbound_port, "/", "users:9090")
+    assert (direct.status, direct.headers["x-backend"]) == (200, "users-metrics")
 
     # An EndpointSlice update: 10.200.0.2 leaves the Service; the sidecar follows the watch.
     cluster.api.put("endpointslices", cluster.users_slice([CLUSTER_IP_B]))
@@ -387,13 +393,9 @@ async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints
     later = [await http_in(pod.namespace, SERVICE_IP, 80, "/again") for _ in range(5)]
     assert [(a.status, a.headers["x-backend"]) for a in later] == [(200, "users-b")] * 5
 
-    # The same sidecar still serves an app that uses it on purpose (HTTP_PROXY style, by Host).
-    direct = await http_in(pod.namespace, "127.0.0.1", pod.outbound_port, "/", "users")
-    assert (direct.status, direct.headers["x-backend"]) == (200, "users-b")
-
     connections = "equilibrium_transparent_connections_total"
     assert await pod.metric(connections, route="service") == 12
-    assert await pod.metric(connections, route="direct") == 1
+    assert await pod.metric(connections, route="direct") == 2
     # The sidecar's own upstream and API connections were never redirected back to itself.
     assert await pod.metric(connections, route="passthrough") == 0
 

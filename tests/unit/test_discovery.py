@@ -23,6 +23,7 @@ from sidecar.discovery import (
     parse_endpoint_slice,
     parse_service,
     port_protocol,
+    split_authority,
 )
 from sidecar.kube_wiring import KubeWiring, parse_namespaces
 from sidecar.transparent import sniff_http
@@ -147,6 +148,31 @@ def test_group_names_are_valid_signaling_upstream_names() -> None:
     routes = routes_for([users_service()], [])
     for group in routes.upstreams:
         assert summary_stream(group) == f"eq:{{{group}}}:summaries"  # raises if invalid
+
+
+def test_authorities_name_each_port_of_a_service() -> None:
+    routes = routes_for([users_service()], [])
+    assert routes.authorities[("users", 9090)] == "users.default.9090"
+    assert routes.authorities[("users", 80)] == "users.default.80"
+    assert routes.authorities[("users.default.svc.cluster.local", 9090)] == "users.default.9090"
+    assert routes.authorities[("10.96.0.10", 9090)] == "users.default.9090"
+    assert ("users", 8080) not in routes.authorities
+
+
+@pytest.mark.parametrize(
+    ("authority", "expected"),
+    [
+        ("users", ("users", 80)),
+        ("Users.Default.:9090", ("users.default", 9090)),
+        ("10.96.0.10:81", ("10.96.0.10", 81)),
+        ("[fd00::1]:8080", ("fd00::1", 8080)),
+        ("[fd00::1]", ("fd00::1", 80)),
+        ("users:http", ("", 0)),
+        ("users:99999", ("", 0)),
+    ],
+)
+def test_split_authority(authority: str, expected: tuple[str, int]) -> None:
+    assert split_authority(authority) == expected
 
 
 def test_short_names_resolve_only_in_the_sidecars_own_namespace() -> None:
