@@ -129,7 +129,8 @@ class KubeWiring:
             log.info("discovery: watching Services and EndpointSlices at %s in %s",
                      self.credentials.api_url,
                      ", ".join(self.namespaces) if self.namespaces else "all namespaces")
-        by_authority = _authority_pin(discovery) if discovery is not None else None
+        by_authority = (_authority_pin(discovery, runner.table) if discovery is not None
+                        else None)
         if self.transparent:
             from sidecar.transparent import install
 
@@ -142,13 +143,19 @@ class KubeWiring:
         return discovery
 
 
-def _authority_pin(discovery: Discovery) -> Callable[[Any], str | None]:
+def _authority_pin(discovery: Discovery, table: Any) -> Callable[[Any], str | None]:
     """Route ``Host: users:9090`` to the Service's port 9090 (plain Host routing ignores the
-    port and would take the Service's primary port)."""
-    from sidecar.outbound import split_target
+    port and would take the Service's primary port). An upstream the config names exactly
+    as the Host keeps precedence."""
+    from sidecar.outbound import split_target, upstream_name
 
     def pinned(request: Any) -> str | None:
         authority, _ = split_target(request)
-        return discovery.upstream_for_authority(authority) if authority else None
+        if not authority:
+            return None
+        own = table.get(upstream_name(authority))
+        if own is not None and own.name == upstream_name(authority):
+            return None
+        return discovery.upstream_for_authority(authority)
 
     return pinned

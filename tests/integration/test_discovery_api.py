@@ -273,7 +273,7 @@ async def test_sidecar_routes_by_service_name_from_discovery(
         "users-a", "default", "users", [("http", pod0.port), ("metrics", pod1.port)],
         ["127.0.0.1"]))
     sidecar = await async_start_sidecar(
-        {"static": [pod1.url]},
+        {"static": [pod1.url], "users.default": [pod1.url]},  # config wins a shared name
         extra_args=["--discovery", "--kube-api", api.url, "--kube-token-file", str(token_path)],
         env={"POD_NAMESPACE": "default"},
     )
@@ -287,8 +287,9 @@ async def test_sidecar_routes_by_service_name_from_discovery(
             async with asyncio.timeout(10):
                 while (await get("users"))[0] != 200:
                     await asyncio.sleep(0.05)
-            for host in ("users", "users.default", "users.default.svc.cluster.local"):
+            for host in ("users", "users.default.svc", "users.default.svc.cluster.local"):
                 assert await get(host) == (200, "pod-0")
+            assert await get("users.default") == (200, "pod-1")  # the config's own upstream
             assert (await get("users.elsewhere"))[0] == 404
             # The port in Host picks the Service port: 9090 is another group than 80.
             assert await get("users:9090") == (200, "pod-1")
