@@ -183,6 +183,8 @@ def parse_service(obj: Mapping[str, Any]) -> ServiceInfo:
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         raise MalformedObject(f"{what}: no spec")
+    if spec.get("type") == "ExternalName":  # a DNS alias: its traffic is not ours to route
+        return ServiceInfo(namespace, name, (), ())
     raw_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     if not isinstance(raw_ips, list):
         raise MalformedObject(f"{what}: spec.clusterIPs is not a list")

@@ -55,6 +55,13 @@ def test_headless_service_has_no_cluster_ip_and_primary_is_first_port() -> None:
     assert info.primary is not None and info.primary.port == 5432
 
 
+def test_external_name_services_route_nothing() -> None:
+    obj = users_service(type="ExternalName", externalName="api.example.com")
+    info = parse_service(obj)
+    assert info.cluster_ips == () and info.ports == ()
+    assert routes_for([obj], []).upstreams == {}
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
