@@ -132,6 +132,7 @@ class TransparentSite(web.BaseSite):
         "_drain_timeout",
         "_host",
         "_metrics",
+        "_no_relays",
         "_port",
         "_relay_origins",
         "_relays",
@@ -159,6 +160,8 @@ class TransparentSite(web.BaseSite):
         self._connect_timeout = connect_timeout
         self._drain_timeout = drain_timeout
         self._relays: set[_RelaySide] = set()
+        self._no_relays = asyncio.Event()  # set whenever no relay is open
+        self._no_relays.set()
         # (local port, destination) of each relay's own upstream socket: if one of them comes
         # back to us, the init rules do not exempt this process and we would relay forever.
         self._relay_origins: set[tuple[int, Address]] = set()
@@ -177,13 +180,11 @@ class TransparentSite(web.BaseSite):
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        if self._relays:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._drain_timeout):
-                    while self._relays:
-                        await asyncio.sleep(0.05)
-            for side in list(self._relays):
-                side.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._drain_timeout):
+                await self._no_relays.wait()
+        for side in list(self._relays):
+            side.abort()
         await super().stop()
 
     # ------------------------------------------------------------ per connection
@@ -234,10 +235,13 @@ class TransparentSite(web.BaseSite):
 
     def relay_opened(self, side: _RelaySide) -> None:
         self._relays.add(side)
+        self._no_relays.clear()
         self._metrics.relays_open.set(len(self._relays))
 
     def relay_closed(self, side: _RelaySide) -> None:
         self._relays.discard(side)
+        if not self._relays:
+            self._no_relays.set()
         self._metrics.relays_open.set(len(self._relays))
 
 
