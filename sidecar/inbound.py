@@ -13,8 +13,9 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    cooperative norm; a punished caller beyond its throttled share gets 429 + ``Retry-After``.
 4. **Congestion and auction** (:mod:`mesh.concurrency`, :mod:`mesh.auction`). A request that
    finds a free slot under the adaptive concurrency limit goes straight to the app at price 0;
-   otherwise it waits in the bid queue (bidding 0 if it takes its caller over its fair share
-   of the congested app: priority is bought only within the norm), the highest bids are
+   otherwise it waits in the bid queue (a request that takes its caller over its fair share
+   of the congested app bids 0 and takes a free slot only from the first half of the limit:
+   priority is bought only within the norm), the highest bids are
    admitted as slots free and pay the highest losing bid (second price); a request that waits
    longer than ``max_wait`` (or is pushed out of a full queue) gets 503.
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
@@ -398,10 +399,11 @@ class InboundProxy:
                 "its fair share or retry budget; back off", {},
                 {"Retry-After": str(math.ceil(retry_after))},
             )
-        if bid > 0 and self._beyond_norm(caller, verdict.decision, now):
+        beyond = self._beyond_norm(caller, verdict.decision, now)
+        if beyond and bid > 0:
             self.metrics.voided_bids.inc()
             bid = 0.0
-        admission = await self._admit(request, verdict, bid, now)
+        admission = await self._admit(request, verdict, bid, now, beyond_norm=beyond)
         if isinstance(admission, web.StreamResponse):
             return admission
         verdict.price = admission.price
@@ -458,11 +460,18 @@ class InboundProxy:
         return True
 
     async def _admit(
-        self, request: web.Request, verdict: _Verdict, bid: float, now: float
+        self, request: web.Request, verdict: _Verdict, bid: float, now: float,
+        *, beyond_norm: bool = False,
     ) -> Admission | web.StreamResponse:
-        """A slot now (price 0), or a place in the bid queue until one frees up."""
+        """A slot now (price 0), or a place in the bid queue until one frees up.
+
+        A request beyond its caller's norm takes a free slot directly only while at least
+        half of the limit is free: the other half stays for callers within their share, who
+        would otherwise find the app's own queue full of the flood.
+        """
         request_id = f"r{next(self._ids)}"
-        slot = self.limiter.on_start(now)
+        lim = self.limiter
+        slot = (not beyond_norm or lim.in_flight < lim.limit // 2) and lim.on_start(now)
         if slot and self.auction.queue_length:
             # others wait: the free slot goes to the best bid through release(), not to
             # whoever arrives now (no queue jumping)
