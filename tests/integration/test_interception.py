@@ -53,12 +53,13 @@ import pytest
 from aiohttp import web
 
 from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
-from tests.integration.procs import REPO_ROOT, metric_value
+from tests.integration.procs import REPO_ROOT, metric_value, rss_bytes
 
 CLONE_NEWNET = 0x40000000
 POD_IP, CLUSTER_IP_A, CLUSTER_IP_B = "10.200.0.1", "10.200.0.2", "10.200.0.3"
 SERVICE_IP = "10.96.0.10"  # the "users" Service's cluster IP: exists only in the init rules
 TCP_PORT, BANNER_PORT = 7000, 2525  # the Service's non-HTTP ports (opaque, server-first)
+BULK_MIB = 64
 PROXY_GID = 1337
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -179,6 +180,7 @@ class Cluster:
     metrics_port: int = 0
     echo_port: int = 0
     banner_port: int = 0
+    sink_port: int = 0
 
     async def serve_http(self, name: str, sock: socket.socket) -> None:
         async def handle(request: web.Request) -> web.Response:
@@ -214,6 +216,18 @@ class Cluster:
         echo_sock = listen_in(ns, CLUSTER_IP_A)
         self.echo_port = echo_sock.getsockname()[1]
         self.servers.append(await asyncio.start_server(echo, sock=echo_sock))
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            total = 0  # counts what arrives until EOF, then says how much
+            while chunk := await reader.read(65536):
+                total += len(chunk)
+            writer.write(f"{total}\n".encode())
+            await writer.drain()
+            writer.close()
+
+        sink_sock = listen_in(ns, CLUSTER_IP_A)
+        self.sink_port = sink_sock.getsockname()[1]
+        self.servers.append(await asyncio.start_server(sink, sock=sink_sock))
 
         async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.write(b"220 banner ready\r\n")  # the server speaks first, as SMTP does
@@ -456,7 +470,23 @@ async def test_what_is_not_a_services_http_passes_through_untouched(
     assert await pod.metric("equilibrium_passthrough_bytes_total", direction="to-destination") \
         == len(b"ping\n\x00\xffbinary\n" b"\x16\x03\x01 not http\n" b"HELO app\r\n")
 
-    # 5. SIGTERM with a relay still open: it gets the drain timeout (1 s), then is closed, and
+    # 5. A bulk upload through the relay arrives whole, and flow control keeps the sidecar's
+    # memory flat: its peak RSS grows by far less than what passed through it.
+    assert pod.process is not None
+    peak_before = rss_bytes(pod.process.pid, peak=True)
+    reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.sink_port)
+    block = bytes(range(256)) * 4096  # 1 MiB
+    for _ in range(BULK_MIB):
+        writer.write(block)
+        await writer.drain()
+    writer.write_eof()
+    async with asyncio.timeout(30):
+        assert await reader.readline() == f"{BULK_MIB * len(block)}\n".encode()
+    writer.close()
+    growth = rss_bytes(pod.process.pid, peak=True) - peak_before
+    assert growth < BULK_MIB * len(block) // 4, f"peak RSS grew {growth} bytes"
+
+    # 6. SIGTERM with a relay still open: it gets the drain timeout (1 s), then is closed, and
     # the sidecar exits cleanly.
     reader, writer = await connect_in(pod.namespace, CLUSTER_IP_A, cluster.echo_port)
     writer.write(b"still here\n")
