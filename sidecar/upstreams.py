@@ -6,6 +6,11 @@ removed). The request path only reads ``group.regret_header`` and calls ``policy
 ``tick`` (off the request path) rebuilds the snapshot and the cached ``X-GT-Regret`` value,
 which are swapped in whole. A request that already holds a group keeps using it when a reload
 removes it, so in-flight requests are never dropped.
+
+Groups have a source: the config's (flags, environment, file; applied on start and reload)
+and discovery's (:mod:`sidecar.discovery`), each applied without touching the other's; on a
+name both claim, the config wins. Discovery also sets Host aliases (``users``,
+``users.default.svc.cluster.local``...) that ``get`` resolves when no group has the name.
 """
 
 from __future__ import annotations
