@@ -25,6 +25,8 @@ The sidecar runs with GID 1337 and UID 0: the interpreter lives under /root (mod
 UID 1337 cannot reach, and the init rules exempt the proxy's GID as well as its UID, so the GID
 is what keeps the sidecar's own connections from being redirected here.
 
+A last test reads original destinations of IPv4 and IPv6 redirects directly (no sidecar).
+
 Sockets of the app, the backends and the API server are made inside the namespaces by
 switching this thread's network namespace (``setns``) just for the ``socket()``/``bind()``
 calls; they are then served and used from the test's event loop. Needs root, ``ip``
@@ -52,6 +54,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from sidecar.original_dst import original_dst, redirected_to
 from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
 from tests.integration.procs import REPO_ROOT, metric_value, rss_bytes
 
@@ -519,3 +522,43 @@ async def test_a_sidecar_whose_own_traffic_is_redirected_refuses_to_loop(
     assert await pod.metric("equilibrium_transparent_connections_total",
                             route="passthrough") == 1
     assert "being redirected" in pod.output()
+
+
+def test_original_destination_is_read_for_ipv4_and_ipv6_redirects() -> None:
+    """SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST on real NAT records, incl. an IPv4 client on
+    a dual-stack listener (the IPv6 query fails, the IPv4 one answers)."""
+    require_tools()
+    namespace = f"eq-odst-{os.getpid() % 100000}{secrets.token_hex(2)}"
+    run("ip", "netns", "add", namespace)
+    try:
+        for cmd in (["link", "set", "lo", "up"],
+                    ["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                    ["addr", "add", "10.9.0.1/24", "dev", "v0"],
+                    ["addr", "add", "fd00:9::1/64", "dev", "v0", "nodad"],
+                    ["link", "set", "v0", "up"], ["link", "set", "v1", "up"]):
+            run("ip", "-n", namespace, *cmd)
+        with inside(namespace):
+            listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        with listener:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind(("::", 0))
+            listener.listen(4)
+            port = str(listener.getsockname()[1])
+            for binary, dst in (("iptables", "10.9.0.10"), ("ip6tables", "fd00:9::10")):
+                run("ip", "netns", "exec", namespace, binary, "-t", "nat", "-A", "OUTPUT",
+                    "-p", "tcp", "-d", dst, "--dport", "8443", "-j", "REDIRECT",
+                    "--to-ports", port)
+            seen = []
+            for family, dst in ((socket.AF_INET, "10.9.0.10"), (socket.AF_INET6, "fd00:9::10")):
+                with inside(namespace):
+                    client = socket.socket(family, socket.SOCK_STREAM)
+                with client:
+                    client.settimeout(5)
+                    client.connect((dst, 8443))  # nothing there: only the rule answers
+                    accepted, _ = listener.accept()
+                    with accepted:
+                        seen.append(original_dst(accepted))
+                        assert redirected_to(accepted) == seen[-1]
+        assert seen == [("10.9.0.10", 8443), ("fd00:9::10", 8443)]
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], check=False, timeout=10)
