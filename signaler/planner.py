@@ -23,6 +23,10 @@ has been seen: every endpoint's ``mu`` is capped at ``capacity_headroom`` (defau
 largest load it was observed under (at least an even share of the current demand). An endpoint
 is therefore never planned at much more than twice the load it has already carried; endpoints
 that look alike share the load; and a capacity actually measured below the cap is used as is.
+The cap never contradicts an observation: a curve ``d + 1/(mu - x)`` with ``d >= 0`` that passes
+through latency ``l`` at load ``x`` has ``mu >= x + 1/l``, so the cap is at least that for the
+busiest observation (a 4 ms endpoint seen at 25 req/s keeps a capacity of at least 275 req/s;
+capping it at 50 would invent 40 ms of queueing it never showed).
 
 The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
 correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
@@ -160,6 +164,17 @@ class UpstreamView:
         """The largest load (req/s) ``endpoint`` was observed under in the history (0 if none)."""
         return max((o.load for o in self.observations.get(endpoint, ())), default=0.0)
 
+    def capacity_cap(self, endpoint: str, even_share: float, headroom: float) -> float:
+        """The largest capacity a plan may assume for ``endpoint`` (see the module docstring):
+        ``headroom`` x max(busiest load seen, ``even_share``), but never below what the busiest
+        observation implies (``load + 1/latency``)."""
+        series = self.observations.get(endpoint)
+        if not series:
+            return headroom * even_share
+        busiest = max(series, key=lambda o: o.load)
+        implied = busiest.load + 1.0 / max(busiest.latency, 1e-6)
+        return max(headroom * max(busiest.load, even_share), implied)
+
     def regret_gap(self, now: float) -> float:
         """The largest positive conditional regret D(j, k), j != k, over fresh summaries."""
         gap = 0.0
@@ -256,7 +271,7 @@ def make_plan(
     tokens = quantise_demand(rates, n)
     even_share = total / len(endpoints)
     models = tuple(
-        capped(view.model_for(e), capacity_headroom * max(view.peak_load(e), even_share))
+        capped(view.model_for(e), view.capacity_cap(e, even_share, capacity_headroom))
         for e in endpoints
     )
     solution = CorrelatedEquilibriumLP(

@@ -160,20 +160,37 @@ def test_alike_endpoints_with_unmeasured_capacity_share_the_tokens() -> None:
 
 
 def test_a_capacity_is_trusted_only_as_far_as_it_was_seen() -> None:
-    # EPS[0] answered fast but only ever carried ~5 req/s; the others carried their share
+    # EPS[0] answered faster than the others but only ever carried ~3 req/s
     view = UpstreamView("orders", freshness=5.0)
     for t in range(6):
         view.offer(summary("sc-1", sent_at=NOW + t, demand=60.0, requests=(5, 50, 50),
-                           latency_mean=(0.002, 0.020, 0.021), latency_p50=(0.002, 0.02, 0.02),
-                           latency_p99=(0.004, 0.03, 0.03)))
+                           latency_mean=(0.050, 0.080, 0.081), latency_p50=(0.05, 0.08, 0.08),
+                           latency_p99=(0.06, 0.09, 0.09)))
         view.observe(NOW + t)
-    assert view.peak_load(EPS[0]) == pytest.approx(60.0 * 5 / 105)
+    seen = 60.0 * 5 / 105
+    assert view.peak_load(EPS[0]) == pytest.approx(seen)
+    # 2 x max(seen, even share 20) = 40 > seen + 1/0.05 (what its latency proves) = 22.9
+    assert view.capacity_cap(EPS[0], 20.0, 2.0) == pytest.approx(40.0)
     plan = make_plan(view, NOW + 5, 30, np.random.default_rng(5))
     token_load = 60.0 / 30
-    # capped at 2 x max(seen load, even share of 60 over 3) = 40 req/s: below ~20 tokens
-    assert plan.solution.marginal()[0] * token_load < 2 * 20.0
+    assert plan.solution.marginal()[0] * token_load < 40.0
     unlimited = make_plan(view, NOW + 5, 30, np.random.default_rng(5), capacity_headroom=1e9)
     assert unlimited.solution.marginal()[0] > plan.solution.marginal()[0]
+
+
+def test_the_cap_never_contradicts_an_observation() -> None:
+    # a 4 ms endpoint seen at ~23 req/s: its latency proves a capacity of at least 23 + 250
+    view = UpstreamView("orders", freshness=5.0)
+    view.offer(summary(demand=60.0, requests=(40, 40, 25),
+                       latency_mean=(0.004, 0.004, 0.060), latency_p50=(0.004, 0.004, 0.06),
+                       latency_p99=(0.005, 0.005, 0.07)))
+    view.observe(NOW)
+    seen = 60.0 * 40 / 105
+    assert view.capacity_cap(EPS[0], 20.0, 2.0) == pytest.approx(seen + 250.0)
+    plan = make_plan(view, NOW, 8, np.random.default_rng(0))
+    # capped at 2 x 23 instead, the fast ones would look congested and the 60 ms endpoint
+    # would get 2 of the 8 tokens
+    assert plan.configuration[2] == 0
 
 
 def test_plan_needs_demand() -> None:
