@@ -424,7 +424,10 @@ class KubeClient:
                 timeout=aiohttp.ClientTimeout(total=30.0),
             ) as resp:
                 await _raise_for_status(resp, f"list {path}")
-                body = await resp.json(content_type=None)
+                try:
+                    body = await resp.json(content_type=None)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise MalformedObject(f"list {path}: the answer is not JSON: {exc}") from None
             if not isinstance(body, dict) or not isinstance(body.get("items"), list | None):
                 raise MalformedObject(f"list {path}: the answer is not a list object")
             items.extend(body.get("items") or [])
