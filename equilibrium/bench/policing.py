@@ -294,7 +294,7 @@ class RetryFlood(PolicingScenario):
             fleet = await self.with_app(ctx, servers, mu)
             try:
                 mesh = await start_mesh(ctx, fleet.urls[0], ["coop-a", "coop-b", "rogue"],
-                                        self.policing(mode, capacity), label)
+                                        self.policing(mode, capacity), f"run{i}-{mode}")
                 try:
                     await self._warm_up(ctx, mesh)
                     loads = [run_load(mesh.callers[c].outbound_url, c, args.rate,
