@@ -151,7 +151,7 @@ def parse_congestion(value: str) -> float:
 def parse_retry(value: str) -> int:
     """The attempt number of an ``X-GT-Retry`` value (1 = first retry)."""
     v = value.strip()
-    if not v.isdigit() or not 1 <= int(v) <= 100:
+    if not (v.isascii() and v.isdigit()) or not 1 <= int(v) <= 100:
         raise HeaderError(RETRY, "malformed", f"expected an attempt number 1..100, got {v[:16]!r}")
     return int(v)
 
