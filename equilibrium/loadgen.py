@@ -127,6 +127,7 @@ class LoadSummary:
     started: float = 0.0
     finished: float = 0.0
     error_kinds: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # CPU time of this generator process during the schedule
 
 
 def _pod_of(resp: aiohttp.ClientResponse, body: bytes) -> str | None:
@@ -197,6 +198,7 @@ async def run_open_loop(
         else:
             t0 = loop.time()
         summary.started = t0
+        cpu0 = time.process_time()
         tasks: set[asyncio.Task[None]] = set()
         for seq in range(summary.planned):
             intended = t0 + seq / spec.rate
@@ -209,6 +211,7 @@ async def run_open_loop(
         if tasks:
             await asyncio.wait(tasks)
         summary.finished = loop.time()
+        summary.cpu_seconds = time.process_time() - cpu0
     return summary
 
 

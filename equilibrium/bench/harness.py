@@ -48,6 +48,8 @@ class LoadResult:
     #: share of the run's wall time in which some task waited for a CPU (Linux PSI; NaN if
     #: unknown): high values mean other work on the machine disturbed the measurement
     cpu_pressure: float = float("nan")
+    #: CPU seconds (user + system) the load generators used during the run
+    generator_cpu: float = float("nan")
 
     def in_window(self, start: float, end: float) -> list[Record]:
         """Records intended in [t0 + start, t0 + end)."""
@@ -108,6 +110,7 @@ async def drive_load(
         if elapsed > 0:
             result.cpu_pressure = (cpu_pressure_stall() - stall0) / elapsed
         result.summaries = [g.summary for g in gens if g.summary is not None]
+        result.generator_cpu = sum(x.cpu_seconds for x in result.summaries)
         return result
     finally:
         for task in pumps:

@@ -68,7 +68,8 @@ class ProxyOverhead(Scenario):
         per_round: list[dict[str, Any]] = []
         errors = {"direct": 0, "proxied": 0}
         late = {"direct": 0, "proxied": 0}
-        sidecar_cpu, proxied_requests = 0.0, 0
+        cpu = {mode: {"generator": 0.0, "sidecar": 0.0, "backend": 0.0, "requests": 0}
+               for mode in ("direct", "proxied")}
         pressure: dict[str, list[float]] = {"direct": [], "proxied": []}
         try:
             sidecar = await Sidecar.start("overhead", {UPSTREAM: fleet.urls}, policy=policy,
@@ -90,11 +91,12 @@ class ProxyOverhead(Scenario):
                         ("direct", LoadTarget("direct", fleet.urls[0], None)),
                         ("proxied", LoadTarget("proxied", sidecar.outbound_url, UPSTREAM)),
                     ):
-                        cpu_before = cpu_seconds(sidecar.child.pid)
+                        before = (cpu_seconds(sidecar.child.pid), cpu_seconds(fleet.child.pid))
                         res = await drive_load([target], args.rate, segment, ctx.logs)
-                        if mode == "proxied":
-                            sidecar_cpu += cpu_seconds(sidecar.child.pid) - cpu_before
-                            proxied_requests += len(res.records)
+                        cpu[mode]["sidecar"] += cpu_seconds(sidecar.child.pid) - before[0]
+                        cpu[mode]["backend"] += cpu_seconds(fleet.child.pid) - before[1]
+                        cpu[mode]["generator"] += res.generator_cpu
+                        cpu[mode]["requests"] += len(res.records)
                         samples[mode] = _kept(res.records, args.rate, warmup)
                         errors[mode] += sum(1 for x in res.records if not x.ok)
                         late[mode] += res.load_counts()["late_starts"]
@@ -135,14 +137,20 @@ class ProxyOverhead(Scenario):
                    ms(x["added_p50"]), ms(x["direct"]["p99"]), ms(x["proxied"]["p99"]),
                    ms(x["added_p99"])] for i, x in enumerate(per_round)],
         )
-        cpu_per_request = sidecar_cpu / proxied_requests if proxied_requests else math.nan
-        cpu = Table(
-            title="sidecar CPU (user + system, from /proc) during the proxied segments",
-            columns=["CPU time", "requests", "CPU per request", "CPU share of one core"],
-            rows=[[f"{sidecar_cpu:.2f} s", str(proxied_requests),
-                   f"{cpu_per_request * 1e6:.0f} µs",
-                   f"{sidecar_cpu / (segment * rounds) * 100:.0f} %"]],
+        def per_request(mode: str, who: str) -> float:
+            n = cpu[mode]["requests"]
+            return cpu[mode][who] / n if n else math.nan
+
+        cpu_table = Table(
+            title="CPU per request (user + system) of each process, by mode",
+            columns=["mode", "load generator", "sidecar", "backend pod", "sidecar share of "
+                     "one core"],
+            rows=[[mode, *(f"{per_request(mode, w) * 1e6:.0f} µs"
+                           for w in ("generator", "sidecar", "backend")),
+                   f"{cpu[mode]['sidecar'] / (segment * rounds) * 100:.0f} %"]
+                  for mode in ("direct", "proxied")],
         )
+        cpu_per_request = per_request("proxied", "sidecar")
         targets = Table(
             title="targets (sidecar v0.1 issue)",
             columns=["target", "measured", "verdict"],
@@ -169,9 +177,9 @@ class ProxyOverhead(Scenario):
                          "start.")
         return ScenarioResult(
             parameters=params,
-            tables=[modes, add, rounds_table, cpu, targets],
+            tables=[modes, add, rounds_table, cpu_table, targets],
             data={"direct": d, "proxied": p, "added": added, "ratio": ratio,
-                  "sidecar_cpu_s": sidecar_cpu, "sidecar_cpu_per_request_s": cpu_per_request,
+                  "cpu_s": cpu, "sidecar_cpu_per_request_s": cpu_per_request,
                   "rounds": per_round, "errors": errors, "late_starts": late,
                   "cpu_pressure": pressure},
             notes=notes,
