@@ -260,10 +260,14 @@ class PolicingScenario(Scenario):
             raise ValueError("the app needs at least one server and a positive service rate")
         return modes, servers, service_rate
 
-    def policing(self, mode: str, capacity: float) -> dict[str, Any]:
-        # the baseline as an operator would set it: 90 % of what the app can serve
+    def policing(self, mode: str, capacity: float, servers: int) -> dict[str, Any]:
+        """Each mode configured with what an operator knows about the app: the token bucket
+        at 90 % of its capacity; the concurrency limit never below its number of workers
+        (with exponential service times minRTT is far below the median RTT, and a gradient
+        limiter left alone shrinks the limit under the app's parallelism)."""
         rate = round(0.9 * capacity, 3)
-        return {"mode": mode, "token_bucket": {"rate": rate, "burst": rate}}
+        return {"mode": mode, "token_bucket": {"rate": rate, "burst": rate},
+                "concurrency": {"min_limit": servers, "initial_limit": max(20, servers)}}
 
     async def with_app(self, ctx: BenchContext, servers: int, service_rate: float) -> Fleet:
         return await Fleet.start(
@@ -294,7 +298,7 @@ class RetryFlood(PolicingScenario):
             fleet = await self.with_app(ctx, servers, mu)
             try:
                 mesh = await start_mesh(ctx, fleet.urls[0], ["coop-a", "coop-b", "rogue"],
-                                        self.policing(mode, capacity), f"run{i}-{mode}")
+                                        self.policing(mode, capacity, servers), f"run{i}-{mode}")
                 try:
                     await self._warm_up(ctx, mesh)
                     loads = [run_load(mesh.callers[c].outbound_url, c, args.rate,
@@ -387,9 +391,9 @@ class OverloadBids(PolicingScenario):
 
     HIGH, LOW = 5.0, 1.0
 
-    def policing(self, mode: str, capacity: float) -> dict[str, Any]:
+    def policing(self, mode: str, capacity: float, servers: int) -> dict[str, Any]:
         # budgets that cover a whole run of bidding, so the queue's order is what is measured
-        return {**super().policing(mode, capacity),
+        return {**super().policing(mode, capacity, servers),
                 "auction": {"budget_rate": 200, "budget_cap": 2000},
                 "reputation": {"rate_tolerance": 10}}
 
@@ -409,7 +413,7 @@ class OverloadBids(PolicingScenario):
             fleet = await self.with_app(ctx, servers, mu)
             try:
                 mesh = await start_mesh(ctx, fleet.urls[0], ["high", "low"],
-                                        self.policing(mode, capacity), f"bids-{mode}")
+                                        self.policing(mode, capacity, servers), f"bids-{mode}")
                 try:
                     await asyncio.gather(*(run_load(mesh.callers[c].outbound_url, c, 5.0, 2.0,
                                                     ctx.logs) for c in ("high", "low")))
