@@ -28,6 +28,17 @@ through latency ``l`` at load ``x`` has ``mu >= x + 1/l``, so the cap is at leas
 busiest observation (a 4 ms endpoint seen at 25 req/s keeps a capacity of at least 275 req/s;
 capping it at 50 would invent 40 ms of queueing it never showed).
 
+Stability. Successive epochs re-fit the models from noisy measurements, and alike endpoints make
+the LP's optimum jump between equivalent vertices; each jump moves every sidecar's target, and
+the sidecars' ramp-limited herd guard then parks the traffic it cannot move yet on the other
+endpoints -- the slow one included. So a plan keeps the previous distribution while it is still
+a good plan under the new models (its CE gap at most ``stability`` (default 0.15) times the mean
+latency of a token, its expected cost at most ``1 + stability`` times the new optimum: an
+epsilon-CE close to the best; measured latencies are noisier than 5 %), and when the sampled
+configuration and the sidecars' token counts are unchanged it keeps the previous deal, so each
+sidecar keeps its private share. The deal was uniformly random when made, so every token is
+still told endpoint ``j`` with probability ``c_j / n``.
+
 The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
 correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
 Mas-Colell 2000, Econometrica 68(5)), so the largest positive D over fresh summaries is a live
@@ -37,6 +48,7 @@ measure of how far the mesh is from a correlated equilibrium.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -47,12 +59,14 @@ import numpy as np
 from mesh.protocol import RegretSummary
 from signaler.latency_model import LatencyModel, fit_latency_model
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS, CorrelatedEquilibriumLP
+from signaler.routing_game import ce_gap, configuration_costs, latency_table
 from signaler.solution import CESolution
 from signaler.tokens import assign_tokens, quantise_demand, sample_configuration
 
 DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 2.0
+DEFAULT_STABILITY = 0.15
 #: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
 FALLBACK_MODEL = LatencyModel(d=0.005, mu=1000.0)
 
@@ -199,6 +213,8 @@ class Plan:
     tokens: Mapping[str, int]
     weights: Mapping[str, Mapping[str, float]]
     sidecar_endpoints: Mapping[str, tuple[str, ...]]
+    kept_distribution: bool = False
+    kept_deal: bool = False
 
     @property
     def status(self) -> str:
@@ -238,14 +254,42 @@ def sidecar_weights(
     return _normalised(raw)
 
 
+def keep_previous(
+    previous: CESolution,
+    fresh: CESolution,
+    models: Sequence[LatencyModel],
+    token_load: float,
+    stability: float,
+) -> CESolution | None:
+    """``previous`` re-priced under ``models`` if it is still a good plan (see the module
+    docstring), else None."""
+    if previous.n_tokens != fresh.n_tokens or previous.n_endpoints != fresh.n_endpoints:
+        return None
+    n = fresh.n_tokens
+    if n == 0:
+        return None
+    table = latency_table(models, n + 1, token_load)
+    cost = float(previous.probabilities @ configuration_costs(previous.configurations, table))
+    gap = ce_gap(previous.configurations, previous.probabilities, table)
+    if cost > fresh.objective * (1.0 + stability) or gap > stability * fresh.objective / n:
+        return None
+    return dataclasses.replace(
+        previous, objective=cost, ce_gap=gap, status=fresh.status, method=fresh.method,
+        solve_seconds=fresh.solve_seconds, n_variables=fresh.n_variables,
+        n_constraints=fresh.n_constraints,
+    )
+
+
 def make_plan(
     view: UpstreamView,
     now: float,
     n_tokens: int,
     rng: np.random.Generator,
     *,
+    previous: Plan | None = None,
     max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
     capacity_headroom: float = DEFAULT_CAPACITY_HEADROOM,
+    stability: float = DEFAULT_STABILITY,
 ) -> Plan:
     """Solve this epoch's program for ``view`` and deal a sampled configuration.
 
@@ -274,26 +318,37 @@ def make_plan(
         capped(view.model_for(e), view.capacity_cap(e, even_share, capacity_headroom))
         for e in endpoints
     )
+    token_load = total / n
     solution = CorrelatedEquilibriumLP(
-        models, n, total / n, max_configurations=max_configurations
+        models, n, token_load, max_configurations=max_configurations
     ).solve()
-    counts = sample_configuration(solution, rng)
-    shares = assign_tokens(counts, tokens, rng)
+    same_game = previous is not None and previous.endpoints == endpoints
+    kept = None
+    if same_game and previous is not None:
+        kept = keep_previous(previous.solution, solution, models, token_load, stability)
+    solution = kept or solution
+    counts = tuple(int(c) for c in sample_configuration(solution, rng))
+    own = {s.sidecar: s.endpoints for s in fresh}
+    if (same_game and previous is not None and counts == previous.configuration
+            and dict(tokens) == dict(previous.tokens)
+            and own == dict(previous.sidecar_endpoints)):
+        return dataclasses.replace(previous, models=models, solution=solution,
+                                   kept_distribution=kept is not None, kept_deal=True)
+    shares = assign_tokens(np.array(counts, dtype=np.int64), tokens, rng)
     index = {e: i for i, e in enumerate(endpoints)}
     marginal = solution.marginal()
     weights: dict[str, dict[str, float]] = {}
-    own: dict[str, tuple[str, ...]] = {}
     for summary in fresh:
         ws = sidecar_weights(summary.endpoints, shares[summary.sidecar], index, marginal)
         weights[summary.sidecar] = dict(zip(summary.endpoints, ws, strict=True))
-        own[summary.sidecar] = summary.endpoints
     return Plan(
         upstream=view.upstream,
         endpoints=endpoints,
         models=models,
         solution=solution,
-        configuration=tuple(int(c) for c in counts),
+        configuration=counts,
         tokens=tokens,
         weights=weights,
         sidecar_endpoints=own,
+        kept_distribution=kept is not None,
     )

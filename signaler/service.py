@@ -86,7 +86,8 @@ class SignalerConfig:
     """Upstreams to serve; empty: discover them from the summary streams (``SCAN``)."""
     lease_epochs: float = 3.0
     freshness_epochs: float = 5.0
-    expiry_epochs: float = 3.0
+    expiry_epochs: float = 5.0
+    """Recommendations outlive a takeover (lease_epochs) and a slow epoch or two."""
     discover_every: float = 2.0
     redis_timeout: float = 1.0
     read_count: int = 500
@@ -371,7 +372,7 @@ class SignalerService:
         started = time.perf_counter()
         try:
             plan = await asyncio.to_thread(
-                make_plan, view, now, self.config.tokens, self.rng,
+                make_plan, view, now, self.config.tokens, self.rng, previous=status.plan,
                 max_configurations=self.config.max_configurations,
             )
         except NoDemand:
@@ -459,6 +460,8 @@ class SignalerService:
                     "endpoints": list(plan.endpoints),
                     "marginal": plan.solution.marginal().tolist(),
                     "configuration": list(plan.configuration),
+                    "kept_distribution": plan.kept_distribution,
+                    "kept_deal": plan.kept_deal,
                     "weights": {s: dict(w) for s, w in plan.weights.items()},
                 }
             upstreams[upstream] = entry

@@ -203,12 +203,17 @@ async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle)
             assert plan["marginal"][plan["endpoints"].index(pods[3].url)] == 0.0
             assert signaler_metric(lead_admin, "equilibrium_signaler_entries_rejected_total",
                                    reason="malformed") >= 1
-            await asyncio.sleep(4.0)
             first = load.by_backend[0][0]
             early = load.share("pod-3", first, first + 2.5)  # routing still near uniform
-            late = load.share("pod-3", time.monotonic() - 3.0, time.monotonic())
-            assert late < early, (early, late)
-            assert late < 0.2
+
+            def recent_bad_share() -> float:
+                return load.share("pod-3", time.monotonic() - 2.0, time.monotonic())
+
+            # the plan gives it nothing; the herd guard lets the sidecars' weights move there
+            # gradually, and only exploration (0.5 % per endpoint) remains
+            await eventually(lambda: recent_bad_share() < 0.05,
+                             "traffic moves off the bad pod", 25, procs)
+            assert early > 0.05, early
 
             # 3. Redis dies: everyone falls back at once, requests keep flowing
             redis_server.kill()

@@ -193,6 +193,32 @@ def test_the_cap_never_contradicts_an_observation() -> None:
     assert plan.configuration[2] == 0
 
 
+def test_plans_stay_put_through_noise_and_move_on_real_change() -> None:
+    view = UpstreamView("orders", freshness=5.0)
+    rng = np.random.default_rng(4)
+
+    def report(t: int, latencies: tuple[float, float, float]) -> None:
+        for i in range(3):
+            view.offer(summary(f"sc-{i}", sent_at=NOW + t, demand=30.0, requests=(30, 30, 30),
+                               latency_mean=latencies, latency_p50=latencies,
+                               latency_p99=tuple(2 * x for x in latencies)))
+
+    report(0, (0.010, 0.010, 0.010))
+    first = make_plan(view, NOW, 12, rng)
+    assert not first.kept_distribution and not first.kept_deal
+    report(1, (0.0102, 0.0099, 0.0101))  # measurement noise
+    second = make_plan(view, NOW + 1, 12, rng, previous=first)
+    assert second.kept_distribution
+    if second.configuration == first.configuration:
+        assert second.kept_deal and second.weights == first.weights
+    plan = second
+    for t in range(2, 6):  # EPS[2] really slows down, epoch after epoch
+        report(t, (0.010, 0.010, 0.400))
+        plan = make_plan(view, NOW + t, 12, rng, previous=plan)
+    assert plan.configuration[2] == 0
+    assert all(w[BAD] == 0.0 for w in plan.weights.values())
+
+
 def test_plan_needs_demand() -> None:
     view = UpstreamView("orders", freshness=5.0)
     with pytest.raises(NoDemand):
