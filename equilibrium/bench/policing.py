@@ -289,7 +289,7 @@ class RetryFlood(PolicingScenario):
         params = {"app_capacity_rps": capacity, "servers": servers, "service_rate": mu,
                   "cooperative_rate_rps": args.rate, "rogue_rate_rps": round(rogue_rate, 1),
                   "rogue_retries": 2, "duration_per_mode_s": args.duration,
-                  "modes": " → ".join(modes), "token_bucket_rate_rps": 0.9 * capacity}
+                  "runs": " → ".join([NO_ROGUE, *modes]), "token_bucket_rate_rps": 0.9 * capacity}
         per_mode: dict[str, Any] = {}
         runs = [(NO_ROGUE, "off", 0.0), *((mode, mode, rogue_rate) for mode in modes)]
         for i, (label, mode, flood) in enumerate(runs, 1):
