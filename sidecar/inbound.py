@@ -566,11 +566,20 @@ class InboundProxy:
 
     def _release(self, now: float) -> None:
         """Hand free slots to the best waiters (each pays the highest losing bid)."""
-        while self.auction.queue_length and self.limiter.available() > 0:
-            for admission in self.auction.release(now, self.limiter.available()):
-                self.limiter.on_start(now)
+        lim = self.limiter
+        while self.auction.queue_length:
+            granted = 0  # slots taken first: on_start may begin a probe and refuse
+            while (granted < self.auction.queue_length and lim.available() > 0
+                   and lim.on_start(now)):
+                granted += 1
+            if granted == 0:
+                break
+            admissions = self.auction.release(now, granted)
+            for _ in range(granted - len(admissions)):
+                lim.on_abandon(now)
+            for admission in admissions:
                 if not self._resolve(admission.request_id, admission):
-                    self.limiter.on_abandon(now)  # its client is gone: the slot is free again
+                    lim.on_abandon(now)  # its client is gone: the slot is free again
         self._update_load(now)
 
     async def _baseline(
