@@ -130,9 +130,27 @@ class RecoveryPhase(DemoPhase):
         return [f"  bad pod {run.bad_pod}: {state}"]
 
     def summary(self, run: DemoRun) -> dict[str, Any]:
+        """When the recovered pod got back half its fair share, and its peak share after.
+
+        A herd would show as a peak far above the fair share; no re-admission as None.
+        """
+        cfg = run.config
         after = analysis.share_between(run.records, run.bad_pod, run.t0 + self.at,
-                                       run.t0 + run.config.duration)
-        return {"recovered at (s)": self.at, "bad pod share after recovery": after}
+                                       run.t0 + cfg.duration)
+        wins = [w for w in analysis.windows(run.records, run.t0, 1.0, cfg.duration)
+                if w.start >= self.at]
+        shares = [(w.start + w.width, w.share(run.bad_pod)) for w in wins]
+        half_fair = 0.5 / cfg.pods
+        back = next((t - self.at for t, x in shares if x >= half_fair), None)
+        peak = max((x for _, x in shares if not math.isnan(x)), default=math.nan)
+        return {
+            "recovered at (s)": self.at,
+            "bad pod share after recovery": after,
+            f"re-admitted to half its fair traffic ({half_fair:.0%}) after (s)":
+                "not within the run" if back is None else round(back, 1),
+            "largest 1 s share after recovery (fair share "
+            f"{1 / cfg.pods:.0%})": peak,
+        }
 
 
 @dataclass
