@@ -31,7 +31,9 @@ POLICING = {"ladder": LADDER, "max_wait": 3,
 def detection_bound() -> float:
     """How long a flood may go unpunished: the book's own detection lag, doubled, plus a
     second for the flood's process to reach its rate on a loaded 2-core machine."""
-    book = ReputationBook(PolicingParams(ladder=LadderRules(**LADDER)))
+    ladder = LadderRules(base_punishment=LADDER["base_punishment"],
+                         max_punishment=LADDER["max_punishment"], probation=LADDER["probation"])
+    book = ReputationBook(PolicingParams(ladder=ladder))
     return 2 * book.detection_lag() + 1.0
 
 
