@@ -1,5 +1,6 @@
-"""Helpers of the inbound-side integration tests: a capacity-limited app, open-loop callers,
-and a mesh of real sidecar processes (one inbound in front of the app, one outbound per caller).
+"""Helpers of the inbound-side integration tests: open-loop callers, a mesh of real sidecar
+processes (one inbound in front of the app, one outbound per caller), and the helper processes
+of :mod:`tests.integration.inbound_loads` (a capacity-limited app, a flood with retries).
 
 Everything runs on loopback and is bounded in count and time.
 """
@@ -14,61 +15,21 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from tests.integration.procs import (
     LOOPBACK,
     REPO_ROOT,
-    Backend,
     SidecarProcess,
     async_start_sidecar,
     free_port,
-    start_backend,
 )
 
 MESH_KEY = "integration-test-mesh-key-0123456789abcdef"
-
-
-@dataclass
-class CapacityApp:
-    """An app that serves ``servers`` requests at once, each taking ``service`` seconds; the
-    rest wait in its own queue (an M/D/c server). Records the headers it saw."""
-
-    servers: int
-    service: float
-    backend: Backend | None = None
-    seen_headers: list[dict[str, str]] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)
-
-    async def start(self) -> CapacityApp:
-        slots = asyncio.Semaphore(self.servers)
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            self.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
-            body = await request.read()
-            if body:
-                self.bodies.append(body)
-            async with slots:
-                await asyncio.sleep(self.service)
-            # an app trying to forge game headers on its response: they must never pass
-            return web.Response(text="ok", headers={"X-GT-Price": "0", "X-App": "capacity"})
-
-        self.backend = await start_backend("app", handler=handle)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self.backend is not None
-        return self.backend.url
-
-    async def stop(self) -> None:
-        if self.backend is not None:
-            await self.backend.stop()
 
 
 @dataclass(frozen=True, slots=True)
