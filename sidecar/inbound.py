@@ -33,6 +33,7 @@ headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -285,6 +286,7 @@ class InboundProxy:
         self._waiting: dict[str, _Waiter] = {}
         self._queued_by: dict[str, set[str]] = {}  # caller -> its waiters in good standing
         self._ids = itertools.count(1)
+        self._shown: set[str] = set()  # callers with per-caller gauges right now
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
 
@@ -329,11 +331,14 @@ class InboundProxy:
             await asyncio.sleep(GAUGE_REFRESH_INTERVAL)
 
     def update_gauges(self, now: float) -> None:
+        """Per-caller gauges from the book; callers it no longer tracks lose their series."""
         m = self.metrics
         worst_rep, worst_level, others, punished = 1.0, 0, False, 0
+        shown: set[str] = set()
         for standing in self.book.standings(now):
             punished += standing.phase is Phase.PUNISHED
             if standing.caller in self.labels:
+                shown.add(standing.caller)
                 m.reputation.labels(standing.caller).set(round(standing.reputation, 4))
                 m.level.labels(standing.caller).set(standing.level)
             else:
@@ -341,8 +346,14 @@ class InboundProxy:
                 worst_rep = min(worst_rep, standing.reputation)
                 worst_level = max(worst_level, standing.level)
         if others:
+            shown.add(OTHER)
             m.reputation.labels(OTHER).set(round(worst_rep, 4))
             m.level.labels(OTHER).set(worst_level)
+        for gone in self._shown - shown:
+            for gauge in (m.reputation, m.level):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._shown = shown
         m.punished.set(punished)
         self._load_gauges()
 
