@@ -184,6 +184,7 @@ class DemoRun:
 
 async def _start_sidecars(run: DemoRun, phases: Sequence[DemoPhase]) -> None:
     assert run.fleet is not None
+    urls = run.fleet.urls
     cfg = run.config
     ids = [f"client-{i + 1}" for i in range(cfg.clients)]
 
@@ -191,7 +192,7 @@ async def _start_sidecars(run: DemoRun, phases: Sequence[DemoPhase]) -> None:
         extra = list(cfg.sidecar_args)
         for phase in phases:
             extra += phase.sidecar_args(run, sid)
-        return await Sidecar.start(sid, {UPSTREAM: run.fleet.urls}, cfg.policy, cfg.strategy,
+        return await Sidecar.start(sid, {UPSTREAM: urls}, cfg.policy, cfg.strategy,
                                    extra, stderr_path=str(run.logs / f"{sid}.log"))
 
     results = await asyncio.gather(*(one(s) for s in ids), return_exceptions=True)

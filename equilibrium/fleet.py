@@ -30,6 +30,7 @@ import dataclasses
 import json
 import random
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -230,11 +231,11 @@ async def serve_fleet(
         pod = Pod(name=f"pod-{index}", index=index, seed=seed, behaviour=behaviour)
         runner = web.AppRunner(make_pod_app(pod), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, 0, backlog=1024)
-        await site.start()
-        server = site._server  # aiohttp exposes the bound port only through the server
-        assert server is not None and server.sockets
-        port = server.sockets[0].getsockname()[1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))  # the kernel picks a free port; we read it back
+        port = sock.getsockname()[1]
+        await web.SockSite(runner, sock, backlog=1024).start()
         runners.append(runner)
         table.append({"name": pod.name, "url": f"http://{host}:{port}"})
     return runners, table

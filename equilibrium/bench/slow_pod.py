@@ -227,8 +227,9 @@ class SlowPod(Scenario):
         }
         out["sidecar_flapping_steady_max"] = max(flaps, default=math.nan)
         out["cpu_pressure"] = result.cpu_pressure
-        out["generator"] = result.load_counts()
-        out["generator"]["max_start_lag"] = result.max_start_lag()
+        generator: dict[str, float] = {**result.load_counts(),
+                                       "max_start_lag": result.max_start_lag()}
+        out["generator"] = generator
         return out
 
     @staticmethod
