@@ -75,19 +75,34 @@ from mesh.standing import format_standing
 from sidecar.forward import (
     CHUNK_SIZE,
     append_header,
+    connection_tokens,
     end_to_end,
     relay_chunks,
     request_headers_to_upstream,
     strip_game_headers,
+    without,
 )
 from sidecar.metrics import LATENCY_BUCKETS
-from sidecar.outbound import CLIENT_AUTO_HEADERS, classify, must_be_empty
+from sidecar.outbound import (
+    CLIENT_AUTO_HEADERS,
+    WS_HANDSHAKE_HEADERS,
+    bridge_websockets,
+    classify,
+    must_be_empty,
+)
 from sidecar.policing_config import PolicingSettings
 
 log = logging.getLogger(__name__)
 
 OTHER = "other"
 GAUGE_REFRESH_INTERVAL = 0.5
+
+
+def is_websocket(request: web.Request) -> bool:
+    """A WebSocket upgrade request (RFC 6455 §4.1)."""
+    return (request.method == "GET"
+            and request.headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in connection_tokens(request.headers))
 
 
 class CallerLabels:
@@ -410,6 +425,8 @@ class InboundProxy:
                 "its fair share or retry budget; back off", {},
                 {"Retry-After": str(math.ceil(retry_after))},
             )
+        if is_websocket(request):  # long-lived: policed at the handshake, holds no slot
+            return await self._websocket(request, verdict)
         beyond = self._beyond_norm(caller, verdict.decision, now)
         if beyond and bid > 0:
             self.metrics.voided_bids.inc()
@@ -666,6 +683,41 @@ class InboundProxy:
                 self._release(now)
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
+
+    async def _websocket(self, request: web.Request, verdict: _Verdict) -> web.StreamResponse:
+        """Bridge a WebSocket to the app (frames both ways until either side closes)."""
+        if self._session is None:
+            raise RuntimeError("the inbound listener's app was not started")
+        base, _ = request_headers_to_upstream(
+            request.headers, client_ip=request.remote, proto=request.scheme, via=self.via)
+        headers = without(base, WS_HANDSHAKE_HEADERS)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
+                     .split(",") if p.strip()]
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                upstream = await self._session.ws_connect(
+                    URL(self.app_url + request.raw_path, encoded=True), headers=headers,
+                    protocols=protocols, max_msg_size=0, autoclose=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            self.metrics.requests.labels(verdict.label, "app-error").inc()
+            return self._answer(verdict, 502, "websocket-handshake-failed",
+                                f"the app refused the upgrade with {exc.status}", {})
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            failure = classify(exc)
+            self.metrics.requests.labels(verdict.label, "app-error").inc()
+            return self._answer(verdict, failure.status, failure.reason, failure.detail, {})
+        downstream = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=0,
+            autoclose=False)
+        self._signal_headers(downstream.headers, verdict)
+        self.metrics.requests.labels(verdict.label, "admitted").inc()
+        try:
+            await downstream.prepare(request)
+            await bridge_websockets(downstream, upstream)
+        finally:
+            await upstream.close()
+            await downstream.close()
+        return downstream
 
     # ------------------------------------------------------------ answers
 

@@ -56,6 +56,13 @@ async def app_handler(request: web.Request, seen: list[dict[str, str]],
         return web.json_response({"len": len(body), "ok": body == PAYLOAD, "headers": headers},
                                  headers={"X-GT-Price": "123", "Connection": "X-Hop",
                                           "X-Hop": "1"})
+    if request.path == "/ws":
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo {msg.data}")
+        return ws
     if request.path == "/stream":
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         await response.prepare(request)
@@ -127,6 +134,19 @@ async def test_http_correctness_through_the_inbound_listener(setup: Setup) -> No
     assert "X-GT-Price" not in reply.headers and "X-Hop" not in reply.headers
     assert reply.headers["X-Equilibrium-Price"] == "0"
     assert streamed.status == 200 and streamed.body == PAYLOAD[:16384] * 8
+
+
+async def test_websocket_through_both_sidecars(setup: Setup) -> None:
+    async with aiohttp.ClientSession() as client, client.ws_connect(
+            setup.coop.outbound_url + "/ws", headers={"Host": "svc"}) as ws:
+        await ws.send_str("hello")
+        reply = await ws.receive(timeout=5)
+        await ws.close()
+    assert reply.type == aiohttp.WSMsgType.TEXT and reply.data == "echo hello"
+    handshake = next(h for h in reversed(setup.seen) if h.get("upgrade") == "websocket")
+    assert not any(k.startswith("x-gt-") for k in handshake)
+    assert setup.server.metric("equilibrium_inbound_requests_total", caller="coop-a",
+                               outcome="admitted") >= 1
 
 
 async def test_signals_on_every_response_and_unsigned_headers_ignored(setup: Setup) -> None:
