@@ -160,6 +160,7 @@ class CallerPhases(ProxyPhases):
 
     def response_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         self.inner.response_filter(ctx, headers)
+        headers.popall(APP_PRICE_HEADER, None)  # only this sidecar may say what was paid
         price = ctx.game_response_headers.get(PRICE.lower())
         if price is not None:
             try:  # the app learns what its bid cost; a bad value is dropped

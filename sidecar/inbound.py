@@ -21,6 +21,7 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
    headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
    ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
+   A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot).
 6. **Signals back.** Every response carries ``X-GT-Congestion`` and ``X-GT-Reputation``;
    admitted responses carry ``X-GT-Price``.
 

@@ -118,7 +118,7 @@ def test_good_standing_or_a_bad_header_never_backs_off() -> None:
                   format_standing(0.8, 2, Phase.PROBATION, None), "v=1;score=oops"):
         ctx = ctx_for()
         ctx.game_response_headers = {REPUTATION.lower(): value, PRICE.lower(): "-4"}
-        headers: CIMultiDict[str] = CIMultiDict()
+        headers: CIMultiDict[str] = CIMultiDict({"X-Equilibrium-Price": "0"})  # forged
         phases.response_filter(ctx, headers)
         assert "X-Equilibrium-Price" not in headers  # a bad price is dropped
         assert phases.backing_off("users", 1000.0) == 0.0
