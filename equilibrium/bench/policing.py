@@ -139,9 +139,12 @@ def load_main(argv: Sequence[str]) -> int:
 
 
 async def run_load(url: str, caller: str, rate: float, duration: float, logs: Path,
-                   retries: int = 0, headers: dict[str, str] | None = None) -> list[Shot]:
+                   retries: int = 0, headers: dict[str, str] | None = None,
+                   host: str = UPSTREAM) -> list[Shot]:
+    """Run one ``load`` process to the end and collect its shots (bounded in time)."""
     argv = [sys.executable, "-m", "equilibrium.bench.policing", "load", "--url", url,
-            "--caller", caller, "--rate", repr(rate), "--duration", repr(duration),
+            "--host", host, "--caller", caller, "--rate", repr(rate),
+            "--duration", repr(duration),
             "--retries", str(retries),
             *(f"--header={k}={v}" for k, v in (headers or {}).items())]
     child = await ChildProcess.start(f"load {caller}", argv,

@@ -1,28 +1,20 @@
-"""Processes of the inbound-side tests that must not share the test's event loop.
+"""The capacity-limited app of the inbound-side tests, in its own process.
 
-``python -m tests.integration.inbound_loads app SERVERS SERVICE`` serves a capacity-limited
-app on a free loopback port (prints ``PORT <n>``) until SIGTERM.
-``python -m tests.integration.inbound_loads flood URL RATE DURATION RETRIES [HEADER=VALUE..]``
-sends an open-loop flood (``Host: svc``) where every failed request is retried at once, up to
-RETRIES times, and prints one JSON list of ``[intended, latency, status, attempts, price]``.
-
-A flood of hundreds of requests per second, answered in microseconds by a sidecar that backs
-off locally, would otherwise starve the test's own loop (and the app in it) of CPU and turn
-the measurement of the cooperative callers into a measurement of the test harness.
+``python -m tests.integration.inbound_loads app SERVERS SERVICE`` serves SERVERS requests at
+once, SERVICE seconds each (an M/D/c server), on a free loopback port (prints ``PORT <n>``)
+until SIGTERM, at most 10 minutes. In the test's own event loop it would compete for CPU with
+the flood it is measured against (the flood itself runs in ``equilibrium.bench.policing
+load``), turning the measurement of the cooperative callers into one of the test harness.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 from collections.abc import Sequence
 
-import aiohttp
 from aiohttp import web
-
-from tests.integration.inbound_support import Shot, open_loop
 
 
 async def serve_app(servers: int, service: float) -> None:
@@ -53,25 +45,9 @@ async def serve_app(servers: int, service: float) -> None:
         await runner.cleanup()
 
 
-async def flood(url: str, rate: float, duration: float, retries: int,
-                headers: dict[str, str]) -> list[Shot]:
-    shots: list[Shot] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        await open_loop(session, url, caller="rogue", rate=rate, duration=duration,
-                        retries=retries, headers=headers, out=shots)
-    return shots
-
-
 def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["app"]:
         asyncio.run(serve_app(int(argv[1]), float(argv[2])))
-        return 0
-    if argv[:1] == ["flood"]:
-        headers = dict(h.split("=", 1) for h in argv[5:])
-        shots = asyncio.run(flood(argv[1], float(argv[2]), float(argv[3]), int(argv[4]),
-                                  headers))
-        json.dump([[s.intended, s.latency, s.status, s.attempts, s.price] for s in shots],
-                  sys.stdout)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

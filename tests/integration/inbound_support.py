@@ -213,22 +213,3 @@ class AppProcess:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-
-
-async def run_flood(url: str, rate: float, duration: float, retries: int,
-                    headers: Mapping[str, str] | None = None) -> list[Shot]:
-    """An open-loop flood with retries from its own process (``inbound_loads flood``)."""
-    args = [url, str(rate), str(duration), str(retries),
-            *(f"{k}={v}" for k, v in (headers or {}).items())]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.integration.inbound_loads", "flood", *args,
-        stdout=asyncio.subprocess.PIPE, cwd=str(REPO_ROOT), env=_module_env())
-    try:
-        async with asyncio.timeout(duration + 30):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return [Shot("rogue", t, lat, status, attempts, price)
-            for t, lat, status, attempts, price in json.loads(out)]

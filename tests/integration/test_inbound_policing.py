@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
+from equilibrium.bench.policing import run_load
 from mesh.reputation import LadderRules, PolicingParams, ReputationBook
 from tests.integration.inbound_support import (
     AppProcess,
@@ -15,7 +16,6 @@ from tests.integration.inbound_support import (
     mesh,
     open_loop,
     p99,
-    run_flood,
     success_ratio,
     write_config,
 )
@@ -61,7 +61,9 @@ async def test_rogue_is_throttled_cooperators_unharmed_and_rogue_forgiven(tmp_pa
 
             during: list[Shot] = []
             _, rogue = await asyncio.gather(
-                coop(during, 5.0), run_flood(urls["rogue"], ROGUE_RATE, 4.0, retries=2))
+                coop(during, 5.0),
+                run_load(urls["rogue"], "rogue", ROGUE_RATE, 4.0, tmp_path, retries=2,
+                         host="svc"))
             level_after_flood = await level()
             throttled = await asyncio.to_thread(
                 m.server.metric, "equilibrium_inbound_requests_total", caller="rogue",
