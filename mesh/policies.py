@@ -128,14 +128,15 @@ class _MeasuredPolicy:
         estimates = self._estimates()
         weights = self._next_weights(counts, means, estimates, dt, now)
         self._publish(weights)
-        shares = self._observed_shares(counts, weights)
         if estimates.size:
-            self._gap = wardrop_gap(shares, estimates)
-            best = float(estimates.min())
-            self._monitor.record(shares, self._gap / max(best, 1e-3), now)
+            used = self._used(weights)
+            self._gap = wardrop_gap(np.where(used, weights, 0.0), np.where(used, estimates, np.inf))
+            best = float(estimates[used].min()) if used.any() else float(estimates.min())
+            self._monitor.record(weights, self._gap / max(best, 1e-3), now)
 
-    def _observed_shares(self, counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return weights
+    def _used(self, weights: np.ndarray) -> np.ndarray:
+        """Endpoints that carry traffic by choice (all of them, for the baselines)."""
+        return weights > 0
 
     def _next_weights(self, counts: np.ndarray, means: np.ndarray, estimates: np.ndarray,
                       dt: float, now: float) -> np.ndarray:
@@ -281,6 +282,15 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return rng.choices([e for e, _ in positive], [w for _, w in positive])[0]
         rest = [e for e in endpoints if e not in exclude]
         return rng.choice(rest) if rest else None
+
+    def _used(self, weights: np.ndarray) -> np.ndarray:
+        """Endpoints used by choice: those kept only at the exploration floor are being
+        re-checked, not used, and do not count towards the Wardrop gap (a deliberate, bounded
+        probe of a bad pod is not a disequilibrium)."""
+        herd = self.profile.herd
+        floor = min(herd.explore_floor, herd.explore_budget / max(1, weights.shape[0]))
+        used = weights > 1.5 * floor
+        return used if used.any() else weights > 0
 
     def _live(self, now: float) -> np.ndarray:
         live = np.ones(len(self.endpoints), dtype=bool)
