@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
 
@@ -34,7 +35,7 @@ from mesh.profiles import StrategyProfile
 from mesh.regret import RoutingRegret
 
 
-class _MeasuredPolicy:
+class _MeasuredPolicy(ABC):
     """Shared bookkeeping: endpoint stats, observed shares, snapshots."""
 
     name = "base"
@@ -107,9 +108,10 @@ class _MeasuredPolicy:
     def _candidates(self, exclude: frozenset[str]) -> list[str]:
         return [e for e in self.endpoints if e not in exclude]
 
+    @abstractmethod
     def pick(self, rng: random.Random, now: float,
              exclude: frozenset[str] = frozenset()) -> str | None:
-        raise NotImplementedError  # each concrete policy defines how it chooses
+        """Each concrete policy defines how it chooses."""
 
     # -- off the request path -------------------------------------------------------------
     def _estimates(self) -> np.ndarray:
@@ -208,8 +210,9 @@ class RandomChoice(_MeasuredPolicy):
 class _PowerOfTwoChoices(_MeasuredPolicy):
     """Pick two distinct endpoints uniformly at random; the lower :meth:`load` wins."""
 
+    @abstractmethod
     def load(self, stats: EndpointStats, now: float) -> float:
-        raise NotImplementedError  # subclasses say how load is measured
+        """Subclasses say how load is measured (tower's ``Load``)."""
 
     def pick(self, rng: random.Random, now: float,
              exclude: frozenset[str] = frozenset()) -> str | None:
