@@ -3,10 +3,14 @@
 Owns the demo's run: a fleet of pods (one of them the seed's "bad" pod that adds 500 ms to
 half of its requests), client apps each behind its own real ``equilibrium sidecar`` process,
 a bounded open-loop load per client, a live view once a second, then a summary, a JSON
-record of it and a PNG plot. No Docker, cluster or Redis is needed.
+record of it and a PNG plot. No Docker, cluster or running Redis is needed: by default the
+signaling plane (an embedded Redis and a signaler, :mod:`equilibrium.demo_mesh`) is started
+too, and the sidecars follow the signaler's correlated-equilibrium recommendations;
+``--no-signaler`` runs the sidecars alone (independent regret matching).
 
 Processes: the parent (this module: orchestration, live view), one fleet process, one
-sidecar per client and one load generator per client. The load generator of a client sends
+sidecar per client, one load generator per client, and with the signaling plane a
+redis-server and a signaler. The load generator of a client sends
 ``Host: demo`` requests to that client's sidecar, as the client app would. All children are
 stopped and reaped on every exit path (``finally``, own process groups, and on Linux a
 parent-death signal), including Ctrl-C.
@@ -23,13 +27,14 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from equilibrium import analysis
 from equilibrium.bench.harness import StateSample
@@ -39,6 +44,9 @@ from equilibrium.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
 from equilibrium.loadgen import LoadGenerator, LoadSpec, Record
 from equilibrium.processes import ChildProcess, cpu_pressure_stall, stop_all
 from equilibrium.sidecars import Sidecar
+
+if TYPE_CHECKING:
+    from equilibrium.demo_mesh import SignalingPlan
 
 UPSTREAM = "demo"
 
@@ -61,6 +69,8 @@ class DemoConfig:
     window: float = 2.0
     recover_at: float | None = None
     sidecar_args: list[str] = field(default_factory=list)
+    #: tokens the signaler quantises the traffic into (the LP's players)
+    tokens: int = 16
 
     def validate(self) -> None:
         if self.pods < 2:
@@ -75,16 +85,21 @@ class DemoConfig:
             raise ValueError("--duration is limited to 600 s (the load is always bounded)")
         if self.rate * self.clients > 5000:
             raise ValueError("total rate above 5000 req/s is more than one machine can show")
+        if not 1 <= self.tokens <= 64:
+            raise ValueError("--tokens must be in 1..64 (the signaler re-solves every second)")
 
 
 class DemoPhase:
     """A step that extends the demo. Every hook has a default that does nothing.
 
     Order: the fleet starts, then every phase's :meth:`prepare`, then the sidecars (each gets
-    the flags of every phase's :meth:`sidecar_args`), then the load; once a second every
-    phase's :meth:`on_tick` runs and its :meth:`live_lines` are shown; after the load the
-    phases' :meth:`summary` entries join the summary; :meth:`close` always runs at the end.
-    Child processes a phase starts go into ``run.children`` so they are always reaped.
+    the flags of every phase's :meth:`sidecar_args` and the environment variables of its
+    :meth:`sidecar_env`), then the load; once a second every phase's :meth:`on_tick` runs and
+    its :meth:`live_lines` are shown; after the load every phase's :meth:`finish` runs and
+    its :meth:`summary` entries join the summary. At the end the load generators, sidecars
+    and ``run.children`` are stopped, then every phase's :meth:`close` runs (also after errors
+    and Ctrl-C), then the fleet stops. Child processes a phase starts go into
+    ``run.children`` so they are always reaped.
     """
 
     name = "phase"
@@ -96,8 +111,15 @@ class DemoPhase:
         """Extra command-line flags for one sidecar (e.g. ``--redis URL``)."""
         return []
 
+    def sidecar_env(self, run: DemoRun, sidecar_id: str) -> dict[str, str]:
+        """Extra environment variables for one sidecar (secrets go here, never in argv)."""
+        return {}
+
     async def on_tick(self, run: DemoRun, elapsed: float) -> None:
         """Once a second during the load (e.g. make a pod recover, start a rogue caller)."""
+
+    async def finish(self, run: DemoRun) -> None:
+        """After the load, before the summary, with every process still up (final readings)."""
 
     def live_lines(self, run: DemoRun) -> list[str]:
         """Lines added to the live view."""
@@ -108,7 +130,7 @@ class DemoPhase:
         return {}
 
     async def close(self, run: DemoRun) -> None:
-        """Always called at the end, also after errors and Ctrl-C."""
+        """Always called at the end (after the sidecars stopped), also after errors and Ctrl-C."""
 
 
 class RecoveryPhase(DemoPhase):
@@ -168,6 +190,8 @@ class DemoRun:
     t0: float = 0.0
     #: share of the load's wall time in which some task waited for a CPU (Linux PSI)
     cpu_pressure: float = math.nan
+    #: True when the sidecars are in a signaling plane (set by the signaling phase)
+    signaling: bool = False
 
     @property
     def pod_names(self) -> list[str]:
@@ -195,11 +219,35 @@ async def _start_sidecars(run: DemoRun, phases: Sequence[DemoPhase]) -> None:
         return await Sidecar.start(sid, {UPSTREAM: urls}, cfg.policy, cfg.strategy,
                                    extra, stderr_path=str(run.logs / f"{sid}.log"))
 
-    results = await asyncio.gather(*(one(s) for s in ids), return_exceptions=True)
+    env: dict[str, str] = {}
+    for phase in phases:
+        for sid in ids:
+            env.update(phase.sidecar_env(run, sid))
+    with _environ(env):
+        results = await asyncio.gather(*(one(s) for s in ids), return_exceptions=True)
     run.sidecars = [r for r in results if isinstance(r, Sidecar)]
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise errors[0]
+
+
+@contextlib.contextmanager
+def _environ(overlay: dict[str, str]) -> Iterator[None]:
+    """Set ``overlay`` in this process's environment while sidecars are spawned, then restore.
+
+    The sidecars inherit it (``Sidecar.start`` copies ``os.environ``); nothing else started
+    before or after (fleet, load generators) sees it. Only the demo's own process is touched.
+    """
+    saved = {name: os.environ.get(name) for name in overlay}
+    os.environ.update(overlay)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def _pump(run: DemoRun, gen: LoadGenerator) -> None:
@@ -231,7 +279,7 @@ def _frame(run: DemoRun, elapsed: float, states: dict[str, Any],
     return Frame(
         elapsed=elapsed, duration=cfg.duration, requests=len(run.records),
         errors=sum(1 for r in run.records if not r.ok), window=cfg.window, pods=pods,
-        states=states, upstream=UPSTREAM, extra=extra,
+        states=states, upstream=UPSTREAM, extra=extra, signaling=run.signaling,
     )
 
 
@@ -252,13 +300,18 @@ async def run_demo(
              "--seed", str(config.seed)],
             stderr_path=str(logs / "fleet.log"),
         )
-        for phase in phases:
-            await phase.prepare(run)
         stream.write(
             f"fleet: {config.pods} pods of service '{UPSTREAM}' on loopback, "
             f"{run.bad_pod} is bad (+{config.bad_delay * 1000:.0f} ms on "
-            f"{config.bad_fraction:.0%} of requests); starting {config.clients} sidecars "
-            f"(policy {config.policy}); logs in {logs}\n"
+            f"{config.bad_fraction:.0%} of requests); logs in {logs}\n"
+        )
+        stream.flush()
+        for phase in phases:
+            await phase.prepare(run)
+        stream.write(
+            f"starting {config.clients} sidecars (policy {config.policy}, "
+            + ("following the signaler's recommendations when they arrive"
+               if run.signaling else "each learning alone by regret matching") + ")\n"
         )
         stream.flush()
         await _start_sidecars(run, phases)
@@ -287,18 +340,20 @@ async def run_demo(
         await asyncio.gather(*pumps)
         run.cpu_pressure = (cpu_pressure_stall() - stall0) / max(loop.time() - run.t0, 1e-9)
         await _poll_states(run, loop.time() - run.t0)
+        for phase in phases:
+            await phase.finish(run)
         summary = summarize(run, phases)
         print_summary(summary, stream)
         return summary
     finally:
         for task in pumps:
             task.cancel()
-        for phase in phases:
-            with contextlib.suppress(Exception):
-                await phase.close(run)
         children: list[Any] = [*run.loadgens, *run.sidecars]
         await asyncio.gather(*(c.stop() for c in children), return_exceptions=True)
         await stop_all(run.children)
+        for phase in phases:
+            with contextlib.suppress(Exception):
+                await phase.close(run)
         if run.fleet is not None:
             await run.fleet.stop()
 
@@ -330,6 +385,17 @@ def _state_series(run: DemoRun) -> tuple[list[float], dict[str, list[float]],
     return times, regrets, gaps
 
 
+def following_series(run: DemoRun) -> dict[str, list[tuple[float, bool]]]:
+    """Per sidecar, (seconds since the load started, ``following``) at each state reading:
+    whether its routing followed the signaler's recommendation or fell back to local regret
+    matching."""
+    series: dict[str, list[tuple[float, bool]]] = {s.id: [] for s in run.sidecars}
+    for sample in run.states:
+        up = ((sample.state or {}).get("upstreams") or {}).get(UPSTREAM)
+        series.setdefault(sample.sidecar, []).append((sample.t, bool(up and up.get("following"))))
+    return series
+
+
 def _final_states(run: DemoRun) -> dict[str, dict[str, Any]]:
     last: dict[str, dict[str, Any]] = {}
     for sample in run.states:
@@ -355,18 +421,21 @@ def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
     shares = {p: analysis.share_series(wins, p) for p in pods}
     state_times, regrets, gaps = _state_series(run)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    coordination = ("sidecars follow the CE signaler" if run.signaling
+                    else "sidecars learn alone")
     png = plot_demo(
         cfg.out / "equilibrium-demo.png", share_times, shares, [run.bad_pod], state_times,
         regrets, gaps,
         title=(f"equilibrium demo: {cfg.clients} clients × {cfg.rate:g} req/s, "
-               f"policy {cfg.policy}, {run.bad_pod} bad"),
+               f"policy {cfg.policy}, {coordination}, {run.bad_pod} bad"),
+        following=following_series(run) if run.signaling else None,
     )
     summary: dict[str, Any] = {
         "config": {
             "pods": cfg.pods, "bad_pod": run.bad_pod, "bad_delay": cfg.bad_delay,
             "bad_fraction": cfg.bad_fraction, "clients": cfg.clients, "rate": cfg.rate,
             "duration": cfg.duration, "policy": cfg.policy, "strategy": cfg.strategy,
-            "seed": cfg.seed,
+            "seed": cfg.seed, "signaler": run.signaling,
         },
         "metrics": metrics.as_dict(),
         "bad_pod_less_than_each_good_pod": bad_less,
@@ -415,7 +484,9 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
     lines = [
         "",
         f"summary: {cfg['clients']} clients × {cfg['rate']:g} req/s for {cfg['duration']:g} s,"
-        f" policy {cfg['policy']}",
+        f" policy {cfg['policy']}, "
+        + ("sidecars coordinated by the signaler" if cfg.get("signaler")
+           else "no signaler (each sidecar learns alone)"),
         f"  requests {m['requests']}, errors {m['errors']}",
         f"  share sent to the bad pod {bad}: first 5 s {fmt_pct(m['bad_share_first'])}"
         f" -> second half {fmt_pct(m['bad_share_steady'])} (whole run"
@@ -441,6 +512,8 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
         )
     for name, entries in summary["phases"].items():
         for key, value in entries.items():
+            if isinstance(value, dict | list):
+                continue  # detail for the JSON record
             shown = fmt_pct(value) if "share" in key and isinstance(value, float) else value
             lines.append(f"  {name}: {key}: {shown}")
     pressure = summary.get("cpu_pressure")
@@ -460,8 +533,10 @@ def register(subparsers: Any) -> None:
         "demo",
         help="run a local mesh with a bad pod and watch traffic shift",
         description=("Start a local fleet with one bad pod, client apps behind real "
-                     "sidecars and a bounded load; show the traffic shift live, then print "
-                     "a summary and write a PNG plot. Needs no Docker, cluster or Redis."),
+                     "sidecars, an embedded Redis and a signaler, and a bounded load; show "
+                     "the traffic shift live (and which sidecars follow the signaler's "
+                     "recommendation), then print a summary and write a PNG plot. Needs no "
+                     "Docker, cluster or running Redis."),
     )
     d = DemoConfig()
     p.add_argument("--duration", type=float, default=d.duration, help="seconds of load (40)")
@@ -478,6 +553,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window", type=float, default=d.window, help="live view window, s (2)")
     p.add_argument("--recover-at", type=float, default=None,
                    help="make the bad pod healthy this many seconds into the load")
+    p.add_argument("--no-signaler", action="store_true",
+                   help="no Redis, no signaler: each sidecar learns alone (regret matching)")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="use this Redis instead of an embedded one (the mesh key must be in "
+                        "EQUILIBRIUM_MESH_SECRET)")
+    p.add_argument("--tokens", type=int, default=d.tokens,
+                   help="tokens the signaler splits the traffic into (16)")
     p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for every sidecar, e.g. --sidecar-arg=--redis=URL "
                         "(repeatable)")
@@ -492,35 +574,49 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         bad_delay=args.bad_delay, bad_fraction=args.bad_fraction, clients=args.clients,
         rate=args.rate, duration=args.duration, policy=args.policy, strategy=args.strategy,
         seed=args.seed, out=args.out, window=args.window, recover_at=args.recover_at,
-        sidecar_args=list(args.sidecar_arg),
+        sidecar_args=list(args.sidecar_arg), tokens=args.tokens,
     )
 
 
-def default_phases(config: DemoConfig) -> list[DemoPhase]:
-    """The phases ``equilibrium demo`` runs (later issues append theirs here)."""
+def default_phases(config: DemoConfig, signaling: SignalingPlan | None = None) -> list[DemoPhase]:
+    """The phases ``equilibrium demo`` runs (later issues append theirs here).
+
+    ``signaling`` (from :func:`equilibrium.demo_mesh.resolve_signaling`) adds the signaling
+    plane unless its mode is ``off``.
+    """
+    from equilibrium.demo_mesh import SignalingPhase
+
     phases: list[DemoPhase] = []
+    if signaling is not None and signaling.mode != "off":
+        phases.append(SignalingPhase(signaling, upstream=UPSTREAM, tokens=config.tokens))
     if config.recover_at is not None:
         phases.append(RecoveryPhase(config.recover_at))
     return phases
 
 
-async def _main_async(config: DemoConfig, live: bool) -> None:
+async def _main_async(config: DemoConfig, signaling: SignalingPlan, live: bool) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if task is not None:
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    await run_demo(config, default_phases(config), live=live)
+    await run_demo(config, default_phases(config, signaling), live=live)
 
 
 def main(args: argparse.Namespace) -> int:
+    from equilibrium.demo_mesh import SignalingUnavailable, resolve_signaling
+
     try:
         config = config_from_args(args)
         config.validate()
-    except ValueError as exc:
+        signaling = resolve_signaling(no_signaler=args.no_signaler, redis_url=args.redis,
+                                      environ=os.environ)
+    except (ValueError, SignalingUnavailable) as exc:
         print(f"equilibrium demo: {exc}", file=sys.stderr)
         return 2
+    if signaling.warning:
+        print(f"equilibrium demo: warning: {signaling.warning}", file=sys.stderr)
     try:
-        asyncio.run(_main_async(config, live=not args.no_live))
+        asyncio.run(_main_async(config, signaling, live=not args.no_live))
     except KeyboardInterrupt:
         print("\ninterrupted; every child process was stopped", file=sys.stderr)
         return 130

@@ -38,6 +38,8 @@ class Frame:
     states: Mapping[str, Mapping[str, Any] | None]
     upstream: str
     extra: Sequence[str] = field(default_factory=tuple)
+    #: the sidecars are in a signaling plane: show who follows the signaler
+    signaling: bool = False
 
 
 def fmt_ms(seconds: float) -> str:
@@ -58,8 +60,15 @@ def _bar(share: float) -> str:
     return "#" * filled + "." * (BAR_WIDTH - filled)
 
 
+def coordination(up: Mapping[str, Any]) -> str:
+    """Where a sidecar's weights come from, when it is in a signaling plane."""
+    return ("follows signaler" if up.get("following")
+            else "local regret matching (fallback)")
+
+
 def sidecar_rows(frame: Frame) -> list[str]:
-    """Per sidecar: policy, weight per pod, largest regret, Nash gap, converged."""
+    """Per sidecar: policy, weight per pod, largest regret, Nash gap, converged, and with a
+    signaler whether it follows the recommendation or falls back to local regret matching."""
     rows = []
     for sid, state in frame.states.items():
         up = (state or {}).get("upstreams", {}).get(frame.upstream) if state else None
@@ -75,7 +84,8 @@ def sidecar_rows(frame: Frame) -> list[str]:
             f"  gap={float(up.get('nash_gap', 0.0)):.4f}"
             f"  flap={float(up.get('flapping', 0.0)):.3f}"
             f"  {'converged' if up.get('converged') else 'learning'}"
-            + ("  following" if up.get("following") else "")
+            + (f"  {coordination(up)}" if frame.signaling
+               else ("  following" if up.get("following") else ""))
         )
     return rows
 
@@ -105,18 +115,20 @@ def render_line(frame: Frame) -> str:
     shares = " ".join(
         f"{p.name}{'*' if p.bad else ''}={fmt_pct(p.share)}" for p in frame.pods
     )
-    converged = 0
+    converged = following = 0
     gaps = []
     for state in frame.states.values():
         up = (state or {}).get("upstreams", {}).get(frame.upstream) if state else None
         if up:
             converged += int(bool(up.get("converged")))
+            following += int(bool(up.get("following")))
             gaps.append(float(up.get("nash_gap", 0.0)))
     gap = f"{max(gaps):.4f}" if gaps else "-"
-    extra = ("  " + " ".join(frame.extra)) if frame.extra else ""
+    follow = f" following={following}/{len(frame.states)}" if frame.signaling else ""
+    extra = ("  " + " ".join(" ".join(e.split()) for e in frame.extra)) if frame.extra else ""
     return (
         f"t={frame.elapsed:.0f}s req={frame.requests} err={frame.errors} share: {shares}"
-        f"  nash_gap={gap} converged={converged}/{len(frame.states)}{extra}"
+        f"  nash_gap={gap} converged={converged}/{len(frame.states)}{follow}{extra}"
     )
 
 

