@@ -1,4 +1,5 @@
-"""``equilibrium demo`` end to end: real fleet, real sidecars, real load, real exit."""
+"""``equilibrium demo`` end to end: real fleet, real sidecars, real load, real exit; by default
+with the signaling plane (a real embedded redis-server and a real signaler process)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,25 @@ REPO = Path(__file__).resolve().parents[2]
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("EQUILIBRIUM_MESH_SECRET", None)  # the demo makes its own key
     return env
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (part.decode(errors="replace").partition("=") for part in raw.split(b"\0") if part)
+    return {name: value for name, _, value in pairs}
 
 
 def _children(pid: int) -> list[int]:
@@ -43,10 +62,46 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_demo_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(tmp_path: Path) -> None:
+def test_demo_with_the_signaler_follows_it_and_shifts_traffic_off_the_bad_pod(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "equilibrium", "demo", "--duration", "8", "--out", str(out)],
+        [sys.executable, "-m", "equilibrium", "demo", "--duration", "10", "--out", str(out)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    live = [line for line in proc.stdout.splitlines() if line.startswith("t=")]
+    assert len(live) >= 7
+    assert all("following=" in line for line in live)
+    assert any("following=0/3" not in line for line in live)  # someone followed at some point
+    assert "sidecars coordinated by the signaler" in proc.stdout
+    assert (out / "equilibrium-demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "equilibrium-demo.json").read_text())
+    assert summary["config"]["signaler"] is True
+    totals = summary["metrics"]["pod_totals"]
+    assert all(totals["pod-4"] < totals[f"pod-{i}"] for i in range(4)), totals
+    assert summary["metrics"]["errors"] == 0
+    signaling = summary["phases"]["signaling"]
+    assert set(signaling["following_fraction"]) == {"client-1", "client-2", "client-3"}
+    assert max(signaling["following_fraction"].values()) > 0
+    assert signaling["recommendations published"] > 0
+    followed = [line for line in proc.stdout.splitlines() if "followed the signaler:" in line]
+    assert len(followed) == 3 and any("accepted 0," not in line for line in followed)
+    # The signaler's plan sends nothing to the bad pod.
+    state = signaling["signaler_last_state"]["upstreams"]["demo"]
+    bad_url = next(url for url, model in state["models"].items()
+                   if model["d"] == max(m["d"] for m in state["models"].values()))
+    assert all(w.get(bad_url, 0) == 0 for w in state["plan"]["weights"].values())
+
+
+def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "equilibrium", "demo", "--no-signaler", "--duration", "8",
+         "--out", str(out)],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=90,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,6 +109,8 @@ def test_demo_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(tmp_path: P
     live = [line for line in proc.stdout.splitlines() if line.startswith("t=")]
     assert len(live) >= 5
     assert "pod-4*=" in live[-1] and "converged=" in live[-1]
+    assert "following=" not in live[-1]
+    assert "no signaler (each sidecar learns alone)" in proc.stdout
     assert "the bad pod got less traffic than each good pod: yes" in proc.stdout
     png = out / "equilibrium-demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,9 +121,12 @@ def test_demo_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(tmp_path: P
     assert summary["metrics"]["errors"] == 0
     assert set(summary["sidecars"]) == {"client-1", "client-2", "client-3"}
     assert all(s["weights"]["pod-4"] < 0.2 for s in summary["sidecars"].values())
+    assert summary["config"]["signaler"] is False and "signaling" not in summary["phases"]
 
 
-def test_demo_ctrl_c_stops_and_reaps_every_child(tmp_path: Path) -> None:
+def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_the_key_off_argv(
+    tmp_path: Path,
+) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "equilibrium", "demo", "--duration", "60", "--clients", "2",
          "--out", str(tmp_path)],
@@ -81,7 +141,18 @@ def test_demo_ctrl_c_stops_and_reaps_every_child(tmp_path: Path) -> None:
             assert line or proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert line.startswith("t="), "the demo never showed its live view"
         children = _children(proc.pid)
-        assert len(children) >= 5  # fleet, 2 sidecars, 2 load generators
+        # fleet, 2 sidecars, 2 load generators, redis-server, signaler
+        assert len(children) >= 7
+        argvs = {pid: _cmdline(pid) for pid in children}
+        keys = {pid: _environ(pid).get("EQUILIBRIUM_MESH_SECRET") for pid in children}
+        signers = [pid for pid, argv in argvs.items() if "signaler" in argv or "sidecar" in argv]
+        assert len(signers) == 3
+        key = keys[signers[0]]
+        assert key and len(key) >= 32 and all(keys[pid] == key for pid in signers)
+        assert not any(key in " ".join(argv) for argv in argvs.values())
+        # only the signaler and the sidecars get the key (not the fleet or the load)
+        assert [pid for pid in children if keys[pid]] == signers
+        assert any("redis-server" in " ".join(argv) for argv in argvs.values())
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=40)
     finally:
@@ -145,3 +216,76 @@ def test_recovery_phase_reports_readmission_time_and_peak_share(tmp_path: Path) 
     assert summary["largest 1 s share after recovery (fair share 20%)"] == 0.18
     never = RecoveryPhase(at=5.5).summary(run)
     assert never["re-admitted to half its fair traffic (10%) after (s)"] == "not within the run"
+
+
+def test_demo_with_redis_but_no_mesh_key_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "equilibrium", "demo", "--redis", "redis://127.0.0.1:9/0",
+         "--out", str(tmp_path)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "EQUILIBRIUM_MESH_SECRET" in proc.stderr and "--redis" in proc.stderr
+    assert not (tmp_path / "equilibrium-demo.png").exists()
+
+
+def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags() -> None:
+    from equilibrium.demo_mesh import SignalingUnavailable, resolve_signaling
+    from equilibrium.embedded_redis import RedisUnavailable
+
+    def no_binary() -> None:
+        raise RedisUnavailable("no redis-server binary")
+
+    fallback = resolve_signaling(no_signaler=False, redis_url=None, environ={},
+                                 find_server=no_binary)
+    assert fallback.mode == "off" and fallback.mesh_key is None
+    assert fallback.warning and "WITHOUT the signaler" in fallback.warning
+
+    first = resolve_signaling(no_signaler=False, redis_url=None, environ={})
+    second = resolve_signaling(no_signaler=False, redis_url=None, environ={})
+    assert first.mode == "embedded" and first.warning is None
+    assert first.mesh_key and len(first.mesh_key) == 64 and first.mesh_key != second.mesh_key
+    assert first.mesh_key not in repr(first)
+
+    key = "k" * 32
+    external = resolve_signaling(no_signaler=False, redis_url="redis://127.0.0.1:6379/0",
+                                 environ={"EQUILIBRIUM_MESH_SECRET": key})
+    assert (external.mode, external.mesh_key) == ("external", key)
+    for flags, message in [
+        ({"no_signaler": True, "redis_url": "redis://127.0.0.1:6379/0"}, "contradict"),
+        ({"no_signaler": False, "redis_url": "http://127.0.0.1:6379"}, "redis://"),
+        ({"no_signaler": False, "redis_url": "redis://127.0.0.1:6379/0"}, "EQUILIBRIUM_MESH"),
+    ]:
+        try:
+            resolve_signaling(environ={"EQUILIBRIUM_MESH_SECRET": "short"}
+                              if message == "EQUILIBRIUM_MESH" else {}, **flags)
+        except SignalingUnavailable as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"{flags} was accepted")
+    assert resolve_signaling(no_signaler=True, redis_url=None, environ={}).mode == "off"
+
+
+def test_live_view_shows_who_follows_the_signaler() -> None:
+    import io
+
+    from equilibrium.live import Frame, LiveView, PodLine
+
+    def state(following: bool) -> dict[str, object]:
+        return {"upstreams": {"demo": {
+            "policy": "equilibrium", "nash_gap": 0.0, "flapping": 0.0, "converged": False,
+            "following": following,
+            "endpoints": [{"endpoint": "http://127.0.0.1:1", "weight": 1.0, "regret": 0.0}]}}}
+
+    frame = Frame(elapsed=4, duration=10, requests=10, errors=0, window=2,
+                  pods=[PodLine("pod-0", 1.0, 0.004, 0.009)],
+                  states={"client-1": state(True), "client-2": state(False)}, upstream="demo",
+                  extra=["  signaler (embedded Redis): sidecars following 1/2"], signaling=True)
+    tty = io.StringIO()
+    LiveView(tty, tty=True).show(frame)
+    rows = tty.getvalue().splitlines()
+    assert any("client-1" in r and r.endswith("follows signaler") for r in rows)
+    assert any("client-2" in r and r.endswith("local regret matching (fallback)") for r in rows)
+    pipe = io.StringIO()
+    LiveView(pipe, tty=False).show(frame)
+    assert "following=1/2" in pipe.getvalue() and "signaler (embedded Redis)" in pipe.getvalue()
