@@ -19,9 +19,9 @@ Unmeasured capacity (a trust region). An endpoint whose latency never rose with 
 almost infinite capacity ``mu``; planned as such, it would attract every token -- exactly the herd
 a correlated equilibrium is meant to prevent, and on a real queue a few seconds of overload
 leave a backlog that takes far longer to drain. So a plan trusts a capacity only as far as it
-has been seen: every endpoint's ``mu`` is capped at ``capacity_headroom`` (default 2) times the
+has been seen: every endpoint's ``mu`` is capped at ``capacity_headroom`` (default 1.5) times the
 largest load it was observed under (at least an even share of the current demand). An endpoint
-is therefore never planned at much more than twice the load it has already carried; endpoints
+is therefore never planned at much more than 1.5 times the load it already carried; endpoints
 that look alike share the load; and a capacity actually measured below the cap is used as is.
 The cap never contradicts an observation: a curve ``d + 1/(mu - x)`` with ``d >= 0`` that passes
 through latency ``l`` at load ``x`` has ``mu >= x + 1/l``, so the cap is at least that for the
@@ -65,7 +65,7 @@ from signaler.tokens import assign_tokens, quantise_demand, sample_configuration
 
 DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
-DEFAULT_CAPACITY_HEADROOM = 2.0
+DEFAULT_CAPACITY_HEADROOM = 1.5
 DEFAULT_STABILITY = 0.15
 #: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
 FALLBACK_MODEL = LatencyModel(d=0.005, mu=1000.0)
