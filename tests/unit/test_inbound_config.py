@@ -130,3 +130,24 @@ def test_any_standing_formats_to_a_parseable_value(score: float, level: int, pha
 def test_malformed_standing_is_a_header_error(value: str) -> None:
     with pytest.raises(HeaderError):
         parse_standing(value)
+
+
+# ---------------------------------------------------------------- the mesh key
+
+
+def test_mesh_key_from_env_or_file(tmp_path: Path) -> None:
+    from sidecar.policing import read_mesh_key
+
+    key_file = tmp_path / "mesh.key"
+    key_file.write_text("file-key-0123456789abcdef\n")
+    with_file = ConfigSource.from_sources({"mesh_secret_file": str(key_file)}, env={}).load()
+    without = ConfigSource.from_sources({}, env={}).load()
+    assert read_mesh_key(with_file, {}) == b"file-key-0123456789abcdef"
+    assert read_mesh_key(with_file, {"EQUILIBRIUM_MESH_SECRET": "env-key-0123456789abcdef"}) \
+        == b"env-key-0123456789abcdef"  # the environment wins
+    assert read_mesh_key(without, {}) is None  # no key: everyone anonymous, not an error
+    key_file.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_mesh_key(with_file, {})
+    with pytest.raises(ConfigError, match="at least 16"):
+        read_mesh_key(without, {"EQUILIBRIUM_MESH_SECRET": "short"})
