@@ -420,15 +420,20 @@ def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
     share_times = [w.start + w.width for w in wins]
     shares = {p: analysis.share_series(wins, p) for p in pods}
     state_times, regrets, gaps = _state_series(run)
+    # The plot stops with the load (the summary also reads one state after it ended).
+    shown = sum(1 for t in state_times if t <= cfg.duration + 0.5)
+    following = {sid: [(t, on) for t, on in points if t <= cfg.duration + 0.5]
+                 for sid, points in following_series(run).items()}
     cfg.out.mkdir(parents=True, exist_ok=True)
     coordination = ("sidecars follow the CE signaler" if run.signaling
                     else "sidecars learn alone")
     png = plot_demo(
-        cfg.out / "equilibrium-demo.png", share_times, shares, [run.bad_pod], state_times,
-        regrets, gaps,
+        cfg.out / "equilibrium-demo.png", share_times, shares, [run.bad_pod],
+        state_times[:shown], {p: v[:shown] for p, v in regrets.items()},
+        {s: v[:shown] for s, v in gaps.items()},
         title=(f"equilibrium demo: {cfg.clients} clients × {cfg.rate:g} req/s, "
                f"policy {cfg.policy}, {coordination}, {run.bad_pod} bad"),
-        following=following_series(run) if run.signaling else None,
+        following=following if run.signaling else None,
     )
     summary: dict[str, Any] = {
         "config": {
@@ -441,6 +446,7 @@ def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
         "bad_pod_less_than_each_good_pod": bad_less,
         "sidecars": {
             sid: {"converged": bool(up.get("converged")),
+                  "following": bool(up.get("following")),
                   "nash_gap": float(up.get("nash_gap", math.nan)),
                   "flapping": float(up.get("flapping", math.nan)),
                   "weights": {run.pod_of_endpoint(str(ep.get("endpoint"))):
@@ -506,8 +512,12 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
     ]
     for sid, s in summary["sidecars"].items():
         weights = " ".join(f"{p}={w:.2f}" for p, w in sorted(s["weights"].items()))
+        source = ""
+        if cfg.get("signaler"):
+            source = ("follows the signaler, " if s.get("following")
+                      else "local regret matching (fallback), ") + "own learner "
         lines.append(
-            f"  {sid}: {'converged' if s['converged'] else 'not converged'},"
+            f"  {sid}: {source}{'converged' if s['converged'] else 'not converged'},"
             f" Nash gap {s['nash_gap']:.4f}, flapping {s['flapping']:.3f}, weights {weights}"
         )
     for name, entries in summary["phases"].items():

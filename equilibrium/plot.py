@@ -100,6 +100,8 @@ def _plot_following(ax: Any, following: Mapping[str, Sequence[tuple[float, bool]
     ax.set_ylim(-0.6, len(names) - 0.4)
     ax.invert_yaxis()
     ax.set_ylabel("follows\nsignaler")
+    ax.set_title("green: routes by the signaler's recommendation; blank: local regret matching"
+                 " (fallback)", fontsize="small", loc="left")
     ax.grid(axis="x", linewidth=0.4, alpha=0.5)
 
 
