@@ -5,13 +5,17 @@ Owns the full-mesh part of ``equilibrium demo``: deciding whether it can run
 :class:`~equilibrium.demo.DemoPhase` that before the sidecars start
 
 - takes a fresh random mesh key (or, with ``--redis URL``, the one in
-  ``EQUILIBRIUM_MESH_SECRET``) and hands it to the signaler and every sidecar through that
-  environment variable only, never on a command line or in a file;
+  ``EQUILIBRIUM_MESH_SECRET``);
 - starts an :class:`~equilibrium.embedded_redis.EmbeddedRedis` with a random password on
   loopback, unless the user gave a Redis;
-- starts ``python -m equilibrium signaler --redis URL --epoch 1 --admin 127.0.0.1:PORT`` and
-  waits for its ``/readyz``;
-- adds ``--redis URL --signaling-epoch E`` to every sidecar.
+- starts ``python -m equilibrium signaler --epoch 1 --admin 127.0.0.1:PORT ...`` and waits for
+  its ``/readyz``;
+- starts every sidecar with ``--signaling-epoch 1``.
+
+Secrets travel only in the environment of the signaler and the sidecars, never on a command
+line (where ``ps`` shows them to every user) or in a file: the mesh key as
+``EQUILIBRIUM_MESH_SECRET`` and the Redis URL, which carries the password, as
+``EQUILIBRIUM_REDIS_URL`` (both read it exactly as ``--redis URL``).
 
 During the load it reads the signaler's ``/debug/state`` once a second (epoch, last plan:
 objective, correlated-equilibrium gap, solve time) and each sidecar's ``following`` flag from
@@ -44,6 +48,7 @@ from equilibrium.processes import ChildProcess, child_environment, free_port, wa
 from mesh.identity import MeshKeyError, load_mesh_key
 
 MESH_KEY_ENV = "EQUILIBRIUM_MESH_SECRET"
+REDIS_URL_ENV = "EQUILIBRIUM_REDIS_URL"
 SIGNALER_ID = "demo-signaler"
 SIGNALER_READY_TIMEOUT = 90.0
 """Seconds to wait for the signaler's ``/readyz``: importing cvxpy alone takes several seconds
@@ -175,9 +180,9 @@ class SignalingPhase(DemoPhase):
             self.redis.start()
             self.redis_url = self.redis.url
         self.admin = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "equilibrium", "signaler", "--redis", self.redis_url,
-                "--epoch", f"{self.epoch:g}", "--admin", self.admin, "--tokens",
-                str(self.tokens), "--id", SIGNALER_ID, "--upstream", self.upstream]
+        argv = [sys.executable, "-m", "equilibrium", "signaler", "--epoch", f"{self.epoch:g}",
+                "--admin", self.admin, "--tokens", str(self.tokens), "--id", SIGNALER_ID,
+                "--upstream", self.upstream]
         log = run.logs / "signaler.log"
         self.signaler = await ChildProcess.start(
             "signaler", argv, stdout_pipe=False, stderr_path=str(log), env=self._env())
@@ -191,11 +196,10 @@ class SignalingPhase(DemoPhase):
                                + "".join(f"\n  {line}" for line in tail)) from None
 
     def sidecar_args(self, run: DemoRun, sidecar_id: str) -> list[str]:
-        return ["--redis", self.redis_url, "--signaling-epoch", f"{self.epoch:g}"]
+        return ["--signaling-epoch", f"{self.epoch:g}"]
 
     def sidecar_env(self, run: DemoRun, sidecar_id: str) -> dict[str, str]:
-        assert self.plan.mesh_key is not None
-        return {MESH_KEY_ENV: self.plan.mesh_key}
+        return self._secrets()
 
     async def on_tick(self, run: DemoRun, elapsed: float) -> None:
         body = await self._get_json("/debug/state")
@@ -317,11 +321,12 @@ class SignalingPhase(DemoPhase):
     def _where(self) -> str:
         return "embedded Redis" if self.plan.mode == "embedded" else "your Redis"
 
-    def _env(self) -> dict[str, str]:
-        env = child_environment()
+    def _secrets(self) -> dict[str, str]:
         assert self.plan.mesh_key is not None
-        env[MESH_KEY_ENV] = self.plan.mesh_key
-        return env
+        return {MESH_KEY_ENV: self.plan.mesh_key, REDIS_URL_ENV: self.redis_url}
+
+    def _env(self) -> dict[str, str]:
+        return {**child_environment(), **self._secrets()}
 
     async def _get_json(self, path: str) -> dict[str, Any] | None:
         try:

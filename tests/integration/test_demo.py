@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,6 +19,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("EQUILIBRIUM_MESH_SECRET", None)  # the demo makes its own key
+    env.pop("EQUILIBRIUM_REDIS_URL", None)  # and its own Redis
     return env
 
 
@@ -124,7 +126,7 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
     assert summary["config"]["signaler"] is False and "signaling" not in summary["phases"]
 
 
-def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_the_key_off_argv(
+def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_secrets_off_argv(
     tmp_path: Path,
 ) -> None:
     proc = subprocess.Popen(
@@ -149,7 +151,13 @@ def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_the_key_off_argv(
         assert len(signers) == 3
         key = keys[signers[0]]
         assert key and len(key) >= 32 and all(keys[pid] == key for pid in signers)
-        assert not any(key in " ".join(argv) for argv in argvs.values())
+        # The Redis URL (with its password) travels like the key, in the environment.
+        urls = {_environ(pid).get("EQUILIBRIUM_REDIS_URL") for pid in signers}
+        assert len(urls) == 1
+        password = urlsplit(urls.pop() or "").password
+        assert password and len(password) >= 16
+        for secret in (key, password):
+            assert not any(secret in " ".join(argv) for argv in argvs.values())
         # only the signaler and the sidecars get the key (not the fleet or the load)
         assert [pid for pid in children if keys[pid]] == signers
         assert any("redis-server" in " ".join(argv) for argv in argvs.values())
