@@ -32,7 +32,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from equilibrium.demo_mesh import SignalingPlan
 
 UPSTREAM = "demo"
+FOLLOWING_POLICY = "equilibrium"
+"""The sidecar policy that follows the signaler's recommendations (the others ignore them)."""
 
 
 @dataclass(slots=True)
@@ -310,8 +312,9 @@ async def run_demo(
             await phase.prepare(run)
         stream.write(
             f"starting {config.clients} sidecars (policy {config.policy}, "
-            + ("following the signaler's recommendations when they arrive"
-               if run.signaling else "each learning alone by regret matching") + ")\n"
+            + ("following the signaler's recommendations when they arrive" if run.signaling
+               else "each learning alone by regret matching"
+               if config.policy == FOLLOWING_POLICY else "each routing on its own") + ")\n"
         )
         stream.flush()
         await _start_sidecars(run, phases)
@@ -492,7 +495,8 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
         f"summary: {cfg['clients']} clients × {cfg['rate']:g} req/s for {cfg['duration']:g} s,"
         f" policy {cfg['policy']}, "
         + ("sidecars coordinated by the signaler" if cfg.get("signaler")
-           else "no signaler (each sidecar learns alone)"),
+           else "no signaler (each sidecar learns alone)" if cfg["policy"] == FOLLOWING_POLICY
+           else "no signaler"),
         f"  requests {m['requests']}, errors {m['errors']}",
         f"  share sent to the bad pod {bad}: first 5 s {fmt_pct(m['bad_share_first'])}"
         f" -> second half {fmt_pct(m['bad_share_steady'])} (whole run"
@@ -571,7 +575,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokens", type=int, default=d.tokens,
                    help="tokens the signaler splits the traffic into (16)")
     p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag for every sidecar, e.g. --sidecar-arg=--redis=URL "
+                   help="extra flag for every sidecar, e.g. --sidecar-arg=--max-attempts=1 "
                         "(repeatable)")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG and JSON")
     p.add_argument("--no-live", action="store_true", help="no live view, only the summary")
@@ -623,6 +627,10 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, SignalingUnavailable) as exc:
         print(f"equilibrium demo: {exc}", file=sys.stderr)
         return 2
+    if signaling.mode != "off" and config.policy != FOLLOWING_POLICY:
+        signaling = replace(signaling, mode="off", warning=(
+            f"policy {config.policy} routes on its own and never follows the signaler; "
+            "running without it, as --no-signaler"))
     if signaling.warning:
         print(f"equilibrium demo: warning: {signaling.warning}", file=sys.stderr)
     try:
