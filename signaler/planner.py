@@ -37,7 +37,12 @@ latency of a token, its expected cost at most ``1 + stability`` times the new op
 epsilon-CE close to the best; measured latencies are noisier than 5 %), and when the sampled
 configuration and the sidecars' token counts are unchanged it keeps the previous deal, so each
 sidecar keeps its private share. The deal was uniformly random when made, so every token is
-still told endpoint ``j`` with probability ``c_j / n``.
+still told endpoint ``j`` with probability ``c_j / n``. Two more rails keep those unchanged:
+the sidecars keep their token counts while those still round their quotas (a count within one
+token of ``demand share x n``: a valid apportionment), and the configuration is re-drawn from
+the distribution only with probability ``refresh`` (default 0.25) per epoch, else kept while it
+is still in the distribution's support -- a lazy chain whose stationary law is the
+distribution itself, so over time configurations are drawn as the plan says.
 
 The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
 correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
@@ -67,6 +72,7 @@ DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 1.5
 DEFAULT_STABILITY = 0.15
+DEFAULT_REFRESH = 0.25
 #: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
 FALLBACK_MODEL = LatencyModel(d=0.005, mu=1000.0)
 
@@ -280,6 +286,26 @@ def keep_previous(
     )
 
 
+def still_apportions(previous: Mapping[str, int], rates: Mapping[str, float], n: int) -> bool:
+    """Whether ``previous`` token counts are still a valid apportionment of ``n`` tokens to
+    ``rates``: the same sidecars, the right total, every count within one token of its quota,
+    and at least one token for every sidecar with demand."""
+    total = math.fsum(rates.values())
+    if set(previous) != set(rates) or sum(previous.values()) != n or total <= 0:
+        return False
+    for sidecar, rate in rates.items():
+        count = previous[sidecar]
+        if (rate > 0) != (count > 0) or abs(count - rate / total * n) >= 1.0:
+            return False
+    return True
+
+
+def in_support(solution: CESolution, configuration: Sequence[int]) -> bool:
+    """Whether ``configuration`` has positive probability in ``solution``."""
+    rows = np.all(solution.configurations == np.asarray(configuration), axis=1)
+    return bool(rows.any() and solution.probabilities[rows].sum() > 0)
+
+
 def make_plan(
     view: UpstreamView,
     now: float,
@@ -290,6 +316,7 @@ def make_plan(
     max_configurations: int = DEFAULT_MAX_CONFIGURATIONS,
     capacity_headroom: float = DEFAULT_CAPACITY_HEADROOM,
     stability: float = DEFAULT_STABILITY,
+    refresh: float = DEFAULT_REFRESH,
 ) -> Plan:
     """Solve this epoch's program for ``view`` and deal a sampled configuration.
 
@@ -313,6 +340,8 @@ def make_plan(
     active = sum(1 for r in rates.values() if r > 0)
     n = max(n_tokens, active)
     tokens = quantise_demand(rates, n)
+    if previous is not None and still_apportions(previous.tokens, rates, n):
+        tokens = dict(previous.tokens)
     even_share = total / len(endpoints)
     models = tuple(
         capped(view.model_for(e), view.capacity_cap(e, even_share, capacity_headroom))
@@ -328,6 +357,9 @@ def make_plan(
         kept = keep_previous(previous.solution, solution, models, token_load, stability)
     solution = kept or solution
     counts = tuple(int(c) for c in sample_configuration(solution, rng))
+    if (same_game and previous is not None and rng.random() >= refresh
+            and in_support(solution, previous.configuration)):
+        counts = previous.configuration
     own = {s.sidecar: s.endpoints for s in fresh}
     if (same_game and previous is not None and counts == previous.configuration
             and dict(tokens) == dict(previous.tokens)

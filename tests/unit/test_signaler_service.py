@@ -39,7 +39,14 @@ from sidecar.upstreams import UpstreamTable
 from signaler.cli import UsageError, build_config, read_mesh_key
 from signaler.latency_model import LatencyModel
 from signaler.leader import Leadership
-from signaler.planner import NoDemand, UpstreamView, make_plan, sidecar_weights
+from signaler.planner import (
+    NoDemand,
+    UpstreamView,
+    in_support,
+    make_plan,
+    sidecar_weights,
+    still_apportions,
+)
 from signaler.service import SignalerConfig, SignalerService
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
@@ -217,6 +224,30 @@ def test_plans_stay_put_through_noise_and_move_on_real_change() -> None:
         plan = make_plan(view, NOW + t, 12, rng, previous=plan)
     assert plan.configuration[2] == 0
     assert all(w[BAD] == 0.0 for w in plan.weights.values())
+
+
+def test_token_counts_stay_while_they_still_round_the_quotas() -> None:
+    rates = {"a": 10.0, "b": 10.2, "c": 9.9}
+    assert still_apportions({"a": 3, "b": 3, "c": 2}, rates, 8)  # quotas ~2.67, 2.72, 2.62
+    assert not still_apportions({"a": 4, "b": 2, "c": 2}, rates, 8)  # 4 - 2.67 >= 1
+    assert not still_apportions({"a": 3, "b": 3, "c": 2}, rates | {"d": 1.0}, 8)
+    assert not still_apportions({"a": 4, "b": 4, "c": 0}, rates, 8)  # c has demand
+    assert not still_apportions({"a": 3, "b": 3, "c": 3}, rates, 8)  # wrong total
+
+
+def test_the_configuration_is_redrawn_only_at_refresh() -> None:
+    view = UpstreamView("orders", freshness=5.0)
+    for i in range(3):
+        view.offer(summary(f"sc-{i}", latency_mean=(0.010, 0.010, 0.010),
+                           latency_p50=(0.01, 0.01, 0.01), latency_p99=(0.02, 0.02, 0.02)))
+    rng = np.random.default_rng(9)
+    plan = make_plan(view, NOW, 12, rng)
+    for _ in range(5):  # never refreshed: same configuration, same deal, same private shares
+        again = make_plan(view, NOW, 12, rng, previous=plan, refresh=0.0)
+        assert again.configuration == plan.configuration and again.weights == plan.weights
+        plan = again
+    assert in_support(plan.solution, plan.configuration)
+    assert not in_support(plan.solution, (12, 0, 0)) or plan.configuration == (12, 0, 0)
 
 
 def test_plan_needs_demand() -> None:
