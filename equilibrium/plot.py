@@ -49,8 +49,10 @@ def plot_demo(
     ax_share.axhline(5, color="grey", linewidth=0.8, linestyle=":")
     ax_share.set_ylabel("traffic share (%)")
     ax_share.set_ylim(bottom=0)
-    ax_share.legend(loc="upper right", fontsize="small", ncol=2)
-    ax_share.set_title(title)
+    # One row above the panel: traffic can pile up anywhere in it, a legend inside would hide it.
+    ax_share.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize="small",
+                    ncol=max(1, len(shares)), frameon=False)
+    fig.suptitle(title)
 
     for pod, series in regrets.items():
         ax_regret.plot(state_times, _clean(series), label=pod,
