@@ -228,20 +228,18 @@ class SignalingPhase(DemoPhase):
             }
 
     def live_lines(self, run: DemoRun) -> list[str]:
-        states = self.following_now(run)
-        following = sum(states.values())
-        head = (f"  signaler ({self._where()}): sidecars following its recommendation "
-                f"{following}/{len(states)}")
+        """One line: the signaler's last plan (who follows it is on each sidecar's row)."""
+        head = f"  signaler ({self._where()}):"
         last = self.samples[-1] if self.samples else None
         if last is None or last.plan is None:
-            return [head, "    no plan yet (waiting for the sidecars' first regret summaries)"]
+            return [f"{head} no plan yet (waiting for the sidecars' first regret summaries)"]
         plan = last.plan
-        return [head, (
-            f"    epoch {self.epochs()}: plan solved in "
+        return [
+            f"{head} epoch {self.epochs()}, plan solved in "
             f"{_float(plan.get('solve_seconds')) * 1000:.0f} ms ({plan.get('method')},"
-            f" {plan.get('tokens')} tokens); expected mean latency"
-            f" {mean_latency_ms(plan):.1f} ms; CE gap {_float(plan.get('ce_gap')) * 1000:.2f} ms;"
-            f" {last.published} recommendations sent")]
+            f" {plan.get('tokens')} tokens), expected mean latency"
+            f" {mean_latency_ms(plan):.1f} ms, CE gap {_float(plan.get('ce_gap')) * 1000:.2f} ms,"
+            f" {last.published} recommendations sent"]
 
     def summary(self, run: DemoRun) -> dict[str, Any]:
         followed = self.followed_fraction(run)
@@ -286,14 +284,6 @@ class SignalingPhase(DemoPhase):
             self.redis = None
 
     # ---------------------------------------------------------------- readings
-
-    def following_now(self, run: DemoRun) -> dict[str, bool]:
-        """Each sidecar's ``following`` flag in its latest state reading."""
-        now: dict[str, bool] = {s.id: False for s in run.sidecars}
-        for sample in run.states:
-            up = ((sample.state or {}).get("upstreams") or {}).get(self.upstream)
-            now[sample.sidecar] = bool(up and up.get("following"))
-        return now
 
     def followed_fraction(self, run: DemoRun) -> dict[str, float]:
         """Share of the load's state readings in which each sidecar followed."""

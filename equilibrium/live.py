@@ -104,7 +104,12 @@ def render_frame(frame: Frame) -> list[str]:
             f"  {pod.name:<8} {fmt_pct(pod.share):>6}  {_bar(pod.share)}"
             f"  {fmt_ms(pod.p50):>7} {fmt_ms(pod.p99):>7}{mark}"
         )
-    lines.append("  sidecars (weights in endpoint order):")
+    following = sum(1 for state in frame.states.values()
+                    if ((state or {}).get("upstreams") or {}).get(frame.upstream, {})
+                    .get("following"))
+    lines.append("  sidecars (weights in endpoint order"
+                 + (f"; {following}/{len(frame.states)} follow the signaler):"
+                    if frame.signaling else "):"))
     lines.extend(sidecar_rows(frame))
     lines.extend(frame.extra)
     return lines

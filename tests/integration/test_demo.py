@@ -295,6 +295,7 @@ def test_live_view_shows_who_follows_the_signaler() -> None:
     rows = tty.getvalue().splitlines()
     assert any("client-1" in r and r.endswith("follows signaler") for r in rows)
     assert any("client-2" in r and r.endswith("local regret matching (fallback)") for r in rows)
+    assert any("1/2 follow the signaler" in r for r in rows)
     pipe = io.StringIO()
     LiveView(pipe, tty=False).show(frame)
     assert "following=1/2" in pipe.getvalue() and "signaler (embedded Redis)" in pipe.getvalue()
