@@ -72,6 +72,11 @@ class HerdGuard:
         lower = np.where(live, floor, 0.0)
         cap = max(self.cap, 1.0 / n_live)
         upper = np.where(live, np.minimum(cap, p + self.ramp_per_s * max(dt, 0.0)), 0.0)
+        if p.shape == t.shape:
+            # An endpoint the target wants less of never grows, even when the ramp holds back
+            # the endpoints it wants more of: the leftover stays where it was instead of being
+            # spread over every endpoint (a bad pod included).
+            upper = np.where(goal < p, np.minimum(upper, p), upper)
         upper = np.maximum(upper, lower)
         if upper.sum() < 1.0:
             # The endpoint set shrank faster than the ramp allows: keep only the cap.

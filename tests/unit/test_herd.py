@@ -72,3 +72,14 @@ def test_shaped_weights_sum_to_one_respect_cap_and_are_finite(target, seed_prev,
     assert w.sum() == pytest.approx(1.0, abs=1e-9)
     assert np.all(w >= -1e-12)
     assert np.all(w <= max(0.8, 1.0 / k) + 1e-9)
+
+
+def test_ramp_held_leftover_stays_put_instead_of_flowing_to_unwanted_endpoints() -> None:
+    guard = HerdGuard(cap=0.8, ramp_per_s=0.1, smoothing=1.0, explore_floor=0.005)
+    prev = np.array([0.1, 0.45, 0.45])
+    # The target wants everything on endpoint 0 (ramp-limited) and none on 2: endpoint 2 must
+    # not grow, whatever the ramp holds back.
+    w = guard.shape(np.array([1.0, 0.0, 0.0]), prev, dt=0.5)
+    assert w[0] == pytest.approx(0.15)
+    assert w[1] <= 0.45 + 1e-12 and w[2] <= 0.45 + 1e-12
+    assert w.sum() == pytest.approx(1.0)
