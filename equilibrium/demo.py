@@ -598,10 +598,12 @@ def default_phases(config: DemoConfig, signaling: SignalingPlan | None = None) -
     ``signaling`` (from :func:`equilibrium.demo_mesh.resolve_signaling`) adds the signaling
     plane unless its mode is ``off``.
     """
-    from equilibrium.demo_mesh import SignalingPhase
+    from equilibrium.demo_mesh import FollowingPhase, SignalingPhase
 
     phases: list[DemoPhase] = []
-    if signaling is not None and signaling.mode != "off":
+    if signaling is not None and signaling.mode == "sidecars":
+        phases.append(FollowingPhase(upstream=UPSTREAM))
+    elif signaling is not None and signaling.mode != "off":
         phases.append(SignalingPhase(signaling, upstream=UPSTREAM, tokens=config.tokens))
     if config.recover_at is not None:
         phases.append(RecoveryPhase(config.recover_at))
@@ -623,7 +625,7 @@ def main(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         config.validate()
         signaling = resolve_signaling(no_signaler=args.no_signaler, redis_url=args.redis,
-                                      environ=os.environ)
+                                      environ=os.environ, sidecar_args=config.sidecar_args)
     except (ValueError, SignalingUnavailable) as exc:
         print(f"equilibrium demo: {exc}", file=sys.stderr)
         return 2

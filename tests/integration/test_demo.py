@@ -273,6 +273,17 @@ def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags
         else:
             raise AssertionError(f"{no_signaler=} {url=} {environ=} was accepted")
     assert resolve_signaling(no_signaler=True, redis_url=None, environ={}).mode == "off"
+    # sidecars wired to a plane that runs elsewhere (compose.yaml): the demo starts none
+    wired = ["--redis", "redis://redis:6379/0", "--mesh-secret-file", "/run/mesh.key"]
+    assert resolve_signaling(no_signaler=False, redis_url=None, environ={},
+                             sidecar_args=wired, find_server=no_binary).mode == "sidecars"
+    try:
+        resolve_signaling(no_signaler=False, redis_url="redis://127.0.0.1:6379/0",
+                          environ={"EQUILIBRIUM_MESH_SECRET": key}, sidecar_args=wired)
+    except SignalingUnavailable as exc:
+        assert "not both" in str(exc)
+    else:
+        raise AssertionError("--redis together with --sidecar-arg=--redis was accepted")
 
 
 def test_live_view_shows_who_follows_the_signaler() -> None:
