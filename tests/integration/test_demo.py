@@ -102,7 +102,7 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
 ) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "equilibrium", "demo", "--no-signaler", "--duration", "8",
+        [sys.executable, "-m", "equilibrium", "demo", "--no-signaler", "--duration", "6",
          "--out", str(out)],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=90,
     )
