@@ -8,6 +8,7 @@ key in front of it, an honest caller ``coop-a`` and ``mallory``, whose sidecar c
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from equilibrium.cli import main as equilibrium_main
 from mesh.identity import sign_identity
 from tests.integration.inbound_support import MESH_KEY, Shot, open_loop, write_config
 from tests.integration.procs import (
@@ -28,7 +30,6 @@ from tests.integration.procs import (
     fetch,
     free_port,
     metric_value,
-    run_equilibrium,
     start_backend,
 )
 
@@ -215,7 +216,12 @@ async def test_a_forger_gains_nothing(setup: Setup) -> None:
     assert not any(k.startswith("x-gt-") for h in setup.seen for k in h)
 
 
-async def test_configuration_errors_exit_2_with_a_message(tmp_path: Path) -> None:
+async def test_configuration_errors_exit_2_with_a_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The real command line, in-process: a bad setting stops it before anything starts."""
+    for name in [n for n in os.environ if n.startswith("EQUILIBRIUM_")]:
+        monkeypatch.delenv(name)
     short = tmp_path / "short.key"
     short.write_text("tooshort\n")
     bad_policing = write_config(tmp_path / "bad.json", {"ladder": {"base_punishmnt": 3}})
@@ -226,13 +232,12 @@ async def test_configuration_errors_exit_2_with_a_message(tmp_path: Path) -> Non
         (["--mesh-secret-file", str(tmp_path / "missing.key")], "cannot read"),
         (["--config", str(bad_policing)], "unknown key 'base_punishmnt'"),
     ]
-    runs = await asyncio.gather(*(
-        asyncio.to_thread(run_equilibrium, "sidecar", "--admin", "127.0.0.1:0", "--outbound",
-                          "127.0.0.1:0", *args, timeout=30)
-        for args, _ in cases))
-    for (args, message), done in zip(cases, runs, strict=True):
-        assert done.returncode == 2, (args, done.stderr)
-        assert message in done.stderr, (args, done.stderr)
+    for args, message in cases:
+        code = equilibrium_main(["sidecar", "--admin", "127.0.0.1:0", "--outbound",
+                                 "127.0.0.1:0", *args])
+        stderr = capsys.readouterr().err
+        assert code == 2, (args, stderr)
+        assert message in stderr, (args, stderr)
 
 
 async def test_without_a_mesh_key_every_caller_is_anonymous(tmp_path: Path) -> None:
