@@ -28,16 +28,39 @@ through latency ``l`` at load ``x`` has ``mu >= x + 1/l``, so the cap is at leas
 busiest observation (a 4 ms endpoint seen at 25 req/s keeps a capacity of at least 275 req/s;
 capping it at 50 would invent 40 ms of queueing it never showed).
 
+Indifference (pooling alike endpoints). The fits of identical pods differ by measurement noise,
+mostly in ``d``; the LP returns a vertex, so without help it crowds every token onto the pods
+whose fitted ``d`` happens to be lowest and leaves the others idle -- a plan no sidecar would
+prefer (their regret matching treats latencies within 10 % of each other, at least 1 ms, as
+equal: :class:`mesh.regret.ConditionalRegret`'s ``tolerance``/``tolerance_abs``, an
+epsilon-CE). So the plan uses the same margin: endpoints are sorted by their fitted latency at
+their current load (the last observed load) and grouped greedily, each group holding the
+endpoints within ``max(indifference_abs, indifference x fastest)`` of its fastest member (anchored
+at the fastest, so a chain of small steps never joins a slow endpoint to a fast one). Within a
+group every endpoint gets one common model: the mean ``d`` and the smallest (capped) ``mu``.
+The pooled ``d`` removes the noise the LP would otherwise chase; the smallest ``mu`` is the
+conservative load sensitivity: with the trust-region cap below, every ``mu`` is finite and not
+larger than the busiest observation allows, so the queueing term ``1/(mu - load)`` is strictly
+convex and piling a token on a pod always costs more than putting it on an equally good idle
+one. Symmetric, strictly convex costs make the even split of tokens over the group the unique
+cheapest configuration (any other moves a token from a fuller to an emptier pod of the same
+curve at a gain), so the optimal CE spreads tokens over alike pods and gives a slow one none.
+
 Stability. Successive epochs re-fit the models from noisy measurements, and alike endpoints make
 the LP's optimum jump between equivalent vertices; each jump moves every sidecar's target, and
 the sidecars' ramp-limited herd guard then parks the traffic it cannot move yet on the other
 endpoints -- the slow one included. So a plan keeps the previous distribution while it is still
-a good plan under the new models (its CE gap at most ``stability`` (default 0.15) times the mean
+a good plan under the new models (its CE gap at most ``stability`` (default 0.02) times the mean
 latency of a token, its expected cost at most ``1 + stability`` times the new optimum: an
-epsilon-CE close to the best; measured latencies are noisier than 5 %), and when the sampled
-configuration and the sidecars' token counts are unchanged it keeps the previous deal, so each
-sidecar keeps its private share. The deal was uniformly random when made, so every token is
-still told endpoint ``j`` with probability ``c_j / n``. Two more rails keep those unchanged:
+epsilon-CE close to the best). The rail is tight because measurement noise between alike
+endpoints is already pooled away by the indifference margin: a looser one (15 % was tried)
+keeps a plan that crowds alike pods, made before their fits agreed, for ever. The deal of the
+sampled configuration to the sidecars is steady (:func:`signaler.tokens.steady_deal`): each
+sidecar keeps its tokens where they were unless the new configuration has fewer tokens there,
+so a sidecar's private weights change only as much as the configuration does, and not at all
+when it is unchanged. The first deal is uniformly random and every re-deal treats tokens
+symmetrically, so every token is still told endpoint ``j`` with probability ``c_j / n``. Two
+more rails keep the configuration and the token counts unchanged:
 the sidecars keep their token counts while those still round their quotas (a count within one
 token of ``demand share x n``: a valid apportionment), and the configuration is re-drawn from
 the distribution only with probability ``refresh`` (default 0.25) per epoch, else kept while it
@@ -66,13 +89,16 @@ from signaler.latency_model import LatencyModel, fit_latency_model
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS, CorrelatedEquilibriumLP
 from signaler.routing_game import ce_gap, configuration_costs, latency_table
 from signaler.solution import CESolution
-from signaler.tokens import assign_tokens, quantise_demand, sample_configuration
+from signaler.tokens import quantise_demand, sample_configuration, steady_deal
 
 DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 1.5
-DEFAULT_STABILITY = 0.15
+DEFAULT_STABILITY = 0.02
 DEFAULT_REFRESH = 0.25
+#: The sidecars' indifference margin (mesh.regret.ConditionalRegret's tolerance, tolerance_abs).
+DEFAULT_INDIFFERENCE = 0.10
+DEFAULT_INDIFFERENCE_ABS = 0.001
 #: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
 FALLBACK_MODEL = LatencyModel(d=0.005, mu=1000.0)
 
@@ -180,6 +206,11 @@ class UpstreamView:
             d=float(np.median([m.d for m in known])), mu=float(np.median([m.mu for m in known]))
         )
 
+    def current_load(self, endpoint: str, default: float) -> float:
+        """The load (req/s) of ``endpoint``'s latest observation, ``default`` if never seen."""
+        series = self.observations.get(endpoint)
+        return series[-1].load if series else default
+
     def peak_load(self, endpoint: str) -> float:
         """The largest load (req/s) ``endpoint`` was observed under in the history (0 if none)."""
         return max((o.load for o in self.observations.get(endpoint, ())), default=0.0)
@@ -221,6 +252,8 @@ class Plan:
     sidecar_endpoints: Mapping[str, tuple[str, ...]]
     kept_distribution: bool = False
     kept_deal: bool = False
+    #: Each sidecar's tokens per endpoint index (into ``endpoints``): the deal, private to it.
+    deal: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -233,6 +266,45 @@ class Plan:
 def capped(model: LatencyModel, mu_cap: float) -> LatencyModel:
     """``model`` with its capacity lowered to ``mu_cap`` if above it."""
     return model if model.mu <= mu_cap else LatencyModel(d=model.d, mu=mu_cap, knee=model.knee)
+
+
+def pool_indifferent(
+    models: Sequence[LatencyModel],
+    latencies: Sequence[float],
+    indifference: float = DEFAULT_INDIFFERENCE,
+    indifference_abs: float = DEFAULT_INDIFFERENCE_ABS,
+) -> tuple[LatencyModel, ...]:
+    """``models`` with the endpoints that are equally good within the sidecars' margin sharing
+    one model (see the module docstring): grouped greedily by ``latencies`` (each endpoint's
+    fitted latency at its current load), each group anchored at its fastest member and holding
+    those within ``max(indifference_abs, indifference x fastest latency)`` of it; a group's
+    common model has its mean ``d`` and its smallest ``mu``. Endpoints alone in their group
+    keep their model."""
+    if len(models) != len(latencies):
+        raise ValueError(f"{len(models)} models but {len(latencies)} latencies")
+    if indifference < 0 or indifference_abs < 0:
+        raise ValueError("indifference margins must be >= 0")
+    latency = [float(x) for x in latencies]
+    order = sorted(range(len(models)), key=lambda j: (latency[j], j))
+    pooled = list(models)
+    start = 0
+    while start < len(order):
+        fastest = latency[order[start]]
+        margin = max(indifference_abs, indifference * fastest)
+        end = start + 1
+        while end < len(order) and latency[order[end]] - fastest <= margin:
+            end += 1
+        group = order[start:end]
+        if len(group) > 1:
+            common = LatencyModel(
+                d=math.fsum(models[j].d for j in group) / len(group),
+                mu=min(models[j].mu for j in group),
+                knee=models[group[0]].knee,
+            )
+            for j in group:
+                pooled[j] = common
+        start = end
+    return tuple(pooled)
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
@@ -317,13 +389,18 @@ def make_plan(
     capacity_headroom: float = DEFAULT_CAPACITY_HEADROOM,
     stability: float = DEFAULT_STABILITY,
     refresh: float = DEFAULT_REFRESH,
+    indifference: float = DEFAULT_INDIFFERENCE,
+    indifference_abs: float = DEFAULT_INDIFFERENCE_ABS,
 ) -> Plan:
     """Solve this epoch's program for ``view`` and deal a sampled configuration.
 
     The fresh sidecars' demands (requests/s) are quantised into ``n_tokens`` tokens (more when
     more sidecars have demand, so each gets one); each token carries the total demand divided by
     the tokens; each capacity is capped at ``capacity_headroom`` times the largest load the
-    endpoint was seen under, or an even share of the demand (see the module docstring).
+    endpoint was seen under, or an even share of the demand; endpoints within the
+    ``indifference`` margin of each other share one model (:func:`pool_indifferent`); the deal
+    moves as few of each sidecar's tokens as the sampled configuration forces (see the module
+    docstring).
 
     Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
     :class:`~signaler.solution.SolverError` propagate (the caller keeps its previous plan).
@@ -343,9 +420,13 @@ def make_plan(
     if previous is not None and still_apportions(previous.tokens, rates, n):
         tokens = dict(previous.tokens)
     even_share = total / len(endpoints)
-    models = tuple(
-        capped(view.model_for(e), view.capacity_cap(e, even_share, capacity_headroom))
-        for e in endpoints
+    fitted = [view.model_for(e) for e in endpoints]
+    models = pool_indifferent(
+        [capped(m, view.capacity_cap(e, even_share, capacity_headroom))
+         for e, m in zip(endpoints, fitted, strict=True)],
+        [float(m.latency(view.current_load(e, even_share)))
+         for e, m in zip(endpoints, fitted, strict=True)],
+        indifference, indifference_abs,
     )
     token_load = total / n
     solution = CorrelatedEquilibriumLP(
@@ -361,17 +442,27 @@ def make_plan(
             and in_support(solution, previous.configuration)):
         counts = previous.configuration
     own = {s.sidecar: s.endpoints for s in fresh}
-    if (same_game and previous is not None and counts == previous.configuration
-            and dict(tokens) == dict(previous.tokens)
-            and own == dict(previous.sidecar_endpoints)):
-        return dataclasses.replace(previous, models=models, solution=solution,
-                                   kept_distribution=kept is not None, kept_deal=True)
-    shares = assign_tokens(np.array(counts, dtype=np.int64), tokens, rng)
     index = {e: i for i, e in enumerate(endpoints)}
+    held: dict[str, dict[int, int]] = {}
+    if previous is not None:
+        # Carry each sidecar's holdings over by endpoint name (the endpoint set may change).
+        for sidecar, holding in previous.deal.items():
+            held[sidecar] = {
+                index[previous.endpoints[j]]: c for j, c in holding.items()
+                if 0 <= j < len(previous.endpoints) and previous.endpoints[j] in index
+            }
+    deal = steady_deal(np.array(counts, dtype=np.int64), tokens, held, rng)
+    kept_deal = (
+        previous is not None and same_game and own == dict(previous.sidecar_endpoints)
+        and deal == {s: dict(h) for s, h in previous.deal.items()}
+    )
     marginal = solution.marginal()
     weights: dict[str, dict[str, float]] = {}
     for summary in fresh:
-        ws = sidecar_weights(summary.endpoints, shares[summary.sidecar], index, marginal)
+        holding = deal.get(summary.sidecar, {})
+        count = sum(holding.values())
+        share = {j: c / count for j, c in holding.items()} if count else {}
+        ws = sidecar_weights(summary.endpoints, share, index, marginal)
         weights[summary.sidecar] = dict(zip(summary.endpoints, ws, strict=True))
     return Plan(
         upstream=view.upstream,
@@ -383,4 +474,6 @@ def make_plan(
         weights=weights,
         sidecar_endpoints=own,
         kept_distribution=kept is not None,
+        kept_deal=kept_deal,
+        deal=deal,
     )
