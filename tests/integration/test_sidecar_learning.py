@@ -10,8 +10,9 @@ import aiohttp
 
 from tests.integration.procs import async_start_sidecar, async_stop, backends, fetch, start_backend
 
-REQUESTS = 400  # bounded load: at most this many requests, and at most MAX_SECONDS
-MAX_SECONDS = 10.0
+REQUESTS = 4000  # bounded load: at most this many requests, and at most MAX_SECONDS
+MAX_SECONDS = 6.0
+LEARNED_AFTER = 3.0  # seconds: answers after this count as "once the policy had time to learn"
 CONCURRENCY = 8
 
 
@@ -23,6 +24,7 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
         )
         try:
             answers: list[str] = []
+            late: Counter[str] = Counter()
             started = time.monotonic()
             async with aiohttp.ClientSession() as client:
 
@@ -33,9 +35,11 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
                         )
                         assert reply.status == 200
                         answers.append(reply.body.decode())
+                        if time.monotonic() - started > LEARNED_AFTER:
+                            late[answers[-1]] += 1
 
                 await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
-            late = Counter(answers[len(answers) // 2 :])  # once the policy had time to learn
+            assert sum(late.values()) > 0, "the load did not last past the learning period"
             fast_counts = [late[p.name] for p in fast]
             assert late["slow"] * 3 < min(fast_counts), late
             state = sidecar.state()["upstreams"]["svc"]
