@@ -24,6 +24,7 @@ missing image is never pulled: it is looked up with the Docker SDK first and rep
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import secrets
@@ -122,7 +123,7 @@ def choose_kind() -> str:
     return TESTCONTAINERS if docker_status()[0] else LOCAL_BINARY
 
 
-class RedisHandle:
+class RedisHandle(abc.ABC):
     """What the fixtures yield: one real Redis server, whichever kind runs it."""
 
     kind: str
@@ -159,11 +160,13 @@ class RedisHandle:
             time.sleep(0.05)
         raise RuntimeError(f"{self.kind} Redis on port {self.port} not ready: {last}")
 
+    @abc.abstractmethod
     def start(self) -> RedisHandle:
-        raise NotImplementedError
+        """Start (or restart) the server on the same port."""
 
+    @abc.abstractmethod
     def stop(self, *, graceful: bool = True) -> None:
-        raise NotImplementedError
+        """Stop the server: SIGTERM-like when graceful, a crash otherwise."""
 
     def kill(self) -> None:
         """Crash the server (SIGKILL); :meth:`start` brings it back on the same port."""
@@ -173,8 +176,9 @@ class RedisHandle:
         self.stop(graceful=graceful)
         return self.start()
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop for good and release every resource."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} {self.host}:{self.port}>"

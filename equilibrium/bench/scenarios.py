@@ -12,6 +12,7 @@ only when their scenario is listed or run, as the top-level CLI does with subcom
 
 from __future__ import annotations
 
+import abc
 import argparse
 import importlib
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class BenchContext:
         self.stream.flush()
 
 
-class Scenario:
+class Scenario(abc.ABC):
     """One benchmark scenario. Override :meth:`run`; the rest has defaults."""
 
     name = "scenario"
@@ -75,11 +76,13 @@ class Scenario:
     #: requests/s per client when ``--rate`` is not given
     default_rate: float = 100.0
 
-    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
-        """Scenario-specific options (prefix them with the scenario's name to avoid clashes)."""
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:  # noqa: B027 (optional hook)
+        """Scenario-specific options (prefix them with the scenario's name to avoid clashes);
+        by default a scenario has none."""
 
+    @abc.abstractmethod
     async def run(self, ctx: BenchContext) -> ScenarioResult:
-        raise NotImplementedError
+        """Set up the fleet and sidecars, drive the load, return the tables."""
 
 
 def load_scenario(name: str) -> Scenario:
