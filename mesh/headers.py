@@ -17,7 +17,8 @@ X-GT-Congestion           response   ``v=1;level=<0..1>[;limit=<n>;inflight=<n>]
 X-GT-Bid                  request    ``<decimal>`` — bid for priority (see mesh.auction)
 X-GT-Price                response   ``<decimal>`` — the second price charged (see mesh.auction)
 X-GT-Identity             request    signed caller identity (see mesh.identity)
-X-GT-Reputation           response   caller standing (see mesh.reputation)
+X-GT-Reputation           response   ``v=1;score=<0..1>;level=<n>;phase=<phase>[;retry=<s>]``,
+                                     phase good|punished|probation (see mesh.standing)
 ========================  =========  ==========================================================
 """
 
