@@ -102,18 +102,8 @@ def assign_tokens(
     Raises ``ValueError`` if the demands do not add up to the configuration's token count or any
     count/demand is negative.
     """
-    counts = np.asarray(counts)
-    if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer) or np.any(counts < 0):
-        raise ValueError(f"counts must be a 1-D array of non-negative ints, got {counts!r}")
-    for sidecar, demand in demands.items():
-        if isinstance(demand, bool) or not isinstance(demand, int | np.integer) or demand < 0:
-            raise ValueError(f"demand for sidecar {sidecar!r} must be an int >= 0, got {demand!r}")
+    counts = _check_deal(counts, demands)
     total = int(counts.sum())
-    if sum(int(d) for d in demands.values()) != total:
-        raise ValueError(
-            f"demands add up to {sum(int(d) for d in demands.values())} tokens but the "
-            f"configuration has {total}"
-        )
     endpoints = rng.permutation(np.repeat(np.arange(counts.size), counts))
     mix = {int(j): int(c) / total for j, c in enumerate(counts) if c > 0} if total else {}
     weights: dict[str, dict[int, float]] = {}
