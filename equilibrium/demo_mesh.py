@@ -4,26 +4,19 @@ Owns the full-mesh part of ``equilibrium demo``: deciding whether it can run
 (:func:`resolve_signaling`); :class:`FollowingPhase`, a :class:`~equilibrium.demo.DemoPhase`
 that shows and summarises which sidecars follow the signaler (alone when the user wired the
 sidecars to a plane that runs elsewhere, with ``--sidecar-arg=--redis...`` as ``compose.yaml``
-does); and :class:`SignalingPhase`, which also, before the sidecars start,
-
-- takes a fresh random mesh key (or, with ``--redis URL``, the one in
-  ``EQUILIBRIUM_MESH_SECRET``);
-- starts an :class:`~equilibrium.embedded_redis.EmbeddedRedis` with a random password on
-  loopback, unless the user gave a Redis;
-- starts ``python -m equilibrium signaler --epoch 1 --admin 127.0.0.1:PORT ...`` and waits for
-  its ``/readyz``;
-- starts every sidecar with ``--signaling-epoch 1``.
-
-Secrets travel only in the environment of the signaler and the sidecars, never on a command
-line (where ``ps`` shows them to every user) or in a file: the mesh key as
-``EQUILIBRIUM_MESH_SECRET`` and the Redis URL, which carries the password, as
-``EQUILIBRIUM_REDIS_URL`` (both read it exactly as ``--redis URL``).
+does); and :class:`SignalingPhase`, which also, before the sidecars start, runs a
+:class:`~equilibrium.signaling_plane.SignalingPlane`: a fresh random mesh key (or, with
+``--redis URL``, the one in ``EQUILIBRIUM_MESH_SECRET``), an embedded Redis unless the user gave
+one, and ``equilibrium signaler --upstream demo`` waited for on its ``/readyz``; every sidecar
+gets ``--signaling-epoch`` on its command line and the secrets (the key, the Redis URL with its
+password) only in its environment, as the plane hands them out.
 
 During the load it reads the signaler's ``/debug/state`` once a second (epoch, last plan:
 objective, correlated-equilibrium gap, solve time) and each sidecar's ``following`` flag from
 the states the demo already polls; after the load it reads the recommendations each sidecar
 accepted and rejected from its ``/metrics``. The signaler is a child of the run (reaped with
-the others); Redis is stopped in :meth:`SignalingPhase.close`, after every client of it.
+the others); the plane (Redis last) is stopped in :meth:`SignalingPhase.close`, after every
+client of it.
 
 The maths (Hart & Mas-Colell's regret matching in the sidecars, the correlated-equilibrium LP
 in the signaler) lives in :mod:`mesh` and :mod:`signaler`; this module only wires processes.
@@ -36,7 +29,6 @@ import contextlib
 import math
 import secrets
 import statistics
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,16 +37,13 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from equilibrium.demo import DemoPhase, DemoRun, following_series
-from equilibrium.embedded_redis import EmbeddedRedis, RedisUnavailable, find_redis_server
-from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from equilibrium.embedded_redis import RedisUnavailable, find_redis_server
+from equilibrium.signaling_plane import MESH_KEY_ENV, SignalingPlane
 from mesh.identity import MeshKeyError, load_mesh_key
 
-MESH_KEY_ENV = "EQUILIBRIUM_MESH_SECRET"
-REDIS_URL_ENV = "EQUILIBRIUM_REDIS_URL"
 SIGNALER_ID = "demo-signaler"
-SIGNALER_READY_TIMEOUT = 90.0
-"""Seconds to wait for the signaler's ``/readyz``: importing cvxpy alone takes several seconds
-on a loaded machine, and it is ready only after its first epoch."""
+STATE_TIMEOUT = 2.0
+"""Seconds the once-a-second reading of the signaler's ``/debug/state`` may take."""
 
 
 class SignalingUnavailable(ValueError):
@@ -258,10 +247,7 @@ class SignalingPhase(FollowingPhase):
         self.plan = plan
         self.epoch = epoch
         self.tokens = tokens
-        self.redis: EmbeddedRedis | None = None
-        self.redis_url = plan.redis_url or ""
-        self.admin = ""
-        self.signaler: ChildProcess | None = None
+        self.plane: SignalingPlane | None = None
         self.samples: list[SignalerSample] = []
         self.last_state: dict[str, Any] = {}
 
@@ -269,35 +255,21 @@ class SignalingPhase(FollowingPhase):
 
     async def prepare(self, run: DemoRun) -> None:
         await super().prepare(run)
-        if self.plan.mode == "embedded":
-            self.redis = EmbeddedRedis(password=secrets.token_urlsafe(18))
-            # From the main thread, so the server also dies with a kill -9'd demo (pdeathsig).
-            self.redis.start()
-            self.redis_url = self.redis.url
-        self.admin = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "equilibrium", "signaler", "--epoch", f"{self.epoch:g}",
-                "--admin", self.admin, "--tokens", str(self.tokens), "--id", SIGNALER_ID,
-                "--upstream", self.upstream]
-        log = run.logs / "signaler.log"
-        self.signaler = await ChildProcess.start(
-            "signaler", argv, stdout_pipe=False, stderr_path=str(log), env=self._env())
-        run.children.append(self.signaler)
-        try:
-            await wait_http_ok(f"http://{self.admin}/readyz", SIGNALER_READY_TIMEOUT,
-                               self.signaler)
-        except RuntimeError as exc:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"the signaler did not start: {exc}"
-                               + "".join(f"\n  {line}" for line in tail)) from None
+        self.plane = SignalingPlane(
+            run.logs, epoch=self.epoch, tokens=self.tokens, redis_url=self.plan.redis_url,
+            mesh_key=self.plan.mesh_key, signer=SIGNALER_ID, upstreams=[self.upstream])
+        await self.plane.start()
+        assert self.plane.signaler is not None
+        run.children.append(self.plane.signaler)
 
     def sidecar_args(self, run: DemoRun, sidecar_id: str) -> list[str]:
-        return ["--signaling-epoch", f"{self.epoch:g}"]
+        return self._plane().sidecar_args()
 
     def sidecar_env(self, run: DemoRun, sidecar_id: str) -> dict[str, str]:
-        return self._secrets()
+        return self._plane().sidecar_env()
 
     async def on_tick(self, run: DemoRun, elapsed: float) -> None:
-        body = await self._get_json("/debug/state")
+        body = await self._plane().debug_state(STATE_TIMEOUT)
         if not body:
             return
         self.last_state = body
@@ -346,9 +318,9 @@ class SignalingPhase(FollowingPhase):
     async def close(self, run: DemoRun) -> None:
         await super().close(run)
         # The signaler is in run.children: the demo has stopped it (and every sidecar) by now.
-        if self.redis is not None:
-            self.redis.close()
-            self.redis = None
+        if self.plane is not None:
+            await self.plane.stop()
+            self.plane = None
 
     # ---------------------------------------------------------------- readings
 
@@ -366,18 +338,7 @@ class SignalingPhase(FollowingPhase):
     def _where(self) -> str:
         return "embedded Redis" if self.plan.mode == "embedded" else "your Redis"
 
-    def _secrets(self) -> dict[str, str]:
-        assert self.plan.mesh_key is not None
-        return {MESH_KEY_ENV: self.plan.mesh_key, REDIS_URL_ENV: self.redis_url}
-
-    def _env(self) -> dict[str, str]:
-        return {**child_environment(), **self._secrets()}
-
-    async def _get_json(self, path: str) -> dict[str, Any] | None:
-        try:
-            session = self._client()
-            async with session.get(f"http://{self.admin}{path}") as resp:
-                body = await resp.json() if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        return body if isinstance(body, dict) else None
+    def _plane(self) -> SignalingPlane:
+        if self.plane is None:
+            raise RuntimeError("the signaling plane is not started (prepare() runs first)")
+        return self.plane

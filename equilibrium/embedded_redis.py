@@ -13,6 +13,9 @@ binary is built without TLS: asking for TLS picks the first binary that accepts 
 and raises :class:`RedisUnavailable` with the reason when none does (it never silently falls
 back to plain TCP).
 
+It also owns :func:`wait_for_ping`, the bounded wait until a Redis answers PING, which the
+tests' fixtures reuse for servers of every kind.
+
 No server outlives its parent: servers still running at interpreter exit are killed, and a
 server started from the main thread is also started under ``setpriv --pdeathsig KILL`` so that
 it dies even when the parent is killed outright.
@@ -34,11 +37,12 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -47,10 +51,12 @@ from redis.retry import Retry
 __all__ = [
     "EmbeddedRedis",
     "RedisBinary",
+    "RedisNotReady",
     "RedisUnavailable",
     "candidate_binaries",
     "find_redis_server",
     "free_port",
+    "wait_for_ping",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -59,6 +65,44 @@ DEBIAN_BINARY = Path("/usr/bin/redis-server")
 
 class RedisUnavailable(RuntimeError):
     """No usable redis-server binary, or the server did not come up (the message says why)."""
+
+
+class RedisNotReady(RedisUnavailable):
+    """A Redis did not answer PING in time (:func:`wait_for_ping`)."""
+
+
+def wait_for_ping(
+    url: str,
+    timeout: float,
+    *,
+    interval: float = 0.02,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Block until the Redis at ``url`` answers PING, for at most about ``timeout`` seconds.
+
+    Each try is one fresh connection with 1 s socket timeouts and no retries, so the bound
+    holds; ``check`` runs before every try and may raise to give up early (e.g. the server
+    process has exited). Raises :class:`RedisNotReady` naming the last error and the host and
+    port, never the URL (it may carry a password).
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if check is not None:
+            check()
+        try:
+            with redis.Redis.from_url(
+                url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+            ) as conn:
+                if conn.ping():
+                    return
+        except redis.RedisError as exc:
+            last_error = exc
+        time.sleep(interval)
+    where = urlsplit(url)
+    raise RedisNotReady(
+        f"{where.hostname}:{where.port} did not answer PING within {timeout:g} s ({last_error})"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,29 +433,21 @@ class EmbeddedRedis:
             return "(no log)"
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
+        proc = self._proc
+        assert proc is not None
+
+        def still_running() -> None:
+            if proc.poll() is not None:
                 raise RedisUnavailable(
-                    f"redis-server exited with {self._proc.returncode} on port {self._port}:\n"
+                    f"redis-server exited with {proc.returncode} on port {self._port}:\n"
                     + self._log_tail()
                 )
-            try:
-                with self.client(
-                    socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
-                ) as conn:
-                    if conn.ping():
-                        return
-            except redis.RedisError as exc:
-                last_error = exc
-            time.sleep(0.02)
-        self._terminate(signal.SIGKILL)
-        raise RedisUnavailable(
-            f"redis-server did not answer PING within {self.startup_timeout}s ({last_error}):\n"
-            + self._log_tail()
-        )
+
+        try:
+            wait_for_ping(self.url, self.startup_timeout, check=still_running)
+        except RedisNotReady as exc:
+            self._terminate(signal.SIGKILL)
+            raise RedisUnavailable(f"redis-server at {exc}:\n{self._log_tail()}") from None
 
     def start(self) -> EmbeddedRedis:
         """Start the server (no-op when running). Picks a free port on the first start only."""

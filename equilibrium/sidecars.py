@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from equilibrium.processes import ChildProcess, free_port, wait_http_ok
+from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
 
 READY_TIMEOUT = 20.0
 
@@ -63,19 +63,23 @@ class Sidecar:
         extra: Sequence[str] = (),
         stderr_path: str | None = None,
         attempts: int = 3,
+        *,
+        env: Mapping[str, str] | None = None,
     ) -> Sidecar:
         """Start one sidecar and wait until ``/readyz`` answers 200.
 
         Ports are picked free just before the start; if another process grabs one in between
-        the sidecar exits, and the start is retried on new ports (``attempts`` times).
+        the sidecar exits, and the start is retried on new ports (``attempts`` times). ``env``
+        is added to the sidecar's environment (secrets go there, never in ``extra``).
         """
+        child_env = {**child_environment(), **env} if env else None
         last: Exception | None = None
         for _ in range(attempts):
             outbound = f"127.0.0.1:{free_port()}"
             admin = f"127.0.0.1:{free_port()}"
             argv = sidecar_argv(sidecar_id, outbound, admin, upstreams, policy, strategy, extra)
             child = await ChildProcess.start(f"sidecar {sidecar_id}", argv, stdout_pipe=False,
-                                             stderr_path=stderr_path)
+                                             stderr_path=stderr_path, env=child_env)
             try:
                 await wait_http_ok(f"http://{admin}/readyz", READY_TIMEOUT, child)
             except RuntimeError as exc:
@@ -128,10 +132,16 @@ async def start_sidecars(
     strategy: str | None = None,
     extra: Sequence[str] = (),
     stderr_path: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
 ) -> list[Sidecar]:
-    """Start several sidecars in parallel; if one fails, stop the others and raise."""
+    """Start several sidecars in parallel; if one fails, stop the others and raise.
+
+    ``env`` is added to every sidecar's environment (see :meth:`Sidecar.start`).
+    """
     results = await asyncio.gather(
-        *(Sidecar.start(i, upstreams, policy, strategy, extra, stderr_path) for i in ids),
+        *(Sidecar.start(i, upstreams, policy, strategy, extra, stderr_path, env=env)
+          for i in ids),
         return_exceptions=True,
     )
     started = [r for r in results if isinstance(r, Sidecar)]

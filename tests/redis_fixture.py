@@ -28,17 +28,14 @@ import abc
 import contextlib
 import os
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from equilibrium.embedded_redis import EmbeddedRedis, free_port
+from equilibrium.embedded_redis import EmbeddedRedis, RedisNotReady, free_port, wait_for_ping
 
 IMAGE = os.environ.get("EQUILIBRIUM_REDIS_IMAGE", "equilibrium-redis:local")
 TESTCONTAINERS = "testcontainers"
@@ -146,19 +143,10 @@ class RedisHandle(abc.ABC):
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Block until the server answers PING (bounded)."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with self.client(
-                    socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
-                ) as conn:
-                    if conn.ping():
-                        return
-            except redis.RedisError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} Redis on port {self.port} not ready: {last}")
+        try:
+            wait_for_ping(self.url, timeout, interval=0.05)
+        except RedisNotReady as exc:
+            raise RuntimeError(f"{self.kind} Redis not ready: {exc}") from None
 
     @abc.abstractmethod
     def start(self) -> RedisHandle:

@@ -127,9 +127,10 @@ async def run_herding(
             await fleet.reset(seed=seed)
             sidecar_policy = "equilibrium" if policy == CE_POLICY else policy
             extra = plane.sidecar_args() if policy == CE_POLICY and plane else []
+            env = plane.sidecar_env() if policy == CE_POLICY and plane else None
             sidecars = await start_sidecars(
                 [f"{policy}-{c + 1}" for c in range(clients)], {UPSTREAM: fleet.urls},
-                policy=sidecar_policy, strategy=strategy, extra=extra,
+                policy=sidecar_policy, strategy=strategy, extra=extra, env=env,
                 stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
             )
             signaler: dict[str, Any] = {}
