@@ -6,12 +6,20 @@ traffic of the sidecar's own UID/GID (so the proxy's upstream connections are no
 back into itself), loopback traffic, the admin port and excluded ports. The sidecar then
 reads the original destination with ``SO_ORIGINAL_DST``.
 
+Dual-stack: the same rules go to ``iptables`` and ``ip6tables``. They name no address (the
+loopback exemption is ``-o lo``, which covers 127.0.0.0/8, ``::1`` and the pod's own
+addresses of both families; REDIRECT sends locally generated IPv4 to 127.0.0.1 and IPv6 to
+``::1``, inbound to the address it arrived on), so one builder serves both families and they
+cannot drift apart: ``commands`` only puts each family's binary in front.
+
 Pure: ``build_rules`` and ``cleanup_rules`` return iptables argument lists (without the
-binary); ``injector/init_cli.py`` prints or runs them. IPv4 only (``iptables``).
+binary), ``commands`` the full command lines per binary; ``injector/init_cli.py`` prints or
+runs them, and ``injector/ipv6_probe.py`` decides whether the pod has IPv6 to intercept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 INBOUND_CHAIN = "EQUILIBRIUM_INBOUND"
@@ -86,6 +94,23 @@ def cleanup_rules() -> list[list[str]]:
     rules += [[*nat, "-F", chain] for chain in CHAINS]
     rules += [[*nat, "-X", chain] for chain in CHAINS]
     return rules
+
+
+def commands(rules: list[list[str]], binaries: Sequence[str]) -> list[list[str]]:
+    """``rules`` (from ``build_rules`` or ``cleanup_rules``) once per binary, in that order:
+    ``commands(build_rules(c), ["iptables", "ip6tables"])`` is the dual-stack rule set."""
+    return [[binary, *rule] for binary in binaries for rule in rules]
+
+
+def ip6tables_for(iptables: str) -> str:
+    """The IPv6 twin of an iptables binary: ``iptables`` -> ``ip6tables``,
+    ``iptables-legacy`` -> ``ip6tables-legacy``, ``/usr/sbin/iptables-nft`` ->
+    ``/usr/sbin/ip6tables-nft``. ``ValueError`` for a name that does not start so."""
+    head, slash, name = iptables.rpartition("/")
+    if not name.startswith("iptables"):
+        raise ValueError(f"cannot derive the ip6tables binary from {iptables!r}: "
+                         "pass --ip6tables too")
+    return f"{head}{slash}ip6{name[2:]}"
 
 
 def _unique(ports: tuple[int, ...]) -> list[int]:

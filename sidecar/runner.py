@@ -38,6 +38,7 @@ from aiohttp import web
 from mesh.profiles import StrategyProfile, get_profile
 from sidecar.admin import Readiness, debug_state, make_admin_app
 from sidecar.config import ConfigError, ConfigSource, ListenAddress, SidecarConfig
+from sidecar.dual_stack import start_ipv6_twin
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.phases import ProxyPhases
@@ -73,6 +74,10 @@ def effective_profile(config: SidecarConfig) -> StrategyProfile:
         if getattr(config, name) is not None
     }
     return dataclasses.replace(profile, **overrides) if overrides else profile
+
+
+def _tcp_site(runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
+    return web.TCPSite(runner, host, port, reuse_address=True)
 
 
 class StartupError(RuntimeError):
@@ -229,10 +234,8 @@ class SidecarRunner:
         await runner.setup()
         listener.runner = runner
         host, port = listener.address.host, listener.address.port
-        site = (
-            listener.site_factory(runner, host, port) if listener.site_factory is not None
-            else web.TCPSite(runner, host, port, reuse_address=True)
-        )
+        factory = listener.site_factory or _tcp_site
+        site = factory(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
@@ -242,6 +245,12 @@ class SidecarRunner:
         server = site._server  # aiohttp keeps the asyncio server private
         sockets = getattr(server, "sockets", None) or ()
         listener.bound_port = sockets[0].getsockname()[1] if sockets else listener.address.port
+        try:  # 0.0.0.0 also listens on [::], same port (sidecar.dual_stack)
+            await start_ipv6_twin(lambda h, p: factory(runner, h, p), listener.name,
+                                  host, port, listener.bound_port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on [::]:{listener.bound_port} for "
+                               f"{listener.name}: {exc.strerror or exc}") from None
 
     async def _drain(self) -> None:
         """Stop accepting, wait for in-flight requests up to the deadline, then cut the rest."""

@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,112 +54,23 @@ from aiohttp import web
 
 from sidecar.original_dst import original_dst, redirected_to
 from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
+from tests.integration.netns import (
+    Answer,
+    connect_in,
+    free_port_in,
+    http_in,
+    inside,
+    listen_in,
+    require_tools,
+    run,
+)
 from tests.integration.procs import REPO_ROOT, metric_value, rss_bytes
 
-CLONE_NEWNET = 0x40000000
 POD_IP, CLUSTER_IP_A, CLUSTER_IP_B = "10.200.0.1", "10.200.0.2", "10.200.0.3"
 SERVICE_IP = "10.96.0.10"  # the "users" Service's cluster IP: exists only in the init rules
 TCP_PORT, BANNER_PORT = 7000, 2525  # the Service's non-HTTP ports (opaque, server-first)
 BULK_MIB = 64
 PROXY_GID = 1337
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def require_tools() -> None:
-    missing = [tool for tool in ("ip", "iptables", "setpriv") if shutil.which(tool) is None]
-    if os.geteuid() != 0:
-        missing.append("root (network namespaces and iptables)")
-    if missing:
-        pytest.fail("transparent interception test needs: " + ", ".join(missing)
-                    + " (CI installs iptables and iproute2 in .ci/run)")
-
-
-def run(*cmd: str) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
-
-
-# ---------------------------------------------------------------- sockets inside a namespace
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def inside(namespace: str) -> Iterator[None]:
-    """Sockets this thread creates meanwhile belong to ``namespace`` (no await inside!)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-def listen_in(namespace: str, host: str, port: int = 0) -> socket.socket:
-    with inside(namespace):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(64)
-    sock.setblocking(False)
-    return sock
-
-
-def free_port_in(namespace: str, host: str) -> int:
-    with listen_in(namespace, host) as sock:
-        return int(sock.getsockname()[1])
-
-
-async def connect_in(
-    namespace: str, host: str, port: int
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A plain TCP connection made from ``namespace`` -- no proxy of any kind configured."""
-    with inside(namespace):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(5):
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock)
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-async def http_in(namespace: str, host: str, port: int, path: str = "/",
-                  host_header: str | None = None) -> Answer:
-    """One HTTP/1.1 GET written by hand (``Connection: close``), as an app would send it."""
-    reader, writer = await connect_in(namespace, host, port)
-    try:
-        head = (f"GET {path} HTTP/1.1\r\nHost: {host_header or host}\r\n"
-                "Connection: close\r\n\r\n")
-        writer.write(head.encode())
-        async with asyncio.timeout(10):
-            raw = await reader.read()
-    finally:
-        writer.close()
-    header_block, _, body = raw.partition(b"\r\n\r\n")
-    lines = header_block.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return Answer(int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body)
 
 
 # ---------------------------------------------------------------- the pod and the cluster

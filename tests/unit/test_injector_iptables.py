@@ -100,10 +100,12 @@ def test_dry_run_prints_exactly_the_rules(run_init: Callable[..., Run]) -> None:
     assert done.returncode == 0, done.stderr
     expected = build_rules(InterceptionConfig(exclude_outbound_ports=(5432,),
                                               exclude_inbound_ports=(15020, 9090)))
-    assert done.stdout.splitlines() == [shlex.join(["iptables", *r]) for r in expected]
+    assert done.stdout.splitlines() == [shlex.join([binary, *r])
+                                        for binary in ("iptables", "ip6tables") for r in expected]
 
     done = run_init("--dry-run", "--cleanup", "--iptables", "iptables-legacy")
-    assert done.stdout.splitlines() == [shlex.join(["iptables-legacy", *r])
+    assert done.stdout.splitlines() == [shlex.join([binary, *r])
+                                        for binary in ("iptables-legacy", "ip6tables-legacy")
                                         for r in cleanup_rules()]
 
 
