@@ -21,7 +21,6 @@ import subprocess
 import sys
 from typing import Any
 
-from injector.config import AnnotationError, parse_port_list
 from injector.iptables import (
     InterceptionConfig,
     build_rules,
@@ -163,6 +162,10 @@ def _port(text: str) -> int:
 
 
 def _ports(text: str, exactly_one: bool = False) -> tuple[int, ...]:
+    # Imported here: injector.config pulls in the strategy profiles (numpy), a third of a
+    # second that every pod's init container would otherwise spend when no port flag is given.
+    from injector.config import AnnotationError, parse_port_list
+
     try:
         ports = parse_port_list("ports", text)
     except AnnotationError as exc:
