@@ -33,6 +33,9 @@ Rules (Vickrey 1961, "Counterspeculation, auctions, and competitive sealed tende
 - **Bounded queue**: at most ``max_queue`` waiters. When full, a new bid strictly higher than
   the lowest waiting bid evicts that waiter (the latest arrival among equal lowest bids); any
   other new request is rejected.
+
+:meth:`SecondPriceAuction.snapshot` reads the auction for ``/debug/state`` (the last clearing
+price, the queue, chosen callers' budgets) without changing it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import bisect
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_BID = 1_000_000.0
@@ -107,8 +111,14 @@ class BidBudget:
     def balance(self, now: float) -> float:
         """The balance at ``now`` after refilling (time never runs backwards here)."""
         if now > self._last:
-            self._balance = min(self.cap, self._balance + (now - self._last) * self.rate)
+            self._balance = self.balance_at(now)
             self._last = now
+        return self._balance
+
+    def balance_at(self, now: float) -> float:
+        """What :meth:`balance` would return at ``now``, without refilling (reads only)."""
+        if now > self._last:
+            return min(self.cap, self._balance + (now - self._last) * self.rate)
         return self._balance
 
     def available(self, now: float) -> float:
@@ -155,6 +165,36 @@ class Rejected:
 
     request_id: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    """One caller's budget at an instant: ``balance`` of ``cap``, ``reserved`` by its queued
+    bids; ``available = balance - reserved`` is what its next bid may use."""
+
+    balance: float
+    reserved: float
+    cap: float
+    rate: float
+
+    @property
+    def available(self) -> float:
+        return max(0.0, self.balance - self.reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class AuctionSnapshot:
+    """The auction at one instant (:meth:`SecondPriceAuction.snapshot`).
+
+    ``budgets`` holds the asked-for callers that have a budget; a caller without one has
+    never bid and would start with a full budget (``budget_cap``).
+    """
+
+    last_price: float
+    queue_length: int
+    highest_waiting_bid: float | None
+    budgets: dict[str, BudgetView]
+    tracked_callers: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +251,18 @@ class SecondPriceAuction:
         else:
             self._budgets.move_to_end(caller)
         return budget
+
+    def snapshot(self, now: float, callers: Iterable[str] = ()) -> AuctionSnapshot:
+        """The last clearing price, the queue, and the budgets of ``callers`` at ``now``.
+        Reads only: no budget is created, refilled or moved in the least-recently-used order.
+        """
+        budgets = {
+            caller: BudgetView(budget.balance_at(now), budget.reserved, budget.cap, budget.rate)
+            for caller in callers if (budget := self._budgets.get(caller)) is not None
+        }
+        highest = -self._order[0][0] if self._order else None
+        return AuctionSnapshot(self.last_price, len(self._waiters), highest, budgets,
+                               len(self._budgets))
 
     def offer(
         self, request_id: str, caller: str, bid: float, now: float, slot_available: bool

@@ -26,6 +26,7 @@ concurrency-limits ``Gradient2Limit``:
 few slots are taken); it travels on every response as ``X-GT-Congestion``.
 ``capacity_estimate()`` is Little's law, ``limit / sampleRTT`` requests per second (the app's
 throughput when saturated), which :mod:`mesh.reputation` divides into fair shares.
+``snapshot()`` gathers these observers for ``/debug/state``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencySnapshot:
+    """The limiter at one instant (:meth:`AdaptiveConcurrencyLimit.snapshot`)."""
+
+    limit: int
+    """The limit in force (the probe's pinned limit while probing)."""
+    estimated_limit: float
+    in_flight: int
+    congestion: float
+    probing: bool
+    min_rtt: float | None
+    sample_rtt: float | None
+    capacity_estimate: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +190,12 @@ class AdaptiveConcurrencyLimit:
         if rtt is None:
             return None
         return self._limit / rtt
+
+    def snapshot(self) -> ConcurrencySnapshot:
+        """Every observer above at once (reads only)."""
+        return ConcurrencySnapshot(self.limit, self._limit, self._in_flight,
+                                   self.congestion_level(), self.probing, self._min_rtt,
+                                   self._sample_rtt, self.capacity_estimate())
 
     # --- internals ------------------------------------------------------------------------
 

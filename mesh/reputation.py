@@ -69,10 +69,19 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
 Memory is bounded: callers idle for ``idle_ttl`` (long enough that they would have been
 forgiven anyway) are dropped, and at most ``max_callers`` are tracked (least recently seen
 dropped first).
+
+What an operator sees
+---------------------
+:meth:`ReputationBook.snapshot` is the book as data, for ``/debug/state``: the busiest
+callers by recent traffic (and the anonymous bucket) with their standing, when their
+punishment ends, and how many of their requests were admitted or throttled recently
+(exponentially decayed counts with time constant ``recent_window``: about the last minute).
+It reads the book without changing it.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -185,11 +194,13 @@ class PolicingParams:
     anonymous_initial_reputation: float = 0.6
     max_callers: int = 10_000
     idle_ttl: float = 900.0
+    recent_window: float = 60.0
+    """Time constant of the recent admitted/throttled counts (:meth:`ReputationBook.snapshot`)."""
     ladder: LadderRules = field(default_factory=LadderRules)
 
     def __post_init__(self) -> None:
         positive = (self.capacity, self.active_window, self.rate_tau, self.rate_tolerance,
-                    self.reputation_tau, self.throttle_burst)
+                    self.reputation_tau, self.throttle_burst, self.recent_window)
         if not all(math.isfinite(v) and v > 0 for v in positive):
             raise ValueError("capacity, windows, time constants and tolerances must be > 0")
         if not 0 < self.anonymous_share <= 1 or not 0 <= self.anonymous_initial_reputation <= 1:
@@ -223,7 +234,13 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Standing:
-    """One caller's state, for metrics and ``/debug/state``."""
+    """One caller's state, for metrics and ``/debug/state``.
+
+    ``punished_until`` is when the current punishment ends, on the clock the book is driven
+    by (None unless punished; ``punished_for`` is the same as seconds left). ``admitted`` and
+    ``throttled`` count the caller's recent requests let through and refused with 429
+    (decayed with time constant ``recent_window``).
+    """
 
     caller: str
     reputation: float
@@ -233,6 +250,30 @@ class Standing:
     rate: float
     retry_rate: float
     punishments: int
+    punished_until: float | None = None
+    admitted: float = 0.0
+    throttled: float = 0.0
+
+    @property
+    def recent_requests(self) -> float:
+        return self.admitted + self.throttled
+
+
+@dataclass(frozen=True, slots=True)
+class BookSnapshot:
+    """The book at one instant (:meth:`ReputationBook.snapshot`).
+
+    ``callers`` are the busiest ``top`` callers by recent requests, busiest first, plus the
+    anonymous bucket if it is tracked; ``tracked`` counts every caller the book keeps.
+    """
+
+    callers: tuple[Standing, ...]
+    tracked: int
+    punished: int
+    congested: bool
+    congestion: float
+    capacity: float
+    active_callers: int
 
 
 class _DecayingRate:
@@ -247,9 +288,14 @@ class _DecayingRate:
         self._decay(now)
         self._count += 1.0
 
+    def count(self, now: float) -> float:
+        """The decayed count at ``now`` (reads only)."""
+        if now > self._last:
+            return self._count * math.exp(-(now - self._last) / self._tau)
+        return self._count
+
     def rate(self, now: float) -> float:
-        self._decay(now)
-        return self._count / self._tau
+        return self.count(now) / self._tau
 
     def _decay(self, now: float) -> None:
         if now > self._last:
@@ -259,12 +305,14 @@ class _DecayingRate:
 
 class _CallerState:
     __slots__ = (
+        "admitted",
         "bucket_epoch",
         "ladder",
         "last_seen",
         "rate",
         "reputation",
         "retries",
+        "throttled",
         "tokens",
         "tokens_at",
     )
@@ -272,6 +320,8 @@ class _CallerState:
     def __init__(self, params: PolicingParams, reputation: float, now: float) -> None:
         self.rate = _DecayingRate(params.rate_tau, now)
         self.retries = _DecayingRate(params.rate_tau, now)
+        self.admitted = _DecayingRate(params.recent_window, now)
+        self.throttled = _DecayingRate(params.recent_window, now)
         self.reputation = reputation
         self.ladder = PunishmentLadder(params.ladder)
         self.last_seen = now
@@ -311,6 +361,7 @@ class ReputationBook:
     def observe(self, caller: str, now: float, is_retry: bool = False) -> Decision:
         """Record one request and update the caller's standing; never refuses."""
         state, share = self._record(caller, now, is_retry)
+        state.admitted.add(now)
         ladder = state.ladder
         return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
 
@@ -319,6 +370,7 @@ class ReputationBook:
         state, share = self._record(caller, now, is_retry)
         ladder = state.ladder
         if ladder.phase is not Phase.PUNISHED:
+            state.admitted.add(now)
             return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
         rate = ladder.rules.fraction(ladder.level) * share
         burst = max(1.0, rate * self.params.throttle_burst)
@@ -329,7 +381,9 @@ class ReputationBook:
             state.tokens_at = now
         if state.tokens >= 1.0:
             state.tokens -= 1.0
+            state.admitted.add(now)
             return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+        state.throttled.add(now)
         retry_after = float(max(1, math.ceil(ladder.remaining(now))))
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
                         share)
@@ -380,13 +434,36 @@ class ReputationBook:
         if state is None:
             return None
         ladder = state.ladder
+        punished = ladder.phase is Phase.PUNISHED
         return Standing(caller, state.reputation, ladder.level, ladder.phase,
                         ladder.remaining(now), state.rate.rate(now), state.retries.rate(now),
-                        ladder.punishments)
+                        ladder.punishments, ladder.until if punished else None,
+                        state.admitted.count(now), state.throttled.count(now))
 
     def standings(self, now: float) -> list[Standing]:
         """Every tracked caller's standing (bounded by ``max_callers``)."""
         return [s for c in list(self._callers) if (s := self.standing(c, now)) is not None]
+
+    def snapshot(self, now: float, top: int) -> BookSnapshot:
+        """The ``top`` busiest callers by recent requests (busiest first; ties by name) and
+        the anonymous bucket, with the book's load view. Reads only: the book is unchanged.
+        """
+        if top < 0:
+            raise ValueError("top must be >= 0")
+        every = self.standings(now)
+        busiest = heapq.nsmallest(top, every, key=lambda s: (-s.recent_requests, s.caller))
+        if all(s.caller != ANONYMOUS for s in busiest):
+            busiest += [s for s in every if s.caller == ANONYMOUS]
+        horizon = now - self.params.active_window
+        return BookSnapshot(
+            callers=tuple(busiest),
+            tracked=len(every),
+            punished=sum(s.phase is Phase.PUNISHED for s in every),
+            congested=self.congested,
+            congestion=self._congestion,
+            capacity=self._capacity,
+            active_callers=max(1, sum(seen >= horizon for seen in self._active.values())),
+        )
 
     def __len__(self) -> int:
         return len(self._callers)

@@ -7,18 +7,39 @@ Owns the JSON shape of ``/debug/state`` (the demo and the benchmark parse it)::
                           "converged": bool, "following": bool,
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
-                                         "in_flight": int, "requests": int, "failures": int}]}}}
+                                         "in_flight": int, "requests": int, "failures": int}]}},
+     "inbound": null | {                 # null: no --inbound listener
+         "mode": str, "app": url, "mesh_key": bool,
+         "in_flight": int, "congestion": float, "congested": bool,
+         "capacity": float, "fair_share": float,
+         "concurrency": {"limit": int, "estimated_limit": float, "in_flight": int,
+                         "probing": bool, "min_rtt": float | null, "sample_rtt": float | null,
+                         "capacity_estimate": float | null},
+         "auction": {"last_price": float, "queue_length": int,
+                     "highest_waiting_bid": float | null},
+         "callers_tracked": int, "callers_active": int, "punished_callers": int,
+         "callers": [{"caller": str, "phase": "good" | "punished" | "probation",
+                      "reputation": float, "level": int, "punishments": int,
+                      "punished_until": RFC 3339 UTC | null, "punished_for": float,
+                      "rate": float, "retry_rate": float,
+                      "recent": {"admitted": float, "throttled": float},
+                      "budget": {"balance": float, "reserved": float, "available": float,
+                                 "cap": float} | null}]}}
 
-Everything is read from the last snapshot of each upstream (rebuilt at policy ticks); the
-admin listener never touches the request path.
+The upstreams are read from the last snapshot of each upstream (rebuilt at policy ticks), the
+inbound side from :meth:`sidecar.inbound.InboundProxy.snapshot`; the admin listener never
+touches the request path. Components add their own top-level sections through
+``Readiness.debug_sections`` (``name -> callable returning JSON``), registered before the
+runner starts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,13 +47,19 @@ from mesh.policy import PolicySnapshot
 from sidecar.metrics import CONTENT_TYPE, SidecarMetrics
 from sidecar.upstreams import UpstreamTable
 
+if TYPE_CHECKING:
+    from sidecar.inbound import InboundSnapshot
+
 
 @dataclass(slots=True)
 class Readiness:
-    """Ready once listeners are bound and config loaded; not ready while draining."""
+    """What the process tells its admin listener: ready once listeners are bound and config
+    loaded, not ready while draining; and the components' own ``/debug/state`` sections
+    (``debug_sections[name]()`` is rendered under ``name``)."""
 
     started: bool = False
     draining: bool = False
+    debug_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -41,6 +68,14 @@ class Readiness:
 
 def _num(value: float) -> float:
     return float(value) if math.isfinite(value) else 0.0
+
+
+def _opt(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _date(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
 
 
 def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str, Any]:
@@ -85,6 +120,64 @@ def debug_state(
     }
 
 
+def inbound_json(snap: InboundSnapshot | None) -> dict[str, Any] | None:
+    """The ``inbound`` section of ``/debug/state`` (None without an inbound listener)."""
+    if snap is None:
+        return None
+    book, lim, auction = snap.book, snap.concurrency, snap.auction
+    callers = []
+    for s in book.callers:
+        budget = auction.budgets.get(s.caller)
+        callers.append({
+            "caller": s.caller,
+            "phase": s.phase.value,
+            "reputation": round(_num(s.reputation), 4),
+            "level": int(s.level),
+            "punishments": int(s.punishments),
+            "punished_until": (_date(snap.wall(s.punished_until))
+                               if s.punished_until is not None else None),
+            "punished_for": round(_num(s.punished_for), 3),
+            "rate": round(_num(s.rate), 3),
+            "retry_rate": round(_num(s.retry_rate), 3),
+            "recent": {"admitted": round(_num(s.admitted), 1),
+                       "throttled": round(_num(s.throttled), 1)},
+            "budget": None if budget is None else {
+                "balance": round(_num(budget.balance), 3),
+                "reserved": round(_num(budget.reserved), 3),
+                "available": round(_num(budget.available), 3),
+                "cap": _num(budget.cap),
+            },
+        })
+    return {
+        "mode": snap.mode,
+        "app": snap.app,
+        "mesh_key": snap.mesh_key,
+        "in_flight": int(snap.in_flight),
+        "congestion": round(_num(snap.congestion), 4),
+        "congested": bool(book.congested),
+        "capacity": round(_num(snap.capacity), 3),
+        "fair_share": round(_num(book.capacity / book.active_callers), 3),
+        "concurrency": {
+            "limit": int(lim.limit),
+            "estimated_limit": round(_num(lim.estimated_limit), 3),
+            "in_flight": int(lim.in_flight),
+            "probing": bool(lim.probing),
+            "min_rtt": _opt(lim.min_rtt),
+            "sample_rtt": _opt(lim.sample_rtt),
+            "capacity_estimate": _opt(lim.capacity_estimate),
+        },
+        "auction": {
+            "last_price": _num(auction.last_price),
+            "queue_length": int(auction.queue_length),
+            "highest_waiting_bid": _opt(auction.highest_waiting_bid),
+        },
+        "callers_tracked": int(book.tracked),
+        "callers_active": int(book.active_callers),
+        "punished_callers": int(book.punished),
+        "callers": callers,
+    }
+
+
 def make_admin_app(
     *,
     metrics: SidecarMetrics,
@@ -104,7 +197,10 @@ def make_admin_app(
         return web.json_response({"status": status}, status=503)
 
     async def debug(_: web.Request) -> web.Response:
-        return web.json_response(state())
+        body = state()
+        for name, section in readiness.debug_sections.items():
+            body[name] = section()
+        return web.json_response(body)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)

@@ -26,6 +26,8 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    admitted responses carry ``X-GT-Price``.
 
 The game logic is :mod:`mesh`'s; this module measures, carries decisions out, and counts.
+:meth:`InboundProxy.snapshot` gathers the mesh objects' own snapshots for the admin
+``/debug/state`` (rendered by :func:`sidecar.admin.inbound_json`).
 The modes ``token-bucket`` (one Envoy-style local rate limit for all callers, 429 when empty)
 and ``off`` (a plain reverse proxy) exist as baselines for the benchmark and send no game
 headers.
@@ -51,13 +53,14 @@ from yarl import URL
 
 from mesh.auction import (
     Admission,
+    AuctionSnapshot,
     BidError,
     Queued,
     Rejected,
     SecondPriceAuction,
     parse_bid,
 )
-from mesh.concurrency import AdaptiveConcurrencyLimit
+from mesh.concurrency import AdaptiveConcurrencyLimit, ConcurrencySnapshot
 from mesh.headers import (
     BID,
     CONGESTION,
@@ -71,7 +74,7 @@ from mesh.headers import (
     parse_retry,
 )
 from mesh.identity import ANONYMOUS, IdentityRejection, verify_identity
-from mesh.reputation import Decision, Phase, ReputationBook
+from mesh.reputation import BookSnapshot, Decision, Phase, ReputationBook
 from mesh.standing import format_standing
 from sidecar.forward import (
     CHUNK_SIZE,
@@ -154,94 +157,64 @@ class LocalRateLimit:
 
 
 class InboundMetrics:
-    """The inbound side's metrics, registered in the sidecar's own registry."""
+    """The inbound side's metrics, registered in the sidecar's own registry; every name is
+    ``equilibrium_inbound_<name>`` (counters end in ``_total``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.requests = Counter(
-            "equilibrium_inbound_requests",
-            "Requests to the inbound listener by caller and outcome (admitted, throttled, "
-            "rate-limited, bad-bid, queue-full, queue-timeout, app-error)",
-            ["caller", "outcome"], registry=r,
-        )
-        self.identity = Counter(
-            "equilibrium_inbound_identity",
-            "Identity checks by result (trusted, or why the caller was treated as anonymous)",
-            ["result"], registry=r,
-        )
-        self.bad_bids = Counter(
-            "equilibrium_inbound_bad_bids", "Malformed X-GT-Bid values rejected with 400",
-            ["reason"], registry=r,
-        )
-        self.stripped = Counter(
-            "equilibrium_inbound_stripped_headers",
-            "X-GT-* headers removed: untrusted = sent by a caller that did not verify (ignored); "
-            "from-app = set by the app on its response",
-            ["source"], registry=r,
-        )
-        self.voided_bids = Counter(
-            "equilibrium_inbound_voided_bids",
-            "Bids set to 0 because the request took its caller over its fair share of a "
-            "congested app", registry=r,
-        )
-        self.bad_headers = Counter(
-            "equilibrium_inbound_bad_headers", "Malformed game headers from trusted callers",
-            ["header"], registry=r,
-        )
-        self.reputation = Gauge(
-            "equilibrium_inbound_caller_reputation",
-            "Caller reputation in [0, 1] (other = the lowest among untracked callers)",
-            ["caller"], registry=r,
-        )
-        self.level = Gauge(
-            "equilibrium_inbound_caller_punishment_level",
+        scope: dict[str, Any] = {"namespace": "equilibrium", "subsystem": "inbound",
+                                 "registry": registry}
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, **scope)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, labels, **scope)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, buckets=LATENCY_BUCKETS, **scope)
+
+        # what happened to requests, and to the headers they carried
+        self.requests = counter(
+            "requests", "Requests to the inbound listener by caller and outcome (admitted, "
+            "throttled, rate-limited, bad-bid, queue-full, queue-timeout, app-error)",
+            "caller", "outcome")
+        self.identity = counter(
+            "identity", "Identity checks by result (trusted, or why the caller was treated as "
+            "anonymous)", "result")
+        self.bad_bids = counter("bad_bids", "Malformed X-GT-Bid values rejected with 400",
+                                "reason")
+        self.stripped = counter(
+            "stripped_headers", "X-GT-* headers removed: untrusted = sent by a caller that did "
+            "not verify (ignored); from-app = set by the app on its response", "source")
+        self.voided_bids = counter(
+            "voided_bids", "Bids set to 0 because the request took its caller over its fair "
+            "share of a congested app")
+        self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
+                                   "header")
+        # the callers' standing (refreshed off the request path)
+        self.reputation = gauge(
+            "caller_reputation",
+            "Caller reputation in [0, 1] (other = the lowest among untracked callers)", "caller")
+        self.level = gauge(
+            "caller_punishment_level",
             "Caller punishment level, 0 = good standing (other = the highest among the rest)",
-            ["caller"], registry=r,
-        )
-        self.punished = Gauge(
-            "equilibrium_inbound_punished_callers", "Callers currently being punished",
-            registry=r,
-        )
-        self.price = Gauge(
-            "equilibrium_inbound_clearing_price", "Price of the last admission (0 uncongested)",
-            registry=r,
-        )
-        self.paid = Counter(
-            "equilibrium_inbound_price_paid", "Sum of prices charged, by caller", ["caller"],
-            registry=r,
-        )
-        self.queue_length = Gauge(
-            "equilibrium_inbound_queue_length", "Requests waiting in the bid queue", registry=r
-        )
-        self.limit = Gauge(
-            "equilibrium_inbound_concurrency_limit", "Adaptive concurrency limit of the app",
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "equilibrium_inbound_in_flight", "Requests at the app through this listener",
-            registry=r,
-        )
-        self.congestion = Gauge(
-            "equilibrium_inbound_congestion", "Congestion level sent as X-GT-Congestion",
-            registry=r,
-        )
-        self.capacity = Gauge(
-            "equilibrium_inbound_capacity_estimate",
-            "App capacity in requests/s used for fair shares", registry=r,
-        )
-        self.mesh_key = Gauge(
-            "equilibrium_inbound_mesh_key_configured",
-            "1 if a mesh key is configured (0: every caller is anonymous)", registry=r,
-        )
-        self.app_latency = Histogram(
-            "equilibrium_inbound_app_duration_seconds",
-            "Time from forwarding to the app until its response finished", buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.wait = Histogram(
-            "equilibrium_inbound_queue_wait_seconds", "Time admitted requests waited in the queue",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
+            "caller")
+        self.punished = gauge("punished_callers", "Callers currently being punished")
+        # the auction
+        self.price = gauge("clearing_price", "Price of the last admission (0 uncongested)")
+        self.paid = counter("price_paid", "Sum of prices charged, by caller", "caller")
+        self.queue_length = gauge("queue_length", "Requests waiting in the bid queue")
+        # the app's load
+        self.limit = gauge("concurrency_limit", "Adaptive concurrency limit of the app")
+        self.in_flight = gauge("in_flight", "Requests at the app through this listener")
+        self.congestion = gauge("congestion", "Congestion level sent as X-GT-Congestion")
+        self.capacity = gauge("capacity_estimate",
+                              "App capacity in requests/s used for fair shares")
+        self.mesh_key = gauge("mesh_key_configured",
+                              "1 if a mesh key is configured (0: every caller is anonymous)")
+        self.app_latency = histogram(
+            "app_duration_seconds", "Time from forwarding to the app until its response finished")
+        self.wait = histogram("queue_wait_seconds", "Time admitted requests waited in the queue")
 
 
 EVICTED = "evicted"
@@ -254,6 +227,33 @@ class _Waiter:
     caller: str
     future: asyncio.Future[Admission | str]
     in_good_standing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSnapshot:
+    """The inbound side at one instant, for ``/debug/state``.
+
+    ``now`` is the policing clock (monotonic) and ``wall_time`` the wall clock at the same
+    instant, so :meth:`wall` turns a policing time (a punishment's end) into a date.
+    ``in_flight`` and ``congestion`` are what the listener reports (``congestion`` is 1 while
+    anyone waits in the bid queue); ``concurrency`` is the limiter's own view.
+    """
+
+    mode: str
+    app: str
+    mesh_key: bool
+    now: float
+    wall_time: float
+    in_flight: int
+    congestion: float
+    capacity: float
+    book: BookSnapshot
+    concurrency: ConcurrencySnapshot
+    auction: AuctionSnapshot
+
+    def wall(self, at: float) -> float:
+        """The wall-clock time (Unix seconds) of policing time ``at``."""
+        return self.wall_time + (at - self.now)
 
 
 @dataclass(slots=True)
@@ -380,6 +380,20 @@ class InboundProxy:
         m.in_flight.set(self.in_flight)
         m.congestion.set(self._congestion())
         m.capacity.set(self.capacity())
+
+    def snapshot(self) -> InboundSnapshot:
+        """The state behind ``/debug/state``: the busiest callers (``debug_callers`` of
+        them, plus ``anonymous``) with their standing and budget, the limiter, the last
+        clearing price. Reads only; the request path is not involved."""
+        now = self.clock()
+        book = self.book.snapshot(now, self.settings.debug_callers)
+        return InboundSnapshot(
+            mode=self.settings.mode, app=self.app_url, mesh_key=self.mesh_key is not None,
+            now=now, wall_time=self.wall_clock(), in_flight=self.in_flight,
+            congestion=self._congestion(), capacity=self.capacity(), book=book,
+            concurrency=self.limiter.snapshot(),
+            auction=self.auction.snapshot(now, (s.caller for s in book.callers)),
+        )
 
     # ------------------------------------------------------------ load
 

@@ -17,6 +17,7 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       max_wait: 2                   # seconds a request may wait in the bid queue, then 503
       identity_max_skew: 30         # seconds an X-GT-Identity stays valid
       max_caller_labels: 20         # callers with their own metric label; the rest "other"
+      debug_callers: 20             # busiest callers shown in the admin /debug/state
       default_bid: 1                # bid this sidecar sends when its app sets none
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
@@ -60,6 +61,7 @@ class PolicingSettings:
     max_wait: float = 2.0
     identity_max_skew: float = 30.0
     max_caller_labels: int = 20
+    debug_callers: int = 20
     default_bid: float = 1.0
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
@@ -70,8 +72,8 @@ class PolicingSettings:
 
 _SECTIONS = ("reputation", "ladder", "concurrency", "auction", "token_bucket")
 _TOP_KEYS = frozenset(
-    {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "default_bid",
-     *_SECTIONS}
+    {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
+     "default_bid", *_SECTIONS}
 )
 
 
@@ -169,6 +171,8 @@ def parse_policing(raw: Any) -> PolicingSettings:
                                   low=1.0),
         max_caller_labels=int(_number(get("max_caller_labels", 20), "policing.max_caller_labels",
                                       integer=True, low=1)),
+        debug_callers=int(_number(get("debug_callers", 20), "policing.debug_callers",
+                                  integer=True, low=1)),
         default_bid=default_bid,
         token_bucket_rate=_number(bucket.get("rate", 100.0), "policing.token_bucket.rate",
                                   low=1e-9),
