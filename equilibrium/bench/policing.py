@@ -35,7 +35,7 @@ import json
 import math
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,45 +76,52 @@ class Shot:
         return 200 <= self.status < 300
 
 
-async def open_loop(url: str, host: str, caller: str, rate: float, duration: float,
-                    retries: int, headers: dict[str, str]) -> list[Shot]:
-    """``rate`` requests/s for ``duration`` s on a fixed schedule; a failed attempt (status
-    >= 400 or no answer within ``TIMEOUT``) is retried at once, up to ``retries`` times."""
+async def open_loop(session: aiohttp.ClientSession, url: str, *, caller: str, rate: float,
+                    duration: float, host: str = UPSTREAM, retries: int = 0,
+                    headers: Mapping[str, str] | None = None) -> list[Shot]:
+    """``rate`` requests/s to ``url`` for ``duration`` s on a fixed schedule (open loop:
+    latency counts from the intended start); a failed attempt (status >= 400 or no answer
+    within ``TIMEOUT``) is retried at once, up to ``retries`` times, as a misbehaving client
+    does. The integration tests drive the same loop in their own event loop."""
     loop = asyncio.get_running_loop()
-    send = {"Host": host, **headers}
+    send = {"Host": host, **(headers or {})}
     shots: list[Shot] = []
     count = max(1, math.floor(rate * duration))
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def one(intended: float) -> None:
-            status, attempts, price = 0, 0, None
-            while attempts <= retries:
-                attempts += 1
-                try:
-                    async with asyncio.timeout(TIMEOUT):
-                        async with session.get(url + "/", headers=send) as resp:
-                            await resp.read()
-                            status = resp.status
-                            raw = resp.headers.get(PRICE_HEADER)
-                            price = float(raw) if raw is not None else None
-                except (aiohttp.ClientError, TimeoutError, ValueError):
-                    status = 0
-                if 0 < status < 400:
-                    break
-            shots.append(Shot(caller, intended, loop.time() - intended, status, attempts,
-                              price))
+    async def one(intended: float) -> None:
+        status, attempts, price = 0, 0, None
+        while attempts <= retries:
+            attempts += 1
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    async with session.get(url + "/", headers=send) as resp:
+                        await resp.read()
+                        status = resp.status
+                        raw = resp.headers.get(PRICE_HEADER)
+                        price = float(raw) if raw is not None else None
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                status = 0
+            if 0 < status < 400:
+                break
+        shots.append(Shot(caller, intended, loop.time() - intended, status, attempts, price))
 
-        t0 = loop.time() + 0.05
-        tasks = []
-        for i in range(count):
-            intended = t0 + i / rate
-            delay = intended - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(intended)))
-        await asyncio.gather(*tasks)
+    t0 = loop.time() + 0.05
+    tasks = []
+    for i in range(count):
+        intended = t0 + i / rate
+        delay = intended - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(intended)))
+    await asyncio.gather(*tasks)
     return shots
+
+
+async def _load(args: argparse.Namespace, headers: dict[str, str]) -> list[Shot]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        return await open_loop(session, args.url, caller=args.caller, rate=args.rate,
+                               duration=args.duration, host=args.host, retries=args.retries,
+                               headers=headers)
 
 
 def load_main(argv: Sequence[str]) -> int:
@@ -130,8 +137,7 @@ def load_main(argv: Sequence[str]) -> int:
     if not (0 < args.rate <= 5000 and 0 < args.duration <= 600 and 0 <= args.retries <= 5):
         p.error("need 0 < rate <= 5000, 0 < duration <= 600, 0 <= retries <= 5")
     headers = dict(h.split("=", 1) for h in args.header)
-    shots = asyncio.run(open_loop(args.url, args.host, args.caller, args.rate, args.duration,
-                                  args.retries, headers))
+    shots = asyncio.run(_load(args, headers))
     for s in shots:
         sys.stdout.write(json.dumps([s.intended, s.latency, s.status, s.attempts, s.price])
                          + "\n")

@@ -1,6 +1,7 @@
-"""Helpers of the inbound-side integration tests: open-loop callers, a mesh of real sidecar
-processes (one inbound in front of the app, one outbound per caller), and the helper processes
-of :mod:`tests.integration.inbound_loads` (a capacity-limited app, a flood with retries).
+"""Helpers of the inbound-side integration tests: open-loop callers (the benchmark's own
+:func:`equilibrium.bench.policing.open_loop`), a mesh of real sidecar processes (one inbound in
+front of the app, one outbound per caller), and the helper processes of
+:mod:`tests.integration.inbound_loads` (a capacity-limited app, a flood with retries).
 
 Everything runs on loopback and is bounded in count and time.
 """
@@ -10,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from equilibrium.bench.policing import Shot
+from equilibrium.loadgen import percentile
 from tests.integration.procs import (
     LOOPBACK,
     REPO_ROOT,
@@ -30,84 +30,20 @@ from tests.integration.procs import (
 )
 
 MESH_KEY = "integration-test-mesh-key-0123456789abcdef"
+UPSTREAM = "svc"  # the callers' name for the app's inbound sidecar
 
 
-@dataclass(frozen=True, slots=True)
-class Shot:
-    """One logical request of a caller (after its own retries)."""
-
-    caller: str
-    intended: float
-    latency: float
-    status: int
-    attempts: int
-    price: str | None = None
-    bid: str | None = None
-
-
-async def open_loop(
-    session: aiohttp.ClientSession,
-    url: str,
-    *,
-    caller: str,
-    rate: float,
-    duration: float,
-    host: str = "svc",
-    headers: Mapping[str, str] | None = None,
-    retries: int = 0,
-    timeout: float = 10.0,
-    out: list[Shot],
-) -> None:
-    """Send ``rate`` requests/s for ``duration`` s on a fixed schedule (open loop); a failed
-    request (status >= 400 or no answer) is retried at once up to ``retries`` times, as a
-    misbehaving app does. Latency counts from the intended start."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    count = max(1, math.floor(rate * duration))
-    send_headers = {"Host": host, **(headers or {})}
-
-    async def one(intended: float) -> None:
-        status, attempts = 0, 0
-        price = None
-        while attempts <= retries:
-            attempts += 1
-            try:
-                async with asyncio.timeout(timeout):
-                    async with session.get(url + "/work", headers=send_headers) as resp:
-                        await resp.read()
-                        status = resp.status
-                        price = resp.headers.get("X-Equilibrium-Price")
-            except (aiohttp.ClientError, TimeoutError):
-                status = 0
-            if 0 < status < 400:
-                break
-        out.append(Shot(caller, intended, loop.time() - intended, status, attempts, price,
-                        send_headers.get("X-Equilibrium-Bid")))
-
-    tasks = []
-    for i in range(count):
-        intended = t0 + i / rate
-        delay = intended - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(intended)))
-    await asyncio.gather(*tasks)
+async def shots_of(*loads: Awaitable[list[Shot]]) -> list[Shot]:
+    """Run open loops (:func:`equilibrium.bench.policing.open_loop`) side by side; every shot."""
+    return [shot for shots in await asyncio.gather(*loads) for shot in shots]
 
 
 def p99(shots: list[Shot]) -> float:
     return percentile([s.latency for s in shots], 99)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 def success_ratio(shots: list[Shot]) -> float:
-    return sum(1 for s in shots if 200 <= s.status < 300) / max(1, len(shots))
+    return sum(s.ok for s in shots) / max(1, len(shots))
 
 
 def write_config(path: Path, policing: Mapping[str, Any]) -> Path:
@@ -149,7 +85,7 @@ async def mesh(
         async_start_sidecar({}, sidecar_id="app-sidecar", config_file=config, env=server_env,
                             extra_args=["--inbound", f"{LOOPBACK}:{inbound_port}",
                                         "--app", app_url]),
-        *(async_start_sidecar({"svc": [inbound_url]}, sidecar_id=name, config_file=config,
+        *(async_start_sidecar({UPSTREAM: [inbound_url]}, sidecar_id=name, config_file=config,
                               env=caller_env, extra_args=["--max-attempts", "1"])
           for name in callers),
     ]

@@ -19,9 +19,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from equilibrium.bench.policing import open_loop
 from equilibrium.cli import main as equilibrium_main
 from mesh.identity import sign_identity
-from tests.integration.inbound_support import MESH_KEY, Shot, open_loop, write_config
+from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
 from tests.integration.procs import (
     LOOPBACK,
     Backend,
@@ -193,13 +194,11 @@ async def test_a_forger_gains_nothing(setup: Setup) -> None:
     """mallory claims to be coop-a (wrong key) and floods with a huge bid: it lands in the
     anonymous bucket, is punished there, its bid is ignored, and coop-a is untouched."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        flood: list[Shot] = []
-        honest: list[Shot] = []
-        await asyncio.gather(
+        flood, honest = await asyncio.gather(
             open_loop(session, setup.mallory.outbound_url, caller="mallory", rate=100,
-                      duration=3.0, headers={"X-Equilibrium-Bid": "900"}, out=flood),
+                      duration=3.0, host=UPSTREAM, headers={"X-Equilibrium-Bid": "900"}),
             open_loop(session, setup.coop.outbound_url, caller="coop-a", rate=5, duration=3.5,
-                      out=honest),
+                      host=UPSTREAM),
         )
     await asyncio.sleep(0.6)  # the gauges refresh every 0.5 s
     metrics = setup.server.metrics_text()

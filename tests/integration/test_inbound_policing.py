@@ -8,14 +8,14 @@ from pathlib import Path
 
 import aiohttp
 
-from equilibrium.bench.policing import run_load
+from equilibrium.bench.policing import Shot, open_loop, run_load
 from mesh.reputation import LadderRules, PolicingParams, ReputationBook
 from tests.integration.inbound_support import (
+    UPSTREAM,
     AppProcess,
-    Shot,
     mesh,
-    open_loop,
     p99,
+    shots_of,
     success_ratio,
     write_config,
 )
@@ -45,25 +45,23 @@ async def test_rogue_is_throttled_cooperators_unharmed_and_rogue_forgiven(tmp_pa
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             urls = {name: proc.outbound_url for name, proc in m.callers.items()}
 
-            async def coop(phase: list[Shot], duration: float) -> None:
-                await asyncio.gather(*(
+            async def coop(duration: float) -> list[Shot]:
+                return await shots_of(*(
                     open_loop(session, urls[name], caller=name, rate=COOP_RATE,
-                              duration=duration, out=phase)
+                              duration=duration, host=UPSTREAM)
                     for name in ("coop-a", "coop-b")))
 
             async def level() -> float:
                 return await asyncio.to_thread(m.level, "rogue")
 
             # warm-up: the concurrency limiter measures the app (minRTT probe, first windows)
-            await coop([], 1.5)
-            baseline: list[Shot] = []
-            await coop(baseline, 3.0)
+            await coop(1.5)
+            baseline = await coop(3.0)
 
-            during: list[Shot] = []
-            _, rogue = await asyncio.gather(
-                coop(during, 5.0),
+            during, rogue = await asyncio.gather(
+                coop(5.0),
                 run_load(urls["rogue"], "rogue", ROGUE_RATE, 4.0, tmp_path, retries=2,
-                         host="svc"))
+                         host=UPSTREAM))
             level_after_flood = await level()
             throttled = await asyncio.to_thread(
                 m.server.metric, "equilibrium_inbound_requests_total", caller="rogue",
@@ -74,12 +72,10 @@ async def test_rogue_is_throttled_cooperators_unharmed_and_rogue_forgiven(tmp_pa
             # the rogue returns to a normal rate: it must be forgiven within its punishment
             # time (the rest of its punishment plus one probation period per level)
             forgiven_within = LADDER["max_punishment"] + level_after_flood * LADDER["probation"]
-            after: list[Shot] = []
-            calm: list[Shot] = []
-            await asyncio.gather(
+            after, calm = await asyncio.gather(
                 open_loop(session, urls["rogue"], caller="rogue", rate=5.0,
-                          duration=forgiven_within + 1.5, out=after),
-                coop(calm, forgiven_within + 1.5))
+                          duration=forgiven_within + 1.5, host=UPSTREAM),
+                coop(forgiven_within + 1.5))
             final_level = await level()
     finally:
         await app.stop()
