@@ -21,6 +21,11 @@ see :func:`sidecar.discovery.port_protocol`). For a port without such a hint the
 are sniffed: an HTTP/1.x request line means HTTP; other bytes, or silence for
 ``sniff_timeout`` (a server-first protocol such as MySQL or SMTP), mean pass-through.
 
+Both families: ``equilibrium init`` installs the same rules with ip6tables, so redirected
+IPv6 connections arrive at ``[::1]``, on the ``[::]`` twin of a ``0.0.0.0`` listener
+(:mod:`sidecar.dual_stack`), with their IPv6 original destination. The two sockets share one
+``RelayBook``: one loop guard, one open-relay gauge, one drain.
+
 The sidecar's own upstream connections are not redirected again because the init rules
 exempt its UID/GID; if they are not exempt, a relay that comes back to the listener is
 refused (metric ``equilibrium_passthrough_failures{reason="loop"}``) instead of looping. On
@@ -124,18 +129,30 @@ class TransparentRouter:
         return self.upstream_for(dst) if dst is not None else None
 
 
+class RelayBook:
+    """The open relays of one outbound listener, shared by its sockets (``0.0.0.0`` and its
+    ``[::]`` twin, :mod:`sidecar.dual_stack`): one count, one loop guard, one drain."""
+
+    def __init__(self) -> None:
+        self.sides: set[_RelaySide] = set()  # downstream ends of open relays
+        self.idle = asyncio.Event()  # set whenever no relay is open
+        self.idle.set()
+        # (local port, destination) of each relay's own upstream socket: if one of them comes
+        # back to us, the init rules do not exempt this process and we would relay forever.
+        self.origins: set[tuple[int, Address]] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+
+
 class TransparentSite(web.BaseSite):
     """An aiohttp site that routes each accepted connection by its original destination."""
 
     __slots__ = (
+        "_book",
         "_connect_timeout",
         "_drain_timeout",
         "_host",
         "_metrics",
-        "_no_relays",
         "_port",
-        "_relay_origins",
-        "_relays",
         "_router",
         "_sniff_timeout",
     )
@@ -151,6 +168,7 @@ class TransparentSite(web.BaseSite):
         connect_timeout: float,
         drain_timeout: float,
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+        book: RelayBook | None = None,
     ) -> None:
         super().__init__(runner)
         self._sniff_timeout = sniff_timeout
@@ -159,12 +177,7 @@ class TransparentSite(web.BaseSite):
         self._metrics = metrics
         self._connect_timeout = connect_timeout
         self._drain_timeout = drain_timeout
-        self._relays: set[_RelaySide] = set()
-        self._no_relays = asyncio.Event()  # set whenever no relay is open
-        self._no_relays.set()
-        # (local port, destination) of each relay's own upstream socket: if one of them comes
-        # back to us, the init rules do not exempt this process and we would relay forever.
-        self._relay_origins: set[tuple[int, Address]] = set()
+        self._book = book if book is not None else RelayBook()
 
     @property
     def name(self) -> str:
@@ -176,14 +189,15 @@ class TransparentSite(web.BaseSite):
         self._server = await loop.create_server(
             self._accept, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+        self._book.servers.append(self._server)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._book.servers:  # the IPv4 and IPv6 sockets stop accepting together
+            server.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._drain_timeout):
-                await self._no_relays.wait()
-        for side in list(self._relays):
+                await self._book.idle.wait()
+        for side in list(self._book.sides):
             side.abort()
         await super().stop()
 
@@ -204,7 +218,7 @@ class TransparentSite(web.BaseSite):
         if dst is None:
             return "direct", None
         peer = transport.get_extra_info("peername")
-        if peer is not None and (peer[1], dst) in self._relay_origins:
+        if peer is not None and (peer[1], dst) in self._book.origins:
             return "loop", dst
         found = self._router.route(dst)
         if found is None:
@@ -234,15 +248,15 @@ class TransparentSite(web.BaseSite):
     # ------------------------------------------------------------ relay bookkeeping
 
     def relay_opened(self, side: _RelaySide) -> None:
-        self._relays.add(side)
-        self._no_relays.clear()
-        self._metrics.relays_open.set(len(self._relays))
+        self._book.sides.add(side)
+        self._book.idle.clear()
+        self._metrics.relays_open.set(len(self._book.sides))
 
     def relay_closed(self, side: _RelaySide) -> None:
-        self._relays.discard(side)
-        if not self._relays:
-            self._no_relays.set()
-        self._metrics.relays_open.set(len(self._relays))
+        self._book.sides.discard(side)
+        if not self._book.sides:
+            self._book.idle.set()
+        self._metrics.relays_open.set(len(self._book.sides))
 
 
 class _Refuse(asyncio.Protocol):
@@ -339,7 +353,7 @@ class _RelaySide(asyncio.Protocol):
             sock.setblocking(False)
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # port known now
             origin = (sock.getsockname()[1], self.dst)
-            self.site._relay_origins.add(origin)
+            self.site._book.origins.add(origin)
             async with asyncio.timeout(self.site._connect_timeout):
                 await loop.sock_connect(sock, (host, port))
             await loop.create_connection(lambda: upstream, sock=sock)
@@ -356,7 +370,7 @@ class _RelaySide(asyncio.Protocol):
             raise
         finally:
             if upstream.transport is None and origin is not None:  # not connected
-                self.site._relay_origins.discard(origin)
+                self.site._book.origins.discard(origin)
         upstream.origin = origin
         if self.transport is None or self.transport.is_closing():
             upstream.abort()
@@ -391,7 +405,7 @@ class _RelaySide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.origin is not None:
-            self.site._relay_origins.discard(self.origin)
+            self.site._book.origins.discard(self.origin)
         if self.downstream:
             self.site.relay_closed(self)
             if self._connect is not None and not self._connect.done():
@@ -439,13 +453,14 @@ def install(
     """
     router = TransparentRouter(runner.table, lookup)
     metrics = TransparentMetrics(runner.metrics.registry)
+    book = RelayBook()
 
     def site(app_runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
         return TransparentSite(
             app_runner, host, port, router=router, metrics=metrics,
             connect_timeout=runner.profile.connect_timeout,
             drain_timeout=runner.config.drain_timeout,
-            sniff_timeout=sniff_timeout,
+            sniff_timeout=sniff_timeout, book=book,
         )
 
     def pinned(request: web.BaseRequest) -> str | None:

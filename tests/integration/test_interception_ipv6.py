@@ -116,6 +116,7 @@ class Cluster:
     users_port: int = 0
     echo_port: int = 0
     excluded_port: int = 0
+    echo_v4_port: int = 0
 
     async def start(self) -> None:
         ns = self.namespace
@@ -124,8 +125,9 @@ class Cluster:
         for name, sock in (("users-a", users_a),
                            ("users-b", listen_in(ns, CLUSTER_V6_B, self.users_port))):
             self.runners.append(await serve_http(sock, self.users_handler(name)))
-        for attr in ("echo_port", "excluded_port"):
-            sock = listen_in(ns, CLUSTER_V6_A)
+        for attr, host in (("echo_port", CLUSTER_V6_A), ("excluded_port", CLUSTER_V6_A),
+                           ("echo_v4_port", CLUSTER_V4)):
+            sock = listen_in(ns, host)
             setattr(self, attr, sock.getsockname()[1])
             self.servers.append(await start_echo(sock, self.echo_peers))
         run("ip", "netns", "exec", ns, "ip6tables", "-t", "nat", "-A", "PREROUTING",
@@ -369,6 +371,25 @@ async def test_an_apps_ipv6_connections_go_through_the_sidecar_to_their_destinat
     assert {save: our_rules(pod.namespace, save) for save in before} == before
     after = await http_in(pod.namespace, SERVICE_V6, 80, "/again")
     assert after.status == 200
+
+    # 7. One relay per family open at once: the IPv4 socket and its [::] twin share one
+    # gauge and one drain. SIGTERM closes both after the drain timeout; the sidecar exits 0.
+    relays = [await connect_in(pod.namespace, host, port)
+              for host, port in ((CLUSTER_V6_A, cluster.echo_port),
+                                 (CLUSTER_V4, cluster.echo_v4_port))]
+    for reader, writer in relays:
+        writer.write(b"hold\n")
+        async with asyncio.timeout(5):
+            assert await reader.readline() == b"echo:hold\n"
+    assert await pod.metric("equilibrium_passthrough_open") == 2
+    assert pod.process is not None
+    pod.process.send_signal(signal.SIGTERM)
+    for reader, writer in relays:
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""
+        writer.close()
+    assert await asyncio.to_thread(pod.process.wait, 10) == 0
 
 
 def test_init_decides_ipv6_from_the_namespace_and_flags() -> None:
