@@ -1,8 +1,11 @@
 """``equilibrium sidecar``: flags, and the mapping of failures to exit codes.
 
-Owns the command-line interface only; settings are validated by :mod:`sidecar.config` and
-the process is run by :mod:`sidecar.runner`. Exit codes: 0 after a clean drain, 2 for a bad
-configuration (message on stderr), 1 when a listener cannot be bound.
+Owns the command-line interface only: :data:`CONFIG_OPTIONS`, the flags layered over the
+environment and the config file (declared with :mod:`sidecar.flags`), plus ``--log-level`` and
+the Kubernetes flags of :mod:`sidecar.kube_wiring`. Settings are validated by
+:mod:`sidecar.config` and the process is run by :mod:`sidecar.runner`. Exit codes: 0 after
+a clean drain, 2 for a bad configuration (message on stderr), 1 when a listener cannot be
+bound.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sidecar.config import (
     ConfigError,
     ConfigSource,
 )
+from sidecar.flags import Option, add_options, option_values
 from sidecar.kube_wiring import KubeWiring
 from sidecar.kube_wiring import add_arguments as add_kube_arguments
 
@@ -40,6 +44,39 @@ signals: SIGHUP reloads the config file (also re-read when its mtime changes);
 """
 
 
+CONFIG_OPTIONS: tuple[Option, ...] = (
+    Option("outbound", f"outbound listener (default {DEFAULT_OUTBOUND})", "HOST:PORT"),
+    Option("admin", f"admin listener (default {DEFAULT_ADMIN})", "HOST:PORT"),
+    Option("upstreams", "an upstream service and its endpoints (repeatable)",
+           "NAME=URL[,URL...]", flag="--upstream", repeat=True),
+    Option("strategy", f"strategy profile (default {DEFAULT_STRATEGY})", "PROFILE"),
+    Option("policy", f"routing policy (default {DEFAULT_POLICY})", "NAME"),
+    Option("id", "this sidecar's id (default HOSTNAME-PID)"),
+    Option("config", "YAML or JSON config file", "FILE"),
+    Option("drain_timeout", "how long SIGTERM waits for in-flight requests "
+           f"(default {DEFAULT_DRAIN_TIMEOUT:g})", "SECONDS"),
+    Option("max_attempts",
+           "attempts per request incl. retries (default: the profile's max_retries + 1)", "N"),
+    Option("request_timeout", "longest upstream stall: during the upload, waiting for the "
+           "answer after the last byte sent, or between body chunks (default: the profile's)",
+           "SECONDS"),
+    Option("connect_timeout", "upstream connect timeout (default: the profile's)", "SECONDS"),
+    Option("inbound", "inbound listener in front of the local app (policing, congestion, bids)",
+           "HOST:PORT"),
+    Option("app", "the local app behind --inbound", "URL"),
+    Option("mesh_secret_file",
+           "mesh key for signed caller identities (or env EQUILIBRIUM_MESH_SECRET)", "FILE"),
+    Option("redis", "join the signaling plane: publish regret summaries, follow the signaler's "
+           "signed recommendations (redis://, rediss://; or env EQUILIBRIUM_REDIS_URL; needs the "
+           "mesh key)", "URL"),
+    Option("signaling_epoch",
+           "seconds between regret summaries (default 1; env EQUILIBRIUM_SIGNALING_EPOCH)",
+           "SECONDS"),
+)
+"""The options layered with the environment and the config file (:mod:`sidecar.config`):
+each ``dest`` is a setting of :class:`sidecar.config.ConfigSource`."""
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "sidecar",
@@ -48,93 +85,17 @@ def register(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--outbound", metavar="HOST:PORT", help=f"outbound listener (default {DEFAULT_OUTBOUND})"
-    )
-    parser.add_argument(
-        "--admin", metavar="HOST:PORT", help=f"admin listener (default {DEFAULT_ADMIN})"
-    )
-    parser.add_argument(
-        "--upstream",
-        dest="upstreams",
-        metavar="NAME=URL[,URL...]",
-        action="append",
-        help="an upstream service and its endpoints (repeatable)",
-    )
-    parser.add_argument(
-        "--strategy", metavar="PROFILE", help=f"strategy profile (default {DEFAULT_STRATEGY})"
-    )
-    parser.add_argument(
-        "--policy", metavar="NAME", help=f"routing policy (default {DEFAULT_POLICY})"
-    )
-    parser.add_argument("--id", help="this sidecar's id (default HOSTNAME-PID)")
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
-    parser.add_argument(
-        "--drain-timeout",
-        type=str,
-        metavar="SECONDS",
-        help=f"how long SIGTERM waits for in-flight requests (default {DEFAULT_DRAIN_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--max-attempts",
-        type=str,
-        metavar="N",
-        help="attempts per request incl. retries (default: the profile's max_retries + 1)",
-    )
-    parser.add_argument(
-        "--request-timeout", metavar="SECONDS",
-        help="longest upstream stall: during the upload, waiting for the answer after the last "
-        "byte sent, or between body chunks (default: the profile's)",
-    )
-    parser.add_argument(
-        "--connect-timeout", metavar="SECONDS",
-        help="upstream connect timeout (default: the profile's)",
-    )
-    parser.add_argument(
-        "--inbound", metavar="HOST:PORT",
-        help="inbound listener in front of the local app (policing, congestion, bids)",
-    )
-    parser.add_argument("--app", metavar="URL", help="the local app behind --inbound")
-    parser.add_argument(
-        "--mesh-secret-file", metavar="FILE",
-        help="mesh key for signed caller identities (or env EQUILIBRIUM_MESH_SECRET)",
-    )
+    add_options(parser, CONFIG_OPTIONS)
     parser.add_argument(
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
-    parser.add_argument(
-        "--redis", metavar="URL",
-        help="join the signaling plane: publish regret summaries, follow the signaler's signed "
-        "recommendations (redis://, rediss://; or env EQUILIBRIUM_REDIS_URL; needs the mesh key)",
-    )
-    parser.add_argument(
-        "--signaling-epoch", metavar="SECONDS",
-        help="seconds between regret summaries (default 1; env EQUILIBRIUM_SIGNALING_EPOCH)",
     )
     add_kube_arguments(parser)  # --transparent, --discovery, --kube-api, --kube-token-file
     parser.set_defaults(func=main)
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "outbound": args.outbound,
-        "admin": args.admin,
-        "upstreams": args.upstreams,
-        "strategy": args.strategy,
-        "policy": args.policy,
-        "id": args.id,
-        "config": args.config,
-        "drain_timeout": args.drain_timeout,
-        "max_attempts": args.max_attempts,
-        "request_timeout": args.request_timeout,
-        "connect_timeout": args.connect_timeout,
-        "inbound": args.inbound,
-        "app": args.app,
-        "mesh_secret_file": args.mesh_secret_file,
-        "redis": args.redis,
-        "signaling_epoch": args.signaling_epoch,
-    }
+    return option_values(args, CONFIG_OPTIONS)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,11 +1,11 @@
 """Wiring of transparent interception and Kubernetes discovery into a sidecar process.
 
 Owns the flags ``--transparent``, ``--discovery``, ``--discovery-namespaces``, ``--kube-api``
-and ``--kube-token-file`` (each also from the environment: ``EQUILIBRIUM_TRANSPARENT=1``,
-``EQUILIBRIUM_DISCOVERY=1``, ``EQUILIBRIUM_DISCOVERY_NAMESPACES``, ``EQUILIBRIUM_KUBE_API``,
-``EQUILIBRIUM_KUBE_TOKEN_FILE``) and the start-up decisions; the
-behaviour lives in :mod:`sidecar.transparent` and :mod:`sidecar.discovery`. Used by the
-command line in two steps, so that bad settings are a configuration error (exit 2)::
+and ``--kube-token-file`` (:data:`OPTIONS`; each also from the environment:
+``EQUILIBRIUM_TRANSPARENT=1``, ``EQUILIBRIUM_DISCOVERY=1``, ``EQUILIBRIUM_DISCOVERY_NAMESPACES``,
+``EQUILIBRIUM_KUBE_API``, ``EQUILIBRIUM_KUBE_TOKEN_FILE``; a flag wins) and the start-up
+decisions; the behaviour lives in :mod:`sidecar.transparent` and :mod:`sidecar.discovery`.
+Used by the command line in two steps, so that bad settings are a configuration error (exit 2)::
 
     wiring = KubeWiring.prepare(args, env)   # ConfigError on bad flags / not in a cluster
     runner = SidecarRunner(source, config)
@@ -22,47 +22,37 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sidecar.config import ConfigError
+from sidecar.flags import Option, add_options, from_flag_or_env, switch_from_flag_or_env
 
 if TYPE_CHECKING:  # aiohttp and friends load only when the sidecar runs (cli imports this)
     from sidecar.discovery import Discovery, KubeCredentials
 
 log = logging.getLogger(__name__)
 
-TRUE = frozenset({"1", "true", "yes", "on"})
 _NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+TRANSPARENT = Option(
+    "transparent", switch=True, env="EQUILIBRIUM_TRANSPARENT",
+    help="route connections redirected by `equilibrium init` by their original destination "
+    "(env {env}=1)")
+DISCOVERY = Option(
+    "discovery", switch=True, env="EQUILIBRIUM_DISCOVERY",
+    help="watch Services and EndpointSlices through the Kubernetes API (env {env}=1)")
+NAMESPACES = Option(
+    "discovery_namespaces", metavar="NS[,NS...]|*", env="EQUILIBRIUM_DISCOVERY_NAMESPACES",
+    help="namespaces to watch (default: the pod's own, which a RoleBinding allows; '*': the "
+    "whole cluster, which needs a ClusterRoleBinding; env {env})")
+KUBE_API = Option(
+    "kube_api", metavar="URL", env="EQUILIBRIUM_KUBE_API",
+    help="Kubernetes API server (default: in-cluster; env {env})")
+KUBE_TOKEN_FILE = Option(
+    "kube_token_file", metavar="FILE", env="EQUILIBRIUM_KUBE_TOKEN_FILE",
+    help="bearer token file (default: the pod's service account; env {env})")
+OPTIONS = (TRANSPARENT, DISCOVERY, NAMESPACES, KUBE_API, KUBE_TOKEN_FILE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--transparent", action="store_true", default=None,
-        help="route connections redirected by `equilibrium init` by their original destination "
-        "(env EQUILIBRIUM_TRANSPARENT=1)",
-    )
-    parser.add_argument(
-        "--discovery", action="store_true", default=None,
-        help="watch Services and EndpointSlices through the Kubernetes API "
-        "(env EQUILIBRIUM_DISCOVERY=1)",
-    )
-    parser.add_argument(
-        "--discovery-namespaces", metavar="NS[,NS...]|*",
-        help="namespaces to watch (default: the pod's own, which a RoleBinding allows; '*': the "
-        "whole cluster, which needs a ClusterRoleBinding; env EQUILIBRIUM_DISCOVERY_NAMESPACES)",
-    )
-    parser.add_argument(
-        "--kube-api", metavar="URL",
-        help="Kubernetes API server (default: in-cluster; env EQUILIBRIUM_KUBE_API)",
-    )
-    parser.add_argument(
-        "--kube-token-file", metavar="FILE",
-        help="bearer token file (default: the pod's service account; "
-        "env EQUILIBRIUM_KUBE_TOKEN_FILE)",
-    )
-
-
-def _flag(value: bool | None, env: Mapping[str, str], name: str) -> bool:
-    if value is not None:
-        return bool(value)
-    return env.get(name, "").strip().lower() in TRUE
+    add_options(parser, OPTIONS)
 
 
 def parse_namespaces(value: str, own: str | None) -> tuple[str, ...] | None:
@@ -88,13 +78,10 @@ class KubeWiring:
 
     @classmethod
     def prepare(cls, args: argparse.Namespace, env: Mapping[str, str]) -> KubeWiring:
-        transparent = _flag(getattr(args, "transparent", None), env, "EQUILIBRIUM_TRANSPARENT")
-        discovery = _flag(getattr(args, "discovery", None), env, "EQUILIBRIUM_DISCOVERY")
-        api = getattr(args, "kube_api", None) or env.get("EQUILIBRIUM_KUBE_API", "").strip()
-        token = (getattr(args, "kube_token_file", None)
-                 or env.get("EQUILIBRIUM_KUBE_TOKEN_FILE", "").strip())
-        scope = (getattr(args, "discovery_namespaces", None)
-                 or env.get("EQUILIBRIUM_DISCOVERY_NAMESPACES", "").strip())
+        transparent = switch_from_flag_or_env(args, env, TRANSPARENT)
+        discovery = switch_from_flag_or_env(args, env, DISCOVERY)
+        api, token, scope = (from_flag_or_env(args, env, option)
+                             for option in (KUBE_API, KUBE_TOKEN_FILE, NAMESPACES))
         if (api or token or scope) and not discovery:
             raise ConfigError("--kube-api/--kube-token-file/--discovery-namespaces need "
                               "--discovery")
