@@ -65,9 +65,8 @@ async def test_debug_state_shows_the_rogue_punished_and_the_cooperator_in_good_s
         await app.stop()
 
     refused = sum(s.status == 429 for s in rogue)
-    served = sum(s.status == 200 for s in rogue)
     callers = {c["caller"]: c for c in inbound["callers"]}
-    story = f"rogue 429s {refused}, 200s {served}; inbound state {inbound}"
+    story = f"rogue sent {len(rogue)}, 429s {refused}; inbound state {inbound}"
     assert refused > 0 and all(s.status == 200 for s in honest), story
     assert inbound["mode"] == "equilibrium" and inbound["mesh_key"] is True, story
     assert set(callers) == {"rogue", "coop"}, story  # no anonymous caller was seen
@@ -79,10 +78,11 @@ async def test_debug_state_shows_the_rogue_punished_and_the_cooperator_in_good_s
     until = datetime.fromisoformat(bad["punished_until"]).timestamp()
     assert wall_before < until <= wall_before + 30 + 1, story
     assert 0 < bad["punished_for"] <= 30, story
-    # recent counts decay over a minute: a few seconds later they are within 10 % of the
-    # 429s and 200s the rogue itself saw
-    assert 0.9 * refused <= bad["recent"]["throttled"] <= refused, story
-    assert 0.9 * served <= bad["recent"]["admitted"] <= served, story
+    # recent counts decay over a minute: a few seconds later they are within 10 % of what the
+    # rogue itself saw (every request judged once; each throttled one answered 429)
+    judged = bad["recent"]["admitted"] + bad["recent"]["throttled"]
+    assert 0.9 * len(rogue) <= judged <= len(rogue), story
+    assert 0.8 * refused <= bad["recent"]["throttled"] <= refused, story
 
     good = callers["coop"]
     assert good["phase"] == "good" and good["level"] == 0, story
