@@ -101,21 +101,21 @@ def run(args: argparse.Namespace) -> int:
     if failure is not None:
         _say(failure, error=True)
         return 1
-    families = "IPv4"
+    installed = f"{len(rules)} rules installed for IPv4"
     if _ipv6_wanted(args.ipv6):
         binary6 = shutil.which(ip6tables)
         failure = (f"{ip6tables!r} not found on PATH" if binary6 is None
                    else _install(binary6, ip6tables, rules))
         if failure is None:
-            families = "IPv4 and IPv6"
+            installed += f" and {len(rules)} for IPv6"
         elif args.ipv6:  # forced: a pod that must intercept IPv6 does not start without it
             _say(f"IPv6: {failure}", error=True)
             return 1
         else:
             _say(f"IPv6: {failure}; the pod's IPv6 traffic is NOT intercepted (pass --ipv6 "
                  "to make this fatal, --no-ipv6 to intercept IPv4 only)", error=True)
-    _say(f"{len(rules)} rules installed for {families} (outbound -> {config.outbound_port}, "
-         f"inbound -> {config.inbound_port}, proxy uid {config.proxy_uid})")
+    _say(f"{installed} (outbound -> {config.outbound_port}, inbound -> {config.inbound_port}, "
+         f"proxy uid {config.proxy_uid})")
     return 0
 
 

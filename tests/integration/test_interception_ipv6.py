@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -314,7 +315,7 @@ async def test_an_apps_ipv6_connections_go_through_the_sidecar_to_their_destinat
 ) -> None:
     pod, cluster = world
     assert "IPv6: intercepted" in pod.init_output
-    assert "rules installed for IPv4 and IPv6" in pod.init_output
+    assert re.search(r"(\d+) rules installed for IPv4 and \1 for IPv6", pod.init_output)
 
     # 1. HTTP to the Service's IPv6 cluster IP: only ip6tables can deliver it, to the sidecar,
     # which pins it to the Service port's group and picks an IPv6 endpoint. Host untouched.
