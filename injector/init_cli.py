@@ -34,9 +34,10 @@ from injector.ipv6_probe import probe as probe_ipv6
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "init",
-        help="install the transparent-interception iptables rules",
-        description="Redirect the pod's TCP to the sidecar (outbound and inbound), as istio-init "
-                    "does. Needs NET_ADMIN in the pod's network namespace.",
+        help="install the transparent-interception iptables (and ip6tables) rules",
+        description="Redirect the pod's TCP to the sidecar (outbound and inbound, IPv4 and, "
+                    "when the pod has it, IPv6), as istio-init does. Needs NET_ADMIN in the "
+                    "pod's network namespace.",
     )
     parser.add_argument("--outbound-port", type=_port, default=15001,
                         help="sidecar outbound listener (default 15001)")
@@ -162,8 +163,8 @@ def _port(text: str) -> int:
 
 
 def _ports(text: str, exactly_one: bool = False) -> tuple[int, ...]:
-    # Imported here: injector.config pulls in the strategy profiles (numpy), a third of a
-    # second that every pod's init container would otherwise spend when no port flag is given.
+    # Imported on first use: injector.config imports the strategy profiles (numpy, about a
+    # third of a second), which runs without a port flag (--cleanup, --dry-run) do not need.
     from injector.config import AnnotationError, parse_port_list
 
     try:
