@@ -8,7 +8,7 @@ Owns the JSON shape of ``/debug/state`` (the demo and the benchmark parse it)::
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int}]}},
-     "inbound": null | {                 # null: no --inbound listener
+     "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
          "in_flight": int, "congestion": float, "congested": bool,
          "capacity": float, "fair_share": float,
