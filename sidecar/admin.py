@@ -28,16 +28,15 @@ Owns the JSON shape of ``/debug/state`` (the demo and the benchmark parse it)::
 
 The upstreams are read from the last snapshot of each upstream (rebuilt at policy ticks), the
 inbound side from :meth:`sidecar.inbound.InboundProxy.snapshot`; the admin listener never
-touches the request path. Components add their own top-level sections through
-``Readiness.debug_sections`` (``name -> callable returning JSON``), registered before the
-runner starts.
+touches the request path. Components add their own top-level sections with
+``SidecarRunner.add_state_section(name, callable)`` before the runner starts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +53,10 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Readiness:
     """What the process tells its admin listener: ready once listeners are bound and config
-    loaded, not ready while draining; and the components' own ``/debug/state`` sections
-    (``debug_sections[name]()`` is rendered under ``name``)."""
+    loaded, not ready while draining."""
 
     started: bool = False
     draining: bool = False
-    debug_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -197,10 +194,7 @@ def make_admin_app(
         return web.json_response({"status": status}, status=503)
 
     async def debug(_: web.Request) -> web.Response:
-        body = state()
-        for name, section in readiness.debug_sections.items():
-            body[name] = section()
-        return web.json_response(body)
+        return web.json_response(state())
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)

@@ -81,7 +81,7 @@ class PolicingWiring:
             log.warning("no mesh key (%s or mesh_secret_file): outbound requests go unsigned",
                         MESH_SECRET_ENV)
         if config.inbound is None or config.app is None:
-            runner.readiness.debug_sections["inbound"] = lambda: None
+            runner.add_state_section("inbound", lambda: None)
             return None
         inbound = InboundProxy(
             sidecar_id=config.id,
@@ -95,7 +95,7 @@ class PolicingWiring:
         )
         runner.add_listener("inbound", inbound.make_app(), config.inbound, drains=True)
         runner.add_background("inbound-gauges", inbound.refresh_gauges)
-        runner.readiness.debug_sections["inbound"] = lambda: inbound_json(inbound.snapshot())
+        runner.add_state_section("inbound", lambda: inbound_json(inbound.snapshot()))
         if self.mesh_key is None:
             log.warning("inbound %s: no mesh key, so no caller identity can be verified: every "
                         "caller is policed as 'anonymous' (the strictest bucket)", config.inbound)

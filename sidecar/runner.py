@@ -13,7 +13,8 @@ change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
 
 Extension points for later components (inbound listener, Redis publishing, discovery):
 ``add_listener(name, app, address, drains=True)``, ``set_site_factory(name, factory)``,
-``add_background(name, factory)``, ``add_reload_hook(callback)``, and the proxy's phases
+``add_background(name, factory)``, ``add_reload_hook(callback)``,
+``add_state_section(name, section)`` (a top-level ``/debug/state`` key), and the proxy's phases
 (``phases=`` of the constructor, or wrap ``runner.proxy.phases``). They must be
 called before ``run()``. The shared objects they may need are attributes: ``config``,
 ``profile``, ``metrics``, ``table``, ``proxy`` (its ``session`` is the upstream pool).
@@ -115,6 +116,7 @@ class SidecarRunner:
         self._background: list[tuple[str, BackgroundFactory]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_hooks: list[ReloadHook] = []
+        self._state_sections: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
         self._in_flight_tasks: set[asyncio.Task[Any]] = set()
 
@@ -164,19 +166,25 @@ class SidecarRunner:
         """``hook(new_config)`` runs after a reload was applied."""
         self._reload_hooks.append(hook)
 
+    def add_state_section(self, name: str, section: Callable[[], Any]) -> None:
+        """``/debug/state`` gets ``name: section()`` beside the upstreams."""
+        self._state_sections[name] = section
+
     def bound_port(self, name: str) -> int | None:
         return next((lst.bound_port for lst in self._listeners if lst.name == name), None)
 
     # ------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
-        return debug_state(
+        body = debug_state(
             sidecar_id=self.config.id,
             strategy=self.config.strategy,
             policy=self.config.policy,
             draining=self.readiness.draining,
             table=self.table,
         )
+        body.update({name: section() for name, section in self._state_sections.items()})
+        return body
 
     # ------------------------------------------------------------ lifecycle
 

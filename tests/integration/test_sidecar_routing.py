@@ -87,7 +87,8 @@ async def test_absolute_form_http_proxy_setting_and_debug_state() -> None:
             assert all(r.headers["Host"] == "catalog" for p in pods for r in p.seen)
 
             state = sidecar.state()
-            assert set(state) == {"id", "strategy", "policy", "draining", "upstreams"}
+            assert set(state) == {"id", "strategy", "policy", "draining", "upstreams", "inbound"}
+            assert state["inbound"] is None  # no --inbound listener
             assert (state["id"], state["strategy"], state["policy"], state["draining"]) == (
                 "app-1", "conservative", "p2c-least-request", False,
             )
