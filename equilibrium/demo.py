@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -216,40 +216,18 @@ async def _start_sidecars(run: DemoRun, phases: Sequence[DemoPhase]) -> None:
 
     async def one(sid: str) -> Sidecar:
         extra = list(cfg.sidecar_args)
+        env: dict[str, str] = {}
         for phase in phases:
             extra += phase.sidecar_args(run, sid)
-        return await Sidecar.start(sid, {UPSTREAM: urls}, cfg.policy, cfg.strategy,
-                                   extra, stderr_path=str(run.logs / f"{sid}.log"))
-
-    env: dict[str, str] = {}
-    for phase in phases:
-        for sid in ids:
             env.update(phase.sidecar_env(run, sid))
-    with _environ(env):
-        results = await asyncio.gather(*(one(s) for s in ids), return_exceptions=True)
+        return await Sidecar.start(sid, {UPSTREAM: urls}, cfg.policy, cfg.strategy,
+                                   extra, stderr_path=str(run.logs / f"{sid}.log"), env=env)
+
+    results = await asyncio.gather(*(one(s) for s in ids), return_exceptions=True)
     run.sidecars = [r for r in results if isinstance(r, Sidecar)]
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise errors[0]
-
-
-@contextlib.contextmanager
-def _environ(overlay: dict[str, str]) -> Iterator[None]:
-    """Set ``overlay`` in this process's environment while sidecars are spawned, then restore.
-
-    The sidecars inherit it (``Sidecar.start`` copies ``os.environ``); nothing else started
-    before or after (fleet, load generators) sees it. Only the demo's own process is touched.
-    """
-    saved = {name: os.environ.get(name) for name in overlay}
-    os.environ.update(overlay)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 async def _pump(run: DemoRun, gen: LoadGenerator) -> None:
