@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from mesh.herd import HerdGuard
+from mesh.profile_names import PROFILE_NAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class StrategyProfile:
         return asdict(self)
 
 
+# One entry per name in mesh/profile_names.py, in its order (a unit test holds them equal).
 PROFILES: dict[str, StrategyProfile] = {
     "balanced": StrategyProfile(name="balanced"),
     "aggressive-learning": StrategyProfile(
@@ -69,8 +71,6 @@ PROFILES: dict[str, StrategyProfile] = {
         stability_window=10.0,
     ),
 }
-
-PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
 
 def get_profile(name: str) -> StrategyProfile:
