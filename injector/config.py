@@ -8,9 +8,10 @@ Documented for users in docs/kubernetes.md ("Annotations").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
-from mesh.profiles import PROFILE_NAMES
+# The names only: mesh.profiles would import numpy into every init container (via this module).
+from mesh.profile_names import PROFILE_NAMES
 
 # ---- the annotation / label contract -----------------------------------------------------------
 ANNOTATION_PREFIX: Final = "equilibrium.io/"
@@ -19,6 +20,7 @@ STRATEGY: Final = "equilibrium.io/strategy"  # one of STRATEGY_PROFILES
 EXCLUDE_OUTBOUND_PORTS: Final = "equilibrium.io/exclude-outbound-ports"  # "5432,6379"
 EXCLUDE_INBOUND_PORTS: Final = "equilibrium.io/exclude-inbound-ports"  # "9090"
 APP_PORT: Final = "equilibrium.io/app-port"  # port the inbound listener forwards to
+IPV6: Final = "equilibrium.io/ipv6"  # one of IPV6_MODES: IPv6 interception by the init container
 STATUS: Final = "equilibrium.io/status"  # written by the injector: "injected"
 STATUS_INJECTED: Final = "injected"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
@@ -26,6 +28,12 @@ NAMESPACE_LABEL: Final = "equilibrium.io/injection"  # "enabled" on a namespace
 
 STRATEGY_PROFILES: Final = PROFILE_NAMES  # the sidecar's profiles (mesh/profiles.py)
 DEFAULT_STRATEGY: Final = "balanced"
+
+# auto: intercept IPv6 when the pod has it, warn when it cannot (``equilibrium init``, no flag);
+# required: the pod does not start unless IPv6 is intercepted (--ipv6); off: IPv4 only (--no-ipv6).
+Ipv6Mode = Literal["auto", "required", "off"]
+IPV6_MODES: Final[tuple[Ipv6Mode, ...]] = ("auto", "required", "off")
+DEFAULT_IPV6: Final[Ipv6Mode] = "auto"
 
 SIDECAR_NAME: Final = "equilibrium-sidecar"
 INIT_NAME: Final = "equilibrium-init"
@@ -104,6 +112,19 @@ def parse_strategy(value: str | None) -> str:
             f"(expected one of: {', '.join(STRATEGY_PROFILES)})"
         )
     return value
+
+
+def parse_ipv6(value: str | None) -> Ipv6Mode:
+    """Validate ``equilibrium.io/ipv6``; absent means ``auto``."""
+    if value is None:
+        return DEFAULT_IPV6
+    for mode in IPV6_MODES:
+        if value == mode:
+            return mode
+    raise AnnotationError(
+        f"annotation {IPV6}={value!r} is not an IPv6 interception mode "
+        f"(expected one of: {', '.join(IPV6_MODES)})"
+    )
 
 
 def parse_app_port(value: str) -> int:

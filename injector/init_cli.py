@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Any
 
+from injector.config import AnnotationError, parse_port_list
 from injector.iptables import (
     InterceptionConfig,
     build_rules,
@@ -163,10 +164,6 @@ def _port(text: str) -> int:
 
 
 def _ports(text: str, exactly_one: bool = False) -> tuple[int, ...]:
-    # Imported on first use: injector.config imports the strategy profiles (numpy, about a
-    # third of a second), which runs without a port flag (--cleanup, --dry-run) do not need.
-    from injector.config import AnnotationError, parse_port_list
-
     try:
         ports = parse_port_list("ports", text)
     except AnnotationError as exc:

@@ -11,9 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from injector.config import INIT_NAME, SIDECAR_NAME, InjectorConfig
+from injector.config import DEFAULT_IPV6, INIT_NAME, SIDECAR_NAME, InjectorConfig, Ipv6Mode
 
 Json = dict[str, Any]
+
+# ``equilibrium.io/ipv6`` -> the flags of ``equilibrium init`` (auto is its default: no flag).
+IPV6_INIT_FLAGS: dict[Ipv6Mode, tuple[str, ...]] = {
+    "auto": (),
+    "required": ("--ipv6",),
+    "off": ("--no-ipv6",),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +32,7 @@ class PodMeshSettings:
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_inbound_ports: tuple[int, ...] = ()
     discovery: bool = True  # watch Services/EndpointSlices (needs the pod's API token)
+    ipv6: Ipv6Mode = DEFAULT_IPV6  # IPv6 interception by the init container
 
 
 def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
@@ -98,6 +106,7 @@ def init_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
     ]
     if settings.exclude_outbound_ports:
         args += ["--exclude-outbound-ports", _ports_arg(settings.exclude_outbound_ports)]
+    args += IPV6_INIT_FLAGS[settings.ipv6]
     return {
         "name": INIT_NAME,
         "image": config.image,

@@ -13,9 +13,10 @@ Decisions, in order (each is counted by the server under ``Outcome``):
    ``failurePolicy: Ignore``, and never blocks a workload.
 3. Not a CREATE, a pod already injected, a ``hostNetwork`` pod, or no injection asked for
    → allowed, no patch.
-4. An annotation the injector cannot honour exactly (unknown strategy, bad port list) →
-   allowed **without injection**, with a warning naming the annotation and the accepted
-   values: the pod runs as it would without the mesh rather than with settings nobody asked for.
+4. An annotation the injector cannot honour exactly (unknown strategy or IPv6 mode, bad port
+   list) → allowed **without injection**, with a warning naming the annotation and the
+   accepted values: the pod runs as it would without the mesh rather than with settings
+   nobody asked for.
 5. Otherwise → allowed with a JSONPatch adding the init container, the sidecar and the
    ``equilibrium.io/status: injected`` annotation.
 """
@@ -247,6 +248,7 @@ def _already_injected(annotations: dict[str, str], spec: dict[str, Any]) -> bool
 def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
                    warnings: list[str]) -> PodMeshSettings:
     strategy = names.parse_strategy(annotations.get(names.STRATEGY))
+    ipv6 = names.parse_ipv6(annotations.get(names.IPV6))
     outbound = names.parse_port_list(f"annotation {names.EXCLUDE_OUTBOUND_PORTS}",
                                      annotations.get(names.EXCLUDE_OUTBOUND_PORTS, ""))
     inbound = names.parse_port_list(f"annotation {names.EXCLUDE_INBOUND_PORTS}",
@@ -275,7 +277,8 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
                         "EndpointSlices; Service IPs are passed through unbalanced")
     return PodMeshSettings(strategy=strategy, app_port=app_port,
                            exclude_outbound_ports=outbound,
-                           exclude_inbound_ports=inbound + others, discovery=discovery)
+                           exclude_inbound_ports=inbound + others, discovery=discovery,
+                           ipv6=ipv6)
 
 
 def _declared_tcp_ports(spec: dict[str, Any]) -> list[int]:

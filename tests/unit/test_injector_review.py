@@ -14,8 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from injector.config import STRATEGY_PROFILES, InjectorConfig
+from equilibrium.cli import build_parser
+from injector.config import IPV6_MODES, STRATEGY_PROFILES, InjectorConfig
 from injector.review import MalformedReview, Outcome, decide, review
+from mesh.profiles import PROFILES
 from tests.injector_support import (
     apply_patch,
     assert_valid,
@@ -148,7 +150,36 @@ def test_strategy_annotation_reaches_the_sidecar(strategy: str) -> None:
 
 
 def test_strategy_profiles_are_the_sidecars() -> None:
+    # The injector validates names from mesh/profile_names.py (no numpy); each must be a profile
+    # mesh/profiles.py defines, and every defined profile must be accepted, in the same order.
+    assert tuple(PROFILES) == STRATEGY_PROFILES
     assert set(STRATEGY_PROFILES) == {"balanced", "aggressive-learning", "conservative"}
+
+
+@pytest.mark.parametrize(("annotation", "flags", "parsed"), [
+    (None, [], None),  # default: equilibrium init decides from the pod's namespace
+    ("auto", [], None),
+    ("required", ["--ipv6"], True),
+    ("off", ["--no-ipv6"], False),
+])
+def test_ipv6_annotation_reaches_the_init_container_as_its_flag(
+        annotation: str | None, flags: list[str], parsed: bool | None) -> None:
+    extra = {} if annotation is None else {"equilibrium.io/ipv6": annotation}
+    _, patched = inject(make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": "5432",
+                                  **extra}))
+    assert_valid(patched)
+    args = container(patched, "equilibrium-init", init=True)["args"]
+    assert [a for a in args if a in ("--ipv6", "--no-ipv6")] == flags
+    # The real `equilibrium init` parser reads the flag back as the mode the pod asked for.
+    assert build_parser(args).parse_args(args).ipv6 is parsed
+    # Only interception changes: the sidecar listens on both families whatever the mode.
+    _, default = inject(make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": "5432"}))
+    assert (container(patched, "equilibrium-sidecar")
+            == container(default, "equilibrium-sidecar"))
+
+
+def test_ipv6_modes_are_the_documented_three() -> None:
+    assert IPV6_MODES == ("auto", "required", "off")
 
 
 # ---- idempotence and opt-in/out ---------------------------------------------------------------
@@ -219,6 +250,18 @@ def test_unknown_strategy_admits_the_pod_uninjected_with_a_clear_warning() -> No
     (warning,) = response["warnings"]
     assert "equilibrium.io/strategy='greedy'" in warning
     assert all(name in warning for name in STRATEGY_PROFILES)
+    assert "not injected" in warning
+
+
+@pytest.mark.parametrize("value", ["", "true", "on", "dual-stack", "Required", " off", "OFF"])
+def test_unknown_ipv6_mode_admits_the_pod_uninjected_with_a_clear_warning(value: str) -> None:
+    verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/ipv6": value})), CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION  # counted as result="invalid_annotation"
+    response = verdict.response["response"]
+    assert response["allowed"] is True and "patch" not in response
+    (warning,) = response["warnings"]
+    assert f"equilibrium.io/ipv6={value!r}" in warning
+    assert "expected one of: auto, required, off" in warning
     assert "not injected" in warning
 
 
@@ -334,13 +377,14 @@ def test_malformed_review_with_uid_is_allowed_with_a_warning(change: str) -> Non
 
 # ---- property: never crashes, and any patch applies and yields exactly one sidecar -----------
 annotation_values = st.one_of(st.sampled_from(["true", "false", "", "80", "balanced",
-                                               "aggressive-learning", "5432,6379", "x"]),
+                                               "aggressive-learning", "5432,6379", "x",
+                                               "auto", "required", "off"]),
                               st.text(max_size=8))
 annotation_keys = st.sampled_from(["equilibrium.io/inject", "equilibrium.io/strategy",
                                    "equilibrium.io/exclude-outbound-ports",
                                    "equilibrium.io/exclude-inbound-ports",
                                    "equilibrium.io/app-port", "equilibrium.io/status",
-                                   "prometheus.io/scrape", "a/b~c"])
+                                   "equilibrium.io/ipv6", "prometheus.io/scrape", "a/b~c"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
