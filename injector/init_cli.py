@@ -9,7 +9,11 @@ IPv6 is tri-state, like Istio's dual-stack switch but with a default that cannot
 silently unintercepted: without a flag the rules also go to ip6tables when the pod's namespace
 has IPv6 (``injector.ipv6_probe``), and a failing ip6tables is reported and skipped (the pod
 starts with IPv4 interception); ``--ipv6`` forces IPv6 and makes any failure fatal;
-``--no-ipv6`` leaves IPv6 alone. Every decision is one log line.
+``--no-ipv6`` leaves IPv6 alone (the injector picks one per pod from ``equilibrium.io/ipv6``).
+Every decision is one log line.
+
+This starts in every meshed pod, so its imports stay light: no numpy (the strategy-profile
+names come from ``mesh.profile_names``); tests/unit/test_injector_init_imports.py checks it.
 """
 
 from __future__ import annotations
