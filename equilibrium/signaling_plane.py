@@ -151,15 +151,21 @@ class SignalingPlane:
         return dict((body.get("upstreams") or {}).get(upstream) or {})
 
     async def stop(self) -> None:
-        """Stop the signaler, then Redis (after every client of it). Safe to call twice."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self.signaler is not None:
-            await self.signaler.stop()
-            self.signaler = None
-        if self._embedded is not None:
-            self._embedded.close()
+        """Stop the signaler, then Redis (after every client of it). Safe to call twice.
+
+        Redis is closed even when stopping the signaler fails or is cancelled (a Ctrl-C while
+        the demo shuts down), so no server outlives the plane.
+        """
+        try:
+            if self._session is not None:
+                session, self._session = self._session, None
+                await session.close()
+            if self.signaler is not None:
+                await self.signaler.stop()
+                self.signaler = None
+        finally:
+            if self._embedded is not None:
+                self._embedded.close()
 
     def _log_tail(self, lines: int = 3) -> str:
         try:

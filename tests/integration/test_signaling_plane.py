@@ -9,6 +9,8 @@ their environment only, never their command lines or a file.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -91,6 +93,19 @@ async def test_plane_hands_secrets_to_children_only_in_their_environment(tmp_pat
         assert body["id"] == "plane-test" and body["epoch"] > 0
         assert await plane.state("no-such-upstream") == {}
         assert await _connected(sidecar), "the sidecar never reached the plane's Redis"
+
+        # A stop that is cancelled (Ctrl-C while the demo shuts down) still takes Redis down.
+        # The signaler is frozen, so its SIGTERM waits out the grace period: the cancel lands
+        # while the plane is stopping it.
+        os.kill(plane.signaler.pid, signal.SIGSTOP)
+        stopping = asyncio.create_task(plane.stop())
+        await asyncio.sleep(0.2)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(url, **ONE_TRY).ping()
+        os.killpg(plane.signaler.pid, signal.SIGKILL)  # its own group; reaped by stop() below
     finally:
         if sidecar is not None:
             await sidecar.stop()
