@@ -16,6 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from injector.config import InjectorConfig
+from injector.review import review
+from tests.injector_support import apply_patch, decode_patch, make_pod, make_review
 from tests.integration.procs import REPO_ROOT
 
 NS = f"eq-init-{os.getpid()}"
@@ -69,8 +72,8 @@ def namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", NS], check=False, timeout=10)
 
 
-def nat_rules() -> list[str]:
-    saved = netns("iptables-save", "-t", "nat").stdout
+def nat_rules(save: str = "iptables-save") -> list[str]:
+    saved = netns(save, "-t", "nat").stdout
     return [line for line in saved.splitlines() if "EQUILIBRIUM" in line]
 
 
@@ -95,3 +98,43 @@ def test_init_redirects_the_app_but_not_the_sidecar_and_cleans_up(namespace: str
     netns(sys.executable, "-m", "equilibrium", "init", "--cleanup")
     assert nat_rules() == []
     assert probe(1000) == "not redirected"
+
+
+def injected_init_args(annotations: dict[str, str]) -> list[str]:
+    """The init container's args, exactly as the webhook patches them into the pod."""
+    pod = make_pod({"equilibrium.io/inject": "true", **annotations})
+    patched = apply_patch(pod, decode_patch(review(make_review(pod), InjectorConfig())))
+    (init,) = patched["spec"]["initContainers"]
+    return list(init["args"])
+
+
+@pytest.mark.parametrize(("mode", "ipv6_intercepted"), [
+    (None, True),  # no annotation: auto, and this namespace has ::1 on lo
+    ("auto", True),
+    ("required", True),
+    ("off", False),
+])
+def test_the_ipv6_annotation_decides_the_families_init_intercepts(
+        namespace: str, mode: str | None, ipv6_intercepted: bool) -> None:
+    args = injected_init_args({} if mode is None else {"equilibrium.io/ipv6": mode})
+    done = netns(sys.executable, "-m", "equilibrium", *args)
+    assert done.returncode == 0, done.stderr
+    ipv4 = nat_rules()
+    assert "-A EQUILIBRIUM_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in ipv4
+    assert nat_rules("ip6tables-save") == (ipv4 if ipv6_intercepted else [])
+    assert ("for IPv6" in done.stdout) is ipv6_intercepted
+
+
+@pytest.mark.parametrize(("mode", "returncode", "says"), [
+    ("auto", 0, "the pod's IPv6 traffic is NOT intercepted"),  # starts, loudly IPv4-only
+    ("required", 1, "IPv6: `false -t nat -N EQUILIBRIUM_INBOUND` failed"),  # does not start
+    ("off", 0, ""),  # IPv6 never tried
+])
+def test_a_failing_ip6tables_stops_only_a_pod_that_requires_ipv6(
+        namespace: str, mode: str, returncode: int, says: str) -> None:
+    args = injected_init_args({"equilibrium.io/ipv6": mode})
+    done = netns(sys.executable, "-m", "equilibrium", *args, "--ip6tables", "false",
+                 check=False)
+    assert done.returncode == returncode, done.stderr
+    assert says in done.stderr and ("false -t nat" in done.stderr) is (mode != "off")
+    assert nat_rules("ip6tables-save") == []
