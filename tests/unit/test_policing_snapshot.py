@@ -156,3 +156,22 @@ def test_admin_json_stays_finite() -> None:
     body = inbound_json(inbound_snapshot(odd))
     json.dumps(body, allow_nan=False)  # raises on NaN or infinity
     assert body is not None and body["callers"][0]["reputation"] == 0.0
+
+
+def test_a_punishment_that_ran_out_shows_until_the_callers_next_request() -> None:
+    """As docs/operations.md says: the ladder moves only when the caller sends."""
+    b = book()
+    for i in range(400):
+        b.admit("rogue", 0.01 * i, is_retry=True)
+    until = b.snapshot(4.0, top=1).callers[0].punished_until
+    assert until is not None
+    later = b.snapshot(until + 100.0, top=1)
+    (quiet,) = later.callers
+    assert quiet.phase is Phase.PUNISHED and quiet.punished_for == 0 and later.punished == 1
+    assert quiet.punished_until == until  # in the past now
+    # Its next request (a calm one after 100 s) restores its reputation: forgiven, and the
+    # probation periods that have passed since bring it back to good standing.
+    assert b.admit("rogue", until + 100.0).admitted
+    (forgiven,) = b.snapshot(until + 100.0, top=1).callers
+    assert forgiven.phase is Phase.GOOD and forgiven.punished_until is None
+    assert b.snapshot(until + 100.0, top=1).punished == 0
