@@ -15,8 +15,9 @@ one machine, the one way both ``equilibrium demo`` (its ``SignalingPhase``) and
 Secrets travel only in the environment of the signaler and of the sidecars (:meth:`sidecar_env`),
 never on a command line (where ``ps`` shows them to every user) nor in a file: the mesh key as
 ``EQUILIBRIUM_MESH_SECRET`` and the Redis URL, which carries the password, as
-``EQUILIBRIUM_REDIS_URL``; ``signaler/cli.py`` and ``sidecar/config.py`` read both exactly as
-``--redis URL`` and a key file. :meth:`sidecar_args` holds only what is not secret. Usage::
+``EQUILIBRIUM_REDIS_URL``, which both programs read exactly as ``--redis URL`` and a key file
+(the signaler in ``signaler/cli.py``; the sidecar's URL in ``sidecar/config.py``, its key in
+``sidecar/policing.py``). :meth:`sidecar_args` holds only what is not secret. Usage::
 
     plane = SignalingPlane(logs, epoch=1.0, tokens=16)
     await plane.start()                  # Redis up, signaler ready
