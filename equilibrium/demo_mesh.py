@@ -57,7 +57,7 @@ class SignalingPlan:
     the sidecars to a plane with ``--sidecar-arg``; nothing started) or ``"off"``."""
 
     mode: str
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
     mesh_key: str | None = field(default=None, repr=False)
     warning: str | None = None
 
@@ -92,8 +92,9 @@ def resolve_signaling(
         return SignalingPlan("sidecars")
     if redis_url:
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SignalingUnavailable(
-                f"--redis: expected a redis:// or rediss:// URL, got {redis_url!r}")
+            scheme = redis_url.partition("://")[0] if "://" in redis_url else "no scheme"
+            raise SignalingUnavailable(  # not the URL itself: it may carry a password
+                f"--redis: expected a redis:// or rediss:// URL, got {scheme}")
         try:
             key = load_mesh_key(environ.get(MESH_KEY_ENV), None)
         except MeshKeyError as exc:

@@ -256,20 +256,22 @@ def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags
     assert first.mesh_key not in repr(first)
 
     key = "k" * 32
-    external = resolve_signaling(no_signaler=False, redis_url="redis://127.0.0.1:6379/0",
+    external = resolve_signaling(no_signaler=False, redis_url="redis://:pw-42@127.0.0.1:6379/0",
                                  environ={"EQUILIBRIUM_MESH_SECRET": key})
     assert (external.mode, external.mesh_key) == ("external", key)
+    assert "pw-42" not in repr(external) and key not in repr(external)
     short_key = {"EQUILIBRIUM_MESH_SECRET": "short"}
     for no_signaler, url, environ, message in [
         (True, "redis://127.0.0.1:6379/0", {}, "contradict"),
         (False, "http://127.0.0.1:6379", {}, "redis://"),
+        (False, "http://:pw-42@127.0.0.1:6379", {}, "got http"),
         (False, "redis://127.0.0.1:6379/0", {}, "EQUILIBRIUM_MESH_SECRET"),
         (False, "redis://127.0.0.1:6379/0", short_key, "at least"),
     ]:
         try:
             resolve_signaling(no_signaler=no_signaler, redis_url=url, environ=environ)
         except SignalingUnavailable as exc:
-            assert message in str(exc)
+            assert message in str(exc) and "pw-42" not in str(exc)
         else:
             raise AssertionError(f"{no_signaler=} {url=} {environ=} was accepted")
     assert resolve_signaling(no_signaler=True, redis_url=None, environ={}).mode == "off"
