@@ -4,6 +4,10 @@ Sockets of apps, backends and API stand-ins are created inside a namespace by sw
 thread's network namespace (``setns``) just for the ``socket()`` call; they are then bound,
 served and used from the test's event loop. Hosts with a ``:`` are IPv6. Needs root and
 iproute2; ``require_tools`` fails the test with the reason when something is missing.
+
+Also what both interception tests do with processes in a namespace: :func:`namespaces` (made
+and always deleted), :func:`init_in` (``equilibrium init`` as the init container runs it), and
+:class:`PodSidecar` (an ``equilibrium sidecar`` started there, waited for, stopped).
 """
 
 from __future__ import annotations
@@ -12,11 +16,21 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.integration.kube_api import KubeApiServer
+from tests.integration.procs import REPO_ROOT, metric_value
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -122,3 +136,166 @@ async def http_in(namespace: str, host: str, port: int, path: str = "/",
     lines = header_block.decode("latin-1").split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
     return Answer(int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body)
+
+
+# ---------------------------------------------------------------- servers on those sockets
+
+
+async def serve_http(
+    sock: socket.socket, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.AppRunner:
+    """``handler`` for every path and method on the listening ``sock``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner
+
+
+async def start_echo(sock: socket.socket, peers: list[tuple[str, int]]) -> asyncio.Server:
+    """Echoes lines as ``echo:LINE`` on the listening ``sock``; appends each connection's peer
+    (address, port) to ``peers``."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[:2])
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while line := await reader.readline():
+                writer.write(b"echo:" + line)
+                await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(echo, sock=sock)
+
+
+# ---------------------------------------------------------------- processes in a namespace
+
+
+def env_for_children() -> dict[str, str]:
+    """This environment without ``EQUILIBRIUM_*`` settings or proxy variables, the repository
+    on PYTHONPATH, and the pod's namespace as the downward API would give it."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("EQUILIBRIUM_") and "proxy" not in k.lower()}
+    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", POD_NAMESPACE="default")
+    return env
+
+
+@contextlib.contextmanager
+def namespaces(*prefixes: str) -> Iterator[list[str]]:
+    """Fresh network namespaces ``PREFIX-TAG`` with ``lo`` up; deleted on exit (which takes
+    their veth pairs and nat rules with them)."""
+    tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
+    created: list[str] = []
+    try:
+        for prefix in prefixes:
+            name = f"{prefix}-{tag}"
+            run("ip", "netns", "add", name)
+            created.append(name)
+            run("ip", "-n", name, "link", "set", "lo", "up")
+        yield created
+    finally:
+        for name in created:
+            subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+def init_in(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``equilibrium init ARGS`` inside ``namespace``, as the init container runs it."""
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace, sys.executable, "-m", "equilibrium", "init", *args],
+        capture_output=True, text=True, timeout=30, env=env_for_children(), cwd=REPO_ROOT,
+        check=False)
+
+
+class PodSidecar:
+    """``equilibrium sidecar ARGS`` in ``namespace`` (as GID ``gid``, which the init rules
+    exempt, unless None), its output in ``log_path``."""
+
+    def __init__(self, namespace: str, args: Sequence[str], log_path: Path,
+                 gid: int | None) -> None:
+        self.log_path = log_path
+        as_proxy = ["setpriv", f"--regid={gid}", "--clear-groups", "--"] if gid is not None else []
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", namespace, *as_proxy,
+                 sys.executable, "-m", "equilibrium", "sidecar", *args],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env_for_children(), cwd=REPO_ROOT,
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_ready(self, ready: Callable[[], Awaitable[bool]],
+                         timeout: float = 20.0) -> None:
+        """Poll ``ready()`` (connection errors count as not yet) until it is true; fail with
+        the sidecar's output if it exits first (bounded by ``timeout``)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                assert self.process.poll() is None, f"sidecar exited:\n{self.output()}"
+                with contextlib.suppress(OSError):
+                    if await ready():
+                        return
+                await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 10 s) if still running; remove the log."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+
+# ---------------------------------------------------------------- what both tests' worlds share
+
+
+@dataclass
+class ClusterServers:
+    """What a test's cluster namespace runs: the Kubernetes API stand-in (the sidecar's
+    service account may read only its own namespace, as with a RoleBinding), HTTP runners and
+    TCP servers; the ``users`` pods' handler, and stopping it all."""
+
+    namespace: str
+    api: KubeApiServer = field(
+        default_factory=lambda: KubeApiServer(allowed_namespaces={"default"}))
+    seen_hosts: Counter[str] = field(default_factory=Counter)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    servers: list[asyncio.Server] = field(default_factory=list)
+
+    def users_handler(self, name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A ``users`` pod: answers ``NAME PATH`` with ``X-Backend: NAME``, counts Hosts."""
+
+        async def handle(request: web.Request) -> web.Response:
+            self.seen_hosts[request.headers.get("Host", "")] += 1
+            return web.Response(text=f"{name} {request.path}", headers={"X-Backend": name})
+
+        return handle
+
+    async def stop(self) -> None:
+        await self.api.stop()
+        for server in self.servers:
+            server.close()
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+class PodAdmin:
+    """Mixin of a test's pod: its sidecar's admin listener on 127.0.0.1 inside the pod."""
+
+    namespace: str
+    admin_port: int
+    sidecar: PodSidecar | None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.sidecar.process if self.sidecar is not None else None
+
+    async def admin(self, path: str) -> Answer:
+        return await http_in(self.namespace, "127.0.0.1", self.admin_port, path)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return metric_value((await self.admin("/metrics")).body.decode(), name, **labels)

@@ -37,34 +37,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from sidecar.original_dst import original_dst, redirected_to
-from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
+from tests.integration.kube_api import endpoint_slice, service
 from tests.integration.netns import (
-    Answer,
+    ClusterServers,
+    PodAdmin,
+    PodSidecar,
     connect_in,
     free_port_in,
     http_in,
+    init_in,
     inside,
     listen_in,
+    namespaces,
     require_tools,
     run,
+    serve_http,
+    start_echo,
 )
-from tests.integration.procs import REPO_ROOT, metric_value, rss_bytes
+from tests.integration.procs import rss_bytes
 
 POD_IP, CLUSTER_IP_A, CLUSTER_IP_B = "10.200.0.1", "10.200.0.2", "10.200.0.3"
 SERVICE_IP = "10.96.0.10"  # the "users" Service's cluster IP: exists only in the init rules
@@ -77,34 +77,18 @@ PROXY_GID = 1337
 
 
 @dataclass
-class Cluster:
+class Cluster(ClusterServers):
     """Servers in the cluster namespace, run by this test's event loop."""
 
-    namespace: str
-    # The sidecar's service account may read only its own namespace (a RoleBinding).
-    api: KubeApiServer = field(
-        default_factory=lambda: KubeApiServer(allowed_namespaces={"default"}))
-    seen_hosts: Counter[str] = field(default_factory=Counter)
     echo_peers: list[tuple[str, int]] = field(default_factory=list)
-    runners: list[web.AppRunner] = field(default_factory=list)
-    servers: list[asyncio.base_events.Server] = field(default_factory=list)
     users_port: int = 0
     metrics_port: int = 0
     echo_port: int = 0
     banner_port: int = 0
     sink_port: int = 0
 
-    async def serve_http(self, name: str, sock: socket.socket) -> None:
-        async def handle(request: web.Request) -> web.Response:
-            self.seen_hosts[request.headers.get("Host", "")] += 1
-            return web.Response(text=f"{name} {request.path}", headers={"X-Backend": name})
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-        self.runners.append(runner)
+    async def serve_named(self, name: str, sock: socket.socket) -> None:
+        self.runners.append(await serve_http(sock, self.users_handler(name)))
 
     async def start(self) -> None:
         ns = self.namespace
@@ -113,21 +97,13 @@ class Cluster:
         users_b = listen_in(ns, CLUSTER_IP_B, self.users_port)  # a fresh namespace: free
         metrics = listen_in(ns, CLUSTER_IP_A)
         self.metrics_port = metrics.getsockname()[1]
-        await self.serve_http("users-a", users_a)
-        await self.serve_http("users-b", users_b)
-        await self.serve_http("users-metrics", metrics)
-
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.echo_peers.append(writer.get_extra_info("peername")[:2])
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while line := await reader.readline():
-                    writer.write(b"echo:" + line)
-                    await writer.drain()
-            writer.close()
+        await self.serve_named("users-a", users_a)
+        await self.serve_named("users-b", users_b)
+        await self.serve_named("users-metrics", metrics)
 
         echo_sock = listen_in(ns, CLUSTER_IP_A)
         self.echo_port = echo_sock.getsockname()[1]
-        self.servers.append(await asyncio.start_server(echo, sock=echo_sock))
+        self.servers.append(await start_echo(echo_sock, self.echo_peers))
 
         async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             total = 0  # counts what arrives until EOF, then says how much
@@ -171,30 +147,16 @@ class Cluster:
                                ("tcp-echo", self.echo_port), ("banner", self.banner_port)],
                               addresses)
 
-    async def stop(self) -> None:
-        await self.api.stop()
-        for server in self.servers:
-            server.close()
-        for runner in self.runners:
-            await runner.cleanup()
-
 
 @dataclass
-class Pod:
+class Pod(PodAdmin):
     namespace: str
     outbound_port: int
     admin_port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
+    sidecar: PodSidecar | None = None
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    async def admin(self, path: str) -> Answer:
-        return await http_in(self.namespace, "127.0.0.1", self.admin_port, path)
-
-    async def metric(self, name: str, **labels: str) -> float:
-        return metric_value((await self.admin("/metrics")).body.decode(), name, **labels)
+        return self.sidecar.output() if self.sidecar is not None else ""
 
     async def endpoints(self, upstream: str) -> list[str]:
         import json
@@ -214,80 +176,49 @@ async def world(
     """
     require_tools()
     exempt = getattr(request, "param", True)
-    tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
-    pod_ns, cluster_ns = f"eq-pod-{tag}", f"eq-cluster-{tag}"
-    created: list[str] = []
     cluster: Cluster | None = None
     pod: Pod | None = None
-    try:
-        for ns in (pod_ns, cluster_ns):
-            run("ip", "netns", "add", ns)
-            created.append(ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        # The veth pair is created inside the pod namespace with its peer in the cluster's.
-        run("ip", "-n", pod_ns, "link", "add", "eth0", "type", "veth",
-            "peer", "name", "eth0", "netns", cluster_ns)
-        run("ip", "-n", pod_ns, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
-        run("ip", "-n", cluster_ns, "addr", "add", f"{CLUSTER_IP_A}/24", "dev", "eth0")
-        run("ip", "-n", cluster_ns, "addr", "add", f"{CLUSTER_IP_B}/24", "dev", "eth0")
-        for ns in (pod_ns, cluster_ns):
-            run("ip", "-n", ns, "link", "set", "eth0", "up")
-        run("ip", "-n", pod_ns, "route", "add", "10.96.0.0/16", "via", CLUSTER_IP_A)
+    with namespaces("eq-pod", "eq-cluster") as (pod_ns, cluster_ns):
+        try:
+            # The veth pair is created inside the pod namespace with its peer in the cluster's.
+            run("ip", "-n", pod_ns, "link", "add", "eth0", "type", "veth",
+                "peer", "name", "eth0", "netns", cluster_ns)
+            run("ip", "-n", pod_ns, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
+            run("ip", "-n", cluster_ns, "addr", "add", f"{CLUSTER_IP_A}/24", "dev", "eth0")
+            run("ip", "-n", cluster_ns, "addr", "add", f"{CLUSTER_IP_B}/24", "dev", "eth0")
+            for ns in (pod_ns, cluster_ns):
+                run("ip", "-n", ns, "link", "set", "eth0", "up")
+            run("ip", "-n", pod_ns, "route", "add", "10.96.0.0/16", "via", CLUSTER_IP_A)
 
-        cluster = Cluster(cluster_ns)
-        await cluster.start()
-        outbound, admin = free_port_in(pod_ns, "127.0.0.1"), free_port_in(pod_ns, "127.0.0.1")
-        inbound = free_port_in(pod_ns, "127.0.0.1")
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("EQUILIBRIUM_") and "proxy" not in k.lower()}
-        env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", POD_NAMESPACE="default")
-        init = subprocess.run(
-            ["ip", "netns", "exec", pod_ns, sys.executable, "-m", "equilibrium", "init",
-             "--outbound-port", str(outbound), "--inbound-port", str(inbound),
-             "--proxy-uid", "1337", "--proxy-gid", str(PROXY_GID),
-             "--exclude-inbound-ports", str(admin)],
-            capture_output=True, text=True, timeout=30, env=env, cwd=REPO_ROOT, check=False)
-        assert init.returncode == 0, init.stderr
-        token = tmp_path / "token"
-        token.write_text(cluster.api.token)
-        log_fd, log_name = tempfile.mkstemp(prefix="eq-intercept-", suffix=".log")
-        pod = Pod(pod_ns, outbound, admin, Path(log_name))
-        as_proxy = ["setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--"] if exempt else []
-        discovery = ["--discovery", "--kube-api", cluster.api.url,
-                     "--kube-token-file", str(token)] if exempt else []
-        with os.fdopen(log_fd, "wb") as log_file:
-            pod.process = subprocess.Popen(
-                ["ip", "netns", "exec", pod_ns, *as_proxy,
-                 sys.executable, "-m", "equilibrium", "sidecar",
-                 "--outbound", f"0.0.0.0:{outbound}", "--admin", f"127.0.0.1:{admin}",
-                 "--id", "pod-sidecar", "--drain-timeout", "1", "--transparent", *discovery],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=REPO_ROOT,
-            )
-        async with asyncio.timeout(20):
-            while True:
-                assert pod.process.poll() is None, f"sidecar exited:\n{pod.output()}"
-                with contextlib.suppress(OSError):
-                    if (await pod.admin("/readyz")).status == 200 and \
-                            (not exempt or await pod.endpoints("users.default.80")):
-                        break
-                await asyncio.sleep(0.05)
-        yield pod, cluster
-    finally:
-        if pod is not None and pod.process is not None:
-            if pod.process.poll() is None:
-                pod.process.send_signal(signal.SIGTERM)
-                try:
-                    pod.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pod.process.kill()
-                    pod.process.wait(timeout=5)
-            with contextlib.suppress(OSError):
-                pod.log_path.unlink()
-        if cluster is not None:
-            await cluster.stop()
-        for ns in created:  # takes the veth pair and the nat rules with it
-            subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+            cluster = Cluster(cluster_ns)
+            await cluster.start()
+            outbound, admin, inbound = (free_port_in(pod_ns, "127.0.0.1") for _ in range(3))
+            init = init_in(pod_ns, "--outbound-port", str(outbound), "--inbound-port",
+                           str(inbound), "--proxy-uid", "1337", "--proxy-gid", str(PROXY_GID),
+                           "--exclude-inbound-ports", str(admin))
+            assert init.returncode == 0, init.stderr
+            token = tmp_path / "token"
+            token.write_text(cluster.api.token)
+            pod = Pod(pod_ns, outbound, admin)
+            discovery = ["--discovery", "--kube-api", cluster.api.url,
+                         "--kube-token-file", str(token)] if exempt else []
+            pod.sidecar = PodSidecar(
+                pod_ns, ["--outbound", f"0.0.0.0:{outbound}", "--admin", f"127.0.0.1:{admin}",
+                         "--id", "pod-sidecar", "--drain-timeout", "1", "--transparent",
+                         *discovery],
+                tmp_path / "sidecar.log", gid=PROXY_GID if exempt else None)
+
+            async def ready() -> bool:
+                return ((await pod.admin("/readyz")).status == 200
+                        and (not exempt or bool(await pod.endpoints("users.default.80"))))
+
+            await pod.sidecar.wait_ready(ready)
+            yield pod, cluster
+        finally:
+            if pod is not None and pod.sidecar is not None:
+                pod.sidecar.stop()
+            if cluster is not None:
+                await cluster.stop()
 
 
 async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints(
@@ -437,11 +368,8 @@ def test_original_destination_is_read_for_ipv4_and_ipv6_redirects() -> None:
     """SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST on real NAT records, incl. an IPv4 client on
     a dual-stack listener (the IPv6 query fails, the IPv4 one answers)."""
     require_tools()
-    namespace = f"eq-odst-{os.getpid() % 100000}{secrets.token_hex(2)}"
-    run("ip", "netns", "add", namespace)
-    try:
-        for cmd in (["link", "set", "lo", "up"],
-                    ["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+    with namespaces("eq-odst") as (namespace,):
+        for cmd in (["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
                     ["addr", "add", "10.9.0.1/24", "dev", "v0"],
                     ["addr", "add", "fd00:9::1/64", "dev", "v0", "nodad"],
                     ["link", "set", "v0", "up"], ["link", "set", "v1", "up"]):
@@ -469,5 +397,3 @@ def test_original_destination_is_read_for_ipv4_and_ipv6_redirects() -> None:
                         seen.append(original_dst(accepted))
                         assert redirected_to(accepted) == seen[-1]
         assert seen == [("10.9.0.10", 8443), ("fd00:9::10", 8443)]
-    finally:
-        subprocess.run(["ip", "netns", "del", namespace], check=False, timeout=10)

@@ -32,33 +32,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import secrets
 import signal
-import subprocess
-import sys
-import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
 
-from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
+from tests.integration.kube_api import endpoint_slice, service
 from tests.integration.netns import (
-    Answer,
+    ClusterServers,
+    PodAdmin,
+    PodSidecar,
     connect_in,
     free_port_in,
     http_in,
+    init_in,
     listen_in,
+    namespaces,
     require_tools,
     run,
+    serve_http,
+    start_echo,
 )
-from tests.integration.procs import REPO_ROOT, metric_value
 
 POD_V6, CLUSTER_V6_A, CLUSTER_V6_B = "fd00:201::1", "fd00:201::2", "fd00:201::3"
 POD_V4, CLUSTER_V4 = "10.201.0.1", "10.201.0.2"
@@ -68,52 +67,15 @@ PROXY_GID = 1337
 CONNECTIONS = "equilibrium_transparent_connections_total"
 
 
-def env_for_children() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("EQUILIBRIUM_") and "proxy" not in k.lower()}
-    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", POD_NAMESPACE="default")
-    return env
-
-
-def init_in(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`equilibrium init ARGS` inside ``namespace``, as the init container runs it."""
-    return subprocess.run(
-        ["ip", "netns", "exec", namespace, sys.executable, "-m", "equilibrium", "init", *args],
-        capture_output=True, text=True, timeout=30, env=env_for_children(), cwd=REPO_ROOT,
-        check=False)
-
-
 def our_rules(namespace: str, save: str) -> list[str]:
     """Our nat rules as ``iptables-save``/``ip6tables-save`` prints them."""
     saved = run("ip", "netns", "exec", namespace, save, "-t", "nat")
     return [line for line in saved.splitlines() if "EQUILIBRIUM" in line]
 
 
-@contextlib.contextmanager
-def namespaces(*prefixes: str) -> Iterator[list[str]]:
-    tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
-    created: list[str] = []
-    try:
-        for prefix in prefixes:
-            name = f"{prefix}-{tag}"
-            run("ip", "netns", "add", name)
-            created.append(name)
-            run("ip", "-n", name, "link", "set", "lo", "up")
-        yield created
-    finally:
-        for name in created:  # takes the veth pair and the nat rules with it
-            subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
-
-
 @dataclass
-class Cluster:
-    namespace: str
-    api: KubeApiServer = field(
-        default_factory=lambda: KubeApiServer(allowed_namespaces={"default"}))
-    seen_hosts: Counter[str] = field(default_factory=Counter)
+class Cluster(ClusterServers):
     echo_peers: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
-    runners: list[web.AppRunner] = field(default_factory=list)
-    servers: list[asyncio.base_events.Server] = field(default_factory=list)
     users_port: int = 0
     echo_port: int = 0
     excluded_port: int = 0
@@ -129,8 +91,9 @@ class Cluster:
         for attr, host in (("echo_port", CLUSTER_V6_A), ("excluded_port", CLUSTER_V6_A),
                            ("echo_v4_port", CLUSTER_V4)):
             sock = listen_in(ns, host)
-            setattr(self, attr, sock.getsockname()[1])
-            self.servers.append(await start_echo(sock, self.echo_peers))
+            port = sock.getsockname()[1]
+            setattr(self, attr, port)
+            self.servers.append(await start_echo(sock, self.echo_peers.setdefault(port, [])))
         run("ip", "netns", "exec", ns, "ip6tables", "-t", "nat", "-A", "PREROUTING",
             "-d", SERVICE_V6, "-p", "tcp", "--dport", str(TCP_PORT),
             "-j", "DNAT", "--to-destination", f"[{CLUSTER_V6_A}]:{self.echo_port}")
@@ -145,62 +108,16 @@ class Cluster:
         self.api.put("endpointslices", endpoints)
         await self.api.start(sock=listen_in(ns, CLUSTER_V6_A))
 
-    def users_handler(self, name: str) -> Any:
-        async def handle(request: web.Request) -> web.Response:
-            self.seen_hosts[request.headers.get("Host", "")] += 1
-            return web.Response(text=f"{name} {request.path}", headers={"X-Backend": name})
-        return handle
-
-    async def stop(self) -> None:
-        await self.api.stop()
-        for server in self.servers:
-            server.close()
-        for runner in self.runners:
-            await runner.cleanup()
-
-
-async def serve_http(sock: Any, handler: Any) -> web.AppRunner:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    return runner
-
-
-async def start_echo(
-    sock: Any, peers: dict[int, list[tuple[str, int]]]
-) -> asyncio.base_events.Server:
-    """Echoes lines; records each connection's peer under the server's port."""
-    port = sock.getsockname()[1]
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peers.setdefault(port, []).append(writer.get_extra_info("peername")[:2])
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while line := await reader.readline():
-                writer.write(b"echo:" + line)
-                await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(echo, sock=sock)
-
 
 @dataclass
-class Pod:
+class Pod(PodAdmin):
     namespace: str
     admin_port: int
     loopback_port: int
-    log_path: Path
     init_args: list[str]
     init_output: str
     app_seen: list[dict[str, str]] = field(default_factory=list)
-    process: subprocess.Popen[bytes] | None = None
-
-    async def admin(self, path: str) -> Answer:
-        return await http_in(self.namespace, "127.0.0.1", self.admin_port, path)
-
-    async def metric(self, name: str, **labels: str) -> float:
-        return metric_value((await self.admin("/metrics")).body.decode(), name, **labels)
+    sidecar: PodSidecar | None = None
 
     async def has_endpoints(self, upstream: str) -> bool:
         state = json.loads((await self.admin("/debug/state")).body)
@@ -242,7 +159,8 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Pod, Cluster]]:
             app_runner = await serve_http(app_sock, app)
             loopback_sock = listen_in(pod_ns, "::1")
             loopback_port = loopback_sock.getsockname()[1]
-            loopback_server = await start_echo(loopback_sock, cluster.echo_peers)
+            loopback_server = await start_echo(
+                loopback_sock, cluster.echo_peers.setdefault(loopback_port, []))
 
             outbound, inbound, admin = (free_port_in(pod_ns, "127.0.0.1") for _ in range(3))
             ports = ["--outbound-port", str(outbound), "--inbound-port", str(inbound),
@@ -253,43 +171,24 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Pod, Cluster]]:
             assert init.returncode == 0, init.stderr
             token = tmp_path / "token"
             token.write_text(cluster.api.token)
-            log_fd, log_name = tempfile.mkstemp(prefix="eq-intercept6-", suffix=".log")
-            pod = Pod(pod_ns, admin, loopback_port, Path(log_name), ports,
-                      init.stdout + init.stderr, app_seen)
-            with os.fdopen(log_fd, "wb") as log_file:
-                pod.process = subprocess.Popen(
-                    ["ip", "netns", "exec", pod_ns,
-                     "setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--",
-                     sys.executable, "-m", "equilibrium", "sidecar",
-                     "--outbound", f"0.0.0.0:{outbound}", "--inbound", f"0.0.0.0:{inbound}",
-                     "--app", f"http://127.0.0.1:{app_sock.getsockname()[1]}",
-                     "--admin", f"0.0.0.0:{admin}", "--id", "pod6", "--drain-timeout", "1",
-                     "--transparent", "--discovery", "--kube-api", cluster.api.url,
-                     "--kube-token-file", str(token)],
-                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env_for_children(), cwd=REPO_ROOT,
-                )
-            async with asyncio.timeout(20):
-                while True:
-                    assert pod.process.poll() is None, \
-                        f"sidecar exited:\n{pod.log_path.read_text(errors='replace')}"
-                    with contextlib.suppress(OSError):
-                        if (await pod.admin("/readyz")).status == 200 and \
-                                await pod.has_endpoints("users.default.80"):
-                            break
-                    await asyncio.sleep(0.05)
+            pod = Pod(pod_ns, admin, loopback_port, ports, init.stdout + init.stderr, app_seen)
+            pod.sidecar = PodSidecar(
+                pod_ns, ["--outbound", f"0.0.0.0:{outbound}", "--inbound", f"0.0.0.0:{inbound}",
+                         "--app", f"http://127.0.0.1:{app_sock.getsockname()[1]}",
+                         "--admin", f"0.0.0.0:{admin}", "--id", "pod6", "--drain-timeout", "1",
+                         "--transparent", "--discovery", "--kube-api", cluster.api.url,
+                         "--kube-token-file", str(token)],
+                tmp_path / "sidecar.log", gid=PROXY_GID)
+
+            async def ready() -> bool:
+                return ((await pod.admin("/readyz")).status == 200
+                        and await pod.has_endpoints("users.default.80"))
+
+            await pod.sidecar.wait_ready(ready)
             yield pod, cluster
         finally:
-            if pod is not None and pod.process is not None:
-                if pod.process.poll() is None:
-                    pod.process.send_signal(signal.SIGTERM)
-                    try:
-                        pod.process.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        pod.process.kill()
-                        pod.process.wait(timeout=5)
-                with contextlib.suppress(OSError):
-                    pod.log_path.unlink()
+            if pod is not None and pod.sidecar is not None:
+                pod.sidecar.stop()
             if loopback_server is not None:
                 loopback_server.close()
             if app_runner is not None:
