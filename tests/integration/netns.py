@@ -84,9 +84,13 @@ def inside(namespace: str) -> Iterator[None]:
 def listen_in(namespace: str, host: str, port: int = 0) -> socket.socket:
     with inside(namespace):
         sock = socket.socket(family(host), socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(64)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
