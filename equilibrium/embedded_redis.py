@@ -19,6 +19,11 @@ tests' fixtures reuse for servers of every kind.
 No server outlives its parent: servers still running at interpreter exit are killed, and a
 server started from the main thread is also started under ``setpriv --pdeathsig KILL`` so that
 it dies even when the parent is killed outright.
+
+The password never appears on a command line (``ps`` shows command lines to every user, and
+setpriv's and the server's own argv are readable until redis-server rewrites its title): the
+``requirepass`` and ``user`` directives reach the server on its standard input
+(``redis-server ... -``, read once at start-up), and nothing is written to a file.
 """
 
 from __future__ import annotations
@@ -294,6 +299,15 @@ def _write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
+def _config_quote(value: str) -> str:
+    """``value`` as one double-quoted redis.conf argument: letters and digits as they are,
+    every other byte as ``\\xHH`` (so quotes, spaces, backslashes and newlines are data)."""
+    return '"' + "".join(
+        chr(b) if chr(b).isascii() and chr(b).isalnum() else f"\\x{b:02x}"
+        for b in value.encode()
+    ) + '"'
+
+
 class EmbeddedRedis:
     """One redis-server child process on 127.0.0.1.
 
@@ -395,10 +409,6 @@ class EmbeddedRedis:
             "--protected-mode",
             "yes" if self.password else "no",
         ]
-        if self.password is not None:
-            argv += ["--requirepass", self.password]
-            if self.username:
-                argv += ["--user", self.username, "on", f">{self.password}", "~*", "&*", "+@all"]
         if self.tls:
             if self._tls_files is None:
                 self._tls_files = _write_tls_material(workdir)
@@ -419,7 +429,19 @@ class EmbeddedRedis:
             ]
         else:
             argv += ["--port", str(port)]
+        if self.password is not None:
+            argv.append("-")  # the rest of the configuration (the secrets) from stdin
         return argv
+
+    def _secret_config(self) -> bytes:
+        """The directives that carry the password, for the server's standard input."""
+        if self.password is None:
+            return b""
+        lines = [f"requirepass {_config_quote(self.password)}"]
+        if self.username:
+            lines.append(f"user {_config_quote(self.username)} on "
+                         f"{_config_quote('>' + self.password)} ~* &* +@all")
+        return ("\n".join(lines) + "\n").encode()
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A synchronous redis-py client for this server."""
@@ -459,14 +481,22 @@ class EmbeddedRedis:
             self._port = port
             in_main_thread = threading.current_thread() is threading.main_thread()
             prefix = list(_pdeathsig_prefix()) if in_main_thread else []
+            secret = self._secret_config()
             self._proc = subprocess.Popen(
                 [*prefix, *self._argv(port)],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if secret else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
             _RUNNING.add(self)
+            if self._proc.stdin is not None:
+                # A few hundred bytes: they fit the pipe, so this never blocks. A server that
+                # exited at once (bad binary) breaks the pipe; _wait_ready reports why.
+                with contextlib.suppress(BrokenPipeError):
+                    self._proc.stdin.write(secret)
+                with contextlib.suppress(BrokenPipeError):
+                    self._proc.stdin.close()
             try:
                 self._wait_ready()
                 return self

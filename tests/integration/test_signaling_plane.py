@@ -24,6 +24,7 @@ from equilibrium.embedded_redis import (
     EmbeddedRedis,
     RedisNotReady,
     RedisUnavailable,
+    find_redis_server,
     free_port,
     wait_for_ping,
 )
@@ -152,3 +153,24 @@ def test_wait_for_ping_is_bounded_and_never_shows_the_password() -> None:
         wait_for_ping(server.url, 5.0)  # returns: the server answers
         with pytest.raises(RedisNotReady):
             wait_for_ping(server.url.replace("pw-for-ping", "wrong"), 0.3)
+
+
+def test_the_embedded_redis_password_never_reaches_a_command_line(tmp_path: Path) -> None:
+    """redis-server gets its password on stdin: a wrapper that records the argv it was given
+    (before redis-server could rewrite its process title) never sees it; AUTH still holds."""
+    real = find_redis_server().path
+    seen = tmp_path / "argv"
+    wrapper = tmp_path / "redis-server"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {seen}\nexec {real} "$@"\n')
+    wrapper.chmod(0o700)
+    password = 'p"w d\\ \n#x'  # quotes, spaces, a backslash, a newline, a comment sign
+    with EmbeddedRedis(password=password, username="eq", binary=str(wrapper)) as server:
+        assert redis.Redis.from_url(server.url, **ONE_TRY).ping() is True
+        acl_user = redis.Redis(host="127.0.0.1", port=server.port, username="eq",
+                               password=password, **ONE_TRY)
+        assert acl_user.ping() is True
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port, **ONE_TRY).ping()
+    recorded = seen.read_text()
+    assert "--dir" in recorded  # the wrapper did start the server (not only probe it)
+    assert "p\"w" not in recorded and "requirepass" not in recorded
