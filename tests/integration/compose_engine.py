@@ -321,8 +321,13 @@ class ComposeProject:
         if condition == "service_started":
             return
         if condition == "service_healthy":
-            self.wait_for(service, lambda s: (s.get("Health") or {}).get("Status") == "healthy",
-                          "healthy", timeout)
+            state = self.wait_for(
+                service, lambda s: (s.get("Health") or {}).get("Status") in {"healthy",
+                                                                             "unhealthy"},
+                "healthy", timeout)
+            if state["Health"]["Status"] == "unhealthy":  # compose gives up here too
+                raise ComposeError(f"{service} is unhealthy (last health checks "
+                                   f"{state['Health']['Log'][-2:]}):\n{self.logs(service)}")
         else:
             self.wait_for(service, lambda s: s["Status"] == "exited", "exited", timeout)
             code = self.state(service)["ExitCode"]

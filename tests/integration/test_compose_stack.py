@@ -93,6 +93,21 @@ def engine() -> Iterator[Any]:
             client.images.get(image)
         except docker.errors.ImageNotFound:
             pytest.fail(f"image {image} is missing; {help_text}")
+    # compose.yaml's healthcheck runs redis-cli inside the Redis container: without it the
+    # stack never becomes healthy, so say so at once.
+    probe = client.containers.create(REDIS_IMAGE, ["--version"], entrypoint=["redis-cli"],
+                                     network_mode="none")
+    try:
+        probe.start()
+        code = probe.wait(timeout=20)["StatusCode"]
+    except docker.errors.DockerException as exc:
+        code = str(exc)[-200:]
+    finally:
+        probe.remove(force=True)
+    if code != 0:
+        pytest.fail(f"{REDIS_IMAGE} has no working redis-cli, which compose.yaml's healthcheck "
+                    f"runs ({code}); rebuild it with scripts/ci/build-redis-image.sh (the recipe "
+                    "must copy /usr/bin/redis-cli into the image)")
     yield client
     client.close()
 

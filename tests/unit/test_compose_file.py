@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from equilibrium.cli import build_parser
+from equilibrium.demo import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -83,6 +84,10 @@ def test_every_command_parses_with_the_equilibrium_cli(compose: dict[str, Any]) 
         urls.add(args.redis)
     ids = {parse(services[n]["command"]).id for n in ("signaler", "signaler-standby")}
     assert len(ids) == 2  # two replicas must not share an id (one lease holder each)
+    # As many tokens as the demo's own signaler: with the CLI default (32) a solve outlasted
+    # the lease on a busy 2-core machine and no recommendation was ever published.
+    tokens = {int(parse(services[n]["command"]).tokens) for n in ("signaler", "signaler-standby")}
+    assert tokens == {DemoConfig().tokens}
 
     demo = parse(services["demo"]["command"])
     assert demo.command == "demo"
