@@ -2,8 +2,10 @@
 # Build the local Redis image `equilibrium-redis:local` FROM scratch (idempotent, never pulls).
 #
 # No registry is reachable on these machines, so the image is assembled from the host's
-# Debian redis-server binary and the shared libraries `ldd` lists for it. The image is
-# labelled with a sha256 of the binary and this script; it is rebuilt only when either changed.
+# Debian redis-server and redis-cli binaries and the shared libraries `ldd` lists for them
+# (redis-cli because compose.yaml's healthcheck runs `redis-cli ping` in the container, as with
+# the official image). The image is labelled with a sha256 of the binaries and this script; it
+# is rebuilt only when one of them changed.
 #
 # Environment:
 #   REDIS_IMAGE   tag to build (default equilibrium-redis:local)
@@ -12,22 +14,23 @@ set -euo pipefail
 
 IMAGE="${REDIS_IMAGE:-equilibrium-redis:local}"
 BIN=/usr/bin/redis-server
+CLI=/usr/bin/redis-cli
 export DOCKER_HOST="${DOCKER_HOST:-unix:///run/docker.sock}"
 # The classic builder honours --network none and --pull=false and needs no buildx plugin.
 export DOCKER_BUILDKIT=0
 
 log() { echo "build-redis-image: $*" >&2; }
 
-if [ ! -x "${BIN}" ]; then
-    log "installing redis-server (apt-get)"
+if [ ! -x "${BIN}" ] || [ ! -x "${CLI}" ]; then
+    log "installing redis-server and redis-tools (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q redis-server >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }
+    apt-get install -y -q redis-server redis-tools >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q redis-server redis-tools >/dev/null; }
 fi
 # Debian ships redis-server as a symlink to redis-check-rdb; the real file decides the hash.
 REAL_BIN="$(readlink -f "${BIN}")"
 # The label covers the binary and this recipe, so a changed recipe also rebuilds.
-SHA="$(cat "${REAL_BIN}" "$0" | sha256sum | cut -d' ' -f1)"
+SHA="$(cat "${REAL_BIN}" "${CLI}" "$0" | sha256sum | cut -d' ' -f1)"
 
 if [ "${FORCE:-0}" != "1" ]; then
     have="$(docker image inspect "${IMAGE}" \
@@ -44,9 +47,10 @@ ROOT="${CTX}/rootfs"
 mkdir -p "${ROOT}/usr/bin" "${ROOT}/data" "${ROOT}/tmp"
 # Copy under the name redis-server: the binary picks its mode from argv[0].
 cp -L "${BIN}" "${ROOT}/usr/bin/redis-server"
+cp -L "${CLI}" "${ROOT}/usr/bin/redis-cli"
 
 # Every library ldd resolves (the "=> /path" form and the bare loader path).
-ldd "${BIN}" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u | while read -r lib; do
+{ ldd "${BIN}"; ldd "${CLI}"; } | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u | while read -r lib; do
     mkdir -p "${ROOT}$(dirname "${lib}")"
     cp -L "${lib}" "${ROOT}${lib}"
 done
