@@ -36,6 +36,7 @@ import pytest
 import redis
 
 from equilibrium.embedded_redis import EmbeddedRedis, RedisNotReady, free_port, wait_for_ping
+from tests.environment import DOCKER, required
 
 IMAGE = os.environ.get("EQUILIBRIUM_REDIS_IMAGE", "equilibrium-redis:local")
 TESTCONTAINERS = "testcontainers"
@@ -47,7 +48,7 @@ _CONTAINER_PORT = 6379
 
 def docker_required() -> bool:
     """True when CI demands the testcontainers path (``EQUILIBRIUM_REQUIRE_DOCKER=1``)."""
-    return os.environ.get("EQUILIBRIUM_REQUIRE_DOCKER", "") not in ("", "0", "false", "no")
+    return required(DOCKER)
 
 
 def _configure_testcontainers() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tests.environment import NETNS, unavailable
 from tests.integration.kube_api import KubeApiServer
 from tests.integration.procs import REPO_ROOT, metric_value
 
@@ -42,10 +43,9 @@ def require_tools(*tools: str) -> None:
     if os.geteuid() != 0:
         missing.append("root (network namespaces and iptables)")
     if missing:
-        import pytest
-
-        pytest.fail("transparent interception test needs: " + ", ".join(missing)
-                    + " (CI installs iptables, which brings ip6tables, and iproute2 in .ci/run)")
+        unavailable("transparent interception test needs: " + ", ".join(missing)
+                    + " (.ci/run installs iptables, which brings ip6tables, and iproute2)",
+                    variable=NETNS)
 
 
 def run(*cmd: str) -> str:

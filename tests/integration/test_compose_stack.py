@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.environment import DOCKER, unavailable
 from tests.integration.compose_engine import (
     ComposeError,
     ComposeProject,
@@ -87,12 +88,12 @@ def engine() -> Iterator[Any]:
         client = docker.from_env(timeout=30)
         client.ping()
     except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine answers ({exc}); {help_text}")
+        unavailable(f"no Docker engine answers ({exc}); {help_text}", variable=DOCKER)
     for image in (IMAGE, REDIS_IMAGE):
         try:
             client.images.get(image)
         except docker.errors.ImageNotFound:
-            pytest.fail(f"image {image} is missing; {help_text}")
+            unavailable(f"image {image} is missing; {help_text}", variable=DOCKER)
     # compose.yaml's healthcheck runs redis-cli inside the Redis container: without it the
     # stack never becomes healthy, so say so at once.
     probe = client.containers.create(REDIS_IMAGE, ["--version"], entrypoint=["redis-cli"],
@@ -105,9 +106,9 @@ def engine() -> Iterator[Any]:
     finally:
         probe.remove(force=True)
     if code != 0:
-        pytest.fail(f"{REDIS_IMAGE} has no working redis-cli, which compose.yaml's healthcheck "
+        unavailable(f"{REDIS_IMAGE} has no working redis-cli, which compose.yaml's healthcheck "
                     f"runs ({code}); rebuild it with scripts/ci/build-redis-image.sh (the recipe "
-                    "must copy /usr/bin/redis-cli into the image)")
+                    "must copy /usr/bin/redis-cli into the image)", variable=DOCKER)
     yield client
     client.close()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.environment import DOCKER, unavailable
 from tests.injector_support import apply_patch, assert_valid, decode_patch, make_pod, make_review
 from tests.integration.procs import REPO_ROOT, run_equilibrium
 
@@ -59,12 +60,13 @@ def image() -> str:
     help_text = ("build it with scripts/image/build.sh (after scripts/ci/docker-up.sh), or "
                  "deselect these tests with -m 'not docker'")
     if shutil.which("docker") is None:
-        pytest.fail(f"docker CLI not found; {help_text}")
+        unavailable(f"docker CLI not found; {help_text}", variable=DOCKER)
     info = docker("info", check=False, timeout=20)
     if info.returncode != 0:
-        pytest.fail(f"no Docker engine answers ({info.stderr.strip()[:200]}); {help_text}")
+        unavailable(f"no Docker engine answers ({info.stderr.strip()[:200]}); {help_text}",
+                    variable=DOCKER)
     if docker("image", "inspect", IMAGE, check=False).returncode != 0:
-        pytest.fail(f"image {IMAGE} is missing; {help_text}")
+        unavailable(f"image {IMAGE} is missing; {help_text}", variable=DOCKER)
     return IMAGE
 
 
