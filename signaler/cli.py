@@ -113,7 +113,9 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
     if not args.redis:
         raise UsageError("--redis URL (or EQUILIBRIUM_REDIS_URL) is required")
     if not args.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise UsageError(f"--redis: expected a redis:// or rediss:// URL, got {args.redis!r}")
+        scheme = args.redis.partition("://")[0] if "://" in args.redis else "no scheme"
+        # Never echo the URL itself: it may carry the Redis password.
+        raise UsageError(f"--redis: expected a redis://, rediss:// or unix:// URL, got {scheme}")
     key = read_mesh_key(args.mesh_secret_file)
     signer = args.id or f"signaler-{socket.gethostname()}-{os.getpid()}"
     try:

@@ -48,6 +48,7 @@ from equilibrium.fleet import Fleet
 from equilibrium.loadgen import latency_summary
 from equilibrium.processes import ChildProcess, free_port
 from equilibrium.sidecars import Sidecar
+from equilibrium.signaling_plane import MESH_KEY_ENV
 
 MODES = ("off", "token-bucket", "equilibrium")
 NO_ROGUE = "off, no rogue"  # the cooperative callers' baseline
@@ -186,21 +187,19 @@ class Mesh:
 
 async def start_mesh(ctx: BenchContext, app_url: str, callers: Sequence[str],
                      policing: dict[str, Any], tag: str) -> Mesh:
-    key = ctx.logs / "mesh.key"
-    if not key.exists():
-        key.write_text(secrets.token_hex(32) + "\n")
-        key.chmod(0o600)
+    # The mesh key reaches the sidecars only through their environment: no file, no argv.
+    env = {MESH_KEY_ENV: secrets.token_hex(32)}
     config = ctx.logs / f"policing-{tag}.json"
     config.write_text(json.dumps({"policing": policing}))
-    common = ["--config", str(config), "--mesh-secret-file", str(key), "--max-attempts", "1"]
+    common = ["--config", str(config), "--max-attempts", "1"]
     inbound_addr = f"127.0.0.1:{free_port()}"
     log = str(ctx.logs / f"sidecars-{tag}.log")
     inbound = await Sidecar.start(f"app-{tag}", {}, extra=[
-        "--inbound", inbound_addr, "--app", app_url, *common], stderr_path=log)
+        "--inbound", inbound_addr, "--app", app_url, *common], stderr_path=log, env=env)
     try:
         started = await asyncio.gather(*(
             Sidecar.start(name, {UPSTREAM: [f"http://{inbound_addr}"]}, extra=common,
-                          stderr_path=log) for name in callers), return_exceptions=True)
+                          stderr_path=log, env=env) for name in callers), return_exceptions=True)
         failed = [r for r in started if isinstance(r, BaseException)]
         ok = [r for r in started if isinstance(r, Sidecar)]
         if failed:
