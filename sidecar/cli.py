@@ -26,13 +26,6 @@ from sidecar.config import (
     ConfigError,
     ConfigSource,
 )
-from sidecar.event_loop import (
-    DEFAULT_EVENT_LOOP,
-    EVENT_LOOPS,
-    EventLoopError,
-    choose_event_loop,
-    running_loop,
-)
 from sidecar.flags import Option, add_options, option_values
 from sidecar.kube_wiring import KubeWiring
 from sidecar.kube_wiring import add_arguments as add_kube_arguments
@@ -45,7 +38,7 @@ environment: EQUILIBRIUM_OUTBOUND, EQUILIBRIUM_ADMIN, EQUILIBRIUM_UPSTREAMS="a=u
   EQUILIBRIUM_CONFIG, EQUILIBRIUM_INBOUND, EQUILIBRIUM_APP, EQUILIBRIUM_MESH_SECRET_FILE,
   EQUILIBRIUM_MESH_SECRET (the mesh key itself; wins over the file), EQUILIBRIUM_TRANSPARENT,
   EQUILIBRIUM_DISCOVERY, EQUILIBRIUM_DISCOVERY_NAMESPACES, EQUILIBRIUM_KUBE_API,
-  EQUILIBRIUM_KUBE_TOKEN_FILE (docs/interception.md), EQUILIBRIUM_EVENT_LOOP.
+  EQUILIBRIUM_KUBE_TOKEN_FILE (docs/interception.md).
 signals: SIGHUP reloads the config file (also re-read when its mtime changes);
   SIGTERM drains in-flight requests up to --drain-timeout, then exits 0.
 """
@@ -97,12 +90,6 @@ def register(subparsers: Any) -> None:
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
-    parser.add_argument(
-        "--event-loop", default=os.environ.get("EQUILIBRIUM_EVENT_LOOP", DEFAULT_EVENT_LOOP),
-        choices=EVENT_LOOPS, metavar="|".join(EVENT_LOOPS),
-        help="event loop: uvloop (libuv, written in C), asyncio's own, or auto = uvloop when "
-             "installed, else asyncio (default auto; env EQUILIBRIUM_EVENT_LOOP)",
-    )
     add_kube_arguments(parser)  # --transparent, --discovery, --kube-api, --kube-token-file
     parser.set_defaults(func=main)
 
@@ -126,28 +113,20 @@ def main(args: argparse.Namespace) -> int:
         policing = PolicingWiring.prepare(config, source.env)
         signaling = SignalingWiring.prepare(config, policing.mesh_key)
         kube = KubeWiring.prepare(args, source.env)
-        loop_choice = choose_event_loop(args.event_loop)
-    except (ConfigError, EventLoopError) as exc:
+    except ConfigError as exc:
         print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
     from sidecar.runner import SidecarRunner, StartupError  # heavy imports only when running
 
     async def serve() -> int:
-        logging.getLogger("sidecar").info(
-            "event loop: %s %s (%s)", running_loop(), loop_choice.version, loop_choice.reason)
         runner = SidecarRunner(source, config)
         policing.install(runner)
         signaling.install(runner)
         kube.install(runner)
-        runner.add_state_section("event_loop", lambda: {
-            "name": running_loop(), "version": loop_choice.version,
-            "requested": loop_choice.requested,
-        })
         return await runner.run()
 
     try:
-        with asyncio.Runner(loop_factory=loop_choice.factory) as loop_runner:
-            return loop_runner.run(serve())
+        return asyncio.run(serve())
     except StartupError as exc:
         print(f"equilibrium sidecar: {exc}", file=sys.stderr)
         return 1
