@@ -17,7 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from equilibrium.bench.report import build_document, render_console, write_report
+from equilibrium.bench.report import (
+    build_document,
+    machine_info,
+    render_console,
+    write_report,
+)
 from equilibrium.bench.scenarios import SCENARIOS, BenchContext, all_scenarios, load_scenario
 
 
@@ -105,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = BenchContext(args=args, out=args.out, logs=logs, stream=sys.stdout)
     started = dt.datetime.now(dt.UTC)
+    machine = machine_info()  # the load and CPU pressure *before* the run, as the report says
     ctx.say(f"equilibrium bench: {scenario.name} ({scenario.summary}); logs in {logs}")
     try:
         result = asyncio.run(_run(scenario, ctx))
@@ -117,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError, ValueError) as exc:
         print(f"equilibrium bench: {exc} (logs in {logs})", file=sys.stderr)
         return 1
-    doc = build_document(scenario.name, scenario.summary, argv, result, started)
+    doc = build_document(scenario.name, scenario.summary, argv, result, started, machine)
     json_path, md_path = write_report(doc, args.out)
     sys.stdout.write("\n" + render_console(doc))
     print(f"results: {json_path}, {md_path}")
