@@ -219,3 +219,21 @@ def test_rules_test_makes_alerts_fire(alert: str) -> None:
               for case in test.get("alert_rule_test", []) if not case["exp_alerts"]}
     assert alert in fired
     assert {"EquilibriumRecommendationsRejected", "EquilibriumUpstreamHighErrorRatio"} <= silent
+
+
+def test_promtool_accepts_the_example_configuration(tmp_path: Path) -> None:
+    """k8s/observability/prometheus.yml: its rule file and its relabelling. Debian's promtool
+    is built without Kubernetes discovery, so the discovery blocks become static targets."""
+    config = yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())
+    assert config["rule_files"] == [RULES.name]
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs")[0]["role"] == "pod"
+        job["static_configs"] = [{"targets": [f"{LOOPBACK}:9"]}]
+        kept = [c for c in job["relabel_configs"] if c.get("action") == "keep"]
+        assert kept, job["job_name"]
+        assert {c.get("target_label") for c in job["relabel_configs"]} >= {"namespace", "pod"}
+    shutil.copy(RULES, tmp_path / RULES.name)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    result = run_promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
