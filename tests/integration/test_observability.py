@@ -6,12 +6,15 @@
    of them the sidecar's own inbound listener, so the inbound series appear too) until the
    sidecar follows the signaler's plan; both ``/metrics`` are scraped and parsed with
    prometheus_client's text parser, histogram and counter sample names resolved; every label a
-   selector matches on exists on the scraped series.
+   selector matches on exists on the scraped series. Then a real Prometheus (Debian's
+   ``prometheus``) loads rules.yml and scrapes both processes every second: every recording
+   rule yields a value, the endpoints' shares add up to 1, the failed ratio is 0 (not empty),
+   the sidecar follows.
 2. ``promtool check rules`` accepts the plain rules file, the PrometheusRule's groups and the
    dashboard's expressions; ``promtool test rules`` runs k8s/observability/rules_test.yml
    (alerts that fire and alerts that stay silent), and fails when an expectation is wrong.
 
-promtool comes with Debian's ``prometheus`` package; without it these tests fail in CI
+promtool and prometheus come with Debian's ``prometheus`` package; without it these tests fail in CI
 (EQUILIBRIUM_REQUIRE_PROMTOOL=1) and are skipped with the reason elsewhere.
 """
 
@@ -98,8 +101,94 @@ async def drive_until_following(sidecar: SidecarProcess) -> int:
                          f"{sidecar.output()[-2000:]}")
 
 
-async def test_every_metric_the_rules_and_dashboard_use_is_exported(
-    redis_server: RedisHandle,
+RECORDED_PRESENT = (
+    "namespace_upstream:equilibrium_requests:rate5m",
+    "namespace_upstream_endpoint:equilibrium_requests:rate5m",
+    "namespace_upstream:equilibrium_requests_failed:ratio_rate5m",
+    "namespace_upstream_endpoint:equilibrium_requests:share5m",
+    "namespace_upstream:equilibrium_request_duration_seconds:p50_5m",
+    "namespace_upstream:equilibrium_request_duration_seconds:p99_5m",
+    "namespace_upstream_endpoint:equilibrium_route_weight:avg",
+    "namespace_upstream:equilibrium_signaling_following:ratio",
+    "namespace_upstream:equilibrium_signaler_solve_seconds:p99_10m",
+    "namespace_upstream:equilibrium_signaler_recommendations_published:rate5m",
+)
+
+
+async def trickle(sidecar: SidecarProcess, stop: asyncio.Event) -> None:
+    """A light load (about 25 requests/s, bounded in time) while Prometheus scrapes."""
+    deadline = time.monotonic() + MAX_SECONDS
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while not stop.is_set() and time.monotonic() < deadline:
+            for _ in range(5):
+                async with session.get(f"{sidecar.outbound_url}/work",
+                                       headers={"Host": UPSTREAM}) as resp:
+                    await resp.read()
+            await asyncio.sleep(0.2)
+
+
+async def recorded(sidecar: SidecarProcess, signaler_admin: str,
+                   tmp_path: Path) -> dict[str, list[dict[str, object]]]:
+    """Run a real Prometheus with rules.yml scraping both processes every second; return every
+    recording rule's result once all of them have one (bounded wait)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        unavailable("prometheus not found: apt-get install -y prometheus", variable=PROMTOOL)
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "equilibrium", "static_configs": [
+            {"targets": [f"{LOOPBACK}:{sidecar.admin_port}"],
+             "labels": {"namespace": "shop", "pod": "obs-0"}},
+            {"targets": [signaler_admin],
+             "labels": {"namespace": "equilibrium-system", "pod": "obs-signaler"}},
+        ]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address={LOOPBACK}:{port}",
+         "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    stop = asyncio.Event()
+    load = asyncio.create_task(trickle(sidecar, stop))
+    results: dict[str, list[dict[str, object]]] = {}
+    try:
+        deadline = time.monotonic() + MAX_SECONDS
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while time.monotonic() < deadline and len(results) < len(RECORDED_PRESENT):
+                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+                for name in RECORDED_PRESENT:
+                    if name in results:
+                        continue
+                    try:
+                        async with session.get(f"http://{LOOPBACK}:{port}/api/v1/query",
+                                               params={"query": name}) as resp:
+                            body = await resp.json() if resp.status == 200 else {}
+                    except (aiohttp.ClientError, TimeoutError):
+                        break  # not listening yet
+                    found = body.get("data", {}).get("result", [])
+                    if found:
+                        results[name] = found
+                await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await load
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 5)
+        log.close()
+    missing = sorted(set(RECORDED_PRESENT) - set(results))
+    assert not missing, f"no value for {missing}:\n{(tmp_path / 'prometheus.log').read_text()}"
+    return results
+
+
+async def test_rules_and_dashboard_use_real_metrics_and_record_real_values(
+    redis_server: RedisHandle, tmp_path: Path,
 ) -> None:
     env = {"EQUILIBRIUM_MESH_SECRET": secrets.token_hex(32)}
     inbound = f"{LOOPBACK}:{free_port()}"
@@ -127,10 +216,24 @@ async def test_every_metric_the_rules_and_dashboard_use_is_exported(
             status, body = await asyncio.to_thread(http_get, f"http://{signaler_admin}/metrics")
             assert status == 200
             series = exported(sidecar.metrics_text()) | exported(body.decode())
+            values = await recorded(sidecar, signaler_admin, tmp_path)
         finally:
             await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
             for proc in procs:
                 proc.cleanup()
+
+    # the recording rules evaluate on the real series: the shares of the two endpoints of svc
+    # add up to 1, nothing failed, the sidecar follows the signaler
+    shares = {r["metric"]["endpoint"]: float(r["value"][1])  # type: ignore[index]
+              for r in values["namespace_upstream_endpoint:equilibrium_requests:share5m"]}
+    assert set(shares) == {f"http://{inbound}", other.url}, shares
+    assert abs(sum(shares.values()) - 1.0) < 1e-6, shares
+    failed = values["namespace_upstream:equilibrium_requests_failed:ratio_rate5m"]
+    assert [float(r["value"][1]) for r in failed] == [0.0]  # type: ignore[index]
+    follow = values["namespace_upstream:equilibrium_signaling_following:ratio"]
+    assert [(r["metric"], float(r["value"][1])) for r in follow] == [  # type: ignore[index]
+        ({"__name__": "namespace_upstream:equilibrium_signaling_following:ratio",
+          "namespace": "shop", "upstream": UPSTREAM}, 1.0)]
 
     # labelled series of every part of the system appeared
     for name in ("equilibrium_requests_total", "equilibrium_request_duration_seconds_bucket",
