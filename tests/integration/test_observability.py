@@ -9,7 +9,8 @@
    selector matches on exists on the scraped series. Then a real Prometheus (Debian's
    ``prometheus``) loads rules.yml and scrapes both processes every second: every recording
    rule yields a value, the endpoints' shares add up to 1, the failed ratio is 0 (not empty),
-   the sidecar follows.
+   the sidecar follows; every dashboard query is valid PromQL there and every panel but the
+   failure-only ones shows data.
 2. ``promtool check rules`` accepts the plain rules file, the PrometheusRule's groups and the
    dashboard's expressions; ``promtool test rules`` runs k8s/observability/rules_test.yml
    (alerts that fire and alerts that stay silent), and fails when an expectation is wrong.
@@ -50,6 +51,7 @@ from tests.observability_queries import (
     RULES_TEST,
     TARGET_LABELS,
     all_queries,
+    dashboard,
     dashboard_queries,
 )
 from tests.redis_fixture import RedisHandle
@@ -101,6 +103,8 @@ async def drive_until_following(sidecar: SidecarProcess) -> int:
                          f"{sidecar.output()[-2000:]}")
 
 
+QUIET_PANELS = {"Retries, exhausted budget, sidecar errors", "Callers backing off (outbound)"}
+"""Panels with no series while nothing fails and nobody is punished (counters never touched)."""
 RECORDED_PRESENT = (
     "namespace_upstream:equilibrium_requests:rate5m",
     "namespace_upstream_endpoint:equilibrium_requests:rate5m",
@@ -127,10 +131,27 @@ async def trickle(sidecar: SidecarProcess, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.2)
 
 
-async def recorded(sidecar: SidecarProcess, signaler_admin: str,
-                   tmp_path: Path) -> dict[str, list[dict[str, object]]]:
-    """Run a real Prometheus with rules.yml scraping both processes every second; return every
-    recording rule's result once all of them have one (bounded wait)."""
+async def panels_with_data(session: aiohttp.ClientSession, prometheus: str) -> set[str]:
+    """The dashboard panels of which at least one target returns a series now."""
+    shown: set[str] = set()
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            expr = (target["expr"].replace("$__rate_interval", "1m")
+                    .replace("$namespace", ".*").replace("$upstream", ".*"))
+            async with session.get(f"{prometheus}/api/v1/query", params={"query": expr}) as resp:
+                body = await resp.json()
+            assert body["status"] == "success", (panel["title"], expr, body)
+            if body["data"]["result"]:
+                shown.add(panel["title"])
+    return shown
+
+
+async def recorded(
+    sidecar: SidecarProcess, signaler_admin: str, tmp_path: Path
+) -> tuple[dict[str, list[dict[str, object]]], set[str]]:
+    """Run a real Prometheus with rules.yml scraping both processes every second. Once every
+    recording rule has a value (bounded wait): those values, and the dashboard panels that
+    show data."""
     binary = shutil.which("prometheus")
     if binary is None:
         unavailable("prometheus not found: apt-get install -y prometheus", variable=PROMTOOL)
@@ -172,6 +193,7 @@ async def recorded(sidecar: SidecarProcess, signaler_admin: str,
                     if found:
                         results[name] = found
                 await asyncio.sleep(0.5)
+            panels = await panels_with_data(session, f"http://{LOOPBACK}:{port}")
     finally:
         stop.set()
         await load
@@ -184,7 +206,7 @@ async def recorded(sidecar: SidecarProcess, signaler_admin: str,
         log.close()
     missing = sorted(set(RECORDED_PRESENT) - set(results))
     assert not missing, f"no value for {missing}:\n{(tmp_path / 'prometheus.log').read_text()}"
-    return results
+    return results, panels
 
 
 async def test_rules_and_dashboard_use_real_metrics_and_record_real_values(
@@ -216,12 +238,15 @@ async def test_rules_and_dashboard_use_real_metrics_and_record_real_values(
             status, body = await asyncio.to_thread(http_get, f"http://{signaler_admin}/metrics")
             assert status == 200
             series = exported(sidecar.metrics_text()) | exported(body.decode())
-            values = await recorded(sidecar, signaler_admin, tmp_path)
+            values, shown = await recorded(sidecar, signaler_admin, tmp_path)
         finally:
             await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
             for proc in procs:
                 proc.cleanup()
 
+    # every panel shows data, except those that only show failures and punishments
+    blank = {p["title"] for p in dashboard()["panels"] if p["type"] != "row"} - shown
+    assert blank <= QUIET_PANELS, blank
     # the recording rules evaluate on the real series: the shares of the two endpoints of svc
     # add up to 1, nothing failed, the sidecar follows the signaler
     shares = {r["metric"]["endpoint"]: float(r["value"][1])  # type: ignore[index]
