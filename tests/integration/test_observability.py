@@ -131,6 +131,13 @@ async def trickle(sidecar: SidecarProcess, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.2)
 
 
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        unavailable("prometheus not found: apt-get install -y prometheus", variable=PROMTOOL)
+    return path
+
+
 async def panels_with_data(session: aiohttp.ClientSession, prometheus: str) -> set[str]:
     """The dashboard panels of which at least one target returns a series now."""
     shown: set[str] = set()
@@ -152,9 +159,7 @@ async def recorded(
     """Run a real Prometheus with rules.yml scraping both processes every second. Once every
     recording rule has a value (bounded wait): those values, and the dashboard panels that
     show data."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        unavailable("prometheus not found: apt-get install -y prometheus", variable=PROMTOOL)
+    binary = prometheus_binary()
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -212,6 +217,7 @@ async def recorded(
 async def test_rules_and_dashboard_use_real_metrics_and_record_real_values(
     redis_server: RedisHandle, tmp_path: Path,
 ) -> None:
+    prometheus_binary()  # before starting anything
     env = {"EQUILIBRIUM_MESH_SECRET": secrets.token_hex(32)}
     inbound = f"{LOOPBACK}:{free_port()}"
     signaler_admin = f"{LOOPBACK}:{free_port()}"
