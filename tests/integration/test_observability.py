@@ -9,8 +9,8 @@
    selector matches on exists on the scraped series. Then a real Prometheus (Debian's
    ``prometheus``) loads rules.yml and scrapes both processes every second: every recording
    rule yields a value, the endpoints' shares add up to 1, the failed ratio is 0 (not empty),
-   the sidecar follows; every dashboard query is valid PromQL there and every panel but the
-   failure-only ones shows data.
+   the sidecar follows; every alert evaluates without error; every dashboard query is valid
+   PromQL there and every panel but the failure-only ones shows data.
 2. ``promtool check rules`` accepts the plain rules file, the PrometheusRule's groups and the
    dashboard's expressions; ``promtool test rules`` runs k8s/observability/rules_test.yml
    (alerts that fire and alerts that stay silent), and fails when an expectation is wrong.
@@ -53,6 +53,7 @@ from tests.observability_queries import (
     all_queries,
     dashboard,
     dashboard_queries,
+    rule_queries,
 )
 from tests.redis_fixture import RedisHandle
 
@@ -138,6 +139,21 @@ def prometheus_binary() -> str:
     return path
 
 
+async def rule_health(session: aiohttp.ClientSession, prometheus: str) -> dict[str, str]:
+    """Each loaded rule's health once every rule has been evaluated (bounded wait): ``ok``,
+    or ``err: <the evaluation error>``."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        async with session.get(f"{prometheus}/api/v1/rules") as resp:
+            body = await resp.json()
+        health = {rule["name"]: rule["health"] + (f": {rule['lastError']}"
+                                                  if rule.get("lastError") else "")
+                  for group in body["data"]["groups"] for rule in group["rules"]}
+        if "unknown" not in health.values() or time.monotonic() > deadline:
+            return health
+        await asyncio.sleep(0.5)
+
+
 async def panels_with_data(session: aiohttp.ClientSession, prometheus: str) -> set[str]:
     """The dashboard panels of which at least one target returns a series now."""
     shown: set[str] = set()
@@ -199,6 +215,7 @@ async def recorded(
                         results[name] = found
                 await asyncio.sleep(0.5)
             panels = await panels_with_data(session, f"http://{LOOPBACK}:{port}")
+            health = await rule_health(session, f"http://{LOOPBACK}:{port}")
     finally:
         stop.set()
         await load
@@ -211,6 +228,9 @@ async def recorded(
         log.close()
     missing = sorted(set(RECORDED_PRESENT) - set(results))
     assert not missing, f"no value for {missing}:\n{(tmp_path / 'prometheus.log').read_text()}"
+    errors = {name: state for name, state in health.items() if state != "ok"}
+    assert not errors, errors  # every rule evaluated on the real series, none failed
+    assert len(health) == len(rule_queries())
     return results, panels
 
 
