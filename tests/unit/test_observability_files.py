@@ -172,3 +172,34 @@ def test_panels_do_not_overlap() -> None:
                 for y in range(g["y"], g["y"] + g["h"])}
         assert not mine & cells, panel["title"]
         cells |= mine
+
+
+def test_scrape_targets_match_the_injected_sidecar_and_the_signaler() -> None:
+    """The PodMonitors and the vanilla scrape jobs name the ports the pods really declare."""
+    from injector.config import InjectorConfig
+    from injector.podspec import PodMeshSettings, sidecar_container
+
+    sidecar = sidecar_container(InjectorConfig(), PodMeshSettings(strategy="balanced",
+                                                                  app_port=8080))
+    sidecar_port = sidecar["ports"][0]["name"]
+    signaler = next(d for d in yaml.safe_load_all((REPO / "k8s/base/signaler.yaml").read_text())
+                    if d and d["kind"] in ("Deployment", "StatefulSet"))
+    pod = signaler["spec"]["template"]
+    signaler_ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    signaler_app = pod["metadata"]["labels"]["app.kubernetes.io/name"]
+
+    monitors = {m["metadata"]["name"]: m for m in yaml.safe_load_all(
+        (REPO / "k8s/observability/podmonitors.yaml").read_text())}
+    assert [e["port"] for e in monitors["equilibrium-sidecars"]["spec"]["podMetricsEndpoints"]] \
+        == [sidecar_port]
+    signaler_monitor = monitors["equilibrium-signaler"]["spec"]
+    assert signaler_monitor["selector"]["matchLabels"] == {"app.kubernetes.io/name": signaler_app}
+    assert {e["port"] for e in signaler_monitor["podMetricsEndpoints"]} <= signaler_ports
+
+    jobs = {j["job_name"]: j for j in yaml.safe_load(
+        (REPO / "k8s/observability/prometheus.yml").read_text())["scrape_configs"]}
+    keeps = {name: next(c["regex"] for c in job["relabel_configs"] if c.get("action") == "keep")
+             for name, job in jobs.items()}
+    assert keeps == {"equilibrium-sidecars": sidecar_port,
+                     "equilibrium-signaler": f"{signaler_app};admin"}
+    assert "admin" in signaler_ports
