@@ -1,9 +1,10 @@
 """What to do when a test's environment is missing: fail in CI, skip with the reason elsewhere.
 
 Some integration tests need more than Python: a Docker engine with the locally built images
-(``docker``-marked tests), or root with ``ip``/``iptables`` for network namespaces. CI
-(``.ci/run``) provides all of it and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1`` and
-``EQUILIBRIUM_REQUIRE_NETNS=1``, so there a missing piece is a failure and nothing is skipped.
+(``docker``-marked tests), root with ``ip``/``iptables`` for network namespaces, or
+Prometheus's ``promtool``/``prometheus`` for the alert rules. CI (``.ci/run``) provides all of it
+and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``, ``EQUILIBRIUM_REQUIRE_NETNS=1`` and
+``EQUILIBRIUM_REQUIRE_PROMTOOL=1``, so there a missing piece is a failure and nothing is skipped.
 On a newcomer's machine ``make test`` skips those tests instead, each with the reason and how
 to provide what is missing (pytest's ``-ra`` summary lists them).
 """
@@ -17,6 +18,7 @@ import pytest
 
 DOCKER = "EQUILIBRIUM_REQUIRE_DOCKER"
 NETNS = "EQUILIBRIUM_REQUIRE_NETNS"
+PROMTOOL = "EQUILIBRIUM_REQUIRE_PROMTOOL"
 
 
 def required(variable: str) -> bool:

@@ -33,7 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.environment import unavailable
+from tests.environment import PROMTOOL, unavailable
 from tests.integration.procs import (
     LOOPBACK,
     EquilibriumProcess,
@@ -57,7 +57,6 @@ from tests.observability_queries import (
 )
 from tests.redis_fixture import RedisHandle
 
-PROMTOOL = "EQUILIBRIUM_REQUIRE_PROMTOOL"
 UPSTREAM = "svc"
 EPOCH = "0.5"
 MAX_REQUESTS = 800  # the load loop's bounds: whichever comes first
