@@ -299,8 +299,7 @@ class _DecayingRate:
 
     def _decay(self, now: float) -> None:
         if now > self._last:
-            self._count *= math.exp(-(now - self._last) / self._tau)
-            self._last = now
+            self._count, self._last = self.count(now), now
 
 
 class _CallerState:
@@ -400,7 +399,12 @@ class ReputationBook:
 
     def active_callers(self, now: float) -> int:
         self._expire_active(now)
-        return max(1, len(self._active))
+        return max(1, len(self._active))  # O(1): every caller left was seen within the window
+
+    def _active_count(self, now: float) -> int:
+        """What :meth:`active_callers` returns, without expiring anyone (reads only)."""
+        horizon = now - self.params.active_window
+        return max(1, sum(seen >= horizon for seen in self._active.values()))
 
     def detection_lag(self) -> float:
         """Seconds a flood goes unpunished, at most: ``rate_tau`` for the rate estimate to
@@ -454,7 +458,6 @@ class ReputationBook:
         busiest = heapq.nsmallest(top, every, key=lambda s: (-s.recent_requests, s.caller))
         if all(s.caller != ANONYMOUS for s in busiest):
             busiest += [s for s in every if s.caller == ANONYMOUS]
-        horizon = now - self.params.active_window
         return BookSnapshot(
             callers=tuple(busiest),
             tracked=len(every),
@@ -462,7 +465,7 @@ class ReputationBook:
             congested=self.congested,
             congestion=self._congestion,
             capacity=self._capacity,
-            active_callers=max(1, sum(seen >= horizon for seen in self._active.values())),
+            active_callers=self._active_count(now),
         )
 
     def __len__(self) -> int:
