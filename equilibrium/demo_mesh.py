@@ -40,6 +40,7 @@ from equilibrium.demo import DemoPhase, DemoRun, following_series
 from equilibrium.embedded_redis import RedisUnavailable, find_redis_server
 from equilibrium.signaling_plane import MESH_KEY_ENV, SignalingPlane
 from mesh.identity import MeshKeyError, load_mesh_key
+from mesh.protocol import check_redis_url
 
 SIGNALER_ID = "demo-signaler"
 STATE_TIMEOUT = 2.0
@@ -91,10 +92,10 @@ def resolve_signaling(
                 "give the Redis either with --redis or with --sidecar-arg=--redis, not both")
         return SignalingPlan("sidecars")
     if redis_url:
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            scheme = redis_url.partition("://")[0] if "://" in redis_url else "no scheme"
-            raise SignalingUnavailable(  # not the URL itself: it may carry a password
-                f"--redis: expected a redis:// or rediss:// URL, got {scheme}")
+        try:
+            check_redis_url(redis_url)
+        except ValueError as exc:
+            raise SignalingUnavailable(f"--redis: {exc}") from None
         try:
             key = load_mesh_key(environ.get(MESH_KEY_ENV), None)
         except MeshKeyError as exc:

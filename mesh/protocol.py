@@ -11,7 +11,8 @@ for operators in ``docs/protocol.md``):
 * :class:`Recommendation` — what the leading signaler appends to ``eq:{u}:recs:<sidecar>``,
   signed with HMAC-SHA256 under the mesh key (:func:`sign_recommendation` /
   :func:`verify_recommendation`);
-* the leader lease value and the Lua scripts for the lease and the fenced publish.
+* the leader lease value and the Lua scripts for the lease and the fenced publish;
+* :func:`check_redis_url`, the one check of the URL both sides are given to reach Redis.
 
 Pure: no Redis client, no clock, no I/O. Entries are flat ``str -> str`` maps ready for XADD;
 decoding accepts what redis-py returns (``bytes`` or ``str`` keys and values). Anything that is
@@ -151,6 +152,21 @@ def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise _fail(f"{what} must match {_NAME_RE.pattern}, got {_short(value)}")
     return value
+
+
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(value: object) -> str:
+    """``value`` stripped, if it is a ``redis://[user:password@]host:port[/db]``, ``rediss://``
+    (TLS) or ``unix://`` URL; ``ValueError`` otherwise. The message names only the scheme:
+    the URL may carry the Redis password."""
+    text = str(value).strip()
+    scheme = next((s for s in REDIS_URL_SCHEMES if text.startswith(s)), None)
+    if scheme is None or len(text) <= len(scheme):
+        got = text.partition("://")[0] if "://" in text else "no scheme"
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {got}")
+    return text
 
 
 def summary_stream(upstream: str) -> str:

@@ -44,6 +44,7 @@ import yaml  # type: ignore[import-untyped]
 
 from mesh.policies import POLICY_NAMES
 from mesh.profiles import PROFILE_NAMES, get_profile
+from mesh.protocol import check_redis_url
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
@@ -160,11 +161,10 @@ def parse_endpoint(url: str, upstream: str) -> str:
 
 def parse_redis_url(value: Any) -> str:
     """``redis://[user:password@]host:port[/db]``, ``rediss://`` (TLS) or ``unix://``."""
-    text = str(value).strip()
-    if not text.startswith(("redis://", "rediss://", "unix://")) or len(text) < 9:
-        # the value is not echoed: it may hold a password
-        raise ConfigError("redis: expected a redis://, rediss:// or unix:// URL")
-    return text
+    try:
+        return check_redis_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"redis: {exc}") from None
 
 
 def parse_upstream_name(name: str) -> str:

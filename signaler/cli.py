@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.identity import MeshKeyError, load_mesh_key
+from mesh.protocol import check_redis_url
 
 DEFAULT_ADMIN = "127.0.0.1:15020"
 DEFAULT_EPOCH = 1.0
@@ -112,10 +113,10 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
 
     if not args.redis:
         raise UsageError("--redis URL (or EQUILIBRIUM_REDIS_URL) is required")
-    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
-        scheme = args.redis.partition("://")[0] if "://" in args.redis else "no scheme"
-        # Never echo the URL itself: it may carry the Redis password.
-        raise UsageError(f"--redis: expected a redis://, rediss:// or unix:// URL, got {scheme}")
+    try:
+        check_redis_url(args.redis)
+    except ValueError as exc:
+        raise UsageError(f"--redis: {exc}") from None
     key = read_mesh_key(args.mesh_secret_file)
     signer = args.id or f"signaler-{socket.gethostname()}-{os.getpid()}"
     try:
