@@ -23,10 +23,13 @@ has been seen: every endpoint's ``mu`` is capped at ``capacity_headroom`` (defau
 largest load it was observed under (at least an even share of the current demand). An endpoint
 is therefore never planned at much more than 1.5 times the load it already carried; endpoints
 that look alike share the load; and a capacity actually measured below the cap is used as is.
-The cap never contradicts an observation: a curve ``d + 1/(mu - x)`` with ``d >= 0`` that passes
-through latency ``l`` at load ``x`` has ``mu >= x + 1/l``, so the cap is at least that for the
-busiest observation (a 4 ms endpoint seen at 25 req/s keeps a capacity of at least 275 req/s;
-capping it at 50 would invent 40 ms of queueing it never showed).
+The cap never contradicts an observation. The capped curve keeps the fit's latency at the
+busiest load seen and lowers ``d`` to make room for the steeper queueing term
+(:func:`capped`), so it agrees with what was measured and only climbs faster beyond it. That
+needs ``d >= 0``, and a curve ``d + 1/(mu - x)`` through latency ``l`` at load ``x`` has
+``mu >= x + 1/l``, so the cap is at least that for the busiest observation (a 4 ms endpoint
+seen at 25 req/s keeps a capacity of at least 275 req/s; capping it at 50 would invent 40 ms
+of queueing it never showed).
 
 Indifference (pooling alike endpoints). The fits of identical pods differ by measurement noise,
 mostly in ``d``; the LP returns a vertex, so without help it crowds every token onto the pods
@@ -263,9 +266,22 @@ class Plan:
         return self.solution.status  # optimal, optimal_inaccurate, trivial, overloaded
 
 
-def capped(model: LatencyModel, mu_cap: float) -> LatencyModel:
-    """``model`` with its capacity lowered to ``mu_cap`` if above it."""
-    return model if model.mu <= mu_cap else LatencyModel(d=model.d, mu=mu_cap, knee=model.knee)
+def capped(model: LatencyModel, mu_cap: float, anchor: float = 0.0) -> LatencyModel:
+    """``model`` with its capacity lowered to ``mu_cap`` if above it, still passing through its
+    own latency at the load ``anchor`` (the busiest load the endpoint was seen under).
+
+    Lowering ``mu`` alone would add ``1/(mu_cap - anchor) - 1/(mu - anchor)`` of queueing at a
+    load where none was measured: an endpoint seen flat at 42 ms under 50 req/s, capped at
+    82 req/s with its ``d`` kept, would be priced at 73 ms where it answers in 42, and the plan
+    would push its tokens onto the others. So the fixed delay gives way instead:
+    ``d' = latency(anchor) - 1/(mu_cap - anchor)`` (at least 0), and the capped curve agrees
+    with the fit where the fit was measured and only climbs faster beyond it.
+    """
+    if model.mu <= mu_cap:
+        return model
+    anchor = min(max(anchor, 0.0), model.knee * mu_cap)
+    d = float(model.latency(anchor)) - 1.0 / (mu_cap - anchor)
+    return LatencyModel(d=max(d, 0.0), mu=mu_cap, knee=model.knee)
 
 
 def pool_indifferent(
@@ -422,7 +438,7 @@ def make_plan(
     even_share = total / len(endpoints)
     fitted = [view.model_for(e) for e in endpoints]
     models = pool_indifferent(
-        [capped(m, view.capacity_cap(e, even_share, capacity_headroom))
+        [capped(m, view.capacity_cap(e, even_share, capacity_headroom), view.peak_load(e))
          for e, m in zip(endpoints, fitted, strict=True)],
         [float(m.latency(view.current_load(e, even_share)))
          for e, m in zip(endpoints, fitted, strict=True)],

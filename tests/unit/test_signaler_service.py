@@ -42,6 +42,7 @@ from signaler.leader import Leadership
 from signaler.planner import (
     NoDemand,
     UpstreamView,
+    capped,
     in_support,
     make_plan,
     sidecar_weights,
@@ -198,6 +199,34 @@ def test_the_cap_never_contradicts_an_observation() -> None:
     # capped at 2 x 23 instead, the fast ones would look congested and the 60 ms endpoint
     # would get 2 of the 8 tokens
     assert plan.configuration[2] == 0
+
+
+def test_a_capped_curve_keeps_the_latency_it_was_seen_at() -> None:
+    # a big pod seen flat at 42 ms under 50 req/s fits an almost infinite capacity
+    flat = LatencyModel(d=0.042, mu=2e6)
+    cap = capped(flat, 82.0, anchor=50.0)
+    assert cap.mu == 82.0
+    assert cap.latency(50.0) == pytest.approx(flat.latency(50.0))  # no invented queueing
+    assert cap.latency(70.0) > flat.latency(70.0) + 0.020  # but no trust beyond what was seen
+    # a capacity already below the cap is kept; d never goes negative
+    assert capped(LatencyModel(d=0.01, mu=60.0), 82.0, anchor=50.0) == LatencyModel(0.01, 60.0)
+    assert capped(LatencyModel(d=0.001, mu=500.0), 40.0, anchor=30.0).d == 0.0
+
+
+def test_slow_but_flat_pods_are_not_priced_slower_than_they_were_seen() -> None:
+    # one quick pod (a queue that climbs) and two big flat 40 ms pods, all seen at 20-30 req/s:
+    # the cap must not turn the flat pods' unmeasured headroom into queueing they never showed,
+    # or the plan would push the quick pod past the selfish split
+    view = UpstreamView("orders", freshness=5.0)
+    for t, quick in enumerate((0.010, 0.012, 0.015, 0.019, 0.025)):
+        view.offer(summary("sc-1", sent_at=NOW + t, demand=75.0 + 5 * t,
+                           requests=(20 + 4 * t, 30, 30),
+                           latency_mean=(quick, 0.040, 0.040)))
+        view.observe(NOW + t)
+    plan = make_plan(view, NOW + 4, 16, np.random.default_rng(1))
+    for j in (1, 2):
+        seen = view.peak_load(EPS[j])
+        assert plan.models[j].latency(seen) == pytest.approx(0.040, rel=0.05)
 
 
 def test_plans_stay_put_through_noise_and_move_on_real_change() -> None:
