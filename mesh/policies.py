@@ -30,6 +30,7 @@ import numpy as np
 
 from mesh.estimators import EndpointStats
 from mesh.nash import StabilityMonitor, wardrop_gap
+from mesh.pacing import CreditPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
 from mesh.profiles import StrategyProfile
 from mesh.regret import RoutingRegret
@@ -250,10 +251,20 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self.regret = RoutingRegret(0, profile.regret_memory)
         self._recommendation: tuple[dict[str, float], float] | None = None
         self._following = False
+        # Share-preserving in-flight pacing, used only while following (see pick()).
+        self._pacer = (CreditPacer(window=profile.pacing_window)
+                       if profile.pacing_window > 0 else None)
 
     def _on_resize(self, keep: list[int | None], new: list[str]) -> None:
         super()._on_resize(keep, new)
         self.regret.resize(keep)
+        if self._pacer is not None:
+            self._pacer.resize(keep)
+
+    def _publish(self, weights: np.ndarray) -> None:
+        super()._publish(weights)
+        if self._pacer is not None and weights.size:
+            self._pacer.set_strategy(weights.tolist(), self._estimates().tolist())
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
         """Adopt a (verified) recommendation until ``expires_at``; it is still shaped by the
@@ -275,6 +286,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not endpoints:
             return None
         if not exclude and cumulative and cumulative[-1] > 0:
+            if self._pacer is not None and self._following:
+                stats = self.stats
+                i = self._pacer.choose([stats[e].in_flight for e in endpoints])
+                if i is not None:
+                    return endpoints[i]
             i = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
             return endpoints[min(i, len(endpoints) - 1)]
         weights = self._weights

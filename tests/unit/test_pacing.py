@@ -1,0 +1,151 @@
+"""Share-preserving in-flight pacing (mesh.pacing) and its use by the regret policy while it
+follows a recommendation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.pacing import CreditPacer
+from mesh.policies import RegretMatchingPolicy, make_policy
+from mesh.policy import Outcome
+from mesh.profiles import get_profile
+
+
+def pacer(weights: list[float], latencies: list[float] | None = None,
+          window: float = 4.0) -> CreditPacer:
+    p = CreditPacer(window=window)
+    p.resize([None] * len(weights))
+    p.set_strategy(weights, latencies or [0.01] * len(weights))
+    return p
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 1.0), min_size=2, max_size=6).filter(lambda w: sum(w) > 0.05),
+    st.integers(0, 2**32 - 1),
+)
+def test_every_endpoint_gets_its_share_within_the_window(weights: list[float], seed: int) -> None:
+    rng = random.Random(seed)
+    k = len(weights)
+    p = pacer(weights, [rng.uniform(0.001, 0.5) for _ in range(k)])
+    share = [w / sum(weights) for w in weights]
+    counts = [0] * k
+    for n in range(1, 2001):
+        i = p.choose([rng.randrange(0, 20) for _ in range(k)])  # any in-flight pattern
+        assert i is not None and share[i] > 0
+        counts[i] += 1
+        for j in range(k):
+            assert abs(counts[j] - share[j] * n) <= p.window + 1.0
+
+
+def test_a_request_goes_where_the_caller_has_fewest_in_flight_for_its_share() -> None:
+    p = pacer([0.5, 0.5])
+    assert p.choose([3, 0]) == 1
+    assert p.choose([0, 3]) == 0
+    # relative to the expected number in flight: the fast endpoint (1 ms) with one request out
+    # is busier than the slow one (100 ms) with two
+    q = pacer([0.5, 0.5], [0.001, 0.100])
+    assert q.choose([1, 2]) == 1
+
+
+def test_an_endpoint_owed_the_whole_window_is_served_however_busy() -> None:
+    p = pacer([0.5, 0.5], window=2.0)
+    picks = [p.choose([50, 0]) for _ in range(8)]
+    assert picks.count(0) >= 2  # endpoint 0 is never left more than ~2 requests behind
+    assert picks.count(1) <= 6
+
+
+def test_no_weight_no_request_and_no_strategy_no_choice() -> None:
+    p = pacer([0.0, 1.0, 0.0])
+    assert {p.choose([0, 9, 0]) for _ in range(20)} == {1}
+    empty = CreditPacer()
+    empty.resize([None, None])
+    empty.set_strategy([0.0, 0.0], [0.01, 0.01])
+    assert empty.choose([0, 0]) is None
+
+
+def test_credit_survives_a_resize_of_the_endpoints_that_stay() -> None:
+    p = pacer([0.5, 0.5])
+    p.choose([9, 0])  # endpoint 1 served, endpoint 0 is owed
+    owed = p.credit[0]
+    p.resize([0, None])  # endpoint 0 stays, endpoint 1 is replaced
+    assert p.credit[0] > 0 and p.credit[0] <= owed
+    assert sum(p.credit) == pytest.approx(0.0)
+
+
+def _drive(policy: RegretMatchingPolicy, seconds: float, rps: int, stuck: str | None,
+           seed: int = 3) -> dict[str, int]:
+    """Requests at ``rps``; each finishes after 5 ms except on ``stuck``, which holds every
+    request until the end (its in-flight count only grows)."""
+    rng = random.Random(seed)
+    counts: dict[str, int] = {}
+    pending: list[tuple[float, str]] = []
+    now, next_tick = 0.0, 0.5
+    while now < seconds:
+        for done_at, e in [x for x in pending if x[0] <= now]:
+            pending.remove((done_at, e))
+            policy.on_outcome(Outcome(e, 0.005, True, done_at))
+        e = policy.pick(rng, now)
+        assert e is not None
+        policy.on_start(e, now)
+        if e != stuck:
+            pending.append((now + 0.005, e))
+        counts[e] = counts.get(e, 0) + 1
+        now += 1.0 / rps
+        if now >= next_tick:
+            policy.tick(now)
+            next_tick += 0.5
+    return counts
+
+
+def _following(profile_window: float) -> RegretMatchingPolicy:
+    profile = replace(get_profile("balanced"), pacing_window=profile_window)
+    policy = make_policy("equilibrium", profile)
+    assert isinstance(policy, RegretMatchingPolicy)
+    policy.set_endpoints(["a", "b"], 0.0)
+    policy.follow({"a": 0.5, "b": 0.5}, expires_at=1e9)
+    for t in range(1, 30):  # let the herd guard's smoothing reach the recommendation
+        policy.tick(t * 0.5)
+    return policy
+
+
+def test_following_keeps_the_recommended_split_while_pacing_requests() -> None:
+    paced = _drive(_following(4.0), 20.0, 200, stuck="a")
+    # "a" never answers, so it is always the busier one; pacing still sends it its half
+    assert paced["a"] == pytest.approx(paced["b"], abs=12)
+
+
+def _burst(policy: RegretMatchingPolicy, n: int = 40) -> list[str]:
+    """``n`` picks at one instant, every request still in flight."""
+    rng = random.Random(0)
+    picks = []
+    for _ in range(n):
+        e = policy.pick(rng, 15.0)
+        assert e is not None
+        policy.on_start(e, 15.0)
+        picks.append(e)
+    return picks
+
+
+def _local(window: float) -> RegretMatchingPolicy:
+    policy = make_policy("equilibrium", replace(get_profile("balanced"), pacing_window=window))
+    assert isinstance(policy, RegretMatchingPolicy)
+    policy.set_endpoints(["a", "b"], 0.0)
+    return policy
+
+
+def test_pacing_only_orders_requests_while_following() -> None:
+    paced, drawn = _burst(_following(4.0)), _burst(_following(0.0))
+    assert paced != drawn
+    # the paced burst alternates: every ten requests hold at least three for each endpoint
+    assert all(paced[i:i + 10].count("a") >= 3 for i in range(0, 40, 10))
+    assert all(paced[i:i + 10].count("b") >= 3 for i in range(0, 40, 10))
+    # not following: the same random draws as with pacing switched off
+    local = _local(4.0)
+    assert not local.following
+    assert _burst(local) == _burst(_local(0.0))
