@@ -19,10 +19,14 @@ Policies, in one run against the same fleet (reset to the same seed before each)
   each pod's latency curve, solves the correlated-equilibrium LP every epoch and sends each
   sidecar its private share of a sampled configuration, which the sidecars follow.
 
-Reported per policy: mean, p50, p99, p99.9 over the run and the mean of its second half
-(steady state), errors, the share of requests each pod served in the steady state, and the
-flapping index (largest window-to-window change of any pod's share). A last table checks the
-issue's target: CE-coordinated routing has a lower mean latency than both others.
+Each policy first runs ``--herding-warmup`` seconds of the same load, reported apart as its
+cold start (fresh sidecars learning from nothing; for ``equilibrium-ce`` also a signaler that
+has not yet seen this fleet, so its sidecars route on their own until its first plans arrive).
+Reported per policy: mean, p50, p99, p99.9 over the measured run, the mean of its second half
+(steady state) and of the cold start, errors, the share of requests each pod served in the
+steady state, and the flapping index (largest window-to-window change of any pod's share). A
+last table checks the issue's target: CE-coordinated routing has a lower mean latency than both
+others.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ class Herding(Scenario):
                            help="signaling epoch, s (1)")
         group.add_argument("--herding-tokens", type=int, default=16,
                            help="tokens of the signaler's LP (16)")
+        group.add_argument("--herding-warmup", type=float, default=5.0,
+                           help="seconds of load before each policy's measured run, reported "
+                                "apart as its cold start (5)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
@@ -80,7 +87,7 @@ class Herding(Scenario):
             duration=args.duration, seed=args.seed, strategy=args.strategy,
             small_rate=args.herding_small_rate, big_pods=args.herding_big_pods,
             big_servers=args.herding_big_servers, big_rate=args.herding_big_rate,
-            epoch=args.herding_epoch, tokens=args.herding_tokens,
+            epoch=args.herding_epoch, tokens=args.herding_tokens, warmup=args.herding_warmup,
         )
 
 
@@ -99,6 +106,7 @@ async def run_herding(
     big_rate: float = 25.0,
     epoch: float = 1.0,
     tokens: int = 16,
+    warmup: float = 5.0,
 ) -> ScenarioResult:
     """Run the herding comparison (see the module docstring); usable without the CLI."""
     capacity = small_rate + big_pods * big_servers * big_rate
@@ -106,7 +114,8 @@ async def run_herding(
         "pods": f"pod-0: 1 x {small_rate:g}/s; pod-1..{big_pods}: {big_servers} x {big_rate:g}/s",
         "capacity_req_per_s": capacity, "clients": clients, "rate_per_client": rate,
         "offered_load": f"{clients * rate:g} req/s ({clients * rate / capacity:.0%} of capacity)",
-        "duration_per_policy_s": duration, "order": " → ".join(policies),
+        "duration_per_policy_s": duration, "warmup_per_policy_s": warmup,
+        "order": " → ".join(policies),
         "strategy": strategy or "default", "signaling_epoch_s": epoch, "lp_tokens": tokens,
         "seed": seed,
     }
@@ -123,7 +132,7 @@ async def run_herding(
             await plane.start()
         for i, policy in enumerate(policies, 1):
             ctx.say(f"[{i}/{len(policies)}] {policy}: {clients} clients × {rate:g} req/s "
-                    f"for {duration:g} s")
+                    f"for {warmup:g} s (cold start) + {duration:g} s")
             await fleet.reset(seed=seed)
             sidecar_policy = "equilibrium" if policy == CE_POLICY else policy
             extra = plane.sidecar_args() if policy == CE_POLICY and plane else []
@@ -136,18 +145,19 @@ async def run_herding(
             signaler: dict[str, Any] = {}
             try:
                 targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
-                result = await drive_load(targets, rate, duration, ctx.logs, sidecars)
+                result = await drive_load(targets, rate, warmup + duration, ctx.logs, sidecars)
                 if policy == CE_POLICY and plane is not None:
                     signaler = await plane.state(UPSTREAM)
             finally:
                 for s in sidecars:
                     await s.stop()
-            per_policy[policy] = measure(result, [p.name for p in fleet.pods])
+            per_policy[policy] = measure(result, [p.name for p in fleet.pods], warmup)
             if signaler:
                 per_policy[policy]["signaler"] = signaler_summary(signaler, fleet.pod_by_url())
             m = per_policy[policy]
             ctx.say(f"    mean {ms(m['latency']['mean'])}, p99 {ms(m['latency']['p99'])}, "
-                    f"steady mean {ms(m['steady_latency']['mean'])}, errors {m['errors']}, "
+                    f"steady mean {ms(m['steady_latency']['mean'])}, "
+                    f"cold start {ms(m['cold_start_latency']['mean'])}, errors {m['errors']}, "
                     f"following {m['following']}")
     finally:
         if plane is not None:
@@ -160,7 +170,10 @@ async def run_herding(
         data={"policies": per_policy},
         notes=[
             "Latency runs from each request's intended start on the open-loop schedule; "
-            "steady = the second half of each policy's run.",
+            f"each policy first runs {warmup:g} s of the same load (its cold start, reported "
+            "apart: fresh sidecars, and for equilibrium-ce a signaler with no observations of "
+            "this fleet yet), then the measured run; steady = the second half of the measured "
+            "run.",
             "Pod shares are of the requests answered in the steady state; flapping is the "
             f"largest change of any pod's share between consecutive {FLAP_WINDOW:g} s windows.",
             "equilibrium-ce: `following` counts sidecars that followed a recommendation at the "
@@ -169,19 +182,24 @@ async def run_herding(
     )
 
 
-def measure(result: LoadResult, pods: list[str]) -> dict[str, Any]:
-    """The per-policy numbers of the tables."""
-    half = result.t0 + result.duration / 2.0
-    steady = [r for r in result.records if r.intended >= half]
+def measure(result: LoadResult, pods: list[str], warmup: float = 0.0) -> dict[str, Any]:
+    """The per-policy numbers of the tables; the first ``warmup`` s are the cold start."""
+    start = result.t0 + warmup
+    measured_s = result.duration - warmup
+    cold = [r for r in result.records if r.intended < start]
+    records = [r for r in result.records if r.intended >= start]
+    half = start + measured_s / 2.0
+    steady = [r for r in records if r.intended >= half]
     answered = [r for r in steady if r.ok and r.pod]
-    width = min(FLAP_WINDOW, result.duration / 2.0 / 3.0)
-    wins = analysis.windows(steady, half, width, result.duration / 2.0)
+    width = min(FLAP_WINDOW, measured_s / 2.0 / 3.0)
+    wins = analysis.windows(steady, half, width, measured_s / 2.0)
     final = final_upstream_states(result.states, UPSTREAM)
     return {
-        "requests": len(result.records),
+        "requests": len(records),
         "errors": sum(1 for r in result.records if not r.ok),
-        "latency": latency_summary(r.latency for r in result.records),
+        "latency": latency_summary(r.latency for r in records),
         "steady_latency": latency_summary(r.latency for r in steady),
+        "cold_start_latency": latency_summary(r.latency for r in cold),
         "steady_shares": {p: sum(1 for r in answered if r.pod == p) / max(len(answered), 1)
                           for p in pods},
         "flapping_pp": analysis.flapping_index(wins, pods),
@@ -208,12 +226,13 @@ def latency_table(per_policy: dict[str, dict[str, Any]]) -> Table:
     rows = []
     for policy, m in per_policy.items():
         lat, steady = m["latency"], m["steady_latency"]
+        cold = m.get("cold_start_latency") or {}
         rows.append([policy, ms(lat["mean"]), ms(lat["p50"]), ms(lat["p99"]), ms(lat["p99.9"]),
-                     ms(steady["mean"]), ms(steady["p99"]), str(m["errors"]),
-                     pp(m["flapping_pp"])])
+                     ms(steady["mean"]), ms(steady["p99"]), ms(cold.get("mean", math.nan)),
+                     str(m["errors"]), pp(m["flapping_pp"])])
     return Table("herding: latency from intended start",
                  ["policy", "mean", "p50", "p99", "p99.9", "steady mean", "steady p99",
-                  "errors", "flapping"], rows)
+                  "cold start mean", "errors", "flapping"], rows)
 
 
 def share_table(per_policy: dict[str, dict[str, Any]], pods: list[str]) -> Table:

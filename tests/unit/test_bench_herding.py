@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import math
 
-from equilibrium.bench.herding import CE_POLICY, SCENARIO, fleet_spec, targets_table
+import pytest
+
+from equilibrium.bench.harness import LoadResult
+from equilibrium.bench.herding import CE_POLICY, SCENARIO, fleet_spec, measure, targets_table
 from equilibrium.bench.scenarios import Scenario
 from equilibrium.fleet import PodBehaviour
+from equilibrium.loadgen import Record
 
 
 def test_the_fleet_is_one_small_fast_pod_and_big_slow_ones() -> None:
@@ -39,3 +43,18 @@ def test_the_target_needs_ce_below_both_others() -> None:
     assert nan[0].rows[0][2] == "not measured"
     assert targets_table({"equilibrium": lat(0.1, 0.1)}) == []
     assert targets_table({CE_POLICY: lat(0.1, 0.1)}) == []  # nothing to compare with
+
+
+def test_the_cold_start_is_measured_apart_from_the_run() -> None:
+    # 10 s of records, 100 ms apart: the first 2 s are slow (cold start), then 2nd-half faster
+    records = [
+        Record("c1", i, 100.0 + i / 10, 0.5 if i < 20 else (0.04 if i < 60 else 0.02), 200,
+               pod="pod-0" if i % 2 else "pod-1")
+        for i in range(100)
+    ]
+    m = measure(LoadResult(t0=100.0, duration=10.0, records=records), ["pod-0", "pod-1"], 2.0)
+    assert m["requests"] == 80
+    assert m["cold_start_latency"]["mean"] == pytest.approx(0.5)
+    assert m["latency"]["mean"] == pytest.approx((40 * 0.04 + 40 * 0.02) / 80)
+    assert m["steady_latency"]["mean"] == pytest.approx(0.02)  # the 2nd half of 2..10 s
+    assert m["steady_shares"] == {"pod-0": 0.5, "pod-1": 0.5}
