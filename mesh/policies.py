@@ -251,6 +251,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self.regret = RoutingRegret(0, profile.regret_memory)
         self._recommendation: tuple[dict[str, float], float] | None = None
         self._following = False
+        self._hold_until = -math.inf
         # Share-preserving in-flight pacing, used only while following (see pick()).
         self._pacer = (CreditPacer(window=profile.pacing_window)
                        if profile.pacing_window > 0 else None)
@@ -273,8 +274,21 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                  if e in self.stats and math.isfinite(float(w)) and float(w) >= 0.0}
         self._recommendation = (clean, expires_at) if clean else None
 
+    def await_signal(self, until: float) -> None:
+        """Keep the current weights until ``until`` or the first recommendation, whichever
+        comes first; regrets are still learned meanwhile.
+
+        A sidecar that joins a coordinated mesh (``--redis``) routes as it started -- evenly --
+        for the few epochs its first recommendation takes, instead of piling onto whichever
+        endpoint looks fastest in its first second: in a mesh-wide cold start every sidecar
+        would do that at once, the herd the signaler is there to prevent, and the signaler's
+        first latency fits would be made from that herd's queues. :meth:`stop_following`
+        (Redis failed) ends the wait at once."""
+        self._hold_until = until
+
     def stop_following(self) -> None:
         self._recommendation = None
+        self._hold_until = -math.inf
 
     @property
     def following(self) -> bool:
@@ -336,6 +350,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if rec is not None and now >= rec[1]:
             self._recommendation = None
         self._following = False
+        if now < self._hold_until and self._weights.size == len(self.endpoints) \
+                and self._weights.sum() > 0:
+            return self._weights.copy()
         return self.regret.strategy(self.profile.regret_mode)
 
     def _next_weights(self, counts: np.ndarray, means: np.ndarray, estimates: np.ndarray,

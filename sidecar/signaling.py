@@ -13,6 +13,10 @@ recommendations (``equilibrium``), in one pipelined round trip:
    leader, not expired) and handed to ``policy.follow(weights, expires_at)``; the policy still
    shapes it with the thundering-herd guard. Anything else is counted by reason and ignored.
 
+A new upstream's policy first waits for its recommendation (``policy.await_signal``): it keeps
+its starting, even weights for ``first_signal_epochs`` epochs or until the first recommendation
+verifies, so a mesh-wide cold start does not herd before the signaler has spoken.
+
 Never on the request path. The request path reads only the policy's routing snapshot; this task
 runs beside it with a short timeout on every round trip. When Redis fails or is slow, every
 policy stops following at once (``stop_following()``: the next policy tick routes by local
@@ -80,6 +84,9 @@ class SignalingSettings:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     max_skew: float = 5.0
+    #: A new upstream's policy keeps its starting (even) weights for this many epochs or until
+    #: its first recommendation (RegretMatchingPolicy.await_signal); Redis failing ends it.
+    first_signal_epochs: float = 3.0
 
 
 class SignalingMetrics:
@@ -294,6 +301,8 @@ class SidecarSignaling:
         self.connected = False
         self._builders: dict[str, SummaryBuilder] = {}
         self._followed: dict[str, _Followed] = {}
+        # policies told to wait for their first signal: "idle" before their first traffic
+        self._awaiting: dict[int, str] = {}
         self._redis: aioredis.Redis | None = None
 
     def _client(self) -> aioredis.Redis:
@@ -370,6 +379,7 @@ class SidecarSignaling:
         groups = self._groups()
         if not groups:
             return
+        self._await_first_signals(groups)
         redis = self._client()
         histograms = read_histograms(
             s for metric in self.latency_histogram.collect() for s in metric.samples
@@ -398,6 +408,20 @@ class SidecarSignaling:
             if newest:
                 entry_id, fields = newest[0]
                 self.consider(group, entry_id, fields)
+
+    def _await_first_signals(self, groups: list[UpstreamGroup]) -> None:
+        """Tell each new policy to wait for its first recommendation, and again when its first
+        traffic shows (the signaler plans only for sidecars that report demand, so the wait
+        counts from there)."""
+        until = self.clock() + self.settings.first_signal_epochs * self.settings.epoch
+        for group in groups:
+            key = id(group.policy)
+            stage = self._awaiting.get(key)
+            snap = group.snapshot
+            busy = snap is not None and any(e.requests for e in snap.endpoints)
+            if stage is None or (stage == "idle" and busy):
+                self._awaiting[key] = "busy" if busy else "idle"
+                group.policy.await_signal(until)  # type: ignore[attr-defined]
 
     def consider(self, group: UpstreamGroup, entry_id: bytes, fields: Any) -> bool:
         """Verify a recommendation entry not seen before and follow it; True if followed."""

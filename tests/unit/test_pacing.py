@@ -149,3 +149,42 @@ def test_pacing_only_orders_requests_while_following() -> None:
     local = _local(4.0)
     assert not local.following
     assert _burst(local) == _burst(_local(0.0))
+
+
+def test_a_new_follower_keeps_its_even_start_until_its_first_signal() -> None:
+    def fresh() -> RegretMatchingPolicy:
+        policy = make_policy("equilibrium", get_profile("balanced"))
+        assert isinstance(policy, RegretMatchingPolicy)
+        policy.set_endpoints(["fast", "slow"], 0.0)
+        return policy
+
+    def run(policy: RegretMatchingPolicy, start: float, end: float) -> None:
+        rng, now = random.Random(1), start
+        while now < end:
+            e = policy.pick(rng, now)
+            assert e is not None
+            policy.on_start(e, now)
+            latency = 0.005 if e == "fast" else 0.050
+            policy.on_outcome(Outcome(e, latency, True, now + latency))
+            now += 0.005
+            if int(now / 0.5) != int((now - 0.005) / 0.5):
+                policy.tick(now)
+
+    waiting, alone = fresh(), fresh()
+    waiting.await_signal(until=3.0)
+    run(waiting, 0.0, 2.5)
+    run(alone, 0.0, 2.5)
+    assert waiting.snapshot().weights["fast"] == pytest.approx(0.5)  # held at its even start
+    assert alone.snapshot().weights["fast"] > 0.6  # on its own it has moved to the fast one
+    run(waiting, 2.5, 6.0)
+    assert waiting.snapshot().weights["fast"] > 0.6  # the wait is over: local learning
+    # a recommendation ends the wait at once, and so does Redis failing (stop_following)
+    signalled, failed = fresh(), fresh()
+    signalled.await_signal(until=100.0)
+    signalled.follow({"fast": 0.3, "slow": 0.7}, expires_at=100.0)
+    failed.await_signal(until=100.0)
+    failed.stop_following()
+    run(signalled, 0.0, 5.0)
+    run(failed, 0.0, 5.0)
+    assert signalled.snapshot().weights["fast"] == pytest.approx(0.3, abs=0.02)
+    assert failed.snapshot().weights["fast"] > 0.6
