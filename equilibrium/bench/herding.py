@@ -50,6 +50,17 @@ CE_POLICY = "equilibrium-ce"
 FLAP_WINDOW = 5.0
 
 
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def fleet_spec(small_rate: float, big_servers: int, big_rate: float, big_pods: int) -> str:
     """The ``--spec`` of the fleet: one small fast pod, then ``big_pods`` big slow ones."""
     small = {"capacity": 1, "service_rate": small_rate}
@@ -76,7 +87,7 @@ class Herding(Scenario):
                            help="signaling epoch, s (1)")
         group.add_argument("--herding-tokens", type=int, default=16,
                            help="tokens of the signaler's LP (16)")
-        group.add_argument("--herding-warmup", type=float, default=5.0,
+        group.add_argument("--herding-warmup", type=non_negative, default=5.0,
                            help="seconds of load before each policy's measured run, reported "
                                 "apart as its cold start (5)")
 

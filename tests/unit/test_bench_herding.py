@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
 
 from equilibrium.bench.harness import LoadResult
-from equilibrium.bench.herding import CE_POLICY, SCENARIO, fleet_spec, measure, targets_table
+from equilibrium.bench.herding import (
+    CE_POLICY,
+    SCENARIO,
+    fleet_spec,
+    measure,
+    non_negative,
+    targets_table,
+)
 from equilibrium.bench.scenarios import Scenario
 from equilibrium.fleet import PodBehaviour
 from equilibrium.loadgen import Record
@@ -58,3 +66,10 @@ def test_the_cold_start_is_measured_apart_from_the_run() -> None:
     assert m["latency"]["mean"] == pytest.approx((40 * 0.04 + 40 * 0.02) / 80)
     assert m["steady_latency"]["mean"] == pytest.approx(0.02)  # the 2nd half of 2..10 s
     assert m["steady_shares"] == {"pod-0": 0.5, "pod-1": 0.5}
+
+
+def test_the_cold_start_length_must_be_a_number_of_seconds() -> None:
+    assert non_negative("0") == 0.0 and non_negative("2.5") == 2.5
+    for bad in ("-1", "nan", "inf", "five"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            non_negative(bad)
