@@ -85,6 +85,14 @@ def _rate(metric: str, selector: str, by: str) -> str:
     return f"sum by ({by}) (rate({metric}{{{selector}}}{RATE}))"
 
 
+def _increase(metric: str, selector: str, by: str) -> str:
+    return f"sum by ({by}) (increase({metric}{{{selector}}}{RATE}))"
+
+
+def _gauge(agg: str, metric: str, selector: str, by: str) -> str:
+    return f"{agg} by ({by}) ({metric}{{{selector}}})"
+
+
 def _quantile(q: float, metric: str, selector: str, by: str) -> str:
     return (f"histogram_quantile({q}, sum by ({by}, le) "
             f"(rate({metric}_bucket{{{selector}}}{RATE})))")
@@ -146,17 +154,17 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
                unit="reqps"),
         _panel("Regret per endpoint",
                "Seconds of latency a request sent there is regretted (highest over sidecars).",
-               [(f"max by (upstream, endpoint) (equilibrium_regret{{{OUTBOUND}}})",
+               [(_gauge("max", "equilibrium_regret", OUTBOUND, "upstream, endpoint"),
                  "{{upstream}} → {{endpoint}}")], unit="s"),
         _panel("Nash gap",
                "Wardrop/Nash gap of the current routing (highest over sidecars): 0 at an "
                "equilibrium.",
-               [(f"max by (upstream) (equilibrium_nash_gap{{{OUTBOUND}}})", "{{upstream}}")],
+               [(_gauge("max", "equilibrium_nash_gap", OUTBOUND, "upstream"), "{{upstream}}")],
                unit="s"),
         _panel("Flapping and convergence",
                "Window-to-window change of the shares (0-1) and the share of sidecars whose "
                "routing has settled.",
-               [(f"max by (upstream) (equilibrium_flapping{{{OUTBOUND}}})",
+               [(_gauge("max", "equilibrium_flapping", OUTBOUND, "upstream"),
                  "flapping {{upstream}}"),
                 (f"avg by (upstream) (equilibrium_converged{{{OUTBOUND}}})",
                  "converged {{upstream}}")], max_value=1),
@@ -174,11 +182,11 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
         _panel("Following the signaler vs fallback, per sidecar",
                "1 while the sidecar follows a signaler recommendation, 0 while it routes on "
                "local regret matching; fallbacks are Redis failures.",
-               [(f"max by (pod, upstream) (equilibrium_signaling_following{{{OUTBOUND}}})",
+               [(_gauge("max", "equilibrium_signaling_following", OUTBOUND, "pod, upstream"),
                  "following {{pod}} {{upstream}}"),
-                (f"sum by (pod) (increase(equilibrium_signaling_fallbacks_total{{{SIDECAR}}}"
-                 f"{RATE}))", "fallbacks {{pod}}"),
-                (f"min by (pod) (equilibrium_signaling_connected{{{SIDECAR}}})",
+                (_increase("equilibrium_signaling_fallbacks_total", SIDECAR, "pod"),
+                 "fallbacks {{pod}}"),
+                (_gauge("min", "equilibrium_signaling_connected", SIDECAR, "pod"),
                  "connected {{pod}}")], step=True),
         _panel("Recommendations published / accepted / rejected",
                "Published by the signaler, accepted or rejected (by reason) by the sidecars. "
@@ -202,23 +210,23 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
         _panel("Correlated-equilibrium gap",
                "source=plan: the largest gain a token gets by deviating from the plan; "
                "source=sidecars: the largest conditional regret the sidecars report.",
-               [(f"max by (upstream, source) (equilibrium_signaler_ce_gap_seconds{{{SIGNALER}}})",
+               [(_gauge("max", "equilibrium_signaler_ce_gap_seconds", SIGNALER, "upstream, source"),
                  "{{upstream}} {{source}}")], unit="s"),
         _panel("Leader per replica",
                "1 while the replica holds the upstream's lease; changes are handovers.",
-               [(f"max by (pod, upstream) (equilibrium_signaler_leader{{{SIGNALER}}})",
+               [(_gauge("max", "equilibrium_signaler_leader", SIGNALER, "pod, upstream"),
                  "{{pod}} {{upstream}}")], step=True, max_value=1),
         _panel("Signaler health",
                "Redis reachable, sidecars with a fresh summary, solver failures and rejected "
                "stream entries.",
                [("min by (pod) (equilibrium_signaler_redis_up)", "redis up {{pod}}"),
-                (f"max by (upstream) (equilibrium_signaler_sidecars{{{SIGNALER}}})",
+                (_gauge("max", "equilibrium_signaler_sidecars", SIGNALER, "upstream"),
                  "sidecars {{upstream}}"),
-                (f"sum by (upstream, error) (increase("
-                 f"equilibrium_signaler_solver_failures_total{{{SIGNALER}}}{RATE}))",
+                (_increase("equilibrium_signaler_solver_failures_total", SIGNALER,
+                           "upstream, error"),
                  "solver failures {{upstream}} {{error}}"),
-                (f"sum by (upstream, reason) (increase("
-                 f"equilibrium_signaler_entries_rejected_total{{{SIGNALER}}}{RATE}))",
+                (_increase("equilibrium_signaler_entries_rejected_total", SIGNALER,
+                           "upstream, reason"),
                  "entries rejected {{upstream}} {{reason}}")]),
     ]
     inbound = [
@@ -230,27 +238,27 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
         _panel("Punished callers",
                "Callers being punished per pod, and each caller's punishment level "
                "(0 = good standing; throttled to 0.5^level of its fair share).",
-               [(f"sum by (pod) (equilibrium_inbound_punished_callers{{{SIDECAR}}})",
+               [(_gauge("sum", "equilibrium_inbound_punished_callers", SIDECAR, "pod"),
                  "punished at {{pod}}"),
-                (f"max by (caller) (equilibrium_inbound_caller_punishment_level{{{SIDECAR}}})",
+                (_gauge("max", "equilibrium_inbound_caller_punishment_level", SIDECAR, "caller"),
                  "level {{caller}}")], step=True),
         _panel("Caller reputation",
                "Reputation in [0, 1], lowest over the pods that judge the caller.",
-               [(f"min by (caller) (equilibrium_inbound_caller_reputation{{{SIDECAR}}})",
+               [(_gauge("min", "equilibrium_inbound_caller_reputation", SIDECAR, "caller"),
                  "{{caller}}")], max_value=1),
         _panel("Adaptive concurrency limit",
                "The limit of requests at the app, the requests there, and those waiting in "
                "the bid queue.",
-               [(f"max by (pod) (equilibrium_inbound_concurrency_limit{{{SIDECAR}}})",
+               [(_gauge("max", "equilibrium_inbound_concurrency_limit", SIDECAR, "pod"),
                  "limit {{pod}}"),
-                (f"max by (pod) (equilibrium_inbound_in_flight{{{SIDECAR}}})",
+                (_gauge("max", "equilibrium_inbound_in_flight", SIDECAR, "pod"),
                  "in flight {{pod}}"),
-                (f"max by (pod) (equilibrium_inbound_queue_length{{{SIDECAR}}})",
+                (_gauge("max", "equilibrium_inbound_queue_length", SIDECAR, "pod"),
                  "queued {{pod}}")]),
         _panel("Auction price",
                "Clearing price of the last admission (0 while uncongested) and the prices "
                "charged per caller.",
-               [(f"max by (pod) (equilibrium_inbound_clearing_price{{{SIDECAR}}})",
+               [(_gauge("max", "equilibrium_inbound_clearing_price", SIDECAR, "pod"),
                  "price {{pod}}"),
                 (_rate("equilibrium_inbound_price_paid_total", SIDECAR, "caller"),
                  "paid/s {{caller}}")]),
@@ -264,7 +272,7 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
         _panel("Callers backing off (outbound)",
                "1 while this pod's sidecar backs off from an upstream that punishes it, and "
                "the requests it answered 429 locally.",
-               [(f"max by (pod, upstream) (equilibrium_caller_punished{{{OUTBOUND}}})",
+               [(_gauge("max", "equilibrium_caller_punished", OUTBOUND, "pod, upstream"),
                  "punished {{pod}} by {{upstream}}"),
                 (_rate("equilibrium_caller_backoff_total", OUTBOUND, "upstream"),
                  "backoff/s {{upstream}}")]),
