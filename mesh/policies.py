@@ -264,7 +264,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def _publish(self, weights: np.ndarray) -> None:
         super()._publish(weights)
-        if self._pacer is not None and weights.size:
+        # The pacer is used only while following (pick()); _target() has already set
+        # _following for these weights, so local mode skips this work.
+        if self._pacer is not None and self._following and weights.size:
             self._pacer.set_strategy(weights.tolist(), self._estimates().tolist())
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:

@@ -417,9 +417,11 @@ class SidecarSignaling:
         for group in groups:
             key = id(group.policy)
             stage = self._awaiting.get(key)
+            if stage == "busy":
+                continue
             snap = group.snapshot
             busy = snap is not None and any(e.requests for e in snap.endpoints)
-            if stage is None or (stage == "idle" and busy):
+            if stage is None or busy:
                 self._awaiting[key] = "busy" if busy else "idle"
                 group.policy.await_signal(until)  # type: ignore[attr-defined]
 
