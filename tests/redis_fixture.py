@@ -35,7 +35,8 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from equilibrium.embedded_redis import EmbeddedRedis, RedisNotReady, free_port, wait_for_ping
+from equilibrium.embedded_redis import EmbeddedRedis, RedisNotReady, wait_for_ping
+from equilibrium.processes import free_port
 from tests.environment import DOCKER, required
 
 IMAGE = os.environ.get("EQUILIBRIUM_REDIS_IMAGE", "equilibrium-redis:local")
