@@ -16,11 +16,12 @@ deficit round robin (Shreedhar & Varghese, SIGCOMM 1995): on every request each 
 its weight in credit and the endpoint served pays one. Credit is kept within ``[-window,
 window]``: an endpoint ``window`` requests behind its share is served at once; otherwise any
 endpoint that can pay without going ``window`` requests ahead may be chosen, and the pacer takes
-the one whose in-flight count, with this request added, is smallest *relative to its expected
-number in flight* (its weight times its latency estimate, by Little's law), largest credit first
-on ties -- join-the-shortest-queue on the caller's own view, inside the share. So over any
-stretch of requests each endpoint's count stays within about ``window`` of weight x requests:
-the cap, the exploration floor and a recommendation are honoured, only reordered.
+the one with the lowest *cost*, largest credit first on ties. The caller passes Linkerd's
+peak-EWMA cost, latency estimate x (this caller's requests in flight + 1): the endpoint where
+this request is expected to finish first, as a shortest-expected-delay dispatcher would choose,
+but only inside the share. So over any stretch of requests each endpoint's count stays within
+about ``window`` of weight x requests: the cap, the exploration floor and a recommendation are
+honoured, only reordered.
 
 Pure and deterministic: no clock, no random generator.
 """
@@ -41,7 +42,6 @@ class CreditPacer:
 
     window: float = DEFAULT_WINDOW
     weights: list[float] = field(default_factory=list)
-    expected: list[float] = field(default_factory=list)
     credit: list[float] = field(default_factory=list)
 
     def resize(self, keep: Sequence[int | None]) -> None:
@@ -50,19 +50,20 @@ class CreditPacer:
         self.credit = [old[j] if j is not None and j < len(old) else 0.0 for j in keep]
         self._rebalance()
 
-    def set_strategy(self, weights: Sequence[float], latencies: Sequence[float]) -> None:
-        """New weights (normalised here) and per-endpoint latency estimates (seconds)."""
+    def set_strategy(self, weights: Sequence[float]) -> None:
+        """New weights (normalised here), one per endpoint."""
         total = sum(w for w in weights if w > 0)
         if total <= 0 or len(weights) != len(self.credit):
             self.weights = [0.0] * len(self.credit)
             return
         self.weights = [max(w, 0.0) / total for w in weights]
-        self.expected = [max(w * max(t, 1e-4), 1e-9)
-                         for w, t in zip(self.weights, latencies, strict=True)]
         self._rebalance()
 
-    def choose(self, in_flight: Sequence[int]) -> int | None:
-        """The endpoint index for one request (and charge it), or None with no weights."""
+    def choose(self, costs: Sequence[float]) -> int | None:
+        """The endpoint index for one request (and charge it), or None with no weights.
+
+        ``costs[i]``: what sending this request to endpoint ``i`` is expected to cost (lower is
+        better), e.g. its latency estimate x (requests in flight + 1)."""
         weights, credit = self.weights, self.credit
         if not weights or sum(weights) <= 0:
             return None
@@ -74,7 +75,7 @@ class CreditPacer:
             for i, w in enumerate(weights):
                 if w <= 0 or credit[i] - 1.0 < -self.window:
                     continue
-                key = ((in_flight[i] + 1) / self.expected[i], -credit[i])
+                key = (costs[i], -credit[i])
                 if best is None or key < best:
                     best, owed = key, i
         credit[owed] -= 1.0

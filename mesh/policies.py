@@ -267,7 +267,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # The pacer is used only while following (pick()); _target() has already set
         # _following for these weights, so local mode skips this work.
         if self._pacer is not None and self._following and weights.size:
-            self._pacer.set_strategy(weights.tolist(), self._estimates().tolist())
+            self._pacer.set_strategy(weights.tolist())
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
         """Adopt a (verified) recommendation until ``expires_at``; it is still shaped by the
@@ -304,7 +304,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not exclude and cumulative and cumulative[-1] > 0:
             if self._pacer is not None and self._following:
                 stats = self.stats
-                i = self._pacer.choose([stats[e].in_flight for e in endpoints])
+                i = self._pacer.choose([stats[e].peak.cost(now, stats[e].in_flight)
+                                        for e in endpoints])
                 if i is not None:
                     return endpoints[i]
             i = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])

@@ -31,6 +31,17 @@ needs ``d >= 0``, and a curve ``d + 1/(mu - x)`` through latency ``l`` at load `
 seen at 25 req/s keeps a capacity of at least 275 req/s; capping it at 50 would invent 40 ms
 of queueing it never showed).
 
+A queue that was seen bounds the capacity from the other side, and wins. Every latency is at least
+``d``, so ``d`` is at most the lowest latency in the history, and an observation of latency ``l``
+at load ``x`` allows at most ``mu = x + 1/(l - l_min)`` (:meth:`UpstreamView.queueing_bound`,
+counted only for observations that plainly show a queue: twice the lowest latency, ten requests
+or more). Without it, a trust region grows with the load it lets the plans send: a one-server
+pod planned at 96 req/s answers the first epoch in 30 ms (its queue has not built yet: "at
+least 129 req/s") and the next ones in 400 ms, and a robust fit treats those as outliers -- the
+herding benchmark kept 7 of 16 tokens on such a pod for seven epochs. With the bound its
+capacity is about 99 req/s from the first 400 ms epoch on, for as long as that observation is
+in the history.
+
 Indifference (pooling alike endpoints). The fits of identical pods differ by measurement noise,
 mostly in ``d``; the LP returns a vertex, so without help it crowds every token onto the pods
 whose fitted ``d`` happens to be lowest and leaves the others idle -- a plan no sidecar would
@@ -98,6 +109,10 @@ DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 1.5
 DEFAULT_STABILITY = 0.02
+#: An observation shows a queue when its latency is at least QUEUED times the endpoint's lowest
+#: in the history, over at least QUEUED_REQUESTS requests (UpstreamView.queueing_bound).
+QUEUED = 2.0
+QUEUED_REQUESTS = 10
 DEFAULT_REFRESH = 0.25
 #: The sidecars' indifference margin (mesh.regret.ConditionalRegret's tolerance, tolerance_abs).
 DEFAULT_INDIFFERENCE = 0.10
@@ -221,13 +236,33 @@ class UpstreamView:
     def capacity_cap(self, endpoint: str, even_share: float, headroom: float) -> float:
         """The largest capacity a plan may assume for ``endpoint`` (see the module docstring):
         ``headroom`` x max(busiest load seen, ``even_share``), but never below what the busiest
-        observation implies (``load + 1/latency``)."""
+        observation implies (``load + 1/latency``) -- unless a queue was seen
+        (:meth:`queueing_bound`), which caps it whatever else was observed."""
         series = self.observations.get(endpoint)
         if not series:
             return headroom * even_share
         busiest = max(series, key=lambda o: o.load)
         implied = busiest.load + 1.0 / max(busiest.latency, 1e-6)
-        return max(headroom * max(busiest.load, even_share), implied)
+        return min(max(headroom * max(busiest.load, even_share), implied),
+                   self.queueing_bound(endpoint))
+
+    def queueing_bound(self, endpoint: str) -> float:
+        """The capacity the queues seen in the history allow ``endpoint`` at most (inf if it
+        never queued).
+
+        Under the model every latency is at least ``d``, so ``d`` is at most the lowest latency
+        in the history, ``l_min``; an observation of latency ``l`` at load ``x`` then says
+        ``mu = x + 1/(l - d) <= x + 1/(l - l_min)``. Only observations that clearly show a
+        queue count -- latency at least ``QUEUED`` times ``l_min``, over at least
+        ``QUEUED_REQUESTS`` requests -- so measurement noise on a flat endpoint bounds nothing.
+        """
+        series = self.observations.get(endpoint)
+        if not series:
+            return math.inf
+        floor = min(o.latency for o in series)
+        return min((o.load + 1.0 / (o.latency - floor) for o in series
+                    if o.latency >= QUEUED * floor and o.latency > floor
+                    and o.weight >= QUEUED_REQUESTS), default=math.inf)
 
     def regret_gap(self, now: float) -> float:
         """The largest positive conditional regret D(j, k), j != k, over fresh summaries."""

@@ -463,6 +463,8 @@ class SignalerService:
                     "kept_distribution": plan.kept_distribution,
                     "kept_deal": plan.kept_deal,
                     "weights": {s: dict(w) for s, w in plan.weights.items()},
+                    # the curves the program priced (fits after the trust region and pooling)
+                    "models": [{"d": m.d, "mu": m.mu} for m in plan.models],
                 }
             upstreams[upstream] = entry
         return {

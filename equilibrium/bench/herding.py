@@ -41,13 +41,17 @@ from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_
 from equilibrium.bench.report import ms, pct, pp
 from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.fleet import Fleet
-from equilibrium.loadgen import latency_summary
+from equilibrium.loadgen import Record, latency_summary
 from equilibrium.sidecars import start_sidecars
 from equilibrium.signaling_plane import SignalingPlane
 
 UPSTREAM = "demo"
 CE_POLICY = "equilibrium-ce"
 FLAP_WINDOW = 5.0
+#: The signaler runs at this lower CPU priority: on the benchmark's small machine it shares
+#: the cores of the data path (fleet, sidecars, load generators), which in a cluster it does not.
+CONTROL_NICE = 10
+SLOW = 0.5  # a request slower than this (s) is counted per caller and pod in the JSON
 
 
 def non_negative(text: str) -> float:
@@ -139,7 +143,7 @@ async def run_herding(
     try:
         if CE_POLICY in policies:
             ctx.say("starting the signaling plane (embedded Redis, signaler)")
-            plane = SignalingPlane(ctx.logs, epoch=epoch, tokens=tokens)
+            plane = SignalingPlane(ctx.logs, epoch=epoch, tokens=tokens, nice=CONTROL_NICE)
             await plane.start()
         for i, policy in enumerate(policies, 1):
             ctx.say(f"[{i}/{len(policies)}] {policy}: {clients} clients × {rate:g} req/s "
@@ -162,7 +166,8 @@ async def run_herding(
             finally:
                 for s in sidecars:
                     await s.stop()
-            per_policy[policy] = measure(result, [p.name for p in fleet.pods], warmup)
+            per_policy[policy] = measure(result, [p.name for p in fleet.pods], warmup,
+                                          fleet.pod_by_url())
             if signaler:
                 per_policy[policy]["signaler"] = signaler_summary(signaler, fleet.pod_by_url())
             m = per_policy[policy]
@@ -170,6 +175,11 @@ async def run_herding(
                     f"steady mean {ms(m['steady_latency']['mean'])}, "
                     f"cold start {ms(m['cold_start_latency']['mean'])}, errors {m['errors']}, "
                     f"following {m['following']}")
+            client, pod, worst = slowest_pair(m["by_caller_pod"])
+            if worst:
+                ctx.say(f"    slowest caller → pod: {client} → {pod}, mean {ms(worst['mean'])} "
+                        f"over {worst['requests']} requests, {worst['slow']} slower than "
+                        f"{SLOW * 1000:g} ms")
     finally:
         if plane is not None:
             await plane.stop()
@@ -188,13 +198,19 @@ async def run_herding(
             "Pod shares are of the requests answered in the steady state; flapping is the "
             f"largest change of any pod's share between consecutive {FLAP_WINDOW:g} s windows.",
             "equilibrium-ce: `following` counts sidecars that followed a recommendation at the "
-            "end of the run.",
+            "end of the run. Its signaler runs at nice "
+            f"{CONTROL_NICE}: in a cluster the control plane does not share the data path's "
+            "cores, here it would otherwise compete with the sidecars for them.",
         ],
     )
 
 
-def measure(result: LoadResult, pods: list[str], warmup: float = 0.0) -> dict[str, Any]:
-    """The per-policy numbers of the tables; the first ``warmup`` s are the cold start."""
+def measure(result: LoadResult, pods: list[str], warmup: float = 0.0,
+            names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The per-policy numbers of the tables; the first ``warmup`` s are the cold start.
+
+    ``names`` maps endpoint URLs to pod names for the sidecars' own failure counts.
+    """
     start = result.t0 + warmup
     measured_s = result.duration - warmup
     cold = [r for r in result.records if r.intended < start]
@@ -216,7 +232,42 @@ def measure(result: LoadResult, pods: list[str], warmup: float = 0.0) -> dict[st
         "flapping_pp": analysis.flapping_index(wins, pods),
         "following": sum(1 for up in final.values() if up.get("following")),
         "generator": result.load_counts(),
+        "cpu_pressure": result.cpu_pressure,
+        "by_pod": {p: latency_summary(r.latency for r in records if r.pod == p) for p in pods},
+        "by_caller_pod": by_caller_pod(records, pods),
+        "attempt_failures": {
+            sidecar: {(names or {}).get(e["endpoint"], e["endpoint"]): e["failures"]
+                      for e in up.get("endpoints", []) if e.get("failures")}
+            for sidecar, up in sorted(final.items())
+        },
     }
+
+
+def by_caller_pod(records: list[Record], pods: list[str]) -> dict[str, dict[str, Any]]:
+    """Per caller and pod: requests, mean latency and requests slower than ``SLOW``.
+
+    A queue that only one sidecar builds towards one pod (a stuck connection, a scheduler
+    that over-sends) shows up here and nowhere else: the run's mean hides whose it is.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for client in sorted({r.client for r in records}):
+        mine = [r for r in records if r.client == client]
+        row: dict[str, Any] = {}
+        for pod in [*pods, None]:
+            lat = [r.latency for r in mine if r.pod == pod]
+            if lat:
+                row[pod or "none"] = {"requests": len(lat), "mean": math.fsum(lat) / len(lat),
+                                      "slow": sum(1 for x in lat if x > SLOW)}
+        out[client] = row
+    return out
+
+
+def slowest_pair(table: dict[str, dict[str, Any]]) -> tuple[str, str, dict[str, Any] | None]:
+    """The (caller, pod, numbers) with the highest mean latency in a ``by_caller_pod`` table."""
+    pairs = [(c, p, v) for c, row in table.items() for p, v in row.items()]
+    if not pairs:
+        return "", "", None
+    return max(pairs, key=lambda cpv: cpv[2]["mean"])
 
 
 def signaler_summary(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -228,6 +279,7 @@ def signaler_summary(state: dict[str, Any], names: dict[str, str]) -> dict[str, 
         "plan": {k: plan.get(k) for k in ("status", "method", "objective", "ce_gap", "tokens",
                                           "variables", "constraints", "solve_seconds")},
         "marginal": dict(zip(endpoints, plan.get("marginal", []), strict=False)),
+        "priced": dict(zip(endpoints, plan.get("models", []), strict=False)),
         "regret_gap": state.get("regret_gap"),
         "published": state.get("published"),
     }

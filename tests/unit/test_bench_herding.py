@@ -15,6 +15,7 @@ from equilibrium.bench.herding import (
     fleet_spec,
     measure,
     non_negative,
+    slowest_pair,
     targets_table,
 )
 from equilibrium.bench.scenarios import Scenario
@@ -73,3 +74,17 @@ def test_the_cold_start_length_must_be_a_number_of_seconds() -> None:
     for bad in ("-1", "nan", "inf", "five"):
         with pytest.raises(argparse.ArgumentTypeError):
             non_negative(bad)
+
+
+def test_a_queue_one_caller_builds_towards_one_pod_is_named() -> None:
+    # two callers, two pods; only c2's requests to pod-1 are slow
+    records = [
+        Record(c, i, 100.0 + i / 10, 1.0 if (c, pod) == ("c2", "pod-1") else 0.02, 200, pod=pod)
+        for c in ("c1", "c2") for i in range(40) for pod in ("pod-0" if i % 2 else "pod-1",)
+    ]
+    m = measure(LoadResult(t0=100.0, duration=4.0, records=records), ["pod-0", "pod-1"])
+    assert m["by_caller_pod"]["c2"]["pod-1"] == {"requests": 20, "mean": 1.0, "slow": 20}
+    assert m["by_caller_pod"]["c1"]["pod-1"]["slow"] == 0
+    assert m["by_pod"]["pod-1"]["mean"] == pytest.approx(0.51)
+    assert slowest_pair(m["by_caller_pod"])[:2] == ("c2", "pod-1")
+    assert slowest_pair({}) == ("", "", None)

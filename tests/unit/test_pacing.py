@@ -16,11 +16,10 @@ from mesh.policy import Outcome
 from mesh.profiles import get_profile
 
 
-def pacer(weights: list[float], latencies: list[float] | None = None,
-          window: float = 4.0) -> CreditPacer:
+def pacer(weights: list[float], window: float = 4.0) -> CreditPacer:
     p = CreditPacer(window=window)
     p.resize([None] * len(weights))
-    p.set_strategy(weights, latencies or [0.01] * len(weights))
+    p.set_strategy(weights)
     return p
 
 
@@ -32,46 +31,47 @@ def pacer(weights: list[float], latencies: list[float] | None = None,
 def test_every_endpoint_gets_its_share_within_the_window(weights: list[float], seed: int) -> None:
     rng = random.Random(seed)
     k = len(weights)
-    p = pacer(weights, [rng.uniform(0.001, 0.5) for _ in range(k)])
+    p = pacer(weights)
     share = [w / sum(weights) for w in weights]
     counts = [0] * k
     for n in range(1, 2001):
-        i = p.choose([rng.randrange(0, 20) for _ in range(k)])  # any in-flight pattern
+        i = p.choose([rng.uniform(0.001, 5.0) for _ in range(k)])  # any pattern of costs
         assert i is not None and share[i] > 0
         counts[i] += 1
         for j in range(k):
             assert abs(counts[j] - share[j] * n) <= p.window + 1.0
 
 
-def test_a_request_goes_where_the_caller_has_fewest_in_flight_for_its_share() -> None:
+def test_a_request_goes_where_it_should_finish_first() -> None:
     p = pacer([0.5, 0.5])
-    assert p.choose([3, 0]) == 1
-    assert p.choose([0, 3]) == 0
-    # relative to the expected number in flight: the fast endpoint (1 ms) with one request out
-    # is busier than the slow one (100 ms) with two
-    q = pacer([0.5, 0.5], [0.001, 0.100])
-    assert q.choose([1, 2]) == 1
+    assert p.choose([0.030, 0.010]) == 1
+    assert p.choose([0.010, 0.030]) == 0
+    # the policy's cost is peak-EWMA x (in flight + 1): a 10 ms endpoint with two requests out
+    # (30 ms) loses to an idle 25 ms one, and wins against it once it is idle
+    q = pacer([0.5, 0.5])
+    assert q.choose([0.010 * 3, 0.025 * 1]) == 1
+    assert q.choose([0.010 * 1, 0.025 * 2]) == 0
 
 
 def test_an_endpoint_owed_the_whole_window_is_served_however_busy() -> None:
     p = pacer([0.5, 0.5], window=2.0)
-    picks = [p.choose([50, 0]) for _ in range(8)]
+    picks = [p.choose([5.0, 0.001]) for _ in range(8)]
     assert picks.count(0) >= 2  # endpoint 0 is never left more than ~2 requests behind
     assert picks.count(1) <= 6
 
 
 def test_no_weight_no_request_and_no_strategy_no_choice() -> None:
     p = pacer([0.0, 1.0, 0.0])
-    assert {p.choose([0, 9, 0]) for _ in range(20)} == {1}
+    assert {p.choose([0.001, 9.0, 0.001]) for _ in range(20)} == {1}
     empty = CreditPacer()
     empty.resize([None, None])
-    empty.set_strategy([0.0, 0.0], [0.01, 0.01])
-    assert empty.choose([0, 0]) is None
+    empty.set_strategy([0.0, 0.0])
+    assert empty.choose([0.01, 0.01]) is None
 
 
 def test_credit_survives_a_resize_of_the_endpoints_that_stay() -> None:
     p = pacer([0.5, 0.5])
-    p.choose([9, 0])  # endpoint 1 served, endpoint 0 is owed
+    p.choose([9.0, 0.01])  # endpoint 1 served, endpoint 0 is owed
     owed = p.credit[0]
     p.resize([0, None])  # endpoint 0 stays, endpoint 1 is replaced
     assert p.credit[0] > 0 and p.credit[0] <= owed

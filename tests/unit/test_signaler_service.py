@@ -201,6 +201,32 @@ def test_the_cap_never_contradicts_an_observation() -> None:
     assert plan.configuration[2] == 0
 
 
+def test_a_queue_that_was_seen_caps_the_capacity_whatever_else_was_seen() -> None:
+    # EPS[0], a one-server pod (10 ms at light load): a plan sent it ~96 req/s. In its first
+    # epoch there the queue had not built yet (30 ms: "capacity >= 129" by load + 1/latency);
+    # then it answered in 400 ms. The fit may still come out almost flat; the queue bounds mu.
+    view = UpstreamView("orders", freshness=5.0)
+    shares = [(0.010, 20), (0.012, 25), (0.030, 96), (0.400, 96), (0.380, 96)]
+    for t, (latency, load) in enumerate(shares):
+        view.offer(summary("sc-1", sent_at=NOW + t, demand=192.0, requests=(50, 25, 25),
+                           latency_mean=(latency, 0.040, 0.041)))
+        view.observe(NOW + t)
+        view.observations[EPS[0]][-1] = replace(view.observations[EPS[0]][-1], load=load)
+    bound = view.queueing_bound(EPS[0])
+    assert bound == pytest.approx(96 + 1 / (0.400 - 0.010))  # the tightest queued observation
+    assert view.capacity_cap(EPS[0], 64.0, 1.5) == pytest.approx(bound)  # 144 without it
+    # flat endpoints, noise and all, are bounded by nothing
+    assert view.queueing_bound(EPS[1]) == math.inf
+    assert view.queueing_bound("never-seen") == math.inf
+    # a queue seen over a handful of requests is not evidence
+    few = UpstreamView("orders", freshness=5.0)
+    for t, latency in enumerate((0.010, 0.400)):
+        few.offer(summary("sc-1", sent_at=NOW + t, requests=(5, 50, 50),
+                          latency_mean=(latency, 0.040, 0.041)))
+        few.observe(NOW + t)
+    assert few.queueing_bound(EPS[0]) == math.inf
+
+
 def test_a_capped_curve_keeps_the_latency_it_was_seen_at() -> None:
     # a big pod seen flat at 42 ms under 50 req/s fits an almost infinite capacity
     flat = LatencyModel(d=0.042, mu=2e6)
