@@ -41,7 +41,8 @@ def register(subparsers: Any) -> None:
                    help="seconds of load per policy or mode (default: the scenario's)")
     p.add_argument("--rate", type=float, default=None,
                    help="requests/s per client (default: the scenario's)")
-    p.add_argument("--clients", type=int, default=2, help="client apps with a sidecar each (2)")
+    p.add_argument("--clients", type=int, default=None,
+                   help="client apps with a sidecar each (default: the scenario's)")
     p.add_argument("--strategy", default=None, help="sidecar strategy profile")
     p.add_argument("--seed", type=int, default=1, help="fleet RNG seed (1)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
@@ -67,6 +68,8 @@ def resolve(args: argparse.Namespace) -> tuple[Any, list[str]]:
         args.duration = scenario.default_duration
     if args.rate is None:
         args.rate = scenario.default_rate
+    if args.clients is None:
+        args.clients = scenario.default_clients
     if not args.policies and scenario.default_policies:
         raise ValueError("--policies is empty")
     if len(set(args.policies)) != len(args.policies):

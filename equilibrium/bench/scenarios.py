@@ -75,6 +75,8 @@ class Scenario(abc.ABC):
     default_duration: float = 30.0
     #: requests/s per client when ``--rate`` is not given
     default_rate: float = 100.0
+    #: client apps (each with a sidecar) when ``--clients`` is not given
+    default_clients: int = 2
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:  # noqa: B027 (optional hook)
         """Scenario-specific options (prefix them with the scenario's name to avoid clashes);

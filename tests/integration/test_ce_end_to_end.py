@@ -201,6 +201,10 @@ async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle)
             lead_admin = admin_a if leaders[admin_a] else admin_b
             plan = signaler_state(lead_admin)["upstreams"][UPSTREAM]["plan"]
             assert plan["marginal"][plan["endpoints"].index(pods[3].url)] == 0.0
+            # the curves the program priced: one per endpoint, the bad pod's the slowest
+            priced = [m["d"] + 1.0 / m["mu"] for m in plan["models"]]
+            assert len(priced) == len(plan["endpoints"])
+            assert max(priced) == priced[plan["endpoints"].index(pods[3].url)]
             assert signaler_metric(lead_admin, "equilibrium_signaler_entries_rejected_total",
                                    reason="malformed") >= 1
             first = load.by_backend[0][0]

@@ -34,6 +34,8 @@ def test_the_fleet_is_one_small_fast_pod_and_big_slow_ones() -> None:
 def test_scenario_interface_and_defaults() -> None:
     assert isinstance(SCENARIO, Scenario) and SCENARIO.name == "herding"
     assert SCENARIO.default_policies == ("peak-ewma", "equilibrium", CE_POLICY)
+    # four callers at 55 % of the default fleet's 200 req/s
+    assert SCENARIO.default_clients * SCENARIO.default_rate == pytest.approx(0.55 * 200)
 
 
 def lat(mean: float, steady: float) -> dict[str, dict[str, float]]:

@@ -100,6 +100,13 @@ def test_cli_resolves_scenario_defaults_into_an_exact_command() -> None:
     assert argv[:5] == ["bench", "--scenario", "slow-pod", "--policies",
                         "round-robin,equilibrium"]
     assert "--duration" in argv and "--rate" in argv
+    assert args.clients == 2  # the scenario's default number of callers
+    herding = _parse(["bench", "--scenario", "herding"])
+    cli.resolve(herding)
+    assert (herding.clients, herding.rate) == (4, 27.5)
+    given = _parse(["bench", "--scenario", "herding", "--clients", "3"])
+    cli.resolve(given)
+    assert given.clients == 3
     args = _parse(["bench", "--policies", "equilibrium,equilibrium"])
     with pytest.raises(ValueError, match="twice"):
         cli.resolve(args)
