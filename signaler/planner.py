@@ -31,16 +31,18 @@ needs ``d >= 0``, and a curve ``d + 1/(mu - x)`` through latency ``l`` at load `
 seen at 25 req/s keeps a capacity of at least 275 req/s; capping it at 50 would invent 40 ms
 of queueing it never showed).
 
-A queue that was seen bounds the capacity from the other side, and wins. Every latency is at least
-``d``, so ``d`` is at most the lowest latency in the history, and an observation of latency ``l``
-at load ``x`` allows at most ``mu = x + 1/(l - l_min)`` (:meth:`UpstreamView.queueing_bound`,
-counted only for observations that plainly show a queue: twice the lowest latency, ten requests
-or more). Without it, a trust region grows with the load it lets the plans send: a one-server
-pod planned at 96 req/s answers the first epoch in 30 ms (its queue has not built yet: "at
-least 129 req/s") and the next ones in 400 ms, and a robust fit treats those as outliers -- the
-herding benchmark kept 7 of 16 tokens on such a pod for seven epochs. With the bound its
-capacity is about 99 req/s from the first 400 ms epoch on, for as long as that observation is
-in the history.
+A queue that was seen bounds the capacity from the other side, and wins. Every latency is at
+least ``d``, so ``d`` is at most the lowest latency in the history, and an observation of
+latency ``l`` at load ``x`` allows at most ``mu = x + 1/(l - l_min)``
+(:meth:`UpstreamView.queueing_bound`), counted only for observations that plainly show a queue:
+twice the endpoint's median latency, twenty requests or more (twice the *lowest* was tried and
+bounded big pods with 80 ms exponential service times by their noise alone, which pushed the
+plans onto the small pod). Without the bound, a trust region grows with the load it lets the
+plans send: a one-server pod planned at 96 req/s answers the first epoch in 30 ms (its queue
+has not built yet: "at least 129 req/s") and the next ones in 400 ms, and a robust fit treats
+those as outliers -- the herding benchmark kept 7 of 16 tokens on such a pod for seven epochs.
+With the bound its capacity is about 99 req/s from the first 400 ms epoch on, for as long as
+that observation is in the history.
 
 Indifference (pooling alike endpoints). The fits of identical pods differ by measurement noise,
 mostly in ``d``; the LP returns a vertex, so without help it crowds every token onto the pods
@@ -109,10 +111,10 @@ DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 1.5
 DEFAULT_STABILITY = 0.02
-#: An observation shows a queue when its latency is at least QUEUED times the endpoint's lowest
+#: An observation shows a queue when its latency is at least QUEUED times the endpoint's median
 #: in the history, over at least QUEUED_REQUESTS requests (UpstreamView.queueing_bound).
 QUEUED = 2.0
-QUEUED_REQUESTS = 10
+QUEUED_REQUESTS = 20
 DEFAULT_REFRESH = 0.25
 #: The sidecars' indifference margin (mesh.regret.ConditionalRegret's tolerance, tolerance_abs).
 DEFAULT_INDIFFERENCE = 0.10
@@ -253,15 +255,18 @@ class UpstreamView:
         Under the model every latency is at least ``d``, so ``d`` is at most the lowest latency
         in the history, ``l_min``; an observation of latency ``l`` at load ``x`` then says
         ``mu = x + 1/(l - d) <= x + 1/(l - l_min)``. Only observations that clearly show a
-        queue count -- latency at least ``QUEUED`` times ``l_min``, over at least
-        ``QUEUED_REQUESTS`` requests -- so measurement noise on a flat endpoint bounds nothing.
+        queue count -- latency at least ``QUEUED`` times the endpoint's median latency in the
+        history, over at least ``QUEUED_REQUESTS`` requests -- so the noise of a pod with long,
+        variable service times (a mean of 20 requests of an 80 ms exponential service varies
+        by +-18 ms) bounds nothing.
         """
         series = self.observations.get(endpoint)
         if not series:
             return math.inf
         floor = min(o.latency for o in series)
+        typical = float(np.median([o.latency for o in series]))
         return min((o.load + 1.0 / (o.latency - floor) for o in series
-                    if o.latency >= QUEUED * floor and o.latency > floor
+                    if o.latency >= QUEUED * typical and o.latency > floor
                     and o.weight >= QUEUED_REQUESTS), default=math.inf)
 
     def regret_gap(self, now: float) -> float:

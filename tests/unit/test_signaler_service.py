@@ -225,6 +225,18 @@ def test_a_queue_that_was_seen_caps_the_capacity_whatever_else_was_seen() -> Non
                           latency_mean=(latency, 0.040, 0.041)))
         few.observe(NOW + t)
     assert few.queueing_bound(EPS[0]) == math.inf
+    # nor is the noise of a big pod with 80 ms exponential service times: epoch means of 25
+    # requests spread over 45..130 ms, more than twice the lowest, never twice the median
+    noisy = UpstreamView("orders", freshness=5.0)
+    rng = np.random.default_rng(7)
+    for t in range(60):
+        mean = float(np.mean(rng.exponential(0.080, 25))) + 0.005
+        noisy.offer(summary("sc-1", sent_at=NOW + t, requests=(25, 25, 25),
+                            latency_mean=(mean, 0.040, 0.041)))
+        noisy.observe(NOW + t)
+    means = [o.latency for o in noisy.observations[EPS[0]]]
+    assert max(means) > 2 * min(means)
+    assert noisy.queueing_bound(EPS[0]) == math.inf
 
 
 def test_a_capped_curve_keeps_the_latency_it_was_seen_at() -> None:
