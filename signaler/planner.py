@@ -42,7 +42,7 @@ plans send: a one-server pod planned at 96 req/s answers the first epoch in 30 m
 has not built yet: "at least 129 req/s") and the next ones in 400 ms, and a robust fit treats
 those as outliers -- the herding benchmark kept 7 of 16 tokens on such a pod for seven epochs.
 With the bound its capacity is about 99 req/s from the first 400 ms epoch on, for as long as
-that observation is in the history and no later epoch has carried as much load without a queue.
+that observation is in the history.
 
 Indifference (pooling alike endpoints). The fits of identical pods differ by measurement noise,
 mostly in ``d``; the LP returns a vertex, so without help it crowds every token onto the pods
@@ -258,23 +258,16 @@ class UpstreamView:
         queue count -- latency at least ``QUEUED`` times the endpoint's median latency in the
         history, over at least ``QUEUED_REQUESTS`` requests -- so the noise of a pod with long,
         variable service times (a mean of 20 requests of an 80 ms exponential service varies
-        by +-18 ms) bounds nothing. A later observation that carried at least the same load
-        without a queue supersedes one: the endpoint recovered (a pod that was slow or failing
-        for a while is readmitted as its new measurements allow, not held at the load it
-        was failing under for the whole history).
+        by +-18 ms) bounds nothing.
         """
         series = self.observations.get(endpoint)
         if not series:
             return math.inf
         floor = min(o.latency for o in series)
         typical = float(np.median([o.latency for o in series]))
-        bound, carried = math.inf, -math.inf
-        for o in reversed(series):  # newest first
-            if o.latency < QUEUED * typical:
-                carried = max(carried, o.load)
-            elif o.latency > floor and o.weight >= QUEUED_REQUESTS and o.load > carried:
-                bound = min(bound, o.load + 1.0 / (o.latency - floor))
-        return bound
+        return min((o.load + 1.0 / (o.latency - floor) for o in series
+                    if o.latency >= QUEUED * typical and o.latency > floor
+                    and o.weight >= QUEUED_REQUESTS), default=math.inf)
 
     def regret_gap(self, now: float) -> float:
         """The largest positive conditional regret D(j, k), j != k, over fresh summaries."""
