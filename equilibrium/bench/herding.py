@@ -14,7 +14,7 @@ Why these service times: the same fleet at 10 and 40 ms and twice the rate is th
 game twice as fast, but on the 2-core machines the benchmark runs on it keeps the cores busy
 (CPU pressure 20--30 %), and each proxy hop's few milliseconds are then a noise as large as the
 whole difference between the policies (on the true curves the best correlated equilibrium
-saves 9 % against the selfish split). ``--herding-small-rate 100 --herding-big-rate 25 --rate
+saves about 8 % against the selfish split). ``--herding-small-rate 100 --herding-big-rate 25 --rate
 55`` runs it (docs/benchmarks.md has both).
 
 Policies, in one run against the same fleet (reset to the same seed before each):
