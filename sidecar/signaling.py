@@ -301,8 +301,9 @@ class SidecarSignaling:
         self.connected = False
         self._builders: dict[str, SummaryBuilder] = {}
         self._followed: dict[str, _Followed] = {}
-        # policies told to wait for their first signal: "idle" before their first traffic
-        self._awaiting: dict[int, str] = {}
+        # per upstream, the policy told to wait for its first signal, and its stage: "idle"
+        # before its first traffic, "busy" after (a new policy object starts over)
+        self._awaiting: dict[str, tuple[object, str]] = {}
         self._redis: aioredis.Redis | None = None
 
     def _client(self) -> aioredis.Redis:
@@ -415,14 +416,14 @@ class SidecarSignaling:
         counts from there)."""
         until = self.clock() + self.settings.first_signal_epochs * self.settings.epoch
         for group in groups:
-            key = id(group.policy)
-            stage = self._awaiting.get(key)
+            held = self._awaiting.get(group.name)
+            stage = held[1] if held is not None and held[0] is group.policy else None
             if stage == "busy":
                 continue
             snap = group.snapshot
             busy = snap is not None and any(e.requests for e in snap.endpoints)
             if stage is None or busy:
-                self._awaiting[key] = "busy" if busy else "idle"
+                self._awaiting[group.name] = (group.policy, "busy" if busy else "idle")
                 group.policy.await_signal(until)  # type: ignore[attr-defined]
 
     def consider(self, group: UpstreamGroup, entry_id: bytes, fields: Any) -> bool:

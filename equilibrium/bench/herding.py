@@ -257,17 +257,15 @@ def by_caller_pod(records: list[Record], pods: list[str]) -> dict[str, dict[str,
     A queue that only one sidecar builds towards one pod (a stuck connection, a scheduler
     that over-sends) shows up here and nowhere else: the run's mean hides whose it is.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for client in sorted({r.client for r in records}):
-        mine = [r for r in records if r.client == client]
-        row: dict[str, Any] = {}
-        for pod in [*pods, None]:
-            lat = [r.latency for r in mine if r.pod == pod]
-            if lat:
-                row[pod or "none"] = {"requests": len(lat), "mean": math.fsum(lat) / len(lat),
-                                      "slow": sum(1 for x in lat if x > SLOW)}
-        out[client] = row
-    return out
+    seen: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        seen.setdefault(r.client, {}).setdefault(r.pod or "none", []).append(r.latency)
+    return {
+        client: {pod: {"requests": len(lat), "mean": math.fsum(lat) / len(lat),
+                       "slow": sum(1 for x in lat if x > SLOW)}
+                 for pod in [*pods, "none"] if (lat := by_pod.get(pod))}
+        for client, by_pod in sorted(seen.items())
+    }
 
 
 def slowest_pair(table: dict[str, dict[str, Any]]) -> tuple[str, str, dict[str, Any] | None]:
