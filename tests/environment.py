@@ -1,17 +1,23 @@
-"""What to do when a test's environment is missing: fail in CI, skip with the reason elsewhere.
+"""The one gate for tests that need more than Python: fail in CI, skip with the reason elsewhere.
 
-Some integration tests need more than Python: a Docker engine with the locally built images
-(``docker``-marked tests), root with ``ip``/``iptables`` for network namespaces, or
-Prometheus's ``promtool``/``prometheus`` for the alert rules. CI (``.ci/run``) provides all of it
-and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``, ``EQUILIBRIUM_REQUIRE_NETNS=1`` and
-``EQUILIBRIUM_REQUIRE_PROMTOOL=1``, so there a missing piece is a failure and nothing is skipped.
-On a newcomer's machine ``make test`` skips those tests instead, each with the reason and how
-to provide what is missing (pytest's ``-ra`` summary lists them).
+Some tests need an outside tool or privilege: a Docker engine with the locally built images,
+root with ``ip``/``iptables`` for network namespaces, Prometheus's ``promtool``/``prometheus``
+for the alert rules. Every such test states what it needs, either with the marker
+``@pytest.mark.needs("root", "iptables")`` (checked before the test sets up anything) or by
+calling :func:`require` from a fixture, and nothing else decides. Each need belongs to one CI
+variable: CI (``.ci/run``) provides everything and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``,
+``EQUILIBRIUM_REQUIRE_NETNS=1`` and ``EQUILIBRIUM_REQUIRE_PROMTOOL=1``, so there a missing piece
+is a failure and nothing is skipped. On a newcomer's machine ``make test`` skips those tests
+instead, each with the reason and how to provide what is missing (pytest's ``-ra`` summary
+lists them).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import pytest
@@ -19,6 +25,36 @@ import pytest
 DOCKER = "EQUILIBRIUM_REQUIRE_DOCKER"
 NETNS = "EQUILIBRIUM_REQUIRE_NETNS"
 PROMTOOL = "EQUILIBRIUM_REQUIRE_PROMTOOL"
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """Something outside Python a test may need: how to tell it is there, which CI variable
+    makes it mandatory, and how a newcomer provides it."""
+
+    present: Callable[[], bool]
+    variable: str
+    how: str
+
+
+def _on_path(tool: str) -> Callable[[], bool]:
+    return lambda: shutil.which(tool) is not None
+
+
+_IPTABLES = "apt-get install -y iptables (brings ip6tables)"
+_PROMETHEUS = "apt-get install -y prometheus"
+
+NEEDS: dict[str, Need] = {
+    "root": Need(lambda: os.geteuid() == 0, NETNS, "run the tests as root"),
+    "ip": Need(_on_path("ip"), NETNS, "apt-get install -y iproute2"),
+    "setpriv": Need(_on_path("setpriv"), NETNS, "apt-get install -y util-linux"),
+    **{tool: Need(_on_path(tool), NETNS, _IPTABLES)
+       for tool in ("iptables", "iptables-save", "ip6tables", "ip6tables-save")},
+    "promtool": Need(_on_path("promtool"), PROMTOOL, _PROMETHEUS),
+    "prometheus": Need(_on_path("prometheus"), PROMTOOL, _PROMETHEUS),
+    "docker": Need(_on_path("docker"), DOCKER,
+                   "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
+}
 
 
 def required(variable: str) -> bool:
@@ -31,3 +67,21 @@ def unavailable(reason: str, *, variable: str) -> NoReturn:
     if required(variable):
         pytest.fail(f"{reason} ({variable}=1: CI must run this test)")
     pytest.skip(f"{reason} (CI runs this test: .ci/run)")
+
+
+def missing(*names: str) -> list[str]:
+    """The needs among ``names`` that this machine lacks (unknown names raise ``KeyError``)."""
+    return [name for name in names if not NEEDS[name].present()]
+
+
+def require(*names: str) -> None:
+    """Return when every need in ``names`` is met; otherwise fail or skip through
+    :func:`unavailable`, naming each missing need and how to provide it. A test fails when any
+    missing need's CI variable is set."""
+    lacking = missing(*names)
+    if not lacking:
+        return
+    hows = dict.fromkeys(NEEDS[name].how for name in lacking)
+    reason = f"needs {', '.join(lacking)}: {'; '.join(hows)}"
+    demanded = [NEEDS[name].variable for name in lacking if required(NEEDS[name].variable)]
+    unavailable(reason, variable=demanded[0] if demanded else NEEDS[lacking[0]].variable)

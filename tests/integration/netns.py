@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.environment import NETNS, unavailable
+from tests.environment import require
 from tests.integration.kube_api import KubeApiServer
 from tests.integration.procs import REPO_ROOT, metric_value
 
@@ -38,14 +37,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def require_tools(*tools: str) -> None:
-    wanted = ("ip", "iptables", "setpriv", *tools)
-    missing = [tool for tool in wanted if shutil.which(tool) is None]
-    if os.geteuid() != 0:
-        missing.append("root (network namespaces and iptables)")
-    if missing:
-        unavailable("transparent interception test needs: " + ", ".join(missing)
-                    + " (.ci/run installs iptables, which brings ip6tables, and iproute2)",
-                    variable=NETNS)
+    """Root, ``ip``, ``iptables`` and ``setpriv``, and ``tools``, through the one gate."""
+    require("root", "ip", "iptables", "setpriv", *tools)
 
 
 def run(*cmd: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.environment import DOCKER, unavailable
+from tests.environment import DOCKER, require, unavailable
 from tests.injector_support import apply_patch, assert_valid, decode_patch, make_pod, make_review
 from tests.integration.procs import REPO_ROOT, run_equilibrium
 
@@ -59,8 +58,7 @@ def test_dockerfile_contract() -> None:
 def image() -> str:
     help_text = ("build it with scripts/image/build.sh (after scripts/ci/docker-up.sh), or "
                  "deselect these tests with -m 'not docker'")
-    if shutil.which("docker") is None:
-        unavailable(f"docker CLI not found; {help_text}", variable=DOCKER)
+    require("docker")
     info = docker("info", check=False, timeout=20)
     if info.returncode != 0:
         unavailable(f"no Docker engine answers ({info.stderr.strip()[:200]}); {help_text}",

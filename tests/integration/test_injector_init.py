@@ -2,8 +2,9 @@
 
 The namespace gets a veth pair (both ends inside it) with 10.77.0.1/24, so 10.77.0.2:80 stands for a
 Service IP: the app's connection to it must land on the outbound port (original destination
-recovered with SO_ORIGINAL_DST), and the sidecar UID's must not. Needs root and iptables
-(both present on these machines and in CI); everything is removed at the end.
+recovered with SO_ORIGINAL_DST), and the sidecar UID's must not. Needs root, ip and iptables
+(the ``needs`` marker: CI provides them, elsewhere the tests skip); everything is removed at the
+end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from injector.config import InjectorConfig
 from injector.review import review
 from tests.injector_support import apply_patch, decode_patch, make_pod, make_review
 from tests.integration.procs import REPO_ROOT
+
+pytestmark = pytest.mark.needs("root", "ip", "iptables", "iptables-save", "ip6tables-save")
 
 NS = f"eq-init-{os.getpid()}"
 

@@ -33,7 +33,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.environment import PROMTOOL, unavailable
+from tests.environment import require
 from tests.integration.procs import (
     LOOPBACK,
     EquilibriumProcess,
@@ -132,9 +132,9 @@ async def trickle(sidecar: SidecarProcess, stop: asyncio.Event) -> None:
 
 
 def prometheus_binary() -> str:
+    require("prometheus")
     path = shutil.which("prometheus")
-    if path is None:
-        unavailable("prometheus not found: apt-get install -y prometheus", variable=PROMTOOL)
+    assert path is not None
     return path
 
 
@@ -307,9 +307,9 @@ async def test_rules_and_dashboard_use_real_metrics_and_record_real_values(
 
 
 def promtool() -> str:
+    require("promtool")
     path = shutil.which("promtool")
-    if path is None:
-        unavailable("promtool not found: apt-get install -y prometheus", variable=PROMTOOL)
+    assert path is not None
     return path
 
 
