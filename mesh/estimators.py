@@ -12,12 +12,16 @@ penalty latency, so that a fast-failing endpoint never looks attractive.
 - :class:`EndpointStats` — everything one endpoint's policy needs: the two averages above, the
   in-flight count, failure counters, piggybacked congestion, and the per-tick accumulators that
   regret matching consumes.
+- :class:`EpochWindow` / :class:`EpochWindows` — what each endpoint did in one signaling epoch
+  (requests, failures, latency in fixed buckets), the raw material of a regret summary
+  (:mod:`mesh.summary`).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_RTT = 0.030  # Linkerd's default RTT estimate for an endpoint never measured (seconds)
 DEFAULT_DECAY = 10.0  # Linkerd's peak-EWMA decay time constant (seconds)
@@ -158,3 +162,77 @@ class EndpointStats:
         n, total = self.tick_count, self.tick_cost_sum
         self.tick_count, self.tick_cost_sum = 0, 0.0
         return n, (total / n if n else 0.0)
+
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0,
+)
+"""Upper bounds (seconds) of the latency buckets of an :class:`EpochWindow`, and of the
+sidecar's latency histogram: 1 ms .. 5 s, the proxy's own overhead at the bottom, the seed's
+bad pod (500 ms) mid-way."""
+
+
+@dataclass(slots=True)
+class EpochWindow:
+    """What one endpoint did in one epoch: requests, failures, and the latency distribution of
+    the answered ones, in fixed buckets (bounded memory whatever the request rate).
+
+    A request counts as answered when a response head arrived, whatever its status; failures
+    (``ok`` False) include answered 5xx. Quantiles are read as the upper bound of the bucket
+    that holds them, as a Prometheus histogram would give them.
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    requests: int = 0
+    failures: int = 0
+    answered: int = 0
+    latency_sum: float = 0.0
+    counts: list[int] = field(default_factory=list)  # per bound, then one above them all
+
+    def observe(self, latency: float, ok: bool, answered: bool) -> None:
+        """One finished request (``latency`` in seconds from sending it)."""
+        self.requests += 1
+        if not ok:
+            self.failures += 1
+        if not answered or not math.isfinite(latency):
+            return
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+        self.counts[bisect.bisect_left(self.bounds, latency)] += 1
+        self.answered += 1
+        self.latency_sum += latency
+
+    def mean(self) -> float | None:
+        """Mean latency of the answered requests; None if none was answered."""
+        return self.latency_sum / self.answered if self.answered else None
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding quantile ``q`` of the answered latencies; None if
+        none was answered or it lies above the last bound."""
+        if not self.answered:
+            return None
+        cumulative = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            cumulative += count
+            if cumulative >= q * self.answered:
+                return bound
+        return None
+
+
+class EpochWindows:
+    """One upstream's :class:`EpochWindow` per endpoint, taken (and restarted) once an epoch."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self._windows: dict[str, EpochWindow] = {}
+
+    def observe(self, endpoint: str, latency: float, ok: bool, answered: bool) -> None:
+        window = self._windows.get(endpoint)
+        if window is None:
+            window = self._windows[endpoint] = EpochWindow(self.bounds)
+        window.observe(latency, ok, answered)
+
+    def take(self) -> dict[str, EpochWindow]:
+        """The windows since the previous take (endpoints with no request are absent)."""
+        taken, self._windows = self._windows, {}
+        return taken

@@ -28,7 +28,7 @@ from itertools import accumulate
 
 import numpy as np
 
-from mesh.estimators import EndpointStats
+from mesh.estimators import EndpointStats, EpochWindow, EpochWindows
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import CreditPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
@@ -255,6 +255,17 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # Share-preserving in-flight pacing, used only while following (see pick()).
         self._pacer = (CreditPacer(window=profile.pacing_window)
                        if profile.pacing_window > 0 else None)
+        self._epoch = EpochWindows()  # what the signaling plane is told each epoch
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        if outcome.endpoint in self.stats:
+            self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok,
+                                outcome.got_answer)
+        super().on_outcome(outcome)
+
+    def take_epoch(self) -> dict[str, EpochWindow]:
+        """What each endpoint did since the previous call (:class:`mesh.policy.FollowingPolicy`)."""
+        return self._epoch.take()
 
     def _on_resize(self, keep: list[int | None], new: list[str]) -> None:
         super()._on_resize(keep, new)

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from mesh.estimators import EpochWindow
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -31,7 +33,8 @@ class Outcome:
     ``latency`` is in seconds from sending the request to the response head (or failure).
     ``ok`` is False for connect errors, timeouts and 5xx answers; such outcomes are charged a
     penalty latency by the estimators. ``congestion`` is the upstream's piggybacked
-    ``X-GT-Congestion`` level in [0, 1], when it sent one.
+    ``X-GT-Congestion`` level in [0, 1], when it sent one. ``answered`` says whether a response
+    head arrived (a 5xx is answered, a refused connection is not); None means "as ``ok``".
     """
 
     endpoint: str
@@ -39,6 +42,12 @@ class Outcome:
     ok: bool
     now: float
     congestion: float | None = None
+    answered: bool | None = None
+
+    @property
+    def got_answer(self) -> bool:
+        """Whether a response head arrived (``answered``, or ``ok`` when not said)."""
+        return self.ok if self.answered is None else self.answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +102,28 @@ class Policy(Protocol):
 
     def snapshot(self) -> PolicySnapshot:
         """The current state, for observers."""
+
+
+@runtime_checkable
+class FollowingPolicy(Policy, Protocol):
+    """A policy that takes part in the signaling plane: it reports what each epoch showed and
+    can follow the signaler's recommendations (``equilibrium``; the baselines do neither).
+
+    The signaling client calls, off the request path: :meth:`take_epoch` once an epoch to
+    build the regret summary, :meth:`await_signal` when the policy is new, :meth:`follow` with
+    each verified recommendation, and :meth:`stop_following` when the store fails.
+    """
+
+    def take_epoch(self) -> Mapping[str, EpochWindow]:
+        """Per endpoint, what happened since the previous call (endpoints with no request may
+        be absent); the windows restart."""
+
+    def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
+        """Adopt a verified recommendation (endpoint -> weight) until ``expires_at`` (on the
+        policy's clock)."""
+
+    def await_signal(self, until: float) -> None:
+        """Keep the current weights until ``until`` or the first recommendation."""
+
+    def stop_following(self) -> None:
+        """Drop the recommendation and any wait: route by local learning from the next tick."""

@@ -13,12 +13,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from mesh.estimators import LATENCY_BUCKETS  # the buckets of the signaling epoch windows too
 from mesh.policy import PolicySnapshot
 
-# 1 ms .. 5 s: the proxy's own overhead sits at the bottom, the seed's bad pod (500 ms) mid-way.
-LATENCY_BUCKETS = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0,
-)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

@@ -331,7 +331,8 @@ class OutboundProxy:
             except HeaderError as exc:
                 self.metrics.rejected_headers.labels(CONGESTION.lower(), "malformed").inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
-        group.policy.on_outcome(Outcome(endpoint, now - sent, status < 500, now, congestion))
+        group.policy.on_outcome(
+            Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True))
         self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
 
     async def _relay_response(
@@ -405,7 +406,8 @@ class OutboundProxy:
                 )
         except aiohttp.WSServerHandshakeError as exc:
             done = self.clock()
-            group.policy.on_outcome(Outcome(endpoint, done - sent, exc.status < 500, done))
+            group.policy.on_outcome(
+                Outcome(endpoint, done - sent, exc.status < 500, done, answered=False))
             return self._error(
                 ctx, 502, "websocket-handshake-failed",
                 f"upstream refused the upgrade with {exc.status}",

@@ -1,24 +1,28 @@
 """The sidecar's side of the signaling plane: publish regret summaries, follow recommendations.
 
-Owns the sidecar's Redis client and one background task (registered with
-``SidecarRunner.add_background``). Every epoch, for each upstream whose policy can follow
-recommendations (``equilibrium``), in one pipelined round trip:
+Owns the sidecar's use of the signal store (:class:`wire.store.SignalStore`, given to the
+constructor: Redis in production, in memory in tests) and one background task (registered with
+``SidecarRunner.add_background``). Every epoch, for each upstream whose policy takes part
+(:class:`mesh.policy.FollowingPolicy`: ``equilibrium``), in one round trip
+(:meth:`~wire.store.SignalStore.exchange`):
 
-1. ``XADD eq:{u}:summaries MAXLEN ~ N`` a :class:`~mesh.protocol.RegretSummary` built from the
-   policy's last snapshot (requests, failures, weights, Hart & Mas-Colell's conditional regret
-   matrix) and the latency histogram's movement since the previous epoch (mean, p50, p99);
-2. ``XREVRANGE eq:{u}:recs:<id> + - COUNT 1``: the newest recommendation. A new one is checked
-   with :func:`mesh.protocol.verify_recommendation` (signature under the mesh key, this upstream
+1. append a :class:`~mesh.protocol.RegretSummary` built by :class:`mesh.summary.SummaryBuilder`
+   from the policy's last snapshot (requests, failures, weights, Hart & Mas-Colell's
+   conditional regret matrix) and its epoch windows (what each endpoint did since the previous
+   epoch: mean, p50, p99 latency), to ``eq:{u}:summaries``;
+2. read the newest recommendation on ``eq:{u}:recs:<id>``. A new one is checked with
+   :func:`mesh.protocol.verify_recommendation` (signature under the mesh key, this upstream
    and sidecar, this endpoint set, not older than the epoch followed, not from a fenced-off
    leader, not expired) and handed to ``policy.follow(weights, expires_at)``; the policy still
    shapes it with the thundering-herd guard. Anything else is counted by reason and ignored.
 
-A new upstream's policy first waits for its recommendation (``policy.await_signal``): it keeps
-its starting, even weights for ``first_signal_epochs`` epochs or until the first recommendation
-verifies, so a mesh-wide cold start does not herd before the signaler has spoken.
+A new upstream's policy first waits for its recommendation (``policy.await_signal``, started by
+:class:`mesh.first_signal.FirstSignalWait`): it keeps its starting, even weights for
+``first_signal_epochs`` epochs or until the first recommendation verifies, so a mesh-wide cold
+start does not herd before the signaler has spoken.
 
 Never on the request path. The request path reads only the policy's routing snapshot; this task
-runs beside it with a short timeout on every round trip. When Redis fails or is slow, every
+runs beside it with a short timeout on every round trip. When the store fails or is slow, every
 policy stops following at once (``stop_following()``: the next policy tick routes by local
 regret matching again), the task retries with exponential backoff and jitter, and it resumes
 following when a fresh recommendation verifies. No request ever waits for Redis.
@@ -30,33 +34,29 @@ the expiry is translated (``clock() + expires_at - wall()``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
+from mesh.first_signal import FirstSignalWait
+from mesh.policy import FollowingPolicy
 from mesh.protocol import (
     MAX_SECONDS,
-    SUMMARY_MAXLEN,
     ProtocolError,
     RegretSummary,
     encode_summary,
-    recommendation_stream,
-    summary_stream,
     verify_recommendation,
 )
+from mesh.summary import SummaryBuilder
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
+from wire.redis_store import RedisSignalStore
+from wire.store import Fields, SignalStore, StoreError, error_kind
 
 log = logging.getLogger(__name__)
 
@@ -132,151 +132,22 @@ class SignalingMetrics:
         )
 
 
-# ---------------------------------------------------------------------- summaries
-
-
-@dataclass(slots=True)
-class _Histogram:
-    count: float = 0.0
-    total: float = 0.0
-    buckets: list[tuple[float, float]] = field(default_factory=list)  # (le, cumulative)
-
-
-def read_histograms(samples: Iterable[Any]) -> dict[tuple[str, str], _Histogram]:
-    """Per (upstream, endpoint): count, sum and cumulative buckets of the latency histogram,
-    from ``Histogram.collect()`` samples."""
-    out: dict[tuple[str, str], _Histogram] = {}
-    for sample in samples:
-        labels = sample.labels
-        key = (labels.get("upstream", ""), labels.get("endpoint", ""))
-        hist = out.setdefault(key, _Histogram())
-        if sample.name.endswith("_bucket"):
-            hist.buckets.append((float(labels["le"]), float(sample.value)))
-        elif sample.name.endswith("_count"):
-            hist.count = float(sample.value)
-        elif sample.name.endswith("_sum"):
-            hist.total = float(sample.value)
-    for hist in out.values():
-        hist.buckets.sort()
-    return out
-
-
-def _quantile(buckets: Sequence[tuple[float, float]], q: float, fallback: float) -> float:
-    """The upper bound of the bucket holding quantile ``q`` of (le, count-in-window) pairs."""
-    total = buckets[-1][1] if buckets else 0.0
-    if total <= 0:
-        return fallback
-    for le, cumulative in buckets:
-        if cumulative >= q * total:
-            return fallback if math.isinf(le) else le
-    return fallback
-
-
-def _clip_seconds(value: float) -> float:
-    return min(max(value, 0.0), MAX_SECONDS) if math.isfinite(value) else MAX_SECONDS
-
-
-class SummaryBuilder:
-    """Turns one upstream's cumulative counters into per-epoch :class:`RegretSummary` values."""
-
-    def __init__(self, sidecar: str, upstream: str) -> None:
-        self.sidecar = sidecar
-        self.upstream = upstream
-        self._requests: dict[str, int] = {}
-        self._failures: dict[str, int] = {}
-        self._hist: dict[str, _Histogram] = {}
-        self._last: float | None = None
-
-    def build(
-        self,
-        group: UpstreamGroup,
-        histograms: dict[tuple[str, str], _Histogram],
-        now: float,
-        wall: float,
-        epoch_seconds: float,
-    ) -> RegretSummary | None:
-        """The summary of what happened since the previous call; None when there is nothing
-        to report (no snapshot or no endpoints). ``now`` is monotonic, ``wall`` unix time."""
-        snapshot = group.snapshot
-        if snapshot is None or not snapshot.endpoints:
-            return None
-        views = list(snapshot.endpoints)
-        endpoints = tuple(v.endpoint for v in views)
-        elapsed = epoch_seconds if self._last is None else max(now - self._last, 1e-3)
-        self._last = now
-        requests, failures, means, p50s, p99s = [], [], [], [], []
-        for view in views:
-            e = view.endpoint
-            n = max(view.requests - self._requests.get(e, 0), 0)
-            f = min(max(view.failures - self._failures.get(e, 0), 0), n)
-            self._requests[e], self._failures[e] = view.requests, view.failures
-            hist = histograms.get((self.upstream, e), _Histogram())
-            before = self._hist.get(e, _Histogram())
-            self._hist[e] = hist
-            dn = hist.count - before.count
-            estimate = _clip_seconds(view.latency_estimate)
-            if n == 0:
-                mean = p50 = p99 = None
-            elif dn > 0:
-                mean = _clip_seconds((hist.total - before.total) / dn)
-                prior = dict(before.buckets)
-                window = [(le, c - prior.get(le, 0.0)) for le, c in hist.buckets]
-                p50 = _clip_seconds(_quantile(window, 0.5, mean))
-                p99 = max(_clip_seconds(_quantile(window, 0.99, mean)), p50)
-            else:  # only failures (no response head): the policy's charged estimate
-                mean = p50 = p99 = estimate
-            requests.append(n)
-            failures.append(f)
-            means.append(mean)
-            p50s.append(p50)
-            p99s.append(p99)
-        k = len(endpoints)
-        raw_weights = [max(float(snapshot.weights.get(e, 0.0)), 0.0) for e in endpoints]
-        total_weight = math.fsum(w for w in raw_weights if math.isfinite(w))
-        if not math.isfinite(total_weight) or total_weight <= 0:
-            weights = [1.0 / k] * k
-        else:
-            weights = [w / total_weight if math.isfinite(w) else 0.0 for w in raw_weights]
-            weights[max(range(k), key=weights.__getitem__)] += 1.0 - math.fsum(weights)
-        matrix = snapshot.regret_matrix
-        if len(matrix) == k and all(len(row) == k for row in matrix):
-            regret = tuple(
-                tuple(min(max(x, -MAX_SECONDS), MAX_SECONDS) if math.isfinite(x) else 0.0
-                      for x in row)
-                for row in matrix
-            )
-        else:
-            regret = tuple(tuple(0.0 for _ in range(k)) for _ in range(k))
-        return RegretSummary(
-            sidecar=self.sidecar,
-            upstream=self.upstream,
-            epoch=int(wall // epoch_seconds),
-            sent_at=wall,
-            endpoints=endpoints,
-            requests=tuple(requests),
-            failures=tuple(failures),
-            latency_mean=tuple(means),
-            latency_p50=tuple(p50s),
-            latency_p99=tuple(p99s),
-            in_flight=tuple(max(v.in_flight, 0) for v in views),
-            demand=min(sum(requests) / elapsed, 1e9),
-            weights=tuple(min(max(w, 0.0), 1.0) for w in weights),
-            regret=regret,
-        )
-
-
 # ---------------------------------------------------------------------- the task
 
 
 @dataclass(slots=True)
 class _Followed:
-    entry_id: bytes | None = None
+    entry_id: str | None = None
     epoch: int | None = None
     fence: int | None = None
 
 
 class SidecarSignaling:
-    """The background task: ``await run()`` (cancelled on shutdown)."""
+    """The background task: ``await run()`` (cancelled on shutdown).
+
+    ``store`` is the signal store it talks to; the task owns it from then on (it closes it on
+    failure, to start again from a fresh connection, and when it ends).
+    """
 
     def __init__(
         self,
@@ -284,8 +155,8 @@ class SidecarSignaling:
         sidecar_id: str,
         table: UpstreamTable,
         registry: CollectorRegistry,
-        latency_histogram: Any,
         settings: SignalingSettings,
+        store: SignalStore,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -293,33 +164,17 @@ class SidecarSignaling:
         self.sidecar = protocol_id(sidecar_id)
         self.table = table
         self.settings = settings
+        self.store = store
         self.metrics = SignalingMetrics(registry)
-        self.latency_histogram = latency_histogram
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.Random()
         self.connected = False
         self._builders: dict[str, SummaryBuilder] = {}
         self._followed: dict[str, _Followed] = {}
-        # per upstream, the policy told to wait for its first signal, and its stage: "idle"
-        # before its first traffic, "busy" after (a new policy object starts over)
-        self._awaiting: dict[str, tuple[object, str]] = {}
-        self._redis: aioredis.Redis | None = None
-
-    def _client(self) -> aioredis.Redis:
-        if self._redis is None:
-            t = self.settings.timeout
-            self._redis = aioredis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
-                retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-            )
-        return self._redis
-
-    async def _drop_client(self) -> None:
-        if self._redis is not None:
-            with contextlib.suppress(Exception):
-                await self._redis.aclose()
-            self._redis = None
+        # per upstream, the policy told to wait for its first signal and its wait's machine
+        # (a new policy object starts over)
+        self._awaiting: dict[str, tuple[FollowingPolicy, FirstSignalWait]] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -338,8 +193,8 @@ class SidecarSignaling:
                     self.metrics.connected.set(1)
                     backoff = 0.0
                     wait = started + self.settings.epoch - loop.time()
-                except Exception as exc:  # Redis errors, timeouts, or a bug: never fatal
-                    if not isinstance(exc, RedisError | OSError | TimeoutError):
+                except Exception as exc:  # store errors, timeouts, or a bug: never fatal
+                    if not isinstance(exc, StoreError | OSError | TimeoutError):
                         log.exception("signaling: unexpected error; falling back")
                     await self._fall_back(exc)
                     backoff = min(max(2 * backoff, self.settings.backoff_min),
@@ -348,22 +203,21 @@ class SidecarSignaling:
                 self._export_following()
                 await asyncio.sleep(max(wait, 0.0))
         finally:
-            await self._drop_client()
+            await self.store.close()
 
     async def _fall_back(self, exc: BaseException) -> None:
-        """Redis failed: every upstream routes by local regret matching from now on."""
+        """The store failed: every upstream routes by local regret matching from now on."""
         for group in self.table:
-            stop = getattr(group.policy, "stop_following", None)
-            if stop is not None:
-                stop()
-        self.metrics.redis_errors.labels(type(exc).__name__).inc()
+            if isinstance(group.policy, FollowingPolicy):
+                group.policy.stop_following()
+        self.metrics.redis_errors.labels(error_kind(exc)).inc()
         if self.connected:
             self.metrics.fallbacks.inc()
             log.warning("signaling: Redis unavailable (%s); routing falls back to local regret "
                         "matching, reconnecting with backoff", exc or type(exc).__name__)
         self.connected = False
         self.metrics.connected.set(0)
-        await self._drop_client()  # a fresh connection next time, not a half-dead one
+        await self.store.close()  # a fresh connection next time, not a half-dead one
 
     def _export_following(self) -> None:
         for group in self.table:
@@ -371,9 +225,10 @@ class SidecarSignaling:
             self.metrics.following.labels(group.name).set(
                 1 if snap is not None and snap.following else 0)
 
-    def _groups(self) -> list[UpstreamGroup]:
-        """Upstreams whose policy can follow (the baselines neither report nor follow)."""
-        return [g for g in self.table if hasattr(g.policy, "follow") and g.endpoints]
+    def _groups(self) -> list[tuple[UpstreamGroup, FollowingPolicy]]:
+        """Upstreams whose policy takes part (the baselines neither report nor follow)."""
+        return [(g, g.policy) for g in self.table
+                if isinstance(g.policy, FollowingPolicy) and g.endpoints]
 
     async def run_round(self) -> None:
         """One epoch: publish every upstream's summary and read its newest recommendation."""
@@ -381,53 +236,56 @@ class SidecarSignaling:
         if not groups:
             return
         self._await_first_signals(groups)
-        redis = self._client()
-        histograms = read_histograms(
-            s for metric in self.latency_histogram.collect() for s in metric.samples
-        )
         now, wall = self.clock(), self.wall()
-        pipe = redis.pipeline(transaction=False)
-        for group in groups:
-            builder = self._builders.get(group.name)
-            if builder is None:
-                builder = self._builders[group.name] = SummaryBuilder(self.sidecar, group.name)
-            try:
-                summary = builder.build(group, histograms, now, wall, self.settings.epoch)
-            except ProtocolError as exc:  # e.g. an endpoint id the protocol cannot carry
-                self.metrics.summaries_invalid.labels(group.name, exc.reason.value).inc()
-                log.debug("signaling: no summary for %s: %s", group.name, exc)
-                summary = None
+        summaries: list[tuple[str, Fields]] = []
+        for group, policy in groups:
+            summary = self._summary(group, policy, now, wall)
             if summary is not None:
-                fields: dict[Any, Any] = dict(encode_summary(summary))
-                pipe.xadd(summary_stream(group.name), fields, maxlen=SUMMARY_MAXLEN,
-                          approximate=True)
+                summaries.append((group.name, encode_summary(summary)))
                 self.metrics.summaries.labels(group.name).inc()
-            pipe.xrevrange(recommendation_stream(group.name, self.sidecar), count=1)
-        replies = await pipe.execute()
-        recs = [r for r in replies if isinstance(r, list)]
-        for group, newest in zip(groups, recs, strict=True):
-            if newest:
-                entry_id, fields = newest[0]
-                self.consider(group, entry_id, fields)
+        newest = await self.store.exchange(
+            summaries, [(group.name, self.sidecar) for group, _ in groups])
+        for (group, _), entry in zip(groups, newest, strict=True):
+            if entry is not None:
+                self.consider(group, entry.id, entry.fields)
 
-    def _await_first_signals(self, groups: list[UpstreamGroup]) -> None:
+    def _summary(
+        self, group: UpstreamGroup, policy: FollowingPolicy, now: float, wall: float
+    ) -> RegretSummary | None:
+        """This epoch's summary of ``group``; None when there is nothing (valid) to send."""
+        builder = self._builders.get(group.name)
+        if builder is None:
+            builder = self._builders[group.name] = SummaryBuilder(MAX_SECONDS)
+        report = builder.build(group.snapshot, policy.take_epoch(), now, wall,
+                               self.settings.epoch)
+        if report is None:
+            return None
+        try:
+            return RegretSummary(sidecar=self.sidecar, upstream=group.name, **asdict(report))
+        except ProtocolError as exc:  # e.g. an endpoint id the protocol cannot carry
+            self.metrics.summaries_invalid.labels(group.name, exc.reason.value).inc()
+            log.debug("signaling: no summary for %s: %s", group.name, exc)
+            return None
+
+    def _await_first_signals(self, groups: list[tuple[UpstreamGroup, FollowingPolicy]]) -> None:
         """Tell each new policy to wait for its first recommendation, and again when its first
         traffic shows (the signaler plans only for sidecars that report demand, so the wait
         counts from there)."""
         until = self.clock() + self.settings.first_signal_epochs * self.settings.epoch
-        for group in groups:
+        for group, policy in groups:
             held = self._awaiting.get(group.name)
-            stage = held[1] if held is not None and held[0] is group.policy else None
-            if stage == "busy":
-                continue
+            if held is None or held[0] is not policy:
+                held = self._awaiting[group.name] = (policy, FirstSignalWait())
             snap = group.snapshot
-            busy = snap is not None and any(e.requests for e in snap.endpoints)
-            if stage is None or busy:
-                self._awaiting[group.name] = (group.policy, "busy" if busy else "idle")
-                group.policy.await_signal(until)  # type: ignore[attr-defined]
+            traffic = snap is not None and any(e.requests for e in snap.endpoints)
+            if held[1].step(traffic):
+                policy.await_signal(until)
 
-    def consider(self, group: UpstreamGroup, entry_id: bytes, fields: Any) -> bool:
+    def consider(self, group: UpstreamGroup, entry_id: str, fields: Any) -> bool:
         """Verify a recommendation entry not seen before and follow it; True if followed."""
+        policy = group.policy
+        if not isinstance(policy, FollowingPolicy):
+            return False
         followed = self._followed.setdefault(group.name, _Followed())
         if entry_id == followed.entry_id:
             return False
@@ -445,7 +303,7 @@ class SidecarSignaling:
             return False
         followed.epoch = rec.epoch
         followed.fence = rec.fence if followed.fence is None else max(followed.fence, rec.fence)
-        group.policy.follow(rec.weight_map(), self.clock() + (rec.expires_at - wall))  # type: ignore[attr-defined]
+        policy.follow(rec.weight_map(), self.clock() + (rec.expires_at - wall))
         self.metrics.accepted.labels(group.name).inc()
         return True
 
@@ -492,8 +350,8 @@ class SignalingWiring:
             sidecar_id=runner.config.id,
             table=runner.table,
             registry=runner.metrics.registry,
-            latency_histogram=runner.metrics.latency,
             settings=self.settings,
+            store=RedisSignalStore(self.settings.redis_url, self.settings.timeout),
             clock=runner.clock,
         )
         runner.add_background("signaling", signaling.run)

@@ -150,8 +150,10 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
 
     from signaler.metrics import make_admin_app
     from signaler.service import SignalerService
+    from wire.redis_store import RedisSignalStore
 
-    service = SignalerService(config)
+    service = SignalerService(
+        config, store=RedisSignalStore(config.redis_url, config.redis_timeout))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

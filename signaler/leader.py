@@ -1,31 +1,25 @@
-"""Leadership of an upstream among signaler replicas: a Redis lease fenced by a token.
+"""Leadership of an upstream among signaler replicas: a lease fenced by a token.
 
-Owns taking, renewing and giving up the lease ``eq:{u}:leader`` and publishing only while it is
-held. The atomic parts are the Lua scripts of :mod:`mesh.protocol` (``LEASE_ACQUIRE_LUA``,
-``LEASE_RELEASE_LUA``, ``FENCED_XADD_LUA``); this module runs them with redis-py's asyncio
-client and keeps what each replica believes about its leadership.
+Owns what each replica believes about its leadership, and taking, renewing and giving up the
+lease ``eq:{u}:leader`` and publishing only while it is held, through the signal store
+(:class:`wire.store.SignalStore`; over Redis, the atomic parts are the Lua scripts
+``LEASE_ACQUIRE_LUA``, ``LEASE_RELEASE_LUA`` and ``FENCED_XADD_LUA``). Must not talk to Redis
+itself.
 
 The rule. Every replica tries to take or renew the lease of every upstream once per epoch, with
 a time-to-live of a few epochs. The holder renews it and stays leader; the others get 0 and
 stand by. When the leader dies its lease expires and the next standby to try becomes leader
 with a fencing token strictly larger than every earlier one (``INCR eq:{u}:fence``). A deposed
-leader that still runs (a long GC pause, a partition) cannot publish: ``FENCED_XADD_LUA``
-appends only while the caller's exact ``holder token`` is the lease value, and sidecars also
+leader that still runs (a long GC pause, a partition) cannot publish: the store's fenced append
+succeeds only while the caller's exact ``holder token`` is the lease value, and sidecars also
 refuse recommendations with a token below the highest they have seen (``fenced``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from mesh.protocol import (
-    FENCED_XADD_LUA,
-    LEASE_ACQUIRE_LUA,
-    LEASE_RELEASE_LUA,
-    fence_key,
-    leader_key,
-)
+from wire.store import Fields, SignalStore
 
 
 @dataclass(slots=True)
@@ -53,17 +47,15 @@ class Leadership:
 
 
 class LeaseClient:
-    """Runs the lease scripts against one ``redis.asyncio.Redis`` client."""
+    """Takes, renews and gives up leases in a :class:`wire.store.SignalStore`, and publishes
+    only under the lease; keeps what this replica believes about its leadership."""
 
-    def __init__(self, redis: Any, holder: str, ttl_seconds: float) -> None:
+    def __init__(self, store: SignalStore, holder: str, ttl_seconds: float) -> None:
         if ttl_seconds <= 0:
             raise ValueError("the lease time-to-live must be positive")
-        self.redis = redis
+        self.store = store
         self.leadership = Leadership(holder)
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
-        self._acquire = redis.register_script(LEASE_ACQUIRE_LUA)
-        self._release = redis.register_script(LEASE_RELEASE_LUA)
-        self._publish = redis.register_script(FENCED_XADD_LUA)
 
     @property
     def holder(self) -> str:
@@ -72,10 +64,7 @@ class LeaseClient:
     async def acquire(self, upstream: str) -> tuple[int, str]:
         """Take or renew ``upstream``'s lease: (token or 0, transition; see
         :meth:`Leadership.update`)."""
-        raw = await self._acquire(
-            keys=[leader_key(upstream), fence_key(upstream)], args=[self.holder, self.ttl_ms]
-        )
-        token = int(raw or 0)
+        token = await self.store.acquire_lease(upstream, self.holder, self.ttl_ms)
         return token, self.leadership.update(upstream, token)
 
     async def release(self, upstream: str) -> bool:
@@ -85,23 +74,17 @@ class LeaseClient:
         if token is None:
             return False
         self.leadership.lose(upstream)
-        released = await self._release(keys=[leader_key(upstream)], args=[self.holder, token])
-        return bool(released)
+        return await self.store.release_lease(upstream, self.holder, token)
 
-    async def publish(
-        self, upstream: str, stream: str, fields: dict[str, str], maxlen: int
-    ) -> str | None:
-        """XADD ``fields`` to ``stream`` (MAXLEN ~ ``maxlen``) only while this replica still
-        holds ``upstream``'s lease under its token; returns the entry id, or None when fenced
-        off (the leadership is then dropped)."""
+    async def publish(self, upstream: str, sidecar: str, fields: Fields) -> str | None:
+        """Append ``fields`` to ``sidecar``'s recommendation stream only while this replica
+        still holds ``upstream``'s lease under its token; returns the entry id, or None when
+        fenced off (the leadership is then dropped)."""
         token = self.leadership.token(upstream)
         if token is None:
             return None
-        args: list[Any] = [self.holder, token, maxlen]
-        for name, value in fields.items():
-            args += [name, value]
-        entry_id = await self._publish(keys=[leader_key(upstream), stream], args=args)
+        entry_id = await self.store.publish_recommendation(
+            upstream, sidecar, self.holder, token, fields)
         if entry_id is None:
             self.leadership.lose(upstream)
-            return None
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return entry_id

@@ -1,6 +1,8 @@
 """The signaler service: consume regret summaries, solve each epoch, publish signed plans.
 
-Owns the Redis side of the signaler (the maths is in :mod:`signaler.planner` and below):
+Owns the signaler's epoch loop over the signal store (:class:`wire.store.SignalStore`, given to
+the constructor: Redis in production, in memory in tests and the simulator); the maths is in
+:mod:`signaler.planner` and below, the Redis commands in :mod:`wire.redis_store`:
 
 * **Leadership** (:mod:`signaler.leader`): once per epoch, for every upstream, the replica takes
   or renews the upstream's lease. Only the leader reads that upstream's summaries and
@@ -27,8 +29,9 @@ counter is seeded with ``SET eq:{u}:fence <unix milliseconds> NX`` (no-op when i
 new token is always above every earlier one as long as elections are less frequent than one per
 millisecond (they are at most one per lease time-to-live).
 
-Redis down: every round trip has a short timeout; the loop backs off exponentially, reports
-``/readyz`` 503 and ``equilibrium_signaler_redis_up 0``, and resumes by itself.
+Redis down (the store raises :class:`wire.store.StoreError`): every round trip has a short
+timeout; the loop backs off exponentially, reports ``/readyz`` 503 and
+``equilibrium_signaler_redis_up 0``, and resumes by itself.
 """
 
 from __future__ import annotations
@@ -37,40 +40,30 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
 
 from mesh.protocol import (
-    RECOMMENDATION_MAXLEN,
-    SIGNALER_GROUP,
     ProtocolError,
     Reason,
     Recommendation,
     decode_summary,
-    fence_key,
-    recommendation_stream,
     sign_recommendation,
-    summary_stream,
 )
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerHealth, SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.solution import SolverError
+from wire.store import SignalStore, StoreError, StreamEntry, error_kind
 
 log = logging.getLogger(__name__)
 
 MAX_OBJECTIVE = 1e12
-_UPSTREAM_IN_KEY = re.compile(rb"^eq:\{([A-Za-z0-9][A-Za-z0-9._-]{0,127})\}:summaries$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,26 +112,19 @@ class UpstreamStatus:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_client(url: str, timeout: float) -> aioredis.Redis:
-    """An asyncio Redis client whose every round trip fails fast (no hidden retries)."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
-
-
 class SignalerService:
-    """One signaler replica. ``await run(stop)`` until ``stop`` is set."""
+    """One signaler replica. ``await run(stop)`` until ``stop`` is set.
+
+    ``store`` is the signal store it reads and publishes through; the service owns it from
+    then on (:meth:`close` closes it).
+    """
 
     def __init__(
         self,
         config: SignalerConfig,
         metrics: SignalerMetrics | None = None,
         *,
+        store: SignalStore,
         clock: Callable[[], float] = time.time,
         rng: np.random.Generator | None = None,
     ) -> None:
@@ -150,8 +136,8 @@ class SignalerService:
         self.views: dict[str, UpstreamView] = {}
         self.status: dict[str, UpstreamStatus] = {}
         self.epoch_number = 0
-        self._redis: aioredis.Redis | None = None
-        self._lease: LeaseClient | None = None
+        self.store = store
+        self._lease = LeaseClient(store, config.signer, config.lease_epochs * config.epoch)
         self._known: set[str] = set(config.upstreams)
         self._last_discovery = -math.inf
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
@@ -174,7 +160,7 @@ class SignalerService:
                     self.metrics.redis_up.set(1)
                     backoff = 0.0
                     wait = started + self.config.epoch - loop.time()
-                except (RedisError, OSError, TimeoutError) as exc:
+                except (StoreError, OSError, TimeoutError) as exc:
                     self._redis_failed(exc)
                     backoff = min(max(2 * backoff, self.config.epoch / 4), self.config.backoff_max)
                     wait = backoff
@@ -191,19 +177,8 @@ class SignalerService:
             await self.close()
 
     async def close(self) -> None:
-        if self._redis is not None:
-            with contextlib.suppress(Exception):
-                await self._redis.aclose()
-            self._redis = None
-            self._lease = None
-
-    def _client(self) -> tuple[aioredis.Redis, LeaseClient]:
-        if self._redis is None or self._lease is None:
-            self._redis = make_client(self.config.redis_url, self.config.redis_timeout)
-            self._lease = LeaseClient(
-                self._redis, self.config.signer, self.config.lease_epochs * self.config.epoch
-            )
-        return self._redis, self._lease
+        """Close the store's connections (the store reconnects if used again)."""
+        await self.store.close()
 
     def _redis_failed(self, exc: BaseException) -> None:
         if self.health.redis_ok or not self.health.started:
@@ -211,18 +186,15 @@ class SignalerService:
                         self.config.signer, exc or type(exc).__name__)
         self.health.redis_ok = False
         self.metrics.redis_up.set(0)
-        self.metrics.redis_errors.labels(type(exc).__name__).inc()
-        if self._lease is not None:  # cannot renew: assume the lease is lost
-            for upstream in list(self._lease.leadership.tokens):
-                self._lease.leadership.lose(upstream)
-                self._set_leader(upstream, None)
+        self.metrics.redis_errors.labels(error_kind(exc)).inc()
+        for upstream in list(self._lease.leadership.tokens):  # cannot renew: assume it is lost
+            self._lease.leadership.lose(upstream)
+            self._set_leader(upstream, None)
 
     async def _release_all(self) -> None:
         """On shutdown, hand every lease over at once (best effort, bounded)."""
-        if self._lease is None:
-            return
         for upstream in list(self._lease.leadership.tokens):
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(StoreError, OSError, TimeoutError):
                 async with asyncio.timeout(self.config.redis_timeout):
                     await self._lease.release(upstream)
             self._set_leader(upstream, None)
@@ -231,13 +203,13 @@ class SignalerService:
 
     async def run_epoch(self) -> None:
         """Discover upstreams, then for each: lease, consume, plan, publish."""
-        redis, lease = self._client()
+        lease = self._lease
         now = self.clock()
         self.epoch_number = int(now // self.config.epoch)
         self.metrics.epochs.inc()
-        await self._discover(redis, now)
+        await self._discover(now)
         for upstream in sorted(self._known):
-            await redis.set(fence_key(upstream), int(now * 1000), nx=True)
+            await self.store.seed_fence(upstream, int(now * 1000))
             token, transition = await lease.acquire(upstream)
             if transition == "deposed":
                 log.warning("signaler %s: lost the lease of %s", self.config.signer, upstream)
@@ -248,18 +220,15 @@ class SignalerService:
             self._set_leader(upstream, token)
             if transition == "elected":
                 log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
-                await self._take_over(redis, upstream)
-            await self._consume(redis, upstream)
+                await self._take_over(upstream)
+            await self._consume(upstream)
             await self._plan_and_publish(upstream)
 
-    async def _discover(self, redis: aioredis.Redis, now: float) -> None:
+    async def _discover(self, now: float) -> None:
         if self.config.upstreams or now - self._last_discovery < self.config.discover_every:
             return
         self._last_discovery = now
-        async for key in redis.scan_iter(match="eq:{*}:summaries", count=1000):
-            match = _UPSTREAM_IN_KEY.match(key if isinstance(key, bytes) else key.encode())
-            if match:
-                self._known.add(match.group(1).decode())
+        self._known |= await self.store.upstreams()
 
     def _view(self, upstream: str) -> UpstreamView:
         view = self.views.get(upstream)
@@ -280,65 +249,43 @@ class SignalerService:
 
     # ------------------------------------------------------------------ consuming
 
-    async def _ensure_group(self, redis: aioredis.Redis, stream: str) -> None:
-        try:
-            await redis.xgroup_create(stream, SIGNALER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def _take_over(self, redis: aioredis.Redis, upstream: str) -> None:
+    async def _take_over(self, upstream: str) -> None:
         """New leader: group, warm-up from the newest entries, reclaim the pending ones."""
-        stream = summary_stream(upstream)
-        await self._ensure_group(redis, stream)
+        await self.store.ensure_group(upstream)
         view = self._view(upstream)
-        newest: Any = await redis.xrevrange(stream, count=self.config.warmup_entries)
-        for _, fields in reversed(newest):
+        newest = await self.store.newest_summaries(upstream, self.config.warmup_entries)
+        for entry in reversed(newest):
             with contextlib.suppress(ProtocolError):
-                summary = decode_summary(fields)
+                if entry.fields is None:
+                    continue
+                summary = decode_summary(entry.fields)
                 if summary.upstream == upstream:
                     view.offer(summary)
-        start: Any = "0-0"
+        start = "0-0"
         for _ in range(1000):  # bounded: at most 1000 batches of read_count entries
-            claim: Any = await redis.xautoclaim(
-                stream, SIGNALER_GROUP, self.config.signer, min_idle_time=0,
-                start_id=start, count=self.config.read_count,
-            )
-            start, claimed = claim[0], claim[1]
+            start, claimed = await self.store.claim_pending(
+                upstream, self.config.signer, start, self.config.read_count)
             if claimed:
                 self.metrics.entries_reclaimed.labels(upstream).inc(len(claimed))
                 self.status[upstream].reclaimed += len(claimed)
-                await self._apply_and_ack(redis, upstream, claimed)
-            if start in (b"0-0", "0-0"):
+                await self._apply_and_ack(upstream, claimed)
+            if start == "0-0":
                 break
 
-    async def _consume(self, redis: aioredis.Redis, upstream: str) -> None:
-        stream = summary_stream(upstream)
+    async def _consume(self, upstream: str) -> None:
         for _ in range(100):  # bounded per epoch; the rest is read next epoch
-            try:
-                reply: Any = await redis.xreadgroup(
-                    SIGNALER_GROUP, self.config.signer, {stream: ">"},
-                    count=self.config.read_count,
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._ensure_group(redis, stream)  # the stream or group was lost
-                continue
-            entries = reply[0][1] if reply else []
+            entries = await self.store.read_summaries(
+                upstream, self.config.signer, self.config.read_count)
             if not entries:
                 return
-            await self._apply_and_ack(redis, upstream, entries)
+            await self._apply_and_ack(upstream, entries)
             if len(entries) < self.config.read_count:
                 return
 
-    async def _apply_and_ack(
-        self, redis: aioredis.Redis, upstream: str, entries: list[Any]
-    ) -> None:
-        ids = [entry_id for entry_id, _ in entries]
-        for _, fields in entries:
-            self.apply_entry(upstream, fields)
-        await redis.xack(summary_stream(upstream), SIGNALER_GROUP, *ids)
+    async def _apply_and_ack(self, upstream: str, entries: Sequence[StreamEntry]) -> None:
+        for entry in entries:
+            self.apply_entry(upstream, entry.fields)
+        await self.store.ack(upstream, [entry.id for entry in entries])
 
     def apply_entry(self, upstream: str, fields: Any) -> bool:
         """Decode one stream entry and offer it to the upstream's view; a bad entry is counted
@@ -395,7 +342,7 @@ class SignalerService:
         await self._publish(upstream, plan, now)
 
     async def _publish(self, upstream: str, plan: Plan, now: float) -> None:
-        _, lease = self._client()
+        lease = self._lease
         token = lease.leadership.token(upstream)
         if token is None:
             return
@@ -411,9 +358,7 @@ class SignalerService:
                 objective=objective, ce_gap=gap, signer=self.config.signer, fence=token,
             )
             fields = sign_recommendation(rec, self.config.key)
-            entry = await lease.publish(
-                upstream, recommendation_stream(upstream, sidecar), fields, RECOMMENDATION_MAXLEN
-            )
+            entry = await lease.publish(upstream, sidecar, fields)
             if entry is None:
                 self.metrics.publish_fenced.labels(upstream).inc()
                 self._set_leader(upstream, None)

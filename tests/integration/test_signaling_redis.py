@@ -32,6 +32,7 @@ from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
+from wire.redis_store import RedisSignalStore
 
 KEY = b"integration-mesh-key-0123456789abcdef"
 EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003")
@@ -70,9 +71,11 @@ def summary(sidecar: str, sent_at: float = T0, **changes: object) -> RegretSumma
 
 
 def make_service(server: RedisHandle, signer: str, clock: Clock, **kw: object) -> SignalerService:
-    config = SignalerConfig(redis_url=server.url, signer=signer, key=KEY, epoch=1.0, tokens=8,
-                            upstreams=(UPSTREAM,), **kw)  # type: ignore[arg-type]
-    return SignalerService(config, clock=clock)
+    settings: dict[str, object] = {"epoch": 1.0, **kw}
+    config = SignalerConfig(redis_url=server.url, signer=signer, key=KEY, tokens=8,
+                            upstreams=(UPSTREAM,), **settings)  # type: ignore[arg-type]
+    return SignalerService(config, clock=clock,
+                           store=RedisSignalStore(server.url, config.redis_timeout))
 
 
 def sample(svc: SignalerService, name: str, **labels: str) -> float:
@@ -157,10 +160,8 @@ async def test_the_standby_takes_over_and_fences_the_old_leader(
 ) -> None:
     clock = Clock()
     # lease of 1.5 epochs of 0.2 s: 300 ms
-    a = make_service(redis_server, "sig-a", clock, lease_epochs=1.5)
-    b = make_service(redis_server, "sig-b", clock, lease_epochs=1.5)
-    a.config = replace(a.config, epoch=0.2)
-    b.config = replace(b.config, epoch=0.2)
+    a = make_service(redis_server, "sig-a", clock, lease_epochs=1.5, epoch=0.2)
+    b = make_service(redis_server, "sig-b", clock, lease_epochs=1.5, epoch=0.2)
     stream = summary_stream(UPSTREAM)
     try:
         sync_client.xadd(stream, encode_summary(summary("sc-0")))
@@ -229,8 +230,8 @@ async def test_the_sidecar_publishes_summaries_and_ignores_forged_signals(
     assert group is not None
     client = SidecarSignaling(
         sidecar_id="sc-1", table=table, registry=metrics.registry,
-        latency_histogram=metrics.latency,
         settings=SignalingSettings(redis_url=redis_server.url, key=KEY, epoch=0.1),
+        store=RedisSignalStore(redis_server.url, 0.25),
     )
     stream = recommendation_stream(UPSTREAM, "sc-1")
     try:
@@ -283,4 +284,4 @@ async def test_the_sidecar_publishes_summaries_and_ignores_forged_signals(
         with pytest.raises(asyncio.CancelledError):
             await task
     finally:
-        await client._drop_client()
+        await client.store.close()

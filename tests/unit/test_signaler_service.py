@@ -1,14 +1,15 @@
 """The signaling plane's pure parts: the signaler's view and plan, entry handling, leadership
 bookkeeping, the sidecar's summary builder and recommendation checks, and the start-up rules.
 
-No Redis here (tests/integration/test_signaling_redis.py runs the same code against a real one).
+No Redis here: the services talk to the in-memory signal store
+(tests/integration/test_signaling_redis.py runs the same code against a real one).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,14 @@ from mesh.protocol import (
     sign_recommendation,
     verify_recommendation,
 )
+from mesh.summary import SummaryBuilder
 from sidecar.config import ConfigError, ConfigSource
 from sidecar.metrics import SidecarMetrics
 from sidecar.signaling import (
     SidecarSignaling,
     SignalingSettings,
     SignalingWiring,
-    SummaryBuilder,
     protocol_id,
-    read_histograms,
 )
 from sidecar.upstreams import UpstreamTable
 from signaler.cli import UsageError, build_config, read_mesh_key
@@ -49,6 +49,7 @@ from signaler.planner import (
     still_apportions,
 )
 from signaler.service import SignalerConfig, SignalerService
+from wire.memory_store import MemorySignalStore
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
 NOW = 1_764_183_600.0
@@ -350,7 +351,8 @@ def test_sidecar_weights_fall_back_to_the_marginal_then_uniform() -> None:
 
 def service() -> SignalerService:
     return SignalerService(SignalerConfig(redis_url="redis://127.0.0.1:1", signer="sig-a",
-                                          key=KEY, epoch=1.0))
+                                          key=KEY, epoch=1.0),
+                           store=MemorySignalStore(lambda: NOW))
 
 
 def rejected(svc: SignalerService, reason: str) -> float:
@@ -422,23 +424,23 @@ def routed_group(upstream: str = "orders") -> tuple[UpstreamTable, SidecarMetric
 
 
 def test_summary_builder_reports_each_epochs_movement() -> None:
-    table, metrics = routed_group()
+    table, _ = routed_group()
     group = table.get("orders")
     assert group is not None
-    builder = SummaryBuilder("sc-1", "orders")
+    builder = SummaryBuilder()
     policy = group.policy
+    assert isinstance(policy, RegretMatchingPolicy)
     now = 1.0
     for i in range(30):
         endpoint = EPS[i % 3]
         latency = 0.3 if endpoint == BAD else 0.01
         policy.on_start(endpoint, now)
+        # the bad endpoint fails half of the time with no answer at all
         policy.on_outcome(Outcome(endpoint, latency, endpoint != BAD or i % 2 == 0, now))
-        if endpoint != BAD or i % 2 == 0:
-            metrics.latency.labels("orders", endpoint).observe(latency)
     group.tick(now)
-    hist = read_histograms(s for m in metrics.latency.collect() for s in m.samples)
-    first = builder.build(group, hist, now, NOW, 1.0)
-    assert first is not None
+    report = builder.build(group.snapshot, policy.take_epoch(), now, NOW, 1.0)
+    assert report is not None
+    first = RegretSummary(sidecar="sc-1", upstream="orders", **asdict(report))
     assert first.requests == (10, 10, 10) and first.failures == (0, 0, 5)
     assert first.latency_mean[0] == pytest.approx(0.01)
     assert first.latency_p50[2] <= first.latency_p99[2]
@@ -446,7 +448,7 @@ def test_summary_builder_reports_each_epochs_movement() -> None:
     assert decode_summary(encode_summary(first)) == first
     # nothing happened since: zero requests, no latency, the same weights
     group.tick(now + 1)
-    again = builder.build(group, hist, now + 1, NOW + 1, 1.0)
+    again = builder.build(group.snapshot, policy.take_epoch(), now + 1, NOW + 1, 1.0)
     assert again is not None and again.requests == (0, 0, 0)
     assert again.latency_mean == (None, None, None) and again.demand == 0.0
     assert again.epoch == first.epoch + 1
@@ -456,9 +458,8 @@ def signaling(table: UpstreamTable, metrics: SidecarMetrics,
               wall: float = NOW) -> SidecarSignaling:
     return SidecarSignaling(
         sidecar_id="sc-1", table=table, registry=metrics.registry,
-        latency_histogram=metrics.latency,
         settings=SignalingSettings(redis_url="redis://127.0.0.1:1", key=KEY, epoch=1.0),
-        clock=lambda: 10.0, wall=lambda: wall,
+        store=MemorySignalStore(lambda: wall), clock=lambda: 10.0, wall=lambda: wall,
     )
 
 

@@ -1,0 +1,1 @@
+"""Wire formats, signing and the signal store seam (between the pure core and the services)."""

@@ -1,0 +1,203 @@
+"""The signal store over Redis: streams, one consumer group, and the lease scripts.
+
+Owns :class:`RedisSignalStore`, the real :class:`wire.store.SignalStore`: its asyncio Redis
+client (every round trip fails fast: short socket timeouts, no hidden retries), the commands
+behind each operation (``XADD ... MAXLEN ~``, ``XREVRANGE``, ``XGROUP CREATE``,
+``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``, ``SCAN``, ``SET NX``) and the atomic Lua scripts of
+the lease (``LEASE_ACQUIRE_LUA``, ``LEASE_RELEASE_LUA``, ``FENCED_XADD_LUA``). Every Redis
+error comes out as :class:`wire.store.StoreError` named after it. Must not decide anything:
+what to publish, follow or lead is the callers' business.
+
+The client is made on first use and dropped by :meth:`RedisSignalStore.close`; the next call
+connects again (after a failure the services close it to start from a fresh connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from mesh.protocol import (
+    FENCED_XADD_LUA,
+    LEASE_ACQUIRE_LUA,
+    LEASE_RELEASE_LUA,
+    RECOMMENDATION_MAXLEN,
+    SIGNALER_GROUP,
+    SUMMARY_MAXLEN,
+    fence_key,
+    leader_key,
+    recommendation_stream,
+    summary_stream,
+)
+from wire.store import Fields, StoreError, StreamEntry, upstream_of_summary_stream
+
+
+def make_client(url: str, timeout: float) -> aioredis.Redis:
+    """An asyncio Redis client whose every round trip fails fast (no hidden retries)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(raw: Any) -> StreamEntry:
+    entry_id, fields = raw
+    return StreamEntry(_text(entry_id), fields)
+
+
+@contextlib.asynccontextmanager
+async def _redis_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreError(type(exc).__name__, str(exc) or type(exc).__name__) from exc
+
+
+class RedisSignalStore:
+    """A :class:`wire.store.SignalStore` on the Redis at ``url`` (``timeout`` per round trip)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = make_client(self.url, self.timeout)
+            self._scripts = {
+                "acquire": self._redis.register_script(LEASE_ACQUIRE_LUA),
+                "release": self._redis.register_script(LEASE_RELEASE_LUA),
+                "publish": self._redis.register_script(FENCED_XADD_LUA),
+            }
+        return self._redis
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+            self._scripts = {}
+
+    # ------------------------------------------------------------------ the sidecar's side
+
+    async def exchange(
+        self,
+        summaries: Sequence[tuple[str, Fields]],
+        wanted: Sequence[tuple[str, str]],
+    ) -> list[StreamEntry | None]:
+        async with _redis_errors():
+            pipe = self._client().pipeline(transaction=False)
+            for upstream, fields in summaries:
+                entry: dict[Any, Any] = dict(fields)
+                pipe.xadd(summary_stream(upstream), entry, maxlen=SUMMARY_MAXLEN,
+                          approximate=True)
+            for upstream, sidecar in wanted:
+                pipe.xrevrange(recommendation_stream(upstream, sidecar), count=1)
+            replies = await pipe.execute()
+        return [_entry(r[0]) if r else None for r in replies[len(summaries):]]
+
+    # ------------------------------------------------------------------ the signaler's side
+
+    async def upstreams(self) -> set[str]:
+        found: set[str] = set()
+        async with _redis_errors():
+            async for key in self._client().scan_iter(match="eq:{*}:summaries", count=1000):
+                upstream = upstream_of_summary_stream(_text(key))
+                if upstream is not None:
+                    found.add(upstream)
+        return found
+
+    async def ensure_group(self, upstream: str) -> None:
+        async with _redis_errors():
+            await self._ensure_group(upstream)
+
+    async def _ensure_group(self, upstream: str) -> None:
+        try:
+            await self._client().xgroup_create(
+                summary_stream(upstream), SIGNALER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def newest_summaries(self, upstream: str, count: int) -> list[StreamEntry]:
+        async with _redis_errors():
+            newest: Any = await self._client().xrevrange(summary_stream(upstream), count=count)
+        return [_entry(e) for e in newest]
+
+    async def read_summaries(
+        self, upstream: str, consumer: str, count: int
+    ) -> list[StreamEntry]:
+        stream = summary_stream(upstream)
+        async with _redis_errors():
+            for attempt in (1, 2):
+                try:
+                    reply: Any = await self._client().xreadgroup(
+                        SIGNALER_GROUP, consumer, {stream: ">"}, count=count)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc) or attempt == 2:
+                        raise
+                    await self._ensure_group(upstream)  # the stream or group was lost
+                    continue
+                return [_entry(e) for e in (reply[0][1] if reply else [])]
+        return []
+
+    async def claim_pending(
+        self, upstream: str, consumer: str, start: str, count: int
+    ) -> tuple[str, list[StreamEntry]]:
+        async with _redis_errors():
+            claim: Any = await self._client().xautoclaim(
+                summary_stream(upstream), SIGNALER_GROUP, consumer, min_idle_time=0,
+                start_id=start, count=count,
+            )
+        return _text(claim[0]), [_entry(e) for e in claim[1]]
+
+    async def ack(self, upstream: str, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        async with _redis_errors():
+            await self._client().xack(summary_stream(upstream), SIGNALER_GROUP, *ids)
+
+    async def seed_fence(self, upstream: str, value: int) -> None:
+        async with _redis_errors():
+            await self._client().set(fence_key(upstream), value, nx=True)
+
+    async def acquire_lease(self, upstream: str, holder: str, ttl_ms: int) -> int:
+        async with _redis_errors():
+            self._client()
+            raw = await self._scripts["acquire"](
+                keys=[leader_key(upstream), fence_key(upstream)], args=[holder, ttl_ms])
+        return int(raw or 0)
+
+    async def release_lease(self, upstream: str, holder: str, token: int) -> bool:
+        async with _redis_errors():
+            self._client()
+            released = await self._scripts["release"](
+                keys=[leader_key(upstream)], args=[holder, token])
+        return bool(released)
+
+    async def publish_recommendation(
+        self, upstream: str, sidecar: str, holder: str, token: int, fields: Fields
+    ) -> str | None:
+        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
+        for name, value in fields.items():
+            args += [name, value]
+        async with _redis_errors():
+            self._client()
+            entry_id = await self._scripts["publish"](
+                keys=[leader_key(upstream), recommendation_stream(upstream, sidecar)], args=args)
+        return None if entry_id is None else _text(entry_id)

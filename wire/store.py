@@ -1,0 +1,148 @@
+"""The signal store seam: what the sidecars and the signaler exchange, and nothing else.
+
+Owns the :class:`SignalStore` protocol, the operations the signaling plane needs from its
+shared store, in the plane's own words (summaries, recommendations, the leader lease), plus the
+two value types they carry. Two implementations keep the same behaviour (one contract test runs
+against both): :class:`wire.redis_store.RedisSignalStore`, the real one over Redis streams, and
+:class:`wire.memory_store.MemorySignalStore`, in memory on a clock passed in, for unit tests,
+the simulator and the benchmarks. Must not hold any policy: what to publish, what to follow and
+when is decided by the callers (``sidecar.signaling``, ``signaler.service``).
+
+The semantics every implementation keeps:
+
+* **Summaries** go to one stream per upstream (``eq:{u}:summaries``), trimmed to about
+  ``SUMMARY_MAXLEN`` entries. The signaler reads them as the consumer group ``SIGNALER_GROUP``:
+  :meth:`~SignalStore.read_summaries` hands out entries not yet delivered to the group and keeps
+  each pending for its consumer until :meth:`~SignalStore.ack`; a new leader takes over what a
+  crashed one left pending with :meth:`~SignalStore.claim_pending`, and warms up from the newest
+  entries with :meth:`~SignalStore.newest_summaries` whether they were acknowledged or not.
+  A lost group (the store restarted empty) is created again by the next read.
+* **Recommendations** go to one stream per upstream and sidecar (``eq:{u}:recs:<id>``), trimmed
+  to about ``RECOMMENDATION_MAXLEN``; only the newest matters to the sidecar.
+* **The lease** ``eq:{u}:leader`` (``"<holder> <token>"`` with a time-to-live) and the fence
+  counter ``eq:{u}:fence``: :meth:`~SignalStore.acquire_lease` renews the holder's lease or, when
+  none is held, takes it under a token one above the counter; a recommendation is appended
+  only while the publisher's exact ``holder token`` is the lease value, atomically.
+
+Entry ids are text (``"<ms>-<seq>"``, increasing within a stream); fields read back are bytes,
+as Redis stores them. A store that cannot answer raises :class:`StoreError` (the services fall
+back and retry); ``OSError`` and ``TimeoutError`` may also come through.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+Fields = Mapping[str, str]
+"""What is written: an encoded summary or a signed recommendation (field -> text value)."""
+
+RawFields = Mapping[bytes, bytes]
+"""What is read back, as the store keeps it (the codecs accept bytes or text)."""
+
+_UPSTREAM_IN_KEY = re.compile(r"^eq:\{([A-Za-z0-9][A-Za-z0-9._-]{0,127})\}:summaries$")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One stream entry: its id and fields (None for an entry trimmed away while pending)."""
+
+    id: str
+    fields: RawFields | None
+
+
+class StoreError(Exception):
+    """The store failed to answer: unreachable, too slow, or it refused the command.
+
+    ``kind`` names the underlying failure (e.g. ``ConnectionError``), for the error metrics.
+    """
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(detail or kind)
+        self.kind = kind
+
+
+def error_kind(exc: BaseException) -> str:
+    """The label an error is counted under: a :class:`StoreError`'s kind, else its type."""
+    return exc.kind if isinstance(exc, StoreError) else type(exc).__name__
+
+
+def upstream_of_summary_stream(key: str) -> str | None:
+    """The upstream whose summary stream ``key`` is, or None for any other key."""
+    match = _UPSTREAM_IN_KEY.match(key)
+    return match.group(1) if match else None
+
+
+class SignalStore(Protocol):
+    """The store of the signaling plane (see the module docstring for the semantics)."""
+
+    # ---------------------------------------------------------------- the sidecar's side
+
+    async def exchange(
+        self,
+        summaries: Sequence[tuple[str, Fields]],
+        wanted: Sequence[tuple[str, str]],
+    ) -> list[StreamEntry | None]:
+        """In one round trip: append each ``(upstream, summary fields)``, then read the newest
+        recommendation of each ``(upstream, sidecar)`` in ``wanted`` (None where there is none),
+        in the order asked."""
+        ...
+
+    # ---------------------------------------------------------------- the signaler's side
+
+    async def upstreams(self) -> set[str]:
+        """Every upstream that has a summary stream."""
+        ...
+
+    async def ensure_group(self, upstream: str) -> None:
+        """Create the consumer group on ``upstream``'s summary stream (and the stream) if
+        missing; the group starts before the first entry."""
+        ...
+
+    async def newest_summaries(self, upstream: str, count: int) -> list[StreamEntry]:
+        """Up to ``count`` of the newest summary entries, newest first (no group involved)."""
+        ...
+
+    async def read_summaries(
+        self, upstream: str, consumer: str, count: int
+    ) -> list[StreamEntry]:
+        """Up to ``count`` entries never delivered to the group, oldest first; each stays
+        pending for ``consumer`` until acknowledged. Creates the group when it was lost."""
+        ...
+
+    async def claim_pending(
+        self, upstream: str, consumer: str, start: str, count: int
+    ) -> tuple[str, list[StreamEntry]]:
+        """Take over up to ``count`` pending entries (of any consumer) from id ``start`` on:
+        (the id to continue from, or ``"0-0"`` when done; the entries, now ``consumer``'s)."""
+        ...
+
+    async def ack(self, upstream: str, ids: Sequence[str]) -> None:
+        """Acknowledge entries: they are no longer pending."""
+        ...
+
+    async def seed_fence(self, upstream: str, value: int) -> None:
+        """Set the fence counter to ``value`` unless it exists (see ``signaler.service``)."""
+        ...
+
+    async def acquire_lease(self, upstream: str, holder: str, ttl_ms: int) -> int:
+        """Renew ``holder``'s lease, or take a free one under a new token; the holder's token,
+        or 0 while another holder leads."""
+        ...
+
+    async def release_lease(self, upstream: str, holder: str, token: int) -> bool:
+        """Give the lease up if it is still ``holder``'s under ``token``; True if released."""
+        ...
+
+    async def publish_recommendation(
+        self, upstream: str, sidecar: str, holder: str, token: int, fields: Fields
+    ) -> str | None:
+        """Append to the sidecar's recommendation stream only while ``holder`` holds the lease
+        under ``token`` (atomically); the entry id, or None when fenced off."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store may be used again (it reconnects)."""
+        ...
