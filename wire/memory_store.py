@@ -26,7 +26,7 @@ from mesh.protocol import (
     recommendation_stream,
     summary_stream,
 )
-from wire.store import Fields, StreamEntry, upstream_of_summary_stream
+from wire.store import Fields, StoreError, StreamEntry, upstream_of_summary_stream
 
 _Id = tuple[int, int]
 _ZERO: _Id = (0, 0)
@@ -153,10 +153,11 @@ class MemorySignalStore:
     async def claim_pending(
         self, upstream: str, consumer: str, start: str, count: int
     ) -> tuple[str, list[StreamEntry]]:
-        stream = self._streams.get(summary_stream(upstream))
+        key = summary_stream(upstream)
+        stream = self._streams.get(key)
         group = stream.groups.get(SIGNALER_GROUP) if stream is not None else None
         if stream is None or group is None:
-            return "0-0", []
+            raise StoreError("ResponseError", f"NOGROUP no stream {key} or group {SIGNALER_GROUP}")
         first = _parse_id(start)
         ids = sorted(i for i in group.pending if i >= first)
         batch, rest = ids[:max(count, 1)], ids[max(count, 1):]

@@ -116,7 +116,8 @@ class SignalStore(Protocol):
         self, upstream: str, consumer: str, start: str, count: int
     ) -> tuple[str, list[StreamEntry]]:
         """Take over up to ``count`` pending entries (of any consumer) from id ``start`` on:
-        (the id to continue from, or ``"0-0"`` when done; the entries, now ``consumer``'s)."""
+        (the id to continue from, or ``"0-0"`` when done; the entries, now ``consumer``'s).
+        The group must exist (:class:`StoreError` ``NOGROUP`` otherwise)."""
         ...
 
     async def ack(self, upstream: str, ids: Sequence[str]) -> None:
