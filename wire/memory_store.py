@@ -14,7 +14,7 @@ once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mesh.protocol import (
@@ -26,7 +26,7 @@ from mesh.protocol import (
     recommendation_stream,
     summary_stream,
 )
-from wire.store import Fields, StoreError, StreamEntry, upstream_of_summary_stream
+from wire.store import Fields, RawFields, StoreError, StreamEntry, upstream_of_summary_stream
 
 _Id = tuple[int, int]
 _ZERO: _Id = (0, 0)
@@ -56,7 +56,7 @@ class _Group:
 
 @dataclass(slots=True)
 class _Stream:
-    entries: dict[_Id, dict[bytes, bytes]] = field(default_factory=dict)  # insertion = id order
+    entries: dict[_Id, RawFields] = field(default_factory=dict)  # insertion order = id order
     last_id: _Id = _ZERO
     groups: dict[str, _Group] = field(default_factory=dict)
 
@@ -93,7 +93,9 @@ class MemorySignalStore:
         last_ms, last_seq = stream.last_id
         entry_id = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
         stream.last_id = entry_id
-        stream.entries[entry_id] = {_as_bytes(k): _as_bytes(v) for k, v in fields.items()}
+        entry: dict[bytes | str, bytes | str] = {
+            _as_bytes(k): _as_bytes(v) for k, v in fields.items()}
+        stream.entries[entry_id] = entry
         excess = len(stream.entries) - maxlen
         if excess > 0:  # the oldest go; pending references to them stay, as in Redis
             for old in list(stream.entries)[:excess]:
@@ -223,7 +225,7 @@ class MemorySignalStore:
         group = stream.groups.get(SIGNALER_GROUP) if stream is not None else None
         return 0 if group is None else len(group.pending)
 
-    def entries(self, key: str) -> list[tuple[str, Mapping[bytes, bytes]]]:
+    def entries(self, key: str) -> list[tuple[str, RawFields]]:
         """Every entry of the stream ``key``, oldest first."""
         stream = self._streams.get(key)
         if stream is None:

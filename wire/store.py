@@ -39,8 +39,8 @@ from typing import Protocol
 Fields = Mapping[str, str]
 """What is written: an encoded summary or a signed recommendation (field -> text value)."""
 
-RawFields = Mapping[bytes, bytes]
-"""What is read back, as the store keeps it (the codecs accept bytes or text)."""
+RawFields = Mapping[bytes | str, bytes | str]
+"""What is read back: bytes, as the store keeps them (typed as the codecs accept them)."""
 
 _UPSTREAM_IN_KEY = re.compile(r"^eq:\{([A-Za-z0-9][A-Za-z0-9._-]{0,127})\}:summaries$")
 
