@@ -9,15 +9,17 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    so every caller is anonymous (a warning is logged at start).
 2. **Bid.** A trusted caller's ``X-GT-Bid`` is parsed (:func:`mesh.auction.parse_bid`);
    a malformed bid is answered 400 with a JSON reason and counted.
-3. **Reputation** (:mod:`mesh.reputation`). The caller's request is judged against the
-   cooperative norm; a punished caller beyond its throttled share gets 429 + ``Retry-After``.
-4. **Congestion and auction** (:mod:`mesh.concurrency`, :mod:`mesh.auction`). A request that
-   finds a free slot under the adaptive concurrency limit goes straight to the app at price 0;
-   otherwise it waits in the bid queue (a request that takes its caller over its fair share
-   of the congested app bids 0 and takes a free slot only from the first half of the limit:
-   priority is bought only within the norm), the highest bids are
-   admitted as slots free and pay the highest losing bid (second price); a request that waits
-   longer than ``max_wait`` (or is pushed out of a full queue) gets 503.
+3. **Reputation** (:meth:`mesh.admission.AdmissionGate.police`). The caller's request is
+   judged against the cooperative norm; a punished caller beyond its throttled share gets
+   429 + ``Retry-After`` (and its requests queued in good standing leave the queue with 429).
+4. **Congestion and auction** (:meth:`mesh.admission.AdmissionGate.offer`). A request that
+   finds a free slot under the adaptive concurrency limit, with nobody waiting, goes straight
+   to the app at price 0; otherwise it waits in the bid queue (a request that takes its caller
+   over its fair share of the congested app bids 0: priority is bought only within the norm),
+   the highest bids are admitted as slots free and pay the highest losing bid (second price);
+   a request that waits longer than ``max_wait`` (or is pushed out of a full queue) gets 503.
+   The rules are :mod:`mesh.admission`'s; here each waiter is a future that the gate's
+   decisions answer.
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
    headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
    ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
@@ -37,9 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,15 +51,8 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from yarl import URL
 
-from mesh.auction import (
-    Admission,
-    AuctionSnapshot,
-    BidError,
-    Queued,
-    Rejected,
-    SecondPriceAuction,
-    parse_bid,
-)
+from mesh.admission import AdmissionGate, Admit, Pass, Queue, Reject, RejectReason, Woken
+from mesh.auction import AuctionSnapshot, BidError, SecondPriceAuction, parse_bid
 from mesh.concurrency import AdaptiveConcurrencyLimit, ConcurrencySnapshot
 from mesh.headers import (
     BID,
@@ -217,16 +210,9 @@ class InboundMetrics:
         self.wait = histogram("queue_wait_seconds", "Time admitted requests waited in the queue")
 
 
-EVICTED = "evicted"
-PUNISHED_WHILE_WAITING = "punished"
-CLOSING = "closing"
-
-
-@dataclass(slots=True)
-class _Waiter:
-    caller: str
-    future: asyncio.Future[Admission | str]
-    in_good_standing: bool
+_STATUS = {RejectReason.PUNISHED: 429}  # the rest 503
+_OUTCOME = {RejectReason.PUNISHED: "throttled", RejectReason.QUEUE_FULL: "queue-full",
+            RejectReason.QUEUE_TIMEOUT: "queue-timeout"}  # shutting-down is not counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,13 +281,15 @@ class InboundProxy:
         self.metrics.mesh_key.set(1 if mesh_key else 0)
         self.labels = CallerLabels(settings.max_caller_labels)
         now = clock()
-        self.book = ReputationBook(settings.reputation)
-        self.limiter = AdaptiveConcurrencyLimit(settings.concurrency)
-        self.auction = SecondPriceAuction(settings.auction)
+        self.gate = AdmissionGate(
+            book=ReputationBook(settings.reputation),
+            limiter=AdaptiveConcurrencyLimit(settings.concurrency),
+            auction=SecondPriceAuction(settings.auction),
+            max_wait=settings.max_wait, capacity=settings.capacity,
+        )
+        self.book, self.limiter, self.auction = self.gate.book, self.gate.limiter, self.gate.auction
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
-        self._waiting: dict[str, _Waiter] = {}
-        self._queued_by: dict[str, set[str]] = {}  # caller -> its waiters in good standing
-        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self._shown: set[str] = set()  # callers with per-caller gauges right now
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
@@ -334,8 +322,7 @@ class InboundProxy:
             self._session._retry_connection = False
 
     async def _close(self, _: web.Application) -> None:
-        for request_id in list(self._waiting):
-            self._resolve(request_id, CLOSING)
+        self._deliver(self.gate.close(self.clock()))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -398,18 +385,12 @@ class InboundProxy:
     # ------------------------------------------------------------ load
 
     def capacity(self) -> float:
-        """App capacity in requests/s: configured, or Little's law at the learned limit
-        (``limit / sampleRTT``, see :meth:`AdaptiveConcurrencyLimit.capacity_estimate`)."""
-        if self.settings.capacity is not None:
-            return self.settings.capacity
-        return self.limiter.capacity_estimate() or self.book.params.capacity
+        """App capacity in requests/s for fair shares (:meth:`AdmissionGate.capacity`)."""
+        return self.gate.capacity()
 
     def _congestion(self) -> float:
         """``in_flight / limit``, and 1 while anyone waits in the bid queue."""
-        return 1.0 if self.auction.queue_length else self.limiter.congestion_level()
-
-    def _update_load(self, now: float) -> None:
-        self.book.update_load(now, self._congestion(), self.capacity())
+        return self.gate.congestion()
 
     # ------------------------------------------------------------ request path
 
@@ -428,25 +409,16 @@ class InboundProxy:
                 self.metrics.requests.labels(verdict.label, "bad-bid").inc()
                 return self._answer(verdict, 400, "bad-bid", str(exc), {"header": BID})
             is_retry = self._is_retry(request)
-        verdict.decision = self.book.admit(caller, now, is_retry)
-        if verdict.decision.phase is Phase.PUNISHED and caller in self._queued_by:
-            self._flush_punished(caller, now)
-        if not verdict.decision.admitted:
-            self.metrics.requests.labels(verdict.label, "throttled").inc()
-            retry_after = verdict.decision.retry_after or 1.0
-            return self._answer(
-                verdict, 429, "punished",
-                f"caller {caller!r} is punished (level {verdict.decision.level}) for exceeding "
-                "its fair share or retry budget; back off", {},
-                {"Retry-After": str(math.ceil(retry_after))},
-            )
+        policed = self.gate.police(caller, bid, now, is_retry=is_retry)
+        self._deliver(policed.woken)
+        verdict.decision = policed.decision
+        if isinstance(policed, Reject):
+            return self._refuse(verdict, policed)
         if is_websocket(request):  # long-lived: policed at the handshake, holds no slot
             return await self._websocket(request, verdict)
-        beyond = self._beyond_norm(caller, verdict.decision, now)
-        if beyond and bid > 0:
+        if policed.voided:
             self.metrics.voided_bids.inc()
-            bid = 0.0
-        admission = await self._admit(request, verdict, bid, now, beyond_norm=beyond)
+        admission = await self._admit(verdict, policed, now)
         if isinstance(admission, web.StreamResponse):
             return admission
         verdict.price = admission.price
@@ -455,20 +427,6 @@ class InboundProxy:
             self.metrics.paid.labels(verdict.label).inc(admission.price)
         self.metrics.wait.observe(admission.waited)
         return await self._forward(request, verdict, tracked=True)
-
-    def _beyond_norm(self, caller: str, decision: Decision, now: float) -> bool:
-        """Whether this request takes the caller over its fair share of a congested app.
-
-        Such a request still waits for a slot, but with bid 0: a bid buys priority only
-        within the cooperative norm, so a flood cannot outrank cooperative callers during the
-        few seconds before its reputation triggers a punishment.
-        """
-        p = self.book.params
-        if not self.book.congested or decision.fair_share <= 0:
-            return False
-        standing = self.book.standing(caller, now)
-        return standing is not None and standing.rate > max(
-            p.rate_floor, p.rate_tolerance * decision.fair_share)
 
     def _identify(self, request: web.Request) -> tuple[str, bool]:
         header = request.headers.get(IDENTITY)
@@ -503,127 +461,54 @@ class InboundProxy:
         return True
 
     async def _admit(
-        self, request: web.Request, verdict: _Verdict, bid: float, now: float,
-        *, beyond_norm: bool = False,
-    ) -> Admission | web.StreamResponse:
-        """A slot now (price 0), or a place in the bid queue until one frees up.
-
-        A request beyond its caller's norm takes a free slot directly only while at least
-        half of the limit is free: the other half stays for callers within their share, who
-        would otherwise find the app's own queue full of the flood.
-        """
-        request_id = f"r{next(self._ids)}"
-        lim = self.limiter
-        slot = (not beyond_norm or lim.in_flight < lim.limit // 2) and lim.on_start(now)
-        if slot and self.auction.queue_length:
-            # others wait: the free slot goes to the best bid through release(), not to
-            # whoever arrives now (no queue jumping)
-            self.limiter.on_abandon(now)
-            slot = False
-        outcome = self.auction.offer(request_id, verdict.caller, bid, now, slot)
-        self._update_load(now)
-        if isinstance(outcome, Admission):
-            return outcome
-        if isinstance(outcome, Rejected):
-            self.metrics.requests.labels(verdict.label, "queue-full").inc()
-            return self._answer(verdict, 503, "queue-full",
-                                "the app is overloaded and the queue is full of higher bids", {},
-                                {"Retry-After": "1"})
-        assert isinstance(outcome, Queued)
-        if outcome.evicted is not None:
-            self._resolve(outcome.evicted, EVICTED)
-        future: asyncio.Future[Admission | str] = asyncio.get_running_loop().create_future()
-        in_good_standing = verdict.decision is None or verdict.decision.phase is not Phase.PUNISHED
-        self._waiting[request_id] = _Waiter(verdict.caller, future, in_good_standing)
-        if in_good_standing:
-            self._queued_by.setdefault(verdict.caller, set()).add(request_id)
-        self.metrics.queue_length.set(self.auction.queue_length)
-        self._release(now)  # a slot may be free (the limit grew, a client left)
+        self, verdict: _Verdict, policed: Pass, now: float
+    ) -> Admit | web.StreamResponse:
+        """A slot now, or a place in the bid queue until one frees up
+        (:meth:`AdmissionGate.offer`); a waiter's future is answered by whichever step of the
+        gate frees a slot for it or sends it away."""
+        offered = self.gate.offer(policed, now)
+        self._deliver(offered.woken)
+        if isinstance(offered, Admit):
+            return offered
+        if isinstance(offered, Reject):
+            return self._refuse(verdict, offered)
+        future: asyncio.Future[Woken] = asyncio.get_running_loop().create_future()
+        self._waiting[offered.request_id] = future
+        self.metrics.queue_length.set(self.gate.queue_length)
         try:
-            await asyncio.wait({future}, timeout=self.settings.max_wait)
+            await asyncio.wait({future}, timeout=self.gate.max_wait)
         except asyncio.CancelledError:  # the client went away while waiting
-            self._abandon_wait(request_id, future)
+            self._leave(offered, future)
             raise
         if not future.done():
-            self._abandon_wait(request_id, future)
-            self.metrics.requests.labels(verdict.label, "queue-timeout").inc()
-            return self._answer(verdict, 503, "queue-timeout",
-                                f"no slot at the app within {self.settings.max_wait:g} s "
-                                "(overloaded; a higher bid is served first)", {},
-                                {"Retry-After": "1"})
+            self._waiting.pop(offered.request_id, None)
+            return self._refuse(verdict, self.gate.time_out(offered, self.clock()))
         result = future.result()
-        if isinstance(result, Admission):
+        if isinstance(result, Admit):
             return result
-        if result == PUNISHED_WHILE_WAITING:
+        if result.reason is RejectReason.PUNISHED:
             verdict.decision = None  # report the standing as it is now (punished)
-            standing = self.book.standing(verdict.caller, self.clock())
-            retry_after = max(1, math.ceil(standing.punished_for)) if standing else 1
-            self.metrics.requests.labels(verdict.label, "throttled").inc()
-            return self._answer(verdict, 429, "punished",
-                                f"caller {verdict.caller!r} was punished while this request "
-                                "waited; back off", {}, {"Retry-After": str(retry_after)})
-        if result == CLOSING:
-            return self._answer(verdict, 503, "shutting-down", "the sidecar is shutting down",
-                                {}, {"Retry-After": "1"})
-        self.metrics.requests.labels(verdict.label, "queue-full").inc()
-        return self._answer(verdict, 503, "queue-full",
-                            "pushed out of a full queue by a higher bid", {},
-                            {"Retry-After": "1"})
+        return self._refuse(verdict, result)
 
-    def _resolve(self, request_id: str, result: Admission | str) -> bool:
-        """Hand a waiter its outcome; False if its client is already gone."""
-        waiter = self._waiting.pop(request_id, None)
-        if waiter is None:
-            return False
-        queued = self._queued_by.get(waiter.caller)
-        if queued is not None:
-            queued.discard(request_id)
-            if not queued:
-                del self._queued_by[waiter.caller]
-        if waiter.future.done():
-            return False
-        waiter.future.set_result(result)
-        return True
+    def _deliver(self, woken: tuple[Woken, ...]) -> None:
+        """Hand waiters what the gate decided for them."""
+        for outcome in woken:
+            future = self._waiting.pop(outcome.request_id or "", None)
+            if future is not None and not future.done():
+                future.set_result(outcome)
+            elif isinstance(outcome, Admit):  # its client is gone: the slot is free again
+                self._deliver(self.gate.finish(self.clock()))
 
-    def _flush_punished(self, caller: str, now: float) -> None:
-        """A caller was just punished: its requests queued in good standing leave the queue
-        (429), so the flood that earned the punishment is not served after it."""
-        for request_id in list(self._queued_by.get(caller, ())):
-            if self.auction.cancel(request_id, now):
-                self._resolve(request_id, PUNISHED_WHILE_WAITING)
-        self._queued_by.pop(caller, None)
-
-    def _abandon_wait(self, request_id: str, future: asyncio.Future[Admission | str]) -> None:
+    def _leave(self, queued: Queue, future: asyncio.Future[Woken]) -> None:
+        """A waiter's client went away: its place in the queue, or the slot it was just
+        given, goes back to the gate."""
         now = self.clock()
-        admitted = future.done() and not future.cancelled() and isinstance(
-            future.result(), Admission)
-        self._resolve(request_id, CLOSING)
-        if admitted:  # admitted just now: give the slot back
-            self.limiter.on_abandon(now)
-            self._release(now)
+        self._waiting.pop(queued.request_id, None)
+        if future.done() and not future.cancelled() and isinstance(future.result(), Admit):
+            self._deliver(self.gate.finish(now))  # admitted just now: give the slot back
         else:
-            self.auction.cancel(request_id, now)
-            if not future.done():
-                future.cancel()
-        self._update_load(now)
-
-    def _release(self, now: float) -> None:
-        """Hand free slots to the best waiters (each pays the highest losing bid)."""
-        lim = self.limiter
-        while self.auction.queue_length:
-            granted = 0  # slots taken first: on_start may begin a probe and refuse
-            while (granted < self.auction.queue_length and lim.available() > 0
-                   and lim.on_start(now)):
-                granted += 1
-            if granted == 0:
-                break
-            admissions = self.auction.release(now, granted)
-            for _ in range(granted - len(admissions)):
-                lim.on_abandon(now)
-            for admission in admissions:
-                if not self._resolve(admission.request_id, admission):
-                    lim.on_abandon(now)  # its client is gone: the slot is free again
-        self._update_load(now)
+            self.gate.withdraw(queued.request_id, now)
+            future.cancel()
 
     async def _baseline(
         self, request: web.Request, verdict: _Verdict, now: float
@@ -690,12 +575,8 @@ class InboundProxy:
         finally:
             self.in_flight -= 1
             now = self.clock()
-            if tracked:
-                if finished_ok:
-                    self.limiter.on_finish(now - started, now)
-                else:
-                    self.limiter.on_abandon(now)
-                self._release(now)
+            if tracked:  # the slot goes back to the gate (with the RTT if it finished)
+                self._deliver(self.gate.finish(now, now - started if finished_ok else None))
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
 
@@ -756,6 +637,33 @@ class InboundProxy:
             )
         if verdict.price is not None:
             headers[PRICE] = f"{verdict.price:g}"
+
+    def _refuse(self, verdict: _Verdict, refused: Reject) -> web.Response:
+        """The answer to a request the gate sent away (429 punished, else 503)."""
+        outcome = _OUTCOME.get(refused.reason)
+        if outcome is not None:
+            self.metrics.requests.labels(verdict.label, outcome).inc()
+        return self._answer(verdict, _STATUS.get(refused.reason, 503), refused.reason.value,
+                            self._refusal_message(verdict, refused), {},
+                            {"Retry-After": str(refused.retry_after)})
+
+    def _refusal_message(self, verdict: _Verdict, refused: Reject) -> str:
+        caller = verdict.caller
+        match refused.reason, refused.queued:
+            case RejectReason.PUNISHED, False:
+                level = refused.decision.level if refused.decision is not None else 0
+                return (f"caller {caller!r} is punished (level {level}) for exceeding its fair "
+                        "share or retry budget; back off")
+            case RejectReason.PUNISHED, True:
+                return f"caller {caller!r} was punished while this request waited; back off"
+            case RejectReason.QUEUE_FULL, False:
+                return "the app is overloaded and the queue is full of higher bids"
+            case RejectReason.QUEUE_FULL, True:
+                return "pushed out of a full queue by a higher bid"
+            case RejectReason.QUEUE_TIMEOUT, _:
+                return (f"no slot at the app within {self.gate.max_wait:g} s "
+                        "(overloaded; a higher bid is served first)")
+        return "the sidecar is shutting down"
 
     def _answer(
         self,

@@ -1,0 +1,405 @@
+"""The inbound admission gate: who may reach the app, who waits for a slot, who is sent away.
+
+This module owns the admission rules of the inbound listener and nothing else. It composes the
+pure pieces that decide (:class:`~mesh.reputation.ReputationBook` judges the caller,
+:class:`~mesh.concurrency.AdaptiveConcurrencyLimit` counts the app's slots,
+:class:`~mesh.auction.SecondPriceAuction` orders the waiters and prices them) and keeps the
+one piece of state none of them has: which queued request belongs to which caller, and whether
+it was queued in good standing. It is sans-I/O, like h11: no asyncio, no sockets, no clock.
+Every method takes ``now`` (monotonic seconds, never decreasing) and returns decisions as frozen
+data; the sidecar (:mod:`sidecar.inbound`) maps them to futures and HTTP answers.
+
+The steps of one request
+------------------------
+1. :meth:`AdmissionGate.police` (every request, WebSocket handshakes too): the book records the
+   request and decides (:meth:`ReputationBook.admit`). A punished caller beyond its throttled
+   share gets :class:`Reject` ``punished`` with ``retry_after`` (429). Otherwise :class:`Pass`,
+   carrying the bid it may use (see *beyond the norm*).
+2. :meth:`AdmissionGate.offer` (requests that hold a slot; a WebSocket holds none and stops
+   after ``police``): :class:`Admit` now, :class:`Queue` until a slot frees, or :class:`Reject`
+   ``queue-full``.
+3. The request's end: :meth:`AdmissionGate.finish` when an admitted request leaves its slot
+   (with its RTT if it finished, the limiter learns from it), :meth:`AdmissionGate.withdraw`
+   when a waiter's client goes away, :meth:`AdmissionGate.time_out` when a waiter's own timer
+   runs out (``max_wait`` after it queued), :meth:`AdmissionGate.close` at shutdown.
+
+A step may also decide the fate of *other* requests that are waiting (a slot freed, an
+eviction, a punishment): those decisions come back in the step's ``woken`` tuple (or as the
+return value of ``finish``, ``release``, ``expire`` and ``close``), one :class:`Admit` or
+:class:`Reject` per woken waiter, and the sidecar hands each to the waiter's future.
+
+The rules
+---------
+- **Slots.** A request takes a slot directly (:class:`Admit`, price 0) only if the limiter has
+  one free *and nobody waits*: a slot that frees while others wait goes to the best bid through
+  :meth:`AdmissionGate.release`, never to whoever arrives (no queue jumping). Every queued
+  request is followed by a release, so a slot that is free (the limit grew, a waiter left)
+  is never left idle while someone waits.
+- **Release.** While anyone waits, each free slot is taken from the limiter and the auction
+  admits that many of the highest bids, each paying the highest losing bid (Vickrey 1961,
+  :mod:`mesh.auction`). The limiter may refuse a slot it reported free (a minRTT probe
+  starting pins the limit): then fewer are admitted, and a slot taken for a winner the auction
+  did not produce is given back.
+- **Queue full.** The auction keeps at most ``max_queue`` waiters: a new bid strictly above
+  the lowest waiting one pushes that waiter out (it is woken with :class:`Reject`
+  ``queue-full``, ``queued=True``); any other newcomer is refused (``queue-full``,
+  ``queued=False``).
+- **Beyond the norm.** While the app is congested, a request that takes its caller's rate
+  above ``max(rate_floor, rate_tolerance * fair_share)`` (the book's own rate norm) bids 0
+  (:attr:`Pass.voided` says a positive bid was dropped): a bid buys priority only within the
+  cooperative norm, so a flood cannot outrank cooperative callers in the seconds before its
+  reputation triggers a punishment. Such a request also takes a free slot *directly* only
+  while fewer than half of the limit's slots are in use (``in_flight < limit // 2``);
+  otherwise it joins the queue, and the release that follows every queueing gives it a slot
+  that is still free when nobody better waits (price 0). So the half limit decides the path
+  (directly or through the queue, behind any better bid), not whether a free slot is used.
+- **Punished flush.** When a caller's request finds it punished, its requests still waiting
+  that were queued in good standing (the flood that earned the punishment) leave the queue,
+  each woken with :class:`Reject` ``punished``, ``queued=True`` and ``retry_after`` the
+  punishment left (at least 1 s), so the flood is not served after the verdict. Requests
+  queued while already punished (let through by the throttle) are not flushed.
+- **Timeouts.** A waiter that has no slot ``max_wait`` seconds after it queued is refused
+  ``queue-timeout``. :meth:`AdmissionGate.time_out` is the waiter's own deadline (the sidecar
+  calls it from a per-request timer); :meth:`AdmissionGate.expire` applies the same rule to
+  every waiter at once for a driver that only has a clock (a simulator, a test).
+- **Load.** After every offer, release and withdrawal the book learns the app's congestion
+  (``in_flight / limit``, and 1 while anyone waits) and capacity (configured, or the
+  limiter's Little's-law estimate ``limit / sampleRTT``), which set the fair shares.
+
+What it must not do: read a clock, wait, touch HTTP (statuses, headers and messages are the
+sidecar's), or duplicate the rules of the pieces it composes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+from mesh.auction import Admission, Queued, SecondPriceAuction
+from mesh.concurrency import AdaptiveConcurrencyLimit
+from mesh.reputation import Decision, Phase, ReputationBook
+
+
+class RejectReason(StrEnum):
+    """Why a request is sent away; the value is the ``reason`` the sidecar answers with."""
+
+    PUNISHED = "punished"
+    """The caller is punished: beyond its throttled share, or punished while waiting (429)."""
+    QUEUE_FULL = "queue-full"
+    """Refused by a full queue of bids at least as high, or pushed out by a higher bid (503)."""
+    QUEUE_TIMEOUT = "queue-timeout"
+    """No slot within ``max_wait`` (503)."""
+    SHUTTING_DOWN = "shutting-down"
+    """The gate closed while the request waited (503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """The request may go to the app now; it holds a slot until :meth:`AdmissionGate.finish`.
+
+    ``price`` is what it pays (0 when it took a free slot; the highest losing bid when it won
+    a release), ``bid`` its effective bid (capped at its caller's budget), ``waited`` the
+    seconds it spent queued.
+    """
+
+    request_id: str
+    caller: str
+    bid: float
+    price: float
+    waited: float
+    woken: tuple[Admit | Reject, ...] = ()
+    """Other waiters this step decided (always empty on a woken decision itself)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """The request waits for a slot; it will be woken with :class:`Admit` or :class:`Reject`,
+    unless its client leaves (:meth:`AdmissionGate.withdraw`) or its ``deadline`` passes
+    (:meth:`AdmissionGate.time_out`)."""
+
+    request_id: str
+    caller: str
+    bid: float
+    queue_length: int
+    deadline: float
+    woken: tuple[Admit | Reject, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The request is sent away.
+
+    ``queued`` says whether it had been waiting (woken by another step) or was refused on
+    arrival; ``retry_after`` is whole seconds for the caller to back off. ``decision`` is the
+    policing decision when :meth:`AdmissionGate.police` refused the request (None otherwise:
+    a woken waiter's standing is whatever it is when it is answered).
+    """
+
+    request_id: str | None
+    caller: str
+    reason: RejectReason
+    retry_after: int
+    queued: bool
+    decision: Decision | None = None
+    woken: tuple[Admit | Reject, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """Policing let the request through; :meth:`AdmissionGate.offer` takes it from here.
+
+    ``bid`` is the bid it may use: the caller's, or 0 when the request is ``beyond_norm``
+    (``voided`` says a positive bid was dropped).
+    """
+
+    caller: str
+    decision: Decision
+    bid: float
+    beyond_norm: bool
+    voided: bool
+    woken: tuple[Admit | Reject, ...] = ()
+
+
+Woken = Admit | Reject
+"""A decision for a request that was waiting (see the module docstring)."""
+
+
+@dataclass(slots=True)
+class _Waiting:
+    caller: str
+    deadline: float
+    in_good_standing: bool
+
+
+class AdmissionGate:
+    """The inbound admission rules over one app (see the module docstring).
+
+    ``book``, ``limiter`` and ``auction`` are the pieces it composes (fresh defaults unless
+    given); ``max_wait`` is the seconds a request may wait for a slot; ``capacity`` the app's
+    capacity in requests/s for fair shares (None: the limiter's estimate).
+    """
+
+    def __init__(
+        self,
+        *,
+        book: ReputationBook | None = None,
+        limiter: AdaptiveConcurrencyLimit | None = None,
+        auction: SecondPriceAuction | None = None,
+        max_wait: float = 2.0,
+        capacity: float | None = None,
+    ) -> None:
+        if not (math.isfinite(max_wait) and max_wait >= 0):
+            raise ValueError(f"max_wait must be finite and >= 0, got {max_wait!r}")
+        if capacity is not None and not (math.isfinite(capacity) and capacity > 0):
+            raise ValueError(f"capacity must be finite and > 0, got {capacity!r}")
+        self.book = book if book is not None else ReputationBook()
+        self.limiter = limiter if limiter is not None else AdaptiveConcurrencyLimit()
+        self.auction = auction if auction is not None else SecondPriceAuction()
+        self.max_wait = max_wait
+        self.configured_capacity = capacity
+        # Invariant: _waiting holds exactly the auction's waiters, and _queued_by[c] exactly
+        # those of caller c's waiters that were queued in good standing (the flushable ones).
+        self._waiting: dict[str, _Waiting] = {}
+        self._queued_by: dict[str, set[str]] = {}
+        self._ids = itertools.count(1)
+
+    # --- observers ------------------------------------------------------------------------
+
+    @property
+    def queue_length(self) -> int:
+        return self.auction.queue_length
+
+    def waiting(self) -> tuple[str, ...]:
+        """The request ids waiting for a slot, in arrival order."""
+        return tuple(self._waiting)
+
+    def capacity(self) -> float:
+        """App capacity in requests/s: configured, or Little's law at the learned limit
+        (:meth:`AdaptiveConcurrencyLimit.capacity_estimate`), or the book's default."""
+        if self.configured_capacity is not None:
+            return self.configured_capacity
+        return self.limiter.capacity_estimate() or self.book.params.capacity
+
+    def congestion(self) -> float:
+        """``in_flight / limit``, and 1 while anyone waits in the bid queue."""
+        return 1.0 if self.auction.queue_length else self.limiter.congestion_level()
+
+    # --- the request path -----------------------------------------------------------------
+
+    def police(
+        self, caller: str, bid: float, now: float, *, is_retry: bool = False
+    ) -> Pass | Reject:
+        """Judge one request of ``caller`` (bid already parsed; 0 for an untrusted caller)."""
+        decision = self.book.admit(caller, now, is_retry)
+        woken: tuple[Woken, ...] = ()
+        if decision.phase is Phase.PUNISHED and caller in self._queued_by:
+            woken = self._flush(caller, now)
+        if not decision.admitted:
+            return Reject(None, caller, RejectReason.PUNISHED,
+                          math.ceil(decision.retry_after or 1.0), queued=False,
+                          decision=decision, woken=woken)
+        beyond = self._beyond_norm(caller, decision, now)
+        return Pass(caller, decision, 0.0 if beyond else bid, beyond, beyond and bid > 0, woken)
+
+    def offer(self, passed: Pass, now: float) -> Admit | Queue | Reject:
+        """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``)."""
+        request_id = f"r{next(self._ids)}"
+        lim = self.limiter
+        # the direct path: a free slot, and for a request beyond the norm only while fewer
+        # than half the slots are in use (``and`` short-circuits: no slot is taken otherwise)
+        slot = (not passed.beyond_norm or lim.in_flight < lim.limit // 2) and lim.on_start(now)
+        if slot and self.auction.queue_length:
+            lim.on_abandon(now)  # others wait: the slot goes to the best bid via release
+            slot = False
+        outcome = self.auction.offer(request_id, passed.caller, passed.bid, now, slot)
+        self._update_load(now)
+        if isinstance(outcome, Admission):
+            return _admit(outcome)
+        if not isinstance(outcome, Queued):
+            return Reject(request_id, passed.caller, RejectReason.QUEUE_FULL, 1, queued=False)
+        woken: list[Woken] = []
+        if outcome.evicted is not None:
+            evicted_caller = self._forget(outcome.evicted)
+            if evicted_caller is not None:
+                woken.append(Reject(outcome.evicted, evicted_caller, RejectReason.QUEUE_FULL, 1,
+                                    queued=True))
+        deadline = now + self.max_wait
+        good = passed.decision.phase is not Phase.PUNISHED
+        self._waiting[request_id] = _Waiting(passed.caller, deadline, good)
+        if good:
+            self._queued_by.setdefault(passed.caller, set()).add(request_id)
+        # a slot may be free (the limit grew, a waiter left, or the half limit above sent
+        # this request round by the queue): hand it out now; it may go to this request
+        own: Admit | None = None
+        for admit in self.release(now):
+            if admit.request_id == request_id:
+                own = admit
+            else:
+                woken.append(admit)
+        if own is not None:
+            return Admit(own.request_id, own.caller, own.bid, own.price, own.waited,
+                         tuple(woken))
+        return Queue(request_id, passed.caller, outcome.bid, self.auction.queue_length,
+                     deadline, tuple(woken))
+
+    def release(self, now: float) -> tuple[Admit, ...]:
+        """Hand every free slot to the best waiters (each pays the highest losing bid)."""
+        lim, auction = self.limiter, self.auction
+        admitted: list[Admit] = []
+        while auction.queue_length:
+            # take the slots first: on_start may begin a minRTT probe and refuse one that
+            # available() reported free, and the auction must not admit more than were taken
+            granted = 0
+            while granted < auction.queue_length and lim.available() > 0 and lim.on_start(now):
+                granted += 1
+            if granted == 0:
+                break
+            admissions = auction.release(now, granted)
+            for _ in range(granted - len(admissions)):
+                lim.on_abandon(now)
+            for admission in admissions:
+                if self._forget(admission.request_id) is None:
+                    lim.on_abandon(now)  # not a waiter of this gate: the slot is free again
+                else:
+                    admitted.append(_admit(admission))
+        self._update_load(now)
+        return tuple(admitted)
+
+    def finish(self, now: float, rtt: float | None = None) -> tuple[Admit, ...]:
+        """An admitted request left its slot: after ``rtt`` seconds if the app answered it in
+        full (the limiter learns from it), None if it ended without a usable RTT (its client
+        left, the app failed). The freed slot goes to the best waiter."""
+        if rtt is None:
+            self.limiter.on_abandon(now)
+        else:
+            self.limiter.on_finish(rtt, now)
+        return self.release(now)
+
+    def withdraw(self, request_id: str, now: float) -> bool:
+        """A waiter's client went away; False if the request was not waiting (then, if it had
+        been admitted, its slot is given back with :meth:`finish`)."""
+        waiting = self._forget(request_id) is not None
+        self.auction.cancel(request_id, now)
+        self._update_load(now)
+        return waiting
+
+    def time_out(self, queued: Queue, now: float) -> Reject:
+        """The deadline of the waiter ``queued`` passed (its own timer, ``max_wait`` after it
+        queued): it leaves the queue, refused ``queue-timeout``."""
+        self.withdraw(queued.request_id, now)
+        return Reject(queued.request_id, queued.caller, RejectReason.QUEUE_TIMEOUT, 1,
+                      queued=True)
+
+    def expire(self, now: float) -> tuple[Reject, ...]:
+        """Every waiter that has waited longer than ``max_wait`` at ``now`` leaves the queue."""
+        woken = []
+        for request_id in self.auction.expire(now, self.max_wait):
+            caller = self._forget(request_id)
+            if caller is not None:
+                woken.append(Reject(request_id, caller, RejectReason.QUEUE_TIMEOUT, 1,
+                                    queued=True))
+        if woken:
+            self._update_load(now)
+        return tuple(woken)
+
+    def close(self, now: float) -> tuple[Reject, ...]:
+        """Shutting down: every waiter leaves the queue, refused ``shutting-down``."""
+        woken = []
+        for request_id in list(self._waiting):
+            caller = self._forget(request_id)
+            self.auction.cancel(request_id, now)
+            assert caller is not None
+            woken.append(Reject(request_id, caller, RejectReason.SHUTTING_DOWN, 1, queued=True))
+        return tuple(woken)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _beyond_norm(self, caller: str, decision: Decision, now: float) -> bool:
+        """Whether this request takes its caller over the book's rate norm while the app is
+        congested (the over-share test of :mod:`mesh.reputation`, on the rate just recorded)."""
+        p = self.book.params
+        if not self.book.congested or decision.fair_share <= 0:
+            return False
+        standing = self.book.standing(caller, now)
+        return standing is not None and standing.rate > max(
+            p.rate_floor, p.rate_tolerance * decision.fair_share)
+
+    def _flush(self, caller: str, now: float) -> tuple[Reject, ...]:
+        """The punished flush: ``caller``'s waiters queued in good standing leave (429)."""
+        standing = self.book.standing(caller, now)
+        retry_after = max(1, math.ceil(standing.punished_for)) if standing is not None else 1
+        woken = []
+        for request_id in sorted(self._queued_by.get(caller, ()), key=_arrival):
+            if self.auction.cancel(request_id, now):
+                self._forget(request_id)
+                woken.append(Reject(request_id, caller, RejectReason.PUNISHED, retry_after,
+                                    queued=True))
+        self._queued_by.pop(caller, None)
+        return tuple(woken)
+
+    def _forget(self, request_id: str) -> str | None:
+        """Drop a waiter from the gate's books (not the auction's); its caller, or None."""
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is None:
+            return None
+        queued = self._queued_by.get(waiting.caller)
+        if queued is not None:
+            queued.discard(request_id)
+            if not queued:
+                del self._queued_by[waiting.caller]
+        return waiting.caller
+
+    def _update_load(self, now: float) -> None:
+        self.book.update_load(now, self.congestion(), self.capacity())
+
+
+def _admit(admission: Admission) -> Admit:
+    return Admit(admission.request_id, admission.caller, admission.bid, admission.price,
+                 admission.waited)
+
+
+def _arrival(request_id: str) -> int:
+    """Ids are ``r1, r2, ...`` in arrival order: flushed waiters are woken oldest first."""
+    return int(request_id[1:])
