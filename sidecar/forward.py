@@ -10,7 +10,9 @@ are never passed between the app and the network unvalidated: the functions here
 and report what they stripped; the caller counts it.
 
 Bodies are relayed chunk by chunk with an idle timeout on each read, so memory stays bounded
-by the socket buffers whatever the body size, and no read waits forever.
+by the socket buffers whatever the body size, and no read waits forever. A body is anything
+with ``readany()`` (:class:`BodyReader`): aiohttp's own stream, or an in-memory one from
+:mod:`sidecar.transport`. Nothing here opens a connection.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Protocol
 
-from aiohttp import StreamReader
 from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -39,6 +41,17 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK_SIZE = 64 * 1024
+
+
+class BodyReader(Protocol):
+    """A body arriving in chunks: ``readany()`` returns what is there, ``b""`` at the end."""
+
+    async def readany(self) -> bytes: ...
+
+
+def must_be_empty(method: str, status: int) -> bool:
+    """HEAD answers and 1xx/204/304 never carry a body (RFC 9110 §6.4.1)."""
+    return method == "HEAD" or status in (204, 304) or 100 <= status < 200
 
 
 def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
@@ -130,7 +143,7 @@ def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]
 
 
 async def relay_chunks(
-    stream: StreamReader, idle_timeout: float, progress: asyncio.Timeout | None = None
+    stream: BodyReader, idle_timeout: float, progress: asyncio.Timeout | None = None
 ) -> AsyncIterator[bytes]:
     """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``.
 
@@ -150,7 +163,7 @@ async def relay_chunks(
 
 
 async def relay_body(
-    stream: StreamReader,
+    stream: BodyReader,
     response: StreamResponse,
     idle_timeout: float,
     deadline: asyncio.Timeout | None = None,

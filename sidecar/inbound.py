@@ -45,7 +45,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -70,36 +69,31 @@ from mesh.identity import ANONYMOUS, IdentityRejection, verify_identity
 from mesh.reputation import BookSnapshot, Decision, Phase, ReputationBook
 from mesh.standing import format_standing
 from sidecar.forward import (
-    CHUNK_SIZE,
     append_header,
-    connection_tokens,
     end_to_end,
+    must_be_empty,
     relay_chunks,
     request_headers_to_upstream,
     strip_game_headers,
-    without,
 )
 from sidecar.metrics import LATENCY_BUCKETS
-from sidecar.outbound import (
-    CLIENT_AUTO_HEADERS,
-    WS_HANDSHAKE_HEADERS,
-    bridge_websockets,
-    classify,
-    must_be_empty,
-)
 from sidecar.policing_config import PolicingSettings
+from sidecar.transport import (
+    BODY_READ_ERRORS,
+    AiohttpTransport,
+    HandshakeRefused,
+    Transport,
+    TransportError,
+    UpstreamRequest,
+    WebSocketDialer,
+    classify,
+)
+from sidecar.websocket import accept_like, is_websocket, relay_websocket
 
 log = logging.getLogger(__name__)
 
 OTHER = "other"
 GAUGE_REFRESH_INTERVAL = 0.5
-
-
-def is_websocket(request: web.Request) -> bool:
-    """A WebSocket upgrade request (RFC 6455 §4.1)."""
-    return (request.method == "GET"
-            and request.headers.get("Upgrade", "").lower() == "websocket"
-            and "upgrade" in connection_tokens(request.headers))
 
 
 class CallerLabels:
@@ -253,7 +247,12 @@ class _Verdict:
 
 
 class InboundProxy:
-    """The aiohttp handler of the inbound listener; one instance per sidecar process."""
+    """The aiohttp handler of the inbound listener; one instance per sidecar process.
+
+    ``transport``: how requests reach the app (default: an :class:`AiohttpTransport` opened
+    and closed with the listener's app; a transport passed in is the caller's to open and
+    close). WebSocket upgrades need a transport that is a ``WebSocketDialer``.
+    """
 
     def __init__(
         self,
@@ -267,6 +266,7 @@ class InboundProxy:
         connect_timeout: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        transport: Transport | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.app_url = app_url.rstrip("/")
@@ -276,6 +276,11 @@ class InboundProxy:
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.wall_clock = wall_clock
+        self._own_transport: AiohttpTransport | None = None
+        if transport is None:
+            transport = self._own_transport = AiohttpTransport(connect_timeout=connect_timeout)
+        self.transport = transport
+        self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self.via = f"1.1 {sidecar_id}"
         self.metrics = InboundMetrics(registry)
         self.metrics.mesh_key.set(1 if mesh_key else 0)
@@ -291,7 +296,6 @@ class InboundProxy:
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self._shown: set[str] = set()  # callers with per-caller gauges right now
-        self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
 
     @property
@@ -309,23 +313,13 @@ class InboundProxy:
         return app
 
     async def _start(self, _: web.Application) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-            auto_decompress=False,
-            skip_auto_headers=CLIENT_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
-                                          sock_connect=self.connect_timeout),
-        )
-        if hasattr(self._session, "_retry_connection"):  # never re-send behind our back
-            self._session._retry_connection = False
+        if self._own_transport is not None:
+            await self._own_transport.start()
 
     async def _close(self, _: web.Application) -> None:
         self._deliver(self.gate.close(self.clock()))
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._own_transport is not None:
+            await self._own_transport.close()
 
     async def refresh_gauges(self) -> None:
         """Background task: per-caller standing and load gauges, off the request path."""
@@ -526,8 +520,6 @@ class InboundProxy:
         self, request: web.Request, verdict: _Verdict, *, tracked: bool
     ) -> web.StreamResponse:
         """Send to the app and stream its answer back; ``tracked`` holds a limiter slot."""
-        if self._session is None:
-            raise RuntimeError("the inbound listener's app was not started")
         headers, _ = request_headers_to_upstream(
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via
         )
@@ -539,12 +531,11 @@ class InboundProxy:
         try:
             try:
                 async with asyncio.timeout(self.request_timeout):
-                    upstream = await self._session.request(
+                    upstream = await self.transport.handle_request(UpstreamRequest(
                         request.method, URL(self.app_url + request.raw_path, encoded=True),
-                        headers=headers, data=body, allow_redirects=False,
-                        read_bufsize=CHUNK_SIZE,
-                    )
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        headers, body,
+                    ))
+            except (TransportError, TimeoutError) as exc:
                 failure = classify(exc)
                 self.metrics.requests.labels(verdict.label, "app-error").inc()
                 log.info("app %s: %s", self.app_url, failure.detail)
@@ -563,7 +554,7 @@ class InboundProxy:
                     try:
                         async for chunk in relay_chunks(upstream.content, self.request_timeout):
                             await response.write(chunk)
-                    except (aiohttp.ClientError, TimeoutError) as exc:
+                    except BODY_READ_ERRORS as exc:
                         upstream.close()
                         raise ConnectionResetError(f"app body failed: {exc!r}") from exc
                 await response.write_eof()
@@ -582,38 +573,27 @@ class InboundProxy:
 
     async def _websocket(self, request: web.Request, verdict: _Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""
-        if self._session is None:
-            raise RuntimeError("the inbound listener's app was not started")
-        base, _ = request_headers_to_upstream(
+        if self._dialer is None:
+            return self._answer(verdict, 501, "websocket-not-supported",
+                                "this sidecar's transport cannot carry WebSockets", {})
+        headers, _ = request_headers_to_upstream(  # handshake headers: the dialer drops them
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via)
-        headers = without(base, WS_HANDSHAKE_HEADERS)
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
-                     .split(",") if p.strip()]
         try:
             async with asyncio.timeout(self.request_timeout):
-                upstream = await self._session.ws_connect(
-                    URL(self.app_url + request.raw_path, encoded=True), headers=headers,
-                    protocols=protocols, max_msg_size=0, autoclose=False)
-        except aiohttp.WSServerHandshakeError as exc:
+                upstream = await self._dialer.open_websocket(UpstreamRequest(
+                    request.method, URL(self.app_url + request.raw_path, encoded=True), headers))
+        except HandshakeRefused as exc:
             self.metrics.requests.labels(verdict.label, "app-error").inc()
             return self._answer(verdict, 502, "websocket-handshake-failed",
                                 f"the app refused the upgrade with {exc.status}", {})
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (TransportError, TimeoutError) as exc:
             failure = classify(exc)
             self.metrics.requests.labels(verdict.label, "app-error").inc()
             return self._answer(verdict, failure.status, failure.reason, failure.detail, {})
-        downstream = web.WebSocketResponse(
-            protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=0,
-            autoclose=False)
+        downstream = accept_like(upstream)
         self._signal_headers(downstream.headers, verdict)
         self.metrics.requests.labels(verdict.label, "admitted").inc()
-        try:
-            await downstream.prepare(request)
-            await bridge_websockets(downstream, upstream)
-        finally:
-            await upstream.close()
-            await downstream.close()
-        return downstream
+        return await relay_websocket(request, downstream, upstream)
 
     # ------------------------------------------------------------ answers
 

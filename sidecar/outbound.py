@@ -2,10 +2,11 @@
 
 Owns the request path from the app to an upstream endpoint: finding the upstream (``Host``
 or absolute-form target, so ``HTTP_PROXY=http://127.0.0.1:PORT`` works), running the phases
-of :mod:`sidecar.phases`, sending over a keep-alive pool with connect and request timeouts,
+of :mod:`sidecar.phases`, sending through the upstream transport (:mod:`sidecar.transport`:
+a keep-alive pool in production, an in-memory handler in tests) with a request timeout,
 retrying safely, relaying streamed bodies and WebSockets, and answering with a JSON error
 (never a hang) when it cannot forward. The routing decision itself is the policy's
-(:mod:`mesh`); this module measures and carries it out.
+(:mod:`mesh`); this module measures and carries it out. It opens no connection itself.
 
 Retry rule (RFC 9110 §9.2.2 idempotent methods, narrowed so nothing is ever replayed that
 may have been processed or cannot be re-sent): only GET, HEAD, OPTIONS, TRACE, and PUT or
@@ -18,14 +19,11 @@ A POST is never retried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -34,64 +32,41 @@ from mesh.headers import CONGESTION, HeaderError, parse_congestion
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.forward import (
-    CHUNK_SIZE,
-    connection_tokens,
     has_passed,
+    must_be_empty,
     relay_body,
     relay_chunks,
     request_headers_to_upstream,
     response_headers_to_app,
-    without,
 )
 from sidecar.metrics import SidecarMetrics
 from sidecar.phases import ProxyPhases, RequestContext
+from sidecar.transport import (
+    BODY_READ_ERRORS,
+    AiohttpTransport,
+    AttemptFailure,
+    HandshakeRefused,
+    Transport,
+    TransportError,
+    UpstreamRequest,
+    UpstreamResponse,
+    WebSocketDialer,
+    classify,
+)
 from sidecar.upstreams import UpstreamTable
+from sidecar.websocket import accept_like, is_websocket, relay_websocket
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 BODYLESS_RETRY_ONLY = frozenset({"PUT", "DELETE"})
-WS_HANDSHAKE_HEADERS = (
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-    "sec-websocket-accept",
-)
-CLIENT_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# a failed body relay: the upstream's stream broke or stalled, or the app went away
+RELAY_ERRORS = (*BODY_READ_ERRORS, ConnectionError)
 
 
 def may_retry(method: str, has_body: bool) -> bool:
     """Whether a failed attempt of this request may be sent again (see the module docstring)."""
     return method in RETRYABLE_METHODS and not has_body
-
-
-def must_be_empty(method: str, status: int) -> bool:
-    """HEAD answers and 1xx/204/304 never carry a body (RFC 9110 §6.4.1)."""
-    return method == "HEAD" or status in (204, 304) or 100 <= status < 200
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptFailure:
-    """Why one attempt failed, and whether anything may have reached the upstream's app."""
-
-    reason: str
-    status: int
-    nothing_received: bool
-    detail: str
-
-
-def classify(exc: BaseException) -> AttemptFailure:
-    """Map a client exception to an error reason and HTTP status for the app."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return AttemptFailure("connect-timeout", 502, True, str(exc) or "connect timed out")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return AttemptFailure("connect-error", 502, True, str(exc))
-    if isinstance(exc, TimeoutError):
-        return AttemptFailure("upstream-timeout", 504, False, "no response head in time")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return AttemptFailure("upstream-reset", 502, True, str(exc) or "connection reset")
-    return AttemptFailure("upstream-protocol-error", 502, False, str(exc) or type(exc).__name__)
 
 
 def split_target(request: web.BaseRequest) -> tuple[str | None, str]:
@@ -117,7 +92,12 @@ def upstream_name(authority: str) -> str:
 
 
 class OutboundProxy:
-    """The aiohttp handler of the outbound listener; one instance per sidecar process."""
+    """The aiohttp handler of the outbound listener; one instance per sidecar process.
+
+    ``transport``: how requests reach the endpoints (default: an :class:`AiohttpTransport`
+    that :meth:`start` opens and :meth:`close` closes; a transport passed in is the caller's
+    to open and close). WebSocket upgrades need a transport that is a ``WebSocketDialer``.
+    """
 
     def __init__(
         self,
@@ -130,6 +110,7 @@ class OutboundProxy:
         max_attempts: int = 3,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        transport: Transport | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.table = table
@@ -140,44 +121,26 @@ class OutboundProxy:
         self.rng = rng or random.Random()
         self.clock = clock
         self.via = f"1.1 {sidecar_id}"
-        self.in_flight = 0
         # The upstream a request's connection is bound to regardless of Host, or None (Host
         # routing); sidecar.transparent sets it from the connection's original destination.
         self.pinned_upstream: Callable[[web.BaseRequest], str | None] = lambda request: None
-        self._session: aiohttp.ClientSession | None = None
+        self._own_transport: AiohttpTransport | None = None
+        if transport is None:
+            transport = self._own_transport = AiohttpTransport(
+                connect_timeout=profile.connect_timeout
+            )
+        self.transport = transport
+        self._dialer = transport if isinstance(transport, WebSocketDialer) else None
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ttl_dns_cache=10)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=CLIENT_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.profile.connect_timeout,
-                sock_connect=self.profile.connect_timeout,
-            ),
-        )
-        # aiohttp silently re-sends an idempotent request once, to the SAME endpoint, after a
-        # reset; retries here are explicit, budgeted and go to another endpoint instead
-        # (linkerd2#11669). aiohttp has no public switch for it.
-        if hasattr(self._session, "_retry_connection"):
-            self._session._retry_connection = False
+        if self._own_transport is not None:
+            await self._own_transport.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("OutboundProxy.start() was not awaited")
-        return self._session
+        if self._own_transport is not None:
+            await self._own_transport.close()
 
     def make_app(self) -> web.Application:
         app = web.Application(handler_args={"max_field_size": 16384})
@@ -191,11 +154,9 @@ class OutboundProxy:
         ctx = RequestContext(
             started=self.clock(), method=request.method, target=target, authority=authority or ""
         )
-        self.in_flight += 1
         try:
             return await self._handle(request, ctx)
         finally:
-            self.in_flight -= 1
             if ctx.group is not None:
                 ctx.group.in_flight -= 1
                 self.metrics.request_in_flight(ctx.group.name, -1)
@@ -231,18 +192,10 @@ class OutboundProxy:
             ctx.gt_stripped = stripped
             for name in stripped:
                 self.metrics.rejected_headers.labels(name, "from-app").inc()
-        if self._is_websocket(request):
+        if is_websocket(request):
             ctx.websocket = True
             return await self._websocket(request, ctx, headers)
         return await self._forward(request, ctx, headers)
-
-    @staticmethod
-    def _is_websocket(request: web.Request) -> bool:
-        return (
-            request.method == "GET"
-            and request.headers.get("Upgrade", "").lower() == "websocket"
-            and "upgrade" in connection_tokens(request.headers)
-        )
 
     async def _forward(
         self, request: web.Request, ctx: RequestContext, base_headers: CIMultiDict[str]
@@ -282,15 +235,10 @@ class OutboundProxy:
                         relay_chunks(request.content, self.profile.request_timeout, deadline)
                         if has_body else None
                     )
-                    upstream = await self.session.request(
-                        ctx.method,
-                        URL(endpoint + ctx.target, encoded=True),
-                        headers=headers,
-                        data=body,
-                        allow_redirects=False,
-                        read_bufsize=CHUNK_SIZE,
-                    )
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    upstream = await self.transport.handle_request(UpstreamRequest(
+                        ctx.method, URL(endpoint + ctx.target, encoded=True), headers, body
+                    ))
+            except (TransportError, TimeoutError) as exc:
                 failure = classify(exc)
                 done = self.clock()
                 ctx.upstream_latency = done - sent
@@ -339,7 +287,7 @@ class OutboundProxy:
         self,
         request: web.Request,
         ctx: RequestContext,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         sent: float,
     ) -> web.StreamResponse:
         try:
@@ -359,7 +307,7 @@ class OutboundProxy:
                         await relay_body(upstream.content, response, idle, deadline)
                     deadline.reschedule(loop.time() + idle)
                     await response.write_eof()
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            except RELAY_ERRORS as exc:
                 # The head may be out already: the only honest signal left is to cut the
                 # connection (the app sees a truncated body, never a silently short one).
                 reason = "body-relay-failed"
@@ -380,31 +328,25 @@ class OutboundProxy:
     ) -> web.StreamResponse:
         group = ctx.group
         assert group is not None
+        if self._dialer is None:
+            return self._error(ctx, 501, "websocket-not-supported",
+                               "this sidecar's transport cannot carry WebSockets")
         now = self.clock()
         endpoint = self.phases.upstream_pick(ctx, self.rng, now)
         if endpoint is None:
             return self._error(ctx, 503, "no-endpoint", f"upstream {group.name!r} has no endpoint")
         ctx.endpoint = endpoint
         ctx.tried.append(endpoint)
-        headers = without(base_headers, WS_HANDSHAKE_HEADERS)
+        headers = base_headers  # the caller's handshake headers: the dialer drops them
         self.phases.upstream_request_filter(ctx, headers)
-        protocols = [
-            p.strip()
-            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-            if p.strip()
-        ]
         sent = self.clock()
         group.policy.on_start(endpoint, sent)
         try:
             async with asyncio.timeout(self.profile.request_timeout):
-                upstream_ws = await self.session.ws_connect(
-                    URL(endpoint + ctx.target, encoded=True),
-                    headers=headers,
-                    protocols=protocols,
-                    max_msg_size=0,
-                    autoclose=False,
-                )
-        except aiohttp.WSServerHandshakeError as exc:
+                upstream_ws = await self._dialer.open_websocket(UpstreamRequest(
+                    ctx.method, URL(endpoint + ctx.target, encoded=True), headers
+                ))
+        except HandshakeRefused as exc:
             done = self.clock()
             group.policy.on_outcome(
                 Outcome(endpoint, done - sent, exc.status < 500, done, answered=False))
@@ -412,24 +354,13 @@ class OutboundProxy:
                 ctx, 502, "websocket-handshake-failed",
                 f"upstream refused the upgrade with {exc.status}",
             )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (TransportError, TimeoutError) as exc:
             failure = classify(exc)
             done = self.clock()
             group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
             return self._error(ctx, failure.status, failure.reason, failure.detail)
         self._observe_head(ctx, 101, {}, sent)
-        downstream = web.WebSocketResponse(
-            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
-            max_msg_size=0,
-            autoclose=False,
-        )
-        try:
-            await downstream.prepare(request)
-            await bridge_websockets(downstream, upstream_ws)
-        finally:
-            await upstream_ws.close()
-            await downstream.close()
-        return downstream
+        return await relay_websocket(request, accept_like(upstream_ws), upstream_ws)
 
     # ------------------------------------------------------------ errors
 
@@ -449,31 +380,3 @@ class OutboundProxy:
             headers={"Via": self.via},
         )
 
-
-WSLike = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-async def bridge_websockets(a: WSLike, b: WSLike) -> None:
-    """Copy frames both ways until either side closes, then close the other with its code."""
-
-    async def pump(src: WSLike, dst: WSLike) -> None:
-        async for msg in src:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await dst.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await dst.send_bytes(msg.data)
-            elif msg.type == aiohttp.WSMsgType.CLOSE:
-                break
-        code = src.close_code or aiohttp.WSCloseCode.OK
-        if not dst.closed:
-            await dst.close(code=code)
-
-    tasks = [asyncio.ensure_future(pump(a, b)), asyncio.ensure_future(pump(b, a))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, aiohttp.ClientError):
-                await task

@@ -17,7 +17,7 @@ Extension points for later components (inbound listener, Redis publishing, disco
 ``add_state_section(name, section)`` (a top-level ``/debug/state`` key), and the proxy's phases
 (``phases=`` of the constructor, or wrap ``runner.proxy.phases``). They must be
 called before ``run()``. The shared objects they may need are attributes: ``config``,
-``profile``, ``metrics``, ``table``, ``proxy`` (its ``session`` is the upstream pool).
+``profile``, ``metrics``, ``table``, ``proxy`` (its ``transport`` carries requests upstream).
 """
 
 from __future__ import annotations

@@ -12,11 +12,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.forward import (
     has_passed,
+    must_be_empty,
     request_headers_to_upstream,
     response_headers_to_app,
     split_game_headers,
 )
-from sidecar.outbound import classify, may_retry, must_be_empty, upstream_name
+from sidecar.outbound import may_retry, upstream_name
+from sidecar.transport import classify, from_aiohttp
 
 
 def frozen(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -105,7 +107,7 @@ def test_bodiless_answers() -> None:
 
 def test_only_failures_before_sending_are_marked_safe_to_retry() -> None:
     assert classify(ConnectionResetError()).nothing_received is False  # unknown OSError
-    assert classify(aiohttp.ServerDisconnectedError()).nothing_received is True
+    assert classify(from_aiohttp(aiohttp.ServerDisconnectedError())).nothing_received is True
     timeout = classify(TimeoutError())
     assert (timeout.reason, timeout.status, timeout.nothing_received) == (
         "upstream-timeout", 504, False,
