@@ -48,11 +48,9 @@ The rules
   above ``max(rate_floor, rate_tolerance * fair_share)`` (the book's own rate norm) bids 0
   (:attr:`Pass.voided` says a positive bid was dropped): a bid buys priority only within the
   cooperative norm, so a flood cannot outrank cooperative callers in the seconds before its
-  reputation triggers a punishment. Such a request also takes a free slot *directly* only
-  while fewer than half of the limit's slots are in use (``in_flight < limit // 2``);
-  otherwise it joins the queue, and the release that follows every queueing gives it a slot
-  that is still free when nobody better waits (price 0). So the half limit decides the path
-  (directly or through the queue, behind any better bid), not whether a free slot is used.
+  reputation triggers a punishment. (An older rule sent such a request through the queue
+  when half the slots were in use; as every queueing is followed by a release that hands out
+  any free slot, it changed nothing and is gone.)
 - **Punished flush.** When a caller's request finds it punished, its requests still waiting
   that were queued in good standing (the flood that earned the punishment) leave the queue,
   each woken with :class:`Reject` ``punished``, ``queued=True`` and ``retry_after`` the
@@ -247,9 +245,7 @@ class AdmissionGate:
         """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``)."""
         request_id = f"r{next(self._ids)}"
         lim = self.limiter
-        # the direct path: a free slot, and for a request beyond the norm only while fewer
-        # than half the slots are in use (``and`` short-circuits: no slot is taken otherwise)
-        slot = (not passed.beyond_norm or lim.in_flight < lim.limit // 2) and lim.on_start(now)
+        slot = lim.on_start(now)  # the direct path: a free slot
         if slot and self.auction.queue_length:
             lim.on_abandon(now)  # others wait: the slot goes to the best bid via release
             slot = False
@@ -270,8 +266,8 @@ class AdmissionGate:
         self._waiting[request_id] = _Waiting(passed.caller, deadline, good)
         if good:
             self._queued_by.setdefault(passed.caller, set()).add(request_id)
-        # a slot may be free (the limit grew, a waiter left, or the half limit above sent
-        # this request round by the queue): hand it out now; it may go to this request
+        # a slot may be free (the limit grew, or a waiter left): hand it out now; it may go
+        # to this request
         own: Admit | None = None
         for admit in self.release(now):
             if admit.request_id == request_id:

@@ -139,7 +139,7 @@ def test_a_full_queue_refuses_a_bid_no_higher_and_evicts_for_a_higher_one() -> N
     assert gate.queue_length == 2 and low.request_id not in gate.waiting()
 
 
-# --- standing: bids beyond the norm, the half limit, the punished flush ------------------------
+# --- standing: bids beyond the norm, the punished flush ------------------------
 
 
 def test_a_request_beyond_the_norm_of_a_congested_app_bids_0() -> None:
@@ -163,7 +163,7 @@ def test_a_request_beyond_the_norm_of_a_congested_app_bids_0() -> None:
             gate.finish(1.0, rtt=1.0)[0].request_id) == (coop.request_id, flood.request_id)
 
 
-def test_the_half_limit_beyond_the_norm_decides_the_path_not_the_outcome() -> None:
+def test_a_request_beyond_the_norm_takes_a_free_slot_at_price_0() -> None:
     # 10 slots, capacity 2 for 3 callers: share 2/3, norm max(rate_floor 2, 1) = 2 requests/s
     gate = make_gate(limit=10, capacity=2.0)
     arrive(gate, "coop", 0.0)
@@ -174,8 +174,7 @@ def test_the_half_limit_beyond_the_norm_decides_the_path_not_the_outcome() -> No
         assert not gate.police("flood", 5.0, 0.0).beyond_norm  # type: ignore[union-attr]
     policed = gate.police("flood", 5.0, 0.0)  # rate 3 > 2
     assert isinstance(policed, Pass) and policed.beyond_norm
-    # not the direct path (8 >= 10 // 2), so it queues; the release that follows every
-    # queueing hands it the free slot at once, as nobody better waits: price 0, no wait
+    # a slot is free and nobody waits: it is admitted at once, its bid voided (price 0)
     admitted = gate.offer(policed, 0.0)
     assert isinstance(admitted, Admit) and admitted.price == 0 and admitted.waited == 0
     assert gate.limiter.in_flight == 9 and gate.queue_length == 0
