@@ -30,7 +30,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from mesh.headers import CONGESTION, HeaderError, parse_congestion
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.forward import (
@@ -46,6 +45,8 @@ from sidecar.forward import (
 from sidecar.metrics import SidecarMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
+from wire.errors import WireError
+from wire.headers import CONGESTION, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,7 @@ class OutboundProxy:
         if raw is not None:
             try:
                 congestion = parse_congestion(raw)
-            except HeaderError as exc:
+            except WireError as exc:
                 self.metrics.rejected_headers.labels(CONGESTION.lower(), "malformed").inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(Outcome(endpoint, now - sent, status < 500, now, congestion))

@@ -46,17 +46,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from mesh.protocol import (
-    MAX_SECONDS,
-    SUMMARY_MAXLEN,
-    ProtocolError,
-    RegretSummary,
-    encode_summary,
-    recommendation_stream,
-    summary_stream,
-    verify_recommendation,
-)
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
+from wire.entries import MAX_SECONDS
+from wire.errors import WireError as ProtocolError
+from wire.keys import SUMMARY_MAXLEN, recommendation_stream, summary_stream
+from wire.recommendation import verify_recommendation
+from wire.summary import RegretSummary, encode_summary
 
 log = logging.getLogger(__name__)
 

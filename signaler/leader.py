@@ -1,7 +1,7 @@
 """Leadership of an upstream among signaler replicas: a Redis lease fenced by a token.
 
 Owns taking, renewing and giving up the lease ``eq:{u}:leader`` and publishing only while it is
-held. The atomic parts are the Lua scripts of :mod:`mesh.protocol` (``LEASE_ACQUIRE_LUA``,
+held. The atomic parts are the Lua scripts of :mod:`wire.lease` (``LEASE_ACQUIRE_LUA``,
 ``LEASE_RELEASE_LUA``, ``FENCED_XADD_LUA``); this module runs them with redis-py's asyncio
 client and keeps what each replica believes about its leadership.
 
@@ -19,13 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.protocol import (
-    FENCED_XADD_LUA,
-    LEASE_ACQUIRE_LUA,
-    LEASE_RELEASE_LUA,
-    fence_key,
-    leader_key,
-)
+from wire.keys import fence_key, leader_key
+from wire.lease import FENCED_XADD_LUA, LEASE_ACQUIRE_LUA, LEASE_RELEASE_LUA
 
 
 @dataclass(slots=True)

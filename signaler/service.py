@@ -49,23 +49,22 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from mesh.protocol import (
-    RECOMMENDATION_MAXLEN,
-    SIGNALER_GROUP,
-    ProtocolError,
-    Reason,
-    Recommendation,
-    decode_summary,
-    fence_key,
-    recommendation_stream,
-    sign_recommendation,
-    summary_stream,
-)
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerHealth, SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.solution import SolverError
+from wire.errors import Reason
+from wire.errors import WireError as ProtocolError
+from wire.keys import (
+    RECOMMENDATION_MAXLEN,
+    SIGNALER_GROUP,
+    fence_key,
+    recommendation_stream,
+    summary_stream,
+)
+from wire.recommendation import Recommendation, sign_recommendation
+from wire.summary import decode_summary
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.auction import (
-    Admission,
-    AuctionParams,
-    BidBudget,
-    BidError,
-    Queued,
-    Rejected,
-    SecondPriceAuction,
-    parse_bid,
-)
+from mesh.auction import Admission, AuctionParams, BidBudget, Queued, Rejected, SecondPriceAuction
+from wire.bid import parse_bid
+from wire.errors import WireError
 
 
 def _auction(**kw: float) -> SecondPriceAuction:
@@ -61,7 +54,7 @@ def test_absent_or_empty_bid_is_zero() -> None:
     ],
 )
 def test_malformed_bids_raise_with_a_reason_and_message(text: str, reason: str) -> None:
-    with pytest.raises(BidError) as caught:
+    with pytest.raises(WireError) as caught:
         parse_bid(text)
     assert caught.value.reason == reason
     assert "X-GT-Bid" in str(caught.value)

@@ -11,15 +11,15 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from mesh.auction import parse_bid
-from mesh.headers import BID, IDENTITY, PRICE, REPUTATION
-from mesh.identity import ANONYMOUS, VerifiedIdentity, verify_identity
-from mesh.reputation import Phase
-from mesh.standing import format_standing
+from mesh.reputation import ANONYMOUS, Phase
 from sidecar.identity_phase import CallerPhases, format_bid
 from sidecar.inbound import OTHER, CallerLabels, InboundProxy, LocalRateLimit
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.policing_config import parse_policing
+from wire.bid import parse_bid
+from wire.headers import BID, IDENTITY, PRICE, REPUTATION
+from wire.identity import VerifiedIdentity, verify_identity
+from wire.standing import format_standing
 
 KEY = b"unit-test-mesh-key-0123456789"
 

@@ -1,4 +1,5 @@
-"""mesh.protocol: round trips, every rejection reason, decoders that raise only ProtocolError."""
+"""wire stream entries (summary, recommendation, lease, keys): round trips, every rejection
+reason, decoders that raise only WireError."""
 
 from __future__ import annotations
 
@@ -14,21 +15,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh import protocol as P
-from mesh.protocol import (
-    Lease,
-    ProtocolError,
-    Reason,
+from wire.errors import Reason, WireError
+from wire.keys import fence_key, leader_key, recommendation_stream, summary_stream
+from wire.lease import Lease, decode_lease, encode_lease
+from wire.recommendation import (
+    RECOMMENDATION_FIELDS,
     Recommendation,
-    RegretSummary,
-    decode_lease,
-    decode_summary,
-    encode_lease,
     encode_recommendation,
-    encode_summary,
     sign_recommendation,
     verify_recommendation,
 )
+from wire.summary import SUMMARY_FIELDS, RegretSummary, decode_summary, encode_summary
 
 KEY = b"mesh-key-for-tests-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abcdefgh"
@@ -83,7 +80,7 @@ def resign(fields: dict[str, str], key: bytes = KEY) -> dict[str, str]:
     """Sign arbitrary (possibly invalid) fields exactly as docs/protocol.md specifies."""
     out = {k: v for k, v in fields.items() if k != "sig"}
     message = [b"equilibrium/recommendation/v1\n"]
-    for name in P.recommendation_field_names()[:-1]:
+    for name in RECOMMENDATION_FIELDS[:-1]:
         value = out[name].encode()
         message.append(name.encode() + b"=" + str(len(value)).encode() + b":" + value + b"\n")
     digest = hmac.new(key, b"".join(message), hashlib.sha256).digest()
@@ -101,19 +98,19 @@ def verify(fields: object, now: float = NOW + 1.0, **kwargs: object) -> Recommen
 
 
 def test_keys_share_one_cluster_hash_slot_per_upstream() -> None:
-    assert P.summary_stream("orders.shop") == "eq:{orders.shop}:summaries"
-    assert P.recommendation_stream("orders.shop", "sc-1") == "eq:{orders.shop}:recs:sc-1"
-    assert P.leader_key("orders.shop") == "eq:{orders.shop}:leader"
-    assert P.fence_key("orders.shop") == "eq:{orders.shop}:fence"
+    assert summary_stream("orders.shop") == "eq:{orders.shop}:summaries"
+    assert recommendation_stream("orders.shop", "sc-1") == "eq:{orders.shop}:recs:sc-1"
+    assert leader_key("orders.shop") == "eq:{orders.shop}:leader"
+    assert fence_key("orders.shop") == "eq:{orders.shop}:fence"
 
 
 @pytest.mark.parametrize("name", ["", "a}b", "a{b", "a b", "a:b", "-lead", "x" * 129, "é"])
 def test_bad_names_never_become_keys(name: str) -> None:
-    with pytest.raises(ProtocolError) as err:
-        P.summary_stream(name)
+    with pytest.raises(WireError) as err:
+        summary_stream(name)
     assert err.value.reason is Reason.MALFORMED
-    with pytest.raises(ProtocolError):
-        P.recommendation_stream("orders", name)
+    with pytest.raises(WireError):
+        recommendation_stream("orders", name)
 
 
 # --------------------------------------------------------------------------------- summaries
@@ -124,7 +121,7 @@ def test_summary_round_trips_through_str_and_bytes_fields() -> None:
     fields = encode_summary(s)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())
     assert fields["v"] == "1" and fields["type"] == "summary"
-    assert set(fields) == set(P.summary_field_names())
+    assert set(fields) == set(SUMMARY_FIELDS)
     assert decode_summary(fields) == s
     assert decode_summary(as_bytes(fields)) == s
 
@@ -145,7 +142,7 @@ def test_rounding_noise_in_weights_reads_as_zero() -> None:
     s = summary(weights=(0.7, -1e-12, 0.3))
     assert s.weights == (0.7, 0.0, 0.3)
     assert decode_summary(encode_summary(s)) == s
-    with pytest.raises(ProtocolError, match="weights"):
+    with pytest.raises(WireError, match="weights"):
         summary(weights=(0.7, -1e-6, 0.3))
 
 
@@ -222,7 +219,7 @@ SUMMARY_REJECTIONS: list[tuple[str, Callable[[dict[str, str]], None], Reason]] =
 def test_summary_rejections(mutate: Callable[[dict[str, str]], None], reason: Reason) -> None:
     fields = encode_summary(summary())
     mutate(fields)
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(WireError) as err:
         decode_summary(fields)
     assert err.value.reason is reason
     assert str(err.value).startswith(f"{reason.value}: ")
@@ -231,23 +228,23 @@ def test_summary_rejections(mutate: Callable[[dict[str, str]], None], reason: Re
 def test_summary_rejects_non_utf8_duplicates_and_non_mappings() -> None:
     raw = as_bytes(encode_summary(summary()))
     raw[b"sidecar"] = b"\xff\xfe"
-    with pytest.raises(ProtocolError, match="not UTF-8"):
+    with pytest.raises(WireError, match="not UTF-8"):
         decode_summary(raw)
     dup: dict[bytes | str, bytes | str] = dict(as_bytes(encode_summary(summary())))
     dup["epoch"] = "41"
-    with pytest.raises(ProtocolError, match="twice"):
+    with pytest.raises(WireError, match="twice"):
         decode_summary(dup)
-    with pytest.raises(ProtocolError, match="mapping"):
+    with pytest.raises(WireError, match="mapping"):
         decode_summary([("v", "1")])  # type: ignore[arg-type]
-    with pytest.raises(ProtocolError, match="bytes or str"):
+    with pytest.raises(WireError, match="bytes or str"):
         decode_summary({"v": 1})  # type: ignore[dict-item]
 
 
 def test_constructing_an_invalid_summary_fails_the_same_way() -> None:
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(WireError) as err:
         summary(weights=(float("nan"), 0.5, 0.5))
     assert err.value.reason is Reason.MALFORMED
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(WireError) as err:
         summary(version=2)
     assert err.value.reason is Reason.VERSION
 
@@ -258,7 +255,7 @@ def test_constructing_an_invalid_summary_fails_the_same_way() -> None:
 def test_recommendation_round_trip_and_signature_layout() -> None:
     rec = recommendation()
     fields = sign_recommendation(rec, KEY)
-    assert tuple(fields) == P.recommendation_field_names()
+    assert tuple(fields) == RECOMMENDATION_FIELDS
     assert len(fields["sig"]) == 43
     assert fields == resign(encode_recommendation(rec))  # the documented canonical encoding
     assert verify(fields) == rec
@@ -345,7 +342,7 @@ REC_REJECTIONS: list[tuple[str, Callable[[], object], dict[str, object], Reason]
 def test_recommendation_rejections(
     make: Callable[[], object], kwargs: dict[str, object], reason: Reason
 ) -> None:
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(WireError) as err:
         verify(make(), **kwargs)  # type: ignore[arg-type]
     assert err.value.reason is reason
 
@@ -358,10 +355,14 @@ def test_boundaries_that_still_verify() -> None:
 
 
 def test_reasons_are_the_documented_metric_labels() -> None:
-    assert {r.value for r in Reason} == {
+    stream_entries = {
         "malformed", "oversized", "version", "unsigned", "bad-signature", "wrong-upstream",
         "wrong-sidecar", "endpoint-mismatch", "stale", "fenced", "not-yet-valid", "expired",
     }
+    headers = {"too-long", "out-of-range", "missing", "unsupported-version", "future"}
+    bids = {"nan", "infinite", "negative", "too-large"}
+    mesh_key = {"no-key", "weak-key", "unreadable"}
+    assert {r.value for r in Reason} == stream_entries | headers | bids | mesh_key
 
 
 # ------------------------------------------------------------------------------------ lease
@@ -372,7 +373,7 @@ def test_lease_value_round_trip_and_rejections() -> None:
     assert encode_lease(lease) == "signaler-0 12"
     assert decode_lease(b"signaler-0 12") == lease
     for bad in ["signaler-0", "signaler-0 0", "signaler-0 -1", "a b c", " 3", b"\xff 1"]:
-        with pytest.raises(ProtocolError):
+        with pytest.raises(WireError):
             decode_lease(bad)
 
 
@@ -385,9 +386,9 @@ _any_value = st.one_of(_text_or_bytes, st.integers(), st.none(), st.floats())
 @settings(max_examples=120, deadline=None)
 @given(st.dictionaries(_text_or_bytes, _any_value, max_size=20))
 def test_decoders_only_raise_protocol_error_on_arbitrary_maps(entry: dict) -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(WireError):
         decode_summary(entry)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(WireError):
         verify(entry)
 
 
@@ -405,9 +406,9 @@ _field_value = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.sampled_from(P.summary_field_names()),
+    st.sampled_from(SUMMARY_FIELDS),
     _field_value,
-    st.sampled_from(P.summary_field_names()),
+    st.sampled_from(SUMMARY_FIELDS),
     _field_value,
 )
 def test_mutated_summaries_decode_valid_or_raise_protocol_error(
@@ -418,20 +419,20 @@ def test_mutated_summaries_decode_valid_or_raise_protocol_error(
     fields[f2] = v2
     try:
         s = decode_summary(fields)
-    except ProtocolError as exc:
+    except WireError as exc:
         assert exc.reason in set(Reason)
     else:
         assert decode_summary(encode_summary(s)) == s  # whatever decodes is valid and stable
 
 
 @settings(max_examples=120, deadline=None)
-@given(st.sampled_from(P.recommendation_field_names()[:-1]), _field_value)
+@given(st.sampled_from(RECOMMENDATION_FIELDS[:-1]), _field_value)
 def test_mutated_signed_recommendations_verify_valid_or_raise(field: str, value: str) -> None:
     fields = encode_recommendation(recommendation())
     fields[field] = value
     try:
         rec = verify(resign(fields), now=NOW)
-    except ProtocolError as exc:
+    except WireError as exc:
         assert exc.reason in set(Reason)
     else:
         assert verify(sign_recommendation(rec, KEY), now=NOW) == rec
