@@ -1,4 +1,4 @@
-"""wire.identity and wire.signing: the X-GT-Identity format, signing, verification, mesh key."""
+"""wire.identity: the X-GT-Identity wire format, signing and verification."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.reputation import ANONYMOUS
-from wire.errors import Reason, WireError
+from wire.errors import Reason
 from wire.identity import IdentityRejection, VerifiedIdentity, sign_identity, verify_identity
-from wire.signing import load_mesh_key
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -141,23 +140,6 @@ def test_signing_refuses_times_the_format_cannot_carry(now: float) -> None:
 def test_signing_refuses_a_short_key() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         sign_identity("svc-a", b"short", NOW)
-
-
-def test_load_mesh_key_prefers_the_environment_and_strips_whitespace() -> None:
-    assert load_mesh_key("  0123456789abcdef0123  ", b"file-key-file-key-file") == (
-        b"0123456789abcdef0123"
-    )
-    assert load_mesh_key(None, b"file-key-file-key-file\n") == b"file-key-file-key-file"
-    assert load_mesh_key("", b"file-key-file-key-file\n") == b"file-key-file-key-file"
-
-
-def test_load_mesh_key_rejects_absent_and_short_keys_clearly() -> None:
-    with pytest.raises(WireError, match="EQUILIBRIUM_MESH_SECRET"):
-        load_mesh_key(None, None)
-    with pytest.raises(WireError, match="environment value is 5 bytes"):
-        load_mesh_key("short", None)
-    with pytest.raises(WireError, match="key file is 3 bytes"):
-        load_mesh_key(None, b"abc\n")
 
 
 @given(st.text(max_size=300))
