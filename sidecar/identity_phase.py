@@ -37,8 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.reputation import ANONYMOUS
 from sidecar.phases import ProxyPhases, RequestContext
-from sidecar.policing_config import APP_BID_HEADER, APP_PRICE_HEADER
-from wire.bid import format_bid, parse_bid
+from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
 from wire.errors import WireError
 from wire.headers import BID, IDENTITY, PRICE, REPUTATION
 from wire.identity import CALLER_ID_PATTERN, sign_identity

@@ -1,4 +1,5 @@
-"""The ``X-GT-Bid`` request header and the ``X-GT-Price`` response header (no version field).
+"""The ``X-GT-Bid`` request header and the ``X-GT-Price`` response header (no version field),
+and their app-facing twins ``X-Equilibrium-Bid`` / ``X-Equilibrium-Price``.
 
 Owns the one text format of a bid and of a price: a plain non-negative decimal (``3``,
 ``2.5``, ``1e2``), at most :data:`MAX_BID_CHARS` characters and at most :data:`MAX_BID`.
@@ -17,8 +18,21 @@ import re
 from wire.errors import Reason, WireError
 from wire.headers import BID
 
-__all__ = ["MAX_BID", "MAX_BID_CHARS", "format_bid", "format_price", "parse_bid"]
+__all__ = [
+    "APP_BID_HEADER",
+    "APP_PRICE_HEADER",
+    "MAX_BID",
+    "MAX_BID_CHARS",
+    "format_bid",
+    "format_price",
+    "parse_bid",
+]
 
+APP_BID_HEADER = "X-Equilibrium-Bid"
+"""The header an app sets on an outgoing request to bid for priority (the sidecar turns it
+into a signed caller's ``X-GT-Bid`` and never forwards it)."""
+APP_PRICE_HEADER = "X-Equilibrium-Price"
+"""The response header that tells the app the second price its request paid."""
 MAX_BID = 1_000_000.0
 """Largest accepted ``X-GT-Bid`` value."""
 MAX_BID_CHARS = 32
