@@ -32,7 +32,6 @@ __all__ = [
     "MIN_KEY_BYTES",
     "SIGNATURE_RE",
     "accepted_keys",
-    "load_mesh_key",
     "mac",
     "read_mesh_key",
     "verify_mac",
@@ -51,27 +50,11 @@ def _key_error(reason: Reason, detail: str) -> WireError:
     return WireError(reason, detail, _SUBJECT)
 
 
-def load_mesh_key(env_value: str | None, file_content: bytes | None) -> bytes:
-    """The mesh key from the environment variable's value or a key file's content (pure).
-
-    The environment value wins when both are given (as it does for most tools). Surrounding
-    whitespace (a key file's trailing newline) is stripped. Raises :class:`WireError`
-    (``no-key`` when neither is given, ``weak-key`` below :data:`MIN_KEY_BYTES` bytes).
-    """
-    if env_value is not None and env_value.strip():
-        key, source = env_value.strip().encode("utf-8"), "environment value"
-    elif file_content is not None and file_content.strip():
-        key, source = file_content.strip(), "key file"
-    else:
-        raise _key_error(
-            Reason.NO_KEY,
-            f"no mesh key: set {MESH_SECRET_ENV} or point to a key file "
-            f"(at least {MIN_KEY_BYTES} bytes, e.g. `openssl rand -hex 32`)",
-        )
+def _strong(key: bytes, source: str) -> bytes:
     if len(key) < MIN_KEY_BYTES:
         raise _key_error(
             Reason.WEAK_KEY,
-            f"mesh key from the {source} is {len(key)} bytes; "
+            f"the {source} is {len(key)} bytes; "
             f"at least {MIN_KEY_BYTES} are required",
         )
     return key
@@ -82,11 +65,15 @@ def read_mesh_key(
     env: Mapping[str, str], key_file: str | os.PathLike[str] | None = None, *,
     required: Literal[True],
 ) -> bytes: ...
+
+
 @overload
 def read_mesh_key(
     env: Mapping[str, str], key_file: str | os.PathLike[str] | None = None, *,
     required: bool = False,
 ) -> bytes | None: ...
+
+
 def read_mesh_key(
     env: Mapping[str, str],
     key_file: str | os.PathLike[str] | None = None,
@@ -95,17 +82,23 @@ def read_mesh_key(
 ) -> bytes | None:
     """The mesh key: ``env[EQUILIBRIUM_MESH_SECRET]`` if set, else the content of ``key_file``.
 
-    The key file is read only when the environment gives no key. Returns ``None`` when neither
+    The one reader of the key (the sidecar, the signaler and the demo call it). The environment
+    wins (as it does for most tools) and the key file is read only without it; surrounding
+    whitespace (a file's trailing newline) is stripped. Returns ``None`` when neither
     is given and ``required`` is false (a sidecar then runs unsigned). Raises
     :class:`WireError`: ``unreadable`` (the file cannot be read or is empty), ``weak-key``
     (shorter than :data:`MIN_KEY_BYTES`), ``no-key`` (neither, with ``required``).
     """
     env_value = env.get(MESH_SECRET_ENV)
     if env_value is not None and env_value.strip():
-        return load_mesh_key(env_value, None)
+        return _strong(env_value.strip().encode("utf-8"), "environment value")
     if key_file is None or str(key_file) == "":
         if required:
-            return load_mesh_key(None, None)  # raises no-key with the message that says how
+            raise _key_error(
+                Reason.NO_KEY,
+                f"none given: set {MESH_SECRET_ENV} or point to a key file "
+                f"(at least {MIN_KEY_BYTES} bytes, e.g. `openssl rand -hex 32`)",
+            )
         return None
     path = os.fspath(key_file)
     try:
@@ -116,7 +109,7 @@ def read_mesh_key(
                          f"key file {path!r}: cannot read: {exc.strerror}") from None
     if not content.strip():
         raise _key_error(Reason.UNREADABLE, f"key file {path!r} is empty")
-    return load_mesh_key(None, content)
+    return _strong(content.strip(), "key file")
 
 
 def accepted_keys(key: bytes | Sequence[bytes]) -> list[bytes]:
@@ -126,11 +119,11 @@ def accepted_keys(key: bytes | Sequence[bytes]) -> list[bytes]:
     """
     keys = [key] if isinstance(key, bytes | bytearray) else list(key)
     if not keys:
-        raise _key_error(Reason.NO_KEY, "no mesh key given")
+        raise _key_error(Reason.NO_KEY, "none given")
     for k in keys:
         if not isinstance(k, bytes | bytearray) or len(k) < MIN_KEY_BYTES:
             raise _key_error(Reason.WEAK_KEY,
-                             f"mesh keys must be bytes of at least {MIN_KEY_BYTES} bytes")
+                             f"keys must be bytes of at least {MIN_KEY_BYTES} bytes")
     return [bytes(k) for k in keys]
 
 

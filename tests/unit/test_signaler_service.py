@@ -555,7 +555,7 @@ def test_signaler_cli_requires_a_key_and_a_redis_url(tmp_path: object) -> None:
     key_file.write_bytes(KEY + b"\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("EQUILIBRIUM_MESH_SECRET", raising=False)
-        with pytest.raises(UsageError, match="no mesh key"):
+        with pytest.raises(UsageError, match="mesh key: none given"):
             build_config(args())
         assert build_config(args(mesh_secret_file=str(key_file)))[0].key == KEY
         with pytest.raises(UsageError, match="cannot read"):

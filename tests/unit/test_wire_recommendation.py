@@ -47,7 +47,7 @@ def test_rotated_keys_verify_and_the_first_key_signs() -> None:
     assert sign_recommendation(rec, [KEY, OTHER_KEY]) == sign_recommendation(rec, KEY)
     with pytest.raises(ValueError, match="at least"):
         sign_recommendation(rec, b"short")
-    with pytest.raises(ValueError, match="no mesh key"):
+    with pytest.raises(ValueError, match="mesh key: none given"):
         sign_recommendation(rec, [])
 
 

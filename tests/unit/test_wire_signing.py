@@ -13,7 +13,6 @@ from wire.errors import Reason, WireError
 from wire.signing import (
     MESH_SECRET_ENV,
     accepted_keys,
-    load_mesh_key,
     mac,
     read_mesh_key,
     verify_mac,
@@ -22,21 +21,14 @@ from wire.signing import (
 KEY = b"k" * 32
 
 
-def test_load_mesh_key_prefers_the_environment_and_strips_whitespace() -> None:
-    assert load_mesh_key("  0123456789abcdef0123  ", b"file-key-file-key-file") == (
-        b"0123456789abcdef0123"
-    )
-    assert load_mesh_key(None, b"file-key-file-key-file\n") == b"file-key-file-key-file"
-    assert load_mesh_key("", b"file-key-file-key-file\n") == b"file-key-file-key-file"
-
-
-def test_load_mesh_key_rejects_absent_and_short_keys_clearly() -> None:
-    with pytest.raises(WireError, match="EQUILIBRIUM_MESH_SECRET"):
-        load_mesh_key(None, None)
+def test_the_key_is_stripped_and_its_source_named_when_it_is_short(tmp_path: Path) -> None:
+    env = {MESH_SECRET_ENV: "  0123456789abcdef0123  "}
+    assert read_mesh_key(env) == b"0123456789abcdef0123"
     with pytest.raises(WireError, match="environment value is 5 bytes"):
-        load_mesh_key("short", None)
+        read_mesh_key({MESH_SECRET_ENV: "short"})
+    (tmp_path / "abc").write_bytes(b"abc\n")
     with pytest.raises(WireError, match="key file is 3 bytes"):
-        load_mesh_key(None, b"abc\n")
+        read_mesh_key({MESH_SECRET_ENV: ""}, tmp_path / "abc")
 
 
 def test_read_mesh_key_env_wins_and_the_file_is_read_only_without_it(tmp_path: Path) -> None:
