@@ -71,6 +71,7 @@ def parse_fields(header: str, value: str) -> dict[str, str]:
 
 def parse_number(header: str, raw: str, *, low: float = -math.inf,
                  high: float = math.inf) -> float:
+    """A finite number within [low, high] from a header value (``malformed``/``out-of-range``)."""
     try:
         x = float(raw)
     except ValueError:
@@ -84,18 +85,22 @@ def parse_number(header: str, raw: str, *, low: float = -math.inf,
 
 @dataclass(frozen=True, slots=True)
 class RegretSignal:
+    """A parsed ``X-GT-Regret``: the caller's Nash gap and largest regret (seconds)."""
+
     gap: float
     max_regret: float
     converged: bool
 
 
 def format_regret(snapshot: PolicySnapshot) -> str:
+    """The ``X-GT-Regret`` value of a policy snapshot (six decimals)."""
     biggest = max((v.regret for v in snapshot.endpoints), default=0.0)
     return (f"v={VERSION};gap={snapshot.nash_gap:.6f};max={max(0.0, biggest):.6f};"
             f"conv={1 if snapshot.converged else 0}")
 
 
 def parse_regret(value: str) -> RegretSignal:
+    """Parse an ``X-GT-Regret`` value (WireError if bad)."""
     f = parse_fields(REGRET, value)
     try:
         gap, biggest, conv = f["gap"], f["max"], f.get("conv", "0")
@@ -109,6 +114,8 @@ def parse_regret(value: str) -> RegretSignal:
 
 @dataclass(frozen=True, slots=True)
 class CongestionSignal:
+    """A parsed ``X-GT-Congestion``: level in [0, 1], optionally the limit and in-flight count."""
+
     level: float
     limit: int | None = None
     in_flight: int | None = None
@@ -116,6 +123,7 @@ class CongestionSignal:
 
 def format_congestion(level: float, limit: int | None = None,
                       in_flight: int | None = None) -> str:
+    """The ``X-GT-Congestion`` value; a level outside [0, 1] is clamped, a non-finite one is 1."""
     level = min(1.0, max(0.0, level)) if math.isfinite(level) else 1.0
     out = f"v={VERSION};level={level:.3f}"
     if limit is not None:
@@ -126,6 +134,7 @@ def format_congestion(level: float, limit: int | None = None,
 
 
 def parse_congestion_signal(value: str) -> CongestionSignal:
+    """Parse an ``X-GT-Congestion`` value (WireError if bad)."""
     f = parse_fields(CONGESTION, value)
     if "level" not in f:
         raise WireError(Reason.MALFORMED, "missing level", CONGESTION)
@@ -154,6 +163,7 @@ def parse_retry(value: str) -> int:
 
 
 def is_gt_header(name: str) -> bool:
+    """Whether ``name`` is a game header (``X-GT-*``, any case)."""
     return name.lower().startswith(GT_PREFIX)
 
 
