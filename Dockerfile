@@ -23,7 +23,7 @@ RUN python3 -m venv /opt/equilibrium \
  && /opt/equilibrium/bin/pip uninstall -y -q pip setuptools \
  && find /opt/equilibrium/lib -depth -type d -name tests -path '*/site-packages/*/tests' \
         -exec rm -rf {} + \
- && /opt/equilibrium/bin/python -c "import equilibrium.cli, mesh, sidecar.cli, signaler, \
+ && /opt/equilibrium/bin/python -c "import equilibrium.cli, mesh, wire, sidecar.cli, signaler, \
         injector.cli, injector.init_cli, aiohttp, redis, numpy, scipy, cvxpy, prometheus_client"
 
 # ---- runtime stage: the base, iptables for `equilibrium init`, the venv, a non-root user ------

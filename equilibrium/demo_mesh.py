@@ -39,8 +39,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from equilibrium.demo import DemoPhase, DemoRun, following_series
 from equilibrium.embedded_redis import RedisUnavailable, find_redis_server
 from equilibrium.signaling_plane import MESH_KEY_ENV, SignalingPlane
-from mesh.identity import MeshKeyError, load_mesh_key
-from mesh.protocol import check_redis_url
+from wire.errors import WireError
+from wire.keys import check_redis_url
+from wire.signing import read_mesh_key
 
 SIGNALER_ID = "demo-signaler"
 STATE_TIMEOUT = 2.0
@@ -97,8 +98,8 @@ def resolve_signaling(
         except ValueError as exc:
             raise SignalingUnavailable(f"--redis: {exc}") from None
         try:
-            key = load_mesh_key(environ.get(MESH_KEY_ENV), None)
-        except MeshKeyError as exc:
+            key = read_mesh_key(environ, required=True)
+        except WireError as exc:
             raise SignalingUnavailable(
                 f"--redis needs the mesh key the signaler signs with in {MESH_KEY_ENV} "
                 f"({exc}); or leave out --redis and the demo makes its own Redis and key"

@@ -42,8 +42,8 @@ import aiohttp
 
 from equilibrium.embedded_redis import EmbeddedRedis
 from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from wire.signing import MESH_SECRET_ENV as MESH_KEY_ENV
 
-MESH_KEY_ENV = "EQUILIBRIUM_MESH_SECRET"
 REDIS_URL_ENV = "EQUILIBRIUM_REDIS_URL"
 SIGNALER_READY_TIMEOUT = 90.0
 """Seconds to wait for the signaler's ``/readyz``: importing cvxpy alone takes several seconds

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from injector.config import DEFAULT_IPV6, INIT_NAME, SIDECAR_NAME, InjectorConfig, Ipv6Mode
+from wire.signing import MESH_SECRET_ENV
 
 Json = dict[str, Any]
 
@@ -60,7 +61,7 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             _field_env("POD_NAMESPACE", "metadata.namespace"),
             _field_env("POD_IP", "status.podIP"),
             # Secrets stay out of argv (visible in /proc); the sidecar reads them from env.
-            _secret_env("EQUILIBRIUM_MESH_SECRET", config.mesh_secret_name,
+            _secret_env(MESH_SECRET_ENV, config.mesh_secret_name,
                         config.mesh_secret_key),
             _secret_env("EQUILIBRIUM_REDIS_URL", config.mesh_secret_name, config.redis_url_key),
         ],

@@ -1,5 +1,5 @@
-"""Priority auction for admission under overload: ``X-GT-Bid`` parsing, bid budgets, and a
-second-price (Vickrey) clearing of the inbound wait queue.
+"""Priority auction for admission under overload: bid budgets and a second-price (Vickrey)
+clearing of the inbound wait queue (the ``X-GT-Bid`` text format is :mod:`wire.bid`'s).
 
 This module owns who is admitted first when the app is congested and what they pay. It is pure:
 the sidecar passes ``now``, tells :meth:`SecondPriceAuction.offer` whether a concurrency slot is
@@ -42,54 +42,9 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-MAX_BID = 1_000_000.0
-"""Largest accepted ``X-GT-Bid`` value."""
-MAX_BID_CHARS = 32
-_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-
-
-class BidError(ValueError):
-    """A malformed ``X-GT-Bid``; ``reason`` is a short label for the rejection metric."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def parse_bid(header_value: str | None, max_bid: float = MAX_BID) -> float:
-    """The bid carried by an ``X-GT-Bid`` header value; an absent or empty header bids 0.
-
-    Accepts a plain decimal (``3``, ``2.5``, ``1e2``). Raises :class:`BidError` (the sidecar
-    answers 400) for anything else: non-numbers, NaN, infinities, negative values, values above
-    ``max_bid`` and values longer than 32 characters.
-    """
-    if header_value is None:
-        return 0.0
-    text = header_value.strip()
-    if text == "":
-        return 0.0
-    if len(text) > MAX_BID_CHARS:
-        raise BidError("too-long", f"X-GT-Bid is longer than {MAX_BID_CHARS} characters")
-    lowered = text.lower().lstrip("+-")
-    if lowered == "nan":
-        raise BidError("nan", "X-GT-Bid must be a number, got NaN")
-    if lowered in ("inf", "infinity"):
-        raise BidError("infinite", "X-GT-Bid must be finite")
-    if not _DECIMAL.fullmatch(text):
-        raise BidError("malformed", f"X-GT-Bid must be a decimal number, got {text!r}")
-    value = float(text)
-    if not math.isfinite(value):
-        raise BidError("infinite", "X-GT-Bid must be finite")
-    if value < 0:
-        raise BidError("negative", f"X-GT-Bid must not be negative, got {text}")
-    if value > max_bid:
-        raise BidError("too-large", f"X-GT-Bid must be at most {max_bid:g}, got {text}")
-    return value + 0.0  # turns -0.0 into 0.0
 
 
 class BidBudget:
@@ -267,7 +222,7 @@ class SecondPriceAuction:
     def offer(
         self, request_id: str, caller: str, bid: float, now: float, slot_available: bool
     ) -> Admission | Queued | Rejected:
-        """A request arrives with a parsed ``bid`` (see :func:`parse_bid`).
+        """A request arrives with a parsed ``bid`` (see :func:`wire.bid.parse_bid`).
 
         ``slot_available`` says whether the concurrency limiter granted a slot right now; if
         so the request is admitted at price 0. Only pass True when nobody is waiting (a slot

@@ -2,7 +2,7 @@
 
 This module owns how the inbound sidecar judges each caller against a cooperative norm and
 throttles the ones that defect. It is pure: the sidecar passes ``now``, the caller's verified
-name (:mod:`mesh.identity`; unverified callers share :data:`~mesh.identity.ANONYMOUS`), whether
+name (:mod:`wire.identity`; unverified callers share :data:`ANONYMOUS`), whether
 the request is a retry, and, from :mod:`mesh.concurrency`, the app's congestion level and
 capacity. It never reads a clock and keeps bounded memory.
 
@@ -87,7 +87,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from mesh.identity import ANONYMOUS
+ANONYMOUS = "anonymous"
+"""The caller of every request whose identity did not verify: one shared, strictest bucket."""
 
 
 class Phase(StrEnum):

@@ -44,8 +44,8 @@ import yaml  # type: ignore[import-untyped]
 
 from mesh.policies import POLICY_NAMES
 from mesh.profiles import PROFILE_NAMES, get_profile
-from mesh.protocol import check_redis_url
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
+from wire.keys import check_redis_url
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"

@@ -25,7 +25,7 @@ from typing import Protocol
 from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mesh.headers import GT_PREFIX, strip_gt_headers
+from wire.headers import GT_PREFIX, strip_gt_headers
 
 HOP_BY_HOP = frozenset(
     {
@@ -79,7 +79,7 @@ def split_game_headers(
 ) -> tuple[CIMultiDict[str], list[tuple[str, str]]]:
     """One pass: (end-to-end headers without ``X-GT-*``, the ``X-GT-*`` pairs lower-cased).
 
-    The same rule as :func:`mesh.headers.strip_gt_headers`, without a second walk over the
+    The same rule as :func:`wire.headers.strip_gt_headers`, without a second walk over the
     headers on the request path.
     """
     drop = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP

@@ -4,7 +4,7 @@
 defaults, correlated-equilibrium recommendations, …) and adds, on every request the app
 sends through the outbound listener:
 
-- ``X-GT-Identity``: this sidecar's ``--id`` signed with the mesh key (:mod:`mesh.identity`),
+- ``X-GT-Identity``: this sidecar's ``--id`` signed with the mesh key (:mod:`wire.identity`),
   so the upstream's inbound side can tell callers apart and police each one;
 - ``X-GT-Bid``: the app's bid from the ``X-Equilibrium-Bid`` request header (never forwarded
   itself), or the configured ``policing.default_bid``; a malformed app bid is answered 400
@@ -35,23 +35,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mesh.auction import BidError, parse_bid
-from mesh.headers import BID, IDENTITY, PRICE, REPUTATION, HeaderError
-from mesh.identity import ANONYMOUS, CALLER_ID_PATTERN, sign_identity
-from mesh.standing import parse_standing
+from mesh.reputation import ANONYMOUS
 from sidecar.phases import ProxyPhases, RequestContext
-from sidecar.policing_config import APP_BID_HEADER, APP_PRICE_HEADER
+from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
+from wire.errors import WireError
+from wire.headers import BID, IDENTITY, PRICE, REPUTATION
+from wire.identity import CALLER_ID_PATTERN, sign_identity
+from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
 """Longest local back-off honoured (seconds), whatever an upstream says."""
-
-
-def format_bid(bid: float) -> str:
-    """A bid as a plain decimal that :func:`mesh.auction.parse_bid` reads back exactly."""
-    text = f"{bid:.6f}".rstrip("0").rstrip(".")
-    return text or "0"
 
 
 class CallerMetrics:
@@ -135,7 +130,7 @@ class CallerPhases(ProxyPhases):
         else:
             try:
                 bid = parse_bid(raw)
-            except BidError as exc:
+            except WireError as exc:
                 self.metrics.bad_app_bids.labels(exc.reason).inc()
                 return _json_answer(400, {
                     "error": str(exc).replace(BID, APP_BID_HEADER), "reason": "bad-bid",
@@ -165,14 +160,14 @@ class CallerPhases(ProxyPhases):
         if price is not None:
             try:  # the app learns what its bid cost; a bad value is dropped
                 headers[APP_PRICE_HEADER] = format_bid(parse_bid(price))
-            except BidError:
+            except WireError:
                 log.info("%s: ignored malformed %s %r", ctx.upstream, PRICE, price[:32])
         raw = ctx.game_response_headers.get(REPUTATION.lower())
         if raw is None or not ctx.upstream:
             return
         try:
             standing = parse_standing(raw)
-        except HeaderError as exc:
+        except WireError as exc:
             log.info("%s: ignored %s: %s", ctx.upstream, REPUTATION, exc)
             return
         if standing.punished and standing.retry_after:

@@ -2,12 +2,12 @@
 
 Owns the request path from the network to the local app (``--inbound HOST:PORT --app URL``):
 
-1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`mesh.identity`).
+1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`wire.identity`).
    A missing, malformed, forged or expired identity is never trusted: the caller is
    ``anonymous``, one shared bucket with the strictest treatment, and every other ``X-GT-*``
    header it sent (bid, retry mark) is ignored. Without a mesh key nobody can be verified,
    so every caller is anonymous (a warning is logged at start).
-2. **Bid.** A trusted caller's ``X-GT-Bid`` is parsed (:func:`mesh.auction.parse_bid`);
+2. **Bid.** A trusted caller's ``X-GT-Bid`` is parsed (:func:`wire.bid.parse_bid`);
    a malformed bid is answered 400 with a JSON reason and counted.
 3. **Reputation** (:meth:`mesh.admission.AdmissionGate.police`). The caller's request is
    judged against the cooperative norm; a punished caller beyond its throttled share gets
@@ -51,23 +51,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from yarl import URL
 
 from mesh.admission import AdmissionGate, Admit, Pass, Queue, Reject, RejectReason, Woken
-from mesh.auction import AuctionSnapshot, BidError, SecondPriceAuction, parse_bid
+from mesh.auction import AuctionSnapshot, SecondPriceAuction
 from mesh.concurrency import AdaptiveConcurrencyLimit, ConcurrencySnapshot
-from mesh.headers import (
-    BID,
-    CONGESTION,
-    IDENTITY,
-    PRICE,
-    REPUTATION,
-    RETRY,
-    HeaderError,
-    format_congestion,
-    is_gt_header,
-    parse_retry,
-)
-from mesh.identity import ANONYMOUS, IdentityRejection, verify_identity
-from mesh.reputation import BookSnapshot, Decision, Phase, ReputationBook
-from mesh.standing import format_standing
+from mesh.reputation import ANONYMOUS, BookSnapshot, Decision, Phase, ReputationBook
 from sidecar.forward import (
     append_header,
     end_to_end,
@@ -89,6 +75,21 @@ from sidecar.transport import (
     classify,
 )
 from sidecar.websocket import accept_like, is_websocket, relay_websocket
+from wire.bid import format_price, parse_bid
+from wire.errors import WireError
+from wire.headers import (
+    BID,
+    CONGESTION,
+    IDENTITY,
+    PRICE,
+    REPUTATION,
+    RETRY,
+    format_congestion,
+    is_gt_header,
+    parse_retry,
+)
+from wire.identity import IdentityRejection, verify_identity
+from wire.standing import format_standing
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ class InboundProxy:
         if trusted:
             try:
                 bid = parse_bid(request.headers.get(BID))
-            except BidError as exc:
+            except WireError as exc:
                 self.metrics.bad_bids.labels(exc.reason).inc()
                 self.metrics.requests.labels(verdict.label, "bad-bid").inc()
                 return self._answer(verdict, 400, "bad-bid", str(exc), {"header": BID})
@@ -449,7 +450,7 @@ class InboundProxy:
             return False
         try:
             parse_retry(raw)
-        except HeaderError:
+        except WireError:
             self.metrics.bad_headers.labels(RETRY.lower()).inc()
             return True  # a malformed mark is still a mark: never cheaper than a valid one
         return True
@@ -616,7 +617,7 @@ class InboundProxy:
                 if standing is not None else format_standing(1.0, 0, Phase.GOOD, None)
             )
         if verdict.price is not None:
-            headers[PRICE] = f"{verdict.price:g}"
+            headers[PRICE] = format_price(verdict.price)
 
     def _refuse(self, verdict: _Verdict, refused: Reject) -> web.Response:
         """The answer to a request the gate sent away (429 punished, else 503)."""

@@ -28,7 +28,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from mesh.headers import CONGESTION, HeaderError, parse_congestion
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.forward import (
@@ -55,6 +54,8 @@ from sidecar.transport import (
 )
 from sidecar.upstreams import UpstreamTable
 from sidecar.websocket import accept_like, is_websocket, relay_websocket
+from wire.errors import WireError
+from wire.headers import CONGESTION, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ class OutboundProxy:
         if raw is not None:
             try:
                 congestion = parse_congestion(raw)
-            except HeaderError as exc:
+            except WireError as exc:
                 self.metrics.rejected_headers.labels(CONGESTION.lower(), "malformed").inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(

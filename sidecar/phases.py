@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from multidict import CIMultiDict
 
-from mesh.headers import REGRET, RETRY
 from sidecar.upstreams import UpstreamGroup
+from wire.headers import REGRET, RETRY
 
 log = logging.getLogger("sidecar.access")
 

@@ -23,36 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.identity import MeshKeyError, load_mesh_key
 from sidecar.admin import inbound_json
 from sidecar.config import ConfigError
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
-from sidecar.policing_config import MESH_SECRET_ENV
+from wire.errors import WireError
+from wire.signing import MESH_SECRET_ENV, read_mesh_key
 
 log = logging.getLogger(__name__)
-
-
-def read_mesh_key(config: Any, env: Mapping[str, str]) -> bytes | None:
-    """The mesh key from the environment or the configured file; None if neither is set."""
-    env_value = env.get(MESH_SECRET_ENV)
-    path = getattr(config, "mesh_secret_file", None)
-    file_content: bytes | None = None
-    if path is not None and not (env_value and env_value.strip()):
-        try:
-            file_content = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"mesh_secret_file {str(path)!r}: cannot read: {exc.strerror}"
-            ) from None
-        if not file_content.strip():
-            raise ConfigError(f"mesh_secret_file {str(path)!r} is empty")
-    if not (env_value and env_value.strip()) and file_content is None:
-        return None
-    try:
-        return load_mesh_key(env_value, file_content)
-    except MeshKeyError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +41,12 @@ class PolicingWiring:
 
     @classmethod
     def prepare(cls, config: Any, env: Mapping[str, str]) -> PolicingWiring:
-        return cls(read_mesh_key(config, env))
+        """The mesh key (:func:`wire.signing.read_mesh_key`: env, else ``mesh_secret_file``),
+        or None without either; ConfigError when the file is unreadable or the key too short."""
+        try:
+            return cls(read_mesh_key(env, getattr(config, "mesh_secret_file", None)))
+        except WireError as exc:
+            raise ConfigError(str(exc)) from None
 
     def install(self, runner: Any) -> InboundProxy | None:
         """Wrap the runner's outbound phases; add the inbound listener if one is configured."""

@@ -39,17 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from mesh.auction import MAX_BID, AuctionParams
+from mesh.auction import AuctionParams
 from mesh.concurrency import ConcurrencyParams
 from mesh.reputation import LadderRules, PolicingParams
+from wire.bid import MAX_BID
 
 MODES = ("equilibrium", "token-bucket", "off")
-MESH_SECRET_ENV = "EQUILIBRIUM_MESH_SECRET"
-APP_BID_HEADER = "X-Equilibrium-Bid"
-"""The header an app sets on an outgoing request to bid for priority (the sidecar turns it
-into a signed caller's ``X-GT-Bid`` and never forwards it)."""
-APP_PRICE_HEADER = "X-Equilibrium-Price"
-"""The response header that tells the app the second price its request paid."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,12 @@ constructor: Redis in production, in memory in tests) and one background task (r
 (:class:`mesh.policy.FollowingPolicy`: ``equilibrium``), in one round trip
 (:meth:`~wire.store.SignalStore.exchange`):
 
-1. append a :class:`~mesh.protocol.RegretSummary` built by :class:`mesh.summary.SummaryBuilder`
+1. append a :class:`~wire.summary.RegretSummary` built by :class:`mesh.summary.SummaryBuilder`
    from the policy's last snapshot (requests, failures, weights, Hart & Mas-Colell's
    conditional regret matrix) and its epoch windows (what each endpoint did since the previous
    epoch: mean, p50, p99 latency), to ``eq:{u}:summaries``;
 2. read the newest recommendation on ``eq:{u}:recs:<id>``. A new one is checked with
-   :func:`mesh.protocol.verify_recommendation` (signature under the mesh key, this upstream
+   :func:`wire.recommendation.verify_recommendation` (signature under the mesh key, this upstream
    and sidecar, this endpoint set, not older than the epoch followed, not from a fenced-off
    leader, not expired) and handed to ``policy.follow(weights, expires_at)``; the policy still
    shapes it with the thundering-herd guard. Anything else is counted by reason and ignored.
@@ -46,17 +46,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.first_signal import FirstSignalWait
 from mesh.policy import FollowingPolicy
-from mesh.protocol import (
-    MAX_SECONDS,
-    ProtocolError,
-    RegretSummary,
-    encode_summary,
-    verify_recommendation,
-)
 from mesh.summary import SummaryBuilder
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
+from wire.entries import MAX_SECONDS
+from wire.errors import WireError
+from wire.recommendation import verify_recommendation
 from wire.redis_store import RedisSignalStore
 from wire.store import Fields, SignalStore, StoreError, error_kind
+from wire.summary import RegretSummary, encode_summary
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +259,7 @@ class SidecarSignaling:
             return None
         try:
             return RegretSummary(sidecar=self.sidecar, upstream=group.name, **asdict(report))
-        except ProtocolError as exc:  # e.g. an endpoint id the protocol cannot carry
+        except WireError as exc:  # e.g. an endpoint id the protocol cannot carry
             self.metrics.summaries_invalid.labels(group.name, exc.reason.value).inc()
             log.debug("signaling: no summary for %s: %s", group.name, exc)
             return None
@@ -297,7 +294,7 @@ class SidecarSignaling:
                 min_epoch=followed.epoch, min_fence=followed.fence,
                 max_skew=self.settings.max_skew, expected_endpoints=group.endpoints,
             )
-        except ProtocolError as exc:
+        except WireError as exc:
             self.metrics.rejected.labels(group.name, exc.reason.value).inc()
             log.debug("signaling: ignored a recommendation for %s: %s", group.name, exc)
             return False

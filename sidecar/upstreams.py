@@ -19,11 +19,11 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mesh.headers import format_regret
 from mesh.policies import make_policy
 from mesh.policy import Policy, PolicySnapshot
 from mesh.profiles import StrategyProfile
 from mesh.retry import RetryBudget
+from wire.headers import format_regret
 
 log = logging.getLogger(__name__)
 

@@ -18,18 +18,18 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
-from mesh.identity import MeshKeyError, load_mesh_key
-from mesh.protocol import check_redis_url
+from wire.errors import WireError
+from wire.keys import check_redis_url
+from wire.signing import MESH_SECRET_ENV, read_mesh_key
 
 DEFAULT_ADMIN = "127.0.0.1:15020"
 DEFAULT_EPOCH = 1.0
 DEFAULT_TOKENS = 32
 
-EPILOG = """\
-environment: EQUILIBRIUM_REDIS_URL (for --redis), EQUILIBRIUM_MESH_SECRET (the mesh key,
+EPILOG = f"""\
+environment: EQUILIBRIUM_REDIS_URL (for --redis), {MESH_SECRET_ENV} (the mesh key,
   at least 16 bytes; or --mesh-secret-file), EQUILIBRIUM_SIGNALER_ID (for --id).
 redis URLs: redis://[user:password@]host:port/db, rediss:// for TLS
   (add ?ssl_ca_certs=/path/ca.pem to trust a private CA).
@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--upstream", dest="upstreams", action="append", metavar="NAME",
                         help="serve only these upstreams (repeatable; default: discover)")
     parser.add_argument("--mesh-secret-file", metavar="FILE",
-                        help="file holding the mesh key (EQUILIBRIUM_MESH_SECRET wins)")
+                        help=f"file holding the mesh key ({MESH_SECRET_ENV} wins)")
     parser.add_argument("--lease-epochs", metavar="N", default="3",
                         help="lease time-to-live in epochs: how soon a standby takes over (3)")
     parser.add_argument("--seed", metavar="N", default=None,
@@ -73,21 +73,6 @@ def register(subparsers: Any) -> None:
 
 class UsageError(ValueError):
     """A flag or the environment is unusable; the message is for a human."""
-
-
-def read_mesh_key(secret_file: str | None, env: dict[str, str] | None = None) -> bytes:
-    """The mesh key from ``EQUILIBRIUM_MESH_SECRET`` or ``secret_file``; UsageError if none."""
-    environ = os.environ if env is None else env
-    content = None
-    if secret_file:
-        try:
-            content = Path(secret_file).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--mesh-secret-file {secret_file!r}: {exc.strerror}") from None
-    try:
-        return load_mesh_key(environ.get("EQUILIBRIUM_MESH_SECRET"), content)
-    except MeshKeyError as exc:
-        raise UsageError(f"{exc}; signaling refuses to run without one") from None
 
 
 def _number(text: str, flag: str, low: float) -> float:
@@ -117,7 +102,10 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
         check_redis_url(args.redis)
     except ValueError as exc:
         raise UsageError(f"--redis: {exc}") from None
-    key = read_mesh_key(args.mesh_secret_file)
+    try:
+        key = read_mesh_key(os.environ, args.mesh_secret_file, required=True)
+    except WireError as exc:
+        raise UsageError(f"{exc}; signaling refuses to run without one") from None
     signer = args.id or f"signaler-{socket.gethostname()}-{os.getpid()}"
     try:
         config = SignalerConfig(
@@ -133,13 +121,13 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    from mesh.protocol import ProtocolError, leader_key
+    from wire.keys import leader_key
 
     try:  # ids and upstream names must be valid protocol names
         leader_key(signer)
         for upstream in config.upstreams:
             leader_key(upstream)
-    except ProtocolError as exc:
+    except WireError as exc:
         raise UsageError(f"--id/--upstream: {exc.detail}") from None
     return config, _listen(args.admin)
 

@@ -3,7 +3,7 @@
 
 Owns metric names, labels and the admin HTTP app. One registry per process (never the global
 one), label values bounded by the upstreams the signaler serves and by the stable rejection
-reasons of :class:`mesh.protocol.Reason`. Nothing here talks to Redis or solves anything.
+reasons of :class:`wire.errors.Reason`. Nothing here talks to Redis or solves anything.
 """
 
 from __future__ import annotations

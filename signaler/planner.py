@@ -100,12 +100,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh.protocol import RegretSummary
 from signaler.latency_model import LatencyModel, fit_latency_model
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS, CorrelatedEquilibriumLP
 from signaler.routing_game import ce_gap, configuration_costs, latency_table
 from signaler.solution import CESolution
 from signaler.tokens import quantise_demand, sample_configuration, steady_deal
+from wire.summary import RegretSummary
 
 DEFAULT_HISTORY = 60
 DEFAULT_FAILURE_PENALTY = 1.0

@@ -8,13 +8,13 @@ the constructor: Redis in production, in memory in tests and the simulator); the
   or renews the upstream's lease. Only the leader reads that upstream's summaries and
   publishes its recommendations; the others stand by and take over when the lease expires
   (``lease_epochs`` epochs after the leader's last renewal).
-* **Consuming** ``eq:{u}:summaries`` with the consumer group :data:`SIGNALER_GROUP`
+* **Consuming** ``eq:{u}:summaries`` with the consumer group :data:`wire.keys.SIGNALER_GROUP`
   (``XREADGROUP`` then ``XACK`` once applied). On taking the lease the new leader creates the
   group if needed, warms up from the stream's newest entries (``XREVRANGE``: the latest summary
   of each sidecar, even if the previous leader already acknowledged it), and reclaims with
   ``XAUTOCLAIM`` every entry a crashed consumer left pending, so none is lost. Every entry is
   acknowledged whether it was valid or not; invalid ones are counted by their
-  :class:`~mesh.protocol.Reason` and never stop the loop.
+  :class:`~wire.errors.Reason` and never stop the loop.
 * **Planning**: :func:`signaler.planner.make_plan` in a worker thread (cvxpy blocks), so the
   admin listener keeps answering during a long solve. A solver failure is counted and logged
   and the previous recommendations stay in force until they expire.
@@ -47,19 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from mesh.protocol import (
-    ProtocolError,
-    Reason,
-    Recommendation,
-    decode_summary,
-    sign_recommendation,
-)
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerHealth, SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.solution import SolverError
+from wire.errors import Reason, WireError
+from wire.recommendation import Recommendation, sign_recommendation
 from wire.store import SignalStore, StoreError, StreamEntry, error_kind
+from wire.summary import decode_summary
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +251,7 @@ class SignalerService:
         view = self._view(upstream)
         newest = await self.store.newest_summaries(upstream, self.config.warmup_entries)
         for entry in reversed(newest):
-            with contextlib.suppress(ProtocolError):
+            with contextlib.suppress(WireError):
                 if entry.fields is None:
                     continue
                 summary = decode_summary(entry.fields)
@@ -296,11 +292,11 @@ class SignalerService:
         try:
             summary = decode_summary(fields)
             if summary.upstream != upstream:
-                raise ProtocolError(
+                raise WireError(
                     Reason.WRONG_UPSTREAM,
                     f"summary for {summary.upstream!r} on the stream of {upstream!r}",
                 )
-        except ProtocolError as exc:
+        except WireError as exc:
             self.metrics.entries_rejected.labels(upstream, exc.reason.value).inc()
             log.debug("rejected summary entry on %s: %s", upstream, exc)
             return False

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mesh.protocol import (
+from wire.keys import (
     RECOMMENDATION_MAXLEN,
     SIGNALER_GROUP,
     SUMMARY_MAXLEN,

@@ -23,10 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from mesh.protocol import (
-    FENCED_XADD_LUA,
-    LEASE_ACQUIRE_LUA,
-    LEASE_RELEASE_LUA,
+from wire.keys import (
     RECOMMENDATION_MAXLEN,
     SIGNALER_GROUP,
     SUMMARY_MAXLEN,
@@ -35,6 +32,7 @@ from mesh.protocol import (
     recommendation_stream,
     summary_stream,
 )
+from wire.lease import FENCED_XADD_LUA, LEASE_ACQUIRE_LUA, LEASE_RELEASE_LUA
 from wire.store import Fields, StoreError, StreamEntry, upstream_of_summary_stream
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import aiohttp
 
-from mesh.protocol import recommendation_stream, summary_stream
 from tests.integration.procs import (
     LOOPBACK,
     EquilibriumProcess,
@@ -41,6 +40,7 @@ from tests.integration.procs import (
     start_equilibrium,
 )
 from tests.redis_fixture import RedisHandle
+from wire.keys import recommendation_stream, summary_stream
 
 UPSTREAM = "svc"
 EPOCH = "0.5"

@@ -18,11 +18,11 @@ from pathlib import Path
 import aiohttp
 
 from equilibrium.bench.policing import open_loop
-from mesh.headers import IDENTITY, RETRY
-from mesh.identity import sign_identity
 from mesh.reputation import PolicingParams
 from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
 from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend
+from wire.headers import IDENTITY, RETRY
+from wire.identity import sign_identity
 
 POLICING = {
     "capacity": 20,  # fair share 10/s each for two callers

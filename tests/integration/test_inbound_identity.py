@@ -21,7 +21,6 @@ from aiohttp import web
 
 from equilibrium.bench.policing import open_loop
 from equilibrium.cli import main as equilibrium_main
-from mesh.identity import sign_identity
 from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
 from tests.integration.procs import (
     LOOPBACK,
@@ -33,6 +32,7 @@ from tests.integration.procs import (
     metric_value,
     start_backend,
 )
+from wire.identity import sign_identity
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -14,10 +14,10 @@ import pytest_asyncio
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from mesh.identity import sign_identity
 from sidecar.inbound import InboundProxy
 from sidecar.policing_config import parse_policing
 from tests.integration.procs import LOOPBACK, Reply, fetch, start_backend
+from wire.identity import sign_identity
 
 KEY = b"queue-test-mesh-key-0123456789"
 

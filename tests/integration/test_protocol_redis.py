@@ -1,12 +1,23 @@
-"""mesh.protocol against a real Redis: entries through streams and groups, the lease and fencing."""
+"""wire against a real Redis: entries through streams and groups, the lease Lua and fencing."""
 
 from __future__ import annotations
 
 import uuid
 
-from mesh import protocol as P
-from mesh.protocol import Lease, Reason, Recommendation, RegretSummary
 from tests.redis_fixture import RedisHandle
+from wire.errors import Reason, WireError
+from wire.keys import (
+    RECOMMENDATION_MAXLEN,
+    SIGNALER_GROUP,
+    SUMMARY_MAXLEN,
+    fence_key,
+    leader_key,
+    recommendation_stream,
+    summary_stream,
+)
+from wire.lease import FENCED_XADD_LUA, LEASE_ACQUIRE_LUA, LEASE_RELEASE_LUA, Lease, decode_lease
+from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
+from wire.summary import RegretSummary, decode_summary, encode_summary
 
 KEY = b"mesh-key-for-tests-0123456789abcdef"
 NOW = 1_764_183_600.0
@@ -36,18 +47,18 @@ def _rec(upstream: str, sidecar: str, fence: int, signer: str) -> Recommendation
 def test_summaries_through_a_consumer_group(redis_server_session: RedisHandle) -> None:
     r = redis_server_session.client()  # bytes in, bytes out: what the signaler sees
     upstream = _upstream()
-    stream = P.summary_stream(upstream)
-    r.xgroup_create(stream, P.SIGNALER_GROUP, id="0", mkstream=True)
+    stream = summary_stream(upstream)
+    r.xgroup_create(stream, SIGNALER_GROUP, id="0", mkstream=True)
     sent = [_summary(upstream, f"sc-{i}", epoch=i) for i in range(3)]
     for s in sent:
-        r.xadd(stream, P.encode_summary(s), maxlen=P.SUMMARY_MAXLEN, approximate=True)
+        r.xadd(stream, encode_summary(s), maxlen=SUMMARY_MAXLEN, approximate=True)
     r.xadd(stream, {"v": "1", "type": "summary", "epoch": "NaN"})  # a bad producer
-    got = r.xreadgroup(P.SIGNALER_GROUP, "signaler-0", {stream: ">"}, count=10)[0][1]
+    got = r.xreadgroup(SIGNALER_GROUP, "signaler-0", {stream: ">"}, count=10)[0][1]
     decoded, rejected = [], []
     for _, fields in got:
         try:
-            decoded.append(P.decode_summary(fields))
-        except P.ProtocolError as exc:
+            decoded.append(decode_summary(fields))
+        except WireError as exc:
             rejected.append(exc.reason)
     assert decoded == sent
     assert rejected == [Reason.MALFORMED]
@@ -56,21 +67,21 @@ def test_summaries_through_a_consumer_group(redis_server_session: RedisHandle) -
 def test_lease_fencing_and_fenced_publish(redis_server_session: RedisHandle) -> None:
     r = redis_server_session.client()
     upstream = _upstream()
-    leader, fence = P.leader_key(upstream), P.fence_key(upstream)
-    acquire = r.register_script(P.LEASE_ACQUIRE_LUA)
-    release = r.register_script(P.LEASE_RELEASE_LUA)
-    publish = r.register_script(P.FENCED_XADD_LUA)
-    stream = P.recommendation_stream(upstream, "sc-1")
+    leader, fence = leader_key(upstream), fence_key(upstream)
+    acquire = r.register_script(LEASE_ACQUIRE_LUA)
+    release = r.register_script(LEASE_RELEASE_LUA)
+    publish = r.register_script(FENCED_XADD_LUA)
+    stream = recommendation_stream(upstream, "sc-1")
 
     def fenced_xadd(holder: str, token: int, rec: Recommendation) -> bytes | None:
-        flat = [x for kv in P.sign_recommendation(rec, KEY).items() for x in kv]
-        return publish(keys=[leader, stream], args=[holder, token, P.RECOMMENDATION_MAXLEN, *flat])
+        flat = [x for kv in sign_recommendation(rec, KEY).items() for x in kv]
+        return publish(keys=[leader, stream], args=[holder, token, RECOMMENDATION_MAXLEN, *flat])
 
     a_token = acquire(keys=[leader, fence], args=["signaler-a", 60_000])
     assert a_token == 1
     assert acquire(keys=[leader, fence], args=["signaler-b", 60_000]) == 0  # b stands by
     assert acquire(keys=[leader, fence], args=["signaler-a", 60_000]) == 1  # a renews
-    assert P.decode_lease(r.get(leader)) == Lease("signaler-a", 1)
+    assert decode_lease(r.get(leader)) == Lease("signaler-a", 1)
     assert 0 < r.pttl(leader) <= 60_000
 
     assert fenced_xadd("signaler-a", a_token, _rec(upstream, "sc-1", a_token, "signaler-a"))
@@ -86,11 +97,11 @@ def test_lease_fencing_and_fenced_publish(redis_server_session: RedisHandle) -> 
     entries = r.xrange(stream)
     assert [e[1][b"signer"] for e in entries] == [b"signaler-a", b"signaler-b"]
     # a sidecar that has seen fence 2 refuses anything signed under fence 1
-    newest = P.verify_recommendation(entries[-1][1], KEY, NOW, upstream, "sc-1", min_fence=1)
+    newest = verify_recommendation(entries[-1][1], KEY, NOW, upstream, "sc-1", min_fence=1)
     assert newest.fence == 2
     try:
-        P.verify_recommendation(entries[0][1], KEY, NOW, upstream, "sc-1", min_fence=newest.fence)
-    except P.ProtocolError as exc:
+        verify_recommendation(entries[0][1], KEY, NOW, upstream, "sc-1", min_fence=newest.fence)
+    except WireError as exc:
         assert exc.reason is Reason.FENCED
     else:
         raise AssertionError("a deposed leader's recommendation was accepted")
@@ -103,15 +114,15 @@ def test_lease_fencing_and_fenced_publish(redis_server_session: RedisHandle) -> 
 def test_recommendation_stream_is_trimmed(redis_server_session: RedisHandle) -> None:
     r = redis_server_session.client()
     upstream = _upstream()
-    leader, fence = P.leader_key(upstream), P.fence_key(upstream)
-    token = r.register_script(P.LEASE_ACQUIRE_LUA)(keys=[leader, fence], args=["s", 60_000])
-    publish = r.register_script(P.FENCED_XADD_LUA)
-    stream = P.recommendation_stream(upstream, "sc-1")
-    flat = [x for kv in P.sign_recommendation(_rec(upstream, "sc-1", token, "s"), KEY).items()
+    leader, fence = leader_key(upstream), fence_key(upstream)
+    token = r.register_script(LEASE_ACQUIRE_LUA)(keys=[leader, fence], args=["s", 60_000])
+    publish = r.register_script(FENCED_XADD_LUA)
+    stream = recommendation_stream(upstream, "sc-1")
+    flat = [x for kv in sign_recommendation(_rec(upstream, "sc-1", token, "s"), KEY).items()
             for x in kv]
     for _ in range(500):
-        publish(keys=[leader, stream], args=["s", token, P.RECOMMENDATION_MAXLEN, *flat])
+        publish(keys=[leader, stream], args=["s", token, RECOMMENDATION_MAXLEN, *flat])
     # MAXLEN ~ trims whole macro-nodes (stream-node-max-entries, 100 by default): a loose bound
-    assert r.xlen(stream) <= P.RECOMMENDATION_MAXLEN + 100
+    assert r.xlen(stream) <= RECOMMENDATION_MAXLEN + 100
     latest = r.xrevrange(stream, count=1)[0][1]
-    assert P.verify_recommendation(latest, KEY, NOW, upstream, "sc-1").fence == token
+    assert verify_recommendation(latest, KEY, NOW, upstream, "sc-1").fence == token

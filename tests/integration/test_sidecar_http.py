@@ -16,7 +16,6 @@ import pytest_asyncio
 from aiohttp import web
 from multidict import CIMultiDict
 
-from mesh.headers import format_congestion
 from tests.integration.procs import (
     Backend,
     SidecarProcess,
@@ -26,6 +25,7 @@ from tests.integration.procs import (
     rss_bytes,
     start_backend,
 )
+from wire.headers import format_congestion
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -18,17 +18,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from mesh.protocol import (
-    RegretSummary,
-    decode_summary,
-    encode_summary,
-    verify_recommendation,
-)
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
 from wire.memory_store import MemorySignalStore
+from wire.recommendation import verify_recommendation
 from wire.redis_store import RedisSignalStore
 from wire.store import SignalStore, StoreError, StreamEntry
+from wire.summary import RegretSummary, decode_summary, encode_summary
 
 KEY = b"contract-mesh-key-0123456789abcdef"
 EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003")

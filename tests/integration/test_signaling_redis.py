@@ -17,22 +17,15 @@ from dataclasses import replace
 import pytest
 import redis
 
-from mesh.protocol import (
-    SIGNALER_GROUP,
-    Recommendation,
-    RegretSummary,
-    encode_summary,
-    recommendation_stream,
-    sign_recommendation,
-    summary_stream,
-    verify_recommendation,
-)
 from sidecar.metrics import SidecarMetrics
 from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
+from wire.keys import SIGNALER_GROUP, recommendation_stream, summary_stream
+from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
 from wire.redis_store import RedisSignalStore
+from wire.summary import RegretSummary, encode_summary
 
 KEY = b"integration-mesh-key-0123456789abcdef"
 EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003")

@@ -1,4 +1,4 @@
-"""mesh.auction: bid parsing, budgets, and the second-price clearing of the wait queue."""
+"""mesh.auction: budgets and the second-price clearing of the wait queue."""
 
 from __future__ import annotations
 
@@ -8,63 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.auction import (
-    Admission,
-    AuctionParams,
-    BidBudget,
-    BidError,
-    Queued,
-    Rejected,
-    SecondPriceAuction,
-    parse_bid,
-)
+from mesh.auction import Admission, AuctionParams, BidBudget, Queued, Rejected, SecondPriceAuction
 
 
 def _auction(**kw: float) -> SecondPriceAuction:
     params = {"budget_rate": 0.0, "budget_cap": 100.0, "max_queue": 100}
     params.update(kw)
     return SecondPriceAuction(AuctionParams(**params))  # type: ignore[arg-type]
-
-
-# --- parse_bid ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("3", 3.0), (" 2.5 ", 2.5), ("0", 0.0), ("-0", 0.0), ("1e2", 100.0), ("+4", 4.0)],
-)
-def test_parse_bid_accepts_plain_decimals(text: str, value: float) -> None:
-    assert parse_bid(text) == value
-
-
-def test_absent_or_empty_bid_is_zero() -> None:
-    assert parse_bid(None) == 0.0
-    assert parse_bid("   ") == 0.0
-
-
-@pytest.mark.parametrize(
-    ("text", "reason"),
-    [
-        ("abc", "malformed"),
-        ("1,5", "malformed"),
-        ("0x10", "malformed"),
-        ("1_000", "malformed"),
-        ("nan", "nan"),
-        ("-NaN", "nan"),
-        ("inf", "infinite"),
-        ("-Infinity", "infinite"),
-        ("1e400", "infinite"),
-        ("-1", "negative"),
-        ("-0.5", "negative"),
-        ("1000001", "too-large"),
-        ("1" * 40, "too-long"),
-    ],
-)
-def test_malformed_bids_raise_with_a_reason_and_message(text: str, reason: str) -> None:
-    with pytest.raises(BidError) as caught:
-        parse_bid(text)
-    assert caught.value.reason == reason
-    assert "X-GT-Bid" in str(caught.value)
 
 
 # --- budgets --------------------------------------------------------------------------------

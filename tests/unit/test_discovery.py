@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from mesh.profiles import get_profile
-from mesh.protocol import summary_stream
 from sidecar.config import ConfigError
 from sidecar.discovery import (
     Backoff,
@@ -29,6 +28,7 @@ from sidecar.kube_wiring import KubeWiring, parse_namespaces
 from sidecar.transparent import sniff_http
 from sidecar.upstreams import UpstreamTable
 from tests.integration.kube_api import endpoint_slice, service
+from wire.keys import summary_stream
 
 
 def users_service(**spec: Any) -> dict[str, Any]:

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.headers import HeaderError
 from mesh.reputation import Phase
-from mesh.standing import format_standing, parse_standing
 from sidecar.config import ConfigError, ConfigSource
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
+from wire.errors import WireError
+from wire.standing import format_standing, parse_standing
 
 
 def test_defaults_are_the_mesh_defaults() -> None:
@@ -128,7 +128,7 @@ def test_any_standing_formats_to_a_parseable_value(score: float, level: int, pha
     "v=1;score=1;level=0;phase=punished;retry=inf",
 ])
 def test_malformed_standing_is_a_header_error(value: str) -> None:
-    with pytest.raises(HeaderError):
+    with pytest.raises(WireError):
         parse_standing(value)
 
 
@@ -136,7 +136,10 @@ def test_malformed_standing_is_a_header_error(value: str) -> None:
 
 
 def test_mesh_key_from_env_or_file(tmp_path: Path) -> None:
-    from sidecar.policing import read_mesh_key
+    from sidecar.policing import PolicingWiring
+
+    def read_mesh_key(config: object, env: dict[str, str]) -> bytes | None:
+        return PolicingWiring.prepare(config, env).mesh_key
 
     key_file = tmp_path / "mesh.key"
     key_file.write_text("file-key-0123456789abcdef\n")

@@ -11,15 +11,14 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from mesh.auction import parse_bid
-from mesh.headers import BID, IDENTITY, PRICE, REPUTATION
-from mesh.identity import ANONYMOUS, VerifiedIdentity, verify_identity
-from mesh.reputation import Phase
-from mesh.standing import format_standing
-from sidecar.identity_phase import CallerPhases, format_bid
+from mesh.reputation import ANONYMOUS, Phase
+from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import OTHER, CallerLabels, InboundProxy, LocalRateLimit
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.policing_config import parse_policing
+from wire.headers import BID, IDENTITY, PRICE, REPUTATION
+from wire.identity import VerifiedIdentity, verify_identity
+from wire.standing import format_standing
 
 KEY = b"unit-test-mesh-key-0123456789"
 
@@ -131,11 +130,6 @@ def test_back_off_is_capped() -> None:
                                                      "retry=86400"}
     phases.response_filter(ctx, CIMultiDict())
     assert phases.backing_off("users", clock.t) == 300.0
-
-
-@pytest.mark.parametrize("bid", [0.0, 1.0, 2.5, 0.000001, 123456.789, 1e6])
-def test_format_bid_reads_back(bid: float) -> None:
-    assert parse_bid(format_bid(bid)) == pytest.approx(bid, abs=1e-6)
 
 
 def test_caller_labels_are_bounded() -> None:

@@ -15,20 +15,13 @@ import numpy as np
 from mesh.policies import RegretMatchingPolicy
 from mesh.policy import Outcome
 from mesh.profiles import get_profile
-from mesh.protocol import (
-    RECOMMENDATION_MAXLEN,
-    SUMMARY_MAXLEN,
-    RegretSummary,
-    decode_summary,
-    encode_summary,
-    recommendation_stream,
-    summary_stream,
-)
 from sidecar.metrics import SidecarMetrics
 from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
+from wire.keys import RECOMMENDATION_MAXLEN, SUMMARY_MAXLEN, recommendation_stream, summary_stream
 from wire.memory_store import MemorySignalStore
+from wire.summary import RegretSummary, decode_summary, encode_summary
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
 T0 = 1_764_183_600.0

@@ -11,7 +11,8 @@ from pathlib import Path
 
 MESH = Path(__file__).resolve().parents[2] / "mesh"
 FORBIDDEN_MODULES = {"asyncio", "aiohttp", "redis", "cvxpy", "socket", "requests", "httpx",
-                     "threading", "subprocess", "sidecar", "signaler", "injector", "equilibrium"}
+                     "threading", "subprocess", "wire", "sidecar", "signaler", "injector",
+                     "equilibrium"}
 FORBIDDEN_CALLS = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter"),
                    ("time", "sleep"), ("datetime", "now"), ("os", "urandom")}
 GLOBAL_RANDOM = {"random", "uniform", "choice", "choices", "randint", "randrange", "shuffle",

@@ -15,8 +15,7 @@ import pytest
 
 from mesh.auction import AuctionParams, BidBudget, Queued, SecondPriceAuction
 from mesh.concurrency import AdaptiveConcurrencyLimit, ConcurrencyParams
-from mesh.identity import ANONYMOUS
-from mesh.reputation import BookSnapshot, Phase, PolicingParams, ReputationBook, Standing
+from mesh.reputation import ANONYMOUS, BookSnapshot, Phase, PolicingParams, ReputationBook, Standing
 from sidecar.admin import inbound_json
 from sidecar.inbound import InboundSnapshot
 

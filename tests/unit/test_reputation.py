@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.identity import ANONYMOUS
 from mesh.reputation import (
+    ANONYMOUS,
     Decision,
     LadderRules,
     Phase,

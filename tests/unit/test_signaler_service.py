@@ -18,14 +18,6 @@ import pytest
 from mesh.policies import RegretMatchingPolicy
 from mesh.policy import Outcome
 from mesh.profiles import get_profile
-from mesh.protocol import (
-    Recommendation,
-    RegretSummary,
-    decode_summary,
-    encode_summary,
-    sign_recommendation,
-    verify_recommendation,
-)
 from mesh.summary import SummaryBuilder
 from sidecar.config import ConfigError, ConfigSource
 from sidecar.metrics import SidecarMetrics
@@ -36,7 +28,7 @@ from sidecar.signaling import (
     protocol_id,
 )
 from sidecar.upstreams import UpstreamTable
-from signaler.cli import UsageError, build_config, read_mesh_key
+from signaler.cli import UsageError, build_config
 from signaler.latency_model import LatencyModel
 from signaler.leader import Leadership
 from signaler.planner import (
@@ -50,6 +42,8 @@ from signaler.planner import (
 )
 from signaler.service import SignalerConfig, SignalerService
 from wire.memory_store import MemorySignalStore
+from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
+from wire.summary import RegretSummary, decode_summary, encode_summary
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
 NOW = 1_764_183_600.0
@@ -558,11 +552,18 @@ def test_signaler_cli_requires_a_key_and_a_redis_url(tmp_path: object) -> None:
                 "mesh_secret_file": None, "lease_epochs": "3", "seed": None}
         return argparse.Namespace(**{**base, **kw})
 
-    with pytest.raises(UsageError, match="no mesh key"):
-        read_mesh_key(None, env={})
-    with pytest.raises(UsageError, match="at least 16"):
-        read_mesh_key(None, env={"EQUILIBRIUM_MESH_SECRET": "short"})
-    assert read_mesh_key(None, env={"EQUILIBRIUM_MESH_SECRET": KEY.decode()}) == KEY
+    key_file = Path(str(tmp_path)) / "mesh.key"
+    key_file.write_bytes(KEY + b"\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("EQUILIBRIUM_MESH_SECRET", raising=False)
+        with pytest.raises(UsageError, match="mesh key: none given"):
+            build_config(args())
+        assert build_config(args(mesh_secret_file=str(key_file)))[0].key == KEY
+        with pytest.raises(UsageError, match="cannot read"):
+            build_config(args(mesh_secret_file=str(key_file) + ".missing"))
+        mp.setenv("EQUILIBRIUM_MESH_SECRET", "short")
+        with pytest.raises(UsageError, match="at least 16"):
+            build_config(args())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EQUILIBRIUM_MESH_SECRET", KEY.decode())
         config, admin = build_config(args())

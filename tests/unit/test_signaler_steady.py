@@ -9,10 +9,10 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from mesh.protocol import RegretSummary
 from signaler.latency_model import LatencyModel
 from signaler.planner import Plan, UpstreamView, make_plan, pool_indifferent
 from signaler.tokens import steady_deal
+from wire.summary import RegretSummary
 
 NOW = 1_764_183_600.0
 PODS = tuple(f"http://127.0.0.1:{9100 + i}" for i in range(5))  # PODS[4] is the bad one

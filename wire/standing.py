@@ -6,7 +6,7 @@ no I/O. The inbound sidecar writes it on every response from a :class:`mesh.repu
 while it is punished, without waiting for 429s (the folk theorem's punishment phase is then
 played by the deviator's own sidecar, at no cost to the app).
 
-Wire format (the ``v=1;key=value`` convention of :mod:`mesh.headers`)::
+Wire format (the ``v=1;key=value`` convention of :mod:`wire.headers`)::
 
     X-GT-Reputation: v=1;score=<0..1>;level=<0..max>;phase=<good|punished|probation>[;retry=<s>]
 
@@ -16,7 +16,7 @@ Wire format (the ``v=1;key=value`` convention of :mod:`mesh.headers`)::
 - ``retry`` is present only while punished: whole seconds of punishment left (at least 1).
 
 Unknown keys are ignored (forward compatible); a missing key, a bad number or an unknown phase
-is a :class:`mesh.headers.HeaderError`.
+is a :class:`~wire.errors.WireError` (``malformed``, ``version``, ``out-of-range``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mesh.headers import REPUTATION, VERSION, HeaderError, parse_fields, parse_number
 from mesh.reputation import Phase
+from wire.errors import Reason, WireError
+from wire.headers import REPUTATION, VERSION, parse_fields, parse_number
 
 MAX_LEVEL = 100
 MAX_RETRY_SECONDS = 86_400
@@ -56,20 +57,20 @@ def format_standing(score: float, level: int, phase: Phase, retry_after: float |
 
 
 def parse_standing(value: str) -> StandingSignal:
-    """Parse an ``X-GT-Reputation`` value (HeaderError if malformed)."""
+    """Parse an ``X-GT-Reputation`` value (WireError if malformed)."""
     fields = parse_fields(REPUTATION, value)
     for key in ("score", "level", "phase"):
         if key not in fields:
-            raise HeaderError(REPUTATION, "malformed", f"missing {key}")
+            raise WireError(Reason.MALFORMED, f"missing {key}", REPUTATION)
     score = parse_number(REPUTATION, fields["score"], low=0.0, high=1.0)
     level_text = fields["level"]
     if not level_text.isdigit() or int(level_text) > MAX_LEVEL:
-        raise HeaderError(REPUTATION, "malformed", f"level must be 0..{MAX_LEVEL}")
+        raise WireError(Reason.MALFORMED, f"level must be 0..{MAX_LEVEL}", REPUTATION)
     try:
         phase = Phase(fields["phase"])
     except ValueError:
         shown = fields["phase"][:16]
-        raise HeaderError(REPUTATION, "malformed", f"unknown phase {shown!r}") from None
+        raise WireError(Reason.MALFORMED, f"unknown phase {shown!r}", REPUTATION) from None
     retry: float | None = None
     if "retry" in fields:
         retry = parse_number(REPUTATION, fields["retry"], low=0.0, high=MAX_RETRY_SECONDS)

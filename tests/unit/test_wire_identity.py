@@ -1,4 +1,4 @@
-"""mesh.identity: the X-GT-Identity wire format, signing, verification, and the mesh key."""
+"""wire.identity: the X-GT-Identity wire format, signing and verification."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.identity import (
-    ANONYMOUS,
-    IdentityReason,
-    IdentityRejection,
-    MeshKeyError,
-    VerifiedIdentity,
-    load_mesh_key,
-    sign_identity,
-    verify_identity,
-)
+from mesh.reputation import ANONYMOUS
+from wire.errors import Reason
+from wire.identity import IdentityRejection, VerifiedIdentity, sign_identity, verify_identity
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -66,13 +59,13 @@ def test_tampered_fields_are_rejected_as_bad_signature(tamper) -> None:
     header = tamper(sign_identity("svc-a", KEY, 100.0))
     result = verify_identity(header, KEY, 100.0)
     assert isinstance(result, IdentityRejection)
-    assert result.reason is IdentityReason.BAD_SIGNATURE
+    assert result.reason is Reason.BAD_SIGNATURE
     assert result.caller == ANONYMOUS and not result.trusted
 
 
 def test_a_header_signed_with_another_key_is_a_forgery() -> None:
     forged = sign_identity("svc-a", OTHER_KEY, NOW)
-    assert _rejected(forged).reason is IdentityReason.BAD_SIGNATURE
+    assert _rejected(forged).reason is Reason.BAD_SIGNATURE
 
 
 def test_key_rotation_accepts_either_key() -> None:
@@ -86,23 +79,23 @@ def test_expired_and_future_identities_are_rejected_at_the_skew_boundary() -> No
     header = sign_identity("svc-a", KEY, NOW)
     assert verify_identity(header, KEY, NOW + 30.0, max_skew=30.0).trusted
     expired = _rejected(header, NOW + 30.5, max_skew=30.0)
-    assert expired.reason is IdentityReason.EXPIRED
+    assert expired.reason is Reason.EXPIRED
     assert verify_identity(header, KEY, NOW - 30.0, max_skew=30.0).trusted
     future = _rejected(header, NOW - 30.5, max_skew=30.0)
-    assert future.reason is IdentityReason.FUTURE
+    assert future.reason is Reason.FUTURE
 
 
 def test_unknown_version_is_rejected_as_unsupported() -> None:
     header = sign_identity("svc-a", KEY, NOW).replace("v=1;", "v=2;", 1)
     result = _rejected(header)
-    assert result.reason is IdentityReason.UNSUPPORTED_VERSION
+    assert result.reason is Reason.UNSUPPORTED_VERSION
     assert "v=2" in result.detail
 
 
 def test_missing_header_is_anonymous() -> None:
     for header in (None, ""):
         result = _rejected(header)
-        assert result.reason is IdentityReason.MISSING and result.caller == ANONYMOUS
+        assert result.reason is Reason.MISSING and result.caller == ANONYMOUS
 
 
 @pytest.mark.parametrize(
@@ -128,7 +121,7 @@ def test_missing_header_is_anonymous() -> None:
 def test_malformed_headers_are_rejected_with_a_reason(header: str) -> None:
     result = verify_identity(header, KEY, NOW)
     assert isinstance(result, IdentityRejection)
-    assert result.reason is IdentityReason.MALFORMED
+    assert result.reason is Reason.MALFORMED
     assert result.detail
 
 
@@ -147,23 +140,6 @@ def test_signing_refuses_times_the_format_cannot_carry(now: float) -> None:
 def test_signing_refuses_a_short_key() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         sign_identity("svc-a", b"short", NOW)
-
-
-def test_load_mesh_key_prefers_the_environment_and_strips_whitespace() -> None:
-    assert load_mesh_key("  0123456789abcdef0123  ", b"file-key-file-key-file") == (
-        b"0123456789abcdef0123"
-    )
-    assert load_mesh_key(None, b"file-key-file-key-file\n") == b"file-key-file-key-file"
-    assert load_mesh_key("", b"file-key-file-key-file\n") == b"file-key-file-key-file"
-
-
-def test_load_mesh_key_rejects_absent_and_short_keys_clearly() -> None:
-    with pytest.raises(MeshKeyError, match="EQUILIBRIUM_MESH_SECRET"):
-        load_mesh_key(None, None)
-    with pytest.raises(MeshKeyError, match="environment value is 5 bytes"):
-        load_mesh_key("short", None)
-    with pytest.raises(MeshKeyError, match="key file is 3 bytes"):
-        load_mesh_key(None, b"abc\n")
 
 
 @given(st.text(max_size=300))

@@ -1,11 +1,13 @@
-"""The ``X-GT-*`` HTTP headers: names, versions, formats and validation, in one place.
+"""The ``X-GT-*`` HTTP headers: their names, the ``v=1;key=value`` convention, and the small
+signals (regret, congestion, retry) that need no module of their own.
 
 Game signals ride on ordinary HTTP headers so that firewalls and tracing keep working. Every
 structured value is a ``;``-separated list of ``key=value`` pairs whose first pair is
 ``v=<version>``; unknown keys are ignored (forward compatible), a missing or unknown version,
-a missing required key, or a non-finite number is a :class:`HeaderError` (the proxy ignores the
-header and counts it). The app never sees any of them: sidecars strip ``X-GT-*`` in both
-directions. Documented for users in docs/protocol.md.
+a missing required key, or a non-finite number is a :class:`~wire.errors.WireError` whose
+``subject`` is the header name (the proxy ignores the header and counts it by ``reason``). The
+app never sees any of them: sidecars strip ``X-GT-*`` in both directions. Pure; documented for
+users in docs/protocol.md ("HTTP headers").
 
 ========================  =========  ==========================================================
 header                    direction  value
@@ -14,11 +16,11 @@ X-GT-Regret               request    ``v=1;gap=<s>;max=<s>;conv=<0|1>`` — the 
                                      and largest conditional regret for this upstream (seconds)
 X-GT-Retry                request    ``<attempt>`` (1, 2, ...) — this request is a retry
 X-GT-Congestion           response   ``v=1;level=<0..1>[;limit=<n>;inflight=<n>]``
-X-GT-Bid                  request    ``<decimal>`` — bid for priority (see mesh.auction)
-X-GT-Price                response   ``<decimal>`` — the second price charged (see mesh.auction)
-X-GT-Identity             request    signed caller identity (see mesh.identity)
+X-GT-Bid                  request    ``<decimal>`` — bid for priority (see wire.bid)
+X-GT-Price                response   ``<decimal>`` — the second price charged (see wire.bid)
+X-GT-Identity             request    signed caller identity (see wire.identity)
 X-GT-Reputation           response   ``v=1;score=<0..1>;level=<n>;phase=<phase>[;retry=<s>]``,
-                                     phase good|punished|probation (see mesh.standing)
+                                     phase good|punished|probation (see wire.standing)
 ========================  =========  ==========================================================
 """
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.policy import PolicySnapshot
+from wire.errors import Reason, WireError
 
 GT_PREFIX = "x-gt-"
 REGRET = "X-GT-Regret"
@@ -41,22 +44,14 @@ IDENTITY = "X-GT-Identity"
 REPUTATION = "X-GT-Reputation"
 
 VERSION = "1"
+"""Version of the ``v=``-headers (Regret, Congestion, Reputation; Identity has its own)."""
 MAX_HEADER_LENGTH = 512
-
-
-class HeaderError(ValueError):
-    """A game header is malformed; ``reason`` is a short stable label for metrics."""
-
-    def __init__(self, header: str, reason: str, detail: str) -> None:
-        super().__init__(f"{header}: {detail}")
-        self.header = header
-        self.reason = reason
 
 
 def parse_fields(header: str, value: str) -> dict[str, str]:
     """Parse ``v=1;k=v;...`` into a dict, checking the version."""
     if len(value) > MAX_HEADER_LENGTH:
-        raise HeaderError(header, "too-long", f"value longer than {MAX_HEADER_LENGTH} bytes")
+        raise WireError(Reason.TOO_LONG, f"value longer than {MAX_HEADER_LENGTH} bytes", header)
     fields: dict[str, str] = {}
     for part in value.split(";"):
         part = part.strip()
@@ -64,56 +59,63 @@ def parse_fields(header: str, value: str) -> dict[str, str]:
             continue
         key, sep, val = part.partition("=")
         if not sep or not key.strip():
-            raise HeaderError(header, "malformed", f"expected key=value, got {part!r}")
+            raise WireError(Reason.MALFORMED, f"expected key=value, got {part!r}", header)
         fields[key.strip().lower()] = val.strip()
     version = fields.get("v")
     if version is None:
-        raise HeaderError(header, "version", "missing version (v=1)")
+        raise WireError(Reason.VERSION, "missing version (v=1)", header)
     if version != VERSION:
-        raise HeaderError(header, "version", f"unsupported version {version!r}")
+        raise WireError(Reason.VERSION, f"unsupported version {version!r}", header)
     return fields
 
 
 def parse_number(header: str, raw: str, *, low: float = -math.inf,
                  high: float = math.inf) -> float:
+    """A finite number within [low, high] from a header value (``malformed``/``out-of-range``)."""
     try:
         x = float(raw)
     except ValueError:
-        raise HeaderError(header, "malformed", f"not a number: {raw[:32]!r}") from None
+        raise WireError(Reason.MALFORMED, f"not a number: {raw[:32]!r}", header) from None
     if not math.isfinite(x):
-        raise HeaderError(header, "malformed", "number must be finite")
+        raise WireError(Reason.MALFORMED, "number must be finite", header)
     if not low <= x <= high:
-        raise HeaderError(header, "out-of-range", f"{x} outside [{low}, {high}]")
+        raise WireError(Reason.OUT_OF_RANGE, f"{x} outside [{low}, {high}]", header)
     return x
 
 
 @dataclass(frozen=True, slots=True)
 class RegretSignal:
+    """A parsed ``X-GT-Regret``: the caller's Nash gap and largest regret (seconds)."""
+
     gap: float
     max_regret: float
     converged: bool
 
 
 def format_regret(snapshot: PolicySnapshot) -> str:
+    """The ``X-GT-Regret`` value of a policy snapshot (six decimals)."""
     biggest = max((v.regret for v in snapshot.endpoints), default=0.0)
     return (f"v={VERSION};gap={snapshot.nash_gap:.6f};max={max(0.0, biggest):.6f};"
             f"conv={1 if snapshot.converged else 0}")
 
 
 def parse_regret(value: str) -> RegretSignal:
+    """Parse an ``X-GT-Regret`` value (WireError if bad)."""
     f = parse_fields(REGRET, value)
     try:
         gap, biggest, conv = f["gap"], f["max"], f.get("conv", "0")
     except KeyError as missing:
-        raise HeaderError(REGRET, "malformed", f"missing {missing.args[0]}") from None
+        raise WireError(Reason.MALFORMED, f"missing {missing.args[0]}", REGRET) from None
     if conv not in ("0", "1"):
-        raise HeaderError(REGRET, "malformed", "conv must be 0 or 1")
+        raise WireError(Reason.MALFORMED, "conv must be 0 or 1", REGRET)
     return RegretSignal(parse_number(REGRET, gap, low=0.0, high=3600.0),
                         parse_number(REGRET, biggest, low=0.0, high=3600.0), conv == "1")
 
 
 @dataclass(frozen=True, slots=True)
 class CongestionSignal:
+    """A parsed ``X-GT-Congestion``: level in [0, 1], optionally the limit and in-flight count."""
+
     level: float
     limit: int | None = None
     in_flight: int | None = None
@@ -121,6 +123,7 @@ class CongestionSignal:
 
 def format_congestion(level: float, limit: int | None = None,
                       in_flight: int | None = None) -> str:
+    """The ``X-GT-Congestion`` value; a level outside [0, 1] is clamped, a non-finite one is 1."""
     level = min(1.0, max(0.0, level)) if math.isfinite(level) else 1.0
     out = f"v={VERSION};level={level:.3f}"
     if limit is not None:
@@ -131,9 +134,10 @@ def format_congestion(level: float, limit: int | None = None,
 
 
 def parse_congestion_signal(value: str) -> CongestionSignal:
+    """Parse an ``X-GT-Congestion`` value (WireError if bad)."""
     f = parse_fields(CONGESTION, value)
     if "level" not in f:
-        raise HeaderError(CONGESTION, "malformed", "missing level")
+        raise WireError(Reason.MALFORMED, "missing level", CONGESTION)
     level = parse_number(CONGESTION, f["level"], low=0.0, high=1.0)
     limit = f.get("limit")
     inflight = f.get("inflight")
@@ -145,7 +149,7 @@ def parse_congestion_signal(value: str) -> CongestionSignal:
 
 
 def parse_congestion(value: str) -> float:
-    """The congestion level in [0, 1] from an ``X-GT-Congestion`` value (HeaderError if bad)."""
+    """The congestion level in [0, 1] from an ``X-GT-Congestion`` value (WireError if bad)."""
     return parse_congestion_signal(value).level
 
 
@@ -153,11 +157,13 @@ def parse_retry(value: str) -> int:
     """The attempt number of an ``X-GT-Retry`` value (1 = first retry)."""
     v = value.strip()
     if not (v.isascii() and v.isdigit()) or not 1 <= int(v) <= 100:
-        raise HeaderError(RETRY, "malformed", f"expected an attempt number 1..100, got {v[:16]!r}")
+        raise WireError(Reason.MALFORMED, f"expected an attempt number 1..100, got {v[:16]!r}",
+                        RETRY)
     return int(v)
 
 
 def is_gt_header(name: str) -> bool:
+    """Whether ``name`` is a game header (``X-GT-*``, any case)."""
     return name.lower().startswith(GT_PREFIX)
 
 

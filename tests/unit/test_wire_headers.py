@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from mesh.headers import (
-    HeaderError,
+from mesh.policy import EndpointView, PolicySnapshot
+from wire.errors import WireError
+from wire.headers import (
     format_congestion,
     format_regret,
     parse_congestion,
@@ -19,7 +20,6 @@ from mesh.headers import (
     parse_retry,
     strip_gt_headers,
 )
-from mesh.policy import EndpointView, PolicySnapshot
 
 
 def test_regret_round_trip() -> None:
@@ -44,7 +44,7 @@ def test_congestion_round_trip_and_clamp() -> None:
     ("v=1;level=abc", "malformed"), ("v=1;" + "x=1;" * 200, "too-long"),
 ])
 def test_bad_congestion_values_are_rejected_with_a_reason(value: str, reason: str) -> None:
-    with pytest.raises(HeaderError) as err:
+    with pytest.raises(WireError) as err:
         parse_congestion(value)
     assert err.value.reason == reason
 
@@ -52,7 +52,7 @@ def test_bad_congestion_values_are_rejected_with_a_reason(value: str, reason: st
 def test_retry_header() -> None:
     assert parse_retry("2") == 2
     for bad in ("0", "-1", "x", "1000"):
-        with pytest.raises(HeaderError):
+        with pytest.raises(WireError):
             parse_retry(bad)
 
 
@@ -70,5 +70,5 @@ def test_strip_removes_every_gt_header_in_any_case() -> None:
 @given(st.text(max_size=300))
 def test_parsers_never_raise_anything_but_header_error(value: str) -> None:
     for parse in (parse_congestion, parse_regret, parse_retry):
-        with contextlib.suppress(HeaderError):
+        with contextlib.suppress(WireError):
             parse(value)

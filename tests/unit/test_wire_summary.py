@@ -1,0 +1,211 @@
+"""wire.summary: round trips, every rejection, and fuzzed entries that decode or raise."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.wire_samples import (
+    FIELD_VALUES,
+    NOW,
+    as_bytes,
+    summary,
+)
+from wire.errors import Reason, WireError
+from wire.summary import SUMMARY_FIELDS, RegretSummary, decode_summary, encode_summary
+
+
+def test_summary_round_trips_through_str_and_bytes_fields() -> None:
+    s = summary()
+    fields = encode_summary(s)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())
+    assert fields["v"] == "1" and fields["type"] == "summary"
+    assert set(fields) == set(SUMMARY_FIELDS)
+    assert decode_summary(fields) == s
+    assert decode_summary(as_bytes(fields)) == s
+
+
+def test_summary_accepts_numpy_values_and_stores_python_ones() -> None:
+    s = summary(
+        epoch=np.int64(41),
+        requests=tuple(np.array([120, 3, 0])),
+        weights=tuple(np.array([0.6, 0.1, 0.3])),
+        regret=tuple(tuple(row) for row in np.zeros((3, 3))),
+    )
+    assert type(s.epoch) is int and type(s.requests[0]) is int
+    assert type(s.weights[0]) is float
+    assert decode_summary(encode_summary(s)) == s
+
+
+def test_rounding_noise_in_weights_reads_as_zero() -> None:
+    s = summary(weights=(0.7, -1e-12, 0.3))
+    assert s.weights == (0.7, 0.0, 0.3)
+    assert decode_summary(encode_summary(s)) == s
+    with pytest.raises(WireError, match="weights"):
+        summary(weights=(0.7, -1e-6, 0.3))
+
+
+def test_floats_survive_exactly() -> None:
+    s = summary(demand=0.1 + 0.2, sent_at=NOW + 1 / 3)
+    back = decode_summary(encode_summary(s))
+    assert back.demand == 0.1 + 0.2 and back.sent_at == NOW + 1 / 3
+
+
+def _set(field: str, value: str) -> Callable[[dict[str, str]], None]:
+    def apply(fields: dict[str, str]) -> None:
+        fields[field] = value
+
+    return apply
+
+
+def _drop(field: str) -> Callable[[dict[str, str]], None]:
+    def apply(fields: dict[str, str]) -> None:
+        del fields[field]
+
+    return apply
+
+
+SUMMARY_REJECTIONS: list[tuple[str, Callable[[dict[str, str]], None], Reason]] = [
+    ("missing field", _drop("regret"), Reason.MALFORMED),
+    ("missing version", _drop("v"), Reason.MALFORMED),
+    ("unknown field", _set("extra", "1"), Reason.MALFORMED),
+    ("future version", _set("v", "2"), Reason.VERSION),
+    ("wrong type", _set("type", "recommendation"), Reason.MALFORMED),
+    ("negative epoch", _set("epoch", "-1"), Reason.MALFORMED),
+    ("fractional epoch", _set("epoch", "1.5"), Reason.MALFORMED),
+    ("nan time", _set("sent_at", "nan"), Reason.MALFORMED),
+    ("inf time", _set("sent_at", "inf"), Reason.MALFORMED),
+    ("overflowing time", _set("sent_at", "1e400"), Reason.MALFORMED),
+    ("zero time", _set("sent_at", "0"), Reason.MALFORMED),
+    ("negative demand", _set("demand", "-3"), Reason.MALFORMED),
+    ("huge demand", _set("demand", "1e15"), Reason.MALFORMED),
+    ("duplicate endpoints", _set("endpoints", '["a:1","a:1","b:1"]'), Reason.MALFORMED),
+    ("bad endpoint id", _set("endpoints", '["a:1","b 1","c:1"]'), Reason.MALFORMED),
+    ("endpoints not a list", _set("endpoints", '{"a":1}'), Reason.MALFORMED),
+    ("no endpoints", _set("endpoints", "[]"), Reason.MALFORMED),
+    ("too many endpoints", _set("endpoints", json.dumps([f"e{i}:1" for i in range(65)])),
+     Reason.OVERSIZED),
+    ("short vector", _set("requests", "[1,2]"), Reason.MALFORMED),
+    ("float count", _set("requests", "[1.0,3,0]"), Reason.MALFORMED),
+    ("bool count", _set("in_flight", "[true,1,0]"), Reason.MALFORMED),
+    ("more failures than requests", _set("failures", "[121,3,0]"), Reason.MALFORMED),
+    ("missing latency with requests", _set("latency_mean", "[null,0.5,null]"), Reason.MALFORMED),
+    ("NaN latency", _set("latency_p50", "[NaN,0.5,null]"), Reason.MALFORMED),
+    ("Infinity latency", _set("latency_p99", "[Infinity,0.6,null]"), Reason.MALFORMED),
+    ("negative latency", _set("latency_mean", "[-0.1,0.5,null]"), Reason.MALFORMED),
+    ("latency in ms by mistake", _set("latency_p99", "[31000.0,0.62,null]"), Reason.MALFORMED),
+    ("p50 above p99", _set("latency_p50", "[0.05,0.5,null]"), Reason.MALFORMED),
+    ("weights do not sum to 1", _set("weights", "[0.5,0.1,0.3]"), Reason.MALFORMED),
+    ("negative weight", _set("weights", "[1.2,-0.2,0.0]"), Reason.MALFORMED),
+    ("weights too short", _set("weights", "[0.5,0.5]"), Reason.MALFORMED),
+    ("ragged regret", _set("regret", "[[0,0,0],[0,0],[0,0,0]]"), Reason.MALFORMED),
+    ("regret rows missing", _set("regret", "[[0,0,0],[0,0,0]]"), Reason.MALFORMED),
+    ("regret not nested", _set("regret", "[0,0,0]"), Reason.MALFORMED),
+    ("huge regret", _set("regret", "[[0,0,0],[0,1e9,0],[0,0,0]]"), Reason.MALFORMED),
+    ("string in regret", _set("regret", '[[0,0,0],[0,"x",0],[0,0,0]]'), Reason.MALFORMED),
+    ("invalid json", _set("weights", "[0.6,0.1,"), Reason.MALFORMED),
+    ("deep json", _set("weights", "[" * 5000 + "]" * 5000), Reason.MALFORMED),
+    ("bad sidecar id", _set("sidecar", "a;b"), Reason.MALFORMED),
+    ("oversized field", _set("regret", "[" + "0," * 120_000 + "0]"), Reason.OVERSIZED),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [(m, r) for _, m, r in SUMMARY_REJECTIONS],
+    ids=[name for name, _, _ in SUMMARY_REJECTIONS],
+)
+def test_summary_rejections(mutate: Callable[[dict[str, str]], None], reason: Reason) -> None:
+    fields = encode_summary(summary())
+    mutate(fields)
+    with pytest.raises(WireError) as err:
+        decode_summary(fields)
+    assert err.value.reason is reason
+    assert str(err.value).startswith(f"{reason.value}: ")
+
+
+def test_summary_rejects_non_utf8_duplicates_and_non_mappings() -> None:
+    raw = as_bytes(encode_summary(summary()))
+    raw[b"sidecar"] = b"\xff\xfe"
+    with pytest.raises(WireError, match="not UTF-8"):
+        decode_summary(raw)
+    dup: dict[bytes | str, bytes | str] = dict(as_bytes(encode_summary(summary())))
+    dup["epoch"] = "41"
+    with pytest.raises(WireError, match="twice"):
+        decode_summary(dup)
+    with pytest.raises(WireError, match="mapping"):
+        decode_summary([("v", "1")])  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="bytes or str"):
+        decode_summary({"v": 1})  # type: ignore[dict-item]
+
+
+def test_constructing_an_invalid_summary_fails_the_same_way() -> None:
+    with pytest.raises(WireError) as err:
+        summary(weights=(float("nan"), 0.5, 0.5))
+    assert err.value.reason is Reason.MALFORMED
+    with pytest.raises(WireError) as err:
+        summary(version=2)
+    assert err.value.reason is Reason.VERSION
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(SUMMARY_FIELDS),
+    FIELD_VALUES,
+    st.sampled_from(SUMMARY_FIELDS),
+    FIELD_VALUES,
+)
+def test_mutated_summaries_decode_valid_or_raise_protocol_error(
+    f1: str, v1: str, f2: str, v2: str
+) -> None:
+    fields = encode_summary(summary())
+    fields[f1] = v1
+    fields[f2] = v2
+    try:
+        s = decode_summary(fields)
+    except WireError as exc:
+        assert exc.reason in set(Reason)
+    else:
+        assert decode_summary(encode_summary(s)) == s  # whatever decodes is valid and stable
+
+
+@st.composite
+def summaries(draw: st.DrawFn) -> RegretSummary:
+    k = draw(st.integers(1, 8))
+    endpoints = tuple(f"10.0.0.{i}:80" for i in range(k))
+    requests = tuple(draw(st.lists(st.integers(0, 10**6), min_size=k, max_size=k)))
+    failures = tuple(draw(st.integers(0, n)) for n in requests)
+    seconds = st.floats(0.0, 60.0)
+    p50 = [draw(seconds) if n else None for n in requests]
+    p99 = [None if x is None else x + draw(seconds) for x in p50]
+    mean = [draw(seconds) if n else None for n in requests]
+    raw = np.array(draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))) + 1e-3
+    regret = draw(st.lists(st.lists(st.floats(-5.0, 5.0), min_size=k, max_size=k),
+                           min_size=k, max_size=k))
+    return RegretSummary(
+        sidecar="sc-" + draw(st.text("abc123", min_size=1, max_size=8)),
+        upstream="svc",
+        epoch=draw(st.integers(0, 2**40)),
+        sent_at=draw(st.floats(1.0, 4e9)),
+        endpoints=endpoints,
+        requests=requests,
+        failures=failures,
+        latency_mean=tuple(mean),
+        latency_p50=tuple(p50),
+        latency_p99=tuple(p99),
+        in_flight=tuple(draw(st.lists(st.integers(0, 1000), min_size=k, max_size=k))),
+        demand=draw(st.floats(0.0, 1e6)),
+        weights=tuple(float(w) for w in raw / raw.sum()),
+        regret=tuple(tuple(row) for row in regret),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(summaries())
+def test_every_valid_summary_round_trips(s: RegretSummary) -> None:
+    assert decode_summary(as_bytes(encode_summary(s))) == s

@@ -1,0 +1,242 @@
+"""The encoding rules shared by the Redis stream entries (summaries and recommendations).
+
+Owns the stream protocol's version (:data:`PROTOCOL_VERSION`), its size limits, the name and
+endpoint-id grammars and the checks and parsers the entry codecs (:mod:`wire.summary`,
+:mod:`wire.recommendation`, :mod:`wire.lease`) are built from: numbers in ranges, vectors
+aligned with an endpoint list, weights that sum to 1, and the decoding of a redis-py field map
+(``bytes`` or ``str``) into checked ``str -> str``. Documented in docs/protocol.md ("Encoding
+rules"). Pure: no Redis client, no clock, no I/O; every failure is a
+:class:`~wire.errors.WireError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from wire.errors import Reason, WireError
+
+PROTOCOL_VERSION = 1
+"""Version of every stream entry (field ``v``). Any change to fields or meaning bumps it."""
+
+MAX_ENDPOINTS = 64
+MAX_ENTRY_BYTES = 256 * 1024
+"""Largest encoded entry (all field names and values, UTF-8). k=64 needs about 100 KiB."""
+MAX_FIELD_BYTES = 192 * 1024
+MAX_COUNT = 10**12
+MAX_SECONDS = 3600.0
+"""Largest latency (and absolute regret) in seconds; a longer one is a unit bug."""
+MAX_RATE = 1e9
+MAX_TIMESTAMP = 1e11
+"""Unix seconds (year 5138): timestamps are finite, positive and below this."""
+MAX_EPOCH = 2**63 - 1
+MAX_OBJECTIVE = 1e12
+WEIGHT_SUM_TOLERANCE = 1e-6
+WEIGHT_ROUNDING = 1e-9
+"""Weights down to -1e-9 (a linear solve's rounding) are accepted and stored as 0.0."""
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Upstream names and sidecar/signer ids: DNS-label-ish, no ``{}:;|`` or whitespace."""
+ENDPOINT_RE = re.compile(r"[A-Za-z0-9\[\]][A-Za-z0-9._:\[\]/-]{0,199}")
+"""Endpoint ids: ``host:port``, ``[v6]:port`` or a pod name; no whitespace, quotes or commas."""
+TOKEN_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+_INT_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+_FLOAT_RE = re.compile(r"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
+
+
+def fail(detail: str, reason: Reason = Reason.MALFORMED) -> WireError:
+    """The error of a stream entry (its message starts with the reason)."""
+    return WireError(reason, detail)
+
+
+def short(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about untrusted input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ value checks
+
+
+def check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise fail(f"{what} must match {NAME_RE.pattern}, got {short(value)}")
+    return value
+
+
+def check_int(value: object, what: str, low: int = 0, high: int = MAX_COUNT) -> int:
+    """An integer (numpy integers too, never bool) within [low, high], as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise fail(f"{what} must be an integer in [{low}, {high}], got {short(value)}")
+    number = int(value)
+    if not low <= number <= high:
+        raise fail(f"{what} must be an integer in [{low}, {high}], got {short(value)}")
+    return number
+
+
+def check_float(value: object, what: str, low: float, high: float) -> float:
+    """A finite real (numpy reals too, never bool) within [low, high], as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise fail(f"{what} must be a number, got {short(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise fail(f"{what} must be finite, got {number!r}")
+    if not low <= number <= high:
+        raise fail(f"{what} must be in [{low:g}, {high:g}], got {number!r}")
+    return number
+
+
+def check_timestamp(value: object, what: str) -> float:
+    number = check_float(value, what, 0.0, MAX_TIMESTAMP)
+    if number <= 0.0:
+        raise fail(f"{what} must be positive unix seconds, got {number!r}")
+    return number
+
+
+def check_endpoints(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise fail(f"endpoints must be a list, got {short(value)}")
+    if not value:
+        raise fail("endpoints must not be empty")
+    if len(value) > MAX_ENDPOINTS:
+        raise fail(f"{len(value)} endpoints, at most {MAX_ENDPOINTS}", Reason.OVERSIZED)
+    for endpoint in value:
+        if not isinstance(endpoint, str) or not ENDPOINT_RE.fullmatch(endpoint):
+            raise fail(f"endpoint ids must match {ENDPOINT_RE.pattern}, got {short(endpoint)}")
+    if len(set(value)) != len(value):
+        raise fail("endpoint ids must be unique")
+    return tuple(value)
+
+
+def check_vector(value: object, what: str, k: int) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise fail(f"{what} must be a list, got {short(value)}")
+    if len(value) != k:
+        raise fail(f"{what} has {len(value)} values for {k} endpoints")
+    return tuple(value)
+
+
+def check_weights(value: object, k: int) -> tuple[float, ...]:
+    """Finite, in [0, 1], summing to 1 within tolerance; rounding noise below 0 reads as 0."""
+    weights = tuple(
+        max(0.0, check_float(w, f"weights[{i}]", -WEIGHT_ROUNDING, 1.0 + WEIGHT_SUM_TOLERANCE))
+        for i, w in enumerate(check_vector(value, "weights", k))
+    )
+    total = math.fsum(weights)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise fail(f"weights must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}), sum is {total!r}")
+    return weights
+
+
+def check_version(version: object, kind: str) -> None:
+    if version != PROTOCOL_VERSION:
+        raise fail(f"{kind} version {version!r}, expected {PROTOCOL_VERSION}", Reason.VERSION)
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+
+def compact_json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+
+
+def number_text(value: float) -> str:
+    """The shortest text that reads back as the same double."""
+    return repr(float(value))
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+
+def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, str]:
+    """Decode a redis-py field map to ``str -> str``, checking sizes and the field set.
+
+    Every field of ``expected`` must be present, except that a recommendation may lack ``sig``
+    (the caller reports that as ``unsigned``).
+    """
+    if not isinstance(entry, Mapping):
+        raise fail(f"{kind} entry must be a mapping, got {type(entry).__name__}")
+    out: dict[str, str] = {}
+    total = 0
+    for raw_key, raw_value in entry.items():
+        key = text(raw_key, "field name")
+        value = text(raw_value, f"field {short(key, 30)}")
+        size = len(key) + len(value)  # UTF-8 bytes >= characters; checked exactly below
+        if len(value) > MAX_FIELD_BYTES or len(value.encode()) > MAX_FIELD_BYTES:
+            raise fail(f"field {short(key, 30)} exceeds {MAX_FIELD_BYTES} bytes", Reason.OVERSIZED)
+        total += size
+        if total > MAX_ENTRY_BYTES:
+            raise fail(f"{kind} entry exceeds {MAX_ENTRY_BYTES} bytes", Reason.OVERSIZED)
+        if key in out:
+            raise fail(f"field {short(key, 30)} appears twice")
+        out[key] = value
+    if "v" not in out:
+        raise fail(f"{kind} entry has no version field 'v'")
+    if out["v"] != str(PROTOCOL_VERSION):
+        raise fail(f"{kind} version {short(out['v'], 20)}, expected {PROTOCOL_VERSION}",
+                   Reason.VERSION)
+    missing = [name for name in expected if name not in out]
+    unknown = sorted(name for name in out if name not in expected)
+    if missing and not (kind == "recommendation" and missing == ["sig"]):
+        raise fail(f"{kind} entry lacks fields {missing}")
+    if unknown:
+        raise fail(f"{kind} entry has unknown fields {[short(u, 30) for u in unknown[:5]]}")
+    if out.get("type") != kind:
+        raise fail(f"entry type {short(out.get('type'), 30)}, expected {kind!r}")
+    return out
+
+
+def text(raw: object, what: str) -> str:
+    """``raw`` (bytes-like or str) as str; UTF-8 or a :class:`WireError`."""
+    if isinstance(raw, bytes | bytearray | memoryview):
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(f"{what} is not UTF-8") from None
+    if isinstance(raw, str):
+        return raw
+    raise fail(f"{what} must be bytes or str, got {type(raw).__name__}")
+
+
+def parse_int(text_: str, what: str) -> int:
+    if not _INT_RE.fullmatch(text_):
+        raise fail(f"{what} must be a non-negative decimal integer, got {short(text_)}")
+    return int(text_)
+
+
+def parse_float(text_: str, what: str) -> float:
+    if not _FLOAT_RE.fullmatch(text_):
+        raise fail(f"{what} must be a finite decimal number, got {short(text_)}")
+    return float(text_)
+
+
+def _reject_constant(name: str) -> float:
+    raise fail(f"non-finite number {name} in JSON")
+
+
+def _parse_json(text_: str, what: str) -> Any:
+    try:
+        return json.loads(text_, parse_constant=_reject_constant)
+    except WireError:
+        raise
+    except (ValueError, RecursionError):
+        raise fail(f"{what} is not valid JSON: {short(text_)}") from None
+
+
+def json_list(text_: str, what: str, depth: int = 1) -> list[Any]:
+    value = _parse_json(text_, what)
+    if not isinstance(value, list):
+        raise fail(f"{what} must be a JSON array, got {short(text_)}")
+    if depth == 2 and not all(isinstance(row, list) for row in value):
+        raise fail(f"{what} must be a JSON array of arrays")
+    if any(isinstance(x, dict) for x in value):
+        raise fail(f"{what} must not contain objects")
+    return value
+
+
+def unexpected(exc: Exception) -> WireError:
+    """What a decoder raises for anything but a :class:`WireError` (it never lets one escape)."""
+    return fail(f"unexpected {type(exc).__name__} while decoding: {short(str(exc))}")

@@ -1,0 +1,146 @@
+"""The mesh key and the one MAC every signed wire value uses.
+
+Owns:
+
+* the mesh key's source: the environment variable :data:`MESH_SECRET_ENV` (spelled here and
+  nowhere else; other modules import the name) or a key file, read by :func:`read_mesh_key`,
+  the only reader of the key in the code base;
+* its strength (:data:`MIN_KEY_BYTES`) and the normalisation of one key or a rotation list
+  (:func:`accepted_keys`: the first key signs, any key verifies);
+* the MAC: HMAC-SHA256, written as 43 characters of unpadded base64url (:func:`mac`), checked
+  in constant time against every accepted key (:func:`verify_mac`).
+
+What is signed, and with which domain-separating prefix, belongs to each format
+(:mod:`wire.identity`, :mod:`wire.recommendation`). Reading the key file is the only I/O here;
+nothing is cached or logged (the key never appears in a message).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal, overload
+
+from wire.errors import Reason, WireError
+
+__all__ = [
+    "MESH_SECRET_ENV",
+    "MIN_KEY_BYTES",
+    "SIGNATURE_RE",
+    "accepted_keys",
+    "mac",
+    "read_mesh_key",
+    "verify_mac",
+]
+
+MESH_SECRET_ENV = "EQUILIBRIUM_MESH_SECRET"
+"""The environment variable holding the mesh key itself (it wins over a key file)."""
+MIN_KEY_BYTES = 16
+"""Shortest accepted mesh key (128 bits)."""
+SIGNATURE_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+"""A MAC as it travels: 32 bytes in unpadded base64url."""
+_SUBJECT = "mesh key"
+
+
+def _key_error(reason: Reason, detail: str) -> WireError:
+    return WireError(reason, detail, _SUBJECT)
+
+
+def _strong(key: bytes, source: str) -> bytes:
+    if len(key) < MIN_KEY_BYTES:
+        raise _key_error(
+            Reason.WEAK_KEY,
+            f"the {source} is {len(key)} bytes; "
+            f"at least {MIN_KEY_BYTES} are required",
+        )
+    return key
+
+
+@overload
+def read_mesh_key(
+    env: Mapping[str, str], key_file: str | os.PathLike[str] | None = None, *,
+    required: Literal[True],
+) -> bytes: ...
+
+
+@overload
+def read_mesh_key(
+    env: Mapping[str, str], key_file: str | os.PathLike[str] | None = None, *,
+    required: bool = False,
+) -> bytes | None: ...
+
+
+def read_mesh_key(
+    env: Mapping[str, str],
+    key_file: str | os.PathLike[str] | None = None,
+    *,
+    required: bool = False,
+) -> bytes | None:
+    """The mesh key: ``env[EQUILIBRIUM_MESH_SECRET]`` if set, else the content of ``key_file``.
+
+    The one reader of the key (the sidecar, the signaler and the demo call it). The environment
+    wins (as it does for most tools) and the key file is read only without it; surrounding
+    whitespace (a file's trailing newline) is stripped. Returns ``None`` when neither
+    is given and ``required`` is false (a sidecar then runs unsigned). Raises
+    :class:`WireError`: ``unreadable`` (the file cannot be read or is empty), ``weak-key``
+    (shorter than :data:`MIN_KEY_BYTES`), ``no-key`` (neither, with ``required``).
+    """
+    env_value = env.get(MESH_SECRET_ENV)
+    if env_value is not None and env_value.strip():
+        return _strong(env_value.strip().encode("utf-8"), "environment value")
+    if key_file is None or str(key_file) == "":
+        if required:
+            raise _key_error(
+                Reason.NO_KEY,
+                f"none given: set {MESH_SECRET_ENV} or point to a key file "
+                f"(at least {MIN_KEY_BYTES} bytes, e.g. `openssl rand -hex 32`)",
+            )
+        return None
+    path = os.fspath(key_file)
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read()
+    except OSError as exc:
+        raise _key_error(Reason.UNREADABLE,
+                         f"key file {path!r}: cannot read: {exc.strerror}") from None
+    if not content.strip():
+        raise _key_error(Reason.UNREADABLE, f"key file {path!r} is empty")
+    return _strong(content.strip(), "key file")
+
+
+def accepted_keys(key: bytes | Sequence[bytes]) -> list[bytes]:
+    """One key, or several during a rotation, as a list (the first one signs).
+
+    Raises :class:`WireError` (``no-key``, ``weak-key``) for an empty list or a short key.
+    """
+    keys = [key] if isinstance(key, bytes | bytearray) else list(key)
+    if not keys:
+        raise _key_error(Reason.NO_KEY, "none given")
+    for k in keys:
+        if not isinstance(k, bytes | bytearray) or len(k) < MIN_KEY_BYTES:
+            raise _key_error(Reason.WEAK_KEY,
+                             f"keys must be bytes of at least {MIN_KEY_BYTES} bytes")
+    return [bytes(k) for k in keys]
+
+
+def mac(key: bytes, message: bytes) -> str:
+    """HMAC-SHA256 of ``message`` under ``key`` in unpadded base64url (43 characters)."""
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def verify_mac(keys: Sequence[bytes], message: bytes, signature: str) -> bool:
+    """Whether ``signature`` is the MAC of ``message`` under any of ``keys``.
+
+    Compares against every key without an early exit, in constant time per key, so timing
+    does not reveal which key matched.
+    """
+    expected = signature.encode("ascii", "replace")
+    matched = False
+    for candidate in keys:
+        matched |= hmac.compare_digest(mac(bytes(candidate), message).encode("ascii"), expected)
+    return matched

@@ -1,0 +1,173 @@
+"""The regret summary: what a sidecar appends to ``eq:{u}:summaries`` every epoch (version 1).
+
+Owns :class:`RegretSummary` (constructing one validates it) and its stream-entry codec
+(:func:`encode_summary` / :func:`decode_summary`), documented in docs/protocol.md ("Regret
+summary"). Pure: no Redis client, no clock; the decoder raises only
+:class:`~wire.errors.WireError`, whatever the input.
+
+The regret matrix is Hart & Mas-Colell's conditional regret D(j, k) (Econometrica 2000, "A
+simple adaptive procedure leading to correlated equilibrium") of the sidecar, in seconds; its
+positive part is the sidecar's violation of the correlated-equilibrium constraints at its
+empirical play, which is why the signaler can read the CE gap from the summaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from wire.entries import (
+    MAX_EPOCH,
+    MAX_RATE,
+    MAX_SECONDS,
+    PROTOCOL_VERSION,
+    check_endpoints,
+    check_float,
+    check_int,
+    check_name,
+    check_timestamp,
+    check_vector,
+    check_version,
+    check_weights,
+    compact_json,
+    fail,
+    json_list,
+    number_text,
+    parse_float,
+    parse_int,
+    text_fields,
+    unexpected,
+)
+from wire.errors import WireError
+
+__all__ = ["SUMMARY_FIELDS", "RegretSummary", "decode_summary", "encode_summary"]
+
+SUMMARY_FIELDS = (
+    "v", "type", "sidecar", "upstream", "epoch", "sent_at", "endpoints", "requests", "failures",
+    "latency_mean", "latency_p50", "latency_p99", "in_flight", "demand", "weights", "regret",
+)
+"""Every field of a summary entry (all required in version 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegretSummary:
+    """One sidecar's report on one upstream for one epoch (constructing it validates it).
+
+    Per-endpoint sequences are aligned with ``endpoints``. Latencies are seconds from sending a
+    request to its response head (or failure) over the epoch, ``None`` where the endpoint got no
+    request this epoch. ``demand`` is the sidecar's request rate to the upstream (requests/s).
+    ``weights`` is the routing distribution it is using (sums to 1). ``regret[j][k]`` is the
+    conditional regret D(j, k) in seconds (Hart & Mas-Colell 2000): how much faster, on
+    average over the requests sent to j, k would have answered.
+    """
+
+    sidecar: str
+    upstream: str
+    epoch: int
+    sent_at: float
+    endpoints: tuple[str, ...]
+    requests: tuple[int, ...]
+    failures: tuple[int, ...]
+    latency_mean: tuple[float | None, ...]
+    latency_p50: tuple[float | None, ...]
+    latency_p99: tuple[float | None, ...]
+    in_flight: tuple[int, ...]
+    demand: float
+    weights: tuple[float, ...]
+    regret: tuple[tuple[float, ...], ...]
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        check_version(self.version, "summary")
+        check_name(self.sidecar, "sidecar")
+        check_name(self.upstream, "upstream")
+        set_ = object.__setattr__
+        set_(self, "epoch", check_int(self.epoch, "epoch", 0, MAX_EPOCH))
+        set_(self, "sent_at", check_timestamp(self.sent_at, "sent_at"))
+        endpoints = check_endpoints(self.endpoints)
+        k = len(endpoints)
+        set_(self, "endpoints", endpoints)
+        requests = tuple(check_int(n, f"requests[{i}]")
+                         for i, n in enumerate(check_vector(self.requests, "requests", k)))
+        failures = tuple(check_int(n, f"failures[{i}]")
+                         for i, n in enumerate(check_vector(self.failures, "failures", k)))
+        for i, (n, f) in enumerate(zip(requests, failures, strict=True)):
+            if f > n:
+                raise fail(f"failures[{i}]={f} exceeds requests[{i}]={n}")
+        set_(self, "requests", requests)
+        set_(self, "failures", failures)
+        stats: dict[str, tuple[float | None, ...]] = {}
+        for name in ("latency_mean", "latency_p50", "latency_p99"):
+            column = []
+            for i, x in enumerate(check_vector(getattr(self, name), name, k)):
+                if x is None:
+                    if requests[i] > 0:
+                        raise fail(f"{name}[{i}] is missing although requests[{i}] > 0")
+                    column.append(None)
+                else:
+                    column.append(check_float(x, f"{name}[{i}]", 0.0, MAX_SECONDS))
+            stats[name] = tuple(column)
+            set_(self, name, stats[name])
+        for i, (p50, p99) in enumerate(
+            zip(stats["latency_p50"], stats["latency_p99"], strict=True)
+        ):
+            if p50 is not None and p99 is not None and p50 > p99 * (1 + 1e-9) + 1e-12:
+                raise fail(f"latency_p50[{i}]={p50!r} exceeds latency_p99[{i}]={p99!r}")
+        set_(self, "in_flight", tuple(
+            check_int(n, f"in_flight[{i}]")
+            for i, n in enumerate(check_vector(self.in_flight, "in_flight", k))))
+        set_(self, "demand", check_float(self.demand, "demand", 0.0, MAX_RATE))
+        set_(self, "weights", check_weights(self.weights, k))
+        rows = check_vector(self.regret, "regret", k)
+        set_(self, "regret", tuple(
+            tuple(check_float(x, f"regret[{j}][{c}]", -MAX_SECONDS, MAX_SECONDS)
+                  for c, x in enumerate(check_vector(row, f"regret[{j}]", k)))
+            for j, row in enumerate(rows)))
+
+
+def encode_summary(summary: RegretSummary) -> dict[str, str]:
+    """The XADD fields of ``summary`` (flat strings; vectors as compact JSON arrays)."""
+    return {
+        "v": str(summary.version),
+        "type": "summary",
+        "sidecar": summary.sidecar,
+        "upstream": summary.upstream,
+        "epoch": str(summary.epoch),
+        "sent_at": number_text(summary.sent_at),
+        "endpoints": compact_json(list(summary.endpoints)),
+        "requests": compact_json(list(summary.requests)),
+        "failures": compact_json(list(summary.failures)),
+        "latency_mean": compact_json(list(summary.latency_mean)),
+        "latency_p50": compact_json(list(summary.latency_p50)),
+        "latency_p99": compact_json(list(summary.latency_p99)),
+        "in_flight": compact_json(list(summary.in_flight)),
+        "demand": number_text(summary.demand),
+        "weights": compact_json(list(summary.weights)),
+        "regret": compact_json([list(row) for row in summary.regret]),
+    }
+
+
+def decode_summary(entry: Mapping[bytes | str, bytes | str]) -> RegretSummary:
+    """Parse and validate a summary entry as read from the stream; raises :class:`WireError`."""
+    try:
+        raw = text_fields(entry, SUMMARY_FIELDS, "summary")
+        return RegretSummary(
+            sidecar=raw["sidecar"],
+            upstream=raw["upstream"],
+            epoch=parse_int(raw["epoch"], "epoch"),
+            sent_at=parse_float(raw["sent_at"], "sent_at"),
+            endpoints=tuple(json_list(raw["endpoints"], "endpoints")),
+            requests=tuple(json_list(raw["requests"], "requests")),
+            failures=tuple(json_list(raw["failures"], "failures")),
+            latency_mean=tuple(json_list(raw["latency_mean"], "latency_mean")),
+            latency_p50=tuple(json_list(raw["latency_p50"], "latency_p50")),
+            latency_p99=tuple(json_list(raw["latency_p99"], "latency_p99")),
+            in_flight=tuple(json_list(raw["in_flight"], "in_flight")),
+            demand=parse_float(raw["demand"], "demand"),
+            weights=tuple(json_list(raw["weights"], "weights")),
+            regret=tuple(tuple(row) for row in json_list(raw["regret"], "regret", depth=2)),
+        )
+    except WireError:
+        raise
+    except Exception as exc:  # a decoder never lets anything else escape
+        raise unexpected(exc) from exc
