@@ -1,7 +1,7 @@
 """The sidecar's side of the signaling plane: publish regret summaries, follow recommendations.
 
-Owns the sidecar's Redis client and one background task (registered with
-``SidecarRunner.add_background``). Every epoch, for each upstream whose policy can follow
+Owns the sidecar's Redis client and one background task (started by
+:class:`sidecar.runner.SidecarRunner`). Every epoch, for each upstream whose policy can follow
 recommendations (``equilibrium``), in one pipelined round trip:
 
 1. ``XADD eq:{u}:summaries MAXLEN ~ N`` a :class:`~mesh.protocol.RegretSummary` built from the
@@ -453,49 +453,24 @@ class SidecarSignaling:
 # ---------------------------------------------------------------------- wiring
 
 
-@dataclass(frozen=True, slots=True)
-class SignalingWiring:
-    """Start-up decision for the signaling plane, made before the runner is built (so that a
-    missing key is a configuration error, exit 2)::
-
-        wiring = SignalingWiring.prepare(config, mesh_key)   # ConfigError without a key
-        runner = SidecarRunner(source, config)
-        wiring.install(runner)                                # adds the background task
+def signaling_settings(config: Any, mesh_key: bytes | None) -> SignalingSettings | None:
+    """How this sidecar joins the signaling plane (None: ``redis`` is not set); decided
+    before the runner starts, so that a missing key is a configuration error (exit 2).
 
     Security default: with ``redis`` set and no mesh key, the sidecar refuses to start; it
     would otherwise follow routing signals anyone with access to Redis could forge.
     """
+    from sidecar.config import ConfigError
 
-    settings: SignalingSettings | None
-
-    @classmethod
-    def prepare(cls, config: Any, mesh_key: bytes | None) -> SignalingWiring:
-        from sidecar.config import ConfigError
-
-        url = getattr(config, "redis", None)
-        if url is None:
-            return cls(None)
-        if mesh_key is None:
-            raise ConfigError(
-                "redis is set but there is no mesh key to verify recommendations with: set "
-                "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
-            )
-        epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
-        # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
-        return cls(SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,
-                                     backoff_max=min(5.0, max(1.0, 4 * epoch))))
-
-    def install(self, runner: Any) -> SidecarSignaling | None:
-        if self.settings is None:
-            return None
-        signaling = SidecarSignaling(
-            sidecar_id=runner.config.id,
-            table=runner.table,
-            registry=runner.metrics.registry,
-            latency_histogram=runner.metrics.latency,
-            settings=self.settings,
-            clock=runner.clock,
+    url = getattr(config, "redis", None)
+    if url is None:
+        return None
+    if mesh_key is None:
+        raise ConfigError(
+            "redis is set but there is no mesh key to verify recommendations with: set "
+            "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
         )
-        runner.add_background("signaling", signaling.run)
-        log.info("signaling: summaries every %gs as %s", self.settings.epoch, signaling.sidecar)
-        return signaling
+    epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
+    # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
+    return SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,
+                             backoff_max=min(5.0, max(1.0, 4 * epoch)))
