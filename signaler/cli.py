@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mesh.address import AddressError, parse_host_port
 from mesh.identity import MeshKeyError, load_mesh_key
 from mesh.protocol import check_redis_url
 
@@ -101,10 +102,12 @@ def _number(text: str, flag: str, low: float) -> float:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--admin: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """``--admin``: ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback)."""
+    try:
+        address = parse_host_port(text, default_host="127.0.0.1")
+    except AddressError as exc:
+        raise UsageError(f"--admin: {exc}") from None
+    return address.host, address.port
 
 
 def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
