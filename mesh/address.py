@@ -56,9 +56,10 @@ def parse_host_port(text: str, *, default_host: str | None = None) -> HostPort:
     else:
         plain = _PLAIN.fullmatch(raw)
         if plain is None:
-            if _is_ipv6(raw.rpartition(":")[0]):
+            host, _, port_text = raw.rpartition(":")
+            if _is_ipv6(host):
                 raise AddressError(f"{text!r}: put an IPv6 address in brackets, "
-                                   "as in [::1]:15001")
+                                   f"as in [{host}]:{port_text}")
             raise AddressError(f"expected HOST:PORT, got {text!r}")
         host, port_text = plain.group(1), plain.group(2)
         if not host:

@@ -54,6 +54,11 @@ def test_malformed_addresses_say_what_is_wrong(text: str, message: str) -> None:
         parse_host_port(text, default_host="127.0.0.1")
 
 
+def test_a_bare_ipv6_address_is_shown_bracketed() -> None:
+    with pytest.raises(AddressError, match=r"as in \[fd00::1\]:80"):
+        parse_host_port("fd00::1:80")
+
+
 def test_an_address_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         parse_host_port("x")
