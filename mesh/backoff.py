@@ -11,6 +11,7 @@ passed in; nothing here sleeps or reads a clock.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ _MAX_DOUBLINGS = 60  # 2**60 * any sane base is far past any cap; keeps floats f
 
 
 def backoff_ceiling(failures: int, base: float, cap: float) -> float:
-    """The longest wait after ``failures`` earlier failures in a row: ``min(cap, base*2**n)``."""
+    """The longest wait after ``failures`` earlier failures in a row: ``min(cap, base*2**n)``
+    (a base above the cap waits the cap from the start)."""
     return min(cap, base * 2.0 ** min(max(failures, 0), _MAX_DOUBLINGS))
 
 
@@ -39,9 +41,9 @@ class Backoff:
     attempts: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 < self.base <= self.cap):
-            raise ValueError(f"backoff: need 0 < base <= cap, got base={self.base}, "
-                             f"cap={self.cap}")
+        if not (0 < self.base < math.inf and 0 < self.cap < math.inf):
+            raise ValueError(f"backoff: base and cap must be positive and finite, got "
+                             f"base={self.base}, cap={self.cap}")
 
     def next(self) -> float:
         delay = backoff_delay(self.attempts, self.base, self.cap, self.rng)

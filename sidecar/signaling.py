@@ -46,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from mesh.backoff import Backoff
 from mesh.protocol import (
     MAX_SECONDS,
     SUMMARY_MAXLEN,
@@ -323,7 +324,7 @@ class SidecarSignaling:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        backoff = 0.0
+        backoff = Backoff(self.rng, self.settings.backoff_min, self.settings.backoff_max)
         try:
             while True:
                 started = loop.time()
@@ -336,15 +337,13 @@ class SidecarSignaling:
                         log.info("signaling: connected to Redis")
                     self.connected = True
                     self.metrics.connected.set(1)
-                    backoff = 0.0
+                    backoff.reset()
                     wait = started + self.settings.epoch - loop.time()
                 except Exception as exc:  # Redis errors, timeouts, or a bug: never fatal
                     if not isinstance(exc, RedisError | OSError | TimeoutError):
                         log.exception("signaling: unexpected error; falling back")
                     await self._fall_back(exc)
-                    backoff = min(max(2 * backoff, self.settings.backoff_min),
-                                  self.settings.backoff_max)
-                    wait = backoff * (0.5 + self.rng.random())
+                    wait = backoff.next()  # mesh.backoff: equal jitter
                 self._export_following()
                 await asyncio.sleep(max(wait, 0.0))
         finally:

@@ -48,6 +48,13 @@ def test_seeded_waits_stay_in_their_band() -> None:
         assert ceiling / 2 <= backoff.next() <= ceiling
 
 
-def test_a_base_above_the_cap_is_refused() -> None:
-    with pytest.raises(ValueError, match="base"):
-        Backoff(random.Random(), base=2.0, cap=1.0)
+def test_a_base_above_the_cap_waits_the_cap() -> None:
+    backoff = Backoff(FixedDraw(1.0), base=2.0, cap=1.0)
+    assert [backoff.next() for _ in range(3)] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("base", "cap"), [(0.0, 1.0), (-1.0, 1.0), (0.1, 0.0),
+                                           (0.1, float("inf")), (float("nan"), 1.0)])
+def test_zero_negative_or_infinite_bounds_are_refused(base: float, cap: float) -> None:
+    with pytest.raises(ValueError, match="positive and finite"):
+        Backoff(random.Random(), base=base, cap=cap)
