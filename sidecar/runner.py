@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_POLL_INTERVAL = 1.0
 BackgroundFactory = Callable[[], Coroutine[Any, Any, None]]
-ReloadHook = Callable[[SidecarConfig], None]
 # (app runner, host, port) -> an unstarted site; default web.TCPSite (sidecar.transparent's
 # TransparentSite reads each accepted connection's original destination first)
 SiteFactory = Callable[[web.AppRunner, str, int], web.BaseSite]
@@ -117,8 +116,6 @@ class SidecarRunner:
         self._listeners: list[Listener] = []
         self._background: list[tuple[str, BackgroundFactory]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._reload_hooks: list[ReloadHook] = []
-        self._state_sections: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
         self._in_flight_tasks: set[asyncio.Task[Any]] = set()
         self._config_mtime: float | None = None
@@ -193,20 +190,16 @@ class SidecarRunner:
                            site_factory=site)
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
         self._add_listener("admin", admin, config.admin, drains=False)
-        inbound = self.inbound
-        if inbound is not None and config.inbound is not None:
-            self._add_listener("inbound", inbound.make_app(), config.inbound, drains=True)
-        self._state_sections["inbound"] = (
-            (lambda: inbound_json(inbound.snapshot())) if inbound is not None else lambda: None)
+        if self.inbound is not None and config.inbound is not None:
+            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True)
         # Background tasks, started in this order by run().
         self._background.append(("policy-ticks", self._tick_loop))
         if config.config_file is not None:
             self._background.append(("config-watch", self._watch_config_file))
         if self.discovery is not None:
             self._background.append(("discovery", self.discovery.run))
-            self._reload_hooks.append(self.discovery.reapply)
-        if inbound is not None:
-            self._background.append(("inbound-gauges", inbound.refresh_gauges))
+        if self.inbound is not None:
+            self._background.append(("inbound-gauges", self.inbound.refresh_gauges))
         if self.signaling is not None:
             self._background.append(("signaling", self.signaling.run))
 
@@ -266,7 +259,7 @@ class SidecarRunner:
             draining=self.readiness.draining,
             table=self.table,
         )
-        body.update({name: section() for name, section in self._state_sections.items()})
+        body["inbound"] = inbound_json(self.inbound.snapshot()) if self.inbound else None
         return body
 
     # ------------------------------------------------------------ lifecycle
@@ -454,11 +447,11 @@ class SidecarRunner:
             ", ".join(sorted(added)) or "none",
             ", ".join(sorted(removed)) or "none",
         )
-        for hook in self._reload_hooks:
+        if self.discovery is not None:  # the config may have released a name discovery wants
             try:
-                hook(self.config)
+                self.discovery.reapply(self.config)
             except Exception:
-                log.exception("reload hook %r failed", hook)
+                log.exception("discovery: applying the routes again after a reload failed")
         return True
 
 
