@@ -22,7 +22,8 @@ import yaml
 
 from injector import certs
 from injector.config import InjectorConfig, Resources
-from injector.server import DEFAULT_MAX_BODY, ListenAddress, serve
+from injector.server import DEFAULT_MAX_BODY, serve
+from mesh.address import AddressError, parse_host_port
 
 DEFAULTS = InjectorConfig()
 
@@ -85,8 +86,8 @@ def _run_server(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        listen = ListenAddress.parse(args.listen)
-    except ValueError as exc:
+        listen = parse_host_port(args.listen)  # HOST:PORT or [V6]:PORT; port 0: any free one
+    except AddressError as exc:
         print(f"equilibrium injector: --listen: {exc}", file=sys.stderr)
         return 2
     config = InjectorConfig(

@@ -17,13 +17,13 @@ import logging
 import os
 import signal
 import ssl
-from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from injector.config import InjectorConfig
 from injector.review import MalformedReview, Outcome, decide
+from mesh.address import HostPort
 
 log = logging.getLogger("equilibrium.injector")
 
@@ -100,19 +100,6 @@ def _error(status: int, message: str) -> web.Response:
 
 
 # ---- serving ----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> ListenAddress:
-        """``HOST:PORT`` or ``[V6]:PORT``; port 0 picks a free port."""
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"{text!r} is not HOST:PORT")
-        return cls(host.strip("[]"), int(port))
-
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -121,7 +108,7 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
-async def serve(config: InjectorConfig, listen: ListenAddress, cert_file: str, key_file: str,
+async def serve(config: InjectorConfig, listen: HostPort, cert_file: str, key_file: str,
                 *, max_body: int = DEFAULT_MAX_BODY) -> None:
     """Serve until SIGTERM/SIGINT. Prints ``listening on https://HOST:PORT`` once bound."""
     context = tls_context(cert_file, key_file)

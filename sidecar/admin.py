@@ -28,8 +28,8 @@ Owns the JSON shape of ``/debug/state`` (the demo and the benchmark parse it)::
 
 The upstreams are read from the last snapshot of each upstream (rebuilt at policy ticks), the
 inbound side from :meth:`sidecar.inbound.InboundProxy.snapshot`; the admin listener never
-touches the request path. Components add their own top-level sections with
-``SidecarRunner.add_state_section(name, callable)`` before the runner starts.
+touches the request path. :class:`sidecar.runner.SidecarRunner` adds the ``inbound`` section
+when it builds the process.
 """
 
 from __future__ import annotations

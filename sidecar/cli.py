@@ -1,11 +1,13 @@
-"""``equilibrium sidecar``: flags, and the mapping of failures to exit codes.
+"""``equilibrium sidecar``: the command line, and the mapping of failures to exit codes.
 
-Owns the command-line interface only: :data:`CONFIG_OPTIONS`, the flags layered over the
-environment and the config file (declared with :mod:`sidecar.flags`), plus ``--log-level`` and
-the Kubernetes flags of :mod:`sidecar.kube_wiring`. Settings are validated by
-:mod:`sidecar.config` and the process is run by :mod:`sidecar.runner`. Exit codes: 0 after
-a clean drain, 2 for a bad configuration (message on stderr), 1 when a listener cannot be
-bound.
+Owns the flags only: :data:`CONFIG_OPTIONS` declares each one once (:class:`Option`: its
+destination, metavar and help), so the parser (:func:`add_options`) and the values handed on
+(:func:`option_values`) read the same table and cannot drift apart. Each ``dest`` is a setting
+of :mod:`sidecar.config`, which layers the flags over the environment (its ``ENV_VARS`` names
+every variable, and the help text here quotes it) and the config file, and validates the
+result into one ``SidecarConfig``. :mod:`sidecar.runner` builds the process from that config,
+then starts it. Exit codes: 0 after a clean drain, 2 for a bad configuration (message on
+stderr), 1 when a listener cannot be bound.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import (
@@ -23,12 +27,10 @@ from sidecar.config import (
     DEFAULT_OUTBOUND,
     DEFAULT_POLICY,
     DEFAULT_STRATEGY,
+    ENV_VARS,
     ConfigError,
     ConfigSource,
 )
-from sidecar.flags import Option, add_options, option_values
-from sidecar.kube_wiring import KubeWiring
-from sidecar.kube_wiring import add_arguments as add_kube_arguments
 
 EPILOG = """\
 precedence: flags > environment > config file > defaults.
@@ -42,6 +44,46 @@ environment: EQUILIBRIUM_OUTBOUND, EQUILIBRIUM_ADMIN, EQUILIBRIUM_UPSTREAMS="a=u
 signals: SIGHUP reloads the config file (also re-read when its mtime changes);
   SIGTERM drains in-flight requests up to --drain-timeout, then exits 0.
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One command-line option.
+
+    ``help`` may name the option's environment variable (``sidecar.config.ENV_VARS``) as
+    ``{env}``. A ``switch`` takes no value (``store_true``, None when absent so the
+    environment can decide); ``repeat`` collects every occurrence in a list.
+    """
+
+    dest: str
+    help: str
+    metavar: str | None = None
+    flag: str | None = None
+    """Default: ``--`` and ``dest`` with dashes."""
+    switch: bool = False
+    repeat: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.flag or "--" + self.dest.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option],
+                env_vars: dict[str, str] | None = None) -> None:
+    names = ENV_VARS if env_vars is None else env_vars
+    for option in options:
+        text = option.help.replace("{env}", names.get(option.dest, ""))
+        if option.switch:
+            parser.add_argument(option.name, dest=option.dest, action="store_true",
+                                default=None, help=text)
+        else:
+            parser.add_argument(option.name, dest=option.dest, metavar=option.metavar,
+                                action="append" if option.repeat else "store", help=text)
+
+
+def option_values(args: argparse.Namespace, options: Iterable[Option]) -> dict[str, Any]:
+    """``dest -> value`` of ``options`` (None when not given)."""
+    return {option.dest: getattr(args, option.dest, None) for option in options}
 
 
 CONFIG_OPTIONS: tuple[Option, ...] = (
@@ -67,14 +109,26 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
     Option("mesh_secret_file",
            "mesh key for signed caller identities (or env EQUILIBRIUM_MESH_SECRET)", "FILE"),
     Option("redis", "join the signaling plane: publish regret summaries, follow the signaler's "
-           "signed recommendations (redis://, rediss://; or env EQUILIBRIUM_REDIS_URL; needs the "
+           "signed recommendations (redis://, rediss://; or env {env}; needs the "
            "mesh key)", "URL"),
     Option("signaling_epoch",
-           "seconds between regret summaries (default 1; env EQUILIBRIUM_SIGNALING_EPOCH)",
-           "SECONDS"),
+           "seconds between regret summaries (default 1; env {env})", "SECONDS"),
+    Option("transparent", switch=True,
+           help="route connections redirected by `equilibrium init` by their original "
+           "destination (env {env}=1)"),
+    Option("discovery", switch=True,
+           help="watch Services and EndpointSlices through the Kubernetes API (env {env}=1)"),
+    Option("discovery_namespaces", metavar="NS[,NS...]|*",
+           help="namespaces to watch (default: the pod's own, which a RoleBinding allows; "
+           "'*': the whole cluster, which needs a ClusterRoleBinding; env {env})"),
+    Option("kube_api", metavar="URL",
+           help="Kubernetes API server (default: in-cluster; env {env})"),
+    Option("kube_token_file", metavar="FILE",
+           help="bearer token file (default: the pod's service account; env {env})"),
 )
-"""The options layered with the environment and the config file (:mod:`sidecar.config`):
-each ``dest`` is a setting of :class:`sidecar.config.ConfigSource`."""
+"""Every sidecar option but ``--log-level``: each ``dest`` is a setting of
+:class:`sidecar.config.ConfigSource` (layered with the environment and, except the Kubernetes
+ones, the config file)."""
 
 
 def register(subparsers: Any) -> None:
@@ -90,7 +144,6 @@ def register(subparsers: Any) -> None:
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
-    add_kube_arguments(parser)  # --transparent, --discovery, --kube-api, --kube-token-file
     parser.set_defaults(func=main)
 
 
@@ -104,29 +157,18 @@ def main(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    source = ConfigSource.from_sources(flags_from_args(args))
-    from sidecar.policing import PolicingWiring
-    from sidecar.signaling import SignalingWiring
+    from sidecar.policing import sidecar_mesh_key
+    from sidecar.runner import SidecarRunner, StartupError  # heavy imports only when running
 
     try:
+        source = ConfigSource.from_sources(flags_from_args(args))
         config = source.load()
-        policing = PolicingWiring.prepare(config, source.env)
-        signaling = SignalingWiring.prepare(config, policing.mesh_key)
-        kube = KubeWiring.prepare(args, source.env)
+        runner = SidecarRunner(source, config, mesh_key=sidecar_mesh_key(config, source.env))
     except ConfigError as exc:
         print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
-    from sidecar.runner import SidecarRunner, StartupError  # heavy imports only when running
-
-    async def serve() -> int:
-        runner = SidecarRunner(source, config)
-        policing.install(runner)
-        signaling.install(runner)
-        kube.install(runner)
-        return await runner.run()
-
     try:
-        return asyncio.run(serve())
+        return asyncio.run(runner.run())
     except StartupError as exc:
         print(f"equilibrium sidecar: {exc}", file=sys.stderr)
         return 1

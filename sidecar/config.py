@@ -1,10 +1,16 @@
 """The sidecar's settings: one validated ``SidecarConfig`` built from four layers.
 
 Owns the parsing and validation of every setting (listen addresses, upstreams, strategy,
-policy, id, drain timeout) and the precedence rule: command-line flags > environment variables
-> config file (YAML or JSON) > defaults. Nothing here opens a socket or starts a task; the
-runner re-reads a ``ConfigSource`` on reload and gets either a new config or a ``ConfigError``
-whose message is fit for a human.
+policy, id, drain timeout, inbound side, signaling, transparent interception and Kubernetes
+discovery) and the precedence rule: command-line flags > environment variables > config file
+(YAML or JSON) > defaults. The command line (:mod:`sidecar.cli`) hands its flags in; the runner
+(:mod:`sidecar.runner`) builds the whole process from the result. Nothing here opens a socket
+or starts a task; the runner re-reads a ``ConfigSource`` on reload and gets either a new
+config or a ``ConfigError`` whose message is fit for a human.
+
+Transparent interception and discovery (``transparent``, ``discovery``,
+``discovery_namespaces``, ``kube_api``, ``kube_token_file``) come from flags and the
+environment only, not from the file: they describe the pod, not the routing.
 
 Config file shape (YAML or JSON, every key optional)::
 
@@ -42,8 +48,10 @@ from urllib.parse import urlsplit
 
 import yaml  # type: ignore[import-untyped]
 
+from mesh.address import AddressError, HostPort, parse_host_port
 from mesh.policies import POLICY_NAMES
 from mesh.profiles import PROFILE_NAMES, get_profile
+from sidecar.discovery import KubeCredentials, credentials_from_flags
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
 
@@ -72,7 +80,14 @@ ENV_VARS: dict[str, str] = {
     "mesh_secret_file": "EQUILIBRIUM_MESH_SECRET_FILE",
     "redis": "EQUILIBRIUM_REDIS_URL",
     "signaling_epoch": "EQUILIBRIUM_SIGNALING_EPOCH",
+    "transparent": "EQUILIBRIUM_TRANSPARENT",
+    "discovery": "EQUILIBRIUM_DISCOVERY",
+    "discovery_namespaces": "EQUILIBRIUM_DISCOVERY_NAMESPACES",
+    "kube_api": "EQUILIBRIUM_KUBE_API",
+    "kube_token_file": "EQUILIBRIUM_KUBE_TOKEN_FILE",
 }
+TRUE = frozenset({"1", "true", "yes", "on"})
+"""Values of a switch's environment variable that turn it on (anything else: off)."""
 FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
@@ -83,19 +98,23 @@ FILE_KEYS = frozenset(
 )
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the setting and its source."""
 
 
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    host: str
-    port: int
+ListenAddress = HostPort
+"""A listener's address (:class:`mesh.address.HostPort`; prints IPv6 in brackets)."""
 
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    """Kubernetes discovery (:mod:`sidecar.discovery`): where the API is and what to watch."""
+
+    credentials: KubeCredentials
+    namespaces: tuple[str, ...] | None = None  # None: the whole cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +137,8 @@ class SidecarConfig:
     redis: str | None = None  # signaling plane (sidecar.signaling); needs the mesh key
     signaling_epoch: float = 1.0  # seconds between regret summaries
     policing: PolicingSettings = field(default_factory=PolicingSettings)
+    transparent: bool = False  # route redirected connections by their original destination
+    discovery: DiscoverySettings | None = None  # None: no Kubernetes discovery
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
 
@@ -126,16 +147,44 @@ class SidecarConfig:
 
 
 def parse_listen(value: str, what: str = "address") -> ListenAddress:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback)."""
-    text = str(value).strip()
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^\s:\[\]]*):(\d+)", text)
-    if not m:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
-    host = m.group(1) or m.group(3) or "127.0.0.1"
-    port = int(m.group(2) or m.group(4))
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} out of range 0..65535")
-    return ListenAddress(host, port)
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback); see :mod:`mesh.address`."""
+    try:
+        return parse_host_port(str(value), default_host="127.0.0.1")
+    except AddressError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def parse_namespaces(value: str, own: str | None) -> tuple[str, ...] | None:
+    """``*`` -> None (cluster-wide); ``a,b`` -> ("a", "b"); empty -> the pod's own namespace
+    (cluster-wide when that is unknown)."""
+    text = value.strip()
+    if text == "*":
+        return None
+    if not text:
+        return (own,) if own else None
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if not _NAMESPACE_RE.match(name):
+            raise ConfigError(f"--discovery-namespaces: {name!r} is not a namespace name")
+    return names or ((own,) if own else None)
+
+
+def parse_discovery(
+    discovery: bool, api: str, token_file: str, scope: str, env: Mapping[str, str]
+) -> DiscoverySettings | None:
+    """The discovery settings (None: off) from the Kubernetes flags, checked together."""
+    if (api or token_file or scope) and not discovery:
+        raise ConfigError("--kube-api/--kube-token-file/--discovery-namespaces need --discovery")
+    if not discovery:
+        return None
+    try:
+        credentials = credentials_from_flags(api or None, token_file or None, env)
+    except ValueError as exc:
+        raise ConfigError(f"discovery: {exc}") from None
+    if credentials.token_file is not None and not credentials.token_file.is_file():
+        raise ConfigError(f"discovery: token file {str(credentials.token_file)!r} "
+                          "does not exist")
+    return DiscoverySettings(credentials, parse_namespaces(scope, credentials.namespace))
 
 
 def parse_endpoint(url: str, upstream: str) -> str:
@@ -251,6 +300,11 @@ def _parse_int(value: Any, what: str, low: int, high: int) -> int:
     return number
 
 
+def _parse_switch(value: Any) -> bool:
+    """A switch: True from its flag, or its environment variable read as a boolean."""
+    return value is True or str(value).strip().lower() in TRUE
+
+
 def _parse_choice(value: Any, what: str, names: Sequence[str]) -> str:
     text = str(value).strip()
     if text not in names:
@@ -340,6 +394,10 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 out[key] = _parse_int(value, "max_attempts", 1, 10)
             elif key in ("request_timeout", "connect_timeout"):
                 out[key] = _parse_float(value, key, 0.001)
+            elif key in ("transparent", "discovery"):
+                out[key] = _parse_switch(value)
+            elif key in ("discovery_namespaces", "kube_api", "kube_token_file"):
+                out[key] = str(value).strip()
     except ConfigError as exc:
         raise ConfigError(f"{layer}: {exc}") from None
     return out
@@ -379,6 +437,10 @@ class ConfigSource:
                 sources[key] = layer
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
+        discovery = parse_discovery(
+            merged.get("discovery", False), merged.get("kube_api", ""),
+            merged.get("kube_token_file", ""), merged.get("discovery_namespaces", ""), self.env,
+        )
         return SidecarConfig(
             id=merged.get("id") or f"{socket.gethostname()}-{os.getpid()}",
             outbound=merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
@@ -396,6 +458,8 @@ class ConfigSource:
             redis=merged.get("redis"),
             signaling_epoch=merged.get("signaling_epoch", 1.0),
             policing=merged.get("policing", PolicingSettings()),
+            transparent=merged.get("transparent", False),
+            discovery=discovery,
             config_file=self.config_file,
             sources=sources,
         )

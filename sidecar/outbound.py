@@ -108,6 +108,7 @@ class OutboundProxy:
         profile: StrategyProfile,
         metrics: SidecarMetrics,
         phases: ProxyPhases | None = None,
+        pinned_upstream: Callable[[web.BaseRequest], str | None] | None = None,
         max_attempts: int = 3,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -123,8 +124,9 @@ class OutboundProxy:
         self.clock = clock
         self.via = f"1.1 {sidecar_id}"
         # The upstream a request's connection is bound to regardless of Host, or None (Host
-        # routing); sidecar.transparent sets it from the connection's original destination.
-        self.pinned_upstream: Callable[[web.BaseRequest], str | None] = lambda request: None
+        # routing): the original destination (sidecar.transparent) or a discovered authority.
+        self.pinned_upstream: Callable[[web.BaseRequest], str | None] = (
+            pinned_upstream or (lambda request: None))
         self._own_transport: AiohttpTransport | None = None
         if transport is None:
             transport = self._own_transport = AiohttpTransport(

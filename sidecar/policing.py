@@ -1,13 +1,11 @@
-"""Wiring of policing into a sidecar process: mesh key, caller phases, inbound listener.
+"""The sidecar's mesh key: read once at start, before the runner is built.
 
-Owns the start-up decisions only; the behaviour lives in :mod:`sidecar.inbound` (the
-listener in front of the app) and :mod:`sidecar.identity_phase` (the outbound side). Used by
-the command line in two steps, so that a bad key is a configuration error (exit 2) and the
-listener is registered before the runner starts::
-
-    wiring = PolicingWiring.prepare(config, env)   # ConfigError on a bad or unreadable key
-    runner = SidecarRunner(source, config)
-    wiring.install(runner)
+Owns turning a bad or unreadable key into the sidecar's ``ConfigError`` (exit 2); where the key
+comes from (``EQUILIBRIUM_MESH_SECRET``, else ``mesh_secret_file``) and what makes it bad is
+:func:`wire.signing.read_mesh_key`'s. The key is handed to
+:class:`sidecar.runner.SidecarRunner`, which gives it to the caller phases
+(:mod:`sidecar.identity_phase`), the inbound listener (:mod:`sidecar.inbound`) and the
+signaling plane (:mod:`sidecar.signaling`).
 
 Security default: without a mesh key (neither ``EQUILIBRIUM_MESH_SECRET`` nor
 ``mesh_secret_file``) no identity can be signed or verified. The sidecar still starts: its
@@ -18,70 +16,17 @@ never trusts an identity it cannot check.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from sidecar.admin import inbound_json
 from sidecar.config import ConfigError
-from sidecar.identity_phase import CallerPhases
-from sidecar.inbound import InboundProxy
 from wire.errors import WireError
-from wire.signing import MESH_SECRET_ENV, read_mesh_key
-
-log = logging.getLogger(__name__)
+from wire.signing import read_mesh_key
 
 
-@dataclass(frozen=True, slots=True)
-class PolicingWiring:
-    """What :meth:`install` adds to a runner, decided before it is built."""
-
-    mesh_key: bytes | None
-
-    @classmethod
-    def prepare(cls, config: Any, env: Mapping[str, str]) -> PolicingWiring:
-        """The mesh key (:func:`wire.signing.read_mesh_key`: env, else ``mesh_secret_file``),
-        or None without either; ConfigError when the file is unreadable or the key too short."""
-        try:
-            return cls(read_mesh_key(env, getattr(config, "mesh_secret_file", None)))
-        except WireError as exc:
-            raise ConfigError(str(exc)) from None
-
-    def install(self, runner: Any) -> InboundProxy | None:
-        """Wrap the runner's outbound phases; add the inbound listener if one is configured."""
-        config = runner.config
-        settings = config.policing
-        runner.proxy.phases = CallerPhases(
-            runner.proxy.phases,
-            caller_id=config.id,
-            mesh_key=self.mesh_key,
-            default_bid=settings.default_bid,
-            registry=runner.metrics.registry,
-            clock=runner.clock,
-        )
-        if self.mesh_key is None:
-            log.warning("no mesh key (%s or mesh_secret_file): outbound requests go unsigned",
-                        MESH_SECRET_ENV)
-        if config.inbound is None or config.app is None:
-            runner.add_state_section("inbound", lambda: None)
-            return None
-        inbound = InboundProxy(
-            sidecar_id=config.id,
-            app_url=config.app,
-            settings=settings,
-            registry=runner.metrics.registry,
-            mesh_key=self.mesh_key,
-            request_timeout=runner.profile.request_timeout,
-            connect_timeout=runner.profile.connect_timeout,
-            clock=runner.clock,
-        )
-        runner.add_listener("inbound", inbound.make_app(), config.inbound, drains=True)
-        runner.add_background("inbound-gauges", inbound.refresh_gauges)
-        runner.add_state_section("inbound", lambda: inbound_json(inbound.snapshot()))
-        if self.mesh_key is None:
-            log.warning("inbound %s: no mesh key, so no caller identity can be verified: every "
-                        "caller is policed as 'anonymous' (the strictest bucket)", config.inbound)
-        log.info("inbound %s -> app %s, policing mode %s", config.inbound, config.app,
-                 settings.mode)
-        return inbound
+def sidecar_mesh_key(config: Any, env: Mapping[str, str]) -> bytes | None:
+    """The mesh key from the environment or the configured file; None if neither is set."""
+    try:
+        return read_mesh_key(env, getattr(config, "mesh_secret_file", None))
+    except WireError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,23 +1,27 @@
-"""The sidecar process: listeners, background tasks, reload and graceful shutdown.
+"""The sidecar process: built from one ``SidecarConfig``, then run; reload and graceful shutdown.
 
-Owns the lifecycle. ``SidecarRunner.run()`` binds every listener (outbound and admin, plus
-any added with ``add_listener``), starts the background tasks (policy ticks: one task that
-ticks every upstream's policy in turn each ``tick_interval``; config-file watch; plus any
-added with ``add_background``), then marks the process ready. On SIGHUP or a
-change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
+Owns the assembly and the lifecycle, in two explicit steps:
 
-1. ``/readyz`` answers 503 (the orchestrator stops sending new work);
-2. draining listeners stop accepting and close idle keep-alive connections;
-3. requests in flight get up to ``drain_timeout`` seconds to finish, then are cancelled;
-4. background tasks stop, the admin listener closes last, and ``run()`` returns 0.
+1. ``SidecarRunner(source, config, mesh_key=...)`` builds every part from the validated
+   config, in order, and nothing changes them afterwards: the routing table, Kubernetes
+   discovery (which feeds the table), the routing pins (transparent interception's original
+   destination, or the discovered ``Host:port``), the caller phases (signed identity, bids),
+   the outbound proxy, the inbound listener in front of the app, the signaling plane; then the
+   listeners (outbound, admin, inbound), the background tasks, the reload hooks and the
+   ``/debug/state`` sections. A setting that cannot work together with the rest (``redis``
+   without a mesh key) is a ``ConfigError`` here, before anything starts.
+2. ``run()`` starts it: binds every listener, starts the background tasks (policy ticks: one
+   task that ticks every upstream's policy in turn each ``tick_interval``; config-file watch;
+   discovery; inbound gauges; signaling), then marks the process ready. On SIGHUP or a
+   change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
 
-Extension points for later components (inbound listener, Redis publishing, discovery):
-``add_listener(name, app, address, drains=True)``, ``set_site_factory(name, factory)``,
-``add_background(name, factory)``, ``add_reload_hook(callback)``,
-``add_state_section(name, section)`` (a top-level ``/debug/state`` key), and the proxy's phases
-(``phases=`` of the constructor, or wrap ``runner.proxy.phases``). They must be
-called before ``run()``. The shared objects they may need are attributes: ``config``,
-``profile``, ``metrics``, ``table``, ``proxy`` (its ``transport`` carries requests upstream).
+   1. ``/readyz`` answers 503 (the orchestrator stops sending new work);
+   2. draining listeners stop accepting and close idle keep-alive connections;
+   3. requests in flight get up to ``drain_timeout`` seconds to finish, then are cancelled;
+   4. background tasks stop, the admin listener closes last, and ``run()`` returns 0.
+
+The parts are attributes: ``config``, ``profile``, ``metrics``, ``table``, ``proxy`` (its
+``transport`` carries requests upstream), ``discovery``, ``inbound``, ``signaling`` (None when off).
 """
 
 from __future__ import annotations
@@ -37,19 +41,25 @@ from typing import Any
 from aiohttp import web
 
 from mesh.profiles import StrategyProfile, get_profile
-from sidecar.admin import Readiness, debug_state, make_admin_app
+from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigError, ConfigSource, ListenAddress, SidecarConfig
+from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
+from sidecar.identity_phase import CallerPhases
+from sidecar.inbound import InboundProxy
 from sidecar.metrics import SidecarMetrics
-from sidecar.outbound import OutboundProxy
+from sidecar.outbound import OutboundProxy, split_target, upstream_name
 from sidecar.phases import ProxyPhases
+from sidecar.signaling import SidecarSignaling, signaling_settings
+from sidecar.transparent import transparent_outbound
 from sidecar.upstreams import UpstreamTable
+from wire.redis_store import RedisSignalStore
+from wire.signing import MESH_SECRET_ENV
 
 log = logging.getLogger(__name__)
 
 CONFIG_POLL_INTERVAL = 1.0
 BackgroundFactory = Callable[[], Coroutine[Any, Any, None]]
-ReloadHook = Callable[[SidecarConfig], None]
 # (app runner, host, port) -> an unstarted site; default web.TCPSite (sidecar.transparent's
 # TransparentSite reads each accepted connection's original destination first)
 SiteFactory = Callable[[web.AppRunner, str, int], web.BaseSite]
@@ -91,34 +101,76 @@ class SidecarRunner:
         source: ConfigSource,
         config: SidecarConfig,
         *,
-        phases: ProxyPhases | None = None,
+        mesh_key: bytes | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Build every part from ``config`` (see the module docstring); nothing starts here."""
         self.source = source
         self.config = config
         self.clock = clock
+        signaling = signaling_settings(config, mesh_key)  # ConfigError before anything is built
         self.profile = effective_profile(config)
         self.metrics = SidecarMetrics()
         self.table = UpstreamTable(config.policy, self.profile)
         self.readiness = Readiness()
+        self._listeners: list[Listener] = []
+        self._background: list[tuple[str, BackgroundFactory]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._in_flight_tasks: set[asyncio.Task[Any]] = set()
+        self._config_mtime: float | None = None
+
+        # Discovery feeds the table; its routes pin requests by destination or authority.
+        self.discovery = self._build_discovery()
+        pinned = (_authority_pin(self.discovery, self.table) if self.discovery is not None
+                  else None)
+        site = None
+        if config.transparent:
+            transparent = transparent_outbound(
+                self.table, self.metrics.registry,
+                connect_timeout=self.profile.connect_timeout,
+                drain_timeout=config.drain_timeout,
+                lookup=self.discovery.route if self.discovery is not None else None,
+                fallback=pinned,
+            )
+            site, pinned = transparent.site, transparent.pinned_upstream
+            log.info("transparent interception: routing redirected connections by their "
+                     "original destination")
+        if mesh_key is None:
+            log.warning("no mesh key (%s or mesh_secret_file): outbound requests go unsigned",
+                        MESH_SECRET_ENV)
         self.proxy = OutboundProxy(
             sidecar_id=config.id,
             table=self.table,
             profile=self.profile,
             metrics=self.metrics,
-            phases=phases,
+            phases=CallerPhases(
+                ProxyPhases(),
+                caller_id=config.id,
+                mesh_key=mesh_key,
+                default_bid=config.policing.default_bid,
+                registry=self.metrics.registry,
+                clock=clock,
+            ),
+            pinned_upstream=pinned,
             max_attempts=config.max_attempts or self.profile.max_retries + 1,
             rng=rng or random.Random(),
             clock=clock,
         )
-        self._listeners: list[Listener] = []
-        self._background: list[tuple[str, BackgroundFactory]] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._reload_hooks: list[ReloadHook] = []
-        self._state_sections: dict[str, Callable[[], Any]] = {}
-        self._stop = asyncio.Event()
-        self._in_flight_tasks: set[asyncio.Task[Any]] = set()
+        self.inbound = self._build_inbound(mesh_key)
+        self.signaling: SidecarSignaling | None = None
+        if signaling is not None:
+            self.signaling = SidecarSignaling(
+                sidecar_id=config.id,
+                table=self.table,
+                registry=self.metrics.registry,
+                settings=signaling,
+                store=RedisSignalStore(signaling.redis_url, signaling.timeout),
+                clock=clock,
+            )
+            log.info("signaling: summaries every %gs as %s", signaling.epoch,
+                     self.signaling.sidecar)
 
         @web.middleware
         async def track_in_flight(
@@ -134,41 +186,66 @@ class SidecarRunner:
                 self._in_flight_tasks.discard(task)
 
         self._track_in_flight = track_in_flight
-        self._config_mtime: float | None = None
-        self.add_listener("outbound", self.proxy.make_app(), config.outbound, drains=True)
+        # Listeners, bound in this order by run().
+        self._add_listener("outbound", self.proxy.make_app(), config.outbound, drains=True,
+                           site_factory=site)
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
-        self.add_listener("admin", admin, config.admin, drains=False)
-        self.add_background("policy-ticks", self._tick_loop)
+        self._add_listener("admin", admin, config.admin, drains=False)
+        if self.inbound is not None and config.inbound is not None:
+            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True)
+        # Background tasks, started in this order by run().
+        self._background.append(("policy-ticks", self._tick_loop))
         if config.config_file is not None:
-            self.add_background("config-watch", self._watch_config_file)
+            self._background.append(("config-watch", self._watch_config_file))
+        if self.discovery is not None:
+            self._background.append(("discovery", self.discovery.run))
+        if self.inbound is not None:
+            self._background.append(("inbound-gauges", self.inbound.refresh_gauges))
+        if self.signaling is not None:
+            self._background.append(("signaling", self.signaling.run))
 
-    # ------------------------------------------------------------ extension points
+    def _build_discovery(self) -> Discovery | None:
+        settings = self.config.discovery
+        if settings is None:
+            return None
+        discovery = Discovery(
+            settings.credentials, self.table, registry=self.metrics.registry,
+            namespaces=settings.namespaces, on_removed=self.metrics.forget_upstream,
+            clock=self.clock,
+        )
+        log.info("discovery: watching Services and EndpointSlices at %s in %s",
+                 settings.credentials.api_url,
+                 ", ".join(settings.namespaces) if settings.namespaces else "all namespaces")
+        return discovery
 
-    def add_listener(
-        self, name: str, app: web.Application, address: ListenAddress, *, drains: bool = True
+    def _build_inbound(self, mesh_key: bytes | None) -> InboundProxy | None:
+        config = self.config
+        if config.inbound is None or config.app is None:
+            return None
+        inbound = InboundProxy(
+            sidecar_id=config.id,
+            app_url=config.app,
+            settings=config.policing,
+            registry=self.metrics.registry,
+            mesh_key=mesh_key,
+            request_timeout=self.profile.request_timeout,
+            connect_timeout=self.profile.connect_timeout,
+            clock=self.clock,
+        )
+        if mesh_key is None:
+            log.warning("inbound %s: no mesh key, so no caller identity can be verified: every "
+                        "caller is policed as 'anonymous' (the strictest bucket)", config.inbound)
+        log.info("inbound %s -> app %s, policing mode %s", config.inbound, config.app,
+                 config.policing.mode)
+        return inbound
+
+    def _add_listener(
+        self, name: str, app: web.Application, address: ListenAddress, *, drains: bool,
+        site_factory: SiteFactory | None = None,
     ) -> None:
         if drains:  # the drain deadline must be able to cut what is still running
             app.middlewares.append(self._track_in_flight)
-        self._listeners.append(Listener(name, app, address, drains))
-
-    def set_site_factory(self, name: str, factory: SiteFactory) -> None:
-        """Bind listener ``name`` with ``factory(app_runner, host, port)`` instead of TCPSite."""
-        for listener in self._listeners:
-            if listener.name == name:
-                listener.site_factory = factory
-                return
-        raise KeyError(f"no listener named {name!r}")
-
-    def add_background(self, name: str, factory: BackgroundFactory) -> None:
-        self._background.append((name, factory))
-
-    def add_reload_hook(self, hook: ReloadHook) -> None:
-        """``hook(new_config)`` runs after a reload was applied."""
-        self._reload_hooks.append(hook)
-
-    def add_state_section(self, name: str, section: Callable[[], Any]) -> None:
-        """``/debug/state`` gets ``name: section()`` beside the upstreams."""
-        self._state_sections[name] = section
+        self._listeners.append(Listener(name, app, address, drains, site_factory=site_factory))
 
     def bound_port(self, name: str) -> int | None:
         return next((lst.bound_port for lst in self._listeners if lst.name == name), None)
@@ -183,7 +260,7 @@ class SidecarRunner:
             draining=self.readiness.draining,
             table=self.table,
         )
-        body.update({name: section() for name, section in self._state_sections.items()})
+        body["inbound"] = inbound_json(self.inbound.snapshot()) if self.inbound else None
         return body
 
     # ------------------------------------------------------------ lifecycle
@@ -371,9 +448,26 @@ class SidecarRunner:
             ", ".join(sorted(added)) or "none",
             ", ".join(sorted(removed)) or "none",
         )
-        for hook in self._reload_hooks:
+        if self.discovery is not None:  # the config may have released a name discovery wants
             try:
-                hook(self.config)
+                self.discovery.reapply(self.config)
             except Exception:
-                log.exception("reload hook %r failed", hook)
+                log.exception("discovery: applying the routes again after a reload failed")
         return True
+
+
+def _authority_pin(discovery: Discovery, table: UpstreamTable) -> Callable[[Any], str | None]:
+    """Route ``Host: users:9090`` to the Service's port 9090 (plain Host routing ignores the
+    port and would take the Service's primary port). An upstream the config names exactly
+    as the Host keeps precedence."""
+
+    def pinned(request: Any) -> str | None:
+        authority, _ = split_target(request)
+        if not authority:
+            return None
+        own = table.get(upstream_name(authority))
+        if own is not None and own.name == upstream_name(authority):
+            return None
+        return discovery.upstream_for_authority(authority)
+
+    return pinned

@@ -1,8 +1,8 @@
 """The sidecar's side of the signaling plane: publish regret summaries, follow recommendations.
 
 Owns the sidecar's use of the signal store (:class:`wire.store.SignalStore`, given to the
-constructor: Redis in production, in memory in tests) and one background task (registered with
-``SidecarRunner.add_background``). Every epoch, for each upstream whose policy takes part
+constructor: Redis in production, in memory in tests) and one background task (started by
+:class:`sidecar.runner.SidecarRunner`). Every epoch, for each upstream whose policy takes part
 (:class:`mesh.policy.FollowingPolicy`: ``equilibrium``), in one round trip
 (:meth:`~wire.store.SignalStore.exchange`):
 
@@ -44,6 +44,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mesh.backoff import Backoff
 from mesh.first_signal import FirstSignalWait
 from mesh.policy import FollowingPolicy
 from mesh.summary import SummaryBuilder
@@ -51,7 +52,6 @@ from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from wire.entries import MAX_SECONDS
 from wire.errors import WireError
 from wire.recommendation import verify_recommendation
-from wire.redis_store import RedisSignalStore
 from wire.store import Fields, SignalStore, StoreError, error_kind
 from wire.summary import RegretSummary, encode_summary
 
@@ -175,7 +175,7 @@ class SidecarSignaling:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        backoff = 0.0
+        backoff = Backoff(self.rng, self.settings.backoff_min, self.settings.backoff_max)
         try:
             while True:
                 started = loop.time()
@@ -188,15 +188,13 @@ class SidecarSignaling:
                         log.info("signaling: connected to Redis")
                     self.connected = True
                     self.metrics.connected.set(1)
-                    backoff = 0.0
+                    backoff.reset()
                     wait = started + self.settings.epoch - loop.time()
                 except Exception as exc:  # store errors, timeouts, or a bug: never fatal
                     if not isinstance(exc, StoreError | OSError | TimeoutError):
                         log.exception("signaling: unexpected error; falling back")
                     await self._fall_back(exc)
-                    backoff = min(max(2 * backoff, self.settings.backoff_min),
-                                  self.settings.backoff_max)
-                    wait = backoff * (0.5 + self.rng.random())
+                    wait = backoff.next()  # mesh.backoff: equal jitter
                 self._export_following()
                 await asyncio.sleep(max(wait, 0.0))
         finally:
@@ -308,49 +306,24 @@ class SidecarSignaling:
 # ---------------------------------------------------------------------- wiring
 
 
-@dataclass(frozen=True, slots=True)
-class SignalingWiring:
-    """Start-up decision for the signaling plane, made before the runner is built (so that a
-    missing key is a configuration error, exit 2)::
-
-        wiring = SignalingWiring.prepare(config, mesh_key)   # ConfigError without a key
-        runner = SidecarRunner(source, config)
-        wiring.install(runner)                                # adds the background task
+def signaling_settings(config: Any, mesh_key: bytes | None) -> SignalingSettings | None:
+    """How this sidecar joins the signaling plane (None: ``redis`` is not set); decided
+    before the runner starts, so that a missing key is a configuration error (exit 2).
 
     Security default: with ``redis`` set and no mesh key, the sidecar refuses to start; it
     would otherwise follow routing signals anyone with access to Redis could forge.
     """
+    from sidecar.config import ConfigError
 
-    settings: SignalingSettings | None
-
-    @classmethod
-    def prepare(cls, config: Any, mesh_key: bytes | None) -> SignalingWiring:
-        from sidecar.config import ConfigError
-
-        url = getattr(config, "redis", None)
-        if url is None:
-            return cls(None)
-        if mesh_key is None:
-            raise ConfigError(
-                "redis is set but there is no mesh key to verify recommendations with: set "
-                "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
-            )
-        epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
-        # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
-        return cls(SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,
-                                     backoff_max=min(5.0, max(1.0, 4 * epoch))))
-
-    def install(self, runner: Any) -> SidecarSignaling | None:
-        if self.settings is None:
-            return None
-        signaling = SidecarSignaling(
-            sidecar_id=runner.config.id,
-            table=runner.table,
-            registry=runner.metrics.registry,
-            settings=self.settings,
-            store=RedisSignalStore(self.settings.redis_url, self.settings.timeout),
-            clock=runner.clock,
+    url = getattr(config, "redis", None)
+    if url is None:
+        return None
+    if mesh_key is None:
+        raise ConfigError(
+            "redis is set but there is no mesh key to verify recommendations with: set "
+            "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
         )
-        runner.add_background("signaling", signaling.run)
-        log.info("signaling: summaries every %gs as %s", self.settings.epoch, signaling.sidecar)
-        return signaling
+    epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
+    # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
+    return SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,
+                             backoff_max=min(5.0, max(1.0, 4 * epoch)))

@@ -40,6 +40,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -440,26 +441,40 @@ def _canonical_ip(host: str) -> str:
         return host
 
 
-def install(
-    runner: Any,
+@dataclass(frozen=True, slots=True)
+class TransparentOutbound:
+    """What makes the outbound listener transparent: the site every accepted connection goes
+    through (it reads the original destination first) and the upstream a request is pinned to."""
+
+    router: TransparentRouter
+    site: Callable[[web.AppRunner, str, int], web.BaseSite]
+    pinned_upstream: Callable[[web.BaseRequest], str | None]
+
+
+def transparent_outbound(
+    table: Any,
+    registry: CollectorRegistry,
+    *,
+    connect_timeout: float,
+    drain_timeout: float,
     lookup: DestinationLookup | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     fallback: Callable[[web.BaseRequest], str | None] | None = None,
-) -> TransparentRouter:
-    """Make the runner's outbound listener transparent (before ``runner.run()``).
+) -> TransparentOutbound:
+    """The outbound listener's site and pin for transparent interception (built by the runner
+    before the proxy, which takes ``pinned_upstream``, and the listener, which takes ``site``).
 
     Requests on redirected connections are pinned to their destination's upstream; on
     direct ones, ``fallback(request)`` may pin one (else ``Host`` routing decides).
     """
-    router = TransparentRouter(runner.table, lookup)
-    metrics = TransparentMetrics(runner.metrics.registry)
+    router = TransparentRouter(table, lookup)
+    metrics = TransparentMetrics(registry)
     book = RelayBook()
 
     def site(app_runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
         return TransparentSite(
             app_runner, host, port, router=router, metrics=metrics,
-            connect_timeout=runner.profile.connect_timeout,
-            drain_timeout=runner.config.drain_timeout,
+            connect_timeout=connect_timeout, drain_timeout=drain_timeout,
             sniff_timeout=sniff_timeout, book=book,
         )
 
@@ -469,6 +484,4 @@ def install(
             name = fallback(request)
         return name
 
-    runner.set_site_factory("outbound", site)
-    runner.proxy.pinned_upstream = pinned
-    return router
+    return TransparentOutbound(router, site, pinned)

@@ -20,6 +20,7 @@ import socket
 import sys
 from typing import Any
 
+from mesh.address import AddressError, parse_host_port
 from wire.errors import WireError
 from wire.keys import check_redis_url
 from wire.signing import MESH_SECRET_ENV, read_mesh_key
@@ -86,10 +87,12 @@ def _number(text: str, flag: str, low: float) -> float:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--admin: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """``--admin``: ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback)."""
+    try:
+        address = parse_host_port(text, default_host="127.0.0.1")
+    except AddressError as exc:
+        raise UsageError(f"--admin: {exc}") from None
+    return address.host, address.port
 
 
 def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh.backoff import Backoff
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerHealth, SignalerMetrics
@@ -144,7 +146,8 @@ class SignalerService:
         """The epoch loop: one round per epoch, exponential backoff while Redis fails."""
         loop = asyncio.get_running_loop()
         self.health.started = True
-        backoff = 0.0
+        backoff = Backoff(random.Random(self.config.seed), self.config.epoch / 4,
+                          self.config.backoff_max)
         try:
             while not stop.is_set():
                 started = loop.time()
@@ -154,12 +157,11 @@ class SignalerService:
                         log.info("signaler %s: Redis reachable", self.config.signer)
                     self.health.redis_ok = True
                     self.metrics.redis_up.set(1)
-                    backoff = 0.0
+                    backoff.reset()
                     wait = started + self.config.epoch - loop.time()
                 except (StoreError, OSError, TimeoutError) as exc:
                     self._redis_failed(exc)
-                    backoff = min(max(2 * backoff, self.config.epoch / 4), self.config.backoff_max)
-                    wait = backoff
+                    wait = backoff.next()  # mesh.backoff: equal jitter
                 except Exception as exc:  # a bug must not stop the signaler: log, count, go on
                     log.exception("signaler %s: epoch failed", self.config.signer)
                     self.metrics.epoch_errors.labels(type(exc).__name__).inc()

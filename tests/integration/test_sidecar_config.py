@@ -77,6 +77,9 @@ def test_config_file_path_may_come_from_the_environment(tmp_path: Path) -> None:
         ({"policy": "fastest"}, {}, None, "round-robin"),
         ({"outbound": "localhost"}, {}, None, "HOST:PORT"),
         ({"admin": "127.0.0.1:70000"}, {}, None, "out of range"),
+        ({"outbound": "::1:15001"}, {}, None, "brackets"),
+        ({"discovery_namespaces": "*"}, {}, None, "need --discovery"),
+        ({}, {"EQUILIBRIUM_DISCOVERY": "1"}, None, "KUBERNETES_SERVICE_HOST"),
         ({}, {"EQUILIBRIUM_DRAIN_TIMEOUT": "soon"}, None, "environment: drain_timeout"),
         ({}, {}, "listen: 1\n", "unknown key 'listen'"),
         ({}, {}, "- just\n- a list\n", "top level must be a mapping"),
@@ -108,6 +111,8 @@ async def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
     cases = [
         (["sidecar", "--upstream", "users=not a url", "--strategy", "balanced"], {}),
         (["sidecar", "--config", str(missing)], {"EQUILIBRIUM_UPSTREAMS": "a=http://x;;b"}),
+        (["sidecar", "--kube-api", "http://127.0.0.1:1"], {}),  # a Kubernetes flag, checked too
+        (["sidecar", "--redis", "redis://127.0.0.1:1/0"], {}),  # checked as the runner is built
     ]
     results = await asyncio.gather(
         *(asyncio.to_thread(run_equilibrium, *args, env=env) for args, env in cases)
@@ -117,6 +122,8 @@ async def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
         assert "bad configuration" in result.stderr
     assert "users" in results[0].stderr
     assert "cannot read" in results[1].stderr
+    assert "need --discovery" in results[2].stderr
+    assert "no mesh key" in results[3].stderr
 
 
 async def test_the_real_command_honours_env_and_file(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import pytest
 
 from mesh.profiles import get_profile
-from sidecar.config import ConfigError
+from sidecar.config import ConfigError, ConfigSource, SidecarConfig, parse_namespaces
 from sidecar.discovery import (
     Backoff,
     EndpointSliceInfo,
@@ -24,7 +23,6 @@ from sidecar.discovery import (
     port_protocol,
     split_authority,
 )
-from sidecar.kube_wiring import KubeWiring, parse_namespaces
 from sidecar.transparent import sniff_http
 from sidecar.upstreams import UpstreamTable
 from tests.integration.kube_api import endpoint_slice, service
@@ -278,27 +276,34 @@ def test_explicit_api_url_must_be_http(tmp_path: Path) -> None:
         credentials_from_flags("127.0.0.1:1", None, {})
 
 
-def wiring_args(**kw: Any) -> argparse.Namespace:
-    base = {"transparent": None, "discovery": None, "kube_api": None, "kube_token_file": None,
-            "discovery_namespaces": None}
-    return argparse.Namespace(**{**base, **kw})
+def kube_config(flags: dict[str, Any], env: dict[str, str]) -> SidecarConfig:
+    """The config the command line builds from these Kubernetes flags and environment."""
+    return ConfigSource.from_sources(flags, env=env).load()
 
 
-def test_wiring_flags_and_environment(tmp_path: Path) -> None:
+def test_kube_flags_and_environment(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("t")
-    off = KubeWiring.prepare(wiring_args(), {})
-    assert not off.transparent and off.credentials is None
-    on = KubeWiring.prepare(wiring_args(), {
+    off = kube_config({}, {})
+    assert not off.transparent and off.discovery is None
+    on = kube_config({}, {
         "EQUILIBRIUM_TRANSPARENT": "1", "EQUILIBRIUM_DISCOVERY": "true",
         "EQUILIBRIUM_KUBE_API": "http://127.0.0.1:1", "EQUILIBRIUM_KUBE_TOKEN_FILE": str(token),
     })
-    assert on.transparent and on.credentials is not None
-    assert on.credentials.token_file == token
-    assert on.namespaces is None  # the pod's namespace is unknown here: cluster-wide
-    scoped = KubeWiring.prepare(wiring_args(discovery=True, kube_api="http://127.0.0.1:1"),
-                                {"POD_NAMESPACE": "shop"})
-    assert scoped.namespaces == ("shop",)  # default: the pod's own namespace
+    assert on.transparent and on.discovery is not None
+    assert on.discovery.credentials.token_file == token
+    assert on.discovery.namespaces is None  # the pod's namespace is unknown here: cluster-wide
+    scoped = kube_config({"discovery": True, "kube_api": "http://127.0.0.1:1"},
+                         {"POD_NAMESPACE": "shop"})
+    assert scoped.discovery is not None
+    assert scoped.discovery.namespaces == ("shop",)  # default: the pod's own namespace
+    # a flag wins over the environment; a switch's variable off is off
+    flagged = kube_config({"discovery": True, "kube_api": "http://127.0.0.1:1"},
+                          {"EQUILIBRIUM_KUBE_API": "http://other:1",
+                           "EQUILIBRIUM_TRANSPARENT": "no"})
+    assert flagged.discovery is not None and not flagged.transparent
+    assert flagged.discovery.credentials.api_url == "http://127.0.0.1:1"
+    assert kube_config({"transparent": True}, {"EQUILIBRIUM_TRANSPARENT": "0"}).transparent
 
 
 def test_discovery_namespaces() -> None:
@@ -321,10 +326,10 @@ def test_discovery_namespaces() -> None:
           "kube_token_file": "/nonexistent/token"}, {}, "does not exist"),
     ],
 )
-def test_wiring_rejects_bad_settings(kw: dict[str, Any], env: dict[str, str],
-                                     message: str) -> None:
+def test_bad_kube_settings_are_config_errors(kw: dict[str, Any], env: dict[str, str],
+                                             message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        KubeWiring.prepare(wiring_args(**kw), env)
+        kube_config(kw, env)
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,8 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.signaling import (
     SidecarSignaling,
     SignalingSettings,
-    SignalingWiring,
     protocol_id,
+    signaling_settings,
 )
 from sidecar.upstreams import UpstreamTable
 from signaler.cli import UsageError, build_config
@@ -536,11 +536,11 @@ def test_redis_without_a_mesh_key_refuses_to_start() -> None:
     ).load()
     assert config.redis == "redis://127.0.0.1:6379/0" and config.signaling_epoch == 0.5
     with pytest.raises(ConfigError, match="mesh key"):
-        SignalingWiring.prepare(config, None)
-    assert SignalingWiring.prepare(config, KEY).settings is not None
+        signaling_settings(config, None)
+    assert signaling_settings(config, KEY) is not None
     plain = ConfigSource.from_sources({}, env={"EQUILIBRIUM_REDIS_URL": "redis://h:1"}).load()
     assert plain.redis == "redis://h:1"
-    assert SignalingWiring.prepare(replace(plain, redis=None), None).settings is None
+    assert signaling_settings(replace(plain, redis=None), None) is None
     with pytest.raises(ConfigError, match="redis://"):
         ConfigSource.from_sources({"redis": "http://nope"}, env={}).load()
 
@@ -584,7 +584,7 @@ def test_a_config_reload_keeps_the_signaling_settings(tmp_path: Path) -> None:
         f"redis: redis://127.0.0.1:1/0\nsignaling_epoch: 0.5\nupstreams:\n  orders: [{EPS[0]}]\n"
     )
     source = ConfigSource.from_sources({"config": str(config_file)}, env={})
-    runner = SidecarRunner(source, source.load())
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
     config_file.write_text(
         f"redis: redis://127.0.0.1:1/0\nsignaling_epoch: 0.5\nupstreams:\n"
         f"  orders: [{EPS[0]}, {EPS[1]}]\n"
