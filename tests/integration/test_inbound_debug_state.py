@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from equilibrium.bench.policing import open_loop
+from equilibrium.lab.bench.policing import open_loop
 from mesh.headers import IDENTITY, RETRY
 from mesh.identity import sign_identity
 from mesh.reputation import PolicingParams

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equilibrium.loadgen import LoadGenerator, LoadSpec, LoadSummary, Record
-from equilibrium.processes import cpu_pressure_stall
-from equilibrium.sidecars import Sidecar
+from equilibrium.lab.loadgen import LoadGenerator, LoadSpec, LoadSummary, Record
+from equilibrium.lab.processes import cpu_pressure_stall
+from equilibrium.lab.sidecars import Sidecar
 
 START_MARGIN = 0.2  # seconds between "all generators ready" and the schedule's origin
 

@@ -1,11 +1,11 @@
 """The demo's signaling plane: Redis, one ``equilibrium signaler``, the sidecars following it.
 
 Owns the full-mesh part of ``equilibrium demo``: deciding whether it can run
-(:func:`resolve_signaling`); :class:`FollowingPhase`, a :class:`~equilibrium.demo.DemoPhase`
+(:func:`resolve_signaling`); :class:`FollowingPhase`, a :class:`~equilibrium.lab.demo.DemoPhase`
 that shows and summarises which sidecars follow the signaler (alone when the user wired the
 sidecars to a plane that runs elsewhere, with ``--sidecar-arg=--redis...`` as ``compose.yaml``
 does); and :class:`SignalingPhase`, which also, before the sidecars start, runs a
-:class:`~equilibrium.signaling_plane.SignalingPlane`: a fresh random mesh key (or, with
+:class:`~equilibrium.lab.signaling_plane.SignalingPlane`: a fresh random mesh key (or, with
 ``--redis URL``, the one in ``EQUILIBRIUM_MESH_SECRET``), an embedded Redis unless the user gave
 one, and ``equilibrium signaler --upstream demo`` waited for on its ``/readyz``; every sidecar
 gets ``--signaling-epoch`` on its command line and the secrets (the key, the Redis URL with its
@@ -36,9 +36,9 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from equilibrium.demo import DemoPhase, DemoRun, following_series
-from equilibrium.embedded_redis import RedisUnavailable, find_redis_server
-from equilibrium.signaling_plane import MESH_KEY_ENV, SignalingPlane
+from equilibrium.lab.demo import DemoPhase, DemoRun, following_series
+from equilibrium.lab.embedded_redis import RedisUnavailable, find_redis_server
+from equilibrium.lab.signaling_plane import MESH_KEY_ENV, SignalingPlane
 from mesh.identity import MeshKeyError, load_mesh_key
 from mesh.protocol import check_redis_url
 

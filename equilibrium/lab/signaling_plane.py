@@ -7,7 +7,7 @@ one machine, the one way both ``equilibrium demo`` (its ``SignalingPhase``) and
 
 - a mesh key: the caller's (the one in ``EQUILIBRIUM_MESH_SECRET`` when the user gave a Redis
   of their own) or a fresh random one;
-- an :class:`~equilibrium.embedded_redis.EmbeddedRedis` on loopback with a random password,
+- an :class:`~equilibrium.lab.embedded_redis.EmbeddedRedis` on loopback with a random password,
   unless the caller gives a Redis URL;
 - ``python -m equilibrium signaler --epoch E --admin 127.0.0.1:PORT --tokens N --id ID
   [--upstream NAME ...]``, waited for on its ``/readyz``.
@@ -40,8 +40,8 @@ from typing import Any
 
 import aiohttp
 
-from equilibrium.embedded_redis import EmbeddedRedis
-from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from equilibrium.lab.embedded_redis import EmbeddedRedis
+from equilibrium.lab.processes import ChildProcess, child_environment, free_port, wait_http_ok
 
 MESH_KEY_ENV = "EQUILIBRIUM_MESH_SECRET"
 REDIS_URL_ENV = "EQUILIBRIUM_REDIS_URL"
@@ -110,7 +110,7 @@ class SignalingPlane:
 
         On failure everything started is stopped again; a signaler that does not come up raises
         RuntimeError with the last lines of its log, a Redis that does not
-        :class:`~equilibrium.embedded_redis.RedisUnavailable`.
+        :class:`~equilibrium.lab.embedded_redis.RedisUnavailable`.
         """
         if self.signaler is not None:
             raise RuntimeError("the signaling plane is already started")

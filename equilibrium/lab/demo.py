@@ -4,7 +4,7 @@ Owns the demo's run: a fleet of pods (one of them the seed's "bad" pod that adds
 half of its requests), client apps each behind its own real ``equilibrium sidecar`` process,
 a bounded open-loop load per client, a live view once a second, then a summary, a JSON
 record of it and a PNG plot. No Docker, cluster or running Redis is needed: by default the
-signaling plane (an embedded Redis and a signaler, :mod:`equilibrium.demo_mesh`) is started
+signaling plane (an embedded Redis and a signaler, :mod:`equilibrium.lab.demo_mesh`) is started
 too, and the sidecars follow the signaler's correlated-equilibrium recommendations;
 ``--no-signaler`` runs the sidecars alone (independent regret matching).
 
@@ -36,17 +36,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from equilibrium import analysis
-from equilibrium.bench.harness import StateSample
-from equilibrium.bench.report import json_safe
-from equilibrium.fleet import Fleet
-from equilibrium.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
-from equilibrium.loadgen import LoadGenerator, LoadSpec, Record
-from equilibrium.processes import ChildProcess, cpu_pressure_stall, stop_all
-from equilibrium.sidecars import Sidecar
+from equilibrium.lab import analysis
+from equilibrium.lab.bench.harness import StateSample
+from equilibrium.lab.bench.report import json_safe
+from equilibrium.lab.fleet import Fleet
+from equilibrium.lab.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
+from equilibrium.lab.loadgen import LoadGenerator, LoadSpec, Record
+from equilibrium.lab.processes import ChildProcess, cpu_pressure_stall, stop_all
+from equilibrium.lab.sidecars import Sidecar
 
 if TYPE_CHECKING:
-    from equilibrium.demo_mesh import SignalingPlan
+    from equilibrium.lab.demo_mesh import SignalingPlan
 
 UPSTREAM = "demo"
 FOLLOWING_POLICY = "equilibrium"
@@ -388,7 +388,7 @@ def _final_states(run: DemoRun) -> dict[str, dict[str, Any]]:
 
 def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
     """Compute the summary, write the JSON and the PNG into ``--out``."""
-    from equilibrium.plot import plot_demo
+    from equilibrium.lab.plot import plot_demo
 
     cfg = run.config
     pods = run.pod_names
@@ -573,10 +573,10 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 def default_phases(config: DemoConfig, signaling: SignalingPlan | None = None) -> list[DemoPhase]:
     """The phases ``equilibrium demo`` runs (later issues append theirs here).
 
-    ``signaling`` (from :func:`equilibrium.demo_mesh.resolve_signaling`) adds the signaling
+    ``signaling`` (from :func:`equilibrium.lab.demo_mesh.resolve_signaling`) adds the signaling
     plane unless its mode is ``off``.
     """
-    from equilibrium.demo_mesh import FollowingPhase, SignalingPhase
+    from equilibrium.lab.demo_mesh import FollowingPhase, SignalingPhase
 
     phases: list[DemoPhase] = []
     if signaling is not None and signaling.mode == "sidecars":
@@ -597,7 +597,7 @@ async def _main_async(config: DemoConfig, signaling: SignalingPlan, live: bool) 
 
 
 def main(args: argparse.Namespace) -> int:
-    from equilibrium.demo_mesh import SignalingUnavailable, resolve_signaling
+    from equilibrium.lab.demo_mesh import SignalingUnavailable, resolve_signaling
 
     try:
         config = config_from_args(args)
