@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "signaler": ("signaler.cli", "run the correlated-equilibrium signaler"),
     "injector": ("injector.cli", "run the Kubernetes sidecar-injector webhook"),
     "init": ("injector.init_cli", "install the transparent-interception iptables rules"),
-    "demo": ("equilibrium.lab.demo", "run a local mesh with a bad pod and watch traffic shift"),
+    "demo": ("equilibrium.lab.demo.cli", "run a local mesh with a bad pod and watch traffic shift"),
     "bench": ("equilibrium.lab.bench.cli", "compare routing policies on a real local fleet"),
 }
 LAB_COMMANDS = frozenset({"demo", "bench"})

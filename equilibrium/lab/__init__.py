@@ -1,7 +1,7 @@
 """The lab: Equilibrium run on one machine to show it and to measure it.
 
 Owns everything that starts real processes on loopback around the mesh: the demo
-(:mod:`equilibrium.lab.demo`), the benchmark harness and its scenarios
+(:mod:`equilibrium.lab.demo`, also a benchmark scenario), the benchmark harness and its scenarios
 (:mod:`equilibrium.lab.bench`), the fleet of fake pods (:mod:`~equilibrium.lab.fleet`), the
 open-loop load generator (:mod:`~equilibrium.lab.loadgen`), sidecar and child-process handles
 (:mod:`~equilibrium.lab.sidecars`, :mod:`~equilibrium.lab.processes`), the local signaling plane

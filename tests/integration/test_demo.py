@@ -207,7 +207,7 @@ def test_live_view_redraws_in_place_on_a_terminal_and_prints_lines_otherwise() -
 
 
 def test_recovery_phase_reports_readmission_time_and_peak_share(tmp_path: Path) -> None:
-    from equilibrium.lab.demo import DemoConfig, DemoRun, RecoveryPhase
+    from equilibrium.lab.demo.run import DemoConfig, DemoRun, RecoveryPhase
     from equilibrium.lab.loadgen import Record
 
     run = DemoRun(config=DemoConfig(pods=5, bad=4, duration=6.0), logs=tmp_path, t0=100.0)
@@ -238,8 +238,8 @@ def test_demo_with_redis_but_no_mesh_key_exits_2_with_a_clear_message(tmp_path: 
 
 
 def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags() -> None:
-    from equilibrium.lab.demo_mesh import SignalingUnavailable, resolve_signaling
     from equilibrium.lab.embedded_redis import RedisUnavailable
+    from equilibrium.lab.signaling_plane import SignalingUnavailable, resolve_signaling
 
     def no_binary() -> None:
         raise RedisUnavailable("no redis-server binary")

@@ -57,3 +57,19 @@ def test_missing_packages_names_only_what_cannot_be_imported() -> None:
     assert missing_packages(("json", "no_such_package_equilibrium")) == [
         "no_such_package_equilibrium"]
     assert missing_message("demo", ("json",)) is None
+
+
+def test_the_demo_modules_import_one_way() -> None:
+    """``run`` <- ``signaling`` <- ``plan`` <- ``cli`` / ``scenario``: no cycle; the run itself
+    imports neither the signaling plane nor matplotlib (the plot is drawn on demand)."""
+    code = (
+        "import equilibrium.lab.demo.run\n"
+        "print(sorted(m for m in sys.modules if m.startswith('equilibrium.lab.demo.')"
+        " or m in ('equilibrium.lab.signaling_plane', 'matplotlib')))\n"
+    )
+    done = _run(code, blocked=())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['equilibrium.lab.demo.run']"
+    for module in ("signaling", "plan", "cli", "scenario"):
+        alone = _run(f"import equilibrium.lab.demo.{module}\n", blocked=())
+        assert alone.returncode == 0, alone.stderr

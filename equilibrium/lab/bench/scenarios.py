@@ -26,6 +26,7 @@ SCENARIOS: dict[str, str] = {
     "herding": "equilibrium.lab.bench.herding",
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",
+    "demo": "equilibrium.lab.demo.scenario",
 }
 
 
