@@ -66,7 +66,7 @@ class LoadResult:
         return max((s.max_start_lag for s in self.summaries), default=0.0)
 
 
-TickHook = Callable[["LoadResult", float, Mapping[str, dict[str, Any] | None]], Awaitable[None]]
+TickHook = Callable[[LoadResult, float, Mapping[str, dict[str, Any] | None]], Awaitable[None]]
 """``on_tick(result so far, seconds since the load started, sidecar id -> /debug/state)``."""
 
 
