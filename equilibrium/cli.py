@@ -4,6 +4,10 @@ Each component owns its own arguments: a module listed in ``SUBCOMMANDS`` expose
 ``register(subparsers)``, which adds its subparser and sets ``func`` (a callable taking the
 parsed namespace and returning an exit code). Modules are imported only when needed, so
 ``equilibrium sidecar`` never pays for cvxpy or matplotlib.
+
+The lab's commands (``LAB_COMMANDS``: the demo and the benchmarks, :mod:`equilibrium.lab`) need
+the ``lab`` extra; without it they print how to install it and exit 2, before importing
+anything of the lab. ``sidecar``, ``signaler``, ``injector`` and ``init`` never need it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "signaler": ("signaler.cli", "run the correlated-equilibrium signaler"),
     "injector": ("injector.cli", "run the Kubernetes sidecar-injector webhook"),
     "init": ("injector.init_cli", "install the transparent-interception iptables rules"),
-    "demo": ("equilibrium.demo", "run a local mesh with a bad pod and watch traffic shift"),
-    "bench": ("equilibrium.bench.cli", "compare routing policies on a real local fleet"),
+    "demo": ("equilibrium.lab.demo.cli", "run a local mesh with a bad pod and watch traffic shift"),
+    "bench": ("equilibrium.lab.bench.cli", "compare routing policies on a real local fleet"),
 }
+LAB_COMMANDS = frozenset({"demo", "bench"})
+"""Subcommands that need the ``lab`` extra (:mod:`equilibrium.lab.extra`)."""
+
+
+def _wanted(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -31,7 +42,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted = _wanted(argv)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         if wanted == name:
             module = importlib.import_module(module_name)
@@ -43,6 +54,14 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    wanted = _wanted(args_list)
+    if wanted in LAB_COMMANDS:
+        from equilibrium.lab.extra import missing_message
+
+        message = missing_message(wanted)
+        if message is not None:
+            print(message, file=sys.stderr)
+            return 2
     parser = build_parser(args_list)
     args = parser.parse_args(args_list)
     func = getattr(args, "func", None)

@@ -16,7 +16,7 @@ start (container or process) the same URL works again, with an empty dataset.
 
 Choosing the kind: ``testcontainers`` when a Docker engine answers on ``$DOCKER_HOST`` (default
 ``unix:///run/docker.sock``) and the local image ``equilibrium-redis:local`` exists (built by
-``scripts/ci/build-redis-image.sh``); otherwise ``local-binary`` (:class:`EmbeddedRedis`).
+``scripts/ci/build-redis-image.sh``); otherwise ``local-binary`` (:class:`RedisProcess`).
 ``EQUILIBRIUM_REDIS_KIND`` forces one kind. ``EQUILIBRIUM_REQUIRE_DOCKER=1`` (set by CI) makes
 the fixtures fail, not skip and not fall back, when the engine or the image is missing. A
 missing image is never pulled: it is looked up with the Docker SDK first and reported.
@@ -35,9 +35,10 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from equilibrium.embedded_redis import EmbeddedRedis, RedisNotReady, wait_for_ping
-from equilibrium.processes import free_port
+from equilibrium.lab.embedded_redis import RedisNotReady, wait_for_ping
+from equilibrium.lab.processes import free_port
 from tests.environment import DOCKER, required
+from tests.redis_process import RedisProcess
 
 IMAGE = os.environ.get("EQUILIBRIUM_REDIS_IMAGE", "equilibrium-redis:local")
 TESTCONTAINERS = "testcontainers"
@@ -175,14 +176,14 @@ class RedisHandle(abc.ABC):
 
 
 class LocalRedis(RedisHandle):
-    """A redis-server subprocess (:class:`EmbeddedRedis`)."""
+    """A redis-server subprocess (:class:`~tests.redis_process.RedisProcess`)."""
 
     kind = LOCAL_BINARY
 
     def __init__(self, password: str | None, username: str | None = None) -> None:
         self.password = password
         self.username = username
-        self._server = EmbeddedRedis(password=password, username=username)
+        self._server = RedisProcess(password=password, username=username)
         self._server.start()
         self.port = self._server.port
 

@@ -3,7 +3,7 @@
 ``python -m tests.integration.inbound_loads app SERVERS SERVICE`` serves SERVERS requests at
 once, SERVICE seconds each (an M/D/c server), on a free loopback port (prints ``PORT <n>``)
 until SIGTERM, at most 10 minutes. In the test's own event loop it would compete for CPU with
-the flood it is measured against (the flood itself runs in ``equilibrium.bench.policing
+the flood it is measured against (the flood itself runs in ``equilibrium.lab.bench.policing
 load``), turning the measurement of the cooperative callers into one of the test harness.
 """
 

@@ -1,5 +1,5 @@
 """Helpers of the inbound-side integration tests: open-loop callers (the benchmark's own
-:func:`equilibrium.bench.policing.open_loop`), a mesh of real sidecar processes (one inbound in
+:func:`equilibrium.lab.bench.policing.open_loop`), a mesh of real sidecar processes (one inbound in
 front of the app, one outbound per caller), and the helper processes of
 :mod:`tests.integration.inbound_loads` (a capacity-limited app, a flood with retries).
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from equilibrium.bench.policing import Shot
-from equilibrium.loadgen import percentile
+from equilibrium.lab.bench.policing import Shot
+from equilibrium.lab.loadgen import percentile
 from tests.integration.procs import (
     LOOPBACK,
     REPO_ROOT,
@@ -34,7 +34,8 @@ UPSTREAM = "svc"  # the callers' name for the app's inbound sidecar
 
 
 async def shots_of(*loads: Awaitable[list[Shot]]) -> list[Shot]:
-    """Run open loops (:func:`equilibrium.bench.policing.open_loop`) side by side; every shot."""
+    """Run open loops (:func:`equilibrium.lab.bench.policing.open_loop`) side by side; every
+    shot."""
     return [shot for shots in await asyncio.gather(*loads) for shot in shots]
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from equilibrium.processes import free_port
+from equilibrium.lab.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"

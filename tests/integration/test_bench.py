@@ -59,6 +59,25 @@ def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -
     assert data["direct"]["count"] == data["proxied"]["count"] == 2 * 50  # same schedule
 
 
+def test_the_demo_runs_as_a_bench_scenario_with_its_signaler(tmp_path: Path) -> None:
+    """The demo's own run (embedded Redis, a signaler, sidecars following it) on the harness."""
+    proc = _run(["--scenario", "demo", "--duration", "8", "--clients", "2", "--out", "r"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "r" / "demo.json").read_text())
+    run = doc["data"]["runs"]["equilibrium"]
+    assert run["config"]["signaler"] is True and run["config"]["clients"] == 2
+    metrics = run["metrics"]
+    assert metrics["errors"] == 0 and metrics["requests"] == 2 * 50 * 8
+    assert metrics["bad_share_steady"] < 0.2  # off the bad pod (a fifth is round robin)
+    assert doc["tables"][0]["rows"][0][:2] == ["equilibrium", "CE signaler"]
+    out = tmp_path / "r" / "demo-equilibrium"
+    assert (out / "equilibrium-demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "equilibrium-demo.json").read_text())["config"]["signaler"]
+    assert "sidecars coordinated by the signaler" in proc.stdout  # the demo's summary
+    assert "t=" not in proc.stdout.splitlines()[0]  # no live view under the harness
+
+
 def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
     proc = _run(["--scenario", "no-such-thing"], tmp_path)
     assert proc.returncode == 2

@@ -176,7 +176,7 @@ def test_live_view_redraws_in_place_on_a_terminal_and_prints_lines_otherwise() -
     import io
     import math
 
-    from equilibrium.live import Frame, LiveView, PodLine
+    from equilibrium.lab.live import Frame, LiveView, PodLine
 
     state = {"upstreams": {"demo": {"policy": "equilibrium", "nash_gap": 0.01, "flapping": 0.0,
                                     "converged": True, "endpoints": [
@@ -207,8 +207,8 @@ def test_live_view_redraws_in_place_on_a_terminal_and_prints_lines_otherwise() -
 
 
 def test_recovery_phase_reports_readmission_time_and_peak_share(tmp_path: Path) -> None:
-    from equilibrium.demo import DemoConfig, DemoRun, RecoveryPhase
-    from equilibrium.loadgen import Record
+    from equilibrium.lab.demo.run import DemoConfig, DemoRun, RecoveryPhase
+    from equilibrium.lab.loadgen import Record
 
     run = DemoRun(config=DemoConfig(pods=5, bad=4, duration=6.0), logs=tmp_path, t0=100.0)
     # pod-4 gets 1 % until t=3, then 5 %, 12 %, 18 % (one second each, 100 requests a second)
@@ -238,8 +238,8 @@ def test_demo_with_redis_but_no_mesh_key_exits_2_with_a_clear_message(tmp_path: 
 
 
 def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags() -> None:
-    from equilibrium.demo_mesh import SignalingUnavailable, resolve_signaling
-    from equilibrium.embedded_redis import RedisUnavailable
+    from equilibrium.lab.embedded_redis import RedisUnavailable
+    from equilibrium.lab.signaling_plane import SignalingUnavailable, resolve_signaling
 
     def no_binary() -> None:
         raise RedisUnavailable("no redis-server binary")
@@ -291,7 +291,7 @@ def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags
 def test_live_view_shows_who_follows_the_signaler() -> None:
     import io
 
-    from equilibrium.live import Frame, LiveView, PodLine
+    from equilibrium.lab.live import Frame, LiveView, PodLine
 
     def state(following: bool) -> dict[str, object]:
         return {"upstreams": {"demo": {

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from equilibrium.fleet import POD_HEADER, Fleet
+from equilibrium.lab.fleet import POD_HEADER, Fleet
 
 BAD_DELAY = 0.02
 

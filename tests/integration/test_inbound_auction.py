@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from equilibrium.bench.policing import Shot, open_loop
+from equilibrium.lab.bench.policing import Shot, open_loop
 from tests.integration.inbound_support import (
     UPSTREAM,
     AppProcess,

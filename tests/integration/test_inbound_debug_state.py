@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from equilibrium.bench.policing import open_loop
+from equilibrium.lab.bench.policing import open_loop
 from mesh.reputation import PolicingParams
 from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
 from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend

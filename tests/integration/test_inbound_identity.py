@@ -19,8 +19,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from equilibrium.bench.policing import open_loop
 from equilibrium.cli import main as equilibrium_main
+from equilibrium.lab.bench.policing import open_loop
 from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
 from tests.integration.procs import (
     LOOPBACK,

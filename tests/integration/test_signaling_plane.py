@@ -20,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from equilibrium.embedded_redis import (
+from equilibrium.lab.embedded_redis import (
     EmbeddedRedis,
     RedisNotReady,
     RedisUnavailable,
@@ -28,8 +28,9 @@ from equilibrium.embedded_redis import (
     free_port,
     wait_for_ping,
 )
-from equilibrium.sidecars import Sidecar
-from equilibrium.signaling_plane import MESH_KEY_ENV, REDIS_URL_ENV, SignalingPlane
+from equilibrium.lab.sidecars import Sidecar
+from equilibrium.lab.signaling_plane import MESH_KEY_ENV, REDIS_URL_ENV, SignalingPlane
+from tests.redis_process import RedisProcess
 
 ONE_TRY = {"socket_timeout": 2, "socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
 
@@ -164,7 +165,7 @@ def test_the_embedded_redis_password_never_reaches_a_command_line(tmp_path: Path
     wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {seen}\nexec {real} "$@"\n')
     wrapper.chmod(0o700)
     password = 'p"w d\\ \n#x'  # quotes, spaces, a backslash, a newline, a comment sign
-    with EmbeddedRedis(password=password, username="eq", binary=str(wrapper)) as server:
+    with RedisProcess(password=password, username="eq", binary=str(wrapper)) as server:
         assert redis.Redis.from_url(server.url, **ONE_TRY).ping() is True
         acl_user = redis.Redis(host="127.0.0.1", port=server.port, username="eq",
                                password=password, **ONE_TRY)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from equilibrium.bench.harness import LoadResult
-from equilibrium.bench.herding import (
+from equilibrium.lab.bench.harness import LoadResult
+from equilibrium.lab.bench.herding import (
     CE_POLICY,
     SCENARIO,
     fleet_spec,
@@ -18,9 +18,9 @@ from equilibrium.bench.herding import (
     slowest_pair,
     targets_table,
 )
-from equilibrium.bench.scenarios import Scenario
-from equilibrium.fleet import PodBehaviour
-from equilibrium.loadgen import Record
+from equilibrium.lab.bench.scenarios import Scenario
+from equilibrium.lab.fleet import PodBehaviour
+from equilibrium.lab.loadgen import Record
 
 
 def test_the_fleet_is_one_small_fast_pod_and_big_slow_ones() -> None:

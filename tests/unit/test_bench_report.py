@@ -10,17 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from equilibrium import analysis
-from equilibrium.bench import cli
-from equilibrium.bench.report import build_document, render_console, render_markdown, write_report
-from equilibrium.bench.scenarios import (
+from equilibrium.lab import analysis
+from equilibrium.lab.bench import cli
+from equilibrium.lab.bench.report import (
+    build_document,
+    render_console,
+    render_markdown,
+    write_report,
+)
+from equilibrium.lab.bench.scenarios import (
     SCENARIOS,
     ScenarioResult,
     Table,
     all_scenarios,
     load_scenario,
 )
-from equilibrium.loadgen import Record
+from equilibrium.lab.loadgen import Record
 
 MACHINE = {"platform": "Linux-test", "processor": "x86_64", "cpus": 2, "python": "3.11.7",
            "implementation": "CPython", "load_average": [0.5, 0.4, 0.3]}
@@ -78,7 +83,7 @@ def test_registry_loads_every_scenario_and_rejects_unknown() -> None:
 def test_a_scenario_module_that_fails_to_import_does_not_hide_the_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(SCENARIOS, "broken", "equilibrium.bench.no_such_module")
+    monkeypatch.setitem(SCENARIOS, "broken", "equilibrium.lab.bench.no_such_module")
     loaded, broken = all_scenarios()
     assert "slow-pod" in [s.name for s in loaded]
     assert list(broken) == ["broken"] and "ModuleNotFoundError" in broken["broken"]

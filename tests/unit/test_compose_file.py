@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from equilibrium.cli import build_parser
-from equilibrium.demo import DemoConfig
+from equilibrium.lab.demo.run import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"

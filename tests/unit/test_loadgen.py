@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from equilibrium.loadgen import (
+from equilibrium.lab.loadgen import (
     LoadSpec,
     Record,
     latency_summary,
     percentile,
     run_open_loop,
 )
-from equilibrium.processes import free_port
+from equilibrium.lab.processes import free_port
 
 SERVICE = 0.05  # seconds the serial test server spends on each request
 

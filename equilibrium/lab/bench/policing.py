@@ -21,9 +21,9 @@ attempts, who got the 429s, and when the rogue was first refused.
 bids 5 per request (``X-Equilibrium-Bid``), the other 1. Reported per caller: success,
 latency and the prices charged (``X-Equilibrium-Price``).
 
-Load comes from ``python -m equilibrium.bench.policing load ...`` processes (open loop,
+Load comes from ``python -m equilibrium.lab.bench.policing load ...`` processes (open loop,
 latency from the intended start; one per caller, so the flood never shares an event loop
-with the callers it is compared with). Unlike :mod:`equilibrium.loadgen` it can retry
+with the callers it is compared with). Unlike :mod:`equilibrium.lab.loadgen` it can retry
 failed requests and set request headers, which both scenarios need.
 """
 
@@ -42,13 +42,13 @@ from typing import Any
 
 import aiohttp
 
-from equilibrium.bench.report import ms, pct
-from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
-from equilibrium.fleet import Fleet
-from equilibrium.loadgen import latency_summary
-from equilibrium.processes import ChildProcess, free_port
-from equilibrium.sidecars import Sidecar
-from equilibrium.signaling_plane import MESH_KEY_ENV
+from equilibrium.lab.bench.report import ms, pct
+from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
+from equilibrium.lab.fleet import Fleet
+from equilibrium.lab.loadgen import latency_summary
+from equilibrium.lab.processes import ChildProcess, free_port
+from equilibrium.lab.sidecars import Sidecar
+from equilibrium.lab.signaling_plane import MESH_KEY_ENV
 
 MODES = ("off", "token-bucket", "equilibrium")
 NO_ROGUE = "off, no rogue"  # the cooperative callers' baseline
@@ -126,7 +126,7 @@ async def _load(args: argparse.Namespace, headers: dict[str, str]) -> list[Shot]
 
 
 def load_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m equilibrium.bench.policing load")
+    p = argparse.ArgumentParser(prog="python -m equilibrium.lab.bench.policing load")
     p.add_argument("--url", required=True)
     p.add_argument("--host", default=UPSTREAM)
     p.add_argument("--caller", required=True)
@@ -149,7 +149,7 @@ async def run_load(url: str, caller: str, rate: float, duration: float, logs: Pa
                    retries: int = 0, headers: dict[str, str] | None = None,
                    host: str = UPSTREAM) -> list[Shot]:
     """Run one ``load`` process to the end and collect its shots (bounded in time)."""
-    argv = [sys.executable, "-m", "equilibrium.bench.policing", "load", "--url", url,
+    argv = [sys.executable, "-m", "equilibrium.lab.bench.policing", "load", "--url", url,
             "--host", host, "--caller", caller, "--rate", repr(rate),
             "--duration", repr(duration),
             "--retries", str(retries),
@@ -469,7 +469,7 @@ OVERLOAD_BIDS = OverloadBids()
 def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["load"]:
         return load_main(argv[1:])
-    print("usage: python -m equilibrium.bench.policing load --url URL --caller NAME ...",
+    print("usage: python -m equilibrium.lab.bench.policing load --url URL --caller NAME ...",
           file=sys.stderr)
     return 2
 

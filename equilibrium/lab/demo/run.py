@@ -1,52 +1,46 @@
-"""``equilibrium demo``: a local mesh with a bad pod; watch the traffic shift away from it.
+"""The demo's run: a local mesh with a bad pod; watch the traffic shift away from it.
 
-Owns the demo's run: a fleet of pods (one of them the seed's "bad" pod that adds 500 ms to
-half of its requests), client apps each behind its own real ``equilibrium sidecar`` process,
-a bounded open-loop load per client, a live view once a second, then a summary, a JSON
-record of it and a PNG plot. No Docker, cluster or running Redis is needed: by default the
-signaling plane (an embedded Redis and a signaler, :mod:`equilibrium.demo_mesh`) is started
-too, and the sidecars follow the signaler's correlated-equilibrium recommendations;
-``--no-signaler`` runs the sidecars alone (independent regret matching).
+Owns one demo run: a fleet of pods (one of them the seed's "bad" pod that adds 500 ms to half
+of its requests), client apps each behind its own real ``equilibrium sidecar`` process, a
+bounded open-loop load per client driven by the benchmark harness
+(:func:`equilibrium.lab.bench.harness.drive_load`), a live view once a second, then a summary,
+a JSON record of it and a PNG plot. The signaling plane (Redis and a signaler) plugs in as a
+:class:`DemoPhase` (:mod:`equilibrium.lab.demo.signaling`); the command line is
+:mod:`equilibrium.lab.demo.cli`, the same run as a benchmark scenario
+:mod:`equilibrium.lab.demo.scenario`. This module imports neither.
 
-Processes: the parent (this module: orchestration, live view), one fleet process, one
-sidecar per client, one load generator per client, and with the signaling plane a
-redis-server and a signaler. The load generator of a client sends
-``Host: demo`` requests to that client's sidecar, as the client app would. All children are
-stopped and reaped on every exit path (``finally``, own process groups, and on Linux a
-parent-death signal), including Ctrl-C.
+Processes: the parent (orchestration, live view), one fleet process, one sidecar per client,
+one load generator per client, and whatever the phases start (``run.children``). The load
+generator of a client sends ``Host: demo`` requests to that client's sidecar, as the client app
+would. All children are stopped and reaped on every exit path (``finally``, own process groups,
+and on Linux a parent-death signal), including Ctrl-C.
 
-Later phases plug in through :class:`DemoPhase` hooks (start Redis and a signaler before the
-sidecars, add sidecar flags, act during the run, add live lines and summary entries) without
-touching the core sequence in :func:`run_demo`.
+Phases (:class:`DemoPhase` hooks) start Redis and a signaler before the sidecars, add sidecar
+flags, act during the run, add live lines and summary entries, without touching the core
+sequence in :func:`run_demo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import math
-import os
-import signal
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from equilibrium import analysis
-from equilibrium.bench.harness import StateSample
-from equilibrium.bench.report import json_safe
-from equilibrium.fleet import Fleet
-from equilibrium.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
-from equilibrium.loadgen import LoadGenerator, LoadSpec, Record
-from equilibrium.processes import ChildProcess, cpu_pressure_stall, stop_all
-from equilibrium.sidecars import Sidecar
-
-if TYPE_CHECKING:
-    from equilibrium.demo_mesh import SignalingPlan
+from equilibrium.lab import analysis
+from equilibrium.lab.bench.harness import LoadResult, LoadTarget, StateSample, drive_load
+from equilibrium.lab.bench.report import json_safe
+from equilibrium.lab.fleet import Fleet
+from equilibrium.lab.live import Frame, LiveView, PodLine, fmt_ms, fmt_pct
+from equilibrium.lab.loadgen import LoadSummary, Record
+from equilibrium.lab.processes import ChildProcess, stop_all
+from equilibrium.lab.sidecars import Sidecar
 
 UPSTREAM = "demo"
 FOLLOWING_POLICY = "equilibrium"
@@ -185,7 +179,8 @@ class DemoRun:
     logs: Path
     fleet: Fleet | None = None
     sidecars: list[Sidecar] = field(default_factory=list)
-    loadgens: list[LoadGenerator] = field(default_factory=list)
+    #: the load generators' counts, one per client (None: that generator gave none)
+    load: dict[str, LoadSummary | None] = field(default_factory=dict)
     children: list[ChildProcess] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     states: list[StateSample] = field(default_factory=list)
@@ -230,21 +225,14 @@ async def _start_sidecars(run: DemoRun, phases: Sequence[DemoPhase]) -> None:
         raise errors[0]
 
 
-async def _pump(run: DemoRun, gen: LoadGenerator) -> None:
-    async for rec in gen.records():
-        run.records.append(rec)
-
-
-async def _poll_states(run: DemoRun, elapsed: float) -> dict[str, dict[str, Any] | None]:
+async def _poll_final_states(run: DemoRun, elapsed: float) -> None:
+    """One more state reading after the load (the summary's final weights)."""
     states = await asyncio.gather(*(s.state() for s in run.sidecars))
-    out = {}
     for sidecar, state in zip(run.sidecars, states, strict=True):
         run.states.append(StateSample(elapsed, sidecar.id, state))
-        out[sidecar.id] = state
-    return out
 
 
-def _frame(run: DemoRun, elapsed: float, states: dict[str, Any],
+def _frame(run: DemoRun, elapsed: float, states: Mapping[str, Any],
            phases: Sequence[DemoPhase]) -> Frame:
     cfg = run.config
     now_rel = elapsed
@@ -259,7 +247,7 @@ def _frame(run: DemoRun, elapsed: float, states: dict[str, Any],
     return Frame(
         elapsed=elapsed, duration=cfg.duration, requests=len(run.records),
         errors=sum(1 for r in run.records if not r.ok), window=cfg.window, pods=pods,
-        states=states, upstream=UPSTREAM, extra=extra, signaling=run.signaling,
+        states=dict(states), upstream=UPSTREAM, extra=extra, signaling=run.signaling,
     )
 
 
@@ -272,7 +260,6 @@ async def run_demo(
     stream = stream or sys.stdout
     logs = Path(tempfile.mkdtemp(prefix="equilibrium-demo-"))
     run = DemoRun(config=config, logs=logs)
-    pumps: list[asyncio.Task[None]] = []
     try:
         run.fleet = await Fleet.start(
             ["--pods", str(config.pods), "--bad", str(config.bad), "--bad-delay",
@@ -296,41 +283,32 @@ async def run_demo(
         )
         stream.flush()
         await _start_sidecars(run, phases)
-        loop = asyncio.get_running_loop()
-        for sidecar in run.sidecars:
-            spec = LoadSpec(target=sidecar.outbound_url, host=UPSTREAM, rate=config.rate,
-                            duration=config.duration, client=sidecar.id)
-            gen = await LoadGenerator.start(spec, stderr_path=str(logs / f"load-{sidecar.id}.log"))
-            run.loadgens.append(gen)
-        run.t0 = loop.time() + 0.2
-        stall0 = cpu_pressure_stall()
-        for gen in run.loadgens:
-            await gen.begin(run.t0)
-            pumps.append(asyncio.create_task(_pump(run, gen)))
         view = LiveView(stream) if live else None
-        tick = 1
-        while not all(p.done() for p in pumps):
-            await asyncio.sleep(max(0.0, run.t0 + tick - loop.time()))
-            elapsed = loop.time() - run.t0
-            states = await _poll_states(run, elapsed)
+
+        async def tick(load: LoadResult, elapsed: float,
+                       states: Mapping[str, dict[str, Any] | None]) -> None:
+            run.t0, run.records, run.states = load.t0, load.records, load.states
             for phase in phases:
                 await phase.on_tick(run, elapsed)
             if view is not None and elapsed <= config.duration + 0.5:
                 view.show(_frame(run, elapsed, states, phases))
-            tick += 1
-        await asyncio.gather(*pumps)
-        run.cpu_pressure = (cpu_pressure_stall() - stall0) / max(loop.time() - run.t0, 1e-9)
-        await _poll_states(run, loop.time() - run.t0)
+
+        targets = [LoadTarget(client=s.id, url=s.outbound_url, host=UPSTREAM)
+                   for s in run.sidecars]
+        load = await drive_load(targets, config.rate, config.duration, logs,
+                                sidecars=run.sidecars, on_tick=tick)
+        run.t0, run.records, run.states = load.t0, load.records, load.states
+        run.cpu_pressure = load.cpu_pressure
+        by_client = {s.client: s for s in load.summaries}
+        run.load = {t.client: by_client.get(t.client) for t in targets}
+        await _poll_final_states(run, asyncio.get_running_loop().time() - run.t0)
         for phase in phases:
             await phase.finish(run)
         summary = summarize(run, phases)
         print_summary(summary, stream)
         return summary
     finally:
-        for task in pumps:
-            task.cancel()
-        children: list[Any] = [*run.loadgens, *run.sidecars]
-        await asyncio.gather(*(c.stop() for c in children), return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in run.sidecars), return_exceptions=True)
         await stop_all(run.children)
         for phase in phases:
             with contextlib.suppress(Exception):
@@ -388,7 +366,7 @@ def _final_states(run: DemoRun) -> dict[str, dict[str, Any]]:
 
 def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
     """Compute the summary, write the JSON and the PNG into ``--out``."""
-    from equilibrium.plot import plot_demo
+    from equilibrium.lab.plot import plot_demo  # matplotlib: imported only to draw
 
     cfg = run.config
     pods = run.pod_names
@@ -435,7 +413,7 @@ def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
                               for ep in up.get("endpoints", [])}}
             for sid, up in final.items()
         },
-        "load": {g.spec.client: _load_summary(g) for g in run.loadgens},
+        "load": {client: _load_summary(s) for client, s in run.load.items()},
         "phases": {phase.name: phase.summary(run) for phase in phases},
         "plot": str(png),
         "logs": str(run.logs),
@@ -448,10 +426,9 @@ def summarize(run: DemoRun, phases: Sequence[DemoPhase] = ()) -> dict[str, Any]:
     return summary
 
 
-def _load_summary(gen: LoadGenerator) -> dict[str, Any] | None:
-    if gen.summary is None:
+def _load_summary(s: LoadSummary | None) -> dict[str, Any] | None:
+    if s is None:
         return None
-    s = gen.summary
     return {"planned": s.planned, "sent": s.sent, "errors": s.errors,
             "delayed_by_cap": s.delayed_by_cap, "late_starts": s.late_starts,
             "max_start_lag": s.max_start_lag}
@@ -516,112 +493,3 @@ def print_summary(summary: dict[str, Any], stream: TextIO) -> None:
     stream.write("\n".join(lines) + "\n")
     stream.flush()
 
-
-# --- command line --------------------------------------------------------------------------
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="run a local mesh with a bad pod and watch traffic shift",
-        description=("Start a local fleet with one bad pod, client apps behind real "
-                     "sidecars, an embedded Redis and a signaler, and a bounded load; show "
-                     "the traffic shift live (and which sidecars follow the signaler's "
-                     "recommendation), then print a summary and write a PNG plot. Needs no "
-                     "Docker, cluster or running Redis."),
-    )
-    d = DemoConfig()
-    p.add_argument("--duration", type=float, default=d.duration, help="seconds of load (40)")
-    p.add_argument("--rate", type=float, default=d.rate, help="requests/s per client (50)")
-    p.add_argument("--clients", type=int, default=d.clients, help="client apps (3)")
-    p.add_argument("--pods", type=int, default=d.pods, help="pods of the demo service (5)")
-    p.add_argument("--bad", type=int, default=None, help="index of the bad pod (the last)")
-    p.add_argument("--bad-delay", type=float, default=d.bad_delay, help="seconds added (0.5)")
-    p.add_argument("--bad-fraction", type=float, default=d.bad_fraction,
-                   help="share of the bad pod's requests that are slow (0.5)")
-    p.add_argument("--policy", default=d.policy, help="sidecar routing policy (equilibrium)")
-    p.add_argument("--strategy", default=None, help="sidecar strategy profile")
-    p.add_argument("--seed", type=int, default=d.seed, help="fleet RNG seed (1)")
-    p.add_argument("--window", type=float, default=d.window, help="live view window, s (2)")
-    p.add_argument("--recover-at", type=float, default=None,
-                   help="make the bad pod healthy this many seconds into the load")
-    p.add_argument("--no-signaler", action="store_true",
-                   help="no Redis, no signaler: each sidecar learns alone (regret matching)")
-    p.add_argument("--redis", metavar="URL", default=None,
-                   help="use this Redis instead of an embedded one (the mesh key must be in "
-                        "EQUILIBRIUM_MESH_SECRET)")
-    p.add_argument("--tokens", type=int, default=d.tokens,
-                   help="tokens the signaler splits the traffic into (16)")
-    p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag for every sidecar, e.g. --sidecar-arg=--max-attempts=1 "
-                        "(repeatable)")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG and JSON")
-    p.add_argument("--no-live", action="store_true", help="no live view, only the summary")
-    p.set_defaults(func=main)
-
-
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    return DemoConfig(
-        pods=args.pods, bad=args.pods - 1 if args.bad is None else args.bad,
-        bad_delay=args.bad_delay, bad_fraction=args.bad_fraction, clients=args.clients,
-        rate=args.rate, duration=args.duration, policy=args.policy, strategy=args.strategy,
-        seed=args.seed, out=args.out, window=args.window, recover_at=args.recover_at,
-        sidecar_args=list(args.sidecar_arg), tokens=args.tokens,
-    )
-
-
-def default_phases(config: DemoConfig, signaling: SignalingPlan | None = None) -> list[DemoPhase]:
-    """The phases ``equilibrium demo`` runs (later issues append theirs here).
-
-    ``signaling`` (from :func:`equilibrium.demo_mesh.resolve_signaling`) adds the signaling
-    plane unless its mode is ``off``.
-    """
-    from equilibrium.demo_mesh import FollowingPhase, SignalingPhase
-
-    phases: list[DemoPhase] = []
-    if signaling is not None and signaling.mode == "sidecars":
-        phases.append(FollowingPhase(upstream=UPSTREAM))
-    elif signaling is not None and signaling.mode != "off":
-        phases.append(SignalingPhase(signaling, upstream=UPSTREAM, tokens=config.tokens))
-    if config.recover_at is not None:
-        phases.append(RecoveryPhase(config.recover_at))
-    return phases
-
-
-async def _main_async(config: DemoConfig, signaling: SignalingPlan, live: bool) -> None:
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    await run_demo(config, default_phases(config, signaling), live=live)
-
-
-def main(args: argparse.Namespace) -> int:
-    from equilibrium.demo_mesh import SignalingUnavailable, resolve_signaling
-
-    try:
-        config = config_from_args(args)
-        config.validate()
-        signaling = resolve_signaling(no_signaler=args.no_signaler, redis_url=args.redis,
-                                      environ=os.environ, sidecar_args=config.sidecar_args)
-    except (ValueError, SignalingUnavailable) as exc:
-        print(f"equilibrium demo: {exc}", file=sys.stderr)
-        return 2
-    if signaling.mode != "off" and config.policy != FOLLOWING_POLICY:
-        signaling = replace(signaling, mode="off", warning=(
-            f"policy {config.policy} routes on its own and never follows the signaler; "
-            "running without it, as --no-signaler"))
-    if signaling.warning:
-        print(f"equilibrium demo: warning: {signaling.warning}", file=sys.stderr)
-    try:
-        asyncio.run(_main_async(config, signaling, live=not args.no_live))
-    except KeyboardInterrupt:
-        print("\ninterrupted; every child process was stopped", file=sys.stderr)
-        return 130
-    except asyncio.CancelledError:
-        print("\nterminated; every child process was stopped", file=sys.stderr)
-        return 143
-    except (RuntimeError, OSError) as exc:
-        print(f"equilibrium demo: {exc}", file=sys.stderr)
-        return 1
-    return 0

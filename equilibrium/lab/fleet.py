@@ -4,7 +4,7 @@ Owns the pods' behaviour (service time, the seed's "bad" pod that adds 500 ms to
 share of its requests, an M/M/c-like capacity-limited mode), their runtime control endpoint
 and the handle the demo and the benchmark use to start and steer a fleet.
 
-All pods run in ONE separate process (``python -m equilibrium.fleet``), each on its own port.
+All pods run in ONE separate process (``python -m equilibrium.lab.fleet``), each on its own port.
 A separate process, rather than threads in the caller, keeps the fleet's work off the load
 generator's and the proxies' event loops: on a 2-core machine a pod sleeping 500 ms must not
 delay the clock of whoever measures it. Pods sleep instead of burning CPU, so one process
@@ -266,7 +266,7 @@ def behaviours_from_args(args: argparse.Namespace) -> list[PodBehaviour]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m equilibrium.fleet",
+        prog="python -m equilibrium.lab.fleet",
         description="Run a fleet of demo pods on loopback; prints the pod table as JSON.",
     )
     p.add_argument("--pods", type=int, default=5, help="number of pods (default 5)")
@@ -342,10 +342,10 @@ class Fleet:
 
     @classmethod
     async def start(cls, fleet_args: Sequence[str], stderr_path: str | None = None) -> Fleet:
-        """Start ``python -m equilibrium.fleet *fleet_args`` and read its pod table."""
-        from equilibrium.processes import ChildProcess
+        """Start ``python -m equilibrium.lab.fleet *fleet_args`` and read its pod table."""
+        from equilibrium.lab.processes import ChildProcess
 
-        argv = [sys.executable, "-m", "equilibrium.fleet", "--watch-stdin", *fleet_args]
+        argv = [sys.executable, "-m", "equilibrium.lab.fleet", "--watch-stdin", *fleet_args]
         child = await ChildProcess.start("fleet", argv, stderr_path=stderr_path)
         try:
             line = await asyncio.wait_for(child.readline(), 20.0)

@@ -21,11 +21,12 @@ from typing import Any, TextIO
 
 # scenario name -> module defining SCENARIO
 SCENARIOS: dict[str, str] = {
-    "slow-pod": "equilibrium.bench.slow_pod",
-    "proxy-overhead": "equilibrium.bench.proxy_overhead",
-    "herding": "equilibrium.bench.herding",
-    "retry-flood": "equilibrium.bench.retry_flood",
-    "overload-bids": "equilibrium.bench.overload_bids",
+    "slow-pod": "equilibrium.lab.bench.slow_pod",
+    "proxy-overhead": "equilibrium.lab.bench.proxy_overhead",
+    "herding": "equilibrium.lab.bench.herding",
+    "retry-flood": "equilibrium.lab.bench.retry_flood",
+    "overload-bids": "equilibrium.lab.bench.overload_bids",
+    "demo": "equilibrium.lab.demo.scenario",
 }
 
 

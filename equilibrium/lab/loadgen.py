@@ -13,7 +13,7 @@ still counts from its intended start) and is counted in ``delayed_by_cap``; the 
 own lag (CPU starvation) is reported as ``max_start_lag`` and ``late_starts``.
 
 The generator runs in its own process in the demo and the benchmark
-(``python -m equilibrium.loadgen ...``), streaming one JSON record per request on stdout and a
+(``python -m equilibrium.lab.loadgen ...``), streaming one JSON record per request on stdout and a
 final ``{"summary": ...}`` line, so the proxy under test and the load never share an event
 loop. :class:`LoadGenerator` is the parent-side handle. Times are ``time.monotonic()``
 seconds, which on Linux and macOS are comparable between processes of one machine.
@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from equilibrium.fleet import POD_HEADER
+from equilibrium.lab.fleet import POD_HEADER
 
 LATE_START = 0.010  # a request sent more than 10 ms after its intended start is "late"
 
@@ -258,7 +258,7 @@ def latency_summary(latencies: Iterable[float]) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m equilibrium.loadgen",
+        prog="python -m equilibrium.lab.loadgen",
         description="Open-loop HTTP load; one JSON record per request on stdout.",
     )
     p.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:15001")
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class LoadGenerator:
-    """Parent-side handle of one ``python -m equilibrium.loadgen`` process."""
+    """Parent-side handle of one ``python -m equilibrium.lab.loadgen`` process."""
 
     def __init__(self, child: Any, spec: LoadSpec) -> None:
         self.child = child
@@ -360,10 +360,11 @@ class LoadGenerator:
 
     @classmethod
     async def start(cls, spec: LoadSpec, stderr_path: str | None = None) -> LoadGenerator:
-        from equilibrium.processes import ChildProcess
+        from equilibrium.lab.processes import ChildProcess
 
         spec.validate()
-        argv = [sys.executable, "-m", "equilibrium.loadgen", *spec_to_argv(spec), "--wait-start"]
+        argv = [sys.executable, "-m", "equilibrium.lab.loadgen", *spec_to_argv(spec),
+                "--wait-start"]
         child = await ChildProcess.start(f"loadgen {spec.client}", argv,
                                          stderr_path=stderr_path)
         try:

@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from equilibrium.bench.report import (
+from equilibrium.lab.bench.report import (
     build_document,
     machine_info,
     render_console,
     write_report,
 )
-from equilibrium.bench.scenarios import SCENARIOS, BenchContext, all_scenarios, load_scenario
+from equilibrium.lab.bench.scenarios import SCENARIOS, BenchContext, all_scenarios, load_scenario
 
 
 def register(subparsers: Any) -> None:

