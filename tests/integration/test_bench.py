@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import child_env
 
 
@@ -16,6 +18,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
                           env=child_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_path: Path) -> None:
     proc = _run(["--scenario", "slow-pod", "--duration", "6", "--policies",
                  "round-robin,equilibrium", "--out", "results"], tmp_path)
@@ -42,6 +45,7 @@ def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_pat
     assert "round-robin" in proc.stdout and "results:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
     proc = _run(["--scenario", "proxy-overhead", "--duration", "1.2", "--rate", "100",
                  "--overhead-rounds", "2", "--overhead-warmup", "0.1",

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from mesh.protocol import recommendation_stream, summary_stream
 from tests.integration.procs import (
@@ -131,6 +132,7 @@ def start_signaler(signer: str, url: str, env: dict[str, str]) -> tuple[Equilibr
     return proc, admin
 
 
+@pytest.mark.slow
 async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle) -> None:
     env = {"EQUILIBRIUM_MESH_SECRET": secrets.token_hex(32)}
     procs: list[Any] = []

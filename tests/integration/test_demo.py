@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.support import child_env
 
 
@@ -55,6 +57,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_demo_with_the_signaler_follows_it_and_shifts_traffic_off_the_bad_pod(
     tmp_path: Path,
 ) -> None:
@@ -88,6 +91,7 @@ def test_demo_with_the_signaler_follows_it_and_shifts_traffic_off_the_bad_pod(
     assert all(w.get(bad_url, 0) == 0 for w in state["plan"]["weights"].values())
 
 
+@pytest.mark.slow
 def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(
     tmp_path: Path,
 ) -> None:
@@ -117,6 +121,7 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
     assert summary["config"]["signaler"] is False and "signaling" not in summary["phases"]
 
 
+@pytest.mark.slow
 def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_secrets_off_argv(
     tmp_path: Path,
 ) -> None:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import child_env
 
 
+@pytest.mark.slow
 def test_overload_bids_serves_the_high_bid_first_and_reports_prices(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "equilibrium", "bench", "--scenario", "overload-bids",
