@@ -1,15 +1,15 @@
 """The one gate for tests that need more than Python: fail in CI, skip with the reason elsewhere.
 
-Some tests need an outside tool or privilege: a Docker engine with the locally built images,
-root with ``ip``/``iptables`` for network namespaces, Prometheus's ``promtool``/``prometheus``
-for the alert rules. Every such test states what it needs, either with the marker
-``@pytest.mark.needs("root", "iptables")`` (checked before the test sets up anything) or by
-calling :func:`require` from a fixture, and nothing else decides. Each need belongs to one CI
-variable: CI (``.ci/run``) provides everything and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``,
-``EQUILIBRIUM_REQUIRE_NETNS=1`` and ``EQUILIBRIUM_REQUIRE_PROMTOOL=1``, so there a missing piece
-is a failure and nothing is skipped. On a newcomer's machine ``make test`` skips those tests
-instead, each with the reason and how to provide what is missing (pytest's ``-ra`` summary
-lists them).
+Some tests need an outside tool or privilege: a Docker engine with the locally built images
+(and ``docker-compose`` for compose.yaml), root with ``ip``/``iptables`` for network
+namespaces, Prometheus's ``promtool``/``prometheus`` for the alert rules. Every such test
+states what it needs, either with the marker ``@pytest.mark.needs("root", "iptables")``
+(checked before the test sets up anything) or by calling :func:`require` from a fixture, and
+nothing else decides. Each need belongs to one CI variable: CI (``.ci/run``) provides
+everything and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``, ``EQUILIBRIUM_REQUIRE_NETNS=1`` and
+``EQUILIBRIUM_REQUIRE_PROMTOOL=1``, so there a missing piece is a failure and nothing is
+skipped. On a newcomer's machine ``make test`` skips those tests instead, each with the reason
+and how to provide what is missing (pytest's ``-ra`` summary lists them).
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ NEEDS: dict[str, Need] = {
     "prometheus": Need(_on_path("prometheus"), PROMTOOL, _PROMETHEUS),
     "docker": Need(_on_path("docker"), DOCKER,
                    "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
+    "docker-compose": Need(_on_path("docker-compose"), DOCKER,
+                           "apt-get install -y docker-compose (Compose 1.29; with Compose v2 "
+                           "installed instead, run the stack by hand: docker compose -p NAME up)"),
 }
 
 

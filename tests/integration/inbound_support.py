@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -28,6 +27,7 @@ from tests.integration.procs import (
     async_start_sidecar,
     free_port,
 )
+from tests.support import child_env
 
 MESH_KEY = "integration-test-mesh-key-0123456789abcdef"
 UPSTREAM = "svc"  # the callers' name for the app's inbound sidecar
@@ -107,16 +107,6 @@ async def mesh(
 # ---------------------------------------------------------------- helper processes
 
 
-def _module_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("EQUILIBRIUM_") and k.lower() not in PROXY_VARS}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
-
-
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
-
-
 @dataclass
 class AppProcess:
     """The capacity-limited app in its own process (``inbound_loads app``)."""
@@ -128,7 +118,7 @@ class AppProcess:
     async def start(cls, servers: int, service: float) -> AppProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.integration.inbound_loads", "app", str(servers),
-            str(service), stdout=asyncio.subprocess.PIPE, cwd=str(REPO_ROOT), env=_module_env())
+            str(service), stdout=asyncio.subprocess.PIPE, cwd=str(REPO_ROOT), env=child_env())
         assert proc.stdout is not None
         try:
             async with asyncio.timeout(20):

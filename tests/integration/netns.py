@@ -30,7 +30,7 @@ from aiohttp import web
 
 from tests.environment import require
 from tests.integration.kube_api import KubeApiServer
-from tests.integration.procs import REPO_ROOT, metric_value
+from tests.support import REPO_ROOT, child_env, metric_value
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -168,15 +168,6 @@ async def start_echo(sock: socket.socket, peers: list[tuple[str, int]]) -> async
 # ---------------------------------------------------------------- processes in a namespace
 
 
-def env_for_children() -> dict[str, str]:
-    """This environment without ``EQUILIBRIUM_*`` settings or proxy variables, the repository
-    on PYTHONPATH, and the pod's namespace as the downward API would give it."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("EQUILIBRIUM_") and "proxy" not in k.lower()}
-    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1", POD_NAMESPACE="default")
-    return env
-
-
 @contextlib.contextmanager
 def namespaces(*prefixes: str) -> Iterator[list[str]]:
     """Fresh network namespaces ``PREFIX-TAG`` with ``lo`` up; deleted on exit (which takes
@@ -199,8 +190,8 @@ def init_in(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``equilibrium init ARGS`` inside ``namespace``, as the init container runs it."""
     return subprocess.run(
         ["ip", "netns", "exec", namespace, sys.executable, "-m", "equilibrium", "init", *args],
-        capture_output=True, text=True, timeout=30, env=env_for_children(), cwd=REPO_ROOT,
-        check=False)
+        capture_output=True, text=True, timeout=30, env=child_env(POD_NAMESPACE="default"),
+        cwd=REPO_ROOT, check=False)
 
 
 class PodSidecar:
@@ -216,7 +207,7 @@ class PodSidecar:
                 ["ip", "netns", "exec", namespace, *as_proxy,
                  sys.executable, "-m", "equilibrium", "sidecar", *args],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env_for_children(), cwd=REPO_ROOT,
+                env=child_env(POD_NAMESPACE="default"), cwd=REPO_ROOT,
             )
 
     def output(self) -> str:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import struct
@@ -35,8 +34,8 @@ from typing import Any
 from aiohttp import web
 
 from equilibrium.lab.processes import free_port
+from tests.support import REPO_ROOT, child_env, metric_value
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 
 
@@ -120,17 +119,6 @@ class EquilibriumProcess:
         self.cleanup()
 
 
-def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
-    child = {k: v for k, v in os.environ.items() if not k.startswith("EQUILIBRIUM_")}
-    for proxy_var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-        child.pop(proxy_var, None)
-    path = child.get("PYTHONPATH", "")
-    child["PYTHONPATH"] = f"{path}{os.pathsep}{REPO_ROOT}" if path else str(REPO_ROOT)
-    child["PYTHONUNBUFFERED"] = "1"
-    child.update(env or {})
-    return child
-
-
 def wait_ready(url: str, proc: EquilibriumProcess | None = None, timeout: float = 20.0) -> None:
     """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
@@ -168,7 +156,7 @@ def start_equilibrium(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=_child_env(env),
+            env=child_env(env),
             cwd=str(cwd or REPO_ROOT),
         )
     proc = EquilibriumProcess(cmd, popen, Path(log_name))
@@ -190,7 +178,7 @@ def run_equilibrium(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_child_env(env),
+        env=child_env(env),
         cwd=str(REPO_ROOT),
         check=False,
     )
@@ -224,22 +212,6 @@ class SidecarProcess(EquilibriumProcess):
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
         return metric_value(self.metrics_text(), name, **labels)
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) != name:
-            continue
-        found = dict(_LABEL.findall(m.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
 
 
 def start_sidecar(

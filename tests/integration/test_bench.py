@@ -8,16 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+
+from tests.support import child_env
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "equilibrium", "bench", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=child_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_path: Path) -> None:
     proc = _run(["--scenario", "slow-pod", "--duration", "6", "--policies",
                  "round-robin,equilibrium", "--out", "results"], tmp_path)
@@ -44,6 +45,7 @@ def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_pat
     assert "round-robin" in proc.stdout and "results:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
     proc = _run(["--scenario", "proxy-overhead", "--duration", "1.2", "--rate", "100",
                  "--overhead-rounds", "2", "--overhead-warmup", "0.1",

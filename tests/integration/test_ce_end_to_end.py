@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.integration.procs import (
     LOOPBACK,
@@ -36,10 +37,10 @@ from tests.integration.procs import (
     backends,
     free_port,
     http_get,
-    metric_value,
     start_equilibrium,
 )
 from tests.redis_fixture import RedisHandle
+from tests.support import eventually, metric_value
 from wire.keys import recommendation_stream, summary_stream
 
 UPSTREAM = "svc"
@@ -102,17 +103,9 @@ class Load:
         return sum(1 for b in window if b == backend) / max(len(window), 1)
 
 
-async def eventually(
-    check: Callable[[], bool], what: str, timeout: float, procs: list[Any]
-) -> None:
-    """Poll ``check`` (run in a thread: it does blocking HTTP) until true, or fail with logs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):
-            return
-        await asyncio.sleep(0.2)
-    logs = "\n".join(f"--- {p.args[3:6]}\n{p.output()[-1500:]}" for p in procs)
-    raise AssertionError(f"not within {timeout}s: {what}\n{logs}")
+def logs_of(procs: list[Any]) -> Callable[[], str]:
+    """The tail of every process's output, for :func:`tests.support.eventually` to report."""
+    return lambda: "\n".join(f"--- {p.args[3:6]}\n{p.output()[-1500:]}" for p in procs)
 
 
 def following(sidecar: SidecarProcess) -> bool:
@@ -139,9 +132,11 @@ def start_signaler(signer: str, url: str, env: dict[str, str]) -> tuple[Equilibr
     return proc, admin
 
 
+@pytest.mark.slow
 async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle) -> None:
     env = {"EQUILIBRIUM_MESH_SECRET": secrets.token_hex(32)}
     procs: list[Any] = []
+    waits: dict[str, Any] = {"interval": 0.2, "context": logs_of(procs)}
     async with backends(4, prefix="pod", latency=0.004) as pods:
         pods[3].latency = 0.15  # the bad pod
         urls = [p.url for p in pods]
@@ -188,13 +183,13 @@ async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle)
                                            reason="bad-signature") >= 1
                 and sidecars[1].metric("equilibrium_signaling_recommendations_rejected_total",
                                        reason="unsigned") >= 1,
-                "the sidecars reject the planted recommendations", 10, procs)
+                "the sidecars reject the planted recommendations", timeout=10, **waits)
             assert not any(await asyncio.to_thread(lambda: [following(s) for s in sidecars]))
             load.start()  # with demand, the signalers start planning
 
             # 2. recommendations arrive and move traffic off the bad pod
             await eventually(lambda: all(following(s) for s in sidecars),
-                             "every sidecar follows a recommendation", 20, procs)
+                             "every sidecar follows a recommendation", timeout=20, **waits)
             leaders = {a: signaler_state(a)["upstreams"].get(UPSTREAM, {}).get("leader")
                        for a in (admin_a, admin_b)}
             assert sorted(leaders.values()) == [False, True], leaders
@@ -216,13 +211,14 @@ async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle)
             # the plan gives it nothing; the herd guard lets the sidecars' weights move there
             # gradually, and only exploration (0.5 % per endpoint) remains
             await eventually(lambda: recent_bad_share() < 0.05,
-                             "traffic moves off the bad pod", 25, procs)
+                             "traffic moves off the bad pod", timeout=25, **waits)
             assert early > 0.05, early
 
             # 3. Redis dies: everyone falls back at once, requests keep flowing
             redis_server.kill()
             await eventually(lambda: not any(following(s) for s in sidecars),
-                             "every sidecar falls back to local regret matching", 10, procs)
+                             "every sidecar falls back to local regret matching", timeout=10,
+                             **waits)
             ok_before = load.ok
             await asyncio.sleep(1.0)
             assert load.ok > ok_before
@@ -230,7 +226,8 @@ async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle)
             # 4. Redis returns (empty): reconnect, resume following
             await asyncio.to_thread(redis_server.start)
             await eventually(lambda: all(following(s) for s in sidecars),
-                             "every sidecar follows again after Redis returned", 25, procs)
+                             "every sidecar follows again after Redis returned", timeout=25,
+                             **waits)
 
             # 5. SIGKILL the leader: the standby takes over under a higher fence
             states = {a: signaler_state(a)["upstreams"].get(UPSTREAM, {})
@@ -243,15 +240,14 @@ async def test_correlated_equilibrium_mesh_end_to_end(redis_server: RedisHandle)
                 lambda: (s := signaler_state(standby_admin)["upstreams"].get(UPSTREAM, {}))
                 .get("leader") is True and int(s["fence"]) > old_fence
                 and int(s["published"]) > 0,
-                "the standby leads under a higher fence and publishes", 15,
-                procs)
+                "the standby leads under a higher fence and publishes", timeout=15, **waits)
             published = signaler_metric(standby_admin,
                                         "equilibrium_signaler_recommendations_published_total")
             await eventually(
                 lambda: signaler_metric(
                     standby_admin, "equilibrium_signaler_recommendations_published_total"
                 ) > published + 3 and all(following(s) for s in sidecars),
-                "recommendations keep coming and the sidecars follow them", 10, procs)
+                "recommendations keep coming and the sidecars follow them", timeout=10, **waits)
         finally:
             await load.stop()
             for proc in procs:

@@ -1,91 +1,117 @@
-"""compose.yaml, really run: Redis, the mesh key, two signalers, the demo, and a failover.
+"""compose.yaml, really run by Compose: Redis, the mesh key, two signalers, the demo, a failover.
 
-The compose plugin is not installed here, so :mod:`tests.integration.compose_engine` runs the
-file's services on the Docker engine as ``docker compose up`` would (a network of its own per
-run, the named volume, ``depends_on`` conditions, the healthcheck, commands as written,
-``${VAR:-default}`` interpolation). The test overrides only the demo's ``--duration`` and its
-tty, and sets ``REDIS_IMAGE`` to the locally built Redis and a random ``REDIS_PASSWORD``.
+The stack runs under ``docker-compose`` (Debian's Compose 1.29, ``apt-get install -y
+docker-compose``) on the local engine, as ``docker-compose -p PROJECT -f compose.yaml ...``:
+the project name is given with ``-p`` (unique per run, so nothing collides with a user's stack
+or another test), the file is run as written. Compose v2 (``docker compose``) reads the same
+file. The test sets only what the file leaves to its environment (``REDIS_IMAGE`` to the
+locally built Redis, a random ``REDIS_PASSWORD``, free loopback ports for the two admin
+listeners) and adds one override file for the demo: a shorter ``--duration`` and no tty.
 
-It needs the engine and both images (``equilibrium:local`` from scripts/image/build.sh,
-``equilibrium-redis:local`` from scripts/ci/build-redis-image.sh): a missing one is a failure
-with instructions, as in test_image.py (CI sets EQUILIBRIUM_REQUIRE_DOCKER=1 and builds them
-first; elsewhere deselect with ``-m "not docker"``). Nothing is ever pulled, and the admin ports
-are published on 127.0.0.1 only (on ephemeral host ports).
+Needs ``docker-compose`` and, for the stack, the engine and both images
+(``equilibrium:local`` from scripts/image/build.sh, ``equilibrium-redis:local`` from
+scripts/ci/build-redis-image.sh), all through the one gate (tests/environment.py: CI sets
+EQUILIBRIUM_REQUIRE_DOCKER=1 and provides them; elsewhere the test is skipped with the reason).
+Nothing is ever pulled or built here (``up --no-build`` after checking the images exist), and
+the admin ports are published on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import secrets
+import subprocess
+import tarfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from equilibrium.lab.processes import free_port
 from tests.environment import DOCKER, unavailable
-from tests.integration.compose_engine import (
-    ComposeError,
-    ComposeProject,
-    healthcheck,
-    load_compose,
-    port_bindings,
-    start_order,
-)
+from tests.support import child_env, metric_value
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
-IMAGE = os.environ.get("EQUILIBRIUM_IMAGE", "equilibrium:local")
+IMAGE = "equilibrium:local"  # compose.yaml's image for every Equilibrium service
 REDIS_IMAGE = os.environ.get("EQUILIBRIUM_REDIS_IMAGE", "equilibrium-redis:local")
-DEMO_SECONDS = 25
+DEMO_SECONDS = 40
+"""Long enough that the fixed costs (first plan, failover) stay a small share of the run."""
 WAIT = 60.0
 """Bound of every wait for a container (healthy, completed, leading, exited after the load)."""
 UPSTREAM = "demo"
-ADMIN = "15020/tcp"
+ADMIN = 15020
 CLIENTS = {"client-1", "client-2", "client-3"}  # the demo's --clients 3
+SIGNALERS = ["signaler", "signaler-standby"]
+PROJECT_LABEL = "com.docker.compose.project"
 
 
-# ---- without the engine: the runner reads the file as compose does -------------------------
-def test_the_runner_reads_compose_yaml_as_compose_does() -> None:
-    spec = load_compose(COMPOSE, {"REDIS_IMAGE": "r:1", "REDIS_PASSWORD": "pw"})
-    services = spec["services"]
+def compose_env(**settings: str) -> dict[str, str]:
+    """The environment Compose interpolates the file with: ours, without the caller's values
+    of the file's variables, plus ``settings``."""
+    env = child_env(DOCKER_HOST=os.environ.get("DOCKER_HOST", "unix:///run/docker.sock"))
+    for name in ("REDIS_IMAGE", "REDIS_PASSWORD", "SIGNALER_ADMIN_PORT", "STANDBY_ADMIN_PORT",
+                 "COMPOSE_FILE", "COMPOSE_PROJECT_NAME"):
+        env.pop(name, None)
+    env.update(settings)
+    return env
+
+
+def compose(project: str, files: list[Path], env: dict[str, str], *args: str,
+            timeout: float = 120.0) -> str:
+    """``docker-compose -p PROJECT -f FILE... ARGS``; its stdout, or AssertionError with both
+    streams."""
+    argv = ["docker-compose", "-p", project, *(a for f in files for a in ("-f", str(f))), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT, check=False)
+    assert done.returncode == 0, f"{' '.join(argv[3:])}: {done.returncode}\n" \
+        f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+# ---- Compose reads the file (no engine needed) -----------------------------------------------
+@pytest.mark.needs("docker-compose")
+def test_compose_reads_the_file_with_our_settings_and_its_defaults() -> None:
+    env = compose_env(REDIS_IMAGE="r:1", REDIS_PASSWORD="pw", SIGNALER_ADMIN_PORT="40001")
+    services = yaml.safe_load(compose("config-check", [COMPOSE], env, "config"))["services"]
     assert services["redis"]["image"] == "r:1"
     assert "pw" in services["redis"]["command"]
-    assert all("redis://:pw@redis:6379/0" in services[s]["command"]
-               for s in ("signaler", "signaler-standby"))
+    assert all("redis://:pw@redis:6379/0" in services[s]["command"] for s in SIGNALERS)
     assert "--sidecar-arg=redis://:pw@redis:6379/0" in services["demo"]["command"]
-    defaults = load_compose(COMPOSE, {"REDIS_PASSWORD": ""})["services"]["redis"]
-    assert defaults["image"] == "redis:7.2-alpine"  # ':-' also replaces an empty value
-    assert "equilibrium-local" in defaults["command"]
-    order = start_order(services, ["demo"])
-    assert order.index("redis") < order.index("demo")
-    assert order.index("mesh-key") < order.index("demo")
+    assert services["signaler"]["ports"] == [f"127.0.0.1:40001:{ADMIN}/tcp"]
+    assert services["signaler-standby"]["ports"] == [f"127.0.0.1:15021:{ADMIN}/tcp"]
+    for name in (*SIGNALERS, "demo"):
+        assert services[name]["depends_on"] == {
+            "redis": {"condition": "service_healthy"},
+            "mesh-key": {"condition": "service_completed_successfully"}}, name
     # The healthcheck keeps its exec form: the engine runs it without a shell in the image.
-    check = healthcheck(services["redis"]["healthcheck"])
-    assert check["test"][:2] == ["CMD", "redis-cli"]
-    assert check["interval"] == 2_000_000_000 and check["retries"] == 15
-    for name in ("signaler", "signaler-standby"):
-        assert port_bindings(services[name]["ports"]) == {ADMIN: ("127.0.0.1", None)}
-    with pytest.raises(ComposeError, match="not bound to loopback"):
-        port_bindings(["0.0.0.0:15020:15020"])
+    assert services["redis"]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+
+    defaults = yaml.safe_load(compose("config-check", [COMPOSE], compose_env(REDIS_PASSWORD=""),
+                                      "config"))["services"]
+    assert defaults["redis"]["image"] == "redis:7.2-alpine"  # ':-' also replaces an empty value
+    assert "equilibrium-local" in defaults["redis"]["command"]
+    assert defaults["signaler"]["ports"] == [f"127.0.0.1:15020:{ADMIN}/tcp"]
 
 
-# ---- with the engine ------------------------------------------------------------------------
+# ---- the stack on the engine -----------------------------------------------------------------
 @pytest.fixture
 def engine() -> Iterator[Any]:
     help_text = ("start the engine with scripts/ci/docker-up.sh and build the images with "
-                 "scripts/ci/build-redis-image.sh and scripts/image/build.sh, or deselect "
-                 "this test with -m 'not docker'")
+                 "scripts/ci/build-redis-image.sh and scripts/image/build.sh")
     import docker
     import docker.errors
 
-    os.environ.setdefault("DOCKER_HOST", "unix:///run/docker.sock")
     try:
-        client = docker.from_env(timeout=30)
+        client = docker.DockerClient(
+            base_url=os.environ.get("DOCKER_HOST", "unix:///run/docker.sock"), timeout=30)
         client.ping()
     except docker.errors.DockerException as exc:
         unavailable(f"no Docker engine answers ({exc}); {help_text}", variable=DOCKER)
@@ -113,78 +139,134 @@ def engine() -> Iterator[Any]:
     client.close()
 
 
-@pytest.fixture
-def stack(engine: Any) -> Iterator[ComposeProject]:
-    env = {"REDIS_IMAGE": REDIS_IMAGE, "REDIS_PASSWORD": secrets.token_hex(12)}
-    spec = load_compose(COMPOSE, env)
-    for service in spec["services"].values():
-        if service["image"] == "equilibrium:local":
-            service["image"] = IMAGE
-    project = ComposeProject(engine, spec, f"eq-compose-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        project.create_shared()
-        yield project
-    finally:
-        problems = project.down()
-    assert not problems, problems
+class Stack:
+    """One Compose project of compose.yaml (plus the test's override) on the engine."""
+
+    def __init__(self, client: Any, project: str, files: list[Path], env: dict[str, str]) -> None:
+        self.client, self.project, self.files, self.env = client, project, files, env
+
+    def compose(self, *args: str, timeout: float = 120.0) -> str:
+        return compose(self.project, self.files, self.env, *args, timeout=timeout)
+
+    def container(self, service: str) -> Any:
+        labels = [f"{PROJECT_LABEL}={self.project}", f"com.docker.compose.service={service}"]
+        (found,) = self.client.containers.list(all=True, filters={"label": labels})
+        return found
+
+    def state(self, service: str) -> dict[str, Any]:
+        return dict(self.container(service).attrs["State"])
+
+    def admin_url(self, service: str) -> str:
+        host, port = self.compose("port", service, str(ADMIN)).strip().rsplit(":", 1)
+        assert host == "127.0.0.1", (service, host)  # the file publishes on loopback only
+        return f"http://{host}:{port}"
+
+    def logs(self, service: str, tail: int = 80) -> str:
+        return self.compose("logs", "--no-color", f"--tail={tail}", service)
+
+    def read_file(self, service: str, path: str) -> bytes:
+        """A file from the service's container (running or exited)."""
+        chunks, _ = self.container(service).get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            member = tar.extractfile(tar.getmembers()[0])
+            assert member is not None, path
+            return member.read()
+
+    def wait_for(self, service: str, done: Callable[[dict[str, Any]], bool], what: str,
+                 timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state(service)
+            if done(state):
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{service} not {what} within {timeout}s: {state}\n"
+                                     f"{self.logs(service)}")
+            time.sleep(0.5)
+
+    def leftovers(self) -> list[str]:
+        """What ``down`` left of this project on the engine (containers, networks, volumes)."""
+        label = {"label": f"{PROJECT_LABEL}={self.project}"}
+        return [*(f"container {c.name}" for c in self.client.containers.list(all=True,
+                                                                              filters=label)),
+                *(f"network {n.name}" for n in self.client.networks.list(filters=label)),
+                *(f"volume {v.name}" for v in self.client.volumes.list(filters=label))]
 
 
-def demo_command(command: list[str], seconds: int) -> list[str]:
-    """The demo's command as written, with only ``--duration`` changed."""
+def demo_override(tmp_path: Path, env: dict[str, str]) -> Path:
+    """An override file: the demo's command as the file writes it, with only ``--duration``
+    changed, and no tty (its output is read from the logs)."""
+    config = yaml.safe_load(compose("config-check", [COMPOSE], env, "config"))
+    command = list(config["services"]["demo"]["command"])
     i = command.index("--duration")
-    return [*command[:i + 1], str(seconds), *command[i + 2:]]
+    command[i + 1] = str(DEMO_SECONDS)
+    path = tmp_path / "compose.test.yaml"
+    path.write_text(yaml.safe_dump({"services": {"demo": {"command": command, "tty": False}}}))
+    return path
 
 
-def admin_get(project: ComposeProject, service: str, path: str) -> bytes | None:
-    ip, port = project.published(service, ADMIN)
+@pytest.fixture
+def stack(engine: Any, tmp_path: Path) -> Iterator[Stack]:
+    env = compose_env(REDIS_IMAGE=REDIS_IMAGE, REDIS_PASSWORD=secrets.token_hex(12),
+                      SIGNALER_ADMIN_PORT=str(free_port()), STANDBY_ADMIN_PORT=str(free_port()))
+    project = f"eq-compose-{os.getpid()}-{secrets.token_hex(3)}"
+    stack = Stack(engine, project, [COMPOSE, demo_override(tmp_path, env)], env)
+    try:
+        yield stack
+    finally:
+        stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "5")
+        left = stack.leftovers()
+    assert not left, left
+
+
+def http_get(url: str) -> bytes | None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"http://{ip}:{port}{path}", timeout=3) as resp:
+        with opener.open(url, timeout=3) as resp:
             return bytes(resp.read())
     except OSError:
         return None
 
 
-def upstream_state(project: ComposeProject, service: str) -> dict[str, Any]:
-    body = admin_get(project, service, "/debug/state")
+def upstream_state(stack: Stack, service: str) -> dict[str, Any]:
+    body = http_get(f"{stack.admin_url(service)}/debug/state")
     if body is None:
         return {}
     return dict(json.loads(body).get("upstreams", {}).get(UPSTREAM, {}))
 
 
-def published_total(project: ComposeProject, service: str) -> float:
-    text = (admin_get(project, service, "/metrics") or b"").decode()
-    found = re.search(r'^equilibrium_signaler_recommendations_published_total\{upstream="demo"\}'
-                      r" ([0-9.e+]+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+def published_total(stack: Stack, service: str) -> float:
+    text = (http_get(f"{stack.admin_url(service)}/metrics") or b"").decode()
+    return metric_value(text, "equilibrium_signaler_recommendations_published_total",
+                        upstream=UPSTREAM)
 
 
-def wait_leading(project: ComposeProject, candidates: list[str]) -> tuple[str, dict[str, Any]]:
+def wait_leading(stack: Stack, candidates: list[str]) -> tuple[str, dict[str, Any]]:
     """The signaler that leads the demo upstream with an optimal plan and publications."""
     deadline = time.monotonic() + WAIT
     seen: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         for name in candidates:
-            seen[name] = state = upstream_state(project, name)
+            seen[name] = state = upstream_state(stack, name)
             plan = state.get("plan") or {}
             if state.get("leader") and state.get("published", 0) > 0 \
                     and plan.get("status") == "optimal":
                 return name, state
-        if project.state("demo")["Status"] == "exited":
+        if stack.state("demo")["Status"] == "exited":
             break
         time.sleep(0.5)
-    logs = "\n".join(f"--- {n}\n{project.logs(n)}" for n in [*candidates, "demo"])
+    logs = "\n".join(f"--- {n}\n{stack.logs(n)}" for n in [*candidates, "demo"])
     raise AssertionError(f"no signaler of {candidates} led {UPSTREAM} and published: "
                          f"{json.dumps(seen)[:2000]}\n{logs}")
 
 
 @pytest.mark.docker
-def test_compose_stack_publishes_fails_over_and_the_demo_follows(
-    stack: ComposeProject,
-) -> None:
-    demo = stack.spec["services"]["demo"]
-    stack.up(["signaler", "signaler-standby", "demo"], timeout=WAIT, overrides={
-        "demo": {"command": demo_command(demo["command"], DEMO_SECONDS), "tty": False}})
+@pytest.mark.slow
+@pytest.mark.needs("docker", "docker-compose")
+def test_compose_stack_publishes_fails_over_and_the_demo_follows(stack: Stack) -> None:
+    # `up` starts Redis and the one-shot key generator first and waits for the file's
+    # depends_on conditions (healthy, completed successfully) before the others.
+    stack.compose("up", "--detach", "--no-build", *SIGNALERS, "demo", timeout=WAIT + 60)
 
     # The one-shot key generator completed, and the key is in the volume the others mount.
     assert stack.state("mesh-key")["ExitCode"] == 0
@@ -193,15 +275,14 @@ def test_compose_stack_publishes_fails_over_and_the_demo_follows(
     assert stack.read_file("signaler-standby", "/run/equilibrium/mesh.key") == key
 
     # One signaler leads the demo's upstream: an optimal plan, recommendations published.
-    replicas = ["signaler", "signaler-standby"]
-    leader, state = wait_leading(stack, replicas)
-    (standby,) = set(replicas) - {leader}
+    leader, state = wait_leading(stack, SIGNALERS)
+    (standby,) = set(SIGNALERS) - {leader}
     assert set(state.get("sidecars", [])) <= CLIENTS
     assert published_total(stack, leader) > 0
     assert not upstream_state(stack, standby).get("leader")
 
-    # Kill it (compose's restart policy leaves a killed container down): the standby leads.
-    stack.containers[leader].kill()
+    # Kill it (SIGKILL; the restart policy leaves a killed container down): the standby leads.
+    stack.compose("kill", leader)
     new_leader, new_state = wait_leading(stack, [standby])
     assert new_leader == standby and new_state["published"] > 0
     assert stack.state(leader)["Status"] == "exited"

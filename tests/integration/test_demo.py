@@ -4,7 +4,6 @@ with the signaling plane (a real embedded redis-server and a real signaler proce
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,15 +11,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
 
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("EQUILIBRIUM_MESH_SECRET", None)  # the demo makes its own key
-    env.pop("EQUILIBRIUM_REDIS_URL", None)  # and its own Redis
-    return env
+from tests.support import child_env
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -64,13 +57,14 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_demo_with_the_signaler_follows_it_and_shifts_traffic_off_the_bad_pod(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "equilibrium", "demo", "--duration", "10", "--out", str(out)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     live = [line for line in proc.stdout.splitlines() if line.startswith("t=")]
@@ -97,6 +91,7 @@ def test_demo_with_the_signaler_follows_it_and_shifts_traffic_off_the_bad_pod(
     assert all(w.get(bad_url, 0) == 0 for w in state["plan"]["weights"].values())
 
 
+@pytest.mark.slow
 def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a_plot(
     tmp_path: Path,
 ) -> None:
@@ -104,7 +99,7 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
     proc = subprocess.run(
         [sys.executable, "-m", "equilibrium", "demo", "--no-signaler", "--duration", "6",
          "--out", str(out)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=90,
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=90,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Not a terminal: one live line per second, then the summary.
@@ -126,13 +121,14 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
     assert summary["config"]["signaler"] is False and "signaling" not in summary["phases"]
 
 
+@pytest.mark.slow
 def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_secrets_off_argv(
     tmp_path: Path,
 ) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "equilibrium", "demo", "--duration", "60", "--clients", "2",
          "--out", str(tmp_path)],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert proc.stdout is not None
@@ -230,7 +226,7 @@ def test_demo_with_redis_but_no_mesh_key_exits_2_with_a_clear_message(tmp_path: 
     proc = subprocess.run(
         [sys.executable, "-m", "equilibrium", "demo", "--redis", "redis://127.0.0.1:9/0",
          "--out", str(tmp_path)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
     assert "EQUILIBRIUM_MESH_SECRET" in proc.stderr and "--redis" in proc.stderr

@@ -28,9 +28,9 @@ from tests.integration.procs import (
     async_start_sidecar,
     async_stop,
     fetch,
-    metric_value,
     start_backend,
 )
+from tests.support import metric_value
 
 USERS = "users.default.80"
 

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from equilibrium.lab.bench.policing import Shot, open_loop
 from tests.integration.inbound_support import (
@@ -30,6 +31,7 @@ POLICING = {
 }
 
 
+@pytest.mark.slow
 async def test_high_bids_are_served_first_and_pay_the_second_price(tmp_path: Path) -> None:
     app = await AppProcess.start(SERVERS, SERVICE)
     config = write_config(tmp_path / "policing.json", POLICING)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+
+from tests.support import child_env
 
 
+@pytest.mark.slow
 def test_overload_bids_serves_the_high_bid_first_and_reports_prices(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "equilibrium", "bench", "--scenario", "overload-bids",
          "--duration", "4", "--overload-bids-modes", "equilibrium", "--out", "results"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results" / "overload-bids.json").read_text())
     eq = doc["data"]["modes"]["equilibrium"]

@@ -29,9 +29,9 @@ from tests.integration.procs import (
     async_start_sidecar,
     fetch,
     free_port,
-    metric_value,
     start_backend,
 )
+from tests.support import metric_value
 from wire.identity import sign_identity
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from equilibrium.lab.bench.policing import Shot, open_loop, run_load
 from mesh.reputation import LadderRules, PolicingParams, ReputationBook
@@ -37,6 +38,7 @@ def detection_bound() -> float:
     return 2 * book.detection_lag() + 1.0
 
 
+@pytest.mark.slow
 async def test_rogue_is_throttled_cooperators_unharmed_and_rogue_forgiven(tmp_path: Path) -> None:
     app = await AppProcess.start(SERVERS, SERVICE)
     config = write_config(tmp_path / "policing.json", POLICING)

@@ -30,6 +30,7 @@ from tests.injector_support import (
     make_review,
 )
 from tests.integration.procs import EquilibriumProcess, start_equilibrium
+from tests.support import metric_value
 
 MAX_BODY = 64 * 1024
 
@@ -154,8 +155,8 @@ async def test_metrics_count_reviews_by_result(webhook: Webhook) -> None:
         async with aiohttp.ClientSession() as session, session.get(
                 webhook.url + "/metrics", ssl=webhook.ssl) as resp:
             text = await resp.text()
-        found = re.findall(r'equilibrium_injector_reviews_total\{result="(\w+)"\} (\S+)', text)
-        return {k: float(v) for k, v in found}
+        return {result: metric_value(text, "equilibrium_injector_reviews_total", result=result)
+                for result in ("injected", "invalid_annotation", "rejected")}
 
     before = await read_metrics()
     await post(webhook, make_review(make_pod({"equilibrium.io/inject": "true"})))

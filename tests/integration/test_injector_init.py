@@ -20,7 +20,7 @@ import pytest
 from injector.config import InjectorConfig
 from injector.review import review
 from tests.injector_support import apply_patch, decode_patch, make_pod, make_review
-from tests.integration.procs import REPO_ROOT
+from tests.support import REPO_ROOT, child_env
 
 pytestmark = pytest.mark.needs("root", "ip", "iptables", "iptables-save", "ip6tables-save")
 
@@ -57,7 +57,7 @@ PROBE = textwrap.dedent("""
 def netns(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", NS, *cmd], capture_output=True, text=True,
                           timeout=30, check=check, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                          env=child_env())
 
 
 @pytest.fixture

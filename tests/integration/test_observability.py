@@ -233,6 +233,7 @@ async def recorded(
     return results, panels
 
 
+@pytest.mark.slow
 async def test_rules_and_dashboard_use_real_metrics_and_record_real_values(
     redis_server: RedisHandle, tmp_path: Path,
 ) -> None:

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import aiohttp
+import pytest
 
 from tests.integration.procs import async_start_sidecar, async_stop, backends, fetch, start_backend
 
@@ -16,6 +17,7 @@ LEARNED_AFTER = 3.0  # seconds: answers after this count as "once the policy had
 CONCURRENCY = 8
 
 
+@pytest.mark.slow
 async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_policy() -> None:
     async with backends(3, prefix="fast", latency=0.005) as fast:
         slow = await start_backend("slow", latency=0.2)

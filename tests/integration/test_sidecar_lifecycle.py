@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import socket
-import time
 from pathlib import Path
 
 import aiohttp
@@ -21,18 +20,9 @@ from tests.integration.procs import (
     http_get,
     start_backend,
 )
+from tests.support import eventually
 
 POLL = 0.05
-
-
-async def eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    """Poll ``check()`` (sync, may block briefly) until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(check)
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(POLL)
 
 
 def endpoints_of(sidecar: SidecarProcess, upstream: str) -> list[str]:
@@ -77,9 +67,11 @@ async def test_sigterm_drains_in_flight_requests_up_to_the_deadline_then_exits_0
         await wait_hits(slow, 1)
         await wait_hits(stuck, 1)
         sidecar.send_signal(signal.SIGTERM)
-        assert await eventually(lambda: http_get(f"{sidecar.admin_url}/readyz")[0] == 503)
+        await eventually(lambda: http_get(f"{sidecar.admin_url}/readyz")[0] == 503,
+                         "readyz answers 503 while draining")
         assert sidecar.state()["draining"] is True
-        assert await eventually(lambda: refuses_connections(sidecar.outbound_port))
+        await eventually(lambda: refuses_connections(sidecar.outbound_port),
+                         "the outbound listener is closed")
         assert await in_flight == (200, b"slow")
         # the 60 s request is cut at the deadline; the process still exits cleanly
         assert await asyncio.to_thread(sidecar.wait, 20) == 0
@@ -110,7 +102,7 @@ async def test_sighup_swaps_endpoints_while_a_request_is_in_flight(tmp_path: Pat
         await wait_hits(old, 1)
         write_config(config, [new.url])
         sidecar.send_signal(signal.SIGHUP)
-        assert await eventually(lambda: endpoints_of(sidecar, "svc") == [new.url])
+        await eventually(lambda: endpoints_of(sidecar, "svc") == [new.url], "SIGHUP reloads")
         assert await in_flight == (200, b"old")  # not dropped by the reload
         assert await get_via(sidecar) == (200, b"new")
         assert old.hits == 1
@@ -132,19 +124,20 @@ async def test_file_change_reloads_and_a_bad_file_keeps_the_old_config(tmp_path:
         tmp = tmp_path / "next.json"
         tmp.write_text(json.dumps({"upstreams": {"svc": [second.url], "extra": []}}))
         tmp.replace(config)  # no signal: the mtime watcher notices
-        assert await eventually(lambda: endpoints_of(sidecar, "svc") == [second.url])
+        await eventually(lambda: endpoints_of(sidecar, "svc") == [second.url],
+                         "the changed file is reloaded")
         assert "extra" in sidecar.state()["upstreams"]
         assert await get_via(sidecar) == (200, b"second")
 
         tmp.write_text('{"upstreams": {"svc": ["ftp://nope"]}}')
         tmp.replace(config)
-        assert await eventually(
-            lambda: sidecar.metric("equilibrium_config_reloads_total", result="rejected") >= 1
-        )
+        await eventually(
+            lambda: sidecar.metric("equilibrium_config_reloads_total", result="rejected") >= 1,
+            "the bad file is rejected")
         sidecar.send_signal(signal.SIGHUP)  # the signal path rejects it too
-        assert await eventually(
-            lambda: sidecar.metric("equilibrium_config_reloads_total", result="rejected") >= 2
-        )
+        await eventually(
+            lambda: sidecar.metric("equilibrium_config_reloads_total", result="rejected") >= 2,
+            "SIGHUP rejects it too")
         assert endpoints_of(sidecar, "svc") == [second.url]
         assert await get_via(sidecar) == (200, b"second")
         assert "config reload rejected" in sidecar.output()

@@ -1,7 +1,8 @@
 """compose.yaml: structure, safety, and that every command parses with our own CLI.
 
-``docker compose`` is not installed on these machines, so the file is checked here: it loads
-as YAML (merge keys resolved), the services the README promises exist and build from the
+Without any tool (Compose itself runs the file in tests/integration/test_compose_stack.py): it
+loads as YAML (merge keys resolved), has no top-level ``name:`` (Compose 1.29 rejects it; the
+project name comes from ``-p``), the services the README promises exist and build from the
 project's Dockerfile, no port is published beyond loopback, no mesh key is written in the file,
 and each command line is accepted by the ``equilibrium`` parsers it will meet in the container.
 """
@@ -42,6 +43,7 @@ def compose() -> dict[str, Any]:
 
 
 def test_services_and_images(compose: dict[str, Any]) -> None:
+    assert "name" not in compose  # Compose 1.29 (docker-compose) refuses it: use -p NAME
     services = compose["services"]
     assert {"redis", "mesh-key", "signaler", "signaler-standby", "demo"} <= set(services)
     assert (ROOT / "Dockerfile").is_file()
