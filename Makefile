@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   installs Equilibrium into .venv and runs `equilibrium demo`
-#   make test   installs it with the test tools and runs lint, the import contract and the tests
+#   make test   installs it with the test tools and runs lint (ruff, mypy, the import contract)
+#               and the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,6 +24,7 @@ demo: install
 
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 test: lint

@@ -438,7 +438,7 @@ class EmbeddedRedis:
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A synchronous redis-py client for this server."""
-        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis.from_url(self.url, **kwargs)
 
     def _log_tail(self, lines: int = 15) -> str:
         log = self._workdir() / "redis.log"

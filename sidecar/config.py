@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from mesh.policies import POLICY_NAMES
-from mesh.profiles import PROFILE_NAMES, get_profile
+from mesh.profile_names import PROFILE_NAMES
+from mesh.profiles import get_profile
 from mesh.protocol import check_redis_url
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 

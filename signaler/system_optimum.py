@@ -118,7 +118,7 @@ def round_to_tokens(quotas: np.ndarray, total: int) -> np.ndarray:
     if not np.all(np.isfinite(quotas)) or np.any(quotas < 0) or quotas.sum() <= 0:
         raise ValueError(f"quotas must be finite, >= 0 and not all zero, got {quotas!r}")
     scaled = quotas * (total / quotas.sum())
-    counts = np.floor(scaled).astype(np.int64)
+    counts: np.ndarray = np.floor(scaled).astype(np.int64)
     remainders = scaled - counts
     short = total - int(counts.sum())
     # Stable order: largest remainder first, ties to the lower index.
