@@ -1,6 +1,6 @@
 """Routing policies behind one interface (:class:`mesh.policy.Policy`).
 
-The baselines are the strategies Equilibrium is measured against (DESIGN.md §4):
+The baselines are the strategies Equilibrium is measured against (docs/routing.md §6):
 
 - ``round-robin`` and ``random``;
 - ``p2c-least-request`` — Envoy's default LEAST_REQUEST: two distinct endpoints at random, the

@@ -54,7 +54,6 @@ DEFAULT_STRATEGY = "balanced"
 DEFAULT_POLICY = "equilibrium"
 DEFAULT_DRAIN_TIMEOUT = 20.0
 
-ENV_PREFIX = "EQUILIBRIUM_"
 # setting -> environment variable
 ENV_VARS: dict[str, str] = {
     "outbound": "EQUILIBRIUM_OUTBOUND",

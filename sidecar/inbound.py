@@ -226,7 +226,6 @@ CLOSING = "closing"
 class _Waiter:
     caller: str
     future: asyncio.Future[Admission | str]
-    in_good_standing: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,7 +533,7 @@ class InboundProxy:
             self._resolve(outcome.evicted, EVICTED)
         future: asyncio.Future[Admission | str] = asyncio.get_running_loop().create_future()
         in_good_standing = verdict.decision is None or verdict.decision.phase is not Phase.PUNISHED
-        self._waiting[request_id] = _Waiter(verdict.caller, future, in_good_standing)
+        self._waiting[request_id] = _Waiter(verdict.caller, future)
         if in_good_standing:
             self._queued_by.setdefault(verdict.caller, set()).add(request_id)
         self.metrics.queue_length.set(self.auction.queue_length)

@@ -50,7 +50,6 @@ from sidecar.upstreams import UpstreamTable
 log = logging.getLogger(__name__)
 
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-BODYLESS_RETRY_ONLY = frozenset({"PUT", "DELETE"})
 WS_HANDSHAKE_HEADERS = (
     "sec-websocket-key",
     "sec-websocket-version",
@@ -140,7 +139,6 @@ class OutboundProxy:
         self.rng = rng or random.Random()
         self.clock = clock
         self.via = f"1.1 {sidecar_id}"
-        self.in_flight = 0
         # The upstream a request's connection is bound to regardless of Host, or None (Host
         # routing); sidecar.transparent sets it from the connection's original destination.
         self.pinned_upstream: Callable[[web.BaseRequest], str | None] = lambda request: None
@@ -191,13 +189,10 @@ class OutboundProxy:
         ctx = RequestContext(
             started=self.clock(), method=request.method, target=target, authority=authority or ""
         )
-        self.in_flight += 1
         try:
             return await self._handle(request, ctx)
         finally:
-            self.in_flight -= 1
             if ctx.group is not None:
-                ctx.group.in_flight -= 1
                 self.metrics.request_in_flight(ctx.group.name, -1)
             self.phases.logging(ctx, self.clock())
 
@@ -215,7 +210,6 @@ class OutboundProxy:
                 ctx, 404, "unknown-upstream", f"no upstream named {ctx.upstream!r} is configured"
             )
         ctx.group = group
-        group.in_flight += 1
         self.metrics.request_in_flight(group.name, 1)
         early = await self.phases.request_filter(request, ctx)
         if early is not None:
@@ -228,11 +222,9 @@ class OutboundProxy:
         if authority_header := ctx.authority:
             headers["Host"] = authority_header
         if stripped:
-            ctx.gt_stripped = stripped
             for name in stripped:
                 self.metrics.rejected_headers.labels(name, "from-app").inc()
         if self._is_websocket(request):
-            ctx.websocket = True
             return await self._websocket(request, ctx, headers)
         return await self._forward(request, ctx, headers)
 
@@ -293,7 +285,6 @@ class OutboundProxy:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = classify(exc)
                 done = self.clock()
-                ctx.upstream_latency = done - sent
                 group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
                 self.metrics.forwarded(group.name, endpoint, failure.reason, None)
                 log.debug(
@@ -320,7 +311,6 @@ class OutboundProxy:
         group, endpoint = ctx.group, ctx.endpoint
         assert group is not None and endpoint is not None
         now = self.clock()
-        ctx.upstream_latency = now - sent
         ctx.status = status
         ctx.game_response_headers = game
         congestion: float | None = None

@@ -11,7 +11,7 @@ change of the config file's mtime it reloads; on SIGTERM/SIGINT it drains:
 3. requests in flight get up to ``drain_timeout`` seconds to finish, then are cancelled;
 4. background tasks stop, the admin listener closes last, and ``run()`` returns 0.
 
-Extension points for later components (inbound listener, Redis publishing, discovery):
+Extension points (the inbound listener, interception, discovery and signaling plug in here):
 ``add_listener(name, app, address, drains=True)``, ``set_site_factory(name, factory)``,
 ``add_background(name, factory)``, ``add_reload_hook(callback)``,
 ``add_state_section(name, section)`` (a top-level ``/debug/state`` key), and the proxy's phases

@@ -40,7 +40,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,9 +114,7 @@ class UpstreamStatus:
     published: int = 0
     plan: Plan | None = None
     last_error: str | None = None
-    elected_at_epoch: int | None = None
     reclaimed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_client(url: str, timeout: float) -> aioredis.Redis:
@@ -272,8 +270,6 @@ class SignalerService:
 
     def _set_leader(self, upstream: str, token: int | None) -> None:
         status = self.status.setdefault(upstream, UpstreamStatus())
-        if token is not None and not status.leader:
-            status.elected_at_epoch = self.epoch_number
         status.leader, status.fence = token is not None, token
         self.metrics.leader.labels(upstream).set(1 if token is not None else 0)
         self.metrics.fence.labels(upstream).set(token or 0)

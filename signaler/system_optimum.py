@@ -153,11 +153,3 @@ def polish_by_exchange(counts: np.ndarray, table: np.ndarray) -> np.ndarray:
         counts[source] -= 1
         counts[target] += 1
     return counts
-
-
-def continuous_optimum_cost(models: Sequence[LatencyModel], demand: float) -> float:
-    """Total latency ``sum_j x_j l_j(x_j)`` of the continuous system optimum (a lower bound)."""
-    if demand == 0:
-        return 0.0
-    flows, _ = _solve_flows(models, demand)
-    return float(sum(m.total_cost(x) for m, x in zip(models, flows, strict=True)))
