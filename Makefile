@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   installs Equilibrium with the lab extra into .venv and runs `equilibrium demo`
-#   make test   installs it with the lab extra and the test tools, then runs lint, the import
-#               contract and the tests
+#   make test   installs it with the lab extra and the test tools, then runs lint (ruff, mypy,
+#               the import contracts) and the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -28,6 +28,7 @@ demo: install-lab
 
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 test: lint

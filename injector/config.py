@@ -14,7 +14,6 @@ from typing import Final, Literal
 from mesh.profile_names import PROFILE_NAMES
 
 # ---- the annotation / label contract -----------------------------------------------------------
-ANNOTATION_PREFIX: Final = "equilibrium.io/"
 INJECT: Final = "equilibrium.io/inject"  # "true" | "false" (per-pod opt-in / opt-out)
 STRATEGY: Final = "equilibrium.io/strategy"  # one of STRATEGY_PROFILES
 EXCLUDE_OUTBOUND_PORTS: Final = "equilibrium.io/exclude-outbound-ports"  # "5432,6379"
@@ -24,7 +23,6 @@ IPV6: Final = "equilibrium.io/ipv6"  # one of IPV6_MODES: IPv6 interception by t
 STATUS: Final = "equilibrium.io/status"  # written by the injector: "injected"
 STATUS_INJECTED: Final = "injected"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
-NAMESPACE_LABEL: Final = "equilibrium.io/injection"  # "enabled" on a namespace
 
 STRATEGY_PROFILES: Final = PROFILE_NAMES  # the sidecar's profiles (mesh/profiles.py)
 DEFAULT_STRATEGY: Final = "balanced"

@@ -39,29 +39,7 @@ KIND = "AdmissionReview"
 WARNING_PREFIX = "equilibrium-injector: "
 
 
-# ---- wire format (AdmissionReview v1; only the fields the injector reads or writes) -----------
-class GroupVersionKind(TypedDict):
-    group: str
-    version: str
-    kind: str
-
-
-class AdmissionRequest(TypedDict):
-    uid: str
-    kind: GroupVersionKind
-    operation: Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
-    namespace: NotRequired[str]
-    name: NotRequired[str]
-    object: NotRequired[dict[str, Any]]
-    dryRun: NotRequired[bool]
-
-
-class AdmissionReview(TypedDict):
-    apiVersion: str
-    kind: str
-    request: AdmissionRequest
-
-
+# ---- wire format (the AdmissionReview v1 response; the request is untrusted JSON, read in decide)
 class AdmissionResponse(TypedDict):
     uid: str
     allowed: bool

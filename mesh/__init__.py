@@ -6,6 +6,6 @@ Rules of this package:
    import-linter contract enforce it).
 2. No clock and no global random generator. Time (``now``, in seconds on any monotonic
    scale) and randomness (a ``random.Random`` or ``numpy.random.Generator``) are passed in.
-3. Observations in, decisions out. The proxy, the signaler, the simulator and the
-   benchmarks all drive this same code.
+3. Observations in, decisions out. The sidecar drives this code on its request path; the
+   tests drive the same code with a hand-made clock and a seeded generator.
 """

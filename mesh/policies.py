@@ -1,6 +1,6 @@
 """Routing policies behind one interface (:class:`mesh.policy.Policy`).
 
-The baselines are the strategies Equilibrium is measured against (DESIGN.md §4):
+The baselines are the strategies Equilibrium is measured against (docs/routing.md §6):
 
 - ``round-robin`` and ``random``;
 - ``p2c-least-request`` — Envoy's default LEAST_REQUEST: two distinct endpoints at random, the
@@ -83,9 +83,10 @@ class _MeasuredPolicy(ABC):
             return np.zeros(0)
         old = self._weights
         w = np.array([old[i] if i is not None and i < old.shape[0] else 0.0 for i in keep])
-        if w.sum() <= 0:
+        total = float(w.sum())
+        if total <= 0:
             return np.full(k, 1.0 / k)
-        return w / w.sum()
+        return w / total
 
     def _publish(self, weights: np.ndarray) -> None:
         """Swap in a new routing snapshot (weights and their cumulative sums) whole."""
@@ -144,10 +145,11 @@ class _MeasuredPolicy(ABC):
     def _next_weights(self, counts: np.ndarray, means: np.ndarray, estimates: np.ndarray,
                       dt: float, now: float) -> np.ndarray:
         """Baselines: the weights shown are the observed shares, smoothed."""
-        total = counts.sum()
+        total = float(counts.sum())
         if total <= 0 or self._weights.shape != counts.shape:
             return self._weights if self._weights.shape == counts.shape else counts
-        return 0.5 * self._weights + 0.5 * counts / total
+        smoothed: np.ndarray = 0.5 * self._weights + 0.5 * counts / total
+        return smoothed
 
     @property
     def following(self) -> bool:

@@ -41,7 +41,8 @@ Mode = Literal["conditional", "unconditional"]
 
 
 def positive_part(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0)
+    part: np.ndarray = np.maximum(x, 0.0)
+    return part
 
 
 def switching_matrix(regrets: np.ndarray, mu: float) -> np.ndarray:
@@ -109,7 +110,7 @@ def stationary_strategy(regrets: np.ndarray, epsilon: float = 1e-9) -> np.ndarra
 def unconditional_strategy(unconditional_regrets: np.ndarray) -> np.ndarray:
     """Play k with probability proportional to [U(k)]^+; uniform when no regret is positive."""
     u = positive_part(np.asarray(unconditional_regrets, dtype=float))
-    total = u.sum()
+    total = float(u.sum())
     if total <= 0 or not math.isfinite(total):
         return np.full(u.shape[0], 1.0 / u.shape[0])
     return u / total
@@ -243,7 +244,8 @@ class RoutingRegret:
         ``max(tolerance_abs, tolerance * min(c_j, e_k))``. Without it, endpoints whose latencies
         differ only by jitter would trade the whole load back and forth (flapping)."""
         smaller = np.minimum(mean_costs[:, None], estimates[None, :])
-        return np.maximum(self.tolerance_abs, self.tolerance * np.abs(smaller))
+        margin: np.ndarray = np.maximum(self.tolerance_abs, self.tolerance * np.abs(smaller))
+        return margin
 
     def update(self, counts: np.ndarray, mean_costs: np.ndarray, estimates: np.ndarray,
                dt: float) -> None:

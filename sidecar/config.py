@@ -46,11 +46,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from mesh.address import AddressError, HostPort, parse_host_port
 from mesh.policies import POLICY_NAMES
-from mesh.profiles import PROFILE_NAMES, get_profile
+from mesh.profile_names import PROFILE_NAMES
+from mesh.profiles import get_profile
 from sidecar.discovery import KubeCredentials, credentials_from_flags
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
@@ -61,7 +62,6 @@ DEFAULT_STRATEGY = "balanced"
 DEFAULT_POLICY = "equilibrium"
 DEFAULT_DRAIN_TIMEOUT = 20.0
 
-ENV_PREFIX = "EQUILIBRIUM_"
 # setting -> environment variable
 ENV_VARS: dict[str, str] = {
     "outbound": "EQUILIBRIUM_OUTBOUND",

@@ -60,9 +60,8 @@ from wire.headers import CONGESTION, parse_congestion
 log = logging.getLogger(__name__)
 
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-BODYLESS_RETRY_ONLY = frozenset({"PUT", "DELETE"})
 # a failed body relay: the upstream's stream broke or stalled, or the app went away
-RELAY_ERRORS = (*BODY_READ_ERRORS, ConnectionError)
+RELAY_ERRORS: tuple[type[BaseException], ...] = (*BODY_READ_ERRORS, ConnectionError)
 
 
 def may_retry(method: str, has_body: bool) -> bool:
@@ -161,7 +160,6 @@ class OutboundProxy:
             return await self._handle(request, ctx)
         finally:
             if ctx.group is not None:
-                ctx.group.in_flight -= 1
                 self.metrics.request_in_flight(ctx.group.name, -1)
             self.phases.logging(ctx, self.clock())
 
@@ -179,7 +177,6 @@ class OutboundProxy:
                 ctx, 404, "unknown-upstream", f"no upstream named {ctx.upstream!r} is configured"
             )
         ctx.group = group
-        group.in_flight += 1
         self.metrics.request_in_flight(group.name, 1)
         early = await self.phases.request_filter(request, ctx)
         if early is not None:
@@ -192,11 +189,9 @@ class OutboundProxy:
         if authority_header := ctx.authority:
             headers["Host"] = authority_header
         if stripped:
-            ctx.gt_stripped = stripped
             for name in stripped:
                 self.metrics.rejected_headers.labels(name, "from-app").inc()
         if is_websocket(request):
-            ctx.websocket = True
             return await self._websocket(request, ctx, headers)
         return await self._forward(request, ctx, headers)
 
@@ -244,7 +239,6 @@ class OutboundProxy:
             except (TransportError, TimeoutError) as exc:
                 failure = classify(exc)
                 done = self.clock()
-                ctx.upstream_latency = done - sent
                 group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
                 self.metrics.forwarded(group.name, endpoint, failure.reason, None)
                 log.debug(
@@ -271,7 +265,6 @@ class OutboundProxy:
         group, endpoint = ctx.group, ctx.endpoint
         assert group is not None and endpoint is not None
         now = self.clock()
-        ctx.upstream_latency = now - sent
         ctx.status = status
         ctx.game_response_headers = game
         congestion: float | None = None

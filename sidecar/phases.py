@@ -1,7 +1,7 @@
 """The outbound proxy's named phases (after pingora's ``ProxyHttp``) and per-request context.
 
 A request goes through these hooks, in this order; every hook has a working default, so a
-later feature (bids, correlated-equilibrium recommendations, policing) overrides only the
+feature (the caller's identity and bid: :mod:`sidecar.identity_phase`) overrides only the
 phases it needs by subclassing ``ProxyPhases`` and handing the instance to the runner::
 
     request_filter          may answer early (return a response) or annotate ``ctx``
@@ -44,10 +44,7 @@ class RequestContext:
     attempt: int = 0  # 0 for the original request, n for the n-th retry
     status: int | None = None
     error_reason: str | None = None
-    upstream_latency: float | None = None  # to the response head of the last attempt
-    gt_stripped: list[str] = field(default_factory=list)
     game_response_headers: dict[str, str] = field(default_factory=dict)
-    websocket: bool = False
     extra: dict[str, object] = field(default_factory=dict)  # for overriding phases
 
 

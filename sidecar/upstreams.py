@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mesh.policies import make_policy
 from mesh.policy import Policy, PolicySnapshot
@@ -38,8 +38,6 @@ class UpstreamGroup:
     endpoints: tuple[str, ...] = ()
     snapshot: PolicySnapshot | None = None
     regret_header: str | None = None
-    in_flight: int = 0
-    extra: dict[str, object] = field(default_factory=dict)  # room for later phases' state
     source: str = "config"  # who owns the group: "config" or "discovery" (sidecar.discovery)
 
     def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:

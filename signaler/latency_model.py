@@ -109,9 +109,10 @@ def _as_observations(name: str, values: Sequence[float] | np.ndarray) -> np.ndar
 def _queueing(loads: np.ndarray, mu: float, knee: float) -> np.ndarray:
     """The queueing part ``1/(mu - load)`` of the curve (tangent-continued), i.e. latency - d."""
     kappa = knee * mu
-    return (
+    queueing: np.ndarray = (
         1.0 / (mu - np.minimum(loads, kappa)) + np.maximum(loads - kappa, 0.0) / (mu - kappa) ** 2
     )
+    return queueing
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -123,7 +124,8 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 
 def _huber(residuals: np.ndarray, scale: float) -> np.ndarray:
     z = np.abs(residuals) / scale
-    return np.where(z <= _HUBER_C, 0.5 * z * z, _HUBER_C * (z - 0.5 * _HUBER_C))
+    loss: np.ndarray = np.where(z <= _HUBER_C, 0.5 * z * z, _HUBER_C * (z - 0.5 * _HUBER_C))
+    return loss
 
 
 def fit_latency_model(

@@ -6,87 +6,42 @@ from the sidecars' regrets) and :func:`make_plan` (solve the correlated-equilibr
 sample one configuration, deal its tokens to the sidecars as private weights). Pure: no Redis,
 no asyncio, no clock (``now`` is passed in), no global RNG (a ``numpy.random.Generator`` is).
 
-Observations. Once per epoch the fresh summaries (sent within ``freshness`` seconds) are folded
-into one observation per endpoint: its offered load is the sum over sidecars of the sidecar's
-request rate times the share of its requests that went there, its latency the request-weighted
-mean latency, plus ``failure_penalty`` times the failure rate (a failed request costs the
-caller at least a retry). The model ``d + 1/(mu - load)`` of :mod:`signaler.latency_model` is
-fitted over the last ``history`` observations, with the previous fit as prior (so an endpoint
-with few samples keeps a sane model). An endpoint never observed borrows the median model of
-the others: optimistic enough to be tried, and its first real samples replace it.
+The rules, each a safety rail of the plan (why each is there and what was tried instead:
+docs/signaling.md, "How the plan is made"; the herding runs behind them: docs/benchmarks.md):
 
-Unmeasured capacity (a trust region). An endpoint whose latency never rose with its load fits an
-almost infinite capacity ``mu``; planned as such, it would attract every token -- exactly the herd
-a correlated equilibrium is meant to prevent, and on a real queue a few seconds of overload
-leave a backlog that takes far longer to drain. So a plan trusts a capacity only as far as it
-has been seen: every endpoint's ``mu`` is capped at ``capacity_headroom`` (default 1.5) times the
-largest load it was observed under (at least an even share of the current demand). An endpoint
-is therefore never planned at much more than 1.5 times the load it already carried; endpoints
-that look alike share the load; and a capacity actually measured below the cap is used as is.
-The cap never contradicts an observation. The capped curve keeps the fit's latency at the
-busiest load seen and lowers ``d`` to make room for the steeper queueing term
-(:func:`capped`), so it agrees with what was measured and only climbs faster beyond it. That
-needs ``d >= 0``, and a curve ``d + 1/(mu - x)`` through latency ``l`` at load ``x`` has
-``mu >= x + 1/l``, so the cap is at least that for the busiest observation (a 4 ms endpoint
-seen at 25 req/s keeps a capacity of at least 275 req/s; capping it at 50 would invent 40 ms
-of queueing it never showed).
-
-A queue that was seen bounds the capacity from the other side, and wins. Every latency is at
-least ``d``, so ``d`` is at most the lowest latency in the history, and an observation of
-latency ``l`` at load ``x`` allows at most ``mu = x + 1/(l - l_min)``
-(:meth:`UpstreamView.queueing_bound`), counted only for observations that plainly show a queue:
-twice the endpoint's median latency, twenty requests or more (twice the *lowest* was tried and
-bounded big pods with 80 ms exponential service times by their noise alone, which pushed the
-plans onto the small pod). Without the bound, a trust region grows with the load it lets the
-plans send: a one-server pod planned at 96 req/s answers the first epoch in 30 ms (its queue
-has not built yet: "at least 129 req/s") and the next ones in 400 ms, and a robust fit treats
-those as outliers -- the herding benchmark kept 7 of 16 tokens on such a pod for seven epochs.
-With the bound its capacity is about 99 req/s from the first 400 ms epoch on, for as long as
-that observation is in the history.
-
-Indifference (pooling alike endpoints). The fits of identical pods differ by measurement noise,
-mostly in ``d``; the LP returns a vertex, so without help it crowds every token onto the pods
-whose fitted ``d`` happens to be lowest and leaves the others idle -- a plan no sidecar would
-prefer (their regret matching treats latencies within 10 % of each other, at least 1 ms, as
-equal: :class:`mesh.regret.ConditionalRegret`'s ``tolerance``/``tolerance_abs``, an
-epsilon-CE). So the plan uses the same margin: endpoints are sorted by their fitted latency at
-their current load (the last observed load) and grouped greedily, each group holding the
-endpoints within ``max(indifference_abs, indifference x fastest)`` of its fastest member (anchored
-at the fastest, so a chain of small steps never joins a slow endpoint to a fast one). Within a
-group every endpoint gets one common model: the mean ``d`` and the smallest (capped) ``mu``.
-The pooled ``d`` removes the noise the LP would otherwise chase; the smallest ``mu`` is the
-conservative load sensitivity: with the trust-region cap below, every ``mu`` is finite and not
-larger than the busiest observation allows, so the queueing term ``1/(mu - load)`` is strictly
-convex and piling a token on a pod always costs more than putting it on an equally good idle
-one. Symmetric, strictly convex costs make the even split of tokens over the group the unique
-cheapest configuration (any other moves a token from a fuller to an emptier pod of the same
-curve at a gain), so the optimal CE spreads tokens over alike pods and gives a slow one none.
-
-Stability. Successive epochs re-fit the models from noisy measurements, and alike endpoints make
-the LP's optimum jump between equivalent vertices; each jump moves every sidecar's target, and
-the sidecars' ramp-limited herd guard then parks the traffic it cannot move yet on the other
-endpoints -- the slow one included. So a plan keeps the previous distribution while it is still
-a good plan under the new models (its CE gap at most ``stability`` (default 0.02) times the mean
-latency of a token, its expected cost at most ``1 + stability`` times the new optimum: an
-epsilon-CE close to the best). The rail is tight because measurement noise between alike
-endpoints is already pooled away by the indifference margin: a looser one (15 % was tried)
-keeps a plan that crowds alike pods, made before their fits agreed, for ever. The deal of the
-sampled configuration to the sidecars is steady (:func:`signaler.tokens.steady_deal`): each
-sidecar keeps its tokens where they were unless the new configuration has fewer tokens there,
-so a sidecar's private weights change only as much as the configuration does, and not at all
-when it is unchanged. The first deal is uniformly random and every re-deal treats tokens
-symmetrically, so every token is still told endpoint ``j`` with probability ``c_j / n``. Two
-more rails keep the configuration and the token counts unchanged:
-the sidecars keep their token counts while those still round their quotas (a count within one
-token of ``demand share x n``: a valid apportionment), and the configuration is re-drawn from
-the distribution only with probability ``refresh`` (default 0.25) per epoch, else kept while it
-is still in the distribution's support -- a lazy chain whose stationary law is the
-distribution itself, so over time configurations are drawn as the plan says.
-
-The CE gap from the sidecars. A sidecar's conditional regret D(j, k) is exactly its
-correlated-equilibrium constraint for (j, k) evaluated at its empirical play (Hart &
-Mas-Colell 2000, Econometrica 68(5)), so the largest positive D over fresh summaries is a live
-measure of how far the mesh is from a correlated equilibrium.
+1. Observations. Each epoch the fresh summaries give one observation per endpoint: load = the
+   sum over sidecars of rate x share there; latency = the request-weighted mean plus
+   ``failure_penalty`` x the failure rate. ``d + 1/(mu - load)`` (:mod:`signaler.latency_model`)
+   is fitted over the last ``history`` observations with the previous fit as prior; an endpoint
+   never observed borrows the others' median model.
+2. Trust region (:meth:`UpstreamView.capacity_cap`, :func:`capped`). ``mu`` is capped at
+   ``capacity_headroom`` x the busiest load seen (at least an even share of the demand), and
+   never below ``x + 1/l`` for that busiest observation (load ``x``, latency ``l``), so the cap
+   never contradicts it. The capped curve keeps the fit's latency at the busiest load and
+   lowers ``d`` instead.
+3. A queue that was seen bounds the capacity, and wins over rule 2
+   (:meth:`UpstreamView.queueing_bound`): ``d`` is at most the lowest latency in the history,
+   ``l_min``, so an observation at ``QUEUED`` x the median latency over ``QUEUED_REQUESTS``
+   requests or more allows at most ``mu = x + 1/(l - l_min)``.
+4. Pooling (:func:`pool_indifferent`). Endpoints whose fitted latency at their current load is
+   within ``max(indifference_abs, indifference x fastest)`` of their group's fastest member
+   share one model (mean ``d``, smallest ``mu``): the sidecars' own indifference margin
+   (:class:`mesh.regret.RoutingRegret`'s ``tolerance``/``tolerance_abs``, an epsilon-CE). With
+   symmetric, strictly convex costs the even split over a group is the cheapest configuration.
+5. The program: the best correlated equilibrium over token configurations
+   (:class:`signaler.lp.CorrelatedEquilibriumLP`; Papadimitriou & Roughgarden, JACM 2008), or
+   the convex system optimum past its size guard.
+6. Stability (:func:`keep_previous`, :func:`still_apportions`, :func:`in_support`). The previous
+   distribution is kept while, under the new models, its CE gap is at most ``stability`` x a
+   token's mean latency and its cost at most ``1 + stability`` x the new optimum; the sidecars'
+   token counts are kept while they still round their demand quotas; the configuration is
+   re-drawn with probability ``refresh`` per epoch, else kept while in the support (a lazy
+   chain whose stationary law is the distribution); the deal is steady
+   (:func:`signaler.tokens.steady_deal`), and every token is still told endpoint ``j`` with
+   probability ``c_j / n``.
+7. The CE gap: the largest positive conditional regret D(j, k) over fresh summaries. D(j, k) is
+   the sidecar's correlated-equilibrium constraint evaluated at its empirical play (Hart &
+   Mas-Colell 2000, Econometrica 68(5)), so it is a live distance from a CE.
 """
 
 from __future__ import annotations
@@ -116,7 +71,7 @@ DEFAULT_STABILITY = 0.02
 QUEUED = 2.0
 QUEUED_REQUESTS = 20
 DEFAULT_REFRESH = 0.25
-#: The sidecars' indifference margin (mesh.regret.ConditionalRegret's tolerance, tolerance_abs).
+#: The sidecars' indifference margin (mesh.regret.RoutingRegret's tolerance, tolerance_abs).
 DEFAULT_INDIFFERENCE = 0.10
 DEFAULT_INDIFFERENCE_ABS = 0.001
 #: Model of an endpoint before anything is known about the fleet (5 ms, 1000 req/s).
@@ -236,7 +191,7 @@ class UpstreamView:
         return max((o.load for o in self.observations.get(endpoint, ())), default=0.0)
 
     def capacity_cap(self, endpoint: str, even_share: float, headroom: float) -> float:
-        """The largest capacity a plan may assume for ``endpoint`` (see the module docstring):
+        """The largest capacity a plan may assume for ``endpoint`` (rule 2 of the module):
         ``headroom`` x max(busiest load seen, ``even_share``), but never below what the busiest
         observation implies (``load + 1/latency``) -- unless a queue was seen
         (:meth:`queueing_bound`), which caps it whatever else was observed."""
@@ -331,7 +286,7 @@ def pool_indifferent(
     indifference_abs: float = DEFAULT_INDIFFERENCE_ABS,
 ) -> tuple[LatencyModel, ...]:
     """``models`` with the endpoints that are equally good within the sidecars' margin sharing
-    one model (see the module docstring): grouped greedily by ``latencies`` (each endpoint's
+    one model (rule 4 of the module): grouped greedily by ``latencies`` (each endpoint's
     fitted latency at its current load), each group anchored at its fastest member and holding
     those within ``max(indifference_abs, indifference x fastest latency)`` of it; a group's
     common model has its mean ``d`` and its smallest ``mu``. Endpoints alone in their group
@@ -395,8 +350,8 @@ def keep_previous(
     token_load: float,
     stability: float,
 ) -> CESolution | None:
-    """``previous`` re-priced under ``models`` if it is still a good plan (see the module
-    docstring), else None."""
+    """``previous`` re-priced under ``models`` if it is still a good plan (rule 6 of the
+    module), else None."""
     if previous.n_tokens != fresh.n_tokens or previous.n_endpoints != fresh.n_endpoints:
         return None
     n = fresh.n_tokens
@@ -455,8 +410,8 @@ def make_plan(
     the tokens; each capacity is capped at ``capacity_headroom`` times the largest load the
     endpoint was seen under, or an even share of the demand; endpoints within the
     ``indifference`` margin of each other share one model (:func:`pool_indifferent`); the deal
-    moves as few of each sidecar's tokens as the sampled configuration forces (see the module
-    docstring).
+    moves as few of each sidecar's tokens as the sampled configuration forces (rule 6 of the
+    module).
 
     Raises :class:`NoDemand` when no fresh sidecar sends traffic, and lets
     :class:`~signaler.solution.SolverError` propagate (the caller keeps its previous plan).

@@ -69,7 +69,8 @@ def latency_table(models: Sequence[LatencyModel], max_tokens: int, token_load: f
 def configuration_costs(configurations: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Total latency ``sum_j c_j * l_j(c_j lam)`` of every configuration, shape ``(m,)``."""
     per_endpoint = np.take_along_axis(table.T, configurations, axis=0)
-    return np.sum(configurations * per_endpoint, axis=1)
+    costs: np.ndarray = np.sum(configurations * per_endpoint, axis=1)
+    return costs
 
 
 def deviation_gains(configurations: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ def deviation_gains(configurations: np.ndarray, table: np.ndarray) -> np.ndarray
         return np.zeros((configurations.shape[0], k, k))
     own = np.take_along_axis(table.T, configurations, axis=0)  # (m, k): l_j(c_j)
     moved = np.take_along_axis(table.T, configurations + 1, axis=0)  # (m, k): l_j'(c_j' + 1)
-    gains = (configurations[:, :, None] / n) * (own[:, :, None] - moved[:, None, :])
+    gains: np.ndarray = (configurations[:, :, None] / n) * (own[:, :, None] - moved[:, None, :])
     diagonal = np.arange(configurations.shape[1])
     gains[:, diagonal, diagonal] = 0.0
     return gains
@@ -100,7 +101,9 @@ def ce_gap(configurations: np.ndarray, probabilities: np.ndarray, table: np.ndar
 def pure_nash_mask(configurations: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Which configurations are pure Nash equilibria (no used endpoint's token gains by moving)."""
     gains = deviation_gains(configurations, table)
-    return np.all(gains.reshape(gains.shape[0], -1) <= 1e-12 * np.abs(table).max(), axis=1)
+    mask: np.ndarray = np.all(gains.reshape(gains.shape[0], -1) <= 1e-12 * np.abs(table).max(),
+                              axis=1)
+    return mask
 
 
 def greedy_system_optimum(table: np.ndarray, n_tokens: int) -> np.ndarray:

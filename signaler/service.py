@@ -43,7 +43,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -105,9 +105,7 @@ class UpstreamStatus:
     published: int = 0
     plan: Plan | None = None
     last_error: str | None = None
-    elected_at_epoch: int | None = None
     reclaimed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SignalerService:
@@ -239,8 +237,6 @@ class SignalerService:
 
     def _set_leader(self, upstream: str, token: int | None) -> None:
         status = self.status.setdefault(upstream, UpstreamStatus())
-        if token is not None and not status.leader:
-            status.elected_at_epoch = self.epoch_number
         status.leader, status.fence = token is not None, token
         self.metrics.leader.labels(upstream).set(1 if token is not None else 0)
         self.metrics.fence.labels(upstream).set(token or 0)

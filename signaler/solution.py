@@ -94,7 +94,8 @@ class CESolution:
 
     def marginal(self) -> np.ndarray:
         """Expected number of tokens on each endpoint, shape ``(k,)``."""
-        return self.probabilities @ self.configurations
+        marginal: np.ndarray = self.probabilities @ self.configurations
+        return marginal
 
     @classmethod
     def from_distribution(

@@ -118,7 +118,7 @@ def round_to_tokens(quotas: np.ndarray, total: int) -> np.ndarray:
     if not np.all(np.isfinite(quotas)) or np.any(quotas < 0) or quotas.sum() <= 0:
         raise ValueError(f"quotas must be finite, >= 0 and not all zero, got {quotas!r}")
     scaled = quotas * (total / quotas.sum())
-    counts = np.floor(scaled).astype(np.int64)
+    counts: np.ndarray = np.floor(scaled).astype(np.int64)
     remainders = scaled - counts
     short = total - int(counts.sum())
     # Stable order: largest remainder first, ties to the lower index.
@@ -153,11 +153,3 @@ def polish_by_exchange(counts: np.ndarray, table: np.ndarray) -> np.ndarray:
         counts[source] -= 1
         counts[target] += 1
     return counts
-
-
-def continuous_optimum_cost(models: Sequence[LatencyModel], demand: float) -> float:
-    """Total latency ``sum_j x_j l_j(x_j)`` of the continuous system optimum (a lower bound)."""
-    if demand == 0:
-        return 0.0
-    flows, _ = _solve_flows(models, demand)
-    return float(sum(m.total_cost(x) for m, x in zip(models, flows, strict=True)))

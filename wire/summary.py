@@ -98,7 +98,7 @@ class RegretSummary:
         set_(self, "failures", failures)
         stats: dict[str, tuple[float | None, ...]] = {}
         for name in ("latency_mean", "latency_p50", "latency_p99"):
-            column = []
+            column: list[float | None] = []
             for i, x in enumerate(check_vector(getattr(self, name), name, k)):
                 if x is None:
                     if requests[i] > 0:

@@ -124,8 +124,6 @@ class LoadSummary:
     delayed_by_cap: int = 0
     late_starts: int = 0
     max_start_lag: float = 0.0
-    started: float = 0.0
-    finished: float = 0.0
     error_kinds: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # CPU time of this generator process during the schedule
 
@@ -197,7 +195,6 @@ async def run_open_loop(
             t0 = spec.start_at
         else:
             t0 = loop.time()
-        summary.started = t0
         cpu0 = time.process_time()
         tasks: set[asyncio.Task[None]] = set()
         for seq in range(summary.planned):
@@ -210,7 +207,6 @@ async def run_open_loop(
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.wait(tasks)
-        summary.finished = loop.time()
         summary.cpu_seconds = time.process_time() - cpu0
     return summary
 

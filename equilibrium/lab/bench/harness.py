@@ -53,10 +53,6 @@ class LoadResult:
     #: CPU seconds (user + system) the load generators used during the run
     generator_cpu: float = float("nan")
 
-    def in_window(self, start: float, end: float) -> list[Record]:
-        """Records intended in [t0 + start, t0 + end)."""
-        return [r for r in self.records if start <= r.intended - self.t0 < end]
-
     def load_counts(self) -> dict[str, int]:
         """Generator counts summed over clients (planned, sent, delayed, late)."""
         keys = ("planned", "sent", "errors", "delayed_by_cap", "late_starts")

@@ -7,8 +7,8 @@ each). Service times are exponential and requests queue FIFO (M/M/c), so a pod's
 climbs steeply as its load nears its capacity. Idle, pod-0 answers four times faster than the
 others, so every client that learns on its own moves its traffic there -- and once the clients
 together send it more than it can serve, its queue grows, they all flee, and come back: the
-herd of DESIGN.md §3 (Mitzenmacher's "stale information" effect, with learners instead of
-load reports). Four clients send 27.5 req/s each, 55 % of the fleet's capacity.
+herd docs/routing.md §3 defends against (Mitzenmacher's "stale information" effect, with
+learners instead of load reports). Four clients send 27.5 req/s each, 55 % of the fleet's capacity.
 
 Why these service times: the same fleet at 10 and 40 ms and twice the rate is the same queueing
 game twice as fast, but on the 2-core machines the benchmark runs on it keeps the cores busy

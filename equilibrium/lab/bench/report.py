@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -167,8 +166,3 @@ def pp(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:.1f} pp"
-
-
-def python_argv() -> list[str]:
-    """The arguments of this process after the program name (for the header)."""
-    return sys.argv[1:]
