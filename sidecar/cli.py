@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from sidecar.policing import sidecar_mesh_key
+    from sidecar.mesh_key import sidecar_mesh_key
     from sidecar.runner import SidecarRunner, StartupError  # heavy imports only when running
 
     try:

@@ -19,7 +19,7 @@ never on a command line (where ``ps`` shows them to every user) nor in a file: t
 ``EQUILIBRIUM_MESH_SECRET`` and the Redis URL, which carries the password, as
 ``EQUILIBRIUM_REDIS_URL``, which both programs read exactly as ``--redis URL`` and a key file
 (the signaler in ``signaler/cli.py``; the sidecar's URL in ``sidecar/config.py``, its key in
-``sidecar/policing.py``). :meth:`sidecar_args` holds only what is not secret. Usage::
+``sidecar/mesh_key.py``). :meth:`sidecar_args` holds only what is not secret. Usage::
 
     plane = SignalingPlane(logs, epoch=1.0, tokens=16)
     await plane.start()                  # Redis up, signaler ready

@@ -136,7 +136,7 @@ def test_malformed_standing_is_a_header_error(value: str) -> None:
 
 
 def test_mesh_key_from_env_or_file(tmp_path: Path) -> None:
-    from sidecar.policing import sidecar_mesh_key as read_mesh_key
+    from sidecar.mesh_key import sidecar_mesh_key as read_mesh_key
 
     key_file = tmp_path / "mesh.key"
     key_file.write_text("file-key-0123456789abcdef\n")
