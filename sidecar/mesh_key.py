@@ -17,16 +17,15 @@ never trusts an identity it cannot check.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-from sidecar.config import ConfigError
+from sidecar.config import ConfigError, SidecarConfig
 from wire.errors import WireError
 from wire.signing import read_mesh_key
 
 
-def sidecar_mesh_key(config: Any, env: Mapping[str, str]) -> bytes | None:
+def sidecar_mesh_key(config: SidecarConfig, env: Mapping[str, str]) -> bytes | None:
     """The mesh key from the environment or the configured file; None if neither is set."""
     try:
-        return read_mesh_key(env, getattr(config, "mesh_secret_file", None))
+        return read_mesh_key(env, config.mesh_secret_file)
     except WireError as exc:
         raise ConfigError(str(exc)) from None

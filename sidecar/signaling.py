@@ -48,6 +48,7 @@ from mesh.backoff import Backoff
 from mesh.first_signal import FirstSignalWait
 from mesh.policy import FollowingPolicy
 from mesh.summary import SummaryBuilder
+from sidecar.config import ConfigError, SidecarConfig
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from wire.entries import MAX_SECONDS
 from wire.errors import WireError
@@ -306,16 +307,14 @@ class SidecarSignaling:
 # ---------------------------------------------------------------------- wiring
 
 
-def signaling_settings(config: Any, mesh_key: bytes | None) -> SignalingSettings | None:
+def signaling_settings(config: SidecarConfig, mesh_key: bytes | None) -> SignalingSettings | None:
     """How this sidecar joins the signaling plane (None: ``redis`` is not set); decided
     before the runner starts, so that a missing key is a configuration error (exit 2).
 
     Security default: with ``redis`` set and no mesh key, the sidecar refuses to start; it
     would otherwise follow routing signals anyone with access to Redis could forge.
     """
-    from sidecar.config import ConfigError
-
-    url = getattr(config, "redis", None)
+    url = config.redis
     if url is None:
         return None
     if mesh_key is None:
@@ -323,7 +322,7 @@ def signaling_settings(config: Any, mesh_key: bytes | None) -> SignalingSettings
             "redis is set but there is no mesh key to verify recommendations with: set "
             "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
         )
-    epoch = float(getattr(config, "signaling_epoch", DEFAULT_EPOCH))
+    epoch = config.signaling_epoch
     # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
     return SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,
                              backoff_max=min(5.0, max(1.0, 4 * epoch)))
