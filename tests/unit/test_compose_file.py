@@ -3,8 +3,9 @@
 Without any tool (Compose itself runs the file in tests/integration/test_compose_stack.py): it
 loads as YAML (merge keys resolved), has no top-level ``name:`` (Compose 1.29 rejects it; the
 project name comes from ``-p``), the services the README promises exist and build from the
-project's Dockerfile, no port is published beyond loopback, no mesh key is written in the file,
-and each command line is accepted by the ``equilibrium`` parsers it will meet in the container.
+project's Dockerfile (the demo with the lab extra), no port is published beyond loopback, no
+mesh key is written in the file, and each command line is accepted by the ``equilibrium``
+parsers it will meet in the container.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ def test_services_and_images(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"redis", "mesh-key", "signaler", "signaler-standby", "demo"} <= set(services)
     assert (ROOT / "Dockerfile").is_file()
-    for name in ("mesh-key", "signaler", "signaler-standby", "demo"):
+    for name in ("mesh-key", "signaler", "signaler-standby"):
         service = services[name]
         assert service["build"] == ".", name
         assert service["image"] == "equilibrium:local", name
+    # The demo needs the lab extra: the lab image, built from the same Dockerfile.
+    assert services["demo"]["build"] == {"context": ".", "args": {"EXTRAS": "lab"}}
+    assert services["demo"]["image"] == "equilibrium-lab:local"
     for name in ("signaler", "signaler-standby", "demo"):
         needs = services[name]["depends_on"]
         assert needs["redis"]["condition"] == "service_healthy"
