@@ -33,9 +33,9 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.reputation import ANONYMOUS
+from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
 from wire.errors import WireError
@@ -49,25 +49,6 @@ MAX_BACKOFF = 300.0
 """Longest local back-off honoured (seconds), whatever an upstream says."""
 
 
-class CallerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.backoff = Counter(
-            "equilibrium_caller_backoff",
-            "Requests answered 429 locally because an upstream punishes this caller",
-            ["upstream"], registry=registry,
-        )
-        self.punished = Gauge(
-            "equilibrium_caller_punished",
-            "1 while this caller backs off from an upstream that punishes it",
-            ["upstream"], registry=registry,
-        )
-        self.bad_app_bids = Counter(
-            "equilibrium_caller_bad_app_bids",
-            f"Malformed {APP_BID_HEADER} values from the app, answered 400", ["reason"],
-            registry=registry,
-        )
-
-
 class CallerPhases(ProxyPhases):
     """Identity, bid and self-enforced back-off around ``inner`` phases (see module doc)."""
 
@@ -78,7 +59,7 @@ class CallerPhases(ProxyPhases):
         caller_id: str,
         mesh_key: bytes | None,
         default_bid: float,
-        registry: CollectorRegistry,
+        metrics: CallerMetrics,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -88,7 +69,7 @@ class CallerPhases(ProxyPhases):
         self.default_bid = default_bid
         self.clock = clock
         self.wall_clock = wall_clock
-        self.metrics = CallerMetrics(registry)
+        self.metrics = metrics
         self._backoff_until: dict[str, float] = {}
         self.signing = mesh_key is not None and self._valid_id(caller_id)
 

@@ -47,7 +47,6 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from yarl import URL
 
 from mesh.admission import AdmissionGate, Admit, Pass, Queue, Reject, RejectReason, Woken
@@ -62,7 +61,7 @@ from sidecar.forward import (
     request_headers_to_upstream,
     strip_game_headers,
 )
-from sidecar.metrics import LATENCY_BUCKETS
+from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from sidecar.transport import (
     BODY_READ_ERRORS,
@@ -144,67 +143,6 @@ class LocalRateLimit:
         return False
 
 
-class InboundMetrics:
-    """The inbound side's metrics, registered in the sidecar's own registry; every name is
-    ``equilibrium_inbound_<name>`` (counters end in ``_total``)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        scope: dict[str, Any] = {"namespace": "equilibrium", "subsystem": "inbound",
-                                 "registry": registry}
-
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(name, doc, labels, **scope)
-
-        def gauge(name: str, doc: str, *labels: str) -> Gauge:
-            return Gauge(name, doc, labels, **scope)
-
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, buckets=LATENCY_BUCKETS, **scope)
-
-        # what happened to requests, and to the headers they carried
-        self.requests = counter(
-            "requests", "Requests to the inbound listener by caller and outcome (admitted, "
-            "throttled, rate-limited, bad-bid, queue-full, queue-timeout, app-error)",
-            "caller", "outcome")
-        self.identity = counter(
-            "identity", "Identity checks by result (trusted, or why the caller was treated as "
-            "anonymous)", "result")
-        self.bad_bids = counter("bad_bids", "Malformed X-GT-Bid values rejected with 400",
-                                "reason")
-        self.stripped = counter(
-            "stripped_headers", "X-GT-* headers removed: untrusted = sent by a caller that did "
-            "not verify (ignored); from-app = set by the app on its response", "source")
-        self.voided_bids = counter(
-            "voided_bids", "Bids set to 0 because the request took its caller over its fair "
-            "share of a congested app")
-        self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
-                                   "header")
-        # the callers' standing (refreshed off the request path)
-        self.reputation = gauge(
-            "caller_reputation",
-            "Caller reputation in [0, 1] (other = the lowest among untracked callers)", "caller")
-        self.level = gauge(
-            "caller_punishment_level",
-            "Caller punishment level, 0 = good standing (other = the highest among the rest)",
-            "caller")
-        self.punished = gauge("punished_callers", "Callers currently being punished")
-        # the auction
-        self.price = gauge("clearing_price", "Price of the last admission (0 uncongested)")
-        self.paid = counter("price_paid", "Sum of prices charged, by caller", "caller")
-        self.queue_length = gauge("queue_length", "Requests waiting in the bid queue")
-        # the app's load
-        self.limit = gauge("concurrency_limit", "Adaptive concurrency limit of the app")
-        self.in_flight = gauge("in_flight", "Requests at the app through this listener")
-        self.congestion = gauge("congestion", "Congestion level sent as X-GT-Congestion")
-        self.capacity = gauge("capacity_estimate",
-                              "App capacity in requests/s used for fair shares")
-        self.mesh_key = gauge("mesh_key_configured",
-                              "1 if a mesh key is configured (0: every caller is anonymous)")
-        self.app_latency = histogram(
-            "app_duration_seconds", "Time from forwarding to the app until its response finished")
-        self.wait = histogram("queue_wait_seconds", "Time admitted requests waited in the queue")
-
-
 _STATUS = {RejectReason.PUNISHED: 429}  # the rest 503
 _OUTCOME = {RejectReason.PUNISHED: "throttled", RejectReason.QUEUE_FULL: "queue-full",
             RejectReason.QUEUE_TIMEOUT: "queue-timeout"}  # shutting-down is not counted
@@ -261,7 +199,7 @@ class InboundProxy:
         sidecar_id: str,
         app_url: str,
         settings: PolicingSettings,
-        registry: CollectorRegistry,
+        metrics: InboundMetrics,
         mesh_key: bytes | None,
         request_timeout: float = 15.0,
         connect_timeout: float = 1.0,
@@ -283,7 +221,7 @@ class InboundProxy:
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self.via = f"1.1 {sidecar_id}"
-        self.metrics = InboundMetrics(registry)
+        self.metrics = metrics
         self.metrics.mesh_key.set(1 if mesh_key else 0)
         self.labels = CallerLabels(settings.max_caller_labels)
         now = clock()

@@ -38,7 +38,7 @@ from sidecar.forward import (
     request_headers_to_upstream,
     response_headers_to_app,
 )
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import OutboundMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.transport import (
     BODY_READ_ERRORS,
@@ -105,7 +105,7 @@ class OutboundProxy:
         sidecar_id: str,
         table: UpstreamTable,
         profile: StrategyProfile,
-        metrics: SidecarMetrics,
+        metrics: OutboundMetrics,
         phases: ProxyPhases | None = None,
         pinned_upstream: Callable[[web.BaseRequest], str | None] | None = None,
         max_attempts: int = 3,

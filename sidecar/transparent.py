@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from sidecar.metrics import TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
 
 log = logging.getLogger(__name__)
@@ -66,31 +66,6 @@ def sniff_http(data: bytes) -> bool | None:
         if len(data) < len(token) and token.startswith(data):
             return None  # a prefix of a method: wait for more bytes
     return False
-
-
-class TransparentMetrics:
-    """Counters of the outbound listener's routes and relays, in the sidecar's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.connections = Counter(
-            "equilibrium_transparent_connections",
-            "Connections accepted on the outbound listener, by route "
-            "(direct, service, passthrough)",
-            ["route"], registry=registry,
-        )
-        self.passthrough_failures = Counter(
-            "equilibrium_passthrough_failures",
-            "Pass-through connections that could not reach their original destination",
-            ["reason"], registry=registry,
-        )
-        self.relays_open = Gauge(
-            "equilibrium_passthrough_open", "Pass-through TCP relays currently open",
-            registry=registry,
-        )
-        self.relayed_bytes = Counter(
-            "equilibrium_passthrough_bytes", "Bytes relayed by pass-through connections",
-            ["direction"], registry=registry,
-        )
 
 
 class TransparentRouter:
@@ -453,7 +428,7 @@ class TransparentOutbound:
 
 def transparent_outbound(
     table: Any,
-    registry: CollectorRegistry,
+    metrics: TransparentMetrics,
     *,
     connect_timeout: float,
     drain_timeout: float,
@@ -468,7 +443,6 @@ def transparent_outbound(
     direct ones, ``fallback(request)`` may pin one (else ``Host`` routing decides).
     """
     router = TransparentRouter(table, lookup)
-    metrics = TransparentMetrics(registry)
     book = RelayBook()
 
     def site(app_runner: web.AppRunner, host: str, port: int) -> web.BaseSite:

@@ -20,7 +20,7 @@ from mesh.policy import Outcome
 from mesh.profiles import get_profile
 from mesh.summary import SummaryBuilder
 from sidecar.config import ConfigError, ConfigSource
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import SidecarMetrics, SignalingMetrics
 from sidecar.signaling import (
     SidecarSignaling,
     SignalingSettings,
@@ -451,7 +451,7 @@ def test_summary_builder_reports_each_epochs_movement() -> None:
 def signaling(table: UpstreamTable, metrics: SidecarMetrics,
               wall: float = NOW) -> SidecarSignaling:
     return SidecarSignaling(
-        sidecar_id="sc-1", table=table, registry=metrics.registry,
+        sidecar_id="sc-1", table=table, metrics=SignalingMetrics(metrics.registry),
         settings=SignalingSettings(redis_url="redis://127.0.0.1:1", key=KEY, epoch=1.0),
         store=MemorySignalStore(lambda: wall), clock=lambda: 10.0, wall=lambda: wall,
     )
