@@ -139,7 +139,7 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     """Run the service and its admin listener until SIGTERM/SIGINT."""
     from aiohttp import web
 
-    from signaler.metrics import make_admin_app
+    from signaler.admin import make_admin_app
     from signaler.service import SignalerService
     from wire.redis_store import RedisSignalStore
 

@@ -49,9 +49,10 @@ from typing import Any
 import numpy as np
 
 from mesh.backoff import Backoff
+from signaler.admin import SignalerHealth
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
-from signaler.metrics import SignalerHealth, SignalerMetrics
+from signaler.metrics import SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
