@@ -35,6 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from mesh.reputation import ANONYMOUS
+from sidecar.errors import ErrorReason
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
@@ -103,7 +104,8 @@ class CallerPhases(ProxyPhases):
             self.metrics.backoff.labels(upstream).inc()
             return _json_answer(429, {
                 "error": f"upstream {upstream!r} punishes this caller; backing off locally",
-                "reason": "punished-backoff", "upstream": upstream, "retry_after": round(left, 3),
+                "reason": ErrorReason.PUNISHED_BACKOFF, "upstream": upstream,
+                "retry_after": round(left, 3),
             }, {"Retry-After": str(max(1, math.ceil(left)))})
         raw = request.headers.get(APP_BID_HEADER)
         if raw is None:
@@ -114,7 +116,7 @@ class CallerPhases(ProxyPhases):
             except WireError as exc:
                 self.metrics.bad_app_bids.labels(exc.reason).inc()
                 return _json_answer(400, {
-                    "error": str(exc).replace(BID, APP_BID_HEADER), "reason": "bad-bid",
+                    "error": str(exc).replace(BID, APP_BID_HEADER), "reason": ErrorReason.BAD_BID,
                     "header": APP_BID_HEADER, "upstream": upstream,
                 }, {})
         ctx.extra["bid"] = bid

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.config import ConfigError
+from mesh.errors import ConfigError
 from wire.errors import WireError
 from wire.signing import read_mesh_key
 

@@ -40,9 +40,10 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh.errors import ConfigError
 from mesh.profiles import StrategyProfile, get_profile
 from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
-from sidecar.config import ConfigError, ConfigSource, ListenAddress, SidecarConfig
+from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
 from sidecar.identity_phase import CallerPhases

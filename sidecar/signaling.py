@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mesh.backoff import Backoff
+from mesh.errors import ConfigError
 from mesh.first_signal import FirstSignalWait
 from mesh.policy import FollowingPolicy
 from mesh.summary import SummaryBuilder
@@ -269,8 +270,6 @@ def signaling_settings(config: Any, mesh_key: bytes | None) -> SignalingSettings
     Security default: with ``redis`` set and no mesh key, the sidecar refuses to start; it
     would otherwise follow routing signals anyone with access to Redis could forge.
     """
-    from sidecar.config import ConfigError
-
     url = getattr(config, "redis", None)
     if url is None:
         return None

@@ -41,6 +41,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
@@ -55,6 +56,18 @@ DestinationLookup = Callable[[str, int], tuple[str, str] | None]
 HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")
 SNIFF_BYTES = 8  # "OPTIONS " is the longest method + space
 DEFAULT_SNIFF_TIMEOUT = 0.2
+
+
+class PassthroughFailure(StrEnum):
+    """Why a pass-through connection did not reach its original destination: the ``reason``
+    label of ``equilibrium_passthrough_failures`` (docs/operations.md, "Error reasons")."""
+
+    LOOP = "loop"
+    """The relay came back to this listener: the sidecar's own traffic is being redirected."""
+    TIMEOUT = "timeout"
+    """No connection within the connect timeout."""
+    UNREACHABLE = "refused-or-unreachable"
+    """The destination refused the connection or could not be reached."""
 
 
 def sniff_http(data: bytes) -> bool | None:
@@ -207,7 +220,7 @@ class TransparentSite(web.BaseSite):
         """The protocol that serves a connection once its route is decided."""
         if route == "loop":
             assert dst is not None
-            self._metrics.passthrough_failures.labels("loop").inc()
+            self._metrics.passthrough_failures.labels(PassthroughFailure.LOOP).inc()
             log.error("pass-through to %s:%d came back to the sidecar: its own connections are "
                       "being redirected (run it as the proxy UID/GID the init rules exempt)",
                       *dst)
@@ -335,7 +348,8 @@ class _RelaySide(asyncio.Protocol):
             await loop.create_connection(lambda: upstream, sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
-            reason = "timeout" if isinstance(exc, TimeoutError) else "refused-or-unreachable"
+            reason = (PassthroughFailure.TIMEOUT if isinstance(exc, TimeoutError)
+                      else PassthroughFailure.UNREACHABLE)
             self.site._metrics.passthrough_failures.labels(reason).inc()
             log.info("pass-through to %s:%d failed: %s", host, port, exc or reason)
             self.peer = None

@@ -286,7 +286,7 @@ class SignalerService:
         """Decode one stream entry and offer it to the upstream's view; a bad entry is counted
         by its reason and dropped. True if it was a valid summary for ``upstream``."""
         if fields is None:  # Redis 6.2 reports entries trimmed while pending as nil
-            self.metrics.entries_rejected.labels(upstream, "deleted").inc()
+            self.metrics.entries_rejected.labels(upstream, Reason.DELETED).inc()
             return False
         try:
             summary = decode_summary(fields)
@@ -296,7 +296,7 @@ class SignalerService:
                     f"summary for {summary.upstream!r} on the stream of {upstream!r}",
                 )
         except WireError as exc:
-            self.metrics.entries_rejected.labels(upstream, exc.reason.value).inc()
+            self.metrics.entries_rejected.labels(upstream, exc.reason).inc()
             log.debug("rejected summary entry on %s: %s", upstream, exc)
             return False
         self._view(upstream).offer(summary)
