@@ -2,8 +2,10 @@
 
 Owns :class:`ConfigError`. The sidecar (:mod:`sidecar.config`, its runner), the signaler
 (:mod:`signaler.cli`) and the injector raise it while reading flags, the environment and config
-files; each command prints the message and exits 2. It lives here, at the bottom of the
-layers, because those services must not import each other. Pure: no I/O.
+files; each command prints the message and exits 2. :class:`mesh.address.AddressError` (not
+a ``HOST:PORT``) and :class:`injector.config.AnnotationError` (a pod annotation the injector
+cannot honour) are kinds of it. It lives here, at the bottom of the layers, because those
+services must not import each other. Pure: no I/O.
 """
 
 from __future__ import annotations
