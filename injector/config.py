@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 # The names only: mesh.profiles would import numpy into every init container (via this module).
+from mesh.errors import ConfigError
 from mesh.profile_names import PROFILE_NAMES
 
 # ---- the annotation / label contract -----------------------------------------------------------
@@ -44,8 +45,9 @@ SIDECAR_UID: Final = 1337
 DEFAULT_APP_PORT: Final = 8080
 
 
-class AnnotationError(ValueError):
-    """An annotation value the injector cannot honour exactly (the message names it)."""
+class AnnotationError(ConfigError):
+    """An annotation value (or an init flag of the same form) the injector cannot honour
+    exactly (the message names it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,8 @@ class AdmissionReviewResponse(TypedDict):
 
 
 class Outcome(StrEnum):
-    """Why a review ended the way it did (the ``result`` label of the server's metric)."""
+    """Why a review ended the way it did (the ``result`` label of the server's metric); the
+    last three are the server's answers to a body it could not review."""
 
     INJECTED = "injected"
     NOT_REQUESTED = "not_requested"
@@ -66,6 +67,8 @@ class Outcome(StrEnum):
     INVALID_ANNOTATION = "invalid_annotation"
     MALFORMED = "malformed"  # a uid was readable: allowed + warning
     REJECTED = "rejected"  # no uid: MalformedReview / HTTP 400 (counted by the server)
+    TOO_LARGE = "too_large"  # the body exceeded the size limit: HTTP 413 (the server's)
+    ERROR = "error"  # a bug while reviewing: HTTP 500, the API server then Ignores
 
 
 class MalformedReview(ValueError):

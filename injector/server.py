@@ -1,8 +1,8 @@
 """The webhook's HTTPS server: a thin aiohttp wrapper around ``injector.review.decide``.
 
 Owns transport concerns only: TLS (reloaded when the mounted Secret changes), the body size
-limit, JSON decoding, mapping ``MalformedReview`` to HTTP 400, and metrics. Every decision
-about the pod is the pure function's.
+limit, JSON decoding, mapping ``MalformedReview`` to HTTP 400, and counting each answer in
+:class:`injector.metrics.InjectorMetrics`. Every decision about the pod is the pure function's.
 
 Routes: ``POST /mutate`` (the annotation decides), ``POST /mutate/namespace`` (the namespace
 opted in: inject unless annotated ``"false"``), ``GET /healthz``, ``GET /metrics``.
@@ -19,9 +19,9 @@ import signal
 import ssl
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from injector.config import InjectorConfig
+from injector.metrics import CONTENT_TYPE, InjectorMetrics
 from injector.review import MalformedReview, Outcome, decide
 from mesh.address import HostPort
 
@@ -31,24 +31,15 @@ DEFAULT_MAX_BODY = 1 << 20  # a pod spec is a few kB; the API server caps object
 CERT_RELOAD_SECONDS = 30.0
 
 CONFIG_KEY = web.AppKey("config", InjectorConfig)
-REVIEWS_KEY = web.AppKey("reviews", Counter)
-REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+METRICS_KEY = web.AppKey("metrics", InjectorMetrics)
 MAX_BODY_KEY = web.AppKey("max_body", int)
 
 
 def make_app(config: InjectorConfig, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
     """The aiohttp application (no TLS, no socket: ``serve`` adds those)."""
     app = web.Application(client_max_size=max_body)
-    registry = CollectorRegistry()
-    reviews = Counter("equilibrium_injector_reviews", "AdmissionReviews answered, by result",
-                      ["result"], registry=registry)
-    for outcome in Outcome:
-        reviews.labels(result=outcome.value)
-    reviews.labels(result="too_large")
-    reviews.labels(result="error")
     app[CONFIG_KEY] = config
-    app[REVIEWS_KEY] = reviews
-    app[REGISTRY_KEY] = registry
+    app[METRICS_KEY] = InjectorMetrics()
     app[MAX_BODY_KEY] = max_body
     app.router.add_post("/mutate", _mutate)
     app.router.add_post("/mutate/namespace", _mutate)
@@ -58,28 +49,28 @@ def make_app(config: InjectorConfig, *, max_body: int = DEFAULT_MAX_BODY) -> web
 
 
 async def _mutate(request: web.Request) -> web.Response:
-    reviews = request.app[REVIEWS_KEY]
+    metrics = request.app[METRICS_KEY]
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        reviews.labels(result="too_large").inc()
+        metrics.reviewed(Outcome.TOO_LARGE)
         return _error(413, f"body larger than {request.app[MAX_BODY_KEY]} bytes")
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reviews.labels(result=Outcome.REJECTED.value).inc()
+        metrics.reviewed(Outcome.REJECTED)
         return _error(400, f"body is not JSON: {exc}")
     namespace_default = request.path.endswith("/namespace")
     try:
         verdict = decide(document, request.app[CONFIG_KEY], namespace_default=namespace_default)
     except MalformedReview as exc:
-        reviews.labels(result=Outcome.REJECTED.value).inc()
+        metrics.reviewed(Outcome.REJECTED)
         return _error(400, f"malformed AdmissionReview: {exc}")
     except Exception:  # a bug must not take the webhook down; the API server then Ignores
         log.exception("review failed")
-        reviews.labels(result="error").inc()
+        metrics.reviewed(Outcome.ERROR)
         return _error(500, "internal error while reviewing the pod")
-    reviews.labels(result=verdict.outcome.value).inc()
+    metrics.reviewed(verdict.outcome)
     response = verdict.response["response"]
     log.info("review uid=%s namespace=%s result=%s", response["uid"],
              (document.get("request") or {}).get("namespace"), verdict.outcome.value)
@@ -91,8 +82,8 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[REGISTRY_KEY])
-    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=request.app[METRICS_KEY].render(),
+                        headers={"Content-Type": CONTENT_TYPE})
 
 
 def _error(status: int, message: str) -> web.Response:

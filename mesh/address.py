@@ -13,11 +13,13 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mesh.errors import ConfigError
+
 _BRACKETED = re.compile(r"\[([^\[\]]+)\]:(\d+)")
 _PLAIN = re.compile(r"([^\s:\[\]/]*):(\d+)")
 
 
-class AddressError(ValueError):
+class AddressError(ConfigError):
     """Not a ``HOST:PORT``; the message quotes the text and says what is wrong."""
 
 

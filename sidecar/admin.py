@@ -1,6 +1,8 @@
 """The admin listener: ``/metrics``, ``/healthz``, ``/readyz`` and ``/debug/state``.
 
-Owns the JSON shape of ``/debug/state`` (the demo and the benchmark parse it)::
+The probes' paths and JSON are :mod:`wire.admin`'s (the signaler's admin app answers the same);
+``/readyz`` says ``starting`` or ``draining`` while not ready. Owns the aiohttp app and the JSON
+shape of ``/debug/state`` (the demo and the benchmark parse it)::
 
     {"id": str, "strategy": str, "policy": str, "draining": bool,
      "upstreams": {NAME: {"policy": str, "nash_gap": float, "flapping": float,
@@ -45,6 +47,8 @@ from aiohttp import web
 from mesh.policy import PolicySnapshot
 from sidecar.metrics import CONTENT_TYPE, SidecarMetrics
 from sidecar.upstreams import UpstreamTable
+from wire.admin import DEBUG_STATE_PATH, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH, liveness
+from wire.admin import readiness as ready_answer
 
 if TYPE_CHECKING:
     from sidecar.inbound import InboundSnapshot
@@ -60,7 +64,14 @@ class Readiness:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining
+        return self.not_ready is None
+
+    @property
+    def not_ready(self) -> str | None:
+        """Why ``/readyz`` answers 503 (None: ready)."""
+        if self.draining:
+            return "draining"
+        return None if self.started else "starting"
 
 
 def _num(value: float) -> float:
@@ -185,20 +196,19 @@ def make_admin_app(
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        status, body = liveness()
+        return web.json_response(body, status=status)
 
     async def readyz(_: web.Request) -> web.Response:
-        if readiness.ready:
-            return web.json_response({"status": "ready"})
-        status = "draining" if readiness.draining else "starting"
-        return web.json_response({"status": status}, status=503)
+        status, body = ready_answer(readiness.not_ready)
+        return web.json_response(body, status=status)
 
     async def debug(_: web.Request) -> web.Response:
         return web.json_response(state())
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/debug/state", debug)
+    app.router.add_get(METRICS_PATH, metrics_handler)
+    app.router.add_get(HEALTHZ_PATH, healthz)
+    app.router.add_get(READYZ_PATH, readyz)
+    app.router.add_get(DEBUG_STATE_PATH, debug)
     return app

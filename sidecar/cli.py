@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.errors import ConfigError
 from sidecar.config import (
     DEFAULT_ADMIN,
     DEFAULT_DRAIN_TIMEOUT,
@@ -28,7 +29,6 @@ from sidecar.config import (
     DEFAULT_POLICY,
     DEFAULT_STRATEGY,
     ENV_VARS,
-    ConfigError,
     ConfigSource,
 )
 

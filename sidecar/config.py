@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from mesh.address import AddressError, HostPort, parse_host_port
+from mesh.errors import ConfigError
 from mesh.policies import POLICY_NAMES
 from mesh.profile_names import PROFILE_NAMES
 from mesh.profiles import get_profile
@@ -99,10 +100,6 @@ FILE_KEYS = frozenset(
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the setting and its source."""
 
 
 ListenAddress = HostPort

@@ -33,9 +33,10 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.reputation import ANONYMOUS
+from sidecar.errors import ErrorReason
+from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
 from wire.errors import WireError
@@ -49,25 +50,6 @@ MAX_BACKOFF = 300.0
 """Longest local back-off honoured (seconds), whatever an upstream says."""
 
 
-class CallerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.backoff = Counter(
-            "equilibrium_caller_backoff",
-            "Requests answered 429 locally because an upstream punishes this caller",
-            ["upstream"], registry=registry,
-        )
-        self.punished = Gauge(
-            "equilibrium_caller_punished",
-            "1 while this caller backs off from an upstream that punishes it",
-            ["upstream"], registry=registry,
-        )
-        self.bad_app_bids = Counter(
-            "equilibrium_caller_bad_app_bids",
-            f"Malformed {APP_BID_HEADER} values from the app, answered 400", ["reason"],
-            registry=registry,
-        )
-
-
 class CallerPhases(ProxyPhases):
     """Identity, bid and self-enforced back-off around ``inner`` phases (see module doc)."""
 
@@ -78,7 +60,7 @@ class CallerPhases(ProxyPhases):
         caller_id: str,
         mesh_key: bytes | None,
         default_bid: float,
-        registry: CollectorRegistry,
+        metrics: CallerMetrics,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -88,7 +70,7 @@ class CallerPhases(ProxyPhases):
         self.default_bid = default_bid
         self.clock = clock
         self.wall_clock = wall_clock
-        self.metrics = CallerMetrics(registry)
+        self.metrics = metrics
         self._backoff_until: dict[str, float] = {}
         self.signing = mesh_key is not None and self._valid_id(caller_id)
 
@@ -122,7 +104,8 @@ class CallerPhases(ProxyPhases):
             self.metrics.backoff.labels(upstream).inc()
             return _json_answer(429, {
                 "error": f"upstream {upstream!r} punishes this caller; backing off locally",
-                "reason": "punished-backoff", "upstream": upstream, "retry_after": round(left, 3),
+                "reason": ErrorReason.PUNISHED_BACKOFF, "upstream": upstream,
+                "retry_after": round(left, 3),
             }, {"Retry-After": str(max(1, math.ceil(left)))})
         raw = request.headers.get(APP_BID_HEADER)
         if raw is None:
@@ -133,7 +116,7 @@ class CallerPhases(ProxyPhases):
             except WireError as exc:
                 self.metrics.bad_app_bids.labels(exc.reason).inc()
                 return _json_answer(400, {
-                    "error": str(exc).replace(BID, APP_BID_HEADER), "reason": "bad-bid",
+                    "error": str(exc).replace(BID, APP_BID_HEADER), "reason": ErrorReason.BAD_BID,
                     "header": APP_BID_HEADER, "upstream": upstream,
                 }, {})
         ctx.extra["bid"] = bid

@@ -43,17 +43,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from yarl import URL
 
 from mesh.admission import AdmissionGate, Admit, Pass, Queue, Reject, RejectReason, Woken
 from mesh.auction import AuctionSnapshot, SecondPriceAuction
 from mesh.concurrency import AdaptiveConcurrencyLimit, ConcurrencySnapshot
 from mesh.reputation import ANONYMOUS, BookSnapshot, Decision, Phase, ReputationBook
+from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.forward import (
     append_header,
     end_to_end,
@@ -62,7 +63,7 @@ from sidecar.forward import (
     request_headers_to_upstream,
     strip_game_headers,
 )
-from sidecar.metrics import LATENCY_BUCKETS
+from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from sidecar.transport import (
     BODY_READ_ERRORS,
@@ -76,7 +77,7 @@ from sidecar.transport import (
 )
 from sidecar.websocket import accept_like, is_websocket, relay_websocket
 from wire.bid import format_price, parse_bid
-from wire.errors import WireError
+from wire.errors import Reason, WireError
 from wire.headers import (
     BID,
     CONGESTION,
@@ -95,6 +96,29 @@ log = logging.getLogger(__name__)
 
 OTHER = "other"
 GAUGE_REFRESH_INTERVAL = 0.5
+TRUSTED = "trusted"
+"""The identity check's result for a verified caller (``equilibrium_inbound_identity{result}``;
+any other result is the :class:`wire.errors.Reason` it was not trusted for)."""
+
+
+class InboundOutcome(StrEnum):
+    """What happened to a request at the inbound listener: the ``outcome`` label of
+    ``equilibrium_inbound_requests`` (docs/operations.md, "Error reasons")."""
+
+    ADMITTED = "admitted"
+    """Forwarded to the app, and its answer relayed."""
+    THROTTLED = "throttled"
+    """429: the caller is punished (:attr:`mesh.admission.RejectReason.PUNISHED`)."""
+    RATE_LIMITED = "rate-limited"
+    """429: the ``token-bucket`` baseline's bucket was empty."""
+    BAD_BID = "bad-bid"
+    """400: a trusted caller's malformed ``X-GT-Bid``."""
+    QUEUE_FULL = "queue-full"
+    """503: no slot, and the bid queue is full of higher bids."""
+    QUEUE_TIMEOUT = "queue-timeout"
+    """503: no slot within ``max_wait``."""
+    APP_ERROR = "app-error"
+    """The app did not answer (or refused a WebSocket upgrade): 502/504."""
 
 
 class CallerLabels:
@@ -144,70 +168,10 @@ class LocalRateLimit:
         return False
 
 
-class InboundMetrics:
-    """The inbound side's metrics, registered in the sidecar's own registry; every name is
-    ``equilibrium_inbound_<name>`` (counters end in ``_total``)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        scope: dict[str, Any] = {"namespace": "equilibrium", "subsystem": "inbound",
-                                 "registry": registry}
-
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(name, doc, labels, **scope)
-
-        def gauge(name: str, doc: str, *labels: str) -> Gauge:
-            return Gauge(name, doc, labels, **scope)
-
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, buckets=LATENCY_BUCKETS, **scope)
-
-        # what happened to requests, and to the headers they carried
-        self.requests = counter(
-            "requests", "Requests to the inbound listener by caller and outcome (admitted, "
-            "throttled, rate-limited, bad-bid, queue-full, queue-timeout, app-error)",
-            "caller", "outcome")
-        self.identity = counter(
-            "identity", "Identity checks by result (trusted, or why the caller was treated as "
-            "anonymous)", "result")
-        self.bad_bids = counter("bad_bids", "Malformed X-GT-Bid values rejected with 400",
-                                "reason")
-        self.stripped = counter(
-            "stripped_headers", "X-GT-* headers removed: untrusted = sent by a caller that did "
-            "not verify (ignored); from-app = set by the app on its response", "source")
-        self.voided_bids = counter(
-            "voided_bids", "Bids set to 0 because the request took its caller over its fair "
-            "share of a congested app")
-        self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
-                                   "header")
-        # the callers' standing (refreshed off the request path)
-        self.reputation = gauge(
-            "caller_reputation",
-            "Caller reputation in [0, 1] (other = the lowest among untracked callers)", "caller")
-        self.level = gauge(
-            "caller_punishment_level",
-            "Caller punishment level, 0 = good standing (other = the highest among the rest)",
-            "caller")
-        self.punished = gauge("punished_callers", "Callers currently being punished")
-        # the auction
-        self.price = gauge("clearing_price", "Price of the last admission (0 uncongested)")
-        self.paid = counter("price_paid", "Sum of prices charged, by caller", "caller")
-        self.queue_length = gauge("queue_length", "Requests waiting in the bid queue")
-        # the app's load
-        self.limit = gauge("concurrency_limit", "Adaptive concurrency limit of the app")
-        self.in_flight = gauge("in_flight", "Requests at the app through this listener")
-        self.congestion = gauge("congestion", "Congestion level sent as X-GT-Congestion")
-        self.capacity = gauge("capacity_estimate",
-                              "App capacity in requests/s used for fair shares")
-        self.mesh_key = gauge("mesh_key_configured",
-                              "1 if a mesh key is configured (0: every caller is anonymous)")
-        self.app_latency = histogram(
-            "app_duration_seconds", "Time from forwarding to the app until its response finished")
-        self.wait = histogram("queue_wait_seconds", "Time admitted requests waited in the queue")
-
-
 _STATUS = {RejectReason.PUNISHED: 429}  # the rest 503
-_OUTCOME = {RejectReason.PUNISHED: "throttled", RejectReason.QUEUE_FULL: "queue-full",
-            RejectReason.QUEUE_TIMEOUT: "queue-timeout"}  # shutting-down is not counted
+_OUTCOME = {RejectReason.PUNISHED: InboundOutcome.THROTTLED,
+            RejectReason.QUEUE_FULL: InboundOutcome.QUEUE_FULL,
+            RejectReason.QUEUE_TIMEOUT: InboundOutcome.QUEUE_TIMEOUT}  # shutting-down: not counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +225,7 @@ class InboundProxy:
         sidecar_id: str,
         app_url: str,
         settings: PolicingSettings,
-        registry: CollectorRegistry,
+        metrics: InboundMetrics,
         mesh_key: bytes | None,
         request_timeout: float = 15.0,
         connect_timeout: float = 1.0,
@@ -283,7 +247,7 @@ class InboundProxy:
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self.via = f"1.1 {sidecar_id}"
-        self.metrics = InboundMetrics(registry)
+        self.metrics = metrics
         self.metrics.mesh_key.set(1 if mesh_key else 0)
         self.labels = CallerLabels(settings.max_caller_labels)
         now = clock()
@@ -401,8 +365,8 @@ class InboundProxy:
                 bid = parse_bid(request.headers.get(BID))
             except WireError as exc:
                 self.metrics.bad_bids.labels(exc.reason).inc()
-                self.metrics.requests.labels(verdict.label, "bad-bid").inc()
-                return self._answer(verdict, 400, "bad-bid", str(exc), {"header": BID})
+                self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_BID).inc()
+                return self._answer(verdict, 400, ErrorReason.BAD_BID, str(exc), {"header": BID})
             is_retry = self._is_retry(request)
         policed = self.gate.police(caller, bid, now, is_retry=is_retry)
         self._deliver(policed.woken)
@@ -426,22 +390,21 @@ class InboundProxy:
     def _identify(self, request: web.Request) -> tuple[str, bool]:
         header = request.headers.get(IDENTITY)
         if self.mesh_key is None:
-            result = "no-key" if header else "missing"
-            self.metrics.identity.labels(result).inc()
+            self.metrics.identity.labels(Reason.NO_KEY if header else Reason.MISSING).inc()
             trusted = False
         else:
             checked = verify_identity(header, self.mesh_key, self.wall_clock(),
                                       self.settings.identity_max_skew)
             if isinstance(checked, IdentityRejection):
-                self.metrics.identity.labels(checked.reason.value).inc()
+                self.metrics.identity.labels(checked.reason).inc()
                 trusted = False
             else:
-                self.metrics.identity.labels("trusted").inc()
+                self.metrics.identity.labels(TRUSTED).inc()
                 return checked.caller, True
         ignored = sum(1 for name in request.headers if is_gt_header(name)
                       and name.lower() != IDENTITY.lower())
         if ignored:
-            self.metrics.stripped.labels("untrusted").inc(ignored)
+            self.metrics.stripped.labels(HeaderDrop.UNTRUSTED).inc(ignored)
         return ANONYMOUS, trusted
 
     def _is_retry(self, request: web.Request) -> bool:
@@ -509,8 +472,8 @@ class InboundProxy:
         self, request: web.Request, verdict: _Verdict, now: float
     ) -> web.StreamResponse:
         if self.settings.mode == "token-bucket" and not self.bucket.try_take(now):
-            self.metrics.requests.labels(verdict.label, "rate-limited").inc()
-            return self._answer(verdict, 429, "local-rate-limited",
+            self.metrics.requests.labels(verdict.label, InboundOutcome.RATE_LIMITED).inc()
+            return self._answer(verdict, 429, ErrorReason.LOCAL_RATE_LIMITED,
                                 "local rate limit exceeded", {}, {"X-RateLimit-Limit":
                                 f"{self.settings.token_bucket_rate:g}"})
         return await self._forward(request, verdict, tracked=False)
@@ -538,14 +501,14 @@ class InboundProxy:
                     ))
             except (TransportError, TimeoutError) as exc:
                 failure = classify(exc)
-                self.metrics.requests.labels(verdict.label, "app-error").inc()
+                self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
                 log.info("app %s: %s", self.app_url, failure.detail)
                 return self._answer(verdict, failure.status, failure.reason,
                                     f"the app did not answer: {failure.detail}", {})
             try:
                 out = end_to_end(upstream.headers)
                 if strip_game_headers(out):
-                    self.metrics.stripped.labels("from-app").inc()
+                    self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
                 append_header(out, "Via", self.via)
                 self._signal_headers(out, verdict)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -560,7 +523,7 @@ class InboundProxy:
                         raise ConnectionResetError(f"app body failed: {exc!r}") from exc
                 await response.write_eof()
                 finished_ok = True
-                self.metrics.requests.labels(verdict.label, "admitted").inc()
+                self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
                 return response
             finally:
                 upstream.release()
@@ -575,7 +538,7 @@ class InboundProxy:
     async def _websocket(self, request: web.Request, verdict: _Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""
         if self._dialer is None:
-            return self._answer(verdict, 501, "websocket-not-supported",
+            return self._answer(verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
                                 "this sidecar's transport cannot carry WebSockets", {})
         headers, _ = request_headers_to_upstream(  # handshake headers: the dialer drops them
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via)
@@ -584,16 +547,16 @@ class InboundProxy:
                 upstream = await self._dialer.open_websocket(UpstreamRequest(
                     request.method, URL(self.app_url + request.raw_path, encoded=True), headers))
         except HandshakeRefused as exc:
-            self.metrics.requests.labels(verdict.label, "app-error").inc()
-            return self._answer(verdict, 502, "websocket-handshake-failed",
+            self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+            return self._answer(verdict, 502, ErrorReason.WEBSOCKET_HANDSHAKE_FAILED,
                                 f"the app refused the upgrade with {exc.status}", {})
         except (TransportError, TimeoutError) as exc:
             failure = classify(exc)
-            self.metrics.requests.labels(verdict.label, "app-error").inc()
+            self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             return self._answer(verdict, failure.status, failure.reason, failure.detail, {})
         downstream = accept_like(upstream)
         self._signal_headers(downstream.headers, verdict)
-        self.metrics.requests.labels(verdict.label, "admitted").inc()
+        self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
         return await relay_websocket(request, downstream, upstream)
 
     # ------------------------------------------------------------ answers
@@ -624,7 +587,7 @@ class InboundProxy:
         outcome = _OUTCOME.get(refused.reason)
         if outcome is not None:
             self.metrics.requests.labels(verdict.label, outcome).inc()
-        return self._answer(verdict, _STATUS.get(refused.reason, 503), refused.reason.value,
+        return self._answer(verdict, _STATUS.get(refused.reason, 503), refused.reason,
                             self._refusal_message(verdict, refused), {},
                             {"Retry-After": str(refused.retry_after)})
 
@@ -650,7 +613,7 @@ class InboundProxy:
         self,
         verdict: _Verdict,
         status: int,
-        reason: str,
+        reason: ErrorReason | RejectReason,
         message: str,
         extra: dict[str, Any],
         headers: dict[str, str] | None = None,

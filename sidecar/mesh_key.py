@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.config import ConfigError, SidecarConfig
+from mesh.errors import ConfigError
+from sidecar.config import SidecarConfig
 from wire.errors import WireError
 from wire.signing import read_mesh_key
 

@@ -1,8 +1,24 @@
-"""The sidecar's Prometheus metrics, in one registry per process (never the global one).
+"""The sidecar's Prometheus metrics: every family the sidecar exports, by part, in one
+registry per process (never the global one).
 
-Owns metric names, labels and buckets. The request path only increments counters and observes
-the histogram; the routing gauges (weights, regrets, Nash gap, flapping, converged) are set
-off the request path, from the snapshot rebuilt at each policy tick.
+Owns metric names, labels, help texts and buckets; ``k8s/observability/`` (alert rules and the
+Grafana dashboard) and the docs use them as they are spelled here, and
+``tests/unit/test_metric_families.py`` holds the list a rename must change too. One holder per
+part of the sidecar, each built on the process's registry and handed to its part's constructor:
+
+- :class:`SidecarMetrics`: the process (the registry, reloads, draining) and the parts that are
+  always on: ``outbound`` (:class:`OutboundMetrics`: requests, errors, retries, routing gauges)
+  and ``caller`` (:class:`CallerMetrics`: the outbound identity phase, self-enforced back-off);
+- :class:`InboundMetrics`: the inbound listener and its policing (``--inbound``);
+- :class:`SignalingMetrics`: the signaling plane (``redis``);
+- :class:`DiscoveryMetrics`: Kubernetes discovery (``discovery``);
+- :class:`TransparentMetrics`: transparent interception (``transparent``).
+
+The parts that are off register nothing, so ``/metrics`` shows only what runs. The request
+path only increments counters and observes histograms; the gauges are set off it (routing
+gauges from the snapshot rebuilt at each policy tick, the inbound gauges by a refresh task).
+Label values are bounded by the config, by the bounded caller labels of the inbound side, and
+by the reason vocabularies (documented in docs/operations.md, "Error reasons").
 """
 
 from __future__ import annotations
@@ -15,16 +31,19 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mesh.estimators import LATENCY_BUCKETS  # the buckets of the signaling epoch windows too
 from mesh.policy import PolicySnapshot
+from wire.bid import APP_BID_HEADER
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class SidecarMetrics:
-    """All metrics of one sidecar process; label values are bounded by the config."""
+# ---------------------------------------------------------------------- outbound
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+
+class OutboundMetrics:
+    """The outbound listener: attempts, errors, retries and the routing gauges."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = r = registry
         self.requests = Counter(
             "equilibrium_requests",
             "Attempts forwarded, by upstream, endpoint and response code (or, for an attempt "
@@ -65,12 +84,6 @@ class SidecarMetrics:
             ["header", "reason"],
             registry=r,
         )
-        self.config_reloads = Counter(
-            "equilibrium_config_reloads",
-            "Config reloads, by result (applied, rejected)",
-            ["result"],
-            registry=r,
-        )
         self.route_weight = Gauge(
             "equilibrium_route_weight", "Share of traffic the policy routes to each endpoint",
             ["upstream", "endpoint"], registry=r,
@@ -94,7 +107,6 @@ class SidecarMetrics:
         self.converged = Gauge(
             "equilibrium_converged", "1 when the routing has settled", ["upstream"], registry=r
         )
-        self.draining = Gauge("equilibrium_draining", "1 while draining on shutdown", registry=r)
         self._endpoint_labels: dict[str, set[str]] = {}
         # labelled children of the request-path metrics, looked up once (labels() takes a lock)
         self._children: dict[tuple[str, ...], Any] = {}
@@ -146,5 +158,230 @@ class SidecarMetrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(upstream, endpoint)
 
+
+class CallerMetrics:
+    """The outbound identity phase (:mod:`sidecar.identity_phase`): this sidecar as a caller."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.backoff = Counter(
+            "equilibrium_caller_backoff",
+            "Requests answered 429 locally because an upstream punishes this caller",
+            ["upstream"], registry=registry,
+        )
+        self.punished = Gauge(
+            "equilibrium_caller_punished",
+            "1 while this caller backs off from an upstream that punishes it",
+            ["upstream"], registry=registry,
+        )
+        self.bad_app_bids = Counter(
+            "equilibrium_caller_bad_app_bids",
+            f"Malformed {APP_BID_HEADER} values from the app, answered 400", ["reason"],
+            registry=registry,
+        )
+
+
+# ---------------------------------------------------------------------- the process
+
+
+class SidecarMetrics:
+    """The process's registry, its own families, and the parts that are always on.
+
+    The optional parts (:class:`InboundMetrics`, :class:`SignalingMetrics`,
+    :class:`DiscoveryMetrics`, :class:`TransparentMetrics`) are built on :attr:`registry` by
+    whoever builds the part (:class:`sidecar.runner.SidecarRunner`)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.outbound = OutboundMetrics(r)
+        self.caller = CallerMetrics(r)
+        self.config_reloads = Counter(
+            "equilibrium_config_reloads",
+            "Config reloads, by result (applied, rejected)",
+            ["result"],
+            registry=r,
+        )
+        self.draining = Gauge("equilibrium_draining", "1 while draining on shutdown", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------- inbound
+
+
+class InboundMetrics:
+    """The inbound listener and its policing; every name is ``equilibrium_inbound_<name>``
+    (counters end in ``_total``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        scope: dict[str, Any] = {"namespace": "equilibrium", "subsystem": "inbound",
+                                 "registry": registry}
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, **scope)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, labels, **scope)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, buckets=LATENCY_BUCKETS, **scope)
+
+        # what happened to requests, and to the headers they carried
+        self.requests = counter(
+            "requests", "Requests to the inbound listener by caller and outcome (admitted, "
+            "throttled, rate-limited, bad-bid, queue-full, queue-timeout, app-error)",
+            "caller", "outcome")
+        self.identity = counter(
+            "identity", "Identity checks by result (trusted, or why the caller was treated as "
+            "anonymous)", "result")
+        self.bad_bids = counter("bad_bids", "Malformed X-GT-Bid values rejected with 400",
+                                "reason")
+        self.stripped = counter(
+            "stripped_headers", "X-GT-* headers removed: untrusted = sent by a caller that did "
+            "not verify (ignored); from-app = set by the app on its response", "source")
+        self.voided_bids = counter(
+            "voided_bids", "Bids set to 0 because the request took its caller over its fair "
+            "share of a congested app")
+        self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
+                                   "header")
+        # the callers' standing (refreshed off the request path)
+        self.reputation = gauge(
+            "caller_reputation",
+            "Caller reputation in [0, 1] (other = the lowest among untracked callers)", "caller")
+        self.level = gauge(
+            "caller_punishment_level",
+            "Caller punishment level, 0 = good standing (other = the highest among the rest)",
+            "caller")
+        self.punished = gauge("punished_callers", "Callers currently being punished")
+        # the auction
+        self.price = gauge("clearing_price", "Price of the last admission (0 uncongested)")
+        self.paid = counter("price_paid", "Sum of prices charged, by caller", "caller")
+        self.queue_length = gauge("queue_length", "Requests waiting in the bid queue")
+        # the app's load
+        self.limit = gauge("concurrency_limit", "Adaptive concurrency limit of the app")
+        self.in_flight = gauge("in_flight", "Requests at the app through this listener")
+        self.congestion = gauge("congestion", "Congestion level sent as X-GT-Congestion")
+        self.capacity = gauge("capacity_estimate",
+                              "App capacity in requests/s used for fair shares")
+        self.mesh_key = gauge("mesh_key_configured",
+                              "1 if a mesh key is configured (0: every caller is anonymous)")
+        self.app_latency = histogram(
+            "app_duration_seconds", "Time from forwarding to the app until its response finished")
+        self.wait = histogram("queue_wait_seconds", "Time admitted requests waited in the queue")
+
+
+# ---------------------------------------------------------------------- signaling
+
+
+class SignalingMetrics:
+    """The sidecar's side of the signaling plane (:mod:`sidecar.signaling`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = r = registry
+        self.connected = Gauge(
+            "equilibrium_signaling_connected", "1 while the last Redis round trip succeeded",
+            registry=r,
+        )
+        self.following = Gauge(
+            "equilibrium_signaling_following",
+            "1 while the upstream's routing follows a signaler recommendation, 0 while it "
+            "falls back to local regret matching", ["upstream"], registry=r,
+        )
+        self.summaries = Counter(
+            "equilibrium_signaling_summaries_published", "Regret summaries appended",
+            ["upstream"], registry=r,
+        )
+        self.accepted = Counter(
+            "equilibrium_signaling_recommendations_accepted",
+            "Recommendations that verified and are followed", ["upstream"], registry=r,
+        )
+        self.rejected = Counter(
+            "equilibrium_signaling_recommendations_rejected",
+            "Recommendations ignored, by reason (stale, expired, bad-signature, unsigned, "
+            "malformed, fenced, ...)", ["upstream", "reason"], registry=r,
+        )
+        self.summaries_invalid = Counter(
+            "equilibrium_signaling_summaries_invalid",
+            "Summaries not sent because they failed the protocol's validation, by reason",
+            ["upstream", "reason"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "equilibrium_signaling_fallbacks",
+            "Times routing fell back to local regret matching because Redis failed",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "equilibrium_signaling_redis_errors", "Failed Redis round trips, by kind", ["kind"],
+            registry=r,
+        )
+
+
+# ---------------------------------------------------------------------- discovery
+
+
+class DiscoveryMetrics:
+    """Kubernetes discovery (:mod:`sidecar.discovery`): its watches and table updates."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter(
+            "equilibrium_discovery_events", "Watch events received, by resource and type",
+            ["resource", "type"], registry=registry,
+        )
+        self.relists = Counter(
+            "equilibrium_discovery_relists",
+            "Full lists of a resource, by reason (start, gone = 410, error = after a failure)",
+            ["resource", "reason"], registry=registry,
+        )
+        self.errors = Counter(
+            "equilibrium_discovery_errors",
+            "List/watch failures that led to a reconnect, by resource and kind",
+            ["resource", "kind"], registry=registry,
+        )
+        self.rejected = Counter(
+            "equilibrium_discovery_rejected_objects",
+            "API objects skipped because they were malformed", ["resource"], registry=registry,
+        )
+        self.applied = Counter(
+            "equilibrium_discovery_updates", "Routing table updates applied from discovery",
+            registry=registry,
+        )
+        self.services = Gauge(
+            "equilibrium_discovery_services", "Services currently known", registry=registry,
+        )
+        self.synced = Gauge(
+            "equilibrium_discovery_synced", "1 once the first list of a resource was applied",
+            ["resource"], registry=registry,
+        )
+
+
+# ---------------------------------------------------------------------- interception
+
+
+class TransparentMetrics:
+    """Transparent interception (:mod:`sidecar.transparent`): the outbound listener's routes
+    and its pass-through relays."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections = Counter(
+            "equilibrium_transparent_connections",
+            "Connections accepted on the outbound listener, by route "
+            "(direct, service, passthrough)",
+            ["route"], registry=registry,
+        )
+        self.passthrough_failures = Counter(
+            "equilibrium_passthrough_failures",
+            "Pass-through connections that could not reach their original destination",
+            ["reason"], registry=registry,
+        )
+        self.relays_open = Gauge(
+            "equilibrium_passthrough_open", "Pass-through TCP relays currently open",
+            registry=registry,
+        )
+        self.relayed_bytes = Counter(
+            "equilibrium_passthrough_bytes", "Bytes relayed by pass-through connections",
+            ["direction"], registry=registry,
+        )

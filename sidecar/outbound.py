@@ -30,6 +30,7 @@ from yarl import URL
 
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
+from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.forward import (
     has_passed,
     must_be_empty,
@@ -38,7 +39,7 @@ from sidecar.forward import (
     request_headers_to_upstream,
     response_headers_to_app,
 )
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import OutboundMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.transport import (
     BODY_READ_ERRORS,
@@ -105,7 +106,7 @@ class OutboundProxy:
         sidecar_id: str,
         table: UpstreamTable,
         profile: StrategyProfile,
-        metrics: SidecarMetrics,
+        metrics: OutboundMetrics,
         phases: ProxyPhases | None = None,
         pinned_upstream: Callable[[web.BaseRequest], str | None] | None = None,
         max_attempts: int = 3,
@@ -165,16 +166,20 @@ class OutboundProxy:
 
     async def _handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         if request.method == "CONNECT":
-            return self._error(ctx, 501, "connect-not-supported", "CONNECT tunnels are not proxied")
+            return self._error(ctx, 501, ErrorReason.CONNECT_NOT_SUPPORTED,
+                               "CONNECT tunnels are not proxied")
         if not ctx.authority:
-            return self._error(ctx, 400, "no-host", "request has neither Host nor absolute URL")
+            return self._error(ctx, 400, ErrorReason.NO_HOST,
+                               "request has neither Host nor absolute URL")
         ctx.upstream = self.pinned_upstream(request) or upstream_name(ctx.authority)
         if has_passed(request.headers, self.via):
-            return self._error(ctx, 508, "loop-detected", "request already passed this sidecar")
+            return self._error(ctx, 508, ErrorReason.LOOP_DETECTED,
+                               "request already passed this sidecar")
         group = self.table.get(ctx.upstream)
         if group is None:
             return self._error(
-                ctx, 404, "unknown-upstream", f"no upstream named {ctx.upstream!r} is configured"
+                ctx, 404, ErrorReason.UNKNOWN_UPSTREAM,
+                f"no upstream named {ctx.upstream!r} is configured",
             )
         ctx.group = group
         self.metrics.request_in_flight(group.name, 1)
@@ -190,7 +195,7 @@ class OutboundProxy:
             headers["Host"] = authority_header
         if stripped:
             for name in stripped:
-                self.metrics.rejected_headers.labels(name, "from-app").inc()
+                self.metrics.rejected_headers.labels(name, HeaderDrop.FROM_APP).inc()
         if is_websocket(request):
             return await self._websocket(request, ctx, headers)
         return await self._forward(request, ctx, headers)
@@ -211,7 +216,8 @@ class OutboundProxy:
             if endpoint is None:
                 if failure is None:
                     return self._error(
-                        ctx, 503, "no-endpoint", f"upstream {group.name!r} has no endpoint to use"
+                        ctx, 503, ErrorReason.NO_ENDPOINT,
+                        f"upstream {group.name!r} has no endpoint to use",
                     )
                 break  # every endpoint was tried
             if attempt > 0:
@@ -273,7 +279,7 @@ class OutboundProxy:
             try:
                 congestion = parse_congestion(raw)
             except WireError as exc:
-                self.metrics.rejected_headers.labels(CONGESTION.lower(), "malformed").inc()
+                self.metrics.rejected_headers.labels(CONGESTION.lower(), HeaderDrop.MALFORMED).inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(
             Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True))
@@ -306,7 +312,7 @@ class OutboundProxy:
             except RELAY_ERRORS as exc:
                 # The head may be out already: the only honest signal left is to cut the
                 # connection (the app sees a truncated body, never a silently short one).
-                reason = "body-relay-failed"
+                reason = ErrorReason.BODY_RELAY_FAILED
                 ctx.error_reason = reason
                 self.metrics.errors.labels(ctx.upstream or "", reason).inc()
                 upstream.close()
@@ -325,12 +331,13 @@ class OutboundProxy:
         group = ctx.group
         assert group is not None
         if self._dialer is None:
-            return self._error(ctx, 501, "websocket-not-supported",
+            return self._error(ctx, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
                                "this sidecar's transport cannot carry WebSockets")
         now = self.clock()
         endpoint = self.phases.upstream_pick(ctx, self.rng, now)
         if endpoint is None:
-            return self._error(ctx, 503, "no-endpoint", f"upstream {group.name!r} has no endpoint")
+            return self._error(ctx, 503, ErrorReason.NO_ENDPOINT,
+                               f"upstream {group.name!r} has no endpoint")
         ctx.endpoint = endpoint
         ctx.tried.append(endpoint)
         headers = base_headers  # the caller's handshake headers: the dialer drops them
@@ -347,7 +354,7 @@ class OutboundProxy:
             group.policy.on_outcome(
                 Outcome(endpoint, done - sent, exc.status < 500, done, answered=False))
             return self._error(
-                ctx, 502, "websocket-handshake-failed",
+                ctx, 502, ErrorReason.WEBSOCKET_HANDSHAKE_FAILED,
                 f"upstream refused the upgrade with {exc.status}",
             )
         except (TransportError, TimeoutError) as exc:
@@ -361,7 +368,7 @@ class OutboundProxy:
     # ------------------------------------------------------------ errors
 
     def _error(
-        self, ctx: RequestContext, status: int, reason: str, message: str
+        self, ctx: RequestContext, status: int, reason: ErrorReason, message: str
     ) -> web.Response:
         ctx.status, ctx.error_reason = status, reason
         self.metrics.errors.labels(ctx.upstream or "", reason).inc()

@@ -40,14 +40,21 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh.errors import ConfigError
 from mesh.profiles import StrategyProfile, get_profile
 from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
-from sidecar.config import ConfigError, ConfigSource, ListenAddress, SidecarConfig
+from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import (
+    DiscoveryMetrics,
+    InboundMetrics,
+    SidecarMetrics,
+    SignalingMetrics,
+    TransparentMetrics,
+)
 from sidecar.outbound import OutboundProxy, split_target, upstream_name
 from sidecar.phases import ProxyPhases
 from sidecar.signaling import SidecarSignaling, signaling_settings
@@ -128,7 +135,7 @@ class SidecarRunner:
         site = None
         if config.transparent:
             transparent = transparent_outbound(
-                self.table, self.metrics.registry,
+                self.table, TransparentMetrics(self.metrics.registry),
                 connect_timeout=self.profile.connect_timeout,
                 drain_timeout=config.drain_timeout,
                 lookup=self.discovery.route if self.discovery is not None else None,
@@ -144,13 +151,13 @@ class SidecarRunner:
             sidecar_id=config.id,
             table=self.table,
             profile=self.profile,
-            metrics=self.metrics,
+            metrics=self.metrics.outbound,
             phases=CallerPhases(
                 ProxyPhases(),
                 caller_id=config.id,
                 mesh_key=mesh_key,
                 default_bid=config.policing.default_bid,
-                registry=self.metrics.registry,
+                metrics=self.metrics.caller,
                 clock=clock,
             ),
             pinned_upstream=pinned,
@@ -164,7 +171,7 @@ class SidecarRunner:
             self.signaling = SidecarSignaling(
                 sidecar_id=config.id,
                 table=self.table,
-                registry=self.metrics.registry,
+                metrics=SignalingMetrics(self.metrics.registry),
                 settings=signaling,
                 store=RedisSignalStore(signaling.redis_url, signaling.timeout),
                 clock=clock,
@@ -209,8 +216,8 @@ class SidecarRunner:
         if settings is None:
             return None
         discovery = Discovery(
-            settings.credentials, self.table, registry=self.metrics.registry,
-            namespaces=settings.namespaces, on_removed=self.metrics.forget_upstream,
+            settings.credentials, self.table, metrics=DiscoveryMetrics(self.metrics.registry),
+            namespaces=settings.namespaces, on_removed=self.metrics.outbound.forget_upstream,
             clock=self.clock,
         )
         log.info("discovery: watching Services and EndpointSlices at %s in %s",
@@ -226,7 +233,7 @@ class SidecarRunner:
             sidecar_id=config.id,
             app_url=config.app,
             settings=config.policing,
-            registry=self.metrics.registry,
+            metrics=InboundMetrics(self.metrics.registry),
             mesh_key=mesh_key,
             request_timeout=self.profile.request_timeout,
             connect_timeout=self.profile.connect_timeout,
@@ -392,7 +399,7 @@ class SidecarRunner:
                 except Exception:  # a policy bug must not stop routing of the others
                     log.exception("policy tick failed for upstream %s", group.name)
                     continue
-                self.metrics.observe_snapshot(group.name, snapshot)
+                self.metrics.outbound.observe_snapshot(group.name, snapshot)
 
     def _file_mtime(self) -> float | None:
         path = self.config.config_file
@@ -432,7 +439,7 @@ class SidecarRunner:
                 log.warning("config reload: %s changed; takes effect on restart", field_name)
         added, removed = self.table.apply(new.upstreams, self.clock())
         for name in removed:
-            self.metrics.forget_upstream(name)
+            self.metrics.outbound.forget_upstream(name)
         # Only these change live; every other setting (listeners, policy, inbound, redis, ...)
         # is kept as it was started with.
         self.config = dataclasses.replace(

@@ -42,13 +42,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from mesh.backoff import Backoff
+from mesh.errors import ConfigError
 from mesh.first_signal import FirstSignalWait
 from mesh.policy import FollowingPolicy
 from mesh.summary import SummaryBuilder
-from sidecar.config import ConfigError, SidecarConfig
+from sidecar.config import SidecarConfig
+from sidecar.metrics import SignalingMetrics
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from wire.entries import MAX_SECONDS
 from wire.errors import WireError
@@ -87,49 +87,6 @@ class SignalingSettings:
     first_signal_epochs: float = 3.0
 
 
-class SignalingMetrics:
-    """The sidecar's signaling metrics, registered in the sidecar's own registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.connected = Gauge(
-            "equilibrium_signaling_connected", "1 while the last Redis round trip succeeded",
-            registry=r,
-        )
-        self.following = Gauge(
-            "equilibrium_signaling_following",
-            "1 while the upstream's routing follows a signaler recommendation, 0 while it "
-            "falls back to local regret matching", ["upstream"], registry=r,
-        )
-        self.summaries = Counter(
-            "equilibrium_signaling_summaries_published", "Regret summaries appended",
-            ["upstream"], registry=r,
-        )
-        self.accepted = Counter(
-            "equilibrium_signaling_recommendations_accepted",
-            "Recommendations that verified and are followed", ["upstream"], registry=r,
-        )
-        self.rejected = Counter(
-            "equilibrium_signaling_recommendations_rejected",
-            "Recommendations ignored, by reason (stale, expired, bad-signature, unsigned, "
-            "malformed, fenced, ...)", ["upstream", "reason"], registry=r,
-        )
-        self.summaries_invalid = Counter(
-            "equilibrium_signaling_summaries_invalid",
-            "Summaries not sent because they failed the protocol's validation, by reason",
-            ["upstream", "reason"], registry=r,
-        )
-        self.fallbacks = Counter(
-            "equilibrium_signaling_fallbacks",
-            "Times routing fell back to local regret matching because Redis failed",
-            registry=r,
-        )
-        self.redis_errors = Counter(
-            "equilibrium_signaling_redis_errors", "Failed Redis round trips, by kind", ["kind"],
-            registry=r,
-        )
-
-
 # ---------------------------------------------------------------------- the task
 
 
@@ -152,7 +109,7 @@ class SidecarSignaling:
         *,
         sidecar_id: str,
         table: UpstreamTable,
-        registry: CollectorRegistry,
+        metrics: SignalingMetrics,
         settings: SignalingSettings,
         store: SignalStore,
         clock: Callable[[], float] = time.monotonic,
@@ -163,7 +120,7 @@ class SidecarSignaling:
         self.table = table
         self.settings = settings
         self.store = store
-        self.metrics = SignalingMetrics(registry)
+        self.metrics = metrics
         self.clock = clock
         self.wall = wall
         self.rng = rng or random.Random()

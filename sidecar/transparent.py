@@ -41,11 +41,12 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from sidecar.metrics import TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,18 @@ SNIFF_BYTES = 8  # "OPTIONS " is the longest method + space
 DEFAULT_SNIFF_TIMEOUT = 0.2
 
 
+class PassthroughFailure(StrEnum):
+    """Why a pass-through connection did not reach its original destination: the ``reason``
+    label of ``equilibrium_passthrough_failures`` (docs/operations.md, "Error reasons")."""
+
+    LOOP = "loop"
+    """The relay came back to this listener: the sidecar's own traffic is being redirected."""
+    TIMEOUT = "timeout"
+    """No connection within the connect timeout."""
+    UNREACHABLE = "refused-or-unreachable"
+    """The destination refused the connection or could not be reached."""
+
+
 def sniff_http(data: bytes) -> bool | None:
     """True if ``data`` starts an HTTP/1.x request, False if it cannot, None if too short."""
     for method in HTTP_METHODS:
@@ -66,31 +79,6 @@ def sniff_http(data: bytes) -> bool | None:
         if len(data) < len(token) and token.startswith(data):
             return None  # a prefix of a method: wait for more bytes
     return False
-
-
-class TransparentMetrics:
-    """Counters of the outbound listener's routes and relays, in the sidecar's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.connections = Counter(
-            "equilibrium_transparent_connections",
-            "Connections accepted on the outbound listener, by route "
-            "(direct, service, passthrough)",
-            ["route"], registry=registry,
-        )
-        self.passthrough_failures = Counter(
-            "equilibrium_passthrough_failures",
-            "Pass-through connections that could not reach their original destination",
-            ["reason"], registry=registry,
-        )
-        self.relays_open = Gauge(
-            "equilibrium_passthrough_open", "Pass-through TCP relays currently open",
-            registry=registry,
-        )
-        self.relayed_bytes = Counter(
-            "equilibrium_passthrough_bytes", "Bytes relayed by pass-through connections",
-            ["direction"], registry=registry,
-        )
 
 
 class TransparentRouter:
@@ -232,7 +220,7 @@ class TransparentSite(web.BaseSite):
         """The protocol that serves a connection once its route is decided."""
         if route == "loop":
             assert dst is not None
-            self._metrics.passthrough_failures.labels("loop").inc()
+            self._metrics.passthrough_failures.labels(PassthroughFailure.LOOP).inc()
             log.error("pass-through to %s:%d came back to the sidecar: its own connections are "
                       "being redirected (run it as the proxy UID/GID the init rules exempt)",
                       *dst)
@@ -360,7 +348,8 @@ class _RelaySide(asyncio.Protocol):
             await loop.create_connection(lambda: upstream, sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
-            reason = "timeout" if isinstance(exc, TimeoutError) else "refused-or-unreachable"
+            reason = (PassthroughFailure.TIMEOUT if isinstance(exc, TimeoutError)
+                      else PassthroughFailure.UNREACHABLE)
             self.site._metrics.passthrough_failures.labels(reason).inc()
             log.info("pass-through to %s:%d failed: %s", host, port, exc or reason)
             self.peer = None
@@ -453,7 +442,7 @@ class TransparentOutbound:
 
 def transparent_outbound(
     table: Any,
-    registry: CollectorRegistry,
+    metrics: TransparentMetrics,
     *,
     connect_timeout: float,
     drain_timeout: float,
@@ -468,7 +457,6 @@ def transparent_outbound(
     direct ones, ``fallback(request)`` may pin one (else ``Host`` routing decides).
     """
     router = TransparentRouter(table, lookup)
-    metrics = TransparentMetrics(registry)
     book = RelayBook()
 
     def site(app_runner: web.AppRunner, host: str, port: int) -> web.BaseSite:

@@ -32,6 +32,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.errors import ErrorReason
 from sidecar.forward import CHUNK_SIZE, BodyReader, without
 from sidecar.websocket import WS_HANDSHAKE_HEADERS, requested_protocols
 
@@ -130,7 +131,7 @@ class HandshakeRefused(TransportError):
 class AttemptFailure:
     """Why one attempt failed, and whether anything may have reached the upstream's app."""
 
-    reason: str
+    reason: ErrorReason
     status: int
     nothing_received: bool
     detail: str
@@ -140,14 +141,16 @@ def classify(exc: BaseException) -> AttemptFailure:
     """What a failed attempt means: the error reason and HTTP status for the app, and whether
     the upstream's app can have seen the request (only if not may it be re-sent)."""
     if isinstance(exc, ConnectTimeout):
-        return AttemptFailure("connect-timeout", 502, True, str(exc) or "connect timed out")
+        return AttemptFailure(ErrorReason.CONNECT_TIMEOUT, 502, True,
+                              str(exc) or "connect timed out")
     if isinstance(exc, ConnectError):
-        return AttemptFailure("connect-error", 502, True, str(exc))
+        return AttemptFailure(ErrorReason.CONNECT_ERROR, 502, True, str(exc))
     if isinstance(exc, TimeoutError):
-        return AttemptFailure("upstream-timeout", 504, False, "no response head in time")
+        return AttemptFailure(ErrorReason.UPSTREAM_TIMEOUT, 504, False, "no response head in time")
     if isinstance(exc, UpstreamReset):
-        return AttemptFailure("upstream-reset", 502, True, str(exc) or "connection reset")
-    return AttemptFailure("upstream-protocol-error", 502, False, str(exc) or type(exc).__name__)
+        return AttemptFailure(ErrorReason.UPSTREAM_RESET, 502, True, str(exc) or "connection reset")
+    return AttemptFailure(ErrorReason.UPSTREAM_PROTOCOL_ERROR, 502, False,
+                          str(exc) or type(exc).__name__)
 
 
 def from_aiohttp(exc: BaseException) -> TransportError | TimeoutError:

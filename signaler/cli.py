@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from mesh.address import AddressError, parse_host_port
+from mesh.errors import ConfigError
 from wire.errors import WireError
 from wire.keys import check_redis_url
 from wire.signing import MESH_SECRET_ENV, read_mesh_key
@@ -72,17 +73,13 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=main)
 
 
-class UsageError(ValueError):
-    """A flag or the environment is unusable; the message is for a human."""
-
-
 def _number(text: str, flag: str, low: float) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"{flag}: expected a number, got {text!r}") from None
+        raise ConfigError(f"{flag}: expected a number, got {text!r}") from None
     if not (low <= value < float("inf")):
-        raise UsageError(f"{flag}: must be a finite number >= {low:g}, got {text!r}")
+        raise ConfigError(f"{flag}: must be a finite number >= {low:g}, got {text!r}")
     return value
 
 
@@ -91,24 +88,24 @@ def _listen(text: str) -> tuple[str, int]:
     try:
         address = parse_host_port(text, default_host="127.0.0.1")
     except AddressError as exc:
-        raise UsageError(f"--admin: {exc}") from None
+        raise ConfigError(f"--admin: {exc}") from None
     return address.host, address.port
 
 
 def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
-    """The service config and admin address from the parsed flags (UsageError if bad)."""
+    """The service config and admin address from the parsed flags (ConfigError if bad)."""
     from signaler.service import SignalerConfig
 
     if not args.redis:
-        raise UsageError("--redis URL (or EQUILIBRIUM_REDIS_URL) is required")
+        raise ConfigError("--redis URL (or EQUILIBRIUM_REDIS_URL) is required")
     try:
         check_redis_url(args.redis)
     except ValueError as exc:
-        raise UsageError(f"--redis: {exc}") from None
+        raise ConfigError(f"--redis: {exc}") from None
     try:
         key = read_mesh_key(os.environ, args.mesh_secret_file, required=True)
     except WireError as exc:
-        raise UsageError(f"{exc}; signaling refuses to run without one") from None
+        raise ConfigError(f"{exc}; signaling refuses to run without one") from None
     signer = args.id or f"signaler-{socket.gethostname()}-{os.getpid()}"
     try:
         config = SignalerConfig(
@@ -123,7 +120,7 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
             seed=None if args.seed is None else int(_number(args.seed, "--seed", 0)),
         )
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     from wire.keys import leader_key
 
     try:  # ids and upstream names must be valid protocol names
@@ -131,7 +128,7 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
         for upstream in config.upstreams:
             leader_key(upstream)
     except WireError as exc:
-        raise UsageError(f"--id/--upstream: {exc.detail}") from None
+        raise ConfigError(f"--id/--upstream: {exc.detail}") from None
     return config, _listen(args.admin)
 
 
@@ -139,7 +136,7 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     """Run the service and its admin listener until SIGTERM/SIGINT."""
     from aiohttp import web
 
-    from signaler.metrics import make_admin_app
+    from signaler.admin import make_admin_app
     from signaler.service import SignalerService
     from wire.redis_store import RedisSignalStore
 
@@ -178,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         config, admin = build_config(args)
-    except UsageError as exc:
+    except ConfigError as exc:
         print(f"equilibrium signaler: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(serve(config, admin))

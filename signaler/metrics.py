@@ -1,21 +1,18 @@
-"""The signaler's Prometheus metrics and its admin listener (``/metrics``, ``/healthz``,
-``/readyz``, ``/debug/state``).
+"""The signaler's Prometheus metrics: every family the signaler exports.
 
-Owns metric names, labels and the admin HTTP app. One registry per process (never the global
-one), label values bounded by the upstreams the signaler serves and by the stable rejection
-reasons of :class:`wire.errors.Reason`. Nothing here talks to Redis or solves anything.
+Owns metric names, labels, help texts and buckets (``k8s/observability/`` and the docs use them
+as spelled here; ``tests/unit/test_metric_families.py`` holds the list a rename must change
+too). One registry per process (never the global one), label values bounded by the upstreams
+the signaler serves and by the stable rejection reasons of :class:`wire.errors.Reason`. Nothing
+here talks to Redis, solves anything or serves HTTP (:mod:`signaler.admin` renders it).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # 1 ms .. 30 s: 64 tokens x 4 endpoints solves in about 0.3 s, 16 x 8 in about 12 s.
 SOLVE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -117,56 +114,3 @@ class SignalerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-@dataclass(slots=True)
-class SignalerHealth:
-    """Alive while the loop runs; ready once an epoch completed with Redis reachable."""
-
-    started: bool = False
-    redis_ok: bool = False
-    stopping: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.started and self.redis_ok and not self.stopping
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def make_admin_app(
-    metrics: SignalerMetrics, health: SignalerHealth, state: Callable[[], dict[str, Any]]
-) -> web.Application:
-    """``/metrics`` (Prometheus text), ``/healthz``, ``/readyz`` (503 until ready or while
-    stopping) and ``/debug/state`` (JSON: leadership, sidecars, last plan per upstream)."""
-
-    async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        if health.ready:
-            return web.json_response({"status": "ready"})
-        status = "stopping" if health.stopping else (
-            "redis-unreachable" if health.started else "starting")
-        return web.json_response({"status": status}, status=503)
-
-    async def debug_state(_: web.Request) -> web.Response:
-        return web.json_response(_finite(state()))
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/debug/state", debug_state)
-    return app

@@ -49,9 +49,10 @@ from typing import Any
 import numpy as np
 
 from mesh.backoff import Backoff
+from signaler.admin import SignalerHealth
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
-from signaler.metrics import SignalerHealth, SignalerMetrics
+from signaler.metrics import SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
@@ -285,7 +286,7 @@ class SignalerService:
         """Decode one stream entry and offer it to the upstream's view; a bad entry is counted
         by its reason and dropped. True if it was a valid summary for ``upstream``."""
         if fields is None:  # Redis 6.2 reports entries trimmed while pending as nil
-            self.metrics.entries_rejected.labels(upstream, "deleted").inc()
+            self.metrics.entries_rejected.labels(upstream, Reason.DELETED).inc()
             return False
         try:
             summary = decode_summary(fields)
@@ -295,7 +296,7 @@ class SignalerService:
                     f"summary for {summary.upstream!r} on the stream of {upstream!r}",
                 )
         except WireError as exc:
-            self.metrics.entries_rejected.labels(upstream, exc.reason.value).inc()
+            self.metrics.entries_rejected.labels(upstream, exc.reason).inc()
             log.debug("rejected summary entry on %s: %s", upstream, exc)
             return False
         self._view(upstream).offer(summary)

@@ -40,4 +40,6 @@ Shared
   reader, :func:`wire.signing.read_mesh_key`) and HMAC-SHA256 in unpadded base64url.
 - :mod:`wire.errors`: :class:`~wire.errors.WireError` and the :class:`~wire.errors.Reason`
   vocabulary ("Verification order and rejection reasons"; docs/policing.md "Metrics").
+- :mod:`wire.admin`: the admin listeners' paths and probe answers (``/healthz``, ``/readyz``),
+  shared by the sidecar and the signaler. Unversioned. docs/operations.md.
 """

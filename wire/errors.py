@@ -32,6 +32,8 @@ class Reason(StrEnum):
     """A header number outside its allowed interval."""
     VERSION = "version"
     """A stream entry or ``v=``-header of another version (or none)."""
+    DELETED = "deleted"
+    """A pending stream entry trimmed before it was read (Redis 6.2 reports it as nil)."""
     UNSUPPORTED_VERSION = "unsupported-version"
     """An ``X-GT-Identity`` of another version."""
     MISSING = "missing"

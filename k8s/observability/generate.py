@@ -6,8 +6,8 @@
 
 Run ``python k8s/observability/generate.py`` after editing either source;
 ``tests/unit/test_observability_files.py`` fails when a committed file is not what this script
-renders. Metric names and labels come from sidecar/metrics.py, sidecar/signaling.py,
-sidecar/inbound.py, sidecar/identity_phase.py and signaler/metrics.py;
+renders. Metric names and labels come from sidecar/metrics.py and signaler/metrics.py
+(tests/unit/test_metric_families.py lists them);
 ``tests/integration/test_observability.py`` checks every name against real ``/metrics`` output.
 """
 

@@ -48,7 +48,7 @@ from sidecar.discovery.model import (
     split_authority,
 )
 from sidecar.discovery.table import APPLY_SETTLE_S, Discovery, collection_path
-from sidecar.discovery.watch import MIN_WATCH_S, DiscoveryMetrics, ResourceWatch
+from sidecar.discovery.watch import MIN_WATCH_S, ResourceWatch
 
 __all__ = [
     "APPLY_SETTLE_S",
@@ -64,7 +64,6 @@ __all__ = [
     "ApiError",
     "Backoff",
     "Discovery",
-    "DiscoveryMetrics",
     "EndpointSliceInfo",
     "Gone",
     "KubeClient",

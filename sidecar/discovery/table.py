@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from sidecar.discovery.client import KubeClient, KubeCredentials
 from sidecar.discovery.model import (
     DEFAULT_CLUSTER_DOMAIN,
@@ -31,7 +29,8 @@ from sidecar.discovery.model import (
     parse_service,
     split_authority,
 )
-from sidecar.discovery.watch import DiscoveryMetrics, ResourceWatch
+from sidecar.discovery.watch import ResourceWatch
+from sidecar.metrics import DiscoveryMetrics
 
 APPLY_SETTLE_S = 0.02  # coalesce a burst of events into one table update
 
@@ -56,7 +55,7 @@ class Discovery:
         credentials: KubeCredentials,
         table: Any,
         *,
-        registry: CollectorRegistry,
+        metrics: DiscoveryMetrics,
         namespaces: tuple[str, ...] | None = None,
         on_removed: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -70,7 +69,7 @@ class Discovery:
         self.clock = clock
         self.rng = rng or random.Random()
         self.cluster_domain = cluster_domain
-        self.metrics = DiscoveryMetrics(registry)
+        self.metrics = metrics
         self.routes = Routes()
         self._dirty = asyncio.Event()
         self.watches: list[ResourceWatch] = []

@@ -4,8 +4,9 @@ Owns ``ResourceWatch``: list (paginated) + watch from the list's ``resourceVersi
 bookmarks; a watch that ends is resumed from the last version seen; ``410 Gone`` (as HTTP
 status or as a watch ``ERROR`` event) relists; any other failure reconnects after the
 exponential, jittered backoff of :mod:`mesh.backoff`. Malformed objects are counted and
-skipped (a malformed update keeps the last good version). Also owns discovery's metrics. It
-does not build routes or touch the routing table: :mod:`sidecar.discovery.table` does.
+skipped (a malformed update keeps the last good version); everything is counted in
+:class:`sidecar.metrics.DiscoveryMetrics`. It does not build routes or touch the routing table:
+:mod:`sidecar.discovery.table` does.
 """
 
 from __future__ import annotations
@@ -17,50 +18,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mesh.backoff import Backoff
 from sidecar.discovery.client import ApiError, Gone, KubeClient
 from sidecar.discovery.model import MalformedObject, object_key
+from sidecar.metrics import DiscoveryMetrics
 
 log = logging.getLogger(__name__)
 
 MIN_WATCH_S = 1.0  # a watch that ends sooner without any event counts as a failure
-
-
-class DiscoveryMetrics:
-    """Discovery's counters, in the sidecar's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.events = Counter(
-            "equilibrium_discovery_events", "Watch events received, by resource and type",
-            ["resource", "type"], registry=registry,
-        )
-        self.relists = Counter(
-            "equilibrium_discovery_relists",
-            "Full lists of a resource, by reason (start, gone = 410, error = after a failure)",
-            ["resource", "reason"], registry=registry,
-        )
-        self.errors = Counter(
-            "equilibrium_discovery_errors",
-            "List/watch failures that led to a reconnect, by resource and kind",
-            ["resource", "kind"], registry=registry,
-        )
-        self.rejected = Counter(
-            "equilibrium_discovery_rejected_objects",
-            "API objects skipped because they were malformed", ["resource"], registry=registry,
-        )
-        self.applied = Counter(
-            "equilibrium_discovery_updates", "Routing table updates applied from discovery",
-            registry=registry,
-        )
-        self.services = Gauge(
-            "equilibrium_discovery_services", "Services currently known", registry=registry,
-        )
-        self.synced = Gauge(
-            "equilibrium_discovery_synced", "1 once the first list of a resource was applied",
-            ["resource"], registry=registry,
-        )
 
 
 class ResourceWatch:

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from mesh.profiles import get_profile
 from sidecar.discovery import Discovery, KubeCredentials
+from sidecar.metrics import DiscoveryMetrics
 from sidecar.upstreams import UpstreamTable
 from tests.integration.kube_api import KubeApiServer, endpoint_slice, service
 from tests.integration.procs import (
@@ -83,7 +84,7 @@ async def running(api: KubeApiServer, token_path: Path) -> AsyncIterator[Running
     removed: list[str] = []
     discovery = Discovery(
         KubeCredentials(api.url, token_path, namespace="default"), table,
-        registry=registry, rng=random.Random(1), on_removed=removed.append,
+        metrics=DiscoveryMetrics(registry), rng=random.Random(1), on_removed=removed.append,
     )
     task = asyncio.create_task(discovery.run())
     run = Running(discovery, table, registry)
@@ -208,11 +209,13 @@ async def test_namespaced_watches_need_only_role_bindings(
     registry = CollectorRegistry()
     table = UpstreamTable("equilibrium", get_profile("balanced"))
     scoped = Discovery(KubeCredentials(api.url, token_path, namespace="default"), table,
-                       registry=registry, namespaces=("default",), rng=random.Random(3))
+                       metrics=DiscoveryMetrics(registry), namespaces=("default",),
+                       rng=random.Random(3))
     wide_registry, wide_table = CollectorRegistry(), UpstreamTable("equilibrium",
                                                                     get_profile("balanced"))
     cluster_wide = Discovery(KubeCredentials(api.url, token_path, namespace="default"),
-                             wide_table, registry=wide_registry, rng=random.Random(4))
+                             wide_table, metrics=DiscoveryMetrics(wide_registry),
+                             rng=random.Random(4))
     tasks = [asyncio.create_task(scoped.run()), asyncio.create_task(cluster_wide.run())]
     run = Running(scoped, table, registry)
     wide = Running(cluster_wide, wide_table, wide_registry)
@@ -242,7 +245,7 @@ async def test_bad_token_backs_off_then_recovers_when_the_token_rotates(
     table = UpstreamTable("equilibrium", get_profile("balanced"))
     registry = CollectorRegistry()
     discovery = Discovery(KubeCredentials(api.url, token, namespace="default"), table,
-                          registry=registry, rng=random.Random(2))
+                          metrics=DiscoveryMetrics(registry), rng=random.Random(2))
     task = asyncio.create_task(discovery.run())
     run = Running(discovery, table, registry)
     try:

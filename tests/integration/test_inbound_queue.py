@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar.inbound import InboundProxy
+from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import parse_policing
 from tests.integration.procs import LOOPBACK, Reply, fetch, start_backend
 from wire.identity import sign_identity
@@ -59,7 +60,7 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         **overrides,
     })
     proxy = InboundProxy(sidecar_id="inbound-test", app_url=app.url, settings=settings,
-                         registry=CollectorRegistry(), mesh_key=KEY)
+                         metrics=InboundMetrics(CollectorRegistry()), mesh_key=KEY)
     runner, url = await serve(proxy.make_app())
     try:
         yield Rig(proxy, url, release, arrived)

@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import redis
 
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import SidecarMetrics, SignalingMetrics
 from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
@@ -222,7 +222,7 @@ async def test_the_sidecar_publishes_summaries_and_ignores_forged_signals(
     group = table.get(UPSTREAM)
     assert group is not None
     client = SidecarSignaling(
-        sidecar_id="sc-1", table=table, registry=metrics.registry,
+        sidecar_id="sc-1", table=table, metrics=SignalingMetrics(metrics.registry),
         settings=SignalingSettings(redis_url=redis_server.url, key=KEY, epoch=0.1),
         store=RedisSignalStore(redis_server.url, 0.25),
     )

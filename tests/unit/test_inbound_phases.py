@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from mesh.reputation import ANONYMOUS, Phase
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import OTHER, CallerLabels, InboundProxy, LocalRateLimit
+from sidecar.metrics import CallerMetrics, InboundMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.policing_config import parse_policing
 from wire.headers import BID, IDENTITY, PRICE, REPUTATION
@@ -35,7 +36,7 @@ def make_phases(key: bytes | None = KEY, caller: str = "orders",
                 inner: ProxyPhases | None = None) -> tuple[CallerPhases, Clock]:
     clock = Clock()
     phases = CallerPhases(inner, caller_id=caller, mesh_key=key, default_bid=1.0,
-                          registry=CollectorRegistry(), clock=clock,
+                          metrics=CallerMetrics(CollectorRegistry()), clock=clock,
                           wall_clock=lambda: 1_764_000_000.0 + clock.t)
     return phases, clock
 
@@ -158,7 +159,7 @@ def test_caller_gauges_follow_the_book_and_stay_bounded() -> None:
     })
     registry = CollectorRegistry()
     proxy = InboundProxy(sidecar_id="t", app_url="http://127.0.0.1:9", settings=settings,
-                         registry=registry, mesh_key=None)
+                         metrics=InboundMetrics(registry), mesh_key=None)
 
     def level(caller: str) -> float | None:
         return registry.get_sample_value("equilibrium_inbound_caller_punishment_level",

@@ -15,7 +15,7 @@ import numpy as np
 from mesh.policies import RegretMatchingPolicy
 from mesh.policy import Outcome
 from mesh.profiles import get_profile
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import SidecarMetrics, SignalingMetrics
 from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
@@ -119,7 +119,7 @@ async def test_the_sidecar_follows_the_signaler_through_one_memory_store() -> No
     metrics = SidecarMetrics()
     monotonic = Clock(100.0)
     sidecar = SidecarSignaling(
-        sidecar_id="sc-1", table=table, registry=metrics.registry,
+        sidecar_id="sc-1", table=table, metrics=SignalingMetrics(metrics.registry),
         settings=SignalingSettings(redis_url="redis://unused:1", key=KEY, epoch=1.0),
         store=store, clock=monotonic, wall=wall,
     )

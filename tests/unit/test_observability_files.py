@@ -1,10 +1,9 @@
 """The shipped alerts and dashboard (k8s/observability/) are consistent, complete and ask only
 for metrics and labels the code exports.
 
-Against the metric classes themselves (sidecar/metrics.py, sidecar/signaling.py,
-sidecar/inbound.py, sidecar/identity_phase.py, signaler/metrics.py); the integration test
-tests/integration/test_observability.py checks the names against a real ``/metrics`` scrape and
-runs promtool.
+Against the metric classes themselves (sidecar/metrics.py, signaler/metrics.py); the
+integration test tests/integration/test_observability.py checks the names against a real
+``/metrics`` scrape and runs promtool.
 """
 
 from __future__ import annotations
@@ -16,10 +15,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from sidecar.identity_phase import CallerMetrics
-from sidecar.inbound import InboundMetrics
-from sidecar.metrics import SidecarMetrics
-from sidecar.signaling import SignalingMetrics
+from sidecar.metrics import InboundMetrics, SidecarMetrics, SignalingMetrics
 from signaler.metrics import SignalerMetrics
 from tests.observability_queries import (
     DASHBOARD,
@@ -42,8 +38,8 @@ SEVERITIES = {"critical", "warning", "info"}
 def exported_labels() -> dict[str, set[str]]:
     """Every series name the sidecar and the signaler export -> its label names."""
     sidecar = SidecarMetrics()
-    owners: list[Any] = [sidecar, SignalingMetrics(sidecar.registry),
-                         InboundMetrics(sidecar.registry), CallerMetrics(sidecar.registry),
+    owners: list[Any] = [sidecar, sidecar.outbound, SignalingMetrics(sidecar.registry),
+                         InboundMetrics(sidecar.registry), sidecar.caller,
                          SignalerMetrics()]
     out: dict[str, set[str]] = {}
     for owner in owners:

@@ -20,7 +20,7 @@ from mesh.policy import Outcome
 from mesh.profiles import get_profile
 from mesh.summary import SummaryBuilder
 from sidecar.config import ConfigError, ConfigSource
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import SidecarMetrics, SignalingMetrics
 from sidecar.signaling import (
     SidecarSignaling,
     SignalingSettings,
@@ -28,7 +28,7 @@ from sidecar.signaling import (
     signaling_settings,
 )
 from sidecar.upstreams import UpstreamTable
-from signaler.cli import UsageError, build_config
+from signaler.cli import build_config
 from signaler.latency_model import LatencyModel
 from signaler.leader import Leadership
 from signaler.planner import (
@@ -451,7 +451,7 @@ def test_summary_builder_reports_each_epochs_movement() -> None:
 def signaling(table: UpstreamTable, metrics: SidecarMetrics,
               wall: float = NOW) -> SidecarSignaling:
     return SidecarSignaling(
-        sidecar_id="sc-1", table=table, registry=metrics.registry,
+        sidecar_id="sc-1", table=table, metrics=SignalingMetrics(metrics.registry),
         settings=SignalingSettings(redis_url="redis://127.0.0.1:1", key=KEY, epoch=1.0),
         store=MemorySignalStore(lambda: wall), clock=lambda: 10.0, wall=lambda: wall,
     )
@@ -556,13 +556,13 @@ def test_signaler_cli_requires_a_key_and_a_redis_url(tmp_path: object) -> None:
     key_file.write_bytes(KEY + b"\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("EQUILIBRIUM_MESH_SECRET", raising=False)
-        with pytest.raises(UsageError, match="mesh key: none given"):
+        with pytest.raises(ConfigError, match="mesh key: none given"):
             build_config(args())
         assert build_config(args(mesh_secret_file=str(key_file)))[0].key == KEY
-        with pytest.raises(UsageError, match="cannot read"):
+        with pytest.raises(ConfigError, match="cannot read"):
             build_config(args(mesh_secret_file=str(key_file) + ".missing"))
         mp.setenv("EQUILIBRIUM_MESH_SECRET", "short")
-        with pytest.raises(UsageError, match="at least 16"):
+        with pytest.raises(ConfigError, match="at least 16"):
             build_config(args())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EQUILIBRIUM_MESH_SECRET", KEY.decode())
@@ -571,7 +571,7 @@ def test_signaler_cli_requires_a_key_and_a_redis_url(tmp_path: object) -> None:
         for bad, message in [({"redis": None}, "required"), ({"redis": "http://x"}, "redis"),
                              ({"epoch": "0"}, "--epoch"), ({"tokens": "x"}, "--tokens"),
                              ({"id": "bad id"}, "--id"), ({"admin": "nope"}, "--admin")]:
-            with pytest.raises(UsageError, match=message):
+            with pytest.raises(ConfigError, match=message):
                 build_config(args(**bad))
 
 

@@ -23,7 +23,7 @@ from yarl import URL
 
 from mesh.profiles import get_profile
 from sidecar.inbound import InboundProxy
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import InboundMetrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.policing_config import parse_policing
 from sidecar.transport import (
@@ -110,7 +110,7 @@ async def outbound() -> AsyncIterator[MakeRig]:
         upstreams = Upstreams(respond)
         metrics = SidecarMetrics()
         proxy = OutboundProxy(sidecar_id="unit-sidecar", table=table, profile=profile,
-                              metrics=metrics, rng=random.Random(7),
+                              metrics=metrics.outbound, rng=random.Random(7),
                               transport=MemoryTransport(upstreams))
         await proxy.start()  # nothing to open: the transport was passed in
         client = TestClient(TestServer(proxy.make_app()))
@@ -334,8 +334,9 @@ async def test_the_inbound_listener_forwards_to_its_app_through_the_transport() 
         return MemoryResponse(201, {"X-GT-Price": "3", "X-App": "yes"}, b"made")
 
     proxy = InboundProxy(sidecar_id="unit-inbound", app_url="http://127.0.0.1:8080/",
-                         settings=parse_policing({"mode": "off"}), registry=CollectorRegistry(),
-                         mesh_key=None, transport=MemoryTransport(app))
+                         settings=parse_policing({"mode": "off"}),
+                         metrics=InboundMetrics(CollectorRegistry()), mesh_key=None,
+                         transport=MemoryTransport(app))
     async with TestClient(TestServer(proxy.make_app())) as client, client.get(
         "/orders/7?x=1", headers={"X-GT-Bid": "5", "Connection": "close"}
     ) as resp:

@@ -17,6 +17,7 @@ def test_reasons_are_the_documented_metric_labels() -> None:
     stream_entries = {
         "malformed", "oversized", "version", "unsigned", "bad-signature", "wrong-upstream",
         "wrong-sidecar", "endpoint-mismatch", "stale", "fenced", "not-yet-valid", "expired",
+        "deleted",
     }
     headers = {"too-long", "out-of-range", "missing", "unsupported-version", "future"}
     bids = {"nan", "infinite", "negative", "too-large"}

@@ -1,0 +1,69 @@
+"""The sidecar's reason vocabularies: why it answered a request itself, why it dropped a header.
+
+Owns :class:`ErrorReason` and :class:`HeaderDrop`. Their values are stable: they are metric
+label values (``equilibrium_errors{reason}``, ``equilibrium_requests{code}`` for an attempt
+that got no response, ``equilibrium_rejected_headers{reason}``,
+``equilibrium_inbound_stripped_headers{source}``) and the ``reason`` of the JSON error bodies
+both listeners answer with, which apps, docs and dashboards read. docs/operations.md, "Error
+reasons", lists them with the other vocabularies (:class:`wire.errors.Reason` for refused wire
+values, :class:`mesh.admission.RejectReason` for the admission gate's refusals,
+:class:`sidecar.inbound.InboundOutcome`, :class:`sidecar.transparent.PassthroughFailure`).
+Values only: nothing here answers a request or counts anything.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorReason(StrEnum):
+    """Why the sidecar answered a request with an error instead of the upstream's (or the
+    app's) answer; the HTTP status goes with it where the reason is used."""
+
+    # the request cannot be routed (outbound)
+    CONNECT_NOT_SUPPORTED = "connect-not-supported"
+    """501: a CONNECT tunnel."""
+    NO_HOST = "no-host"
+    """400: neither ``Host`` nor an absolute URL."""
+    LOOP_DETECTED = "loop-detected"
+    """508: the request already passed this sidecar (its ``Via``)."""
+    UNKNOWN_UPSTREAM = "unknown-upstream"
+    """404: no upstream of that name."""
+    NO_ENDPOINT = "no-endpoint"
+    """503: the upstream has no endpoint to use."""
+    # an attempt failed (both listeners; sidecar.transport.classify)
+    CONNECT_TIMEOUT = "connect-timeout"
+    """502: no connection within the connect timeout (nothing sent)."""
+    CONNECT_ERROR = "connect-error"
+    """502: the connection was refused or unreachable (nothing sent)."""
+    UPSTREAM_TIMEOUT = "upstream-timeout"
+    """504: no response head within the request timeout."""
+    UPSTREAM_RESET = "upstream-reset"
+    """502: the connection closed before any of the answer came back."""
+    UPSTREAM_PROTOCOL_ERROR = "upstream-protocol-error"
+    """502: any other failure of the attempt (an answer that is not valid HTTP/1.1, ...)."""
+    BODY_RELAY_FAILED = "body-relay-failed"
+    """The response head was sent but its body broke off: the connection is cut (metric
+    only: no body can be sent any more)."""
+    WEBSOCKET_NOT_SUPPORTED = "websocket-not-supported"
+    """501: the transport cannot carry WebSockets."""
+    WEBSOCKET_HANDSHAKE_FAILED = "websocket-handshake-failed"
+    """502: the upstream (or the app) refused the upgrade."""
+    # policing (JSON bodies only; counted by the policing metrics)
+    BAD_BID = "bad-bid"
+    """400: a malformed ``X-Equilibrium-Bid`` from the app, or ``X-GT-Bid`` from a caller."""
+    PUNISHED_BACKOFF = "punished-backoff"
+    """429: an upstream punishes this caller; its own sidecar backs off."""
+    LOCAL_RATE_LIMITED = "local-rate-limited"
+    """429: the ``token-bucket`` baseline's bucket is empty (inbound)."""
+
+
+class HeaderDrop(StrEnum):
+    """Why a game header (``X-GT-*``) was dropped before it could be acted on."""
+
+    FROM_APP = "from-app"
+    """Sent by an app (on its request, or on its response): only sidecars speak the game."""
+    MALFORMED = "malformed"
+    """An upstream's value that failed validation."""
+    UNTRUSTED = "untrusted"
+    """Sent by a caller whose identity did not verify (ignored)."""
