@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-MESH = Path(__file__).resolve().parents[2] / "mesh"
+MESH = Path(__file__).resolve().parents[3] / "mesh"
 FORBIDDEN_MODULES = {"asyncio", "aiohttp", "redis", "cvxpy", "socket", "requests", "httpx",
                      "threading", "subprocess", "wire", "sidecar", "signaler", "injector",
                      "equilibrium"}
