@@ -4,6 +4,7 @@ against hand-made cases; and the typed following-policy seam (mesh.policy.Follow
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 
@@ -12,6 +13,8 @@ from mesh.policies import POLICIES, RegretMatchingPolicy
 from mesh.policy import EndpointView, FollowingPolicy, Outcome, PolicySnapshot
 from mesh.profiles import get_profile
 from mesh.summary import SummaryBuilder
+from tests.signaling_samples import BAD, EPS, NOW, routed_group
+from wire.summary import RegretSummary, decode_summary, encode_summary
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
@@ -139,3 +142,34 @@ def test_the_policy_windows_every_outcome_of_its_endpoints() -> None:
     assert (taken[A].requests, taken[A].failures, taken[A].answered) == (2, 1, 2)
     assert (taken[B].requests, taken[B].failures, taken[B].answered) == (1, 1, 0)
     assert policy.take_epoch() == {}
+
+
+def test_summary_builder_reports_each_epochs_movement() -> None:
+    table, _ = routed_group()
+    group = table.get("orders")
+    assert group is not None
+    builder = SummaryBuilder()
+    policy = group.policy
+    assert isinstance(policy, RegretMatchingPolicy)
+    now = 1.0
+    for i in range(30):
+        endpoint = EPS[i % 3]
+        latency = 0.3 if endpoint == BAD else 0.01
+        policy.on_start(endpoint, now)
+        # the bad endpoint fails half of the time with no answer at all
+        policy.on_outcome(Outcome(endpoint, latency, endpoint != BAD or i % 2 == 0, now))
+    group.tick(now)
+    report = builder.build(group.snapshot, policy.take_epoch(), now, NOW, 1.0)
+    assert report is not None
+    first = RegretSummary(sidecar="sc-1", upstream="orders", **asdict(report))
+    assert first.requests == (10, 10, 10) and first.failures == (0, 0, 5)
+    assert first.latency_mean[0] == pytest.approx(0.01)
+    assert first.latency_p50[2] <= first.latency_p99[2]
+    assert first.demand == pytest.approx(30.0)  # first epoch: counted over one epoch
+    assert decode_summary(encode_summary(first)) == first
+    # nothing happened since: zero requests, no latency, the same weights
+    group.tick(now + 1)
+    again = builder.build(group.snapshot, policy.take_epoch(), now + 1, NOW + 1, 1.0)
+    assert again is not None and again.requests == (0, 0, 0)
+    assert again.latency_mean == (None, None, None) and again.demand == 0.0
+    assert again.epoch == first.epoch + 1
