@@ -1,4 +1,4 @@
-"""mesh.auction: budgets and the second-price clearing of the wait queue."""
+"""mesh.auction: budgets, the second-price clearing of the wait queue, and its snapshot."""
 
 from __future__ import annotations
 
@@ -231,3 +231,29 @@ def test_under_overload_high_bids_wait_less_and_pay_the_second_price() -> None:
     assert p99(waits["hi"]) < 0.1
     assert p99(waits["lo"]) > 5 * p99(waits["hi"])
     assert len(waits["hi"]) == 1000
+
+
+def test_auction_snapshot_shows_the_queue_price_and_budgets_without_creating_any() -> None:
+    auction = SecondPriceAuction(AuctionParams(budget_rate=1.0, budget_cap=10.0))
+    assert isinstance(auction.offer("r1", "x", 5.0, 0.0, False), Queued)
+    assert isinstance(auction.offer("r2", "y", 3.0, 0.0, False), Queued)
+    snap = auction.snapshot(1.0, ["x", "y", "never-bid"])
+    assert snap.queue_length == 2 and snap.highest_waiting_bid == 5.0 and snap.last_price == 0
+    assert set(snap.budgets) == {"x", "y"} and snap.tracked_callers == 2
+    assert auction.tracked_callers == 2  # no budget was created for "never-bid"
+    x = snap.budgets["x"]
+    assert (x.balance, x.reserved, x.available, x.cap) == (10.0, 5.0, 5.0, 10.0)
+
+    (winner,) = auction.release(2.0, 1)  # x wins and pays y's bid
+    snap = auction.snapshot(4.0, ["x"])
+    assert winner.price == 3.0 and snap.last_price == 3.0 and snap.queue_length == 1
+    assert snap.budgets["x"].balance == pytest.approx(7.0 + 2.0)  # refilled 1/s since 2.0
+    assert snap.budgets["x"].reserved == 0.0
+
+
+def test_budget_balance_at_reads_without_refilling() -> None:
+    budget = BidBudget(rate=1.0, cap=10.0, now=0.0)
+    budget.settle(budget.reserve(6.0, 0.0), 6.0, 0.0)
+    assert budget.balance_at(3.0) == 7.0
+    assert budget.balance(1.0) == 5.0  # the earlier look did not move the budget forward
+    assert budget.balance_at(100.0) == 10.0

@@ -1,4 +1,5 @@
-"""mesh.concurrency: the gradient concurrency limit against a simulated app with c workers.
+"""mesh.concurrency: the gradient concurrency limit against a simulated app with c workers,
+and its snapshot.
 
 The simulated app serves ``n`` concurrent requests with ``c`` workers, each taking ``service``
 seconds, so a batch of ``n`` sees RTT ``service * max(1, n / c)`` (queueing once n > c). With
@@ -160,3 +161,18 @@ def test_limit_stays_bounded_and_congestion_in_unit_interval(batches) -> None:
         assert params.min_limit <= limiter.estimated_limit <= params.max_limit
         assert not math.isnan(limiter.estimated_limit)
         assert limiter.in_flight == 0
+
+
+def test_concurrency_snapshot_during_the_first_probe() -> None:
+    limiter = AdaptiveConcurrencyLimit(ConcurrencyParams(probe_limit=3, probe_samples=2))
+    assert limiter.on_start(0.0)
+    snap = limiter.snapshot()
+    assert snap.probing and snap.limit == 3 and snap.estimated_limit == 20.0
+    assert snap.in_flight == 1 and snap.congestion == pytest.approx(1 / 3)
+    assert snap.min_rtt is None and snap.capacity_estimate is None
+    assert limiter.on_start(0.0)
+    limiter.on_finish(0.05, 0.05)
+    limiter.on_finish(0.1, 0.1)
+    snap = limiter.snapshot()
+    assert not snap.probing and snap.min_rtt == 0.05 and snap.limit == 20
+    assert snap.capacity_estimate == pytest.approx(20 / 0.05)

@@ -9,6 +9,10 @@ callers send 10/s each (their fair share with three active callers); the rogue s
 Hand-computed timings with the defaults (rate_tau 1 s, reputation_tau 2 s, trigger 0.5):
 the rogue's rate passes 1.5 x share within 0.2 s and its reputation falls from 1 to 0.5 after
 a further 2 ln 2 = 1.39 s, so it is punished at about t = 1.6 s for 10 s (level 1).
+
+The snapshots (what the admin ``/debug/state`` shows) are checked against values computed by
+hand: recent counts are exponentially decayed with time constant ``recent_window`` (10 s
+here), so an event at ``t`` counts ``exp(-(now - t) / 10)`` at ``now``.
 """
 
 from __future__ import annotations
@@ -331,3 +335,84 @@ def test_standing_stays_well_formed(requests) -> None:
             assert d.retry_after is not None
             assert 1 <= d.retry_after <= rules.max_punishment
             assert d.retry_after == int(d.retry_after)
+
+
+WINDOW = 10.0
+
+
+def book() -> ReputationBook:
+    return ReputationBook(PolicingParams(recent_window=WINDOW))
+
+
+def decayed(times: list[float], now: float) -> float:
+    return math.fsum(math.exp(-(now - t) / WINDOW) for t in times)
+
+
+def test_busiest_callers_first_then_the_anonymous_bucket() -> None:
+    b = book()
+    for caller, count in (("a", 5), ("b", 3), ("c", 1), (ANONYMOUS, 1)):
+        for i in range(count):
+            b.observe(caller, 0.1 * i)
+    snap = b.snapshot(1.0, top=2)
+    assert [s.caller for s in snap.callers] == ["a", "b", ANONYMOUS]
+    assert snap.tracked == 4 and snap.punished == 0 and snap.active_callers == 4
+    assert snap.callers[0].admitted == pytest.approx(decayed([0.0, 0.1, 0.2, 0.3, 0.4], 1.0))
+    assert [s.caller for s in b.snapshot(1.0, top=0).callers] == [ANONYMOUS]
+    # equally busy callers are listed by name; anonymous is not repeated when it is busy
+    assert [s.caller for s in b.snapshot(1.0, top=4).callers] == ["a", "b", ANONYMOUS, "c"]
+    with pytest.raises(ValueError):
+        b.snapshot(1.0, top=-1)
+
+
+def test_a_punished_caller_shows_its_throttled_requests_and_when_its_punishment_ends() -> None:
+    b = book()
+    admitted, throttled = [], []
+    for i in range(400):  # every request a retry: over the retry budget from the start
+        t = 0.01 * i
+        decision = b.admit("rogue", t, is_retry=True)
+        (admitted if decision.admitted else throttled).append(t)
+        if i % 2:
+            b.admit("coop", t)
+    now = 4.0
+    snap = b.snapshot(now, top=5)
+    rogue, coop = snap.callers
+    assert (rogue.caller, coop.caller) == ("rogue", "coop")  # more requests recently
+    assert rogue.phase is Phase.PUNISHED and rogue.level >= 1 and throttled
+    assert rogue.throttled == pytest.approx(decayed(throttled, now))
+    assert rogue.admitted == pytest.approx(decayed(admitted, now))
+    assert rogue.punished_until is not None
+    assert rogue.punished_until - now == pytest.approx(rogue.punished_for)
+    assert rogue.punished_for > 0 and snap.punished == 1
+    assert coop.phase is Phase.GOOD and coop.punished_until is None and coop.throttled == 0
+    assert coop.admitted == pytest.approx(decayed([0.01 * i for i in range(1, 400, 2)], now))
+
+
+def test_a_snapshot_reads_only() -> None:
+    """Two books fed the same requests decide alike whether or not one is looked at."""
+    looked, unlooked = book(), book()
+    for i in range(300):
+        t = 0.02 * i
+        if i % 7 == 0:
+            first = looked.snapshot(t, top=3)
+            assert looked.snapshot(t, top=3) == first
+        for caller, retry in (("rogue", True), ("coop", False), (ANONYMOUS, False)):
+            assert looked.admit(caller, t, retry) == unlooked.admit(caller, t, retry)
+
+
+def test_a_punishment_that_ran_out_shows_until_the_callers_next_request() -> None:
+    """As docs/operations.md says: the ladder moves only when the caller sends."""
+    b = book()
+    for i in range(400):
+        b.admit("rogue", 0.01 * i, is_retry=True)
+    until = b.snapshot(4.0, top=1).callers[0].punished_until
+    assert until is not None
+    later = b.snapshot(until + 100.0, top=1)
+    (quiet,) = later.callers
+    assert quiet.phase is Phase.PUNISHED and quiet.punished_for == 0 and later.punished == 1
+    assert quiet.punished_until == until  # in the past now
+    # Its next request (a calm one after 100 s) restores its reputation: forgiven, and the
+    # probation periods that have passed since bring it back to good standing.
+    assert b.admit("rogue", until + 100.0).admitted
+    (forgiven,) = b.snapshot(until + 100.0, top=1).callers
+    assert forgiven.phase is Phase.GOOD and forgiven.punished_until is None
+    assert b.snapshot(until + 100.0, top=1).punished == 0

@@ -1,18 +1,13 @@
-"""The ``policing:`` settings, the ``--app`` URL and the ``X-GT-Reputation`` wire format."""
+"""sidecar.policing_config: the ``policing:`` settings and the ``--app`` URL."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from mesh.reputation import Phase
 from sidecar.config import ConfigError, ConfigSource
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
-from wire.errors import WireError
-from wire.standing import format_standing, parse_standing
 
 
 def test_defaults_are_the_mesh_defaults() -> None:
@@ -95,59 +90,3 @@ def test_config_layers_carry_the_inbound_settings(tmp_path: Path) -> None:
     bad = ConfigSource.from_sources({"app": "gopher://x"}, env={})
     with pytest.raises(ConfigError, match="command line: app"):
         bad.load()
-
-
-# ---------------------------------------------------------------- X-GT-Reputation
-
-
-def test_standing_round_trip_and_retry_only_when_punished() -> None:
-    good = format_standing(0.98765, 0, Phase.GOOD, None)
-    assert good == "v=1;score=0.988;level=0;phase=good"
-    punished = parse_standing(format_standing(0.2, 2, Phase.PUNISHED, 7.2))
-    assert punished.punished and punished.level == 2 and punished.retry_after == 8.0
-    assert parse_standing(format_standing(0.8, 1, Phase.PROBATION, 5.0)).retry_after is None
-    assert parse_standing("v=1;score=1;level=0;phase=good;future=x").score == 1.0
-
-
-@given(st.floats(allow_nan=True, allow_infinity=True), st.integers(0, 100),
-       st.sampled_from(list(Phase)), st.one_of(st.none(), st.floats(0, 1e4)))
-def test_any_standing_formats_to_a_parseable_value(score: float, level: int, phase: Phase,
-                                                   retry: float | None) -> None:
-    parsed = parse_standing(format_standing(score, level, phase, retry))
-    assert 0.0 <= parsed.score <= 1.0 and parsed.level == level and parsed.phase is phase
-    assert (parsed.retry_after is not None) == (phase is Phase.PUNISHED)
-
-
-@pytest.mark.parametrize("value", [
-    "score=1;level=0;phase=good",            # no version
-    "v=2;score=1;level=0;phase=good",        # unknown version
-    "v=1;level=0;phase=good",                # missing score
-    "v=1;score=2;level=0;phase=good",        # out of range
-    "v=1;score=1;level=-1;phase=good",       # bad level
-    "v=1;score=1;level=0;phase=exiled",      # unknown phase
-    "v=1;score=1;level=0;phase=punished;retry=inf",
-])
-def test_malformed_standing_is_a_header_error(value: str) -> None:
-    with pytest.raises(WireError):
-        parse_standing(value)
-
-
-# ---------------------------------------------------------------- the mesh key
-
-
-def test_mesh_key_from_env_or_file(tmp_path: Path) -> None:
-    from sidecar.policing import sidecar_mesh_key as read_mesh_key
-
-    key_file = tmp_path / "mesh.key"
-    key_file.write_text("file-key-0123456789abcdef\n")
-    with_file = ConfigSource.from_sources({"mesh_secret_file": str(key_file)}, env={}).load()
-    without = ConfigSource.from_sources({}, env={}).load()
-    assert read_mesh_key(with_file, {}) == b"file-key-0123456789abcdef"
-    assert read_mesh_key(with_file, {"EQUILIBRIUM_MESH_SECRET": "env-key-0123456789abcdef"}) \
-        == b"env-key-0123456789abcdef"  # the environment wins
-    assert read_mesh_key(without, {}) is None  # no key: everyone anonymous, not an error
-    key_file.write_text("  \n")
-    with pytest.raises(ConfigError, match="is empty"):
-        read_mesh_key(with_file, {})
-    with pytest.raises(ConfigError, match="at least 16"):
-        read_mesh_key(without, {"EQUILIBRIUM_MESH_SECRET": "short"})

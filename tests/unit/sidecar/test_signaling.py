@@ -34,6 +34,7 @@ def signaling(table: UpstreamTable, metrics: SidecarMetrics,
         store=MemorySignalStore(lambda: wall), clock=lambda: 10.0, wall=lambda: wall,
     )
 
+
 def rec(**changes: object) -> Recommendation:
     base = Recommendation(
         upstream="orders", sidecar="sc-1", epoch=50, issued_at=NOW - 0.1, expires_at=NOW + 3,
@@ -41,6 +42,7 @@ def rec(**changes: object) -> Recommendation:
         signer="sig-a", fence=5,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
+
 
 def test_sidecar_follows_only_fresh_validly_signed_recommendations() -> None:
     table, metrics = routed_group()
@@ -84,6 +86,7 @@ def test_sidecar_follows_only_fresh_validly_signed_recommendations() -> None:
             {"upstream": "orders", "reason": reason}) == 1
     assert sig.consider(group, b"11-0", sign_recommendation(rec(epoch=51, fence=6), KEY))
 
+
 def test_recommendation_expiry_is_translated_to_the_sidecar_clock() -> None:
     table, metrics = routed_group()
     group = table.get("orders")
@@ -97,11 +100,13 @@ def test_recommendation_expiry_is_translated_to_the_sidecar_clock() -> None:
     group.tick(12.1)  # past NOW + 2 on the sidecar's own clock
     assert not group.snapshot.following
 
+
 def test_protocol_ids_are_sanitised() -> None:
     assert protocol_id("pod-a") == "pod-a"
     assert protocol_id("pod a/b:c") == "pod-a-b-c"
     assert protocol_id("-x") == "s-x"
     assert len(protocol_id("a" * 300)) == 128
+
 
 def test_redis_without_a_mesh_key_refuses_to_start() -> None:
     config = ConfigSource.from_sources(

@@ -172,6 +172,7 @@ def test_view_keeps_only_each_sidecars_newest_summary() -> None:
     with pytest.raises(ValueError, match="offered"):
         view.offer(summary(upstream="payments"))
 
+
 def test_observations_add_load_over_sidecars_and_charge_failures() -> None:
     view = UpstreamView("orders", freshness=5.0, failure_penalty=1.0)
     view.offer(summary("sc-1", demand=50.0, requests=(40, 40, 20)))
@@ -189,6 +190,7 @@ def test_observations_add_load_over_sidecars_and_charge_failures() -> None:
     view.observe(NOW)  # nothing new: no duplicate observation
     assert len(view.observations[EPS[0]]) == 1
 
+
 def test_unknown_endpoint_borrows_the_median_model() -> None:
     view = UpstreamView("orders", freshness=5.0)
     view.offer(summary(requests=(40, 40, 0), latency_mean=(0.01, 0.012, None),
@@ -198,12 +200,14 @@ def test_unknown_endpoint_borrows_the_median_model() -> None:
     known = [view.models[EPS[0]], view.models[EPS[1]]]
     assert min(m.d for m in known) <= borrowed.d <= max(m.d for m in known)
 
+
 def test_regret_gap_is_the_largest_positive_off_diagonal_regret() -> None:
     view = UpstreamView("orders", freshness=5.0)
     view.offer(summary("sc-1"))
     view.offer(summary("sc-2", regret=((5.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.1, 0.0, 0.0))))
     assert view.regret_gap(NOW) == pytest.approx(0.29)  # the 5.0 on a diagonal is no regret
     assert UpstreamView("orders", freshness=5.0).regret_gap(NOW) == 0.0
+
 
 def test_plan_moves_every_sidecar_off_the_bad_endpoint() -> None:
     view = UpstreamView("orders", freshness=5.0)
@@ -228,6 +232,7 @@ def test_plan_moves_every_sidecar_off_the_bad_endpoint() -> None:
                                          sidecar, expected_endpoints=EPS)
         assert verified.weight_map()[BAD] == 0.0
 
+
 def test_alike_endpoints_with_unmeasured_capacity_share_the_tokens() -> None:
     # latency flat in load: the fit cannot see a capacity; the plan must not herd onto one
     view = UpstreamView("orders", freshness=5.0)
@@ -240,6 +245,7 @@ def test_alike_endpoints_with_unmeasured_capacity_share_the_tokens() -> None:
     first, second, bad = plan.solution.marginal()
     assert bad == 0.0
     assert min(first, second) >= 4.0  # 12 tokens split about evenly, not 12 / 0
+
 
 def test_a_capacity_is_trusted_only_as_far_as_it_was_seen() -> None:
     # EPS[0] answered faster than the others but only ever carried ~3 req/s
@@ -259,6 +265,7 @@ def test_a_capacity_is_trusted_only_as_far_as_it_was_seen() -> None:
     unlimited = make_plan(view, NOW + 5, 30, np.random.default_rng(5), capacity_headroom=1e9)
     assert unlimited.solution.marginal()[0] > plan.solution.marginal()[0]
 
+
 def test_the_cap_never_contradicts_an_observation() -> None:
     # a 4 ms endpoint seen at ~23 req/s: its latency proves a capacity of at least 23 + 250
     view = UpstreamView("orders", freshness=5.0)
@@ -272,6 +279,7 @@ def test_the_cap_never_contradicts_an_observation() -> None:
     # capped at 2 x 23 instead, the fast ones would look congested and the 60 ms endpoint
     # would get 2 of the 8 tokens
     assert plan.configuration[2] == 0
+
 
 def test_a_queue_that_was_seen_caps_the_capacity_whatever_else_was_seen() -> None:
     # EPS[0], a one-server pod (10 ms at light load): a plan sent it ~96 req/s. In its first
@@ -310,6 +318,7 @@ def test_a_queue_that_was_seen_caps_the_capacity_whatever_else_was_seen() -> Non
     assert max(means) > 2 * min(means)
     assert noisy.queueing_bound(EPS[0]) == math.inf
 
+
 def test_a_capped_curve_keeps_the_latency_it_was_seen_at() -> None:
     # a big pod seen flat at 42 ms under 50 req/s fits an almost infinite capacity
     flat = LatencyModel(d=0.042, mu=2e6)
@@ -320,6 +329,7 @@ def test_a_capped_curve_keeps_the_latency_it_was_seen_at() -> None:
     # a capacity already below the cap is kept; d never goes negative
     assert capped(LatencyModel(d=0.01, mu=60.0), 82.0, anchor=50.0) == LatencyModel(0.01, 60.0)
     assert capped(LatencyModel(d=0.001, mu=500.0), 40.0, anchor=30.0).d == 0.0
+
 
 def test_slow_but_flat_pods_are_not_priced_slower_than_they_were_seen() -> None:
     # one quick pod (a queue that climbs) and two big flat 40 ms pods, all seen at 20-30 req/s:
@@ -335,6 +345,7 @@ def test_slow_but_flat_pods_are_not_priced_slower_than_they_were_seen() -> None:
     for j in (1, 2):
         seen = view.peak_load(EPS[j])
         assert plan.models[j].latency(seen) == pytest.approx(0.040, rel=0.05)
+
 
 def test_plans_stay_put_through_noise_and_move_on_real_change() -> None:
     view = UpstreamView("orders", freshness=5.0)
@@ -361,6 +372,7 @@ def test_plans_stay_put_through_noise_and_move_on_real_change() -> None:
     assert plan.configuration[2] == 0
     assert all(w[BAD] == 0.0 for w in plan.weights.values())
 
+
 def test_token_counts_stay_while_they_still_round_the_quotas() -> None:
     rates = {"a": 10.0, "b": 10.2, "c": 9.9}
     assert still_apportions({"a": 3, "b": 3, "c": 2}, rates, 8)  # quotas ~2.67, 2.72, 2.62
@@ -368,6 +380,7 @@ def test_token_counts_stay_while_they_still_round_the_quotas() -> None:
     assert not still_apportions({"a": 3, "b": 3, "c": 2}, rates | {"d": 1.0}, 8)
     assert not still_apportions({"a": 4, "b": 4, "c": 0}, rates, 8)  # c has demand
     assert not still_apportions({"a": 3, "b": 3, "c": 3}, rates, 8)  # wrong total
+
 
 def test_the_configuration_is_redrawn_only_at_refresh() -> None:
     view = UpstreamView("orders", freshness=5.0)
@@ -383,6 +396,7 @@ def test_the_configuration_is_redrawn_only_at_refresh() -> None:
     assert in_support(plan.solution, plan.configuration)
     assert not in_support(plan.solution, (12, 0, 0)) or plan.configuration == (12, 0, 0)
 
+
 def test_plan_needs_demand() -> None:
     view = UpstreamView("orders", freshness=5.0)
     with pytest.raises(NoDemand):
@@ -392,6 +406,7 @@ def test_plan_needs_demand() -> None:
     with pytest.raises(NoDemand):
         make_plan(view, NOW, 8, np.random.default_rng(0))
 
+
 def test_more_sidecars_than_tokens_still_gives_each_a_token() -> None:
     view = UpstreamView("orders", freshness=5.0)
     for i in range(5):
@@ -399,6 +414,7 @@ def test_more_sidecars_than_tokens_still_gives_each_a_token() -> None:
     plan = make_plan(view, NOW, 2, np.random.default_rng(3))
     assert sorted(plan.tokens.values()) == [1, 1, 1, 1, 1]
     assert set(plan.weights) == {f"sc-{i}" for i in range(5)}
+
 
 def test_sidecar_weights_fall_back_to_the_marginal_then_uniform() -> None:
     index = {e: i for i, e in enumerate(EPS)}
