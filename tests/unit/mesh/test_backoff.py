@@ -58,3 +58,13 @@ def test_a_base_above_the_cap_waits_the_cap() -> None:
 def test_zero_negative_or_infinite_bounds_are_refused(base: float, cap: float) -> None:
     with pytest.raises(ValueError, match="positive and finite"):
         Backoff(random.Random(), base=base, cap=cap)
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    backoff = Backoff(random.Random(7), base=0.2, cap=5.0)
+    waits = [backoff.next() for _ in range(12)]
+    for n, wait in enumerate(waits):
+        ceiling = min(5.0, 0.2 * 2**n)
+        assert ceiling / 2 <= wait <= ceiling
+    backoff.reset()
+    assert backoff.next() <= 0.2

@@ -1,9 +1,12 @@
-"""How transparent interception maps an original destination to a route (no sockets here)."""
+"""How transparent interception maps an original destination to a route, and which first bytes
+it takes for HTTP/1.1 (no sockets here)."""
 
 from __future__ import annotations
 
+import pytest
+
 from mesh.profiles import get_profile
-from sidecar.transparent import TransparentRouter
+from sidecar.transparent import TransparentRouter, sniff_http
 from sidecar.upstreams import UpstreamTable
 
 
@@ -41,3 +44,21 @@ def test_static_upstream_named_by_an_ip_routes_any_port_without_discovery() -> N
     assert router.route(("10.96.0.50", 80)) == ("10.96.0.50", "unknown")
     assert router.route(("10.96.0.50", 9000)) == ("10.96.0.50", "unknown")
     assert router.route(("10.96.0.10", 80)) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "verdict"),
+    [
+        (b"GET / HTTP/1.1\r\n", True),
+        (b"OPTIONS ", True),
+        (b"DELETE /x", True),
+        (b"G", None),
+        (b"OPTIO", None),
+        (b"GETX", False),
+        (b"PRI * HTTP/2.0", False),  # HTTP/2 prior knowledge: not for the HTTP/1.1 proxy
+        (b"\x16\x03\x01\x02\x00", False),  # TLS ClientHello
+        (b"get / HTTP/1.1", False),
+    ],
+)
+def test_sniffing_recognises_http1_request_lines(data: bytes, verdict: bool | None) -> None:
+    assert sniff_http(data) is verdict

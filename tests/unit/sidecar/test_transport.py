@@ -386,3 +386,12 @@ async def test_the_aiohttp_transport_must_be_started() -> None:
         await transport.handle_request(
             UpstreamRequest("GET", URL("http://127.0.0.1:9/"), CIMultiDict())
         )
+
+
+def test_only_failures_before_sending_are_marked_safe_to_retry() -> None:
+    assert classify(ConnectionResetError()).nothing_received is False  # unknown OSError
+    assert classify(from_aiohttp(aiohttp.ServerDisconnectedError())).nothing_received is True
+    timeout = classify(TimeoutError())
+    assert (timeout.reason, timeout.status, timeout.nothing_received) == (
+        "upstream-timeout", 504, False,
+    )

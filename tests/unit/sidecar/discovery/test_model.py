@@ -1,30 +1,22 @@
-"""Discovery's pure parts: API object parsing, the routes built from them, the table they feed."""
+"""sidecar.discovery.model: API object parsing, the routes built from them, their groups' names
+and protocols."""
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mesh.profiles import get_profile
-from sidecar.config import ConfigError, ConfigSource, SidecarConfig, parse_namespaces
 from sidecar.discovery import (
-    Backoff,
     EndpointSliceInfo,
-    KubeCredentials,
     MalformedObject,
     ServiceInfo,
     build_routes,
-    credentials_from_flags,
     parse_endpoint_slice,
     parse_service,
     port_protocol,
     split_authority,
 )
-from sidecar.transparent import sniff_http
-from sidecar.upstreams import UpstreamTable
 from tests.integration.kube_api import endpoint_slice, service
 from wire.keys import summary_stream
 
@@ -209,129 +201,6 @@ def test_ipv6_endpoints_are_bracketed_and_other_services_slices_ignored() -> Non
     assert routes.upstreams["users.default.80"] == ("http://[fd00::5]:8080",)
 
 
-def table() -> UpstreamTable:
-    return UpstreamTable("equilibrium", get_profile("balanced"))
-
-
-def test_discovery_and_config_groups_coexist_and_config_wins_a_shared_name() -> None:
-    t = table()
-    t.apply({"static": ["http://127.0.0.1:1"]}, 0.0)
-    t.apply({"users.default.80": ["http://10.0.0.1:80"], "static": ["http://10.0.0.9:80"]},
-            0.0, source="discovery")
-    t.set_aliases({"users": "users.default.80"})
-    assert t.names() == ["static", "users.default.80"]
-    static = t.get("static")
-    assert static is not None and static.endpoints == ("http://127.0.0.1:1",)
-    users = t.get("users")
-    assert users is not None and users.name == "users.default.80"
-
-    # A config reload keeps discovery's groups; a discovery update keeps config's.
-    t.apply({"static": ["http://127.0.0.1:2"]}, 1.0)
-    assert t.get("users") is users
-    added, removed = t.apply({}, 2.0, source="discovery")
-    assert added == set() and removed == {"users.default.80"} and t.get("users") is None
-    assert t.names() == ["static"]
-
-
-def test_endpoint_updates_keep_the_group_and_learned_state_of_staying_endpoints() -> None:
-    t = table()
-    t.apply({"users.default.80": ["http://10.0.0.1:80", "http://10.0.0.2:80"]}, 0.0,
-            source="discovery")
-    group = t.get("users.default.80")
-    assert group is not None
-    policy = group.policy
-    t.apply({"users.default.80": ["http://10.0.0.2:80", "http://10.0.0.3:80"]}, 1.0,
-            source="discovery")
-    same = t.get("users.default.80")
-    assert same is group and same.policy is policy  # a request holding it keeps working
-    assert same.endpoints == ("http://10.0.0.2:80", "http://10.0.0.3:80")
-
-
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    backoff = Backoff(random.Random(7), base=0.2, cap=5.0)
-    waits = [backoff.next() for _ in range(12)]
-    for n, wait in enumerate(waits):
-        ceiling = min(5.0, 0.2 * 2**n)
-        assert ceiling / 2 <= wait <= ceiling
-    backoff.reset()
-    assert backoff.next() <= 0.2
-
-
-def test_in_cluster_credentials_come_from_the_service_account(tmp_path: Path) -> None:
-    (tmp_path / "namespace").write_text("shop\n")
-    creds = KubeCredentials.in_cluster(
-        {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}, tmp_path
-    )
-    assert creds.api_url == "https://[fd00::1]:6443"
-    assert creds.token_file == tmp_path / "token" and creds.ca_file == tmp_path / "ca.crt"
-    assert creds.namespace == "shop"
-    with pytest.raises(ValueError, match="KUBERNETES_SERVICE_HOST"):
-        KubeCredentials.in_cluster({}, tmp_path)
-
-
-def test_explicit_api_url_must_be_http(tmp_path: Path) -> None:
-    creds = credentials_from_flags("http://127.0.0.1:1", None, {"POD_NAMESPACE": "ns1"})
-    assert creds.api_url == "http://127.0.0.1:1" and creds.namespace == "ns1"
-    with pytest.raises(ValueError, match="http"):
-        credentials_from_flags("127.0.0.1:1", None, {})
-
-
-def kube_config(flags: dict[str, Any], env: dict[str, str]) -> SidecarConfig:
-    """The config the command line builds from these Kubernetes flags and environment."""
-    return ConfigSource.from_sources(flags, env=env).load()
-
-
-def test_kube_flags_and_environment(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("t")
-    off = kube_config({}, {})
-    assert not off.transparent and off.discovery is None
-    on = kube_config({}, {
-        "EQUILIBRIUM_TRANSPARENT": "1", "EQUILIBRIUM_DISCOVERY": "true",
-        "EQUILIBRIUM_KUBE_API": "http://127.0.0.1:1", "EQUILIBRIUM_KUBE_TOKEN_FILE": str(token),
-    })
-    assert on.transparent and on.discovery is not None
-    assert on.discovery.credentials.token_file == token
-    assert on.discovery.namespaces is None  # the pod's namespace is unknown here: cluster-wide
-    scoped = kube_config({"discovery": True, "kube_api": "http://127.0.0.1:1"},
-                         {"POD_NAMESPACE": "shop"})
-    assert scoped.discovery is not None
-    assert scoped.discovery.namespaces == ("shop",)  # default: the pod's own namespace
-    # a flag wins over the environment; a switch's variable off is off
-    flagged = kube_config({"discovery": True, "kube_api": "http://127.0.0.1:1"},
-                          {"EQUILIBRIUM_KUBE_API": "http://other:1",
-                           "EQUILIBRIUM_TRANSPARENT": "no"})
-    assert flagged.discovery is not None and not flagged.transparent
-    assert flagged.discovery.credentials.api_url == "http://127.0.0.1:1"
-    assert kube_config({"transparent": True}, {"EQUILIBRIUM_TRANSPARENT": "0"}).transparent
-
-
-def test_discovery_namespaces() -> None:
-    assert parse_namespaces("", "shop") == ("shop",)
-    assert parse_namespaces("", None) is None
-    assert parse_namespaces("*", "shop") is None
-    assert parse_namespaces("a, b,a", "shop") == ("a", "b")
-    with pytest.raises(ConfigError, match="not a namespace"):
-        parse_namespaces("Bad_NS", None)
-
-
-@pytest.mark.parametrize(
-    ("kw", "env", "message"),
-    [
-        ({"kube_api": "http://127.0.0.1:1"}, {}, "need --discovery"),
-        ({"discovery_namespaces": "*"}, {}, "need --discovery"),
-        ({"discovery": True}, {}, "KUBERNETES_SERVICE_HOST"),
-        ({"discovery": True, "kube_api": "ftp://x"}, {}, "http"),
-        ({"discovery": True, "kube_api": "http://127.0.0.1:1",
-          "kube_token_file": "/nonexistent/token"}, {}, "does not exist"),
-    ],
-)
-def test_bad_kube_settings_are_config_errors(kw: dict[str, Any], env: dict[str, str],
-                                             message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        kube_config(kw, env)
-
-
 @pytest.mark.parametrize(
     ("port", "protocol"),
     [
@@ -359,21 +228,3 @@ def test_routes_carry_each_groups_protocol() -> None:
     routes = routes_for([obj], [])
     assert routes.protocols == {"users.default.80": "http", "users.default.5432": "opaque",
                                 "users.default.81": "unknown"}
-
-
-@pytest.mark.parametrize(
-    ("data", "verdict"),
-    [
-        (b"GET / HTTP/1.1\r\n", True),
-        (b"OPTIONS ", True),
-        (b"DELETE /x", True),
-        (b"G", None),
-        (b"OPTIO", None),
-        (b"GETX", False),
-        (b"PRI * HTTP/2.0", False),  # HTTP/2 prior knowledge: not for the HTTP/1.1 proxy
-        (b"\x16\x03\x01\x02\x00", False),  # TLS ClientHello
-        (b"get / HTTP/1.1", False),
-    ],
-)
-def test_sniffing_recognises_http1_request_lines(data: bytes, verdict: bool | None) -> None:
-    assert sniff_http(data) is verdict

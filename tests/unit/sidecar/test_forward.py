@@ -1,4 +1,5 @@
-"""The proxy's pure rules, without processes: upstream names, hop-by-hop, retries, bodies.
+"""sidecar.forward: the header rules (hop-by-hop, forwarded headers, game headers, loops) and
+the bodiless answers.
 
 The process tests (test_sidecar_http, test_sidecar_retries) check the same rules end to end;
 these pin the edge cases that are awkward to produce on the wire.
@@ -6,8 +7,6 @@ these pin the edge cases that are awkward to produce on the wire.
 
 from __future__ import annotations
 
-import aiohttp
-import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.forward import (
@@ -17,26 +16,10 @@ from sidecar.forward import (
     response_headers_to_app,
     split_game_headers,
 )
-from sidecar.outbound import may_retry, upstream_name
-from sidecar.transport import classify, from_aiohttp
 
 
 def frozen(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(pairs))
-
-
-@pytest.mark.parametrize(
-    ("authority", "name"),
-    [
-        ("users", "users"),
-        ("Users:8080", "users"),
-        ("users.", "users"),
-        ("[::1]:15001", "::1"),
-        ("127.0.0.1:80", "127.0.0.1"),
-    ],
-)
-def test_upstream_name_ignores_port_and_case(authority: str, name: str) -> None:
-    assert upstream_name(authority) == name
 
 
 def test_every_connection_line_and_named_header_is_hop_by_hop() -> None:
@@ -82,33 +65,6 @@ def test_loop_detection_matches_whole_via_entries_only() -> None:
     assert not has_passed(frozen(("Via", "1.1 me-too")), "1.1 me")
 
 
-@pytest.mark.parametrize(
-    ("method", "has_body", "expected"),
-    [
-        ("GET", False, True),
-        ("HEAD", False, True),
-        ("OPTIONS", False, True),
-        ("PUT", False, True),
-        ("DELETE", False, True),
-        ("PUT", True, False),
-        ("GET", True, False),  # a streamed body cannot be replayed
-        ("POST", False, False),
-        ("PATCH", False, False),
-    ],
-)
-def test_retry_rule(method: str, has_body: bool, expected: bool) -> None:
-    assert may_retry(method, has_body) is expected
-
-
 def test_bodiless_answers() -> None:
     assert must_be_empty("HEAD", 200) and must_be_empty("GET", 204)
     assert must_be_empty("GET", 304) and not must_be_empty("GET", 200)
-
-
-def test_only_failures_before_sending_are_marked_safe_to_retry() -> None:
-    assert classify(ConnectionResetError()).nothing_received is False  # unknown OSError
-    assert classify(from_aiohttp(aiohttp.ServerDisconnectedError())).nothing_received is True
-    timeout = classify(TimeoutError())
-    assert (timeout.reason, timeout.status, timeout.nothing_received) == (
-        "upstream-timeout", 504, False,
-    )
