@@ -1,6 +1,7 @@
 """Hand-made signaling values the unit tests of the signaler and the sidecar's signaling share:
 the test mesh key, a clock reading, three endpoints (the third one bad), a summary a sidecar
-could send about them, and an upstream table that routes them."""
+could send about them, an upstream table that routes them, and three asymmetric latency
+models for the planning code."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ from dataclasses import replace
 from mesh.profiles import get_profile
 from sidecar.metrics import SidecarMetrics
 from sidecar.upstreams import UpstreamTable
+from signaler.latency_model import LatencyModel
 from wire.summary import RegretSummary
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
 NOW = 1_764_183_600.0
 EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003")
 BAD = EPS[2]
+
+# Asymmetric M/M/1 endpoints: fast-but-far, slow-but-near, small.
+ASYMMETRIC = (
+    LatencyModel(d=0.010, mu=10.0),
+    LatencyModel(d=0.020, mu=6.0),
+    LatencyModel(d=0.005, mu=4.0),
+)
 
 
 def summary(sidecar: str = "sc-1", **changes: object) -> RegretSummary:

@@ -1,5 +1,5 @@
-"""Correlated-equilibrium LPs: configuration LP vs naive joint LP, CE verification, a textbook
-game where a CE beats every Nash equilibrium, the size guard, and degenerate inputs."""
+"""signaler.lp: configuration LP vs naive joint LP, CE verification, a textbook game where a
+CE beats every Nash equilibrium, the size guard, and degenerate inputs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from signaler.lp import (
     solve_normal_form_ce,
     solve_with_highs,
 )
-from signaler.lp_bench import format_markdown, lp_solve_table
 from signaler.routing_game import (
     ce_gap,
     configuration_costs,
@@ -30,14 +29,7 @@ from signaler.routing_game import (
     latency_table,
     pure_nash_mask,
 )
-from signaler.system_optimum import polish_by_exchange, round_to_tokens, solve_system_optimum
-
-# Asymmetric M/M/1 endpoints: fast-but-far, slow-but-near, small.
-ASYMMETRIC = (
-    LatencyModel(d=0.010, mu=10.0),
-    LatencyModel(d=0.020, mu=6.0),
-    LatencyModel(d=0.005, mu=4.0),
-)
+from tests.signaling_samples import ASYMMETRIC
 
 
 def _assert_is_ce(solution: CESolution, models: tuple[LatencyModel, ...], lam: float) -> None:
@@ -49,13 +41,6 @@ def _assert_is_ce(solution: CESolution, models: tuple[LatencyModel, ...], lam: f
     assert solution.probabilities.sum() == pytest.approx(1.0)
     assert np.all(solution.probabilities >= 0)
     assert np.all(solution.configurations.sum(axis=1) == n)
-
-
-def test_enumeration_counts_and_covers_every_configuration() -> None:
-    configurations = enumerate_configurations(5, 3)
-    assert configurations.shape == (21, 3)  # C(7, 2)
-    assert np.all(configurations.sum(axis=1) == 5)
-    assert len({tuple(row) for row in configurations}) == 21
 
 
 @pytest.mark.parametrize(("n", "utilisation"), [(4, 0.6), (6, 0.6), (6, 0.85)])
@@ -202,41 +187,6 @@ def test_size_guard_solves_64x4_by_lp_and_16x8_by_system_optimum() -> None:
     assert fallback.objective == pytest.approx(best, rel=1e-12)
 
 
-def test_system_optimum_equalises_marginal_costs() -> None:
-    models = (LatencyModel(d=0.01, mu=30.0), LatencyModel(d=0.0, mu=10.0))
-    solution = solve_system_optimum(models, 1000, 0.02)  # demand 20, fine-grained tokens
-    flows = solution.configurations[0] * 0.02
-    marginals = [m.marginal_cost(x) for m, x in zip(models, flows, strict=True)]
-    assert marginals[0] == pytest.approx(marginals[1], rel=0.01)
-    assert solution.status == "optimal"
-    assert all(x <= m.knee_load for m, x in zip(models, flows, strict=True))
-
-
-def test_system_optimum_over_capacity_is_overloaded_not_an_error() -> None:
-    models = (LatencyModel(d=0.01, mu=10.0), LatencyModel(d=0.01, mu=5.0))
-    solution = solve_system_optimum(models, 30, 1.0)  # demand 30 > capacity 15
-    assert solution.status == "overloaded"
-    assert solution.configurations[0].sum() == 30
-    # Spread so both are past the knee: neither endpoint takes everything.
-    assert np.all(solution.configurations[0] > 0)
-
-
-def test_exchange_polish_reaches_the_integer_optimum_from_a_bad_start() -> None:
-    lam = 0.8 * sum(m.mu for m in ASYMMETRIC) / 12
-    table = latency_table(ASYMMETRIC, 13, lam)
-    polished = polish_by_exchange(np.array([12, 0, 0]), table)
-    configurations = enumerate_configurations(12, 3)
-    costs = configuration_costs(configurations, table)
-    assert configuration_costs(polished[None, :], table)[0] == pytest.approx(costs.min())
-
-
-def test_round_to_tokens_keeps_total_and_proportions() -> None:
-    assert round_to_tokens(np.array([1.5, 1.5, 1.0]), 4).tolist() == [2, 1, 1]
-    assert round_to_tokens(np.array([0.2, 0.3, 0.5]), 10).tolist() == [2, 3, 5]
-    with pytest.raises(ValueError):
-        round_to_tokens(np.array([np.nan, 1.0]), 3)
-
-
 def test_single_endpoint_is_trivial() -> None:
     solution = CorrelatedEquilibriumLP((LatencyModel(d=0.01, mu=10.0),), 7, 1.0).solve()
     assert solution.status == "trivial"
@@ -296,23 +246,3 @@ def test_infeasible_or_unbounded_programs_raise_solver_error() -> None:
     unbounded = cp.Problem(cp.Maximize(cp.sum(x)), [x[0] >= 1])
     with pytest.raises(SolverError, match="unbounded"):
         solve_with_highs(unbounded, "toy LP")
-
-
-def test_solution_arrays_are_read_only() -> None:
-    solution = CorrelatedEquilibriumLP(ASYMMETRIC, 4, 2.0).solve()
-    with pytest.raises(ValueError):
-        solution.probabilities[0] = 0.5
-
-
-def test_benchmark_table_rows_and_markdown() -> None:
-    rows = lp_solve_table([(4, 2), (6, 3)], repeats=1, regret_rounds=200, regret_runs=1)
-    assert [(r["tokens"], r["endpoints"]) for r in rows] == [(4, 2), (6, 3)]
-    for row in rows:
-        assert row["method"] == "configuration-lp"
-        assert row["system_optimum_ms"] <= row["best_ce_ms"] + 1e-9
-        assert row["best_ce_ms"] <= row["pure_nash_ms"] + 1e-9
-        assert row["pure_nash_ms"] <= row["worst_pure_nash_ms"]
-        assert row["ce_gap"] <= 1e-6
-    table = format_markdown(rows)
-    lines = table.strip().splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| 4 × 2 | 5 | configuration-lp")

@@ -1,4 +1,5 @@
-"""Tokens: demand quantisation, sampling a configuration, and dealing private weights."""
+"""signaler.tokens: demand quantisation, sampling a configuration, dealing private weights,
+and the steady deal that moves only the surplus."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from signaler.latency_model import LatencyModel
 from signaler.lp import CorrelatedEquilibriumLP
-from signaler.tokens import assign_tokens, quantise_demand, sample_configuration
+from signaler.tokens import assign_tokens, quantise_demand, sample_configuration, steady_deal
 
 MODELS = (
     LatencyModel(d=0.010, mu=10.0),
@@ -130,3 +131,40 @@ def test_sampling_is_reproducible_with_the_same_seed() -> None:
     first = [sample_configuration(solution, np.random.default_rng(5)).tolist() for _ in range(3)]
     again = [sample_configuration(solution, np.random.default_rng(5)).tolist() for _ in range(3)]
     assert first == again
+
+
+def test_steady_deal_moves_only_the_surplus() -> None:
+    rng = np.random.default_rng(0)
+    previous = {"a": {0: 2, 1: 1}, "b": {1: 2, 2: 1}, "c": {0: 1, 2: 1}}
+    same = steady_deal([3, 3, 2], {"a": 3, "b": 3, "c": 2}, previous, rng)
+    assert same == previous
+    # one token leaves endpoint 0 for endpoint 1: exactly one token of a or c moves
+    after = steady_deal([2, 4, 2], {"a": 3, "b": 3, "c": 2}, previous, rng)
+    assert after["b"] == previous["b"]
+    changed = [s for s in "ac" if after[s] != previous[s]]
+    assert len(changed) == 1
+    s = changed[0]
+    assert after[s].get(0, 0) == previous[s][0] - 1
+    assert after[s].get(1, 0) == previous[s].get(1, 0) + 1
+    # a sidecar whose count shrinks gives tokens back, a new one is dealt fresh ones
+    grown = steady_deal([2, 4, 2, 0], {"a": 2, "b": 3, "c": 2, "d": 1}, previous, rng)
+    assert sum(grown["a"].values()) == 2 and sum(grown["d"].values()) == 1
+    assert grown["b"] == previous["b"]
+    with pytest.raises(ValueError, match="demands add up"):
+        steady_deal([1, 1], {"a": 3}, {}, rng)
+
+
+def test_steady_deal_keeps_each_token_told_j_with_probability_c_j_over_n() -> None:
+    # a uniform first deal, then a re-deal to another configuration: sidecar a (2 of 8 tokens)
+    # is still told endpoint j with probability c_j / n, whatever it held before
+    rng = np.random.default_rng(11)
+    demands = {"a": 2, "b": 3, "c": 3}
+    new = np.array([1, 2, 5])
+    total = np.zeros(3)
+    trials = 3000
+    for _ in range(trials):
+        first = steady_deal([4, 4, 0], demands, {}, rng)
+        second = steady_deal(new, demands, first, rng)
+        for j, c in second["a"].items():
+            total[j] += c
+    assert total / trials == pytest.approx(2 * new / new.sum(), abs=0.05)
