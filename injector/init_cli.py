@@ -13,7 +13,7 @@ starts with IPv4 interception); ``--ipv6`` forces IPv6 and makes any failure fat
 Every decision is one log line.
 
 This starts in every meshed pod, so its imports stay light: no numpy (the strategy-profile
-names come from ``mesh.profile_names``); tests/unit/test_injector_init_imports.py checks it.
+names come from ``mesh.profile_names``); tests/unit/injector/test_init_cli.py checks it.
 """
 
 from __future__ import annotations

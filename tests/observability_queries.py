@@ -3,7 +3,7 @@
 Reads the plain rules file, the PrometheusRule and the Grafana dashboard, and pulls out of
 their PromQL the metric names, the labels each selector matches on and the labels each
 aggregation groups by, so tests can check them against the metrics the code really exports
-(``tests/unit/test_observability_files.py`` against the metric classes,
+(``tests/unit/k8s/test_observability.py`` against the metric classes,
 ``tests/integration/test_observability.py`` against a real ``/metrics`` scrape). A pattern
 reader, not a PromQL parser: it covers the constructs these files use.
 """

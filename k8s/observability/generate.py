@@ -5,7 +5,7 @@
 - ``grafana-dashboard.json``, the Grafana (9/10) dashboard, from :func:`dashboard` below.
 
 Run ``python k8s/observability/generate.py`` after editing either source;
-``tests/unit/test_observability_files.py`` fails when a committed file is not what this script
+``tests/unit/k8s/test_observability.py`` fails when a committed file is not what this script
 renders. Metric names and labels come from sidecar/metrics.py and signaler/metrics.py
 (tests/unit/test_metric_families.py lists them);
 ``tests/integration/test_observability.py`` checks every name against real ``/metrics`` output.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate k8s/install.yaml from the kustomize sources in k8s/base (needs kubectl >= 1.14,
-# which embeds kustomize). tests/unit/test_manifests.py runs the same rendering and fails when
+# which embeds kustomize). tests/unit/k8s/test_manifests.py runs the same rendering and fails when
 # the committed file differs.
 set -euo pipefail
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -21,7 +21,6 @@ from equilibrium.lab.embedded_redis import (
     find_redis_server,
 )
 from tests.redis_fixture import (
-    LOCAL_BINARY,
     TESTCONTAINERS,
     RedisHandle,
     available_kinds,
@@ -101,14 +100,6 @@ def test_crash_and_restart_keep_the_url(redis_server_factory: Factory, kind: str
     server.restart(graceful=True)
     assert server.url == url
     assert redis.Redis.from_url(url, socket_timeout=2).get("k") is None
-
-
-def test_kind_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EQUILIBRIUM_REDIS_KIND", LOCAL_BINARY)
-    assert choose_kind() == LOCAL_BINARY
-    monkeypatch.setenv("EQUILIBRIUM_REDIS_KIND", "valkey")
-    with pytest.raises(ValueError, match="EQUILIBRIUM_REDIS_KIND"):
-        choose_kind()
 
 
 def test_required_docker_fails_instead_of_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,19 +1,16 @@
-"""Sidecar configuration: precedence flags > env > file > defaults, and clear rejection.
+"""The real ``equilibrium sidecar`` command and its configuration: it honours the environment
+and the file, and exits 2 (bad settings) or 1 (a port in use) with a message.
 
-The precedence rules are checked on ``ConfigSource`` directly (pure, fast); the process tests
-check that the real command honours them and exits 2 with a message on bad input.
+The precedence and rejection rules themselves are checked on ``ConfigSource`` in
+tests/unit/sidecar/test_config.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from pathlib import Path
 
-import pytest
-
-from sidecar.config import ConfigError, ConfigSource, ListenAddress, parse_listen
 from tests.integration.procs import (
     async_start_sidecar,
     async_stop,
@@ -23,91 +20,9 @@ from tests.integration.procs import (
 )
 
 
-def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        "id: from-file\nstrategy: conservative\npolicy: peak-ewma\ndrain-timeout: 7\n"
-        "upstreams:\n  a: [http://10.0.0.1:80]\n  b: http://10.0.0.2,http://10.0.0.3:81\n"
-    )
-    only_file = ConfigSource.from_sources({"config": str(path)}, env={}).load()
-    assert only_file.id == "from-file" and only_file.strategy == "conservative"
-    assert only_file.policy == "peak-ewma" and only_file.drain_timeout == 7.0
-    assert dict(only_file.upstreams) == {
-        "a": ("http://10.0.0.1:80",),
-        "b": ("http://10.0.0.2:80", "http://10.0.0.3:81"),
-    }
-    assert only_file.outbound == ListenAddress("127.0.0.1", 15001)  # default
-
-    env = {
-        "EQUILIBRIUM_ID": "from-env",
-        "EQUILIBRIUM_UPSTREAMS": "c=http://10.0.0.9:90;d=http://10.0.0.8",
-        "EQUILIBRIUM_OUTBOUND": "0.0.0.0:16001",
-    }
-    with_env = ConfigSource.from_sources({"config": str(path)}, env=env).load()
-    assert with_env.id == "from-env" and with_env.strategy == "conservative"
-    assert set(with_env.upstreams) == {"c", "d"}  # a layer's upstreams replace, not merge
-    assert with_env.outbound == ListenAddress("0.0.0.0", 16001)
-
-    flags = {
-        "config": str(path), "id": "from-flag", "upstreams": ["e=http://127.0.0.1:1"],
-        "strategy": "aggressive-learning",
-    }
-    with_flags = ConfigSource.from_sources(flags, env=env).load()
-    assert (with_flags.id, with_flags.strategy) == ("from-flag", "aggressive-learning")
-    assert dict(with_flags.upstreams) == {"e": ("http://127.0.0.1:1",)}
-    assert with_flags.sources["upstreams"] == "command line"
-    assert with_flags.sources["policy"].startswith("config file")
-
-
-def test_config_file_path_may_come_from_the_environment(tmp_path: Path) -> None:
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"upstreams": {"Users": ["http://[::1]:8080"]}}))
-    config = ConfigSource.from_sources({}, env={"EQUILIBRIUM_CONFIG": str(path)}).load()
-    assert dict(config.upstreams) == {"users": ("http://[::1]:8080",)}
-
-
-@pytest.mark.parametrize(
-    ("flags", "env", "file_text", "message"),
-    [
-        ({"upstreams": ["users"]}, {}, None, "NAME=URL"),
-        ({"upstreams": ["users=ftp://x"]}, {}, None, "http://"),
-        ({"upstreams": ["users=http://x/path"]}, {}, None, "scheme://host[:port] only"),
-        ({"upstreams": ["a=http://x", "a=http://y"]}, {}, None, "given twice"),
-        ({"strategy": "reckless"}, {}, None, "balanced"),
-        ({"policy": "fastest"}, {}, None, "round-robin"),
-        ({"outbound": "localhost"}, {}, None, "HOST:PORT"),
-        ({"admin": "127.0.0.1:70000"}, {}, None, "out of range"),
-        ({"outbound": "::1:15001"}, {}, None, "brackets"),
-        ({"discovery_namespaces": "*"}, {}, None, "need --discovery"),
-        ({}, {"EQUILIBRIUM_DISCOVERY": "1"}, None, "KUBERNETES_SERVICE_HOST"),
-        ({}, {"EQUILIBRIUM_DRAIN_TIMEOUT": "soon"}, None, "environment: drain_timeout"),
-        ({}, {}, "listen: 1\n", "unknown key 'listen'"),
-        ({}, {}, "- just\n- a list\n", "top level must be a mapping"),
-        ({}, {}, "upstreams: {a: [1]}\n", "is not a string"),
-        ({}, {}, "upstreams: [\n", "not valid YAML/JSON"),
-    ],
-)
-def test_bad_settings_are_rejected_with_the_setting_named(
-    tmp_path: Path, flags: dict, env: dict, file_text: str | None, message: str
-) -> None:
-    if file_text is not None:
-        path = tmp_path / "bad.yaml"
-        path.write_text(file_text)
-        flags = {**flags, "config": str(path)}
-    with pytest.raises(ConfigError) as info:
-        ConfigSource.from_sources(flags, env=env).load()
-    assert message in str(info.value)
-
-
-def test_listen_address_forms() -> None:
-    assert parse_listen("[::1]:15001") == ListenAddress("::1", 15001)
-    assert parse_listen(":15001") == ListenAddress("127.0.0.1", 15001)
-    assert str(parse_listen("[::1]:1")) == "[::1]:1"
-
-
 async def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
-    # every rule is checked on ConfigSource above; here: the process maps them to exit 2
+    # every rule is checked on ConfigSource in the unit tests; here: the process maps them to exit 2
     cases = [
         (["sidecar", "--upstream", "users=not a url", "--strategy", "balanced"], {}),
         (["sidecar", "--config", str(missing)], {"EQUILIBRIUM_UPSTREAMS": "a=http://x;;b"}),

@@ -1,0 +1,1 @@
+"""Unit tests of the ``equilibrium`` package (the CLI and the lab)."""

@@ -1,0 +1,1 @@
+"""Unit tests of ``equilibrium.lab``, one file per module."""

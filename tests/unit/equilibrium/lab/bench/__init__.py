@@ -1,0 +1,1 @@
+"""Unit tests of ``equilibrium.lab.bench``, one file per module."""

@@ -1,0 +1,1 @@
+"""Unit tests of ``equilibrium.lab.demo``, one file per module."""

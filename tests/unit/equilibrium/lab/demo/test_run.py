@@ -1,0 +1,25 @@
+"""equilibrium.lab.demo.run: the recovery phase's summary on hand-made records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def test_recovery_phase_reports_readmission_time_and_peak_share(tmp_path: Path) -> None:
+    from equilibrium.lab.demo.run import DemoConfig, DemoRun, RecoveryPhase
+    from equilibrium.lab.loadgen import Record
+
+    run = DemoRun(config=DemoConfig(pods=5, bad=4, duration=6.0), logs=tmp_path, t0=100.0)
+    # pod-4 gets 1 % until t=3, then 5 %, 12 %, 18 % (one second each, 100 requests a second)
+    per_second = [1, 1, 1, 5, 12, 18]
+    seq = 0
+    for second, bad in enumerate(per_second):
+        for i in range(100):
+            pod = "pod-4" if i < bad else f"pod-{i % 4}"
+            run.records.append(Record("c", seq, 100.0 + second + i / 100, 0.01, 200, pod))
+            seq += 1
+    summary = RecoveryPhase(at=2.0).summary(run)
+    assert summary["re-admitted to half its fair traffic (10%) after (s)"] == 3.0
+    assert summary["largest 1 s share after recovery (fair share 20%)"] == 0.18
+    never = RecoveryPhase(at=5.5).summary(run)
+    assert never["re-admitted to half its fair traffic (10%) after (s)"] == "not within the run"

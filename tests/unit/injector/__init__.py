@@ -1,0 +1,1 @@
+"""Unit tests of the ``injector`` package, one file per module."""

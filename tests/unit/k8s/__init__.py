@@ -1,0 +1,1 @@
+"""Unit tests of the shipped Kubernetes files in ``k8s/`` (manifests, alerts, dashboard)."""

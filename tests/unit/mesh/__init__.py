@@ -1,0 +1,1 @@
+"""Unit tests of the ``mesh`` package, one file per module."""

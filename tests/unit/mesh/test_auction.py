@@ -1,0 +1,259 @@
+"""mesh.auction: budgets, the second-price clearing of the wait queue, and its snapshot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.auction import Admission, AuctionParams, BidBudget, Queued, Rejected, SecondPriceAuction
+
+
+def _auction(**kw: float) -> SecondPriceAuction:
+    params = {"budget_rate": 0.0, "budget_cap": 100.0, "max_queue": 100}
+    params.update(kw)
+    return SecondPriceAuction(AuctionParams(**params))  # type: ignore[arg-type]
+
+
+# --- budgets --------------------------------------------------------------------------------
+
+
+def test_budget_starts_full_refills_at_its_rate_and_stops_at_the_cap() -> None:
+    budget = BidBudget(rate=2.0, cap=10.0, now=0.0)
+    assert budget.balance(0.0) == 10.0
+    assert budget.reserve(4.0, 0.0) == 4.0
+    budget.settle(4.0, 4.0, 0.0)
+    assert budget.balance(0.0) == 6.0
+    assert budget.balance(1.0) == 8.0
+    assert budget.balance(100.0) == 10.0
+
+
+def test_bids_above_the_remaining_budget_are_capped() -> None:
+    auction = _auction(budget_cap=4.0)
+    queued = auction.offer("r1", "a", 9.0, now=0.0, slot_available=False)
+    assert isinstance(queued, Queued) and queued.bid == 4.0
+    # the first bid reserved the whole budget: a second one from the same caller bids 0
+    second = auction.offer("r2", "a", 9.0, now=0.0, slot_available=False)
+    assert isinstance(second, Queued) and second.bid == 0.0
+
+
+# --- clearing -------------------------------------------------------------------------------
+
+
+def test_uncongested_requests_are_admitted_at_once_for_free() -> None:
+    auction = _auction()
+    result = auction.offer("r1", "a", 7.0, now=0.0, slot_available=True)
+    assert result == Admission("r1", "a", 7.0, 0.0, 0.0)
+    assert auction.budget("a", 0.0).balance(0.0) == 100.0
+
+
+def test_second_price_winner_of_5_3_1_pays_3() -> None:
+    auction = _auction()
+    for request_id, caller, bid in (("r1", "a", 1.0), ("r2", "b", 5.0), ("r3", "c", 3.0)):
+        assert isinstance(auction.offer(request_id, caller, bid, 0.0, False), Queued)
+    (won,) = auction.release(now=0.5, slots=1)
+    assert (won.request_id, won.bid, won.price, won.waited) == ("r2", 5.0, 3.0, 0.5)
+    assert auction.budget("b", 0.5).balance(0.5) == 97.0
+    assert auction.budget("c", 0.5).reserved == 3.0  # losers keep waiting, still reserved
+    # the next slot: 3 wins against 1 and pays 1; then 1 wins alone and pays 0
+    assert [(a.request_id, a.price) for a in auction.release(1.0)] == [("r3", 1.0)]
+    assert [(a.request_id, a.price) for a in auction.release(1.0)] == [("r1", 0.0)]
+    assert auction.release(1.0) == []
+
+
+def test_k_slots_go_to_the_k_highest_bids_at_the_highest_losing_bid() -> None:
+    auction = _auction()
+    for i, bid in enumerate((5.0, 3.0, 1.0, 4.0)):
+        auction.offer(f"r{i}", f"c{i}", bid, 0.0, False)
+    admitted = auction.release(0.0, slots=2)
+    assert [(a.request_id, a.price) for a in admitted] == [("r0", 3.0), ("r3", 3.0)]
+
+
+def test_ties_go_to_the_earliest_arrival_and_pay_their_own_bid() -> None:
+    auction = _auction()
+    auction.offer("late-ish", "a", 2.0, 0.0, False)
+    auction.offer("first", "b", 6.0, 1.0, False)
+    auction.offer("second", "c", 6.0, 2.0, False)
+    (won,) = auction.release(3.0)
+    assert (won.request_id, won.price) == ("first", 6.0)
+
+
+def test_expired_waiters_leave_in_arrival_order_and_release_their_reservation() -> None:
+    auction = _auction()
+    auction.offer("old", "a", 10.0, 0.0, False)
+    auction.offer("new", "b", 1.0, 5.0, False)
+    assert auction.expire(now=6.0, max_wait=5.5) == ["old"]
+    assert auction.budget("a", 6.0).reserved == 0.0
+    assert auction.budget("a", 6.0).balance(6.0) == 100.0
+    (won,) = auction.release(6.0)
+    assert (won.request_id, won.price) == ("new", 0.0)
+
+
+def test_a_full_queue_evicts_its_lowest_bid_for_a_higher_one_and_rejects_lower_ones() -> None:
+    auction = _auction(max_queue=2)
+    auction.offer("r1", "a", 2.0, 0.0, False)
+    auction.offer("r2", "b", 1.0, 0.0, False)
+    low = auction.offer("r3", "c", 1.0, 0.0, False)
+    assert isinstance(low, Rejected)
+    high = auction.offer("r4", "d", 3.0, 0.0, False)
+    assert isinstance(high, Queued) and high.evicted == "r2" and high.queue_length == 2
+    assert auction.budget("b", 0.0).reserved == 0.0
+    assert [a.request_id for a in auction.release(0.0, slots=5)] == ["r4", "r1"]
+
+
+def test_a_free_slot_cannot_jump_the_queue() -> None:
+    auction = _auction()
+    auction.offer("r1", "a", 3.0, 0.0, False)
+    with pytest.raises(ValueError, match="release"):
+        auction.offer("r2", "b", 9.0, 0.0, slot_available=True)
+
+
+def test_cancel_removes_a_waiter() -> None:
+    auction = _auction()
+    auction.offer("r1", "a", 3.0, 0.0, False)
+    assert auction.cancel("r1", 0.0) and not auction.cancel("r1", 0.0)
+    assert len(auction) == 0 and auction.budget("a", 0.0).reserved == 0.0
+
+
+def test_budget_book_is_bounded() -> None:
+    auction = _auction(max_callers=3)
+    for i in range(10):
+        auction.offer(f"r{i}", f"caller{i}", 1.0, float(i), True)
+    assert auction.tracked_callers == 3
+
+
+# --- properties -----------------------------------------------------------------------------
+
+_step = st.one_of(
+    st.tuples(st.just("offer"), st.sampled_from("abc"), st.floats(0, 1e6), st.booleans()),
+    st.tuples(st.just("release"), st.integers(0, 3)),
+    st.tuples(st.just("expire"), st.floats(0, 3)),
+    st.tuples(st.just("wait"), st.floats(0, 5)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_step, max_size=60))
+def test_nobody_pays_more_than_their_bid_and_budgets_stay_non_negative(steps) -> None:
+    auction = _auction(budget_rate=1.0, budget_cap=20.0, max_queue=4)
+    now, n = 0.0, 0
+    spent: dict[str, float] = {}
+    for step in steps:
+        if step[0] == "offer":
+            n += 1
+            result = auction.offer(f"r{n}", step[1], step[2], now, step[3] and not auction)
+            admitted = [result] if isinstance(result, Admission) else []
+            if isinstance(result, Queued):
+                assert result.bid <= step[2]
+        elif step[0] == "release":
+            admitted = auction.release(now, step[1])
+        elif step[0] == "expire":
+            auction.expire(now, step[1])
+            admitted = []
+        else:
+            now += step[1]
+            admitted = []
+        for admission in admitted:
+            assert 0.0 <= admission.price <= admission.bid
+            assert not math.isnan(admission.price)
+            spent[admission.caller] = spent.get(admission.caller, 0.0) + admission.price
+        for caller in "abc":
+            budget = auction.budget(caller, now)
+            assert budget.balance(now) >= 0.0
+            assert budget.reserved <= budget.balance(now) + 1e-9
+    # everyone's spending is bounded by what they could have earned
+    for total in spent.values():
+        assert total <= 20.0 + 1.0 * now + 1e-9
+
+
+# --- the auction in front of a saturated app --------------------------------------------------
+
+
+def test_under_overload_high_bids_wait_less_and_pay_the_second_price() -> None:
+    """A discrete-event run of the inbound path: limiter + auction in front of an app with 4
+    workers of 10 ms (400/s), offered 500/s for 4 s, alternating bids of 5 ("hi") and 1
+    ("lo"); waiters expire after 1 s. This is the call sequence the sidecar performs."""
+    import heapq
+
+    from mesh.concurrency import AdaptiveConcurrencyLimit
+
+    limiter = AdaptiveConcurrencyLimit()
+    auction = _auction(budget_rate=1000.0, budget_cap=1000.0, max_queue=1000)
+    workers_free = [0.0] * 4
+    events: list[tuple[float, int, str, str]] = []  # (time, seq, kind, request id)
+    for i in range(2000):
+        heapq.heappush(events, (i / 500.0, i, "arrive", f"r{i}"))
+    arrived: dict[str, float] = {}
+    waits: dict[str, list[float]] = {"hi": [], "lo": []}
+    expired = {"hi": 0, "lo": 0}
+    started: dict[str, float] = {}
+    seq = 2000
+
+    def start(request_id: str, now: float) -> None:
+        nonlocal seq
+        free_at = heapq.heappop(workers_free)
+        done = max(now, free_at) + 0.01
+        heapq.heappush(workers_free, done)
+        started[request_id] = now
+        seq += 1
+        heapq.heappush(events, (done, seq, "finish", request_id))
+
+    def admit(admission: Admission, now: float) -> None:
+        assert 0.0 <= admission.price <= admission.bid
+        if admission.price > 0:
+            assert admission.price in (1.0, 5.0)  # always someone else's bid
+        waits[admission.caller].append(now - arrived[admission.request_id])
+        start(admission.request_id, now)
+
+    while events:
+        now, _, kind, request_id = heapq.heappop(events)
+        for gone in auction.expire(now, max_wait=1.0):
+            expired["hi" if int(gone[1:]) % 2 == 0 else "lo"] += 1
+        if kind == "arrive":
+            caller = "hi" if int(request_id[1:]) % 2 == 0 else "lo"
+            arrived[request_id] = now
+            free = auction.queue_length == 0 and limiter.on_start(now)
+            outcome = auction.offer(request_id, caller, 5.0 if caller == "hi" else 1.0, now, free)
+            if isinstance(outcome, Admission):
+                admit(outcome, now)
+        else:
+            limiter.on_finish(now - started.pop(request_id), now)
+            for admission in auction.release(now, slots=limiter.available()):
+                assert limiter.on_start(now)
+                admit(admission, now)
+
+    def p99(values: list[float]) -> float:
+        return sorted(values)[int(0.99 * (len(values) - 1))]
+
+    assert expired["hi"] == 0 and expired["lo"] > 100  # the overload falls on the low bids
+    assert p99(waits["hi"]) < 0.1
+    assert p99(waits["lo"]) > 5 * p99(waits["hi"])
+    assert len(waits["hi"]) == 1000
+
+
+def test_auction_snapshot_shows_the_queue_price_and_budgets_without_creating_any() -> None:
+    auction = SecondPriceAuction(AuctionParams(budget_rate=1.0, budget_cap=10.0))
+    assert isinstance(auction.offer("r1", "x", 5.0, 0.0, False), Queued)
+    assert isinstance(auction.offer("r2", "y", 3.0, 0.0, False), Queued)
+    snap = auction.snapshot(1.0, ["x", "y", "never-bid"])
+    assert snap.queue_length == 2 and snap.highest_waiting_bid == 5.0 and snap.last_price == 0
+    assert set(snap.budgets) == {"x", "y"} and snap.tracked_callers == 2
+    assert auction.tracked_callers == 2  # no budget was created for "never-bid"
+    x = snap.budgets["x"]
+    assert (x.balance, x.reserved, x.available, x.cap) == (10.0, 5.0, 5.0, 10.0)
+
+    (winner,) = auction.release(2.0, 1)  # x wins and pays y's bid
+    snap = auction.snapshot(4.0, ["x"])
+    assert winner.price == 3.0 and snap.last_price == 3.0 and snap.queue_length == 1
+    assert snap.budgets["x"].balance == pytest.approx(7.0 + 2.0)  # refilled 1/s since 2.0
+    assert snap.budgets["x"].reserved == 0.0
+
+
+def test_budget_balance_at_reads_without_refilling() -> None:
+    budget = BidBudget(rate=1.0, cap=10.0, now=0.0)
+    budget.settle(budget.reserve(6.0, 0.0), 6.0, 0.0)
+    assert budget.balance_at(3.0) == 7.0
+    assert budget.balance(1.0) == 5.0  # the earlier look did not move the budget forward
+    assert budget.balance_at(100.0) == 10.0

@@ -1,0 +1,1 @@
+"""Unit tests of the ``sidecar`` package, one file per module."""

@@ -1,0 +1,1 @@
+"""Unit tests of ``sidecar.discovery``, one file per module."""

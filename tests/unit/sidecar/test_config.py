@@ -1,0 +1,161 @@
+"""sidecar.config: precedence flags > env > file > defaults, clear rejection with the setting
+named, the listen address forms, and the Kubernetes settings (discovery, transparent, the API).
+
+On ``ConfigSource`` directly; tests/integration/test_sidecar_config.py checks that the real
+command honours them and exits 2 with a message on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import (
+    ConfigError,
+    ConfigSource,
+    ListenAddress,
+    SidecarConfig,
+    parse_listen,
+    parse_namespaces,
+)
+
+
+def kube_config(flags: dict[str, Any], env: dict[str, str]) -> SidecarConfig:
+    """The config the command line builds from these Kubernetes flags and environment."""
+    return ConfigSource.from_sources(flags, env=env).load()
+
+
+def test_kube_flags_and_environment(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t")
+    off = kube_config({}, {})
+    assert not off.transparent and off.discovery is None
+    on = kube_config({}, {
+        "EQUILIBRIUM_TRANSPARENT": "1", "EQUILIBRIUM_DISCOVERY": "true",
+        "EQUILIBRIUM_KUBE_API": "http://127.0.0.1:1", "EQUILIBRIUM_KUBE_TOKEN_FILE": str(token),
+    })
+    assert on.transparent and on.discovery is not None
+    assert on.discovery.credentials.token_file == token
+    assert on.discovery.namespaces is None  # the pod's namespace is unknown here: cluster-wide
+    scoped = kube_config({"discovery": True, "kube_api": "http://127.0.0.1:1"},
+                         {"POD_NAMESPACE": "shop"})
+    assert scoped.discovery is not None
+    assert scoped.discovery.namespaces == ("shop",)  # default: the pod's own namespace
+    # a flag wins over the environment; a switch's variable off is off
+    flagged = kube_config({"discovery": True, "kube_api": "http://127.0.0.1:1"},
+                          {"EQUILIBRIUM_KUBE_API": "http://other:1",
+                           "EQUILIBRIUM_TRANSPARENT": "no"})
+    assert flagged.discovery is not None and not flagged.transparent
+    assert flagged.discovery.credentials.api_url == "http://127.0.0.1:1"
+    assert kube_config({"transparent": True}, {"EQUILIBRIUM_TRANSPARENT": "0"}).transparent
+
+
+def test_discovery_namespaces() -> None:
+    assert parse_namespaces("", "shop") == ("shop",)
+    assert parse_namespaces("", None) is None
+    assert parse_namespaces("*", "shop") is None
+    assert parse_namespaces("a, b,a", "shop") == ("a", "b")
+    with pytest.raises(ConfigError, match="not a namespace"):
+        parse_namespaces("Bad_NS", None)
+
+
+@pytest.mark.parametrize(
+    ("kw", "env", "message"),
+    [
+        ({"kube_api": "http://127.0.0.1:1"}, {}, "need --discovery"),
+        ({"discovery_namespaces": "*"}, {}, "need --discovery"),
+        ({"discovery": True}, {}, "KUBERNETES_SERVICE_HOST"),
+        ({"discovery": True, "kube_api": "ftp://x"}, {}, "http"),
+        ({"discovery": True, "kube_api": "http://127.0.0.1:1",
+          "kube_token_file": "/nonexistent/token"}, {}, "does not exist"),
+    ],
+)
+def test_bad_kube_settings_are_config_errors(kw: dict[str, Any], env: dict[str, str],
+                                             message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        kube_config(kw, env)
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "id: from-file\nstrategy: conservative\npolicy: peak-ewma\ndrain-timeout: 7\n"
+        "upstreams:\n  a: [http://10.0.0.1:80]\n  b: http://10.0.0.2,http://10.0.0.3:81\n"
+    )
+    only_file = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    assert only_file.id == "from-file" and only_file.strategy == "conservative"
+    assert only_file.policy == "peak-ewma" and only_file.drain_timeout == 7.0
+    assert dict(only_file.upstreams) == {
+        "a": ("http://10.0.0.1:80",),
+        "b": ("http://10.0.0.2:80", "http://10.0.0.3:81"),
+    }
+    assert only_file.outbound == ListenAddress("127.0.0.1", 15001)  # default
+
+    env = {
+        "EQUILIBRIUM_ID": "from-env",
+        "EQUILIBRIUM_UPSTREAMS": "c=http://10.0.0.9:90;d=http://10.0.0.8",
+        "EQUILIBRIUM_OUTBOUND": "0.0.0.0:16001",
+    }
+    with_env = ConfigSource.from_sources({"config": str(path)}, env=env).load()
+    assert with_env.id == "from-env" and with_env.strategy == "conservative"
+    assert set(with_env.upstreams) == {"c", "d"}  # a layer's upstreams replace, not merge
+    assert with_env.outbound == ListenAddress("0.0.0.0", 16001)
+
+    flags = {
+        "config": str(path), "id": "from-flag", "upstreams": ["e=http://127.0.0.1:1"],
+        "strategy": "aggressive-learning",
+    }
+    with_flags = ConfigSource.from_sources(flags, env=env).load()
+    assert (with_flags.id, with_flags.strategy) == ("from-flag", "aggressive-learning")
+    assert dict(with_flags.upstreams) == {"e": ("http://127.0.0.1:1",)}
+    assert with_flags.sources["upstreams"] == "command line"
+    assert with_flags.sources["policy"].startswith("config file")
+
+
+def test_config_file_path_may_come_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"upstreams": {"Users": ["http://[::1]:8080"]}}))
+    config = ConfigSource.from_sources({}, env={"EQUILIBRIUM_CONFIG": str(path)}).load()
+    assert dict(config.upstreams) == {"users": ("http://[::1]:8080",)}
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "file_text", "message"),
+    [
+        ({"upstreams": ["users"]}, {}, None, "NAME=URL"),
+        ({"upstreams": ["users=ftp://x"]}, {}, None, "http://"),
+        ({"upstreams": ["users=http://x/path"]}, {}, None, "scheme://host[:port] only"),
+        ({"upstreams": ["a=http://x", "a=http://y"]}, {}, None, "given twice"),
+        ({"strategy": "reckless"}, {}, None, "balanced"),
+        ({"policy": "fastest"}, {}, None, "round-robin"),
+        ({"outbound": "localhost"}, {}, None, "HOST:PORT"),
+        ({"admin": "127.0.0.1:70000"}, {}, None, "out of range"),
+        ({"outbound": "::1:15001"}, {}, None, "brackets"),
+        ({"discovery_namespaces": "*"}, {}, None, "need --discovery"),
+        ({}, {"EQUILIBRIUM_DISCOVERY": "1"}, None, "KUBERNETES_SERVICE_HOST"),
+        ({}, {"EQUILIBRIUM_DRAIN_TIMEOUT": "soon"}, None, "environment: drain_timeout"),
+        ({}, {}, "listen: 1\n", "unknown key 'listen'"),
+        ({}, {}, "- just\n- a list\n", "top level must be a mapping"),
+        ({}, {}, "upstreams: {a: [1]}\n", "is not a string"),
+        ({}, {}, "upstreams: [\n", "not valid YAML/JSON"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_setting_named(
+    tmp_path: Path, flags: dict, env: dict, file_text: str | None, message: str
+) -> None:
+    if file_text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(file_text)
+        flags = {**flags, "config": str(path)}
+    with pytest.raises(ConfigError) as info:
+        ConfigSource.from_sources(flags, env=env).load()
+    assert message in str(info.value)
+
+
+def test_listen_address_forms() -> None:
+    assert parse_listen("[::1]:15001") == ListenAddress("::1", 15001)
+    assert parse_listen(":15001") == ListenAddress("127.0.0.1", 15001)
+    assert str(parse_listen("[::1]:1")) == "[::1]:1"

@@ -1,0 +1,70 @@
+"""sidecar.forward: the header rules (hop-by-hop, forwarded headers, game headers, loops) and
+the bodiless answers.
+
+The process tests (test_sidecar_http, test_sidecar_retries) check the same rules end to end;
+these pin the edge cases that are awkward to produce on the wire.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.forward import (
+    has_passed,
+    must_be_empty,
+    request_headers_to_upstream,
+    response_headers_to_app,
+    split_game_headers,
+)
+
+
+def frozen(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_every_connection_line_and_named_header_is_hop_by_hop() -> None:
+    headers = frozen(
+        ("Connection", "close, X-A"),
+        ("connection", "X-B"),
+        ("X-A", "1"),
+        ("X-B", "2"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Sum"),
+        ("Transfer-Encoding", "chunked"),
+        ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+        ("Accept", "text/html"),
+        ("X-GT-Bid", "v=1;amount=5"),
+    )
+    out, game = split_game_headers(headers)
+    assert list(out.items()) == [("Accept", "text/html")]
+    assert game == [("x-gt-bid", "v=1;amount=5")]
+
+
+def test_forwarded_headers_merge_existing_lines() -> None:
+    headers = frozen(
+        ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2"), ("Via", "1.0 a")
+    )
+    out, stripped = request_headers_to_upstream(
+        headers, client_ip="127.0.0.1", proto="http", via="1.1 me"
+    )
+    assert out.getall("X-Forwarded-For") == ["10.0.0.1, 10.0.0.2, 127.0.0.1"]
+    assert out["Via"] == "1.0 a, 1.1 me" and out["X-Forwarded-Proto"] == "http"
+    assert stripped == []
+
+
+def test_response_game_headers_are_consumed_with_their_values() -> None:
+    out, game = response_headers_to_app(
+        frozen(("X-GT-Congestion", "v=1;level=0.5"), ("ETag", '"x"')), via="1.1 me"
+    )
+    assert game == {"x-gt-congestion": "v=1;level=0.5"}
+    assert "X-GT-Congestion" not in out and out["ETag"] == '"x"'
+
+
+def test_loop_detection_matches_whole_via_entries_only() -> None:
+    assert has_passed(frozen(("Via", "1.0 edge, 1.1 me")), "1.1 me")
+    assert not has_passed(frozen(("Via", "1.1 me-too")), "1.1 me")
+
+
+def test_bodiless_answers() -> None:
+    assert must_be_empty("HEAD", 200) and must_be_empty("GET", 204)
+    assert must_be_empty("GET", 304) and not must_be_empty("GET", 200)

@@ -1,0 +1,54 @@
+"""sidecar.inbound's small parts: bounded caller labels, the token-bucket baseline and the
+per-caller gauges. Times are plain numbers."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mesh.reputation import ANONYMOUS
+from sidecar.inbound import OTHER, CallerLabels, InboundProxy, LocalRateLimit
+from sidecar.metrics import InboundMetrics
+from sidecar.policing_config import parse_policing
+
+
+def test_caller_labels_are_bounded() -> None:
+    labels = CallerLabels(2)
+    assert [labels.of(c) for c in ("a", "b", "c", "a", ANONYMOUS, "d")] == [
+        "a", "b", OTHER, "a", ANONYMOUS, OTHER]
+    assert "a" in labels and "c" not in labels and ANONYMOUS in labels
+    with pytest.raises(ValueError):
+        CallerLabels(0)
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    bucket = LocalRateLimit(rate=10.0, burst=3.0, now=0.0)
+    assert [bucket.try_take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.try_take(0.1) and not bucket.try_take(0.1)
+    assert sum(bucket.try_take(100.0) for _ in range(10)) == 3  # never above the burst
+    with pytest.raises(ValueError):
+        LocalRateLimit(rate=0.0, burst=1.0, now=0.0)
+
+
+def test_caller_gauges_follow_the_book_and_stay_bounded() -> None:
+    settings = parse_policing({
+        "max_caller_labels": 1,
+        "ladder": {"base_punishment": 1, "max_punishment": 1, "max_level": 1, "probation": 1},
+        "reputation": {"idle_ttl": 2},
+    })
+    registry = CollectorRegistry()
+    proxy = InboundProxy(sidecar_id="t", app_url="http://127.0.0.1:9", settings=settings,
+                         metrics=InboundMetrics(registry), mesh_key=None)
+
+    def level(caller: str) -> float | None:
+        return registry.get_sample_value("equilibrium_inbound_caller_punishment_level",
+                                          {"caller": caller})
+
+    for caller in ("a", "b"):
+        assert proxy.labels.of(caller) == ("a" if caller == "a" else OTHER)
+        proxy.book.admit(caller, 0.0)
+    proxy.update_gauges(0.0)
+    assert level("a") == 0 and level(OTHER) == 0 and level("b") is None
+    proxy.book.admit("c", 10.0)  # a and b idle for longer than idle_ttl: forgotten
+    proxy.update_gauges(10.0)
+    assert level("a") is None and level(OTHER) == 0  # c is untracked: shown as "other"

@@ -1,0 +1,92 @@
+"""sidecar.policing_config: the ``policing:`` settings and the ``--app`` URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ConfigError, ConfigSource
+from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
+
+
+def test_defaults_are_the_mesh_defaults() -> None:
+    settings = parse_policing(None)
+    assert settings == PolicingSettings()
+    assert settings.mode == "equilibrium" and settings.capacity is None
+    assert settings.reputation.ladder.base_punishment == 10.0
+
+
+def test_sections_override_only_what_they_name() -> None:
+    settings = parse_policing({
+        "mode": "token-bucket", "capacity": 250, "max-wait": "1.5", "default_bid": 2,
+        "token_bucket": {"rate": 40, "burst": 80},
+        "ladder": {"base_punishment": 2, "max_level": 3},
+        "reputation": {"rate_tolerance": 2},
+        "concurrency": {"initial_limit": 8},
+        "auction": {"budget_cap": 10, "max_queue": 50},
+    })
+    assert settings.mode == "token-bucket" and settings.capacity == 250.0
+    assert settings.max_wait == 1.5 and settings.default_bid == 2.0
+    assert (settings.token_bucket_rate, settings.token_bucket_burst) == (40.0, 80.0)
+    ladder = settings.reputation.ladder
+    assert (ladder.base_punishment, ladder.max_level, ladder.probation) == (2.0, 3, 30.0)
+    assert isinstance(ladder.max_level, int)
+    assert settings.reputation.rate_tolerance == 2.0
+    assert settings.concurrency.initial_limit == 8.0
+    assert settings.auction.max_queue == 50 and settings.auction.budget_cap == 10.0
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("fast", "expected a mapping"),
+    ({"mode": "strict"}, "unknown 'strict'"),
+    ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"ladder": {"base_punishmnt": 1}}, "unknown key 'base_punishmnt'"),
+    ({"ladder": {"trigger_threshold": 0.9, "forgive_threshold": 0.5}}, "policing.ladder"),
+    ({"ladder": {"max_level": 2.5}}, "expected an integer"),
+    ({"reputation": {"capacity": 5}}, "unknown key 'capacity'"),
+    ({"reputation": {"rate_tau": True}}, "expected a number"),
+    ({"concurrency": {"initial_limit": -1}}, ">= 0"),
+    ({"auction": {"budget_rate": "nan"}}, "finite"),
+    ({"capacity": 0}, "policing.capacity"),
+    ({"max_wait": 0}, "policing.max_wait"),
+    ({"default_bid": 2e6}, "at most"),
+    ({"token_bucket": {"rate": 5, "size": 3}}, "unknown key(s)"),
+    ({"token_bucket": 5}, "expected {rate: N, burst: N}"),
+    ({"max_caller_labels": 0}, ">= 1"),
+])
+def test_bad_settings_are_rejected_with_the_key(raw: object, message: str) -> None:
+    with pytest.raises(ValueError, match=None) as excinfo:
+        parse_policing(raw)
+    assert message in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("url", "normal"), [
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+    ("http://localhost/", "http://localhost:80"),
+    ("https://[::1]:8443", "https://[::1]:8443"),
+])
+def test_app_url_is_normalised(url: str, normal: str) -> None:
+    assert parse_app_url(url) == normal
+
+
+@pytest.mark.parametrize("url", ["ftp://x:1", "http://", "http://a:1/path", "http://a:99999",
+                                 "localhost:8080"])
+def test_bad_app_url_is_rejected(url: str) -> None:
+    with pytest.raises(ValueError, match="app"):
+        parse_app_url(url)
+
+
+def test_config_layers_carry_the_inbound_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("inbound: 127.0.0.1:0\napp: http://127.0.0.1:9\n"
+                    "mesh_secret_file: /run/key\npolicing: {mode: 'off'}\n")
+    config = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    assert config.inbound is not None and config.app == "http://127.0.0.1:9"
+    assert str(config.mesh_secret_file) == "/run/key" and config.policing.mode == "off"
+    env = ConfigSource.from_sources({}, env={"EQUILIBRIUM_INBOUND": "127.0.0.1:0"})
+    with pytest.raises(ConfigError, match="inbound and app go together"):
+        env.load()
+    bad = ConfigSource.from_sources({"app": "gopher://x"}, env={})
+    with pytest.raises(ConfigError, match="command line: app"):
+        bad.load()

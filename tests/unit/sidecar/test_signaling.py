@@ -1,0 +1,123 @@
+"""sidecar.signaling: which recommendations the sidecar follows (signature, freshness,
+epoch, fence, its own clock), its protocol ids, and the rule that Redis needs a mesh key.
+
+No Redis here: the client talks to the in-memory signal store
+(tests/integration/test_signaling_redis.py runs the same code against a real one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from mesh.policies import RegretMatchingPolicy
+from sidecar.config import ConfigError, ConfigSource
+from sidecar.metrics import SidecarMetrics, SignalingMetrics
+from sidecar.signaling import (
+    SidecarSignaling,
+    SignalingSettings,
+    protocol_id,
+    signaling_settings,
+)
+from sidecar.upstreams import UpstreamTable
+from tests.signaling_samples import EPS, KEY, NOW, routed_group
+from wire.memory_store import MemorySignalStore
+from wire.recommendation import Recommendation, sign_recommendation
+
+
+def signaling(table: UpstreamTable, metrics: SidecarMetrics,
+              wall: float = NOW) -> SidecarSignaling:
+    return SidecarSignaling(
+        sidecar_id="sc-1", table=table, metrics=SignalingMetrics(metrics.registry),
+        settings=SignalingSettings(redis_url="redis://127.0.0.1:1", key=KEY, epoch=1.0),
+        store=MemorySignalStore(lambda: wall), clock=lambda: 10.0, wall=lambda: wall,
+    )
+
+
+def rec(**changes: object) -> Recommendation:
+    base = Recommendation(
+        upstream="orders", sidecar="sc-1", epoch=50, issued_at=NOW - 0.1, expires_at=NOW + 3,
+        endpoints=EPS, weights=(0.7, 0.3, 0.0), status="optimal", objective=1.5, ce_gap=0.0,
+        signer="sig-a", fence=5,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_sidecar_follows_only_fresh_validly_signed_recommendations() -> None:
+    table, metrics = routed_group()
+    group = table.get("orders")
+    assert group is not None
+    sig = signaling(table, metrics)
+    unsigned = sign_recommendation(rec(), KEY)
+    del unsigned["sig"]
+    nan_weights = {**sign_recommendation(rec(), KEY), "weights": "[NaN, 0.3, 0.0]"}
+    cases = [
+        (b"1-0", sign_recommendation(rec(), b"forged-key-0123456789abcdefgh"), "bad-signature"),
+        (b"2-0", unsigned, "unsigned"),
+        (b"3-0", nan_weights, "bad-signature"),
+        (b"4-0", sign_recommendation(rec(sidecar="sc-2"), KEY), "wrong-sidecar"),
+        (b"5-0", sign_recommendation(rec(expires_at=NOW - 1, issued_at=NOW - 4), KEY),
+         "expired"),
+        (b"6-0", sign_recommendation(rec(endpoints=EPS[:2], weights=(0.5, 0.5)), KEY),
+         "endpoint-mismatch"),
+        (b"7-0", {"garbage": "x"}, "malformed"),
+    ]
+    for entry_id, fields, _ in cases:
+        assert sig.consider(group, entry_id, fields) is False
+    for _, _, reason in cases:
+        value = metrics.registry.get_sample_value(
+            "equilibrium_signaling_recommendations_rejected_total",
+            {"upstream": "orders", "reason": reason})
+        assert value is not None and value >= 1, reason
+    group.tick(10.0)
+    assert group.snapshot is not None and not group.snapshot.following
+
+    assert sig.consider(group, b"8-0", sign_recommendation(rec(), KEY)) is True
+    assert sig.consider(group, b"8-0", sign_recommendation(rec(), KEY)) is False  # seen
+    group.tick(10.5)
+    assert group.snapshot is not None and group.snapshot.following
+    # an older epoch, or a deposed leader's lower fence, is refused afterwards
+    assert sig.consider(group, b"9-0", sign_recommendation(rec(epoch=49), KEY)) is False
+    assert sig.consider(group, b"10-0", sign_recommendation(rec(epoch=51, fence=4), KEY)) is False
+    for reason in ("stale", "fenced"):
+        assert metrics.registry.get_sample_value(
+            "equilibrium_signaling_recommendations_rejected_total",
+            {"upstream": "orders", "reason": reason}) == 1
+    assert sig.consider(group, b"11-0", sign_recommendation(rec(epoch=51, fence=6), KEY))
+
+
+def test_recommendation_expiry_is_translated_to_the_sidecar_clock() -> None:
+    table, metrics = routed_group()
+    group = table.get("orders")
+    assert group is not None
+    sig = signaling(table, metrics)
+    assert sig.consider(group, b"1-0", sign_recommendation(rec(expires_at=NOW + 2), KEY))
+    policy = group.policy
+    assert isinstance(policy, RegretMatchingPolicy)
+    group.tick(11.9)  # sidecar clock 10 = NOW: still valid 1.9 s later
+    assert group.snapshot is not None and group.snapshot.following
+    group.tick(12.1)  # past NOW + 2 on the sidecar's own clock
+    assert not group.snapshot.following
+
+
+def test_protocol_ids_are_sanitised() -> None:
+    assert protocol_id("pod-a") == "pod-a"
+    assert protocol_id("pod a/b:c") == "pod-a-b-c"
+    assert protocol_id("-x") == "s-x"
+    assert len(protocol_id("a" * 300)) == 128
+
+
+def test_redis_without_a_mesh_key_refuses_to_start() -> None:
+    config = ConfigSource.from_sources(
+        {"redis": "redis://127.0.0.1:6379/0", "signaling_epoch": "0.5"}, env={}
+    ).load()
+    assert config.redis == "redis://127.0.0.1:6379/0" and config.signaling_epoch == 0.5
+    with pytest.raises(ConfigError, match="mesh key"):
+        signaling_settings(config, None)
+    assert signaling_settings(config, KEY) is not None
+    plain = ConfigSource.from_sources({}, env={"EQUILIBRIUM_REDIS_URL": "redis://h:1"}).load()
+    assert plain.redis == "redis://h:1"
+    assert signaling_settings(replace(plain, redis=None), None) is None
+    with pytest.raises(ConfigError, match="redis://"):
+        ConfigSource.from_sources({"redis": "http://nope"}, env={}).load()

@@ -1,0 +1,1 @@
+"""Unit tests of the ``signaler`` package, one file per module."""

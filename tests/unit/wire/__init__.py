@@ -1,0 +1,1 @@
+"""Unit tests of the ``wire`` package, one file per module."""
