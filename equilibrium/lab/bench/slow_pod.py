@@ -124,7 +124,7 @@ class SlowPod(Scenario):
                     continue
                 for policy in args.policies:
                     step += 1
-                    ctx.say(f"[{step}/{repeat * len(args.policies)}] {policy}: "
+                    ctx.say(f"[{step}/{repeat * len(everyone)}] {policy}: "
                             f"{args.clients} clients × {args.rate:g} req/s for "
                             f"{args.duration:g} s")
                     result, load_average = await self._one_run(ctx, fleet, policy)
