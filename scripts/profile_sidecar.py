@@ -28,6 +28,7 @@ from equilibrium.lab.sidecars import Sidecar
 
 # leaf frame -> component, first match wins (file path fragments)
 SELF_GROUPS: list[tuple[str, str]] = [
+    ("selector_events.py", "socket I/O (send/recv calls in asyncio's transports)"),
     ("aiohttp/http_parser", "aiohttp HTTP parsing (request and response heads)"),
     ("aiohttp/_http_parser", "aiohttp HTTP parsing (request and response heads)"),
     ("aiohttp/web_", "aiohttp server (protocol, Request/Response objects)"),
@@ -37,6 +38,7 @@ SELF_GROUPS: list[tuple[str, str]] = [
     ("aiohttp/client", "aiohttp client (upstream request and response)"),
     ("aiohttp/connector", "aiohttp client (upstream request and response)"),
     ("aiohttp/", "aiohttp, other"),
+    ("_http_parser", "aiohttp HTTP parsing (request and response heads)"),
     ("multidict", "header and URL objects (multidict, yarl)"),
     ("yarl", "header and URL objects (multidict, yarl)"),
     ("prometheus_client", "metrics (prometheus_client)"),
@@ -53,23 +55,25 @@ SELF_GROUPS: list[tuple[str, str]] = [
 
 # inclusive: a sample counts for a step when any frame of its stack matches
 STEPS: list[tuple[str, re.Pattern[str]]] = [
-    ("aiohttp server: parse the request, build Request, dispatch",
-     re.compile(r"^(data_received|feed_data|_handle_request|start|_handle) \(.*aiohttp/web_")),
+    ("aiohttp server: read and parse requests (web_protocol data_received)",
+     re.compile(r"^(\w+\.)*data_received \(.*aiohttp/web_protocol")),
+    ("aiohttp client: read and parse responses (client_proto data_received)",
+     re.compile(r"^(\w+\.)*data_received \(.*aiohttp/client_proto")),
     ("outbound handler (sidecar/outbound.py handle, all of it)",
-     re.compile(r"^handle \(.*sidecar/outbound\.py")),
+     re.compile(r"^(\w+\.)*handle \(.*sidecar/outbound\.py")),
     ("  upstream request via aiohttp client (send, await the head)",
-     re.compile(r"^handle_request \(.*sidecar/transport\.py")),
+     re.compile(r"^(\w+\.)*handle_request \(.*sidecar/transport\.py")),
     ("  response relay (prepare, body, write_eof)",
-     re.compile(r"^_relay_response \(.*sidecar/outbound\.py")),
+     re.compile(r"^(\w+\.)*_relay_response \(.*sidecar/outbound\.py")),
     ("  request headers to upstream (hop-by-hop, Via, XFF, strip X-GT-*)",
-     re.compile(r"^request_headers_to_upstream \(")),
-    ("  response headers to app", re.compile(r"^response_headers_to_app \(")),
-    ("  policy pick (upstream_pick)", re.compile(r"^upstream_pick \(")),
-    ("  policy observe (on_start, on_outcome)", re.compile(r"^on_(start|outcome) \(")),
+     re.compile(r"^(\w+\.)*request_headers_to_upstream \(")),
+    ("  response headers to app", re.compile(r"^(\w+\.)*response_headers_to_app \(")),
+    ("  policy pick (upstream_pick)", re.compile(r"^(\w+\.)*upstream_pick \(")),
+    ("  policy observe (on_start, on_outcome)", re.compile(r"^(\w+\.)*on_(start|outcome) \(")),
     ("  metrics (sidecar/metrics.py, prometheus_client)",
      re.compile(r"\((.*sidecar/metrics\.py|.*prometheus_client/)")),
     ("  phases.logging (access log decision, timings)",
-     re.compile(r"^logging \(.*sidecar/phases\.py")),
+     re.compile(r"^(\w+\.)*logging \(.*sidecar/phases\.py")),
     ("  logging module", re.compile(r"\(.*/logging/__init__\.py")),
     ("  asyncio.timeout (set-up, reschedule)", re.compile(r"\(.*asyncio/timeouts\.py")),
 ]
@@ -122,7 +126,7 @@ def report(stacks: list[tuple[list[str], int]]) -> str:
     return "\n".join(lines)
 
 
-async def profile(seconds: float, connections: int, out: Path) -> str:
+async def profile(seconds: float, connections: int, out: Path, native: bool) -> str:
     logs = Path(tempfile.mkdtemp(prefix="equilibrium-profile-"))
     backend = await peers.PeerProxy.start(None, [], logs, name="static-backend")
     try:
@@ -141,6 +145,7 @@ async def profile(seconds: float, connections: int, out: Path) -> str:
             spy = await asyncio.create_subprocess_exec(
                 "py-spy", "record", "--pid", str(sidecar.child.pid), "--duration",
                 str(round(seconds)), "--rate", "200", "--format", "raw", "--output", str(raw),
+                *(["--native"] if native else []),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             _, err = await asyncio.wait_for(spy.communicate(), seconds + 30)
             result = await load
@@ -160,6 +165,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="seconds sampled (15)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     p.add_argument("--out", type=Path, default=Path("profile-out"), help="folder for raw data")
+    p.add_argument("--native", action="store_true",
+                   help="also sample C frames (aiohttp's parser, multidict, yarl, libc)")
     p.add_argument("--raw", type=Path, default=None,
                    help="only summarise an existing py-spy raw file")
     args = p.parse_args()
@@ -174,7 +181,7 @@ def main() -> int:
         print("--seconds must be in (0, 300]", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    print(asyncio.run(profile(args.seconds, args.connections, args.out)))
+    print(asyncio.run(profile(args.seconds, args.connections, args.out, args.native)))
     return 0
 
 
