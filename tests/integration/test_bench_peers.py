@@ -71,3 +71,6 @@ def test_proxy_overhead_measures_each_proxy_cpu_and_one_core_maximum(tmp_path: P
     assert one_core["haproxy-leastconn"]["requests_per_s"] > one_core["sidecar"]["requests_per_s"]
     table = next(t for t in doc["tables"] if t["title"].startswith("one core"))
     assert table["rows"][1][2] == "1.00×"
+    targets = next(t for t in doc["tables"] if t["title"].startswith("targets (issue 11)"))
+    assert [row[0].split(" ")[0] for row in targets["rows"]] == ["CPU", "added", "one"]
+    assert all(row[2] in ("met", "missed") for row in targets["rows"])

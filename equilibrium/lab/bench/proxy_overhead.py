@@ -141,7 +141,7 @@ class ProxyOverhead(Scenario):
         finally:
             await fleet.stop()
         if args.overhead_max_duration > 0:
-            throughput = await _one_core_maximum(ctx, policy, contenders, peer_notes)
+            throughput = await _one_core_maximum(ctx, policy, contenders)
         direct, proxied = samples_by_mode["direct"], samples_by_mode["proxied"]
         d, p = latency_summary(direct), latency_summary(proxied)
         added = {k: p[k] - d[k] for k in ("mean", "p50", "p99", "p99.9")}
@@ -227,6 +227,10 @@ class ProxyOverhead(Scenario):
         tables = [mode_table, add, rounds_table, cpu_table, targets]
         if throughput.get("table") is not None:
             tables.append(throughput.pop("table"))
+        if reference is not None:
+            tables.append(_peer_targets(args.rate, per_request("proxied", "proxy"),
+                                        per_request(reference, "proxy"), added["p99"],
+                                        throughput.get("results", {})))
         notes += throughput.pop("notes", [])
         return ScenarioResult(
             parameters=params,
@@ -242,8 +246,8 @@ class ProxyOverhead(Scenario):
         )
 
 
-async def _one_core_maximum(ctx: BenchContext, policy: str, contenders: list[peers.PeerSpec],
-                            skipped: list[str]) -> dict[str, Any]:
+async def _one_core_maximum(ctx: BenchContext, policy: str,
+                            contenders: list[peers.PeerSpec]) -> dict[str, Any]:
     """Each proxy pinned to one CPU before a static nginx backend, driven by ``wrk`` as hard
     as ``--overhead-max-connections`` connections go for ``--overhead-max-duration`` s."""
     args = ctx.args
@@ -320,9 +324,24 @@ async def _one_core_maximum(ctx: BenchContext, policy: str, contenders: list[pee
              "its own CPU."]
     if len(cpus) < 2:
         notes.append("Only one CPU is available: proxy, backend and wrk share it.")
-    if not contenders:
-        notes += [f"one-core maximum without peers: {n}" for n in skipped]
     return {"table": table, "results": results, "notes": notes}
 
 
 SCENARIO = ProxyOverhead()
+
+
+def _peer_targets(rate: float, sidecar_cpu: float, haproxy_cpu: float, added_p99: float,
+                  one_core: dict[str, dict[str, Any]]) -> Table:
+    """The targets of issue 11 that this scenario measures, as ratios to HAProxy's."""
+    cpu_ratio = sidecar_cpu / haproxy_cpu if haproxy_cpu > 0 else math.nan
+    rows = [[f"CPU per proxied request ≤ 1.5× HAProxy's at {rate:g} req/s",
+             f"{cpu_ratio:.2f}×", "met" if cpu_ratio <= 1.5 else "missed"],
+            [f"added p99 ≤ 1 ms at {rate:g} req/s", ms(added_p99),
+             "met" if added_p99 <= 0.001 else "missed"]]
+    side, ref = one_core.get("sidecar"), one_core.get(peers.REFERENCE)
+    if side and ref and ref["requests_per_s"] > 0:
+        share = side["requests_per_s"] / ref["requests_per_s"]
+        rows.append(["one core: ≥ 1/3 of HAProxy's req/s (static backend)", f"{share:.2f}×",
+                     "met" if share >= 1 / 3 else "missed"])
+    return Table("targets (issue 11), as ratios to HAProxy in this run",
+                 ["target", "measured", "verdict"], rows)

@@ -366,8 +366,9 @@ class SlowPod(Scenario):
         return [
             f"Peers: each is one shared proxy (HAProxy nbthread 1, nginx worker_processes 1) "
             f"in front of the same pods; the {clients} clients all send to it, so it sees "
-            "every client's requests, where each sidecar sees only its own client's. No "
-            "retries, no health checks, no access log (configs in the log folder).",
+            "every client's requests, where each sidecar sees only its own client's. Their "
+            "default retries (connection failures only), no health checks, no access log "
+            "(configs in the log folder).",
         ]
 
     @staticmethod
