@@ -7,9 +7,10 @@ states what it needs, either with the marker ``@pytest.mark.needs("root", "iptab
 (checked before the test sets up anything) or by calling :func:`require` from a fixture, and
 nothing else decides. Each need belongs to one CI variable: CI (``.ci/run``) provides
 everything and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``, ``EQUILIBRIUM_REQUIRE_NETNS=1`` and
-``EQUILIBRIUM_REQUIRE_PROMTOOL=1``, so there a missing piece is a failure and nothing is
-skipped. On a newcomer's machine ``make test`` skips those tests instead, each with the reason
-and how to provide what is missing (pytest's ``-ra`` summary lists them).
+``EQUILIBRIUM_REQUIRE_PROMTOOL=1`` (and ``EQUILIBRIUM_REQUIRE_PEERS=1`` for the benchmark's
+peer proxies HAProxy and nginx and the load tool wrk), so there a missing piece is a failure
+and nothing is skipped. On a newcomer's machine ``make test`` skips those tests instead, each
+with the reason and how to provide what is missing (pytest's ``-ra`` summary lists them).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 DOCKER = "EQUILIBRIUM_REQUIRE_DOCKER"
 NETNS = "EQUILIBRIUM_REQUIRE_NETNS"
 PROMTOOL = "EQUILIBRIUM_REQUIRE_PROMTOOL"
+PEERS = "EQUILIBRIUM_REQUIRE_PEERS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,8 @@ NEEDS: dict[str, Need] = {
        for tool in ("iptables", "iptables-save", "ip6tables", "ip6tables-save")},
     "promtool": Need(_on_path("promtool"), PROMTOOL, _PROMETHEUS),
     "prometheus": Need(_on_path("prometheus"), PROMTOOL, _PROMETHEUS),
+    **{tool: Need(_on_path(tool), PEERS, f"apt-get install -y {tool}")
+       for tool in ("haproxy", "nginx", "wrk")},
     "docker": Need(_on_path("docker"), DOCKER,
                    "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
     "docker-compose": Need(_on_path("docker-compose"), DOCKER,

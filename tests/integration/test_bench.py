@@ -21,7 +21,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_path: Path) -> None:
     proc = _run(["--scenario", "slow-pod", "--duration", "6", "--policies",
-                 "round-robin,equilibrium", "--out", "results"], tmp_path)
+                 "round-robin,equilibrium", "--peers", "none", "--out", "results"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results" / "slow-pod.json").read_text())
     policies = doc["data"]["policies"]
@@ -49,7 +49,8 @@ def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_pat
 def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
     proc = _run(["--scenario", "proxy-overhead", "--duration", "1.2", "--rate", "100",
                  "--overhead-rounds", "2", "--overhead-warmup", "0.1",
-                 "--overhead-warmup-segment", "0", "--out", "r"], tmp_path)
+                 "--overhead-warmup-segment", "0", "--peers", "none", "--out", "r"],
+                tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r" / "proxy-overhead.json").read_text())
     data = doc["data"]

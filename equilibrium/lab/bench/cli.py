@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from equilibrium.lab.bench import peers
 from equilibrium.lab.bench.report import (
     build_document,
     machine_info,
@@ -50,6 +51,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for every sidecar, e.g. --sidecar-arg=--redis=URL "
                         "(repeatable)")
+    p.add_argument("--peers", default="auto",
+                   help="real peer proxies run as contenders in slow-pod and proxy-overhead: "
+                        "auto (HAProxy and nginx when installed, skipped with a note "
+                        "otherwise), none, or names such as haproxy-leastconn,nginx-least-conn")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     scenarios, _ = all_scenarios()
     for scenario in scenarios:
@@ -86,6 +91,9 @@ def resolve(args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.strategy:
         argv += ["--strategy", args.strategy]
     argv += [f"--sidecar-arg={a}" for a in args.sidecar_arg]
+    if getattr(scenario, "uses_peers", False):
+        peers.select(args.peers)  # ValueError for an unknown name, before anything starts
+        argv += ["--peers", args.peers]
     return scenario, argv
 
 

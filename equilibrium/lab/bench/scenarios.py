@@ -78,6 +78,8 @@ class Scenario(abc.ABC):
     default_rate: float = 100.0
     #: client apps (each with a sidecar) when ``--clients`` is not given
     default_clients: int = 2
+    #: runs real peer proxies (HAProxy, nginx) as contenders, chosen with ``--peers``
+    uses_peers: bool = False
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:  # noqa: B027 (optional hook)
         """Scenario-specific options (prefix them with the scenario's name to avoid clashes);

@@ -13,6 +13,12 @@ Reported per policy (definitions in :mod:`equilibrium.lab.analysis`): mean, p50,
 the whole run and p99 in the steady state (second half), errors, the share sent to the bad
 pod, the time until that share stays under 5 %, the flapping index, and the sidecars' own
 converged flag. A last table checks the targets of the sidecar v0.1 issue.
+
+Real peers (``--peers``, :mod:`equilibrium.lab.bench.peers`): when HAProxy and nginx are
+installed, HAProxy ``leastconn`` and ``random(2)`` and nginx ``least_conn`` and ``random two
+least_conn`` run as further contenders against the same pods under the same load, each client
+sending straight to the one peer (a shared proxy, one worker), and a table gives every
+contender's latency as a ratio to HAProxy ``leastconn``'s from the same run.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 from typing import Any
 
 from equilibrium.lab import analysis
+from equilibrium.lab.bench import peers
 from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
 from equilibrium.lab.bench.report import ms, pct, pp, secs
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
@@ -41,6 +48,7 @@ class SlowPod(Scenario):
     default_policies = ("round-robin", "p2c-least-request", "peak-ewma", "equilibrium")
     default_duration = 30.0
     default_rate = 100.0
+    uses_peers = True
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--slow-pod-pods", type=int, default=5, help="pods (5)")
@@ -71,8 +79,10 @@ class SlowPod(Scenario):
             "order": order if repeat == 1 else f"({order}) × {repeat}",
             "strategy": args.strategy or "default", "seed": args.seed,
         }
+        contenders, peer_notes = peers.select(getattr(args, "peers", peers.NONE))
+        params["peers"] = [p.name for p in contenders]
         concurrent = args.slow_pod_mode == "concurrent"
-        groups = len(args.policies) if concurrent else 1
+        groups = len(args.policies) + len(contenders) if concurrent else 1
         fleet_args = ["--pods", str(pods * groups)]
         for g in range(groups):
             fleet_args += ["--bad", str(g * pods + bad_index)]
@@ -81,8 +91,9 @@ class SlowPod(Scenario):
              repr(args.slow_pod_fraction), "--seed", str(args.seed)],
             stderr_path=str(ctx.logs / "fleet.log"),
         )
-        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.policies}
-        pooled: dict[str, list[Record]] = {p: [] for p in args.policies}
+        everyone = [*args.policies, *(p.name for p in contenders)]
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in everyone}
+        pooled: dict[str, list[Record]] = {p: [] for p in everyone}
         series: dict[str, dict[str, list[float]]] = {}
         names = [f"pod-{i}" for i in range(pods)]
 
@@ -104,26 +115,39 @@ class SlowPod(Scenario):
             step = 0
             for rep in range(repeat):
                 if concurrent:
-                    ctx.say(f"[{rep + 1}/{repeat}] all {len(args.policies)} policies at once, "
+                    ctx.say(f"[{rep + 1}/{repeat}] all {len(everyone)} contenders at once, "
                             f"each on its own {pods} pods: {args.clients} clients × "
                             f"{args.rate:g} req/s each for {args.duration:g} s")
-                    outcomes = await self._concurrent_run(ctx, fleet, pods)
+                    outcomes = await self._concurrent_run(ctx, fleet, pods, contenders)
                     for policy, (result, load_average) in outcomes.items():
                         record(policy, result, load_average, rep)
                     continue
                 for policy in args.policies:
                     step += 1
-                    ctx.say(f"[{step}/{repeat * len(args.policies)}] {policy}: "
+                    ctx.say(f"[{step}/{repeat * len(everyone)}] {policy}: "
                             f"{args.clients} clients × {args.rate:g} req/s for "
                             f"{args.duration:g} s")
                     result, load_average = await self._one_run(ctx, fleet, policy)
                     record(policy, result, load_average, rep)
+                for spec in contenders:
+                    step += 1
+                    ctx.say(f"[{step}/{repeat * len(everyone)}] {spec.name} (peer): "
+                            f"{args.clients} clients × {args.rate:g} req/s for "
+                            f"{args.duration:g} s")
+                    result, load_average = await self._peer_run(ctx, fleet, spec)
+                    record(spec.name, result, load_average, rep)
         finally:
             await fleet.stop()
         per_policy = {
             policy: self._pool(pooled[policy], runs[policy], args.duration, names, bad)
             for policy in args.policies if runs[policy]
         }
+        per_peer = {
+            spec.name: self._pool(pooled[spec.name], runs[spec.name], args.duration, names, bad)
+            for spec in contenders if runs[spec.name]
+        }
+        everything = {**per_policy, **per_peer}
+        ratio_tables = [self._ratios(everything)] if peers.REFERENCE in per_peer else []
         files = []
         if series:
             from equilibrium.lab.plot import plot_bad_share
@@ -137,9 +161,10 @@ class SlowPod(Scenario):
             files.append(png.name)
         return ScenarioResult(
             parameters=params,
-            tables=[self._table(per_policy), *self._targets(per_policy)],
-            data={"policies": per_policy, "series": series},
-            notes=self._notes(per_policy, repeat),
+            tables=[self._table(everything), *ratio_tables, *self._targets(per_policy)],
+            data={"policies": per_policy, "peers": per_peer, "series": series},
+            notes=[*self._notes(everything, repeat), *peer_notes,
+                   *(self._peer_notes(args.clients) if per_peer else [])],
             files=files,
         )
 
@@ -163,36 +188,64 @@ class SlowPod(Scenario):
         return result, load_average
 
     @staticmethod
-    async def _concurrent_run(
-        ctx: BenchContext, fleet: Fleet, pods: int
-    ) -> dict[str, tuple[LoadResult, float]]:
-        """Every policy at once, policy i on pods [i·pods, (i+1)·pods) of the one fleet.
+    async def _peer_run(ctx: BenchContext, fleet: Fleet,
+                        spec: peers.PeerSpec) -> tuple[LoadResult, float]:
+        """Reset the fleet, start the peer in front of it, every client sends to the peer."""
+        args = ctx.args
+        await fleet.reset(seed=args.seed)
+        load_average = _load_average()
+        peer = await peers.PeerProxy.start(spec, fleet.urls, ctx.logs)
+        try:
+            targets = [LoadTarget(f"{spec.name}-{c + 1}", peer.url, UPSTREAM)
+                       for c in range(args.clients)]
+            result = await drive_load(targets, args.rate, args.duration, ctx.logs)
+        finally:
+            await peer.stop()
+        return result, load_average
 
-        Each policy's records are renamed to its local pod names (pod-0 … pod-{pods-1}), so
+    @staticmethod
+    async def _concurrent_run(
+        ctx: BenchContext, fleet: Fleet, pods: int, contenders: list[peers.PeerSpec]
+    ) -> dict[str, tuple[LoadResult, float]]:
+        """Every contender at once, contender i on pods [i·pods, (i+1)·pods) of the one fleet
+        (the policies first, then the peers).
+
+        Each contender's records are renamed to its local pod names (pod-0 … pod-{pods-1}), so
         the reports read the same as in sequential mode.
         """
         args = ctx.args
         await fleet.reset(seed=args.seed)
         load_average = _load_average()
         groups: dict[str, list[Any]] = {}
+        started: list[peers.PeerProxy] = []
+        clients = {name: [f"{name}-{c + 1}" for c in range(args.clients)]
+                   for name in [*args.policies, *(p.name for p in contenders)]}
         try:
+            targets = []
             for g, policy in enumerate(args.policies):
                 urls = fleet.urls[g * pods:(g + 1) * pods]
                 groups[policy] = await start_sidecars(
-                    [f"{policy}-{c + 1}" for c in range(args.clients)], {UPSTREAM: urls},
+                    clients[policy], {UPSTREAM: urls},
                     policy=policy, strategy=args.strategy, extra=args.sidecar_arg,
                     stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
                 )
+                targets += [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in groups[policy]]
+            for g, spec in enumerate(contenders, start=len(args.policies)):
+                peer = await peers.PeerProxy.start(spec, fleet.urls[g * pods:(g + 1) * pods],
+                                                   ctx.logs)
+                started.append(peer)
+                targets += [LoadTarget(c, peer.url, UPSTREAM) for c in clients[spec.name]]
             every = [s for group in groups.values() for s in group]
-            targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in every]
             result = await drive_load(targets, args.rate, args.duration, ctx.logs, every)
         finally:
             for group in groups.values():
                 for s in group:
                     await s.stop()
+            for peer in started:
+                await peer.stop()
         out = {}
-        for g, policy in enumerate(args.policies):
-            ids = {s.id for s in groups[policy]}
+        for g, policy in enumerate(clients):
+            ids = set(clients[policy])
             local = {f"pod-{g * pods + i}": f"pod-{i}" for i in range(pods)}
             view = LoadResult(
                 t0=result.t0, duration=result.duration,
@@ -268,6 +321,7 @@ class SlowPod(Scenario):
         for policy, m in per_policy.items():
             lat, steady = m["latency"], m["steady_latency"]
             conv = sum(1 for s in m["sidecars"].values() if s["converged"])
+            converged = f"{conv}/{len(m['sidecars'])}" if m["sidecars"] else "–"
             runs = m["runs"]
             shift = " / ".join(secs(r["time_to_shift"]) for r in runs)
             first = " / ".join(f"{secs(r['first_under'])} ({r['relapses']})" for r in runs)
@@ -275,7 +329,7 @@ class SlowPod(Scenario):
                 policy, ms(lat["mean"]), ms(lat["p50"]), ms(lat["p99"]), ms(lat["p99.9"]),
                 ms(steady["p99"]), str(m["errors"]), pct(m["bad_share"]),
                 pct(m["bad_share_steady"]), shift, first, pp(m["flapping_pp"]),
-                f"{conv}/{len(m['sidecars'])}",
+                converged,
             ])
         return Table(
             title="slow-pod: latency from intended start, share sent to the bad pod",
@@ -284,6 +338,38 @@ class SlowPod(Scenario):
                      "first < 5 % (relapses)", "flapping", "converged"],
             rows=rows,
         )
+
+    @staticmethod
+    def _ratios(everything: dict[str, dict[str, Any]]) -> Table:
+        ref = everything[peers.REFERENCE]
+
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:.2f}×" if b > 0 else "–"
+
+        rows = []
+        for name, m in everything.items():
+            lat, steady = m["latency"], m["steady_latency"]
+            rows.append([name, ratio(lat["p50"], ref["latency"]["p50"]),
+                         ratio(lat["p99"], ref["latency"]["p99"]),
+                         ratio(steady["p99"], ref["steady_latency"]["p99"]),
+                         ratio(lat["mean"], ref["latency"]["mean"]),
+                         f"{pct(m['bad_share_steady'])} vs {pct(ref['bad_share_steady'])}"])
+        return Table(
+            title=f"slow-pod: every contender as a ratio to {peers.REFERENCE} (same pods, same "
+                  "load, one run)",
+            columns=["contender", "p50", "p99", "steady p99", "mean", "bad share (steady)"],
+            rows=rows,
+        )
+
+    @staticmethod
+    def _peer_notes(clients: int) -> list[str]:
+        return [
+            f"Peers: each is one shared proxy (HAProxy nbthread 1, nginx worker_processes 1) "
+            f"in front of the same pods; the {clients} clients all send to it, so it sees "
+            "every client's requests, where each sidecar sees only its own client's. Their "
+            "default retries (connection failures only), no health checks, no access log "
+            "(configs in the log folder).",
+        ]
 
     @staticmethod
     def _targets(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
