@@ -193,10 +193,11 @@ class H2Upstreams:
         return pool
 
     def retain(self, endpoints: Iterable[str]) -> None:
-        """Close the pools of endpoints no longer in use."""
+        """Close the pools of endpoints no longer in use, once their streams are done."""
         keep = set(endpoints)
         for endpoint in [e for e in self._pools if e not in keep]:
-            self._pools.pop(endpoint).close()
+            if not any(conn.streams for conn in self._pools[endpoint].connections):
+                self._pools.pop(endpoint).close()
 
     def close(self) -> None:
         for pool in self._pools.values():

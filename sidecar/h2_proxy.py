@@ -41,13 +41,12 @@ from collections.abc import Callable
 
 from h2.errors import ErrorCodes
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter
 
 from mesh.policy import Outcome
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import upstream_name
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
@@ -59,24 +58,6 @@ log = logging.getLogger(__name__)
 
 GT_PREFIX = b"x-gt-"
 CONGESTION_NAME = CONGESTION.lower().encode()
-
-
-class H2Metrics:
-    """The HTTP/2 path's own counters (the per-request ones are :class:`SidecarMetrics`')."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.grpc_calls = Counter(
-            "equilibrium_grpc_calls",
-            "gRPC calls forwarded over HTTP/2, by upstream, endpoint and grpc-status "
-            "(the sidecar's own answers under endpoint \"\")",
-            ["upstream", "endpoint", "grpc_status"], registry=registry,
-        )
-        self.streams_cancelled = Counter(
-            "equilibrium_h2_streams_cancelled",
-            "HTTP/2 requests the app reset or abandoned before the answer ended (not counted "
-            "against the endpoint)",
-            ["upstream"], registry=registry,
-        )
 
 
 class H2Outbound:
@@ -96,11 +77,12 @@ class H2Outbound:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         upstreams: H2Upstreams | None = None,
+        h2_metrics: H2Metrics | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.table = table
         self.metrics = metrics
-        self.h2_metrics = H2Metrics(metrics.registry)
+        self.h2_metrics = h2_metrics or H2Metrics(metrics.registry)
         self.request_timeout = request_timeout
         self.phases = phases or ProxyPhases()
         self.authority_pin = authority_pin or (lambda authority: None)
@@ -112,6 +94,10 @@ class H2Outbound:
 
     def close(self) -> None:
         self.upstreams.close()
+
+    def prune(self) -> None:
+        """Off the request path: close the connection pools of endpoints no upstream has."""
+        self.upstreams.retain(e for group in self.table for e in group.endpoints)
 
     async def handle(self, stream: ServerStream) -> None:
         """Serve one request stream (the handler :class:`H2ServerConnection` runs)."""

@@ -20,9 +20,9 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
 
 from sidecar.h2_server import DEFAULT_MAX_STREAMS, H2ServerConnection, Handler
+from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +35,6 @@ def sniff_preface(data: bytes) -> bool | None:
     if len(data) >= len(PREFACE):
         return data.startswith(PREFACE)
     return None if PREFACE.startswith(data) else False
-
-
-class ListenerMetrics:
-    """Connections accepted on the outbound listener, by protocol."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.connections = Counter(
-            "equilibrium_outbound_connections",
-            "Connections accepted on the outbound listener, by protocol (http1, h2c)",
-            ["protocol"], registry=registry,
-        )
 
 
 class OutboundSite(web.BaseSite):
@@ -65,7 +54,7 @@ class OutboundSite(web.BaseSite):
         port: int,
         *,
         handler: Handler,
-        metrics: ListenerMetrics,
+        metrics: H2Metrics,
         drain_timeout: float,
         max_streams: int = DEFAULT_MAX_STREAMS,
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
@@ -120,12 +109,11 @@ class OutboundSite(web.BaseSite):
 
 
 def outbound_site(
-    handler: Handler, registry: CollectorRegistry, *, drain_timeout: float,
+    handler: Handler, metrics: H2Metrics, *, drain_timeout: float,
     max_streams: int = DEFAULT_MAX_STREAMS,
 ) -> Callable[[web.AppRunner, str, int], web.BaseSite]:
     """The runner's site factory for the outbound listener: its sockets (``0.0.0.0`` and the
-    ``[::]`` twin) share one metric family and one set of HTTP/2 connections to drain."""
-    metrics = ListenerMetrics(registry)
+    ``[::]`` twin) share the metrics and one set of HTTP/2 connections to drain."""
     connections: set[H2ServerConnection] = set()
 
     def site(runner: web.AppRunner, host: str, port: int) -> web.BaseSite:

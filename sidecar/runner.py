@@ -175,7 +175,7 @@ class SidecarRunner:
             clock=clock,
         )
         if site is None:
-            site = outbound_site(self.h2.handle, self.metrics.registry,
+            site = outbound_site(self.h2.handle, self.h2.h2_metrics,
                                  drain_timeout=config.drain_timeout)
         self.inbound = self._build_inbound(mesh_key)
         self.signaling: SidecarSignaling | None = None
@@ -413,6 +413,7 @@ class SidecarRunner:
                     log.exception("policy tick failed for upstream %s", group.name)
                     continue
                 self.metrics.observe_snapshot(group.name, snapshot)
+            self.h2.prune()
 
     def _file_mtime(self) -> float | None:
         path = self.config.config_file

@@ -9,6 +9,7 @@ and after.
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import time
@@ -24,6 +25,7 @@ import h2.connection
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 
 from tests.integration.procs import SidecarProcess, dead_endpoint, start_sidecar
 
@@ -63,6 +65,15 @@ def _server_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[by
         yield b"msg-%d" % i
 
 
+def _ticks(pod: str):  # type: ignore[no-untyped-def]
+    def handle(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield pod.encode()
+        for i in range(int(request.decode())):
+            time.sleep(0.02)
+            yield b"tick-%d" % i
+    return handle
+
+
 def _client_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     return b"%d" % sum(len(r) for r in requests)
 
@@ -93,6 +104,7 @@ def start_pod(name: str) -> Pod:
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream),
+        "Ticks": grpc.unary_stream_rpc_method_handler(_ticks(name)),
         "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(_bidi),
     }),))
@@ -289,6 +301,55 @@ def test_a_pod_that_goes_down_gets_no_more_calls() -> None:
             pod.stop()
 
 
+def test_a_pod_that_dies_mid_stream_fails_that_call_only() -> None:
+    pods = [start_pod(name) for name in ("pod-a", "pod-b")]
+    sidecar = start_sidecar({"svc": [p.url for p in pods]}, sidecar_id="sc-grpc-midstream")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}",
+                                   options=[("grpc.default_authority", "svc")]) as channel:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+            ticks = channel.unary_stream(f"/{SERVICE}/Ticks")
+            streams: dict[bytes, list[Iterator[bytes]]] = {b"pod-a": [], b"pod-b": []}
+            for _ in range(40):  # streams in flight on both pods
+                stream = ticks(b"60", timeout=30)
+                streams[next(stream)].append(stream)
+                if all(len(on) >= 2 for on in streams.values()):
+                    break
+            assert all(streams.values()), streams
+            pods[0].stop()
+            for stream in streams[b"pod-a"]:
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stream)
+                assert err.value.code() != grpc.StatusCode.OK
+            for stream in streams[b"pod-b"]:  # the other streams are untouched
+                assert list(stream)[-1] == b"tick-59"
+            # the channel, and the pod left, still serve calls
+            for _ in range(10):
+                assert unary(b"after", timeout=5) == b"pod-b|after"
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        for pod in pods:
+            pod.stop()
+
+
+def test_sigterm_drains_a_call_in_flight() -> None:
+    pod = start_pod("pod-a")
+    sidecar = start_sidecar({"svc": [pod.url]}, sidecar_id="sc-grpc-drain")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}",
+                                   options=[("grpc.default_authority", "svc")]) as channel:
+            slow = channel.unary_unary(f"/{SERVICE}/Slow")
+            assert slow(b"0.01", timeout=5) == b"slept"
+            call = slow.future(b"1.0", timeout=10)
+            time.sleep(0.3)
+            sidecar.send_signal(signal.SIGTERM)
+            assert call.result() == b"slept"
+        assert sidecar.wait(15) == 0, sidecar.output()
+    finally:
+        sidecar.stop()
+        pod.stop()
+
+
 def test_a_dead_endpoint_costs_retries_not_errors() -> None:
     pod = start_pod("pod-a")
     dead = dead_endpoint()
@@ -423,6 +484,24 @@ def test_goaway_lets_the_call_in_flight_finish(mesh: Mesh) -> None:
         assert client.status(call) == 0, mesh.sidecar.output()[-3000:]
         assert client.body(call)[5:] == b"slept"
         client.pump(lambda: client.closed)  # then the sidecar closes the connection
+    finally:
+        client.close()
+
+
+def test_one_byte_flow_control_windows(mesh: Mesh) -> None:
+    client = RawH2(mesh.port)
+    try:
+        client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1})
+        client.flush()
+        payload = bytes(range(200))
+        call = client.start_call("Unary")
+        client.send(call, _grpc_frame(payload), end=True)
+        client.pump(lambda: client.ended(call), timeout=15)
+        assert client.status(call) == 0
+        body = client.body(call)
+        assert body[5:].split(b"|", 1)[1] == payload
+        frames = [e for e in client.events[call] if isinstance(e, h2.events.DataReceived)]
+        assert len(frames) == len(body)  # one byte per DATA frame: the window was honoured
     finally:
         client.close()
 
