@@ -99,9 +99,16 @@ class H2Stream:
         return self._inbox.popleft()
 
     def ack(self, size: int) -> None:
-        """``size`` flow-controlled bytes were passed on: give the peer that much credit."""
-        if size and self.closed is None:
+        """``size`` flow-controlled bytes were passed on (or dropped): give the peer that much
+        credit. Also after the stream closed: the connection's window must get its share."""
+        if size:
             self._conn.acknowledge(self.id, size)
+
+    def discard(self) -> None:
+        """Drop what is still unread, giving its credit back (a reset or abandoned stream)."""
+        size = sum(n for kind, _, n in self._inbox if kind == "data")
+        self._inbox.clear()
+        self.ack(size)
 
     # ------------------------------------------------------------ outbound
 
@@ -194,6 +201,7 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             if (stream := self.streams.pop(event.stream_id, None)) is not None:
                 stream.reset_code = event.error_code
+                stream.discard()
                 stream._gone(StreamGone(event.error_code, f"stream reset ({event.error_code!r})"))
                 self.stream_closed(stream)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -290,6 +298,8 @@ class H2Connection(asyncio.Protocol):
                 return
 
     def acknowledge(self, stream_id: int, size: int) -> None:
+        if self.transport is None:
+            return
         try:
             self.conn.acknowledge_received_data(size, stream_id)
         except H2_ERRORS:
@@ -297,6 +307,7 @@ class H2Connection(asyncio.Protocol):
         self.flush()
 
     def reset(self, stream: H2Stream, code: int) -> None:
+        stream.discard()
         if self.streams.pop(stream.id, None) is None:
             stream._gone(StreamGone(code, "stream reset by the sidecar"))
             return

@@ -116,6 +116,7 @@ class H2Outbound:
                 self.metrics.request_in_flight(ctx.group.name, -1)
             if not stream.ended and stream.closed is None:
                 stream.reset(ErrorCodes.NO_ERROR)  # answered before the app finished sending
+            stream.discard()  # a body nobody read still gives its credit back
             self.phases.logging(ctx, self.clock())
 
 
@@ -268,8 +269,10 @@ class _Call:
                     if kind == "data":
                         if first is None:
                             first = proxy.clock()
-                        await stream.send_data(payload)
-                        upstream.ack(size)
+                        try:
+                            await stream.send_data(payload)
+                        finally:  # passed on or dropped: either way the upstream gets credit
+                            upstream.ack(size)
                     elif kind == "trailers":
                         if first is None:
                             first = proxy.clock()
@@ -315,6 +318,7 @@ class _Call:
                 pump.cancel()
             if upstream.closed is None:
                 upstream.reset(ErrorCodes.CANCEL)
+            upstream.discard()
             if not recorded:  # an unexpected error: release the in-flight count
                 self.outcome(sent, first, False, "proxy-error")
 
@@ -411,8 +415,10 @@ async def _pump(stream: ServerStream, upstream: ClientStream) -> None:
         while True:
             kind, payload, size = await stream.read()
             if kind == "data":
-                await upstream.send_data(payload)
-                stream.ack(size)
+                try:
+                    await upstream.send_data(payload)
+                finally:  # passed on or dropped: either way the app gets its credit back
+                    stream.ack(size)
             elif kind == "trailers":
                 upstream.send_headers(payload, end_stream=True)
                 return

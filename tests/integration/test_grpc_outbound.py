@@ -220,6 +220,17 @@ def test_one_mib_messages_both_ways(mesh: Mesh) -> None:
             assert answer.split(b"|", 1)[1] == payload
 
 
+def test_answers_give_the_upstream_connection_its_credit_back(mesh: Mesh) -> None:
+    # One endpoint, so every answer comes over the same upstream connection: 21 MB of answers
+    # outgrow its 16 MiB connection window unless each answer's DATA is credited back, also
+    # when the whole answer (DATA and trailers) arrived at once and closed the stream.
+    payload = b"r" * 60_000
+    with mesh.channel("errs") as channel:
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        for _ in range(350):
+            assert len(unary(payload, timeout=5)) == len(payload) + len(b"pod-errs|")
+
+
 def test_app_status_is_the_apps_answer_but_unavailable_counts_against_the_pod(
         mesh: Mesh) -> None:
     url = mesh.errs.url
@@ -406,6 +417,14 @@ class RawH2:
         self.conn.send_data(stream_id, payload, end_stream=end)
         self.flush()
 
+    def send_all(self, stream_id: int, data: bytes) -> None:
+        """Send ``data`` and end the stream; fails if the windows do not allow it all."""
+        step = self.conn.max_outbound_frame_size
+        for start in range(0, len(data), step):
+            self.conn.send_data(stream_id, data[start:start + step])
+        self.conn.end_stream(stream_id)
+        self.flush()
+
     def pump(self, until, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
         while not until():
@@ -502,6 +521,24 @@ def test_one_byte_flow_control_windows(mesh: Mesh) -> None:
         assert body[5:].split(b"|", 1)[1] == payload
         frames = [e for e in client.events[call] if isinstance(e, h2.events.DataReceived)]
         assert len(frames) == len(body)  # one byte per DATA frame: the window was honoured
+    finally:
+        client.close()
+
+
+def test_unread_request_bodies_give_their_flow_control_credit_back(mesh: Mesh) -> None:
+    # Streams the sidecar answers without reading the body (no such upstream): the body's
+    # bytes still count against the connection's window and must be credited back, or the
+    # connection stalls after CONNECTION_WINDOW (16 MiB) of such bodies.
+    client = RawH2(mesh.port)
+    try:
+        body = _grpc_frame(b"z" * 60_000)
+        for _ in range(350):  # 21 MB in all
+            call = client.start_call("Unary", authority="no-such-service")
+            client.send_all(call, body)
+            client.pump(lambda call=call: client.ended(call))
+            assert client.status(call) == 14
+            del client.events[call]
+        assert client.conn.outbound_flow_control_window > 1_000_000
     finally:
         client.close()
 
