@@ -138,6 +138,7 @@ class H2Connection(asyncio.Protocol):
         self._writable.set()
         self.goaway_received: int | None = None  # the peer's last stream id, once it sent GOAWAY
         self.lost = asyncio.Event()  # set when the socket is closed
+        self._flush_scheduled = False
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -157,7 +158,7 @@ class H2Connection(asyncio.Protocol):
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("HTTP/2 protocol error from %s: %s", self.peer(), exc)
-            self.flush()  # h2 queued a GOAWAY
+            self.flush_now()  # h2 queued a GOAWAY
             if self.transport is not None:
                 self.transport.close()
             return
@@ -235,6 +236,14 @@ class H2Connection(asyncio.Protocol):
     # ------------------------------------------------------------ sending
 
     def flush(self) -> None:
+        """Write what h2 has queued, once per turn of the event loop: the frames that the
+        streams of this connection produce in one turn go out in one write."""
+        if not self._flush_scheduled and self.transport is not None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -330,5 +339,5 @@ class H2Connection(asyncio.Protocol):
             return
         with contextlib.suppress(*H2_ERRORS):
             self.conn.close_connection(error_code=code)
-        self.flush()
+        self.flush_now()
         self.transport.close()
