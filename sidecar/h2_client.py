@@ -36,11 +36,12 @@ class H2ConnectError(Exception):
 class ClientStream(H2Stream):
     """A request stream the sidecar opened; the response head arrives in ``head``."""
 
-    __slots__ = ("head",)
+    __slots__ = ("head", "head_ended")
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
         super().__init__(conn, stream_id)
         self.head: asyncio.Future[Headers] = asyncio.get_running_loop().create_future()
+        self.head_ended = False  # the head carried END_STREAM: a trailers-only answer
 
     def _gone(self, exc: StreamGone) -> None:
         super()._gone(exc)
@@ -81,6 +82,7 @@ class H2ClientConnection(H2Connection):
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if isinstance(stream, ClientStream) and not stream.head.done():
+                stream.head_ended = event.stream_ended is not None
                 stream.head.set_result(list(event.headers))
         # InformationalResponseReceived (1xx): nothing to relay for gRPC; dropped
 

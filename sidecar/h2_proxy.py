@@ -193,6 +193,12 @@ class _Call:
             except StreamGone as exc:
                 self.outcome(sent, None, False, "upstream-reset")
                 return await self.error(502, "upstream-reset", str(exc))
+            except asyncio.CancelledError:  # the app reset the stream while we connected
+                self.cancelled(sent, None)
+                raise
+            except BaseException:
+                self.outcome(sent, None, False, "proxy-error")
+                raise
             return await self.exchange(upstream, sent, deadline)
         return await self.error(
             503, "connect-error",
@@ -252,7 +258,7 @@ class _Call:
                 return await self.error(502, "upstream-reset", f"before the answer: {exc}")
             head, congestion = self.response_headers(head)
             ctx.status = http_status = _http_status(head)
-            trailers_only = upstream.ended and not upstream_has_data(upstream)
+            trailers_only = upstream.head_ended
             if not self.is_grpc or trailers_only:
                 first = proxy.clock()
             if trailers_only:
@@ -427,10 +433,6 @@ async def _pump(stream: ServerStream, upstream: ClientStream) -> None:
                 return
     except StreamGone:
         return  # either side went away: the exchange sees it and answers
-
-
-def upstream_has_data(upstream: ClientStream) -> bool:
-    return any(kind == "data" for kind, _, _ in upstream._inbox)
 
 
 def _http_status(headers: Headers) -> int:

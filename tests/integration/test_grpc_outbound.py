@@ -186,7 +186,9 @@ def test_server_streaming_relayed_in_order(mesh: Mesh) -> None:
     with mesh.channel() as channel:
         stream = channel.unary_stream(f"/{SERVICE}/ServerStream")
         got = list(stream(b"200", timeout=10))
-    assert got == [b"msg-%d" % i for i in range(200)]
+        assert got == [b"msg-%d" % i for i in range(200)]
+        # no message at all: a head, then trailers (not a trailers-only answer)
+        assert list(stream(b"0", timeout=10)) == []
 
 
 def test_client_streaming_and_bidi_relayed(mesh: Mesh) -> None:
