@@ -26,7 +26,7 @@ from sidecar.h2_connection import H2_ERRORS, H2Connection, H2Stream, Headers, St
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS = 4
-ASSUMED_MAX_STREAMS = 100  # until the peer's SETTINGS arrive (RFC 9113 §6.5.2 suggests >= 100)
+MAX_STREAMS_PER_CONNECTION = 1000  # whatever larger number the endpoint allows
 
 
 class H2ConnectError(Exception):
@@ -56,16 +56,16 @@ class H2ClientConnection(H2Connection):
     def __init__(self, pool: H2Pool) -> None:
         super().__init__(client_side=True)
         self.pool = pool
-        self.settings_seen = False
+        self.settings_seen = asyncio.Event()  # the endpoint's first SETTINGS arrived
 
     @property
     def usable(self) -> bool:
         return self.transport is not None and self.goaway_received is None
 
     def room(self) -> int:
-        limit = (self.conn.remote_settings.max_concurrent_streams if self.settings_seen
-                 else ASSUMED_MAX_STREAMS)
-        return min(limit, ASSUMED_MAX_STREAMS * 10) - len(self.streams)
+        """Streams this connection may still open (its SETTINGS are known: see _connect)."""
+        limit = self.conn.remote_settings.max_concurrent_streams
+        return min(limit, MAX_STREAMS_PER_CONNECTION) - len(self.streams)
 
     def open_stream(self, headers: Headers, end_stream: bool) -> ClientStream:
         stream_id = self.conn.get_next_available_stream_id()
@@ -88,7 +88,7 @@ class H2ClientConnection(H2Connection):
 
     def dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RemoteSettingsChanged):
-            self.settings_seen = True
+            self.settings_seen.set()
         super().dispatch(event)
 
     def settings_changed(self) -> None:
@@ -150,16 +150,35 @@ class H2Pool:
     async def _connect(self) -> H2ClientConnection:
         loop = asyncio.get_running_loop()
         self._connecting += 1
+        conn: H2ClientConnection | None = None
         try:
+            # Connected means: the endpoint's SETTINGS arrived, so its stream limit is known
+            # before any stream is opened (until then only the preface was sent).
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: H2ClientConnection(self), self.host, self.port)
+                lost = asyncio.ensure_future(conn.lost.wait())
+                settings = asyncio.ensure_future(conn.settings_seen.wait())
+                try:
+                    await asyncio.wait((lost, settings), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    lost.cancel()
+                    settings.cancel()
+                if not conn.settings_seen.is_set():
+                    raise ConnectionResetError("closed before its SETTINGS")
         except (OSError, TimeoutError) as exc:
+            if conn is not None:
+                conn.close()
             reason = "connect timeout" if isinstance(exc, TimeoutError) else str(exc)
             raise H2ConnectError(f"{self.host}:{self.port}: {reason}") from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
         finally:
             self._connecting -= 1
         self.connections.append(conn)
+        self._slot.set()  # callers waiting for room may use it too
         return conn
 
     def slot_freed(self) -> None:

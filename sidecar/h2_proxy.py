@@ -18,11 +18,14 @@ cancelled and the app gets DEADLINE_EXCEEDED; upstream, the header carries what 
 Errors the sidecar itself answers are trailers-only ``grpc-status: 14`` (UNAVAILABLE) with a
 ``grpc-message`` for a gRPC caller, a JSON body otherwise.
 
-Retries: only a call none of which reached an endpoint (no connection could be had: nothing
-was sent, so even a POST cannot have been processed), to an endpoint not tried yet, within
-``max_attempts`` and the upstream's retry budget. A call that reached an endpoint is never
-sent again. The app resetting a stream (or hanging up) is the app's doing: the upstream
-stream is cancelled and the endpoint is not blamed.
+Retries, within ``max_attempts`` and the upstream's retry budget: a call none of which
+reached an endpoint (no connection could be had: nothing was sent, so even a POST cannot have
+been processed), to an endpoint not tried yet; and a call the endpoint refused unprocessed
+(RST_STREAM REFUSED_STREAM, RFC 9113 §8.7, or above the last stream of its GOAWAY) whose
+request so far is still at hand (at most ``REPLAY_LIMIT`` bytes), to any endpoint: grpc-core
+refuses streams so while it releases earlier ones, within the limit it announced. Any other
+call that reached an endpoint is never sent again. The app resetting a stream (or hanging up)
+is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
 
 The phases run are ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret, the signed
 identity) and ``logging``; ``request_filter`` and ``response_filter`` take aiohttp objects and
@@ -33,11 +36,13 @@ detection and HTTP/2 flood defences.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from h2.errors import ErrorCodes
 from multidict import CIMultiDict
@@ -57,6 +62,7 @@ from wire.headers import CONGESTION, parse_congestion
 log = logging.getLogger(__name__)
 
 GT_PREFIX = b"x-gt-"
+REPLAY_LIMIT = 64 * 1024  # request bytes kept to send again after a refused stream
 CONGESTION_NAME = CONGESTION.lower().encode()
 
 
@@ -130,6 +136,7 @@ class _Call:
         self.ctx = ctx
         self.is_grpc = is_grpc
         self.answered = False  # a response head went to the app
+        self.replay = _Replay()
 
     # ------------------------------------------------------------ routing
 
@@ -199,7 +206,17 @@ class _Call:
             except BaseException:
                 self.outcome(sent, None, False, "proxy-error")
                 raise
-            return await self.exchange(upstream, sent, deadline)
+            if not await self.exchange(upstream, sent, deadline):
+                return None
+            # refused unprocessed: another attempt, on any endpoint (this one too: a refusal
+            # is the endpoint's stream limit, not its failure)
+            failure = "refused-stream"
+            ctx.tried.remove(endpoint)
+        if failure == "refused-stream":
+            ctx.error_reason = failure
+            self.proxy.metrics.errors.labels(group.name, failure).inc()
+            stream.reset(ErrorCodes.REFUSED_STREAM)  # the app may send it again
+            return None
         return await self.error(
             503, "connect-error",
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure}")
@@ -230,11 +247,12 @@ class _Call:
     # ------------------------------------------------------------ one exchange
 
     async def exchange(self, upstream: ClientStream, sent: float,
-                       deadline: float | None) -> None:
-        """Relay the request and the answer of the attempt that reached ``upstream``."""
+                       deadline: float | None) -> bool:
+        """Relay the request and the answer of the attempt that reached ``upstream``; True
+        when the endpoint refused the stream unprocessed and the request can be sent again."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(_pump(stream, upstream))
+        pump = loop.create_task(_pump(stream, upstream, self.replay))
         first: float | None = None  # when the answer's first message (or trailers) came
         recorded = False
         status: int | None = None  # grpc-status
@@ -249,13 +267,28 @@ class _Call:
                 recorded = True
                 if deadline is not None and loop.time() >= deadline:
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
-                    return await self.deadline_exceeded()
+                    await self.deadline_exceeded()
+                    return False
                 self.outcome(sent, None, False, "timeout")
-                return await self.error(504, "timeout", "upstream sent no answer in time")
+                await self.error(504, "timeout", "upstream sent no answer in time")
+                return False
             except StreamGone as exc:
                 recorded = True
+                if exc.code == ErrorCodes.REFUSED_STREAM and stream.closed is None:
+                    # Not processed (RFC 9113 §8.7; or above the last stream of a GOAWAY):
+                    # sent again if what went up is still at hand, else the app is told so.
+                    self.outcome(sent, None, False, "refused-stream")
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pump
+                    if self.replay.complete:
+                        return True
+                    ctx.error_reason = "refused-stream"
+                    stream.reset(ErrorCodes.REFUSED_STREAM)
+                    return False
                 self.outcome(sent, None, False, "upstream-reset")
-                return await self.error(502, "upstream-reset", f"before the answer: {exc}")
+                await self.error(502, "upstream-reset", f"before the answer: {exc}")
+                return False
             head, congestion = self.response_headers(head)
             ctx.status = http_status = _http_status(head)
             trailers_only = upstream.head_ended
@@ -268,7 +301,7 @@ class _Call:
             if trailers_only:
                 recorded = True
                 self.finish(sent, first, http_status, status, congestion)
-                return None
+                return False
             async with asyncio.timeout_at(deadline):
                 while True:
                     kind, payload, size = await upstream.read()
@@ -291,12 +324,12 @@ class _Call:
                         break
             recorded = True
             self.finish(sent, first, http_status, status, congestion)
-            return None
+            return False
         except StreamGone as exc:
             if stream.closed is not None:  # the app's side went away: its doing
                 recorded = True
                 self.cancelled(sent, first)
-                return None
+                return False
             recorded = True
             self.outcome(sent, first, False, "upstream-reset", answered=self.answered)
             log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)
@@ -305,7 +338,7 @@ class _Call:
                                      (b"grpc-message", b"upstream stream reset")], True)
             else:
                 stream.reset(ErrorCodes.INTERNAL_ERROR)
-            return None
+            return False
         except TimeoutError:  # the gRPC deadline passed while relaying
             recorded = True
             self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
@@ -313,7 +346,7 @@ class _Call:
             if stream.closed is None and not stream.local_ended:
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
                                                      "deadline exceeded in the sidecar"), True)
-            return None
+            return False
         except asyncio.CancelledError:
             if not recorded:
                 recorded = True
@@ -414,12 +447,46 @@ class _Call:
         await self.stream.send_data(body, end_stream=True)
 
 
-async def _pump(stream: ServerStream, upstream: ClientStream) -> None:
-    """Relay the app's request body and trailers upstream, acknowledging each DATA frame to
-    the app only once the upstream connection took it."""
+class _Replay:
+    """What of the app's request went upstream so far, kept while it is small enough to be
+    sent again if the endpoint refuses the stream unprocessed."""
+
+    __slots__ = ("complete", "items", "size")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self.size = 0
+        self.complete = True  # False once the body outgrew REPLAY_LIMIT: no second attempt
+
+    def add(self, kind: str, payload: Any) -> None:
+        if not self.complete:
+            return
+        if kind == "data":
+            self.size += len(payload)
+            if self.size > REPLAY_LIMIT:
+                self.complete = False
+                self.items.clear()
+                return
+        self.items.append((kind, payload))
+
+
+async def _pump(stream: ServerStream, upstream: ClientStream, replay: _Replay) -> None:
+    """Relay the app's request body and trailers upstream (first what an earlier, refused
+    attempt sent), acknowledging each DATA frame to the app only once the upstream connection
+    took it."""
     try:
+        for kind, payload in list(replay.items):
+            if kind == "data":
+                await upstream.send_data(payload)
+            elif kind == "trailers":
+                upstream.send_headers(payload, end_stream=True)
+                return
+            else:
+                upstream.end()
+                return
         while True:
             kind, payload, size = await stream.read()
+            replay.add(kind, payload)
             if kind == "data":
                 try:
                     await upstream.send_data(payload)

@@ -97,8 +97,9 @@ class Pod:
         self.server.stop(0).wait(5)
 
 
-def start_pod(name: str) -> Pod:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+def start_pod(name: str, max_streams: int | None = None) -> Pod:
+    options = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary(name)),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
@@ -360,6 +361,35 @@ def test_sigterm_drains_a_call_in_flight() -> None:
         assert sidecar.wait(15) == 0, sidecar.output()
     finally:
         sidecar.stop()
+        pod.stop()
+
+
+def test_concurrent_calls_within_the_pods_stream_limit() -> None:
+    # The pod takes 2 streams per connection: the sidecar puts at most 2 calls on each of its
+    # (at most 4) connections to it and queues the rest. grpc-core may still refuse a stream
+    # (REFUSED_STREAM: not processed) while it releases the previous one; the sidecar sends
+    # such a call again, so the app sees none of it.
+    pod = start_pod("pod-a", max_streams=2)
+    sidecar = start_sidecar({"svc": [pod.url]}, sidecar_id="sc-grpc-streams")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}",
+                                   options=[("grpc.default_authority", "svc")]) as channel:
+            slow = channel.unary_unary(f"/{SERVICE}/Slow")
+            calls = [slow.future(b"0.1", timeout=20) for _ in range(40)]
+            results: list[object] = []
+            for c in calls:
+                try:
+                    results.append(c.result())
+                except grpc.RpcError as exc:
+                    results.append((exc.code(), exc.details()))
+            assert results == [b"slept"] * 40
+        assert sidecar.metric("equilibrium_grpc_calls_total", upstream="svc",
+                              grpc_status="0") == 40
+        refused = sidecar.metric("equilibrium_requests_total", upstream="svc",
+                                 code="refused-stream")
+        assert sidecar.metric("equilibrium_retries_total", upstream="svc") == refused
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
         pod.stop()
 
 
