@@ -9,6 +9,7 @@ and after.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
@@ -571,6 +572,24 @@ def test_unread_request_bodies_give_their_flow_control_credit_back(mesh: Mesh) -
             assert client.status(call) == 14
             del client.events[call]
         assert client.conn.outbound_flow_control_window > 1_000_000
+    finally:
+        client.close()
+
+
+def test_plain_http2_callers_get_json_errors(mesh: Mesh) -> None:
+    client = RawH2(mesh.port)
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [
+            (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x"),
+            (b":authority", b"no-such-service")], end_stream=True)
+        client.flush()
+        client.events[stream_id] = []
+        client.pump(lambda: client.ended(stream_id))
+        head = next(e for e in client.events[stream_id]
+                    if isinstance(e, h2.events.ResponseReceived))
+        assert dict(head.headers)[b":status"] == b"404"
+        assert json.loads(client.body(stream_id))["reason"] == "unknown-upstream"
     finally:
         client.close()
 
