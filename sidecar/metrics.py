@@ -385,3 +385,31 @@ class TransparentMetrics:
             "equilibrium_passthrough_bytes", "Bytes relayed by pass-through connections",
             ["direction"], registry=registry,
         )
+
+
+# ---------------------------------------------------------------- HTTP/2 and gRPC
+# The HTTP/2 path's own families (sidecar.h2_site, sidecar.h2_proxy); its requests are also
+# counted by OutboundMetrics.forwarded like HTTP/1.1 ones.
+
+
+class H2Metrics:
+    """Counters of the outbound listener's HTTP/2 and gRPC traffic, in the sidecar's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Counter(
+            "equilibrium_outbound_connections",
+            "Connections accepted on the outbound listener, by protocol (http1, h2c)",
+            ["protocol"], registry=registry,
+        )
+        self.grpc_calls = Counter(
+            "equilibrium_grpc_calls",
+            "gRPC calls forwarded over HTTP/2, by upstream, endpoint and grpc-status "
+            "(the sidecar's own answers under endpoint \"\")",
+            ["upstream", "endpoint", "grpc_status"], registry=registry,
+        )
+        self.streams_cancelled = Counter(
+            "equilibrium_h2_streams_cancelled",
+            "HTTP/2 requests the app reset or abandoned before the answer ended (not counted "
+            "against the endpoint)",
+            ["upstream"], registry=registry,
+        )

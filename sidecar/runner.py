@@ -46,6 +46,8 @@ from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
+from sidecar.h2_proxy import H2Outbound
+from sidecar.h2_site import outbound_site
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
 from sidecar.metrics import (
@@ -165,6 +167,23 @@ class SidecarRunner:
             rng=rng or random.Random(),
             clock=clock,
         )
+        # HTTP/2 (h2c) on the outbound port: each stream routed on its own (sidecar.h2_proxy)
+        self.h2 = H2Outbound(
+            sidecar_id=config.id,
+            table=self.table,
+            metrics=self.metrics.outbound,
+            request_timeout=self.profile.request_timeout,
+            connect_timeout=self.profile.connect_timeout,
+            phases=self.proxy.phases,
+            authority_pin=(_h2_authority_pin(self.discovery, self.table)
+                           if self.discovery is not None else None),
+            max_attempts=self.proxy.max_attempts,
+            rng=self.proxy.rng,
+            clock=clock,
+        )
+        if site is None:
+            site = outbound_site(self.h2.handle, self.h2.h2_metrics,
+                                 drain_timeout=config.drain_timeout)
         self.inbound = self._build_inbound(mesh_key)
         self.signaling: SidecarSignaling | None = None
         if signaling is not None:
@@ -384,6 +403,7 @@ class SidecarRunner:
                         await lst.runner.cleanup()
                 lst.runner = None
         await self.proxy.close()
+        self.h2.close()
 
     # ------------------------------------------------------------ background tasks
 
@@ -400,6 +420,7 @@ class SidecarRunner:
                     log.exception("policy tick failed for upstream %s", group.name)
                     continue
                 self.metrics.outbound.observe_snapshot(group.name, snapshot)
+            self.h2.prune()
 
     def _file_mtime(self) -> float | None:
         path = self.config.config_file
@@ -461,6 +482,18 @@ class SidecarRunner:
             except Exception:
                 log.exception("discovery: applying the routes again after a reload failed")
         return True
+
+
+def _h2_authority_pin(discovery: Discovery, table: UpstreamTable) -> Callable[[str], str | None]:
+    """:func:`_authority_pin` for an HTTP/2 request's ``:authority``."""
+
+    def pinned(authority: str) -> str | None:
+        own = table.get(upstream_name(authority))
+        if own is not None and own.name == upstream_name(authority):
+            return None
+        return discovery.upstream_for_authority(authority)
+
+    return pinned
 
 
 def _authority_pin(discovery: Discovery, table: UpstreamTable) -> Callable[[Any], str | None]:

@@ -36,6 +36,8 @@ equilibrium_discovery_updates counter -
 equilibrium_draining gauge -
 equilibrium_errors counter upstream,reason
 equilibrium_flapping gauge upstream
+equilibrium_grpc_calls counter upstream,endpoint,grpc_status
+equilibrium_h2_streams_cancelled counter upstream
 equilibrium_in_flight gauge upstream
 equilibrium_inbound_app_duration_seconds histogram -
 equilibrium_inbound_bad_bids counter reason
@@ -58,6 +60,7 @@ equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
 equilibrium_nash_gap gauge upstream
+equilibrium_outbound_connections counter protocol
 equilibrium_passthrough_bytes counter direction
 equilibrium_passthrough_failures counter reason
 equilibrium_passthrough_open gauge -

@@ -1,0 +1,343 @@
+"""One HTTP/2 connection driven by the :mod:`h2` state machine, and its streams' inboxes.
+
+Owns what both ends of the sidecar's HTTP/2 (h2c, RFC 9113) connections share: feeding the
+socket's bytes to ``h2`` and writing what it wants sent; each stream's inbox (DATA with its
+flow-controlled length, trailers, end, reset) read by one consumer; sending DATA within the
+peer's flow-control windows (stream and connection, RFC 9113 §5.2) and the socket's write
+buffer; and giving credit back (WINDOW_UPDATE) only when the consumer says it passed the bytes
+on (:meth:`H2Stream.ack`), so a slow reader slows its writer instead of filling memory.
+
+Subclasses say what a new stream is: :mod:`sidecar.h2_server` (the app's connection: a
+request opens a stream) and :mod:`sidecar.h2_client` (a connection to an endpoint: the
+sidecar opens streams). Nothing here routes, retries, or knows gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.errors import ErrorCodes
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
+# The connection-level receive window: large, so that one stalled stream (whose own window,
+# the SETTINGS default of 64 KiB, bounds what it holds) cannot block the others.
+CONNECTION_WINDOW = 16 * 1024 * 1024
+
+
+class _GracefulGoaway(H2ConnectionStateMachine):
+    """``h2``'s connection state machine, except that a GOAWAY (sent or received) leaves an
+    open connection open: ``h2`` closes it at once and refuses every later frame, so the
+    streams already in flight could never finish as RFC 9113 §6.8 says they should. Not
+    opening new streams after a GOAWAY is then this module's users' job (``goaway_received``,
+    draining)."""
+
+    _transitions = {  # noqa: RUF012 (h2's own table, extended)
+        **H2ConnectionStateMachine._transitions,
+        **{(state, given): (None, state)
+           for state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
+           for given in (ConnectionInputs.SEND_GOAWAY, ConnectionInputs.RECV_GOAWAY)},
+    }
+
+
+class StreamGone(Exception):
+    """The stream was reset (by the peer or by us) or its connection closed."""
+
+    def __init__(self, code: int | None, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code  # the RST_STREAM / GOAWAY error code; None when the socket closed
+
+
+class H2Stream:
+    """One stream's inbound side (an inbox of events) and its sending side."""
+
+    __slots__ = ("_conn", "_inbox", "_more", "closed", "ended", "id", "local_ended",
+                 "reset_code", "window")
+
+    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+        self._conn = conn
+        self.id = stream_id
+        self._inbox: collections.deque[tuple[str, Any, int]] = collections.deque()
+        self._more = asyncio.Event()
+        self.window = asyncio.Event()  # set when the peer may have given send credit
+        self.ended = False  # the peer finished its side (END_STREAM seen)
+        self.local_ended = False  # we finished ours
+        self.reset_code: int | None = None
+        self.closed: StreamGone | None = None
+
+    # ------------------------------------------------------------ inbound (h2 events)
+
+    def _push(self, kind: str, payload: Any = None, size: int = 0) -> None:
+        self._inbox.append((kind, payload, size))
+        self._more.set()
+
+    def _gone(self, exc: StreamGone) -> None:
+        if self.closed is None:
+            self.closed = exc
+        self._more.set()
+        self.window.set()
+
+    async def read(self) -> tuple[str, Any, int]:
+        """The next inbound item: ``("data", bytes, flow_len)``, ``("trailers", headers, 0)``
+        or ``("end", None, 0)``; raises :class:`StreamGone` once the stream is reset."""
+        while not self._inbox:
+            if self.closed is not None:
+                raise self.closed
+            self._more.clear()
+            await self._more.wait()
+        return self._inbox.popleft()
+
+    def ack(self, size: int) -> None:
+        """``size`` flow-controlled bytes were passed on (or dropped): give the peer that much
+        credit. Also after the stream closed: the connection's window must get its share."""
+        if size:
+            self._conn.acknowledge(self.id, size)
+
+    def discard(self) -> None:
+        """Drop what is still unread, giving its credit back (a reset or abandoned stream)."""
+        size = sum(n for kind, _, n in self._inbox if kind == "data")
+        self._inbox.clear()
+        self.ack(size)
+
+    # ------------------------------------------------------------ outbound
+
+    def send_headers(self, headers: Headers, end_stream: bool = False) -> None:
+        self._conn.send_headers(self, headers, end_stream)
+
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        await self._conn.send_data(self, data, end_stream)
+
+    def end(self) -> None:
+        self._conn.send_data_now(self, b"", True)
+
+    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+        self._conn.reset(self, code)
+
+
+class H2Connection(asyncio.Protocol):
+    """The shared half of an HTTP/2 connection; see the module docstring."""
+
+    def __init__(self, *, client_side: bool) -> None:
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.state_machine = _GracefulGoaway()
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, H2Stream] = {}
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.goaway_received: int | None = None  # the peer's last stream id, once it sent GOAWAY
+        self.lost = asyncio.Event()  # set when the socket is closed
+        self._flush_scheduled = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.prepare()
+        self.flush()
+
+    def prepare(self) -> None:
+        """Called once the preface is queued; subclasses change their SETTINGS here."""
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("HTTP/2 protocol error from %s: %s", self.peer(), exc)
+            self.flush_now()  # h2 queued a GOAWAY
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            self.dispatch(event)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._writable.set()
+        gone = StreamGone(None, f"connection closed: {exc}" if exc else "connection closed")
+        for stream in list(self.streams.values()):
+            stream._gone(gone)
+            self.stream_closed(stream)
+        self.streams.clear()
+        self.lost.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ------------------------------------------------------------ events
+
+    def dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:  # we reset it already: give the credit straight back
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._push("data", event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.TrailersReceived):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream._push("trailers", list(event.headers))
+        elif isinstance(event, h2.events.StreamEnded):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream.ended = True
+                stream._push("end")
+                self._maybe_done(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            if (stream := self.streams.pop(event.stream_id, None)) is not None:
+                stream.reset_code = event.error_code
+                stream.discard()
+                stream._gone(StreamGone(event.error_code, f"stream reset ({event.error_code!r})"))
+                self.stream_closed(stream)
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for stream in self.streams.values():
+                    stream.window.set()
+            elif (stream := self.streams.get(event.stream_id)) is not None:
+                stream.window.set()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for stream in self.streams.values():
+                stream.window.set()
+            self.settings_changed()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway_received = event.last_stream_id or 0
+            self.terminated(event)
+        else:
+            self.other_event(event)
+
+    def other_event(self, event: h2.events.Event) -> None:
+        """Events the subclass handles (a request, a response head)."""
+
+    def settings_changed(self) -> None:
+        """The peer changed its SETTINGS (e.g. SETTINGS_MAX_CONCURRENT_STREAMS)."""
+
+    def terminated(self, event: h2.events.ConnectionTerminated) -> None:
+        """The peer sent GOAWAY."""
+
+    def stream_closed(self, stream: H2Stream) -> None:
+        """A stream left ``self.streams`` (finished, reset or its connection lost)."""
+
+    # ------------------------------------------------------------ sending
+
+    def flush(self) -> None:
+        """Write what h2 has queued, once per turn of the event loop: the frames that the
+        streams of this connection produce in one turn go out in one write."""
+        if not self._flush_scheduled and self.transport is not None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    def _check(self, stream: H2Stream) -> None:
+        if stream.closed is not None:
+            raise stream.closed
+        if self.transport is None:
+            raise StreamGone(None, "connection closed")
+
+    def send_headers(self, stream: H2Stream, headers: Headers, end_stream: bool) -> None:
+        self._check(stream)
+        try:
+            self.conn.send_headers(stream.id, headers, end_stream=end_stream)
+        except H2_ERRORS as exc:
+            raise StreamGone(None, f"cannot send headers: {exc}") from exc
+        self.flush()
+        if end_stream:
+            stream.local_ended = True
+            self._maybe_done(stream)
+
+    def send_data_now(self, stream: H2Stream, data: bytes, end_stream: bool) -> None:
+        self._check(stream)
+        try:
+            if data:
+                self.conn.send_data(stream.id, data, end_stream=end_stream)
+            elif end_stream:
+                self.conn.end_stream(stream.id)
+        except H2_ERRORS as exc:
+            raise StreamGone(None, f"cannot send data: {exc}") from exc
+        self.flush()
+        if end_stream:
+            stream.local_ended = True
+            self._maybe_done(stream)
+
+    async def send_data(self, stream: H2Stream, data: bytes, end_stream: bool) -> None:
+        """Send ``data`` as the windows allow, waiting for credit and for the socket."""
+        view = memoryview(data)
+        while True:
+            self._check(stream)
+            if not self._writable.is_set():
+                await self._writable.wait()
+                continue
+            try:
+                window = self.conn.local_flow_control_window(stream.id)
+            except H2_ERRORS as exc:
+                raise StreamGone(None, f"stream closed: {exc}") from exc
+            size = min(window, self.conn.max_outbound_frame_size, len(view))
+            if size == 0 and view:
+                stream.window.clear()
+                await stream.window.wait()
+                continue
+            last = size == len(view)
+            self.send_data_now(stream, bytes(view[:size]), end_stream and last)
+            view = view[size:]
+            if last:
+                return
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.conn.acknowledge_received_data(size, stream_id)
+        except H2_ERRORS:
+            return  # the stream is gone: h2 has already counted the connection's share
+        self.flush()
+
+    def reset(self, stream: H2Stream, code: int) -> None:
+        stream.discard()
+        if self.streams.pop(stream.id, None) is None:
+            stream._gone(StreamGone(code, "stream reset by the sidecar"))
+            return
+        stream._gone(StreamGone(code, "stream reset by the sidecar"))
+        with contextlib.suppress(*H2_ERRORS):
+            self.conn.reset_stream(stream.id, error_code=code)
+        self.flush()
+        self.stream_closed(stream)
+
+    def _maybe_done(self, stream: H2Stream) -> None:
+        """Both sides ended: the stream is closed and leaves the table."""
+        if stream.ended and stream.local_ended and self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            stream._gone(StreamGone(None, "stream closed"))
+            self.stream_closed(stream)
+
+    def close(self, code: int = ErrorCodes.NO_ERROR) -> None:
+        """Send GOAWAY and close the socket."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(*H2_ERRORS):
+            self.conn.close_connection(error_code=code)
+        self.flush_now()
+        self.transport.close()

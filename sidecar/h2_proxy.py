@@ -1,0 +1,513 @@
+"""HTTP/2 and gRPC on the outbound listener: every stream is routed on its own.
+
+Owns the per-call path of an app's h2c request (:mod:`sidecar.h2_server` hands each stream
+here): the upstream named by ``:authority`` (as ``Host`` names it for HTTP/1.1), the
+endpoint chosen per stream by that upstream's policy (the same :class:`UpstreamTable`,
+phases and metrics as :mod:`sidecar.outbound`), the request relayed over a multiplexed h2c
+connection to the endpoint (:mod:`sidecar.h2_client`) with headers, DATA and trailers both
+ways and flow control end to end (a DATA frame is acknowledged to the app only once the
+upstream took it, and the other way round), and the policy told each call's outcome.
+
+gRPC (gRPC's PROTOCOL-HTTP2; :mod:`wire.grpc_status`): a call's outcome is its
+``grpc-status`` (trailers, or the head of a trailers-only answer); UNAVAILABLE,
+RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, INTERNAL and UNKNOWN count against the endpoint, other
+statuses are the application's answer. The latency the policy learns is the time to the
+first response message (or the trailers): the whole call for a unary one, without the length
+of a stream. ``grpc-timeout`` is the call's deadline: when it passes the upstream stream is
+cancelled and the app gets DEADLINE_EXCEEDED; upstream, the header carries what is left of it.
+Errors the sidecar itself answers are trailers-only ``grpc-status: 14`` (UNAVAILABLE) with a
+``grpc-message`` for a gRPC caller, a JSON body otherwise.
+
+Retries, within ``max_attempts`` and the upstream's retry budget: a call none of which
+reached an endpoint (no connection could be had: nothing was sent, so even a POST cannot have
+been processed), to an endpoint not tried yet; and a call the endpoint refused unprocessed
+(RST_STREAM REFUSED_STREAM, RFC 9113 §8.7, or above the last stream of its GOAWAY) whose
+request so far is still at hand (at most ``REPLAY_LIMIT`` bytes), to any endpoint: grpc-core
+refuses streams so while it releases earlier ones, within the limit it announced. Any other
+call that reached an endpoint is never sent again. The app resetting a stream (or hanging up)
+is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
+
+The phases run are ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret, the signed
+identity) and ``logging``; ``request_filter`` and ``response_filter`` take aiohttp objects and
+are not run for HTTP/2 yet. Left to later: the inbound listener's HTTP/2, transparent-mode
+detection and HTTP/2 flood defences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from h2.errors import ErrorCodes
+from multidict import CIMultiDict
+
+from mesh.policy import Outcome
+from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
+from sidecar.h2_connection import Headers, StreamGone
+from sidecar.h2_server import ServerStream
+from sidecar.metrics import H2Metrics, OutboundMetrics
+from sidecar.outbound import upstream_name
+from sidecar.phases import ProxyPhases, RequestContext
+from sidecar.upstreams import UpstreamTable
+from wire import grpc_status as grpc
+from wire.errors import WireError
+from wire.headers import CONGESTION, parse_congestion
+
+log = logging.getLogger(__name__)
+
+GT_PREFIX = b"x-gt-"
+REPLAY_LIMIT = 64 * 1024  # request bytes kept to send again after a refused stream
+CONGESTION_NAME = CONGESTION.lower().encode()
+
+
+class H2Outbound:
+    """Routes and relays the app's HTTP/2 streams; one per sidecar process."""
+
+    def __init__(
+        self,
+        *,
+        sidecar_id: str,
+        table: UpstreamTable,
+        metrics: OutboundMetrics,
+        request_timeout: float,
+        connect_timeout: float,
+        phases: ProxyPhases | None = None,
+        authority_pin: Callable[[str], str | None] | None = None,
+        max_attempts: int = 3,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        upstreams: H2Upstreams | None = None,
+        h2_metrics: H2Metrics | None = None,
+    ) -> None:
+        self.sidecar_id = sidecar_id
+        self.table = table
+        self.metrics = metrics
+        self.h2_metrics = h2_metrics or H2Metrics(metrics.registry)
+        self.request_timeout = request_timeout
+        self.phases = phases or ProxyPhases()
+        self.authority_pin = authority_pin or (lambda authority: None)
+        self.max_attempts = max_attempts
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.via = f"2 {sidecar_id}".encode()
+        self.upstreams = upstreams or H2Upstreams(connect_timeout=connect_timeout)
+
+    def close(self) -> None:
+        self.upstreams.close()
+
+    def prune(self) -> None:
+        """Off the request path: close the connection pools of endpoints no upstream has."""
+        self.upstreams.retain(e for group in self.table for e in group.endpoints)
+
+    async def handle(self, stream: ServerStream) -> None:
+        """Serve one request stream (the handler :class:`H2ServerConnection` runs)."""
+        method = (stream.header(b":method") or b"").decode("latin-1")
+        authority = (stream.header(b":authority") or stream.header(b"host") or b"").decode(
+            "latin-1")
+        ctx = RequestContext(
+            started=self.clock(), method=method,
+            target=(stream.header(b":path") or b"").decode("latin-1"), authority=authority,
+        )
+        call = _Call(self, stream, ctx, grpc.is_grpc(stream.header(b"content-type")))
+        try:
+            await call.run()
+        finally:
+            if ctx.group is not None:
+                self.metrics.request_in_flight(ctx.group.name, -1)
+            if not stream.ended and stream.closed is None:
+                stream.reset(ErrorCodes.NO_ERROR)  # answered before the app finished sending
+            stream.discard()  # a body nobody read still gives its credit back
+            self.phases.logging(ctx, self.clock())
+
+
+class _Call:
+    """One stream's trip through the proxy."""
+
+    def __init__(self, proxy: H2Outbound, stream: ServerStream, ctx: RequestContext,
+                 is_grpc: bool) -> None:
+        self.proxy = proxy
+        self.stream = stream
+        self.ctx = ctx
+        self.is_grpc = is_grpc
+        self.answered = False  # a response head went to the app
+        self.replay = _Replay()
+
+    # ------------------------------------------------------------ routing
+
+    async def run(self) -> None:
+        proxy, ctx, stream = self.proxy, self.ctx, self.stream
+        if ctx.method == "CONNECT":
+            return await self.error(501, "connect-not-supported", "CONNECT is not proxied")
+        if not ctx.authority:
+            return await self.error(400, "no-host", "request has no :authority")
+        ctx.upstream = proxy.authority_pin(ctx.authority) or upstream_name(ctx.authority)
+        if any(value.strip() == proxy.via for name, value in stream.request if name == b"via"
+               for value in value.split(b",")):
+            return await self.error(508, "loop-detected", "request already passed this sidecar")
+        group = proxy.table.get(ctx.upstream)
+        if group is None:
+            return await self.error(
+                404, "unknown-upstream", f"no upstream named {ctx.upstream!r} is configured")
+        ctx.group = group
+        proxy.metrics.request_in_flight(group.name, 1)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        if self.is_grpc and (raw := stream.header(b"grpc-timeout")) is not None:
+            timeout = grpc.parse_timeout(raw)
+            if timeout is None:
+                return await self.error(400, "bad-grpc-timeout", "malformed grpc-timeout")
+            deadline = loop.time() + timeout
+        base = self.base_headers()
+        group.budget.deposit(proxy.clock())
+        failure = ""
+        for attempt in range(proxy.max_attempts):
+            now = proxy.clock()
+            ctx.attempt = attempt
+            endpoint = proxy.phases.upstream_pick(ctx, proxy.rng, now)
+            if endpoint is None:
+                if not failure:
+                    return await self.error(
+                        503, "no-endpoint", f"upstream {group.name!r} has no endpoint to use")
+                break
+            if attempt > 0:
+                if not group.budget.try_withdraw(now):
+                    proxy.metrics.retry_budget_exhausted.labels(group.name).inc()
+                    break
+                proxy.metrics.retries.labels(group.name).inc()
+            ctx.endpoint = endpoint
+            ctx.tried.append(endpoint)
+            headers = self.attempt_headers(base, deadline, loop.time())
+            sent = proxy.clock()
+            group.policy.on_start(endpoint, sent)
+            try:
+                limit = loop.time() + proxy.request_timeout
+                async with asyncio.timeout_at(limit if deadline is None else min(limit, deadline)):
+                    upstream = await proxy.upstreams.pool(endpoint).open_stream(headers, False)
+            except (H2ConnectError, TimeoutError) as exc:
+                reason = "connect-error" if isinstance(exc, H2ConnectError) else "connect-timeout"
+                failure = f"{reason}: {exc}" if str(exc) else reason
+                self.outcome(sent, None, False, reason)
+                log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure)
+                if deadline is not None and loop.time() >= deadline:
+                    return await self.deadline_exceeded()
+                continue  # nothing was sent: another endpoint may take it
+            except StreamGone as exc:
+                self.outcome(sent, None, False, "upstream-reset")
+                return await self.error(502, "upstream-reset", str(exc))
+            except asyncio.CancelledError:  # the app reset the stream while we connected
+                self.cancelled(sent, None)
+                raise
+            except BaseException:
+                self.outcome(sent, None, False, "proxy-error")
+                raise
+            if not await self.exchange(upstream, sent, deadline):
+                return None
+            # refused unprocessed: another attempt, on any endpoint (this one too: a refusal
+            # is the endpoint's stream limit, not its failure)
+            failure = "refused-stream"
+            ctx.tried.remove(endpoint)
+        if failure == "refused-stream":
+            ctx.error_reason = failure
+            self.proxy.metrics.errors.labels(group.name, failure).inc()
+            stream.reset(ErrorCodes.REFUSED_STREAM)  # the app may send it again
+            return None
+        return await self.error(
+            503, "connect-error",
+            f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure}")
+
+    def base_headers(self) -> Headers:
+        """The app's request headers as sent upstream: X-GT-* stripped (counted), Via added;
+        ``grpc-timeout`` is re-added per attempt with what is left of the deadline."""
+        out: Headers = []
+        for name, value in self.stream.request:
+            if name.startswith(GT_PREFIX):
+                self.proxy.metrics.rejected_headers.labels(name.decode("latin-1"),
+                                                           "from-app").inc()
+            elif name != b"grpc-timeout":
+                out.append((name, value))
+        out.append((b"via", self.proxy.via))
+        return out
+
+    def attempt_headers(self, base: Headers, deadline: float | None, now: float) -> Headers:
+        headers = list(base)
+        if deadline is not None:
+            headers.append((b"grpc-timeout", grpc.format_timeout(max(0.0, deadline - now))))
+        extra: CIMultiDict[str] = CIMultiDict()
+        self.proxy.phases.upstream_request_filter(self.ctx, extra)
+        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1"))
+                       for k, v in extra.items())
+        return headers
+
+    # ------------------------------------------------------------ one exchange
+
+    async def exchange(self, upstream: ClientStream, sent: float,
+                       deadline: float | None) -> bool:
+        """Relay the request and the answer of the attempt that reached ``upstream``; True
+        when the endpoint refused the stream unprocessed and the request can be sent again."""
+        proxy, ctx, stream = self.proxy, self.ctx, self.stream
+        loop = asyncio.get_running_loop()
+        pump = loop.create_task(_pump(stream, upstream, self.replay))
+        first: float | None = None  # when the answer's first message (or trailers) came
+        recorded = False
+        status: int | None = None  # grpc-status
+        congestion: float | None = None
+        try:
+            try:
+                limit = loop.time() + proxy.request_timeout
+                async with asyncio.timeout_at(limit if deadline is None
+                                              else min(limit, deadline)):
+                    head = await upstream.head
+            except TimeoutError:
+                recorded = True
+                if deadline is not None and loop.time() >= deadline:
+                    self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
+                    await self.deadline_exceeded()
+                    return False
+                self.outcome(sent, None, False, "timeout")
+                await self.error(504, "timeout", "upstream sent no answer in time")
+                return False
+            except StreamGone as exc:
+                recorded = True
+                if exc.code == ErrorCodes.REFUSED_STREAM and stream.closed is None:
+                    # Not processed (RFC 9113 §8.7; or above the last stream of a GOAWAY):
+                    # sent again if what went up is still at hand, else the app is told so.
+                    self.outcome(sent, None, False, "refused-stream")
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pump
+                    if self.replay.complete:
+                        return True
+                    ctx.error_reason = "refused-stream"
+                    stream.reset(ErrorCodes.REFUSED_STREAM)
+                    return False
+                self.outcome(sent, None, False, "upstream-reset")
+                await self.error(502, "upstream-reset", f"before the answer: {exc}")
+                return False
+            head, congestion = self.response_headers(head)
+            ctx.status = http_status = _http_status(head)
+            trailers_only = upstream.head_ended
+            if not self.is_grpc or trailers_only:
+                first = proxy.clock()
+            if trailers_only:
+                status = grpc.status_of(head)
+            stream.send_headers(head, end_stream=trailers_only)
+            self.answered = True
+            if trailers_only:
+                recorded = True
+                self.finish(sent, first, http_status, status, congestion)
+                return False
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    kind, payload, size = await upstream.read()
+                    if kind == "data":
+                        if first is None:
+                            first = proxy.clock()
+                        try:
+                            await stream.send_data(payload)
+                        finally:  # passed on or dropped: either way the upstream gets credit
+                            upstream.ack(size)
+                    elif kind == "trailers":
+                        if first is None:
+                            first = proxy.clock()
+                        trailers, _ = self.response_headers(payload)
+                        status = grpc.status_of(trailers)
+                        stream.send_headers(trailers, end_stream=True)
+                        break
+                    else:
+                        stream.end()
+                        break
+            recorded = True
+            self.finish(sent, first, http_status, status, congestion)
+            return False
+        except StreamGone as exc:
+            if stream.closed is not None:  # the app's side went away: its doing
+                recorded = True
+                self.cancelled(sent, first)
+                return False
+            recorded = True
+            self.outcome(sent, first, False, "upstream-reset", answered=self.answered)
+            log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)
+            if self.is_grpc and not stream.local_ended:
+                stream.send_headers([(b"grpc-status", b"%d" % grpc.UNAVAILABLE),
+                                     (b"grpc-message", b"upstream stream reset")], True)
+            else:
+                stream.reset(ErrorCodes.INTERNAL_ERROR)
+            return False
+        except TimeoutError:  # the gRPC deadline passed while relaying
+            recorded = True
+            self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
+                         answered=True)
+            if stream.closed is None and not stream.local_ended:
+                stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
+                                                     "deadline exceeded in the sidecar"), True)
+            return False
+        except asyncio.CancelledError:
+            if not recorded:
+                recorded = True
+                self.cancelled(sent, first)
+            raise
+        finally:
+            if not pump.done():
+                pump.cancel()
+            if upstream.closed is None:
+                upstream.reset(ErrorCodes.CANCEL)
+            upstream.discard()
+            if not recorded:  # an unexpected error: release the in-flight count
+                self.outcome(sent, first, False, "proxy-error")
+
+    def response_headers(self, headers: Headers) -> tuple[Headers, float | None]:
+        """The upstream's headers without X-GT-*; the congestion it announced, if valid."""
+        out: Headers = []
+        congestion: float | None = None
+        for name, value in headers:
+            if not name.startswith(GT_PREFIX):
+                out.append((name, value))
+            elif name == CONGESTION_NAME:
+                try:
+                    congestion = parse_congestion(value.decode("latin-1"))
+                except WireError:
+                    self.proxy.metrics.rejected_headers.labels(CONGESTION.lower(),
+                                                               "malformed").inc()
+        return out, congestion
+
+    # ------------------------------------------------------------ outcomes
+
+    def finish(self, sent: float, first: float | None, http_status: int,
+               status: int | None, congestion: float | None) -> None:
+        if self.is_grpc:
+            ok = status is not None and not grpc.counts_against_endpoint(status)
+            if status is None:
+                status = grpc.UNKNOWN  # ended without a grpc-status: the call failed
+        else:
+            ok = http_status < 500
+        self.outcome(sent, first, ok, str(http_status), status, congestion, answered=True)
+
+    def outcome(self, sent: float, first: float | None, ok: bool, code: str,
+                status: int | None = None, congestion: float | None = None,
+                answered: bool = False) -> None:
+        """Tell the policy and the metrics how the attempt ended (once per attempt)."""
+        proxy, group, endpoint = self.proxy, self.ctx.group, self.ctx.endpoint
+        assert group is not None and endpoint is not None
+        now = proxy.clock()
+        latency = (first if first is not None else now) - sent
+        group.policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion,
+                                        answered=answered))
+        proxy.metrics.forwarded(group.name, endpoint, code, latency if answered else None)
+        if status is not None:
+            proxy.h2_metrics.grpc_calls.labels(group.name, endpoint, str(status)).inc()
+        if not ok:
+            self.ctx.error_reason = self.ctx.error_reason or code
+
+    def cancelled(self, sent: float, first: float | None) -> None:
+        """The app reset the stream: not the endpoint's failure."""
+        proxy, group, endpoint = self.proxy, self.ctx.group, self.ctx.endpoint
+        assert group is not None and endpoint is not None
+        now = proxy.clock()
+        latency = (first if first is not None else now) - sent
+        group.policy.on_outcome(Outcome(endpoint, latency, True, now, answered=False))
+        proxy.h2_metrics.streams_cancelled.labels(group.name).inc()
+        self.ctx.error_reason = "cancelled-by-app"
+
+    # ------------------------------------------------------------ the sidecar's own answers
+
+    async def deadline_exceeded(self) -> None:
+        self.ctx.error_reason = "deadline-exceeded"
+        self.proxy.metrics.errors.labels(self.ctx.upstream or "", "deadline-exceeded").inc()
+        if self.is_grpc:
+            self.stream.send_headers(grpc.trailers_only(
+                grpc.DEADLINE_EXCEEDED, "deadline exceeded in the sidecar"), end_stream=True)
+        else:
+            await self._json(504, "deadline-exceeded", "deadline exceeded")
+
+    async def error(self, status: int, reason: str, message: str) -> None:
+        ctx = self.ctx
+        ctx.status, ctx.error_reason = status, reason
+        self.proxy.metrics.errors.labels(ctx.upstream or "", reason).inc()
+        if self.is_grpc:
+            upstream = ctx.upstream or ""
+            self.proxy.h2_metrics.grpc_calls.labels(upstream, "", str(grpc.UNAVAILABLE)).inc()
+            self.stream.send_headers(grpc.trailers_only(
+                grpc.UNAVAILABLE, f"{reason}: {message}",
+                [(b"via", self.proxy.via)]), end_stream=True)
+        else:
+            await self._json(status, reason, message)
+
+    async def _json(self, status: int, reason: str, message: str) -> None:
+        body = json.dumps({"error": message, "reason": reason, "upstream": self.ctx.upstream,
+                           "sidecar": self.proxy.sidecar_id}).encode()
+        self.stream.send_headers([
+            (b":status", b"%d" % status), (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)), (b"via", self.proxy.via)])
+        await self.stream.send_data(body, end_stream=True)
+
+
+class _Replay:
+    """What of the app's request went upstream so far, kept while it is small enough to be
+    sent again if the endpoint refuses the stream unprocessed."""
+
+    __slots__ = ("complete", "items", "size")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self.size = 0
+        self.complete = True  # False once the body outgrew REPLAY_LIMIT: no second attempt
+
+    def add(self, kind: str, payload: Any) -> None:
+        if not self.complete:
+            return
+        if kind == "data":
+            self.size += len(payload)
+            if self.size > REPLAY_LIMIT:
+                self.complete = False
+                self.items.clear()
+                return
+        self.items.append((kind, payload))
+
+
+async def _pump(stream: ServerStream, upstream: ClientStream, replay: _Replay) -> None:
+    """Relay the app's request body and trailers upstream (first what an earlier, refused
+    attempt sent), acknowledging each DATA frame to the app only once the upstream connection
+    took it."""
+    try:
+        for kind, payload in list(replay.items):
+            if kind == "data":
+                await upstream.send_data(payload)
+            elif kind == "trailers":
+                upstream.send_headers(payload, end_stream=True)
+                return
+            else:
+                upstream.end()
+                return
+        while True:
+            kind, payload, size = await stream.read()
+            replay.add(kind, payload)
+            if kind == "data":
+                try:
+                    await upstream.send_data(payload)
+                finally:  # passed on or dropped: either way the app gets its credit back
+                    stream.ack(size)
+            elif kind == "trailers":
+                upstream.send_headers(payload, end_stream=True)
+                return
+            else:
+                upstream.end()
+                return
+    except StreamGone:
+        return  # either side went away: the exchange sees it and answers
+
+
+def _http_status(headers: Headers) -> int:
+    for name, value in headers:
+        if name == b":status":
+            return int(value) if value.isdigit() else 502
+    return 502
+
+
+def _status_trailers(status: int, message: str) -> Headers:
+    return [(b"grpc-status", b"%d" % status), (b"grpc-message", grpc.encode_message(message))]

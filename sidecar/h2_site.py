@@ -1,0 +1,172 @@
+"""The outbound listener's socket: HTTP/1.1 and prior-knowledge h2c on one port.
+
+Owns the per-connection protocol decision: the first bytes of each accepted connection are
+peeked; the 24-byte HTTP/2 connection preface (``PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n``,
+RFC 9113 §3.4) hands it to an :class:`H2ServerConnection` (:mod:`sidecar.h2_server`), anything
+else to aiohttp's own HTTP/1.1 protocol of the app runner, with the bytes already read, so
+the HTTP/1.1 path is exactly what it was. A connection that says nothing within
+``sniff_timeout`` goes to aiohttp too (its own timeouts apply).
+
+On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and up to the drain
+timeout to finish their streams, then are closed. Transparent interception has its own site
+(:mod:`sidecar.transparent`), which does not detect HTTP/2 yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from sidecar.h2_server import DEFAULT_MAX_STREAMS, H2ServerConnection, Handler
+from sidecar.metrics import H2Metrics
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DEFAULT_SNIFF_TIMEOUT = 10.0
+
+
+def sniff_preface(data: bytes) -> bool | None:
+    """True if ``data`` starts with the HTTP/2 preface, False if it cannot, None: too short."""
+    if len(data) >= len(PREFACE):
+        return data.startswith(PREFACE)
+    return None if PREFACE.startswith(data) else False
+
+
+class OutboundSite(web.BaseSite):
+    """An aiohttp site that serves HTTP/1.1 with the runner's app and h2c with ``handler``.
+
+    One instance per socket (the ``[::]`` twin of a ``0.0.0.0`` listener is another one);
+    ``connections`` may be shared between them so one drain covers both.
+    """
+
+    __slots__ = ("_conns", "_drain_timeout", "_handler", "_host", "_max_streams", "_metrics",
+                 "_port", "_sniff_timeout")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        handler: Handler,
+        metrics: H2Metrics,
+        drain_timeout: float,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+        connections: set[H2ServerConnection] | None = None,
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port = host, port
+        self._handler = handler
+        self._metrics = metrics
+        self._drain_timeout = drain_timeout
+        self._max_streams = max_streams
+        self._sniff_timeout = sniff_timeout
+        self._conns: set[H2ServerConnection] = connections if connections is not None else set()
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port} (HTTP/1.1, h2c)"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Sniff(self), self._host, self._port, backlog=self._backlog,
+            reuse_address=True,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._conns)
+        for conn in conns:
+            conn.shutdown()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._drain_timeout):
+                for conn in conns:
+                    await conn.lost.wait()
+        for conn in list(self._conns):
+            conn.abort()
+        await super().stop()
+
+    def protocol_for(self, h2c: bool) -> asyncio.Protocol:
+        if h2c:
+            self._metrics.connections.labels("h2c").inc()
+            conn = H2ServerConnection(self._handler, max_streams=self._max_streams,
+                                      on_close=self._conns.discard)
+            self._conns.add(conn)
+            return conn
+        self._metrics.connections.labels("http1").inc()
+        server = self._runner.server
+        assert server is not None
+        return server()  # aiohttp's HTTP/1.1 protocol for this connection
+
+
+def outbound_site(
+    handler: Handler, metrics: H2Metrics, *, drain_timeout: float,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+) -> Callable[[web.AppRunner, str, int], web.BaseSite]:
+    """The runner's site factory for the outbound listener: its sockets (``0.0.0.0`` and the
+    ``[::]`` twin) share the metrics and one set of HTTP/2 connections to drain."""
+    connections: set[H2ServerConnection] = set()
+
+    def site(runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
+        return OutboundSite(runner, host, port, handler=handler, metrics=metrics,
+                            drain_timeout=drain_timeout, max_streams=max_streams,
+                            connections=connections)
+
+    return site
+
+
+class _Sniff(asyncio.Protocol):
+    """Reads up to the preface's length, then hands the transport and the bytes over."""
+
+    def __init__(self, site: OutboundSite) -> None:
+        self.site = site
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(
+            self.site._sniff_timeout, self._hand_over, False)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        verdict = sniff_preface(self.buffer)
+        if verdict is not None:
+            self._hand_over(verdict)
+
+    def eof_received(self) -> bool:
+        self._cancel_timer()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.transport = None
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _hand_over(self, h2c: bool) -> None:
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.transport = None
+        protocol = self.site.protocol_for(h2c)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer and not transport.is_closing():
+            protocol.data_received(self.buffer)
+        self.buffer = b""
