@@ -29,6 +29,11 @@ Config file shape (YAML or JSON, every key optional)::
     inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
     app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
     mesh_secret_file: /etc/equilibrium/mesh.key
+    listener:                   # the outbound listener's defences (docs/grpc.md, "Defences");
+      header_timeout: 10        #   read at start: first bytes / HTTP/2 preface, seconds
+      idle_timeout: 300         #   HTTP/2 connection with no request in flight (0: never)
+      max_streams: 256          #   SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
+      max_connections: 4096     #   open connections on the outbound listener
 
 Upstreams given by a higher layer replace the whole set of a lower one (they are not merged),
 so a reload of the file changes endpoints only when neither flags nor the environment fix them.
@@ -81,6 +86,10 @@ ENV_VARS: dict[str, str] = {
     "mesh_secret_file": "EQUILIBRIUM_MESH_SECRET_FILE",
     "redis": "EQUILIBRIUM_REDIS_URL",
     "signaling_epoch": "EQUILIBRIUM_SIGNALING_EPOCH",
+    "header_timeout": "EQUILIBRIUM_HEADER_TIMEOUT",
+    "idle_timeout": "EQUILIBRIUM_IDLE_TIMEOUT",
+    "max_streams": "EQUILIBRIUM_MAX_STREAMS",
+    "max_connections": "EQUILIBRIUM_MAX_CONNECTIONS",
     "transparent": "EQUILIBRIUM_TRANSPARENT",
     "discovery": "EQUILIBRIUM_DISCOVERY",
     "discovery_namespaces": "EQUILIBRIUM_DISCOVERY_NAMESPACES",
@@ -95,6 +104,7 @@ FILE_KEYS = frozenset(
         "max_attempts", "request_timeout", "connect_timeout",
         "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
         "redis", "signaling_epoch",  # sidecar.signaling
+        "listener",  # the outbound listener's defences
     }
 )
 
@@ -112,6 +122,36 @@ class DiscoverySettings:
 
     credentials: KubeCredentials
     namespaces: tuple[str, ...] | None = None  # None: the whole cluster
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """The outbound listener's defences (:mod:`sidecar.h2_site`, :mod:`sidecar.h2_server`)."""
+
+    header_timeout: float = 10.0  # first bytes, or the whole HTTP/2 preface
+    idle_timeout: float = 300.0  # an HTTP/2 connection with no request in flight; 0: never
+    max_streams: int = 256  # SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
+    max_connections: int = 4096  # open on the outbound listener
+
+
+LISTENER_KEYS = ("header_timeout", "idle_timeout", "max_streams", "max_connections")
+
+
+def parse_listener(raw: Mapping[str, Any], what: str = "listener") -> dict[str, Any]:
+    """Validate listener limits given by name (the file's ``listener:`` or the environment)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "header_timeout":
+            out[key] = _parse_float(value, f"{what}.{key}", 0.01)
+        elif key == "idle_timeout":
+            out[key] = _parse_float(value, f"{what}.{key}", 0.0)
+        elif key == "max_streams":
+            out[key] = _parse_int(value, f"{what}.{key}", 1, 1 << 20)
+        elif key == "max_connections":
+            out[key] = _parse_int(value, f"{what}.{key}", 1, 1 << 24)
+        else:
+            raise ConfigError(f"{what}: unknown key {key!r} (known: {', '.join(LISTENER_KEYS)})")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +173,7 @@ class SidecarConfig:
     mesh_secret_file: Path | None = None  # or env EQUILIBRIUM_MESH_SECRET
     redis: str | None = None  # signaling plane (sidecar.signaling); needs the mesh key
     signaling_epoch: float = 1.0  # seconds between regret summaries
+    listener: ListenerLimits = field(default_factory=lambda: ListenerLimits())
     policing: PolicingSettings = field(default_factory=PolicingSettings)
     transparent: bool = False  # route redirected connections by their original destination
     discovery: DiscoverySettings | None = None  # None: no Kubernetes discovery
@@ -359,6 +400,12 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 out[key] = parse_redis_url(value)
             elif key == "signaling_epoch":
                 out[key] = _parse_float(value, "signaling_epoch", 0.05)
+            elif key == "listener":
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"listener: must be a mapping, got {value!r}")
+                out[key] = parse_listener(value)
+            elif key in LISTENER_KEYS:  # from the environment, one by one
+                out.setdefault("listener", {}).update(parse_listener({key: value}))
             elif key == "mesh_secret_file":
                 out[key] = Path(str(value).strip())
             elif key == "upstreams":
@@ -430,7 +477,8 @@ class ConfigSource:
         layers.append(("command line", self.flags))
         for layer, raw in layers:
             for key, value in _validate_layer(raw, layer).items():
-                merged[key] = value
+                # listener limits merge key by key (the environment sets them one by one)
+                merged[key] = {**merged.get(key, {}), **value} if key == "listener" else value
                 sources[key] = layer
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
@@ -454,6 +502,7 @@ class ConfigSource:
             mesh_secret_file=merged.get("mesh_secret_file"),
             redis=merged.get("redis"),
             signaling_epoch=merged.get("signaling_epoch", 1.0),
+            listener=ListenerLimits(**merged.get("listener", {})),
             policing=merged.get("policing", PolicingSettings()),
             transparent=merged.get("transparent", False),
             discovery=discovery,

@@ -130,7 +130,7 @@ class H2Connection(asyncio.Protocol):
 
     def __init__(self, *, client_side: bool) -> None:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = self.new_state_machine(config)
         self.conn.state_machine = _GracefulGoaway()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
@@ -139,6 +139,10 @@ class H2Connection(asyncio.Protocol):
         self.goaway_received: int | None = None  # the peer's last stream id, once it sent GOAWAY
         self.lost = asyncio.Event()  # set when the socket is closed
         self._flush_scheduled = False
+
+    def new_state_machine(self, config: h2.config.H2Configuration) -> h2.connection.H2Connection:
+        """The ``h2`` connection this one drives; subclasses may give their own kind."""
+        return h2.connection.H2Connection(config=config)
 
     # ------------------------------------------------------------ asyncio.Protocol
 

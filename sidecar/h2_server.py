@@ -6,6 +6,12 @@ handler it is given (:class:`sidecar.h2_proxy.H2Outbound`), cancelling that task
 resets the stream or hangs up (the app's doing: other streams go on), and the graceful end
 (GOAWAY, then close once the streams in flight are done).
 
+Also owns the connection's defences (docs/grpc.md, "Defences"): a stream opened beyond the
+announced SETTINGS_MAX_CONCURRENT_STREAMS is refused alone (RST_STREAM REFUSED_STREAM, RFC 9113
+§5.1.2) instead of ``h2``'s rule of ending the connection; frame floods and the rapid-reset
+pattern (budgets of :mod:`sidecar.h2_guard`) end it with GOAWAY(ENHANCE_YOUR_CALM); a
+connection with no request in flight for ``idle_timeout`` gets GOAWAY(NO_ERROR) and is closed.
+
 It does not route or forward: the handler does. Protocol detection is
 :mod:`sidecar.h2_site`'s.
 """
@@ -15,17 +21,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+import h2.config
+import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from sidecar.h2_connection import H2_ERRORS, H2Connection, H2Stream, Headers, StreamGone
+from sidecar.h2_guard import (
+    DEFAULT_BUDGETS,
+    EMPTY_DATA,
+    PING,
+    RAPID_RESET,
+    SETTINGS,
+    Budget,
+    FloodGuard,
+)
+from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_STREAMS = 256  # concurrent streams one app connection may open (SETTINGS)
+DEFAULT_IDLE_TIMEOUT = 300.0  # seconds an app connection may stay open with no request
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """The defences of one app connection (docs/grpc.md, "Defences")."""
+
+    max_streams: int = DEFAULT_MAX_STREAMS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0: never
+    budgets: Mapping[str, Budget] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
+
+
+class _RefusingH2(h2.connection.H2Connection):
+    """``h2``'s server connection, except that a HEADERS frame opening a stream beyond the
+    announced limit is decoded (the HPACK state must stay in step with the peer's) and its
+    stream opened, then listed in ``over_limit`` for the owner to refuse, where ``h2`` would
+    raise TooManyStreamsError and end the connection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.over_limit: set[int] = set()
+        self._lift = False
+
+    @property
+    def open_inbound_streams(self) -> int:
+        count: int = super().open_inbound_streams
+        return 0 if self._lift else count
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        new = frame.stream_id not in self.streams
+        if new and self.open_inbound_streams >= self.local_settings.max_concurrent_streams:
+            self._lift = True
+            self.over_limit.add(frame.stream_id)
+        try:
+            return super()._receive_headers_frame(frame)
+        finally:
+            self._lift = False
 
 
 class ServerStream(H2Stream):
@@ -51,29 +108,97 @@ class H2ServerConnection(H2Connection):
         self,
         handler: Handler,
         *,
-        max_streams: int = DEFAULT_MAX_STREAMS,
+        limits: H2Limits | None = None,
+        metrics: H2Metrics | None = None,
         on_close: Callable[[H2ServerConnection], None] | None = None,
     ) -> None:
         super().__init__(client_side=False)
         self.handler = handler
-        self.max_streams = max_streams
+        self.limits = limits or H2Limits()
+        self.max_streams = self.limits.max_streams
+        self.metrics = metrics
         self.on_close = on_close
+        self.loop = asyncio.get_running_loop()
+        self.guard = FloodGuard(self.loop.time(), self.limits.budgets)
+        self.idle_timer: asyncio.TimerHandle | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.draining = False
         self.idle = asyncio.Event()  # set whenever no request is in flight
         self.idle.set()
 
+    def new_state_machine(self, config: h2.config.H2Configuration) -> _RefusingH2:
+        return _RefusingH2(config=config)
+
+    @property
+    def refusing(self) -> _RefusingH2:
+        assert isinstance(self.conn, _RefusingH2)
+        return self.conn
+
     def prepare(self) -> None:
         self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+        self._arm_idle_timer()
+
+    # ------------------------------------------------------------ defences
+
+    def _arm_idle_timer(self) -> None:
+        if self.limits.idle_timeout > 0 and self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(self.limits.idle_timeout, self._idle_expired)
+
+    def _disarm_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _idle_expired(self) -> None:
+        self.idle_timer = None
+        if self.tasks or self.transport is None:
+            return
+        if self.metrics is not None:
+            self.metrics.listener_timeouts.labels("h2_idle").inc()
+        log.info("HTTP/2 connection from %s idle for %.0fs: closed", self.peer(),
+                 self.limits.idle_timeout)
+        self.close()
+
+    def _flood_kind(self, event: h2.events.Event) -> str | None:
+        if isinstance(event, h2.events.StreamReset):
+            return RAPID_RESET if event.remote_reset and event.stream_id in self.tasks else None
+        if isinstance(event, h2.events.PingReceived):
+            return PING
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            return SETTINGS
+        if isinstance(event, h2.events.DataReceived):
+            return EMPTY_DATA if not event.data and event.stream_ended is None else None
+        return None
+
+    def dispatch(self, event: h2.events.Event) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # ended (e.g. by a flood) while the rest of the read was in the queue
+        kind = self._flood_kind(event)
+        if kind is not None and not self.guard.spend(kind, self.loop.time()):
+            if self.metrics is not None:
+                self.metrics.flood_goaways.labels(kind).inc()
+            log.warning("HTTP/2 connection from %s over its %s budget: GOAWAY "
+                        "ENHANCE_YOUR_CALM", self.peer(), kind)
+            self.close(ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        super().dispatch(event)
 
     def other_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            if event.stream_id in self.refusing.over_limit:  # past SETTINGS_MAX_CONCURRENT_STREAMS
+                self.refusing.over_limit.discard(event.stream_id)
+                if self.metrics is not None:
+                    self.metrics.refused_streams.inc()
+                with contextlib.suppress(*H2_ERRORS):
+                    self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
             if self.draining:  # after our GOAWAY: not processed, the app may retry elsewhere
                 self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                 return
             stream = ServerStream(self, event.stream_id, list(event.headers))
             self.streams[event.stream_id] = stream
             self.idle.clear()
+            self._disarm_idle_timer()
             self.tasks[event.stream_id] = asyncio.get_running_loop().create_task(
                 self._serve(stream))
 
@@ -89,6 +214,7 @@ class H2ServerConnection(H2Connection):
             self.tasks.pop(stream.id, None)
             if not self.tasks:
                 self.idle.set()
+                self._arm_idle_timer()
                 if self.draining or self.goaway_received is not None:
                     self.close()
 
@@ -106,6 +232,7 @@ class H2ServerConnection(H2Connection):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_idle_timer()
         super().connection_lost(exc)
         for task in list(self.tasks.values()):
             task.cancel()

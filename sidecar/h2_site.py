@@ -4,8 +4,13 @@ Owns the per-connection protocol decision: the first bytes of each accepted conn
 peeked; the 24-byte HTTP/2 connection preface (``PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n``,
 RFC 9113 §3.4) hands it to an :class:`H2ServerConnection` (:mod:`sidecar.h2_server`), anything
 else to aiohttp's own HTTP/1.1 protocol of the app runner, with the bytes already read, so
-the HTTP/1.1 path is exactly what it was. A connection that says nothing within
-``sniff_timeout`` goes to aiohttp too (its own timeouts apply).
+the HTTP/1.1 path is exactly what it was.
+
+Also the listener's first defences (docs/grpc.md, "Defences"): a connection that sends neither
+a byte of an HTTP/1.1 request nor the whole preface within ``sniff_timeout`` is closed; one
+accepted while ``max_connections`` are open (HTTP/1.1, h2c and still sniffing, over both
+sockets) is closed at once. HTTP/1.1 connections are aiohttp's from the first byte on, with
+its own timers.
 
 On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and up to the drain
 timeout to finish their streams, then are closed. Transparent interception has its own site
@@ -21,13 +26,25 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from sidecar.h2_server import DEFAULT_MAX_STREAMS, H2ServerConnection, Handler
+from sidecar.h2_server import H2Limits, H2ServerConnection, Handler
 from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DEFAULT_SNIFF_TIMEOUT = 10.0
+DEFAULT_SNIFF_TIMEOUT = 10.0  # seconds for the first bytes (or the whole HTTP/2 preface)
+DEFAULT_MAX_CONNECTIONS = 4096  # open connections on the outbound listener (both sockets)
+
+
+class Connections:
+    """What the sockets of one listener share: its HTTP/2 connections (to drain) and the
+    count of connections still being sniffed; with aiohttp's own, the open count."""
+
+    __slots__ = ("h2", "sniffing")
+
+    def __init__(self) -> None:
+        self.h2: set[H2ServerConnection] = set()
+        self.sniffing = 0
 
 
 def sniff_preface(data: bytes) -> bool | None:
@@ -44,8 +61,8 @@ class OutboundSite(web.BaseSite):
     ``connections`` may be shared between them so one drain covers both.
     """
 
-    __slots__ = ("_conns", "_drain_timeout", "_handler", "_host", "_max_streams", "_metrics",
-                 "_port", "_sniff_timeout")
+    __slots__ = ("_conns", "_drain_timeout", "_handler", "_host", "_limits", "_max_connections",
+                 "_metrics", "_port", "_shared", "_sniff_timeout")
 
     def __init__(
         self,
@@ -56,18 +73,21 @@ class OutboundSite(web.BaseSite):
         handler: Handler,
         metrics: H2Metrics,
         drain_timeout: float,
-        max_streams: int = DEFAULT_MAX_STREAMS,
+        limits: H2Limits | None = None,
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
-        connections: set[H2ServerConnection] | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        connections: Connections | None = None,
     ) -> None:
         super().__init__(runner)
         self._host, self._port = host, port
         self._handler = handler
         self._metrics = metrics
         self._drain_timeout = drain_timeout
-        self._max_streams = max_streams
+        self._limits = limits or H2Limits()
         self._sniff_timeout = sniff_timeout
-        self._conns: set[H2ServerConnection] = connections if connections is not None else set()
+        self._max_connections = max_connections
+        self._shared = connections if connections is not None else Connections()
+        self._conns = self._shared.h2
 
     @property
     def name(self) -> str:
@@ -75,6 +95,7 @@ class OutboundSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        self._metrics.connections_open.set_function(self.open_connections)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Sniff(self), self._host, self._port, backlog=self._backlog,
@@ -95,10 +116,25 @@ class OutboundSite(web.BaseSite):
             conn.abort()
         await super().stop()
 
+    def open_connections(self) -> float:
+        server = self._runner.server
+        http1 = len(server.connections) if server is not None else 0
+        return float(http1 + len(self._conns) + self._shared.sniffing)
+
+    def admit(self) -> bool:
+        """A new connection may stay: fewer than ``max_connections`` are open (it included)."""
+        if self.open_connections() <= self._max_connections:
+            return True
+        self._metrics.connections_rejected.inc()
+        return False
+
+    def sniff_expired(self) -> None:
+        self._metrics.listener_timeouts.labels("first_bytes").inc()
+
     def protocol_for(self, h2c: bool) -> asyncio.Protocol:
         if h2c:
             self._metrics.connections.labels("h2c").inc()
-            conn = H2ServerConnection(self._handler, max_streams=self._max_streams,
+            conn = H2ServerConnection(self._handler, limits=self._limits, metrics=self._metrics,
                                       on_close=self._conns.discard)
             self._conns.add(conn)
             return conn
@@ -110,34 +146,58 @@ class OutboundSite(web.BaseSite):
 
 def outbound_site(
     handler: Handler, metrics: H2Metrics, *, drain_timeout: float,
-    max_streams: int = DEFAULT_MAX_STREAMS,
+    limits: H2Limits | None = None,
+    sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Callable[[web.AppRunner, str, int], web.BaseSite]:
     """The runner's site factory for the outbound listener: its sockets (``0.0.0.0`` and the
-    ``[::]`` twin) share the metrics and one set of HTTP/2 connections to drain."""
-    connections: set[H2ServerConnection] = set()
+    ``[::]`` twin) share the metrics, one set of HTTP/2 connections to drain and one
+    connection cap."""
+    connections = Connections()
 
     def site(runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
         return OutboundSite(runner, host, port, handler=handler, metrics=metrics,
-                            drain_timeout=drain_timeout, max_streams=max_streams,
+                            drain_timeout=drain_timeout, limits=limits,
+                            sniff_timeout=sniff_timeout, max_connections=max_connections,
                             connections=connections)
 
     return site
 
 
 class _Sniff(asyncio.Protocol):
-    """Reads up to the preface's length, then hands the transport and the bytes over."""
+    """Reads up to the preface's length, then hands the transport and the bytes over; closes
+    a connection that is over the cap, or silent (or half a preface) past the timeout."""
 
     def __init__(self, site: OutboundSite) -> None:
         self.site = site
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._count(True)
+        if not self.site.admit():
+            self._count(False)
+            transport.close()
+            return
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(
-            self.site._sniff_timeout, self._hand_over, False)
+            self.site._sniff_timeout, self._expired)
+
+    def _count(self, sniffing: bool) -> None:
+        if sniffing != self.counted:
+            self.counted = sniffing
+            self.site._shared.sniffing += 1 if sniffing else -1
+
+    def _expired(self) -> None:
+        self.timer = None
+        transport, self.transport = self.transport, None
+        self._count(False)
+        if transport is not None and not transport.is_closing():
+            self.site.sniff_expired()
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -151,6 +211,7 @@ class _Sniff(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._count(False)
         self.transport = None
 
     def _cancel_timer(self) -> None:
@@ -160,6 +221,7 @@ class _Sniff(asyncio.Protocol):
 
     def _hand_over(self, h2c: bool) -> None:
         self._cancel_timer()
+        self._count(False)
         transport = self.transport
         if transport is None or transport.is_closing():
             return

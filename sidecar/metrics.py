@@ -413,3 +413,33 @@ class H2Metrics:
             "against the endpoint)",
             ["upstream"], registry=registry,
         )
+        # The listener's defences (sidecar.h2_site, sidecar.h2_server; docs/grpc.md).
+        self.listener_timeouts = Counter(
+            "equilibrium_listener_timeouts",
+            "Outbound-listener connections closed by a timeout, by phase (first_bytes: no "
+            "request and no complete HTTP/2 preface in time; h2_idle: an HTTP/2 connection "
+            "with no request in flight)",
+            ["phase"], registry=registry,
+        )
+        self.flood_goaways = Counter(
+            "equilibrium_h2_flood_goaways",
+            "HTTP/2 app connections ended with GOAWAY(ENHANCE_YOUR_CALM), by the budget they "
+            "ran out of (rapid_reset, ping, settings, empty_data)",
+            ["kind"], registry=registry,
+        )
+        self.refused_streams = Counter(
+            "equilibrium_h2_refused_streams",
+            "HTTP/2 streams refused (REFUSED_STREAM) for exceeding the announced "
+            "SETTINGS_MAX_CONCURRENT_STREAMS",
+            registry=registry,
+        )
+        self.connections_open = Gauge(
+            "equilibrium_outbound_connections_open",
+            "Connections open on the outbound listener (HTTP/1.1, h2c, still sniffing)",
+            registry=registry,
+        )
+        self.connections_rejected = Counter(
+            "equilibrium_outbound_connections_rejected",
+            "Connections the outbound listener closed at once: its connection cap was reached",
+            registry=registry,
+        )

@@ -47,6 +47,7 @@ from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
 from sidecar.h2_proxy import H2Outbound
+from sidecar.h2_server import H2Limits
 from sidecar.h2_site import outbound_site
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
@@ -182,8 +183,12 @@ class SidecarRunner:
             clock=clock,
         )
         if site is None:
-            site = outbound_site(self.h2.handle, self.h2.h2_metrics,
-                                 drain_timeout=config.drain_timeout)
+            limits = config.listener
+            site = outbound_site(
+                self.h2.handle, self.h2.h2_metrics, drain_timeout=config.drain_timeout,
+                limits=H2Limits(max_streams=limits.max_streams,
+                                idle_timeout=limits.idle_timeout),
+                sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
         self.inbound = self._build_inbound(mesh_key)
         self.signaling: SidecarSignaling | None = None
         if signaling is not None:

@@ -37,6 +37,8 @@ equilibrium_draining gauge -
 equilibrium_errors counter upstream,reason
 equilibrium_flapping gauge upstream
 equilibrium_grpc_calls counter upstream,endpoint,grpc_status
+equilibrium_h2_flood_goaways counter kind
+equilibrium_h2_refused_streams counter -
 equilibrium_h2_streams_cancelled counter upstream
 equilibrium_in_flight gauge upstream
 equilibrium_inbound_app_duration_seconds histogram -
@@ -59,8 +61,11 @@ equilibrium_inbound_requests counter caller,outcome
 equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
+equilibrium_listener_timeouts counter phase
 equilibrium_nash_gap gauge upstream
 equilibrium_outbound_connections counter protocol
+equilibrium_outbound_connections_open gauge -
+equilibrium_outbound_connections_rejected counter -
 equilibrium_passthrough_bytes counter direction
 equilibrium_passthrough_failures counter reason
 equilibrium_passthrough_open gauge -

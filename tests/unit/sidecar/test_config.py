@@ -159,3 +159,33 @@ def test_listen_address_forms() -> None:
     assert parse_listen("[::1]:15001") == ListenAddress("::1", 15001)
     assert parse_listen(":15001") == ListenAddress("127.0.0.1", 15001)
     assert str(parse_listen("[::1]:1")) == "[::1]:1"
+
+
+def test_listener_limits_default_and_merge_file_with_environment(tmp_path: Path) -> None:
+    from sidecar.config import ListenerLimits
+
+    assert ConfigSource.from_sources({}, env={}).load().listener == ListenerLimits()
+    path = tmp_path / "c.yaml"
+    path.write_text("listener:\n  idle_timeout: 30\n  max_streams: 8\n")
+    env = {"EQUILIBRIUM_MAX_STREAMS": "16", "EQUILIBRIUM_HEADER_TIMEOUT": "2.5"}
+    limits = ConfigSource.from_sources({"config": str(path)}, env=env).load().listener
+    assert limits == ListenerLimits(header_timeout=2.5, idle_timeout=30.0, max_streams=16,
+                                    max_connections=4096)
+    flags = {"config": str(path), "idle_timeout": "0", "max_connections": "9"}
+    limits = ConfigSource.from_sources(flags, env=env).load().listener
+    assert limits == ListenerLimits(header_timeout=2.5, idle_timeout=0.0, max_streams=16,
+                                    max_connections=9)
+
+
+@pytest.mark.parametrize(("text", "env", "message"), [
+    ("listener:\n  max_streams: 0\n", {}, "listener.max_streams"),
+    ("listener:\n  idle: 3\n", {}, "unknown key 'idle'"),
+    ("listener: 5\n", {}, "must be a mapping"),
+    ("id: x\n", {"EQUILIBRIUM_MAX_CONNECTIONS": "many"}, "environment: listener.max_connections"),
+])
+def test_bad_listener_limits_are_config_errors(tmp_path: Path, text: str, env: dict[str, str],
+                                               message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        ConfigSource.from_sources({"config": str(path)}, env=env).load()

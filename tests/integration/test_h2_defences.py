@@ -1,0 +1,240 @@
+"""The outbound listener's defences, each attack replayed with the ``h2`` library's own client
+on a raw socket against a real sidecar process in front of real grpcio pods, while a
+well-behaved grpcio client (one channel) keeps getting answers.
+
+Covers docs/grpc.md, "Defences": streams beyond SETTINGS_MAX_CONCURRENT_STREAMS refused one by
+one; the rapid-reset, PING, SETTINGS and empty-DATA floods answered with
+GOAWAY(ENHANCE_YOUR_CALM); the idle timeout of an HTTP/2 connection; the first-bytes timeout;
+the connection cap. Limits are made small through the environment so the tests are quick.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import h2.connection
+import h2.events
+import pytest
+from h2.errors import ErrorCodes
+
+from sidecar.h2_site import PREFACE
+from tests.integration.procs import SidecarProcess, start_sidecar
+from tests.integration.test_grpc_outbound import SERVICE, Pod, RawH2, _grpc_frame, start_pod
+
+MAX_STREAMS = 4
+IDLE_TIMEOUT = 1.0
+HEADER_TIMEOUT = 1.0
+
+
+@dataclass
+class Guarded:
+    pods: list[Pod]
+    sidecar: SidecarProcess
+
+    @property
+    def port(self) -> int:
+        return self.sidecar.outbound_port
+
+    def call(self, payload: bytes = b"hi") -> bytes:
+        """One unary call by a well-behaved grpcio client (its own channel)."""
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}",
+                                   options=[("grpc.default_authority", "svc")]) as channel:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+            answer: bytes = unary(payload, timeout=5)
+            return answer
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.sidecar.metric(name, **labels)
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[Guarded]:
+    pods = [start_pod(name) for name in ("pod-a", "pod-b")]
+    sidecar = start_sidecar({"svc": [p.url for p in pods]}, sidecar_id="sc-guard", env={
+        "EQUILIBRIUM_MAX_STREAMS": str(MAX_STREAMS),
+        "EQUILIBRIUM_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
+        "EQUILIBRIUM_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+    })
+    try:
+        yield Guarded(pods, sidecar)
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        for pod in pods:
+            pod.stop()
+
+
+class _Greedy(h2.connection.H2Connection):
+    """A client that ignores the server's SETTINGS_MAX_CONCURRENT_STREAMS."""
+
+    @property
+    def open_outbound_streams(self) -> int:
+        return 0
+
+
+def settled(client: RawH2, max_streams: int | None = None) -> RawH2:
+    """Wait for the sidecar's SETTINGS (acknowledged by the pump), so they are in force."""
+    want = max_streams or MAX_STREAMS
+    client.pump(lambda: client.conn.remote_settings.max_concurrent_streams == want)
+    return client
+
+
+def test_streams_beyond_the_limit_are_refused_not_the_connection(guarded: Guarded) -> None:
+    refused = guarded.metric("equilibrium_h2_refused_streams_total")
+    client = settled(RawH2(guarded.port))
+    client.conn.__class__ = _Greedy
+    try:
+        calls = [client.start_call("Slow") for _ in range(MAX_STREAMS)]
+        for call in calls:
+            client.send(call, _grpc_frame(b"0.4"), end=True)
+        excess = [client.start_call("Slow") for _ in range(2)]
+        assert guarded.call(b"meanwhile").endswith(b"|meanwhile")  # another client is served
+        client.pump(lambda: all(client.ended(s) for s in calls + excess))
+        for stream in excess:
+            resets = [e for e in client.events[stream] if isinstance(e, h2.events.StreamReset)]
+            assert [e.error_code for e in resets] == [ErrorCodes.REFUSED_STREAM]
+        assert [client.status(s) for s in calls] == [0] * MAX_STREAMS
+        assert client.terminated is None and not client.closed
+        again = client.start_call("Unary")  # the same connection still takes calls
+        client.send(again, _grpc_frame(b"after"), end=True)
+        client.pump(lambda: client.ended(again))
+        assert client.status(again) == 0
+    finally:
+        client.close()
+    assert guarded.metric("equilibrium_h2_refused_streams_total") == refused + 2
+
+
+def _rapid_reset(client: RawH2) -> None:
+    for _ in range(1000):  # the CVE-2023-44487 pattern: open, reset at once, again
+        stream = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream, [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", f"/{SERVICE}/Slow".encode()),
+            (b":authority", b"svc"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        ])
+        client.conn.reset_stream(stream, ErrorCodes.CANCEL)
+
+
+def _pings(client: RawH2) -> None:
+    for i in range(1000):
+        client.conn.ping(i.to_bytes(8, "big"))
+
+
+def _settings(client: RawH2) -> None:
+    for i in range(1000):
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535 + i})
+
+
+def _empty_data(client: RawH2) -> None:
+    stream = client.start_call("ClientStream")
+    for _ in range(1000):
+        client.conn.send_data(stream, b"")
+
+
+@pytest.mark.parametrize(("kind", "flood"), [
+    ("rapid_reset", _rapid_reset), ("ping", _pings), ("settings", _settings),
+    ("empty_data", _empty_data),
+])
+def test_a_flood_gets_goaway_enhance_your_calm(guarded: Guarded, kind: str, flood) -> None:  # type: ignore[no-untyped-def]
+    goaways = guarded.metric("equilibrium_h2_flood_goaways_total", kind=kind)
+    bystander = settled(RawH2(guarded.port))  # a well-behaved connection with a call in flight
+    slow = bystander.start_call("Slow")
+    bystander.send(slow, _grpc_frame(b"0.5"), end=True)
+    attacker = settled(RawH2(guarded.port))
+    try:
+        flood(attacker)
+        attacker.flush()
+        attacker.pump(lambda: attacker.closed)
+        assert attacker.terminated is not None
+        assert attacker.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert guarded.call(b"calm").endswith(b"|calm")
+        bystander.pump(lambda: bystander.ended(slow))
+        assert bystander.status(slow) == 0
+    finally:
+        attacker.close()
+        bystander.close()
+    assert guarded.metric("equilibrium_h2_flood_goaways_total", kind=kind) == goaways + 1
+
+
+def test_within_the_budgets_nothing_happens(guarded: Guarded) -> None:
+    client = settled(RawH2(guarded.port))
+    try:
+        for i in range(20):  # a keep-alive ping and a cancelled call now and then
+            client.conn.ping(i.to_bytes(8, "big"))
+            call = client.start_call("Slow")
+            client.send(call, _grpc_frame(b"1"), end=True)
+            client.conn.reset_stream(call, ErrorCodes.CANCEL)
+            client.flush()
+        call = client.start_call("Unary")
+        client.send(call, _grpc_frame(b"fine"), end=True)
+        client.pump(lambda: client.ended(call))
+        assert client.status(call) == 0 and client.terminated is None
+    finally:
+        client.close()
+
+
+def test_an_idle_connection_is_closed_but_not_one_with_a_call_in_flight(
+    guarded: Guarded,
+) -> None:
+    idle = guarded.metric("equilibrium_listener_timeouts_total", phase="h2_idle")
+    client = settled(RawH2(guarded.port))
+    try:
+        call = client.start_call("Slow")  # longer than the idle timeout: not idle meanwhile
+        client.send(call, _grpc_frame(b"%.1f" % (IDLE_TIMEOUT * 1.8)), end=True)
+        client.pump(lambda: client.ended(call))
+        assert client.status(call) == 0 and not client.closed
+        started = time.monotonic()
+        client.pump(lambda: client.closed, timeout=IDLE_TIMEOUT + 4)
+        assert time.monotonic() - started >= IDLE_TIMEOUT * 0.8
+        assert client.terminated is not None
+        assert client.terminated.error_code == ErrorCodes.NO_ERROR
+    finally:
+        client.close()
+    assert guarded.metric("equilibrium_listener_timeouts_total", phase="h2_idle") == idle + 1
+
+
+@pytest.mark.parametrize("sent", [b"", PREFACE[:10]], ids=["nothing", "half-a-preface"])
+def test_a_silent_connection_is_closed_after_the_header_timeout(guarded: Guarded,
+                                                                sent: bytes) -> None:
+    timeouts = guarded.metric("equilibrium_listener_timeouts_total", phase="first_bytes")
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=HEADER_TIMEOUT + 4) as s:
+        s.sendall(sent)
+        started = time.monotonic()
+        assert guarded.call(b"live").endswith(b"|live")
+        assert s.recv(100) == b""  # closed by the sidecar
+        assert time.monotonic() - started >= HEADER_TIMEOUT * 0.5
+    assert guarded.metric("equilibrium_listener_timeouts_total",
+                          phase="first_bytes") == timeouts + 1
+
+
+def test_the_connection_cap() -> None:
+    pod = start_pod("pod-cap")
+    sidecar = start_sidecar({"svc": [pod.url]}, sidecar_id="sc-cap",
+                            env={"EQUILIBRIUM_MAX_CONNECTIONS": "3"})
+    guarded = Guarded([pod], sidecar)
+    held: list[socket.socket] = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", guarded.port), timeout=5)
+                for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while guarded.metric("equilibrium_outbound_connections_open") < 3:
+            assert time.monotonic() < deadline, "the held connections are not counted"
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as extra:
+            assert extra.recv(100) == b""  # closed at once
+        assert guarded.metric("equilibrium_outbound_connections_rejected_total") == 1
+        for s in held:
+            s.close()
+        held = []
+        deadline = time.monotonic() + 5
+        while guarded.metric("equilibrium_outbound_connections_open") > 0:
+            assert time.monotonic() < deadline, "closed connections still counted"
+            time.sleep(0.05)
+        assert guarded.call(b"room").endswith(b"|room")
+    finally:
+        for s in held:
+            s.close()
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()

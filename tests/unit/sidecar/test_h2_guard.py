@@ -1,0 +1,63 @@
+"""sidecar.h2_guard: the per-connection frame budgets (token buckets on a given clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.h2_guard import (
+    DEFAULT_BUDGETS,
+    KINDS,
+    PING,
+    RAPID_RESET,
+    Budget,
+    FloodGuard,
+    FrameBudget,
+)
+
+
+def test_a_burst_is_allowed_then_refused() -> None:
+    bucket = FrameBudget(Budget(rate=1.0, burst=3), now=0.0)
+    assert [bucket.spend(0.0) for _ in range(4)] == [True, True, True, False]
+
+
+def test_the_budget_refills_at_its_rate_up_to_the_burst() -> None:
+    bucket = FrameBudget(Budget(rate=2.0, burst=3), now=0.0)
+    for _ in range(3):
+        assert bucket.spend(0.0)
+    assert not bucket.spend(0.1)  # 0.2 of a token back: not enough
+    assert bucket.spend(0.5)  # one token back
+    assert not bucket.spend(0.5)
+    assert [bucket.spend(100.0) for _ in range(4)] == [True, True, True, False]  # capped
+
+
+def test_a_steady_rate_within_the_budget_never_runs_out() -> None:
+    bucket = FrameBudget(Budget(rate=10.0, burst=5), now=0.0)
+    assert all(bucket.spend(i * 0.1) for i in range(1000))
+
+
+def test_a_clock_going_back_gives_nothing() -> None:
+    bucket = FrameBudget(Budget(rate=10.0, burst=1), now=5.0)
+    assert bucket.spend(5.0)
+    assert not bucket.spend(1.0)
+    assert not bucket.spend(1.05)
+
+
+def test_kinds_are_counted_apart() -> None:
+    guard = FloodGuard(0.0, {PING: Budget(rate=0.0, burst=2), RAPID_RESET: Budget(0.0, 1)})
+    assert guard.spend(PING, 0.0) and guard.spend(PING, 0.0)
+    assert not guard.spend(PING, 0.0)
+    assert guard.spend(RAPID_RESET, 0.0)
+    assert not guard.spend(RAPID_RESET, 0.0)
+    assert guard.spend("unknown", 0.0)  # no budget: not limited
+
+
+def test_the_defaults_cover_every_kind() -> None:
+    assert set(DEFAULT_BUDGETS) == set(KINDS)
+    guard = FloodGuard(0.0)
+    assert sum(guard.spend(RAPID_RESET, 0.0) for _ in range(1000)) == 200
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(-1.0, 5.0), (1.0, 0.5)])
+def test_a_budget_that_allows_nothing_is_an_error(rate: float, burst: float) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        Budget(rate=rate, burst=burst)
