@@ -59,6 +59,8 @@ from mesh.policies import POLICY_NAMES
 from mesh.profile_names import PROFILE_NAMES
 from mesh.profiles import get_profile
 from sidecar.discovery import KubeCredentials, credentials_from_flags
+from sidecar.h2_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS
+from sidecar.h2_site import DEFAULT_MAX_CONNECTIONS, DEFAULT_SNIFF_TIMEOUT
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
 
@@ -128,10 +130,10 @@ class DiscoverySettings:
 class ListenerLimits:
     """The outbound listener's defences (:mod:`sidecar.h2_site`, :mod:`sidecar.h2_server`)."""
 
-    header_timeout: float = 10.0  # first bytes, or the whole HTTP/2 preface
-    idle_timeout: float = 300.0  # an HTTP/2 connection with no request in flight; 0: never
-    max_streams: int = 256  # SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
-    max_connections: int = 4096  # open on the outbound listener
+    header_timeout: float = DEFAULT_SNIFF_TIMEOUT  # first bytes, or the whole HTTP/2 preface
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # HTTP/2 connection, nothing in flight; 0: never
+    max_streams: int = DEFAULT_MAX_STREAMS  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open on the outbound listener
 
 
 LISTENER_KEYS = ("header_timeout", "idle_timeout", "max_streams", "max_connections")
