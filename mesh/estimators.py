@@ -7,8 +7,9 @@ penalty latency, so that a fast-failing endpoint never looks attractive.
 - :class:`Ewma` — time-weighted exponential moving average of latency.
 - :class:`PeakEwma` — Linkerd/Finagle's peak-sensitive EWMA: a slower sample replaces the
   estimate at once, faster samples pull it down with time constant ``decay`` (default 10 s), and
-  an idle estimate decays towards zero so that an endpoint once seen slow is eventually tried
-  again. Cost = estimate x (pending + 1).
+  an idle estimate decays towards zero from its last sample or, never measured, from the
+  endpoint's creation at the default RTT, so that an endpoint once seen slow, or never tried, is
+  eventually tried. Cost = estimate x (pending + 1).
 - :class:`EndpointStats` — everything one endpoint's policy needs: the two averages above, the
   in-flight count, failure counters, piggybacked congestion, and the per-tick accumulators that
   regret matching consumes.
@@ -68,29 +69,35 @@ class Ewma:
 
 @dataclass(slots=True)
 class PeakEwma:
-    """Peak-sensitive EWMA of round-trip time, as in Linkerd2-proxy / tower ``PeakEwma``.
+    """Peak-sensitive EWMA of round-trip time, as in Linkerd2-proxy / tower ``PeakEwma``
+    (tower ``tower/src/load/peak_ewma.rs``, after Finagle's ``PeakEwma``).
+
+    The estimate starts at the default RTT with its clock started at ``updated_at``, the
+    instant the endpoint was created (tower's ``RttEstimate::new`` stamps ``Instant::now()``),
+    so an endpoint never measured decays from the moment it appears: a newly added pod gets
+    cheaper than its loaded peers within seconds and is tried, as under Linkerd.
 
     ``update``: a sample above the estimate replaces it (the "peak"); a sample below is
-    averaged in with weight ``1 - exp(-dt/decay)``. ``value(now)`` decays the estimate towards
-    zero while no sample arrives, as tower does when it computes load.
+    averaged in with weight ``1 - exp(-dt/decay)``, ``dt`` since the last update (or since
+    creation). ``value(now)`` decays the estimate towards zero while no sample arrives, as
+    tower's ``load()`` does by updating with a zero RTT. Here reads are pure (nothing is
+    written back): the decay towards zero is the same, exponentials compose; only the weight a
+    later faster sample gets differs (tower's clock restarts at every read, ours at updates).
     """
 
+    updated_at: float  # the last update, or the endpoint's creation (seconds, caller's clock)
     decay: float = DEFAULT_DECAY
     estimate: float = DEFAULT_RTT
-    updated_at: float | None = None
 
     def update(self, rtt: float, now: float) -> None:
         if rtt > self.estimate:
             self.estimate = rtt
         else:
-            w = _decay_weight(0.0 if self.updated_at is None else now - self.updated_at,
-                              self.decay)
+            w = _decay_weight(now - self.updated_at, self.decay)
             self.estimate = self.estimate * w + rtt * (1.0 - w)
-        self.updated_at = now
+        self.updated_at = max(self.updated_at, now)
 
     def value(self, now: float) -> float:
-        if self.updated_at is None:
-            return self.estimate
         return self.estimate * _decay_weight(now - self.updated_at, self.decay)
 
     def cost(self, now: float, pending: int) -> float:
@@ -118,9 +125,10 @@ class EndpointStats:
     tick_cost_sum: float = 0.0
 
     @classmethod
-    def new(cls, endpoint: str, *, tau: float, decay: float, failure_penalty: float,
-            default_rtt: float = DEFAULT_RTT) -> EndpointStats:
-        return cls(endpoint, Ewma(tau), PeakEwma(decay, default_rtt), failure_penalty)
+    def new(cls, endpoint: str, *, now: float, tau: float, decay: float,
+            failure_penalty: float, default_rtt: float = DEFAULT_RTT) -> EndpointStats:
+        """Stats of an endpoint created at ``now`` (the peak EWMA's decay clock starts then)."""
+        return cls(endpoint, Ewma(tau), PeakEwma(now, decay, default_rtt), failure_penalty)
 
     def charged_latency(self, latency: float, ok: bool) -> float:
         """The cost an outcome is charged: its latency, or at least the penalty on failure."""

@@ -6,7 +6,8 @@ The baselines are the strategies Equilibrium is measured against (docs/routing.m
 - ``p2c-least-request`` — Envoy's default LEAST_REQUEST: two distinct endpoints at random, the
   one with fewer active requests wins (Mitzenmacher, "The power of two choices", 2001);
 - ``peak-ewma`` — Linkerd2-proxy's balancer: power of two choices on peak-EWMA RTT x
-  (pending + 1), default RTT 30 ms, decay 10 s.
+  (pending + 1), default RTT 30 ms, decay 10 s; an endpoint never measured starts at the
+  default RTT and decays from the instant :meth:`set_endpoints` adds it, as in tower.
 
 ``equilibrium`` is :class:`RegretMatchingPolicy`: Hart & Mas-Colell regret matching over the
 endpoints (:mod:`mesh.regret`), shaped by the thundering-herd guard (:mod:`mesh.herd`), with
@@ -61,6 +62,7 @@ class _MeasuredPolicy(ABC):
             if e not in self.stats:
                 self.stats[e] = EndpointStats.new(
                     e,
+                    now=now,
                     tau=self.profile.estimator_tau,
                     decay=self.profile.peak_ewma_decay,
                     failure_penalty=self.profile.failure_penalty,

@@ -24,7 +24,7 @@ def test_ewma_first_sample_then_time_weighted_within_bounds() -> None:
 
 
 def test_peak_ewma_jumps_to_slower_samples_and_decays() -> None:
-    p = PeakEwma()
+    p = PeakEwma(updated_at=0.0)
     assert p.value(0.0) == DEFAULT_RTT  # Linkerd's default before any sample
     p.update(0.5, 1.0)
     assert p.value(1.0) == 0.5  # peak: a slower sample replaces the estimate at once
@@ -36,8 +36,25 @@ def test_peak_ewma_jumps_to_slower_samples_and_decays() -> None:
     assert p.cost(2.0, pending=3) == pytest.approx(4 * p.value(2.0))
 
 
+def test_peak_ewma_never_measured_decays_from_creation() -> None:
+    # tower's RttEstimate starts at the default RTT stamped with its creation instant.
+    p = PeakEwma(updated_at=100.0)
+    assert p.value(90.0) == DEFAULT_RTT  # asked before creation: no decay, never growth
+    assert p.value(100.0) == DEFAULT_RTT
+    assert p.value(110.0) == pytest.approx(0.030 * math.exp(-1.0))  # 11.04 ms
+    assert p.value(120.0) == pytest.approx(0.030 * math.exp(-2.0))  # 4.06 ms
+    assert p.cost(110.0, pending=1) == pytest.approx(2 * 0.030 * math.exp(-1.0))
+    # The first sample below the default is averaged with the weight of the time since creation.
+    p.update(0.005, 105.0)
+    w = math.exp(-0.5)
+    assert p.estimate == pytest.approx(0.030 * w + 0.005 * (1 - w))  # 20.16 ms
+    assert p.updated_at == 105.0
+    s = EndpointStats.new("a", now=100.0, tau=1.0, decay=10.0, failure_penalty=1.0)
+    assert s.peak.value(110.0) == pytest.approx(0.030 * math.exp(-1.0))
+
+
 def test_failures_are_charged_the_penalty_latency() -> None:
-    s = EndpointStats.new("a", tau=1.0, decay=10.0, failure_penalty=1.0)
+    s = EndpointStats.new("a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
     s.start()
     assert s.finish(0.002, ok=False, now=0.0) == 1.0
     assert s.failures == 1 and s.consecutive_failures == 1 and s.in_flight == 0
@@ -47,7 +64,7 @@ def test_failures_are_charged_the_penalty_latency() -> None:
 
 
 def test_congestion_inflates_the_estimate_and_is_clamped() -> None:
-    s = EndpointStats.new("a", tau=1.0, decay=10.0, failure_penalty=1.0)
+    s = EndpointStats.new("a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
     s.finish(0.01, True, 0.0, congestion=5.0)
     assert 0.0 < s.congestion <= 1.0
     assert s.latency_estimate(0.03) > 0.01

@@ -108,6 +108,46 @@ def test_baselines_route_to_every_endpoint_and_peak_ewma_avoids_the_bad_pod(name
         assert counts[BAD] / total > 0.1
 
 
+def test_peak_ewma_tries_a_new_endpoint_once_its_default_has_decayed_below_the_loaded() -> None:
+    """tower semantics: a pod added at t=60 s starts at the 30 ms default and decays from then
+    (decay 10 s). The old pods answer in 10 ms and each hold one queued request, so their cost
+    is 10 ms x (1 + 1) = 20 ms; the new pod's is 30 ms x exp(-(t-60)/10), below 20 ms after
+    10 ln 1.5 = 4.05 s. It is never chosen before that and chosen soon after (P2C draws it in
+    two picks out of three); an estimate that never decays until measured would starve it."""
+    profile = get_profile("balanced")
+    assert profile.default_rtt == pytest.approx(0.030) and profile.peak_ewma_decay == 10.0
+    old, new = ENDPOINTS[:2], ENDPOINTS[2]
+    p = make_policy("peak-ewma", profile)
+    p.set_endpoints(old, 0.0)
+    rng = random.Random(3)
+    now, dt = 0.0, 0.01
+
+    def serve(until: float) -> float | None:
+        """Pick every 10 ms until ``until``; each pick answers in 10 ms at once. Returns the
+        time the new pod was first chosen, if it was."""
+        nonlocal now
+        while now < until:
+            e = p.pick(rng, now)
+            assert e is not None
+            if e == new:
+                return now
+            p.on_start(e, now)
+            p.on_outcome(Outcome(e, 0.010, True, now))
+            now += dt
+        return None
+
+    serve(60.0)  # warm: the old pods' estimates settle at 10 ms
+    # Both were tried: the one not drawn first decays below the other's 10 ms within ~11 s.
+    assert all(p.stats[e].requests > 0 for e in old)
+    for e in old:
+        p.on_start(e, now)  # one request queued at each old pod, for good
+    p.set_endpoints([*old, new], now)
+    added = now
+    first = serve(added + 10.0)
+    assert first is not None, "the new endpoint was never tried"
+    assert added + 4.0 <= first <= added + 4.5
+
+
 def test_pick_respects_exclude_and_reports_none_when_nothing_is_left() -> None:
     for name in POLICY_NAMES:
         p = make_policy(name, get_profile("balanced"))
