@@ -35,6 +35,7 @@ from equilibrium.lab.bench.report import ms, pct, secs
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.bench.slow_pod import SlowPod
 from equilibrium.lab.loadgen import Record
+from equilibrium.lab.processes import cpu_pressure_stall
 from equilibrium.lab.sidecars import start_sidecars
 
 UPSTREAM = "demo"
@@ -89,6 +90,7 @@ async def drive_grpc(targets: list[tuple[str, str, str | None]], rate: float,
     try:
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 10) for c in channels))
         result.t0 = loop.time() + 0.2
+        stall0 = cpu_pressure_stall()
         count = int(rate * duration)
 
         async def one(client: str, call: Any, seq: int, intended: float,
@@ -113,6 +115,9 @@ async def drive_grpc(targets: list[tuple[str, str, str | None]], rate: float,
             await asyncio.gather(*tasks)
 
         await asyncio.gather(*(client(t[0], c) for t, c in zip(targets, channels, strict=True)))
+        elapsed = loop.time() - result.t0
+        if elapsed > 0:
+            result.cpu_pressure = (cpu_pressure_stall() - stall0) / elapsed
         return result
     finally:
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
