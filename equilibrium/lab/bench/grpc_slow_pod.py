@@ -138,6 +138,8 @@ class GrpcSlowPod(Scenario):
                            help="share of the bad pod's calls that are slow (0.5)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
+        # grpcio's informational lines (e.g. on each sidecar's fork) would drown the progress
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         args = ctx.args
         pods = args.grpc_slow_pod_pods
         bad_index = pods - 1
