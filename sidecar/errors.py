@@ -45,6 +45,10 @@ class ErrorReason(StrEnum):
     BODY_RELAY_FAILED = "body-relay-failed"
     """The response head was sent but its body broke off: the connection is cut (metric
     only: no body can be sent any more)."""
+    APP_HUNG_UP = "app-hung-up"
+    """The app closed its connection while the response body was being relayed: the app's
+    doing, not the endpoint's (metric only; the upstream connection is kept if the rest of the
+    body can be drained within a small budget)."""
     WEBSOCKET_NOT_SUPPORTED = "websocket-not-supported"
     """501: the transport cannot carry WebSockets."""
     WEBSOCKET_HANDSHAKE_FAILED = "websocket-handshake-failed"

@@ -14,6 +14,10 @@ DELETE without a body; only when nothing was received from the upstream (connect
 connect timeout, connection reset before the response head); always to an endpoint not tried
 yet; at most ``max_attempts`` in all; only while the upstream's retry budget allows.
 A POST is never retried.
+
+An app that hangs up while its answer's body is being relayed is the app's doing: it is
+counted as ``app-hung-up`` (not ``body-relay-failed``), the endpoint is not charged, and the
+rest of the body is drained (bounded) so that the upstream connection stays in the pool.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.forward import (
+    BodyReader,
     has_passed,
     must_be_empty,
     relay_body,
@@ -63,6 +68,35 @@ log = logging.getLogger(__name__)
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # a failed body relay: the upstream's stream broke or stalled, or the app went away
 RELAY_ERRORS: tuple[type[BaseException], ...] = (*BODY_READ_ERRORS, ConnectionError)
+
+
+# what is left of an answer the app no longer wants is read and dropped, up to this much, so
+# that the upstream connection can serve the next request; past it the connection is closed
+DRAIN_LIMIT = 256 * 1024
+DRAIN_TIMEOUT = 1.0
+
+
+def app_hung_up(request: web.Request) -> bool:
+    """Whether the app's own connection is gone (closed, or closing after a failed write)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def drain(content: BodyReader, limit: int = DRAIN_LIMIT,
+                timeout: float = DRAIN_TIMEOUT) -> bool:
+    """Read and drop the rest of a body; True if it ended within ``limit`` bytes and
+    ``timeout`` seconds (the connection may be reused), False otherwise."""
+    left = limit
+    try:
+        async with asyncio.timeout(timeout):
+            while left >= 0:
+                chunk = await content.readany()
+                if not chunk:
+                    return True
+                left -= len(chunk)
+    except RELAY_ERRORS:
+        return False
+    return False
 
 
 def may_retry(method: str, has_body: bool) -> bool:
@@ -310,6 +344,16 @@ class OutboundProxy:
                     deadline.reschedule(loop.time() + idle)
                     await response.write_eof()
             except RELAY_ERRORS as exc:
+                if app_hung_up(request):
+                    # the app's doing: the endpoint answered, nothing to charge it with
+                    reason = ErrorReason.APP_HUNG_UP
+                    ctx.error_reason = reason
+                    self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+                    log.debug("%s %s: the app hung up mid-body: %r", ctx.upstream,
+                              ctx.endpoint, exc)
+                    if not await drain(upstream.content):
+                        upstream.close()
+                    return response
                 # The head may be out already: the only honest signal left is to cut the
                 # connection (the app sees a truncated body, never a silently short one).
                 reason = ErrorReason.BODY_RELAY_FAILED

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 # scenario name -> module defining SCENARIO
 SCENARIOS: dict[str, str] = {
     "slow-pod": "equilibrium.lab.bench.slow_pod",
+    "grpc-slow-pod": "equilibrium.lab.bench.grpc_slow_pod",
     "proxy-overhead": "equilibrium.lab.bench.proxy_overhead",
     "herding": "equilibrium.lab.bench.herding",
     "retry-flood": "equilibrium.lab.bench.retry_flood",

@@ -1,5 +1,5 @@
 """sidecar.outbound's rules: the upstream name an authority picks, and which requests may be
-retried.
+retried, and the bounded drain of a body the app hung up on.
 
 The process tests (test_sidecar_http, test_sidecar_retries) check the same rules end to end;
 these pin the edge cases that are awkward to produce on the wire.
@@ -7,9 +7,13 @@ these pin the edge cases that are awkward to produce on the wire.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
 
-from sidecar.outbound import may_retry, upstream_name
+from sidecar.outbound import drain, may_retry, upstream_name
+from sidecar.transport import MemoryBody, UpstreamReset
 
 
 @pytest.mark.parametrize(
@@ -42,3 +46,33 @@ def test_upstream_name_ignores_port_and_case(authority: str, name: str) -> None:
 )
 def test_retry_rule(method: str, has_body: bool, expected: bool) -> None:
     assert may_retry(method, has_body) is expected
+
+
+async def test_drain_reads_a_short_rest_to_its_end() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"r" * 1000
+
+    assert await drain(MemoryBody(chunks()), limit=10_000) is True
+
+
+async def test_drain_gives_up_past_its_limit_or_on_a_broken_body() -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"r" * 1000
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"r"
+        raise UpstreamReset("gone")
+
+    assert await drain(MemoryBody(endless()), limit=10_000) is False
+    assert await drain(MemoryBody(broken())) is False
+
+
+async def test_drain_gives_up_on_a_stalled_body_after_its_timeout() -> None:
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"r"
+        await asyncio.sleep(10)
+        yield b"never"
+
+    assert await drain(MemoryBody(stalled()), timeout=0.05) is False

@@ -1,0 +1,69 @@
+"""An app that hangs up mid-response, through a real sidecar to a real backend: the app's doing,
+counted as ``app-hung-up``, never as the endpoint's failure, and the upstream connection (the
+rest of the body drained) serves the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import aiohttp
+from aiohttp import web
+
+from tests.integration.procs import LOOPBACK, async_start_sidecar, async_stop, start_backend
+from tests.support import eventually
+
+CHUNK = 8192
+CHUNKS = 20
+
+
+async def test_an_app_hanging_up_mid_body_is_not_the_endpoints_failure() -> None:
+    peers: list[int] = []
+    streamed = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        if request.path != "/stream":
+            return web.Response(text="small")
+        resp = web.StreamResponse(headers={"Content-Length": str(CHUNK * CHUNKS)})
+        await resp.prepare(request)
+        for _ in range(CHUNKS):  # 20 × 20 ms: the app is gone long before the end
+            await resp.write(b"s" * CHUNK)
+            await asyncio.sleep(0.02)
+        await resp.write_eof()
+        streamed.set()
+        return resp
+
+    backend = await start_backend("pod", handler=handler)
+    sidecar = await async_start_sidecar({"svc": [backend.url]})
+    errors = "equilibrium_errors_total"
+    try:
+        # the app: a raw socket that reads the head and a little body, then resets
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.outbound_port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: svc\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(await reader.readexactly(1000)) == 1000
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+        await eventually(lambda: sidecar.metric(errors, upstream="svc", reason="app-hung-up"),
+                         "the hang-up counted")
+        await asyncio.wait_for(streamed.wait(), 10)
+        assert sidecar.metric(errors, reason="body-relay-failed") == 0
+        [view] = sidecar.state()["upstreams"]["svc"]["endpoints"]
+        assert view["failures"] == 0  # not charged to the endpoint
+        await asyncio.sleep(0.2)  # the sidecar's drain of the last chunk
+        async with aiohttp.ClientSession() as client, client.get(
+            f"{sidecar.outbound_url}/next", headers={"Host": "svc"}
+        ) as resp:
+            assert (resp.status, await resp.text()) == (200, "small")
+        # the same upstream connection: drained and kept, not closed
+        assert peers == [peers[0], peers[0]]
+        assert sidecar.metric(errors, upstream="svc", reason="app-hung-up") == 1
+    finally:
+        assert await async_stop(sidecar) == 0
+        await backend.stop()
