@@ -56,6 +56,7 @@ from mesh.profiles import get_profile
 from sidecar.discovery import KubeCredentials, credentials_from_flags
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
+from wire.numerals import ascii_uint
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -288,10 +289,11 @@ def _parse_float(value: Any, what: str, low: float) -> float:
 
 
 def _parse_int(value: Any, what: str, low: int, high: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{what}: expected an integer, got {value!r}") from None
+    text = str(value).strip()
+    number = ascii_uint(text.removeprefix("-"))  # ASCII digits only: never int('²')
+    if isinstance(value, bool) or number is None:
+        raise ConfigError(f"{what}: expected an integer, got {value!r}")
+    number = -number if text.startswith("-") else number
     if not low <= number <= high:
         raise ConfigError(f"{what}: must be in {low}..{high}, got {number}")
     return number

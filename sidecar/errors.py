@@ -45,6 +45,9 @@ class ErrorReason(StrEnum):
     BODY_RELAY_FAILED = "body-relay-failed"
     """The response head was sent but its body broke off: the connection is cut (metric
     only: no body can be sent any more)."""
+    BAD_TARGET = "bad-target"
+    """400: the inbound listener got a request target that is not a path (``/...``): an
+    absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy."""
     WEBSOCKET_NOT_SUPPORTED = "websocket-not-supported"
     """501: the transport cannot carry WebSockets."""
     WEBSOCKET_HANDSHAKE_FAILED = "websocket-handshake-failed"

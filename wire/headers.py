@@ -33,6 +33,7 @@ from typing import Any
 
 from mesh.policy import PolicySnapshot
 from wire.errors import Reason, WireError
+from wire.numerals import ascii_decimal, ascii_uint
 
 GT_PREFIX = "x-gt-"
 REGRET = "X-GT-Regret"
@@ -72,12 +73,10 @@ def parse_fields(header: str, value: str) -> dict[str, str]:
 def parse_number(header: str, raw: str, *, low: float = -math.inf,
                  high: float = math.inf) -> float:
     """A finite number within [low, high] from a header value (``malformed``/``out-of-range``)."""
-    try:
-        x = float(raw)
-    except ValueError:
-        raise WireError(Reason.MALFORMED, f"not a number: {raw[:32]!r}", header) from None
-    if not math.isfinite(x):
-        raise WireError(Reason.MALFORMED, "number must be finite", header)
+    x = ascii_decimal(raw)
+    if x is None:  # also nan/inf, non-ASCII digits and over-long numbers
+        raise WireError(Reason.MALFORMED, f"not a finite decimal number: {raw[:32]!r}",
+                        header)
     if not low <= x <= high:
         raise WireError(Reason.OUT_OF_RANGE, f"{x} outside [{low}, {high}]", header)
     return x
@@ -156,10 +155,11 @@ def parse_congestion(value: str) -> float:
 def parse_retry(value: str) -> int:
     """The attempt number of an ``X-GT-Retry`` value (1 = first retry)."""
     v = value.strip()
-    if not (v.isascii() and v.isdigit()) or not 1 <= int(v) <= 100:
+    attempt = ascii_uint(v, max_digits=3)
+    if attempt is None or not 1 <= attempt <= 100:
         raise WireError(Reason.MALFORMED, f"expected an attempt number 1..100, got {v[:16]!r}",
                         RETRY)
-    return int(v)
+    return attempt
 
 
 def is_gt_header(name: str) -> bool:
