@@ -6,7 +6,8 @@ structured value is a ``;``-separated list of ``key=value`` pairs whose first pa
 ``v=<version>``; unknown keys are ignored (forward compatible), a missing or unknown version,
 a missing required key, or a non-finite number is a :class:`~wire.errors.WireError` whose
 ``subject`` is the header name (the proxy ignores the header and counts it by ``reason``). The
-app never sees any of them: sidecars strip ``X-GT-*`` in both directions. Pure; documented for
+app never sees any of them: sidecars strip ``X-GT-*`` in both directions, underscore spellings
+(``X_GT_Identity``, ``X-GT_Price``) included (:func:`is_gt_header`). Pure; documented for
 users in docs/protocol.md ("HTTP headers").
 
 ========================  =========  ==========================================================
@@ -163,12 +164,18 @@ def parse_retry(value: str) -> int:
 
 
 def is_gt_header(name: str) -> bool:
-    """Whether ``name`` is a game header (``X-GT-*``, any case)."""
-    return name.lower().startswith(GT_PREFIX)
+    """Whether ``name`` is a game header: ``X-GT-*`` in any case, with ``_`` read as ``-``.
+
+    CGI and WSGI servers hand ``X_GT_Identity`` and ``X-GT_Price`` to the app as
+    ``HTTP_X_GT_IDENTITY``/``HTTP_X_GT_PRICE``, exactly like the real headers, so the
+    underscore spellings are game headers too: stripped, never read as signals (only the
+    canonical spelling is)."""
+    return name[:len(GT_PREFIX)].replace("_", "-").lower() == GT_PREFIX
 
 
 def strip_gt_headers(headers: MutableMapping[str, Any]) -> list[str]:
-    """Remove every ``X-GT-*`` header (any case, every occurrence); return the names removed."""
+    """Remove every game header (:func:`is_gt_header`: any case, ``_`` for ``-``, every
+    occurrence); return the names removed."""
     names = [k for k in list(headers.keys()) if is_gt_header(k)]
     removed: list[str] = []
     for k in names:

@@ -36,6 +36,17 @@ HOSTILE_STANDINGS = {
 }
 
 
+UNDERSCORED = {"X_GT_Identity": "v=1;id=root;ts=1;sig=x", "X-GT_Price": "0",
+               "x_gt_reputation": "v=1;score=0;level=9;phase=punished;retry=300",
+               "X-Gt_Congestion": "v=1;level=1"}
+
+
+def game_like(names: object) -> list[str]:
+    """Header names a CGI/WSGI app would read as ``X-GT-*``."""
+    return [n for n in names  # type: ignore[attr-defined]
+            if str(n).replace("_", "-").lower().startswith("x-gt-")]
+
+
 @dataclass
 class Setup:
     upstream: Backend
@@ -49,6 +60,7 @@ async def hostile_upstream(request: web.Request) -> web.Response:
     return web.Response(text="body", headers={
         "X-GT-Reputation": HOSTILE_STANDINGS.get(request.path, "v=1;score=1;level=0;phase=good"),
         "X-GT-Price": "\u0663",
+        **(UNDERSCORED if request.path == "/underscored" else {}),
     })
 
 
@@ -113,3 +125,25 @@ async def test_a_target_that_is_not_a_path_gets_400_on_the_inbound_listener(
     assert metric_value(setup.inbound.metrics_text(), "equilibrium_inbound_requests_total",
                         outcome="bad-target") >= 1
     assert "Traceback" not in setup.inbound.output()
+
+
+async def test_underscore_game_headers_are_stripped_in_both_directions(setup: Setup) -> None:
+    """``X_GT_Identity`` and ``X-GT_Price`` reach a WSGI app as ``HTTP_X_GT_*``: the app's
+    request must not carry them to the upstream, the upstream's answer must not carry them
+    to the app, and a punishment spelled with underscores is not believed."""
+    async with aiohttp.ClientSession() as client, client.get(
+            setup.caller.outbound_url + "/underscored",
+            headers={"Host": "svc", **UNDERSCORED}) as resp:
+        assert resp.status == 200
+        assert game_like(resp.headers) == []
+    sent = setup.upstream.seen[-1].headers  # the sidecar's own X-GT-* only, one identity
+    assert [n for n in game_like(sent) if "_" in n] == []
+    assert sent.getall("X-GT-Identity")[0].startswith("v=1;id=caller;")
+    assert metric_value(setup.caller.metrics_text(), "equilibrium_caller_punished",
+                        upstream="svc") == 0
+
+    setup.app.seen.clear()
+    async with aiohttp.ClientSession() as client, client.get(
+            f"http://{LOOPBACK}:{setup.inbound_port}/app", headers=UNDERSCORED) as resp:
+        assert resp.status == 200
+    assert len(setup.app.seen) == 1 and game_like(setup.app.seen[0].headers) == []
