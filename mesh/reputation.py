@@ -216,8 +216,11 @@ class PolicingParams:
 
 
 def _time_left(ladder: PunishmentLadder, now: float) -> float | None:
-    """Seconds of punishment left while punished, else None."""
-    return ladder.remaining(now) if ladder.phase is Phase.PUNISHED else None
+    """Seconds of punishment left while punished (never above the longest punishment, which
+    ``until - now`` can pass by a rounding error), else None."""
+    if ladder.phase is not Phase.PUNISHED:
+        return None
+    return min(ladder.remaining(now), ladder.rules.max_punishment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +396,7 @@ class ReputationBook:
             return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
                             ladder.phase, share)
         state.throttled.add(now)
-        retry_after = float(max(1, math.ceil(ladder.remaining(now))))
+        retry_after = float(max(1, math.ceil(_time_left(ladder, now) or 0.0)))
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
                         share)
 
