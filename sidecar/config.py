@@ -37,6 +37,7 @@ so a reload of the file changes endpoints only when neither flags nor the enviro
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -56,7 +57,7 @@ from mesh.profiles import get_profile
 from sidecar.discovery import KubeCredentials, credentials_from_flags
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
-from wire.numerals import ascii_uint
+from wire.numerals import ascii_decimal, ascii_uint
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -278,13 +279,24 @@ def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _shown(value: Any) -> str:
+    """A short repr for a message (an int of 5,000 digits cannot even be turned into text)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:32]
+
+
 def _parse_float(value: Any, what: str, low: float) -> float:
-    try:
-        number = float(value)
+    try:  # a string must be a plain ASCII decimal; a huge int overflows float()
+        number = ascii_decimal(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+        number = None
+    except OverflowError:
+        number = math.inf
+    if number is None or isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a finite decimal number, got {_shown(value)}")
     if not low <= number < float("inf"):
-        raise ConfigError(f"{what}: must be a finite number >= {low}, got {value!r}")
+        raise ConfigError(f"{what}: must be a finite number >= {low}, got {_shown(value)}")
     return number
 
 
@@ -320,10 +332,16 @@ def read_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 (byte {exc.start})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {str(path)!r}: not valid YAML/JSON: {exc}") from None
+    except ValueError:  # an integer past int()'s 4,300 digits (yaml and json convert it)
+        raise ConfigError(f"config file {str(path)!r}: a number is too long") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
