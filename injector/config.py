@@ -13,6 +13,7 @@ from typing import Final, Literal
 # The names only: mesh.profiles would import numpy into every init container (via this module).
 from mesh.errors import ConfigError
 from mesh.profile_names import PROFILE_NAMES
+from wire.numerals import ascii_uint
 
 # ---- the annotation / label contract -----------------------------------------------------------
 INJECT: Final = "equilibrium.io/inject"  # "true" | "false" (per-pod opt-in / opt-out)
@@ -87,18 +88,20 @@ def parse_port_list(source: str, value: str) -> tuple[int, ...]:
     ``"annotation equilibrium.io/exclude-inbound-ports"``).
     """
     ports: list[int] = []
+    shown = value if len(value) <= 64 else value[:61] + "..."  # warnings stay readable
     for raw in value.split(","):
         item = raw.strip()
         if not item and not value.strip():
             continue
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
+        port = ascii_uint(item, max_digits=5)
+        if port is None or not 1 <= port <= 65535:
             raise AnnotationError(
-                f"{source}={value!r}: {item!r} is not a port (expected a comma "
+                f"{source}={shown!r}: {item[:8]!r} is not a port (expected a comma "
                 "list of integers 1-65535, e.g. \"5432,6379\")"
             )
-        if int(item) in ports:
-            raise AnnotationError(f"{source}={value!r}: port {item} is repeated")
-        ports.append(int(item))
+        if port in ports:
+            raise AnnotationError(f"{source}={shown!r}: port {item} is repeated")
+        ports.append(port)
     return tuple(ports)
 
 

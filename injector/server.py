@@ -1,7 +1,9 @@
 """The webhook's HTTPS server: a thin aiohttp wrapper around ``injector.review.decide``.
 
 Owns transport concerns only: TLS (reloaded when the mounted Secret changes), the body size
-limit, JSON decoding, mapping ``MalformedReview`` to HTTP 400, and counting each answer in
+limit, JSON decoding (numbers of at most 32 characters, no NaN/Infinity, nesting within the
+interpreter's recursion limit; anything else is HTTP 400), mapping ``MalformedReview`` to HTTP
+400, and counting each answer in
 :class:`injector.metrics.InjectorMetrics`. Every decision about the pod is the pure function's.
 
 Routes: ``POST /mutate`` (the annotation decides), ``POST /mutate/namespace`` (the namespace
@@ -17,6 +19,7 @@ import logging
 import os
 import signal
 import ssl
+from typing import Any
 
 from aiohttp import web
 
@@ -56,10 +59,13 @@ async def _mutate(request: web.Request) -> web.Response:
         metrics.reviewed(Outcome.TOO_LARGE)
         return _error(413, f"body larger than {request.app[MAX_BODY_KEY]} bytes")
     try:
-        document = json.loads(body)
+        document = _load_json(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         metrics.reviewed(Outcome.REJECTED)
         return _error(400, f"body is not JSON: {exc}")
+    except _Unreadable as exc:
+        metrics.reviewed(Outcome.REJECTED)
+        return _error(400, f"body is not an AdmissionReview: {exc}")
     namespace_default = request.path.endswith("/namespace")
     try:
         verdict = decide(document, request.app[CONFIG_KEY], namespace_default=namespace_default)
@@ -75,6 +81,33 @@ async def _mutate(request: web.Request) -> web.Response:
     log.info("review uid=%s namespace=%s result=%s", response["uid"],
              (document.get("request") or {}).get("namespace"), verdict.outcome.value)
     return web.json_response(verdict.response)
+
+
+class _Unreadable(ValueError):
+    """JSON that is valid but not something a review can come from."""
+
+
+MAX_NUMBER_CHARS = 32  # a pod spec's numbers (ports, UIDs, quantities) are far shorter
+
+
+def _number(text: str) -> int | float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _Unreadable(f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS})")
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _no_constant(name: str) -> None:
+    raise _Unreadable(f"{name} is not JSON")
+
+
+def _load_json(body: bytes) -> Any:
+    """``json.loads`` with bounded numbers and nesting: what it refuses is ``_Unreadable``
+    (a 5,000-digit number would raise ``ValueError``, deep nesting ``RecursionError``)."""
+    try:
+        return json.loads(body, parse_int=_number, parse_float=_number,
+                          parse_constant=_no_constant)
+    except RecursionError:
+        raise _Unreadable("nested too deeply") from None
 
 
 async def _healthz(_: web.Request) -> web.Response:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from mesh.errors import ConfigError
 
-_BRACKETED = re.compile(r"\[([^\[\]]+)\]:(\d+)")
-_PLAIN = re.compile(r"([^\s:\[\]/]*):(\d+)")
+_BRACKETED = re.compile(r"\[([^\[\]]+)\]:([0-9]{1,18})")  # ASCII only: '٣' is a \d
+_PLAIN = re.compile(r"([^\s:\[\]/]*):([0-9]{1,18})")
 
 
 class AddressError(ConfigError):

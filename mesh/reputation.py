@@ -215,12 +215,22 @@ class PolicingParams:
             )
 
 
+def _time_left(ladder: PunishmentLadder, now: float) -> float | None:
+    """Seconds of punishment left while punished (never above the longest punishment, which
+    ``until - now`` can pass by a rounding error), else None."""
+    if ladder.phase is not Phase.PUNISHED:
+        return None
+    return min(ladder.remaining(now), ladder.rules.max_punishment)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The policing decision for one request.
 
     ``status`` is 200 when admitted (forward to the app) and 429 when throttled, with
-    ``retry_after`` in whole seconds for the ``Retry-After`` header. ``reputation`` and
+    ``retry_after`` in whole seconds for the ``Retry-After`` header. While the caller is
+    punished an admitted request's ``retry_after`` is the punishment time left too (seconds,
+    for ``X-GT-Reputation``'s ``retry``); otherwise None. ``reputation`` and
     ``level`` are the caller's standing after this request (``X-GT-Reputation``).
     """
 
@@ -363,7 +373,8 @@ class ReputationBook:
         state, share = self._record(caller, now, is_retry)
         state.admitted.add(now)
         ladder = state.ladder
-        return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+        return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
+                        ladder.phase, share)
 
     def admit(self, caller: str, now: float, is_retry: bool = False) -> Decision:
         """Record one request and decide whether it may reach the app (429 if throttled)."""
@@ -379,12 +390,13 @@ class ReputationBook:
         elif now > state.tokens_at:
             state.tokens = min(burst, state.tokens + (now - state.tokens_at) * rate)
             state.tokens_at = now
-        if state.tokens >= 1.0:
+        if state.tokens >= 1.0:  # let through, but the caller is told how long it stays punished
             state.tokens -= 1.0
             state.admitted.add(now)
-            return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+            return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
+                            ladder.phase, share)
         state.throttled.add(now)
-        retry_after = float(max(1, math.ceil(ladder.remaining(now))))
+        retry_after = float(max(1, math.ceil(_time_left(ladder, now) or 0.0)))
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
                         share)
 

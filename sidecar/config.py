@@ -42,6 +42,7 @@ so a reload of the file changes endpoints only when neither flags nor the enviro
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -63,6 +64,7 @@ from sidecar.h2_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS
 from sidecar.h2_site import DEFAULT_MAX_CONNECTIONS, DEFAULT_SNIFF_TIMEOUT
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
+from wire.numerals import ascii_decimal, ascii_uint
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
 DEFAULT_ADMIN = "127.0.0.1:15000"
@@ -320,21 +322,33 @@ def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _shown(value: Any) -> str:
+    """A short repr for a message (an int of 5,000 digits cannot even be turned into text)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:32]
+
+
 def _parse_float(value: Any, what: str, low: float) -> float:
-    try:
-        number = float(value)
+    try:  # a string must be a plain ASCII decimal; a huge int overflows float()
+        number = ascii_decimal(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what}: expected a number, got {value!r}") from None
+        number = None
+    except OverflowError:
+        number = math.inf
+    if number is None or isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a finite decimal number, got {_shown(value)}")
     if not low <= number < float("inf"):
-        raise ConfigError(f"{what}: must be a finite number >= {low}, got {value!r}")
+        raise ConfigError(f"{what}: must be a finite number >= {low}, got {_shown(value)}")
     return number
 
 
 def _parse_int(value: Any, what: str, low: int, high: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{what}: expected an integer, got {value!r}") from None
+    text = str(value).strip()
+    number = ascii_uint(text.removeprefix("-"))  # ASCII digits only: never int('²')
+    if isinstance(value, bool) or number is None:
+        raise ConfigError(f"{what}: expected an integer, got {value!r}")
+    number = -number if text.startswith("-") else number
     if not low <= number <= high:
         raise ConfigError(f"{what}: must be in {low}..{high}, got {number}")
     return number
@@ -361,10 +375,16 @@ def read_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: not UTF-8 (byte {exc.start})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {str(path)!r}: not valid YAML/JSON: {exc}") from None
+    except ValueError:  # an integer past int()'s 4,300 digits (yaml and json convert it)
+        raise ConfigError(f"config file {str(path)!r}: a number is too long") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -49,6 +49,9 @@ class ErrorReason(StrEnum):
     """The app closed its connection while the response body was being relayed: the app's
     doing, not the endpoint's (metric only; the upstream connection is kept if the rest of the
     body can be drained within a small budget)."""
+    BAD_TARGET = "bad-target"
+    """400: the inbound listener got a request target that is not a path (``/...``): an
+    absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy."""
     WEBSOCKET_NOT_SUPPORTED = "websocket-not-supported"
     """501: the transport cannot carry WebSockets."""
     WEBSOCKET_HANDSHAKE_FAILED = "websocket-handshake-failed"

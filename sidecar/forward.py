@@ -25,7 +25,7 @@ from typing import Protocol
 from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from wire.headers import GT_PREFIX, strip_gt_headers
+from wire.headers import is_gt_header, strip_gt_headers
 
 HOP_BY_HOP = frozenset(
     {
@@ -89,8 +89,8 @@ def split_game_headers(
         lower = key.lower()
         if lower in drop:
             continue
-        if lower.startswith(GT_PREFIX):
-            game.append((lower, value))
+        if is_gt_header(lower):  # X_GT_* too: the pair keeps its spelling, so it is never
+            game.append((lower, value))  # read as the signal its canonical name carries
         else:
             out.add(key, value)
     return out, game

@@ -57,11 +57,10 @@ from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
 from wire.errors import WireError
-from wire.headers import CONGESTION, parse_congestion
+from wire.headers import CONGESTION, is_gt_header, parse_congestion
 
 log = logging.getLogger(__name__)
 
-GT_PREFIX = b"x-gt-"
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to send again after a refused stream
 CONGESTION_NAME = CONGESTION.lower().encode()
 
@@ -226,7 +225,7 @@ class _Call:
         ``grpc-timeout`` is re-added per attempt with what is left of the deadline."""
         out: Headers = []
         for name, value in self.stream.request:
-            if name.startswith(GT_PREFIX):
+            if is_gt_header(name.decode("latin-1")):
                 self.proxy.metrics.rejected_headers.labels(name.decode("latin-1"),
                                                            "from-app").inc()
             elif name != b"grpc-timeout":
@@ -366,7 +365,7 @@ class _Call:
         out: Headers = []
         congestion: float | None = None
         for name, value in headers:
-            if not name.startswith(GT_PREFIX):
+            if not is_gt_header(name.decode("latin-1")):
                 out.append((name, value))
             elif name == CONGESTION_NAME:
                 try:

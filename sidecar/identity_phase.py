@@ -143,7 +143,8 @@ class CallerPhases(ProxyPhases):
         if price is not None:
             try:  # the app learns what its bid cost; a bad value is dropped
                 headers[APP_PRICE_HEADER] = format_bid(parse_bid(price))
-            except WireError:
+            except WireError as exc:
+                self.metrics.bad_signals.labels(PRICE.lower(), exc.reason).inc()
                 log.info("%s: ignored malformed %s %r", ctx.upstream, PRICE, price[:32])
         raw = ctx.game_response_headers.get(REPUTATION.lower())
         if raw is None or not ctx.upstream:
@@ -151,6 +152,7 @@ class CallerPhases(ProxyPhases):
         try:
             standing = parse_standing(raw)
         except WireError as exc:
+            self.metrics.bad_signals.labels(REPUTATION.lower(), exc.reason).inc()
             log.info("%s: ignored %s: %s", ctx.upstream, REPUTATION, exc)
             return
         if standing.punished and standing.retry_after:

@@ -117,6 +117,8 @@ class InboundOutcome(StrEnum):
     """503: no slot, and the bid queue is full of higher bids."""
     QUEUE_TIMEOUT = "queue-timeout"
     """503: no slot within ``max_wait``."""
+    BAD_TARGET = "bad-target"
+    """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
     APP_ERROR = "app-error"
     """The app did not answer (or refused a WebSocket upgrade): 502/504."""
 
@@ -357,6 +359,11 @@ class InboundProxy:
         now = self.clock()
         caller, trusted = self._identify(request)
         verdict = _Verdict(caller, self.labels.of(caller))
+        if not request.raw_path.startswith("/"):  # the app is a server, not a proxy
+            self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_TARGET).inc()
+            return self._answer(verdict, 400, ErrorReason.BAD_TARGET,
+                                "the request target must be a path starting with '/' "
+                                f"(got {request.raw_path[:64]!r})", {})
         if not self.game:
             return await self._baseline(request, verdict, now)
         bid, is_retry = 0.0, False

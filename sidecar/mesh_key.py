@@ -11,7 +11,9 @@ Security default: without a mesh key (neither ``EQUILIBRIUM_MESH_SECRET`` nor
 ``mesh_secret_file``) no identity can be signed or verified. The sidecar still starts: its
 outbound side sends requests unsigned, and its inbound side treats *every* caller as
 ``anonymous`` (one shared bucket, the strictest treatment) and logs a warning at start. It
-never trusts an identity it cannot check.
+never trusts an identity it cannot check. "Neither" means unset: a *blank*
+``EQUILIBRIUM_MESH_SECRET``, a key file others can read, or a placeholder key is a
+``ConfigError`` (docs/operations.md, "Security").
 """
 
 from __future__ import annotations

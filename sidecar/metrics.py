@@ -179,6 +179,11 @@ class CallerMetrics:
             f"Malformed {APP_BID_HEADER} values from the app, answered 400", ["reason"],
             registry=registry,
         )
+        self.bad_signals = Counter(
+            "equilibrium_caller_bad_signals",
+            "X-GT-Reputation/X-GT-Price values from an upstream that failed validation "
+            "(ignored)", ["header", "reason"], registry=registry,
+        )
 
 
 # ---------------------------------------------------------------------- the process

@@ -43,6 +43,7 @@ from mesh.auction import AuctionParams
 from mesh.concurrency import ConcurrencyParams
 from mesh.reputation import LadderRules, PolicingParams
 from wire.bid import MAX_BID
+from wire.numerals import ascii_decimal
 
 MODES = ("equilibrium", "token-bucket", "off")
 
@@ -92,12 +93,14 @@ def parse_app_url(value: Any) -> str:
 def _number(value: Any, what: str, *, integer: bool = False, low: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"{what}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{what}: expected a number, got {value!r}") from None
+    try:  # a string must be a plain ASCII decimal; a huge int overflows float()
+        number = float(value) if not isinstance(value, str) else ascii_decimal(value.strip())
+    except OverflowError:
+        number = math.inf
+    if number is None:
+        raise ValueError(f"{what}: expected a finite decimal number, got {value!r:.32}")
     if not math.isfinite(number) or number < low:
-        raise ValueError(f"{what}: must be a finite number >= {low:g}, got {value!r}")
+        raise ValueError(f"{what}: must be a finite number >= {low:g}, got {number:g}")
     if integer and number != int(number):
         raise ValueError(f"{what}: expected an integer, got {value!r}")
     return number

@@ -6,7 +6,8 @@ structured value is a ``;``-separated list of ``key=value`` pairs whose first pa
 ``v=<version>``; unknown keys are ignored (forward compatible), a missing or unknown version,
 a missing required key, or a non-finite number is a :class:`~wire.errors.WireError` whose
 ``subject`` is the header name (the proxy ignores the header and counts it by ``reason``). The
-app never sees any of them: sidecars strip ``X-GT-*`` in both directions. Pure; documented for
+app never sees any of them: sidecars strip ``X-GT-*`` in both directions, underscore spellings
+(``X_GT_Identity``, ``X-GT_Price``) included (:func:`is_gt_header`). Pure; documented for
 users in docs/protocol.md ("HTTP headers").
 
 ========================  =========  ==========================================================
@@ -33,6 +34,7 @@ from typing import Any
 
 from mesh.policy import PolicySnapshot
 from wire.errors import Reason, WireError
+from wire.numerals import ascii_decimal, ascii_uint
 
 GT_PREFIX = "x-gt-"
 REGRET = "X-GT-Regret"
@@ -72,12 +74,10 @@ def parse_fields(header: str, value: str) -> dict[str, str]:
 def parse_number(header: str, raw: str, *, low: float = -math.inf,
                  high: float = math.inf) -> float:
     """A finite number within [low, high] from a header value (``malformed``/``out-of-range``)."""
-    try:
-        x = float(raw)
-    except ValueError:
-        raise WireError(Reason.MALFORMED, f"not a number: {raw[:32]!r}", header) from None
-    if not math.isfinite(x):
-        raise WireError(Reason.MALFORMED, "number must be finite", header)
+    x = ascii_decimal(raw)
+    if x is None:  # also nan/inf, non-ASCII digits and over-long numbers
+        raise WireError(Reason.MALFORMED, f"not a finite decimal number: {raw[:32]!r}",
+                        header)
     if not low <= x <= high:
         raise WireError(Reason.OUT_OF_RANGE, f"{x} outside [{low}, {high}]", header)
     return x
@@ -156,19 +156,26 @@ def parse_congestion(value: str) -> float:
 def parse_retry(value: str) -> int:
     """The attempt number of an ``X-GT-Retry`` value (1 = first retry)."""
     v = value.strip()
-    if not (v.isascii() and v.isdigit()) or not 1 <= int(v) <= 100:
+    attempt = ascii_uint(v, max_digits=3)
+    if attempt is None or not 1 <= attempt <= 100:
         raise WireError(Reason.MALFORMED, f"expected an attempt number 1..100, got {v[:16]!r}",
                         RETRY)
-    return int(v)
+    return attempt
 
 
 def is_gt_header(name: str) -> bool:
-    """Whether ``name`` is a game header (``X-GT-*``, any case)."""
-    return name.lower().startswith(GT_PREFIX)
+    """Whether ``name`` is a game header: ``X-GT-*`` in any case, with ``_`` read as ``-``.
+
+    CGI and WSGI servers hand ``X_GT_Identity`` and ``X-GT_Price`` to the app as
+    ``HTTP_X_GT_IDENTITY``/``HTTP_X_GT_PRICE``, exactly like the real headers, so the
+    underscore spellings are game headers too: stripped, never read as signals (only the
+    canonical spelling is)."""
+    return name[:len(GT_PREFIX)].replace("_", "-").lower() == GT_PREFIX
 
 
 def strip_gt_headers(headers: MutableMapping[str, Any]) -> list[str]:
-    """Remove every ``X-GT-*`` header (any case, every occurrence); return the names removed."""
+    """Remove every game header (:func:`is_gt_header`: any case, ``_`` for ``-``, every
+    occurrence); return the names removed."""
     names = [k for k in list(headers.keys()) if is_gt_header(k)]
     removed: list[str] = []
     for k in names:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from mesh.reputation import ANONYMOUS
 from wire.errors import Reason
+from wire.numerals import ascii_uint
 from wire.signing import MIN_KEY_BYTES, SIGNATURE_RE, mac, verify_mac
 
 __all__ = [
@@ -130,7 +131,7 @@ def verify_identity(
         return _reject(Reason.MALFORMED, f"longer than {MAX_HEADER_CHARS} characters")
     parts = header.strip().split(";")
     if parts[0] != IDENTITY_VERSION:
-        if parts[0].startswith("v=") and parts[0][2:].isdigit():
+        if parts[0].startswith("v=") and ascii_uint(parts[0][2:], 3) is not None:
             return _reject(
                 Reason.UNSUPPORTED_VERSION,
                 f"version {parts[0][:8]!r} is not supported (expected {IDENTITY_VERSION})",

@@ -22,13 +22,16 @@ import hashlib
 import hmac
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Literal, overload
 
 from wire.errors import Reason, WireError
 
 __all__ = [
+    "FORBIDDEN_FILE_MODE",
     "MESH_SECRET_ENV",
+    "MIN_DISTINCT_BYTES",
     "MIN_KEY_BYTES",
     "SIGNATURE_RE",
     "accepted_keys",
@@ -41,6 +44,13 @@ MESH_SECRET_ENV = "EQUILIBRIUM_MESH_SECRET"
 """The environment variable holding the mesh key itself (it wins over a key file)."""
 MIN_KEY_BYTES = 16
 """Shortest accepted mesh key (128 bits)."""
+MIN_DISTINCT_BYTES = 8
+"""Fewest distinct byte values in an accepted key: ``aaaaaaaaaaaaaaaa`` or ``0101...`` is a
+placeholder, not a secret (a random hex key of 32 characters has about 14)."""
+FORBIDDEN_FILE_MODE = stat.S_IRWXO | stat.S_IWGRP
+"""Permission bits a key file must not have: any access for others, write for the group.
+Group read stays allowed: it is how a non-root reader gets a Kubernetes Secret volume
+(``defaultMode: 0440`` with the pod's ``fsGroup``)."""
 SIGNATURE_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 """A MAC as it travels: 32 bytes in unpadded base64url."""
 _SUBJECT = "mesh key"
@@ -56,6 +66,13 @@ def _strong(key: bytes, source: str) -> bytes:
             Reason.WEAK_KEY,
             f"the {source} is {len(key)} bytes; "
             f"at least {MIN_KEY_BYTES} are required",
+        )
+    if len(set(key)) < MIN_DISTINCT_BYTES:
+        raise _key_error(
+            Reason.WEAK_KEY,
+            f"the {source} has only {len(set(key))} distinct bytes (at least "
+            f"{MIN_DISTINCT_BYTES} are required): a placeholder, not a random key "
+            "(generate one with `openssl rand -hex 32`)",
         )
     return key
 
@@ -86,11 +103,20 @@ def read_mesh_key(
     wins (as it does for most tools) and the key file is read only without it; surrounding
     whitespace (a file's trailing newline) is stripped. Returns ``None`` when neither
     is given and ``required`` is false (a sidecar then runs unsigned). Raises
-    :class:`WireError`: ``unreadable`` (the file cannot be read or is empty), ``weak-key``
-    (shorter than :data:`MIN_KEY_BYTES`), ``no-key`` (neither, with ``required``).
+    :class:`WireError`: ``no-key`` (the variable is set but blank: a Secret that went wrong
+    must not start a sidecar unsigned; or neither is given, with ``required``),
+    ``unreadable`` (the file cannot be read, is empty, or others may read it or the group
+    write it: :data:`FORBIDDEN_FILE_MODE`), ``weak-key`` (shorter than :data:`MIN_KEY_BYTES`,
+    or fewer than :data:`MIN_DISTINCT_BYTES` distinct bytes).
     """
     env_value = env.get(MESH_SECRET_ENV)
-    if env_value is not None and env_value.strip():
+    if env_value is not None:
+        if not env_value.strip():
+            raise _key_error(
+                Reason.NO_KEY,
+                f"{MESH_SECRET_ENV} is set but blank: give it the key, or unset it "
+                "(to run without one, or to read the key file)",
+            )
         return _strong(env_value.strip().encode("utf-8"), "environment value")
     if key_file is None or str(key_file) == "":
         if required:
@@ -103,10 +129,20 @@ def read_mesh_key(
     path = os.fspath(key_file)
     try:
         with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
             content = handle.read()
     except OSError as exc:
         raise _key_error(Reason.UNREADABLE,
                          f"key file {path!r}: cannot read: {exc.strerror}") from None
+    if mode & FORBIDDEN_FILE_MODE:
+        raise _key_error(
+            Reason.UNREADABLE,
+            f"key file {path!r} has mode {stat.S_IMODE(mode):04o}: "
+            + " and ".join(w for bits, w in ((stat.S_IRWXO, "others have access"),
+                                             (stat.S_IWGRP, "the group may write it"))
+                           if mode & bits)
+            + "; make it 0400 (or 0440 with the reader's group)",
+        )
     if not content.strip():
         raise _key_error(Reason.UNREADABLE, f"key file {path!r} is empty")
     return _strong(content.strip(), "key file")

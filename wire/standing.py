@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from mesh.reputation import Phase
 from wire.errors import Reason, WireError
 from wire.headers import REPUTATION, VERSION, parse_fields, parse_number
+from wire.numerals import ascii_uint
 
 MAX_LEVEL = 100
 MAX_RETRY_SECONDS = 86_400
@@ -63,8 +64,8 @@ def parse_standing(value: str) -> StandingSignal:
         if key not in fields:
             raise WireError(Reason.MALFORMED, f"missing {key}", REPUTATION)
     score = parse_number(REPUTATION, fields["score"], low=0.0, high=1.0)
-    level_text = fields["level"]
-    if not level_text.isdigit() or int(level_text) > MAX_LEVEL:
+    level = ascii_uint(fields["level"], max_digits=3)
+    if level is None or level > MAX_LEVEL:
         raise WireError(Reason.MALFORMED, f"level must be 0..{MAX_LEVEL}", REPUTATION)
     try:
         phase = Phase(fields["phase"])
@@ -74,4 +75,4 @@ def parse_standing(value: str) -> StandingSignal:
     retry: float | None = None
     if "retry" in fields:
         retry = parse_number(REPUTATION, fields["retry"], low=0.0, high=MAX_RETRY_SECONDS)
-    return StandingSignal(score, int(level_text), phase, retry)
+    return StandingSignal(score, level, phase, retry)

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from wire.numerals import ascii_uint
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 
@@ -213,8 +215,9 @@ def split_authority(authority: str, default_port: int = 80) -> tuple[str, int]:
         host, port_text = (text[1:end], text[end + 2:]) if end > 0 else (text, "")
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-    if port_text.isdigit() and 0 < int(port_text) < 65536:
-        return host.rstrip("."), int(port_text)
+    port = ascii_uint(port_text, max_digits=5)
+    if port is not None and 0 < port < 65536:
+        return host.rstrip("."), port
     return (host.rstrip("."), default_port) if not port_text else ("", 0)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from tests.integration.procs import (
     free_port,
     start_backend,
 )
-from tests.support import metric_value
+from tests.support import child_env, metric_value
 from wire.identity import sign_identity
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -223,6 +225,7 @@ async def test_configuration_errors_exit_2_with_a_message(
         monkeypatch.delenv(name)
     short = tmp_path / "short.key"
     short.write_text("tooshort\n")
+    short.chmod(0o400)
     bad_policing = write_config(tmp_path / "bad.json", {"ladder": {"base_punishmnt": 3}})
     cases = [
         (["--inbound", "127.0.0.1:0"], "inbound and app go together"),
@@ -237,6 +240,37 @@ async def test_configuration_errors_exit_2_with_a_message(
         stderr = capsys.readouterr().err
         assert code == 2, (args, stderr)
         assert message in stderr, (args, stderr)
+
+
+@pytest.mark.parametrize(("key_env", "file_text", "mode", "message"), [
+    ("", None, None, "EQUILIBRIUM_MESH_SECRET is set but blank"),
+    ("  ", "file-key-0123456789abcdef", 0o400, "set but blank"),
+    (None, "file-key-0123456789abcdef", 0o444, "mode 0444: others have access"),
+    (None, "file-key-0123456789abcdef", 0o644, "mode 0644: others have access"),
+    ("a" * 16, None, None, "only 1 distinct bytes"),
+    (None, "0101010101010101010101", 0o400, "only 2 distinct bytes"),
+], ids=["blank", "blank-with-file", "world-readable-0444", "world-readable-0644", "16xa",
+        "01-file"])
+async def test_a_blank_exposed_or_placeholder_key_stops_the_sidecar_with_exit_2(
+        tmp_path: Path, key_env: str | None, file_text: str | None, mode: int | None,
+        message: str) -> None:
+    """Issue 14, #16: each of these used to start a sidecar (unsigned, or signing with a key
+    anyone could read or guess) with at most a warning."""
+    args = [sys.executable, "-m", "equilibrium", "sidecar", "--admin", "127.0.0.1:0",
+            "--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--app",
+            "http://127.0.0.1:9"]
+    if file_text is not None:
+        key_file = tmp_path / "mesh.key"
+        key_file.write_text(file_text)
+        key_file.chmod(mode or 0o400)
+        args += ["--mesh-secret-file", str(key_file)]
+    env = child_env({} if key_env is None else {"EQUILIBRIUM_MESH_SECRET": key_env})
+    proc = await asyncio.to_thread(subprocess.run, args, env=env, capture_output=True,
+                                   text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert file_text is None or file_text not in proc.stderr + proc.stdout  # never the key
 
 
 async def test_without_a_mesh_key_every_caller_is_anonymous(tmp_path: Path) -> None:

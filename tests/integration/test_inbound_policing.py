@@ -4,6 +4,7 @@ and it is forgiven once it behaves (real sidecar processes, a capacity-limited a
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
@@ -12,6 +13,7 @@ import pytest
 from equilibrium.lab.bench.policing import Shot, open_loop, run_load
 from mesh.reputation import LadderRules, PolicingParams, ReputationBook
 from tests.integration.inbound_support import (
+    MESH_KEY,
     UPSTREAM,
     AppProcess,
     mesh,
@@ -20,6 +22,9 @@ from tests.integration.inbound_support import (
     success_ratio,
     write_config,
 )
+from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend
+from wire.identity import sign_identity
+from wire.standing import parse_standing
 
 SERVERS, SERVICE = 8, 0.2  # the app: 8 at once, 200 ms each -> 40 requests/s
 COOP_RATE = 5.0  # each cooperative caller, well under its fair share (~13/s)
@@ -102,3 +107,55 @@ async def test_rogue_is_throttled_cooperators_unharmed_and_rogue_forgiven(tmp_pa
     calm_start = min(s.intended for s in after)
     late = [s for s in after if s.intended - calm_start >= forgiven_within]
     assert late and all(s.status == 200 for s in late), story
+
+
+async def test_a_punished_callers_admitted_answers_carry_the_time_left(tmp_path: Path) -> None:
+    """Issue 14, #13: while punished, the requests the throttle lets through came back with
+    ``retry=1`` although seconds of punishment were left. A flood of signed requests straight
+    at the inbound sidecar (no caller sidecar to back off), then one request a second later."""
+    app = await start_backend("slow-app", latency=0.1)
+    config = write_config(tmp_path / "policing.json", {
+        "max_wait": 1, "ladder": {"base_punishment": 10, "max_punishment": 10}})
+    port = free_port()
+    server = await async_start_sidecar(
+        {}, sidecar_id="app-sidecar", config_file=config,
+        env={"EQUILIBRIUM_MESH_SECRET": MESH_KEY},
+        extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
+    url = f"http://{LOOPBACK}:{port}/"
+
+    def signed(caller: str = "flood") -> dict[str, str]:
+        headers = {"X-GT-Identity": sign_identity(caller, MESH_KEY.encode(), time.time())}
+        return headers | ({"X-GT-Retry": "1"} if caller == "flood" else {})  # retries, too
+
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def one(caller: str = "flood") -> tuple[int, str]:
+                async with session.get(url, headers=signed(caller)) as resp:
+                    await resp.read()
+                    return resp.status, resp.headers.get("X-GT-Reputation", "")
+
+            punished_at = None
+            for _ in range(40):  # bounded: 40 waves of 30 concurrent requests (a fair share
+                # needs a second active caller)
+                answers = await asyncio.gather(one("coop"), *(one() for _ in range(30)))
+                if any(status == 429 for status, _ in answers):
+                    punished_at = time.monotonic()
+                    break
+            assert punished_at is not None, "the flood was never throttled"
+            await asyncio.sleep(1.5)  # the throttle's bucket refills: one request gets through
+            admitted = None
+            for _ in range(20):
+                status, header = await one()
+                if status == 200:
+                    admitted = header
+                    break
+                await asyncio.sleep(0.3)
+            elapsed = time.monotonic() - punished_at
+    finally:
+        await asyncio.to_thread(server.stop, 5.0)
+        server.cleanup()
+        await app.stop()
+    assert admitted is not None and "phase=punished" in admitted, admitted
+    retry = parse_standing(admitted).retry_after
+    assert retry is not None and retry >= 10 - elapsed - 1, (admitted, elapsed)
+    assert retry > 1, admitted

@@ -168,6 +168,38 @@ async def test_metrics_count_reviews_by_result(webhook: Webhook) -> None:
     assert after["rejected"] == before["rejected"] + 1
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 30_000 + b"]" * 30_000,  # nesting past the recursion limit
+    b'{"apiVersion": ' + b"9" * 5_000 + b"}",  # past int()'s 4,300-digit limit
+    b'{"request": {"uid": "u", "x": NaN}}',
+], ids=["deep-nesting", "5000-digits", "nan"])
+async def test_hostile_json_is_a_400_never_a_500(webhook: Webhook, body: bytes) -> None:
+    status, answer = await post(webhook, body)
+    assert status == 400 and "not an AdmissionReview" in answer["error"]
+    async with aiohttp.ClientSession() as session, session.get(
+            webhook.url + "/metrics", ssl=webhook.ssl) as resp:
+        assert metric_value(await resp.text(), "equilibrium_injector_reviews_total",
+                            result="error") == 0
+    assert "Traceback" not in webhook.proc.output()
+
+
+@pytest.mark.parametrize("annotation", ["equilibrium.io/app-port",
+                                        "equilibrium.io/exclude-inbound-ports"])
+@pytest.mark.parametrize("value", ["\u00b2", "8\u0663", "9" * 5_000])
+async def test_non_ascii_or_huge_port_annotations_are_invalid_not_a_500(
+        webhook: Webhook, annotation: str, value: str) -> None:
+    """'²'.isdigit() is true but int('²') raises: the pod must be admitted uninjected with
+    the documented warning (docs/kubernetes.md §3), not answered with a 500 that
+    ``failurePolicy: Ignore`` turns into a pod without its sidecar and without a word."""
+    value = value.encode().decode("unicode_escape")
+    pod = make_pod({"equilibrium.io/inject": "true", annotation: value})
+    status, answer = await post(webhook, make_review(pod, uid="u-digits"))
+    assert status == 200
+    response = answer["response"]
+    assert response["allowed"] is True and "patch" not in response
+    assert annotation in response["warnings"][0] and "not a port" in response["warnings"][0]
+
+
 async def test_healthz_and_tls_is_required_and_verified(webhook: Webhook,
                                                         tmp_path: Path) -> None:
     async with aiohttp.ClientSession() as session:

@@ -19,6 +19,7 @@ import yaml
 
 from equilibrium.cli import build_parser
 from equilibrium.lab.demo.run import DemoConfig
+from wire.signing import read_mesh_key
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -110,5 +111,9 @@ def test_the_key_generator_writes_a_random_key_once(
     exec(compile(script, "mesh-key", "exec"), {})  # the container's script, on a temp dir
     key = (tmp_path / "mesh.key").read_text()
     assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert (tmp_path / "mesh.key").stat().st_mode & 0o777 == 0o400
+    (tmp_path / "mesh.key").chmod(0o444)  # a volume from before the reader refused that mode
     exec(compile(script, "mesh-key", "exec"), {})
     assert (tmp_path / "mesh.key").read_text() == key  # kept across restarts
+    assert (tmp_path / "mesh.key").stat().st_mode & 0o777 == 0o400
+    assert read_mesh_key({}, tmp_path / "mesh.key") == key.encode()  # the reader accepts it

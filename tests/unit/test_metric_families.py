@@ -23,6 +23,7 @@ KEY = b"metric-families-test-key-0123456789"
 SIDECAR = """
 equilibrium_caller_backoff counter upstream
 equilibrium_caller_bad_app_bids counter reason
+equilibrium_caller_bad_signals counter header,reason
 equilibrium_caller_punished gauge upstream
 equilibrium_config_reloads counter result
 equilibrium_converged gauge upstream

@@ -328,7 +328,10 @@ def test_standing_stays_well_formed(requests) -> None:
         assert 0.0 <= d.reputation <= 1.0 and not math.isnan(d.reputation)
         assert 0 <= d.level <= rules.max_level
         assert (d.level == 0) == (d.phase is Phase.GOOD)
-        if d.admitted:
+        if d.admitted and d.phase is Phase.PUNISHED:  # let through, told the time left
+            assert d.status == 200 and d.retry_after is not None
+            assert 0 <= d.retry_after <= rules.max_punishment
+        elif d.admitted:
             assert d.status == 200 and d.retry_after is None
         else:
             assert d.status == 429 and d.phase is Phase.PUNISHED
@@ -416,3 +419,19 @@ def test_a_punishment_that_ran_out_shows_until_the_callers_next_request() -> Non
     (forgiven,) = b.snapshot(until + 100.0, top=1).callers
     assert forgiven.phase is Phase.GOOD and forgiven.punished_until is None
     assert b.snapshot(until + 100.0, top=1).punished == 0
+
+
+def test_an_admitted_request_of_a_punished_caller_carries_the_time_left() -> None:
+    """Issue 14, #13: the punished caller's admitted answers said ``retry=1`` with 8 s left."""
+    book = ReputationBook(PolicingParams(capacity=10.0))
+    book.update_load(0.0, congestion=1.0, capacity=10.0)
+    now = 0.0
+    while book.admit("flood", now).phase is not Phase.PUNISHED:  # 1,000 req/s of a 10/s app
+        now += 0.001
+        assert now < 60.0
+    now += 1.0  # a second into the punishment the throttle lets a request through
+    decision = book.admit("flood", now)
+    standing = book.standing("flood", now)
+    assert standing is not None and decision.admitted and decision.phase is Phase.PUNISHED
+    assert standing.punished_for > 2
+    assert decision.retry_after == pytest.approx(standing.punished_for)

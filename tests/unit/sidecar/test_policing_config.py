@@ -48,6 +48,8 @@ def test_sections_override_only_what_they_name() -> None:
     ({"reputation": {"rate_tau": True}}, "expected a number"),
     ({"concurrency": {"initial_limit": -1}}, ">= 0"),
     ({"auction": {"budget_rate": "nan"}}, "finite"),
+    ({"auction": {"budget_rate": "\u0663"}}, "finite decimal"),  # float('٣') is 3.0
+    ({"auction": {"budget_rate": 10**5000}}, "finite"),  # float() overflows
     ({"capacity": 0}, "policing.capacity"),
     ({"max_wait": 0}, "policing.max_wait"),
     ({"default_bid": 2e6}, "at most"),

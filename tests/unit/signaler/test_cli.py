@@ -21,6 +21,7 @@ def test_signaler_cli_requires_a_key_and_a_redis_url(tmp_path: object) -> None:
 
     key_file = Path(str(tmp_path)) / "mesh.key"
     key_file.write_bytes(KEY + b"\n")
+    key_file.chmod(0o440)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("EQUILIBRIUM_MESH_SECRET", raising=False)
         with pytest.raises(ConfigError, match="mesh key: none given"):

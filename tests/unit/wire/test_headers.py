@@ -72,3 +72,18 @@ def test_parsers_never_raise_anything_but_header_error(value: str) -> None:
     for parse in (parse_congestion, parse_regret, parse_retry):
         with contextlib.suppress(WireError):
             parse(value)
+
+
+@pytest.mark.parametrize("name", ["X-GT-Identity", "x-gt-bid", "X_GT_Identity", "X-GT_Price",
+                                  "x_gt-regret", "X_Gt_Reputation", "x-gt-", "X_GT_"])
+def test_every_spelling_a_cgi_app_reads_as_x_gt_is_a_game_header(name: str) -> None:
+    from wire.headers import is_gt_header, strip_gt_headers
+    assert is_gt_header(name)
+    headers = {name: "1", "X-Other": "2"}
+    assert strip_gt_headers(headers) == [name] and headers == {"X-Other": "2"}
+
+
+@pytest.mark.parametrize("name", ["X-GTIdentity", "XGT-Bid", "X-G-T-Bid", "X-Gt", "Gt-X-Bid"])
+def test_other_names_are_not_game_headers(name: str) -> None:
+    from wire.headers import is_gt_header
+    assert not is_gt_header(name)

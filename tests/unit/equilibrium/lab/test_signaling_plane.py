@@ -22,7 +22,7 @@ def test_signaling_mode_falls_back_without_any_redis_server_and_checks_its_flags
     assert first.mesh_key and len(first.mesh_key) == 64 and first.mesh_key != second.mesh_key
     assert first.mesh_key not in repr(first)
 
-    key = "k" * 32
+    key = "0123456789abcdef" * 2
     external = resolve_signaling(no_signaler=False, redis_url="redis://:pw-42@127.0.0.1:6379/0",
                                  environ={"EQUILIBRIUM_MESH_SECRET": key})
     assert (external.mode, external.mesh_key) == ("external", key)
