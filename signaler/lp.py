@@ -37,6 +37,7 @@ import cvxpy as cp
 import highspy
 import numpy as np
 
+from signaler.column_generation import DEFAULT_TIME_BUDGET, solve_by_column_generation
 from signaler.latency_model import LatencyModel
 from signaler.routing_game import (
     configuration_costs,
@@ -61,9 +62,10 @@ __all__ = [
     "solve_with_highs",
 ]
 
-#: Largest number of configurations the LP is built for: 64 tokens x 4 endpoints (47,905
-#: configurations) is solved exactly; 16 x 8 (245,157) goes to the system-optimum program.
-DEFAULT_MAX_CONFIGURATIONS = 100_000
+#: Largest number of configurations the LP is built in full for (16 tokens x 4 endpoints: 969).
+#: Past it, column generation reaches the same optimum about ten times faster where every
+#: configuration can be priced (32 x 5, 58,905: 0.06 s against 0.9 s, docs/benchmarks.md).
+DEFAULT_MAX_CONFIGURATIONS = 5_000
 #: The naive joint-profile LP is for tests only; refuse anything bigger than this many profiles.
 MAX_JOINT_PROFILES = 200_000
 
@@ -114,8 +116,12 @@ class CorrelatedEquilibriumLP:
     ``sum_c p(c) sum_j c_j l_j(c_j lam)``.
 
     Size guard: when the non-failing endpoints have more than ``max_configurations``
-    configurations, :meth:`solve` returns the convex system optimum instead
-    (``method="system-optimum"``, see :mod:`signaler.system_optimum`).
+    configurations, :meth:`solve` generates the configurations it needs instead of listing them
+    all (``method="column-generation"``, :mod:`signaler.column_generation`): still a correlated
+    equilibrium, proven the best one where every configuration can be priced, otherwise the best
+    found within ``time_budget`` seconds. With ``column_generation=False`` it returns the convex
+    system optimum (``method="system-optimum"``, :mod:`signaler.system_optimum`), which is not
+    an equilibrium.
 
     Degenerate inputs: no tokens gives the empty configuration; a single (non-failing) endpoint
     gives the one configuration with every token on it (status ``"trivial"``); failing endpoints
@@ -129,6 +135,10 @@ class CorrelatedEquilibriumLP:
     epsilon: float = 0.0
     max_configurations: int = DEFAULT_MAX_CONFIGURATIONS
     failed_mu_ratio: float = 1e-4
+    #: Past the size guard: column generation (a CE, see :mod:`signaler.column_generation`)
+    #: within ``time_budget`` seconds, or (False) the system optimum, which is not a CE.
+    column_generation: bool = True
+    time_budget: float = DEFAULT_TIME_BUDGET
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -168,8 +178,13 @@ class CorrelatedEquilibriumLP:
                 counts, self.models, self.token_load, "trivial", "configuration-lp", started, 1, 1
             )
         if count_configurations(n, working.size) > self.max_configurations:
-            return solve_system_optimum(
-                self.models, n, self.token_load, failed_mu_ratio=self.failed_mu_ratio
+            if not self.column_generation:
+                return solve_system_optimum(
+                    self.models, n, self.token_load, failed_mu_ratio=self.failed_mu_ratio
+                )
+            return solve_by_column_generation(
+                self.models, n, self.token_load, working=working, epsilon=self.epsilon,
+                time_budget=self.time_budget,
             )
 
         kw = working.size

@@ -1,15 +1,18 @@
 """Benchmark of the signaler's programs: LP size and solve time against (tokens, endpoints), and
 what the best correlated equilibrium buys over independent play.
 
-Owns: :func:`lp_solve_table` (measure) and :func:`format_markdown` (report). The ``equilibrium
-bench`` CLI calls these; ``python -m signaler.lp_bench`` prints the table. Pure numerics: no Redis.
+Owns: :func:`lp_solve_table` (measure) and :func:`format_markdown` (report), which the
+``equilibrium bench`` CLI calls, and :func:`solve_once`: ``python -m signaler.lp_bench
+--tokens T --endpoints K --json`` prints one shape's method, first and repeat solve seconds,
+verified CE gap and objective beside the system optimum's; without arguments it prints the
+table. Pure numerics: no Redis.
 
 Scenario: a heterogeneous fleet of M/M/1 endpoints -- endpoint ``j`` has fixed delay
 ``2 ms * (1 + j mod 3)`` and capacity ``50 req/s * (1 + j mod 4)`` -- offered ``utilisation`` of
 the total capacity, split into ``n`` equal tokens. For each size the row compares, as mean latency
 per token (ms):
 
-- ``best CE``: the configuration LP's optimum (or the system-optimum fallback past the guard);
+- ``best CE``: the configuration LP's optimum (past the guard, column generation's CE);
 - ``system optimum``: the exact integer optimum (no incentive constraints; a lower bound);
 - ``pure Nash``: the best and the worst pure Nash equilibria of this congestion game (every
   configuration checked when they can be enumerated; past the LP's size guard, the one reached
@@ -21,6 +24,8 @@ per token (ms):
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -28,9 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from signaler.column_generation import forget_warm_starts
 from signaler.latency_model import LatencyModel
-from signaler.lp import DEFAULT_MAX_CONFIGURATIONS, CorrelatedEquilibriumLP
+from signaler.lp import (
+    DEFAULT_MAX_CONFIGURATIONS,
+    CorrelatedEquilibriumLP,
+    _compiled_configuration_lp,
+)
 from signaler.routing_game import (
+    ce_gap,
     configuration_costs,
     count_configurations,
     enumerate_configurations,
@@ -143,5 +154,93 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
+def random_fleet(n_endpoints: int, seed: int) -> tuple[LatencyModel, ...]:
+    """Endpoints drawn at random (seeded): fixed delay 1-20 ms, capacity 20-200 req/s."""
+    rng = np.random.default_rng(seed)
+    return tuple(
+        LatencyModel(d=float(rng.uniform(0.001, 0.02)), mu=float(rng.uniform(20.0, 200.0)))
+        for _ in range(n_endpoints)
+    )
+
+
+def solve_once(
+    n_tokens: int, n_endpoints: int, *, utilisation: float = 0.9, repeats: int = 3,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """One (tokens, endpoints) shape of the benchmark fleet: the first solve (nothing compiled,
+    nothing remembered), then the median of ``repeats`` repeat solves, as the signaler re-solves
+    each epoch; latencies in seconds (expected total per unit of time, as in the LP). With
+    ``seed`` the fleet is :func:`random_fleet` instead of :func:`bench_fleet`."""
+    if n_tokens < 1 or n_endpoints < 1 or repeats < 1:
+        raise ValueError("need tokens >= 1, endpoints >= 1 and repeats >= 1")
+    models = bench_fleet(n_endpoints) if seed is None else random_fleet(n_endpoints, seed)
+    token_load = utilisation * sum(m.mu for m in models) / n_tokens
+    program = CorrelatedEquilibriumLP(models, n_tokens, token_load)
+    _compiled_configuration_lp.cache_clear()
+    forget_warm_starts()
+    started = time.perf_counter()
+    first = program.solve()
+    first_seconds = time.perf_counter() - started
+    seconds, solution = [], first
+    for _ in range(repeats):
+        started = time.perf_counter()
+        solution = program.solve()
+        seconds.append(time.perf_counter() - started)
+    table = latency_table(models, n_tokens + 1, token_load)
+    optimum = configuration_costs(greedy_system_optimum(table, n_tokens)[None, :], table)[0]
+    nash = configuration_costs(greedy_nash(table, n_tokens)[None, :], table)[0]
+    return {
+        "tokens": n_tokens,
+        "endpoints": n_endpoints,
+        "fleet": "bench" if seed is None else f"random:{seed}",
+        "utilisation": utilisation,
+        "configurations": count_configurations(n_tokens, n_endpoints),
+        "method": solution.method,
+        "status": solution.status,
+        "seconds": statistics.median(seconds),
+        "first_seconds": first_seconds,
+        # verified on the fitted curves as given (no pooling of alike endpoints)
+        "ce_gap": ce_gap(solution.configurations, solution.probabilities, table),
+        "objective": solution.objective,
+        "system_optimum_objective": float(optimum),
+        "pure_nash_objective": float(nash),
+        "support": int(solution.probabilities.size),
+        "n_variables": solution.n_variables,
+        "n_constraints": solution.n_constraints,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m signaler.lp_bench",
+        description="Solve the signaler's CE program for one shape (--tokens/--endpoints) or "
+                    "print the table of the default shapes.",
+    )
+    parser.add_argument("--tokens", type=int)
+    parser.add_argument("--endpoints", type=int)
+    parser.add_argument("--utilisation", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, help="a random fleet with this seed instead of the "
+                                                 "benchmark's fixed one")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if (args.tokens is None) != (args.endpoints is None):
+        parser.error("give both --tokens and --endpoints, or neither")
+    if args.tokens is None:
+        print(format_markdown(lp_solve_table()), end="")
+        return 0
+    try:
+        row = solve_once(args.tokens, args.endpoints, utilisation=args.utilisation,
+                         repeats=args.repeats, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.json:
+        print(json.dumps(row, sort_keys=True))
+    else:
+        for key, value in row.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 if __name__ == "__main__":
-    print(format_markdown(lp_solve_table()), end="")
+    raise SystemExit(main())

@@ -29,8 +29,8 @@ docs/signaling.md, "How the plan is made"; the herding runs behind them: docs/be
    (:class:`mesh.regret.RoutingRegret`'s ``tolerance``/``tolerance_abs``, an epsilon-CE). With
    symmetric, strictly convex costs the even split over a group is the cheapest configuration.
 5. The program: the best correlated equilibrium over token configurations
-   (:class:`signaler.lp.CorrelatedEquilibriumLP`; Papadimitriou & Roughgarden, JACM 2008), or
-   the convex system optimum past its size guard.
+   (:class:`signaler.lp.CorrelatedEquilibriumLP`; Papadimitriou & Roughgarden, JACM 2008),
+   past its size guard by column generation (:mod:`signaler.column_generation`): still a CE.
 6. Stability (:func:`keep_previous`, :func:`still_apportions`, :func:`in_support`). The previous
    distribution is kept while, under the new models, its CE gap is at most ``stability`` x a
    token's mean latency and its cost at most ``1 + stability`` x the new optimum; the sidecars'

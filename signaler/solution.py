@@ -65,9 +65,10 @@ class CESolution:
     the expected total latency ``sum_c p(c) sum_j c_j l_j(c_j lam)``; ``ce_gap`` the largest
     expected gain one token gets from deviating from its recommendation, recomputed from the
     returned distribution (never taken from the solver). ``status`` is one of ``"optimal"``,
+    ``"feasible"`` (a CE from column generation, not proven the best),
     ``"optimal_inaccurate"``, ``"trivial"`` (no choice to make) or ``"overloaded"`` (demand above
     every knee; see :mod:`signaler.system_optimum`); all are usable plans. ``method`` is
-    ``"configuration-lp"``, ``"system-optimum"`` or ``"joint-profile-lp"``.
+    ``"configuration-lp"``, ``"column-generation"``, ``"system-optimum"`` or ``"joint-profile-lp"``.
     """
 
     configurations: np.ndarray

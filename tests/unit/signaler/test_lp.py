@@ -164,26 +164,40 @@ def test_normal_form_rejects_malformed_games() -> None:
         solve_normal_form_ce([np.zeros((2, 2)), np.full((2, 2), np.nan)])
 
 
-def test_size_guard_solves_64x4_by_lp_and_16x8_by_system_optimum() -> None:
+def test_size_guard_solves_64x4_by_lp_and_16x8_by_column_generation() -> None:
     four = tuple(LatencyModel(d=0.002 * (1 + j % 3), mu=50.0 * (1 + j)) for j in range(4))
     lam4 = 0.7 * sum(m.mu for m in four) / 64
-    big = CorrelatedEquilibriumLP(four, 64, lam4).solve()
+    big = CorrelatedEquilibriumLP(four, 64, lam4, max_configurations=100_000).solve()
     assert big.method == "configuration-lp"
     assert big.n_variables == 47_905
     _assert_is_ce(big, four, lam4)
+    # by default, past 5,000 configurations: the same optimum by column generation
+    generated4 = CorrelatedEquilibriumLP(four, 64, lam4).solve()
+    assert generated4.method == "column-generation"
+    assert generated4.status == "optimal"
+    assert generated4.objective == pytest.approx(big.objective, rel=1e-7)
+    _assert_is_ce(generated4, four, lam4)
 
     eight = tuple(LatencyModel(d=0.002 * (1 + j % 3), mu=50.0 * (1 + j % 4)) for j in range(8))
     lam8 = 0.7 * sum(m.mu for m in eight) / 16
     guarded = CorrelatedEquilibriumLP(eight, 16, lam8)
     assert guarded.n_configurations == 245_157
-    fallback = guarded.solve()
+    generated = guarded.solve()
+    # past the guard: still a CE, proven best by pricing all 245,157 configurations
+    assert generated.method == "column-generation"
+    assert generated.status == "optimal"
+    assert generated.n_tokens == 16
+    _assert_is_ce(generated, eight, lam8)
+    table = latency_table(eight, 17, lam8)
+    best = configuration_costs(greedy_system_optimum(table, 16)[None, :], table)[0]
+    assert generated.objective >= best - 1e-12
+
+    # the old fallback, on request: the rounded-and-polished convex optimum, the exact integer
+    # optimum, which is not an equilibrium
+    fallback = CorrelatedEquilibriumLP(eight, 16, lam8, column_generation=False).solve()
     assert fallback.method == "system-optimum"
     assert fallback.configurations.shape == (1, 8)
     assert fallback.probabilities.tolist() == [1.0]
-    assert fallback.n_tokens == 16
-    # The rounded-and-polished convex optimum is the exact integer optimum.
-    table = latency_table(eight, 17, lam8)
-    best = configuration_costs(greedy_system_optimum(table, 16)[None, :], table)[0]
     assert fallback.objective == pytest.approx(best, rel=1e-12)
 
 
