@@ -137,6 +137,7 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     from aiohttp import web
 
     from signaler.admin import make_admin_app
+    from signaler.dashboard import SignalerDashboard
     from signaler.service import SignalerService
     from wire.redis_store import RedisSignalStore
 
@@ -147,7 +148,8 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
-        make_admin_app(service.metrics, service.health, service.state), access_log=None
+        make_admin_app(service.metrics, service.health, service.state,
+                       SignalerDashboard(service)), access_log=None
     )
     await runner.setup()
     try:
