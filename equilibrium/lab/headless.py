@@ -152,7 +152,9 @@ class Page:
 
     async def screenshot(self, path: Path, width: int = 1400, height: int = 1000) -> None:
         """A PNG of the page at ``width`` x its full height (at most ``height`` x 4)."""
-        full = await self.evaluate("document.documentElement.scrollHeight") or height
+        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                        deviceScaleFactor=1, mobile=False)
+        full = await self.evaluate("document.body.scrollHeight + 16") or height
         await self.send("Emulation.setDeviceMetricsOverride", width=width,
                         height=min(int(full), height * 4), deviceScaleFactor=1, mobile=False)
         shot = await self.send("Page.captureScreenshot", format="png")

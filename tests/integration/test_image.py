@@ -198,6 +198,11 @@ def test_sidecar_from_the_image_answers_healthz(image: str, container_names: lis
     assert wait_http(f"http://127.0.0.1:{port}/healthz", None, name)
     metrics = wait_http(f"http://127.0.0.1:{port}/metrics", None, name)
     assert b"# TYPE" in metrics
+    # The dashboard's page and script are package data the image carries.
+    page = wait_http(f"http://127.0.0.1:{port}/dashboard", None, name)
+    assert b'src="dashboard/dashboard.js"' in page
+    assert b"EventSource" in wait_http(f"http://127.0.0.1:{port}/dashboard/dashboard.js",
+                                       None, name)
 
 
 @pytest.mark.docker
