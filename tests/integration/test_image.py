@@ -60,7 +60,8 @@ def test_dockerfile_contract() -> None:
     ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") + 1:].count("!build/wheelhouse/") == 1
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert {"mesh", "sidecar", "signaler", "injector", "equilibrium", "pyproject.toml"} <= allowed
+    assert {"mesh", "wire", "dashboard", "sidecar", "signaler", "injector", "equilibrium",
+            "pyproject.toml"} <= allowed
     assert not allowed & {"tests", ".git", "k8s", "docs", ".venv"}
 
 
