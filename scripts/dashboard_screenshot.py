@@ -1,4 +1,4 @@
-"""Make docs/dashboard.png: the signaler's dashboard during ``equilibrium demo``, in headless Chromium.
+"""Make docs/dashboard.png: the signaler's dashboard during ``equilibrium demo``, headless.
 
     .venv/bin/python scripts/dashboard_screenshot.py [--after 45] [--out docs/dashboard.png]
 

@@ -293,7 +293,8 @@
     $("note").textContent = f.note || "";
     const main = el("main", { id: "upstreams" });
     if (!(f.upstreams || []).length) {
-      main.appendChild(el("p", {}, "no upstream yet (no regret summary has arrived)"));
+      main.appendChild(el("p", {}, f.source === "signaler"
+        ? "no upstream yet (no regret summary has arrived)" : "this sidecar routes no upstream"));
     }
     for (const up of f.upstreams || []) main.appendChild(renderUpstream(up));
     $("upstreams").replaceWith(main);

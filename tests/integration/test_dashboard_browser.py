@@ -234,3 +234,52 @@ async def test_the_stream_reconnects_after_the_signaler_restarts(demo: Demo) -> 
             except subprocess.TimeoutExpired:
                 again.kill()
                 again.wait(10)
+
+
+POLICING = {
+    "capacity": 20,
+    "reputation": {"rate_tau": 0.5, "reputation_tau": 0.5},
+    "ladder": {"base_punishment": 30, "max_punishment": 30},  # still punished when we look
+}
+
+
+async def test_an_inbound_sidecar_page_shows_the_punished_caller(tmp_path: Path) -> None:
+    """One inbound sidecar without Redis in front of a loopback app; a rogue caller over its
+    retry budget is punished; the sidecar's own page lists it as its /debug/state does."""
+    import aiohttp
+
+    from equilibrium.lab.bench.policing import open_loop
+    from tests.integration.inbound_support import MESH_KEY, write_config
+    from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend
+    from wire.headers import IDENTITY, RETRY
+    from wire.identity import sign_identity
+
+    app = await start_backend("app")
+    port = free_port()
+    server = await async_start_sidecar(
+        {}, sidecar_id="app-sidecar", config_file=write_config(tmp_path / "p.json", POLICING),
+        env={"EQUILIBRIUM_MESH_SECRET": MESH_KEY},
+        extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
+    try:
+        headers = {IDENTITY: sign_identity("rogue", MESH_KEY.encode(), time.time()), RETRY: "1"}
+        async with aiohttp.ClientSession() as session:
+            sent = await open_loop(session, f"http://{LOOPBACK}:{port}", caller="rogue",
+                                   rate=40, duration=2.0, headers=headers)
+        assert any(s.status == 429 for s in sent)
+        async with Chromium() as browser:
+            page = await open_page(browser, server.admin_url + "/dashboard")
+            await page.wait_for("!!document.querySelector('tr[data-caller=rogue]')", 10)
+            phase = await page.evaluate(
+                "document.querySelector('tr[data-caller=rogue] [data-field=phase]').textContent")
+            level = await page.evaluate(
+                "Number(document.querySelector('tr[data-caller=rogue] [data-field=level]')"
+                ".dataset.value)")
+            state = await asyncio.to_thread(server.state)
+            assert page.record.errors == []
+        rogue = next(c for c in state["inbound"]["callers"] if c["caller"] == "rogue")
+        assert phase == rogue["phase"] == "punished"
+        assert level == rogue["level"] >= 1
+    finally:
+        await asyncio.to_thread(server.stop, 5.0)
+        server.cleanup()
+        await app.stop()
