@@ -50,6 +50,8 @@ KEEP = 300
 """Frames kept for a page that connects (five minutes at one a second)."""
 MAX_CLIENTS = 16
 """Open event streams at most; more are answered 503 (an admin port is not a fan-out server)."""
+MAX_LOAD = 0.05
+"""Largest share of the event loop's time the sampler may take (it slows down beyond)."""
 KEEPALIVE = 15.0
 RETRY_MS = 1000
 """How soon a browser reconnects after the stream ends (the ``retry:`` field)."""
@@ -123,12 +125,15 @@ class DashboardFeed:
         return frame
 
     async def run(self) -> None:
-        """Take a frame every ``period`` seconds until cancelled."""
+        """Take a frame every ``period`` seconds until cancelled; if building one takes more
+        than :data:`MAX_LOAD` of that, wait longer, so the dashboard never holds the event
+        loop (and the service on it) for more than that share of the time."""
         loop = asyncio.get_running_loop()
         while not self.closed:
             started = loop.time()
             self.take()
-            await asyncio.sleep(max(0.0, started + self.period - loop.time()))
+            spent = loop.time() - started
+            await asyncio.sleep(max(self.period, spent / MAX_LOAD) - spent)
 
     async def close(self, _: web.Application | None = None) -> None:
         """Let every open stream end (on the app's shutdown, so it does not wait for them)."""

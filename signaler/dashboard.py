@@ -22,7 +22,7 @@ Per upstream, from the fresh summaries (those the planner would use):
 * the **distance from the system optimum** is the cost ``sum_j x_j l_j(x_j)`` of the loads
   played over the cost of Beckmann's optimum on the same planned curves at the same total
   demand (Beckmann, McGuire & Winsten 1956; computed exactly over :data:`OPTIMUM_TOKENS`
-  tokens by :func:`signaler.routing_game.greedy_system_optimum`), and likewise for the plan
+  tokens, :func:`optimum_counts`), and likewise for the plan
   (its expected cost over the optimum with its own tokens).
 
 Policing is not in the signaling plane (inbound sidecars report it on their own dashboards),
@@ -41,7 +41,7 @@ import numpy as np
 from mesh.nash import wardrop_gap
 from signaler.latency_model import LatencyModel
 from signaler.planner import Plan
-from signaler.routing_game import configuration_costs, greedy_system_optimum, latency_table
+from signaler.routing_game import configuration_costs, latency_table
 from wire.summary import RegretSummary
 
 if TYPE_CHECKING:
@@ -60,6 +60,23 @@ def _opt(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def optimum_counts(table: np.ndarray, n_tokens: int) -> np.ndarray:
+    """The integer configuration of least total latency over ``table`` (``latency_table``).
+
+    The same answer as :func:`signaler.routing_game.greedy_system_optimum`, vectorised: every
+    ``c l(c)`` is convex, so each endpoint's marginal costs ``(c+1) l(c+1) - c l(c)`` increase
+    and the optimum takes the ``n`` smallest marginal costs over all endpoints.
+    """
+    k = table.shape[0]
+    if n_tokens <= 0:
+        return np.zeros(k, dtype=np.int64)
+    c = np.arange(n_tokens + 1, dtype=float)
+    total = c[None, :] * table[:, : n_tokens + 1]
+    marginal = np.diff(total, axis=1).ravel()
+    chosen = np.argpartition(marginal, n_tokens - 1)[:n_tokens]
+    return np.bincount(chosen // n_tokens, minlength=k).astype(np.int64)
+
+
 def optimum_cost(models: Sequence[LatencyModel], demand: float,
                  tokens: int = OPTIMUM_TOKENS) -> float:
     """The smallest total latency ``sum_j x_j l_j(x_j)`` (req/s x s) of ``demand`` over
@@ -67,8 +84,8 @@ def optimum_cost(models: Sequence[LatencyModel], demand: float,
     if demand <= 0 or not models:
         return 0.0
     lam = demand / tokens
-    table = latency_table(models, tokens + 1, lam)
-    counts = greedy_system_optimum(table, tokens)
+    table = latency_table(models, tokens, lam)
+    counts = optimum_counts(table, tokens)
     return lam * float(configuration_costs(counts[None, :], table)[0])
 
 
@@ -87,7 +104,7 @@ def plan_over_optimum(plan: Plan, demand: float) -> float | None:
         return None
     table = latency_table(plan.models, n + 1, demand / n)
     cost = float(solution.probabilities @ configuration_costs(solution.configurations, table))
-    best = float(configuration_costs(greedy_system_optimum(table, n)[None, :], table)[0])
+    best = float(configuration_costs(optimum_counts(table, n)[None, :], table)[0])
     return _opt(cost / best) if best > 0 else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from signaler.dashboard import (
@@ -116,3 +117,17 @@ def test_optimum_cost_is_the_equal_marginal_split_and_no_split_beats_it() -> Non
 def test_total_variation() -> None:
     assert total_variation({"a": 1.0}, {"b": 1.0}) == 1.0
     assert math.isclose(total_variation({"a": 0.5, "b": 0.5}, {"a": 0.6, "b": 0.4}), 0.1)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 64])
+def test_optimum_counts_is_the_greedy_system_optimum(n: int) -> None:
+    from signaler.dashboard import optimum_counts
+    from signaler.routing_game import configuration_costs, greedy_system_optimum, latency_table
+
+    models = [LatencyModel(d=0.01, mu=40.0), LatencyModel(d=0.002, mu=25.0),
+              LatencyModel(d=0.3, mu=100.0), LatencyModel(d=0.01, mu=1e-3)]
+    table = latency_table(models, n + 1, 60.0 / n)
+    mine, greedy = optimum_counts(table, n), greedy_system_optimum(table, n)
+    assert mine.sum() == n
+    cost = configuration_costs(np.stack([mine, greedy]), table)
+    assert cost[0] == pytest.approx(cost[1], rel=1e-12)
