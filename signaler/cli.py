@@ -57,7 +57,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--id", default=os.environ.get("EQUILIBRIUM_SIGNALER_ID"),
                         help="this replica's id (default signaler-HOSTNAME-PID)")
     parser.add_argument("--admin", metavar="HOST:PORT", default=DEFAULT_ADMIN,
-                        help=f"admin listener: /metrics /healthz /readyz (default {DEFAULT_ADMIN})")
+                        help=f"admin listener: /metrics /healthz /readyz /debug/state /dashboard "
+                             f"(default {DEFAULT_ADMIN})")
     parser.add_argument("--tokens", metavar="N", default=str(DEFAULT_TOKENS),
                         help=f"tokens the traffic is quantised into (default {DEFAULT_TOKENS})")
     parser.add_argument("--upstream", dest="upstreams", action="append", metavar="NAME",

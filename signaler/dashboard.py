@@ -12,7 +12,9 @@ Per upstream, from the fresh summaries (those the planner would use):
   requests (the planner's observation), its **share** that load over the total; its latency
   **p50** the request-weighted mean of the sidecars' p50s, its **p99** the largest sidecar p99
   (a bound, not a merged quantile), its **estimate** the planned curve at its current load; its
-  **regret** the largest conditional regret D(j, k) any sidecar reports for it;
+  **regret** the largest conditional regret D(j, k) any sidecar reports for it (the sidecars'
+  quantiles are the upper bounds of their fixed latency buckets, :mod:`mesh.estimators`, so
+  p50 and p99 move in steps);
 * the **Nash gap** is the Wardrop gap of the shares under the measured mean latencies
   (:func:`mesh.nash.wardrop_gap`), the **CE gap** the largest positive D(j, k) over sidecars
   (the one the planner reads), the plan's CE gap the program's own;
