@@ -11,7 +11,8 @@ The frame (version 1), JSON, times in unix seconds, latencies and gaps in second
 numbers as null::
 
     {"v": 1, "source": "signaler" | "sidecar", "id": str, "boot": float, "time": float,
-     "note": str | null,
+     "seq": int, "note": str | null,
+     "redis": bool, "epoch": int,            # the signaler's only
      "upstreams": [{
         "name": str, "leader": bool | null,
         "endpoints": [{"endpoint": str, "share": float, "regret": float | null,
