@@ -125,9 +125,10 @@ class SignalerDashboard:
     def __call__(self) -> dict[str, Any]:
         service = self.service
         now = service.clock()
-        upstreams = []
-        for name in sorted(set(service.status) | set(service.views)):
-            upstreams.append(self.upstream(name, now))
+        names = sorted(set(service.status) | set(service.views))
+        for gone in set(self._plans) - set(names):  # an upstream the service forgot
+            del self._plans[gone]
+        upstreams = [self.upstream(name, now) for name in names]
         return {"source": "signaler", "id": service.config.signer, "note": NOTE,
                 "redis": service.health.redis_ok, "epoch": service.epoch_number,
                 "upstreams": upstreams, "policing": []}
