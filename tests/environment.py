@@ -8,7 +8,8 @@ states what it needs, either with the marker ``@pytest.mark.needs("root", "iptab
 nothing else decides. Each need belongs to one CI variable: CI (``.ci/run``) provides
 everything and sets ``EQUILIBRIUM_REQUIRE_DOCKER=1``, ``EQUILIBRIUM_REQUIRE_NETNS=1`` and
 ``EQUILIBRIUM_REQUIRE_PROMTOOL=1`` (and ``EQUILIBRIUM_REQUIRE_PEERS=1`` for the benchmark's
-peer proxies HAProxy and nginx and the load tool wrk), so there a missing piece is a failure
+peer proxies HAProxy and nginx and the load tool wrk, ``EQUILIBRIUM_REQUIRE_CHROMIUM=1`` for
+the dashboard's tests in a headless Chromium), so there a missing piece is a failure
 and nothing is skipped. On a newcomer's machine ``make test`` skips those tests instead, each
 with the reason and how to provide what is missing (pytest's ``-ra`` summary lists them).
 """
@@ -23,10 +24,13 @@ from typing import NoReturn
 
 import pytest
 
+from equilibrium.lab.headless import find_chromium
+
 DOCKER = "EQUILIBRIUM_REQUIRE_DOCKER"
 NETNS = "EQUILIBRIUM_REQUIRE_NETNS"
 PROMTOOL = "EQUILIBRIUM_REQUIRE_PROMTOOL"
 PEERS = "EQUILIBRIUM_REQUIRE_PEERS"
+CHROMIUM = "EQUILIBRIUM_REQUIRE_CHROMIUM"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,8 @@ NEEDS: dict[str, Need] = {
     "prometheus": Need(_on_path("prometheus"), PROMTOOL, _PROMETHEUS),
     **{tool: Need(_on_path(tool), PEERS, f"apt-get install -y {tool}")
        for tool in ("haproxy", "nginx", "wrk")},
+    "chromium": Need(lambda: find_chromium() is not None, CHROMIUM,
+                     "apt-get install -y chromium"),
     "docker": Need(_on_path("docker"), DOCKER,
                    "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
     "docker-compose": Need(_on_path("docker-compose"), DOCKER,

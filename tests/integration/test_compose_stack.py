@@ -289,6 +289,15 @@ def test_compose_stack_publishes_fails_over_and_the_demo_follows(stack: Stack) -
     assert set(state.get("sidecars", [])) <= CLIENTS
     assert published_total(stack, leader) > 0
     assert not upstream_state(stack, standby).get("leader")
+    # The leader's dashboard is published with it (127.0.0.1): its frame shows the plan.
+    shown: dict[str, Any] = {}
+    for _ in range(20):  # a frame a second
+        frame = json.loads(http_get(f"{stack.admin_url(leader)}/dashboard/frame") or b"{}")
+        shown = next((u for u in frame.get("upstreams", []) if u["name"] == UPSTREAM), {})
+        if shown.get("leader") and shown.get("plan"):
+            break
+        time.sleep(0.5)
+    assert shown.get("leader") is True and shown.get("plan"), frame
 
     # Kill it (SIGKILL; the restart policy leaves a killed container down): the standby leads.
     stack.compose("kill", leader)

@@ -4,6 +4,7 @@ with the signaling plane (a real embedded redis-server and a real signaler proce
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def test_demo_with_the_signaler_follows_it_and_shifts_traffic_off_the_bad_pod(
     assert all("following=" in line for line in live)
     assert any("following=0/3" not in line for line in live)  # someone followed at some point
     assert "sidecars coordinated by the signaler" in proc.stdout
+    # The live dashboard is the signaler's (the demo's signaler has the admin port it names).
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/dashboard ", proc.stdout, re.M)
     assert (out / "equilibrium-demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "equilibrium-demo.json").read_text())
     assert summary["config"]["signaler"] is True
@@ -108,6 +111,7 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
     assert "pod-4*=" in live[-1] and "converged=" in live[-1]
     assert "following=" not in live[-1]
     assert "no signaler (each sidecar learns alone)" in proc.stdout
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/dashboard ", proc.stdout, re.M)
     assert "the bad pod got less traffic than each good pod: yes" in proc.stdout
     png = out / "equilibrium-demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

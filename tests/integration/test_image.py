@@ -60,7 +60,8 @@ def test_dockerfile_contract() -> None:
     ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") + 1:].count("!build/wheelhouse/") == 1
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert {"mesh", "sidecar", "signaler", "injector", "equilibrium", "pyproject.toml"} <= allowed
+    assert {"mesh", "wire", "dashboard", "sidecar", "signaler", "injector", "equilibrium",
+            "pyproject.toml"} <= allowed
     assert not allowed & {"tests", ".git", "k8s", "docs", ".venv"}
 
 
@@ -198,6 +199,11 @@ def test_sidecar_from_the_image_answers_healthz(image: str, container_names: lis
     assert wait_http(f"http://127.0.0.1:{port}/healthz", None, name)
     metrics = wait_http(f"http://127.0.0.1:{port}/metrics", None, name)
     assert b"# TYPE" in metrics
+    # The dashboard's page and script are package data the image carries.
+    page = wait_http(f"http://127.0.0.1:{port}/dashboard", None, name)
+    assert b'src="dashboard/dashboard.js"' in page
+    assert b"EventSource" in wait_http(f"http://127.0.0.1:{port}/dashboard/dashboard.js",
+                                       None, name)
 
 
 @pytest.mark.docker

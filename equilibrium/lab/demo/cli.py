@@ -58,6 +58,8 @@ def register(subparsers: Any) -> None:
                         "(repeatable)")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG and JSON")
     p.add_argument("--no-live", action="store_true", help="no live view, only the summary")
+    p.add_argument("--open", action="store_true", dest="open_dashboard",
+                   help="open the live dashboard (printed as 'dashboard: URL') in a web browser")
     p.set_defaults(func=main)
 
 
@@ -68,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         rate=args.rate, duration=args.duration, policy=args.policy, strategy=args.strategy,
         seed=args.seed, out=args.out, window=args.window, recover_at=args.recover_at,
         sidecar_args=list(args.sidecar_arg), tokens=args.tokens,
+        open_dashboard=bool(getattr(args, "open_dashboard", False)),
     )
 
 

@@ -28,6 +28,7 @@ import json
 import math
 import sys
 import tempfile
+import webbrowser
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ class DemoConfig:
     sidecar_args: list[str] = field(default_factory=list)
     #: tokens the signaler quantises the traffic into (the LP's players)
     tokens: int = 16
+    #: open the dashboard in a web browser at the start (``--open``), when there is one
+    open_dashboard: bool = False
 
     def validate(self) -> None:
         if self.pods < 2:
@@ -124,6 +127,11 @@ class DemoPhase:
     def summary(self, run: DemoRun) -> dict[str, Any]:
         """Entries for the summary (printed as ``key: value`` and saved in the JSON)."""
         return {}
+
+    def dashboard_url(self, run: DemoRun) -> str | None:
+        """The mesh dashboard this phase serves (the signaler's), if any; without one the
+        demo shows the first sidecar's own dashboard."""
+        return None
 
     async def close(self, run: DemoRun) -> None:
         """Always called at the end (after the sidecars stopped), also after errors and Ctrl-C."""
@@ -251,6 +259,32 @@ def _frame(run: DemoRun, elapsed: float, states: Mapping[str, Any],
     )
 
 
+def dashboard_url(run: DemoRun, phases: Sequence[DemoPhase]) -> str | None:
+    """The page the demo shows: the signaler's mesh dashboard, else the first sidecar's."""
+    for phase in phases:
+        url = phase.dashboard_url(run)
+        if url:
+            return url
+    return run.sidecars[0].admin_url + "/dashboard" if run.sidecars else None
+
+
+def announce_dashboard(run: DemoRun, phases: Sequence[DemoPhase], stream: TextIO) -> None:
+    """Print ``dashboard: URL`` (live for the whole run) and, with ``--open``, open it."""
+    url = dashboard_url(run, phases)
+    if url is None:
+        return
+    stream.write(f"dashboard: {url}  (live while the demo runs)\n")
+    stream.flush()
+    if run.config.open_dashboard:
+        try:
+            opened = webbrowser.open(url, new=2)
+        except webbrowser.Error:
+            opened = False
+        if not opened:
+            stream.write("  (no web browser found to open it; open the address yourself)\n")
+            stream.flush()
+
+
 async def run_demo(
     config: DemoConfig, phases: Sequence[DemoPhase] = (), stream: TextIO | None = None,
     live: bool = True,
@@ -283,6 +317,7 @@ async def run_demo(
         )
         stream.flush()
         await _start_sidecars(run, phases)
+        announce_dashboard(run, phases, stream)
         view = LiveView(stream) if live else None
 
         async def tick(load: LoadResult, elapsed: float,

@@ -225,6 +225,9 @@ class SignalingPhase(FollowingPhase):
             f" {mean_latency_ms(plan):.1f} ms, CE gap {_float(plan.get('ce_gap')) * 1000:.2f} ms,"
             f" {last.published} recommendations sent"]
 
+    def dashboard_url(self, run: DemoRun) -> str | None:
+        return f"http://{self.plane.admin}/dashboard" if self.plane is not None else None
+
     def mode_text(self) -> str:
         return ("embedded Redis + signaler" if self.plan.mode == "embedded"
                 else "your Redis + signaler")

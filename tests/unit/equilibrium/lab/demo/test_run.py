@@ -1,8 +1,11 @@
-"""equilibrium.lab.demo.run: the recovery phase's summary on hand-made records."""
+"""equilibrium.lab.demo.run: the recovery phase's summary on hand-made records; the dashboard
+line and ``--open``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 
 def test_recovery_phase_reports_readmission_time_and_peak_share(tmp_path: Path) -> None:
@@ -23,3 +26,28 @@ def test_recovery_phase_reports_readmission_time_and_peak_share(tmp_path: Path) 
     assert summary["largest 1 s share after recovery (fair share 20%)"] == 0.18
     never = RecoveryPhase(at=5.5).summary(run)
     assert never["re-admitted to half its fair traffic (10%) after (s)"] == "not within the run"
+
+
+def test_the_demo_announces_the_signalers_dashboard_and_opens_it_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+    import webbrowser
+
+    from equilibrium.lab.demo.run import DemoConfig, DemoPhase, DemoRun, announce_dashboard
+
+    class Signaler(DemoPhase):
+        def dashboard_url(self, run: DemoRun) -> str | None:
+            return "http://127.0.0.1:4321/dashboard"
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, new=0: opened.append(url) or False)
+    out = io.StringIO()
+    run = DemoRun(config=DemoConfig(), logs=tmp_path)
+    announce_dashboard(run, [DemoPhase(), Signaler()], out)
+    assert out.getvalue().startswith("dashboard: http://127.0.0.1:4321/dashboard ")
+    assert opened == []
+    run.config.open_dashboard = True
+    announce_dashboard(run, [Signaler()], out)
+    assert opened == ["http://127.0.0.1:4321/dashboard"]
+    assert "no web browser found" in out.getvalue()  # webbrowser.open said False

@@ -1,0 +1,133 @@
+"""signaler.dashboard: the mesh-wide frame from the summaries and the plan the service holds.
+
+A real service over the in-memory signal store, fed summaries and run for real epochs (the
+solver included); the frame is checked against the summaries and the plan it was built from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from signaler.dashboard import (
+    SignalerDashboard,
+    optimum_cost,
+    played_cost,
+    total_variation,
+)
+from signaler.latency_model import LatencyModel
+from signaler.service import SignalerConfig, SignalerService
+from tests.signaling_samples import EPS, KEY, NOW, summary
+from wire.memory_store import MemorySignalStore
+from wire.summary import encode_summary
+
+
+def planned_service() -> SignalerService:
+    svc = SignalerService(SignalerConfig(redis_url="redis://127.0.0.1:1", signer="sig-a",
+                                         key=KEY, epoch=1.0, tokens=8, seed=1),
+                          store=MemorySignalStore(lambda: NOW), clock=lambda: NOW)
+    svc._set_leader("orders", 3)
+    assert svc.apply_entry("orders", encode_summary(summary("sc-1")))
+    assert svc.apply_entry("orders", encode_summary(summary(
+        "sc-2", demand=30.0, weights=(0.1, 0.1, 0.8), requests=(10, 10, 80))))
+    return svc
+
+
+async def test_the_frame_aggregates_the_fresh_summaries_and_shows_the_plan() -> None:
+    svc = planned_service()
+    await svc._plan_and_publish("orders")
+    plan = svc.status["orders"].plan
+    assert plan is not None
+    frame = SignalerDashboard(svc)()
+    assert frame["source"] == "signaler" and frame["id"] == "sig-a"
+    [up] = frame["upstreams"]
+    assert up["name"] == "orders" and up["leader"] is True
+    rows = {r["endpoint"]: r for r in up["endpoints"]}
+    assert list(rows) == list(plan.endpoints)
+    # load = demand x the sidecar's share of requests: sc-1 50 x (.4,.4,.2), sc-2 30 x (.1,.1,.8)
+    loads = [50 * 0.4 + 30 * 0.1, 50 * 0.4 + 30 * 0.1, 50 * 0.2 + 30 * 0.8]
+    for endpoint, load in zip(EPS, loads, strict=True):
+        assert rows[endpoint]["share"] == pytest.approx(load / sum(loads))
+    assert rows[EPS[2]]["requests"] == 100 and rows[EPS[2]]["failures"] == 0
+    assert rows[EPS[2]]["latency"]["p99"] == 0.600  # the largest sidecar p99
+    assert rows[EPS[0]]["latency"]["p50"] == pytest.approx((0.009 * 40 + 0.009 * 10) / 50)
+    assert rows[EPS[2]]["regret"] == pytest.approx(0.29)  # the largest D(j, k) for it
+    assert {r["endpoint"]: r["tokens"] for r in up["endpoints"]} == dict(
+        zip(plan.endpoints, plan.configuration, strict=True))
+    assert up["ce_gap"] == pytest.approx(0.29)
+    assert up["nash_gap"] > 0  # a third of the traffic on a 300 ms endpoint
+    assert up["plan"]["solver"] == plan.solution.method
+    assert up["plan"]["tokens"] == plan.solution.n_tokens
+    assert up["plan"]["expected_latency"] == pytest.approx(
+        plan.solution.objective / plan.solution.n_tokens)
+    # the loads played put a third of the traffic on the slow pod: far from the optimum
+    assert up["plan"]["played_over_optimum"] > 1.5
+    assert 1.0 - 1e-9 <= up["plan"]["plan_over_optimum"] < up["plan"]["played_over_optimum"]
+    # neither sidecar reports the weights it was dealt (it has not received them yet)
+    by_id = {s["id"]: s for s in up["sidecars"]}
+    assert set(by_id) == {"sc-1", "sc-2"}
+    assert all(s["following"] is False and s["distance"] > 0.1 for s in by_id.values())
+
+
+async def test_a_sidecar_that_routes_by_its_deal_follows() -> None:
+    svc = planned_service()
+    await svc._plan_and_publish("orders")
+    plan = svc.status["orders"].plan
+    assert plan is not None
+    dealt = plan.weights["sc-1"]
+    assert svc.apply_entry("orders", encode_summary(summary(
+        "sc-1", sent_at=NOW + 0.5, epoch=101, weights=tuple(dealt[e] for e in EPS))))
+    dashboard = SignalerDashboard(svc)
+    [up] = dashboard()["upstreams"]
+    by_id = {s["id"]: s for s in up["sidecars"]}
+    assert by_id["sc-1"]["following"] is True and by_id["sc-1"]["distance"] < 1e-9
+    assert by_id["sc-2"]["following"] is False
+
+
+def test_a_standby_and_an_unplanned_upstream_have_no_plan() -> None:
+    svc = planned_service()
+    svc._set_leader("payments", None)
+    [orders, payments] = SignalerDashboard(svc)()["upstreams"]
+    assert orders["plan"] is None and orders["endpoints"] and orders["nash_gap"] is not None
+    assert payments == {**payments, "leader": False, "plan": None, "endpoints": [],
+                        "sidecars": [], "ce_gap": None}
+
+
+def test_stale_summaries_are_left_out_and_the_view_is_not_changed() -> None:
+    svc = planned_service()
+    svc.clock = lambda: NOW + 60.0
+    [up] = SignalerDashboard(svc)()["upstreams"]
+    assert up["sidecars"] == [] and up["endpoints"] == []
+    assert set(svc.views["orders"].latest) == {"sc-1", "sc-2"}  # read, never pruned
+
+
+def test_optimum_cost_is_the_equal_marginal_split_and_no_split_beats_it() -> None:
+    models = [LatencyModel(d=0.01, mu=100.0), LatencyModel(d=0.01, mu=100.0)]
+    best = optimum_cost(models, 60.0)
+    assert best == pytest.approx(played_cost(models, [30.0, 30.0]))
+    for split in (0.0, 10.0, 20.0, 25.0):
+        assert played_cost(models, [split, 60.0 - split]) >= best - 1e-12
+    uneven = [LatencyModel(d=0.01, mu=100.0), LatencyModel(d=0.2, mu=100.0)]
+    assert optimum_cost(uneven, 60.0) < played_cost(uneven, [30.0, 30.0])
+    assert optimum_cost(models, 0.0) == 0.0
+
+
+def test_total_variation() -> None:
+    assert total_variation({"a": 1.0}, {"b": 1.0}) == 1.0
+    assert math.isclose(total_variation({"a": 0.5, "b": 0.5}, {"a": 0.6, "b": 0.4}), 0.1)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 64])
+def test_optimum_counts_is_the_greedy_system_optimum(n: int) -> None:
+    from signaler.dashboard import optimum_counts
+    from signaler.routing_game import configuration_costs, greedy_system_optimum, latency_table
+
+    models = [LatencyModel(d=0.01, mu=40.0), LatencyModel(d=0.002, mu=25.0),
+              LatencyModel(d=0.3, mu=100.0), LatencyModel(d=0.01, mu=1e-3)]
+    table = latency_table(models, n + 1, 60.0 / n)
+    mine, greedy = optimum_counts(table, n), greedy_system_optimum(table, n)
+    assert mine.sum() == n
+    cost = configuration_costs(np.stack([mine, greedy]), table)
+    assert cost[0] == pytest.approx(cost[1], rel=1e-12)
