@@ -6,7 +6,9 @@ constructor: Redis in production, in memory in tests) and one background task (s
 (:class:`mesh.policy.FollowingPolicy`: ``equilibrium``), in one round trip
 (:meth:`~wire.store.SignalStore.exchange`):
 
-1. append a :class:`~wire.summary.RegretSummary` built by :class:`mesh.summary.SummaryBuilder`
+1. append a :class:`~wire.summary.RegretSummary`, signed with the mesh key
+   (:func:`wire.summary.sign_summary`: the signaler drops unsigned or forged ones), built by
+   :class:`mesh.summary.SummaryBuilder`
    from the policy's last snapshot (requests, failures, weights, Hart & Mas-Colell's
    conditional regret matrix) and its epoch windows (what each endpoint did since the previous
    epoch: mean, p50, p99 latency), to ``eq:{u}:summaries``;
@@ -54,7 +56,7 @@ from wire.entries import MAX_SECONDS
 from wire.errors import WireError
 from wire.recommendation import verify_recommendation
 from wire.store import Fields, SignalStore, StoreError, error_kind
-from wire.summary import RegretSummary, encode_summary
+from wire.summary import RegretSummary, sign_summary
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,7 @@ class SidecarSignaling:
         for group, policy in groups:
             summary = self._summary(group, policy, now, wall)
             if summary is not None:
-                summaries.append((group.name, encode_summary(summary)))
+                summaries.append((group.name, sign_summary(summary, self.settings.key)))
                 self.metrics.summaries.labels(group.name).inc()
         newest = await self.store.exchange(
             summaries, [(group.name, self.sidecar) for group, _ in groups])

@@ -58,7 +58,7 @@ from signaler.solution import SolverError
 from wire.errors import Reason, WireError
 from wire.recommendation import Recommendation, sign_recommendation
 from wire.store import SignalStore, StoreError, StreamEntry, error_kind
-from wire.summary import decode_summary
+from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class SignalerConfig:
     """Upstreams to serve; empty: discover them from the summary streams (``SCAN``)."""
     lease_epochs: float = 3.0
     freshness_epochs: float = 5.0
+    """A sidecar's summary is planned with for this long after its ``sent_at``; a sidecar
+    that stops publishing is forgotten after it (and gets no more recommendations)."""
+    summary_skew: float = DEFAULT_SUMMARY_SKEW
+    """How far a summary's ``sent_at`` may lie ahead of this replica's clock (seconds)."""
     expiry_epochs: float = 5.0
     """Recommendations outlive a takeover (lease_epochs) and a slow epoch or two."""
     discover_every: float = 2.0
@@ -249,11 +253,12 @@ class SignalerService:
         await self.store.ensure_group(upstream)
         view = self._view(upstream)
         newest = await self.store.newest_summaries(upstream, self.config.warmup_entries)
+        now = self.clock()
         for entry in reversed(newest):
-            with contextlib.suppress(WireError):
+            with contextlib.suppress(WireError):  # counted when the group delivers them
                 if entry.fields is None:
                     continue
-                summary = decode_summary(entry.fields)
+                summary = self.verify(entry.fields, now)
                 if summary.upstream == upstream:
                     view.offer(summary)
         start = "0-0"
@@ -278,18 +283,29 @@ class SignalerService:
                 return
 
     async def _apply_and_ack(self, upstream: str, entries: Sequence[StreamEntry]) -> None:
+        now = self.clock()
         for entry in entries:
-            self.apply_entry(upstream, entry.fields)
+            self.apply_entry(upstream, entry.fields, now)
         await self.store.ack(upstream, [entry.id for entry in entries])
 
-    def apply_entry(self, upstream: str, fields: Any) -> bool:
-        """Decode one stream entry and offer it to the upstream's view; a bad entry is counted
-        by its reason and dropped. True if it was a valid summary for ``upstream``."""
+    def verify(self, fields: Any, now: float) -> RegretSummary:
+        """``fields`` as a summary signed with the mesh key and sent within the freshness
+        window (``summary_skew`` ahead at most); :class:`WireError` otherwise."""
+        return verify_summary(
+            fields, self.config.key, now,
+            max_age=self.config.freshness_epochs * self.config.epoch,
+            max_skew=self.config.summary_skew,
+        )
+
+    def apply_entry(self, upstream: str, fields: Any, now: float | None = None) -> bool:
+        """Verify one stream entry and offer it to the upstream's view; a bad entry (forged,
+        unsigned, stamped too far ahead or too long ago, malformed) is counted by its reason
+        and dropped. True if it was a valid summary for ``upstream``."""
         if fields is None:  # Redis 6.2 reports entries trimmed while pending as nil
             self.metrics.entries_rejected.labels(upstream, Reason.DELETED).inc()
             return False
         try:
-            summary = decode_summary(fields)
+            summary = self.verify(fields, self.clock() if now is None else now)
             if summary.upstream != upstream:
                 raise WireError(
                     Reason.WRONG_UPSTREAM,
