@@ -312,6 +312,12 @@ class SignalingMetrics:
             "Summaries not sent because they failed the protocol's validation, by reason",
             ["upstream", "reason"], registry=r,
         )
+        self.key_errors = Counter(
+            "equilibrium_signaling_key_errors",
+            "Appends or reads that met a key holding the wrong type of value, by upstream and "
+            "key role (summaries, recs); only that upstream falls back", ["upstream", "key"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "equilibrium_signaling_fallbacks",
             "Times routing fell back to local regret matching because Redis failed",

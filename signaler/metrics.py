@@ -108,6 +108,18 @@ class SignalerMetrics:
             "Epochs cut short by an unexpected error (logged with its traceback)", ["kind"],
             registry=r,
         )
+        self.key_errors = Counter(
+            "equilibrium_signaler_key_errors",
+            "Operations that met a key holding the wrong type of value, by upstream and key "
+            "role (summaries, recs, leader, fence); only that upstream is affected",
+            ["upstream", "key"], registry=r,
+        )
+        self.id_conflicts = Gauge(
+            "equilibrium_signaler_id_conflicts",
+            "Upstreams whose lease another live replica holds under this replica's id "
+            "(two replicas started with the same --id; this one refuses to lead them)",
+            registry=r,
+        )
         self.epochs = Counter(
             "equilibrium_signaler_epochs", "Epochs run by this replica", registry=r
         )

@@ -32,6 +32,17 @@ millisecond (they are at most one per lease time-to-live).
 Redis down (the store raises :class:`wire.store.StoreError`): every round trip has a short
 timeout; the loop backs off exponentially, reports ``/readyz`` 503 and
 ``equilibrium_signaler_redis_up 0``, and resumes by itself.
+
+One key of the wrong type (:class:`wire.store.KeyTypeError`: a string where an upstream's
+summary stream or a sidecar's recommendation stream belongs) is not Redis down: it costs only
+its own upstream's epoch (or only that sidecar's recommendation), is counted in
+``equilibrium_signaler_key_errors_total`` and logged once a minute; every other upstream keeps
+its lease and ``/readyz`` stays 200.
+
+Two replicas started with the same ``--id``: each replica's lease holder is its id plus a
+random instance suffix, so the second finds the lease held by a live replica under its own id,
+refuses to lead, says so in the log (once a minute per upstream) and in
+``equilibrium_signaler_id_conflicts`` and stands by until that lease expires.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from mesh.backoff import Backoff
+from mesh.notices import NoticeThrottle
 from signaler.admin import SignalerHealth
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
@@ -57,7 +69,7 @@ from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
 from wire.recommendation import Recommendation, sign_recommendation
-from wire.store import SignalStore, StoreError, StreamEntry, error_kind
+from wire.store import KeyTypeError, SignalStore, StoreError, StreamEntry, error_kind
 from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 
 log = logging.getLogger(__name__)
@@ -139,6 +151,8 @@ class SignalerService:
         self.epoch_number = 0
         self.store = store
         self._lease = LeaseClient(store, config.signer, config.lease_epochs * config.epoch)
+        self._notices = NoticeThrottle(60.0)
+        self._conflicts: set[str] = set()  # upstreams led by another live replica with our id
         self._known: set[str] = set(config.upstreams)
         self._last_discovery = -math.inf
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
@@ -204,26 +218,61 @@ class SignalerService:
 
     async def run_epoch(self) -> None:
         """Discover upstreams, then for each: lease, consume, plan, publish."""
-        lease = self._lease
         now = self.clock()
         self.epoch_number = int(now // self.config.epoch)
         self.metrics.epochs.inc()
         await self._discover(now)
         for upstream in sorted(self._known):
-            await self.store.seed_fence(upstream, int(now * 1000))
-            token, transition = await lease.acquire(upstream)
-            if transition == "deposed":
-                log.warning("signaler %s: lost the lease of %s", self.config.signer, upstream)
-            if token == 0:
-                self._set_leader(upstream, None)
-                self.views.pop(upstream, None)  # a standby keeps no stale state
-                continue
-            self._set_leader(upstream, token)
-            if transition == "elected":
-                log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
-                await self._take_over(upstream)
-            await self._consume(upstream)
-            await self._plan_and_publish(upstream)
+            try:
+                await self._serve(upstream, now)
+            except KeyTypeError as exc:  # that upstream's problem only
+                self._key_error(exc, upstream)
+        self.metrics.id_conflicts.set(len(self._conflicts))
+
+    async def _serve(self, upstream: str, now: float) -> None:
+        """One upstream's epoch: lease, then (leading) consume, plan, publish."""
+        lease = self._lease
+        await self.store.seed_fence(upstream, int(now * 1000))
+        token, transition = await lease.acquire(upstream)
+        if transition == "deposed":
+            log.warning("signaler %s: lost the lease of %s", self.config.signer, upstream)
+        if token == 0:
+            self._set_leader(upstream, None)
+            self.views.pop(upstream, None)  # a standby keeps no stale state
+            await self._check_id_conflict(upstream, now)
+            return
+        self._conflicts.discard(upstream)
+        self._set_leader(upstream, token)
+        if transition == "elected":
+            log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
+            await self._take_over(upstream)
+        await self._consume(upstream)
+        await self._plan_and_publish(upstream)
+
+    async def _check_id_conflict(self, upstream: str, now: float) -> None:
+        """Standing by: is the leader another live replica started with this one's id?"""
+        holder = await self.store.lease_holder(upstream)
+        if holder is None or not self._lease.is_namesake(holder):
+            self._conflicts.discard(upstream)
+            return
+        self._conflicts.add(upstream)
+        if self._notices.due(("id-conflict", upstream), now) is not None:
+            log.error(
+                "signaler %s: refusing to lead %s: its lease is held by another live replica "
+                "started with the same id (%s); standing by until that lease expires. Give "
+                "every replica its own --id.", self.config.signer, upstream, holder)
+
+    def _key_error(self, exc: KeyTypeError, upstream: str) -> None:
+        """Count and (once a minute) log a wrong-typed key; only its upstream is affected."""
+        self.metrics.key_errors.labels(upstream, exc.role).inc()
+        status = self.status.setdefault(upstream, UpstreamStatus())
+        status.last_error = f"{exc.kind} on {exc.key}"
+        held = self._notices.due(("key", exc.key, exc.kind), self.clock())
+        if held is not None:
+            log.error("signaler %s: key %s holds the wrong type of value (%s); upstream %s is "
+                      "affected, the others carry on (%d more since the last report). Delete "
+                      "or rename the key to repair it.", self.config.signer, exc.key, exc.kind,
+                      upstream, held)
 
     async def _discover(self, now: float) -> None:
         if self.config.upstreams or now - self._last_discovery < self.config.discover_every:
@@ -369,7 +418,11 @@ class SignalerService:
                 objective=objective, ce_gap=gap, signer=self.config.signer, fence=token,
             )
             fields = sign_recommendation(rec, self.config.key)
-            entry = await lease.publish(upstream, sidecar, fields)
+            try:
+                entry = await lease.publish(upstream, sidecar, fields)
+            except KeyTypeError as exc:  # that sidecar's stream only: the others still get theirs
+                self._key_error(exc, upstream)
+                continue
             if entry is None:
                 self.metrics.publish_fenced.labels(upstream).inc()
                 self._set_leader(upstream, None)
@@ -427,5 +480,6 @@ class SignalerService:
             "id": self.config.signer,
             "epoch": self.epoch_number,
             "redis": self.health.redis_ok,
+            "id_conflicts": sorted(self._conflicts),
             "upstreams": upstreams,
         }

@@ -121,10 +121,11 @@ async def test_forged_phantom_sidecars_neither_move_the_plan_nor_survive_a_resta
         assert svc.metrics.registry.get_sample_value(
             "equilibrium_signaler_sidecars", {"upstream": UPSTREAM}) == 1
     finally:
+        await svc._release_all()  # a graceful stop hands the lease over at once
         await svc.close()
 
-    # The signaler restarts (the lease was not released: the same id renews it) and warms up
-    # from the newest entries of the stream: the forged ones are still there, and still refused.
+    # The signaler restarts and warms up from the newest entries of the stream: the forged
+    # ones are still there, and still refused.
     restarted = service(redis_server, clock)
     try:
         clock.now += 1
@@ -149,3 +150,76 @@ async def test_forged_phantom_sidecars_neither_move_the_plan_nor_survive_a_resta
             "equilibrium_signaler_sidecars", {"upstream": UPSTREAM}) == 0
     finally:
         await restarted.close()
+
+
+# --- finding 7: a key of the wrong type stays its own upstream's problem ----------------------
+
+
+def key_errors(svc: SignalerService, upstream: str, role: str) -> float:
+    return svc.metrics.registry.get_sample_value(
+        "equilibrium_signaler_key_errors_total", {"upstream": upstream, "key": role}) or 0.0
+
+
+async def test_a_wrong_typed_key_isolates_to_its_upstream_and_sidecar(
+    redis_server: RedisHandle, sync_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A string where ``payments``' summary stream belongs, and another where one sidecar's
+    recommendation stream of ``orders`` belongs: ``orders`` keeps its lease and every other
+    sidecar its recommendations, the signaler stays ready, and the sidecar whose stream was
+    clobbered falls back for that upstream only."""
+    import asyncio
+    import time
+
+    from sidecar.metrics import SidecarMetrics, SignalingMetrics
+    from sidecar.signaling import SidecarSignaling, SignalingSettings
+    from sidecar.upstreams import UpstreamTable
+
+    clock = Clock(time.time())
+    config = SignalerConfig(redis_url=redis_server.url, signer="sig-a", key=KEY, tokens=8,
+                            epoch=0.2, upstreams=(UPSTREAM, "payments"), seed=7)
+    svc = SignalerService(config, store=RedisSignalStore(redis_server.url, config.redis_timeout))
+    sync_client.set(summary_stream("payments"), "not a stream")
+    sync_client.set(recommendation_stream(UPSTREAM, "sc-victim"), "not a stream")
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop))
+    try:
+        for _ in range(12):  # 2.4 s, 12 epochs
+            for sidecar in ("sc-real", "sc-victim"):
+                sync_client.xadd(summary_stream(UPSTREAM),
+                                 signed(honest(sidecar, time.time()), KEY))
+            await asyncio.sleep(0.2)
+        assert svc.health.ready and svc.health.redis_ok
+        assert svc.status[UPSTREAM].leader and svc.status["payments"].leader
+        assert key_errors(svc, "payments", "summaries") >= 5
+        assert key_errors(svc, UPSTREAM, "recs") >= 5
+        clock.now = time.time()
+        assert slow_share(sync_client, clock, "sc-real") == 0.0  # the other sidecar still served
+        assert svc.metrics.registry.get_sample_value("equilibrium_signaler_redis_up") == 1
+        assert (svc.metrics.registry.get_sample_value("equilibrium_signaler_redis_errors_total",
+                                                      {"kind": "KeyTypeError"}) or 0) == 0
+        reports = [r for r in caplog.records if "eq:{payments}:summaries" in r.getMessage()]
+        assert len(reports) == 1  # counted every epoch, logged once a minute
+    finally:
+        stop.set()
+        await task
+
+    # The clobbered sidecar: its own upstream falls back, its other upstream keeps following.
+    from mesh.profiles import get_profile
+
+    table = UpstreamTable("equilibrium", get_profile("balanced"))
+    table.apply({UPSTREAM: EPS, "payments": EPS}, 0.0)
+    metrics = SidecarMetrics()
+    client = SidecarSignaling(
+        sidecar_id="sc-victim", table=table, metrics=SignalingMetrics(metrics.registry),
+        settings=SignalingSettings(redis_url=redis_server.url, key=KEY, epoch=0.1),
+        store=RedisSignalStore(redis_server.url, 0.25),
+    )
+    try:
+        await client.run_round()  # must not raise: the round trip itself succeeded
+        errors = {(s.labels["upstream"], s.labels["key"]): s.value
+                  for f in metrics.registry.collect()
+                  if f.name == "equilibrium_signaling_key_errors"
+                  for s in f.samples if s.name.endswith("_total")}
+        assert errors == {(UPSTREAM, "recs"): 1.0, ("payments", "summaries"): 1.0}
+    finally:
+        await client.store.close()

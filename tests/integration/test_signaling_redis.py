@@ -23,7 +23,7 @@ from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
 from tests.signaling_samples import signed
-from wire.keys import SIGNALER_GROUP, recommendation_stream, summary_stream
+from wire.keys import SIGNALER_GROUP, leader_key, recommendation_stream, summary_stream
 from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
 from wire.redis_store import RedisSignalStore
 from wire.summary import RegretSummary, encode_summary
@@ -136,7 +136,9 @@ async def test_a_restarted_signaler_reclaims_what_was_left_pending(
     assert len(read[0][1]) == 5 and pending(sync_client) == 5
     sync_client.xadd(stream, signed(summary("sc-5"), KEY))  # and one more arrives
 
-    restarted = make_service(redis_server, "sig-a", clock)  # same id: its lease still holds
+    # sig-a's lease expires (a restarted process is another instance: it waits for that)
+    sync_client.delete(leader_key(UPSTREAM))
+    restarted = make_service(redis_server, "sig-a", clock)
     try:
         clock.now += 1
         await restarted.run_epoch()
