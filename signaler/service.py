@@ -66,6 +66,12 @@ from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
+from signaler.roster import (
+    DEFAULT_FORGET_AFTER,
+    DEFAULT_PROBE_BUDGET,
+    DEFAULT_PROBE_EVERY,
+    UpstreamRoster,
+)
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
 from wire.recommendation import Recommendation, sign_recommendation
@@ -97,6 +103,12 @@ class SignalerConfig:
     expiry_epochs: float = 5.0
     """Recommendations outlive a takeover (lease_epochs) and a slow epoch or two."""
     discover_every: float = 2.0
+    forget_after: float = DEFAULT_FORGET_AFTER
+    """A discovered upstream with no valid summary for this long is forgotten
+    (:mod:`signaler.roster`)."""
+    probe_every: float = DEFAULT_PROBE_EVERY
+    probe_budget: int = DEFAULT_PROBE_BUDGET
+    probe_entries: int = 20
     redis_timeout: float = 1.0
     read_count: int = 500
     warmup_entries: int = 1000
@@ -153,7 +165,9 @@ class SignalerService:
         self._lease = LeaseClient(store, config.signer, config.lease_epochs * config.epoch)
         self._notices = NoticeThrottle(60.0)
         self._conflicts: set[str] = set()  # upstreams led by another live replica with our id
-        self._known: set[str] = set(config.upstreams)
+        self._configured: set[str] = set(config.upstreams)
+        self._roster = UpstreamRoster(config.forget_after, config.probe_every,
+                                      config.probe_budget)
         self._last_discovery = -math.inf
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
 
@@ -222,12 +236,18 @@ class SignalerService:
         self.epoch_number = int(now // self.config.epoch)
         self.metrics.epochs.inc()
         await self._discover(now)
-        for upstream in sorted(self._known):
+        for upstream in sorted(self.known):
             try:
                 await self._serve(upstream, now)
             except KeyTypeError as exc:  # that upstream's problem only
                 self._key_error(exc, upstream)
         self.metrics.id_conflicts.set(len(self._conflicts))
+        self.metrics.upstreams.set(len(self.known))
+
+    @property
+    def known(self) -> set[str]:
+        """The upstreams served: the configured ones, else the active discovered ones."""
+        return self._configured or set(self._roster.active)
 
     async def _serve(self, upstream: str, now: float) -> None:
         """One upstream's epoch: lease, then (leading) consume, plan, publish."""
@@ -240,6 +260,8 @@ class SignalerService:
             self._set_leader(upstream, None)
             self.views.pop(upstream, None)  # a standby keeps no stale state
             await self._check_id_conflict(upstream, now)
+            if not self._configured and self._roster.needs_probe(upstream, now):
+                await self._probe(upstream, now)  # the leader's sidecars still report?
             return
         self._conflicts.discard(upstream)
         self._set_leader(upstream, token)
@@ -275,10 +297,48 @@ class SignalerService:
                       upstream, held)
 
     async def _discover(self, now: float) -> None:
-        if self.config.upstreams or now - self._last_discovery < self.config.discover_every:
+        """Forget quiet upstreams; every ``discover_every``, ``SCAN`` and probe candidates."""
+        if self._configured:
+            return
+        for upstream in self._roster.expired(now):
+            await self._forget(upstream)
+        if now - self._last_discovery < self.config.discover_every:
             return
         self._last_discovery = now
-        self._known |= await self.store.upstreams()
+        for upstream in self._roster.discovered(await self.store.upstreams(), now):
+            await self._probe(upstream, now)
+
+    async def _probe(self, upstream: str, now: float) -> None:
+        """Does ``upstream``'s stream end with a valid, fresh summary? (one bounded read)"""
+        valid = False
+        try:
+            for entry in await self.store.newest_summaries(upstream, self.config.probe_entries):
+                with contextlib.suppress(WireError):
+                    if entry.fields is not None and \
+                            self.verify(entry.fields, now).upstream == upstream:
+                        valid = True
+                        break
+        except KeyTypeError:
+            log.debug("signaler: candidate %s has a wrong-typed summary key", upstream)
+        was_active = upstream in self._roster.active
+        self._roster.probed(upstream, valid, now)
+        if valid and not was_active:
+            log.info("signaler %s: serving discovered upstream %s", self.config.signer,
+                     upstream)
+
+    async def _forget(self, upstream: str) -> None:
+        """No valid summary for ``forget_after``: release, drop its state and series."""
+        if self._lease.leadership.token(upstream) is not None:
+            with contextlib.suppress(StoreError, OSError, TimeoutError):
+                async with asyncio.timeout(self.config.redis_timeout):
+                    await self._lease.release(upstream)
+        self._lease.leadership.lose(upstream)
+        self.views.pop(upstream, None)
+        self.status.pop(upstream, None)
+        self._conflicts.discard(upstream)
+        self.metrics.forget_upstream(upstream)
+        log.info("signaler %s: forgot upstream %s (no valid summary for %gs)",
+                 self.config.signer, upstream, self.config.forget_after)
 
     def _view(self, upstream: str) -> UpstreamView:
         view = self.views.get(upstream)
@@ -365,6 +425,7 @@ class SignalerService:
             log.debug("rejected summary entry on %s: %s", upstream, exc)
             return False
         self._view(upstream).offer(summary)
+        self._roster.seen(upstream, self.clock() if now is None else now)
         self.metrics.summaries_consumed.labels(upstream).inc()
         return True
 

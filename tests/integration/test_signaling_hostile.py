@@ -223,3 +223,65 @@ async def test_a_wrong_typed_key_isolates_to_its_upstream_and_sidecar(
         assert errors == {(UPSTREAM, "recs"): 1.0, ("payments", "summaries"): 1.0}
     finally:
         await client.store.close()
+
+
+# --- finding 8: upstreams nobody (legitimate) publishes for are not served, and are forgotten --
+
+
+def upstream_series(svc: SignalerService) -> set[str]:
+    """The upstreams named by any metric series of the signaler."""
+    import re
+
+    return set(re.findall(r'upstream="([^"]+)"', svc.metrics.render().decode()))
+
+
+async def test_five_hundred_forged_streams_cost_no_series_and_a_quiet_upstream_is_forgotten(
+    redis_server: RedisHandle, sync_client: redis.Redis
+) -> None:
+    clock = Clock()
+    config = SignalerConfig(redis_url=redis_server.url, signer="sig-a", key=KEY, tokens=8,
+                            epoch=1.0, seed=7, discover_every=1.0, forget_after=4.0,
+                            probe_every=30.0, probe_budget=100)
+    svc = SignalerService(config, clock=clock,
+                          store=RedisSignalStore(redis_server.url, config.redis_timeout))
+    pipe = sync_client.pipeline(transaction=False)
+    for i in range(500):  # the attack: 500 streams of junk under eq:
+        forged = phantom(i, clock.now)
+        pipe.xadd(summary_stream(f"forged-{i:03d}"),
+                  encode_summary(RegretSummary(**{**{f: getattr(forged, f) for f in (
+                      "sidecar", "epoch", "sent_at", "endpoints", "requests", "failures",
+                      "latency_mean", "latency_p50", "latency_p99", "in_flight", "demand",
+                      "weights", "regret")}, "upstream": f"forged-{i:03d}"})))
+    pipe.execute()
+    try:
+        for epoch in range(7):  # honest traffic on one upstream, junk on 500
+            sync_client.xadd(summary_stream(UPSTREAM), signed(honest("sc-real", clock.now), KEY))
+            await svc.run_epoch()
+            clock.now += 1
+            # a bounded trickle of probes per round (the honest one waits its turn: 5 rounds)
+            assert len(svc._roster.next_probe) <= (epoch + 1) * config.probe_budget
+        assert svc.known == {UPSTREAM}
+        assert upstream_series(svc) == {UPSTREAM}
+        assert svc.metrics.registry.get_sample_value("equilibrium_signaler_upstreams") == 1
+        assert not any(k.decode().startswith("eq:{forged-")
+                       and k.decode().endswith((":leader", ":fence"))
+                       for k in sync_client.scan_iter(match="eq:{forged-*", count=1000))
+        assert sync_client.xlen(recommendation_stream(UPSTREAM, "sc-real")) > 0
+
+        # Silence: after forget_after the upstream is forgotten, its series go, its lease too.
+        for _ in range(6):
+            clock.now += 1
+            await svc.run_epoch()
+        assert svc.known == set() and upstream_series(svc) == set()
+        assert svc.metrics.registry.get_sample_value("equilibrium_signaler_upstreams") == 0
+        assert sync_client.get(f"eq:{{{UPSTREAM}}}:leader") is None
+        # ...and comes back when its sidecars speak again (after probe_every; the forged
+        # candidates are due again too, so it may wait a few rounds of the probe budget)
+        clock.now += config.probe_every
+        for _ in range(7):
+            sync_client.xadd(summary_stream(UPSTREAM), signed(honest("sc-real", clock.now), KEY))
+            await svc.run_epoch()
+            clock.now += 1
+        assert svc.known == {UPSTREAM}
+    finally:
+        await svc.close()

@@ -111,6 +111,7 @@ equilibrium_signaler_solve_seconds histogram upstream
 equilibrium_signaler_solver_failures counter upstream,error
 equilibrium_signaler_sidecars gauge upstream
 equilibrium_signaler_summaries_consumed counter upstream
+equilibrium_signaler_upstreams gauge -
 """
 
 INJECTOR = """
