@@ -202,7 +202,7 @@ class SidecarMetrics:
         self.caller = CallerMetrics(r)
         self.config_reloads = Counter(
             "equilibrium_config_reloads",
-            "Config reloads, by result (applied, rejected)",
+            "Config reloads, by result (applied; rejected: a bad config; failed: an error)",
             ["result"],
             registry=r,
         )
