@@ -158,7 +158,8 @@ class MemorySignalStore:
     # ------------------------------------------------------------------ the signaler's side
 
     async def upstreams(self) -> set[str]:
-        found = (upstream_of_summary_stream(key) for key in self._streams)
+        # as SCAN: whatever the type of the key (a wrong-typed one is found, and fails later)
+        found = (upstream_of_summary_stream(key) for key in [*self._streams, *self._values])
         return {u for u in found if u is not None}
 
     async def ensure_group(self, upstream: str) -> None:

@@ -256,6 +256,7 @@ async def test_a_wrong_typed_key_fails_only_what_touches_it(
     assert bad_recs.value.role == "recs"
     assert await store.publish_recommendation(clean, "sc-2", "sig-a", token, {"n": "1"})
     assert await store.lease_holder(counter) is None
+    assert clobbered in await store.upstreams()  # SCAN finds a key whatever its type
 
 
 # ------------------------------------------------------------------ the signaler on either store
