@@ -33,6 +33,13 @@ Rules (Vickrey 1961, "Counterspeculation, auctions, and competitive sealed tende
 - **Bounded queue**: at most ``max_queue`` waiters. When full, a new bid strictly higher than
   the lowest waiting bid evicts that waiter (the latest arrival among equal lowest bids); any
   other new request is rejected.
+- **Bounded budgets**: at most ``max_callers`` budgets are kept, the least recently bidding
+  dropped first, but never the budget of a caller with a request waiting (even one whose
+  effective bid is 0) nor the bidder's own: a waiter's reservation always lives in the budget
+  its next bid is capped by, so however the queue churns (offers, evictions, expiries,
+  clearings) a caller's waiting bids never add up to more than ``budget_cap``. (Dropping a
+  waiting caller's budget and re-creating it full at its eviction once let a caller hold 200
+  in bids against a cap of 100.)
 
 :meth:`SecondPriceAuction.snapshot` reads the auction for ``/debug/state`` (the last clearing
 price, the queue, chosen callers' budgets) without changing it.
@@ -179,6 +186,7 @@ class SecondPriceAuction:
         if self.params.max_queue < 1 or self.params.max_callers < 1:
             raise ValueError("max_queue and max_callers must be at least 1")
         self._budgets: OrderedDict[str, BidBudget] = OrderedDict()
+        self._waiting: dict[str, int] = {}  # caller -> requests waiting (their budget stays)
         self._waiters: dict[str, _Waiter] = {}  # insertion order is arrival order
         self._order: list[tuple[float, int, str]] = []  # sorted by (-bid, seq): best first
         self._seq = 0
@@ -250,6 +258,7 @@ class SecondPriceAuction:
         effective = budget.reserve(bid, now)
         self._seq += 1
         self._waiters[request_id] = _Waiter(request_id, caller, effective, self._seq, now)
+        self._waiting[caller] = self._waiting.get(caller, 0) + 1
         bisect.insort(self._order, (-effective, self._seq, request_id))
         return Queued(request_id, effective, len(self._waiters), evicted)
 
@@ -265,7 +274,7 @@ class SecondPriceAuction:
         for neg_bid, _, request_id in winners:
             waiter = self._waiters.pop(request_id)
             price = min(price_bid, -neg_bid)
-            self.budget(waiter.caller, now).settle(waiter.bid, price, now)
+            self._stop_waiting(waiter).settle(waiter.bid, price, now)
             admissions.append(
                 Admission(request_id, waiter.caller, waiter.bid, price, now - waiter.arrived)
             )
@@ -295,14 +304,29 @@ class SecondPriceAuction:
         key = (-waiter.bid, waiter.seq, request_id)
         index = bisect.bisect_left(self._order, key)
         del self._order[index]
-        self.budget(waiter.caller, now).settle(waiter.bid, 0.0, now)
+        self._stop_waiting(waiter).settle(waiter.bid, 0.0, now)
+
+    def _stop_waiting(self, waiter: _Waiter) -> BidBudget:
+        """The budget holding ``waiter``'s reservation, after counting it out of the queue.
+
+        Never creates one: a caller with a request waiting always has its budget (see
+        :meth:`_drop_idle_budgets`), and releasing into a fresh, full one would hand the caller
+        its cap a second time.
+        """
+        left = self._waiting[waiter.caller] - 1
+        if left:
+            self._waiting[waiter.caller] = left
+        else:
+            del self._waiting[waiter.caller]
+        return self._budgets[waiter.caller]
 
     def _drop_idle_budgets(self) -> None:
-        """Drop least recently used budgets with nothing reserved (never the newest one)."""
+        """Drop least recently used budgets of callers with nothing waiting (never the
+        newest one, which is the caller bidding now)."""
         newest = next(reversed(self._budgets))
         while len(self._budgets) > self.params.max_callers:
             for caller, budget in self._budgets.items():
-                if caller != newest and budget.reserved == 0.0:
+                if caller != newest and caller not in self._waiting and budget.reserved == 0.0:
                     del self._budgets[caller]
                     break
             else:

@@ -81,11 +81,13 @@ It reads the book without changing it.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from mesh.standings import StandingsIndex, busy_key
 
 ANONYMOUS = "anonymous"
 """The caller of every request whose identity did not verify: one shared, strictest bucket."""
@@ -271,6 +273,20 @@ class Standing:
 
 
 @dataclass(frozen=True, slots=True)
+class GaugeDigest:
+    """What the per-caller gauges need (:meth:`ReputationBook.gauge_digest`): the standings of
+    the ``named`` callers (those with a metric label of their own) that are tracked, and over
+    every other tracked caller (``others`` of them) the lowest reputation and highest level;
+    ``punished`` counts every punished caller."""
+
+    named: tuple[Standing, ...]
+    others: int
+    others_worst_reputation: float
+    others_worst_level: int
+    punished: int
+
+
+@dataclass(frozen=True, slots=True)
 class BookSnapshot:
     """The book at one instant (:meth:`ReputationBook.snapshot`).
 
@@ -307,6 +323,10 @@ class _DecayingRate:
 
     def rate(self, now: float) -> float:
         return self.count(now) / self._tau
+
+    def part(self) -> tuple[float, float]:
+        """``(count, at)``: the count held and when it was last brought up to date."""
+        return self._count, self._last
 
     def _decay(self, now: float) -> None:
         if now > self._last:
@@ -354,6 +374,8 @@ class ReputationBook:
         self._active: OrderedDict[str, float] = OrderedDict()  # seen within active_window
         self._capacity = self.params.capacity
         self._congestion = 0.0
+        self._index = StandingsIndex(self.params.ladder.max_level)
+        self._changed: set[str] = set()  # recorded or dropped since the index was read
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -458,23 +480,52 @@ class ReputationBook:
                         state.admitted.count(now), state.throttled.count(now))
 
     def standings(self, now: float) -> list[Standing]:
-        """Every tracked caller's standing (bounded by ``max_callers``)."""
+        """Every tracked caller's standing (bounded by ``max_callers``; O(tracked): for tests
+        and tools; the periodic readers use :meth:`gauge_digest` and :meth:`snapshot`)."""
         return [s for c in list(self._callers) if (s := self.standing(c, now)) is not None]
+
+    def _fold(self) -> StandingsIndex:
+        """Bring the index up to date with the callers changed since the last read."""
+        index, tau = self._index, self.params.recent_window
+        for caller in self._changed:
+            state = self._callers.get(caller)
+            if state is None:
+                index.remove(caller)
+                continue
+            ladder = state.ladder
+            index.update(caller, state.reputation, ladder.level, ladder.phase is Phase.PUNISHED,
+                         busy_key((state.admitted.part(), state.throttled.part()), tau))
+        self._changed.clear()
+        return index
+
+    def gauge_digest(self, now: float, named: Collection[str]) -> GaugeDigest:
+        """The per-caller gauges' inputs (:class:`GaugeDigest`), in O(changed callers +
+        ``len(named)``). Reads only: no caller's standing changes."""
+        index = self._fold()
+        shown = tuple(s for c in named if (s := self.standing(c, now)) is not None)
+        skip = {s.caller for s in shown}
+        worst = index.worst_reputation(skip)
+        return GaugeDigest(
+            named=shown, others=len(self._callers) - len(skip),
+            others_worst_reputation=1.0 if worst is None else worst,
+            others_worst_level=index.worst_level(skip), punished=index.punished)
 
     def snapshot(self, now: float, top: int) -> BookSnapshot:
         """The ``top`` busiest callers by recent requests (busiest first; ties by name) and
-        the anonymous bucket, with the book's load view. Reads only: the book is unchanged.
+        the anonymous bucket, with the book's load view, in O(changed callers + ``top``).
+        Reads only: no caller's standing changes.
         """
         if top < 0:
             raise ValueError("top must be >= 0")
-        every = self.standings(now)
-        busiest = heapq.nsmallest(top, every, key=lambda s: (-s.recent_requests, s.caller))
+        index = self._fold()
+        busiest = [s for c in index.busiest(top) if (s := self.standing(c, now)) is not None]
         if all(s.caller != ANONYMOUS for s in busiest):
-            busiest += [s for s in every if s.caller == ANONYMOUS]
+            anonymous = self.standing(ANONYMOUS, now)
+            busiest += [anonymous] if anonymous is not None else []
         return BookSnapshot(
             callers=tuple(busiest),
-            tracked=len(every),
-            punished=sum(s.phase is Phase.PUNISHED for s in every),
+            tracked=len(self._callers),
+            punished=index.punished,
             congested=self.congested,
             congestion=self._congestion,
             capacity=self._capacity,
@@ -497,8 +548,12 @@ class ReputationBook:
             while len(self._callers) > p.max_callers:
                 evicted, _ = self._callers.popitem(last=False)
                 self._active.pop(evicted, None)
+                self._changed.add(evicted)
         else:
             self._callers.move_to_end(caller)
+        self._changed.add(caller)
+        if len(self._changed) > 2 * p.max_callers + 1024:  # nobody reads: fold, stay bounded
+            self._fold()
         self._active[caller] = now
         self._active.move_to_end(caller)
         share = self.fair_share(caller, now)
@@ -534,3 +589,4 @@ class ReputationBook:
                 break
             del self._callers[caller]
             self._active.pop(caller, None)
+            self._changed.add(caller)

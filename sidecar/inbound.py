@@ -149,6 +149,10 @@ class CallerLabels:
     def __contains__(self, caller: object) -> bool:
         return caller in self._known or caller == ANONYMOUS
 
+    def names(self) -> list[str]:
+        """Every caller with a label of its own (``anonymous`` first)."""
+        return [ANONYMOUS, *sorted(self._known)]
+
 
 class LocalRateLimit:
     """The baseline: one token bucket for all callers, as Envoy's local rate limit filter
@@ -295,24 +299,21 @@ class InboundProxy:
             await asyncio.sleep(GAUGE_REFRESH_INTERVAL)
 
     def update_gauges(self, now: float) -> None:
-        """Per-caller gauges from the book; callers it no longer tracks lose their series."""
+        """Per-caller gauges from the book; callers it no longer tracks lose their series.
+        O(callers changed since the last tick + labelled callers), not O(tracked callers)
+        (:meth:`mesh.reputation.ReputationBook.gauge_digest`)."""
         m = self.metrics
-        worst_rep, worst_level, others, punished = 1.0, 0, False, 0
+        digest = self.book.gauge_digest(now, self.labels.names())
         shown: set[str] = set()
-        for standing in self.book.standings(now):
-            punished += standing.phase is Phase.PUNISHED
-            if standing.caller in self.labels:
-                shown.add(standing.caller)
-                m.reputation.labels(standing.caller).set(round(standing.reputation, 4))
-                m.level.labels(standing.caller).set(standing.level)
-            else:
-                others = True
-                worst_rep = min(worst_rep, standing.reputation)
-                worst_level = max(worst_level, standing.level)
-        if others:
+        for standing in digest.named:
+            shown.add(standing.caller)
+            m.reputation.labels(standing.caller).set(round(standing.reputation, 4))
+            m.level.labels(standing.caller).set(standing.level)
+        punished = digest.punished
+        if digest.others:
             shown.add(OTHER)
-            m.reputation.labels(OTHER).set(round(worst_rep, 4))
-            m.level.labels(OTHER).set(worst_level)
+            m.reputation.labels(OTHER).set(round(min(1.0, digest.others_worst_reputation), 4))
+            m.level.labels(OTHER).set(digest.others_worst_level)
         for gone in self._shown - shown:
             for gauge in (m.reputation, m.level):
                 with contextlib.suppress(KeyError):

@@ -202,7 +202,7 @@ class SidecarMetrics:
         self.caller = CallerMetrics(r)
         self.config_reloads = Counter(
             "equilibrium_config_reloads",
-            "Config reloads, by result (applied, rejected)",
+            "Config reloads, by result (applied; rejected: a bad config; failed: an error)",
             ["result"],
             registry=r,
         )
@@ -311,6 +311,12 @@ class SignalingMetrics:
             "equilibrium_signaling_summaries_invalid",
             "Summaries not sent because they failed the protocol's validation, by reason",
             ["upstream", "reason"], registry=r,
+        )
+        self.key_errors = Counter(
+            "equilibrium_signaling_key_errors",
+            "Appends or reads that met a key holding the wrong type of value, by upstream and "
+            "key role (summaries, recs); only that upstream falls back", ["upstream", "key"],
+            registry=r,
         )
         self.fallbacks = Counter(
             "equilibrium_signaling_fallbacks",

@@ -309,7 +309,7 @@ class SidecarRunner:
                 self._tasks.append(asyncio.create_task(factory(), name=name))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self.safe_reload)
             # Everything allocated so far (modules, config, pools) lives as long as the
             # process: move it out of the collector's sight, so full collections on the
             # request path only walk what requests allocate (shorter GC pauses at p99).
@@ -438,15 +438,28 @@ class SidecarRunner:
         self._config_mtime = self._file_mtime()
 
     async def _watch_config_file(self) -> None:
+        """Poll the file's mtime; reload on a change. Never ends on a bad edit: every failure
+        is logged and counted (:meth:`safe_reload`) and the next edit is read again."""
         while True:
             await asyncio.sleep(CONFIG_POLL_INTERVAL)
             mtime = self._file_mtime()
             if mtime is not None and mtime != self._config_mtime:
                 self._config_mtime = mtime
                 log.info("config file %s changed", self.config.config_file)
-                self.reload()
+                self.safe_reload()
 
     # ------------------------------------------------------------ reload
+
+    def safe_reload(self) -> bool:
+        """:meth:`reload` for the file watcher and SIGHUP: an error that is not a
+        ``ConfigError`` (a bug met by an unusual edit) is logged with its traceback and
+        counted as ``result="failed"``; the running config stays and later edits apply."""
+        try:
+            return self.reload()
+        except Exception:
+            self.metrics.config_reloads.labels("failed").inc()
+            log.exception("config reload failed, keeping the running config")
+            return False
 
     def reload(self) -> bool:
         """Re-read the config; apply new endpoints or keep the old config. True if applied."""

@@ -6,7 +6,9 @@ constructor: Redis in production, in memory in tests) and one background task (s
 (:class:`mesh.policy.FollowingPolicy`: ``equilibrium``), in one round trip
 (:meth:`~wire.store.SignalStore.exchange`):
 
-1. append a :class:`~wire.summary.RegretSummary` built by :class:`mesh.summary.SummaryBuilder`
+1. append a :class:`~wire.summary.RegretSummary`, signed with the mesh key
+   (:func:`wire.summary.sign_summary`: the signaler drops unsigned or forged ones), built by
+   :class:`mesh.summary.SummaryBuilder`
    from the policy's last snapshot (requests, failures, weights, Hart & Mas-Colell's
    conditional regret matrix) and its epoch windows (what each endpoint did since the previous
    epoch: mean, p50, p99 latency), to ``eq:{u}:summaries``;
@@ -20,6 +22,11 @@ A new upstream's policy first waits for its recommendation (``policy.await_signa
 :class:`mesh.first_signal.FirstSignalWait`): it keeps its starting, even weights for
 ``first_signal_epochs`` epochs or until the first recommendation verifies, so a mesh-wide cold
 start does not herd before the signaler has spoken.
+
+A key of the wrong type under ``eq:`` (this upstream's summary stream, this sidecar's
+recommendation stream: :class:`wire.store.KeyTypeError`) is not Redis down: only that
+upstream stops following (local regret matching), counted in
+``equilibrium_signaling_key_errors_total`` and logged once a minute; the others go on.
 
 Never on the request path. The request path reads only the policy's routing snapshot; this task
 runs beside it with a short timeout on every round trip. When the store fails or is slow, every
@@ -45,6 +52,7 @@ from typing import Any
 from mesh.backoff import Backoff
 from mesh.errors import ConfigError
 from mesh.first_signal import FirstSignalWait
+from mesh.notices import NoticeThrottle
 from mesh.policy import FollowingPolicy
 from mesh.summary import SummaryBuilder
 from sidecar.config import SidecarConfig
@@ -53,8 +61,8 @@ from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from wire.entries import MAX_SECONDS
 from wire.errors import WireError
 from wire.recommendation import verify_recommendation
-from wire.store import Fields, SignalStore, StoreError, error_kind
-from wire.summary import RegretSummary, encode_summary
+from wire.store import Fields, KeyTypeError, SignalStore, StoreError, error_kind
+from wire.summary import RegretSummary, sign_summary
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +138,7 @@ class SidecarSignaling:
         # per upstream, the policy told to wait for its first signal and its wait's machine
         # (a new policy object starts over)
         self._awaiting: dict[str, tuple[FollowingPolicy, FirstSignalWait]] = {}
+        self._notices = NoticeThrottle(60.0)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,13 +203,27 @@ class SidecarSignaling:
         for group, policy in groups:
             summary = self._summary(group, policy, now, wall)
             if summary is not None:
-                summaries.append((group.name, encode_summary(summary)))
+                summaries.append((group.name, sign_summary(summary, self.settings.key)))
                 self.metrics.summaries.labels(group.name).inc()
         newest = await self.store.exchange(
             summaries, [(group.name, self.sidecar) for group, _ in groups])
-        for (group, _), entry in zip(groups, newest, strict=True):
-            if entry is not None:
+        for exc in newest.append_errors.values():
+            self._key_error(exc)
+        for (group, policy), entry in zip(groups, newest, strict=True):
+            if isinstance(entry, KeyTypeError):
+                policy.stop_following()  # this upstream only: its stream cannot be read
+                self._key_error(entry)
+            elif entry is not None:
                 self.consider(group, entry.id, entry.fields)
+
+    def _key_error(self, exc: KeyTypeError) -> None:
+        self.metrics.key_errors.labels(exc.upstream, exc.role).inc()
+        held = self._notices.due((exc.key, exc.kind), self.clock())
+        if held is not None:
+            log.warning("signaling: key %s holds the wrong type of value (%s); upstream %s "
+                        "routes by local regret matching until it is repaired, the others "
+                        "carry on (%d more since the last report)", exc.key, exc.kind,
+                        exc.upstream, held)
 
     def _summary(
         self, group: UpstreamGroup, policy: FollowingPolicy, now: float, wall: float

@@ -124,6 +124,8 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
         raise ConfigError(str(exc)) from None
     from wire.keys import leader_key
 
+    if len(signer) > 115:  # the lease holder is "<id>.<12 hex>", a protocol name (<= 128)
+        raise ConfigError(f"--id: at most 115 characters, got {len(signer)}")
     try:  # ids and upstream names must be valid protocol names
         leader_key(signer)
         for upstream in config.upstreams:

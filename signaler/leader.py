@@ -13,13 +13,22 @@ with a fencing token strictly larger than every earlier one (``INCR eq:{u}:fence
 leader that still runs (a long GC pause, a partition) cannot publish: the store's fenced append
 succeeds only while the caller's exact ``holder token`` is the lease value, and sidecars also
 refuse recommendations with a token below the highest they have seen (``fenced``).
+
+The holder written in the lease is ``<id>.<instance>``, the replica's id plus a random suffix
+drawn at start: two processes started with the same id are two holders, so the second cannot
+"renew" the first one's lease and publish beside it; it stands by, and
+:meth:`LeaseClient.is_namesake` tells it why.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from wire.store import Fields, SignalStore
+
+INSTANCE_SUFFIX_CHARS = 12
+"""Hex characters of the random instance suffix of a lease holder (``<id>.<suffix>``)."""
 
 
 @dataclass(slots=True)
@@ -50,12 +59,21 @@ class LeaseClient:
     """Takes, renews and gives up leases in a :class:`wire.store.SignalStore`, and publishes
     only under the lease; keeps what this replica believes about its leadership."""
 
-    def __init__(self, store: SignalStore, holder: str, ttl_seconds: float) -> None:
+    def __init__(self, store: SignalStore, signer: str, ttl_seconds: float,
+                 instance: str | None = None) -> None:
         if ttl_seconds <= 0:
             raise ValueError("the lease time-to-live must be positive")
         self.store = store
-        self.leadership = Leadership(holder)
+        self.signer = signer
+        suffix = instance or secrets.token_hex(INSTANCE_SUFFIX_CHARS // 2)
+        self.leadership = Leadership(f"{signer}.{suffix}")
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
+
+    def is_namesake(self, holder: str) -> bool:
+        """Whether ``holder`` (a lease value's holder) is another instance with this id."""
+        name, _, suffix = holder.rpartition(".")
+        return (name == self.signer and holder != self.holder
+                and len(suffix) == INSTANCE_SUFFIX_CHARS)
 
     @property
     def holder(self) -> str:

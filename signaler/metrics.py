@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -108,9 +109,43 @@ class SignalerMetrics:
             "Epochs cut short by an unexpected error (logged with its traceback)", ["kind"],
             registry=r,
         )
+        self.key_errors = Counter(
+            "equilibrium_signaler_key_errors",
+            "Operations that met a key holding the wrong type of value, by upstream and key "
+            "role (summaries, recs, leader, fence); only that upstream is affected",
+            ["upstream", "key"], registry=r,
+        )
+        self.id_conflicts = Gauge(
+            "equilibrium_signaler_id_conflicts",
+            "Upstreams whose lease another live replica holds under this replica's id "
+            "(two replicas started with the same --id; this one refuses to lead them)",
+            registry=r,
+        )
+        self.upstreams = Gauge(
+            "equilibrium_signaler_upstreams",
+            "Upstreams served: configured, or discovered with a valid fresh summary "
+            "(forged or silent streams are not served, and forgotten ones lose their series)",
+            registry=r,
+        )
         self.epochs = Counter(
             "equilibrium_signaler_epochs", "Epochs run by this replica", registry=r
         )
+
+    def forget_upstream(self, upstream: str) -> int:
+        """Remove every series labelled with ``upstream``; how many were removed."""
+        removed = 0
+        for collector in list(self.registry._collector_to_names):
+            if not isinstance(collector, MetricWrapperBase):
+                continue
+            names = collector._labelnames
+            if "upstream" not in names:
+                continue
+            at = names.index("upstream")
+            for values in list(collector._metrics):  # prometheus_client's children by labels
+                if values[at] == upstream:
+                    collector.remove(*values)
+                    removed += 1
+        return removed
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

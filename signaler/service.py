@@ -32,6 +32,17 @@ millisecond (they are at most one per lease time-to-live).
 Redis down (the store raises :class:`wire.store.StoreError`): every round trip has a short
 timeout; the loop backs off exponentially, reports ``/readyz`` 503 and
 ``equilibrium_signaler_redis_up 0``, and resumes by itself.
+
+One key of the wrong type (:class:`wire.store.KeyTypeError`: a string where an upstream's
+summary stream or a sidecar's recommendation stream belongs) is not Redis down: it costs only
+its own upstream's epoch (or only that sidecar's recommendation), is counted in
+``equilibrium_signaler_key_errors_total`` and logged once a minute; every other upstream keeps
+its lease and ``/readyz`` stays 200.
+
+Two replicas started with the same ``--id``: each replica's lease holder is its id plus a
+random instance suffix, so the second finds the lease held by a live replica under its own id,
+refuses to lead, says so in the log (once a minute per upstream) and in
+``equilibrium_signaler_id_conflicts`` and stands by until that lease expires.
 """
 
 from __future__ import annotations
@@ -49,16 +60,23 @@ from typing import Any
 import numpy as np
 
 from mesh.backoff import Backoff
+from mesh.notices import NoticeThrottle
 from signaler.admin import SignalerHealth
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerMetrics
 from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
+from signaler.roster import (
+    DEFAULT_FORGET_AFTER,
+    DEFAULT_PROBE_BUDGET,
+    DEFAULT_PROBE_EVERY,
+    UpstreamRoster,
+)
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
 from wire.recommendation import Recommendation, sign_recommendation
-from wire.store import SignalStore, StoreError, StreamEntry, error_kind
-from wire.summary import decode_summary
+from wire.store import KeyTypeError, SignalStore, StoreError, StreamEntry, error_kind
+from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +96,19 @@ class SignalerConfig:
     """Upstreams to serve; empty: discover them from the summary streams (``SCAN``)."""
     lease_epochs: float = 3.0
     freshness_epochs: float = 5.0
+    """A sidecar's summary is planned with for this long after its ``sent_at``; a sidecar
+    that stops publishing is forgotten after it (and gets no more recommendations)."""
+    summary_skew: float = DEFAULT_SUMMARY_SKEW
+    """How far a summary's ``sent_at`` may lie ahead of this replica's clock (seconds)."""
     expiry_epochs: float = 5.0
     """Recommendations outlive a takeover (lease_epochs) and a slow epoch or two."""
     discover_every: float = 2.0
+    forget_after: float = DEFAULT_FORGET_AFTER
+    """A discovered upstream with no valid summary for this long is forgotten
+    (:mod:`signaler.roster`)."""
+    probe_every: float = DEFAULT_PROBE_EVERY
+    probe_budget: int = DEFAULT_PROBE_BUDGET
+    probe_entries: int = 20
     redis_timeout: float = 1.0
     read_count: int = 500
     warmup_entries: int = 1000
@@ -135,7 +163,11 @@ class SignalerService:
         self.epoch_number = 0
         self.store = store
         self._lease = LeaseClient(store, config.signer, config.lease_epochs * config.epoch)
-        self._known: set[str] = set(config.upstreams)
+        self._notices = NoticeThrottle(60.0)
+        self._conflicts: set[str] = set()  # upstreams led by another live replica with our id
+        self._configured: set[str] = set(config.upstreams)
+        self._roster = UpstreamRoster(config.forget_after, config.probe_every,
+                                      config.probe_budget)
         self._last_discovery = -math.inf
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
 
@@ -200,32 +232,113 @@ class SignalerService:
 
     async def run_epoch(self) -> None:
         """Discover upstreams, then for each: lease, consume, plan, publish."""
-        lease = self._lease
         now = self.clock()
         self.epoch_number = int(now // self.config.epoch)
         self.metrics.epochs.inc()
         await self._discover(now)
-        for upstream in sorted(self._known):
-            await self.store.seed_fence(upstream, int(now * 1000))
-            token, transition = await lease.acquire(upstream)
-            if transition == "deposed":
-                log.warning("signaler %s: lost the lease of %s", self.config.signer, upstream)
-            if token == 0:
-                self._set_leader(upstream, None)
-                self.views.pop(upstream, None)  # a standby keeps no stale state
-                continue
-            self._set_leader(upstream, token)
-            if transition == "elected":
-                log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
-                await self._take_over(upstream)
-            await self._consume(upstream)
-            await self._plan_and_publish(upstream)
+        for upstream in sorted(self.known):
+            try:
+                await self._serve(upstream, now)
+            except KeyTypeError as exc:  # that upstream's problem only
+                self._key_error(exc, upstream)
+        self.metrics.id_conflicts.set(len(self._conflicts))
+        self.metrics.upstreams.set(len(self.known))
+
+    @property
+    def known(self) -> set[str]:
+        """The upstreams served: the configured ones, else the active discovered ones."""
+        return self._configured or set(self._roster.active)
+
+    async def _serve(self, upstream: str, now: float) -> None:
+        """One upstream's epoch: lease, then (leading) consume, plan, publish."""
+        lease = self._lease
+        await self.store.seed_fence(upstream, int(now * 1000))
+        token, transition = await lease.acquire(upstream)
+        if transition == "deposed":
+            log.warning("signaler %s: lost the lease of %s", self.config.signer, upstream)
+        if token == 0:
+            self._set_leader(upstream, None)
+            self.views.pop(upstream, None)  # a standby keeps no stale state
+            await self._check_id_conflict(upstream, now)
+            if not self._configured and self._roster.needs_probe(upstream, now):
+                await self._probe(upstream, now)  # the leader's sidecars still report?
+            return
+        self._conflicts.discard(upstream)
+        self._set_leader(upstream, token)
+        if transition == "elected":
+            log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
+            await self._take_over(upstream)
+        await self._consume(upstream)
+        await self._plan_and_publish(upstream)
+
+    async def _check_id_conflict(self, upstream: str, now: float) -> None:
+        """Standing by: is the leader another live replica started with this one's id?"""
+        holder = await self.store.lease_holder(upstream)
+        if holder is None or not self._lease.is_namesake(holder):
+            self._conflicts.discard(upstream)
+            return
+        self._conflicts.add(upstream)
+        if self._notices.due(("id-conflict", upstream), now) is not None:
+            log.error(
+                "signaler %s: refusing to lead %s: its lease is held by another live replica "
+                "started with the same id (%s); standing by until that lease expires. Give "
+                "every replica its own --id.", self.config.signer, upstream, holder)
+
+    def _key_error(self, exc: KeyTypeError, upstream: str) -> None:
+        """Count and (once a minute) log a wrong-typed key; only its upstream is affected."""
+        self.metrics.key_errors.labels(upstream, exc.role).inc()
+        status = self.status.setdefault(upstream, UpstreamStatus())
+        status.last_error = f"{exc.kind} on {exc.key}"
+        held = self._notices.due(("key", exc.key, exc.kind), self.clock())
+        if held is not None:
+            log.error("signaler %s: key %s holds the wrong type of value (%s); upstream %s is "
+                      "affected, the others carry on (%d more since the last report). Delete "
+                      "or rename the key to repair it.", self.config.signer, exc.key, exc.kind,
+                      upstream, held)
 
     async def _discover(self, now: float) -> None:
-        if self.config.upstreams or now - self._last_discovery < self.config.discover_every:
+        """Forget quiet upstreams; every ``discover_every``, ``SCAN`` and probe candidates."""
+        if self._configured:
+            return
+        for upstream in self._roster.expired(now):
+            await self._forget(upstream)
+        if now - self._last_discovery < self.config.discover_every:
             return
         self._last_discovery = now
-        self._known |= await self.store.upstreams()
+        for upstream in self._roster.discovered(await self.store.upstreams(), now):
+            await self._probe(upstream, now)
+
+    async def _probe(self, upstream: str, now: float) -> None:
+        """Does ``upstream``'s stream end with a valid, fresh summary? (one bounded read)"""
+        valid = False
+        try:
+            for entry in await self.store.newest_summaries(upstream, self.config.probe_entries):
+                with contextlib.suppress(WireError):
+                    if entry.fields is not None and \
+                            self.verify(entry.fields, now).upstream == upstream:
+                        valid = True
+                        break
+        except KeyTypeError:
+            log.debug("signaler: candidate %s has a wrong-typed summary key", upstream)
+        was_active = upstream in self._roster.active
+        self._roster.probed(upstream, valid, now)
+        if valid and not was_active:
+            log.info("signaler %s: serving discovered upstream %s", self.config.signer,
+                     upstream)
+
+    async def _forget(self, upstream: str) -> None:
+        """No valid summary for ``forget_after``: release, drop its state and series."""
+        if self._lease.leadership.token(upstream) is not None:
+            with contextlib.suppress(StoreError, OSError, TimeoutError):
+                async with asyncio.timeout(self.config.redis_timeout):
+                    await self._lease.release(upstream)
+        self._lease.leadership.lose(upstream)
+        self.views.pop(upstream, None)
+        self.status.pop(upstream, None)
+        self._conflicts.discard(upstream)
+        self.metrics.forget_upstream(upstream)
+        log.info("signaler %s: forgot upstream %s (no valid summary for %gs)",
+                 self.config.signer, upstream, self.config.forget_after)
 
     def _view(self, upstream: str) -> UpstreamView:
         view = self.views.get(upstream)
@@ -249,11 +362,12 @@ class SignalerService:
         await self.store.ensure_group(upstream)
         view = self._view(upstream)
         newest = await self.store.newest_summaries(upstream, self.config.warmup_entries)
+        now = self.clock()
         for entry in reversed(newest):
-            with contextlib.suppress(WireError):
+            with contextlib.suppress(WireError):  # counted when the group delivers them
                 if entry.fields is None:
                     continue
-                summary = decode_summary(entry.fields)
+                summary = self.verify(entry.fields, now)
                 if summary.upstream == upstream:
                     view.offer(summary)
         start = "0-0"
@@ -278,18 +392,29 @@ class SignalerService:
                 return
 
     async def _apply_and_ack(self, upstream: str, entries: Sequence[StreamEntry]) -> None:
+        now = self.clock()
         for entry in entries:
-            self.apply_entry(upstream, entry.fields)
+            self.apply_entry(upstream, entry.fields, now)
         await self.store.ack(upstream, [entry.id for entry in entries])
 
-    def apply_entry(self, upstream: str, fields: Any) -> bool:
-        """Decode one stream entry and offer it to the upstream's view; a bad entry is counted
-        by its reason and dropped. True if it was a valid summary for ``upstream``."""
+    def verify(self, fields: Any, now: float) -> RegretSummary:
+        """``fields`` as a summary signed with the mesh key and sent within the freshness
+        window (``summary_skew`` ahead at most); :class:`WireError` otherwise."""
+        return verify_summary(
+            fields, self.config.key, now,
+            max_age=self.config.freshness_epochs * self.config.epoch,
+            max_skew=self.config.summary_skew,
+        )
+
+    def apply_entry(self, upstream: str, fields: Any, now: float | None = None) -> bool:
+        """Verify one stream entry and offer it to the upstream's view; a bad entry (forged,
+        unsigned, stamped too far ahead or too long ago, malformed) is counted by its reason
+        and dropped. True if it was a valid summary for ``upstream``."""
         if fields is None:  # Redis 6.2 reports entries trimmed while pending as nil
             self.metrics.entries_rejected.labels(upstream, Reason.DELETED).inc()
             return False
         try:
-            summary = decode_summary(fields)
+            summary = self.verify(fields, self.clock() if now is None else now)
             if summary.upstream != upstream:
                 raise WireError(
                     Reason.WRONG_UPSTREAM,
@@ -300,6 +425,7 @@ class SignalerService:
             log.debug("rejected summary entry on %s: %s", upstream, exc)
             return False
         self._view(upstream).offer(summary)
+        self._roster.seen(upstream, self.clock() if now is None else now)
         self.metrics.summaries_consumed.labels(upstream).inc()
         return True
 
@@ -353,7 +479,11 @@ class SignalerService:
                 objective=objective, ce_gap=gap, signer=self.config.signer, fence=token,
             )
             fields = sign_recommendation(rec, self.config.key)
-            entry = await lease.publish(upstream, sidecar, fields)
+            try:
+                entry = await lease.publish(upstream, sidecar, fields)
+            except KeyTypeError as exc:  # that sidecar's stream only: the others still get theirs
+                self._key_error(exc, upstream)
+                continue
             if entry is None:
                 self.metrics.publish_fenced.labels(upstream).inc()
                 self._set_leader(upstream, None)
@@ -411,5 +541,6 @@ class SignalerService:
             "id": self.config.signer,
             "epoch": self.epoch_number,
             "redis": self.health.redis_ok,
+            "id_conflicts": sorted(self._conflicts),
             "upstreams": upstreams,
         }

@@ -11,7 +11,8 @@ from mesh.profiles import get_profile
 from sidecar.metrics import SidecarMetrics
 from sidecar.upstreams import UpstreamTable
 from signaler.latency_model import LatencyModel
-from wire.summary import RegretSummary
+from wire.signing import mac
+from wire.summary import SUMMARY_FIELDS, RegretSummary, canonical_summary_bytes, sign_summary
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
 NOW = 1_764_183_600.0
@@ -44,6 +45,18 @@ def summary(sidecar: str = "sc-1", **changes: object) -> RegretSummary:
         regret=((0.0, -0.002, -0.29), (0.002, 0.0, -0.28), (0.29, 0.288, 0.0)),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def signed(value: RegretSummary | dict[str, str], key: bytes = KEY) -> dict[str, str]:
+    """A summary's XADD fields signed with ``key``; a field map (perhaps with values no
+    summary may have) is signed as it stands, so that a reader's checks past the signature
+    are reached."""
+    if isinstance(value, RegretSummary):
+        return sign_summary(value, key)
+    fields = {k: v for k, v in value.items() if k != "sig"}
+    if all(name in fields for name in SUMMARY_FIELDS):
+        fields["sig"] = mac(key, canonical_summary_bytes(fields))
+    return fields
 
 
 def routed_group(upstream: str = "orders") -> tuple[UpstreamTable, SidecarMetrics]:

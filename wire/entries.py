@@ -154,8 +154,8 @@ def number_text(value: float) -> str:
 def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, str]:
     """Decode a redis-py field map to ``str -> str``, checking sizes and the field set.
 
-    Every field of ``expected`` must be present, except that a recommendation may lack ``sig``
-    (the caller reports that as ``unsigned``).
+    Every field of ``expected`` must be present, except that a signed entry (a recommendation,
+    a summary) may lack ``sig`` (the verifier reports that as ``unsigned``).
     """
     if not isinstance(entry, Mapping):
         raise fail(f"{kind} entry must be a mapping, got {type(entry).__name__}")
@@ -180,7 +180,7 @@ def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, 
                    Reason.VERSION)
     missing = [name for name in expected if name not in out]
     unknown = sorted(name for name in out if name not in expected)
-    if missing and not (kind == "recommendation" and missing == ["sig"]):
+    if missing and missing != ["sig"]:
         raise fail(f"{kind} entry lacks fields {missing}")
     if unknown:
         raise fail(f"{kind} entry has unknown fields {[short(u, 30) for u in unknown[:5]]}")

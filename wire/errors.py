@@ -45,12 +45,14 @@ class Reason(StrEnum):
     TOO_LARGE = "too-large"
     # signatures and freshness
     UNSIGNED = "unsigned"
-    """A recommendation without a signature."""
+    """A recommendation or a regret summary without a signature."""
     BAD_SIGNATURE = "bad-signature"
     """The HMAC does not verify under any accepted key (forged, corrupted or another mesh)."""
     EXPIRED = "expired"
+    """A recommendation past its ``expires_at``, a summary sent longer ago than it is used."""
     NOT_YET_VALID = "not-yet-valid"
-    """A recommendation issued further in the future than the allowed clock skew."""
+    """A recommendation issued, or a summary sent, further in the future than the allowed
+    clock skew."""
     FUTURE = "future"
     """An identity signed further in the future than the allowed clock skew."""
     # recommendations against what the reader expects

@@ -9,6 +9,8 @@ Pure: builds strings, talks to nobody. A name that could not be a key raises
 
 from __future__ import annotations
 
+import re
+
 from wire.entries import check_name
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "SUMMARY_MAXLEN",
     "check_redis_url",
     "fence_key",
+    "key_role",
     "leader_key",
     "recommendation_stream",
     "summary_stream",
@@ -63,3 +66,13 @@ def leader_key(upstream: str) -> str:
 def fence_key(upstream: str) -> str:
     """The counter (``INCR``) handing out fencing tokens for ``upstream``'s leadership."""
     return f"eq:{{{check_name(upstream, 'upstream')}}}:fence"
+
+
+_KEY_RE = re.compile(r"^eq:\{([^{}]{1,128})\}:(summaries|recs|leader|fence)(?::.*)?$", re.DOTALL)
+
+
+def key_role(key: str) -> tuple[str, str]:
+    """``(upstream, role)`` of a key of the plane, ``role`` one of ``summaries``, ``recs``,
+    ``leader``, ``fence``; ``("", "other")`` for anything else (a bounded metric label)."""
+    match = _KEY_RE.match(key)
+    return (match.group(1), match.group(2)) if match else ("", "other")

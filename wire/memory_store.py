@@ -26,7 +26,15 @@ from wire.keys import (
     recommendation_stream,
     summary_stream,
 )
-from wire.store import Fields, RawFields, StoreError, StreamEntry, upstream_of_summary_stream
+from wire.store import (
+    Exchanged,
+    Fields,
+    KeyTypeError,
+    RawFields,
+    StoreError,
+    StreamEntry,
+    upstream_of_summary_stream,
+)
 
 _Id = tuple[int, int]
 _ZERO: _Id = (0, 0)
@@ -72,6 +80,8 @@ class MemorySignalStore:
     # ------------------------------------------------------------------ plain keys
 
     def _get(self, key: str) -> str | None:
+        if key in self._streams:
+            raise KeyTypeError("WRONGTYPE", key)
         held = self._values.get(key)
         if held is None:
             return None
@@ -85,9 +95,15 @@ class MemorySignalStore:
         expires = None if ttl_ms is None else self.clock() + ttl_ms / 1000.0
         self._values[key] = (value, expires)
 
+    def _check_stream(self, key: str) -> None:
+        """A key holding a plain value is no stream (Redis: ``WRONGTYPE``)."""
+        if key in self._values and self._get(key) is not None:
+            raise KeyTypeError("WRONGTYPE", key)
+
     # ------------------------------------------------------------------ streams
 
     def _append(self, key: str, fields: Fields, maxlen: int) -> str:
+        self._check_stream(key)
         stream = self._streams.setdefault(key, _Stream())
         ms = max(int(self.clock() * 1000), 0)
         last_ms, last_seq = stream.last_id
@@ -103,6 +119,7 @@ class MemorySignalStore:
         return _text_id(entry_id)
 
     def _newest(self, key: str, count: int) -> list[StreamEntry]:
+        self._check_stream(key)
         stream = self._streams.get(key)
         if stream is None or count <= 0:
             return []
@@ -110,6 +127,7 @@ class MemorySignalStore:
         return [StreamEntry(_text_id(i), stream.entries[i]) for i in reversed(ids)]
 
     def _group(self, upstream: str) -> tuple[_Stream, _Group]:
+        self._check_stream(summary_stream(upstream))
         stream = self._streams.setdefault(summary_stream(upstream), _Stream())
         group = stream.groups.setdefault(SIGNALER_GROUP, _Group())
         return stream, group
@@ -120,19 +138,28 @@ class MemorySignalStore:
         self,
         summaries: Sequence[tuple[str, Fields]],
         wanted: Sequence[tuple[str, str]],
-    ) -> list[StreamEntry | None]:
+    ) -> Exchanged:
+        failed: dict[str, KeyTypeError] = {}
         for upstream, fields in summaries:
-            self._append(summary_stream(upstream), fields, SUMMARY_MAXLEN)
-        out: list[StreamEntry | None] = []
+            try:
+                self._append(summary_stream(upstream), fields, SUMMARY_MAXLEN)
+            except KeyTypeError as exc:
+                failed[upstream] = exc
+        out: list[StreamEntry | KeyTypeError | None] = []
         for upstream, sidecar in wanted:
-            newest = self._newest(recommendation_stream(upstream, sidecar), 1)
+            try:
+                newest = self._newest(recommendation_stream(upstream, sidecar), 1)
+            except KeyTypeError as exc:
+                out.append(exc)
+                continue
             out.append(newest[0] if newest else None)
-        return out
+        return Exchanged(out, failed)
 
     # ------------------------------------------------------------------ the signaler's side
 
     async def upstreams(self) -> set[str]:
-        found = (upstream_of_summary_stream(key) for key in self._streams)
+        # as SCAN: whatever the type of the key (a wrong-typed one is found, and fails later)
+        found = (upstream_of_summary_stream(key) for key in [*self._streams, *self._values])
         return {u for u in found if u is not None}
 
     async def ensure_group(self, upstream: str) -> None:
@@ -156,6 +183,7 @@ class MemorySignalStore:
         self, upstream: str, consumer: str, start: str, count: int
     ) -> tuple[str, list[StreamEntry]]:
         key = summary_stream(upstream)
+        self._check_stream(key)
         stream = self._streams.get(key)
         group = stream.groups.get(SIGNALER_GROUP) if stream is not None else None
         if stream is None or group is None:
@@ -174,6 +202,7 @@ class MemorySignalStore:
         return (_text_id(rest[0]) if rest else "0-0"), claimed
 
     async def ack(self, upstream: str, ids: Sequence[str]) -> None:
+        self._check_stream(summary_stream(upstream))
         stream = self._streams.get(summary_stream(upstream))
         group = stream.groups.get(SIGNALER_GROUP) if stream is not None else None
         if group is None:
@@ -182,11 +211,18 @@ class MemorySignalStore:
             group.pending.pop(_parse_id(text), None)
 
     async def seed_fence(self, upstream: str, value: int) -> None:
-        if self._get(fence_key(upstream)) is None:
-            self._set(fence_key(upstream), str(value))
+        key = fence_key(upstream)
+        if key not in self._streams and self._get(key) is None:  # SET NX: any type counts
+            self._set(key, str(value))
 
     async def acquire_lease(self, upstream: str, holder: str, ttl_ms: int) -> int:
         key = leader_key(upstream)
+        try:
+            return self._acquire(key, upstream, holder, ttl_ms)
+        except KeyTypeError as exc:  # as the script reports it: against the lease
+            raise KeyTypeError(exc.kind, key if exc.kind == "WRONGTYPE" else exc.key) from None
+
+    def _acquire(self, key: str, upstream: str, holder: str, ttl_ms: int) -> int:
         current = self._get(key)
         if current is not None:
             current_holder, _, token = current.partition(" ")
@@ -194,10 +230,17 @@ class MemorySignalStore:
                 self._set(key, current, ttl_ms)
                 return int(token)
             return 0
-        token_value = int(self._get(fence_key(upstream)) or 0) + 1
+        fence = self._get(fence_key(upstream)) or "0"
+        if not fence.lstrip("-").isascii() or not fence.lstrip("-").isdigit():
+            raise KeyTypeError("NOTINTEGER", fence_key(upstream))
+        token_value = int(fence) + 1
         self._set(fence_key(upstream), str(token_value))
         self._set(key, f"{holder} {token_value}", ttl_ms)
         return token_value
+
+    async def lease_holder(self, upstream: str) -> str | None:
+        value = self._get(leader_key(upstream))
+        return None if value is None else value.partition(" ")[0]
 
     async def release_lease(self, upstream: str, holder: str, token: int) -> bool:
         key = leader_key(upstream)
@@ -209,8 +252,12 @@ class MemorySignalStore:
     async def publish_recommendation(
         self, upstream: str, sidecar: str, holder: str, token: int, fields: Fields
     ) -> str | None:
-        if self._get(leader_key(upstream)) != f"{holder} {token}":
-            return None
+        stream = recommendation_stream(upstream, sidecar)
+        try:
+            if self._get(leader_key(upstream)) != f"{holder} {token}":
+                return None
+        except KeyTypeError:  # as the script reports it: against the stream it writes
+            raise KeyTypeError("WRONGTYPE", stream) from None
         return self._append(recommendation_stream(upstream, sidecar), fields,
                             RECOMMENDATION_MAXLEN)
 
@@ -218,6 +265,12 @@ class MemorySignalStore:
         """Nothing to release."""
 
     # ------------------------------------------------------------------ for tests
+
+    def set_value(self, key: str, value: str) -> None:
+        """``SET key value``: replaces whatever the key held, a stream too (to plant the
+        wrong-typed keys Redis would hold after a stray ``SET``)."""
+        self._streams.pop(key, None)
+        self._set(key, value)
 
     def pending(self, upstream: str) -> int:
         """How many summary entries the group has delivered and not yet seen acknowledged."""

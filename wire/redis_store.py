@@ -5,8 +5,11 @@ client (every round trip fails fast: short socket timeouts, no hidden retries), 
 behind each operation (``XADD ... MAXLEN ~``, ``XREVRANGE``, ``XGROUP CREATE``,
 ``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``, ``SCAN``, ``SET NX``) and the atomic Lua scripts of
 the lease (``LEASE_ACQUIRE_LUA``, ``LEASE_RELEASE_LUA``, ``FENCED_XADD_LUA``). Every Redis
-error comes out as :class:`wire.store.StoreError` named after it. Must not decide anything:
-what to publish, follow or lead is the callers' business.
+error comes out as :class:`wire.store.StoreError` named after it, except a key of the wrong
+type (``WRONGTYPE``, a fence that is no integer), which is a :class:`wire.store.KeyTypeError`
+naming the key (in :meth:`RedisSignalStore.exchange`, reported per key in the reply, the other
+commands of the pipeline still answered). Must not decide anything: what to publish, follow
+or lead is the callers' business.
 
 The client is made on first use and dropped by :meth:`RedisSignalStore.close`; the next call
 connects again (after a failure the services close it to start from a fresh connection).
@@ -33,7 +36,14 @@ from wire.keys import (
     summary_stream,
 )
 from wire.lease import FENCED_XADD_LUA, LEASE_ACQUIRE_LUA, LEASE_RELEASE_LUA
-from wire.store import Fields, StoreError, StreamEntry, upstream_of_summary_stream
+from wire.store import (
+    Exchanged,
+    Fields,
+    KeyTypeError,
+    StoreError,
+    StreamEntry,
+    upstream_of_summary_stream,
+)
 
 
 def make_client(url: str, timeout: float) -> aioredis.Redis:
@@ -57,11 +67,31 @@ def _entry(raw: Any) -> StreamEntry:
     return StreamEntry(_text(entry_id), fields)
 
 
+def _key_type(exc: BaseException) -> str | None:
+    """``WRONGTYPE`` / ``NOTINTEGER`` when a reply error is about one key's value, else None
+    (also when raised inside one of the Lua scripts, whose errors carry the same words)."""
+    if not isinstance(exc, ResponseError):
+        return None
+    text = str(exc)
+    if "WRONGTYPE" in text:
+        return "WRONGTYPE"
+    if "not an integer" in text:
+        return "NOTINTEGER"
+    return None
+
+
 @contextlib.asynccontextmanager
-async def _redis_errors() -> AsyncIterator[None]:
+async def _redis_errors(key: str | None = None, integer_key: str | None = None
+                        ) -> AsyncIterator[None]:
+    """Redis errors as :class:`StoreError`; about ``key``'s type (or the counter
+    ``integer_key``'s value) as :class:`KeyTypeError`."""
     try:
         yield
     except RedisError as exc:
+        kind = _key_type(exc)
+        if kind is not None and key is not None:
+            raise KeyTypeError(kind, (integer_key or key) if kind == "NOTINTEGER" else key,
+                               str(exc)) from exc
         raise StoreError(type(exc).__name__, str(exc) or type(exc).__name__) from exc
 
 
@@ -97,17 +127,31 @@ class RedisSignalStore:
         self,
         summaries: Sequence[tuple[str, Fields]],
         wanted: Sequence[tuple[str, str]],
-    ) -> list[StreamEntry | None]:
+    ) -> Exchanged:
+        keys = [summary_stream(upstream) for upstream, _ in summaries]
+        keys += [recommendation_stream(upstream, sidecar) for upstream, sidecar in wanted]
         async with _redis_errors():
             pipe = self._client().pipeline(transaction=False)
-            for upstream, fields in summaries:
+            for key, (_, fields) in zip(keys, summaries, strict=False):
                 entry: dict[Any, Any] = dict(fields)
-                pipe.xadd(summary_stream(upstream), entry, maxlen=SUMMARY_MAXLEN,
-                          approximate=True)
-            for upstream, sidecar in wanted:
-                pipe.xrevrange(recommendation_stream(upstream, sidecar), count=1)
-            replies = await pipe.execute()
-        return [_entry(r[0]) if r else None for r in replies[len(summaries):]]
+                pipe.xadd(key, entry, maxlen=SUMMARY_MAXLEN, approximate=True)
+            for key in keys[len(summaries):]:
+                pipe.xrevrange(key, count=1)
+            replies = await pipe.execute(raise_on_error=False)
+        answers: list[Any] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                kind = _key_type(reply)
+                if kind is None:  # anything but one key's type fails the whole exchange
+                    raise StoreError(type(reply).__name__, str(reply)) from reply
+                reply = KeyTypeError(kind, key, str(reply))
+            answers.append(reply)
+        appended, newest = answers[:len(summaries)], answers[len(summaries):]
+        return Exchanged(
+            [r if isinstance(r, KeyTypeError) else (_entry(r[0]) if r else None) for r in newest],
+            {upstream: r for (upstream, _), r in zip(summaries, appended, strict=True)
+             if isinstance(r, KeyTypeError)},
+        )
 
     # ------------------------------------------------------------------ the signaler's side
 
@@ -121,7 +165,7 @@ class RedisSignalStore:
         return found
 
     async def ensure_group(self, upstream: str) -> None:
-        async with _redis_errors():
+        async with _redis_errors(summary_stream(upstream)):
             await self._ensure_group(upstream)
 
     async def _ensure_group(self, upstream: str) -> None:
@@ -133,7 +177,7 @@ class RedisSignalStore:
                 raise
 
     async def newest_summaries(self, upstream: str, count: int) -> list[StreamEntry]:
-        async with _redis_errors():
+        async with _redis_errors(summary_stream(upstream)):
             newest: Any = await self._client().xrevrange(summary_stream(upstream), count=count)
         return [_entry(e) for e in newest]
 
@@ -141,7 +185,7 @@ class RedisSignalStore:
         self, upstream: str, consumer: str, count: int
     ) -> list[StreamEntry]:
         stream = summary_stream(upstream)
-        async with _redis_errors():
+        async with _redis_errors(stream):
             for attempt in (1, 2):
                 try:
                     reply: Any = await self._client().xreadgroup(
@@ -157,7 +201,7 @@ class RedisSignalStore:
     async def claim_pending(
         self, upstream: str, consumer: str, start: str, count: int
     ) -> tuple[str, list[StreamEntry]]:
-        async with _redis_errors():
+        async with _redis_errors(summary_stream(upstream)):
             claim: Any = await self._client().xautoclaim(
                 summary_stream(upstream), SIGNALER_GROUP, consumer, min_idle_time=0,
                 start_id=start, count=count,
@@ -167,22 +211,27 @@ class RedisSignalStore:
     async def ack(self, upstream: str, ids: Sequence[str]) -> None:
         if not ids:
             return
-        async with _redis_errors():
+        async with _redis_errors(summary_stream(upstream)):
             await self._client().xack(summary_stream(upstream), SIGNALER_GROUP, *ids)
 
     async def seed_fence(self, upstream: str, value: int) -> None:
-        async with _redis_errors():
+        async with _redis_errors(fence_key(upstream)):
             await self._client().set(fence_key(upstream), value, nx=True)
 
     async def acquire_lease(self, upstream: str, holder: str, ttl_ms: int) -> int:
-        async with _redis_errors():
+        async with _redis_errors(leader_key(upstream), fence_key(upstream)):
             self._client()
             raw = await self._scripts["acquire"](
                 keys=[leader_key(upstream), fence_key(upstream)], args=[holder, ttl_ms])
         return int(raw or 0)
 
+    async def lease_holder(self, upstream: str) -> str | None:
+        async with _redis_errors(leader_key(upstream)):
+            raw = await self._client().get(leader_key(upstream))
+        return None if raw is None else _text(raw).partition(" ")[0]
+
     async def release_lease(self, upstream: str, holder: str, token: int) -> bool:
-        async with _redis_errors():
+        async with _redis_errors(leader_key(upstream)):
             self._client()
             released = await self._scripts["release"](
                 keys=[leader_key(upstream)], args=[holder, token])
@@ -194,7 +243,7 @@ class RedisSignalStore:
         args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
         for name, value in fields.items():
             args += [name, value]
-        async with _redis_errors():
+        async with _redis_errors(recommendation_stream(upstream, sidecar)):
             self._client()
             entry_id = await self._scripts["publish"](
                 keys=[leader_key(upstream), recommendation_stream(upstream, sidecar)], args=args)

@@ -27,6 +27,12 @@ The semantics every implementation keeps:
 Entry ids are text (``"<ms>-<seq>"``, increasing within a stream); fields read back are bytes,
 as Redis stores them. A store that cannot answer raises :class:`StoreError` (the services fall
 back and retry); ``OSError`` and ``TimeoutError`` may also come through.
+
+One key holding the wrong type of value (a string where a stream belongs, a counter that is
+not an integer: a stray ``SET``, an operator's mistake, an attack) is not the store failing:
+it raises :class:`KeyTypeError`, a :class:`StoreError` that names the key and its upstream, so
+the callers isolate it to that upstream (``exchange`` reports it per key instead of raising)
+and every other upstream carries on.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from wire.keys import key_role
 
 Fields = Mapping[str, str]
 """What is written: an encoded summary or a signed recommendation (field -> text value)."""
@@ -64,6 +72,35 @@ class StoreError(Exception):
         self.kind = kind
 
 
+class KeyTypeError(StoreError):
+    """One key of the plane holds a value of the wrong type: a problem of its upstream only.
+
+    ``key`` is the key, ``upstream`` its upstream, ``role`` what the key is for (``summaries``,
+    ``recs``, ``leader``, ``fence``; a metric label), ``kind`` the store's word for it
+    (``WRONGTYPE``, ``NOTINTEGER``).
+    """
+
+    def __init__(self, kind: str, key: str, detail: str = "") -> None:
+        super().__init__(kind, detail or f"{kind} on {key}")
+        self.key = key
+        self.upstream, self.role = key_role(key)
+
+
+class Exchanged(list["StreamEntry | KeyTypeError | None"]):
+    """What :meth:`SignalStore.exchange` returns: the newest recommendation of each wanted
+    ``(upstream, sidecar)`` in the order asked (None where there is none, a
+    :class:`KeyTypeError` where that stream's key holds something else), and in
+    ``append_errors`` the upstreams whose summary could not be appended for the same reason.
+    """
+
+    append_errors: dict[str, KeyTypeError]
+
+    def __init__(self, items: Sequence[StreamEntry | KeyTypeError | None] = (),
+                 append_errors: Mapping[str, KeyTypeError] | None = None) -> None:
+        super().__init__(items)
+        self.append_errors = dict(append_errors or {})
+
+
 def error_kind(exc: BaseException) -> str:
     """The label an error is counted under: a :class:`StoreError`'s kind, else its type."""
     return exc.kind if isinstance(exc, StoreError) else type(exc).__name__
@@ -84,10 +121,11 @@ class SignalStore(Protocol):
         self,
         summaries: Sequence[tuple[str, Fields]],
         wanted: Sequence[tuple[str, str]],
-    ) -> list[StreamEntry | None]:
+    ) -> Exchanged:
         """In one round trip: append each ``(upstream, summary fields)``, then read the newest
         recommendation of each ``(upstream, sidecar)`` in ``wanted`` (None where there is none),
-        in the order asked."""
+        in the order asked. A wrong-typed key fails only its own append or read (reported in
+        the :class:`Exchanged`, never raised)."""
         ...
 
     # ---------------------------------------------------------------- the signaler's side
@@ -131,6 +169,10 @@ class SignalStore(Protocol):
     async def acquire_lease(self, upstream: str, holder: str, ttl_ms: int) -> int:
         """Renew ``holder``'s lease, or take a free one under a new token; the holder's token,
         or 0 while another holder leads."""
+        ...
+
+    async def lease_holder(self, upstream: str) -> str | None:
+        """Who holds ``upstream``'s lease now (the holder part of its value), or None."""
         ...
 
     async def release_lease(self, upstream: str, holder: str, token: int) -> bool:

@@ -1,9 +1,16 @@
 """The regret summary: what a sidecar appends to ``eq:{u}:summaries`` every epoch (version 1).
 
-Owns :class:`RegretSummary` (constructing one validates it) and its stream-entry codec
-(:func:`encode_summary` / :func:`decode_summary`), documented in docs/protocol.md ("Regret
-summary"). Pure: no Redis client, no clock; the decoder raises only
-:class:`~wire.errors.WireError`, whatever the input.
+Owns :class:`RegretSummary` (constructing one validates it), its stream-entry codec
+(:func:`encode_summary` / :func:`decode_summary`), the canonical bytes its HMAC covers, and
+its signing and verification (:func:`sign_summary` / :func:`verify_summary`: the mesh key,
+then a clock skew bounded both ways), documented in docs/protocol.md ("Regret summary",
+"Summary signature"). Pure: no Redis client, no clock (``now`` is passed in); the decoder and
+the verifier raise only :class:`~wire.errors.WireError`, whatever the input.
+
+Why signed: anyone who can append to a summary stream (any Redis client of the mesh) could
+otherwise invent sidecars and steer every token of the plan; a summary stamped far in the
+future would also never go stale, even across a signaler restart. A verified summary was made
+by a holder of the mesh key and ``sent_at`` lies within ``[now - max_age, now + max_skew]``.
 
 The regret matrix is Hart & Mas-Colell's conditional regret D(j, k) (Econometrica 2000, "A
 simple adaptive procedure leading to correlated equilibrium") of the sidecar, in seconds; its
@@ -13,7 +20,7 @@ empirical play, which is why the signaler can read the CE gap from the summaries
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from wire.entries import (
@@ -38,15 +45,33 @@ from wire.entries import (
     text_fields,
     unexpected,
 )
-from wire.errors import WireError
+from wire.errors import Reason, WireError
+from wire.signing import SIGNATURE_RE, accepted_keys, mac, verify_mac
 
-__all__ = ["SUMMARY_FIELDS", "RegretSummary", "decode_summary", "encode_summary"]
+__all__ = [
+    "DEFAULT_SUMMARY_SKEW",
+    "SIGNED_SUMMARY_FIELDS",
+    "SUMMARY_FIELDS",
+    "RegretSummary",
+    "canonical_summary_bytes",
+    "decode_summary",
+    "encode_summary",
+    "sign_summary",
+    "verify_summary",
+]
 
 SUMMARY_FIELDS = (
     "v", "type", "sidecar", "upstream", "epoch", "sent_at", "endpoints", "requests", "failures",
     "latency_mean", "latency_p50", "latency_p99", "in_flight", "demand", "weights", "regret",
 )
-"""Every field of a summary entry (all required in version 1)."""
+"""Every field of a summary entry that the signature covers, in canonical order."""
+SIGNED_SUMMARY_FIELDS = (*SUMMARY_FIELDS, "sig")
+"""All fields of a summary entry as sidecars append it (``sig`` last)."""
+SUMMARY_SIGNATURE_CONTEXT = b"equilibrium/summary/v1\n"
+"""First line of the signed bytes: no other signed value (a recommendation, an identity)
+verifies as a summary, nor a summary as one of them."""
+DEFAULT_SUMMARY_SKEW = 5.0
+"""How far (seconds) a summary's ``sent_at`` may lie ahead of the reader's clock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,27 +172,93 @@ def encode_summary(summary: RegretSummary) -> dict[str, str]:
     }
 
 
+def canonical_summary_bytes(fields_: Mapping[str, str]) -> bytes:
+    """What a summary's signature covers: the context line, then ``name=<len>:<value>\\n`` for
+    each field of :data:`SUMMARY_FIELDS` in that order, with the exact strings that travel
+    (length-prefixed in UTF-8 bytes: no two entries share an encoding, no float is
+    re-formatted)."""
+    parts = [SUMMARY_SIGNATURE_CONTEXT]
+    for name in SUMMARY_FIELDS:
+        value = fields_[name].encode("utf-8")
+        parts.append(b"%s=%d:%s\n" % (name.encode("ascii"), len(value), value))
+    return b"".join(parts)
+
+
+def sign_summary(summary: RegretSummary, key: bytes | Sequence[bytes]) -> dict[str, str]:
+    """The XADD fields of ``summary`` with ``sig``, the HMAC-SHA256 under the mesh key (with
+    several keys, a rotation, the first signs). Raises :class:`WireError` for a short key."""
+    signing_key = accepted_keys(key)[0]
+    out = encode_summary(summary)
+    out["sig"] = mac(signing_key, canonical_summary_bytes(out))
+    return out
+
+
 def decode_summary(entry: Mapping[bytes | str, bytes | str]) -> RegretSummary:
-    """Parse and validate a summary entry as read from the stream; raises :class:`WireError`."""
+    """Parse and validate a summary entry as read from the stream, signed or not, WITHOUT
+    checking its signature or age (use :func:`verify_summary` for anything acted upon);
+    raises :class:`WireError`."""
     try:
-        raw = text_fields(entry, SUMMARY_FIELDS, "summary")
-        return RegretSummary(
-            sidecar=raw["sidecar"],
-            upstream=raw["upstream"],
-            epoch=parse_int(raw["epoch"], "epoch"),
-            sent_at=parse_float(raw["sent_at"], "sent_at"),
-            endpoints=tuple(json_list(raw["endpoints"], "endpoints")),
-            requests=tuple(json_list(raw["requests"], "requests")),
-            failures=tuple(json_list(raw["failures"], "failures")),
-            latency_mean=tuple(json_list(raw["latency_mean"], "latency_mean")),
-            latency_p50=tuple(json_list(raw["latency_p50"], "latency_p50")),
-            latency_p99=tuple(json_list(raw["latency_p99"], "latency_p99")),
-            in_flight=tuple(json_list(raw["in_flight"], "in_flight")),
-            demand=parse_float(raw["demand"], "demand"),
-            weights=tuple(json_list(raw["weights"], "weights")),
-            regret=tuple(tuple(row) for row in json_list(raw["regret"], "regret", depth=2)),
-        )
+        return _decode(text_fields(entry, SIGNED_SUMMARY_FIELDS, "summary"))
     except WireError:
         raise
     except Exception as exc:  # a decoder never lets anything else escape
         raise unexpected(exc) from exc
+
+
+def verify_summary(
+    entry: Mapping[bytes | str, bytes | str],
+    key: bytes | Sequence[bytes],
+    now: float,
+    *,
+    max_age: float,
+    max_skew: float = DEFAULT_SUMMARY_SKEW,
+) -> RegretSummary:
+    """Check a summary entry and return it, or raise :class:`WireError`.
+
+    Order of the checks (the first failure is the reason): sizes (``oversized``), field set
+    and version (``malformed``/``version``), presence of ``sig`` (``unsigned``), the MAC in
+    constant time against each accepted key (``bad-signature``), the values (``malformed``),
+    then ``not-yet-valid`` (``sent_at`` more than ``max_skew`` s after ``now``) and
+    ``expired`` (``sent_at`` more than ``max_age`` s before ``now``). Values are interpreted
+    only after the MAC verified.
+    """
+    keys = accepted_keys(key)
+    try:
+        raw = text_fields(entry, SIGNED_SUMMARY_FIELDS, "summary")
+        if raw.get("sig", "") == "":
+            raise fail("summary carries no signature", Reason.UNSIGNED)
+        if not SIGNATURE_RE.fullmatch(raw["sig"]):
+            raise fail("signature is not 43 base64url characters", Reason.BAD_SIGNATURE)
+        if not verify_mac(keys, canonical_summary_bytes(raw), raw["sig"]):
+            raise fail("signature does not verify under the mesh key", Reason.BAD_SIGNATURE)
+        summary = _decode(raw)
+    except WireError:
+        raise
+    except Exception as exc:  # a verifier never lets anything else escape
+        raise unexpected(exc) from exc
+    if summary.sent_at > now + max_skew:
+        raise fail(f"sent {summary.sent_at - now:.3f}s in the future (skew {max_skew:g}s)",
+                   Reason.NOT_YET_VALID)
+    if now - summary.sent_at > max_age:
+        raise fail(f"sent {now - summary.sent_at:.3f}s ago (at most {max_age:g}s)",
+                   Reason.EXPIRED)
+    return summary
+
+
+def _decode(raw: Mapping[str, str]) -> RegretSummary:
+    return RegretSummary(
+        sidecar=raw["sidecar"],
+        upstream=raw["upstream"],
+        epoch=parse_int(raw["epoch"], "epoch"),
+        sent_at=parse_float(raw["sent_at"], "sent_at"),
+        endpoints=tuple(json_list(raw["endpoints"], "endpoints")),
+        requests=tuple(json_list(raw["requests"], "requests")),
+        failures=tuple(json_list(raw["failures"], "failures")),
+        latency_mean=tuple(json_list(raw["latency_mean"], "latency_mean")),
+        latency_p50=tuple(json_list(raw["latency_p50"], "latency_p50")),
+        latency_p99=tuple(json_list(raw["latency_p99"], "latency_p99")),
+        in_flight=tuple(json_list(raw["in_flight"], "in_flight")),
+        demand=parse_float(raw["demand"], "demand"),
+        weights=tuple(json_list(raw["weights"], "weights")),
+        regret=tuple(tuple(row) for row in json_list(raw["regret"], "regret", depth=2)),
+    )

@@ -20,11 +20,12 @@ import pytest
 
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
+from wire.keys import fence_key, recommendation_stream, summary_stream
 from wire.memory_store import MemorySignalStore
 from wire.recommendation import verify_recommendation
 from wire.redis_store import RedisSignalStore
-from wire.store import SignalStore, StoreError, StreamEntry
-from wire.summary import RegretSummary, decode_summary, encode_summary
+from wire.store import KeyTypeError, SignalStore, StoreError, StreamEntry
+from wire.summary import RegretSummary, decode_summary, encode_summary, sign_summary
 
 KEY = b"contract-mesh-key-0123456789abcdef"
 EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003")
@@ -211,6 +212,53 @@ async def test_an_unrenewed_lease_expires_and_the_next_holder_gets_a_larger_toke
     assert await store.publish_recommendation(upstream, "sc-1", "sig-a", a, {"n": "1"}) is None
 
 
+def plant(store: SignalStore, request: pytest.FixtureRequest, key: str, value: str) -> None:
+    """``SET key value`` in the store, whatever the key held (a stray write, an attack)."""
+    if isinstance(store, MemorySignalStore):
+        store.set_value(key, value)
+        return
+    server: RedisHandle = request.getfixturevalue("redis_server_session")
+    client = server.client()
+    try:
+        client.set(key, value)
+    finally:
+        client.close()
+
+
+async def test_a_wrong_typed_key_fails_only_what_touches_it(
+    store: SignalStore, request: pytest.FixtureRequest
+) -> None:
+    clobbered, clean, counter = fresh_upstream(), fresh_upstream(), fresh_upstream()
+    plant(store, request, summary_stream(clobbered), "not a stream")
+    plant(store, request, recommendation_stream(clean, "sc-1"), "not a stream")
+    plant(store, request, fence_key(counter), "not a number")
+    fields = encode_summary(summary(clean, "sc-1"))
+    got = await store.exchange(
+        [(clobbered, fields), (clean, fields)],
+        [(clobbered, "sc-1"), (clean, "sc-1"), (clean, "sc-2")])
+    assert list(got.append_errors) == [clobbered]
+    assert got.append_errors[clobbered].role == "summaries"
+    assert got[0] is None and got[2] is None
+    assert isinstance(got[1], KeyTypeError) and (got[1].upstream, got[1].role) == (clean, "recs")
+    assert len(await store.newest_summaries(clean, 10)) == 1  # the other append went through
+    for call in (store.ensure_group(clobbered), store.read_summaries(clobbered, "sig-a", 10),
+                 store.newest_summaries(clobbered, 10)):
+        with pytest.raises(KeyTypeError) as caught:
+            await call
+        assert caught.value.kind == "WRONGTYPE" and caught.value.upstream == clobbered
+    with pytest.raises(KeyTypeError) as bad_fence:
+        await store.acquire_lease(counter, "sig-a", 60_000)
+    assert (bad_fence.value.kind, bad_fence.value.role) == ("NOTINTEGER", "fence")
+    token = await store.acquire_lease(clean, "sig-a", 60_000)
+    assert await store.lease_holder(clean) == "sig-a"
+    with pytest.raises(KeyTypeError) as bad_recs:
+        await store.publish_recommendation(clean, "sc-1", "sig-a", token, {"n": "1"})
+    assert bad_recs.value.role == "recs"
+    assert await store.publish_recommendation(clean, "sc-2", "sig-a", token, {"n": "1"})
+    assert await store.lease_holder(counter) is None
+    assert clobbered in await store.upstreams()  # SCAN finds a key whatever its type
+
+
 # ------------------------------------------------------------------ the signaler on either store
 
 
@@ -237,9 +285,9 @@ async def test_the_signaler_plans_the_same_through_either_store(
         try:
             for step in range(3):
                 for i in range(3):
-                    await store.exchange([(upstream, encode_summary(summary(
-                        upstream, f"sc-{i}", sent_at=clock.now, demand=30.0 + 10 * i + step)))],
-                        [])
+                    await store.exchange([(upstream, sign_summary(summary(
+                        upstream, f"sc-{i}", sent_at=clock.now, demand=30.0 + 10 * i + step),
+                        KEY))], [])
                 await service.run_epoch()
                 clock.now += 1.0
             plan = service.status[upstream].plan

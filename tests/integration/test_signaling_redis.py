@@ -22,7 +22,8 @@ from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
-from wire.keys import SIGNALER_GROUP, recommendation_stream, summary_stream
+from tests.signaling_samples import signed
+from wire.keys import SIGNALER_GROUP, leader_key, recommendation_stream, summary_stream
 from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
 from wire.redis_store import RedisSignalStore
 from wire.summary import RegretSummary, encode_summary
@@ -88,12 +89,13 @@ async def test_summaries_are_consumed_acknowledged_and_answered(
     try:
         await svc.run_epoch()  # leads, creates the group; no summaries yet: nothing published
         for i in range(3):
-            sync_client.xadd(stream, encode_summary(summary(f"sc-{i}")))
+            sync_client.xadd(stream, signed(summary(f"sc-{i}"), KEY))
         # junk on the same stream: never crashes, counted by reason, acknowledged
         sync_client.xadd(stream, {"v": "1", "type": "summary"})
-        sync_client.xadd(stream, {**encode_summary(summary("sc-9")), "demand": "nan"})
-        sync_client.xadd(stream, {**encode_summary(summary("sc-9")), "weights": "[1e999,0,0]"})
-        sync_client.xadd(stream, {**encode_summary(summary("sc-9")), "v": "7"})
+        sync_client.xadd(stream, signed({**encode_summary(summary("sc-9")), "demand": "nan"}, KEY))
+        sync_client.xadd(stream, signed({**encode_summary(summary("sc-9")),
+                                         "weights": "[1e999,0,0]"}, KEY))
+        sync_client.xadd(stream, signed({**encode_summary(summary("sc-9")), "v": "7"}, KEY))
         clock.now += 1
         await svc.run_epoch()
         assert pending(sync_client) == 0
@@ -128,13 +130,15 @@ async def test_a_restarted_signaler_reclaims_what_was_left_pending(
     finally:
         await first.close()
     for i in range(5):
-        sync_client.xadd(stream, encode_summary(summary(f"sc-{i}")))
+        sync_client.xadd(stream, signed(summary(f"sc-{i}"), KEY))
     # sig-a read them and crashed before XACK: they stay pending for it
     read = sync_client.xreadgroup(SIGNALER_GROUP, "sig-a", {stream: ">"})
     assert len(read[0][1]) == 5 and pending(sync_client) == 5
-    sync_client.xadd(stream, encode_summary(summary("sc-5")))  # and one more arrives
+    sync_client.xadd(stream, signed(summary("sc-5"), KEY))  # and one more arrives
 
-    restarted = make_service(redis_server, "sig-a", clock)  # same id: its lease still holds
+    # sig-a's lease expires (a restarted process is another instance: it waits for that)
+    sync_client.delete(leader_key(UPSTREAM))
+    restarted = make_service(redis_server, "sig-a", clock)
     try:
         clock.now += 1
         await restarted.run_epoch()
@@ -157,7 +161,7 @@ async def test_the_standby_takes_over_and_fences_the_old_leader(
     b = make_service(redis_server, "sig-b", clock, lease_epochs=1.5, epoch=0.2)
     stream = summary_stream(UPSTREAM)
     try:
-        sync_client.xadd(stream, encode_summary(summary("sc-0")))
+        sync_client.xadd(stream, signed(summary("sc-0"), KEY))
         await a.run_epoch()
         await b.run_epoch()
         assert a.status[UPSTREAM].leader and not b.status[UPSTREAM].leader
@@ -165,7 +169,7 @@ async def test_the_standby_takes_over_and_fences_the_old_leader(
         assert old_fence is not None
         # a stops renewing (a long pause): its lease expires and b is elected
         await asyncio.sleep(0.45)
-        sync_client.xadd(stream, encode_summary(summary("sc-0", sent_at=T0 + 1)))
+        sync_client.xadd(stream, signed(summary("sc-0", sent_at=T0 + 1), KEY))
         clock.now += 1
         await b.run_epoch()
         assert b.status[UPSTREAM].leader

@@ -87,7 +87,7 @@ def test_every_command_parses_with_the_equilibrium_cli(compose: dict[str, Any]) 
         args = parse(services[name]["command"])
         assert args.command == "signaler"
         assert args.mesh_secret_file == "/run/equilibrium/mesh.key"
-        assert args.redis.startswith("redis://:") and "@redis:6379" in args.redis
+        assert args.redis.startswith("redis://eq-signaler:") and "@redis:6379" in args.redis
         urls.add(args.redis)
     ids = {parse(services[n]["command"]).id for n in ("signaler", "signaler-standby")}
     assert len(ids) == 2  # two replicas must not share an id (one lease holder each)
@@ -99,7 +99,9 @@ def test_every_command_parses_with_the_equilibrium_cli(compose: dict[str, Any]) 
     demo = parse(services["demo"]["command"])
     assert demo.command == "demo"
     sidecar = parse(["sidecar", *demo.sidecar_arg])  # what every demo sidecar is given
-    assert sidecar.redis in urls
+    assert len(urls) == 1  # both signalers log in as eq-signaler, the sidecars as eq-sidecar
+    assert sidecar.redis.startswith("redis://eq-sidecar:")
+    assert sidecar.redis.partition("@")[2] == urls.pop().partition("@")[2]
     assert sidecar.mesh_secret_file == "/run/equilibrium/mesh.key"
 
 
@@ -117,3 +119,32 @@ def test_the_key_generator_writes_a_random_key_once(
     assert (tmp_path / "mesh.key").read_text() == key  # kept across restarts
     assert (tmp_path / "mesh.key").stat().st_mode & 0o777 == 0o400
     assert read_mesh_key({}, tmp_path / "mesh.key") == key.encode()  # the reader accepts it
+
+
+def redis_users(command: list[str]) -> dict[str, list[str]]:
+    """``--user NAME RULE...`` groups of a redis-server command line, by user name."""
+    users: dict[str, list[str]] = {}
+    for i, token in enumerate(command):
+        if token == "--user":
+            end = next((j for j in range(i + 1, len(command)) if command[j].startswith("--")),
+                       len(command))
+            users[command[i + 1]] = command[i + 2:end]
+    return users
+
+
+def test_redis_users_are_the_least_privilege_rules_and_each_role_logs_in_as_its_own(
+    compose: dict[str, Any],
+) -> None:
+    from wire.acl import ROLES, acl_rules
+
+    services = compose["services"]
+    users = redis_users(services["redis"]["command"])
+    assert set(users) == {user for user, _ in ROLES.values()}
+    for role, (user, _) in ROLES.items():
+        password = users[user][2].removeprefix(">")
+        assert users[user] == acl_rules(role, password), role
+    for name in ("signaler", "signaler-standby"):
+        command = services[name]["command"]
+        assert command[command.index("--redis") + 1].startswith("redis://eq-signaler:"), name
+    assert any(arg.startswith("--sidecar-arg=redis://eq-sidecar:")
+               for arg in services["demo"]["command"])

@@ -80,6 +80,7 @@ equilibrium_route_weight gauge upstream,endpoint
 equilibrium_signaling_connected gauge -
 equilibrium_signaling_fallbacks counter -
 equilibrium_signaling_following gauge upstream
+equilibrium_signaling_key_errors counter upstream,key
 equilibrium_signaling_recommendations_accepted counter upstream
 equilibrium_signaling_recommendations_rejected counter upstream,reason
 equilibrium_signaling_redis_errors counter kind
@@ -95,6 +96,8 @@ equilibrium_signaler_entries_rejected counter upstream,reason
 equilibrium_signaler_epoch_errors counter kind
 equilibrium_signaler_epochs counter -
 equilibrium_signaler_fence gauge upstream
+equilibrium_signaler_id_conflicts gauge -
+equilibrium_signaler_key_errors counter upstream,key
 equilibrium_signaler_leader gauge upstream
 equilibrium_signaler_lp_constraints gauge upstream
 equilibrium_signaler_lp_tokens gauge upstream
@@ -108,6 +111,7 @@ equilibrium_signaler_solve_seconds histogram upstream
 equilibrium_signaler_solver_failures counter upstream,error
 equilibrium_signaler_sidecars gauge upstream
 equilibrium_signaler_summaries_consumed counter upstream
+equilibrium_signaler_upstreams gauge -
 """
 
 INJECTOR = """

@@ -27,6 +27,7 @@ SCENARIOS: dict[str, str] = {
     "herding": "equilibrium.lab.bench.herding",
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",
+    "standings": "equilibrium.lab.bench.standings",
     "demo": "equilibrium.lab.demo.scenario",
 }
 

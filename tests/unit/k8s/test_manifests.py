@@ -205,3 +205,24 @@ def test_container_args_are_accepted_by_the_equilibrium_cli() -> None:
     patched = apply_patch(pod, decode_patch(review(make_review(pod), InjectorConfig())))
     parse_with_the_real_cli(patched["spec"]["containers"][1]["args"])
     parse_with_the_real_cli(patched["spec"]["initContainers"][0]["args"])
+
+
+def test_redis_has_the_least_privilege_users_of_wire_acl() -> None:
+    from wire.acl import ROLES, acl_rules
+
+    sts = by_kind(INSTALL_DOCS, "StatefulSet", "equilibrium-redis")
+    (redis,) = sts["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
+    users = {}
+    for i, token in enumerate(args):
+        if token == "--user":
+            end = next((j for j in range(i + 1, len(args)) if args[j].startswith("--")),
+                       len(args))
+            users[args[i + 1]] = args[i + 2:end]
+    assert set(users) == {user for user, _ in ROLES.values()}
+    for role, (user, _) in ROLES.items():
+        env = users[user][2].removeprefix(">$(").removesuffix(")")
+        assert refs[env] == {"name": "equilibrium-redis-auth", "key": f"{role}-password"}
+        rules = acl_rules(role, "x" * 16)
+        assert users[user] == [*rules[:2], users[user][2], *rules[3:]]

@@ -257,3 +257,75 @@ def test_budget_balance_at_reads_without_refilling() -> None:
     assert budget.balance_at(3.0) == 7.0
     assert budget.balance(1.0) == 5.0  # the earlier look did not move the budget forward
     assert budget.balance_at(100.0) == 10.0
+
+
+# --- eviction keeps reservations in the one budget (issue 14, finding 10) --------------------
+
+_churn = st.one_of(
+    st.tuples(st.just("offer"), st.sampled_from("abcde"), st.sampled_from([0.0, 30.0, 60.0, 100.0,
+                                                                           250.0])),
+    st.tuples(st.just("release"), st.integers(0, 2)),
+    st.tuples(st.just("expire"), st.floats(0, 2)),
+    st.tuples(st.just("cancel"), st.integers(0, 200)),
+    st.tuples(st.just("wait"), st.floats(0, 1)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_churn, max_size=80))
+def test_a_callers_waiting_bids_never_exceed_the_cap_whatever_the_churn(steps) -> None:
+    """Offers into a full queue (evicting), clearings, expiries and cancellations, with fewer
+    budget slots than callers: the bids a caller has waiting never add up past ``budget_cap``,
+    and its budget's reservation is exactly their sum."""
+    cap = 100.0
+    auction = _auction(budget_rate=0.0, budget_cap=cap, max_queue=3, max_callers=2)
+    now, n = 0.0, 0
+    waiting: dict[str, tuple[str, float]] = {}  # request id -> (caller, effective bid)
+    for step in steps:
+        if step[0] == "offer":
+            n += 1
+            result = auction.offer(f"r{n}", step[1], step[2], now, slot_available=False)
+            if isinstance(result, Queued):
+                if result.evicted is not None:
+                    del waiting[result.evicted]
+                waiting[result.request_id] = (step[1], result.bid)
+        elif step[0] == "release":
+            for admission in auction.release(now, step[1]):
+                del waiting[admission.request_id]
+        elif step[0] == "expire":
+            for request_id in auction.expire(now, step[1]):
+                del waiting[request_id]
+        elif step[0] == "cancel":
+            request_id = f"r{step[1]}"
+            if auction.cancel(request_id, now):
+                del waiting[request_id]
+        else:
+            now += step[1]
+        held: dict[str, float] = {}
+        for caller, bid in waiting.values():
+            held[caller] = held.get(caller, 0.0) + bid
+        views = auction.snapshot(now, held).budgets
+        for caller, total in held.items():
+            assert total <= cap + 1e-9, f"{caller} holds {total} in bids against a cap of {cap}"
+            assert caller in views, f"{caller} has bids waiting but no budget"
+            assert math.isclose(views[caller].reserved, total, abs_tol=1e-9)
+
+
+def test_evicting_a_zero_bid_does_not_refill_a_budget_nor_orphan_the_bidders() -> None:
+    """The replayed attack: caller ``a`` spends its whole cap on one bid, then waits with a bid
+    of 0 that evicts nothing; the budget book is full, so the bidder's budget was dropped when
+    the evicted caller's was re-created, and ``a`` could reserve its cap twice."""
+    auction = _auction(budget_rate=0.0, budget_cap=100.0, max_queue=2, max_callers=1)
+    assert isinstance(auction.offer("r1", "a", 100.0, 0.0, False), Queued)
+    assert isinstance(auction.offer("r2", "z", 0.0, 0.0, False), Queued)
+    evicting = auction.offer("r3", "a", 100.0, 0.0, False)
+    # a's budget is all reserved by r1: its new bid is capped at 0 and cannot evict z's 0
+    assert isinstance(evicting, Rejected)
+    other = auction.offer("r4", "b", 50.0, 0.0, False)
+    assert isinstance(other, Queued) and other.evicted == "r2"
+    again = auction.offer("r5", "a", 100.0, 0.0, False)
+    assert isinstance(again, Rejected | Queued)
+    if isinstance(again, Queued):
+        assert again.bid == 0.0
+    views = auction.snapshot(0.0, "ab").budgets
+    assert views["a"].reserved == 100.0 and views["b"].reserved == 50.0

@@ -25,3 +25,29 @@ def test_a_config_reload_keeps_the_signaling_settings(tmp_path: Path) -> None:
     assert runner.config.upstreams["orders"] == EPS[:2]  # applied live
     assert runner.config.redis == "redis://127.0.0.1:1/0"  # kept (restart-only)
     assert runner.config.signaling_epoch == 0.5
+
+
+def test_an_unexpected_reload_error_is_counted_and_the_next_edit_still_applies(
+    tmp_path: Path,
+) -> None:
+    """The file watcher and SIGHUP go through ``safe_reload``: an error that is not a
+    ConfigError (a bug an unusual edit could meet) must not end the watcher."""
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n")
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+
+    class Broken:
+        def load(self) -> None:
+            raise RecursionError("a bug met while reading the file")
+
+    runner.source = Broken()  # type: ignore[assignment]
+    assert runner.safe_reload() is False
+    assert runner.metrics.registry.get_sample_value(
+        "equilibrium_config_reloads_total", {"result": "failed"}) == 1
+    runner.source = source
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[1]}]\n")
+    assert runner.safe_reload() is True
+    assert runner.config.upstreams["orders"] == (EPS[1],)

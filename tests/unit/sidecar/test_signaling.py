@@ -121,3 +121,31 @@ def test_redis_without_a_mesh_key_refuses_to_start() -> None:
     assert signaling_settings(replace(plain, redis=None), None) is None
     with pytest.raises(ConfigError, match="redis://"):
         ConfigSource.from_sources({"redis": "http://nope"}, env={}).load()
+
+
+async def test_a_wrong_typed_recommendation_key_stops_only_its_own_upstream() -> None:
+    """Issue 14, finding 7: a string where one upstream's recommendation stream belongs is
+    counted for that upstream and stops it following; the other upstream still follows, and
+    the round itself succeeds (it is not taken for Redis down)."""
+    from mesh.profiles import get_profile
+    from wire.keys import recommendation_stream
+
+    table = UpstreamTable("equilibrium", get_profile("balanced"))
+    table.apply({"orders": EPS, "payments": EPS}, 0.0)
+    metrics = SidecarMetrics()
+    sig = signaling(table, metrics)
+    store = sig.store
+    assert isinstance(store, MemorySignalStore)
+    store.set_value(recommendation_stream("orders", "sc-1"), "not a stream")
+    token = await store.acquire_lease("payments", "sig-a", 60_000)
+    await store.publish_recommendation("payments", "sc-1", "sig-a", token,
+                                       sign_recommendation(rec(upstream="payments"), KEY))
+    await sig.run_round()
+    errors = metrics.registry.get_sample_value(
+        "equilibrium_signaling_key_errors_total", {"upstream": "orders", "key": "recs"})
+    assert errors == 1
+    for name, following in (("orders", False), ("payments", True)):
+        group = table.get(name)
+        assert group is not None
+        group.tick(10.5)
+        assert group.snapshot is not None and group.snapshot.following is following, name

@@ -209,3 +209,73 @@ def summaries(draw: st.DrawFn) -> RegretSummary:
 @given(summaries())
 def test_every_valid_summary_round_trips(s: RegretSummary) -> None:
     assert decode_summary(as_bytes(encode_summary(s))) == s
+
+
+# --- the signature and the clock skew (issue 14, finding 6) ----------------------------------
+
+_KEY = b"unit-test-mesh-key-0123456789abcdef"
+_ROTATED = b"next-mesh-key-0123456789abcdefghij"
+
+
+def test_a_signed_summary_verifies_under_its_key_and_any_key_of_a_rotation() -> None:
+    from wire.summary import sign_summary, verify_summary
+
+    s = summary()
+    fields = sign_summary(s, _KEY)
+    assert set(fields) == {*SUMMARY_FIELDS, "sig"} and len(fields["sig"]) == 43
+    assert verify_summary(as_bytes(fields), _KEY, s.sent_at, max_age=5.0) == s
+    assert verify_summary(fields, [_ROTATED, _KEY], s.sent_at, max_age=5.0) == s
+    assert decode_summary(fields) == s  # decoding alone ignores the signature
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"sig": None}, "unsigned"),
+        ({"demand": "9999.0"}, "bad-signature"),
+        ({"sidecar": "sc-evil"}, "bad-signature"),
+        ({"sig": "A" * 43}, "bad-signature"),
+        ({"sig": "A" * 44}, "bad-signature"),
+    ],
+)
+def test_an_unsigned_or_altered_summary_is_refused(change: dict[str, str | None],
+                                                   reason: str) -> None:
+    from wire.summary import sign_summary, verify_summary
+
+    s = summary()
+    fields: dict[str, str] = dict(sign_summary(s, _KEY))
+    for name, value in change.items():
+        if value is None:
+            del fields[name]
+        else:
+            fields[name] = value
+    with pytest.raises(WireError) as caught:
+        verify_summary(fields, _KEY, s.sent_at, max_age=5.0)
+    assert caught.value.reason.value == reason
+
+
+def test_a_recommendations_mac_never_verifies_a_summary() -> None:
+    from wire.signing import mac
+    from wire.summary import SUMMARY_SIGNATURE_CONTEXT, canonical_summary_bytes, verify_summary
+
+    fields = encode_summary(summary())
+    body = canonical_summary_bytes(fields)[len(SUMMARY_SIGNATURE_CONTEXT):]
+    fields["sig"] = mac(_KEY, b"equilibrium/recommendation/v1\n" + body)
+    with pytest.raises(WireError, match="does not verify"):
+        verify_summary(fields, _KEY, summary().sent_at, max_age=5.0)
+
+
+def test_the_clock_skew_is_bounded_both_ways() -> None:
+    from wire.summary import sign_summary, verify_summary
+
+    s = summary()
+    fields = sign_summary(s, _KEY)
+    at = s.sent_at
+    assert verify_summary(fields, _KEY, at - 5.0, max_age=10.0, max_skew=5.0) == s
+    assert verify_summary(fields, _KEY, at + 10.0, max_age=10.0, max_skew=5.0) == s
+    with pytest.raises(WireError) as ahead:
+        verify_summary(fields, _KEY, at - 5.01, max_age=10.0, max_skew=5.0)
+    assert ahead.value.reason.value == "not-yet-valid"
+    with pytest.raises(WireError) as old:
+        verify_summary(fields, _KEY, at + 10.01, max_age=10.0, max_skew=5.0)
+    assert old.value.reason.value == "expired"

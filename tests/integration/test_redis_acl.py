@@ -1,0 +1,122 @@
+"""Least privilege on a real Redis: the ACL users of ``wire/acl.py``, applied with
+``ACL SETUSER`` exactly as generated (the same rules ``k8s/`` and ``compose.yaml`` pass to
+``redis-server --user``).
+
+A sidecar's credentials append summaries and read recommendations, and nothing else: no
+recommendation written, no stream deleted, no lease taken, no server flushed. With the two
+users the whole plane still works: the signaler discovers the upstream, leads it, consumes
+the sidecar's signed summary and publishes a recommendation the sidecar reads.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+import redis
+from redis.exceptions import NoPermissionError, ResponseError
+
+from signaler.service import SignalerConfig, SignalerService
+from tests.redis_fixture import RedisHandle
+from tests.signaling_samples import signed
+from wire.acl import SIDECAR_USER, SIGNALER_USER, acl_rules
+from wire.keys import fence_key, leader_key, recommendation_stream, summary_stream
+from wire.recommendation import verify_recommendation
+from wire.redis_store import RedisSignalStore
+from wire.summary import RegretSummary
+
+KEY = b"acl-test-mesh-key-0123456789abcdef"
+EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002")
+UPSTREAM = "orders"
+
+
+def url(server: RedisHandle, user: str, password: str) -> str:
+    return f"redis://{quote(user)}:{quote(password)}@{server.host}:{server.port}/0"
+
+
+@pytest.fixture
+def users(redis_server: RedisHandle) -> Iterator[dict[str, str]]:
+    """Both roles' users on the server, with fresh passwords: role -> URL."""
+    admin = redis_server.client()
+    passwords = {"sidecar": secrets.token_hex(16), "signaler": secrets.token_hex(16)}
+    for role, user in (("sidecar", SIDECAR_USER), ("signaler", SIGNALER_USER)):
+        admin.execute_command("ACL", "SETUSER", user, *acl_rules(role, passwords[role]))
+    try:
+        yield {"sidecar": url(redis_server, SIDECAR_USER, passwords["sidecar"]),
+               "signaler": url(redis_server, SIGNALER_USER, passwords["signaler"])}
+    finally:
+        admin.close()
+
+
+def summary(sent_at: float) -> RegretSummary:
+    return RegretSummary(
+        sidecar="sc-1", upstream=UPSTREAM, epoch=int(sent_at), sent_at=sent_at, endpoints=EPS,
+        requests=(10, 10), failures=(0, 0), latency_mean=(0.01, 0.2), latency_p50=(0.01, 0.2),
+        latency_p99=(0.02, 0.3), in_flight=(0, 0), demand=20.0, weights=(0.5, 0.5),
+        regret=((0.0, -0.19), (0.19, 0.0)),
+    )
+
+
+def test_a_sidecars_credentials_append_and_read_and_nothing_more(
+    users: dict[str, str],
+) -> None:
+    sidecar = redis.Redis.from_url(users["sidecar"])
+    try:
+        sidecar.xadd(summary_stream(UPSTREAM), signed(summary(time.time()), KEY))  # allowed
+        assert sidecar.xrevrange(recommendation_stream(UPSTREAM, "sc-1"), count=1) == []
+        forbidden = [
+            ("write a recommendation",
+             lambda: sidecar.xadd(recommendation_stream(UPSTREAM, "sc-1"), {"v": "1"})),
+            ("delete a stream", lambda: sidecar.delete(summary_stream(UPSTREAM))),
+            ("unlink a stream", lambda: sidecar.unlink(summary_stream(UPSTREAM))),
+            ("flush the server", lambda: sidecar.flushall()),
+            ("take the lease", lambda: sidecar.set(leader_key(UPSTREAM), "me 99")),
+            ("move the fence", lambda: sidecar.incr(fence_key(UPSTREAM))),
+            ("read the others' summaries",
+             lambda: sidecar.xrange(summary_stream(UPSTREAM))),
+            ("run a script", lambda: sidecar.eval("return 1", 0)),
+            ("trim by XTRIM", lambda: sidecar.xtrim(summary_stream(UPSTREAM), maxlen=0)),
+            ("write outside eq:", lambda: sidecar.xadd("other:summaries", {"a": "1"})),
+            ("reconfigure", lambda: sidecar.config_set("appendonly", "no")),
+            ("change users", lambda: sidecar.acl_setuser("x", enabled=True)),
+        ]
+        for what, attempt in forbidden:
+            with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)noperm|permission"):
+                attempt()
+                pytest.fail(f"a sidecar could {what}")
+    finally:
+        sidecar.close()
+
+
+async def test_the_plane_works_with_the_two_least_privilege_users(
+    users: dict[str, str], redis_server: RedisHandle
+) -> None:
+    sidecar = RedisSignalStore(users["sidecar"], 1.0)
+    config = SignalerConfig(redis_url=users["signaler"], signer="sig-a", key=KEY, tokens=4,
+                            epoch=1.0, discover_every=0.0)  # discovers: SCAN as eq-signaler
+    signaler = SignalerService(config, store=RedisSignalStore(users["signaler"], 1.0))
+    try:
+        got = await sidecar.exchange([(UPSTREAM, signed(summary(time.time()), KEY))],
+                                     [(UPSTREAM, "sc-1")])
+        assert list(got) == [None] and got.append_errors == {}
+        for _ in range(3):  # discover and probe, elect and take over, consume, plan, publish
+            await signaler.run_epoch()
+            await sidecar.exchange([(UPSTREAM, signed(summary(time.time()), KEY))], [])
+        assert signaler.status[UPSTREAM].leader and signaler.status[UPSTREAM].published >= 1
+        (entry,) = await sidecar.exchange([], [(UPSTREAM, "sc-1")])
+        assert entry is not None and not isinstance(entry, Exception)
+        rec = verify_recommendation(entry.fields, KEY, time.time(), UPSTREAM, "sc-1",
+                                    expected_endpoints=EPS)
+        assert rec.weight_map()[EPS[1]] < rec.weight_map()[EPS[0]]  # the slow one gets less
+        await signaler._release_all()  # DEL inside the release script, as eq-signaler
+        admin = redis_server.client()
+        try:
+            assert admin.get(leader_key(UPSTREAM)) is None
+        finally:
+            admin.close()
+    finally:
+        await sidecar.close()
+        await signaler.close()

@@ -1,0 +1,92 @@
+"""Two real signaler processes started with the same ``--id`` against a real Redis (issue 14,
+finding 12): the second refuses to lead while the first holds the lease, says so in its log
+and its metrics, and takes over only after the first is gone and its lease expired."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+
+from equilibrium.lab.processes import free_port
+from tests.integration.procs import LOOPBACK, http_get, start_equilibrium
+from tests.redis_fixture import RedisHandle
+from tests.signaling_samples import signed
+from tests.support import eventually, metric_value
+from wire.keys import leader_key, recommendation_stream, summary_stream
+from wire.summary import RegretSummary
+
+EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002")
+UPSTREAM = "orders"
+
+
+def summary(sent_at: float) -> RegretSummary:
+    return RegretSummary(
+        sidecar="sc-1", upstream=UPSTREAM, epoch=int(sent_at), sent_at=sent_at, endpoints=EPS,
+        requests=(10, 10), failures=(0, 0), latency_mean=(0.01, 0.02), latency_p50=(0.01, 0.02),
+        latency_p99=(0.02, 0.03), in_flight=(0, 0), demand=20.0, weights=(0.5, 0.5),
+        regret=((0.0, -0.01), (0.01, 0.0)),
+    )
+
+
+def metric(admin: str, name: str, **labels: str) -> float:
+    status, body = http_get(f"http://{admin}/metrics", timeout=2.0)
+    return metric_value(body.decode(), name, **labels) if status == 200 else -1.0
+
+
+async def test_a_second_replica_with_the_same_id_refuses_to_lead(
+    redis_server: RedisHandle,
+) -> None:
+    key = secrets.token_hex(32)
+    env = {"EQUILIBRIUM_MESH_SECRET": key}
+    client = redis_server.client()
+    admins = [f"{LOOPBACK}:{free_port()}" for _ in range(2)]
+
+    def feed() -> None:
+        client.xadd(summary_stream(UPSTREAM), signed(summary(time.time()), key.encode()))
+
+    procs = []
+    try:
+        for admin in admins:
+            feed()
+            procs.append(start_equilibrium(
+                "signaler", "--redis", redis_server.url, "--epoch", "0.25", "--id", "twin",
+                "--admin", admin, "--upstream", UPSTREAM, "--lease-epochs", "4",
+                env=env, ready_url=f"http://{admin}/readyz", timeout=60))
+            if len(procs) == 1:
+                await eventually(lambda: metric(admins[0], "equilibrium_signaler_leader",
+                                                upstream=UPSTREAM) == 1,
+                                 "the first replica leads", timeout=30, interval=0.2)
+        first, second = procs
+        holder = client.get(leader_key(UPSTREAM)).decode().partition(" ")[0]
+        for _ in range(8):  # two seconds of epochs: the first leads, the second never does
+            feed()
+            time.sleep(0.25)
+            assert metric(admins[1], "equilibrium_signaler_leader", upstream=UPSTREAM) == 0
+        assert metric(admins[0], "equilibrium_signaler_leader", upstream=UPSTREAM) == 1
+        assert metric(admins[1], "equilibrium_signaler_id_conflicts") == 1
+        assert metric(admins[0], "equilibrium_signaler_id_conflicts") == 0
+        assert client.get(leader_key(UPSTREAM)).decode().partition(" ")[0] == holder
+        assert holder.startswith("twin.")
+        assert metric(admins[1], "equilibrium_signaler_recommendations_published_total",
+                      upstream=UPSTREAM) == 0
+        assert "same id" in second.output()
+        published = client.xlen(recommendation_stream(UPSTREAM, "sc-1"))
+        assert published > 0
+
+        # The first one dies without handing over: after its lease expires the twin leads.
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+
+        def twin_leads() -> bool:
+            feed()
+            return metric(admins[1], "equilibrium_signaler_leader", upstream=UPSTREAM) == 1
+
+        await eventually(twin_leads, "the twin takes over", timeout=30, interval=0.25,
+                         context=second.output)
+        assert metric(admins[1], "equilibrium_signaler_id_conflicts") == 0
+    finally:
+        for proc in procs:
+            proc.stop()
+            proc.cleanup()
+        client.close()
