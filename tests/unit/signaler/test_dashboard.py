@@ -21,7 +21,7 @@ from signaler.latency_model import LatencyModel
 from signaler.service import SignalerConfig, SignalerService
 from tests.signaling_samples import EPS, KEY, NOW, summary
 from wire.memory_store import MemorySignalStore
-from wire.summary import encode_summary
+from wire.summary import sign_summary
 
 
 def planned_service() -> SignalerService:
@@ -29,9 +29,9 @@ def planned_service() -> SignalerService:
                                          key=KEY, epoch=1.0, tokens=8, seed=1),
                           store=MemorySignalStore(lambda: NOW), clock=lambda: NOW)
     svc._set_leader("orders", 3)
-    assert svc.apply_entry("orders", encode_summary(summary("sc-1")))
-    assert svc.apply_entry("orders", encode_summary(summary(
-        "sc-2", demand=30.0, weights=(0.1, 0.1, 0.8), requests=(10, 10, 80))))
+    assert svc.apply_entry("orders", sign_summary(summary("sc-1"), KEY))
+    assert svc.apply_entry("orders", sign_summary(summary(
+        "sc-2", demand=30.0, weights=(0.1, 0.1, 0.8), requests=(10, 10, 80)), KEY))
     return svc
 
 
@@ -77,8 +77,8 @@ async def test_a_sidecar_that_routes_by_its_deal_follows() -> None:
     plan = svc.status["orders"].plan
     assert plan is not None
     dealt = plan.weights["sc-1"]
-    assert svc.apply_entry("orders", encode_summary(summary(
-        "sc-1", sent_at=NOW + 0.5, epoch=101, weights=tuple(dealt[e] for e in EPS))))
+    assert svc.apply_entry("orders", sign_summary(summary(
+        "sc-1", sent_at=NOW + 0.5, epoch=101, weights=tuple(dealt[e] for e in EPS)), KEY))
     dashboard = SignalerDashboard(svc)
     [up] = dashboard()["upstreams"]
     by_id = {s["id"]: s for s in up["sidecars"]}
