@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: demo test install install-lab install-test lint unit
+.PHONY: demo test install install-lab install-test lint unit fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,8 @@ test: lint
 
 unit: install-test
 	$(BIN)/python -m pytest -q tests/unit
+
+# The fuzzers (tests/fuzz) at full strength: 10,000 fresh examples per property (about half an
+# hour here). `make test` runs the same properties on a short, fixed set of examples.
+fuzz: install-test
+	EQUILIBRIUM_FUZZ_EXAMPLES=$${EQUILIBRIUM_FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz

@@ -436,6 +436,9 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 elif isinstance(value, list | tuple):  # repeated --upstream flags
                     flags: dict[str, tuple[str, ...]] = {}
                     for spec in value:
+                        if not isinstance(spec, str):
+                            raise ConfigError(
+                                f"upstreams: each entry is NAME=URL[,URL...], got {_shown(spec)}")
                         name, endpoints = parse_upstream_flag(spec)
                         if name in flags:
                             raise ConfigError(f"upstream {name!r} given twice")

@@ -101,6 +101,12 @@ TRUSTED = "trusted"
 any other result is the :class:`wire.errors.Reason` it was not trusted for)."""
 
 
+def _gone(request: web.Request) -> bool:
+    """Whether the caller's connection is closed or closing."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 class InboundOutcome(StrEnum):
     """What happened to a request at the inbound listener: the ``outcome`` label of
     ``equilibrium_inbound_requests`` (docs/operations.md, "Error reasons")."""
@@ -121,6 +127,9 @@ class InboundOutcome(StrEnum):
     """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
     APP_ERROR = "app-error"
     """The app did not answer (or refused a WebSocket upgrade): 502/504."""
+    CALLER_HUNG_UP = "caller-hung-up"
+    """The caller closed its connection before the app's answer was written back (the app
+    answered; nothing is charged to it and nothing is logged as an error)."""
 
 
 class CallerLabels:
@@ -521,7 +530,16 @@ class InboundProxy:
                 self._signal_headers(out, verdict)
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                               headers=out)
-                await response.prepare(request)
+                try:
+                    await response.prepare(request)
+                except ConnectionError:
+                    if not _gone(request):
+                        raise
+                    # the caller's doing: count it, free the app's connection, no traceback
+                    self.metrics.requests.labels(
+                        verdict.label, InboundOutcome.CALLER_HUNG_UP).inc()
+                    upstream.close()
+                    return response
                 if not must_be_empty(request.method, upstream.status):
                     try:
                         async for chunk in relay_chunks(upstream.content, self.request_timeout):

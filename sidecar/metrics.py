@@ -207,6 +207,11 @@ class SidecarMetrics:
             registry=r,
         )
         self.draining = Gauge("equilibrium_draining", "1 while draining on shutdown", registry=r)
+        self.malformed_requests = Counter(
+            "equilibrium_malformed_requests",
+            "HTTP/1.1 requests a listener refused as unparseable (answered 400 and closed), "
+            "by kind (sidecar.log_guard)", ["kind"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

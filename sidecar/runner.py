@@ -42,6 +42,7 @@ from aiohttp import web
 
 from mesh.errors import ConfigError
 from mesh.profiles import StrategyProfile, get_profile
+from sidecar import log_guard
 from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
@@ -300,6 +301,7 @@ class SidecarRunner:
         """Serve until SIGTERM/SIGINT (or ``stop()``), drain, return the exit code."""
         loop = asyncio.get_running_loop()
         await self.proxy.start()
+        unguard = log_guard.install(lambda kind: self.metrics.malformed_requests.labels(kind).inc())
         try:
             self.table.apply(self.config.upstreams, self.clock())
             self._remember_mtime()
@@ -331,6 +333,7 @@ class SidecarRunner:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._shutdown_rest()
+            unguard()
 
     def stop(self) -> None:
         if not self._stop.is_set():

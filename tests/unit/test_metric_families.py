@@ -63,6 +63,7 @@ equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
 equilibrium_listener_timeouts counter phase
+equilibrium_malformed_requests counter kind
 equilibrium_nash_gap gauge upstream
 equilibrium_outbound_connections counter protocol
 equilibrium_outbound_connections_open gauge -

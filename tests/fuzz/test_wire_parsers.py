@@ -1,0 +1,221 @@
+"""Every parser of ``wire/`` against hostile text: a value or a ``WireError``, nothing else.
+
+For each format the property is the contract the proxies rely on: whatever arrives, the
+parser returns a well-formed value (numbers finite and in range) or raises
+:class:`wire.errors.WireError` with a reason the metrics can count; it never raises anything
+else (a ``ValueError`` from ``int('²')`` or a ``RecursionError`` would be a 500 or a dead
+reader). Entries (summaries, recommendations) start from valid ones with one field replaced,
+so most examples get past the first check; recommendations are re-signed after the change,
+so the value decoders behind the MAC are reached too.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.fuzz.budget import fuzz
+from tests.fuzz.strategies import field_lists, header_values, numbers
+from tests.wire_samples import KEY, NOW, recommendation, summary
+from wire.bid import parse_bid
+from wire.errors import Reason, WireError
+from wire.grpc_status import decode_message, parse_timeout, status_of
+from wire.headers import (
+    parse_congestion,
+    parse_congestion_signal,
+    parse_fields,
+    parse_regret,
+    parse_retry,
+)
+from wire.identity import sign_identity, verify_identity
+from wire.lease import decode_lease
+from wire.numerals import ascii_decimal, ascii_uint
+from wire.recommendation import (
+    RECOMMENDATION_FIELDS,
+    canonical_recommendation_bytes,
+    sign_recommendation,
+    verify_recommendation,
+)
+from wire.signing import mac
+from wire.standing import parse_standing
+from wire.summary import SUMMARY_FIELDS, decode_summary, encode_summary
+
+REASONS = set(Reason)
+
+
+def rejected(exc: WireError) -> None:
+    """A rejection must say why in the metrics' terms."""
+    assert exc.reason in REASONS, exc
+    assert str(exc)
+
+
+@fuzz
+@given(header_values())
+def test_bid(value: str) -> None:
+    try:
+        bid = parse_bid(value)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert math.isfinite(bid) and bid >= 0
+
+
+@fuzz
+@given(st.one_of(field_lists(), header_values()))
+def test_header_fields(value: str) -> None:
+    try:
+        fields = parse_fields("X-GT-Test", value)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())
+
+
+@fuzz
+@given(st.one_of(field_lists(), header_values()))
+def test_regret_congestion_and_retry(value: str) -> None:
+    for parse in (parse_regret, parse_congestion_signal):
+        try:
+            parse(value)
+        except WireError as exc:
+            rejected(exc)
+    try:
+        level = parse_congestion(value)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert math.isfinite(level)
+    try:
+        retry = parse_retry(value)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert retry >= 0
+
+
+@fuzz
+@given(st.one_of(field_lists(), header_values()))
+def test_standing(value: str) -> None:
+    try:
+        standing = parse_standing(value)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert math.isfinite(standing.score) and standing.level >= 0
+        assert standing.retry_after is None or (
+            math.isfinite(standing.retry_after) and standing.retry_after >= 0)
+
+
+@fuzz
+@given(st.one_of(field_lists(), header_values(),
+                 st.builds(lambda caller, tail: sign_identity("checkout-1", KEY, NOW) + tail
+                           if caller else tail, st.booleans(), header_values())))
+def test_identity(value: str) -> None:
+    verdict = verify_identity(value, KEY, NOW)
+    if verdict.trusted:
+        # only a value this key signed can be trusted: a valid one with nothing appended
+        assert value == sign_identity("checkout-1", KEY, NOW)
+    else:
+        assert verdict.caller == "anonymous"
+
+
+@fuzz
+@given(st.one_of(st.binary(max_size=40), st.text(max_size=40), numbers()))
+def test_lease(value: bytes | str) -> None:
+    try:
+        lease = decode_lease(value)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert lease.fence >= 0
+
+
+@fuzz
+@given(st.binary(max_size=40))
+def test_grpc_timeout_status_and_message(value: bytes) -> None:
+    timeout = parse_timeout(value)
+    assert timeout is None or (math.isfinite(timeout) and timeout >= 0)
+    status = status_of([(b"grpc-status", value)])
+    assert status is None or 0 <= status <= 999
+    assert isinstance(decode_message(value), str)
+
+
+@fuzz
+@given(st.one_of(numbers(), st.text(max_size=30)))
+def test_ascii_numerals(value: str) -> None:
+    uint = ascii_uint(value)
+    assert uint is None or (uint >= 0 and value.isascii())
+    decimal = ascii_decimal(value)
+    assert decimal is None or (math.isfinite(decimal) and value.isascii())
+
+
+def mutated(fields: dict[str, str], names: tuple[str, ...]) -> st.SearchStrategy[dict]:
+    """``fields`` with one value replaced, one field dropped or one added; keys as str or
+    bytes, values as str, bytes or junk bytes."""
+    def change(how: str, name: str, value: str, raw: bytes, as_bytes: bool) -> dict:
+        out: dict = dict(fields)
+        if how == "replace":
+            out[name] = value
+        elif how == "drop":
+            out.pop(name, None)
+        elif how == "add":
+            out[value[:20] or "extra"] = value
+        elif how == "raw":
+            out[name] = raw
+        if as_bytes:
+            out = {k.encode() if isinstance(k, str) else k:
+                   v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v
+                   for k, v in out.items()}
+        return out
+
+    return st.builds(
+        change, st.sampled_from(["replace", "replace", "drop", "add", "raw"]),
+        st.sampled_from(names),
+        st.one_of(numbers(), header_values(), st.sampled_from(
+            ["[]", "[1,2]", "[[1]]", "[null]", "{}", "[1e999]", "[" * 200, "[NaN]", '["a"]',
+             "[-1]", "[1, 2, 3]", "[[0,0,0],[0,0,0]]"])),
+        st.binary(max_size=20), st.booleans(),
+    )
+
+
+@fuzz
+@given(mutated(encode_summary(summary()), SUMMARY_FIELDS))
+def test_summary_entries(entry: dict) -> None:
+    try:
+        decoded = decode_summary(entry)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        k = len(decoded.endpoints)
+        assert len(decoded.requests) == len(decoded.weights) == k
+        assert math.isfinite(decoded.demand) and decoded.demand >= 0
+
+
+def resigned(entry: dict) -> dict:
+    """Sign ``entry`` anew over whatever it now holds (when its fields are text)."""
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in entry.items()):
+        return entry
+    unsigned = {k: v for k, v in entry.items() if k != "sig"}
+    try:
+        signed = mac(KEY, canonical_recommendation_bytes(unsigned))
+    except Exception:
+        return entry
+    return {**unsigned, "sig": signed}
+
+
+@fuzz
+@given(mutated(sign_recommendation(recommendation(), KEY), RECOMMENDATION_FIELDS),
+       st.booleans())
+def test_recommendation_entries(entry: dict, resign: bool) -> None:
+    if resign:
+        entry = resigned(entry)
+    rec = recommendation()
+    try:
+        decoded = verify_recommendation(entry, KEY, NOW, rec.upstream, rec.sidecar)
+    except WireError as exc:
+        rejected(exc)
+    else:
+        assert math.isclose(sum(decoded.weights), 1.0, rel_tol=1e-6)
+        assert all(math.isfinite(w) and w >= 0 for w in decoded.weights)
