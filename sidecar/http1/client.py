@@ -42,7 +42,7 @@ HIGH_WATER = 2 * CHUNK_SIZE  # body bytes buffered per answer before reading pau
 class EndpointPool:
     """The idle connections to one endpoint, newest last; one timer closes the stale ones."""
 
-    __slots__ = ("_timer", "authority", "host", "idle", "keepalive", "port")
+    __slots__ = ("_timer", "authority", "closed", "host", "idle", "keepalive", "port")
 
     def __init__(self, host: str, port: int, keepalive: float) -> None:
         self.host = host
@@ -50,6 +50,7 @@ class EndpointPool:
         self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.keepalive = keepalive
         self.idle: deque[UpstreamConnection] = deque()
+        self.closed = False
         self._timer: asyncio.TimerHandle | None = None
 
     def take(self) -> UpstreamConnection | None:
@@ -62,6 +63,9 @@ class EndpointPool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
+        if self.closed:  # the transport closed while this answer was being read
+            conn.abort()
+            return
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
         self.idle.append(conn)
@@ -86,6 +90,7 @@ class EndpointPool:
             self._timer = loop.call_at(idle[0].idle_since + self.keepalive, self._expire)
 
     def close(self) -> None:
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -31,6 +31,10 @@ from sidecar.transport import TransportError, UpstreamReset
 if TYPE_CHECKING:
     from sidecar.http1.client import EndpointPool
 
+# the most bytes an answer's head (with any 1xx before it) or its trailers may take; aiohttp's
+# client allows 8 KiB per line, and an upstream that sends more is broken or hostile
+MAX_HEAD = 64 * 1024
+
 
 class MalformedResponse(TransportError):
     """The upstream's bytes are not an HTTP/1.1 answer (or an answer nobody asked for)."""
@@ -165,6 +169,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._response: H1Response | None = None
         self._method = ""
         self._got_bytes = False
+        self._head_bytes = 0
+        self._trailer_bytes = 0
         self._in_trailers = False
         self._interim = False
         self._until_eof = False
@@ -193,6 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = head_future
         self._method = method
         self._got_bytes = False
+        self._head_bytes = 0
         self.reusable = False
         transport.write(head)
         if body is not None:
@@ -207,6 +214,8 @@ class UpstreamConnection(asyncio.Protocol):
             writer.cancel()
             reuse = False
         if reuse and self.reusable and self._head is None and self.usable:
+            if self.reading_paused:  # the last bytes of the body went over the mark
+                self.resume_reading()
             self.pool.put(self)
         else:
             self.abort()
@@ -289,6 +298,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(MalformedResponse("the upstream switched protocols unasked (101)"))
         except httptools.HttpParserError as exc:
             self._fail(MalformedResponse(f"malformed response: {exc}"))
+        if self._head is not None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(MalformedResponse(f"the answer's head is over {MAX_HEAD} bytes"))
         if self._renew_parser:
             # the answer to a HEAD ended with its head, whatever framing it announced: a
             # fresh parser reads the next answer
@@ -350,6 +363,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_trailers:
+            self._trailer_bytes += len(name) + len(value)
+            if self._trailer_bytes > MAX_HEAD:
+                raise MalformedResponse(f"the answer's trailers are over {MAX_HEAD} bytes")
             self._trailers.append((name, value))
         else:
             self._fields.append((name, value))
@@ -371,6 +387,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = parser.should_keep_alive()
         self._in_trailers = True
         self._trailers = []
+        self._trailer_bytes = 0
         if self._method == "HEAD":
             self._renew_parser = True
             self._until_eof = False

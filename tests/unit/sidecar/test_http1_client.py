@@ -452,6 +452,37 @@ async def test_a_slow_reader_holds_back_a_large_body(raw: MakeRaw, transport: H1
     assert transport.idle_connections() == 1
 
 
+async def test_a_connection_paused_at_the_end_of_a_body_reads_again_when_reused(
+    raw: MakeRaw,
+) -> None:
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"b" * 20000
+    server = await serve(raw, big, OK)
+    transport = H1Transport(connect_timeout=1.0, high_water=1024)
+    try:
+        response = await transport.handle_request(get(server.url + "/"))
+        await asyncio.sleep(0.05)  # the whole body arrives: reading pauses above the mark
+        response.release()  # complete, so pooled, though never read
+        async with asyncio.timeout(2):
+            response = await transport.handle_request(get(server.url + "/"))
+            assert await read_all(response) == b"ok"
+        response.release()
+        assert server.accepts == 1
+    finally:
+        await transport.close()
+
+
+async def test_an_answer_finished_after_the_transport_closed_is_not_pooled(
+    raw: MakeRaw,
+) -> None:
+    server = await serve(raw, OK)
+    transport = H1Transport(connect_timeout=1.0)
+    response = await transport.handle_request(get(server.url + "/"))
+    await transport.close()
+    assert await read_all(response) == b"ok"
+    response.release()
+    assert transport.idle_connections() == 0
+
+
 # ---------------------------------------------------------------- failures
 
 
@@ -468,6 +499,20 @@ async def test_a_malformed_answer_is_a_protocol_error(raw: MakeRaw, transport: H
     failure = classify(caught.value)
     assert failure.reason == "upstream-protocol-error" and not failure.nothing_received
     assert transport.idle_connections() == 0
+
+
+async def test_an_endless_head_is_refused(raw: MakeRaw, transport: H1Transport) -> None:
+    async def script(server: RawServer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, n: int) -> None:
+        await server.head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):  # 10,000 headers of 24 bytes: far over the cap, never ending
+            writer.write(b"X-Filler-%05d: %08d\r\n" % (i, i))
+            await writer.drain()
+
+    server = await raw(script)
+    with pytest.raises(MalformedResponse, match="head is over"):
+        await transport.handle_request(get(server.url + "/"))
 
 
 async def test_a_head_cut_half_way_is_not_a_clean_reset(
