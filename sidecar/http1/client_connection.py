@@ -68,7 +68,7 @@ class H1Response:
     __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_waiter", "headers",
                  "reason", "status", "trailers")
 
-    def __init__(self, conn: UpstreamConnection, status: int, reason: str,
+    def __init__(self, conn: UpstreamConnection, status: int, reason: str | None,
                  headers: CIMultiDictProxy[str]) -> None:
         self._conn: UpstreamConnection | None = conn
         self.status = status
@@ -382,7 +382,8 @@ class UpstreamConnection(asyncio.Protocol):
             raise MalformedResponse("an answer nobody waits for")
         self._head = None
         fields = self._fields
-        response = H1Response(self, status, self._reason.decode("latin-1"), _decode(fields))
+        response = H1Response(self, status, self._reason.decode("latin-1") or None,
+                               _decode(fields))
         self._response = response
         self.reusable = parser.should_keep_alive()
         self._in_trailers = True
