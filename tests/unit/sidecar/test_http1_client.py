@@ -380,6 +380,28 @@ async def test_request_bodies_are_framed(raw: MakeRaw, transport: H1Transport) -
     assert b"Transfer-Encoding" not in server.requests[1] and received[1] == b"abcdef"
 
 
+async def test_the_framing_given_by_the_caller_is_replaced(
+    raw: MakeRaw, transport: H1Transport,
+) -> None:
+    async def script(server: RawServer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, n: int) -> None:
+        await server.head(reader)
+        await reader.readuntil(b"0\r\n\r\n")
+        writer.write(OK)
+        await writer.drain()
+
+    server = await raw(script)
+
+    async def one() -> AsyncIterator[bytes]:
+        yield b"abc"
+
+    response = await transport.handle_request(
+        get(server.url + "/", "POST", one(), Transfer_Encoding="gzip, chunked"))
+    response.release()
+    assert server.requests[0].count(b"Transfer-Encoding") == 1
+    assert b"Transfer-Encoding: chunked\r\n" in server.requests[0]
+
+
 async def test_a_request_body_that_breaks_cuts_the_connection(
     raw: MakeRaw, transport: H1Transport,
 ) -> None:
@@ -609,6 +631,11 @@ async def test_against_an_aiohttp_server_over_ipv4_and_ipv6() -> None:
                     assert await read_all(response) == b"piece " * 3
                     response.release()
                 assert transport.idle_connections() >= 1
+        async with TestServer(app, host="127.0.0.1") as server:  # a name, resolved per connect
+            response = await transport.handle_request(
+                get(f"http://localhost:{server.port}/by-name"))
+            assert await read_all(response) == b"piece " * 3
+            response.release()
     finally:
         await transport.close()
 
