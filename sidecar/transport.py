@@ -61,6 +61,8 @@ class UpstreamResponse(Protocol):
 
     The caller calls ``release()`` when done (the connection may be reused) or ``close()``
     when it gives up half-way (the connection is cut). aiohttp's ``ClientResponse`` is one.
+    An implementation that reads trailer fields (a chunked HTTP/1.1 body's) exposes them as
+    ``trailers`` once the body has ended (``getattr(response, "trailers", None)``).
     """
 
     @property
@@ -299,9 +301,10 @@ class MemoryBody:
 
 class MemoryResponse:
     """An :class:`UpstreamResponse` built by hand (what a :class:`MemoryTransport`'s handler
-    returns); ``released`` / ``closed`` record how the caller finished with it."""
+    returns); ``released`` / ``closed`` record how the caller finished with it; ``trailers``
+    stand in for a chunked body's trailer fields."""
 
-    __slots__ = ("closed", "content", "headers", "reason", "released", "status")
+    __slots__ = ("closed", "content", "headers", "reason", "released", "status", "trailers")
 
     def __init__(
         self,
@@ -310,10 +313,13 @@ class MemoryResponse:
         body: bytes | AsyncIterable[bytes] = b"",
         *,
         reason: str | None = None,
+        trailers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(headers or ()))
+        self.trailers: CIMultiDictProxy[str] | None = (
+            CIMultiDictProxy(CIMultiDict(trailers)) if trailers is not None else None)
         self.content: BodyReader = MemoryBody(body)
         self.released = False
         self.closed = False

@@ -3,7 +3,8 @@
 Owns how the sidecar's requests leave for an endpoint or the local app
 (:class:`sidecar.transport.Transport`): a pool of idle connections per endpoint ``(host,
 port)`` (IPv4, ``[IPv6]`` literals and names), reused last-in first-out so the fewest stay warm,
-and closed after ``keepalive_timeout`` idle by one timer per pool; a new connection within
+and closed after ``keepalive_timeout`` idle by one timer per pool (one whose upstream announced
+a shorter ``Keep-Alive: timeout=N`` is not reused within a second of it); a new connection within
 ``connect_timeout`` (:class:`ConnectTimeout`, or :class:`ConnectError` when refused or
 unresolvable: nothing was sent); the request head serialised in one write with exactly the
 headers given plus the framing (``Content-Length`` as given, else ``Transfer-Encoding:
@@ -40,7 +41,9 @@ HIGH_WATER = 2 * CHUNK_SIZE  # body bytes buffered per answer before reading pau
 
 
 class EndpointPool:
-    """The idle connections to one endpoint, newest last; one timer closes the stale ones."""
+    """The idle connections to one endpoint, newest last; one timer closes the stale ones
+    (those idle for the transport's keep-alive timeout; one the upstream announced a shorter
+    timeout for is dropped when it comes up instead)."""
 
     __slots__ = ("_timer", "authority", "closed", "host", "idle", "keepalive", "port")
 
@@ -56,10 +59,19 @@ class EndpointPool:
     def take(self) -> UpstreamConnection | None:
         """The most recently used idle connection that is still open, if any."""
         idle = self.idle
+        now: float | None = None
         while idle:
             conn = idle.pop()
-            if conn.usable:
-                return conn
+            if not conn.usable:
+                continue
+            limit = conn.idle_limit
+            if limit is not None:  # the upstream said how long it keeps an idle connection
+                if now is None:
+                    now = asyncio.get_running_loop().time()
+                if now - conn.idle_since >= limit:
+                    conn.abort()
+                    continue
+            return conn
         return None
 
     def put(self, conn: UpstreamConnection) -> None:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # the most bytes an answer's head (with any 1xx before it) or its trailers may take; aiohttp's
 # client allows 8 KiB per line, and an upstream that sends more is broken or hostile
 MAX_HEAD = 64 * 1024
+# an idle connection is not reused within this long of the upstream's announced keep-alive
+# timeout (``Keep-Alive: timeout=N``): it may close it just as the next request goes out
+KEEPALIVE_MARGIN = 1.0
 
 
 class MalformedResponse(TransportError):
@@ -162,6 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.lost = False
         self.reusable = False  # this exchange may be followed by another
         self.idle_since = 0.0
+        self.idle_limit: float | None = None  # from the upstream's Keep-Alive header
         self.reading_paused = False
         self._parser = httptools.HttpResponseParser(self)
         self._renew_parser = False
@@ -389,12 +393,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_trailers = True
         self._trailers = []
         self._trailer_bytes = 0
+        until_eof, announced = _framing(status, fields)
+        if announced is not None:
+            self.idle_limit = announced - KEEPALIVE_MARGIN
+            if self.idle_limit <= 0:
+                self.reusable = False
         if self._method == "HEAD":
             self._renew_parser = True
             self._until_eof = False
             response._end()
         else:
-            self._until_eof = _until_eof(status, fields)
+            self._until_eof = until_eof
         head.set_result(response)
 
     def on_body(self, data: bytes) -> None:
@@ -419,14 +428,22 @@ class UpstreamConnection(asyncio.Protocol):
         response._end()
 
 
-def _until_eof(status: int, fields: list[tuple[bytes, bytes]]) -> bool:
-    """Whether an answer's body ends only with the connection (RFC 9112 §6.3 item 8)."""
-    if status in (204, 304):
-        return False
+def _framing(status: int, fields: list[tuple[bytes, bytes]]) -> tuple[bool, float | None]:
+    """Whether an answer's body ends only with the connection (RFC 9112 §6.3 item 8), and the
+    idle timeout the upstream announced in ``Keep-Alive: timeout=N`` (RFC 2068 §19.7.1.1)."""
+    until_eof = status not in (204, 304)
+    announced: float | None = None
     for name, value in fields:
         lower = name.lower()
         if lower == b"content-length":
-            return False
-        if lower == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked"):
-            return False
-    return True
+            until_eof = False
+        elif lower == b"transfer-encoding":
+            if value.lower().rstrip().endswith(b"chunked"):
+                until_eof = False
+        elif lower == b"keep-alive":
+            for part in value.split(b","):
+                key, _, number = part.partition(b"=")
+                number = number.strip()
+                if key.strip().lower() == b"timeout" and number.isdigit() and len(number) < 10:
+                    announced = float(number)
+    return until_eof, announced

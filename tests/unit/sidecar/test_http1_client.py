@@ -231,6 +231,23 @@ async def test_connection_close_from_the_upstream_is_not_pooled(
     assert transport.idle_connections() == 0
 
 
+async def test_the_upstreams_keepalive_timeout_is_respected(raw: MakeRaw,
+                                                            transport: H1Transport) -> None:
+    short = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2, max=100\r\nContent-Length: 2\r\n\r\nok"
+    server = await serve(raw, short, short, short)
+    for pause in (0.0, 0.05, 1.1):  # reused within timeout - 1 s, not after
+        await asyncio.sleep(pause)
+        response = await transport.handle_request(get(server.url + "/"))
+        assert await read_all(response) == b"ok"
+        response.release()
+    assert server.accepts == 2
+    gone = await serve(
+        raw, b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 0\r\n\r\n")
+    response = await transport.handle_request(get(gone.url + "/"))
+    response.release()
+    assert transport.idle_connections() == 1  # only the first server's
+
+
 async def test_idle_connections_close_after_the_keepalive_timeout(raw: MakeRaw) -> None:
     server = await serve(raw, OK, OK)
     transport = H1Transport(connect_timeout=1.0, keepalive_timeout=0.2)
