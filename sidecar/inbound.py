@@ -63,11 +63,11 @@ from sidecar.forward import (
     request_headers_to_upstream,
     strip_game_headers,
 )
+from sidecar.http1.client import H1Transport
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from sidecar.transport import (
     BODY_READ_ERRORS,
-    AiohttpTransport,
     HandshakeRefused,
     Transport,
     TransportError,
@@ -229,7 +229,7 @@ class _Verdict:
 class InboundProxy:
     """The aiohttp handler of the inbound listener; one instance per sidecar process.
 
-    ``transport``: how requests reach the app (default: an :class:`AiohttpTransport` opened
+    ``transport``: how requests reach the app (default: an :class:`H1Transport` opened
     and closed with the listener's app; a transport passed in is the caller's to open and
     close). WebSocket upgrades need a transport that is a ``WebSocketDialer``.
     """
@@ -256,9 +256,9 @@ class InboundProxy:
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.wall_clock = wall_clock
-        self._own_transport: AiohttpTransport | None = None
+        self._own_transport: H1Transport | None = None
         if transport is None:
-            transport = self._own_transport = AiohttpTransport(connect_timeout=connect_timeout)
+            transport = self._own_transport = H1Transport(connect_timeout=connect_timeout)
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self.via = f"1.1 {sidecar_id}"

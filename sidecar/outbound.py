@@ -44,11 +44,11 @@ from sidecar.forward import (
     request_headers_to_upstream,
     response_headers_to_app,
 )
+from sidecar.http1.client import H1Transport
 from sidecar.metrics import OutboundMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.transport import (
     BODY_READ_ERRORS,
-    AiohttpTransport,
     AttemptFailure,
     HandshakeRefused,
     Transport,
@@ -129,7 +129,7 @@ def upstream_name(authority: str) -> str:
 class OutboundProxy:
     """The aiohttp handler of the outbound listener; one instance per sidecar process.
 
-    ``transport``: how requests reach the endpoints (default: an :class:`AiohttpTransport`
+    ``transport``: how requests reach the endpoints (default: an :class:`H1Transport`
     that :meth:`start` opens and :meth:`close` closes; a transport passed in is the caller's
     to open and close). WebSocket upgrades need a transport that is a ``WebSocketDialer``.
     """
@@ -161,9 +161,9 @@ class OutboundProxy:
         # routing): the original destination (sidecar.transparent) or a discovered authority.
         self.pinned_upstream: Callable[[web.BaseRequest], str | None] = (
             pinned_upstream or (lambda request: None))
-        self._own_transport: AiohttpTransport | None = None
+        self._own_transport: H1Transport | None = None
         if transport is None:
-            transport = self._own_transport = AiohttpTransport(
+            transport = self._own_transport = H1Transport(
                 connect_timeout=profile.connect_timeout
             )
         self.transport = transport

@@ -5,12 +5,13 @@ listener; the local app, for the inbound one) and how the answer comes back. A t
 one method, ``handle_request(request) -> response`` (httpx's transports are the model):
 :class:`UpstreamRequest` is the method, URL, headers and a streamed body; an
 :class:`UpstreamResponse` is the status, headers, a streamed body (``content.readany()``) and
-``release()`` / ``close()`` (back to the pool / cut the connection). Two implementations:
+``release()`` / ``close()`` (back to the pool / cut the connection). The production one is
+:class:`sidecar.http1.client.H1Transport` (HTTP/1.1 on asyncio protocols and httptools); here:
 
-- :class:`AiohttpTransport`, used in production: the only place the sidecar sets up its
-  upstream client session (keep-alive pool, connect timeout, no cookies, no automatic headers
-  or decompression, no environment proxies), with aiohttp's hidden same-endpoint re-send
-  switched off. It also dials WebSockets (:class:`WebSocketDialer`).
+- :class:`AiohttpTransport`: an aiohttp client session (keep-alive pool, connect timeout, no
+  cookies, no automatic headers or decompression, no environment proxies), with aiohttp's
+  hidden same-endpoint re-send switched off. ``H1Transport`` keeps one to dial WebSockets
+  (:class:`WebSocketDialer`) and for any scheme but ``http``.
 - :class:`MemoryTransport`, which awaits an async handler function instead of the network:
   unit tests, the simulator and the benchmarks stand in for upstreams with it, and drive the
   real proxy, not a mock of it.
@@ -60,6 +61,8 @@ class UpstreamResponse(Protocol):
 
     The caller calls ``release()`` when done (the connection may be reused) or ``close()``
     when it gives up half-way (the connection is cut). aiohttp's ``ClientResponse`` is one.
+    An implementation that reads trailer fields (a chunked HTTP/1.1 body's) exposes them as
+    ``trailers`` once the body has ended (``getattr(response, "trailers", None)``).
     """
 
     @property
@@ -180,7 +183,7 @@ BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class AiohttpTransport:
-    """The production transport: one aiohttp client session, opened by :meth:`start`.
+    """A transport on one aiohttp client session, opened by :meth:`start`.
 
     ``connect_timeout`` bounds the TCP connect; nothing bounds the whole request here (the
     caller wraps the call in its own deadline). aiohttp silently re-sends an idempotent request
@@ -298,9 +301,10 @@ class MemoryBody:
 
 class MemoryResponse:
     """An :class:`UpstreamResponse` built by hand (what a :class:`MemoryTransport`'s handler
-    returns); ``released`` / ``closed`` record how the caller finished with it."""
+    returns); ``released`` / ``closed`` record how the caller finished with it; ``trailers``
+    stand in for a chunked body's trailer fields."""
 
-    __slots__ = ("closed", "content", "headers", "reason", "released", "status")
+    __slots__ = ("closed", "content", "headers", "reason", "released", "status", "trailers")
 
     def __init__(
         self,
@@ -309,10 +313,13 @@ class MemoryResponse:
         body: bytes | AsyncIterable[bytes] = b"",
         *,
         reason: str | None = None,
+        trailers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(headers or ()))
+        self.trailers: CIMultiDictProxy[str] | None = (
+            CIMultiDictProxy(CIMultiDict(trailers)) if trailers is not None else None)
         self.content: BodyReader = MemoryBody(body)
         self.released = False
         self.closed = False

@@ -381,6 +381,12 @@ async def test_memory_body_reads_chunks_then_empty() -> None:
     assert [await whole.readany(), await whole.readany()] == [b"xyz", b""]
 
 
+def test_a_memory_response_can_carry_trailers() -> None:
+    answer_ = MemoryResponse(200, {}, b"x", trailers=[("grpc-status", "0")])
+    assert answer_.trailers is not None and answer_.trailers["Grpc-Status"] == "0"
+    assert MemoryResponse().trailers is None
+
+
 async def test_the_aiohttp_transport_must_be_started() -> None:
     transport = AiohttpTransport(connect_timeout=1.0)
     with pytest.raises(RuntimeError, match="start"):
