@@ -46,6 +46,7 @@ from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
+from sidecar.h2_inbound import H2Inbound
 from sidecar.h2_proxy import H2Outbound
 from sidecar.h2_server import H2Limits
 from sidecar.h2_site import outbound_site
@@ -53,6 +54,7 @@ from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
 from sidecar.metrics import (
     DiscoveryMetrics,
+    InboundListenerMetrics,
     InboundMetrics,
     SidecarMetrics,
     SignalingMetrics,
@@ -190,6 +192,7 @@ class SidecarRunner:
                                 idle_timeout=limits.idle_timeout),
                 sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
         self.inbound = self._build_inbound(mesh_key)
+        self.h2_inbound: H2Inbound | None = None  # set with the inbound listener's site
         self.signaling: SidecarSignaling | None = None
         if signaling is not None:
             self.signaling = SidecarSignaling(
@@ -223,7 +226,8 @@ class SidecarRunner:
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
         self._add_listener("admin", admin, config.admin, drains=False)
         if self.inbound is not None and config.inbound is not None:
-            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True)
+            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True,
+                               site_factory=self._inbound_site(self.inbound))
         # Background tasks, started in this order by run().
         self._background.append(("policy-ticks", self._tick_loop))
         if config.config_file is not None:
@@ -269,6 +273,18 @@ class SidecarRunner:
         log.info("inbound %s -> app %s, policing mode %s", config.inbound, config.app,
                  config.policing.mode)
         return inbound
+
+    def _inbound_site(self, inbound: InboundProxy) -> SiteFactory:
+        """HTTP/1.1 and h2c on the inbound port: each HTTP/2 stream is policed and forwarded
+        on its own (sidecar.h2_inbound), with the outbound listener's defences."""
+        self.h2_inbound = H2Inbound(inbound)
+        limits = self.config.listener
+        return outbound_site(
+            self.h2_inbound.handle, InboundListenerMetrics(self.metrics.registry,
+                                                           self.h2.h2_metrics),
+            drain_timeout=self.config.drain_timeout,
+            limits=H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout),
+            sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
 
     def _add_listener(
         self, name: str, app: web.Application, address: ListenAddress, *, drains: bool,
@@ -409,6 +425,8 @@ class SidecarRunner:
                 lst.runner = None
         await self.proxy.close()
         self.h2.close()
+        if self.h2_inbound is not None:
+            self.h2_inbound.close()
 
     # ------------------------------------------------------------ background tasks
 

@@ -7,7 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mesh.reputation import ANONYMOUS
-from sidecar.inbound import OTHER, CallerLabels, InboundProxy, LocalRateLimit
+from sidecar.inbound import InboundProxy
+from sidecar.inbound_policing import OTHER, CallerLabels, LocalRateLimit
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import parse_policing
 
