@@ -108,8 +108,10 @@ class H2Outbound:
         """Off the request path: close the connection pools of endpoints no upstream has."""
         self.upstreams.retain(e for group in self.table for e in group.endpoints)
 
-    async def handle(self, stream: ServerStream) -> None:
-        """Serve one request stream (the handler :class:`H2ServerConnection` runs)."""
+    async def handle(self, stream: ServerStream, pinned: str | None = None) -> None:
+        """Serve one request stream (the handler :class:`H2ServerConnection` runs);
+        ``pinned``: the upstream its connection is bound to (transparent interception's
+        original destination), else ``:authority`` decides."""
         method = (stream.header(b":method") or b"").decode("latin-1")
         authority = (stream.header(b":authority") or stream.header(b"host") or b"").decode(
             "latin-1")
@@ -117,6 +119,7 @@ class H2Outbound:
             started=self.clock(), method=method,
             target=(stream.header(b":path") or b"").decode("latin-1"), authority=authority,
         )
+        ctx.upstream = pinned
         call = _Call(self, stream, ctx, grpc.is_grpc(stream.header(b"content-type")))
         try:
             await call.run()
@@ -149,7 +152,8 @@ class _Call:
             return await self.error(501, "connect-not-supported", "CONNECT is not proxied")
         if not ctx.authority:
             return await self.error(400, "no-host", "request has no :authority")
-        ctx.upstream = proxy.authority_pin(ctx.authority) or upstream_name(ctx.authority)
+        ctx.upstream = (ctx.upstream or proxy.authority_pin(ctx.authority)
+                        or upstream_name(ctx.authority))
         if any(value.strip() == proxy.via for name, value in stream.request if name == b"via"
                for value in value.split(b",")):
             return await self.error(508, "loop-detected", "request already passed this sidecar")

@@ -138,13 +138,14 @@ class SidecarRunner:
         pinned = (_authority_pin(self.discovery, self.table) if self.discovery is not None
                   else None)
         site = None
+        transparent = None
         if config.transparent:
             transparent = transparent_outbound(
                 self.table, TransparentMetrics(self.metrics.registry),
                 connect_timeout=self.profile.connect_timeout,
                 drain_timeout=config.drain_timeout,
                 lookup=self.discovery.route if self.discovery is not None else None,
-                fallback=pinned,
+                fallback=pinned, header_timeout=config.listener.header_timeout,
             )
             site, pinned = transparent.site, transparent.pinned_upstream
             log.info("transparent interception: routing redirected connections by their "
@@ -184,13 +185,15 @@ class SidecarRunner:
             rng=self.proxy.rng,
             clock=clock,
         )
+        limits = config.listener
+        h2_limits = H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout)
+        if transparent is not None:  # h2c on redirected connections: per stream, pinned
+            transparent.serve_h2(self.h2.handle, self.h2.h2_metrics, h2_limits)
         if site is None:
-            limits = config.listener
             site = outbound_site(
                 self.h2.handle, self.h2.h2_metrics, drain_timeout=config.drain_timeout,
-                limits=H2Limits(max_streams=limits.max_streams,
-                                idle_timeout=limits.idle_timeout),
-                sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
+                limits=h2_limits, sniff_timeout=limits.header_timeout,
+                max_connections=limits.max_connections)
         self.inbound = self._build_inbound(mesh_key)
         self.h2_inbound: H2Inbound | None = None  # set with the inbound listener's site
         self.signaling: SidecarSignaling | None = None
