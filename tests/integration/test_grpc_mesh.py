@@ -157,6 +157,8 @@ def test_4_mib_messages_both_ways(mesh: Mesh) -> None:
 def test_a_client_that_hangs_up_mid_stream_is_not_charged_and_connections_stay(
         mesh: Mesh) -> None:
     caller = mesh.callers["polite"]
+    with mesh.channel("polite") as channel:  # the caller's sidecar holds its connection
+        assert _unary(channel, "Echo")(b"warm", timeout=10) == b"warm"
     failures = sum(e["failures"] for e in caller.state()["upstreams"]["svc"]["endpoints"])
     h2c = mesh.inbound_metric("equilibrium_inbound_connections_total", protocol="h2c")
     cancelled = caller.metric("equilibrium_h2_streams_cancelled_total", upstream="svc")
@@ -173,6 +175,24 @@ def test_a_client_that_hangs_up_mid_stream_is_not_charged_and_connections_stay(
     assert sum(e["failures"] for e in caller.state()["upstreams"]["svc"]["endpoints"]) == failures
     assert mesh.inbound_metric("equilibrium_inbound_connections_total",
                                protocol="h2c") == h2c  # the pooled connection was kept
+    wait_idle(mesh)
+
+    # the same when the client closes its whole connection mid-answer
+    client = RawH2(caller.outbound_port)
+    try:
+        ticks_id = client.start_call("Ticks")
+        client.send(ticks_id, _grpc_frame(b"200"), end=True)
+        client.pump(lambda: len(client.body(ticks_id)) > 0)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 5
+    while caller.metric("equilibrium_h2_streams_cancelled_total", upstream="svc") <= cancelled + 1:
+        assert time.monotonic() < deadline, "the hang-up was not seen"
+        time.sleep(0.05)
+    with mesh.channel("polite") as channel:
+        assert _unary(channel, "Echo")(b"later", timeout=10) == b"later"
+    assert sum(e["failures"] for e in caller.state()["upstreams"]["svc"]["endpoints"]) == failures
+    assert mesh.inbound_metric("equilibrium_inbound_connections_total", protocol="h2c") == h2c
     wait_idle(mesh)
 
 
