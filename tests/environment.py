@@ -56,6 +56,7 @@ NEEDS: dict[str, Need] = {
     "prometheus": Need(_on_path("prometheus"), PROMTOOL, _PROMETHEUS),
     **{tool: Need(_on_path(tool), PEERS, f"apt-get install -y {tool}")
        for tool in ("haproxy", "nginx", "wrk")},
+    "h2load": Need(_on_path("h2load"), PEERS, "apt-get install -y nghttp2-client"),
     "docker": Need(_on_path("docker"), DOCKER,
                    "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
     "docker-compose": Need(_on_path("docker-compose"), DOCKER,
