@@ -23,6 +23,7 @@ from h2.errors import ErrorCodes
 
 from tests.integration.procs import LOOPBACK, SidecarProcess, free_port, start_sidecar
 from tests.integration.test_grpc_outbound import RawH2, _grpc_frame
+from wire.identity import sign_identity
 
 SERVICE = "test.Echo"  # the name RawH2 calls
 MIB = 1024 * 1024
@@ -283,3 +284,37 @@ def test_a_flooding_caller_is_throttled_per_stream_while_a_polite_one_passes(
     # the refusals are the caller's doing: the flood's sidecar does not blame the pod
     endpoints = mesh.callers["flood"].state()["upstreams"]["svc"]["endpoints"]
     assert sum(e["failures"] for e in endpoints) == 0, (story, endpoints)
+
+
+def _headers(client: RawH2, stream_id: int) -> dict[bytes, bytes]:
+    found: dict[bytes, bytes] = {}
+    for event in client.events[stream_id]:
+        found.update(getattr(event, "headers", None) or ())
+    return found
+
+
+def test_refusals_are_grpc_statuses_for_grpc_callers_and_json_otherwise(mesh: Mesh) -> None:
+    identity = sign_identity("polite", MESH_KEY.encode(), time.time()).encode()
+    bad_bid = ((b"x-gt-identity", identity), (b"x-gt-bid", b"lots"))
+    client = RawH2(mesh.inbound_port)
+    try:
+        grpc_call = client.start_call("Echo", extra=bad_bid)
+        client.send(grpc_call, _grpc_frame(b"x"), end=True)
+        stream_id = client.conn.get_next_available_stream_id()  # a plain HTTP/2 request
+        client.conn.send_headers(stream_id, [
+            (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/plain"),
+            (b":authority", b"app"), *bad_bid], end_stream=True)
+        client.flush()
+        client.events[stream_id] = []
+        client.pump(lambda: client.ended(grpc_call) and client.ended(stream_id))
+        head = _headers(client, grpc_call)
+        assert client.status(grpc_call) == 3  # INVALID_ARGUMENT, trailers-only
+        assert head[b"grpc-message"].startswith(b"bad-bid: ")
+        assert b"x-gt-reputation" in head and b"x-gt-congestion" in head
+        plain = _headers(client, stream_id)
+        assert plain[b":status"] == b"400"
+        assert plain[b"content-type"].startswith(b"application/json")
+        body = json.loads(client.body(stream_id))
+        assert (body["reason"], body["caller"]) == ("bad-bid", "polite")
+    finally:
+        client.close()
