@@ -10,6 +10,7 @@ tests compare counters before and after.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -318,3 +319,23 @@ def test_refusals_are_grpc_statuses_for_grpc_callers_and_json_otherwise(mesh: Me
         assert (body["reason"], body["caller"]) == ("bad-bid", "polite")
     finally:
         client.close()
+
+
+def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:
+    app, app_port = start_app()
+    port = free_port()
+    inbound = start_sidecar({}, sidecar_id="app-sidecar-drain",
+                            extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                        "--app", f"http://{LOOPBACK}:{app_port}"])
+    try:
+        with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+            slow = _unary(channel, "Slow")
+            assert slow(b"0.01", timeout=5) == b"slept"
+            call = slow.future(b"1.0", timeout=10)
+            time.sleep(0.3)
+            inbound.send_signal(signal.SIGTERM)
+            assert call.result() == b"slept"  # in flight: finishes after GOAWAY
+        assert inbound.wait(15) == 0, inbound.output()
+    finally:
+        inbound.stop()
+        app.stop(0).wait(5)
