@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import h2.config
@@ -34,6 +35,17 @@ H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 # The connection-level receive window: large, so that one stalled stream (whose own window,
 # the SETTINGS default of 64 KiB, bounds what it holds) cannot block the others.
 CONNECTION_WINDOW = 16 * 1024 * 1024
+# SETTINGS_MAX_HEADER_LIST_SIZE as announced (h2's default): a larger block is refused for its
+# stream alone; blocks are decoded at all (keeping HPACK in step) up to the hard limit, past
+# which h2 ends the connection.
+MAX_HEADER_LIST = 64 * 1024
+HEADER_LIST_HARD_LIMIT = 1024 * 1024
+
+
+def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """A header block's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2):
+    each field's name and value plus 32 octets."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
 
 
 class _GracefulGoaway(H2ConnectionStateMachine):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,16 @@ import h2.events
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from sidecar.h2_connection import H2_ERRORS, H2Connection, H2Stream, Headers, StreamGone
+from sidecar.h2_connection import (
+    H2_ERRORS,
+    HEADER_LIST_HARD_LIMIT,
+    MAX_HEADER_LIST,
+    H2Connection,
+    H2Stream,
+    Headers,
+    StreamGone,
+    header_list_size,
+)
 from sidecar.h2_guard import (
     DEFAULT_BUDGETS,
     EMPTY_DATA,
@@ -47,8 +56,6 @@ from wire import grpc_status as grpc
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_STREAMS = 256  # concurrent streams one app connection may open (SETTINGS)
-MAX_HEADER_LIST = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE announced; a larger block is refused
-HEADER_LIST_HARD_LIMIT = 1024 * 1024  # decoded at all (HPACK in step) up to this; past it, GOAWAY
 DEFAULT_IDLE_TIMEOUT = 300.0  # seconds an app connection may stay open with no request
 
 
@@ -59,12 +66,6 @@ class H2Limits:
     max_streams: int = DEFAULT_MAX_STREAMS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0: never
     budgets: Mapping[str, Budget] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
-
-
-def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
-    """A header block's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2):
-    each field's name and value plus 32 octets."""
-    return sum(len(name) + len(value) + 32 for name, value in headers)
 
 
 class _RefusingH2(h2.connection.H2Connection):

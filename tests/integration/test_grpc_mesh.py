@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socketserver
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from h2.errors import ErrorCodes
 
@@ -339,3 +343,68 @@ def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:
     finally:
         inbound.stop()
         app.stop(0).wait(5)
+
+
+class _BigHeaderBackend(socketserver.BaseRequestHandler):
+    """An h2c endpoint (the ``h2`` library's server side) whose answer to ``/big`` carries a
+    100 KB header block (over the 64 KiB the sidecar announces); other paths answer ``ok``."""
+
+    connections = 0
+
+    def handle(self) -> None:
+        type(self).connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        self.request.sendall(conn.data_to_send())
+        while data := self.request.recv(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    big = dict(event.headers)[b":path"] == b"/big"
+                    extra = [(b"x-big", b"b" * 100_000)] if big else []
+                    conn.send_headers(event.stream_id, [(b":status", b"200"), *extra])
+                    conn.send_data(event.stream_id, b"ok", end_stream=True)
+            self.request.sendall(conn.data_to_send())
+
+
+def test_an_oversized_answer_head_fails_its_call_alone() -> None:
+    server = socketserver.ThreadingTCPServer((LOOPBACK, 0), _BigHeaderBackend)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sidecar = start_sidecar({"raw": [f"http://{LOOPBACK}:{server.server_address[1]}"]},
+                            sidecar_id="sc-big-head")
+    client = RawH2(sidecar.outbound_port)
+
+    def get(path: bytes) -> int:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"http"),
+                                             (b":path", path), (b":authority", b"raw")],
+                                 end_stream=True)
+        client.events[stream_id] = []
+        client.flush()
+        return stream_id
+
+    try:
+        first = get(b"/first")  # the sidecar's one connection to the endpoint
+        client.pump(lambda: client.ended(first))
+        ids = []
+        for path in (b"/big", b"/small"):
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, [
+                (b":method", b"GET"), (b":scheme", b"http"), (b":path", path),
+                (b":authority", b"raw")], end_stream=True)
+            client.events[stream_id] = []
+            ids.append(stream_id)
+        client.flush()
+        client.pump(lambda: all(client.ended(i) for i in ids))
+        big, small = (_headers(client, i) for i in ids)
+        assert big[b":status"] == b"502" and small[b":status"] == b"200"
+        again = get(b"/again")
+        client.pump(lambda: client.ended(again))
+        assert _headers(client, again)[b":status"] == b"200"
+        assert _BigHeaderBackend.connections == 1  # the upstream connection stayed
+    finally:
+        client.close()
+        assert sidecar.stop() == 0, sidecar.output()
+        server.shutdown()
+        server.server_close()
