@@ -7,7 +7,7 @@ that got no response, ``equilibrium_rejected_headers{reason}``,
 both listeners answer with, which apps, docs and dashboards read. docs/operations.md, "Error
 reasons", lists them with the other vocabularies (:class:`wire.errors.Reason` for refused wire
 values, :class:`mesh.admission.RejectReason` for the admission gate's refusals,
-:class:`sidecar.inbound.InboundOutcome`, :class:`sidecar.transparent.PassthroughFailure`).
+:class:`sidecar.inbound_policing.InboundOutcome`, :class:`sidecar.transparent.PassthroughFailure`).
 Values only: nothing here answers a request or counts anything.
 """
 

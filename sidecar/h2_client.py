@@ -18,10 +18,21 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
+import h2.config
+import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
 
-from sidecar.h2_connection import H2_ERRORS, H2Connection, H2Stream, Headers, StreamGone
+from sidecar.h2_connection import (
+    H2_ERRORS,
+    HEADER_LIST_HARD_LIMIT,
+    MAX_HEADER_LIST,
+    H2Connection,
+    H2Stream,
+    Headers,
+    StreamGone,
+    header_list_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,11 @@ class H2ClientConnection(H2Connection):
         self.pool = pool
         self.settings_seen = asyncio.Event()  # the endpoint's first SETTINGS arrived
 
+    def new_state_machine(self, config: h2.config.H2Configuration) -> h2.connection.H2Connection:
+        machine = h2.connection.H2Connection(config=config)
+        machine.decoder.max_header_list_size = HEADER_LIST_HARD_LIMIT  # see dispatch
+        return machine
+
     @property
     def usable(self) -> bool:
         return self.transport is not None and self.goaway_received is None
@@ -89,6 +105,15 @@ class H2ClientConnection(H2Connection):
     def dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RemoteSettingsChanged):
             self.settings_seen.set()
+        elif (isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived)
+              and header_list_size(event.headers) > MAX_HEADER_LIST):
+            # over what we announced: that stream fails alone, the connection goes on
+            stream = self.streams.get(event.stream_id)
+            log.info("%s:%d: stream %d: header block over %d bytes refused", self.pool.host,
+                     self.pool.port, event.stream_id, MAX_HEADER_LIST)
+            if stream is not None:
+                self.reset(stream, ErrorCodes.PROTOCOL_ERROR)
+            return
         super().dispatch(event)
 
     def settings_changed(self) -> None:

@@ -27,10 +27,13 @@ refuses streams so while it releases earlier ones, within the limit it announced
 call that reached an endpoint is never sent again. The app resetting a stream (or hanging up)
 is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
 
-The phases run are ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret, the signed
-identity) and ``logging``; ``request_filter`` and ``response_filter`` take aiohttp objects and
-are not run for HTTP/2 yet. Left to later: the inbound listener's HTTP/2, transparent-mode
-detection and HTTP/2 flood defences.
+The phases run are ``request_check`` (the protocol-neutral part of ``request_filter``: the
+punished back-off, the app's bid), ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret,
+the signed identity and bid), ``response_filter`` (on the answer's head, with the upstream's
+X-GT-* in ``ctx.game_response_headers``: the price, the back-off) and ``logging``. A
+back-off answer is RESOURCE_EXHAUSTED for a gRPC caller, and a RESOURCE_EXHAUSTED whose
+``X-GT-Reputation`` says this caller is punished is the caller's doing, not the endpoint's
+failure (as a 429 is for HTTP/1.1).
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
 from sidecar.metrics import H2Metrics, OutboundMetrics
 from sidecar.outbound import upstream_name
-from sidecar.phases import ProxyPhases, RequestContext
+from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
 from wire.errors import WireError
-from wire.headers import CONGESTION, is_gt_header, parse_congestion
+from wire.headers import CONGESTION, REPUTATION, is_gt_header, parse_congestion
+from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +108,10 @@ class H2Outbound:
         """Off the request path: close the connection pools of endpoints no upstream has."""
         self.upstreams.retain(e for group in self.table for e in group.endpoints)
 
-    async def handle(self, stream: ServerStream) -> None:
-        """Serve one request stream (the handler :class:`H2ServerConnection` runs)."""
+    async def handle(self, stream: ServerStream, pinned: str | None = None) -> None:
+        """Serve one request stream (the handler :class:`H2ServerConnection` runs);
+        ``pinned``: the upstream its connection is bound to (transparent interception's
+        original destination), else ``:authority`` decides."""
         method = (stream.header(b":method") or b"").decode("latin-1")
         authority = (stream.header(b":authority") or stream.header(b"host") or b"").decode(
             "latin-1")
@@ -113,6 +119,7 @@ class H2Outbound:
             started=self.clock(), method=method,
             target=(stream.header(b":path") or b"").decode("latin-1"), authority=authority,
         )
+        ctx.upstream = pinned
         call = _Call(self, stream, ctx, grpc.is_grpc(stream.header(b"content-type")))
         try:
             await call.run()
@@ -145,7 +152,8 @@ class _Call:
             return await self.error(501, "connect-not-supported", "CONNECT is not proxied")
         if not ctx.authority:
             return await self.error(400, "no-host", "request has no :authority")
-        ctx.upstream = proxy.authority_pin(ctx.authority) or upstream_name(ctx.authority)
+        ctx.upstream = (ctx.upstream or proxy.authority_pin(ctx.authority)
+                        or upstream_name(ctx.authority))
         if any(value.strip() == proxy.via for name, value in stream.request if name == b"via"
                for value in value.split(b",")):
             return await self.error(508, "loop-detected", "request already passed this sidecar")
@@ -155,6 +163,9 @@ class _Call:
                 404, "unknown-upstream", f"no upstream named {ctx.upstream!r} is configured")
         ctx.group = group
         proxy.metrics.request_in_flight(group.name, 1)
+        early = proxy.phases.request_check(_RequestHeaders(stream.request), ctx)
+        if early is not None:
+            return await self.early(early)
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         if self.is_grpc and (raw := stream.header(b"grpc-timeout")) is not None:
@@ -251,7 +262,7 @@ class _Call:
         when the endpoint refused the stream unprocessed and the request can be sent again."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(_pump(stream, upstream, self.replay))
+        pump = loop.create_task(pump_request(stream, upstream, self.replay))
         first: float | None = None  # when the answer's first message (or trailers) came
         recorded = False
         status: int | None = None  # grpc-status
@@ -288,7 +299,8 @@ class _Call:
                 self.outcome(sent, None, False, "upstream-reset")
                 await self.error(502, "upstream-reset", f"before the answer: {exc}")
                 return False
-            head, congestion = self.response_headers(head)
+            head, congestion = self.response_headers(head, ctx.game_response_headers)
+            head = self.response_filter(head)
             ctx.status = http_status = _http_status(head)
             trailers_only = upstream.head_ended
             if not self.is_grpc or trailers_only:
@@ -314,7 +326,7 @@ class _Call:
                     elif kind == "trailers":
                         if first is None:
                             first = proxy.clock()
-                        trailers, _ = self.response_headers(payload)
+                        trailers, _ = self.response_headers(payload, {})
                         status = grpc.status_of(trailers)
                         stream.send_headers(trailers, end_stream=True)
                         break
@@ -360,14 +372,18 @@ class _Call:
             if not recorded:  # an unexpected error: release the in-flight count
                 self.outcome(sent, first, False, "proxy-error")
 
-    def response_headers(self, headers: Headers) -> tuple[Headers, float | None]:
-        """The upstream's headers without X-GT-*; the congestion it announced, if valid."""
+    def response_headers(self, headers: Headers,
+                         game: dict[str, str]) -> tuple[Headers, float | None]:
+        """The upstream's headers without X-GT-* (collected in ``game``, name -> value); the
+        congestion it announced, if valid."""
         out: Headers = []
         congestion: float | None = None
         for name, value in headers:
             if not is_gt_header(name.decode("latin-1")):
                 out.append((name, value))
-            elif name == CONGESTION_NAME:
+                continue
+            game[name.decode("latin-1")] = value.decode("latin-1")
+            if name == CONGESTION_NAME:
                 try:
                     congestion = parse_congestion(value.decode("latin-1"))
                 except WireError:
@@ -375,17 +391,40 @@ class _Call:
                                                                "malformed").inc()
         return out, congestion
 
+    def response_filter(self, head: Headers) -> Headers:
+        """The ``response_filter`` phase on the answer's head (the price the app paid, the
+        back-off a punishing upstream asks for)."""
+        pseudo = [(name, value) for name, value in head if name.startswith(b":")]
+        rest: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in head if not name.startswith(b":"))
+        self.proxy.phases.response_filter(self.ctx, rest)
+        return pseudo + [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                         for name, value in rest.items()]
+
     # ------------------------------------------------------------ outcomes
 
     def finish(self, sent: float, first: float | None, http_status: int,
                status: int | None, congestion: float | None) -> None:
         if self.is_grpc:
-            ok = status is not None and not grpc.counts_against_endpoint(status)
+            ok = status is not None and (not grpc.counts_against_endpoint(status)
+                                         or self.caller_punished(status))
             if status is None:
                 status = grpc.UNKNOWN  # ended without a grpc-status: the call failed
         else:
             ok = http_status < 500
         self.outcome(sent, first, ok, str(http_status), status, congestion, answered=True)
+
+    def caller_punished(self, status: int) -> bool:
+        """RESOURCE_EXHAUSTED because the upstream's inbound side punishes this caller (its
+        X-GT-Reputation says so): the caller's doing, as a 429 is for HTTP/1.1."""
+        raw = self.ctx.game_response_headers.get(REPUTATION.lower())
+        if status != grpc.RESOURCE_EXHAUSTED or raw is None:
+            return False
+        try:
+            return parse_standing(raw).punished
+        except WireError:
+            return False
 
     def outcome(self, sent: float, first: float | None, ok: bool, code: str,
                 status: int | None = None, congestion: float | None = None,
@@ -423,6 +462,27 @@ class _Call:
                 grpc.DEADLINE_EXCEEDED, "deadline exceeded in the sidecar"), end_stream=True)
         else:
             await self._json(504, "deadline-exceeded", "deadline exceeded")
+
+    async def early(self, answer: EarlyAnswer) -> None:
+        """A ``request_check`` answer (back-off, bad bid): gRPC status or JSON."""
+        ctx, stream = self.ctx, self.stream
+        ctx.status, ctx.error_reason = answer.status, str(answer.body.get("reason", ""))
+        extra = [(b"via", self.proxy.via), *((name.lower().encode("latin-1"),
+                                               value.encode("latin-1"))
+                                              for name, value in answer.headers.items())]
+        if self.is_grpc:
+            status = (grpc.RESOURCE_EXHAUSTED if answer.status == 429
+                      else grpc.INVALID_ARGUMENT if answer.status == 400 else grpc.UNAVAILABLE)
+            self.proxy.h2_metrics.grpc_calls.labels(ctx.upstream or "", "", str(status)).inc()
+            stream.send_headers(grpc.trailers_only(
+                status, f"{ctx.error_reason}: {answer.body.get('error', '')}", extra),
+                end_stream=True)
+            return
+        body = json.dumps(answer.body).encode()
+        stream.send_headers([(b":status", b"%d" % answer.status),
+                             (b"content-type", b"application/json"),
+                             (b"content-length", b"%d" % len(body)), *extra])
+        await stream.send_data(body, end_stream=True)
 
     async def error(self, status: int, reason: str, message: str) -> None:
         ctx = self.ctx
@@ -469,12 +529,13 @@ class _Replay:
         self.items.append((kind, payload))
 
 
-async def _pump(stream: ServerStream, upstream: ClientStream, replay: _Replay) -> None:
+async def pump_request(stream: ServerStream, upstream: ClientStream,
+                       replay: _Replay | None = None) -> None:
     """Relay the app's request body and trailers upstream (first what an earlier, refused
     attempt sent), acknowledging each DATA frame to the app only once the upstream connection
     took it."""
     try:
-        for kind, payload in list(replay.items):
+        for kind, payload in list(replay.items if replay is not None else ()):
             if kind == "data":
                 await upstream.send_data(payload)
             elif kind == "trailers":
@@ -485,7 +546,8 @@ async def _pump(stream: ServerStream, upstream: ClientStream, replay: _Replay) -
                 return
         while True:
             kind, payload, size = await stream.read()
-            replay.add(kind, payload)
+            if replay is not None:
+                replay.add(kind, payload)
             if kind == "data":
                 try:
                     await upstream.send_data(payload)
@@ -499,6 +561,22 @@ async def _pump(stream: ServerStream, upstream: ClientStream, replay: _Replay) -
                 return
     except StreamGone:
         return  # either side went away: the exchange sees it and answers
+
+
+class _RequestHeaders:
+    """An HTTP/2 request's header block as the phases read it (``get``, any case)."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block: Headers) -> None:
+        self.block = block
+
+    def get(self, key: str, /) -> str | None:
+        name = key.lower().encode("latin-1")
+        for field_name, value in self.block:
+            if field_name == name:
+                return value.decode("latin-1")
+        return None
 
 
 def _http_status(headers: Headers) -> int:

@@ -31,7 +31,16 @@ import h2.events
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from sidecar.h2_connection import H2_ERRORS, H2Connection, H2Stream, Headers, StreamGone
+from sidecar.h2_connection import (
+    H2_ERRORS,
+    HEADER_LIST_HARD_LIMIT,
+    MAX_HEADER_LIST,
+    H2Connection,
+    H2Stream,
+    Headers,
+    StreamGone,
+    header_list_size,
+)
 from sidecar.h2_guard import (
     DEFAULT_BUDGETS,
     EMPTY_DATA,
@@ -42,6 +51,7 @@ from sidecar.h2_guard import (
     FloodGuard,
 )
 from sidecar.metrics import H2Metrics
+from wire import grpc_status as grpc
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +107,12 @@ class ServerStream(H2Stream):
     def header(self, name: bytes) -> bytes | None:
         return next((value for key, value in self.request if key == name), None)
 
+    def peer_host(self) -> str | None:
+        """The client's address (no port), None once the connection is gone."""
+        transport = self._conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if peer else None
+
 
 Handler = Callable[[ServerStream], Awaitable[None]]
 
@@ -127,7 +143,11 @@ class H2ServerConnection(H2Connection):
         self.idle.set()
 
     def new_state_machine(self, config: h2.config.H2Configuration) -> _RefusingH2:
-        return _RefusingH2(config=config)
+        machine = _RefusingH2(config=config)
+        # h2 ends the connection when a block exceeds what its decoder allows; decoding
+        # blocks up to the hard limit keeps HPACK in step, so one stream can be refused alone
+        machine.decoder.max_header_list_size = HEADER_LIST_HARD_LIMIT
+        return machine
 
     @property
     def refusing(self) -> _RefusingH2:
@@ -195,12 +215,35 @@ class H2ServerConnection(H2Connection):
             if self.draining:  # after our GOAWAY: not processed, the app may retry elsewhere
                 self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                 return
+            size = header_list_size(event.headers)
+            if size > MAX_HEADER_LIST:
+                self._refuse_oversized(event, size)
+                return
             stream = ServerStream(self, event.stream_id, list(event.headers))
             self.streams[event.stream_id] = stream
             self.idle.clear()
             self._disarm_idle_timer()
             self.tasks[event.stream_id] = asyncio.get_running_loop().create_task(
                 self._serve(stream))
+
+    def _refuse_oversized(self, event: h2.events.RequestReceived, size: int) -> None:
+        """A header block over the announced SETTINGS_MAX_HEADER_LIST_SIZE: answered 431
+        (RFC 9113 §10.5.1; RESOURCE_EXHAUSTED to a gRPC caller) and the stream closed; the
+        connection and its other streams go on."""
+        if self.metrics is not None:
+            self.metrics.oversized_headers.inc()
+        log.info("HTTP/2 stream %d from %s: header block of %d bytes refused", event.stream_id,
+                 self.peer(), size)
+        content_type = next((v for k, v in event.headers if k == b"content-type"), None)
+        if grpc.is_grpc(content_type):
+            answer = grpc.trailers_only(grpc.RESOURCE_EXHAUSTED, f"header block of {size} "
+                                        f"bytes is over the limit of {MAX_HEADER_LIST}")
+        else:
+            answer = [(b":status", b"431"), (b"content-length", b"0")]
+        with contextlib.suppress(*H2_ERRORS):
+            self.conn.send_headers(event.stream_id, answer, end_stream=True)
+            if event.stream_ended is None:  # its body is not wanted (RFC 9113 §8.1)
+                self.conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
 
     async def _serve(self, stream: ServerStream) -> None:
         try:

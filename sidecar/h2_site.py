@@ -14,7 +14,8 @@ its own timers.
 
 On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and up to the drain
 timeout to finish their streams, then are closed. Transparent interception has its own site
-(:mod:`sidecar.transparent`), which does not detect HTTP/2 yet.
+(:mod:`sidecar.transparent`), which tells h2c apart with :func:`sniff_preface` too. The
+inbound listener uses this site as well (its handler: :mod:`sidecar.h2_inbound`).
 """
 
 from __future__ import annotations

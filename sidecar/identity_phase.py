@@ -37,7 +37,7 @@ from multidict import CIMultiDict
 from mesh.reputation import ANONYMOUS
 from sidecar.errors import ErrorReason
 from sidecar.metrics import CallerMetrics
-from sidecar.phases import ProxyPhases, RequestContext
+from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext, RequestHeaders
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
 from wire.errors import WireError
 from wire.headers import BID, IDENTITY, PRICE, REPUTATION
@@ -98,16 +98,23 @@ class CallerPhases(ProxyPhases):
     async def request_filter(
         self, request: web.Request, ctx: RequestContext
     ) -> web.StreamResponse | None:
+        early = self.request_check(request.headers, ctx)
+        if early is not None:
+            return web.json_response(early.body, status=early.status, headers=early.headers)
+        return await self.inner.request_filter(request, ctx)
+
+    def request_check(self, headers: RequestHeaders, ctx: RequestContext) -> EarlyAnswer | None:
+        """Back off from an upstream that punishes this caller; read the app's bid."""
         upstream = ctx.upstream or ""
         left = self.backing_off(upstream, self.clock())
         if left > 0:
             self.metrics.backoff.labels(upstream).inc()
-            return _json_answer(429, {
+            return EarlyAnswer(429, {
                 "error": f"upstream {upstream!r} punishes this caller; backing off locally",
                 "reason": ErrorReason.PUNISHED_BACKOFF, "upstream": upstream,
                 "retry_after": round(left, 3),
             }, {"Retry-After": str(max(1, math.ceil(left)))})
-        raw = request.headers.get(APP_BID_HEADER)
+        raw = headers.get(APP_BID_HEADER)
         if raw is None:
             bid = self.default_bid
         else:
@@ -115,12 +122,12 @@ class CallerPhases(ProxyPhases):
                 bid = parse_bid(raw)
             except WireError as exc:
                 self.metrics.bad_app_bids.labels(exc.reason).inc()
-                return _json_answer(400, {
+                return EarlyAnswer(400, {
                     "error": str(exc).replace(BID, APP_BID_HEADER), "reason": ErrorReason.BAD_BID,
                     "header": APP_BID_HEADER, "upstream": upstream,
-                }, {})
+                })
         ctx.extra["bid"] = bid
-        return await self.inner.request_filter(request, ctx)
+        return self.inner.request_check(headers, ctx)
 
     def upstream_pick(self, ctx: RequestContext, rng: Any, now: float) -> str | None:
         return self.inner.upstream_pick(ctx, rng, now)
@@ -166,7 +173,3 @@ class CallerPhases(ProxyPhases):
 
     def logging(self, ctx: RequestContext, now: float) -> None:
         self.inner.logging(ctx, now)
-
-
-def _json_answer(status: int, body: dict[str, Any], headers: dict[str, str]) -> web.Response:
-    return web.json_response(body, status=status, headers=headers)

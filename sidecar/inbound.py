@@ -27,7 +27,9 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
 6. **Signals back.** Every response carries ``X-GT-Congestion`` and ``X-GT-Reputation``;
    admitted responses carry ``X-GT-Price``.
 
-The game logic is :mod:`mesh`'s; this module measures, carries decisions out, and counts.
+The game logic is :mod:`mesh`'s; steps 1-4 and 6 are :mod:`sidecar.inbound_policing`'s
+(shared with the HTTP/2 streams of the same port, :mod:`sidecar.h2_inbound`); this module
+carries the decisions out for HTTP/1.1 and forwards.
 :meth:`InboundProxy.snapshot` gathers the mesh objects' own snapshots for the admin
 ``/debug/state`` (rendered by :func:`sidecar.admin.inbound_json`).
 The modes ``token-bucket`` (one Envoy-style local rate limit for all callers, 429 when empty)
@@ -43,17 +45,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from mesh.admission import AdmissionGate, Admit, Pass, Queue, Reject, RejectReason, Woken
-from mesh.auction import AuctionSnapshot, SecondPriceAuction
-from mesh.concurrency import AdaptiveConcurrencyLimit, ConcurrencySnapshot
-from mesh.reputation import ANONYMOUS, BookSnapshot, Decision, Phase, ReputationBook
+from mesh.admission import Woken
+from mesh.auction import AuctionSnapshot
+from mesh.concurrency import ConcurrencySnapshot
+from mesh.reputation import BookSnapshot
 from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.forward import (
     append_header,
@@ -64,6 +65,7 @@ from sidecar.forward import (
     strip_game_headers,
 )
 from sidecar.http1.client import H1Transport
+from sidecar.inbound_policing import OTHER, InboundOutcome, InboundPolicing, Refusal, Verdict
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from sidecar.transport import (
@@ -76,117 +78,16 @@ from sidecar.transport import (
     classify,
 )
 from sidecar.websocket import accept_like, is_websocket, relay_websocket
-from wire.bid import format_price, parse_bid
-from wire.errors import Reason, WireError
-from wire.headers import (
-    BID,
-    CONGESTION,
-    IDENTITY,
-    PRICE,
-    REPUTATION,
-    RETRY,
-    format_congestion,
-    is_gt_header,
-    parse_retry,
-)
-from wire.identity import IdentityRejection, verify_identity
-from wire.standing import format_standing
 
 log = logging.getLogger(__name__)
 
-OTHER = "other"
 GAUGE_REFRESH_INTERVAL = 0.5
-TRUSTED = "trusted"
-"""The identity check's result for a verified caller (``equilibrium_inbound_identity{result}``;
-any other result is the :class:`wire.errors.Reason` it was not trusted for)."""
-
-
 def _gone(request: web.Request) -> bool:
     """Whether the caller's connection is closed or closing."""
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
-class InboundOutcome(StrEnum):
-    """What happened to a request at the inbound listener: the ``outcome`` label of
-    ``equilibrium_inbound_requests`` (docs/operations.md, "Error reasons")."""
-
-    ADMITTED = "admitted"
-    """Forwarded to the app, and its answer relayed."""
-    THROTTLED = "throttled"
-    """429: the caller is punished (:attr:`mesh.admission.RejectReason.PUNISHED`)."""
-    RATE_LIMITED = "rate-limited"
-    """429: the ``token-bucket`` baseline's bucket was empty."""
-    BAD_BID = "bad-bid"
-    """400: a trusted caller's malformed ``X-GT-Bid``."""
-    QUEUE_FULL = "queue-full"
-    """503: no slot, and the bid queue is full of higher bids."""
-    QUEUE_TIMEOUT = "queue-timeout"
-    """503: no slot within ``max_wait``."""
-    BAD_TARGET = "bad-target"
-    """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
-    APP_ERROR = "app-error"
-    """The app did not answer (or refused a WebSocket upgrade): 502/504."""
-    CALLER_HUNG_UP = "caller-hung-up"
-    """The caller closed its connection before the app's answer was written back (the app
-    answered; nothing is charged to it and nothing is logged as an error)."""
-
-
-class CallerLabels:
-    """Bounded metric labels for callers: the first ``limit`` verified callers keep their own
-    label for the life of the process, ``anonymous`` always has one, the rest share ``other``.
-
-    Prometheus keeps every label value forever, so an attacker who could mint caller names
-    must not be able to grow the metrics without bound (names come only from verified
-    identities, but the cap holds even for a mesh with many callers).
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        self.limit = limit
-        self._known: set[str] = set()
-
-    def of(self, caller: str) -> str:
-        if caller == ANONYMOUS or caller in self._known:
-            return caller
-        if len(self._known) < self.limit:
-            self._known.add(caller)
-            return caller
-        return OTHER
-
-    def __contains__(self, caller: object) -> bool:
-        return caller in self._known or caller == ANONYMOUS
-
-    def names(self) -> list[str]:
-        """Every caller with a label of its own (``anonymous`` first)."""
-        return [ANONYMOUS, *sorted(self._known)]
-
-
-class LocalRateLimit:
-    """The baseline: one token bucket for all callers, as Envoy's local rate limit filter
-    (``max_tokens`` = ``burst``, refilled at ``rate`` per second). Pure; ``now`` is passed."""
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        if not (rate > 0 and burst >= 1):
-            raise ValueError("need rate > 0 and burst >= 1")
-        self.rate, self.burst = rate, burst
-        self._tokens, self._at = burst, now
-
-    def try_take(self, now: float) -> bool:
-        if now > self._at:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
-_STATUS = {RejectReason.PUNISHED: 429}  # the rest 503
-_OUTCOME = {RejectReason.PUNISHED: InboundOutcome.THROTTLED,
-            RejectReason.QUEUE_FULL: InboundOutcome.QUEUE_FULL,
-            RejectReason.QUEUE_TIMEOUT: InboundOutcome.QUEUE_TIMEOUT}  # shutting-down: not counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,16 +115,6 @@ class InboundSnapshot:
     def wall(self, at: float) -> float:
         """The wall-clock time (Unix seconds) of policing time ``at``."""
         return self.wall_time + (at - self.now)
-
-
-@dataclass(slots=True)
-class _Verdict:
-    """What policing decided for one request, for the response headers."""
-
-    caller: str
-    label: str
-    decision: Decision | None = None
-    price: float | None = None
 
 
 class InboundProxy:
@@ -264,24 +155,27 @@ class InboundProxy:
         self.via = f"1.1 {sidecar_id}"
         self.metrics = metrics
         self.metrics.mesh_key.set(1 if mesh_key else 0)
-        self.labels = CallerLabels(settings.max_caller_labels)
-        now = clock()
-        self.gate = AdmissionGate(
-            book=ReputationBook(settings.reputation),
-            limiter=AdaptiveConcurrencyLimit(settings.concurrency),
-            auction=SecondPriceAuction(settings.auction),
-            max_wait=settings.max_wait, capacity=settings.capacity,
-        )
+        # the decisions both protocols share (sidecar.h2_inbound serves HTTP/2 with it)
+        self.policing = InboundPolicing(settings=settings, metrics=metrics, mesh_key=mesh_key,
+                                        clock=clock, wall_clock=wall_clock)
+        self.labels, self.gate = self.policing.labels, self.policing.gate
         self.book, self.limiter, self.auction = self.gate.book, self.gate.limiter, self.gate.auction
-        self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
-        self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
+        self.bucket = self.policing.bucket
         self._shown: set[str] = set()  # callers with per-caller gauges right now
-        self.in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests at the app through this listener, both protocols."""
+        return self.policing.in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self.policing.in_flight = value
 
     @property
     def game(self) -> bool:
         """Whether the game is played (mode equilibrium) rather than a baseline."""
-        return self.settings.mode == "equilibrium"
+        return self.policing.game
 
     # ------------------------------------------------------------ lifecycle
 
@@ -297,7 +191,7 @@ class InboundProxy:
             await self._own_transport.start()
 
     async def _close(self, _: web.Application) -> None:
-        self._deliver(self.gate.close(self.clock()))
+        self.policing.close()
         if self._own_transport is not None:
             await self._own_transport.close()
 
@@ -367,138 +261,26 @@ class InboundProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         now = self.clock()
-        caller, trusted = self._identify(request)
-        verdict = _Verdict(caller, self.labels.of(caller))
-        if not request.raw_path.startswith("/"):  # the app is a server, not a proxy
-            self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_TARGET).inc()
-            return self._answer(verdict, 400, ErrorReason.BAD_TARGET,
-                                "the request target must be a path starting with '/' "
-                                f"(got {request.raw_path[:64]!r})", {})
-        if not self.game:
-            return await self._baseline(request, verdict, now)
-        bid, is_retry = 0.0, False
-        if trusted:
-            try:
-                bid = parse_bid(request.headers.get(BID))
-            except WireError as exc:
-                self.metrics.bad_bids.labels(exc.reason).inc()
-                self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_BID).inc()
-                return self._answer(verdict, 400, ErrorReason.BAD_BID, str(exc), {"header": BID})
-            is_retry = self._is_retry(request)
-        policed = self.gate.police(caller, bid, now, is_retry=is_retry)
-        self._deliver(policed.woken)
-        verdict.decision = policed.decision
-        if isinstance(policed, Reject):
-            return self._refuse(verdict, policed)
+        verdict, policed = self.policing.police(request.headers, request.raw_path, now)
+        if isinstance(policed, Refusal):
+            return self._reply(verdict, policed)
+        if policed is None:  # a baseline mode: no slot
+            return await self._forward(request, verdict, tracked=False)
         if is_websocket(request):  # long-lived: policed at the handshake, holds no slot
             return await self._websocket(request, verdict)
-        if policed.voided:
-            self.metrics.voided_bids.inc()
-        admission = await self._admit(verdict, policed, now)
-        if isinstance(admission, web.StreamResponse):
-            return admission
-        verdict.price = admission.price
-        self.metrics.price.set(admission.price)
-        if admission.price > 0:
-            self.metrics.paid.labels(verdict.label).inc(admission.price)
-        self.metrics.wait.observe(admission.waited)
+        admission = await self.policing.admit(verdict, policed, now)
+        if isinstance(admission, Refusal):
+            return self._reply(verdict, admission)
         return await self._forward(request, verdict, tracked=True)
-
-    def _identify(self, request: web.Request) -> tuple[str, bool]:
-        header = request.headers.get(IDENTITY)
-        if self.mesh_key is None:
-            self.metrics.identity.labels(Reason.NO_KEY if header else Reason.MISSING).inc()
-            trusted = False
-        else:
-            checked = verify_identity(header, self.mesh_key, self.wall_clock(),
-                                      self.settings.identity_max_skew)
-            if isinstance(checked, IdentityRejection):
-                self.metrics.identity.labels(checked.reason).inc()
-                trusted = False
-            else:
-                self.metrics.identity.labels(TRUSTED).inc()
-                return checked.caller, True
-        ignored = sum(1 for name in request.headers if is_gt_header(name)
-                      and name.lower() != IDENTITY.lower())
-        if ignored:
-            self.metrics.stripped.labels(HeaderDrop.UNTRUSTED).inc(ignored)
-        return ANONYMOUS, trusted
-
-    def _is_retry(self, request: web.Request) -> bool:
-        raw = request.headers.get(RETRY)
-        if raw is None:
-            return False
-        try:
-            parse_retry(raw)
-        except WireError:
-            self.metrics.bad_headers.labels(RETRY.lower()).inc()
-            return True  # a malformed mark is still a mark: never cheaper than a valid one
-        return True
-
-    async def _admit(
-        self, verdict: _Verdict, policed: Pass, now: float
-    ) -> Admit | web.StreamResponse:
-        """A slot now, or a place in the bid queue until one frees up
-        (:meth:`AdmissionGate.offer`); a waiter's future is answered by whichever step of the
-        gate frees a slot for it or sends it away."""
-        offered = self.gate.offer(policed, now)
-        self._deliver(offered.woken)
-        if isinstance(offered, Admit):
-            return offered
-        if isinstance(offered, Reject):
-            return self._refuse(verdict, offered)
-        future: asyncio.Future[Woken] = asyncio.get_running_loop().create_future()
-        self._waiting[offered.request_id] = future
-        self.metrics.queue_length.set(self.gate.queue_length)
-        try:
-            await asyncio.wait({future}, timeout=self.gate.max_wait)
-        except asyncio.CancelledError:  # the client went away while waiting
-            self._leave(offered, future)
-            raise
-        if not future.done():
-            self._waiting.pop(offered.request_id, None)
-            return self._refuse(verdict, self.gate.time_out(offered, self.clock()))
-        result = future.result()
-        if isinstance(result, Admit):
-            return result
-        if result.reason is RejectReason.PUNISHED:
-            verdict.decision = None  # report the standing as it is now (punished)
-        return self._refuse(verdict, result)
 
     def _deliver(self, woken: tuple[Woken, ...]) -> None:
         """Hand waiters what the gate decided for them."""
-        for outcome in woken:
-            future = self._waiting.pop(outcome.request_id or "", None)
-            if future is not None and not future.done():
-                future.set_result(outcome)
-            elif isinstance(outcome, Admit):  # its client is gone: the slot is free again
-                self._deliver(self.gate.finish(self.clock()))
-
-    def _leave(self, queued: Queue, future: asyncio.Future[Woken]) -> None:
-        """A waiter's client went away: its place in the queue, or the slot it was just
-        given, goes back to the gate."""
-        now = self.clock()
-        self._waiting.pop(queued.request_id, None)
-        if future.done() and not future.cancelled() and isinstance(future.result(), Admit):
-            self._deliver(self.gate.finish(now))  # admitted just now: give the slot back
-        else:
-            self.gate.withdraw(queued.request_id, now)
-            future.cancel()
-
-    async def _baseline(
-        self, request: web.Request, verdict: _Verdict, now: float
-    ) -> web.StreamResponse:
-        if self.settings.mode == "token-bucket" and not self.bucket.try_take(now):
-            self.metrics.requests.labels(verdict.label, InboundOutcome.RATE_LIMITED).inc()
-            return self._answer(verdict, 429, ErrorReason.LOCAL_RATE_LIMITED,
-                                "local rate limit exceeded", {}, {"X-RateLimit-Limit":
-                                f"{self.settings.token_bucket_rate:g}"})
-        return await self._forward(request, verdict, tracked=False)
+        self.policing.deliver(woken)
 
     # ------------------------------------------------------------ forwarding
 
     async def _forward(
-        self, request: web.Request, verdict: _Verdict, *, tracked: bool
+        self, request: web.Request, verdict: Verdict, *, tracked: bool
     ) -> web.StreamResponse:
         """Send to the app and stream its answer back; ``tracked`` holds a limiter slot."""
         headers, _ = request_headers_to_upstream(
@@ -561,7 +343,7 @@ class InboundProxy:
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
 
-    async def _websocket(self, request: web.Request, verdict: _Verdict) -> web.StreamResponse:
+    async def _websocket(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""
         if self._dialer is None:
             return self._answer(verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
@@ -587,59 +369,18 @@ class InboundProxy:
 
     # ------------------------------------------------------------ answers
 
-    def _signal_headers(self, headers: CIMultiDict[str], verdict: _Verdict) -> None:
-        if not self.game:
-            return
-        limiter = self.limiter
-        headers[CONGESTION] = format_congestion(self._congestion(), limiter.limit,
-                                                limiter.in_flight)
-        decision = verdict.decision
-        if decision is not None:
-            headers[REPUTATION] = format_standing(decision.reputation, decision.level,
-                                                  decision.phase, decision.retry_after)
-        else:  # answered before policing (bad bid): the standing as it is
-            now = self.clock()
-            standing = self.book.standing(verdict.caller, now)
-            headers[REPUTATION] = (
-                format_standing(standing.reputation, standing.level, standing.phase,
-                                standing.punished_for)
-                if standing is not None else format_standing(1.0, 0, Phase.GOOD, None)
-            )
-        if verdict.price is not None:
-            headers[PRICE] = format_price(verdict.price)
+    def _signal_headers(self, headers: CIMultiDict[str], verdict: Verdict) -> None:
+        headers.update(self.policing.signal_headers(verdict))
 
-    def _refuse(self, verdict: _Verdict, refused: Reject) -> web.Response:
-        """The answer to a request the gate sent away (429 punished, else 503)."""
-        outcome = _OUTCOME.get(refused.reason)
-        if outcome is not None:
-            self.metrics.requests.labels(verdict.label, outcome).inc()
-        return self._answer(verdict, _STATUS.get(refused.reason, 503), refused.reason,
-                            self._refusal_message(verdict, refused), {},
-                            {"Retry-After": str(refused.retry_after)})
-
-    def _refusal_message(self, verdict: _Verdict, refused: Reject) -> str:
-        caller = verdict.caller
-        match refused.reason, refused.queued:
-            case RejectReason.PUNISHED, False:
-                level = refused.decision.level if refused.decision is not None else 0
-                return (f"caller {caller!r} is punished (level {level}) for exceeding its fair "
-                        "share or retry budget; back off")
-            case RejectReason.PUNISHED, True:
-                return f"caller {caller!r} was punished while this request waited; back off"
-            case RejectReason.QUEUE_FULL, False:
-                return "the app is overloaded and the queue is full of higher bids"
-            case RejectReason.QUEUE_FULL, True:
-                return "pushed out of a full queue by a higher bid"
-            case RejectReason.QUEUE_TIMEOUT, _:
-                return (f"no slot at the app within {self.gate.max_wait:g} s "
-                        "(overloaded; a higher bid is served first)")
-        return "the sidecar is shutting down"
+    def _reply(self, verdict: Verdict, refusal: Refusal) -> web.Response:
+        return self._answer(verdict, refusal.status, refusal.reason, refusal.message,
+                            refusal.extra, refusal.headers)
 
     def _answer(
         self,
-        verdict: _Verdict,
+        verdict: Verdict,
         status: int,
-        reason: ErrorReason | RejectReason,
+        reason: str,
         message: str,
         extra: dict[str, Any],
         headers: dict[str, str] | None = None,

@@ -449,6 +449,12 @@ class H2Metrics:
             "SETTINGS_MAX_CONCURRENT_STREAMS",
             registry=registry,
         )
+        self.oversized_headers = Counter(
+            "equilibrium_h2_oversized_header_blocks",
+            "HTTP/2 requests refused (431, or RESOURCE_EXHAUSTED for gRPC) for a header block "
+            "over the announced SETTINGS_MAX_HEADER_LIST_SIZE",
+            registry=registry,
+        )
         self.connections_open = Gauge(
             "equilibrium_outbound_connections_open",
             "Connections open on the outbound listener (HTTP/1.1, h2c, still sniffing)",
@@ -459,3 +465,37 @@ class H2Metrics:
             "Connections the outbound listener closed at once: its connection cap was reached",
             registry=registry,
         )
+
+
+class InboundListenerMetrics(H2Metrics):
+    """The inbound listener's connections and HTTP/2 defences: the listener families of
+    :class:`H2Metrics` under ``equilibrium_inbound_*`` (the same site and connection code
+    serves both listeners); the call counters are the outbound ones, shared."""
+
+    def __init__(self, registry: CollectorRegistry, shared: H2Metrics) -> None:
+        scope: dict[str, Any] = {"namespace": "equilibrium", "subsystem": "inbound",
+                                 "registry": registry}
+        self.grpc_calls = shared.grpc_calls
+        self.streams_cancelled = shared.streams_cancelled
+        self.connections = Counter(
+            "connections", "Connections accepted on the inbound listener, by protocol "
+            "(http1, h2c)", ["protocol"], **scope)
+        self.listener_timeouts = Counter(
+            "listener_timeouts", "Inbound-listener connections closed by a timeout, by phase "
+            "(first_bytes, h2_idle)", ["phase"], **scope)
+        self.flood_goaways = Counter(
+            "h2_flood_goaways", "HTTP/2 caller connections ended with "
+            "GOAWAY(ENHANCE_YOUR_CALM), by the budget they ran out of", ["kind"], **scope)
+        self.refused_streams = Counter(
+            "h2_refused_streams", "HTTP/2 streams refused (REFUSED_STREAM) for exceeding the "
+            "announced SETTINGS_MAX_CONCURRENT_STREAMS", **scope)
+        self.oversized_headers = Counter(
+            "h2_oversized_header_blocks", "HTTP/2 requests refused (431, or "
+            "RESOURCE_EXHAUSTED for gRPC) for a header block over the announced "
+            "SETTINGS_MAX_HEADER_LIST_SIZE", **scope)
+        self.connections_open = Gauge(
+            "connections_open", "Connections open on the inbound listener (HTTP/1.1, h2c, "
+            "still sniffing)", **scope)
+        self.connections_rejected = Counter(
+            "connections_rejected", "Connections the inbound listener closed at once: its "
+            "connection cap was reached", **scope)

@@ -4,7 +4,8 @@ A request goes through these hooks, in this order; every hook has a working defa
 feature (the caller's identity and bid: :mod:`sidecar.identity_phase`) overrides only the
 phases it needs by subclassing ``ProxyPhases`` and handing the instance to the runner::
 
-    request_filter          may answer early (return a response) or annotate ``ctx``
+    request_filter          may answer early (return a response) or annotate ``ctx``; its
+                            protocol-neutral part, ``request_check``, is what HTTP/2 runs
     upstream_pick           choose an endpoint (default: the upstream's policy), per attempt
     upstream_request_filter edit the headers sent upstream (default: X-GT-Regret, X-GT-Retry)
     response_filter         edit the headers handed back to the app (X-GT-* already consumed)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -48,6 +50,23 @@ class RequestContext:
     extra: dict[str, object] = field(default_factory=dict)  # for overriding phases
 
 
+class RequestHeaders(Protocol):
+    """Request headers as the phases read them (aiohttp's, or an HTTP/2 block's)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyAnswer:
+    """An answer to the app instead of forwarding: the HTTP status, the JSON body (with
+    ``error`` and ``reason``) and more headers; HTTP/2 turns it into a gRPC status for a
+    gRPC caller."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class ProxyPhases:
     """Default behaviour of every phase; subclass and override to extend the proxy."""
 
@@ -55,6 +74,11 @@ class ProxyPhases:
         self, request: web.Request, ctx: RequestContext
     ) -> web.StreamResponse | None:
         """Return a response to answer the app without forwarding; default: forward."""
+        return None
+
+    def request_check(self, headers: RequestHeaders, ctx: RequestContext) -> EarlyAnswer | None:
+        """The part of ``request_filter`` that needs only the headers (the HTTP/2 path runs
+        this one); default: forward."""
         return None
 
     def upstream_pick(

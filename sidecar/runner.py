@@ -47,6 +47,7 @@ from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
+from sidecar.h2_inbound import H2Inbound
 from sidecar.h2_proxy import H2Outbound
 from sidecar.h2_server import H2Limits
 from sidecar.h2_site import outbound_site
@@ -54,6 +55,7 @@ from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
 from sidecar.metrics import (
     DiscoveryMetrics,
+    InboundListenerMetrics,
     InboundMetrics,
     SidecarMetrics,
     SignalingMetrics,
@@ -137,13 +139,14 @@ class SidecarRunner:
         pinned = (_authority_pin(self.discovery, self.table) if self.discovery is not None
                   else None)
         site = None
+        transparent = None
         if config.transparent:
             transparent = transparent_outbound(
                 self.table, TransparentMetrics(self.metrics.registry),
                 connect_timeout=self.profile.connect_timeout,
                 drain_timeout=config.drain_timeout,
                 lookup=self.discovery.route if self.discovery is not None else None,
-                fallback=pinned,
+                fallback=pinned, header_timeout=config.listener.header_timeout,
             )
             site, pinned = transparent.site, transparent.pinned_upstream
             log.info("transparent interception: routing redirected connections by their "
@@ -183,14 +186,17 @@ class SidecarRunner:
             rng=self.proxy.rng,
             clock=clock,
         )
+        limits = config.listener
+        h2_limits = H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout)
+        if transparent is not None:  # h2c on redirected connections: per stream, pinned
+            transparent.serve_h2(self.h2.handle, self.h2.h2_metrics, h2_limits)
         if site is None:
-            limits = config.listener
             site = outbound_site(
                 self.h2.handle, self.h2.h2_metrics, drain_timeout=config.drain_timeout,
-                limits=H2Limits(max_streams=limits.max_streams,
-                                idle_timeout=limits.idle_timeout),
-                sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
+                limits=h2_limits, sniff_timeout=limits.header_timeout,
+                max_connections=limits.max_connections)
         self.inbound = self._build_inbound(mesh_key)
+        self.h2_inbound: H2Inbound | None = None  # set with the inbound listener's site
         self.signaling: SidecarSignaling | None = None
         if signaling is not None:
             self.signaling = SidecarSignaling(
@@ -224,7 +230,8 @@ class SidecarRunner:
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
         self._add_listener("admin", admin, config.admin, drains=False)
         if self.inbound is not None and config.inbound is not None:
-            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True)
+            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True,
+                               site_factory=self._inbound_site(self.inbound))
         # Background tasks, started in this order by run().
         self._background.append(("policy-ticks", self._tick_loop))
         if config.config_file is not None:
@@ -270,6 +277,18 @@ class SidecarRunner:
         log.info("inbound %s -> app %s, policing mode %s", config.inbound, config.app,
                  config.policing.mode)
         return inbound
+
+    def _inbound_site(self, inbound: InboundProxy) -> SiteFactory:
+        """HTTP/1.1 and h2c on the inbound port: each HTTP/2 stream is policed and forwarded
+        on its own (sidecar.h2_inbound), with the outbound listener's defences."""
+        self.h2_inbound = H2Inbound(inbound)
+        limits = self.config.listener
+        return outbound_site(
+            self.h2_inbound.handle, InboundListenerMetrics(self.metrics.registry,
+                                                           self.h2.h2_metrics),
+            drain_timeout=self.config.drain_timeout,
+            limits=H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout),
+            sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
 
     def _add_listener(
         self, name: str, app: web.Application, address: ListenAddress, *, drains: bool,
@@ -412,6 +431,8 @@ class SidecarRunner:
                 lst.runner = None
         await self.proxy.close()
         self.h2.close()
+        if self.h2_inbound is not None:
+            self.h2_inbound.close()
 
     # ------------------------------------------------------------ background tasks
 

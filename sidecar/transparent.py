@@ -8,18 +8,29 @@ accepted connection ``TransparentSite`` reads the original destination (``SO_ORI
 - ``direct``: not redirected (the app dialled the listener itself, e.g. ``HTTP_PROXY``):
   the ordinary HTTP proxy, routed by ``Host``.
 - ``service``: the destination is a Service's cluster IP and port known to discovery (or a
-  static upstream named by that IP) and the connection speaks HTTP/1.1: the HTTP proxy, with
+  static upstream named by that IP) and the connection speaks HTTP (HTTP/1.1 or h2c): the
+  HTTP proxy, with
   the upstream pinned to that Service port whatever the ``Host`` says
   (``TransparentRouter.pinned_upstream``), so the mesh policy picks the endpoint exactly as
   for Host-based routing. ``Host`` is sent on untouched.
 - ``passthrough``: anything else -- no Service, or a Service port that does not speak
-  HTTP/1.1 (a database, TLS, gRPC): a byte-for-byte TCP relay to the original destination,
+  HTTP (a database, TLS, gRPC over TLS): a byte-for-byte TCP relay to the original destination,
   with half-close and flow control, untouched (a cluster IP is then balanced by kube-proxy).
 
 Whether a Service port speaks HTTP comes from discovery (``appProtocol`` or the port name,
 see :func:`sidecar.discovery.port_protocol`). For a port without such a hint the first bytes
 are sniffed: an HTTP/1.x request line means HTTP; other bytes, or silence for
 ``sniff_timeout`` (a server-first protocol such as MySQL or SMTP), mean pass-through.
+
+HTTP/2: on every connection that may carry HTTP (``direct``, ``service`` and sniffed ones)
+the prior-knowledge h2c preface (RFC 9113 §3.4) is told apart from HTTP/1.1 by the first
+bytes, and such a connection is served by an :class:`sidecar.h2_server.H2ServerConnection`
+whose streams are routed one by one (:meth:`TransparentOutbound.serve_h2` gives the handler,
+:class:`sidecar.h2_proxy.H2Outbound`), each pinned to the original destination's upstream as
+HTTP/1.1 requests are; a direct connection is routed by ``:authority``. A gRPC Service port is
+therefore balanced per call, not passed through. Until the whole preface (or a byte that
+is not one) arrived on a ``direct``/``service`` connection, it waits up to ``header_timeout``,
+then is closed.
 
 Both families: ``equilibrium init`` installs the same rules with ip6tables, so redirected
 IPv6 connections arrive at ``[::1]``, on the ``[::]`` twin of a ``0.0.0.0`` listener
@@ -39,14 +50,17 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
 
-from sidecar.metrics import TransparentMetrics
+from sidecar.h2_server import H2Limits, H2ServerConnection, ServerStream
+from sidecar.h2_site import DEFAULT_SNIFF_TIMEOUT as DEFAULT_HEADER_TIMEOUT
+from sidecar.h2_site import sniff_preface
+from sidecar.metrics import H2Metrics, TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
 
 log = logging.getLogger(__name__)
@@ -118,11 +132,28 @@ class TransparentRouter:
         return self.upstream_for(dst) if dst is not None else None
 
 
+# the HTTP/2 handler: a stream, and the upstream its connection is pinned to (None: direct)
+PinnedHandler = Callable[[ServerStream, str | None], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class H2Serving:
+    """How redirected (and direct) h2c connections are served."""
+
+    handler: PinnedHandler
+    metrics: H2Metrics
+    limits: H2Limits = field(default_factory=H2Limits)
+
+
 class RelayBook:
     """The open relays of one outbound listener, shared by its sockets (``0.0.0.0`` and its
-    ``[::]`` twin, :mod:`sidecar.dual_stack`): one count, one loop guard, one drain."""
+    ``[::]`` twin, :mod:`sidecar.dual_stack`): one count, one loop guard, one drain; and its
+    HTTP/2 connections."""
+
+    h2: H2Serving | None = None  # set by TransparentOutbound.serve_h2; None: no h2c detection
 
     def __init__(self) -> None:
+        self.h2_connections: set[H2ServerConnection] = set()
         self.sides: set[_RelaySide] = set()  # downstream ends of open relays
         self.idle = asyncio.Event()  # set whenever no relay is open
         self.idle.set()
@@ -139,6 +170,7 @@ class TransparentSite(web.BaseSite):
         "_book",
         "_connect_timeout",
         "_drain_timeout",
+        "_header_timeout",
         "_host",
         "_metrics",
         "_port",
@@ -158,9 +190,11 @@ class TransparentSite(web.BaseSite):
         drain_timeout: float,
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
         book: RelayBook | None = None,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     ) -> None:
         super().__init__(runner)
         self._sniff_timeout = sniff_timeout
+        self._header_timeout = header_timeout
         self._host, self._port = host, port
         self._router = router
         self._metrics = metrics
@@ -183,11 +217,18 @@ class TransparentSite(web.BaseSite):
     async def stop(self) -> None:
         for server in self._book.servers:  # the IPv4 and IPv6 sockets stop accepting together
             server.close()
+        h2 = list(self._book.h2_connections)
+        for conn in h2:
+            conn.shutdown()  # GOAWAY: the streams in flight finish
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._drain_timeout):
                 await self._book.idle.wait()
+                for conn in h2:
+                    await conn.lost.wait()
         for side in list(self._book.sides):
             side.abort()
+        for conn in list(self._book.h2_connections):
+            conn.abort()
         await super().stop()
 
     # ------------------------------------------------------------ per connection
@@ -225,14 +266,34 @@ class TransparentSite(web.BaseSite):
                       "being redirected (run it as the proxy UID/GID the init rules exempt)",
                       *dst)
             return _Refuse()
-        if route in ("direct", "http"):
+        if route in ("direct", "http", "h2"):
             self._metrics.connections.labels("direct" if dst is None else "service").inc()
+            if route == "h2":
+                return self._h2_connection(dst)
             server = self._runner.server
             assert server is not None
             return server()  # aiohttp's HTTP protocol for this connection
         assert dst is not None
         self._metrics.connections.labels("passthrough").inc()
         return _RelaySide(self, dst, downstream=True)
+
+    def _h2_connection(self, dst: Address | None) -> H2ServerConnection:
+        """An h2c connection whose every stream goes to ``dst``'s upstream (by
+        ``:authority`` when not redirected)."""
+        serving = self._book.h2
+        assert serving is not None
+        serving.metrics.connections.labels("h2c").inc()
+        pinned = self._router.upstream_for(dst) if dst is not None else None
+        handler = serving.handler
+
+        async def handle(stream: ServerStream) -> None:
+            await handler(stream, pinned)
+
+        conns = self._book.h2_connections
+        conn = H2ServerConnection(handle, limits=serving.limits, metrics=serving.metrics,
+                                  on_close=conns.discard)
+        conns.add(conn)
+        return conn
 
     # ------------------------------------------------------------ relay bookkeeping
 
@@ -262,6 +323,7 @@ class _Dispatch(asyncio.Protocol):
         self.site = site
         self.transport: asyncio.Transport | None = None
         self.dst: Address | None = None
+        self.route = ""
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None
 
@@ -269,17 +331,38 @@ class _Dispatch(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         route, self.dst = self.site.classify(transport)
+        self.route = route
+        loop = asyncio.get_running_loop()
         if route == "sniff":
-            self.timer = asyncio.get_running_loop().call_later(
+            self.timer = loop.call_later(
                 self.site._sniff_timeout, self._hand_over, "passthrough")  # server speaks first
+        elif route in ("direct", "http") and self.site._book.h2 is not None:
+            # HTTP/1.1 or h2c: told apart by the first bytes (a client speaks first)
+            self.timer = loop.call_later(self.site._header_timeout, self._silent)
         else:
             self._hand_over(route)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        verdict = sniff_http(self.buffer[:SNIFF_BYTES])
-        if verdict is not None:
-            self._hand_over("http" if verdict else "passthrough")
+        h2c = sniff_preface(self.buffer) if self.site._book.h2 is not None else False
+        if h2c:
+            self._hand_over("h2")
+        elif self.route != "sniff":  # direct or http: HTTP/1.1 unless it is the preface
+            if h2c is False:
+                self._hand_over(self.route)
+        else:
+            verdict = sniff_http(self.buffer[:SNIFF_BYTES])
+            if verdict:
+                self._hand_over("http")
+            elif verdict is False and h2c is False:
+                self._hand_over("passthrough")
+
+    def _silent(self) -> None:
+        """Neither a byte of HTTP/1.1 nor the whole preface in time: closed."""
+        self.timer = None
+        transport, self.transport = self.transport, None
+        if transport is not None and not transport.is_closing():
+            transport.close()
 
     def eof_received(self) -> bool:
         self._cancel_timer()
@@ -438,6 +521,14 @@ class TransparentOutbound:
     router: TransparentRouter
     site: Callable[[web.AppRunner, str, int], web.BaseSite]
     pinned_upstream: Callable[[web.BaseRequest], str | None]
+    book: RelayBook
+
+    def serve_h2(self, handler: PinnedHandler, metrics: H2Metrics,
+                 limits: H2Limits | None = None) -> None:
+        """Detect h2c on the listener's connections and serve each stream with ``handler``
+        (given the stream and the upstream its connection is pinned to). Before the
+        listener starts."""
+        self.book.h2 = H2Serving(handler, metrics, limits or H2Limits())
 
 
 def transparent_outbound(
@@ -449,6 +540,7 @@ def transparent_outbound(
     lookup: DestinationLookup | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     fallback: Callable[[web.BaseRequest], str | None] | None = None,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
 ) -> TransparentOutbound:
     """The outbound listener's site and pin for transparent interception (built by the runner
     before the proxy, which takes ``pinned_upstream``, and the listener, which takes ``site``).
@@ -463,7 +555,7 @@ def transparent_outbound(
         return TransparentSite(
             app_runner, host, port, router=router, metrics=metrics,
             connect_timeout=connect_timeout, drain_timeout=drain_timeout,
-            sniff_timeout=sniff_timeout, book=book,
+            sniff_timeout=sniff_timeout, book=book, header_timeout=header_timeout,
         )
 
     def pinned(request: web.BaseRequest) -> str | None:
@@ -472,4 +564,4 @@ def transparent_outbound(
             name = fallback(request)
         return name
 
-    return TransparentOutbound(router, site, pinned)
+    return TransparentOutbound(router, site, pinned, book)

@@ -62,6 +62,7 @@ NEEDS: dict[str, Need] = {
        for tool in ("haproxy", "nginx", "wrk")},
     "chromium": Need(lambda: find_chromium() is not None, CHROMIUM,
                      "apt-get install -y chromium"),
+    "h2load": Need(_on_path("h2load"), PEERS, "apt-get install -y nghttp2-client"),
     "docker": Need(_on_path("docker"), DOCKER,
                    "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
     "docker-compose": Need(_on_path("docker-compose"), DOCKER,

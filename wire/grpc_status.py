@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 OK = 0
 UNKNOWN = 2
+INVALID_ARGUMENT = 3
 DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
 RESOURCE_EXHAUSTED = 8

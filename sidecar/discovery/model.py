@@ -102,7 +102,11 @@ def _ip(value: Any, what: str) -> str:
 
 
 HTTP_APP_PROTOCOLS = frozenset({"http", "kubernetes.io/ws"})
-OPAQUE_NAME_PREFIXES = ("tcp", "tls", "https", "http2", "grpc", "h2c", "mongo", "mysql", "redis",
+# HTTP/2 ports: sniffed, so that prior-knowledge h2c (gRPC) is routed per call and TLS
+# (grpcs, h2) passes through
+H2_APP_PROTOCOLS = frozenset({"grpc", "h2c", "kubernetes.io/h2c", "http2"})
+H2_NAME_PREFIXES = ("grpc", "h2c", "http2")
+OPAQUE_NAME_PREFIXES = ("tcp", "tls", "https", "mongo", "mysql", "redis",
                         "postgres", "amqp", "kafka", "zookeeper")
 
 
@@ -110,16 +114,22 @@ def port_protocol(port: Mapping[str, Any]) -> str:
     """How intercepted connections to a Service port are handled (as Istio selects protocols).
 
     ``appProtocol`` decides when set (``http`` or ``kubernetes.io/ws``: HTTP/1.1, routed by the
-    mesh policy; anything else: opaque TCP). Otherwise the port name: ``http`` or ``http-*``
-    is HTTP; a name starting with a known non-HTTP/1.1 protocol (``tcp``, ``tls``, ``https``,
-    ``grpc``, ``redis``...) is opaque; any other or no name is ``unknown`` and is sniffed.
+    mesh policy; ``grpc``, ``h2c``, ``kubernetes.io/h2c``, ``http2``: ``unknown``, sniffed, so
+    h2c is routed per stream and TLS passes through; anything else: opaque TCP). Otherwise the
+    port name: ``http`` or ``http-*`` is HTTP; ``grpc*``, ``h2c*``, ``http2*`` are sniffed; a
+    name starting with a known non-HTTP protocol (``tcp``, ``tls``, ``https``, ``redis``...)
+    is opaque; any other or no name is ``unknown`` and is sniffed.
     """
     app_protocol = str(port.get("appProtocol") or "").strip().lower()
     if app_protocol:
+        if app_protocol in H2_APP_PROTOCOLS:
+            return "unknown"
         return "http" if app_protocol in HTTP_APP_PROTOCOLS else "opaque"
     name = str(port.get("name") or "").lower()
     if name == "http" or name.startswith("http-"):
         return "http"
+    if name.startswith(H2_NAME_PREFIXES):
+        return "unknown"
     if name.startswith(OPAQUE_NAME_PREFIXES):
         return "opaque"
     return "unknown"

@@ -74,3 +74,18 @@ def test_proxy_overhead_measures_each_proxy_cpu_and_one_core_maximum(tmp_path: P
     targets = next(t for t in doc["tables"] if t["title"].startswith("targets (issue 11)"))
     assert [row[0].split(" ")[0] for row in targets["rows"]] == ["CPU", "added", "one"]
     assert all(row[2] in ("met", "missed") for row in targets["rows"])
+
+
+@pytest.mark.needs("h2load")
+def test_h2_overhead_measures_cpu_per_grpc_call_of_the_sidecar_and_haproxy(
+        tmp_path: Path) -> None:
+    doc = _bench(["--scenario", "h2-overhead", "--duration", "2", "--rate", "150",
+                  "--h2-rounds", "1", "--h2-warmup-calls", "50"], tmp_path)
+    modes = doc["data"]["modes"]
+    assert list(modes) == ["direct", "sidecar", "haproxy-h2"]
+    for name, m in modes.items():  # every call answered, through each path
+        assert (m["calls"], m["failed"], m["non_2xx"]) == (300, 0, 0), name
+    assert modes["sidecar"]["cpu_s"] > 0 and modes["haproxy-h2"]["cpu_s"] > 0
+    ratio = doc["data"]["cpu_ratio_to_haproxy"]
+    target = next(t for t in doc["tables"] if t["title"].startswith("target"))
+    assert target["rows"][0][1] == f"{ratio:.2f}×"

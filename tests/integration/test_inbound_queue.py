@@ -133,7 +133,7 @@ async def test_waiting_too_long_is_a_503_and_a_client_that_leaves_frees_its_plac
         assert (await first).status == 200
     assert late.status == 503 and late.json()["reason"] == "queue-timeout"
     assert waited >= 1.5  # answered at max_wait, not before
-    assert rig.proxy.limiter.in_flight == 0 and not rig.proxy._waiting
+    assert rig.proxy.limiter.in_flight == 0 and not rig.proxy.policing._waiting
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from sidecar.original_dst import original_dst, redirected_to
@@ -69,6 +72,7 @@ from tests.integration.procs import rss_bytes
 POD_IP, CLUSTER_IP_A, CLUSTER_IP_B = "10.200.0.1", "10.200.0.2", "10.200.0.3"
 SERVICE_IP = "10.96.0.10"  # the "users" Service's cluster IP: exists only in the init rules
 TCP_PORT, BANNER_PORT = 7000, 2525  # the Service's non-HTTP ports (opaque, server-first)
+GRPC_PORT = 50051  # the Service's h2c port (named grpc: sniffed, h2c routed per stream)
 BULK_MIB = 64
 PROXY_GID = 1337
 
@@ -86,6 +90,7 @@ class Cluster(ClusterServers):
     echo_port: int = 0
     banner_port: int = 0
     sink_port: int = 0
+    h2_port: int = 0
 
     async def serve_named(self, name: str, sock: socket.socket) -> None:
         self.runners.append(await serve_http(sock, self.users_handler(name)))
@@ -125,6 +130,14 @@ class Cluster(ClusterServers):
                     await writer.drain()
             writer.close()
 
+        loop = asyncio.get_running_loop()
+        h2_a = listen_in(ns, CLUSTER_IP_A)
+        self.h2_port = h2_a.getsockname()[1]
+        h2_b = listen_in(ns, CLUSTER_IP_B, self.h2_port)
+        for name, sock in (("users-a", h2_a), ("users-b", h2_b)):
+            self.servers.append(await loop.create_server(
+                lambda name=name: H2Backend(name), sock=sock))  # type: ignore[misc]
+
         banner_sock = listen_in(ns, CLUSTER_IP_A)
         self.banner_port = banner_sock.getsockname()[1]
         self.servers.append(await asyncio.start_server(banner, sock=banner_sock))
@@ -137,15 +150,89 @@ class Cluster(ClusterServers):
 
         self.api.put("services", service(
             "users", "default", SERVICE_IP,
-            [("http", 80), ("metrics", 9090), ("tcp-echo", TCP_PORT), ("banner", BANNER_PORT)]))
+            [("http", 80), ("metrics", 9090), ("tcp-echo", TCP_PORT), ("banner", BANNER_PORT),
+             ("grpc", GRPC_PORT)]))
         self.api.put("endpointslices", self.users_slice([CLUSTER_IP_A, CLUSTER_IP_B]))
         await self.api.start(sock=listen_in(ns, CLUSTER_IP_A))
 
     def users_slice(self, addresses: list[str]) -> dict[str, object]:
         return endpoint_slice("users-x1", "default", "users",
                               [("http", self.users_port), ("metrics", self.metrics_port),
-                               ("tcp-echo", self.echo_port), ("banner", self.banner_port)],
+                               ("tcp-echo", self.echo_port), ("banner", self.banner_port),
+                               ("grpc", self.h2_port)],
                               addresses)
+
+
+class H2Backend(asyncio.Protocol):
+    """A ``users`` pod speaking prior-knowledge h2c (the ``h2`` library's server side):
+    answers every request ``NAME PATH`` with ``x-backend: NAME``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers)[b":path"]
+                body = self.name + b" " + path
+                self.conn.send_headers(event.stream_id, [
+                    (b":status", b"200"), (b"x-backend", self.name),
+                    (b"content-length", b"%d" % len(body))])
+                self.conn.send_data(event.stream_id, body, end_stream=True)
+            elif isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                    event.stream_id)
+        assert self.transport is not None
+        self.transport.write(self.conn.data_to_send())
+
+
+async def h2c_get_in(namespace: str, host: str, port: int, paths: list[str],
+                     authority: str) -> list[dict[bytes, bytes]]:
+    """GET each path as a stream of ONE prior-knowledge h2c connection (all at once, as a gRPC
+    channel multiplexes its calls), made from ``namespace`` with no proxy configured; the
+    answers' headers (with ``body``) in order."""
+    reader, writer = await connect_in(namespace, host, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    answers: dict[int, dict[bytes, bytes]] = {}
+    ids = []
+    for path in paths:
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"http"),
+                                      (b":path", path.encode()),
+                                      (b":authority", authority.encode())], end_stream=True)
+        answers[stream_id] = {b"body": b""}
+        ids.append(stream_id)
+    writer.write(conn.data_to_send())
+    ended: set[int] = set()
+    try:
+        async with asyncio.timeout(10):
+            while len(ended) < len(ids):
+                data = await reader.read(65536)
+                assert data, "the connection closed before every answer"
+                for event in conn.receive_data(data):
+                    sid = getattr(event, "stream_id", 0)
+                    if isinstance(event, h2.events.ResponseReceived):
+                        answers[sid].update(event.headers)
+                    elif isinstance(event, h2.events.DataReceived):
+                        answers[sid][b"body"] += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                    elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                        ended.add(sid)
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    return [answers[sid] for sid in ids]
 
 
 @dataclass
@@ -343,6 +430,32 @@ async def test_what_is_not_a_services_http_passes_through_untouched(
             assert await reader.read() == b""
     writer.close()
     assert await asyncio.to_thread(pod.process.wait, 10) == 0
+
+
+async def test_h2c_to_a_service_ip_is_routed_per_stream_not_passed_through(
+    world: tuple[Pod, Cluster],
+) -> None:
+    pod, _ = world
+    async with asyncio.timeout(10):  # the grpc port's group comes with the same Service
+        while not await pod.endpoints(f"users.default.{GRPC_PORT}"):
+            await asyncio.sleep(0.05)
+    # One h2c connection to the Service's cluster IP, 24 streams on it: the sidecar routes
+    # each stream on its own, pinned to that Service port, so both pods answer.
+    paths = [f"/call/{i}" for i in range(24)]
+    answers = await h2c_get_in(pod.namespace, SERVICE_IP, GRPC_PORT, paths, "anything")
+    assert [a[b":status"] for a in answers] == [b"200"] * len(paths)
+    assert [a[b"body"].split(b" ")[1] for a in answers] == [p.encode() for p in paths]
+    assert {a[b"x-backend"] for a in answers} == {b"users-a", b"users-b"}
+    # An app that dials the listener itself with h2c is routed by :authority.
+    direct = await h2c_get_in(pod.namespace, "127.0.0.1", pod.outbound_port, ["/d"],
+                              f"users:{GRPC_PORT}")
+    assert direct[0][b":status"] == b"200" and direct[0][b"body"].endswith(b" /d")
+
+    assert await pod.metric("equilibrium_outbound_connections_total", protocol="h2c") == 2
+    connections = "equilibrium_transparent_connections_total"
+    assert await pod.metric(connections, route="service") == 1
+    assert await pod.metric(connections, route="direct") == 1
+    assert await pod.metric(connections, route="passthrough") == 0
 
 
 @pytest.mark.parametrize("world", [False], indirect=True, ids=["sidecar-not-exempt"])

@@ -12,7 +12,7 @@ import pytest
 from injector.review import Outcome
 from mesh.admission import RejectReason
 from sidecar.errors import ErrorReason, HeaderDrop
-from sidecar.inbound import InboundOutcome
+from sidecar.inbound_policing import InboundOutcome
 from sidecar.transparent import PassthroughFailure
 from wire.errors import Reason
 
@@ -20,7 +20,7 @@ OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 VOCABULARIES: list[tuple[str, type[StrEnum]]] = [
     ("sidecar.errors.ErrorReason", ErrorReason),
     ("mesh.admission.RejectReason", RejectReason),
-    ("sidecar.inbound.InboundOutcome", InboundOutcome),
+    ("sidecar.inbound_policing.InboundOutcome", InboundOutcome),
     ("wire.errors.Reason", Reason),
     ("sidecar.errors.HeaderDrop", HeaderDrop),
     ("sidecar.transparent.PassthroughFailure", PassthroughFailure),

@@ -39,6 +39,7 @@ equilibrium_errors counter upstream,reason
 equilibrium_flapping gauge upstream
 equilibrium_grpc_calls counter upstream,endpoint,grpc_status
 equilibrium_h2_flood_goaways counter kind
+equilibrium_h2_oversized_header_blocks counter -
 equilibrium_h2_refused_streams counter -
 equilibrium_h2_streams_cancelled counter upstream
 equilibrium_in_flight gauge upstream
@@ -51,8 +52,15 @@ equilibrium_inbound_capacity_estimate gauge -
 equilibrium_inbound_clearing_price gauge -
 equilibrium_inbound_concurrency_limit gauge -
 equilibrium_inbound_congestion gauge -
+equilibrium_inbound_connections counter protocol
+equilibrium_inbound_connections_open gauge -
+equilibrium_inbound_connections_rejected counter -
 equilibrium_inbound_identity counter result
+equilibrium_inbound_h2_flood_goaways counter kind
+equilibrium_inbound_h2_oversized_header_blocks counter -
+equilibrium_inbound_h2_refused_streams counter -
 equilibrium_inbound_in_flight gauge -
+equilibrium_inbound_listener_timeouts counter phase
 equilibrium_inbound_mesh_key_configured gauge -
 equilibrium_inbound_price_paid counter caller
 equilibrium_inbound_punished_callers gauge -

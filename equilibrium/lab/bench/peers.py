@@ -129,6 +129,37 @@ backend pods
 """
 
 
+def haproxy_h2_config(listen: str, backends: Sequence[str]) -> str:
+    """HAProxy 2.6, one thread, prior-knowledge h2c on both sides (``proto h2`` on the bind
+    line and on the servers): each HTTP/2 stream is a request balanced on its own."""
+    if not backends:
+        raise ValueError("haproxy needs at least one backend")
+    servers = "\n".join(f"    server pod-{i} {_hostport(b)} proto h2"
+                        for i, b in enumerate(backends))
+    return f"""\
+global
+    nbthread 1
+    maxconn 8192
+    log stderr format raw local0 notice
+
+defaults
+    mode http
+    log global
+    http-reuse safe
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend contender
+    bind {_hostport(listen)} proto h2
+    default_backend pods
+
+backend pods
+    balance leastconn
+{servers}
+"""
+
+
 def _nginx_main(workdir: Path) -> str:
     paths = "\n".join(f"    {kind}_temp_path {workdir / kind};"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -254,7 +285,13 @@ class PeerProxy:
                     else nginx_static_config(listen, home))
             conf.write_text(text)
             argv = ["nginx", "-e", str(home / "error.log"), "-p", str(home), "-c", str(conf)]
-        child = await ChildProcess.start(label, argv, stdout_pipe=False, stderr_path=str(log))
+        return await cls.launch(label, argv, listen, log)
+
+    @classmethod
+    async def launch(cls, label: str, argv: Sequence[str], listen: str, log: Path) -> PeerProxy:
+        """Run ``argv`` (a proxy configured to listen on ``listen``), wait until it does."""
+        child = await ChildProcess.start(label, list(argv), stdout_pipe=False,
+                                         stderr_path=str(log))
         peer = cls(label, child, listen, log)
         try:
             await peer._wait_listening()

@@ -24,6 +24,7 @@ SCENARIOS: dict[str, str] = {
     "slow-pod": "equilibrium.lab.bench.slow_pod",
     "grpc-slow-pod": "equilibrium.lab.bench.grpc_slow_pod",
     "proxy-overhead": "equilibrium.lab.bench.proxy_overhead",
+    "h2-overhead": "equilibrium.lab.bench.h2_overhead",
     "herding": "equilibrium.lab.bench.herding",
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",

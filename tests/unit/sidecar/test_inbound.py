@@ -7,7 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mesh.reputation import ANONYMOUS
-from sidecar.inbound import OTHER, CallerLabels, InboundProxy, LocalRateLimit
+from sidecar.inbound import InboundProxy
+from sidecar.inbound_policing import OTHER, CallerLabels, LocalRateLimit
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import parse_policing
 
@@ -52,3 +53,22 @@ def test_caller_gauges_follow_the_book_and_stay_bounded() -> None:
     proxy.book.admit("c", 10.0)  # a and b idle for longer than idle_ttl: forgotten
     proxy.update_gauges(10.0)
     assert level("a") is None and level(OTHER) == 0  # c is untracked: shown as "other"
+
+
+def test_refusals_map_to_grpc_statuses() -> None:
+    from mesh.admission import RejectReason
+    from sidecar.errors import ErrorReason
+    from sidecar.h2_inbound import grpc_status_of
+    from sidecar.inbound_policing import Refusal
+
+    def status(code: int, reason: str) -> int:
+        return grpc_status_of(Refusal(code, reason, "m"))
+
+    assert status(429, RejectReason.PUNISHED) == 8  # RESOURCE_EXHAUSTED
+    assert status(503, RejectReason.QUEUE_FULL) == 8
+    assert status(503, RejectReason.QUEUE_TIMEOUT) == 8
+    assert status(429, ErrorReason.LOCAL_RATE_LIMITED) == 8
+    assert status(503, RejectReason.SHUTTING_DOWN) == 14  # UNAVAILABLE
+    assert status(400, ErrorReason.BAD_BID) == 3  # INVALID_ARGUMENT
+    assert status(502, ErrorReason.CONNECT_ERROR) == 14
+    assert status(504, ErrorReason.UPSTREAM_TIMEOUT) == 4  # DEADLINE_EXCEEDED

@@ -207,10 +207,13 @@ def test_ipv6_endpoints_are_bracketed_and_other_services_slices_ignored() -> Non
         ({"name": "http"}, "http"),
         ({"name": "http-api"}, "http"),
         ({"name": "web", "appProtocol": "http"}, "http"),
-        ({"name": "http", "appProtocol": "kubernetes.io/h2c"}, "opaque"),  # appProtocol wins
+        ({"name": "http", "appProtocol": "kubernetes.io/h2c"}, "unknown"),  # appProtocol wins
+        ({"name": "http", "appProtocol": "mongodb"}, "opaque"),
+        ({"name": "api", "appProtocol": "grpc"}, "unknown"),  # sniffed: h2c is routed
         ({"name": "ws", "appProtocol": "kubernetes.io/ws"}, "http"),
         ({"name": "tcp-db"}, "opaque"),
-        ({"name": "grpc"}, "opaque"),
+        ({"name": "grpc"}, "unknown"),
+        ({"name": "http2-api"}, "unknown"),
         ({"name": "https"}, "opaque"),
         ({"name": "redis"}, "opaque"),
         ({"name": "metrics"}, "unknown"),

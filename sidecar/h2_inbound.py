@@ -1,0 +1,292 @@
+"""HTTP/2 and gRPC on the inbound listener: each stream policed and forwarded on its own.
+
+Owns the per-stream path of a caller's h2c request to the local app (the inbound listener's
+socket tells h2c from HTTP/1.1 by the preface, :mod:`sidecar.h2_site`, and hands each stream
+here). A stream goes through the same decisions as an HTTP/1.1 request
+(:class:`sidecar.inbound_policing.InboundPolicing`, shared with :mod:`sidecar.inbound`):
+identity, bid, the caller's standing, a slot under the app's concurrency limit or a place in
+the bid queue. Then it is relayed to the app over h2c (a small multiplexed pool to the app's
+port, :mod:`sidecar.h2_client`) with headers, DATA and trailers both ways and flow control
+end to end; every ``X-GT-*`` header is stripped on the way in (from the caller) and out (from
+the app), and the answer's head carries the signals (``x-gt-congestion``,
+``x-gt-reputation``, ``x-gt-price``; HTTP/2 header names are lower case).
+
+Refusals are the caller's protocol: for a gRPC caller a trailers-only answer whose
+``grpc-status`` is RESOURCE_EXHAUSTED (punished, queue full, queue timeout, local rate
+limit), INVALID_ARGUMENT (bad bid, bad target) or UNAVAILABLE (shutting down, the app did not
+answer), with ``grpc-message`` naming the reason and the signals beside it; a JSON body like
+the HTTP/1.1 path's otherwise. A ``grpc-timeout`` bounds the wait for the app (then
+DEADLINE_EXCEEDED).
+
+The slot is held until the app's answer ended; the RTT the limiter learns is the time to the
+first response message (or the trailers) for gRPC, so a long stream is not a slow app, and
+the whole exchange otherwise. A caller that resets its stream (or hangs up) is its own doing:
+the app's stream is cancelled, the slot goes back without an RTT, nothing is counted against
+the app, and the connection to the app stays for the other streams.
+
+It does not decide who is admitted (:mod:`sidecar.inbound_policing`, :mod:`mesh.admission`)
+nor parse the connection (:mod:`sidecar.h2_server`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from h2.errors import ErrorCodes
+from multidict import CIMultiDict
+
+from mesh.admission import RejectReason
+from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
+from sidecar.h2_connection import Headers, StreamGone
+from sidecar.h2_proxy import pump_request
+from sidecar.h2_server import ServerStream
+from sidecar.inbound_policing import InboundOutcome, Refusal, Verdict
+from wire import grpc_status as grpc
+from wire.headers import is_gt_header
+
+if TYPE_CHECKING:
+    from sidecar.inbound import InboundProxy
+
+log = logging.getLogger(__name__)
+
+_EXHAUSTED = frozenset({RejectReason.PUNISHED, RejectReason.QUEUE_FULL,
+                        RejectReason.QUEUE_TIMEOUT, ErrorReason.LOCAL_RATE_LIMITED})
+
+
+def grpc_status_of(refusal: Refusal) -> int:
+    """The ``grpc-status`` a gRPC caller gets for a refusal of the inbound listener."""
+    if refusal.reason in _EXHAUSTED:
+        return grpc.RESOURCE_EXHAUSTED
+    if refusal.status == 400:
+        return grpc.INVALID_ARGUMENT
+    if refusal.reason == ErrorReason.UPSTREAM_TIMEOUT:
+        return grpc.DEADLINE_EXCEEDED
+    return grpc.UNAVAILABLE  # shutting down, or the app did not answer
+
+
+def _header_block(headers: dict[str, str]) -> Headers:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers.items()]
+
+
+class H2Inbound:
+    """Serves the inbound listener's HTTP/2 streams; one per sidecar process, beside the
+    :class:`sidecar.inbound.InboundProxy` whose policing and settings it shares."""
+
+    def __init__(self, proxy: InboundProxy, *, upstreams: H2Upstreams | None = None) -> None:
+        self.proxy = proxy
+        self.policing = proxy.policing
+        self.metrics = proxy.metrics
+        self.app = proxy.app_url
+        self.via = f"2 {proxy.sidecar_id}".encode()
+        self.upstreams = upstreams or H2Upstreams(connect_timeout=proxy.connect_timeout)
+
+    def close(self) -> None:
+        self.upstreams.close()
+
+    async def handle(self, stream: ServerStream) -> None:
+        """Serve one request stream (the handler :class:`H2ServerConnection` runs)."""
+        try:
+            await _Call(self, stream).run()
+        finally:
+            if not stream.ended and stream.closed is None:
+                stream.reset(ErrorCodes.NO_ERROR)  # answered before the caller finished
+            stream.discard()  # a body nobody read still gives its credit back
+
+
+class _Call:
+    """One stream's trip through the inbound listener."""
+
+    __slots__ = ("is_grpc", "owner", "stream")
+
+    def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
+        self.owner = owner
+        self.stream = stream
+        self.is_grpc = grpc.is_grpc(stream.header(b"content-type"))
+
+    async def run(self) -> None:
+        owner, stream = self.owner, self.stream
+        policing = owner.policing
+        now = owner.proxy.clock()
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in stream.request:
+            if not name.startswith(b":"):
+                headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        target = (stream.header(b":path") or b"").decode("latin-1")
+        verdict, policed = policing.police(headers, target, now)
+        if isinstance(policed, Refusal):
+            return await self.reply(verdict, policed)
+        if policed is not None:
+            admitted = await policing.admit(verdict, policed, now)
+            if isinstance(admitted, Refusal):
+                return await self.reply(verdict, admitted)
+        await self.forward(verdict, tracked=policed is not None)
+
+    # ------------------------------------------------------------ to the app and back
+
+    def app_headers(self) -> Headers:
+        """The caller's request as the app gets it: ``X-GT-*`` stripped, Via and
+        X-Forwarded-For/-Proto added (several fields of one name are one list in HTTP/2)."""
+        stream = self.stream
+        out: Headers = [(name, value) for name, value in stream.request
+                        if not is_gt_header(name.decode("latin-1"))]
+        out.append((b"via", self.owner.via))
+        if (host := stream.peer_host()) is not None:
+            out.append((b"x-forwarded-for", host.encode("latin-1")))
+        out.append((b"x-forwarded-proto", b"http"))
+        return out
+
+    def answer_headers(self, headers: Headers, verdict: Verdict | None) -> Headers:
+        """The app's header block without ``X-GT-*`` (counted), plus Via and, on the head,
+        the signals."""
+        out: Headers = [(name, value) for name, value in headers
+                        if not is_gt_header(name.decode("latin-1"))]
+        if len(out) != len(headers):
+            self.owner.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
+        if verdict is not None:
+            out.append((b"via", self.owner.via))
+            out.extend(_header_block(self.owner.policing.signal_headers(verdict)))
+        return out
+
+    async def forward(self, verdict: Verdict, *, tracked: bool) -> None:
+        """Relay the stream to the app and its answer back; ``tracked`` holds a slot."""
+        owner, stream = self.owner, self.stream
+        proxy, policing = owner.proxy, owner.policing
+        loop = asyncio.get_running_loop()
+        started = proxy.clock()
+        first: float | None = None  # gRPC: the first response message, or the trailers
+        finished = False
+        deadline: float | None = None
+        if self.is_grpc and (raw := stream.header(b"grpc-timeout")) is not None:
+            timeout = grpc.parse_timeout(raw)
+            deadline = loop.time() + timeout if timeout is not None else None
+        head_by = loop.time() + proxy.request_timeout
+        head_by = head_by if deadline is None else min(head_by, deadline)
+        policing.in_flight += 1
+        try:
+            try:
+                async with asyncio.timeout_at(head_by):
+                    upstream = await owner.upstreams.pool(owner.app).open_stream(
+                        self.app_headers(), False)
+            except (H2ConnectError, TimeoutError) as exc:
+                reason = (ErrorReason.CONNECT_ERROR if isinstance(exc, H2ConnectError)
+                          else ErrorReason.CONNECT_TIMEOUT)
+                return await self.app_failed(verdict, 502, reason, str(exc) or reason)
+            except StreamGone as exc:
+                return await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
+            pump = loop.create_task(pump_request(stream, upstream))
+            try:
+                first, finished = await self.relay(verdict, upstream, head_by, deadline)
+            finally:
+                if not pump.done():
+                    pump.cancel()
+                if upstream.closed is None:
+                    upstream.reset(ErrorCodes.CANCEL)  # the caller went away: so does the call
+                upstream.discard()
+        finally:
+            policing.in_flight -= 1
+            now = proxy.clock()
+            if tracked:  # the slot goes back to the gate (with the RTT if the app answered)
+                policing.finish(((first if first is not None else now) - started)
+                                if finished else None)
+            if finished:
+                self.owner.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
+                self.owner.metrics.app_latency.observe(now - started)
+
+    async def relay(self, verdict: Verdict, upstream: ClientStream, head_by: float,
+                    deadline: float | None) -> tuple[float | None, bool]:
+        """The app's answer to the caller: (when its first message came, whether it ended)."""
+        stream, clock = self.stream, self.owner.proxy.clock
+        loop = asyncio.get_running_loop()
+        first: float | None = None
+        try:
+            async with asyncio.timeout_at(head_by):
+                head = await upstream.head
+        except TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
+                await self.app_failed(verdict, 504, ErrorReason.UPSTREAM_TIMEOUT,
+                                      "deadline exceeded waiting for the app")
+            else:
+                await self.app_failed(verdict, 504, ErrorReason.UPSTREAM_TIMEOUT,
+                                      "no answer in time")
+            return None, False
+        except StreamGone as exc:
+            if stream.closed is not None:
+                return None, False  # the caller went away first
+            if exc.code == ErrorCodes.REFUSED_STREAM:  # not processed: the caller may resend
+                stream.reset(ErrorCodes.REFUSED_STREAM)
+                return None, False
+            await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
+            return None, False
+        trailers_only = upstream.head_ended
+        try:
+            stream.send_headers(self.answer_headers(head, verdict), end_stream=trailers_only)
+            if trailers_only:
+                return clock(), True
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    kind, payload, size = await upstream.read()
+                    if kind == "data":
+                        if first is None and self.is_grpc:
+                            first = clock()
+                        try:
+                            await stream.send_data(payload)
+                        finally:  # passed on or dropped: either way the app gets credit
+                            upstream.ack(size)
+                    elif kind == "trailers":
+                        if first is None and self.is_grpc:
+                            first = clock()
+                        stream.send_headers(self.answer_headers(payload, None), end_stream=True)
+                        return first, True
+                    else:
+                        stream.end()
+                        return first, True
+        except StreamGone:
+            if stream.closed is not None:
+                return first, False  # the caller reset or hung up: its doing
+            self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+            log.info("app %s: stream broke mid-answer", self.owner.app)
+            if self.is_grpc and not stream.local_ended:
+                stream.send_headers([(b"grpc-status", b"%d" % grpc.UNAVAILABLE),
+                                     (b"grpc-message", b"the app's stream broke")], True)
+            else:
+                stream.reset(ErrorCodes.INTERNAL_ERROR)
+            return first, False
+        except TimeoutError:  # the gRPC deadline passed mid-answer
+            if stream.closed is None and not stream.local_ended:
+                stream.send_headers([(b"grpc-status", b"%d" % grpc.DEADLINE_EXCEEDED),
+                                     (b"grpc-message", b"deadline exceeded in the sidecar")],
+                                    True)
+            return first, False
+
+    # ------------------------------------------------------------ the sidecar's own answers
+
+    async def app_failed(self, verdict: Verdict, status: int, reason: ErrorReason,
+                         detail: str) -> None:
+        self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+        log.info("app %s: %s", self.owner.app, detail)
+        await self.reply(verdict, Refusal(status, reason, f"the app did not answer: {detail}"))
+
+    async def reply(self, verdict: Verdict, refusal: Refusal) -> None:
+        """Answer instead of the app: trailers-only gRPC status, or JSON."""
+        owner, stream = self.owner, self.stream
+        if stream.closed is not None or stream.local_ended:
+            return
+        extra = [(b"via", owner.via), *_header_block(owner.policing.signal_headers(verdict)),
+                 *_header_block(refusal.headers)]
+        if self.is_grpc:
+            stream.send_headers(grpc.trailers_only(
+                grpc_status_of(refusal), f"{refusal.reason}: {refusal.message}", extra),
+                end_stream=True)
+            return
+        body = json.dumps({"error": refusal.message, "reason": refusal.reason,
+                           "caller": verdict.caller, "sidecar": owner.proxy.sidecar_id,
+                           **refusal.extra}).encode()
+        stream.send_headers([(b":status", b"%d" % refusal.status),
+                             (b"content-type", b"application/json; charset=utf-8"),
+                             (b"content-length", b"%d" % len(body)), *extra])
+        await stream.send_data(body, end_stream=True)

@@ -1,0 +1,412 @@
+"""The inbound listener's decisions for one request, whatever protocol carried it.
+
+Owns the steps every request at the inbound listener goes through before and after the app
+sees it, for the HTTP/1.1 path (:mod:`sidecar.inbound`) and the HTTP/2 one
+(:mod:`sidecar.h2_inbound`) alike:
+
+1. **Identity** (:meth:`InboundPolicing.identify`): ``X-GT-Identity`` verified with the mesh
+   key; otherwise the caller is ``anonymous`` and its other ``X-GT-*`` headers are ignored.
+2. **Checks and policing** (:meth:`InboundPolicing.police`): the target must be a path; in
+   the baselines only the ``token-bucket`` limit applies; a trusted caller's ``X-GT-Bid`` is
+   parsed and ``X-GT-Retry`` read; then :meth:`mesh.admission.AdmissionGate.police` judges
+   the caller.
+3. **A slot** (:meth:`InboundPolicing.admit`): at once, or after waiting in the bid queue
+   (each waiter is a future that the gate's decisions answer), or a refusal.
+4. **The end** (:meth:`InboundPolicing.finish`): the slot goes back with the app's RTT.
+5. **Signals back** (:meth:`InboundPolicing.signal_headers`): ``X-GT-Congestion``,
+   ``X-GT-Reputation`` and (admitted) ``X-GT-Price``.
+
+A refusal is a :class:`Refusal` (status, reason, message, extra headers), counted here; the
+listener writes it in its own protocol (a JSON body, or a gRPC status). What it must not do:
+touch sockets, HTTP messages or the app (the listeners forward), or hold game rules of its
+own (they are :mod:`mesh.admission`'s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from mesh.admission import AdmissionGate, Admit, Pass, Queue, Reject, RejectReason, Woken
+from mesh.auction import SecondPriceAuction
+from mesh.concurrency import AdaptiveConcurrencyLimit
+from mesh.reputation import ANONYMOUS, Decision, Phase, ReputationBook
+from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.metrics import InboundMetrics
+from sidecar.policing_config import PolicingSettings
+from wire.bid import format_price, parse_bid
+from wire.errors import Reason, WireError
+from wire.headers import (
+    BID,
+    CONGESTION,
+    IDENTITY,
+    PRICE,
+    REPUTATION,
+    RETRY,
+    format_congestion,
+    is_gt_header,
+    parse_retry,
+)
+from wire.identity import IdentityRejection, verify_identity
+from wire.standing import format_standing
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"
+TRUSTED = "trusted"
+"""The identity check's result for a verified caller (``equilibrium_inbound_identity{result}``;
+any other result is the :class:`wire.errors.Reason` it was not trusted for)."""
+
+
+class InboundOutcome(StrEnum):
+    """What happened to a request at the inbound listener: the ``outcome`` label of
+    ``equilibrium_inbound_requests`` (docs/operations.md, "Error reasons")."""
+
+    ADMITTED = "admitted"
+    """Forwarded to the app, and its answer relayed."""
+    THROTTLED = "throttled"
+    """429: the caller is punished (:attr:`mesh.admission.RejectReason.PUNISHED`)."""
+    RATE_LIMITED = "rate-limited"
+    """429: the ``token-bucket`` baseline's bucket was empty."""
+    BAD_BID = "bad-bid"
+    """400: a trusted caller's malformed ``X-GT-Bid``."""
+    QUEUE_FULL = "queue-full"
+    """503: no slot, and the bid queue is full of higher bids."""
+    QUEUE_TIMEOUT = "queue-timeout"
+    """503: no slot within ``max_wait``."""
+    BAD_TARGET = "bad-target"
+    """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
+    APP_ERROR = "app-error"
+    """The app did not answer (or refused a WebSocket upgrade): 502/504."""
+    CALLER_HUNG_UP = "caller-hung-up"
+    """The caller closed its connection before the app's answer was written back (the app
+    answered; nothing is charged to it and nothing is logged as an error)."""
+
+
+class CallerLabels:
+    """Bounded metric labels for callers: the first ``limit`` verified callers keep their own
+    label for the life of the process, ``anonymous`` always has one, the rest share ``other``.
+
+    Prometheus keeps every label value forever, so an attacker who could mint caller names
+    must not be able to grow the metrics without bound (names come only from verified
+    identities, but the cap holds even for a mesh with many callers).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._known: set[str] = set()
+
+    def of(self, caller: str) -> str:
+        if caller == ANONYMOUS or caller in self._known:
+            return caller
+        if len(self._known) < self.limit:
+            self._known.add(caller)
+            return caller
+        return OTHER
+
+    def __contains__(self, caller: object) -> bool:
+        return caller in self._known or caller == ANONYMOUS
+
+    def names(self) -> list[str]:
+        """Every caller with a label of its own (``anonymous`` first)."""
+        return [ANONYMOUS, *sorted(self._known)]
+
+
+class LocalRateLimit:
+    """The baseline: one token bucket for all callers, as Envoy's local rate limit filter
+    (``max_tokens`` = ``burst``, refilled at ``rate`` per second). Pure; ``now`` is passed."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if not (rate > 0 and burst >= 1):
+            raise ValueError("need rate > 0 and burst >= 1")
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, now
+
+    def try_take(self, now: float) -> bool:
+        if now > self._at:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+_STATUS = {RejectReason.PUNISHED: 429}  # the rest 503
+_OUTCOME = {RejectReason.PUNISHED: InboundOutcome.THROTTLED,
+            RejectReason.QUEUE_FULL: InboundOutcome.QUEUE_FULL,
+            RejectReason.QUEUE_TIMEOUT: InboundOutcome.QUEUE_TIMEOUT}  # shutting-down: not counted
+
+
+class HeaderView(Protocol):
+    """The request headers the policing reads (``aiohttp``'s ``CIMultiDictProxy`` or a
+    ``CIMultiDict`` built from an HTTP/2 header block)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def __iter__(self) -> Any: ...
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What policing decided for one request, for the response headers."""
+
+    caller: str
+    label: str
+    decision: Decision | None = None
+    price: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An answer the listener gives instead of forwarding; already counted.
+
+    ``reason`` is what the JSON body's ``reason`` says (an :class:`ErrorReason` or
+    :class:`RejectReason`), ``rejected`` the gate's reason when the gate sent it away (the
+    gRPC status follows from it), ``extra`` more fields of the JSON body, ``headers`` more
+    response headers (``Retry-After``...).
+    """
+
+    status: int
+    reason: str
+    message: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    rejected: RejectReason | None = None
+
+
+class InboundPolicing:
+    """The policing state of one inbound listener (both protocols share it)."""
+
+    def __init__(
+        self,
+        *,
+        settings: PolicingSettings,
+        metrics: InboundMetrics,
+        mesh_key: bytes | None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.mesh_key = mesh_key
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.labels = CallerLabels(settings.max_caller_labels)
+        self.gate = AdmissionGate(
+            book=ReputationBook(settings.reputation),
+            limiter=AdaptiveConcurrencyLimit(settings.concurrency),
+            auction=SecondPriceAuction(settings.auction),
+            max_wait=settings.max_wait, capacity=settings.capacity,
+        )
+        self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst,
+                                     clock())
+        self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
+        self.in_flight = 0  # requests at the app through this listener (both protocols)
+
+    @property
+    def game(self) -> bool:
+        """Whether the game is played (mode equilibrium) rather than a baseline."""
+        return self.settings.mode == "equilibrium"
+
+    # ------------------------------------------------------------ before the app
+
+    def identify(self, headers: HeaderView) -> tuple[str, bool]:
+        """The caller (``anonymous`` unless its identity verifies) and whether it is trusted."""
+        header = headers.get(IDENTITY)
+        if self.mesh_key is None:
+            self.metrics.identity.labels(Reason.NO_KEY if header else Reason.MISSING).inc()
+            trusted = False
+        else:
+            checked = verify_identity(header, self.mesh_key, self.wall_clock(),
+                                      self.settings.identity_max_skew)
+            if isinstance(checked, IdentityRejection):
+                self.metrics.identity.labels(checked.reason).inc()
+                trusted = False
+            else:
+                self.metrics.identity.labels(TRUSTED).inc()
+                return checked.caller, True
+        ignored = sum(1 for name in headers if is_gt_header(name)
+                      and name.lower() != IDENTITY.lower())
+        if ignored:
+            self.metrics.stripped.labels(HeaderDrop.UNTRUSTED).inc(ignored)
+        return ANONYMOUS, trusted
+
+    def is_retry(self, headers: HeaderView) -> bool:
+        raw = headers.get(RETRY)
+        if raw is None:
+            return False
+        try:
+            parse_retry(raw)
+        except WireError:
+            self.metrics.bad_headers.labels(RETRY.lower()).inc()
+            return True  # a malformed mark is still a mark: never cheaper than a valid one
+        return True
+
+    def police(
+        self, headers: HeaderView, target: str, now: float
+    ) -> tuple[Verdict, Pass | Refusal | None]:
+        """Identity, target, bid and the gate's judgement of the caller: :class:`Pass` (go on
+        to :meth:`admit`), a :class:`Refusal`, or None (a baseline mode: forward without a
+        slot)."""
+        caller, trusted = self.identify(headers)
+        verdict = Verdict(caller, self.labels.of(caller))
+        if not target.startswith("/"):  # the app is a server, not a proxy
+            self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_TARGET).inc()
+            return verdict, Refusal(400, ErrorReason.BAD_TARGET,
+                                    "the request target must be a path starting with '/' "
+                                    f"(got {target[:64]!r})")
+        if not self.game:
+            if self.settings.mode == "token-bucket" and not self.bucket.try_take(now):
+                self.metrics.requests.labels(verdict.label, InboundOutcome.RATE_LIMITED).inc()
+                return verdict, Refusal(
+                    429, ErrorReason.LOCAL_RATE_LIMITED, "local rate limit exceeded",
+                    headers={"X-RateLimit-Limit": f"{self.settings.token_bucket_rate:g}"})
+            return verdict, None
+        bid, is_retry = 0.0, False
+        if trusted:
+            try:
+                bid = parse_bid(headers.get(BID))
+            except WireError as exc:
+                self.metrics.bad_bids.labels(exc.reason).inc()
+                self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_BID).inc()
+                return verdict, Refusal(400, ErrorReason.BAD_BID, str(exc), {"header": BID})
+            is_retry = self.is_retry(headers)
+        policed = self.gate.police(caller, bid, now, is_retry=is_retry)
+        self.deliver(policed.woken)
+        verdict.decision = policed.decision
+        if isinstance(policed, Reject):
+            return verdict, self.refuse(verdict, policed)
+        return verdict, policed
+
+    async def admit(self, verdict: Verdict, policed: Pass, now: float) -> Admit | Refusal:
+        """A slot now, or a place in the bid queue until one frees up
+        (:meth:`AdmissionGate.offer`); a waiter's future is answered by whichever step of the
+        gate frees a slot for it or sends it away. An admitted request holds its slot until
+        :meth:`finish`."""
+        if policed.voided:
+            self.metrics.voided_bids.inc()
+        admitted = await self._wait_for_slot(verdict, policed, now)
+        if isinstance(admitted, Admit):
+            verdict.price = admitted.price
+            self.metrics.price.set(admitted.price)
+            if admitted.price > 0:
+                self.metrics.paid.labels(verdict.label).inc(admitted.price)
+            self.metrics.wait.observe(admitted.waited)
+        return admitted
+
+    async def _wait_for_slot(self, verdict: Verdict, policed: Pass,
+                             now: float) -> Admit | Refusal:
+        offered = self.gate.offer(policed, now)
+        self.deliver(offered.woken)
+        if isinstance(offered, Admit):
+            return offered
+        if isinstance(offered, Reject):
+            return self.refuse(verdict, offered)
+        future: asyncio.Future[Woken] = asyncio.get_running_loop().create_future()
+        self._waiting[offered.request_id] = future
+        self.metrics.queue_length.set(self.gate.queue_length)
+        try:
+            await asyncio.wait({future}, timeout=self.gate.max_wait)
+        except asyncio.CancelledError:  # the client went away while waiting
+            self._leave(offered, future)
+            raise
+        if not future.done():
+            self._waiting.pop(offered.request_id, None)
+            return self.refuse(verdict, self.gate.time_out(offered, self.clock()))
+        result = future.result()
+        if isinstance(result, Admit):
+            return result
+        if result.reason is RejectReason.PUNISHED:
+            verdict.decision = None  # report the standing as it is now (punished)
+        return self.refuse(verdict, result)
+
+    def deliver(self, woken: Iterable[Woken]) -> None:
+        """Hand waiters what the gate decided for them."""
+        for outcome in woken:
+            future = self._waiting.pop(outcome.request_id or "", None)
+            if future is not None and not future.done():
+                future.set_result(outcome)
+            elif isinstance(outcome, Admit):  # its client is gone: the slot is free again
+                self.deliver(self.gate.finish(self.clock()))
+
+    def _leave(self, queued: Queue, future: asyncio.Future[Woken]) -> None:
+        """A waiter's client went away: its place in the queue, or the slot it was just
+        given, goes back to the gate."""
+        now = self.clock()
+        self._waiting.pop(queued.request_id, None)
+        if future.done() and not future.cancelled() and isinstance(future.result(), Admit):
+            self.deliver(self.gate.finish(now))  # admitted just now: give the slot back
+        else:
+            self.gate.withdraw(queued.request_id, now)
+            future.cancel()
+
+    # ------------------------------------------------------------ after the app
+
+    def finish(self, rtt: float | None) -> None:
+        """An admitted request left its slot (``rtt``: the app's time when it answered)."""
+        self.deliver(self.gate.finish(self.clock(), rtt))
+
+    def close(self) -> None:
+        """Shutdown: every waiter is sent away."""
+        self.deliver(self.gate.close(self.clock()))
+
+    # ------------------------------------------------------------ answers
+
+    def signal_headers(self, verdict: Verdict) -> dict[str, str]:
+        """``X-GT-Congestion``, ``X-GT-Reputation`` and (admitted) ``X-GT-Price``; none in
+        the baseline modes."""
+        if not self.game:
+            return {}
+        limiter = self.gate.limiter
+        out = {CONGESTION: format_congestion(self.gate.congestion(), limiter.limit,
+                                             limiter.in_flight)}
+        decision = verdict.decision
+        if decision is not None:
+            out[REPUTATION] = format_standing(decision.reputation, decision.level,
+                                              decision.phase, decision.retry_after)
+        else:  # answered before policing (bad bid): the standing as it is
+            standing = self.gate.book.standing(verdict.caller, self.clock())
+            out[REPUTATION] = (
+                format_standing(standing.reputation, standing.level, standing.phase,
+                                standing.punished_for)
+                if standing is not None else format_standing(1.0, 0, Phase.GOOD, None)
+            )
+        if verdict.price is not None:
+            out[PRICE] = format_price(verdict.price)
+        return out
+
+    def refuse(self, verdict: Verdict, refused: Reject) -> Refusal:
+        """The answer to a request the gate sent away (429 punished, else 503), counted."""
+        outcome = _OUTCOME.get(refused.reason)
+        if outcome is not None:
+            self.metrics.requests.labels(verdict.label, outcome).inc()
+        return Refusal(_STATUS.get(refused.reason, 503), refused.reason,
+                       self._refusal_message(verdict, refused),
+                       headers={"Retry-After": str(refused.retry_after)},
+                       rejected=refused.reason)
+
+    def _refusal_message(self, verdict: Verdict, refused: Reject) -> str:
+        caller = verdict.caller
+        match refused.reason, refused.queued:
+            case RejectReason.PUNISHED, False:
+                level = refused.decision.level if refused.decision is not None else 0
+                return (f"caller {caller!r} is punished (level {level}) for exceeding its fair "
+                        "share or retry budget; back off")
+            case RejectReason.PUNISHED, True:
+                return f"caller {caller!r} was punished while this request waited; back off"
+            case RejectReason.QUEUE_FULL, False:
+                return "the app is overloaded and the queue is full of higher bids"
+            case RejectReason.QUEUE_FULL, True:
+                return "pushed out of a full queue by a higher bid"
+            case RejectReason.QUEUE_TIMEOUT, _:
+                return (f"no slot at the app within {self.gate.max_wait:g} s "
+                        "(overloaded; a higher bid is served first)")
+        return "the sidecar is shutting down"

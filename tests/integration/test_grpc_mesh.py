@@ -1,0 +1,410 @@
+"""gRPC through the whole mesh: grpcio client -> outbound sidecar -> inbound sidecar -> grpcio
+server, every hop h2c, every stream policed on its own at the inbound side.
+
+Real processes: one grpcio server (the app), its inbound sidecar (``--inbound``, policing
+with a small fixed concurrency limit so that a flood congests it), and one outbound sidecar
+per caller ("polite" and "flood"), all with one mesh key. The module's processes are shared;
+tests compare counters before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from h2.errors import ErrorCodes
+
+from tests.integration.procs import LOOPBACK, SidecarProcess, free_port, start_sidecar
+from tests.integration.test_grpc_outbound import RawH2, _grpc_frame
+from wire.identity import sign_identity
+
+SERVICE = "test.Echo"  # the name RawH2 calls
+MIB = 1024 * 1024
+MESH_KEY = "grpc-mesh-test-key-0123456789abcdef0123"
+LIMIT = 4  # the app's concurrency limit at the inbound side (fixed: min = initial = max)
+POLICING = {
+    "capacity": 20, "max_wait": 2,
+    "concurrency": {"initial_limit": LIMIT, "min_limit": LIMIT, "max_limit": LIMIT},
+    "ladder": {"base_punishment": 3, "max_punishment": 3, "probation": 1},
+}
+
+
+def _meta(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """The metadata the app got, as JSON (names -> values; binary values dropped)."""
+    got: dict[str, list[str]] = {}
+    for key, value in context.invocation_metadata():
+        if isinstance(value, str):
+            got.setdefault(key, []).append(value)
+    context.set_trailing_metadata((("x-app-trailer", "yes"),))
+    return json.dumps(got).encode()
+
+
+def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+    end = time.monotonic() + float(request.decode())
+    while time.monotonic() < end and context.is_active():
+        time.sleep(0.005)
+    return b"slept"
+
+
+def _ticks(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    for i in range(int(request.decode())):
+        if not context.is_active():
+            return
+        time.sleep(0.02)
+        yield b"tick-%d" % i
+
+
+def start_app() -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[
+        ("grpc.max_receive_message_length", 8 * MIB), ("grpc.max_send_message_length", 8 * MIB)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Meta": grpc.unary_unary_rpc_method_handler(_meta),
+        "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+        "Slow": grpc.unary_unary_rpc_method_handler(_slow),
+        "Ticks": grpc.unary_stream_rpc_method_handler(_ticks),
+    }),))
+    port = server.add_insecure_port(f"{LOOPBACK}:0")
+    server.start()
+    return server, port
+
+
+@dataclass
+class Mesh:
+    app: grpc.Server
+    inbound: SidecarProcess
+    inbound_port: int
+    callers: dict[str, SidecarProcess]
+
+    def channel(self, caller: str) -> grpc.Channel:
+        return grpc.insecure_channel(f"{LOOPBACK}:{self.callers[caller].outbound_port}", options=[
+            ("grpc.default_authority", "svc"),
+            ("grpc.max_receive_message_length", 8 * MIB),
+            ("grpc.max_send_message_length", 8 * MIB),
+        ])
+
+    def inbound_metric(self, name: str, **labels: str) -> float:
+        return self.inbound.metric(name, **labels)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    config: Path = tmp_path_factory.mktemp("grpc-mesh") / "policing.json"
+    config.write_text(json.dumps({"policing": POLICING}))
+    app, app_port = start_app()
+    env = {"EQUILIBRIUM_MESH_SECRET": MESH_KEY}
+    port = free_port()
+    procs: list[SidecarProcess] = []
+    try:
+        inbound = start_sidecar({}, sidecar_id="app-sidecar", config_file=config, env=env,
+                                extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                            "--app", f"http://{LOOPBACK}:{app_port}"])
+        procs.append(inbound)
+        callers = {}
+        for name in ("polite", "flood"):
+            callers[name] = start_sidecar({"svc": [f"http://{LOOPBACK}:{port}"]},
+                                          sidecar_id=name, config_file=config, env=env,
+                                          extra_args=["--max-attempts", "1"])
+            procs.append(callers[name])
+        yield Mesh(app, inbound, port, callers)
+    finally:
+        for proc in procs:
+            assert proc.stop() == 0, proc.output()
+        app.stop(0).wait(5)
+
+
+def _unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(f"/{SERVICE}/{method}")
+
+
+def test_a_call_crosses_both_sidecars_policed_as_its_verified_caller(mesh: Mesh) -> None:
+    admitted = mesh.inbound_metric("equilibrium_inbound_requests_total", caller="polite",
+                                   outcome="admitted")
+    with mesh.channel("polite") as channel:
+        body, call = _unary(channel, "Meta").with_call(b"", metadata=(
+            ("x-echo", "hi"), ("x-gt-bid", "999"), ("x-equilibrium-bid", "2")), timeout=10)
+    got = json.loads(body)
+    # the app sees neither the mesh's headers nor the caller's forged one; Via names both hops
+    assert not [k for k in got if k.startswith("x-gt-")], got
+    assert got["x-echo"] == ["hi"]
+    assert any("app-sidecar" in v for v in got["via"]) and any("polite" in v for v in got["via"])
+    assert got["x-forwarded-proto"] == ["http"]
+    # the signals came back and were consumed by the caller's sidecar: the app learns the price
+    initial = dict(call.initial_metadata())
+    assert "x-equilibrium-price" in initial, initial
+    assert not [k for k in initial if k.startswith("x-gt-")], initial
+    assert dict(call.trailing_metadata())["x-app-trailer"] == "yes"
+    assert mesh.inbound_metric("equilibrium_inbound_requests_total", caller="polite",
+                               outcome="admitted") == admitted + 1
+    assert mesh.inbound_metric("equilibrium_inbound_connections_total", protocol="h2c") >= 1
+
+
+def test_4_mib_messages_both_ways(mesh: Mesh) -> None:
+    payload = bytes(range(256)) * (4 * MIB // 256)
+    with mesh.channel("polite") as channel:
+        assert _unary(channel, "Echo")(payload, timeout=20) == payload
+
+
+def test_a_client_that_hangs_up_mid_stream_is_not_charged_and_connections_stay(
+        mesh: Mesh) -> None:
+    caller = mesh.callers["polite"]
+    with mesh.channel("polite") as channel:  # the caller's sidecar holds its connection
+        assert _unary(channel, "Echo")(b"warm", timeout=10) == b"warm"
+    failures = sum(e["failures"] for e in caller.state()["upstreams"]["svc"]["endpoints"])
+    h2c = mesh.inbound_metric("equilibrium_inbound_connections_total", protocol="h2c")
+    cancelled = caller.metric("equilibrium_h2_streams_cancelled_total", upstream="svc")
+    with mesh.channel("polite") as channel:
+        ticks = channel.unary_stream(f"/{SERVICE}/Ticks")(b"200", timeout=20)
+        assert next(ticks) == b"tick-0"
+        ticks.cancel()  # RST_STREAM(CANCEL) from the client, mid-answer
+        for _ in range(3):  # the mesh goes on serving over the same connections
+            assert _unary(channel, "Echo")(b"after", timeout=10) == b"after"
+    deadline = time.monotonic() + 5
+    while caller.metric("equilibrium_h2_streams_cancelled_total", upstream="svc") <= cancelled:
+        assert time.monotonic() < deadline, "the cancel was not seen"
+        time.sleep(0.05)
+    assert sum(e["failures"] for e in caller.state()["upstreams"]["svc"]["endpoints"]) == failures
+    assert mesh.inbound_metric("equilibrium_inbound_connections_total",
+                               protocol="h2c") == h2c  # the pooled connection was kept
+    wait_idle(mesh)
+
+    # the same when the client closes its whole connection mid-answer
+    client = RawH2(caller.outbound_port)
+    try:
+        ticks_id = client.start_call("Ticks")
+        client.send(ticks_id, _grpc_frame(b"200"), end=True)
+        client.pump(lambda: len(client.body(ticks_id)) > 0)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 5
+    while caller.metric("equilibrium_h2_streams_cancelled_total", upstream="svc") <= cancelled + 1:
+        assert time.monotonic() < deadline, "the hang-up was not seen"
+        time.sleep(0.05)
+    with mesh.channel("polite") as channel:
+        assert _unary(channel, "Echo")(b"later", timeout=10) == b"later"
+    assert sum(e["failures"] for e in caller.state()["upstreams"]["svc"]["endpoints"]) == failures
+    assert mesh.inbound_metric("equilibrium_inbound_connections_total", protocol="h2c") == h2c
+    wait_idle(mesh)
+
+
+def wait_idle(mesh: Mesh) -> None:
+    """The inbound side's in-flight gauge (refreshed every 0.5 s) comes back to 0: no call
+    holds a slot any more."""
+    deadline = time.monotonic() + 5
+    while mesh.inbound_metric("equilibrium_inbound_in_flight") != 0:
+        assert time.monotonic() < deadline, "a finished call still holds its slot"
+        time.sleep(0.05)
+
+
+def test_oversized_header_block_is_refused_alone(mesh: Mesh) -> None:
+    client = RawH2(mesh.inbound_port)
+    try:
+        first = client.start_call("Echo", extra=((b"x-big", b"b" * 100_000),))
+        client.send(first, _grpc_frame(b"x"), end=True)
+        second = client.start_call("Echo")
+        client.send(second, _grpc_frame(b"fine"), end=True)
+        client.pump(lambda: client.ended(first) and client.ended(second))
+        assert client.status(first) == 8  # RESOURCE_EXHAUSTED, the connection goes on
+        assert client.status(second) == 0 and client.body(second)[5:] == b"fine"
+        assert client.terminated is None and not client.closed
+    finally:
+        client.close()
+
+
+def test_caller_reset_at_the_inbound_side_leaves_other_streams(mesh: Mesh) -> None:
+    client = RawH2(mesh.inbound_port)
+    try:
+        slow = client.start_call("Slow")
+        client.send(slow, _grpc_frame(b"5"), end=True)
+        quick = client.start_call("Echo")
+        client.send(quick, _grpc_frame(b"quick"), end=True)
+        client.pump(lambda: client.ended(quick))
+        client.conn.reset_stream(slow, ErrorCodes.CANCEL)
+        client.flush()
+        again = client.start_call("Echo")
+        client.send(again, _grpc_frame(b"again"), end=True)
+        client.pump(lambda: client.ended(again))
+        assert client.status(quick) == 0 and client.status(again) == 0
+    finally:
+        client.close()
+    wait_idle(mesh)
+
+
+def test_a_flooding_caller_is_throttled_per_stream_while_a_polite_one_passes(
+        mesh: Mesh) -> None:
+    statuses: dict[str, list[grpc.StatusCode]] = {"polite": [], "flood": []}
+    messages: list[str] = []
+    stop = time.monotonic() + 6.0
+    lock = threading.Lock()
+
+    def caller(name: str, pause: float, calls: int) -> None:
+        with mesh.channel(name) as channel:
+            slow = _unary(channel, "Slow")
+            for _ in range(calls):  # bounded in count and in time
+                if time.monotonic() > stop:
+                    return
+                try:
+                    slow(b"0.05", timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    with lock:
+                        messages.append(exc.details() or "")
+                with lock:
+                    statuses[name].append(code)
+                time.sleep(pause)
+
+    threads = [threading.Thread(target=caller, args=("flood", 0.0, 400)) for _ in range(8)]
+    threads.append(threading.Thread(target=caller, args=("polite", 0.25, 24)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    flood, polite = statuses["flood"], statuses["polite"]
+    story = (f"flood {len(flood)} calls, {flood.count(grpc.StatusCode.RESOURCE_EXHAUSTED)} "
+             f"RESOURCE_EXHAUSTED; polite {polite}; messages {sorted(set(messages))[:4]}")
+    # the flood is punished: its calls refused with RESOURCE_EXHAUSTED, first by the inbound
+    # side (per stream, as its verified caller), then by its own sidecar backing off
+    assert flood.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0, story
+    assert mesh.inbound_metric("equilibrium_inbound_requests_total", caller="flood",
+                               outcome="throttled") > 0, story
+    assert mesh.callers["flood"].metric("equilibrium_caller_backoff_total") > 0, story
+    # the polite caller's calls all pass
+    assert polite and all(code == grpc.StatusCode.OK for code in polite), story
+    # the refusals are the caller's doing: the flood's sidecar does not blame the pod
+    endpoints = mesh.callers["flood"].state()["upstreams"]["svc"]["endpoints"]
+    assert sum(e["failures"] for e in endpoints) == 0, (story, endpoints)
+
+
+def _headers(client: RawH2, stream_id: int) -> dict[bytes, bytes]:
+    found: dict[bytes, bytes] = {}
+    for event in client.events[stream_id]:
+        found.update(getattr(event, "headers", None) or ())
+    return found
+
+
+def test_refusals_are_grpc_statuses_for_grpc_callers_and_json_otherwise(mesh: Mesh) -> None:
+    identity = sign_identity("polite", MESH_KEY.encode(), time.time()).encode()
+    bad_bid = ((b"x-gt-identity", identity), (b"x-gt-bid", b"lots"))
+    client = RawH2(mesh.inbound_port)
+    try:
+        grpc_call = client.start_call("Echo", extra=bad_bid)
+        client.send(grpc_call, _grpc_frame(b"x"), end=True)
+        stream_id = client.conn.get_next_available_stream_id()  # a plain HTTP/2 request
+        client.conn.send_headers(stream_id, [
+            (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/plain"),
+            (b":authority", b"app"), *bad_bid], end_stream=True)
+        client.flush()
+        client.events[stream_id] = []
+        client.pump(lambda: client.ended(grpc_call) and client.ended(stream_id))
+        head = _headers(client, grpc_call)
+        assert client.status(grpc_call) == 3  # INVALID_ARGUMENT, trailers-only
+        assert head[b"grpc-message"].startswith(b"bad-bid: ")
+        assert b"x-gt-reputation" in head and b"x-gt-congestion" in head
+        plain = _headers(client, stream_id)
+        assert plain[b":status"] == b"400"
+        assert plain[b"content-type"].startswith(b"application/json")
+        body = json.loads(client.body(stream_id))
+        assert (body["reason"], body["caller"]) == ("bad-bid", "polite")
+    finally:
+        client.close()
+
+
+def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:
+    app, app_port = start_app()
+    port = free_port()
+    inbound = start_sidecar({}, sidecar_id="app-sidecar-drain",
+                            extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                        "--app", f"http://{LOOPBACK}:{app_port}"])
+    try:
+        with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+            slow = _unary(channel, "Slow")
+            assert slow(b"0.01", timeout=5) == b"slept"
+            call = slow.future(b"1.0", timeout=10)
+            time.sleep(0.3)
+            inbound.send_signal(signal.SIGTERM)
+            assert call.result() == b"slept"  # in flight: finishes after GOAWAY
+        assert inbound.wait(15) == 0, inbound.output()
+    finally:
+        inbound.stop()
+        app.stop(0).wait(5)
+
+
+class _BigHeaderBackend(socketserver.BaseRequestHandler):
+    """An h2c endpoint (the ``h2`` library's server side) whose answer to ``/big`` carries a
+    100 KB header block (over the 64 KiB the sidecar announces); other paths answer ``ok``."""
+
+    connections = 0
+
+    def handle(self) -> None:
+        type(self).connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        self.request.sendall(conn.data_to_send())
+        while data := self.request.recv(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    big = dict(event.headers)[b":path"] == b"/big"
+                    extra = [(b"x-big", b"b" * 100_000)] if big else []
+                    conn.send_headers(event.stream_id, [(b":status", b"200"), *extra])
+                    conn.send_data(event.stream_id, b"ok", end_stream=True)
+            self.request.sendall(conn.data_to_send())
+
+
+def test_an_oversized_answer_head_fails_its_call_alone() -> None:
+    server = socketserver.ThreadingTCPServer((LOOPBACK, 0), _BigHeaderBackend)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sidecar = start_sidecar({"raw": [f"http://{LOOPBACK}:{server.server_address[1]}"]},
+                            sidecar_id="sc-big-head")
+    client = RawH2(sidecar.outbound_port)
+
+    def get(path: bytes) -> int:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"http"),
+                                             (b":path", path), (b":authority", b"raw")],
+                                 end_stream=True)
+        client.events[stream_id] = []
+        client.flush()
+        return stream_id
+
+    try:
+        first = get(b"/first")  # the sidecar's one connection to the endpoint
+        client.pump(lambda: client.ended(first))
+        ids = []
+        for path in (b"/big", b"/small"):
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, [
+                (b":method", b"GET"), (b":scheme", b"http"), (b":path", path),
+                (b":authority", b"raw")], end_stream=True)
+            client.events[stream_id] = []
+            ids.append(stream_id)
+        client.flush()
+        client.pump(lambda: all(client.ended(i) for i in ids))
+        big, small = (_headers(client, i) for i in ids)
+        assert big[b":status"] == b"502" and small[b":status"] == b"200"
+        again = get(b"/again")
+        client.pump(lambda: client.ended(again))
+        assert _headers(client, again)[b":status"] == b"200"
+        assert _BigHeaderBackend.connections == 1  # the upstream connection stayed
+    finally:
+        client.close()
+        assert sidecar.stop() == 0, sidecar.output()
+        server.shutdown()
+        server.server_close()
