@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from mesh.reputation import ANONYMOUS
 from sidecar.errors import ErrorReason
+from sidecar.exchange import Answer, RequestHead, json_answer
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
@@ -96,8 +96,8 @@ class CallerPhases(ProxyPhases):
     # ------------------------------------------------------------ phases
 
     async def request_filter(
-        self, request: web.Request, ctx: RequestContext
-    ) -> web.StreamResponse | None:
+        self, request: RequestHead, ctx: RequestContext
+    ) -> Answer | None:
         upstream = ctx.upstream or ""
         left = self.backing_off(upstream, self.clock())
         if left > 0:
@@ -168,5 +168,5 @@ class CallerPhases(ProxyPhases):
         self.inner.logging(ctx, now)
 
 
-def _json_answer(status: int, body: dict[str, Any], headers: dict[str, str]) -> web.Response:
-    return web.json_response(body, status=status, headers=headers)
+def _json_answer(status: int, body: dict[str, Any], headers: dict[str, str]) -> Answer:
+    return json_answer(status, body, headers)

@@ -4,7 +4,7 @@ A request goes through these hooks, in this order; every hook has a working defa
 feature (the caller's identity and bid: :mod:`sidecar.identity_phase`) overrides only the
 phases it needs by subclassing ``ProxyPhases`` and handing the instance to the runner::
 
-    request_filter          may answer early (return a response) or annotate ``ctx``
+    request_filter          may answer early (return an ``Answer``) or annotate ``ctx``
     upstream_pick           choose an endpoint (default: the upstream's policy), per attempt
     upstream_request_filter edit the headers sent upstream (default: X-GT-Regret, X-GT-Retry)
     response_filter         edit the headers handed back to the app (X-GT-* already consumed)
@@ -20,9 +20,9 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.exchange import Answer, RequestHead
 from sidecar.upstreams import UpstreamGroup
 from wire.headers import REGRET, RETRY
 
@@ -52,9 +52,9 @@ class ProxyPhases:
     """Default behaviour of every phase; subclass and override to extend the proxy."""
 
     async def request_filter(
-        self, request: web.Request, ctx: RequestContext
-    ) -> web.StreamResponse | None:
-        """Return a response to answer the app without forwarding; default: forward."""
+        self, request: RequestHead, ctx: RequestContext
+    ) -> Answer | None:
+        """Return an answer to give the app without forwarding; default: forward."""
         return None
 
     def upstream_pick(
