@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +176,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(runner.run())
+        return run_event_loop(runner.run())
     except StartupError as exc:
         print(f"equilibrium sidecar: {exc}", file=sys.stderr)
         return 1
+
+
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop when it is installed (a dependency on Linux: it halves the
+    event loop's share of each proxied request), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
