@@ -55,6 +55,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may wait for its
 DEFAULT_MAX_HEAD = 64 * 1024  # bytes of request line and headers
 BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before reading pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+LINGER = 2.0  # seconds a refused connection is read (and dropped) after our error answer
 
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -287,6 +288,7 @@ class H1Connection(asyncio.Protocol):
         self.remote: str | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.closing = False  # answer what is in flight, then close
+        self._lingering = False  # refused: our answer is out, the rest is read and dropped
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
@@ -321,6 +323,8 @@ class H1Connection(asyncio.Protocol):
         self._arm("idle", self.limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused: what the app still sends is read and dropped
         if self._upgrade is not None:
             self._handover += data
             return
@@ -589,11 +593,16 @@ class H1Connection(asyncio.Protocol):
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             self._timer_when = self._deadline
             return
+        if self._phase == "linger":
+            self.close()
+            return
         if self._phase == "head":
             self._count_timeout("http1_header")
             log.info("HTTP/1.1 connection from %s: no complete request head within %gs: 408",
                      self.remote, self.limits.header_timeout)
             self._write_error(408)
+            self._linger()
+            return
         else:
             self._count_timeout("http1_idle")
         self.close()
@@ -606,9 +615,25 @@ class H1Connection(asyncio.Protocol):
         if self.metrics is not None:
             self.metrics.http1_rejected.labels(reason).inc()
         self._in_head = False
-        if self._active is None:  # otherwise the answer in progress would be garbled
-            self._write_error(status)
-        self.close()
+        if self._active is not None:  # an answer in progress would be garbled: just cut
+            self.abort()
+            return
+        self._write_error(status)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Send what was written and a FIN, then read and drop for up to LINGER seconds: a
+        close with unread bytes would reset the connection and lose the error answer."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.closing = self._lingering = True
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._arm("linger", LINGER)
 
     def _write_error(self, status: int) -> None:
         transport = self.transport
