@@ -98,8 +98,9 @@ class RequestBody:
         return self._size
 
     @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._chunks
+    def received(self) -> bool:
+        """The whole body has arrived (read or not)."""
+        return self._eof
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -500,9 +501,9 @@ class H1Connection(asyncio.Protocol):
         self._task = None
         if self.transport is None:
             return
-        if not (exchange.done and exchange.keep_alive and exchange.content.at_eof):
-            # an answer cut short, or a body the handler never read: the connection cannot
-            # be trusted to be at a request boundary
+        if not (exchange.done and exchange.keep_alive and exchange.content.received):
+            # an answer cut short, or a body still on its way that nobody will read: the
+            # connection is not at a request boundary
             self.close()
             return
         self._start_next()
