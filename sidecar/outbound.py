@@ -8,6 +8,13 @@ retrying safely, relaying streamed bodies and WebSockets, and answering with a J
 (never a hang) when it cannot forward. The routing decision itself is the policy's
 (:mod:`mesh`); this module measures and carries it out. It opens no connection itself.
 
+The request path (:meth:`OutboundProxy.serve`) reads and answers an
+:class:`sidecar.exchange.Exchange`, so it is the same whichever server parsed the request: the
+sidecar's HTTP/1.1 server (:mod:`sidecar.http1.server`) or aiohttp's (:meth:`OutboundProxy.handle`:
+WebSocket upgrades, transparent interception). One :class:`sidecar.watchdog.Watchdog` per
+request bounds each stall (upload, wait for the head, each chunk of the body) by the request
+timeout.
+
 Retry rule (RFC 9110 §9.2.2 idempotent methods, narrowed so nothing is ever replayed that
 may have been processed or cannot be re-sent): only GET, HEAD, OPTIONS, TRACE, and PUT or
 DELETE without a body; only when nothing was received from the upstream (connect error,
