@@ -248,10 +248,11 @@ class H1Exchange:
         transport = self._conn.transport
         head, self._head = self._head, b""
         tail = LAST_CHUNK if self._framing is Framing.CHUNKED else b""
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the app closed its connection")
         if head or tail:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the app closed its connection")
             transport.write(head + tail if tail else head)
+        # else the body was all written (an app may hang up as soon as it has all of it)
         self.done = True
 
 

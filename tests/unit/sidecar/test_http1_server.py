@@ -360,3 +360,4 @@ async def test_an_app_hanging_up_mid_body_is_not_charged_to_the_endpoint(
     assert rig.sample("equilibrium_requests_total", upstream="users",
                       endpoint="http://10.0.0.1:8080", code="200") == 1
     assert rig.answers[0].released and not rig.answers[0].closed
+
