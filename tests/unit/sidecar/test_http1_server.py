@@ -19,7 +19,7 @@ from aiohttp import web
 
 from mesh.profiles import get_profile
 from sidecar.h2_site import OutboundSite
-from sidecar.http1.server import H1Limits
+from sidecar.http1.server import BODY_HIGH_WATER, H1Limits
 from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
@@ -39,6 +39,7 @@ async def hello(request: UpstreamRequest) -> MemoryResponse:
 class Listener:
     port: int
     metrics: SidecarMetrics
+    site: OutboundSite | None = None
     seen: list[UpstreamRequest] = field(default_factory=list)
     answers: list[MemoryResponse] = field(default_factory=list)
 
@@ -86,6 +87,7 @@ async def listener() -> AsyncIterator[MakeListener]:
                             http1_limits=limits)
         await site.start()
         rig.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        rig.site = site
         return rig
 
     yield make
@@ -361,3 +363,42 @@ async def test_an_app_hanging_up_mid_body_is_not_charged_to_the_endpoint(
                       endpoint="http://10.0.0.1:8080", code="200") == 1
     assert rig.answers[0].released and not rig.answers[0].closed
 
+
+
+async def test_a_large_upload_is_read_only_as_fast_as_the_upstream_takes_it(
+    listener: MakeListener,
+) -> None:
+    release = asyncio.Event()
+
+    async def late_reader(request: UpstreamRequest) -> MemoryResponse:
+        await release.wait()
+        assert request.body is not None
+        total = 0
+        async for chunk in request.body:
+            total += len(chunk)
+        return MemoryResponse(200, {"Content-Length": str(len(str(total)))}, str(total).encode())
+
+    rig = await listener(late_reader)
+    reader, writer = await rig.connect()
+    size = 16 * 1024 * 1024
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def send() -> None:
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    await asyncio.sleep(1.0)
+    assert rig.site is not None
+    [conn] = rig.site._shared.http1
+    receiving = conn._receiving
+    assert receiving is not None
+    # reading paused near the high-water mark; the rest waits in TCP, the app is held back
+    assert receiving.content.buffered <= BODY_HIGH_WATER + 256 * 1024
+    assert not sending.done()
+    release.set()
+    await asyncio.wait_for(sending, 20)
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, str(size).encode())
+    writer.close()
