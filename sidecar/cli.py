@@ -104,9 +104,11 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
            "SECONDS"),
     Option("connect_timeout", "upstream connect timeout (default: the profile's)", "SECONDS"),
     Option("header_timeout", "outbound listener: close a connection that sends no request "
-           "byte (or not the whole HTTP/2 preface) in time (default 10; env {env})", "SECONDS"),
+           "byte (or not the whole HTTP/2 preface) in time; answer 408 to an HTTP/1.1 request "
+           "head not complete in time (default 10; env {env})", "SECONDS"),
     Option("idle_timeout", "outbound listener: close an HTTP/2 connection with no request in "
-           "flight after this long (default 300, 0: never; env {env})", "SECONDS"),
+           "flight, or an idle HTTP/1.1 keep-alive connection, after this long (default 300, "
+           "0: never; env {env})", "SECONDS"),
     Option("max_streams", "outbound listener: concurrent streams per HTTP/2 connection "
            "(default 256; env {env})", "N"),
     Option("max_connections", "outbound listener: open connections (default 4096; env {env})",
