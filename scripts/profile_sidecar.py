@@ -28,6 +28,9 @@ from equilibrium.lab.sidecars import Sidecar
 
 # leaf frame -> component, first match wins (file path fragments)
 SELF_GROUPS: list[tuple[str, str]] = [
+    ("sidecar/http1/", "sidecar's HTTP/1.1 server (sidecar/http1, llhttp callbacks)"),
+    ("httptools", "llhttp parsing (httptools)"),
+    ("uvloop", "uvloop (event loop, transports)"),
     ("selector_events.py", "socket I/O (send/recv calls in asyncio's transports)"),
     ("aiohttp/http_parser", "aiohttp HTTP parsing (request and response heads)"),
     ("aiohttp/_http_parser", "aiohttp HTTP parsing (request and response heads)"),
@@ -61,10 +64,12 @@ STEPS: list[tuple[str, re.Pattern[str]]] = [
      re.compile(r"^(\w+\.)*data_received \(.*aiohttp/web_protocol")),
     ("aiohttp client: read and parse responses (client_proto data_received)",
      re.compile(r"^(\w+\.)*data_received \(.*aiohttp/client_proto")),
+    ("sidecar HTTP/1.1 server: read and parse requests (http1 data_received)",
+     re.compile(r"^(\w+\.)*data_received \(.*sidecar/http1/server")),
     ("HTTP/1.1 client: read and parse responses (sidecar/http1 data_received)",
      re.compile(r"^(\w+\.)*data_received \(.*sidecar/http1/client_connection")),
-    ("outbound handler (sidecar/outbound.py handle, all of it)",
-     re.compile(r"^(\w+\.)*handle \(.*sidecar/outbound\.py")),
+    ("outbound handler (sidecar/outbound.py handle/serve, all of it)",
+     re.compile(r"^(\w+\.)*(handle|serve) \(.*sidecar/outbound\.py")),
     ("  upstream request through the transport (send, await the head)",
      re.compile(r"^(\w+\.)*handle_request \(.*sidecar/(transport|http1/client)\.py")),
     ("  response relay (prepare, body, write_eof)",
@@ -80,6 +85,7 @@ STEPS: list[tuple[str, re.Pattern[str]]] = [
      re.compile(r"^(\w+\.)*logging \(.*sidecar/phases\.py")),
     ("  logging module", re.compile(r"\(.*/logging/__init__\.py")),
     ("  asyncio.timeout (set-up, reschedule)", re.compile(r"\(.*asyncio/timeouts\.py")),
+    ("  request watchdog (sidecar/watchdog.py)", re.compile(r"\(.*sidecar/watchdog\.py")),
 ]
 
 

@@ -30,8 +30,8 @@ Config file shape (YAML or JSON, every key optional)::
     app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
     mesh_secret_file: /etc/equilibrium/mesh.key
     listener:                   # the outbound listener's defences (docs/grpc.md, "Defences");
-      header_timeout: 10        #   read at start: first bytes / HTTP/2 preface, seconds
-      idle_timeout: 300         #   HTTP/2 connection with no request in flight (0: never)
+      header_timeout: 10        #   first bytes / HTTP/2 preface / an HTTP/1.1 head, seconds
+      idle_timeout: 300         #   connection with no request in flight (0: never)
       max_streams: 256          #   SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
       max_connections: 4096     #   open connections on the outbound listener
 
@@ -130,10 +130,11 @@ class DiscoverySettings:
 
 @dataclass(frozen=True, slots=True)
 class ListenerLimits:
-    """The outbound listener's defences (:mod:`sidecar.h2_site`, :mod:`sidecar.h2_server`)."""
+    """The outbound listener's defences (:mod:`sidecar.h2_site`, :mod:`sidecar.h2_server`,
+    :mod:`sidecar.http1.server`)."""
 
-    header_timeout: float = DEFAULT_SNIFF_TIMEOUT  # first bytes, or the whole HTTP/2 preface
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # HTTP/2 connection, nothing in flight; 0: never
+    header_timeout: float = DEFAULT_SNIFF_TIMEOUT  # first bytes, HTTP/2 preface, HTTP/1.1 head
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # HTTP/2 or HTTP/1.1, nothing in flight; 0: never
     max_streams: int = DEFAULT_MAX_STREAMS  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open on the outbound listener
 

@@ -19,7 +19,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -165,7 +165,7 @@ class H2Connection(asyncio.Protocol):
     # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)

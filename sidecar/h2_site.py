@@ -3,19 +3,22 @@
 Owns the per-connection protocol decision: the first bytes of each accepted connection are
 peeked; the 24-byte HTTP/2 connection preface (``PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n``,
 RFC 9113 §3.4) hands it to an :class:`H2ServerConnection` (:mod:`sidecar.h2_server`), anything
-else to aiohttp's own HTTP/1.1 protocol of the app runner, with the bytes already read, so
-the HTTP/1.1 path is exactly what it was.
+else to the sidecar's HTTP/1.1 server connection (:mod:`sidecar.http1.server`, which hands
+WebSocket upgrades on to aiohttp's protocol of the app runner), with the bytes already read.
+Without an HTTP/1.1 handler, aiohttp's protocol serves HTTP/1.1 from the first byte.
 
 Also the listener's first defences (docs/grpc.md, "Defences"): a connection that sends neither
 a byte of an HTTP/1.1 request nor the whole preface within ``sniff_timeout`` is closed; one
 accepted while ``max_connections`` are open (HTTP/1.1, h2c and still sniffing, over both
-sockets) is closed at once. HTTP/1.1 connections are aiohttp's from the first byte on, with
-its own timers.
+sockets) is closed at once. The HTTP/1.1 connection's own timers and limits are
+:mod:`sidecar.http1.server`'s.
 
-On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and up to the drain
-timeout to finish their streams, then are closed. Transparent interception has its own site
+On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and HTTP/1.1 ones
+``Connection: close`` (idle ones are closed), with up to the drain timeout to finish what is in
+flight, then are closed. Transparent interception has its own site
 (:mod:`sidecar.transparent`), which tells h2c apart with :func:`sniff_preface` too. The
-inbound listener uses this site as well (its handler: :mod:`sidecar.h2_inbound`).
+inbound listener uses this site as well (its handler: :mod:`sidecar.h2_inbound`), with its
+HTTP/1.1 still served by aiohttp.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
 from sidecar.h2_server import H2Limits, H2ServerConnection, Handler
+from sidecar.http1.server import H1Connection, H1Limits
+from sidecar.http1.server import Handler as H1Handler
 from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
@@ -41,10 +47,11 @@ class Connections:
     """What the sockets of one listener share: its HTTP/2 connections (to drain) and the
     count of connections still being sniffed; with aiohttp's own, the open count."""
 
-    __slots__ = ("h2", "sniffing")
+    __slots__ = ("h2", "http1", "sniffing")
 
     def __init__(self) -> None:
         self.h2: set[H2ServerConnection] = set()
+        self.http1: set[H1Connection] = set()
         self.sniffing = 0
 
 
@@ -62,8 +69,8 @@ class OutboundSite(web.BaseSite):
     ``connections`` may be shared between them so one drain covers both.
     """
 
-    __slots__ = ("_conns", "_drain_timeout", "_handler", "_host", "_limits", "_max_connections",
-                 "_metrics", "_port", "_shared", "_sniff_timeout")
+    __slots__ = ("_conns", "_drain_timeout", "_h1_limits", "_handler", "_host", "_http1",
+                 "_limits", "_max_connections", "_metrics", "_port", "_shared", "_sniff_timeout")
 
     def __init__(
         self,
@@ -78,8 +85,12 @@ class OutboundSite(web.BaseSite):
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         connections: Connections | None = None,
+        http1: H1Handler | None = None,
+        http1_limits: H1Limits | None = None,
     ) -> None:
         super().__init__(runner)
+        self._http1 = http1
+        self._h1_limits = http1_limits or H1Limits()
         self._host, self._port = host, port
         self._handler = handler
         self._metrics = metrics
@@ -109,18 +120,26 @@ class OutboundSite(web.BaseSite):
         conns = list(self._conns)
         for conn in conns:
             conn.shutdown()
+        http1 = self._shared.http1
+        for h1 in list(http1):
+            h1.shutdown()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._drain_timeout):
                 for conn in conns:
                     await conn.lost.wait()
+                while any(h1.busy for h1 in http1):
+                    await asyncio.sleep(0.05)
         for conn in list(self._conns):
             conn.abort()
+        for h1 in list(http1):
+            h1.abort()
         await super().stop()
 
     def open_connections(self) -> float:
         server = self._runner.server
         http1 = len(server.connections) if server is not None else 0
-        return float(http1 + len(self._conns) + self._shared.sniffing)
+        shared = self._shared
+        return float(http1 + len(shared.http1) + len(self._conns) + shared.sniffing)
 
     def admit(self) -> bool:
         """A new connection may stay: fewer than ``max_connections`` are open (it included)."""
@@ -142,7 +161,12 @@ class OutboundSite(web.BaseSite):
         self._metrics.connections.labels("http1").inc()
         server = self._runner.server
         assert server is not None
-        return server()  # aiohttp's HTTP/1.1 protocol for this connection
+        if self._http1 is None:
+            return server()  # aiohttp's HTTP/1.1 protocol for this connection
+        h1 = H1Connection(self._http1, limits=self._h1_limits, metrics=self._metrics,
+                          fallback=server, on_close=self._shared.http1.discard)
+        self._shared.http1.add(h1)
+        return h1
 
 
 def outbound_site(
@@ -150,6 +174,8 @@ def outbound_site(
     limits: H2Limits | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    http1: H1Handler | None = None,
+    http1_limits: H1Limits | None = None,
 ) -> Callable[[web.AppRunner, str, int], web.BaseSite]:
     """The runner's site factory for the outbound listener: its sockets (``0.0.0.0`` and the
     ``[::]`` twin) share the metrics, one set of HTTP/2 connections to drain and one
@@ -160,7 +186,7 @@ def outbound_site(
         return OutboundSite(runner, host, port, handler=handler, metrics=metrics,
                             drain_timeout=drain_timeout, limits=limits,
                             sniff_timeout=sniff_timeout, max_connections=max_connections,
-                            connections=connections)
+                            connections=connections, http1=http1, http1_limits=http1_limits)
 
     return site
 
@@ -177,7 +203,7 @@ class _Sniff(asyncio.Protocol):
         self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._count(True)
         if not self.site.admit():
             self._count(False)

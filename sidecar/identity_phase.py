@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from mesh.reputation import ANONYMOUS
 from sidecar.errors import ErrorReason
+from sidecar.exchange import Answer, RequestHead, json_answer
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext, RequestHeaders
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
@@ -96,11 +96,11 @@ class CallerPhases(ProxyPhases):
     # ------------------------------------------------------------ phases
 
     async def request_filter(
-        self, request: web.Request, ctx: RequestContext
-    ) -> web.StreamResponse | None:
+        self, request: RequestHead, ctx: RequestContext
+    ) -> Answer | None:
         early = self.request_check(request.headers, ctx)
         if early is not None:
-            return web.json_response(early.body, status=early.status, headers=early.headers)
+            return json_answer(early.status, early.body, early.headers)
         return await self.inner.request_filter(request, ctx)
 
     def request_check(self, headers: RequestHeaders, ctx: RequestContext) -> EarlyAnswer | None:

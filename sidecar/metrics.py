@@ -434,8 +434,15 @@ class H2Metrics:
             "equilibrium_listener_timeouts",
             "Outbound-listener connections closed by a timeout, by phase (first_bytes: no "
             "request and no complete HTTP/2 preface in time; h2_idle: an HTTP/2 connection "
-            "with no request in flight)",
+            "with no request in flight; http1_header: an HTTP/1.1 request head not complete "
+            "in time, answered 408; http1_idle: an idle HTTP/1.1 keep-alive connection)",
             ["phase"], registry=registry,
+        )
+        self.http1_rejected = Counter(
+            "equilibrium_http1_rejected_requests",
+            "HTTP/1.1 requests the outbound listener refused before routing, closing the "
+            "connection, by reason (malformed: 400; head-too-large: 431)",
+            ["reason"], registry=registry,
         )
         self.flood_goaways = Counter(
             "equilibrium_h2_flood_goaways",

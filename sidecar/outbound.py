@@ -8,6 +8,13 @@ retrying safely, relaying streamed bodies and WebSockets, and answering with a J
 (never a hang) when it cannot forward. The routing decision itself is the policy's
 (:mod:`mesh`); this module measures and carries it out. It opens no connection itself.
 
+The request path (:meth:`OutboundProxy.serve`) reads and answers an
+:class:`sidecar.exchange.Exchange`, so it is the same whichever server parsed the request: the
+sidecar's HTTP/1.1 server (:mod:`sidecar.http1.server`) or aiohttp's (:meth:`OutboundProxy.handle`:
+WebSocket upgrades, transparent interception). One :class:`sidecar.watchdog.Watchdog` per
+request bounds each stall (upload, wait for the head, each chunk of the body) by the request
+timeout.
+
 Retry rule (RFC 9110 §9.2.2 idempotent methods, narrowed so nothing is ever replayed that
 may have been processed or cannot be re-sent): only GET, HEAD, OPTIONS, TRACE, and PUT or
 DELETE without a body; only when nothing was received from the upstream (connect error,
@@ -26,7 +33,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -35,12 +43,11 @@ from yarl import URL
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.exchange import AiohttpExchange, Answer, Exchange, RequestHead, json_answer
 from sidecar.forward import (
     BodyReader,
     has_passed,
     must_be_empty,
-    relay_body,
-    relay_chunks,
     request_headers_to_upstream,
     response_headers_to_app,
 )
@@ -59,12 +66,14 @@ from sidecar.transport import (
     classify,
 )
 from sidecar.upstreams import UpstreamTable
+from sidecar.watchdog import Watchdog
 from sidecar.websocket import accept_like, is_websocket, relay_websocket
 from wire.errors import WireError
 from wire.headers import CONGESTION, parse_congestion
 
 log = logging.getLogger(__name__)
 
+CONGESTION_KEY = CONGESTION.lower()
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # a failed body relay: the upstream's stream broke or stalled, or the app went away
 RELAY_ERRORS: tuple[type[BaseException], ...] = (*BODY_READ_ERRORS, ConnectionError)
@@ -74,12 +83,6 @@ RELAY_ERRORS: tuple[type[BaseException], ...] = (*BODY_READ_ERRORS, ConnectionEr
 # that the upstream connection can serve the next request; past it the connection is closed
 DRAIN_LIMIT = 256 * 1024
 DRAIN_TIMEOUT = 1.0
-
-
-def app_hung_up(request: web.Request) -> bool:
-    """Whether the app's own connection is gone (closed, or closing after a failed write)."""
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 async def drain(content: BodyReader, limit: int = DRAIN_LIMIT,
@@ -99,12 +102,19 @@ async def drain(content: BodyReader, limit: int = DRAIN_LIMIT,
     return False
 
 
+async def _upload(content: BodyReader, watchdog: Watchdog) -> AsyncIterator[bytes]:
+    """The app's body as it arrives; each chunk is progress for the request's watchdog."""
+    while chunk := await content.readany():
+        watchdog.push()
+        yield chunk
+
+
 def may_retry(method: str, has_body: bool) -> bool:
     """Whether a failed attempt of this request may be sent again (see the module docstring)."""
     return method in RETRYABLE_METHODS and not has_body
 
 
-def split_target(request: web.BaseRequest) -> tuple[str | None, str]:
+def split_target(request: RequestHead | web.BaseRequest) -> tuple[str | None, str]:
     """(authority, origin-form target) of a request in origin- or absolute-form."""
     raw = request.raw_path
     if not raw.startswith("/") and "://" in raw:
@@ -142,7 +152,7 @@ class OutboundProxy:
         profile: StrategyProfile,
         metrics: OutboundMetrics,
         phases: ProxyPhases | None = None,
-        pinned_upstream: Callable[[web.BaseRequest], str | None] | None = None,
+        pinned_upstream: Callable[[Any], str | None] | None = None,
         max_attempts: int = 3,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -159,7 +169,7 @@ class OutboundProxy:
         self.via = f"1.1 {sidecar_id}"
         # The upstream a request's connection is bound to regardless of Host, or None (Host
         # routing): the original destination (sidecar.transparent) or a discovered authority.
-        self.pinned_upstream: Callable[[web.BaseRequest], str | None] = (
+        self.pinned_upstream: Callable[[Any], str | None] = (
             pinned_upstream or (lambda request: None))
         self._own_transport: H1Transport | None = None
         if transport is None:
@@ -187,26 +197,38 @@ class OutboundProxy:
     # ------------------------------------------------------------ request path
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        authority, target = split_target(request)
+        """aiohttp's handler: the request path of :meth:`serve` over an aiohttp request (the
+        WebSocket upgrades and exotic requests the HTTP/1.1 server hands over, transparent
+        interception's site)."""
+        exchange = AiohttpExchange(request)
+        await self.serve(exchange)
+        return exchange.response if exchange.response is not None else web.Response(status=502)
+
+    async def serve(self, exchange: Exchange) -> None:
+        """Route, forward and answer one request (see the module docstring)."""
+        authority, target = split_target(exchange)
         ctx = RequestContext(
-            started=self.clock(), method=request.method, target=target, authority=authority or ""
+            started=self.clock(), method=exchange.method, target=target,
+            authority=authority or "",
         )
         try:
-            return await self._handle(request, ctx)
+            answer = await self._route(exchange, ctx)
+            if answer is not None:
+                await exchange.answer(answer)
         finally:
             if ctx.group is not None:
                 self.metrics.request_in_flight(ctx.group.name, -1)
             self.phases.logging(ctx, self.clock())
 
-    async def _handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        if request.method == "CONNECT":
+    async def _route(self, exchange: Exchange, ctx: RequestContext) -> Answer | None:
+        if exchange.method == "CONNECT":
             return self._error(ctx, 501, ErrorReason.CONNECT_NOT_SUPPORTED,
                                "CONNECT tunnels are not proxied")
         if not ctx.authority:
             return self._error(ctx, 400, ErrorReason.NO_HOST,
                                "request has neither Host nor absolute URL")
-        ctx.upstream = self.pinned_upstream(request) or upstream_name(ctx.authority)
-        if has_passed(request.headers, self.via):
+        ctx.upstream = self.pinned_upstream(exchange) or upstream_name(ctx.authority)
+        if has_passed(exchange.headers, self.via):
             return self._error(ctx, 508, ErrorReason.LOOP_DETECTED,
                                "request already passed this sidecar")
         group = self.table.get(ctx.upstream)
@@ -217,87 +239,109 @@ class OutboundProxy:
             )
         ctx.group = group
         self.metrics.request_in_flight(group.name, 1)
-        early = await self.phases.request_filter(request, ctx)
+        early = await self.phases.request_filter(exchange, ctx)
         if early is not None:
             ctx.status = early.status
             return early
         headers, stripped = request_headers_to_upstream(
-            request.headers, client_ip=request.remote, proto=request.scheme, via=self.via
+            exchange.headers, client_ip=exchange.remote, proto=exchange.scheme, via=self.via
         )
-        headers.popall("Expect", None)  # aiohttp already answered 100-continue to the app
+        headers.popall("Expect", None)  # the listener answers 100-continue to the app itself
         if authority_header := ctx.authority:
             headers["Host"] = authority_header
         if stripped:
             for name in stripped:
                 self.metrics.rejected_headers.labels(name, HeaderDrop.FROM_APP).inc()
-        if is_websocket(request):
-            return await self._websocket(request, ctx, headers)
-        return await self._forward(request, ctx, headers)
+        if isinstance(exchange, AiohttpExchange) and is_websocket(exchange.request):
+            result = await self._websocket(exchange.request, ctx, headers)
+            if isinstance(result, Answer):
+                return result
+            exchange.response = result
+            return None
+        return await self._forward(exchange, ctx, headers)
 
     async def _forward(
-        self, request: web.Request, ctx: RequestContext, base_headers: CIMultiDict[str]
-    ) -> web.StreamResponse:
+        self, exchange: Exchange, ctx: RequestContext, base_headers: CIMultiDict[str]
+    ) -> Answer | None:
         group = ctx.group
         assert group is not None
-        has_body = request.body_exists
+        has_body = exchange.body_exists
         retryable = may_retry(ctx.method, has_body)
         group.budget.deposit(self.clock())
         failure: AttemptFailure | None = None
-        for attempt in range(self.max_attempts):
-            now = self.clock()
-            ctx.attempt = attempt
-            endpoint = self.phases.upstream_pick(ctx, self.rng, now)
-            if endpoint is None:
-                if failure is None:
-                    return self._error(
-                        ctx, 503, ErrorReason.NO_ENDPOINT,
-                        f"upstream {group.name!r} has no endpoint to use",
-                    )
-                break  # every endpoint was tried
-            if attempt > 0:
-                if not group.budget.try_withdraw(now):
-                    self.metrics.retry_budget_exhausted.labels(group.name).inc()
-                    break
-                self.metrics.retries.labels(group.name).inc()
-            ctx.endpoint = endpoint
-            ctx.tried.append(endpoint)
-            headers = CIMultiDict(base_headers)
-            self.phases.upstream_request_filter(ctx, headers)
-            sent = self.clock()
-            group.policy.on_start(endpoint, sent)
-            try:
-                # request_timeout bounds the wait for the answer after the last byte sent:
-                # each uploaded chunk pushes the deadline forward
-                async with asyncio.timeout(self.profile.request_timeout) as deadline:
-                    body = (
-                        relay_chunks(request.content, self.profile.request_timeout, deadline)
-                        if has_body else None
-                    )
+        # request_timeout bounds each stall: the upload, the wait for the answer after the
+        # last byte sent, each chunk of the answer's body (one timer for all of it)
+        watchdog = Watchdog(self.profile.request_timeout)
+        try:
+            for attempt in range(self.max_attempts):
+                now = self.clock()
+                ctx.attempt = attempt
+                endpoint = self.phases.upstream_pick(ctx, self.rng, now)
+                if endpoint is None:
+                    if failure is None:
+                        return self._error(
+                            ctx, 503, ErrorReason.NO_ENDPOINT,
+                            f"upstream {group.name!r} has no endpoint to use",
+                        )
+                    break  # every endpoint was tried
+                if attempt > 0:
+                    if not group.budget.try_withdraw(now):
+                        self.metrics.retry_budget_exhausted.labels(group.name).inc()
+                        break
+                    self.metrics.retries.labels(group.name).inc()
+                ctx.endpoint = endpoint
+                ctx.tried.append(endpoint)
+                headers = CIMultiDict(base_headers)
+                self.phases.upstream_request_filter(ctx, headers)
+                sent = self.clock()
+                group.policy.on_start(endpoint, sent)
+                watchdog.push()
+                try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
-                        ctx.method, URL(endpoint + ctx.target, encoded=True), headers, body
+                        ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
+                        _upload(exchange.content, watchdog) if has_body else None,
                     ))
-            except (TransportError, TimeoutError) as exc:
-                failure = classify(exc)
-                done = self.clock()
-                group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
-                self.metrics.forwarded(group.name, endpoint, failure.reason, None)
-                log.debug(
-                    "%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail
-                )
-                if not (failure.nothing_received and retryable):
-                    break
-                continue
-            except BaseException:
-                done = self.clock()
-                group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
-                raise
-            return await self._relay_response(request, ctx, upstream, sent)
+                except asyncio.CancelledError:
+                    if not watchdog.took_back():
+                        self._charge(ctx, endpoint, sent)
+                        raise
+                    failure = self._attempt_failed(ctx, endpoint, sent, attempt, TimeoutError())
+                    break  # the upstream may have the request: never re-sent
+                except (TransportError, TimeoutError) as exc:
+                    failure = self._attempt_failed(ctx, endpoint, sent, attempt, exc)
+                    if not (failure.nothing_received and retryable):
+                        break
+                    continue
+                except BaseException:
+                    self._charge(ctx, endpoint, sent)
+                    raise
+                await self._relay_response(exchange, ctx, upstream, sent, watchdog)
+                return None
+        finally:
+            watchdog.stop()
         # the first attempt either returned or recorded why it failed
         assert failure is not None
         return self._error(
             ctx, failure.status, failure.reason,
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure.detail}",
         )
+
+    def _charge(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
+        """An attempt cut off by something else than a failure still counts as one."""
+        assert ctx.group is not None
+        done = self.clock()
+        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
+
+    def _attempt_failed(self, ctx: RequestContext, endpoint: str, sent: float, attempt: int,
+                        exc: BaseException) -> AttemptFailure:
+        group = ctx.group
+        assert group is not None
+        failure = classify(exc)
+        done = self.clock()
+        group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
+        self.metrics.forwarded(group.name, endpoint, failure.reason, None)
+        log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail)
+        return failure
 
     def _observe_head(
         self, ctx: RequestContext, status: int, game: dict[str, str], sent: float
@@ -308,12 +352,12 @@ class OutboundProxy:
         ctx.status = status
         ctx.game_response_headers = game
         congestion: float | None = None
-        raw = game.get(CONGESTION.lower())
+        raw = game.get(CONGESTION_KEY)
         if raw is not None:
             try:
                 congestion = parse_congestion(raw)
             except WireError as exc:
-                self.metrics.rejected_headers.labels(CONGESTION.lower(), HeaderDrop.MALFORMED).inc()
+                self.metrics.rejected_headers.labels(CONGESTION_KEY, HeaderDrop.MALFORMED).inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(
             Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True))
@@ -321,57 +365,61 @@ class OutboundProxy:
 
     async def _relay_response(
         self,
-        request: web.Request,
+        exchange: Exchange,
         ctx: RequestContext,
         upstream: UpstreamResponse,
         sent: float,
-    ) -> web.StreamResponse:
+        watchdog: Watchdog,
+    ) -> None:
         try:
             headers, game = response_headers_to_app(upstream.headers, self.via)
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
-            )
-            idle = self.profile.request_timeout
-            loop = asyncio.get_running_loop()
+            watchdog.push()
             try:
-                # one timer for the whole relay, pushed forward at each step
-                async with asyncio.timeout(idle) as deadline:
-                    await response.prepare(request)
-                    if not must_be_empty(ctx.method, upstream.status):
-                        await relay_body(upstream.content, response, idle, deadline)
-                    deadline.reschedule(loop.time() + idle)
-                    await response.write_eof()
+                await exchange.start_response(upstream.status, upstream.reason, headers)
+                if not must_be_empty(ctx.method, upstream.status):
+                    content = upstream.content
+                    while chunk := await content.readany():
+                        await exchange.write(chunk)
+                        watchdog.push()
+                await exchange.finish()
+            except asyncio.CancelledError:
+                if not watchdog.took_back():
+                    raise
+                watchdog.stop()
+                await self._relay_failed(exchange, ctx, upstream, TimeoutError())
             except RELAY_ERRORS as exc:
-                if app_hung_up(request):
-                    # the app's doing: the endpoint answered, nothing to charge it with
-                    reason = ErrorReason.APP_HUNG_UP
-                    ctx.error_reason = reason
-                    self.metrics.errors.labels(ctx.upstream or "", reason).inc()
-                    log.debug("%s %s: the app hung up mid-body: %r", ctx.upstream,
-                              ctx.endpoint, exc)
-                    if not await drain(upstream.content):
-                        upstream.close()
-                    return response
-                # The head may be out already: the only honest signal left is to cut the
-                # connection (the app sees a truncated body, never a silently short one).
-                reason = ErrorReason.BODY_RELAY_FAILED
-                ctx.error_reason = reason
-                self.metrics.errors.labels(ctx.upstream or "", reason).inc()
-                upstream.close()
-                if request.transport is not None:
-                    request.transport.abort()
-                log.info("%s %s: body relay failed: %r", ctx.upstream, ctx.endpoint, exc)
-            return response
+                watchdog.stop()
+                await self._relay_failed(exchange, ctx, upstream, exc)
         finally:
             upstream.release()
+
+    async def _relay_failed(self, exchange: Exchange, ctx: RequestContext,
+                            upstream: UpstreamResponse, exc: BaseException) -> None:
+        if exchange.client_gone():
+            # the app's doing: the endpoint answered, nothing to charge it with
+            reason = ErrorReason.APP_HUNG_UP
+            ctx.error_reason = reason
+            self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+            log.debug("%s %s: the app hung up mid-body: %r", ctx.upstream, ctx.endpoint, exc)
+            if not await drain(upstream.content):
+                upstream.close()
+            return
+        # The head may be out already: the only honest signal left is to cut the
+        # connection (the app sees a truncated body, never a silently short one).
+        reason = ErrorReason.BODY_RELAY_FAILED
+        ctx.error_reason = reason
+        self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+        upstream.close()
+        exchange.abort()
+        log.info("%s %s: body relay failed: %r", ctx.upstream, ctx.endpoint, exc)
 
     # ------------------------------------------------------------ WebSocket
 
     async def _websocket(
         self, request: web.Request, ctx: RequestContext, base_headers: CIMultiDict[str]
-    ) -> web.StreamResponse:
+    ) -> web.StreamResponse | Answer:
         group = ctx.group
         assert group is not None
         if self._dialer is None:
@@ -413,17 +461,17 @@ class OutboundProxy:
 
     def _error(
         self, ctx: RequestContext, status: int, reason: ErrorReason, message: str
-    ) -> web.Response:
+    ) -> Answer:
         ctx.status, ctx.error_reason = status, reason
         self.metrics.errors.labels(ctx.upstream or "", reason).inc()
-        return web.json_response(
+        return json_answer(
+            status,
             {
                 "error": message,
                 "reason": reason,
                 "upstream": ctx.upstream,
                 "sidecar": self.sidecar_id,
             },
-            status=status,
-            headers={"Via": self.via},
+            {"Via": self.via},
         )
 

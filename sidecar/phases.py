@@ -4,8 +4,8 @@ A request goes through these hooks, in this order; every hook has a working defa
 feature (the caller's identity and bid: :mod:`sidecar.identity_phase`) overrides only the
 phases it needs by subclassing ``ProxyPhases`` and handing the instance to the runner::
 
-    request_filter          may answer early (return a response) or annotate ``ctx``; its
-                            protocol-neutral part, ``request_check``, is what HTTP/2 runs
+    request_filter          may answer early (return an ``Answer``) or annotate ``ctx``; its
+                            header-only part, ``request_check``, is what HTTP/2 runs
     upstream_pick           choose an endpoint (default: the upstream's policy), per attempt
     upstream_request_filter edit the headers sent upstream (default: X-GT-Regret, X-GT-Retry)
     response_filter         edit the headers handed back to the app (X-GT-* already consumed)
@@ -22,9 +22,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.exchange import Answer, RequestHead
 from sidecar.upstreams import UpstreamGroup
 from wire.headers import REGRET, RETRY
 
@@ -71,9 +71,9 @@ class ProxyPhases:
     """Default behaviour of every phase; subclass and override to extend the proxy."""
 
     async def request_filter(
-        self, request: web.Request, ctx: RequestContext
-    ) -> web.StreamResponse | None:
-        """Return a response to answer the app without forwarding; default: forward."""
+        self, request: RequestHead, ctx: RequestContext
+    ) -> Answer | None:
+        """Return an answer to give the app without forwarding; default: forward."""
         return None
 
     def request_check(self, headers: RequestHeaders, ctx: RequestContext) -> EarlyAnswer | None:

@@ -47,10 +47,12 @@ from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.dual_stack import start_ipv6_twin
+from sidecar.exchange import Exchange
 from sidecar.h2_inbound import H2Inbound
 from sidecar.h2_proxy import H2Outbound
 from sidecar.h2_server import H2Limits
 from sidecar.h2_site import outbound_site
+from sidecar.http1.server import H1Limits
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
 from sidecar.metrics import (
@@ -194,7 +196,10 @@ class SidecarRunner:
             site = outbound_site(
                 self.h2.handle, self.h2.h2_metrics, drain_timeout=config.drain_timeout,
                 limits=h2_limits, sniff_timeout=limits.header_timeout,
-                max_connections=limits.max_connections)
+                max_connections=limits.max_connections,
+                http1=self._serve_http1,
+                http1_limits=H1Limits(header_timeout=limits.header_timeout,
+                                      idle_timeout=limits.idle_timeout))
         self.inbound = self._build_inbound(mesh_key)
         self.h2_inbound: H2Inbound | None = None  # set with the inbound listener's site
         self.signaling: SidecarSignaling | None = None
@@ -242,6 +247,16 @@ class SidecarRunner:
             self._background.append(("inbound-gauges", self.inbound.refresh_gauges))
         if self.signaling is not None:
             self._background.append(("signaling", self.signaling.run))
+
+    async def _serve_http1(self, exchange: Exchange) -> None:
+        """The HTTP/1.1 server's handler: the proxy, tracked so the drain deadline cuts it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight_tasks.add(task)
+        try:
+            await self.proxy.serve(exchange)
+        finally:
+            self._in_flight_tasks.discard(task)
 
     def _build_discovery(self) -> Discovery | None:
         settings = self.config.discovery

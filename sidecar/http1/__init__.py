@@ -1,5 +1,3 @@
-"""HTTP/1.1 on raw asyncio protocols and httptools (llhttp): the sidecar's hot data path.
-
-The modules here speak HTTP/1.1 with the fewest Python objects per request; what a proxy must
-change on the way through stays in :mod:`sidecar.forward`, and routing in the listeners.
-"""
+"""The sidecar's own HTTP/1.1 on asyncio protocols and llhttp (``httptools``): the outbound
+listener's server connection (:mod:`sidecar.http1.server`) and the pooled upstream client
+(:mod:`sidecar.http1.client`). Built for the per-request cost of the data path (issue 11)."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from mesh.reputation import Phase
+from sidecar.exchange import Answer
 from sidecar.identity_phase import CallerPhases
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
@@ -83,9 +83,8 @@ async def test_a_malformed_app_bid_is_answered_400_and_counted(raw: str, reason:
     phases, _ = make_phases()
     answer = await phases.request_filter(
         make_mocked_request("GET", "/", headers={"X-Equilibrium-Bid": raw}), ctx_for())
-    assert isinstance(answer, web.Response) and answer.status == 400
-    assert answer.text is not None
-    body = json.loads(answer.text)
+    assert isinstance(answer, Answer) and answer.status == 400
+    body = json.loads(answer.body)
     assert body["reason"] == "bad-bid" and body["header"] == "X-Equilibrium-Bid"
     assert "X-Equilibrium-Bid" in body["error"]
     assert phases.metrics.bad_app_bids.labels(reason)._value.get() == 1
@@ -101,7 +100,7 @@ async def test_punished_caller_backs_off_locally_until_retry_after() -> None:
     assert app_headers["X-Equilibrium-Price"] == "1.5"  # the app learns what it paid
     clock.t += 4.0
     answer = await phases.request_filter(make_mocked_request("GET", "/"), ctx_for())
-    assert isinstance(answer, web.Response) and answer.status == 429
+    assert isinstance(answer, Answer) and answer.status == 429
     assert answer.headers["Retry-After"] == "6"  # 10 s punishment, 4 s gone
     other = await phases.request_filter(make_mocked_request("GET", "/"), ctx_for("orders"))
     assert other is None  # only the upstream that punishes

@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from mesh.profiles import get_profile
+from sidecar.h2_site import OutboundSite
 from sidecar.inbound import InboundProxy
-from sidecar.metrics import InboundMetrics, SidecarMetrics
+from sidecar.metrics import H2Metrics, InboundMetrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.policing_config import parse_policing
 from sidecar.transport import (
@@ -88,7 +90,7 @@ def answer(status: int = 200, body: bytes = b"ok", **headers: str) -> Callable[
 class Rig:
     proxy: OutboundProxy
     upstreams: Upstreams
-    client: TestClient
+    client: aiohttp.ClientSession
     metrics: SidecarMetrics
 
     def sample(self, name: str, **labels: str) -> float:
@@ -98,9 +100,16 @@ class Rig:
 MakeRig = Callable[..., Awaitable[Rig]]
 
 
-@pytest.fixture
-async def outbound() -> AsyncIterator[MakeRig]:
-    clients: list[TestClient] = []
+async def _no_h2(stream: object) -> None:
+    raise AssertionError("no HTTP/2 in these tests")
+
+
+@pytest.fixture(params=["http1", "aiohttp"])
+async def outbound(request: pytest.FixtureRequest) -> AsyncIterator[MakeRig]:
+    """The proxy behind the outbound listener's socket: the sidecar's HTTP/1.1 server (which
+    hands upgrades to aiohttp), or aiohttp's own server (transparent interception's)."""
+    listener = request.param
+    closers: list[Callable[[], Awaitable[object]]] = []
 
     async def make(respond: Callable[[UpstreamRequest, int], Awaitable[MemoryResponse]],
                    request_timeout: float = 5.0) -> Rig:
@@ -113,14 +122,24 @@ async def outbound() -> AsyncIterator[MakeRig]:
                               metrics=metrics.outbound, rng=random.Random(7),
                               transport=MemoryTransport(upstreams))
         await proxy.start()  # nothing to open: the transport was passed in
-        client = TestClient(TestServer(proxy.make_app()))
-        await client.start_server()
-        clients.append(client)
+        runner = web.AppRunner(proxy.make_app(), access_log=None)
+        await runner.setup()
+        closers.append(runner.cleanup)
+        if listener == "http1":
+            site: web.BaseSite = OutboundSite(
+                runner, "127.0.0.1", 0, handler=_no_h2, metrics=H2Metrics(metrics.registry),
+                drain_timeout=1.0, http1=proxy.serve)
+        else:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+        closers.insert(0, client.close)
         return Rig(proxy, upstreams, client, metrics)
 
     yield make
-    for client in clients:
-        await client.close()
+    for close in closers:
+        await close()
 
 
 # ---------------------------------------------------------------- routing

@@ -1,0 +1,180 @@
+"""What a listener hands the outbound proxy: one HTTP/1.1 request and the way to answer it.
+
+Owns the neutral request/response seam between a listener's connection handling and the
+proxy's request path (:mod:`sidecar.outbound`), so the proxy is written once for both
+listeners that serve HTTP/1.1 on the outbound port: the sidecar's own server
+(:mod:`sidecar.http1.server`, the default) and aiohttp's (:class:`AiohttpExchange`: the
+WebSocket upgrades it is handed, and transparent interception's site).
+
+An :class:`Exchange` is the request (method, target as received, headers in a
+``CIMultiDict``, the peer's address, scheme, a streamed body with ``readany()``) and its
+response, written once: either :meth:`Exchange.answer` with a whole small :class:`Answer`
+(the sidecar's own JSON errors), or :meth:`Exchange.start_response`, :meth:`Exchange.write`
+per chunk, :meth:`Exchange.finish`. A write to an app that hung up raises
+``ConnectionResetError``; :meth:`Exchange.client_gone` says whether it did.
+
+Nothing here routes or forwards; it only carries bytes and headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.forward import BodyReader
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+@dataclass(slots=True)
+class Answer:
+    """A whole response the sidecar writes itself (an error, an early answer of a phase)."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = JSON_TYPE
+
+
+def json_answer(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+                ) -> Answer:
+    """A JSON :class:`Answer` (the body encoded as aiohttp's ``json_response`` does)."""
+    return Answer(status, json.dumps(body).encode(), headers or {})
+
+
+class RequestHead(Protocol):
+    """What the phases may read of a request (``web.Request`` is one too)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def raw_path(self) -> str: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+
+class Exchange(RequestHead, Protocol):
+    """One request as a listener received it, and its response (see the module docstring).
+
+    The attribute names are aiohttp's (``raw_path``, ``remote``, ``body_exists``,
+    ``content``, ``transport``), so helpers written for a ``web.Request`` read either.
+    """
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def body_exists(self) -> bool: ...
+
+    @property
+    def content(self) -> BodyReader: ...
+
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+
+    def client_gone(self) -> bool:
+        """Whether the app's connection is closed (or closing after a failed write)."""
+        ...
+
+    def abort(self) -> None:
+        """Cut the app's connection (a body that broke off half-way)."""
+        ...
+
+    async def answer(self, answer: Answer) -> None:
+        """Send a whole small response (head and body in one write)."""
+        ...
+
+    async def start_response(self, status: int, reason: str | None,
+                             headers: CIMultiDict[str]) -> None:
+        """Begin a streamed response; the head may wait for the first chunk to share a write."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send one chunk of the body (waits while the app's socket buffer is full)."""
+        ...
+
+    async def finish(self) -> None:
+        """End the body."""
+        ...
+
+
+class AiohttpExchange:
+    """An :class:`Exchange` over aiohttp's ``web.Request``; :attr:`response` is what the
+    aiohttp handler returns once the exchange is done."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    @property
+    def raw_path(self) -> str:
+        return self.request.raw_path
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.request.headers
+
+    @property
+    def remote(self) -> str | None:
+        return self.request.remote
+
+    @property
+    def scheme(self) -> str:
+        return self.request.scheme
+
+    @property
+    def body_exists(self) -> bool:
+        return self.request.body_exists
+
+    @property
+    def content(self) -> BodyReader:
+        return self.request.content
+
+    @property
+    def transport(self) -> asyncio.BaseTransport | None:
+        return self.request.transport
+
+    def client_gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    def abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def answer(self, answer: Answer) -> None:
+        headers = CIMultiDict(answer.headers)
+        headers["Content-Type"] = answer.content_type
+        self.response = web.Response(status=answer.status, body=answer.body, headers=headers)
+
+    async def start_response(self, status: int, reason: str | None,
+                             headers: CIMultiDict[str]) -> None:
+        response = self.response = web.StreamResponse(status=status, reason=reason,
+                                                      headers=headers)
+        await response.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()

@@ -1,0 +1,677 @@
+"""The outbound listener's HTTP/1.1 server connection: an asyncio protocol on llhttp.
+
+Owns one app connection speaking HTTP/1.1 (RFC 9112) after :mod:`sidecar.h2_site` decided it
+is not h2c: parsing with ``httptools.HttpRequestParser`` (llhttp), handing each request to
+the handler (``OutboundProxy.serve``) as an :class:`H1Exchange` (:mod:`sidecar.exchange`), and
+writing the answer back. Keep-alive; pipelined requests answered one at a time, in order;
+request bodies (``Content-Length`` or chunked) streamed to the handler, reading paused above a
+high-water mark; ``Expect: 100-continue`` answered when the handler first reads the body;
+HEAD, 1xx, 204 and 304 answers without a body; other answers framed by their
+``Content-Length``, else chunked (HTTP/1.1) or by closing (HTTP/1.0); a response head sent in
+the same write as the first chunk (or the whole small body); writes wait while the socket's
+buffer is above its limit (``pause_writing``/``resume_writing``).
+
+Also owns the connection's defences (docs/operations.md, "Outbound listener defences"), each
+counted: a request head not complete within ``header_timeout`` is answered 408 and the
+connection closed (``equilibrium_listener_timeouts{phase="http1_header"}``); a keep-alive
+connection idle for ``idle_timeout`` is closed (``{phase="http1_idle"}``); a head larger
+than ``max_head`` bytes is answered 431, a malformed request 400, both closing the
+connection (``equilibrium_http1_rejected_requests{reason}``). The connection cap is the
+site's. The timers are one ``loop.call_at`` handle per connection, moved rather than
+re-created: a request whose head arrives in one read costs no timer operation at all.
+
+WebSocket upgrades, CONNECT and any other request llhttp reports as an upgrade are not
+served here: once the requests before it are answered, the connection is handed to
+``fallback()`` (aiohttp's own HTTP/1.1 protocol) together with the request's head, rebuilt
+from what was parsed, and every byte read after it, so :mod:`sidecar.websocket` serves it.
+
+An app that hangs up is not the request's failure: its handler is not cancelled, its next
+write raises ``ConnectionResetError``, and the handler decides what that means. This module
+does not route, forward or know about upstreams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import http
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.exchange import Answer
+from sidecar.metrics import H2Metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to receive a whole request head once it began
+DEFAULT_IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may wait for its next request
+DEFAULT_MAX_HEAD = 64 * 1024  # bytes of request line and headers
+BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before reading pauses
+MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+LINGER = 2.0  # seconds a refused connection is read (and dropped) after our error answer
+
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+CRLF = b"\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class H1Limits:
+    """The defences of one HTTP/1.1 app connection (docs/operations.md)."""
+
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0: never
+    max_head: int = DEFAULT_MAX_HEAD
+
+
+class Framing(enum.Enum):
+    NONE = 0  # no body (HEAD, 1xx, 204, 304)
+    LENGTH = 1  # Content-Length: the chunks go out as they are
+    CHUNKED = 2  # Transfer-Encoding: chunked
+    CLOSE = 3  # HTTP/1.0 without a length: the body ends when the connection closes
+
+
+class RequestBody:
+    """A request body as it arrives (``readany()``; ``b""`` at its end)."""
+
+    __slots__ = ("_chunks", "_conn", "_continue", "_eof", "_exc", "_size", "_waiter")
+
+    def __init__(self, conn: H1Connection, expect_continue: bool) -> None:
+        self._conn = conn
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = expect_continue
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    @property
+    def received(self) -> bool:
+        """The whole body has arrived (read or not)."""
+        return self._eof
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._eof:
+            self._exc = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def readany(self) -> bytes:
+        if self._continue:  # the app waits for our go before it sends the body (RFC 9110 §10.1.1)
+            self._continue = False
+            self._conn.send_continue()
+        while not self._chunks:
+            if self._eof:
+                return b""
+            if self._exc is not None:
+                raise self._exc
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        self._conn.body_consumed()
+        return data
+
+
+class H1Exchange:
+    """One request on an :class:`H1Connection` and its response (an ``Exchange``)."""
+
+    __slots__ = ("_conn", "_framing", "_head", "body_exists", "content", "done", "headers",
+                 "keep_alive", "method", "raw_path", "remote", "started", "version")
+
+    scheme = "http"
+
+    def __init__(self, conn: H1Connection, method: str, raw_path: str,
+                 headers: CIMultiDictProxy[str], version: str, keep_alive: bool,
+                 body_exists: bool, expect_continue: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.body_exists = body_exists
+        self.remote = conn.remote
+        self.content = RequestBody(conn, expect_continue)
+        self.started = False  # a response head was produced
+        self.done = False  # the response ended
+        self._head = b""  # a response head not written yet
+        self._framing = Framing.NONE
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn.transport
+
+    def client_gone(self) -> bool:
+        transport = self._conn.transport
+        return transport is None or transport.is_closing()
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+    def _keep(self) -> bool:
+        return self.keep_alive and not self._conn.closing
+
+    async def answer(self, answer: Answer) -> None:
+        self.started = True
+        keep = self.keep_alive = self._keep()
+        lines = [f"HTTP/1.1 {answer.status} {REASONS.get(answer.status, '')}",
+                 f"Content-Type: {answer.content_type}",
+                 f"Content-Length: {len(answer.body)}"]
+        lines.extend(f"{k}: {v}" for k, v in answer.headers.items())
+        if not keep:
+            lines.append("Connection: close")
+        elif self.version == "1.0":
+            lines.append("Connection: keep-alive")
+        head = _encode_head(lines)
+        body = b"" if self.method == "HEAD" else answer.body
+        self.done = True
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(head + body if body else head)
+
+    async def start_response(self, status: int, reason: str | None,
+                             headers: CIMultiDict[str]) -> None:
+        self.started = True
+        keep = self._keep()
+        extra: list[str] = []
+        if self.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            framing = Framing.NONE
+        elif "Content-Length" in headers:
+            framing = Framing.LENGTH
+        elif self.version == "1.1":
+            framing = Framing.CHUNKED
+            extra.append("Transfer-Encoding: chunked")
+        else:
+            framing = Framing.CLOSE
+            keep = False
+        if not keep:
+            extra.append("Connection: close")
+        elif self.version == "1.0":
+            extra.append("Connection: keep-alive")
+        self.keep_alive = keep
+        self._framing = framing
+        lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, '')}"]
+        lines.extend(f"{k}: {v}" for k, v in headers.items())
+        lines.extend(extra)
+        self._head = _encode_head(lines)
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._framing is Framing.NONE:
+            return
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the app closed its connection")
+        head, self._head = self._head, b""
+        if self._framing is Framing.CHUNKED:
+            parts = [head, b"%x\r\n" % len(data), data, CRLF]
+            transport.writelines(parts if head else parts[1:])
+        elif head:
+            transport.writelines((head, data))
+        else:
+            transport.write(data)
+        if conn.write_paused:
+            await conn.drain()
+
+    async def finish(self) -> None:
+        transport = self._conn.transport
+        head, self._head = self._head, b""
+        tail = LAST_CHUNK if self._framing is Framing.CHUNKED else b""
+        if head or tail:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the app closed its connection")
+            transport.write(head + tail if tail else head)
+        # else the body was all written (an app may hang up as soon as it has all of it)
+        self.done = True
+
+
+def _encode_head(lines: list[str]) -> bytes:
+    text = "\r\n".join(lines)
+    # a CR or LF inside a value would end the head early (response splitting): refuse it
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        raise ValueError("a response header carries a line break")
+    return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+Handler = Callable[[H1Exchange], Awaitable[None]]
+
+
+class H1Connection(asyncio.Protocol):
+    """One app connection (see the module docstring). ``on_close`` is called once, when the
+    socket is gone or handed to ``fallback``."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: H1Limits | None = None,
+        metrics: H2Metrics | None = None,
+        fallback: Callable[[], asyncio.Protocol] | None = None,
+        on_close: Callable[[H1Connection], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits or H1Limits()
+        self.metrics = metrics
+        self.fallback = fallback
+        self.on_close = on_close
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.closing = False  # answer what is in flight, then close
+        self._lingering = False  # refused: our answer is out, the rest is read and dropped
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._reading_paused = False
+        # the request being parsed
+        self._in_head = False
+        self._head_size = 0  # bytes of the head parsed so far
+        self._head_raw = 0  # bytes read while the head was incomplete (a long line in parts)
+        self._head_too_large = False
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._receiving: H1Exchange | None = None  # whose body the parser is feeding
+        self._upgrade: H1Exchange | None = None
+        self._handover = b""
+        # the requests to answer, in order
+        self._queue: collections.deque[H1Exchange] = collections.deque()
+        self._active: H1Exchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        # one timer: _phase says what it guards ("idle", "head"; None: a request is served)
+        self._phase: str | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple | list) and peer:
+            self.remote = str(peer[0])
+        self._arm("idle", self.limits.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # refused: what the app still sends is read and dropped
+        if self._upgrade is not None:
+            self._handover += data
+            return
+        was_in_head = self._in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade(data[exc.args[0]:] if exc.args else b"")
+            return
+        except httptools.HttpParserCallbackError:
+            log.exception("HTTP/1.1 connection from %s: parser callback failed", self.remote)
+            self._reject(400, "malformed")
+            return
+        except httptools.HttpParserError as exc:
+            if self._head_too_large:
+                self._reject(431, "head-too-large")
+            else:
+                log.debug("HTTP/1.1 connection from %s: %s", self.remote, exc)
+                self._reject(400, "malformed")
+            return
+        if self._in_head:
+            if was_in_head:  # the whole read belongs to this head
+                self._head_raw += len(data)
+            if self._head_raw > self.limits.max_head:
+                self._head_too_large = True
+            elif self._phase != "head" and self._active is None:
+                self._arm("head", self.limits.header_timeout)
+        if self._head_too_large:
+            self._reject(431, "head-too-large")
+
+    def eof_received(self) -> bool | None:
+        # the app half-closed: answer what it asked for, then close (no keep-alive)
+        self.closing = True
+        if self._receiving is not None:
+            self._receiving.content.fail(ConnectionResetError("the app ended its request early"))
+        return self.busy  # False: nothing to answer, let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.transport = None
+        self._phase = None
+        gone = ConnectionResetError("the app closed its connection")
+        if self._receiving is not None:
+            self._receiving.content.fail(gone)
+        self._queue.clear()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(gone)
+        self._drain_waiters.clear()
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the app closed its connection")
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    # ------------------------------------------------------------ llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_size = 0
+        self._head_raw = 0
+        self._url = b""
+        self._raw_headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailer: not relayed
+        self._raw_headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.limits.max_head:
+            self._head_too_large = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_too_large:
+            return
+        parser = self.parser
+        method = parser.get_method().decode("ascii", "replace")
+        version = parser.get_http_version()
+        headers = CIMultiDictProxy(CIMultiDict([
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in self._raw_headers
+        ]))
+        chunked = "Transfer-Encoding" in headers
+        length = headers.get("Content-Length")
+        body_exists = chunked or (length is not None and length.strip() != "0")
+        expect = (body_exists and version == "1.1"
+                  and headers.get("Expect", "").lower() == "100-continue")
+        exchange = H1Exchange(self, method, self._url.decode("latin-1"), headers, version,
+                              parser.should_keep_alive(), body_exists, expect)
+        if parser.should_upgrade():
+            self._upgrade = exchange  # handed over once it is its turn (_on_upgrade)
+            return
+        self._receiving = exchange
+        self._queue.append(exchange)
+        if self._active is None:
+            self._start_next()
+        elif len(self._queue) >= MAX_PIPELINED:
+            self._update_reading()
+
+    def on_body(self, body: bytes) -> None:
+        receiving = self._receiving
+        if receiving is not None:
+            receiving.content.feed(body)
+            if receiving.content.buffered > BODY_HIGH_WATER:
+                self._update_reading()
+
+    def on_message_complete(self) -> None:
+        receiving, self._receiving = self._receiving, None
+        if receiving is not None:
+            receiving.content.feed_eof()
+
+    # ------------------------------------------------------------ serving in order
+
+    def _start_next(self) -> None:
+        if self.transport is None:
+            return
+        if not self._queue:
+            if self._upgrade is not None:
+                self._hand_over()
+            elif self.closing:
+                self.close()
+            elif self._in_head:
+                self._arm("head", self.limits.header_timeout)
+            else:
+                self._arm("idle", self.limits.idle_timeout)
+            return
+        exchange = self._queue.popleft()
+        self._active = exchange
+        self._phase = None
+        self._task = self.loop.create_task(self._serve(exchange))
+        if self._reading_paused:
+            self._update_reading()
+
+    async def _serve(self, exchange: H1Exchange) -> None:
+        try:
+            await self.handler(exchange)
+        except asyncio.CancelledError:
+            self.abort()
+        except Exception:
+            log.exception("HTTP/1.1 request %s %s from %s failed", exchange.method,
+                          exchange.raw_path[:200], self.remote)
+            if not exchange.started:
+                exchange.keep_alive = False
+                with contextlib.suppress(Exception):
+                    await exchange.answer(Answer(500, b'{"error": "internal error"}'))
+            else:
+                self.abort()
+        finally:
+            self._finished(exchange)
+
+    def _finished(self, exchange: H1Exchange) -> None:
+        self._active = None
+        self._task = None
+        if self.transport is None:
+            return
+        if not (exchange.done and exchange.keep_alive and exchange.content.received):
+            # an answer cut short, or a body still on its way that nobody will read: the
+            # connection is not at a request boundary
+            self.close()
+            return
+        self._start_next()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        receiving = self._receiving
+        pause = (len(self._queue) >= MAX_PIPELINED
+                 or (receiving is not None and receiving.content.buffered > BODY_HIGH_WATER))
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def body_consumed(self) -> None:
+        if self._reading_paused:
+            self._update_reading()
+
+    def send_continue(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(CONTINUE)
+
+    # ------------------------------------------------------------ upgrades: aiohttp's
+
+    def _on_upgrade(self, rest: bytes) -> None:
+        exchange = self._upgrade
+        if exchange is None or self.fallback is None:
+            self._upgrade = None
+            self._reject(501 if exchange is not None else 400, "malformed")
+            return
+        lines = [b"%s %s HTTP/%s" % (exchange.method.encode("ascii"), self._url,
+                                     exchange.version.encode("ascii"))]
+        lines.extend(name + b": " + value for name, value in self._raw_headers)
+        self._handover = CRLF.join(lines) + CRLF + CRLF + rest
+        if self._active is None and not self._queue:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        transport, fallback = self.transport, self.fallback
+        if transport is None or fallback is None:
+            return
+        self._cancel_timer()
+        self._phase = None
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        data, self._handover = self._handover, b""
+        self.transport = None
+        protocol = fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data and not transport.is_closing():
+            protocol.data_received(data)
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close(self)
+
+    # ------------------------------------------------------------ defences and ending
+
+    def _arm(self, phase: str, timeout: float) -> None:
+        if timeout <= 0:
+            self._phase = None
+            return
+        self._phase = phase
+        when = self.loop.time() + timeout
+        self._deadline = when
+        if self._timer is None or when < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(when, self._on_timer)
+            self._timer_when = when
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase is None or self.transport is None:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer_when = self._deadline
+            return
+        if self._phase == "linger":
+            self.close()
+            return
+        if self._phase == "head":
+            self._count_timeout("http1_header")
+            log.info("HTTP/1.1 connection from %s: no complete request head within %gs: 408",
+                     self.remote, self.limits.header_timeout)
+            self._write_error(408)
+            self._linger()
+            return
+        else:
+            self._count_timeout("http1_idle")
+        self.close()
+
+    def _count_timeout(self, phase: str) -> None:
+        if self.metrics is not None:
+            self.metrics.listener_timeouts.labels(phase).inc()
+
+    def _reject(self, status: int, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.http1_rejected.labels(reason).inc()
+        self._in_head = False
+        if self._active is not None:  # an answer in progress would be garbled: just cut
+            self.abort()
+            return
+        self._write_error(status)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Send what was written and a FIN, then read and drop for up to LINGER seconds: a
+        close with unread bytes would reset the connection and lose the error answer."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.closing = self._lingering = True
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._arm("linger", LINGER)
+
+    def _write_error(self, status: int) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        body = b'{"error": "%s"}' % REASONS.get(status, "").encode()
+        transport.write(_encode_head([
+            f"HTTP/1.1 {status} {REASONS.get(status, '')}",
+            "Content-Type: application/json; charset=utf-8",
+            f"Content-Length: {len(body)}", "Connection: close"]) + body)
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+        self.closing = True
+        self._phase = None
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful end (drain): answer the request in flight with ``Connection: close``,
+        close an idle connection now."""
+        self.closing = True
+        if self._active is None and not self._queue:
+            self.close()
+
+    def abort(self) -> None:
+        """Cut the connection now; the request in flight is cancelled."""
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        self._phase = None
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None or bool(self._queue)

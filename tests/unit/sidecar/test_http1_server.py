@@ -1,0 +1,404 @@
+"""The outbound listener's HTTP/1.1 server over real loopback sockets, byte by byte.
+
+The proxy behind it is the real :class:`OutboundProxy` on an in-memory transport (the
+upstreams); the app side is raw sockets, so slow, partial, pipelined and hostile clients are
+exactly what the server sees. The defences (header timeout, idle timeout, head size, the
+connection cap) are checked with a well-behaved client served alongside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from mesh.profiles import get_profile
+from sidecar.h2_site import OutboundSite
+from sidecar.http1.server import BODY_HIGH_WATER, H1Limits
+from sidecar.metrics import H2Metrics, SidecarMetrics
+from sidecar.outbound import OutboundProxy
+from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
+from sidecar.upstreams import UpstreamTable
+
+Respond = Callable[[UpstreamRequest], Awaitable[MemoryResponse]]
+
+
+async def hello(request: UpstreamRequest) -> MemoryResponse:
+    body = b""
+    if request.body is not None:
+        body = b"".join([chunk async for chunk in request.body])
+    return MemoryResponse(200, {"Content-Length": str(5 + len(body))}, b"hello" + body)
+
+
+@dataclass
+class Listener:
+    port: int
+    metrics: SidecarMetrics
+    site: OutboundSite | None = None
+    seen: list[UpstreamRequest] = field(default_factory=list)
+    answers: list[MemoryResponse] = field(default_factory=list)
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+MakeListener = Callable[..., Awaitable[Listener]]
+
+
+async def _no_h2(stream: object) -> None:
+    raise AssertionError("no HTTP/2 here")
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[MakeListener]:
+    runners: list[web.AppRunner] = []
+
+    async def make(respond: Respond = hello, *, limits: H1Limits | None = None,
+                   max_connections: int = 100) -> Listener:
+        profile = dataclasses.replace(get_profile("balanced"), request_timeout=5.0)
+        table = UpstreamTable("round-robin", profile)
+        table.apply({"users": ("http://10.0.0.1:8080",)}, 0.0)
+        metrics = SidecarMetrics()
+        rig = Listener(0, metrics)
+
+        async def upstream(request: UpstreamRequest) -> MemoryResponse:
+            rig.seen.append(request)
+            answer = await respond(request)
+            rig.answers.append(answer)
+            return answer
+
+        proxy = OutboundProxy(sidecar_id="h1", table=table, profile=profile,
+                              metrics=metrics.outbound, rng=random.Random(1),
+                              transport=MemoryTransport(upstream))
+        runner = web.AppRunner(proxy.make_app(), access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = OutboundSite(runner, "127.0.0.1", 0, handler=_no_h2,
+                            metrics=H2Metrics(metrics.registry), drain_timeout=1.0,
+                            max_connections=max_connections, http1=proxy.serve,
+                            http1_limits=limits)
+        await site.start()
+        rig.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        rig.site = site
+        return rig
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers (lower-cased names), body (by length or chunked)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = b""
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader, within: float = 5.0) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), within) == b""
+    except ConnectionResetError:
+        return True
+
+
+GET = b"GET /x HTTP/1.1\r\nHost: users\r\n\r\n"
+
+
+# ---------------------------------------------------------------- the defences
+
+
+async def test_a_half_sent_head_gets_408_after_the_timeout_while_others_are_served(
+    listener: MakeListener,
+) -> None:
+    rig = await listener(limits=H1Limits(header_timeout=0.5))
+    slow_r, slow_w = await rig.connect()
+    slow_w.write(b"GET /slow HTTP/1.1\r\nHost: us")  # and nothing more
+    await slow_w.drain()
+    fast_r, fast_w = await rig.connect()
+    for _ in range(3):
+        fast_w.write(GET)
+        status, _, body = await read_response(fast_r)
+        assert (status, body) == (200, b"hello")
+    status, headers, _ = await read_response(slow_r)
+    assert status == 408 and headers["connection"] == "close"
+    assert await closed(slow_r)
+    assert rig.sample("equilibrium_listener_timeouts_total", phase="http1_header") == 1
+    assert [r.url.path for r in rig.seen] == ["/x"] * 3
+    fast_w.close()
+    slow_w.close()
+
+
+async def test_a_head_dripped_byte_by_byte_is_not_given_more_time(
+    listener: MakeListener,
+) -> None:
+    rig = await listener(limits=H1Limits(header_timeout=0.6))
+    reader, writer = await rig.connect()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        for byte in b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            if reader.at_eof():
+                raise ConnectionResetError
+        await read_response(reader)
+    assert loop.time() - started < 3.0
+    assert rig.sample("equilibrium_listener_timeouts_total", phase="http1_header") == 1
+    writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
+    listener: MakeListener,
+) -> None:
+    rig = await listener(limits=H1Limits(idle_timeout=0.5))
+    reader, writer = await rig.connect()
+    writer.write(GET)
+    assert (await read_response(reader))[0] == 200
+    await asyncio.sleep(0.2)  # not idle long enough yet: still served
+    writer.write(GET)
+    assert (await read_response(reader))[0] == 200
+    assert await closed(reader, within=3.0)
+    assert rig.sample("equilibrium_listener_timeouts_total", phase="http1_idle") == 1
+    writer.close()
+
+
+async def test_an_oversized_head_gets_431_whether_sent_at_once_or_in_parts(
+    listener: MakeListener,
+) -> None:
+    rig = await listener(limits=H1Limits(max_head=8192))
+    reader, writer = await rig.connect()
+    writer.write(b"GET / HTTP/1.1\r\nHost: users\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+    status, headers, _ = await read_response(reader)
+    assert status == 431 and headers["connection"] == "close"
+    assert await closed(reader)
+    reader, writer2 = await rig.connect()  # one endless header line, sent in parts
+    writer2.write(b"GET / HTTP/1.1\r\nHost: users\r\nX-Big: ")
+    await writer2.drain()
+    await asyncio.sleep(0.05)
+    for _ in range(5):
+        writer2.write(b"b" * 2000)
+        await writer2.drain()
+        await asyncio.sleep(0.01)
+    assert (await read_response(reader))[0] == 431
+    assert rig.sample("equilibrium_http1_rejected_requests_total", reason="head-too-large") == 2
+    assert rig.seen == []
+    writer.close()
+    writer2.close()
+
+
+async def test_a_malformed_request_gets_400_and_is_counted(listener: MakeListener) -> None:
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(b"GET / HTTP/1.1\r\nHost users\r\n\r\n")
+    assert (await read_response(reader))[0] == 400
+    assert await closed(reader)
+    assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
+    writer.close()
+
+
+async def test_the_connection_cap_closes_one_more_connection_at_once(
+    listener: MakeListener,
+) -> None:
+    rig = await listener(max_connections=2)
+    held = [await rig.connect() for _ in range(2)]
+    for reader, writer in held:
+        writer.write(GET)
+        assert (await read_response(reader))[0] == 200  # both open and served
+    reader, writer = await rig.connect()
+    writer.write(GET)
+    assert await closed(reader)
+    assert rig.sample("equilibrium_outbound_connections_rejected_total") == 1
+    held[0][1].close()
+    await asyncio.sleep(0.2)
+    reader, writer = await rig.connect()  # a place is free again
+    writer.write(GET)
+    assert (await read_response(reader))[0] == 200
+    for _, w in (*held, (reader, writer)):
+        w.close()
+
+
+# ---------------------------------------------------------------- HTTP/1.1 itself
+
+
+async def test_pipelined_requests_are_answered_in_order(listener: MakeListener) -> None:
+    async def slower_first(request: UpstreamRequest) -> MemoryResponse:
+        n = int(request.url.path.strip("/"))
+        await asyncio.sleep(0.05 * (3 - n))
+        return MemoryResponse(200, {"Content-Length": "1"}, str(n).encode())
+
+    rig = await listener(slower_first)
+    reader, writer = await rig.connect()
+    writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: users\r\n\r\n" % n for n in range(3)))
+    bodies = [(await read_response(reader))[2] for _ in range(3)]
+    assert bodies == [b"0", b"1", b"2"]
+    writer.close()
+
+
+async def test_chunked_request_and_response_bodies(listener: MakeListener) -> None:
+    async def stream_back(request: UpstreamRequest) -> MemoryResponse:
+        if request.body is None:
+            return await hello(request)
+        got = b"".join([chunk async for chunk in request.body])
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for part in (b"got:", got, b"!"):
+                yield part
+                await asyncio.sleep(0)
+
+        return MemoryResponse(200, {}, chunks())
+
+    rig = await listener(stream_back)
+    reader, writer = await rig.connect()
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body == b"got:abcdefg!"
+    writer.write(GET)  # the connection is still good for the next request
+    assert (await read_response(reader))[2] == b"hello"
+    writer.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    listener: MakeListener,
+) -> None:
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(b"PUT /doc HTTP/1.1\r\nHost: users\r\nContent-Length: 5\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"world")
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, b"helloworld")
+    assert "Expect" not in rig.seen[0].headers
+    writer.close()
+
+
+async def test_head_and_http10_answers_are_framed_right(listener: MakeListener) -> None:
+    async def unsized(request: UpstreamRequest) -> MemoryResponse:
+        return MemoryResponse(200, {}, b"whole body")
+
+    rig = await listener(unsized)
+    reader, writer = await rig.connect()
+    writer.write(b"HEAD / HTTP/1.1\r\nHost: users\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"GET / HTTP/1.0\r\nHost: users\r\n\r\n")  # no length: ends by closing
+    rest = await asyncio.wait_for(reader.read(), 5)
+    assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\nwhole body")
+    assert b"connection: close" in rest.lower()
+    writer.close()
+
+
+async def test_an_upgrade_after_a_request_is_handed_to_aiohttp_with_its_head(
+    listener: MakeListener,
+) -> None:
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(GET + b"GET /ws HTTP/1.1\r\nHost: users\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert (await read_response(reader))[2] == b"hello"
+    status, _, body = await read_response(reader)  # aiohttp's handler: the same proxy
+    assert status == 501 and b"websocket-not-supported" in body
+    writer.close()
+
+
+async def test_an_app_hanging_up_mid_body_is_not_charged_to_the_endpoint(
+    listener: MakeListener,
+) -> None:
+    sent_head = asyncio.Event()
+
+    async def long_body(request: UpstreamRequest) -> MemoryResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(20):  # less than the drain limit in all
+                yield b"x" * 8192
+                sent_head.set()
+                await asyncio.sleep(0.02)
+
+        return MemoryResponse(200, {}, chunks())
+
+    rig = await listener(long_body)
+    reader, writer = await rig.connect()
+    writer.write(GET)
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await sent_head.wait()
+    writer.transport.abort()  # the app goes away mid-body
+    for _ in range(100):  # the rest of the body is drained, then the answer released
+        if rig.answers[0].released:
+            break
+        await asyncio.sleep(0.05)
+    assert rig.sample("equilibrium_errors_total", upstream="users", reason="app-hung-up") == 1
+    assert rig.sample("equilibrium_errors_total", upstream="users",
+                      reason="body-relay-failed") == 0
+    assert rig.sample("equilibrium_requests_total", upstream="users",
+                      endpoint="http://10.0.0.1:8080", code="200") == 1
+    assert rig.answers[0].released and not rig.answers[0].closed
+
+
+
+async def test_a_large_upload_is_read_only_as_fast_as_the_upstream_takes_it(
+    listener: MakeListener,
+) -> None:
+    release = asyncio.Event()
+
+    async def late_reader(request: UpstreamRequest) -> MemoryResponse:
+        await release.wait()
+        assert request.body is not None
+        total = 0
+        async for chunk in request.body:
+            total += len(chunk)
+        return MemoryResponse(200, {"Content-Length": str(len(str(total)))}, str(total).encode())
+
+    rig = await listener(late_reader)
+    reader, writer = await rig.connect()
+    size = 16 * 1024 * 1024
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def send() -> None:
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    await asyncio.sleep(1.0)
+    assert rig.site is not None
+    [conn] = rig.site._shared.http1
+    receiving = conn._receiving
+    assert receiving is not None
+    # reading paused near the high-water mark; the rest waits in TCP, the app is held back
+    assert receiving.content.buffered <= BODY_HIGH_WATER + 256 * 1024
+    assert not sending.done()
+    release.set()
+    await asyncio.wait_for(sending, 20)
+    status, _, body = await read_response(reader)
+    assert (status, body) == (200, str(size).encode())
+    writer.close()
