@@ -23,9 +23,10 @@ drawn at start: two processes started with the same id are two holders, so the s
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from wire.store import Fields, SignalStore
+from wire.store import Fields, KeyTypeError, SignalStore
 
 INSTANCE_SUFFIX_CHARS = 12
 """Hex characters of the random instance suffix of a lease holder (``<id>.<suffix>``)."""
@@ -93,6 +94,21 @@ class LeaseClient:
             return False
         self.leadership.lose(upstream)
         return await self.store.release_lease(upstream, self.holder, token)
+
+    async def publish_all(
+        self, upstream: str, batch: Sequence[tuple[str, Fields]]
+    ) -> list[str | KeyTypeError | None] | None:
+        """:meth:`publish` for a whole epoch's recommendations in one round trip; None when
+        not leading or fenced off (then the leadership is dropped), else per sidecar its entry
+        id or the :class:`KeyTypeError` of its stream alone."""
+        token = self.leadership.token(upstream)
+        if token is None:
+            return None
+        results = await self.store.publish_recommendations(upstream, self.holder, token, batch)
+        if any(result is None for result in results):
+            self.leadership.lose(upstream)
+            return None
+        return results
 
     async def publish(self, upstream: str, sidecar: str, fields: Fields) -> str | None:
         """Append ``fields`` to ``sidecar``'s recommendation stream only while this replica

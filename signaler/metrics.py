@@ -30,6 +30,11 @@ class SignalerMetrics:
             "Regret summaries read from the stream, validated and applied",
             ["upstream"], registry=r,
         )
+        self.consume_deferred = Counter(
+            "equilibrium_signaler_consume_deferred",
+            "Epochs that left summaries unread to plan on time (more arrive than one epoch's "
+            "reading share can take)", ["upstream"], registry=r,
+        )
         self.entries_rejected = Counter(
             "equilibrium_signaler_entries_rejected",
             "Stream entries rejected (acknowledged, not applied), by protocol reason",

@@ -111,6 +111,8 @@ class SignalerConfig:
     probe_entries: int = 20
     redis_timeout: float = 1.0
     read_count: int = 500
+    #: the share of an epoch an upstream's summaries may be read in before it is planned
+    consume_share: float = 0.5
     warmup_entries: int = 1000
     max_configurations: int = DEFAULT_MAX_CONFIGURATIONS
     backoff_max: float = 5.0
@@ -382,6 +384,11 @@ class SignalerService:
                 break
 
     async def _consume(self, upstream: str) -> None:
+        """Read the new summaries, bounded in batches and in time: past ``consume_share`` of
+        an epoch the rest waits for the next epoch, so planning and publishing (and renewing
+        the lease, next epoch) are never starved by a burst of summaries."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.consume_share * self.config.epoch
         for _ in range(100):  # bounded per epoch; the rest is read next epoch
             entries = await self.store.read_summaries(
                 upstream, self.config.signer, self.config.read_count)
@@ -389,6 +396,9 @@ class SignalerService:
                 return
             await self._apply_and_ack(upstream, entries)
             if len(entries) < self.config.read_count:
+                return
+            if loop.time() > deadline:
+                self.metrics.consume_deferred.labels(upstream).inc()
                 return
 
     async def _apply_and_ack(self, upstream: str, entries: Sequence[StreamEntry]) -> None:
@@ -470,6 +480,7 @@ class SignalerService:
         expires = now + self.config.expiry_epochs * self.config.epoch
         objective = min(max(plan.solution.objective, -MAX_OBJECTIVE), MAX_OBJECTIVE)
         gap = min(max(plan.solution.ce_gap, 0.0), MAX_OBJECTIVE)
+        batch = []
         for sidecar, weights in plan.weights.items():
             endpoints = plan.sidecar_endpoints[sidecar]
             rec = Recommendation(
@@ -478,20 +489,23 @@ class SignalerService:
                 weights=tuple(weights[e] for e in endpoints), status=plan.status,
                 objective=objective, ce_gap=gap, signer=self.config.signer, fence=token,
             )
-            fields = sign_recommendation(rec, self.config.key)
-            try:
-                entry = await lease.publish(upstream, sidecar, fields)
-            except KeyTypeError as exc:  # that sidecar's stream only: the others still get theirs
-                self._key_error(exc, upstream)
-                continue
-            if entry is None:
-                self.metrics.publish_fenced.labels(upstream).inc()
-                self._set_leader(upstream, None)
-                log.warning("signaler %s: fenced off %s while publishing", self.config.signer,
-                            upstream)
-                return
-            self.metrics.recommendations_published.labels(upstream).inc()
-            self.status[upstream].published += 1
+            batch.append((sidecar, sign_recommendation(rec, self.config.key)))
+        # one round trip for the epoch's recommendations, whatever the number of sidecars
+        results = await lease.publish_all(upstream, batch)
+        if results is None:
+            self.metrics.publish_fenced.labels(upstream).inc()
+            self._set_leader(upstream, None)
+            log.warning("signaler %s: fenced off %s while publishing", self.config.signer,
+                        upstream)
+            return
+        published = 0
+        for result in results:
+            if isinstance(result, KeyTypeError):  # that sidecar's stream only
+                self._key_error(result, upstream)
+            else:
+                published += 1
+        self.metrics.recommendations_published.labels(upstream).inc(published)
+        self.status[upstream].published += published
 
     # ------------------------------------------------------------------ observers
 

@@ -119,12 +119,34 @@ def check_vector(value: object, what: str, k: int) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def check_ints(value: object, what: str, k: int, low: int = 0,
+               high: int = MAX_COUNT) -> tuple[int, ...]:
+    """``k`` integers, each as :func:`check_int` would take it (``what[i]`` in messages).
+
+    The fast path (plain ints in range, what JSON gives) builds no message; anything else goes
+    through :func:`check_int` one by one, so the errors are the same."""
+    vector = check_vector(value, what, k)
+    if all(type(n) is int and low <= n <= high for n in vector):
+        return vector
+    return tuple(check_int(n, f"{what}[{i}]", low, high) for i, n in enumerate(vector))
+
+
+def check_floats(value: object, what: str, k: int, low: float,
+                 high: float) -> tuple[float, ...]:
+    """``k`` finite reals in [low, high], each as :func:`check_float` would take it.
+
+    The fast path (plain floats or ints in range: NaN and infinities fail the range test)
+    builds no message; anything else goes through :func:`check_float` one by one."""
+    vector = check_vector(value, what, k)
+    if all((type(x) is float or type(x) is int) and low <= x <= high for x in vector):
+        return tuple(float(x) for x in vector)
+    return tuple(check_float(x, f"{what}[{i}]", low, high) for i, x in enumerate(vector))
+
+
 def check_weights(value: object, k: int) -> tuple[float, ...]:
     """Finite, in [0, 1], summing to 1 within tolerance; rounding noise below 0 reads as 0."""
-    weights = tuple(
-        max(0.0, check_float(w, f"weights[{i}]", -WEIGHT_ROUNDING, 1.0 + WEIGHT_SUM_TOLERANCE))
-        for i, w in enumerate(check_vector(value, "weights", k))
-    )
+    weights = tuple(max(0.0, w) for w in check_floats(
+        value, "weights", k, -WEIGHT_ROUNDING, 1.0 + WEIGHT_SUM_TOLERANCE))
     total = math.fsum(weights)
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
         raise fail(f"weights must sum to 1 (within {WEIGHT_SUM_TOLERANCE:g}), sum is {total!r}")
@@ -162,10 +184,12 @@ def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, 
     out: dict[str, str] = {}
     total = 0
     for raw_key, raw_value in entry.items():
-        key = text(raw_key, "field name")
-        value = text(raw_value, f"field {short(key, 30)}")
+        key = _field_text(raw_key, None)
+        value = _field_text(raw_value, key)
         size = len(key) + len(value)  # UTF-8 bytes >= characters; checked exactly below
-        if len(value) > MAX_FIELD_BYTES or len(value.encode()) > MAX_FIELD_BYTES:
+        if len(value) > MAX_FIELD_BYTES or (
+                (len(raw_value) if type(raw_value) is bytes else len(value.encode()))
+                > MAX_FIELD_BYTES):
             raise fail(f"field {short(key, 30)} exceeds {MAX_FIELD_BYTES} bytes", Reason.OVERSIZED)
         total += size
         if total > MAX_ENTRY_BYTES:
@@ -187,6 +211,20 @@ def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, 
     if out.get("type") != kind:
         raise fail(f"entry type {short(out.get('type'), 30)}, expected {kind!r}")
     return out
+
+
+def _field_text(raw: object, name: str | None) -> str:
+    """:func:`text` of a field name (``name`` None) or of the value of field ``name``, with
+    the message built only when the value is refused (a signaler decodes ~20 fields for
+    every summary it reads)."""
+    if type(raw) is bytes:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    elif type(raw) is str:
+        return raw
+    return text(raw, "field name" if name is None else f"field {short(name, 30)}")
 
 
 def text(raw: object, what: str) -> str:
@@ -217,9 +255,13 @@ def _reject_constant(name: str) -> float:
     raise fail(f"non-finite number {name} in JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+"""One decoder for every entry (``json.loads`` with an option builds a new one per call)."""
+
+
 def _parse_json(text_: str, what: str) -> Any:
     try:
-        return json.loads(text_, parse_constant=_reject_constant)
+        return _DECODER.decode(text_)
     except WireError:
         raise
     except (ValueError, RecursionError):

@@ -261,6 +261,18 @@ class MemorySignalStore:
         return self._append(recommendation_stream(upstream, sidecar), fields,
                             RECOMMENDATION_MAXLEN)
 
+    async def publish_recommendations(
+        self, upstream: str, holder: str, token: int, batch: Sequence[tuple[str, Fields]]
+    ) -> list[str | KeyTypeError | None]:
+        out: list[str | KeyTypeError | None] = []
+        for sidecar, fields in batch:
+            try:
+                out.append(await self.publish_recommendation(
+                    upstream, sidecar, holder, token, fields))
+            except KeyTypeError as exc:
+                out.append(exc)
+        return out
+
     async def close(self) -> None:
         """Nothing to release."""
 

@@ -237,6 +237,37 @@ class RedisSignalStore:
                 keys=[leader_key(upstream)], args=[holder, token])
         return bool(released)
 
+    async def publish_recommendations(
+        self, upstream: str, holder: str, token: int, batch: Sequence[tuple[str, Fields]]
+    ) -> list[str | KeyTypeError | None]:
+        """One pipeline of the fenced-append script, one per sidecar: one round trip for a
+        whole epoch's recommendations (a signaler leading an upstream with 1,000 sidecars
+        published them one round trip each, past its lease's lifetime)."""
+        if not batch:
+            return []
+        async with _redis_errors():
+            client = self._client()
+            pipe = client.pipeline(transaction=False)
+            script = self._scripts["publish"]
+            for sidecar, fields in batch:
+                args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
+                for name, value in fields.items():
+                    args += [name, value]
+                await script(keys=[leader_key(upstream), recommendation_stream(upstream, sidecar)],
+                             args=args, client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        out: list[str | KeyTypeError | None] = []
+        for (sidecar, _), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                kind = _key_type(reply)
+                if kind is None:
+                    raise StoreError(type(reply).__name__, str(reply) or type(reply).__name__)
+                out.append(KeyTypeError(kind, recommendation_stream(upstream, sidecar),
+                                        str(reply)))
+            else:
+                out.append(None if reply is None else _text(reply))
+        return out
+
     async def publish_recommendation(
         self, upstream: str, sidecar: str, holder: str, token: int, fields: Fields
     ) -> str | None:

@@ -186,6 +186,14 @@ class SignalStore(Protocol):
         under ``token`` (atomically); the entry id, or None when fenced off."""
         ...
 
+    async def publish_recommendations(
+        self, upstream: str, holder: str, token: int, batch: Sequence[tuple[str, Fields]]
+    ) -> list[str | KeyTypeError | None]:
+        """:meth:`publish_recommendation` for many sidecars in one round trip: per item, in
+        order, the entry id, None when fenced off, or the :class:`KeyTypeError` of that
+        sidecar's stream alone (the others are still published)."""
+        ...
+
     async def close(self) -> None:
         """Release connections; the store may be used again (it reconnects)."""
         ...

@@ -86,3 +86,20 @@ def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown scenario 'no-such-thing'" in proc.stderr
     assert "slow-pod" in proc.stderr
+
+
+@pytest.mark.slow
+def test_signaler_scale_measures_the_signaler_against_publishing_sidecars(tmp_path: Path) -> None:
+    """Real Redis, a real signaler, phantom publishers: CPU per row, and the plan stays fresh
+    (every epoch publishes to every publisher)."""
+    proc = _run(["--scenario", "signaler-scale", "--scale-publishers", "1,50", "--duration", "5",
+                 "--scale-warmup", "3", "--out", "r"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "r" / "signaler-scale.json").read_text())
+    one, fifty = doc["data"]["runs"]
+    assert (one["publishers"], fifty["publishers"]) == (1, 50)
+    for run in (one, fifty):
+        assert run["cpu_seconds"] > 0 and run["epochs"] >= 3
+        assert run["recommendation_age_s"] is not None and run["recommendation_age_s"] < 3.0
+    assert fifty["summaries_sent"] >= 200
+    assert fifty["published"] >= 50 * (fifty["epochs"] - 2)  # every publisher, every epoch

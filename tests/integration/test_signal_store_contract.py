@@ -106,6 +106,25 @@ async def test_exchange_appends_summaries_and_reads_the_newest_recommendation(
     assert got[1] == StreamEntry(second, {b"n": b"2"})
 
 
+async def test_a_batch_of_recommendations_is_fenced_like_one(store: SignalStore) -> None:
+    upstream = fresh_upstream()
+    token = await store.acquire_lease(upstream, "sig-a", 60_000)
+    sidecars = [f"sc-{i}" for i in range(50)]
+    ids = await store.publish_recommendations(
+        upstream, "sig-a", token, [(s, {"n": s}) for s in sidecars])
+    assert len(ids) == 50 and all(isinstance(i, str) for i in ids)
+    got = await store.exchange([], [(upstream, s) for s in sidecars])
+    assert [entry.fields for entry in got] == [{b"n": s.encode()} for s in sidecars]
+    # another holder, or a stale token, publishes nothing
+    assert await store.publish_recommendations(
+        upstream, "sig-b", token, [("sc-0", {"n": "x"})]) == [None]
+    assert await store.publish_recommendations(
+        upstream, "sig-a", token + 1, [("sc-0", {"n": "x"})]) == [None]
+    assert await store.publish_recommendations(upstream, "sig-a", token, []) == []
+    newest = await store.exchange([], [(upstream, "sc-0")])
+    assert newest[0] is not None and newest[0].fields == {b"n": b"sc-0"}
+
+
 async def test_recommendation_streams_stay_short_and_keep_the_newest(store: SignalStore) -> None:
     upstream = fresh_upstream()
     token = await store.acquire_lease(upstream, "sig-a", 60_000)
@@ -255,6 +274,11 @@ async def test_a_wrong_typed_key_fails_only_what_touches_it(
         await store.publish_recommendation(clean, "sc-1", "sig-a", token, {"n": "1"})
     assert bad_recs.value.role == "recs"
     assert await store.publish_recommendation(clean, "sc-2", "sig-a", token, {"n": "1"})
+    # in one batch, the bad stream is that sidecar's problem only
+    batch = await store.publish_recommendations(
+        clean, "sig-a", token, [("sc-2", {"n": "2"}), ("sc-1", {"n": "2"}), ("sc-3", {"n": "2"})])
+    assert isinstance(batch[1], KeyTypeError) and batch[1].role == "recs"
+    assert isinstance(batch[0], str) and isinstance(batch[2], str)
     assert await store.lease_holder(counter) is None
     assert clobbered in await store.upstreams()  # SCAN finds a key whatever its type
 

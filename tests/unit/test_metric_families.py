@@ -101,6 +101,7 @@ equilibrium_transparent_connections counter route
 
 SIGNALER = """
 equilibrium_signaler_ce_gap_seconds gauge upstream,source
+equilibrium_signaler_consume_deferred counter upstream
 equilibrium_signaler_entries_reclaimed counter upstream
 equilibrium_signaler_entries_rejected counter upstream,reason
 equilibrium_signaler_epoch_errors counter kind

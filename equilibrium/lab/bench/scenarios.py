@@ -29,6 +29,7 @@ SCENARIOS: dict[str, str] = {
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",
     "standings": "equilibrium.lab.bench.standings",
+    "signaler-scale": "equilibrium.lab.bench.signaler_scale",
     "demo": "equilibrium.lab.demo.scenario",
 }
 
