@@ -1,0 +1,231 @@
+"""``equilibrium injector controller`` as a real subprocess against the Kubernetes API stand-in.
+
+The API server is ``tests.integration.kube_api`` on loopback (the same list/watch stand-in the
+discovery tests use, with Secrets, Namespaces, RoleBindings and the webhook configuration).
+Covered: the first start creates the Redis passwords, the mesh key, the webhook certificate
+and the caBundle; a second start writes nothing and keeps every value; a namespace labelled
+later gets its Secret and RoleBinding within a bound; the caBundle is the CA that signed the
+serving certificate; a namespace's Redis URL is eq-sidecar's and never carries the admin or
+signaler password; no secret value is logged; a stale copy is repaired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.integration.kube_api import KubeApiServer, namespace
+from tests.integration.procs import REPO_ROOT
+from tests.support import child_env
+
+SYSTEM = "equilibrium-system"
+WEBHOOKS = "mutatingwebhookconfigurations"
+BOUND_S = 10.0  # a namespace labelled at runtime is served within this
+
+
+def webhook_configuration() -> dict[str, object]:
+    hook = {"admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": {"service": {"name": "equilibrium-injector", "namespace": SYSTEM,
+                                         "path": "/mutate", "port": 443}}}
+    return {"metadata": {"name": "equilibrium-injector"},
+            "webhooks": [{**hook, "name": "namespace.inject.equilibrium.io"},
+                         {**hook, "name": "pod.inject.equilibrium.io"}]}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[KubeApiServer]:
+    server = await KubeApiServer().start()
+    server.put("namespaces", namespace(SYSTEM, {"equilibrium.io/injection": "disabled"}))
+    server.put("namespaces", namespace("default"))
+    server.put("namespaces", namespace("shop", {"equilibrium.io/injection": "enabled"}))
+    server.put(WEBHOOKS, webhook_configuration())
+    yield server
+    await server.stop()
+
+
+class Controller:
+    def __init__(self, api: KubeApiServer, tmp_path: Path) -> None:
+        token = tmp_path / "token"
+        token.write_text(api.token + "\n")
+        self.log = tmp_path / "controller.log"
+        self.args = [sys.executable, "-m", "equilibrium", "injector", "controller",
+                     "--kube-api", api.url, "--kube-token-file", str(token)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, cwd=REPO_ROOT, env=child_env(),
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def controller(api: KubeApiServer, tmp_path: Path) -> AsyncIterator[Controller]:
+    ctl = Controller(api, tmp_path)
+    yield ctl
+    ctl.stop()
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = BOUND_S) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"not within {timeout} s: {what}")
+
+
+def served(api: KubeApiServer, ns: str) -> bool:
+    return (api.object("secrets", ns, "equilibrium-mesh") is not None
+            and api.object("rolebindings", ns, "equilibrium-sidecar") is not None)
+
+
+def everything(api: KubeApiServer) -> dict[str, object]:
+    return {f"{r}/{ns}/{name}": obj for r in ("secrets", "rolebindings", WEBHOOKS)
+            for (ns, name), obj in api.collections[r].objects.items()}
+
+
+async def test_first_start_creates_everything_and_a_second_changes_nothing(
+        api: KubeApiServer, controller: Controller) -> None:
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    auth = api.secret_values(SYSTEM, "equilibrium-redis-auth")
+    assert auth is not None and set(auth) == {"password", "signaler-password",
+                                              "sidecar-password"}
+    assert len(set(auth.values())) == 3 and all(len(v) == 64 for v in auth.values())
+    mesh = api.secret_values(SYSTEM, "equilibrium-mesh")
+    assert mesh is not None and len(mesh["mesh-hmac-key"]) == 64
+    host = "equilibrium-redis-0.equilibrium-redis.equilibrium-system.svc:6379"
+    assert mesh["redis-url"] == f"redis://eq-signaler:{auth['signaler-password']}@{host}/0"
+    copy = api.secret_values("shop", "equilibrium-mesh")
+    assert copy == {"mesh-hmac-key": mesh["mesh-hmac-key"],
+                    "redis-url": f"redis://eq-sidecar:{auth['sidecar-password']}@{host}/0"}
+    assert auth["password"] not in copy["redis-url"]
+    assert auth["signaler-password"] not in copy["redis-url"]
+    binding = api.object("rolebindings", "shop", "equilibrium-sidecar")
+    assert binding is not None
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": "equilibrium-sidecar"}
+    assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                                    "name": "system:serviceaccounts:shop"}]
+    # not opted in, or the control plane itself: nothing there
+    assert not served(api, "default")
+    assert api.object("rolebindings", SYSTEM, "equilibrium-sidecar") is None
+
+    # caBundle = the CA that signed the serving certificate, on every webhook
+    tls = api.secret_values(SYSTEM, "equilibrium-injector-tls")
+    assert tls is not None
+    ca = x509.load_pem_x509_certificate(tls["ca.crt"].encode())
+    leaf = x509.load_pem_x509_certificate(tls["tls.crt"].encode())
+    public_key = ca.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "equilibrium-injector.equilibrium-system.svc" in names.get_values_for_type(
+        x509.DNSName)
+    hooks = api.object(WEBHOOKS, "", "equilibrium-injector")
+    assert hooks is not None
+    bundles = {base64.b64decode(h["clientConfig"]["caBundle"]).decode()
+               for h in hooks["webhooks"]}
+    assert bundles == {tls["ca.crt"]}
+    assert api.object("secrets", SYSTEM, "equilibrium-injector-tls")["type"] \
+        == "kubernetes.io/tls"  # type: ignore[index]
+
+    # a second start (a restart, or a second replica) writes nothing and keeps every value
+    controller.stop()
+    before = everything(api)
+    writes = [r for r in api.requests if r[1] in ("create", "update", "patch")]
+    reads = api.count("namespaces", "list")
+    controller.start()
+    await until(lambda: api.count("namespaces", "list") > reads, "the restart relists")
+    await until(lambda: api.count("namespaces", "watch") >= 2, "the restart watches")
+    assert everything(api) == before
+    assert [r for r in api.requests if r[1] in ("create", "update", "patch")] == writes
+
+    # no secret value in the log
+    controller.stop()
+    log = controller.log.read_text()
+    assert "created Secret equilibrium-system/equilibrium-redis-auth" in log
+    for value in [*auth.values(), mesh["mesh-hmac-key"], tls["tls.key"].splitlines()[1]]:
+        assert value not in log
+
+
+async def test_a_namespace_labelled_later_is_served_within_a_bound(
+        api: KubeApiServer, controller: Controller) -> None:
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    await until(lambda: api.count("namespaces", "watch") >= 1, "the controller watches")
+    api.put("namespaces", namespace("payments"))
+    await asyncio.sleep(0.5)
+    assert not served(api, "payments")  # not opted in yet
+    api.put("namespaces", namespace("payments", {"equilibrium.io/injection": "enabled"}))
+    api.put("namespaces", namespace("legacy", {"equilibrium.io/mesh": "enabled"}))
+    await until(lambda: served(api, "payments") and served(api, "legacy"),
+                "namespaces labelled at runtime are served")
+    auth = api.secret_values(SYSTEM, "equilibrium-redis-auth")
+    assert auth is not None
+    for ns in ("payments", "legacy"):
+        url = api.secret_values(ns, "equilibrium-mesh")["redis-url"]  # type: ignore[index]
+        assert url.startswith("redis://eq-sidecar:")
+        assert auth["password"] not in url and auth["signaler-password"] not in url
+
+    # a copy tampered with (an admin URL pasted in) is put back at the next event for it
+    secret = api.object("secrets", "payments", "equilibrium-mesh")
+    assert secret is not None
+    admin = f"redis://default:{auth['password']}@x:6379/0"
+    secret = {**secret, "data": {**secret["data"],
+                                 "redis-url": base64.b64encode(admin.encode()).decode()}}
+    api.put("secrets", secret)
+    api.put("namespaces", namespace("payments", {"equilibrium.io/injection": "enabled",
+                                                 "team": "payments"}))
+    await until(lambda: auth["password"] not in  # type: ignore[index]
+                api.secret_values("payments", "equilibrium-mesh")["redis-url"],
+                "the tampered copy is repaired")
+
+    # opting out leaves the objects (already-injected pods must still be able to restart)
+    api.put("namespaces", namespace("payments"))
+    await asyncio.sleep(0.3)
+    assert served(api, "payments")
+
+
+async def test_existing_secrets_are_kept_and_only_missing_keys_added(
+        api: KubeApiServer, controller: Controller) -> None:
+    """Bring-your-own: values already there are never replaced (no accidental rotation)."""
+    mine = {"password": "a" * 40, "signaler-password": "b" * 40}
+    api.put("secrets", {"metadata": {"name": "equilibrium-redis-auth", "namespace": SYSTEM},
+                        "type": "Opaque",
+                        "data": {k: base64.b64encode(v.encode()).decode()
+                                 for k, v in mine.items()}})
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    auth = api.secret_values(SYSTEM, "equilibrium-redis-auth")
+    assert auth is not None and {k: auth[k] for k in mine} == mine
+    assert len(auth["sidecar-password"]) == 64
+
+
+async def test_a_bad_token_is_retried_not_fatal(api: KubeApiServer,
+                                               controller: Controller) -> None:
+    api.token = "rotated"
+    controller.start()
+    await until(lambda: api.count("secrets", "get") >= 2, "the controller retries")
+    assert controller.proc is not None and controller.proc.poll() is None
+    assert api.object("secrets", SYSTEM, "equilibrium-redis-auth") is None
+    api.token = "test-token"
+    await until(lambda: served(api, "shop"), "served once the token is accepted", 40.0)
+    assert "HTTP 401" in controller.log.read_text()
