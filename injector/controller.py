@@ -9,10 +9,14 @@ idempotently and only where absent (never rotating a value by accident):
 3. ``equilibrium-injector-tls`` (CA + serving certificate, :mod:`injector.certs`), and the
    ``caBundle`` of every webhook of the MutatingWebhookConfiguration, patched to that CA;
 
-then it lists and watches Namespaces and, in each that opts in (:func:`injector.mesh_objects.
-wants_mesh`), creates or updates ``equilibrium-mesh`` (the key and eq-sidecar's URL only) and
-the ``equilibrium-sidecar`` RoleBinding. A namespace that opts out keeps both (already-injected
-pods must be able to restart); the docs say how to remove them. Any failure is logged without
+then it lists and watches Namespaces, and the metadata of Pods, and in each namespace that
+opts in (:func:`injector.mesh_objects.wants_mesh`: labelled) or runs a pod the webhook
+injected (annotation ``equilibrium.io/status: injected``: the per-pod opt-in) it creates or
+updates ``equilibrium-mesh`` (the key and eq-sidecar's URL only) and the
+``equilibrium-sidecar`` RoleBinding. Such a pod waits for them in
+``CreateContainerConfigError`` for about a second and then starts by itself. A namespace that
+opts out keeps both (already-injected pods must be able to restart); the docs say how to
+remove them. Any failure is logged without
 secret values and retried after a jittered backoff (:mod:`mesh.backoff`), relisting
 everything. The objects' shapes are :mod:`injector.mesh_objects`; the HTTP is
 :mod:`injector.kube`.
@@ -24,7 +28,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +36,14 @@ import aiohttp
 
 from injector import certs
 from injector import mesh_objects as objs
-from injector.kube import ApiError, Conflict, KubeRest
+from injector.config import STATUS, STATUS_INJECTED
+from injector.kube import METADATA_ONLY, ApiError, Conflict, KubeRest
 from mesh.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 NAMESPACES = "/api/v1/namespaces"
+PODS = "/api/v1/pods"
 WEBHOOKS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 
 
@@ -71,6 +77,8 @@ class Controller:
         self.token = token
         self.now = now
         self.backoff = Backoff(rng)
+        self.pod_backoff = Backoff(rng)
+        self.pod_namespaces: set[str] = set()  # served for their injected pods, this list
         self.mesh_key = ""
         self.auth: dict[str, str] = {}
 
@@ -194,6 +202,31 @@ class Controller:
                 if event.get("type") in ("ADDED", "MODIFIED"):
                     await self._handle(event["object"])
 
+    async def sync_pods(self) -> None:
+        """Namespaces with injected pods (the per-pod annotation opt-in): one list of the pods'
+        metadata, then a watch; each such namespace is reconciled once per list."""
+        self.pod_namespaces.clear()  # a relist repairs what was changed by hand
+        items, version = await self.api.list(PODS, METADATA_ONLY)
+        for pod in items:
+            await self._handle_pod(pod)
+        self.pod_backoff.reset()
+        async with self.api.watch(PODS, version, METADATA_ONLY) as events:
+            async for event in events:
+                if event.get("type") == "ERROR":
+                    return
+                if event.get("type") in ("ADDED", "MODIFIED"):
+                    await self._handle_pod(event["object"])
+
+    async def _handle_pod(self, pod: Mapping[str, Any]) -> None:
+        meta = pod.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        name = meta.get("namespace")
+        if (isinstance(annotations, Mapping) and isinstance(name, str)
+                and annotations.get(STATUS) == STATUS_INJECTED
+                and name not in self.pod_namespaces):
+            await self.reconcile_namespace(name)
+            self.pod_namespaces.add(name)
+
     async def run(self) -> None:
         """Ensure the control plane's secrets, then serve namespaces; forever."""
         while True:
@@ -201,15 +234,20 @@ class Controller:
                 await self.ensure_control_plane()
                 break
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-                await self._pause(exc)
-        log.info("control-plane secrets in place; watching namespaces")
+                await self._pause(self.backoff, exc)
+        log.info("control-plane secrets in place; watching namespaces and injected pods")
+        await asyncio.gather(self._forever(self.sync_namespaces, self.backoff),
+                             self._forever(self.sync_pods, self.pod_backoff))
+
+    async def _forever(self, sync: Callable[[], Awaitable[None]], backoff: Backoff) -> None:
         while True:
             try:
-                await self.sync_namespaces()
+                await sync()
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-                await self._pause(exc)
+                await self._pause(backoff, exc)
 
-    async def _pause(self, exc: BaseException) -> None:
-        delay = self.backoff.next()
+    @staticmethod
+    async def _pause(backoff: Backoff, exc: BaseException) -> None:
+        delay = backoff.next()
         log.warning("%s; retrying in %.1f s", exc, delay)
         await asyncio.sleep(delay)

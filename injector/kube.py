@@ -25,6 +25,10 @@ import aiohttp
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 WATCH_TIMEOUT_S = 300
+# Objects as PartialObjectMetadata: a pod list/watch without the pods' specs.
+METADATA_ONLY = ("application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,"
+                 "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io,"
+                 "application/json")
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
@@ -91,8 +95,9 @@ class KubeRest:
             await self._session.close()
             self._session = None
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+    def _headers(self, content_type: str | None = None, accept: str = "application/json",
+                 ) -> dict[str, str]:
+        headers = {"Accept": accept}
         if content_type:
             headers["Content-Type"] = content_type
         if self.credentials.token_file is not None:
@@ -112,11 +117,13 @@ class KubeRest:
 
     async def _call(self, method: str, path: str, body: Any = None,
                     content_type: str = "application/json",
-                    params: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+                    params: Mapping[str, str] | None = None, accept: str = "application/json",
+                    ) -> dict[str, Any] | None:
         data = None if body is None else json.dumps(body).encode()
         async with self.session.request(
                 method, self.api_url + path, data=data, params=params,
-                headers=self._headers(content_type if data is not None else None)) as resp:
+                headers=self._headers(content_type if data is not None else None, accept),
+        ) as resp:
             if method == "GET" and resp.status == 404:
                 return None
             text = await resp.text()
@@ -157,13 +164,15 @@ class KubeRest:
         assert answer is not None
         return answer
 
-    async def list(self, path: str) -> tuple[list[dict[str, Any]], str]:
-        """Every item of a collection (following ``continue``) and the list's version."""
+    async def list(self, path: str, accept: str = "application/json",
+                   ) -> tuple[list[dict[str, Any]], str]:
+        """Every item of a collection (following ``continue``) and the list's version
+        (``accept=METADATA_ONLY``: the items' metadata only)."""
         items: list[dict[str, Any]] = []
         token = ""
         while True:
             params = {"limit": "500", **({"continue": token} if token else {})}
-            body = await self._call("GET", path, params=params)
+            body = await self._call("GET", path, params=params, accept=accept)
             if body is None or not isinstance(body.get("items"), list | None):
                 raise ApiError(f"list {path}: not a list object")
             items.extend(i for i in body.get("items") or [] if isinstance(i, dict))
@@ -173,13 +182,13 @@ class KubeRest:
                 return items, str(meta.get("resourceVersion") or "")
 
     @contextlib.asynccontextmanager
-    async def watch(self, path: str, version: str
+    async def watch(self, path: str, version: str, accept: str = "application/json",
                     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Watch events from ``version`` until the server ends the stream."""
         params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(WATCH_TIMEOUT_S)}
         async with self.session.get(
-                self.api_url + path, params=params, headers=self._headers(),
+                self.api_url + path, params=params, headers=self._headers(accept=accept),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=WATCH_TIMEOUT_S + 30),
         ) as resp:
             if resp.status != 200:

@@ -11,12 +11,13 @@ compacted away. Requests without the bearer token get 401; with ``allowed_namesp
 (RoleBindings only), a request outside them gets 403. Tests can change objects, compact
 history, cut open watches and inject raw bytes into them.
 
-For the install controller (``injector.controller``) it also serves Namespaces (cluster-scoped
-list + watch), Secrets and RoleBindings (``GET``/``PUT`` by name, ``POST`` to the namespace's
-collection: 201, 409 ``AlreadyExists``, 409 ``Conflict`` on a stale ``resourceVersion``, 404
-``NotFound``), and MutatingWebhookConfigurations (``GET``, and ``PATCH`` with
-``application/json-patch+json``). Every request is recorded as (resource, verb, params) with
-the verbs ``list``, ``watch``, ``get``, ``create``, ``update``, ``patch``.
+For the install controller (``injector.controller``) it also serves Namespaces and Pods
+(cluster-wide list + watch; with ``Accept: ...;as=PartialObjectMetadata...`` the metadata only,
+as ``PartialObjectMetadata(List)``), Secrets and RoleBindings (``GET``/``PUT`` by name,
+``POST`` to the namespace's collection: 201, 409 ``AlreadyExists``, 409 ``Conflict`` on a stale
+``resourceVersion``, 404 ``NotFound``), and MutatingWebhookConfigurations (``GET``, and
+``PATCH`` with ``application/json-patch+json``). Every request is recorded as (resource, verb,
+params) with the verbs ``list``, ``watch``, ``get``, ``create``, ``update``, ``patch``.
 
 Bind it to any socket (``start(sock=...)`` serves one made inside a network namespace).
 """
@@ -79,7 +80,9 @@ def endpoint_slice(name: str, namespace: str, service_name: str, ports: list[tup
     }
 
 NAMESPACES = "namespaces"  # the cluster-scoped /api/v1/namespaces collection
-NAMESPACE_LIST = ("namespaces", "v1", "NamespaceList", "Namespace")
+PODS = "pods"  # /api/v1/pods: every namespace's pods (list + watch), full or metadata only
+CLUSTER_LISTS = {NAMESPACES: ("namespaces", "v1", "NamespaceList", "Namespace"),
+                 PODS: ("pods", "v1", "PodList", "Pod")}
 # Objects read and written by name: API group prefix -> (resource, apiVersion, kind).
 OBJECTS = {
     "/api/v1": ("secrets", "v1", "Secret"),
@@ -90,6 +93,12 @@ OBJECTS = {
         "MutatingWebhookConfiguration"),
 }
 NAMESPACED = {"secrets", "rolebindings"}
+
+
+def pod(name: str, namespace: str, annotations: dict[str, str]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "app:1",
+                                     "env": [{"name": "PASSWORD", "value": "in-the-spec"}]}]}}
 
 
 def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -111,11 +120,12 @@ class KubeApiServer:
     version: int = 100
     collections: dict[str, Collection] = field(
         default_factory=lambda: {name: Collection() for name in (
-            "services", "endpointslices", "namespaces", "secrets", "rolebindings",
+            "services", "endpointslices", "namespaces", "pods", "secrets", "rolebindings",
             "mutatingwebhookconfigurations")}
     )
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # every request's path, in order
+    pod_accepts: list[str] = field(default_factory=list)  # the Accept of each pod list/watch
     # RBAC: None = the token may read every namespace (a ClusterRoleBinding); a set = only
     # these namespaces (RoleBindings), so a cluster-wide list or watch gets 403.
     allowed_namespaces: set[str] | None = None
@@ -198,6 +208,7 @@ class KubeApiServer:
             app.router.add_get(f"{prefix}/{resource}", handler)
             app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{resource}", handler)
         app.router.add_get("/api/v1/namespaces", functools.partial(self._handle, NAMESPACES))
+        app.router.add_get("/api/v1/pods", functools.partial(self._handle, PODS))
         for prefix, (resource, *_) in OBJECTS.items():
             scope = f"{prefix}/namespaces/{{namespace}}/{resource}" if resource in NAMESPACED \
                 else f"{prefix}/{resource}"
@@ -223,8 +234,12 @@ class KubeApiServer:
     # ------------------------------------------------------------ HTTP
 
     async def _handle(self, prefix: str, request: web.Request) -> web.StreamResponse:
-        resource, api_version, list_kind, kind = (NAMESPACE_LIST if prefix == NAMESPACES
-                                                  else RESOURCES[prefix])
+        resource, api_version, list_kind, kind = CLUSTER_LISTS.get(prefix) or RESOURCES[prefix]
+        if resource == "pods":
+            self.pod_accepts.append(request.headers.get("Accept", ""))
+        if "as=PartialObjectMetadata" in request.headers.get("Accept", ""):
+            api_version, list_kind, kind = (
+                "meta.k8s.io/v1", "PartialObjectMetadataList", "PartialObjectMetadata")
         namespace = request.match_info.get("namespace")
         params = dict(request.query)
         verb = "watch" if params.get("watch") in ("1", "true") else "list"
@@ -355,7 +370,9 @@ class KubeApiServer:
 
     @staticmethod
     def _typed(obj: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
-        return {"apiVersion": api_version, "kind": kind, **obj}
+        if kind == "PartialObjectMetadata":  # metadata only, as the API server's `as=` does
+            return {"apiVersion": api_version, "kind": kind, "metadata": obj["metadata"]}
+        return {**obj, "apiVersion": api_version, "kind": kind}
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.integration.kube_api import KubeApiServer, namespace
+from tests.integration.kube_api import KubeApiServer, namespace, pod
 from tests.integration.procs import REPO_ROOT
 from tests.support import child_env
 
@@ -229,3 +229,23 @@ async def test_a_bad_token_is_retried_not_fatal(api: KubeApiServer,
     api.token = "test-token"
     await until(lambda: served(api, "shop"), "served once the token is accepted", 40.0)
     assert "HTTP 401" in controller.log.read_text()
+
+
+async def test_a_namespace_with_an_injected_pod_is_served(api: KubeApiServer,
+                                                          controller: Controller) -> None:
+    """The per-pod opt-in: no namespace label, only a pod the webhook injected."""
+    api.put("namespaces", namespace("legacy-apps"))
+    api.put("pods", pod("plain", "default", {}))
+    api.put("pods", pod("asked", "default", {"equilibrium.io/inject": "true"}))  # not injected
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    await until(lambda: api.count("pods", "watch") >= 1, "the controller watches pods")
+    assert not served(api, "legacy-apps") and not served(api, "default")
+    api.put("pods", pod("app-1", "legacy-apps", {"equilibrium.io/inject": "true",
+                                                  "equilibrium.io/status": "injected"}))
+    await until(lambda: served(api, "legacy-apps"), "the injected pod's namespace is served")
+    assert not served(api, "default")
+    # it asked for the pods' metadata only, never their specs
+    pod_reads = [p for p in api.requests if p[0] == "pods"]
+    assert pod_reads and api.pod_accepts and all(
+        "as=PartialObjectMetadata" in a for a in api.pod_accepts)
