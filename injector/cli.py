@@ -138,9 +138,12 @@ def _run_server(args: argparse.Namespace) -> int:
 
 def _run_controller(args: argparse.Namespace) -> int:
     try:
-        parse_host_port(args.redis_host)
+        try:
+            parse_host_port(args.redis_host)
+        except AddressError as exc:
+            raise ValueError(f"--redis-host: {exc}") from None
         credentials = Credentials.from_flags(args.kube_api, args.kube_token_file, os.environ)
-    except (AddressError, ValueError) as exc:
+    except ValueError as exc:
         print(f"equilibrium injector controller: {exc}", file=sys.stderr)
         return 2
     config = ControllerConfig(namespace=args.namespace, service=args.service,

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACES = "/api/v1/namespaces"
 PODS = "/api/v1/pods"
+MIN_SYNC_S = 1.0  # a list + watch that ends sooner is paced by the backoff
 WEBHOOKS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 
 
@@ -79,6 +80,7 @@ class Controller:
         self.backoff = Backoff(rng)
         self.pod_backoff = Backoff(rng)
         self.pod_namespaces: set[str] = set()  # served for their injected pods, this list
+        self._reconciling = asyncio.Lock()
         self.mesh_key = ""
         self.auth: dict[str, str] = {}
 
@@ -160,6 +162,10 @@ class Controller:
         """``equilibrium-mesh`` (key + eq-sidecar URL) and the sidecars' RoleBinding."""
         if namespace == self.config.namespace:
             return  # the control plane's own equilibrium-mesh is the signaler's
+        async with self._reconciling:  # the namespace and pod loops may name the same one
+            await self._reconcile(namespace)
+
+    async def _reconcile(self, namespace: str) -> None:
         values = objs.namespace_mesh_values(self.mesh_key, self.auth, self.config.redis_host)
         path = f"{secrets_path(namespace)}/{objs.MESH_SECRET}"
         existing = await self.api.get(path)
@@ -194,7 +200,6 @@ class Controller:
         items, version = await self.api.list(NAMESPACES)
         for namespace in items:
             await self._handle(namespace)
-        self.backoff.reset()
         async with self.api.watch(NAMESPACES, version) as events:
             async for event in events:
                 if event.get("type") == "ERROR":
@@ -209,7 +214,6 @@ class Controller:
         items, version = await self.api.list(PODS, METADATA_ONLY)
         for pod in items:
             await self._handle_pod(pod)
-        self.pod_backoff.reset()
         async with self.api.watch(PODS, version, METADATA_ONLY) as events:
             async for event in events:
                 if event.get("type") == "ERROR":
@@ -240,11 +244,20 @@ class Controller:
                              self._forever(self.sync_pods, self.pod_backoff))
 
     async def _forever(self, sync: Callable[[], Awaitable[None]], backoff: Backoff) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
+            failure: BaseException | None = None
             try:
                 await sync()
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-                await self._pause(backoff, exc)
+                failure = exc
+            if loop.time() - started >= MIN_SYNC_S:
+                backoff.reset()  # it worked for a while: the next failure starts small
+            elif failure is None:  # a server ending every watch at once
+                failure = ApiError("the watch ended at once")
+            if failure is not None:
+                await self._pause(backoff, failure)
 
     @staticmethod
     async def _pause(backoff: Backoff, exc: BaseException) -> None:

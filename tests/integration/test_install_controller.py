@@ -249,3 +249,15 @@ async def test_a_namespace_with_an_injected_pod_is_served(api: KubeApiServer,
     pod_reads = [p for p in api.requests if p[0] == "pods"]
     assert pod_reads and api.pod_accepts and all(
         "as=PartialObjectMetadata" in a for a in api.pod_accepts)
+
+
+async def test_watches_that_end_at_once_are_paced(api: KubeApiServer,
+                                                  controller: Controller) -> None:
+    """A misbehaving API server ending every watch at once: relists back off, never spin."""
+    api.empty_watches = True
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    await asyncio.sleep(3.0)
+    lists = api.count("namespaces", "list")
+    assert 2 <= lists <= 12, lists  # unpaced, this would be hundreds
+    assert controller.proc is not None and controller.proc.poll() is None
