@@ -6,25 +6,33 @@ Covered: the first start creates the Redis passwords, the mesh key, the webhook 
 and the caBundle; a second start writes nothing and keeps every value; a namespace labelled
 later gets its Secret and RoleBinding within a bound; the caBundle is the CA that signed the
 serving certificate; a namespace's Redis URL is eq-sidecar's and never carries the admin or
-signaler password; no secret value is logged; a stale copy is repaired.
+signaler password; no secret value is logged; a stale copy is repaired; a namespace with an
+injected pod is served; a server ending every watch at once is paced; and a real redis-server
+started with install.yaml's arguments and the generated Secret takes the generated users.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import redis
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from redis.exceptions import NoPermissionError
 
+from equilibrium.lab.embedded_redis import find_redis_server
 from tests.integration.kube_api import KubeApiServer, namespace, pod
 from tests.integration.procs import REPO_ROOT
 from tests.support import child_env
+from wire.keys import leader_key, recommendation_stream, summary_stream
 
 SYSTEM = "equilibrium-system"
 WEBHOOKS = "mutatingwebhookconfigurations"
@@ -261,3 +269,68 @@ async def test_watches_that_end_at_once_are_paced(api: KubeApiServer,
     lists = api.count("namespaces", "list")
     assert 2 <= lists <= 12, lists  # unpaced, this would be hundreds
     assert controller.proc is not None and controller.proc.poll() is None
+
+
+async def test_redis_started_as_installed_takes_the_generated_users(
+        api: KubeApiServer, controller: Controller, tmp_path: Path) -> None:
+    """k8s/install.yaml's Redis, with its $(VARS) filled from the Secret the controller made:
+    the signaler's URL may lead and publish, a namespace's (eq-sidecar) URL only appends
+    summaries and cannot write a recommendation."""
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    docs = [d for d in yaml.safe_load_all((REPO_ROOT / "k8s/install.yaml").read_text()) if d]
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    env = {}
+    for var in container["env"]:
+        ref = var["valueFrom"]["secretKeyRef"]
+        values = api.secret_values(SYSTEM, ref["name"])
+        assert values is not None, ref
+        env[var["name"]] = values[ref["key"]]
+    args = list(container["args"])
+    for name, value in env.items():
+        args = [a.replace(f"$({name})", value) for a in args]
+    assert not [a for a in args if "$(" in a]
+    args[args.index("--dir") + 1] = str(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([find_redis_server().path, *args, "--port", str(port),
+                             "--bind", "127.0.0.1", "--save", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clients: list[redis.Redis] = []
+    try:
+        host = "equilibrium-redis-0.equilibrium-redis.equilibrium-system.svc:6379"
+
+        def connect(url: str) -> redis.Redis:
+            client = redis.Redis.from_url(url.replace(host, f"127.0.0.1:{port}"))
+            clients.append(client)
+            return client
+
+        admin = connect(f"redis://:{env['REDIS_PASSWORD']}@{host}/0")
+        await until(lambda: _pings(admin), "redis-server answers", 10.0)
+        signaler_values = api.secret_values(SYSTEM, "equilibrium-mesh")
+        sidecar_values = api.secret_values("shop", "equilibrium-mesh")
+        assert signaler_values is not None and sidecar_values is not None
+        signaler = connect(signaler_values["redis-url"])
+        sidecar = connect(sidecar_values["redis-url"])
+        assert signaler.set(leader_key("orders"), "me 1")
+        assert sidecar.xadd(summary_stream("orders"), {"v": "1"})
+        with pytest.raises(NoPermissionError):
+            sidecar.xadd(recommendation_stream("orders", "sc-1"), {"v": "1"})
+        with pytest.raises(NoPermissionError):
+            sidecar.delete(summary_stream("orders"))
+        with pytest.raises(NoPermissionError):
+            signaler.flushall()
+    finally:
+        for client in clients:
+            client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
