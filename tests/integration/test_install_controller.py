@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from redis.exceptions import NoPermissionError
 
 from equilibrium.lab.embedded_redis import find_redis_server
+from injector import certs
 from tests.integration.kube_api import KubeApiServer, namespace, pod
 from tests.integration.procs import REPO_ROOT
 from tests.support import child_env
@@ -334,3 +336,22 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.exceptions.ConnectionError:
         return False
+
+
+async def test_a_certificate_already_there_is_kept_and_a_stale_ca_bundle_corrected(
+        api: KubeApiServer, controller: Controller) -> None:
+    """cert-manager or `bootstrap-certs` made the certificate: the controller keeps it and
+    points caBundle at its CA (a caBundle left from an older install is replaced)."""
+    bundle = certs.bootstrap("equilibrium-injector", SYSTEM, dt.datetime.now(dt.UTC))
+    api.put("secrets", certs.tls_secret(bundle, SYSTEM))
+    hooks = webhook_configuration()
+    for hook in hooks["webhooks"]:  # type: ignore[attr-defined]
+        hook["clientConfig"]["caBundle"] = base64.b64encode(b"stale").decode()
+    api.put(WEBHOOKS, hooks)
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    tls = api.secret_values(SYSTEM, "equilibrium-injector-tls")
+    assert tls is not None and tls["tls.crt"] == bundle.cert_pem.decode()
+    config = api.object(WEBHOOKS, "", "equilibrium-injector")
+    assert config is not None
+    assert {h["clientConfig"]["caBundle"] for h in config["webhooks"]} == {bundle.ca_bundle}
