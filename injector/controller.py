@@ -25,6 +25,7 @@ everything. The objects' shapes are :mod:`injector.mesh_objects`; the HTTP is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 NAMESPACES = "/api/v1/namespaces"
 PODS = "/api/v1/pods"
 MIN_SYNC_S = 1.0  # a list + watch that ends sooner is paced by the backoff
+RETRY_S = 10.0  # a namespace the API refused is retried (by a relist) this soon
 WEBHOOKS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 
 
@@ -197,29 +199,47 @@ class Controller:
 
     async def sync_namespaces(self) -> None:
         """One list, reconciling every opted-in namespace, then watch until the stream ends."""
-        items, version = await self.api.list(NAMESPACES)
-        for namespace in items:
-            await self._handle(namespace)
-        async with self.api.watch(NAMESPACES, version) as events:
-            async for event in events:
-                if event.get("type") == "ERROR":
-                    return  # 410 Gone or other: relist
-                if event.get("type") in ("ADDED", "MODIFIED"):
-                    await self._handle(event["object"])
+        await self._sync(NAMESPACES, "application/json", self._handle)
 
     async def sync_pods(self) -> None:
         """Namespaces with injected pods (the per-pod annotation opt-in): one list of the pods'
         metadata, then a watch; each such namespace is reconciled once per list."""
         self.pod_namespaces.clear()  # a relist repairs what was changed by hand
-        items, version = await self.api.list(PODS, METADATA_ONLY)
-        for pod in items:
-            await self._handle_pod(pod)
-        async with self.api.watch(PODS, version, METADATA_ONLY) as events:
-            async for event in events:
-                if event.get("type") == "ERROR":
-                    return
-                if event.get("type") in ("ADDED", "MODIFIED"):
-                    await self._handle_pod(event["object"])
+        await self._sync(PODS, METADATA_ONLY, self._handle_pod)
+
+    async def _sync(self, path: str, accept: str,
+                    handle: Callable[[Mapping[str, Any]], Awaitable[None]]) -> None:
+        """List, handle every item, watch and handle every change, until the watch ends; a
+        namespace the API refuses (403, 409, 422...) is skipped and retried by a relist within
+        ``RETRY_S`` without holding up the others."""
+        failed: list[BaseException] = []
+        items, version = await self.api.list(path, accept)
+        for item in items:
+            await self._guarded(handle, item, failed)
+        loop = asyncio.get_running_loop()
+        async with self.api.watch(path, version, accept) as events:
+            with contextlib.suppress(TimeoutError):  # retry time, or the stream went quiet
+                async with asyncio.timeout(None) as deadline:
+                    if failed:
+                        deadline.reschedule(loop.time() + RETRY_S)
+                    async for event in events:
+                        if event.get("type") == "ERROR":
+                            return  # 410 Gone or other: relist
+                        if event.get("type") in ("ADDED", "MODIFIED"):
+                            await self._guarded(handle, event["object"], failed)
+                            if failed and deadline.when() is None:
+                                deadline.reschedule(loop.time() + RETRY_S)
+
+    @staticmethod
+    async def _guarded(handle: Callable[[Mapping[str, Any]], Awaitable[None]],
+                       item: Mapping[str, Any], failed: list[BaseException]) -> None:
+        try:
+            await handle(item)
+        except ApiError as exc:
+            if exc.status in (0, 401) or exc.status >= 500:
+                raise  # the API or our token: nothing else would work either
+            failed.append(exc)
+            log.warning("%s; retrying within %.0f s", exc, RETRY_S)
 
     async def _handle_pod(self, pod: Mapping[str, Any]) -> None:
         meta = pod.get("metadata") or {}

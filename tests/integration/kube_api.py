@@ -125,6 +125,7 @@ class KubeApiServer:
     )
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # every request's path, in order
+    forbidden_writes: set[str] = field(default_factory=set)  # namespaces: 403 on create/update
     pod_accepts: list[str] = field(default_factory=list)  # the Accept of each pod list/watch
     # RBAC: None = the token may read every namespace (a ClusterRoleBinding); a set = only
     # these namespaces (RoleBindings), so a cluster-wide list or watch gets 403.
@@ -323,6 +324,10 @@ class KubeApiServer:
         self.paths.append(request.path)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        if verb in ("create", "update") and namespace in self.forbidden_writes:
+            return web.json_response(_status(
+                403, "Forbidden", f'{resource} is forbidden in the namespace "{namespace}"'),
+                status=403)
         if verb not in ("get", "create", "update", "patch") or (verb == "create") != (
                 name is None):
             return web.json_response(_status(405, "MethodNotAllowed", verb), status=405)

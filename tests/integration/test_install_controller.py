@@ -31,6 +31,7 @@ from redis.exceptions import NoPermissionError
 
 from equilibrium.lab.embedded_redis import find_redis_server
 from injector import certs
+from injector.controller import RETRY_S
 from tests.integration.kube_api import KubeApiServer, namespace, pod
 from tests.integration.procs import REPO_ROOT
 from tests.support import child_env
@@ -355,3 +356,22 @@ async def test_a_certificate_already_there_is_kept_and_a_stale_ca_bundle_correct
     config = api.object(WEBHOOKS, "", "equilibrium-injector")
     assert config is not None
     assert {h["clientConfig"]["caBundle"] for h in config["webhooks"]} == {bundle.ca_bundle}
+
+
+@pytest.mark.slow
+async def test_a_namespace_the_api_refuses_does_not_hold_up_the_others(
+        api: KubeApiServer, controller: Controller) -> None:
+    """A namespace where writes are forbidden (a policy, a quota) is skipped and retried;
+    the namespaces listed after it and labelled later are served meanwhile."""
+    api.put("namespaces", namespace("aaa-locked", {"equilibrium.io/injection": "enabled"}))
+    api.forbidden_writes.add("aaa-locked")
+    controller.start()
+    await until(lambda: served(api, "shop"), "a namespace after the refused one is served")
+    api.put("namespaces", namespace("later", {"equilibrium.io/injection": "enabled"}))
+    await until(lambda: served(api, "later"), "a namespace labelled later is served")
+    assert not served(api, "aaa-locked")
+    assert controller.proc is not None and controller.proc.poll() is None
+    api.forbidden_writes.clear()
+    await until(lambda: served(api, "aaa-locked"), "the refused namespace, once allowed",
+                RETRY_S + BOUND_S)
+    assert "HTTP 403" in controller.log.read_text()
