@@ -96,7 +96,11 @@ class Controller:
         self.mesh_key = mesh["mesh-hmac-key"]
         tls = await self._ensure_secret(ns, self.config.tls_secret, self._fill_tls,
                                         "kubernetes.io/tls")
-        await self._ensure_ca_bundle(tls["ca.crt"])
+        if tls.get("ca.crt"):
+            await self._ensure_ca_bundle(tls["ca.crt"])
+        else:  # a certificate made elsewhere without its CA: never replace it
+            log.warning("Secret %s/%s has no ca.crt: caBundle left as it is (set it, or let "
+                        "cert-manager's cainjector do it)", ns, self.config.tls_secret)
 
     def _fill_signaler_mesh(self, have: Mapping[str, str]) -> dict[str, str]:
         fill: dict[str, str] = {}
@@ -108,8 +112,8 @@ class Controller:
         return fill
 
     def _fill_tls(self, have: Mapping[str, str]) -> dict[str, str]:
-        if all(have.get(k) for k in ("tls.crt", "tls.key", "ca.crt")):
-            return {}
+        if have.get("tls.crt") and have.get("tls.key"):
+            return {}  # a working pair (ours, cert-manager's, yours) is never replaced
         bundle = certs.bootstrap(self.config.service, self.config.namespace, self.now(),
                                  days=self.config.cert_days, extra_names=self.config.extra_names)
         return {"tls.crt": bundle.cert_pem.decode(), "tls.key": bundle.key_pem.decode(),

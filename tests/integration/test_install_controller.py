@@ -375,3 +375,21 @@ async def test_a_namespace_the_api_refuses_does_not_hold_up_the_others(
     await until(lambda: served(api, "aaa-locked"), "the refused namespace, once allowed",
                 RETRY_S + BOUND_S)
     assert "HTTP 403" in controller.log.read_text()
+
+
+async def test_a_certificate_without_its_ca_is_kept_and_the_ca_bundle_left_alone(
+        api: KubeApiServer, controller: Controller) -> None:
+    bundle = certs.bootstrap("equilibrium-injector", SYSTEM, dt.datetime.now(dt.UTC))
+    secret = certs.tls_secret(bundle, SYSTEM)
+    del secret["data"]["ca.crt"]
+    api.put("secrets", secret)
+    controller.start()
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    assert api.secret_values(SYSTEM, "equilibrium-injector-tls") == {
+        "tls.crt": bundle.cert_pem.decode(), "tls.key": bundle.key_pem.decode()}
+    config = api.object(WEBHOOKS, "", "equilibrium-injector")
+    assert config is not None
+    assert all("caBundle" not in h["clientConfig"] for h in config["webhooks"])
+    assert api.count(WEBHOOKS, "patch") == 0
+    controller.stop()
+    assert "has no ca.crt" in controller.log.read_text()
