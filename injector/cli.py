@@ -2,26 +2,33 @@
 
     equilibrium injector --listen 0.0.0.0:8443 --tls-cert tls.crt --tls-key tls.key
     equilibrium injector bootstrap-certs --manifest k8s/install.yaml | kubectl apply -f -
+    equilibrium injector controller        (in the cluster: generate and hand out the secrets)
 
-Argument parsing only; serving is ``injector.server``, certificates ``injector.certs``.
+Argument parsing only; serving is ``injector.server``, certificates ``injector.certs``, the
+install controller ``injector.controller``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
+import random
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from injector import certs
+from injector import certs, mesh_objects
 from injector.config import InjectorConfig, Resources
+from injector.controller import Controller, ControllerConfig
+from injector.kube import Credentials, KubeRest
 from injector.server import DEFAULT_MAX_BODY, serve
 from mesh.address import AddressError, parse_host_port
 
@@ -78,6 +85,27 @@ def register(subparsers: Any) -> None:
                       help="print only a JSON patch setting caBundle on N webhooks")
     boot.set_defaults(func=_run_bootstrap)
 
+    ctl = sub.add_parser(
+        "controller",
+        help="generate the mesh's secrets in the cluster and copy them to meshed namespaces",
+        description="Create (only if absent) the Redis passwords, the mesh key and the "
+                    "webhook certificate in --namespace, set the webhook's caBundle, then "
+                    "give every namespace labelled equilibrium.io/injection=enabled (or "
+                    "equilibrium.io/mesh=enabled) its equilibrium-mesh Secret and RoleBinding.",
+    )
+    ctl.add_argument("--namespace", default="equilibrium-system")
+    ctl.add_argument("--service", default="equilibrium-injector",
+                     help="the webhook's Service (the certificate's names)")
+    ctl.add_argument("--webhook-config", default=certs.WEBHOOK_CONFIGURATION)
+    ctl.add_argument("--tls-secret", default=certs.TLS_SECRET)
+    ctl.add_argument("--redis-host", default=mesh_objects.DEFAULT_REDIS_HOST,
+                     help="HOST:PORT of Redis in the generated URLs (default %(default)s)")
+    ctl.add_argument("--extra-name", action="append", default=[],
+                     help="extra DNS name or IP in the certificate (repeatable)")
+    ctl.add_argument("--kube-api", help="API server URL (default: the in-cluster one)")
+    ctl.add_argument("--kube-token-file", help="bearer token file (default: the pod's)")
+    ctl.set_defaults(func=_run_controller)
+
 
 def _run_server(args: argparse.Namespace) -> int:
     if not args.tls_cert or not args.tls_key:
@@ -105,6 +133,31 @@ def _run_server(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # bad cert files, port in use
         print(f"equilibrium injector: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_controller(args: argparse.Namespace) -> int:
+    try:
+        try:
+            parse_host_port(args.redis_host)
+        except AddressError as exc:
+            raise ValueError(f"--redis-host: {exc}") from None
+        credentials = Credentials.from_flags(args.kube_api, args.kube_token_file, os.environ)
+    except ValueError as exc:
+        print(f"equilibrium injector controller: {exc}", file=sys.stderr)
+        return 2
+    config = ControllerConfig(namespace=args.namespace, service=args.service,
+                              webhook_config=args.webhook_config, tls_secret=args.tls_secret,
+                              redis_host=args.redis_host, extra_names=tuple(args.extra_name))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        async with KubeRest(credentials) as api:
+            await Controller(api, config, secrets.token_hex, lambda: dt.datetime.now(dt.UTC),
+                             random.Random()).run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
     return 0
 
 

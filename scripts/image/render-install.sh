@@ -7,7 +7,7 @@ ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${1:-${ROOT_DIR}/k8s/install.yaml}"
 {
     echo "# GENERATED from k8s/base by scripts/image/render-install.sh; do not edit by hand."
-    echo "# Install: kubectl apply -f k8s/install.yaml, then create the Secrets (docs/kubernetes.md)."
+    echo "# Install: kubectl apply -f k8s/install.yaml, then label namespaces (docs/kubernetes.md)."
     kubectl kustomize "${ROOT_DIR}/k8s/base"
 } > "${OUT}.tmp"
 mv "${OUT}.tmp" "${OUT}"

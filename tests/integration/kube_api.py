@@ -1,4 +1,4 @@
-"""A small Kubernetes API server for tests: Services and EndpointSlices, list + watch.
+"""A small Kubernetes API server for tests: list + watch, and the writes of the controller.
 
 No cluster can run on these machines, so this stands in for the *external* API server (it is
 not a mock of our code): it speaks the wire format the real one does for the two collections
@@ -11,12 +11,21 @@ compacted away. Requests without the bearer token get 401; with ``allowed_namesp
 (RoleBindings only), a request outside them gets 403. Tests can change objects, compact
 history, cut open watches and inject raw bytes into them.
 
+For the install controller (``injector.controller``) it also serves Namespaces and Pods
+(cluster-wide list + watch; with ``Accept: ...;as=PartialObjectMetadata...`` the metadata only,
+as ``PartialObjectMetadata(List)``), Secrets and RoleBindings (``GET``/``PUT`` by name,
+``POST`` to the namespace's collection: 201, 409 ``AlreadyExists``, 409 ``Conflict`` on a stale
+``resourceVersion``, 404 ``NotFound``), and MutatingWebhookConfigurations (``GET``, and
+``PATCH`` with ``application/json-patch+json``). Every request is recorded as (resource, verb,
+params) with the verbs ``list``, ``watch``, ``get``, ``create``, ``update``, ``patch``.
+
 Bind it to any socket (``start(sock=...)`` serves one made inside a network namespace).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import functools
@@ -26,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.injector_support import apply_patch
 
 # API group prefix -> (resource, apiVersion, list kind, kind); served cluster-wide at
 # PREFIX/RESOURCE and per namespace at PREFIX/namespaces/NS/RESOURCE.
@@ -68,6 +79,33 @@ def endpoint_slice(name: str, namespace: str, service_name: str, ports: list[tup
         "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
     }
 
+NAMESPACES = "namespaces"  # the cluster-scoped /api/v1/namespaces collection
+PODS = "pods"  # /api/v1/pods: every namespace's pods (list + watch), full or metadata only
+CLUSTER_LISTS = {NAMESPACES: ("namespaces", "v1", "NamespaceList", "Namespace"),
+                 PODS: ("pods", "v1", "PodList", "Pod")}
+# Objects read and written by name: API group prefix -> (resource, apiVersion, kind).
+OBJECTS = {
+    "/api/v1": ("secrets", "v1", "Secret"),
+    "/apis/rbac.authorization.k8s.io/v1": (
+        "rolebindings", "rbac.authorization.k8s.io/v1", "RoleBinding"),
+    "/apis/admissionregistration.k8s.io/v1": (
+        "mutatingwebhookconfigurations", "admissionregistration.k8s.io/v1",
+        "MutatingWebhookConfiguration"),
+}
+NAMESPACED = {"secrets", "rolebindings"}
+
+
+def pod(name: str, namespace: str, annotations: dict[str, str]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "app:1",
+                                     "env": [{"name": "PASSWORD", "value": "in-the-spec"}]}]}}
+
+
+def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name,
+                                                  **(labels or {})}},
+            "status": {"phase": "Active"}}
+
 
 @dataclass
 class Collection:
@@ -81,10 +119,14 @@ class KubeApiServer:
     token: str = "test-token"
     version: int = 100
     collections: dict[str, Collection] = field(
-        default_factory=lambda: {"services": Collection(), "endpointslices": Collection()}
+        default_factory=lambda: {name: Collection() for name in (
+            "services", "endpointslices", "namespaces", "pods", "secrets", "rolebindings",
+            "mutatingwebhookconfigurations")}
     )
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # every request's path, in order
+    forbidden_writes: set[str] = field(default_factory=set)  # namespaces: 403 on create/update
+    pod_accepts: list[str] = field(default_factory=list)  # the Accept of each pod list/watch
     # RBAC: None = the token may read every namespace (a ClusterRoleBinding); a set = only
     # these namespaces (RoleBindings), so a cluster-wide list or watch gets 403.
     allowed_namespaces: set[str] | None = None
@@ -108,7 +150,7 @@ class KubeApiServer:
         """Create or replace an object; returns its new resourceVersion."""
         coll = self.collections[resource]
         obj = copy.deepcopy(obj)
-        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
         kind = "MODIFIED" if key in coll.objects else "ADDED"
         self.version += 1
         obj["metadata"]["resourceVersion"] = str(self.version)
@@ -166,6 +208,14 @@ class KubeApiServer:
             handler = functools.partial(self._handle, prefix)
             app.router.add_get(f"{prefix}/{resource}", handler)
             app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{resource}", handler)
+        app.router.add_get("/api/v1/namespaces", functools.partial(self._handle, NAMESPACES))
+        app.router.add_get("/api/v1/pods", functools.partial(self._handle, PODS))
+        for prefix, (resource, *_) in OBJECTS.items():
+            scope = f"{prefix}/namespaces/{{namespace}}/{resource}" if resource in NAMESPACED \
+                else f"{prefix}/{resource}"
+            handler = functools.partial(self._object, prefix)
+            app.router.add_route("*", f"{scope}/{{name}}", handler)
+            app.router.add_post(scope, handler)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         if sock is None:
@@ -185,7 +235,12 @@ class KubeApiServer:
     # ------------------------------------------------------------ HTTP
 
     async def _handle(self, prefix: str, request: web.Request) -> web.StreamResponse:
-        resource, api_version, list_kind, kind = RESOURCES[prefix]
+        resource, api_version, list_kind, kind = CLUSTER_LISTS.get(prefix) or RESOURCES[prefix]
+        if resource == "pods":
+            self.pod_accepts.append(request.headers.get("Accept", ""))
+        if "as=PartialObjectMetadata" in request.headers.get("Accept", ""):
+            api_version, list_kind, kind = (
+                "meta.k8s.io/v1", "PartialObjectMetadataList", "PartialObjectMetadata")
         namespace = request.match_info.get("namespace")
         params = dict(request.query)
         verb = "watch" if params.get("watch") in ("1", "true") else "list"
@@ -242,7 +297,7 @@ class KubeApiServer:
                 while True:
                     changed = self._changed  # set by any change made from here on
                     for version, event_type, obj in list(coll.history):
-                        if namespace is not None and obj["metadata"]["namespace"] != namespace:
+                        if namespace is not None and obj["metadata"].get("namespace") != namespace:
                             sent = max(sent, version)
                         elif version > sent:
                             await response.write(_line(
@@ -258,9 +313,71 @@ class KubeApiServer:
                     await changed.wait()
         return response
 
+    async def _object(self, prefix: str, request: web.Request) -> web.Response:
+        """GET/PUT/PATCH one object by name, or POST a new one to its collection."""
+        resource, api_version, kind = OBJECTS[prefix]
+        namespace = request.match_info.get("namespace", "")
+        name = request.match_info.get("name")
+        verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch"}.get(
+            request.method, request.method.lower())
+        self.requests.append((resource, verb, dict(request.query)))
+        self.paths.append(request.path)
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        if verb in ("create", "update") and namespace in self.forbidden_writes:
+            return web.json_response(_status(
+                403, "Forbidden", f'{resource} is forbidden in the namespace "{namespace}"'),
+                status=403)
+        if verb not in ("get", "create", "update", "patch") or (verb == "create") != (
+                name is None):
+            return web.json_response(_status(405, "MethodNotAllowed", verb), status=405)
+        coll = self.collections[resource]
+        if verb == "create":
+            obj = await request.json()
+            name = obj["metadata"]["name"]
+        current = coll.objects.get((namespace, name or ""))
+        if verb == "create":
+            if current is not None:
+                return web.json_response(_status(
+                    409, "AlreadyExists", f'{resource} "{name}" already exists'), status=409)
+            if namespace:
+                obj["metadata"]["namespace"] = namespace
+            self.put(resource, obj)
+            return web.json_response(self._typed(coll.objects[(namespace, name)],
+                                                 api_version, kind), status=201)
+        if current is None:
+            return web.json_response(_status(404, "NotFound", f'{resource} "{name}" not found'),
+                                     status=404)
+        if verb == "get":
+            return web.json_response(self._typed(current, api_version, kind))
+        if verb == "update":
+            obj = await request.json()
+            if obj["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                return web.json_response(_status(
+                    409, "Conflict", "the object has been modified"), status=409)
+        else:
+            if request.content_type != "application/json-patch+json":
+                return web.json_response(_status(415, "UnsupportedMediaType",
+                                                 request.content_type), status=415)
+            obj = apply_patch(current, await request.json())
+        self.put(resource, obj)
+        return web.json_response(self._typed(coll.objects[(namespace, name)], api_version, kind))
+
+    def object(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.collections[resource].objects.get((namespace, name))
+
+    def secret_values(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A stored Secret's data, decoded."""
+        obj = self.object("secrets", namespace, name)
+        if obj is None:
+            return None
+        return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+
     @staticmethod
     def _typed(obj: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
-        return {"apiVersion": api_version, "kind": kind, **obj}
+        if kind == "PartialObjectMetadata":  # metadata only, as the API server's `as=` does
+            return {"apiVersion": api_version, "kind": kind, "metadata": obj["metadata"]}
+        return {**obj, "apiVersion": api_version, "kind": kind}
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -157,19 +157,76 @@ def test_no_secret_values_are_committed() -> None:
 
 def test_rbac_is_least_privilege() -> None:
     roles = [d for d in INSTALL_DOCS if d["kind"] in ("Role", "ClusterRole")]
-    assert [doc_id(r) for r in roles] == ["ClusterRole/equilibrium-sidecar"]
-    assert roles[0]["rules"] == [
+    assert sorted(doc_id(r) for r in roles) == [
+        "ClusterRole/equilibrium-controller", "ClusterRole/equilibrium-sidecar",
+        "Role/equilibrium-controller"]
+    assert by_kind(INSTALL_DOCS, "ClusterRole", "equilibrium-sidecar")["rules"] == [
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
          "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
     ]
-    # The injector and the signaler get no API access at all.
-    assert not [d for d in INSTALL_DOCS if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
-    for name in ("equilibrium-injector", "equilibrium-signaler"):
+    # The controller: cluster-wide it may read namespaces and create; everything it reads or
+    # updates is named. No delete, no list of secrets, no wildcard.
+    for role in roles:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+            assert "delete" not in rule["verbs"]
+            if rule["resources"] == ["secrets"] or set(rule["verbs"]) & {"update", "patch"}:
+                assert rule.get("resourceNames") or rule["verbs"] == ["create"], rule
+    controller = by_kind(INSTALL_DOCS, "ClusterRole", "equilibrium-controller")["rules"]
+    assert {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+            "resourceNames": ["equilibrium-sidecar"], "verbs": ["bind"]} in controller
+    assert {"apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": ["equilibrium-injector"], "verbs": ["get", "patch"]} in controller
+    system = by_kind(INSTALL_DOCS, "Role", "equilibrium-controller")
+    assert system["metadata"]["namespace"] == "equilibrium-system"
+    assert system["rules"][0]["resourceNames"] == ["equilibrium-redis-auth",
+                                                   "equilibrium-injector-tls"]
+    # Only the controller is bound; the injector and the signaler get no API access at all.
+    bindings = [d for d in INSTALL_DOCS if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert sorted(doc_id(b) for b in bindings) == ["ClusterRoleBinding/equilibrium-controller",
+                                                   "RoleBinding/equilibrium-controller"]
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                        "name": "equilibrium-controller",
+                                        "namespace": "equilibrium-system"}]
+    for name in ("equilibrium-injector", "equilibrium-signaler", "equilibrium-controller"):
         assert by_kind(INSTALL_DOCS, "ServiceAccount", name)["automountServiceAccountToken"] \
             is False
-    binding = by_kind(EXAMPLE_DOCS, "RoleBinding")
-    assert binding["roleRef"]["name"] == "equilibrium-sidecar"
+    assert pod_spec("Deployment", "equilibrium-controller")["automountServiceAccountToken"]
+    # The example namespace opts in by label; the controller makes its RoleBinding.
+    assert not [d for d in EXAMPLE_DOCS if d["kind"] == "RoleBinding"]
+    labels = by_kind(EXAMPLE_DOCS, "Namespace")["metadata"]["labels"]
+    assert labels == {"equilibrium.io/mesh": "enabled"}
+
+
+def test_the_controller_serves_what_the_workloads_mount() -> None:
+    """The Secrets and keys Redis, the signaler and the injector read are the ones the
+    controller generates, under the names its RBAC allows."""
+    from injector import mesh_objects
+    from injector.certs import TLS_SECRET
+
+    refs = set()
+    for kind, name in (("StatefulSet", "equilibrium-redis"),
+                       ("Deployment", "equilibrium-signaler")):
+        for container in pod_spec(kind, name)["containers"]:
+            for env in container.get("env", []):
+                ref = env["valueFrom"]["secretKeyRef"]
+                refs.add((ref["name"], ref["key"]))
+    generated = {(mesh_objects.REDIS_AUTH_SECRET, k) for k in mesh_objects.REDIS_AUTH_KEYS}
+    generated |= {(mesh_objects.MESH_SECRET, "mesh-hmac-key"),
+                  (mesh_objects.MESH_SECRET, "redis-url")}
+    assert refs == generated
+    assert pod_spec("Deployment", "equilibrium-injector")["volumes"][0]["secret"][
+        "secretName"] == TLS_SECRET
+    (container,) = pod_spec("Deployment", "equilibrium-controller")["containers"]
+    args = container["args"]
+    assert args[:2] == ["injector", "controller"]
+    assert args[args.index("--redis-host") + 1] == mesh_objects.DEFAULT_REDIS_HOST
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert "limits" in container["resources"]
 
 
 def test_injector_serves_the_mounted_secret() -> None:
@@ -196,7 +253,8 @@ def parse_with_the_real_cli(args: list[str]) -> None:
 
 def test_container_args_are_accepted_by_the_equilibrium_cli() -> None:
     for kind, name in (("Deployment", "equilibrium-signaler"),
-                       ("Deployment", "equilibrium-injector")):
+                       ("Deployment", "equilibrium-injector"),
+                       ("Deployment", "equilibrium-controller")):
         (container,) = pod_spec(kind, name)["containers"]
         parse_with_the_real_cli(container["args"])
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"annotations": {
