@@ -199,6 +199,7 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
         "optimum": optimum,
         "policies": per_policy,
         "wall": {"seconds": {p: r.wall_seconds for p, r in runs.items()},
+                 "cpu_seconds": {p: r.cpu_seconds for p, r in runs.items()},
                  "machine": machine_info()},
     }
 
@@ -267,8 +268,10 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
 def render_markdown(doc: dict[str, Any]) -> str:
     lines = [f"## `simulate {doc['scenario']}`", "", f"- command: `{doc['command']}`",
              f"- simulated requests: {doc['requests']}",
-             "- wall time per policy: " + ", ".join(
-                 f"{p} {s:.1f} s" for p, s in doc["wall"]["seconds"].items())]
+             "- wall (CPU) time per policy: " + ", ".join(
+                 f"{p} {s:.1f} s ({doc['wall']['cpu_seconds'][p]:.1f} s)"
+                 for p, s in doc["wall"]["seconds"].items()),
+             f"- load average at the end: {doc['wall']['machine'].get('load_average')}"]
     for title, cols, rows in tables(doc):
         lines += ["", render_table(title, cols, rows)]
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ class Knobs:
 
     network: float = 0.001
     """one way between a sidecar and a pod (the policy sees two of them in every latency)"""
-    overhead: float = 0.004
+    overhead: float = 0.003
     """client to sidecar and back, plus the proxy's own work: in the client's latency only"""
     arrivals: str = "uniform"
     discovery_delay: float = 1.0
@@ -82,6 +82,7 @@ class RunResult:
     pod_names: list[str]
     events: int
     wall_seconds: float
+    cpu_seconds: float
     sidecars: dict[str, Any]
     plane: dict[str, Any] | None
     retries: int
@@ -92,10 +93,12 @@ def endpoint_id(index: int) -> str:
 
 
 def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
-             max_events: int = 2_000_000_000) -> RunResult:
+             max_events: int = 2_000_000_000, observed: bool = False) -> RunResult:
     """Run ``setup`` with every sidecar on ``policy`` (``equilibrium-ce``: ``equilibrium``
-    following the simulated signaler); the same seed gives the same records."""
-    started = time.perf_counter()
+    following the simulated signaler); the same seed gives the same records. ``observed``
+    builds every sidecar's snapshot at every tick, as the proxy does, even where nothing reads
+    it (always so for ``equilibrium-ce``, whose signaling task reads it)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     master = random.Random(f"{seed}:{setup.scenario}")
     base_policy = "equilibrium" if policy == CE_POLICY else policy
     profile: StrategyProfile = get_profile(knobs.strategy)
@@ -126,7 +129,8 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
 
     def join(index: int, at: float) -> None:
         rng = random.Random(f"{seed}:sidecar:{index}")
-        sc = SimSidecar(index, f"sim-{index:05d}", base_policy, profile, listed, rng, at)
+        sc = SimSidecar(index, f"sim-{index:05d}", base_policy, profile, listed, rng, at,
+                        observed=observed or policy == CE_POLICY)
         sidecars[index] = sc
         phase = random.Random(f"{seed}:phase:{index}")
         arrival_rngs[index] = phase
@@ -256,13 +260,15 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
             for sc in sidecars.values():
                 sc.set_endpoints(data, t)
 
+    for sc in sidecars.values():
+        sc.finish()
     result_sidecars = _sidecar_states(sidecars)
     plane_state: dict[str, Any] | None = None
     if plane is not None:
         plane_state = {**plane.state(), "following_at_end": plane.following()}
         plane.close()
     return RunResult(policy, rec, names, events, time.perf_counter() - started,
-                     result_sidecars, plane_state, retries)
+                     time.process_time() - cpu_started, result_sidecars, plane_state, retries)
 
 
 def _sidecar_states(sidecars: dict[int, SimSidecar]) -> dict[str, Any]:

@@ -187,9 +187,10 @@ def window_series(rec: Records, t0: float, duration: float, pods: int, tracked: 
 
 def recovery_metrics(series: dict[str, list[float]], healed_at: float, pods: int,
                      width: float = 1.0) -> dict[str, Any]:
-    """After the tracked pod heals at ``healed_at`` (seconds from t0): when its share first
-    reaches 80 % of a fair share (1/pods) and stays there for 5 windows, the most it got in
-    any window (the herd's overshoot), and the worst window p99 after healing."""
+    """After the tracked pod heals at ``healed_at`` (seconds from t0): when the mean of its
+    share over 5 consecutive 1 s windows first reaches 80 % of a fair share (1/pods), counted
+    from the heal to the end of those windows; the most it got in any window (the herd's
+    overshoot); and the worst window p99 after healing."""
     shares = np.array(series["tracked_share"], dtype=float)
     p99 = np.array(series["p99"], dtype=float)
     first = math.ceil(healed_at / width - 1e-9)
@@ -197,8 +198,8 @@ def recovery_metrics(series: dict[str, list[float]], healed_at: float, pods: int
     readmitted: float | None = None
     for i in range(first, shares.shape[0] - 4):
         window = shares[i:i + 5]
-        if not np.isnan(window).any() and (window >= 0.8 * fair).all():
-            readmitted = i * width - healed_at
+        if not np.isnan(window).any() and window.mean() >= 0.8 * fair:
+            readmitted = (i + 5) * width - healed_at
             break
     after = shares[first:]
     after = after[~np.isnan(after)]

@@ -36,14 +36,15 @@ MAX_ATTEMPTS = 3
 class SimSidecar:
     """The routing side of one sidecar for one upstream (see the module docstring)."""
 
-    __slots__ = ("group", "id", "index", "max_attempts", "rng", "table")
+    __slots__ = ("group", "id", "index", "max_attempts", "observed", "rng", "table")
 
     def __init__(
         self, index: int, sidecar_id: str, policy: str, profile: StrategyProfile,
         endpoints: Sequence[str], rng: random.Random, now: float,
-        max_attempts: int = MAX_ATTEMPTS,
+        max_attempts: int = MAX_ATTEMPTS, observed: bool = True,
     ) -> None:
         self.index = index
+        self.observed = observed
         self.id = sidecar_id
         self.rng = rng
         self.max_attempts = max_attempts
@@ -83,4 +84,16 @@ class SimSidecar:
         return method in RETRYABLE_METHODS and len(tried) < self.max_attempts
 
     def tick(self, now: float) -> None:
-        self.group.tick(now)
+        """The runner's tick. With ``observed`` False (nobody reads the snapshot between ticks:
+        no signaling task) only the policy's own tick runs, and the observers' snapshot and
+        ``X-GT-Regret`` header (which change nothing the policy decides) are built once, by
+        :meth:`finish`; a test holds both paths to the same decisions."""
+        if self.observed:
+            self.group.tick(now)
+        else:
+            self.group.policy.tick(now)
+
+    def finish(self) -> None:
+        """Build the observers' snapshot (the fast path skipped it)."""
+        if not self.observed:
+            self.group.snapshot = self.group.policy.snapshot()
