@@ -64,8 +64,9 @@ def test_numpy_metrics_equal_the_bench_analysis() -> None:
     setup = build("slow-pod", Sizes(2, 5, 100.0, 12.0))
     result = simulate(setup, "equilibrium", seed=2)
     fast = metrics.run_metrics(result.records, 0.0, 12.0, 5, 4)
-    slow: dict[str, Any] = analysis.run_metrics(records_of(result), 0.0, 12.0, [f"pod-{i}" for i in range(5)],
-                                "pod-4").as_dict()
+    names = [f"pod-{i}" for i in range(5)]
+    slow: dict[str, Any] = analysis.run_metrics(records_of(result), 0.0, 12.0, names,
+                                                "pod-4").as_dict()
     for key in ("requests", "errors", "bad_share", "bad_share_first", "bad_share_steady",
                 "time_to_shift", "first_under", "relapses", "flapping_pp",
                 "flapping_noise_pp", "pod_totals", "flap_window"):
