@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,3 +122,21 @@ def test_knobs_move_the_latency_as_documented() -> None:
     more = simulate(setup, "round-robin", seed=1, knobs=Knobs(network=0.002, overhead=0.003))
     diff = [b - a for a, b in zip(base.records.latency, more.records.latency, strict=True)]
     assert min(diff) == pytest.approx(0.007) and max(diff) == pytest.approx(0.007)
+
+
+def test_cli_writes_the_report_and_refuses_unknown_policies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from equilibrium.cli import main
+
+    code = main(["simulate", "--scenario", "slow-pod", "--duration", "3", "--policies",
+                 "round-robin,equilibrium", "--out", str(tmp_path)])
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["simulate-slow-pod.json", "simulate-slow-pod.md", "simulate-slow-pod.png"]
+    doc = json.loads((tmp_path / "simulate-slow-pod.json").read_text())
+    assert set(doc["policies"]) == {"round-robin", "equilibrium"}
+    assert doc["policies"]["round-robin"]["bad_share"] == pytest.approx(0.2, abs=0.01)
+    assert "| round-robin |" in capsys.readouterr().out
+    assert main(["simulate", "--scenario", "slow-pod", "--policies", "fastest"]) == 2
+    assert "unknown policy fastest" in capsys.readouterr().err
