@@ -89,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead", type=_non_negative, default=DEFAULTS.overhead,
                    help="client-to-sidecar hop and proxy work, in the client's latency only, "
                         f"s ({DEFAULTS.overhead})")
+    p.add_argument("--jitter", type=_non_negative, default=DEFAULTS.jitter,
+                   help="mean of an exponential extra delay on every response, seen by the "
+                        "sidecar and the client (proxy and scheduling noise), s (0)")
     p.add_argument("--epoch", type=_positive, default=DEFAULTS.epoch,
                    help="signaling epoch, s (1)")
     p.add_argument("--tokens", type=_positive_int, default=DEFAULTS.tokens,
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace, progress: Any = None) -> tuple[dict[str, Any],
     """Every policy on the scenario; the report document and the raw runs."""
     setup = build(args.scenario, Sizes(args.sidecars, args.endpoints, args.rate, args.duration,
                                        args.distribution))
-    knobs = Knobs(network=args.network, overhead=args.overhead, arrivals=args.arrivals,
+    knobs = Knobs(network=args.network, overhead=args.overhead, jitter=args.jitter,
+                  arrivals=args.arrivals,
                   epoch=args.epoch, tokens=args.tokens, strategy=args.strategy)
     runs: dict[str, RunResult] = {}
     for policy in policies_of(args):
@@ -159,7 +163,7 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
     k = len(setup.pods)
     t0, duration = setup.warmup, setup.duration
     end_pods, end_sidecars = _end_pods(setup)
-    fixed = 2 * knobs.network + knobs.overhead
+    fixed = 2 * knobs.network + knobs.overhead + knobs.jitter
     optimum = benchmarks(end_pods, end_sidecars * setup.rate, fixed)
     per_policy: dict[str, Any] = {}
     for policy, result in runs.items():
@@ -189,7 +193,8 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
             "sidecars": setup.sidecars, "endpoints": k, "rate_per_sidecar": setup.rate,
             "duration_s": duration, "warmup_s": setup.warmup, "seed": args.seed,
             "strategy": knobs.strategy, "arrivals": knobs.arrivals,
-            "network_s": knobs.network, "overhead_s": knobs.overhead, "epoch_s": knobs.epoch,
+            "network_s": knobs.network, "overhead_s": knobs.overhead,
+            "jitter_s": knobs.jitter, "epoch_s": knobs.epoch,
             "tokens": knobs.tokens,
             "pods": [p.as_dict() for p in setup.pods],
             "tracked_pod": None if setup.tracked is None else f"pod-{setup.tracked}",
@@ -206,7 +211,7 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
 
 def _argv(args: argparse.Namespace) -> list[str]:
     out = ["--scenario", args.scenario]
-    for name in ("sidecars", "endpoints", "duration", "rate"):
+    for name in ("sidecars", "endpoints", "duration", "rate", "jitter"):
         value = getattr(args, name)
         if value is not None:
             out += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]

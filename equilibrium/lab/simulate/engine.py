@@ -52,6 +52,9 @@ class Knobs:
     """one way between a sidecar and a pod (the policy sees two of them in every latency)"""
     overhead: float = 0.003
     """client to sidecar and back, plus the proxy's own work: in the client's latency only"""
+    jitter: float = 0.0
+    """mean of an exponential extra delay on every response (proxy and scheduling noise on a
+    busy machine); seen by the policy and the client alike; 0: none"""
     arrivals: str = "uniform"
     discovery_delay: float = 1.0
     epoch: float = 1.0
@@ -152,6 +155,12 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     r_intended, r_latency, r_pod = rec.intended.append, rec.latency.append, rec.pod.append
     r_ok, r_sidecar = rec.ok.append, rec.sidecar.append
     net, overhead, end = knobs.network, knobs.overhead, setup.total
+    noise = random.Random(f"{seed}:jitter").expovariate if knobs.jitter > 0 else None
+    jitter_rate = 1.0 / knobs.jitter if knobs.jitter > 0 else 0.0
+
+    def back(t: float) -> float:
+        """When a response leaving the pod at ``t`` reaches the sidecar."""
+        return t + net + (noise(jitter_rate) if noise is not None else 0.0)
     retries = 0
     events = 0
 
@@ -166,7 +175,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
         req = [sc.index, j, intended, t, tried, endpoint]
         if pod.spec.servers is None and pod.up:
             service = pod.draw_service() + pod.draw_extra()
-            push(heap, (t + 2 * net + service, next(seq), RESPONSE, req))
+            push(heap, (back(t + net + service), next(seq), RESPONSE, req))
         else:
             push(heap, (t + net, next(seq), POD_IN, req))
 
@@ -197,7 +206,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
                 push(heap, (t + net, next(seq), REFUSED, data))
             elif pod.spec.servers is None:
                 service = pod.draw_service() + pod.draw_extra()
-                push(heap, (t + service + net, next(seq), RESPONSE, data))
+                push(heap, (back(t + service), next(seq), RESPONSE, data))
             elif pod.busy < pod.spec.servers:
                 pod.busy += 1
                 push(heap, (t + pod.draw_service(), next(seq), POD_DONE, data))
@@ -206,7 +215,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
         elif kind == POD_DONE:
             pod = pods[data[1]]
             pod.busy -= 1
-            push(heap, (t + pod.draw_extra() + net, next(seq), RESPONSE, data))
+            push(heap, (back(t + pod.draw_extra()), next(seq), RESPONSE, data))
             servers = pod.spec.servers
             while pod.queue and (servers is None or pod.busy < servers):
                 pod.busy += 1

@@ -122,6 +122,11 @@ def test_knobs_move_the_latency_as_documented() -> None:
     more = simulate(setup, "round-robin", seed=1, knobs=Knobs(network=0.002, overhead=0.003))
     diff = [b - a for a, b in zip(base.records.latency, more.records.latency, strict=True)]
     assert min(diff) == pytest.approx(0.007) and max(diff) == pytest.approx(0.007)
+    noisy = simulate(setup, "round-robin", seed=1, knobs=Knobs(network=0.0, overhead=0.0,
+                                                               jitter=0.01))
+    extra = [b - a for a, b in zip(base.records.latency, noisy.records.latency, strict=True)]
+    assert min(extra) >= 0.0
+    assert sum(extra) / len(extra) == pytest.approx(0.01, rel=0.15)  # exponential, mean 10 ms
 
 
 def test_cli_writes_the_report_and_refuses_unknown_policies(
