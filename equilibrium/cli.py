@@ -25,8 +25,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "init": ("injector.init_cli", "install the transparent-interception iptables rules"),
     "demo": ("equilibrium.lab.demo.cli", "run a local mesh with a bad pod and watch traffic shift"),
     "bench": ("equilibrium.lab.bench.cli", "compare routing policies on a real local fleet"),
+    "simulate": ("equilibrium.lab.simulate.cli", "simulate many sidecars in virtual time"),
 }
-LAB_COMMANDS = frozenset({"demo", "bench"})
+LAB_COMMANDS = frozenset({"demo", "bench", "simulate"})
 """Subcommands that need the ``lab`` extra (:mod:`equilibrium.lab.extra`)."""
 
 

@@ -1,0 +1,302 @@
+"""The event loop of one simulated run: one policy, one scenario, virtual time.
+
+Owns :func:`simulate`: a binary heap of ``(time, sequence, kind, data)`` events (the sequence
+number breaks ties in the order events were scheduled, so a run is a function of its seed)
+and the life of every request:
+
+1. the client's open-loop schedule (``rate`` per sidecar, evenly spaced from a random phase,
+   as :mod:`equilibrium.lab.loadgen` schedules; or Poisson) makes an arrival;
+2. the sidecar routes it (:meth:`SimSidecar.route`) and sends it; it reaches the pod one
+   ``network`` delay later;
+3. the pod serves it at once (no server limit), starts it on a free server, or queues it
+   FIFO; a pod that is gone refuses it, and the refusal reaches the sidecar one delay later,
+   which retries on an endpoint not tried yet as the proxy does;
+4. the response reaches the sidecar one delay after the pod finished (plus the bad pod's
+   extra delay, after its server is released, as in the real fleet), the policy observes it,
+   and the client's latency (from the intended start, plus the fixed ``overhead`` of the
+   client-to-sidecar hop and the proxy's own work) is recorded.
+
+Beside the requests: each sidecar's policy tick every ``tick_interval`` (at its own phase),
+for ``equilibrium-ce`` each sidecar's signaling round every epoch (at its own phase) and the
+signaler's epoch (at ``signaler_phase``), and the scenario's timeline (a pod heals, leaves or
+joins -- sidecars learn of the new endpoint set ``discovery_delay`` later -- sidecars leave or
+join). Records go into compact arrays (:class:`Records`), never one object per request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from equilibrium.lab.simulate.plane import SimPlane
+from equilibrium.lab.simulate.pods import Pod
+from equilibrium.lab.simulate.scenarios import Setup
+from equilibrium.lab.simulate.sidecar import SimSidecar
+from mesh.profiles import StrategyProfile, get_profile
+
+CE_POLICY = "equilibrium-ce"
+ARRIVE, POD_IN, POD_DONE, RESPONSE, REFUSED, TICK, ROUND, EPOCH, CHANGE, DISCOVER = range(10)
+_REQUEST_EVENTS = frozenset({POD_IN, POD_DONE, RESPONSE, REFUSED})
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """What the run models beside the scenario (seconds)."""
+
+    network: float = 0.001
+    """one way between a sidecar and a pod (the policy sees two of them in every latency)"""
+    overhead: float = 0.003
+    """client to sidecar and back, plus the proxy's own work: in the client's latency only"""
+    jitter: float = 0.0
+    """mean of an exponential extra delay on every response (proxy and scheduling noise on a
+    busy machine); seen by the policy and the client alike; 0: none"""
+    arrivals: str = "uniform"
+    discovery_delay: float = 1.0
+    epoch: float = 1.0
+    tokens: int = 16
+    signaler_phase: float = 0.5
+    strategy: str = "balanced"
+
+
+@dataclass(slots=True)
+class Records:
+    """One run's requests, column-wise: intended start, client latency, pod (-1: none), ok,
+    and the sidecar that sent it."""
+
+    intended: array[float] = field(default_factory=lambda: array("d"))
+    latency: array[float] = field(default_factory=lambda: array("d"))
+    pod: array[int] = field(default_factory=lambda: array("i"))
+    ok: array[int] = field(default_factory=lambda: array("b"))
+    sidecar: array[int] = field(default_factory=lambda: array("i"))
+
+    def __len__(self) -> int:
+        return len(self.intended)
+
+
+@dataclass(slots=True)
+class RunResult:
+    policy: str
+    records: Records
+    pod_names: list[str]
+    events: int
+    wall_seconds: float
+    cpu_seconds: float
+    sidecars: dict[str, Any]
+    plane: dict[str, Any] | None
+    retries: int
+
+
+def endpoint_id(index: int) -> str:
+    return f"http://pod-{index}.sim:8080"
+
+
+def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
+             max_events: int = 2_000_000_000, observed: bool = False) -> RunResult:
+    """Run ``setup`` with every sidecar on ``policy`` (``equilibrium-ce``: ``equilibrium``
+    following the simulated signaler); the same seed gives the same records. ``observed``
+    builds every sidecar's snapshot at every tick, as the proxy does, even where nothing reads
+    it (always so for ``equilibrium-ce``, whose signaling task reads it)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    master = random.Random(f"{seed}:{setup.scenario}")
+    base_policy = "equilibrium" if policy == CE_POLICY else policy
+    profile: StrategyProfile = get_profile(knobs.strategy)
+    tick_interval = profile.tick_interval
+    names = [f"pod-{i}" for i in range(len(setup.pods))]
+    endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
+    index_of = {e: i for i, e in enumerate(endpoints)}
+    pods = [Pod(names[i], spec, random.Random(f"{seed}:pod:{i}"))
+            for i, spec in enumerate(setup.pods)]
+    for i in setup.absent:
+        pods[i].up = False
+    listed = [endpoints[i] for i in range(len(pods)) if i not in setup.absent]
+
+    now = 0.0
+
+    def clock() -> float:
+        return now
+
+    plane = (SimPlane(clock, epoch=knobs.epoch, tokens=knobs.tokens, seed=seed)
+             if policy == CE_POLICY else None)
+    heap: list[tuple[float, int, int, Any]] = []
+    seq = itertools.count()
+    push, pop = heapq.heappush, heapq.heappop
+    sidecars: dict[int, SimSidecar] = {}
+    gap = 1.0 / setup.rate
+    poisson = knobs.arrivals == "poisson"
+    arrival_rngs: dict[int, random.Random] = {}
+
+    def join(index: int, at: float) -> None:
+        rng = random.Random(f"{seed}:sidecar:{index}")
+        sc = SimSidecar(index, f"sim-{index:05d}", base_policy, profile, listed, rng, at,
+                        observed=observed or policy == CE_POLICY)
+        sidecars[index] = sc
+        phase = random.Random(f"{seed}:phase:{index}")
+        arrival_rngs[index] = phase
+        push(heap, (at + phase.random() * gap, next(seq), ARRIVE, index))
+        push(heap, (at + phase.random() * tick_interval, next(seq), TICK, index))
+        if plane is not None:
+            plane.join(sc, master.randrange(2**32))
+            push(heap, (at + phase.random() * knobs.epoch, next(seq), ROUND, index))
+
+    for i in range(setup.sidecars):
+        join(i, 0.0)
+    next_index = setup.sidecars
+    if plane is not None:
+        push(heap, (knobs.signaler_phase * knobs.epoch, next(seq), EPOCH, None))
+    for change in setup.changes:
+        push(heap, (setup.warmup + change[0], next(seq), CHANGE, change))
+
+    rec = Records()
+    r_intended, r_latency, r_pod = rec.intended.append, rec.latency.append, rec.pod.append
+    r_ok, r_sidecar = rec.ok.append, rec.sidecar.append
+    net, overhead, end = knobs.network, knobs.overhead, setup.total
+    noise = random.Random(f"{seed}:jitter").expovariate if knobs.jitter > 0 else None
+    jitter_rate = 1.0 / knobs.jitter if knobs.jitter > 0 else 0.0
+
+    def back(t: float) -> float:
+        """When a response leaving the pod at ``t`` reaches the sidecar."""
+        return t + net + (noise(jitter_rate) if noise is not None else 0.0)
+    retries = 0
+    events = 0
+
+    def attempt(sc: SimSidecar, t: float, intended: float, tried: tuple[str, ...]) -> None:
+        endpoint = sc.route(t, tried)
+        if endpoint is None:  # nothing left to try: the proxy answers with an error
+            r_intended(intended), r_latency(t - intended + overhead), r_pod(-1), r_ok(0)
+            r_sidecar(sc.index)
+            return
+        j = index_of[endpoint]
+        pod = pods[j]
+        req = [sc.index, j, intended, t, tried, endpoint]
+        if pod.spec.servers is None and pod.up:
+            service = pod.draw_service() + pod.draw_extra()
+            push(heap, (back(t + net + service), next(seq), RESPONSE, req))
+        else:
+            push(heap, (t + net, next(seq), POD_IN, req))
+
+    while heap and events < max_events:
+        t, _, kind, data = pop(heap)
+        if t > end and kind not in _REQUEST_EVENTS:
+            continue  # past the end only requests in flight finish (drained, as the bench)
+        now = t
+        events += 1
+        if kind == ARRIVE:
+            sc = sidecars.get(data)
+            if sc is None:
+                continue  # the sidecar left
+            rng = arrival_rngs[data]
+            push(heap, (t + (rng.expovariate(setup.rate) if poisson else gap), next(seq),
+                        ARRIVE, data))
+            attempt(sc, t, t, ())
+        elif kind == RESPONSE:
+            sc = sidecars.get(data[0])
+            if sc is None:
+                continue
+            sc.answered(data[5], data[3], t)
+            r_intended(data[2]), r_latency(t - data[2] + overhead), r_pod(data[1]), r_ok(1)
+            r_sidecar(data[0])
+        elif kind == POD_IN:
+            pod = pods[data[1]]
+            if not pod.up:
+                push(heap, (t + net, next(seq), REFUSED, data))
+            elif pod.spec.servers is None:
+                service = pod.draw_service() + pod.draw_extra()
+                push(heap, (back(t + service), next(seq), RESPONSE, data))
+            elif pod.busy < pod.spec.servers:
+                pod.busy += 1
+                push(heap, (t + pod.draw_service(), next(seq), POD_DONE, data))
+            else:
+                pod.queue.append(data)
+        elif kind == POD_DONE:
+            pod = pods[data[1]]
+            pod.busy -= 1
+            push(heap, (back(t + pod.draw_extra()), next(seq), RESPONSE, data))
+            servers = pod.spec.servers
+            while pod.queue and (servers is None or pod.busy < servers):
+                pod.busy += 1
+                push(heap, (t + pod.draw_service(), next(seq), POD_DONE, pod.queue.popleft()))
+        elif kind == REFUSED:
+            sc = sidecars.get(data[0])
+            if sc is None:
+                continue
+            sc.refused(data[5], data[3], t)
+            tried = (*data[4], data[5])
+            if sc.may_retry(tried):
+                retries += 1
+                attempt(sc, t, data[2], tried)
+            else:
+                r_intended(data[2]), r_latency(t - data[2] + overhead), r_pod(-1), r_ok(0)
+                r_sidecar(data[0])
+        elif kind == TICK:
+            sc = sidecars.get(data)
+            if sc is not None:
+                sc.tick(t)
+                push(heap, (t + tick_interval, next(seq), TICK, data))
+        elif kind == ROUND:
+            if data in sidecars and plane is not None:
+                plane.sidecar_round(data)
+                push(heap, (t + knobs.epoch, next(seq), ROUND, data))
+        elif kind == EPOCH:
+            assert plane is not None
+            plane.signaler_epoch()
+            push(heap, (t + knobs.epoch, next(seq), EPOCH, None))
+        elif kind == CHANGE:
+            _, what, arg = data
+            if what == "heal":
+                pods[arg].change(pods[arg].spec.healed())
+            elif what in ("pod-leave", "pod-join"):
+                pods[arg].up = what == "pod-join"
+                if pods[arg].up:
+                    listed.append(endpoints[arg])
+                else:
+                    listed.remove(endpoints[arg])
+                push(heap, (t + knobs.discovery_delay, next(seq), DISCOVER, tuple(listed)))
+            elif what == "sidecars-leave":
+                for index in sorted(sidecars)[:arg]:
+                    del sidecars[index]
+                    if plane is not None:
+                        plane.leave(index)
+            elif what == "sidecars-join":
+                for _ in range(arg):
+                    join(next_index, t)
+                    next_index += 1
+        elif kind == DISCOVER:
+            for sc in sidecars.values():
+                sc.set_endpoints(data, t)
+
+    for sc in sidecars.values():
+        sc.finish()
+    result_sidecars = _sidecar_states(sidecars)
+    plane_state: dict[str, Any] | None = None
+    if plane is not None:
+        plane_state = {**plane.state(), "following_at_end": plane.following()}
+        plane.close()
+    return RunResult(policy, rec, names, events, time.perf_counter() - started,
+                     time.process_time() - cpu_started, result_sidecars, plane_state, retries)
+
+
+def _sidecar_states(sidecars: dict[int, SimSidecar]) -> dict[str, Any]:
+    """The sidecars' own view at the end: Wardrop gap, flapping, converged, following."""
+    gaps, flaps, converged, following = [], [], 0, 0
+    for sc in sidecars.values():
+        snap = sc.group.snapshot
+        if snap is None:
+            continue
+        gaps.append(snap.nash_gap)
+        flaps.append(snap.flapping)
+        converged += int(snap.converged)
+        following += int(snap.following)
+    n = len(gaps)
+    return {
+        "count": n,
+        "nash_gap_mean": sum(gaps) / n if n else None,
+        "nash_gap_max": max(gaps, default=None),
+        "flapping_max": max(flaps, default=None),
+        "converged": converged,
+        "following": following,
+    }
