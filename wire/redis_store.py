@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from wire.keys import (
     RECOMMENDATION_MAXLEN,
@@ -247,15 +247,21 @@ class RedisSignalStore:
             return []
         async with _redis_errors():
             client = self._client()
-            pipe = client.pipeline(transaction=False)
             script = self._scripts["publish"]
-            for sidecar, fields in batch:
-                args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
-                for name, value in fields.items():
-                    args += [name, value]
-                await script(keys=[leader_key(upstream), recommendation_stream(upstream, sidecar)],
-                             args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+            # EVALSHA straight into the pipeline: redis-py's own pipelined scripts first send
+            # SCRIPT EXISTS, which the signaler's least-privilege ACL user may not run
+            for attempt in range(2):
+                async with client.pipeline(transaction=False) as pipe:
+                    for sidecar, fields in batch:
+                        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
+                        for name, value in fields.items():
+                            args += [name, value]
+                        pipe.evalsha(script.sha, 2, leader_key(upstream),
+                                     recommendation_stream(upstream, sidecar), *args)
+                    replies = await pipe.execute(raise_on_error=False)
+                if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                    break
+                await client.script_load(FENCED_XADD_LUA)  # Redis restarted: load, once more
         out: list[str | KeyTypeError | None] = []
         for (sidecar, _), reply in zip(batch, replies, strict=True):
             if isinstance(reply, BaseException):

@@ -58,7 +58,8 @@ def compose_env(**settings: str) -> dict[str, str]:
     """The environment Compose interpolates the file with: ours, without the caller's values
     of the file's variables, plus ``settings``."""
     env = child_env(DOCKER_HOST=os.environ.get("DOCKER_HOST", "unix:///run/docker.sock"))
-    for name in ("REDIS_IMAGE", "REDIS_PASSWORD", "SIGNALER_ADMIN_PORT", "STANDBY_ADMIN_PORT",
+    for name in ("REDIS_IMAGE", "REDIS_PASSWORD", "REDIS_SIGNALER_PASSWORD",
+                 "REDIS_SIDECAR_PASSWORD", "SIGNALER_ADMIN_PORT", "STANDBY_ADMIN_PORT",
                  "COMPOSE_FILE", "COMPOSE_PROJECT_NAME"):
         env.pop(name, None)
     env.update(settings)
@@ -80,12 +81,15 @@ def compose(project: str, files: list[Path], env: dict[str, str], *args: str,
 # ---- Compose reads the file (no engine needed) -----------------------------------------------
 @pytest.mark.needs("docker-compose")
 def test_compose_reads_the_file_with_our_settings_and_its_defaults() -> None:
-    env = compose_env(REDIS_IMAGE="r:1", REDIS_PASSWORD="pw", SIGNALER_ADMIN_PORT="40001")
+    env = compose_env(REDIS_IMAGE="r:1", REDIS_PASSWORD="pw", REDIS_SIGNALER_PASSWORD="spw",
+                      REDIS_SIDECAR_PASSWORD="cpw", SIGNALER_ADMIN_PORT="40001")
     services = yaml.safe_load(compose("config-check", [COMPOSE], env, "config"))["services"]
     assert services["redis"]["image"] == "r:1"
     assert "pw" in services["redis"]["command"]
-    assert all("redis://:pw@redis:6379/0" in services[s]["command"] for s in SIGNALERS)
-    assert "--sidecar-arg=redis://:pw@redis:6379/0" in services["demo"]["command"]
+    # least privilege: the signalers log in as eq-signaler, the demo's sidecars as eq-sidecar
+    assert all("redis://eq-signaler:spw@redis:6379/0" in services[s]["command"]
+               for s in SIGNALERS)
+    assert "--sidecar-arg=redis://eq-sidecar:cpw@redis:6379/0" in services["demo"]["command"]
     assert services["signaler"]["ports"] == [f"127.0.0.1:40001:{ADMIN}/tcp"]
     assert services["signaler-standby"]["ports"] == [f"127.0.0.1:15021:{ADMIN}/tcp"]
     for name in (*SIGNALERS, "demo"):

@@ -120,3 +120,24 @@ async def test_the_plane_works_with_the_two_least_privilege_users(
     finally:
         await sidecar.close()
         await signaler.close()
+
+
+async def test_a_batch_of_recommendations_as_the_signaler_user_after_a_script_flush(
+    users: dict[str, str], redis_server: RedisHandle
+) -> None:
+    """One pipelined round trip per epoch, as eq-signaler (who may not run SCRIPT EXISTS),
+    also after Redis lost its scripts (a restart): loaded again and sent once more."""
+    store = RedisSignalStore(users["signaler"], 1.0)
+    admin = redis_server.client()
+    try:
+        token = await store.acquire_lease(UPSTREAM, "sig-a", 60_000)
+        batch = [(f"sc-{i}", {"n": str(i)}) for i in range(20)]
+        first = await store.publish_recommendations(UPSTREAM, "sig-a", token, batch)
+        assert all(isinstance(entry_id, str) for entry_id in first)
+        admin.script_flush()
+        again = await store.publish_recommendations(UPSTREAM, "sig-a", token, batch)
+        assert all(isinstance(entry_id, str) for entry_id in again)
+        assert admin.xlen(recommendation_stream(UPSTREAM, "sc-7")) == 2
+    finally:
+        admin.close()
+        await store.close()
