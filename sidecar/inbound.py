@@ -18,6 +18,9 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    over its fair share of the congested app bids 0: priority is bought only within the norm),
    the highest bids are admitted as slots free and pay the highest losing bid (second price);
    a request that waits longer than ``max_wait`` (or is pushed out of a full queue) gets 503.
+   A request with a body asks for a slot only once its body has arrived (:mod:`sidecar.upload`:
+   buffered up to ``upload_buffer`` bytes, all of it within ``upload_timeout``, else 408), so
+   a slow upload holds no slot; a late or abandoned upload counts against its caller.
    The rules are :mod:`mesh.admission`'s; here each waiter is a future that the gate's
    decisions answer.
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
@@ -41,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -74,6 +77,13 @@ from sidecar.transport import (
     UpstreamRequest,
     WebSocketDialer,
     classify,
+)
+from sidecar.upload import (
+    UploadDeadline,
+    UploadFailed,
+    UploadFailure,
+    receive_upload,
+    upload_rest,
 )
 from sidecar.websocket import accept_like, is_websocket, relay_websocket
 from wire.bid import format_price, parse_bid
@@ -121,6 +131,12 @@ class InboundOutcome(StrEnum):
     """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
     APP_ERROR = "app-error"
     """The app did not answer (or refused a WebSocket upgrade): 502/504."""
+    UPLOAD_TIMEOUT = "upload-timeout"
+    """408: the request body did not arrive within ``upload_timeout`` (:mod:`sidecar.upload`)."""
+    UPLOAD_ABANDONED = "upload-abandoned"
+    """The client went away before its request body was complete."""
+    WEBSOCKET_LIMIT = "websocket-limit"
+    """429: the caller already has ``websocket_max_per_caller`` WebSockets open."""
 
 
 class CallerLabels:
@@ -384,6 +400,17 @@ class InboundProxy:
             return await self._websocket(request, verdict)
         if policed.voided:
             self.metrics.voided_bids.inc()
+        body: AsyncIterable[bytes] | None = None
+        deadline: UploadDeadline | None = None
+        if request.body_exists:  # the body first: its upload time holds no slot
+            deadline = UploadDeadline(asyncio.get_running_loop().time()
+                                      + self.settings.upload_timeout)
+            try:
+                upload = await receive_upload(request.content, deadline,
+                                              self.settings.upload_buffer)
+            except UploadFailed as exc:
+                return await self._upload_failed(request, verdict, exc.failure)
+            body = upload_rest(upload, request.content, deadline)
         admission = await self._admit(verdict, policed, now)
         if isinstance(admission, web.StreamResponse):
             return admission
@@ -392,7 +419,7 @@ class InboundProxy:
         if admission.price > 0:
             self.metrics.paid.labels(verdict.label).inc(admission.price)
         self.metrics.wait.observe(admission.waited)
-        return await self._forward(request, verdict, tracked=True)
+        return await self._forward(request, verdict, tracked=True, body=body, upload=deadline)
 
     def _identify(self, request: web.Request) -> tuple[str, bool]:
         header = request.headers.get(IDENTITY)
@@ -488,14 +515,18 @@ class InboundProxy:
     # ------------------------------------------------------------ forwarding
 
     async def _forward(
-        self, request: web.Request, verdict: _Verdict, *, tracked: bool
+        self, request: web.Request, verdict: _Verdict, *, tracked: bool,
+        body: AsyncIterable[bytes] | None = None, upload: UploadDeadline | None = None,
     ) -> web.StreamResponse:
-        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot."""
+        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot.
+        ``body``: the request body as received (:mod:`sidecar.upload`, under the ``upload``
+        deadline); None: streamed from the client as it comes."""
         headers, _ = request_headers_to_upstream(
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via
         )
         headers.popall("Expect", None)
-        body = relay_chunks(request.content, self.request_timeout) if request.body_exists else None
+        if body is None and request.body_exists:
+            body = relay_chunks(request.content, self.request_timeout)
         started = self.clock()
         finished_ok = False
         self.in_flight += 1
@@ -507,6 +538,8 @@ class InboundProxy:
                         headers, body,
                     ))
             except (TransportError, TimeoutError) as exc:
+                if upload is not None and upload.failure is not None:  # the client's fault
+                    return await self._upload_failed(request, verdict, upload.failure)
                 failure = classify(exc)
                 self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
                 log.info("app %s: %s", self.app_url, failure.detail)
@@ -565,6 +598,32 @@ class InboundProxy:
         self._signal_headers(downstream.headers, verdict)
         self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
         return await relay_websocket(request, downstream, upstream)
+
+    async def _upload_failed(
+        self, request: web.Request, verdict: _Verdict, failure: UploadFailure
+    ) -> web.StreamResponse:
+        """A body that came too slowly (408) or not at all: counted against its caller, and
+        the connection closed once the answer is out (the rest of the body is not read)."""
+        timeout = failure is UploadFailure.TIMEOUT
+        outcome = InboundOutcome.UPLOAD_TIMEOUT if timeout else InboundOutcome.UPLOAD_ABANDONED
+        self.metrics.requests.labels(verdict.label, outcome).inc()
+        self.metrics.slow_uploads.labels(verdict.label, failure).inc()
+        self._deliver(self.gate.defect(verdict.caller, self.clock()))
+        verdict.decision = None  # the standing as it is after the defection
+        message = (f"the request body did not arrive within {self.settings.upload_timeout:g} s"
+                   if timeout else "the request body was abandoned")
+        response = self._answer(verdict, 408 if timeout else 400,
+                                ErrorReason.UPLOAD_TIMEOUT if timeout
+                                else ErrorReason.UPLOAD_ABANDONED, message, {})
+        response.force_close()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if timeout and request.transport is not None and not request.transport.is_closing():
+                await response.prepare(request)
+                await response.write_eof()
+        protocol = request.protocol
+        if hasattr(protocol, "force_close"):  # no lingering read of the rest of the body
+            protocol.force_close()
+        return response
 
     # ------------------------------------------------------------ answers
 

@@ -251,6 +251,10 @@ class InboundMetrics:
             "share of a congested app")
         self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
                                    "header")
+        self.slow_uploads = counter(
+            "slow_uploads", "Request bodies that missed the upload deadline (timeout, 408) or "
+            "were abandoned half-way, by caller (each counts against the caller's reputation)",
+            "caller", "outcome")
         # the callers' standing (refreshed off the request path)
         self.reputation = gauge(
             "caller_reputation",

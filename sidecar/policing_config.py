@@ -19,6 +19,8 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       max_caller_labels: 20         # callers with their own metric label; the rest "other"
       debug_callers: 20             # busiest callers shown in the admin /debug/state
       default_bid: 1                # bid this sidecar sends when its app sets none
+      upload_timeout: 30            # seconds for a request body to arrive in full (else 408)
+      upload_buffer: 262144         # bytes of a body received before it asks for an app slot
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
       ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
@@ -42,6 +44,7 @@ from urllib.parse import urlsplit
 from mesh.auction import AuctionParams
 from mesh.concurrency import ConcurrencyParams
 from mesh.reputation import LadderRules, PolicingParams
+from sidecar.upload import DEFAULT_UPLOAD_BUFFER, DEFAULT_UPLOAD_TIMEOUT
 from wire.bid import MAX_BID
 from wire.numerals import ascii_decimal
 
@@ -59,6 +62,8 @@ class PolicingSettings:
     max_caller_labels: int = 20
     debug_callers: int = 20
     default_bid: float = 1.0
+    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
+    upload_buffer: int = DEFAULT_UPLOAD_BUFFER
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
     reputation: PolicingParams = field(default_factory=PolicingParams)
@@ -69,7 +74,7 @@ class PolicingSettings:
 _SECTIONS = ("reputation", "ladder", "concurrency", "auction", "token_bucket")
 _TOP_KEYS = frozenset(
     {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
-     "default_bid", *_SECTIONS}
+     "default_bid", "upload_timeout", "upload_buffer", *_SECTIONS}
 )
 
 
@@ -172,6 +177,10 @@ def parse_policing(raw: Any) -> PolicingSettings:
         debug_callers=int(_number(get("debug_callers", 20), "policing.debug_callers",
                                   integer=True, low=1)),
         default_bid=default_bid,
+        upload_timeout=_number(get("upload_timeout", DEFAULT_UPLOAD_TIMEOUT),
+                               "policing.upload_timeout", low=0.01),
+        upload_buffer=int(_number(get("upload_buffer", DEFAULT_UPLOAD_BUFFER),
+                                  "policing.upload_buffer", integer=True, low=0)),
         token_bucket_rate=_number(bucket.get("rate", 100.0), "policing.token_bucket.rate",
                                   low=1e-9),
         token_bucket_burst=_number(bucket.get("burst", 100.0), "policing.token_bucket.burst",

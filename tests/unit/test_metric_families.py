@@ -59,6 +59,7 @@ equilibrium_inbound_punished_callers gauge -
 equilibrium_inbound_queue_length gauge -
 equilibrium_inbound_queue_wait_seconds histogram -
 equilibrium_inbound_requests counter caller,outcome
+equilibrium_inbound_slow_uploads counter caller,outcome
 equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
