@@ -26,6 +26,9 @@ Config file shape (YAML or JSON, every key optional)::
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
       orders: http://10.0.1.1:8080,http://10.0.1.2:8080
+      payments:                 # an upstream outside the mesh: no identity, no game headers
+        endpoints: [https://api.example.com]
+        mesh: false             #   (default true; sidecar.membership)
     inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
     app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
     mesh_secret_file: /etc/equilibrium/mesh.key
@@ -166,6 +169,7 @@ class SidecarConfig:
     outbound: ListenAddress
     admin: ListenAddress
     upstreams: Mapping[str, tuple[str, ...]]
+    external_upstreams: frozenset[str] = frozenset()  # declared ``mesh: false``
     strategy: str = DEFAULT_STRATEGY
     policy: str = DEFAULT_POLICY
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
@@ -311,6 +315,7 @@ def parse_upstreams_env(value: str) -> dict[str, tuple[str, ...]]:
 
 
 def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
+    """NAME -> URLs, or NAME -> ``{endpoints: URLs, mesh: true|false}``."""
     if not isinstance(value, Mapping):
         raise ConfigError("upstreams: expected a mapping NAME -> list of URLs")
     out: dict[str, tuple[str, ...]] = {}
@@ -318,8 +323,28 @@ def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
         name = parse_upstream_name(str(raw_name))
         if name in out:
             raise ConfigError(f"upstream {name!r} given twice")
+        if isinstance(endpoints, Mapping):
+            unknown = set(map(str, endpoints)) - {"endpoints", "mesh"}
+            if unknown:
+                raise ConfigError(f"upstream {name!r}: unknown key(s) {sorted(unknown)}; "
+                                  "known: endpoints, mesh")
+            endpoints = endpoints.get("endpoints")
         out[name] = parse_endpoints(name, endpoints)
     return out
+
+
+def parse_external_upstreams(value: Any) -> frozenset[str]:
+    """The names of a file's upstreams declared outside the mesh (``mesh: false``)."""
+    out: set[str] = set()
+    for raw_name, spec in value.items():
+        if isinstance(spec, Mapping) and "mesh" in spec:
+            mesh = spec["mesh"]
+            if not isinstance(mesh, bool):
+                raise ConfigError(f"upstream {raw_name!r}: mesh must be true or false, "
+                                  f"got {_shown(mesh)}")
+            if not mesh:
+                out.add(parse_upstream_name(str(raw_name)))
+    return frozenset(out)
 
 
 def _shown(value: Any) -> str:
@@ -443,6 +468,7 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                     out[key] = flags
                 else:
                     out[key] = parse_upstreams_mapping(value)
+                    out["external_upstreams"] = parse_external_upstreams(value)
             elif key == "strategy":
                 name = _parse_choice(value, "strategy", PROFILE_NAMES)
                 get_profile(name)
@@ -502,6 +528,8 @@ class ConfigSource:
                 # listener limits merge key by key (the environment sets them one by one)
                 merged[key] = {**merged.get(key, {}), **value} if key == "listener" else value
                 sources[key] = layer
+                if key == "upstreams":  # a layer's upstreams come with its mesh declarations
+                    merged["external_upstreams"] = frozenset()
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
         discovery = parse_discovery(
@@ -513,6 +541,7 @@ class ConfigSource:
             outbound=merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
             admin=merged.get("admin") or parse_listen(DEFAULT_ADMIN),
             upstreams=merged.get("upstreams", {}),
+            external_upstreams=merged.get("external_upstreams", frozenset()),
             strategy=merged.get("strategy", DEFAULT_STRATEGY),
             policy=merged.get("policy", DEFAULT_POLICY),
             drain_timeout=merged.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT),

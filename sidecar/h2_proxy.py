@@ -62,7 +62,6 @@ from wire.headers import CONGESTION, is_gt_header, parse_congestion
 log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to send again after a refused stream
-CONGESTION_NAME = CONGESTION.lower().encode()
 
 
 class H2Outbound:
@@ -364,15 +363,19 @@ class _Call:
         """The upstream's headers without X-GT-*; the congestion it announced, if valid."""
         out: Headers = []
         congestion: float | None = None
+        game: dict[str, str] = {}
         for name, value in headers:
             if not is_gt_header(name.decode("latin-1")):
                 out.append((name, value))
-            elif name == CONGESTION_NAME:
-                try:
-                    congestion = parse_congestion(value.decode("latin-1"))
-                except WireError:
-                    self.proxy.metrics.rejected_headers.labels(CONGESTION.lower(),
-                                                               "malformed").inc()
+            else:
+                game[name.decode("latin-1").lower()] = value.decode("latin-1")
+        raw = self.proxy.phases.response_signals(self.ctx, game).get(CONGESTION.lower())
+        if raw is not None:  # believed only when signed (sidecar.identity_phase)
+            try:
+                congestion = parse_congestion(raw)
+            except WireError:
+                self.proxy.metrics.rejected_headers.labels(CONGESTION.lower(),
+                                                           "malformed").inc()
         return out, congestion
 
     # ------------------------------------------------------------ outcomes

@@ -2,8 +2,10 @@
 
 Owns the request path from the network to the local app (``--inbound HOST:PORT --app URL``):
 
-1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`wire.identity`).
-   A missing, malformed, forged or expired identity is never trusted: the caller is
+1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`wire.identity`)
+   against the request it arrived on (method, ``Host``, target), and its nonce may be used
+   once (:class:`wire.nonces.NonceBook`; a second use is ``replayed``).
+   A missing, malformed, forged, expired or replayed identity is never trusted: the caller is
    ``anonymous``, one shared bucket with the strictest treatment, and every other ``X-GT-*``
    header it sent (bid, retry mark) is ignored. Without a mesh key nobody can be verified,
    so every caller is anonymous (a warning is logged at start).
@@ -28,7 +30,9 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
    A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot).
 6. **Signals back.** Every response carries ``X-GT-Congestion`` and ``X-GT-Reputation``;
-   admitted responses carry ``X-GT-Price``.
+   admitted responses carry ``X-GT-Price``; with a mesh key and the caller's
+   ``X-GT-Challenge``, ``X-GT-Signals`` signs them (:mod:`wire.signals`), so the caller's
+   sidecar can tell them from a forgery.
 
 The game logic is :mod:`mesh`'s; this module measures, carries decisions out, and counts.
 :meth:`InboundProxy.snapshot` gathers the mesh objects' own snapshots for the admin
@@ -90,16 +94,20 @@ from wire.bid import format_price, parse_bid
 from wire.errors import Reason, WireError
 from wire.headers import (
     BID,
+    CHALLENGE,
     CONGESTION,
     IDENTITY,
     PRICE,
     REPUTATION,
     RETRY,
+    SIGNALS,
     format_congestion,
     is_gt_header,
     parse_retry,
 )
-from wire.identity import IdentityRejection, verify_identity
+from wire.identity import BoundRequest, IdentityRejection, verify_identity
+from wire.nonces import NonceBook
+from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing
 
 log = logging.getLogger(__name__)
@@ -227,6 +235,7 @@ class _Verdict:
     label: str
     decision: Decision | None = None
     price: float | None = None
+    answered: AnsweredRequest | None = None  # what X-GT-Signals binds to
 
 
 class InboundProxy:
@@ -277,6 +286,7 @@ class InboundProxy:
         )
         self.book, self.limiter, self.auction = self.gate.book, self.gate.limiter, self.gate.auction
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
+        self.nonces = NonceBook(settings.identity_max_skew)
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self._shown: set[str] = set()  # callers with per-caller gauges right now
         self.in_flight = 0
@@ -375,6 +385,9 @@ class InboundProxy:
         now = self.clock()
         caller, trusted = self._identify(request)
         verdict = _Verdict(caller, self.labels.of(caller))
+        challenge = request.headers.get(CHALLENGE)
+        if challenge and self.mesh_key is not None:
+            verdict.answered = AnsweredRequest(challenge, request.method, request.raw_path)
         if not request.raw_path.startswith("/"):  # the app is a server, not a proxy
             self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_TARGET).inc()
             return self._answer(verdict, 400, ErrorReason.BAD_TARGET,
@@ -427,16 +440,23 @@ class InboundProxy:
             self.metrics.identity.labels(Reason.NO_KEY if header else Reason.MISSING).inc()
             trusted = False
         else:
-            checked = verify_identity(header, self.mesh_key, self.wall_clock(),
-                                      self.settings.identity_max_skew)
+            now = self.wall_clock()
+            checked = verify_identity(
+                header, self.mesh_key, now, self.settings.identity_max_skew,
+                BoundRequest(request.method, request.headers.get("Host", ""), request.raw_path))
             if isinstance(checked, IdentityRejection):
                 self.metrics.identity.labels(checked.reason).inc()
+                trusted = False
+            elif not self.nonces.first_use(checked.nonce, checked.issued_at, now):
+                self.metrics.identity.labels(Reason.REPLAYED).inc()
+                log.info("a replayed identity of %r (%s %s): treated as anonymous",
+                         checked.caller, request.method, request.raw_path[:64])
                 trusted = False
             else:
                 self.metrics.identity.labels(TRUSTED).inc()
                 return checked.caller, True
         ignored = sum(1 for name in request.headers if is_gt_header(name)
-                      and name.lower() != IDENTITY.lower())
+                      and name.lower() not in (IDENTITY.lower(), CHALLENGE.lower()))
         if ignored:
             self.metrics.stripped.labels(HeaderDrop.UNTRUSTED).inc(ignored)
         return ANONYMOUS, trusted
@@ -647,6 +667,11 @@ class InboundProxy:
             )
         if verdict.price is not None:
             headers[PRICE] = format_price(verdict.price)
+        if verdict.answered is not None and self.mesh_key is not None:
+            signed = sign_signals(self.mesh_key, verdict.answered, verdict.caller, SignedSignals(
+                headers.get(CONGESTION), headers.get(REPUTATION), headers.get(PRICE)))
+            if signed is not None:
+                headers[SIGNALS] = signed
 
     def _refuse(self, verdict: _Verdict, refused: Reject) -> web.Response:
         """The answer to a request the gate sent away (429 punished, else 503)."""

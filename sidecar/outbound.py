@@ -328,6 +328,7 @@ class OutboundProxy:
     ) -> web.StreamResponse:
         try:
             headers, game = response_headers_to_app(upstream.headers, self.via)
+            game = self.phases.response_signals(ctx, game)  # only signed signals are believed
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)
             response = web.StreamResponse(

@@ -51,6 +51,7 @@ from sidecar.h2_server import H2Limits
 from sidecar.h2_site import outbound_site
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
+from sidecar.membership import MeshMembership
 from sidecar.metrics import (
     DiscoveryMetrics,
     InboundMetrics,
@@ -162,6 +163,7 @@ class SidecarRunner:
                 default_bid=config.policing.default_bid,
                 metrics=self.metrics.caller,
                 clock=clock,
+                membership=MeshMembership(lambda name: name in self.config.external_upstreams),
             ),
             pinned_upstream=pinned,
             max_attempts=config.max_attempts or self.profile.max_retries + 1,
