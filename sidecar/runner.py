@@ -51,6 +51,12 @@ from sidecar.h2_server import H2Limits
 from sidecar.h2_site import outbound_site
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
+from sidecar.inbound_site import (
+    InboundGuards,
+    InboundLimits,
+    InboundListenerMetrics,
+    inbound_site,
+)
 from sidecar.membership import MeshMembership
 from sidecar.metrics import (
     DiscoveryMetrics,
@@ -225,7 +231,14 @@ class SidecarRunner:
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
         self._add_listener("admin", admin, config.admin, drains=False)
         if self.inbound is not None and config.inbound is not None:
-            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True)
+            policing = config.policing  # the listener's defences (sidecar.inbound_site)
+            guards = InboundGuards(InboundLimits(
+                policing.header_timeout, policing.keepalive_timeout, policing.max_connections,
+                policing.max_connections_per_source), InboundListenerMetrics(self.metrics.registry))
+            inbound_app = self.inbound.make_app()
+            inbound_app.middlewares.append(guards.middleware)
+            self._add_listener("inbound", inbound_app, config.inbound, drains=True,
+                               site_factory=inbound_site(guards))
         # Background tasks, started in this order by run().
         self._background.append(("policy-ticks", self._tick_loop))
         if config.config_file is not None:

@@ -31,6 +31,12 @@ WS_HANDSHAKE_HEADERS = (
 
 WSLike = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
+DEFAULT_MAX_MESSAGE = 1024 * 1024
+"""Bytes of one WebSocket message (all its frames), each way (``policing.websocket_max_message``):
+a larger one closes that WebSocket with 1009 (RFC 6455 §7.4.1, message too big)."""
+DEFAULT_MAX_PER_CALLER = 64
+"""WebSockets one caller may hold open through the inbound listener."""
+
 
 def is_websocket(request: web.BaseRequest) -> bool:
     """A WebSocket upgrade request (RFC 6455 §4.1)."""

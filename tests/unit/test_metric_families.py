@@ -42,6 +42,7 @@ equilibrium_h2_flood_goaways counter kind
 equilibrium_h2_refused_streams counter -
 equilibrium_h2_streams_cancelled counter upstream
 equilibrium_in_flight gauge upstream
+equilibrium_inbound_accept_errors counter -
 equilibrium_inbound_app_duration_seconds histogram -
 equilibrium_inbound_bad_bids counter reason
 equilibrium_inbound_bad_headers counter header
@@ -51,8 +52,11 @@ equilibrium_inbound_capacity_estimate gauge -
 equilibrium_inbound_clearing_price gauge -
 equilibrium_inbound_concurrency_limit gauge -
 equilibrium_inbound_congestion gauge -
+equilibrium_inbound_connections_open gauge -
+equilibrium_inbound_connections_rejected counter reason
 equilibrium_inbound_identity counter result
 equilibrium_inbound_in_flight gauge -
+equilibrium_inbound_listener_timeouts counter phase
 equilibrium_inbound_mesh_key_configured gauge -
 equilibrium_inbound_price_paid counter caller
 equilibrium_inbound_punished_callers gauge -
