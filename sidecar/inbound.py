@@ -28,7 +28,9 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
    headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
    ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
-   A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot).
+   A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot, but a
+   caller may hold at most ``websocket_max_per_caller`` open, and messages are bounded by
+   ``websocket_max_message``: :mod:`sidecar.websocket`).
 6. **Signals back.** Every response carries ``X-GT-Congestion`` and ``X-GT-Reputation``;
    admitted responses carry ``X-GT-Price``; with a mesh key and the caller's
    ``X-GT-Challenge``, ``X-GT-Signals`` signs them (:mod:`wire.signals`), so the caller's
@@ -89,7 +91,7 @@ from sidecar.upload import (
     receive_upload,
     upload_rest,
 )
-from sidecar.websocket import accept_like, is_websocket, relay_websocket
+from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.bid import format_price, parse_bid
 from wire.errors import Reason, WireError
 from wire.headers import (
@@ -271,6 +273,7 @@ class InboundProxy:
         self._own_transport: AiohttpTransport | None = None
         if transport is None:
             transport = self._own_transport = AiohttpTransport(connect_timeout=connect_timeout)
+            transport.websocket_max_message = settings.websocket_max_message
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self.via = f"1.1 {sidecar_id}"
@@ -289,6 +292,8 @@ class InboundProxy:
         self.nonces = NonceBook(settings.identity_max_skew)
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self._shown: set[str] = set()  # callers with per-caller gauges right now
+        self._websockets: dict[str, int] = {}  # caller -> WebSockets open
+        self._oversized = oversized_counter(metrics.registry, "inbound")
         self.in_flight = 0
 
     @property
@@ -600,6 +605,24 @@ class InboundProxy:
         if self._dialer is None:
             return self._answer(verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
                                 "this sidecar's transport cannot carry WebSockets", {})
+        caller, cap = verdict.caller, self.settings.websocket_max_per_caller
+        if self._websockets.get(caller, 0) >= cap:  # WebSockets count against their caller
+            self.metrics.requests.labels(verdict.label, InboundOutcome.WEBSOCKET_LIMIT).inc()
+            return self._answer(verdict, 429, ErrorReason.WEBSOCKET_LIMIT,
+                                f"caller {caller!r} already has {cap} WebSockets open", {},
+                                {"Retry-After": "1"})
+        self._websockets[caller] = self._websockets.get(caller, 0) + 1
+        try:
+            return await self._bridge(request, verdict)
+        finally:
+            left = self._websockets.get(caller, 1) - 1
+            if left > 0:
+                self._websockets[caller] = left
+            else:
+                self._websockets.pop(caller, None)
+
+    async def _bridge(self, request: web.Request, verdict: _Verdict) -> web.StreamResponse:
+        assert self._dialer is not None
         headers, _ = request_headers_to_upstream(  # handshake headers: the dialer drops them
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via)
         try:
@@ -614,10 +637,10 @@ class InboundProxy:
             failure = classify(exc)
             self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             return self._answer(verdict, failure.status, failure.reason, failure.detail, {})
-        downstream = accept_like(upstream)
+        downstream = accept_like(upstream, self.settings.websocket_max_message)
         self._signal_headers(downstream.headers, verdict)
         self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
-        return await relay_websocket(request, downstream, upstream)
+        return await relay_websocket(request, downstream, upstream, self._oversized)
 
     async def _upload_failed(
         self, request: web.Request, verdict: _Verdict, failure: UploadFailure

@@ -59,7 +59,7 @@ from sidecar.transport import (
     classify,
 )
 from sidecar.upstreams import UpstreamTable
-from sidecar.websocket import accept_like, is_websocket, relay_websocket
+from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.errors import WireError
 from wire.headers import CONGESTION, parse_congestion
 
@@ -168,6 +168,7 @@ class OutboundProxy:
             )
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
+        self._oversized = oversized_counter(metrics.registry, "outbound")  # 1009 closes
 
     # ------------------------------------------------------------ lifecycle
 
@@ -408,7 +409,8 @@ class OutboundProxy:
             group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
             return self._error(ctx, failure.status, failure.reason, failure.detail)
         self._observe_head(ctx, 101, {}, sent)
-        return await relay_websocket(request, accept_like(upstream_ws), upstream_ws)
+        return await relay_websocket(request, accept_like(upstream_ws), upstream_ws,
+                                     self._oversized)
 
     # ------------------------------------------------------------ errors
 
