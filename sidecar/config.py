@@ -37,6 +37,7 @@ Config file shape (YAML or JSON, every key optional)::
       idle_timeout: 300         #   HTTP/2 connection with no request in flight (0: never)
       max_streams: 256          #   SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
       max_connections: 4096     #   open connections on the outbound listener
+      local_only: true          #   refuse peers that are not this pod (sidecar.local_callers)
 
 Upstreams given by a higher layer replace the whole set of a lower one (they are not merged),
 so a reload of the file changes endpoints only when neither flags nor the environment fix them.
@@ -139,9 +140,11 @@ class ListenerLimits:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # HTTP/2 connection, nothing in flight; 0: never
     max_streams: int = DEFAULT_MAX_STREAMS  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open on the outbound listener
+    local_only: bool = True  # only this pod may connect (sidecar.local_callers)
 
 
-LISTENER_KEYS = ("header_timeout", "idle_timeout", "max_streams", "max_connections")
+LISTENER_KEYS = ("header_timeout", "idle_timeout", "max_streams", "max_connections",
+                 "local_only")
 
 
 def parse_listener(raw: Mapping[str, Any], what: str = "listener") -> dict[str, Any]:
@@ -156,6 +159,10 @@ def parse_listener(raw: Mapping[str, Any], what: str = "listener") -> dict[str, 
             out[key] = _parse_int(value, f"{what}.{key}", 1, 1 << 20)
         elif key == "max_connections":
             out[key] = _parse_int(value, f"{what}.{key}", 1, 1 << 24)
+        elif key == "local_only":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{what}.{key}: must be true or false, got {_shown(value)}")
+            out[key] = value
         else:
             raise ConfigError(f"{what}: unknown key {key!r} (known: {', '.join(LISTENER_KEYS)})")
     return out

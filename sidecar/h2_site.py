@@ -27,6 +27,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from sidecar.h2_server import H2Limits, H2ServerConnection, Handler
+from sidecar.local_callers import PeerCheck
 from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ class OutboundSite(web.BaseSite):
     ``connections`` may be shared between them so one drain covers both.
     """
 
-    __slots__ = ("_conns", "_drain_timeout", "_handler", "_host", "_limits", "_max_connections",
-                 "_metrics", "_port", "_shared", "_sniff_timeout")
+    __slots__ = ("_accept_from", "_conns", "_drain_timeout", "_handler", "_host", "_limits",
+                 "_max_connections", "_metrics", "_port", "_shared", "_sniff_timeout")
 
     def __init__(
         self,
@@ -77,8 +78,10 @@ class OutboundSite(web.BaseSite):
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         connections: Connections | None = None,
+        accept_from: PeerCheck | None = None,
     ) -> None:
         super().__init__(runner)
+        self._accept_from = accept_from  # who may connect (sidecar.local_callers)
         self._host, self._port = host, port
         self._handler = handler
         self._metrics = metrics
@@ -149,6 +152,7 @@ def outbound_site(
     limits: H2Limits | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    accept_from: PeerCheck | None = None,
 ) -> Callable[[web.AppRunner, str, int], web.BaseSite]:
     """The runner's site factory for the outbound listener: its sockets (``0.0.0.0`` and the
     ``[::]`` twin) share the metrics, one set of HTTP/2 connections to drain and one
@@ -159,7 +163,7 @@ def outbound_site(
         return OutboundSite(runner, host, port, handler=handler, metrics=metrics,
                             drain_timeout=drain_timeout, limits=limits,
                             sniff_timeout=sniff_timeout, max_connections=max_connections,
-                            connections=connections)
+                            connections=connections, accept_from=accept_from)
 
     return site
 
@@ -177,6 +181,10 @@ class _Sniff(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        check = self.site._accept_from
+        if check is not None and not check(transport):
+            transport.abort()
+            return
         self._count(True)
         if not self.site.admit():
             self._count(False)

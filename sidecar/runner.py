@@ -57,6 +57,7 @@ from sidecar.inbound_site import (
     InboundListenerMetrics,
     inbound_site,
 )
+from sidecar.local_callers import LocalCallers
 from sidecar.membership import MeshMembership
 from sidecar.metrics import (
     DiscoveryMetrics,
@@ -143,13 +144,15 @@ class SidecarRunner:
         pinned = (_authority_pin(self.discovery, self.table) if self.discovery is not None
                   else None)
         site = None
+        local = (LocalCallers(self.metrics.registry).admit if config.listener.local_only
+                 else None)  # the outbound listener serves this pod only
         if config.transparent:
             transparent = transparent_outbound(
                 self.table, TransparentMetrics(self.metrics.registry),
                 connect_timeout=self.profile.connect_timeout,
                 drain_timeout=config.drain_timeout,
                 lookup=self.discovery.route if self.discovery is not None else None,
-                fallback=pinned,
+                fallback=pinned, accept_from=local,
             )
             site, pinned = transparent.site, transparent.pinned_upstream
             log.info("transparent interception: routing redirected connections by their "
@@ -196,7 +199,8 @@ class SidecarRunner:
                 self.h2.handle, self.h2.h2_metrics, drain_timeout=config.drain_timeout,
                 limits=H2Limits(max_streams=limits.max_streams,
                                 idle_timeout=limits.idle_timeout),
-                sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
+                sniff_timeout=limits.header_timeout, max_connections=limits.max_connections,
+                accept_from=local)
         self.inbound = self._build_inbound(mesh_key)
         self.signaling: SidecarSignaling | None = None
         if signaling is not None:

@@ -46,6 +46,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.local_callers import PeerCheck
 from sidecar.metrics import TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
 
@@ -136,6 +137,7 @@ class TransparentSite(web.BaseSite):
     """An aiohttp site that routes each accepted connection by its original destination."""
 
     __slots__ = (
+        "_accept_from",
         "_book",
         "_connect_timeout",
         "_drain_timeout",
@@ -158,8 +160,10 @@ class TransparentSite(web.BaseSite):
         drain_timeout: float,
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
         book: RelayBook | None = None,
+        accept_from: PeerCheck | None = None,
     ) -> None:
         super().__init__(runner)
+        self._accept_from = accept_from  # who may connect (sidecar.local_callers)
         self._sniff_timeout = sniff_timeout
         self._host, self._port = host, port
         self._router = router
@@ -267,6 +271,10 @@ class _Dispatch(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        check = self.site._accept_from
+        if check is not None and not check(transport):
+            transport.abort()
+            return
         self.transport = transport
         route, self.dst = self.site.classify(transport)
         if route == "sniff":
@@ -449,6 +457,7 @@ def transparent_outbound(
     lookup: DestinationLookup | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     fallback: Callable[[web.BaseRequest], str | None] | None = None,
+    accept_from: PeerCheck | None = None,
 ) -> TransparentOutbound:
     """The outbound listener's site and pin for transparent interception (built by the runner
     before the proxy, which takes ``pinned_upstream``, and the listener, which takes ``site``).
@@ -463,7 +472,7 @@ def transparent_outbound(
         return TransparentSite(
             app_runner, host, port, router=router, metrics=metrics,
             connect_timeout=connect_timeout, drain_timeout=drain_timeout,
-            sniff_timeout=sniff_timeout, book=book,
+            sniff_timeout=sniff_timeout, book=book, accept_from=accept_from,
         )
 
     def pinned(request: web.BaseRequest) -> str | None:

@@ -72,6 +72,7 @@ equilibrium_nash_gap gauge upstream
 equilibrium_outbound_connections counter protocol
 equilibrium_outbound_connections_open gauge -
 equilibrium_outbound_connections_rejected counter -
+equilibrium_outbound_foreign_callers counter -
 equilibrium_passthrough_bytes counter direction
 equilibrium_passthrough_failures counter reason
 equilibrium_passthrough_open gauge -
