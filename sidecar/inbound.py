@@ -88,7 +88,9 @@ from sidecar.upload import (
     UploadDeadline,
     UploadFailed,
     UploadFailure,
+    UploadMemory,
     receive_upload,
+    release,
     upload_rest,
 )
 from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
@@ -290,6 +292,7 @@ class InboundProxy:
         self.book, self.limiter, self.auction = self.gate.book, self.gate.limiter, self.gate.auction
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst, now)
         self.nonces = NonceBook(settings.identity_max_skew)
+        self.upload_memory = UploadMemory(settings.upload_memory)
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self._shown: set[str] = set()  # callers with per-caller gauges right now
         self._websockets: dict[str, int] = {}  # caller -> WebSockets open
@@ -425,10 +428,20 @@ class InboundProxy:
                                       + self.settings.upload_timeout)
             try:
                 upload = await receive_upload(request.content, deadline,
-                                              self.settings.upload_buffer)
+                                              self.settings.upload_buffer, self.upload_memory)
             except UploadFailed as exc:
+                release(deadline, self.upload_memory)
                 return await self._upload_failed(request, verdict, exc.failure)
             body = upload_rest(upload, request.content, deadline)
+        try:
+            return await self._admitted(request, verdict, policed, now, body, deadline)
+        finally:
+            release(deadline, self.upload_memory)
+
+    async def _admitted(self, request: web.Request, verdict: _Verdict, policed: Pass,
+                        now: float, body: AsyncIterable[bytes] | None,
+                        deadline: UploadDeadline | None) -> web.StreamResponse:
+        """A slot (or a refusal), then the app (:meth:`_forward`)."""
         admission = await self._admit(verdict, policed, now)
         if isinstance(admission, web.StreamResponse):
             return admission

@@ -21,6 +21,7 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       default_bid: 1                # bid this sidecar sends when its app sets none
       upload_timeout: 30            # seconds for a request body to arrive in full (else 408)
       upload_buffer: 262144         # bytes of a body received before it asks for an app slot
+      upload_memory: 33554432       # bytes all such buffers hold together (then: streamed)
       header_timeout: 10            # seconds for a request head (from connect, or the 1st byte)
       keepalive_timeout: 60         # seconds an idle keep-alive connection stays open
       max_connections: 4096         # open on the inbound listener (at most half the file limit)
@@ -56,7 +57,7 @@ from sidecar.inbound_site import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_SOURCE,
 )
-from sidecar.upload import DEFAULT_UPLOAD_BUFFER, DEFAULT_UPLOAD_TIMEOUT
+from sidecar.upload import DEFAULT_UPLOAD_BUFFER, DEFAULT_UPLOAD_MEMORY, DEFAULT_UPLOAD_TIMEOUT
 from sidecar.websocket import DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PER_CALLER
 from wire.bid import MAX_BID
 from wire.numerals import ascii_decimal
@@ -77,6 +78,7 @@ class PolicingSettings:
     default_bid: float = 1.0
     upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
     upload_buffer: int = DEFAULT_UPLOAD_BUFFER
+    upload_memory: int = DEFAULT_UPLOAD_MEMORY
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     keepalive_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -93,8 +95,8 @@ class PolicingSettings:
 _SECTIONS = ("reputation", "ladder", "concurrency", "auction", "token_bucket")
 _TOP_KEYS = frozenset(
     {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
-     "default_bid", "upload_timeout", "upload_buffer", "header_timeout", "keepalive_timeout",
-     "max_connections", "max_connections_per_source", "websocket_max_message",
+     "default_bid", "upload_timeout", "upload_buffer", "upload_memory", "header_timeout",
+     "keepalive_timeout", "max_connections", "max_connections_per_source", "websocket_max_message",
      "websocket_max_per_caller", *_SECTIONS}
 )
 
@@ -202,6 +204,8 @@ def parse_policing(raw: Any) -> PolicingSettings:
                                "policing.upload_timeout", low=0.01),
         upload_buffer=int(_number(get("upload_buffer", DEFAULT_UPLOAD_BUFFER),
                                   "policing.upload_buffer", integer=True, low=0)),
+        upload_memory=int(_number(get("upload_memory", DEFAULT_UPLOAD_MEMORY),
+                                  "policing.upload_memory", integer=True, low=0)),
         header_timeout=_number(get("header_timeout", DEFAULT_HEADER_TIMEOUT),
                                "policing.header_timeout", low=0.01),
         keepalive_timeout=_number(get("keepalive_timeout", DEFAULT_IDLE_TIMEOUT),

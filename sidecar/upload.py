@@ -8,6 +8,10 @@ concurrency slots while it does, and must not be able to take forever:
   gate for a slot (:meth:`mesh.admission.AdmissionGate.offer`), up to ``buffer_limit`` bytes.
   A body that ends within the buffer (nearly all API bodies) is forwarded whole: its upload
   time held no slot.
+- **Bounded memory.** All requests' buffers together hold at most ``memory`` bytes
+  (:class:`UploadMemory`, ``policing.upload_memory``, 32 MiB); a request that finds it spent
+  buffers nothing more and streams the rest (holding a slot while it does, still under the
+  deadline), so many simultaneous uploads cannot exhaust the pod's memory.
 - **One deadline per request.** The whole body must arrive within ``timeout`` seconds of the
   request head (:class:`UploadDeadline`). A body larger than the buffer is forwarded as it
   arrives once the buffer is full (its tail holds a slot), still under the same deadline.
@@ -32,6 +36,8 @@ DEFAULT_UPLOAD_TIMEOUT = 30.0
 """Seconds from the request head to the last byte of its body (``policing.upload_timeout``)."""
 DEFAULT_UPLOAD_BUFFER = 256 * 1024
 """Bytes of a body received before the request asks for a slot (``policing.upload_buffer``)."""
+DEFAULT_UPLOAD_MEMORY = 32 * 1024 * 1024
+"""Bytes all buffered bodies may hold together (``policing.upload_memory``)."""
 
 # what reading a request body raises when its client is gone or sent a broken body
 CLIENT_BODY_ERRORS: tuple[type[BaseException], ...] = (
@@ -58,6 +64,23 @@ class UploadFailed(Exception):
         self.received = received
 
 
+class UploadMemory:
+    """The listener's budget of buffered body bytes, shared by its requests."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+
+    def spent(self) -> bool:
+        return self.used >= self.total
+
+    def take(self, size: int) -> None:
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used = max(0, self.used - size)
+
+
 @dataclass(slots=True)
 class UploadDeadline:
     """When the body must be complete (event-loop time), and what became of it."""
@@ -65,6 +88,7 @@ class UploadDeadline:
     at: float
     received: int = 0
     failure: UploadFailure | None = field(default=None)
+    held: int = 0  # bytes of the shared memory budget this request's buffer holds
 
     def left(self) -> float:
         return self.at - asyncio.get_running_loop().time()
@@ -82,21 +106,26 @@ class Upload:
     complete: bool
 
 
-async def receive_upload(stream: aiohttp.StreamReader, deadline: UploadDeadline, buffer_limit: int
-                         ) -> Upload:
-    """Read ``stream`` until its end or ``buffer_limit`` bytes; raise :class:`UploadFailed`
-    when the deadline passes first or the client goes away."""
+async def receive_upload(stream: aiohttp.StreamReader, deadline: UploadDeadline, buffer_limit: int,
+                         memory: UploadMemory | None = None) -> Upload:
+    """Read ``stream`` until its end, ``buffer_limit`` bytes, or the shared ``memory`` is
+    spent; raise :class:`UploadFailed` when the deadline passes first or the client goes
+    away. The bytes held are recorded in ``deadline.held``: give them back to ``memory``
+    when the request is done (:func:`release`)."""
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(deadline.left()):
-            while size < buffer_limit:
+            while size < buffer_limit and (memory is None or not memory.spent()):
                 chunk = await stream.readany()
                 if not chunk:
                     return Upload(b"".join(chunks), True)
                 chunks.append(chunk)
                 size += len(chunk)
                 deadline.received = size
+                if memory is not None:
+                    memory.take(len(chunk))
+                    deadline.held += len(chunk)
     except TimeoutError:
         deadline.failure = UploadFailure.TIMEOUT
         raise UploadFailed(UploadFailure.TIMEOUT, size) from None
@@ -106,6 +135,13 @@ async def receive_upload(stream: aiohttp.StreamReader, deadline: UploadDeadline,
     if stream.at_eof():
         return Upload(b"".join(chunks), True)
     return Upload(b"".join(chunks), False)
+
+
+def release(deadline: UploadDeadline | None, memory: UploadMemory | None) -> None:
+    """The request is done: its buffer's bytes go back to the shared budget."""
+    if deadline is not None and memory is not None and deadline.held:
+        memory.give(deadline.held)
+        deadline.held = 0
 
 
 async def upload_rest(upload: Upload, stream: aiohttp.StreamReader, deadline: UploadDeadline

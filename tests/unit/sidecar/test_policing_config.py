@@ -106,3 +106,4 @@ def test_the_inbound_defences_are_settings() -> None:
     for bad in ({"upload_timeout": 0}, {"max_connections": 0}, {"websocket_max_message": 1.5}):
         with pytest.raises(ValueError):
             parse_policing(bad)
+    assert parse_policing({"upload_memory": 0}).upload_memory == 0  # 0: nothing buffered
