@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from tests.integration.inbound_support import MESH_KEY
 from tests.integration.procs import (
@@ -47,9 +48,13 @@ class Rig:
     inbound_port: int
 
 
+async def read_all(request: web.Request) -> web.Response:
+    return web.Response(text=str(len(await request.read())))
+
+
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
-    app = await start_backend("app", latency=0.02)
+    app = await start_backend("app", latency=0.02, routes=[web.post("/big", read_all)])
     config = Path(tmp_path_factory.mktemp("slow")) / "sidecar.json"
     config.write_text(json.dumps({"policing": {
         "upload_timeout": UPLOAD_TIMEOUT, "max_wait": 1.0,
@@ -143,5 +148,28 @@ async def test_an_abandoned_upload_is_counted_as_such(rig: Rig) -> None:
     async with asyncio.timeout(5):
         while rig.inbound.metric("equilibrium_inbound_slow_uploads_total",
                                  outcome="abandoned") < before + 3:
+            await asyncio.sleep(0.1)
+    assert "Traceback" not in rig.inbound.output()
+
+
+async def test_a_large_body_that_stalls_after_the_buffer_is_still_cut_at_the_deadline(
+        rig: Rig) -> None:
+    """Past the 256 KiB buffer the body streams to the app (holding a slot), under the same
+    upload deadline: 300 KiB sent at once, then nothing, is a 408 after 2 s, not a hang."""
+    before = rig.inbound.metric("equilibrium_inbound_slow_uploads_total", outcome="timeout")
+    reader, writer = await asyncio.open_connection(LOOPBACK, rig.inbound_port)
+    try:
+        writer.write(b"POST /big HTTP/1.1\r\nHost: app\r\nContent-Length: 1000000\r\n\r\n"
+                     + b"x" * 300_000)
+        await writer.drain()
+        async with asyncio.timeout(UPLOAD_TIMEOUT + 5):
+            answer = await reader.read(4096)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert rig.inbound.metric("equilibrium_inbound_slow_uploads_total",
+                              outcome="timeout") == before + 1
+    async with asyncio.timeout(3):  # the slot came back (the gauge is refreshed every 0.5 s)
+        while rig.inbound.metric("equilibrium_inbound_in_flight") != 0:
             await asyncio.sleep(0.1)
     assert "Traceback" not in rig.inbound.output()
