@@ -19,7 +19,12 @@ X-GT-Retry                request    ``<attempt>`` (1, 2, ...) — this request 
 X-GT-Congestion           response   ``v=1;level=<0..1>[;limit=<n>;inflight=<n>]``
 X-GT-Bid                  request    ``<decimal>`` — bid for priority (see wire.bid)
 X-GT-Price                response   ``<decimal>`` — the second price charged (see wire.bid)
-X-GT-Identity             request    signed caller identity (see wire.identity)
+X-GT-Identity             request    signed caller identity, bound to its request (see
+                                     wire.identity)
+X-GT-Challenge            request    ``<nonce>`` — fresh per attempt; the answer's signals are
+                                     signed over it (see wire.signals)
+X-GT-Signals              response   ``v=1;caller=<id>;sig=<mac>`` — the callee sidecar's MAC
+                                     over its signals and the request (see wire.signals)
 X-GT-Reputation           response   ``v=1;score=<0..1>;level=<n>;phase=<phase>[;retry=<s>]``,
                                      phase good|punished|probation (see wire.standing)
 ========================  =========  ==========================================================
@@ -44,6 +49,8 @@ BID = "X-GT-Bid"
 PRICE = "X-GT-Price"
 IDENTITY = "X-GT-Identity"
 REPUTATION = "X-GT-Reputation"
+CHALLENGE = "X-GT-Challenge"
+SIGNALS = "X-GT-Signals"
 
 VERSION = "1"
 """Version of the ``v=``-headers (Regret, Congestion, Reputation; Identity has its own)."""

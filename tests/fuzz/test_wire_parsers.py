@@ -29,7 +29,7 @@ from wire.headers import (
     parse_regret,
     parse_retry,
 )
-from wire.identity import sign_identity, verify_identity
+from wire.identity import BoundRequest, new_nonce, sign_identity, verify_identity
 from wire.lease import decode_lease
 from wire.numerals import ascii_decimal, ascii_uint
 from wire.recommendation import (
@@ -108,15 +108,23 @@ def test_standing(value: str) -> None:
             math.isfinite(standing.retry_after) and standing.retry_after >= 0)
 
 
+BOUND = BoundRequest("GET", "svc", "/orders?id=7")
+NONCE = new_nonce(bytes(range(12)))
+
+
+def _signed_identity() -> str:
+    return sign_identity("checkout-1", KEY, NOW, BOUND, NONCE)
+
+
 @fuzz
 @given(st.one_of(field_lists(), header_values(),
-                 st.builds(lambda caller, tail: sign_identity("checkout-1", KEY, NOW) + tail
+                 st.builds(lambda caller, tail: _signed_identity() + tail
                            if caller else tail, st.booleans(), header_values())))
 def test_identity(value: str) -> None:
-    verdict = verify_identity(value, KEY, NOW)
+    verdict = verify_identity(value, KEY, NOW, 30.0, BOUND)
     if verdict.trusted:
         # only a value this key signed can be trusted: a valid one with nothing appended
-        assert value == sign_identity("checkout-1", KEY, NOW)
+        assert value == _signed_identity()
     else:
         assert verdict.caller == "anonymous"
 

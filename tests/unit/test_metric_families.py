@@ -44,6 +44,7 @@ equilibrium_h2_refused_streams counter -
 equilibrium_h2_streams_cancelled counter upstream
 equilibrium_http1_rejected_requests counter reason
 equilibrium_in_flight gauge upstream
+equilibrium_inbound_accept_errors counter -
 equilibrium_inbound_app_duration_seconds histogram -
 equilibrium_inbound_bad_bids counter reason
 equilibrium_inbound_bad_headers counter header
@@ -55,7 +56,7 @@ equilibrium_inbound_concurrency_limit gauge -
 equilibrium_inbound_congestion gauge -
 equilibrium_inbound_connections counter protocol
 equilibrium_inbound_connections_open gauge -
-equilibrium_inbound_connections_rejected counter -
+equilibrium_inbound_connections_rejected counter reason
 equilibrium_inbound_identity counter result
 equilibrium_inbound_h2_flood_goaways counter kind
 equilibrium_inbound_h2_oversized_header_blocks counter -
@@ -68,6 +69,7 @@ equilibrium_inbound_punished_callers gauge -
 equilibrium_inbound_queue_length gauge -
 equilibrium_inbound_queue_wait_seconds histogram -
 equilibrium_inbound_requests counter caller,outcome
+equilibrium_inbound_slow_uploads counter caller,outcome
 equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
@@ -77,6 +79,7 @@ equilibrium_nash_gap gauge upstream
 equilibrium_outbound_connections counter protocol
 equilibrium_outbound_connections_open gauge -
 equilibrium_outbound_connections_rejected counter -
+equilibrium_outbound_foreign_callers counter -
 equilibrium_passthrough_bytes counter direction
 equilibrium_passthrough_failures counter reason
 equilibrium_passthrough_open gauge -
@@ -97,6 +100,7 @@ equilibrium_signaling_redis_errors counter kind
 equilibrium_signaling_summaries_invalid counter upstream,reason
 equilibrium_signaling_summaries_published counter upstream
 equilibrium_transparent_connections counter route
+equilibrium_websocket_oversized counter listener
 """
 
 SIGNALER = """
