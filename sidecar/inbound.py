@@ -63,8 +63,9 @@ from sidecar.forward import (
     request_headers_to_upstream,
     strip_game_headers,
 )
-from sidecar.metrics import InboundMetrics
+from sidecar.metrics import InboundMetrics, ProbeAnswerMetrics
 from sidecar.policing_config import PolicingSettings
+from sidecar.probe_answer import ProbeResponder, is_probe
 from sidecar.transport import (
     BODY_READ_ERRORS,
     AiohttpTransport,
@@ -264,6 +265,9 @@ class InboundProxy:
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self._shown: set[str] = set()  # callers with per-caller gauges right now
         self.in_flight = 0
+        self.probes = ProbeResponder(  # answers probes itself (sidecar.probe_answer)
+            self, mesh_key=mesh_key, metrics=ProbeAnswerMetrics(metrics.registry),
+            max_skew=settings.identity_max_skew, clock=clock, wall_clock=wall_clock)
 
     @property
     def game(self) -> bool:
@@ -353,9 +357,15 @@ class InboundProxy:
         """``in_flight / limit``, and 1 while anyone waits in the bid queue."""
         return self.gate.congestion()
 
+    def probe_load(self) -> tuple[float, int]:
+        """(congestion level, concurrency limit) for a probe answer."""
+        return self._congestion(), self.limiter.limit
+
     # ------------------------------------------------------------ request path
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if is_probe(request):  # answered here, never forwarded to the app
+            return self.probes.answer(request)
         now = self.clock()
         caller, trusted = self._identify(request)
         verdict = _Verdict(caller, self.labels.of(caller))
@@ -541,6 +551,7 @@ class InboundProxy:
                 self._deliver(self.gate.finish(now, now - started if finished_ok else None))
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
+                self.probes.record(now, now - started)
 
     async def _websocket(self, request: web.Request, verdict: _Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""

@@ -19,6 +19,7 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       max_caller_labels: 20         # callers with their own metric label; the rest "other"
       debug_callers: 20             # busiest callers shown in the admin /debug/state
       default_bid: 1                # bid this sidecar sends when its app sets none
+      app_check_path: null          # e.g. /healthz: GET it when the app is idle, for probes
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
       ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
@@ -59,6 +60,7 @@ class PolicingSettings:
     max_caller_labels: int = 20
     debug_callers: int = 20
     default_bid: float = 1.0
+    app_check_path: str | None = None  # sidecar.probe_answer's idle check (None: off)
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
     reputation: PolicingParams = field(default_factory=PolicingParams)
@@ -69,7 +71,7 @@ class PolicingSettings:
 _SECTIONS = ("reputation", "ladder", "concurrency", "auction", "token_bucket")
 _TOP_KEYS = frozenset(
     {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
-     "default_bid", *_SECTIONS}
+     "default_bid", "app_check_path", *_SECTIONS}
 )
 
 
@@ -161,8 +163,14 @@ def parse_policing(raw: Any) -> PolicingSettings:
     default_bid = _number(get("default_bid", 1.0), "policing.default_bid")
     if default_bid > MAX_BID:
         raise ValueError(f"policing.default_bid: must be at most {MAX_BID:g}")
+    check = get("app_check_path")
+    if check is not None and (not isinstance(check, str) or not check.startswith("/")
+                              or len(check) > 256 or not check.isascii()
+                              or any(c.isspace() for c in check)):
+        raise ValueError("policing.app_check_path: expected a path such as /healthz")
     settings = PolicingSettings(
         mode=mode,
+        app_check_path=check,
         capacity=capacity,
         max_wait=_number(get("max_wait", 2.0), "policing.max_wait", low=0.001),
         identity_max_skew=_number(get("identity_max_skew", 30.0), "policing.identity_max_skew",
