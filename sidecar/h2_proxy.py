@@ -27,7 +27,7 @@ refuses streams so while it releases earlier ones, within the limit it announced
 call that reached an endpoint is never sent again. The app resetting a stream (or hanging up)
 is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
 
-The phases run are ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret, the signed
+The phases run are ``upstream_pick``, ``upstream_request_filter`` (the retry mark, the signed
 identity) and ``logging``; ``request_filter`` and ``response_filter`` take aiohttp objects and
 are not run for HTTP/2 yet. Left to later: the inbound listener's HTTP/2, transparent-mode
 detection and HTTP/2 flood defences.

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.upstreams import UpstreamGroup
-from wire.headers import REGRET, RETRY
+from wire.headers import RETRY
 
 log = logging.getLogger("sidecar.access")
 
@@ -66,8 +66,6 @@ class ProxyPhases:
 
     def upstream_request_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         """Edit the headers sent upstream (app's X-GT-* are already stripped)."""
-        if ctx.group is not None and ctx.group.regret_header:
-            headers[REGRET] = ctx.group.regret_header
         if ctx.attempt > 0:
             headers[RETRY] = str(ctx.attempt)  # 1 = first retry
 
