@@ -84,6 +84,11 @@ class Prober:
 
     async def run(self) -> None:
         """Probe until cancelled (see the module docstring)."""
+        try:
+            sign_identity(self.caller_id, self.mesh_key, self.wall_clock())
+        except ValueError as exc:
+            log.warning("probes are off: %s", exc)
+            return
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         connector = aiohttp.TCPConnector(limit=64, force_close=False)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector,

@@ -25,6 +25,7 @@ SCENARIOS: dict[str, str] = {
     "grpc-slow-pod": "equilibrium.lab.bench.grpc_slow_pod",
     "proxy-overhead": "equilibrium.lab.bench.proxy_overhead",
     "herding": "equilibrium.lab.bench.herding",
+    "recovery": "equilibrium.lab.bench.recovery",
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",
     "demo": "equilibrium.lab.demo.scenario",

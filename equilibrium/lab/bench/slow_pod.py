@@ -3,7 +3,10 @@
 Five pods of one service on loopback; pod-4 adds 500 ms to a random half of its requests.
 For each policy, in the order given: the fleet's counters and RNGs are reset (same seed), fresh
 sidecars start with ``--policy P``, every client sends the same open-loop load through its
-sidecar, the sidecars stop. Policies therefore run one after another against the same pod
+sidecar, the sidecars stop. Beside the policies, ``--policies`` may name the contenders of
+:mod:`equilibrium.lab.bench.mesh_pods`: ``equilibrium+probes`` (every pod behind its own
+inbound sidecar, so the clients probe them) and ``oracle`` (``equilibrium`` given only the good
+pods). Policies therefore run one after another against the same pod
 processes, never at the same time, so they do not compete for the two CPUs; ``--slow-pod-repeat``
 interleaves several such rounds. ``--slow-pod-mode concurrent`` instead runs all policies at
 once, each on its own five pods of the one fleet process, so other work on the machine hits
@@ -30,7 +33,7 @@ import os
 from typing import Any
 
 from equilibrium.lab import analysis
-from equilibrium.lab.bench import peers
+from equilibrium.lab.bench import mesh_pods, peers
 from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
 from equilibrium.lab.bench.report import ms, pct, pp, secs
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
@@ -82,6 +85,9 @@ class SlowPod(Scenario):
         contenders, peer_notes = peers.select(getattr(args, "peers", peers.NONE))
         params["peers"] = [p.name for p in contenders]
         concurrent = args.slow_pod_mode == "concurrent"
+        if concurrent and set(args.policies) & set(mesh_pods.PSEUDO):
+            raise ValueError(f"slow-pod: {' and '.join(mesh_pods.PSEUDO)} run in sequential "
+                             "mode only")
         groups = len(args.policies) + len(contenders) if concurrent else 1
         fleet_args = ["--pods", str(pods * groups)]
         for g in range(groups):
@@ -174,16 +180,25 @@ class SlowPod(Scenario):
         args = ctx.args
         await fleet.reset(seed=args.seed)
         load_average = _load_average()
-        sidecars = await start_sidecars(
-            [f"{policy}-{c + 1}" for c in range(args.clients)],
-            {UPSTREAM: fleet.urls}, policy=policy, strategy=args.strategy,
-            extra=args.sidecar_arg, stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
-        )
+        # equilibrium+probes and oracle are contenders beside the policies (mesh_pods)
+        real, urls, inbound, env = await mesh_pods.setup(ctx, policy, fleet.urls,
+                                                         [len(fleet.urls) - 1])
+        try:
+            sidecars = await start_sidecars(
+                [mesh_pods.client_id(policy, c) for c in range(args.clients)],
+                {UPSTREAM: urls}, policy=real, strategy=args.strategy,
+                extra=args.sidecar_arg, stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
+                env=env,
+            )
+        except BaseException:
+            for s in inbound:
+                await s.stop()
+            raise
         try:
             targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
             result = await drive_load(targets, args.rate, args.duration, ctx.logs, sidecars)
         finally:
-            for s in sidecars:
+            for s in [*sidecars, *inbound]:
                 await s.stop()
         return result, load_average
 
