@@ -54,12 +54,19 @@ class ProbeReport:
 
 class LatencyWindow:
     """The app's latencies of the last ``span`` seconds, at most ``max_samples`` of them
-    (the newest kept): what a probe answer summarises. Pure; ``now`` is passed in."""
+    (the newest kept), and never fewer than the newest ``min_samples`` not older than
+    ``max_age``: what a probe answer summarises. The floor keeps a rarely used app's answers
+    from swinging with each lone request (a pod slow on half its requests must not look
+    healthy after one lucky answer). Pure; ``now`` is passed in."""
 
-    def __init__(self, span: float = 2.0, max_samples: int = 256) -> None:
-        if span <= 0 or max_samples < 1:
-            raise ValueError("span must be positive and max_samples at least 1")
+    def __init__(self, span: float = 2.0, max_samples: int = 256, min_samples: int = 8,
+                 max_age: float = 10.0) -> None:
+        if span <= 0 or max_samples < 1 or not 1 <= min_samples <= max_samples \
+                or max_age < span:
+            raise ValueError("need span > 0, 1 <= min_samples <= max_samples, max_age >= span")
         self.span = span
+        self.min_samples = min_samples
+        self.max_age = max_age
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
 
     def add(self, now: float, latency: float) -> None:
@@ -68,11 +75,14 @@ class LatencyWindow:
             self._samples.append((now, latency))
 
     def _recent(self, now: float) -> list[float]:
-        horizon = now - self.span
         samples = self._samples
-        while samples and samples[0][0] < horizon:
+        while samples and samples[0][0] < now - self.max_age:
             samples.popleft()
-        return [latency for _, latency in samples]
+        horizon = now - self.span
+        recent = [latency for at, latency in samples if at >= horizon]
+        if len(recent) >= self.min_samples:
+            return recent
+        return [latency for _, latency in list(samples)[-self.min_samples:]]
 
     def last_at(self) -> float | None:
         """When the newest sample was taken (None: none kept)."""

@@ -12,9 +12,9 @@ It also owns the record those answers are made from (:class:`mesh.probes.Latency
 by :mod:`sidecar.inbound` with each request the app finished) and the optional *idle check*:
 when the app has served nobody for ``idle_after`` seconds (every caller's probes told it to
 avoid this pod), :meth:`ProbeResponder.check_app` sends one ``GET`` to the configured path of
-the app, at most one at a time, so that a pod that heals is seen to heal without a user
-request being spent on it. It costs the app about one request a second however many callers
-probe, and it is off unless ``policing.app_check_path`` is set; without it an idle pod's
+the app every quarter second, at most one at a time, so that a pod that heals is seen to heal
+without a user request being spent on it. It costs the app at most four requests a second
+however many callers probe, and it is off unless ``policing.app_check_path`` is set; without it an idle pod's
 answers carry no latency (``n=0``) and callers fall back to exploring it with user requests.
 
 It must not forward a probe to the app, and it never answers an unverified caller.
@@ -47,7 +47,7 @@ ANSWER_RATE = 200.0
 """Probe answers per second, all callers together (a few per second per caller and endpoint
 is what the prober sends; the rest is refused with 429)."""
 ANSWER_BURST = 100.0
-IDLE_AFTER = 1.0
+IDLE_AFTER = 0.5
 CHECK_INTERVAL = 0.25
 
 

@@ -342,13 +342,15 @@ class SlowPod(Scenario):
             first = " / ".join(f"{secs(r['first_under'])} ({r['relapses']})" for r in runs)
             rows.append([
                 policy, ms(lat["mean"]), ms(lat["p50"]), ms(lat["p99"]), ms(lat["p99.9"]),
-                ms(steady["p99"]), str(m["errors"]), pct(m["bad_share"]),
+                ms(steady["p99"]), ms(steady.get("p99.9")), str(m["errors"]),
+                pct(m["bad_share"]),
                 pct(m["bad_share_steady"]), shift, first, pp(m["flapping_pp"]),
                 converged,
             ])
         return Table(
             title="slow-pod: latency from intended start, share sent to the bad pod",
-            columns=["policy", "mean", "p50", "p99", "p99.9", "steady p99", "errors",
+            columns=["policy", "mean", "p50", "p99", "p99.9", "steady p99", "steady p99.9",
+                     "errors",
                      "bad share", "bad share (steady)", "time to < 5 %",
                      "first < 5 % (relapses)", "flapping", "converged"],
             rows=rows,
@@ -407,8 +409,28 @@ class SlowPod(Scenario):
         rows.append(["no flapping (< 5 pp window to window)",
                      f"{pp(flap)} (noise ~{pp(eq['flapping_noise_pp'])})",
                      "not measured" if math.isnan(flap) else "met" if flap < 5 else "missed"])
-        return [Table("targets (sidecar v0.1 issue) for equilibrium",
-                      ["target", "measured", "verdict"], rows)]
+        tables = [Table("targets (sidecar v0.1 issue) for equilibrium",
+                        ["target", "measured", "verdict"], rows)]
+        mesh = per_policy.get(mesh_pods.PROBES)
+        oracle = per_policy.get(mesh_pods.ORACLE)
+        if mesh is not None:
+            tail = mesh["steady_latency"]["p99.9"]
+            probe_rows = []
+            if oracle is not None:
+                ref = oracle["steady_latency"]["p99.9"]
+                probe_rows.append(["steady p99.9 within 1.25× the oracle's",
+                                   f"{ms(tail)} vs {ms(ref)}",
+                                   "met" if tail <= 1.25 * ref else "missed"])
+            if peak is not None:
+                ref = peak["steady_latency"]["p99.9"]
+                probe_rows.append(["steady p99.9 no worse than peak-ewma's",
+                                   f"{ms(tail)} vs {ms(ref)}", "met" if tail <= ref else "missed"])
+            share = mesh["bad_share_steady"]
+            probe_rows.append(["share to the bad pod < 0.1 % once converged", pct(share),
+                               "met" if share < 0.001 else "missed"])
+            tables.append(Table(f"targets (issue 12) for {mesh_pods.PROBES}",
+                                ["target", "measured", "verdict"], probe_rows))
+        return tables
 
     @staticmethod
     def _notes(per_policy: dict[str, dict[str, Any]], repeat: int) -> list[str]:

@@ -24,22 +24,39 @@ def report(mean: float, *, in_flight: int = 0, samples: int = 5, congestion: flo
 # ------------------------------------------------------------------ the responder's window
 
 def test_the_window_keeps_the_last_span_and_reads_nearest_rank_quantiles() -> None:
-    window = LatencyWindow(span=2.0)
+    window = LatencyWindow(span=2.0, min_samples=1)
     for at, latency in ((0.5, 0.1), (1.5, 0.2), (2.0, 0.3), (2.5, 0.4), (3.0, 1.0)):
         window.add(at, latency)
     mean, p50, p90, n = window.summary(3.0)  # 0.5 is older than 3.0 - 2.0
     assert (n, p50, p90) == (4, 0.3, 1.0)  # ranks ceil(0.5 * 4) = 2 and ceil(0.9 * 4) = 4
     assert mean == pytest.approx((0.2 + 0.3 + 0.4 + 1.0) / 4)
-    assert window.summary(10.0) == (0.0, 0.0, 0.0, 0)
-    window.add(11.0, float("nan"))  # ignored
-    assert window.summary(11.0)[3] == 0
+    assert window.summary(10.0) == (1.0, 1.0, 1.0, 1)  # the newest stands in for an empty span
+    assert window.summary(14.0) == (0.0, 0.0, 0.0, 0)  # older than max_age (10 s)
+    window.add(15.0, float("nan"))  # ignored
+    assert window.summary(15.0)[3] == 0
 
 
 def test_the_window_is_bounded_in_samples() -> None:
-    window = LatencyWindow(span=100.0, max_samples=3)
+    window = LatencyWindow(span=100.0, max_samples=3, min_samples=1, max_age=100.0)
     for i in range(10):
         window.add(float(i), float(i))
     assert window.summary(9.0) == (8.0, 8.0, 9.0, 3)
+
+
+def test_a_rarely_used_app_is_summarised_over_its_last_samples_not_its_last_one() -> None:
+    window = LatencyWindow(span=2.0, min_samples=4, max_age=10.0)
+    for at, latency in ((1.0, 0.5), (3.0, 0.5), (5.0, 0.005), (7.0, 0.5), (8.5, 0.005)):
+        window.add(at, latency)
+    # only one sample in the last 2 s: the newest 4 (not older than 10 s) stand instead
+    mean, p50, p90, n = window.summary(9.0)
+    assert n == 4 and (p50, p90) == (0.005, 0.5)
+    assert mean == pytest.approx((0.5 + 0.005 + 0.5 + 0.005) / 4)
+    for i in range(4):  # four fresh samples within 2 s: the window is the span again
+        window.add(9.0 + 0.25 * i, 0.005)
+    assert window.summary(10.0) == (pytest.approx(0.005), 0.005, 0.005, 5)
+    assert window.summary(30.0)[3] == 0  # older than max_age: nothing
+    with pytest.raises(ValueError):
+        LatencyWindow(span=2.0, min_samples=0)
 
 
 # ------------------------------------------------------------------ the caller's timetable
