@@ -42,7 +42,7 @@ CHECK_PATH = "/healthz"
 SLOW = 0.3
 FAST = 0.005
 CAP = 0.8
-READMIT_BOUND = 20.0
+READMIT_BOUND = 25.0
 """Seconds from healing to 80 % of a fair share of all the callers' requests, counted at the
 pods. The target is ~2 s to notice + ~3 s of ramp (10 pp/s) and is measured by the ``recovery``
 benchmark; this bound leaves slack for 13 Python processes on two shared cores, where each
