@@ -14,8 +14,9 @@ when the app has served nobody for ``idle_after`` seconds (every caller's probes
 avoid this pod), :meth:`ProbeResponder.check_app` sends one ``GET`` to the configured path of
 the app every quarter second, at most one at a time, so that a pod that heals is seen to heal
 without a user request being spent on it. It costs the app at most four requests a second
-however many callers probe, and it is off unless ``policing.app_check_path`` is set; without it an idle pod's
-answers carry no latency (``n=0``) and callers fall back to exploring it with user requests.
+however many callers probe, and it is off unless ``policing.app_check_path`` is set; without
+it an idle pod's answers carry no latency (``n=0``) and callers fall back to exploring it with
+user requests.
 
 It must not forward a probe to the app, and it never answers an unverified caller.
 """
