@@ -6,7 +6,9 @@ policy names:
 - ``equilibrium+probes`` — every pod behind its own inbound sidecar (``mode: off`` policing,
   the idle check on ``/``), the client sidecars and the inbound ones sharing a mesh key, so the
   clients probe the pods (docs/protocol.md, "Probes") and route with ``equilibrium``;
-- ``oracle`` — ``equilibrium`` given only the good pods: what routing could do if it knew.
+- ``oracle`` — ``equilibrium`` given only the good pods: what routing could do if it knew;
+- ``oracle+sidecars`` — the same, each good pod behind its inbound sidecar as in
+  ``equilibrium+probes``: the like-for-like reference of the mesh case (the same extra hop).
 
 :func:`setup` starts what a contender needs and says how to reach the pods; the caller stops
 the returned inbound sidecars. It never decides how a sidecar routes.
@@ -23,7 +25,8 @@ from equilibrium.lab.sidecars import Sidecar
 
 PROBES = "equilibrium+probes"
 ORACLE = "oracle"
-PSEUDO = (PROBES, ORACLE)
+MESH_ORACLE = "oracle+sidecars"
+PSEUDO = (PROBES, ORACLE, MESH_ORACLE)
 MESH_KEY = "bench-mesh-key-for-probes-0123456789abcdef"
 
 
@@ -38,18 +41,20 @@ async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
     stop afterwards, the environment of the client sidecars)."""
     if contender == ORACLE:
         return "equilibrium", [u for i, u in enumerate(pod_urls) if i not in bad], [], None
-    if contender != PROBES:
+    if contender not in (PROBES, MESH_ORACLE):
         return contender, list(pod_urls), [], None
+    if contender == MESH_ORACLE:
+        pod_urls = [u for i, u in enumerate(pod_urls) if i not in bad]
     env = {"EQUILIBRIUM_MESH_SECRET": MESH_KEY}
     config = ctx.logs / "inbound.json"
     config.write_text(json.dumps({"policing": {"mode": "off", "app_check_path": "/"}}))
     started: list[Sidecar] = []
     urls: list[str] = []
     try:
-        for i, pod_url in enumerate(pod_urls):
+        for pod_url in pod_urls:
             port = free_port()
             started.append(await Sidecar.start(
-                f"pod-{i}-sidecar", {}, extra=["--inbound", f"127.0.0.1:{port}", "--app",
+                f"pod-{len(started)}-sidecar", {}, extra=["--inbound", f"127.0.0.1:{port}", "--app",
                                                pod_url, "--config", str(config)],
                 stderr_path=str(ctx.logs / "inbound.log"), env=env))
             urls.append(f"http://127.0.0.1:{port}")

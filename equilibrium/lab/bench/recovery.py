@@ -40,14 +40,15 @@ from equilibrium.lab.loadgen import percentile
 from equilibrium.lab.sidecars import Sidecar, start_sidecars
 
 UPSTREAM = "demo"
-CONTENDERS = ("equilibrium+probes", "equilibrium", "peak-ewma", "oracle")
+CONTENDERS = ("equilibrium+probes", "equilibrium", "peak-ewma", "oracle", "oracle+sidecars")
+DEFAULT_CONTENDERS = CONTENDERS[:4]
 RECOVERY_WINDOW = 10.0
 
 
 class Recovery(Scenario):
     name = "recovery"
     summary = "the bad pod heals mid-run: time to fair share, herd, queue, p99 during recovery"
-    default_policies = CONTENDERS
+    default_policies = DEFAULT_CONTENDERS
     default_duration = 40.0
     default_rate = 50.0
     default_clients = 4
@@ -129,7 +130,7 @@ class Recovery(Scenario):
                 await s.stop()
         return _measure(result, fleet.pods[bad].name, len(fleet.pods),
                         healed[0] if healed else math.nan, queue, probes, args.duration,
-                        oracle=contender == "oracle")
+                        oracle=contender.startswith("oracle"))
 
     @staticmethod
     def _table(results: dict[str, dict[str, Any]]) -> Table:

@@ -390,11 +390,15 @@ class SlowPod(Scenario):
 
     @staticmethod
     def _targets(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
-        eq = per_policy.get("equilibrium")
+        peak = per_policy.get("peak-ewma")
+        return [*SlowPod._v01_targets(per_policy.get("equilibrium"), peak),
+                *SlowPod._probe_targets(per_policy, peak)]
+
+    @staticmethod
+    def _v01_targets(eq: dict[str, Any] | None, peak: dict[str, Any] | None) -> list[Table]:
         if eq is None:
             return []
         rows = []
-        peak = per_policy.get("peak-ewma")
         if peak is not None:
             a, b = eq["steady_latency"]["p99"], peak["steady_latency"]["p99"]
             rows.append(["steady p99 no worse than peak-ewma's", f"{ms(a)} vs {ms(b)}",
@@ -409,16 +413,23 @@ class SlowPod(Scenario):
         rows.append(["no flapping (< 5 pp window to window)",
                      f"{pp(flap)} (noise ~{pp(eq['flapping_noise_pp'])})",
                      "not measured" if math.isnan(flap) else "met" if flap < 5 else "missed"])
-        tables = [Table("targets (sidecar v0.1 issue) for equilibrium",
-                        ["target", "measured", "verdict"], rows)]
+        return [Table("targets (sidecar v0.1 issue) for equilibrium",
+                      ["target", "measured", "verdict"], rows)]
+
+    @staticmethod
+    def _probe_targets(per_policy: dict[str, dict[str, Any]],
+                       peak: dict[str, Any] | None) -> list[Table]:
+        tables: list[Table] = []
         mesh = per_policy.get(mesh_pods.PROBES)
-        oracle = per_policy.get(mesh_pods.ORACLE)
+        oracle = per_policy.get(mesh_pods.MESH_ORACLE) or per_policy.get(mesh_pods.ORACLE)
+        oracle_name = (mesh_pods.MESH_ORACLE if mesh_pods.MESH_ORACLE in per_policy
+                       else mesh_pods.ORACLE)
         if mesh is not None:
             tail = mesh["steady_latency"]["p99.9"]
             probe_rows = []
             if oracle is not None:
                 ref = oracle["steady_latency"]["p99.9"]
-                probe_rows.append(["steady p99.9 within 1.25× the oracle's",
+                probe_rows.append([f"steady p99.9 within 1.25× {oracle_name}'s",
                                    f"{ms(tail)} vs {ms(ref)}",
                                    "met" if tail <= 1.25 * ref else "missed"])
             if peak is not None:
