@@ -202,6 +202,7 @@ class _Call:
             if finished:
                 self.owner.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
                 self.owner.metrics.app_latency.observe(now - started)
+                proxy.probes.record(now, (first if first is not None else now) - started)
 
     async def relay(self, verdict: Verdict, upstream: ClientStream, head_by: float,
                     deadline: float | None) -> tuple[float | None, bool]:

@@ -28,9 +28,10 @@ call that reached an endpoint is never sent again. The app resetting a stream (o
 is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
 
 The phases run are ``request_check`` (the protocol-neutral part of ``request_filter``: the
-punished back-off, the app's bid), ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret,
-the signed identity and bid), ``response_filter`` (on the answer's head, with the upstream's
-X-GT-* in ``ctx.game_response_headers``: the price, the back-off) and ``logging``. A
+punished back-off, the app's bid), ``upstream_pick``, ``upstream_request_filter`` (the retry
+mark, the challenge, the signed identity and bid), ``response_signals`` (only signed X-GT-*
+are believed), ``response_filter`` (on the answer's head, with the believed X-GT-* in
+``ctx.game_response_headers``: the price, the back-off) and ``logging``. A
 back-off answer is RESOURCE_EXHAUSTED for a gRPC caller, and a RESOURCE_EXHAUSTED whose
 ``X-GT-Reputation`` says this caller is punished is the caller's doing, not the endpoint's
 failure (as a 429 is for HTTP/1.1).

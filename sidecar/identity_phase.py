@@ -6,7 +6,7 @@ sends through the outbound listener:
 
 - ``X-GT-Identity``: this sidecar's ``--id`` signed with the mesh key for this one request
   (method, ``Host``, target, a fresh nonce; :mod:`wire.identity`), so the upstream's inbound
-  side can tell callers apart and police each one; with ``X-GT-Bid`` and ``X-GT-Regret`` it
+  side can tell callers apart and police each one; with ``X-GT-Bid`` and ``X-GT-Retry`` it
   goes only to endpoints in the mesh (:mod:`sidecar.membership`); every attempt carries a
   fresh ``X-GT-Challenge``;
 - **signed answers only**: the answer's ``X-GT-Congestion``, ``X-GT-Reputation`` and
@@ -165,7 +165,7 @@ class CallerPhases(ProxyPhases):
             return
         challenge = new_nonce(self.random_bytes(12))  # fresh per attempt
         ctx.extra["challenge"] = challenge
-        for name in [n for n in headers if is_gt_header(n)]:  # X-GT-Regret, X-GT-Retry
+        for name in [n for n in headers if is_gt_header(n)]:  # X-GT-Retry
             if not self.membership.admits(ctx):
                 headers.popall(name, None)
         headers[CHALLENGE] = challenge

@@ -75,8 +75,9 @@ from sidecar.forward import (
 )
 from sidecar.http1.client import H1Transport
 from sidecar.inbound_policing import OTHER, InboundOutcome, InboundPolicing, Refusal, Verdict
-from sidecar.metrics import InboundMetrics
+from sidecar.metrics import InboundMetrics, ProbeAnswerMetrics
 from sidecar.policing_config import PolicingSettings
+from sidecar.probe_answer import ProbeResponder, is_probe
 from sidecar.transport import (
     BODY_READ_ERRORS,
     HandshakeRefused,
@@ -187,6 +188,10 @@ class InboundProxy:
         self._shown: set[str] = set()  # callers with per-caller gauges right now
         self._websockets: dict[str, int] = {}  # caller -> WebSockets open
         self._oversized = oversized_counter(metrics.registry, "inbound")
+        self.probes = ProbeResponder(  # answers probes itself (sidecar.probe_answer)
+            self, mesh_key=mesh_key, metrics=ProbeAnswerMetrics(metrics.registry),
+            max_skew=settings.identity_max_skew, clock=clock, wall_clock=wall_clock,
+            nonces=self.policing.nonces)
 
     @property
     def in_flight(self) -> int:
@@ -282,9 +287,15 @@ class InboundProxy:
         """``in_flight / limit``, and 1 while anyone waits in the bid queue."""
         return self.gate.congestion()
 
+    def probe_load(self) -> tuple[float, int]:
+        """(congestion level, concurrency limit) for a probe answer."""
+        return self._congestion(), self.limiter.limit
+
     # ------------------------------------------------------------ request path
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if is_probe(request):  # answered here, never forwarded to the app
+            return self.probes.answer(request)
         now = self.clock()
         bound = BoundRequest(request.method, request.headers.get("Host", ""), request.raw_path)
         verdict, policed = self.policing.police(request.headers, bound, now)
@@ -390,6 +401,7 @@ class InboundProxy:
                 self._deliver(self.gate.finish(now, now - started if finished_ok else None))
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
+                self.probes.record(now, now - started)
 
     async def _websocket(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""

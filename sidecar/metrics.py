@@ -517,3 +517,31 @@ class InboundListenerMetrics(H2Metrics):
             "its connection cap (cap) or its cap per peer address (per-source)", ["reason"],
             **scope)
         self.connections_rejected = self.rejected.labels("cap")
+
+
+# ---------------------------------------------------------------------- probes
+
+
+class ProbeAnswerMetrics:
+    """The inbound side of probes (:mod:`sidecar.probe_answer`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.probes = Counter(
+            "equilibrium_inbound_probes", "Probes received, by result (answered, untrusted, "
+            "malformed, rate-limited, no-key)", ["result"], registry=registry)
+        self.app_checks = Counter(
+            "equilibrium_inbound_app_checks", "Idle checks of the app (policing.app_check_path)"
+            ", by result (ok, failed)", ["result"], registry=registry)
+
+
+class ProberMetrics:
+    """The caller side of probes (:mod:`sidecar.prober`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.probes = Counter(
+            "equilibrium_probes", "Probes sent, by upstream and result (ok, no-answer, "
+            "not-meshed, or why the answer was refused: bad-signature, stale, malformed, ...)",
+            ["upstream", "result"], registry=registry)
+        self.duration = Histogram(
+            "equilibrium_probe_duration_seconds", "Time from sending a probe to its answer",
+            buckets=LATENCY_BUCKETS, registry=registry)

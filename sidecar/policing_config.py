@@ -28,6 +28,7 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       max_connections_per_source: 512   # open from one peer address
       websocket_max_message: 1048576    # bytes of one WebSocket message (larger: close 1009)
       websocket_max_per_caller: 64      # WebSockets open per caller (more: 429)
+      app_check_path: null          # e.g. /healthz: GET it when the app is idle, for probes
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
       ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
@@ -85,6 +86,7 @@ class PolicingSettings:
     max_connections_per_source: int = DEFAULT_MAX_PER_SOURCE
     websocket_max_message: int = DEFAULT_MAX_MESSAGE
     websocket_max_per_caller: int = DEFAULT_MAX_PER_CALLER
+    app_check_path: str | None = None  # sidecar.probe_answer's idle check (None: off)
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
     reputation: PolicingParams = field(default_factory=PolicingParams)
@@ -97,7 +99,7 @@ _TOP_KEYS = frozenset(
     {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
      "default_bid", "upload_timeout", "upload_buffer", "upload_memory", "header_timeout",
      "keepalive_timeout", "max_connections", "max_connections_per_source", "websocket_max_message",
-     "websocket_max_per_caller", *_SECTIONS}
+     "websocket_max_per_caller", "app_check_path", *_SECTIONS}
 )
 
 
@@ -189,8 +191,14 @@ def parse_policing(raw: Any) -> PolicingSettings:
     default_bid = _number(get("default_bid", 1.0), "policing.default_bid")
     if default_bid > MAX_BID:
         raise ValueError(f"policing.default_bid: must be at most {MAX_BID:g}")
+    check = get("app_check_path")
+    if check is not None and (not isinstance(check, str) or not check.startswith("/")
+                              or len(check) > 256 or not check.isascii()
+                              or any(c.isspace() for c in check)):
+        raise ValueError("policing.app_check_path: expected a path such as /healthz")
     settings = PolicingSettings(
         mode=mode,
+        app_check_path=check,
         capacity=capacity,
         max_wait=_number(get("max_wait", 2.0), "policing.max_wait", low=0.001),
         identity_max_skew=_number(get("identity_max_skew", 30.0), "policing.identity_max_skew",

@@ -62,12 +62,14 @@ from sidecar.metrics import (
     DiscoveryMetrics,
     InboundListenerMetrics,
     InboundMetrics,
+    ProberMetrics,
     SidecarMetrics,
     SignalingMetrics,
     TransparentMetrics,
 )
 from sidecar.outbound import OutboundProxy, split_target, upstream_name
 from sidecar.phases import ProxyPhases
+from sidecar.prober import Prober
 from sidecar.signaling import SidecarSignaling, signaling_settings
 from sidecar.transparent import transparent_outbound
 from sidecar.upstreams import UpstreamTable
@@ -260,6 +262,13 @@ class SidecarRunner:
             self._background.append(("discovery", self.discovery.run))
         if self.inbound is not None:
             self._background.append(("inbound-gauges", self.inbound.refresh_gauges))
+            self._background.append(("app-check", self._check_app))
+        # Probes of every endpoint's inbound sidecar (sidecar.prober); they need the mesh key.
+        self.prober = (Prober(self.table, caller_id=config.id, mesh_key=mesh_key,
+                              metrics=ProberMetrics(self.metrics.registry), clock=clock)
+                       if mesh_key is not None else None)
+        if self.prober is not None:
+            self._background.append(("probes", self.prober.run))
         if self.signaling is not None:
             self._background.append(("signaling", self.signaling.run))
 
@@ -301,6 +310,7 @@ class SidecarRunner:
             connect_timeout=self.profile.connect_timeout,
             clock=self.clock,
         )
+        inbound.probes.draining = lambda: self.readiness.draining
         if mesh_key is None:
             log.warning("inbound %s: no mesh key, so no caller identity can be verified: every "
                         "caller is policed as 'anonymous' (the strictest bucket)", config.inbound)
@@ -320,6 +330,13 @@ class SidecarRunner:
             limits=H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout),
             sniff_timeout=limits.header_timeout, max_connections=limits.max_connections,
             guards=guards)
+
+    async def _check_app(self) -> None:
+        """The inbound side's idle check of its app, for probe answers (sidecar.probe_answer)."""
+        if self.inbound is not None and self.config.app is not None:
+            await self.inbound.probes.check_app(self.config.app,
+                                                self.config.policing.app_check_path,
+                                                self.profile.request_timeout)
 
     def _add_listener(
         self, name: str, app: web.Application, address: ListenAddress, *, drains: bool,

@@ -26,12 +26,12 @@ from wire.headers import (
     parse_congestion,
     parse_congestion_signal,
     parse_fields,
-    parse_regret,
     parse_retry,
 )
 from wire.identity import BoundRequest, new_nonce, sign_identity, verify_identity
 from wire.lease import decode_lease
 from wire.numerals import ascii_decimal, ascii_uint
+from wire.probe import parse_request as parse_probe_request
 from wire.recommendation import (
     RECOMMENDATION_FIELDS,
     canonical_recommendation_bytes,
@@ -75,8 +75,8 @@ def test_header_fields(value: str) -> None:
 
 @fuzz
 @given(st.one_of(field_lists(), header_values()))
-def test_regret_congestion_and_retry(value: str) -> None:
-    for parse in (parse_regret, parse_congestion_signal):
+def test_probe_congestion_and_retry(value: str) -> None:
+    for parse in (parse_probe_request, parse_congestion_signal):
         try:
             parse(value)
         except WireError as exc:

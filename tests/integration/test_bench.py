@@ -86,3 +86,19 @@ def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown scenario 'no-such-thing'" in proc.stderr
     assert "slow-pod" in proc.stderr
+
+
+@pytest.mark.slow
+def test_recovery_reports_the_heal_for_the_mesh_and_the_oracle(tmp_path: Path) -> None:
+    proc = _run(["--scenario", "recovery", "--duration", "16", "--clients", "2", "--policies",
+                 "equilibrium+probes,oracle", "--out", "results"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "recovery.json").read_text())
+    mesh, oracle = (doc["data"]["contenders"][name] for name in ("equilibrium+probes", "oracle"))
+    assert mesh["probes_per_s"] > 0 and mesh["errors"] == 0 and oracle["errors"] == 0
+    assert mesh["healed_share_series"]  # windows after the heal were measured
+    assert oracle["time_to_fair"] is None  # the oracle never routes to the bad pod
+    assert oracle["bad_share_before"] == 0.0
+    assert mesh["largest_share"] <= 0.8 + 0.1  # the 80 % cap, with 1 s sampling noise
+    md = (tmp_path / "results" / "recovery.md").read_text()
+    assert "| equilibrium+probes |" in md and "to 80 % of fair share" in md

@@ -18,7 +18,7 @@ from sidecar.membership import MeshMembership
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
-from wire.headers import BID, CHALLENGE, CONGESTION, IDENTITY, PRICE, REGRET, REPUTATION, SIGNALS
+from wire.headers import BID, CHALLENGE, CONGESTION, IDENTITY, PRICE, REPUTATION, RETRY, SIGNALS
 from wire.identity import BoundRequest, VerifiedIdentity, verify_identity
 from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing
@@ -88,12 +88,12 @@ async def test_identity_and_bid_are_stamped_and_the_app_header_never_leaves() ->
 
 
 @pytest.mark.parametrize("upstream", [EXTERNAL, "found"])
-async def test_an_endpoint_outside_the_mesh_gets_no_identity_bid_or_regret(upstream: str
+async def test_an_endpoint_outside_the_mesh_gets_no_identity_bid_or_retry_mark(upstream: str
                                                                            ) -> None:
     phases, _ = make_phases()
     ctx = ctx_for(upstream)
     assert await phases.request_filter(make_mocked_request("GET", "/"), ctx) is None
-    headers: CIMultiDict[str] = CIMultiDict({REGRET: "v=1;gap=0;max=0;conv=1"})
+    headers: CIMultiDict[str] = CIMultiDict({RETRY: "1"})
     phases.upstream_request_filter(ctx, headers)
     assert set(headers) == {CHALLENGE}  # only the challenge a member would answer
     if upstream == "found":  # a discovered endpoint proves itself with a signed answer
