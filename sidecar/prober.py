@@ -4,9 +4,12 @@ Owns the background task (started by :mod:`sidecar.runner`) that probes every en
 every upstream on the timetable of :class:`mesh.probes.ProbeSchedule` (a few probes a second
 for an endpoint this sidecar does not use, fewer for one that carries its traffic, jittered),
 at most one probe in flight per endpoint, each bounded by ``timeout``. A probe is
-``GET <endpoint>/.well-known/equilibrium/probe`` with this sidecar's signed identity and a fresh
-random nonce (:mod:`wire.probe`); only an answer signed with the mesh key over that nonce is
-handed to the policies (``policy.on_probe``) of the upstreams the endpoint belongs to.
+``GET <endpoint>/.well-known/equilibrium/probe`` with this sidecar's signed identity (bound to
+that request, single-use) and a fresh random nonce (:mod:`wire.probe`); it goes only to
+endpoints in the mesh (:mod:`sidecar.membership`: static upstreams unless declared outside it,
+discovered endpoints once they answered a request with signed signals); only an answer
+signed with the mesh key over that nonce is handed to the policies (``policy.on_probe``) of the
+upstreams the endpoint belongs to.
 Anything else (no answer, 404 from a server without a sidecar, a forged, unsigned, replayed or
 malformed answer) is counted in ``equilibrium_probes{result}`` and changes nothing: such an
 endpoint simply is not covered by probes, and the policy keeps exploring it with requests.
@@ -28,7 +31,9 @@ import aiohttp
 from yarl import URL
 
 from mesh.probes import ProbeRates, ProbeSchedule
+from sidecar.membership import MeshMembership
 from sidecar.metrics import ProberMetrics
+from sidecar.phases import RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire.errors import WireError
 from wire.headers import IDENTITY
@@ -58,8 +63,10 @@ class Prober:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        membership: MeshMembership | None = None,
     ) -> None:
         self.table = table
+        self.membership = membership or MeshMembership()  # who may see the identity
         self.caller_id = caller_id
         self.mesh_key = mesh_key
         self.metrics = metrics
@@ -103,6 +110,8 @@ class Prober:
                     for endpoint in self.schedule.due(now, busy, self.rng):
                         if endpoint in self._pending:
                             continue  # the previous probe is still out: never pile up
+                        if not self._in_mesh(endpoint, owners[endpoint]):
+                            continue  # no identity outside the mesh (sidecar.membership)
                         task = asyncio.create_task(
                             self._probe(session, endpoint, owners[endpoint]))
                         self._pending[endpoint] = task
@@ -113,6 +122,15 @@ class Prober:
             finally:
                 for task in list(self._pending.values()):
                     task.cancel()
+
+    def _in_mesh(self, endpoint: str, upstreams: list[str]) -> bool:
+        """Whether ``endpoint`` may get this sidecar's identity for one of its upstreams."""
+        for name in upstreams:
+            ctx = RequestContext(started=0.0, method="GET", target=PROBE_PATH, authority="",
+                                 group=self.table.get(name), endpoint=endpoint)
+            if self.membership.admits(ctx):
+                return True
+        return False
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         for endpoint, pending in list(self._pending.items()):

@@ -143,6 +143,7 @@ class SidecarRunner:
 
         # Discovery feeds the table; its routes pin requests by destination or authority.
         self.discovery = self._build_discovery()
+        membership = MeshMembership(lambda name: name in self.config.external_upstreams)
         pinned = (_authority_pin(self.discovery, self.table) if self.discovery is not None
                   else None)
         site = None
@@ -176,7 +177,7 @@ class SidecarRunner:
                 default_bid=config.policing.default_bid,
                 metrics=self.metrics.caller,
                 clock=clock,
-                membership=MeshMembership(lambda name: name in self.config.external_upstreams),
+                membership=membership,
             ),
             pinned_upstream=pinned,
             max_attempts=config.max_attempts or self.profile.max_retries + 1,
@@ -265,7 +266,8 @@ class SidecarRunner:
             self._background.append(("app-check", self._check_app))
         # Probes of every endpoint's inbound sidecar (sidecar.prober); they need the mesh key.
         self.prober = (Prober(self.table, caller_id=config.id, mesh_key=mesh_key,
-                              metrics=ProberMetrics(self.metrics.registry), clock=clock)
+                              metrics=ProberMetrics(self.metrics.registry), clock=clock,
+                              membership=membership)
                        if mesh_key is not None else None)
         if self.prober is not None:
             self._background.append(("probes", self.prober.run))
