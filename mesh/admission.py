@@ -18,6 +18,10 @@ The steps of one request
 2. :meth:`AdmissionGate.offer` (requests that hold a slot; a WebSocket holds none and stops
    after ``police``): :class:`Admit` now, :class:`Queue` until a slot frees, or :class:`Reject`
    ``queue-full``.
+   A request with a body is offered only once its body has arrived (the sidecar reads it
+   first, within an upload deadline), so a slow upload holds no slot; an upload that misses
+   its deadline or is abandoned is reported with :meth:`AdmissionGate.defect` instead of an
+   offer: it counts against its caller (:meth:`ReputationBook.defect`).
 3. The request's end: :meth:`AdmissionGate.finish` when an admitted request leaves its slot
    (with its RTT if it finished, the limiter learns from it), :meth:`AdmissionGate.withdraw`
    when a waiter's client goes away, :meth:`AdmissionGate.time_out` when a waiter's own timer
@@ -240,6 +244,16 @@ class AdmissionGate:
                           decision=decision, woken=woken)
         beyond = self._beyond_norm(caller, decision, now)
         return Pass(caller, decision, 0.0 if beyond else bid, beyond, beyond and bid > 0, woken)
+
+    def defect(self, caller: str, now: float) -> tuple[Reject, ...]:
+        """A request of ``caller`` that passed policing misbehaved before asking for a slot
+        (its upload stalled past the deadline, or was abandoned): the book records a
+        defection (:meth:`ReputationBook.defect`); if that punishes the caller, its waiters
+        queued in good standing are flushed, as in :meth:`police`."""
+        decision = self.book.defect(caller, now)
+        if decision.phase is Phase.PUNISHED and caller in self._queued_by:
+            return self._flush(caller, now)
+        return ()
 
     def offer(self, passed: Pass, now: float) -> Admit | Queue | Reject:
         """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``)."""

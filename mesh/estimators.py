@@ -11,8 +11,8 @@ penalty latency, so that a fast-failing endpoint never looks attractive.
   endpoint's creation at the default RTT, so that an endpoint once seen slow, or never tried, is
   eventually tried. Cost = estimate x (pending + 1).
 - :class:`EndpointStats` — everything one endpoint's policy needs: the two averages above, the
-  in-flight count, failure counters, piggybacked congestion, and the per-tick accumulators that
-  regret matching consumes.
+  in-flight count, failure counters, piggybacked congestion, the last verified probe answer
+  (:mod:`mesh.probes`), and the per-tick accumulators that regret matching consumes.
 - :class:`EpochWindow` / :class:`EpochWindows` — what each endpoint did in one signaling epoch
   (requests, failures, latency in fixed buckets), the raw material of a regret summary
   (:mod:`mesh.summary`).
@@ -24,9 +24,13 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
+from mesh.probes import ProbeReport
+
 DEFAULT_RTT = 0.030  # Linkerd's default RTT estimate for an endpoint never measured (seconds)
 DEFAULT_DECAY = 10.0  # Linkerd's peak-EWMA decay time constant (seconds)
 MAX_LATENCY = 3600.0  # any observation above this is clamped: nothing real takes an hour
+PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
+OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 
 
 def _decay_weight(dt: float, tau: float) -> float:
@@ -120,6 +124,11 @@ class EndpointStats:
     congestion: float = 0.0
     ejected_until: float = -math.inf
     ejections: int = 0
+    last_outcome_at: float = -math.inf
+    # The last verified probe answer, when it came, and this caller's in-flight count then.
+    probe: ProbeReport | None = None
+    probed_at: float = -math.inf
+    own_at_probe: int = 0
     # Accumulators for the current tick (consumed by regret matching, then reset).
     tick_count: int = 0
     tick_cost_sum: float = 0.0
@@ -153,11 +162,53 @@ class EndpointStats:
             self.consecutive_failures += 1
         self.latency.update(cost, now)
         self.peak.update(cost, now)
+        self.last_outcome_at = max(self.last_outcome_at, now)
         if congestion is not None and math.isfinite(congestion):
             self.congestion = 0.5 * self.congestion + 0.5 * min(1.0, max(0.0, congestion))
         self.tick_count += 1
         self.tick_cost_sum += cost
         return cost
+
+    def observe_probe(self, report: ProbeReport, now: float) -> None:
+        """A verified probe answer. While this caller's own requests measure the endpoint
+        (an outcome within :data:`OWN_QUIET`), they stay the latency estimate and the answer
+        adds only the callee's load; otherwise the answer's window mean (already an average
+        over the responder's window) becomes the estimate, and its congestion level too."""
+        self.probe, self.probed_at, self.own_at_probe = report, now, self.in_flight
+        if now - self.last_outcome_at < OWN_QUIET:
+            return
+        if report.has_latency:
+            self.latency.value = min(report.mean, MAX_LATENCY)
+            self.latency.updated_at = max(self.latency.updated_at, now)
+        if math.isfinite(report.congestion):
+            self.congestion = min(1.0, max(0.0, report.congestion))
+
+    def probe_covered(self, now: float) -> bool:
+        """Whether a fresh probe answer with latency evidence stands for this endpoint (so
+        no user request needs to be spent exploring it)."""
+        p = self.probe
+        return (p is not None and now - self.probed_at <= PROBE_FRESH and p.has_latency
+                and not p.draining)
+
+    def draining(self, now: float) -> bool:
+        """Whether a fresh probe answer says the endpoint is draining."""
+        return self.probe is not None and self.probe.draining \
+            and now - self.probed_at <= PROBE_FRESH
+
+    def others_in_flight(self, now: float) -> int:
+        """Requests other callers have at the endpoint, as the last fresh probe answer
+        reported them (its in-flight count less this caller's own at the time); 0 without
+        one."""
+        p = self.probe
+        if p is None or now - self.probed_at > PROBE_FRESH:
+            return 0
+        return max(0, p.in_flight - self.own_at_probe)
+
+    def finish_cost(self, now: float) -> float:
+        """Where a request should finish first: Linkerd's peak-EWMA RTT x (requests ahead
+        of it + 1), counting this caller's in-flight requests and, as Prequal does, the
+        callee's reported requests in flight from other callers."""
+        return self.peak.value(now) * (self.in_flight + self.others_in_flight(now) + 1)
 
     def latency_estimate(self, fallback: float) -> float:
         """Expected latency of the next request here (mean EWMA; ``fallback`` if never seen),

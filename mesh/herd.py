@@ -16,6 +16,10 @@ inside the probability simplex::
 - **Exploration floor**: every live endpoint keeps at least ``explore_floor`` of the traffic
   (bounded: at most ``explore_budget`` in total), so a bad pod is re-checked with a small,
   bounded share of user requests rather than never (stale) or often (costly).
+  An endpoint *covered by probes* (its inbound sidecar answers them: :mod:`mesh.probes`) is
+  explored by the probes instead: it has no floor, and once the smoothed target gives it less
+  than the floor it gets no user request at all (the target's crumbs below the floor are the
+  learner's baseline switching rate, not a wish to use it).
 - **Ejected** endpoints (too many consecutive failures) get weight 0 until their ejection ends.
 - **Smoothing**: the target is approached by a fraction ``smoothing`` per tick, damping noise
   so that shares settle instead of flapping.
@@ -50,11 +54,12 @@ class HerdGuard:
             raise ValueError("smoothing must be in (0, 1]")
 
     def shape(self, target: np.ndarray, previous: np.ndarray, dt: float,
-              live: np.ndarray | None = None) -> np.ndarray:
+              live: np.ndarray | None = None, covered: np.ndarray | None = None) -> np.ndarray:
         """New weights from the learned ``target``, the ``previous`` weights and the time step.
 
-        ``live[i]`` is False for ejected endpoints. Returns weights summing to 1 (or all zeros
-        when no endpoint is live).
+        ``live[i]`` is False for ejected endpoints; ``covered[i]`` True for endpoints explored
+        by probes (no floor). Returns weights summing to 1 (or all zeros when no endpoint is
+        live).
         """
         t = _normalise(np.asarray(target, dtype=float))
         p = np.asarray(previous, dtype=float)
@@ -69,7 +74,9 @@ class HerdGuard:
         t = _normalise(t) if t.sum() > 0 else live / n_live
         goal = p + self.smoothing * (t - p) if p.shape == t.shape and p.sum() > 0 else t
         floor = min(self.explore_floor, self.explore_budget / n_live)
-        lower = np.where(live, floor, 0.0)
+        probed = (np.zeros(k, dtype=bool) if covered is None
+                  else np.asarray(covered, dtype=bool) & live)
+        lower = np.where(live & ~probed, floor, 0.0)
         cap = max(self.cap, 1.0 / n_live)
         upper = np.where(live, np.minimum(cap, p + self.ramp_per_s * max(dt, 0.0)), 0.0)
         if p.shape == t.shape:
@@ -78,6 +85,15 @@ class HerdGuard:
             # spread over every endpoint (a bad pod included).
             upper = np.where(goal < p, np.minimum(upper, p), upper)
         upper = np.maximum(upper, lower)
+        dropped = probed & (goal < floor)
+        if dropped.any():
+            # the crumbs it had (at most a floor's worth) may go to the others, within the
+            # cap, even to those the target wants a hair less of
+            relaxed = np.where(dropped | ~live, 0.0,
+                               np.maximum(upper, np.minimum(cap, p + floor))
+                               if p.shape == t.shape else upper)
+            if relaxed.sum() >= 1.0 - 1e-12:
+                upper = relaxed
         if upper.sum() < 1.0:
             # The endpoint set shrank faster than the ramp allows: keep only the cap.
             upper = np.where(live, cap, 0.0)

@@ -33,6 +33,7 @@ from mesh.estimators import EndpointStats, EpochWindow, EpochWindows
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import CreditPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
+from mesh.probes import ProbeReport
 from mesh.profiles import StrategyProfile
 from mesh.regret import RoutingRegret
 
@@ -108,6 +109,13 @@ class _MeasuredPolicy(ABC):
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion)
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
+
+    def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
+        """A verified probe answer about ``endpoint`` (:meth:`EndpointStats.observe_probe`);
+        the baselines keep it only for observers, ``equilibrium`` learns from it."""
+        stats = self.stats.get(endpoint)
+        if stats is not None:
+            stats.observe_probe(report, now)
 
     def _candidates(self, exclude: frozenset[str]) -> list[str]:
         return [e for e in self.endpoints if e not in exclude]
@@ -256,7 +264,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._recommendation: tuple[dict[str, float], float] | None = None
         self._following = False
         self._hold_until = -math.inf
-        # Share-preserving in-flight pacing, used only while following (see pick()).
+        # Share-preserving pacing inside the weights by expected finish time (see pick()).
         self._pacer = (CreditPacer(window=profile.pacing_window)
                        if profile.pacing_window > 0 else None)
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
@@ -279,9 +287,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def _publish(self, weights: np.ndarray) -> None:
         super()._publish(weights)
-        # The pacer is used only while following (pick()); _target() has already set
-        # _following for these weights, so local mode skips this work.
-        if self._pacer is not None and self._following and weights.size:
+        if self._pacer is not None and weights.size:
             self._pacer.set_strategy(weights.tolist())
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
@@ -317,10 +323,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not endpoints:
             return None
         if not exclude and cumulative and cumulative[-1] > 0:
-            if self._pacer is not None and self._following:
+            if self._pacer is not None:
                 stats = self.stats
-                i = self._pacer.choose([stats[e].peak.cost(now, stats[e].in_flight)
-                                        for e in endpoints])
+                i = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints])
                 if i is not None:
                     return endpoints[i]
             i = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
@@ -354,7 +359,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 s.consecutive_failures = 0
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:
                 s.ejections = 0  # healthy long enough: next ejection starts short again
-            live[i] = now >= s.ejected_until
+            live[i] = now >= s.ejected_until and not s.draining(now)
         return live
 
     def _target(self, now: float) -> np.ndarray:
@@ -381,7 +386,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not self.endpoints:
             return np.zeros(0)
         live = self._live(now)
-        return self.profile.herd.shape(self._target(now), self._weights, dt, live)
+        covered = np.array([self.stats[e].probe_covered(now) for e in self.endpoints])
+        return self.profile.herd.shape(self._target(now), self._weights, dt, live, covered)
 
 
 POLICIES: dict[str, Callable[[StrategyProfile], _MeasuredPolicy]] = {

@@ -8,7 +8,9 @@ request. The proxy calls it in this order for every request::
     ...forward...
     policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion))   # in-flight - 1
 
-and, off the request path, ``policy.tick(now)`` every ``tick_interval`` seconds to rebuild
+off the request path, ``policy.on_probe(endpoint, report, now)`` with each verified probe answer
+(:mod:`mesh.probes`: what the endpoint's inbound sidecar says of its app, an observation beside
+the measured requests), and ``policy.tick(now)`` every ``tick_interval`` seconds to rebuild
 the routing snapshot (weights) from what was learned; the request path only reads the last
 snapshot, which is swapped in whole (as pingora's load-balancer selector is).
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from mesh.estimators import EpochWindow
+from mesh.probes import ProbeReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,9 @@ class Policy(Protocol):
 
     def on_outcome(self, outcome: Outcome) -> None:
         """A request finished (successfully or not)."""
+
+    def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
+        """A verified probe answer about ``endpoint`` arrived at ``now``."""
 
     def tick(self, now: float) -> None:
         """Off the request path: rebuild the routing snapshot from what was learned."""

@@ -30,9 +30,10 @@ class StrategyProfile:
     regret_memory: float = 5.0          # time constant of the discounted regrets (s)
     peak_ewma_decay: float = 10.0       # Linkerd's default, for the peak-ewma baseline
     default_rtt: float = 0.030          # estimate of an endpoint never measured (s)
-    # while following a signaler's recommendation, how many requests an endpoint may run ahead
-    # of or behind its share so that each request goes where the caller has the fewest in
-    # flight (mesh.pacing); 0 draws every request at random from the weights instead
+    # how many requests an endpoint may run ahead of or behind its share so that each request
+    # goes where it should finish first (mesh.pacing; the callee's reported in-flight count
+    # included, mesh.estimators.EndpointStats.finish_cost); 0 draws every request at random
+    # from the weights instead
     pacing_window: float = 4.0
     # shaping (thundering-herd defence)
     herd: HerdGuard = field(default_factory=HerdGuard)

@@ -48,6 +48,11 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   (the app is congested, ``congestion >= congestion_threshold``, or the caller is being
   punished) and ``x > max(rate_floor, rate_tolerance * s)``; or (b) ``y > retry_ratio *
   (x - y) + retry_floor`` (a retry budget of 20 % plus a floor, as in Linkerd and Finagle).
+- **Defection without a request.** Some misconduct is not a request rate: an upload that
+  stalls past its deadline or is abandoned half-way held a connection (and the app's
+  attention) for nothing. :meth:`ReputationBook.defect` records such an event as a verdict
+  ``v = 0`` at ``now`` without counting a request: the reputation relaxes toward 0 over the
+  gap since the caller was last seen, exactly as for an over-share request.
 - **Reputation** ``r`` in [0, 1] relaxes toward the current verdict with time constant
   ``reputation_tau``: ``r <- v + (r - v) * exp(-dt / reputation_tau)`` at each request (an idle
   gap is judged by the verdict at its end, so silence is cooperation). New callers start at 1;
@@ -422,6 +427,15 @@ class ReputationBook:
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
                         share)
 
+    def defect(self, caller: str, now: float) -> Decision:
+        """Record a defection that is not a request (a stalled or abandoned upload): the
+        verdict at ``now`` is 0, the request rate is unchanged (the request was counted when it
+        was policed). Returns the caller's standing after it (``admitted`` is False)."""
+        state, share = self._record(caller, now, False, defected=True)
+        ladder = state.ladder
+        return Decision(False, 408, _time_left(ladder, now), ladder.level, state.reputation,
+                        ladder.phase, share)
+
     # --- observers ------------------------------------------------------------------------
 
     @property
@@ -537,7 +551,9 @@ class ReputationBook:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _record(self, caller: str, now: float, is_retry: bool) -> tuple[_CallerState, float]:
+    def _record(
+        self, caller: str, now: float, is_retry: bool, *, defected: bool = False
+    ) -> tuple[_CallerState, float]:
         p = self.params
         self._evict_idle(now)
         state = self._callers.get(caller)
@@ -558,14 +574,15 @@ class ReputationBook:
         self._active.move_to_end(caller)
         share = self.fair_share(caller, now)
 
-        state.rate.add(now)
+        if not defected:
+            state.rate.add(now)
         if is_retry:
             state.retries.add(now)
         rate, retry_rate = state.rate.rate(now), state.retries.rate(now)
         norm_applies = self.congested or state.ladder.phase is Phase.PUNISHED
         over_share = norm_applies and rate > max(p.rate_floor, p.rate_tolerance * share)
         over_retry_budget = retry_rate > p.retry_ratio * (rate - retry_rate) + p.retry_floor
-        verdict = 0.0 if (over_share or over_retry_budget) else 1.0
+        verdict = 0.0 if (defected or over_share or over_retry_budget) else 1.0
         dt = max(0.0, now - state.last_seen)
         state.reputation = verdict + (state.reputation - verdict) * math.exp(
             -dt / p.reputation_tau)

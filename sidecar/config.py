@@ -26,6 +26,9 @@ Config file shape (YAML or JSON, every key optional)::
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
       orders: http://10.0.1.1:8080,http://10.0.1.2:8080
+      payments:                 # an upstream outside the mesh: no identity, no game headers
+        endpoints: [https://api.example.com]
+        mesh: false             #   (default true; sidecar.membership)
     inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
     app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
     mesh_secret_file: /etc/equilibrium/mesh.key
@@ -34,6 +37,7 @@ Config file shape (YAML or JSON, every key optional)::
       idle_timeout: 300         #   connection with no request in flight (0: never)
       max_streams: 256          #   SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
       max_connections: 4096     #   open connections on the outbound listener
+      local_only: true          #   refuse peers that are not this pod (sidecar.local_callers)
 
 Upstreams given by a higher layer replace the whole set of a lower one (they are not merged),
 so a reload of the file changes endpoints only when neither flags nor the environment fix them.
@@ -137,9 +141,11 @@ class ListenerLimits:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # HTTP/2 or HTTP/1.1, nothing in flight; 0: never
     max_streams: int = DEFAULT_MAX_STREAMS  # SETTINGS_MAX_CONCURRENT_STREAMS per connection
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open on the outbound listener
+    local_only: bool = True  # only this pod may connect (sidecar.local_callers)
 
 
-LISTENER_KEYS = ("header_timeout", "idle_timeout", "max_streams", "max_connections")
+LISTENER_KEYS = ("header_timeout", "idle_timeout", "max_streams", "max_connections",
+                 "local_only")
 
 
 def parse_listener(raw: Mapping[str, Any], what: str = "listener") -> dict[str, Any]:
@@ -154,6 +160,10 @@ def parse_listener(raw: Mapping[str, Any], what: str = "listener") -> dict[str, 
             out[key] = _parse_int(value, f"{what}.{key}", 1, 1 << 20)
         elif key == "max_connections":
             out[key] = _parse_int(value, f"{what}.{key}", 1, 1 << 24)
+        elif key == "local_only":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{what}.{key}: must be true or false, got {_shown(value)}")
+            out[key] = value
         else:
             raise ConfigError(f"{what}: unknown key {key!r} (known: {', '.join(LISTENER_KEYS)})")
     return out
@@ -167,6 +177,7 @@ class SidecarConfig:
     outbound: ListenAddress
     admin: ListenAddress
     upstreams: Mapping[str, tuple[str, ...]]
+    external_upstreams: frozenset[str] = frozenset()  # declared ``mesh: false``
     strategy: str = DEFAULT_STRATEGY
     policy: str = DEFAULT_POLICY
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
@@ -312,6 +323,7 @@ def parse_upstreams_env(value: str) -> dict[str, tuple[str, ...]]:
 
 
 def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
+    """NAME -> URLs, or NAME -> ``{endpoints: URLs, mesh: true|false}``."""
     if not isinstance(value, Mapping):
         raise ConfigError("upstreams: expected a mapping NAME -> list of URLs")
     out: dict[str, tuple[str, ...]] = {}
@@ -319,8 +331,28 @@ def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
         name = parse_upstream_name(str(raw_name))
         if name in out:
             raise ConfigError(f"upstream {name!r} given twice")
+        if isinstance(endpoints, Mapping):
+            unknown = set(map(str, endpoints)) - {"endpoints", "mesh"}
+            if unknown:
+                raise ConfigError(f"upstream {name!r}: unknown key(s) {sorted(unknown)}; "
+                                  "known: endpoints, mesh")
+            endpoints = endpoints.get("endpoints")
         out[name] = parse_endpoints(name, endpoints)
     return out
+
+
+def parse_external_upstreams(value: Any) -> frozenset[str]:
+    """The names of a file's upstreams declared outside the mesh (``mesh: false``)."""
+    out: set[str] = set()
+    for raw_name, spec in value.items():
+        if isinstance(spec, Mapping) and "mesh" in spec:
+            mesh = spec["mesh"]
+            if not isinstance(mesh, bool):
+                raise ConfigError(f"upstream {raw_name!r}: mesh must be true or false, "
+                                  f"got {_shown(mesh)}")
+            if not mesh:
+                out.add(parse_upstream_name(str(raw_name)))
+    return frozenset(out)
 
 
 def _shown(value: Any) -> str:
@@ -447,6 +479,7 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                     out[key] = flags
                 else:
                     out[key] = parse_upstreams_mapping(value)
+                    out["external_upstreams"] = parse_external_upstreams(value)
             elif key == "strategy":
                 name = _parse_choice(value, "strategy", PROFILE_NAMES)
                 get_profile(name)
@@ -506,6 +539,8 @@ class ConfigSource:
                 # listener limits merge key by key (the environment sets them one by one)
                 merged[key] = {**merged.get(key, {}), **value} if key == "listener" else value
                 sources[key] = layer
+                if key == "upstreams":  # a layer's upstreams come with its mesh declarations
+                    merged["external_upstreams"] = frozenset()
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
         discovery = parse_discovery(
@@ -517,6 +552,7 @@ class ConfigSource:
             outbound=merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
             admin=merged.get("admin") or parse_listen(DEFAULT_ADMIN),
             upstreams=merged.get("upstreams", {}),
+            external_upstreams=merged.get("external_upstreams", frozenset()),
             strategy=merged.get("strategy", DEFAULT_STRATEGY),
             policy=merged.get("policy", DEFAULT_POLICY),
             drain_timeout=merged.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT),

@@ -56,6 +56,15 @@ class ErrorReason(StrEnum):
     """501: the transport cannot carry WebSockets."""
     WEBSOCKET_HANDSHAKE_FAILED = "websocket-handshake-failed"
     """502: the upstream (or the app) refused the upgrade."""
+    # the caller's own conduct (inbound; issue 14)
+    UPLOAD_TIMEOUT = "upload-timeout"
+    """408: the request body did not arrive within the upload deadline (:mod:`sidecar.upload`)."""
+    UPLOAD_ABANDONED = "upload-abandoned"
+    """400: the client went away before its request body was complete (seen only in metrics)."""
+    WEBSOCKET_LIMIT = "websocket-limit"
+    """429: the caller already has its maximum of open WebSockets through the inbound listener."""
+    FOREIGN_CALLER = "foreign-caller"
+    """The outbound listener refused a connection from outside the pod (closed, metric only)."""
     # policing (JSON bodies only; counted by the policing metrics)
     BAD_BID = "bad-bid"
     """400: a malformed ``X-Equilibrium-Bid`` from the app, or ``X-GT-Bid`` from a caller."""

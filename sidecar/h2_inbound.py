@@ -4,12 +4,14 @@ Owns the per-stream path of a caller's h2c request to the local app (the inbound
 socket tells h2c from HTTP/1.1 by the preface, :mod:`sidecar.h2_site`, and hands each stream
 here). A stream goes through the same decisions as an HTTP/1.1 request
 (:class:`sidecar.inbound_policing.InboundPolicing`, shared with :mod:`sidecar.inbound`):
-identity, bid, the caller's standing, a slot under the app's concurrency limit or a place in
-the bid queue. Then it is relayed to the app over h2c (a small multiplexed pool to the app's
-port, :mod:`sidecar.h2_client`) with headers, DATA and trailers both ways and flow control
+identity (bound to ``:method``, ``:authority`` and ``:path``; single-use), bid, the caller's
+standing, a slot under the app's concurrency limit or a place in the bid queue. Then it is
+relayed to the app over h2c (a small multiplexed pool to the app's port,
+:mod:`sidecar.h2_client`) with headers, DATA and trailers both ways and flow control
 end to end; every ``X-GT-*`` header is stripped on the way in (from the caller) and out (from
 the app), and the answer's head carries the signals (``x-gt-congestion``,
-``x-gt-reputation``, ``x-gt-price``; HTTP/2 header names are lower case).
+``x-gt-reputation``, ``x-gt-price``, and ``x-gt-signals`` signing them over the caller's
+``x-gt-challenge``; HTTP/2 header names are lower case).
 
 Refusals are the caller's protocol: for a gRPC caller a trailers-only answer whose
 ``grpc-status`` is RESOURCE_EXHAUSTED (punished, queue full, queue timeout, local rate
@@ -47,6 +49,7 @@ from sidecar.h2_server import ServerStream
 from sidecar.inbound_policing import InboundOutcome, Refusal, Verdict
 from wire import grpc_status as grpc
 from wire.headers import is_gt_header
+from wire.identity import BoundRequest
 
 if TYPE_CHECKING:
     from sidecar.inbound import InboundProxy
@@ -116,8 +119,11 @@ class _Call:
         for name, value in stream.request:
             if not name.startswith(b":"):
                 headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        target = (stream.header(b":path") or b"").decode("latin-1")
-        verdict, policed = policing.police(headers, target, now)
+        authority = stream.header(b":authority") or stream.header(b"host") or b""
+        bound = BoundRequest((stream.header(b":method") or b"").decode("latin-1"),
+                             authority.decode("latin-1"),
+                             (stream.header(b":path") or b"").decode("latin-1"))
+        verdict, policed = policing.police(headers, bound, now)
         if isinstance(policed, Refusal):
             return await self.reply(verdict, policed)
         if policed is not None:
@@ -196,6 +202,7 @@ class _Call:
             if finished:
                 self.owner.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
                 self.owner.metrics.app_latency.observe(now - started)
+                proxy.probes.record(now, (first if first is not None else now) - started)
 
     async def relay(self, verdict: Verdict, upstream: ClientStream, head_by: float,
                     deadline: float | None) -> tuple[float | None, bool]:

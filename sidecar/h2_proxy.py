@@ -28,9 +28,10 @@ call that reached an endpoint is never sent again. The app resetting a stream (o
 is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
 
 The phases run are ``request_check`` (the protocol-neutral part of ``request_filter``: the
-punished back-off, the app's bid), ``upstream_pick``, ``upstream_request_filter`` (X-GT-Regret,
-the signed identity and bid), ``response_filter`` (on the answer's head, with the upstream's
-X-GT-* in ``ctx.game_response_headers``: the price, the back-off) and ``logging``. A
+punished back-off, the app's bid), ``upstream_pick``, ``upstream_request_filter`` (the retry
+mark, the challenge, the signed identity and bid), ``response_signals`` (only signed X-GT-*
+are believed), ``response_filter`` (on the answer's head, with the believed X-GT-* in
+``ctx.game_response_headers``: the price, the back-off) and ``logging``. A
 back-off answer is RESOURCE_EXHAUSTED for a gRPC caller, and a RESOURCE_EXHAUSTED whose
 ``X-GT-Reputation`` says this caller is punished is the caller's doing, not the endpoint's
 failure (as a 429 is for HTTP/1.1).
@@ -66,7 +67,6 @@ from wire.standing import parse_standing
 log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to send again after a refused stream
-CONGESTION_NAME = CONGESTION.lower().encode()
 
 
 class H2Outbound:
@@ -326,7 +326,7 @@ class _Call:
                     elif kind == "trailers":
                         if first is None:
                             first = proxy.clock()
-                        trailers, _ = self.response_headers(payload, {})
+                        trailers, _ = self.response_headers(payload, None)
                         status = grpc.status_of(trailers)
                         stream.send_headers(trailers, end_stream=True)
                         break
@@ -373,22 +373,29 @@ class _Call:
                 self.outcome(sent, first, False, "proxy-error")
 
     def response_headers(self, headers: Headers,
-                         game: dict[str, str]) -> tuple[Headers, float | None]:
-        """The upstream's headers without X-GT-* (collected in ``game``, name -> value); the
-        congestion it announced, if valid."""
+                         game: dict[str, str] | None) -> tuple[Headers, float | None]:
+        """The upstream's headers without X-GT-*; those the ``response_signals`` phase
+        believes (signed over this attempt's challenge: :mod:`sidecar.identity_phase`) go
+        into ``game`` (lower-case name -> value), and the congestion among them, if valid.
+        ``game`` None (trailers): the X-GT-* are only stripped."""
         out: Headers = []
         congestion: float | None = None
+        received: dict[str, str] = {}
         for name, value in headers:
             if not is_gt_header(name.decode("latin-1")):
                 out.append((name, value))
-                continue
-            game[name.decode("latin-1")] = value.decode("latin-1")
-            if name == CONGESTION_NAME:
-                try:
-                    congestion = parse_congestion(value.decode("latin-1"))
-                except WireError:
-                    self.proxy.metrics.rejected_headers.labels(CONGESTION.lower(),
-                                                               "malformed").inc()
+            else:
+                received[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if game is None or not received:
+            return out, congestion
+        game.update(self.proxy.phases.response_signals(self.ctx, received))
+        raw = game.get(CONGESTION.lower())
+        if raw is not None:
+            try:
+                congestion = parse_congestion(raw)
+            except WireError:
+                self.proxy.metrics.rejected_headers.labels(CONGESTION.lower(),
+                                                           "malformed").inc()
         return out, congestion
 
     def response_filter(self, head: Headers) -> Headers:

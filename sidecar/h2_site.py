@@ -18,7 +18,7 @@ On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and HTTP/1.1 
 flight, then are closed. Transparent interception has its own site
 (:mod:`sidecar.transparent`), which tells h2c apart with :func:`sniff_preface` too. The
 inbound listener uses this site as well (its handler: :mod:`sidecar.h2_inbound`), with its
-HTTP/1.1 still served by aiohttp.
+HTTP/1.1 still served by aiohttp, each connection under :mod:`sidecar.inbound_site`'s guard.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from aiohttp import web
 from sidecar.h2_server import H2Limits, H2ServerConnection, Handler
 from sidecar.http1.server import H1Connection, H1Limits
 from sidecar.http1.server import Handler as H1Handler
+from sidecar.inbound_site import InboundGuards, quiet_accept_errors
+from sidecar.local_callers import PeerCheck
 from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ class OutboundSite(web.BaseSite):
     ``connections`` may be shared between them so one drain covers both.
     """
 
-    __slots__ = ("_conns", "_drain_timeout", "_h1_limits", "_handler", "_host", "_http1",
-                 "_limits", "_max_connections", "_metrics", "_port", "_shared", "_sniff_timeout")
+    __slots__ = ("_accept_from", "_conns", "_drain_timeout", "_guards", "_h1_limits", "_handler",
+                 "_host", "_http1", "_limits", "_max_connections", "_metrics", "_port", "_shared",
+                 "_sniff_timeout")
 
     def __init__(
         self,
@@ -87,10 +90,14 @@ class OutboundSite(web.BaseSite):
         connections: Connections | None = None,
         http1: H1Handler | None = None,
         http1_limits: H1Limits | None = None,
+        accept_from: PeerCheck | None = None,
+        guards: InboundGuards | None = None,
     ) -> None:
         super().__init__(runner)
         self._http1 = http1
         self._h1_limits = http1_limits or H1Limits()
+        self._accept_from = accept_from  # who may connect (sidecar.local_callers)
+        self._guards = guards  # the inbound listener's HTTP/1.1 defences (sidecar.inbound_site)
         self._host, self._port = host, port
         self._handler = handler
         self._metrics = metrics
@@ -109,6 +116,8 @@ class OutboundSite(web.BaseSite):
         await super().start()
         self._metrics.connections_open.set_function(self.open_connections)
         loop = asyncio.get_running_loop()
+        if self._guards is not None:
+            quiet_accept_errors(loop, self._guards.metrics)
         self._server = await loop.create_server(
             lambda: _Sniff(self), self._host, self._port, backlog=self._backlog,
             reuse_address=True,
@@ -161,8 +170,8 @@ class OutboundSite(web.BaseSite):
         self._metrics.connections.labels("http1").inc()
         server = self._runner.server
         assert server is not None
-        if self._http1 is None:
-            return server()  # aiohttp's HTTP/1.1 protocol for this connection
+        if self._http1 is None:  # aiohttp's HTTP/1.1 protocol for this connection
+            return server() if self._guards is None else self._guards.wrap(server())
         h1 = H1Connection(self._http1, limits=self._h1_limits, metrics=self._metrics,
                           fallback=server, on_close=self._shared.http1.discard)
         self._shared.http1.add(h1)
@@ -176,6 +185,8 @@ def outbound_site(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     http1: H1Handler | None = None,
     http1_limits: H1Limits | None = None,
+    accept_from: PeerCheck | None = None,
+    guards: InboundGuards | None = None,
 ) -> Callable[[web.AppRunner, str, int], web.BaseSite]:
     """The runner's site factory for the outbound listener: its sockets (``0.0.0.0`` and the
     ``[::]`` twin) share the metrics, one set of HTTP/2 connections to drain and one
@@ -186,7 +197,8 @@ def outbound_site(
         return OutboundSite(runner, host, port, handler=handler, metrics=metrics,
                             drain_timeout=drain_timeout, limits=limits,
                             sniff_timeout=sniff_timeout, max_connections=max_connections,
-                            connections=connections, http1=http1, http1_limits=http1_limits)
+                            connections=connections, http1=http1, http1_limits=http1_limits,
+                            accept_from=accept_from, guards=guards)
 
     return site
 
@@ -204,6 +216,10 @@ class _Sniff(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        check = self.site._accept_from
+        if check is not None and not check(transport):
+            transport.abort()
+            return
         self._count(True)
         if not self.site.admit():
             self._count(False)

@@ -4,8 +4,16 @@
 defaults, correlated-equilibrium recommendations, …) and adds, on every request the app
 sends through the outbound listener:
 
-- ``X-GT-Identity``: this sidecar's ``--id`` signed with the mesh key (:mod:`wire.identity`),
-  so the upstream's inbound side can tell callers apart and police each one;
+- ``X-GT-Identity``: this sidecar's ``--id`` signed with the mesh key for this one request
+  (method, ``Host``, target, a fresh nonce; :mod:`wire.identity`), so the upstream's inbound
+  side can tell callers apart and police each one; with ``X-GT-Bid`` and ``X-GT-Retry`` it
+  goes only to endpoints in the mesh (:mod:`sidecar.membership`); every attempt carries a
+  fresh ``X-GT-Challenge``;
+- **signed answers only**: the answer's ``X-GT-Congestion``, ``X-GT-Reputation`` and
+  ``X-GT-Price`` are believed only with a valid ``X-GT-Signals`` over them, the challenge
+  and the request (:mod:`wire.signals`); a standing or a price only when signed about this
+  caller. Anything else is dropped and counted (``equilibrium_caller_bad_signals{header=
+  "x-gt-signals"}``): a server outside the mesh cannot make this caller back off;
 - ``X-GT-Bid``: the app's bid from the ``X-Equilibrium-Bid`` request header (never forwarded
   itself), or the configured ``policing.default_bid``; a malformed app bid is answered 400
   and counted, never forwarded; the price charged comes back to the app as
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,12 +45,23 @@ from multidict import CIMultiDict
 from mesh.reputation import ANONYMOUS
 from sidecar.errors import ErrorReason
 from sidecar.exchange import Answer, RequestHead, json_answer
+from sidecar.membership import MeshMembership
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext, RequestHeaders
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
-from wire.errors import WireError
-from wire.headers import BID, IDENTITY, PRICE, REPUTATION
-from wire.identity import CALLER_ID_PATTERN, sign_identity
+from wire.errors import Reason, WireError
+from wire.headers import (
+    BID,
+    CHALLENGE,
+    CONGESTION,
+    IDENTITY,
+    PRICE,
+    REPUTATION,
+    SIGNALS,
+    is_gt_header,
+)
+from wire.identity import CALLER_ID_PATTERN, BoundRequest, new_nonce, sign_identity
+from wire.signals import AnsweredRequest, SignedSignals, verify_signals
 from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
@@ -63,8 +83,12 @@ class CallerPhases(ProxyPhases):
         metrics: CallerMetrics,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        membership: MeshMembership | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.inner = inner or ProxyPhases()
+        self.membership = membership or MeshMembership()
+        self.random_bytes = random_bytes
         self.caller_id = caller_id
         self.mesh_key = mesh_key
         self.default_bid = default_bid
@@ -135,13 +159,55 @@ class CallerPhases(ProxyPhases):
     def upstream_request_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         self.inner.upstream_request_filter(ctx, headers)
         headers.popall(APP_BID_HEADER, None)
-        if not self.signing:
+        ctx.extra.pop("identity_sent", None)
+        if self.mesh_key is None:
+            ctx.extra.pop("challenge", None)
+            return
+        challenge = new_nonce(self.random_bytes(12))  # fresh per attempt
+        ctx.extra["challenge"] = challenge
+        for name in [n for n in headers if is_gt_header(n)]:  # X-GT-Retry
+            if not self.membership.admits(ctx):
+                headers.popall(name, None)
+        headers[CHALLENGE] = challenge
+        if not self.signing or not self.membership.admits(ctx):
             return
         assert self.mesh_key is not None
-        headers[IDENTITY] = sign_identity(self.caller_id, self.mesh_key, self.wall_clock())
+        bound = BoundRequest(ctx.method, headers.get("Host") or ctx.authority, ctx.target)
+        headers[IDENTITY] = sign_identity(self.caller_id, self.mesh_key, self.wall_clock(),
+                                          bound, challenge)
+        ctx.extra["identity_sent"] = True
         bid = ctx.extra.get("bid", self.default_bid)
         if isinstance(bid, float | int) and bid > 0:
             headers[BID] = format_bid(float(bid))
+
+    def response_signals(self, ctx: RequestContext, game: dict[str, str]) -> dict[str, str]:
+        """Keep the answer's signals only if its ``X-GT-Signals`` verifies (module doc)."""
+        game = self.inner.response_signals(ctx, game)
+        names = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower())
+        signals = SignedSignals(*(game.get(name) for name in names))
+        sent = [name for name in (*names, SIGNALS.lower()) if name in game]
+        if not sent:
+            return {}
+        challenge = ctx.extra.get("challenge")
+        if self.mesh_key is None or not isinstance(challenge, str):
+            self.metrics.bad_signals.labels(SIGNALS.lower(), Reason.UNSIGNED).inc()
+            return {}
+        verdict = verify_signals(game.get(SIGNALS.lower()), self.mesh_key,
+                                 AnsweredRequest(challenge, ctx.method, ctx.target), signals)
+        if verdict.reason is not None:
+            self.metrics.bad_signals.labels(SIGNALS.lower(), verdict.reason).inc()
+            log.info("%s %s: ignored the answer's %s: %s", ctx.upstream, ctx.endpoint,
+                     "/".join(sent), verdict.reason)
+            return {}
+        if ctx.endpoint and self.membership.prove(ctx.endpoint):
+            log.info("%s %s: a sidecar of the mesh (signed answer)", ctx.upstream, ctx.endpoint)
+        believed = {CONGESTION.lower(): signals.congestion} if signals.congestion else {}
+        if verdict.caller == self.caller_id and ctx.extra.get("identity_sent"):
+            believed.update({name: value for name, value in zip(
+                names[1:], (signals.reputation, signals.price), strict=True) if value})
+        elif ctx.extra.get("identity_sent"):  # signed about someone else: relayed
+            self.metrics.bad_signals.labels(SIGNALS.lower(), Reason.WRONG_CALLER).inc()
+        return believed
 
     def response_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         self.inner.response_filter(ctx, headers)

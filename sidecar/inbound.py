@@ -2,8 +2,10 @@
 
 Owns the request path from the network to the local app (``--inbound HOST:PORT --app URL``):
 
-1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`wire.identity`).
-   A missing, malformed, forged or expired identity is never trusted: the caller is
+1. **Identity.** ``X-GT-Identity`` is verified with the mesh key (:mod:`wire.identity`)
+   against the request it arrived on (method, ``Host``, target), and its nonce may be used
+   once (:class:`wire.nonces.NonceBook`; a second use is ``replayed``).
+   A missing, malformed, forged, expired or replayed identity is never trusted: the caller is
    ``anonymous``, one shared bucket with the strictest treatment, and every other ``X-GT-*``
    header it sent (bid, retry mark) is ignored. Without a mesh key nobody can be verified,
    so every caller is anonymous (a warning is logged at start).
@@ -18,14 +20,21 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    over its fair share of the congested app bids 0: priority is bought only within the norm),
    the highest bids are admitted as slots free and pay the highest losing bid (second price);
    a request that waits longer than ``max_wait`` (or is pushed out of a full queue) gets 503.
+   A request with a body asks for a slot only once its body has arrived (:mod:`sidecar.upload`:
+   buffered up to ``upload_buffer`` bytes, all of it within ``upload_timeout``, else 408), so
+   a slow upload holds no slot; a late or abandoned upload counts against its caller.
    The rules are :mod:`mesh.admission`'s; here each waiter is a future that the gate's
    decisions answer.
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
    headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
    ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
-   A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot).
+   A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot, but a
+   caller may hold at most ``websocket_max_per_caller`` open, and messages are bounded by
+   ``websocket_max_message``: :mod:`sidecar.websocket`).
 6. **Signals back.** Every response carries ``X-GT-Congestion`` and ``X-GT-Reputation``;
-   admitted responses carry ``X-GT-Price``.
+   admitted responses carry ``X-GT-Price``; with a mesh key and the caller's
+   ``X-GT-Challenge``, ``X-GT-Signals`` signs them (:mod:`wire.signals`), so the caller's
+   sidecar can tell them from a forgery.
 
 The game logic is :mod:`mesh`'s; steps 1-4 and 6 are :mod:`sidecar.inbound_policing`'s
 (shared with the HTTP/2 streams of the same port, :mod:`sidecar.h2_inbound`); this module
@@ -43,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +75,9 @@ from sidecar.forward import (
 )
 from sidecar.http1.client import H1Transport
 from sidecar.inbound_policing import OTHER, InboundOutcome, InboundPolicing, Refusal, Verdict
-from sidecar.metrics import InboundMetrics
+from sidecar.metrics import InboundMetrics, ProbeAnswerMetrics
 from sidecar.policing_config import PolicingSettings
+from sidecar.probe_answer import ProbeResponder, is_probe
 from sidecar.transport import (
     BODY_READ_ERRORS,
     HandshakeRefused,
@@ -77,11 +87,23 @@ from sidecar.transport import (
     WebSocketDialer,
     classify,
 )
-from sidecar.websocket import accept_like, is_websocket, relay_websocket
+from sidecar.upload import (
+    UploadDeadline,
+    UploadFailed,
+    UploadFailure,
+    UploadMemory,
+    receive_upload,
+    release,
+    upload_rest,
+)
+from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
+from wire.identity import BoundRequest
 
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_INTERVAL = 0.5
+
+
 def _gone(request: web.Request) -> bool:
     """Whether the caller's connection is closed or closing."""
     transport = request.transport
@@ -150,6 +172,7 @@ class InboundProxy:
         self._own_transport: H1Transport | None = None
         if transport is None:
             transport = self._own_transport = H1Transport(connect_timeout=connect_timeout)
+            transport.websocket_max_message = settings.websocket_max_message
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self.via = f"1.1 {sidecar_id}"
@@ -161,7 +184,14 @@ class InboundProxy:
         self.labels, self.gate = self.policing.labels, self.policing.gate
         self.book, self.limiter, self.auction = self.gate.book, self.gate.limiter, self.gate.auction
         self.bucket = self.policing.bucket
+        self.upload_memory = UploadMemory(settings.upload_memory)
         self._shown: set[str] = set()  # callers with per-caller gauges right now
+        self._websockets: dict[str, int] = {}  # caller -> WebSockets open
+        self._oversized = oversized_counter(metrics.registry, "inbound")
+        self.probes = ProbeResponder(  # answers probes itself (sidecar.probe_answer)
+            self, mesh_key=mesh_key, metrics=ProbeAnswerMetrics(metrics.registry),
+            max_skew=settings.identity_max_skew, clock=clock, wall_clock=wall_clock,
+            nonces=self.policing.nonces)
 
     @property
     def in_flight(self) -> int:
@@ -257,21 +287,44 @@ class InboundProxy:
         """``in_flight / limit``, and 1 while anyone waits in the bid queue."""
         return self.gate.congestion()
 
+    def probe_load(self) -> tuple[float, int]:
+        """(congestion level, concurrency limit) for a probe answer."""
+        return self._congestion(), self.limiter.limit
+
     # ------------------------------------------------------------ request path
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if is_probe(request):  # answered here, never forwarded to the app
+            return self.probes.answer(request)
         now = self.clock()
-        verdict, policed = self.policing.police(request.headers, request.raw_path, now)
+        bound = BoundRequest(request.method, request.headers.get("Host", ""), request.raw_path)
+        verdict, policed = self.policing.police(request.headers, bound, now)
         if isinstance(policed, Refusal):
             return self._reply(verdict, policed)
         if policed is None:  # a baseline mode: no slot
             return await self._forward(request, verdict, tracked=False)
         if is_websocket(request):  # long-lived: policed at the handshake, holds no slot
             return await self._websocket(request, verdict)
-        admission = await self.policing.admit(verdict, policed, now)
-        if isinstance(admission, Refusal):
-            return self._reply(verdict, admission)
-        return await self._forward(request, verdict, tracked=True)
+        body: AsyncIterable[bytes] | None = None
+        deadline: UploadDeadline | None = None
+        if request.body_exists:  # the body first: its upload time holds no slot
+            deadline = UploadDeadline(asyncio.get_running_loop().time()
+                                      + self.settings.upload_timeout)
+            try:
+                upload = await receive_upload(request.content, deadline,
+                                              self.settings.upload_buffer, self.upload_memory)
+            except UploadFailed as exc:
+                release(deadline, self.upload_memory)
+                return await self._upload_failed(request, verdict, exc.failure)
+            body = upload_rest(upload, request.content, deadline)
+        try:
+            admission = await self.policing.admit(verdict, policed, now)
+            if isinstance(admission, Refusal):
+                return self._reply(verdict, admission)
+            return await self._forward(request, verdict, tracked=True, body=body,
+                                       upload=deadline)
+        finally:
+            release(deadline, self.upload_memory)
 
     def _deliver(self, woken: tuple[Woken, ...]) -> None:
         """Hand waiters what the gate decided for them."""
@@ -280,14 +333,18 @@ class InboundProxy:
     # ------------------------------------------------------------ forwarding
 
     async def _forward(
-        self, request: web.Request, verdict: Verdict, *, tracked: bool
+        self, request: web.Request, verdict: Verdict, *, tracked: bool,
+        body: AsyncIterable[bytes] | None = None, upload: UploadDeadline | None = None,
     ) -> web.StreamResponse:
-        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot."""
+        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot.
+        ``body``: the request body as received (:mod:`sidecar.upload`, under the ``upload``
+        deadline); None: streamed from the client as it comes."""
         headers, _ = request_headers_to_upstream(
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via
         )
         headers.popall("Expect", None)
-        body = relay_chunks(request.content, self.request_timeout) if request.body_exists else None
+        if body is None and request.body_exists:
+            body = relay_chunks(request.content, self.request_timeout)
         started = self.clock()
         finished_ok = False
         self.in_flight += 1
@@ -299,6 +356,8 @@ class InboundProxy:
                         headers, body,
                     ))
             except (TransportError, TimeoutError) as exc:
+                if upload is not None and upload.failure is not None:  # the client's fault
+                    return await self._upload_failed(request, verdict, upload.failure)
                 failure = classify(exc)
                 self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
                 log.info("app %s: %s", self.app_url, failure.detail)
@@ -342,12 +401,31 @@ class InboundProxy:
                 self._deliver(self.gate.finish(now, now - started if finished_ok else None))
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
+                self.probes.record(now, now - started)
 
     async def _websocket(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""
         if self._dialer is None:
             return self._answer(verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
                                 "this sidecar's transport cannot carry WebSockets", {})
+        caller, cap = verdict.caller, self.settings.websocket_max_per_caller
+        if self._websockets.get(caller, 0) >= cap:  # WebSockets count against their caller
+            self.metrics.requests.labels(verdict.label, InboundOutcome.WEBSOCKET_LIMIT).inc()
+            return self._answer(verdict, 429, ErrorReason.WEBSOCKET_LIMIT,
+                                f"caller {caller!r} already has {cap} WebSockets open", {},
+                                {"Retry-After": "1"})
+        self._websockets[caller] = self._websockets.get(caller, 0) + 1
+        try:
+            return await self._bridge(request, verdict)
+        finally:
+            left = self._websockets.get(caller, 1) - 1
+            if left > 0:
+                self._websockets[caller] = left
+            else:
+                self._websockets.pop(caller, None)
+
+    async def _bridge(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
+        assert self._dialer is not None
         headers, _ = request_headers_to_upstream(  # handshake headers: the dialer drops them
             request.headers, client_ip=request.remote, proto=request.scheme, via=self.via)
         try:
@@ -362,10 +440,36 @@ class InboundProxy:
             failure = classify(exc)
             self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             return self._answer(verdict, failure.status, failure.reason, failure.detail, {})
-        downstream = accept_like(upstream)
+        downstream = accept_like(upstream, self.settings.websocket_max_message)
         self._signal_headers(downstream.headers, verdict)
         self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
-        return await relay_websocket(request, downstream, upstream)
+        return await relay_websocket(request, downstream, upstream, self._oversized)
+
+    async def _upload_failed(
+        self, request: web.Request, verdict: Verdict, failure: UploadFailure
+    ) -> web.StreamResponse:
+        """A body that came too slowly (408) or not at all: counted against its caller, and
+        the connection closed once the answer is out (the rest of the body is not read)."""
+        timeout = failure is UploadFailure.TIMEOUT
+        outcome = InboundOutcome.UPLOAD_TIMEOUT if timeout else InboundOutcome.UPLOAD_ABANDONED
+        self.metrics.requests.labels(verdict.label, outcome).inc()
+        self.metrics.slow_uploads.labels(verdict.label, failure).inc()
+        self._deliver(self.gate.defect(verdict.caller, self.clock()))
+        verdict.decision = None  # the standing as it is after the defection
+        message = (f"the request body did not arrive within {self.settings.upload_timeout:g} s"
+                   if timeout else "the request body was abandoned")
+        response = self._answer(verdict, 408 if timeout else 400,
+                                ErrorReason.UPLOAD_TIMEOUT if timeout
+                                else ErrorReason.UPLOAD_ABANDONED, message, {})
+        response.force_close()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if timeout and request.transport is not None and not request.transport.is_closing():
+                await response.prepare(request)
+                await response.write_eof()
+        protocol = request.protocol
+        if hasattr(protocol, "force_close"):  # no lingering read of the rest of the body
+            protocol.force_close()
+        return response
 
     # ------------------------------------------------------------ answers
 

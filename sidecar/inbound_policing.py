@@ -5,7 +5,10 @@ sees it, for the HTTP/1.1 path (:mod:`sidecar.inbound`) and the HTTP/2 one
 (:mod:`sidecar.h2_inbound`) alike:
 
 1. **Identity** (:meth:`InboundPolicing.identify`): ``X-GT-Identity`` verified with the mesh
-   key; otherwise the caller is ``anonymous`` and its other ``X-GT-*`` headers are ignored.
+   key against the request it arrived on (method, ``Host`` or ``:authority``, target:
+   :class:`wire.identity.BoundRequest`), its nonce used once (:class:`wire.nonces.NonceBook`;
+   a second use is ``replayed``); otherwise the caller is ``anonymous`` and its other
+   ``X-GT-*`` headers are ignored.
 2. **Checks and policing** (:meth:`InboundPolicing.police`): the target must be a path; in
    the baselines only the ``token-bucket`` limit applies; a trusted caller's ``X-GT-Bid`` is
    parsed and ``X-GT-Retry`` read; then :meth:`mesh.admission.AdmissionGate.police` judges
@@ -14,7 +17,9 @@ sees it, for the HTTP/1.1 path (:mod:`sidecar.inbound`) and the HTTP/2 one
    (each waiter is a future that the gate's decisions answer), or a refusal.
 4. **The end** (:meth:`InboundPolicing.finish`): the slot goes back with the app's RTT.
 5. **Signals back** (:meth:`InboundPolicing.signal_headers`): ``X-GT-Congestion``,
-   ``X-GT-Reputation`` and (admitted) ``X-GT-Price``.
+   ``X-GT-Reputation`` and (admitted) ``X-GT-Price``; with a mesh key and the caller's
+   ``X-GT-Challenge``, ``X-GT-Signals`` signs them (:mod:`wire.signals`), so the caller's
+   sidecar can tell them from a forgery.
 
 A refusal is a :class:`Refusal` (status, reason, message, extra headers), counted here; the
 listener writes it in its own protocol (a JSON body, or a gRPC status). What it must not do:
@@ -43,16 +48,20 @@ from wire.bid import format_price, parse_bid
 from wire.errors import Reason, WireError
 from wire.headers import (
     BID,
+    CHALLENGE,
     CONGESTION,
     IDENTITY,
     PRICE,
     REPUTATION,
     RETRY,
+    SIGNALS,
     format_congestion,
     is_gt_header,
     parse_retry,
 )
-from wire.identity import IdentityRejection, verify_identity
+from wire.identity import BoundRequest, IdentityRejection, verify_identity
+from wire.nonces import NonceBook
+from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing
 
 log = logging.getLogger(__name__)
@@ -83,6 +92,12 @@ class InboundOutcome(StrEnum):
     """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
     APP_ERROR = "app-error"
     """The app did not answer (or refused a WebSocket upgrade): 502/504."""
+    UPLOAD_TIMEOUT = "upload-timeout"
+    """408: the request body did not arrive within ``upload_timeout`` (:mod:`sidecar.upload`)."""
+    UPLOAD_ABANDONED = "upload-abandoned"
+    """The client went away before its request body was complete."""
+    WEBSOCKET_LIMIT = "websocket-limit"
+    """429: the caller already has ``websocket_max_per_caller`` WebSockets open."""
     CALLER_HUNG_UP = "caller-hung-up"
     """The caller closed its connection before the app's answer was written back (the app
     answered; nothing is charged to it and nothing is logged as an error)."""
@@ -162,6 +177,7 @@ class Verdict:
     label: str
     decision: Decision | None = None
     price: float | None = None
+    answered: AnsweredRequest | None = None  # what X-GT-Signals binds to
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +224,7 @@ class InboundPolicing:
         )
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst,
                                      clock())
+        self.nonces = NonceBook(settings.identity_max_skew)  # identities are single-use
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self.in_flight = 0  # requests at the app through this listener (both protocols)
 
@@ -218,23 +235,30 @@ class InboundPolicing:
 
     # ------------------------------------------------------------ before the app
 
-    def identify(self, headers: HeaderView) -> tuple[str, bool]:
-        """The caller (``anonymous`` unless its identity verifies) and whether it is trusted."""
+    def identify(self, headers: HeaderView, bound: BoundRequest) -> tuple[str, bool]:
+        """The caller (``anonymous`` unless its identity verifies for ``bound``, the request
+        it arrived on, and its nonce is new) and whether it is trusted."""
         header = headers.get(IDENTITY)
         if self.mesh_key is None:
             self.metrics.identity.labels(Reason.NO_KEY if header else Reason.MISSING).inc()
             trusted = False
         else:
-            checked = verify_identity(header, self.mesh_key, self.wall_clock(),
-                                      self.settings.identity_max_skew)
+            now = self.wall_clock()
+            checked = verify_identity(header, self.mesh_key, now,
+                                      self.settings.identity_max_skew, bound)
             if isinstance(checked, IdentityRejection):
                 self.metrics.identity.labels(checked.reason).inc()
+                trusted = False
+            elif not self.nonces.first_use(checked.nonce, checked.issued_at, now):
+                self.metrics.identity.labels(Reason.REPLAYED).inc()
+                log.info("a replayed identity of %r (%s %s): treated as anonymous",
+                         checked.caller, bound.method, bound.target[:64])
                 trusted = False
             else:
                 self.metrics.identity.labels(TRUSTED).inc()
                 return checked.caller, True
         ignored = sum(1 for name in headers if is_gt_header(name)
-                      and name.lower() != IDENTITY.lower())
+                      and name.lower() not in (IDENTITY.lower(), CHALLENGE.lower()))
         if ignored:
             self.metrics.stripped.labels(HeaderDrop.UNTRUSTED).inc(ignored)
         return ANONYMOUS, trusted
@@ -251,13 +275,19 @@ class InboundPolicing:
         return True
 
     def police(
-        self, headers: HeaderView, target: str, now: float
+        self, headers: HeaderView, request: BoundRequest, now: float
     ) -> tuple[Verdict, Pass | Refusal | None]:
         """Identity, target, bid and the gate's judgement of the caller: :class:`Pass` (go on
         to :meth:`admit`), a :class:`Refusal`, or None (a baseline mode: forward without a
-        slot)."""
-        caller, trusted = self.identify(headers)
+        slot). ``request``: its method, ``Host`` (HTTP/1.1) or ``:authority`` (HTTP/2) and
+        target, which the identity must be bound to and the answer's signals are signed
+        over."""
+        target = request.target
+        caller, trusted = self.identify(headers, request)
         verdict = Verdict(caller, self.labels.of(caller))
+        challenge = headers.get(CHALLENGE)
+        if challenge and self.mesh_key is not None:
+            verdict.answered = AnsweredRequest(challenge, request.method, target)
         if not target.startswith("/"):  # the app is a server, not a proxy
             self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_TARGET).inc()
             return verdict, Refusal(400, ErrorReason.BAD_TARGET,
@@ -381,6 +411,11 @@ class InboundPolicing:
             )
         if verdict.price is not None:
             out[PRICE] = format_price(verdict.price)
+        if verdict.answered is not None and self.mesh_key is not None:
+            signed = sign_signals(self.mesh_key, verdict.answered, verdict.caller, SignedSignals(
+                out.get(CONGESTION), out.get(REPUTATION), out.get(PRICE)))
+            if signed is not None:
+                out[SIGNALS] = signed
         return out
 
     def refuse(self, verdict: Verdict, refused: Reject) -> Refusal:

@@ -256,6 +256,10 @@ class InboundMetrics:
             "share of a congested app")
         self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
                                    "header")
+        self.slow_uploads = counter(
+            "slow_uploads", "Request bodies that missed the upload deadline (timeout, 408) or "
+            "were abandoned half-way, by caller (each counts against the caller's reputation)",
+            "caller", "outcome")
         # the callers' standing (refreshed off the request path)
         self.reputation = gauge(
             "caller_reputation",
@@ -489,7 +493,12 @@ class InboundListenerMetrics(H2Metrics):
             "(http1, h2c)", ["protocol"], **scope)
         self.listener_timeouts = Counter(
             "listener_timeouts", "Inbound-listener connections closed by a timeout, by phase "
-            "(first_bytes, h2_idle)", ["phase"], **scope)
+            "(first_bytes: no byte of a request; header: an HTTP/1.1 head not complete within "
+            "header_timeout; idle: an HTTP/1.1 keep-alive connection idle for "
+            "keepalive_timeout; h2_idle)", ["phase"], **scope)
+        self.accept_errors = Counter(
+            "accept_errors", "accept() failures for lack of file descriptors or memory (any "
+            "listener; logged once per interval)", **scope)
         self.flood_goaways = Counter(
             "h2_flood_goaways", "HTTP/2 caller connections ended with "
             "GOAWAY(ENHANCE_YOUR_CALM), by the budget they ran out of", ["kind"], **scope)
@@ -503,6 +512,36 @@ class InboundListenerMetrics(H2Metrics):
         self.connections_open = Gauge(
             "connections_open", "Connections open on the inbound listener (HTTP/1.1, h2c, "
             "still sniffing)", **scope)
-        self.connections_rejected = Counter(
-            "connections_rejected", "Connections the inbound listener closed at once: its "
-            "connection cap was reached", **scope)
+        self.rejected = Counter(
+            "connections_rejected", "Connections the inbound listener closed at once: past "
+            "its connection cap (cap) or its cap per peer address (per-source)", ["reason"],
+            **scope)
+        self.connections_rejected = self.rejected.labels("cap")
+
+
+# ---------------------------------------------------------------------- probes
+
+
+class ProbeAnswerMetrics:
+    """The inbound side of probes (:mod:`sidecar.probe_answer`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.probes = Counter(
+            "equilibrium_inbound_probes", "Probes received, by result (answered, untrusted, "
+            "malformed, rate-limited, no-key)", ["result"], registry=registry)
+        self.app_checks = Counter(
+            "equilibrium_inbound_app_checks", "Idle checks of the app (policing.app_check_path)"
+            ", by result (ok, failed)", ["result"], registry=registry)
+
+
+class ProberMetrics:
+    """The caller side of probes (:mod:`sidecar.prober`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.probes = Counter(
+            "equilibrium_probes", "Probes sent, by upstream and result (ok, no-answer, "
+            "not-meshed, or why the answer was refused: bad-signature, stale, malformed, ...)",
+            ["upstream", "result"], registry=registry)
+        self.duration = Histogram(
+            "equilibrium_probe_duration_seconds", "Time from sending a probe to its answer",
+            buckets=LATENCY_BUCKETS, registry=registry)

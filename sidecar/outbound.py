@@ -67,7 +67,7 @@ from sidecar.transport import (
 )
 from sidecar.upstreams import UpstreamTable
 from sidecar.watchdog import Watchdog
-from sidecar.websocket import accept_like, is_websocket, relay_websocket
+from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.errors import WireError
 from wire.headers import CONGESTION, parse_congestion
 
@@ -178,6 +178,7 @@ class OutboundProxy:
             )
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
+        self._oversized = oversized_counter(metrics.registry, "outbound")  # 1009 closes
 
     # ------------------------------------------------------------ lifecycle
 
@@ -373,6 +374,7 @@ class OutboundProxy:
     ) -> None:
         try:
             headers, game = response_headers_to_app(upstream.headers, self.via)
+            game = self.phases.response_signals(ctx, game)  # only signed signals are believed
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)
             watchdog.push()
@@ -455,7 +457,8 @@ class OutboundProxy:
             group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
             return self._error(ctx, failure.status, failure.reason, failure.detail)
         self._observe_head(ctx, 101, {}, sent)
-        return await relay_websocket(request, accept_like(upstream_ws), upstream_ws)
+        return await relay_websocket(request, accept_like(upstream_ws), upstream_ws,
+                                     self._oversized)
 
     # ------------------------------------------------------------ errors
 

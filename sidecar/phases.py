@@ -7,7 +7,8 @@ phases it needs by subclassing ``ProxyPhases`` and handing the instance to the r
     request_filter          may answer early (return an ``Answer``) or annotate ``ctx``; its
                             header-only part, ``request_check``, is what HTTP/2 runs
     upstream_pick           choose an endpoint (default: the upstream's policy), per attempt
-    upstream_request_filter edit the headers sent upstream (default: X-GT-Regret, X-GT-Retry)
+    upstream_request_filter edit the headers sent upstream (default: X-GT-Retry)
+    response_signals        which of the answer's X-GT-* signals to believe (default: all)
     response_filter         edit the headers handed back to the app (X-GT-* already consumed)
     logging                 after the response finished or failed (default: debug log line)
 
@@ -26,7 +27,7 @@ from multidict import CIMultiDict
 
 from sidecar.exchange import Answer, RequestHead
 from sidecar.upstreams import UpstreamGroup
-from wire.headers import REGRET, RETRY
+from wire.headers import RETRY
 
 log = logging.getLogger("sidecar.access")
 
@@ -90,10 +91,14 @@ class ProxyPhases:
 
     def upstream_request_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         """Edit the headers sent upstream (app's X-GT-* are already stripped)."""
-        if ctx.group is not None and ctx.group.regret_header:
-            headers[REGRET] = ctx.group.regret_header
         if ctx.attempt > 0:
             headers[RETRY] = str(ctx.attempt)  # 1 = first retry
+
+    def response_signals(self, ctx: RequestContext, game: dict[str, str]) -> dict[str, str]:
+        """The answer's game headers (lower-case names) that may be acted on; default: all.
+        Called before anything reads them (:mod:`sidecar.identity_phase` keeps only signed
+        ones)."""
+        return game
 
     def response_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         """Edit the response headers handed to the app (upstream X-GT-* already consumed)."""

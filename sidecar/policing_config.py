@@ -19,6 +19,16 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       max_caller_labels: 20         # callers with their own metric label; the rest "other"
       debug_callers: 20             # busiest callers shown in the admin /debug/state
       default_bid: 1                # bid this sidecar sends when its app sets none
+      upload_timeout: 30            # seconds for a request body to arrive in full (else 408)
+      upload_buffer: 262144         # bytes of a body received before it asks for an app slot
+      upload_memory: 33554432       # bytes all such buffers hold together (then: streamed)
+      header_timeout: 10            # seconds for a request head (from connect, or the 1st byte)
+      keepalive_timeout: 60         # seconds an idle keep-alive connection stays open
+      max_connections: 4096         # open on the inbound listener (at most half the file limit)
+      max_connections_per_source: 512   # open from one peer address
+      websocket_max_message: 1048576    # bytes of one WebSocket message (larger: close 1009)
+      websocket_max_per_caller: 64      # WebSockets open per caller (more: 429)
+      app_check_path: null          # e.g. /healthz: GET it when the app is idle, for probes
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
       ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
@@ -42,6 +52,14 @@ from urllib.parse import urlsplit
 from mesh.auction import AuctionParams
 from mesh.concurrency import ConcurrencyParams
 from mesh.reputation import LadderRules, PolicingParams
+from sidecar.inbound_site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PER_SOURCE,
+)
+from sidecar.upload import DEFAULT_UPLOAD_BUFFER, DEFAULT_UPLOAD_MEMORY, DEFAULT_UPLOAD_TIMEOUT
+from sidecar.websocket import DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PER_CALLER
 from wire.bid import MAX_BID
 from wire.numerals import ascii_decimal
 
@@ -59,6 +77,16 @@ class PolicingSettings:
     max_caller_labels: int = 20
     debug_callers: int = 20
     default_bid: float = 1.0
+    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
+    upload_buffer: int = DEFAULT_UPLOAD_BUFFER
+    upload_memory: int = DEFAULT_UPLOAD_MEMORY
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    keepalive_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_source: int = DEFAULT_MAX_PER_SOURCE
+    websocket_max_message: int = DEFAULT_MAX_MESSAGE
+    websocket_max_per_caller: int = DEFAULT_MAX_PER_CALLER
+    app_check_path: str | None = None  # sidecar.probe_answer's idle check (None: off)
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
     reputation: PolicingParams = field(default_factory=PolicingParams)
@@ -69,7 +97,9 @@ class PolicingSettings:
 _SECTIONS = ("reputation", "ladder", "concurrency", "auction", "token_bucket")
 _TOP_KEYS = frozenset(
     {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
-     "default_bid", *_SECTIONS}
+     "default_bid", "upload_timeout", "upload_buffer", "upload_memory", "header_timeout",
+     "keepalive_timeout", "max_connections", "max_connections_per_source", "websocket_max_message",
+     "websocket_max_per_caller", "app_check_path", *_SECTIONS}
 )
 
 
@@ -161,8 +191,14 @@ def parse_policing(raw: Any) -> PolicingSettings:
     default_bid = _number(get("default_bid", 1.0), "policing.default_bid")
     if default_bid > MAX_BID:
         raise ValueError(f"policing.default_bid: must be at most {MAX_BID:g}")
+    check = get("app_check_path")
+    if check is not None and (not isinstance(check, str) or not check.startswith("/")
+                              or len(check) > 256 or not check.isascii()
+                              or any(c.isspace() for c in check)):
+        raise ValueError("policing.app_check_path: expected a path such as /healthz")
     settings = PolicingSettings(
         mode=mode,
+        app_check_path=check,
         capacity=capacity,
         max_wait=_number(get("max_wait", 2.0), "policing.max_wait", low=0.001),
         identity_max_skew=_number(get("identity_max_skew", 30.0), "policing.identity_max_skew",
@@ -172,6 +208,27 @@ def parse_policing(raw: Any) -> PolicingSettings:
         debug_callers=int(_number(get("debug_callers", 20), "policing.debug_callers",
                                   integer=True, low=1)),
         default_bid=default_bid,
+        upload_timeout=_number(get("upload_timeout", DEFAULT_UPLOAD_TIMEOUT),
+                               "policing.upload_timeout", low=0.01),
+        upload_buffer=int(_number(get("upload_buffer", DEFAULT_UPLOAD_BUFFER),
+                                  "policing.upload_buffer", integer=True, low=0)),
+        upload_memory=int(_number(get("upload_memory", DEFAULT_UPLOAD_MEMORY),
+                                  "policing.upload_memory", integer=True, low=0)),
+        header_timeout=_number(get("header_timeout", DEFAULT_HEADER_TIMEOUT),
+                               "policing.header_timeout", low=0.01),
+        keepalive_timeout=_number(get("keepalive_timeout", DEFAULT_IDLE_TIMEOUT),
+                                  "policing.keepalive_timeout", low=0.0),
+        max_connections=int(_number(get("max_connections", DEFAULT_MAX_CONNECTIONS),
+                                    "policing.max_connections", integer=True, low=1)),
+        max_connections_per_source=int(_number(
+            get("max_connections_per_source", DEFAULT_MAX_PER_SOURCE),
+            "policing.max_connections_per_source", integer=True, low=1)),
+        websocket_max_message=int(_number(get("websocket_max_message", DEFAULT_MAX_MESSAGE),
+                                          "policing.websocket_max_message", integer=True,
+                                          low=1)),
+        websocket_max_per_caller=int(_number(
+            get("websocket_max_per_caller", DEFAULT_MAX_PER_CALLER),
+            "policing.websocket_max_per_caller", integer=True, low=1)),
         token_bucket_rate=_number(bucket.get("rate", 100.0), "policing.token_bucket.rate",
                                   low=1e-9),
         token_bucket_burst=_number(bucket.get("burst", 100.0), "policing.token_bucket.burst",

@@ -55,16 +55,21 @@ from sidecar.h2_site import outbound_site
 from sidecar.http1.server import H1Limits
 from sidecar.identity_phase import CallerPhases
 from sidecar.inbound import InboundProxy
+from sidecar.inbound_site import InboundGuards, InboundLimits
+from sidecar.local_callers import LocalCallers
+from sidecar.membership import MeshMembership
 from sidecar.metrics import (
     DiscoveryMetrics,
     InboundListenerMetrics,
     InboundMetrics,
+    ProberMetrics,
     SidecarMetrics,
     SignalingMetrics,
     TransparentMetrics,
 )
 from sidecar.outbound import OutboundProxy, split_target, upstream_name
 from sidecar.phases import ProxyPhases
+from sidecar.prober import Prober
 from sidecar.signaling import SidecarSignaling, signaling_settings
 from sidecar.transparent import transparent_outbound
 from sidecar.upstreams import UpstreamTable
@@ -138,10 +143,13 @@ class SidecarRunner:
 
         # Discovery feeds the table; its routes pin requests by destination or authority.
         self.discovery = self._build_discovery()
+        membership = MeshMembership(lambda name: name in self.config.external_upstreams)
         pinned = (_authority_pin(self.discovery, self.table) if self.discovery is not None
                   else None)
         site = None
         transparent = None
+        local = (LocalCallers(self.metrics.registry).admit if config.listener.local_only
+                 else None)  # the outbound listener serves this pod only
         if config.transparent:
             transparent = transparent_outbound(
                 self.table, TransparentMetrics(self.metrics.registry),
@@ -149,6 +157,7 @@ class SidecarRunner:
                 drain_timeout=config.drain_timeout,
                 lookup=self.discovery.route if self.discovery is not None else None,
                 fallback=pinned, header_timeout=config.listener.header_timeout,
+                accept_from=local,
             )
             site, pinned = transparent.site, transparent.pinned_upstream
             log.info("transparent interception: routing redirected connections by their "
@@ -168,6 +177,7 @@ class SidecarRunner:
                 default_bid=config.policing.default_bid,
                 metrics=self.metrics.caller,
                 clock=clock,
+                membership=membership,
             ),
             pinned_upstream=pinned,
             max_attempts=config.max_attempts or self.profile.max_retries + 1,
@@ -199,7 +209,8 @@ class SidecarRunner:
                 max_connections=limits.max_connections,
                 http1=self._serve_http1,
                 http1_limits=H1Limits(header_timeout=limits.header_timeout,
-                                      idle_timeout=limits.idle_timeout))
+                                      idle_timeout=limits.idle_timeout),
+                accept_from=local)
         self.inbound = self._build_inbound(mesh_key)
         self.h2_inbound: H2Inbound | None = None  # set with the inbound listener's site
         self.signaling: SidecarSignaling | None = None
@@ -235,8 +246,15 @@ class SidecarRunner:
         admin = make_admin_app(metrics=self.metrics, readiness=self.readiness, state=self.state)
         self._add_listener("admin", admin, config.admin, drains=False)
         if self.inbound is not None and config.inbound is not None:
-            self._add_listener("inbound", self.inbound.make_app(), config.inbound, drains=True,
-                               site_factory=self._inbound_site(self.inbound))
+            metrics = InboundListenerMetrics(self.metrics.registry, self.h2.h2_metrics)
+            policing = config.policing  # the listener's defences (sidecar.inbound_site)
+            guards = InboundGuards(InboundLimits(
+                policing.header_timeout, policing.keepalive_timeout, policing.max_connections,
+                policing.max_connections_per_source), metrics)
+            inbound_app = self.inbound.make_app()
+            inbound_app.middlewares.append(guards.middleware)
+            self._add_listener("inbound", inbound_app, config.inbound, drains=True,
+                               site_factory=self._inbound_site(self.inbound, metrics, guards))
         # Background tasks, started in this order by run().
         self._background.append(("policy-ticks", self._tick_loop))
         if config.config_file is not None:
@@ -245,6 +263,14 @@ class SidecarRunner:
             self._background.append(("discovery", self.discovery.run))
         if self.inbound is not None:
             self._background.append(("inbound-gauges", self.inbound.refresh_gauges))
+            self._background.append(("app-check", self._check_app))
+        # Probes of every endpoint's inbound sidecar (sidecar.prober); they need the mesh key.
+        self.prober = (Prober(self.table, caller_id=config.id, mesh_key=mesh_key,
+                              metrics=ProberMetrics(self.metrics.registry), clock=clock,
+                              membership=membership)
+                       if mesh_key is not None else None)
+        if self.prober is not None:
+            self._background.append(("probes", self.prober.run))
         if self.signaling is not None:
             self._background.append(("signaling", self.signaling.run))
 
@@ -286,6 +312,7 @@ class SidecarRunner:
             connect_timeout=self.profile.connect_timeout,
             clock=self.clock,
         )
+        inbound.probes.draining = lambda: self.readiness.draining
         if mesh_key is None:
             log.warning("inbound %s: no mesh key, so no caller identity can be verified: every "
                         "caller is policed as 'anonymous' (the strictest bucket)", config.inbound)
@@ -293,17 +320,25 @@ class SidecarRunner:
                  config.policing.mode)
         return inbound
 
-    def _inbound_site(self, inbound: InboundProxy) -> SiteFactory:
+    def _inbound_site(self, inbound: InboundProxy, metrics: InboundListenerMetrics,
+                      guards: InboundGuards) -> SiteFactory:
         """HTTP/1.1 and h2c on the inbound port: each HTTP/2 stream is policed and forwarded
-        on its own (sidecar.h2_inbound), with the outbound listener's defences."""
+        on its own (sidecar.h2_inbound), with the outbound listener's defences; each HTTP/1.1
+        connection under ``guards`` (sidecar.inbound_site)."""
         self.h2_inbound = H2Inbound(inbound)
         limits = self.config.listener
         return outbound_site(
-            self.h2_inbound.handle, InboundListenerMetrics(self.metrics.registry,
-                                                           self.h2.h2_metrics),
-            drain_timeout=self.config.drain_timeout,
+            self.h2_inbound.handle, metrics, drain_timeout=self.config.drain_timeout,
             limits=H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout),
-            sniff_timeout=limits.header_timeout, max_connections=limits.max_connections)
+            sniff_timeout=limits.header_timeout, max_connections=limits.max_connections,
+            guards=guards)
+
+    async def _check_app(self) -> None:
+        """The inbound side's idle check of its app, for probe answers (sidecar.probe_answer)."""
+        if self.inbound is not None and self.config.app is not None:
+            await self.inbound.probes.check_app(self.config.app,
+                                                self.config.policing.app_check_path,
+                                                self.profile.request_timeout)
 
     def _add_listener(
         self, name: str, app: web.Application, address: ListenAddress, *, drains: bool,

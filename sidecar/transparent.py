@@ -60,6 +60,7 @@ from aiohttp import web
 from sidecar.h2_server import H2Limits, H2ServerConnection, ServerStream
 from sidecar.h2_site import DEFAULT_SNIFF_TIMEOUT as DEFAULT_HEADER_TIMEOUT
 from sidecar.h2_site import sniff_preface
+from sidecar.local_callers import PeerCheck
 from sidecar.metrics import H2Metrics, TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
 
@@ -167,6 +168,7 @@ class TransparentSite(web.BaseSite):
     """An aiohttp site that routes each accepted connection by its original destination."""
 
     __slots__ = (
+        "_accept_from",
         "_book",
         "_connect_timeout",
         "_drain_timeout",
@@ -191,8 +193,10 @@ class TransparentSite(web.BaseSite):
         sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
         book: RelayBook | None = None,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        accept_from: PeerCheck | None = None,
     ) -> None:
         super().__init__(runner)
+        self._accept_from = accept_from  # who may connect (sidecar.local_callers)
         self._sniff_timeout = sniff_timeout
         self._header_timeout = header_timeout
         self._host, self._port = host, port
@@ -329,6 +333,10 @@ class _Dispatch(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        check = self.site._accept_from
+        if check is not None and not check(transport):
+            transport.abort()
+            return
         self.transport = transport
         route, self.dst = self.site.classify(transport)
         self.route = route
@@ -541,6 +549,7 @@ def transparent_outbound(
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     fallback: Callable[[web.BaseRequest], str | None] | None = None,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    accept_from: PeerCheck | None = None,
 ) -> TransparentOutbound:
     """The outbound listener's site and pin for transparent interception (built by the runner
     before the proxy, which takes ``pinned_upstream``, and the listener, which takes ``site``).
@@ -556,6 +565,7 @@ def transparent_outbound(
             app_runner, host, port, router=router, metrics=metrics,
             connect_timeout=connect_timeout, drain_timeout=drain_timeout,
             sniff_timeout=sniff_timeout, book=book, header_timeout=header_timeout,
+            accept_from=accept_from,
         )
 
     def pinned(request: web.BaseRequest) -> str | None:

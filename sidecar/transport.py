@@ -35,7 +35,7 @@ from yarl import URL
 
 from sidecar.errors import ErrorReason
 from sidecar.forward import CHUNK_SIZE, BodyReader, without
-from sidecar.websocket import WS_HANDSHAKE_HEADERS, requested_protocols
+from sidecar.websocket import DEFAULT_MAX_MESSAGE, WS_HANDSHAKE_HEADERS, requested_protocols
 
 # headers aiohttp would add on its own; a proxy sends only what the app sent
 CLIENT_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -201,6 +201,7 @@ class AiohttpTransport:
     ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.websocket_max_message = DEFAULT_MAX_MESSAGE  # bytes of one upstream message
         self.read_bufsize = read_bufsize
         self._session: aiohttp.ClientSession | None = None
 
@@ -259,7 +260,7 @@ class AiohttpTransport:
                 method=request.method,
                 headers=without(request.headers, WS_HANDSHAKE_HEADERS),
                 protocols=requested_protocols(request.headers),
-                max_msg_size=0,
+                max_msg_size=self.websocket_max_message,  # larger: closed with 1009
                 autoclose=False,
             )
         except aiohttp.WSServerHandshakeError as exc:

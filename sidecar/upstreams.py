@@ -2,10 +2,9 @@
 
 Owns the mapping NAME -> ``UpstreamGroup`` and its changes on reload (endpoints replaced via
 ``policy.set_endpoints``, which keeps the state of endpoints that stay; groups added and
-removed). The request path only reads ``group.regret_header`` and calls ``policy.pick``;
-``tick`` (off the request path) rebuilds the snapshot and the cached ``X-GT-Regret`` value,
-which are swapped in whole. A request that already holds a group keeps using it when a reload
-removes it, so in-flight requests are never dropped.
+removed). The request path only calls ``policy.pick``; ``tick`` (off the request path)
+rebuilds the snapshot, which is swapped in whole. A request that already holds a group keeps
+using it when a reload removes it, so in-flight requests are never dropped.
 
 Groups have a source: the config's (flags, environment, file; applied on start and reload)
 and discovery's (:mod:`sidecar.discovery`), each applied without touching the other's; on a
@@ -23,7 +22,6 @@ from mesh.policies import make_policy
 from mesh.policy import Policy, PolicySnapshot
 from mesh.profiles import StrategyProfile
 from mesh.retry import RetryBudget
-from wire.headers import format_regret
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +35,6 @@ class UpstreamGroup:
     budget: RetryBudget
     endpoints: tuple[str, ...] = ()
     snapshot: PolicySnapshot | None = None
-    regret_header: str | None = None
     source: str = "config"  # who owns the group: "config" or "discovery" (sidecar.discovery)
 
     def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
@@ -47,10 +44,8 @@ class UpstreamGroup:
     def tick(self, now: float) -> PolicySnapshot:
         """Off the request path: let the policy learn, then swap in the new snapshot."""
         self.policy.tick(now)
-        snapshot = self.policy.snapshot()
-        header = format_regret(snapshot)
-        self.snapshot, self.regret_header = snapshot, header
-        return snapshot
+        self.snapshot = self.policy.snapshot()
+        return self.snapshot
 
 
 class UpstreamTable:

@@ -29,8 +29,11 @@ Signaling plane, through Redis (docs/protocol.md)
 HTTP headers between sidecars (docs/protocol.md "HTTP headers", docs/policing.md)
 
 - :mod:`wire.headers`: the ``X-GT-*`` names, the ``v=1;key=value`` convention, stripping, and
-  ``X-GT-Regret`` (``v=1``), ``X-GT-Congestion`` (``v=1``), ``X-GT-Retry`` (a bare integer).
-- :mod:`wire.identity`: ``X-GT-Identity``, signed caller identity. ``v=1``.
+  ``X-GT-Congestion`` (``v=1``), ``X-GT-Retry`` (a bare integer).
+- :mod:`wire.identity`: ``X-GT-Identity``, signed caller identity bound to its request. ``v=2``.
+- :mod:`wire.signals`: ``X-GT-Signals``, the callee's MAC over its answer's signals and the
+  caller's ``X-GT-Challenge``. ``v=1``.
+- :mod:`wire.probe`: ``X-GT-Probe`` and the probe answer. ``v=1``.
 - :mod:`wire.standing`: ``X-GT-Reputation``, the caller's standing. ``v=1``.
 - :mod:`wire.bid`: ``X-GT-Bid`` and ``X-GT-Price``, plain decimals. Unversioned.
 

@@ -55,6 +55,11 @@ class Reason(StrEnum):
     clock skew."""
     FUTURE = "future"
     """An identity signed further in the future than the allowed clock skew."""
+    REPLAYED = "replayed"
+    """An identity whose nonce was already used (a captured header sent again)."""
+    WRONG_CALLER = "wrong-caller"
+    """Signed response signals about another caller than the reader (relayed by a third
+    party)."""
     # recommendations against what the reader expects
     WRONG_UPSTREAM = "wrong-upstream"
     WRONG_SIDECAR = "wrong-sidecar"

@@ -1,5 +1,5 @@
 """The ``X-GT-*`` HTTP headers: their names, the ``v=1;key=value`` convention, and the small
-signals (regret, congestion, retry) that need no module of their own.
+signals (congestion, retry) that need no module of their own.
 
 Game signals ride on ordinary HTTP headers so that firewalls and tracing keep working. Every
 structured value is a ``;``-separated list of ``key=value`` pairs whose first pair is
@@ -13,13 +13,17 @@ users in docs/protocol.md ("HTTP headers").
 ========================  =========  ==========================================================
 header                    direction  value
 ========================  =========  ==========================================================
-X-GT-Regret               request    ``v=1;gap=<s>;max=<s>;conv=<0|1>`` — the caller's Nash gap
-                                     and largest conditional regret for this upstream (seconds)
 X-GT-Retry                request    ``<attempt>`` (1, 2, ...) — this request is a retry
 X-GT-Congestion           response   ``v=1;level=<0..1>[;limit=<n>;inflight=<n>]``
 X-GT-Bid                  request    ``<decimal>`` — bid for priority (see wire.bid)
 X-GT-Price                response   ``<decimal>`` — the second price charged (see wire.bid)
-X-GT-Identity             request    signed caller identity (see wire.identity)
+X-GT-Identity             request    signed caller identity, bound to its request (see
+                                     wire.identity)
+X-GT-Challenge            request    ``<nonce>`` — fresh per attempt; the answer's signals are
+                                     signed over it (see wire.signals)
+X-GT-Signals              response   ``v=1;caller=<id>;sig=<mac>`` — the callee sidecar's MAC
+                                     over its signals and the request (see wire.signals)
+X-GT-Probe                request    a probe's nonce (see wire.probe)
 X-GT-Reputation           response   ``v=1;score=<0..1>;level=<n>;phase=<phase>[;retry=<s>]``,
                                      phase good|punished|probation (see wire.standing)
 ========================  =========  ==========================================================
@@ -32,21 +36,21 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.policy import PolicySnapshot
 from wire.errors import Reason, WireError
 from wire.numerals import ascii_decimal, ascii_uint
 
 GT_PREFIX = "x-gt-"
-REGRET = "X-GT-Regret"
 RETRY = "X-GT-Retry"
 CONGESTION = "X-GT-Congestion"
 BID = "X-GT-Bid"
 PRICE = "X-GT-Price"
 IDENTITY = "X-GT-Identity"
 REPUTATION = "X-GT-Reputation"
+CHALLENGE = "X-GT-Challenge"
+SIGNALS = "X-GT-Signals"
 
 VERSION = "1"
-"""Version of the ``v=``-headers (Regret, Congestion, Reputation; Identity has its own)."""
+"""Version of the ``v=``-headers (Congestion, Reputation; Identity and Probe have their own)."""
 MAX_HEADER_LENGTH = 512
 
 
@@ -81,35 +85,6 @@ def parse_number(header: str, raw: str, *, low: float = -math.inf,
     if not low <= x <= high:
         raise WireError(Reason.OUT_OF_RANGE, f"{x} outside [{low}, {high}]", header)
     return x
-
-
-@dataclass(frozen=True, slots=True)
-class RegretSignal:
-    """A parsed ``X-GT-Regret``: the caller's Nash gap and largest regret (seconds)."""
-
-    gap: float
-    max_regret: float
-    converged: bool
-
-
-def format_regret(snapshot: PolicySnapshot) -> str:
-    """The ``X-GT-Regret`` value of a policy snapshot (six decimals)."""
-    biggest = max((v.regret for v in snapshot.endpoints), default=0.0)
-    return (f"v={VERSION};gap={snapshot.nash_gap:.6f};max={max(0.0, biggest):.6f};"
-            f"conv={1 if snapshot.converged else 0}")
-
-
-def parse_regret(value: str) -> RegretSignal:
-    """Parse an ``X-GT-Regret`` value (WireError if bad)."""
-    f = parse_fields(REGRET, value)
-    try:
-        gap, biggest, conv = f["gap"], f["max"], f.get("conv", "0")
-    except KeyError as missing:
-        raise WireError(Reason.MALFORMED, f"missing {missing.args[0]}", REGRET) from None
-    if conv not in ("0", "1"):
-        raise WireError(Reason.MALFORMED, "conv must be 0 or 1", REGRET)
-    return RegretSignal(parse_number(REGRET, gap, low=0.0, high=3600.0),
-                        parse_number(REGRET, biggest, low=0.0, high=3600.0), conv == "1")
 
 
 @dataclass(frozen=True, slots=True)

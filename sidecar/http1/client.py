@@ -36,6 +36,7 @@ from sidecar.transport import (
     UpstreamRequest,
     UpstreamResponse,
 )
+from sidecar.websocket import DEFAULT_MAX_MESSAGE
 
 HIGH_WATER = 2 * CHUNK_SIZE  # body bytes buffered per answer before reading pauses
 
@@ -129,6 +130,7 @@ class H1Transport:
         self.high_water = high_water
         self._pools: dict[tuple[str, int], EndpointPool] = {}
         self._dialer: AiohttpTransport | None = None
+        self.websocket_max_message = DEFAULT_MAX_MESSAGE  # bytes of one upstream message
         self._closed = False
 
     async def start(self) -> None:
@@ -151,6 +153,7 @@ class H1Transport:
         if self._dialer is None:
             self._dialer = AiohttpTransport(
                 connect_timeout=self.connect_timeout, keepalive_timeout=self.keepalive_timeout)
+            self._dialer.websocket_max_message = self.websocket_max_message
             await self._dialer.start()
         return self._dialer
 

@@ -26,12 +26,12 @@ from wire.headers import (
     parse_congestion,
     parse_congestion_signal,
     parse_fields,
-    parse_regret,
     parse_retry,
 )
-from wire.identity import sign_identity, verify_identity
+from wire.identity import BoundRequest, new_nonce, sign_identity, verify_identity
 from wire.lease import decode_lease
 from wire.numerals import ascii_decimal, ascii_uint
+from wire.probe import parse_request as parse_probe_request
 from wire.recommendation import (
     RECOMMENDATION_FIELDS,
     canonical_recommendation_bytes,
@@ -75,8 +75,8 @@ def test_header_fields(value: str) -> None:
 
 @fuzz
 @given(st.one_of(field_lists(), header_values()))
-def test_regret_congestion_and_retry(value: str) -> None:
-    for parse in (parse_regret, parse_congestion_signal):
+def test_probe_congestion_and_retry(value: str) -> None:
+    for parse in (parse_probe_request, parse_congestion_signal):
         try:
             parse(value)
         except WireError as exc:
@@ -108,15 +108,23 @@ def test_standing(value: str) -> None:
             math.isfinite(standing.retry_after) and standing.retry_after >= 0)
 
 
+BOUND = BoundRequest("GET", "svc", "/orders?id=7")
+NONCE = new_nonce(bytes(range(12)))
+
+
+def _signed_identity() -> str:
+    return sign_identity("checkout-1", KEY, NOW, BOUND, NONCE)
+
+
 @fuzz
 @given(st.one_of(field_lists(), header_values(),
-                 st.builds(lambda caller, tail: sign_identity("checkout-1", KEY, NOW) + tail
+                 st.builds(lambda caller, tail: _signed_identity() + tail
                            if caller else tail, st.booleans(), header_values())))
 def test_identity(value: str) -> None:
-    verdict = verify_identity(value, KEY, NOW)
+    verdict = verify_identity(value, KEY, NOW, 30.0, BOUND)
     if verdict.trusted:
         # only a value this key signed can be trusted: a valid one with nothing appended
-        assert value == sign_identity("checkout-1", KEY, NOW)
+        assert value == _signed_identity()
     else:
         assert verdict.caller == "anonymous"
 

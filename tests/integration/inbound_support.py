@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from yarl import URL
 
 from equilibrium.lab.bench.policing import Shot
 from equilibrium.lab.loadgen import percentile
@@ -28,9 +32,22 @@ from tests.integration.procs import (
     free_port,
 )
 from tests.support import child_env
+from wire.identity import BoundRequest, new_nonce, sign_identity
 
 MESH_KEY = "integration-test-mesh-key-0123456789abcdef"
 UPSTREAM = "svc"  # the callers' name for the app's inbound sidecar
+
+
+def signed_identity(caller: str, url: str, method: str = "GET", host: str | None = None,
+                    key: str = MESH_KEY) -> str:
+    """A fresh ``X-GT-Identity`` of ``caller`` for one request to ``url`` (``host``: the
+    ``Host`` it is sent with; default: the URL's own, as aiohttp sends it)."""
+    parsed = URL(url)
+    authority = host or (f"{parsed.host}:{parsed.port}" if parsed.port != 80 else
+                         str(parsed.host))
+    return sign_identity(caller, key.encode(), time.time(),
+                         BoundRequest(method, authority, parsed.raw_path_qs),
+                         new_nonce(os.urandom(12)))
 
 
 async def shots_of(*loads: Awaitable[list[Shot]]) -> list[Shot]:

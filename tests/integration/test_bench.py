@@ -103,3 +103,19 @@ def test_signaler_scale_measures_the_signaler_against_publishing_sidecars(tmp_pa
         assert run["recommendation_age_s"] is not None and run["recommendation_age_s"] < 3.0
     assert fifty["summaries_sent"] >= 200
     assert fifty["published"] >= 50 * (fifty["epochs"] - 2)  # every publisher, every epoch
+
+
+@pytest.mark.slow
+def test_recovery_reports_the_heal_for_the_mesh_and_the_oracle(tmp_path: Path) -> None:
+    proc = _run(["--scenario", "recovery", "--duration", "16", "--clients", "2", "--policies",
+                 "equilibrium+probes,oracle", "--out", "results"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "recovery.json").read_text())
+    mesh, oracle = (doc["data"]["contenders"][name] for name in ("equilibrium+probes", "oracle"))
+    assert mesh["probes_per_s"] > 0 and mesh["errors"] == 0 and oracle["errors"] == 0
+    assert mesh["healed_share_series"]  # windows after the heal were measured
+    assert oracle["time_to_fair"] is None  # the oracle never routes to the bad pod
+    assert oracle["bad_share_before"] == 0.0
+    assert mesh["largest_share"] <= 0.8 + 0.1  # the 80 % cap, with 1 s sampling noise
+    md = (tmp_path / "results" / "recovery.md").read_text()
+    assert "| equilibrium+probes |" in md and "to 80 % of fair share" in md

@@ -248,11 +248,10 @@ async def test_an_inbound_sidecar_page_shows_the_punished_caller(tmp_path: Path)
     retry budget is punished; the sidecar's own page lists it as its /debug/state does."""
     import aiohttp
 
-    from equilibrium.lab.bench.policing import open_loop
-    from tests.integration.inbound_support import MESH_KEY, write_config
+    from equilibrium.lab.bench.policing import UPSTREAM, open_loop
+    from tests.integration.inbound_support import MESH_KEY, signed_identity, write_config
     from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend
     from wire.headers import IDENTITY, RETRY
-    from wire.identity import sign_identity
 
     app = await start_backend("app")
     port = free_port()
@@ -261,10 +260,14 @@ async def test_an_inbound_sidecar_page_shows_the_punished_caller(tmp_path: Path)
         env={"EQUILIBRIUM_MESH_SECRET": MESH_KEY},
         extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
     try:
-        headers = {IDENTITY: sign_identity("rogue", MESH_KEY.encode(), time.time()), RETRY: "1"}
+        url = f"http://{LOOPBACK}:{port}"
+
+        def headers() -> dict[str, str]:  # an identity is good for one request
+            return {IDENTITY: signed_identity("rogue", url + "/", host=UPSTREAM), RETRY: "1"}
+
         async with aiohttp.ClientSession() as session:
-            sent = await open_loop(session, f"http://{LOOPBACK}:{port}", caller="rogue",
-                                   rate=40, duration=2.0, headers=headers)
+            sent = await open_loop(session, url, caller="rogue", rate=40, duration=2.0,
+                                   headers=headers)
         assert any(s.status == 429 for s in sent)
         async with Chromium() as browser:
             page = await open_page(browser, server.admin_url + "/dashboard")

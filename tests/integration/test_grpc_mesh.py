@@ -10,6 +10,7 @@ tests compare counters before and after.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socketserver
 import threading
@@ -28,7 +29,7 @@ from h2.errors import ErrorCodes
 
 from tests.integration.procs import LOOPBACK, SidecarProcess, free_port, start_sidecar
 from tests.integration.test_grpc_outbound import RawH2, _grpc_frame
-from wire.identity import sign_identity
+from wire.identity import BoundRequest, new_nonce, sign_identity
 
 SERVICE = "test.Echo"  # the name RawH2 calls
 MIB = 1024 * 1024
@@ -299,16 +300,19 @@ def _headers(client: RawH2, stream_id: int) -> dict[bytes, bytes]:
 
 
 def test_refusals_are_grpc_statuses_for_grpc_callers_and_json_otherwise(mesh: Mesh) -> None:
-    identity = sign_identity("polite", MESH_KEY.encode(), time.time()).encode()
-    bad_bid = ((b"x-gt-identity", identity), (b"x-gt-bid", b"lots"))
+    def bad_bid(method: str, authority: str, path: str) -> tuple[tuple[bytes, bytes], ...]:
+        identity = sign_identity("polite", MESH_KEY.encode(), time.time(),  # one per stream
+                                 BoundRequest(method, authority, path), new_nonce(os.urandom(12)))
+        return (b"x-gt-identity", identity.encode()), (b"x-gt-bid", b"lots")
+
     client = RawH2(mesh.inbound_port)
     try:
-        grpc_call = client.start_call("Echo", extra=bad_bid)
+        grpc_call = client.start_call("Echo", extra=bad_bid("POST", "svc", f"/{SERVICE}/Echo"))
         client.send(grpc_call, _grpc_frame(b"x"), end=True)
         stream_id = client.conn.get_next_available_stream_id()  # a plain HTTP/2 request
         client.conn.send_headers(stream_id, [
             (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/plain"),
-            (b":authority", b"app"), *bad_bid], end_stream=True)
+            (b":authority", b"app"), *bad_bid("GET", "app", "/plain")], end_stream=True)
         client.flush()
         client.events[stream_id] = []
         client.pump(lambda: client.ended(grpc_call) and client.ended(stream_id))

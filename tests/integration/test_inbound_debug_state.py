@@ -17,12 +17,12 @@ from pathlib import Path
 
 import aiohttp
 
+from equilibrium.lab.bench.policing import UPSTREAM as LOAD_HOST
 from equilibrium.lab.bench.policing import open_loop
 from mesh.reputation import PolicingParams
-from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
+from tests.integration.inbound_support import MESH_KEY, UPSTREAM, signed_identity, write_config
 from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend
 from wire.headers import IDENTITY, RETRY
-from wire.identity import sign_identity
 
 POLICING = {
     "capacity": 20,  # fair share 10/s each for two callers
@@ -49,8 +49,10 @@ async def test_debug_state_shows_the_rogue_punished_and_the_cooperator_in_good_s
     try:
         server, coop = procs
         assert not isinstance(server, BaseException) and not isinstance(coop, BaseException)
-        rogue_headers = {IDENTITY: sign_identity("rogue", MESH_KEY.encode(), time.time()),
-                         RETRY: "1"}
+        def rogue_headers() -> dict[str, str]:  # a fresh identity per request
+            return {IDENTITY: signed_identity("rogue", inbound_url + "/", host=LOAD_HOST),
+                    RETRY: "1"}
+
         load_start = time.monotonic()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             rogue, honest = await asyncio.gather(

@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from aiohttp import web
 
 from equilibrium.cli import main as equilibrium_main
 from equilibrium.lab.bench.policing import open_loop
-from tests.integration.inbound_support import MESH_KEY, UPSTREAM, write_config
+from tests.integration.inbound_support import MESH_KEY, UPSTREAM, signed_identity, write_config
 from tests.integration.procs import (
     LOOPBACK,
     Backend,
@@ -34,7 +33,6 @@ from tests.integration.procs import (
     start_backend,
 )
 from tests.support import child_env, metric_value
-from wire.identity import sign_identity
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -112,8 +110,8 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
         await app.stop()
 
 
-def signed(caller: str) -> str:
-    return sign_identity(caller, MESH_KEY.encode(), time.time())
+def signed(caller: str, url: str, method: str = "GET") -> str:
+    return signed_identity(caller, url, method)
 
 
 async def test_http_correctness_through_the_inbound_listener(setup: Setup) -> None:
@@ -158,9 +156,9 @@ async def test_signals_on_every_response_and_unsigned_headers_ignored(setup: Set
     async with aiohttp.ClientSession() as client:
         outsider = await fetch(client, "GET", setup.inbound_url + "/x", headers={
             "X-GT-Bid": "999", "X-GT-Retry": "1", "X-GT-Whatever": "1",
-            "X-GT-Identity": "v=1;id=coop-a;ts=1;sig=" + "A" * 43})
+            "X-GT-Identity": "v=2;id=coop-a;ts=1;n=AAAAAAAAAAAAAAAA;sig=" + "A" * 43})
         member = await fetch(client, "GET", setup.inbound_url + "/x", headers={
-            "X-GT-Identity": signed("coop-b"), "X-GT-Bid": "2"})
+            "X-GT-Identity": signed("coop-b", setup.inbound_url + "/x"), "X-GT-Bid": "2"})
     for reply in (outsider, member):
         assert reply.status == 200
         assert reply.headers["X-GT-Congestion"].startswith("v=1;level=")
@@ -179,7 +177,7 @@ async def test_malformed_bids_are_rejected_with_a_clear_400(setup: Setup) -> Non
     before_in = setup.server.metric("equilibrium_inbound_bad_bids_total", reason="malformed")
     async with aiohttp.ClientSession() as client:
         direct = await fetch(client, "GET", setup.inbound_url + "/x", headers={
-            "X-GT-Identity": signed("coop-b"), "X-GT-Bid": "lots"})
+            "X-GT-Identity": signed("coop-b", setup.inbound_url + "/x"), "X-GT-Bid": "lots"})
         from_app = await fetch(client, "GET", setup.coop.outbound_url + "/x", headers={
             "Host": "svc", "X-Equilibrium-Bid": "-3"})
     assert direct.status == 400
@@ -282,7 +280,8 @@ async def test_without_a_mesh_key_every_caller_is_anonymous(tmp_path: Path) -> N
     try:
         async with aiohttp.ClientSession() as client:
             reply = await fetch(client, "GET", f"http://{LOOPBACK}:{port}/", headers={
-                "X-GT-Identity": signed("coop-a"), "X-GT-Bid": "3"})
+                "X-GT-Identity": signed("coop-a", f"http://{LOOPBACK}:{port}/"),
+                "X-GT-Bid": "3"})
         assert reply.status == 200
         assert "score=0.6" in reply.headers["X-GT-Reputation"]  # the anonymous bucket
         assert server.metric("equilibrium_inbound_mesh_key_configured") == 0

@@ -19,11 +19,11 @@ from tests.integration.inbound_support import (
     mesh,
     p99,
     shots_of,
+    signed_identity,
     success_ratio,
     write_config,
 )
 from tests.integration.procs import LOOPBACK, async_start_sidecar, free_port, start_backend
-from wire.identity import sign_identity
 from wire.standing import parse_standing
 
 SERVERS, SERVICE = 8, 0.2  # the app: 8 at once, 200 ms each -> 40 requests/s
@@ -124,7 +124,7 @@ async def test_a_punished_callers_admitted_answers_carry_the_time_left(tmp_path:
     url = f"http://{LOOPBACK}:{port}/"
 
     def signed(caller: str = "flood") -> dict[str, str]:
-        headers = {"X-GT-Identity": sign_identity(caller, MESH_KEY.encode(), time.time())}
+        headers = {"X-GT-Identity": signed_identity(caller, url)}
         return headers | ({"X-GT-Retry": "1"} if caller == "flood" else {})  # retries, too
 
     try:

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 from sidecar.inbound import InboundProxy
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import parse_policing
+from tests.integration.inbound_support import signed_identity
 from tests.integration.procs import LOOPBACK, Reply, fetch, start_backend
-from wire.identity import sign_identity
 
 KEY = b"queue-test-mesh-key-0123456789"
 
@@ -71,8 +71,8 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         await app.stop()
 
 
-def as_caller(name: str, bid: float | None = None) -> dict[str, str]:
-    headers = {"X-GT-Identity": sign_identity(name, KEY, time.time())}
+def as_caller(url: str, name: str, bid: float | None = None) -> dict[str, str]:
+    headers = {"X-GT-Identity": signed_identity(name, url, key=KEY.decode())}
     if bid is not None:
         headers["X-GT-Bid"] = f"{bid:g}"
     return headers
@@ -87,19 +87,20 @@ async def until_queued(rig: Rig, length: int) -> None:
 async def test_second_price_order_and_eviction(rig: Rig) -> None:
     async with aiohttp.ClientSession() as client:
         first = asyncio.create_task(fetch(client, "GET", rig.url + "/first",
-                                          headers=as_caller("a")))
+                                          headers=as_caller(rig.url + "/first", "a")))
         assert await rig.arrived.get() == "/first"  # holds the only slot
         low = asyncio.create_task(fetch(client, "GET", rig.url + "/low",
-                                        headers=as_caller("b", 1)))
+                                        headers=as_caller(rig.url + "/low", "b", 1)))
         await until_queued(rig, 1)
         mid = asyncio.create_task(fetch(client, "GET", rig.url + "/mid",
-                                        headers=as_caller("c", 3)))
+                                        headers=as_caller(rig.url + "/mid", "c", 3)))
         await until_queued(rig, 2)
         # the queue holds 2: a higher bid pushes the lowest (bid 1) out, a bid of 0 is refused
         high = asyncio.create_task(fetch(client, "GET", rig.url + "/high",
-                                         headers=as_caller("d", 8)))
+                                         headers=as_caller(rig.url + "/high", "d", 8)))
         evicted: Reply = await low
-        refused = await fetch(client, "GET", rig.url + "/zero", headers=as_caller("e"))
+        refused = await fetch(client, "GET", rig.url + "/zero",
+                              headers=as_caller(rig.url + "/zero", "e"))
         rig.release.put_nowait(None)  # /first finishes: the best waiter (8) wins, pays 3
         assert await rig.arrived.get() == "/high"
         rig.release.put_nowait(None)
@@ -141,9 +142,11 @@ async def test_waiting_too_long_is_a_503_and_a_client_that_leaves_frees_its_plac
     indirect=True)
 async def test_token_bucket_baseline_answers_429_and_sends_no_game_headers(rig: Rig) -> None:
     async with aiohttp.ClientSession() as client:
-        ok = asyncio.create_task(fetch(client, "GET", rig.url + "/one", headers=as_caller("a")))
+        ok = asyncio.create_task(fetch(client, "GET", rig.url + "/one",
+                                       headers=as_caller(rig.url + "/one", "a")))
         await rig.arrived.get()
-        limited = await fetch(client, "GET", rig.url + "/two", headers=as_caller("a"))
+        limited = await fetch(client, "GET", rig.url + "/two",
+                              headers=as_caller(rig.url + "/two", "a"))
         rig.release.put_nowait(None)
         served = await ok
     assert served.status == 200 and limited.status == 429

@@ -229,15 +229,15 @@ async def test_game_headers_never_cross_and_bad_values_are_counted(
     from_app = sidecar.metric(
         "equilibrium_rejected_headers_total", header="x-gt-bid", reason="from-app"
     )
-    malformed = sidecar.metric(
-        "equilibrium_rejected_headers_total", header="x-gt-congestion", reason="malformed"
+    unsigned = sidecar.metric(  # a plain backend cannot sign its signals (wire.signals)
+        "equilibrium_caller_bad_signals_total", header="x-gt-signals", reason="unsigned"
     )
     async with aiohttp.ClientSession() as client:
-        forged = {"Host": "svc", "X-GT-Bid": "v=1;amount=99", "x-gt-regret": "forged"}
+        forged = {"Host": "svc", "X-GT-Bid": "v=1;amount=99", "x-gt-probe": "forged"}
         reply = await fetch(client, "GET", f"{sidecar.outbound_url}/echo", headers=forged)
         sent = {k.lower(): v for k, v in reply.json()["headers"]}
         assert "x-gt-bid" not in sent
-        assert sent["x-gt-regret"] != "forged" and sent["x-gt-regret"].startswith("v=1")
+        assert "x-gt-probe" not in sent and "x-gt-regret" not in sent  # X-GT-Regret is gone
 
         for congestion in ("not-a-level", format_congestion(0.4)):
             reply = await fetch(
@@ -251,8 +251,8 @@ async def test_game_headers_never_cross_and_bad_values_are_counted(
         "equilibrium_rejected_headers_total", header="x-gt-bid", reason="from-app"
     ) == from_app + 1
     assert sidecar.metric(
-        "equilibrium_rejected_headers_total", header="x-gt-congestion", reason="malformed"
-    ) == malformed + 1
+        "equilibrium_caller_bad_signals_total", header="x-gt-signals", reason="unsigned"
+    ) == unsigned + 2  # dropped unread, the malformed one and the well-formed one
     assert backend.hits == hits_before + 3
 
 

@@ -13,6 +13,7 @@ from injector.review import Outcome
 from mesh.admission import RejectReason
 from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.inbound_policing import InboundOutcome
+from sidecar.probe_answer import ProbeResult
 from sidecar.transparent import PassthroughFailure
 from wire.errors import Reason
 
@@ -24,6 +25,7 @@ VOCABULARIES: list[tuple[str, type[StrEnum]]] = [
     ("wire.errors.Reason", Reason),
     ("sidecar.errors.HeaderDrop", HeaderDrop),
     ("sidecar.transparent.PassthroughFailure", PassthroughFailure),
+    ("sidecar.probe_answer.ProbeResult", ProbeResult),
     ("injector.review.Outcome", Outcome),
 ]
 

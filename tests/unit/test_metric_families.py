@@ -44,6 +44,8 @@ equilibrium_h2_refused_streams counter -
 equilibrium_h2_streams_cancelled counter upstream
 equilibrium_http1_rejected_requests counter reason
 equilibrium_in_flight gauge upstream
+equilibrium_inbound_accept_errors counter -
+equilibrium_inbound_app_checks counter result
 equilibrium_inbound_app_duration_seconds histogram -
 equilibrium_inbound_bad_bids counter reason
 equilibrium_inbound_bad_headers counter header
@@ -55,7 +57,7 @@ equilibrium_inbound_concurrency_limit gauge -
 equilibrium_inbound_congestion gauge -
 equilibrium_inbound_connections counter protocol
 equilibrium_inbound_connections_open gauge -
-equilibrium_inbound_connections_rejected counter -
+equilibrium_inbound_connections_rejected counter reason
 equilibrium_inbound_identity counter result
 equilibrium_inbound_h2_flood_goaways counter kind
 equilibrium_inbound_h2_oversized_header_blocks counter -
@@ -64,10 +66,12 @@ equilibrium_inbound_in_flight gauge -
 equilibrium_inbound_listener_timeouts counter phase
 equilibrium_inbound_mesh_key_configured gauge -
 equilibrium_inbound_price_paid counter caller
+equilibrium_inbound_probes counter result
 equilibrium_inbound_punished_callers gauge -
 equilibrium_inbound_queue_length gauge -
 equilibrium_inbound_queue_wait_seconds histogram -
 equilibrium_inbound_requests counter caller,outcome
+equilibrium_inbound_slow_uploads counter caller,outcome
 equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
@@ -77,9 +81,12 @@ equilibrium_nash_gap gauge upstream
 equilibrium_outbound_connections counter protocol
 equilibrium_outbound_connections_open gauge -
 equilibrium_outbound_connections_rejected counter -
+equilibrium_outbound_foreign_callers counter -
 equilibrium_passthrough_bytes counter direction
 equilibrium_passthrough_failures counter reason
 equilibrium_passthrough_open gauge -
+equilibrium_probe_duration_seconds histogram -
+equilibrium_probes counter upstream,result
 equilibrium_regret gauge upstream,endpoint
 equilibrium_rejected_headers counter header,reason
 equilibrium_request_duration_seconds histogram upstream,endpoint
@@ -97,6 +104,7 @@ equilibrium_signaling_redis_errors counter kind
 equilibrium_signaling_summaries_invalid counter upstream,reason
 equilibrium_signaling_summaries_published counter upstream
 equilibrium_transparent_connections counter route
+equilibrium_websocket_oversized counter listener
 """
 
 SIGNALER = """
@@ -168,7 +176,8 @@ async def test_a_sidecar_with_no_optional_part_exports_only_the_outbound_familie
                            upstreams={})
     runner = SidecarRunner(None, config)  # type: ignore[arg-type]
     optional = ("equilibrium_inbound_", "equilibrium_signaling_", "equilibrium_discovery_",
-                "equilibrium_passthrough_", "equilibrium_transparent_")
+                "equilibrium_passthrough_", "equilibrium_transparent_",
+                "equilibrium_probe")  # probes run only with a mesh key
     assert families(runner.metrics.registry) == {
         line for line in listed(SIDECAR) if not line.startswith(optional)}
 

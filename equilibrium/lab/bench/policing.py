@@ -35,7 +35,7 @@ import json
 import math
 import secrets
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,13 +79,17 @@ class Shot:
 
 async def open_loop(session: aiohttp.ClientSession, url: str, *, caller: str, rate: float,
                     duration: float, host: str = UPSTREAM, retries: int = 0,
-                    headers: Mapping[str, str] | None = None) -> list[Shot]:
+                    headers: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
+                    ) -> list[Shot]:
     """``rate`` requests/s to ``url`` for ``duration`` s on a fixed schedule (open loop:
     latency counts from the intended start); a failed attempt (status >= 400 or no answer
     within ``TIMEOUT``) is retried at once, up to ``retries`` times, as a misbehaving client
-    does. The integration tests drive the same loop in their own event loop."""
+    does. The integration tests drive the same loop in their own event loop. ``headers`` may
+    be a function, called for every attempt (a signed identity is good for one request)."""
     loop = asyncio.get_running_loop()
-    send = {"Host": host, **(headers or {})}
+    def send() -> dict[str, str]:
+        return {"Host": host, **((headers() if callable(headers) else headers) or {})}
+
     shots: list[Shot] = []
     count = max(1, math.floor(rate * duration))
 
@@ -95,7 +99,7 @@ async def open_loop(session: aiohttp.ClientSession, url: str, *, caller: str, ra
             attempts += 1
             try:
                 async with asyncio.timeout(TIMEOUT):
-                    async with session.get(url + "/", headers=send) as resp:
+                    async with session.get(url + "/", headers=send()) as resp:
                         await resp.read()
                         status = resp.status
                         raw = resp.headers.get(PRICE_HEADER)

@@ -26,6 +26,7 @@ SCENARIOS: dict[str, str] = {
     "proxy-overhead": "equilibrium.lab.bench.proxy_overhead",
     "h2-overhead": "equilibrium.lab.bench.h2_overhead",
     "herding": "equilibrium.lab.bench.herding",
+    "recovery": "equilibrium.lab.bench.recovery",
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",
     "standings": "equilibrium.lab.bench.standings",

@@ -3,7 +3,10 @@
 Five pods of one service on loopback; pod-4 adds 500 ms to a random half of its requests.
 For each policy, in the order given: the fleet's counters and RNGs are reset (same seed), fresh
 sidecars start with ``--policy P``, every client sends the same open-loop load through its
-sidecar, the sidecars stop. Policies therefore run one after another against the same pod
+sidecar, the sidecars stop. Beside the policies, ``--policies`` may name the contenders of
+:mod:`equilibrium.lab.bench.mesh_pods`: ``equilibrium+probes`` (every pod behind its own
+inbound sidecar, so the clients probe them) and ``oracle`` (``equilibrium`` given only the good
+pods). Policies therefore run one after another against the same pod
 processes, never at the same time, so they do not compete for the two CPUs; ``--slow-pod-repeat``
 interleaves several such rounds. ``--slow-pod-mode concurrent`` instead runs all policies at
 once, each on its own five pods of the one fleet process, so other work on the machine hits
@@ -30,7 +33,7 @@ import os
 from typing import Any
 
 from equilibrium.lab import analysis
-from equilibrium.lab.bench import peers
+from equilibrium.lab.bench import mesh_pods, peers
 from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
 from equilibrium.lab.bench.report import ms, pct, pp, secs
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
@@ -82,6 +85,9 @@ class SlowPod(Scenario):
         contenders, peer_notes = peers.select(getattr(args, "peers", peers.NONE))
         params["peers"] = [p.name for p in contenders]
         concurrent = args.slow_pod_mode == "concurrent"
+        if concurrent and set(args.policies) & set(mesh_pods.PSEUDO):
+            raise ValueError(f"slow-pod: {' and '.join(mesh_pods.PSEUDO)} run in sequential "
+                             "mode only")
         groups = len(args.policies) + len(contenders) if concurrent else 1
         fleet_args = ["--pods", str(pods * groups)]
         for g in range(groups):
@@ -174,16 +180,25 @@ class SlowPod(Scenario):
         args = ctx.args
         await fleet.reset(seed=args.seed)
         load_average = _load_average()
-        sidecars = await start_sidecars(
-            [f"{policy}-{c + 1}" for c in range(args.clients)],
-            {UPSTREAM: fleet.urls}, policy=policy, strategy=args.strategy,
-            extra=args.sidecar_arg, stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
-        )
+        # equilibrium+probes and oracle are contenders beside the policies (mesh_pods)
+        real, urls, inbound, env = await mesh_pods.setup(ctx, policy, fleet.urls,
+                                                         [len(fleet.urls) - 1])
+        try:
+            sidecars = await start_sidecars(
+                [mesh_pods.client_id(policy, c) for c in range(args.clients)],
+                {UPSTREAM: urls}, policy=real, strategy=args.strategy,
+                extra=args.sidecar_arg, stderr_path=str(ctx.logs / f"sidecar-{policy}.log"),
+                env=env,
+            )
+        except BaseException:
+            for s in inbound:
+                await s.stop()
+            raise
         try:
             targets = [LoadTarget(s.id, s.outbound_url, UPSTREAM) for s in sidecars]
             result = await drive_load(targets, args.rate, args.duration, ctx.logs, sidecars)
         finally:
-            for s in sidecars:
+            for s in [*sidecars, *inbound]:
                 await s.stop()
         return result, load_average
 
@@ -327,13 +342,15 @@ class SlowPod(Scenario):
             first = " / ".join(f"{secs(r['first_under'])} ({r['relapses']})" for r in runs)
             rows.append([
                 policy, ms(lat["mean"]), ms(lat["p50"]), ms(lat["p99"]), ms(lat["p99.9"]),
-                ms(steady["p99"]), str(m["errors"]), pct(m["bad_share"]),
+                ms(steady["p99"]), ms(steady.get("p99.9")), str(m["errors"]),
+                pct(m["bad_share"]),
                 pct(m["bad_share_steady"]), shift, first, pp(m["flapping_pp"]),
                 converged,
             ])
         return Table(
             title="slow-pod: latency from intended start, share sent to the bad pod",
-            columns=["policy", "mean", "p50", "p99", "p99.9", "steady p99", "errors",
+            columns=["policy", "mean", "p50", "p99", "p99.9", "steady p99", "steady p99.9",
+                     "errors",
                      "bad share", "bad share (steady)", "time to < 5 %",
                      "first < 5 % (relapses)", "flapping", "converged"],
             rows=rows,
@@ -373,11 +390,15 @@ class SlowPod(Scenario):
 
     @staticmethod
     def _targets(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
-        eq = per_policy.get("equilibrium")
+        peak = per_policy.get("peak-ewma")
+        return [*SlowPod._v01_targets(per_policy.get("equilibrium"), peak),
+                *SlowPod._probe_targets(per_policy, peak)]
+
+    @staticmethod
+    def _v01_targets(eq: dict[str, Any] | None, peak: dict[str, Any] | None) -> list[Table]:
         if eq is None:
             return []
         rows = []
-        peak = per_policy.get("peak-ewma")
         if peak is not None:
             a, b = eq["steady_latency"]["p99"], peak["steady_latency"]["p99"]
             rows.append(["steady p99 no worse than peak-ewma's", f"{ms(a)} vs {ms(b)}",
@@ -394,6 +415,33 @@ class SlowPod(Scenario):
                      "not measured" if math.isnan(flap) else "met" if flap < 5 else "missed"])
         return [Table("targets (sidecar v0.1 issue) for equilibrium",
                       ["target", "measured", "verdict"], rows)]
+
+    @staticmethod
+    def _probe_targets(per_policy: dict[str, dict[str, Any]],
+                       peak: dict[str, Any] | None) -> list[Table]:
+        tables: list[Table] = []
+        mesh = per_policy.get(mesh_pods.PROBES)
+        oracle = per_policy.get(mesh_pods.MESH_ORACLE) or per_policy.get(mesh_pods.ORACLE)
+        oracle_name = (mesh_pods.MESH_ORACLE if mesh_pods.MESH_ORACLE in per_policy
+                       else mesh_pods.ORACLE)
+        if mesh is not None:
+            tail = mesh["steady_latency"]["p99.9"]
+            probe_rows = []
+            if oracle is not None:
+                ref = oracle["steady_latency"]["p99.9"]
+                probe_rows.append([f"steady p99.9 within 1.25× {oracle_name}'s",
+                                   f"{ms(tail)} vs {ms(ref)}",
+                                   "met" if tail <= 1.25 * ref else "missed"])
+            if peak is not None:
+                ref = peak["steady_latency"]["p99.9"]
+                probe_rows.append(["steady p99.9 no worse than peak-ewma's",
+                                   f"{ms(tail)} vs {ms(ref)}", "met" if tail <= ref else "missed"])
+            share = mesh["bad_share_steady"]
+            probe_rows.append(["share to the bad pod < 0.1 % once converged", pct(share),
+                               "met" if share < 0.001 else "missed"])
+            tables.append(Table(f"targets (issue 12) for {mesh_pods.PROBES}",
+                                ["target", "measured", "verdict"], probe_rows))
+        return tables
 
     @staticmethod
     def _notes(per_policy: dict[str, dict[str, Any]], repeat: int) -> list[str]:

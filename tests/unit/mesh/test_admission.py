@@ -205,6 +205,51 @@ def test_a_newly_punished_caller_is_flushed_from_the_queue() -> None:
     assert gate.auction.snapshot(1.0, ["flood"]).budgets["flood"].reserved == 0.0
 
 
+def test_a_defection_lowers_the_reputation_over_the_gap_without_counting_a_request() -> None:
+    # reputation_tau 2: a defection 2 s after the last request leaves r = exp(-1) = 0.368,
+    # under the trigger (0.5): punished for the base 10 s (no deterrent: margin 0)
+    policing = PolicingParams(reputation_tau=2.0, deterrence_margin=0.0,
+                              ladder=LadderRules(base_punishment=10.0))
+    gate = make_gate(limit=1, policing=policing)
+    arrive(gate, "slow", 0.0)
+    rate_before = gate.book.standing("slow", 2.0)
+    assert rate_before is not None
+    assert gate.defect("slow", 2.0) == ()
+    after = gate.book.standing("slow", 2.0)
+    assert after is not None
+    assert after.reputation == pytest.approx(0.36788, abs=1e-5)
+    assert after.phase is Phase.PUNISHED and after.level == 1
+    assert after.punished_for == pytest.approx(10.0)
+    assert after.rate == pytest.approx(rate_before.rate)  # no request was added
+
+
+def test_a_defection_half_a_time_constant_later_is_not_yet_a_punishment() -> None:
+    # r = exp(-0.5) = 0.607 >= 0.5: recorded, not punished; a second one 1 s later (another
+    # half time constant) gives 0.607 * 0.607 = 0.368: punished
+    policing = PolicingParams(reputation_tau=2.0, deterrence_margin=0.0)
+    gate = make_gate(limit=1, policing=policing)
+    arrive(gate, "slow", 0.0)
+    gate.defect("slow", 1.0)
+    first = gate.book.standing("slow", 1.0)
+    assert first is not None and first.reputation == pytest.approx(0.60653, abs=1e-5)
+    assert first.phase is Phase.GOOD
+    gate.defect("slow", 2.0)
+    second = gate.book.standing("slow", 2.0)
+    assert second is not None and second.reputation == pytest.approx(0.36788, abs=1e-5)
+    assert second.phase is Phase.PUNISHED
+
+
+def test_a_defection_that_punishes_flushes_the_callers_waiters() -> None:
+    policing = PolicingParams(reputation_tau=2.0, deterrence_margin=0.0,
+                              ladder=LadderRules(base_punishment=10.0))
+    gate = make_gate(limit=1, policing=policing)
+    arrive(gate, "other", 0.0)  # holds the slot
+    waiter = queued(arrive(gate, "slow", 0.0))
+    assert gate.defect("slow", 2.0) == (
+        Reject(waiter.request_id, "slow", RejectReason.PUNISHED, 10, queued=True),)
+    assert gate.waiting() == ()
+
+
 # --- leaving: timeouts, clients that go, shutdown ---------------------------------------------
 
 

@@ -193,3 +193,29 @@ def test_bad_listener_limits_are_config_errors(tmp_path: Path, text: str, env: d
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         ConfigSource.from_sources({"config": str(path)}, env=env).load()
+
+
+def test_an_upstream_may_be_declared_outside_the_mesh(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.json"
+    path.write_text(json.dumps({"upstreams": {
+        "users": ["http://10.0.0.1:8080"],
+        "payments": {"endpoints": ["https://api.example.com"], "mesh": False},
+        "orders": {"endpoints": "http://10.0.0.2:8080", "mesh": True},
+    }, "listener": {"local_only": False}}))
+    config = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    assert config.upstreams["payments"] == ("https://api.example.com:443",)
+    assert config.external_upstreams == frozenset({"payments"})
+    assert config.listener.local_only is False
+    # upstreams from a higher layer come with their own (empty) declarations
+    flags = ConfigSource.from_sources({"config": str(path), "upstreams": ["payments=http://x:1"]},
+                                      env={}).load()
+    assert flags.external_upstreams == frozenset()
+    assert ConfigSource.from_sources({}, env={}).load().listener.local_only is True
+
+
+@pytest.mark.parametrize("spec", [{"endpoints": [], "mesh": "no"}, {"urls": []}])
+def test_a_bad_mesh_declaration_is_a_config_error(tmp_path: Path, spec: dict[str, Any]) -> None:
+    path = tmp_path / "sidecar.json"
+    path.write_text(json.dumps({"upstreams": {"payments": spec}}))
+    with pytest.raises(ConfigError, match="payments"):
+        ConfigSource.from_sources({"config": str(path)}, env={}).load()

@@ -10,13 +10,17 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
+from mesh.profiles import get_profile
 from mesh.reputation import Phase
 from sidecar.exchange import Answer
 from sidecar.identity_phase import CallerPhases
+from sidecar.membership import MeshMembership
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
-from wire.headers import BID, IDENTITY, PRICE, REPUTATION
-from wire.identity import VerifiedIdentity, verify_identity
+from sidecar.upstreams import UpstreamTable
+from wire.headers import BID, CHALLENGE, CONGESTION, IDENTITY, PRICE, REPUTATION, RETRY, SIGNALS
+from wire.identity import BoundRequest, VerifiedIdentity, verify_identity
+from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing
 
 KEY = b"unit-test-mesh-key-0123456789"
@@ -30,18 +34,34 @@ class Clock:
         return self.t
 
 
+EXTERNAL = "payments"  # a static upstream declared ``mesh: false``
+
+
 def make_phases(key: bytes | None = KEY, caller: str = "orders",
                 inner: ProxyPhases | None = None) -> tuple[CallerPhases, Clock]:
     clock = Clock()
     phases = CallerPhases(inner, caller_id=caller, mesh_key=key, default_bid=1.0,
                           metrics=CallerMetrics(CollectorRegistry()), clock=clock,
-                          wall_clock=lambda: 1_764_000_000.0 + clock.t)
+                          wall_clock=lambda: 1_764_000_000.0 + clock.t,
+                          membership=MeshMembership(lambda name: name == EXTERNAL))
     return phases, clock
 
 
+TABLE = UpstreamTable("round-robin", get_profile("balanced"))
+TABLE.apply({"users": ("http://10.0.0.1:80",), "orders": ("http://10.0.0.2:80",),
+             EXTERNAL: ("http://10.0.0.3:80",)}, 0.0)
+TABLE.apply({"found": ("http://10.0.0.4:80",)}, 0.0, source="discovery")
+
+
 def ctx_for(upstream: str = "users") -> RequestContext:
+    group = TABLE.get(upstream)
+    assert group is not None
     return RequestContext(started=0.0, method="GET", target="/", authority=upstream,
-                          upstream=upstream)
+                          upstream=upstream, group=group, endpoint=group.endpoints[0])
+
+
+def now_wall(clock: Clock) -> float:
+    return 1_764_000_000.0 + clock.t
 
 
 async def test_identity_and_bid_are_stamped_and_the_app_header_never_leaves() -> None:
@@ -53,8 +73,85 @@ async def test_identity_and_bid_are_stamped_and_the_app_header_never_leaves() ->
     phases.upstream_request_filter(ctx, headers)
     assert "X-Equilibrium-Bid" not in headers and headers["Accept"] == "*/*"
     assert headers[BID] == "2.5"
-    verified = verify_identity(headers[IDENTITY], KEY, 1_764_000_000.0 + clock.t)
+    verified = verify_identity(headers[IDENTITY], KEY, now_wall(clock), 30.0,
+                               BoundRequest("GET", "users", "/"))
     assert isinstance(verified, VerifiedIdentity) and verified.caller == "orders"
+    assert verified.nonce == headers[CHALLENGE] == ctx.extra["challenge"]
+    # bound to its request: another method or target does not verify
+    for other in (BoundRequest("DELETE", "users", "/"), BoundRequest("GET", "users", "/admin"),
+                  BoundRequest("GET", "orders", "/")):
+        assert not verify_identity(headers[IDENTITY], KEY, now_wall(clock), 30.0, other).trusted
+    # every attempt is signed anew, with a fresh nonce
+    again: CIMultiDict[str] = CIMultiDict()
+    phases.upstream_request_filter(ctx, again)
+    assert again[CHALLENGE] != headers[CHALLENGE] and again[IDENTITY] != headers[IDENTITY]
+
+
+@pytest.mark.parametrize("upstream", [EXTERNAL, "found"])
+async def test_an_endpoint_outside_the_mesh_gets_no_identity_bid_or_retry_mark(upstream: str
+                                                                           ) -> None:
+    phases, _ = make_phases()
+    ctx = ctx_for(upstream)
+    assert await phases.request_filter(make_mocked_request("GET", "/"), ctx) is None
+    headers: CIMultiDict[str] = CIMultiDict({RETRY: "1"})
+    phases.upstream_request_filter(ctx, headers)
+    assert set(headers) == {CHALLENGE}  # only the challenge a member would answer
+    if upstream == "found":  # a discovered endpoint proves itself with a signed answer
+        game = signed_answer(ctx, "anonymous", congestion="v=1;level=0.5")
+        assert phases.response_signals(ctx, game) == {CONGESTION.lower(): "v=1;level=0.5"}
+        assert ctx.endpoint in phases.membership
+        headers = CIMultiDict()
+        phases.upstream_request_filter(ctx, headers)
+        assert IDENTITY in headers and BID in headers
+
+
+def signed_answer(ctx: RequestContext, caller: str, *, congestion: str | None = None,
+                  reputation: str | None = None, price: str | None = None,
+                  key: bytes = KEY) -> dict[str, str]:
+    signals = SignedSignals(congestion, reputation, price)
+    game = {name.lower(): value for name, value in
+            ((CONGESTION, congestion), (REPUTATION, reputation), (PRICE, price)) if value}
+    challenge = ctx.extra["challenge"]
+    assert isinstance(challenge, str)
+    signed = sign_signals(key, AnsweredRequest(challenge, ctx.method, ctx.target), caller,
+                          signals)
+    assert signed is not None
+    game[SIGNALS.lower()] = signed
+    return game
+
+
+def sent(phases: CallerPhases, ctx: RequestContext) -> None:
+    phases.upstream_request_filter(ctx, CIMultiDict())
+
+
+def test_only_signals_signed_for_this_request_and_this_caller_are_believed() -> None:
+    phases, _ = make_phases()
+    punished = format_standing(0.1, 1, Phase.PUNISHED, 300.0)
+    ctx = ctx_for()
+    sent(phases, ctx)
+    good = signed_answer(ctx, "orders", congestion="v=1;level=1", reputation=punished,
+                         price="2")
+    assert phases.response_signals(ctx, dict(good)) == {
+        k: v for k, v in good.items() if k != SIGNALS.lower()}
+    bad = phases.metrics.bad_signals
+    # unsigned (a server outside the mesh): nothing believed
+    assert phases.response_signals(ctx, {REPUTATION.lower(): punished}) == {}
+    assert bad.labels("x-gt-signals", "unsigned")._value.get() == 1
+    # a value changed after signing, another key, an answer to an earlier attempt
+    forged = dict(good, **{REPUTATION.lower(): format_standing(0.1, 5, Phase.PUNISHED, 300.0)})
+    assert phases.response_signals(ctx, forged) == {}
+    other_key = signed_answer(ctx, "orders", reputation=punished,
+                              key=b"another-mesh-key-0123456789")
+    assert phases.response_signals(ctx, other_key) == {}
+    sent(phases, ctx)  # a new attempt: a new challenge
+    assert phases.response_signals(ctx, dict(good)) == {}
+    assert bad.labels("x-gt-signals", "bad-signature")._value.get() == 3
+    # signed about someone else (a relayed answer): only the congestion is kept
+    about_other = signed_answer(ctx, "anonymous", congestion="v=1;level=1",
+                                reputation=punished)
+    assert phases.response_signals(ctx, about_other) == {CONGESTION.lower(): "v=1;level=1"}
+    assert bad.labels("x-gt-signals", "wrong-caller")._value.get() == 1
+    assert phases.backing_off("users", 1000.0) == 0.0
 
 
 async def test_default_bid_and_retry_mark_come_from_the_inner_phases() -> None:
@@ -75,6 +172,11 @@ async def test_without_a_key_nothing_is_signed_or_bid() -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         phases.upstream_request_filter(ctx, headers)
         assert IDENTITY not in headers and BID not in headers
+    # and without a key no answer's signal is believed (none could be checked)
+    phases, _ = make_phases(None)
+    ctx = ctx_for()
+    sent(phases, ctx)
+    assert phases.response_signals(ctx, {CONGESTION.lower(): "v=1;level=1"}) == {}
 
 
 @pytest.mark.parametrize(("raw", "reason"), [("abc", "malformed"), ("-1", "negative"),

@@ -72,3 +72,40 @@ def test_refusals_map_to_grpc_statuses() -> None:
     assert status(400, ErrorReason.BAD_BID) == 3  # INVALID_ARGUMENT
     assert status(502, ErrorReason.CONNECT_ERROR) == 14
     assert status(504, ErrorReason.UPSTREAM_TIMEOUT) == 4  # DEADLINE_EXCEEDED
+
+
+def test_policing_binds_identities_to_the_request_and_signs_the_answer() -> None:
+    """What an HTTP/2 stream goes through (sidecar.h2_inbound: method, ``:authority``,
+    ``:path``): trusted once for its own request; the answer's signals signed over the
+    caller's challenge, verifiable by the caller's sidecar."""
+    import os
+
+    from multidict import CIMultiDict
+
+    from sidecar.inbound_policing import InboundPolicing
+    from wire.headers import CHALLENGE, CONGESTION, IDENTITY, PRICE, REPUTATION, SIGNALS
+    from wire.identity import BoundRequest, new_nonce, sign_identity
+    from wire.signals import AnsweredRequest, SignedSignals, verify_signals
+
+    key = b"inbound-policing-test-key-0123456789"
+    policing = InboundPolicing(settings=parse_policing({}), metrics=InboundMetrics(
+        CollectorRegistry()), mesh_key=key, clock=lambda: 5.0, wall_clock=lambda: 1.8e9)
+    bound = BoundRequest("POST", "orders:8080", "/shop.Orders/Get")
+    challenge = new_nonce(os.urandom(12))
+    identity = sign_identity("checkout", key, 1.8e9, bound, challenge)
+    headers = CIMultiDict({IDENTITY: identity, CHALLENGE: challenge})
+
+    moved = BoundRequest("POST", "payments:8080", "/shop.Orders/Get")  # another :authority
+    assert policing.identify(headers, moved) == (ANONYMOUS, False)
+    verdict, _ = policing.police(headers, bound, 5.0)
+    assert verdict.caller == "checkout"
+    again, _ = policing.police(headers, bound, 5.0)  # the same identity a second time
+    assert again.caller == ANONYMOUS
+
+    signals = policing.signal_headers(verdict)
+    answered = AnsweredRequest(challenge, bound.method, bound.target)
+    signed = SignedSignals(signals.get(CONGESTION), signals.get(REPUTATION), signals.get(PRICE))
+    checked = verify_signals(signals[SIGNALS], key, answered, signed)
+    assert checked.reason is None and checked.caller == "checkout"
+    other = AnsweredRequest(new_nonce(os.urandom(12)), bound.method, bound.target)
+    assert verify_signals(signals[SIGNALS], key, other, signed).reason is not None

@@ -92,3 +92,18 @@ def test_config_layers_carry_the_inbound_settings(tmp_path: Path) -> None:
     bad = ConfigSource.from_sources({"app": "gopher://x"}, env={})
     with pytest.raises(ConfigError, match="command line: app"):
         bad.load()
+
+
+def test_the_inbound_defences_are_settings() -> None:
+    settings = parse_policing({"upload_timeout": 5, "upload_buffer": 1024, "header_timeout": 2,
+                               "keepalive_timeout": 0, "max_connections": 10,
+                               "max_connections_per_source": 3, "websocket_max_message": 4096,
+                               "websocket_max_per_caller": 1})
+    assert (settings.upload_timeout, settings.upload_buffer) == (5.0, 1024)
+    assert (settings.header_timeout, settings.keepalive_timeout) == (2.0, 0.0)
+    assert (settings.max_connections, settings.max_connections_per_source) == (10, 3)
+    assert (settings.websocket_max_message, settings.websocket_max_per_caller) == (4096, 1)
+    for bad in ({"upload_timeout": 0}, {"max_connections": 0}, {"websocket_max_message": 1.5}):
+        with pytest.raises(ValueError):
+            parse_policing(bad)
+    assert parse_policing({"upload_memory": 0}).upload_memory == 0  # 0: nothing buffered

@@ -19,7 +19,8 @@ def test_reasons_are_the_documented_metric_labels() -> None:
         "wrong-sidecar", "endpoint-mismatch", "stale", "fenced", "not-yet-valid", "expired",
         "deleted",
     }
-    headers = {"too-long", "out-of-range", "missing", "unsupported-version", "future"}
+    headers = {"too-long", "out-of-range", "missing", "unsupported-version", "future",
+               "replayed", "wrong-caller"}
     bids = {"nan", "infinite", "negative", "too-large"}
     mesh_key = {"no-key", "weak-key", "unreadable"}
     assert {r.value for r in Reason} == stream_entries | headers | bids | mesh_key

@@ -9,26 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from mesh.policy import EndpointView, PolicySnapshot
 from wire.errors import WireError
 from wire.headers import (
     format_congestion,
-    format_regret,
     parse_congestion,
     parse_congestion_signal,
-    parse_regret,
     parse_retry,
     strip_gt_headers,
 )
-
-
-def test_regret_round_trip() -> None:
-    snap = PolicySnapshot("equilibrium", {"a": 1.0},
-                          (EndpointView("a", 1.0, 0.01, 0.2, 0, 1, 0),), nash_gap=0.05,
-                          converged=True)
-    sig = parse_regret(format_regret(snap))
-    assert sig.gap == pytest.approx(0.05) and sig.max_regret == pytest.approx(0.2)
-    assert sig.converged
 
 
 def test_congestion_round_trip_and_clamp() -> None:
@@ -69,7 +57,7 @@ def test_strip_removes_every_gt_header_in_any_case() -> None:
 
 @given(st.text(max_size=300))
 def test_parsers_never_raise_anything_but_header_error(value: str) -> None:
-    for parse in (parse_congestion, parse_regret, parse_retry):
+    for parse in (parse_congestion, parse_retry):
         with contextlib.suppress(WireError):
             parse(value)
 

@@ -1,0 +1,65 @@
+"""Contenders that are not a plain ``--policy``: the mesh case and the oracle.
+
+Owns two pseudo-policies the ``slow-pod`` and ``recovery`` scenarios accept beside the real
+policy names:
+
+- ``equilibrium+probes`` — every pod behind its own inbound sidecar (``mode: off`` policing,
+  the idle check on ``/``), the client sidecars and the inbound ones sharing a mesh key, so the
+  clients probe the pods (docs/protocol.md, "Probes") and route with ``equilibrium``;
+- ``oracle`` — ``equilibrium`` given only the good pods: what routing could do if it knew;
+- ``oracle+sidecars`` — the same, each good pod behind its inbound sidecar as in
+  ``equilibrium+probes``: the like-for-like reference of the mesh case (the same extra hop).
+
+:func:`setup` starts what a contender needs and says how to reach the pods; the caller stops
+the returned inbound sidecars. It never decides how a sidecar routes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from equilibrium.lab.bench.scenarios import BenchContext
+from equilibrium.lab.processes import free_port
+from equilibrium.lab.sidecars import Sidecar
+
+PROBES = "equilibrium+probes"
+ORACLE = "oracle"
+MESH_ORACLE = "oracle+sidecars"
+PSEUDO = (PROBES, ORACLE, MESH_ORACLE)
+MESH_KEY = "bench-mesh-key-for-probes-0123456789abcdef"
+
+
+def client_id(contender: str, index: int) -> str:
+    """A client sidecar's id (an identity must match ``[A-Za-z0-9._:-]``: no ``+``)."""
+    return f"{contender.replace('+', '-')}-{index + 1}"
+
+
+async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
+                bad: Sequence[int]) -> tuple[str, list[str], list[Sidecar], dict[str, str] | None]:
+    """(the policy the client sidecars run, the URLs they route to, the inbound sidecars to
+    stop afterwards, the environment of the client sidecars)."""
+    if contender == ORACLE:
+        return "equilibrium", [u for i, u in enumerate(pod_urls) if i not in bad], [], None
+    if contender not in (PROBES, MESH_ORACLE):
+        return contender, list(pod_urls), [], None
+    if contender == MESH_ORACLE:
+        pod_urls = [u for i, u in enumerate(pod_urls) if i not in bad]
+    env = {"EQUILIBRIUM_MESH_SECRET": MESH_KEY}
+    config = ctx.logs / "inbound.json"
+    config.write_text(json.dumps({"policing": {"mode": "off", "app_check_path": "/"}}))
+    started: list[Sidecar] = []
+    urls: list[str] = []
+    try:
+        for pod_url in pod_urls:
+            port = free_port()
+            started.append(await Sidecar.start(
+                f"pod-{len(started)}-sidecar", {}, extra=["--inbound", f"127.0.0.1:{port}", "--app",
+                                               pod_url, "--config", str(config)],
+                stderr_path=str(ctx.logs / "inbound.log"), env=env))
+            urls.append(f"http://127.0.0.1:{port}")
+    except BaseException:
+        for s in started:
+            await s.stop()
+        raise
+    return "equilibrium", urls, started, env

@@ -1,0 +1,162 @@
+"""Probes: what an inbound sidecar reports about its app, and when a caller asks.
+
+Prequal (Wydrowski et al., "Load is not what you should balance", NSDI '24) routes by asking
+the servers (requests in flight, recent latency) instead of experimenting on user traffic. In
+this mesh every meshed pod has an inbound sidecar in front of it that knows exactly that, so a
+caller asks it with a probe (wire format: :mod:`wire.probe`; exchange: docs/protocol.md).
+
+This module owns the pure parts, all with the clock and the random generator passed in:
+
+- :class:`ProbeReport` — one verified answer: the app's requests in flight, the latency of its
+  recent requests (mean, median, p90, sample count), congestion level, concurrency limit,
+  draining.
+- :class:`LatencyWindow` — the inbound side's record of its app's recent latencies, from which
+  a report is made (bounded in time and in samples).
+- :class:`ProbeSchedule` — the caller's timetable: when each endpoint is next probed, jittered,
+  a few times a second for an endpoint this caller does not use, less often for one that
+  carries its traffic (its responses report through ``X-GT-Congestion`` anyway).
+
+It must not do I/O, read a clock or use the global random generator.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReport:
+    """What an inbound sidecar said about its app, verified (signed with the mesh key and
+    bound to the caller's nonce).
+
+    Latencies are in seconds over the responder's last window; with ``samples == 0`` they are
+    0 and mean nothing (the app served nobody in the window). ``in_flight`` counts requests at
+    the app through that listener, from every caller."""
+
+    in_flight: int
+    mean: float
+    p50: float
+    p90: float
+    samples: int
+    congestion: float
+    limit: int
+    draining: bool
+
+    @property
+    def has_latency(self) -> bool:
+        """Whether the report carries latency evidence (the app served someone recently)."""
+        return self.samples > 0
+
+
+class LatencyWindow:
+    """The app's latencies of the last ``span`` seconds, at most ``max_samples`` of them
+    (the newest kept), and never fewer than the newest ``min_samples`` not older than
+    ``max_age``: what a probe answer summarises. The floor keeps a rarely used app's answers
+    from swinging with each lone request (a pod slow on half its requests must not look
+    healthy after one lucky answer). Pure; ``now`` is passed in."""
+
+    def __init__(self, span: float = 2.0, max_samples: int = 256, min_samples: int = 8,
+                 max_age: float = 10.0) -> None:
+        if span <= 0 or max_samples < 1 or not 1 <= min_samples <= max_samples \
+                or max_age < span:
+            raise ValueError("need span > 0, 1 <= min_samples <= max_samples, max_age >= span")
+        self.span = span
+        self.min_samples = min_samples
+        self.max_age = max_age
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def add(self, now: float, latency: float) -> None:
+        """One finished request of the app (``latency`` seconds, finished at ``now``)."""
+        if math.isfinite(latency) and latency >= 0.0:
+            self._samples.append((now, latency))
+
+    def _recent(self, now: float) -> list[float]:
+        samples = self._samples
+        while samples and samples[0][0] < now - self.max_age:
+            samples.popleft()
+        horizon = now - self.span
+        recent = [latency for at, latency in samples if at >= horizon]
+        if len(recent) >= self.min_samples:
+            return recent
+        return [latency for _, latency in list(samples)[-self.min_samples:]]
+
+    def last_at(self) -> float | None:
+        """When the newest sample was taken (None: none kept)."""
+        return self._samples[-1][0] if self._samples else None
+
+    def summary(self, now: float) -> tuple[float, float, float, int]:
+        """(mean, median, p90, count) of the window at ``now``; zeros when it is empty.
+        Quantiles are nearest-rank (the smallest sample with at least q of them at or
+        below it)."""
+        values = sorted(self._recent(now))
+        n = len(values)
+        if n == 0:
+            return 0.0, 0.0, 0.0, 0
+        return sum(values) / n, _rank(values, 0.5), _rank(values, 0.9), n
+
+
+def _rank(ordered: list[float], q: float) -> float:
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRates:
+    """How often a caller probes one endpoint (per second, before jitter)."""
+
+    idle: float = 4.0
+    """Endpoints this caller sends (almost) nothing: probes are all it learns from."""
+    busy: float = 1.0
+    """Endpoints that carry this caller's traffic (their responses report too)."""
+    jitter: float = 0.5
+    """Each interval is drawn uniformly from ``[1 - jitter, 1 + jitter]`` of its mean, so
+    many sidecars never probe in step."""
+
+    def __post_init__(self) -> None:
+        if not (0 < self.busy <= self.idle <= 20.0):
+            raise ValueError("need 0 < busy <= idle <= 20 probes per second")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError("jitter must be in [0, 1)")
+
+
+class ProbeSchedule:
+    """When each endpoint is next due for a probe.
+
+    :meth:`due` returns the endpoints whose time has come and schedules their next probe at
+    once (so a slow or lost answer never doubles the rate); :meth:`sync` follows the endpoint
+    set (a new endpoint is probed within one jittered idle interval, spread so that a fleet of
+    new endpoints is not probed all at once)."""
+
+    def __init__(self, rates: ProbeRates | None = None) -> None:
+        self.rates = rates or ProbeRates()
+        self._next: dict[str, float] = {}
+
+    def sync(self, endpoints: Iterable[str], now: float, rng: random.Random) -> None:
+        wanted = set(endpoints)
+        for gone in set(self._next) - wanted:
+            del self._next[gone]
+        for endpoint in sorted(wanted - set(self._next)):
+            self._next[endpoint] = now + rng.random() / self.rates.idle
+
+    def interval(self, busy: bool, rng: random.Random) -> float:
+        """One jittered interval between two probes of an endpoint."""
+        mean = 1.0 / (self.rates.busy if busy else self.rates.idle)
+        jitter = self.rates.jitter
+        return mean * (1.0 - jitter + 2.0 * jitter * rng.random())
+
+    def due(self, now: float, busy: Iterable[str], rng: random.Random) -> list[str]:
+        """Endpoints to probe now (in name order); their next probe is scheduled here.
+        ``busy`` are the endpoints that carry this caller's traffic."""
+        busy_set = set(busy)
+        ready = sorted(e for e, at in self._next.items() if at <= now)
+        for endpoint in ready:
+            self._next[endpoint] = now + self.interval(endpoint in busy_set, rng)
+        return ready
+
+    def next_at(self) -> float | None:
+        """The earliest time any endpoint is due (None: no endpoint)."""
+        return min(self._next.values(), default=None)
+

@@ -1,0 +1,233 @@
+"""Probe answers in the pure core: the responder's window, the caller's timetable, and how the
+policy learns from them (hand-computed cases, then the slow-pod story end to end in the core)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from mesh.estimators import EndpointStats
+from mesh.herd import HerdGuard
+from mesh.policies import RegretMatchingPolicy, make_policy
+from mesh.probes import LatencyWindow, ProbeRates, ProbeReport, ProbeSchedule
+from mesh.profiles import get_profile
+
+
+def report(mean: float, *, in_flight: int = 0, samples: int = 5, congestion: float = 0.0,
+           draining: bool = False) -> ProbeReport:
+    return ProbeReport(in_flight=in_flight, mean=mean, p50=mean, p90=mean, samples=samples,
+                       congestion=congestion, limit=20, draining=draining)
+
+
+# ------------------------------------------------------------------ the responder's window
+
+def test_the_window_keeps_the_last_span_and_reads_nearest_rank_quantiles() -> None:
+    window = LatencyWindow(span=2.0, min_samples=1)
+    for at, latency in ((0.5, 0.1), (1.5, 0.2), (2.0, 0.3), (2.5, 0.4), (3.0, 1.0)):
+        window.add(at, latency)
+    mean, p50, p90, n = window.summary(3.0)  # 0.5 is older than 3.0 - 2.0
+    assert (n, p50, p90) == (4, 0.3, 1.0)  # ranks ceil(0.5 * 4) = 2 and ceil(0.9 * 4) = 4
+    assert mean == pytest.approx((0.2 + 0.3 + 0.4 + 1.0) / 4)
+    assert window.summary(10.0) == (1.0, 1.0, 1.0, 1)  # the newest stands in for an empty span
+    assert window.summary(14.0) == (0.0, 0.0, 0.0, 0)  # older than max_age (10 s)
+    window.add(15.0, float("nan"))  # ignored
+    assert window.summary(15.0)[3] == 0
+
+
+def test_the_window_is_bounded_in_samples() -> None:
+    window = LatencyWindow(span=100.0, max_samples=3, min_samples=1, max_age=100.0)
+    for i in range(10):
+        window.add(float(i), float(i))
+    assert window.summary(9.0) == (8.0, 8.0, 9.0, 3)
+
+
+def test_a_rarely_used_app_is_summarised_over_its_last_samples_not_its_last_one() -> None:
+    window = LatencyWindow(span=2.0, min_samples=4, max_age=10.0)
+    for at, latency in ((1.0, 0.5), (3.0, 0.5), (5.0, 0.005), (7.0, 0.5), (8.5, 0.005)):
+        window.add(at, latency)
+    # only one sample in the last 2 s: the newest 4 (not older than 10 s) stand instead
+    mean, p50, p90, n = window.summary(9.0)
+    assert n == 4 and (p50, p90) == (0.005, 0.5)
+    assert mean == pytest.approx((0.5 + 0.005 + 0.5 + 0.005) / 4)
+    for i in range(4):  # four fresh samples within 2 s: the window is the span again
+        window.add(9.0 + 0.25 * i, 0.005)
+    assert window.summary(10.0) == (pytest.approx(0.005), 0.005, 0.005, 5)
+    assert window.summary(30.0)[3] == 0  # older than max_age: nothing
+    with pytest.raises(ValueError):
+        LatencyWindow(span=2.0, min_samples=0)
+
+
+# ------------------------------------------------------------------ the caller's timetable
+
+def test_idle_endpoints_are_probed_four_times_a_second_busy_ones_once() -> None:
+    schedule = ProbeSchedule(ProbeRates(idle=4.0, busy=1.0, jitter=0.0))
+    rng = random.Random(1)
+    schedule.sync(["a", "b"], 0.0, rng)
+    assert all(0.0 <= at < 0.25 for at in schedule._next.values())  # spread over one interval
+    sent = {"a": 0, "b": 0}
+    t = 0.0
+    while t < 10.0:
+        for endpoint in schedule.due(t, busy={"b"}, rng=rng):
+            sent[endpoint] += 1
+        t = round(t + 0.01, 2)
+    assert 39 <= sent["a"] <= 41 and 9 <= sent["b"] <= 11
+
+
+def test_jitter_spreads_intervals_and_sync_follows_the_endpoint_set() -> None:
+    schedule = ProbeSchedule(ProbeRates(idle=4.0, busy=1.0, jitter=0.5))
+    rng = random.Random(7)
+    intervals = [schedule.interval(False, rng) for _ in range(200)]
+    assert min(intervals) >= 0.125 and max(intervals) <= 0.375
+    assert max(intervals) - min(intervals) > 0.2
+    schedule.sync(["a", "b"], 0.0, rng)
+    schedule.sync(["b", "c"], 1.0, rng)
+    assert set(schedule._next) == {"b", "c"} and schedule._next["c"] >= 1.0
+    with pytest.raises(ValueError):
+        ProbeRates(idle=1.0, busy=2.0)
+
+
+# ------------------------------------------------------------------ one endpoint's stats
+
+def stats(now: float = 0.0) -> EndpointStats:
+    return EndpointStats.new("e", now=now, tau=2.0, decay=10.0, failure_penalty=1.0)
+
+
+def test_a_probe_answer_is_the_latency_estimate_of_an_endpoint_this_caller_does_not_use() -> None:
+    s = stats()
+    s.start()
+    s.finish(0.5, True, now=1.0)  # own measurement: 500 ms
+    s.observe_probe(report(0.010, congestion=0.5), now=1.5)  # within 1 s of it: own stays
+    assert s.latency.value == 0.5 and s.congestion == 0.0
+    s.observe_probe(report(0.010, congestion=0.5), now=2.5)  # quiet for 1.5 s: the probe counts
+    assert s.latency.value == 0.010 and s.congestion == 0.5
+    assert s.latency_estimate(fallback=1.0) == pytest.approx(0.015)  # x (1 + congestion)
+    s.observe_probe(report(0.0, samples=0), now=3.0)  # no evidence: the estimate is kept
+    assert s.latency.value == 0.010
+
+
+def test_coverage_needs_a_fresh_answer_with_latency_and_no_drain() -> None:
+    s = stats()
+    assert not s.probe_covered(0.0)
+    s.observe_probe(report(0.01), now=1.0)
+    assert s.probe_covered(3.0) and not s.probe_covered(3.01)  # fresh for 2 s
+    s.observe_probe(report(0.0, samples=0), now=4.0)
+    assert not s.probe_covered(4.0)
+    s.observe_probe(report(0.01, draining=True), now=5.0)
+    assert not s.probe_covered(5.0) and s.draining(5.0) and not s.draining(7.5)
+
+
+def test_the_finish_cost_counts_the_callees_other_requests() -> None:
+    s = stats()
+    s.start()  # one of ours in flight when the answer comes
+    s.observe_probe(report(0.01, in_flight=4), now=0.0)
+    assert s.others_in_flight(0.0) == 3
+    # peak EWMA at its 30 ms default at creation x (1 ours + 3 others + 1)
+    assert s.finish_cost(0.0) == pytest.approx(0.030 * 5)
+    assert s.others_in_flight(2.5) == 0  # stale: nothing assumed
+
+
+# ------------------------------------------------------------------ the herd guard
+
+def test_a_covered_endpoint_below_the_floor_gets_nothing() -> None:
+    guard = HerdGuard(explore_floor=0.005, smoothing=1.0)
+    target, previous = np.array([0.5, 0.5, 0.0]), np.array([0.45, 0.45, 0.1])
+    floored = guard.shape(target, previous, dt=0.5)
+    assert floored[2] == pytest.approx(0.005)  # not covered: the floor explores it
+    covered = guard.shape(target, previous, dt=0.5, covered=np.array([False, False, True]))
+    assert covered.tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert covered[2] == 0.0
+
+
+def test_a_covered_endpoint_is_dropped_only_when_the_others_can_take_its_share() -> None:
+    guard = HerdGuard(explore_floor=0.005, ramp_per_s=0.1, smoothing=1.0)
+    w = guard.shape(np.array([0.5, 0.5, 0.0]), np.array([0.3, 0.3, 0.4]), dt=0.5,
+                    covered=np.array([False, False, True]))
+    # the ramp holds the others at 0.3 + 0.05: the rest stays where it was
+    assert w.tolist() == pytest.approx([0.35, 0.35, 0.3])
+
+
+# ------------------------------------------------------------------ the policy, end to end
+
+LATENCY = {"a": 0.010, "b": 0.010, "c": 0.500}
+
+
+def drive(policy: RegretMatchingPolicy, start: float, seconds: float, latency: dict[str, float],
+          *, probes: bool, rng: random.Random, picks: dict[str, int] | None = None,
+          weights: list[dict[str, float]] | None = None) -> float:
+    """200 requests/s (each answered at once with its endpoint's latency), ticks every 0.5 s,
+    and (with ``probes``) a probe answer from every endpoint every 0.25 s."""
+    t, next_tick, next_probe = start, start, start
+    end = start + seconds
+    while t < end:
+        if probes and t >= next_probe:
+            for e, mean in latency.items():
+                policy.on_probe(e, report(mean), t)
+            next_probe += 0.25
+        if t >= next_tick:
+            policy.tick(t)
+            if weights is not None:
+                weights.append(dict(policy.snapshot().weights))
+            next_tick += 0.5
+        e = policy.pick(rng, t)
+        assert e is not None
+        policy.on_start(e, t)
+        from mesh.policy import Outcome
+        policy.on_outcome(Outcome(e, latency[e], True, t))
+        if picks is not None:
+            picks[e] = picks.get(e, 0) + 1
+        t = round(t + 0.005, 3)
+    return t
+
+
+def new_policy() -> RegretMatchingPolicy:
+    policy = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(policy, RegretMatchingPolicy)
+    policy.set_endpoints(list(LATENCY), 0.0)
+    return policy
+
+
+def test_a_slow_endpoint_covered_by_probes_gets_no_user_request_once_learned() -> None:
+    rng = random.Random(3)
+    policy = new_policy()
+    t = drive(policy, 0.0, 15.0, LATENCY, probes=True, rng=rng)
+    late: dict[str, int] = {}
+    drive(policy, t, 10.0, LATENCY, probes=True, rng=rng, picks=late)
+    assert late.get("c", 0) == 0 and policy.snapshot().weights["c"] == 0.0
+    # the same without probes: the exploration floor keeps spending user requests on it
+    rng = random.Random(3)
+    unprobed = new_policy()
+    t = drive(unprobed, 0.0, 15.0, LATENCY, probes=False, rng=rng)
+    floor_picks: dict[str, int] = {}
+    drive(unprobed, t, 10.0, LATENCY, probes=False, rng=rng, picks=floor_picks)
+    assert floor_picks.get("c", 0) >= 5  # 0.5 % of 2000
+
+
+def test_a_healed_endpoint_is_readmitted_to_its_fair_share_by_probes_within_ten_seconds() -> None:
+    rng = random.Random(5)
+    policy = new_policy()
+    t = drive(policy, 0.0, 20.0, LATENCY, probes=True, rng=rng)
+    assert policy.snapshot().weights["c"] == 0.0
+    healed = {"a": 0.010, "b": 0.010, "c": 0.010}
+    weights: list[dict[str, float]] = []
+    drive(policy, t, 10.0, healed, probes=True, rng=rng, weights=weights)
+    shares = [w["c"] for w in weights]
+    assert shares[-1] >= 0.8 / 3  # at least 80 % of a fair share within 10 s
+    assert max(max(w.values()) for w in weights) <= 0.8 + 1e-9  # the cap holds throughout
+    steps = np.diff(shares)
+    assert np.all(steps <= 0.10 * 0.5 + 1e-9)  # never faster than the ramp (10 pp/s)
+    first = next(i for i, share in enumerate(shares) if share > 0)
+    assert first * 0.5 <= 2.5  # noticed (first share) within about 2 s of healing
+
+
+def test_a_draining_endpoint_is_left_alone() -> None:
+    rng = random.Random(9)
+    policy = new_policy()
+    even = {"a": 0.010, "b": 0.010, "c": 0.010}
+    t = drive(policy, 0.0, 5.0, even, probes=True, rng=rng)
+    policy.on_probe("c", report(0.010, draining=True), t)
+    for i in range(12):
+        policy.on_probe("c", report(0.010, draining=True), t + 0.25 * i)
+        policy.tick(t + 0.25 * i)
+    assert policy.snapshot().weights["c"] == 0.0

@@ -1,0 +1,103 @@
+"""The inbound side of probes, in process: who gets an answer, and what it says."""
+
+from __future__ import annotations
+
+import os
+
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from prometheus_client import CollectorRegistry
+
+from sidecar.metrics import ProbeAnswerMetrics
+from sidecar.policing_config import parse_policing
+from sidecar.probe_answer import ProbeResponder, is_probe
+from wire.identity import BoundRequest, new_nonce, sign_identity
+from wire.probe import PROBE, PROBE_PATH, format_request, parse_answer
+
+KEY = b"probe-answer-test-key-0123456789"
+NONCE = "0123456789abcdefghijkl"
+HOST = "pod-1:8080"
+
+
+class App:
+    in_flight = 3
+
+    def probe_load(self) -> tuple[float, int]:
+        return 0.25, 12
+
+
+def responder(key: bytes | None = KEY) -> ProbeResponder:
+    """A responder whose clock stands still (so no token comes back)."""
+    return ProbeResponder(App(), mesh_key=key, metrics=ProbeAnswerMetrics(CollectorRegistry()),
+                          max_skew=30.0, clock=lambda: 5.0, wall_clock=lambda: 1_800_000_000.0)
+
+
+def probe(identity: str | None = None, nonce: str | None = NONCE) -> web.Request:
+    headers = {"Host": HOST}
+    if identity is not None:
+        headers["X-GT-Identity"] = identity
+    if nonce is not None:
+        headers[PROBE] = format_request(nonce)
+    return make_mocked_request("GET", PROBE_PATH, headers=headers)
+
+
+def signed(key: bytes = KEY, caller: str = "caller-1", target: str = PROBE_PATH) -> str:
+    """A fresh identity, bound to a probe of this pod (or to ``target``)."""
+    return sign_identity(caller, key, 1_800_000_000.0, BoundRequest("GET", HOST, target),
+                         new_nonce(os.urandom(12)))
+
+
+def test_only_a_get_of_the_reserved_path_is_a_probe() -> None:
+    assert is_probe(probe())
+    assert not is_probe(make_mocked_request("POST", PROBE_PATH))
+    assert not is_probe(make_mocked_request("GET", PROBE_PATH + "?x=1"))
+    assert not is_probe(make_mocked_request("GET", "/"))
+
+
+def test_a_mesh_caller_gets_a_signed_answer_of_the_window_and_the_load() -> None:
+    r = responder()
+    for latency in (0.010, 0.020, 0.030):
+        r.record(4.0, latency)  # within the last 2 s of the clock (5.0)
+    r.draining = lambda: True
+    answer = r.answer(probe(signed()))
+    assert answer.status == 200
+    assert answer.text is not None
+    report = parse_answer(answer.text, KEY, NONCE)
+    assert (report.in_flight, report.samples, report.limit, report.draining) == (3, 3, 12, True)
+    assert (report.p50, report.p90, report.congestion) == (0.020, 0.030, 0.25)
+    assert abs(report.mean - 0.020) < 1e-9
+
+
+def test_strangers_bad_probes_and_floods_get_no_answer() -> None:
+    assert responder(key=None).answer(probe(signed())).status == 404  # cannot sign
+    r = responder()
+    assert r.answer(probe()).status == 403  # no identity
+    assert r.answer(probe(signed(b"another-key-0123456789abcdef", "x"))).status == 403
+    assert r.answer(probe(signed(), nonce=None)).status == 400
+    statuses = [r.answer(probe(signed())).status for _ in range(300)]  # at one instant
+    # the burst of 100 answers, less the 3 refused probes above that took a token each
+    assert statuses.count(200) == 97 and statuses[97:] == [429] * 203
+    counted = {s.labels["result"]: s.value for m in r.metrics.probes.collect()
+               for s in m.samples if s.name.endswith("_total")}
+    assert counted["untrusted"] == 2 and counted["malformed"] == 1
+    assert counted["rate-limited"] == 203 and counted["answered"] == 97
+
+
+def test_the_idle_check_path_is_a_path() -> None:
+    assert parse_policing({"app_check_path": "/healthz"}).app_check_path == "/healthz"
+    assert parse_policing({}).app_check_path is None
+    for bad in ("healthz", "/a b", 5, "/" + "x" * 300):
+        try:
+            parse_policing({"app_check_path": bad})
+        except ValueError as exc:
+            assert "app_check_path" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+
+
+def test_an_identity_for_another_request_or_used_twice_gets_no_answer() -> None:
+    r = responder()
+    assert r.answer(probe(signed(target="/orders"))).status == 403  # bound to another target
+    identity = signed()
+    assert r.answer(probe(identity)).status == 200
+    assert r.answer(probe(identity)).status == 403  # replayed

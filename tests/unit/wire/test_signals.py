@@ -1,0 +1,66 @@
+"""wire.signals: an answer's game headers, signed over the caller's challenge and request."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wire.errors import Reason
+from wire.identity import new_nonce
+from wire.signals import AnsweredRequest, SignedSignals, sign_signals, verify_signals
+
+KEY = b"signals-unit-test-key-0123456789"
+CHALLENGE = new_nonce(b"0123456789ab")
+ANSWERED = AnsweredRequest(CHALLENGE, "GET", "/users/7")
+SIGNALS = SignedSignals("v=1;level=0.500", "v=1;score=1.000;level=0;phase=good", None)
+
+
+def test_the_mac_covers_challenge_caller_request_and_every_value() -> None:
+    header = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
+    assert header is not None and header.startswith("v=1;caller=orders;sig=")
+    message = (f"X-GT-Signals|v=1|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
+               "v=1;score=1.000;level=0;phase=good|-").encode()
+    expected = hmac.new(KEY, message, hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+    verdict = verify_signals(header, KEY, ANSWERED, SIGNALS)
+    assert verdict.authentic and verdict.caller == "orders"
+
+
+def test_anything_changed_is_a_bad_signature() -> None:
+    header = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
+    changes = [
+        (AnsweredRequest(new_nonce(b"another-one!"), "GET", "/users/7"), SIGNALS),
+        (AnsweredRequest(CHALLENGE, "POST", "/users/7"), SIGNALS),
+        (AnsweredRequest(CHALLENGE, "GET", "/users/8"), SIGNALS),
+        (ANSWERED, SignedSignals(SIGNALS.congestion, "v=1;score=0;level=5;phase=punished;"
+                                 "retry=300", None)),
+        (ANSWERED, SignedSignals(SIGNALS.congestion, SIGNALS.reputation, "0")),
+        (ANSWERED, SignedSignals(None, SIGNALS.reputation, None)),
+    ]
+    for answered, signals in changes:
+        assert verify_signals(header, KEY, answered, signals).reason is Reason.BAD_SIGNATURE
+    other = sign_signals(b"another-mesh-key-0123456789", ANSWERED, "orders", SIGNALS)
+    assert verify_signals(other, KEY, ANSWERED, SIGNALS).reason is Reason.BAD_SIGNATURE
+
+
+def test_missing_and_malformed_values_are_named() -> None:
+    assert verify_signals(None, KEY, ANSWERED, SIGNALS).reason is Reason.UNSIGNED
+    assert verify_signals("", KEY, ANSWERED, SIGNALS).reason is Reason.UNSIGNED
+    for header in ("v=1", "v=1;caller=a;sig=short", "v=1;sig=" + "A" * 43 + ";caller=a",
+                   "v=1;caller=a b;sig=" + "A" * 43, "x" * 200, "garbage"):
+        assert verify_signals(header, KEY, ANSWERED, SIGNALS).reason is Reason.MALFORMED
+    assert (verify_signals("v=9;caller=a;sig=" + "A" * 43, KEY, ANSWERED, SIGNALS).reason
+            is Reason.UNSUPPORTED_VERSION)
+
+
+def test_no_usable_challenge_nothing_to_sign() -> None:
+    assert sign_signals(KEY, AnsweredRequest("short", "GET", "/"), "orders", SIGNALS) is None
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_headers_never_raise_and_never_verify(header: str) -> None:
+    assert not verify_signals(header, KEY, ANSWERED, SIGNALS).authentic
