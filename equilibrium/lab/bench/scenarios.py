@@ -28,6 +28,7 @@ SCENARIOS: dict[str, str] = {
     "retry-flood": "equilibrium.lab.bench.retry_flood",
     "overload-bids": "equilibrium.lab.bench.overload_bids",
     "standings": "equilibrium.lab.bench.standings",
+    "soak": "equilibrium.lab.bench.soak",
     "demo": "equilibrium.lab.demo.scenario",
 }
 
