@@ -69,6 +69,12 @@ def test_a_short_soak_survives_two_redis_restarts_and_reports_every_process(
             assert c["failed"] == {} and c["shed"] == {}, name
             assert sum(b["ok"] for b in c["bins"]) == planned, name
 
+    # what each inbound sidecar did with each caller's requests: all three saw traffic
+    outcomes = data["inbound_outcomes_by_caller"]
+    assert set(outcomes) == {"pod-0-in", "pod-1-in", "pod-2-in"}
+    admitted = sum(o.get("admitted", 0) for per in outcomes.values() for o in per.values())
+    assert admitted >= 0.9 * sum(c["totals"]["planned"] for c in callers.values())
+
     md = (tmp_path / "results" / "soak.md").read_text()
     for title in ("memory and open files per process", "requests per caller",
                   "soak over time", "Redis kills"):

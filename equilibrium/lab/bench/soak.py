@@ -234,7 +234,8 @@ class Soak(Scenario):
                 chaos.cancel()
                 for task in readers:
                     task.cancel()
-            punishment = await self._punishment(sidecars[:pods])
+            punishment, outcomes = await self._inbound_counts(sidecars[:pods],
+                                                              [c.name for c in callers])
         finally:
             await asyncio.gather(*(c.stop() for c in loaders), return_exceptions=True)
             await asyncio.gather(*(s.stop() for s in sidecars), return_exceptions=True)
@@ -243,7 +244,8 @@ class Soak(Scenario):
             redis.close()
             if fleet is not None:
                 await fleet.stop()
-        return self._result(ctx, params, duration, watched, callers, events, punishment)
+        return self._result(ctx, params, duration, watched, callers, events, punishment,
+                            outcomes)
 
     # ------------------------------------------------------------ during the run
 
@@ -336,9 +338,13 @@ class Soak(Scenario):
                     f"{'never' if recovered is None else f'{recovered:.1f} s'}")
 
     @staticmethod
-    async def _punishment(inbound: Sequence[Sidecar]) -> dict[str, float]:
-        """The rogue's punishment level on each inbound sidecar at the end."""
+    async def _inbound_counts(
+        inbound: Sequence[Sidecar], callers: Sequence[str],
+    ) -> tuple[dict[str, float], dict[str, dict[str, dict[str, int]]]]:
+        """From each inbound sidecar's /metrics at the end: the rogue's punishment level, and
+        per caller the requests by outcome (admitted, throttled, queue-timeout, ...)."""
         out: dict[str, float] = {}
+        outcomes: dict[str, dict[str, dict[str, int]]] = {}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s:
             for sc in inbound:
                 try:
@@ -348,13 +354,15 @@ class Soak(Scenario):
                     continue
                 out[sc.id] = metric(text, "equilibrium_inbound_caller_punishment_level",
                                     caller=ROGUE)
-        return out
+                outcomes[sc.id] = {c: _outcomes(text, c) for c in callers}
+        return out, outcomes
 
     # ------------------------------------------------------------ the report
 
     def _result(self, ctx: BenchContext, params: dict[str, Any], duration: float,
                 watched: Sequence[Watched], callers: Sequence[CallerLog],
-                events: list[dict[str, Any]], punishment: Mapping[str, float]) -> ScenarioResult:
+                events: list[dict[str, Any]], punishment: Mapping[str, float],
+                outcomes: Mapping[str, Mapping[str, Mapping[str, int]]]) -> ScenarioResult:
         judged = {w.name: w.samples for w in watched if w.judged}
         coop_fail = {c.name: dict(c.totals("fail")) for c in callers if c.cooperative}
         for c in callers:
@@ -372,6 +380,7 @@ class Soak(Scenario):
             verdict.reasons.append(f"Redis was restarted {len(events)} times, not 2")
         tables = [self._summary_table(verdict, watched),
                   self._caller_table(callers),
+                  self._inbound_table(outcomes),
                   self._time_table(duration, watched, callers, events),
                   Table(title="soak: Redis kills (SIGKILL) and restarts",
                         columns=["kill", "killed at (s)", "started again at (s)",
@@ -396,6 +405,7 @@ class Soak(Scenario):
                         for c in callers},
             "redis_restarts": events,
             "rogue_punishment_level_at_end": dict(punishment),
+            "inbound_outcomes_by_caller": {k: dict(v) for k, v in outcomes.items()},
         }
         files = []
         plot = self._plot(ctx.out / "soak.png", watched, callers, events)
@@ -453,6 +463,18 @@ class Soak(Scenario):
                               "growth", "open files", "peak RSS", "fds at end", "/readyz 200",
                               "at end"],
                      rows=rows)
+
+    @staticmethod
+    def _inbound_table(outcomes: Mapping[str, Mapping[str, Mapping[str, int]]]) -> Table:
+        rows = []
+        for inbound, per_caller in outcomes.items():
+            for caller, counts in per_caller.items():
+                listed = ", ".join(f"{k} {n}" for k, n in sorted(counts.items(),
+                                                                key=lambda kv: -kv[1]))
+                rows.append([inbound, caller, listed or "—"])
+        return Table(title="soak: what each inbound sidecar did with each caller's requests "
+                           "(equilibrium_inbound_requests_total at the end)",
+                     columns=["inbound sidecar", "caller", "requests by outcome"], rows=rows)
 
     @staticmethod
     def _caller_table(callers: Sequence[CallerLog]) -> Table:
@@ -539,6 +561,22 @@ class Soak(Scenario):
         fig.suptitle("equilibrium bench --scenario soak")
         fig.savefig(path, dpi=110)
         return str(path)
+
+
+def _outcomes(text: str, caller: str) -> dict[str, int]:
+    """``equilibrium_inbound_requests_total`` of one caller by outcome, from /metrics text."""
+    out: dict[str, int] = {}
+    head = "equilibrium_inbound_requests_total{"
+    for line in text.splitlines():
+        if not line.startswith(head) or f'caller="{caller}"' not in line:
+            continue
+        labels, _, value = line.rpartition(" ")
+        _, _, rest = labels.partition('outcome="')
+        outcome = rest.split('"', 1)[0]
+        with contextlib.suppress(ValueError):
+            if outcome and float(value):
+                out[outcome] = out.get(outcome, 0) + int(float(value))
+    return out
 
 
 SCENARIO = Soak()

@@ -116,3 +116,18 @@ def body(**fields: str) -> bytes:
 ])
 def test_classify(status: int, payload: bytes, expected: tuple[str, str]) -> None:
     assert classify(status, payload, "coop-1") == expected
+
+
+def test_inbound_outcomes_are_read_per_caller_from_metrics_text() -> None:
+    from equilibrium.lab.bench.soak import _outcomes
+
+    text = "\n".join([
+        "# TYPE equilibrium_inbound_requests_total counter",
+        'equilibrium_inbound_requests_total{caller="coop-3",outcome="admitted"} 10768.0',
+        'equilibrium_inbound_requests_total{caller="coop-3",outcome="throttled"} 151.0',
+        'equilibrium_inbound_requests_total{caller="coop-3",outcome="queue-timeout"} 0.0',
+        'equilibrium_inbound_requests_total{caller="coop-30",outcome="admitted"} 7.0',
+        'equilibrium_inbound_requests_total{caller="rogue",outcome="admitted"} 1303.0',
+    ])
+    assert _outcomes(text, "coop-3") == {"admitted": 10768, "throttled": 151}
+    assert _outcomes(text, "nobody") == {}
