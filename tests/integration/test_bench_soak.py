@@ -69,6 +69,12 @@ def test_a_short_soak_survives_two_redis_restarts_and_reports_every_process(
             assert c["failed"] == {} and c["shed"] == {}, name
             assert sum(b["ok"] for b in c["bins"]) == planned, name
 
+    # the inbound sidecars' admission gauges were sampled with their resources
+    for name in ("pod-0-in", "pod-1-in", "pod-2-in"):
+        gauges = processes[name]["inbound_gauges"]
+        assert len(gauges) >= DURATION / INTERVAL - 3, name
+        assert all(g["concurrency_limit"] >= 8 for _, g in gauges), name
+
     # what each inbound sidecar did with each caller's requests: all three saw traffic
     outcomes = data["inbound_outcomes_by_caller"]
     assert set(outcomes) == {"pod-0-in", "pod-1-in", "pod-2-in"}

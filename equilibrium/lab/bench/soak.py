@@ -68,6 +68,14 @@ class Watched:
     samples: list[ResourceSample] = field(default_factory=list)
     ready: list[tuple[float, bool]] = field(default_factory=list)
     exited_at: float | None = None
+    #: an inbound sidecar's /metrics: its admission gauges are sampled too
+    metrics_url: str | None = None
+    gauges: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+
+
+INBOUND_GAUGES = ("concurrency_limit", "in_flight", "queue_length", "congestion")
+"""``equilibrium_inbound_*`` gauges sampled with the resources (why a cooperative request got
+a 503 queue-timeout: the limit, what was in flight and queued, the congestion level)."""
 
 
 def read_proc(pid: int) -> tuple[float, int] | None:
@@ -194,8 +202,9 @@ class Soak(Scenario):
             for name in [*coop_names, ROGUE]:
                 sidecars.append(await Sidecar.start(name, upstreams, strategy=args.strategy,
                                                     extra=common, stderr_path=log, env=env))
-            watched = [Watched(s.id, s.child.pid, True, s.admin_url + "/readyz")
-                       for s in sidecars]
+            watched = [Watched(s.id, s.child.pid, True, s.admin_url + "/readyz",
+                               metrics_url=s.admin_url + "/metrics" if i < pods else None)
+                       for i, s in enumerate(sidecars)]
             assert plane.signaler is not None
             watched.append(Watched("signaler", plane.signaler.pid, True,
                                    f"http://{plane.admin}/readyz"))
@@ -273,6 +282,14 @@ class Soak(Scenario):
                 except (aiohttp.ClientError, TimeoutError):
                     return False
 
+            async def gauges(url: str) -> dict[str, float] | None:
+                try:
+                    async with session.get(url) as resp:
+                        text = await resp.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    return None
+                return {g: metric(text, f"equilibrium_inbound_{g}") for g in INBOUND_GAUGES}
+
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.0, t0 + tick * interval
@@ -286,6 +303,11 @@ class Soak(Scenario):
                 oks = await asyncio.gather(*(ready(w.ready_url) for w in watched
                                              if w.ready_url))
                 it = iter(oks)
+                readings = await asyncio.gather(*(gauges(w.metrics_url) for w in watched
+                                                  if w.metrics_url))
+                for w, g in zip([w for w in watched if w.metrics_url], readings, strict=True):
+                    if g is not None:
+                        w.gauges.append((t, g))
                 for w in watched:
                     reading = read_proc(w.pid)
                     if reading is None:
@@ -398,7 +420,9 @@ class Soak(Scenario):
                        for n, g in verdict.growth.items()},
             "processes": {w.name: {"judged": w.judged, "exited_at_s": w.exited_at,
                                    "samples": [[s.t, s.rss_kib, s.fds] for s in w.samples],
-                                   "ready": w.ready} for w in watched},
+                                   "ready": w.ready,
+                                   **({"inbound_gauges": w.gauges} if w.metrics_url else {})}
+                          for w in watched},
             "callers": {c.name: {"cooperative": c.cooperative, "rate_rps": c.rate,
                                  "totals": c.done, "failed": dict(c.totals("fail")),
                                  "shed": dict(c.totals("shed")), "bins": c.bins}
