@@ -138,4 +138,5 @@ def main(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(doc, args.out)
     sys.stdout.write("\n" + render_console(doc))
     print(f"results: {json_path}, {md_path}")
-    return 0
+    verdict = result.data.get("verdict") if isinstance(result.data, dict) else None
+    return 1 if isinstance(verdict, dict) and verdict.get("passed") is False else 0

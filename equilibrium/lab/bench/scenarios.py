@@ -31,6 +31,7 @@ SCENARIOS: dict[str, str] = {
     "overload-bids": "equilibrium.lab.bench.overload_bids",
     "standings": "equilibrium.lab.bench.standings",
     "signaler-scale": "equilibrium.lab.bench.signaler_scale",
+    "soak": "equilibrium.lab.bench.soak",
     "demo": "equilibrium.lab.demo.scenario",
 }
 
