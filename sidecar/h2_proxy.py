@@ -296,6 +296,12 @@ class _Call:
                     ctx.error_reason = "refused-stream"
                     stream.reset(ErrorCodes.REFUSED_STREAM)
                     return False
+                if _deadline_due(deadline, loop.time()):
+                    # the endpoint, told what was left of the deadline, gave up a moment
+                    # before this sidecar's own timer: the call's deadline passed all the same
+                    self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
+                    await self.deadline_exceeded()
+                    return False
                 self.outcome(sent, None, False, "upstream-reset")
                 await self.error(502, "upstream-reset", f"before the answer: {exc}")
                 return False
@@ -342,6 +348,12 @@ class _Call:
                 self.cancelled(sent, first)
                 return False
             recorded = True
+            if _deadline_due(deadline, loop.time()) and self.is_grpc and not stream.local_ended:
+                self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
+                             answered=True)
+                stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
+                                                     "deadline exceeded in the sidecar"), True)
+                return False
             self.outcome(sent, first, False, "upstream-reset", answered=self.answered)
             log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)
             if self.is_grpc and not stream.local_ended:
@@ -591,6 +603,16 @@ def _http_status(headers: Headers) -> int:
         if name == b":status":
             return int(value) if value.isdigit() else 502
     return 502
+
+
+DEADLINE_SLACK = 0.05
+"""Seconds before the call's deadline within which an endpoint's reset is taken for the
+deadline passing: the endpoint got ``grpc-timeout`` with what was left, so its own timer fires
+a little before this sidecar's."""
+
+
+def _deadline_due(deadline: float | None, now: float) -> bool:
+    return deadline is not None and now >= deadline - DEADLINE_SLACK
 
 
 def _status_trailers(status: int, message: str) -> Headers:
