@@ -176,17 +176,21 @@ class _Call:
         base = self.base_headers()
         group.budget.deposit(proxy.clock())
         failure = ""
-        for attempt in range(proxy.max_attempts):
+        # A refusal (REFUSED_STREAM: not processed, the endpoint's stream limit) is sent again
+        # without spending an attempt or the retry budget, up to MAX_REFUSALS times, after a
+        # short pause that lets the endpoint release its streams (counted as retries).
+        attempt, refusals, refused = 0, 0, False
+        while attempt < proxy.max_attempts:
             now = proxy.clock()
-            ctx.attempt = attempt
+            ctx.attempt = attempt + refusals
             endpoint = proxy.phases.upstream_pick(ctx, proxy.rng, now)
             if endpoint is None:
                 if not failure:
                     return await self.error(
                         503, "no-endpoint", f"upstream {group.name!r} has no endpoint to use")
                 break
-            if attempt > 0:
-                if not group.budget.try_withdraw(now):
+            if attempt > 0 or refused:
+                if not refused and not group.budget.try_withdraw(now):
                     proxy.metrics.retry_budget_exhausted.labels(group.name).inc()
                     break
                 proxy.metrics.retries.labels(group.name).inc()
@@ -206,6 +210,7 @@ class _Call:
                 log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure)
                 if deadline is not None and loop.time() >= deadline:
                     return await self.deadline_exceeded()
+                attempt, refused = attempt + 1, False
                 continue  # nothing was sent: another endpoint may take it
             except StreamGone as exc:
                 self.outcome(sent, None, False, "upstream-reset")
@@ -222,11 +227,17 @@ class _Call:
             # is the endpoint's stream limit, not its failure)
             failure = "refused-stream"
             ctx.tried.remove(endpoint)
+            refusals, refused = refusals + 1, True
+            if refusals > MAX_REFUSALS:
+                break
+            await asyncio.sleep(REFUSAL_PAUSE * refusals)
         if failure == "refused-stream":
             ctx.error_reason = failure
             self.proxy.metrics.errors.labels(group.name, failure).inc()
             stream.reset(ErrorCodes.REFUSED_STREAM)  # the app may send it again
             return None
+        if _deadline_due(deadline, loop.time()):  # the attempts ran the deadline out
+            return await self.deadline_exceeded()
         return await self.error(
             503, "connect-error",
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure}")
@@ -604,6 +615,11 @@ def _http_status(headers: Headers) -> int:
             return int(value) if value.isdigit() else 502
     return 502
 
+
+MAX_REFUSALS = 8
+"""How many times one call is sent again after REFUSED_STREAM (on top of its attempts)."""
+REFUSAL_PAUSE = 0.005
+"""Seconds of pause before re-sending a refused call, times the refusals so far."""
 
 DEADLINE_SLACK = 0.05
 """Seconds before the call's deadline within which an endpoint's reset is taken for the
