@@ -287,7 +287,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def _publish(self, weights: np.ndarray) -> None:
         super()._publish(weights)
-        if self._pacer is not None and weights.size:
+        # The pacer runs only while following the signaler's plan: in local learning an
+        # endpoint that fails fast (connection refused) looked cheapest to it and got calls
+        # past its floor (tests/integration/test_grpc_outbound.py, a pod that goes down).
+        if self._pacer is not None and self._following and weights.size:
             self._pacer.set_strategy(weights.tolist())
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
@@ -323,7 +326,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not endpoints:
             return None
         if not exclude and cumulative and cumulative[-1] > 0:
-            if self._pacer is not None:
+            if self._pacer is not None and self._following:
                 stats = self.stats
                 i = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints])
                 if i is not None:

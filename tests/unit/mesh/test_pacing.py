@@ -139,19 +139,17 @@ def _local(window: float) -> RegretMatchingPolicy:
     return policy
 
 
-def test_pacing_orders_requests_while_following_and_while_learning_locally() -> None:
+def test_pacing_orders_requests_while_following_only() -> None:
     paced, drawn = _burst(_following(4.0)), _burst(_following(0.0))
     assert paced != drawn
     # the paced burst alternates: every ten requests hold at least three for each endpoint
     assert all(paced[i:i + 10].count("a") >= 3 for i in range(0, 40, 10))
     assert all(paced[i:i + 10].count("b") >= 3 for i in range(0, 40, 10))
-    # local learning paces inside its own weights too (queue-aware choice, issue 12)
+    # local learning draws from its weights unpaced: paced by cost, an endpoint that fails
+    # fast (connection refused) looked cheapest and got calls past its exploration floor
     local = _local(4.0)
     assert not local.following
-    local_paced = _burst(local)
-    assert local_paced != _burst(_local(0.0))
-    assert all(local_paced[i:i + 10].count("a") >= 3 for i in range(0, 40, 10))
-    assert all(local_paced[i:i + 10].count("b") >= 3 for i in range(0, 40, 10))
+    assert _burst(local) == _burst(_local(0.0))
 
 
 def test_a_new_follower_keeps_its_even_start_until_its_first_signal() -> None:
