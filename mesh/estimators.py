@@ -207,8 +207,13 @@ class EndpointStats:
     def finish_cost(self, now: float) -> float:
         """Where a request should finish first: Linkerd's peak-EWMA RTT x (requests ahead
         of it + 1), counting this caller's in-flight requests and, as Prequal does, the
-        callee's reported requests in flight from other callers."""
-        return self.peak.value(now) * (self.in_flight + self.others_in_flight(now) + 1)
+        callee's reported requests in flight from other callers. While its last request
+        failed, the RTT is at least the failure penalty: a pod refusing connections answers
+        fastest of all, and must not look like the place to finish first."""
+        rtt = self.peak.value(now)
+        if self.consecutive_failures:
+            rtt = max(rtt, self.failure_penalty)
+        return rtt * (self.in_flight + self.others_in_flight(now) + 1)
 
     def latency_estimate(self, fallback: float) -> float:
         """Expected latency of the next request here (mean EWMA; ``fallback`` if never seen),

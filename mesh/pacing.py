@@ -59,21 +59,36 @@ class CreditPacer:
         self.weights = [max(w, 0.0) / total for w in weights]
         self._rebalance()
 
-    def choose(self, costs: Sequence[float]) -> int | None:
+    def choose(self, costs: Sequence[float],
+               paced: Sequence[bool] | None = None) -> int | None:
         """The endpoint index for one request (and charge it), or None with no weights.
 
         ``costs[i]``: what sending this request to endpoint ``i`` is expected to cost (lower is
-        better), e.g. its latency estimate x (requests in flight + 1)."""
+        better), e.g. its latency estimate x (requests in flight + 1). ``paced[i]`` False
+        takes endpoint ``i`` out of this choice: it earns no credit and forfeits what it was
+        owed, so the pacer never owes it a burst (the caller sends it its share another way,
+        see :func:`split_pick`); the others share this request in proportion to their
+        weights."""
         weights, credit = self.weights, self.credit
-        if not weights or sum(weights) <= 0:
+        if not weights:
             return None
+        if paced is None:
+            paced = [True] * len(weights)
+        total = sum(w for w, ok in zip(weights, paced, strict=True) if ok and w > 0)
+        if total <= 0:
+            return None
+        best: tuple[float, float] | None = None
+        owed = -1
         for i, w in enumerate(weights):
-            credit[i] += w
-        owed = max(range(len(credit)), key=lambda i: (weights[i] > 0, credit[i]))
+            if not paced[i] or w <= 0:
+                credit[i] = min(credit[i], 0.0)
+                continue
+            credit[i] += w / total
+            if owed < 0 or credit[i] > credit[owed]:
+                owed = i
         if credit[owed] < self.window:
-            best: tuple[float, float] | None = None
             for i, w in enumerate(weights):
-                if w <= 0 or credit[i] - 1.0 < -self.window:
+                if w <= 0 or not paced[i] or credit[i] - 1.0 < -self.window:
                     continue
                 key = (costs[i], -credit[i])
                 if best is None or key < best:

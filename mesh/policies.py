@@ -268,6 +268,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._pacer = (CreditPacer(window=profile.pacing_window)
                        if profile.pacing_window > 0 else None)
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
+        self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
 
     def on_outcome(self, outcome: Outcome) -> None:
         if outcome.endpoint in self.stats:
@@ -287,11 +288,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def _publish(self, weights: np.ndarray) -> None:
         super()._publish(weights)
-        # The pacer runs only while following the signaler's plan: in local learning an
-        # endpoint that fails fast (connection refused) looked cheapest to it and got calls
-        # past its floor (tests/integration/test_grpc_outbound.py, a pod that goes down).
-        if self._pacer is not None and self._following and weights.size:
+        if self._pacer is not None and weights.size:
             self._pacer.set_strategy(weights.tolist())
+            herd = self.profile.herd
+            floor = min(herd.explore_floor, herd.explore_budget / weights.shape[0])
+            self._paced = (weights > 1.5 * floor).tolist()
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
         """Adopt a (verified) recommendation until ``expires_at``; it is still shaped by the
@@ -326,13 +327,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not endpoints:
             return None
         if not exclude and cumulative and cumulative[-1] > 0:
-            if self._pacer is not None and self._following:
-                stats = self.stats
-                i = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints])
-                if i is not None:
-                    return endpoints[i]
-            i = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
-            return endpoints[min(i, len(endpoints) - 1)]
+            i = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]),
+                    len(endpoints) - 1)
+            if self._pacer is not None and len(self._paced) == len(endpoints):
+                i = self._paced_pick(i, now)
+            return endpoints[i]
         weights = self._weights
         pool = [(e, float(weights[i])) for i, e in enumerate(endpoints)
                 if e not in exclude and i < weights.shape[0]]
@@ -341,6 +340,26 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return rng.choices([e for e, _ in positive], [w for _, w in positive])[0]
         rest = [e for e in endpoints if e not in exclude]
         return rng.choice(rest) if rest else None
+
+    def _paced_pick(self, drawn: int, now: float) -> int:
+        """Queue-aware choice inside the shares (:mod:`mesh.pacing`), given the endpoint
+        ``drawn`` at random from the weights.
+
+        An endpoint kept at its exploration floor, or whose last request failed, keeps that
+        random draw: it gets its share and never more (paced by cost, a pod refusing
+        connections fails fast, and the pacer would owe it a burst of its window). Any other
+        draw is handed to the pacer, which sends the request, among those endpoints, where it
+        should finish first (:meth:`EndpointStats.finish_cost`: peak-EWMA x (own + callee's
+        other requests in flight + 1), failures charged the penalty) within ``window``
+        requests of each one's share."""
+        assert self._pacer is not None
+        stats, endpoints = self.stats, self.endpoints
+        paced = [p and stats[e].consecutive_failures == 0
+                 for p, e in zip(self._paced, endpoints, strict=True)]
+        if not paced[drawn]:
+            return drawn
+        chosen = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints], paced)
+        return drawn if chosen is None else chosen
 
     def _used(self, weights: np.ndarray) -> np.ndarray:
         """Endpoints used by choice: those kept only at the exploration floor are being

@@ -71,3 +71,22 @@ def test_congestion_inflates_the_estimate_and_is_clamped() -> None:
     n, mean = s.take_tick()
     assert n == 1 and mean == pytest.approx(0.01)
     assert s.take_tick() == (0, 0.0)
+
+
+def test_a_fast_failing_endpoint_costs_at_least_the_penalty_until_it_answers() -> None:
+    s = EndpointStats.new("refusing", now=0.0, tau=2.0, decay=10.0, failure_penalty=1.0)
+    healthy = EndpointStats.new("ok", now=0.0, tau=2.0, decay=10.0, failure_penalty=1.0)
+    healthy.start()
+    healthy.start()
+    healthy.finish(0.005, True, now=0.0)  # 5 ms, one request still out
+    s.start()
+    s.finish(0.0002, False, now=0.0)  # connection refused in 0.2 ms
+    # the peak EWMA took the 1 s penalty; 20 s later it has decayed to 1 s x e^-2 = 135 ms,
+    # but while the last request failed the cost stays at the penalty x (0 + 1)
+    assert s.finish_cost(0.0) == pytest.approx(1.0)
+    assert s.finish_cost(20.0) == pytest.approx(1.0)
+    assert healthy.finish_cost(0.0) == pytest.approx(0.030 * 2)  # 30 ms peak kept x (1 + 1)
+    s.start()
+    s.finish(0.004, True, now=20.0)  # it answers again: its 4 ms averaged into the peak
+    w = math.exp(-2.0)
+    assert s.finish_cost(20.0) == pytest.approx(1.0 * w + 0.004 * (1.0 - w))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mesh.pacing import CreditPacer
 from mesh.policies import RegretMatchingPolicy, make_policy
 from mesh.policy import Outcome
+from mesh.probes import ProbeReport
 from mesh.profiles import get_profile
 
 
@@ -139,53 +140,121 @@ def _local(window: float) -> RegretMatchingPolicy:
     return policy
 
 
-def test_pacing_orders_requests_while_following_only() -> None:
+def test_pacing_orders_requests_in_local_learning_as_while_following() -> None:
     paced, drawn = _burst(_following(4.0)), _burst(_following(0.0))
     assert paced != drawn
     # the paced burst alternates: every ten requests hold at least three for each endpoint
     assert all(paced[i:i + 10].count("a") >= 3 for i in range(0, 40, 10))
     assert all(paced[i:i + 10].count("b") >= 3 for i in range(0, 40, 10))
-    # local learning draws from its weights unpaced: paced by cost, an endpoint that fails
-    # fast (connection refused) looked cheapest and got calls past its exploration floor
-    local = _local(4.0)
-    assert not local.following
-    assert _burst(local) == _burst(_local(0.0))
+    local = _burst(_local(4.0))
+    assert not _local(4.0).following
+    assert all(local[i:i + 10].count("a") >= 3 for i in range(0, 40, 10))
+    assert all(local[i:i + 10].count("b") >= 3 for i in range(0, 40, 10))
 
 
-def test_a_new_follower_keeps_its_even_start_until_its_first_signal() -> None:
-    def fresh() -> RegretMatchingPolicy:
-        policy = make_policy("equilibrium", get_profile("balanced"))
-        assert isinstance(policy, RegretMatchingPolicy)
-        policy.set_endpoints(["fast", "slow"], 0.0)
-        return policy
+def test_an_endpoint_left_out_of_the_choice_earns_nothing_and_forfeits_its_credit() -> None:
+    p = pacer([0.5, 0.3, 0.2])
+    p.credit = [0.0, 0.0, 3.9]  # endpoint 2 was owed almost the whole window
+    # endpoint 2 is out: 0 and 1 share the request 0.5/0.8 and 0.3/0.8; 0 is cheaper
+    assert p.choose([1.0, 2.0, 0.0], [True, True, False]) == 0
+    assert p.credit == pytest.approx([0.625 - 1.0, 0.375, 0.0])
+    # back in, it is owed nothing: it wins only on cost, as any endpoint
+    assert p.choose([1.0, 2.0, 3.0]) == 0  # credits 0.125, 0.675, 0.2: cheapest wins
+    assert p.choose([9.0, 9.0, 9.0], [False, False, False]) is None
 
-    def run(policy: RegretMatchingPolicy, start: float, end: float) -> None:
-        rng, now = random.Random(1), start
-        while now < end:
-            e = policy.pick(rng, now)
+
+class _Draws(random.Random):
+    """A generator whose ``random()`` returns the given values, in order."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__(0)
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+def test_a_request_drawn_for_an_endpoint_at_its_floor_goes_there_whatever_it_costs() -> None:
+    policy = _following(4.0)
+    policy.set_endpoints(["a", "b", "c"], 15.0)
+    policy.follow({"a": 0.5, "b": 0.5, "c": 0.0}, expires_at=1e9)
+    for t in range(31, 80):
+        policy.tick(t * 0.5)
+    w = policy.snapshot().weights
+    assert w["c"] == pytest.approx(0.005)  # the exploration floor (not covered by probes)
+    # the draw's cumulative weights: a [0, 0.4975), b [0.4975, 0.995), c [0.995, 1)
+    rng = _Draws([0.999, 0.1, 0.6, 0.999])
+    assert policy.pick(rng, 40.0) == "c"  # drawn at its floor: sent there, not re-chosen
+    policy.on_start("a", 40.0)
+    policy.on_start("a", 40.0)
+    # a holds two of ours (30 ms x 3), b none but a probe says the callee holds three more
+    # (30 ms x 4): a draw for either is paced to a, where it should finish first
+    policy.on_probe("b", ProbeReport(3, 0.01, 0.01, 0.01, 20, 0.0, 8, False), 40.0)
+    assert policy.stats["a"].finish_cost(40.0) < policy.stats["b"].finish_cost(40.0)
+    assert policy.pick(rng, 40.0) == "a"
+    assert policy.pick(rng, 40.0) == "a"  # drawn for b, paced to a
+    # c failing is at its floor either way; it is never paced, so never owed a burst
+    assert policy.pick(rng, 40.0) == "c"
+
+
+def _pod_goes_down(seed: int, window: float, eject_after: int = 5) -> tuple[int, int]:
+    """tests/integration/test_grpc_outbound.py's pod that goes down, on the pure core: 30
+    calls one after another over three pods answering in 2 ms, then pod c refuses
+    connections (fails in 0.2 ms; the call is sent again to another pod), 40 calls 20 ms
+    apart, a 1 s pause, 40 more calls. Returns c's picks in the second batch and the third."""
+    profile = replace(get_profile("balanced"), pacing_window=window,
+                      eject_after_failures=eject_after)
+    policy = make_policy("equilibrium", profile)
+    policy.set_endpoints(["a", "b", "c"], 0.0)
+    rng = random.Random(seed)
+    now, next_tick, down = 0.0, 0.5, False
+    picks = [0, 0, 0]
+
+    def call(batch: int) -> None:
+        nonlocal now, next_tick
+        tried: frozenset[str] = frozenset()
+        while True:
+            e = policy.pick(rng, now, tried)
             assert e is not None
             policy.on_start(e, now)
-            latency = 0.005 if e == "fast" else 0.050
-            policy.on_outcome(Outcome(e, latency, True, now + latency))
-            now += 0.005
-            if int(now / 0.5) != int((now - 0.005) / 0.5):
-                policy.tick(now)
+            if down and e == "c":
+                picks[batch] += 1
+                now += 0.0002
+                policy.on_outcome(Outcome(e, 0.0002, False, now))
+                tried = tried | {e}
+                continue
+            now += 0.002
+            policy.on_outcome(Outcome(e, 0.002, True, now))
+            break
 
-    waiting, alone = fresh(), fresh()
-    waiting.await_signal(until=3.0)
-    run(waiting, 0.0, 2.5)
-    run(alone, 0.0, 2.5)
-    assert waiting.snapshot().weights["fast"] == pytest.approx(0.5)  # held at its even start
-    assert alone.snapshot().weights["fast"] > 0.6  # on its own it has moved to the fast one
-    run(waiting, 2.5, 6.0)
-    assert waiting.snapshot().weights["fast"] > 0.6  # the wait is over: local learning
-    # a recommendation ends the wait at once, and so does Redis failing (stop_following)
-    signalled, failed = fresh(), fresh()
-    signalled.await_signal(until=100.0)
-    signalled.follow({"fast": 0.3, "slow": 0.7}, expires_at=100.0)
-    failed.await_signal(until=100.0)
-    failed.stop_following()
-    run(signalled, 0.0, 5.0)
-    run(failed, 0.0, 5.0)
-    assert signalled.snapshot().weights["fast"] == pytest.approx(0.3, abs=0.02)
-    assert failed.snapshot().weights["fast"] > 0.6
+    def advance(seconds: float) -> None:
+        nonlocal now, next_tick
+        now += seconds
+        while next_tick <= now:
+            policy.tick(next_tick)
+            next_tick += 0.5
+
+    for _ in range(30):
+        call(0)
+        advance(0.001)
+    down = True
+    for _ in range(40):
+        call(1)
+        advance(0.02)
+    advance(1.0)
+    for _ in range(40):
+        call(2)
+        advance(0.0)
+    return picks[1], picks[2]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_pod_that_fails_fast_gets_no_calls_past_its_share(seed: int) -> None:
+    tried, after = _pod_goes_down(seed, window=4.0)
+    assert tried >= 1  # it was tried and found down
+    assert after == 0  # ejected: five refusals in a row, drawn at random as unpaced
+    # never ejected, it gets what drawing at random from the weights gives it (the same
+    # draws: equal up to the weights' drift), not what the pacer would owe it
+    paced = _pod_goes_down(seed, window=4.0, eject_after=1000)
+    drawn = _pod_goes_down(seed, window=0.0, eject_after=1000)
+    assert paced[0] <= drawn[0] + 2 and paced[1] <= drawn[1] + 2
