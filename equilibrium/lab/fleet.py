@@ -42,6 +42,7 @@ from aiohttp import web
 POD_HEADER = "X-Equilibrium-Pod"
 CONTROL_PATH = "/_control"
 STATS_PATH = "/_stats"
+SERVICE_DISTS = ("exponential", "fixed")  # PodBehaviour.service_dist, in capacity mode
 
 
 @dataclass(slots=True)
@@ -51,8 +52,10 @@ class PodBehaviour:
     Without ``capacity`` a request takes ``service_time`` ± uniform ``jitter`` (no queueing).
     With ``capacity`` = c, at most c requests are served at once, the rest wait in a FIFO
     queue, and service times are exponential with rate ``service_rate`` per server: an M/M/c
-    queue whose latency climbs steeply as load nears c·μ. A ``bad`` pod adds ``bad_delay`` to a
-    random ``bad_fraction`` of its requests (the seed's scenario: 500 ms to half of them);
+    queue whose latency climbs steeply as load nears c·μ (``service_dist`` ``"fixed"``: every
+    service takes exactly 1/``service_rate``, an M/D/c queue, whose only variance is
+    queueing). A ``bad`` pod adds ``bad_delay`` to a random ``bad_fraction`` of its requests
+    (the seed's scenario: 500 ms to half of them);
     ``error_rate`` answers that fraction with a 503.
     """
 
@@ -64,6 +67,7 @@ class PodBehaviour:
     capacity: int | None = None
     service_rate: float = 200.0
     error_rate: float = 0.0
+    service_dist: str = "exponential"
 
     def updated(self, changes: Mapping[str, Any]) -> PodBehaviour:
         """A copy with ``changes`` applied; ValueError names the first bad field or value."""
@@ -96,6 +100,9 @@ class PodBehaviour:
         rate = self.service_rate
         if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
             raise ValueError(f"service_rate must be a number > 0, got {rate!r}")
+        if self.service_dist not in SERVICE_DISTS:
+            raise ValueError(f"service_dist must be one of {', '.join(SERVICE_DISTS)}, "
+                             f"got {self.service_dist!r}")
 
 
 @dataclass
@@ -172,7 +179,8 @@ class Pod:
             finally:
                 self.queued -= 1
             try:
-                await asyncio.sleep(self.rng.expovariate(b.service_rate))
+                await asyncio.sleep(1.0 / b.service_rate if b.service_dist == "fixed"
+                                    else self.rng.expovariate(b.service_rate))
             finally:
                 servers.release()
             if slow:

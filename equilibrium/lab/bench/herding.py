@@ -26,6 +26,16 @@ Policies, in one run against the same fleet (reset to the same seed before each)
   each pod's latency curve, solves the correlated-equilibrium LP every epoch and sends each
   sidecar its private share of a sampled configuration, which the sidecars follow.
 
+Issue 12's capacity-limited comparison is the same scenario with a uniform fleet:
+``--herding-fleet uniform --herding-service fixed --herding-big-rate 50 --clients 3 --rate 150``
+runs three pods of four 20 ms servers (M/D/4, 600 req/s in all) under three independent
+callers at 150 req/s each (75 % of capacity). Real peers (``--peers``; ``auto`` is HAProxy
+``leastconn`` alone, skipped with a note when HAProxy is not installed) run after the policies
+against the same pods, one instance per client: independent balancers that each know only
+their own connections, as the sidecars do. A table gives every contender as a ratio to
+``haproxy-leastconn``, and one checks issue 12's target (``equilibrium``'s mean and p99 no
+worse than ``leastconn``'s).
+
 Each policy first runs ``--herding-warmup`` seconds of the same load, reported apart as its
 cold start (fresh sidecars learning from nothing; for ``equilibrium-ce`` also a signaler that
 has not yet seen this fleet, so its sidecars route on their own until its first plans arrive).
@@ -41,9 +51,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from equilibrium.lab import analysis
+from equilibrium.lab.bench import peers
 from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load, final_upstream_states
 from equilibrium.lab.bench.report import ms, pct, pp
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
@@ -72,11 +84,22 @@ def non_negative(text: str) -> float:
     return value
 
 
-def fleet_spec(small_rate: float, big_servers: int, big_rate: float, big_pods: int) -> str:
-    """The ``--spec`` of the fleet: one small fast pod, then ``big_pods`` big slow ones."""
-    small = {"capacity": 1, "service_rate": small_rate}
-    big = {"capacity": big_servers, "service_rate": big_rate}
-    return json.dumps([small] + [big] * big_pods)
+def fleet_spec(small_rate: float, big_servers: int, big_rate: float, big_pods: int,
+               *, uniform: bool = False, service: str = "exponential") -> str:
+    """The ``--spec`` of the fleet: one small fast pod, then ``big_pods`` big slow ones
+    (``uniform``: the big ones only); ``service`` is the pods' service-time distribution."""
+    small = {"capacity": 1, "service_rate": small_rate, "service_dist": service}
+    big = {"capacity": big_servers, "service_rate": big_rate, "service_dist": service}
+    return json.dumps(([] if uniform else [small]) + [big] * big_pods)
+
+
+def peer_contenders(request: str) -> tuple[list[peers.PeerSpec], list[str]]:
+    """The peers ``--peers`` asks for (``auto``: HAProxy ``leastconn`` alone, the reference,
+    when it is installed), and a note per skipped server."""
+    chosen, notes = peers.select(request)
+    if request.strip() == peers.AUTO:
+        chosen = [p for p in chosen if p.name == peers.REFERENCE]
+    return chosen, notes
 
 
 class Herding(Scenario):
@@ -86,6 +109,7 @@ class Herding(Scenario):
     default_duration = 60.0
     default_rate = 27.5
     default_clients = 4
+    uses_peers = True
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--herding-small-rate", type=float, default=50.0,
@@ -99,19 +123,31 @@ class Herding(Scenario):
                            help="signaling epoch, s (1)")
         group.add_argument("--herding-tokens", type=int, default=16,
                            help="tokens of the signaler's LP (16)")
+        group.add_argument("--herding-fleet", choices=("mixed", "uniform"), default="mixed",
+                           help="mixed: the small fast pod and the big ones; uniform: the big "
+                                "ones only (mixed)")
+        group.add_argument("--herding-service", choices=("exponential", "fixed"),
+                           default="exponential",
+                           help="the pods' service times: exponential (M/M/c) or fixed, "
+                                "1/rate each (M/D/c) (exponential)")
         group.add_argument("--herding-warmup", type=non_negative, default=5.0,
                            help="seconds of load before each policy's measured run, reported "
                                 "apart as its cold start (5)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
-        return await run_herding(
+        contenders, notes = peer_contenders(getattr(args, "peers", peers.NONE))
+        result = await run_herding(
             ctx, policies=list(args.policies), clients=args.clients, rate=args.rate,
             duration=args.duration, seed=args.seed, strategy=args.strategy,
             small_rate=args.herding_small_rate, big_pods=args.herding_big_pods,
             big_servers=args.herding_big_servers, big_rate=args.herding_big_rate,
             epoch=args.herding_epoch, tokens=args.herding_tokens, warmup=args.herding_warmup,
+            uniform=args.herding_fleet == "uniform", service=args.herding_service,
+            peer_specs=contenders,
         )
+        result.notes.extend(notes)
+        return result
 
 
 async def run_herding(
@@ -130,20 +166,27 @@ async def run_herding(
     epoch: float = 1.0,
     tokens: int = 16,
     warmup: float = 5.0,
+    uniform: bool = False,
+    service: str = "exponential",
+    peer_specs: Sequence[peers.PeerSpec] = (),
 ) -> ScenarioResult:
     """Run the herding comparison (see the module docstring); usable without the CLI."""
-    capacity = small_rate + big_pods * big_servers * big_rate
+    capacity = (0.0 if uniform else small_rate) + big_pods * big_servers * big_rate
+    pods_text = (f"pod-0..{big_pods - 1}: {big_servers} x {big_rate:g}/s" if uniform else
+                 f"pod-0: 1 x {small_rate:g}/s; pod-1..{big_pods}: {big_servers} x {big_rate:g}/s")
     params = {
-        "pods": f"pod-0: 1 x {small_rate:g}/s; pod-1..{big_pods}: {big_servers} x {big_rate:g}/s",
+        "pods": f"{pods_text}, {service} service",
         "capacity_req_per_s": capacity, "clients": clients, "rate_per_client": rate,
         "offered_load": f"{clients * rate:g} req/s ({clients * rate / capacity:.0%} of capacity)",
         "duration_per_policy_s": duration, "warmup_per_policy_s": warmup,
-        "order": " → ".join(policies),
+        "order": " → ".join([*policies, *(p.name for p in peer_specs)]),
+        "peers": ", ".join(f"{p.name} (one per client)" for p in peer_specs) or "none",
         "strategy": strategy or "default", "signaling_epoch_s": epoch, "lp_tokens": tokens,
         "seed": seed,
     }
     fleet = await Fleet.start(
-        ["--spec", fleet_spec(small_rate, big_servers, big_rate, big_pods), "--seed", str(seed)],
+        ["--spec", fleet_spec(small_rate, big_servers, big_rate, big_pods, uniform=uniform,
+                              service=service), "--seed", str(seed)],
         stderr_path=str(ctx.logs / "fleet.log"),
     )
     plane: SignalingPlane | None = None
@@ -188,6 +231,15 @@ async def run_herding(
                 ctx.say(f"    slowest caller → pod: {client} → {pod}, mean {ms(worst['mean'])} "
                         f"over {worst['requests']} requests, {worst['slow']} slower than "
                         f"{SLOW * 1000:g} ms")
+        for i, spec in enumerate(peer_specs, 1):
+            ctx.say(f"[peer {i}/{len(peer_specs)}] {spec.name}: one per client, {clients} × "
+                    f"{rate:g} req/s for {warmup:g} s (cold start) + {duration:g} s")
+            await fleet.reset(seed=seed)
+            result = await _peer_run(ctx, spec, fleet.urls, clients, rate, warmup + duration)
+            per_policy[spec.name] = measure(result, [p.name for p in fleet.pods], warmup)
+            m = per_policy[spec.name]
+            ctx.say(f"    mean {ms(m['latency']['mean'])}, p99 {ms(m['latency']['p99'])}, "
+                    f"errors {m['errors']}")
     finally:
         if plane is not None:
             await plane.stop()
@@ -195,7 +247,7 @@ async def run_herding(
     return ScenarioResult(
         parameters=params,
         tables=[latency_table(per_policy), share_table(per_policy, [p.name for p in fleet.pods]),
-                *targets_table(per_policy)],
+                *targets_table(per_policy), *peer_tables(per_policy)],
         data={"policies": per_policy},
         notes=[
             "Latency runs from each request's intended start on the open-loop schedule; "
@@ -211,6 +263,22 @@ async def run_herding(
             "cores, here it would otherwise compete with the sidecars for them.",
         ],
     )
+
+
+async def _peer_run(ctx: BenchContext, spec: peers.PeerSpec, urls: list[str], clients: int,
+                    rate: float, seconds: float) -> LoadResult:
+    """Every client sends to its own instance of the peer (independent balancers, as the
+    sidecars are: each knows only its own connections)."""
+    started: list[peers.PeerProxy] = []
+    try:
+        for c in range(clients):
+            started.append(await peers.PeerProxy.start(
+                spec, urls, ctx.logs, name=f"{spec.name}-{c + 1}"))
+        targets = [LoadTarget(p.name, p.url, UPSTREAM) for p in started]
+        return await drive_load(targets, rate, seconds, ctx.logs)
+    finally:
+        for p in started:
+            await p.stop()
 
 
 def measure(result: LoadResult, pods: list[str], warmup: float = 0.0,
@@ -328,6 +396,37 @@ def targets_table(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
         return []
     return [Table("target (CE issue): equilibrium-ce has the lowest mean latency",
                   ["target", "measured", "verdict"], rows)]
+
+
+def peer_tables(per_policy: dict[str, dict[str, Any]]) -> list[Table]:
+    """Every contender as a ratio to HAProxy ``leastconn`` (when it ran), and issue 12's
+    capacity-limited target: equilibrium's mean and p99 no worse than leastconn's."""
+    ref = per_policy.get(peers.REFERENCE)
+    if ref is None:
+        return []
+    keys = (("mean", "latency", "mean"), ("p99", "latency", "p99"),
+            ("steady mean", "steady_latency", "mean"), ("steady p99", "steady_latency", "p99"))
+
+    def ratio(m: dict[str, Any], key: str, q: str) -> float:
+        b = ref[key][q]
+        return m[key][q] / b if b and not math.isnan(b) else math.nan
+
+    rows = [[name, *(f"{ratio(m, key, q):.2f}×" for _, key, q in keys)]
+            for name, m in per_policy.items()]
+    tables = [Table(f"herding: every contender as a ratio to {peers.REFERENCE}",
+                    ["contender", *(label for label, _, _ in keys)], rows)]
+    ours = per_policy.get("equilibrium")
+    if ours is not None:
+        target = []
+        for label, q in (("mean", "mean"), ("p99", "p99")):
+            a, b = ours["latency"][q], ref["latency"][q]
+            verdict = "not measured" if math.isnan(a) or math.isnan(b) else (
+                "met" if a <= b else "missed")
+            target.append([f"equilibrium {label} no worse than {peers.REFERENCE}'s",
+                           f"{ms(a)} vs {ms(b)}", verdict])
+        tables.append(Table("target (issue 12): capacity-limited pods, independent callers",
+                            ["target", "measured", "verdict"], target))
+    return tables
 
 
 SCENARIO = Herding()

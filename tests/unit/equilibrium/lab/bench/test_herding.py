@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from equilibrium.lab.bench import peers
 from equilibrium.lab.bench.harness import LoadResult
 from equilibrium.lab.bench.herding import (
     CE_POLICY,
@@ -15,6 +16,8 @@ from equilibrium.lab.bench.herding import (
     fleet_spec,
     measure,
     non_negative,
+    peer_contenders,
+    peer_tables,
     slowest_pair,
     targets_table,
 )
@@ -90,3 +93,36 @@ def test_a_queue_one_caller_builds_towards_one_pod_is_named() -> None:
     assert m["by_pod"]["pod-1"]["mean"] == pytest.approx(0.51)
     assert slowest_pair(m["by_caller_pod"])[:2] == ("c2", "pod-1")
     assert slowest_pair({}) == ("", "", None)
+
+
+def test_the_uniform_fleet_has_only_big_pods_with_fixed_service() -> None:
+    spec = json.loads(fleet_spec(50.0, 4, 50.0, 3, uniform=True, service="fixed"))
+    pods = [PodBehaviour().updated(x) for x in spec]
+    assert [(p.capacity, p.service_rate, p.service_dist) for p in pods] == [(4, 50.0, "fixed")] * 3
+    with pytest.raises(ValueError, match="service_dist"):
+        PodBehaviour().updated({"service_dist": "gamma"})
+
+
+def test_auto_peers_are_haproxy_leastconn_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peers, "installed", lambda server: True)
+    assert [p.name for p in peer_contenders("auto")[0]] == [peers.REFERENCE]
+    assert [p.name for p in peer_contenders("haproxy-random2,nginx-least-conn")[0]] == [
+        "haproxy-random2", "nginx-least-conn"]
+    assert peer_contenders("none") == ([], [])
+    monkeypatch.setattr(peers, "installed", lambda server: False)
+    chosen, notes = peer_contenders("auto")
+    assert chosen == [] and "haproxy is not installed" in notes[0]
+
+
+def quantiles(mean: float, p99: float) -> dict[str, dict[str, float]]:
+    return {"latency": {"mean": mean, "p99": p99}, "steady_latency": {"mean": mean, "p99": p99}}
+
+
+def test_contenders_are_judged_against_haproxy_leastconn() -> None:
+    assert peer_tables({"equilibrium": quantiles(0.02, 0.03)}) == []  # no reference: no table
+    ratios, target = peer_tables({"equilibrium": quantiles(0.0225, 0.030),
+                                  "peak-ewma": quantiles(0.045, 0.025),
+                                  peers.REFERENCE: quantiles(0.0225, 0.025)})
+    assert ratios.rows[0] == ["equilibrium", "1.00×", "1.20×", "1.00×", "1.20×"]
+    assert ratios.rows[1][1:3] == ["2.00×", "1.00×"]
+    assert [row[2] for row in target.rows] == ["met", "missed"]  # equal mean is no worse
