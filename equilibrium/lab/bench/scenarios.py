@@ -32,6 +32,7 @@ SCENARIOS: dict[str, str] = {
     "standings": "equilibrium.lab.bench.standings",
     "signaler-scale": "equilibrium.lab.bench.signaler_scale",
     "soak": "equilibrium.lab.bench.soak",
+    "probe-cost": "equilibrium.lab.bench.probe_cost",
     "demo": "equilibrium.lab.demo.scenario",
 }
 
