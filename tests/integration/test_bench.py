@@ -119,3 +119,17 @@ def test_recovery_reports_the_heal_for_the_mesh_and_the_oracle(tmp_path: Path) -
     assert mesh["largest_share"] <= 0.8 + 0.1  # the 80 % cap, with 1 s sampling noise
     md = (tmp_path / "results" / "recovery.md").read_text()
     assert "| equilibrium+probes |" in md and "to 80 % of fair share" in md
+
+
+@pytest.mark.slow
+def test_probe_cost_counts_the_probes_of_a_loaded_sidecar(tmp_path: Path) -> None:
+    proc = _run(["--scenario", "probe-cost", "--duration", "4", "--rate", "100", "--out",
+                 "results", "--probe-cost-py-spy", str(tmp_path / "no-py-spy")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "probe-cost.json").read_text())
+    data = doc["data"]
+    assert data["errors"] == 0 and data["achieved_per_s"] > 0
+    assert data["probes_per_s"] > 0  # the pods' inbound sidecars answer probes
+    assert data["cpu_seconds"] > 0
+    assert data["samples"] == 0  # no profiler: the share is not made up
+    assert any("py-spy not found" in note for note in doc["notes"])

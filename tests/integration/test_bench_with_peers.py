@@ -89,3 +89,26 @@ def test_h2_overhead_measures_cpu_per_grpc_call_of_the_sidecar_and_haproxy(
     ratio = doc["data"]["cpu_ratio_to_haproxy"]
     target = next(t for t in doc["tables"] if t["title"].startswith("target"))
     assert target["rows"][0][1] == f"{ratio:.2f}×"
+
+
+def test_herding_runs_one_haproxy_per_client_on_a_uniform_fixed_fleet(tmp_path: Path) -> None:
+    doc = _bench(["--scenario", "herding", "--herding-fleet", "uniform", "--herding-service",
+                  "fixed", "--herding-big-rate", "25", "--clients", "2", "--rate", "20",
+                  "--policies", "equilibrium", "--duration", "4", "--herding-warmup", "1",
+                  "--peers", "auto"], tmp_path)
+    assert "--peers auto" in doc["command"]
+    assert doc["parameters"]["peers"] == "haproxy-leastconn (one per client)"
+    assert "fixed service" in doc["parameters"]["pods"]
+    policies = doc["data"]["policies"]
+    assert list(policies) == ["equilibrium", "haproxy-leastconn"]
+    for m in policies.values():
+        assert m["errors"] == 0
+        assert sum(m["steady_shares"].values()) == pytest.approx(1.0)
+        assert set(m["steady_shares"]) == {"pod-0", "pod-1", "pod-2"}  # no small pod
+        # two clients, each with its own balancer: both callers' requests were recorded
+        assert len(m["by_caller_pod"]) == 2
+        # a fixed 40 ms service: nothing answers faster
+        assert m["latency"]["p50"] >= 0.040
+    titles = [t["title"] for t in doc["tables"]]
+    assert any("ratio to haproxy-leastconn" in t for t in titles)
+    assert any("target (issue 12)" in t for t in titles)
