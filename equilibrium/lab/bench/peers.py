@@ -7,7 +7,8 @@ always stopped), the CPU of each peer's whole process tree read from ``/proc``, 
 and one ``wrk`` run against a URL (bounded in time) with its parsed result.
 
 Which peers exist: HAProxy ``leastconn`` and ``random(2)`` (power of two choices), nginx
-``least_conn`` and ``random two least_conn``. A peer whose binary is missing is skipped with a
+``least_conn`` and ``random two least_conn``; by name only, HAProxy ``random(1)`` (one server
+drawn at random, blind to queues). A peer whose binary is missing is skipped with a
 note; nothing here installs anything. It must not know the scenarios: they decide what load
 the peers get and what is reported.
 """
@@ -48,7 +49,10 @@ PEERS: tuple[PeerSpec, ...] = (
     PeerSpec("nginx-least-conn", "nginx", "least_conn"),
     PeerSpec("nginx-random-two", "nginx", "random two least_conn"),
 )
-_BY_NAME = {p.name: p for p in PEERS}
+#: chosen by name only (not by ``auto``): HAProxy drawing one server at random, the reference
+#: a queue-blind balancer gives (``herding`` separates routing from the proxy hop with it)
+BY_NAME_ONLY: tuple[PeerSpec, ...] = (PeerSpec("haproxy-random", "haproxy", "random(1)"),)
+_BY_NAME = {p.name: p for p in (*PEERS, *BY_NAME_ONLY)}
 
 
 def installed(server: str) -> bool:
