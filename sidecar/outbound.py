@@ -40,6 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from mesh.hedging import HedgePlan, Hedger, may_hedge
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.errors import ErrorReason, HeaderDrop
@@ -157,8 +158,10 @@ class OutboundProxy:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport: Transport | None = None,
+        hedge: bool = False,
     ) -> None:
         self.sidecar_id = sidecar_id
+        self.hedge = hedge  # hedged exploration (module docstring, "Hedging")
         self.table = table
         self.profile = profile
         self.metrics = metrics
@@ -268,6 +271,8 @@ class OutboundProxy:
         assert group is not None
         has_body = exchange.body_exists
         retryable = may_retry(ctx.method, has_body)
+        hedger = group.policy if self.hedge and may_hedge(ctx.method, has_body) \
+            and isinstance(group.policy, Hedger) else None
         group.budget.deposit(self.clock())
         failure: AttemptFailure | None = None
         # request_timeout bounds each stall: the upload, the wait for the answer after the
@@ -297,6 +302,18 @@ class OutboundProxy:
                 sent = self.clock()
                 group.policy.on_start(endpoint, sent)
                 watchdog.push()
+                plan = hedger.hedge_plan(endpoint) if hedger is not None else None
+                if plan is not None and plan.backup not in ctx.tried:
+                    raced = await self._race(ctx, endpoint, sent, plan, headers, watchdog)
+                    if isinstance(raced, AttemptFailure):
+                        failure = raced
+                        if raced.nothing_received and retryable:
+                            continue
+                        break
+                    endpoint, sent, upstream = raced
+                    ctx.endpoint = endpoint
+                    await self._relay_response(exchange, ctx, upstream, sent, watchdog)
+                    return None
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
@@ -326,6 +343,120 @@ class OutboundProxy:
             ctx, failure.status, failure.reason,
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure.detail}",
         )
+
+    async def _race(
+        self, ctx: RequestContext, endpoint: str, sent: float, plan: HedgePlan,
+        headers: CIMultiDict[str], watchdog: Watchdog,
+    ) -> tuple[str, float, UpstreamResponse] | AttemptFailure:
+        """One hedged attempt of a bodiless idempotent request to an explored ``endpoint``
+        (:mod:`mesh.hedging`): if no answer came within ``plan.delay``, and the retry budget
+        allows one more attempt, the same request goes to ``plan.backup`` and the first
+        response head wins; the other is cancelled (its connection closed), which is no
+        failure of its endpoint: it is observed as censored at the time it was given. Nothing
+        has been sent to the app while racing (only response heads are raced).
+
+        Returns (endpoint, sent, response) of the winner, or the last failure when every
+        racer failed (each failure is recorded here). A watchdog timeout is an
+        ``upstream-timeout`` failure of every racer still running."""
+        group = ctx.group
+        assert group is not None
+
+        def request_to(target: str) -> UpstreamRequest:
+            return UpstreamRequest(ctx.method, URL(target + ctx.target, encoded=True),
+                                   CIMultiDict(headers), None)
+
+        racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]] = {}
+        racers[asyncio.ensure_future(self.transport.handle_request(request_to(endpoint)))] = (
+            endpoint, sent)
+        failure: AttemptFailure | None = None
+        try:
+            done, pending = await asyncio.wait(set(racers), timeout=plan.delay)
+            if pending and group.budget.try_withdraw(self.clock()):
+                backup = plan.backup
+                ctx.tried.append(backup)
+                self.metrics.hedges.labels(group.name, "sent").inc()
+                b_sent = self.clock()
+                group.policy.on_start(backup, b_sent)
+                racers[asyncio.ensure_future(
+                    self.transport.handle_request(request_to(backup)))] = (backup, b_sent)
+                pending = set(racers)
+            elif pending:
+                self.metrics.hedges.labels(group.name, "budget-exhausted").inc()
+            while True:
+                if not done:
+                    done, pending = await asyncio.wait(
+                        pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((t for t in done if t.exception() is None), None)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        continue
+                    racer, at = racers.pop(task)
+                    if not isinstance(exc, TransportError | TimeoutError):
+                        self._charge(ctx, racer, at)
+                        raise exc
+                    failure = self._attempt_failed(ctx, racer, at, ctx.attempt, exc)
+                if winner is not None:
+                    win_endpoint, win_sent = racers.pop(winner)
+                    for task in done - {winner}:
+                        if task in racers:  # answered too, a hair later: not needed
+                            racer, at = racers.pop(task)
+                            task.result().close()
+                            self._censored(ctx, racer, at)
+                    if win_endpoint != endpoint:
+                        self.metrics.hedges.labels(group.name, "won").inc()
+                    await self._cancel_losers(ctx, racers)
+                    return win_endpoint, win_sent, winner.result()
+                if not pending:
+                    assert failure is not None
+                    return failure
+                done = set()
+        except asyncio.CancelledError:
+            took_back = watchdog.took_back()
+            for task in racers:
+                task.cancel()
+            results = await asyncio.gather(*racers, return_exceptions=True)
+            for (racer, at), result in zip(racers.values(), results, strict=True):
+                if not isinstance(result, BaseException):
+                    result.close()
+                if took_back:
+                    failure = self._attempt_failed(ctx, racer, at, ctx.attempt, TimeoutError())
+                else:
+                    self._charge(ctx, racer, at)
+            if not took_back:
+                raise
+            assert failure is not None
+            return failure
+        except BaseException:
+            await self._cancel_losers(ctx, racers, censored=False)
+            raise
+
+    async def _cancel_losers(
+        self, ctx: RequestContext,
+        racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]],
+        censored: bool = True,
+    ) -> None:
+        """Cancel every racer still running (closing its connection) and observe it."""
+        assert ctx.group is not None
+        for task in racers:
+            task.cancel()
+        results = await asyncio.gather(*racers, return_exceptions=True)
+        for (racer, at), result in zip(racers.values(), results, strict=True):
+            if not isinstance(result, BaseException):
+                result.close()  # it answered while being cancelled
+            if censored:
+                self._censored(ctx, racer, at)
+            else:
+                self._charge(ctx, racer, at)
+        racers.clear()
+
+    def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
+        """A racer that lost a hedge: its latency is at least the time it was given."""
+        assert ctx.group is not None
+        done = self.clock()
+        ctx.group.policy.on_outcome(
+            Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
+        self.metrics.hedges.labels(ctx.group.name, "cancelled").inc()
 
     def _charge(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """An attempt cut off by something else than a failure still counts as one."""

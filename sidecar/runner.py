@@ -183,6 +183,7 @@ class SidecarRunner:
             max_attempts=config.max_attempts or self.profile.max_retries + 1,
             rng=rng or random.Random(),
             clock=clock,
+            hedge=config.hedge,
         )
         # HTTP/2 (h2c) on the outbound port: each stream routed on its own (sidecar.h2_proxy)
         self.h2 = H2Outbound(

@@ -5,13 +5,15 @@ its requests until ``--recovery-heal-at`` of the run, when the fleet's control e
 it. Several client sidecars send the same open-loop load. Contenders, one after another on the
 same pods (fleet reset, same seed):
 
-- ``equilibrium+probes`` — the mesh case: every pod behind its own inbound sidecar (mesh key,
-  idle check ``policing.app_check_path: /``), the clients' sidecars probe them
-  (docs/protocol.md, "Probes"), so nothing explores the bad pod with user requests;
-- ``equilibrium`` — the same policy with the pods reached directly (no sidecar answers
-  probes: exploration at the floor, as before issue 12);
-- ``peak-ewma`` — Linkerd's balancer, pods reached directly;
-- ``oracle`` — ``equilibrium`` given only the good pods (what routing could do knowing it).
+- with every pod behind its own inbound sidecar (mesh key, idle check
+  ``policing.app_check_path: /``): ``equilibrium+probes`` — the mesh case, the clients'
+  sidecars probe the pods (docs/protocol.md, "Probes"), so nothing explores the bad pod with
+  user requests; ``peak-ewma+sidecars`` — Linkerd's balancer through the same hop;
+  ``oracle+sidecars`` — ``equilibrium`` given only the good pods, through the same hop;
+- with the pods reached directly (nothing answers a probe): ``equilibrium+hedging`` — the
+  exploration floor, hedged (docs/routing.md, "Hedged exploration"); ``equilibrium`` — the
+  floor unhedged, as before issue 12; ``peak-ewma``; ``oracle`` — ``equilibrium`` given only
+  the good pods (what routing could do knowing it).
 
 Reported per contender: p99 and p99.9 before the heal (the slow-pod story), the bad pod's share
 then, the time from the heal until the healed pod's share of a 1 s window reaches 80 % of a
@@ -40,8 +42,8 @@ from equilibrium.lab.loadgen import percentile
 from equilibrium.lab.sidecars import Sidecar, start_sidecars
 
 UPSTREAM = "demo"
-CONTENDERS = ("equilibrium+probes", "equilibrium", "peak-ewma", "oracle", "oracle+sidecars")
-DEFAULT_CONTENDERS = CONTENDERS[:4]
+CONTENDERS = (*mesh_pods.MESH_GROUP, *mesh_pods.DIRECT_GROUP)
+DEFAULT_CONTENDERS = CONTENDERS
 RECOVERY_WINDOW = 10.0
 
 
@@ -90,7 +92,8 @@ class Recovery(Scenario):
         finally:
             await fleet.stop()
         return ScenarioResult(
-            parameters=params, tables=[self._table(results)], data={"contenders": results},
+            parameters=params, tables=[self._table(results), *self._targets(results)],
+            data={"contenders": results},
             notes=self._notes(heal_at),
         )
 
@@ -152,6 +155,46 @@ class Recovery(Scenario):
                      "p99 recovery", "p99 steady", "recovery / steady", "probes/s/sidecar"],
             rows=rows,
         )
+
+    @staticmethod
+    def _targets(results: dict[str, dict[str, Any]]) -> list[Table]:
+        """Issue 12's recovery targets for each group's subject, against its own references
+        (the mesh case against the contenders behind the same inbound sidecars; hedging
+        against the ones that reach the pods directly)."""
+        tables = []
+        for subject, oracle_name, peak_name in (
+                (mesh_pods.PROBES, mesh_pods.MESH_ORACLE, mesh_pods.MESH_PEAK),
+                (mesh_pods.HEDGING, mesh_pods.ORACLE, "peak-ewma")):
+            m = results.get(subject)
+            if m is None:
+                continue
+            fair = m["time_to_fair"]
+            rows = [
+                ["healed pod back to ≥ 80 % of its fair share within 10 s", secs(fair),
+                 "met" if fair is not None and fair <= RECOVERY_WINDOW else "missed"],
+                ["largest share of any pod ≤ the cap (80 %)", pct(m["largest_share"]),
+                 "met" if m["largest_share"] <= 0.8 else "missed"],
+            ]
+            if m["p99_steady"]:
+                ratio = m["p99_recovery"] / m["p99_steady"]
+                rows.append(["p99 during recovery within 1.25× of steady", f"{ratio:.2f}×",
+                             "met" if ratio <= 1.25 else "missed"])
+            tail = m["p999_before"]
+            for name, limit, what in ((oracle_name, 1.25, "within 1.25×"),
+                                      (peak_name, 1.0, "no worse than")):
+                ref_m = results.get(name)
+                if ref_m is None or not ref_m["p999_before"]:
+                    continue
+                ref = ref_m["p999_before"]
+                rows.append([f"p99.9 before the heal {what} {name}'s",
+                             f"{ms(tail)} vs {ms(ref)} ({tail / ref:.2f}×)",
+                             "met" if tail <= limit * ref else "missed"])
+            share = m["bad_share_before"]
+            rows.append(["share to the bad pod before the heal < 0.1 %", pct(share),
+                         "met" if share < 0.001 else "missed"])
+            tables.append(Table(f"targets (issue 12) for {subject}",
+                                ["target", "measured", "verdict"], rows))
+        return tables
 
     @staticmethod
     def _notes(heal_at: float) -> list[str]:
