@@ -22,6 +22,13 @@ connect timeout, connection reset before the response head); always to an endpoi
 yet; at most ``max_attempts`` in all; only while the upstream's retry budget allows.
 A POST is never retried.
 
+Hedging (``--hedge``; :mod:`mesh.hedging` decides which picks and the delay): a request the
+policy sent to an endpoint only to explore it, if bodiless and idempotent, is sent to the best
+endpoint as well once the explored one has not answered by the best one's recent p90, within
+the retry budget; the first response head wins and the other racer is cancelled (its
+connection closed) and observed as censored, not as a failure. Only heads race, so nothing has
+reached the app from the loser.
+
 An app that hangs up while its answer's body is being relayed is the app's doing: it is
 counted as ``app-hung-up`` (not ``body-relay-failed``), the endpoint is not charged, and the
 rest of the body is drained (bounded) so that the upstream connection stays in the pool.
@@ -108,6 +115,13 @@ async def _upload(content: BodyReader, watchdog: Watchdog) -> AsyncIterator[byte
     while chunk := await content.readany():
         watchdog.push()
         yield chunk
+
+
+def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
+    """Done callback of a cancelled hedge racer: close an answer that arrived anyway (and
+    retrieve a failure, which nobody waits for)."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 def may_retry(method: str, has_body: bool) -> bool:
@@ -405,50 +419,40 @@ class OutboundProxy:
                             self._censored(ctx, racer, at)
                     if win_endpoint != endpoint:
                         self.metrics.hedges.labels(group.name, "won").inc()
-                    await self._cancel_losers(ctx, racers)
+                    self._drop(ctx, racers, "censored")
                     return win_endpoint, win_sent, winner.result()
                 if not pending:
                     assert failure is not None
                     return failure
                 done = set()
         except asyncio.CancelledError:
-            took_back = watchdog.took_back()
-            for task in racers:
-                task.cancel()
-            results = await asyncio.gather(*racers, return_exceptions=True)
-            for (racer, at), result in zip(racers.values(), results, strict=True):
-                if not isinstance(result, BaseException):
-                    result.close()
-                if took_back:
-                    failure = self._attempt_failed(ctx, racer, at, ctx.attempt, TimeoutError())
-                else:
-                    self._charge(ctx, racer, at)
-            if not took_back:
+            if not watchdog.took_back():
+                self._drop(ctx, racers, "charged")
                 raise
-            assert failure is not None
-            return failure
+            return self._drop(ctx, racers, "timed-out") or failure or classify(TimeoutError())
         except BaseException:
-            await self._cancel_losers(ctx, racers, censored=False)
+            self._drop(ctx, racers, "charged")
             raise
 
-    async def _cancel_losers(
-        self, ctx: RequestContext,
-        racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]],
-        censored: bool = True,
-    ) -> None:
-        """Cancel every racer still running (closing its connection) and observe it."""
-        assert ctx.group is not None
-        for task in racers:
+    def _drop(self, ctx: RequestContext,
+              racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]],
+              how: str) -> AttemptFailure | None:
+        """Cancel every racer still running (its connection is closed; an answer that slips in
+        is closed too) and observe it as ``how``: ``censored`` (lost the race), ``charged``
+        (cut off by something else) or ``timed-out`` (the watchdog: returns the failure).
+        Does not wait for the cancelled racers to unwind."""
+        failure = None
+        for task, (racer, at) in racers.items():
             task.cancel()
-        results = await asyncio.gather(*racers, return_exceptions=True)
-        for (racer, at), result in zip(racers.values(), results, strict=True):
-            if not isinstance(result, BaseException):
-                result.close()  # it answered while being cancelled
-            if censored:
+            task.add_done_callback(_close_answer)
+            if how == "censored":
                 self._censored(ctx, racer, at)
-            else:
+            elif how == "charged":
                 self._charge(ctx, racer, at)
+            else:
+                failure = self._attempt_failed(ctx, racer, at, ctx.attempt, TimeoutError())
         racers.clear()
+        return failure
 
     def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """A racer that lost a hedge: its latency is at least the time it was given."""
