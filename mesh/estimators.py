@@ -150,11 +150,24 @@ class EndpointStats:
         self.in_flight += 1
 
     def finish(self, latency: float, ok: bool, now: float,
-               congestion: float | None = None) -> float:
-        """Record one finished request; returns the cost charged."""
+               congestion: float | None = None, censored: bool = False) -> float:
+        """Record one finished request; returns the cost charged.
+
+        ``censored``: the request was cancelled after ``latency`` seconds (it lost a hedge
+        race, :mod:`mesh.hedging`), so its true latency is at least that. Such a lower bound
+        is no failure, and it is learned only where it says more than the estimate already
+        does (above the mean EWMA): it can make an endpoint look slower, never faster."""
         self.in_flight = max(0, self.in_flight - 1)
         cost = self.charged_latency(latency, ok)
         self.requests += 1
+        if censored:
+            known = self.latency.value
+            if known is None or cost > known:
+                self.latency.update(cost, now)
+                self.peak.update(cost, now)
+                self.tick_count += 1
+                self.tick_cost_sum += cost
+            return cost
         if ok:
             self.consecutive_failures = 0
         else:

@@ -30,6 +30,7 @@ from itertools import accumulate
 import numpy as np
 
 from mesh.estimators import EndpointStats, EpochWindow, EpochWindows
+from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import CreditPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
@@ -106,7 +107,8 @@ class _MeasuredPolicy(ABC):
         stats = self.stats.get(outcome.endpoint)
         if stats is None:
             return
-        stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion)
+        stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
+                     outcome.censored)
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 
@@ -269,12 +271,37 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                        if profile.pacing_window > 0 else None)
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
         self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
+        # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
+        self._recent = RecentLatencies()
+        self._hedges: dict[str, HedgePlan] = {}
 
     def on_outcome(self, outcome: Outcome) -> None:
         if outcome.endpoint in self.stats:
             self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok,
-                                outcome.got_answer)
+                                outcome.got_answer and not outcome.censored)
+            if outcome.ok and outcome.got_answer and not outcome.censored:
+                self._recent.add(outcome.endpoint, outcome.now, outcome.latency)
         super().on_outcome(outcome)
+
+    def hedge_plan(self, endpoint: str) -> HedgePlan | None:
+        """The hedge for a request picked to ``endpoint`` when only the exploration floor
+        holds it (:mod:`mesh.hedging`; rebuilt by :meth:`tick`); None otherwise."""
+        return self._hedges.get(endpoint)
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        herd, n = self.profile.herd, len(self.endpoints)
+        self._recent.forget(self.endpoints)
+        if n < 2:
+            self._hedges = {}
+            return
+        self._hedges = plan_hedges(
+            self.endpoints, self._weights.tolist(),
+            min(herd.explore_floor, herd.explore_budget / n),
+            [self.stats[e].probe_covered(now) for e in self.endpoints],
+            self._estimates().tolist(),
+            [self._recent.p90(e, now) for e in self.endpoints],
+        )
 
     def take_epoch(self) -> dict[str, EpochWindow]:
         """What each endpoint did since the previous call (:class:`mesh.policy.FollowingPolicy`)."""

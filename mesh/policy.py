@@ -38,6 +38,8 @@ class Outcome:
     penalty latency by the estimators. ``congestion`` is the upstream's piggybacked
     ``X-GT-Congestion`` level in [0, 1], when it sent one. ``answered`` says whether a response
     head arrived (a 5xx is answered, a refused connection is not); None means "as ``ok``".
+    ``censored``: the request was cancelled after ``latency`` seconds because a hedge of it
+    answered first (:mod:`mesh.hedging`): its latency is at least that; not a failure.
     """
 
     endpoint: str
@@ -46,6 +48,7 @@ class Outcome:
     now: float
     congestion: float | None = None
     answered: bool | None = None
+    censored: bool = False
 
     @property
     def got_answer(self) -> bool:

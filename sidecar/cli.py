@@ -123,6 +123,11 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
            "mesh key)", "URL"),
     Option("signaling_epoch",
            "seconds between regret summaries (default 1; env {env})", "SECONDS"),
+    Option("hedge", switch=True,
+           help="hedged exploration: a request picked only to explore an endpoint that "
+           "answers no probe (GET/HEAD/OPTIONS, or PUT/DELETE, never with a body) is also sent "
+           "to the best endpoint if no answer came by that one's recent p90; the first answer "
+           "wins; spends from the retry budget (env {env}=1)"),
     Option("transparent", switch=True,
            help="route connections redirected by `equilibrium init` by their original "
            "destination (env {env}=1)"),

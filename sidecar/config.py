@@ -23,6 +23,7 @@ Config file shape (YAML or JSON, every key optional)::
     max_attempts: 3             # 1 try + retries (default: the profile's max_retries + 1)
     request_timeout: 15         # longest stall: upload, wait for answer, body (default: profile)
     connect_timeout: 1          # TCP connect to an endpoint (default: profile)
+    hedge: false                # hedged exploration of endpoints that answer no probe
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
       orders: http://10.0.1.1:8080,http://10.0.1.2:8080
@@ -99,6 +100,7 @@ ENV_VARS: dict[str, str] = {
     "max_streams": "EQUILIBRIUM_MAX_STREAMS",
     "max_connections": "EQUILIBRIUM_MAX_CONNECTIONS",
     "transparent": "EQUILIBRIUM_TRANSPARENT",
+    "hedge": "EQUILIBRIUM_HEDGE",
     "discovery": "EQUILIBRIUM_DISCOVERY",
     "discovery_namespaces": "EQUILIBRIUM_DISCOVERY_NAMESPACES",
     "kube_api": "EQUILIBRIUM_KUBE_API",
@@ -109,7 +111,7 @@ TRUE = frozenset({"1", "true", "yes", "on"})
 FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
-        "max_attempts", "request_timeout", "connect_timeout",
+        "max_attempts", "request_timeout", "connect_timeout", "hedge",
         "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
         "redis", "signaling_epoch",  # sidecar.signaling
         "listener",  # the outbound listener's defences
@@ -192,6 +194,7 @@ class SidecarConfig:
     listener: ListenerLimits = field(default_factory=lambda: ListenerLimits())
     policing: PolicingSettings = field(default_factory=PolicingSettings)
     transparent: bool = False  # route redirected connections by their original destination
+    hedge: bool = False  # hedge exploratory picks of bodiless idempotent requests (mesh.hedging)
     discovery: DiscoverySettings | None = None  # None: no Kubernetes discovery
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
@@ -497,7 +500,7 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 out[key] = _parse_int(value, "max_attempts", 1, 10)
             elif key in ("request_timeout", "connect_timeout"):
                 out[key] = _parse_float(value, key, 0.001)
-            elif key in ("transparent", "discovery"):
+            elif key in ("transparent", "discovery", "hedge"):
                 out[key] = _parse_switch(value)
             elif key in ("discovery_namespaces", "kube_api", "kube_token_file"):
                 out[key] = str(value).strip()
@@ -567,6 +570,7 @@ class ConfigSource:
             listener=ListenerLimits(**merged.get("listener", {})),
             policing=merged.get("policing", PolicingSettings()),
             transparent=merged.get("transparent", False),
+            hedge=merged.get("hedge", False),
             discovery=discovery,
             config_file=self.config_file,
             sources=sources,

@@ -73,6 +73,15 @@ class OutboundMetrics:
             ["upstream"],
             registry=r,
         )
+        self.hedges = Counter(
+            "equilibrium_hedges",
+            "Hedged exploration (mesh.hedging): sent = a request to an explored endpoint also "
+            "sent to the best one, won = the backup answered first, cancelled = a racer "
+            "cancelled because the other answered first, budget-exhausted = a hedge not sent "
+            "because the retry budget was empty",
+            ["upstream", "result"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "equilibrium_in_flight", "Requests in flight through the outbound listener",
             ["upstream"], registry=r,

@@ -22,6 +22,13 @@ connect timeout, connection reset before the response head); always to an endpoi
 yet; at most ``max_attempts`` in all; only while the upstream's retry budget allows.
 A POST is never retried.
 
+Hedging (``--hedge``; :mod:`mesh.hedging` decides which picks and the delay): a request the
+policy sent to an endpoint only to explore it, if bodiless and idempotent, is sent to the best
+endpoint as well once the explored one has not answered by the best one's recent p90, within
+the retry budget; the first response head wins and the other racer is cancelled (its
+connection closed) and observed as censored, not as a failure. Only heads race, so nothing has
+reached the app from the loser.
+
 An app that hangs up while its answer's body is being relayed is the app's doing: it is
 counted as ``app-hung-up`` (not ``body-relay-failed``), the endpoint is not charged, and the
 rest of the body is drained (bounded) so that the upstream connection stays in the pool.
@@ -40,6 +47,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from mesh.hedging import HedgePlan, Hedger, may_hedge
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.errors import ErrorReason, HeaderDrop
@@ -109,6 +117,13 @@ async def _upload(content: BodyReader, watchdog: Watchdog) -> AsyncIterator[byte
         yield chunk
 
 
+def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
+    """Done callback of a cancelled hedge racer: close an answer that arrived anyway (and
+    retrieve a failure, which nobody waits for)."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
 def may_retry(method: str, has_body: bool) -> bool:
     """Whether a failed attempt of this request may be sent again (see the module docstring)."""
     return method in RETRYABLE_METHODS and not has_body
@@ -157,8 +172,10 @@ class OutboundProxy:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport: Transport | None = None,
+        hedge: bool = False,
     ) -> None:
         self.sidecar_id = sidecar_id
+        self.hedge = hedge  # hedged exploration (module docstring, "Hedging")
         self.table = table
         self.profile = profile
         self.metrics = metrics
@@ -268,6 +285,8 @@ class OutboundProxy:
         assert group is not None
         has_body = exchange.body_exists
         retryable = may_retry(ctx.method, has_body)
+        hedger = group.policy if self.hedge and may_hedge(ctx.method, has_body) \
+            and isinstance(group.policy, Hedger) else None
         group.budget.deposit(self.clock())
         failure: AttemptFailure | None = None
         # request_timeout bounds each stall: the upload, the wait for the answer after the
@@ -297,6 +316,18 @@ class OutboundProxy:
                 sent = self.clock()
                 group.policy.on_start(endpoint, sent)
                 watchdog.push()
+                plan = hedger.hedge_plan(endpoint) if hedger is not None else None
+                if plan is not None and plan.backup not in ctx.tried:
+                    raced = await self._race(ctx, endpoint, sent, plan, headers, watchdog)
+                    if isinstance(raced, AttemptFailure):
+                        failure = raced
+                        if raced.nothing_received and retryable:
+                            continue
+                        break
+                    endpoint, sent, upstream = raced
+                    ctx.endpoint = endpoint
+                    await self._relay_response(exchange, ctx, upstream, sent, watchdog)
+                    return None
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
@@ -326,6 +357,110 @@ class OutboundProxy:
             ctx, failure.status, failure.reason,
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure.detail}",
         )
+
+    async def _race(
+        self, ctx: RequestContext, endpoint: str, sent: float, plan: HedgePlan,
+        headers: CIMultiDict[str], watchdog: Watchdog,
+    ) -> tuple[str, float, UpstreamResponse] | AttemptFailure:
+        """One hedged attempt of a bodiless idempotent request to an explored ``endpoint``
+        (:mod:`mesh.hedging`): if no answer came within ``plan.delay``, and the retry budget
+        allows one more attempt, the same request goes to ``plan.backup`` and the first
+        response head wins; the other is cancelled (its connection closed), which is no
+        failure of its endpoint: it is observed as censored at the time it was given. Nothing
+        has been sent to the app while racing (only response heads are raced).
+
+        Returns (endpoint, sent, response) of the winner, or the last failure when every
+        racer failed (each failure is recorded here). A watchdog timeout is an
+        ``upstream-timeout`` failure of every racer still running."""
+        group = ctx.group
+        assert group is not None
+
+        def request_to(target: str) -> UpstreamRequest:
+            return UpstreamRequest(ctx.method, URL(target + ctx.target, encoded=True),
+                                   CIMultiDict(headers), None)
+
+        racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]] = {}
+        racers[asyncio.ensure_future(self.transport.handle_request(request_to(endpoint)))] = (
+            endpoint, sent)
+        failure: AttemptFailure | None = None
+        try:
+            done, pending = await asyncio.wait(set(racers), timeout=plan.delay)
+            if pending and group.budget.try_withdraw(self.clock()):
+                backup = plan.backup
+                ctx.tried.append(backup)
+                self.metrics.hedges.labels(group.name, "sent").inc()
+                b_sent = self.clock()
+                group.policy.on_start(backup, b_sent)
+                racers[asyncio.ensure_future(
+                    self.transport.handle_request(request_to(backup)))] = (backup, b_sent)
+                pending = set(racers)
+            elif pending:
+                self.metrics.hedges.labels(group.name, "budget-exhausted").inc()
+            while True:
+                if not done:
+                    done, pending = await asyncio.wait(
+                        pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((t for t in done if t.exception() is None), None)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        continue
+                    racer, at = racers.pop(task)
+                    if not isinstance(exc, TransportError | TimeoutError):
+                        self._charge(ctx, racer, at)
+                        raise exc
+                    failure = self._attempt_failed(ctx, racer, at, ctx.attempt, exc)
+                if winner is not None:
+                    win_endpoint, win_sent = racers.pop(winner)
+                    for task in done - {winner}:
+                        if task in racers:  # answered too, a hair later: not needed
+                            racer, at = racers.pop(task)
+                            task.result().close()
+                            self._censored(ctx, racer, at)
+                    if win_endpoint != endpoint:
+                        self.metrics.hedges.labels(group.name, "won").inc()
+                    self._drop(ctx, racers, "censored")
+                    return win_endpoint, win_sent, winner.result()
+                if not pending:
+                    assert failure is not None
+                    return failure
+                done = set()
+        except asyncio.CancelledError:
+            if not watchdog.took_back():
+                self._drop(ctx, racers, "charged")
+                raise
+            return self._drop(ctx, racers, "timed-out") or failure or classify(TimeoutError())
+        except BaseException:
+            self._drop(ctx, racers, "charged")
+            raise
+
+    def _drop(self, ctx: RequestContext,
+              racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]],
+              how: str) -> AttemptFailure | None:
+        """Cancel every racer still running (its connection is closed; an answer that slips in
+        is closed too) and observe it as ``how``: ``censored`` (lost the race), ``charged``
+        (cut off by something else) or ``timed-out`` (the watchdog: returns the failure).
+        Does not wait for the cancelled racers to unwind."""
+        failure = None
+        for task, (racer, at) in racers.items():
+            task.cancel()
+            task.add_done_callback(_close_answer)
+            if how == "censored":
+                self._censored(ctx, racer, at)
+            elif how == "charged":
+                self._charge(ctx, racer, at)
+            else:
+                failure = self._attempt_failed(ctx, racer, at, ctx.attempt, TimeoutError())
+        racers.clear()
+        return failure
+
+    def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
+        """A racer that lost a hedge: its latency is at least the time it was given."""
+        assert ctx.group is not None
+        done = self.clock()
+        ctx.group.policy.on_outcome(
+            Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
+        self.metrics.hedges.labels(ctx.group.name, "cancelled").inc()
 
     def _charge(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """An attempt cut off by something else than a failure still counts as one."""

@@ -183,7 +183,11 @@ class SidecarRunner:
             max_attempts=config.max_attempts or self.profile.max_retries + 1,
             rng=rng or random.Random(),
             clock=clock,
+            hedge=config.hedge,
         )
+        if config.hedge:
+            log.info("hedged exploration on: exploratory picks of bodiless idempotent requests "
+                     "race the best endpoint after its p90 (HTTP/1.1)")
         # HTTP/2 (h2c) on the outbound port: each stream routed on its own (sidecar.h2_proxy)
         self.h2 = H2Outbound(
             sidecar_id=config.id,

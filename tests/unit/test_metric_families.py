@@ -42,6 +42,7 @@ equilibrium_h2_flood_goaways counter kind
 equilibrium_h2_oversized_header_blocks counter -
 equilibrium_h2_refused_streams counter -
 equilibrium_h2_streams_cancelled counter upstream
+equilibrium_hedges counter upstream,result
 equilibrium_http1_rejected_requests counter reason
 equilibrium_in_flight gauge upstream
 equilibrium_inbound_accept_errors counter -

@@ -1,14 +1,23 @@
-"""Contenders that are not a plain ``--policy``: the mesh case and the oracle.
+"""Contenders that are not a plain ``--policy``: the mesh case, hedging and the oracle.
 
-Owns two pseudo-policies the ``slow-pod`` and ``recovery`` scenarios accept beside the real
-policy names:
+Owns the pseudo-policies the ``slow-pod`` and ``recovery`` scenarios accept beside the real
+policy names, in two groups, each with its own references:
+
+With the pods behind inbound sidecars (the mesh case: every request crosses a second proxy):
 
 - ``equilibrium+probes`` — every pod behind its own inbound sidecar (``mode: off`` policing,
   the idle check on ``/``), the client sidecars and the inbound ones sharing a mesh key, so the
   clients probe the pods (docs/protocol.md, "Probes") and route with ``equilibrium``;
-- ``oracle`` — ``equilibrium`` given only the good pods: what routing could do if it knew;
-- ``oracle+sidecars`` — the same, each good pod behind its inbound sidecar as in
-  ``equilibrium+probes``: the like-for-like reference of the mesh case (the same extra hop).
+- ``peak-ewma+sidecars`` — Linkerd's balancer in front of the same inbound sidecars (it
+  ignores probes): the like-for-like baseline of the mesh case;
+- ``oracle+sidecars`` — ``equilibrium`` given only the good pods, each behind its inbound
+  sidecar as in ``equilibrium+probes``: the like-for-like reference (the same extra hop).
+
+With the pods reached directly (nothing answers a probe):
+
+- ``equilibrium+hedging`` — ``equilibrium`` with hedged exploration on (``EQUILIBRIUM_HEDGE``,
+  docs/routing.md "Hedged exploration"); beside it the plain ``peak-ewma`` and ``equilibrium``;
+- ``oracle`` — ``equilibrium`` given only the good pods: what routing could do if it knew.
 
 :func:`setup` starts what a contender needs and says how to reach the pods; the caller stops
 the returned inbound sidecars. It never decides how a sidecar routes.
@@ -26,7 +35,13 @@ from equilibrium.lab.sidecars import Sidecar
 PROBES = "equilibrium+probes"
 ORACLE = "oracle"
 MESH_ORACLE = "oracle+sidecars"
-PSEUDO = (PROBES, ORACLE, MESH_ORACLE)
+MESH_PEAK = "peak-ewma+sidecars"
+HEDGING = "equilibrium+hedging"
+PSEUDO = (PROBES, ORACLE, MESH_ORACLE, MESH_PEAK, HEDGING)
+MESH_GROUP = (PROBES, MESH_PEAK, MESH_ORACLE)
+"""The contenders whose pods are behind inbound sidecars."""
+DIRECT_GROUP = (HEDGING, "equilibrium", "peak-ewma", ORACLE)
+"""The contenders that reach the pods directly."""
 MESH_KEY = "bench-mesh-key-for-probes-0123456789abcdef"
 
 
@@ -41,7 +56,9 @@ async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
     stop afterwards, the environment of the client sidecars)."""
     if contender == ORACLE:
         return "equilibrium", [u for i, u in enumerate(pod_urls) if i not in bad], [], None
-    if contender not in (PROBES, MESH_ORACLE):
+    if contender == HEDGING:
+        return "equilibrium", list(pod_urls), [], {"EQUILIBRIUM_HEDGE": "1"}
+    if contender not in MESH_GROUP:
         return contender, list(pod_urls), [], None
     if contender == MESH_ORACLE:
         pod_urls = [u for i, u in enumerate(pod_urls) if i not in bad]
@@ -62,4 +79,4 @@ async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
         for s in started:
             await s.stop()
         raise
-    return "equilibrium", urls, started, env
+    return ("peak-ewma" if contender == MESH_PEAK else "equilibrium"), urls, started, env

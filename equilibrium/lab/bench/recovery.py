@@ -5,20 +5,22 @@ its requests until ``--recovery-heal-at`` of the run, when the fleet's control e
 it. Several client sidecars send the same open-loop load. Contenders, one after another on the
 same pods (fleet reset, same seed):
 
-- ``equilibrium+probes`` — the mesh case: every pod behind its own inbound sidecar (mesh key,
-  idle check ``policing.app_check_path: /``), the clients' sidecars probe them
-  (docs/protocol.md, "Probes"), so nothing explores the bad pod with user requests;
-- ``equilibrium`` — the same policy with the pods reached directly (no sidecar answers
-  probes: exploration at the floor, as before issue 12);
-- ``peak-ewma`` — Linkerd's balancer, pods reached directly;
-- ``oracle`` — ``equilibrium`` given only the good pods (what routing could do knowing it).
+- with every pod behind its own inbound sidecar (mesh key, idle check
+  ``policing.app_check_path: /``): ``equilibrium+probes`` — the mesh case, the clients'
+  sidecars probe the pods (docs/protocol.md, "Probes"), so nothing explores the bad pod with
+  user requests; ``peak-ewma+sidecars`` — Linkerd's balancer through the same hop;
+  ``oracle+sidecars`` — ``equilibrium`` given only the good pods, through the same hop;
+- with the pods reached directly (nothing answers a probe): ``equilibrium+hedging`` — the
+  exploration floor, hedged (docs/routing.md, "Hedged exploration"); ``equilibrium`` — the
+  floor unhedged, as before issue 12; ``peak-ewma``; ``oracle`` — ``equilibrium`` given only
+  the good pods (what routing could do knowing it).
 
 Reported per contender: p99 and p99.9 before the heal (the slow-pod story), the bad pod's share
 then, the time from the heal until the healed pod's share of a 1 s window reaches 80 % of a
 fair share, the largest share any pod got in any 1 s window after the heal (the herd), the
 largest number of requests in flight at the healed pod (sampled every 0.5 s), p99 during the 10
-s after the heal and its ratio to the steady p99 of the last quarter of the run, and probes per
-second per client sidecar.
+s after the heal and its ratio to the steady p99 of the last quarter of the run, probes per
+second per client sidecar, and hedges sent and won (all client sidecars together).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from equilibrium.lab.loadgen import percentile
 from equilibrium.lab.sidecars import Sidecar, start_sidecars
 
 UPSTREAM = "demo"
-CONTENDERS = ("equilibrium+probes", "equilibrium", "peak-ewma", "oracle", "oracle+sidecars")
-DEFAULT_CONTENDERS = CONTENDERS[:4]
+CONTENDERS = (*mesh_pods.MESH_GROUP, *mesh_pods.DIRECT_GROUP)
+DEFAULT_CONTENDERS = CONTENDERS
 RECOVERY_WINDOW = 10.0
 
 
@@ -90,7 +92,8 @@ class Recovery(Scenario):
         finally:
             await fleet.stop()
         return ScenarioResult(
-            parameters=params, tables=[self._table(results)], data={"contenders": results},
+            parameters=params, tables=[self._table(results), *self._targets(results)],
+            data={"contenders": results},
             notes=self._notes(heal_at),
         )
 
@@ -125,12 +128,14 @@ class Recovery(Scenario):
             result = await drive_load(targets, args.rate, args.duration, ctx.logs, clients,
                                       poll_interval=0.5, on_tick=on_tick)
             probes = [await _probes_sent(s) for s in clients]
+            hedges = [await _hedges(s) for s in clients]
         finally:
             for s in [*clients, *inbound]:
                 await s.stop()
         return _measure(result, fleet.pods[bad].name, len(fleet.pods),
                         healed[0] if healed else math.nan, queue, probes, args.duration,
-                        oracle=contender.startswith("oracle"))
+                        oracle=contender.startswith("oracle"),
+                        hedges=(sum(h[0] for h in hedges), sum(h[1] for h in hedges)))
 
     @staticmethod
     def _table(results: dict[str, dict[str, Any]]) -> Table:
@@ -144,14 +149,56 @@ class Recovery(Scenario):
                 ms(m["p99_steady"]),
                 f"{m['p99_recovery'] / m['p99_steady']:.2f}×" if m["p99_steady"] else "–",
                 f"{m['probes_per_s']:.1f}",
+                f"{m['hedges_sent']:g} / {m['hedges_won']:g}",
             ])
         return Table(
             title="recovery: before the heal, and the 10 s after it",
             columns=["contender", "p99 before", "p99.9 before", "bad share before",
                      "to 80 % of fair share", "largest share after", "max in flight at healed",
-                     "p99 recovery", "p99 steady", "recovery / steady", "probes/s/sidecar"],
+                     "p99 recovery", "p99 steady", "recovery / steady", "probes/s/sidecar",
+                     "hedges sent / won"],
             rows=rows,
         )
+
+    @staticmethod
+    def _targets(results: dict[str, dict[str, Any]]) -> list[Table]:
+        """Issue 12's recovery targets for each group's subject, against its own references
+        (the mesh case against the contenders behind the same inbound sidecars; hedging
+        against the ones that reach the pods directly)."""
+        tables = []
+        for subject, oracle_name, peak_name in (
+                (mesh_pods.PROBES, mesh_pods.MESH_ORACLE, mesh_pods.MESH_PEAK),
+                (mesh_pods.HEDGING, mesh_pods.ORACLE, "peak-ewma")):
+            m = results.get(subject)
+            if m is None:
+                continue
+            fair = m["time_to_fair"]
+            rows = [
+                ["healed pod back to ≥ 80 % of its fair share within 10 s", secs(fair),
+                 "met" if fair is not None and fair <= RECOVERY_WINDOW else "missed"],
+                ["largest share of any pod ≤ the cap (80 %)", pct(m["largest_share"]),
+                 "met" if m["largest_share"] <= 0.8 else "missed"],
+            ]
+            if m["p99_steady"]:
+                ratio = m["p99_recovery"] / m["p99_steady"]
+                rows.append(["p99 during recovery within 1.25× of steady", f"{ratio:.2f}×",
+                             "met" if ratio <= 1.25 else "missed"])
+            tail = m["p999_before"]
+            for name, limit, what in ((oracle_name, 1.25, "within 1.25×"),
+                                      (peak_name, 1.0, "no worse than")):
+                ref_m = results.get(name)
+                if ref_m is None or not ref_m["p999_before"]:
+                    continue
+                ref = ref_m["p999_before"]
+                rows.append([f"p99.9 before the heal {what} {name}'s",
+                             f"{ms(tail)} vs {ms(ref)} ({tail / ref:.2f}×)",
+                             "met" if tail <= limit * ref else "missed"])
+            share = m["bad_share_before"]
+            rows.append(["share to the bad pod before the heal < 0.1 %", pct(share),
+                         "met" if share < 0.001 else "missed"])
+            tables.append(Table(f"targets (issue 12) for {subject}",
+                                ["target", "measured", "verdict"], rows))
+        return tables
 
     @staticmethod
     def _notes(heal_at: float) -> list[str]:
@@ -174,15 +221,35 @@ _OK_PROBES = re.compile(r'^equilibrium_probes_total\{[^}]*result="ok"[^}]*\} ([0
                         re.MULTILINE)
 
 
-async def _probes_sent(sidecar: Sidecar) -> float:
-    """Answered probes this sidecar counted (0 when probes are off)."""
+_HEDGES = re.compile(r'^equilibrium_hedges_total\{[^}]*result="(sent|won)"[^}]*\} ([0-9.e+]+)$',
+                     re.MULTILINE)
+
+
+async def _metrics_text(sidecar: Sidecar) -> str | None:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as s, \
                 s.get(sidecar.admin_url + "/metrics") as resp:
-            text = await resp.text()
+            return await resp.text()
     except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def _probes_sent(sidecar: Sidecar) -> float:
+    """Answered probes this sidecar counted (0 when probes are off)."""
+    text = await _metrics_text(sidecar)
+    if text is None:
         return math.nan
     return sum(float(v) for v in _OK_PROBES.findall(text))
+
+
+async def _hedges(sidecar: Sidecar) -> tuple[float, float]:
+    """(hedges sent, hedges won) this sidecar counted (0 when hedging is off)."""
+    text = await _metrics_text(sidecar)
+    if text is None:
+        return math.nan, math.nan
+    found = _HEDGES.findall(text)
+    return (sum(float(v) for k, v in found if k == "sent"),
+            sum(float(v) for k, v in found if k == "won"))
 
 
 def _p(records: list[Any], t0: float, start: float, end: float, q: float) -> float:
@@ -192,7 +259,7 @@ def _p(records: list[Any], t0: float, start: float, end: float, q: float) -> flo
 
 def _measure(result: LoadResult, healed_pod: str, pods: int, heal: float,
              queue: list[tuple[float, int]], probes: list[float], duration: float, *,
-             oracle: bool) -> dict[str, Any]:
+             oracle: bool, hedges: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     records, t0 = result.records, result.t0
     wins = analysis.windows(records, t0, 1.0, duration)
     after = [w for w in wins if w.start >= heal] if not math.isnan(heal) else []
@@ -216,6 +283,8 @@ def _measure(result: LoadResult, healed_pod: str, pods: int, heal: float,
         "p99_steady": _p(records, t0, 0.75 * duration, duration, 99),
         "probes_per_s": (sum(probes) / len(probes) / duration
                          if probes and not any(math.isnan(p) for p in probes) else math.nan),
+        "hedges_sent": hedges[0],
+        "hedges_won": hedges[1],
         "healed_share_series": [round(w.share(healed_pod), 4) for w in after],
         "requests": len(records),
         "errors": sum(1 for r in records if not r.ok),

@@ -4,6 +4,7 @@ the flag > environment precedence that sidecar.config applies to them."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sidecar.cli import CONFIG_OPTIONS, Option, add_options, flags_from_args, option_values
 from sidecar.config import ENV_VARS, ConfigSource, SidecarConfig
@@ -59,6 +60,16 @@ def test_a_flag_wins_over_the_environment_which_wins_over_nothing() -> None:
     assert load(["--transparent"], {"EQUILIBRIUM_TRANSPARENT": "0"}).transparent is True
     assert load([], {"EQUILIBRIUM_TRANSPARENT": "no"}).transparent is False
     assert load([], {}).transparent is False
+
+
+def test_hedging_is_off_unless_the_flag_or_the_environment_turns_it_on(tmp_path: Path) -> None:
+    assert load([], {}).hedge is False
+    assert load(["--hedge"], {}).hedge is True
+    assert load([], {"EQUILIBRIUM_HEDGE": "1"}).hedge is True
+    assert load([], {"EQUILIBRIUM_HEDGE": "off"}).hedge is False
+    config = tmp_path / "sidecar.json"
+    config.write_text('{"hedge": true}')
+    assert load(["--config", str(config)], {}).hedge is True
 
 
 def test_kube_options_keep_their_flags_and_environment_names() -> None:

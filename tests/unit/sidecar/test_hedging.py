@@ -1,0 +1,195 @@
+"""The outbound proxy's hedge race (sidecar.outbound ``_race``), against an in-memory network.
+
+The app talks HTTP to a real :class:`OutboundProxy` on loopback; the upstreams are a
+:class:`MemoryTransport` handler whose endpoints answer after set delays, so the race's rules
+are checked deterministically: the backup goes out only after the delay and within the retry
+budget, the first head wins, the loser is cancelled and observed as censored, never for a body.
+Which picks are exploratory is the policy's (tests/unit/mesh/test_hedging.py); here a round-robin
+policy with a fixed plan for one endpoint stands in for it. The process test
+(tests/integration/test_hedging.py) checks the same over real sockets with the real policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mesh.hedging import HedgePlan
+from mesh.policies import RoundRobin
+from mesh.policy import Outcome
+from mesh.profiles import StrategyProfile, get_profile
+from mesh.retry import RetryBudget
+from sidecar.metrics import SidecarMetrics
+from sidecar.outbound import OutboundProxy
+from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
+from sidecar.upstreams import UpstreamTable
+
+SLOW, FAST = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
+
+
+class PlannedPolicy(RoundRobin):
+    """Round-robin that starts at SLOW, hedges SLOW with FAST, and keeps its outcomes."""
+
+    def __init__(self, profile: StrategyProfile, delay: float) -> None:
+        super().__init__(profile)
+        self.delay = delay
+        self.outcomes: list[Outcome] = []
+
+    def pick(self, rng: random.Random, now: float,
+             exclude: frozenset[str] = frozenset()) -> str | None:
+        return SLOW if SLOW not in exclude else (FAST if FAST not in exclude else None)
+
+    def hedge_plan(self, endpoint: str) -> HedgePlan | None:
+        return HedgePlan(FAST, self.delay) if endpoint == SLOW else None
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        super().on_outcome(outcome)
+
+
+@dataclass
+class Network:
+    delays: dict[str, float]
+    seen: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bodies: list[bytes] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    async def __call__(self, request: UpstreamRequest) -> MemoryResponse:
+        endpoint = f"{request.url.scheme}://{request.url.raw_authority}"
+        self.seen[(endpoint, request.method)] += 1
+        if request.body is not None:
+            self.bodies.append(b"".join([chunk async for chunk in request.body]))
+        try:
+            await asyncio.sleep(self.delays[endpoint])
+        except asyncio.CancelledError:
+            self.cancelled.append(endpoint)
+            raise
+        return MemoryResponse(200, {"X-Backend": endpoint}, endpoint.encode())
+
+
+@dataclass
+class Rig:
+    proxy: OutboundProxy
+    policy: PlannedPolicy
+    network: Network
+    client: aiohttp.ClientSession
+    metrics: SidecarMetrics
+
+    def hedges(self, result: str) -> float:
+        return self.metrics.registry.get_sample_value(
+            "equilibrium_hedges_total", {"upstream": "users", "result": result}) or 0.0
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[MakeRig]:
+    closers: list[Callable[[], Awaitable[object]]] = []
+
+    async def make(slow: float = 0.5, fast: float = 0.0, delay: float = 0.02,
+                   hedge: bool = True, budget: RetryBudget | None = None) -> Rig:
+        profile = dataclasses.replace(get_profile("balanced"), request_timeout=5.0)
+        table = UpstreamTable("round-robin", profile)
+        table.apply({"users": (SLOW, FAST)}, 0.0)
+        group = table.get("users")
+        assert group is not None
+        policy = PlannedPolicy(profile, delay)
+        group.policy = policy
+        group.set_endpoints((SLOW, FAST), 0.0)
+        if budget is not None:
+            group.budget = budget
+        network = Network({SLOW: slow, FAST: fast})
+        metrics = SidecarMetrics()
+        proxy = OutboundProxy(sidecar_id="unit-sidecar", table=table, profile=profile,
+                              metrics=metrics.outbound, rng=random.Random(7),
+                              transport=MemoryTransport(network), hedge=hedge)
+        runner = web.AppRunner(proxy.make_app(), access_log=None)
+        await runner.setup()
+        closers.append(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+        closers.insert(0, client.close)
+        return Rig(proxy, policy, network, client, metrics)
+
+    yield make
+    for close in closers:
+        await close()
+
+
+async def get(rig: Rig, method: str = "GET", data: bytes | None = None) -> tuple[int, str]:
+    async with rig.client.request(method, "/x", headers={"Host": "users"}, data=data) as resp:
+        return resp.status, resp.headers.get("X-Backend", "")
+
+
+async def test_a_slow_explored_get_is_answered_by_the_backup_and_the_loser_cancelled(
+        rig: MakeRig) -> None:
+    r = await rig(slow=5.0)
+    assert await get(r) == (200, FAST)
+    assert r.network.seen[(SLOW, "GET")] == 1 and r.network.seen[(FAST, "GET")] == 1
+    await asyncio.sleep(0)
+    assert r.network.cancelled == [SLOW]
+    assert (r.hedges("sent"), r.hedges("won"), r.hedges("cancelled")) == (1, 1, 1)
+    slow = [o for o in r.policy.outcomes if o.endpoint == SLOW]
+    assert len(slow) == 1 and slow[0].censored and slow[0].ok  # no failure of the pod
+    assert slow[0].latency >= 0.02  # at least the hedge delay
+    assert r.policy.stats[SLOW].in_flight == 0 and r.policy.stats[FAST].in_flight == 0
+    assert r.policy.stats[SLOW].failures == 0
+
+
+async def test_an_explored_endpoint_that_answers_in_time_is_not_hedged(rig: MakeRig) -> None:
+    r = await rig(slow=0.0, delay=1.0)
+    assert await get(r) == (200, SLOW)
+    assert r.network.seen[(FAST, "GET")] == 0 and r.hedges("sent") == 0
+
+
+async def test_the_explored_endpoint_can_still_win_and_the_backup_is_cancelled(
+        rig: MakeRig) -> None:
+    r = await rig(slow=0.1, fast=5.0, delay=0.02)
+    assert await get(r) == (200, SLOW)
+    assert (r.hedges("sent"), r.hedges("won"), r.hedges("cancelled")) == (1, 0, 1)
+    assert r.network.cancelled == [FAST]
+    fast = [o for o in r.policy.outcomes if o.endpoint == FAST]
+    assert len(fast) == 1 and fast[0].censored
+
+
+async def test_a_request_with_a_body_and_a_post_are_never_hedged(rig: MakeRig) -> None:
+    r = await rig(slow=0.2)
+    assert await get(r, "PUT", b"payload") == (200, SLOW)
+    assert await get(r, "DELETE", b"payload") == (200, SLOW)
+    assert await get(r, "POST", b"order") == (200, SLOW)
+    assert await get(r, "POST") == (200, SLOW)
+    assert r.network.bodies == [b"payload", b"payload", b"order"]
+    assert sum(n for (e, _), n in r.network.seen.items() if e == FAST) == 0
+    assert r.hedges("sent") == 0
+
+
+async def test_a_bodiless_put_may_be_hedged(rig: MakeRig) -> None:
+    r = await rig(slow=5.0)
+    assert await get(r, "PUT") == (200, FAST)
+    assert r.hedges("sent") == 1
+
+
+async def test_the_retry_budget_bounds_hedges(rig: MakeRig) -> None:
+    # room for exactly one withdrawal (0 + 1 <= 0.0 * requests + 0.1 * 10)
+    r = await rig(slow=0.15, budget=RetryBudget(ratio=0.0, min_per_s=0.1, window=10.0))
+    answers = [await get(r) for _ in range(3)]
+    assert answers == [(200, FAST), (200, SLOW), (200, SLOW)]
+    assert r.hedges("sent") == 1 and r.hedges("budget-exhausted") == 2
+    assert r.network.seen[(FAST, "GET")] == 1 and r.network.seen[(SLOW, "GET")] == 3
+
+
+async def test_hedging_is_off_unless_asked(rig: MakeRig) -> None:
+    r = await rig(slow=0.1, hedge=False)
+    assert await get(r) == (200, SLOW)
+    assert r.network.seen[(FAST, "GET")] == 0 and r.hedges("sent") == 0
