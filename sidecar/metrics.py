@@ -23,6 +23,7 @@ by the reason vocabularies (documented in docs/operations.md, "Error reasons").
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from typing import Any
 
@@ -38,6 +39,34 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # ---------------------------------------------------------------------- outbound
 
+
+
+class FastObserver:
+    """``observe()`` of one labelled histogram child without prometheus_client's per-call
+    checks and linear bucket walk: the bucket found by bisection, then the same two
+    increments (the bucket's and the sum's). Falls back to the child's own ``observe`` when
+    the library's internals are not the ones this was written against."""
+
+    __slots__ = ("_bounds", "_buckets", "_child", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        ok = (isinstance(bounds, list) and isinstance(buckets, list)
+              and len(bounds) == len(buckets) and total is not None)
+        self._bounds: list[float] | None = bounds if ok else None
+        self._buckets: list[Any] = buckets if ok and buckets is not None else []
+        self._sum: Any = total
+
+    def observe(self, amount: float) -> None:
+        bounds = self._bounds
+        if bounds is None or amount != amount:  # NaN: the library's own handling
+            self._child.observe(amount)
+            return
+        self._sum.inc(amount)
+        self._buckets[bisect.bisect_left(bounds, amount)].inc(1)
 
 class OutboundMetrics:
     """The outbound listener: attempts, errors, retries and the routing gauges."""
@@ -110,6 +139,8 @@ class OutboundMetrics:
         self._endpoint_labels: dict[str, set[str]] = {}
         # labelled children of the request-path metrics, looked up once (labels() takes a lock)
         self._children: dict[tuple[str, ...], Any] = {}
+        self._in_flight: dict[str, Any] = {}
+        self._forwarded: dict[tuple[str, str, str], tuple[Any, FastObserver]] = {}
 
     # ---------------------------------------------------------------- request path
 
@@ -121,13 +152,22 @@ class OutboundMetrics:
         return child
 
     def request_in_flight(self, upstream: str, delta: int) -> None:
-        self._child(self.in_flight, upstream).inc(delta)
+        gauge = self._in_flight.get(upstream)
+        if gauge is None:
+            gauge = self._in_flight[upstream] = self._child(self.in_flight, upstream)
+        gauge.inc(delta)
 
     def forwarded(self, upstream: str, endpoint: str, code: str, latency: float | None) -> None:
         """One attempt got an answer (``code``) or failed (``code`` = the error reason)."""
-        self._child(self.requests, upstream, endpoint, code).inc()
+        key = (upstream, endpoint, code)
+        pair = self._forwarded.get(key)
+        if pair is None:
+            pair = self._forwarded[key] = (
+                self._child(self.requests, upstream, endpoint, code),
+                FastObserver(self._child(self.latency, upstream, endpoint)))
+        pair[0].inc()
         if latency is not None:
-            self._child(self.latency, upstream, endpoint).observe(latency)
+            pair[1].observe(latency)
 
     # ---------------------------------------------------------------- off the request path
 

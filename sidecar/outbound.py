@@ -49,6 +49,7 @@ from sidecar.forward import (
     has_passed,
     must_be_empty,
     request_headers_to_upstream,
+    response_headers_from_wire,
     response_headers_to_app,
 )
 from sidecar.http1.client import H1Transport
@@ -373,7 +374,9 @@ class OutboundProxy:
         watchdog: Watchdog,
     ) -> None:
         try:
-            headers, game = response_headers_to_app(upstream.headers, self.via)
+            fields = getattr(upstream, "wire_fields", None)  # sidecar.http1's: the raw fields
+            headers, game = (response_headers_from_wire(fields, self.via) if fields is not None
+                             else response_headers_to_app(upstream.headers, self.via))
             game = self.phases.response_signals(ctx, game)  # only signed signals are believed
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)
