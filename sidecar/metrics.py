@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -39,6 +40,17 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # ---------------------------------------------------------------------- outbound
 
+
+
+def _value_inc(child: Any) -> Callable[[float], None]:
+    """The increment of one labelled counter or gauge child, without prometheus_client's
+    per-call checks (a non-negative amount is the caller's to pass); the child's own
+    ``inc`` when the library's internals are not the ones this was written against."""
+    value = getattr(child, "_value", None)
+    inc = getattr(value, "inc", None)
+    if callable(inc) and not getattr(child, "_is_most_recent", False):
+        return cast("Callable[[float], None]", inc)
+    return cast("Callable[[float], None]", child.inc)
 
 
 class FastObserver:
@@ -139,8 +151,9 @@ class OutboundMetrics:
         self._endpoint_labels: dict[str, set[str]] = {}
         # labelled children of the request-path metrics, looked up once (labels() takes a lock)
         self._children: dict[tuple[str, ...], Any] = {}
-        self._in_flight: dict[str, Any] = {}
-        self._forwarded: dict[tuple[str, str, str], tuple[Any, FastObserver]] = {}
+        self._in_flight: dict[str, Callable[[float], None]] = {}
+        self._forwarded: dict[tuple[str, str, str],
+                              tuple[Callable[[float], None], FastObserver]] = {}
 
     # ---------------------------------------------------------------- request path
 
@@ -152,10 +165,10 @@ class OutboundMetrics:
         return child
 
     def request_in_flight(self, upstream: str, delta: int) -> None:
-        gauge = self._in_flight.get(upstream)
-        if gauge is None:
-            gauge = self._in_flight[upstream] = self._child(self.in_flight, upstream)
-        gauge.inc(delta)
+        inc = self._in_flight.get(upstream)
+        if inc is None:
+            inc = self._in_flight[upstream] = _value_inc(self._child(self.in_flight, upstream))
+        inc(delta)
 
     def forwarded(self, upstream: str, endpoint: str, code: str, latency: float | None) -> None:
         """One attempt got an answer (``code``) or failed (``code`` = the error reason)."""
@@ -163,9 +176,9 @@ class OutboundMetrics:
         pair = self._forwarded.get(key)
         if pair is None:
             pair = self._forwarded[key] = (
-                self._child(self.requests, upstream, endpoint, code),
+                _value_inc(self._child(self.requests, upstream, endpoint, code)),
                 FastObserver(self._child(self.latency, upstream, endpoint)))
-        pair[0].inc()
+        pair[0](1)
         if latency is not None:
             pair[1].observe(latency)
 

@@ -127,8 +127,21 @@ def split_target(request: RequestHead | web.BaseRequest) -> tuple[str | None, st
     return request.headers.get("Host"), raw
 
 
+_NAMES_KEPT = 1024  # authorities whose upstream name is remembered (a bounded table)
+_names: dict[str, str] = {}
+
+
 def upstream_name(authority: str) -> str:
     """The upstream NAME an authority refers to: its host, lower-cased, port ignored."""
+    name = _names.get(authority)
+    if name is None:
+        name = _upstream_name(authority)
+        if len(_names) < _NAMES_KEPT and len(authority) <= 255:
+            _names[authority] = name
+    return name
+
+
+def _upstream_name(authority: str) -> str:
     host = authority.strip().lower()
     if host.startswith("["):
         host = host[1 : host.find("]")] if "]" in host else host
