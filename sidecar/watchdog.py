@@ -84,7 +84,8 @@ class _Sweeper:
     __slots__ = ("__weakref__", "_handle", "_handle_when", "_heap", "_loop", "_seq", "stopped")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # weakly: the table of sweepers is keyed by the loop, which must be free to go
+        self._loop = weakref.proxy(loop)
         self._heap: list[tuple[float, int, Watchdog]] = []
         self._seq = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
@@ -93,9 +94,13 @@ class _Sweeper:
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:
+        global _last_loop, _last_sweeper
+        if _last_loop is not None and _last_loop() is loop and _last_sweeper is not None:
+            return _last_sweeper  # the common case: the process's one loop, asked again
         sweeper = _sweepers.get(loop)
         if sweeper is None:
             sweeper = _sweepers[loop] = cls(loop)
+        _last_loop, _last_sweeper = weakref.ref(loop), sweeper
         return sweeper
 
     def add(self, watchdog: Watchdog, when: float) -> None:
@@ -138,3 +143,6 @@ class _Sweeper:
 
 _sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = (
     weakref.WeakKeyDictionary())
+# the loop asked for last and its sweeper (WeakKeyDictionary.get is Python code)
+_last_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+_last_sweeper: _Sweeper | None = None
