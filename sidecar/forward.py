@@ -25,7 +25,7 @@ from typing import Protocol
 from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from wire.headers import is_gt_header, strip_gt_headers
+from wire.headers import strip_gt_headers
 
 HOP_BY_HOP = frozenset(
     {
@@ -63,6 +63,8 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
 
 def has_passed(headers: CIMultiDictProxy[str], via: str) -> bool:
     """Whether this proxy's own ``Via`` entry is already on the request (a forwarding loop)."""
+    if "Via" not in headers:
+        return False
     return any(
         entry.strip() == via for value in headers.getall("Via", []) for entry in value.split(",")
     )
@@ -74,6 +76,43 @@ def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+# What a header name is on the way through, by its spelling as received: hop-by-hop (always),
+# a game header (X-GT-*, with "_" read as "-" like wire.headers.is_gt_header), or anything
+# else (end-to-end unless the message's Connection names it). Names repeat from request to
+# request, so the verdict is kept per spelling: a bounded table of short names (a flood of
+# made-up names fills it once, then they are classified each time).
+_PASS, _HOP, _GAME = 0, 1, 2
+_GT_SPELLINGS = frozenset({"x-gt-", "x_gt-", "x-gt_", "x_gt_"})  # GT_PREFIX, "_" for "-"
+_KIND_CACHE_SIZE = 4096
+_KIND_NAME_MAX = 64
+_kinds: dict[str, tuple[str, int]] = {}
+
+
+def _classify(name: str) -> tuple[str, int]:
+    lower = name.lower()
+    kind = _HOP if lower in HOP_BY_HOP else _GAME if lower[:5] in _GT_SPELLINGS else _PASS
+    found = (lower, kind)
+    if len(_kinds) < _KIND_CACHE_SIZE and len(name) <= _KIND_NAME_MAX:
+        _kinds[name] = found
+    return found
+
+
+def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """The end-to-end names the message's ``Connection`` lists (so hop-by-hop here)."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return _NONE_NAMED
+    if len(values) == 1:
+        plain = _PLAIN_CONNECTION.get(values[0].strip().lower())
+        if plain is not None:
+            return plain
+    return frozenset(connection_tokens(headers) - HOP_BY_HOP)
+
+
+_NONE_NAMED: frozenset[str] = frozenset()
+_PLAIN_CONNECTION = {"keep-alive": _NONE_NAMED, "close": frozenset({"close"})}
+
+
 def split_game_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
 ) -> tuple[CIMultiDict[str], list[tuple[str, str]]]:
@@ -82,18 +121,33 @@ def split_game_headers(
     The same rule as :func:`wire.headers.strip_gt_headers`, without a second walk over the
     headers on the request path.
     """
-    drop = HOP_BY_HOP | connection_tokens(headers) if "Connection" in headers else HOP_BY_HOP
-    out: CIMultiDict[str] = CIMultiDict()
-    game: list[tuple[str, str]] = []
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower in drop:
-            continue
-        if is_gt_header(lower):  # X_GT_* too: the pair keeps its spelling, so it is never
-            game.append((lower, value))  # read as the signal its canonical name carries
-        else:
-            out.add(key, value)
+    out, game, _ = _split(headers, ())
     return out, game
+
+
+def _split(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], merged: tuple[str, ...]
+) -> tuple[CIMultiDict[str], list[tuple[str, str]], dict[str, list[str]]]:
+    """:func:`split_game_headers`, also taking out the end-to-end lines of the lower-cased
+    names in ``merged`` (values in order), which the caller appends to."""
+    named = _named_by_connection(headers)
+    kinds = _kinds
+    pairs: list[tuple[str, str]] = []
+    game: list[tuple[str, str]] = []
+    taken: dict[str, list[str]] = {}
+    for key, value in headers.items():
+        lower, kind = kinds.get(key) or _classify(key)
+        if kind == _HOP or (named and lower in named):
+            continue
+        if kind == _PASS:
+            if lower in merged:
+                taken.setdefault(lower, []).append(value)
+            else:
+                pairs.append((key, value))
+        else:  # X-GT-*, and X_GT_* too: the pair keeps its spelling, so it is never
+            game.append((lower, value))  # (the pair keeps its spelling, so it is never read
+            # as the signal its canonical name carries)
+    return CIMultiDict(pairs), game, taken
 
 
 def strip_game_headers(headers: CIMultiDict[str]) -> list[str]:
@@ -111,6 +165,11 @@ def append_header(headers: CIMultiDict[str], name: str, value: str) -> None:
         headers[name] = value
 
 
+_FORWARDED = ("via", "x-forwarded-for", "x-forwarded-proto")
+_VIA_PROTO = ("via", "x-forwarded-proto")  # without a client address, X-F-F lines stay put
+_VIA = ("via",)
+
+
 def request_headers_to_upstream(
     headers: CIMultiDictProxy[str],
     *,
@@ -118,13 +177,19 @@ def request_headers_to_upstream(
     proto: str,
     via: str,
 ) -> tuple[CIMultiDict[str], list[str]]:
-    """Headers to send upstream, and the ``X-GT-*`` names stripped from the app's request."""
-    out, game = split_game_headers(headers)
+    """Headers to send upstream, and the ``X-GT-*`` names stripped from the app's request.
+
+    ``Via``, ``X-Forwarded-For`` and ``X-Forwarded-Proto`` go last, in that order, each one
+    line: the app's lines of it merged, then this hop's entry (as :func:`append_header`)."""
+    out, game, taken = _split(headers, _FORWARDED if client_ip else _VIA_PROTO)
     stripped = [name for name, _ in game]
-    append_header(out, "Via", via)
+    add = out.add
+    add("Via", ", ".join([*taken["via"], via]) if "via" in taken else via)
     if client_ip:
-        append_header(out, "X-Forwarded-For", client_ip)
-    append_header(out, "X-Forwarded-Proto", proto)
+        xff = taken.get("x-forwarded-for")
+        add("X-Forwarded-For", ", ".join([*xff, client_ip]) if xff else client_ip)
+    xfp = taken.get("x-forwarded-proto")
+    add("X-Forwarded-Proto", ", ".join([*xfp, proto]) if xfp else proto)
     return out, stripped
 
 
@@ -132,8 +197,48 @@ def response_headers_to_app(
     headers: CIMultiDictProxy[str], via: str
 ) -> tuple[CIMultiDict[str], dict[str, str]]:
     """Headers to hand the app, and the ``X-GT-*`` headers consumed (name -> last value)."""
-    out, game = split_game_headers(headers)
-    append_header(out, "Via", via)
+    out, game, taken = _split(headers, _VIA)
+    out.add("Via", ", ".join([*taken["via"], via]) if taken else via)
+    return out, dict(game)
+
+
+_names: dict[bytes, str] = {}  # header names as received on the wire -> str (bounded)
+
+
+def response_headers_from_wire(
+    fields: list[tuple[bytes, bytes]], via: str
+) -> tuple[CIMultiDict[str], dict[str, str]]:
+    """:func:`response_headers_to_app` straight from an answer's parsed fields (names
+    latin-1, values UTF-8 with undecodable bytes kept as surrogates, as
+    :mod:`sidecar.http1.client_connection` decodes them), without building the answer's own
+    header map first."""
+    names = _names
+    kinds = _kinds
+    pairs: list[tuple[str, str]] = []
+    game: list[tuple[str, str]] = []
+    vias: list[str] = []
+    for raw_name, raw_value in fields:
+        key = names.get(raw_name)
+        if key is None:
+            key = raw_name.decode("latin-1")
+            if len(names) < _KIND_CACHE_SIZE and len(key) <= _KIND_NAME_MAX:
+                names[raw_name] = key
+        value = raw_value.decode("utf-8", "surrogateescape")
+        lower, kind = kinds.get(key) or _classify(key)
+        if kind == _PASS:
+            if lower == "via":
+                vias.append(value)
+            else:
+                pairs.append((key, value))
+        elif kind == _GAME:
+            game.append((lower, value))
+        elif lower == "connection" and value.strip().lower() != "keep-alive":
+            # Connection names more hop-by-hop headers: the general rule
+            return response_headers_to_app(CIMultiDictProxy(CIMultiDict(
+                [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                 for name, value in fields])), via)
+    out = CIMultiDict(pairs)
+    out.add("Via", ", ".join([*vias, via]) if vias else via)
     return out, dict(game)
 
 

@@ -70,6 +70,9 @@ MAX_BACKOFF = 300.0
 """Longest local back-off honoured (seconds), whatever an upstream says."""
 
 
+_SIGNAL_NAMES = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower())
+
+
 class CallerPhases(ProxyPhases):
     """Identity, bid and self-enforced back-off around ``inner`` phases (see module doc)."""
 
@@ -183,7 +186,9 @@ class CallerPhases(ProxyPhases):
     def response_signals(self, ctx: RequestContext, game: dict[str, str]) -> dict[str, str]:
         """Keep the answer's signals only if its ``X-GT-Signals`` verifies (module doc)."""
         game = self.inner.response_signals(ctx, game)
-        names = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower())
+        if not game:  # the common answer: no signal at all, nothing to verify
+            return {}
+        names = _SIGNAL_NAMES
         signals = SignedSignals(*(game.get(name) for name in names))
         sent = [name for name in (*names, SIGNALS.lower()) if name in game]
         if not sent:

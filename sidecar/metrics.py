@@ -23,8 +23,10 @@ by the reason vocabularies (documented in docs/operations.md, "Error reasons").
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -38,6 +40,45 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # ---------------------------------------------------------------------- outbound
 
+
+
+def _value_inc(child: Any) -> Callable[[float], None]:
+    """The increment of one labelled counter or gauge child, without prometheus_client's
+    per-call checks (a non-negative amount is the caller's to pass); the child's own
+    ``inc`` when the library's internals are not the ones this was written against."""
+    value = getattr(child, "_value", None)
+    inc = getattr(value, "inc", None)
+    if callable(inc) and not getattr(child, "_is_most_recent", False):
+        return cast("Callable[[float], None]", inc)
+    return cast("Callable[[float], None]", child.inc)
+
+
+class FastObserver:
+    """``observe()`` of one labelled histogram child without prometheus_client's per-call
+    checks and linear bucket walk: the bucket found by bisection, then the same two
+    increments (the bucket's and the sum's). Falls back to the child's own ``observe`` when
+    the library's internals are not the ones this was written against."""
+
+    __slots__ = ("_bounds", "_buckets", "_child", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        ok = (isinstance(bounds, list) and isinstance(buckets, list)
+              and len(bounds) == len(buckets) and total is not None)
+        self._bounds: list[float] | None = bounds if ok else None
+        self._buckets: list[Any] = buckets if ok and buckets is not None else []
+        self._sum: Any = total
+
+    def observe(self, amount: float) -> None:
+        bounds = self._bounds
+        if bounds is None or amount != amount:  # NaN: the library's own handling
+            self._child.observe(amount)
+            return
+        self._sum.inc(amount)
+        self._buckets[bisect.bisect_left(bounds, amount)].inc(1)
 
 class OutboundMetrics:
     """The outbound listener: attempts, errors, retries and the routing gauges."""
@@ -119,6 +160,9 @@ class OutboundMetrics:
         self._endpoint_labels: dict[str, set[str]] = {}
         # labelled children of the request-path metrics, looked up once (labels() takes a lock)
         self._children: dict[tuple[str, ...], Any] = {}
+        self._in_flight: dict[str, Callable[[float], None]] = {}
+        self._forwarded: dict[tuple[str, str, str],
+                              tuple[Callable[[float], None], FastObserver]] = {}
 
     # ---------------------------------------------------------------- request path
 
@@ -130,13 +174,22 @@ class OutboundMetrics:
         return child
 
     def request_in_flight(self, upstream: str, delta: int) -> None:
-        self._child(self.in_flight, upstream).inc(delta)
+        inc = self._in_flight.get(upstream)
+        if inc is None:
+            inc = self._in_flight[upstream] = _value_inc(self._child(self.in_flight, upstream))
+        inc(delta)
 
     def forwarded(self, upstream: str, endpoint: str, code: str, latency: float | None) -> None:
         """One attempt got an answer (``code``) or failed (``code`` = the error reason)."""
-        self._child(self.requests, upstream, endpoint, code).inc()
+        key = (upstream, endpoint, code)
+        pair = self._forwarded.get(key)
+        if pair is None:
+            pair = self._forwarded[key] = (
+                _value_inc(self._child(self.requests, upstream, endpoint, code)),
+                FastObserver(self._child(self.latency, upstream, endpoint)))
+        pair[0](1)
         if latency is not None:
-            self._child(self.latency, upstream, endpoint).observe(latency)
+            pair[1].observe(latency)
 
     # ---------------------------------------------------------------- off the request path
 

@@ -57,6 +57,7 @@ from sidecar.forward import (
     has_passed,
     must_be_empty,
     request_headers_to_upstream,
+    response_headers_from_wire,
     response_headers_to_app,
 )
 from sidecar.http1.client import H1Transport
@@ -141,8 +142,21 @@ def split_target(request: RequestHead | web.BaseRequest) -> tuple[str | None, st
     return request.headers.get("Host"), raw
 
 
+_NAMES_KEPT = 1024  # authorities whose upstream name is remembered (a bounded table)
+_names: dict[str, str] = {}
+
+
 def upstream_name(authority: str) -> str:
     """The upstream NAME an authority refers to: its host, lower-cased, port ignored."""
+    name = _names.get(authority)
+    if name is None:
+        name = _upstream_name(authority)
+        if len(_names) < _NAMES_KEPT and len(authority) <= 255:
+            _names[authority] = name
+    return name
+
+
+def _upstream_name(authority: str) -> str:
     host = authority.strip().lower()
     if host.startswith("["):
         host = host[1 : host.find("]")] if "]" in host else host
@@ -508,7 +522,9 @@ class OutboundProxy:
         watchdog: Watchdog,
     ) -> None:
         try:
-            headers, game = response_headers_to_app(upstream.headers, self.via)
+            fields = getattr(upstream, "wire_fields", None)  # sidecar.http1's: the raw fields
+            headers, game = (response_headers_from_wire(fields, self.via) if fields is not None
+                             else response_headers_to_app(upstream.headers, self.via))
             game = self.phases.response_signals(ctx, game)  # only signed signals are believed
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)

@@ -68,21 +68,30 @@ class H1Response:
     trailer fields of a chunked body, once the body has ended (None before, or when none).
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_waiter", "headers",
-                 "reason", "status", "trailers")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_error", "_headers", "_waiter",
+                 "reason", "status", "trailers", "wire_fields")
 
     def __init__(self, conn: UpstreamConnection, status: int, reason: str | None,
-                 headers: CIMultiDictProxy[str]) -> None:
+                 fields: list[tuple[bytes, bytes]]) -> None:
         self._conn: UpstreamConnection | None = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.wire_fields = fields  # the head's fields as parsed (sidecar.forward reads them so)
+        self._headers: CIMultiDictProxy[str] | None = None
         self.trailers: CIMultiDictProxy[str] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The head's fields, decoded on first use."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _decode(self.wire_fields)
+        return headers
 
     @property
     def content(self) -> H1Response:
@@ -386,8 +395,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise MalformedResponse("an answer nobody waits for")
         self._head = None
         fields = self._fields
-        response = H1Response(self, status, self._reason.decode("latin-1") or None,
-                               _decode(fields))
+        response = H1Response(self, status, self._reason.decode("latin-1") or None, fields)
         self._response = response
         self.reusable = parser.should_keep_alive()
         self._in_trailers = True

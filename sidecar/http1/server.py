@@ -221,9 +221,8 @@ class H1Exchange:
             extra.append("Connection: keep-alive")
         self.keep_alive = keep
         self._framing = framing
-        lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, '')}"]
-        lines.extend(f"{k}: {v}" for k, v in headers.items())
-        lines.extend(extra)
+        lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, '')}",
+                 *[f"{k}: {v}" for k, v in headers.items()], *extra]
         self._head = _encode_head(lines)
 
     async def write(self, data: bytes) -> None:
@@ -307,7 +306,9 @@ class H1Connection(asyncio.Protocol):
         # the requests to answer, in order
         self._queue: collections.deque[H1Exchange] = collections.deque()
         self._active: H1Exchange | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the connection's worker (_work)
+        self._parked: asyncio.Future[H1Exchange | None] | None = None  # it waits on this
+        self._next: H1Exchange | None = None  # handed to it as it finishes a request
         # one timer: _phase says what it guards ("idle", "head"; None: a request is served)
         self._phase: str | None = None
         self._deadline = 0.0
@@ -372,6 +373,7 @@ class H1Connection(asyncio.Protocol):
         if self._receiving is not None:
             self._receiving.content.fail(gone)
         self._queue.clear()
+        self._release_worker()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_exception(gone)
@@ -476,15 +478,58 @@ class H1Connection(asyncio.Protocol):
         exchange = self._queue.popleft()
         self._active = exchange
         self._phase = None
-        self._task = self.loop.create_task(self._serve(exchange))
+        parked = self._parked
+        if parked is not None and not parked.done():  # the worker waits for this request
+            self._parked = None
+            parked.set_result(exchange)
+        elif self._task is None:
+            self._task = self.loop.create_task(self._work(exchange))
+        else:  # the worker is finishing the previous request: it takes this one next
+            self._next = exchange
         if self._reading_paused:
             self._update_reading()
 
-    async def _serve(self, exchange: H1Exchange) -> None:
+    async def _work(self, exchange: H1Exchange | None) -> None:
+        """The connection's one task: serves its requests one after the other, waiting
+        between them (a task per connection, not per request)."""
+        task = self._task
+        try:
+            while exchange is not None:
+                if not await self._serve(exchange):
+                    return
+                if task is None or task.cancelling():
+                    return  # a cancellation nobody took back: this task serves no more
+                exchange, self._next = self._next, None
+                if exchange is None and self.transport is not None:
+                    waiting: asyncio.Future[H1Exchange | None] = self.loop.create_future()
+                    self._parked = waiting
+                    exchange = await waiting
+        except asyncio.CancelledError:
+            pass  # cut while waiting for the next request (abort)
+        finally:
+            if self._task is task:
+                self._task = None
+            left, self._parked = self._parked, None
+            if left is not None and not left.done():
+                left.cancel()
+            pending, self._next = self._next, None
+            if pending is not None and self.transport is not None:  # handed over too late
+                self._task = self.loop.create_task(self._work(pending))
+
+    def _release_worker(self) -> None:
+        """No request will come: a worker waiting for one ends."""
+        parked, self._parked = self._parked, None
+        if parked is not None and not parked.done():
+            parked.set_result(None)
+
+    async def _serve(self, exchange: H1Exchange) -> bool:
+        """One request; False once the connection is done for."""
         try:
             await self.handler(exchange)
         except asyncio.CancelledError:
             self.abort()
+            self._finished(exchange)
+            return False
         except Exception:
             log.exception("HTTP/1.1 request %s %s from %s failed", exchange.method,
                           exchange.raw_path[:200], self.remote)
@@ -494,12 +539,11 @@ class H1Connection(asyncio.Protocol):
                     await exchange.answer(Answer(500, b'{"error": "internal error"}'))
             else:
                 self.abort()
-        finally:
-            self._finished(exchange)
+        self._finished(exchange)
+        return self.transport is not None
 
     def _finished(self, exchange: H1Exchange) -> None:
         self._active = None
-        self._task = None
         if self.transport is None:
             return
         if not (exchange.done and exchange.keep_alive and exchange.content.received):
@@ -558,6 +602,7 @@ class H1Connection(asyncio.Protocol):
             transport.resume_reading()
         data, self._handover = self._handover, b""
         self.transport = None
+        self._release_worker()
         protocol = fallback()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)

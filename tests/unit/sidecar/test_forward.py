@@ -68,3 +68,25 @@ def test_loop_detection_matches_whole_via_entries_only() -> None:
 def test_bodiless_answers() -> None:
     assert must_be_empty("HEAD", 200) and must_be_empty("GET", 204)
     assert must_be_empty("GET", 304) and not must_be_empty("GET", 200)
+
+
+def test_answer_fields_from_the_wire_follow_the_same_rules() -> None:
+    """``response_headers_from_wire`` (the raw fields of sidecar.http1's client) gives what
+    ``response_headers_to_app`` gives for the same fields decoded."""
+    from sidecar.forward import response_headers_from_wire
+    from sidecar.http1.client_connection import _decode
+
+    cases = [
+        [(b"Server", b"nginx"), (b"Connection", b"keep-alive"), (b"Via", b"1.0 a"),
+         (b"X-GT-Congestion", b"v=1;level=0.5"), (b"x_gt_price", b"3"), (b"ETag", b'"\xff"')],
+        [(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"Keep-Alive", b"timeout=5"),
+         (b"Via", b"1.0 a"), (b"via", b"1.0 b"), (b"X-GT-Signals", b"s")],
+        [(b"Connection", b"close"), (b"Close", b"1"), (b"Trailer", b"x"), (b"X-B", b"2")],
+        [(b"Connection", b"keep-alive"), (b"Connection", b"X-GT-Price"), (b"X-GT-Price", b"1")],
+        [],
+    ]
+    for fields in cases:
+        out, game = response_headers_from_wire(fields, "1.1 me")
+        want_out, want_game = response_headers_to_app(_decode(fields), "1.1 me")
+        assert list(out.items()) == list(want_out.items())
+        assert game == want_game
