@@ -101,6 +101,11 @@ class UpstreamView:
     observations: dict[str, deque[Observation]] = field(default_factory=dict)
     models: dict[str, LatencyModel] = field(default_factory=dict)
     _dirty: bool = False
+    #: each kept summary's largest positive off-diagonal regret (computed once, on offer)
+    _gaps: dict[str, float] = field(default_factory=dict)
+    #: (now, number of changes to ``latest``) -> the fresh summaries then (one sort per epoch)
+    _fresh: tuple[float, int, list[RegretSummary]] | None = None
+    _changes: int = 0
 
     def offer(self, summary: RegretSummary) -> bool:
         """Keep ``summary`` if it is the sidecar's newest; True if it was kept."""
@@ -112,47 +117,67 @@ class UpstreamView:
         ):
             return False
         self.latest[summary.sidecar] = summary
+        self._gaps[summary.sidecar] = _largest_regret(summary.regret)
         self._dirty = True
+        self._changes += 1
         return True
 
     def fresh(self, now: float) -> list[RegretSummary]:
         """Summaries sent within ``freshness`` seconds of ``now``, by sidecar id; older ones
         are forgotten (a sidecar that stopped reporting is no longer planned for)."""
+        cached = self._fresh
+        if cached is not None and cached[0] == now and cached[1] == self._changes:
+            return list(cached[2])
         for sidecar, summary in list(self.latest.items()):
             if now - summary.sent_at > self.freshness:
                 del self.latest[sidecar]
-        return [self.latest[s] for s in sorted(self.latest)]
+                del self._gaps[sidecar]
+                self._changes += 1
+        out = [self.latest[s] for s in sorted(self.latest)]
+        self._fresh = (now, self._changes, out)
+        return list(out)
 
     def endpoints(self, now: float) -> tuple[str, ...]:
         """The union of the fresh summaries' endpoints, in first-seen order."""
         seen: dict[str, None] = {}
-        for summary in self.fresh(now):
-            for endpoint in summary.endpoints:
+        for endpoints in dict.fromkeys(summary.endpoints for summary in self.fresh(now)):
+            for endpoint in endpoints:
                 seen.setdefault(endpoint, None)
         return tuple(seen)
 
     def observe(self, now: float) -> None:
         """Fold the summaries received since the last call into one observation per endpoint
-        and refit the models of the endpoints that got one."""
+        and refit the models of the endpoints that got one.
+
+        The sums run over arrays, one per group of sidecars that report the same endpoint list
+        (usually one group: every caller of a service sees the same pods)."""
         if not self._dirty:
             return
         self._dirty = False
         load: dict[str, float] = {}
         latency_sum: dict[str, float] = {}
         count: dict[str, float] = {}
+        groups: dict[tuple[str, ...], list[RegretSummary]] = {}
         for summary in self.fresh(now):
-            total = sum(summary.requests)
-            if total <= 0:
-                continue
-            for i, endpoint in enumerate(summary.endpoints):
-                n = summary.requests[i]
-                mean = summary.latency_mean[i]
-                if n <= 0 or mean is None:
-                    continue
-                charged = mean + self.failure_penalty * summary.failures[i] / n
-                load[endpoint] = load.get(endpoint, 0.0) + summary.demand * n / total
-                latency_sum[endpoint] = latency_sum.get(endpoint, 0.0) + charged * n
-                count[endpoint] = count.get(endpoint, 0.0) + n
+            groups.setdefault(summary.endpoints, []).append(summary)
+        for endpoints, members in groups.items():
+            requests = np.array([s.requests for s in members], dtype=float)
+            failures = np.array([s.failures for s in members], dtype=float)
+            means = np.array([s.latency_mean for s in members], dtype=float)  # None -> nan
+            demand = np.array([s.demand for s in members], dtype=float)
+            totals = requests.sum(axis=1)
+            used = (requests > 0) & ~np.isnan(means) & (totals > 0)[:, None]
+            safe = np.where(used, requests, 1.0)
+            charged = np.where(used, means + self.failure_penalty * failures / safe, 0.0)
+            share = np.where(used, requests / np.where(totals > 0, totals, 1.0)[:, None], 0.0)
+            loads = (demand[:, None] * share).sum(axis=0)
+            sums = (charged * np.where(used, requests, 0.0)).sum(axis=0)
+            counts = np.where(used, requests, 0.0).sum(axis=0)
+            for j in np.flatnonzero(used.any(axis=0)).tolist():
+                endpoint = endpoints[j]
+                load[endpoint] = load.get(endpoint, 0.0) + float(loads[j])
+                latency_sum[endpoint] = latency_sum.get(endpoint, 0.0) + float(sums[j])
+                count[endpoint] = count.get(endpoint, 0.0) + float(counts[j])
         for endpoint, weight in count.items():
             series = self.observations.setdefault(endpoint, deque(maxlen=self.history))
             series.append(Observation(load[endpoint], latency_sum[endpoint] / weight, weight))
@@ -226,13 +251,18 @@ class UpstreamView:
 
     def regret_gap(self, now: float) -> float:
         """The largest positive conditional regret D(j, k), j != k, over fresh summaries."""
-        gap = 0.0
-        for summary in self.fresh(now):
-            for j, row in enumerate(summary.regret):
-                for k, value in enumerate(row):
-                    if j != k and value > gap:
-                        gap = value
-        return gap
+        gaps = self._gaps
+        return max((gaps[s.sidecar] for s in self.fresh(now)), default=0.0)
+
+
+def _largest_regret(regret: Sequence[Sequence[float]]) -> float:
+    """The largest positive off-diagonal entry of a regret matrix (0 if none)."""
+    gap = 0.0
+    for j, row in enumerate(regret):
+        for k, value in enumerate(row):
+            if j != k and value > gap:
+                gap = value
+    return gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,12 +499,18 @@ def make_plan(
     )
     marginal = solution.marginal()
     weights: dict[str, dict[str, float]] = {}
+    # many sidecars hold the same endpoints and the same tokens: each distinct pair once
+    known: dict[tuple[tuple[str, ...], tuple[tuple[int, int], ...]], dict[str, float]] = {}
     for summary in fresh:
         holding = deal.get(summary.sidecar, {})
-        count = sum(holding.values())
-        share = {j: c / count for j, c in holding.items()} if count else {}
-        ws = sidecar_weights(summary.endpoints, share, index, marginal)
-        weights[summary.sidecar] = dict(zip(summary.endpoints, ws, strict=True))
+        key = (summary.endpoints, tuple(sorted(holding.items())))
+        mine = known.get(key)
+        if mine is None:
+            count = sum(holding.values())
+            share = {j: c / count for j, c in holding.items()} if count else {}
+            ws = sidecar_weights(summary.endpoints, share, index, marginal)
+            mine = known[key] = dict(zip(summary.endpoints, ws, strict=True))
+        weights[summary.sidecar] = dict(mine)
     return Plan(
         upstream=view.upstream,
         endpoints=endpoints,

@@ -20,9 +20,10 @@ Hart & Mas-Colell's conditional regret ``D(j, j')``.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -111,27 +112,36 @@ def greedy_system_optimum(table: np.ndarray, n_tokens: int) -> np.ndarray:
 
     ``c * l(c * lam)`` is convex in ``c`` for every endpoint (``x * l(x)`` is convex), so adding
     tokens one at a time where the marginal total cost is smallest is optimal for this separable
-    convex resource-allocation problem.
+    convex resource-allocation problem. A heap of the endpoints' next marginal costs makes each
+    token O(log k) (ties go to the lowest index, as ``argmin`` would).
     """
-    k = table.shape[0]
-    counts = np.zeros(k, dtype=np.int64)
-    rows = np.arange(k)
-    for _ in range(n_tokens):
-        marginal = (counts + 1) * table[rows, counts + 1] - counts * table[rows, counts]
-        counts[int(np.argmin(marginal))] += 1
-    return counts
+    rows = table.tolist()
+
+    def marginal(j: int, c: int) -> float:
+        return float((c + 1) * rows[j][c + 1] - c * rows[j][c])
+
+    return _greedy(len(rows), n_tokens, marginal)
 
 
 def greedy_nash(table: np.ndarray, n_tokens: int) -> np.ndarray:
     """A pure Nash configuration: tokens arrive one at a time and take the endpoint that is then
     fastest for them. For singleton congestion games with identical players and increasing
     latencies no earlier token ever wants to move, so the result is a pure Nash equilibrium."""
-    k = table.shape[0]
-    counts = np.zeros(k, dtype=np.int64)
-    rows = np.arange(k)
+    rows = table.tolist()
+    return _greedy(len(rows), n_tokens, lambda j, c: float(rows[j][c + 1]))
+
+
+def _greedy(k: int, n_tokens: int, cost: Callable[[int, int], float]) -> np.ndarray:
+    """Place ``n_tokens`` one at a time on the endpoint ``j`` of least ``cost(j, c_j)`` (ties to
+    the lowest ``j``), with a heap of each endpoint's next cost."""
+    counts = [0] * k
+    heap = [(cost(j, 0), j) for j in range(k)]
+    heapq.heapify(heap)
     for _ in range(n_tokens):
-        counts[int(np.argmin(table[rows, counts + 1]))] += 1
-    return counts
+        _, j = heap[0]
+        counts[j] += 1
+        heapq.heapreplace(heap, (cost(j, counts[j]), j))
+    return np.array(counts, dtype=np.int64)
 
 
 def simulate_regret_matching(

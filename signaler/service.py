@@ -74,7 +74,7 @@ from signaler.roster import (
 )
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
-from wire.recommendation import Recommendation, sign_recommendation
+from wire.recommendation import Recommendation, sign_recommendations
 from wire.store import KeyTypeError, SignalStore, StoreError, StreamEntry, error_kind
 from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 
@@ -403,8 +403,9 @@ class SignalerService:
 
     async def _apply_and_ack(self, upstream: str, entries: Sequence[StreamEntry]) -> None:
         now = self.clock()
-        for entry in entries:
-            self.apply_entry(upstream, entry.fields, now)
+        accept = self._accept
+        applied = sum(1 for entry in entries if accept(upstream, entry.fields, now))
+        self._applied(upstream, applied, now)
         await self.store.ack(upstream, [entry.id for entry in entries])
 
     def verify(self, fields: Any, now: float) -> RegretSummary:
@@ -420,11 +421,24 @@ class SignalerService:
         """Verify one stream entry and offer it to the upstream's view; a bad entry (forged,
         unsigned, stamped too far ahead or too long ago, malformed) is counted by its reason
         and dropped. True if it was a valid summary for ``upstream``."""
+        now = self.clock() if now is None else now
+        applied = self._accept(upstream, fields, now)
+        self._applied(upstream, int(applied), now)
+        return applied
+
+    def _applied(self, upstream: str, count: int, now: float) -> None:
+        """``count`` valid summaries for ``upstream`` arrived at ``now`` (counted in bulk)."""
+        if count:
+            self._roster.seen(upstream, now)
+            self.metrics.summaries_consumed.labels(upstream).inc(count)
+
+    def _accept(self, upstream: str, fields: Any, now: float) -> bool:
+        """:meth:`apply_entry` but for the valid summaries' count and roster (the caller's)."""
         if fields is None:  # Redis 6.2 reports entries trimmed while pending as nil
             self.metrics.entries_rejected.labels(upstream, Reason.DELETED).inc()
             return False
         try:
-            summary = self.verify(fields, self.clock() if now is None else now)
+            summary = self.verify(fields, now)
             if summary.upstream != upstream:
                 raise WireError(
                     Reason.WRONG_UPSTREAM,
@@ -435,8 +449,6 @@ class SignalerService:
             log.debug("rejected summary entry on %s: %s", upstream, exc)
             return False
         self._view(upstream).offer(summary)
-        self._roster.seen(upstream, self.clock() if now is None else now)
-        self.metrics.summaries_consumed.labels(upstream).inc()
         return True
 
     # ------------------------------------------------------------------ planning
@@ -480,16 +492,22 @@ class SignalerService:
         expires = now + self.config.expiry_epochs * self.config.epoch
         objective = min(max(plan.solution.objective, -MAX_OBJECTIVE), MAX_OBJECTIVE)
         gap = min(max(plan.solution.ce_gap, 0.0), MAX_OBJECTIVE)
-        batch = []
+        own = []
         for sidecar, weights in plan.weights.items():
             endpoints = plan.sidecar_endpoints[sidecar]
-            rec = Recommendation(
-                upstream=upstream, sidecar=sidecar, epoch=self.epoch_number, issued_at=now,
-                expires_at=expires, endpoints=endpoints,
-                weights=tuple(weights[e] for e in endpoints), status=plan.status,
-                objective=objective, ce_gap=gap, signer=self.config.signer, fence=token,
-            )
-            batch.append((sidecar, sign_recommendation(rec, self.config.key)))
+            own.append((sidecar, endpoints, tuple([weights[e] for e in endpoints])))
+        if not own:
+            return
+        first_sidecar, first_endpoints, first_weights = own[0]
+        common = Recommendation(
+            upstream=upstream, sidecar=first_sidecar, epoch=self.epoch_number, issued_at=now,
+            expires_at=expires, endpoints=first_endpoints, weights=first_weights,
+            status=plan.status, objective=objective, ce_gap=gap, signer=self.config.signer,
+            fence=token,
+        )
+        # each sidecar's own recommendation, signed; checks and encodings done once per value
+        signed = sign_recommendations(common, own, self.config.key)
+        batch = [(sidecar, fields) for (sidecar, _, _), fields in zip(own, signed, strict=True)]
         # one round trip for the epoch's recommendations, whatever the number of sidecars
         results = await lease.publish_all(upstream, batch)
         if results is None:

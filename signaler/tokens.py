@@ -52,6 +52,8 @@ def quantise_demand(rates: Mapping[str, float], total_tokens: int) -> dict[str, 
     if isinstance(total_tokens, bool) or total_tokens < 0:
         raise ValueError(f"total_tokens must be >= 0, got {total_tokens!r}")
     for sidecar, rate in rates.items():
+        if type(rate) is float and 0.0 <= rate < math.inf:  # the common case, without the ABC
+            continue
         is_number = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
         if not (is_number and math.isfinite(rate) and rate >= 0):
             raise ValueError(f"rate for sidecar {sidecar!r} must be finite and >= 0, got {rate!r}")

@@ -20,6 +20,7 @@ from importlib.resources import files
 from wire.entries import MAX_EPOCH, check_int, check_name, fail, parse_int, short, text
 
 __all__ = [
+    "FENCED_XADD_BATCH_LUA",
     "FENCED_XADD_LUA",
     "LEASE_ACQUIRE_LUA",
     "LEASE_RELEASE_LUA",
@@ -43,6 +44,10 @@ LEASE_RELEASE_LUA = lua_script("lease_release")
 FENCED_XADD_LUA = lua_script("fenced_xadd")
 """XADD only as the current leader (KEYS leader, stream; ARGV holder, token, maxlen, fields...):
 the entry id, or nil when fenced off."""
+FENCED_XADD_BATCH_LUA = lua_script("fenced_xadd_batch")
+"""Many XADDs only as the current leader, in one call (KEYS leader, streams...; ARGV holder,
+token, maxlen, then the entries' fields with what they share given once): per entry its id or
+``!<error>``, or nil when fenced off (nothing appended)."""
 
 
 @dataclass(frozen=True, slots=True)

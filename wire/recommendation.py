@@ -13,7 +13,7 @@ A recommendation is the mediator's private signal of a correlated equilibrium (A
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wire.entries import (
     MAX_EPOCH,
@@ -46,6 +46,7 @@ __all__ = [
     "canonical_recommendation_bytes",
     "encode_recommendation",
     "sign_recommendation",
+    "sign_recommendations",
     "verify_recommendation",
 ]
 
@@ -155,6 +156,52 @@ def sign_recommendation(rec: Recommendation, key: bytes | Sequence[bytes]) -> di
     signing_key = accepted_keys(key)[0]
     out = encode_recommendation(rec)
     out["sig"] = mac(signing_key, canonical_recommendation_bytes(out))
+    return out
+
+
+_SIGNED_FORMAT = SIGNATURE_CONTEXT + b"".join(
+    name.encode("ascii") + b"=%d:%s\n" for name in UNSIGNED_FIELDS)
+"""canonical_recommendation_bytes as one format: each field's length and value in turn."""
+
+
+def sign_recommendations(
+    common: Recommendation,
+    own: Sequence[tuple[str, tuple[str, ...], tuple[float, ...]]],
+    key: bytes | Sequence[bytes],
+) -> list[dict[str, str]]:
+    """``sign_recommendation(replace(common, sidecar=s, endpoints=e, weights=w), key)`` for
+    each ``(s, e, w)`` of ``own``, equal field for field, with each check and encoding done
+    once per distinct value (a signaler signs one recommendation per sidecar per epoch, and
+    with many sidecars they share a handful of endpoint lists and weight vectors).
+
+    Raises :class:`WireError` as :class:`Recommendation` would for a bad sidecar id, endpoint
+    list or weight vector.
+    """
+    signing_key = accepted_keys(key)[0]
+    template = encode_recommendation(common)
+    checked: dict[tuple[tuple[str, ...], tuple[float, ...]], tuple[str, str]] = {}
+    sidecar_at = UNSIGNED_FIELDS.index("sidecar")
+    endpoints_at = UNSIGNED_FIELDS.index("endpoints")
+    weights_at = UNSIGNED_FIELDS.index("weights")
+    values = [template[name].encode("utf-8") for name in UNSIGNED_FIELDS]
+    out: list[dict[str, str]] = []
+    for sidecar, endpoints, weights in own:
+        check_name(sidecar, "sidecar")
+        texts = checked.get((endpoints, weights))
+        if texts is None:  # validated and encoded as the Recommendation would be
+            rec = replace(common, endpoints=endpoints, weights=weights)
+            texts = checked[(endpoints, weights)] = (compact_json(list(rec.endpoints)),
+                                                     compact_json(list(rec.weights)))
+        fields = dict(template)
+        fields["sidecar"], fields["endpoints"], fields["weights"] = sidecar, *texts
+        values[sidecar_at] = sidecar.encode("utf-8")
+        values[endpoints_at] = texts[0].encode("utf-8")
+        values[weights_at] = texts[1].encode("utf-8")
+        args: list[object] = []
+        for value in values:
+            args += (len(value), value)
+        fields["sig"] = mac(signing_key, _SIGNED_FORMAT % tuple(args))
+        out.append(fields)
     return out
 
 

@@ -35,7 +35,12 @@ from wire.keys import (
     recommendation_stream,
     summary_stream,
 )
-from wire.lease import FENCED_XADD_LUA, LEASE_ACQUIRE_LUA, LEASE_RELEASE_LUA
+from wire.lease import (
+    FENCED_XADD_BATCH_LUA,
+    FENCED_XADD_LUA,
+    LEASE_ACQUIRE_LUA,
+    LEASE_RELEASE_LUA,
+)
 from wire.store import (
     Exchanged,
     Fields,
@@ -111,6 +116,7 @@ class RedisSignalStore:
                 "acquire": self._redis.register_script(LEASE_ACQUIRE_LUA),
                 "release": self._redis.register_script(LEASE_RELEASE_LUA),
                 "publish": self._redis.register_script(FENCED_XADD_LUA),
+                "publish_batch": self._redis.register_script(FENCED_XADD_BATCH_LUA),
             }
         return self._redis
 
@@ -240,11 +246,55 @@ class RedisSignalStore:
     async def publish_recommendations(
         self, upstream: str, holder: str, token: int, batch: Sequence[tuple[str, Fields]]
     ) -> list[str | KeyTypeError | None]:
-        """One pipeline of the fenced-append script, one per sidecar: one round trip for a
-        whole epoch's recommendations (a signaler leading an upstream with 1,000 sidecars
-        published them one round trip each, past its lease's lifetime)."""
+        """One call of the batch script (``FENCED_XADD_BATCH_LUA``) for a whole epoch's
+        recommendations: the lease is checked once and every entry appended in the same atomic
+        call, with the values all entries share sent once (a signaler leading an upstream with
+        1,000 sidecars spent a fifth of its CPU packing 1,000 pipelined script calls). Entries
+        with different field names fall back to one fenced script call each, pipelined."""
         if not batch:
             return []
+        names = list(batch[0][1])
+        if any(list(fields) != names for _, fields in batch):
+            return await self._publish_each(upstream, holder, token, batch)
+        first = batch[0][1]
+        own = [j for j, name in enumerate(names)
+               if any(fields[name] != first[name] for _, fields in batch)]
+        own_names = [names[j] for j in own]
+        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN, len(names), *names,
+                           *("" if j in own else first[name] for j, name in enumerate(names)),
+                           len(own), *(j + 1 for j in own)]
+        for _, fields in batch:
+            args += [fields[name] for name in own_names]
+        keys = [leader_key(upstream), *(recommendation_stream(upstream, sidecar)
+                                        for sidecar, _ in batch)]
+        async with _redis_errors():
+            client = self._client()
+            sha = self._scripts["publish_batch"].sha
+            try:
+                replies: Any = await client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:  # Redis restarted: load it, once more
+                await client.script_load(FENCED_XADD_BATCH_LUA)
+                replies = await client.evalsha(sha, len(keys), *keys, *args)
+        if replies is None:
+            return [None] * len(batch)
+        out: list[str | KeyTypeError | None] = []
+        for (sidecar, _), reply in zip(batch, replies, strict=True):
+            text = _text(reply)
+            if text.startswith("!"):
+                error = ResponseError(text[1:])
+                kind = _key_type(error)
+                if kind is None:
+                    raise StoreError(type(error).__name__, text[1:])
+                out.append(KeyTypeError(kind, recommendation_stream(upstream, sidecar),
+                                        text[1:]))
+            else:
+                out.append(text)
+        return out
+
+    async def _publish_each(
+        self, upstream: str, holder: str, token: int, batch: Sequence[tuple[str, Fields]]
+    ) -> list[str | KeyTypeError | None]:
+        """One pipeline of the fenced-append script, one per sidecar (one round trip)."""
         async with _redis_errors():
             client = self._client()
             script = self._scripts["publish"]

@@ -20,14 +20,27 @@ empirical play, which is why the signaler can read the CE gap from the summaries
 
 from __future__ import annotations
 
+import functools
+import hmac
+import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from wire.entries import (
+    FLOAT_RE,
+    INT_RE,
+    MAX_COUNT,
+    MAX_ENTRY_BYTES,
     MAX_EPOCH,
+    MAX_FIELD_BYTES,
     MAX_RATE,
     MAX_SECONDS,
+    MAX_TIMESTAMP,
+    NAME_RE,
     PROTOCOL_VERSION,
+    WEIGHT_ROUNDING,
+    WEIGHT_SUM_TOLERANCE,
     check_endpoints,
     check_float,
     check_floats,
@@ -40,6 +53,7 @@ from wire.entries import (
     check_weights,
     compact_json,
     fail,
+    json_exact,
     json_list,
     number_text,
     parse_float,
@@ -48,7 +62,7 @@ from wire.entries import (
     unexpected,
 )
 from wire.errors import Reason, WireError
-from wire.signing import SIGNATURE_RE, accepted_keys, mac, verify_mac
+from wire.signing import SIGNATURE_RE, accepted_keys, mac, mac_bytes, verify_mac
 
 __all__ = [
     "DEFAULT_SUMMARY_SKEW",
@@ -224,8 +238,29 @@ def verify_summary(
     then ``not-yet-valid`` (``sent_at`` more than ``max_skew`` s after ``now``) and
     ``expired`` (``sent_at`` more than ``max_age`` s before ``now``). Values are interpreted
     only after the MAC verified.
+
+    A well-formed entry as a sidecar writes it (a ``dict`` of the 17 fields in ``bytes``, as
+    redis-py returns it) goes through :func:`_verify_fast`: the same checks on the raw bytes,
+    about a fifth of the cost (a signaler verifies one summary per sidecar per epoch). Anything
+    it does not accept goes through the reference path (:func:`_verify_reference`), which
+    names the reason; a property test holds the two equal.
     """
     keys = accepted_keys(key)
+    summary = _verify_fast(entry, keys)
+    if summary is None:
+        summary = _verify_reference(entry, keys)
+    if summary.sent_at > now + max_skew:
+        raise fail(f"sent {summary.sent_at - now:.3f}s in the future (skew {max_skew:g}s)",
+                   Reason.NOT_YET_VALID)
+    if now - summary.sent_at > max_age:
+        raise fail(f"sent {now - summary.sent_at:.3f}s ago (at most {max_age:g}s)",
+                   Reason.EXPIRED)
+    return summary
+
+
+def _verify_reference(entry: object, keys: Sequence[bytes]) -> RegretSummary:
+    """The MAC and the values of ``entry`` checked field by field (every rejection with its
+    reason), without the age checks."""
     try:
         raw = text_fields(entry, SIGNED_SUMMARY_FIELDS, "summary")
         if raw.get("sig", "") == "":
@@ -234,17 +269,181 @@ def verify_summary(
             raise fail("signature is not 43 base64url characters", Reason.BAD_SIGNATURE)
         if not verify_mac(keys, canonical_summary_bytes(raw), raw["sig"]):
             raise fail("signature does not verify under the mesh key", Reason.BAD_SIGNATURE)
-        summary = _decode(raw)
+        return _decode(raw)
     except WireError:
         raise
     except Exception as exc:  # a verifier never lets anything else escape
         raise unexpected(exc) from exc
-    if summary.sent_at > now + max_skew:
-        raise fail(f"sent {summary.sent_at - now:.3f}s in the future (skew {max_skew:g}s)",
-                   Reason.NOT_YET_VALID)
-    if now - summary.sent_at > max_age:
-        raise fail(f"sent {now - summary.sent_at:.3f}s ago (at most {max_age:g}s)",
-                   Reason.EXPIRED)
+
+
+# ---------------------------------------------------------------------------- the fast path
+
+_BYTE_NAMES = tuple(name.encode("ascii") for name in SIGNED_SUMMARY_FIELDS)
+_FIELDS_OF = operator.itemgetter(*_BYTE_NAMES)
+_NAMES_LENGTH = sum(len(name) for name in _BYTE_NAMES)
+_CANONICAL = SUMMARY_SIGNATURE_CONTEXT + b"".join(
+    name.encode("ascii") + b"=%d:%s\n" for name in SUMMARY_FIELDS)
+"""canonical_summary_bytes as one format: the length and the value of each field in turn."""
+_BYTES = {bytes}
+_INTS = {int}
+_FLOATS = {float}
+_NUMBERS = {int, float}
+_NEW = object.__new__
+_SET = object.__setattr__
+
+
+@functools.lru_cache(maxsize=4096)
+def _endpoint_list(text_: str) -> tuple[str, ...] | None:
+    """The endpoint ids of a summary's ``endpoints`` text, or None to take the reference path
+    (a sidecar sends the same list epoch after epoch: it is checked once)."""
+    try:
+        value = json_exact(text_)
+        if type(value) is not list:
+            return None
+        return check_endpoints(value)
+    except Exception:
+        return None
+
+
+def _counts(text_: str, k: int) -> list[int] | None:
+    """``k`` integers in [0, MAX_COUNT] (as :func:`check_ints` takes them), else None."""
+    value = json_exact(text_)
+    if type(value) is not list or len(value) != k or set(map(type, value)) != _INTS \
+            or min(value) < 0 or max(value) > MAX_COUNT:
+        return None
+    return value
+
+
+def _latencies(text_: str, requests: list[int]) -> tuple[float | None, ...] | None:
+    """``len(requests)`` floats in [0, MAX_SECONDS], None only where no request was sent."""
+    value = json_exact(text_)
+    if type(value) is not list or len(value) != len(requests):
+        return None
+    if set(map(type, value)) == _FLOATS:
+        if min(value) < 0.0 or max(value) > MAX_SECONDS:
+            return None
+        return tuple(value)
+    for x, n in zip(value, requests):  # noqa: B905 (lengths checked)
+        if x is None:
+            if n > 0:
+                return None
+        elif type(x) is not float or not 0.0 <= x <= MAX_SECONDS:
+            return None
+    return tuple(value)
+
+
+def _reals(value: object, k: int, low: float, high: float) -> tuple[float, ...] | None:
+    """``k`` ints or floats in [low, high] as floats (as :func:`check_floats`), else None."""
+    if type(value) is not list or len(value) != k or not set(map(type, value)) <= _NUMBERS \
+            or min(value) < low or max(value) > high:
+        return None
+    return tuple(map(float, value))
+
+
+def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
+    """``entry`` verified and decoded as :func:`_verify_reference` would, or None when it
+    takes anything but the common shape (the reference path then decides, and says why).
+
+    Accepts only what the reference path accepts, with equal values: the 17 fields as
+    ``bytes`` in a ``dict``, within the size limits, UTF-8, the MAC over the raw bytes, then
+    every value check of :class:`RegretSummary` without building a message (over whole
+    vectors at once where it can: the types as a set, the ranges by min and max); the summary
+    is made without running those checks a second time.
+    """
+    if type(entry) is not dict or len(entry) != len(_BYTE_NAMES):
+        return None
+    try:
+        raw = _FIELDS_OF(entry)
+    except KeyError:
+        return None
+    if set(map(type, raw)) != _BYTES:
+        return None
+    lengths = list(map(len, raw))
+    if max(lengths) > MAX_FIELD_BYTES or _NAMES_LENGTH + sum(lengths) > MAX_ENTRY_BYTES \
+            or raw[0] != b"1" or raw[1] != b"summary":
+        return None
+    try:
+        # one decode for all: 17 values exactly when no value holds the separator
+        texts = b"\x00".join(raw).decode().split("\x00")
+        if len(texts) != len(raw):
+            return None
+        (_, _, sidecar, upstream, epoch_text, sent_text, endpoints_text, requests_text,
+         failures_text, mean_text, p50_text, p99_text, in_flight_text, demand_text,
+         weights_text, regret_text, sig) = texts
+        if not SIGNATURE_RE.fullmatch(sig):
+            return None
+        args: list[object] = [None] * (2 * len(SUMMARY_FIELDS))
+        args[0::2] = lengths[:-1]
+        args[1::2] = raw[:-1]
+        message = _CANONICAL % tuple(args)
+        expected = sig.encode("ascii")
+        matched = False
+        for candidate in keys:  # every key, no early exit (as verify_mac)
+            matched |= hmac.compare_digest(mac_bytes(candidate, message)[:43], expected)
+        if not matched:
+            return None
+        if not (NAME_RE.fullmatch(sidecar) and NAME_RE.fullmatch(upstream)
+                and INT_RE.fullmatch(epoch_text) and FLOAT_RE.fullmatch(sent_text)
+                and FLOAT_RE.fullmatch(demand_text)):
+            return None
+        epoch, sent_at, demand = int(epoch_text), float(sent_text), float(demand_text)
+        if epoch > MAX_EPOCH or not 0.0 < sent_at <= MAX_TIMESTAMP \
+                or not 0.0 <= demand <= MAX_RATE:
+            return None
+        endpoints = _endpoint_list(endpoints_text)
+        if endpoints is None:
+            return None
+        k = len(endpoints)
+        requests = _counts(requests_text, k)
+        failures = _counts(failures_text, k)
+        in_flight = _counts(in_flight_text, k)
+        if requests is None or failures is None or in_flight is None:
+            return None
+        for n, f in zip(requests, failures):  # noqa: B905 (lengths checked)
+            if f > n:
+                return None
+        mean = _latencies(mean_text, requests)
+        p50 = _latencies(p50_text, requests)
+        p99 = _latencies(p99_text, requests)
+        if mean is None or p50 is None or p99 is None:
+            return None
+        for low, high in zip(p50, p99):  # noqa: B905 (lengths checked)
+            if low is not None and high is not None and low > high * (1 + 1e-9) + 1e-12:
+                return None
+        weights = _reals(json_exact(weights_text), k, -WEIGHT_ROUNDING,
+                         1.0 + WEIGHT_SUM_TOLERANCE)
+        if weights is None:
+            return None
+        weights = tuple([max(0.0, w) for w in weights])
+        if abs(math.fsum(weights) - 1.0) > WEIGHT_SUM_TOLERANCE:
+            return None
+        rows = json_exact(regret_text)
+        if type(rows) is not list or len(rows) != k:
+            return None
+        regret = []
+        for row in rows:
+            checked = _reals(row, k, -MAX_SECONDS, MAX_SECONDS)
+            if checked is None:
+                return None
+            regret.append(checked)
+    except Exception:  # anything odd: the reference path decides
+        return None
+    summary: RegretSummary = _NEW(RegretSummary)
+    _SET(summary, "sidecar", sidecar)
+    _SET(summary, "upstream", upstream)
+    _SET(summary, "epoch", epoch)
+    _SET(summary, "sent_at", sent_at)
+    _SET(summary, "endpoints", endpoints)
+    _SET(summary, "requests", tuple(requests))
+    _SET(summary, "failures", tuple(failures))
+    _SET(summary, "latency_mean", mean)
+    _SET(summary, "latency_p50", p50)
+    _SET(summary, "latency_p99", p99)
+    _SET(summary, "in_flight", tuple(in_flight))
+    _SET(summary, "demand", demand)
+    _SET(summary, "weights", weights)
+    _SET(summary, "regret", tuple(regret))
+    _SET(summary, "version", PROTOCOL_VERSION)
     return summary
 
 

@@ -5,6 +5,10 @@ Real processes: an embedded Redis, one ``equilibrium signaler`` (epoch 1 s) serv
 upstream ``scale``. This process plays N *phantom* sidecars: every second it appends one signed
 summary per phantom (the same summary a real sidecar sends, each with its own id, demand and
 epoch) to the upstream's stream with one pipelined ``XADD`` per phantom, as N sidecars would.
+Each phantom's counts and latencies move every epoch (its requests, and the mean latencies with
+them), as a busy sidecar's do, so no summary repeats the last one's values; the phantoms encode
+only what changed and sign each summary (the bench process must keep up with 1,000 of them a
+second on a loaded 2-core machine, or it measures its own starvation).
 For each N of ``--scale-publishers`` it waits for the signaler to settle (``--scale-warmup``
 seconds), then reads the signaler's CPU time (``/proc/PID/stat``, user + system, children
 excluded) over ``--duration`` seconds, and checks the plan stayed fresh: the signaler's epoch
@@ -22,15 +26,16 @@ import argparse
 import asyncio
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.signaling_plane import SignalingPlane
+from wire.entries import number_text
 from wire.keys import SUMMARY_MAXLEN, recommendation_stream, summary_stream
-from wire.summary import RegretSummary, sign_summary
+from wire.signing import mac
+from wire.summary import RegretSummary, canonical_summary_bytes, encode_summary
 
 UPSTREAM = "scale"
 ENDPOINTS = tuple(f"http://10.0.0.{i}:8080" for i in range(1, 5))
@@ -59,6 +64,21 @@ def phantom_summary(i: int, epoch: int, now: float) -> RegretSummary:
     )
 
 
+def phantom_fields(base: dict[str, str], i: int, epoch: int, now: float,
+                   key: bytes) -> dict[str, str]:
+    """``base`` (a phantom's encoded summary) for ``epoch``: its requests and mean latencies
+    moved by a few percent (a different value every epoch), stamped ``now`` and signed."""
+    step = (i + epoch) % 5
+    fields = dict(base)
+    fields["epoch"] = str(epoch)
+    fields["sent_at"] = number_text(now)
+    fields["requests"] = f"[{38 + step},{40 - step},{39 + step % 3},{8 + step % 2}]"
+    fields["latency_mean"] = (f"[{0.0105 + 0.0002 * step!r},{0.0118 + 0.0001 * step!r},"
+                              f"{0.011 + 0.0003 * step!r},{0.25 + 0.004 * step!r}]")
+    fields["sig"] = mac(key, canonical_summary_bytes(fields))
+    return fields
+
+
 class Publishers:
     """N phantom sidecars appending one signed summary each per second (bounded in time)."""
 
@@ -67,22 +87,22 @@ class Publishers:
         self.count = 0
         self.epoch = 0
         self.sent = 0
-        self._base: dict[int, RegretSummary] = {}
+        self._base: dict[int, dict[str, str]] = {}
 
     async def run_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
+        stream = summary_stream(UPSTREAM)
         while time.monotonic() < deadline:
             started = time.monotonic()
             self.epoch += 1
             now = time.time()
             pipe = self.client.pipeline(transaction=False)
             for i in range(self.count):
-                base = self._base.get(i) or phantom_summary(i, 0, now)
-                self._base[i] = base
-                fields: Any = sign_summary(replace(base, epoch=self.epoch, sent_at=now),
-                                           self.key)
-                pipe.xadd(summary_stream(UPSTREAM), fields, maxlen=SUMMARY_MAXLEN,
-                          approximate=True)
+                base = self._base.get(i)
+                if base is None:
+                    base = self._base[i] = encode_summary(phantom_summary(i, 0, now))
+                fields: Any = phantom_fields(base, i, self.epoch, now, self.key)
+                pipe.xadd(stream, fields, maxlen=SUMMARY_MAXLEN, approximate=True)
             if self.count:
                 await pipe.execute()
                 self.sent += self.count

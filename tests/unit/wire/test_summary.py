@@ -279,3 +279,30 @@ def test_the_clock_skew_is_bounded_both_ways() -> None:
     with pytest.raises(WireError) as old:
         verify_summary(fields, _KEY, at + 10.01, max_age=10.0, max_skew=5.0)
     assert old.value.reason.value == "expired"
+
+
+def test_the_fast_path_verifies_a_well_formed_summary_as_the_reference_does() -> None:
+    from wire.signing import accepted_keys
+    from wire.summary import _verify_fast, _verify_reference, sign_summary
+
+    key = b"fast-path-key-0123456789abcdef"
+    for changes in ({}, {"latency_mean": (None, 0.01, 0.2), "latency_p50": (None, 0.01, 0.1),
+                         "latency_p99": (None, 0.02, 0.3), "requests": (0, 5, 5),
+                         "failures": (0, 0, 1)}):
+        base = _sample_for_fast_path(**changes)
+        entry = {k.encode(): v.encode() for k, v in sign_summary(base, key).items()}
+        fast = _verify_fast(entry, accepted_keys(key))
+        assert fast is not None and fast == _verify_reference(entry, accepted_keys(key)) == base
+        assert _verify_fast({**entry, b"demand": b"5.0"}, accepted_keys(key)) is None  # MAC
+
+
+def _sample_for_fast_path(**changes: object) -> RegretSummary:
+    from dataclasses import replace
+
+    base = RegretSummary(
+        sidecar="sc-1", upstream="orders", epoch=3, sent_at=1_764_000_000.5,
+        endpoints=("a:1", "b:2", "c:3"), requests=(4, 5, 6), failures=(0, 1, 0),
+        latency_mean=(0.01, 0.02, 0.03), latency_p50=(0.01, 0.02, 0.03),
+        latency_p99=(0.02, 0.03, 0.04), in_flight=(0, 1, 2), demand=12.5,
+        weights=(0.2, 0.3, 0.5), regret=((0.0, 0.1, -0.1), (0.0, 0.0, 0.0), (0.2, 0.0, 0.0)))
+    return replace(base, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,34 @@
+-- Publish a whole epoch's recommendations only as the current leader (one call, atomic).
+-- KEYS[1] = eq:{u}:leader, KEYS[2..n+1] = the n recommendation streams.
+-- ARGV[1] = holder id, ARGV[2] = its token, ARGV[3] = MAXLEN (approximate),
+-- ARGV[4] = f, the fields of every entry, ARGV[5..4+f] = their names, in entry order,
+-- ARGV[5+f..4+2f] = the value each field has in every entry ('' where each entry gives its own),
+-- ARGV[5+2f] = v, how many fields each entry gives, ARGV[6+2f..5+2f+v] = their positions (1..f),
+-- then v values per entry, entry after entry, in the order of KEYS.
+-- Returns false when fenced off (nothing appended); else per entry its id, or '!' and the error
+-- of that stream alone (a key of the wrong type: the other entries are still appended).
+if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then
+  return false
+end
+local f = tonumber(ARGV[4])
+local v = tonumber(ARGV[5 + 2 * f])
+local own = 5 + 2 * f + v
+local args = {'XADD', '', 'MAXLEN', '~', ARGV[3], '*'}
+for i = 1, f do
+  args[5 + 2 * i] = ARGV[4 + i]
+  args[6 + 2 * i] = ARGV[4 + f + i]
+end
+local out = {}
+for n = 2, #KEYS do
+  args[2] = KEYS[n]
+  for j = 1, v do
+    args[6 + 2 * tonumber(ARGV[5 + 2 * f + j])] = ARGV[own + (n - 2) * v + j]
+  end
+  local reply = redis.pcall(unpack(args))
+  if type(reply) == 'table' and reply.err then
+    out[n - 1] = '!' .. reply.err
+  else
+    out[n - 1] = reply
+  end
+end
+return out
