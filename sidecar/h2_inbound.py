@@ -120,10 +120,13 @@ class _Call:
     (:mod:`sidecar.h2_upload`, under ``deadline``); a gRPC streaming call whose request side
     is still open ``upload_timeout`` after it got its slot gives the slot back and goes on as
     a long-lived exchange of its caller, like a WebSocket (``long_lived``; beyond the caller's
-    ``websocket_max_per_caller`` it is ended with RESOURCE_EXHAUSTED instead, ``cut``)."""
+    ``websocket_max_per_caller`` it is ended with RESOURCE_EXHAUSTED instead, ``cut``). The
+    time such a stream held its slot while its client still sent is charged to the caller
+    (:meth:`charge_hold`)."""
 
-    __slots__ = ("answered", "counted", "cut", "deadline", "framing", "holding", "is_grpc",
-                 "long_lived", "owner", "stream", "timer", "upstream", "verdict")
+    __slots__ = ("admitted_at", "answered", "counted", "cut", "deadline", "framing", "holding",
+                 "is_grpc", "long_lived", "owner", "stream", "streaming", "timer", "upstream",
+                 "verdict")
 
     def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
         self.owner = owner
@@ -139,6 +142,8 @@ class _Call:
         self.cut = False  # ended by the sidecar: over the caller's long-lived cap
         self.timer: asyncio.TimerHandle | None = None
         self.upstream: ClientStream | None = None
+        self.streaming: H2Upload | None = None  # a call that took its slot still sending
+        self.admitted_at = 0.0
 
     def done(self) -> None:
         """The stream's task ended (answered, failed or cancelled): a caller that went away
@@ -234,6 +239,8 @@ class _Call:
         policing.in_flight += 1
         self.holding = tracked
         if tracked and upload is not None and not upload.complete:
+            self.streaming = upload
+            self.admitted_at = started
             self.timer = loop.call_later(proxy.settings.upload_timeout, self.outlived_slot)
         try:
             try:
@@ -252,7 +259,8 @@ class _Call:
             else:
                 pump = loop.create_task(pump_upload(stream, upstream, upload, self.deadline,
                                                     self.framing,
-                                                    proxy.settings.upload_timeout))
+                                                    proxy.settings.upload_timeout,
+                                                    proxy.clock))
             try:
                 first, finished = await self.relay(verdict, upstream, head_by, deadline)
             finally:
@@ -269,6 +277,9 @@ class _Call:
                 self.timer = None
             if self.holding:  # the slot goes back to the gate (with the RTT if the app answered)
                 self.holding = False
+                if self.streaming is not None:  # the time its client still sent: its cost
+                    ended = self.streaming.ended_at
+                    self.charge_hold((ended if ended is not None else now) - self.admitted_at)
                 policing.finish(((first if first is not None else now) - started)
                                 if finished else None)
             if finished:
@@ -404,6 +415,14 @@ class _Call:
         else:
             stream.reset(ErrorCodes.CANCEL)
 
+    def charge_hold(self, held: float) -> None:
+        """A streaming call held its slot ``held`` s while its client still sent: counted
+        against the caller (:meth:`mesh.admission.AdmissionGate.charge_hold`)."""
+        if self.verdict is not None and held > 0:
+            proxy = self.owner.proxy
+            self.owner.policing.deliver(
+                proxy.gate.charge_hold(self.verdict.caller, held, proxy.clock()))
+
     def outlived_slot(self) -> None:
         """``upload_timeout`` after its slot, the caller still sends (a client-streaming or
         bidi call): the slot goes back to the gate and the stream goes on as a long-lived
@@ -413,6 +432,7 @@ class _Call:
         if not self.holding or verdict is None or stream.ended or stream.closed is not None:
             return
         self.holding = False
+        self.charge_hold(owner.proxy.clock() - self.admitted_at)
         owner.policing.finish(None)
         if owner.proxy.open_long_lived(verdict.caller):
             self.long_lived = True

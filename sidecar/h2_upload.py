@@ -22,6 +22,10 @@ The rule is the HTTP/1.1 one, with the limits it shares (``policing.upload_timeo
   caller); a client that resets its stream or hangs up before its body (or, for gRPC, the
   message under way) was complete is :attr:`UploadFailure.ABANDONED`. Both count against
   the caller, as on HTTP/1.1 (:mod:`sidecar.h2_inbound` does the counting).
+- **Time held.** A streaming call holds its slot while its client still sends; that time
+  counts against the caller (:meth:`mesh.admission.AdmissionGate.charge_hold`: as many
+  requests as the slot could have served), so holding slots with silent streams is a heavy
+  caller's behaviour, punished under congestion like one.
 
 What it must not do: police, answer or count; it reads, relays, and records what happened
 in the :class:`sidecar.upload.UploadDeadline`.
@@ -30,6 +34,7 @@ in the :class:`sidecar.upload.UploadDeadline`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +94,7 @@ class H2Upload:
 
     items: list[tuple[str, Any]] = field(default_factory=list)
     complete: bool = False
+    ended_at: float | None = None  # when the rest of it ended (relayed by :func:`pump_upload`)
 
 
 async def receive_stream_upload(stream: ServerStream, deadline: UploadDeadline,
@@ -130,7 +136,7 @@ async def receive_stream_upload(stream: ServerStream, deadline: UploadDeadline,
 
 async def pump_upload(stream: ServerStream, upstream: ClientStream, upload: H2Upload,
                       deadline: UploadDeadline, framing: GrpcFraming | None,
-                      timeout: float) -> None:
+                      timeout: float, clock: Callable[[], float]) -> None:
     """The request side to the app: the buffered items, then (if it has not ended) the rest
     as it arrives, acknowledged to the client only once the app's connection took it. A
     body (or, for gRPC, a message) that misses its deadline is recorded in
@@ -167,11 +173,12 @@ async def pump_upload(stream: ServerStream, upstream: ClientStream, upload: H2Up
                     await upstream.send_data(payload)
                 finally:  # passed on or dropped: either way the client gets its credit back
                     stream.ack(size)
-            elif kind == "trailers":
-                upstream.send_headers(payload, end_stream=True)
-                return
             else:
-                upstream.end()
+                upload.ended_at = clock()
+                if kind == "trailers":
+                    upstream.send_headers(payload, end_stream=True)
+                else:
+                    upstream.end()
                 return
     except StreamGone:
         return  # either side went away: the exchange sees it and answers
