@@ -28,11 +28,14 @@ import yaml
 from injector import certs, mesh_objects
 from injector.config import InjectorConfig, Resources
 from injector.controller import Controller, ControllerConfig
+from injector.controller_admin import start_metrics
 from injector.kube import Credentials, KubeRest
+from injector.metrics import ControllerMetrics
 from injector.server import DEFAULT_MAX_BODY, serve
 from mesh.address import AddressError, parse_host_port
 
 DEFAULTS = InjectorConfig()
+DEFAULT_CONTROLLER_METRICS = "127.0.0.1:15020"  # loopback, like the sidecar's admin port
 
 
 def register(subparsers: Any) -> None:
@@ -104,6 +107,9 @@ def register(subparsers: Any) -> None:
                      help="extra DNS name or IP in the certificate (repeatable)")
     ctl.add_argument("--kube-api", help="API server URL (default: the in-cluster one)")
     ctl.add_argument("--kube-token-file", help="bearer token file (default: the pod's)")
+    ctl.add_argument("--metrics", default=DEFAULT_CONTROLLER_METRICS, metavar="HOST:PORT",
+                     help="serve GET /metrics (Prometheus) and /healthz there (default "
+                          "%(default)s; port 0: any free one; 'off': none)")
     ctl.set_defaults(func=_run_controller)
 
 
@@ -142,6 +148,10 @@ def _run_controller(args: argparse.Namespace) -> int:
             parse_host_port(args.redis_host)
         except AddressError as exc:
             raise ValueError(f"--redis-host: {exc}") from None
+        try:
+            metrics_at = None if args.metrics == "off" else parse_host_port(args.metrics)
+        except AddressError as exc:
+            raise ValueError(f"--metrics: {exc}") from None
         credentials = Credentials.from_flags(args.kube_api, args.kube_token_file, os.environ)
     except ValueError as exc:
         print(f"equilibrium injector controller: {exc}", file=sys.stderr)
@@ -152,12 +162,24 @@ def _run_controller(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     async def main() -> None:
-        async with KubeRest(credentials) as api:
-            await Controller(api, config, secrets.token_hex, lambda: dt.datetime.now(dt.UTC),
-                             random.Random()).run()
+        metrics = ControllerMetrics()
+        runner = None if metrics_at is None else await start_metrics(metrics, metrics_at)
+        try:
+            async with KubeRest(credentials) as api:
+                await Controller(api, config, secrets.token_hex,
+                                 lambda: dt.datetime.now(dt.UTC), random.Random(),
+                                 metrics).run()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except OSError as exc:  # the metrics port is taken
+        print(f"equilibrium injector controller: --metrics {args.metrics}: {exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

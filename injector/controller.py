@@ -20,6 +20,16 @@ remove them. Any failure is logged without
 secret values and retried after a jittered backoff (:mod:`mesh.backoff`), relisting
 everything. The objects' shapes are :mod:`injector.mesh_objects`; the HTTP is
 :mod:`injector.kube`.
+
+Rotation without a restart: it also watches the three control-plane Secrets (each by name,
+``fieldSelector=metadata.name=...``, which is what its Role allows). When one changes (a key,
+password or certificate replaced by hand) or is deleted (then it is generated anew), the
+control-plane step runs again and, if the mesh key, a Redis password or the CA changed,
+every namespace it manages is reconciled with the new values and the caBundle follows the
+new CA. Its own writes come back as events too; they change nothing and pass nothing on.
+
+Its metrics (:class:`injector.metrics.ControllerMetrics`: reconciles, loop errors,
+rotations passed on, managed namespaces) are served by :mod:`injector.controller_admin`.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,6 +50,7 @@ from injector import certs
 from injector import mesh_objects as objs
 from injector.config import STATUS, STATUS_INJECTED
 from injector.kube import METADATA_ONLY, ApiError, Conflict, KubeRest
+from injector.metrics import ControllerMetrics
 from mesh.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -74,17 +86,33 @@ Fill = Callable[[Mapping[str, str]], dict[str, str]]
 
 class Controller:
     def __init__(self, api: KubeRest, config: ControllerConfig, token: objs.Token,
-                 now: Callable[[], dt.datetime], rng: random.Random) -> None:
+                 now: Callable[[], dt.datetime], rng: random.Random,
+                 metrics: ControllerMetrics | None = None) -> None:
         self.api = api
         self.config = config
         self.token = token
         self.now = now
+        self.rng = rng
+        self.metrics = metrics or ControllerMetrics()
         self.backoff = Backoff(rng)
         self.pod_backoff = Backoff(rng)
         self.pod_namespaces: set[str] = set()  # served for their injected pods, this list
+        self.managed: set[str] = set()  # every namespace given its Secret and RoleBinding
         self._reconciling = asyncio.Lock()
+        self._control_plane = asyncio.Lock()
         self.mesh_key = ""
         self.auth: dict[str, str] = {}
+        self.ca = ""
+
+    def sources(self) -> tuple[str, ...]:
+        """The control-plane Secrets whose values reach the namespaces (watched by name)."""
+        return (objs.REDIS_AUTH_SECRET, objs.MESH_SECRET, self.config.tls_secret)
+
+    def fingerprint(self) -> dict[str, object]:
+        """What the namespaces (and the caBundle) get from each control-plane Secret."""
+        return {objs.MESH_SECRET: self.mesh_key,
+                objs.REDIS_AUTH_SECRET: tuple(sorted(self.auth.items())),
+                self.config.tls_secret: self.ca}
 
     # ------------------------------------------------------------ the control plane's secrets
 
@@ -96,6 +124,7 @@ class Controller:
         self.mesh_key = mesh["mesh-hmac-key"]
         tls = await self._ensure_secret(ns, self.config.tls_secret, self._fill_tls,
                                         "kubernetes.io/tls")
+        self.ca = tls.get("ca.crt", "")
         if tls.get("ca.crt"):
             await self._ensure_ca_bundle(tls["ca.crt"])
         else:  # a certificate made elsewhere without its CA: never replace it
@@ -169,7 +198,14 @@ class Controller:
         if namespace == self.config.namespace:
             return  # the control plane's own equilibrium-mesh is the signaler's
         async with self._reconciling:  # the namespace and pod loops may name the same one
-            await self._reconcile(namespace)
+            try:
+                await self._reconcile(namespace)
+            except (ApiError, aiohttp.ClientError, TimeoutError):
+                self.metrics.reconciles.labels(result="error").inc()
+                raise
+        self.metrics.reconciles.labels(result="ok").inc()
+        self.managed.add(namespace)
+        self.metrics.managed.set(len(self.managed))
 
     async def _reconcile(self, namespace: str) -> None:
         values = objs.namespace_mesh_values(self.mesh_key, self.auth, self.config.redis_host)
@@ -234,9 +270,46 @@ class Controller:
                             if failed and deadline.when() is None:
                                 deadline.reschedule(loop.time() + RETRY_S)
 
+    # ------------------------------------------------------------ rotations
+
+    async def sync_source(self, name: str) -> None:
+        """One control-plane Secret, by name: list, then watch; any change or deletion
+        re-runs the control-plane step and passes what changed on (:meth:`refresh`)."""
+        selector = {"fieldSelector": f"metadata.name={name}"}
+        _, version = await self.api.list(secrets_path(self.config.namespace), selector=selector)
+        await self.refresh(name)  # a change missed while no watch was open (after a failure)
+        async with self.api.watch(secrets_path(self.config.namespace), version,
+                                  selector=selector) as events:
+            async for event in events:
+                kind = event.get("type")
+                if kind == "ERROR":
+                    return  # 410 Gone or other: relist
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    await self.refresh(name)
+
+    async def refresh(self, event_of: str) -> None:
+        """A control-plane Secret (``event_of``) changed: read (or regenerate) them all; if
+        the mesh key, a Redis password or the CA is not what the namespaces got, reconcile
+        every managed namespace (each failure retried by the next relist, as usual)."""
+        async with self._control_plane:
+            before = self.fingerprint()
+            await self.ensure_control_plane()
+            after = self.fingerprint()
+            changed = sorted(name for name, value in after.items() if before[name] != value)
+            if not changed:
+                return  # our own write coming back, or a change that alters nothing
+            for name in changed:
+                self.metrics.rotations.labels(secret=name).inc()
+            log.info("Secret(s) %s in %s changed (seen by the watch of %s): passing them on "
+                     "to %d namespace(s)", ", ".join(changed), self.config.namespace,
+                     event_of, len(self.managed))
+            failed: list[BaseException] = []
+            for namespace in sorted(self.managed):
+                await self._guarded(self.reconcile_namespace, namespace, failed)
+
     @staticmethod
-    async def _guarded(handle: Callable[[Mapping[str, Any]], Awaitable[None]],
-                       item: Mapping[str, Any], failed: list[BaseException]) -> None:
+    async def _guarded(handle: Callable[[Any], Awaitable[None]],
+                       item: Any, failed: list[BaseException]) -> None:
         try:
             await handle(item)
         except ApiError as exc:
@@ -262,12 +335,19 @@ class Controller:
                 await self.ensure_control_plane()
                 break
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                self.metrics.errors.labels(loop="control_plane").inc()
                 await self._pause(self.backoff, exc)
-        log.info("control-plane secrets in place; watching namespaces and injected pods")
-        await asyncio.gather(self._forever(self.sync_namespaces, self.backoff),
-                             self._forever(self.sync_pods, self.pod_backoff))
+        self.metrics.ready.set(1)
+        log.info("control-plane secrets in place; watching namespaces, injected pods and "
+                 "the control-plane Secrets")
+        await asyncio.gather(
+            self._forever(self.sync_namespaces, self.backoff, "namespaces"),
+            self._forever(self.sync_pods, self.pod_backoff, "pods"),
+            *(self._forever(functools.partial(self.sync_source, name), Backoff(self.rng),
+                            "secrets") for name in self.sources()))
 
-    async def _forever(self, sync: Callable[[], Awaitable[None]], backoff: Backoff) -> None:
+    async def _forever(self, sync: Callable[[], Awaitable[None]], backoff: Backoff,
+                       loop_name: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
@@ -281,6 +361,7 @@ class Controller:
             elif failure is None:  # a server ending every watch at once
                 failure = ApiError("the watch ended at once")
             if failure is not None:
+                self.metrics.errors.labels(loop=loop_name).inc()
                 await self._pause(backoff, failure)
 
     @staticmethod

@@ -86,7 +86,8 @@ class KubeRest:
         if self.credentials.ca_file is not None and self.api_url.startswith("https:"):
             ssl_context = ssl.create_default_context(cafile=str(self.credentials.ca_file))
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=4), trust_env=False,
+            # five long-lived watches (the controller's) plus room for its reads and writes
+            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=8), trust_env=False,
             timeout=aiohttp.ClientTimeout(total=30.0, connect=5.0))
         return self
 
@@ -165,13 +166,16 @@ class KubeRest:
         return answer
 
     async def list(self, path: str, accept: str = "application/json",
+                   selector: Mapping[str, str] | None = None,
                    ) -> tuple[list[dict[str, Any]], str]:
         """Every item of a collection (following ``continue``) and the list's version
-        (``accept=METADATA_ONLY``: the items' metadata only)."""
+        (``accept=METADATA_ONLY``: the items' metadata only; ``selector``: more query
+        parameters, e.g. ``fieldSelector``)."""
         items: list[dict[str, Any]] = []
         token = ""
         while True:
-            params = {"limit": "500", **({"continue": token} if token else {})}
+            params = {**(selector or {}), "limit": "500",
+                      **({"continue": token} if token else {})}
             body = await self._call("GET", path, params=params, accept=accept)
             if body is None or not isinstance(body.get("items"), list | None):
                 raise ApiError(f"list {path}: not a list object")
@@ -183,10 +187,11 @@ class KubeRest:
 
     @contextlib.asynccontextmanager
     async def watch(self, path: str, version: str, accept: str = "application/json",
+                    selector: Mapping[str, str] | None = None,
                     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Watch events from ``version`` until the server ends the stream."""
-        params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
-                  "timeoutSeconds": str(WATCH_TIMEOUT_S)}
+        params = {**(selector or {}), "watch": "1", "resourceVersion": version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_TIMEOUT_S)}
         async with self.session.get(
                 self.api_url + path, params=params, headers=self._headers(accept=accept),
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=WATCH_TIMEOUT_S + 30),

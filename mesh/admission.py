@@ -255,6 +255,20 @@ class AdmissionGate:
             return self._flush(caller, now)
         return ()
 
+    def charge_hold(self, caller: str, held: float, now: float) -> tuple[Reject, ...]:
+        """An admitted request of ``caller`` held its slot ``held`` seconds while its client
+        was still sending (a streaming call): the time beyond one request's share counts as
+        requests at the app's rate per slot (``capacity / limit`` per second held), in the
+        caller's request rate (:meth:`ReputationBook.charge`); if that punishes the caller,
+        its waiters are flushed, as in :meth:`police`."""
+        weight = held * self.capacity() / max(1, self.limiter.limit) - 1.0
+        if weight <= 0.0:
+            return ()
+        decision = self.book.charge(caller, now, weight)
+        if decision.phase is Phase.PUNISHED and caller in self._queued_by:
+            return self._flush(caller, now)
+        return ()
+
     def offer(self, passed: Pass, now: float) -> Admit | Queue | Reject:
         """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``)."""
         request_id = f"r{next(self._ids)}"

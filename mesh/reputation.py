@@ -316,9 +316,9 @@ class _DecayingRate:
     def __init__(self, tau: float, now: float) -> None:
         self._tau, self._count, self._last = tau, 0.0, now
 
-    def add(self, now: float) -> None:
+    def add(self, now: float, weight: float = 1.0) -> None:
         self._decay(now)
-        self._count += 1.0
+        self._count += weight
 
     def count(self, now: float) -> float:
         """The decayed count at ``now`` (reads only)."""
@@ -426,6 +426,16 @@ class ReputationBook:
         retry_after = float(max(1, math.ceil(_time_left(ladder, now) or 0.0)))
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
                         share)
+
+    def charge(self, caller: str, now: float, weight: float) -> Decision:
+        """Record ``weight`` request-equivalents of app time that one request held beyond an
+        ordinary request's (a streaming call holding its slot while its client still sends):
+        they count in the caller's request rate, and so against its fair share, as that many
+        requests would; never refuses."""
+        state, share = self._record(caller, now, False, weight=max(0.0, weight))
+        ladder = state.ladder
+        return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
+                        ladder.phase, share)
 
     def defect(self, caller: str, now: float) -> Decision:
         """Record a defection that is not a request (a stalled or abandoned upload): the
@@ -552,7 +562,8 @@ class ReputationBook:
     # --- internals ------------------------------------------------------------------------
 
     def _record(
-        self, caller: str, now: float, is_retry: bool, *, defected: bool = False
+        self, caller: str, now: float, is_retry: bool, *, defected: bool = False,
+        weight: float = 1.0,
     ) -> tuple[_CallerState, float]:
         p = self.params
         self._evict_idle(now)
@@ -575,7 +586,7 @@ class ReputationBook:
         share = self.fair_share(caller, now)
 
         if not defected:
-            state.rate.add(now)
+            state.rate.add(now, weight)
         if is_retry:
             state.retries.add(now)
         rate, retry_rate = state.rate.rate(now), state.retries.rate(now)

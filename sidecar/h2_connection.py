@@ -110,6 +110,10 @@ class H2Stream:
             await self._more.wait()
         return self._inbox.popleft()
 
+    def ready(self) -> bool:
+        """Whether :meth:`read` has an item already (it would not wait)."""
+        return bool(self._inbox)
+
     def ack(self, size: int) -> None:
         """``size`` flow-controlled bytes were passed on (or dropped): give the peer that much
         credit. Also after the stream closed: the connection's window must get its share."""

@@ -46,7 +46,15 @@ from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_proxy import pump_request
 from sidecar.h2_server import ServerStream
+from sidecar.h2_upload import (
+    GrpcFraming,
+    H2Upload,
+    pump_upload,
+    receive_stream_upload,
+    upload_open,
+)
 from sidecar.inbound_policing import InboundOutcome, Refusal, Verdict
+from sidecar.upload import UploadDeadline, UploadFailure, release
 from wire import grpc_status as grpc
 from wire.headers import is_gt_header
 from wire.identity import BoundRequest
@@ -64,6 +72,8 @@ def grpc_status_of(refusal: Refusal) -> int:
     """The ``grpc-status`` a gRPC caller gets for a refusal of the inbound listener."""
     if refusal.reason in _EXHAUSTED:
         return grpc.RESOURCE_EXHAUSTED
+    if refusal.reason == ErrorReason.UPLOAD_TIMEOUT:
+        return grpc.DEADLINE_EXCEEDED
     if refusal.status == 400:
         return grpc.INVALID_ARGUMENT
     if refusal.reason == ErrorReason.UPSTREAM_TIMEOUT:
@@ -93,23 +103,65 @@ class H2Inbound:
 
     async def handle(self, stream: ServerStream) -> None:
         """Serve one request stream (the handler :class:`H2ServerConnection` runs)."""
+        call = _Call(self, stream)
         try:
-            await _Call(self, stream).run()
+            await call.run()
         finally:
+            call.done()
             if not stream.ended and stream.closed is None:
                 stream.reset(ErrorCodes.NO_ERROR)  # answered before the caller finished
             stream.discard()  # a body nobody read still gives its credit back
 
 
 class _Call:
-    """One stream's trip through the inbound listener."""
+    """One stream's trip through the inbound listener.
 
-    __slots__ = ("is_grpc", "owner", "stream")
+    With a slot at stake (policing on), the request side is received first
+    (:mod:`sidecar.h2_upload`, under ``deadline``); a gRPC streaming call whose request side
+    is still open ``upload_timeout`` after it got its slot gives the slot back and goes on as
+    a long-lived exchange of its caller, like a WebSocket (``long_lived``; beyond the caller's
+    ``websocket_max_per_caller`` it is ended with RESOURCE_EXHAUSTED instead, ``cut``). The
+    time such a stream held its slot while its client still sent is charged to the caller
+    (:meth:`charge_hold`)."""
+
+    __slots__ = ("admitted_at", "answered", "counted", "cut", "deadline", "framing", "holding",
+                 "is_grpc", "long_lived", "owner", "stream", "streaming", "timer", "upstream",
+                 "verdict")
 
     def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
         self.owner = owner
         self.stream = stream
         self.is_grpc = grpc.is_grpc(stream.header(b"content-type"))
+        self.verdict: Verdict | None = None
+        self.deadline: UploadDeadline | None = None
+        self.framing: GrpcFraming | None = None
+        self.answered = False  # the answer's head went to the caller
+        self.counted = False  # an upload failure was counted against the caller
+        self.holding = False  # the stream holds an app slot
+        self.long_lived = False  # counted as a long-lived exchange of its caller
+        self.cut = False  # ended by the sidecar: over the caller's long-lived cap
+        self.timer: asyncio.TimerHandle | None = None
+        self.upstream: ClientStream | None = None
+        self.streaming: H2Upload | None = None  # a call that took its slot still sending
+        self.admitted_at = 0.0
+
+    def done(self) -> None:
+        """The stream's task ended (answered, failed or cancelled): a caller that went away
+        with its body (or gRPC message) half-sent abandoned an upload; buffers and the
+        long-lived count are given back."""
+        stream, deadline, verdict = self.stream, self.deadline, self.verdict
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if (deadline is not None and verdict is not None and not self.counted
+                and deadline.failure is None and upload_open(stream, self.framing)
+                and (stream.reset_code is not None or stream.peer_host() is None)):
+            deadline.failure = UploadFailure.ABANDONED
+            self.count_upload_failure(verdict, UploadFailure.ABANDONED)
+        release(deadline, self.owner.proxy.upload_memory)
+        if self.long_lived and verdict is not None:
+            self.long_lived = False
+            self.owner.proxy.close_long_lived(verdict.caller)
 
     async def run(self) -> None:
         owner, stream = self.owner, self.stream
@@ -124,13 +176,23 @@ class _Call:
                              authority.decode("latin-1"),
                              (stream.header(b":path") or b"").decode("latin-1"))
         verdict, policed = policing.police(headers, bound, now)
+        self.verdict = verdict
         if isinstance(policed, Refusal):
             return await self.reply(verdict, policed)
-        if policed is not None:
+        upload: H2Upload | None = None
+        if policed is not None:  # the body first: its upload time holds no slot
+            settings = owner.proxy.settings
+            self.deadline = UploadDeadline(asyncio.get_running_loop().time()
+                                           + settings.upload_timeout)
+            self.framing = GrpcFraming() if self.is_grpc else None
+            upload = await receive_stream_upload(stream, self.deadline, settings.upload_buffer,
+                                                 owner.proxy.upload_memory, self.framing)
+            if self.deadline.failure is not None:
+                return await self.upload_failed(verdict)
             admitted = await policing.admit(verdict, policed, now)
             if isinstance(admitted, Refusal):
                 return await self.reply(verdict, admitted)
-        await self.forward(verdict, tracked=policed is not None)
+        await self.forward(verdict, tracked=policed is not None, upload=upload)
 
     # ------------------------------------------------------------ to the app and back
 
@@ -158,8 +220,10 @@ class _Call:
             out.extend(_header_block(self.owner.policing.signal_headers(verdict)))
         return out
 
-    async def forward(self, verdict: Verdict, *, tracked: bool) -> None:
-        """Relay the stream to the app and its answer back; ``tracked`` holds a slot."""
+    async def forward(self, verdict: Verdict, *, tracked: bool,
+                      upload: H2Upload | None = None) -> None:
+        """Relay the stream to the app and its answer back; ``tracked`` holds a slot;
+        ``upload``: what was received before the slot (None: relayed as it comes)."""
         owner, stream = self.owner, self.stream
         proxy, policing = owner.proxy, owner.policing
         loop = asyncio.get_running_loop()
@@ -173,6 +237,11 @@ class _Call:
         head_by = loop.time() + proxy.request_timeout
         head_by = head_by if deadline is None else min(head_by, deadline)
         policing.in_flight += 1
+        self.holding = tracked
+        if tracked and upload is not None and not upload.complete:
+            self.streaming = upload
+            self.admitted_at = started
+            self.timer = loop.call_later(proxy.settings.upload_timeout, self.outlived_slot)
         try:
             try:
                 async with asyncio.timeout_at(head_by):
@@ -184,7 +253,14 @@ class _Call:
                 return await self.app_failed(verdict, 502, reason, str(exc) or reason)
             except StreamGone as exc:
                 return await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
-            pump = loop.create_task(pump_request(stream, upstream))
+            self.upstream = upstream
+            if upload is None or self.deadline is None:
+                pump = loop.create_task(pump_request(stream, upstream))
+            else:
+                pump = loop.create_task(pump_upload(stream, upstream, upload, self.deadline,
+                                                    self.framing,
+                                                    proxy.settings.upload_timeout,
+                                                    proxy.clock))
             try:
                 first, finished = await self.relay(verdict, upstream, head_by, deadline)
             finally:
@@ -196,7 +272,14 @@ class _Call:
         finally:
             policing.in_flight -= 1
             now = proxy.clock()
-            if tracked:  # the slot goes back to the gate (with the RTT if the app answered)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.holding:  # the slot goes back to the gate (with the RTT if the app answered)
+                self.holding = False
+                if self.streaming is not None:  # the time its client still sent: its cost
+                    ended = self.streaming.ended_at
+                    self.charge_hold((ended if ended is not None else now) - self.admitted_at)
                 policing.finish(((first if first is not None else now) - started)
                                 if finished else None)
             if finished:
@@ -222,8 +305,11 @@ class _Call:
                                       "no answer in time")
             return None, False
         except StreamGone as exc:
-            if stream.closed is not None:
-                return None, False  # the caller went away first
+            if stream.closed is not None or self.cut:
+                return None, False  # the caller went away first, or was cut off
+            if self.upload_missed():  # the caller's upload failed: its doing, not the app's
+                await self.upload_failed(verdict)
+                return None, False
             if exc.code == ErrorCodes.REFUSED_STREAM:  # not processed: the caller may resend
                 stream.reset(ErrorCodes.REFUSED_STREAM)
                 return None, False
@@ -232,6 +318,7 @@ class _Call:
         trailers_only = upstream.head_ended
         try:
             stream.send_headers(self.answer_headers(head, verdict), end_stream=trailers_only)
+            self.answered = True
             if trailers_only:
                 return clock(), True
             async with asyncio.timeout_at(deadline):
@@ -253,8 +340,11 @@ class _Call:
                         stream.end()
                         return first, True
         except StreamGone:
-            if stream.closed is not None:
-                return first, False  # the caller reset or hung up: its doing
+            if stream.closed is not None or self.cut:
+                return first, False  # the caller reset or hung up (its doing), or was cut off
+            if self.upload_missed():
+                self.end_late_upload(verdict)
+                return first, False
             self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             log.info("app %s: stream broke mid-answer", self.owner.app)
             if self.is_grpc and not stream.local_ended:
@@ -269,6 +359,91 @@ class _Call:
                                      (b"grpc-message", b"deadline exceeded in the sidecar")],
                                     True)
             return first, False
+
+    # ------------------------------------------------------------ uploads and long streams
+
+    def upload_missed(self) -> bool:
+        return self.deadline is not None and self.deadline.failure is not None
+
+    def count_upload_failure(self, verdict: Verdict, failure: UploadFailure) -> None:
+        """Counted as on HTTP/1.1 (``equilibrium_inbound_slow_uploads``, the request's
+        outcome) and against the caller's reputation (:meth:`AdmissionGate.defect`)."""
+        if self.counted:
+            return
+        self.counted = True
+        proxy, metrics = self.owner.proxy, self.owner.metrics
+        timeout = failure is UploadFailure.TIMEOUT
+        metrics.requests.labels(verdict.label, InboundOutcome.UPLOAD_TIMEOUT if timeout
+                                else InboundOutcome.UPLOAD_ABANDONED).inc()
+        metrics.slow_uploads.labels(verdict.label, failure).inc()
+        self.owner.policing.deliver(proxy.gate.defect(verdict.caller, proxy.clock()))
+        verdict.decision = None  # the standing as it is after the defection
+
+    async def upload_failed(self, verdict: Verdict) -> None:
+        """Before the app answered: 408 (DEADLINE_EXCEEDED for gRPC), or nobody to answer."""
+        assert self.deadline is not None and self.deadline.failure is not None
+        failure = self.deadline.failure
+        self.count_upload_failure(verdict, failure)
+        if failure is UploadFailure.TIMEOUT:
+            what = "request message" if self.is_grpc and self.framing is not None \
+                and self.framing.messages else "request body"
+            await self.reply(verdict, Refusal(
+                408, ErrorReason.UPLOAD_TIMEOUT,
+                f"the {what} did not arrive within "
+                f"{self.owner.proxy.settings.upload_timeout:g} s"))
+        else:
+            await self.reply(verdict, Refusal(400, ErrorReason.UPLOAD_ABANDONED,
+                                              "the request body was abandoned"))
+
+    def end_late_upload(self, verdict: Verdict) -> None:
+        """The app was answering when a request message came too late: the call ends with
+        DEADLINE_EXCEEDED (gRPC) or a reset."""
+        assert self.deadline is not None and self.deadline.failure is not None
+        self.count_upload_failure(verdict, self.deadline.failure)
+        self.end_stream(grpc.DEADLINE_EXCEEDED, "a request message did not arrive within "
+                        f"{self.owner.proxy.settings.upload_timeout:g} s")
+
+    def end_stream(self, status: int, message: str) -> None:
+        stream = self.stream
+        if stream.closed is not None:
+            return
+        if self.is_grpc and not stream.local_ended:
+            stream.send_headers([(b"grpc-status", b"%d" % status),
+                                 (b"grpc-message", grpc.encode_message(message))]
+                                if self.answered
+                                else grpc.trailers_only(status, message, []), True)
+        else:
+            stream.reset(ErrorCodes.CANCEL)
+
+    def charge_hold(self, held: float) -> None:
+        """A streaming call held its slot ``held`` s while its client still sent: counted
+        against the caller (:meth:`mesh.admission.AdmissionGate.charge_hold`)."""
+        if self.verdict is not None and held > 0:
+            proxy = self.owner.proxy
+            self.owner.policing.deliver(
+                proxy.gate.charge_hold(self.verdict.caller, held, proxy.clock()))
+
+    def outlived_slot(self) -> None:
+        """``upload_timeout`` after its slot, the caller still sends (a client-streaming or
+        bidi call): the slot goes back to the gate and the stream goes on as a long-lived
+        exchange of its caller, or, past the caller's cap of those, is ended."""
+        self.timer = None
+        verdict, stream, owner = self.verdict, self.stream, self.owner
+        if not self.holding or verdict is None or stream.ended or stream.closed is not None:
+            return
+        self.holding = False
+        self.charge_hold(owner.proxy.clock() - self.admitted_at)
+        owner.policing.finish(None)
+        if owner.proxy.open_long_lived(verdict.caller):
+            self.long_lived = True
+            return
+        self.cut = True
+        owner.metrics.requests.labels(verdict.label, InboundOutcome.WEBSOCKET_LIMIT).inc()
+        cap = owner.proxy.settings.websocket_max_per_caller
+        self.end_stream(grpc.RESOURCE_EXHAUSTED, f"{ErrorReason.WEBSOCKET_LIMIT}: caller "
+                        f"{verdict.caller!r} already has {cap} long-lived streams open")
+        if self.upstream is not None and self.upstream.closed is None:
+            self.upstream.reset(ErrorCodes.CANCEL)
 
     # ------------------------------------------------------------ the sidecar's own answers
 

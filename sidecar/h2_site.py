@@ -160,11 +160,25 @@ class OutboundSite(web.BaseSite):
     def sniff_expired(self) -> None:
         self._metrics.listener_timeouts.labels("first_bytes").inc()
 
-    def protocol_for(self, h2c: bool) -> asyncio.Protocol:
+    def protocol_for(self, h2c: bool, transport: asyncio.BaseTransport
+                     ) -> asyncio.Protocol | None:
+        """The protocol to serve the connection with; None: over the inbound listener's caps
+        (closed at once)."""
         if h2c:
+            on_close: Callable[[H2ServerConnection], None] = self._conns.discard
+            if self._guards is not None:  # the inbound listener: its caps count h2c too
+                closed = self._guards.admit_h2c(transport)
+                if closed is None:
+                    return None
+
+                def on_close(conn: H2ServerConnection, closed: Callable[[], None] = closed
+                             ) -> None:
+                    self._conns.discard(conn)
+                    closed()
+
             self._metrics.connections.labels("h2c").inc()
             conn = H2ServerConnection(self._handler, limits=self._limits, metrics=self._metrics,
-                                      on_close=self._conns.discard)
+                                      on_close=on_close)
             self._conns.add(conn)
             return conn
         self._metrics.connections.labels("http1").inc()
@@ -269,7 +283,10 @@ class _Sniff(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self.transport = None
-        protocol = self.site.protocol_for(h2c)
+        protocol = self.site.protocol_for(h2c, transport)
+        if protocol is None:
+            transport.abort()
+            return
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if self.buffer and not transport.is_closing():

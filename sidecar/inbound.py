@@ -186,7 +186,7 @@ class InboundProxy:
         self.bucket = self.policing.bucket
         self.upload_memory = UploadMemory(settings.upload_memory)
         self._shown: set[str] = set()  # callers with per-caller gauges right now
-        self._websockets: dict[str, int] = {}  # caller -> WebSockets open
+        self._websockets: dict[str, int] = {}  # caller -> long-lived exchanges open
         self._oversized = oversized_counter(metrics.registry, "inbound")
         self.probes = ProbeResponder(  # answers probes itself (sidecar.probe_answer)
             self, mesh_key=mesh_key, metrics=ProbeAnswerMetrics(metrics.registry),
@@ -409,20 +409,31 @@ class InboundProxy:
             return self._answer(verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
                                 "this sidecar's transport cannot carry WebSockets", {})
         caller, cap = verdict.caller, self.settings.websocket_max_per_caller
-        if self._websockets.get(caller, 0) >= cap:  # WebSockets count against their caller
+        if not self.open_long_lived(caller):  # WebSockets count against their caller
             self.metrics.requests.labels(verdict.label, InboundOutcome.WEBSOCKET_LIMIT).inc()
             return self._answer(verdict, 429, ErrorReason.WEBSOCKET_LIMIT,
                                 f"caller {caller!r} already has {cap} WebSockets open", {},
                                 {"Retry-After": "1"})
-        self._websockets[caller] = self._websockets.get(caller, 0) + 1
         try:
             return await self._bridge(request, verdict)
         finally:
-            left = self._websockets.get(caller, 1) - 1
-            if left > 0:
-                self._websockets[caller] = left
-            else:
-                self._websockets.pop(caller, None)
+            self.close_long_lived(caller)
+
+    def open_long_lived(self, caller: str) -> bool:
+        """One more long-lived exchange of ``caller`` that holds no slot (a WebSocket, or an
+        HTTP/2 stream past its slot: :mod:`sidecar.h2_inbound`); False, and not counted, when
+        the caller already has ``websocket_max_per_caller`` of them."""
+        if self._websockets.get(caller, 0) >= self.settings.websocket_max_per_caller:
+            return False
+        self._websockets[caller] = self._websockets.get(caller, 0) + 1
+        return True
+
+    def close_long_lived(self, caller: str) -> None:
+        left = self._websockets.get(caller, 1) - 1
+        if left > 0:
+            self._websockets[caller] = left
+        else:
+            self._websockets.pop(caller, None)
 
     async def _bridge(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
         assert self._dialer is not None

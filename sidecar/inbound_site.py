@@ -17,7 +17,8 @@ only watches and closes):
 - **Connection caps**: at most ``max_connections`` open on the listener (lowered to half the
   process's file limit, so that idle callers can never take the descriptors the outbound side
   and the app connections need) and ``max_per_source`` from one peer address; a connection
-  past either is closed at once.
+  past either is closed at once. h2c connections on the same port count against both
+  (:meth:`InboundGuards.admit_h2c`, called by the site when it sees the HTTP/2 preface).
 - **Out of descriptors**: an ``accept()`` that fails with EMFILE/ENFILE/ENOBUFS/ENOMEM is
   counted and logged once per ``ACCEPT_LOG_INTERVAL`` (asyncio's own handler logs a
   traceback each time).
@@ -86,7 +87,8 @@ class InboundGuards:
                         "file limit)", limits.max_connections, self.cap)
         self._cap_checked = time.monotonic()
         self.by_transport: dict[int, _Guard] = {}
-        self.per_source: dict[str, int] = {}
+        self.per_source: dict[str, int] = {}  # HTTP/1.1 and h2c connections, by peer address
+        self.h2c = 0  # h2c connections open (they count against both caps too)
 
     def wrap(self, protocol: asyncio.Protocol) -> asyncio.Protocol:
         """Guard one HTTP/1.1 connection served by aiohttp's ``protocol``."""
@@ -107,16 +109,49 @@ class InboundGuards:
         finally:
             guard.request_done()
 
-    def admit(self, guard: _Guard, source: str) -> str | None:
+    def admit(self, guard: _Guard | None, source: str) -> str | None:
         """None if the new connection may stay, else why not (``cap``, ``per-source``)."""
         now = time.monotonic()
         if now - self._cap_checked >= 1.0:  # the file limit may be changed at run time
             self.cap, self._cap_checked = effective_cap(self.limits.max_connections), now
-        if len(self.by_transport) >= self.cap:
+        if len(self.by_transport) + self.h2c >= self.cap:
             return "cap"
         if self.per_source.get(source, 0) >= self.limits.max_per_source:
             return "per-source"
         return None
+
+    def enter(self, source: str) -> None:
+        self.per_source[source] = self.per_source.get(source, 0) + 1
+
+    def leave(self, source: str) -> None:
+        left = self.per_source.get(source, 1) - 1
+        if left > 0:
+            self.per_source[source] = left
+        else:
+            self.per_source.pop(source, None)
+
+    def admit_h2c(self, transport: asyncio.BaseTransport) -> Callable[[], None] | None:
+        """An h2c connection on the same port counts against the same caps: None (closed at
+        once, counted) when it is over one, else the callback to run when it closes."""
+        source = peer_address(transport)
+        refused = self.admit(None, source)
+        if refused is not None:
+            self.metrics.rejected.labels(refused).inc()
+            return None
+        self.h2c += 1
+        self.enter(source)
+
+        def closed() -> None:
+            self.h2c -= 1
+            self.leave(source)
+
+        return closed
+
+
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    """The peer's address without its port ("" when the socket has none)."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 class _Guard(asyncio.Protocol):
@@ -135,8 +170,7 @@ class _Guard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername")
-        self.source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.source = peer_address(transport)
         refused = self.guards.admit(self, self.source)
         if refused is not None:
             self.guards.metrics.rejected.labels(refused).inc()
@@ -144,7 +178,7 @@ class _Guard(asyncio.Protocol):
             return
         self.transport = transport
         self.guards.by_transport[id(transport)] = self
-        self.guards.per_source[self.source] = self.guards.per_source.get(self.source, 0) + 1
+        self.guards.enter(self.source)
         self._arm("header", self.guards.limits.header_timeout)
         self.inner.connection_made(transport)
 
@@ -165,11 +199,7 @@ class _Guard(asyncio.Protocol):
         if transport is None:
             return
         self.guards.by_transport.pop(id(transport), None)
-        left = self.guards.per_source.get(self.source, 1) - 1
-        if left > 0:
-            self.guards.per_source[self.source] = left
-        else:
-            self.guards.per_source.pop(self.source, None)
+        self.guards.leave(self.source)
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

@@ -176,7 +176,9 @@ def verify_identity(
         return _reject(Reason.MISSING, "no X-GT-Identity header")
     if len(header) > MAX_HEADER_CHARS:
         return _reject(Reason.MALFORMED, f"longer than {MAX_HEADER_CHARS} characters")
-    parts = header.strip().split(";")
+    # only optional whitespace (SP, HTAB: RFC 9110 §5.6.3) is not part of a field value;
+    # str.strip() would also drop CR, LF, VT, FF... and trust a value carrying them
+    parts = header.strip(" \t").split(";")
     if parts[0] != IDENTITY_VERSION:
         if parts[0].startswith("v=") and ascii_uint(parts[0][2:], 3) is not None:
             return _reject(

@@ -15,7 +15,9 @@ For the install controller (``injector.controller``) it also serves Namespaces a
 (cluster-wide list + watch; with ``Accept: ...;as=PartialObjectMetadata...`` the metadata only,
 as ``PartialObjectMetadata(List)``), Secrets and RoleBindings (``GET``/``PUT`` by name,
 ``POST`` to the namespace's collection: 201, 409 ``AlreadyExists``, 409 ``Conflict`` on a stale
-``resourceVersion``, 404 ``NotFound``), and MutatingWebhookConfigurations (``GET``, and
+``resourceVersion``, 404 ``NotFound``), a namespace's Secrets as a collection (list + watch,
+with ``fieldSelector=metadata.name=NAME``, the only field selector served: what the
+controller's Role allows), and MutatingWebhookConfigurations (``GET``, and
 ``PATCH`` with ``application/json-patch+json``). Every request is recorded as (resource, verb,
 params) with the verbs ``list``, ``watch``, ``get``, ``create``, ``update``, ``patch``.
 
@@ -81,8 +83,10 @@ def endpoint_slice(name: str, namespace: str, service_name: str, ports: list[tup
 
 NAMESPACES = "namespaces"  # the cluster-scoped /api/v1/namespaces collection
 PODS = "pods"  # /api/v1/pods: every namespace's pods (list + watch), full or metadata only
+SECRETS = "secrets"  # /api/v1/namespaces/NS/secrets: list + watch (the controller's by name)
 CLUSTER_LISTS = {NAMESPACES: ("namespaces", "v1", "NamespaceList", "Namespace"),
-                 PODS: ("pods", "v1", "PodList", "Pod")}
+                 PODS: ("pods", "v1", "PodList", "Pod"),
+                 SECRETS: ("secrets", "v1", "SecretList", "Secret")}
 # Objects read and written by name: API group prefix -> (resource, apiVersion, kind).
 OBJECTS = {
     "/api/v1": ("secrets", "v1", "Secret"),
@@ -210,6 +214,8 @@ class KubeApiServer:
             app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{resource}", handler)
         app.router.add_get("/api/v1/namespaces", functools.partial(self._handle, NAMESPACES))
         app.router.add_get("/api/v1/pods", functools.partial(self._handle, PODS))
+        app.router.add_get("/api/v1/namespaces/{namespace}/secrets",
+                           functools.partial(self._handle, SECRETS))
         for prefix, (resource, *_) in OBJECTS.items():
             scope = f"{prefix}/namespaces/{{namespace}}/{resource}" if resource in NAMESPACED \
                 else f"{prefix}/{resource}"
@@ -259,9 +265,10 @@ class KubeApiServer:
 
     def _list(self, resource: str, api_version: str, list_kind: str, kind: str,
               params: dict[str, str], namespace: str | None) -> web.Response:
+        named = _field_name(params)
         items = [self._typed(o, api_version, kind)
-                 for (ns, _), o in sorted(self.collections[resource].objects.items())
-                 if namespace is None or ns == namespace]
+                 for (ns, name), o in sorted(self.collections[resource].objects.items())
+                 if (namespace is None or ns == namespace) and named in (None, name)]
         limit = int(params.get("limit") or 0) or len(items) or 1
         start = int(params.get("continue") or 0)
         page = items[start:start + limit]
@@ -291,13 +298,16 @@ class KubeApiServer:
             return response
         cut = self._cut
         sent = since
+        named = _field_name(params)
         raw_seen = len(self._raw.get(resource, []))
         with contextlib.suppress(TimeoutError, ConnectionError):
             async with asyncio.timeout(timeout):
                 while True:
                     changed = self._changed  # set by any change made from here on
                     for version, event_type, obj in list(coll.history):
-                        if namespace is not None and obj["metadata"].get("namespace") != namespace:
+                        if (namespace is not None
+                                and obj["metadata"].get("namespace") != namespace) or (
+                                named is not None and obj["metadata"]["name"] != named):
                             sent = max(sent, version)
                         elif version > sent:
                             await response.write(_line(
@@ -378,6 +388,17 @@ class KubeApiServer:
         if kind == "PartialObjectMetadata":  # metadata only, as the API server's `as=` does
             return {"apiVersion": api_version, "kind": kind, "metadata": obj["metadata"]}
         return {**obj, "apiVersion": api_version, "kind": kind}
+
+
+def _field_name(params: dict[str, str]) -> str | None:
+    """The name of ``fieldSelector=metadata.name=NAME`` (the only field selector served)."""
+    selector = params.get("fieldSelector")
+    if selector is None:
+        return None
+    key, _, value = selector.partition("=")
+    if key != "metadata.name":
+        raise web.HTTPBadRequest(text=f"field selector not served: {selector}")
+    return value
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import datetime as dt
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from injector import certs
 from injector.controller import RETRY_S
 from tests.integration.kube_api import KubeApiServer, namespace, pod
 from tests.integration.procs import REPO_ROOT
-from tests.support import child_env
+from tests.support import child_env, metric_value
 from wire.keys import leader_key, recommendation_stream, summary_stream
 
 SYSTEM = "equilibrium-system"
@@ -67,8 +68,12 @@ class Controller:
         token = tmp_path / "token"
         token.write_text(api.token + "\n")
         self.log = tmp_path / "controller.log"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.metrics_port = s.getsockname()[1]
         self.args = [sys.executable, "-m", "equilibrium", "injector", "controller",
-                     "--kube-api", api.url, "--kube-token-file", str(token)]
+                     "--kube-api", api.url, "--kube-token-file", str(token),
+                     "--metrics", f"127.0.0.1:{self.metrics_port}"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -84,6 +89,19 @@ class Controller:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+    def metrics(self) -> str:
+        """GET /metrics of the running controller ("" while it does not answer yet)."""
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            return ""
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.metrics(), name, **labels)
 
 
 @pytest.fixture
@@ -393,3 +411,105 @@ async def test_a_certificate_without_its_ca_is_kept_and_the_ca_bundle_left_alone
     assert api.count(WEBHOOKS, "patch") == 0
     controller.stop()
     assert "has no ca.crt" in controller.log.read_text()
+
+
+def _replace_values(api: KubeApiServer, name: str, **values: str) -> None:
+    """An operator rotating a control-plane Secret by hand (``kubectl edit``)."""
+    secret = api.object("secrets", SYSTEM, name)
+    assert secret is not None
+    data = {**secret["data"], **{k.replace("_", "-"): base64.b64encode(v.encode()).decode()
+                                 for k, v in values.items()}}
+    api.put("secrets", {**secret, "data": data})
+
+
+async def test_rotated_secrets_reach_the_namespaces_without_a_restart(
+        api: KubeApiServer, controller: Controller) -> None:
+    """The mesh key, a Redis password and the webhook certificate rotated while the
+    controller runs: every managed namespace's copy (and the signaler's URL, and the
+    caBundle) follows within a bound, by the same process."""
+    api.put("namespaces", namespace("legacy-apps"))
+    api.put("pods", pod("app-1", "legacy-apps", {"equilibrium.io/status": "injected"}))
+    controller.start()
+    await until(lambda: controller.metrics() != "", "the controller is up", 60.0)
+    await until(lambda: served(api, "shop") and served(api, "legacy-apps"),
+                "both namespaces are served")
+    await until(lambda: api.count("secrets", "watch") >= 3, "the controller watches its Secrets")
+    assert controller.proc is not None
+    pid = controller.proc.pid
+    writes = len([r for r in api.requests if r[1] in ("create", "update", "patch")])
+    await asyncio.sleep(0.5)  # its own writes came back as events: nothing more written
+    assert len([r for r in api.requests if r[1] in ("create", "update", "patch")]) == writes
+
+    def copy(ns: str) -> dict[str, str]:
+        values = api.secret_values(ns, "equilibrium-mesh")
+        assert values is not None
+        return values
+
+    # the mesh key
+    _replace_values(api, "equilibrium-mesh", mesh_hmac_key="k" * 64)
+    await until(lambda: copy("shop")["mesh-hmac-key"] == "k" * 64
+                and copy("legacy-apps")["mesh-hmac-key"] == "k" * 64,
+                "the new mesh key reaches every managed namespace")
+    # the sidecars' and the signaler's Redis passwords
+    _replace_values(api, "equilibrium-redis-auth", sidecar_password="s" * 64,
+                    signaler_password="g" * 64)
+    await until(lambda: ":" + "s" * 64 + "@" in copy("shop")["redis-url"]
+                and ":" + "s" * 64 + "@" in copy("legacy-apps")["redis-url"],
+                "the new sidecar password reaches every managed namespace")
+    await until(lambda: ":" + "g" * 64 + "@" in copy(SYSTEM)["redis-url"],
+                "the signaler's URL follows its new password")
+    assert copy("shop")["mesh-hmac-key"] == "k" * 64
+    # the webhook certificate: deleted, so generated anew; the caBundle follows its CA
+    old_ca = api.secret_values(SYSTEM, "equilibrium-injector-tls")["ca.crt"]  # type: ignore[index]
+    api.delete("secrets", SYSTEM, "equilibrium-injector-tls")
+
+    def ca_bundles() -> set[str]:
+        hooks = api.object(WEBHOOKS, "", "equilibrium-injector")
+        assert hooks is not None
+        return {base64.b64decode(h["clientConfig"].get("caBundle", "")).decode()
+                for h in hooks["webhooks"]}
+
+    await until(lambda: (tls := api.secret_values(SYSTEM, "equilibrium-injector-tls"))
+                is not None and tls["ca.crt"] != old_ca and ca_bundles() == {tls["ca.crt"]},
+                "a new certificate, and the caBundle set to its CA")
+    assert controller.proc.poll() is None and controller.proc.pid == pid  # no restart
+    assert controller.metric("equilibrium_controller_rotations_total",
+                             secret="equilibrium-mesh") >= 1
+    assert controller.metric("equilibrium_controller_rotations_total",
+                             secret="equilibrium-redis-auth") >= 1
+    assert controller.metric("equilibrium_controller_rotations_total",
+                             secret="equilibrium-injector-tls") >= 1
+    # watched by name only: the controller never listed or watched other Secrets
+    secret_reads = [params for r, verb, params in api.requests
+                    if r == "secrets" and verb in ("list", "watch")]
+    assert secret_reads and all(p.get("fieldSelector", "").startswith("metadata.name=")
+                                for p in secret_reads)
+    controller.stop()
+    log = controller.log.read_text()
+    assert "k" * 64 not in log and "s" * 64 not in log and "g" * 64 not in log
+
+
+async def test_metrics_count_reconciles_errors_and_managed_namespaces(
+        api: KubeApiServer, controller: Controller) -> None:
+    api.put("namespaces", namespace("aaa-locked", {"equilibrium.io/injection": "enabled"}))
+    api.forbidden_writes.add("aaa-locked")
+    controller.start()
+    await until(lambda: controller.metrics() != "", "the controller is up", 60.0)
+    await until(lambda: served(api, "shop"), "the labelled namespace is served")
+    await until(lambda: controller.metric("equilibrium_controller_reconciles_total",
+                                          result="error") >= 1, "the refusal is counted")
+    text = controller.metrics()
+    assert metric_value(text, "equilibrium_controller_reconciles_total", result="ok") >= 1
+    assert metric_value(text, "equilibrium_controller_managed_namespaces") == 1
+    assert metric_value(text, "equilibrium_controller_control_plane_ready") == 1
+    api.put("namespaces", namespace("payments", {"equilibrium.io/injection": "enabled"}))
+    await until(lambda: controller.metric("equilibrium_controller_managed_namespaces") == 2,
+                "a namespace labelled later is counted")
+    assert controller.metric("equilibrium_controller_errors_total", loop="namespaces") == 0
+    api.token = "rotated"  # the token stops working: every loop fails, and says so
+    api.cut_watches()
+    await until(lambda: controller.metric("equilibrium_controller_errors_total",
+                                          loop="namespaces") >= 1, "the loop errors are counted")
+    with urllib.request.urlopen(
+            f"http://127.0.0.1:{controller.metrics_port}/healthz", timeout=2) as resp:
+        assert resp.status == 200

@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from injector.metrics import InjectorMetrics
+from injector.metrics import ControllerMetrics, InjectorMetrics
 from sidecar.config import DiscoverySettings, SidecarConfig, parse_listen
 from sidecar.discovery import KubeCredentials
 from sidecar.runner import SidecarRunner
@@ -138,6 +138,14 @@ INJECTOR = """
 equilibrium_injector_reviews counter result
 """
 
+CONTROLLER = """
+equilibrium_controller_control_plane_ready gauge -
+equilibrium_controller_errors counter loop
+equilibrium_controller_managed_namespaces gauge -
+equilibrium_controller_reconciles counter result
+equilibrium_controller_rotations counter secret
+"""
+
 
 def families(registry: CollectorRegistry) -> set[str]:
     """``name type labels`` of every family in ``registry`` (labels ``-`` when none)."""
@@ -186,3 +194,4 @@ async def test_a_sidecar_with_no_optional_part_exports_only_the_outbound_familie
 def test_the_signaler_and_the_injector_export_the_listed_families() -> None:
     assert families(SignalerMetrics().registry) == listed(SIGNALER)
     assert families(InjectorMetrics().registry) == listed(INJECTOR)
+    assert families(ControllerMetrics().registry) == listed(CONTROLLER)

@@ -183,6 +183,14 @@ def test_rbac_is_least_privilege() -> None:
     assert system["metadata"]["namespace"] == "equilibrium-system"
     assert system["rules"][0]["resourceNames"] == ["equilibrium-redis-auth",
                                                    "equilibrium-injector-tls"]
+    # it watches its three Secrets to pass rotations on: by name (fieldSelector), nothing else
+    assert system["rules"][1] == {
+        "apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"],
+        "resourceNames": ["equilibrium-redis-auth", "equilibrium-mesh",
+                          "equilibrium-injector-tls"]}
+    assert not [rule for role in roles for rule in role["rules"]
+                if {"list", "watch"} & set(rule["verbs"]) and "secrets" in rule["resources"]
+                and (role["kind"] == "ClusterRole" or not rule.get("resourceNames"))]
     # Only the controller is bound; the injector and the signaler get no API access at all.
     bindings = [d for d in INSTALL_DOCS if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
     assert sorted(doc_id(b) for b in bindings) == ["ClusterRoleBinding/equilibrium-controller",
@@ -227,6 +235,14 @@ def test_the_controller_serves_what_the_workloads_mount() -> None:
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
     assert "limits" in container["resources"]
+    # its metrics: the port it binds is declared, probed and scraped
+    port = int(args[args.index("--metrics") + 1].rpartition(":")[2])
+    assert container["ports"] == [{"name": "metrics", "containerPort": port}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    annotations = by_kind(INSTALL_DOCS, "Deployment", "equilibrium-controller")["spec"][
+        "template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_injector_serves_the_mounted_secret() -> None:

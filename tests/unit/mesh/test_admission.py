@@ -309,3 +309,40 @@ def test_capacity_is_configured_or_learned() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         AdmissionGate(**kwargs)  # type: ignore[arg-type]
+
+
+# --- a streaming call's slot time ---------------------------------------------------------------
+
+
+def test_a_short_hold_is_one_request_and_costs_nothing_more() -> None:
+    gate = make_gate(limit=2, capacity=10.0)  # a slot serves 5 requests/s
+    arrive(gate, "chat", 0.0)
+    before = gate.book.standing("chat", 0.1)
+    assert gate.charge_hold("chat", 0.1, 0.1) == ()  # 0.5 request-equivalents: none extra
+    after = gate.book.standing("chat", 0.1)
+    assert before is not None and after is not None and after.rate == before.rate
+
+
+def test_a_long_hold_under_congestion_counts_as_the_requests_it_displaced() -> None:
+    """30 s of a slot at 5 requests/s per slot is 149 requests more: under congestion that
+    caller is far over its fair share, so it is punished as a heavy caller would be, and its
+    queued request is sent away."""
+    policing = PolicingParams(deterrence_margin=0.0, ladder=LadderRules(base_punishment=10.0))
+    gate = make_gate(limit=1, capacity=5.0, max_wait=60.0, policing=policing)
+    arrive(gate, "chat", 0.0)  # its stream holds the only slot
+    waiter = queued(arrive(gate, "chat", 0.0))  # congested: someone waits
+    rate_before = gate.book.standing("chat", 30.0)
+    woken = gate.charge_hold("chat", 30.0, 30.0)
+    after = gate.book.standing("chat", 30.0)
+    assert rate_before is not None and after is not None
+    assert after.rate > rate_before.rate + 1.0
+    assert after.phase is Phase.PUNISHED
+    assert [w.request_id for w in woken] == [waiter.request_id]
+
+
+def test_a_long_hold_without_congestion_is_not_punished() -> None:
+    gate = make_gate(limit=4, capacity=20.0)
+    arrive(gate, "chat", 0.0)
+    gate.charge_hold("chat", 30.0, 30.0)
+    after = gate.book.standing("chat", 30.0)
+    assert after is not None and after.phase is Phase.GOOD
