@@ -57,7 +57,12 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   that takes more than the share the others leave over is a defector. (With ``m = s`` an
   honest caller whose sidecar concentrated its 83 req/s on one pod of four callers was
   punished against 1.5 x 50 req/s while the two other callers there sent 28 req/s each; its
-  water level there is 72 req/s.) ``m`` is computed only while the norm applies, at most
+  water level there is 72 req/s.) Only when the active callers' rates add up to more than
+  ``capacity``: an app congested while they ask for less is not doing ``capacity`` now (CPU
+  starvation, a slow dependency), and the rates cannot say who crowds the others out, so ``m
+  = s`` then (a soak's rogue at 83 req/s per pod, 250 req/s in all, beside three callers at
+  28 req/s per pod on pods congested at ~120 req/s passed a water level of 116 req/s computed
+  against the configured 200). ``m`` is computed only while the norm applies, at most
   every ``share_refresh`` seconds (it sorts the active callers' rates); anonymous callers get
   ``anonymous_share * m``.
 - **Defection without a request.** Some misconduct is not a request rate: an upload that
@@ -536,7 +541,12 @@ class ReputationBook:
             self._expire_active(now)
             rates = [state.rate.rate(now) for name in self._active
                      if (state := self._callers.get(name)) is not None]
-            self._level, self._level_at = water_level(self._capacity, rates), now
+            # congested although the callers ask for no more than the capacity: the capacity
+            # is not what the app can do now (CPU starvation, a slow dependency), and the
+            # demands say nothing about who crowds it out: the equal split
+            overloaded = math.fsum(rates) > self._capacity
+            self._level = water_level(self._capacity, rates) if overloaded else 0.0
+            self._level_at = now
         level = max(self._level, self._capacity / self.active_callers(now))
         return level * p.anonymous_share if caller == ANONYMOUS else level
 

@@ -492,3 +492,24 @@ def test_the_norm_share_is_the_equal_share_when_everyone_asks_for_more() -> None
     # alice and bob ask for their 10/s, the rogue more: water level 10 = 30 / 3 (give or take
     # the ripple of a decayed rate estimate of a periodic flow)
     assert judged and all(10.0 <= d.norm_share < 12.0 for d in judged)
+
+
+def test_congested_below_its_stated_capacity_the_norm_is_the_equal_share() -> None:
+    """Pods stated at 200/s but congested (CPU starvation) while four callers ask for 167/s
+    in all: the rogue's 83/s per pod is judged against 1.5 x 50/s, not against the water level
+    116/s that the stated capacity would give."""
+    book = ReputationBook(PolicingParams(capacity=200.0))
+    flows = [Flow("coop-1", 28, 0, 10), Flow("coop-2", 28, 0, 10), Flow("coop-3", 28, 0, 10),
+             Flow("rogue", 83, 0, 10)]
+    arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
+                      for i, flow in enumerate(flows)
+                      for k in range(int((flow.end - flow.start) * flow.rate)))
+    levels: dict[str, int] = {}
+    for t, caller in arrivals:
+        book.update_load(t, 1.0, 200.0)
+        decision = book.admit(caller, t)
+        levels[caller] = max(levels.get(caller, 0), decision.level)
+        if t > 2.0:
+            assert decision.norm_share == pytest.approx(50.0)
+    assert levels["rogue"] >= 1
+    assert levels["coop-1"] == levels["coop-2"] == levels["coop-3"] == 0
