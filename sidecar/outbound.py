@@ -53,7 +53,7 @@ from sidecar.forward import (
 )
 from sidecar.http1.client import H1Transport
 from sidecar.metrics import OutboundMetrics
-from sidecar.phases import UNSENT, ProxyPhases, RequestContext
+from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
 from sidecar.transport import (
     BODY_READ_ERRORS,
     AttemptFailure,
@@ -316,7 +316,7 @@ class OutboundProxy:
                 except (TransportError, TimeoutError) as exc:
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, exc)
                     if failure.reason in NEVER_CONNECTED:  # the request never left: the next
-                        ctx.extra[UNSENT] = int(ctx.extra.get(UNSENT, 0)) + 1  # is no re-send
+                        ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # is no re-send
                     if not (failure.nothing_received and retryable):
                         break
                     continue
