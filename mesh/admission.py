@@ -49,7 +49,8 @@ The rules
   ``queue-full``, ``queued=True``); any other newcomer is refused (``queue-full``,
   ``queued=False``).
 - **Beyond the norm.** While the app is congested, a request that takes its caller's rate
-  above ``max(rate_floor, rate_tolerance * fair_share)`` (the book's own rate norm) bids 0
+  above ``max(rate_floor, rate_tolerance * norm_share)`` (the book's own rate norm, with its
+  demand-aware share) bids 0
   (:attr:`Pass.voided` says a positive bid was dropped): a bid buys priority only within the
   cooperative norm, so a flood cannot outrank cooperative callers in the seconds before its
   reputation triggers a punishment. (An older rule sent such a request through the queue
@@ -384,11 +385,11 @@ class AdmissionGate:
         """Whether this request takes its caller over the book's rate norm while the app is
         congested (the over-share test of :mod:`mesh.reputation`, on the rate just recorded)."""
         p = self.book.params
-        if not self.book.congested or decision.fair_share <= 0:
+        if not self.book.congested or decision.norm_share <= 0:
             return False
         standing = self.book.standing(caller, now)
         return standing is not None and standing.rate > max(
-            p.rate_floor, p.rate_tolerance * decision.fair_share)
+            p.rate_floor, p.rate_tolerance * decision.norm_share)
 
     def _flush(self, caller: str, now: float) -> tuple[Reject, ...]:
         """The punished flush: ``caller``'s waiters queued in good standing leave (429)."""

@@ -14,7 +14,16 @@ concurrency-limits ``Gradient2Limit``:
   to ``probe_jitter`` of that, drawn from the injected rng), because a standing queue would
   otherwise hide the true minimum (the same reason BBR drains to ProbeRTT).
 - **sampleRTT** is the ``percentile`` of the RTTs that finished in the last ``update_interval``
-  (at least ``min_samples`` of them; the window waits for them).
+  (at least ``min_samples`` of them; the window waits for them). The default is a low
+  percentile (10 %, the window's minimum for windows of up to ten RTTs): the *standing* RTT
+  of Copa (Arun & Balakrishnan, "Copa: Practical delay-based congestion control for the
+  Internet", NSDI 2018), after TCP Vegas's base-RTT comparison. Queueing delays every request,
+  so it raises even the fastest of a window; an app's own slow answers (a pod that sleeps
+  500 ms on half of its requests, a heavy-tailed or exponential service time) do not, so a
+  latency distribution that is merely wide is not taken for congestion. (The median, Envoy's
+  default, of an exponential service time is already 0.69 x its mean while minRTT is the
+  minimum of a probe: against a tolerance of 1.5 such an app reads as congested for ever and
+  its limit sits at ``min_limit``.)
 - Every window: ``gradient = clamp((1 + tolerance) * minRTT / sampleRTT, min_gradient, 1)`` and
   ``limit <- (1 - smoothing) * limit + smoothing * (limit * gradient + sqrt(limit))``, bounded to
   ``[min_limit, max_limit]``. The ``sqrt(limit)`` headroom (Envoy's default) lets the limit grow
@@ -24,8 +33,13 @@ concurrency-limits ``Gradient2Limit``:
 
 ``congestion_level()`` is ``in_flight / limit`` in [0, 1] (1 during a probe once the probe's
 few slots are taken); it travels on every response as ``X-GT-Congestion``.
-``capacity_estimate()`` is Little's law, ``limit / sampleRTT`` requests per second (the app's
-throughput when saturated), which :mod:`mesh.reputation` divides into fair shares.
+``capacity_estimate()`` is Little's law, ``limit / meanRTT`` requests per second (the app's
+throughput when saturated; meanRTT is the mean of the same window, since Little's law holds
+for the mean), which :mod:`mesh.reputation` divides into fair shares.
+
+The probe never pins the limit below ``min_limit`` (an operator's ``min_limit``, e.g. the
+pod's server count, is a promise the probe must keep too): during a probe the limit is
+``max(probe_limit, min_limit)``.
 ``snapshot()`` gathers these observers for ``/debug/state``.
 """
 
@@ -64,7 +78,8 @@ class ConcurrencyParams:
     smoothing: float = 0.2
     update_interval: float = 0.1
     min_samples: int = 5
-    percentile: float = 0.5
+    percentile: float = 0.1
+    """The window's RTT statistic the gradient compares with minRTT (the standing RTT)."""
     probe_limit: int = 3
     probe_samples: int = 10
     probe_interval: float = 60.0
@@ -100,6 +115,7 @@ class AdaptiveConcurrencyLimit:
         self._in_flight = 0
         self._min_rtt: float | None = None
         self._sample_rtt: float | None = None
+        self._mean_rtt: float | None = None
         self._window: list[float] = []
         self._window_start: float | None = None
         self._window_peak = 0
@@ -145,9 +161,10 @@ class AdaptiveConcurrencyLimit:
 
     @property
     def limit(self) -> int:
-        """The current concurrency limit (the probe's pinned limit while probing)."""
+        """The current concurrency limit (the probe's pinned limit while probing, never below
+        ``min_limit``)."""
         if self.probing:
-            return self.params.probe_limit
+            return max(self.params.probe_limit, int(self.params.min_limit))
         return int(self._limit)
 
     @property
@@ -171,6 +188,11 @@ class AdaptiveConcurrencyLimit:
     def sample_rtt(self) -> float | None:
         return self._sample_rtt
 
+    @property
+    def mean_rtt(self) -> float | None:
+        """The mean RTT of the last window (Little's law's RTT)."""
+        return self._mean_rtt
+
     def available(self) -> int:
         """Free slots under the current limit (how many queued requests may be released)."""
         return max(0, self.limit - self._in_flight)
@@ -180,13 +202,14 @@ class AdaptiveConcurrencyLimit:
         return min(1.0, self._in_flight / max(1, self.limit))
 
     def capacity_estimate(self) -> float | None:
-        """The app's throughput at the limit by Little's law, ``limit / sampleRTT`` requests/s
+        """The app's throughput at the limit by Little's law, ``limit / meanRTT`` requests/s
         (``minRTT`` before the first window; None before the first probe has finished).
 
         It is the app's capacity while the app is saturated (in flight = limit, each request
-        taking sampleRTT), which is when :mod:`mesh.reputation` divides it into fair shares.
+        taking meanRTT on average), which is when :mod:`mesh.reputation` divides it into fair
+        shares.
         """
-        rtt = self._sample_rtt if self._sample_rtt is not None else self._min_rtt
+        rtt = self._mean_rtt if self._mean_rtt is not None else self._min_rtt
         if rtt is None:
             return None
         return self._limit / rtt
@@ -217,6 +240,7 @@ class AdaptiveConcurrencyLimit:
         ordered = sorted(self._window)
         index = min(len(ordered) - 1, max(0, math.ceil(p.percentile * len(ordered)) - 1))
         self._sample_rtt = ordered[index]
+        self._mean_rtt = math.fsum(ordered) / len(ordered)
         if self._min_rtt is None:  # on_finish without on_start: nothing to compare against
             self._window, self._window_start = [], now
             return

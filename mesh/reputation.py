@@ -46,8 +46,25 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   (time constant ``rate_tau``; non-retries ``x - y``).
 - **Norm / verdict.** A request is *cooperative* (``v = 1``) unless (a) the rate norm applies
   (the app is congested, ``congestion >= congestion_threshold``, or the caller is being
-  punished) and ``x > max(rate_floor, rate_tolerance * s)``; or (b) ``y > retry_ratio *
+  punished) and ``x > max(rate_floor, rate_tolerance * m)``; or (b) ``y > retry_ratio *
   (x - y) + retry_floor`` (a retry budget of 20 % plus a floor, as in Linkerd and Finagle).
+- **The norm's share** ``m`` is demand-aware: the *water level* of the max-min fair allocation
+  of ``capacity`` among the active callers' current rates (water-filling: callers asking less
+  than an equal split keep what they ask, the rest is split equally among the others;
+  Bertsekas & Gallager, *Data Networks*, 1992, §6.5.2; Jain, Chiu & Hawe 1984 for max-min
+  fairness as the fairness norm). ``m >= s`` always: it is the equal share when every caller
+  asks for at least that much, and larger when some callers ask for less, so only a caller
+  that takes more than the share the others leave over is a defector. (With ``m = s`` an
+  honest caller whose sidecar concentrated its 83 req/s on one pod of four callers was
+  punished against 1.5 x 50 req/s while the two other callers there sent 28 req/s each; its
+  water level there is 72 req/s.) Only when the active callers' rates add up to more than
+  ``capacity``: an app congested while they ask for less is not doing ``capacity`` now (CPU
+  starvation, a slow dependency), and the rates cannot say who crowds the others out, so ``m
+  = s`` then (a soak's rogue at 83 req/s per pod, 250 req/s in all, beside three callers at
+  28 req/s per pod on pods congested at ~120 req/s passed a water level of 116 req/s computed
+  against the configured 200). ``m`` is computed only while the norm applies, at most
+  every ``share_refresh`` seconds (it sorts the active callers' rates); anonymous callers get
+  ``anonymous_share * m``.
 - **Defection without a request.** Some misconduct is not a request rate: an upload that
   stalls past its deadline or is abandoned half-way held a connection (and the app's
   attention) for nothing. :meth:`ReputationBook.defect` records such an event as a verdict
@@ -66,7 +83,9 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   enters probation (full service, level kept); otherwise ``L <- min(L + 1, max_level)`` and a
   new, longer punishment starts (same duration rule).
 - **Probation.** Each clean ``probation`` period lowers ``L`` by one; at ``L = 0`` the caller
-  is back in good standing. A trigger during probation climbs from the current level.
+  is back in good standing. A trigger during probation climbs from the current level
+  (escalation on recidivism; the caller's own sidecar also paces its return after a
+  punishment, :mod:`mesh.probation`).
 - **Throttle.** While punished, requests are admitted by a token bucket of rate
   ``throttle_fraction ** L * s`` and burst ``max(1, rate * throttle_burst)``; the rest are
   answered 429 with ``Retry-After = ceil(remaining punishment)``.
@@ -204,11 +223,14 @@ class PolicingParams:
     idle_ttl: float = 900.0
     recent_window: float = 60.0
     """Time constant of the recent admitted/throttled counts (:meth:`ReputationBook.snapshot`)."""
+    share_refresh: float = 0.1
+    """Seconds the norm's water level (:meth:`ReputationBook.norm_share`) is reused."""
     ladder: LadderRules = field(default_factory=LadderRules)
 
     def __post_init__(self) -> None:
         positive = (self.capacity, self.active_window, self.rate_tau, self.rate_tolerance,
-                    self.reputation_tau, self.throttle_burst, self.recent_window)
+                    self.reputation_tau, self.throttle_burst, self.recent_window,
+                    self.share_refresh)
         if not all(math.isfinite(v) and v > 0 for v in positive):
             raise ValueError("capacity, windows, time constants and tolerances must be > 0")
         if not 0 < self.anonymous_share <= 1 or not 0 <= self.anonymous_initial_reputation <= 1:
@@ -239,6 +261,8 @@ class Decision:
     punished an admitted request's ``retry_after`` is the punishment time left too (seconds,
     for ``X-GT-Reputation``'s ``retry``); otherwise None. ``reputation`` and
     ``level`` are the caller's standing after this request (``X-GT-Reputation``).
+    ``fair_share`` is the equal share (the throttle's base), ``norm_share`` the demand-aware
+    share the rate norm used (0 when the norm did not apply).
     """
 
     admitted: bool
@@ -248,6 +272,8 @@ class Decision:
     reputation: float
     phase: Phase = Phase.GOOD
     fair_share: float = 0.0
+    norm_share: float = 0.0
+    """The share the rate norm judged this request by (the water level; 0: not judged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +332,28 @@ class BookSnapshot:
     congestion: float
     capacity: float
     active_callers: int
+
+
+def water_level(capacity: float, demands: Collection[float]) -> float:
+    """The water level of the max-min fair allocation of ``capacity`` among ``demands``.
+
+    Progressive filling: serve the demands from the smallest up; each is served in full while
+    it is at most an equal split of what is left among the callers not yet served, and the
+    first that is not sets the level (that equal split). If every demand fits, the level is
+    the largest demand plus what is left over (what the heaviest caller could have). Never
+    below ``capacity / len(demands)``; ``capacity`` itself for no demands.
+    """
+    count = len(demands)
+    if count == 0:
+        return capacity
+    remaining, largest = capacity, 0.0
+    for served, demand in enumerate(sorted(demands)):
+        equal = remaining / (count - served)
+        if demand > equal:
+            return equal
+        remaining -= demand
+        largest = demand
+    return largest + remaining
 
 
 class _DecayingRate:
@@ -381,6 +429,8 @@ class ReputationBook:
         self._congestion = 0.0
         self._index = StandingsIndex(self.params.ladder.max_level)
         self._changed: set[str] = set()  # recorded or dropped since the index was read
+        self._level_at = -math.inf  # when the norm's water level was last computed
+        self._level = self._capacity
 
     # --- inputs ---------------------------------------------------------------------------
 
@@ -397,19 +447,20 @@ class ReputationBook:
 
     def observe(self, caller: str, now: float, is_retry: bool = False) -> Decision:
         """Record one request and update the caller's standing; never refuses."""
-        state, share = self._record(caller, now, is_retry)
+        state, share, norm = self._record(caller, now, is_retry)
         state.admitted.add(now)
         ladder = state.ladder
         return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
-                        ladder.phase, share)
+                        ladder.phase, share, norm)
 
     def admit(self, caller: str, now: float, is_retry: bool = False) -> Decision:
         """Record one request and decide whether it may reach the app (429 if throttled)."""
-        state, share = self._record(caller, now, is_retry)
+        state, share, norm = self._record(caller, now, is_retry)
         ladder = state.ladder
         if ladder.phase is not Phase.PUNISHED:
             state.admitted.add(now)
-            return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share)
+            return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share,
+                            norm)
         rate = ladder.rules.fraction(ladder.level) * share
         burst = max(1.0, rate * self.params.throttle_burst)
         if state.bucket_epoch != ladder.punishments:  # a new punishment starts a full bucket
@@ -421,30 +472,30 @@ class ReputationBook:
             state.tokens -= 1.0
             state.admitted.add(now)
             return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
-                            ladder.phase, share)
+                            ladder.phase, share, norm)
         state.throttled.add(now)
         retry_after = float(max(1, math.ceil(_time_left(ladder, now) or 0.0)))
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
-                        share)
+                        share, norm)
 
     def charge(self, caller: str, now: float, weight: float) -> Decision:
         """Record ``weight`` request-equivalents of app time that one request held beyond an
         ordinary request's (a streaming call holding its slot while its client still sends):
         they count in the caller's request rate, and so against its fair share, as that many
         requests would; never refuses."""
-        state, share = self._record(caller, now, False, weight=max(0.0, weight))
+        state, share, norm = self._record(caller, now, False, weight=max(0.0, weight))
         ladder = state.ladder
         return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
-                        ladder.phase, share)
+                        ladder.phase, share, norm)
 
     def defect(self, caller: str, now: float) -> Decision:
         """Record a defection that is not a request (a stalled or abandoned upload): the
         verdict at ``now`` is 0, the request rate is unchanged (the request was counted when it
         was policed). Returns the caller's standing after it (``admitted`` is False)."""
-        state, share = self._record(caller, now, False, defected=True)
+        state, share, norm = self._record(caller, now, False, defected=True)
         ladder = state.ladder
         return Decision(False, 408, _time_left(ladder, now), ladder.level, state.reputation,
-                        ladder.phase, share)
+                        ladder.phase, share, norm)
 
     # --- observers ------------------------------------------------------------------------
 
@@ -490,6 +541,24 @@ class ReputationBook:
         """The caller's fair share of the app in requests/s."""
         share = self._capacity / self.active_callers(now)
         return share * self.params.anonymous_share if caller == ANONYMOUS else share
+
+    def norm_share(self, caller: str, now: float) -> float:
+        """The share the rate norm judges ``caller`` by: the water level of the max-min fair
+        allocation of the capacity among the active callers' rates (:func:`water_level`;
+        at least :meth:`fair_share`), recomputed at most every ``share_refresh`` seconds."""
+        p = self.params
+        if now - self._level_at >= p.share_refresh or now < self._level_at:
+            self._expire_active(now)
+            rates = [state.rate.rate(now) for name in self._active
+                     if (state := self._callers.get(name)) is not None]
+            # congested although the callers ask for no more than the capacity: the capacity
+            # is not what the app can do now (CPU starvation, a slow dependency), and the
+            # demands say nothing about who crowds it out: the equal split
+            overloaded = math.fsum(rates) > self._capacity
+            self._level = water_level(self._capacity, rates) if overloaded else 0.0
+            self._level_at = now
+        level = max(self._level, self._capacity / self.active_callers(now))
+        return level * p.anonymous_share if caller == ANONYMOUS else level
 
     def standing(self, caller: str, now: float) -> Standing | None:
         """The caller's current standing without recording a request (None if untracked)."""
@@ -564,7 +633,7 @@ class ReputationBook:
     def _record(
         self, caller: str, now: float, is_retry: bool, *, defected: bool = False,
         weight: float = 1.0,
-    ) -> tuple[_CallerState, float]:
+    ) -> tuple[_CallerState, float, float]:
         p = self.params
         self._evict_idle(now)
         state = self._callers.get(caller)
@@ -591,7 +660,8 @@ class ReputationBook:
             state.retries.add(now)
         rate, retry_rate = state.rate.rate(now), state.retries.rate(now)
         norm_applies = self.congested or state.ladder.phase is Phase.PUNISHED
-        over_share = norm_applies and rate > max(p.rate_floor, p.rate_tolerance * share)
+        norm = self.norm_share(caller, now) if norm_applies else 0.0
+        over_share = norm_applies and rate > max(p.rate_floor, p.rate_tolerance * norm)
         over_retry_budget = retry_rate > p.retry_ratio * (rate - retry_rate) + p.retry_floor
         verdict = 0.0 if (defected or over_share or over_retry_budget) else 1.0
         dt = max(0.0, now - state.last_seen)
@@ -599,7 +669,7 @@ class ReputationBook:
             -dt / p.reputation_tau)
         state.last_seen = now
         state.ladder.step(now, state.reputation, self.deterrent_duration(rate, share))
-        return state, share
+        return state, share, norm
 
     def _expire_active(self, now: float) -> None:
         horizon = now - self.params.active_window

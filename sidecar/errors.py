@@ -70,6 +70,9 @@ class ErrorReason(StrEnum):
     """400: a malformed ``X-Equilibrium-Bid`` from the app, or ``X-GT-Bid`` from a caller."""
     PUNISHED_BACKOFF = "punished-backoff"
     """429: an upstream punishes this caller; its own sidecar backs off."""
+    PUNISHED_PROBATION = "punished-probation"
+    """429: an upstream's punishment of this caller ended; its own sidecar paces the return
+    (:mod:`mesh.probation`)."""
     LOCAL_RATE_LIMITED = "local-rate-limited"
     """429: the ``token-bucket`` baseline's bucket is empty (inbound)."""
 

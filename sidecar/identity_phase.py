@@ -20,11 +20,17 @@ sends through the outbound listener:
   ``X-Equilibrium-Price`` (the upstream's ``X-GT-Price``, which is stripped like every
   ``X-GT-*``);
 - **self-enforced punishment**: when an upstream's ``X-GT-Reputation`` says this caller is
-  punished, the sidecar answers its app 429 (with ``Retry-After``) *without sending* until
-  the punishment's remaining time has passed. In the repeated game this is the deviator's
-  own sidecar playing the punishment phase: the defection (the app's flood) costs the
-  upstream nothing while it lasts, and the caller's reputation recovers (silence is
-  cooperation), so it is forgiven on time.
+  punished, the sidecar answers its app 429 (with ``Retry-After``, reason
+  ``punished-backoff``) *without sending* until the punishment's remaining time has passed.
+  In the repeated game this is the deviator's own sidecar playing the punishment phase: the
+  defection (the app's flood) costs the upstream nothing while it lasts, and the caller's
+  reputation recovers (silence is cooperation), so it is forgiven on time;
+- **self-enforced probation**: when the back-off ends the sidecar does not return at once to
+  whatever its app sends: it paces the requests to that upstream from the rate the upstream
+  delivered before the punishment times the punisher's throttle, doubling every 2 s, until
+  twice that rate (slow start, :mod:`mesh.probation`); the rest are answered 429 locally
+  (reason ``punished-probation``, ``equilibrium_caller_probation_total``). A flood therefore
+  returns as a ramp that the upstream's pods judge before it congests them.
 
 Without a mesh key nothing is signed (and no bid is sent, since an unsigned bid is ignored):
 the caller is then anonymous to every inbound side. Back-off is per upstream service: the
@@ -42,6 +48,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from mesh.probation import SelfProbation, SelfStanding
 from mesh.reputation import ANONYMOUS
 from sidecar.errors import ErrorReason
 from sidecar.exchange import Answer, RequestHead, json_answer
@@ -68,6 +75,8 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
 """Longest local back-off honoured (seconds), whatever an upstream says."""
+MAX_TRACKED_UPSTREAMS = 4096
+"""Upstreams whose delivered rate is tracked for probation (the least recent beyond: dropped)."""
 
 
 _SIGNAL_NAMES = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower())
@@ -98,7 +107,8 @@ class CallerPhases(ProxyPhases):
         self.clock = clock
         self.wall_clock = wall_clock
         self.metrics = metrics
-        self._backoff_until: dict[str, float] = {}
+        self._probation: dict[str, SelfProbation] = {}  # per upstream, least recent first
+        self._shown_punished: set[str] = set()  # upstreams whose punished gauge reads 1
         self.signing = mesh_key is not None and self._valid_id(caller_id)
 
     @staticmethod
@@ -111,14 +121,20 @@ class CallerPhases(ProxyPhases):
 
     def backing_off(self, upstream: str, now: float) -> float:
         """Seconds of back-off left for ``upstream`` (0 when not backing off)."""
-        until = self._backoff_until.get(upstream)
-        if until is None:
+        probation = self._probation.get(upstream)
+        if probation is None:
             return 0.0
-        if now >= until:
-            del self._backoff_until[upstream]
-            self.metrics.punished.labels(upstream).set(0)
-            return 0.0
-        return until - now
+        return max(0.0, probation.until - now)
+
+    def probation(self, upstream: str) -> SelfProbation:
+        """The back-off and probation state of ``upstream`` (created on first use)."""
+        state = self._probation.pop(upstream, None)
+        if state is None:
+            state = SelfProbation()
+            while len(self._probation) >= MAX_TRACKED_UPSTREAMS:
+                del self._probation[next(iter(self._probation))]
+        self._probation[upstream] = state  # most recent last
+        return state
 
     # ------------------------------------------------------------ phases
 
@@ -133,12 +149,25 @@ class CallerPhases(ProxyPhases):
     def request_check(self, headers: RequestHeaders, ctx: RequestContext) -> EarlyAnswer | None:
         """Back off from an upstream that punishes this caller; read the app's bid."""
         upstream = ctx.upstream or ""
-        left = self.backing_off(upstream, self.clock())
-        if left > 0:
-            self.metrics.backoff.labels(upstream).inc()
+        state = self._probation.get(upstream)
+        paced = state.check(self.clock()) if state is not None else None
+        if paced is not None and paced.standing is not SelfStanding.BACKING_OFF \
+                and upstream in self._shown_punished:
+            self._shown_punished.discard(upstream)
+            self.metrics.punished.labels(upstream).set(0)
+        if paced is not None and not paced.send:
+            left = paced.wait
+            if paced.standing is SelfStanding.BACKING_OFF:
+                self.metrics.backoff.labels(upstream).inc()
+                message = f"upstream {upstream!r} punishes this caller; backing off locally"
+                reason = ErrorReason.PUNISHED_BACKOFF
+            else:
+                self.metrics.probation.labels(upstream).inc()
+                message = (f"upstream {upstream!r} punished this caller; on probation its "
+                           "sidecar paces it back up")
+                reason = ErrorReason.PUNISHED_PROBATION
             return EarlyAnswer(429, {
-                "error": f"upstream {upstream!r} punishes this caller; backing off locally",
-                "reason": ErrorReason.PUNISHED_BACKOFF, "upstream": upstream,
+                "error": message, "reason": reason, "upstream": upstream,
                 "retry_after": round(left, 3),
             }, {"Retry-After": str(max(1, math.ceil(left)))})
         raw = headers.get(APP_BID_HEADER)
@@ -224,23 +253,26 @@ class CallerPhases(ProxyPhases):
             except WireError as exc:
                 self.metrics.bad_signals.labels(PRICE.lower(), exc.reason).inc()
                 log.info("%s: ignored malformed %s %r", ctx.upstream, PRICE, price[:32])
+        if not ctx.upstream:
+            return
+        now = self.clock()
         raw = ctx.game_response_headers.get(REPUTATION.lower())
-        if raw is None or not ctx.upstream:
-            return
-        try:
-            standing = parse_standing(raw)
-        except WireError as exc:
-            self.metrics.bad_signals.labels(REPUTATION.lower(), exc.reason).inc()
-            log.info("%s: ignored %s: %s", ctx.upstream, REPUTATION, exc)
-            return
-        if standing.punished and standing.retry_after:
-            now = self.clock()
+        standing = None
+        if raw is not None:
+            try:
+                standing = parse_standing(raw)
+            except WireError as exc:
+                self.metrics.bad_signals.labels(REPUTATION.lower(), exc.reason).inc()
+                log.info("%s: ignored %s: %s", ctx.upstream, REPUTATION, exc)
+        if standing is not None and standing.punished and standing.retry_after:
             until = now + min(standing.retry_after, MAX_BACKOFF)
-            if until > self._backoff_until.get(ctx.upstream, -math.inf):
-                self._backoff_until[ctx.upstream] = until
+            if self.probation(ctx.upstream).punish(now, until, standing.level):
+                self._shown_punished.add(ctx.upstream)
                 self.metrics.punished.labels(ctx.upstream).set(1)
                 log.info("upstream %s punishes %s (level %d): backing off %.0f s", ctx.upstream,
                          self.caller_id, standing.level, standing.retry_after)
+        elif ctx.status is None or ctx.status < 400:
+            self.probation(ctx.upstream).delivered(now)  # the rate probation starts from
 
     def logging(self, ctx: RequestContext, now: float) -> None:
         self.inner.logging(ctx, now)

@@ -231,6 +231,11 @@ class CallerMetrics:
             "Requests answered 429 locally because an upstream punishes this caller",
             ["upstream"], registry=registry,
         )
+        self.probation = Counter(
+            "equilibrium_caller_probation",
+            "Requests answered 429 locally while this caller ramps back up after a punishment",
+            ["upstream"], registry=registry,
+        )
         self.punished = Gauge(
             "equilibrium_caller_punished",
             "1 while this caller backs off from an upstream that punishes it",

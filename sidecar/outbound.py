@@ -62,7 +62,7 @@ from sidecar.forward import (
 )
 from sidecar.http1.client import H1Transport
 from sidecar.metrics import OutboundMetrics
-from sidecar.phases import ProxyPhases, RequestContext
+from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
 from sidecar.transport import (
     BODY_READ_ERRORS,
     AttemptFailure,
@@ -81,6 +81,11 @@ from wire.errors import WireError
 from wire.headers import CONGESTION, parse_congestion
 
 log = logging.getLogger(__name__)
+
+NEVER_CONNECTED = frozenset({ErrorReason.CONNECT_TIMEOUT, ErrorReason.CONNECT_ERROR})
+"""Attempt failures after which no upstream can have seen the request: a retry of it is
+not a re-send (no ``X-GT-Retry`` for it, :meth:`sidecar.phases.ProxyPhases.
+upstream_request_filter`), although the caller's own retry budget still pays for it."""
 
 CONGESTION_KEY = CONGESTION.lower()
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -355,6 +360,8 @@ class OutboundProxy:
                     break  # the upstream may have the request: never re-sent
                 except (TransportError, TimeoutError) as exc:
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, exc)
+                    if failure.reason in NEVER_CONNECTED:  # the request never left: the next
+                        ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # is no re-send
                     if not (failure.nothing_received and retryable):
                         break
                     continue

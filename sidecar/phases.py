@@ -68,6 +68,17 @@ class EarlyAnswer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+UNSENT = "unsent_attempts"
+"""``ctx.extra`` key: earlier attempts of this request that never connected (connect timeout or
+error), so no upstream can have seen them."""
+
+
+def unsent_attempts(ctx: RequestContext) -> int:
+    """Earlier attempts of ``ctx``'s request that never reached any upstream."""
+    value = ctx.extra.get(UNSENT, 0)
+    return value if isinstance(value, int) else 0
+
+
 class ProxyPhases:
     """Default behaviour of every phase; subclass and override to extend the proxy."""
 
@@ -91,8 +102,9 @@ class ProxyPhases:
 
     def upstream_request_filter(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         """Edit the headers sent upstream (app's X-GT-* are already stripped)."""
-        if ctx.attempt > 0:
-            headers[RETRY] = str(ctx.attempt)  # 1 = first retry
+        resent = ctx.attempt - unsent_attempts(ctx)
+        if resent > 0:
+            headers[RETRY] = str(resent)  # 1 = first re-send
 
     def response_signals(self, ctx: RequestContext, game: dict[str, str]) -> dict[str, str]:
         """The answer's game headers (lower-case names) that may be acted on; default: all.

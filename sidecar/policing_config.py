@@ -36,7 +36,7 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       auction: {budget_rate: 10, ...}            # mesh.auction.AuctionParams fields
 
 ``capacity: auto`` estimates the app's throughput by Little's law from the adaptive
-concurrency limit and the RTT measured under load (``limit / sampleRTT``,
+concurrency limit and the RTT measured under load (``limit / meanRTT``,
 :meth:`mesh.concurrency.AdaptiveConcurrencyLimit.capacity_estimate`); a number fixes it.
 """
 

@@ -22,6 +22,7 @@ KEY = b"metric-families-test-key-0123456789"
 # name (as registered: counters without _total), type, labels
 SIDECAR = """
 equilibrium_caller_backoff counter upstream
+equilibrium_caller_probation counter upstream
 equilibrium_caller_bad_app_bids counter reason
 equilibrium_caller_bad_signals counter header,reason
 equilibrium_caller_punished gauge upstream

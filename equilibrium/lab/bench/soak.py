@@ -445,8 +445,9 @@ class Soak(Scenario):
             "A cooperative request fails when it gets no HTTP answer within 5 s (transport "
             "error or timeout), any status >= 400 (from its own sidecar, an inbound sidecar "
             "or the app), or is never sent because 512 were outstanding. Not a failure: a 429 "
-            "with reason punished-backoff from the caller's own sidecar (it backs off by "
-            "design, nothing is sent); a cooperative caller should never see one, and the "
+            "with reason punished-backoff or punished-probation from the caller's own "
+            "sidecar (it backs off, then paces its return, by design; nothing is sent); a "
+            "cooperative caller should never see one, and the "
             "caller table shows any. A 503/429 that the rogue's flood causes a cooperative "
             "caller is a failure of the policing.",
             "Redis is killed with SIGKILL (no shutdown, no persistence) and started again on "

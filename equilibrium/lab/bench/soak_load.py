@@ -18,7 +18,9 @@ process aggregates: each second it writes one JSON line per finished second of t
   timeout (``"transport <kind>"``), or a request never sent because ``--max-in-flight``
   requests were already outstanding (``"client-overrun"``: the loop stays bounded);
 - ``shed``: a 429 that the caller's *own* sidecar answered with reason ``punished-backoff``
-  (it backs off by design while an upstream punishes its caller; nothing was sent).
+  (it backs off by design while an upstream punishes its caller; nothing was sent) or
+  ``punished-probation`` (it paces its caller's return after such a punishment,
+  :mod:`mesh.probation`).
 
 The last line is ``{"done": ...}`` with the totals. The load is bounded in count
 (``rate × duration``), in concurrency (``--max-in-flight``) and in time (``--timeout`` per
@@ -39,7 +41,7 @@ from typing import Any
 
 import aiohttp
 
-SHED_BY_DESIGN = frozenset({"punished-backoff"})
+SHED_BY_DESIGN = frozenset({"punished-backoff", "punished-probation"})
 """Reasons the caller's own sidecar answers without sending, as designed (not a failure)."""
 BODY_LIMIT = 4096  # bytes of an error body read to find its reason
 

@@ -97,9 +97,10 @@ def test_a_higher_bid_arriving_at_a_free_slot_wins_it_at_the_second_price() -> N
 
 
 def test_a_grown_limit_releases_several_waiters_at_once() -> None:
-    # the first minRTT probe pins the limit to 1; when it ends the limit is 3
+    # the first minRTT probe pins the limit to 1; when it ends the limit is 3 (min_limit 1:
+    # a probe never pins the limit below min_limit)
     limiter = AdaptiveConcurrencyLimit(ConcurrencyParams(
-        initial_limit=3, min_limit=3, max_limit=3, probe_limit=1, probe_samples=1))
+        initial_limit=3, min_limit=1, max_limit=3, probe_limit=1, probe_samples=1))
     gate = make_gate(limiter=limiter)
     assert isinstance(arrive(gate, "a", 0.0), Admit)
     b, c = queued(arrive(gate, "b", 0.0, bid=2)), queued(arrive(gate, "c", 0.0, bid=4))
@@ -144,8 +145,10 @@ def test_a_full_queue_refuses_a_bid_no_higher_and_evicts_for_a_higher_one() -> N
 
 def test_a_request_beyond_the_norm_of_a_congested_app_bids_0() -> None:
     # capacity 4 shared by 2 callers: share 2, norm max(rate_floor 2, 1.5 * 2) = 3 requests/s
+    # (coop asks for its whole share, 2/s, so the water level is the equal share too)
     gate = make_gate(limit=2, capacity=4.0)
     arrive(gate, "coop", 0.0)
+    assert isinstance(gate.police("coop", 1.0, 0.0), Pass)  # a second request: rate 2
     arrive(gate, "flood", 0.0)  # both slots in use: congestion 1
     assert gate.book.congested
     second, third = (gate.police("flood", 5.0, 0.0) for _ in range(2))  # rates 2 and 3
@@ -154,6 +157,7 @@ def test_a_request_beyond_the_norm_of_a_congested_app_bids_0() -> None:
     fourth = gate.police("flood", 5.0, 0.0)  # rate 4 > 3
     assert isinstance(fourth, Pass) and fourth.beyond_norm and fourth.voided
     assert fourth.bid == 0.0 and fourth.decision.fair_share == 2.0
+    assert fourth.decision.norm_share == 2.0
     zero = gate.police("flood", 0.0, 0.0)
     assert isinstance(zero, Pass) and zero.beyond_norm and not zero.voided  # nothing to void
     # the voided request ranks behind a cooperative caller's bid of 1

@@ -176,3 +176,75 @@ def test_concurrency_snapshot_during_the_first_probe() -> None:
     snap = limiter.snapshot()
     assert not snap.probing and snap.min_rtt == 0.05 and snap.limit == 20
     assert snap.capacity_estimate == pytest.approx(20 / 0.05)
+
+
+def test_the_probe_never_pins_the_limit_below_min_limit() -> None:
+    # soak, 2026-12-02: min_limit 8 (the pod's servers), probe_limit 3: the probe read 3
+    limiter = AdaptiveConcurrencyLimit(ConcurrencyParams(min_limit=8, probe_limit=3,
+                                                         probe_samples=10))
+    assert [limiter.on_start(0.0) for _ in range(9)] == [True] * 8 + [False]
+    assert limiter.probing and limiter.limit == 8 and limiter.congestion_level() == 1.0
+    for _ in range(8):
+        limiter.on_finish(0.04, 0.04)
+    assert limiter.probing  # 8 of the 10 samples
+    assert limiter.limit == 8 and limiter.available() == 8
+    # a probe_limit above min_limit is kept as it is
+    other = AdaptiveConcurrencyLimit(ConcurrencyParams(min_limit=2, probe_limit=5))
+    assert other.on_start(0.0) and other.probing and other.limit == 5
+
+
+def _slow_pod(params: ConcurrencyParams, seconds: float) -> AdaptiveConcurrencyLimit:
+    """An app that never queues but answers 3 of 5 requests 500 ms late (the soak's slow pod):
+    RTT 40 ms or 540 ms whatever the load. 400 requests/s offered, one every 2.5 ms; each
+    takes a slot if one is free (else it is refused and forgotten)."""
+    limiter = AdaptiveConcurrencyLimit(params)
+    finishing: list[tuple[float, float]] = []  # (finish time, rtt), kept sorted
+    for tick in range(int(seconds / 0.0025)):
+        now = tick * 0.0025
+        while finishing and finishing[0][0] <= now:
+            end, rtt = finishing.pop(0)
+            limiter.on_finish(rtt, end)
+        if limiter.on_start(now):
+            rtt = 0.54 if tick % 5 < 3 else 0.04
+            finishing.append((now + rtt, rtt))
+            finishing.sort()
+    return limiter
+
+
+def test_an_apps_own_slow_answers_are_not_congestion() -> None:
+    # The median RTT is 540 ms against a minRTT of 40 ms: the median gradient reads
+    # 1.5 * 0.04 / 0.54 = 0.11 (clamped to 0.5) in most windows and the limit falls to its
+    # floor, although the app never queues. The standing RTT (10th percentile, the window's
+    # fast answers) stays at 40 ms: gradient 1, and the limit grows until the app is
+    # app-limited (in flight 400/s * mean RTT 0.34 s = 136 < limit / 2).
+    median = _slow_pod(ConcurrencyParams(min_limit=8, percentile=0.5), 20.0)
+    standing = _slow_pod(ConcurrencyParams(min_limit=8), 20.0)
+    assert median.min_rtt == pytest.approx(0.04) and standing.min_rtt == pytest.approx(0.04)
+    assert median.estimated_limit < 12  # near its floor of 8 (a fast median now and then)
+    assert standing.sample_rtt == pytest.approx(0.04)
+    assert standing.estimated_limit > 136
+    # Little's law on the mean RTT of the window (mean of 3 x 0.54 and 2 x 0.04 = 0.34 s)
+    assert standing.mean_rtt == pytest.approx(0.34, abs=0.05)
+    capacity = standing.capacity_estimate()
+    assert capacity is not None
+    assert capacity == pytest.approx(standing.estimated_limit / standing.mean_rtt)
+
+
+def test_queueing_behind_slow_answers_still_shrinks_the_limit() -> None:
+    # the same slow pod, but now every answer also waits behind the others: RTT + 10 ms per
+    # request in flight above 8 (a queue). The fastest answers slow down too, so the
+    # standing RTT rises and the limit comes down from its start of 20.
+    limiter = AdaptiveConcurrencyLimit(ConcurrencyParams(min_limit=8))
+    finishing: list[tuple[float, float]] = []
+    for tick in range(int(20.0 / 0.0025)):
+        now = tick * 0.0025
+        while finishing and finishing[0][0] <= now:
+            end, rtt = finishing.pop(0)
+            limiter.on_finish(rtt, end)
+        if limiter.on_start(now):
+            base = 0.54 if tick % 5 < 3 else 0.04
+            rtt = base + 0.01 * max(0, limiter.in_flight - 8)
+            finishing.append((now + rtt, rtt))
+            finishing.sort()
+    assert limiter.min_rtt is not None and limiter.min_rtt < 0.06
+    assert limiter.estimated_limit < 20

@@ -435,3 +435,81 @@ def test_an_admitted_request_of_a_punished_caller_carries_the_time_left() -> Non
     assert standing is not None and decision.admitted and decision.phase is Phase.PUNISHED
     assert standing.punished_for > 2
     assert decision.retry_after == pytest.approx(standing.punished_for)
+
+
+# --- the demand-aware norm (water-filling) ------------------------------------------------------
+
+
+def test_water_level_by_hand() -> None:
+    from mesh.reputation import water_level
+
+    assert water_level(200.0, []) == 200.0
+    assert water_level(200.0, [500.0]) == 200.0
+    # four callers all asking more than 50: the equal split
+    assert water_level(200.0, [60.0, 70.0, 80.0, 250.0]) == pytest.approx(50.0)
+    # 28 + 28 leave 144 for the two heavy ones: 72 each
+    assert water_level(200.0, [28.0, 83.0, 28.0, 250.0]) == pytest.approx(72.0)
+    # everything fits (167 of 200): the heaviest could also have the 33 left over
+    assert water_level(200.0, [28.0, 28.0, 28.0, 83.0]) == pytest.approx(116.0)
+    # never below the equal split
+    assert water_level(90.0, [10.0, 40.0, 40.0]) >= 30.0
+
+
+def test_an_honest_caller_concentrated_on_one_pod_is_not_punished_during_a_rogue_burst() -> None:
+    """The soak of 2026-12-02: a pod of capacity 200 shared by four callers (equal share 50,
+    old norm 1.5 x 50 = 75/s). coop-3's sidecar sends all its 83/s to this pod while the
+    rogue floods it at 250/s and the two other cooperative callers send 28/s each; the pod
+    is congested throughout. Water level: (200 - 28 - 28) / 2 = 72/s, norm 1.5 x 72 = 108/s:
+    coop-3 (83/s) is cooperative, the rogue (250/s) is not."""
+    capacity = 200.0
+    flows = [Flow("coop-1", 28, 0, 20), Flow("coop-2", 28, 0, 20), Flow("coop-3", 83, 0, 20),
+             Flow("rogue", 250, 0, 20)]
+    for old_norm in (False, True):
+        book = ReputationBook(PolicingParams(capacity=capacity))
+        arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
+                          for i, flow in enumerate(flows)
+                          for k in range(int((flow.end - flow.start) * flow.rate)))
+        levels: dict[str, int] = {}
+        for t, caller in arrivals:
+            book.update_load(t, 1.0, capacity)
+            if old_norm:  # the norm judged by the equal share alone (before the fix)
+                book._level, book._level_at = 0.0, t
+            decision = book.admit(caller, t)
+            levels[caller] = max(levels.get(caller, 0), decision.level)
+        if old_norm:
+            assert levels["coop-3"] >= 1  # what the soak saw: punished as a defector
+        else:
+            assert levels["coop-1"] == levels["coop-2"] == levels["coop-3"] == 0
+            assert levels["rogue"] >= 1
+            standing = book.standing("coop-3", 20.0)
+            assert standing is not None and standing.reputation > 0.99
+
+
+def test_the_norm_share_is_the_equal_share_when_everyone_asks_for_more() -> None:
+    book = ReputationBook(PolicingParams(capacity=30.0))
+    outcomes = simulate(book, [*COOPERATIVE, Flow("rogue", 100, 0, 5)])
+    judged = [o.decision for o in of(outcomes, "alice", 2.0, 5.0) if o.decision.norm_share > 0]
+    # alice and bob ask for their 10/s, the rogue more: water level 10 = 30 / 3 (give or take
+    # the ripple of a decayed rate estimate of a periodic flow)
+    assert judged and all(10.0 <= d.norm_share < 12.0 for d in judged)
+
+
+def test_congested_below_its_stated_capacity_the_norm_is_the_equal_share() -> None:
+    """Pods stated at 200/s but congested (CPU starvation) while four callers ask for 167/s
+    in all: the rogue's 83/s per pod is judged against 1.5 x 50/s, not against the water level
+    116/s that the stated capacity would give."""
+    book = ReputationBook(PolicingParams(capacity=200.0))
+    flows = [Flow("coop-1", 28, 0, 10), Flow("coop-2", 28, 0, 10), Flow("coop-3", 28, 0, 10),
+             Flow("rogue", 83, 0, 10)]
+    arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
+                      for i, flow in enumerate(flows)
+                      for k in range(int((flow.end - flow.start) * flow.rate)))
+    levels: dict[str, int] = {}
+    for t, caller in arrivals:
+        book.update_load(t, 1.0, 200.0)
+        decision = book.admit(caller, t)
+        levels[caller] = max(levels.get(caller, 0), decision.level)
+        if t > 2.0:
+            assert decision.norm_share == pytest.approx(50.0)
+    assert levels["rogue"] >= 1
+    assert levels["coop-1"] == levels["coop-2"] == levels["coop-3"] == 0

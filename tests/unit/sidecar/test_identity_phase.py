@@ -230,3 +230,54 @@ def test_back_off_is_capped() -> None:
                                                      "retry=86400"}
     phases.response_filter(ctx, CIMultiDict())
     assert phases.backing_off("users", clock.t) == 300.0
+
+
+async def test_after_the_back_off_the_caller_is_paced_back_up() -> None:
+    """mesh.probation in the phase: 20 answers/s delivered for 20 s, then punished at level 1
+    for 10 s. From its end the allowed rate starts at 0.5 x ~19.6/s and doubles every 2 s;
+    refusals are 429 punished-probation, counted; 4 s later nothing is paced."""
+    phases, clock = make_phases()
+    for _ in range(400):  # delivered: answers in good standing
+        ctx = ctx_for()
+        ctx.status = 200
+        ctx.game_response_headers = {REPUTATION.lower(): format_standing(1.0, 0, Phase.GOOD,
+                                                                         None)}
+        phases.response_filter(ctx, CIMultiDict())
+        clock.t += 0.05
+    ctx = ctx_for()
+    ctx.status = 429
+    ctx.game_response_headers = {REPUTATION.lower(): format_standing(0.3, 1, Phase.PUNISHED,
+                                                                     10.0)}
+    phases.response_filter(ctx, CIMultiDict())
+    assert phases.backing_off("users", clock.t) == 10.0
+    clock.t += 10.0
+    sent = refused = 0
+    for _ in range(100):  # the app floods at 1,000/s for 0.1 s right after the back-off
+        answer = await phases.request_filter(make_mocked_request("GET", "/"), ctx_for())
+        if answer is None:
+            sent += 1
+        else:
+            refused += 1
+            assert isinstance(answer, Answer) and answer.status == 429
+            assert json.loads(answer.body)["reason"] == "punished-probation"
+        clock.t += 0.001
+    assert 9 <= sent <= 12  # the bucket's ~9.8 tokens, refilled at ~10/s for 0.1 s
+    assert phases.metrics.probation.labels("users")._value.get() == refused
+    assert phases.metrics.backoff.labels("users")._value.get() == 0
+    clock.t += 4.0  # two doublings: ~39/s = twice the rate delivered before
+    assert all([await phases.request_filter(make_mocked_request("GET", "/"), ctx_for()) is None
+                for _ in range(100)])
+
+
+def test_a_retry_after_a_failed_connect_is_not_marked() -> None:
+    from sidecar.phases import UNSENT
+
+    ctx = ctx_for()
+    ctx.attempt = 1
+    ctx.extra[UNSENT] = 1  # the first attempt never connected
+    headers: CIMultiDict[str] = CIMultiDict()
+    ProxyPhases().upstream_request_filter(ctx, headers)
+    assert RETRY not in headers
+    ctx.attempt = 2  # the second attempt connected and failed: the third is a re-send
+    ProxyPhases().upstream_request_filter(ctx, headers)
+    assert headers[RETRY] == "1"
