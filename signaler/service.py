@@ -266,6 +266,7 @@ class SignalerService:
                 await self._probe(upstream, now)  # the leader's sidecars still report?
             return
         self._conflicts.discard(upstream)
+        self.metrics.id_conflicts.set(len(self._conflicts))  # before leading shows
         self._set_leader(upstream, token)
         if transition == "elected":
             log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
