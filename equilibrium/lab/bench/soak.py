@@ -441,7 +441,7 @@ class Soak(Scenario):
             "Memory rule: per sidecar and the signaler, median RSS of the samples in the last "
             "10 % of the run over the median of the samples in the 10 % just after the warm-up "
             "(the first 20 %); more than +10 % fails. Open files likewise, and also more than "
-            "16 descriptors more.",
+            f"{Rules().fd_slack} descriptors more.",
             "A cooperative request fails when it gets no HTTP answer within 5 s (transport "
             "error or timeout), any status >= 400 (from its own sidecar, an inbound sidecar "
             "or the app), or is never sent because 512 were outstanding. Not a failure: a 429 "
