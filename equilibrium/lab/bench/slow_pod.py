@@ -406,16 +406,7 @@ class SlowPod(Scenario):
             a, b = eq["steady_latency"]["p99"], peak["steady_latency"]["p99"]
             rows.append(["steady p99 no worse than peak-ewma's", f"{ms(a)} vs {ms(b)}",
                          "met" if a <= b else "missed"])
-        share = eq["bad_share_steady"]
-        rows.append(["share to the bad pod < 3 % once converged", pct(share),
-                     "met" if share < 0.03 else "missed"])
-        shift = eq["time_to_shift"]
-        rows.append(["shift complete within 10 s", secs(shift),
-                     "met" if shift is not None and shift <= 10 else "missed"])
-        flap = eq["flapping_pp"]
-        rows.append(["no flapping (< 5 pp window to window)",
-                     f"{pp(flap)} (noise ~{pp(eq['flapping_noise_pp'])})",
-                     "not measured" if math.isnan(flap) else "met" if flap < 5 else "missed"])
+        rows += _convergence_rows(eq, "< 3 %", 0.03, "shift complete within 10 s", 10)
         return [Table("targets (sidecar v0.1 issue) for equilibrium",
                       ["target", "measured", "verdict"], rows)]
 
@@ -451,17 +442,7 @@ class SlowPod(Scenario):
                              f"{ms(tail)} vs {ms(ref)} ({tail / ref:.2f}×)" if ref > 0
                              else f"{ms(tail)} vs {ms(ref)}",
                              "met" if tail <= limit * ref else "missed"])
-            share = m["bad_share_steady"]
-            rows.append(["share to the bad pod < 0.1 % once converged", pct(share),
-                         "met" if share < 0.001 else "missed"])
-            shift = m["time_to_shift"]
-            rows.append(["shift within 5 s", secs(shift),
-                         "met" if shift is not None and shift <= 5 else "missed"])
-            flap = m["flapping_pp"]
-            rows.append(["no flapping (< 5 pp window to window)",
-                         f"{pp(flap)} (noise ~{pp(m['flapping_noise_pp'])})",
-                         "not measured" if math.isnan(flap) else "met" if flap < 5
-                         else "missed"])
+            rows += _convergence_rows(m, "< 0.1 %", 0.001, "shift within 5 s", 5)
             tables.append(Table(f"targets (issue 12) for {subject}",
                                 ["target", "measured", "verdict"], rows))
         return tables
@@ -511,3 +492,18 @@ def _load_average() -> float:
 
 
 SCENARIO = SlowPod()
+
+
+def _convergence_rows(m: dict[str, Any], share_label: str, share_limit: float,
+                      shift_label: str, shift_limit: float) -> list[list[str]]:
+    """The bad pod's share once converged, the time to shift and flapping: target rows."""
+    share, shift, flap = m["bad_share_steady"], m["time_to_shift"], m["flapping_pp"]
+    return [
+        [f"share to the bad pod {share_label} once converged", pct(share),
+         "met" if share < share_limit else "missed"],
+        [shift_label, secs(shift),
+         "met" if shift is not None and shift <= shift_limit else "missed"],
+        ["no flapping (< 5 pp window to window)",
+         f"{pp(flap)} (noise ~{pp(m['flapping_noise_pp'])})",
+         "not measured" if math.isnan(flap) else "met" if flap < 5 else "missed"],
+    ]
