@@ -41,13 +41,15 @@ The rules
   is never left idle while someone waits.
 - **Release.** While anyone waits, each free slot is taken from the limiter and the auction
   admits that many of the highest bids, each paying the highest losing bid (Vickrey 1961,
-  :mod:`mesh.auction`). The limiter may refuse a slot it reported free (a minRTT probe
-  starting pins the limit): then fewer are admitted, and a slot taken for a winner the auction
-  did not produce is given back.
-- **Queue full.** The auction keeps at most ``max_queue`` waiters: a new bid strictly above
-  the lowest waiting one pushes that waiter out (it is woken with :class:`Reject`
-  ``queue-full``, ``queued=True``); any other newcomer is refused (``queue-full``,
-  ``queued=False``).
+  :mod:`mesh.auction`); equal bids are served caller by caller in turn (start-time fair
+  queueing), so one caller's backlog does not stand in front of the others'. The limiter
+  may refuse a slot it reported free (a minRTT probe starting pins the limit): then fewer
+  are admitted, and a slot taken for a winner the auction did not produce is given back.
+- **Queue full.** The auction keeps at most ``max_queue`` waiters: a newcomer that would be
+  served before the waiter served last (a higher bid, or an equal bid from a caller with a
+  shorter backlog) pushes that waiter out (it is woken with :class:`Reject` ``queue-full``,
+  ``queued=True``): the flood's tail is shed, not the newcomer. Any other newcomer is refused
+  (``queue-full``, ``queued=False``).
 - **Beyond the norm.** While the app is congested, a request that takes its caller's rate
   above ``max(rate_floor, rate_tolerance * norm_share)`` (the book's own rate norm, with its
   demand-aware share) bids 0

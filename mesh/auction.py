@@ -19,20 +19,32 @@ itself (a future per queued request, a timeout) belongs to the sidecar's async w
 Rules (Vickrey 1961, "Counterspeculation, auctions, and competitive sealed tenders"):
 
 - **Uncongested** (a slot is free when the request arrives): admitted at once, price 0.
-- **Congested**: the request waits. When ``k`` slots free, the ``k`` highest bids win (ties by
-  arrival order, FIFO) and each pays the *highest losing bid*, the (k+1)-th highest bid among
-  those that were waiting, or 0 if nobody is left waiting. With one slot this is the second
-  price: bids (5, 3, 1) -> 5 wins and pays 3. A winner never pays more than its own bid, and
-  since the price does not depend on the winner's own bid, bidding one's true value is a
-  dominant strategy (for unit demand; multi-unit uniform (k+1)-th price is the VCG price).
+- **Congested**: the request waits. When ``k`` slots free, the ``k`` highest bids win (equal
+  bids in fair-queueing order, below) and each pays the *highest losing bid*, the (k+1)-th
+  highest bid among those that were waiting, or 0 if nobody is left waiting. With one slot
+  this is the second price: bids (5, 3, 1) -> 5 wins and pays 3. A winner never pays more
+  than its own bid, and since the price does not depend on the winner's own bid, bidding
+  one's true value is a dominant strategy (for unit demand; multi-unit uniform (k+1)-th
+  price is the VCG price).
 - **Budgets**: each caller pays from a :class:`BidBudget` that refills at ``budget_rate`` per
   second up to ``budget_cap``. A bid is capped at the caller's *available* budget, the balance
   minus what its other queued bids have reserved; the capped bid is reserved while it waits and
   the reservation is released when it wins (after paying the price), expires or is evicted. So
   a balance can never go negative however many requests a caller has queued.
-- **Bounded queue**: at most ``max_queue`` waiters. When full, a new bid strictly higher than
-  the lowest waiting bid evicts that waiter (the latest arrival among equal lowest bids); any
-  other new request is rejected.
+- **Fair queueing among equal bids**: waiters with the same bid are served caller by caller
+  in turn, not in arrival order, so a caller that floods waits behind its own backlog and not
+  in front of everyone else's requests. Each waiter gets a start tag, start-time fair queueing
+  with unit cost per request (Goyal, Vin & Cheng, SIGCOMM 1996; the idea of Demers, Keshav &
+  Shenker, SIGCOMM 1989): ``start = max(V, the caller's previous start + 1)``, where the
+  virtual time ``V`` is the largest start tag served so far; a caller with nothing waiting
+  starts again at ``V``. Equal bids are served by start tag, then by arrival. With one waiter
+  per caller this is FIFO; with one caller holding 500 waiters and another arriving, the
+  newcomer is served after at most one of the 500.
+- **Bounded queue**: at most ``max_queue`` waiters. When full, the waiter served last (the
+  lowest bid; among equal lowest bids the largest start tag, which is the tail of the longest
+  backlog: shed from the longest queue) is evicted if the newcomer would be served before it
+  (a higher bid, or an equal bid with an earlier start tag); otherwise the newcomer is
+  rejected.
 - **Bounded budgets**: at most ``max_callers`` budgets are kept, the least recently bidding
   dropped first, but never the budget of a caller with a request waiting (even one whose
   effective bid is 0) nor the bidder's own: a waiter's reservation always lives in the budget
@@ -174,8 +186,14 @@ class _Waiter:
     request_id: str
     caller: str
     bid: float
+    start: int
+    """The fair-queueing start tag (see the module docstring)."""
     seq: int
     arrived: float
+
+    def key(self) -> tuple[float, int, int, str]:
+        """The waiter's place in the service order: best bid, earliest start, arrival."""
+        return (-self.bid, self.start, self.seq, self.request_id)
 
 
 class SecondPriceAuction:
@@ -188,8 +206,11 @@ class SecondPriceAuction:
         self._budgets: OrderedDict[str, BidBudget] = OrderedDict()
         self._waiting: dict[str, int] = {}  # caller -> requests waiting (their budget stays)
         self._waiters: dict[str, _Waiter] = {}  # insertion order is arrival order
-        self._order: list[tuple[float, int, str]] = []  # sorted by (-bid, seq): best first
+        # sorted by _Waiter.key, (-bid, start, seq, id): served first at the front
+        self._order: list[tuple[float, int, int, str]] = []
         self._seq = 0
+        self._virtual = 0  # V: the largest start tag served so far
+        self._next_start: dict[str, int] = {}  # caller with waiters -> its last start + 1
         self.last_price = 0.0
 
     def __len__(self) -> int:
@@ -249,17 +270,22 @@ class SecondPriceAuction:
             self.last_price = 0.0
             return Admission(request_id, caller, min(bid, budget.available(now)), 0.0, 0.0)
         evicted: str | None = None
+        start = max(self._virtual, self._next_start.get(caller, 0))
         if len(self._waiters) >= self.params.max_queue:
-            lowest_bid = -self._order[-1][0]
-            if min(bid, budget.available(now)) <= lowest_bid:
-                return Rejected(request_id, "queue full of bids at least as high")
-            evicted = self._order[-1][2]
+            last = self._order[-1]
+            if (-min(bid, budget.available(now)), start) >= last[:2]:
+                return Rejected(request_id, "queue full of bids served before it")
+            evicted = last[3]
             self._remove(evicted, now)
+            # the victim may have been this caller's own latest waiter: its tag is free again
+            start = max(self._virtual, self._next_start.get(caller, 0))
         effective = budget.reserve(bid, now)
         self._seq += 1
-        self._waiters[request_id] = _Waiter(request_id, caller, effective, self._seq, now)
+        waiter = _Waiter(request_id, caller, effective, start, self._seq, now)
+        self._waiters[request_id] = waiter
         self._waiting[caller] = self._waiting.get(caller, 0) + 1
-        bisect.insort(self._order, (-effective, self._seq, request_id))
+        self._next_start[caller] = start + 1
+        bisect.insort(self._order, waiter.key())
         return Queued(request_id, effective, len(self._waiters), evicted)
 
     def release(self, now: float, slots: int = 1) -> list[Admission]:
@@ -271,10 +297,11 @@ class SecondPriceAuction:
         del self._order[:count]
         price_bid = -self._order[0][0] if self._order else 0.0
         admissions = []
-        for neg_bid, _, request_id in winners:
+        for neg_bid, start, _, request_id in winners:
             waiter = self._waiters.pop(request_id)
+            self._virtual = max(self._virtual, start)
             price = min(price_bid, -neg_bid)
-            self._stop_waiting(waiter).settle(waiter.bid, price, now)
+            self._stop_waiting(waiter, served=True).settle(waiter.bid, price, now)
             admissions.append(
                 Admission(request_id, waiter.caller, waiter.bid, price, now - waiter.arrived)
             )
@@ -301,12 +328,11 @@ class SecondPriceAuction:
 
     def _remove(self, request_id: str, now: float) -> None:
         waiter = self._waiters.pop(request_id)
-        key = (-waiter.bid, waiter.seq, request_id)
-        index = bisect.bisect_left(self._order, key)
+        index = bisect.bisect_left(self._order, waiter.key())
         del self._order[index]
-        self._stop_waiting(waiter).settle(waiter.bid, 0.0, now)
+        self._stop_waiting(waiter, served=False).settle(waiter.bid, 0.0, now)
 
-    def _stop_waiting(self, waiter: _Waiter) -> BidBudget:
+    def _stop_waiting(self, waiter: _Waiter, *, served: bool) -> BidBudget:
         """The budget holding ``waiter``'s reservation, after counting it out of the queue.
 
         Never creates one: a caller with a request waiting always has its budget (see
@@ -316,8 +342,13 @@ class SecondPriceAuction:
         left = self._waiting[waiter.caller] - 1
         if left:
             self._waiting[waiter.caller] = left
+            if not served and waiter.start + 1 == self._next_start[waiter.caller]:
+                # its latest waiter left unserved (evicted, expired, cancelled): the caller's
+                # next request may take that tag again (at least V, as for anyone)
+                self._next_start[waiter.caller] = waiter.start
         else:
             del self._waiting[waiter.caller]
+            del self._next_start[waiter.caller]  # nothing waiting: it starts again at V
         return self._budgets[waiter.caller]
 
     def _drop_idle_budgets(self) -> None:

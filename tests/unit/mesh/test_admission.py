@@ -127,6 +127,32 @@ def test_slots_go_to_the_highest_bid_at_the_highest_losing_bid_ties_by_arrival()
     assert gate.auction.last_price == 0.0
 
 
+def test_a_flood_waits_behind_itself_not_in_front_of_other_callers() -> None:
+    """The soak's failure: one caller's 200 waiters in a shared FIFO made every other caller's
+    request wait out ``max_wait`` behind them. With fair queueing among equal bids, each other
+    caller's request is admitted within one release per caller backlogged."""
+    gate = make_gate(limit=1, max_queue=1000)
+    arrive(gate, "rogue", 0.0)
+    for i in range(200):
+        queued(arrive(gate, "rogue", 0.001 * i))
+    coop = [queued(arrive(gate, f"coop-{k}", 0.5)) for k in range(3)]
+    admitted = [gate.finish(0.6 + 0.01 * i, rtt=0.01)[0] for i in range(4)]
+    assert {a.request_id for a in admitted} >= {q.request_id for q in coop}
+    assert all(a.waited < 0.2 for a in admitted if a.caller != "rogue")
+
+
+def test_a_full_queue_sheds_the_floods_tail_for_another_callers_request() -> None:
+    gate = make_gate(limit=1, max_queue=3)
+    arrive(gate, "rogue", 0.0)
+    flood = [queued(arrive(gate, "rogue", 0.0)) for _ in range(3)]
+    coop = queued(arrive(gate, "coop", 0.1))
+    assert coop.woken == (Reject(flood[-1].request_id, "rogue", RejectReason.QUEUE_FULL, 1,
+                                 queued=True),)
+    refused = arrive(gate, "rogue", 0.2)
+    assert isinstance(refused, Reject) and refused.reason is RejectReason.QUEUE_FULL
+    assert not refused.queued
+
+
 def test_a_full_queue_refuses_a_bid_no_higher_and_evicts_for_a_higher_one() -> None:
     gate = make_gate(limit=1, max_queue=2)
     arrive(gate, "a", 0.0)

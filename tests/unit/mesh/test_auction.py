@@ -259,6 +259,102 @@ def test_budget_balance_at_reads_without_refilling() -> None:
     assert budget.balance_at(100.0) == 10.0
 
 
+# --- fair queueing among equal bids (issue 14: the soak's shared queue) ---------------------
+
+
+def test_a_newcomer_waits_behind_at_most_one_request_of_a_flooding_callers_backlog() -> None:
+    auction = _auction()
+    for i in range(50):
+        auction.offer(f"flood{i}", "rogue", 0.0, 0.0, False)
+    auction.offer("coop", "coop", 0.0, 1.0, False)
+    served = [a.request_id for a in auction.release(1.0, slots=2)]
+    assert served == ["flood0", "coop"]
+
+
+def test_backlogged_callers_with_equal_bids_are_served_in_turn() -> None:
+    auction = _auction()
+    for i in range(3):
+        auction.offer(f"a{i}", "a", 0.0, 0.0, False)
+    for i in range(3):
+        auction.offer(f"b{i}", "b", 0.0, 0.0, False)
+    auction.offer("c0", "c", 0.0, 0.0, False)
+    served = [a.request_id for a in auction.release(0.0, slots=7)]
+    assert served == ["a0", "b0", "c0", "a1", "b1", "a2", "b2"]
+
+
+def test_a_caller_returning_after_its_queue_drained_starts_at_the_virtual_time() -> None:
+    """Tags do not bank credit: a caller idle while others were served starts at V, level with
+    the backlog being served now, not ahead of it all."""
+    auction = _auction()
+    for i in range(6):
+        auction.offer(f"a{i}", "a", 0.0, 0.0, False)
+    auction.offer("b0", "b", 0.0, 0.0, False)
+    assert [x.request_id for x in auction.release(0.0, slots=4)] == ["a0", "b0", "a1", "a2"]
+    # V is 2 (a2's tag): b1 starts at 2, level with what is served now (a3 has tag 3), and b2
+    # at 3, level with a3 but arrived later; nothing of b's idle time is banked
+    auction.offer("b1", "b", 0.0, 1.0, False)
+    auction.offer("b2", "b", 0.0, 1.0, False)
+    served = [x.request_id for x in auction.release(1.0, slots=5)]
+    assert served == ["b1", "a3", "b2", "a4", "a5"]
+
+
+def test_a_higher_bid_still_goes_first_whatever_the_tags() -> None:
+    auction = _auction()
+    for i in range(5):
+        auction.offer(f"rich{i}", "rich", 2.0, 0.0, False)
+    auction.offer("poor", "poor", 0.0, 0.0, False)
+    served = [a.request_id for a in auction.release(0.0, slots=6)]
+    assert served == [f"rich{i}" for i in range(5)] + ["poor"]
+
+
+def test_a_full_queue_sheds_from_the_longest_backlog_not_the_newcomer() -> None:
+    auction = _auction(max_queue=5)
+    for i in range(5):
+        auction.offer(f"flood{i}", "rogue", 0.0, 0.0, False)
+    coop = auction.offer("coop", "coop", 0.0, 0.1, False)
+    assert isinstance(coop, Queued) and coop.evicted == "flood4"
+    # the flood's next request would be served after its own tail: refused, nothing evicted
+    again = auction.offer("flood5", "rogue", 0.0, 0.2, False)
+    assert isinstance(again, Rejected)
+    served = [a.request_id for a in auction.release(0.2, slots=5)]
+    assert served == ["flood0", "coop", "flood1", "flood2", "flood3"]
+
+
+def test_an_unserved_tail_gives_its_tag_back_to_its_caller() -> None:
+    auction = _auction()
+    auction.offer("a0", "a", 0.0, 0.0, False)
+    auction.offer("a1", "a", 0.0, 0.0, False)
+    auction.offer("b0", "b", 0.0, 0.0, False)
+    auction.offer("b1", "b", 0.0, 0.0, False)
+    assert auction.cancel("a1", 0.0)
+    auction.offer("a2", "a", 0.0, 0.0, False)  # takes a1's tag 1: level with b1, arrived later
+    served = [x.request_id for x in auction.release(0.0, slots=4)]
+    assert served == ["a0", "b0", "b1", "a2"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 4)), min_size=1, max_size=12))
+def test_with_equal_bids_no_backlogged_caller_is_served_twice_before_another_once(bursts) -> None:
+    """Any arrival pattern at one instant, served one slot at a time: while two callers both
+    have requests waiting, their served counts never differ by more than one (round robin)."""
+    auction = _auction(max_queue=1000)
+    n = 0
+    for caller, count in bursts:
+        for _ in range(count):
+            n += 1
+            auction.offer(f"r{n}", caller, 0.0, 0.0, False)
+    waiting = {c: sum(k for x, k in bursts if x == c) for c in "abc"}
+    served = dict.fromkeys("abc", 0)
+    while auction.queue_length:
+        (won,) = auction.release(0.0)
+        served[won.caller] += 1
+        waiting[won.caller] -= 1
+        busy = [c for c in "abc" if waiting[c] > 0]
+        for x in busy:
+            for y in busy:
+                assert served[x] - served[y] <= 1, (served, waiting)
+
+
 # --- eviction keeps reservations in the one budget (issue 14, finding 10) --------------------
 
 _churn = st.one_of(
