@@ -40,6 +40,10 @@ class ErrorReason(StrEnum):
     """504: no response head within the request timeout."""
     UPSTREAM_RESET = "upstream-reset"
     """502: the connection closed before any of the answer came back."""
+    UPSTREAM_REFUSED = "upstream-refused"
+    """503: the endpoint's sidecar sent the request away before its app saw it (a signed
+    ``X-GT-Refused``: queue full, no slot in time, shutting down), and no other endpoint
+    could take it (none left untried, the attempts or the retry budget spent)."""
     UPSTREAM_PROTOCOL_ERROR = "upstream-protocol-error"
     """502: any other failure of the attempt (an answer that is not valid HTTP/1.1, ...)."""
     BODY_RELAY_FAILED = "body-relay-failed"

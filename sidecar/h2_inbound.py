@@ -458,7 +458,8 @@ class _Call:
         owner, stream = self.owner, self.stream
         if stream.closed is not None or stream.local_ended:
             return
-        extra = [(b"via", owner.via), *_header_block(owner.policing.signal_headers(verdict)),
+        extra = [(b"via", owner.via),
+                 *_header_block(owner.policing.signal_headers(verdict, refusal.rejected)),
                  *_header_block(refusal.headers)]
         if self.is_grpc:
             stream.send_headers(grpc.trailers_only(

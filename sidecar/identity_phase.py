@@ -63,6 +63,8 @@ from wire.headers import (
     CONGESTION,
     IDENTITY,
     PRICE,
+    REFUSALS,
+    REFUSED,
     REPUTATION,
     SIGNALS,
     is_gt_header,
@@ -79,7 +81,7 @@ MAX_TRACKED_UPSTREAMS = 4096
 """Upstreams whose delivered rate is tracked for probation (the least recent beyond: dropped)."""
 
 
-_SIGNAL_NAMES = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower())
+_SIGNAL_NAMES = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower(), REFUSED.lower())
 
 
 class CallerPhases(ProxyPhases):
@@ -236,9 +238,11 @@ class CallerPhases(ProxyPhases):
         if ctx.endpoint and self.membership.prove(ctx.endpoint):
             log.info("%s %s: a sidecar of the mesh (signed answer)", ctx.upstream, ctx.endpoint)
         believed = {CONGESTION.lower(): signals.congestion} if signals.congestion else {}
+        if signals.refused in REFUSALS:  # about this attempt (its challenge), whoever we were
+            believed[REFUSED.lower()] = signals.refused
         if verdict.caller == self.caller_id and ctx.extra.get("identity_sent"):
             believed.update({name: value for name, value in zip(
-                names[1:], (signals.reputation, signals.price), strict=True) if value})
+                names[1:3], (signals.reputation, signals.price), strict=True) if value})
         elif ctx.extra.get("identity_sent"):  # signed about someone else: relayed
             self.metrics.bad_signals.labels(SIGNALS.lower(), Reason.WRONG_CALLER).inc()
         return believed

@@ -60,7 +60,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from mesh.admission import Woken
+from mesh.admission import RejectReason, Woken
 from mesh.auction import AuctionSnapshot
 from mesh.concurrency import ConcurrencySnapshot
 from mesh.reputation import BookSnapshot
@@ -484,12 +484,13 @@ class InboundProxy:
 
     # ------------------------------------------------------------ answers
 
-    def _signal_headers(self, headers: CIMultiDict[str], verdict: Verdict) -> None:
-        headers.update(self.policing.signal_headers(verdict))
+    def _signal_headers(self, headers: CIMultiDict[str], verdict: Verdict,
+                        refused: RejectReason | None = None) -> None:
+        headers.update(self.policing.signal_headers(verdict, refused))
 
     def _reply(self, verdict: Verdict, refusal: Refusal) -> web.Response:
         return self._answer(verdict, refusal.status, refusal.reason, refusal.message,
-                            refusal.extra, refusal.headers)
+                            refusal.extra, refusal.headers, refused=refusal.rejected)
 
     def _answer(
         self,
@@ -499,10 +500,12 @@ class InboundProxy:
         message: str,
         extra: dict[str, Any],
         headers: dict[str, str] | None = None,
+        *,
+        refused: RejectReason | None = None,
     ) -> web.Response:
         out: CIMultiDict[str] = CIMultiDict(headers or {})
         out["Via"] = self.via
-        self._signal_headers(out, verdict)
+        self._signal_headers(out, verdict, refused)
         body = {"error": message, "reason": reason, "caller": verdict.caller,
                 "sidecar": self.sidecar_id, **extra}
         return web.json_response(body, status=status, headers=out)

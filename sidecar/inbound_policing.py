@@ -52,6 +52,8 @@ from wire.headers import (
     CONGESTION,
     IDENTITY,
     PRICE,
+    REFUSALS,
+    REFUSED,
     REPUTATION,
     RETRY,
     SIGNALS,
@@ -390,9 +392,12 @@ class InboundPolicing:
 
     # ------------------------------------------------------------ answers
 
-    def signal_headers(self, verdict: Verdict) -> dict[str, str]:
-        """``X-GT-Congestion``, ``X-GT-Reputation`` and (admitted) ``X-GT-Price``; none in
-        the baseline modes."""
+    def signal_headers(self, verdict: Verdict, refused: RejectReason | None = None
+                       ) -> dict[str, str]:
+        """``X-GT-Congestion``, ``X-GT-Reputation`` and (admitted) ``X-GT-Price``; and
+        ``X-GT-Refused`` when the gate sent the request away before the app saw it
+        (``refused``: its reason; not for a punishment, which another endpoint must not
+        undo); none in the baseline modes."""
         if not self.game:
             return {}
         limiter = self.gate.limiter
@@ -411,9 +416,11 @@ class InboundPolicing:
             )
         if verdict.price is not None:
             out[PRICE] = format_price(verdict.price)
+        if refused is not None and refused.value in REFUSALS:
+            out[REFUSED] = refused.value
         if verdict.answered is not None and self.mesh_key is not None:
             signed = sign_signals(self.mesh_key, verdict.answered, verdict.caller, SignedSignals(
-                out.get(CONGESTION), out.get(REPUTATION), out.get(PRICE)))
+                out.get(CONGESTION), out.get(REPUTATION), out.get(PRICE), out.get(REFUSED)))
             if signed is not None:
                 out[SIGNALS] = signed
         return out

@@ -108,6 +108,14 @@ class OutboundMetrics:
         self.retries = Counter(
             "equilibrium_retries", "Retries sent to another endpoint", ["upstream"], registry=r
         )
+        self.refused = Counter(
+            "equilibrium_upstream_refused",
+            "Attempts an endpoint's sidecar refused before its app saw them (signed "
+            "X-GT-Refused: queue-full, queue-timeout, shutting-down), by reason; the request "
+            "may go to another endpoint",
+            ["upstream", "reason"],
+            registry=r,
+        )
         self.retry_budget_exhausted = Counter(
             "equilibrium_retry_budget_exhausted",
             "Retries not sent because the retry budget was empty",

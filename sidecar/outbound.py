@@ -18,9 +18,13 @@ timeout.
 Retry rule (RFC 9110 §9.2.2 idempotent methods, narrowed so nothing is ever replayed that
 may have been processed or cannot be re-sent): only GET, HEAD, OPTIONS, TRACE, and PUT or
 DELETE without a body; only when nothing was received from the upstream (connect error,
-connect timeout, connection reset before the response head); always to an endpoint not tried
-yet; at most ``max_attempts`` in all; only while the upstream's retry budget allows.
-A POST is never retried.
+connect timeout, connection reset before the response head), or when the endpoint's sidecar
+answered 503 with a signed ``X-GT-Refused`` (its queue was full, no slot came in time, it was
+shutting down: the app never saw the request; :mod:`wire.signals`); always to an endpoint not
+tried yet; at most ``max_attempts`` in all; only while the upstream's retry budget allows.
+A POST is never retried. A refused attempt is observed by the policy as a failure of that
+endpoint; its retry carries no ``X-GT-Retry`` (nothing was re-sent to an app). On the last
+attempt a refusal is relayed as it came.
 
 Hedging (``--hedge``; :mod:`mesh.hedging` decides which picks and the delay): a request the
 policy sent to an endpoint only to explore it, if bodiless and idempotent, is sent to the best
@@ -78,7 +82,7 @@ from sidecar.upstreams import UpstreamTable
 from sidecar.watchdog import Watchdog
 from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.errors import WireError
-from wire.headers import CONGESTION, parse_congestion
+from wire.headers import CONGESTION, REFUSED, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ not a re-send (no ``X-GT-Retry`` for it, :meth:`sidecar.phases.ProxyPhases.
 upstream_request_filter`), although the caller's own retry budget still pays for it."""
 
 CONGESTION_KEY = CONGESTION.lower()
+REFUSED_KEY = REFUSED.lower()
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # a failed body relay: the upstream's stream broke or stalled, or the app went away
 RELAY_ERRORS: tuple[type[BaseException], ...] = (*BODY_READ_ERRORS, ConnectionError)
@@ -368,7 +373,16 @@ class OutboundProxy:
                 except BaseException:
                     self._charge(ctx, endpoint, sent)
                     raise
-                await self._relay_response(exchange, ctx, upstream, sent, watchdog)
+                head = None
+                if upstream.status == 503 and retryable and attempt + 1 < self.max_attempts:
+                    head = self._answer_head(ctx, upstream)
+                    refused = head[1].get(REFUSED_KEY)
+                    if refused is not None:
+                        failure = await self._refused(ctx, upstream, sent, attempt, refused,
+                                                      head[1])
+                        ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # the app never saw it
+                        continue
+                await self._relay_response(exchange, ctx, upstream, sent, watchdog, head)
                 return None
         finally:
             watchdog.stop()
@@ -520,6 +534,33 @@ class OutboundProxy:
             Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True))
         self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
 
+    def _answer_head(
+        self, ctx: RequestContext, upstream: UpstreamResponse
+    ) -> tuple[CIMultiDict[str], dict[str, str]]:
+        """The answer's headers for the app, and the game signals it carries that verify
+        (only signed signals are believed)."""
+        fields = getattr(upstream, "wire_fields", None)  # sidecar.http1's: the raw fields
+        headers, game = (response_headers_from_wire(fields, self.via) if fields is not None
+                         else response_headers_to_app(upstream.headers, self.via))
+        return headers, self.phases.response_signals(ctx, game)
+
+    async def _refused(self, ctx: RequestContext, upstream: UpstreamResponse, sent: float,
+                       attempt: int, refused: str, game: dict[str, str]) -> AttemptFailure:
+        """An endpoint's sidecar refused the attempt before its app saw it: the policy learns
+        it as a failure of that endpoint, the answer is read and dropped (the connection
+        stays in the pool if it ends soon), and the request may go to another endpoint."""
+        self._observe_head(ctx, upstream.status, game, sent)
+        try:
+            if not await drain(upstream.content):
+                upstream.close()
+        finally:
+            upstream.release()
+        self.metrics.refused.labels(ctx.upstream or "", refused).inc()
+        log.debug("%s %s: attempt %d refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
+                  attempt + 1, refused)
+        return AttemptFailure(ErrorReason.UPSTREAM_REFUSED, 503, True,
+                              f"{ctx.endpoint} refused it before its app saw it ({refused})")
+
     async def _relay_response(
         self,
         exchange: Exchange,
@@ -527,12 +568,10 @@ class OutboundProxy:
         upstream: UpstreamResponse,
         sent: float,
         watchdog: Watchdog,
+        head: tuple[CIMultiDict[str], dict[str, str]] | None = None,
     ) -> None:
         try:
-            fields = getattr(upstream, "wire_fields", None)  # sidecar.http1's: the raw fields
-            headers, game = (response_headers_from_wire(fields, self.via) if fields is not None
-                             else response_headers_to_app(upstream.headers, self.via))
-            game = self.phases.response_signals(ctx, game)  # only signed signals are believed
+            headers, game = head if head is not None else self._answer_head(ctx, upstream)
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)
             watchdog.push()

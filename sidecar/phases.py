@@ -70,7 +70,8 @@ class EarlyAnswer:
 
 UNSENT = "unsent_attempts"
 """``ctx.extra`` key: earlier attempts of this request that never connected (connect timeout or
-error), so no upstream can have seen them."""
+error), or that the endpoint's sidecar refused before its app saw them (a signed
+``X-GT-Refused``), so no upstream's app can have seen them."""
 
 
 def unsent_attempts(ctx: RequestContext) -> int:

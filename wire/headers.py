@@ -26,6 +26,9 @@ X-GT-Signals              response   ``v=1;caller=<id>;sig=<mac>`` — the calle
 X-GT-Probe                request    a probe's nonce (see wire.probe)
 X-GT-Reputation           response   ``v=1;score=<0..1>;level=<n>;phase=<phase>[;retry=<s>]``,
                                      phase good|punished|probation (see wire.standing)
+X-GT-Refused              response   ``queue-full`` | ``queue-timeout`` | ``shutting-down``:
+                                     the callee's sidecar sent the request away before its
+                                     app saw it (signed, see wire.signals)
 ========================  =========  ==========================================================
 """
 
@@ -48,6 +51,9 @@ IDENTITY = "X-GT-Identity"
 REPUTATION = "X-GT-Reputation"
 CHALLENGE = "X-GT-Challenge"
 SIGNALS = "X-GT-Signals"
+REFUSED = "X-GT-Refused"
+REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down"})
+"""The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""
 
 VERSION = "1"
 """Version of the ``v=``-headers (Congestion, Reputation; Identity and Probe have their own)."""

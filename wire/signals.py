@@ -2,15 +2,23 @@
 believable.
 
 Owns the version-1 format of the MAC an inbound sidecar puts on its answers, over the signals
-it sends (``X-GT-Congestion``, ``X-GT-Reputation``, ``X-GT-Price``) and the request they
-answer, and its check on the caller's side. Pure: keys, values and the request are passed in.
+it sends (``X-GT-Congestion``, ``X-GT-Reputation``, ``X-GT-Price``, and on a refusal
+``X-GT-Refused``) and the request they answer, and its check on the caller's side. Pure: keys,
+values and the request are passed in.
 
 Wire format (version 1)::
 
     X-GT-Challenge: <nonce>                       (request; fresh per attempt, wire.identity)
     X-GT-Signals: v=1;caller=<caller>;sig=<mac>   (response)
     <mac> = base64url(HMAC-SHA256(key, "X-GT-Signals|v=1|<challenge>|<caller>|<METHOD>|"
-            "<target>|<congestion>|<reputation>|<price>")), unpadded
+            "<target>|<congestion>|<reputation>|<price>[|refused=<reason>]")), unpadded
+
+``X-GT-Refused: <reason>`` (``queue-full``, ``queue-timeout``, ``shutting-down``) is on an
+answer only when the callee's sidecar sent the request away *before the app saw it*; its
+``|refused=<reason>`` is in the MAC input only then, so answers without it sign exactly as
+before. Signed, it tells the caller's sidecar that the request may be sent to another endpoint
+(:mod:`sidecar.outbound`); an app's own 503, or a refusal from outside the mesh, never carries
+a valid one.
 
 ``<caller>`` is who the callee's sidecar took the caller for (a verified id, or
 ``anonymous``); an absent signal is written ``-`` in the MAC input; values are the header
@@ -52,6 +60,7 @@ class SignedSignals:
     congestion: str | None = None
     reputation: str | None = None
     price: str | None = None
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,8 @@ class SignalsVerdict:
 def _message(answered: AnsweredRequest, caller: str, signals: SignedSignals) -> bytes:
     values = (signals.congestion, signals.reputation, signals.price)
     text = "|".join(ABSENT if v is None else v for v in values)
+    if signals.refused is not None:
+        text += f"|refused={signals.refused}"
     return (f"X-GT-Signals|{SIGNALS_VERSION}|{answered.challenge}|{caller}|"
             f"{answered.method.upper()}|{answered.target}|{text}").encode(
                 "utf-8", "surrogateescape")

@@ -106,6 +106,7 @@ equilibrium_signaling_redis_errors counter kind
 equilibrium_signaling_summaries_invalid counter upstream,reason
 equilibrium_signaling_summaries_published counter upstream
 equilibrium_transparent_connections counter route
+equilibrium_upstream_refused counter upstream,reason
 equilibrium_websocket_oversized counter listener
 """
 

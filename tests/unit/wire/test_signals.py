@@ -47,6 +47,27 @@ def test_anything_changed_is_a_bad_signature() -> None:
     assert verify_signals(other, KEY, ANSWERED, SIGNALS).reason is Reason.BAD_SIGNATURE
 
 
+def test_a_refusal_is_signed_only_when_present_and_cannot_be_added_or_removed() -> None:
+    """``X-GT-Refused`` joins the MAC input as ``|refused=<reason>`` only on a refusal, so an
+    answer without one signs exactly as before; adding, removing or changing it breaks the
+    signature (an app's own 503 cannot pass for a refusal by its sidecar)."""
+    refused = SignedSignals(SIGNALS.congestion, SIGNALS.reputation, None, "queue-timeout")
+    header = sign_signals(KEY, ANSWERED, "orders", refused)
+    message = (f"X-GT-Signals|v=1|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
+               "v=1;score=1.000;level=0;phase=good|-|refused=queue-timeout").encode()
+    expected = hmac.new(KEY, message, hashlib.sha256).digest()
+    assert header is not None
+    assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+    assert verify_signals(header, KEY, ANSWERED, refused).authentic
+    plain = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
+    for signed, signals in (
+        (header, SIGNALS),  # the refusal stripped
+        (plain, refused),  # a refusal added to an answer signed without one
+        (header, SignedSignals(SIGNALS.congestion, SIGNALS.reputation, None, "queue-full")),
+    ):
+        assert verify_signals(signed, KEY, ANSWERED, signals).reason is Reason.BAD_SIGNATURE
+
+
 def test_missing_and_malformed_values_are_named() -> None:
     assert verify_signals(None, KEY, ANSWERED, SIGNALS).reason is Reason.UNSIGNED
     assert verify_signals("", KEY, ANSWERED, SIGNALS).reason is Reason.UNSIGNED

@@ -1,0 +1,122 @@
+"""A request an endpoint's sidecar refused before its app saw it goes to another endpoint
+(real sidecar processes and backends on loopback).
+
+Endpoint ``A`` is an inbound sidecar in front of a slow app (1 s per request) with its limit
+pinned to one slot and a short ``max_wait``: requests that find the slot taken are refused
+``503 queue-timeout`` with a signed ``X-GT-Refused``. Endpoint ``B`` is a fast plain backend.
+The caller's sidecar must send refused GETs on to ``B``, never send a POST again, relay the
+refusal when no endpoint is left, and ignore an ``X-GT-Refused`` it cannot verify. Every
+request reaches exactly one app: the backends count what they served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.inbound_support import MESH_KEY, write_config
+from tests.integration.procs import (
+    LOOPBACK,
+    Backend,
+    SidecarProcess,
+    async_start_sidecar,
+    free_port,
+    start_backend,
+)
+
+POLICING = {
+    "max_wait": 0.15,
+    "concurrency": {"initial_limit": 1, "min_limit": 1, "max_limit": 1, "probe_limit": 1},
+    "reputation": {"rate_floor": 10_000, "retry_ratio": 10_000},
+}
+KEY_ENV = {"EQUILIBRIUM_MESH_SECRET": MESH_KEY}
+
+
+def served(backend: Backend, method: str | None = None) -> int:
+    """Requests of the test the backend answered (not the sidecars' probes)."""
+    return sum(1 for r in backend.seen
+               if r.path.startswith("/r") and (method is None or r.method == method))
+
+
+async def _burst(session: aiohttp.ClientSession, caller: SidecarProcess, count: int,
+                 method: str = "GET") -> list[tuple[int, dict[str, object]]]:
+    async def one(i: int) -> tuple[int, dict[str, object]]:
+        data = b"x" * 10 if method == "POST" else None
+        async with session.request(method, caller.outbound_url + f"/r{i}",
+                                   headers={"Host": "svc"}, data=data) as resp:
+            body = await resp.read()
+            try:
+                doc = json.loads(body) if resp.status >= 400 else {}
+            except ValueError:
+                doc = {"raw": body[:80].decode(errors="replace")}
+            return resp.status, doc
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+@pytest.mark.slow
+async def test_refused_attempts_go_to_another_endpoint_once_and_never_for_a_post(
+    tmp_path: Path,
+) -> None:
+    slow = await start_backend("slow", latency=1.0)
+    fast = await start_backend("fast")
+    liar = await start_backend("liar", status=503, headers={
+        "X-GT-Refused": "queue-timeout", "X-GT-Signals": "v=1;caller=c;sig=" + "A" * 43})
+    port = free_port()
+    a_url = f"http://{LOOPBACK}:{port}"
+    config = write_config(tmp_path / "p.json", POLICING)
+    procs: list[SidecarProcess] = []
+    try:
+        procs = list(await asyncio.gather(
+            async_start_sidecar({}, sidecar_id="a-in", config_file=config, env=KEY_ENV,
+                                extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                            "--app", slow.url]),
+            async_start_sidecar({"svc": [a_url, fast.url]}, sidecar_id="two", env=KEY_ENV),
+            async_start_sidecar({"svc": [a_url]}, sidecar_id="one", env=KEY_ENV),
+            async_start_sidecar({"svc": [liar.url, fast.url]}, sidecar_id="lied-to",
+                                env=KEY_ENV)))
+        _, two, one, lied_to = procs
+        async with aiohttp.ClientSession() as session:
+            # 1. GETs over A and B: every one answered 200, each served by exactly one app
+            answers = await _burst(session, two, 12)
+            assert [status for status, _ in answers] == [200] * 12, answers
+            refused = await asyncio.to_thread(
+                two.metric, "equilibrium_upstream_refused_total", upstream="svc",
+                reason="queue-timeout")
+            assert refused > 0  # some GETs found A's slot taken and went on to B
+            assert served(slow) + served(fast) == 12
+            served_by_a = served(slow)
+
+            # 2. A alone: one POST is served, the others are refused and relayed as they
+            # came (never sent again); GETs with no endpoint left get the caller sidecar's own
+            # 503 upstream-refused
+            posts = await _burst(session, one, 3, method="POST")
+            assert sorted(status for status, _ in posts) == [200, 503, 503]
+            assert {doc.get("reason") for status, doc in posts if status == 503} == {
+                "queue-timeout"}
+            assert served(slow, "POST") == 1
+            gets = await _burst(session, one, 3)
+            assert sorted(status for status, _ in gets) == [200, 503, 503]
+            assert {doc.get("reason") for status, doc in gets if status == 503} == {
+                "upstream-refused"}
+            assert served(slow) == served_by_a + 2
+
+            # 3. a plain server's X-GT-Refused does not verify: its 503 is the answer
+            before = served(fast)
+            lies = await _burst(session, lied_to, 10)
+            assert 503 in {status for status, _ in lies}
+            assert served(liar) + (served(fast) - before) == 10
+            assert await asyncio.to_thread(
+                lied_to.metric, "equilibrium_upstream_refused_total") == 0
+            assert await asyncio.to_thread(
+                lied_to.metric, "equilibrium_caller_bad_signals_total",
+                header="x-gt-signals") > 0
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
+        for p in procs:
+            p.cleanup()
+        for backend in (slow, fast, liar):
+            await backend.stop()
