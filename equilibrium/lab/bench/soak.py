@@ -440,8 +440,11 @@ class Soak(Scenario):
             + ("" if verdict.passed else " — " + "; ".join(verdict.reasons)),
             "Memory rule: per sidecar and the signaler, median RSS of the samples in the last "
             "10 % of the run over the median of the samples in the 10 % just after the warm-up "
-            "(the first 20 %); more than +10 % fails. Open files likewise, and also more than "
-            f"{Rules().fd_slack} descriptors more.",
+            "(the first 20 %); more than +10 % fails. Open files fail when the last window is "
+            f"more (+10 % and {Rules().fd_slack} descriptors) than both that first window and "
+            "any earlier window after the warm-up (a new high at the end), or when they rise "
+            "quarter after quarter (a ramp); a pool that grew in a burst and stays (a plateau) "
+            "passes.",
             "A cooperative request fails when it gets no HTTP answer within 5 s (transport "
             "error or timeout), any status >= 400 (from its own sidecar, an inbound sidecar "
             "or the app), or is never sent because 512 were outstanding. Not a failure: a 429 "
