@@ -31,8 +31,9 @@ lint: install-test
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# --durations: the slowest tests are listed at the end, to keep CI's time in view
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 unit: install-test
 	$(BIN)/python -m pytest -q tests/unit
