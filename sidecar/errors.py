@@ -54,8 +54,9 @@ class ErrorReason(StrEnum):
     doing, not the endpoint's (metric only; the upstream connection is kept if the rest of the
     body can be drained within a small budget)."""
     BAD_TARGET = "bad-target"
-    """400: the inbound listener got a request target that is not a path (``/...``): an
-    absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy."""
+    """400: a request target that is not a path (``/...``). On the inbound listener an
+    absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy; on the
+    outbound listener (which takes absolute URLs) ``*`` or ``host:port`` cannot be routed."""
     WEBSOCKET_NOT_SUPPORTED = "websocket-not-supported"
     """501: the transport cannot carry WebSockets."""
     WEBSOCKET_HANDSHAKE_FAILED = "websocket-handshake-failed"

@@ -269,6 +269,10 @@ class OutboundProxy:
         if not ctx.authority:
             return self._error(ctx, 400, ErrorReason.NO_HOST,
                                "request has neither Host nor absolute URL")
+        if not ctx.target.startswith("/"):  # `*` (asterisk-form), `host:port`, garbage
+            return self._error(ctx, 400, ErrorReason.BAD_TARGET,
+                               f"request target {ctx.target[:64]!r} is neither a path nor an "
+                               "absolute URL")
         ctx.upstream = self.pinned_upstream(exchange) or upstream_name(ctx.authority)
         if has_passed(exchange.headers, self.via):
             return self._error(ctx, 508, ErrorReason.LOOP_DETECTED,
