@@ -18,8 +18,7 @@ with ``readany()`` (:class:`BodyReader`): aiohttp's own stream, or an in-memory 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from aiohttp.web import StreamResponse
@@ -245,26 +244,6 @@ def response_headers_from_wire(
 def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]:
     drop = {n.lower() for n in names}
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
-
-
-async def relay_chunks(
-    stream: BodyReader, idle_timeout: float, progress: asyncio.Timeout | None = None
-) -> AsyncIterator[bytes]:
-    """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``.
-
-    ``progress``: a timeout (e.g. the wait for the upstream's answer) that each chunk pushes
-    ``idle_timeout`` into the future, so a long upload that keeps moving is not cut off by it.
-    """
-    loop = asyncio.get_running_loop()
-    while True:
-        async with asyncio.timeout(idle_timeout):
-            chunk = await stream.readany()
-        if not chunk:
-            return
-        if progress is not None:
-            with contextlib.suppress(RuntimeError):  # already left: the answer came first
-                progress.reschedule(loop.time() + idle_timeout)
-        yield chunk
 
 
 async def relay_body(

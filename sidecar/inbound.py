@@ -52,7 +52,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,10 +66,10 @@ from mesh.concurrency import ConcurrencySnapshot
 from mesh.reputation import BookSnapshot
 from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.forward import (
+    BodyReader,
     append_header,
     end_to_end,
     must_be_empty,
-    relay_chunks,
     request_headers_to_upstream,
     strip_game_headers,
 )
@@ -102,6 +102,27 @@ from wire.identity import BoundRequest
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_INTERVAL = 0.5
+
+
+async def relay_chunks(
+    stream: BodyReader, idle_timeout: float, progress: asyncio.Timeout | None = None
+) -> AsyncIterator[bytes]:
+    """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``.
+
+    ``progress``: a timeout (e.g. the wait for the upstream's answer) that each chunk pushes
+    ``idle_timeout`` into the future, so a long upload that keeps moving is not cut off by it.
+    (Here, not in :mod:`sidecar.forward`: mypyc compiles that module and no async generator.)
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        async with asyncio.timeout(idle_timeout):
+            chunk = await stream.readany()
+        if not chunk:
+            return
+        if progress is not None:
+            with contextlib.suppress(RuntimeError):  # already left: the answer came first
+                progress.reschedule(loop.time() + idle_timeout)
+        yield chunk
 
 
 def _gone(request: web.Request) -> bool:

@@ -44,7 +44,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -121,11 +121,26 @@ async def drain(content: BodyReader, limit: int = DRAIN_LIMIT,
     return False
 
 
-async def _upload(content: BodyReader, watchdog: Watchdog) -> AsyncIterator[bytes]:
-    """The app's body as it arrives; each chunk is progress for the request's watchdog."""
-    while chunk := await content.readany():
-        watchdog.push()
-        yield chunk
+class _Upload:
+    """The app's body as it arrives; each chunk is progress for the request's watchdog. (An
+    async iterator, not an async generator: mypyc compiles this module and no async
+    generator.)"""
+
+    __slots__ = ("_content", "_watchdog")
+
+    def __init__(self, content: BodyReader, watchdog: Watchdog) -> None:
+        self._content = content
+        self._watchdog = watchdog
+
+    def __aiter__(self) -> _Upload:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._content.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        self._watchdog.push()
+        return chunk
 
 
 def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
@@ -359,7 +374,7 @@ class OutboundProxy:
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
-                        _upload(exchange.content, watchdog) if has_body else None,
+                        _Upload(exchange.content, watchdog) if has_body else None,
                     ))
                 except asyncio.CancelledError:
                     if not watchdog.took_back():

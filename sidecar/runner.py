@@ -42,7 +42,7 @@ from aiohttp import web
 
 from mesh.errors import ConfigError
 from mesh.profiles import StrategyProfile, get_profile
-from sidecar import log_guard
+from sidecar import log_guard, outbound
 from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
@@ -392,12 +392,14 @@ class SidecarRunner:
             gc.freeze()
             self.readiness.started = True
             log.info(
-                "sidecar %s ready: %s; upstreams: %s",
+                "sidecar %s ready: %s; upstreams: %s; request path %s",
                 self.config.id,
                 ", ".join(
                     f"{lst.name}={lst.address.host}:{lst.bound_port}" for lst in self._listeners
                 ),
                 ", ".join(self.table.names()) or "(none)",
+                "compiled (mypyc)" if not (outbound.__file__ or "").endswith(".py")
+                else "pure Python",
             )
             await self._stop.wait()
             await self._drain()

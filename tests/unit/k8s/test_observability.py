@@ -43,7 +43,8 @@ def exported_labels() -> dict[str, set[str]]:
                          SignalerMetrics()]
     out: dict[str, set[str]] = {}
     for owner in owners:
-        for metric in vars(owner).values():
+        # dir(), not vars(): a holder compiled by mypyc (make compile) has no __dict__
+        for metric in (getattr(owner, name) for name in dir(owner)):
             if not isinstance(metric, MetricWrapperBase):
                 continue
             name, labels, kind = metric._name, set(metric._labelnames), metric._type
