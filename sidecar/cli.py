@@ -103,6 +103,8 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
            "answer after the last byte sent, or between body chunks (default: the profile's)",
            "SECONDS"),
     Option("connect_timeout", "upstream connect timeout (default: the profile's)", "SECONDS"),
+    Option("source_address", "the IP address connections to endpoints leave from (default: "
+           "the kernel's choice; env {env})", "IP"),
     Option("header_timeout", "outbound listener: close a connection that sends no request "
            "byte (or not the whole HTTP/2 preface) in time; answer 408 to an HTTP/1.1 request "
            "head not complete in time (default 10; env {env})", "SECONDS"),

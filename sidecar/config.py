@@ -23,6 +23,7 @@ Config file shape (YAML or JSON, every key optional)::
     max_attempts: 3             # 1 try + retries (default: the profile's max_retries + 1)
     request_timeout: 15         # longest stall: upload, wait for answer, body (default: profile)
     connect_timeout: 1          # TCP connect to an endpoint (default: profile)
+    source_address: 10.0.0.5    # connections to endpoints leave from this IP (default: any)
     hedge: false                # hedged exploration of endpoints that answer no probe
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
@@ -46,6 +47,7 @@ so a reload of the file changes endpoints only when neither flags nor the enviro
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -89,6 +91,7 @@ ENV_VARS: dict[str, str] = {
     "max_attempts": "EQUILIBRIUM_MAX_ATTEMPTS",
     "request_timeout": "EQUILIBRIUM_REQUEST_TIMEOUT",
     "connect_timeout": "EQUILIBRIUM_CONNECT_TIMEOUT",
+    "source_address": "EQUILIBRIUM_SOURCE_ADDRESS",
     "config": "EQUILIBRIUM_CONFIG",
     "inbound": "EQUILIBRIUM_INBOUND",
     "app": "EQUILIBRIUM_APP",
@@ -111,7 +114,7 @@ TRUE = frozenset({"1", "true", "yes", "on"})
 FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
-        "max_attempts", "request_timeout", "connect_timeout", "hedge",
+        "max_attempts", "request_timeout", "connect_timeout", "source_address", "hedge",
         "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
         "redis", "signaling_epoch",  # sidecar.signaling
         "listener",  # the outbound listener's defences
@@ -186,6 +189,7 @@ class SidecarConfig:
     max_attempts: int | None = None  # None: the profile's max_retries + 1
     request_timeout: float | None = None  # None: the profile's
     connect_timeout: float | None = None  # None: the profile's
+    source_address: str | None = None  # the IP connections to endpoints leave from (None: any)
     inbound: ListenAddress | None = None  # listener in front of the app (with ``app``)
     app: str | None = None
     mesh_secret_file: Path | None = None  # or env EQUILIBRIUM_MESH_SECRET
@@ -365,6 +369,21 @@ def _shown(value: Any) -> str:
     return repr(value)[:32]
 
 
+def _parse_source_address(value: Any) -> str:
+    """An IP address literal (IPv4 or IPv6, no brackets) the sidecar's connections to its
+    endpoints leave from; a name, a port or a wildcard is refused: the kernel already picks
+    an address when none is given."""
+    text = value.strip() if isinstance(value, str) else None
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        address = None
+    if address is None or address.is_unspecified or address.is_multicast:
+        raise ConfigError("source_address: expected one IP address of this pod (e.g. "
+                          f"10.0.0.5 or fd00::5), got {_shown(value)}")
+    return str(address)
+
+
 def _parse_float(value: Any, what: str, low: float) -> float:
     try:  # a string must be a plain ASCII decimal; a huge int overflows float()
         number = ascii_decimal(value.strip()) if isinstance(value, str) else float(value)
@@ -500,6 +519,8 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 out[key] = _parse_int(value, "max_attempts", 1, 10)
             elif key in ("request_timeout", "connect_timeout"):
                 out[key] = _parse_float(value, key, 0.001)
+            elif key == "source_address":
+                out[key] = _parse_source_address(value)
             elif key in ("transparent", "discovery", "hedge"):
                 out[key] = _parse_switch(value)
             elif key in ("discovery_namespaces", "kube_api", "kube_token_file"):
@@ -562,6 +583,7 @@ class ConfigSource:
             max_attempts=merged.get("max_attempts"),
             request_timeout=merged.get("request_timeout"),
             connect_timeout=merged.get("connect_timeout"),
+            source_address=merged.get("source_address"),
             inbound=merged.get("inbound"),
             app=merged.get("app"),
             mesh_secret_file=merged.get("mesh_secret_file"),

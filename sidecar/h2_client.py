@@ -33,6 +33,7 @@ from sidecar.h2_connection import (
     StreamGone,
     header_list_size,
 )
+from sidecar.transport import local_address
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,11 @@ class H2Pool:
     """The h2c connections to one endpoint."""
 
     def __init__(self, host: str, port: int, *, connect_timeout: float,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 source_address: str | None = None) -> None:
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
+        self.source_address = source_address
         self.max_connections = max_connections
         self.connections: list[H2ClientConnection] = []
         self._connecting = 0
@@ -181,7 +184,8 @@ class H2Pool:
             # before any stream is opened (until then only the preface was sent).
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: H2ClientConnection(self), self.host, self.port)
+                    lambda: H2ClientConnection(self), self.host, self.port,
+                    local_addr=local_address(self.source_address, self.host))
                 lost = asyncio.ensure_future(conn.lost.wait())
                 settings = asyncio.ensure_future(conn.settings_seen.wait())
                 try:
@@ -224,9 +228,11 @@ class H2Upstreams:
     """One :class:`H2Pool` per endpoint URL (``http://HOST:PORT``), made on first use."""
 
     def __init__(self, *, connect_timeout: float,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 source_address: str | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
+        self.source_address = source_address
         self._pools: dict[str, H2Pool] = {}
 
     def pool(self, endpoint: str) -> H2Pool:
@@ -235,7 +241,7 @@ class H2Upstreams:
             host, port = endpoint_address(endpoint)
             pool = self._pools[endpoint] = H2Pool(
                 host, port, connect_timeout=self.connect_timeout,
-                max_connections=self.max_connections)
+                max_connections=self.max_connections, source_address=self.source_address)
         return pool
 
     def retain(self, endpoints: Iterable[str]) -> None:

@@ -87,6 +87,7 @@ class H2Outbound:
         clock: Callable[[], float] = time.monotonic,
         upstreams: H2Upstreams | None = None,
         h2_metrics: H2Metrics | None = None,
+        source_address: str | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.table = table
@@ -99,7 +100,8 @@ class H2Outbound:
         self.rng = rng or random.Random()
         self.clock = clock
         self.via = f"2 {sidecar_id}".encode()
-        self.upstreams = upstreams or H2Upstreams(connect_timeout=connect_timeout)
+        self.upstreams = upstreams or H2Upstreams(connect_timeout=connect_timeout,
+                                                  source_address=source_address)
 
     def close(self) -> None:
         self.upstreams.close()

@@ -212,6 +212,7 @@ class OutboundProxy:
         clock: Callable[[], float] = time.monotonic,
         transport: Transport | None = None,
         hedge: bool = False,
+        source_address: str | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.hedge = hedge  # hedged exploration (module docstring, "Hedging")
@@ -230,7 +231,7 @@ class OutboundProxy:
         self._own_transport: H1Transport | None = None
         if transport is None:
             transport = self._own_transport = H1Transport(
-                connect_timeout=profile.connect_timeout
+                connect_timeout=profile.connect_timeout, source_address=source_address
             )
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None

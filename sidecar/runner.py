@@ -184,6 +184,7 @@ class SidecarRunner:
             rng=rng or random.Random(),
             clock=clock,
             hedge=config.hedge,
+            source_address=config.source_address,
         )
         if config.hedge:
             log.info("hedged exploration on: exploratory picks of bodiless idempotent requests "
@@ -201,6 +202,7 @@ class SidecarRunner:
             max_attempts=self.proxy.max_attempts,
             rng=self.proxy.rng,
             clock=clock,
+            source_address=config.source_address,
         )
         limits = config.listener
         h2_limits = H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout)

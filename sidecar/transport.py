@@ -25,6 +25,7 @@ retry, bound a request's time, or change headers: those are the listeners'
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -104,6 +105,21 @@ class WebSocketDialer(Protocol):
 
 
 # ---------------------------------------------------------------- failures
+
+
+def local_address(source: str | None, host: str) -> tuple[str, int] | None:
+    """``local_addr`` for a connection to ``host`` from the sidecar's configured source
+    address (``source_address``: the address its connections to endpoints leave from, as
+    Envoy's ``upstream_bind_config``, HAProxy's ``source`` or nginx's ``proxy_bind``): None
+    without one, and None for an IP literal of the other family (an IPv4 source cannot reach
+    an IPv6 endpoint); a name is resolved with the source's family preferred by asyncio."""
+    if source is None:
+        return None
+    try:
+        target = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return (source, 0)
+    return (source, 0) if target.version == ipaddress.ip_address(source).version else None
 
 
 class TransportError(Exception):
@@ -198,8 +214,10 @@ class AiohttpTransport:
         connect_timeout: float,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         read_bufsize: int = CHUNK_SIZE,
+        source_address: str | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
+        self.source_address = source_address
         self.keepalive_timeout = keepalive_timeout
         self.websocket_max_message = DEFAULT_MAX_MESSAGE  # bytes of one upstream message
         self.read_bufsize = read_bufsize
@@ -210,7 +228,9 @@ class AiohttpTransport:
             return
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=self.keepalive_timeout, ttl_dns_cache=10
+                limit=0, keepalive_timeout=self.keepalive_timeout, ttl_dns_cache=10,
+                # one connector for every endpoint: bound to the source whatever the target
+                local_addr=(self.source_address, 0) if self.source_address else None,
             ),
             auto_decompress=False,
             skip_auto_headers=CLIENT_AUTO_HEADERS,

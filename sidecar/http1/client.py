@@ -35,6 +35,7 @@ from sidecar.transport import (
     TransportError,
     UpstreamRequest,
     UpstreamResponse,
+    local_address,
 )
 from sidecar.websocket import DEFAULT_MAX_MESSAGE
 
@@ -124,8 +125,10 @@ class H1Transport:
         connect_timeout: float,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         high_water: int = HIGH_WATER,
+        source_address: str | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
+        self.source_address = source_address  # None: the kernel picks (sidecar.config)
         self.keepalive_timeout = keepalive_timeout
         self.high_water = high_water
         self._pools: dict[tuple[str, int], EndpointPool] = {}
@@ -152,7 +155,8 @@ class H1Transport:
     async def _aiohttp(self) -> AiohttpTransport:
         if self._dialer is None:
             self._dialer = AiohttpTransport(
-                connect_timeout=self.connect_timeout, keepalive_timeout=self.keepalive_timeout)
+                connect_timeout=self.connect_timeout, keepalive_timeout=self.keepalive_timeout,
+                source_address=self.source_address)
             self._dialer.websocket_max_message = self.websocket_max_message
             await self._dialer.start()
         return self._dialer
@@ -183,7 +187,9 @@ class H1Transport:
         conn = UpstreamConnection(pool, self.high_water)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: conn, pool.host, pool.port)
+                await loop.create_connection(
+                    lambda: conn, pool.host, pool.port,
+                    local_addr=local_address(self.source_address, pool.host))
         except TimeoutError as exc:
             raise ConnectTimeout(
                 f"connecting to {pool.authority} took over {self.connect_timeout:g} s") from exc

@@ -145,6 +145,10 @@ def test_config_file_path_may_come_from_the_environment(tmp_path: Path) -> None:
         ({}, {}, "- just\n- a list\n", "top level must be a mapping"),
         ({}, {}, "upstreams: {a: [1]}\n", "is not a string"),
         ({}, {}, "upstreams: [\n", "not valid YAML/JSON"),
+        ({"source_address": "pod.local"}, {}, None, "source_address: expected one IP address"),
+        ({}, {"EQUILIBRIUM_SOURCE_ADDRESS": "0.0.0.0"}, None, "expected one IP address"),
+        ({}, {}, "source_address: '[::1]'\n", "expected one IP address"),
+        ({}, {}, "source_address: 10.0.0.5:80\n", "expected one IP address"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_setting_named(
@@ -157,6 +161,16 @@ def test_bad_settings_are_rejected_with_the_setting_named(
     with pytest.raises(ConfigError) as info:
         ConfigSource.from_sources(flags, env=env).load()
     assert message in str(info.value)
+
+
+def test_the_source_address_comes_from_any_layer_normalised(tmp_path: Path) -> None:
+    assert ConfigSource.from_sources({}, env={}).load().source_address is None
+    path = tmp_path / "c.yaml"
+    path.write_text("source_address: 10.0.0.5\n")
+    from_file = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    assert from_file.source_address == "10.0.0.5"
+    flags = {"config": str(path), "source_address": " fd00:0::5 "}
+    assert ConfigSource.from_sources(flags, env={}).load().source_address == "fd00::5"
 
 
 def test_listen_address_forms() -> None:

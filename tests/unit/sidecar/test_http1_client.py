@@ -30,6 +30,7 @@ from sidecar.transport import (
     UpstreamReset,
     WebSocketDialer,
     classify,
+    local_address,
 )
 
 Script = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -678,3 +679,39 @@ async def test_websockets_are_dialled_through_aiohttp() -> None:
             await ws.close()
     finally:
         await transport.close()
+
+
+# ---------------------------------------------------------------- source address
+
+
+async def test_connections_leave_from_the_configured_source_address(raw: MakeRaw) -> None:
+    peers: list[str] = []
+
+    async def script(server: RawServer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, n: int) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        await server.head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    server = await raw(script)
+    for source, expected in (("127.0.0.23", "127.0.0.23"), (None, "127.0.0.1")):
+        transport = H1Transport(connect_timeout=1.0, source_address=source)
+        await transport.start()
+        try:
+            response = await transport.handle_request(get(server.url))
+            assert await read_all(response) == b"ok"
+            response.release()
+        finally:
+            await transport.close()
+        assert peers[-1] == expected
+
+
+def test_a_source_address_of_the_other_family_is_not_bound() -> None:
+    assert local_address(None, "10.0.0.1") is None
+    assert local_address("127.0.0.2", "10.0.0.1") == ("127.0.0.2", 0)
+    assert local_address("127.0.0.2", "[::1]") is None
+    assert local_address("fd00::5", "::1") == ("fd00::5", 0)
+    assert local_address("fd00::5", "10.0.0.1") is None
+    assert local_address("127.0.0.2", "users.default.svc") == ("127.0.0.2", 0)
