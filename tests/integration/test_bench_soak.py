@@ -86,7 +86,15 @@ def test_a_short_soak_survives_two_redis_restarts_and_reports_every_process(
     admitted = sum(o.get("admitted", 0) for per in outcomes.values() for o in per.values())
     assert admitted >= 0.9 * sum(c["totals"]["planned"] for c in callers.values())
 
+    # the machine's CPU pressure was sampled with them (where the kernel reports it), so a
+    # failure can be told apart from a machine that was saturated
+    if Path("/proc/pressure/cpu").exists():
+        pressure = data["cpu_pressure_some_avg10"]
+        assert len(pressure) >= DURATION / INTERVAL - 3
+        assert all(0.0 <= v <= 100.0 for _, v in pressure)
+
     md = (tmp_path / "results" / "soak.md").read_text()
+    assert "CPU pressure (%)" in md
     for title in ("memory and open files per process", "requests per caller",
                   "soak over time", "Redis kills"):
         assert title in md

@@ -89,6 +89,26 @@ def read_proc(pid: int) -> tuple[float, int] | None:
     return rss, fds
 
 
+REFUSED_CONNECTIONS = "(connections closed at once)"
+"""The row of the inbound table for the connections an inbound listener's caps refused."""
+
+
+def caller_address(k: int) -> str:
+    """The loopback address the ``k``-th caller's sidecar connects from (127.0.0.11, ...)."""
+    return f"127.0.0.{11 + k}"
+
+
+def read_cpu_pressure() -> float | None:
+    """The machine's CPU pressure now: the share of the last 10 s in which some runnable task
+    waited for a CPU (``/proc/pressure/cpu``, ``some avg10``, in %), or None without PSI."""
+    try:
+        with open("/proc/pressure/cpu", encoding="ascii") as f:
+            line = f.readline()
+        return float(line.split()[1].split("=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass(slots=True)
 class CallerLog:
     """One caller's per-second bins as its load process reported them."""
@@ -171,6 +191,7 @@ class Soak(Scenario):
                   "sample_interval_s": args.soak_sample_interval,
                   "warmup_share": Rules().warmup, "window_share": Rules().window,
                   "max_rss_growth": Rules().max_growth}
+        pressure: list[tuple[float, float]] = []  # (t, CPU pressure %) while the load runs
         config = ctx.logs / "soak-config.json"
         config.write_text(json.dumps(self.policing(args.soak_servers, capacity)))
         redis = EmbeddedRedis(password=secrets.token_urlsafe(18))
@@ -199,9 +220,14 @@ class Soak(Scenario):
                     f"pod-{i}-in", {}, extra=["--inbound", addr, "--app", url, *common],
                     stderr_path=log, env=env))
             upstreams = {UPSTREAM: [f"http://{a}" for a in inbound_addrs]}
-            for name in [*coop_names, ROGUE]:
-                sidecars.append(await Sidecar.start(name, upstreams, strategy=args.strategy,
-                                                    extra=common, stderr_path=log, env=env))
+            # Each caller's pod has an address of its own, as in a cluster, so the inbound
+            # sidecars' cap per peer address (max_connections_per_source) sees four callers,
+            # not one 127.0.0.1 that the rogue's connections would fill for everyone.
+            for k, name in enumerate([*coop_names, ROGUE]):
+                source = ["--source-address", caller_address(k)]
+                sidecars.append(await Sidecar.start(
+                    name, upstreams, strategy=args.strategy, extra=[*source, *common],
+                    stderr_path=log, env=env))
             watched = [Watched(s.id, s.child.pid, True, s.admin_url + "/readyz",
                                metrics_url=s.admin_url + "/metrics" if i < pods else None)
                        for i, s in enumerate(sidecars)]
@@ -229,7 +255,7 @@ class Soak(Scenario):
                        for c, child in zip(callers, loaders, strict=True)]
             stop = asyncio.Event()
             sampler = asyncio.create_task(self._sample(watched, t0, args.soak_sample_interval,
-                                                       stop, ctx, callers))
+                                                       stop, ctx, callers, pressure))
             events: list[dict[str, Any]] = []
             chaos = asyncio.create_task(self._redis_chaos(redis, plane, t0, duration,
                                                           args.soak_redis_down, events, ctx))
@@ -254,7 +280,7 @@ class Soak(Scenario):
             if fleet is not None:
                 await fleet.stop()
         return self._result(ctx, params, duration, watched, callers, events, punishment,
-                            outcomes)
+                            outcomes, pressure)
 
     # ------------------------------------------------------------ during the run
 
@@ -270,7 +296,8 @@ class Soak(Scenario):
     @staticmethod
     async def _sample(watched: Sequence[Watched], t0: float, interval: float,
                       stop: asyncio.Event, ctx: BenchContext,
-                      callers: Sequence[CallerLog]) -> None:
+                      callers: Sequence[CallerLog],
+                      pressure: list[tuple[float, float]]) -> None:
         loop = asyncio.get_running_loop()
         tick = 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
@@ -308,6 +335,9 @@ class Soak(Scenario):
                 for w, g in zip([w for w in watched if w.metrics_url], readings, strict=True):
                     if g is not None:
                         w.gauges.append((t, g))
+                cpu = read_cpu_pressure()
+                if cpu is not None:
+                    pressure.append((t, cpu))
                 for w in watched:
                     reading = read_proc(w.pid)
                     if reading is None:
@@ -322,8 +352,9 @@ class Soak(Scenario):
                                  for c in callers if c.cooperative)
                     rss = max((w.samples[-1].rss_kib for w in watched
                                if w.judged and w.samples), default=0.0)
+                    busy = "" if cpu is None else f", CPU pressure {cpu:.0f} %"
                     ctx.say(f"  t={t:5.0f} s: largest RSS {rss / 1024:.1f} MiB, cooperative "
-                            f"failures so far {failed}")
+                            f"failures so far {failed}{busy}")
 
     @staticmethod
     async def _redis_chaos(redis: EmbeddedRedis, plane: SignalingPlane, t0: float,
@@ -377,6 +408,10 @@ class Soak(Scenario):
                 out[sc.id] = metric(text, "equilibrium_inbound_caller_punishment_level",
                                     caller=ROGUE)
                 outcomes[sc.id] = {c: _outcomes(text, c) for c in callers}
+                # connections its listener closed at once, for any caller (its caps)
+                outcomes[sc.id][REFUSED_CONNECTIONS] = {
+                    reason: int(metric(text, "equilibrium_inbound_connections_rejected_total",
+                                       reason=reason)) for reason in ("cap", "per-source")}
         return out, outcomes
 
     # ------------------------------------------------------------ the report
@@ -384,7 +419,8 @@ class Soak(Scenario):
     def _result(self, ctx: BenchContext, params: dict[str, Any], duration: float,
                 watched: Sequence[Watched], callers: Sequence[CallerLog],
                 events: list[dict[str, Any]], punishment: Mapping[str, float],
-                outcomes: Mapping[str, Mapping[str, Mapping[str, int]]]) -> ScenarioResult:
+                outcomes: Mapping[str, Mapping[str, Mapping[str, int]]],
+                pressure: Sequence[tuple[float, float]] = ()) -> ScenarioResult:
         judged = {w.name: w.samples for w in watched if w.judged}
         coop_fail = {c.name: dict(c.totals("fail")) for c in callers if c.cooperative}
         for c in callers:
@@ -403,7 +439,7 @@ class Soak(Scenario):
         tables = [self._summary_table(verdict, watched),
                   self._caller_table(callers),
                   self._inbound_table(outcomes),
-                  self._time_table(duration, watched, callers, events),
+                  self._time_table(duration, watched, callers, events, pressure),
                   Table(title="soak: Redis kills (SIGKILL) and restarts",
                         columns=["kill", "killed at (s)", "started again at (s)",
                                  "signaler /readyz 200 after (s)"],
@@ -428,6 +464,7 @@ class Soak(Scenario):
                                  "shed": dict(c.totals("shed")), "bins": c.bins}
                         for c in callers},
             "redis_restarts": events,
+            "cpu_pressure_some_avg10": [list(x) for x in pressure],
             "rogue_punishment_level_at_end": dict(punishment),
             "inbound_outcomes_by_caller": {k: dict(v) for k, v in outcomes.items()},
         }
@@ -453,6 +490,13 @@ class Soak(Scenario):
             "cooperative caller should never see one, and the "
             "caller table shows any. A 503/429 that the rogue's flood causes a cooperative "
             "caller is a failure of the policing.",
+            "CPU pressure: the share of time some runnable task of the machine waited for a "
+            "CPU (/proc/pressure/cpu, some, avg10), "
+            + (f"mean {sum(v for _, v in pressure) / len(pressure):.0f} % and highest "
+               f"{max(v for _, v in pressure):.0f} % over the run" if pressure else "not read")
+            + ". When it stays high the machine is saturated: every process under test "
+            "waits for a core, and what fails may be the machine's doing rather than the "
+            "mesh's.",
             "Redis is killed with SIGKILL (no shutdown, no persistence) and started again on "
             "the same port; 'signaler ready after' counts from the restart.",
             "rogue punishment level at the end per inbound sidecar: "
@@ -522,7 +566,8 @@ class Soak(Scenario):
 
     @staticmethod
     def _time_table(duration: float, watched: Sequence[Watched],
-                    callers: Sequence[CallerLog], events: Sequence[Mapping[str, Any]]) -> Table:
+                    callers: Sequence[CallerLog], events: Sequence[Mapping[str, Any]],
+                    pressure: Sequence[tuple[float, float]] = ()) -> Table:
         steps = 12
         step = duration / steps
         sidecars = [w for w in watched if w.judged]
@@ -544,15 +589,17 @@ class Soak(Scenario):
                 cells.append("—" if not inside else
                              f"{inside[-1].rss_kib / 1024:.0f}/{inside[-1].fds}")
             marks = "".join(" R✝" for e in events if a <= e["killed_at_s"] < b)
+            cpu = [v for t, v in pressure if a <= t < b]
             rows.append([f"{a:.0f}–{b:.0f}{marks}", f"{coop_ok / step:.0f}", str(coop_fail),
                          "—" if p99 is None else f"{p99 * 1000:.0f}",
                          f"{rogue_ok / step:.0f}", f"{rogue_shed / step:.0f}",
-                         str(rogue_fail), *cells])
+                         str(rogue_fail), f"{sum(cpu) / len(cpu):.0f}" if cpu else "—",
+                         *cells])
         return Table(
             title="soak over time (R✝: Redis killed in this interval; per process: RSS MiB / "
                   "open files at the interval's last sample)",
             columns=["t (s)", "coop ok/s", "coop failed", "coop worst 1-s p99 (ms)",
-                     "rogue ok/s", "rogue shed/s", "rogue failed",
+                     "rogue ok/s", "rogue shed/s", "rogue failed", "CPU pressure (%)",
                      *(w.name for w in sidecars)],
             rows=rows)
 
