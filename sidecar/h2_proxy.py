@@ -23,9 +23,13 @@ reached an endpoint (no connection could be had: nothing was sent, so even a POS
 been processed), to an endpoint not tried yet; and a call the endpoint refused unprocessed
 (RST_STREAM REFUSED_STREAM, RFC 9113 §8.7, or above the last stream of its GOAWAY) whose
 request so far is still at hand (at most ``REPLAY_LIMIT`` bytes), to any endpoint: grpc-core
-refuses streams so while it releases earlier ones, within the limit it announced. Any other
-call that reached an endpoint is never sent again. The app resetting a stream (or hanging up)
-is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
+refuses streams so while it releases earlier ones, within the limit it announced; and a call
+the endpoint's inbound sidecar refused before its app saw it (a signed ``X-GT-Refused``: its
+queue was full or timed out, or it is shutting down; docs/protocol.md, "Refusals go
+elsewhere") whose request is still at hand, to an endpoint not tried yet, as an attempt of
+its own (the budget, the attempts; on the last attempt the refusal is relayed as it came).
+Any other call that reached an endpoint is never sent again. The app resetting a stream (or
+hanging up) is the app's doing: the upstream stream is cancelled and the endpoint is not blamed.
 
 The phases run are ``request_check`` (the protocol-neutral part of ``request_filter``: the
 punished back-off, the app's bid), ``upstream_pick``, ``upstream_request_filter`` (the retry
@@ -52,6 +56,7 @@ from h2.errors import ErrorCodes
 from multidict import CIMultiDict
 
 from mesh.policy import Outcome
+from sidecar.errors import ErrorReason
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
@@ -61,7 +66,7 @@ from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
 from wire.errors import WireError
-from wire.headers import CONGESTION, REPUTATION, is_gt_header, parse_congestion
+from wire.headers import CONGESTION, REFUSED, REPUTATION, is_gt_header, parse_congestion
 from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
@@ -198,6 +203,7 @@ class _Call:
                 proxy.metrics.retries.labels(group.name).inc()
             ctx.endpoint = endpoint
             ctx.tried.append(endpoint)
+            ctx.game_response_headers.clear()  # what this attempt's answer says, only
             headers = self.attempt_headers(base, deadline, loop.time())
             sent = proxy.clock()
             group.policy.on_start(endpoint, sent)
@@ -223,8 +229,14 @@ class _Call:
             except BaseException:
                 self.outcome(sent, None, False, "proxy-error")
                 raise
-            if not await self.exchange(upstream, sent, deadline):
+            ended = await self.exchange(upstream, sent, deadline,
+                                        resend_refused=attempt + 1 < proxy.max_attempts)
+            if ended is None:
                 return None
+            if ended == UPSTREAM_REFUSED:  # its sidecar refused it unprocessed (signed)
+                failure = UPSTREAM_REFUSED
+                attempt, refused = attempt + 1, False
+                continue
             # refused unprocessed: another attempt, on any endpoint (this one too: a refusal
             # is the endpoint's stream limit, not its failure)
             failure = "refused-stream"
@@ -240,6 +252,10 @@ class _Call:
             return None
         if _deadline_due(deadline, loop.time()):  # the attempts ran the deadline out
             return await self.deadline_exceeded()
+        if failure == UPSTREAM_REFUSED:
+            return await self.error(
+                503, UPSTREAM_REFUSED, f"upstream {group.name!r}: {len(ctx.tried)} endpoint(s) "
+                "refused it before their app saw it")
         return await self.error(
             503, "connect-error",
             f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure}")
@@ -269,10 +285,13 @@ class _Call:
 
     # ------------------------------------------------------------ one exchange
 
-    async def exchange(self, upstream: ClientStream, sent: float,
-                       deadline: float | None) -> bool:
-        """Relay the request and the answer of the attempt that reached ``upstream``; True
-        when the endpoint refused the stream unprocessed and the request can be sent again."""
+    async def exchange(self, upstream: ClientStream, sent: float, deadline: float | None,
+                       resend_refused: bool = False) -> str | None:
+        """Relay the request and the answer of the attempt that reached ``upstream``; None
+        when the call ended here (answered, or answered with an error), else why it may be
+        sent again: ``"refused-stream"`` (the endpoint refused the stream unprocessed) or,
+        with ``resend_refused``, :data:`UPSTREAM_REFUSED` (its sidecar refused it unprocessed,
+        signed); either only while what went up is still at hand."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
         pump = loop.create_task(pump_request(stream, upstream, self.replay))
@@ -291,10 +310,10 @@ class _Call:
                 if deadline is not None and loop.time() >= deadline:
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
-                    return False
+                    return None
                 self.outcome(sent, None, False, "timeout")
                 await self.error(504, "timeout", "upstream sent no answer in time")
-                return False
+                return None
             except StreamGone as exc:
                 recorded = True
                 if exc.code == ErrorCodes.REFUSED_STREAM and stream.closed is None:
@@ -305,20 +324,33 @@ class _Call:
                     with contextlib.suppress(asyncio.CancelledError):
                         await pump
                     if self.replay.complete:
-                        return True
+                        return "refused-stream"
                     ctx.error_reason = "refused-stream"
                     stream.reset(ErrorCodes.REFUSED_STREAM)
-                    return False
+                    return None
                 if _deadline_due(deadline, loop.time()):
                     # the endpoint, told what was left of the deadline, gave up a moment
                     # before this sidecar's own timer: the call's deadline passed all the same
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
-                    return False
+                    return None
                 self.outcome(sent, None, False, "upstream-reset")
                 await self.error(502, "upstream-reset", f"before the answer: {exc}")
-                return False
+                return None
             head, congestion = self.response_headers(head, ctx.game_response_headers)
+            refusal = ctx.game_response_headers.get(REFUSED_KEY) if resend_refused else None
+            if refusal is not None:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+                if self.replay.complete:  # dropped here (the stream is cancelled below)
+                    recorded = True
+                    self.outcome(sent, None, False, UPSTREAM_REFUSED, congestion=congestion)
+                    proxy.metrics.refused.labels(ctx.upstream or "", refusal).inc()
+                    log.debug("%s %s: refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
+                              refusal)
+                    return UPSTREAM_REFUSED
+                # too much of the request went up to send it again: relayed as it came
             head = self.response_filter(head)
             ctx.status = http_status = _http_status(head)
             trailers_only = upstream.head_ended
@@ -331,7 +363,7 @@ class _Call:
             if trailers_only:
                 recorded = True
                 self.finish(sent, first, http_status, status, congestion)
-                return False
+                return None
             async with asyncio.timeout_at(deadline):
                 while True:
                     kind, payload, size = await upstream.read()
@@ -354,19 +386,19 @@ class _Call:
                         break
             recorded = True
             self.finish(sent, first, http_status, status, congestion)
-            return False
+            return None
         except StreamGone as exc:
             if stream.closed is not None:  # the app's side went away: its doing
                 recorded = True
                 self.cancelled(sent, first)
-                return False
+                return None
             recorded = True
             if _deadline_due(deadline, loop.time()) and self.is_grpc and not stream.local_ended:
                 self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
                              answered=True)
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
                                                      "deadline exceeded in the sidecar"), True)
-                return False
+                return None
             self.outcome(sent, first, False, "upstream-reset", answered=self.answered)
             log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)
             if self.is_grpc and not stream.local_ended:
@@ -374,7 +406,7 @@ class _Call:
                                      (b"grpc-message", b"upstream stream reset")], True)
             else:
                 stream.reset(ErrorCodes.INTERNAL_ERROR)
-            return False
+            return None
         except TimeoutError:  # the gRPC deadline passed while relaying
             recorded = True
             self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
@@ -382,7 +414,7 @@ class _Call:
             if stream.closed is None and not stream.local_ended:
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
                                                      "deadline exceeded in the sidecar"), True)
-            return False
+            return None
         except asyncio.CancelledError:
             if not recorded:
                 recorded = True
@@ -618,6 +650,10 @@ def _http_status(headers: Headers) -> int:
     return 502
 
 
+REFUSED_KEY = REFUSED.lower()
+UPSTREAM_REFUSED: str = ErrorReason.UPSTREAM_REFUSED
+"""An endpoint's sidecar refused the call before its app saw it (and, as the error, every
+endpoint tried did)."""
 MAX_REFUSALS = 8
 """How many times one call is sent again after REFUSED_STREAM (on top of its attempts)."""
 REFUSAL_PAUSE = 0.005

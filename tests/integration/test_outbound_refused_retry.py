@@ -5,7 +5,8 @@ Endpoint ``A`` is an inbound sidecar in front of a slow app (1 s per request) wi
 pinned to one slot and a short ``max_wait``: requests that find the slot taken are refused
 ``503 queue-timeout`` with a signed ``X-GT-Refused``. Endpoint ``B`` is a fast plain backend.
 The caller's sidecar must send refused GETs on to ``B``, never send a POST again, relay the
-refusal when no endpoint is left, and ignore an ``X-GT-Refused`` it cannot verify. Every
+refusal when no endpoint is left, and ignore an ``X-GT-Refused`` it cannot verify. Over HTTP/2
+gRPC calls refused by A go on to B as well (their bodies are kept for a re-send). Every
 request reaches exactly one app: the backends count what they served.
 """
 
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from concurrent import futures
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from tests.integration.inbound_support import MESH_KEY, write_config
@@ -26,6 +30,7 @@ from tests.integration.procs import (
     async_start_sidecar,
     free_port,
     start_backend,
+    start_sidecar,
 )
 
 POLICING = {
@@ -120,3 +125,54 @@ async def test_refused_attempts_go_to_another_endpoint_once_and_never_for_a_post
             p.cleanup()
         for backend in (slow, fast, liar):
             await backend.stop()
+
+
+SERVICE = "test.Work"
+
+
+def _grpc_app(name: str, delay: float, served: list[str]) -> tuple[grpc.Server, str]:
+    def work(request: bytes, context: grpc.ServicerContext) -> bytes:
+        time.sleep(delay)
+        served.append(name)
+        return name.encode()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Work": grpc.unary_unary_rpc_method_handler(work)}),))
+    port = server.add_insecure_port(f"{LOOPBACK}:0")
+    server.start()
+    return server, f"http://{LOOPBACK}:{port}"
+
+
+@pytest.mark.slow
+def test_refused_grpc_calls_go_to_another_endpoint_once(tmp_path: Path) -> None:
+    """HTTP/2: gRPC calls (POSTs with a body, kept for a re-send) that A's sidecar refused
+    unprocessed go on to B; each call is served by exactly one app."""
+    served: list[str] = []
+    slow, slow_url = _grpc_app("slow", 1.0, served)
+    fast, fast_url = _grpc_app("fast", 0.0, served)
+    port = free_port()
+    config = write_config(tmp_path / "p.json", POLICING)
+    procs: list[SidecarProcess] = []
+    try:
+        procs.append(start_sidecar({}, sidecar_id="a-in", config_file=config, env=KEY_ENV,
+                                   extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                               "--app", slow_url]))
+        caller = start_sidecar({"svc": [f"http://{LOOPBACK}:{port}", fast_url]},
+                               sidecar_id="two", env=KEY_ENV)
+        procs.append(caller)
+        with grpc.insecure_channel(f"{LOOPBACK}:{caller.outbound_port}",
+                                   options=[("grpc.default_authority", "svc")]) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/Work")
+            with futures.ThreadPoolExecutor(max_workers=12) as pool:
+                answers = list(pool.map(lambda i: call(b"x" * 100, timeout=15), range(12)))
+        assert sorted(set(answers)) <= [b"fast", b"slow"] and len(answers) == 12
+        assert len(served) == 12  # every call served once, by one app
+        assert caller.metric("equilibrium_upstream_refused_total", upstream="svc",
+                             reason="queue-timeout") > 0
+    finally:
+        for p in procs:
+            p.stop(5.0)
+            p.cleanup()
+        slow.stop(0).wait(5)
+        fast.stop(0).wait(5)
