@@ -1,7 +1,7 @@
 """What every test that drives real processes shares: the child environment, the bounded wait,
 and reading a Prometheus exposition.
 
-Owns exactly three helpers, so no test grows its own copy:
+Owns exactly five helpers, so no test grows its own copy:
 
 - :func:`child_env`: the environment a child ``python -m equilibrium ...`` (or a test helper
   module) runs with: this checkout first on ``PYTHONPATH``, unbuffered output, and none of the
@@ -10,6 +10,10 @@ Owns exactly three helpers, so no test grows its own copy:
   on timeout it fails with what was awaited and whatever context the caller attaches (logs).
 - :func:`metric_value`: one sample sum out of a ``/metrics`` text, parsed by
   ``prometheus_client``'s own text-format parser (never by a regex of ours).
+- :func:`keep_reading`: drain a running child's output pipe in a thread, so a child that
+  writes more than a pipe holds never blocks (and can still exit when told to).
+- :func:`interruptible_children`: children started inside it act on SIGINT (Ctrl-C), even
+  when the test run itself was started in the background, which ignores it.
 
 It must not start processes, open sockets or know any component's metric names.
 """
@@ -17,11 +21,14 @@ It must not start processes, open sockets or know any component's metric names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,3 +97,37 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
     return sum(value for sample, found, value in samples(text)
                if sample == name and all(found.get(k) == v for k, v in labels.items()))
+
+
+def keep_reading(stream: IO[str] | None, lines: list[str]) -> threading.Thread:
+    """Read ``stream`` (a child's stdout or stderr pipe) to its end in a daemon thread,
+    appending each line to ``lines``. A child whose pipe nobody reads blocks in its next
+    write once the pipe's 64 KiB are full, and then cannot even act on a signal to stop."""
+    def read() -> None:
+        if stream is not None:
+            for line in stream:
+                lines.append(line)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def interruptible_children() -> Iterator[None]:
+    """Children started inside the block get SIGINT's default action.
+
+    A shell starts a background job (``make test &``, ``nohup ... &``) with SIGINT and SIGQUIT
+    ignored, every child inherits that, and Python does not turn SIGINT into
+    KeyboardInterrupt in a process that starts with it ignored: a test that sends SIGINT to
+    play Ctrl-C would wait in vain. A handled signal (unlike an ignored one) is reset to its
+    default when a child starts a program, so SIGINT is handled here for the block."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

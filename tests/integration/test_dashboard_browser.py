@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from equilibrium.lab.headless import Chromium, Page
-from tests.support import child_env
+from tests.support import child_env, interruptible_children, keep_reading
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs("chromium")]
 
@@ -75,12 +75,16 @@ def get_json(url: str) -> Any:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "equilibrium", "demo", "--duration", str(DEMO_SECONDS),
-         "--clients", "2", "--pods", "3", "--rate", "30", "--no-live", "--out", str(out)],
-        cwd=out, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    with interruptible_children():  # it is stopped with SIGINT
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "equilibrium", "demo", "--duration", str(DEMO_SECONDS),
+             "--clients", "2", "--pods", "3", "--rate", "30", "--no-live", "--out", str(out)],
+            cwd=out, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
     lines: list[str] = []
+    errors: list[str] = []
+    keep_reading(proc.stderr, errors)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 120
@@ -92,7 +96,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             lines.append(line)
             match = re.match(r"dashboard: (http://127\.0\.0\.1:\d+/dashboard)\b", line)
             url = match.group(1) if match else None
-        assert url, f"the demo printed no dashboard line: {lines} {proc.stderr}"
+        assert url, f"the demo printed no dashboard line: {lines} {''.join(errors[-50:])}"
+        keep_reading(proc.stdout, lines)
         base = url.rsplit("/", 1)[0]
         for _ in range(600):  # the first plan: summaries reach the signaler, it solves
             state = get_json(base + "/debug/state")

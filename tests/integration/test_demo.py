@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import child_env
+from tests.support import child_env, interruptible_children, keep_reading
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -48,6 +48,17 @@ def _children(pid: int) -> list[int]:
         if ppid == pid:
             out.append(int(entry.name))
     return out
+
+
+def _signal_masks(pid: int) -> dict[str, str]:
+    """The ignored, blocked and caught signal masks of ``pid`` (hex, from /proc): a child
+    that inherited SIGINT ignored or blocked never sees a Ctrl-C."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)
+            if k in ("SigBlk", "SigIgn", "SigCgt")}
 
 
 def _alive(pid: int) -> bool:
@@ -129,19 +140,24 @@ def test_demo_without_signaler_shifts_traffic_away_from_the_bad_pod_and_writes_a
 def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_secrets_off_argv(
     tmp_path: Path,
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "equilibrium", "demo", "--duration", "60", "--clients", "2",
-         "--out", str(tmp_path)],
-        cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    with interruptible_children():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "equilibrium", "demo", "--duration", "60", "--clients", "2",
+             "--out", str(tmp_path)],
+            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
         line = ""
+        errors: list[str] = []
+        keep_reading(proc.stderr, errors)
         while time.monotonic() < deadline and not line.startswith("t="):
             line = proc.stdout.readline()
-            assert line or proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert line or proc.poll() is None, "".join(errors[-50:])
         assert line.startswith("t="), "the demo never showed its live view"
+        keep_reading(proc.stdout, [])  # the live view goes on until the demo stops
         children = _children(proc.pid)
         # fleet, 2 sidecars, 2 load generators, redis-server, signaler
         assert len(children) >= 7
@@ -161,8 +177,13 @@ def test_demo_ctrl_c_stops_and_reaps_every_child_and_keeps_secrets_off_argv(
         # only the signaler and the sidecars get the key (not the fleet or the load)
         assert [pid for pid in children if keys[pid]] == signers
         assert any("redis-server" in " ".join(argv) for argv in argvs.values())
+        masks = _signal_masks(proc.pid)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=40)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo did not stop within 40 s of SIGINT; its signal masks "
+                        f"{masks}; its last stderr lines: {''.join(errors[-30:])}")
     finally:
         if proc.poll() is None:
             proc.kill()
