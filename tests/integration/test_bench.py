@@ -62,6 +62,7 @@ def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -
     assert data["direct"]["count"] == data["proxied"]["count"] == 2 * 50  # same schedule
 
 
+@pytest.mark.slow
 def test_the_demo_runs_as_a_bench_scenario_with_its_signaler(tmp_path: Path) -> None:
     """The demo's own run (embedded Redis, a signaler, sidecars following it) on the harness."""
     proc = _run(["--scenario", "demo", "--duration", "8", "--clients", "2", "--out", "r"],
