@@ -61,12 +61,12 @@ from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
 from sidecar.metrics import H2Metrics, OutboundMetrics
-from sidecar.outbound import upstream_name
+from sidecar.outbound import REFUSED_KEY, upstream_name
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
 from wire.errors import WireError
-from wire.headers import CONGESTION, REFUSED, REPUTATION, is_gt_header, parse_congestion
+from wire.headers import CONGESTION, REPUTATION, is_gt_header, parse_congestion
 from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
@@ -650,7 +650,6 @@ def _http_status(headers: Headers) -> int:
     return 502
 
 
-REFUSED_KEY = REFUSED.lower()
 UPSTREAM_REFUSED: str = ErrorReason.UPSTREAM_REFUSED
 """An endpoint's sidecar refused the call before its app saw it (and, as the error, every
 endpoint tried did)."""

@@ -156,6 +156,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def cpu_pressure_now() -> float | None:
+    """The machine's CPU pressure now: the share of the last 10 s in which some runnable task
+    waited for a CPU (``/proc/pressure/cpu``, ``some avg10``, in %), or None without PSI."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                return float(dict(f.split("=") for f in line.split()[1:])["avg10"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
 def cpu_pressure_stall() -> float:
     """Seconds (since boot) during which some runnable task waited for a CPU (Linux PSI).
 

@@ -47,7 +47,7 @@ from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResu
 from equilibrium.lab.bench.soak_verdict import ResourceSample, Rules, Verdict, judge
 from equilibrium.lab.embedded_redis import EmbeddedRedis
 from equilibrium.lab.fleet import Fleet
-from equilibrium.lab.processes import ChildProcess, free_port
+from equilibrium.lab.processes import ChildProcess, cpu_pressure_now, free_port
 from equilibrium.lab.sidecars import Sidecar
 from equilibrium.lab.signaling_plane import SignalingPlane
 
@@ -96,17 +96,6 @@ REFUSED_CONNECTIONS = "(connections closed at once)"
 def caller_address(k: int) -> str:
     """The loopback address the ``k``-th caller's sidecar connects from (127.0.0.11, ...)."""
     return f"127.0.0.{11 + k}"
-
-
-def read_cpu_pressure() -> float | None:
-    """The machine's CPU pressure now: the share of the last 10 s in which some runnable task
-    waited for a CPU (``/proc/pressure/cpu``, ``some avg10``, in %), or None without PSI."""
-    try:
-        with open("/proc/pressure/cpu", encoding="ascii") as f:
-            line = f.readline()
-        return float(line.split()[1].split("=", 1)[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @dataclass(slots=True)
@@ -335,7 +324,7 @@ class Soak(Scenario):
                 for w, g in zip([w for w in watched if w.metrics_url], readings, strict=True):
                     if g is not None:
                         w.gauges.append((t, g))
-                cpu = read_cpu_pressure()
+                cpu = cpu_pressure_now()
                 if cpu is not None:
                     pressure.append((t, cpu))
                 for w in watched:
