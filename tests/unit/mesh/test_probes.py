@@ -4,6 +4,7 @@ policy learns from them (hand-computed cases, then the slow-pod story end to end
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -73,6 +74,26 @@ def test_idle_endpoints_are_probed_four_times_a_second_busy_ones_once() -> None:
             sent[endpoint] += 1
         t = round(t + 0.01, 2)
     assert 39 <= sent["a"] <= 41 and 9 <= sent["b"] <= 11
+
+
+def test_an_endpoint_dropped_from_the_traffic_is_probed_at_the_idle_rate_at_once() -> None:
+    """A busy endpoint's next probe may be 3 s away, longer than an answer stays fresh; once
+    the caller drops it, it must not wait that long (it would be explored meanwhile)."""
+    schedule = ProbeSchedule(ProbeRates(idle=4.0, busy=0.5, jitter=0.5))
+    rng = random.Random(3)
+    schedule.sync(["a", "b"], 0.0, rng)
+    probed: dict[str, list[float]] = {"a": [], "b": []}
+    t = 0.0
+    while t < 20.0:
+        busy = {"a", "b"} if t < 10.0 else {"b"}  # "a" is dropped at 10 s
+        for endpoint in schedule.due(t, busy=busy, rng=rng):
+            probed[endpoint].append(t)
+        t = round(t + 0.01, 2)
+    after = [10.0] + [x for x in probed["a"] if x >= 10.0]
+    assert max(b - a for a, b in pairwise(after)) <= 0.375 + 0.01
+    before = [x for x in probed["a"][1:] if x < 10.0]
+    assert max(b - a for a, b in pairwise(before)) > 2.0  # while busy, at the busy rate
+    assert max(b - a for a, b in pairwise(probed["b"][1:])) >= 1.0  # "b" still busy
 
 
 def test_jitter_spreads_intervals_and_sync_follows_the_endpoint_set() -> None:
