@@ -103,6 +103,11 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
            "answer after the last byte sent, or between body chunks (default: the profile's)",
            "SECONDS"),
     Option("connect_timeout", "upstream connect timeout (default: the profile's)", "SECONDS"),
+    Option("retry_budget_ratio", "retries and hedges may add at most this share of the "
+           "requests sent (over a 10 s window; default: the profile's, 0.2; env {env})",
+           "RATIO"),
+    Option("retry_budget_min_per_s", "... plus this many retries a second, so that a quiet "
+           "upstream can still retry (default: the profile's, 10; env {env})", "N"),
     Option("source_address", "the IP address connections to endpoints leave from (default: "
            "the kernel's choice; env {env})", "IP"),
     Option("header_timeout", "outbound listener: close a connection that sends no request "

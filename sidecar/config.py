@@ -23,6 +23,8 @@ Config file shape (YAML or JSON, every key optional)::
     max_attempts: 3             # 1 try + retries (default: the profile's max_retries + 1)
     request_timeout: 15         # longest stall: upload, wait for answer, body (default: profile)
     connect_timeout: 1          # TCP connect to an endpoint (default: profile)
+    retry_budget_ratio: 0.2     # retries and hedges: at most this share of requests ...
+    retry_budget_min_per_s: 10  #   ... plus this many a second (default: the profile's)
     source_address: 10.0.0.5    # connections to endpoints leave from this IP (default: any)
     hedge: false                # hedged exploration of endpoints that answer no probe
     upstreams:
@@ -91,6 +93,8 @@ ENV_VARS: dict[str, str] = {
     "max_attempts": "EQUILIBRIUM_MAX_ATTEMPTS",
     "request_timeout": "EQUILIBRIUM_REQUEST_TIMEOUT",
     "connect_timeout": "EQUILIBRIUM_CONNECT_TIMEOUT",
+    "retry_budget_ratio": "EQUILIBRIUM_RETRY_BUDGET_RATIO",
+    "retry_budget_min_per_s": "EQUILIBRIUM_RETRY_BUDGET_MIN_PER_S",
     "source_address": "EQUILIBRIUM_SOURCE_ADDRESS",
     "config": "EQUILIBRIUM_CONFIG",
     "inbound": "EQUILIBRIUM_INBOUND",
@@ -115,6 +119,7 @@ FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
         "max_attempts", "request_timeout", "connect_timeout", "source_address", "hedge",
+        "retry_budget_ratio", "retry_budget_min_per_s",
         "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
         "redis", "signaling_epoch",  # sidecar.signaling
         "listener",  # the outbound listener's defences
@@ -189,6 +194,8 @@ class SidecarConfig:
     max_attempts: int | None = None  # None: the profile's max_retries + 1
     request_timeout: float | None = None  # None: the profile's
     connect_timeout: float | None = None  # None: the profile's
+    retry_budget_ratio: float | None = None  # None: the profile's (mesh.retry.RetryBudget)
+    retry_budget_min_per_s: float | None = None  # None: the profile's
     source_address: str | None = None  # the IP connections to endpoints leave from (None: any)
     inbound: ListenAddress | None = None  # listener in front of the app (with ``app``)
     app: str | None = None
@@ -519,6 +526,10 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 out[key] = _parse_int(value, "max_attempts", 1, 10)
             elif key in ("request_timeout", "connect_timeout"):
                 out[key] = _parse_float(value, key, 0.001)
+            elif key in ("retry_budget_ratio", "retry_budget_min_per_s"):
+                out[key] = _parse_float(value, key, 0.0)
+                if key == "retry_budget_ratio" and out[key] > 10.0:
+                    raise ConfigError(f"{key}: at most 10 retries per request, got {value!r}")
             elif key == "source_address":
                 out[key] = _parse_source_address(value)
             elif key in ("transparent", "discovery", "hedge"):
@@ -583,6 +594,8 @@ class ConfigSource:
             max_attempts=merged.get("max_attempts"),
             request_timeout=merged.get("request_timeout"),
             connect_timeout=merged.get("connect_timeout"),
+            retry_budget_ratio=merged.get("retry_budget_ratio"),
+            retry_budget_min_per_s=merged.get("retry_budget_min_per_s"),
             source_address=merged.get("source_address"),
             inbound=merged.get("inbound"),
             app=merged.get("app"),

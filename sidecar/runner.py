@@ -97,11 +97,12 @@ class Listener:
 
 
 def effective_profile(config: SidecarConfig) -> StrategyProfile:
-    """The strategy profile with the config's timeout overrides applied."""
+    """The strategy profile with the config's timeout and retry-budget overrides applied."""
     profile = get_profile(config.strategy)
     overrides = {
         name: getattr(config, name)
-        for name in ("request_timeout", "connect_timeout")
+        for name in ("request_timeout", "connect_timeout", "retry_budget_ratio",
+                     "retry_budget_min_per_s")
         if getattr(config, name) is not None
     }
     return dataclasses.replace(profile, **overrides) if overrides else profile

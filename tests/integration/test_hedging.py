@@ -5,15 +5,18 @@ exploration floor; the requests picked to explore it are hedged.
 
 Counted at the pods: a GET that reached the slow pod was answered by a fast one (so it did not
 wait for the slow pod); a request with a body (PUT, POST) reaches exactly one pod, once, and no
-hedge is sent for it. The retry budget's bound is checked deterministically against an
-in-memory network in tests/unit/sidecar/test_hedging.py.
+hedge is sent for it. With a small retry budget (``--retry-budget-ratio 0
+--retry-budget-min-per-s 0.3``) fewer hedges go out than the budget allows, the rest are
+counted as refused by it, and those requests wait for the slow pod. The budget's arithmetic
+is checked deterministically against an in-memory network in tests/unit/sidecar/test_hedging.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -71,13 +74,15 @@ def _slow_weight(sidecar: SidecarProcess, slow: Backend) -> float:
     return float(next(v["weight"] for v in views if v["endpoint"] == slow.url))
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def mesh() -> AsyncIterator[Mesh]:
+@contextlib.asynccontextmanager
+async def _learned_mesh(extra_args: Sequence[str] = ()) -> AsyncIterator[Mesh]:
+    """Two fast pods, the slow one and a ``--hedge`` sidecar that has learned to keep the slow
+    pod at its exploration floor."""
     fast = [await start_backend(f"fast-{i}", latency=0.002) for i in range(2)]
     slow = await start_backend("slow", latency=SLOW_S)
     sidecar = await async_start_sidecar(
         {"svc": [fast[0].url, fast[1].url, slow.url]}, policy="equilibrium",
-        strategy="aggressive-learning", extra_args=["--hedge"])
+        strategy="aggressive-learning", extra_args=["--hedge", *extra_args])
     try:
         # learn: the slow pod drops to its exploration floor
         async def learned() -> None:
@@ -89,6 +94,12 @@ async def mesh() -> AsyncIterator[Mesh]:
         await async_stop(sidecar)
         for backend in (*fast, slow):
             await backend.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def mesh() -> AsyncIterator[Mesh]:
+    async with _learned_mesh() as learned:
+        yield learned
 
 
 async def test_a_hedged_get_to_a_slow_pod_answers_in_about_the_fast_pods_time(
@@ -142,3 +153,32 @@ async def test_a_request_with_a_body_is_never_sent_twice(mesh: Mesh, method: str
     assert len(slow_paths) == mesh.slow.methods[method] - slow_before
     assert mesh.sidecar.metric(
         "equilibrium_hedges_total", upstream="svc", result="sent") == sent_before
+
+
+BUDGET_MIN_PER_S = 0.3
+BUDGET_WINDOW_S = 10.0  # mesh.retry.RetryBudget.window
+
+
+async def test_hedges_stay_within_the_configured_retry_budget() -> None:
+    async with _learned_mesh(["--retry-budget-ratio", "0", "--retry-budget-min-per-s",
+                              str(BUDGET_MIN_PER_S)]) as m:
+        def hedges(result: str) -> float:
+            return m.sidecar.metric("equilibrium_hedges_total", upstream="svc", result=result)
+
+        sent_before, refused_before = hedges("sent"), hedges("budget-exhausted")
+        seen_before = len(m.slow.seen)
+        started = time.monotonic()
+        answers: dict[str, tuple[int, str, float]] = {}
+        for _ in range(8):  # until the budget has refused a few (bounded)
+            answers.update(await _load(m.sidecar, "GET", 400, f"budget{len(answers)}"))
+            if hedges("budget-exhausted") - refused_before >= 3:
+                break
+        took = time.monotonic() - started
+        sent, refused = hedges("sent") - sent_before, hedges("budget-exhausted") - refused_before
+        explored = [r.path for r in m.slow.seen[seen_before:] if r.path in answers]
+        # at most the window's allowance, then what it refills: min_per_s a second
+        assert sent <= BUDGET_MIN_PER_S * (BUDGET_WINDOW_S + took), (sent, took)
+        assert refused >= 1 and sent + refused <= len(explored)
+        # a request whose hedge was refused waited for the slow pod, which answered it
+        waited = [p for p in explored if answers[p][1] == "slow"]
+        assert len(waited) >= refused and all(answers[p][0] == 200 for p in waited)

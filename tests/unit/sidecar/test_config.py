@@ -21,6 +21,8 @@ from sidecar.config import (
     parse_listen,
     parse_namespaces,
 )
+from sidecar.runner import effective_profile
+from sidecar.upstreams import UpstreamTable
 
 
 def kube_config(flags: dict[str, Any], env: dict[str, str]) -> SidecarConfig:
@@ -149,6 +151,9 @@ def test_config_file_path_may_come_from_the_environment(tmp_path: Path) -> None:
         ({}, {"EQUILIBRIUM_SOURCE_ADDRESS": "0.0.0.0"}, None, "expected one IP address"),
         ({}, {}, "source_address: '[::1]'\n", "expected one IP address"),
         ({}, {}, "source_address: 10.0.0.5:80\n", "expected one IP address"),
+        ({}, {"EQUILIBRIUM_RETRY_BUDGET_RATIO": "-0.1"}, None, "retry_budget_ratio: must be"),
+        ({"retry_budget_ratio": "11"}, {}, None, "retry_budget_ratio: at most 10"),
+        ({}, {}, "retry_budget_min_per_s: lots\n", "retry_budget_min_per_s: expected"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_setting_named(
@@ -171,6 +176,24 @@ def test_the_source_address_comes_from_any_layer_normalised(tmp_path: Path) -> N
     assert from_file.source_address == "10.0.0.5"
     flags = {"config": str(path), "source_address": " fd00:0::5 "}
     assert ConfigSource.from_sources(flags, env={}).load().source_address == "fd00::5"
+
+
+def test_the_retry_budget_overrides_the_profile_from_any_layer(tmp_path: Path) -> None:
+    default = effective_profile(ConfigSource.from_sources({}, env={}).load())
+    assert (default.retry_budget_ratio, default.retry_budget_min_per_s) == (0.2, 10.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("retry_budget_ratio: 0.05\nretry_budget_min_per_s: 1\n")
+    env = {"EQUILIBRIUM_RETRY_BUDGET_MIN_PER_S": "0"}
+    config = ConfigSource.from_sources({"config": str(path)}, env=env).load()
+    profile = effective_profile(config)
+    assert (profile.retry_budget_ratio, profile.retry_budget_min_per_s) == (0.05, 0.0)
+    assert config.sources["retry_budget_min_per_s"] == "environment"
+    table = UpstreamTable(config.policy, profile)
+    table.apply({"svc": ("http://127.0.0.1:1",)}, now=0.0)
+    group = table.get("svc")
+    assert group is not None
+    budget = group.budget
+    assert (budget.ratio, budget.min_per_s) == (0.05, 0.0)
 
 
 def test_listen_address_forms() -> None:
