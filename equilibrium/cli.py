@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 # subcommand -> (module that registers it, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +30,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 LAB_COMMANDS = frozenset({"demo", "bench", "simulate"})
 """Subcommands that need the ``lab`` extra (:mod:`equilibrium.lab.extra`)."""
+
+
+MATH_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Thread counts of numpy's linear-algebra libraries, read once when numpy is first loaded."""
+
+
+def one_math_thread(environ: MutableMapping[str, str]) -> None:
+    """Make numpy's BLAS single-threaded unless the operator chose otherwise.
+
+    Every component is one event loop whose matrices are small (a signaler's summaries, a
+    sidecar's weights); OpenBLAS would start a thread per core that spins between calls and
+    competes with the app on the same node. The simulator measured its small solves 30x
+    slower with those threads on a shared 2-core machine (docs/simulate.md). Called before
+    any subcommand's module is imported, so before numpy is loaded."""
+    for name in MATH_THREAD_VARIABLES:
+        environ.setdefault(name, "1")
 
 
 def _wanted(argv: Sequence[str]) -> str | None:
@@ -55,6 +72,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    one_math_thread(os.environ)
     wanted = _wanted(args_list)
     if wanted in LAB_COMMANDS:
         from equilibrium.lab.extra import missing_message

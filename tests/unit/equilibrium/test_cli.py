@@ -1,0 +1,20 @@
+"""The ``equilibrium`` command's process-wide defaults."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from equilibrium import cli
+
+
+def test_numpy_math_is_single_threaded_unless_the_operator_chose(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in cli.MATH_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the operator's choice stands
+    assert cli.main([]) == 2  # no subcommand: the help, and the defaults already set
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["MKL_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "4"
