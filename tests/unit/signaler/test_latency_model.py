@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from signaler.latency_model import DEFAULT_QUEUEING_SHARE, LatencyModel, fit_latency_model
+from signaler.latency_model import (
+    DEFAULT_QUEUEING_SHARE,
+    LatencyModel,
+    _queueing,
+    _queueing_rows,
+    _weighted_median,
+    _weighted_medians,
+    fit_latency_model,
+)
 
 TRUE = LatencyModel(d=0.005, mu=100.0)
 
@@ -143,3 +151,21 @@ def test_samples_all_at_one_load_fall_back_instead_of_guessing() -> None:
 def test_bad_observations_are_rejected(loads: list[float], latencies: list[float]) -> None:
     with pytest.raises(ValueError):
         fit_latency_model(loads, latencies)
+
+
+def test_the_grid_helpers_equal_the_one_candidate_computations() -> None:
+    """The fit scores every candidate capacity at once (``_queueing_rows``,
+    ``_weighted_medians``); each row must be exactly what the one-candidate helpers give,
+    ties and repeated values included."""
+    rng = np.random.default_rng(5)
+    for trial in range(50):
+        n = int(rng.integers(1, 40))
+        loads = rng.uniform(0.0, 120.0, n)
+        weights = rng.integers(1, 50, n).astype(float)
+        mus = np.unique(np.concatenate([rng.uniform(60.0, 400.0, 30), loads[:3] * 0.7 + 1.0]))
+        rows = _queueing_rows(loads, mus, 0.95)
+        for i, mu in enumerate(mus):
+            assert np.array_equal(rows[i], _queueing(loads, float(mu), 0.95))
+        values = np.round(rng.normal(0.0, 1.0, (25, n)), 1 if trial % 2 else 6)  # ties
+        medians = _weighted_medians(values, weights)
+        assert [_weighted_median(row, weights) for row in values] == medians.tolist()
