@@ -236,10 +236,10 @@ def _fit_profiled(x: np.ndarray, y: np.ndarray, w: np.ndarray, knee: float) -> L
             return float(np.sum(w * residuals * residuals)), d
         return float(np.sum(w * _huber(residuals, scale))), d
 
-    # Both passes over the whole grid at once (one row per candidate mu: the same sums as
-    # ``profile``, ~20x cheaper than a call per candidate; the signaler refits every endpoint
-    # that reported, every epoch). Pass 1: least squares, for a residual scale. Pass 2: Huber
-    # with that scale.
+    # Both passes over the whole grid at once, one row per candidate mu, each row the sums
+    # ``profile`` makes for it (a call per candidate made the whole fit ~5x slower, and the
+    # signaler refits every endpoint that reported, every epoch). Pass 1: least squares, for
+    # a residual scale. Pass 2: Huber with that scale.
     rows = y[None, :] - _queueing_rows(x, grid, knee)
     rows -= np.maximum(_weighted_medians(rows, w), 0.0)[:, None]  # residuals for each row's d
     losses = np.sum(w * rows * rows, axis=1)
