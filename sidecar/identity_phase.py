@@ -270,11 +270,16 @@ class CallerPhases(ProxyPhases):
                 log.info("%s: ignored %s: %s", ctx.upstream, REPUTATION, exc)
         if standing is not None and standing.punished and standing.retry_after:
             until = now + min(standing.retry_after, MAX_BACKOFF)
-            if self.probation(ctx.upstream).punish(now, until, standing.level):
+            state = self.probation(ctx.upstream)
+            before, level = state.standing(now), state.level
+            if state.punish(now, until, standing.level):
                 self._shown_punished.add(ctx.upstream)
                 self.metrics.punished.labels(ctx.upstream).set(1)
-                log.info("upstream %s punishes %s (level %d): backing off %.0f s", ctx.upstream,
-                         self.caller_id, standing.level, standing.retry_after)
+                # every answer of a punishment extends it: log its start and level changes only
+                if before is not SelfStanding.BACKING_OFF or standing.level != level:
+                    log.info("upstream %s punishes %s (level %d, said by %s): backing off "
+                             "%.0f s", ctx.upstream, self.caller_id, standing.level,
+                             ctx.endpoint, standing.retry_after)
         elif ctx.status is None or ctx.status < 400:
             self.probation(ctx.upstream).delivered(now)  # the rate probation starts from
 

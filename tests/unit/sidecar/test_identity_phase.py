@@ -281,3 +281,29 @@ def test_a_retry_after_a_failed_connect_is_not_marked() -> None:
     ctx.attempt = 2  # the second attempt connected and failed: the third is a re-send
     ProxyPhases().upstream_request_filter(ctx, headers)
     assert headers[RETRY] == "1"
+
+
+def test_a_punishment_is_logged_when_it_starts_and_when_its_level_changes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every answer during a punishment repeats (and extends) it: one log line per punishment
+    and per level, naming the endpoint that said so, not one per answer."""
+    phases, clock = make_phases()
+    caplog.set_level("INFO", logger="sidecar.identity_phase")
+
+    def answer(level: int) -> None:
+        ctx = ctx_for()
+        ctx.game_response_headers = {
+            REPUTATION.lower(): format_standing(0.2, level, Phase.PUNISHED, 10.0)}
+        phases.response_filter(ctx, CIMultiDict())
+        clock.t += 0.01
+
+    for _ in range(50):
+        answer(1)
+    answer(2)
+    answer(2)
+    lines = [r.getMessage() for r in caplog.records if "punishes" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "(level 1, said by http://" in lines[0] and "(level 2, said by" in lines[1]
+    clock.t += 20.0  # over; a new punishment is logged again
+    answer(1)
+    assert sum("punishes" in r.getMessage() for r in caplog.records) == 3
