@@ -136,13 +136,11 @@ class ProbeSchedule:
     def __init__(self, rates: ProbeRates | None = None) -> None:
         self.rates = rates or ProbeRates()
         self._next: dict[str, float] = {}
-        self._at_busy_rate: set[str] = set()
 
     def sync(self, endpoints: Iterable[str], now: float, rng: random.Random) -> None:
         wanted = set(endpoints)
         for gone in set(self._next) - wanted:
             del self._next[gone]
-        self._at_busy_rate &= wanted
         for endpoint in sorted(wanted - set(self._next)):
             self._next[endpoint] = now + rng.random() / self.rates.idle
 
@@ -156,18 +154,19 @@ class ProbeSchedule:
         """Endpoints to probe now (in name order); their next probe is scheduled here.
         ``busy`` are the endpoints that carry this caller's traffic.
 
-        An endpoint that stops being busy (the caller just dropped it) is brought forward to
-        the idle rate at once: its next probe was set up to ``(1 + jitter) / busy`` seconds
-        away, longer than an answer stays fresh (:data:`mesh.estimators.PROBE_FRESH`), and
-        in that gap the dropped endpoint would be explored with user requests again."""
+        An endpoint that is not busy is never due later than the longest idle interval from
+        now, so one the caller just dropped is brought forward at once: its next probe was set
+        up to ``(1 + jitter) / busy`` seconds away, longer than an answer stays fresh
+        (:data:`mesh.estimators.PROBE_FRESH`), and in that gap the dropped endpoint would be
+        explored with user requests again."""
         busy_set = set(busy)
-        for endpoint in self._at_busy_rate - busy_set:
-            self._next[endpoint] = min(self._next[endpoint], now + self.interval(False, rng))
+        latest = now + (1.0 + self.rates.jitter) / self.rates.idle  # the longest idle interval
+        for endpoint, at in self._next.items():
+            if at > latest and endpoint not in busy_set:
+                self._next[endpoint] = latest
         ready = sorted(e for e, at in self._next.items() if at <= now)
         for endpoint in ready:
             self._next[endpoint] = now + self.interval(endpoint in busy_set, rng)
-        self._at_busy_rate = {e for e in self._at_busy_rate if e in busy_set} \
-            | (busy_set & set(ready))
         return ready
 
     def next_at(self) -> float | None:

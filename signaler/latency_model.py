@@ -108,15 +108,13 @@ def _as_observations(name: str, values: Sequence[float] | np.ndarray) -> np.ndar
 
 def _queueing(loads: np.ndarray, mu: float, knee: float) -> np.ndarray:
     """The queueing part ``1/(mu - load)`` of the curve (tangent-continued), i.e. latency - d."""
-    kappa = knee * mu
-    queueing: np.ndarray = (
-        1.0 / (mu - np.minimum(loads, kappa)) + np.maximum(loads - kappa, 0.0) / (mu - kappa) ** 2
-    )
+    queueing: np.ndarray = _queueing_rows(loads, np.array([mu]), knee)[0]
     return queueing
 
 
 def _queueing_rows(loads: np.ndarray, mus: np.ndarray, knee: float) -> np.ndarray:
-    """:func:`_queueing` for many candidate capacities at once: one row per ``mus[i]``."""
+    """The queueing part of the curve (:func:`_queueing`) for many candidate capacities at
+    once: one row per ``mus[i]``, one column per load."""
     mu = mus[:, None]
     kappa = knee * mu
     rows: np.ndarray = (1.0 / (mu - np.minimum(loads[None, :], kappa))
@@ -125,7 +123,9 @@ def _queueing_rows(loads: np.ndarray, mus: np.ndarray, knee: float) -> np.ndarra
 
 
 def _weighted_medians(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """:func:`_weighted_median` of each row of ``rows`` (same weights for every row)."""
+    """The weighted median of each row of ``rows`` (the same weights for every row): the
+    smallest value whose cumulative weight, values in increasing order, reaches half the
+    total."""
     order = np.argsort(rows, axis=1)
     cumulative = np.cumsum(weights[order], axis=1)
     # the first index whose cumulative weight reaches half the total (searchsorted, left side)
@@ -136,6 +136,8 @@ def _weighted_medians(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The weighted median of one array (the rule of :func:`_weighted_medians`, without the
+    row bookkeeping: the golden-section refinement calls it ~60 times a fit)."""
     order = np.argsort(values)
     cumulative = np.cumsum(weights[order])
     index = int(np.searchsorted(cumulative, 0.5 * cumulative[-1]))

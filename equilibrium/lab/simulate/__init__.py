@@ -17,8 +17,10 @@ How to run it and what it does not model: docs/simulate.md.
 
 import os as _os
 
+from equilibrium.cli import one_math_thread as _one_math_thread
+
 # One simulation is one thread: the policies' small linear solves (a 100 x 100 system per tick
 # at 100 endpoints) ran 30x slower with OpenBLAS's threads spinning on a shared 2-core machine.
-# Set before numpy is first imported (``equilibrium simulate`` imports this package first).
-for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    _os.environ.setdefault(_name, "1")
+# Set before numpy is first imported (``equilibrium simulate`` has set it already; this covers
+# importing the package from Python).
+_one_math_thread(_os.environ)
