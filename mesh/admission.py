@@ -234,10 +234,12 @@ class AdmissionGate:
     # --- the request path -----------------------------------------------------------------
 
     def police(
-        self, caller: str, bid: float, now: float, *, is_retry: bool = False
+        self, caller: str, bid: float, now: float, *, is_retry: bool = False,
+        demand: float | None = None,
     ) -> Pass | Reject:
-        """Judge one request of ``caller`` (bid already parsed; 0 for an untrusted caller)."""
-        decision = self.book.admit(caller, now, is_retry)
+        """Judge one request of ``caller`` (bid already parsed; 0 for an untrusted caller;
+        ``demand``: its verified even-spread demand, :meth:`ReputationBook.admit`)."""
+        decision = self.book.admit(caller, now, is_retry, demand)
         woken: tuple[Woken, ...] = ()
         if decision.phase is Phase.PUNISHED and caller in self._queued_by:
             woken = self._flush(caller, now)
@@ -245,7 +247,7 @@ class AdmissionGate:
             return Reject(None, caller, RejectReason.PUNISHED,
                           math.ceil(decision.retry_after or 1.0), queued=False,
                           decision=decision, woken=woken)
-        beyond = self._beyond_norm(caller, decision, now)
+        beyond = self._beyond_norm(decision)
         return Pass(caller, decision, 0.0 if beyond else bid, beyond, beyond and bid > 0, woken)
 
     def defect(self, caller: str, now: float) -> tuple[Reject, ...]:
@@ -383,15 +385,13 @@ class AdmissionGate:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _beyond_norm(self, caller: str, decision: Decision, now: float) -> bool:
+    def _beyond_norm(self, decision: Decision) -> bool:
         """Whether this request takes its caller over the book's rate norm while the app is
-        congested (the over-share test of :mod:`mesh.reputation`, on the rate just recorded)."""
+        congested (the over-share test of :mod:`mesh.reputation`, on the rate it judged)."""
         p = self.book.params
         if not self.book.congested or decision.norm_share <= 0:
             return False
-        standing = self.book.standing(caller, now)
-        return standing is not None and standing.rate > max(
-            p.rate_floor, p.rate_tolerance * decision.norm_share)
+        return decision.judged_rate > max(p.rate_floor, p.rate_tolerance * decision.norm_share)
 
     def _flush(self, caller: str, now: float) -> tuple[Reject, ...]:
         """The punished flush: ``caller``'s waiters queued in good standing leave (429)."""

@@ -44,9 +44,20 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
 
 - **Rates.** Request rate ``x`` and retry rate ``y`` are exponentially decayed event rates
   (time constant ``rate_tau``; non-retries ``x - y``).
+- **Demand.** A pod cannot tell a caller that floods the *service* from a cooperative caller
+  whose sidecar concentrated its traffic on this pod (the learner may put up to its cap, 80 %,
+  on one endpoint, for instance while the signaler's plan is missing): both send this pod more
+  than its share. The caller's sidecar knows its rate ``R`` to the whole service and the
+  service's ``K`` endpoints and signs them on each request (``X-GT-Demand``,
+  :mod:`wire.demand`). The norm then judges ``x' = min(x - h, R / K) + h``, where ``h`` is the
+  part of ``x`` charged for time held (:meth:`ReputationBook.charge`, which no declaration can
+  discount): a caller is a defector only if it takes more than its share of the service as if
+  it spread evenly over equal pods, or more than its share here. Without a declaration
+  (unverified callers, older sidecars) ``x' = x``. ``x'`` also stands for the caller's demand
+  in the water level below, and in the deterrent length.
 - **Norm / verdict.** A request is *cooperative* (``v = 1``) unless (a) the rate norm applies
   (the app is congested, ``congestion >= congestion_threshold``, or the caller is being
-  punished) and ``x > max(rate_floor, rate_tolerance * m)``; or (b) ``y > retry_ratio *
+  punished) and ``x' > max(rate_floor, rate_tolerance * m)``; or (b) ``y > retry_ratio *
   (x - y) + retry_floor`` (a retry budget of 20 % plus a floor, as in Linkerd and Finagle).
 - **The norm's share** ``m`` is demand-aware: the *water level* of the max-min fair allocation
   of ``capacity`` among the active callers' current rates (water-filling: callers asking less
@@ -274,6 +285,9 @@ class Decision:
     fair_share: float = 0.0
     norm_share: float = 0.0
     """The share the rate norm judged this request by (the water level; 0: not judged)."""
+    judged_rate: float = 0.0
+    """The rate the norm judged (``x'`` in the module docstring: the caller's rate here, or
+    its declared even-spread demand if smaller, plus time charged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +311,9 @@ class Standing:
     punished_until: float | None = None
     admitted: float = 0.0
     throttled: float = 0.0
+    demand: float | None = None
+    """The even-spread demand its sidecar last declared (requests/s per endpoint of the
+    service, ``X-GT-Demand``); None if its last request declared none."""
 
     @property
     def recent_requests(self) -> float:
@@ -390,6 +407,8 @@ class _CallerState:
     __slots__ = (
         "admitted",
         "bucket_epoch",
+        "charged",
+        "demand",
         "ladder",
         "last_seen",
         "rate",
@@ -405,12 +424,22 @@ class _CallerState:
         self.retries = _DecayingRate(params.rate_tau, now)
         self.admitted = _DecayingRate(params.recent_window, now)
         self.throttled = _DecayingRate(params.recent_window, now)
+        self.charged = _DecayingRate(params.rate_tau, now)  # the part of ``rate`` for time held
+        self.demand: float | None = None  # declared even-spread demand (wire.demand)
         self.reputation = reputation
         self.ladder = PunishmentLadder(params.ladder)
         self.last_seen = now
         self.tokens = 0.0
         self.tokens_at = now
         self.bucket_epoch = 0
+
+    def judged_rate(self, now: float) -> float:
+        """``x'``: the rate the norm judges (module docstring, **Demand**)."""
+        rate = self.rate.rate(now)
+        if self.demand is None:
+            return rate
+        held = self.charged.rate(now)
+        return min(rate - held, self.demand) + held
 
 
 class ReputationBook:
@@ -445,22 +474,28 @@ class ReputationBook:
         if capacity is not None and math.isfinite(capacity) and capacity > 0:
             self._capacity = capacity
 
-    def observe(self, caller: str, now: float, is_retry: bool = False) -> Decision:
+    def observe(self, caller: str, now: float, is_retry: bool = False,
+                demand: float | None = None) -> Decision:
         """Record one request and update the caller's standing; never refuses."""
-        state, share, norm = self._record(caller, now, is_retry)
+        state, share, norm, judged = self._record(caller, now, is_retry, demand=demand)
         state.admitted.add(now)
         ladder = state.ladder
         return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
-                        ladder.phase, share, norm)
+                        ladder.phase, share, norm, judged)
 
-    def admit(self, caller: str, now: float, is_retry: bool = False) -> Decision:
-        """Record one request and decide whether it may reach the app (429 if throttled)."""
-        state, share, norm = self._record(caller, now, is_retry)
+    def admit(self, caller: str, now: float, is_retry: bool = False,
+              demand: float | None = None) -> Decision:
+        """Record one request and decide whether it may reach the app (429 if throttled).
+
+        ``demand``: the caller's declared even-spread demand in requests/s per endpoint
+        (:class:`wire.demand.Demand`, verified), or None; module docstring, **Demand**.
+        """
+        state, share, norm, judged = self._record(caller, now, is_retry, demand=demand)
         ladder = state.ladder
         if ladder.phase is not Phase.PUNISHED:
             state.admitted.add(now)
             return Decision(True, 200, None, ladder.level, state.reputation, ladder.phase, share,
-                            norm)
+                            norm, judged)
         rate = ladder.rules.fraction(ladder.level) * share
         burst = max(1.0, rate * self.params.throttle_burst)
         if state.bucket_epoch != ladder.punishments:  # a new punishment starts a full bucket
@@ -472,30 +507,31 @@ class ReputationBook:
             state.tokens -= 1.0
             state.admitted.add(now)
             return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
-                            ladder.phase, share, norm)
+                            ladder.phase, share, norm, judged)
         state.throttled.add(now)
         retry_after = float(max(1, math.ceil(_time_left(ladder, now) or 0.0)))
         return Decision(False, 429, retry_after, ladder.level, state.reputation, ladder.phase,
-                        share, norm)
+                        share, norm, judged)
 
     def charge(self, caller: str, now: float, weight: float) -> Decision:
         """Record ``weight`` request-equivalents of app time that one request held beyond an
         ordinary request's (a streaming call holding its slot while its client still sends):
         they count in the caller's request rate, and so against its fair share, as that many
         requests would; never refuses."""
-        state, share, norm = self._record(caller, now, False, weight=max(0.0, weight))
+        state, share, norm, judged = self._record(caller, now, False, weight=max(0.0, weight),
+                                                  charged=True)
         ladder = state.ladder
         return Decision(True, 200, _time_left(ladder, now), ladder.level, state.reputation,
-                        ladder.phase, share, norm)
+                        ladder.phase, share, norm, judged)
 
     def defect(self, caller: str, now: float) -> Decision:
         """Record a defection that is not a request (a stalled or abandoned upload): the
         verdict at ``now`` is 0, the request rate is unchanged (the request was counted when it
         was policed). Returns the caller's standing after it (``admitted`` is False)."""
-        state, share, norm = self._record(caller, now, False, defected=True)
+        state, share, norm, judged = self._record(caller, now, False, defected=True)
         ladder = state.ladder
         return Decision(False, 408, _time_left(ladder, now), ladder.level, state.reputation,
-                        ladder.phase, share, norm)
+                        ladder.phase, share, norm, judged)
 
     # --- observers ------------------------------------------------------------------------
 
@@ -549,7 +585,7 @@ class ReputationBook:
         p = self.params
         if now - self._level_at >= p.share_refresh or now < self._level_at:
             self._expire_active(now)
-            rates = [state.rate.rate(now) for name in self._active
+            rates = [state.judged_rate(now) for name in self._active
                      if (state := self._callers.get(name)) is not None]
             # congested although the callers ask for no more than the capacity: the capacity
             # is not what the app can do now (CPU starvation, a slow dependency), and the
@@ -570,7 +606,7 @@ class ReputationBook:
         return Standing(caller, state.reputation, ladder.level, ladder.phase,
                         ladder.remaining(now), state.rate.rate(now), state.retries.rate(now),
                         ladder.punishments, ladder.until if punished else None,
-                        state.admitted.count(now), state.throttled.count(now))
+                        state.admitted.count(now), state.throttled.count(now), state.demand)
 
     def standings(self, now: float) -> list[Standing]:
         """Every tracked caller's standing (bounded by ``max_callers``; O(tracked): for tests
@@ -632,8 +668,8 @@ class ReputationBook:
 
     def _record(
         self, caller: str, now: float, is_retry: bool, *, defected: bool = False,
-        weight: float = 1.0,
-    ) -> tuple[_CallerState, float, float]:
+        weight: float = 1.0, charged: bool = False, demand: float | None = None,
+    ) -> tuple[_CallerState, float, float, float]:
         p = self.params
         self._evict_idle(now)
         state = self._callers.get(caller)
@@ -654,22 +690,28 @@ class ReputationBook:
         self._active.move_to_end(caller)
         share = self.fair_share(caller, now)
 
-        if not defected:
+        if charged:
             state.rate.add(now, weight)
+            state.charged.add(now, weight)
+        elif not defected:  # a request: its declaration (or the lack of one) is the latest word
+            state.rate.add(now, weight)
+            state.demand = demand if demand is not None and math.isfinite(demand) and \
+                demand >= 0 else None
         if is_retry:
             state.retries.add(now)
         rate, retry_rate = state.rate.rate(now), state.retries.rate(now)
+        judged = state.judged_rate(now)
         norm_applies = self.congested or state.ladder.phase is Phase.PUNISHED
         norm = self.norm_share(caller, now) if norm_applies else 0.0
-        over_share = norm_applies and rate > max(p.rate_floor, p.rate_tolerance * norm)
+        over_share = norm_applies and judged > max(p.rate_floor, p.rate_tolerance * norm)
         over_retry_budget = retry_rate > p.retry_ratio * (rate - retry_rate) + p.retry_floor
         verdict = 0.0 if (defected or over_share or over_retry_budget) else 1.0
         dt = max(0.0, now - state.last_seen)
         state.reputation = verdict + (state.reputation - verdict) * math.exp(
             -dt / p.reputation_tau)
         state.last_seen = now
-        state.ladder.step(now, state.reputation, self.deterrent_duration(rate, share))
-        return state, share, norm
+        state.ladder.step(now, state.reputation, self.deterrent_duration(judged, share))
+        return state, share, norm, judged
 
     def _expire_active(self, now: float) -> None:
         horizon = now - self.params.active_window

@@ -9,6 +9,10 @@ sends through the outbound listener:
   side can tell callers apart and police each one; with ``X-GT-Bid`` and ``X-GT-Retry`` it
   goes only to endpoints in the mesh (:mod:`sidecar.membership`); every attempt carries a
   fresh ``X-GT-Challenge``;
+- ``X-GT-Demand``: this sidecar's rate of attempts to the whole upstream service (decayed,
+  :data:`DEMAND_TAU`) and the service's endpoint count, signed with the identity's nonce
+  (:mod:`wire.demand`), so that a pod judges this caller by what it asks of the service and
+  not only by what its routing happened to send that pod;
 - **signed answers only**: the answer's ``X-GT-Congestion``, ``X-GT-Reputation`` and
   ``X-GT-Price`` are believed only with a valid ``X-GT-Signals`` over them, the challenge
   and the request (:mod:`wire.signals`); a standing or a price only when signed about this
@@ -56,11 +60,13 @@ from sidecar.membership import MeshMembership
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext, RequestHeaders
 from wire.bid import APP_BID_HEADER, APP_PRICE_HEADER, format_bid, parse_bid
+from wire.demand import sign_demand
 from wire.errors import Reason, WireError
 from wire.headers import (
     BID,
     CHALLENGE,
     CONGESTION,
+    DEMAND,
     IDENTITY,
     PRICE,
     REFUSALS,
@@ -79,6 +85,31 @@ MAX_BACKOFF = 300.0
 """Longest local back-off honoured (seconds), whatever an upstream says."""
 MAX_TRACKED_UPSTREAMS = 4096
 """Upstreams whose delivered rate is tracked for probation (the least recent beyond: dropped)."""
+DEMAND_TAU = 1.0
+"""Time constant (s) of the attempt rate declared in ``X-GT-Demand``: the inbound book's
+default ``rate_tau``, so both sides measure the same way."""
+
+
+class AttemptRates:
+    """Per upstream, the exponentially decayed rate of attempts sent (time constant ``tau``),
+    for the least recently used ``limit`` upstreams."""
+
+    def __init__(self, tau: float = DEMAND_TAU, limit: int = MAX_TRACKED_UPSTREAMS) -> None:
+        self.tau, self.limit = tau, limit
+        self._counts: dict[str, tuple[float, float]] = {}  # upstream -> (count, at)
+
+    def add(self, upstream: str, now: float) -> float:
+        """Count one attempt to ``upstream`` at ``now``; its rate (per second) after it."""
+        count, at = self._counts.pop(upstream, (0.0, now))
+        if now > at:
+            count *= math.exp(-(now - at) / self.tau)
+        else:
+            now = at
+        count += 1.0
+        self._counts[upstream] = (count, now)
+        if len(self._counts) > self.limit:
+            del self._counts[next(iter(self._counts))]
+        return count / self.tau
 
 
 _SIGNAL_NAMES = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower(), REFUSED.lower())
@@ -111,6 +142,7 @@ class CallerPhases(ProxyPhases):
         self.metrics = metrics
         self._probation: dict[str, SelfProbation] = {}  # per upstream, least recent first
         self._shown_punished: set[str] = set()  # upstreams whose punished gauge reads 1
+        self.attempts = AttemptRates()
         self.signing = mesh_key is not None and self._valid_id(caller_id)
 
     @staticmethod
@@ -199,6 +231,7 @@ class CallerPhases(ProxyPhases):
             return
         challenge = new_nonce(self.random_bytes(12))  # fresh per attempt
         ctx.extra["challenge"] = challenge
+        rate = self.attempts.add(ctx.upstream, self.clock()) if ctx.upstream else None
         for name in [n for n in headers if is_gt_header(n)]:  # X-GT-Retry
             if not self.membership.admits(ctx):
                 headers.popall(name, None)
@@ -210,6 +243,10 @@ class CallerPhases(ProxyPhases):
         headers[IDENTITY] = sign_identity(self.caller_id, self.mesh_key, self.wall_clock(),
                                           bound, challenge)
         ctx.extra["identity_sent"] = True
+        endpoints = len(ctx.group.endpoints) if ctx.group is not None else 0
+        demand = sign_demand(rate, endpoints, self.mesh_key, challenge) if rate else None
+        if demand is not None:
+            headers[DEMAND] = demand
         bid = ctx.extra.get("bid", self.default_bid)
         if isinstance(bid, float | int) and bid > 0:
             headers[BID] = format_bid(float(bid))

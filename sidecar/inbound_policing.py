@@ -45,11 +45,13 @@ from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from wire.bid import format_price, parse_bid
+from wire.demand import DemandRejection, verify_demand
 from wire.errors import Reason, WireError
 from wire.headers import (
     BID,
     CHALLENGE,
     CONGESTION,
+    DEMAND,
     IDENTITY,
     PRICE,
     REFUSALS,
@@ -61,7 +63,7 @@ from wire.headers import (
     is_gt_header,
     parse_retry,
 )
-from wire.identity import BoundRequest, IdentityRejection, verify_identity
+from wire.identity import BoundRequest, IdentityRejection, VerifiedIdentity, verify_identity
 from wire.nonces import NonceBook
 from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing
@@ -240,30 +242,48 @@ class InboundPolicing:
     def identify(self, headers: HeaderView, bound: BoundRequest) -> tuple[str, bool]:
         """The caller (``anonymous`` unless its identity verifies for ``bound``, the request
         it arrived on, and its nonce is new) and whether it is trusted."""
+        checked = self._verified(headers, bound)
+        return (ANONYMOUS, False) if checked is None else (checked.caller, True)
+
+    def demand(self, headers: HeaderView, identity: VerifiedIdentity) -> float | None:
+        """The verified caller's declared even-spread demand (``X-GT-Demand``, bound to its
+        identity's nonce; :mod:`wire.demand`), or None: absent, or not believed (counted)."""
+        header = headers.get(DEMAND)
+        if header is None or self.mesh_key is None:
+            return None
+        checked = verify_demand(header, self.mesh_key, identity.nonce)
+        if isinstance(checked, DemandRejection):
+            self.metrics.demands.labels(checked.reason).inc()
+            log.info("ignored %s of %r: %s (%s)", DEMAND, identity.caller, checked.reason,
+                     checked.detail)
+            return None
+        self.metrics.demands.labels(TRUSTED).inc()
+        return checked.per_endpoint
+
+    def _verified(self, headers: HeaderView, bound: BoundRequest) -> VerifiedIdentity | None:
+        """The request's identity if it verifies for ``bound`` and its nonce is new; else
+        None (counted, and the request's other ``X-GT-*`` headers are ignored)."""
         header = headers.get(IDENTITY)
         if self.mesh_key is None:
             self.metrics.identity.labels(Reason.NO_KEY if header else Reason.MISSING).inc()
-            trusted = False
         else:
             now = self.wall_clock()
             checked = verify_identity(header, self.mesh_key, now,
                                       self.settings.identity_max_skew, bound)
             if isinstance(checked, IdentityRejection):
                 self.metrics.identity.labels(checked.reason).inc()
-                trusted = False
             elif not self.nonces.first_use(checked.nonce, checked.issued_at, now):
                 self.metrics.identity.labels(Reason.REPLAYED).inc()
                 log.info("a replayed identity of %r (%s %s): treated as anonymous",
                          checked.caller, bound.method, bound.target[:64])
-                trusted = False
             else:
                 self.metrics.identity.labels(TRUSTED).inc()
-                return checked.caller, True
+                return checked
         ignored = sum(1 for name in headers if is_gt_header(name)
                       and name.lower() not in (IDENTITY.lower(), CHALLENGE.lower()))
         if ignored:
             self.metrics.stripped.labels(HeaderDrop.UNTRUSTED).inc(ignored)
-        return ANONYMOUS, trusted
+        return None
 
     def is_retry(self, headers: HeaderView) -> bool:
         raw = headers.get(RETRY)
@@ -285,7 +305,8 @@ class InboundPolicing:
         target, which the identity must be bound to and the answer's signals are signed
         over."""
         target = request.target
-        caller, trusted = self.identify(headers, request)
+        identity = self._verified(headers, request)
+        caller = ANONYMOUS if identity is None else identity.caller
         verdict = Verdict(caller, self.labels.of(caller))
         challenge = headers.get(CHALLENGE)
         if challenge and self.mesh_key is not None:
@@ -302,8 +323,8 @@ class InboundPolicing:
                     429, ErrorReason.LOCAL_RATE_LIMITED, "local rate limit exceeded",
                     headers={"X-RateLimit-Limit": f"{self.settings.token_bucket_rate:g}"})
             return verdict, None
-        bid, is_retry = 0.0, False
-        if trusted:
+        bid, is_retry, demand = 0.0, False, None
+        if identity is not None:
             try:
                 bid = parse_bid(headers.get(BID))
             except WireError as exc:
@@ -311,7 +332,8 @@ class InboundPolicing:
                 self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_BID).inc()
                 return verdict, Refusal(400, ErrorReason.BAD_BID, str(exc), {"header": BID})
             is_retry = self.is_retry(headers)
-        policed = self.gate.police(caller, bid, now, is_retry=is_retry)
+            demand = self.demand(headers, identity)
+        policed = self.gate.police(caller, bid, now, is_retry=is_retry, demand=demand)
         self.deliver(policed.woken)
         verdict.decision = policed.decision
         if isinstance(policed, Reject):

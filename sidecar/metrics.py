@@ -331,6 +331,9 @@ class InboundMetrics:
             "share of a congested app")
         self.bad_headers = counter("bad_headers", "Malformed game headers from trusted callers",
                                    "header")
+        self.demands = counter(
+            "demands", "Declared demands (X-GT-Demand) of trusted callers by result (believed, "
+            "or why it was ignored and the caller judged by its rate here alone)", "result")
         self.slow_uploads = counter(
             "slow_uploads", "Request bodies that missed the upload deadline (timeout, 408) or "
             "were abandoned half-way, by caller (each counts against the caller's reputation)",

@@ -21,6 +21,9 @@ X-GT-Identity             request    signed caller identity, bound to its reques
                                      wire.identity)
 X-GT-Challenge            request    ``<nonce>`` — fresh per attempt; the answer's signals are
                                      signed over it (see wire.signals)
+X-GT-Demand               request    ``v=1;rate=<r>;endpoints=<n>;sig=<mac>`` — the caller's
+                                     rate to the service, signed with its identity (see
+                                     wire.demand)
 X-GT-Signals              response   ``v=1;caller=<id>;sig=<mac>`` — the callee sidecar's MAC
                                      over its signals and the request (see wire.signals)
 X-GT-Probe                request    a probe's nonce (see wire.probe)
@@ -51,6 +54,7 @@ IDENTITY = "X-GT-Identity"
 REPUTATION = "X-GT-Reputation"
 CHALLENGE = "X-GT-Challenge"
 SIGNALS = "X-GT-Signals"
+DEMAND = "X-GT-Demand"
 REFUSED = "X-GT-Refused"
 REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down"})
 """The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""

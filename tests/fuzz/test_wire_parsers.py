@@ -20,6 +20,7 @@ from tests.fuzz.budget import fuzz
 from tests.fuzz.strategies import field_lists, header_values, numbers
 from tests.wire_samples import KEY, NOW, recommendation, summary
 from wire.bid import parse_bid
+from wire.demand import Demand, sign_demand, verify_demand
 from wire.errors import Reason, WireError
 from wire.grpc_status import decode_message, parse_timeout, status_of
 from wire.headers import (
@@ -137,6 +138,26 @@ def test_identity(value: str) -> None:
         assert value.strip(" \t") == _signed_identity()
     else:
         assert verdict.caller == "anonymous"
+
+
+def _signed_demand() -> str:
+    signed = sign_demand(83.333, 3, KEY, NONCE)
+    assert signed is not None
+    return signed
+
+
+@fuzz
+@given(st.one_of(field_lists(), header_values(),
+                 st.builds(lambda signed, tail: _signed_demand() + tail if signed else tail,
+                           st.booleans(), header_values())))
+@example(_signed_demand() + "\r")
+def test_demand(value: str) -> None:
+    checked = verify_demand(value, KEY, NONCE)
+    if isinstance(checked, Demand):  # only what this key signed for this nonce, as signed
+        assert value.strip(" \t") == _signed_demand()
+        assert checked == Demand(83.333, 3)
+    else:
+        assert checked.reason in REASONS and checked.detail
 
 
 @fuzz

@@ -93,8 +93,10 @@ async def mesh(
     *,
     server_key: str | None = MESH_KEY,
     caller_key: str | None = MESH_KEY,
+    more_endpoints: Mapping[str, list[str]] | None = None,
 ) -> AsyncIterator[Mesh]:
-    """Start the sidecars (in parallel) and stop them all on exit."""
+    """Start the sidecars (in parallel) and stop them all on exit. ``more_endpoints[name]``:
+    endpoints that caller's upstream lists after the app's inbound sidecar."""
     inbound_port = free_port()
     server_env = {"EQUILIBRIUM_MESH_SECRET": server_key} if server_key else {}
     caller_env = {"EQUILIBRIUM_MESH_SECRET": caller_key} if caller_key else {}
@@ -103,7 +105,8 @@ async def mesh(
         async_start_sidecar({}, sidecar_id="app-sidecar", config_file=config, env=server_env,
                             extra_args=["--inbound", f"{LOOPBACK}:{inbound_port}",
                                         "--app", app_url]),
-        *(async_start_sidecar({UPSTREAM: [inbound_url]}, sidecar_id=name, config_file=config,
+        *(async_start_sidecar({UPSTREAM: [inbound_url, *(more_endpoints or {}).get(name, [])]},
+                              sidecar_id=name, config_file=config,
                               env=caller_env, extra_args=["--max-attempts", "1"])
           for name in callers),
     ]

@@ -51,6 +51,7 @@ equilibrium_inbound_app_checks counter result
 equilibrium_inbound_app_duration_seconds histogram -
 equilibrium_inbound_bad_bids counter reason
 equilibrium_inbound_bad_headers counter header
+equilibrium_inbound_demands counter result
 equilibrium_inbound_caller_punishment_level gauge caller
 equilibrium_inbound_caller_reputation gauge caller
 equilibrium_inbound_capacity_estimate gauge -

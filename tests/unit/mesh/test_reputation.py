@@ -513,3 +513,77 @@ def test_congested_below_its_stated_capacity_the_norm_is_the_equal_share() -> No
             assert decision.norm_share == pytest.approx(50.0)
     assert levels["rogue"] >= 1
     assert levels["coop-1"] == levels["coop-2"] == levels["coop-3"] == 0
+
+
+# --- declared demand (X-GT-Demand) -----------------------------------------------------------
+
+
+def _run(book: ReputationBook, flows: list[Flow], demands: dict[str, float | None],
+         capacity: float) -> dict[str, int]:
+    """Every flow's requests in time order on a congested app; the highest level each caller
+    reached. ``demands[caller]``: what its sidecar declares on each request."""
+    arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
+                      for i, flow in enumerate(flows)
+                      for k in range(int((flow.end - flow.start) * flow.rate)))
+    levels: dict[str, int] = {}
+    for t, caller in arrivals:
+        book.update_load(t, 1.0, capacity)
+        decision = book.admit(caller, t, demand=demands.get(caller))
+        levels[caller] = max(levels.get(caller, 0), decision.level)
+    return levels
+
+
+def test_callers_all_concentrated_on_one_pod_are_judged_by_their_demand_on_the_service() -> None:
+    """The soak of 2026-12-03 08:18: Redis timed out, the callers' sidecars fell back to
+    their own learners and all put 80 % of their traffic (the cap) on the same pod, whose
+    capacity had dropped to 120/s under CPU starvation. Equal share 30/s, norm 45/s.
+    Each cooperative caller sends 83/s to a service of 3 pods (even spread 27.8/s) and so
+    66/s here; the rogue sends 250/s (83/s even spread), 200/s here.
+
+    Judged by their rates here (no declaration), all four are defectors. Judged by their
+    declared demand: the water level of 120/s over (27.8, 27.8, 27.8, 83) is 36.7/s, norm
+    55/s: the cooperative callers are within it and the rogue is not."""
+    flows = [Flow("coop-1", 66, 0, 10), Flow("coop-2", 66, 0, 10), Flow("coop-3", 66, 0, 10),
+             Flow("rogue", 200, 0, 10)]
+    declared = {"coop-1": 83 / 3, "coop-2": 83 / 3, "coop-3": 83 / 3, "rogue": 250 / 3}
+    undeclared = _run(ReputationBook(PolicingParams(capacity=120.0)), flows, {}, 120.0)
+    assert all(undeclared[c] >= 1 for c in ("coop-1", "coop-2", "coop-3", "rogue"))
+    book = ReputationBook(PolicingParams(capacity=120.0))
+    levels = _run(book, flows, declared, 120.0)
+    assert levels["coop-1"] == levels["coop-2"] == levels["coop-3"] == 0
+    assert levels["rogue"] >= 1
+    coop = book.standing("coop-1", 10.0)
+    assert coop is not None and coop.demand == pytest.approx(83 / 3)
+    assert coop.rate > 60  # its rate here is shown as it is; only the judgement uses the demand
+
+
+def test_a_declared_demand_above_the_rate_here_changes_nothing() -> None:
+    """A caller that sends this pod less than its even spread is judged by what it sends
+    here: the norm's rate is the smaller of the two."""
+    book = ReputationBook(PolicingParams(capacity=30.0))
+    for k in range(50):
+        decision = book.admit("alice", k / 10, demand=500.0)
+    book.update_load(5.0, 1.0, 30.0)
+    decision = book.admit("alice", 5.0, demand=500.0)
+    standing = book.standing("alice", 5.0)
+    assert standing is not None
+    assert decision.judged_rate == pytest.approx(standing.rate)
+    # and a declaration below it is what is judged
+    decision = book.admit("alice", 5.01, demand=2.0)
+    assert decision.judged_rate == pytest.approx(2.0)
+    # a request without one is judged by its rate here again
+    decision = book.admit("alice", 5.02)
+    assert decision.judged_rate > 9.0
+
+
+def test_time_held_is_never_discounted_by_a_declaration() -> None:
+    """A caller whose requests hold the app's slots (charged as request-equivalents) cannot
+    hide that behind a small declared demand: ``x' = min(x - h, demand) + h``."""
+    book = ReputationBook(PolicingParams(capacity=30.0))
+    for k in range(40):
+        t = k / 10
+        book.update_load(t, 1.0, 30.0)
+        book.admit("slow", t, demand=0.5)
+        decision = book.charge("slow", t + 0.01, 10.0)  # each request held 10 requests' time
+    assert decision.judged_rate > 80.0
+    assert decision.level >= 1

@@ -4,6 +4,7 @@ self-enforced back-off). Clocks are plain numbers moved by hand."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -18,7 +19,18 @@ from sidecar.membership import MeshMembership
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
-from wire.headers import BID, CHALLENGE, CONGESTION, IDENTITY, PRICE, REPUTATION, RETRY, SIGNALS
+from wire.demand import Demand, verify_demand
+from wire.headers import (
+    BID,
+    CHALLENGE,
+    CONGESTION,
+    DEMAND,
+    IDENTITY,
+    PRICE,
+    REPUTATION,
+    RETRY,
+    SIGNALS,
+)
 from wire.identity import BoundRequest, VerifiedIdentity, verify_identity
 from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing
@@ -171,7 +183,7 @@ async def test_without_a_key_nothing_is_signed_or_bid() -> None:
         assert await phases.request_filter(make_mocked_request("GET", "/"), ctx) is None
         headers: CIMultiDict[str] = CIMultiDict()
         phases.upstream_request_filter(ctx, headers)
-        assert IDENTITY not in headers and BID not in headers
+        assert IDENTITY not in headers and BID not in headers and DEMAND not in headers
     # and without a key no answer's signal is believed (none could be checked)
     phases, _ = make_phases(None)
     ctx = ctx_for()
@@ -307,3 +319,28 @@ def test_a_punishment_is_logged_when_it_starts_and_when_its_level_changes(
     clock.t += 20.0  # over; a new punishment is logged again
     answer(1)
     assert sum("punishes" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_each_attempt_declares_the_callers_rate_to_the_whole_service() -> None:
+    """``X-GT-Demand``: the decayed rate of attempts to the upstream (all its endpoints, time
+    constant 1 s) and its endpoint count, bound to the attempt's identity nonce."""
+    table = UpstreamTable("round-robin", get_profile("balanced"))
+    table.apply({"spread": tuple(f"http://10.0.1.{i}:80" for i in range(3))}, 0.0)
+    group = table.get("spread")
+    assert group is not None
+    phases, clock = make_phases()
+    declared = []
+    for k in range(20):  # 10 attempts/s over 2 s, spread over the three endpoints
+        clock.t = 1000.0 + k / 10
+        ctx = RequestContext(started=0.0, method="GET", target="/", authority="spread",
+                             upstream="spread", group=group, endpoint=group.endpoints[k % 3])
+        headers: CIMultiDict[str] = CIMultiDict()
+        phases.upstream_request_filter(ctx, headers)
+        demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
+        assert isinstance(demand, Demand) and demand.endpoints == 3
+        declared.append(demand.rate)
+    # a decayed count of a 10/s flow: sum_k exp(-k / 10) over the last 20 attempts
+    expected = sum(math.exp(-k / 10) for k in range(20))
+    assert declared[-1] == pytest.approx(expected, abs=0.001)
+    assert declared == sorted(declared)  # it builds up from the first attempt
+    assert declared[0] == 1.0

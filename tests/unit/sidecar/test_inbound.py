@@ -109,3 +109,52 @@ def test_policing_binds_identities_to_the_request_and_signs_the_answer() -> None
     assert checked.reason is None and checked.caller == "checkout"
     other = AnsweredRequest(new_nonce(os.urandom(12)), bound.method, bound.target)
     assert verify_signals(signals[SIGNALS], key, other, signed).reason is not None
+
+
+def test_a_declared_demand_is_believed_only_from_the_verified_caller_of_this_request() -> None:
+    """``X-GT-Demand`` reaches the book only when signed with this request's identity nonce;
+    a demand copied from another request, or sent by an anonymous caller, is ignored and
+    counted."""
+    import os
+
+    from multidict import CIMultiDict
+
+    from sidecar.inbound_policing import InboundPolicing
+    from wire.demand import sign_demand
+    from wire.headers import CHALLENGE, DEMAND, IDENTITY
+    from wire.identity import BoundRequest, new_nonce, sign_identity
+
+    key = b"inbound-policing-test-key-0123456789"
+    registry = CollectorRegistry()
+    policing = InboundPolicing(settings=parse_policing({}), metrics=InboundMetrics(registry),
+                               mesh_key=key, clock=lambda: 5.0, wall_clock=lambda: 1.8e9)
+    bound = BoundRequest("GET", "orders:8080", "/items")
+
+    def request(demand_nonce: str | None = None, signed: bool = True) -> CIMultiDict[str]:
+        nonce = new_nonce(os.urandom(12))
+        headers = CIMultiDict({CHALLENGE: nonce})
+        if signed:
+            headers[IDENTITY] = sign_identity("checkout", key, 1.8e9, bound, nonce)
+        demand = sign_demand(90.0, 3, key, demand_nonce or nonce)
+        assert demand is not None
+        headers[DEMAND] = demand
+        return headers
+
+    def judged(headers: CIMultiDict[str]) -> float | None:
+        verdict, _ = policing.police(headers, bound, 5.0)
+        book = policing.gate.book
+        standing = book.standing(verdict.caller, 5.0)
+        assert standing is not None
+        return standing.demand
+
+    def count(result: str) -> float:
+        value = registry.get_sample_value("equilibrium_inbound_demands_total",
+                                          {"result": result})
+        return value or 0.0
+
+    assert judged(request()) == pytest.approx(30.0)
+    assert count("trusted") == 1
+    assert judged(request(new_nonce(os.urandom(12)))) is None  # moved from another request
+    assert count("bad-signature") == 1
+    assert judged(request(signed=False)) is None  # anonymous: not even read
+    assert count("trusted") == 1 and count("bad-signature") == 1
