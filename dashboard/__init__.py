@@ -21,7 +21,8 @@ numbers as null::
                        "requests": int, "failures": int, "tokens": int | null}],
         "nash_gap": float | null, "ce_gap": float | null, "plan_ce_gap": float | null,
         "sidecars": [{"id": str, "following": bool | null, "demand": float | null,
-                      "distance": float | null}],
+                      "distance": float | null}],     # at most 50: see sidecars_total
+        "sidecars_total": int, "sidecars_following": int,   # the signaler's only
         "plan": null | {"solver": str, "status": str, "tokens": int, "solve_seconds": float,
                         "expected_latency": float, "played_over_optimum": float | null,
                         "plan_over_optimum": float | null, "kept": bool}}],

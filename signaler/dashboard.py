@@ -20,7 +20,10 @@ Per upstream, from the fresh summaries (those the planner would use):
   (the one the planner reads), the plan's CE gap the program's own;
 * a sidecar **follows** when the weights it reports are within :data:`FOLLOW_DISTANCE` (total
   variation) of one of the last recommendations it was dealt; otherwise it routes by its own
-  learning (a fallback, or a recommendation it rejected);
+  learning (a fallback, or a recommendation it rejected). The frame counts them all
+  (``sidecars_total``, ``sidecars_following``) and lists at most :data:`SIDECARS_SHOWN`: those
+  that do not follow first, then the largest demands (a page cannot show a thousand rows, and
+  the five minutes of frames the feed keeps stay small);
 * the **distance from the system optimum** is the cost ``sum_j x_j l_j(x_j)`` of the loads
   played over the cost of Beckmann's optimum on the same planned curves at the same total
   demand (Beckmann, McGuire & Winsten 1956; computed exactly over :data:`OPTIMUM_TOKENS`
@@ -56,6 +59,8 @@ OPTIMUM_TOKENS = 256
 PLANS_KEPT = 3
 """Recent plans per upstream a sidecar's weights are compared with (its summary lags one)."""
 NOTE = "policing is reported by inbound sidecars on their own /dashboard"
+SIDECARS_SHOWN = 50
+"""Sidecars listed per upstream in a frame (all are counted)."""
 
 
 def _opt(value: float | None) -> float | None:
@@ -181,7 +186,7 @@ class SignalerDashboard:
             "nash_gap": nash,
             "ce_gap": _ce_gap(fresh) if fresh else None,
             "plan_ce_gap": plan.solution.ce_gap if plan is not None else None,
-            "sidecars": [_sidecar(s, plans) for s in fresh],
+            **_sidecars(fresh, plans),
             "plan": None,
         }
         if plan is not None:
@@ -258,6 +263,18 @@ def _ce_gap(fresh: Sequence[RegretSummary]) -> float:
                 if j != k and value > gap:
                     gap = value
     return gap
+
+
+def _sidecars(fresh: Sequence[RegretSummary], plans: Sequence[Plan]) -> dict[str, Any]:
+    """The sidecars' entries of an upstream's frame: every one counted, at most
+    :data:`SIDECARS_SHOWN` listed (those not following first, then by demand, then by id)."""
+    entries = [_sidecar(s, plans) for s in fresh]
+    following = sum(1 for e in entries if e["following"])
+    if len(entries) > SIDECARS_SHOWN:
+        entries.sort(key=lambda e: (e["following"] is True, -e["demand"], e["id"]))
+        del entries[SIDECARS_SHOWN:]
+    return {"sidecars": entries, "sidecars_total": len(fresh),
+            "sidecars_following": following}
 
 
 def _sidecar(s: RegretSummary, plans: Sequence[Plan]) -> dict[str, Any]:

@@ -238,7 +238,11 @@
           return v === null ? null : v * 1000;
         }) }))));
     sec.appendChild(charts);
-    sec.appendChild(el("h3", {}, "sidecars"));
+    const total = num(up.sidecars_total);
+    sec.appendChild(el("h3", {}, total === null || total === (up.sidecars || []).length
+      ? "sidecars"
+      : `sidecars: ${(up.sidecars || []).length} of ${total} shown, ` +
+        `${up.sidecars_following} follow the signaler`));
     const sidecars = (up.sidecars || []).map((s) => {
       const tr = el("tr", { "data-sidecar": s.id });
       tr.appendChild(el("td", {}, s.id));

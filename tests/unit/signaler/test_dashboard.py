@@ -131,3 +131,28 @@ def test_optimum_counts_is_the_greedy_system_optimum(n: int) -> None:
     assert mine.sum() == n
     cost = configuration_costs(np.stack([mine, greedy]), table)
     assert cost[0] == pytest.approx(cost[1], rel=1e-12)
+
+
+async def test_many_sidecars_are_all_counted_and_the_ones_to_look_at_listed() -> None:
+    """Past SIDECARS_SHOWN sidecars the frame lists those that do not follow their deal
+    first, largest demand first, and counts them all."""
+    from signaler.dashboard import SIDECARS_SHOWN
+
+    svc = planned_service()
+    await svc._plan_and_publish("orders")
+    plan = svc.status["orders"].plan
+    assert plan is not None
+    dealt = plan.weights["sc-1"]
+    assert svc.apply_entry("orders", sign_summary(summary(
+        "sc-1", sent_at=NOW + 0.5, epoch=101, weights=tuple(dealt[e] for e in EPS)), KEY))
+    extra = SIDECARS_SHOWN + 5
+    for i in range(extra):
+        assert svc.apply_entry("orders", sign_summary(summary(
+            f"own-{i:02d}", demand=1.0 + 0.5 * i), KEY))
+    [up] = SignalerDashboard(svc)()["upstreams"]
+    assert up["sidecars_total"] == extra + 2 and up["sidecars_following"] == 1
+    listed = [s["id"] for s in up["sidecars"]]
+    assert len(listed) == SIDECARS_SHOWN and "sc-1" not in listed  # it follows: not listed
+    demands = [s["demand"] for s in up["sidecars"]]
+    assert demands == sorted(demands, reverse=True) and demands[0] == 30.0  # sc-2, then own-*
+    assert listed[1:] == [f"own-{i:02d}" for i in range(extra - 1, extra - SIDECARS_SHOWN, -1)]
