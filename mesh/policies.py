@@ -55,6 +55,7 @@ class _MeasuredPolicy(ABC):
         self._gap = 0.0
         self._regret_view = np.zeros(0)
         self._regret_matrix: list[list[float]] = []
+        self._usable: int | None = None  # set by policies that eject (None: all usable)
 
     # -- endpoint set -------------------------------------------------------------------
     def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
@@ -192,6 +193,7 @@ class _MeasuredPolicy(ABC):
             converged=self._monitor.converged,
             following=self.following,
             regret_matrix=tuple(tuple(row) for row in self._regret_matrix),
+            usable=self._usable,
         )
 
 
@@ -435,6 +437,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not self.endpoints:
             return np.zeros(0)
         live = self._live(now)
+        self._usable = int(live.sum())
         covered = np.array([self.stats[e].probe_covered(now) for e in self.endpoints])
         return self.profile.herd.shape(self._target(now), self._weights, dt, live, covered)
 

@@ -81,6 +81,8 @@ class PolicySnapshot:
     converged: bool = False
     following: bool = False
     regret_matrix: Sequence[Sequence[float]] = field(default_factory=tuple)
+    usable: int | None = None
+    """Endpoints the policy may send to now (not ejected, not draining); None: every one."""
 
 
 @runtime_checkable

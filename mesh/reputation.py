@@ -52,9 +52,11 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   :mod:`wire.demand`). The norm then judges ``x' = min(x - h, R / K) + h``, where ``h`` is the
   part of ``x`` charged for time held (:meth:`ReputationBook.charge`, which no declaration can
   discount): a caller is a defector only if it takes more than its share of the service as if
-  it spread evenly over equal pods, or more than its share here. Without a declaration
-  (unverified callers, older sidecars) ``x' = x``. ``x'`` also stands for the caller's demand
-  in the water level below, and in the deterrent length.
+  it spread evenly over equal pods, *and* more than its share here. ``K`` counts the endpoints
+  the caller's policy may send to now (a pod that is down does not dilute the demand). Without
+  a declaration (unverified callers, older sidecars) ``x' = x``. ``x'`` also stands for the
+  caller's demand in the water level below; the deterrent length still uses ``x``, what the
+  flood took from this pod.
 - **Norm / verdict.** A request is *cooperative* (``v = 1``) unless (a) the rate norm applies
   (the app is congested, ``congestion >= congestion_threshold``, or the caller is being
   punished) and ``x' > max(rate_floor, rate_tolerance * m)``; or (b) ``y > retry_ratio *
@@ -710,7 +712,7 @@ class ReputationBook:
         state.reputation = verdict + (state.reputation - verdict) * math.exp(
             -dt / p.reputation_tau)
         state.last_seen = now
-        state.ladder.step(now, state.reputation, self.deterrent_duration(judged, share))
+        state.ladder.step(now, state.reputation, self.deterrent_duration(rate, share))
         return state, share, norm, judged
 
     def _expire_active(self, now: float) -> None:

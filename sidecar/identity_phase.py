@@ -10,9 +10,11 @@ sends through the outbound listener:
   goes only to endpoints in the mesh (:mod:`sidecar.membership`); every attempt carries a
   fresh ``X-GT-Challenge``;
 - ``X-GT-Demand``: this sidecar's rate of attempts to the whole upstream service (decayed,
-  :data:`DEMAND_TAU`) and the service's endpoint count, signed with the identity's nonce
-  (:mod:`wire.demand`), so that a pod judges this caller by what it asks of the service and
-  not only by what its routing happened to send that pod;
+  :data:`DEMAND_TAU`; counted per group, whatever ``Host`` alias the app used) and the number
+  of its endpoints the policy may send to now (not ejected, not draining: a pod that is down
+  does not dilute the demand), signed with the identity's nonce (:mod:`wire.demand`), so that
+  a pod judges this caller by what it asks of the service and not only by what its routing
+  happened to send that pod;
 - **signed answers only**: the answer's ``X-GT-Congestion``, ``X-GT-Reputation`` and
   ``X-GT-Price`` are believed only with a valid ``X-GT-Signals`` over them, the challenge
   and the request (:mod:`wire.signals`); a standing or a price only when signed about this
@@ -231,7 +233,8 @@ class CallerPhases(ProxyPhases):
             return
         challenge = new_nonce(self.random_bytes(12))  # fresh per attempt
         ctx.extra["challenge"] = challenge
-        rate = self.attempts.add(ctx.upstream, self.clock()) if ctx.upstream else None
+        group = ctx.group  # per group: every Host alias of a service is one count
+        rate = self.attempts.add(group.name, self.clock()) if group is not None else None
         for name in [n for n in headers if is_gt_header(n)]:  # X-GT-Retry
             if not self.membership.admits(ctx):
                 headers.popall(name, None)
@@ -243,7 +246,7 @@ class CallerPhases(ProxyPhases):
         headers[IDENTITY] = sign_identity(self.caller_id, self.mesh_key, self.wall_clock(),
                                           bound, challenge)
         ctx.extra["identity_sent"] = True
-        endpoints = len(ctx.group.endpoints) if ctx.group is not None else 0
+        endpoints = group.usable if group is not None else 0
         demand = sign_demand(rate, endpoints, self.mesh_key, challenge) if rate else None
         if demand is not None:
             headers[DEMAND] = demand

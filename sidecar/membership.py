@@ -1,7 +1,7 @@
 """Which endpoints are in the mesh: who may see this sidecar's identity and game headers.
 
-Owns the answer to "may this request carry ``X-GT-Identity``, ``X-GT-Bid`` and
-``X-GT-Retry`` to that endpoint?" (issue 14, finding 4). An identity is a bearer credential
+Owns the answer to "may this request carry ``X-GT-Identity``, ``X-GT-Demand``, ``X-GT-Bid``
+and ``X-GT-Retry`` to that endpoint?" (issue 14, finding 4). An identity is a bearer credential
 of the mesh for one request; game headers describe this caller's strategy. Neither goes to a
 server outside the mesh:
 

@@ -47,6 +47,15 @@ class UpstreamGroup:
         self.snapshot = self.policy.snapshot()
         return self.snapshot
 
+    @property
+    def usable(self) -> int:
+        """Endpoints the policy may send to now (not ejected, not draining; all of them
+        before the first tick or for a policy that never ejects)."""
+        snapshot = self.snapshot
+        if snapshot is None or snapshot.usable is None:
+            return len(self.endpoints)
+        return min(snapshot.usable, len(self.endpoints))
+
 
 class UpstreamTable:
     """NAME -> UpstreamGroup, all groups built with the same policy name and profile."""

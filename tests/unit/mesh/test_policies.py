@@ -228,3 +228,19 @@ def test_any_observations_keep_weights_a_capped_distribution(events, name) -> No
         assert w.max() <= 0.8 + 1e-9
     assert np.isfinite(snap.nash_gap) and np.isfinite(snap.flapping)
     assert all(np.isfinite(v.latency_estimate) for v in snap.endpoints)
+
+
+def test_the_snapshot_counts_the_endpoints_the_policy_may_send_to() -> None:
+    """``usable``: not ejected (``eject_after_failures`` failures in a row), not draining; the
+    caller's declared demand is spread over these (wire.demand)."""
+    profile = get_profile("balanced")
+    policy = make_policy("equilibrium", profile)
+    policy.set_endpoints(["a", "b", "c"], 0.0)
+    policy.tick(0.1)
+    assert policy.snapshot().usable == 3
+    for i in range(profile.eject_after_failures):
+        policy.on_start("c", 0.2 + i / 100)
+        policy.on_outcome(Outcome("c", 0.01, False, 0.21 + i / 100))
+    policy.tick(0.5)
+    assert policy.snapshot().usable == 2
+    assert make_policy("round-robin", profile).snapshot().usable is None  # never ejects

@@ -344,3 +344,38 @@ def test_each_attempt_declares_the_callers_rate_to_the_whole_service() -> None:
     assert declared[-1] == pytest.approx(expected, abs=0.001)
     assert declared == sorted(declared)  # it builds up from the first attempt
     assert declared[0] == 1.0
+
+
+def test_every_host_alias_of_a_service_counts_toward_one_demand_over_its_usable_endpoints(
+) -> None:
+    """An app cannot split its declared demand by rotating the names of one service (the
+    count is per group), and endpoints its policy may not send to do not dilute it."""
+    from dataclasses import replace
+
+    table = UpstreamTable("round-robin", get_profile("balanced"))
+    table.apply({"spread": tuple(f"http://10.0.1.{i}:80" for i in range(3))}, 0.0)
+    group = table.get("spread")
+    assert group is not None
+    phases, clock = make_phases()
+    declared = []
+    for k, alias in enumerate(["spread", "spread.ns", "10.96.0.7", "spread.ns.svc"] * 5):
+        clock.t = 1000.0 + k / 10
+        ctx = RequestContext(started=0.0, method="GET", target="/", authority=alias,
+                             upstream=alias, group=group, endpoint=group.endpoints[0])
+        headers: CIMultiDict[str] = CIMultiDict()
+        phases.upstream_request_filter(ctx, headers)
+        demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
+        assert isinstance(demand, Demand)
+        declared.append(demand)
+    assert declared[-1].rate == pytest.approx(sum(math.exp(-k / 10) for k in range(20)),
+                                              abs=0.001)
+    assert {d.endpoints for d in declared} == {3}  # no tick yet: every endpoint counts
+    group.tick(1003.0)
+    assert group.snapshot is not None
+    group.snapshot = replace(group.snapshot, usable=1)  # two ejected, as a policy reports it
+    ctx = RequestContext(started=0.0, method="GET", target="/", authority="spread",
+                         upstream="spread", group=group, endpoint=group.endpoints[0])
+    headers = CIMultiDict()
+    phases.upstream_request_filter(ctx, headers)
+    demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
+    assert isinstance(demand, Demand) and demand.endpoints == 1
