@@ -25,7 +25,7 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
          "callers": [{"caller": str, "phase": "good" | "punished" | "probation",
                       "reputation": float, "level": int, "punishments": int,
                       "punished_until": RFC 3339 UTC | null, "punished_for": float,
-                      "rate": float, "retry_rate": float,
+                      "rate": float, "retry_rate": float, "demand": float | null,
                       "recent": {"admitted": float, "throttled": float},
                       "budget": {"balance": float, "reserved": float, "available": float,
                                  "cap": float} | null}]}}
@@ -160,6 +160,9 @@ def inbound_json(snap: InboundSnapshot | None) -> dict[str, Any] | None:
             "punished_for": round(_num(s.punished_for), 3),
             "rate": round(_num(s.rate), 3),
             "retry_rate": round(_num(s.retry_rate), 3),
+            # the even-spread demand its sidecar declared (X-GT-Demand): the norm judges the
+            # smaller of it and ``rate`` (docs/policing.md); null: none declared
+            "demand": None if s.demand is None else round(_num(s.demand), 3),
             "recent": {"admitted": round(_num(s.admitted), 1),
                        "throttled": round(_num(s.throttled), 1)},
             "budget": None if budget is None else {

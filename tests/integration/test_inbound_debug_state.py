@@ -94,6 +94,10 @@ async def test_debug_state_shows_the_rogue_punished_and_the_cooperator_in_good_s
 
     good = callers["coop"]
     assert good["phase"] == "good" and good["level"] == 0, story
+    # its sidecar declares its demand (5/s over the one endpoint it has); the rogue's
+    # hand-signed requests declare none
+    assert good["demand"] is not None and 2.0 < good["demand"] < 8.0, story
+    assert bad["demand"] is None, story
     assert good["punished_until"] is None and good["recent"]["throttled"] == 0, story
     assert kept * len(honest) <= good["recent"]["admitted"] <= len(honest), story
     assert good["budget"] is not None and 0 <= good["budget"]["balance"] <= good["budget"]["cap"]
