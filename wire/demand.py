@@ -6,9 +6,9 @@ sidecar has concentrated its traffic on this pod (the learner's cap allows up to
 endpoint, and without the signaler's plan it may go there): both send the pod more than its
 share. The caller's own sidecar knows the difference: it counts every attempt it sends to the
 service and knows how many of the service's endpoints it may send to (not ejected, not
-draining). It says so on each request it signs,
-and the callee's book judges the caller by the smaller of its rate at the pod and its
-*even-spread demand* ``rate / endpoints`` (:meth:`mesh.reputation.ReputationBook.admit`).
+draining). It says so on each request it signs, and the callee's book judges the caller by
+the smaller of its rate at the pod and its *even-spread demand* ``rate / endpoints``
+(:meth:`mesh.reputation.ReputationBook.admit`).
 
 Wire format (version 1)::
 
