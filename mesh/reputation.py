@@ -375,7 +375,7 @@ def water_level(capacity: float, demands: Collection[float]) -> float:
     return largest + remaining
 
 
-class _DecayingRate:
+class DecayingRate:
     """An exponentially decayed event rate: events in the last ~tau seconds, per second."""
 
     __slots__ = ("_count", "_last", "_tau")
@@ -422,11 +422,11 @@ class _CallerState:
     )
 
     def __init__(self, params: PolicingParams, reputation: float, now: float) -> None:
-        self.rate = _DecayingRate(params.rate_tau, now)
-        self.retries = _DecayingRate(params.rate_tau, now)
-        self.admitted = _DecayingRate(params.recent_window, now)
-        self.throttled = _DecayingRate(params.recent_window, now)
-        self.charged = _DecayingRate(params.rate_tau, now)  # the part of ``rate`` for time held
+        self.rate = DecayingRate(params.rate_tau, now)
+        self.retries = DecayingRate(params.rate_tau, now)
+        self.admitted = DecayingRate(params.recent_window, now)
+        self.throttled = DecayingRate(params.recent_window, now)
+        self.charged = DecayingRate(params.rate_tau, now)  # the part of ``rate`` for time held
         self.demand: float | None = None  # declared even-spread demand (wire.demand)
         self.reputation = reputation
         self.ladder = PunishmentLadder(params.ladder)

@@ -55,7 +55,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from mesh.probation import SelfProbation, SelfStanding
-from mesh.reputation import ANONYMOUS
+from mesh.reputation import ANONYMOUS, DecayingRate
 from sidecar.errors import ErrorReason
 from sidecar.exchange import Answer, RequestHead, json_answer
 from sidecar.membership import MeshMembership
@@ -98,20 +98,16 @@ class AttemptRates:
 
     def __init__(self, tau: float = DEMAND_TAU, limit: int = MAX_TRACKED_UPSTREAMS) -> None:
         self.tau, self.limit = tau, limit
-        self._counts: dict[str, tuple[float, float]] = {}  # upstream -> (count, at)
+        self._rates: dict[str, DecayingRate] = {}  # least recently used first
 
     def add(self, upstream: str, now: float) -> float:
         """Count one attempt to ``upstream`` at ``now``; its rate (per second) after it."""
-        count, at = self._counts.pop(upstream, (0.0, now))
-        if now > at:
-            count *= math.exp(-(now - at) / self.tau)
-        else:
-            now = at
-        count += 1.0
-        self._counts[upstream] = (count, now)
-        if len(self._counts) > self.limit:
-            del self._counts[next(iter(self._counts))]
-        return count / self.tau
+        rate = self._rates.pop(upstream, None) or DecayingRate(self.tau, now)
+        rate.add(now)
+        self._rates[upstream] = rate
+        if len(self._rates) > self.limit:
+            del self._rates[next(iter(self._rates))]
+        return rate.rate(now)
 
 
 _SIGNAL_NAMES = (CONGESTION.lower(), REPUTATION.lower(), PRICE.lower(), REFUSED.lower())

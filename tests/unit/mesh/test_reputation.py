@@ -101,6 +101,14 @@ def first_punished(outcomes: list[Outcome], caller: str) -> float:
 COOPERATIVE = [Flow("alice", 10, 0, 60), Flow("bob", 10, 0, 60)]
 
 
+def periodic_arrivals(flows: list[Flow]) -> list[tuple[float, str]]:
+    """Every flow's requests, evenly spaced at its rate, as (time, caller) in time order (no
+    retries; :func:`simulate` is the variant with a served-capacity app)."""
+    return sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
+                  for i, flow in enumerate(flows)
+                  for k in range(int((flow.end - flow.start) * flow.rate)))
+
+
 def test_rogue_at_ten_times_its_share_is_punished_quickly_and_cooperators_are_untouched() -> None:
     book = ReputationBook()
     outcomes = simulate(book, [*COOPERATIVE, Flow("rogue", 100, 0, 10, retry_every=2)])
@@ -466,9 +474,7 @@ def test_an_honest_caller_concentrated_on_one_pod_is_not_punished_during_a_rogue
              Flow("rogue", 250, 0, 20)]
     for old_norm in (False, True):
         book = ReputationBook(PolicingParams(capacity=capacity))
-        arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
-                          for i, flow in enumerate(flows)
-                          for k in range(int((flow.end - flow.start) * flow.rate)))
+        arrivals = periodic_arrivals(flows)
         levels: dict[str, int] = {}
         for t, caller in arrivals:
             book.update_load(t, 1.0, capacity)
@@ -501,9 +507,7 @@ def test_congested_below_its_stated_capacity_the_norm_is_the_equal_share() -> No
     book = ReputationBook(PolicingParams(capacity=200.0))
     flows = [Flow("coop-1", 28, 0, 10), Flow("coop-2", 28, 0, 10), Flow("coop-3", 28, 0, 10),
              Flow("rogue", 83, 0, 10)]
-    arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
-                      for i, flow in enumerate(flows)
-                      for k in range(int((flow.end - flow.start) * flow.rate)))
+    arrivals = periodic_arrivals(flows)
     levels: dict[str, int] = {}
     for t, caller in arrivals:
         book.update_load(t, 1.0, 200.0)
@@ -522,9 +526,7 @@ def _run(book: ReputationBook, flows: list[Flow], demands: dict[str, float | Non
          capacity: float) -> dict[str, int]:
     """Every flow's requests in time order on a congested app; the highest level each caller
     reached. ``demands[caller]``: what its sidecar declares on each request."""
-    arrivals = sorted((flow.start + k / flow.rate + 0.0001 * i, flow.caller)
-                      for i, flow in enumerate(flows)
-                      for k in range(int((flow.end - flow.start) * flow.rate)))
+    arrivals = periodic_arrivals(flows)
     levels: dict[str, int] = {}
     for t, caller in arrivals:
         book.update_load(t, 1.0, capacity)

@@ -18,7 +18,7 @@ from sidecar.identity_phase import CallerPhases
 from sidecar.membership import MeshMembership
 from sidecar.metrics import CallerMetrics
 from sidecar.phases import ProxyPhases, RequestContext
-from sidecar.upstreams import UpstreamTable
+from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from wire.demand import Demand, verify_demand
 from wire.headers import (
     BID,
@@ -321,29 +321,43 @@ def test_a_punishment_is_logged_when_it_starts_and_when_its_level_changes(
     assert sum("punishes" in r.getMessage() for r in caplog.records) == 3
 
 
-def test_each_attempt_declares_the_callers_rate_to_the_whole_service() -> None:
-    """``X-GT-Demand``: the decayed rate of attempts to the upstream (all its endpoints, time
-    constant 1 s) and its endpoint count, bound to the attempt's identity nonce."""
+def spread_group() -> UpstreamGroup:
+    """A static upstream ``spread`` of three endpoints (round robin, never ticked)."""
     table = UpstreamTable("round-robin", get_profile("balanced"))
     table.apply({"spread": tuple(f"http://10.0.1.{i}:80" for i in range(3))}, 0.0)
     group = table.get("spread")
     assert group is not None
+    return group
+
+
+def declared(phases: CallerPhases, group: UpstreamGroup, alias: str = "spread",
+             endpoint: int = 0) -> Demand:
+    """The ``X-GT-Demand`` one attempt to ``group`` (named ``alias`` by the app) carries."""
+    ctx = RequestContext(started=0.0, method="GET", target="/", authority=alias,
+                         upstream=alias, group=group, endpoint=group.endpoints[endpoint])
+    headers: CIMultiDict[str] = CIMultiDict()
+    phases.upstream_request_filter(ctx, headers)
+    demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
+    assert isinstance(demand, Demand)
+    return demand
+
+
+def test_each_attempt_declares_the_callers_rate_to_the_whole_service() -> None:
+    """``X-GT-Demand``: the decayed rate of attempts to the upstream (all its endpoints, time
+    constant 1 s) and its endpoint count, bound to the attempt's identity nonce."""
+    group = spread_group()
     phases, clock = make_phases()
-    declared = []
+    rates = []
     for k in range(20):  # 10 attempts/s over 2 s, spread over the three endpoints
         clock.t = 1000.0 + k / 10
-        ctx = RequestContext(started=0.0, method="GET", target="/", authority="spread",
-                             upstream="spread", group=group, endpoint=group.endpoints[k % 3])
-        headers: CIMultiDict[str] = CIMultiDict()
-        phases.upstream_request_filter(ctx, headers)
-        demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
-        assert isinstance(demand, Demand) and demand.endpoints == 3
-        declared.append(demand.rate)
+        demand = declared(phases, group, endpoint=k % 3)
+        assert demand.endpoints == 3
+        rates.append(demand.rate)
     # a decayed count of a 10/s flow: sum_k exp(-k / 10) over the last 20 attempts
     expected = sum(math.exp(-k / 10) for k in range(20))
-    assert declared[-1] == pytest.approx(expected, abs=0.001)
-    assert declared == sorted(declared)  # it builds up from the first attempt
-    assert declared[0] == 1.0
+    assert rates[-1] == pytest.approx(expected, abs=0.001)
+    assert rates == sorted(rates)  # it builds up from the first attempt
+    assert rates[0] == 1.0
 
 
 def test_every_host_alias_of_a_service_counts_toward_one_demand_over_its_usable_endpoints(
@@ -352,30 +366,16 @@ def test_every_host_alias_of_a_service_counts_toward_one_demand_over_its_usable_
     count is per group), and endpoints its policy may not send to do not dilute it."""
     from dataclasses import replace
 
-    table = UpstreamTable("round-robin", get_profile("balanced"))
-    table.apply({"spread": tuple(f"http://10.0.1.{i}:80" for i in range(3))}, 0.0)
-    group = table.get("spread")
-    assert group is not None
+    group = spread_group()
     phases, clock = make_phases()
-    declared = []
+    demands = []
     for k, alias in enumerate(["spread", "spread.ns", "10.96.0.7", "spread.ns.svc"] * 5):
         clock.t = 1000.0 + k / 10
-        ctx = RequestContext(started=0.0, method="GET", target="/", authority=alias,
-                             upstream=alias, group=group, endpoint=group.endpoints[0])
-        headers: CIMultiDict[str] = CIMultiDict()
-        phases.upstream_request_filter(ctx, headers)
-        demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
-        assert isinstance(demand, Demand)
-        declared.append(demand)
-    assert declared[-1].rate == pytest.approx(sum(math.exp(-k / 10) for k in range(20)),
-                                              abs=0.001)
-    assert {d.endpoints for d in declared} == {3}  # no tick yet: every endpoint counts
+        demands.append(declared(phases, group, alias))
+    assert demands[-1].rate == pytest.approx(sum(math.exp(-k / 10) for k in range(20)),
+                                             abs=0.001)
+    assert {d.endpoints for d in demands} == {3}  # no tick yet: every endpoint counts
     group.tick(1003.0)
     assert group.snapshot is not None
     group.snapshot = replace(group.snapshot, usable=1)  # two ejected, as a policy reports it
-    ctx = RequestContext(started=0.0, method="GET", target="/", authority="spread",
-                         upstream="spread", group=group, endpoint=group.endpoints[0])
-    headers = CIMultiDict()
-    phases.upstream_request_filter(ctx, headers)
-    demand = verify_demand(headers[DEMAND], KEY, headers[CHALLENGE])
-    assert isinstance(demand, Demand) and demand.endpoints == 1
+    assert declared(phases, group).endpoints == 1

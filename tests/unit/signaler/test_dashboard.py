@@ -71,7 +71,9 @@ async def test_the_frame_aggregates_the_fresh_summaries_and_shows_the_plan() -> 
     assert all(s["following"] is False and s["distance"] > 0.1 for s in by_id.values())
 
 
-async def test_a_sidecar_that_routes_by_its_deal_follows() -> None:
+async def sc1_following() -> SignalerService:
+    """The planned service after one plan was published and sc-1 reported routing by its
+    deal (sc-2 still reports its own weights)."""
     svc = planned_service()
     await svc._plan_and_publish("orders")
     plan = svc.status["orders"].plan
@@ -79,6 +81,11 @@ async def test_a_sidecar_that_routes_by_its_deal_follows() -> None:
     dealt = plan.weights["sc-1"]
     assert svc.apply_entry("orders", sign_summary(summary(
         "sc-1", sent_at=NOW + 0.5, epoch=101, weights=tuple(dealt[e] for e in EPS)), KEY))
+    return svc
+
+
+async def test_a_sidecar_that_routes_by_its_deal_follows() -> None:
+    svc = await sc1_following()
     dashboard = SignalerDashboard(svc)
     [up] = dashboard()["upstreams"]
     by_id = {s["id"]: s for s in up["sidecars"]}
@@ -138,13 +145,7 @@ async def test_many_sidecars_are_all_counted_and_the_ones_to_look_at_listed() ->
     first, largest demand first, and counts them all."""
     from signaler.dashboard import SIDECARS_SHOWN
 
-    svc = planned_service()
-    await svc._plan_and_publish("orders")
-    plan = svc.status["orders"].plan
-    assert plan is not None
-    dealt = plan.weights["sc-1"]
-    assert svc.apply_entry("orders", sign_summary(summary(
-        "sc-1", sent_at=NOW + 0.5, epoch=101, weights=tuple(dealt[e] for e in EPS)), KEY))
+    svc = await sc1_following()
     extra = SIDECARS_SHOWN + 5
     for i in range(extra):
         assert svc.apply_entry("orders", sign_summary(summary(
