@@ -7,12 +7,18 @@ solver included); the frame is checked against the summaries and the plan it was
 from __future__ import annotations
 
 import math
+import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from signaler.dashboard import (
+    FOLLOW_DISTANCE,
+    SIDECARS_SHOWN,
     SignalerDashboard,
+    _aggregate,
+    _sidecars,
     optimum_cost,
     played_cost,
     total_variation,
@@ -21,7 +27,7 @@ from signaler.latency_model import LatencyModel
 from signaler.service import SignalerConfig, SignalerService
 from tests.signaling_samples import EPS, KEY, NOW, summary
 from wire.memory_store import MemorySignalStore
-from wire.summary import sign_summary
+from wire.summary import RegretSummary, sign_summary
 
 
 def planned_service() -> SignalerService:
@@ -143,8 +149,6 @@ def test_optimum_counts_is_the_greedy_system_optimum(n: int) -> None:
 async def test_many_sidecars_are_all_counted_and_the_ones_to_look_at_listed() -> None:
     """Past SIDECARS_SHOWN sidecars the frame lists those that do not follow their deal
     first, largest demand first, and counts them all."""
-    from signaler.dashboard import SIDECARS_SHOWN
-
     svc = await sc1_following()
     extra = SIDECARS_SHOWN + 5
     for i in range(extra):
@@ -157,3 +161,102 @@ async def test_many_sidecars_are_all_counted_and_the_ones_to_look_at_listed() ->
     demands = [s["demand"] for s in up["sidecars"]]
     assert demands == sorted(demands, reverse=True) and demands[0] == 30.0  # sc-2, then own-*
     assert listed[1:] == [f"own-{i:02d}" for i in range(extra - 1, extra - SIDECARS_SHOWN, -1)]
+
+
+# ------------------------------------------------------------- the arrays against the loops
+
+
+def reference_aggregate(fresh: list[RegretSummary], endpoints: list[str]) -> dict[str, list]:
+    """The frame's endpoint rows summed one sidecar and one endpoint at a time."""
+    k = len(endpoints)
+    index = {e: j for j, e in enumerate(endpoints)}
+    out: dict[str, list] = {"load": [0.0] * k, "requests": [0] * k, "failures": [0] * k,
+                            "p99": [None] * k, "regret": [None] * k}
+    lat, p50, p50_n = [0.0] * k, [0.0] * k, [0] * k
+    for s in fresh:
+        total = sum(s.requests)
+        for i, endpoint in enumerate(s.endpoints):
+            j, n = index[endpoint], s.requests[i]
+            out["requests"][j] += n
+            out["failures"][j] += s.failures[i]
+            worst = max([0.0, *(v for c, v in enumerate(s.regret[i]) if c != i)])
+            out["regret"][j] = worst if out["regret"][j] is None else max(out["regret"][j],
+                                                                          worst)
+            if n <= 0 or total <= 0:
+                continue
+            out["load"][j] += s.demand * n / total
+            if s.latency_mean[i] is not None:
+                lat[j] += s.latency_mean[i] * n
+            if s.latency_p50[i] is not None:
+                p50[j] += s.latency_p50[i] * n
+                p50_n[j] += n
+            high = s.latency_p99[i]
+            if high is not None:
+                out["p99"][j] = high if out["p99"][j] is None else max(out["p99"][j], high)
+    out["mean"] = [lat[j] / out["requests"][j] if out["requests"][j] else None
+                   for j in range(k)]
+    out["p50"] = [p50[j] / p50_n[j] if p50_n[j] else None for j in range(k)]
+    return out
+
+
+def random_summary(rng: random.Random, i: int, pool: tuple[str, ...]) -> RegretSummary:
+    own = tuple(rng.sample(pool, rng.randint(1, len(pool))))
+    k = len(own)
+    requests = tuple(rng.choice([0, 0, 1, 7, 40]) for _ in own)
+    lat = [None if n == 0 and rng.random() < 0.7 else rng.uniform(0.001, 0.4) for n in requests]
+    weights = [rng.random() + 0.01 for _ in own]
+    return RegretSummary(
+        sidecar=f"sc-{i:03d}", upstream="orders", epoch=1, sent_at=NOW, endpoints=own,
+        requests=requests, failures=tuple(rng.randint(0, n) for n in requests),
+        latency_mean=tuple(lat), latency_p50=tuple(None if x is None else x / 2 for x in lat),
+        latency_p99=tuple(lat), in_flight=(0,) * k, demand=rng.choice([0.0, 3.0, 80.0]),
+        weights=tuple(w / sum(weights) for w in weights),
+        regret=tuple(tuple(rng.uniform(-0.3, 0.3) for _ in own) for _ in own),
+    )
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_array_sums_equal_the_per_sidecar_sums(seed: int) -> None:
+    """Summaries over different endpoint lists, idle endpoints, missing latencies."""
+    rng = random.Random(seed)
+    pool = tuple(f"http://10.0.0.{j}:80" for j in range(1, 7))
+    fresh = [random_summary(rng, i, pool) for i in range(rng.randint(1, 40))]
+    endpoints = list(dict.fromkeys(e for s in fresh for e in s.endpoints))
+    got, want = _aggregate(fresh, endpoints), reference_aggregate(fresh, endpoints)
+    assert got.keys() == want.keys()
+    for name, values in want.items():
+        assert [v is None for v in got[name]] == [v is None for v in values], name
+        assert [0.0 if v is None else v for v in got[name]] == pytest.approx(
+            [0.0 if v is None else v for v in values], rel=1e-9, abs=1e-12), name
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_follow_distance_is_the_nearest_deal_by_name(seed: int) -> None:
+    rng = random.Random(seed)
+    pool = tuple(f"http://10.0.0.{j}:80" for j in range(1, 5))
+    fresh = [random_summary(rng, i, pool) for i in range(rng.randint(1, 70))]
+    plans = []
+    for _ in range(rng.randint(0, 3)):
+        weights = {}
+        for s in fresh:
+            if rng.random() < 0.8:  # dealt over its own list, or over a list that changed
+                own = s.endpoints if rng.random() < 0.7 else tuple(rng.sample(pool, 2))
+                raw = [rng.random() for _ in own]
+                weights[s.sidecar] = {e: w / sum(raw) for e, w in zip(own, raw, strict=True)}
+        plans.append(SimpleNamespace(weights=weights))
+    got = _sidecars(fresh, plans)  # type: ignore[arg-type]
+    distance = {}
+    for s in fresh:
+        dealt = [p.weights[s.sidecar] for p in plans if s.sidecar in p.weights]
+        reported = dict(zip(s.endpoints, s.weights, strict=True))
+        distance[s.sidecar] = min((total_variation(reported, w) for w in dealt), default=None)
+    assert got["sidecars_total"] == len(fresh)
+    assert got["sidecars_following"] == sum(
+        1 for d in distance.values() if d is not None and d <= FOLLOW_DISTANCE)
+    for entry in got["sidecars"]:
+        want = distance[entry["id"]]
+        assert (entry["distance"] is None) == (want is None)
+        if want is not None:
+            assert entry["distance"] == pytest.approx(want, abs=1e-12)
+    if len(fresh) <= SIDECARS_SHOWN:
+        assert [e["id"] for e in got["sidecars"]] == [s.sidecar for s in fresh]
