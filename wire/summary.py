@@ -26,6 +26,10 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
 
 from wire.entries import (
     FLOAT_RE,
@@ -285,9 +289,6 @@ _CANONICAL = SUMMARY_SIGNATURE_CONTEXT + b"".join(
     name.encode("ascii") + b"=%d:%s\n" for name in SUMMARY_FIELDS)
 """canonical_summary_bytes as one format: the length and the value of each field in turn."""
 _BYTES = {bytes}
-_INTS = {int}
-_FLOATS = {float}
-_NUMBERS = {int, float}
 _NEW = object.__new__
 _SET = object.__setattr__
 
@@ -305,39 +306,30 @@ def _endpoint_list(text_: str) -> tuple[str, ...] | None:
         return None
 
 
-def _counts(text_: str, k: int) -> list[int] | None:
-    """``k`` integers in [0, MAX_COUNT] (as :func:`check_ints` takes them), else None."""
-    value = json_exact(text_)
-    if type(value) is not list or len(value) != k or set(map(type, value)) != _INTS \
-            or min(value) < 0 or max(value) > MAX_COUNT:
-        return None
-    return value
+# The numeric fields decoded and range-checked in C by msgspec (JSON as the reference path's
+# decoder reads it: whitespace around values allowed, no NaN or infinity, no bool for a number,
+# ints read as floats where a float is expected); the lengths and the relations between fields
+# are checked in Python below. msgspec refuses some texts the reference accepts (a float too
+# large for a double, which the reference then refuses by its range): None, the reference path.
+_COUNTS = msgspec.json.Decoder(tuple[Annotated[int, Meta(ge=0, le=MAX_COUNT)], ...])
+_LATENCIES = msgspec.json.Decoder(
+    tuple[Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)] | None, ...])
+_WEIGHTS = msgspec.json.Decoder(tuple[Annotated[float, Meta(
+    ge=-WEIGHT_ROUNDING, le=1.0 + WEIGHT_SUM_TOLERANCE)], ...])
+_REGRET = msgspec.json.Decoder(tuple[tuple[Annotated[float, Meta(
+    ge=-MAX_SECONDS, le=MAX_SECONDS)], ...], ...])
 
 
-def _latencies(text_: str, requests: list[int]) -> tuple[float | None, ...] | None:
-    """``len(requests)`` floats in [0, MAX_SECONDS], None only where no request was sent."""
-    value = json_exact(text_)
-    if type(value) is not list or len(value) != len(requests):
+def _latencies(raw: bytes, requests: tuple[int, ...]) -> tuple[float | None, ...] | None:
+    """``len(requests)`` latencies, None only where no request was sent; else None."""
+    value: tuple[float | None, ...] = _LATENCIES.decode(raw)
+    if len(value) != len(requests):
         return None
-    if set(map(type, value)) == _FLOATS:
-        if min(value) < 0.0 or max(value) > MAX_SECONDS:
-            return None
-        return tuple(value)
-    for x, n in zip(value, requests):  # noqa: B905 (lengths checked)
-        if x is None:
-            if n > 0:
+    if None in value:
+        for x, n in zip(value, requests):  # noqa: B905 (lengths checked)
+            if x is None and n > 0:
                 return None
-        elif type(x) is not float or not 0.0 <= x <= MAX_SECONDS:
-            return None
-    return tuple(value)
-
-
-def _reals(value: object, k: int, low: float, high: float) -> tuple[float, ...] | None:
-    """``k`` ints or floats in [low, high] as floats (as :func:`check_floats`), else None."""
-    if type(value) is not list or len(value) != k or not set(map(type, value)) <= _NUMBERS \
-            or min(value) < low or max(value) > high:
-        return None
-    return tuple(map(float, value))
+    return value
 
 
 def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
@@ -367,9 +359,9 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
         texts = b"\x00".join(raw).decode().split("\x00")
         if len(texts) != len(raw):
             return None
-        (_, _, sidecar, upstream, epoch_text, sent_text, endpoints_text, requests_text,
-         failures_text, mean_text, p50_text, p99_text, in_flight_text, demand_text,
-         weights_text, regret_text, sig) = texts
+        # the numeric vectors are decoded from the raw bytes (indices 7-12, 14, 15)
+        (_, _, sidecar, upstream, epoch_text, sent_text, endpoints_text, *_,
+         demand_text, _, _, sig) = texts
         if not SIGNATURE_RE.fullmatch(sig):
             return None
         args: list[object] = [None] * (2 * len(SUMMARY_FIELDS))
@@ -394,38 +386,31 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
         if endpoints is None:
             return None
         k = len(endpoints)
-        requests = _counts(requests_text, k)
-        failures = _counts(failures_text, k)
-        in_flight = _counts(in_flight_text, k)
-        if requests is None or failures is None or in_flight is None:
+        requests: tuple[int, ...] = _COUNTS.decode(raw[7])
+        failures: tuple[int, ...] = _COUNTS.decode(raw[8])
+        in_flight: tuple[int, ...] = _COUNTS.decode(raw[12])
+        if len(requests) != k or len(failures) != k or len(in_flight) != k:
             return None
         for n, f in zip(requests, failures):  # noqa: B905 (lengths checked)
             if f > n:
                 return None
-        mean = _latencies(mean_text, requests)
-        p50 = _latencies(p50_text, requests)
-        p99 = _latencies(p99_text, requests)
+        mean = _latencies(raw[9], requests)
+        p50 = _latencies(raw[10], requests)
+        p99 = _latencies(raw[11], requests)
         if mean is None or p50 is None or p99 is None:
             return None
         for low, high in zip(p50, p99):  # noqa: B905 (lengths checked)
             if low is not None and high is not None and low > high * (1 + 1e-9) + 1e-12:
                 return None
-        weights = _reals(json_exact(weights_text), k, -WEIGHT_ROUNDING,
-                         1.0 + WEIGHT_SUM_TOLERANCE)
-        if weights is None:
+        shares: tuple[float, ...] = _WEIGHTS.decode(raw[14])
+        if len(shares) != k:
             return None
-        weights = tuple([max(0.0, w) for w in weights])
+        weights = tuple([max(0.0, w) for w in shares])
         if abs(math.fsum(weights) - 1.0) > WEIGHT_SUM_TOLERANCE:
             return None
-        rows = json_exact(regret_text)
-        if type(rows) is not list or len(rows) != k:
+        regret: tuple[tuple[float, ...], ...] = _REGRET.decode(raw[15])
+        if len(regret) != k or set(map(len, regret)) != {k}:
             return None
-        regret = []
-        for row in rows:
-            checked = _reals(row, k, -MAX_SECONDS, MAX_SECONDS)
-            if checked is None:
-                return None
-            regret.append(checked)
     except Exception:  # anything odd: the reference path decides
         return None
     summary: RegretSummary = _NEW(RegretSummary)
@@ -434,15 +419,15 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
     _SET(summary, "epoch", epoch)
     _SET(summary, "sent_at", sent_at)
     _SET(summary, "endpoints", endpoints)
-    _SET(summary, "requests", tuple(requests))
-    _SET(summary, "failures", tuple(failures))
+    _SET(summary, "requests", requests)
+    _SET(summary, "failures", failures)
     _SET(summary, "latency_mean", mean)
     _SET(summary, "latency_p50", p50)
     _SET(summary, "latency_p99", p99)
-    _SET(summary, "in_flight", tuple(in_flight))
+    _SET(summary, "in_flight", in_flight)
     _SET(summary, "demand", demand)
     _SET(summary, "weights", weights)
-    _SET(summary, "regret", tuple(regret))
+    _SET(summary, "regret", regret)
     _SET(summary, "version", PROTOCOL_VERSION)
     return summary
 

@@ -306,3 +306,43 @@ def _sample_for_fast_path(**changes: object) -> RegretSummary:
         latency_p99=(0.02, 0.03, 0.04), in_flight=(0, 1, 2), demand=12.5,
         weights=(0.2, 0.3, 0.5), regret=((0.0, 0.1, -0.1), (0.0, 0.0, 0.0), (0.2, 0.0, 0.0)))
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("field", "text"), [
+    ("requests", " [4,5,6] "), ("requests", "[4, 5, 6]"), ("requests", "[4,5,6.0]"),
+    ("requests", "[4,5,true]"), ("requests", "[04,5,6]"), ("requests", "[4,5,-0]"),
+    ("requests", "[4,5,1e1]"), ("requests", "[4,5,1000000000001]"), ("requests", "[4,5]"),
+    ("latency_mean", "[0.01,0.02,3]"), ("latency_mean", "[0.01,0.02,1e400]"),
+    ("latency_mean", "[0.01,0.02,-0.0]"), ("latency_mean", "[0.01,0.02,NaN]"),
+    ("latency_mean", "[0.01,0.02,Infinity]"), ("latency_mean", "[0.01,null,0.03]"),
+    ("latency_mean", "[0.01,0.02,0.03000000000000000166533453693773481063544750213623046875]"),
+    ("latency_mean", "[0.01,0.02,\"0.03\"]"), ("latency_mean", "[0.01,0.02,0.03,]"),
+    ("latency_p50", "[0.01,0.02,0.05]"), ("weights", "[0.2,0.3,0.5000000001]"),
+    ("weights", "[-0.0,0.5,0.5]"), ("weights", "[-1e-10,0.5,0.5]"), ("weights", "[0,0,1]"),
+    ("weights", "[0.2,0.3,0.6]"), ("regret", "[[0,1,-1],[0,0,0],[0.2,0,0]]"),
+    ("regret", "[[0.0,0.1],[0.0,0.0,0.0],[0.2,0.0,0.0]]"), ("regret", "[[],[],[]]"),
+    ("regret", "[[0.0,0.1,-0.1],[0.0,0.0,0.0],[0.2,0.0,3601]]"), ("in_flight", "[0,1,-2]"),
+    ("failures", "[0,6,0]"),
+])
+def test_the_fast_path_reads_a_number_as_the_reference_does(field: str, text: str) -> None:
+    """Texts where a decoder written in C (msgspec) and Python's json might part ways:
+    whitespace, ints for floats and floats for ints, -0, out-of-range and non-finite numbers,
+    a float whose digits go past a double. The fast path returns what the reference path
+    returns, or leaves the entry to it (None); it never accepts what the reference refuses."""
+    from wire.signing import accepted_keys, mac
+    from wire.summary import _verify_fast, _verify_reference, canonical_summary_bytes
+
+    key = b"fast-path-key-0123456789abcdef"
+    fields = encode_summary(_sample_for_fast_path())
+    fields[field] = text
+    fields["sig"] = mac(key, canonical_summary_bytes(fields))
+    entry = {k.encode(): v.encode() for k, v in fields.items()}
+    keys = accepted_keys(key)
+    try:
+        reference: RegretSummary | None = _verify_reference(entry, keys)
+    except WireError:
+        reference = None
+    fast = _verify_fast(entry, keys)
+    assert fast is None or fast == reference
+    if fast is not None:  # equal field for field, -0.0 and types included
+        assert repr(fast) == repr(reference)
