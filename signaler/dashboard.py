@@ -37,6 +37,7 @@ so the signaler's frame says so in ``note`` and lists none.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -129,12 +130,14 @@ class SignalerDashboard:
         self._plans: dict[str, deque[Plan]] = {}
 
     def __call__(self) -> dict[str, Any]:
+        started = time.thread_time()
         service = self.service
         now = service.clock()
         names = sorted(set(service.status) | set(service.views))
         for gone in set(self._plans) - set(names):  # an upstream the service forgot
             del self._plans[gone]
         upstreams = [self.upstream(name, now) for name in names]
+        service.metrics.cpu_seconds.labels("dashboard").inc(time.thread_time() - started)
         return {"source": "signaler", "id": service.config.signer, "note": NOTE,
                 "redis": service.health.redis_ok, "epoch": service.epoch_number,
                 "upstreams": upstreams, "policing": []}

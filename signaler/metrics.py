@@ -60,6 +60,14 @@ class SignalerMetrics:
             "Time to fit the latency models and solve the routing program",
             ["upstream"], buckets=SOLVE_BUCKETS, registry=r,
         )
+        self.cpu_seconds = Counter(
+            "equilibrium_signaler_cpu_seconds",
+            "CPU seconds of each part of the work (thread time): verify (checking and keeping "
+            "summaries), plan (fitting and solving, in the planning thread), sign (signing "
+            "recommendations), dashboard (building frames); the rest of "
+            "process_cpu_seconds_total is Redis I/O, the event loop and the admin listener",
+            ["phase"], registry=r,
+        )
         self.solver_failures = Counter(
             "equilibrium_signaler_solver_failures",
             "Epochs whose program could not be solved (the previous plan was kept)",

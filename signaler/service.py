@@ -157,6 +157,8 @@ class SignalerService:
     ) -> None:
         self.config = config
         self.metrics = metrics or SignalerMetrics()
+        self._cpu = {phase: self.metrics.cpu_seconds.labels(phase)
+                     for phase in ("verify", "plan", "sign", "dashboard")}
         self.health = SignalerHealth()
         self.clock = clock
         self.rng = rng or np.random.default_rng(config.seed)
@@ -403,10 +405,12 @@ class SignalerService:
                 return
 
     async def _apply_and_ack(self, upstream: str, entries: Sequence[StreamEntry]) -> None:
+        started = time.thread_time()
         now = self.clock()
         accept = self._accept
         applied = sum(1 for entry in entries if accept(upstream, entry.fields, now))
         self._applied(upstream, applied, now)
+        self._cpu["verify"].inc(time.thread_time() - started)
         await self.store.ack(upstream, [entry.id for entry in entries])
 
     def verify(self, fields: Any, now: float) -> RegretSummary:
@@ -462,10 +466,7 @@ class SignalerService:
         self.metrics.ce_gap.labels(upstream, "sidecars").set(view.regret_gap(now))
         started = time.perf_counter()
         try:
-            plan = await asyncio.to_thread(
-                make_plan, view, now, self.config.tokens, self.rng, previous=status.plan,
-                max_configurations=self.config.max_configurations,
-            )
+            plan = await asyncio.to_thread(self._make_plan, view, now, status.plan)
         except NoDemand:
             return
         except Exception as exc:  # SolverError, bad model input, or a solver bug: never fatal
@@ -484,6 +485,15 @@ class SignalerService:
         self.metrics.ce_gap.labels(upstream, "plan").set(solution.ce_gap)
         status.plan, status.last_error = plan, None
         await self._publish(upstream, plan, now)
+
+    def _make_plan(self, view: UpstreamView, now: float, previous: Plan | None) -> Plan:
+        """:func:`make_plan` in the planning thread, its thread time counted as ``plan``."""
+        started = time.thread_time()
+        try:
+            return make_plan(view, now, self.config.tokens, self.rng, previous=previous,
+                             max_configurations=self.config.max_configurations)
+        finally:
+            self._cpu["plan"].inc(time.thread_time() - started)
 
     async def _publish(self, upstream: str, plan: Plan, now: float) -> None:
         lease = self._lease
@@ -507,7 +517,9 @@ class SignalerService:
             fence=token,
         )
         # each sidecar's own recommendation, signed; checks and encodings done once per value
+        started = time.thread_time()
         signed = sign_recommendations(common, own, self.config.key)
+        self._cpu["sign"].inc(time.thread_time() - started)
         batch = [(sidecar, fields) for (sidecar, _, _), fields in zip(own, signed, strict=True)]
         # one round trip for the epoch's recommendations, whatever the number of sidecars
         results = await lease.publish_all(upstream, batch)

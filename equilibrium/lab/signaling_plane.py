@@ -239,6 +239,17 @@ class SignalingPlane:
             return {}
         return body if isinstance(body, dict) else {}
 
+    async def metrics_text(self, timeout: float = 5.0) -> str:
+        """The signaler's ``/metrics`` (Prometheus text), or "" when it does not answer."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.get(f"http://{self.admin}/metrics",
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                return await resp.text() if resp.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+            return ""
+
     async def state(self, upstream: str, timeout: float = 5.0) -> dict[str, Any]:
         """The ``/debug/state`` section of ``upstream`` (models, plan, regret gap), or {}."""
         body = await self.debug_state(timeout)

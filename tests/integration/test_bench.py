@@ -103,6 +103,11 @@ def test_signaler_scale_measures_the_signaler_against_publishing_sidecars(tmp_pa
         assert run["cpu_seconds"] > 0 and run["epochs"] >= 3
         assert run["recommendation_age_s"] is not None and run["recommendation_age_s"] < 3.0
     assert fifty["summaries_sent"] >= 200
+    # the breakdown: each phase ran, and the phases never add up to more than the process
+    phases = fifty["phase_share"]
+    assert all(phases[name] > 0 for name in ("verify", "plan", "sign", "dashboard"))
+    assert sum(phases.values()) == pytest.approx(max(fifty["cpu_share"], sum(
+        v for k, v in phases.items() if k != "rest")), rel=1e-6)
     assert fifty["published"] >= 50 * (fifty["epochs"] - 2)  # every publisher, every epoch
 
 

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.signaling_plane import SignalingPlane
@@ -133,6 +134,7 @@ class SignalerScale(Scenario):
         plane = SignalingPlane(ctx.logs, epoch=1.0, tokens=args.scale_tokens,
                                signer="scale-signaler", upstreams=(UPSTREAM,))
         rows: list[list[str]] = []
+        phase_rows: list[list[str]] = []
         data: dict[str, Any] = {"runs": []}
         await plane.start()
         client = aioredis.from_url(plane.redis_url)
@@ -146,18 +148,24 @@ class SignalerScale(Scenario):
                 ctx.say(f"signaler-scale: {count} publishers: warming up {args.scale_warmup:g} s")
                 await publishers.run_for(args.scale_warmup)
                 before_state = await plane.debug_state()
+                phases_before = phase_seconds(await plane.metrics_text())
                 cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
                 sent_before = publishers.sent
                 await publishers.run_for(duration)
                 cpu = cpu_seconds(pid) - cpu_before
                 wall = time.monotonic() - wall_before
                 after_state = await plane.debug_state()
+                phases_after = phase_seconds(await plane.metrics_text())
+                phases = {name: (phases_after.get(name, 0.0) - phases_before.get(name, 0.0))
+                          / wall for name in PHASES}
+                phases["rest"] = max(0.0, cpu / wall - sum(phases.values()))
                 run = {
                     "publishers": count, "seconds": wall, "cpu_seconds": cpu,
                     "cpu_share": cpu / wall, "cpu_per_30s": cpu * 30.0 / wall,
                     "summaries_sent": publishers.sent - sent_before,
                     **freshness(before_state, after_state, wall),
                     "recommendation_age_s": await recommendation_age(client, count),
+                    "phase_share": phases,
                 }
                 data["runs"].append(run)
                 ctx.say(f"  {count}: {run['cpu_per_30s']:.2f} CPU-s per 30 s "
@@ -170,6 +178,8 @@ class SignalerScale(Scenario):
                     "—" if run["recommendation_age_s"] is None
                     else f"{run['recommendation_age_s']:.2f}",
                 ])
+                phase_rows.append([str(count), *(f"{100 * phases[name]:.1f} %"
+                                                 for name in (*PHASES, "rest"))])
         finally:
             await client.aclose()
             await plane.stop()
@@ -181,11 +191,34 @@ class SignalerScale(Scenario):
                 f"The signaler leading one upstream, {duration:g} s per row",
                 ["publishing sidecars", "CPU s per 30 s", "of one core", "summaries sent",
                  "epochs", "recommendations published", "last solve s",
-                 "recommendation age s"], rows)],
+                 "recommendation age s"], rows),
+                Table("Where the signaler's CPU goes (share of one core, "
+                      "equilibrium_signaler_cpu_seconds_total over the same window)",
+                      ["publishing sidecars", *PHASES, "rest"], phase_rows)],
             data=data,
             notes=["CPU is the signaler process's own (user + system, /proc), over the "
-                   "measured window only; the phantom publishers run in the bench process."],
+                   "measured window only; the phantom publishers run in the bench process.",
+                   "verify: checking and keeping summaries; plan: fitting and solving (its "
+                   "thread); sign: signing recommendations; dashboard: building frames; rest: "
+                   "Redis I/O, the event loop and the admin listener (the process total less "
+                   "the four)."],
         )
+
+
+PHASES = ("verify", "plan", "sign", "dashboard")
+"""The phases of ``equilibrium_signaler_cpu_seconds_total``."""
+
+
+def phase_seconds(metrics: str) -> dict[str, float]:
+    """``equilibrium_signaler_cpu_seconds_total`` by phase from a ``/metrics`` text."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics):
+        if family.name != "equilibrium_signaler_cpu_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out[sample.labels.get("phase", "")] = float(sample.value)
+    return out
 
 
 def freshness(before: dict[str, Any], after: dict[str, Any], wall: float) -> dict[str, Any]:

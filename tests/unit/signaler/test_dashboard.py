@@ -27,6 +27,7 @@ from signaler.latency_model import LatencyModel
 from signaler.service import SignalerConfig, SignalerService
 from tests.signaling_samples import EPS, KEY, NOW, summary
 from wire.memory_store import MemorySignalStore
+from wire.store import StreamEntry
 from wire.summary import RegretSummary, sign_summary
 
 
@@ -260,3 +261,30 @@ def test_the_follow_distance_is_the_nearest_deal_by_name(seed: int) -> None:
             assert entry["distance"] == pytest.approx(want, abs=1e-12)
     if len(fresh) <= SIDECARS_SHOWN:
         assert [e["id"] for e in got["sidecars"]] == [s.sidecar for s in fresh]
+
+
+async def test_each_part_of_the_work_counts_its_cpu_time() -> None:
+    """``equilibrium_signaler_cpu_seconds_total{phase}``: verifying the summaries, planning
+    (in the planning thread), signing and the dashboard's frame each add their thread time."""
+    svc = SignalerService(SignalerConfig(redis_url="redis://127.0.0.1:1", signer="sig-a",
+                                         key=KEY, epoch=1.0, tokens=8, seed=1,
+                                         upstreams=("orders",)),
+                          store=MemorySignalStore(lambda: NOW), clock=lambda: NOW)
+    await svc.run_epoch()  # takes the lease of the upstream it is configured for
+    assert svc.status["orders"].leader
+
+    def spent(phase: str) -> float:
+        value = svc.metrics.registry.get_sample_value(
+            "equilibrium_signaler_cpu_seconds_total", {"phase": phase})
+        assert value is not None
+        return value
+
+    before = spent("verify")
+    await svc._apply_and_ack("orders", [StreamEntry("1-0", sign_summary(summary("sc-3"), KEY))])
+    assert spent("verify") > before
+    await svc._plan_and_publish("orders")
+    assert svc.status["orders"].published == 1
+    assert spent("verify") > 0 and spent("plan") > 0 and spent("sign") > 0
+    assert spent("dashboard") == 0.0
+    SignalerDashboard(svc)()
+    assert spent("dashboard") > 0
