@@ -63,7 +63,7 @@ def child_environment() -> dict[str, str]:
     even when it is not installed (run from a checkout or from another folder).
     """
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     env["PYTHONPATH"] = os.pathsep.join([root, *paths])
     return env
