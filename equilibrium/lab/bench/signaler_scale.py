@@ -156,9 +156,11 @@ class SignalerScale(Scenario):
                 wall = time.monotonic() - wall_before
                 after_state = await plane.debug_state()
                 phases_after = phase_seconds(await plane.metrics_text())
-                phases = {name: (phases_after.get(name, 0.0) - phases_before.get(name, 0.0))
-                          / wall for name in PHASES}
-                phases["rest"] = max(0.0, cpu / wall - sum(phases.values()))
+                phases: dict[str, float] | None = None
+                if phases_before and phases_after:  # else /metrics did not answer: no split
+                    phases = {name: (phases_after.get(name, 0.0)
+                                     - phases_before.get(name, 0.0)) / wall for name in PHASES}
+                    phases["rest"] = max(0.0, cpu / wall - sum(phases.values()))
                 run = {
                     "publishers": count, "seconds": wall, "cpu_seconds": cpu,
                     "cpu_share": cpu / wall, "cpu_per_30s": cpu * 30.0 / wall,
@@ -178,8 +180,9 @@ class SignalerScale(Scenario):
                     "—" if run["recommendation_age_s"] is None
                     else f"{run['recommendation_age_s']:.2f}",
                 ])
-                phase_rows.append([str(count), *(f"{100 * phases[name]:.1f} %"
-                                                 for name in (*PHASES, "rest"))])
+                phase_rows.append([str(count), *(
+                    "—" if phases is None else f"{100 * phases[name]:.1f} %"
+                    for name in (*PHASES, "rest"))])
         finally:
             await client.aclose()
             await plane.stop()
