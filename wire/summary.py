@@ -338,9 +338,9 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
 
     Accepts only what the reference path accepts, with equal values: the 17 fields as
     ``bytes`` in a ``dict``, within the size limits, UTF-8, the MAC over the raw bytes, then
-    every value check of :class:`RegretSummary` without building a message (over whole
-    vectors at once where it can: the types as a set, the ranges by min and max); the summary
-    is made without running those checks a second time.
+    every value check of :class:`RegretSummary` without building a message (each numeric
+    vector's types and ranges in one msgspec call, the lengths and the relations between
+    fields in Python); the summary is made without running those checks a second time.
     """
     if type(entry) is not dict or len(entry) != len(_BYTE_NAMES):
         return None
