@@ -47,7 +47,7 @@ import numpy as np
 
 from mesh.nash import wardrop_gap
 from signaler.latency_model import LatencyModel
-from signaler.planner import Plan
+from signaler.planner import Plan, by_endpoints, column
 from signaler.routing_game import configuration_costs, latency_table
 from wire.summary import RegretSummary
 
@@ -221,21 +221,6 @@ def _models(plan: Plan | None, fitted: Mapping[str, LatencyModel],
     return [priced.get(e) or fits.get(e) for e in endpoints]
 
 
-def _groups(fresh: Sequence[RegretSummary]) -> dict[tuple[str, ...], list[RegretSummary]]:
-    """The summaries by endpoint list (usually one group: every caller sees the same pods)."""
-    groups: dict[tuple[str, ...], list[RegretSummary]] = {}
-    for s in fresh:
-        groups.setdefault(s.endpoints, []).append(s)
-    return groups
-
-
-def _column(members: Sequence[RegretSummary], name: str, dtype: type = float) -> np.ndarray:
-    """One per-endpoint field of every member as an array (members x endpoints; None -> nan),
-    converted flat (numpy reads a flat list several times faster than nested tuples)."""
-    flat = list(chain.from_iterable([getattr(s, name) for s in members]))
-    return np.array(flat, dtype=dtype).reshape(len(members), -1)
-
-
 def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str]) -> dict[str, list[Any]]:
     """The per-endpoint rows of the module docstring, over arrays: one pass per group of
     sidecars that report the same endpoint list (a frame at 1,000 sidecars costs a few
@@ -251,11 +236,11 @@ def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str]) -> dict
     p50_n = np.zeros(k, dtype=np.int64)
     p99 = np.full(k, np.nan)
     regret = np.full(k, np.nan)
-    for own, members in _groups(fresh).items():
+    for own, members in by_endpoints(fresh).items():
         cols = np.array([index[e] for e in own], dtype=np.int64)  # distinct within a summary
-        n = _column(members, "requests", np.int64)
+        n = column(members, "requests", np.int64)
         requests[cols] += n.sum(axis=0)
-        failures[cols] += _column(members, "failures", np.int64).sum(axis=0)
+        failures[cols] += column(members, "failures", np.int64).sum(axis=0)
         d = np.array(list(chain.from_iterable(chain.from_iterable([s.regret for s in members]))),
                      dtype=float).reshape(len(members), len(own), len(own))
         d[:, np.arange(len(own)), np.arange(len(own))] = 0.0  # D(j, j) is not a regret
@@ -266,13 +251,13 @@ def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str]) -> dict
         demand = np.array([s.demand for s in members], dtype=float)
         load[cols] += np.where(used, demand[:, None] * n / np.maximum(totals, 1)[:, None],
                                0.0).sum(axis=0)
-        mean = _column(members, "latency_mean")
+        mean = column(members, "latency_mean")
         lat_sum[cols] += np.where(used & ~np.isnan(mean), mean * n, 0.0).sum(axis=0)
-        median = _column(members, "latency_p50")
+        median = column(members, "latency_p50")
         measured = used & ~np.isnan(median)
         p50_sum[cols] += np.where(measured, median * n, 0.0).sum(axis=0)
         p50_n[cols] += np.where(measured, n, 0).sum(axis=0)
-        high = np.where(used, _column(members, "latency_p99"), np.nan)
+        high = np.where(used, column(members, "latency_p99"), np.nan)
         if (~np.isnan(high)).any():
             p99[cols] = np.fmax(p99[cols], np.nanmax(high, axis=0, initial=-np.inf))
     p99[np.isinf(p99)] = np.nan
@@ -300,8 +285,8 @@ def _sidecars(fresh: Sequence[RegretSummary], plans: Sequence[Plan]) -> dict[str
     demands: list[float] = []
     distances: list[float | None] = []
     position = {s.sidecar: i for i, s in enumerate(fresh)}
-    for own, members in _groups(fresh).items():
-        reported = _column(members, "weights")
+    for own, members in by_endpoints(fresh).items():
+        reported = column(members, "weights")
         best = np.full(len(members), np.inf)
         missing = (math.nan,) * len(own)
         for plan in plans:

@@ -229,26 +229,27 @@ class SignalingPlane:
 
     async def debug_state(self, timeout: float = 5.0) -> dict[str, Any]:
         """The signaler's whole ``/debug/state``, or {} when it does not answer in time."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        try:
-            async with self._session.get(f"http://{self.admin}/debug/state",
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                body = await resp.json() if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return {}
+        body = await self._admin_get("/debug/state", timeout, json=True)
         return body if isinstance(body, dict) else {}
 
     async def metrics_text(self, timeout: float = 5.0) -> str:
         """The signaler's ``/metrics`` (Prometheus text), or "" when it does not answer."""
+        body = await self._admin_get("/metrics", timeout, json=False)
+        return body if isinstance(body, str) else ""
+
+    async def _admin_get(self, path: str, timeout: float, *, json: bool) -> Any:
+        """The body of the signaler's admin ``path`` (parsed JSON or text), None if it does
+        not answer 200 in time or the body does not read."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            async with self._session.get(f"http://{self.admin}/metrics",
+            async with self._session.get(f"http://{self.admin}{path}",
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                return await resp.text() if resp.status == 200 else ""
-        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
-            return ""
+                if resp.status != 200:
+                    return None
+                return await (resp.json() if json else resp.text())
+        except (aiohttp.ClientError, TimeoutError, ValueError):  # UnicodeDecodeError too
+            return None
 
     async def state(self, upstream: str, timeout: float = 5.0) -> dict[str, Any]:
         """The ``/debug/state`` section of ``upstream`` (models, plan, regret gap), or {}."""
