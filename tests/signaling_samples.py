@@ -12,7 +12,13 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.upstreams import UpstreamTable
 from signaler.latency_model import LatencyModel
 from wire.signing import mac
-from wire.summary import SUMMARY_FIELDS, RegretSummary, canonical_summary_bytes, sign_summary
+from wire.summary import (
+    SUMMARY_FIELDS,
+    RegretSummary,
+    canonical_summary_bytes,
+    encode_summary,
+    sign_summary,
+)
 
 KEY = b"unit-test-mesh-key-0123456789abcdef"
 NOW = 1_764_183_600.0
@@ -54,9 +60,18 @@ def signed(value: RegretSummary | dict[str, str], key: bytes = KEY) -> dict[str,
     if isinstance(value, RegretSummary):
         return sign_summary(value, key)
     fields = {k: v for k, v in value.items() if k != "sig"}
-    if all(name in fields for name in SUMMARY_FIELDS):
+    if all(name in fields for name in SUMMARY_FIELDS) or (
+            fields.get("v") == "2" and "body" in fields):
         fields["sig"] = mac(key, canonical_summary_bytes(fields))
     return fields
+
+
+def with_body(old: str, new: str, value: RegretSummary | None = None) -> dict[str, str]:
+    """The unsigned version-2 fields of ``value`` (default :func:`summary`) with ``old``
+    replaced by ``new`` in the body's text (which must hold ``old``)."""
+    fields = encode_summary(value or summary())
+    assert old in fields["body"], (old, fields["body"])
+    return {**fields, "body": fields["body"].replace(old, new)}
 
 
 def routed_group(upstream: str = "orders") -> tuple[UpstreamTable, SidecarMetrics]:

@@ -18,8 +18,9 @@ Signaling plane, through Redis (docs/protocol.md)
   consumer group, stream bounds, the Redis URL check. Unversioned (names). "Keys".
 - :mod:`wire.entries`: encoding rules shared by stream entries (numbers, vectors, sizes,
   names). Field ``v``, :data:`wire.entries.PROTOCOL_VERSION` = 1. "Versions", "Encoding rules".
-- :mod:`wire.summary`: :class:`~wire.summary.RegretSummary`, sidecar to signaler. ``v=1``.
-  "Regret summary".
+- :mod:`wire.summary`: :class:`~wire.summary.RegretSummary`, sidecar to signaler, HMAC-signed.
+  ``v=2`` (one JSON body; signature context ``equilibrium/summary/v2``), ``v=1`` still read.
+  "Regret summary", "Summary signature".
 - :mod:`wire.recommendation`: :class:`~wire.recommendation.Recommendation`, signaler to one
   sidecar, HMAC-signed. ``v=1`` (signature context ``equilibrium/recommendation/v1``).
   "Recommendation", "Signature and canonical encoding", "Verification order".

@@ -21,7 +21,9 @@ from typing import Any
 from wire.errors import Reason, WireError
 
 PROTOCOL_VERSION = 1
-"""Version of every stream entry (field ``v``). Any change to fields or meaning bumps it."""
+"""Version of the stream entries (field ``v``) but the summary's, which is at 2 and still reads
+1 (:data:`wire.summary.SUMMARY_VERSION`). Any change to an entry's fields or meaning bumps
+its version."""
 
 MAX_ENDPOINTS = 64
 MAX_ENTRY_BYTES = 256 * 1024
@@ -173,8 +175,10 @@ def number_text(value: float) -> str:
 # ---------------------------------------------------------------------------------- decoding
 
 
-def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, str]:
-    """Decode a redis-py field map to ``str -> str``, checking sizes and the field set.
+def text_fields(entry: object, expected: Sequence[str], kind: str,
+                versions: Sequence[int] = (PROTOCOL_VERSION,)) -> dict[str, str]:
+    """Decode a redis-py field map to ``str -> str``, checking sizes, the version (one of
+    ``versions``) and the field set.
 
     Every field of ``expected`` must be present, except that a signed entry (a recommendation,
     a summary) may lack ``sig`` (the verifier reports that as ``unsigned``).
@@ -199,9 +203,9 @@ def text_fields(entry: object, expected: Sequence[str], kind: str) -> dict[str, 
         out[key] = value
     if "v" not in out:
         raise fail(f"{kind} entry has no version field 'v'")
-    if out["v"] != str(PROTOCOL_VERSION):
-        raise fail(f"{kind} version {short(out['v'], 20)}, expected {PROTOCOL_VERSION}",
-                   Reason.VERSION)
+    if out["v"] not in [str(version) for version in versions]:
+        known = " or ".join(str(version) for version in versions)
+        raise fail(f"{kind} version {short(out['v'], 20)}, expected {known}", Reason.VERSION)
     missing = [name for name in expected if name not in out]
     unknown = sorted(name for name in out if name not in expected)
     if missing and missing != ["sig"]:

@@ -22,11 +22,11 @@ from sidecar.signaling import SidecarSignaling, SignalingSettings
 from sidecar.upstreams import UpstreamTable
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
-from tests.signaling_samples import signed
+from tests.signaling_samples import signed, with_body
 from wire.keys import SIGNALER_GROUP, leader_key, recommendation_stream, summary_stream
 from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
 from wire.redis_store import RedisSignalStore
-from wire.summary import RegretSummary, encode_summary
+from wire.summary import RegretSummary, decode_summary, encode_summary
 
 KEY = b"integration-mesh-key-0123456789abcdef"
 EPS = ("http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003")
@@ -91,10 +91,12 @@ async def test_summaries_are_consumed_acknowledged_and_answered(
         for i in range(3):
             sync_client.xadd(stream, signed(summary(f"sc-{i}"), KEY))
         # junk on the same stream: never crashes, counted by reason, acknowledged
+        old = encode_summary(summary("sc-9", version=1))  # sidecars not yet upgraded
         sync_client.xadd(stream, {"v": "1", "type": "summary"})
-        sync_client.xadd(stream, signed({**encode_summary(summary("sc-9")), "demand": "nan"}, KEY))
-        sync_client.xadd(stream, signed({**encode_summary(summary("sc-9")),
-                                         "weights": "[1e999,0,0]"}, KEY))
+        sync_client.xadd(stream, signed({**old, "demand": "nan"}, KEY))
+        sync_client.xadd(stream, signed({**old, "weights": "[1e999,0,0]"}, KEY))
+        nan = with_body('"demand":50.0', '"demand":NaN', summary("sc-9"))
+        sync_client.xadd(stream, signed(nan, KEY))
         sync_client.xadd(stream, signed({**encode_summary(summary("sc-9")), "v": "7"}, KEY))
         clock.now += 1
         await svc.run_epoch()
@@ -102,7 +104,7 @@ async def test_summaries_are_consumed_acknowledged_and_answered(
         assert sample(svc, "equilibrium_signaler_summaries_consumed_total",
                       upstream=UPSTREAM) == 3
         assert sample(svc, "equilibrium_signaler_entries_rejected_total", upstream=UPSTREAM,
-                      reason="malformed") == 3
+                      reason="malformed") == 4
         assert sample(svc, "equilibrium_signaler_entries_rejected_total", upstream=UPSTREAM,
                       reason="version") == 1
         fence = int(sample(svc, "equilibrium_signaler_fence", upstream=UPSTREAM))
@@ -244,7 +246,7 @@ async def test_the_sidecar_publishes_summaries_and_ignores_forged_signals(
         assert group.snapshot is not None and not group.snapshot.following
         summaries = sync_client.xrange(summary_stream(UPSTREAM))
         assert len(summaries) == 3  # one per round, trimmed streams (MAXLEN ~)
-        assert summaries[-1][1][b"sidecar"] == b"sc-1"
+        assert decode_summary(summaries[-1][1]).sidecar == "sc-1"
 
         sync_client.xadd(stream, sign_recommendation(rec(), KEY))
         await client.run_round()

@@ -11,7 +11,7 @@ import pytest
 
 from signaler.latency_model import LatencyModel
 from signaler.service import SignalerConfig, SignalerService
-from tests.signaling_samples import EPS, KEY, NOW, signed, summary
+from tests.signaling_samples import EPS, KEY, NOW, signed, summary, with_body
 from wire.memory_store import MemorySignalStore
 from wire.summary import encode_summary
 
@@ -30,29 +30,51 @@ def rejected(svc: SignalerService, reason: str) -> float:
     return value or 0.0
 
 
+V1 = encode_summary(summary(version=1))
+"""The fields of a summary in version 1 (a field per value), still read."""
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
         ({b"v": b"1", b"type": b"summary"}, "malformed"),
-        (signed({**encode_summary(summary()), "demand": "nan"}), "malformed"),
-        (signed({**encode_summary(summary()), "latency_mean": "[0.01, NaN, 0.3]"}), "malformed"),
-        (signed({**encode_summary(summary()), "demand": "1e400"}), "malformed"),
-        (signed({**encode_summary(summary()), "requests": "[1e30, 1, 1]"}), "malformed"),
-        (signed({**encode_summary(summary()), "regret": "[[0,0,0],[0,0,0]]"}), "malformed"),
-        (signed({**encode_summary(summary()), "v": "2"}), "version"),
-        (signed({**encode_summary(summary()), "endpoints": "x" * 300_000}), "oversized"),
+        ({b"v": b"2", b"type": b"summary"}, "malformed"),
+        (signed(with_body('"demand":50.0', '"demand":NaN')), "malformed"),
+        (signed(with_body('"demand":50.0', '"demand":1e400')), "malformed"),
+        (signed(with_body('"requests":[40,', '"requests":[1e30,')), "malformed"),
+        (signed(with_body('"regret":[[', '"regret":[[0,0,0],[')), "malformed"),
+        (signed(with_body('"failures":[0,', '"failures":[41,')), "malformed"),
+        (signed(with_body(',"demand"', ',"epoch":7,"demand"')), "malformed"),
+        (signed(with_body('"regret"', '"regret" ')), "malformed"),
+        (signed(with_body('"demand":50.0', '"demand":"50"')), "malformed"),
+        (signed({**V1, "demand": "nan"}), "malformed"),
+        (signed({**V1, "latency_mean": "[0.01, NaN, 0.3]"}), "malformed"),
+        (signed({**V1, "demand": "1e400"}), "malformed"),
+        (signed({**V1, "requests": "[1e30, 1, 1]"}), "malformed"),
+        (signed({**V1, "regret": "[[0,0,0],[0,0,0]]"}), "malformed"),
+        (signed({**V1, "v": "3"}), "version"),
+        (signed({**encode_summary(summary()), "v": "3"}), "version"),
+        (signed({**V1, "endpoints": "x" * 300_000}), "oversized"),
+        (signed({**encode_summary(summary()), "body": "x" * 300_000}), "oversized"),
         (signed(summary(upstream="payments")), "wrong-upstream"),
+        (signed(summary(upstream="payments", version=1)), "wrong-upstream"),
         (None, "deleted"),
         ({b"\xff": b"1"}, "malformed"),
         # forged control data (issue 14, finding 6)
         (encode_summary(summary()), "unsigned"),
+        (V1, "unsigned"),
         ({**signed(summary()), "sig": ""}, "unsigned"),
         (signed(summary(), OTHER_KEY), "bad-signature"),
-        ({**signed(summary()), "demand": "5000.0"}, "bad-signature"),
+        (signed(summary(version=1), OTHER_KEY), "bad-signature"),
+        ({**signed(summary()), "body": with_body('"demand":50.0', '"demand":5000.0')["body"]},
+         "bad-signature"),
+        ({**signed(summary(version=1)), "demand": "5000.0"}, "bad-signature"),
+        ({**signed(summary(version=1)), "v": "2"}, "malformed"),
         ({**signed(summary()), "sig": "not a mac"}, "bad-signature"),
         (signed(summary(sent_at=NOW + 3600, epoch=10**9)), "not-yet-valid"),
         (signed(summary(sent_at=NOW + 5.5)), "not-yet-valid"),
         (signed(summary(sent_at=NOW - 6)), "expired"),
+        (signed(summary(sent_at=NOW - 6, version=1)), "expired"),
     ],
 )
 def test_bad_entries_are_counted_by_reason_and_never_raise(fields: object, reason: str) -> None:
@@ -62,6 +84,17 @@ def test_bad_entries_are_counted_by_reason_and_never_raise(fields: object, reaso
     assert "orders" not in svc.views or not svc.views["orders"].latest
     assert svc.apply_entry("orders", signed(summary())) is True
     assert svc.views["orders"].latest["sc-1"] == summary()
+
+
+def test_a_summary_is_read_in_either_encoding() -> None:
+    """Sidecars not yet upgraded write version 1; the signaler keeps what either says."""
+    svc = service()
+    assert svc.apply_entry("orders", signed(summary("sc-1", version=1)))
+    assert svc.apply_entry("orders", signed(summary("sc-2")))
+    latest = svc.views["orders"].latest
+    assert latest["sc-1"] == summary("sc-1", version=1)
+    assert latest["sc-2"] == summary("sc-2")
+    assert latest["sc-1"].regret == latest["sc-2"].regret
 
 
 async def test_a_plan_that_cannot_be_solved_is_counted_and_publishes_nothing() -> None:
