@@ -4,7 +4,9 @@
 -- ARGV[4] = f, the fields of every entry, ARGV[5..4+f] = their names, in entry order,
 -- ARGV[5+f..4+2f] = the value each field has in every entry ('' where each entry gives its own),
 -- ARGV[5+2f] = v, how many fields each entry gives, ARGV[6+2f..5+2f+v] = their positions (1..f),
--- then v values per entry, entry after entry, in the order of KEYS.
+-- ARGV[6+2f+v] = the values the entries give, v per entry, entry after entry in the order of
+-- KEYS, as one MessagePack array of strings (one argument, not v per entry: packing thousands of
+-- arguments was most of a signaler's cost of publishing an epoch to 1,000 sidecars).
 -- Returns false when fenced off (nothing appended); else per entry its id, or '!' and the error
 -- of that stream alone (a key of the wrong type: the other entries are still appended).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then
@@ -12,7 +14,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then
 end
 local f = tonumber(ARGV[4])
 local v = tonumber(ARGV[5 + 2 * f])
-local own = 5 + 2 * f + v
+local values = cmsgpack.unpack(ARGV[6 + 2 * f + v])
+if type(values) ~= 'table' or #values ~= (#KEYS - 1) * v then
+  return redis.error_reply('ERR batch: ' .. (#KEYS - 1) .. ' entries of ' .. v .. ' values expected')
+end
 local args = {'XADD', '', 'MAXLEN', '~', ARGV[3], '*'}
 for i = 1, f do
   args[5 + 2 * i] = ARGV[4 + i]
@@ -22,7 +27,7 @@ local out = {}
 for n = 2, #KEYS do
   args[2] = KEYS[n]
   for j = 1, v do
-    args[6 + 2 * tonumber(ARGV[5 + 2 * f + j])] = ARGV[own + (n - 2) * v + j]
+    args[6 + 2 * tonumber(ARGV[5 + 2 * f + j])] = values[(n - 2) * v + j]
   end
   local reply = redis.pcall(unpack(args))
   if type(reply) == 'table' and reply.err then
