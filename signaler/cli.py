@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -165,6 +166,11 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
     logging.getLogger(__name__).info(
         "signaler %s: epoch %gs, %d tokens, admin %s:%d", config.signer, config.epoch,
         config.tokens, admin[0], admin[1])
+    # What exists by now (the solver's, numpy's and aiohttp's modules: some 100,000 objects)
+    # lives as long as the process: frozen out of the collector's reach, a full collection
+    # walks only what the service makes as it runs (docs/benchmarks.md, "summaries in one body")
+    gc.collect()
+    gc.freeze()
     try:
         await service.run(stop)
     finally:

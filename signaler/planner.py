@@ -271,7 +271,17 @@ def column(members: Sequence[RegretSummary], name: str, dtype: type = float) -> 
 
 
 def _largest_regret(regret: Sequence[Sequence[float]]) -> float:
-    """The largest positive off-diagonal entry of a regret matrix (0 if none)."""
+    """The largest positive off-diagonal entry of a regret matrix (0 if none).
+
+    Read once per summary kept: the largest entry of all is found in C, and only when it
+    also stands on the diagonal (a sidecar's D(j, j) is 0, so rarely) are the rows walked."""
+    if not regret or not all(regret):
+        return 0.0
+    top = max(map(max, regret))
+    if top <= 0.0:
+        return 0.0
+    if all(row[j] != top for j, row in enumerate(regret)):
+        return top
     gap = 0.0
     for j, row in enumerate(regret):
         for k, value in enumerate(row):

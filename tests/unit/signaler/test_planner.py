@@ -12,6 +12,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signaler.latency_model import LatencyModel
 from signaler.planner import (
@@ -385,3 +387,15 @@ def test_sidecar_weights_fall_back_to_the_marginal_then_uniform() -> None:
     # its share lies on an endpoint it does not route to: the plan's overall mix instead
     assert sidecar_weights(EPS[1:], {0: 1.0}, index, marginal) == [1.0, 0.0]
     assert sidecar_weights(("http://other:1",), {0: 1.0}, index, marginal) == [1.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6).flatmap(lambda k: st.lists(
+    st.lists(st.sampled_from([-0.5, -0.0, 0.0, 0.1, 0.25, 3.0]) | st.floats(-10, 10),
+             min_size=k, max_size=k), min_size=k, max_size=k)))
+def test_the_largest_regret_is_the_largest_positive_entry_off_the_diagonal(
+        rows: list[list[float]]) -> None:
+    from signaler.planner import _largest_regret
+
+    off = [x for j, row in enumerate(rows) for i, x in enumerate(row) if i != j]
+    assert _largest_regret(tuple(map(tuple, rows))) == max([0.0, *off])
