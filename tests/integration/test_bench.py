@@ -91,24 +91,28 @@ def test_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_signaler_scale_measures_the_signaler_against_publishing_sidecars(tmp_path: Path) -> None:
-    """Real Redis, a real signaler, phantom publishers: CPU per row, and the plan stays fresh
-    (every epoch publishes to every publisher)."""
-    proc = _run(["--scenario", "signaler-scale", "--scale-publishers", "1,50", "--duration", "5",
-                 "--scale-warmup", "3", "--out", "r"], tmp_path)
+    """Real Redis, a real signaler, phantom publishers in either summary encoding: CPU per
+    row, and the plan stays fresh (every epoch publishes to every publisher, so the
+    signaler kept the summaries of both encodings: version 1's go stale within the second
+    row, whose epochs would then publish nothing)."""
+    proc = _run(["--scenario", "signaler-scale", "--scale-publishers", "50",
+                 "--scale-encodings", "1,2", "--duration", "5", "--scale-warmup", "3",
+                 "--out", "r"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r" / "signaler-scale.json").read_text())
-    one, fifty = doc["data"]["runs"]
-    assert (one["publishers"], fifty["publishers"]) == (1, 50)
-    for run in (one, fifty):
+    runs = doc["data"]["runs"]
+    assert [(run["publishers"], run["encoding"]) for run in runs] == [(50, 1), (50, 2)]
+    for run in runs:
         assert run["cpu_seconds"] > 0 and run["epochs"] >= 3
         assert run["recommendation_age_s"] is not None and run["recommendation_age_s"] < 3.0
-    assert fifty["summaries_sent"] >= 200
-    # the breakdown: each phase ran, and the phases never add up to more than the process
-    phases = fifty["phase_share"]
-    assert all(phases[name] > 0 for name in ("verify", "plan", "sign", "dashboard"))
-    assert sum(phases.values()) == pytest.approx(max(fifty["cpu_share"], sum(
-        v for k, v in phases.items() if k != "rest")), rel=1e-6)
-    assert fifty["published"] >= 50 * (fifty["epochs"] - 2)  # every publisher, every epoch
+        assert run["summaries_sent"] >= 200
+        # the breakdown: each phase ran, and the phases never add up to more than the process
+        phases = run["phase_share"]
+        assert all(phases[name] > 0 for name in ("verify", "plan", "sign", "dashboard"))
+        assert sum(phases.values()) == pytest.approx(max(run["cpu_share"], sum(
+            v for k, v in phases.items() if k != "rest")), rel=1e-6)
+        assert run["published"] >= 50 * (run["epochs"] - 2)  # every publisher, every epoch
+    assert "| 50 | 2 |" in (tmp_path / "r" / "signaler-scale.md").read_text()
 
 
 @pytest.mark.slow

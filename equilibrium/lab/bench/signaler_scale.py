@@ -4,7 +4,8 @@ one upstream it leads (issue 15, "the control plane at scale").
 Real processes: an embedded Redis, one ``equilibrium signaler`` (epoch 1 s) serving the
 upstream ``scale``. This process plays N *phantom* sidecars: every second it appends one signed
 summary per phantom (the same summary a real sidecar sends, each with its own id, demand and
-epoch) to the upstream's stream with one pipelined ``XADD`` per phantom, as N sidecars would.
+epoch, in the encoding of ``--scale-encodings``) to the upstream's stream with one pipelined
+``XADD`` per phantom, as N sidecars would.
 Each phantom's counts and latencies move every epoch (its requests, and the mean latencies with
 them), as a busy sidecar's do, so no summary repeats the last one's values; the phantoms encode
 only what changed and sign each summary (the bench process must keep up with 1,000 of them a
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,10 +36,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.signaling_plane import SignalingPlane
-from wire.entries import number_text
+from wire.entries import compact_json, number_text
 from wire.keys import SUMMARY_MAXLEN, recommendation_stream, summary_stream
 from wire.signing import mac
-from wire.summary import RegretSummary, canonical_summary_bytes, encode_summary
+from wire.summary import (
+    SUMMARY_VERSION,
+    SUMMARY_VERSIONS,
+    RegretSummary,
+    canonical_summary_bytes,
+    encode_summary,
+)
 
 UPSTREAM = "scale"
 ENDPOINTS = tuple(f"http://10.0.0.{i}:8080" for i in range(1, 5))
@@ -67,15 +76,23 @@ def phantom_summary(i: int, epoch: int, now: float) -> RegretSummary:
 
 def phantom_fields(base: dict[str, str], i: int, epoch: int, now: float,
                    key: bytes) -> dict[str, str]:
-    """``base`` (a phantom's encoded summary) for ``epoch``: its requests and mean latencies
-    moved by a few percent (a different value every epoch), stamped ``now`` and signed."""
+    """``base`` (a phantom's encoded summary, in either encoding) for ``epoch``: its requests
+    and mean latencies moved by a few percent (a different value every epoch), stamped
+    ``now`` and signed."""
     step = (i + epoch) % 5
-    fields = dict(base)
-    fields["epoch"] = str(epoch)
-    fields["sent_at"] = number_text(now)
-    fields["requests"] = f"[{38 + step},{40 - step},{39 + step % 3},{8 + step % 2}]"
-    fields["latency_mean"] = (f"[{0.0105 + 0.0002 * step!r},{0.0118 + 0.0001 * step!r},"
-                              f"{0.011 + 0.0003 * step!r},{0.25 + 0.004 * step!r}]")
+    requests = [38 + step, 40 - step, 39 + step % 3, 8 + step % 2]
+    means = [0.0105 + 0.0002 * step, 0.0118 + 0.0001 * step, 0.011 + 0.0003 * step,
+             0.25 + 0.004 * step]
+    if base["v"] == "2":
+        values = json.loads(base["body"])
+        values.update(epoch=epoch, sent_at=now, requests=requests, latency_mean=means)
+        fields = {**base, "body": compact_json(values)}
+    else:
+        fields = dict(base)
+        fields["epoch"] = str(epoch)
+        fields["sent_at"] = number_text(now)
+        fields["requests"] = compact_json(requests)
+        fields["latency_mean"] = compact_json(means)
     fields["sig"] = mac(key, canonical_summary_bytes(fields))
     return fields
 
@@ -86,9 +103,11 @@ class Publishers:
     def __init__(self, client: aioredis.Redis, key: bytes) -> None:
         self.client, self.key = client, key
         self.count = 0
+        self.version = SUMMARY_VERSION
+        """The summaries' encoding (:data:`wire.summary.SUMMARY_VERSIONS`)."""
         self.epoch = 0
         self.sent = 0
-        self._base: dict[int, dict[str, str]] = {}
+        self._base: dict[tuple[int, int], dict[str, str]] = {}
 
     async def run_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -99,9 +118,10 @@ class Publishers:
             now = time.time()
             pipe = self.client.pipeline(transaction=False)
             for i in range(self.count):
-                base = self._base.get(i)
+                base = self._base.get((i, self.version))
                 if base is None:
-                    base = self._base[i] = encode_summary(phantom_summary(i, 0, now))
+                    base = self._base[i, self.version] = encode_summary(
+                        replace(phantom_summary(i, 0, now), version=self.version))
                 fields: Any = phantom_fields(base, i, self.epoch, now, self.key)
                 pipe.xadd(stream, fields, maxlen=SUMMARY_MAXLEN, approximate=True)
             if self.count:
@@ -124,12 +144,19 @@ class SignalerScale(Scenario):
                            help="seconds before each measurement (default 10)")
         group.add_argument("--scale-tokens", type=int, default=32,
                            help="the signaler's --tokens (default 32)")
+        group.add_argument("--scale-encodings", default=str(SUMMARY_VERSION),
+                           help="comma-separated summary encodings the phantoms write, one "
+                                "row each per number of publishers, in turn (1: a field per "
+                                f"value, 2: one body; default {SUMMARY_VERSION})")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
         counts = [int(c) for c in str(args.scale_publishers).split(",") if c.strip()]
         if not counts or any(c < 0 or c > 20_000 for c in counts):
             raise ValueError("--scale-publishers: numbers between 0 and 20000")
+        encodings = [int(v) for v in str(args.scale_encodings).split(",") if v.strip()]
+        if not encodings or any(v not in SUMMARY_VERSIONS for v in encodings):
+            raise ValueError(f"--scale-encodings: among {SUMMARY_VERSIONS}")
         duration = float(args.duration)
         plane = SignalingPlane(ctx.logs, epoch=1.0, tokens=args.scale_tokens,
                                signer="scale-signaler", upstreams=(UPSTREAM,))
@@ -143,9 +170,10 @@ class SignalerScale(Scenario):
             pid = plane.signaler.pid
             key = plane.sidecar_env()["EQUILIBRIUM_MESH_SECRET"].encode()
             publishers = Publishers(client, key)
-            for count in counts:
-                publishers.count = count
-                ctx.say(f"signaler-scale: {count} publishers: warming up {args.scale_warmup:g} s")
+            for count, encoding in [(c, v) for c in counts for v in encodings]:
+                publishers.count, publishers.version = count, encoding
+                ctx.say(f"signaler-scale: {count} publishers (encoding {encoding}): warming "
+                        f"up {args.scale_warmup:g} s")
                 await publishers.run_for(args.scale_warmup)
                 before_state = await plane.debug_state()
                 phases_before = phase_seconds(await plane.metrics_text())
@@ -162,7 +190,8 @@ class SignalerScale(Scenario):
                                      - phases_before.get(name, 0.0)) / wall for name in PHASES}
                     phases["rest"] = max(0.0, cpu / wall - sum(phases.values()))
                 run = {
-                    "publishers": count, "seconds": wall, "cpu_seconds": cpu,
+                    "publishers": count, "encoding": encoding, "seconds": wall,
+                    "cpu_seconds": cpu,
                     "cpu_share": cpu / wall, "cpu_per_30s": cpu * 30.0 / wall,
                     "summaries_sent": publishers.sent - sent_before,
                     **freshness(before_state, after_state, wall),
@@ -172,15 +201,18 @@ class SignalerScale(Scenario):
                 data["runs"].append(run)
                 ctx.say(f"  {count}: {run['cpu_per_30s']:.2f} CPU-s per 30 s "
                         f"({100 * run['cpu_share']:.1f} % of a core)")
+                first = next(r for r in data["runs"] if r["publishers"] == count)
+                ratio = run["cpu_share"] / first["cpu_share"] if first["cpu_share"] else 0.0
                 rows.append([
-                    str(count), f"{run['cpu_per_30s']:.2f}", f"{100 * run['cpu_share']:.1f} %",
+                    str(count), str(encoding), f"{run['cpu_per_30s']:.2f}",
+                    f"{100 * run['cpu_share']:.1f} %", f"{ratio:.2f}",
                     str(run["summaries_sent"]), f"{run['epochs']}",
                     f"{run['published']}",
                     "—" if run["solve_seconds"] is None else f"{run['solve_seconds']:.3f}",
                     "—" if run["recommendation_age_s"] is None
                     else f"{run['recommendation_age_s']:.2f}",
                 ])
-                phase_rows.append([str(count), *(
+                phase_rows.append([str(count), str(encoding), *(
                     "—" if phases is None else f"{100 * phases[name]:.1f} %"
                     for name in (*PHASES, "rest"))])
         finally:
@@ -189,15 +221,16 @@ class SignalerScale(Scenario):
         return ScenarioResult(
             parameters={"publishers": counts, "duration": duration,
                         "warmup": args.scale_warmup, "tokens": args.scale_tokens,
-                        "epoch": 1.0},
+                        "encodings": encodings, "epoch": 1.0},
             tables=[Table(
                 f"The signaler leading one upstream, {duration:g} s per row",
-                ["publishing sidecars", "CPU s per 30 s", "of one core", "summaries sent",
+                ["publishing sidecars", "encoding", "CPU s per 30 s", "of one core",
+                 "CPU vs the row's first encoding", "summaries sent",
                  "epochs", "recommendations published", "last solve s",
                  "recommendation age s"], rows),
                 Table("Where the signaler's CPU goes (share of one core, "
                       "equilibrium_signaler_cpu_seconds_total over the same window)",
-                      ["publishing sidecars", *PHASES, "rest"], phase_rows)],
+                      ["publishing sidecars", "encoding", *PHASES, "rest"], phase_rows)],
             data=data,
             notes=["CPU is the signaler process's own (user + system, /proc), over the "
                    "measured window only; the phantom publishers run in the bench process.",
