@@ -94,7 +94,23 @@ def resolve(args: argparse.Namespace) -> tuple[Any, list[str]]:
     if getattr(scenario, "uses_peers", False):
         peers.select(args.peers)  # ValueError for an unknown name, before anything starts
         argv += ["--peers", args.peers]
+    for action in scenario_options(scenario):  # its own options, given or defaulted
+        value = getattr(args, action.dest, None)
+        if action.nargs == 0:  # a flag: recorded when it was given
+            if value is not None and value != action.default:
+                argv.append(action.option_strings[0])
+        elif value is not None:
+            argv += [action.option_strings[0],
+                     f"{value:g}" if isinstance(value, float) else str(value)]
     return scenario, argv
+
+
+def scenario_options(scenario: Any) -> list[argparse.Action]:
+    """The options ``scenario`` adds (``--scale-publishers``...), in its order."""
+    probe = argparse.ArgumentParser(add_help=False)
+    group = probe.add_argument_group(scenario.name)
+    scenario.add_arguments(group)
+    return list(group._group_actions)  # argparse's own list of what the group holds
 
 
 async def _run(scenario: Any, ctx: BenchContext) -> Any:

@@ -47,3 +47,32 @@ def test_cli_resolves_scenario_defaults_into_an_exact_command() -> None:
     with pytest.raises(ValueError, match="twice"):
         cli.resolve(args)
     assert cli.main(_parse(["bench", "--scenario", "nope"])) == 2
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_the_recorded_command_repeats_the_run_with_the_scenarios_own_options(name: str) -> None:
+    """The header's command holds every option of the scenario, given or defaulted: run
+    again, it resolves to the same command and the same values."""
+    scenarios, _ = all_scenarios()
+    scenario = next(s for s in scenarios if s.name == name)
+    args = _parse(["bench", "--scenario", name])
+    _, argv = cli.resolve(args)
+    again = _parse(argv)
+    _, argv_again = cli.resolve(again)
+    assert argv_again == argv
+    for action in cli.scenario_options(scenario):
+        assert getattr(again, action.dest) == getattr(args, action.dest), action.dest
+        if action.nargs != 0 and getattr(args, action.dest) is not None:
+            assert action.option_strings[0] in argv
+
+
+def test_a_scenario_option_given_is_in_the_recorded_command() -> None:
+    args = _parse(["bench", "--scenario", "signaler-scale", "--scale-publishers", "1000",
+                   "--scale-warmup", "8"])
+    _, argv = cli.resolve(args)
+    text = " ".join(argv)
+    assert "--scale-publishers 1000" in text and "--scale-warmup 8" in text
+    assert "--scale-encodings 2" in text  # a default is recorded too
+    flag = _parse(["bench", "--scenario", "demo", "--demo-no-signaler"])
+    assert "--demo-no-signaler" in cli.resolve(flag)[1]
+    assert "--demo-no-signaler" not in cli.resolve(_parse(["bench", "--scenario", "demo"]))[1]
