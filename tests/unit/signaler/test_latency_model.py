@@ -169,3 +169,20 @@ def test_the_grid_helpers_equal_the_one_candidate_computations() -> None:
         values = np.round(rng.normal(0.0, 1.0, (25, n)), 1 if trial % 2 else 6)  # ties
         medians = _weighted_medians(values, weights)
         assert [_weighted_median(row, weights) for row in values] == medians.tolist()
+
+
+def test_the_golden_section_search_stops_once_the_bracket_is_narrow_enough() -> None:
+    from signaler.latency_model import _golden_section
+
+    calls: list[float] = []
+
+    def f(m: float) -> float:
+        calls.append(m)
+        return (m - 31.7) ** 2
+
+    found = _golden_section(f, 30.0, 34.5)
+    assert abs(found - 31.7) <= 1e-8 * 31.7
+    assert 40 <= len(calls) <= 50  # not the 62 of a fixed 60 iterations
+    calls.clear()
+    assert abs(_golden_section(f, 30.0, 34.5, tolerance=0.0) - 31.7) <= 1e-9
+    assert len(calls) == 62
