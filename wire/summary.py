@@ -9,9 +9,9 @@ then a clock skew bounded both ways), documented in docs/protocol.md ("Regret su
 Two encodings (field ``v``): version 2, what sidecars write, carries the values as one compact
 JSON object (``body``) signed as it travels, decoded and range-checked in one call of a typed
 msgspec decoder; version 1, still read (and written on request) for sidecars not yet
-upgraded, carries each value in a field of its own. A signaler verifies one summary per
-sidecar per epoch, and with 1,000 sidecars publishing the field-per-value encoding cost
-about a third of its CPU (docs/benchmarks.md, "summaries in one body").
+upgraded, carries each value in a field of its own. A signaler reads and verifies one summary
+per sidecar per epoch, the largest part of its CPU with 1,000 sidecars publishing; in one body
+that costs about a quarter less (docs/benchmarks.md, "summaries in one body").
 
 Pure: no Redis client, no clock (``now`` is passed in); the decoder and the verifier raise
 only :class:`~wire.errors.WireError`, whatever the input.
