@@ -355,25 +355,67 @@ def _endpoint_list(text_: str) -> tuple[str, ...] | None:
 # ints read as floats where a float is expected); the lengths and the relations between fields
 # are checked in Python below. msgspec refuses some texts the reference accepts (a float too
 # large for a double, which the reference then refuses by its range): None, the reference path.
-_COUNTS = msgspec.json.Decoder(tuple[Annotated[int, Meta(ge=0, le=MAX_COUNT)], ...])
-_LATENCIES = msgspec.json.Decoder(
-    tuple[Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)] | None, ...])
-_WEIGHTS = msgspec.json.Decoder(tuple[Annotated[float, Meta(
-    ge=-WEIGHT_ROUNDING, le=1.0 + WEIGHT_SUM_TOLERANCE)], ...])
-_REGRET = msgspec.json.Decoder(tuple[tuple[Annotated[float, Meta(
-    ge=-MAX_SECONDS, le=MAX_SECONDS)], ...], ...])
+_Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+_Seconds = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]
+_Share = Annotated[float, Meta(ge=-WEIGHT_ROUNDING, le=1.0 + WEIGHT_SUM_TOLERANCE)]
+_Regret = Annotated[float, Meta(ge=-MAX_SECONDS, le=MAX_SECONDS)]
+_COUNTS = msgspec.json.Decoder(tuple[_Count, ...])
+_LATENCIES = msgspec.json.Decoder(tuple[_Seconds | None, ...])
+_WEIGHTS = msgspec.json.Decoder(tuple[_Share, ...])
+_REGRET = msgspec.json.Decoder(tuple[tuple[_Regret, ...], ...])
 
 
-def _latencies(raw: bytes, requests: tuple[int, ...]) -> tuple[float | None, ...] | None:
-    """``len(requests)`` latencies, None only where no request was sent; else None."""
-    value: tuple[float | None, ...] = _LATENCIES.decode(raw)
-    if len(value) != len(requests):
-        return None
-    if None in value:
-        for x, n in zip(value, requests):  # noqa: B905 (lengths checked)
-            if x is None and n > 0:
-                return None
-    return value
+def _holds_relations(
+    k: int, requests: tuple[int, ...], failures: tuple[int, ...], in_flight: tuple[int, ...],
+    mean: tuple[float | None, ...], p50: tuple[float | None, ...],
+    p99: tuple[float | None, ...], weights: tuple[float, ...],
+    regret: tuple[tuple[float, ...], ...],
+) -> bool:
+    """Whether values already of their types and ranges (a msgspec decoder's) also hold what
+    :class:`RegretSummary` checks between them: every vector ``k`` long, the regret ``k`` by
+    ``k``, failures within requests, a latency missing only where no request was sent, p50
+    within p99, and ``weights`` (rounding noise already read as 0) summing to 1."""
+    if not (len(requests) == k and len(failures) == k and len(in_flight) == k
+            and len(mean) == k and len(p50) == k and len(p99) == k and len(weights) == k
+            and len(regret) == k and set(map(len, regret)) == {k}):
+        return False
+    if not all(f <= n for n, f in zip(requests, failures)):  # noqa: B905 (lengths checked)
+        return False
+    if (None in mean or None in p50 or None in p99) and not all(  # unmeasured endpoints
+            n == 0 or (a is not None and b is not None and c is not None)
+            for n, a, b, c in zip(requests, mean, p50, p99)):  # noqa: B905 (lengths checked)
+        return False
+    for low, high in zip(p50, p99):  # noqa: B905 (lengths checked)
+        if low is not None and high is not None and low > high * (1 + 1e-9) + 1e-12:
+            return False
+    return abs(math.fsum(weights) - 1.0) <= WEIGHT_SUM_TOLERANCE
+
+
+def _made(
+    sidecar: str, upstream: str, epoch: int, sent_at: float, endpoints: tuple[str, ...],
+    requests: tuple[int, ...], failures: tuple[int, ...], mean: tuple[float | None, ...],
+    p50: tuple[float | None, ...], p99: tuple[float | None, ...], in_flight: tuple[int, ...],
+    demand: float, weights: tuple[float, ...], regret: tuple[tuple[float, ...], ...],
+    version: int,
+) -> RegretSummary:
+    """A summary of values already checked, made without running the checks again."""
+    summary: RegretSummary = _NEW(RegretSummary)
+    _SET(summary, "sidecar", sidecar)
+    _SET(summary, "upstream", upstream)
+    _SET(summary, "epoch", epoch)
+    _SET(summary, "sent_at", sent_at)
+    _SET(summary, "endpoints", endpoints)
+    _SET(summary, "requests", requests)
+    _SET(summary, "failures", failures)
+    _SET(summary, "latency_mean", mean)
+    _SET(summary, "latency_p50", p50)
+    _SET(summary, "latency_p99", p99)
+    _SET(summary, "in_flight", in_flight)
+    _SET(summary, "demand", demand)
+    _SET(summary, "weights", weights)
+    _SET(summary, "regret", regret)
+    _SET(summary, "version", version)
+    return summary
 
 
 def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
@@ -429,51 +471,21 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
         endpoints = _endpoint_list(endpoints_text)
         if endpoints is None:
             return None
-        k = len(endpoints)
         requests: tuple[int, ...] = _COUNTS.decode(raw[7])
         failures: tuple[int, ...] = _COUNTS.decode(raw[8])
         in_flight: tuple[int, ...] = _COUNTS.decode(raw[12])
-        if len(requests) != k or len(failures) != k or len(in_flight) != k:
-            return None
-        for n, f in zip(requests, failures):  # noqa: B905 (lengths checked)
-            if f > n:
-                return None
-        mean = _latencies(raw[9], requests)
-        p50 = _latencies(raw[10], requests)
-        p99 = _latencies(raw[11], requests)
-        if mean is None or p50 is None or p99 is None:
-            return None
-        for low, high in zip(p50, p99):  # noqa: B905 (lengths checked)
-            if low is not None and high is not None and low > high * (1 + 1e-9) + 1e-12:
-                return None
-        shares: tuple[float, ...] = _WEIGHTS.decode(raw[14])
-        if len(shares) != k:
-            return None
-        weights = tuple([max(0.0, w) for w in shares])
-        if abs(math.fsum(weights) - 1.0) > WEIGHT_SUM_TOLERANCE:
-            return None
+        mean: tuple[float | None, ...] = _LATENCIES.decode(raw[9])
+        p50: tuple[float | None, ...] = _LATENCIES.decode(raw[10])
+        p99: tuple[float | None, ...] = _LATENCIES.decode(raw[11])
+        weights = tuple([max(0.0, w) for w in _WEIGHTS.decode(raw[14])])
         regret: tuple[tuple[float, ...], ...] = _REGRET.decode(raw[15])
-        if len(regret) != k or set(map(len, regret)) != {k}:
+        if not _holds_relations(len(endpoints), requests, failures, in_flight, mean, p50, p99,
+                                weights, regret):
             return None
     except Exception:  # anything odd: the reference path decides
         return None
-    summary: RegretSummary = _NEW(RegretSummary)
-    _SET(summary, "sidecar", sidecar)
-    _SET(summary, "upstream", upstream)
-    _SET(summary, "epoch", epoch)
-    _SET(summary, "sent_at", sent_at)
-    _SET(summary, "endpoints", endpoints)
-    _SET(summary, "requests", requests)
-    _SET(summary, "failures", failures)
-    _SET(summary, "latency_mean", mean)
-    _SET(summary, "latency_p50", p50)
-    _SET(summary, "latency_p99", p99)
-    _SET(summary, "in_flight", in_flight)
-    _SET(summary, "demand", demand)
-    _SET(summary, "weights", weights)
-    _SET(summary, "regret", regret)
-    _SET(summary, "version", 1)
-    return summary
+    return _made(sidecar, upstream, epoch, sent_at, endpoints, requests, failures, mean, p50,
+                 p99, in_flight, demand, weights, regret, 1)
 
 
 # ------------------------------------------------------------------------ version 2: one body
@@ -481,8 +493,6 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
 _V2_KEYS = frozenset(name.encode("ascii") for name in SIGNED_SUMMARY_V2_FIELDS)
 _WHITESPACE = re.compile(rb"[ \t\n\r]")
 _KEY_ENDS = len(SUMMARY_BODY_FIELDS)
-_Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
-_Seconds = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True):
@@ -500,8 +510,8 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
     latency_p99: tuple[_Seconds | None, ...]
     in_flight: tuple[_Count, ...]
     demand: Annotated[float, Meta(ge=0.0, le=MAX_RATE)]
-    weights: tuple[Annotated[float, Meta(ge=-WEIGHT_ROUNDING, le=1.0 + WEIGHT_SUM_TOLERANCE)], ...]
-    regret: tuple[tuple[Annotated[float, Meta(ge=-MAX_SECONDS, le=MAX_SECONDS)], ...], ...]
+    weights: tuple[_Share, ...]
+    regret: tuple[tuple[_Regret, ...], ...]
 
 
 _BODY = msgspec.json.Decoder(_Body)
@@ -584,48 +594,17 @@ def _body_summary(body: bytes) -> RegretSummary:
     check_name(value.sidecar, "sidecar")
     check_name(value.upstream, "upstream")
     endpoints = _checked_endpoints(value.endpoints)
-    k = len(endpoints)
-    requests, failures, mean, p50, p99, shares, regret = (
-        value.requests, value.failures, value.latency_mean, value.latency_p50,
-        value.latency_p99, value.weights, value.regret)
+    shares = value.weights
     # rounding noise below 0 reads as 0, and so does -0.0 (as check_weights)
     weights = shares if shares and min(shares) > 0.0 else tuple([max(0.0, w) for w in shares])
-    consistent = (
-        len(requests) == k and len(failures) == k and len(value.in_flight) == k
-        and len(mean) == k and len(p50) == k and len(p99) == k and len(weights) == k
-        and len(regret) == k and set(map(len, regret)) == {k}
-        and all(f <= n for n, f in zip(requests, failures))  # noqa: B905 (lengths checked)
-        and abs(math.fsum(weights) - 1.0) <= WEIGHT_SUM_TOLERANCE
-    )
-    if consistent and (None in mean or None in p50 or None in p99):  # unmeasured endpoints
-        consistent = all(
-            n == 0 or (a is not None and b is not None and c is not None)
-            for n, a, b, c in zip(requests, mean, p50, p99))  # noqa: B905 (lengths checked)
-    if consistent:
-        for low, high in zip(p50, p99):  # noqa: B905 (lengths checked)
-            if low is not None and high is not None and low > high * (1 + 1e-9) + 1e-12:
-                consistent = False
-                break
-    if not consistent:
+    if not _holds_relations(len(endpoints), value.requests, value.failures, value.in_flight,
+                            value.latency_mean, value.latency_p50, value.latency_p99, weights,
+                            value.regret):
         RegretSummary(**{name: getattr(value, name) for name in SUMMARY_BODY_FIELDS})
         raise fail("summary body breaks a relation between its fields")  # pragma: no cover
-    summary: RegretSummary = _NEW(RegretSummary)
-    _SET(summary, "sidecar", value.sidecar)
-    _SET(summary, "upstream", value.upstream)
-    _SET(summary, "epoch", value.epoch)
-    _SET(summary, "sent_at", value.sent_at)
-    _SET(summary, "endpoints", endpoints)
-    _SET(summary, "requests", requests)
-    _SET(summary, "failures", failures)
-    _SET(summary, "latency_mean", mean)
-    _SET(summary, "latency_p50", p50)
-    _SET(summary, "latency_p99", p99)
-    _SET(summary, "in_flight", value.in_flight)
-    _SET(summary, "demand", value.demand)
-    _SET(summary, "weights", weights)
-    _SET(summary, "regret", regret)
-    _SET(summary, "version", 2)
-    return summary
+    return _made(value.sidecar, value.upstream, value.epoch, value.sent_at, endpoints,
+                 value.requests, value.failures, value.latency_mean, value.latency_p50,
+                 value.latency_p99, value.in_flight, value.demand, weights, value.regret, 2)
 
 
 def _decode(raw: Mapping[str, str]) -> RegretSummary:
