@@ -23,17 +23,30 @@ but only inside the share. So over any stretch of requests each endpoint's count
 about ``window`` of weight x requests: the cap, the exploration floor and a recommendation are
 honoured, only reordered.
 
+For many endpoints the exact rule costs O(k) a request (every endpoint earns credit, every
+cost is read). :class:`SampledPacer` keeps the credits lazily (each one a linear function of
+the number of requests paced since the strategy last changed), finds the endpoint that will
+fall furthest behind first by a heap of the instants each would, and takes the cheapest
+endpoint from a heap of costs kept current by the events that change them
+(:class:`CostOrder`): O(log k) a request, the same rule but for the order in which endpoints
+owed the whole window are served.
+
 Pure and deterministic: no clock, no random generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_WINDOW = 4.0
 """Requests an endpoint may fall behind (or run ahead of) its share; measured in the
 ``herding`` benchmark, 4 and 8 did equally well (docs/benchmarks.md)."""
+EXACT_PACING_ENDPOINTS = 16
+"""Up to this many endpoints a policy paces with :class:`CreditPacer` (every cost compared);
+past it with :class:`SampledPacer`."""
 
 
 @dataclass(slots=True)
@@ -109,3 +122,218 @@ class CreditPacer:
         mean = sum(credit) / len(credit)
         for i in range(len(credit)):
             credit[i] -= mean
+
+
+@dataclass(slots=True)
+class CostOrder:
+    """Endpoints ``0..k-1`` by a key that changes only when something happens to them (a
+    request starts or ends there, a probe answers), in a heap with stale entries skipped: the
+    cheapest endpoint that passes a test in O(log k), not O(k).
+
+    The caller keeps every endpoint's key current with :meth:`update`. Keys are compared as
+    given, so a cost that changes with time alone must be given as a key whose order does not
+    (the log of a peak-EWMA cost plus ``now / decay``: the decay scales every endpoint alike).
+    An endpoint may be *parked* (out of the order until :meth:`unpark`), which is how
+    :class:`SampledPacer` sets aside the endpoints ahead of their shares."""
+
+    scan: int = 8
+    """Endpoints that fail :meth:`cheapest`'s test looked at, at most, per call."""
+    keys: list[float] = field(default_factory=list)
+    parked: list[bool] = field(default_factory=list)
+    _heap: list[tuple[float, int]] = field(default_factory=list)
+
+    def reset(self, keys: Sequence[float]) -> None:
+        """New keys for every endpoint, none parked."""
+        self.keys = list(keys)
+        self.parked = [False] * len(self.keys)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._heap = [(key, i) for i, key in enumerate(self.keys) if not self.parked[i]]
+        heapq.heapify(self._heap)
+
+    def update(self, i: int, key: float) -> None:
+        if i >= len(self.keys) or self.keys[i] == key:
+            return
+        self.keys[i] = key
+        if not self.parked[i]:
+            heapq.heappush(self._heap, (key, i))
+            if len(self._heap) > 4 * len(self.keys) + 64:  # drop the stale entries
+                self._rebuild()
+
+    def unpark(self, i: int) -> None:
+        if i < len(self.parked) and self.parked[i]:
+            self.parked[i] = False
+            heapq.heappush(self._heap, (self.keys[i], i))
+
+    def cheapest(self, park: Callable[[int], bool],
+                 accept: Callable[[int], bool]) -> int | None:
+        """The endpoint of the lowest key (ties: the lower index) that ``accept`` passes,
+        parking on the way those for which ``park`` says so; None if none of the first
+        :attr:`scan` that are not parked passes."""
+        heap, keys, parked = self._heap, self.keys, self.parked
+        refused: list[tuple[float, int]] = []
+        found = None
+        while heap and len(refused) < self.scan:
+            key, i = heap[0]
+            if key != keys[i] or parked[i]:  # stale
+                heapq.heappop(heap)
+                continue
+            if park(i):
+                heapq.heappop(heap)
+                parked[i] = True
+                continue
+            if accept(i):
+                found = i
+                break
+            refused.append(heapq.heappop(heap))
+        for entry in refused:
+            heapq.heappush(heap, entry)
+        return found
+
+
+@dataclass(slots=True)
+class SampledPacer:
+    """:class:`CreditPacer`'s rule at O(log k) a request, for many endpoints.
+
+    Endpoint ``i``'s credit after ``t`` paced requests since the last :meth:`set_strategy` is
+    ``base[i] + rate[i] * t``, ``rate[i]`` its share of the paced weight: nothing is
+    written per request but for the endpoint served. It would fall ``window`` + 1 requests
+    behind at ``t = (window + 1 - base[i]) / rate[i]`` (its deadline), and can pay again (is
+    no longer ``window`` ahead) at ``t = (1 - window - base[i]) / rate[i]``; two heaps of
+    those instants say which endpoint has the earliest deadline and when a parked one returns
+    to :attr:`order`, the endpoints by cost. The endpoint of the earliest deadline is served
+    at once when it is owed the whole window (earliest deadline first: every endpoint stays
+    within ``window`` + 1 of its share, as the property tests check); otherwise the request
+    goes to the cheapest endpoint that can pay, as :meth:`CreditPacer.choose` does over
+    every endpoint.
+
+    Differences from the exact rule, all inside the window: which owed endpoint is served
+    first (the earliest deadline, not the largest credit; one owed but not first waits for
+    its turn); ties of cost go to the lower index rather than the larger credit; an endpoint
+    that cannot take requests now (``usable`` False: its last request failed) keeps earning
+    until it comes first, then forfeits what it was owed; and when the
+    :attr:`CostOrder.scan` cheapest endpoints that can pay are all unusable, the one of the
+    earliest deadline is served, or else the caller's draw.
+    """
+
+    window: float = DEFAULT_WINDOW
+    order: CostOrder = field(default_factory=CostOrder)
+    rate: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+    paced: float = 0.0  # requests paced since the last set_strategy
+    _deadline: list[float] = field(default_factory=list)
+    _heap: list[tuple[float, int]] = field(default_factory=list)
+    _wake: list[tuple[float, int]] = field(default_factory=list)
+
+    def credit(self, i: int) -> float:
+        """Endpoint ``i``'s credit now (requests it is owed; negative: ahead of its share)."""
+        return self.base[i] + self.rate[i] * self.paced
+
+    def resize(self, keep: Sequence[int | None]) -> None:
+        """Carry the credit of endpoints that stay (``keep[i]`` = old index or None); the
+        weights are set again by :meth:`set_strategy`, the costs by ``order.reset``."""
+        k = len(self.rate)
+        credits = [self.credit(j) if j is not None and j < k else 0.0 for j in keep]
+        self._rebase(credits, [0.0] * len(keep), resized=True)
+
+    def set_strategy(self, weights: Sequence[float], paced: Sequence[bool]) -> None:
+        """New weights (normalised here over the endpoints ``paced``; the others get no
+        request from the pacer and forfeit what they were owed)."""
+        if len(weights) != len(self.rate) or len(paced) != len(weights):
+            raise ValueError("weights, paced and the endpoints must be as many")
+        total = sum(w for w, ok in zip(weights, paced, strict=True) if ok and w > 0)
+        credits = [self.credit(i) for i in range(len(weights))]
+        rates = [w / total if ok and w > 0 and total > 0 else 0.0
+                 for w, ok in zip(weights, paced, strict=True)]
+        self._rebase(credits, rates)
+
+    def _rebase(self, credits: list[float], rates: list[float], resized: bool = False) -> None:
+        """Restart the count at ``credits`` (kept within [-window, window], 0 at most without
+        weight unless the weights are still to come, summing to zero, as
+        :meth:`CreditPacer._rebalance`) and ``rates``; every endpoint back in the order."""
+        window = self.window
+        for i, c in enumerate(credits):
+            credits[i] = min(max(c, -window), window if rates[i] > 0 or resized else 0.0)
+        mean = math.fsum(credits) / len(credits) if credits else 0.0
+        self.base = [c - mean for c in credits]
+        self.rate = rates
+        self.paced = 0.0
+        self._deadline = [self._deadline_at(i) for i in range(len(rates))]
+        self._heap = [(due, i) for i, due in enumerate(self._deadline) if due < math.inf]
+        heapq.heapify(self._heap)
+        self._wake = []
+        order = self.order
+        if len(order.keys) == len(rates) and any(order.parked):
+            order.parked = [False] * len(rates)
+            order._rebuild()
+
+    def _deadline_at(self, i: int) -> float:
+        rate = self.rate[i]
+        return (self.window + 1.0 - self.base[i]) / rate if rate > 0.0 else math.inf
+
+    def _set(self, i: int, credit: float) -> None:
+        self.base[i] = credit - self.rate[i] * self.paced
+        due = self._deadline[i] = self._deadline_at(i)
+        if due < math.inf:
+            heapq.heappush(self._heap, (due, i))
+            if len(self._heap) > 4 * len(self.rate) + 64:  # drop the stale entries
+                self._heap = [(d, j) for j, d in enumerate(self._deadline) if d < math.inf]
+                heapq.heapify(self._heap)
+
+    def _owed(self, usable: Callable[[int], bool]) -> int | None:
+        """The endpoint of the earliest deadline if it is owed the whole window and can take
+        the request; one owed that cannot forfeits its credit on the way."""
+        heap, due = self._heap, self._deadline
+        while heap:
+            at, i = heap[0]
+            if at != due[i]:  # stale: the endpoint was served since
+                heapq.heappop(heap)
+                continue
+            if self.credit(i) < self.window:
+                return None
+            heapq.heappop(heap)
+            if usable(i):
+                due[i] = math.inf  # re-entered by _set when charged
+                return i
+            self._set(i, 0.0)
+        return None
+
+    def _nearest(self, usable: Callable[[int], bool]) -> int | None:
+        """The endpoint of the earliest deadline, if it can take the request (the exact
+        rule's largest credit, up to the rates)."""
+        heap, due = self._heap, self._deadline
+        while heap and heap[0][0] != due[heap[0][1]]:
+            heapq.heappop(heap)
+        return heap[0][1] if heap and usable(heap[0][1]) else None
+
+    def _ahead(self, i: int) -> bool:
+        """Whether ``i`` cannot pay without running ``window`` ahead (then it is parked
+        until it can: at once for an endpoint without weight, which never can)."""
+        rate = self.rate[i]
+        if rate <= 0.0:
+            return True
+        if self.base[i] + rate * self.paced - 1.0 >= -self.window:
+            return False
+        heapq.heappush(self._wake, ((1.0 - self.window - self.base[i]) / rate, i))
+        return True
+
+    def choose(self, usable: Callable[[int], bool], drawn: int) -> int | None:
+        """The endpoint index for one request (and charge it), or None with no weights.
+        ``usable(i)``: whether ``i`` may take the request now; ``drawn``: the caller's own
+        draw from the weights, served when no endpoint that can pay is usable."""
+        if not self.rate:
+            return None
+        self.paced += 1.0
+        wake, order = self._wake, self.order
+        while wake and wake[0][0] <= self.paced:
+            order.unpark(heapq.heappop(wake)[1])
+        chosen = self._owed(usable)
+        if chosen is None:
+            chosen = order.cheapest(self._ahead, usable)
+        if chosen is None:  # the cheapest that can pay are unusable: the nearest to owed
+            chosen = self._nearest(usable)
+        if chosen is None:
+            chosen = drawn
+        self._set(chosen, self.credit(chosen) - 1.0)
+        return chosen

@@ -32,7 +32,7 @@ import numpy as np
 from mesh.estimators import EndpointStats, EpochWindow, EpochWindows
 from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
-from mesh.pacing import CreditPacer
+from mesh.pacing import EXACT_PACING_ENDPOINTS, CreditPacer, SampledPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
 from mesh.probes import ProbeReport
 from mesh.profiles import StrategyProfile
@@ -269,13 +269,20 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._following = False
         self._hold_until = -math.inf
         # Share-preserving pacing inside the weights by expected finish time (see pick()).
-        self._pacer = (CreditPacer(window=profile.pacing_window)
-                       if profile.pacing_window > 0 else None)
+        # (CreditPacer over every endpoint; SampledPacer past EXACT_PACING_ENDPOINTS of them)
+        self._pacer: CreditPacer | SampledPacer | None = (
+            CreditPacer(window=profile.pacing_window) if profile.pacing_window > 0 else None)
+        self._index: dict[str, int] = {}
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
         self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
         # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
         self._recent = RecentLatencies()
         self._hedges: dict[str, HedgePlan] = {}
+
+    def on_start(self, endpoint: str, now: float) -> None:
+        super().on_start(endpoint, now)
+        if isinstance(self._pacer, SampledPacer):
+            self._reorder(endpoint, now)
 
     def on_outcome(self, outcome: Outcome) -> None:
         if outcome.endpoint in self.stats:
@@ -284,6 +291,30 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             if outcome.ok and outcome.got_answer and not outcome.censored:
                 self._recent.add(outcome.endpoint, outcome.now, outcome.latency)
         super().on_outcome(outcome)
+        if isinstance(self._pacer, SampledPacer):
+            self._reorder(outcome.endpoint, outcome.now)
+
+    def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
+        super().on_probe(endpoint, report, now)
+        if isinstance(self._pacer, SampledPacer):
+            self._reorder(endpoint, now)
+
+    @staticmethod
+    def _cost_key(stats: EndpointStats, now: float | None) -> float:
+        """The order of :meth:`EndpointStats.finish_cost` among endpoints that are not
+        failing, as a key that time alone does not change: the log of the cost plus
+        ``now / decay`` (every peak-EWMA decays alike). ``now`` None leaves the callee's
+        other requests (a probe's) out."""
+        peak = stats.peak
+        ahead = stats.in_flight + (0 if now is None else stats.others_in_flight(now)) + 1
+        drift = peak.updated_at / peak.decay if peak.decay > 0 else 0.0
+        return math.log(max(peak.estimate, 1e-12)) + drift + math.log(ahead)
+
+    def _reorder(self, endpoint: str, now: float | None) -> None:
+        i = self._index.get(endpoint)
+        stats = self.stats.get(endpoint)
+        if i is not None and stats is not None and isinstance(self._pacer, SampledPacer):
+            self._pacer.order.update(i, self._cost_key(stats, now))
 
     def hedge_plan(self, endpoint: str) -> HedgePlan | None:
         """The hedge for a request picked to ``endpoint`` when only the exploration floor
@@ -292,6 +323,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def tick(self, now: float) -> None:
         super().tick(now)
+        if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
+            self._pacer.order.reset([self._cost_key(self.stats[e], now)
+                                     for e in self.endpoints])
         herd, n = self.profile.herd, len(self.endpoints)
         self._recent.forget(self.endpoints)
         if n < 2:
@@ -313,15 +347,26 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         super()._on_resize(keep, new)
         self.regret.resize(keep)
         if self._pacer is not None:
+            sampled = len(new) > EXACT_PACING_ENDPOINTS
+            if sampled != isinstance(self._pacer, SampledPacer):  # credits start afresh
+                window = self.profile.pacing_window
+                self._pacer = SampledPacer(window=window) if sampled \
+                    else CreditPacer(window=window)
             self._pacer.resize(keep)
+            self._index = {e: i for i, e in enumerate(new)}
+            if isinstance(self._pacer, SampledPacer):
+                self._pacer.order.reset([self._cost_key(self.stats[e], None) for e in new])
 
     def _publish(self, weights: np.ndarray) -> None:
         super()._publish(weights)
         if self._pacer is not None and weights.size:
-            self._pacer.set_strategy(weights.tolist())
             herd = self.profile.herd
             floor = min(herd.explore_floor, herd.explore_budget / weights.shape[0])
             self._paced = (weights > 1.5 * floor).tolist()
+            if isinstance(self._pacer, SampledPacer):
+                self._pacer.set_strategy(weights.tolist(), self._paced)
+            else:
+                self._pacer.set_strategy(weights.tolist())
 
     def follow(self, weights: Mapping[str, float], expires_at: float) -> None:
         """Adopt a (verified) recommendation until ``expires_at``; it is still shaped by the
@@ -359,7 +404,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             i = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]),
                     len(endpoints) - 1)
             if self._pacer is not None and len(self._paced) == len(endpoints):
-                i = self._paced_pick(i, now)
+                i = self._paced_pick(i, now) if isinstance(self._pacer, CreditPacer) \
+                    else self._sampled_pick(self._pacer, i)
             return endpoints[i]
         weights = self._weights
         pool = [(e, float(weights[i])) for i, e in enumerate(endpoints)
@@ -381,13 +427,24 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         should finish first (:meth:`EndpointStats.finish_cost`: peak-EWMA x (own + callee's
         other requests in flight + 1), failures charged the penalty) within ``window``
         requests of each one's share."""
-        assert self._pacer is not None
+        assert isinstance(self._pacer, CreditPacer)
         stats, endpoints = self.stats, self.endpoints
         paced = [p and stats[e].consecutive_failures == 0
                  for p, e in zip(self._paced, endpoints, strict=True)]
         if not paced[drawn]:
             return drawn
         chosen = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints], paced)
+        return drawn if chosen is None else chosen
+
+    def _sampled_pick(self, pacer: SampledPacer, drawn: int) -> int:
+        """:meth:`_paced_pick` past :data:`~mesh.pacing.EXACT_PACING_ENDPOINTS` endpoints, at
+        O(log k): the costs are kept in order as requests start and end
+        (:class:`mesh.pacing.SampledPacer`, its :class:`~mesh.pacing.CostOrder`)."""
+        stats, endpoints, paced = self.stats, self.endpoints, self._paced
+        if not paced[drawn] or stats[endpoints[drawn]].consecutive_failures:
+            return drawn
+        chosen = pacer.choose(
+            lambda i: paced[i] and stats[endpoints[i]].consecutive_failures == 0, drawn)
         return drawn if chosen is None else chosen
 
     def _used(self, weights: np.ndarray) -> np.ndarray:

@@ -83,3 +83,32 @@ def test_ramp_held_leftover_stays_put_instead_of_flowing_to_unwanted_endpoints()
     assert w[0] == pytest.approx(0.15)
     assert w[1] <= 0.45 + 1e-12 and w[2] <= 0.45 + 1e-12
     assert w.sum() == pytest.approx(1.0)
+
+
+def _bisected(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """The projection by bisection on lambda (the way it was computed before the breakpoint
+    method): a reference, 200 halvings of a bracket around the answer."""
+    lo, hi = float(np.min(lower - x)) - 1.0, float(np.max(upper - x)) + 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.clip(x + mid, lower, upper).sum() < 1.0 else (lo, mid)
+    return np.clip(x + 0.5 * (lo + hi), lower, upper)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 120), st.integers(0, 2**32 - 1), st.sampled_from(["open", "tight", "ties"]))
+def test_projection_matches_bisection_and_is_feasible(k: int, seed: int, bounds: str) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 1.0, k) if bounds != "ties" else np.round(rng.normal(0.0, 1.0, k), 1)
+    lower = np.zeros(k) if bounds == "open" else rng.uniform(0.0, 1.0 / k, k) * 0.9
+    upper = np.ones(k) if bounds == "open" else np.maximum(lower, rng.uniform(0.0, 3.0 / k, k))
+    if upper.sum() < 1.0:  # make the set non-empty: room on the largest upper bound
+        upper[int(np.argmax(upper))] += 1.0 - upper.sum()
+    if bounds == "ties":
+        lower[: k // 3] = upper[: k // 3] = np.minimum(upper[: k // 3], lower[: k // 3])
+        if upper.sum() < 1.0:
+            upper[-1] += 1.0 - upper.sum()
+    w = project_box_simplex(x, lower, upper)
+    assert w.sum() == pytest.approx(1.0, abs=1e-9)
+    assert np.all(w >= lower - 1e-12) and np.all(w <= upper + 1e-12)
+    assert np.allclose(w, _bisected(x, lower, upper), atol=1e-9)
