@@ -27,7 +27,7 @@ Whether the budget allows a hedge, the racing and the cancelling are the proxy's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -74,7 +74,7 @@ def plan_hedges(
     floor: float,
     covered: Sequence[bool],
     estimates: Sequence[float],
-    p90s: Sequence[float | None],
+    p90_of: Callable[[int], float | None],
     min_delay: float = MIN_DELAY,
 ) -> dict[str, HedgePlan]:
     """The hedge plans of one upstream, by explored endpoint.
@@ -82,22 +82,23 @@ def plan_hedges(
     An endpoint is explored when it has a weight but at most ``EXPLORED_FACTOR × floor`` of it
     and is not ``covered`` by probes. The backup is the endpoint with the lowest latency
     estimate among those used by choice (weight above that bound); the delay is that
-    endpoint's recent p90 (``p90s``, None when too few samples: then there is no plan, for no
-    delay is known), at least ``min_delay``. No plan without a used endpoint or a floor.
+    endpoint's recent p90 (``p90_of(index)``, read only for it; None when too few samples:
+    then there is no plan, for no delay is known), at least ``min_delay``. No plan without a
+    used endpoint or a floor.
     """
     if floor <= 0 or not endpoints:
         return {}
     bound = EXPLORED_FACTOR * floor
+    explored = [e for i, e in enumerate(endpoints) if 0.0 < weights[i] <= bound and not covered[i]]
     used = [i for i, w in enumerate(weights) if w > bound]
-    if not used:
+    if not explored or not used:
         return {}
     best = min(used, key=lambda i: (estimates[i], i))
-    p90 = p90s[best]
+    p90 = p90_of(best)
     if p90 is None or not math.isfinite(p90):
         return {}
     plan = HedgePlan(endpoints[best], max(min_delay, p90))
-    return {e: plan for i, e in enumerate(endpoints)
-            if 0.0 < weights[i] <= bound and not covered[i]}
+    return dict.fromkeys(explored, plan)
 
 
 class RecentLatencies:

@@ -41,6 +41,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 DEFAULT_WINDOW = 4.0
 """Requests an endpoint may fall behind (or run ahead of) its share; measured in the
 ``herding`` benchmark, 4 and 8 did equally well (docs/benchmarks.md)."""
@@ -235,32 +237,40 @@ class SampledPacer:
         weights are set again by :meth:`set_strategy`, the costs by ``order.reset``."""
         k = len(self.rate)
         credits = [self.credit(j) if j is not None and j < k else 0.0 for j in keep]
-        self._rebase(credits, [0.0] * len(keep), resized=True)
+        self._rebase(np.array(credits, dtype=float), np.zeros(len(keep)), resized=True)
 
     def set_strategy(self, weights: Sequence[float], paced: Sequence[bool]) -> None:
         """New weights (normalised here over the endpoints ``paced``; the others get no
         request from the pacer and forfeit what they were owed)."""
         if len(weights) != len(self.rate) or len(paced) != len(weights):
             raise ValueError("weights, paced and the endpoints must be as many")
-        total = sum(w for w, ok in zip(weights, paced, strict=True) if ok and w > 0)
-        credits = [self.credit(i) for i in range(len(weights))]
-        rates = [w / total if ok and w > 0 and total > 0 else 0.0
-                 for w, ok in zip(weights, paced, strict=True)]
+        w = np.where(np.asarray(paced, dtype=bool), np.asarray(weights, dtype=float), 0.0)
+        w = np.where(w > 0, w, 0.0)
+        total = float(w.sum())
+        rates = w / total if total > 0 else w
+        credits = np.asarray(self.base) + np.asarray(self.rate) * self.paced
         self._rebase(credits, rates)
 
-    def _rebase(self, credits: list[float], rates: list[float], resized: bool = False) -> None:
+    def _rebase(self, credits: np.ndarray, rates: np.ndarray, resized: bool = False) -> None:
         """Restart the count at ``credits`` (kept within [-window, window], 0 at most without
         weight unless the weights are still to come, summing to zero, as
-        :meth:`CreditPacer._rebalance`) and ``rates``; every endpoint back in the order."""
+        :meth:`CreditPacer._rebalance`) and ``rates``; every endpoint back in the order.
+        Over arrays: once a tick per sidecar, for every endpoint."""
         window = self.window
-        for i, c in enumerate(credits):
-            credits[i] = min(max(c, -window), window if rates[i] > 0 or resized else 0.0)
-        mean = math.fsum(credits) / len(credits) if credits else 0.0
-        self.base = [c - mean for c in credits]
-        self.rate = rates
+        weighted = rates > 0
+        credits = np.minimum(np.maximum(credits, -window),
+                             np.where(weighted | resized, window, 0.0))
+        if credits.size:
+            credits = credits - math.fsum(credits.tolist()) / credits.size
+        deadlines = np.full(rates.shape, math.inf)
+        with np.errstate(over="ignore"):  # a weight of 1e-300 falls behind never (inf)
+            deadlines[weighted] = (window + 1.0 - credits[weighted]) / rates[weighted]
+        self.base = credits.tolist()
+        self.rate = rates.tolist()
         self.paced = 0.0
-        self._deadline = [self._deadline_at(i) for i in range(len(rates))]
-        self._heap = [(due, i) for i, due in enumerate(self._deadline) if due < math.inf]
+        self._deadline = deadlines.tolist()
+        finite = np.flatnonzero(weighted)
+        self._heap = list(zip(deadlines[finite].tolist(), finite.tolist(), strict=True))
         heapq.heapify(self._heap)
         self._wake = []
         order = self.order

@@ -54,7 +54,8 @@ class _MeasuredPolicy(ABC):
         self._monitor = StabilityMonitor(window=profile.stability_window)
         self._gap = 0.0
         self._regret_view = np.zeros(0)
-        self._regret_matrix: list[list[float]] = []
+        # the last conditional regret matrix (an array no one writes to; listed by snapshot())
+        self._regret_matrix: np.ndarray = np.zeros((0, 0))
         self._usable: int | None = None  # set by policies that eject (None: all usable)
 
     # -- endpoint set -------------------------------------------------------------------
@@ -192,7 +193,7 @@ class _MeasuredPolicy(ABC):
             flapping=self._monitor.flapping,
             converged=self._monitor.converged,
             following=self.following,
-            regret_matrix=tuple(tuple(row) for row in self._regret_matrix),
+            regret_matrix=tuple(map(tuple, self._regret_matrix.tolist())),
             usable=self._usable,
         )
 
@@ -336,7 +337,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             min(herd.explore_floor, herd.explore_budget / n),
             [self.stats[e].probe_covered(now) for e in self.endpoints],
             self._estimates().tolist(),
-            [self._recent.p90(e, now) for e in self.endpoints],
+            lambda i: self._recent.p90(self.endpoints[i], now),
         )
 
     def take_epoch(self) -> dict[str, EpochWindow]:
@@ -490,7 +491,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                       dt: float, now: float) -> np.ndarray:
         self.regret.update(counts, means, estimates, dt)
         self._regret_view = self.regret.endpoint_regret()
-        self._regret_matrix = self.regret.conditional.tolist()
+        self._regret_matrix = self.regret.conditional  # replaced, never written, by update
         if not self.endpoints:
             return np.zeros(0)
         live = self._live(now)

@@ -26,42 +26,42 @@ def test_only_idempotent_methods_without_a_body_may_be_hedged() -> None:
 def test_an_endpoint_held_only_by_the_floor_is_hedged_with_the_best_ones_p90() -> None:
     # floor 0.005: c at 0.005 (<= 1.5 floors) is explored; a (20 ms) is better than b (30 ms)
     plans = plan_hedges(ENDPOINTS, [0.4975, 0.4975, 0.005], 0.005, [False, False, False],
-                        [0.020, 0.030, 0.250], [0.031, 0.045, 0.510])
+                        [0.020, 0.030, 0.250], [0.031, 0.045, 0.510].__getitem__)
     assert plans == {"c": HedgePlan("a", 0.031)}
 
 
 def test_a_weight_above_one_and_a_half_floors_is_a_choice_not_exploration() -> None:
     plans = plan_hedges(ENDPOINTS, [0.49, 0.49, 0.0076], 0.005, [False] * 3,
-                        [0.020, 0.030, 0.250], [0.031, 0.045, 0.510])
+                        [0.020, 0.030, 0.250], [0.031, 0.045, 0.510].__getitem__)
     assert plans == {}
     at_bound = plan_hedges(ENDPOINTS, [0.4925, 0.4925, 0.0075], 0.005, [False] * 3,
-                           [0.020, 0.030, 0.250], [0.031, 0.045, 0.510])
+                           [0.020, 0.030, 0.250], [0.031, 0.045, 0.510].__getitem__)
     assert at_bound == {"c": HedgePlan("a", 0.031)}
 
 
 def test_probe_covered_and_weightless_endpoints_get_no_plan() -> None:
     weights = [0.99, 0.005, 0.005]
     plans = plan_hedges(ENDPOINTS, weights, 0.005, [False, True, False],
-                        [0.020, 0.500, 0.500], [0.031, None, None])
+                        [0.020, 0.500, 0.500], [0.031, None, None].__getitem__)
     assert plans == {"c": HedgePlan("a", 0.031)}  # b answers probes: never explored by users
     assert plan_hedges(ENDPOINTS, [1.0, 0.0, 0.0], 0.005, [False] * 3,
-                       [0.020, 0.5, 0.5], [0.031, None, None]) == {}
+                       [0.020, 0.5, 0.5], [0.031, None, None].__getitem__) == {}
 
 
 def test_no_delay_known_no_used_endpoint_or_no_floor_means_no_hedge() -> None:
     # the best endpoint has too few recent samples for a p90: nothing to hedge with
     assert plan_hedges(ENDPOINTS, [0.4975, 0.4975, 0.005], 0.005, [False] * 3,
-                       [0.020, 0.030, 0.250], [None, 0.045, 0.510]) == {}
+                       [0.020, 0.030, 0.250], [None, 0.045, 0.510].__getitem__) == {}
     # every weight at the floor (a one-floor fleet does not exist, but stay safe)
     assert plan_hedges(["a", "b"], [0.005, 0.005], 0.005, [False] * 2,
-                       [0.02, 0.02], [0.03, 0.03]) == {}
+                       [0.02, 0.02], [0.03, 0.03].__getitem__) == {}
     assert plan_hedges(ENDPOINTS, [0.4975, 0.4975, 0.005], 0.0, [False] * 3,
-                       [0.020, 0.030, 0.250], [0.031, 0.045, 0.510]) == {}
+                       [0.020, 0.030, 0.250], [0.031, 0.045, 0.510].__getitem__) == {}
 
 
 def test_the_delay_has_a_floor_and_ties_pick_the_first_best() -> None:
     plans = plan_hedges(ENDPOINTS, [0.4975, 0.4975, 0.005], 0.005, [False] * 3,
-                        [0.020, 0.020, 0.250], [0.0, 0.0, 0.510])
+                        [0.020, 0.020, 0.250], [0.0, 0.0, 0.510].__getitem__)
     assert plans == {"c": HedgePlan("a", 0.001)}
 
 
