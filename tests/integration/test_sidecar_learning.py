@@ -52,3 +52,39 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
         finally:
             await async_stop(sidecar)
             await slow.stop()
+
+
+@pytest.mark.slow
+async def test_past_sixteen_pods_the_sampled_pacer_spreads_and_avoids_the_slow_pod() -> None:
+    """21 endpoints: the policy paces with mesh.pacing.SampledPacer (O(log k) a request)."""
+    async with backends(20, prefix="fast", latency=0.005) as fast:
+        slow = await start_backend("slow", latency=0.2)
+        sidecar = await async_start_sidecar(
+            {"svc": [p.url for p in fast] + [slow.url]}, policy="equilibrium"
+        )
+        try:
+            answers: list[str] = []
+            late: Counter[str] = Counter()
+            started = time.monotonic()
+            async with aiohttp.ClientSession() as client:
+
+                async def caller() -> None:
+                    while len(answers) < 2 * REQUESTS and time.monotonic() - started < 8.0:
+                        reply = await fetch(
+                            client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "svc"}
+                        )
+                        assert reply.status == 200
+                        answers.append(reply.body.decode())
+                        if time.monotonic() - started > LEARNED_AFTER:
+                            late[answers[-1]] += 1
+
+                await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+            fast_counts = [late[p.name] for p in fast]
+            mean = sum(fast_counts) / len(fast_counts)
+            assert mean >= 20, f"too little load past the learning period: {late}"
+            assert late["slow"] * 3 < mean, late
+            # inside the learned shares every fast pod is used, none taking the lion's share
+            assert min(fast_counts) > 0 and max(fast_counts) < 3 * mean, late
+        finally:
+            await async_stop(sidecar)
+            await slow.stop()
