@@ -24,8 +24,8 @@ inside the probability simplex::
 - **Smoothing**: the target is approached by a fraction ``smoothing`` per tick, damping noise
   so that shares settle instead of flapping.
 
-The projection is computed exactly by bisection on the shift ``lambda`` in
-``w_i = clip(t_i + lambda, lower_i, upper_i)``.
+The projection is computed exactly from the sorted breakpoints of the shift ``lambda`` in
+``w_i = clip(t_i + lambda, lower_i, upper_i)`` (:func:`project_box_simplex`).
 """
 
 from __future__ import annotations

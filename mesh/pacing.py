@@ -205,10 +205,12 @@ class SampledPacer:
     no longer ``window`` ahead) at ``t = (1 - window - base[i]) / rate[i]``; two heaps of
     those instants say which endpoint has the earliest deadline and when a parked one returns
     to :attr:`order`, the endpoints by cost. The endpoint of the earliest deadline is served
-    at once when it is owed the whole window (earliest deadline first: every endpoint stays
-    within ``window`` + 1 of its share, as the property tests check); otherwise the request
+    at once when it is owed the whole window (earliest deadline first); otherwise the request
     goes to the cheapest endpoint that can pay, as :meth:`CreditPacer.choose` does over
-    every endpoint.
+    every endpoint. Every endpoint stays within about ``window`` + 1 requests of its share:
+    when several fall due together one waits a request or two, so the largest deviation seen
+    in 3,000 random runs of 1,500 requests over 2 to 40 endpoints was ``window`` + 1.12 (the
+    property test allows ``window`` + 2).
 
     Differences from the exact rule, all inside the window: which owed endpoint is served
     first (the earliest deadline, not the largest credit; one owed but not first waits for

@@ -286,7 +286,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self._reorder(endpoint, now)
 
     def on_outcome(self, outcome: Outcome) -> None:
-        if outcome.endpoint in self.stats:
+        stats = self.stats.get(outcome.endpoint)
+        failing = stats is not None and stats.consecutive_failures > 0
+        if stats is not None:
             self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok,
                                 outcome.got_answer and not outcome.censored)
             if outcome.ok and outcome.got_answer and not outcome.censored:
@@ -294,6 +296,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         super().on_outcome(outcome)
         if isinstance(self._pacer, SampledPacer):
             self._reorder(outcome.endpoint, outcome.now)
+            if stats is not None and (stats.consecutive_failures > 0) != failing:
+                self._sampled_strategy(self._pacer)  # the pacer's share of it moves
 
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         super().on_probe(endpoint, report, now)
@@ -304,8 +308,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def _cost_key(stats: EndpointStats, now: float | None) -> float:
         """The order of :meth:`EndpointStats.finish_cost` among endpoints that are not
         failing, as a key that time alone does not change: the log of the cost plus
-        ``now / decay`` (every peak-EWMA decays alike). ``now`` None leaves the callee's
-        other requests (a probe's) out."""
+        ``now / decay`` (every peak-EWMA decays alike). The callee's other requests are those
+        of the probe answer fresh at ``now`` (None: left out); one that goes stale between two
+        events is forgotten at the next tick, when every key is computed again."""
         peak = stats.peak
         ahead = stats.in_flight + (0 if now is None else stats.others_in_flight(now)) + 1
         drift = peak.updated_at / peak.decay if peak.decay > 0 else 0.0
@@ -365,7 +370,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             floor = min(herd.explore_floor, herd.explore_budget / weights.shape[0])
             self._paced = (weights > 1.5 * floor).tolist()
             if isinstance(self._pacer, SampledPacer):
-                self._pacer.set_strategy(weights.tolist(), self._paced)
+                self._sampled_strategy(self._pacer)
             else:
                 self._pacer.set_strategy(weights.tolist())
 
@@ -436,6 +441,19 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return drawn
         chosen = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints], paced)
         return drawn if chosen is None else chosen
+
+    def _sampled_strategy(self, pacer: SampledPacer) -> None:
+        """The weights to :class:`~mesh.pacing.SampledPacer`, less the endpoints at their
+        floor and those whose last request failed (their picks go to them unpaced, as in
+        :meth:`_paced_pick`, so the pacer must not keep owing them credit). Called each tick
+        and whenever an endpoint starts or stops failing."""
+        weights = self._weights
+        if len(self._paced) != len(self.endpoints) or weights.shape[0] != len(self.endpoints):
+            return
+        stats = self.stats
+        pacer.set_strategy(weights.tolist(), [
+            p and stats[e].consecutive_failures == 0
+            for p, e in zip(self._paced, self.endpoints, strict=True)])
 
     def _sampled_pick(self, pacer: SampledPacer, drawn: int) -> int:
         """:meth:`_paced_pick` past :data:`~mesh.pacing.EXACT_PACING_ENDPOINTS` endpoints, at
