@@ -17,7 +17,7 @@ This module owns the pure parts, with the clock passed in:
 - :func:`plan_hedges` — the plans of one upstream, rebuilt off the request path from the
   weights (an endpoint is explored when only the floor holds it), the probe cover (an endpoint
   covered by probes is never explored with user requests), the latency estimates (the best
-  endpoint) and the recent p90s (the delay);
+  endpoint) and that endpoint's recent p90 (the delay);
 - :class:`RecentLatencies` — each endpoint's recent answered latencies, whose p90 is the delay.
 
 Whether the budget allows a hedge, the racing and the cancelling are the proxy's
