@@ -435,8 +435,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         requests of each one's share."""
         assert isinstance(self._pacer, CreditPacer)
         stats, endpoints = self.stats, self.endpoints
-        paced = [p and stats[e].consecutive_failures == 0
-                 for p, e in zip(self._paced, endpoints, strict=True)]
+        paced = self._pacing_mask()
         if not paced[drawn]:
             return drawn
         chosen = self._pacer.choose([stats[e].finish_cost(now) for e in endpoints], paced)
@@ -450,10 +449,14 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         weights = self._weights
         if len(self._paced) != len(self.endpoints) or weights.shape[0] != len(self.endpoints):
             return
+        pacer.set_strategy(weights.tolist(), self._pacing_mask())
+
+    def _pacing_mask(self) -> list[bool]:
+        """Per endpoint, whether the pacer may choose it: above its exploration floor and
+        not failing (its last request did not fail)."""
         stats = self.stats
-        pacer.set_strategy(weights.tolist(), [
-            p and stats[e].consecutive_failures == 0
-            for p, e in zip(self._paced, self.endpoints, strict=True)])
+        return [p and stats[e].consecutive_failures == 0
+                for p, e in zip(self._paced, self.endpoints, strict=True)]
 
     def _sampled_pick(self, pacer: SampledPacer, drawn: int) -> int:
         """:meth:`_paced_pick` past :data:`~mesh.pacing.EXACT_PACING_ENDPOINTS` endpoints, at

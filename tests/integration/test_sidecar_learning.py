@@ -17,6 +17,26 @@ LEARNED_AFTER = 3.0  # seconds: answers after this count as "once the policy had
 CONCURRENCY = 8
 
 
+async def _answers_after_learning(outbound_url: str, requests: int, seconds: float) -> Counter[str]:
+    """Send ``Host: svc`` GETs from CONCURRENCY callers (at most ``requests`` of them, for at
+    most ``seconds``); count the pods that answered after LEARNED_AFTER seconds."""
+    answers: list[str] = []
+    late: Counter[str] = Counter()
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as client:
+
+        async def caller() -> None:
+            while len(answers) < requests and time.monotonic() - started < seconds:
+                reply = await fetch(client, "GET", f"{outbound_url}/", headers={"Host": "svc"})
+                assert reply.status == 200
+                answers.append(reply.body.decode())
+                if time.monotonic() - started > LEARNED_AFTER:
+                    late[answers[-1]] += 1
+
+        await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+    return late
+
+
 @pytest.mark.slow
 async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_policy() -> None:
     async with backends(3, prefix="fast", latency=0.005) as fast:
@@ -25,22 +45,7 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
             {"svc": [p.url for p in fast] + [slow.url]}, policy="equilibrium"
         )
         try:
-            answers: list[str] = []
-            late: Counter[str] = Counter()
-            started = time.monotonic()
-            async with aiohttp.ClientSession() as client:
-
-                async def caller() -> None:
-                    while len(answers) < REQUESTS and time.monotonic() - started < MAX_SECONDS:
-                        reply = await fetch(
-                            client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "svc"}
-                        )
-                        assert reply.status == 200
-                        answers.append(reply.body.decode())
-                        if time.monotonic() - started > LEARNED_AFTER:
-                            late[answers[-1]] += 1
-
-                await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+            late = await _answers_after_learning(sidecar.outbound_url, REQUESTS, MAX_SECONDS)
             assert sum(late.values()) > 0, "the load did not last past the learning period"
             fast_counts = [late[p.name] for p in fast]
             assert late["slow"] * 3 < min(fast_counts), late
@@ -63,22 +68,7 @@ async def test_past_sixteen_pods_the_sampled_pacer_spreads_and_avoids_the_slow_p
             {"svc": [p.url for p in fast] + [slow.url]}, policy="equilibrium"
         )
         try:
-            answers: list[str] = []
-            late: Counter[str] = Counter()
-            started = time.monotonic()
-            async with aiohttp.ClientSession() as client:
-
-                async def caller() -> None:
-                    while len(answers) < 2 * REQUESTS and time.monotonic() - started < 8.0:
-                        reply = await fetch(
-                            client, "GET", f"{sidecar.outbound_url}/", headers={"Host": "svc"}
-                        )
-                        assert reply.status == 200
-                        answers.append(reply.body.decode())
-                        if time.monotonic() - started > LEARNED_AFTER:
-                            late[answers[-1]] += 1
-
-                await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+            late = await _answers_after_learning(sidecar.outbound_url, 2 * REQUESTS, 8.0)
             fast_counts = [late[p.name] for p in fast]
             mean = sum(fast_counts) / len(fast_counts)
             assert mean >= 20, f"too little load past the learning period: {late}"
