@@ -216,7 +216,8 @@ class _Call:
                 failure = f"{reason}: {exc}" if str(exc) else reason
                 self.outcome(sent, None, False, reason)
                 log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure)
-                if deadline is not None and loop.time() >= deadline:
+                if _deadline_passed(deadline, limit if isinstance(exc, TimeoutError) else None,
+                                    loop.time()):
                     return await self.deadline_exceeded()
                 attempt, refused = attempt + 1, False
                 continue  # nothing was sent: another endpoint may take it
@@ -307,7 +308,7 @@ class _Call:
                     head = await upstream.head
             except TimeoutError:
                 recorded = True
-                if deadline is not None and loop.time() >= deadline:
+                if _deadline_passed(deadline, limit, loop.time()):
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
                     return None
@@ -666,6 +667,16 @@ a little before this sidecar's."""
 
 def _deadline_due(deadline: float | None, now: float) -> bool:
     return deadline is not None and now >= deadline - DEADLINE_SLACK
+
+
+def _deadline_passed(deadline: float | None, limit: float | None, now: float) -> bool:
+    """Whether a wait bounded by ``min(limit, deadline)`` ended because of the call's deadline:
+    the deadline was the nearer bound (``limit`` None: the wait did not time out), or it has
+    passed. Not ``now >= deadline`` alone: an event loop may run a timer up to its clock's
+    granularity early (uvloop: 1 ms), and such a timeout is the deadline all the same."""
+    if deadline is None:
+        return False
+    return now >= deadline or (limit is not None and deadline <= limit)
 
 
 def _status_trailers(status: int, message: str) -> Headers:
