@@ -38,6 +38,8 @@ from mesh.probes import ProbeReport
 from mesh.profiles import StrategyProfile
 from mesh.regret import RoutingRegret
 
+_log = math.log
+
 
 class _MeasuredPolicy(ABC):
     """Shared bookkeeping: endpoint stats, observed shares, snapshots."""
@@ -54,6 +56,7 @@ class _MeasuredPolicy(ABC):
         self._monitor = StabilityMonitor(window=profile.stability_window)
         self._gap = 0.0
         self._regret_view = np.zeros(0)
+        self._tick_estimates = np.zeros(0)  # the last tick's latency estimates
         # the last conditional regret matrix (an array no one writes to; listed by snapshot())
         self._regret_matrix: np.ndarray = np.zeros((0, 0))
         self._usable: int | None = None  # set by policies that eject (None: all usable)
@@ -143,7 +146,7 @@ class _MeasuredPolicy(ABC):
         means = np.zeros(len(self.endpoints))
         for i, e in enumerate(self.endpoints):
             counts[i], means[i] = self.stats[e].take_tick()
-        estimates = self._estimates()
+        estimates = self._tick_estimates = self._estimates()
         weights = self._next_weights(counts, means, estimates, dt, now)
         self._publish(weights)
         if estimates.size:
@@ -312,9 +315,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         of the probe answer fresh at ``now`` (None: left out); one that goes stale between two
         events is forgotten at the next tick, when every key is computed again."""
         peak = stats.peak
-        ahead = stats.in_flight + (0 if now is None else stats.others_in_flight(now)) + 1
-        drift = peak.updated_at / peak.decay if peak.decay > 0 else 0.0
-        return math.log(max(peak.estimate, 1e-12)) + drift + math.log(ahead)
+        ahead = stats.in_flight + 1
+        if now is not None and stats.probe is not None:
+            ahead += stats.others_in_flight(now)
+        decay = peak.decay
+        return (_log(max(peak.estimate, 1e-12)) + (peak.updated_at / decay if decay > 0 else 0.0)
+                + _log(ahead))
 
     def _reorder(self, endpoint: str, now: float | None) -> None:
         i = self._index.get(endpoint)
@@ -330,8 +336,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def tick(self, now: float) -> None:
         super().tick(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
-            self._pacer.order.reset([self._cost_key(self.stats[e], now)
-                                     for e in self.endpoints])
+            key, stats = self._cost_key, self.stats
+            self._pacer.order.reset([key(stats[e], now) for e in self.endpoints])
         herd, n = self.profile.herd, len(self.endpoints)
         self._recent.forget(self.endpoints)
         if n < 2:
@@ -341,7 +347,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self.endpoints, self._weights.tolist(),
             min(herd.explore_floor, herd.explore_budget / n),
             [self.stats[e].probe_covered(now) for e in self.endpoints],
-            self._estimates().tolist(),
+            self._tick_estimates.tolist(),  # the tick's own: nothing changed them since
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
 

@@ -72,17 +72,29 @@ class LatencyWindow:
     def add(self, now: float, latency: float) -> None:
         """One finished request of the app (``latency`` seconds, finished at ``now``)."""
         if math.isfinite(latency) and latency >= 0.0:
-            self._samples.append((now, latency))
+            samples = self._samples
+            samples.append((now, latency))
+            if samples[0][0] < now - self.max_age:  # older than any answer reads
+                self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        samples, oldest = self._samples, now - self.max_age
+        while samples and samples[0][0] < oldest:
+            samples.popleft()
 
     def _recent(self, now: float) -> list[float]:
+        self._prune(now)
         samples = self._samples
-        while samples and samples[0][0] < now - self.max_age:
-            samples.popleft()
         horizon = now - self.span
         recent = [latency for at, latency in samples if at >= horizon]
         if len(recent) >= self.min_samples:
             return recent
         return [latency for _, latency in list(samples)[-self.min_samples:]]
+
+    def __len__(self) -> int:
+        """Samples kept (at most ``max_samples``, none older than ``max_age`` than the
+        newest)."""
+        return len(self._samples)
 
     def last_at(self) -> float | None:
         """When the newest sample was taken (None: none kept)."""

@@ -44,6 +44,16 @@ def test_the_window_is_bounded_in_samples() -> None:
     assert window.summary(9.0) == (8.0, 8.0, 9.0, 3)
 
 
+def test_the_window_forgets_samples_older_than_max_age_as_it_is_fed_not_only_when_read() -> None:
+    # a caller keeps one window per endpoint and reads only a few of them (the hedging p90 of
+    # the best one): the others must not hold max_samples each forever
+    window = LatencyWindow(span=2.0, max_samples=256, min_samples=1, max_age=10.0)
+    for i in range(1000):
+        window.add(i * 0.5, 0.01)
+    assert len(window) == 21  # the samples of the last 10 s, both ends included
+    assert window.summary(499.5) == (0.01, 0.01, 0.01, 5)
+
+
 def test_a_rarely_used_app_is_summarised_over_its_last_samples_not_its_last_one() -> None:
     window = LatencyWindow(span=2.0, min_samples=4, max_age=10.0)
     for at, latency in ((1.0, 0.5), (3.0, 0.5), (5.0, 0.005), (7.0, 0.5), (8.5, 0.005)):
