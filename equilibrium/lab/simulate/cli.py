@@ -96,6 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="signaling epoch, s (1)")
     p.add_argument("--tokens", type=_positive_int, default=DEFAULTS.tokens,
                    help=f"tokens of the signaler's LP ({DEFAULTS.tokens}, as the herding bench)")
+    p.add_argument("--cohort", type=_positive_int, default=DEFAULTS.cohort,
+                   help="clients that share one simulated sidecar's routing state (its "
+                        "policy, retry budget and signaling); each keeps its own arrivals. "
+                        "1 (default): a sidecar per client. Larger: the same load in less "
+                        "memory and CPU, at a fidelity docs/simulate.md measures")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, default=None,
                    help="also write simulate-<scenario>.json/.md and plots here")
@@ -129,12 +134,15 @@ def run(args: argparse.Namespace, progress: Any = None) -> tuple[dict[str, Any],
                                        args.distribution))
     knobs = Knobs(network=args.network, overhead=args.overhead, jitter=args.jitter,
                   arrivals=args.arrivals,
-                  epoch=args.epoch, tokens=args.tokens, strategy=args.strategy)
+                  epoch=args.epoch, tokens=args.tokens, strategy=args.strategy,
+                  cohort=args.cohort)
     runs: dict[str, RunResult] = {}
     for policy in policies_of(args):
         if progress is not None:
-            progress(f"simulating {policy}: {setup.sidecars} sidecars x {len(setup.pods)} pods "
-                     f"x {setup.total:g} s")
+            shared = (f" ({math.ceil(setup.sidecars / knobs.cohort)} routing states, one per "
+                      f"{knobs.cohort})" if knobs.cohort > 1 else "")
+            progress(f"simulating {policy}: {setup.sidecars} sidecars{shared} x "
+                     f"{len(setup.pods)} pods x {setup.total:g} s")
         runs[policy] = simulate(setup, policy, args.seed, knobs)
     return report(args, setup, knobs, runs), setup, runs
 
@@ -188,14 +196,14 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
         per_policy[policy] = m
     return {
         "scenario": setup.scenario,
-        "command": "equilibrium simulate " + " ".join(shlex.quote(a) for a in _argv(args)),
+        "command": "equilibrium simulate " + " ".join(shlex.quote(a) for a in recorded_argv(args)),
         "parameters": {
             "sidecars": setup.sidecars, "endpoints": k, "rate_per_sidecar": setup.rate,
             "duration_s": duration, "warmup_s": setup.warmup, "seed": args.seed,
             "strategy": knobs.strategy, "arrivals": knobs.arrivals,
             "network_s": knobs.network, "overhead_s": knobs.overhead,
             "jitter_s": knobs.jitter, "epoch_s": knobs.epoch,
-            "tokens": knobs.tokens,
+            "tokens": knobs.tokens, "cohort": knobs.cohort,
             "pods": [p.as_dict() for p in setup.pods],
             "tracked_pod": None if setup.tracked is None else f"pod-{setup.tracked}",
             "changes": [list(c) for c in setup.changes], "notes": list(setup.notes),
@@ -209,12 +217,28 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
     }
 
 
-def _argv(args: argparse.Namespace) -> list[str]:
+#: every option that changes what is simulated, in the order the recorded command gives them
+RECORDED = ("sidecars", "endpoints", "duration", "rate", "strategy", "distribution", "arrivals",
+            "network", "overhead", "jitter", "epoch", "tokens", "cohort")
+
+
+def _number(value: float) -> str:
+    """``4`` for 4.0, ``0.0005`` as it is; exact (repr) where ``%g`` would round."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def recorded_argv(args: argparse.Namespace) -> list[str]:
+    """The options of the report's ``command``: the scenario, the seed, the policies and every
+    other option not at its default, so that running the command again simulates the same
+    thing."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     out = ["--scenario", args.scenario]
-    for name in ("sidecars", "endpoints", "duration", "rate", "jitter"):
+    for name in RECORDED:
         value = getattr(args, name)
-        if value is not None:
-            out += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+        if value is not None and value != parser.get_default(name):
+            out += [f"--{name}", _number(value) if isinstance(value, float) else str(value)]
     out += ["--seed", str(args.seed)]
     if args.policies:
         out += ["--policies", args.policies]

@@ -61,6 +61,15 @@ class Knobs:
     tokens: int = 16
     signaler_phase: float = 0.5
     strategy: str = "balanced"
+    cohort: int = 1
+    """clients that share one sidecar's routing state (policy, retry budget, signaling): each
+    keeps its own arrivals and records, but sidecars ``i`` with the same ``i // cohort`` learn
+    as one, which is what makes 10,000 clients x 1,000 pods fit in memory; 1 (the default):
+    every client has its own sidecar (full fidelity)"""
+
+    def __post_init__(self) -> None:
+        if self.cohort < 1:
+            raise ValueError(f"cohort must be >= 1, got {self.cohort}")
 
 
 @dataclass(slots=True)
@@ -125,23 +134,43 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     heap: list[tuple[float, int, int, Any]] = []
     seq = itertools.count()
     push, pop = heapq.heappush, heapq.heappop
-    sidecars: dict[int, SimSidecar] = {}
+    cohort = knobs.cohort
+    learners: dict[int, SimSidecar] = {}  # by cohort (index // cohort)
+    members: dict[int, int] = {}  # clients of each cohort still there
+    sidecars: dict[int, SimSidecar] = {}  # each client's (its cohort's) sidecar
     gap = 1.0 / setup.rate
     poisson = knobs.arrivals == "poisson"
     arrival_rngs: dict[int, random.Random] = {}
 
     def join(index: int, at: float) -> None:
-        rng = random.Random(f"{seed}:sidecar:{index}")
-        sc = SimSidecar(index, f"sim-{index:05d}", base_policy, profile, listed, rng, at,
-                        observed=observed or policy == CE_POLICY)
-        sidecars[index] = sc
         phase = random.Random(f"{seed}:phase:{index}")
         arrival_rngs[index] = phase
         push(heap, (at + phase.random() * gap, next(seq), ARRIVE, index))
-        push(heap, (at + phase.random() * tick_interval, next(seq), TICK, index))
-        if plane is not None:
-            plane.join(sc, master.randrange(2**32))
-            push(heap, (at + phase.random() * knobs.epoch, next(seq), ROUND, index))
+        c = index // cohort
+        sc = learners.get(c)
+        if sc is None:  # the cohort's first client brings its sidecar
+            rng = random.Random(f"{seed}:sidecar:{c}")
+            sc = learners[c] = SimSidecar(c, f"sim-{c:05d}", base_policy, profile, listed, rng,
+                                          at, observed=observed or policy == CE_POLICY)
+            members[c] = 0
+            push(heap, (at + phase.random() * tick_interval, next(seq), TICK, sc))
+            if plane is not None:
+                plane.join(sc, master.randrange(2**32))
+                push(heap, (at + phase.random() * knobs.epoch, next(seq), ROUND, sc))
+        members[c] += 1
+        sidecars[index] = sc
+
+    def leave(index: int) -> None:
+        c = index // cohort
+        del sidecars[index]
+        members[c] -= 1
+        if not members[c]:  # the cohort's last client takes its sidecar along
+            del learners[c], members[c]
+            if plane is not None:
+                plane.leave(c)
+
+    def alive(sc: SimSidecar) -> bool:
+        return learners.get(sc.index) is sc
 
     for i in range(setup.sidecars):
         join(i, 0.0)
@@ -164,15 +193,16 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     retries = 0
     events = 0
 
-    def attempt(sc: SimSidecar, t: float, intended: float, tried: tuple[str, ...]) -> None:
+    def attempt(index: int, sc: SimSidecar, t: float, intended: float,
+                tried: tuple[str, ...]) -> None:
         endpoint = sc.route(t, tried)
         if endpoint is None:  # nothing left to try: the proxy answers with an error
             r_intended(intended), r_latency(t - intended + overhead), r_pod(-1), r_ok(0)
-            r_sidecar(sc.index)
+            r_sidecar(index)
             return
         j = index_of[endpoint]
         pod = pods[j]
-        req = [sc.index, j, intended, t, tried, endpoint]
+        req = [index, j, intended, t, tried, endpoint, sc]
         if pod.spec.servers is None and pod.up:
             service = pod.draw_service() + pod.draw_extra()
             push(heap, (back(t + net + service), next(seq), RESPONSE, req))
@@ -192,12 +222,14 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
             rng = arrival_rngs[data]
             push(heap, (t + (rng.expovariate(setup.rate) if poisson else gap), next(seq),
                         ARRIVE, data))
-            attempt(sc, t, t, ())
+            attempt(data, sc, t, t, ())
         elif kind == RESPONSE:
-            sc = sidecars.get(data[0])
-            if sc is None:
+            sc = data[6]
+            if not alive(sc):
                 continue
             sc.answered(data[5], data[3], t)
+            if data[0] not in sidecars:
+                continue  # its client left (the cohort's sidecar stays)
             r_intended(data[2]), r_latency(t - data[2] + overhead), r_pod(data[1]), r_ok(1)
             r_sidecar(data[0])
         elif kind == POD_IN:
@@ -221,25 +253,26 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
                 pod.busy += 1
                 push(heap, (t + pod.draw_service(), next(seq), POD_DONE, pod.queue.popleft()))
         elif kind == REFUSED:
-            sc = sidecars.get(data[0])
-            if sc is None:
+            sc = data[6]
+            if not alive(sc):
                 continue
             sc.refused(data[5], data[3], t)
+            if data[0] not in sidecars:
+                continue
             tried = (*data[4], data[5])
             if sc.may_retry(tried):
                 retries += 1
-                attempt(sc, t, data[2], tried)
+                attempt(data[0], sc, t, data[2], tried)
             else:
                 r_intended(data[2]), r_latency(t - data[2] + overhead), r_pod(-1), r_ok(0)
                 r_sidecar(data[0])
         elif kind == TICK:
-            sc = sidecars.get(data)
-            if sc is not None:
-                sc.tick(t)
+            if alive(data):
+                data.tick(t)
                 push(heap, (t + tick_interval, next(seq), TICK, data))
         elif kind == ROUND:
-            if data in sidecars and plane is not None:
-                plane.sidecar_round(data)
+            if alive(data) and plane is not None:
+                plane.sidecar_round(data.index)
                 push(heap, (t + knobs.epoch, next(seq), ROUND, data))
         elif kind == EPOCH:
             assert plane is not None
@@ -258,20 +291,18 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
                 push(heap, (t + knobs.discovery_delay, next(seq), DISCOVER, tuple(listed)))
             elif what == "sidecars-leave":
                 for index in sorted(sidecars)[:arg]:
-                    del sidecars[index]
-                    if plane is not None:
-                        plane.leave(index)
+                    leave(index)
             elif what == "sidecars-join":
                 for _ in range(arg):
                     join(next_index, t)
                     next_index += 1
         elif kind == DISCOVER:
-            for sc in sidecars.values():
+            for sc in learners.values():
                 sc.set_endpoints(data, t)
 
-    for sc in sidecars.values():
+    for sc in learners.values():
         sc.finish()
-    result_sidecars = _sidecar_states(sidecars)
+    result_sidecars = _sidecar_states(learners)
     plane_state: dict[str, Any] | None = None
     if plane is not None:
         plane_state = {**plane.state(), "following_at_end": plane.following()}

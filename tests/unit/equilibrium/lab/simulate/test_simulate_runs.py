@@ -147,3 +147,57 @@ def test_cli_writes_the_report_and_refuses_unknown_policies(
     assert "| round-robin |" in capsys.readouterr().out
     assert main(["simulate", "--scenario", "slow-pod", "--policies", "fastest"]) == 2
     assert "unknown policy fastest" in capsys.readouterr().err
+
+
+def test_the_recorded_command_gives_back_every_option() -> None:
+    import argparse
+    import shlex
+
+    from equilibrium.lab.simulate import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    given = ["--scenario", "churn", "--sidecars", "7", "--endpoints", "5", "--duration", "2.5",
+             "--rate", "12.25", "--strategy", "conservative", "--distribution", "pareto",
+             "--arrivals", "poisson", "--network", "0.0005", "--overhead", "0",
+             "--jitter", "0.001", "--epoch", "0.5", "--tokens", "8", "--cohort", "3",
+             "--seed", "9", "--policies", "equilibrium,peak-ewma"]
+    args = parser.parse_args(given)
+    assert set(cli.RECORDED) | {"scenario", "seed", "policies", "json", "out"} \
+        == set(vars(args))  # a new option must be recorded (or listed here)
+    command = " ".join(shlex.quote(a) for a in cli.recorded_argv(args))
+    assert vars(parser.parse_args(shlex.split(command))) == vars(args)
+    defaults = parser.parse_args(["--scenario", "herding"])
+    assert cli.recorded_argv(defaults) == ["--scenario", "herding", "--seed", "1"]
+
+
+
+def test_a_cohort_shares_one_routing_state_and_keeps_every_clients_load() -> None:
+    setup = build("herding", Sizes(7, 4, 20.0, 4.0))
+    result = simulate(setup, "equilibrium", seed=3, knobs=Knobs(cohort=3))
+    assert result.sidecars["count"] == 3  # clients 0-2, 3-5 and 6
+    assert sorted(set(result.records.sidecar)) == list(range(7))
+    assert len(result.records) == pytest.approx(7 * 20.0 * setup.total, abs=7)
+    churn = build("churn", Sizes(8, 4, 40.0, 10.0))  # a tenth of the clients leave and join
+    moved = simulate(churn, "equilibrium", seed=1, knobs=Knobs(cohort=2))
+    assert moved.retries > 0
+    assert metrics.run_metrics(moved.records, 0.0, 10.0, 5, churn.tracked)["errors"] == 0
+    with pytest.raises(ValueError, match="cohort"):
+        Knobs(cohort=0)
+
+
+def test_cohorts_are_faithful_for_peak_ewma_at_small_sizes() -> None:
+    """The cross-check docs/simulate.md reports: a memoryless policy (peak-EWMA) gives the
+    same shares and mean whether 40 clients have 40 sidecars or 4 (its routing state is a
+    cost per endpoint, however many clients feed it)."""
+    setup = build("herding", Sizes(40, 8, None, 20.0))
+    full = simulate(setup, "peak-ewma", seed=1)
+    pooled = simulate(setup, "peak-ewma", seed=1, knobs=Knobs(cohort=10))
+    t0, half, end = setup.warmup, setup.warmup + 10.0, setup.total
+    a = metrics.pod_shares(full.records, half, end, 8)
+    b = metrics.pod_shares(pooled.records, half, end, 8)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.03
+    mean_a = metrics.run_metrics(full.records, t0, 20.0, 8, None)["latency"]["mean"]
+    mean_b = metrics.run_metrics(pooled.records, t0, 20.0, 8, None)["latency"]["mean"]
+    assert mean_b == pytest.approx(mean_a, rel=0.10)
+    assert pooled.sidecars["count"] == 4 and full.sidecars["count"] == 40
