@@ -92,8 +92,8 @@ class LatencyWindow:
         return [latency for _, latency in list(samples)[-self.min_samples:]]
 
     def __len__(self) -> int:
-        """Samples kept (at most ``max_samples``, none older than ``max_age`` than the
-        newest)."""
+        """Samples kept: at most ``max_samples``, none more than ``max_age`` older than the
+        newest."""
         return len(self._samples)
 
     def last_at(self) -> float | None:

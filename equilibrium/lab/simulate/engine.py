@@ -21,6 +21,10 @@ for ``equilibrium-ce`` each sidecar's signaling round every epoch (at its own ph
 signaler's epoch (at ``signaler_phase``), and the scenario's timeline (a pod heals, leaves or
 joins -- sidecars learn of the new endpoint set ``discovery_delay`` later -- sidecars leave or
 join). Records go into compact arrays (:class:`Records`), never one object per request.
+
+With ``Knobs.cohort`` above 1, clients ``i`` with the same ``i // cohort`` share one sidecar
+(what they route by is learned once); each client still has its own arrivals and records.
+A cohort's sidecar ticks and signals while any of its clients is there.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Knobs:
     strategy: str = "balanced"
     cohort: int = 1
     """clients that share one sidecar's routing state (policy, retry budget, signaling): each
-    keeps its own arrivals and records, but sidecars ``i`` with the same ``i // cohort`` learn
+    keeps its own arrivals and records, but clients ``i`` with the same ``i // cohort`` learn
     as one, which is what makes 10,000 clients x 1,000 pods fit in memory; 1 (the default):
     every client has its own sidecar (full fidelity)"""
 
