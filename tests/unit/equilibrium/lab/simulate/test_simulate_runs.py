@@ -171,7 +171,6 @@ def test_the_recorded_command_gives_back_every_option() -> None:
     assert cli.recorded_argv(defaults) == ["--scenario", "herding", "--seed", "1"]
 
 
-
 def test_a_cohort_shares_one_routing_state_and_keeps_every_clients_load() -> None:
     setup = build("herding", Sizes(7, 4, 20.0, 4.0))
     result = simulate(setup, "equilibrium", seed=3, knobs=Knobs(cohort=3))
@@ -187,9 +186,9 @@ def test_a_cohort_shares_one_routing_state_and_keeps_every_clients_load() -> Non
 
 
 def test_cohorts_are_faithful_for_peak_ewma_at_small_sizes() -> None:
-    """The cross-check docs/simulate.md reports: a memoryless policy (peak-EWMA) gives the
-    same shares and mean whether 40 clients have 40 sidecars or 4 (its routing state is a
-    cost per endpoint, however many clients feed it)."""
+    """The cross-check docs/simulate.md reports: peak-EWMA, whose routing state is a cost per
+    endpoint however many clients feed it, gives the same shares and mean whether 40 clients
+    have 40 sidecars or 4."""
     setup = build("herding", Sizes(40, 8, None, 20.0))
     full = simulate(setup, "peak-ewma", seed=1)
     pooled = simulate(setup, "peak-ewma", seed=1, knobs=Knobs(cohort=10))
