@@ -38,8 +38,6 @@ from mesh.probes import ProbeReport
 from mesh.profiles import StrategyProfile
 from mesh.regret import RoutingRegret
 
-_log = math.log
-
 
 class _MeasuredPolicy(ABC):
     """Shared bookkeeping: endpoint stats, observed shares, snapshots."""
@@ -315,12 +313,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         of the probe answer fresh at ``now`` (None: left out); one that goes stale between two
         events is forgotten at the next tick, when every key is computed again."""
         peak = stats.peak
-        ahead = stats.in_flight + 1
-        if now is not None and stats.probe is not None:
-            ahead += stats.others_in_flight(now)
-        decay = peak.decay
-        return (_log(max(peak.estimate, 1e-12)) + (peak.updated_at / decay if decay > 0 else 0.0)
-                + _log(ahead))
+        ahead = stats.in_flight + (0 if now is None else stats.others_in_flight(now)) + 1
+        drift = peak.updated_at / peak.decay if peak.decay > 0 else 0.0
+        return math.log(max(peak.estimate, 1e-12)) + drift + math.log(ahead)
 
     def _reorder(self, endpoint: str, now: float | None) -> None:
         i = self._index.get(endpoint)
@@ -336,8 +331,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def tick(self, now: float) -> None:
         super().tick(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
-            key, stats = self._cost_key, self.stats
-            self._pacer.order.reset([key(stats[e], now) for e in self.endpoints])
+            self._pacer.order.reset([self._cost_key(self.stats[e], now)
+                                     for e in self.endpoints])
         herd, n = self.profile.herd, len(self.endpoints)
         self._recent.forget(self.endpoints)
         if n < 2:
