@@ -39,9 +39,10 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -63,6 +64,12 @@ PLANS_KEPT = 3
 NOTE = "policing is reported by inbound sidecars on their own /dashboard"
 SIDECARS_SHOWN = 50
 """Sidecars listed per upstream in a frame (all are counted)."""
+_VECTORS_NAMES = ("requests", "failures", "latency_mean", "latency_p50", "latency_p99")
+_VECTORS = attrgetter(*_VECTORS_NAMES)
+Deals = dict[tuple[str, ...], dict[str, tuple[float, ...]]]
+"""A plan's deals by endpoint list: list -> sidecar -> weights in the list's order."""
+_NEAR = 1e-9
+"""How near :data:`FOLLOW_DISTANCE` a distance summed by numpy is summed again exactly."""
 
 
 def _opt(value: float | None) -> float | None:
@@ -127,7 +134,7 @@ class SignalerDashboard:
 
     def __init__(self, service: SignalerService) -> None:
         self.service = service
-        self._plans: dict[str, deque[Plan]] = {}
+        self._plans: dict[str, deque[tuple[Plan, Deals]]] = {}
 
     def __call__(self) -> dict[str, Any]:
         started = time.thread_time()
@@ -142,10 +149,11 @@ class SignalerDashboard:
                 "redis": service.health.redis_ok, "epoch": service.epoch_number,
                 "upstreams": upstreams, "policing": []}
 
-    def _recent_plans(self, name: str, plan: Plan | None) -> list[Plan]:
+    def _recent_plans(self, name: str, plan: Plan | None) -> list[tuple[Plan, Deals]]:
+        """The last :data:`PLANS_KEPT` plans of ``name``, each with its deals by list."""
         kept = self._plans.setdefault(name, deque(maxlen=PLANS_KEPT))
-        if plan is not None and (not kept or kept[-1] is not plan):
-            kept.append(plan)
+        if plan is not None and (not kept or kept[-1][0] is not plan):
+            kept.append((plan, dealt_by_list(plan)))
         return list(kept)
 
     def upstream(self, name: str, now: float) -> dict[str, Any]:
@@ -158,9 +166,10 @@ class SignalerDashboard:
         fresh = [latest[s] for s in sorted(latest) if now - latest[s].sent_at <= freshness]
         plans = self._recent_plans(name, plan)
         endpoints = list(plan.endpoints) if plan is not None else []
-        for summary in fresh:
-            endpoints += [e for e in summary.endpoints if e not in endpoints]
-        agg = _aggregate(fresh, endpoints)
+        groups = by_endpoints(fresh)
+        for own in groups:  # in the order of the summaries, as each list first appears
+            endpoints += [e for e in own if e not in endpoints]
+        agg = _aggregate(fresh, endpoints, groups)
         total = math.fsum(agg["load"])
         shares = [x / total if total > 0 else 0.0 for x in agg["load"]]
         models = _models(plan, view.models if view is not None else {}, endpoints)
@@ -192,7 +201,7 @@ class SignalerDashboard:
             "ce_gap": max((x for x in agg["regret"] if x is not None), default=0.0)
             if fresh else None,
             "plan_ce_gap": plan.solution.ce_gap if plan is not None else None,
-            **_sidecars(fresh, plans),
+            **_sidecars(fresh, [p for p, _ in plans], [d for _, d in plans], groups),
             "plan": None,
         }
         if plan is not None:
@@ -221,7 +230,9 @@ def _models(plan: Plan | None, fitted: Mapping[str, LatencyModel],
     return [priced.get(e) or fits.get(e) for e in endpoints]
 
 
-def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str]) -> dict[str, list[Any]]:
+def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str],
+               groups: Mapping[tuple[str, ...], Sequence[RegretSummary]] | None = None,
+               ) -> dict[str, list[Any]]:
     """The per-endpoint rows of the module docstring, over arrays: one pass per group of
     sidecars that report the same endpoint list (a frame at 1,000 sidecars costs a few
     milliseconds, not a Python loop per sidecar and endpoint). The sums equal a loop over the
@@ -236,11 +247,15 @@ def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str]) -> dict
     p50_n = np.zeros(k, dtype=np.int64)
     p99 = np.full(k, np.nan)
     regret = np.full(k, np.nan)
-    for own, members in by_endpoints(fresh).items():
+    for own, members in (by_endpoints(fresh) if groups is None else groups).items():
         cols = np.array([index[e] for e in own], dtype=np.int64)  # distinct within a summary
-        n = column(members, "requests", np.int64)
+        # the five vectors of every member in one conversion (None -> nan; counts are exact
+        # in a float far beyond MAX_COUNT)
+        vectors = np.array(list(chain.from_iterable(chain.from_iterable(map(_VECTORS, members)))),
+                           dtype=float).reshape(len(members), len(_VECTORS_NAMES), len(own))
+        n = vectors[:, 0].astype(np.int64)
         requests[cols] += n.sum(axis=0)
-        failures[cols] += column(members, "failures", np.int64).sum(axis=0)
+        failures[cols] += vectors[:, 1].astype(np.int64).sum(axis=0)
         d = np.array(list(chain.from_iterable(chain.from_iterable([s.regret for s in members]))),
                      dtype=float).reshape(len(members), len(own), len(own))
         d[:, np.arange(len(own)), np.arange(len(own))] = 0.0  # D(j, j) is not a regret
@@ -251,13 +266,13 @@ def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str]) -> dict
         demand = np.array([s.demand for s in members], dtype=float)
         load[cols] += np.where(used, demand[:, None] * n / np.maximum(totals, 1)[:, None],
                                0.0).sum(axis=0)
-        mean = column(members, "latency_mean")
+        mean = vectors[:, 2]
         lat_sum[cols] += np.where(used & ~np.isnan(mean), mean * n, 0.0).sum(axis=0)
-        median = column(members, "latency_p50")
+        median = vectors[:, 3]
         measured = used & ~np.isnan(median)
         p50_sum[cols] += np.where(measured, median * n, 0.0).sum(axis=0)
         p50_n[cols] += np.where(measured, n, 0).sum(axis=0)
-        high = np.where(used, column(members, "latency_p99"), np.nan)
+        high = np.where(used, vectors[:, 4], np.nan)
         if (~np.isnan(high)).any():
             p99[cols] = np.fmax(p99[cols], np.nanmax(high, axis=0, initial=-np.inf))
     p99[np.isinf(p99)] = np.nan
@@ -273,39 +288,59 @@ def _nones(values: np.ndarray) -> list[float | None]:
     return [None if math.isnan(x) else x for x in values.tolist()]
 
 
-def _sidecars(fresh: Sequence[RegretSummary], plans: Sequence[Plan]) -> dict[str, Any]:
+def dealt_by_list(plan: Plan) -> Deals:
+    """A plan's deals by the endpoint list each was dealt over: sidecar -> its weights in that
+    list's order (made once per plan: a plan is compared with the sidecars' weights in the
+    next :data:`PLANS_KEPT` frames)."""
+    out: Deals = {}
+    for sidecar, weights in plan.weights.items():
+        out.setdefault(tuple(weights), {})[sidecar] = tuple(weights.values())
+    return out
+
+
+def _sidecars(fresh: Sequence[RegretSummary], plans: Sequence[Plan],
+              deals: Sequence[Deals] | None = None,
+              groups: Mapping[tuple[str, ...], Sequence[RegretSummary]] | None = None,
+              ) -> dict[str, Any]:
     """The sidecars' entries of an upstream's frame: every one counted, at most
     :data:`SIDECARS_SHOWN` listed (those not following first, then by demand, then by id).
 
     A sidecar's distance is the total variation between the weights it reports and the
-    nearest of the weights it was dealt by ``plans``, taken over arrays per group of sidecars
-    with the same endpoint list (a deal over other endpoints, after the list changed, is
-    compared by name)."""
+    nearest of the weights it was dealt by ``plans`` (``deals``: their :func:`dealt_by_list`,
+    if already made), taken over arrays per group of sidecars with the same endpoint list (a
+    deal over other endpoints, after the list changed, is compared by name). Summed by numpy
+    (within a few units in the last place of :func:`total_variation`); a distance that close
+    to :data:`FOLLOW_DISTANCE` is summed again exactly, so following is judged as
+    :func:`total_variation` judges it."""
+    if deals is None:
+        deals = [dealt_by_list(plan) for plan in plans]
     ids: list[str] = []
     demands: list[float] = []
     distances: list[float | None] = []
     position = {s.sidecar: i for i, s in enumerate(fresh)}
-    for own, members in by_endpoints(fresh).items():
+    for own, members in (by_endpoints(fresh) if groups is None else groups).items():
         reported = column(members, "weights")
         best = np.full(len(members), np.inf)
         missing = (math.nan,) * len(own)
-        for plan in plans:
-            dealt: list[Iterable[float]] = []
-            for i, s in enumerate(members):
-                weights = plan.weights.get(s.sidecar)
-                if weights is None:
-                    dealt.append(missing)
-                elif tuple(weights) == own:
-                    dealt.append(weights.values())
-                else:  # dealt over the sidecar's previous endpoint list
-                    dealt.append(missing)
-                    best[i] = min(best[i], total_variation(dict(zip(own, s.weights,
-                                                                    strict=True)), weights))
-            matrix = np.array(list(chain.from_iterable(dealt)), dtype=float)
-            gaps = np.abs(reported - matrix.reshape(reported.shape)).tolist()
-            # summed exactly (fsum), as total_variation: the same distance to the last bit,
-            # so a sidecar at FOLLOW_DISTANCE is judged as it always was
-            best = np.fmin(best, np.array([0.5 * math.fsum(row) for row in gaps]))
+        for plan, by_list in zip(plans, deals, strict=True):
+            same = by_list.get(own, {})
+            found = [same.get(s.sidecar) for s in members]
+            rows = cast(list[tuple[float, ...]], found)
+            if None in found:  # not dealt, or dealt over the sidecar's previous list
+                rows = [missing if row is None else row for row in found]
+                for i, s in enumerate(members):
+                    weights = plan.weights.get(s.sidecar) if found[i] is None else None
+                    if weights is not None:
+                        best[i] = min(best[i], total_variation(
+                            dict(zip(own, s.weights, strict=True)), weights))
+            matrix = np.array(list(chain.from_iterable(rows)), dtype=float)
+            best = np.fmin(best, 0.5 * np.abs(reported - matrix.reshape(reported.shape))
+                           .sum(axis=1))
+        for i in np.flatnonzero(np.abs(best - FOLLOW_DISTANCE) <= _NEAR).tolist():
+            s = members[i]
+            reported_i = dict(zip(own, s.weights, strict=True))
+            best[i] = min(total_variation(reported_i, plan.weights[s.sidecar])
+                          for plan in plans if s.sidecar in plan.weights)
         ids += [s.sidecar for s in members]
         demands += [s.demand for s in members]
         distances += [None if math.isinf(x) else x for x in best.tolist()]

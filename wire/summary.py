@@ -33,7 +33,6 @@ import functools
 import hmac
 import math
 import operator
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -379,7 +378,7 @@ def _holds_relations(
             and len(mean) == k and len(p50) == k and len(p99) == k and len(weights) == k
             and len(regret) == k and set(map(len, regret)) == {k}):
         return False
-    if not all(f <= n for n, f in zip(requests, failures)):  # noqa: B905 (lengths checked)
+    if not all(map(operator.le, failures, requests)):  # each f <= n (lengths checked)
         return False
     if (None in mean or None in p50 or None in p99) and not all(  # unmeasured endpoints
             n == 0 or (a is not None and b is not None and c is not None)
@@ -491,7 +490,8 @@ def _verify_fast(entry: object, keys: Sequence[bytes]) -> RegretSummary | None:
 # ------------------------------------------------------------------------ version 2: one body
 
 _V2_KEYS = frozenset(name.encode("ascii") for name in SIGNED_SUMMARY_V2_FIELDS)
-_WHITESPACE = re.compile(rb"[ \t\n\r]")
+_WHITESPACE_BYTES = b" \t\n\r"
+"""JSON's whitespace (RFC 8259, section 2), which a compact body holds none of."""
 _KEY_ENDS = len(SUMMARY_BODY_FIELDS)
 
 
@@ -581,7 +581,7 @@ def _body_summary(body: bytes) -> RegretSummary:
     silently). Types and ranges are checked by the decoder, the names and the relations
     between fields here; a summary that breaks a relation is built by
     :class:`RegretSummary`, whose check names it."""
-    if _WHITESPACE.search(body) is not None:
+    if len(body.translate(None, _WHITESPACE_BYTES)) != len(body):  # 4x a regex's speed
         raise fail("summary body must be compact JSON (no whitespace)")
     if body.count(b'":') != _KEY_ENDS:
         raise fail(f"summary body must hold each of its {_KEY_ENDS} fields once")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -257,9 +258,42 @@ def test_the_follow_distance_is_the_nearest_deal_by_name(seed: int) -> None:
     for entry in got["sidecars"]:
         want = distance[entry["id"]]
         assert (entry["distance"] is None) == (want is None)
-        assert entry["distance"] == want  # exactly: following is judged at a threshold
+        # summed by numpy: equal up to the last bits (following is judged exactly, above)
+        if want is not None:
+            assert entry["distance"] == pytest.approx(want, rel=1e-12, abs=1e-15)
+        assert entry["following"] == (None if want is None else want <= FOLLOW_DISTANCE)
     if len(fresh) <= SIDECARS_SHOWN:
         assert [e["id"] for e in got["sidecars"]] == [s.sidecar for s in fresh]
+
+
+def test_a_distance_at_the_follow_threshold_is_judged_by_the_exact_sum() -> None:
+    """Weights whose total variation from the deal is FOLLOW_DISTANCE up to rounding: the
+    distance reported is total_variation's own, to the last bit, and so is the judgement."""
+    pool = tuple(f"http://10.0.0.{j}:80" for j in range(1, 5))
+    cases = []
+    for i, (a, b) in enumerate([(0.3, 0.2), (0.7, 0.6), (0.15, 0.05), (0.45, 0.35)]):
+        rest = (1.0 - a) / 3
+        reported = (a, rest, rest, rest)
+        dealt = {pool[0]: b, pool[1]: rest + (a - b) / 3, pool[2]: rest + (a - b) / 3,
+                 pool[3]: 1.0 - b - 2 * (rest + (a - b) / 3)}
+        cases.append((replace(summary_over(pool, f"sc-{i}"), weights=reported), dealt))
+    plans = [SimpleNamespace(weights={s.sidecar: d for s, d in cases})]
+    got = {e["id"]: e for e in _sidecars([s for s, _ in cases], plans)["sidecars"]}  # type: ignore[arg-type]
+    for s, dealt in cases:
+        want = total_variation(dict(zip(s.endpoints, s.weights, strict=True)), dealt)
+        assert abs(want - FOLLOW_DISTANCE) < 1e-9  # the case is at the threshold
+        assert got[s.sidecar]["distance"] == want
+        assert got[s.sidecar]["following"] == (want <= FOLLOW_DISTANCE)
+
+
+def summary_over(pool: tuple[str, ...], sidecar: str) -> RegretSummary:
+    k = len(pool)
+    return RegretSummary(
+        sidecar=sidecar, upstream="orders", epoch=1, sent_at=NOW, endpoints=pool,
+        requests=(10,) * k, failures=(0,) * k, latency_mean=(0.01,) * k,
+        latency_p50=(0.01,) * k, latency_p99=(0.02,) * k, in_flight=(0,) * k, demand=5.0,
+        weights=(1.0 / k,) * k, regret=((0.0,) * k,) * k,
+    )
 
 
 async def test_each_part_of_the_work_counts_its_cpu_time() -> None:
