@@ -57,9 +57,18 @@ class LatencyWindow:
     (the newest kept), and never fewer than the newest ``min_samples`` not older than
     ``max_age``: what a probe answer summarises. The floor keeps a rarely used app's answers
     from swinging with each lone request (a pod slow on half its requests must not look
-    healthy after one lucky answer). Pure; ``now`` is passed in."""
+    healthy after one lucky answer).
 
-    def __init__(self, span: float = 2.0, max_samples: int = 256, min_samples: int = 8,
+    Why 16: an idle app is measured by the inbound side's idle check, a few samples a second,
+    so the floor is what its answers are made of. The seed's bad pod is slow on half its
+    requests; the chance that some run of ``m`` of its samples is all fast is about ``n /
+    2**(m + 1)`` over ``n`` samples. At ``m = 8`` that happened in about half the 120-s
+    ``slow-pod`` runs (about 300 samples): the answer's mean fell to the good pods' latency for
+    a moment and the callers moved traffic back onto the bad pod (a relapse, docs/benchmarks.md,
+    2026-12-04). At ``m = 16`` it is about once in 130,000 samples. Pure; ``now`` is passed
+    in."""
+
+    def __init__(self, span: float = 2.0, max_samples: int = 256, min_samples: int = 16,
                  max_age: float = 10.0) -> None:
         if span <= 0 or max_samples < 1 or not 1 <= min_samples <= max_samples \
                 or max_age < span:
@@ -95,10 +104,6 @@ class LatencyWindow:
         """Samples kept: at most ``max_samples``, none more than ``max_age`` older than the
         newest."""
         return len(self._samples)
-
-    def last_at(self) -> float | None:
-        """When the newest sample was taken (None: none kept)."""
-        return self._samples[-1][0] if self._samples else None
 
     def summary(self, now: float) -> tuple[float, float, float, int]:
         """(mean, median, p90, count) of the window at ``now``; zeros when it is empty.

@@ -12,11 +12,12 @@ It also owns the record those answers are made from (:class:`mesh.probes.Latency
 by :mod:`sidecar.inbound` with each request the app finished) and the optional *idle check*:
 when the app has served nobody for ``idle_after`` seconds (every caller's probes told it to
 avoid this pod), :meth:`ProbeResponder.check_app` sends one ``GET`` to the configured path of
-the app every quarter second, at most one at a time, so that a pod that heals is seen to heal
-without a user request being spent on it. It costs the app at most four requests a second
-however many callers probe, and it is off unless ``policing.app_check_path`` is set; without
-it an idle pod's answers carry no latency (``n=0``) and callers fall back to exploring it with
-user requests.
+the app every eighth of a second, at most one at a time, so that a pod that heals is seen to
+heal without a user request being spent on it: the answers are made of the last 16 samples
+(:class:`mesh.probes.LatencyWindow`), which a healed pod replaces in about 2 s. It costs the
+app at most eight requests a second however many callers probe, and it is off unless
+``policing.app_check_path`` is set; without it an idle pod's answers carry no latency
+(``n=0``) and callers fall back to exploring it with user requests.
 
 It must not forward a probe to the app, and it never answers an unverified caller.
 """
@@ -50,7 +51,8 @@ ANSWER_RATE = 200.0
 is what the prober sends; the rest is refused with 429)."""
 ANSWER_BURST = 100.0
 IDLE_AFTER = 0.5
-CHECK_INTERVAL = 0.25
+CHECK_INTERVAL = 0.125
+"""Seconds between idle checks: 16 samples (the window's floor) in about 2 s."""
 
 
 class ProbeResult(StrEnum):
@@ -104,11 +106,15 @@ class ProbeResponder:
         self.window = window or LatencyWindow()
         self.nonces = nonces or NonceBook(max_skew)  # the listener's, so one use in all
         self.draining: Callable[[], bool] = lambda: False
+        self.served_at: float | None = None
+        """When the app last finished a request of a caller (the idle check's own excluded)."""
         self._tokens, self._tokens_at = ANSWER_BURST, clock()
 
     def record(self, now: float, latency: float) -> None:
-        """The app finished a request in ``latency`` seconds (called by the listener)."""
+        """The app finished a caller's request in ``latency`` seconds (called by the
+        listener)."""
         self.window.add(now, latency)
+        self.served_at = now
 
     def report(self, now: float) -> ProbeReport:
         mean, p50, p90, n = self.window.summary(now)
@@ -164,7 +170,9 @@ class ProbeResponder:
         async with aiohttp.ClientSession(timeout=client_timeout, trust_env=False) as session:
             while True:
                 await asyncio.sleep(CHECK_INTERVAL)
-                last = self.window.last_at()
+                # idle: no caller's request for IDLE_AFTER (the checks' own samples do not
+                # count, or the checks would come every IDLE_AFTER, not every CHECK_INTERVAL)
+                last = self.served_at
                 if self.app.in_flight or (last is not None
                                           and self.clock() - last < IDLE_AFTER):
                     continue
@@ -179,6 +187,6 @@ class ProbeResponder:
                 now = self.clock()
                 self.metrics.app_checks.labels("ok" if ok else "failed").inc()
                 if ok:
-                    self.record(now, now - started)
+                    self.window.add(now, now - started)
                 else:  # a failing app looks as slow as the check's whole budget
-                    self.record(now, max(timeout, now - started))
+                    self.window.add(now, max(timeout, now - started))

@@ -69,6 +69,22 @@ def test_a_rarely_used_app_is_summarised_over_its_last_samples_not_its_last_one(
     with pytest.raises(ValueError):
         LatencyWindow(span=2.0, min_samples=0)
 
+def test_an_idle_half_slow_pod_does_not_look_healthy_after_eight_lucky_checks() -> None:
+    # the seed's bad pod, measured only by the idle check (a few samples a second): its last
+    # 16 samples stand for it, so a run of 8 fast ones (1 in 256) leaves the answer slow
+    window = LatencyWindow()
+    at = 0.0
+    for latency in [0.505, 0.005] * 8 + [0.005] * 8:
+        at += 0.3
+        window.add(at, latency)
+    mean, _, p90, n = window.summary(at)
+    assert n == 16 and p90 == 0.505
+    assert mean == pytest.approx((4 * 0.505 + 12 * 0.005) / 16)  # 26 times a fast answer
+    for _ in range(8):  # 16 fast in a row: healed (2 s of checks at 8 a second)
+        at += 0.13
+        window.add(at, 0.005)
+    assert window.summary(at)[0] == pytest.approx(0.005)
+
 
 # ------------------------------------------------------------------ the caller's timetable
 

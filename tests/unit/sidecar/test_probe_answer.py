@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from aiohttp import web
@@ -10,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.metrics import ProbeAnswerMetrics
 from sidecar.policing_config import parse_policing
-from sidecar.probe_answer import ProbeResponder, is_probe
+from sidecar.probe_answer import CHECK_INTERVAL, IDLE_AFTER, ProbeResponder, is_probe
 from wire.identity import BoundRequest, new_nonce, sign_identity
 from wire.probe import PROBE, PROBE_PATH, format_request, parse_answer
 
@@ -101,3 +102,47 @@ def test_an_identity_for_another_request_or_used_twice_gets_no_answer() -> None:
     identity = signed()
     assert r.answer(probe(identity)).status == 200
     assert r.answer(probe(identity)).status == 403  # replayed
+
+
+async def test_the_idle_check_comes_every_check_interval_and_stops_while_callers_are_served(
+) -> None:
+    """An idle app is checked every CHECK_INTERVAL (the checks' own samples do not make it
+    look busy, or they would come only every IDLE_AFTER, too few for the window's floor of
+    16 to be refreshed in about 2 s); a caller's request makes it busy again."""
+    checks: list[float] = []
+
+    async def health(_: web.Request) -> web.Response:
+        checks.append(asyncio.get_running_loop().time())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    loop = asyncio.get_running_loop()
+    r = ProbeResponder(App(), mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
+                       max_skew=30.0, clock=loop.time)
+    App.in_flight = 0
+    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 1.0))
+    try:
+        await asyncio.sleep(1.5)
+        idle = len(checks)
+        # at least twice what one check per IDLE_AFTER would give (3 in 1.5 s)
+        assert idle >= 2 * 1.5 / IDLE_AFTER, f"{idle} checks in 1.5 s"
+        assert r.window.summary(loop.time())[3] == idle  # each recorded, all within 2 s
+        assert r.served_at is None  # the checks are not callers' requests
+        busy_at = loop.time()
+        for _ in range(8):  # callers' requests every 0.1 s: the app is busy, no check
+            r.record(loop.time(), 0.01)
+            await asyncio.sleep(0.1)
+        assert [t for t in checks if t > busy_at + 0.05] == []
+        await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)  # idle again: checked again
+        assert checks[-1] > busy_at + 0.8
+    finally:
+        task.cancel()
+        App.in_flight = 3
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
