@@ -41,14 +41,13 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from itertools import chain
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from mesh.nash import wardrop_gap
 from signaler.latency_model import LatencyModel
-from signaler.planner import Plan, by_endpoints, column
+from signaler.planner import Plan, by_endpoints, column, columns
 from signaler.routing_game import configuration_costs, latency_table
 from wire.summary import RegretSummary
 
@@ -64,8 +63,6 @@ PLANS_KEPT = 3
 NOTE = "policing is reported by inbound sidecars on their own /dashboard"
 SIDECARS_SHOWN = 50
 """Sidecars listed per upstream in a frame (all are counted)."""
-_VECTORS_NAMES = ("requests", "failures", "latency_mean", "latency_p50", "latency_p99")
-_VECTORS = attrgetter(*_VECTORS_NAMES)
 Deals = dict[tuple[str, ...], dict[str, tuple[float, ...]]]
 """A plan's deals by endpoint list: list -> sidecar -> weights in the list's order."""
 _NEAR = 1e-9
@@ -249,10 +246,9 @@ def _aggregate(fresh: Sequence[RegretSummary], endpoints: Sequence[str],
     regret = np.full(k, np.nan)
     for own, members in (by_endpoints(fresh) if groups is None else groups).items():
         cols = np.array([index[e] for e in own], dtype=np.int64)  # distinct within a summary
-        # the five vectors of every member in one conversion (None -> nan; counts are exact
-        # in a float far beyond MAX_COUNT)
-        vectors = np.array(list(chain.from_iterable(chain.from_iterable(map(_VECTORS, members)))),
-                           dtype=float).reshape(len(members), len(_VECTORS_NAMES), len(own))
+        # counts are exact in a float far beyond MAX_COUNT
+        vectors = columns(members, ("requests", "failures", "latency_mean", "latency_p50",
+                                    "latency_p99"))
         n = vectors[:, 0].astype(np.int64)
         requests[cols] += n.sum(axis=0)
         failures[cols] += vectors[:, 1].astype(np.int64).sum(axis=0)

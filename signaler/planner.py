@@ -53,6 +53,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -159,9 +160,8 @@ class UpstreamView:
         latency_sum: dict[str, float] = {}
         count: dict[str, float] = {}
         for endpoints, members in by_endpoints(self.fresh(now)).items():
-            requests = column(members, "requests")
-            failures = column(members, "failures")
-            means = column(members, "latency_mean")  # None -> nan
+            requests, failures, means = columns(  # None -> nan
+                members, ("requests", "failures", "latency_mean")).transpose(1, 0, 2)
             demand = np.array([s.demand for s in members], dtype=float)
             totals = requests.sum(axis=1)
             used = (requests > 0) & ~np.isnan(means) & (totals > 0)[:, None]
@@ -260,6 +260,15 @@ def by_endpoints(summaries: Sequence[RegretSummary]) -> dict[tuple[str, ...], li
     for summary in summaries:
         groups.setdefault(summary.endpoints, []).append(summary)
     return groups
+
+
+def columns(members: Sequence[RegretSummary], names: Sequence[str]) -> np.ndarray:
+    """Several per-endpoint fields (two or more) of summaries over the same endpoint list as
+    one float array (members x fields x endpoints; None -> nan), from one conversion: one
+    pass over the summaries instead of one per field."""
+    values = map(attrgetter(*names), members)
+    return np.array(list(chain.from_iterable(chain.from_iterable(values))),
+                    dtype=float).reshape(len(members), len(names), -1)
 
 
 def column(members: Sequence[RegretSummary], name: str, dtype: type = float) -> np.ndarray:
