@@ -62,11 +62,11 @@ class LatencyWindow:
     Why 16: an idle app is measured by the inbound side's idle check, a few samples a second,
     so the floor is what its answers are made of. The seed's bad pod is slow on half its
     requests; the chance that some run of ``m`` of its samples is all fast is about ``n /
-    2**(m + 1)`` over ``n`` samples. At ``m = 8`` that happened in about half the 120-s
-    ``slow-pod`` runs (about 300 samples): the answer's mean fell to the good pods' latency for
-    a moment and the callers moved traffic back onto the bad pod (a relapse, docs/benchmarks.md,
-    2026-12-04). At ``m = 16`` it is about once in 130,000 samples. Pure; ``now`` is passed
-    in."""
+    2**(m + 1)`` over ``n`` samples. At ``m = 8`` that happened in two of three 120-s
+    ``slow-pod`` runs (about 250 samples each): the answer's mean fell to the good pods'
+    latency for a moment and the callers moved traffic back onto the bad pod (a relapse,
+    docs/benchmarks.md, 2026-12-04). At ``m = 16`` it is about once in 130,000 samples.
+    Pure; ``now`` is passed in."""
 
     def __init__(self, span: float = 2.0, max_samples: int = 256, min_samples: int = 16,
                  max_age: float = 10.0) -> None:
