@@ -69,6 +69,7 @@ def test_a_rarely_used_app_is_summarised_over_its_last_samples_not_its_last_one(
     with pytest.raises(ValueError):
         LatencyWindow(span=2.0, min_samples=0)
 
+
 def test_an_idle_half_slow_pod_does_not_look_healthy_after_eight_lucky_checks() -> None:
     # the seed's bad pod, measured only by the idle check (a few samples a second): its last
     # 16 samples stand for it, so a run of 8 fast ones (1 in 256) leaves the answer slow

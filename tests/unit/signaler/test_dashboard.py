@@ -278,7 +278,8 @@ def test_a_distance_at_the_follow_threshold_is_judged_by_the_exact_sum() -> None
                  pool[3]: 1.0 - b - 2 * (rest + (a - b) / 3)}
         cases.append((replace(summary_over(pool, f"sc-{i}"), weights=reported), dealt))
     plans = [SimpleNamespace(weights={s.sidecar: d for s, d in cases})]
-    got = {e["id"]: e for e in _sidecars([s for s, _ in cases], plans)["sidecars"]}  # type: ignore[arg-type]
+    frame = _sidecars([s for s, _ in cases], plans)  # type: ignore[arg-type]
+    got = {e["id"]: e for e in frame["sidecars"]}
     for s, dealt in cases:
         want = total_variation(dict(zip(s.endpoints, s.weights, strict=True)), dealt)
         assert abs(want - FOLLOW_DISTANCE) < 1e-9  # the case is at the threshold
