@@ -47,7 +47,7 @@ import numpy as np
 
 from mesh.nash import wardrop_gap
 from signaler.latency_model import LatencyModel
-from signaler.planner import Plan, by_endpoints, column, columns
+from signaler.planner import Plan, by_endpoints, columns
 from signaler.routing_game import configuration_costs, latency_table
 from wire.summary import RegretSummary
 
@@ -315,7 +315,7 @@ def _sidecars(fresh: Sequence[RegretSummary], plans: Sequence[Plan],
     distances: list[float | None] = []
     position = {s.sidecar: i for i, s in enumerate(fresh)}
     for own, members in (by_endpoints(fresh) if groups is None else groups).items():
-        reported = column(members, "weights")
+        reported = columns(members, ("weights",))[:, 0]
         best = np.full(len(members), np.inf)
         missing = (math.nan,) * len(own)
         for plan, by_list in zip(plans, deals, strict=True):

@@ -123,9 +123,10 @@ async def test_the_idle_check_comes_every_check_interval_and_stops_while_callers
     await site.start()
     port = runner.addresses[0][1]
     loop = asyncio.get_running_loop()
-    r = ProbeResponder(App(), mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
+    unused = App()
+    unused.in_flight = 0  # nothing at the app: only the checks measure it
+    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
                        max_skew=30.0, clock=loop.time)
-    App.in_flight = 0
     task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 1.0))
     try:
         await asyncio.sleep(1.5)
@@ -143,6 +144,5 @@ async def test_the_idle_check_comes_every_check_interval_and_stops_while_callers
         assert checks[-1] > busy_at + 0.8
     finally:
         task.cancel()
-        App.in_flight = 3
         await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
