@@ -91,3 +91,5 @@ class HeaderDrop(StrEnum):
     """An upstream's value that failed validation."""
     UNTRUSTED = "untrusted"
     """Sent by a caller whose identity did not verify (ignored)."""
+    IN_TRAILERS = "in-trailers"
+    """In a body's trailer section, where no game signal rides (dropped, never believed)."""

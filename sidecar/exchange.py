@@ -11,7 +11,10 @@ An :class:`Exchange` is the request (method, target as received, headers in a
 response, written once: either :meth:`Exchange.answer` with a whole small :class:`Answer`
 (the sidecar's own JSON errors), or :meth:`Exchange.start_response`, :meth:`Exchange.write`
 per chunk, :meth:`Exchange.finish`. A write to an app that hung up raises
-``ConnectionResetError``; :meth:`Exchange.client_gone` says whether it did.
+``ConnectionResetError``; :meth:`Exchange.client_gone` says whether it did. A chunked request
+body's trailer fields, once it has ended, are the body's ``trailers`` where the listener keeps
+them (the sidecar's own server does; aiohttp's does not), and :meth:`Exchange.finish` may end
+the answer with trailer fields.
 
 Nothing here routes or forwards; it only carries bytes and headers.
 """
@@ -104,8 +107,9 @@ class Exchange(RequestHead, Protocol):
         """Send one chunk of the body (waits while the app's socket buffer is full)."""
         ...
 
-    async def finish(self) -> None:
-        """End the body."""
+    async def finish(self, trailers: list[tuple[str, str]] | None = None) -> None:
+        """End the body; ``trailers``: a trailer section to end it with, where the framing
+        can carry one (a chunked HTTP/1.1 body), else dropped."""
         ...
 
 
@@ -175,6 +179,8 @@ class AiohttpExchange:
         assert self.response is not None
         await self.response.write(data)
 
-    async def finish(self) -> None:
+    async def finish(self, trailers: list[tuple[str, str]] | None = None) -> None:
+        # aiohttp writes no trailer section: ``trailers`` are dropped (this exchange serves
+        # transparent interception's HTTP/1.1, docs/grpc.md "Trailers")
         assert self.response is not None
         await self.response.write_eof()

@@ -24,7 +24,7 @@ from typing import Protocol
 from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from wire.headers import strip_gt_headers
+from wire.headers import is_gt_header, strip_gt_headers
 
 HOP_BY_HOP = frozenset(
     {
@@ -239,6 +239,36 @@ def response_headers_from_wire(
     out = CIMultiDict(pairs)
     out.add("Via", ", ".join([*vias, via]) if vias else via)
     return out, dict(game)
+
+
+# Fields a sender may not put in a trailer section, or that mean nothing after the body
+# (RFC 9110 §6.5.1: framing, routing, request modifiers, authentication, response control
+# data, and how to process the content): dropped on the way through, with the hop-by-hop ones.
+NOT_IN_TRAILERS = HOP_BY_HOP | frozenset(
+    {
+        "age", "authorization", "cache-control", "content-encoding", "content-length",
+        "content-range", "content-type", "cookie", "date", "expect", "expires", "host",
+        "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
+        "location", "max-forwards", "pragma", "range", "retry-after", "set-cookie", "vary",
+        "www-authenticate",
+    }
+)
+
+
+def trailers_to_relay(
+    fields: CIMultiDictProxy[str] | CIMultiDict[str] | None,
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """A chunked body's trailer section as it goes on (order and duplicates kept), and the
+    ``X-GT-*`` names dropped from it: game signals ride only in heads, so one in a trailer
+    is never relayed nor believed. Fields of :data:`NOT_IN_TRAILERS` are dropped too."""
+    kept: list[tuple[str, str]] = []
+    game: list[str] = []
+    for name, value in (fields or {}).items():
+        if is_gt_header(name):
+            game.append(name)
+        elif name.lower() not in NOT_IN_TRAILERS:
+            kept.append((name, value))
+    return kept, game
 
 
 def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]:

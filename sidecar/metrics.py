@@ -523,7 +523,7 @@ class H2Metrics:
         self.http1_rejected = Counter(
             "equilibrium_http1_rejected_requests",
             "HTTP/1.1 requests the outbound listener refused before routing, closing the "
-            "connection, by reason (malformed: 400; head-too-large: 431)",
+            "connection, by reason (malformed: 400; head-too-large, trailers-too-large: 431)",
             ["reason"], registry=registry,
         )
         self.flood_goaways = Counter(

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from mesh.hedging import HedgePlan, Hedger, may_hedge
@@ -63,6 +63,7 @@ from sidecar.forward import (
     request_headers_to_upstream,
     response_headers_from_wire,
     response_headers_to_app,
+    trailers_to_relay,
 )
 from sidecar.http1.client import H1Transport
 from sidecar.metrics import OutboundMetrics
@@ -124,13 +125,23 @@ async def drain(content: BodyReader, limit: int = DRAIN_LIMIT,
 class _Upload:
     """The app's body as it arrives; each chunk is progress for the request's watchdog. (An
     async iterator, not an async generator: mypyc compiles this module and no async
-    generator.)"""
+    generator.) ``trailers``: the body's trailer fields that may be relayed, once it has
+    ended (what the upstream client writes after the last chunk)."""
 
-    __slots__ = ("_content", "_watchdog")
+    __slots__ = ("_content", "_on_dropped", "_watchdog")
 
-    def __init__(self, content: BodyReader, watchdog: Watchdog) -> None:
+    def __init__(self, content: BodyReader, watchdog: Watchdog,
+                 on_dropped: Callable[[list[str]], None]) -> None:
         self._content = content
         self._watchdog = watchdog
+        self._on_dropped = on_dropped
+
+    @property
+    def trailers(self) -> list[tuple[str, str]] | None:
+        kept, game = trailers_to_relay(getattr(self._content, "trailers", None))
+        if game:
+            self._on_dropped(game)
+        return kept or None
 
     def __aiter__(self) -> _Upload:
         return self
@@ -375,7 +386,8 @@ class OutboundProxy:
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
-                        _Upload(exchange.content, watchdog) if has_body else None,
+                        _Upload(exchange.content, watchdog, self._app_trailers_dropped)
+                        if has_body else None,
                     ))
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
@@ -602,7 +614,8 @@ class OutboundProxy:
                     while chunk := await content.readany():
                         await exchange.write(chunk)
                         watchdog.push()
-                await exchange.finish()
+                trailers = getattr(upstream, "trailers", None)
+                await exchange.finish(self._trailers(trailers) if trailers else None)
             except asyncio.CancelledError:
                 if not watchdog.took_back():
                     raise
@@ -613,6 +626,17 @@ class OutboundProxy:
                 await self._relay_failed(exchange, ctx, upstream, exc)
         finally:
             upstream.release()
+
+    def _trailers(self, fields: CIMultiDictProxy[str]) -> list[tuple[str, str]] | None:
+        """An answer's trailer fields as they go on to the app (X-GT-* dropped, counted)."""
+        kept, game = trailers_to_relay(fields)
+        for name in game:
+            self.metrics.rejected_headers.labels(name, HeaderDrop.IN_TRAILERS).inc()
+        return kept or None
+
+    def _app_trailers_dropped(self, names: list[str]) -> None:
+        for name in names:
+            self.metrics.rejected_headers.labels(name, HeaderDrop.FROM_APP).inc()
 
     async def _relay_failed(self, exchange: Exchange, ctx: RequestContext,
                             upstream: UpstreamResponse, exc: BaseException) -> None:

@@ -7,7 +7,8 @@ body out as it arrives with read backpressure (reading pauses above a high-water
 resumes once the reader took what was buffered), and saying whether the connection may carry
 another request once the answer is done. Bodies end by ``Content-Length``, by the last chunk
 (whose trailer fields are kept: :attr:`H1Response.trailers`) or by the connection's close;
-answers to HEAD and 1xx/204/304 answers have none (RFC 9110 §6.4.1).
+answers to HEAD and 1xx/204/304 answers have none (RFC 9110 §6.4.1). A chunked request body
+ends with the trailer fields its source offers as ``trailers`` once it is exhausted.
 
 Failures are :mod:`sidecar.transport`'s: a connection that closes before any byte of the
 answer came back is :class:`UpstreamReset` (nothing was answered: the caller may send an
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.http1.trailers import last_chunk
 from sidecar.transport import TransportError, UpstreamReset
 
 if TYPE_CHECKING:
@@ -271,8 +273,8 @@ class UpstreamConnection(asyncio.Protocol):
                     await self._drained()
             if self.lost:
                 return
-            if length is None:
-                transport.write(b"0\r\n\r\n")
+            if length is None:  # the last chunk, with the body's trailer fields if it has any
+                transport.write(last_chunk(getattr(body, "trailers", None)))
             elif sent != length:
                 raise RequestBodyFailed(
                     f"the request body ended after {sent} of its {length} bytes")

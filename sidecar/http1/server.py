@@ -9,14 +9,17 @@ high-water mark; ``Expect: 100-continue`` answered when the handler first reads 
 HEAD, 1xx, 204 and 304 answers without a body; other answers framed by their
 ``Content-Length``, else chunked (HTTP/1.1) or by closing (HTTP/1.0); a response head sent in
 the same write as the first chunk (or the whole small body); writes wait while the socket's
-buffer is above its limit (``pause_writing``/``resume_writing``).
+buffer is above its limit (``pause_writing``/``resume_writing``). Trailer fields: a chunked
+request body's are kept for the handler (``content.trailers``), a chunked answer ends with
+the handler's (:meth:`H1Exchange.finish`).
 
 Also owns the connection's defences (docs/operations.md, "Outbound listener defences"), each
 counted: a request head not complete within ``header_timeout`` is answered 408 and the
 connection closed (``equilibrium_listener_timeouts{phase="http1_header"}``); a keep-alive
 connection idle for ``idle_timeout`` is closed (``{phase="http1_idle"}``); a head larger
 than ``max_head`` bytes is answered 431, a malformed request 400, both closing the
-connection (``equilibrium_http1_rejected_requests{reason}``). The connection cap is the
+connection (``equilibrium_http1_rejected_requests{reason}``); a request body's trailer
+section over ``max_head`` bytes cuts the request (``{reason="trailers-too-large"}``). The connection cap is the
 site's. The timers are one ``loop.call_at`` handle per connection, moved rather than
 re-created: a request whose head arrives in one read costs no timer operation at all.
 
@@ -46,6 +49,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.exchange import Answer
+from sidecar.http1.trailers import last_chunk
 from sidecar.metrics import H2Metrics
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,6 @@ LINGER = 2.0  # seconds a refused connection is read (and dropped) after our err
 
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
 
 
@@ -72,6 +75,11 @@ class H1Limits:
     max_head: int = DEFAULT_MAX_HEAD
 
 
+class TrailersTooLarge(Exception):
+    """A chunked request body's trailer section over ``max_head`` bytes (raised in the
+    parser's callback, so parsing stops there)."""
+
+
 class Framing(enum.Enum):
     NONE = 0  # no body (HEAD, 1xx, 204, 304)
     LENGTH = 1  # Content-Length: the chunks go out as they are
@@ -80,9 +88,11 @@ class Framing(enum.Enum):
 
 
 class RequestBody:
-    """A request body as it arrives (``readany()``; ``b""`` at its end)."""
+    """A request body as it arrives (``readany()``; ``b""`` at its end). ``trailers``: the
+    trailer fields of a chunked body, once it has ended (None before, or when none)."""
 
-    __slots__ = ("_chunks", "_conn", "_continue", "_eof", "_exc", "_size", "_waiter")
+    __slots__ = ("_chunks", "_conn", "_continue", "_eof", "_exc", "_size", "_waiter",
+                 "trailers")
 
     def __init__(self, conn: H1Connection, expect_continue: bool) -> None:
         self._conn = conn
@@ -92,6 +102,7 @@ class RequestBody:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._continue = expect_continue
+        self.trailers: CIMultiDictProxy[str] | None = None
 
     @property
     def buffered(self) -> int:
@@ -243,16 +254,25 @@ class H1Exchange:
         if conn.write_paused:
             await conn.drain()
 
-    async def finish(self) -> None:
+    async def finish(self, trailers: list[tuple[str, str]] | None = None) -> None:
+        """End the answer; ``trailers`` go out as the chunked body's trailer section (an
+        answer framed otherwise has nowhere to carry them: they are dropped)."""
         transport = self._conn.transport
         head, self._head = self._head, b""
-        tail = LAST_CHUNK if self._framing is Framing.CHUNKED else b""
+        tail = last_chunk(trailers) if self._framing is Framing.CHUNKED else b""
         if head or tail:
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the app closed its connection")
             transport.write(head + tail if tail else head)
         # else the body was all written (an app may hang up as soon as it has all of it)
         self.done = True
+
+
+def _decode(pairs: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict([
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in pairs
+    ]))
 
 
 def _encode_head(lines: list[str]) -> bytes:
@@ -300,6 +320,7 @@ class H1Connection(asyncio.Protocol):
         self._head_too_large = False
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []  # of the body being received
         self._receiving: H1Exchange | None = None  # whose body the parser is feeding
         self._upgrade: H1Exchange | None = None
         self._handover = b""
@@ -337,7 +358,10 @@ class H1Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade(data[exc.args[0]:] if exc.args else b"")
             return
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, TrailersTooLarge):
+                self._reject(431, "trailers-too-large")
+                return
             log.exception("HTTP/1.1 connection from %s: parser callback failed", self.remote)
             self._reject(400, "malformed")
             return
@@ -413,8 +437,12 @@ class H1Connection(asyncio.Protocol):
         self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a chunked body's trailer: not relayed
+        if not self._in_head:  # a chunked body's trailer field (bounded like a head)
+            self._trailers.append((name, value))
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > self.limits.max_head:
+                raise TrailersTooLarge
+            return
         self._raw_headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.limits.max_head:
@@ -422,15 +450,14 @@ class H1Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_size = 0  # from here on: the trailer section's bytes
+        self._trailers = []
         if self._head_too_large:
             return
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
         version = parser.get_http_version()
-        headers = CIMultiDictProxy(CIMultiDict([
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in self._raw_headers
-        ]))
+        headers = _decode(self._raw_headers)
         chunked = "Transfer-Encoding" in headers
         length = headers.get("Content-Length")
         body_exists = chunked or (length is not None and length.strip() != "0")
@@ -458,6 +485,9 @@ class H1Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         receiving, self._receiving = self._receiving, None
         if receiving is not None:
+            if self._trailers:
+                receiving.content.trailers = _decode(self._trailers)
+                self._trailers = []
             receiving.content.feed_eof()
 
     # ------------------------------------------------------------ serving in order

@@ -7,6 +7,7 @@ these pin the edge cases that are awkward to produce on the wire.
 
 from __future__ import annotations
 
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.forward import (
@@ -15,7 +16,9 @@ from sidecar.forward import (
     request_headers_to_upstream,
     response_headers_to_app,
     split_game_headers,
+    trailers_to_relay,
 )
+from sidecar.http1.trailers import LAST_CHUNK, TrailerError, last_chunk
 
 
 def frozen(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -90,3 +93,27 @@ def test_answer_fields_from_the_wire_follow_the_same_rules() -> None:
         want_out, want_game = response_headers_to_app(_decode(fields), "1.1 me")
         assert list(out.items()) == list(want_out.items())
         assert game == want_game
+
+
+def test_trailers_keep_their_order_and_drop_what_may_not_ride_there() -> None:
+    kept, game = trailers_to_relay(frozen(
+        ("grpc-status", "0"), ("X-Sum", "1"), ("Content-Length", "5"), ("Host", "evil"),
+        ("Transfer-Encoding", "chunked"), ("Set-Cookie", "a=b"), ("x_gt_bid", "9"),
+        ("X-GT-Price", "3"), ("X-Sum", "2"), ("Connection", "close"),
+    ))
+    assert kept == [("grpc-status", "0"), ("X-Sum", "1"), ("X-Sum", "2")]
+    assert game == ["x_gt_bid", "X-GT-Price"]
+    assert trailers_to_relay(None) == ([], [])
+
+
+def test_the_last_chunk_carries_trailers_as_they_came() -> None:
+    assert last_chunk(None) == last_chunk([]) == LAST_CHUNK == b"0\r\n\r\n"
+    assert last_chunk([("X-A", "1"), ("X-B", "caf\u00e9")]) == (
+        b"0\r\nX-A: 1\r\nX-B: caf\xc3\xa9\r\n\r\n")
+    assert last_chunk([("X-A", "\udce9")]) == b"0\r\nX-A: \xe9\r\n\r\n"  # bytes kept as came
+
+
+@pytest.mark.parametrize("value", ["1\r\nX-Smuggled: 1", "1\n", "1\r"])
+def test_the_last_chunk_refuses_a_line_break(value: str) -> None:
+    with pytest.raises(TrailerError):
+        last_chunk([("X-A", value)])

@@ -398,6 +398,56 @@ async def test_request_bodies_are_framed(raw: MakeRaw, transport: H1Transport) -
     assert b"Transfer-Encoding" not in server.requests[1] and received[1] == b"abcdef"
 
 
+class Trailed:
+    """A request body with trailer fields, offered once it is exhausted (as the outbound
+    proxy's upload offers the app's)."""
+
+    def __init__(self, parts: list[bytes], trailers: list[tuple[str, str]]) -> None:
+        self.parts = parts
+        self.given = trailers
+        self.done = False
+
+    def __aiter__(self) -> Trailed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.parts:
+            self.done = True
+            raise StopAsyncIteration
+        return self.parts.pop(0)
+
+    @property
+    def trailers(self) -> list[tuple[str, str]]:
+        assert self.done, "trailers are read only after the last chunk"
+        return self.given
+
+
+async def test_a_chunked_request_body_ends_with_its_trailers(
+    raw: MakeRaw, transport: H1Transport,
+) -> None:
+    received: list[bytes] = []
+
+    async def script(server: RawServer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, n: int) -> None:
+        for _ in range(2):
+            await server.head(reader)
+            received.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(OK)
+            await writer.drain()
+
+    server = await raw(script)
+    body = Trailed([b"abc"], [("X-Checksum", "900150983cd24fb0"), ("X-Rows", "3")])
+    response = await transport.handle_request(get(server.url + "/", "POST", body))
+    response.release()
+    assert received[0] == b"3\r\nabc\r\n0\r\nX-Checksum: 900150983cd24fb0\r\nX-Rows: 3\r\n\r\n"
+    # a field with a line break would smuggle a request: the body fails, nothing more is sent
+    bad = Trailed([b"abc"], [("X-Evil", "1\r\n\r\nGET /smuggled HTTP/1.1")])
+    with pytest.raises(TransportError):
+        response = await transport.handle_request(get(server.url + "/", "POST", bad))
+        await read_all(response)
+    assert all(b"smuggled" not in request for request in [*server.requests, *received])
+
+
 async def test_the_framing_given_by_the_caller_is_replaced(
     raw: MakeRaw, transport: H1Transport,
 ) -> None:

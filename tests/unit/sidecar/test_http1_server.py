@@ -95,8 +95,11 @@ async def listener() -> AsyncIterator[MakeListener]:
         await runner.cleanup()
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One response: status, headers (lower-cased names), body (by length or chunked)."""
+async def read_response(
+    reader: asyncio.StreamReader, trailers: list[tuple[str, str]] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One response: status, headers (lower-cased names), body (by length or chunked); a
+    chunked body's trailer fields are appended to ``trailers``."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     lines = head.decode().split("\r\n")
     status = int(lines[0].split()[1])
@@ -111,10 +114,13 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
         body = b""
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
             if size == 0:
+                while line := (await reader.readuntil(b"\r\n")).decode()[:-2]:
+                    name, value = line.split(":", 1)
+                    if trailers is not None:
+                        trailers.append((name, value.strip()))
                 break
-            body += chunk[:-2]
+            body += (await reader.readexactly(size + 2))[:-2]
     else:
         body = b""
     return status, headers, body
@@ -283,6 +289,84 @@ async def test_chunked_request_and_response_bodies(listener: MakeListener) -> No
     assert body == b"got:abcdefg!"
     writer.write(GET)  # the connection is still good for the next request
     assert (await read_response(reader))[2] == b"hello"
+    writer.close()
+
+
+async def test_trailers_are_relayed_both_ways_and_game_headers_in_them_are_not(
+    listener: MakeListener,
+) -> None:
+    upstream_got: list[list[tuple[str, str]] | None] = []
+
+    async def trailed(request: UpstreamRequest) -> MemoryResponse:
+        if request.body is None:
+            return await hello(request)
+        got = b"".join([chunk async for chunk in request.body])
+        upstream_got.append(getattr(request.body, "trailers", None))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"sum of " + got
+
+        return MemoryResponse(200, {}, chunks(), trailers=[
+            ("X-Sum", "abc"), ("grpc-status", "0"), ("Content-Length", "99"),
+            ("X-GT-Price", "5"), ("grpc-message", "caf\u00e9"),
+        ])
+
+    rig = await listener(trailed)
+    reader, writer = await rig.connect()
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n0\r\nX-Checksum: 900150983cd24fb0\r\nX-GT-Bid: 9\r\n"
+                 b"Host: elsewhere\r\n\r\n")
+    trailers: list[tuple[str, str]] = []
+    status, headers, body = await read_response(reader, trailers)
+    assert (status, body) == (200, b"sum of abc") and headers["transfer-encoding"] == "chunked"
+    assert upstream_got == [[("X-Checksum", "900150983cd24fb0")]]
+    assert trailers == [("X-Sum", "abc"), ("grpc-status", "0"), ("grpc-message", "caf\u00e9")]
+    assert rig.sample("equilibrium_rejected_headers_total", header="X-GT-Bid",
+                      reason="from-app") == 1
+    assert rig.sample("equilibrium_rejected_headers_total", header="X-GT-Price",
+                      reason="in-trailers") == 1
+    writer.write(GET)  # the connection is at a request boundary: still good
+    assert (await read_response(reader))[2] == b"hello"
+    # an HTTP/1.0 app's answer ends by closing: no trailer section can follow it
+    writer.write(b"POST /up HTTP/1.0\r\nHost: users\r\nContent-Length: 1\r\n\r\nz")
+    rest = await asyncio.wait_for(reader.read(), 5)
+    assert rest.endswith(b"\r\n\r\nsum of z") and b"X-Sum" not in rest
+    writer.close()
+
+
+async def test_an_oversized_trailer_section_cuts_the_request_and_is_counted(
+    listener: MakeListener,
+) -> None:
+    bodies: list[bytes | BaseException] = []
+
+    async def reading(request: UpstreamRequest) -> MemoryResponse:
+        if request.body is not None:
+            try:
+                bodies.append(b"".join([chunk async for chunk in request.body]))
+            except BaseException as exc:  # the request is cut: cancelled
+                bodies.append(exc)
+                raise
+        return await hello(request)
+
+    rig = await listener(reading, limits=H1Limits(max_head=8192))
+    reader, writer = await rig.connect()
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n")
+    for _ in range(100):  # the request is on its way upstream, its body streaming
+        if rig.seen:
+            break
+        await asyncio.sleep(0.02)
+    writer.write(b"0\r\n" + b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 500) for i in range(20))
+                 + b"\r\n")
+    assert await closed(reader)
+    assert rig.sample("equilibrium_http1_rejected_requests_total",
+                      reason="trailers-too-large") == 1
+    for _ in range(100):
+        if bodies:
+            break
+        await asyncio.sleep(0.02)
+    # the request is cut (its upload cancelled): never a whole body upstream
+    assert len(bodies) == 1 and isinstance(bodies[0], asyncio.CancelledError)
     writer.close()
 
 
