@@ -22,6 +22,7 @@ Nothing here routes or forwards; it only carries bytes and headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.forward import BodyReader
 
 JSON_TYPE = "application/json; charset=utf-8"
+TEXT_TYPE = "text/plain; charset=utf-8"
 
 
 @dataclass(slots=True)
@@ -49,6 +51,22 @@ def json_answer(status: int, body: dict[str, Any], headers: Mapping[str, str] | 
                 ) -> Answer:
     """A JSON :class:`Answer` (the body encoded as aiohttp's ``json_response`` does)."""
     return Answer(status, json.dumps(body).encode(), headers or {})
+
+
+def web_response(answer: Answer) -> web.Response:
+    """``answer`` as aiohttp's response (for a handler of aiohttp's server)."""
+    headers = CIMultiDict(answer.headers)
+    headers["Content-Type"] = answer.content_type
+    return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+
+class ReceivedBody(BodyReader, Protocol):
+    """A request body as a listener receives it (aiohttp's ``StreamReader``, the sidecar's
+    own :class:`sidecar.http1.server.RequestBody`)."""
+
+    def at_eof(self) -> bool:
+        """The body has ended and all of it was read."""
+        ...
 
 
 class RequestHead(Protocol):
@@ -81,7 +99,7 @@ class Exchange(RequestHead, Protocol):
     def body_exists(self) -> bool: ...
 
     @property
-    def content(self) -> BodyReader: ...
+    def content(self) -> ReceivedBody: ...
 
     @property
     def transport(self) -> asyncio.BaseTransport | None: ...
@@ -96,6 +114,11 @@ class Exchange(RequestHead, Protocol):
 
     async def answer(self, answer: Answer) -> None:
         """Send a whole small response (head and body in one write)."""
+        ...
+
+    async def refuse_body(self, answer: Answer | None) -> None:
+        """Send ``answer`` (if any, and if the app is still there), then close the connection
+        without reading the rest of the request body (a body that came too slowly)."""
         ...
 
     async def start_response(self, status: int, reason: str | None,
@@ -148,7 +171,7 @@ class AiohttpExchange:
         return self.request.body_exists
 
     @property
-    def content(self) -> BodyReader:
+    def content(self) -> ReceivedBody:
         return self.request.content
 
     @property
@@ -165,9 +188,21 @@ class AiohttpExchange:
             transport.abort()
 
     async def answer(self, answer: Answer) -> None:
-        headers = CIMultiDict(answer.headers)
-        headers["Content-Type"] = answer.content_type
-        self.response = web.Response(status=answer.status, body=answer.body, headers=headers)
+        self.response = web_response(answer)
+
+    async def refuse_body(self, answer: Answer | None) -> None:
+        response = self.response = web.Response(status=answer.status if answer else 400)
+        response.force_close()
+        request = self.request
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if answer is not None and not self.client_gone():
+                response = self.response = web_response(answer)
+                response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+        protocol = request.protocol
+        if hasattr(protocol, "force_close"):  # no lingering read of the rest of the body
+            protocol.force_close()
 
     async def start_response(self, status: int, reason: str | None,
                              headers: CIMultiDict[str]) -> None:

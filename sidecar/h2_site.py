@@ -17,8 +17,9 @@ On stop: the socket stops accepting, HTTP/2 connections get GOAWAY and HTTP/1.1 
 ``Connection: close`` (idle ones are closed), with up to the drain timeout to finish what is in
 flight, then are closed. Transparent interception has its own site
 (:mod:`sidecar.transparent`), which tells h2c apart with :func:`sniff_preface` too. The
-inbound listener uses this site as well (its handler: :mod:`sidecar.h2_inbound`), with its
-HTTP/1.1 still served by aiohttp, each connection under :mod:`sidecar.inbound_site`'s guard.
+inbound listener uses this site as well (its handlers: :mod:`sidecar.h2_inbound` and
+``InboundProxy.serve``), with :mod:`sidecar.inbound_site`'s connection caps over both
+protocols and its guard around the WebSocket upgrades handed to aiohttp.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class OutboundSite(web.BaseSite):
         if h2c:
             on_close: Callable[[H2ServerConnection], None] = self._conns.discard
             if self._guards is not None:  # the inbound listener: its caps count h2c too
-                closed = self._guards.admit_h2c(transport)
+                closed = self._guards.admit_connection(transport)
                 if closed is None:
                     return None
 
@@ -184,10 +185,25 @@ class OutboundSite(web.BaseSite):
         self._metrics.connections.labels("http1").inc()
         server = self._runner.server
         assert server is not None
+        guards = self._guards
         if self._http1 is None:  # aiohttp's HTTP/1.1 protocol for this connection
-            return server() if self._guards is None else self._guards.wrap(server())
+            return server() if guards is None else guards.wrap(server())
+        h1_closed: Callable[[H1Connection], None] = self._shared.http1.discard
+        fallback: Callable[[], asyncio.Protocol] = server
+        if guards is not None:  # the inbound listener: its caps count this connection
+            closed = guards.admit_connection(transport)
+            if closed is None:
+                return None
+
+            def h1_closed(conn: H1Connection, closed: Callable[[], None] = closed) -> None:
+                self._shared.http1.discard(conn)
+                closed()
+
+            def fallback() -> asyncio.Protocol:  # an upgrade: aiohttp's, under a guard
+                return guards.wrap(server())
+
         h1 = H1Connection(self._http1, limits=self._h1_limits, metrics=self._metrics,
-                          fallback=server, on_close=self._shared.http1.discard)
+                          fallback=fallback, on_close=h1_closed)
         self._shared.http1.add(h1)
         return h1
 

@@ -26,8 +26,9 @@ Owns the request path from the network to the local app (``--inbound HOST:PORT -
    The rules are :mod:`mesh.admission`'s; here each waiter is a future that the gate's
    decisions answer.
 5. **Forwarding** with the outbound side's HTTP rules (:mod:`sidecar.forward`): hop-by-hop
-   headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways, every
-   ``X-GT-*`` header stripped before the app sees the request (and from the app's response).
+   headers removed, ``Via`` and ``X-Forwarded-For`` appended, bodies streamed both ways with
+   a chunked body's trailer fields, every ``X-GT-*`` header stripped before the app sees the
+   request (and from the app's response, its trailers included).
    A WebSocket upgrade is policed at its handshake, then bridged (it holds no slot, but a
    caller may hold at most ``websocket_max_per_caller`` open, and messages are bounded by
    ``websocket_max_message``: :mod:`sidecar.websocket`).
@@ -57,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from mesh.admission import RejectReason, Woken
@@ -65,6 +66,7 @@ from mesh.auction import AuctionSnapshot
 from mesh.concurrency import ConcurrencySnapshot
 from mesh.reputation import BookSnapshot
 from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.exchange import AiohttpExchange, Answer, Exchange, json_answer, web_response
 from sidecar.forward import (
     BodyReader,
     append_header,
@@ -72,6 +74,7 @@ from sidecar.forward import (
     must_be_empty,
     request_headers_to_upstream,
     strip_game_headers,
+    trailers_to_relay,
 )
 from sidecar.http1.client import H1Transport
 from sidecar.inbound_policing import OTHER, InboundOutcome, InboundPolicing, Refusal, Verdict
@@ -84,6 +87,7 @@ from sidecar.transport import (
     Transport,
     TransportError,
     UpstreamRequest,
+    UpstreamResponse,
     WebSocketDialer,
     classify,
 )
@@ -125,14 +129,6 @@ async def relay_chunks(
         yield chunk
 
 
-def _gone(request: web.Request) -> bool:
-    """Whether the caller's connection is closed or closing."""
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-
-
 @dataclass(frozen=True, slots=True)
 class InboundSnapshot:
     """The inbound side at one instant, for ``/debug/state``.
@@ -161,7 +157,11 @@ class InboundSnapshot:
 
 
 class InboundProxy:
-    """The aiohttp handler of the inbound listener; one instance per sidecar process.
+    """The inbound listener's request path; one instance per sidecar process.
+
+    :meth:`serve` takes an :class:`Exchange`: the sidecar's own HTTP/1.1 server hands it
+    every request (:mod:`sidecar.http1.server`); :meth:`handle` is aiohttp's handler for what
+    that server hands over (WebSocket upgrades) and for in-process use (:meth:`make_app`).
 
     ``transport``: how requests reach the app (default: an :class:`H1Transport` opened
     and closed with the listener's app; a transport passed in is the caller's to open and
@@ -315,35 +315,50 @@ class InboundProxy:
     # ------------------------------------------------------------ request path
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if is_probe(request):  # answered here, never forwarded to the app
-            return self.probes.answer(request)
+        """aiohttp's handler: :meth:`serve` over an aiohttp request (the WebSocket upgrades
+        the HTTP/1.1 server hands over)."""
+        exchange = AiohttpExchange(request)
+        await self.serve(exchange)
+        return exchange.response if exchange.response is not None else web.Response(status=502)
+
+    async def serve(self, exchange: Exchange) -> None:
+        """Police, admit, forward and answer one HTTP/1.1 request (the module docstring)."""
+        if is_probe(exchange):  # answered here, never forwarded to the app
+            await exchange.answer(self.probes.answer(exchange))
+            return
         now = self.clock()
-        bound = BoundRequest(request.method, request.headers.get("Host", ""), request.raw_path)
-        verdict, policed = self.policing.police(request.headers, bound, now)
+        bound = BoundRequest(exchange.method, exchange.headers.get("Host", ""),
+                             exchange.raw_path)
+        verdict, policed = self.policing.police(exchange.headers, bound, now)
         if isinstance(policed, Refusal):
-            return self._reply(verdict, policed)
+            await exchange.answer(self._reply(verdict, policed))
+            return
         if policed is None:  # a baseline mode: no slot
-            return await self._forward(request, verdict, tracked=False)
-        if is_websocket(request):  # long-lived: policed at the handshake, holds no slot
-            return await self._websocket(request, verdict)
+            await self._forward(exchange, verdict, tracked=False)
+            return
+        if isinstance(exchange, AiohttpExchange) and is_websocket(exchange.request):
+            # long-lived: policed at the handshake, holds no slot
+            exchange.response = await self._websocket(exchange.request, verdict)
+            return
         body: AsyncIterable[bytes] | None = None
         deadline: UploadDeadline | None = None
-        if request.body_exists:  # the body first: its upload time holds no slot
+        if exchange.body_exists:  # the body first: its upload time holds no slot
             deadline = UploadDeadline(asyncio.get_running_loop().time()
                                       + self.settings.upload_timeout)
             try:
-                upload = await receive_upload(request.content, deadline,
+                upload = await receive_upload(exchange.content, deadline,
                                               self.settings.upload_buffer, self.upload_memory)
             except UploadFailed as exc:
                 release(deadline, self.upload_memory)
-                return await self._upload_failed(request, verdict, exc.failure)
-            body = upload_rest(upload, request.content, deadline)
+                await self._upload_failed(exchange, verdict, exc.failure)
+                return
+            body = upload_rest(upload, exchange.content, deadline)
         try:
             admission = await self.policing.admit(verdict, policed, now)
             if isinstance(admission, Refusal):
-                return self._reply(verdict, admission)
-            return await self._forward(request, verdict, tracked=True, body=body,
-                                       upload=deadline)
+                await exchange.answer(self._reply(verdict, admission))
+                return
+            await self._forward(exchange, verdict, tracked=True, body=body, upload=deadline)
         finally:
             release(deadline, self.upload_memory)
 
@@ -354,18 +369,21 @@ class InboundProxy:
     # ------------------------------------------------------------ forwarding
 
     async def _forward(
-        self, request: web.Request, verdict: Verdict, *, tracked: bool,
+        self, exchange: Exchange, verdict: Verdict, *, tracked: bool,
         body: AsyncIterable[bytes] | None = None, upload: UploadDeadline | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Send to the app and stream its answer back; ``tracked`` holds a limiter slot.
         ``body``: the request body as received (:mod:`sidecar.upload`, under the ``upload``
-        deadline); None: streamed from the client as it comes."""
+        deadline); None: streamed from the client as it comes. A chunked body's trailer
+        fields go on to the app after it, and the app's back to the caller."""
         headers, _ = request_headers_to_upstream(
-            request.headers, client_ip=request.remote, proto=request.scheme, via=self.via
+            exchange.headers, client_ip=exchange.remote, proto=exchange.scheme, via=self.via
         )
         headers.popall("Expect", None)
-        if body is None and request.body_exists:
-            body = relay_chunks(request.content, self.request_timeout)
+        if body is None and exchange.body_exists:
+            body = relay_chunks(exchange.content, self.request_timeout)
+        if body is not None:
+            body = _Trailed(body, exchange.content, self._caller_trailers_dropped)
         started = self.clock()
         finished_ok = False
         self.in_flight += 1
@@ -373,46 +391,22 @@ class InboundProxy:
             try:
                 async with asyncio.timeout(self.request_timeout):
                     upstream = await self.transport.handle_request(UpstreamRequest(
-                        request.method, URL(self.app_url + request.raw_path, encoded=True),
+                        exchange.method, URL(self.app_url + exchange.raw_path, encoded=True),
                         headers, body,
                     ))
             except (TransportError, TimeoutError) as exc:
                 if upload is not None and upload.failure is not None:  # the client's fault
-                    return await self._upload_failed(request, verdict, upload.failure)
+                    await self._upload_failed(exchange, verdict, upload.failure)
+                    return
                 failure = classify(exc)
                 self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
                 log.info("app %s: %s", self.app_url, failure.detail)
-                return self._answer(verdict, failure.status, failure.reason,
-                                    f"the app did not answer: {failure.detail}", {})
+                await exchange.answer(self._answer(
+                    verdict, failure.status, failure.reason,
+                    f"the app did not answer: {failure.detail}", {}))
+                return
             try:
-                out = end_to_end(upstream.headers)
-                if strip_game_headers(out):
-                    self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
-                append_header(out, "Via", self.via)
-                self._signal_headers(out, verdict)
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                              headers=out)
-                try:
-                    await response.prepare(request)
-                except ConnectionError:
-                    if not _gone(request):
-                        raise
-                    # the caller's doing: count it, free the app's connection, no traceback
-                    self.metrics.requests.labels(
-                        verdict.label, InboundOutcome.CALLER_HUNG_UP).inc()
-                    upstream.close()
-                    return response
-                if not must_be_empty(request.method, upstream.status):
-                    try:
-                        async for chunk in relay_chunks(upstream.content, self.request_timeout):
-                            await response.write(chunk)
-                    except BODY_READ_ERRORS as exc:
-                        upstream.close()
-                        raise ConnectionResetError(f"app body failed: {exc!r}") from exc
-                await response.write_eof()
-                finished_ok = True
-                self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
-                return response
+                finished_ok = await self._relay(exchange, verdict, upstream)
             finally:
                 upstream.release()
         finally:
@@ -424,17 +418,61 @@ class InboundProxy:
                 self.metrics.app_latency.observe(now - started)
                 self.probes.record(now, now - started)
 
+    async def _relay(self, exchange: Exchange, verdict: Verdict,
+                     upstream: UpstreamResponse) -> bool:
+        """The app's answer to the caller; True once all of it is out."""
+        out = end_to_end(upstream.headers)
+        if strip_game_headers(out):
+            self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
+        append_header(out, "Via", self.via)
+        self._signal_headers(out, verdict)
+        try:
+            await exchange.start_response(upstream.status, upstream.reason, out)
+            if not must_be_empty(exchange.method, upstream.status):
+                content = upstream.content
+                try:
+                    async for chunk in relay_chunks(content, self.request_timeout):
+                        await exchange.write(chunk)
+                except BODY_READ_ERRORS as exc:
+                    # the head is out: cut the caller's connection (a truncated answer,
+                    # never a silently short one)
+                    upstream.close()
+                    exchange.abort()
+                    log.info("app %s: the answer's body failed: %r", self.app_url, exc)
+                    return False
+            trailers = getattr(upstream, "trailers", None)
+            await exchange.finish(self._app_trailers(trailers) if trailers else None)
+        except ConnectionError:
+            if not exchange.client_gone():
+                raise
+            # the caller's doing: count it, free the app's connection, no traceback
+            self.metrics.requests.labels(verdict.label, InboundOutcome.CALLER_HUNG_UP).inc()
+            upstream.close()
+            return False
+        self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
+        return True
+
+    def _app_trailers(self, fields: CIMultiDictProxy[str]) -> list[tuple[str, str]] | None:
+        kept, game = trailers_to_relay(fields)
+        if game:
+            self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc(len(game))
+        return kept or None
+
+    def _caller_trailers_dropped(self, names: list[str]) -> None:
+        self.metrics.stripped.labels(HeaderDrop.IN_TRAILERS).inc(len(names))
+
     async def _websocket(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""
         if self._dialer is None:
-            return self._answer(verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
-                                "this sidecar's transport cannot carry WebSockets", {})
+            return web_response(self._answer(
+                verdict, 501, ErrorReason.WEBSOCKET_NOT_SUPPORTED,
+                "this sidecar's transport cannot carry WebSockets", {}))
         caller, cap = verdict.caller, self.settings.websocket_max_per_caller
         if not self.open_long_lived(caller):  # WebSockets count against their caller
             self.metrics.requests.labels(verdict.label, InboundOutcome.WEBSOCKET_LIMIT).inc()
-            return self._answer(verdict, 429, ErrorReason.WEBSOCKET_LIMIT,
-                                f"caller {caller!r} already has {cap} WebSockets open", {},
-                                {"Retry-After": "1"})
+            return web_response(self._answer(
+                verdict, 429, ErrorReason.WEBSOCKET_LIMIT,
+                f"caller {caller!r} already has {cap} WebSockets open", {}, {"Retry-After": "1"}))
         try:
             return await self._bridge(request, verdict)
         finally:
@@ -466,20 +504,22 @@ class InboundProxy:
                     request.method, URL(self.app_url + request.raw_path, encoded=True), headers))
         except HandshakeRefused as exc:
             self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
-            return self._answer(verdict, 502, ErrorReason.WEBSOCKET_HANDSHAKE_FAILED,
-                                f"the app refused the upgrade with {exc.status}", {})
+            return web_response(self._answer(
+                verdict, 502, ErrorReason.WEBSOCKET_HANDSHAKE_FAILED,
+                f"the app refused the upgrade with {exc.status}", {}))
         except (TransportError, TimeoutError) as exc:
             failure = classify(exc)
             self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
-            return self._answer(verdict, failure.status, failure.reason, failure.detail, {})
+            return web_response(self._answer(verdict, failure.status, failure.reason,
+                                             failure.detail, {}))
         downstream = accept_like(upstream, self.settings.websocket_max_message)
         self._signal_headers(downstream.headers, verdict)
         self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
         return await relay_websocket(request, downstream, upstream, self._oversized)
 
     async def _upload_failed(
-        self, request: web.Request, verdict: Verdict, failure: UploadFailure
-    ) -> web.StreamResponse:
+        self, exchange: Exchange, verdict: Verdict, failure: UploadFailure
+    ) -> None:
         """A body that came too slowly (408) or not at all: counted against its caller, and
         the connection closed once the answer is out (the rest of the body is not read)."""
         timeout = failure is UploadFailure.TIMEOUT
@@ -490,18 +530,10 @@ class InboundProxy:
         verdict.decision = None  # the standing as it is after the defection
         message = (f"the request body did not arrive within {self.settings.upload_timeout:g} s"
                    if timeout else "the request body was abandoned")
-        response = self._answer(verdict, 408 if timeout else 400,
-                                ErrorReason.UPLOAD_TIMEOUT if timeout
-                                else ErrorReason.UPLOAD_ABANDONED, message, {})
-        response.force_close()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            if timeout and request.transport is not None and not request.transport.is_closing():
-                await response.prepare(request)
-                await response.write_eof()
-        protocol = request.protocol
-        if hasattr(protocol, "force_close"):  # no lingering read of the rest of the body
-            protocol.force_close()
-        return response
+        answer = self._answer(verdict, 408 if timeout else 400,
+                              ErrorReason.UPLOAD_TIMEOUT if timeout
+                              else ErrorReason.UPLOAD_ABANDONED, message, {})
+        await exchange.refuse_body(answer if timeout else None)
 
     # ------------------------------------------------------------ answers
 
@@ -509,7 +541,7 @@ class InboundProxy:
                         refused: RejectReason | None = None) -> None:
         headers.update(self.policing.signal_headers(verdict, refused))
 
-    def _reply(self, verdict: Verdict, refusal: Refusal) -> web.Response:
+    def _reply(self, verdict: Verdict, refusal: Refusal) -> Answer:
         return self._answer(verdict, refusal.status, refusal.reason, refusal.message,
                             refusal.extra, refusal.headers, refused=refusal.rejected)
 
@@ -523,10 +555,34 @@ class InboundProxy:
         headers: dict[str, str] | None = None,
         *,
         refused: RejectReason | None = None,
-    ) -> web.Response:
+    ) -> Answer:
         out: CIMultiDict[str] = CIMultiDict(headers or {})
         out["Via"] = self.via
         self._signal_headers(out, verdict, refused)
         body = {"error": message, "reason": reason, "caller": verdict.caller,
                 "sidecar": self.sidecar_id, **extra}
-        return web.json_response(body, status=status, headers=out)
+        return json_answer(status, body, out)
+
+
+class _Trailed:
+    """A request body on its way to the app, offering the caller's trailer fields (those
+    that may be relayed) once it has ended: what the upstream client writes after the last
+    chunk. Game headers in them are dropped and counted."""
+
+    __slots__ = ("_body", "_content", "_on_dropped")
+
+    def __init__(self, body: AsyncIterable[bytes], content: BodyReader,
+                 on_dropped: Callable[[list[str]], None]) -> None:
+        self._body = body
+        self._content = content
+        self._on_dropped = on_dropped
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return aiter(self._body)
+
+    @property
+    def trailers(self) -> list[tuple[str, str]] | None:
+        kept, game = trailers_to_relay(getattr(self._content, "trailers", None))
+        if game:
+            self._on_dropped(game)
+        return kept or None

@@ -1,31 +1,33 @@
-"""The inbound listener's socket defences: header-read and keep-alive timeouts, connection caps.
+"""The inbound listener's socket defences: connection caps, and the timers of aiohttp's share.
 
 Owns what happens to a connection on the inbound listener before and between requests
-(issue 14, finding 3). aiohttp's HTTP/1.1 server has no header-read timeout and keeps an idle
-connection for an hour, so 300 half-sent request heads stayed open indefinitely. The listener's
-socket is :mod:`sidecar.h2_site`'s (h2c is told apart by its first bytes and has its own
-limits: :mod:`sidecar.h2_server`); each HTTP/1.1 connection it hands to aiohttp is wrapped by
-a :class:`_Guard` (:meth:`InboundGuards.wrap`; the aiohttp protocol does the HTTP, the guard
-only watches and closes):
+(issue 14, finding 3). The listener's socket is :mod:`sidecar.h2_site`'s: h2c is told apart by
+its first bytes and served by :mod:`sidecar.h2_server`, HTTP/1.1 by the sidecar's own server
+(:mod:`sidecar.http1.server`, with its header-read timeout, answered 408, and keep-alive idle
+timeout), and a WebSocket upgrade is handed from there to aiohttp's protocol, wrapped by a
+:class:`_Guard` (:meth:`InboundGuards.wrap`; aiohttp does the HTTP, the guard only watches
+and closes, since aiohttp's server has no header-read timeout and keeps an idle connection
+for an hour):
 
-- **Header timeout** (``header_timeout``): from the connection's start, or from the first
-  byte after an answer, the request head must be complete (the request reached the handler)
-  within this many seconds; else the connection is closed. (The body then has its own upload
+- **Header timeout** (``header_timeout``): the request head must be complete within this many
+  seconds of its first byte (for aiohttp's share: of the connection's start, or of the first
+  byte after an answer); else the connection is closed. (The body then has its own upload
   deadline: :mod:`sidecar.upload`.)
 - **Idle timeout** (``idle_timeout``): a keep-alive connection with nothing in flight for this
   long is closed.
 - **Connection caps**: at most ``max_connections`` open on the listener (lowered to half the
   process's file limit, so that idle callers can never take the descriptors the outbound side
   and the app connections need) and ``max_per_source`` from one peer address; a connection
-  past either is closed at once. h2c connections on the same port count against both
-  (:meth:`InboundGuards.admit_h2c`, called by the site when it sees the HTTP/2 preface).
+  past either is closed at once. Every connection counts against both, whoever serves it
+  (:meth:`InboundGuards.admit_connection`, called by the site when it hands a connection to
+  the sidecar's own servers; :class:`_Guard` for aiohttp's).
 - **Out of descriptors**: an ``accept()`` that fails with EMFILE/ENFILE/ENOBUFS/ENOMEM is
   counted and logged once per ``ACCEPT_LOG_INTERVAL`` (asyncio's own handler logs a
   traceback each time).
 
 Each event has a metric (:class:`sidecar.metrics.InboundListenerMetrics`, shared with the
 site's own connection counts) and a documented default
-(docs/operations.md, "Inbound listener defences"). The guard learns that a request reached the
+(docs/operations.md, "Inbound listener defences"). A guard learns that a request reached the
 handler, and that its answer is done, from :meth:`InboundGuards.middleware`, which the runner
 adds to the inbound app. It must not answer, police or read request bodies.
 """
@@ -88,7 +90,7 @@ class InboundGuards:
         self._cap_checked = time.monotonic()
         self.by_transport: dict[int, _Guard] = {}
         self.per_source: dict[str, int] = {}  # HTTP/1.1 and h2c connections, by peer address
-        self.h2c = 0  # h2c connections open (they count against both caps too)
+        self.served = 0  # connections of the sidecar's own servers open (h2c, HTTP/1.1)
 
     def wrap(self, protocol: asyncio.Protocol) -> asyncio.Protocol:
         """Guard one HTTP/1.1 connection served by aiohttp's ``protocol``."""
@@ -114,7 +116,7 @@ class InboundGuards:
         now = time.monotonic()
         if now - self._cap_checked >= 1.0:  # the file limit may be changed at run time
             self.cap, self._cap_checked = effective_cap(self.limits.max_connections), now
-        if len(self.by_transport) + self.h2c >= self.cap:
+        if len(self.by_transport) + self.served >= self.cap:
             return "cap"
         if self.per_source.get(source, 0) >= self.limits.max_per_source:
             return "per-source"
@@ -130,19 +132,20 @@ class InboundGuards:
         else:
             self.per_source.pop(source, None)
 
-    def admit_h2c(self, transport: asyncio.BaseTransport) -> Callable[[], None] | None:
-        """An h2c connection on the same port counts against the same caps: None (closed at
-        once, counted) when it is over one, else the callback to run when it closes."""
+    def admit_connection(self, transport: asyncio.BaseTransport) -> Callable[[], None] | None:
+        """A connection served by the sidecar's own HTTP/1.1 or h2c server counts against the
+        same caps: None (closed at once, counted) when it is over one, else the callback to
+        run when it closes."""
         source = peer_address(transport)
         refused = self.admit(None, source)
         if refused is not None:
             self.metrics.rejected.labels(refused).inc()
             return None
-        self.h2c += 1
+        self.served += 1
         self.enter(source)
 
         def closed() -> None:
-            self.h2c -= 1
+            self.served -= 1
             self.leave(source)
 
         return closed

@@ -520,6 +520,7 @@ class H2Metrics:
             "in time, answered 408; http1_idle: an idle HTTP/1.1 keep-alive connection)",
             ["phase"], registry=registry,
         )
+        self.http1_phases = ("http1_header", "http1_idle")  # the HTTP/1.1 timeouts' labels
         self.http1_rejected = Counter(
             "equilibrium_http1_rejected_requests",
             "HTTP/1.1 requests the outbound listener refused before routing, closing the "
@@ -572,8 +573,13 @@ class InboundListenerMetrics(H2Metrics):
         self.listener_timeouts = Counter(
             "listener_timeouts", "Inbound-listener connections closed by a timeout, by phase "
             "(first_bytes: no byte of a request; header: an HTTP/1.1 head not complete within "
-            "header_timeout; idle: an HTTP/1.1 keep-alive connection idle for "
+            "header_timeout, answered 408; idle: an HTTP/1.1 keep-alive connection idle for "
             "keepalive_timeout; h2_idle)", ["phase"], **scope)
+        self.http1_phases = ("header", "idle")
+        self.http1_rejected = Counter(
+            "http1_rejected_requests", "HTTP/1.1 requests the inbound listener refused before "
+            "policing, closing the connection, by reason (malformed: 400; head-too-large, "
+            "trailers-too-large: 431)", ["reason"], **scope)
         self.accept_errors = Counter(
             "accept_errors", "accept() failures for lack of file descriptors or memory (any "
             "listener; logged once per interval)", **scope)

@@ -32,9 +32,9 @@ from enum import StrEnum
 from typing import Protocol
 
 import aiohttp
-from aiohttp import web
 
 from mesh.probes import LatencyWindow, ProbeReport
+from sidecar.exchange import TEXT_TYPE, Answer, RequestHead, json_answer
 from sidecar.metrics import ProbeAnswerMetrics
 from wire.errors import Reason, WireError
 from wire.headers import IDENTITY
@@ -79,7 +79,7 @@ class ProbedApp(Protocol):
         ...
 
 
-def is_probe(request: web.BaseRequest) -> bool:
+def is_probe(request: RequestHead) -> bool:
     """Whether a request to the inbound listener is a probe for this sidecar to answer."""
     return request.method == "GET" and request.raw_path == PROBE_PATH
 
@@ -131,11 +131,11 @@ class ProbeResponder:
         self._tokens -= 1.0
         return True
 
-    def _refuse(self, result: ProbeResult, status: int, detail: str) -> web.Response:
+    def _refuse(self, result: ProbeResult, status: int, detail: str) -> Answer:
         self.metrics.probes.labels(result).inc()
-        return web.json_response({"error": detail, "reason": str(result)}, status=status)
+        return json_answer(status, {"error": detail, "reason": str(result)})
 
-    def answer(self, request: web.BaseRequest) -> web.Response:
+    def answer(self, request: RequestHead) -> Answer:
         """The answer to one probe (see the module docstring)."""
         if self.mesh_key is None:
             return self._refuse(ProbeResult.NO_KEY, 404, "this sidecar answers no probes")
@@ -158,7 +158,7 @@ class ProbeResponder:
             return self._refuse(ProbeResult.MALFORMED, 400, str(exc))
         self.metrics.probes.labels(ProbeResult.ANSWERED).inc()
         body = format_answer(self.mesh_key, nonce, self.report(now))
-        return web.Response(text=body, headers={"Cache-Control": "no-store"})
+        return Answer(200, body.encode(), {"Cache-Control": "no-store"}, TEXT_TYPE)
 
     async def check_app(self, app_url: str, path: str | None, timeout: float) -> None:
         """Background task: the idle check (module docstring); returns at once without a

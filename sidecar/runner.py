@@ -282,12 +282,22 @@ class SidecarRunner:
             self._background.append(("signaling", self.signaling.run))
 
     async def _serve_http1(self, exchange: Exchange) -> None:
-        """The HTTP/1.1 server's handler: the proxy, tracked so the drain deadline cuts it."""
+        """The outbound HTTP/1.1 server's handler: the proxy, tracked so the drain deadline
+        cuts it."""
+        await self._tracked(self.proxy.serve, exchange)
+
+    async def _serve_inbound_http1(self, exchange: Exchange) -> None:
+        """The inbound HTTP/1.1 server's handler, tracked the same way."""
+        assert self.inbound is not None
+        await self._tracked(self.inbound.serve, exchange)
+
+    async def _tracked(self, serve: Callable[[Exchange], Awaitable[None]],
+                       exchange: Exchange) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight_tasks.add(task)
         try:
-            await self.proxy.serve(exchange)
+            await serve(exchange)
         finally:
             self._in_flight_tasks.discard(task)
 
@@ -331,13 +341,18 @@ class SidecarRunner:
                       guards: InboundGuards) -> SiteFactory:
         """HTTP/1.1 and h2c on the inbound port: each HTTP/2 stream is policed and forwarded
         on its own (sidecar.h2_inbound), with the outbound listener's defences; each HTTP/1.1
-        connection under ``guards`` (sidecar.inbound_site)."""
+        request by the inbound proxy on the sidecar's own server (sidecar.http1.server), with
+        the inbound header and keep-alive timeouts; every connection under ``guards``' caps
+        (sidecar.inbound_site)."""
         self.h2_inbound = H2Inbound(inbound)
         limits = self.config.listener
         return outbound_site(
             self.h2_inbound.handle, metrics, drain_timeout=self.config.drain_timeout,
             limits=H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout),
             sniff_timeout=limits.header_timeout, max_connections=limits.max_connections,
+            http1=self._serve_inbound_http1,
+            http1_limits=H1Limits(header_timeout=guards.limits.header_timeout,
+                                  idle_timeout=guards.limits.idle_timeout),
             guards=guards)
 
     async def _check_app(self) -> None:

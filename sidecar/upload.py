@@ -32,6 +32,8 @@ from enum import StrEnum
 
 import aiohttp
 
+from sidecar.exchange import ReceivedBody
+
 DEFAULT_UPLOAD_TIMEOUT = 30.0
 """Seconds from the request head to the last byte of its body (``policing.upload_timeout``)."""
 DEFAULT_UPLOAD_BUFFER = 256 * 1024
@@ -106,7 +108,7 @@ class Upload:
     complete: bool
 
 
-async def receive_upload(stream: aiohttp.StreamReader, deadline: UploadDeadline, buffer_limit: int,
+async def receive_upload(stream: ReceivedBody, deadline: UploadDeadline, buffer_limit: int,
                          memory: UploadMemory | None = None) -> Upload:
     """Read ``stream`` until its end, ``buffer_limit`` bytes, or the shared ``memory`` is
     spent; raise :class:`UploadFailed` when the deadline passes first or the client goes
@@ -144,7 +146,7 @@ def release(deadline: UploadDeadline | None, memory: UploadMemory | None) -> Non
         deadline.held = 0
 
 
-async def upload_rest(upload: Upload, stream: aiohttp.StreamReader, deadline: UploadDeadline
+async def upload_rest(upload: Upload, stream: ReceivedBody, deadline: UploadDeadline
                       ) -> AsyncIterator[bytes]:
     """The whole body for the app: the buffered head, then (if incomplete) the rest as it
     arrives, each read bounded by the deadline. A miss is recorded in ``deadline.failure``

@@ -19,9 +19,9 @@ connection closed (``equilibrium_listener_timeouts{phase="http1_header"}``); a k
 connection idle for ``idle_timeout`` is closed (``{phase="http1_idle"}``); a head larger
 than ``max_head`` bytes is answered 431, a malformed request 400, both closing the
 connection (``equilibrium_http1_rejected_requests{reason}``); a request body's trailer
-section over ``max_head`` bytes cuts the request (``{reason="trailers-too-large"}``). The connection cap is the
-site's. The timers are one ``loop.call_at`` handle per connection, moved rather than
-re-created: a request whose head arrives in one read costs no timer operation at all.
+section over ``max_head`` bytes cuts the request (``{reason="trailers-too-large"}``). The
+connection cap is the site's. The timers are one ``loop.call_at`` handle per connection, moved
+rather than re-created: a request whose head arrives in one read costs no timer operation.
 
 WebSocket upgrades, CONNECT and any other request llhttp reports as an upgrade are not
 served here: once the requests before it are answered, the connection is handed to
@@ -112,6 +112,10 @@ class RequestBody:
     def received(self) -> bool:
         """The whole body has arrived (read or not)."""
         return self._eof
+
+    def at_eof(self) -> bool:
+        """The body has ended and all of it was read."""
+        return self._eof and not self._chunks
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -210,6 +214,12 @@ class H1Exchange:
         transport = self._conn.transport
         if transport is not None and not transport.is_closing():
             transport.write(head + body if body else head)
+
+    async def refuse_body(self, answer: Answer | None) -> None:
+        # not at a request boundary: the connection closes once this returns (_finished)
+        self.keep_alive = False
+        if answer is not None and not self.client_gone():
+            await self.answer(answer)
 
     async def start_response(self, status: int, reason: str | None,
                              headers: CIMultiDict[str]) -> None:
@@ -633,14 +643,14 @@ class H1Connection(asyncio.Protocol):
         data, self._handover = self._handover, b""
         self.transport = None
         self._release_worker()
+        if self.on_close is not None:  # first: what it held is free for the next protocol
+            on_close, self.on_close = self.on_close, None
+            on_close(self)
         protocol = fallback()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data and not transport.is_closing():
             protocol.data_received(data)
-        if self.on_close is not None:
-            on_close, self.on_close = self.on_close, None
-            on_close(self)
 
     # ------------------------------------------------------------ defences and ending
 
@@ -674,19 +684,20 @@ class H1Connection(asyncio.Protocol):
             self.close()
             return
         if self._phase == "head":
-            self._count_timeout("http1_header")
+            self._count_timeout(0)
             log.info("HTTP/1.1 connection from %s: no complete request head within %gs: 408",
                      self.remote, self.limits.header_timeout)
             self._write_error(408)
             self._linger()
             return
         else:
-            self._count_timeout("http1_idle")
+            self._count_timeout(1)
         self.close()
 
-    def _count_timeout(self, phase: str) -> None:
+    def _count_timeout(self, which: int) -> None:
+        """0: the head's timeout, 1: the idle one (their labels are the listener's)."""
         if self.metrics is not None:
-            self.metrics.listener_timeouts.labels(phase).inc()
+            self.metrics.listener_timeouts.labels(self.metrics.http1_phases[which]).inc()
 
     def _reject(self, status: int, reason: str) -> None:
         if self.metrics is not None:

@@ -1,15 +1,21 @@
-"""HTTP/1.1 trailer fields through a real sidecar process, both ways, on raw sockets.
+"""HTTP/1.1 trailer fields through real sidecar processes, both ways, on raw sockets.
 
-The app and the endpoint are raw loopback sockets, so the bytes on each side are exactly what
-the sidecar wrote: the app's chunked request ends with trailer fields, which reach the
-endpoint; the endpoint's chunked answer ends with trailer fields, which reach the app. Fields
-that may not ride in a trailer section (RFC 9110 §6.5.1) and game headers are not relayed.
+The caller and the endpoint are raw loopback sockets, so the bytes on each side are exactly
+what a sidecar wrote: the caller's chunked request ends with trailer fields, which reach the
+endpoint; the endpoint's chunked answer ends with trailer fields, which reach the caller. Once
+through one sidecar's outbound listener, once through a caller's sidecar and the endpoint's
+inbound sidecar (the mesh path). Fields that may not ride in a trailer section (RFC 9110
+§6.5.1) and game headers are not relayed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+from tests.integration.inbound_support import UPSTREAM, mesh, write_config
 from tests.integration.procs import LOOPBACK, async_start_sidecar, async_stop
 
 
@@ -25,14 +31,19 @@ async def read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bytes, list
     return head, body, trailers
 
 
-async def test_trailers_cross_the_sidecar_both_ways() -> None:
-    seen: list[tuple[bytes, bytes, list[str]]] = []
+class Endpoint:
+    """A raw HTTP/1.1 endpoint: reads chunked requests, answers each with a chunked body and
+    trailer fields (one to relay, two that must not be)."""
 
-    async def endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self) -> None:
+        self.seen: list[tuple[bytes, bytes, list[str]]] = []
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 request = await read_chunked(reader)
-                seen.append(request)
+                self.seen.append(request)
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
                              b"Trailer: X-Sum\r\n\r\n6\r\nsum is\r\n0\r\nX-Sum: "
                              + request[1]
@@ -41,23 +52,57 @@ async def test_trailers_cross_the_sidecar_both_ways() -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(endpoint, LOOPBACK, 0)
-    port = server.sockets[0].getsockname()[1]
-    sidecar = await async_start_sidecar({"svc": [f"http://{LOOPBACK}:{port}"]})
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def endpoint() -> AsyncIterator[Endpoint]:
+    app = Endpoint()
+    app.server = await asyncio.start_server(app.serve, LOOPBACK, 0)
     try:
-        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.outbound_port)
-        for n in range(2):  # twice on one connection: each exchange ends where it should
-            writer.write(b"POST /sum HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"3\r\nab%d\r\n0\r\nX-Checksum: %d\r\nX-GT-Bid: 9\r\n\r\n" % (n, n))
-            head, body, trailers = await asyncio.wait_for(read_chunked(reader), 10)
-            assert head.startswith(b"HTTP/1.1 200") and body == b"sum is"
-            assert trailers == [f"X-Sum: ab{n}"]
-            assert seen[n][1] == b"ab%d" % n and seen[n][2] == [f"X-Checksum: {n}"]
-        writer.close()
-        assert sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Bid",
-                              reason="from-app") == 2
-        assert sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Price",
-                              reason="in-trailers") == 2
+        yield app
     finally:
-        assert await async_stop(sidecar) == 0
-        server.close()
+        app.server.close()
+
+
+async def exchange_twice(port: int, app: Endpoint) -> None:
+    """Two chunked requests with trailers on one connection to ``port``; each exchange ends
+    where it should (the second is read right after the first)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    for n in range(2):
+        writer.write(b"POST /sum HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nab%d\r\n0\r\nX-Checksum: %d\r\nX-GT-Bid: 9\r\n\r\n"
+                     % (UPSTREAM.encode(), n, n))
+        head, body, trailers = await asyncio.wait_for(read_chunked(reader), 10)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"sum is"
+        assert trailers == [f"X-Sum: ab{n}"]
+        assert app.seen[n][1] == b"ab%d" % n and app.seen[n][2] == [f"X-Checksum: {n}"]
+    writer.close()
+
+
+async def test_trailers_cross_the_sidecar_both_ways() -> None:
+    async with endpoint() as app:
+        sidecar = await async_start_sidecar({UPSTREAM: [app.url]})
+        try:
+            await exchange_twice(sidecar.outbound_port, app)
+            assert sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Bid",
+                                  reason="from-app") == 2
+            assert sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Price",
+                                  reason="in-trailers") == 2
+        finally:
+            assert await async_stop(sidecar) == 0
+
+
+async def test_trailers_cross_a_caller_sidecar_and_the_inbound_sidecar(tmp_path: Path) -> None:
+    async with endpoint() as app, mesh(
+        app.url, ["caller"], write_config(tmp_path / "c.json", {})
+    ) as m:
+        await exchange_twice(m.callers["caller"].outbound_port, app)
+        # the app's X-GT-Price never leaves its pod: the inbound side strips it
+        assert m.server.metric("equilibrium_inbound_stripped_headers_total",
+                               source="from-app") == 2
+        assert m.server.metric("equilibrium_inbound_requests_total", caller="caller",
+                               outcome="admitted") == 2

@@ -65,6 +65,7 @@ equilibrium_inbound_identity counter result
 equilibrium_inbound_h2_flood_goaways counter kind
 equilibrium_inbound_h2_oversized_header_blocks counter -
 equilibrium_inbound_h2_refused_streams counter -
+equilibrium_inbound_http1_rejected_requests counter reason
 equilibrium_inbound_in_flight gauge -
 equilibrium_inbound_listener_timeouts counter phase
 equilibrium_inbound_mesh_key_configured gauge -

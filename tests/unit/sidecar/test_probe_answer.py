@@ -62,8 +62,8 @@ def test_a_mesh_caller_gets_a_signed_answer_of_the_window_and_the_load() -> None
     r.draining = lambda: True
     answer = r.answer(probe(signed()))
     assert answer.status == 200
-    assert answer.text is not None
-    report = parse_answer(answer.text, KEY, NONCE)
+    assert answer.content_type.startswith("text/plain")
+    report = parse_answer(answer.body.decode(), KEY, NONCE)
     assert (report.in_flight, report.samples, report.limit, report.draining) == (3, 3, 12, True)
     assert (report.p50, report.p90, report.congestion) == (0.020, 0.030, 0.25)
     assert abs(report.mean - 0.020) < 1e-9
