@@ -53,7 +53,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +66,15 @@ from mesh.auction import AuctionSnapshot
 from mesh.concurrency import ConcurrencySnapshot
 from mesh.reputation import BookSnapshot
 from sidecar.errors import ErrorReason, HeaderDrop
-from sidecar.exchange import AiohttpExchange, Answer, Exchange, json_answer, web_response
+from sidecar.exchange import (
+    AiohttpExchange,
+    Answer,
+    Exchange,
+    ReceivedBody,
+    json_answer,
+    web_response,
+)
 from sidecar.forward import (
-    BodyReader,
     append_header,
     end_to_end,
     must_be_empty,
@@ -100,33 +106,13 @@ from sidecar.upload import (
     release,
     upload_rest,
 )
+from sidecar.watchdog import Watchdog
 from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.identity import BoundRequest
 
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_INTERVAL = 0.5
-
-
-async def relay_chunks(
-    stream: BodyReader, idle_timeout: float, progress: asyncio.Timeout | None = None
-) -> AsyncIterator[bytes]:
-    """Yield a body as it arrives; raise ``TimeoutError`` if no byte comes for ``idle_timeout``.
-
-    ``progress``: a timeout (e.g. the wait for the upstream's answer) that each chunk pushes
-    ``idle_timeout`` into the future, so a long upload that keeps moving is not cut off by it.
-    (Here, not in :mod:`sidecar.forward`: mypyc compiles that module and no async generator.)
-    """
-    loop = asyncio.get_running_loop()
-    while True:
-        async with asyncio.timeout(idle_timeout):
-            chunk = await stream.readany()
-        if not chunk:
-            return
-        if progress is not None:
-            with contextlib.suppress(RuntimeError):  # already left: the answer came first
-                progress.reschedule(loop.time() + idle_timeout)
-        yield chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,20 +366,27 @@ class InboundProxy:
             exchange.headers, client_ip=exchange.remote, proto=exchange.scheme, via=self.via
         )
         headers.popall("Expect", None)
-        if body is None and exchange.body_exists:
-            body = relay_chunks(exchange.content, self.request_timeout)
-        if body is not None:
-            body = _Trailed(body, exchange.content, self._caller_trailers_dropped)
+        # request_timeout bounds each stall (a chunk of the upload, the wait for the answer's
+        # head, each chunk of its body): one watchdog, pushed, not a timer per step
+        watchdog = Watchdog(self.request_timeout)
+        upload_body: _Upload | None = None
+        if body is not None or exchange.body_exists:
+            upload_body = _Upload(body, exchange.content, watchdog,
+                                  self._caller_trailers_dropped)
         started = self.clock()
         finished_ok = False
         self.in_flight += 1
         try:
             try:
-                async with asyncio.timeout(self.request_timeout):
+                try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         exchange.method, URL(self.app_url + exchange.raw_path, encoded=True),
-                        headers, body,
+                        headers, upload_body,
                     ))
+                except asyncio.CancelledError:
+                    if not watchdog.took_back():
+                        raise
+                    raise TimeoutError from None  # the watchdog's: a stall
             except (TransportError, TimeoutError) as exc:
                 if upload is not None and upload.failure is not None:  # the client's fault
                     await self._upload_failed(exchange, verdict, upload.failure)
@@ -406,10 +399,11 @@ class InboundProxy:
                     f"the app did not answer: {failure.detail}", {}))
                 return
             try:
-                finished_ok = await self._relay(exchange, verdict, upstream)
+                finished_ok = await self._relay(exchange, verdict, upstream, watchdog)
             finally:
                 upstream.release()
         finally:
+            watchdog.stop()
             self.in_flight -= 1
             now = self.clock()
             if tracked:  # the slot goes back to the gate (with the RTT if it finished)
@@ -419,8 +413,9 @@ class InboundProxy:
                 self.probes.record(now, now - started)
 
     async def _relay(self, exchange: Exchange, verdict: Verdict,
-                     upstream: UpstreamResponse) -> bool:
-        """The app's answer to the caller; True once all of it is out."""
+                     upstream: UpstreamResponse, watchdog: Watchdog) -> bool:
+        """The app's answer to the caller; True once all of it is out. A body that stalls
+        (the app's side or the caller's) for ``request_timeout`` is cut."""
         out = end_to_end(upstream.headers)
         if strip_game_headers(out):
             self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
@@ -431,8 +426,15 @@ class InboundProxy:
             if not must_be_empty(exchange.method, upstream.status):
                 content = upstream.content
                 try:
-                    async for chunk in relay_chunks(content, self.request_timeout):
-                        await exchange.write(chunk)
+                    watchdog.push()
+                    try:
+                        while chunk := await content.readany():
+                            await exchange.write(chunk)
+                            watchdog.push()
+                    except asyncio.CancelledError:
+                        if not watchdog.took_back():
+                            raise
+                        raise TimeoutError from None  # the watchdog's: a stall
                 except BODY_READ_ERRORS as exc:
                     # the head is out: cut the caller's connection (a truncated answer,
                     # never a silently short one)
@@ -454,12 +456,12 @@ class InboundProxy:
 
     def _app_trailers(self, fields: CIMultiDictProxy[str]) -> list[tuple[str, str]] | None:
         kept, game = trailers_to_relay(fields)
-        if game:
-            self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc(len(game))
+        if game:  # counted per message, as for the head
+            self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
         return kept or None
 
     def _caller_trailers_dropped(self, names: list[str]) -> None:
-        self.metrics.stripped.labels(HeaderDrop.IN_TRAILERS).inc(len(names))
+        self.metrics.stripped.labels(HeaderDrop.IN_TRAILERS).inc()
 
     async def _websocket(self, request: web.Request, verdict: Verdict) -> web.StreamResponse:
         """Bridge a WebSocket to the app (frames both ways until either side closes)."""
@@ -564,21 +566,34 @@ class InboundProxy:
         return json_answer(status, body, out)
 
 
-class _Trailed:
-    """A request body on its way to the app, offering the caller's trailer fields (those
-    that may be relayed) once it has ended: what the upstream client writes after the last
-    chunk. Game headers in them are dropped and counted."""
+class _Upload:
+    """The request body on its way to the app: ``body`` as received (:mod:`sidecar.upload`)
+    or, when None, the caller's stream as it comes. Each chunk is progress for the request's
+    watchdog. Once it has ended it offers the caller's trailer fields that may be relayed
+    (what the upstream client writes after the last chunk); game headers in them are dropped
+    and counted."""
 
-    __slots__ = ("_body", "_content", "_on_dropped")
+    __slots__ = ("_content", "_iterator", "_on_dropped", "_watchdog")
 
-    def __init__(self, body: AsyncIterable[bytes], content: BodyReader,
-                 on_dropped: Callable[[list[str]], None]) -> None:
-        self._body = body
+    def __init__(self, body: AsyncIterable[bytes] | None, content: ReceivedBody,
+                 watchdog: Watchdog, on_dropped: Callable[[list[str]], None]) -> None:
+        self._iterator = aiter(body) if body is not None else None
         self._content = content
+        self._watchdog = watchdog
         self._on_dropped = on_dropped
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return aiter(self._body)
+    def __aiter__(self) -> _Upload:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._iterator is not None:
+            chunk = await anext(self._iterator)
+        else:
+            chunk = await self._content.readany()
+            if not chunk:
+                raise StopAsyncIteration
+        self._watchdog.push()
+        return chunk
 
     @property
     def trailers(self) -> list[tuple[str, str]] | None:

@@ -209,6 +209,8 @@ class SidecarRunner:
         h2_limits = H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout)
         if transparent is not None:  # h2c on redirected connections: per stream, pinned
             transparent.serve_h2(self.h2.handle, self.h2.h2_metrics, h2_limits)
+            transparent.serve_http1(self._serve_http1, self.h2.h2_metrics, H1Limits(
+                header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout))
         if site is None:
             site = outbound_site(
                 self.h2.handle, self.h2.h2_metrics, drain_timeout=config.drain_timeout,

@@ -22,6 +22,12 @@ see :func:`sidecar.discovery.port_protocol`). For a port without such a hint the
 are sniffed: an HTTP/1.x request line means HTTP; other bytes, or silence for
 ``sniff_timeout`` (a server-first protocol such as MySQL or SMTP), mean pass-through.
 
+HTTP/1.1 on those connections is served by the sidecar's own server
+(:mod:`sidecar.http1.server`, :meth:`TransparentOutbound.serve_http1`) with the outbound
+listener's header and keep-alive timeouts and head limit; it hands WebSocket upgrades on to
+aiohttp's protocol. A request is pinned by its connection's original destination (read from
+the exchange's transport).
+
 HTTP/2: on every connection that may carry HTTP (``direct``, ``service`` and sniffed ones)
 the prior-knowledge h2c preface (RFC 9113 §3.4) is told apart from HTTP/1.1 by the first
 bytes, and such a connection is served by an :class:`sidecar.h2_server.H2ServerConnection`
@@ -57,9 +63,12 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from sidecar.exchange import Exchange
 from sidecar.h2_server import H2Limits, H2ServerConnection, ServerStream
 from sidecar.h2_site import DEFAULT_SNIFF_TIMEOUT as DEFAULT_HEADER_TIMEOUT
 from sidecar.h2_site import sniff_preface
+from sidecar.http1.server import H1Connection, H1Limits
+from sidecar.http1.server import Handler as H1Handler
 from sidecar.local_callers import PeerCheck
 from sidecar.metrics import H2Metrics, TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
@@ -120,7 +129,7 @@ class TransparentRouter:
         found = self.route(dst)
         return found[0] if found is not None else None
 
-    def pinned_upstream(self, request: web.BaseRequest) -> str | None:
+    def pinned_upstream(self, request: Exchange) -> str | None:
         """The upstream a request's connection is bound to by its original destination."""
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
@@ -138,6 +147,17 @@ PinnedHandler = Callable[[ServerStream, str | None], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
+class H1Serving:
+    """How HTTP/1.1 connections (redirected and direct) are served: by the sidecar's own
+    server (:mod:`sidecar.http1.server`) with ``handler``, WebSocket upgrades handed on to
+    aiohttp's protocol."""
+
+    handler: H1Handler
+    metrics: H2Metrics
+    limits: H1Limits = field(default_factory=H1Limits)
+
+
+@dataclass(frozen=True, slots=True)
 class H2Serving:
     """How redirected (and direct) h2c connections are served."""
 
@@ -152,9 +172,11 @@ class RelayBook:
     HTTP/2 connections."""
 
     h2: H2Serving | None = None  # set by TransparentOutbound.serve_h2; None: no h2c detection
+    http1: H1Serving | None = None  # set by TransparentOutbound.serve_http1; None: aiohttp's
 
     def __init__(self) -> None:
         self.h2_connections: set[H2ServerConnection] = set()
+        self.http1_connections: set[H1Connection] = set()
         self.sides: set[_RelaySide] = set()  # downstream ends of open relays
         self.idle = asyncio.Event()  # set whenever no relay is open
         self.idle.set()
@@ -224,15 +246,22 @@ class TransparentSite(web.BaseSite):
         h2 = list(self._book.h2_connections)
         for conn in h2:
             conn.shutdown()  # GOAWAY: the streams in flight finish
+        http1 = self._book.http1_connections
+        for h1 in list(http1):
+            h1.shutdown()  # the request in flight is answered with Connection: close
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._drain_timeout):
                 await self._book.idle.wait()
                 for conn in h2:
                     await conn.lost.wait()
+                while any(h1.busy for h1 in http1):
+                    await asyncio.sleep(0.05)
         for side in list(self._book.sides):
             side.abort()
         for conn in list(self._book.h2_connections):
             conn.abort()
+        for h1 in list(http1):
+            h1.abort()
         await super().stop()
 
     # ------------------------------------------------------------ per connection
@@ -276,7 +305,14 @@ class TransparentSite(web.BaseSite):
                 return self._h2_connection(dst)
             server = self._runner.server
             assert server is not None
-            return server()  # aiohttp's HTTP protocol for this connection
+            serving = self._book.http1
+            if serving is None:
+                return server()  # aiohttp's HTTP protocol for this connection
+            conns = self._book.http1_connections
+            h1 = H1Connection(serving.handler, limits=serving.limits, metrics=serving.metrics,
+                              fallback=server, on_close=conns.discard)
+            conns.add(h1)
+            return h1
         assert dst is not None
         self._metrics.connections.labels("passthrough").inc()
         return _RelaySide(self, dst, downstream=True)
@@ -528,8 +564,15 @@ class TransparentOutbound:
 
     router: TransparentRouter
     site: Callable[[web.AppRunner, str, int], web.BaseSite]
-    pinned_upstream: Callable[[web.BaseRequest], str | None]
+    pinned_upstream: Callable[[Exchange], str | None]
     book: RelayBook
+
+    def serve_http1(self, handler: H1Handler, metrics: H2Metrics,
+                    limits: H1Limits | None = None) -> None:
+        """Serve the listener's HTTP/1.1 connections with the sidecar's own server and
+        ``handler`` (aiohttp's protocol takes only the WebSocket upgrades it hands over).
+        Before the listener starts."""
+        self.book.http1 = H1Serving(handler, metrics, limits or H1Limits())
 
     def serve_h2(self, handler: PinnedHandler, metrics: H2Metrics,
                  limits: H2Limits | None = None) -> None:
@@ -547,7 +590,7 @@ def transparent_outbound(
     drain_timeout: float,
     lookup: DestinationLookup | None = None,
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
-    fallback: Callable[[web.BaseRequest], str | None] | None = None,
+    fallback: Callable[[Exchange], str | None] | None = None,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     accept_from: PeerCheck | None = None,
 ) -> TransparentOutbound:
@@ -568,7 +611,7 @@ def transparent_outbound(
             accept_from=accept_from,
         )
 
-    def pinned(request: web.BaseRequest) -> str | None:
+    def pinned(request: Exchange) -> str | None:
         name = router.pinned_upstream(request)
         if name is None and fallback is not None:
             name = fallback(request)

@@ -46,13 +46,17 @@ def test_slow_pod_equilibrium_sends_less_to_the_bad_pod_than_round_robin(tmp_pat
 
 
 @pytest.mark.slow
-def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", ["outbound", "inbound"])
+def test_proxy_overhead_compares_direct_and_proxied_in_one_run(tmp_path: Path,
+                                                               listener: str) -> None:
     proc = _run(["--scenario", "proxy-overhead", "--duration", "1.2", "--rate", "100",
                  "--overhead-rounds", "2", "--overhead-warmup", "0.1",
-                 "--overhead-warmup-segment", "0", "--peers", "none", "--out", "r"],
+                 "--overhead-warmup-segment", "0", "--peers", "none",
+                 "--overhead-listener", listener, "--overhead-max-duration", "0", "--out", "r"],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r" / "proxy-overhead.json").read_text())
+    assert doc["parameters"]["listener"] == listener
     data = doc["data"]
     assert len(data["rounds"]) == 2
     assert data["errors"] == {"direct": 0, "proxied": 0}

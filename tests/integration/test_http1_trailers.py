@@ -106,3 +106,13 @@ async def test_trailers_cross_a_caller_sidecar_and_the_inbound_sidecar(tmp_path:
                                source="from-app") == 2
         assert m.server.metric("equilibrium_inbound_requests_total", caller="caller",
                                outcome="admitted") == 2
+        # straight to the inbound listener: a game header in the trailers is not relayed
+        reader, writer = await asyncio.open_connection(LOOPBACK, m.inbound_port)
+        writer.write(b"POST /sum HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nzz\r\n0\r\nX-GT-Bid: 900\r\nX-Rows: 1\r\n\r\n")
+        _, body, trailers = await asyncio.wait_for(read_chunked(reader), 10)
+        writer.close()
+        assert (body, trailers) == (b"sum is", ["X-Sum: zz"])
+        assert app.seen[2][1:] == (b"zz", ["X-Rows: 1"])
+        assert m.server.metric("equilibrium_inbound_stripped_headers_total",
+                               source="in-trailers") == 1

@@ -343,6 +343,16 @@ async def test_app_calls_a_service_ip_and_the_sidecar_routes_it_to_the_endpoints
     # The sidecar's own upstream and API connections were never redirected back to itself.
     assert await pod.metric(connections, route="passthrough") == 0
 
+    # HTTP/1.1 on a redirected connection is the sidecar's own server, with the listener's
+    # defences: a request llhttp refuses is answered 400 and counted
+    reader, writer = await connect_in(pod.namespace, SERVICE_IP, 80)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
+    async with asyncio.timeout(10):
+        raw = await reader.read()
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 400")
+    assert await pod.metric("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
+
 
 async def test_what_is_not_a_services_http_passes_through_untouched(
     world: tuple[Pod, Cluster],

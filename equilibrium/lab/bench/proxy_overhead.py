@@ -14,6 +14,10 @@ of each proxy (its process tree, from ``/proc``) and its added latency come out 
 as ratios to HAProxy's. Then the most requests per second one core sustains: each proxy pinned
 to one CPU in front of a static backend (nginx ``return 200``), ``wrk`` on the other CPU for
 ``--overhead-max-duration`` seconds (needs nginx and wrk; skipped with a note otherwise).
+
+``--overhead-listener inbound`` measures the sidecar's other half instead: its inbound
+listener in front of the pod (``--inbound``/``--app``, policing as configured, the load an
+anonymous caller), the place where HAProxy and nginx usually stand as reverse proxies.
 """
 
 from __future__ import annotations
@@ -30,10 +34,29 @@ from equilibrium.lab.bench.report import ms
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.fleet import Fleet
 from equilibrium.lab.loadgen import Record, latency_summary
-from equilibrium.lab.processes import cpu_seconds
+from equilibrium.lab.processes import cpu_seconds, free_port
 from equilibrium.lab.sidecars import Sidecar
 
 UPSTREAM = "backend"
+
+
+async def _start_sidecar(ctx: BenchContext, name: str, pod: str, policy: str,
+                         log: str) -> tuple[Sidecar, str, str | None]:
+    """The measured sidecar in front of ``pod``, and the URL and ``Host`` the load uses: its
+    outbound listener (routing by ``Host``), or its inbound listener (``--overhead-listener
+    inbound``: the pod is its app)."""
+    args = ctx.args
+    if args.overhead_listener == "inbound":
+        port = free_port()
+        sidecar = await Sidecar.start(
+            name, {}, policy=policy, strategy=args.strategy,
+            extra=[*args.sidecar_arg, "--inbound", f"127.0.0.1:{port}", "--app", pod],
+            stderr_path=str(ctx.logs / log))
+        return sidecar, f"http://127.0.0.1:{port}", None
+    sidecar = await Sidecar.start(name, {UPSTREAM: [pod]}, policy=policy,
+                                  strategy=args.strategy, extra=args.sidecar_arg,
+                                  stderr_path=str(ctx.logs / log))
+    return sidecar, sidecar.outbound_url, UPSTREAM
 
 
 def _kept(records: list[Record], rate: float, warmup: float) -> list[float]:
@@ -62,6 +85,10 @@ class ProxyOverhead(Scenario):
                                 "skip it)")
         group.add_argument("--overhead-max-connections", type=int, default=32,
                            help="wrk connections for the one-core maximum (32)")
+        group.add_argument("--overhead-listener", choices=("outbound", "inbound"),
+                           default="outbound",
+                           help="the sidecar's listener measured: outbound (a caller's "
+                                "sidecar, by Host) or inbound (in front of the pod)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
@@ -74,7 +101,7 @@ class ProxyOverhead(Scenario):
             "rate": args.rate, "duration_per_mode_s": args.duration, "rounds": rounds,
             "segment_s": round(segment, 3), "warmup_s": warmup,
             "warmup_segment_s": warmup_segment, "sidecar_policy": policy,
-            "order": "direct → proxied, repeated",
+            "order": "direct → proxied, repeated", "listener": args.overhead_listener,
         }
         contenders, peer_notes = peers.select(getattr(args, "peers", peers.NONE),
                                               first_of_each=True)
@@ -84,6 +111,8 @@ class ProxyOverhead(Scenario):
         fleet = await Fleet.start(["--pods", "1", "--service-time", "0", "--jitter", "0",
                                    "--seed", str(args.seed)],
                                   stderr_path=str(ctx.logs / "fleet.log"))
+        if len(fleet.urls) != 1:
+            raise RuntimeError(f"expected one pod, the fleet has {len(fleet.urls)}")
         samples_by_mode: dict[str, list[float]] = {m: [] for m in modes}
         per_round: list[dict[str, Any]] = []
         errors = dict.fromkeys(modes, 0)
@@ -94,14 +123,13 @@ class ProxyOverhead(Scenario):
         running: list[peers.PeerProxy] = []
         throughput: dict[str, Any] = {}
         try:
-            sidecar = await Sidecar.start("overhead", {UPSTREAM: fleet.urls}, policy=policy,
-                                          strategy=args.strategy, extra=args.sidecar_arg,
-                                          stderr_path=str(ctx.logs / "sidecar.log"))
+            sidecar, sidecar_url, sidecar_host = await _start_sidecar(
+                ctx, "overhead", fleet.urls[0], policy, "sidecar.log")
             try:
                 for spec in contenders:
                     running.append(await peers.PeerProxy.start(spec, fleet.urls, ctx.logs))
                 load_targets = {"direct": LoadTarget("direct", fleet.urls[0], None),
-                           "proxied": LoadTarget("proxied", sidecar.outbound_url, UPSTREAM),
+                           "proxied": LoadTarget("proxied", sidecar_url, sidecar_host),
                            **{p.name: LoadTarget(p.name, p.url, UPSTREAM) for p in running}}
                 proxy_cpu = {"direct": lambda: 0.0,
                              "proxied": lambda: cpu_seconds(sidecar.child.pid),
@@ -208,9 +236,11 @@ class ProxyOverhead(Scenario):
         )
         notes = [
             "Every mode uses the same generator, rate and backend; only the path differs "
-            "(loopback TCP to the pod, or to the sidecar's outbound listener with "
-            f"`Host: {UPSTREAM}`, or to a peer proxy with one worker). `proxied` is the "
-            "sidecar.",
+            "(loopback TCP to the pod, or to the sidecar's "
+            + (f"outbound listener with `Host: {UPSTREAM}`" if args.overhead_listener
+               == "outbound" else "inbound listener in front of the pod (an anonymous caller, "
+               "policed as configured)")
+            + ", or to a peer proxy with one worker). `proxied` is the sidecar.",
             "Everything (generator, sidecar, backend) shares the machine's CPUs, so the added "
             "latency includes the sidecar's CPU competing with the generator's.",
         ]
@@ -263,11 +293,10 @@ async def _one_core_maximum(ctx: BenchContext, policy: str,
     backend = await peers.PeerProxy.start(None, [], ctx.logs, name="static-backend")
     try:
         backend.pin(load_cpus)
-        sidecar = await Sidecar.start("one-core", {UPSTREAM: [backend.url]}, policy=policy,
-                                      strategy=args.strategy, extra=args.sidecar_arg,
-                                      stderr_path=str(ctx.logs / "sidecar-one-core.log"))
+        sidecar, sidecar_url, _ = await _start_sidecar(ctx, "one-core", backend.url, policy,
+                                                       "sidecar-one-core.log")
         running: list[tuple[str, str, Any, Any]] = [
-            ("sidecar", sidecar.outbound_url, lambda: cpu_seconds(sidecar.child.pid),
+            ("sidecar", sidecar_url, lambda: cpu_seconds(sidecar.child.pid),
              lambda: peers.pin(sidecar.child.pid, proxy_cpu))]
         started: list[peers.PeerProxy] = []
         try:
