@@ -1,10 +1,10 @@
-"""What a listener hands the outbound proxy: one HTTP/1.1 request and the way to answer it.
+"""What a listener hands a proxy: one HTTP/1.1 request and the way to answer it.
 
 Owns the neutral request/response seam between a listener's connection handling and the
-proxy's request path (:mod:`sidecar.outbound`), so the proxy is written once for both
-listeners that serve HTTP/1.1 on the outbound port: the sidecar's own server
-(:mod:`sidecar.http1.server`, the default) and aiohttp's (:class:`AiohttpExchange`: the
-WebSocket upgrades it is handed, and transparent interception's site).
+request paths (:mod:`sidecar.outbound`, :mod:`sidecar.inbound`), so each is written once for
+both servers of HTTP/1.1: the sidecar's own (:mod:`sidecar.http1.server`, on every listener)
+and aiohttp's (:class:`AiohttpExchange`: the WebSocket upgrades the sidecar's server hands
+over, and in-process use through ``make_app``).
 
 An :class:`Exchange` is the request (method, target as received, headers in a
 ``CIMultiDict``, the peer's address, scheme, a streamed body with ``readany()``) and its
@@ -216,6 +216,6 @@ class AiohttpExchange:
 
     async def finish(self, trailers: list[tuple[str, str]] | None = None) -> None:
         # aiohttp writes no trailer section: ``trailers`` are dropped (this exchange serves
-        # transparent interception's HTTP/1.1, docs/grpc.md "Trailers")
+        # only what the sidecar's own server hands over, and in-process use)
         assert self.response is not None
         await self.response.write_eof()

@@ -216,10 +216,12 @@ class H1Exchange:
             transport.write(head + body if body else head)
 
     async def refuse_body(self, answer: Answer | None) -> None:
-        # not at a request boundary: the connection closes once this returns (_finished)
+        # not at a request boundary: the connection ends once this returns; after an answer
+        # it lingers (half-closed, the rest read and dropped) so a reset does not lose it
         self.keep_alive = False
         if answer is not None and not self.client_gone():
             await self.answer(answer)
+            self._conn._linger()
 
     async def start_response(self, status: int, reason: str | None,
                              headers: CIMultiDict[str]) -> None:
@@ -584,7 +586,7 @@ class H1Connection(asyncio.Protocol):
 
     def _finished(self, exchange: H1Exchange) -> None:
         self._active = None
-        if self.transport is None:
+        if self.transport is None or self._lingering:  # lingering: its timer closes it
             return
         if not (exchange.done and exchange.keep_alive and exchange.content.received):
             # an answer cut short, or a body still on its way that nobody will read: the
