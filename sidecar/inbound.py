@@ -75,11 +75,10 @@ from sidecar.exchange import (
     web_response,
 )
 from sidecar.forward import (
-    append_header,
-    end_to_end,
     must_be_empty,
     request_headers_to_upstream,
-    strip_game_headers,
+    response_headers_from_wire,
+    response_headers_to_app,
     trailers_to_relay,
 )
 from sidecar.http1.client import H1Transport
@@ -416,10 +415,11 @@ class InboundProxy:
                      upstream: UpstreamResponse, watchdog: Watchdog) -> bool:
         """The app's answer to the caller; True once all of it is out. A body that stalls
         (the app's side or the caller's) for ``request_timeout`` is cut."""
-        out = end_to_end(upstream.headers)
-        if strip_game_headers(out):
+        fields = getattr(upstream, "wire_fields", None)  # sidecar.http1's: the raw fields
+        out, game = (response_headers_from_wire(fields, self.via) if fields is not None
+                     else response_headers_to_app(upstream.headers, self.via))
+        if game:  # the app's own X-GT-*: never relayed (an app cannot forge a signal)
             self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
-        append_header(out, "Via", self.via)
         self._signal_headers(out, verdict)
         try:
             await exchange.start_response(upstream.status, upstream.reason, out)
