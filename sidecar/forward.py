@@ -243,7 +243,8 @@ def response_headers_from_wire(
 
 # Fields a sender may not put in a trailer section, or that mean nothing after the body
 # (RFC 9110 §6.5.1: framing, routing, request modifiers, authentication, response control
-# data, and how to process the content): dropped on the way through, with the hop-by-hop ones.
+# data, and how to process the content), and the forwarding fields this proxy sets in the
+# head: dropped on the way through, with the hop-by-hop ones.
 NOT_IN_TRAILERS = HOP_BY_HOP | frozenset(
     {
         "age", "authorization", "cache-control", "content-encoding", "content-length",
@@ -251,6 +252,10 @@ NOT_IN_TRAILERS = HOP_BY_HOP | frozenset(
         "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
         "location", "max-forwards", "pragma", "range", "retry-after", "set-cookie", "vary",
         "www-authenticate",
+        # what the proxy itself sets in the head: a trailer must not override it for an app
+        # that merges trailers into headers (a spoofed client address)
+        "forwarded", "via", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+        "x-real-ip",
     }
 )
 

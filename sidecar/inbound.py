@@ -421,29 +421,28 @@ class InboundProxy:
         if game:  # the app's own X-GT-*: never relayed (an app cannot forge a signal)
             self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
         self._signal_headers(out, verdict)
+        watchdog.push()
         try:
-            await exchange.start_response(upstream.status, upstream.reason, out)
-            if not must_be_empty(exchange.method, upstream.status):
-                content = upstream.content
-                try:
-                    watchdog.push()
-                    try:
-                        while chunk := await content.readany():
-                            await exchange.write(chunk)
-                            watchdog.push()
-                    except asyncio.CancelledError:
-                        if not watchdog.took_back():
-                            raise
-                        raise TimeoutError from None  # the watchdog's: a stall
-                except BODY_READ_ERRORS as exc:
-                    # the head is out: cut the caller's connection (a truncated answer,
-                    # never a silently short one)
-                    upstream.close()
-                    exchange.abort()
-                    log.info("app %s: the answer's body failed: %r", self.app_url, exc)
-                    return False
-            trailers = getattr(upstream, "trailers", None)
-            await exchange.finish(self._app_trailers(trailers) if trailers else None)
+            try:
+                await exchange.start_response(upstream.status, upstream.reason, out)
+                if not must_be_empty(exchange.method, upstream.status):
+                    content = upstream.content
+                    while chunk := await content.readany():
+                        await exchange.write(chunk)
+                        watchdog.push()
+                trailers = getattr(upstream, "trailers", None)
+                await exchange.finish(self._app_trailers(trailers) if trailers else None)
+            except asyncio.CancelledError:
+                if not watchdog.took_back():
+                    raise
+                raise TimeoutError from None  # the watchdog's: a stall
+        except BODY_READ_ERRORS as exc:
+            # the head may be out: cut the caller's connection (a truncated answer, never a
+            # silently short one)
+            upstream.close()
+            exchange.abort()
+            log.info("app %s: the answer failed: %r", self.app_url, exc)
+            return False
         except ConnectionError:
             if not exchange.client_gone():
                 raise

@@ -83,7 +83,7 @@ from sidecar.upstreams import UpstreamTable
 from sidecar.watchdog import Watchdog
 from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.errors import WireError
-from wire.headers import CONGESTION, REFUSED, parse_congestion
+from wire.headers import CONGESTION, GAME_HEADERS, REFUSED, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -630,8 +630,9 @@ class OutboundProxy:
     def _trailers(self, fields: CIMultiDictProxy[str]) -> list[tuple[str, str]] | None:
         """An answer's trailer fields as they go on to the app (X-GT-* dropped, counted)."""
         kept, game = trailers_to_relay(fields)
-        for name in game:
-            self.metrics.rejected_headers.labels(name, HeaderDrop.IN_TRAILERS).inc()
+        for name in game:  # the upstream chose the name: a label of a bounded set
+            label = GAME_HEADERS.get(name.lower().replace("_", "-"), "X-GT-*")
+            self.metrics.rejected_headers.labels(label, HeaderDrop.IN_TRAILERS).inc()
         return kept or None
 
     def _app_trailers_dropped(self, names: list[str]) -> None:

@@ -56,6 +56,9 @@ CHALLENGE = "X-GT-Challenge"
 SIGNALS = "X-GT-Signals"
 DEMAND = "X-GT-Demand"
 REFUSED = "X-GT-Refused"
+# the game headers above, by their lower-case names (a bounded set of metric labels)
+GAME_HEADERS = {name.lower(): name for name in (
+    RETRY, CONGESTION, BID, PRICE, IDENTITY, REPUTATION, CHALLENGE, SIGNALS, DEMAND, REFUSED)}
 REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down"})
 """The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""
 

@@ -19,7 +19,9 @@ connection closed (``equilibrium_listener_timeouts{phase="http1_header"}``); a k
 connection idle for ``idle_timeout`` is closed (``{phase="http1_idle"}``); a head larger
 than ``max_head`` bytes is answered 431, a malformed request 400, both closing the
 connection (``equilibrium_http1_rejected_requests{reason}``); a request body's trailer
-section over ``max_head`` bytes cuts the request (``{reason="trailers-too-large"}``). The
+section (or chunk framing between body bytes) over ``max_head`` bytes cuts the request
+(``{reason="trailers-too-large"}``); an answer given before its request's body ended is
+followed by a linger (the rest read and dropped, then the close). The
 connection cap is the site's. The timers are one ``loop.call_at`` handle per connection, moved
 rather than re-created: a request whose head arrives in one read costs no timer operation.
 
@@ -199,7 +201,9 @@ class H1Exchange:
 
     async def answer(self, answer: Answer) -> None:
         self.started = True
-        keep = self.keep_alive = self._keep()
+        # a body still on its way is not read for the sidecar's own answer: the connection
+        # ends after it (_finished), and the answer says so
+        keep = self.keep_alive = self._keep() and self.content.received
         lines = [f"HTTP/1.1 {answer.status} {REASONS.get(answer.status, '')}",
                  f"Content-Type: {answer.content_type}",
                  f"Content-Length: {len(answer.body)}"]
@@ -333,6 +337,9 @@ class H1Connection(asyncio.Protocol):
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] = []  # of the body being received
+        # bytes read since the body's last byte (chunk framing, extensions, trailers): llhttp
+        # buffers an unfinished field line whole, so it is bounded here, by the raw bytes
+        self._since_body = 0
         self._receiving: H1Exchange | None = None  # whose body the parser is feeding
         self._upgrade: H1Exchange | None = None
         self._handover = b""
@@ -365,6 +372,9 @@ class H1Connection(asyncio.Protocol):
             self._handover += data
             return
         was_in_head = self._in_head
+        receiving = self._receiving
+        if receiving is not None:
+            self._since_body += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -393,6 +403,9 @@ class H1Connection(asyncio.Protocol):
                 self._arm("head", self.limits.header_timeout)
         if self._head_too_large:
             self._reject(431, "head-too-large")
+        elif (self._receiving is not None and self._receiving is receiving
+              and self._since_body > self.limits.max_head):
+            self._reject(431, "trailers-too-large")  # or endless chunk framing
 
     def eof_received(self) -> bool | None:
         # the app half-closed: answer what it asked for, then close (no keep-alive)
@@ -464,6 +477,7 @@ class H1Connection(asyncio.Protocol):
         self._in_head = False
         self._head_size = 0  # from here on: the trailer section's bytes
         self._trailers = []
+        self._since_body = 0
         if self._head_too_large:
             return
         parser = self.parser
@@ -488,6 +502,7 @@ class H1Connection(asyncio.Protocol):
             self._update_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._since_body = 0
         receiving = self._receiving
         if receiving is not None:
             receiving.content.feed(body)
@@ -587,6 +602,12 @@ class H1Connection(asyncio.Protocol):
     def _finished(self, exchange: H1Exchange) -> None:
         self._active = None
         if self.transport is None or self._lingering:  # lingering: its timer closes it
+            return
+        if exchange.done and not exchange.content.received:
+            # answered before its body ended (a refusal, an early answer): the rest is read
+            # and dropped for a while, so closing with unread bytes does not reset the
+            # connection under the answer
+            self._linger()
             return
         if not (exchange.done and exchange.keep_alive and exchange.content.received):
             # an answer cut short, or a body still on its way that nobody will read: the

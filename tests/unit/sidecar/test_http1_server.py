@@ -9,6 +9,7 @@ connection cap) are checked with a well-behaved client served alongside.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -367,6 +368,58 @@ async def test_an_oversized_trailer_section_cuts_the_request_and_is_counted(
         await asyncio.sleep(0.02)
     # the request is cut (its upload cancelled): never a whole body upstream
     assert len(bodies) == 1 and isinstance(bodies[0], asyncio.CancelledError)
+    writer.close()
+
+
+@pytest.mark.parametrize("tail", [
+    b"0\r\nX-Long: ",  # a trailer line that never ends
+    b"1;ext=",  # a chunk extension that never ends
+])
+async def test_an_endless_line_between_body_bytes_is_cut_at_the_head_limit(
+    listener: MakeListener, tail: bytes,
+) -> None:
+    """llhttp buffers an unfinished field line whole; the listener counts the raw bytes since
+    the body's last byte instead, so neither memory nor parsing time grows without bound."""
+    async def reading(request: UpstreamRequest) -> MemoryResponse:
+        if request.body is not None:
+            async for _ in request.body:
+                pass
+        return await hello(request)
+
+    rig = await listener(reading, limits=H1Limits(max_head=8192))
+    reader, writer = await rig.connect()
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n" + tail)
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 1024 * 1024 and not reader.at_eof():  # at most 1 MiB, in 4 KiB pieces
+            writer.write(b"a" * 4096)
+            await writer.drain()
+            sent += 4096
+            await asyncio.sleep(0)
+    assert await closed(reader)
+    assert sent < 512 * 1024  # cut long before the bound of this loop
+    assert rig.sample("equilibrium_http1_rejected_requests_total",
+                      reason="trailers-too-large") == 1
+    writer.close()
+
+
+async def test_an_early_answer_is_not_lost_to_the_rest_of_the_body(
+    listener: MakeListener,
+) -> None:
+    """An answer given before the request's body ended (the request is refused unread) is
+    followed by a half-close and a linger: the app, still sending, reads the whole answer."""
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(b"POST /x HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 1000000\r\n\r\n"
+                 + b"a" * 65536)  # an unknown upstream: 404 without reading the body
+    with contextlib.suppress(ConnectionError):
+        for _ in range(8):  # and more body after the answer is out
+            writer.write(b"a" * 65536)
+            await writer.drain()
+    status, headers, _ = await read_response(reader)
+    assert status == 404 and headers["connection"] == "close"
+    assert await closed(reader)
     writer.close()
 
 
