@@ -50,12 +50,14 @@ class Connections:
     """What the sockets of one listener share: its HTTP/2 connections (to drain) and the
     count of connections still being sniffed; with aiohttp's own, the open count."""
 
-    __slots__ = ("h2", "http1", "sniffing")
+    __slots__ = ("h2", "http1", "servers", "sniffing")
 
     def __init__(self) -> None:
         self.h2: set[H2ServerConnection] = set()
         self.http1: set[H1Connection] = set()
         self.sniffing = 0
+        # the listening sockets: on stop all of them stop accepting before the drain
+        self.servers: list[asyncio.AbstractServer] = []
 
 
 def sniff_preface(data: bytes) -> bool | None:
@@ -123,10 +125,13 @@ class OutboundSite(web.BaseSite):
             lambda: _Sniff(self), self._host, self._port, backlog=self._backlog,
             reuse_address=True,
         )
+        self._shared.servers.append(self._server)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for server in self._shared.servers:  # the [::] twin too: nothing new during the drain
+            server.close()
         conns = list(self._conns)
         for conn in conns:
             conn.shutdown()
