@@ -9,22 +9,27 @@ proxy-auth pair meant for this hop), ``Via`` is appended (§7.6.3), ``X-Forwarde
 are never passed between the app and the network unvalidated: the functions here strip them
 and report what they stripped; the caller counts it.
 
-Bodies are relayed chunk by chunk with an idle timeout on each read, so memory stays bounded
-by the socket buffers whatever the body size, and no read waits forever. A body is anything
-with ``readany()`` (:class:`BodyReader`): aiohttp's own stream, or an in-memory one from
-:mod:`sidecar.transport`. Nothing here opens a connection.
+An answer is relayed chunk by chunk (:func:`relay_answer`), each chunk pushing the request's
+watchdog, so memory stays bounded by the socket buffers whatever the body size, and no read
+waits forever; a chunked body's trailer fields go on after it without what may not ride
+there (:func:`trailers_to_relay`). A body is anything with ``readany()``
+(:class:`BodyReader`): aiohttp's own stream, the sidecar's HTTP/1.1 client's answer, or an
+in-memory one from :mod:`sidecar.transport`. Nothing here opens a connection.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
-from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from wire.headers import is_gt_header, strip_gt_headers
+
+if TYPE_CHECKING:  # sidecar.exchange and sidecar.transport import this module
+    from sidecar.exchange import Exchange
+    from sidecar.transport import UpstreamResponse
+    from sidecar.watchdog import Watchdog
 
 HOP_BY_HOP = frozenset(
     {
@@ -281,28 +286,38 @@ def without(headers: CIMultiDict[str], names: Iterable[str]) -> CIMultiDict[str]
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
-async def relay_body(
-    stream: BodyReader,
-    response: StreamResponse,
-    idle_timeout: float,
-    deadline: asyncio.Timeout | None = None,
-) -> int:
-    """Copy a body from ``stream`` to ``response`` as it arrives; returns the bytes copied.
+def relayable_trailers(
+    fields: CIMultiDictProxy[str] | CIMultiDict[str] | None,
+    on_dropped: Callable[[list[str]], None],
+) -> list[tuple[str, str]] | None:
+    """:func:`trailers_to_relay` as a body's end takes it: the fields that go on (None when
+    none), the ``X-GT-*`` names dropped handed to ``on_dropped`` (the caller counts them)."""
+    if not fields:
+        return None
+    kept, game = trailers_to_relay(fields)
+    if game:
+        on_dropped(game)
+    return kept or None
 
-    Each step (read a chunk, then write it out) must finish within ``idle_timeout``: a stalled
-    upstream and an app that stopped reading both end in ``TimeoutError``, never a hang.
-    ``deadline``: an enclosing ``asyncio.timeout`` to push forward per chunk instead of
-    arming a new timer for each one.
-    """
-    if deadline is None:
-        async with asyncio.timeout(idle_timeout) as own:
-            return await relay_body(stream, response, idle_timeout, own)
-    loop = asyncio.get_running_loop()
-    copied = 0
-    while True:
-        deadline.reschedule(loop.time() + idle_timeout)
-        chunk = await stream.readany()
-        if not chunk:
-            return copied
-        await response.write(chunk)
-        copied += len(chunk)
+
+async def relay_answer(
+    exchange: Exchange,
+    upstream: UpstreamResponse,
+    headers: CIMultiDict[str],
+    *,
+    bodiless: bool,
+    watchdog: Watchdog,
+    on_dropped: Callable[[list[str]], None],
+) -> None:
+    """Copy an upstream's answer to ``exchange`` (both listeners): the head, the body chunk
+    by chunk as it arrives (none when ``bodiless``: :func:`must_be_empty`), each chunk
+    progress for the request's ``watchdog``, then its trailer fields that may go on
+    (:func:`relayable_trailers`). What a failure means is the caller's to decide."""
+    watchdog.push()
+    await exchange.start_response(upstream.status, upstream.reason, headers)
+    if not bodiless:
+        content = upstream.content
+        while chunk := await content.readany():
+            await exchange.write(chunk)
+            watchdog.push()
+    await exchange.finish(relayable_trailers(getattr(upstream, "trailers", None), on_dropped))

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from mesh.admission import RejectReason, Woken
@@ -76,10 +76,11 @@ from sidecar.exchange import (
 )
 from sidecar.forward import (
     must_be_empty,
+    relay_answer,
+    relayable_trailers,
     request_headers_to_upstream,
     response_headers_from_wire,
     response_headers_to_app,
-    trailers_to_relay,
 )
 from sidecar.http1.client import H1Transport
 from sidecar.inbound_policing import OTHER, InboundOutcome, InboundPolicing, Refusal, Verdict
@@ -421,17 +422,11 @@ class InboundProxy:
         if game:  # the app's own X-GT-*: never relayed (an app cannot forge a signal)
             self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
         self._signal_headers(out, verdict)
-        watchdog.push()
         try:
             try:
-                await exchange.start_response(upstream.status, upstream.reason, out)
-                if not must_be_empty(exchange.method, upstream.status):
-                    content = upstream.content
-                    while chunk := await content.readany():
-                        await exchange.write(chunk)
-                        watchdog.push()
-                trailers = getattr(upstream, "trailers", None)
-                await exchange.finish(self._app_trailers(trailers) if trailers else None)
+                await relay_answer(exchange, upstream, out,
+                                   bodiless=must_be_empty(exchange.method, upstream.status),
+                                   watchdog=watchdog, on_dropped=self._app_trailers_dropped)
             except asyncio.CancelledError:
                 if not watchdog.took_back():
                     raise
@@ -453,11 +448,9 @@ class InboundProxy:
         self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
         return True
 
-    def _app_trailers(self, fields: CIMultiDictProxy[str]) -> list[tuple[str, str]] | None:
-        kept, game = trailers_to_relay(fields)
-        if game:  # counted per message, as for the head
-            self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
-        return kept or None
+    def _app_trailers_dropped(self, names: list[str]) -> None:
+        # counted per message, as for the head
+        self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
 
     def _caller_trailers_dropped(self, names: list[str]) -> None:
         self.metrics.stripped.labels(HeaderDrop.IN_TRAILERS).inc()
@@ -596,7 +589,4 @@ class _Upload:
 
     @property
     def trailers(self) -> list[tuple[str, str]] | None:
-        kept, game = trailers_to_relay(getattr(self._content, "trailers", None))
-        if game:
-            self._on_dropped(game)
-        return kept or None
+        return relayable_trailers(getattr(self._content, "trailers", None), self._on_dropped)

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from mesh.hedging import HedgePlan, Hedger, may_hedge
@@ -60,10 +60,11 @@ from sidecar.forward import (
     BodyReader,
     has_passed,
     must_be_empty,
+    relay_answer,
+    relayable_trailers,
     request_headers_to_upstream,
     response_headers_from_wire,
     response_headers_to_app,
-    trailers_to_relay,
 )
 from sidecar.http1.client import H1Transport
 from sidecar.metrics import OutboundMetrics
@@ -138,10 +139,7 @@ class _Upload:
 
     @property
     def trailers(self) -> list[tuple[str, str]] | None:
-        kept, game = trailers_to_relay(getattr(self._content, "trailers", None))
-        if game:
-            self._on_dropped(game)
-        return kept or None
+        return relayable_trailers(getattr(self._content, "trailers", None), self._on_dropped)
 
     def __aiter__(self) -> _Upload:
         return self
@@ -606,16 +604,10 @@ class OutboundProxy:
             headers, game = head if head is not None else self._answer_head(ctx, upstream)
             self._observe_head(ctx, upstream.status, game, sent)
             self.phases.response_filter(ctx, headers)
-            watchdog.push()
             try:
-                await exchange.start_response(upstream.status, upstream.reason, headers)
-                if not must_be_empty(ctx.method, upstream.status):
-                    content = upstream.content
-                    while chunk := await content.readany():
-                        await exchange.write(chunk)
-                        watchdog.push()
-                trailers = getattr(upstream, "trailers", None)
-                await exchange.finish(self._trailers(trailers) if trailers else None)
+                await relay_answer(exchange, upstream, headers,
+                                   bodiless=must_be_empty(ctx.method, upstream.status),
+                                   watchdog=watchdog, on_dropped=self._upstream_trailers_dropped)
             except asyncio.CancelledError:
                 if not watchdog.took_back():
                     raise
@@ -627,13 +619,10 @@ class OutboundProxy:
         finally:
             upstream.release()
 
-    def _trailers(self, fields: CIMultiDictProxy[str]) -> list[tuple[str, str]] | None:
-        """An answer's trailer fields as they go on to the app (X-GT-* dropped, counted)."""
-        kept, game = trailers_to_relay(fields)
-        for name in game:  # the upstream chose the name: a label of a bounded set
+    def _upstream_trailers_dropped(self, names: list[str]) -> None:
+        for name in names:  # the upstream chose the name: a label of a bounded set
             label = GAME_HEADERS.get(name.lower().replace("_", "-"), "X-GT-*")
             self.metrics.rejected_headers.labels(label, HeaderDrop.IN_TRAILERS).inc()
-        return kept or None
 
     def _app_trailers_dropped(self, names: list[str]) -> None:
         for name in names:
