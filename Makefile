@@ -53,13 +53,14 @@ unit: install-test
 fuzz: install-test
 	EQUILIBRIUM_FUZZ_EXAMPLES=$${EQUILIBRIUM_FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 tests/fuzz
 
-# The outbound request path compiled to C extensions with mypyc (setup.py's COMPILED), built next
-# to their sources, where the editable install imports them instead of the .py files; `make pure`
-# removes them. A compiled module does not follow edits of its source: rebuild after editing one
-# (the tests refuse to run with a compiled module older than its source).
+# The outbound request path, the routing core and the simulator's event loop compiled to C
+# extensions with mypyc (setup.py's COMPILED), built next to their sources, where the editable
+# install imports them instead of the .py files; `make pure` removes them. A compiled module does
+# not follow edits of its source: rebuild after editing one (the tests refuse to run with a
+# compiled module older than its source).
 compile: install-test
 	EQUILIBRIUM_COMPILE=1 $(BIN)/python setup.py -q build_ext --inplace
-	find sidecar wire mesh -name '*.so' -exec touch {} +
+	find sidecar wire mesh equilibrium -name '*.so' -exec touch {} +
 
 pure:
-	find sidecar wire mesh -name '*.so' -delete
+	find sidecar wire mesh equilibrium -name '*.so' -delete

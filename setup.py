@@ -1,4 +1,5 @@
-"""Build hook: the sidecar's per-request modules compiled to C extensions with mypyc, on request.
+"""Build hook: the hot modules (the sidecar's request path, the routing core, the simulator's event
+loop) compiled to C extensions with mypyc, on request.
 
 Everything else about the package is in pyproject.toml. By default nothing is compiled and the
 package is pure Python, exactly as without this file. With ``EQUILIBRIUM_COMPILE=1`` and mypyc
@@ -8,7 +9,7 @@ as well: ``make compile`` builds them in place, next to their sources;
 build has no mypy). Without mypyc the build warns and stays pure Python. A compiled module is
 the same typed Python, run without the interpreter's per-step overhead (docs/benchmarks.md,
 "the request path compiled with mypyc": a quarter less CPU per request saturated, no change at
-500 req/s).
+500 req/s; docs/simulate.md, "Cost", for the simulator at scale).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import sys
 from setuptools import setup
 
 # The modules on the outbound HTTP/1.1 request path (docs/benchmarks.md, "Where the CPU still
-# goes"). Each group becomes one shared library inside its own package, so a process loads only
-# the packages it imports (the signaler never loads the sidecar's).
+# goes"), then the core's and the simulator's. Each group becomes one shared library inside its
+# own package, so a process loads only the packages it imports (the signaler never loads the
+# sidecar's). Not compiled: modules that declare runtime-checkable Protocols (mesh/policy.py,
+# mesh/hedging.py), which mypyc does not support.
 COMPILED: dict[str, list[str]] = {
     "sidecar": [
         "sidecar/http1/server.py",
@@ -33,6 +36,24 @@ COMPILED: dict[str, list[str]] = {
         "sidecar/identity_phase.py",
         "sidecar/watchdog.py",
         "sidecar/metrics.py",
+    ],
+    # the routing core: what every sidecar runs per request and per tick, and what the
+    # simulator runs a thousand times over (docs/simulate.md, "Cost")
+    "mesh": [
+        "mesh/pacing.py",
+        "mesh/policies.py",
+        "mesh/estimators.py",
+        "mesh/regret.py",
+        "mesh/herd.py",
+        "mesh/probes.py",
+        "mesh/concurrency.py",
+        "mesh/probation.py",
+    ],
+    # the simulator's event loop and its sidecars and pods (the lab's, not the product's)
+    "equilibrium": [
+        "equilibrium/lab/simulate/engine.py",
+        "equilibrium/lab/simulate/sidecar.py",
+        "equilibrium/lab/simulate/pods.py",
     ],
 }
 

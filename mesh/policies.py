@@ -26,6 +26,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
+from typing import ClassVar
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from mesh.regret import RoutingRegret
 class _MeasuredPolicy(ABC):
     """Shared bookkeeping: endpoint stats, observed shares, snapshots."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
 
     def __init__(self, profile: StrategyProfile) -> None:
         self.profile = profile
@@ -200,7 +201,7 @@ class _MeasuredPolicy(ABC):
 
 
 class RoundRobin(_MeasuredPolicy):
-    name = "round-robin"
+    name: ClassVar[str] = "round-robin"
 
     def __init__(self, profile: StrategyProfile) -> None:
         super().__init__(profile)
@@ -218,7 +219,7 @@ class RoundRobin(_MeasuredPolicy):
 
 
 class RandomChoice(_MeasuredPolicy):
-    name = "random"
+    name: ClassVar[str] = "random"
 
     def pick(self, rng: random.Random, now: float,
              exclude: frozenset[str] = frozenset()) -> str | None:
@@ -246,14 +247,14 @@ class _PowerOfTwoChoices(_MeasuredPolicy):
 
 
 class P2CLeastRequest(_PowerOfTwoChoices):
-    name = "p2c-least-request"
+    name: ClassVar[str] = "p2c-least-request"
 
     def load(self, stats: EndpointStats, now: float) -> float:
         return float(stats.in_flight)
 
 
 class P2CPeakEwma(_PowerOfTwoChoices):
-    name = "peak-ewma"
+    name: ClassVar[str] = "peak-ewma"
 
     def load(self, stats: EndpointStats, now: float) -> float:
         return stats.peak.cost(now, stats.in_flight)
@@ -262,7 +263,7 @@ class P2CPeakEwma(_PowerOfTwoChoices):
 class RegretMatchingPolicy(_MeasuredPolicy):
     """Equilibrium's policy: regret matching + anti-herd shaping + ejection + following."""
 
-    name = "equilibrium"
+    name: ClassVar[str] = "equilibrium"
 
     def __init__(self, profile: StrategyProfile) -> None:
         super().__init__(profile)

@@ -89,7 +89,9 @@ class PolicySnapshot:
 class Policy(Protocol):
     """A routing policy for one upstream service (see the module docstring for the call order)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The policy's name (what ``--policy`` and the metrics call it)."""
 
     def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
         """Replace the endpoint set; state of endpoints that stay is kept."""

@@ -22,7 +22,7 @@ def stale_compiled_modules(root: Path = ROOT) -> list[str]:
     """Sources edited after ``make compile`` built them: the C extension next to each one is
     what imports, so the tests would run the old code."""
     stale = []
-    for package in ("sidecar", "wire", "mesh"):
+    for package in ("sidecar", "wire", "mesh", "equilibrium"):
         for built in sorted((root / package).rglob("*.so")):
             source = built.with_name(built.name.split(".", 1)[0] + ".py")
             if source.exists() and source.stat().st_mtime > built.stat().st_mtime:

@@ -17,6 +17,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -35,13 +36,20 @@ from sidecar.upstreams import UpstreamTable
 SLOW, FAST = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
 
 
-class PlannedPolicy(RoundRobin):
-    """Round-robin that starts at SLOW, hedges SLOW with FAST, and keeps its outcomes."""
+class PlannedPolicy:
+    """Round-robin that starts at SLOW, hedges SLOW with FAST, and keeps its outcomes.
+
+    Wraps a :class:`RoundRobin` for the bookkeeping rather than subclassing it: the policies
+    may be compiled (``make compile``), and an interpreted class cannot inherit from a
+    compiled one."""
 
     def __init__(self, profile: StrategyProfile, delay: float) -> None:
-        super().__init__(profile)
+        self.inner = RoundRobin(profile)
         self.delay = delay
         self.outcomes: list[Outcome] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def pick(self, rng: random.Random, now: float,
              exclude: frozenset[str] = frozenset()) -> str | None:
@@ -52,7 +60,7 @@ class PlannedPolicy(RoundRobin):
 
     def on_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
-        super().on_outcome(outcome)
+        self.inner.on_outcome(outcome)
 
 
 @dataclass
