@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -90,6 +91,20 @@ def test_skipping_the_snapshot_changes_no_decision(policy: str) -> None:
     assert fast.records.pod == full.records.pod
     assert fast.records.latency == full.records.latency
     assert fast.sidecars == full.sidecars
+
+
+def test_a_run_gives_the_collector_back_as_it_found_it() -> None:
+    """The event loop runs with the engine's ``LONG_RUN_COLLECTOR`` (no full collections over
+    the fleet's long-lived objects) and leaves the caller's thresholds as they were."""
+    before = gc.get_threshold()
+    gc.set_threshold(500, 7, 9)
+    try:
+        setup = build("herding", Sizes(3, 4, None, 2.0))
+        for _ in range(2):
+            assert len(simulate(setup, "equilibrium", seed=2).records) > 0
+            assert gc.get_threshold() == (500, 7, 9)
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_churn_retries_refused_connections_and_uses_the_new_pod() -> None:
