@@ -49,9 +49,9 @@ ARRIVE, POD_IN, POD_DONE, RESPONSE, REFUSED, TICK, ROUND, EPOCH, CHANGE, DISCOVE
 _REQUEST_EVENTS = frozenset({POD_IN, POD_DONE, RESPONSE, REFUSED})
 #: the cyclic collector's thresholds while a run's events are handled: a fleet holds millions
 #: of long-lived objects (each sidecar's stats and windows), and with the default thresholds
-#: every full collection walks all of them, about a tenth of a run's CPU at 1,000 sidecars x
-#: 100 pods; young generations are still collected, full collections (nearly) never. Restored
-#: when the run ends.
+#: every full collection walks all of them (7 % of a run's CPU at 1,000 sidecars x 100 pods,
+#: docs/benchmarks.md); young generations are still collected, full collections (nearly)
+#: never. Restored when the run ends.
 LONG_RUN_COLLECTOR = (100_000, 50, 1_000)
 
 
