@@ -19,6 +19,7 @@ in-memory one from :mod:`sidecar.transport`. Nothing here opens a connection.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -312,12 +313,19 @@ async def relay_answer(
     """Copy an upstream's answer to ``exchange`` (both listeners): the head, the body chunk
     by chunk as it arrives (none when ``bodiless``: :func:`must_be_empty`), each chunk
     progress for the request's ``watchdog``, then its trailer fields that may go on
-    (:func:`relayable_trailers`). What a failure means is the caller's to decide."""
-    watchdog.push()
-    await exchange.start_response(upstream.status, upstream.reason, headers)
-    if not bodiless:
-        content = upstream.content
-        while chunk := await content.readany():
-            await exchange.write(chunk)
-            watchdog.push()
-    await exchange.finish(relayable_trailers(getattr(upstream, "trailers", None), on_dropped))
+    (:func:`relayable_trailers`). A stall the watchdog cut is raised as ``TimeoutError``;
+    what a failure means is the caller's to decide."""
+    try:
+        watchdog.push()
+        await exchange.start_response(upstream.status, upstream.reason, headers)
+        if not bodiless:
+            content = upstream.content
+            while chunk := await content.readany():
+                await exchange.write(chunk)
+                watchdog.push()
+        await exchange.finish(relayable_trailers(getattr(upstream, "trailers", None),
+                                                 on_dropped))
+    except asyncio.CancelledError:
+        if not watchdog.took_back():
+            raise
+        raise TimeoutError from None  # the watchdog's: a stall

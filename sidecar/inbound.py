@@ -423,15 +423,10 @@ class InboundProxy:
             self.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
         self._signal_headers(out, verdict)
         try:
-            try:
-                await relay_answer(exchange, upstream, out,
-                                   bodiless=must_be_empty(exchange.method, upstream.status),
-                                   watchdog=watchdog, on_dropped=self._app_trailers_dropped)
-            except asyncio.CancelledError:
-                if not watchdog.took_back():
-                    raise
-                raise TimeoutError from None  # the watchdog's: a stall
-        except BODY_READ_ERRORS as exc:
+            await relay_answer(exchange, upstream, out,
+                               bodiless=must_be_empty(exchange.method, upstream.status),
+                               watchdog=watchdog, on_dropped=self._app_trailers_dropped)
+        except BODY_READ_ERRORS as exc:  # a stall the watchdog cut among them (TimeoutError)
             # the head may be out: cut the caller's connection (a truncated answer, never a
             # silently short one)
             upstream.close()

@@ -608,12 +608,7 @@ class OutboundProxy:
                 await relay_answer(exchange, upstream, headers,
                                    bodiless=must_be_empty(ctx.method, upstream.status),
                                    watchdog=watchdog, on_dropped=self._upstream_trailers_dropped)
-            except asyncio.CancelledError:
-                if not watchdog.took_back():
-                    raise
-                watchdog.stop()
-                await self._relay_failed(exchange, ctx, upstream, TimeoutError())
-            except RELAY_ERRORS as exc:
+            except RELAY_ERRORS as exc:  # a stall the watchdog cut among them (TimeoutError)
                 watchdog.stop()
                 await self._relay_failed(exchange, ctx, upstream, exc)
         finally:
