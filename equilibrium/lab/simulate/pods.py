@@ -12,11 +12,12 @@ two modes mirror :class:`equilibrium.lab.fleet.PodBehaviour`, the real fleet's p
 
 A ``bad`` pod adds ``bad_delay`` to a random ``bad_fraction`` of its requests, after the server
 is released, as the fleet does. Must not schedule events or read clocks: the engine
-(:mod:`equilibrium.lab.simulate.run`) asks a pod what happens and schedules it.
+(:mod:`equilibrium.lab.simulate.engine`) asks a pod what happens and schedules it.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import deque
@@ -99,10 +100,33 @@ class Pod:
     busy: int = 0
     queue: deque[Any] = field(default_factory=deque)
     served: int = 0
+    direct: bool = False
+    free: list[float] = field(default_factory=list)
     _draw: Any = None
 
     def __post_init__(self) -> None:
         self._draw = service_sampler(self.spec, self.rng)
+
+    def start_direct(self) -> None:
+        """Serve FIFO by computing each request's departure when it arrives, instead of by
+        events (:meth:`departure`). Exact -- the same times from the same draws as the queue
+        of events -- for a pod whose behaviour and presence never change during the run and
+        that is never bad (the bad delay is drawn as a request leaves, which FIFO does not
+        order): the engine decides which pods qualify."""
+        self.direct = True
+        self.free = [0.0] * (self.spec.servers or 0)
+
+    def departure(self, arrival: float) -> float:
+        """A direct pod (:meth:`start_direct`) with c servers: when the request arriving at
+        ``arrival`` leaves. Under FIFO it starts on the server that frees first, at once if
+        that one is idle (Kiefer & Wolfowitz 1955's workload vector: the c instants at which
+        the servers free up, kept as a heap), and takes a service time drawn then -- requests
+        start in the order they arrive, so the draws are those the queue of events makes."""
+        free = self.free
+        start = free[0]
+        done = (arrival if start <= arrival else start) + self._draw()
+        heapq.heapreplace(free, done)
+        return done
 
     def change(self, spec: PodSpec) -> None:
         """New behaviour from now on (requests in service keep their drawn times)."""

@@ -15,7 +15,7 @@ arguments:
   nothing (connection refused), which the proxy may retry on an endpoint not tried yet.
 
 and, off the request path, :meth:`tick` (``group.tick(now)``, as the runner's tick loop).
-Must not know about events or pods: the engine (:mod:`equilibrium.lab.simulate.run`) calls it.
+Must not know about events or pods: the engine (:mod:`equilibrium.lab.simulate.engine`) calls it.
 """
 
 from __future__ import annotations
