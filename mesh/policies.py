@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
@@ -133,18 +134,23 @@ class _MeasuredPolicy(ABC):
 
     # -- off the request path -------------------------------------------------------------
     def _estimates(self) -> np.ndarray:
-        known = [s.latency.value for e in self.endpoints
-                 if (s := self.stats[e]).latency.value is not None]
-        fallback = float(np.median(known)) if known else self.profile.default_rtt
-        return np.array([self.stats[e].latency_estimate(fallback) for e in self.endpoints])
+        """Each endpoint's :meth:`EndpointStats.latency_estimate`; one never measured gets
+        the median of the others' latencies (the default RTT if none was), which is only
+        computed when some endpoint needs it."""
+        stats = [self.stats[e] for e in self.endpoints]
+        known = [v for s in stats if (v := s.latency.value) is not None]
+        if len(known) == len(stats):
+            return np.array([s.latency_estimate(0.0) for s in stats])
+        fallback = statistics.median(known) if known else self.profile.default_rtt
+        return np.array([s.latency_estimate(fallback) for s in stats])
 
     def tick(self, now: float) -> None:
         dt = 0.0 if self._last_tick is None else max(0.0, now - self._last_tick)
         self._last_tick = now
-        counts = np.zeros(len(self.endpoints))
-        means = np.zeros(len(self.endpoints))
-        for i, e in enumerate(self.endpoints):
-            counts[i], means[i] = self.stats[e].take_tick()
+        stats = self.stats
+        taken = [stats[e].take_tick() for e in self.endpoints]
+        counts = np.array([n for n, _ in taken], dtype=float)
+        means = np.array([m for _, m in taken], dtype=float)
         estimates = self._tick_estimates = self._estimates()
         weights = self._next_weights(counts, means, estimates, dt, now)
         self._publish(weights)
@@ -318,6 +324,21 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         drift = peak.updated_at / peak.decay if peak.decay > 0 else 0.0
         return math.log(max(peak.estimate, 1e-12)) + drift + math.log(ahead)
 
+    def _current_keys(self, now: float) -> list[float]:
+        """Every endpoint's :meth:`_cost_key` at ``now``. Only a probe answer makes a key
+        change with time (its count of the callee's other requests goes stale); every other
+        key was kept current by :meth:`_reorder` as requests started and ended, so it is
+        taken as it stands, not computed again."""
+        stats, endpoints, keys = self.stats, self.endpoints, self._pacer_keys()
+        if len(keys) != len(endpoints):
+            return [self._cost_key(stats[e], now) for e in endpoints]
+        return [keys[i] if (s := stats[e]).probe is None else self._cost_key(s, now)
+                for i, e in enumerate(endpoints)]
+
+    def _pacer_keys(self) -> list[float]:
+        pacer = self._pacer
+        return pacer.order.keys if isinstance(pacer, SampledPacer) else []
+
     def _reorder(self, endpoint: str, now: float | None) -> None:
         i = self._index.get(endpoint)
         stats = self.stats.get(endpoint)
@@ -332,8 +353,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def tick(self, now: float) -> None:
         super().tick(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
-            self._pacer.order.reset([self._cost_key(self.stats[e], now)
-                                     for e in self.endpoints])
+            self._pacer.order.reset(self._current_keys(now))
         herd, n = self.profile.herd, len(self.endpoints)
         self._recent.forget(self.endpoints)
         if n < 2:

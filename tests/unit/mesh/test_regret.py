@@ -6,6 +6,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.regret import (
     RegretMatcher,
@@ -154,3 +156,35 @@ def test_resize_keeps_regrets_of_surviving_endpoints() -> None:
     assert rr.conditional.shape == (3, 3)
     assert rr.conditional[0, 1] == pytest.approx(before)
     assert np.all(rr.conditional[2] == 0)
+
+
+_LATENCIES = st.lists(st.sampled_from([0.0, 5e-324, 1e-9, 0.001, 0.0095, 0.01, 0.0104, 0.5,
+                                       3600.0, 1e300, np.inf, -0.002, np.nan]),
+                      min_size=1, max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_LATENCIES, _LATENCIES, st.sampled_from([0.1, 0.0, 1e-9, 0.5, 3.0, -0.1]),
+       st.sampled_from([0.001, 0.0, 1e-12]))
+def test_the_indifference_margin_is_its_definition_to_the_last_bit(
+        costs: list[float], estimates: list[float], tolerance: float, floor: float) -> None:
+    """``max(tolerance_abs, tolerance * |min(c_j, e_k)|)``, whichever way it is computed
+    (the outer minimum of each side's margin for latencies, entry by entry otherwise)."""
+    rr = RoutingRegret(1, memory=5.0, tolerance=tolerance, tolerance_abs=floor)
+    c, e = np.array(costs), np.array(estimates)
+    with np.errstate(invalid="ignore"):
+        expected = np.array([[np.maximum(floor, tolerance * np.abs(np.minimum(cj, ek)))
+                              for ek in e] for cj in c])
+        got = rr._indifference(c, e)
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected, equal_nan=True)
+
+
+def test_regrets_stay_finite_when_an_estimate_or_a_cost_is_not() -> None:
+    rr = RoutingRegret(3, memory=5.0)
+    rr.update(np.array([5.0, 5.0, 0.0]), np.array([0.01, np.inf, 0.0]),
+              np.array([0.01, np.inf, 0.02]), dt=0.5)
+    assert np.isfinite(rr.conditional).all() and np.isfinite(rr._current).all()
+    assert rr.conditional[1, 1] == 0.0 and rr._current[0, 1] == 0.0  # not inf - inf
+    q = rr.strategy("conditional")
+    assert np.isfinite(q).all() and q.sum() == pytest.approx(1.0)

@@ -8,9 +8,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.estimators import PROBE_FRESH
 from mesh.pacing import EXACT_PACING_ENDPOINTS, CostOrder, CreditPacer, SampledPacer
 from mesh.policies import RegretMatchingPolicy, make_policy
 from mesh.policy import Outcome
+from mesh.probes import ProbeReport
 from mesh.profiles import get_profile
 
 
@@ -219,3 +221,52 @@ def test_the_policy_takes_a_failing_endpoint_out_of_the_pacer_and_back() -> None
     policy.on_start(failing, now)
     policy.on_outcome(Outcome(endpoint=failing, latency=0.01, ok=True, now=now))
     assert pacer.rate[0] > 0.0  # back once it answers
+
+
+def test_the_tick_keeps_every_cost_key_current_with_and_without_probes() -> None:
+    """The tick computes again only the keys of endpoints with a probe answer (the only ones
+    that change with time); the others it takes as requests left them. Both must equal the
+    key computed from scratch, through starts, outcomes, failures, probes going stale and a
+    change of the endpoint set."""
+    policy = _policy(24)
+    rng = random.Random(11)
+    now, next_tick = 0.0, 0.5
+    in_flight: list[tuple[float, str]] = []
+    probed = {f"pod-{i}" for i in range(0, 24, 5)}
+    for step in range(6000):
+        now += 0.0011
+        while in_flight and in_flight[0][0] <= now:
+            done, e = in_flight.pop(0)
+            policy.on_outcome(Outcome(endpoint=e, latency=0.03 if e == "pod-3" else 0.01,
+                                      ok=e != "pod-7" or step % 3 != 0, now=done))
+        e = policy.pick(rng, now)
+        assert e is not None
+        policy.on_start(e, now)
+        in_flight.append((now + rng.uniform(0.002, 0.04), e))
+        in_flight.sort()
+        if step % 400 == 0 and now < 3.0:  # probe answers, fresh for PROBE_FRESH only
+            for p in probed & set(policy.endpoints):
+                policy.on_probe(p, ProbeReport(in_flight=rng.randrange(9), mean=0.01, p50=0.01,
+                                               p90=0.02, samples=5, congestion=0.0, limit=0,
+                                               draining=False), now)
+        if step == 3000:
+            policy.set_endpoints([f"pod-{i}" for i in range(2, 26)], now)
+        if now >= next_tick:
+            policy.tick(now)
+            next_tick += 0.5
+            pacer = policy._pacer
+            assert isinstance(pacer, SampledPacer)
+            assert pacer.order.keys == [policy._cost_key(policy.stats[e], now)
+                                        for e in policy.endpoints]
+    for done, e in in_flight:  # quiet: a probe answer, then nothing until it is stale
+        policy.on_outcome(Outcome(endpoint=e, latency=0.01, ok=True, now=done))
+    now = max([now] + [done for done, _ in in_flight])
+    policy.on_probe("pod-5", ProbeReport(in_flight=8, mean=0.01, p50=0.01, p90=0.02, samples=5,
+                                         congestion=0.0, limit=0, draining=False), now)
+    for later in (now + 0.1, now + PROBE_FRESH + 0.5):
+        policy.tick(later)
+        assert isinstance(policy._pacer, SampledPacer)
+        assert policy._pacer.order.keys == [policy._cost_key(policy.stats[e], later)
+                                            for e in policy.endpoints]
+    stale = policy._cost_key(policy.stats["pod-5"], now + PROBE_FRESH + 0.5)
+    assert policy._cost_key(policy.stats["pod-5"], now + 0.1) > stale  # the probe counted
