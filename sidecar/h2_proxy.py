@@ -56,7 +56,7 @@ from h2.errors import ErrorCodes
 from multidict import CIMultiDict
 
 from mesh.policy import Outcome
-from sidecar.errors import ErrorReason
+from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
@@ -66,7 +66,7 @@ from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
 from wire.errors import WireError
-from wire.headers import CONGESTION, REPUTATION, is_gt_header, parse_congestion
+from wire.headers import CONGESTION, REPUTATION, header_label, is_gt_header, parse_congestion
 from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
@@ -266,9 +266,9 @@ class _Call:
         ``grpc-timeout`` is re-added per attempt with what is left of the deadline."""
         out: Headers = []
         for name, value in self.stream.request:
-            if is_gt_header(name.decode("latin-1")):
-                self.proxy.metrics.rejected_headers.labels(name.decode("latin-1"),
-                                                           "from-app").inc()
+            if is_gt_header(text := name.decode("latin-1")):  # a label of a bounded set
+                self.proxy.metrics.rejected_headers.labels(header_label(text),
+                                                           HeaderDrop.FROM_APP).inc()
             elif name != b"grpc-timeout":
                 out.append((name, value))
         out.append((b"via", self.proxy.via))
@@ -452,8 +452,8 @@ class _Call:
             try:
                 congestion = parse_congestion(raw)
             except WireError:
-                self.proxy.metrics.rejected_headers.labels(CONGESTION.lower(),
-                                                           "malformed").inc()
+                self.proxy.metrics.rejected_headers.labels(CONGESTION,
+                                                           HeaderDrop.MALFORMED).inc()
         return out, congestion
 
     def response_filter(self, head: Headers) -> Headers:

@@ -84,7 +84,7 @@ from sidecar.upstreams import UpstreamTable
 from sidecar.watchdog import Watchdog
 from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
 from wire.errors import WireError
-from wire.headers import CONGESTION, GAME_HEADERS, REFUSED, parse_congestion
+from wire.headers import CONGESTION, REFUSED, header_label, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,9 @@ class OutboundProxy:
         if authority_header := ctx.authority:
             headers["Host"] = authority_header
         if stripped:
-            for name in stripped:
-                self.metrics.rejected_headers.labels(name, HeaderDrop.FROM_APP).inc()
+            for name in stripped:  # the app chose the name: a label of a bounded set
+                self.metrics.rejected_headers.labels(header_label(name),
+                                                     HeaderDrop.FROM_APP).inc()
         if isinstance(exchange, AiohttpExchange) and is_websocket(exchange.request):
             result = await self._websocket(exchange.request, ctx, headers)
             if isinstance(result, Answer):
@@ -558,7 +559,7 @@ class OutboundProxy:
             try:
                 congestion = parse_congestion(raw)
             except WireError as exc:
-                self.metrics.rejected_headers.labels(CONGESTION_KEY, HeaderDrop.MALFORMED).inc()
+                self.metrics.rejected_headers.labels(CONGESTION, HeaderDrop.MALFORMED).inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(
             Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True))
@@ -616,12 +617,12 @@ class OutboundProxy:
 
     def _upstream_trailers_dropped(self, names: list[str]) -> None:
         for name in names:  # the upstream chose the name: a label of a bounded set
-            label = GAME_HEADERS.get(name.lower().replace("_", "-"), "X-GT-*")
-            self.metrics.rejected_headers.labels(label, HeaderDrop.IN_TRAILERS).inc()
+            self.metrics.rejected_headers.labels(header_label(name),
+                                                 HeaderDrop.IN_TRAILERS).inc()
 
     def _app_trailers_dropped(self, names: list[str]) -> None:
-        for name in names:
-            self.metrics.rejected_headers.labels(name, HeaderDrop.FROM_APP).inc()
+        for name in names:  # the app chose the name: likewise
+            self.metrics.rejected_headers.labels(header_label(name), HeaderDrop.FROM_APP).inc()
 
     async def _relay_failed(self, exchange: Exchange, ctx: RequestContext,
                             upstream: UpstreamResponse, exc: BaseException) -> None:

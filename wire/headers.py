@@ -59,6 +59,17 @@ REFUSED = "X-GT-Refused"
 # the game headers above, by their lower-case names (a bounded set of metric labels)
 GAME_HEADERS = {name.lower(): name for name in (
     RETRY, CONGESTION, BID, PRICE, IDENTITY, REPUTATION, CHALLENGE, SIGNALS, DEMAND, REFUSED)}
+OTHER_GAME_HEADER = "X-GT-*"
+"""The metric label of a game header that is none of :data:`GAME_HEADERS`."""
+
+
+def header_label(name: str) -> str:
+    """A game header's name as a metric label: its canonical spelling if it is one of ours,
+    else :data:`OTHER_GAME_HEADER`. Whoever chose the name (the app, an upstream, a client
+    outside the mesh) cannot make a new time series with it."""
+    return GAME_HEADERS.get(name.lower().replace("_", "-"), OTHER_GAME_HEADER)
+
+
 REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down"})
 """The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""
 

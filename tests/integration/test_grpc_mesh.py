@@ -136,9 +136,13 @@ def _unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
 def test_a_call_crosses_both_sidecars_policed_as_its_verified_caller(mesh: Mesh) -> None:
     admitted = mesh.inbound_metric("equilibrium_inbound_requests_total", caller="polite",
                                    outcome="admitted")
+    caller = mesh.callers["polite"]
+    stripped = {name: caller.metric("equilibrium_rejected_headers_total", header=name,
+                                    reason="from-app") for name in ("X-GT-Bid", "X-GT-*")}
     with mesh.channel("polite") as channel:
         body, call = _unary(channel, "Meta").with_call(b"", metadata=(
-            ("x-echo", "hi"), ("x-gt-bid", "999"), ("x-equilibrium-bid", "2")), timeout=10)
+            ("x-echo", "hi"), ("x-gt-bid", "999"), ("x-gt-made-up-7", "1"),
+            ("x-equilibrium-bid", "2")), timeout=10)
     got = json.loads(body)
     # the app sees neither the mesh's headers nor the caller's forged one; Via names both hops
     assert not [k for k in got if k.startswith("x-gt-")], got
@@ -153,6 +157,12 @@ def test_a_call_crosses_both_sidecars_policed_as_its_verified_caller(mesh: Mesh)
     assert mesh.inbound_metric("equilibrium_inbound_requests_total", caller="polite",
                                outcome="admitted") == admitted + 1
     assert mesh.inbound_metric("equilibrium_inbound_connections_total", protocol="h2c") >= 1
+    # the forged headers were counted, a made-up name under the one label X-GT-*
+    for name, before in stripped.items():
+        assert caller.metric("equilibrium_rejected_headers_total", header=name,
+                             reason="from-app") == before + 1, name
+    assert caller.metric("equilibrium_rejected_headers_total", header="x-gt-made-up-7",
+                         reason="from-app") == 0
 
 
 def test_4_mib_messages_both_ways(mesh: Mesh) -> None:

@@ -227,7 +227,7 @@ async def test_game_headers_never_cross_and_bad_values_are_counted(
     sidecar, backend = proxied
     hits_before = backend.hits
     from_app = sidecar.metric(
-        "equilibrium_rejected_headers_total", header="x-gt-bid", reason="from-app"
+        "equilibrium_rejected_headers_total", header="X-GT-Bid", reason="from-app"
     )
     unsigned = sidecar.metric(  # a plain backend cannot sign its signals (wire.signals)
         "equilibrium_caller_bad_signals_total", header="x-gt-signals", reason="unsigned"
@@ -248,7 +248,7 @@ async def test_game_headers_never_cross_and_bad_values_are_counted(
             assert not [k for k in reply.headers if k.lower().startswith("x-gt-")]
             assert reply.headers["X-Other"] == "kept"
     assert sidecar.metric(
-        "equilibrium_rejected_headers_total", header="x-gt-bid", reason="from-app"
+        "equilibrium_rejected_headers_total", header="X-GT-Bid", reason="from-app"
     ) == from_app + 1
     assert sidecar.metric(
         "equilibrium_caller_bad_signals_total", header="x-gt-signals", reason="unsigned"

@@ -197,8 +197,31 @@ async def test_hop_by_hop_headers_are_dropped_and_via_xff_appended(outbound: Mak
     for hop in ("Connection", "X-App-Hop", "Proxy-Authorization"):
         assert hop not in headers
     assert "X-GT-Bid" not in headers  # the app's game headers never leave unvalidated
-    assert rig.sample("equilibrium_rejected_headers_total", header="x-gt-bid",
+    assert rig.sample("equilibrium_rejected_headers_total", header="X-GT-Bid",
                       reason="from-app") == 1
+    assert rig.sample("equilibrium_rejected_headers_total", header="X-GT-Congestion",
+                      reason="malformed") == 1  # "0.5" is not a v=1 congestion value
+
+
+async def test_game_header_names_the_app_makes_up_are_one_metric_label(
+        outbound: MakeRig) -> None:
+    """The app chooses the names of the X-GT-* headers it sends; each made-up one is counted
+    under the one label ``X-GT-*``, so no caller can make new time series with names."""
+    rig = await outbound(answer())
+    for i in range(5):
+        sent = {"Host": "users", f"X-GT-Made-Up-{i}": "1", "x-gt-bid": "v=1;amount=3"}
+        async with rig.client.get("/", headers=sent) as resp:
+            assert resp.status == 200
+    assert rig.sample("equilibrium_rejected_headers_total", header="X-GT-*",
+                      reason="from-app") == 5
+    assert rig.sample("equilibrium_rejected_headers_total", header="X-GT-Bid",
+                      reason="from-app") == 5
+    labels = {sample.labels["header"]
+              for family in rig.metrics.registry.collect()
+              if family.name == "equilibrium_rejected_headers" for sample in family.samples}
+    assert labels == {"X-GT-*", "X-GT-Bid"}
+    assert all(not any(k.lower().startswith("x-gt-") for k in seen.headers)
+               for seen in rig.upstreams.seen)
 
 
 async def test_head_204_and_304_answers_carry_no_body(outbound: MakeRig) -> None:
