@@ -208,6 +208,15 @@ class _Call:
         out.append((b"x-forwarded-proto", b"http"))
         return out
 
+    def caller_trailers(self, headers: Headers) -> Headers:
+        """The caller's request trailers as the app gets them: ``X-GT-*`` stripped (counted
+        per message, as on HTTP/1.1: no game signal rides in a trailer section)."""
+        out: Headers = [(name, value) for name, value in headers
+                        if not is_gt_header(name.decode("latin-1"))]
+        if len(out) != len(headers):
+            self.owner.metrics.stripped.labels(HeaderDrop.IN_TRAILERS).inc()
+        return out
+
     def answer_headers(self, headers: Headers, verdict: Verdict | None) -> Headers:
         """The app's header block without ``X-GT-*`` (counted), plus Via and, on the head,
         the signals."""
@@ -255,12 +264,13 @@ class _Call:
                 return await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
             self.upstream = upstream
             if upload is None or self.deadline is None:
-                pump = loop.create_task(pump_request(stream, upstream))
+                pump = loop.create_task(pump_request(stream, upstream,
+                                                     trailers=self.caller_trailers))
             else:
                 pump = loop.create_task(pump_upload(stream, upstream, upload, self.deadline,
                                                     self.framing,
                                                     proxy.settings.upload_timeout,
-                                                    proxy.clock))
+                                                    proxy.clock, self.caller_trailers))
             try:
                 first, finished = await self.relay(verdict, upstream, head_by, deadline)
             finally:

@@ -295,7 +295,8 @@ class _Call:
         signed); either only while what went up is still at hand."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(pump_request(stream, upstream, self.replay))
+        pump = loop.create_task(pump_request(stream, upstream, self.replay,
+                                             self.request_trailers))
         first: float | None = None  # when the answer's first message (or trailers) came
         recorded = False
         status: int | None = None  # grpc-status
@@ -430,6 +431,17 @@ class _Call:
             if not recorded:  # an unexpected error: release the in-flight count
                 self.outcome(sent, first, False, "proxy-error")
 
+    def request_trailers(self, headers: Headers) -> Headers:
+        """The app's request trailers without X-GT-* (each counted, as on the head)."""
+        out: Headers = []
+        for name, value in headers:
+            if is_gt_header(text := name.decode("latin-1")):
+                self.proxy.metrics.rejected_headers.labels(header_label(text),
+                                                           HeaderDrop.FROM_APP).inc()
+            else:
+                out.append((name, value))
+        return out
+
     def response_headers(self, headers: Headers,
                          game: dict[str, str] | None) -> tuple[Headers, float | None]:
         """The upstream's headers without X-GT-*; those the ``response_signals`` phase
@@ -444,7 +456,12 @@ class _Call:
                 out.append((name, value))
             else:
                 received[name.decode("latin-1").lower()] = value.decode("latin-1")
-        if game is None or not received:
+        if game is None:  # trailers: no game signal rides there (counted, as on HTTP/1.1)
+            for text in received:
+                self.proxy.metrics.rejected_headers.labels(header_label(text),
+                                                           HeaderDrop.IN_TRAILERS).inc()
+            return out, congestion
+        if not received:
             return out, congestion
         game.update(self.proxy.phases.response_signals(self.ctx, received))
         raw = game.get(CONGESTION.lower())
@@ -595,10 +612,11 @@ class _Replay:
 
 
 async def pump_request(stream: ServerStream, upstream: ClientStream,
-                       replay: _Replay | None = None) -> None:
+                       replay: _Replay | None = None,
+                       trailers: Callable[[Headers], Headers] | None = None) -> None:
     """Relay the app's request body and trailers upstream (first what an earlier, refused
     attempt sent), acknowledging each DATA frame to the app only once the upstream connection
-    took it."""
+    took it. ``trailers`` filters the trailer section as it is read (the game headers out)."""
     try:
         for kind, payload in list(replay.items if replay is not None else ()):
             if kind == "data":
@@ -611,6 +629,8 @@ async def pump_request(stream: ServerStream, upstream: ClientStream,
                 return
         while True:
             kind, payload, size = await stream.read()
+            if kind == "trailers" and trailers is not None:
+                payload = trailers(payload)
             if replay is not None:
                 replay.add(kind, payload)
             if kind == "data":

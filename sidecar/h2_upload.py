@@ -41,7 +41,7 @@ from typing import Any
 from h2.errors import ErrorCodes
 
 from sidecar.h2_client import ClientStream
-from sidecar.h2_connection import StreamGone
+from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
 from sidecar.upload import UploadDeadline, UploadFailure, UploadMemory
 
@@ -136,18 +136,20 @@ async def receive_stream_upload(stream: ServerStream, deadline: UploadDeadline,
 
 async def pump_upload(stream: ServerStream, upstream: ClientStream, upload: H2Upload,
                       deadline: UploadDeadline, framing: GrpcFraming | None,
-                      timeout: float, clock: Callable[[], float]) -> None:
+                      timeout: float, clock: Callable[[], float],
+                      trailers: Callable[[Headers], Headers] | None = None) -> None:
     """The request side to the app: the buffered items, then (if it has not ended) the rest
     as it arrives, acknowledged to the client only once the app's connection took it. A
     body (or, for gRPC, a message) that misses its deadline is recorded in
     ``deadline.failure`` and the app's stream is cancelled (the relay sees that and answers
-    the caller)."""
+    the caller). ``trailers`` filters the trailer section (the game headers out)."""
     try:
         for kind, payload in upload.items:
             if kind == "data":
                 await upstream.send_data(payload)
             elif kind == "trailers":
-                upstream.send_headers(payload, end_stream=True)
+                upstream.send_headers(trailers(payload) if trailers else payload,
+                                      end_stream=True)
             else:
                 upstream.end()
         if upload.complete:
@@ -176,7 +178,8 @@ async def pump_upload(stream: ServerStream, upstream: ClientStream, upload: H2Up
             else:
                 upload.ended_at = clock()
                 if kind == "trailers":
-                    upstream.send_headers(payload, end_stream=True)
+                    upstream.send_headers(trailers(payload) if trailers else payload,
+                                          end_stream=True)
                 else:
                     upstream.end()
                 return

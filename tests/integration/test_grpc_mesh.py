@@ -339,6 +339,30 @@ def test_refusals_are_grpc_statuses_for_grpc_callers_and_json_otherwise(mesh: Me
         client.close()
 
 
+def test_a_callers_request_trailers_reach_the_app_without_game_headers(mesh: Mesh) -> None:
+    """The game headers in a caller's HTTP/2 request trailers are stripped before the app
+    (no signal rides in a trailer section), counted as on HTTP/1.1."""
+    before = mesh.inbound_metric("equilibrium_inbound_stripped_headers_total",
+                                 source="in-trailers")
+    identity = sign_identity("polite", MESH_KEY.encode(), time.time(),
+                             BoundRequest("POST", "svc", f"/{SERVICE}/Echo"),
+                             new_nonce(os.urandom(12)))
+    client = RawH2(mesh.inbound_port)
+    try:
+        call = client.start_call("Echo", extra=((b"x-gt-identity", identity.encode()),))
+        client.send(call, _grpc_frame(b"x"), end=False)
+        client.conn.send_headers(call, [(b"x-gt-bid", b"v=1;amount=9"), (b"x-kept", b"1")],
+                                 end_stream=True)
+        client.flush()
+        client.pump(lambda: client.ended(call))
+        assert client.status(call) == 0
+        assert client.body(call)[5:] == b"x"
+    finally:
+        client.close()
+    assert mesh.inbound_metric("equilibrium_inbound_stripped_headers_total",
+                               source="in-trailers") == before + 1
+
+
 def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:
     app, app_port = start_app()
     port = free_port()

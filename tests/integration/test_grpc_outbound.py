@@ -43,7 +43,8 @@ def _unary(pod: str):  # type: ignore[no-untyped-def]
         if "x-echo" in meta:
             context.send_initial_metadata((("x-echoed", meta["x-echo"]), ("x-pod", pod)))
             context.set_trailing_metadata((("x-trailer", "t-" + meta["x-echo"]),
-                                           ("x-raw-bin", b"\x00\xffok")))
+                                           ("x-raw-bin", b"\x00\xffok"),
+                                           ("x-gt-price", "v=1;paid=0")))  # no signal there
         return pod.encode() + b"|" + request
     return handle
 
@@ -203,6 +204,8 @@ def test_client_streaming_and_bidi_relayed(mesh: Mesh) -> None:
 
 
 def test_metadata_and_trailers_round_trip(mesh: Mesh) -> None:
+    dropped = mesh.sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Price",
+                                  reason="in-trailers")
     with mesh.channel() as channel:
         unary = channel.unary_unary(f"/{SERVICE}/Unary")
         answer, call = unary.with_call(b"meta", metadata=(("x-echo", "abc"),), timeout=5)
@@ -213,6 +216,9 @@ def test_metadata_and_trailers_round_trip(mesh: Mesh) -> None:
     assert answer.startswith(initial["x-pod"].encode())
     assert trailing["x-trailer"] == "t-abc"
     assert trailing["x-raw-bin"] == b"\x00\xffok"  # binary metadata survives the relay
+    assert "x-gt-price" not in trailing  # a game header in trailers: dropped and counted
+    assert mesh.sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Price",
+                               reason="in-trailers") == dropped + 1
 
 
 def test_one_mib_messages_both_ways(mesh: Mesh) -> None:
@@ -523,6 +529,29 @@ def test_reset_mid_body_leaves_other_streams_alone(mesh: Mesh) -> None:
         client.close()
     time.sleep(0.6)  # a policy tick
     assert sum(mesh.endpoint("svc", p.url)["failures"] for p in mesh.pods) == before
+
+
+def test_the_apps_request_trailers_lose_their_game_headers_counted(mesh: Mesh) -> None:
+    """HTTP/2 lets a request end with a trailer section; the app's X-GT-* there are stripped
+    and counted as on the head (a made-up name under the one label X-GT-*)."""
+    def count(header: str) -> float:
+        return mesh.sidecar.metric("equilibrium_rejected_headers_total", header=header,
+                                   reason="from-app")
+    before = {name: count(name) for name in ("X-GT-Bid", "X-GT-*")}
+    client = RawH2(mesh.port)
+    try:
+        call = client.start_call("Unary")
+        client.send(call, _grpc_frame(b"with trailers"), end=False)
+        client.conn.send_headers(call, [(b"x-gt-bid", b"v=1;amount=9"), (b"x-gt-made-up", b"1"),
+                                        (b"x-kept", b"yes")], end_stream=True)
+        client.flush()
+        client.pump(lambda: client.ended(call))
+        assert client.status(call) == 0
+        assert client.body(call)[5:].endswith(b"|with trailers")
+    finally:
+        client.close()
+    for name, value in before.items():
+        assert count(name) == value + 1, name
 
 
 def test_goaway_lets_the_call_in_flight_finish(mesh: Mesh) -> None:
