@@ -505,11 +505,22 @@ class RawH2:
         self.sock.close()
 
 
+def _settled_failures(mesh: Mesh) -> int:
+    """The pods' failures as the policy's snapshot shows them once two reads a tick apart
+    agree: the snapshot is rebuilt at ticks, so a failure charged just before (an earlier
+    test's deadline) appears only at the next one."""
+    last: int | None = None
+    for _ in range(20):
+        now = sum(int(mesh.endpoint("svc", p.url)["failures"]) for p in mesh.pods)
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.6)
+    raise AssertionError("the failure count never settled")
+
+
 def test_reset_mid_body_leaves_other_streams_alone(mesh: Mesh) -> None:
-    # The counts come from the snapshot a policy tick builds: let one pass first, so that a
-    # failure an earlier test charged just before (a deadline) is not counted as this one's.
-    time.sleep(0.6)
-    before = sum(mesh.endpoint("svc", p.url)["failures"] for p in mesh.pods)
+    before = _settled_failures(mesh)
     client = RawH2(mesh.port)
     try:
         upload = client.start_call("ClientStream")
@@ -527,8 +538,7 @@ def test_reset_mid_body_leaves_other_streams_alone(mesh: Mesh) -> None:
         assert client.status(again) == 0
     finally:
         client.close()
-    time.sleep(0.6)  # a policy tick
-    assert sum(mesh.endpoint("svc", p.url)["failures"] for p in mesh.pods) == before
+    assert _settled_failures(mesh) == before
 
 
 def test_the_apps_request_trailers_lose_their_game_headers_counted(mesh: Mesh) -> None:

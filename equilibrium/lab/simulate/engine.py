@@ -12,9 +12,12 @@ and the life of every request:
    FIFO; a pod that is gone refuses it, and the refusal reaches the sidecar one delay later,
    which retries on an endpoint not tried yet as the proxy does. Where the pod's own events
    would change nothing -- a pod with servers that is never bad, never heals, leaves or
-   joins -- the request's departure is computed when it is sent (:meth:`Pod.departure`,
-   the same times from the same draws) and only its response is an event: two events per
-   request instead of four;
+   joins, and whose service times are not constant -- the request's departure is computed
+   when it is sent (:meth:`Pod.departure`, the same times from the same draws) and only its
+   response is an event: two events per request instead of four. (A response scheduled
+   earlier would come first among events at the very same instant; with continuous service
+   times such ties do not happen, with constant ones they do, so those pods keep events;
+   ``--jitter`` draws go to the requests in another order: the same distribution);
 4. the response reaches the sidecar one delay after the pod finished (plus the bad pod's
    extra delay, after its server is released, as in the real fleet), the policy observes it,
    and the client's latency (from the intended start, plus the fixed ``overhead`` of the
@@ -143,7 +146,10 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     changing = {change[2] for change in setup.changes
                 if change[1] in ("heal", "pod-leave", "pod-join")}
     for i, pod in enumerate(pods):
+        # Not with constant service times: there responses tie with other events to the
+        # instant, and the order of a tie follows when the response was scheduled
         if direct and pod.spec.servers is not None and not pod.spec.bad \
+                and pod.spec.distribution != "constant" \
                 and i not in changing and i not in setup.absent:
             pod.start_direct()  # its requests leave when computed, not by events
     listed = [endpoints[i] for i in range(len(pods)) if i not in setup.absent]

@@ -112,7 +112,9 @@ class Pod:
         events (:meth:`departure`). Exact -- the same times from the same draws as the queue
         of events -- for a pod whose behaviour and presence never change during the run and
         that is never bad (the bad delay is drawn as a request leaves, which FIFO does not
-        order): the engine decides which pods qualify."""
+        order); the same order of events too unless two fall at the very same instant (the
+        engine keeps constant service times on events for that): the engine decides which
+        pods qualify."""
         self.direct = True
         self.free = [0.0] * (self.spec.servers or 0)
 

@@ -185,6 +185,8 @@ def test_regrets_stay_finite_when_an_estimate_or_a_cost_is_not() -> None:
     rr.update(np.array([5.0, 5.0, 0.0]), np.array([0.01, np.inf, 0.0]),
               np.array([0.01, np.inf, 0.02]), dt=0.5)
     assert np.isfinite(rr.conditional).all() and np.isfinite(rr._current).all()
-    assert rr.conditional[1, 1] == 0.0 and rr._current[0, 1] == 0.0  # not inf - inf
+    assert rr._current[1, 1] == 0.0  # inf - inf (NaN) masked to 0
+    assert rr._current[0, 1] == 0.0  # 0.01 - inf masked to 0
+    assert rr.conditional[1, 0] == 0.0  # a cost of inf: its regrets masked to 0
     q = rr.strategy("conditional")
     assert np.isfinite(q).all() and q.sum() == pytest.approx(1.0)
