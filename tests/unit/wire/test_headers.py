@@ -11,7 +11,10 @@ from multidict import CIMultiDict
 
 from wire.errors import WireError
 from wire.headers import (
+    GAME_HEADERS,
+    OTHER_GAME_HEADER,
     format_congestion,
+    header_label,
     parse_congestion,
     parse_congestion_signal,
     parse_retry,
@@ -75,3 +78,12 @@ def test_every_spelling_a_cgi_app_reads_as_x_gt_is_a_game_header(name: str) -> N
 def test_other_names_are_not_game_headers(name: str) -> None:
     from wire.headers import is_gt_header
     assert not is_gt_header(name)
+
+
+def test_a_header_label_is_a_game_headers_own_spelling_or_one_for_all_others() -> None:
+    for name in GAME_HEADERS.values():
+        assert header_label(name) == name
+        assert header_label(name.lower()) == name
+        assert header_label(name.upper().replace("-", "_")) == name  # a CGI-style spelling
+    for made_up in ("X-GT-Made-Up", "x-gt-", "X-GT-Bid-2", "x-gt-bid "):
+        assert header_label(made_up) == OTHER_GAME_HEADER == "X-GT-*"
