@@ -324,20 +324,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         drift = peak.updated_at / peak.decay if peak.decay > 0 else 0.0
         return math.log(max(peak.estimate, 1e-12)) + drift + math.log(ahead)
 
-    def _current_keys(self, now: float) -> list[float]:
-        """Every endpoint's :meth:`_cost_key` at ``now``. Only a probe answer makes a key
-        change with time (its count of the callee's other requests goes stale); every other
-        key was kept current by :meth:`_reorder` as requests started and ended, so it is
-        taken as it stands, not computed again."""
-        stats, endpoints, keys = self.stats, self.endpoints, self._pacer_keys()
+    def _current_keys(self, keys: list[float], now: float) -> list[float]:
+        """Every endpoint's :meth:`_cost_key` at ``now``, given the pacer's ``keys``. Only a
+        probe answer makes a key change with time (its count of the callee's other requests
+        goes stale); every other key was kept current by :meth:`_reorder` as requests started
+        and ended, so it is taken as it stands, not computed again."""
+        stats, endpoints = self.stats, self.endpoints
         if len(keys) != len(endpoints):
             return [self._cost_key(stats[e], now) for e in endpoints]
         return [keys[i] if (s := stats[e]).probe is None else self._cost_key(s, now)
                 for i, e in enumerate(endpoints)]
-
-    def _pacer_keys(self) -> list[float]:
-        pacer = self._pacer
-        return pacer.order.keys if isinstance(pacer, SampledPacer) else []
 
     def _reorder(self, endpoint: str, now: float | None) -> None:
         i = self._index.get(endpoint)
@@ -353,7 +349,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def tick(self, now: float) -> None:
         super().tick(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
-            self._pacer.order.reset(self._current_keys(now))
+            order = self._pacer.order
+            order.reset(self._current_keys(order.keys, now))
         herd, n = self.profile.herd, len(self.endpoints)
         self._recent.forget(self.endpoints)
         if n < 2:

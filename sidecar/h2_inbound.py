@@ -208,22 +208,23 @@ class _Call:
         out.append((b"x-forwarded-proto", b"http"))
         return out
 
-    def caller_trailers(self, headers: Headers) -> Headers:
-        """The caller's request trailers as the app gets them: ``X-GT-*`` stripped (counted
-        per message, as on HTTP/1.1: no game signal rides in a trailer section)."""
+    def _stripped(self, headers: Headers, source: HeaderDrop) -> Headers:
+        """``headers`` without ``X-GT-*``, counted once per block under ``source``."""
         out: Headers = [(name, value) for name, value in headers
                         if not is_gt_header(name.decode("latin-1"))]
         if len(out) != len(headers):
-            self.owner.metrics.stripped.labels(HeaderDrop.IN_TRAILERS).inc()
+            self.owner.metrics.stripped.labels(source).inc()
         return out
+
+    def caller_trailers(self, headers: Headers) -> Headers:
+        """The caller's request trailers as the app gets them: ``X-GT-*`` stripped (counted
+        per message, as on HTTP/1.1: no game signal rides in a trailer section)."""
+        return self._stripped(headers, HeaderDrop.IN_TRAILERS)
 
     def answer_headers(self, headers: Headers, verdict: Verdict | None) -> Headers:
         """The app's header block without ``X-GT-*`` (counted), plus Via and, on the head,
         the signals."""
-        out: Headers = [(name, value) for name, value in headers
-                        if not is_gt_header(name.decode("latin-1"))]
-        if len(out) != len(headers):
-            self.owner.metrics.stripped.labels(HeaderDrop.FROM_APP).inc()
+        out = self._stripped(headers, HeaderDrop.FROM_APP)
         if verdict is not None:
             out.append((b"via", self.owner.via))
             out.extend(_header_block(self.owner.policing.signal_headers(verdict)))

@@ -264,13 +264,8 @@ class _Call:
     def base_headers(self) -> Headers:
         """The app's request headers as sent upstream: X-GT-* stripped (counted), Via added;
         ``grpc-timeout`` is re-added per attempt with what is left of the deadline."""
-        out: Headers = []
-        for name, value in self.stream.request:
-            if is_gt_header(text := name.decode("latin-1")):  # a label of a bounded set
-                self.proxy.metrics.rejected_headers.labels(header_label(text),
-                                                           HeaderDrop.FROM_APP).inc()
-            elif name != b"grpc-timeout":
-                out.append((name, value))
+        out = [(name, value) for name, value in self.without_game_headers(self.stream.request)
+               if name != b"grpc-timeout"]
         out.append((b"via", self.proxy.via))
         return out
 
@@ -296,7 +291,7 @@ class _Call:
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
         pump = loop.create_task(pump_request(stream, upstream, self.replay,
-                                             self.request_trailers))
+                                             self.without_game_headers))
         first: float | None = None  # when the answer's first message (or trailers) came
         recorded = False
         status: int | None = None  # grpc-status
@@ -431,8 +426,9 @@ class _Call:
             if not recorded:  # an unexpected error: release the in-flight count
                 self.outcome(sent, first, False, "proxy-error")
 
-    def request_trailers(self, headers: Headers) -> Headers:
-        """The app's request trailers without X-GT-* (each counted, as on the head)."""
+    def without_game_headers(self, headers: Headers) -> Headers:
+        """The app's header block (its head or its trailers) without X-GT-*, each counted
+        under a label of a bounded set (:func:`~wire.headers.header_label`)."""
         out: Headers = []
         for name, value in headers:
             if is_gt_header(text := name.decode("latin-1")):

@@ -44,7 +44,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -321,9 +321,7 @@ class OutboundProxy:
         if authority_header := ctx.authority:
             headers["Host"] = authority_header
         if stripped:
-            for name in stripped:  # the app chose the name: a label of a bounded set
-                self.metrics.rejected_headers.labels(header_label(name),
-                                                     HeaderDrop.FROM_APP).inc()
+            self._app_headers_dropped(stripped)
         if isinstance(exchange, AiohttpExchange) and is_websocket(exchange.request):
             result = await self._websocket(exchange.request, ctx, headers)
             if isinstance(result, Answer):
@@ -385,7 +383,7 @@ class OutboundProxy:
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
-                        _Upload(exchange.content, watchdog, self._app_trailers_dropped)
+                        _Upload(exchange.content, watchdog, self._app_headers_dropped)
                         if has_body else None,
                     ))
                 except asyncio.CancelledError:
@@ -620,8 +618,8 @@ class OutboundProxy:
             self.metrics.rejected_headers.labels(header_label(name),
                                                  HeaderDrop.IN_TRAILERS).inc()
 
-    def _app_trailers_dropped(self, names: list[str]) -> None:
-        for name in names:  # the app chose the name: likewise
+    def _app_headers_dropped(self, names: Iterable[str]) -> None:
+        for name in names:  # the app chose the name (head or trailers): likewise
             self.metrics.rejected_headers.labels(header_label(name), HeaderDrop.FROM_APP).inc()
 
     async def _relay_failed(self, exchange: Exchange, ctx: RequestContext,
