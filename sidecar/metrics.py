@@ -524,7 +524,8 @@ class H2Metrics:
         self.http1_rejected = Counter(
             "equilibrium_http1_rejected_requests",
             "HTTP/1.1 requests the outbound listener refused before routing, closing the "
-            "connection, by reason (malformed: 400; head-too-large, trailers-too-large: 431)",
+            "connection, by reason (malformed: 400; head-too-large, trailers-too-large: 431; "
+            "connect-not-supported: 501)",
             ["reason"], registry=registry,
         )
         self.flood_goaways = Counter(
@@ -579,7 +580,7 @@ class InboundListenerMetrics(H2Metrics):
         self.http1_rejected = Counter(
             "http1_rejected_requests", "HTTP/1.1 requests the inbound listener refused before "
             "policing, closing the connection, by reason (malformed: 400; head-too-large, "
-            "trailers-too-large: 431)", ["reason"], **scope)
+            "trailers-too-large: 431; connect-not-supported: 501)", ["reason"], **scope)
         self.accept_errors = Counter(
             "accept_errors", "accept() failures for lack of file descriptors or memory (any "
             "listener; logged once per interval)", **scope)

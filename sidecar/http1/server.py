@@ -25,7 +25,9 @@ followed by a linger (the rest read and dropped, then the close). The
 connection cap is the site's. The timers are one ``loop.call_at`` handle per connection, moved
 rather than re-created: a request whose head arrives in one read costs no timer operation.
 
-WebSocket upgrades, CONNECT and any other request llhttp reports as an upgrade are not
+A CONNECT request is refused here, in its turn: 501 with the reason
+``connect-not-supported``, then the close (no listener opens tunnels). WebSocket upgrades
+and any other request llhttp reports as an upgrade are not
 served here: once the requests before it are answered, the connection is handed to
 ``fallback()`` (aiohttp's own HTTP/1.1 protocol) together with the request's head, rebuilt
 from what was parsed, and every byte read after it, so :mod:`sidecar.websocket` serves it.
@@ -643,18 +645,28 @@ class H1Connection(asyncio.Protocol):
 
     def _on_upgrade(self, rest: bytes) -> None:
         exchange = self._upgrade
-        if exchange is None or self.fallback is None:
-            self._upgrade = None
-            self._reject(501 if exchange is not None else 400, "malformed")
+        if exchange is None:
+            self._reject(400, "malformed")
             return
-        lines = [b"%s %s HTTP/%s" % (exchange.method.encode("ascii"), self._url,
-                                     exchange.version.encode("ascii"))]
-        lines.extend(name + b": " + value for name, value in self._raw_headers)
-        self._handover = CRLF.join(lines) + CRLF + CRLF + rest
+        if exchange.method != "CONNECT" and self.fallback is not None:
+            lines = [b"%s %s HTTP/%s" % (exchange.method.encode("ascii"), self._url,
+                                         exchange.version.encode("ascii"))]
+            lines.extend(name + b": " + value for name, value in self._raw_headers)
+            self._handover = CRLF.join(lines) + CRLF + CRLF + rest
+        # else refused in its turn (_hand_over); what follows the head is not HTTP: dropped
         if self._active is None and not self._queue:
             self._hand_over()
 
     def _hand_over(self) -> None:
+        upgrade = self._upgrade
+        if upgrade is not None and (upgrade.method == "CONNECT" or self.fallback is None):
+            # a tunnel, which neither listener opens (the outbound routes by Host, the inbound
+            # serves one app): 501 once the requests before it are answered, then the close
+            self._upgrade = None
+            self._handover = b""
+            self._reject(501, "connect-not-supported" if upgrade.method == "CONNECT"
+                         else "malformed")
+            return
         transport, fallback = self.transport, self.fallback
         if transport is None or fallback is None:
             return
@@ -710,7 +722,7 @@ class H1Connection(asyncio.Protocol):
             self._count_timeout(0)
             log.info("HTTP/1.1 connection from %s: no complete request head within %gs: 408",
                      self.remote, self.limits.header_timeout)
-            self._write_error(408)
+            self._write_error(408, "header-timeout")
             self._linger()
             return
         else:
@@ -729,7 +741,7 @@ class H1Connection(asyncio.Protocol):
         if self._active is not None:  # an answer in progress would be garbled: just cut
             self.abort()
             return
-        self._write_error(status)
+        self._write_error(status, reason)
         self._linger()
 
     def _linger(self) -> None:
@@ -746,11 +758,14 @@ class H1Connection(asyncio.Protocol):
             transport.write_eof()
         self._arm("linger", LINGER)
 
-    def _write_error(self, status: int) -> None:
+    def _write_error(self, status: int, reason: str) -> None:
+        """The listener's own refusal, as JSON with the reason (the metric's label), as the
+        proxy's errors are (``reason`` is one of this module's fixed words)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        body = b'{"error": "%s"}' % REASONS.get(status, "").encode()
+        body = b'{"error": "%s", "reason": "%s"}' % (REASONS.get(status, "").encode(),
+                                                     reason.encode())
         transport.write(_encode_head([
             f"HTTP/1.1 {status} {REASONS.get(status, '')}",
             "Content-Type: application/json; charset=utf-8",

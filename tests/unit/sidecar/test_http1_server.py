@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -152,8 +153,9 @@ async def test_a_half_sent_head_gets_408_after_the_timeout_while_others_are_serv
         fast_w.write(GET)
         status, _, body = await read_response(fast_r)
         assert (status, body) == (200, b"hello")
-    status, headers, _ = await read_response(slow_r)
+    status, headers, body = await read_response(slow_r)
     assert status == 408 and headers["connection"] == "close"
+    assert json.loads(body) == {"error": "Request Timeout", "reason": "header-timeout"}
     assert await closed(slow_r)
     assert rig.sample("equilibrium_listener_timeouts_total", phase="http1_header") == 1
     assert [r.url.path for r in rig.seen] == ["/x"] * 3
@@ -202,8 +204,9 @@ async def test_an_oversized_head_gets_431_whether_sent_at_once_or_in_parts(
     rig = await listener(limits=H1Limits(max_head=8192))
     reader, writer = await rig.connect()
     writer.write(b"GET / HTTP/1.1\r\nHost: users\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
-    status, headers, _ = await read_response(reader)
+    status, headers, body = await read_response(reader)
     assert status == 431 and headers["connection"] == "close"
+    assert json.loads(body)["reason"] == "head-too-large"
     assert await closed(reader)
     reader, writer2 = await rig.connect()  # one endless header line, sent in parts
     writer2.write(b"GET / HTTP/1.1\r\nHost: users\r\nX-Big: ")
@@ -220,13 +223,45 @@ async def test_an_oversized_head_gets_431_whether_sent_at_once_or_in_parts(
     writer2.close()
 
 
-async def test_a_malformed_request_gets_400_and_is_counted(listener: MakeListener) -> None:
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost users\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: users\r\nContent-Length: abc\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: users\r\nContent-Length: 3\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+], ids=["no-colon", "garbage", "bad-length", "length-and-chunked"])
+async def test_a_malformed_request_gets_400_with_its_reason_and_is_counted(
+    listener: MakeListener, request_bytes: bytes,
+) -> None:
     rig = await listener()
     reader, writer = await rig.connect()
-    writer.write(b"GET / HTTP/1.1\r\nHost users\r\n\r\n")
-    assert (await read_response(reader))[0] == 400
+    writer.write(request_bytes)
+    status, headers, body = await read_response(reader)
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"error": "Bad Request", "reason": "malformed"}
     assert await closed(reader)
     assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
+    assert rig.seen == []
+    writer.close()
+
+
+async def test_connect_is_refused_501_after_the_requests_before_it(
+    listener: MakeListener,
+) -> None:
+    """A proxy-aware client sends CONNECT for https:// URLs (``https_proxy``): no tunnel is
+    opened, it is told so in JSON, and what it sent after the head never reaches anyone."""
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(GET + b"CONNECT users:443 HTTP/1.1\r\nHost: users:443\r\n\r\n"
+                 b"\x16\x03\x01 not http at all\r\n\r\n" + GET)
+    assert (await read_response(reader))[:3:2] == (200, b"hello")
+    status, headers, body = await read_response(reader)
+    assert status == 501 and headers["connection"] == "close"
+    assert json.loads(body) == {"error": "Not Implemented", "reason": "connect-not-supported"}
+    assert await closed(reader)
+    assert [r.url.path for r in rig.seen] == ["/x"]
+    assert rig.sample("equilibrium_http1_rejected_requests_total",
+                      reason="connect-not-supported") == 1
     writer.close()
 
 
