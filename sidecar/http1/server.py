@@ -45,7 +45,7 @@ import contextlib
 import enum
 import http
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -232,7 +232,10 @@ class H1Exchange:
     async def start_response(self, status: int, reason: str | None,
                              headers: CIMultiDict[str]) -> None:
         self.started = True
-        keep = self._keep()
+        # an answer that starts before its request's body has all arrived (the upstream
+        # answered early) ends the connection, and says so: what the app sends after it is
+        # read and dropped (_finished), so it must not be sent as if it would be served
+        keep = self._keep() and self.content.received
         extra: list[str] = []
         if self.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             framing = Framing.NONE
@@ -250,8 +253,12 @@ class H1Exchange:
             extra.append("Connection: keep-alive")
         self.keep_alive = keep
         self._framing = framing
+        fields: Iterable[tuple[str, str]] = headers.items()
+        if (status == 204 or status < 200) and "Content-Length" in headers:
+            # RFC 9110 §8.6: never on a 204 or 1xx (a lenient app would wait for the bytes)
+            fields = [(k, v) for k, v in fields if k.lower() != "content-length"]
         lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, '')}",
-                 *[f"{k}: {v}" for k, v in headers.items()], *extra]
+                 *[f"{k}: {v}" for k, v in fields], *extra]
         self._head = _encode_head(lines)
 
     async def write(self, data: bytes) -> None:

@@ -458,6 +458,27 @@ async def test_an_early_answer_is_not_lost_to_the_rest_of_the_body(
     writer.close()
 
 
+async def test_an_upstream_answer_relayed_before_the_body_ended_says_connection_close(
+    listener: MakeListener,
+) -> None:
+    """The upstream answers before reading the body: the relayed answer ends the connection
+    and says so, so the app does not send a pipelined request into a connection that drops
+    it (it is read and dropped, and never reaches the upstream)."""
+    async def early(request: UpstreamRequest) -> MemoryResponse:
+        return MemoryResponse(200, {"Content-Length": "5"}, b"early")
+
+    rig = await listener(early)
+    reader, writer = await rig.connect()
+    writer.write(b"POST /early HTTP/1.1\r\nHost: users\r\nContent-Length: 10\r\n\r\nhello")
+    status, headers, body = await read_response(reader)
+    assert (status, body) == (200, b"early") and headers["connection"] == "close"
+    with contextlib.suppress(ConnectionError):
+        writer.write(b"world" + GET)
+    assert await closed(reader)
+    assert [r.url.path for r in rig.seen] == ["/early"]
+    writer.close()
+
+
 async def test_expect_100_continue_is_answered_before_the_body_is_sent(
     listener: MakeListener,
 ) -> None:
@@ -487,6 +508,23 @@ async def test_head_and_http10_answers_are_framed_right(listener: MakeListener) 
     rest = await asyncio.wait_for(reader.read(), 5)
     assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"\r\n\r\nwhole body")
     assert b"connection: close" in rest.lower()
+    writer.close()
+
+
+async def test_a_204_goes_out_without_content_length_or_body_and_the_next_is_served(
+    listener: MakeListener,
+) -> None:
+    async def stray(request: UpstreamRequest) -> MemoryResponse:
+        if request.url.path == "/none":  # a 204 that claims (and carries) a body
+            return MemoryResponse(204, {"Content-Length": "5"}, b"stray")
+        return await hello(request)
+
+    rig = await listener(stray)
+    reader, writer = await rig.connect()
+    writer.write(b"GET /none HTTP/1.1\r\nHost: users\r\n\r\n" + GET)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 204") and b"content-length" not in head.lower()
+    assert (await read_response(reader))[:3:2] == (200, b"hello")  # nothing stray between
     writer.close()
 
 
