@@ -52,7 +52,9 @@ class ErrorReason(StrEnum):
     APP_HUNG_UP = "app-hung-up"
     """The app closed its connection while the response body was being relayed: the app's
     doing, not the endpoint's (metric only; the upstream connection is kept if the rest of the
-    body can be drained within a small budget)."""
+    body can be drained within a small budget). Also, 400 when the app can still read it:
+    its upload ended short of its ``Content-Length`` (a half-close) or broke its chunked
+    framing (the listener cut it); the attempt is observed unanswered but not failed."""
     BAD_TARGET = "bad-target"
     """400: a request target that is not a path (``/...``). On the inbound listener an
     absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy; on the

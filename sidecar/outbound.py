@@ -67,6 +67,7 @@ from sidecar.forward import (
     response_headers_to_app,
 )
 from sidecar.http1.client import H1Transport
+from sidecar.http1.client_connection import RequestBodyFailed
 from sidecar.metrics import OutboundMetrics
 from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
 from sidecar.transport import (
@@ -388,10 +389,18 @@ class OutboundProxy:
                     ))
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
-                        self._charge(ctx, endpoint, sent)
+                        if exchange.client_gone():  # the listener cut the app (bad framing)
+                            self._app_left(ctx, endpoint, sent)
+                            self.metrics.errors.labels(group.name, ErrorReason.APP_HUNG_UP).inc()
+                        else:
+                            self._charge(ctx, endpoint, sent)
                         raise
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, TimeoutError())
                     break  # the upstream may have the request: never re-sent
+                except RequestBodyFailed as exc:  # the app's body broke off: its doing
+                    self._app_left(ctx, endpoint, sent)
+                    return self._error(ctx, 400, ErrorReason.APP_HUNG_UP,
+                                       f"the request body did not arrive whole: {exc}")
                 except (TransportError, TimeoutError) as exc:
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, exc)
                     if failure.reason in NEVER_CONNECTED:  # the request never left: the next
@@ -531,6 +540,16 @@ class OutboundProxy:
         assert ctx.group is not None
         done = self.clock()
         ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
+
+    def _app_left(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
+        """The app's side of the attempt broke (its upload ended short or broke off, or the
+        listener cut it for bad framing): no answer, and not the endpoint's failure (as an
+        HTTP/2 stream the app resets)."""
+        assert ctx.group is not None
+        done = self.clock()
+        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, True, done, answered=False))
+        ctx.error_reason = ErrorReason.APP_HUNG_UP
+        log.debug("%s %s: the app's request broke off mid-body", ctx.upstream, endpoint)
 
     def _attempt_failed(self, ctx: RequestContext, endpoint: str, sent: float, attempt: int,
                         exc: BaseException) -> AttemptFailure:
