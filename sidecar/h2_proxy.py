@@ -184,8 +184,10 @@ class _Call:
         group.budget.deposit(proxy.clock())
         failure = ""
         # A refusal (REFUSED_STREAM: not processed, the endpoint's stream limit) is sent again
-        # without spending an attempt or the retry budget, up to MAX_REFUSALS times, after a
-        # short pause that lets the endpoint release its streams (counted as retries).
+        # without spending an attempt, up to MAX_REFUSALS times, after a short pause that lets
+        # the endpoint release its streams; each re-send is a retry and spends the retry
+        # budget, so an upstream that refuses what it did process (a protocol violation) can
+        # multiply the load only as far as the budget allows.
         attempt, refusals, refused = 0, 0, False
         while attempt < proxy.max_attempts:
             now = proxy.clock()
@@ -197,7 +199,7 @@ class _Call:
                         503, "no-endpoint", f"upstream {group.name!r} has no endpoint to use")
                 break
             if attempt > 0 or refused:
-                if not refused and not group.budget.try_withdraw(now):
+                if not group.budget.try_withdraw(now):
                     proxy.metrics.retry_budget_exhausted.labels(group.name).inc()
                     break
                 proxy.metrics.retries.labels(group.name).inc()

@@ -647,3 +647,81 @@ def test_grpc_timeout_is_enforced_by_the_sidecar(mesh: Mesh) -> None:
         assert time.monotonic() - started < 2.0
     finally:
         client.close()
+
+
+class LyingPod:
+    """An h2c server that reads each call whole, counts it, then resets it REFUSED_STREAM
+    ("not processed"): a protocol violation, since it did see the call."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.calls = 0
+        self.stopped = False
+        self.pool = futures.ThreadPoolExecutor(max_workers=4)
+        self.pool.submit(self._accept)
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                sock, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.pool.submit(self._serve, sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(0.2)
+        with sock:
+            while not self.stopped:
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length,
+                                                       event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        self.calls += 1
+                        conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                sock.sendall(conn.data_to_send())
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.pool.shutdown(wait=True)
+        self.server.close()
+
+
+def test_a_pod_refusing_calls_it_read_multiplies_them_only_within_the_retry_budget() -> None:
+    # A refusal is re-sent (it says "not processed"), but every re-send is a retry paid from
+    # the budget: with room for 2 retries, 3 calls reach the lying pod 5 times, not 27.
+    pod = LyingPod()
+    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
+                            sidecar_id="sc-grpc-liar",
+                            extra_args=["--retry-budget-ratio", "0",
+                                        "--retry-budget-min-per-s", "0.2"])
+    try:
+        client = RawH2(sidecar.outbound_port)
+        try:
+            for _ in range(3):
+                stream_id = client.start_call("Unary")
+                client.send(stream_id, _grpc_frame(b"pay me once"), end=True)
+                client.pump(lambda sid=stream_id: client.ended(sid))  # type: ignore[misc]
+                reset = [e for e in client.events[stream_id]
+                         if isinstance(e, h2.events.StreamReset)]
+                assert [e.error_code for e in reset] == [ErrorCodes.REFUSED_STREAM]
+        finally:
+            client.close()
+        assert pod.calls == 5
+        assert sidecar.metric("equilibrium_retries_total", upstream="svc") == 2
+        assert sidecar.metric("equilibrium_retry_budget_exhausted_total", upstream="svc") == 3
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
