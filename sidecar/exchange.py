@@ -138,7 +138,9 @@ class Exchange(RequestHead, Protocol):
 
 class AiohttpExchange:
     """An :class:`Exchange` over aiohttp's ``web.Request``; :attr:`response` is what the
-    aiohttp handler returns once the exchange is done."""
+    aiohttp handler returns once the exchange is done. Every answer closes the connection
+    (the listener hands aiohttp only upgrades; a WebSocket that is accepted is not an
+    answer of this exchange)."""
 
     __slots__ = ("request", "response")
 
@@ -188,7 +190,8 @@ class AiohttpExchange:
             transport.abort()
 
     async def answer(self, answer: Answer) -> None:
-        self.response = web_response(answer)
+        response = self.response = web_response(answer)
+        response.force_close()  # see start_response
 
     async def refuse_body(self, answer: Answer | None) -> None:
         response = self.response = web.Response(status=answer.status if answer else 400)
@@ -208,6 +211,11 @@ class AiohttpExchange:
                              headers: CIMultiDict[str]) -> None:
         response = self.response = web.StreamResponse(status=status, reason=reason,
                                                       headers=headers)
+        # The listener hands aiohttp only upgrade requests; aiohttp's protocol has neither
+        # the listener's header timeout nor its idle timeout, so a connection whose upgrade
+        # did not happen ends with this answer instead of staying open on aiohttp's terms
+        # (a slow-loris way around both timeouts otherwise).
+        response.force_close()
         await response.prepare(self.request)
 
     async def write(self, data: bytes) -> None:

@@ -537,8 +537,28 @@ async def test_an_upgrade_after_a_request_is_handed_to_aiohttp_with_its_head(
                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  b"Sec-WebSocket-Version: 13\r\n\r\n")
     assert (await read_response(reader))[2] == b"hello"
-    status, _, body = await read_response(reader)  # aiohttp's handler: the same proxy
+    status, headers, body = await read_response(reader)  # aiohttp's handler: the same proxy
     assert status == 501 and b"websocket-not-supported" in body
+    assert headers["connection"] == "close" and await closed(reader)
+    writer.close()
+
+
+async def test_an_upgrade_that_does_not_happen_ends_the_connection(
+    listener: MakeListener,
+) -> None:
+    """aiohttp's protocol, which serves handed-over upgrades, has neither the listener's
+    header timeout nor its idle timeout: a connection whose upgrade did not happen must not
+    stay open on its terms (a slow-loris way around both)."""
+    rig = await listener(limits=H1Limits(header_timeout=0.5, idle_timeout=0.5))
+    reader, writer = await rig.connect()
+    writer.write(b"GET /x HTTP/1.1\r\nHost: users\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: foo\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert (status, body) == (200, b"hello") and headers["connection"] == "close"
+    with contextlib.suppress(ConnectionError):
+        writer.write(b"GET /drip")  # a next head, dripped: nobody waits for it
+    assert await closed(reader, within=2.0)
+    assert [r.url.path for r in rig.seen] == ["/x"]
     writer.close()
 
 
