@@ -239,12 +239,18 @@ class SignalerService:
         now = self.clock()
         self.epoch_number = int(now // self.config.epoch)
         self.metrics.epochs.inc()
-        await self._discover(now)
-        for upstream in sorted(self.known):
+        scanned = await self._discover(now)
+        served = sorted(self.known)
+        for upstream in served:
             try:
                 await self._serve(upstream, now)
             except KeyTypeError as exc:  # that upstream's problem only
                 self._key_error(exc, upstream)
+        if not scanned and not served:
+            # nothing to serve (a fresh mesh, or between two discoveries): an epoch that
+            # touched no key must still find out whether Redis answers, else it would count
+            # as reachable and /readyz would say ready with Redis down
+            await self.store.ping()
         self.metrics.id_conflicts.set(len(self._conflicts))
         self.metrics.upstreams.set(len(self.known))
 
@@ -301,17 +307,19 @@ class SignalerService:
                       "or rename the key to repair it.", self.config.signer, exc.key, exc.kind,
                       upstream, held)
 
-    async def _discover(self, now: float) -> None:
-        """Forget quiet upstreams; every ``discover_every``, ``SCAN`` and probe candidates."""
+    async def _discover(self, now: float) -> bool:
+        """Forget quiet upstreams; every ``discover_every``, ``SCAN`` and probe candidates.
+        True if it asked the store (a ``SCAN``)."""
         if self._configured:
-            return
+            return False
         for upstream in self._roster.expired(now):
             await self._forget(upstream)
         if now - self._last_discovery < self.config.discover_every:
-            return
+            return False
         self._last_discovery = now
         for upstream in self._roster.discovered(await self.store.upstreams(), now):
             await self._probe(upstream, now)
+        return True
 
     async def _probe(self, upstream: str, now: float) -> None:
         """Does ``upstream``'s stream end with a valid, fresh summary? (one bounded read)"""

@@ -162,6 +162,9 @@ class MemorySignalStore:
         found = (upstream_of_summary_stream(key) for key in [*self._streams, *self._values])
         return {u for u in found if u is not None}
 
+    async def ping(self) -> None:
+        """Always answers (in memory)."""
+
     async def ensure_group(self, upstream: str) -> None:
         self._group(upstream)
 

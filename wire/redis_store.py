@@ -171,6 +171,10 @@ class RedisSignalStore:
                     found.add(upstream)
         return found
 
+    async def ping(self) -> None:
+        async with _redis_errors():
+            await self._client().ping()
+
     async def ensure_group(self, upstream: str) -> None:
         async with _redis_errors(summary_stream(upstream)):
             await self._ensure_group(upstream)

@@ -134,6 +134,12 @@ class SignalStore(Protocol):
         """Every upstream that has a summary stream."""
         ...
 
+    async def ping(self) -> None:
+        """One round trip that touches no key: raises :class:`StoreError` when the store does
+        not answer (a signaler's epoch with nothing else to do still learns whether it
+        could)."""
+        ...
+
     async def ensure_group(self, upstream: str) -> None:
         """Create the consumer group on ``upstream``'s summary stream (and the stream) if
         missing; the group starts before the first entry."""

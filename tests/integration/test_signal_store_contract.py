@@ -180,6 +180,12 @@ async def test_reading_without_a_group_creates_it_from_the_start(store: SignalSt
     await store.ack(fresh_upstream(), ["1-0"])  # nothing to acknowledge: no error
 
 
+async def test_ping_answers_and_touches_no_key(store: SignalStore) -> None:
+    before = await store.upstreams()
+    await store.ping()
+    assert await store.upstreams() == before
+
+
 async def test_upstreams_are_discovered_from_their_summary_streams(store: SignalStore) -> None:
     a, b = fresh_upstream(), fresh_upstream()
     await publish(store, a, "sc-1")

@@ -7,12 +7,17 @@ No Redis here: the service talks to the in-memory signal store
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
+
 import pytest
 
 from signaler.latency_model import LatencyModel
 from signaler.service import SignalerConfig, SignalerService
 from tests.signaling_samples import EPS, KEY, NOW, signed, summary, with_body
 from wire.memory_store import MemorySignalStore
+from wire.redis_store import RedisSignalStore
 from wire.summary import encode_summary
 
 OTHER_KEY = b"another-mesh-key-fedcba9876543210"
@@ -112,3 +117,50 @@ async def test_a_plan_that_cannot_be_solved_is_counted_and_publishes_nothing() -
         {"upstream": "orders", "error": "NoCapacityError"}) == 1
     assert svc.status["orders"].plan is None
     assert "failing" in (svc.status["orders"].last_error or "")
+
+
+async def test_readiness_stays_down_while_redis_is_down_between_discoveries() -> None:
+    # A fresh mesh: no upstream configured, none discovered yet. The epochs between two
+    # discoveries have no key to touch; they used to count as "Redis reachable", so /readyz
+    # flipped to ready against a Redis that does not answer. The store is the real Redis
+    # client, against a loopback port nothing listens on.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}"
+    svc = SignalerService(
+        SignalerConfig(redis_url=url, signer="sig-a", key=KEY, epoch=0.05, redis_timeout=0.2,
+                       backoff_max=0.05, discover_every=10.0),
+        store=RedisSignalStore(url, 0.2), clock=time.time)
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop))
+    seen: set[str | None] = set()
+    try:
+        for _ in range(40):  # 1 s: one discovery, then about twenty epochs without one
+            await asyncio.sleep(0.025)
+            if svc.health.started:
+                seen.add(svc.health.not_ready)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert seen == {"redis-unreachable"}
+    assert svc.metrics.registry.get_sample_value("equilibrium_signaler_redis_up") == 0
+    epochs = svc.metrics.registry.get_sample_value("equilibrium_signaler_epochs_total")
+    assert epochs is not None and epochs >= 5
+
+
+async def test_an_epoch_with_nothing_to_serve_is_ready_when_the_store_answers() -> None:
+    svc = SignalerService(SignalerConfig(redis_url="redis://127.0.0.1:1", signer="sig-a",
+                                         key=KEY, epoch=0.05, discover_every=10.0),
+                          store=MemorySignalStore(time.time), clock=time.time)
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop))
+    try:
+        for _ in range(100):
+            if svc.health.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert svc.health.ready
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
