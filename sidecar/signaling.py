@@ -133,6 +133,7 @@ class SidecarSignaling:
         self.wall = wall
         self.rng = rng or random.Random()
         self.connected = False
+        self._ever_failed = False  # the first failure is logged even with no connection yet
         self._builders: dict[str, SummaryBuilder] = {}
         self._followed: dict[str, _Followed] = {}
         # per upstream, the policy told to wait for its first signal and its wait's machine
@@ -177,6 +178,10 @@ class SidecarSignaling:
             self.metrics.fallbacks.inc()
             log.warning("signaling: Redis unavailable (%s); routing falls back to local regret "
                         "matching, reconnecting with backoff", exc or type(exc).__name__)
+        elif not self._ever_failed:  # never connected: a wrong host, port or password
+            log.warning("signaling: cannot reach Redis (%s); routing by local regret matching "
+                        "until it answers, retrying with backoff", exc or type(exc).__name__)
+        self._ever_failed = True
         self.connected = False
         self.metrics.connected.set(0)
         await self.store.close()  # a fresh connection next time, not a half-dead one

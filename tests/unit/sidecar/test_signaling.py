@@ -7,6 +7,11 @@ No Redis here: the client talks to the in-memory signal store
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import socket
+import time
 from dataclasses import replace
 
 import pytest
@@ -24,6 +29,7 @@ from sidecar.upstreams import UpstreamTable
 from tests.signaling_samples import EPS, KEY, NOW, routed_group
 from wire.memory_store import MemorySignalStore
 from wire.recommendation import Recommendation, sign_recommendation
+from wire.redis_store import RedisSignalStore
 
 
 def signaling(table: UpstreamTable, metrics: SidecarMetrics,
@@ -149,3 +155,39 @@ async def test_a_wrong_typed_recommendation_key_stops_only_its_own_upstream() ->
         assert group is not None
         group.tick(10.5)
         assert group.snapshot is not None and group.snapshot.following is following, name
+
+
+async def test_a_redis_never_reached_is_logged_once_at_the_first_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A mistyped host, port or password: the sidecar never connects, so the warning that a
+    # connection was lost never fires; the first failure must say so itself, once. The
+    # store is the real Redis client, against a loopback port nothing listens on.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}"
+    table, metrics = routed_group()
+    client = SidecarSignaling(
+        sidecar_id="sc-1", table=table,
+        metrics=SignalingMetrics(metrics.registry),
+        settings=SignalingSettings(redis_url=url, key=KEY, epoch=0.05, timeout=0.2,
+                                   backoff_min=0.01, backoff_max=0.02),
+        store=RedisSignalStore(url, 0.2), clock=time.monotonic, wall=time.time)
+    caplog.set_level(logging.WARNING, logger="sidecar.signaling")
+    task = asyncio.create_task(client.run())
+    try:
+        for _ in range(100):
+            errors = sum(sample.value for family in metrics.registry.collect()
+                         if family.name == "equilibrium_signaling_redis_errors"
+                         for sample in family.samples if sample.name.endswith("_total"))
+            if errors >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert errors >= 3
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("signaling: cannot reach Redis")
