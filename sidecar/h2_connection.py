@@ -156,6 +156,9 @@ class H2Connection(asyncio.Protocol):
         self.conn.state_machine = _GracefulGoaway()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
+        # streams waiting for send credit: what a WINDOW_UPDATE or SETTINGS wakes (not every
+        # open stream, so a peer's stream of connection-level updates costs O(1) each)
+        self._starved: set[H2Stream] = set()
         self._writable = asyncio.Event()
         self._writable.set()
         self.goaway_received: int | None = None  # the peer's last stream id, once it sent GOAWAY
@@ -233,13 +236,11 @@ class H2Connection(asyncio.Protocol):
                 self.stream_closed(stream)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
-                for stream in self.streams.values():
-                    stream.window.set()
+                self._wake_starved()
             elif (stream := self.streams.get(event.stream_id)) is not None:
                 stream.window.set()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            for stream in self.streams.values():
-                stream.window.set()
+            self._wake_starved()
             self.settings_changed()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway_received = event.last_stream_id or 0
@@ -324,13 +325,21 @@ class H2Connection(asyncio.Protocol):
             size = min(window, self.conn.max_outbound_frame_size, len(view))
             if size == 0 and view:
                 stream.window.clear()
-                await stream.window.wait()
+                self._starved.add(stream)
+                try:
+                    await stream.window.wait()
+                finally:
+                    self._starved.discard(stream)
                 continue
             last = size == len(view)
             self.send_data_now(stream, bytes(view[:size]), end_stream and last)
             view = view[size:]
             if last:
                 return
+
+    def _wake_starved(self) -> None:
+        for stream in self._starved:
+            stream.window.set()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if self.transport is None:

@@ -600,6 +600,29 @@ def test_one_byte_flow_control_windows(mesh: Mesh) -> None:
         client.close()
 
 
+def test_an_answer_stalled_on_the_connection_window_resumes_on_its_update(mesh: Mesh) -> None:
+    # Stream windows as large as HTTP/2 allows, the connection's at its 65,535 default: the
+    # sidecar's answer stalls on the connection window alone, and only the client's
+    # connection-level WINDOW_UPDATEs (sent as it reads) can wake it.
+    client = RawH2(mesh.port)
+    try:
+        client.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        client.flush()
+        client.events[0] = []  # until the sidecar acknowledged them: from then on the
+        client.pump(lambda: any(  # client's own stream windows never ask for an update
+            isinstance(e, h2.events.SettingsAcknowledged) for e in client.events[0]))
+        call = client.start_call("ServerStream")
+        client.send(call, _grpc_frame(b"6000"), end=True)  # about 80 kB back: over a window
+        time.sleep(1.0)  # read nothing meanwhile: the sidecar fills the window and waits
+        client.pump(lambda: client.ended(call), timeout=15)
+        assert client.status(call) == 0
+        body = client.body(call)
+        expected = b"".join(_grpc_frame(b"msg-%d" % i) for i in range(6000))
+        assert len(body) > 65535 and body == expected
+    finally:
+        client.close()
+
+
 def test_unread_request_bodies_give_their_flow_control_credit_back(mesh: Mesh) -> None:
     # Streams the sidecar answers without reading the body (no such upstream): the body's
     # bytes still count against the connection's window and must be credited back, or the
