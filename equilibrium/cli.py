@@ -70,6 +70,15 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser,
+                       command: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            chosen: argparse.ArgumentParser = action.choices[command]
+            return chosen
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     one_math_thread(os.environ)
@@ -82,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, file=sys.stderr)
             return 2
     parser = build_parser(args_list)
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:  # told by the subcommand's parser, with its usage (argparse's own says the
+        # top level's, which names none of the subcommand's options)
+        chosen = _subcommand_parser(parser, getattr(args, "command", None))
+        (chosen or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

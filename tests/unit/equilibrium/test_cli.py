@@ -18,3 +18,20 @@ def test_numpy_math_is_single_threaded_unless_the_operator_chose(
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
     assert os.environ["MKL_NUM_THREADS"] == "1"
     assert os.environ["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.mark.parametrize(("argv", "prog"), [
+    (["sidecar", "--bogus", "1"], "equilibrium sidecar"),
+    (["signaler", "--nope"], "equilibrium signaler"),
+    (["--bogus"], "equilibrium"),
+])
+def test_an_unknown_option_is_told_by_the_parser_it_was_given_to(
+    argv: list[str], prog: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    unknown = " ".join(argv if prog == "equilibrium" else argv[1:])
+    assert f"{prog}: error: unrecognized arguments: {unknown}" in err
+    assert err.startswith(f"usage: {prog} ")
