@@ -22,7 +22,10 @@ connect timeout, connection reset before the response head), or when the endpoin
 answered 503 with a signed ``X-GT-Refused`` (its queue was full, no slot came in time, it was
 shutting down: the app never saw the request; :mod:`wire.signals`); always to an endpoint not
 tried yet; at most ``max_attempts`` in all; only while the upstream's retry budget allows.
-A POST is never retried. A refused attempt is observed by the policy as a failure of that
+A POST (or any request with a body) is never re-sent; it goes to another endpoint only when
+no connection could be had to the first (connect error or timeout: nothing left the
+sidecar, not a byte of the body was read; HAProxy's redispatch), under the same limits. A
+refused attempt is observed by the policy as a failure of that
 endpoint; its retry carries no ``X-GT-Retry`` (nothing was re-sent to an app). On the last
 attempt a refusal is relayed as it came.
 
@@ -130,13 +133,14 @@ class _Upload:
     generator.) ``trailers``: the body's trailer fields that may be relayed, once it has
     ended (what the upstream client writes after the last chunk)."""
 
-    __slots__ = ("_content", "_on_dropped", "_watchdog")
+    __slots__ = ("_content", "_on_dropped", "_watchdog", "read")
 
     def __init__(self, content: BodyReader, watchdog: Watchdog,
                  on_dropped: Callable[[list[str]], None]) -> None:
         self._content = content
         self._watchdog = watchdog
         self._on_dropped = on_dropped
+        self.read = False  # asked for a chunk: this body can no longer go elsewhere
 
     @property
     def trailers(self) -> list[tuple[str, str]] | None:
@@ -146,6 +150,7 @@ class _Upload:
         return self
 
     async def __anext__(self) -> bytes:
+        self.read = True
         chunk = await self._content.readany()
         if not chunk:
             raise StopAsyncIteration
@@ -381,12 +386,11 @@ class OutboundProxy:
                     ctx.endpoint = endpoint
                     await self._relay_response(exchange, ctx, upstream, sent, watchdog)
                     return None
+                upload = _Upload(exchange.content, watchdog, self._app_headers_dropped) \
+                    if has_body else None
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
-                        ctx.method, URL(endpoint + ctx.target, encoded=True), headers,
-                        _Upload(exchange.content, watchdog, self._app_headers_dropped)
-                        if has_body else None,
-                    ))
+                        ctx.method, URL(endpoint + ctx.target, encoded=True), headers, upload))
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
                         if exchange.client_gone():  # the listener cut the app (bad framing)
@@ -404,7 +408,9 @@ class OutboundProxy:
                 except (TransportError, TimeoutError) as exc:
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, exc)
                     if failure.reason in NEVER_CONNECTED:  # the request never left: the next
-                        ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # is no re-send
+                        ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # is no re-send, so
+                        if upload is None or not upload.read:  # whatever its method, while
+                            continue  # its body is whole (uploads start once connected)
                     if not (failure.nothing_received and retryable):
                         break
                     continue

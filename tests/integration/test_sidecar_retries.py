@@ -1,9 +1,11 @@
-"""Retries: never a POST, GET on another endpoint after a reset, within the attempt limit.
+"""Retries: never a POST re-sent, GET on another endpoint after a reset, within the attempt
+limit; a POST that could not connect goes elsewhere (nothing of it left the sidecar).
 
 One sidecar serves the module (module-scoped loop and fixture): upstream ``svc`` has an
 endpoint that resets every connection and a healthy one, routed round-robin so the resetting
-endpoint is certain to be picked; upstream ``broken`` has four resetting endpoints. Tests
-compare counters before and after.
+endpoint is certain to be picked; upstream ``broken`` has four resetting endpoints; upstream
+``gone`` a port nobody listens on and the healthy one. Tests compare counters before and
+after.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tests.integration.procs import (
     SidecarProcess,
     async_start_sidecar,
     async_stop,
+    dead_endpoint,
     fetch,
     start_backend,
 )
@@ -42,7 +45,8 @@ async def mesh() -> AsyncIterator[Mesh]:
     healthy = await start_backend("healthy")
     broken = [await ResetServer().start() for _ in range(4)]
     sidecar = await async_start_sidecar(
-        {"svc": [resetting.url, healthy.url], "broken": [r.url for r in broken]},
+        {"svc": [resetting.url, healthy.url], "broken": [r.url for r in broken],
+         "gone": [dead_endpoint(), healthy.url]},
         policy="round-robin",
         extra_args=["--max-attempts", "3"],
     )
@@ -109,3 +113,26 @@ async def test_attempts_are_bounded_and_each_endpoint_tried_once(mesh: Mesh) -> 
     assert reply.json()["reason"] == "upstream-reset"
     per_endpoint = [r.methods["GET"] - b for r, b in zip(mesh.broken, before, strict=True)]
     assert sum(per_endpoint) == 3 and max(per_endpoint) == 1
+
+
+async def test_a_post_that_could_not_connect_goes_to_another_endpoint_once(mesh: Mesh) -> None:
+    # Connection refused: nothing of the request left the sidecar, not a byte of its body
+    # was read, so it goes to the other endpoint (no X-GT-Retry: it is no re-send), and each
+    # body reaches the healthy pod exactly once.
+    seen_before = len(mesh.healthy.seen)
+    retries_before = mesh.sidecar.metric("equilibrium_retries_total", upstream="gone")
+    async with aiohttp.ClientSession() as client:
+        for i in range(6):
+            reply = await fetch(
+                client, "POST", f"{mesh.sidecar.outbound_url}/orders",
+                headers={"Host": "gone"}, data=f"order-{i}".encode(),
+            )
+            assert reply.status == 200 and reply.body == b"healthy"
+    served = mesh.healthy.seen[seen_before:]
+    assert [r.method for r in served] == ["POST"] * 6
+    assert not any("X-GT-Retry" in r.headers for r in served)
+    refused = mesh.sidecar.metric("equilibrium_requests_total", upstream="gone",
+                                  code="connect-error")
+    assert refused >= 1  # round-robin: the dead port was picked
+    assert mesh.sidecar.metric("equilibrium_retries_total", upstream="gone") == (
+        retries_before + refused)

@@ -66,8 +66,15 @@ class Upstreams:
     respond: Callable[[UpstreamRequest, int], Awaitable[MemoryResponse]]
     seen: list[Seen] = field(default_factory=list)
     answers: list[MemoryResponse] = field(default_factory=list)
+    # attempt n -> the failure of a connection that could not be had (raised before the
+    # body is read, as a real transport's connect error is)
+    unreachable: dict[int, TransportError] = field(default_factory=dict)
 
     async def __call__(self, request: UpstreamRequest) -> MemoryResponse:
+        failure = self.unreachable.get(len(self.seen) + 1)
+        if failure is not None:
+            self.seen.append(Seen(request.method, str(request.url), dict(request.headers), b""))
+            raise failure
         body = b""
         if request.body is not None:
             body = b"".join([chunk async for chunk in request.body])
@@ -313,9 +320,39 @@ async def test_failures_before_the_head_are_retried_for_idempotent_requests(
     assert len(rig.upstreams.seen) == 2
 
 
-async def test_a_post_is_never_retried(outbound: MakeRig) -> None:
+async def test_a_post_is_never_re_sent(outbound: MakeRig) -> None:
     async def respond(request: UpstreamRequest, n: int) -> MemoryResponse:
-        raise ConnectError("connection refused")
+        raise UpstreamReset("reset after the request went out")
+
+    rig = await outbound(respond)
+    async with rig.client.post("/orders", data=b"{}", headers={"Host": "users"}) as resp:
+        assert resp.status == 502 and (await resp.json())["reason"] == "upstream-reset"
+    assert len(rig.upstreams.seen) == 1
+    assert rig.sample("equilibrium_retries_total", upstream="users") == 0
+
+
+@pytest.mark.parametrize("failure", [ConnectError("connection refused"),
+                                     ConnectTimeout("slow")])
+async def test_a_post_that_never_connected_goes_to_another_endpoint(
+    outbound: MakeRig, failure: TransportError,
+) -> None:
+    rig = await outbound(answer(200, b"taken"))
+    rig.upstreams.unreachable[1] = failure
+    async with rig.client.post("/orders", data=b"{}", headers={"Host": "users"}) as resp:
+        assert resp.status == 200 and await resp.read() == b"taken"
+    first, second = rig.upstreams.seen
+    assert first.url != second.url and second.body == b"{}"  # whole, on another endpoint
+    assert "X-GT-Retry" not in second.headers  # no app got it twice
+    assert rig.sample("equilibrium_retries_total", upstream="users") == 1
+
+
+async def test_a_body_read_before_a_connect_error_is_not_sent_elsewhere(
+    outbound: MakeRig,
+) -> None:
+    # No real transport reads the body before it has a connection; if one did, what is left
+    # of the body could not go to another endpoint whole.
+    async def respond(request: UpstreamRequest, n: int) -> MemoryResponse:
+        raise ConnectError("connection refused")  # after the body was read (Upstreams)
 
     rig = await outbound(respond)
     async with rig.client.post("/orders", data=b"{}", headers={"Host": "users"}) as resp:
