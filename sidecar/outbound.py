@@ -395,7 +395,8 @@ class OutboundProxy:
                     if not watchdog.took_back():
                         if exchange.client_gone():  # the listener cut the app (bad framing)
                             self._app_left(ctx, endpoint, sent)
-                            self.metrics.errors.labels(group.name, ErrorReason.APP_HUNG_UP).inc()
+                            self.metrics.errors.labels(ctx.upstream or "",
+                                                       ErrorReason.APP_HUNG_UP).inc()
                         else:
                             self._charge(ctx, endpoint, sent)
                         raise
