@@ -345,7 +345,7 @@ class _Call:
                 if self.replay.complete:  # dropped here (the stream is cancelled below)
                     recorded = True
                     self.outcome(sent, None, False, UPSTREAM_REFUSED, congestion=congestion)
-                    proxy.metrics.refused.labels(ctx.upstream or "", refusal).inc()
+                    proxy.metrics.refused.labels(ctx.upstream_label, refusal).inc()
                     log.debug("%s %s: refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
                               refusal)
                     return UPSTREAM_REFUSED
@@ -536,7 +536,7 @@ class _Call:
 
     async def deadline_exceeded(self) -> None:
         self.ctx.error_reason = "deadline-exceeded"
-        self.proxy.metrics.errors.labels(self.ctx.upstream or "", "deadline-exceeded").inc()
+        self.proxy.metrics.errors.labels(self.ctx.upstream_label, "deadline-exceeded").inc()
         if self.is_grpc:
             self.stream.send_headers(grpc.trailers_only(
                 grpc.DEADLINE_EXCEEDED, "deadline exceeded in the sidecar"), end_stream=True)
@@ -553,7 +553,7 @@ class _Call:
         if self.is_grpc:
             status = (grpc.RESOURCE_EXHAUSTED if answer.status == 429
                       else grpc.INVALID_ARGUMENT if answer.status == 400 else grpc.UNAVAILABLE)
-            self.proxy.h2_metrics.grpc_calls.labels(ctx.upstream or "", "", str(status)).inc()
+            self.proxy.h2_metrics.grpc_calls.labels(ctx.upstream_label, "", str(status)).inc()
             stream.send_headers(grpc.trailers_only(
                 status, f"{ctx.error_reason}: {answer.body.get('error', '')}", extra),
                 end_stream=True)
@@ -567,10 +567,10 @@ class _Call:
     async def error(self, status: int, reason: str, message: str) -> None:
         ctx = self.ctx
         ctx.status, ctx.error_reason = status, reason
-        self.proxy.metrics.errors.labels(ctx.upstream or "", reason).inc()
+        self.proxy.metrics.errors.labels(ctx.upstream_label, reason).inc()
         if self.is_grpc:
-            upstream = ctx.upstream or ""
-            self.proxy.h2_metrics.grpc_calls.labels(upstream, "", str(grpc.UNAVAILABLE)).inc()
+            self.proxy.h2_metrics.grpc_calls.labels(ctx.upstream_label, "",
+                                                   str(grpc.UNAVAILABLE)).inc()
             self.stream.send_headers(grpc.trailers_only(
                 grpc.UNAVAILABLE, f"{reason}: {message}",
                 [(b"via", self.proxy.via)]), end_stream=True)

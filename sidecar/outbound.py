@@ -395,7 +395,7 @@ class OutboundProxy:
                     if not watchdog.took_back():
                         if exchange.client_gone():  # the listener cut the app (bad framing)
                             self._app_left(ctx, endpoint, sent)
-                            self.metrics.errors.labels(ctx.upstream or "",
+                            self.metrics.errors.labels(ctx.upstream_label,
                                                        ErrorReason.APP_HUNG_UP).inc()
                         else:
                             self._charge(ctx, endpoint, sent)
@@ -610,7 +610,7 @@ class OutboundProxy:
                 upstream.close()
         finally:
             upstream.release()
-        self.metrics.refused.labels(ctx.upstream or "", refused).inc()
+        self.metrics.refused.labels(ctx.upstream_label, refused).inc()
         log.debug("%s %s: attempt %d refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
                   attempt + 1, refused)
         return AttemptFailure(ErrorReason.UPSTREAM_REFUSED, 503, True,
@@ -654,7 +654,7 @@ class OutboundProxy:
             # the app's doing: the endpoint answered, nothing to charge it with
             reason = ErrorReason.APP_HUNG_UP
             ctx.error_reason = reason
-            self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+            self.metrics.errors.labels(ctx.upstream_label, reason).inc()
             log.debug("%s %s: the app hung up mid-body: %r", ctx.upstream, ctx.endpoint, exc)
             if not await drain(upstream.content):
                 upstream.close()
@@ -663,7 +663,7 @@ class OutboundProxy:
         # connection (the app sees a truncated body, never a silently short one).
         reason = ErrorReason.BODY_RELAY_FAILED
         ctx.error_reason = reason
-        self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+        self.metrics.errors.labels(ctx.upstream_label, reason).inc()
         upstream.close()
         exchange.abort()
         log.info("%s %s: body relay failed: %r", ctx.upstream, ctx.endpoint, exc)
@@ -717,7 +717,7 @@ class OutboundProxy:
         self, ctx: RequestContext, status: int, reason: ErrorReason, message: str
     ) -> Answer:
         ctx.status, ctx.error_reason = status, reason
-        self.metrics.errors.labels(ctx.upstream or "", reason).inc()
+        self.metrics.errors.labels(ctx.upstream_label, reason).inc()
         return json_answer(
             status,
             {

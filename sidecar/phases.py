@@ -50,6 +50,14 @@ class RequestContext:
     game_response_headers: dict[str, str] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)  # for overriding phases
 
+    @property
+    def upstream_label(self) -> str:
+        """The ``upstream`` label of this request's metrics: its configured group's name, or
+        "" before one was found (an unknown Host, a loop, a bad target): never the Host as
+        the app sent it, which would make one series per made-up name."""
+        group = self.group
+        return group.name if group is not None else ""
+
 
 class RequestHeaders(Protocol):
     """Request headers as the phases read them (aiohttp's, or an HTTP/2 block's)."""

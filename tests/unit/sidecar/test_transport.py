@@ -171,6 +171,19 @@ async def test_unknown_upstream_and_loops_never_reach_the_transport(outbound: Ma
     assert rig.upstreams.seen == []
 
 
+async def test_made_up_hosts_make_no_metric_series_of_their_own(outbound: MakeRig) -> None:
+    # the upstream label of an error before routing is "", whatever the Host: a caller
+    # cycling through names must not grow the registry one series per name
+    rig = await outbound(answer())
+    for i in range(20):
+        async with rig.client.get("/", headers={"Host": f"made-up-{i}"}) as resp:
+            assert resp.status == 404
+    labels = {sample.labels["upstream"] for family in rig.metrics.registry.collect()
+              if family.name == "equilibrium_errors" for sample in family.samples}
+    assert labels == {""}
+    assert rig.sample("equilibrium_errors_total", upstream="", reason="unknown-upstream") == 20
+
+
 async def test_round_robin_spreads_over_the_upstreams_endpoints(outbound: MakeRig) -> None:
     rig = await outbound(answer())
     for _ in range(4):
