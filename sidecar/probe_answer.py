@@ -140,9 +140,9 @@ class ProbeResponder:
         if self.mesh_key is None:
             return self._refuse(ProbeResult.NO_KEY, 404, "this sidecar answers no probes")
         now = self.clock()
-        if not self._take_token(now):
-            return self._refuse(ProbeResult.RATE_LIMITED, 429, "too many probes")
         wall = self.wall_clock()
+        # the caller first (one HMAC): probes from outside the mesh, forged or replayed, must
+        # not spend the rate budget that the mesh's own probers share
         checked = verify_identity(
             request.headers.get(IDENTITY), self.mesh_key, wall, self.max_skew,
             BoundRequest(request.method, request.headers.get("Host", ""), request.raw_path))
@@ -152,6 +152,8 @@ class ProbeResponder:
         if not self.nonces.first_use(checked.nonce, checked.issued_at, wall):
             return self._refuse(ProbeResult.UNTRUSTED, 403,
                                 f"probes are answered to the mesh only ({Reason.REPLAYED})")
+        if not self._take_token(now):
+            return self._refuse(ProbeResult.RATE_LIMITED, 429, "too many probes")
         try:
             nonce = parse_request(request.headers.get(PROBE))
         except WireError as exc:

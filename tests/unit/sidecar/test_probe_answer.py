@@ -76,12 +76,21 @@ def test_strangers_bad_probes_and_floods_get_no_answer() -> None:
     assert r.answer(probe(signed(b"another-key-0123456789abcdef", "x"))).status == 403
     assert r.answer(probe(signed(), nonce=None)).status == 400
     statuses = [r.answer(probe(signed())).status for _ in range(300)]  # at one instant
-    # the burst of 100 answers, less the 3 refused probes above that took a token each
-    assert statuses.count(200) == 97 and statuses[97:] == [429] * 203
+    # the burst of 100 answers, less the malformed probe above (a mesh caller's: it took a
+    # token); the strangers' refusals took none
+    assert statuses.count(200) == 99 and statuses[99:] == [429] * 201
     counted = {s.labels["result"]: s.value for m in r.metrics.probes.collect()
                for s in m.samples if s.name.endswith("_total")}
     assert counted["untrusted"] == 2 and counted["malformed"] == 1
-    assert counted["rate-limited"] == 203 and counted["answered"] == 97
+    assert counted["rate-limited"] == 201 and counted["answered"] == 99
+
+
+def test_a_strangers_flood_leaves_the_mesh_its_probe_budget() -> None:
+    r = responder()
+    forged = signed(b"another-key-0123456789abcdef", "x")
+    assert {r.answer(probe(identity)).status
+            for identity in [None, forged] * 500} == {403}  # 1,000 at one instant
+    assert [r.answer(probe(signed())).status for _ in range(100)] == [200] * 100
 
 
 def test_the_idle_check_path_is_a_path() -> None:
