@@ -1,8 +1,8 @@
 """``equilibrium signaler``: flags, the mesh key, the admin listener, and exit codes.
 
 Owns the command line only; the work is :class:`signaler.service.SignalerService`. Exit codes:
-0 after SIGTERM/SIGINT, 2 for a bad configuration (no mesh key, bad flag; message on stderr),
-1 when the admin listener cannot be bound.
+0 after SIGTERM/SIGINT (SIGHUP is logged and ignored), 2 for a bad configuration (no mesh
+key, bad flag; message on stderr), 1 when the admin listener cannot be bound.
 
 The mesh key (HMAC key of the recommendations) comes from ``EQUILIBRIUM_MESH_SECRET`` or from
 ``--mesh-secret-file``; without one the signaler refuses to start: unsigned routing signals are
@@ -149,8 +149,21 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
         config, store=RedisSignalStore(config.redis_url, config.redis_timeout))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log = logging.getLogger(__name__)
+
+    def stopping(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("signaler %s: %s: releasing its leases and stopping", config.signer,
+                     sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
+    # the sidecar's reload signal: here there is nothing to reload (flags and environment
+    # only), and it must not kill the process as its default action would
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "signaler %s: SIGHUP ignored: its settings are flags and environment; restart it "
+        "to change them", config.signer))
     runner = web.AppRunner(
         make_admin_app(service.metrics, service.health, service.state,
                        SignalerDashboard(service)), access_log=None
@@ -163,9 +176,8 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
         print(f"equilibrium signaler: cannot listen on {admin[0]}:{admin[1]}: {exc.strerror}",
               file=sys.stderr)
         return 1
-    logging.getLogger(__name__).info(
-        "signaler %s: epoch %gs, %d tokens, admin %s:%d", config.signer, config.epoch,
-        config.tokens, admin[0], admin[1])
+    log.info("signaler %s: epoch %gs, %d tokens, admin %s:%d", config.signer, config.epoch,
+             config.tokens, admin[0], admin[1])
     # What exists by now (the solver's, numpy's and aiohttp's modules: some 100,000 objects)
     # lives as long as the process: frozen out of the collector's reach, a full collection
     # walks only what the service makes as it runs (docs/benchmarks.md, "summaries in one body")
@@ -175,6 +187,7 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
         await service.run(stop)
     finally:
         await runner.cleanup()
+    log.info("signaler %s: stopped", config.signer)
     return 0
 
 

@@ -90,3 +90,34 @@ async def test_a_second_replica_with_the_same_id_refuses_to_lead(
             proc.stop()
             proc.cleanup()
         client.close()
+
+
+async def test_sighup_is_logged_and_ignored_and_sigterm_hands_the_lease_over(
+    redis_server: RedisHandle,
+) -> None:
+    # An operator's habit from the sidecar (SIGHUP reloads it) must not kill a signaler,
+    # whose default action for SIGHUP would be to die holding its lease.
+    key = secrets.token_hex(32)
+    client = redis_server.client()
+    admin = f"{LOOPBACK}:{free_port()}"
+    client.xadd(summary_stream(UPSTREAM), signed(summary(time.time()), key.encode()))
+    proc = start_equilibrium(
+        "signaler", "--redis", redis_server.url, "--epoch", "0.25", "--id", "hup",
+        "--admin", admin, "--upstream", UPSTREAM, env={"EQUILIBRIUM_MESH_SECRET": key},
+        ready_url=f"http://{admin}/readyz", timeout=60)
+    try:
+        await eventually(lambda: metric(admin, "equilibrium_signaler_leader",
+                                        upstream=UPSTREAM) == 1,
+                         "it leads", timeout=30, interval=0.2)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.popen.poll() is None
+        assert http_get(f"http://{admin}/readyz", timeout=2.0)[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        output = proc.output()
+        assert "SIGHUP ignored" in output and "SIGTERM: releasing its leases" in output
+        assert "hup: stopped" in output
+        assert client.get(leader_key(UPSTREAM)) is None  # handed over, not left to expire
+    finally:
+        proc.stop()
