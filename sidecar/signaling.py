@@ -225,7 +225,7 @@ class SidecarSignaling:
         self.metrics.key_errors.labels(exc.upstream, exc.role).inc()
         held = self._notices.due((exc.key, exc.kind), self.clock())
         if held is not None:
-            log.warning("signaling: key %s holds the wrong type of value (%s); upstream %s "
+            log.warning("signaling: key %s holds a value the plane cannot use (%s); upstream %s "
                         "routes by local regret matching until it is repaired, the others "
                         "carry on (%d more since the last report)", exc.key, exc.kind,
                         exc.upstream, held)

@@ -302,7 +302,7 @@ class SignalerService:
         status.last_error = f"{exc.kind} on {exc.key}"
         held = self._notices.due(("key", exc.key, exc.kind), self.clock())
         if held is not None:
-            log.error("signaler %s: key %s holds the wrong type of value (%s); upstream %s is "
+            log.error("signaler %s: key %s holds a value the plane cannot use (%s); upstream %s is "
                       "affected, the others carry on (%d more since the last report). Delete "
                       "or rename the key to repair it.", self.config.signer, exc.key, exc.kind,
                       upstream, held)

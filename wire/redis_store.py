@@ -74,15 +74,21 @@ def _entry(raw: Any) -> StreamEntry:
 
 
 def _key_type(exc: BaseException) -> str | None:
-    """``WRONGTYPE`` / ``NOTINTEGER`` when a reply error is about one key's value, else None
-    (also when raised inside one of the Lua scripts, whose errors carry the same words)."""
+    """The kind of a reply error that is about one key's value, else None (also when raised
+    inside one of the Lua scripts, whose errors carry the same words): ``WRONGTYPE`` (a key
+    of another type), ``NOTINTEGER`` (a counter that is no integer, or one ``INCR`` would
+    overflow), ``EXHAUSTED`` (a stream whose last id is the largest there is: ``XADD *``
+    fails on it forever). Whoever can write to Redis can plant any of them; each fails only
+    its key's upstream, never the whole exchange or epoch."""
     if not isinstance(exc, ResponseError):
         return None
     text = str(exc)
     if "WRONGTYPE" in text:
         return "WRONGTYPE"
-    if "not an integer" in text:
+    if "not an integer" in text or "would overflow" in text:
         return "NOTINTEGER"
+    if "exhausted the last possible ID" in text:
+        return "EXHAUSTED"
     return None
 
 

@@ -77,7 +77,7 @@ class KeyTypeError(StoreError):
 
     ``key`` is the key, ``upstream`` its upstream, ``role`` what the key is for (``summaries``,
     ``recs``, ``leader``, ``fence``; a metric label), ``kind`` the store's word for it
-    (``WRONGTYPE``, ``NOTINTEGER``).
+    (``WRONGTYPE``, ``NOTINTEGER``, ``EXHAUSTED``: :func:`wire.redis_store._key_type`).
     """
 
     def __init__(self, kind: str, key: str, detail: str = "") -> None:

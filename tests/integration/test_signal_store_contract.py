@@ -289,6 +289,46 @@ async def test_a_wrong_typed_key_fails_only_what_touches_it(
     assert clobbered in await store.upstreams()  # SCAN finds a key whatever its type
 
 
+async def test_values_only_redis_can_hold_fail_only_their_upstream(
+    redis_server_session: RedisHandle,
+) -> None:
+    # What a writer to Redis without the mesh key can plant beyond a wrong type: a stream at
+    # its largest id (XADD * fails on it forever), a fence INCR would overflow, and a fence
+    # past 2^53 (no longer an exact token for Lua). Each fails its own key, not the round.
+    store = RedisSignalStore(redis_server_session.url, 2.0)
+    client = redis_server_session.client()
+    try:
+        full, clean, overflow, huge, big = (fresh_upstream() for _ in range(5))
+        top = "18446744073709551615-18446744073709551615"
+        client.xadd(summary_stream(full), {"a": "b"}, id=top)
+        client.xadd(recommendation_stream(clean, "sc-1"), {"a": "b"}, id=top)
+        client.set(fence_key(overflow), 2**63 - 1)
+        client.set(fence_key(huge), 2**60)
+        client.set(fence_key(big), 10**14)  # within 2^53: a token like any other
+        fields = encode_summary(summary(clean, "sc-1"))
+        got = await store.exchange([(full, fields), (clean, fields)], [(clean, "sc-2")])
+        assert list(got.append_errors) == [full]
+        assert (got.append_errors[full].kind, got.append_errors[full].role) == (
+            "EXHAUSTED", "summaries")
+        assert len(await store.newest_summaries(clean, 10)) == 1 and got[0] is None
+        token = await store.acquire_lease(clean, "sig-a", 60_000)
+        batch = await store.publish_recommendations(
+            clean, "sig-a", token, [("sc-2", {"n": "1"}), ("sc-1", {"n": "1"})])
+        assert isinstance(batch[0], str)
+        assert isinstance(batch[1], KeyTypeError) and batch[1].kind == "EXHAUSTED"
+        for upstream in (overflow, huge):
+            with pytest.raises(KeyTypeError) as caught:
+                await store.acquire_lease(upstream, "sig-a", 60_000)
+            assert (caught.value.kind, caught.value.role) == ("NOTINTEGER", "fence")
+        token = await store.acquire_lease(big, "sig-a", 60_000)
+        assert token == 10**14 + 1
+        assert await store.acquire_lease(big, "sig-a", 60_000) == token  # renewed: it matches
+        assert await store.publish_recommendation(big, "sc-1", "sig-a", token, {"n": "1"})
+    finally:
+        client.close()
+        await store.close()
+
+
 # ------------------------------------------------------------------ the signaler on either store
 
 

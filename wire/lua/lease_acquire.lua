@@ -13,5 +13,11 @@ if current then
   return 0
 end
 local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token, 'PX', ARGV[2])
+-- Lua numbers are doubles: past 2^53 a token is no longer exact (and '..' would print one of
+-- 1e14 or more as '1e+14', which no lease check matches); such a fence is refused like a
+-- counter that is no integer, which fails this upstream alone
+if token > 9007199254740991 then
+  return redis.error_reply('ERR fence value is not an integer below 2^53')
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. string.format('%d', token), 'PX', ARGV[2])
 return token
