@@ -98,6 +98,9 @@ class RejectReason(StrEnum):
     """No slot within ``max_wait`` (503)."""
     SHUTTING_DOWN = "shutting-down"
     """The gate closed while the request waited (503)."""
+    APP_UNREACHABLE = "app-unreachable"
+    """Admitted, but no connection to the app could be had (refused, or not in time): the
+    app never saw it (503; the inbound listener's, not the gate's own decision)."""
 
 
 @dataclass(frozen=True, slots=True)

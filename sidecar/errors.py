@@ -95,3 +95,9 @@ class HeaderDrop(StrEnum):
     """Sent by a caller whose identity did not verify (ignored)."""
     IN_TRAILERS = "in-trailers"
     """In a body's trailer section, where no game signal rides (dropped, never believed)."""
+
+
+UNREACHED = frozenset({ErrorReason.CONNECT_ERROR, ErrorReason.CONNECT_TIMEOUT})
+"""Failures to reach an upstream (or the app) after which it cannot have seen the request.
+The inbound listener answers them with a signed refusal (``app-unreachable``), which the
+caller's sidecar may send to another endpoint."""

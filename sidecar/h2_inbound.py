@@ -41,7 +41,7 @@ from h2.errors import ErrorCodes
 from multidict import CIMultiDict
 
 from mesh.admission import RejectReason
-from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.errors import UNREACHED, ErrorReason, HeaderDrop
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_proxy import pump_request
@@ -460,8 +460,15 @@ class _Call:
 
     async def app_failed(self, verdict: Verdict, status: int, reason: ErrorReason,
                          detail: str) -> None:
-        self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
-        log.info("app %s: %s", self.owner.app, detail)
+        owner = self.owner
+        owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+        owner.proxy.app_failed_notice(reason, detail)
+        if reason in UNREACHED:  # the app never saw it: a signed refusal, which the caller's
+            # sidecar may send to another endpoint while it still has the request at hand
+            await self.reply(verdict, Refusal(
+                503, RejectReason.APP_UNREACHABLE, f"the app could not be reached: {detail}",
+                rejected=RejectReason.APP_UNREACHABLE))
+            return
         await self.reply(verdict, Refusal(status, reason, f"the app did not answer: {detail}"))
 
     async def reply(self, verdict: Verdict, refusal: Refusal) -> None:

@@ -64,8 +64,9 @@ from yarl import URL
 from mesh.admission import RejectReason, Woken
 from mesh.auction import AuctionSnapshot
 from mesh.concurrency import ConcurrencySnapshot
+from mesh.notices import NoticeThrottle
 from mesh.reputation import BookSnapshot
-from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.errors import UNREACHED, ErrorReason, HeaderDrop
 from sidecar.exchange import (
     AiohttpExchange,
     Answer,
@@ -111,6 +112,10 @@ from sidecar.websocket import accept_like, is_websocket, oversized_counter, rela
 from wire.identity import BoundRequest
 
 log = logging.getLogger(__name__)
+
+APP_NOTICE_INTERVAL = 10.0
+"""Seconds between two log lines about the same kind of app failure (the rest are counted
+in the next line; every one in ``equilibrium_inbound_requests{outcome="app-error"}``)."""
 
 GAUGE_REFRESH_INTERVAL = 0.5
 
@@ -176,6 +181,7 @@ class InboundProxy:
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.wall_clock = wall_clock
+        self._notices = NoticeThrottle(APP_NOTICE_INTERVAL)
         self._own_transport: H1Transport | None = None
         if transport is None:
             transport = self._own_transport = H1Transport(connect_timeout=connect_timeout)
@@ -352,6 +358,14 @@ class InboundProxy:
         """Hand waiters what the gate decided for them."""
         self.policing.deliver(woken)
 
+    def app_failed_notice(self, reason: str, detail: str) -> None:
+        """Log an app failure, at most once per :data:`APP_NOTICE_INTERVAL` for each kind: a
+        dead app fails every request, and a line each would bury everything else."""
+        held = self._notices.due(("app", reason), self.clock())
+        if held is not None:
+            log.warning("app %s: %s%s", self.app_url, detail,
+                        f" ({held} more like it since the last report)" if held else "")
+
     # ------------------------------------------------------------ forwarding
 
     async def _forward(
@@ -393,7 +407,14 @@ class InboundProxy:
                     return
                 failure = classify(exc)
                 self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
-                log.info("app %s: %s", self.app_url, failure.detail)
+                self.app_failed_notice(failure.reason, failure.detail)
+                if failure.reason in UNREACHED:  # the app never saw it: a signed refusal,
+                    # so the caller's sidecar may send it to another endpoint
+                    await exchange.answer(self._reply(verdict, Refusal(
+                        503, RejectReason.APP_UNREACHABLE,
+                        f"the app could not be reached: {failure.detail}",
+                        rejected=RejectReason.APP_UNREACHABLE)))
+                    return
                 await exchange.answer(self._answer(
                     verdict, failure.status, failure.reason,
                     f"the app did not answer: {failure.detail}", {}))

@@ -57,7 +57,7 @@ from yarl import URL
 from mesh.hedging import HedgePlan, Hedger, may_hedge
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
-from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.errors import UNREACHED, ErrorReason, HeaderDrop
 from sidecar.exchange import AiohttpExchange, Answer, Exchange, RequestHead, json_answer
 from sidecar.forward import (
     BodyReader,
@@ -92,7 +92,7 @@ from wire.headers import CONGESTION, REFUSED, header_label, parse_congestion
 
 log = logging.getLogger(__name__)
 
-NEVER_CONNECTED = frozenset({ErrorReason.CONNECT_TIMEOUT, ErrorReason.CONNECT_ERROR})
+NEVER_CONNECTED = UNREACHED
 """Attempt failures after which no upstream can have seen the request: a retry of it is
 not a re-send (no ``X-GT-Retry`` for it, :meth:`sidecar.phases.ProxyPhases.
 upstream_request_filter`), although the caller's own retry budget still pays for it."""

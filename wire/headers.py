@@ -70,7 +70,7 @@ def header_label(name: str) -> str:
     return GAME_HEADERS.get(name.lower().replace("_", "-"), OTHER_GAME_HEADER)
 
 
-REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down"})
+REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down", "app-unreachable"})
 """The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""
 
 VERSION = "1"

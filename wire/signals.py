@@ -13,7 +13,8 @@ Wire format (version 1)::
     <mac> = base64url(HMAC-SHA256(key, "X-GT-Signals|v=1|<challenge>|<caller>|<METHOD>|"
             "<target>|<congestion>|<reputation>|<price>[|refused=<reason>]")), unpadded
 
-``X-GT-Refused: <reason>`` (``queue-full``, ``queue-timeout``, ``shutting-down``) is on an
+``X-GT-Refused: <reason>`` (``queue-full``, ``queue-timeout``, ``shutting-down``,
+``app-unreachable``) is on an
 answer only when the callee's sidecar sent the request away *before the app saw it*; its
 ``|refused=<reason>`` is in the MAC input only then, so answers without it sign exactly as
 before. Signed, it tells the caller's sidecar that the request may be sent to another endpoint

@@ -176,3 +176,61 @@ def test_refused_grpc_calls_go_to_another_endpoint_once(tmp_path: Path) -> None:
             p.cleanup()
         slow.stop(0).wait(5)
         fast.stop(0).wait(5)
+
+
+@pytest.mark.slow
+async def test_a_dead_app_behind_a_live_sidecar_costs_the_caller_no_error() -> None:
+    """The app behind A is gone (connection refused), its sidecar is up. A answers a signed
+    ``503 app-unreachable`` (the app never saw the request): the caller's sidecar sends GETs
+    on to B and learns A as failing; a POST (its body went to A) gets the refusal. Over HTTP/2,
+    gRPC calls go on to B too."""
+    fast = await start_backend("fast")
+    port = free_port()
+    a_url = f"http://{LOOPBACK}:{port}"
+    dead_app = f"http://{LOOPBACK}:{free_port()}"
+    procs: list[SidecarProcess] = []
+    served_grpc: list[str] = []
+    grpc_fast, grpc_fast_url = _grpc_app("fast", 0.0, served_grpc)
+    try:
+        procs = list(await asyncio.gather(
+            async_start_sidecar({}, sidecar_id="a-in", env=KEY_ENV,
+                                extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                            "--app", dead_app]),
+            async_start_sidecar({"svc": [a_url, fast.url]}, sidecar_id="two", env=KEY_ENV,
+                                policy="round-robin"),
+            async_start_sidecar({"svc": [a_url, grpc_fast_url]}, sidecar_id="grpc-two",
+                                env=KEY_ENV, policy="round-robin")))
+        a_in, two, grpc_two = procs
+        async with aiohttp.ClientSession() as session:
+            answers = await _burst(session, two, 10)
+            assert [status for status, _ in answers] == [200] * 10, answers
+            assert served(fast) == 10
+            refused = await asyncio.to_thread(
+                two.metric, "equilibrium_upstream_refused_total", upstream="svc",
+                reason="app-unreachable")
+            assert refused > 0  # round-robin sent some to A first
+            assert await asyncio.to_thread(
+                two.metric, "equilibrium_retries_total", upstream="svc") == refused
+            posts = await _burst(session, two, 4, method="POST")
+            assert {status for status, _ in posts} <= {200, 503}
+            assert {doc.get("reason") for status, doc in posts if status == 503} <= {
+                "app-unreachable"}
+        assert await asyncio.to_thread(
+            a_in.metric, "equilibrium_inbound_requests_total", outcome="app-error") > 0
+
+        def grpc_calls() -> list[bytes]:
+            with grpc.insecure_channel(f"{LOOPBACK}:{grpc_two.outbound_port}",
+                                       options=[("grpc.default_authority", "svc")]) as channel:
+                call = channel.unary_unary(f"/{SERVICE}/Work")
+                return [call(b"x" * 100, timeout=15) for _ in range(6)]
+
+        assert await asyncio.to_thread(grpc_calls) == [b"fast"] * 6
+        assert await asyncio.to_thread(
+            grpc_two.metric, "equilibrium_upstream_refused_total", upstream="svc",
+            reason="app-unreachable") > 0
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
+        for p in procs:
+            p.cleanup()
+        await fast.stop()
+        grpc_fast.stop(0).wait(5)
