@@ -452,7 +452,8 @@ class InboundProxy:
             # silently short one)
             upstream.close()
             exchange.abort()
-            log.info("app %s: the answer failed: %r", self.app_url, exc)
+            self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+            self.app_failed_notice("answer-cut", f"the answer failed: {exc!r}")
             return False
         except ConnectionError:
             if not exchange.client_gone():

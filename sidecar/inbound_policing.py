@@ -95,7 +95,8 @@ class InboundOutcome(StrEnum):
     BAD_TARGET = "bad-target"
     """400: the request target is not origin-form (``/path``), e.g. ``http://host/path``."""
     APP_ERROR = "app-error"
-    """The app did not answer (or refused a WebSocket upgrade): 502/504."""
+    """The app did not answer (or refused a WebSocket upgrade): 502/503/504; or its answer
+    broke off mid-body (the caller's connection is cut)."""
     UPLOAD_TIMEOUT = "upload-timeout"
     """408: the request body did not arrive within ``upload_timeout`` (:mod:`sidecar.upload`)."""
     UPLOAD_ABANDONED = "upload-abandoned"

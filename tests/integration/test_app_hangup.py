@@ -11,7 +11,13 @@ import struct
 import aiohttp
 from aiohttp import web
 
-from tests.integration.procs import LOOPBACK, async_start_sidecar, async_stop, start_backend
+from tests.integration.procs import (
+    LOOPBACK,
+    async_start_sidecar,
+    async_stop,
+    free_port,
+    start_backend,
+)
 from tests.support import eventually
 
 CHUNK = 8192
@@ -67,3 +73,35 @@ async def test_an_app_hanging_up_mid_body_is_not_the_endpoints_failure() -> None
     finally:
         assert await async_stop(sidecar) == 0
         await backend.stop()
+
+
+async def test_an_app_cutting_its_own_answer_short_is_counted_at_its_inbound_sidecar() -> None:
+    # The other way round: the app behind an inbound sidecar promises 100,000 bytes, sends
+    # 1,000 and closes. The caller's connection is cut (a truncated answer, never a short
+    # one) and the inbound side counts it as the app's error.
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"c" * 1000)
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(cut, LOOPBACK, 0)
+    app_port = app.sockets[0].getsockname()[1]
+    inbound_port = free_port()
+    sidecar = await async_start_sidecar({}, sidecar_id="cut-in", extra_args=[
+        "--inbound", f"{LOOPBACK}:{inbound_port}", "--app", f"http://{LOOPBACK}:{app_port}"])
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, inbound_port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n")
+        got = await asyncio.wait_for(reader.read(), 10)  # until the sidecar cuts it
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and 0 < len(body) < 100_000
+        writer.close()
+        await eventually(lambda: sidecar.metric(
+            "equilibrium_inbound_requests_total", outcome="app-error") == 1,
+            "the cut answer is counted", timeout=5)
+        assert sidecar.metric("equilibrium_inbound_requests_total", outcome="admitted") == 0
+    finally:
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()
