@@ -572,10 +572,12 @@ class SidecarRunner:
             self.metrics.config_reloads.labels("rejected").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)
             return False
-        for field_name in ("id", "outbound", "admin", "strategy", "policy", "redis",
-                           "signaling_epoch"):
-            if getattr(new, field_name) != getattr(self.config, field_name):
-                log.warning("config reload: %s changed; takes effect on restart", field_name)
+        waiting = [f.name for f in dataclasses.fields(new) if f.name not in LIVE_SETTINGS
+                   and getattr(new, f.name) != getattr(self.config, f.name)]
+        if waiting:  # every setting but the upstreams and the drain timeout: named, not lost
+            log.warning("config reload: %s changed; %s on restart, the running value stays "
+                        "until then", ", ".join(waiting),
+                        "takes effect" if len(waiting) == 1 else "they take effect")
         added, removed = self.table.apply(new.upstreams, self.clock())
         for name in removed:
             self.metrics.outbound.forget_upstream(name)
@@ -600,6 +602,11 @@ class SidecarRunner:
             except Exception:
                 log.exception("discovery: applying the routes again after a reload failed")
         return True
+
+
+LIVE_SETTINGS = frozenset({"upstreams", "drain_timeout", "sources", "config_file"})
+"""What a reload applies (``sources`` and ``config_file`` describe where settings came
+from); any other setting that changed is named in a warning and waits for a restart."""
 
 
 def _h2_authority_pin(discovery: Discovery, table: UpstreamTable) -> Callable[[str], str | None]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from sidecar.config import ConfigSource
 from tests.signaling_samples import EPS, KEY
@@ -51,3 +54,23 @@ def test_an_unexpected_reload_error_is_counted_and_the_next_edit_still_applies(
     config_file.write_text(f"upstreams:\n  orders: [{EPS[1]}]\n")
     assert runner.safe_reload() is True
     assert runner.config.upstreams["orders"] == (EPS[1],)
+
+
+def test_a_reload_names_every_changed_setting_it_does_not_apply(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"max_attempts: 2\nupstreams:\n  orders: [{EPS[0]}]\n")
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    config_file.write_text(
+        f"max_attempts: 3\nhedge: true\nupstreams:\n  orders: [{EPS[0]}, {EPS[1]}]\n")
+    caplog.set_level(logging.WARNING, logger="sidecar.runner")
+    assert runner.reload()
+    assert runner.config.upstreams["orders"] == EPS[:2]  # applied live
+    assert (runner.config.max_attempts, runner.config.hedge) == (2, False)  # kept
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("config reload: max_attempts, hedge changed; they take effect "
+                              "on restart")
