@@ -197,6 +197,23 @@ def test_scrape_targets_match_the_injected_sidecar_and_the_signaler() -> None:
         (REPO / "k8s/observability/prometheus.yml").read_text())["scrape_configs"]}
     keeps = {name: next(c["regex"] for c in job["relabel_configs"] if c.get("action") == "keep")
              for name, job in jobs.items()}
-    assert keeps == {"equilibrium-sidecars": sidecar_port,
-                     "equilibrium-signaler": f"{signaler_app};admin"}
     assert "admin" in signaler_ports
+    # the controller and the injector, as k8s/install.yaml deploys them
+    deployed = {d["metadata"]["name"]: d["spec"]["template"] for d in yaml.safe_load_all(
+        (REPO / "k8s/install.yaml").read_text()) if d and d["kind"] == "Deployment"}
+    expected = {"equilibrium-sidecars": sidecar_port,
+                "equilibrium-signaler": f"{signaler_app};admin"}
+    for name, port in (("equilibrium-controller", "metrics"), ("equilibrium-injector", "https")):
+        template = deployed[name]
+        app = template["metadata"]["labels"]["app.kubernetes.io/name"]
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert port in ports
+        expected[name] = f"{app};{port}"
+        monitor = monitors[name]["spec"]
+        assert monitor["selector"]["matchLabels"] == {"app.kubernetes.io/name": app}
+        assert [e["port"] for e in monitor["podMetricsEndpoints"]] == [port]
+    assert keeps == expected
+    injector = monitors["equilibrium-injector"]["spec"]["podMetricsEndpoints"][0]
+    assert injector["scheme"] == "https" and jobs["equilibrium-injector"]["scheme"] == "https"
+    assert injector["tlsConfig"]["ca"]["secret"]["name"] in {
+        v["secret"]["secretName"] for v in deployed["equilibrium-injector"]["spec"]["volumes"]}
