@@ -48,6 +48,21 @@ def one_math_thread(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, "1")
 
 
+CREATED_SERIES_VARIABLE = "PROMETHEUS_DISABLE_CREATED_SERIES"
+"""prometheus_client's switch for the ``*_created`` series (one per counter, histogram and
+summary child: a quarter of a sidecar's samples, read by no rule or dashboard here)."""
+
+
+def no_created_series(environ: MutableMapping[str, str]) -> None:
+    """Leave out the ``*_created`` series, as Linkerd's and Envoy's exposition do, unless the
+    operator set :data:`CREATED_SERIES_VARIABLE` (``False`` brings them back)."""
+    environ.setdefault(CREATED_SERIES_VARIABLE, "True")
+    if environ[CREATED_SERIES_VARIABLE].strip().lower() == "true":
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()
+
+
 def _wanted(argv: Sequence[str]) -> str | None:
     """The subcommand named in ``argv`` (its first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -82,6 +97,7 @@ def _subcommand_parser(parser: argparse.ArgumentParser,
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     one_math_thread(os.environ)
+    no_created_series(os.environ)
     wanted = _wanted(args_list)
     if wanted in LAB_COMMANDS:
         from equilibrium.lab.extra import missing_message
