@@ -150,14 +150,19 @@ class EndpointStats:
         self.in_flight += 1
 
     def finish(self, latency: float, ok: bool, now: float,
-               congestion: float | None = None, censored: bool = False) -> float:
+               congestion: float | None = None, censored: bool = False,
+               void: bool = False) -> float:
         """Record one finished request; returns the cost charged.
 
         ``censored``: the request was cancelled after ``latency`` seconds (it lost a hedge
         race, :mod:`mesh.hedging`), so its true latency is at least that. Such a lower bound
         is no failure, and it is learned only where it says more than the estimate already
-        does (above the mean EWMA): it can make an endpoint look slower, never faster."""
+        does (above the mean EWMA): it can make an endpoint look slower, never faster.
+        ``void``: the attempt says nothing about the endpoint (:class:`mesh.policy.Outcome`):
+        it only leaves the in-flight count, and nothing is charged."""
         self.in_flight = max(0, self.in_flight - 1)
+        if void:
+            return 0.0
         cost = self.charged_latency(latency, ok)
         self.requests += 1
         if censored:

@@ -113,7 +113,7 @@ class _MeasuredPolicy(ABC):
         if stats is None:
             return
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
-                     outcome.censored)
+                     outcome.censored, outcome.void)
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 
@@ -296,7 +296,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
         failing = stats is not None and stats.consecutive_failures > 0
-        if stats is not None:
+        if stats is not None and not outcome.void:
             self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok,
                                 outcome.got_answer and not outcome.censored)
             if outcome.ok and outcome.got_answer and not outcome.censored:

@@ -40,6 +40,10 @@ class Outcome:
     head arrived (a 5xx is answered, a refused connection is not); None means "as ``ok``".
     ``censored``: the request was cancelled after ``latency`` seconds because a hedge of it
     answered first (:mod:`mesh.hedging`): its latency is at least that; not a failure.
+    ``void``: the attempt ended for a reason that says nothing about the endpoint (the app's
+    own upload broke off or stalled, or the app reset the stream): only its in-flight count
+    goes back; no latency, success or failure is learned, so an app cannot push traffic
+    away from an endpoint, or towards one, by breaking its own requests.
     """
 
     endpoint: str
@@ -49,6 +53,7 @@ class Outcome:
     congestion: float | None = None
     answered: bool | None = None
     censored: bool = False
+    void: bool = False
 
     @property
     def got_answer(self) -> bool:

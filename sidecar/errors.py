@@ -65,7 +65,9 @@ class ErrorReason(StrEnum):
     """502: the upstream (or the app) refused the upgrade."""
     # the caller's own conduct (inbound; issue 14)
     UPLOAD_TIMEOUT = "upload-timeout"
-    """408: the request body did not arrive within the upload deadline (:mod:`sidecar.upload`)."""
+    """408: the request body did not arrive within the upload deadline (the inbound listener,
+    :mod:`sidecar.upload`), or stalled for ``request_timeout`` on its way out (the outbound
+    listener; the app's doing: not charged to the endpoint)."""
     UPLOAD_ABANDONED = "upload-abandoned"
     """400: the client went away before its request body was complete (seen only in metrics)."""
     WEBSOCKET_LIMIT = "websocket-limit"

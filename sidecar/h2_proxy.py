@@ -528,7 +528,8 @@ class _Call:
         assert group is not None and endpoint is not None
         now = proxy.clock()
         latency = (first if first is not None else now) - sent
-        group.policy.on_outcome(Outcome(endpoint, latency, True, now, answered=False))
+        group.policy.on_outcome(Outcome(endpoint, latency, True, now, answered=False,
+                                        void=True))
         proxy.h2_metrics.streams_cancelled.labels(group.name).inc()
         self.ctx.error_reason = "cancelled-by-app"
 

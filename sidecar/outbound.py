@@ -133,7 +133,7 @@ class _Upload:
     generator.) ``trailers``: the body's trailer fields that may be relayed, once it has
     ended (what the upstream client writes after the last chunk)."""
 
-    __slots__ = ("_content", "_on_dropped", "_watchdog", "read")
+    __slots__ = ("_content", "_on_dropped", "_watchdog", "read", "waiting")
 
     def __init__(self, content: BodyReader, watchdog: Watchdog,
                  on_dropped: Callable[[list[str]], None]) -> None:
@@ -141,6 +141,7 @@ class _Upload:
         self._watchdog = watchdog
         self._on_dropped = on_dropped
         self.read = False  # asked for a chunk: this body can no longer go elsewhere
+        self.waiting = False  # waiting for the app's next chunk (a stall now is the app's)
 
     @property
     def trailers(self) -> list[tuple[str, str]] | None:
@@ -150,8 +151,11 @@ class _Upload:
         return self
 
     async def __anext__(self) -> bytes:
-        self.read = True
-        chunk = await self._content.readany()
+        self.read = self.waiting = True
+        try:
+            chunk = await self._content.readany()
+        finally:
+            self.waiting = False
         if not chunk:
             raise StopAsyncIteration
         self._watchdog.push()
@@ -376,7 +380,8 @@ class OutboundProxy:
                 watchdog.push()
                 plan = hedger.hedge_plan(endpoint) if hedger is not None else None
                 if plan is not None and plan.backup not in ctx.tried:
-                    raced = await self._race(ctx, endpoint, sent, plan, headers, watchdog)
+                    raced = await self._race(ctx, endpoint, sent, plan, headers, watchdog,
+                                             exchange.client_gone)
                     if isinstance(raced, AttemptFailure):
                         failure = raced
                         if raced.nothing_received and retryable:
@@ -400,6 +405,11 @@ class OutboundProxy:
                         else:
                             self._charge(ctx, endpoint, sent)
                         raise
+                    if upload is not None and upload.waiting:  # the app stalled its upload
+                        self._app_left(ctx, endpoint, sent)
+                        return self._error(ctx, 408, ErrorReason.UPLOAD_TIMEOUT,
+                                           "the request body stalled: nothing came for "
+                                           f"{self.profile.request_timeout:g} s")
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, TimeoutError())
                     break  # the upstream may have the request: never re-sent
                 except RequestBodyFailed as exc:  # the app's body broke off: its doing
@@ -440,7 +450,7 @@ class OutboundProxy:
 
     async def _race(
         self, ctx: RequestContext, endpoint: str, sent: float, plan: HedgePlan,
-        headers: CIMultiDict[str], watchdog: Watchdog,
+        headers: CIMultiDict[str], watchdog: Watchdog, app_gone: Callable[[], bool],
     ) -> tuple[str, float, UpstreamResponse] | AttemptFailure:
         """One hedged attempt of a bodiless idempotent request to an explored ``endpoint``
         (:mod:`mesh.hedging`): if no answer came within ``plan.delay``, and the retry budget
@@ -507,7 +517,8 @@ class OutboundProxy:
                 done = set()
         except asyncio.CancelledError:
             if not watchdog.took_back():
-                self._drop(ctx, racers, "charged")
+                # the listener cut the app (bad framing after the request): nobody's failure
+                self._drop(ctx, racers, "void" if app_gone() else "charged")
                 raise
             return self._drop(ctx, racers, "timed-out") or failure or classify(TimeoutError())
         except BaseException:
@@ -519,8 +530,9 @@ class OutboundProxy:
               how: str) -> AttemptFailure | None:
         """Cancel every racer still running (its connection is closed; an answer that slips in
         is closed too) and observe it as ``how``: ``censored`` (lost the race), ``charged``
-        (cut off by something else) or ``timed-out`` (the watchdog: returns the failure).
-        Does not wait for the cancelled racers to unwind."""
+        (cut off by something else), ``void`` (the app's doing: learned as nothing) or
+        ``timed-out`` (the watchdog: returns the failure). Does not wait for the cancelled
+        racers to unwind."""
         failure = None
         for task, (racer, at) in racers.items():
             task.cancel()
@@ -529,6 +541,8 @@ class OutboundProxy:
                 self._censored(ctx, racer, at)
             elif how == "charged":
                 self._charge(ctx, racer, at)
+            elif how == "void":
+                self._app_left(ctx, racer, at)
             else:
                 failure = self._attempt_failed(ctx, racer, at, ctx.attempt, TimeoutError())
         racers.clear()
@@ -549,12 +563,14 @@ class OutboundProxy:
         ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
 
     def _app_left(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
-        """The app's side of the attempt broke (its upload ended short or broke off, or the
-        listener cut it for bad framing): no answer, and not the endpoint's failure (as an
-        HTTP/2 stream the app resets)."""
+        """The app's side of the attempt broke (its upload ended short, broke off or stalled,
+        or the listener cut it for bad framing): the policy learns nothing from it, neither a
+        failure nor a success of the endpoint (a void outcome, as an HTTP/2 stream the app
+        resets)."""
         assert ctx.group is not None
         done = self.clock()
-        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, True, done, answered=False))
+        ctx.group.policy.on_outcome(
+            Outcome(endpoint, done - sent, True, done, answered=False, void=True))
         ctx.error_reason = ErrorReason.APP_HUNG_UP
         log.debug("%s %s: the app's request broke off mid-body", ctx.upstream, endpoint)
 

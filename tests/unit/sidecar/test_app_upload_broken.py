@@ -3,9 +3,10 @@
 The outbound listener's HTTP/1.1 server, the real proxy and its real upstream client, in
 front of an aiohttp upstream on loopback that reads whole bodies. The app (raw sockets) sends
 a POST and then half-closes short of its ``Content-Length``, or garbles its chunked framing.
-Either way the endpoint did nothing wrong: its failure count stays at zero, it is not
-answered as an upstream error, and the half-closed app, which can still read, gets a 400
-that says its body did not arrive.
+Or it stalls mid-upload. Either way the endpoint did nothing wrong, and did nothing right
+either: the policy learns nothing from the attempt (its failures, failure streak and latency
+estimate stay as they were), it is not answered as an upstream error, and the app, if it can
+still read, is told its body did not arrive (400) or stalled (408).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from mesh.policy import Outcome
 from mesh.profiles import get_profile
 from sidecar.h2_site import OutboundSite
 from sidecar.http1.client import H1Transport
 from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.upstreams import UpstreamTable
+
+STALL = 0.5  # the request timeout: the longest a stall may last
 
 
 @dataclasses.dataclass
@@ -44,6 +48,23 @@ class Rig:
         assert group is not None
         snapshot = group.policy.snapshot()
         return sum(view.failures for view in snapshot.endpoints)
+
+    def learned(self) -> tuple[int, int, int, float]:
+        """What the policy knows of the endpoint: requests, failures, failure streak,
+        latency estimate."""
+        group = self.table.get("users")
+        assert group is not None
+        stats = group.policy.stats[self.upstream]  # type: ignore[attr-defined]
+        return (stats.requests, stats.failures, stats.consecutive_failures,
+                stats.latency_estimate(0.0))
+
+    def fail_twice(self) -> None:
+        """Two failures of the endpoint the policy saw before the test's request."""
+        group = self.table.get("users")
+        assert group is not None
+        for _ in range(2):
+            group.policy.on_start(self.upstream, 0.0)
+            group.policy.on_outcome(Outcome(self.upstream, 1.0, False, 0.0))
 
 
 async def _no_h2(stream: object) -> None:
@@ -64,7 +85,7 @@ async def rig() -> AsyncIterator[Rig]:
     upstream = TestServer(app, host="127.0.0.1")
     await upstream.start_server()
     endpoint = f"http://127.0.0.1:{upstream.port}"
-    profile = dataclasses.replace(get_profile("balanced"), request_timeout=5.0)
+    profile = dataclasses.replace(get_profile("balanced"), request_timeout=STALL)
     table = UpstreamTable("round-robin", profile)
     table.apply({"users": (endpoint,)}, 0.0)
     metrics = SidecarMetrics()
@@ -98,6 +119,8 @@ async def _settled(rig: Rig) -> None:
 async def test_an_app_half_closing_short_of_its_length_gets_400_and_charges_nobody(
     rig: Rig,
 ) -> None:
+    rig.fail_twice()
+    before = rig.learned()
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
     writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nContent-Length: 100\r\n\r\n0123456789")
     await writer.drain()
@@ -108,7 +131,7 @@ async def test_an_app_half_closing_short_of_its_length_gets_400_and_charges_nobo
     assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower()
     assert json.loads(body)["reason"] == "app-hung-up"
     await _settled(rig)
-    assert rig.failures() == 0
+    assert rig.learned() == before  # neither a failure nor a success: the streak stays
     assert rig.sample("equilibrium_errors_total", upstream="users", reason="app-hung-up") == 1
     assert rig.sample("equilibrium_errors_total", upstream="users",
                       reason="upstream-protocol-error") == 0
@@ -119,6 +142,7 @@ async def test_an_app_half_closing_short_of_its_length_gets_400_and_charges_nobo
 
 
 async def test_an_app_garbling_its_chunks_mid_upload_charges_nobody(rig: Rig) -> None:
+    before = rig.learned()
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
     writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"5\r\nhello\r\n")
@@ -127,9 +151,26 @@ async def test_an_app_garbling_its_chunks_mid_upload_charges_nobody(rig: Rig) ->
     writer.write(b"zz\r\nbad\r\n")  # not a chunk size: the listener cuts the app
     await asyncio.wait_for(reader.read(), 5)
     await _settled(rig)
-    assert rig.failures() == 0
+    assert rig.learned() == before
     assert rig.sample("equilibrium_errors_total", upstream="users", reason="app-hung-up") == 1
     assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
+    writer.close()
+
+
+async def test_an_app_stalling_its_upload_gets_408_and_charges_nobody(rig: Rig) -> None:
+    rig.fail_twice()
+    before = rig.learned()
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nContent-Length: 100\r\n\r\n0123456789")
+    await writer.drain()  # and nothing more: the request timeout runs out on the app
+    answer = await asyncio.wait_for(reader.read(), 10 * STALL)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["reason"] == "upload-timeout"
+    await _settled(rig)
+    assert rig.learned() == before
+    assert rig.sample("equilibrium_errors_total", upstream="users", reason="upload-timeout") == 1
+    assert rig.sample("equilibrium_requests_total", upstream="users", endpoint=rig.upstream,
+                      code="upstream-timeout") == 0
     writer.close()
 
 
