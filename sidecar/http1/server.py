@@ -377,8 +377,15 @@ class H1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # refused: what the app still sends is read and dropped
-        if self._upgrade is not None:
+        upgrade = self._upgrade
+        if upgrade is not None:  # bytes after an upgrade's head, until its turn comes
+            if upgrade.method == "CONNECT" or self.fallback is None:
+                return  # refused in its turn: not HTTP, and nobody will read them
             self._handover += data
+            if len(self._handover) > self.limits.max_head and not self._reading_paused:
+                self._reading_paused = True  # until the hand-over (bounded, as a head is)
+                if self.transport is not None:
+                    self.transport.pause_reading()
             return
         was_in_head = self._in_head
         receiving = self._receiving
@@ -631,7 +638,8 @@ class H1Connection(asyncio.Protocol):
             return
         receiving = self._receiving
         pause = (len(self._queue) >= MAX_PIPELINED
-                 or (receiving is not None and receiving.content.buffered > BODY_HIGH_WATER))
+                 or (receiving is not None and receiving.content.buffered > BODY_HIGH_WATER)
+                 or len(self._handover) > self.limits.max_head)
         if pause and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()

@@ -543,6 +543,43 @@ async def test_an_upgrade_after_a_request_is_handed_to_aiohttp_with_its_head(
     writer.close()
 
 
+@pytest.mark.parametrize("upgrade", [
+    b"CONNECT users:443 HTTP/1.1\r\nHost: users:443\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: users\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+], ids=["connect", "websocket"])
+async def test_bytes_after_an_upgrade_waiting_its_turn_are_bounded(
+    listener: MakeListener, upgrade: bytes,
+) -> None:
+    """Behind a slow request, what follows an upgrade's head waits for the hand-over: after a
+    CONNECT it is dropped (nobody will read it), after a WebSocket head it is kept up to the
+    head limit and the socket stops being read, never buffered without bound."""
+    release = asyncio.Event()
+
+    async def slow(request: UpstreamRequest) -> MemoryResponse:
+        await release.wait()
+        return await hello(request)
+
+    rig = await listener(slow, limits=H1Limits(max_head=8192))
+    reader, writer = await rig.connect()
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: users\r\n\r\n" + upgrade)
+    with contextlib.suppress(TimeoutError):
+        for _ in range(64):  # up to 4 MiB, as long as the sidecar reads it
+            writer.write(b"z" * 65536)
+            await asyncio.wait_for(writer.drain(), 0.2)
+    await asyncio.sleep(0.1)
+    assert rig.site is not None
+    [conn] = list(rig.site._shared.http1)
+    held = len(conn._handover)
+    if upgrade.startswith(b"CONNECT"):
+        assert held == 0
+    else:
+        assert 0 < held <= 8192 + 256 * 1024  # the limit, overshot by one read at most
+    release.set()
+    assert (await read_response(reader))[:3:2] == (200, b"hello")
+    writer.close()
+
+
 async def test_an_upgrade_that_does_not_happen_ends_the_connection(
     listener: MakeListener,
 ) -> None:
