@@ -357,7 +357,7 @@ class _Call:
                 self.end_late_upload(verdict)
                 return first, False
             self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
-            log.info("app %s: stream broke mid-answer", self.owner.app)
+            self.owner.proxy.app_failed_notice("answer-cut", "stream broke mid-answer")
             if self.is_grpc and not stream.local_ended:
                 stream.send_headers([(b"grpc-status", b"%d" % grpc.UNAVAILABLE),
                                      (b"grpc-message", b"the app's stream broke")], True)

@@ -452,8 +452,11 @@ class InboundProxy:
             # silently short one)
             upstream.close()
             exchange.abort()
-            self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
-            self.app_failed_notice("answer-cut", f"the answer failed: {exc!r}")
+            if isinstance(exc, TimeoutError):  # a stall: the app's, or a caller not reading
+                self.app_failed_notice("answer-stalled", f"the answer stalled: {exc!r}")
+            else:  # the app cut its own answer short
+                self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+                self.app_failed_notice("answer-cut", f"the answer failed: {exc!r}")
             return False
         except ConnectionError:
             if not exchange.client_gone():

@@ -574,21 +574,17 @@ class SidecarRunner:
             return False
         waiting = [f.name for f in dataclasses.fields(new) if f.name not in LIVE_SETTINGS
                    and getattr(new, f.name) != getattr(self.config, f.name)]
-        if waiting:  # every setting but the upstreams and the drain timeout: named, not lost
+        if waiting:  # every setting but the upstreams: named, not lost
             log.warning("config reload: %s changed; %s on restart, the running value stays "
                         "until then", ", ".join(waiting),
                         "takes effect" if len(waiting) == 1 else "they take effect")
         added, removed = self.table.apply(new.upstreams, self.clock())
         for name in removed:
             self.metrics.outbound.forget_upstream(name)
-        # Only these change live; every other setting (listeners, policy, inbound, redis, ...)
-        # is kept as it was started with.
-        self.config = dataclasses.replace(
-            self.config,
-            upstreams=new.upstreams,
-            drain_timeout=new.drain_timeout,
-            sources=new.sources,
-        )
+        # Only the upstreams change live; every other setting (listeners, policy, inbound,
+        # redis, the drain timeout the listeners were built with, ...) is kept as started.
+        self.config = dataclasses.replace(self.config, upstreams=new.upstreams,
+                                          sources=new.sources)
         self.metrics.config_reloads.labels("applied").inc()
         log.info(
             "config reloaded: upstreams %s (added %s, removed %s)",
@@ -604,7 +600,7 @@ class SidecarRunner:
         return True
 
 
-LIVE_SETTINGS = frozenset({"upstreams", "drain_timeout", "sources", "config_file"})
+LIVE_SETTINGS = frozenset({"upstreams", "sources", "config_file"})
 """What a reload applies (``sources`` and ``config_file`` describe where settings came
 from); any other setting that changed is named in a warning and waits for a restart."""
 
