@@ -86,12 +86,18 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def _subcommand_parser(parser: argparse.ArgumentParser,
-                       command: str | None) -> argparse.ArgumentParser | None:
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            chosen: argparse.ArgumentParser = action.choices[command]
-            return chosen
-    return None
+                       argv: Sequence[str]) -> argparse.ArgumentParser | None:
+    """The innermost (sub)subcommand's parser that ``argv`` names (``injector controller``
+    gives the controller's), None when it names none."""
+    chosen: argparse.ArgumentParser | None = None
+    words = [a for a in argv if not a.startswith("-")]
+    current = parser
+    for word in words:
+        subparsers = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers or word not in subparsers[0].choices:
+            break
+        current = chosen = subparsers[0].choices[word]
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(args_list)
     if unknown:  # told by the subcommand's parser, with its usage (argparse's own says the
         # top level's, which names none of the subcommand's options)
-        chosen = _subcommand_parser(parser, getattr(args, "command", None))
+        chosen = _subcommand_parser(parser, args_list)
         (chosen or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     func = getattr(args, "func", None)
     if func is None:

@@ -23,6 +23,7 @@ def test_numpy_math_is_single_threaded_unless_the_operator_chose(
 @pytest.mark.parametrize(("argv", "prog"), [
     (["sidecar", "--bogus", "1"], "equilibrium sidecar"),
     (["signaler", "--nope"], "equilibrium signaler"),
+    (["injector", "controller", "--bogus"], "equilibrium injector controller"),
     (["--bogus"], "equilibrium"),
 ])
 def test_an_unknown_option_is_told_by_the_parser_it_was_given_to(
@@ -32,6 +33,6 @@ def test_an_unknown_option_is_told_by_the_parser_it_was_given_to(
         cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    unknown = " ".join(argv if prog == "equilibrium" else argv[1:])
+    unknown = " ".join(word for word in argv if word.startswith("-"))
     assert f"{prog}: error: unrecognized arguments: {unknown}" in err
     assert err.startswith(f"usage: {prog} ")
