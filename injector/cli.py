@@ -60,6 +60,10 @@ def register(subparsers: Any) -> None:
                         help="memory request")
     parser.add_argument("--sidecar-cpu-limit", default=DEFAULTS.resources.cpu_limit)
     parser.add_argument("--sidecar-memory-limit", default=DEFAULTS.resources.memory_limit)
+    parser.add_argument("--native-sidecar", action="store_true",
+                        help="inject the proxy as a native sidecar (an init container with "
+                             "restartPolicy: Always; Kubernetes 1.29+): up before the app's "
+                             "containers start, stopped after they exit")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help="reject larger AdmissionReviews with 413 (default %(default)s)")
     parser.set_defaults(func=_run_server)
@@ -131,6 +135,7 @@ def _run_server(args: argparse.Namespace) -> int:
         resources=Resources(cpu_request=args.sidecar_cpu, memory_request=args.sidecar_memory,
                             cpu_limit=args.sidecar_cpu_limit,
                             memory_limit=args.sidecar_memory_limit),
+        native_sidecar=args.native_sidecar,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

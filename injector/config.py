@@ -79,6 +79,9 @@ class InjectorConfig:
     inbound_port: int = INBOUND_PORT
     admin_port: int = ADMIN_PORT
     sidecar_uid: int = SIDECAR_UID
+    # the proxy as a native sidecar (Kubernetes 1.29+): an init container with restartPolicy
+    # Always, ready before the app's containers start and stopped after they exit
+    native_sidecar: bool = False
 
 
 def parse_port_list(source: str, value: str) -> tuple[int, ...]:

@@ -93,6 +93,23 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        **(_native_sidecar(config) if config.native_sidecar else {}),
+    }
+
+
+def _native_sidecar(config: InjectorConfig) -> Json:
+    """What makes the proxy a native sidecar (KEP-753, Kubernetes 1.29+): as an init
+    container that keeps running, the kubelet starts the app's containers only once its
+    startup probe passes (the app's first outbound call finds the listener up) and stops it
+    only after they have exited (the app's last calls go through while it shuts down)."""
+    return {
+        "restartPolicy": "Always",
+        "startupProbe": {
+            "httpGet": {"path": "/readyz", "port": config.admin_port},
+            "periodSeconds": 1,
+            "timeoutSeconds": 1,
+            "failureThreshold": 120,
+        },
     }
 
 

@@ -157,7 +157,8 @@ def build_patch(pod: dict[str, Any], config: InjectorConfig,
     """The JSON Patch that turns ``pod`` into an injected pod.
 
     The init container goes last among init containers (the app's own init containers keep a
-    normal network); the sidecar goes last among containers, and
+    normal network); the sidecar goes last among containers (or, with ``native_sidecar``,
+    right after the init container, as a native sidecar), and
     ``kubectl.kubernetes.io/default-container`` keeps ``kubectl logs`` on the app.
     """
     spec = pod["spec"]
@@ -165,8 +166,14 @@ def build_patch(pod: dict[str, Any], config: InjectorConfig,
     ops: list[PatchOperation] = []
     if not isinstance(pod.get("metadata"), dict):
         ops.append({"op": "add", "path": "/metadata", "value": {}})
-    ops += append_items(spec, "initContainers", [init_container(config, settings)], ("spec",))
-    ops += append_items(spec, "containers", [sidecar_container(config, settings)], ("spec",))
+    sidecar = sidecar_container(config, settings)
+    if config.native_sidecar:  # after the rules' init container: its traffic is redirected too
+        ops += append_items(spec, "initContainers", [init_container(config, settings), sidecar],
+                            ("spec",))
+    else:
+        ops += append_items(spec, "initContainers", [init_container(config, settings)],
+                            ("spec",))
+        ops += append_items(spec, "containers", [sidecar], ("spec",))
     annotations = metadata.get("annotations") or {}
     new = {names.STATUS: names.STATUS_INJECTED}
     extra = {

@@ -101,6 +101,35 @@ def test_annotated_pod_gets_sidecar_and_init_and_validates() -> None:
     assert [c["name"] for c in patched["spec"]["containers"]] == ["app", "equilibrium-sidecar"]
 
 
+def test_a_native_sidecar_follows_the_init_container_and_keeps_the_apps_containers() -> None:
+    # --native-sidecar: the proxy as an init container that keeps running (Kubernetes
+    # 1.29+), after the rules' init container, behind a startup probe the app waits for
+    config = InjectorConfig(image="equilibrium:test", native_sidecar=True)
+    pod = make_pod(INJECT)
+    pod["spec"]["initContainers"] = [{"name": "migrate", "image": "app:1"}]
+    response = review(make_review(pod), config)
+    patched = apply_patch(pod, decode_patch(response))
+    assert_valid(patched)  # against the oldest supported schema (1.29) and the newest
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == [
+        "migrate", "equilibrium-init", "equilibrium-sidecar"]
+    assert [c["name"] for c in patched["spec"]["containers"]] == ["app"]
+    sidecar = container(patched, "equilibrium-sidecar", init=True)
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
+    assert sidecar["ports"] == [{"name": "eq-admin", "containerPort": 15020, "protocol": "TCP"}]
+    assert "restartPolicy" not in container(patched, "equilibrium-init", init=True)
+    assert patched["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
+    again = review(make_review(patched), config)  # injected once, never twice
+    assert again["response"]["allowed"] is True and "patch" not in again["response"]
+
+
+def test_the_injector_flag_makes_native_sidecars() -> None:
+    args = build_parser(["injector"]).parse_args(["injector", "--native-sidecar"])
+    assert args.native_sidecar is True
+    assert build_parser(["injector"]).parse_args(["injector"]).native_sidecar is False
+
+
 def test_missing_lists_and_maps_are_added_whole() -> None:
     pod = make_pod(INJECT)  # no initContainers
     ops = decode_patch(review(make_review(pod), CONFIG))
