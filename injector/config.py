@@ -84,6 +84,10 @@ class InjectorConfig:
     native_sidecar: bool = False
 
 
+MAX_LISTED_PORTS: Final = 1024
+"""Ports one annotation may list: each becomes an iptables rule (per address family)."""
+
+
 def parse_port_list(source: str, value: str) -> tuple[int, ...]:
     """Parse ``"80, 443"`` into ``(80, 443)``: a comma list of TCP ports 1..65535, no duplicates.
 
@@ -91,7 +95,11 @@ def parse_port_list(source: str, value: str) -> tuple[int, ...]:
     ``"annotation equilibrium.io/exclude-inbound-ports"``).
     """
     ports: list[int] = []
+    seen: set[int] = set()  # a set: a list's membership test made 42,000 ports take 8 s
     shown = value if len(value) <= 64 else value[:61] + "..."  # warnings stay readable
+    if value.count(",") >= MAX_LISTED_PORTS:
+        raise AnnotationError(f"{source}={shown!r}: more than {MAX_LISTED_PORTS} ports "
+                              "(each is an iptables rule in every meshed pod)")
     for raw in value.split(","):
         item = raw.strip()
         if not item and not value.strip():
@@ -102,8 +110,9 @@ def parse_port_list(source: str, value: str) -> tuple[int, ...]:
                 f"{source}={shown!r}: {item[:8]!r} is not a port (expected a comma "
                 "list of integers 1-65535, e.g. \"5432,6379\")"
             )
-        if port in ports:
+        if port in seen:
             raise AnnotationError(f"{source}={shown!r}: port {item} is repeated")
+        seen.add(port)
         ports.append(port)
     return tuple(ports)
 

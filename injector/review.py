@@ -254,11 +254,17 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
     if app_port in reserved:
         raise AnnotationError(f"app port {app_port} collides with the sidecar's ports "
                               f"{sorted(reserved)}")
+    taken = sorted(reserved.intersection(declared))
+    if taken:  # the app and the sidecar share the network namespace: one could not bind
+        raise AnnotationError(f"container port {taken[0]} collides with the sidecar's ports "
+                              f"{sorted(reserved)}")
     if app_port in inbound:
         raise AnnotationError(f"annotation {names.EXCLUDE_INBOUND_PORTS} excludes the app port "
                               f"{app_port}, which the sidecar must receive")
+    _check_runs_apart(spec)
     # Other declared ports (metrics, admin, gRPC...) bypass the sidecar: it forwards to one port.
-    others = tuple(p for p in declared if p != app_port and p not in inbound)
+    excluded = set(inbound)
+    others = tuple(p for p in declared if p != app_port and p not in excluded)
     discovery = spec.get("automountServiceAccountToken") is not False
     if not discovery:
         warnings.append("automountServiceAccountToken is false: the sidecar cannot watch "
@@ -270,15 +276,36 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
 
 
 def _declared_tcp_ports(spec: dict[str, Any]) -> list[int]:
-    ports: list[int] = []
+    ports: dict[int, None] = {}  # in order, each once (a dict: linear in the ports declared)
     for container in spec["containers"]:
         declared = container.get("ports")
         for port in declared if isinstance(declared, list) else []:
             number = port.get("containerPort") if isinstance(port, dict) else None
-            if (isinstance(number, int) and port.get("protocol", "TCP") == "TCP"
-                    and number not in ports):
-                ports.append(number)
-    return ports
+            if isinstance(number, int) and port.get("protocol", "TCP") == "TCP":
+                ports.setdefault(number, None)
+    return list(ports)
+
+
+def _check_runs_apart(spec: dict[str, Any]) -> None:
+    """The app must not run as the sidecar's UID or GID (the rules let that traffic through
+    unredirected: it would be marked injected and never meshed), and must be a Linux pod (the
+    init container's rules are iptables)."""
+    os_spec = spec.get("os")
+    if isinstance(os_spec, dict) and os_spec.get("name") not in (None, "linux"):
+        raise AnnotationError(f"spec.os.name is {str(os_spec.get('name'))[:16]!r}: only Linux "
+                              "pods are meshed")
+    contexts = [("the pod", spec.get("securityContext"))]
+    contexts += [(f"container {str(c.get('name'))[:64]!r}", c.get("securityContext"))
+                 for c in spec["containers"] if isinstance(c, dict)]  # the app's init
+    # containers run before the rules exist: their id does not matter
+    for who, context in contexts:
+        if not isinstance(context, dict):
+            continue
+        for key in ("runAsUser", "runAsGroup"):
+            if context.get(key) == names.SIDECAR_UID:
+                raise AnnotationError(
+                    f"{who} sets {key}: {names.SIDECAR_UID}, the sidecar's own id, whose "
+                    "traffic is never redirected: it would bypass the mesh")
 
 
 def _allow(uid: str, outcome: Outcome, warning: str | None = None) -> Verdict:

@@ -78,7 +78,7 @@ async def _mutate(request: web.Request) -> web.Response:
         return _error(500, "internal error while reviewing the pod")
     metrics.reviewed(verdict.outcome)
     response = verdict.response["response"]
-    log.info("review uid=%s namespace=%s result=%s", response["uid"],
+    log.info("review uid=%r namespace=%r result=%s", response["uid"],  # %r: no forged lines
              (document.get("request") or {}).get("namespace"), verdict.outcome.value)
     return web.json_response(verdict.response)
 

@@ -347,6 +347,45 @@ def test_app_port_conflicts_are_rejected(annotations: dict[str, str]) -> None:
     assert verdict.outcome is Outcome.INVALID_ANNOTATION
 
 
+@pytest.mark.parametrize(("pod", "says"), [
+    (make_pod(INJECT, ports=(8080, 15006)), "container port 15006 collides"),
+    (make_pod(INJECT, ports=(8080, 15020)), "container port 15020 collides"),
+    (make_pod(INJECT, extra_spec={"securityContext": {"runAsUser": 1337}}),
+     "the pod sets runAsUser: 1337"),
+    (make_pod(INJECT, extra_spec={"os": {"name": "windows"}}), "only Linux pods"),
+], ids=["declares-15006", "declares-15020", "runs-as-1337", "windows"])
+def test_pods_the_mesh_could_not_serve_are_left_alone_with_a_warning(
+    pod: dict[str, Any], says: str,
+) -> None:
+    """Marked injected, each would be broken (a port the sidecar must bind) or unmeshed (the
+    sidecar's id is never redirected; a Windows pod has no iptables)."""
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+    assert "patch" not in verdict.response["response"]
+    assert says in verdict.response["response"]["warnings"][0]
+
+
+def test_a_container_running_as_the_sidecars_group_is_left_alone() -> None:
+    pod = make_pod(INJECT)
+    pod["spec"]["containers"][0]["securityContext"] = {"runAsGroup": 1337}
+    assert decide(make_review(pod), CONFIG).outcome is Outcome.INVALID_ANNOTATION
+    pod = make_pod(INJECT, init_containers=[  # before the rules exist: its id does not matter
+        {"name": "setup", "image": "app:1", "securityContext": {"runAsUser": 1337}}])
+    assert decide(make_review(pod), CONFIG).outcome is Outcome.INJECTED
+
+
+def test_port_lists_are_capped_and_read_in_linear_time() -> None:
+    many = ",".join(str(p) for p in range(20000, 21024))  # 1,024: the cap
+    _, patched = inject(make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": many}))
+    assert arg_after(container(patched, "equilibrium-init", init=True)["args"],
+                     "--exclude-outbound-ports") == many
+    too_many = ",".join(str(p) for p in range(20000, 62000))  # 42,000 ports, 252 KB
+    verdict = decide(make_review(make_pod(
+        {**INJECT, "equilibrium.io/exclude-outbound-ports": too_many})), CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+    assert "more than 1024 ports" in verdict.response["response"]["warnings"][0]
+
+
 # ---- malformed reviews ------------------------------------------------------------------------
 @pytest.mark.parametrize("body", [
     None, [], "AdmissionReview", 42,
