@@ -14,8 +14,8 @@ Wire format (version 1)::
             "<target>|<congestion>|<reputation>|<price>[|refused=<reason>]")), unpadded
 
 ``X-GT-Refused: <reason>`` (``queue-full``, ``queue-timeout``, ``shutting-down``,
-``app-unreachable``) is on an
-answer only when the callee's sidecar sent the request away *before the app saw it*; its
+``app-unreachable``) is on an answer only when the callee's sidecar sent the request away
+*before the app saw it*; its
 ``|refused=<reason>`` is in the MAC input only then, so answers without it sign exactly as
 before. Signed, it tells the caller's sidecar that the request may be sent to another endpoint
 (:mod:`sidecar.outbound`); an app's own 503, or a refusal from outside the mesh, never carries
