@@ -412,10 +412,11 @@ class OutboundProxy:
                                            f"{self.profile.request_timeout:g} s")
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, TimeoutError())
                     break  # the upstream may have the request: never re-sent
-                except RequestBodyFailed as exc:  # the app's body broke off: its doing
+                except RequestBodyFailed as broken:  # the app's body broke off: its doing
+                    # (its own name: mypyc types an except variable by its first clause)
                     self._app_left(ctx, endpoint, sent)
                     return self._error(ctx, 400, ErrorReason.APP_HUNG_UP,
-                                       f"the request body did not arrive whole: {exc}")
+                                       f"the request body did not arrive whole: {broken}")
                 except (TransportError, TimeoutError) as exc:
                     failure = self._attempt_failed(ctx, endpoint, sent, attempt, exc)
                     if failure.reason in NEVER_CONNECTED:  # the request never left: the next
