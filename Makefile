@@ -58,7 +58,10 @@ fuzz: install-test
 # install imports them instead of the .py files; `make pure` removes them. A compiled module does
 # not follow edits of its source: rebuild after editing one (the tests refuse to run with a
 # compiled module older than its source).
+# Always a whole build: mypyc's incremental state in build/ failed ("ValueError: value is not
+# in list") on the next build after any source edit.
 compile: install-test
+	rm -rf build
 	EQUILIBRIUM_COMPILE=1 $(BIN)/python setup.py -q build_ext --inplace
 	find sidecar wire mesh equilibrium -name '*.so' -exec touch {} +
 
