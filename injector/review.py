@@ -167,12 +167,11 @@ def build_patch(pod: dict[str, Any], config: InjectorConfig,
     if not isinstance(pod.get("metadata"), dict):
         ops.append({"op": "add", "path": "/metadata", "value": {}})
     sidecar = sidecar_container(config, settings)
-    if config.native_sidecar:  # after the rules' init container: its traffic is redirected too
-        ops += append_items(spec, "initContainers", [init_container(config, settings), sidecar],
-                            ("spec",))
-    else:
-        ops += append_items(spec, "initContainers", [init_container(config, settings)],
-                            ("spec",))
+    native = config.native_sidecar  # after the rules' init container: redirected too
+    ops += append_items(spec, "initContainers",
+                        [init_container(config, settings), *([sidecar] if native else [])],
+                        ("spec",))
+    if not native:
         ops += append_items(spec, "containers", [sidecar], ("spec",))
     annotations = metadata.get("annotations") or {}
     new = {names.STATUS: names.STATUS_INJECTED}

@@ -53,7 +53,7 @@ from sidecar.h2_upload import (
     receive_stream_upload,
     upload_open,
 )
-from sidecar.inbound_policing import InboundOutcome, Refusal, Verdict
+from sidecar.inbound_policing import InboundOutcome, Refusal, Verdict, app_unreachable
 from sidecar.upload import UploadDeadline, UploadFailure, release
 from wire import grpc_status as grpc
 from wire.headers import is_gt_header
@@ -465,9 +465,7 @@ class _Call:
         owner.proxy.app_failed_notice(reason, detail)
         if reason in UNREACHED:  # the app never saw it: a signed refusal, which the caller's
             # sidecar may send to another endpoint while it still has the request at hand
-            await self.reply(verdict, Refusal(
-                503, RejectReason.APP_UNREACHABLE, f"the app could not be reached: {detail}",
-                rejected=RejectReason.APP_UNREACHABLE))
+            await self.reply(verdict, app_unreachable(detail))
             return
         await self.reply(verdict, Refusal(status, reason, f"the app did not answer: {detail}"))
 

@@ -84,7 +84,14 @@ from sidecar.forward import (
     response_headers_to_app,
 )
 from sidecar.http1.client import H1Transport
-from sidecar.inbound_policing import OTHER, InboundOutcome, InboundPolicing, Refusal, Verdict
+from sidecar.inbound_policing import (
+    OTHER,
+    InboundOutcome,
+    InboundPolicing,
+    Refusal,
+    Verdict,
+    app_unreachable,
+)
 from sidecar.metrics import InboundMetrics, ProbeAnswerMetrics
 from sidecar.policing_config import PolicingSettings
 from sidecar.probe_answer import ProbeResponder, is_probe
@@ -410,10 +417,7 @@ class InboundProxy:
                 self.app_failed_notice(failure.reason, failure.detail)
                 if failure.reason in UNREACHED:  # the app never saw it: a signed refusal,
                     # so the caller's sidecar may send it to another endpoint
-                    await exchange.answer(self._reply(verdict, Refusal(
-                        503, RejectReason.APP_UNREACHABLE,
-                        f"the app could not be reached: {failure.detail}",
-                        rejected=RejectReason.APP_UNREACHABLE)))
+                    await exchange.answer(self._reply(verdict, app_unreachable(failure.detail)))
                     return
                 await exchange.answer(self._answer(
                     verdict, failure.status, failure.reason,

@@ -203,6 +203,14 @@ class Refusal:
     rejected: RejectReason | None = None
 
 
+def app_unreachable(detail: str) -> Refusal:
+    """The answer when no connection to the app could be had (refused, or not in time): the
+    app never saw the request, so the refusal is signed (``X-GT-Refused: app-unreachable``)
+    and the caller's sidecar may send the request to another endpoint (both protocols)."""
+    return Refusal(503, RejectReason.APP_UNREACHABLE, f"the app could not be reached: {detail}",
+                   rejected=RejectReason.APP_UNREACHABLE)
+
+
 class InboundPolicing:
     """The policing state of one inbound listener (both protocols share it)."""
 

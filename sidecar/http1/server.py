@@ -382,10 +382,7 @@ class H1Connection(asyncio.Protocol):
             if upgrade.method == "CONNECT" or self.fallback is None:
                 return  # refused in its turn: not HTTP, and nobody will read them
             self._handover += data
-            if len(self._handover) > self.limits.max_head and not self._reading_paused:
-                self._reading_paused = True  # until the hand-over (bounded, as a head is)
-                if self.transport is not None:
-                    self.transport.pause_reading()
+            self._update_reading()  # past max_head: paused until the hand-over
             return
         was_in_head = self._in_head
         receiving = self._receiving
