@@ -6,8 +6,14 @@ them one connection carries (:class:`FloodGuard`), with the documented defaults
 (:data:`DEFAULT_BUDGETS`). The kinds are the floods of RFC 9113 §10.5 (SETTINGS, PING, empty
 DATA frames) and the "rapid reset" pattern of CVE-2023-44487 (a client that opens streams and
 resets them before they are answered, so each costs the server work and never counts against
-SETTINGS_MAX_CONCURRENT_STREAMS). The clock is passed in; nothing here reads a socket, sends a
-frame or touches ``h2``: :mod:`sidecar.h2_server` feeds it and acts on its verdict.
+SETTINGS_MAX_CONCURRENT_STREAMS), and frames that cost the sidecar work for nothing in return:
+unknown frame types (which RFC 9113 §5.5 says to ignore: a token bucket), and PRIORITY and
+WINDOW_UPDATE frames, which a client sends in proportion to what it does, so their allowance
+grows with it (:class:`Allowance`, as Envoy's ``max_inbound_priority_frames_per_stream`` and
+``max_inbound_window_update_frames_per_data_frame_sent``): PRIORITY with the streams the app
+opened, WINDOW_UPDATE with those and the DATA frames the sidecar sent it. The clock is
+passed in; nothing here reads a socket, sends a frame or touches ``h2``:
+:mod:`sidecar.h2_server` feeds it and acts on its verdict.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ RAPID_RESET = "rapid_reset"  # the app reset a stream whose answer had not ended
 PING = "ping"
 SETTINGS = "settings"
 EMPTY_DATA = "empty_data"  # a DATA frame with no payload and no END_STREAM
-KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA)
+UNKNOWN_FRAME = "unknown_frame"  # a frame of a type RFC 9113 does not define (ignored)
+PRIORITY = "priority"  # a PRIORITY frame (or a HEADERS frame's priority fields)
+WINDOW_UPDATE = "window_update"  # a WINDOW_UPDATE frame, for a stream or the connection
+KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME, PRIORITY, WINDOW_UPDATE)
+TIMED_KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME)  # token buckets
+EARNED_KINDS = (PRIORITY, WINDOW_UPDATE)  # allowances that grow with the connection's work
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +52,30 @@ DEFAULT_BUDGETS: Mapping[str, Budget] = {
     PING: Budget(rate=10.0, burst=50.0),
     SETTINGS: Budget(rate=10.0, burst=50.0),
     EMPTY_DATA: Budget(rate=20.0, burst=100.0),
+    UNKNOWN_FRAME: Budget(rate=10.0, burst=100.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """At most ``base + per_unit × units`` frames over a connection's life, where ``units``
+    is what the connection has earned (:meth:`FloodGuard.earn`)."""
+
+    base: int
+    per_unit: int
+
+    def __post_init__(self) -> None:
+        if self.base < 1 or self.per_unit < 0:
+            raise ValueError(f"an allowance needs base >= 1 and per_unit >= 0, got {self}")
+
+
+# Envoy's defaults: 100 PRIORITY frames per stream opened, 10 WINDOW_UPDATE frames per DATA
+# frame sent. A client's flow control sends one WINDOW_UPDATE per stream and one for the
+# connection as it reads, at most a few per DATA frame; a stream opened earns its own too
+# (gRPC clients enlarge a new stream's window at once).
+DEFAULT_ALLOWANCES: Mapping[str, Allowance] = {
+    PRIORITY: Allowance(base=100, per_unit=100),  # units: streams the app opened
+    WINDOW_UPDATE: Allowance(base=100, per_unit=10),  # units: those, and DATA frames sent
 }
 
 
@@ -65,14 +100,29 @@ class FrameBudget:
 
 
 class FloodGuard:
-    """One connection's budgets; :meth:`spend` names the kind that ran out, if it did."""
+    """One connection's budgets and allowances; :meth:`spend` says whether a frame of a kind
+    is still within them."""
 
-    __slots__ = ("_buckets",)
+    __slots__ = ("_allowances", "_buckets", "_frames", "_units")
 
-    def __init__(self, now: float, budgets: Mapping[str, Budget] = DEFAULT_BUDGETS) -> None:
+    def __init__(self, now: float, budgets: Mapping[str, Budget] = DEFAULT_BUDGETS,
+                 allowances: Mapping[str, Allowance] = DEFAULT_ALLOWANCES) -> None:
         self._buckets = {kind: FrameBudget(budget, now) for kind, budget in budgets.items()}
+        self._allowances = dict(allowances)
+        self._frames = dict.fromkeys(self._allowances, 0)
+        self._units = dict.fromkeys(self._allowances, 0)
+
+    def earn(self, kind: str, units: int = 1) -> None:
+        """The connection did work that entitles it to more frames of ``kind``."""
+        if kind in self._units:
+            self._units[kind] += units
 
     def spend(self, kind: str, now: float) -> bool:
-        """Count one frame of ``kind``; False when the connection is over its budget."""
+        """Count one frame of ``kind``; False when the connection is over its budget (or its
+        allowance)."""
+        allowance = self._allowances.get(kind)
+        if allowance is not None:
+            frames = self._frames[kind] = self._frames[kind] + 1
+            return frames <= allowance.base + allowance.per_unit * self._units[kind]
         bucket = self._buckets.get(kind)
         return bucket is None or bucket.spend(now)

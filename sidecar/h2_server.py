@@ -42,11 +42,16 @@ from sidecar.h2_connection import (
     header_list_size,
 )
 from sidecar.h2_guard import (
+    DEFAULT_ALLOWANCES,
     DEFAULT_BUDGETS,
     EMPTY_DATA,
     PING,
+    PRIORITY,
     RAPID_RESET,
     SETTINGS,
+    UNKNOWN_FRAME,
+    WINDOW_UPDATE,
+    Allowance,
     Budget,
     FloodGuard,
 )
@@ -66,6 +71,8 @@ class H2Limits:
     max_streams: int = DEFAULT_MAX_STREAMS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0: never
     budgets: Mapping[str, Budget] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
+    allowances: Mapping[str, Allowance] = field(
+        default_factory=lambda: dict(DEFAULT_ALLOWANCES))
 
 
 class _RefusingH2(h2.connection.H2Connection):
@@ -135,7 +142,7 @@ class H2ServerConnection(H2Connection):
         self.metrics = metrics
         self.on_close = on_close
         self.loop = asyncio.get_running_loop()
-        self.guard = FloodGuard(self.loop.time(), self.limits.budgets)
+        self.guard = FloodGuard(self.loop.time(), self.limits.budgets, self.limits.allowances)
         self.idle_timer: asyncio.TimerHandle | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.draining = False
@@ -188,6 +195,12 @@ class H2ServerConnection(H2Connection):
             return SETTINGS
         if isinstance(event, h2.events.DataReceived):
             return EMPTY_DATA if not event.data and event.stream_ended is None else None
+        if isinstance(event, h2.events.WindowUpdated):
+            return WINDOW_UPDATE
+        if isinstance(event, h2.events.PriorityUpdated):
+            return PRIORITY
+        if isinstance(event, h2.events.UnknownFrameReceived):
+            return UNKNOWN_FRAME
         return None
 
     def dispatch(self, event: h2.events.Event) -> None:
@@ -203,8 +216,15 @@ class H2ServerConnection(H2Connection):
             return
         super().dispatch(event)
 
+    def send_data_now(self, stream: H2Stream, data: bytes, end_stream: bool) -> None:
+        super().send_data_now(stream, data, end_stream)
+        if data:  # the app's flow control answers it with WINDOW_UPDATE frames
+            self.guard.earn(WINDOW_UPDATE)
+
     def other_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            self.guard.earn(PRIORITY)  # a stream opened, refused or not: its own PRIORITY
+            self.guard.earn(WINDOW_UPDATE)  # and WINDOW_UPDATE frames are to be expected
             if event.stream_id in self.refusing.over_limit:  # past SETTINGS_MAX_CONCURRENT_STREAMS
                 self.refusing.over_limit.discard(event.stream_id)
                 if self.metrics is not None:

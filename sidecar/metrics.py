@@ -531,7 +531,8 @@ class H2Metrics:
         self.flood_goaways = Counter(
             "equilibrium_h2_flood_goaways",
             "HTTP/2 app connections ended with GOAWAY(ENHANCE_YOUR_CALM), by the budget they "
-            "ran out of (rapid_reset, ping, settings, empty_data)",
+            "ran out of (rapid_reset, ping, settings, empty_data, unknown_frame, priority, "
+            "window_update)",
             ["kind"], registry=registry,
         )
         self.refused_streams = Counter(

@@ -3,9 +3,10 @@ on a raw socket against a real sidecar process in front of real grpcio pods, whi
 well-behaved grpcio client (one channel) keeps getting answers.
 
 Covers docs/grpc.md, "Defences": streams beyond SETTINGS_MAX_CONCURRENT_STREAMS refused one by
-one; the rapid-reset, PING, SETTINGS and empty-DATA floods answered with
-GOAWAY(ENHANCE_YOUR_CALM); the idle timeout of an HTTP/2 connection; the first-bytes timeout;
-the connection cap. Limits are made small through the environment so the tests are quick.
+one; the rapid-reset, PING, SETTINGS, empty-DATA, unknown-frame, PRIORITY and WINDOW_UPDATE
+floods answered with GOAWAY(ENHANCE_YOUR_CALM); the idle timeout of an HTTP/2 connection;
+the first-bytes timeout; the connection cap. Limits are made small through the environment
+so the tests are quick.
 """
 
 from __future__ import annotations
@@ -133,9 +134,27 @@ def _empty_data(client: RawH2) -> None:
         client.conn.send_data(stream, b"")
 
 
+def _unknown_frames(client: RawH2) -> None:
+    client.flush()
+    # 9-byte frame headers of type 0xfa (undefined: RFC 9113 §5.5 says to ignore it), empty
+    client.sock.sendall(b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00" * 1000)
+
+
+def _priorities(client: RawH2) -> None:
+    stream = client.start_call("Slow")  # one stream opened earns its own 100
+    for i in range(1000):
+        client.conn.prioritize(stream, weight=1 + i % 256)
+
+
+def _window_updates(client: RawH2) -> None:
+    for _ in range(1000):  # nothing received to make room for: one byte of credit each
+        client.conn.increment_flow_control_window(1)
+
+
 @pytest.mark.parametrize(("kind", "flood"), [
     ("rapid_reset", _rapid_reset), ("ping", _pings), ("settings", _settings),
-    ("empty_data", _empty_data),
+    ("empty_data", _empty_data), ("unknown_frame", _unknown_frames),
+    ("priority", _priorities), ("window_update", _window_updates),
 ])
 def test_a_flood_gets_goaway_enhance_your_calm(guarded: Guarded, kind: str, flood) -> None:  # type: ignore[no-untyped-def]
     goaways = guarded.metric("equilibrium_h2_flood_goaways_total", kind=kind)
@@ -164,9 +183,12 @@ def test_within_the_budgets_nothing_happens(guarded: Guarded) -> None:
         for i in range(20):  # a keep-alive ping and a cancelled call now and then
             client.conn.ping(i.to_bytes(8, "big"))
             call = client.start_call("Slow")
+            client.conn.prioritize(call, weight=32)  # a priority and more credit for it
+            client.conn.increment_flow_control_window(1 << 16, stream_id=call)
             client.send(call, _grpc_frame(b"1"), end=True)
             client.conn.reset_stream(call, ErrorCodes.CANCEL)
             client.flush()
+        client.sock.sendall(b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00" * 20)  # GREASE
         call = client.start_call("Unary")
         client.send(call, _grpc_frame(b"fine"), end=True)
         client.pump(lambda: client.ended(call))

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 
 from sidecar.h2_guard import (
+    DEFAULT_ALLOWANCES,
     DEFAULT_BUDGETS,
+    EARNED_KINDS,
     KINDS,
     PING,
+    PRIORITY,
     RAPID_RESET,
+    TIMED_KINDS,
+    WINDOW_UPDATE,
+    Allowance,
     Budget,
     FloodGuard,
     FrameBudget,
@@ -52,7 +58,9 @@ def test_kinds_are_counted_apart() -> None:
 
 
 def test_the_defaults_cover_every_kind() -> None:
-    assert set(DEFAULT_BUDGETS) == set(KINDS)
+    assert set(DEFAULT_BUDGETS) == set(TIMED_KINDS)
+    assert set(DEFAULT_ALLOWANCES) == set(EARNED_KINDS)
+    assert set(TIMED_KINDS) | set(EARNED_KINDS) == set(KINDS)
     guard = FloodGuard(0.0)
     assert sum(guard.spend(RAPID_RESET, 0.0) for _ in range(1000)) == 200
 
@@ -61,3 +69,35 @@ def test_the_defaults_cover_every_kind() -> None:
 def test_a_budget_that_allows_nothing_is_an_error(rate: float, burst: float) -> None:
     with pytest.raises(ValueError, match="budget"):
         Budget(rate=rate, burst=burst)
+
+
+def test_an_allowance_is_its_base_until_the_connection_earns_more() -> None:
+    guard = FloodGuard(0.0, {}, {PRIORITY: Allowance(base=3, per_unit=2)})
+    assert [guard.spend(PRIORITY, 0.0) for _ in range(4)] == [True, True, True, False]
+    guard.earn(PRIORITY)  # one stream opened: 3 + 2 frames in all, the refused one counted
+    assert [guard.spend(PRIORITY, 0.0) for _ in range(2)] == [True, False]
+    guard.earn(PRIORITY, 2)  # 3 + 2 × 3 = 9 in all, 6 counted
+    assert [guard.spend(PRIORITY, 9.0) for _ in range(4)] == [True, True, True, False]
+
+
+def test_time_alone_earns_no_allowance() -> None:
+    guard = FloodGuard(0.0, {}, {WINDOW_UPDATE: Allowance(base=2, per_unit=10)})
+    assert guard.spend(WINDOW_UPDATE, 0.0) and guard.spend(WINDOW_UPDATE, 0.0)
+    assert not guard.spend(WINDOW_UPDATE, 3600.0)
+    guard.earn(PING)  # a kind without an allowance: nothing happens
+    assert not guard.spend(WINDOW_UPDATE, 3600.0)
+
+
+def test_the_default_window_update_allowance_follows_the_data_sent() -> None:
+    guard = FloodGuard(0.0)
+    assert sum(guard.spend(WINDOW_UPDATE, 0.0) for _ in range(1000)) == 100
+    guard = FloodGuard(0.0)
+    for _ in range(1000):  # a download: each DATA frame sent, the app's two updates
+        guard.earn(WINDOW_UPDATE)
+        assert guard.spend(WINDOW_UPDATE, 0.0) and guard.spend(WINDOW_UPDATE, 0.0)
+
+
+@pytest.mark.parametrize(("base", "per_unit"), [(0, 5), (1, -1)])
+def test_an_allowance_that_allows_nothing_is_an_error(base: int, per_unit: int) -> None:
+    with pytest.raises(ValueError, match="allowance"):
+        Allowance(base=base, per_unit=per_unit)
