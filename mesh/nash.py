@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +64,8 @@ class StabilityMonitor:
         if now - self._window_start < self.window:
             return
         mean = self._sum / max(1, self._samples)
-        gap = float(np.median(self._gaps)) if self._gaps else 0.0
+        # not np.median: its first call imports numpy.ma (15 ms, in a sidecar's first tick)
+        gap = statistics.median(self._gaps) if self._gaps else 0.0
         if self._last_mean is not None:
             self.flapping = float(np.max(np.abs(mean - self._last_mean)))
             calm = self.flapping < self.flap_threshold and gap < self.gap_threshold
