@@ -1,0 +1,437 @@
+"""Where a proxied request's CPU goes: the sidecar against its own plumbing and a bare relay.
+
+Four HTTP/1.1 relays in front of one static nginx backend, each pinned to CPU 0 and driven in
+turn by the same open-loop load (``--rate`` requests a second over 4 keep-alive connections,
+from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is read from
+``/proc`` (user + system, the relay's process tree) over a fixed number of requests:
+
+- ``sidecar``: ``equilibrium sidecar`` with one upstream (everything a request goes through);
+- ``plumbing``: the sidecar's own HTTP/1.1 server and client (:mod:`sidecar.http1`) and its
+  answer relay (:func:`sidecar.forward.relay_answer`), with a handler that only forwards: no
+  routing, policy, phases, metrics or retries. What the request path costs before the mesh
+  does anything;
+- ``bare``: a relay of protocol callbacks alone (``httptools`` both ways, one upstream
+  connection per app connection, no task or future per request): what uvloop and the kernel
+  cost, the floor of any Python relay;
+- ``haproxy``: HAProxy ``leastconn`` (``nbthread 1``), when installed.
+
+``--opcodes`` instead counts the CPython bytecode instructions each request executes in the
+sidecar and in the plumbing (``sys.settrace`` with opcode events, at 100 req/s): a measure of
+the interpreter's work per request that does not depend on the machine's speed or noise, by
+function. Pure Python only (compiled modules run no bytecode).
+
+Needs nginx (and haproxy for its row). Loopback only; every load is bounded by ``--seconds``.
+
+    python scripts/request_cost.py --rate 500 --seconds 10 --rounds 2
+    python scripts/request_cost.py --opcodes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from equilibrium.lab.bench import peers  # noqa: E402
+from equilibrium.lab.processes import free_port  # noqa: E402
+from equilibrium.lab.sidecars import sidecar_argv  # noqa: E402
+
+CONNECTIONS = 4
+REQUEST = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n"
+TRACED_RATE = 100.0  # the tracer slows the interpreter about 20-fold
+TRACED_SECONDS = 5.0
+
+
+# ---------------------------------------------------------------- the load (a child process)
+
+async def generate(port: int, rate: float, seconds: float) -> str:
+    """Open loop: request i leaves at i / rate over CONNECTIONS keep-alive connections; the
+    answers (Content-Length framed) are read by one task per connection."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONNECTIONS)]
+    sent: list[asyncio.Queue[float | None]] = [asyncio.Queue() for _ in conns]
+    latencies: list[float] = []
+
+    async def read(reader: asyncio.StreamReader, queue: asyncio.Queue[float | None]) -> None:
+        while (started := await queue.get()) is not None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+
+    readers = [asyncio.create_task(read(r, q)) for (r, _), q in zip(conns, sent, strict=True)]
+    total, start = int(rate * seconds), time.perf_counter()
+    for i in range(total):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[i % CONNECTIONS].put_nowait(time.perf_counter())
+        conns[i % CONNECTIONS][1].write(REQUEST)
+    for queue in sent:
+        queue.put_nowait(None)
+    await asyncio.wait_for(asyncio.gather(*readers), 30)
+    latencies.sort()
+    return (f"{len(latencies)} answers, p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, "
+            f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms")
+
+
+# ---------------------------------------------------------------- the two reference relays
+
+async def serve_plumbing(port: int, backend: str) -> None:
+    from multidict import CIMultiDict
+    from yarl import URL
+
+    from sidecar.forward import relay_answer, response_headers_from_wire
+    from sidecar.http1.client import H1Transport
+    from sidecar.http1.server import H1Connection, H1Exchange, H1Limits
+    from sidecar.transport import UpstreamRequest
+    from sidecar.watchdog import Watchdog
+
+    transport = H1Transport(connect_timeout=2.0)
+
+    async def handler(exchange: H1Exchange) -> None:
+        upstream: Any = await transport.handle_request(UpstreamRequest(
+            exchange.method, URL(backend + exchange.raw_path, encoded=True),
+            CIMultiDict(exchange.headers)))
+        try:
+            headers, _ = response_headers_from_wire(upstream.wire_fields, "1.1 plumbing")
+            await relay_answer(exchange, upstream, headers, bodiless=False,
+                               watchdog=Watchdog(30.0), on_dropped=lambda names: None)
+        finally:
+            upstream.release()
+
+    loop = asyncio.get_running_loop()
+    await loop.create_server(lambda: H1Connection(handler, limits=H1Limits()), "127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
+async def serve_bare(port: int, backend: str) -> None:
+    import httptools
+
+    host, _, backend_port = backend.split("//", 1)[1].rstrip("/").rpartition(":")
+    loop = asyncio.get_running_loop()
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, app: App) -> None:
+            self.app, self.parser = app, httptools.HttpResponseParser(self)
+            self.head: list[bytes] = []
+            self.body: list[bytes] = []
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.head.clear()
+            self.body.clear()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.head.append(b"%s: %s\r\n" % (name, value))
+
+        def on_body(self, data: bytes) -> None:
+            self.body.append(data)
+
+        def on_message_complete(self) -> None:
+            status = b"HTTP/1.1 %d \r\n" % self.parser.get_status_code()
+            self.app.transport.write(status + b"".join(self.head) + b"\r\n" + b"".join(self.body))
+
+    class App(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport, self.parser = transport, httptools.HttpRequestParser(self)
+            self.upstream: Upstream | None = None
+            self.waiting: list[bytes] = []
+            self.connecting = loop.create_task(self.connect())
+
+        async def connect(self) -> None:
+            _, self.upstream = await loop.create_connection(
+                lambda: Upstream(self), host, int(backend_port))
+            for request in self.waiting:
+                self.upstream.transport.write(request)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.head: list[bytes] = []
+
+        def on_url(self, url: bytes) -> None:
+            self.url = url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.head.append(b"%s: %s\r\n" % (name, value))
+
+        def on_message_complete(self) -> None:
+            request = (b"%s %s HTTP/1.1\r\n" % (self.parser.get_method(), self.url)
+                       + b"".join(self.head) + b"Via: 1.1 bare\r\n\r\n")
+            if self.upstream is None:
+                self.waiting.append(request)
+            else:
+                self.upstream.transport.write(request)
+
+    await loop.create_server(App, "127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------- opcode counting
+
+class OpcodeCounter:
+    """Counts the bytecode instructions run in this thread, by function, between
+    ``SIGUSR1`` (start) and ``SIGUSR2`` (stop, and write ``path``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.counts: collections.Counter[Any] = collections.Counter()
+
+    def _local(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            self.counts[frame.f_code] += 1
+        return self._local
+
+    def _global(self, frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return self._local
+
+    def start(self, *_: Any) -> None:
+        self.counts.clear()
+        sys.settrace(self._global)
+
+    def stop(self, *_: Any) -> None:
+        sys.settrace(None)
+        with open(self.path, "w") as out:
+            for code, n in self.counts.most_common():
+                where = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+                out.write(f"{n}\t{where}\n")
+
+    def install(self) -> None:
+        signal.signal(signal.SIGUSR1, self.start)
+        signal.signal(signal.SIGUSR2, self.stop)
+
+
+# ---------------------------------------------------------------- the driver
+
+def cpu_of(pid: int) -> float:
+    return peers.tree_cpu_seconds(pid)
+
+
+async def child(*args: str, cpu: int | None = None, **kw: Any) -> asyncio.subprocess.Process:
+    argv = [sys.executable, __file__, *args]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    return await asyncio.create_subprocess_exec(*argv, **kw)
+
+
+async def load(port: int, rate: float, seconds: float, cpu: int | None) -> str:
+    proc = await child("--generate", str(port), str(rate), str(seconds), cpu=cpu,
+                       stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    return out.decode().strip()
+
+
+async def until_listening(port: int) -> None:
+    for _ in range(100):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool,
+                       proxy_cpu: int | None) -> dict[str, tuple[int, int, Any]]:
+    """name -> (pid, port, stop); each relay pinned to ``proxy_cpu``."""
+    relays: dict[str, tuple[int, int, Any]] = {}
+    for name in names:
+        port = free_port()
+        if name == "haproxy":
+            peer = await peers.PeerProxy.start(peers.PEERS[0], [backend], logs)
+            if proxy_cpu is not None:
+                peer.pin([proxy_cpu])
+            relays[name] = (peer.child.pid, int(peer.url.rstrip("/").rsplit(":", 1)[1]),
+                            peer.stop)
+            continue
+        trace = ["--trace", str(logs / f"opcodes.{name}")] if opcodes else []
+        if name == "sidecar":
+            role = ["--sidecar", *sidecar_argv(  # after "python -m equilibrium"
+                "cost", f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}",
+                {"backend": [backend]})[3:]]
+        else:
+            role = ["--serve", name, str(port), backend]
+        with open(logs / f"{name}.log", "w") as log_file:
+            proc = await child(*trace, *role, cpu=proxy_cpu, stderr=log_file)
+
+        async def stop(proc: asyncio.subprocess.Process = proc) -> None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+        relays[name] = (proc.pid, port, stop)
+        await until_listening(port)
+    return relays
+
+
+async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str]) -> None:
+    logs = Path(tempfile.mkdtemp(prefix="equilibrium-request-cost-"))
+    cpus = sorted(os.sched_getaffinity(0))
+    proxy_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
+    backend = await peers.PeerProxy.start(None, [], logs, name="static-backend")
+    relays: dict[str, tuple[int, int, Any]] = {}
+    try:
+        if load_cpu is not None:
+            backend.pin([load_cpu])
+        relays = await start_relays(names, backend.url.rstrip("/"), logs, False, proxy_cpu)
+        print(f"{rate:g} req/s over {CONNECTIONS} connections, {seconds:g} s a turn; relays "
+              f"on CPU {proxy_cpu}, generator and nginx on CPU {load_cpu}; logs in {logs}")
+        print("| round | relay | CPU per request | load |\n| ---: | --- | ---: | --- |")
+        for round_ in range(1, rounds + 1):
+            for name in names:
+                pid, port, _ = relays[name]
+                await load(port, rate, 2.0, load_cpu)  # warm-up, not measured
+                before = cpu_of(pid)
+                result = await load(port, rate, seconds, load_cpu)
+                used = cpu_of(pid) - before
+                print(f"| {round_} | {name} | {used / (rate * seconds) * 1e6:.0f} µs | "
+                      f"{result} |", flush=True)
+    finally:
+        for _, _, stop in relays.values():
+            await stop()
+        await backend.stop()
+
+
+async def measure_opcodes(names: list[str], top: int) -> None:
+    logs = Path(tempfile.mkdtemp(prefix="equilibrium-request-cost-"))
+    backend = await peers.PeerProxy.start(None, [], logs, name="static-backend")
+    relays: dict[str, tuple[int, int, Any]] = {}
+    try:
+        relays = await start_relays(names, backend.url.rstrip("/"), logs, True, None)
+        for name in names:
+            pid, port, _ = relays[name]
+            await load(port, 200.0, 2.0, None)  # warm-up: connections, caches, first tick
+            os.kill(pid, signal.SIGUSR1)
+            await asyncio.sleep(0.5)
+            result = await load(port, TRACED_RATE, TRACED_SECONDS, None)
+            await asyncio.sleep(0.5)
+            os.kill(pid, signal.SIGUSR2)
+            path = logs / f"opcodes.{name}"
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if path.exists() and path.stat().st_size:
+                    break
+            report_opcodes(name, path, int(TRACED_RATE * TRACED_SECONDS), result, top)
+    finally:
+        for _, _, stop in relays.values():
+            await stop()
+        await backend.stop()
+
+
+def report_opcodes(name: str, path: Path, requests: int, result: str, top: int) -> None:
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()]
+    total = sum(int(n) for n, _ in rows)
+    print(f"\n{name}: {total / requests:,.0f} bytecode instructions per request "
+          f"({requests} requests: {result})")
+    by_file: collections.Counter[str] = collections.Counter()
+    for n, where in rows:
+        by_file[short(where.rsplit(":", 1)[0])] += int(n)
+    print("| file | per request |\n| --- | ---: |")
+    for file, count in by_file.most_common(top):
+        print(f"| `{file}` | {count / requests:,.0f} |")
+    print("| function | per request |\n| --- | ---: |")
+    for n, where in rows[:top]:
+        print(f"| `{short(where)}` | {int(n) / requests:,.1f} |")
+
+
+def short(where: str) -> str:
+    for prefix in (str(ROOT) + "/", "site-packages/"):
+        if prefix in where:
+            where = where.split(prefix, 1)[1]
+    return where
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rate", type=float, default=500.0, help="requests a second (500)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds a turn (10)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of turns (2)")
+    p.add_argument("--relays", default="sidecar,plumbing,bare,haproxy",
+                   help="which relays, in turn order (default: all four)")
+    p.add_argument("--opcodes", action="store_true",
+                   help="count bytecode instructions per request instead (sidecar, plumbing)")
+    p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
+    # the child processes' roles
+    p.add_argument("--generate", nargs=3, metavar=("PORT", "RATE", "SECONDS"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "BACKEND"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--trace", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--sidecar", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.trace:
+        OpcodeCounter(args.trace).install()
+    if args.generate:
+        target, rate, seconds = args.generate
+        print(asyncio.run(generate(int(target), float(rate), float(seconds))))
+        return 0
+    if args.serve:
+        import uvloop
+
+        kind, listen, backend = args.serve
+        serve = serve_plumbing if kind == "plumbing" else serve_bare
+        with contextlib_suppress_interrupt():
+            uvloop.run(serve(int(listen), backend))
+        return 0
+    if args.sidecar is not None:
+        from equilibrium.cli import main as equilibrium_main
+
+        sys.argv = ["equilibrium", *args.sidecar]
+        return int(equilibrium_main() or 0)
+    names = [n.strip() for n in args.relays.split(",") if n.strip()]
+    unknown = set(names) - {"sidecar", "plumbing", "bare", "haproxy"}
+    if unknown:
+        p.error(f"unknown relay(s): {', '.join(sorted(unknown))}")
+    if shutil.which("nginx") is None:
+        print("needs nginx (the static backend)", file=sys.stderr)
+        return 2
+    if "haproxy" in names and shutil.which("haproxy") is None:
+        names.remove("haproxy")
+        print("haproxy is not installed: its row is skipped", file=sys.stderr)
+    if args.opcodes:
+        asyncio.run(measure_opcodes([n for n in names if n in ("sidecar", "plumbing")],
+                                    args.top))
+        return 0
+    if not (0 < args.rate <= 5000 and 0 < args.seconds <= 120 and 1 <= args.rounds <= 10):
+        p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
+    asyncio.run(measure_cpu(args.rate, args.seconds, args.rounds, names))
+    return 0
+
+
+class contextlib_suppress_interrupt:
+    """A relay child ends quietly on SIGTERM/SIGINT."""
+
+    def __enter__(self) -> None:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
+        return kind is KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
