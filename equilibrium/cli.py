@@ -21,6 +21,7 @@ from collections.abc import MutableMapping, Sequence
 # subcommand -> (module that registers it, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("sidecar.cli", "run the proxy beside an app"),
+    "sidecar-hook": ("sidecar.hooks", "container lifecycle hooks of an injected sidecar"),
     "signaler": ("signaler.cli", "run the correlated-equilibrium signaler"),
     "injector": ("injector.cli", "run the Kubernetes sidecar-injector webhook"),
     "init": ("injector.init_cli", "install the transparent-interception iptables rules"),

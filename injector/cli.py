@@ -26,7 +26,12 @@ from typing import Any
 import yaml
 
 from injector import certs, mesh_objects
-from injector.config import InjectorConfig, Resources
+from injector.config import (
+    DEFAULT_SHUTDOWN_DELAY,
+    MAX_SHUTDOWN_DELAY,
+    InjectorConfig,
+    Resources,
+)
 from injector.controller import Controller, ControllerConfig
 from injector.controller_admin import start_metrics
 from injector.kube import Credentials, KubeRest
@@ -64,6 +69,11 @@ def register(subparsers: Any) -> None:
                         help="inject the proxy as a native sidecar (an init container with "
                              "restartPolicy: Always; Kubernetes 1.29+): up before the app's "
                              "containers start, stopped after they exit")
+    parser.add_argument("--shutdown-delay", type=float, default=DEFAULT_SHUTDOWN_DELAY,
+                        metavar="SECONDS",
+                        help="without --native-sidecar: seconds the sidecar keeps serving after "
+                             "its pod is told to stop, so the app's last calls go through (its "
+                             "preStop hook; 0: none; default %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help="reject larger AdmissionReviews with 413 (default %(default)s)")
     parser.set_defaults(func=_run_server)
@@ -123,6 +133,10 @@ def _run_server(args: argparse.Namespace) -> int:
               "only calls webhooks over HTTPS; see `equilibrium injector bootstrap-certs`)",
               file=sys.stderr)
         return 2
+    if not 0 <= args.shutdown_delay <= MAX_SHUTDOWN_DELAY:
+        print(f"equilibrium injector: --shutdown-delay must be between 0 and "
+              f"{MAX_SHUTDOWN_DELAY:g} seconds", file=sys.stderr)
+        return 2
     try:
         listen = parse_host_port(args.listen)  # HOST:PORT or [V6]:PORT; port 0: any free one
     except AddressError as exc:
@@ -136,6 +150,7 @@ def _run_server(args: argparse.Namespace) -> int:
                             cpu_limit=args.sidecar_cpu_limit,
                             memory_limit=args.sidecar_memory_limit),
         native_sidecar=args.native_sidecar,
+        shutdown_delay=args.shutdown_delay,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -61,6 +61,11 @@ class Resources:
     memory_limit: str = "256Mi"
 
 
+DEFAULT_SHUTDOWN_DELAY: Final = 5.0
+"""Seconds an ordinary sidecar container keeps serving after its pod is told to stop."""
+MAX_SHUTDOWN_DELAY: Final = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class InjectorConfig:
     """Everything the injector needs to build the patch; one per webhook process.
@@ -82,6 +87,9 @@ class InjectorConfig:
     # the proxy as a native sidecar (Kubernetes 1.29+): an init container with restartPolicy
     # Always, ready before the app's containers start and stopped after they exit
     native_sidecar: bool = False
+    # otherwise (an ordinary container): seconds its preStop hook keeps it serving after the
+    # pod is told to stop, for the app's last calls (0: no hook); see sidecar.hooks
+    shutdown_delay: float = DEFAULT_SHUTDOWN_DELAY
 
 
 MAX_LISTED_PORTS: Final = 1024

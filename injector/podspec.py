@@ -1,9 +1,10 @@
 """The two containers the injector adds to a pod, as Kubernetes JSON.
 
-Owns the sidecar container (proxy listeners, probes, hardening) and the ``equilibrium-init``
-container (interception rules, NET_ADMIN + NET_RAW only). Pure data in, data out: the flags
-here must match ``equilibrium sidecar`` and ``equilibrium init`` (sidecar/cli.py,
-injector/init_cli.py).
+Owns the sidecar container (proxy listeners, probes, hardening, and its start and stop order:
+lifecycle hooks as an ordinary container, or a native sidecar's fields) and the
+``equilibrium-init`` container (interception rules, NET_ADMIN + NET_RAW only). Pure data in,
+data out: the flags here must match ``equilibrium sidecar``, ``equilibrium sidecar-hook`` and
+``equilibrium init`` (sidecar/cli.py, sidecar/hooks.py, injector/init_cli.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from injector.config import DEFAULT_IPV6, INIT_NAME, SIDECAR_NAME, InjectorConfi
 from wire.signing import MESH_SECRET_ENV
 
 Json = dict[str, Any]
+
+IMAGE_ENTRYPOINT = "/opt/equilibrium/bin/equilibrium"
+"""The image's ``equilibrium`` command (the Dockerfile's ENTRYPOINT): exec hooks name it."""
+POST_START_TIMEOUT = 60  # seconds the app's start waits for the sidecar at most
 
 # ``equilibrium.io/ipv6`` -> the flags of ``equilibrium init`` (auto is its default: no flag).
 IPV6_INIT_FLAGS: dict[Ipv6Mode, tuple[str, ...]] = {
@@ -93,8 +98,22 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        **(_native_sidecar(config) if config.native_sidecar else {}),
+        **(_native_sidecar(config) if config.native_sidecar else _ordered(config)),
     }
+
+
+def _ordered(config: InjectorConfig) -> Json:
+    """An ordinary container's start and stop order (:mod:`sidecar.hooks`): placed first in
+    the pod, its postStart hook holds the app's start until the sidecar is ready; its
+    preStop hook keeps it serving ``shutdown_delay`` seconds after the pod is told to stop."""
+    hook = [IMAGE_ENTRYPOINT, "sidecar-hook"]
+    lifecycle: Json = {"postStart": {"exec": {"command": [
+        *hook, "post-start", "--admin", f"127.0.0.1:{config.admin_port}",
+        "--timeout", str(POST_START_TIMEOUT)]}}}
+    if config.shutdown_delay > 0:
+        lifecycle["preStop"] = {"exec": {"command": [
+            *hook, "pre-stop", "--seconds", f"{config.shutdown_delay:g}"]}}
+    return {"lifecycle": lifecycle}
 
 
 def _native_sidecar(config: InjectorConfig) -> Json:

@@ -157,9 +157,10 @@ def build_patch(pod: dict[str, Any], config: InjectorConfig,
     """The JSON Patch that turns ``pod`` into an injected pod.
 
     The init container goes last among init containers (the app's own init containers keep a
-    normal network); the sidecar goes last among containers (or, with ``native_sidecar``,
-    right after the init container, as a native sidecar), and
-    ``kubectl.kubernetes.io/default-container`` keeps ``kubectl logs`` on the app.
+    normal network); the sidecar goes first among containers, so that its postStart hook
+    holds the app's start until it is ready (or, with ``native_sidecar``, right after the init
+    container, as a native sidecar), and ``kubectl.kubernetes.io/default-container`` keeps
+    ``kubectl logs`` and ``kubectl exec`` on the app.
     """
     spec = pod["spec"]
     metadata = pod.get("metadata") or {}
@@ -171,8 +172,8 @@ def build_patch(pod: dict[str, Any], config: InjectorConfig,
     ops += append_items(spec, "initContainers",
                         [init_container(config, settings), *([sidecar] if native else [])],
                         ("spec",))
-    if not native:
-        ops += append_items(spec, "containers", [sidecar], ("spec",))
+    if not native:  # first: the kubelet starts containers in order (sidecar.hooks)
+        ops.append({"op": "add", "path": "/spec/containers/0", "value": sidecar})
     annotations = metadata.get("annotations") or {}
     new = {names.STATUS: names.STATUS_INJECTED}
     extra = {

@@ -231,7 +231,17 @@ def test_injector_from_the_image_patches_a_pod(image: str, container_names: list
         answer = json.loads(resp.read())
     patched = apply_patch(pod, decode_patch(answer))
     assert_valid(patched)
-    assert patched["spec"]["containers"][-1]["image"] == "equilibrium:local"
+    sidecar = patched["spec"]["containers"][0]
+    assert sidecar["image"] == "equilibrium:local"
+
+    # Its lifecycle hooks run in the image as the kubelet runs them: the command itself, as
+    # the sidecar's user, no shell. Nothing listens here: post-start returns at its timeout.
+    for hook in ("postStart", "preStop"):
+        command = sidecar["lifecycle"][hook]["exec"]["command"]
+        command = [*command[:-1], "0.2"]  # --timeout / --seconds, shortened
+        done = docker("run", "--rm", "--network", "none", "--user", "1337:1337",
+                      "--entrypoint", command[0], image, *command[1:], check=False)
+        assert done.returncode == 0, (hook, done.stdout, done.stderr)
 
 
 @pytest.mark.docker

@@ -97,8 +97,8 @@ async def test_annotated_pod_is_injected_over_https(webhook: Webhook) -> None:
     assert answer["response"]["uid"] == request["request"]["uid"]
     patched = apply_patch(pod, decode_patch(answer))
     assert_valid(patched)
-    sidecar = patched["spec"]["containers"][-1]
-    assert sidecar["image"] == "equilibrium:it"
+    sidecar = patched["spec"]["containers"][0]  # first: it holds the app's start
+    assert sidecar["name"] == "equilibrium-sidecar" and sidecar["image"] == "equilibrium:it"
     assert "conservative" in sidecar["args"]
 
     # The injected pod, sent again (e.g. a reinvocation), is left as it is.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from equilibrium.cli import build_parser
 from injector.config import IPV6_MODES, STRATEGY_PROFILES, InjectorConfig
+from injector.podspec import IMAGE_ENTRYPOINT
 from injector.review import MalformedReview, Outcome, decide, review
 from mesh.profiles import PROFILES
 from tests.injector_support import (
@@ -98,7 +100,45 @@ def test_annotated_pod_gets_sidecar_and_init_and_validates() -> None:
     assert annotations["equilibrium.io/status"] == "injected"
     assert annotations["kubectl.kubernetes.io/default-container"] == "app"
     assert annotations["equilibrium.io/inject"] == "true"  # the user's annotations stay
-    assert [c["name"] for c in patched["spec"]["containers"]] == ["app", "equilibrium-sidecar"]
+    assert [c["name"] for c in patched["spec"]["containers"]] == ["equilibrium-sidecar", "app"]
+
+
+def test_an_ordinary_sidecar_holds_the_apps_start_and_outlives_its_stop() -> None:
+    # first among containers: the kubelet runs its postStart hook (wait for /readyz) to the
+    # end before it starts the app; its preStop hook keeps it serving while the app stops
+    pod = make_pod(INJECT)
+    pod["spec"]["containers"].append({"name": "helper", "image": "helper:1"})
+    patched = apply_patch(pod, decode_patch(review(make_review(pod), CONFIG)))
+    assert_valid(patched)
+    assert [c["name"] for c in patched["spec"]["containers"]] == [
+        "equilibrium-sidecar", "app", "helper"]
+    hooks = container(patched, "equilibrium-sidecar")["lifecycle"]
+    start = hooks["postStart"]["exec"]["command"]
+    assert start[:3] == [IMAGE_ENTRYPOINT, "sidecar-hook", "post-start"]
+    assert arg_after(start, "--admin") == "127.0.0.1:15020"
+    assert arg_after(start, "--timeout") == "60"
+    stop = hooks["preStop"]["exec"]["command"]
+    assert stop == [IMAGE_ENTRYPOINT, "sidecar-hook", "pre-stop", "--seconds", "5"]
+    for command in (start, stop):  # what the image's own CLI accepts
+        args = build_parser(command[1:]).parse_args(command[1:])
+        assert args.func is not None
+    assert patched["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
+
+
+def test_a_shutdown_delay_of_zero_leaves_out_the_prestop_hook() -> None:
+    config = InjectorConfig(image="equilibrium:test", shutdown_delay=0)
+    patched = apply_patch(make_pod(INJECT), decode_patch(review(make_review(make_pod(INJECT)),
+                                                                config)))
+    hooks = container(patched, "equilibrium-sidecar")["lifecycle"]
+    assert set(hooks) == {"postStart"}
+    delay = build_parser(["injector"]).parse_args(["injector", "--shutdown-delay", "12.5"])
+    assert delay.shutdown_delay == 12.5
+    assert build_parser(["injector"]).parse_args(["injector"]).shutdown_delay == 5.0
+
+
+def test_the_hooks_name_the_images_own_entrypoint() -> None:
+    dockerfile = (Path(__file__).resolve().parents[3] / "Dockerfile").read_text()
+    assert f'ENTRYPOINT ["{IMAGE_ENTRYPOINT}"]' in dockerfile
 
 
 def test_a_native_sidecar_follows_the_init_container_and_keeps_the_apps_containers() -> None:
@@ -114,6 +154,7 @@ def test_a_native_sidecar_follows_the_init_container_and_keeps_the_apps_containe
         "migrate", "equilibrium-init", "equilibrium-sidecar"]
     assert [c["name"] for c in patched["spec"]["containers"]] == ["app"]
     sidecar = container(patched, "equilibrium-sidecar", init=True)
+    assert "lifecycle" not in sidecar  # the kubelet orders a native sidecar itself
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15020}
@@ -136,7 +177,7 @@ def test_missing_lists_and_maps_are_added_whole() -> None:
     paths = {op["path"]: op["value"] for op in ops}
     assert isinstance(paths["/spec/initContainers"], list)
     assert paths["/spec/initContainers"][0]["name"] == "equilibrium-init"
-    assert "/spec/containers/-" in paths  # containers exist: appended
+    assert paths["/spec/containers/0"]["name"] == "equilibrium-sidecar"  # first, in the list
 
     bare = make_pod(None)  # no annotations map at all: inject by namespace default
     response, patched = inject(bare, namespace_default=True)
@@ -428,7 +469,7 @@ def test_odd_container_ports_fall_back_to_the_default_app_port(ports: Any) -> No
     pod["spec"]["containers"][0]["ports"] = ports
     verdict = decide(make_review(pod), CONFIG)
     assert verdict.outcome is Outcome.INJECTED
-    (sidecar_op,) = [op for op in verdict.patch if op["path"] == "/spec/containers/-"]
+    (sidecar_op,) = [op for op in verdict.patch if op["path"] == "/spec/containers/0"]
     assert arg_after(sidecar_op["value"]["args"], "--app") == "http://127.0.0.1:8080"
 
 

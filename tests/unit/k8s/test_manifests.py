@@ -68,8 +68,8 @@ def test_the_example_pod_after_injection_validates() -> None:
            "spec": template["spec"]}
     patched = apply_patch(pod, decode_patch(review(make_review(pod), InjectorConfig())))
     names = [c["name"] for c in patched["spec"]["containers"]]
-    assert names == ["app", "equilibrium-sidecar"]
-    sidecar = patched["spec"]["containers"][1]
+    assert names == ["equilibrium-sidecar", "app"]
+    sidecar = patched["spec"]["containers"][0]
     assert sidecar["args"][sidecar["args"].index("--strategy") + 1] == "aggressive-learning"
     init = patched["spec"]["initContainers"][0]
     assert init["args"][init["args"].index("--exclude-outbound-ports") + 1] == "5432"
@@ -277,7 +277,7 @@ def test_container_args_are_accepted_by_the_equilibrium_cli() -> None:
         "equilibrium.io/inject": "true", "equilibrium.io/exclude-outbound-ports": "5432"}},
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
     patched = apply_patch(pod, decode_patch(review(make_review(pod), InjectorConfig())))
-    parse_with_the_real_cli(patched["spec"]["containers"][1]["args"])
+    parse_with_the_real_cli(patched["spec"]["containers"][0]["args"])
     parse_with_the_real_cli(patched["spec"]["initContainers"][0]["args"])
 
 
