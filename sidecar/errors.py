@@ -55,6 +55,10 @@ class ErrorReason(StrEnum):
     body can be drained within a small budget). Also, 400 when the app can still read it:
     its upload ended short of its ``Content-Length`` (a half-close) or broke its chunked
     framing (the listener cut it); the attempt is observed unanswered but not failed."""
+    APP_STALLED = "app-stalled"
+    """The app stopped reading the response body for the request timeout (what the sidecar
+    wrote stayed unsent): the app's doing, not the endpoint's; both connections are cut
+    (metric only)."""
     BAD_TARGET = "bad-target"
     """400: a request target that is not a path (``/...``). On the inbound listener an
     absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy; on the

@@ -301,6 +301,19 @@ def relayable_trailers(
     return kept or None
 
 
+def reader_stalled(exchange: Exchange) -> bool:
+    """Whether an answer's relay that stalled was waiting for its reader (the app outbound,
+    the caller inbound) rather than for the body: bytes written are still queued in the
+    transport. The kernel's socket buffer takes whatever a peer that reads leaves for a
+    moment, so bytes still queued after a whole stall mean the peer stopped reading."""
+    transport = exchange.transport
+    size = getattr(transport, "get_write_buffer_size", None)
+    try:
+        return size is not None and size() > 0
+    except RuntimeError:  # a transport closed meanwhile
+        return False
+
+
 async def relay_answer(
     exchange: Exchange,
     upstream: UpstreamResponse,

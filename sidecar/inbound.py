@@ -77,6 +77,7 @@ from sidecar.exchange import (
 )
 from sidecar.forward import (
     must_be_empty,
+    reader_stalled,
     relay_answer,
     relayable_trailers,
     request_headers_to_upstream,
@@ -456,7 +457,12 @@ class InboundProxy:
             # silently short one)
             upstream.close()
             exchange.abort()
-            if isinstance(exc, TimeoutError):  # a stall: the app's, or a caller not reading
+            if isinstance(exc, TimeoutError) and reader_stalled(exchange):
+                # the caller stopped reading (what was written is still queued): its doing
+                self.metrics.requests.labels(verdict.label, InboundOutcome.CALLER_STALLED).inc()
+                log.debug("a caller (%s) stopped reading its answer", verdict.label)
+            elif isinstance(exc, TimeoutError):  # the app went silent mid-answer
+                self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
                 self.app_failed_notice("answer-stalled", f"the answer stalled: {exc!r}")
             else:  # the app cut its own answer short
                 self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()

@@ -106,6 +106,9 @@ class InboundOutcome(StrEnum):
     CALLER_HUNG_UP = "caller-hung-up"
     """The caller closed its connection before the app's answer was written back (the app
     answered; nothing is charged to it and nothing is logged as an error)."""
+    CALLER_STALLED = "caller-stalled"
+    """The caller stopped reading the app's answer for ``request_timeout``: its connection
+    is cut (the caller's doing: nothing is charged to the app)."""
 
 
 class CallerLabels:

@@ -63,6 +63,7 @@ from sidecar.forward import (
     BodyReader,
     has_passed,
     must_be_empty,
+    reader_stalled,
     relay_answer,
     relayable_trailers,
     request_headers_to_upstream,
@@ -678,6 +679,14 @@ class OutboundProxy:
             return
         # The head may be out already: the only honest signal left is to cut the
         # connection (the app sees a truncated body, never a silently short one).
+        if isinstance(exc, TimeoutError) and reader_stalled(exchange):
+            # the app stopped reading: its doing (the answer it had was the endpoint's)
+            ctx.error_reason = ErrorReason.APP_STALLED
+            self.metrics.errors.labels(ctx.upstream_label, ErrorReason.APP_STALLED).inc()
+            upstream.close()
+            exchange.abort()
+            log.debug("%s %s: the app stopped reading the answer", ctx.upstream, ctx.endpoint)
+            return
         reason = ErrorReason.BODY_RELAY_FAILED
         ctx.error_reason = reason
         self.metrics.errors.labels(ctx.upstream_label, reason).inc()

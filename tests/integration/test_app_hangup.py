@@ -1,10 +1,13 @@
 """An app that hangs up mid-response, through a real sidecar to a real backend: the app's doing,
 counted as ``app-hung-up``, never as the endpoint's failure, and the upstream connection (the
-rest of the body drained) serves the next request."""
+rest of the body drained) serves the next request. At an inbound sidecar, an answer that
+stalls is told apart by whose side stalled: a caller that stops reading (``caller-stalled``)
+or an app that goes silent (``app-error``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
@@ -102,6 +105,76 @@ async def test_an_app_cutting_its_own_answer_short_is_counted_at_its_inbound_sid
             "the cut answer is counted", timeout=5)
         assert sidecar.metric("equilibrium_inbound_requests_total", outcome="admitted") == 0
     finally:
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()
+
+
+async def _inbound_in_front_of(handle, request_timeout: str):  # type: ignore[no-untyped-def]
+    app = await asyncio.start_server(handle, LOOPBACK, 0)
+    inbound_port = free_port()
+    sidecar = await async_start_sidecar({}, sidecar_id="stall-in", extra_args=[
+        "--inbound", f"{LOOPBACK}:{inbound_port}",
+        "--app", f"http://{LOOPBACK}:{app.sockets[0].getsockname()[1]}",
+        "--request-timeout", request_timeout])
+    return app, sidecar, inbound_port
+
+
+async def test_a_caller_that_stops_reading_is_its_own_doing_at_the_inbound_sidecar() -> None:
+    size = 64 * 1024 * 1024  # far more than the socket buffers on both sides hold
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                writer.write(b"b" * 65536)
+                await writer.drain()
+        writer.close()
+
+    app, sidecar, port = await _inbound_in_front_of(big, "0.5")
+    requests = "equilibrium_inbound_requests_total"
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        # then it reads nothing more
+        await eventually(lambda: sidecar.metric(requests, outcome="caller-stalled") == 1,
+                         "the caller's stall counted", timeout=10)
+        assert sidecar.metric(requests, outcome="app-error") == 0
+        assert sidecar.metric(requests, outcome="admitted") == 0
+        writer.close()
+    finally:
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()
+
+
+async def test_an_app_that_goes_silent_mid_answer_is_the_apps_error() -> None:
+    release = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"s" * 1000)
+        await writer.drain()
+        await release.wait()  # silent, connection open
+        writer.close()
+
+    app, sidecar, port = await _inbound_in_front_of(silent, "0.5")
+    requests = "equilibrium_inbound_requests_total"
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n")
+        got = await asyncio.wait_for(reader.read(), 10)  # read all until the sidecar cuts
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == 1000
+        await eventually(lambda: sidecar.metric(requests, outcome="app-error") == 1,
+                         "the app's stall counted", timeout=5)
+        assert sidecar.metric(requests, outcome="caller-stalled") == 0
+        writer.close()
+    finally:
+        release.set()
         await async_stop(sidecar)
         app.close()
         await app.wait_closed()

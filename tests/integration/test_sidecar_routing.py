@@ -187,14 +187,16 @@ async def test_timeouts_and_failed_bodies_never_hang() -> None:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await fetch(client, "GET", f"{sidecar.outbound_url}/truncated",
                             headers={"Host": "svc"})
-            # an app that stops reading: the sidecar gives up on it after the idle timeout
+            # an app that stops reading: the sidecar gives up on it after the idle timeout,
+            # and says whose doing it was
             async with client.get(f"{sidecar.outbound_url}/large", headers={"Host": "svc"}) as r:
                 assert r.status == 200
                 for _ in range(100):
-                    if sidecar.metric(metric, reason="body-relay-failed") >= 2:
+                    if sidecar.metric(metric, reason="app-stalled") >= 1:
                         break
                     await asyncio.sleep(0.1)
-        assert sidecar.metric(metric, upstream="svc", reason="body-relay-failed") == 2
+        assert sidecar.metric(metric, upstream="svc", reason="body-relay-failed") == 1
+        assert sidecar.metric(metric, upstream="svc", reason="app-stalled") == 1
         health = await asyncio.to_thread(http_get, f"{sidecar.admin_url}/healthz")
         assert health[0] == 200
     finally:
