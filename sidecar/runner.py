@@ -70,6 +70,7 @@ from sidecar.metrics import (
 from sidecar.outbound import OutboundProxy, split_target, upstream_name
 from sidecar.phases import ProxyPhases
 from sidecar.prober import Prober
+from sidecar.shifts import ShiftLog
 from sidecar.signaling import SidecarSignaling, signaling_settings
 from sidecar.transparent import transparent_outbound
 from sidecar.upstreams import UpstreamTable
@@ -134,6 +135,7 @@ class SidecarRunner:
         self.profile = effective_profile(config)
         self.metrics = SidecarMetrics()
         self.table = UpstreamTable(config.policy, self.profile)
+        self._shifts = ShiftLog()  # routing shifts as log lines (sidecar.shifts)
         self.readiness = Readiness()
         self._listeners: list[Listener] = []
         self._background: list[tuple[str, BackgroundFactory]] = []
@@ -525,6 +527,9 @@ class SidecarRunner:
                     log.exception("policy tick failed for upstream %s", group.name)
                     continue
                 self.metrics.outbound.observe_snapshot(group.name, snapshot)
+                for line in self._shifts.observe(group.name, snapshot, now):
+                    log.info("%s", line)
+            self._shifts.keep({group.name for group in self.table})
             self.h2.prune()
 
     def _file_mtime(self) -> float | None:

@@ -54,6 +54,11 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
             assert all(weights[slow.url] < weights[p.url] for p in fast), weights
             estimates = {e["endpoint"]: e["latency_estimate"] for e in state["endpoints"]}
             assert all(estimates[slow.url] > estimates[p.url] for p in fast), estimates
+            # and the sidecar said so, once, with why (sidecar.shifts)
+            shifted = [line for line in sidecar.output().splitlines()
+                       if "traffic shifted off" in line]
+            assert len(shifted) == 1 and f"shifted off {slow.url} (" in shifted[0], shifted
+            assert "INFO sidecar.runner: upstream svc:" in shifted[0]
         finally:
             await async_stop(sidecar)
             await slow.stop()
