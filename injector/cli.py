@@ -38,8 +38,10 @@ from injector.kube import Credentials, KubeRest
 from injector.metrics import ControllerMetrics
 from injector.server import DEFAULT_MAX_BODY, serve
 from mesh.address import AddressError, parse_host_port
+from wire import logs
 
 DEFAULTS = InjectorConfig()
+INJECTOR_LOG_LINE = "%(asctime)s %(levelname)s %(message)s"  # its plain lines
 DEFAULT_CONTROLLER_METRICS = "127.0.0.1:15020"  # loopback, like the sidecar's admin port
 
 
@@ -74,8 +76,13 @@ def register(subparsers: Any) -> None:
                         help="without --native-sidecar: seconds the sidecar keeps serving after "
                              "its pod is told to stop, so the app's last calls go through (its "
                              "preStop hook; 0: none; default %(default)s)")
+    parser.add_argument("--sidecar-log-format", default=DEFAULTS.sidecar_log_format,
+                        choices=logs.FORMATS,
+                        help="the injected sidecars' log lines: plain or json (one object a "
+                             "line; default %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                         help="reject larger AdmissionReviews with 413 (default %(default)s)")
+    logs.add_option(parser)
     parser.set_defaults(func=_run_server)
 
     sub = parser.add_subparsers(dest="injector_command", metavar="COMMAND")
@@ -124,6 +131,7 @@ def register(subparsers: Any) -> None:
     ctl.add_argument("--metrics", default=DEFAULT_CONTROLLER_METRICS, metavar="HOST:PORT",
                      help="serve GET /metrics (Prometheus) and /healthz there (default "
                           "%(default)s; port 0: any free one; 'off': none)")
+    logs.add_option(ctl)
     ctl.set_defaults(func=_run_controller)
 
 
@@ -151,8 +159,13 @@ def _run_server(args: argparse.Namespace) -> int:
                             memory_limit=args.sidecar_memory_limit),
         native_sidecar=args.native_sidecar,
         shutdown_delay=args.shutdown_delay,
+        sidecar_log_format=args.sidecar_log_format,
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        logs.configure(logging.INFO, args.log_format, plain=INJECTOR_LOG_LINE)
+    except ValueError as exc:  # from the environment: argparse checks only flags
+        print(f"equilibrium injector: {logs.ENV}: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(config, listen, args.tls_cert, args.tls_key,
                           max_body=args.max_body_bytes))
@@ -179,7 +192,11 @@ def _run_controller(args: argparse.Namespace) -> int:
     config = ControllerConfig(namespace=args.namespace, service=args.service,
                               webhook_config=args.webhook_config, tls_secret=args.tls_secret,
                               redis_host=args.redis_host, extra_names=tuple(args.extra_name))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        logs.configure(logging.INFO, args.log_format, plain=INJECTOR_LOG_LINE)
+    except ValueError as exc:  # from the environment: argparse checks only flags
+        print(f"equilibrium injector: {logs.ENV}: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         metrics = ControllerMetrics()

@@ -90,6 +90,7 @@ class InjectorConfig:
     # otherwise (an ordinary container): seconds its preStop hook keeps it serving after the
     # pod is told to stop, for the app's last calls (0: no hook); see sidecar.hooks
     shutdown_delay: float = DEFAULT_SHUTDOWN_DELAY
+    sidecar_log_format: str = "plain"  # the injected sidecars' log lines (wire.logs)
 
 
 MAX_LISTED_PORTS: Final = 1024

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from injector.config import DEFAULT_IPV6, INIT_NAME, SIDECAR_NAME, InjectorConfig, Ipv6Mode
+from wire import logs
 from wire.signing import MESH_SECRET_ENV
 
 Json = dict[str, Any]
@@ -69,6 +70,8 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             _secret_env(MESH_SECRET_ENV, config.mesh_secret_name,
                         config.mesh_secret_key),
             _secret_env("EQUILIBRIUM_REDIS_URL", config.mesh_secret_name, config.redis_url_key),
+            *([{"name": logs.ENV, "value": config.sidecar_log_format}]
+              if config.sidecar_log_format != "plain" else []),
         ],
         "ports": [{"name": "eq-admin", "containerPort": config.admin_port, "protocol": "TCP"}],
         "resources": {

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Coroutine, Iterable
@@ -31,6 +30,7 @@ from sidecar.config import (
     ENV_VARS,
     ConfigSource,
 )
+from wire import logs
 
 EPILOG = """\
 precedence: flags > environment > config file > defaults.
@@ -166,6 +166,7 @@ def register(subparsers: Any) -> None:
         "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    logs.add_option(parser)
     parser.set_defaults(func=main)
 
 
@@ -174,11 +175,11 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:  # from the environment: argparse checks only flags
+        print(f"equilibrium sidecar: {logs.ENV}: {exc}", file=sys.stderr)
+        return 2
     from sidecar.mesh_key import sidecar_mesh_key
     from sidecar.runner import SidecarRunner, StartupError  # heavy imports only when running
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from mesh.address import AddressError, parse_host_port
 from mesh.errors import ConfigError
+from wire import logs
 from wire.errors import WireError
 from wire.keys import check_redis_url
 from wire.signing import MESH_SECRET_ENV, read_mesh_key
@@ -72,6 +73,7 @@ def register(subparsers: Any) -> None:
                         help="seed of the configuration sampling (default: random)")
     parser.add_argument("--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    logs.add_option(parser)
     parser.set_defaults(func=main)
 
 
@@ -192,11 +194,11 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:  # from the environment: argparse checks only flags
+        print(f"equilibrium signaler: {logs.ENV}: {exc}", file=sys.stderr)
+        return 2
     try:
         config, admin = build_config(args)
     except ConfigError as exc:

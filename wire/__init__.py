@@ -46,4 +46,6 @@ Shared
   vocabulary ("Verification order and rejection reasons"; docs/policing.md "Metrics").
 - :mod:`wire.admin`: the admin listeners' paths and probe answers (``/healthz``, ``/readyz``),
   shared by the sidecar and the signaler. Unversioned. docs/operations.md.
+- :mod:`wire.logs`: the services' log lines on stderr, ``plain`` or ``json``
+  (``--log-format``, ``EQUILIBRIUM_LOG_FORMAT``). Unversioned. docs/operations.md, "Logs".
 """

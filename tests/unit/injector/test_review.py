@@ -136,6 +136,18 @@ def test_a_shutdown_delay_of_zero_leaves_out_the_prestop_hook() -> None:
     assert build_parser(["injector"]).parse_args(["injector"]).shutdown_delay == 5.0
 
 
+def test_the_sidecars_log_format_is_the_injectors_to_choose() -> None:
+    env = container(inject(make_pod(INJECT))[1], "equilibrium-sidecar")["env"]
+    assert "EQUILIBRIUM_LOG_FORMAT" not in {e["name"] for e in env}  # plain: the default
+    config = InjectorConfig(image="equilibrium:test", sidecar_log_format="json")
+    patched = apply_patch(make_pod(INJECT), decode_patch(review(make_review(make_pod(INJECT)),
+                                                                config)))
+    env = container(patched, "equilibrium-sidecar")["env"]
+    assert {"name": "EQUILIBRIUM_LOG_FORMAT", "value": "json"} in env
+    args = build_parser(["injector"]).parse_args(["injector", "--sidecar-log-format", "json"])
+    assert args.sidecar_log_format == "json"
+
+
 def test_the_hooks_name_the_images_own_entrypoint() -> None:
     dockerfile = (Path(__file__).resolve().parents[3] / "Dockerfile").read_text()
     assert f'ENTRYPOINT ["{IMAGE_ENTRYPOINT}"]' in dockerfile
