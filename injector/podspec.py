@@ -12,7 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from injector.config import DEFAULT_IPV6, INIT_NAME, SIDECAR_NAME, InjectorConfig, Ipv6Mode
+from injector.config import (
+    DEFAULT_IPV6,
+    INIT_NAME,
+    MAX_SHUTDOWN_DELAY,
+    SIDECAR_NAME,
+    InjectorConfig,
+    Ipv6Mode,
+)
 from wire import logs
 from wire.signing import MESH_SECRET_ENV
 
@@ -40,6 +47,7 @@ class PodMeshSettings:
     exclude_inbound_ports: tuple[int, ...] = ()
     discovery: bool = True  # watch Services/EndpointSlices (needs the pod's API token)
     ipv6: Ipv6Mode = DEFAULT_IPV6  # IPv6 interception by the init container
+    app_prestop_seconds: float = 0.0  # the app's own preStop wait, which the sidecar outlasts
 
 
 def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
@@ -101,21 +109,25 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        **(_native_sidecar(config) if config.native_sidecar else _ordered(config)),
+        **(_native_sidecar(config) if config.native_sidecar else _ordered(config, settings)),
     }
 
 
-def _ordered(config: InjectorConfig) -> Json:
+def _ordered(config: InjectorConfig, settings: PodMeshSettings) -> Json:
     """An ordinary container's start and stop order (:mod:`sidecar.hooks`): placed first in
     the pod, its postStart hook holds the app's start until the sidecar is ready; its
-    preStop hook keeps it serving ``shutdown_delay`` seconds after the pod is told to stop."""
+    preStop hook keeps it serving ``shutdown_delay`` seconds after the pod is told to stop,
+    counted from the end of the app's own preStop wait when it has one (the kubelet runs
+    the hooks side by side and sends each container SIGTERM after its own)."""
     hook = [IMAGE_ENTRYPOINT, "sidecar-hook"]
     lifecycle: Json = {"postStart": {"exec": {"command": [
         *hook, "post-start", "--admin", f"127.0.0.1:{config.admin_port}",
         "--timeout", str(POST_START_TIMEOUT)]}}}
-    if config.shutdown_delay > 0:
+    delay = min(config.shutdown_delay + settings.app_prestop_seconds, MAX_SHUTDOWN_DELAY) \
+        if config.shutdown_delay > 0 else 0.0
+    if delay > 0:
         lifecycle["preStop"] = {"exec": {"command": [
-            *hook, "pre-stop", "--seconds", f"{config.shutdown_delay:g}"]}}
+            *hook, "pre-stop", "--seconds", f"{delay:g}"]}}
     return {"lifecycle": lifecycle}
 
 

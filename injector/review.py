@@ -137,7 +137,7 @@ def decide(admission_review: Any, config: InjectorConfig, *,
                       "hostNetwork pods are never injected (the rules would apply to the node)")
     warnings: list[str] = []
     try:
-        settings = _mesh_settings(annotations, spec, warnings)
+        settings = _mesh_settings(annotations, spec, warnings, config)
     except AnnotationError as exc:
         return _allow(uid, Outcome.INVALID_ANNOTATION, f"{exc}; pod not injected")
     patch = build_patch(pod, config, settings)
@@ -234,7 +234,7 @@ def _already_injected(annotations: dict[str, str], spec: dict[str, Any]) -> bool
 
 
 def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
-                   warnings: list[str]) -> PodMeshSettings:
+                   warnings: list[str], config: InjectorConfig) -> PodMeshSettings:
     strategy = names.parse_strategy(annotations.get(names.STRATEGY))
     ipv6 = names.parse_ipv6(annotations.get(names.IPV6))
     outbound = names.parse_port_list(f"annotation {names.EXCLUDE_OUTBOUND_PORTS}",
@@ -269,10 +269,68 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
     if not discovery:
         warnings.append("automountServiceAccountToken is false: the sidecar cannot watch "
                         "EndpointSlices; Service IPs are passed through unbalanced")
+    app_stop, unknown = _app_prestop_seconds(spec)
+    ordered_by_hooks = not config.native_sidecar and config.shutdown_delay > 0
+    for name in unknown if ordered_by_hooks else ():
+        warnings.append(f"container {name[:64]!r} has a preStop hook the injector cannot time: "
+                        "the sidecar stops accepting once its own delay is over, maybe before "
+                        "that hook ends (raise the injector's --shutdown-delay, or use "
+                        "--native-sidecar)")
     return PodMeshSettings(strategy=strategy, app_port=app_port,
                            exclude_outbound_ports=outbound,
                            exclude_inbound_ports=inbound + others, discovery=discovery,
-                           ipv6=ipv6)
+                           ipv6=ipv6, app_prestop_seconds=app_stop)
+
+
+_SLEEPS = frozenset({"sleep", "/bin/sleep", "/usr/bin/sleep"})
+_SHELLS = frozenset({"sh", "/bin/sh", "bash", "/bin/bash", "/usr/bin/bash"})
+
+
+def _app_prestop_seconds(spec: dict[str, Any]) -> tuple[float, list[str]]:
+    """The longest preStop hook of the app's containers when each is a plain wait (the
+    ``sleep`` action, ``sleep N``, ``sh -c "sleep N"``), and the names of the containers
+    whose hook is anything else. The kubelet runs every container's preStop hook at once
+    and sends each container SIGTERM after its own: the sidecar's delay must outlast the
+    app's hook for the app's last calls to find it serving."""
+    longest, unknown = 0.0, []
+    for container in spec["containers"]:
+        lifecycle = container.get("lifecycle")
+        hook = lifecycle.get("preStop") if isinstance(lifecycle, dict) else None
+        if not isinstance(hook, dict):
+            continue
+        seconds = _waits(hook)
+        if seconds is None:
+            unknown.append(str(container.get("name")))
+        else:
+            longest = max(longest, seconds)
+    return longest, unknown
+
+
+def _waits(hook: dict[str, Any]) -> float | None:
+    """How long a preStop hook waits, if all it does is wait (None otherwise)."""
+    sleep = hook.get("sleep")
+    if isinstance(sleep, dict) and set(hook) == {"sleep"}:
+        return _seconds(sleep.get("seconds"))
+    command = hook.get("exec", {}).get("command") if isinstance(hook.get("exec"), dict) \
+        else None
+    if not isinstance(command, list) or set(hook) != {"exec"}:
+        return None
+    if len(command) == 2 and command[0] in _SLEEPS:
+        return _seconds(command[1])
+    if len(command) == 3 and command[0] in _SHELLS and command[1] == "-c" \
+            and isinstance(command[2], str):
+        words = command[2].split()
+        if len(words) == 2 and words[0] == "sleep":
+            return _seconds(words[1])
+    return None
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 <= seconds <= names.MAX_SHUTDOWN_DELAY else None
 
 
 def _declared_tcp_ports(spec: dict[str, Any]) -> list[int]:

@@ -23,10 +23,9 @@ only make the kubelet kill and restart the sidecar.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -37,12 +36,29 @@ POLL = 0.1  # seconds between two /readyz checks
 
 
 def is_ready(admin: str, timeout: float = 1.0) -> bool:
-    """Whether the sidecar's admin listener at ``admin`` (HOST:PORT) answers ``/readyz`` 200."""
+    """Whether the sidecar's admin listener at ``admin`` (HOST:PORT) answers ``/readyz`` 200
+    within ``timeout`` seconds in all. A plain socket, not urllib: no proxy from the
+    environment applies, and the time bound is the whole exchange's (urllib's is each read's:
+    a listener that drips bytes would hold it forever); whatever answers, nothing raises."""
+    deadline = time.monotonic() + timeout
+    host, _, port = admin.rpartition(":")
     try:
-        with urllib.request.urlopen(f"http://{admin}/readyz", timeout=timeout) as answer:
-            return bool(answer.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.sendall(b"GET /readyz HTTP/1.0\r\nHost: " + admin.encode("ascii")
+                         + b"\r\nConnection: close\r\n\r\n")
+            line = b""
+            while b"\n" not in line and len(line) < 64:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                sock.settimeout(left)
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                line += chunk
+    except (OSError, ValueError, UnicodeError):
         return False
+    return line.startswith((b"HTTP/1.0 200 ", b"HTTP/1.1 200 "))
 
 
 def wait_ready(admin: str, timeout: float, *,

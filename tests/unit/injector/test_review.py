@@ -136,6 +136,37 @@ def test_a_shutdown_delay_of_zero_leaves_out_the_prestop_hook() -> None:
     assert build_parser(["injector"]).parse_args(["injector"]).shutdown_delay == 5.0
 
 
+@pytest.mark.parametrize(("hook", "delay"), [
+    ({"sleep": {"seconds": 15}}, "20"),
+    ({"exec": {"command": ["sleep", "15"]}}, "20"),
+    ({"exec": {"command": ["/bin/sh", "-c", "sleep 12.5"]}}, "17.5"),
+])
+def test_the_sidecar_outlasts_the_apps_own_prestop_wait(hook: dict[str, Any],
+                                                        delay: str) -> None:
+    # the kubelet runs every preStop hook at once: the sidecar's must end after the app's
+    pod = make_pod(INJECT)
+    pod["spec"]["containers"][0]["lifecycle"] = {"preStop": hook}
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.INJECTED
+    patched = apply_patch(pod, [dict(op) for op in verdict.patch])
+    stop = container(patched, "equilibrium-sidecar")["lifecycle"]["preStop"]["exec"]["command"]
+    assert stop[-2:] == ["--seconds", delay]
+    assert "warnings" not in verdict.response["response"]
+    assert container(patched, "app")["lifecycle"] == {"preStop": hook}  # the app's untouched
+
+
+def test_a_prestop_hook_that_cannot_be_timed_gets_a_warning() -> None:
+    pod = make_pod(INJECT)
+    pod["spec"]["containers"][0]["lifecycle"] = {
+        "preStop": {"httpGet": {"path": "/drain", "port": 8080}}}
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.INJECTED
+    [warning] = verdict.response["response"]["warnings"]
+    assert "'app' has a preStop hook the injector cannot time" in warning
+    native = decide(make_review(pod), InjectorConfig(image="x", native_sidecar=True))
+    assert "warnings" not in native.response["response"]  # the kubelet orders those itself
+
+
 def test_the_sidecars_log_format_is_the_injectors_to_choose() -> None:
     env = container(inject(make_pod(INJECT))[1], "equilibrium-sidecar")["env"]
     assert "EQUILIBRIUM_LOG_FORMAT" not in {e["name"] for e in env}  # plain: the default
