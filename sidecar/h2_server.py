@@ -75,6 +75,17 @@ class H2Limits:
         default_factory=lambda: dict(DEFAULT_ALLOWANCES))
 
 
+def _counted_kind(frame_type: int | None) -> str | None:
+    """The flood kind a frame counts under at the frame level (RFC 9113 §6 types)."""
+    if frame_type == 0x2:
+        return PRIORITY
+    if frame_type == 0x8:
+        return WINDOW_UPDATE
+    if frame_type is not None and frame_type > 0x9:  # ALTSVC, ORIGIN, anything undefined:
+        return UNKNOWN_FRAME  # a server ignores them
+    return None
+
+
 class _RefusingH2(h2.connection.H2Connection):
     """``h2``'s server connection, except that a HEADERS frame opening a stream beyond the
     announced limit is decoded (the HPACK state must stay in step with the peer's) and its
@@ -85,6 +96,20 @@ class _RefusingH2(h2.connection.H2Connection):
         super().__init__(*args, **kwargs)
         self.over_limit: set[int] = set()
         self._lift = False
+        # frames counted one by one, before h2 sees them (it drops some without an event:
+        # WINDOW_UPDATE on a closed stream, ALTSVC to a server): the owner's budget check,
+        # and the first kind it refused (nothing after it is processed)
+        self.frame_budget: Callable[[str], bool] | None = None
+        self.flooded: str | None = None
+
+    def _receive_frame(self, frame: Any) -> Any:
+        kind = _counted_kind(getattr(frame, "type", None))
+        if kind is not None and self.flooded is None and self.frame_budget is not None \
+                and not self.frame_budget(kind):
+            self.flooded = kind
+        if self.flooded is not None:
+            return []  # over a budget: the owner ends the connection (GOAWAY)
+        return super()._receive_frame(frame)
 
     @property
     def open_inbound_streams(self) -> int:
@@ -154,7 +179,24 @@ class H2ServerConnection(H2Connection):
         # h2 ends the connection when a block exceeds what its decoder allows; decoding
         # blocks up to the hard limit keeps HPACK in step, so one stream can be refused alone
         machine.decoder.max_header_list_size = HEADER_LIST_HARD_LIMIT
+        machine.frame_budget = self._frame_within_budget
         return machine
+
+    def _frame_within_budget(self, kind: str) -> bool:
+        return self.guard.spend(kind, self.loop.time())
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        kind = self.refusing.flooded
+        if kind is not None and self.transport is not None and not self.transport.is_closing():
+            self._flooded(kind)
+
+    def _flooded(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.flood_goaways.labels(kind).inc()
+        log.warning("HTTP/2 connection from %s over its %s budget: GOAWAY ENHANCE_YOUR_CALM",
+                    self.peer(), kind)
+        self.close(ErrorCodes.ENHANCE_YOUR_CALM)
 
     @property
     def refusing(self) -> _RefusingH2:
@@ -195,24 +237,14 @@ class H2ServerConnection(H2Connection):
             return SETTINGS
         if isinstance(event, h2.events.DataReceived):
             return EMPTY_DATA if not event.data and event.stream_ended is None else None
-        if isinstance(event, h2.events.WindowUpdated):
-            return WINDOW_UPDATE
-        if isinstance(event, h2.events.PriorityUpdated):
-            return PRIORITY
-        if isinstance(event, h2.events.UnknownFrameReceived):
-            return UNKNOWN_FRAME
-        return None
+        return None  # PRIORITY, WINDOW_UPDATE and ignored frames: counted as frames
 
     def dispatch(self, event: h2.events.Event) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # ended (e.g. by a flood) while the rest of the read was in the queue
         kind = self._flood_kind(event)
         if kind is not None and not self.guard.spend(kind, self.loop.time()):
-            if self.metrics is not None:
-                self.metrics.flood_goaways.labels(kind).inc()
-            log.warning("HTTP/2 connection from %s over its %s budget: GOAWAY "
-                        "ENHANCE_YOUR_CALM", self.peer(), kind)
-            self.close(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._flooded(kind)
             return
         super().dispatch(event)
 
@@ -223,8 +255,6 @@ class H2ServerConnection(H2Connection):
 
     def other_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            self.guard.earn(PRIORITY)  # a stream opened, refused or not: its own PRIORITY
-            self.guard.earn(WINDOW_UPDATE)  # and WINDOW_UPDATE frames are to be expected
             if event.stream_id in self.refusing.over_limit:  # past SETTINGS_MAX_CONCURRENT_STREAMS
                 self.refusing.over_limit.discard(event.stream_id)
                 if self.metrics is not None:
@@ -241,6 +271,8 @@ class H2ServerConnection(H2Connection):
                 return
             stream = ServerStream(self, event.stream_id, list(event.headers))
             self.streams[event.stream_id] = stream
+            self.guard.earn(PRIORITY)  # a stream served (not one refused: that costs
+            self.guard.earn(WINDOW_UPDATE)  # nothing) earns its own frames of both
             self.idle.clear()
             self._disarm_idle_timer()
             self.tasks[event.stream_id] = asyncio.get_running_loop().create_task(

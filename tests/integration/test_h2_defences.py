@@ -140,6 +140,35 @@ def _unknown_frames(client: RawH2) -> None:
     client.sock.sendall(b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00" * 1000)
 
 
+def _frame(kind: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + stream.to_bytes(4, "big") \
+        + payload
+
+
+def _altsvc(client: RawH2) -> None:
+    client.flush()
+    # ALTSVC (RFC 7838) with an empty origin: h2 drops it without an event on a server
+    client.sock.sendall(_frame(0xA, 0, b"\x00\x00") * 1000)
+
+
+def _window_updates_on_a_finished_stream(client: RawH2) -> None:
+    call = client.start_call("Unary")
+    client.send(call, _grpc_frame(b"done"), end=True)
+    client.pump(lambda: client.ended(call))  # h2 drops updates to a closed stream silently
+    client.sock.sendall(_frame(0x8, call, (1).to_bytes(4, "big")) * 1000)
+
+
+def _priorities_earned_by_refused_streams(client: RawH2) -> None:
+    client.conn.__class__ = _Greedy
+    served = [client.start_call("Slow") for _ in range(MAX_STREAMS)]
+    for call in served:
+        client.send(call, _grpc_frame(b"0.5"), end=True)
+    for _ in range(30):  # refused at once: they cost the sidecar nothing, earn nothing
+        client.start_call("Slow")
+    for i in range(1000):  # within 100 + 100 × 34, not within 100 + 100 × 4
+        client.conn.prioritize(served[0], weight=1 + i % 256)
+
+
 def _priorities(client: RawH2) -> None:
     stream = client.start_call("Slow")  # one stream opened earns its own 100
     for i in range(1000):
@@ -155,6 +184,8 @@ def _window_updates(client: RawH2) -> None:
     ("rapid_reset", _rapid_reset), ("ping", _pings), ("settings", _settings),
     ("empty_data", _empty_data), ("unknown_frame", _unknown_frames),
     ("priority", _priorities), ("window_update", _window_updates),
+    ("unknown_frame", _altsvc), ("window_update", _window_updates_on_a_finished_stream),
+    ("priority", _priorities_earned_by_refused_streams),
 ])
 def test_a_flood_gets_goaway_enhance_your_calm(guarded: Guarded, kind: str, flood) -> None:  # type: ignore[no-untyped-def]
     goaways = guarded.metric("equilibrium_h2_flood_goaways_total", kind=kind)
