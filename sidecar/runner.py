@@ -523,11 +523,12 @@ class SidecarRunner:
             for group in self.table:
                 try:
                     snapshot = group.tick(now)
+                    shifts = self._shifts.observe(group.name, snapshot, now)
                 except Exception:  # a policy bug must not stop routing of the others
                     log.exception("policy tick failed for upstream %s", group.name)
                     continue
                 self.metrics.outbound.observe_snapshot(group.name, snapshot)
-                for line in self._shifts.observe(group.name, snapshot, now):
+                for line in shifts:
                     log.info("%s", line)
             self._shifts.keep({group.name for group in self.table})
             self.h2.prune()
