@@ -453,11 +453,13 @@ class InboundProxy:
                                bodiless=must_be_empty(exchange.method, upstream.status),
                                watchdog=watchdog, on_dropped=self._app_trailers_dropped)
         except BODY_READ_ERRORS as exc:  # a stall the watchdog cut among them (TimeoutError)
+            # whose stall it was, asked before the abort (asyncio's abort drops the queue)
+            caller_stalled = isinstance(exc, TimeoutError) and reader_stalled(exchange)
             # the head may be out: cut the caller's connection (a truncated answer, never a
             # silently short one)
             upstream.close()
             exchange.abort()
-            if isinstance(exc, TimeoutError) and reader_stalled(exchange):
+            if caller_stalled:
                 # the caller stopped reading (what was written is still queued): its doing
                 self.metrics.requests.labels(verdict.label, InboundOutcome.CALLER_STALLED).inc()
                 log.debug("a caller (%s) stopped reading its answer", verdict.label)

@@ -12,6 +12,7 @@ import socket
 import struct
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.integration.procs import (
@@ -110,17 +111,22 @@ async def test_an_app_cutting_its_own_answer_short_is_counted_at_its_inbound_sid
         await app.wait_closed()
 
 
-async def _inbound_in_front_of(handle, request_timeout: str):  # type: ignore[no-untyped-def]
+async def _inbound_in_front_of(handle, request_timeout: str,  # type: ignore[no-untyped-def]
+                               extra: list[str] | None = None):
     app = await asyncio.start_server(handle, LOOPBACK, 0)
     inbound_port = free_port()
     sidecar = await async_start_sidecar({}, sidecar_id="stall-in", extra_args=[
         "--inbound", f"{LOOPBACK}:{inbound_port}",
         "--app", f"http://{LOOPBACK}:{app.sockets[0].getsockname()[1]}",
-        "--request-timeout", request_timeout])
+        "--request-timeout", request_timeout, *(extra or [])])
     return app, sidecar, inbound_port
 
 
-async def test_a_caller_that_stops_reading_is_its_own_doing_at_the_inbound_sidecar() -> None:
+# --transparent: as injected pods run it, on asyncio's loop (uvloop otherwise), whose abort
+# empties the write queue
+@pytest.mark.parametrize("extra", [[], ["--transparent"]], ids=["uvloop", "transparent"])
+async def test_a_caller_that_stops_reading_is_its_own_doing_at_the_inbound_sidecar(
+        extra: list[str]) -> None:
     size = 64 * 1024 * 1024  # far more than the socket buffers on both sides hold
 
     async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -132,7 +138,7 @@ async def test_a_caller_that_stops_reading_is_its_own_doing_at_the_inbound_sidec
                 await writer.drain()
         writer.close()
 
-    app, sidecar, port = await _inbound_in_front_of(big, "0.5")
+    app, sidecar, port = await _inbound_in_front_of(big, "0.5", extra)
     requests = "equilibrium_inbound_requests_total"
     try:
         reader, writer = await asyncio.open_connection(LOOPBACK, port)
