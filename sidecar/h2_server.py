@@ -101,15 +101,24 @@ class _RefusingH2(h2.connection.H2Connection):
         # and the first kind it refused (nothing after it is processed)
         self.frame_budget: Callable[[str], bool] | None = None
         self.flooded: str | None = None
+        # called as a HEADERS frame opens a stream within the limit, in the same read as
+        # the frames it entitles (a burst of new streams, each with its updates)
+        self.stream_opened: Callable[[], None] | None = None
 
     def _receive_frame(self, frame: Any) -> Any:
-        kind = _counted_kind(getattr(frame, "type", None))
+        frame_type = getattr(frame, "type", None)
+        kind = _counted_kind(frame_type)
         if kind is not None and self.flooded is None and self.frame_budget is not None \
                 and not self.frame_budget(kind):
             self.flooded = kind
         if self.flooded is not None:
             return []  # over a budget: the owner ends the connection (GOAWAY)
-        return super()._receive_frame(frame)
+        opens = frame_type == 0x1 and frame.stream_id not in self.streams
+        events = super()._receive_frame(frame)
+        if opens and frame.stream_id in self.streams and frame.stream_id not in self.over_limit \
+                and self.stream_opened is not None:
+            self.stream_opened()
+        return events
 
     @property
     def open_inbound_streams(self) -> int:
@@ -180,7 +189,14 @@ class H2ServerConnection(H2Connection):
         # blocks up to the hard limit keeps HPACK in step, so one stream can be refused alone
         machine.decoder.max_header_list_size = HEADER_LIST_HARD_LIMIT
         machine.frame_budget = self._frame_within_budget
+        machine.stream_opened = self._stream_opened
         return machine
+
+    def _stream_opened(self) -> None:
+        # a stream served (not one refused beyond the limit: that costs nothing) earns its
+        # own PRIORITY and WINDOW_UPDATE frames
+        self.guard.earn(PRIORITY)
+        self.guard.earn(WINDOW_UPDATE)
 
     def _frame_within_budget(self, kind: str) -> bool:
         return self.guard.spend(kind, self.loop.time())
@@ -271,8 +287,6 @@ class H2ServerConnection(H2Connection):
                 return
             stream = ServerStream(self, event.stream_id, list(event.headers))
             self.streams[event.stream_id] = stream
-            self.guard.earn(PRIORITY)  # a stream served (not one refused: that costs
-            self.guard.earn(WINDOW_UPDATE)  # nothing) earns its own frames of both
             self.idle.clear()
             self._disarm_idle_timer()
             self.tasks[event.stream_id] = asyncio.get_running_loop().create_task(

@@ -291,3 +291,33 @@ def test_the_connection_cap() -> None:
             s.close()
         assert sidecar.stop() == 0, sidecar.output()
         pod.stop()
+
+
+def test_a_burst_of_new_streams_with_their_updates_in_one_write_is_served(
+        guarded: Guarded) -> None:
+    # each new stream's own PRIORITY and WINDOW_UPDATE arrive in the same read as the
+    # HEADERS that entitle them: the allowance is earned as each stream opens, not after
+    sidecar = start_sidecar({"svc": [p.url for p in guarded.pods]}, sidecar_id="sc-burst")
+    try:
+        client = settled(RawH2(sidecar.outbound_port), max_streams=256)
+        calls = []
+        for _ in range(150):
+            call = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(call, [
+                (b":method", b"POST"), (b":scheme", b"http"),
+                (b":path", f"/{SERVICE}/Unary".encode()), (b":authority", b"svc"),
+                (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+            client.events[call] = []
+            client.conn.increment_flow_control_window(1 << 20, stream_id=call)
+            client.conn.prioritize(call, weight=16)
+            client.conn.send_data(call, _grpc_frame(b"x"), end_stream=True)
+            calls.append(call)
+        client.flush()  # one write
+        client.pump(lambda: all(client.ended(c) for c in calls), timeout=15)
+        assert [client.status(c) for c in calls] == [0] * 150
+        assert client.terminated is None
+        client.close()
+        assert sidecar.metric("equilibrium_h2_flood_goaways_total", kind="window_update") == 0
+        assert sidecar.metric("equilibrium_h2_flood_goaways_total", kind="priority") == 0
+    finally:
+        assert sidecar.stop() == 0
