@@ -131,7 +131,7 @@ def register(subparsers: Any) -> None:
     ctl.add_argument("--metrics", default=DEFAULT_CONTROLLER_METRICS, metavar="HOST:PORT",
                      help="serve GET /metrics (Prometheus) and /healthz there (default "
                           "%(default)s; port 0: any free one; 'off': none)")
-    logs.add_option(ctl)
+    logs.add_option(ctl, inherited=True)
     ctl.set_defaults(func=_run_controller)
 
 
@@ -170,7 +170,7 @@ def _run_server(args: argparse.Namespace) -> int:
         asyncio.run(serve(config, listen, args.tls_cert, args.tls_key,
                           max_body=args.max_body_bytes))
     except (OSError, ValueError) as exc:  # bad cert files, port in use
-        print(f"equilibrium injector: {exc}", file=sys.stderr)
+        logs.fatal(f"equilibrium injector: {exc}")
         return 1
     return 0
 
@@ -214,8 +214,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(main())
     except OSError as exc:  # the metrics port is taken
-        print(f"equilibrium injector controller: --metrics {args.metrics}: {exc}",
-              file=sys.stderr)
+        logs.fatal(f"equilibrium injector controller: --metrics {args.metrics}: {exc}")
         return 1
     return 0
 

@@ -315,10 +315,11 @@ def _waits(hook: dict[str, Any]) -> float | None:
         else None
     if not isinstance(command, list) or set(hook) != {"exec"}:
         return None
+    if not all(isinstance(word, str) for word in command):  # not what the API server sends
+        return None
     if len(command) == 2 and command[0] in _SLEEPS:
         return _seconds(command[1])
-    if len(command) == 3 and command[0] in _SHELLS and command[1] == "-c" \
-            and isinstance(command[2], str):
+    if len(command) == 3 and command[0] in _SHELLS and command[1] == "-c":
         words = command[2].split()
         if len(words) == 2 and words[0] == "sleep":
             return _seconds(words[1])

@@ -27,6 +27,7 @@ from injector.config import InjectorConfig
 from injector.metrics import CONTENT_TYPE, InjectorMetrics
 from injector.review import MalformedReview, Outcome, decide
 from mesh.address import HostPort
+from wire import logs
 
 log = logging.getLogger("equilibrium.injector")
 
@@ -141,7 +142,10 @@ async def serve(config: InjectorConfig, listen: HostPort, cert_file: str, key_fi
     site = web.TCPSite(runner, listen.host, listen.port, ssl_context=context)
     await site.start()
     host, port = runner.addresses[0][:2]
-    print(f"listening on https://{host}:{port}", flush=True)
+    if logs.current() == "json":  # every line the pipeline reads is JSON
+        log.info("listening on https://%s:%d", host, port)
+    else:
+        print(f"listening on https://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

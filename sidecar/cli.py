@@ -188,12 +188,12 @@ def main(args: argparse.Namespace) -> int:
         config = source.load()
         runner = SidecarRunner(source, config, mesh_key=sidecar_mesh_key(config, source.env))
     except ConfigError as exc:
-        print(f"equilibrium sidecar: bad configuration: {exc}", file=sys.stderr)
+        logs.fatal(f"equilibrium sidecar: bad configuration: {exc}")
         return 2
     try:
         return run_event_loop(runner.run(), uvloop_ok=not config.transparent)
     except StartupError as exc:
-        print(f"equilibrium sidecar: {exc}", file=sys.stderr)
+        logs.fatal(f"equilibrium sidecar: {exc}")
         return 1
 
 

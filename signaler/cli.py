@@ -175,8 +175,8 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
         await web.TCPSite(runner, admin[0], admin[1], reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
-        print(f"equilibrium signaler: cannot listen on {admin[0]}:{admin[1]}: {exc.strerror}",
-              file=sys.stderr)
+        logs.fatal(f"equilibrium signaler: cannot listen on {admin[0]}:{admin[1]}: "
+                   f"{exc.strerror}")
         return 1
     log.info("signaler %s: epoch %gs, %d tokens, admin %s:%d", config.signer, config.epoch,
              config.tokens, admin[0], admin[1])
@@ -202,6 +202,6 @@ def main(args: argparse.Namespace) -> int:
     try:
         config, admin = build_config(args)
     except ConfigError as exc:
-        print(f"equilibrium signaler: {exc}", file=sys.stderr)
+        logs.fatal(f"equilibrium signaler: {exc}")
         return 2
     return asyncio.run(serve(config, admin))

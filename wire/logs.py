@@ -40,19 +40,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+_configured = "plain"
+
+
 def configure(level: str | int, log_format: str, *, plain: str = PLAIN,
               stream: TextIO | None = None) -> None:
     """The root logger writes ``log_format`` lines (one of :data:`FORMATS`) at ``level``."""
+    global _configured
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(plain))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    _configured = log_format
 
 
-def add_option(parser: argparse.ArgumentParser) -> None:
-    """``--log-format plain|json`` (its default from :data:`ENV`), for a service's command."""
+def current() -> str:
+    """The format :func:`configure` set last (``plain`` before)."""
+    return _configured
+
+
+def fatal(message: str) -> None:
+    """A service's last word before it exits (bad configuration, a port in use): printed on
+    stderr as it always was, or, with ``json``, as one more JSON line (level ERROR), so the
+    line that explains a crash loop is one the log pipeline can read."""
+    if _configured == "json":
+        logging.getLogger("equilibrium").error("%s", message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def add_option(parser: argparse.ArgumentParser, *, inherited: bool = False) -> None:
+    """``--log-format plain|json`` (its default from :data:`ENV`), for a service's command;
+    ``inherited``: a subcommand's copy of its parent's option, which leaves the parent's
+    value alone when not given again (``injector --log-format json controller``)."""
     parser.add_argument(
-        "--log-format", default=os.environ.get(ENV, "plain"), choices=FORMATS,
+        "--log-format", choices=FORMATS,
+        default=argparse.SUPPRESS if inherited else os.environ.get(ENV, "plain"),
         help=f"stderr lines for people (plain) or for a log pipeline (json: one object a "
              f"line, UTC times); env {ENV} (default plain)")

@@ -4,6 +4,7 @@ they write is one JSON object (wire.logs); a bad value is refused before anythin
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -37,3 +38,19 @@ def test_a_bad_log_format_is_refused() -> None:
                               cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr
         assert "EQUILIBRIUM_LOG_FORMAT" in done.stderr and "plain, json" in done.stderr
+
+
+def test_a_sidecar_that_cannot_start_says_why_in_json_too() -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "equilibrium", "sidecar", "--outbound",
+             f"127.0.0.1:{port}", "--admin", "127.0.0.1:0", "--upstream", "svc=http://127.0.0.1:9"],
+            env=child_env({"EQUILIBRIUM_LOG_FORMAT": "json"}), cwd=str(REPO_ROOT),
+            capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1]["level"] == "ERROR" and "equilibrium sidecar: " in lines[-1]["message"]

@@ -131,6 +131,11 @@ def test_a_shutdown_delay_of_zero_leaves_out_the_prestop_hook() -> None:
                                                                 config)))
     hooks = container(patched, "equilibrium-sidecar")["lifecycle"]
     assert set(hooks) == {"postStart"}
+    for argv in (["injector", "--log-format", "json", "controller"],
+                 ["injector", "controller", "--log-format", "json"]):
+        assert build_parser(argv).parse_args(argv).log_format == "json"
+    argv = ["injector", "controller"]
+    assert build_parser(argv).parse_args(argv).log_format == "plain"
     delay = build_parser(["injector"]).parse_args(["injector", "--shutdown-delay", "12.5"])
     assert delay.shutdown_delay == 12.5
     assert build_parser(["injector"]).parse_args(["injector"]).shutdown_delay == 5.0
@@ -153,6 +158,17 @@ def test_the_sidecar_outlasts_the_apps_own_prestop_wait(hook: dict[str, Any],
     assert stop[-2:] == ["--seconds", delay]
     assert "warnings" not in verdict.response["response"]
     assert container(patched, "app")["lifecycle"] == {"preStop": hook}  # the app's untouched
+
+
+@pytest.mark.parametrize("command", [[["sleep"], "15"], ["sleep", {"n": 1}], ["sleep"],
+                                     ["sh", "-c", "sleep 1; curl x"], ["sleep", "-5"],
+                                     ["sleep", "nan"], "sleep 15", None])
+def test_odd_prestop_commands_are_untimed_never_an_error(command: Any) -> None:
+    pod = make_pod(INJECT)
+    pod["spec"]["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": command}}}
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.INJECTED
+    assert "cannot time" in verdict.response["response"]["warnings"][0]
 
 
 def test_a_prestop_hook_that_cannot_be_timed_gets_a_warning() -> None:
