@@ -3,12 +3,17 @@
 Envoy logs an outlier ejection, and the question an operator brings to the logs is the same
 here: why did this pod stop getting traffic at 03:12, and when did it get it back? The
 policies here do not eject; they move weight. So the lines come from the weights of each
-tick's snapshot: an endpoint whose share falls below :data:`SHUNNED` of its fair share (one
-over the usable endpoints) is *shifted off*, and one that climbs back above
-:data:`RESTORED` of it is *back*. The gap between the two marks is the hysteresis that keeps a
-share hovering at one mark from logging every tick. Each line says why, from the snapshot:
-the endpoint's latency estimate against the best one's, its failures among its requests of
-the last :data:`WINDOW` seconds, and whether the signaler's plan was being followed.
+tick's snapshot. An endpoint is *in rotation* once its share reaches :data:`RESTORED` of its
+fair share (one over the usable endpoints); one in rotation whose share stays below
+:data:`SHUNNED` of it for :data:`DWELL` seconds is *shifted off*, and one shifted off whose
+share stays above :data:`RESTORED` of it for as long is *back*. The gap between the marks
+and the dwell keep a share that wanders with the noise of near-equal pods from logging
+(the policy's own weights do wander); an endpoint new to the upstream (a scale-up, a
+reload) ramps in from nothing and is not said to be shifted off before it was ever in
+rotation. Each line says why, from the snapshot: the endpoint's latency estimate against
+the best one's, its failures among its requests of the last :data:`WINDOW` seconds, whether
+it is out of use (ejected or draining: its share is nothing and it does not count among the
+usable endpoints), and whether the signaler's plan was being followed.
 
 Pure bookkeeping: :class:`ShiftLog` returns the lines; the runner logs them (INFO).
 """
@@ -21,8 +26,9 @@ from dataclasses import dataclass, field
 
 from mesh.policy import EndpointView, PolicySnapshot
 
-SHUNNED = 0.25  # of the fair share: below it, traffic was shifted off the endpoint
-RESTORED = 0.5  # of the fair share: above it again, the endpoint is back
+SHUNNED = 0.25  # of the fair share: below it (for DWELL), traffic was shifted off
+RESTORED = 0.5  # of the fair share: above it (for DWELL), the endpoint is in rotation
+DWELL = 10.0  # seconds a share must stay past a mark before a line says it crossed
 WINDOW = 10.0  # seconds of requests and failures a line reports
 DECIDING_POLICY = "equilibrium"  # the policy whose weights are its routing decision (the
 # baselines' are the shares they happened to send, noisy at low rates)
@@ -30,7 +36,9 @@ DECIDING_POLICY = "equilibrium"  # the policy whose weights are its routing deci
 
 @dataclass(slots=True)
 class _Seen:
-    shunned: bool = False
+    in_rotation: bool = False  # its share reached RESTORED of the fair share once
+    shunned: bool = False  # a "shifted off" line was the last said
+    crossing_since: float | None = None  # when the share went past the mark it is heading to
     counts: deque[tuple[float, int, int]] = field(default_factory=deque)  # (at, requests, fails)
 
     def recent(self, view: EndpointView, now: float) -> tuple[int, int]:
@@ -42,46 +50,63 @@ class _Seen:
         _, requests, failures = counts[0]
         return max(0, view.requests - requests), max(0, view.failures - failures)
 
+    def crossed(self, past_mark: bool, now: float) -> bool:
+        """Whether the share has stayed past the mark it is heading to for DWELL seconds."""
+        if not past_mark:
+            self.crossing_since = None
+            return False
+        if self.crossing_since is None:
+            self.crossing_since = now
+        return now - self.crossing_since >= DWELL
+
 
 @dataclass(slots=True)
 class ShiftLog:
-    """Each upstream's endpoints that traffic was shifted off (see the module docstring)."""
+    """Each upstream's endpoints and where their shares stand (see the module docstring)."""
 
     _seen: dict[str, dict[str, _Seen]] = field(default_factory=dict)
 
     def observe(self, upstream: str, snapshot: PolicySnapshot, now: float) -> list[str]:
         """The lines for what changed since the last snapshot of ``upstream``."""
         views = list(snapshot.endpoints)
+        first = upstream not in self._seen
         seen = self._seen.setdefault(upstream, {})
         if snapshot.policy != DECIDING_POLICY:  # the baselines' weights are observed shares
             return []
         for gone in set(seen) - {v.endpoint for v in views}:
             del seen[gone]
         usable = snapshot.usable if snapshot.usable is not None else len(views)
-        if usable < 2:  # a lone endpoint has nowhere to shift to
-            for view in views:
-                seen.setdefault(view.endpoint, _Seen()).recent(view, now)
-            return []
-        fair = 1.0 / usable
+        fair = 1.0 / max(usable, 1)
         finite = [v.latency_estimate for v in views
                   if math.isfinite(v.latency_estimate) and v.latency_estimate > 0]
         best = min(finite) if finite else math.nan
+        out_of_use = len(views) - usable
         lines = []
         for view in views:
-            state = seen.setdefault(view.endpoint, _Seen())
+            state = seen.get(view.endpoint)
+            if state is None:  # at the upstream's start every endpoint is in rotation;
+                # one added later ramps in from nothing (not "shifted off")
+                state = seen[view.endpoint] = _Seen(in_rotation=first)
             requests, failures = state.recent(view, now)
-            if not state.shunned and view.weight < SHUNNED * fair:
-                state.shunned = True
+            if usable < 2 and out_of_use == 0:  # a lone endpoint has nowhere to shift to
+                state.crossing_since = None
+                continue
+            share = view.weight
+            if not state.in_rotation:
+                state.in_rotation = share >= RESTORED * fair
+                continue
+            if not state.shunned and state.crossed(share < SHUNNED * fair, now):
+                state.shunned, state.crossing_since = True, None
                 lines.append(
                     f"upstream {upstream}: traffic shifted off {view.endpoint} (share "
-                    f"{view.weight:.1%} of {usable} endpoints; "
-                    f"{_why(view, best, requests, failures, snapshot.following)})")
-            elif state.shunned and view.weight > RESTORED * fair:
-                state.shunned = False
+                    f"{share:.1%} of {usable} usable endpoints; "
+                    f"{_why(view, best, requests, failures, snapshot, out_of_use)})")
+            elif state.shunned and state.crossed(share > RESTORED * fair, now):
+                state.shunned, state.crossing_since = False, None
                 lines.append(
                     f"upstream {upstream}: {view.endpoint} back in rotation (share "
-                    f"{view.weight:.1%} of {usable} endpoints; "
-                    f"{_why(view, best, requests, failures, snapshot.following)})")
+                    f"{share:.1%} of {usable} usable endpoints; "
+                    f"{_why(view, best, requests, failures, snapshot, out_of_use)})")
         return lines
 
     def keep(self, upstreams: set[str]) -> None:
@@ -95,9 +120,11 @@ def _ms(seconds: float) -> str:
 
 
 def _why(view: EndpointView, best: float, requests: int, failures: int,
-         following: bool) -> str:
+         snapshot: PolicySnapshot, out_of_use: int) -> str:
     parts = [f"latency estimate {_ms(view.latency_estimate)}, best {_ms(best)}",
              f"{failures} failures in {requests} requests in the last {WINDOW:g} s"]
-    if following:
+    if out_of_use and view.weight == 0.0:
+        parts.append("out of use (ejected or draining)")
+    if snapshot.following:
         parts.append("following the signaler's plan")
     return "; ".join(parts)

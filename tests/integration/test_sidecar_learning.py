@@ -9,6 +9,7 @@ from collections import Counter
 import aiohttp
 import pytest
 
+from sidecar.shifts import DWELL
 from tests.integration.procs import async_start_sidecar, async_stop, backends, fetch, start_backend
 
 REQUESTS = 4000  # bounded load: at most this many requests, and at most MAX_SECONDS
@@ -54,9 +55,15 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
             assert all(weights[slow.url] < weights[p.url] for p in fast), weights
             estimates = {e["endpoint"]: e["latency_estimate"] for e in state["endpoints"]}
             assert all(estimates[slow.url] > estimates[p.url] for p in fast), estimates
-            # and the sidecar said so, once, with why (sidecar.shifts)
-            shifted = [line for line in sidecar.output().splitlines()
-                       if "traffic shifted off" in line]
+            # and the sidecar said so, once the share stayed low for DWELL, with why
+            # (sidecar.shifts)
+            deadline = time.monotonic() + DWELL + 10
+            while True:
+                shifted = [line for line in sidecar.output().splitlines()
+                           if "traffic shifted off" in line]
+                if shifted or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
             assert len(shifted) == 1 and f"shifted off {slow.url} (" in shifted[0], shifted
             assert "INFO sidecar.runner: upstream svc:" in shifted[0]
         finally:

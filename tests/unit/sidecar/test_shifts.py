@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from mesh.policy import EndpointView, PolicySnapshot
-from sidecar.shifts import ShiftLog
+from sidecar.shifts import DWELL, ShiftLog
 
 A, B, C, D = (f"http://10.0.0.{i}:80" for i in range(1, 5))
 
@@ -20,20 +20,36 @@ def snap(weights: dict[str, float], *, latency: dict[str, float] | None = None,
     return PolicySnapshot(policy, weights, views, usable=usable, following=following)
 
 
+def run(log: ShiftLog, snapshot: PolicySnapshot, start: float, seconds: float,
+        upstream: str = "svc") -> list[str]:
+    """The lines of ``snapshot`` held for ``seconds``, one tick a second from ``start``."""
+    lines: list[str] = []
+    for t in range(int(seconds) + 1):
+        lines += log.observe(upstream, snapshot, start + t)
+    return lines
+
+
 def test_an_endpoint_shifted_off_and_back_is_logged_once_each_way() -> None:
     log = ShiftLog()
     even = {A: 0.25, B: 0.25, C: 0.25, D: 0.25}
-    assert log.observe("svc", snap(even), 0.0) == []
+    assert run(log, snap(even), 0, 5) == []
     slow = {A: 0.33, B: 0.33, C: 0.33, D: 0.01}
-    [line] = log.observe("svc", snap(slow, latency={D: 0.512}, counts={D: (40, 3)}), 1.0)
-    assert line == (f"upstream svc: traffic shifted off {D} (share 1.0% of 4 endpoints; "
-                    "latency estimate 512 ms, best 10 ms; 3 failures in 40 requests in the "
+    [line] = run(log, snap(slow, latency={D: 0.512}, counts={D: (40, 3)}), 6, DWELL + 5)
+    assert line == (f"upstream svc: traffic shifted off {D} (share 1.0% of 4 usable endpoints; "
+                    "latency estimate 512 ms, best 10 ms; 0 failures in 0 requests in the "
                     "last 10 s)")
-    assert log.observe("svc", snap(slow), 2.0) == []  # still off: said once
     hover = {A: 0.30, B: 0.30, C: 0.30, D: 0.10}  # between the two marks: nothing
-    assert log.observe("svc", snap(hover), 3.0) == []
-    [back] = log.observe("svc", snap({A: 0.26, B: 0.26, C: 0.26, D: 0.22}), 4.0)
-    assert back.startswith(f"upstream svc: {D} back in rotation (share 22.0% of 4 endpoints;")
+    assert run(log, snap(hover), 30, 30) == []
+    [back] = run(log, snap({A: 0.26, B: 0.26, C: 0.26, D: 0.22}), 70, DWELL + 5)
+    assert back.startswith(f"upstream svc: {D} back in rotation (share 22.0% of 4 usable")
+
+
+def test_a_dip_shorter_than_the_dwell_says_nothing() -> None:
+    log = ShiftLog()
+    assert run(log, snap({A: 0.5, B: 0.5}), 0, 2) == []
+    for start in range(10, 200, 20):  # dips of DWELL - 2 s, then back to even
+        assert run(log, snap({A: 0.99, B: 0.01}), start, DWELL - 2) == []
+        assert run(log, snap({A: 0.5, B: 0.5}), start + DWELL, 5) == []
 
 
 def test_failures_are_those_of_the_last_window() -> None:
@@ -41,43 +57,63 @@ def test_failures_are_those_of_the_last_window() -> None:
     even = {A: 0.5, B: 0.5}
     log.observe("svc", snap(even, counts={B: (1000, 500)}), 0.0)  # an old bad spell
     log.observe("svc", snap(even, counts={B: (1100, 500)}), 5.0)
-    [line] = log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1200, 520)}), 12.0)
-    assert "20 failures in 100 requests in the last 10 s" in line  # since the sample at 5 s
-
-
-def test_the_fair_share_counts_usable_endpoints_only() -> None:
+    lines = []
+    for t in range(12, 12 + int(DWELL) + 1):
+        lines += log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1200, 520)}), t)
+    [line] = lines
+    assert "0 failures in 0 requests in the last 10 s" in line  # nothing new since t = 12
     log = ShiftLog()
-    # two of four ejected (their traffic shifted off, said as such); a share of 0.2 is 40 %
-    # of the fair 0.5 among the usable two: above the mark
-    weights = {A: 0.8, B: 0.2, C: 0.0, D: 0.0}
-    lines = log.observe("svc", snap(weights, usable=2), 0.0)
+    log.observe("svc", snap(even, counts={B: (1000, 500)}), 0.0)
+    log.observe("svc", snap(even, counts={B: (1100, 500)}), 5.0)
+    log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1150, 510)}), 6.0)
+    [line] = log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1200, 520)}), 16.0)
+    assert "10 failures in 50 requests in the last 10 s" in line  # since the sample at 6 s
+
+
+def test_an_endpoint_added_later_ramps_in_without_a_line() -> None:
+    log = ShiftLog()
+    run(log, snap({A: 0.5, B: 0.5}), 0, 5)
+    # a scale-up: C starts from nothing and climbs (the policy's ramp)
+    assert run(log, snap({A: 0.48, B: 0.48, C: 0.04}), 6, DWELL + 5) == []
+    assert run(log, snap({A: 0.34, B: 0.33, C: 0.33}), 30, DWELL + 5) == []
+    # in rotation now: a later fall is said
+    assert len(run(log, snap({A: 0.49, B: 0.49, C: 0.02}), 60, DWELL + 5)) == 1
+
+
+def test_an_endpoint_out_of_use_is_said_to_be() -> None:
+    log = ShiftLog()
+    run(log, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
+    # two of four ejected or draining: out of the usable count, share nothing
+    lines = run(log, snap({A: 0.8, B: 0.2, C: 0.0, D: 0.0}, usable=2), 3, DWELL + 2)
     assert [line.split()[5] for line in lines] == [C, D]
-    assert all("of 2 endpoints" in line for line in lines)
-    [line] = log.observe("svc", snap({A: 0.9, B: 0.1, C: 0.0, D: 0.0}, usable=2), 1.0)
-    assert f"shifted off {B} (share 10.0% of 2 endpoints" in line
+    assert all("of 2 usable endpoints" in line and "out of use (ejected or draining)" in line
+               for line in lines)
+    [line] = run(log, snap({A: 0.9, B: 0.1, C: 0.0, D: 0.0}, usable=2), 20, DWELL + 2)
+    assert f"shifted off {B} (share 10.0% of 2 usable" in line and "out of use" not in line
 
 
-def test_no_lines_for_a_lone_endpoint_baselines_or_no_weights() -> None:
+def test_no_lines_for_a_lone_endpoint_or_the_baselines() -> None:
     log = ShiftLog()
-    assert log.observe("one", snap({A: 1.0}), 0.0) == []
-    assert log.observe("p2c", snap({A: 0.0, B: 1.0}, policy="peak-ewma"), 0.0) == []
-    assert log.observe("two", snap({A: 1.0, B: 0.0}, usable=1), 0.0) == []
+    assert run(log, snap({A: 1.0}), 0, 20, "one") == []
+    assert run(log, snap({A: 0.5, B: 0.5}, policy="peak-ewma"), 0, 2, "p2c") == []
+    assert run(log, snap({A: 0.0, B: 1.0}, policy="peak-ewma"), 3, 20, "p2c") == []
 
 
 def test_following_the_plan_and_unmeasured_latency_are_said() -> None:
     log = ShiftLog()
-    log.observe("svc", snap({A: 0.5, B: 0.5}), 0.0)
-    [line] = log.observe("svc", snap({A: 1.0, B: 0.0}, latency={A: math.nan, B: math.inf},
-                                     following=True), 1.0)
+    run(log, snap({A: 0.5, B: 0.5}), 0, 2)
+    [line] = run(log, snap({A: 1.0, B: 0.0}, latency={A: math.nan, B: math.inf},
+                           following=True), 3, DWELL + 2)
     assert "latency estimate unmeasured, best unmeasured" in line
     assert line.endswith("; following the signaler's plan)")
 
 
 def test_endpoints_and_upstreams_that_go_are_forgotten() -> None:
     log = ShiftLog()
-    log.observe("svc", snap({A: 0.5, B: 0.5}), 0.0)
-    log.observe("svc", snap({A: 0.99, B: 0.01}), 1.0)  # B off
-    log.observe("svc", snap({A: 0.5, C: 0.5}), 2.0)  # B removed, C added
-    assert log.observe("svc", snap({A: 0.5, B: 0.5}), 3.0) == []  # B again: a new endpoint
+    run(log, snap({A: 0.5, B: 0.5}), 0, 2)
+    assert len(run(log, snap({A: 0.99, B: 0.01}), 3, DWELL + 2)) == 1  # B off
+    run(log, snap({A: 0.5, C: 0.5}), 20, 2)  # B removed, C added
+    assert run(log, snap({A: 0.5, B: 0.5}), 30, DWELL + 2) == []  # B again: new, ramping
     log.keep({"other"})
-    assert log.observe("svc", snap({A: 0.99, B: 0.01}), 4.0) != []  # fresh state
+    run(log, snap({A: 0.5, B: 0.5}), 50, 2)  # a fresh upstream: both in rotation at once
+    assert len(run(log, snap({A: 0.99, B: 0.01}), 60, DWELL + 2)) == 1
