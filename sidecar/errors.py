@@ -56,9 +56,10 @@ class ErrorReason(StrEnum):
     its upload ended short of its ``Content-Length`` (a half-close) or broke its chunked
     framing (the listener cut it); the attempt is observed unanswered but not failed."""
     APP_STALLED = "app-stalled"
-    """The app stopped reading the response body for the request timeout (what the sidecar
-    wrote stayed unsent): the app's doing, not the endpoint's; both connections are cut
-    (metric only)."""
+    """The answer did not move for the request timeout because the app was not taking it
+    (what the sidecar wrote stayed queued): it stopped reading, or reads more slowly than
+    the socket's buffers let the relay see progress. The app's doing, not the endpoint's;
+    both connections are cut (metric only)."""
     BAD_TARGET = "bad-target"
     """400: a request target that is not a path (``/...``). On the inbound listener an
     absolute URL, ``*`` or ``host:port`` means the caller took the app for a proxy; on the

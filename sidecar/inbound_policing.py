@@ -107,8 +107,10 @@ class InboundOutcome(StrEnum):
     """The caller closed its connection before the app's answer was written back (the app
     answered; nothing is charged to it and nothing is logged as an error)."""
     CALLER_STALLED = "caller-stalled"
-    """The caller stopped reading the app's answer for ``request_timeout``: its connection
-    is cut (the caller's doing: nothing is charged to the app)."""
+    """The app's answer did not move for ``request_timeout`` because the caller was not
+    taking it (stopped reading, or reads more slowly than the socket's buffers let the
+    relay see progress): its connection is cut (the caller's doing: nothing is charged to
+    the app)."""
 
 
 class CallerLabels:
