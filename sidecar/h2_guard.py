@@ -7,11 +7,12 @@ them one connection carries (:class:`FloodGuard`), with the documented defaults
 DATA frames) and the "rapid reset" pattern of CVE-2023-44487 (a client that opens streams and
 resets them before they are answered, so each costs the server work and never counts against
 SETTINGS_MAX_CONCURRENT_STREAMS), and frames that cost the sidecar work for nothing in return:
-unknown frame types (which RFC 9113 §5.5 says to ignore: a token bucket), and PRIORITY and
+frames a server ignores (undefined types, which RFC 9113 §5.5 says to ignore, ALTSVC,
+ORIGIN: a token bucket), and PRIORITY and
 WINDOW_UPDATE frames, which a client sends in proportion to what it does, so their allowance
 grows with it (:class:`Allowance`, as Envoy's ``max_inbound_priority_frames_per_stream`` and
-``max_inbound_window_update_frames_per_data_frame_sent``): PRIORITY with the streams the app
-opened, WINDOW_UPDATE with those and the DATA frames the sidecar sent it. The clock is
+``max_inbound_window_update_frames_per_data_frame_sent``): PRIORITY with the streams the
+sidecar serves, WINDOW_UPDATE with those and the DATA frames it sent. The clock is
 passed in; nothing here reads a socket, sends a frame or touches ``h2``:
 :mod:`sidecar.h2_server` feeds it and acts on its verdict.
 """
@@ -25,8 +26,8 @@ RAPID_RESET = "rapid_reset"  # the app reset a stream whose answer had not ended
 PING = "ping"
 SETTINGS = "settings"
 EMPTY_DATA = "empty_data"  # a DATA frame with no payload and no END_STREAM
-UNKNOWN_FRAME = "unknown_frame"  # a frame of a type RFC 9113 does not define (ignored)
-PRIORITY = "priority"  # a PRIORITY frame (or a HEADERS frame's priority fields)
+UNKNOWN_FRAME = "unknown_frame"  # a frame a server ignores: undefined types, ALTSVC, ORIGIN
+PRIORITY = "priority"  # a PRIORITY frame
 WINDOW_UPDATE = "window_update"  # a WINDOW_UPDATE frame, for a stream or the connection
 KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME, PRIORITY, WINDOW_UPDATE)
 TIMED_KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME)  # token buckets
@@ -74,7 +75,7 @@ class Allowance:
 # connection as it reads, at most a few per DATA frame; a stream opened earns its own too
 # (gRPC clients enlarge a new stream's window at once).
 DEFAULT_ALLOWANCES: Mapping[str, Allowance] = {
-    PRIORITY: Allowance(base=100, per_unit=100),  # units: streams the app opened
+    PRIORITY: Allowance(base=100, per_unit=100),  # units: streams served
     WINDOW_UPDATE: Allowance(base=100, per_unit=10),  # units: those, and DATA frames sent
 }
 
