@@ -135,7 +135,7 @@ class SidecarRunner:
         self.profile = effective_profile(config)
         self.metrics = SidecarMetrics()
         self.table = UpstreamTable(config.policy, self.profile)
-        self._shifts = ShiftLog()  # routing shifts as log lines (sidecar.shifts)
+        self._shifts = ShiftLog(cap=self.profile.herd.cap)  # routing shifts as log lines
         self.readiness = Readiness()
         self._listeners: list[Listener] = []
         self._background: list[tuple[str, BackgroundFactory]] = []

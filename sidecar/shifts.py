@@ -8,12 +8,16 @@ fair share (one over the usable endpoints); one in rotation whose share stays be
 :data:`SHUNNED` of it for :data:`DWELL` seconds is *shifted off*, and one shifted off whose
 share stays above :data:`RESTORED` of it for as long is *back*. The gap between the marks
 and the dwell keep a share that wanders with the noise of near-equal pods from logging
-(the policy's own weights do wander); an endpoint new to the upstream (a scale-up, a
-reload) ramps in from nothing and is not said to be shifted off before it was ever in
-rotation. Each line says why, from the snapshot: the endpoint's latency estimate against
-the best one's, its failures among its requests of the last :data:`WINDOW` seconds, whether
-it is out of use (ejected or draining: its share is nothing and it does not count among the
-usable endpoints), and whether the signaler's plan was being followed.
+(the policy's own weights do wander). The anti-herd cap keeps every endpoint above a floor
+when there are few (with two, and a cap of 80 %, the other keeps 20 %): an endpoint held at
+that floor has had its traffic shifted off as far as the cap allows, so the low mark is
+never below just above the floor, and the high mark stays above it. An endpoint new to the
+upstream (a scale-up, a reload) ramps in from nothing and is not said to be shifted off
+before it was ever in rotation. Each line says why, from the snapshot: the endpoint's
+latency estimate against the best one's, its failures among its requests of the last
+:data:`WINDOW` seconds, whether it is out of use (ejected or draining: its share is nothing
+and it does not count among the usable endpoints), and whether the signaler's plan was
+being followed.
 
 Pure bookkeeping: :class:`ShiftLog` returns the lines; the runner logs them (INFO).
 """
@@ -29,6 +33,7 @@ from mesh.policy import EndpointView, PolicySnapshot
 SHUNNED = 0.25  # of the fair share: below it (for DWELL), traffic was shifted off
 RESTORED = 0.5  # of the fair share: above it (for DWELL), the endpoint is in rotation
 DWELL = 10.0  # seconds a share must stay past a mark before a line says it crossed
+FLOOR_MARGIN = 0.05  # of the fair share: how near the cap's floor counts as held at it
 WINDOW = 10.0  # seconds of requests and failures a line reports
 DECIDING_POLICY = "equilibrium"  # the policy whose weights are its routing decision (the
 # baselines' are the shares they happened to send, noisy at low rates)
@@ -62,8 +67,10 @@ class _Seen:
 
 @dataclass(slots=True)
 class ShiftLog:
-    """Each upstream's endpoints and where their shares stand (see the module docstring)."""
+    """Each upstream's endpoints and where their shares stand (see the module docstring);
+    ``cap``: the policy's anti-herd cap on one endpoint's share (:class:`mesh.herd.HerdGuard`)."""
 
+    cap: float = 1.0
     _seen: dict[str, dict[str, _Seen]] = field(default_factory=dict)
 
     def observe(self, upstream: str, snapshot: PolicySnapshot, now: float) -> list[str]:
@@ -77,6 +84,9 @@ class ShiftLog:
             del seen[gone]
         usable = snapshot.usable if snapshot.usable is not None else len(views)
         fair = 1.0 / max(usable, 1)
+        floor = max(0.0, 1.0 - self.cap * (usable - 1))  # what the cap leaves the others
+        low = max(SHUNNED * fair, floor + FLOOR_MARGIN * fair)
+        high = max(RESTORED * fair, (low + fair) / 2) if floor > 0 else RESTORED * fair
         finite = [v.latency_estimate for v in views
                   if math.isfinite(v.latency_estimate) and v.latency_estimate > 0]
         best = min(finite) if finite else math.nan
@@ -93,15 +103,16 @@ class ShiftLog:
                 continue
             share = view.weight
             if not state.in_rotation:
-                state.in_rotation = share >= RESTORED * fair
+                state.in_rotation = share >= high
                 continue
-            if not state.shunned and state.crossed(share < SHUNNED * fair, now):
+            if not state.shunned and state.crossed(share < low, now):
                 state.shunned, state.crossing_since = True, None
                 lines.append(
                     f"upstream {upstream}: traffic shifted off {view.endpoint} (share "
-                    f"{share:.1%} of {usable} usable endpoints; "
+                    f"{share:.1%} of {usable} usable endpoints"
+                    f"{', as far as the anti-herd cap allows' if floor >= SHUNNED * fair else ''}; "
                     f"{_why(view, best, requests, failures, snapshot, out_of_use)})")
-            elif state.shunned and state.crossed(share > RESTORED * fair, now):
+            elif state.shunned and state.crossed(share > high, now):
                 state.shunned, state.crossing_since = False, None
                 lines.append(
                     f"upstream {upstream}: {view.endpoint} back in rotation (share "

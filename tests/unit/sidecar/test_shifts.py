@@ -117,3 +117,23 @@ def test_endpoints_and_upstreams_that_go_are_forgotten() -> None:
     log.keep({"other"})
     run(log, snap({A: 0.5, B: 0.5}), 50, 2)  # a fresh upstream: both in rotation at once
     assert len(run(log, snap({A: 0.99, B: 0.01}), 60, DWELL + 2)) == 1
+
+
+def test_with_two_endpoints_the_caps_floor_is_as_far_as_traffic_goes() -> None:
+    # a cap of 0.8: the other endpoint keeps 20 %, above a quarter of the fair 50 %
+    log = ShiftLog(cap=0.8)
+    run(log, snap({A: 0.5, B: 0.5}), 0, 2)
+    [line] = run(log, snap({A: 0.8, B: 0.2}, latency={B: 0.5}), 3, DWELL + 2)
+    assert f"shifted off {B} (share 20.0% of 2 usable endpoints, as far as the anti-herd " \
+           "cap allows;" in line
+    assert run(log, snap({A: 0.7, B: 0.3}), 20, DWELL + 2) == []  # under the high mark
+    [back] = run(log, snap({A: 0.55, B: 0.45}), 40, DWELL + 2)
+    assert back.startswith(f"upstream svc: {B} back in rotation (share 45.0%")
+    # the same shares with no cap, or with many endpoints, keep the quarter-of-fair mark
+    free = ShiftLog()
+    run(free, snap({A: 0.5, B: 0.5}), 0, 2)
+    assert run(free, snap({A: 0.8, B: 0.2}), 3, DWELL + 2) == []
+    many = ShiftLog(cap=0.8)
+    run(many, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
+    [line] = run(many, snap({A: 0.33, B: 0.33, C: 0.33, D: 0.01}), 3, DWELL + 2)
+    assert "anti-herd" not in line
