@@ -161,10 +161,8 @@ def _run_server(args: argparse.Namespace) -> int:
         shutdown_delay=args.shutdown_delay,
         sidecar_log_format=args.sidecar_log_format,
     )
-    try:
-        logs.configure(logging.INFO, args.log_format, plain=INJECTOR_LOG_LINE)
-    except ValueError as exc:  # from the environment: argparse checks only flags
-        print(f"equilibrium injector: {logs.ENV}: {exc}", file=sys.stderr)
+    if not logs.start("equilibrium injector", logging.INFO, args.log_format,
+                      plain=INJECTOR_LOG_LINE):
         return 2
     try:
         asyncio.run(serve(config, listen, args.tls_cert, args.tls_key,
@@ -192,10 +190,8 @@ def _run_controller(args: argparse.Namespace) -> int:
     config = ControllerConfig(namespace=args.namespace, service=args.service,
                               webhook_config=args.webhook_config, tls_secret=args.tls_secret,
                               redis_host=args.redis_host, extra_names=tuple(args.extra_name))
-    try:
-        logs.configure(logging.INFO, args.log_format, plain=INJECTOR_LOG_LINE)
-    except ValueError as exc:  # from the environment: argparse checks only flags
-        print(f"equilibrium injector: {logs.ENV}: {exc}", file=sys.stderr)
+    if not logs.start("equilibrium injector", logging.INFO, args.log_format,
+                      plain=INJECTOR_LOG_LINE):
         return 2
 
     async def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -175,10 +174,7 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        logs.configure(args.log_level, args.log_format)
-    except ValueError as exc:  # from the environment: argparse checks only flags
-        print(f"equilibrium sidecar: {logs.ENV}: {exc}", file=sys.stderr)
+    if not logs.start("equilibrium sidecar", args.log_level, args.log_format):
         return 2
     from sidecar.mesh_key import sidecar_mesh_key
     from sidecar.runner import SidecarRunner, StartupError  # heavy imports only when running

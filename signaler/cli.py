@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from typing import Any
 
 from mesh.address import AddressError, parse_host_port
@@ -194,10 +193,7 @@ async def serve(config: Any, admin: tuple[str, int]) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        logs.configure(args.log_level, args.log_format)
-    except ValueError as exc:  # from the environment: argparse checks only flags
-        print(f"equilibrium signaler: {logs.ENV}: {exc}", file=sys.stderr)
+    if not logs.start("equilibrium signaler", args.log_level, args.log_format):
         return 2
     try:
         config, admin = build_config(args)

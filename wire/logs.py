@@ -55,6 +55,18 @@ def configure(level: str | int, log_format: str, *, plain: str = PLAIN,
     _configured = log_format
 
 
+def start(program: str, level: str | int, log_format: str, *, plain: str = PLAIN) -> bool:
+    """:func:`configure` for a command (``program``: its name in the message): False, the
+    reason printed on stderr, for a format that is none of :data:`FORMATS` (one from the
+    environment: argparse checks only flags)."""
+    try:
+        configure(level, log_format, plain=plain)
+    except ValueError as exc:
+        print(f"{program}: {ENV}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def current() -> str:
     """The format :func:`configure` set last (``plain`` before)."""
     return _configured
