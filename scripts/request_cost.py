@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -224,10 +225,6 @@ class OpcodeCounter:
 
 # ---------------------------------------------------------------- the driver
 
-def cpu_of(pid: int) -> float:
-    return peers.tree_cpu_seconds(pid)
-
-
 async def child(*args: str, cpu: int | None = None, **kw: Any) -> asyncio.subprocess.Process:
     argv = [sys.executable, __file__, *args]
     if cpu is not None:
@@ -306,9 +303,9 @@ async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str]
             for name in names:
                 pid, port, _ = relays[name]
                 await load(port, rate, 2.0, load_cpu)  # warm-up, not measured
-                before = cpu_of(pid)
+                before = peers.tree_cpu_seconds(pid)
                 result = await load(port, rate, seconds, load_cpu)
-                used = cpu_of(pid) - before
+                used = peers.tree_cpu_seconds(pid) - before
                 print(f"| {round_} | {name} | {used / (rate * seconds) * 1e6:.0f} µs | "
                       f"{result} |", flush=True)
     finally:
@@ -395,7 +392,8 @@ def main() -> int:
 
         kind, listen, backend = args.serve
         serve = serve_plumbing if kind == "plumbing" else serve_bare
-        with contextlib_suppress_interrupt():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends quietly
+        with contextlib.suppress(KeyboardInterrupt):
             uvloop.run(serve(int(listen), backend))
         return 0
     if args.sidecar is not None:
@@ -421,16 +419,6 @@ def main() -> int:
         p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
     asyncio.run(measure_cpu(args.rate, args.seconds, args.rounds, names))
     return 0
-
-
-class contextlib_suppress_interrupt:
-    """A relay child ends quietly on SIGTERM/SIGINT."""
-
-    def __enter__(self) -> None:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
-        return kind is KeyboardInterrupt
 
 
 if __name__ == "__main__":
