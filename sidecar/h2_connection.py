@@ -231,7 +231,11 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             if (stream := self.streams.pop(event.stream_id, None)) is not None:
                 stream.reset_code = event.error_code
-                stream.discard()
+                if not (stream.ended and event.error_code == ErrorCodes.NO_ERROR):
+                    stream.discard()
+                # else the peer sent all it had, then asked us to stop sending (RFC 9113
+                # §8.1, a server's complete answer before the request ended): what it sent
+                # stays readable, and reading raises only after the inbox runs dry
                 stream._gone(StreamGone(event.error_code, f"stream reset ({event.error_code!r})"))
                 self.stream_closed(stream)
         elif isinstance(event, h2.events.WindowUpdated):

@@ -672,9 +672,8 @@ def test_grpc_timeout_is_enforced_by_the_sidecar(mesh: Mesh) -> None:
         client.close()
 
 
-class LyingPod:
-    """An h2c server that reads each call whole, counts it, then resets it REFUSED_STREAM
-    ("not processed"): a protocol violation, since it did see the call."""
+class RawPod:
+    """An h2c server on a raw socket, answering each stream as :meth:`on_event` says."""
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -711,15 +710,41 @@ class LyingPod:
                     if isinstance(event, h2.events.DataReceived):
                         conn.acknowledge_received_data(event.flow_controlled_length,
                                                        event.stream_id)
-                    elif isinstance(event, h2.events.StreamEnded):
-                        self.calls += 1
-                        conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                    self.on_event(conn, event)
                 sock.sendall(conn.data_to_send())
+
+    def on_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         self.stopped = True
         self.pool.shutdown(wait=True)
         self.server.close()
+
+
+class LyingPod(RawPod):
+    """Reads each call whole, counts it, then resets it REFUSED_STREAM ("not processed"): a
+    protocol violation, since it did see the call."""
+
+    def on_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.StreamEnded):
+            self.calls += 1
+            conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+
+
+class EarlyAnswerPod(RawPod):
+    """Answers each call whole as soon as its head arrives, then resets it NO_ERROR: "the rest
+    of your request is not needed" (RFC 9113 §8.1), what grpcio does when it has answered a
+    call whose request has not ended. The answer, trailers and reset go in one write."""
+
+    def on_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self.calls += 1
+            conn.send_headers(event.stream_id, [(b":status", b"200"),
+                                                (b"content-type", b"application/grpc")])
+            conn.send_data(event.stream_id, _grpc_frame(b"answered early"))
+            conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+            conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
 
 
 def test_a_pod_refusing_calls_it_read_multiplies_them_only_within_the_retry_budget() -> None:
@@ -745,6 +770,31 @@ def test_a_pod_refusing_calls_it_read_multiplies_them_only_within_the_retry_budg
         assert pod.calls == 5
         assert sidecar.metric("equilibrium_retries_total", upstream="svc") == 2
         assert sidecar.metric("equilibrium_retry_budget_exhausted_total", upstream="svc") == 3
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
+
+
+def test_a_complete_answer_then_a_no_error_reset_is_relayed_whole() -> None:
+    # The reset says only "stop sending": the answer and trailers before it are the call's,
+    # an OK the caller gets whole and the endpoint is credited with (not "upstream-reset").
+    pod = EarlyAnswerPod()
+    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
+                            sidecar_id="sc-grpc-early")
+    try:
+        client = RawH2(sidecar.outbound_port)
+        try:
+            for _ in range(5):
+                call = client.start_call("Unary")
+                client.send(call, _grpc_frame(b"more to come"), end=False)
+                client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
+                assert client.status(call) == 0
+                assert client.body(call) == _grpc_frame(b"answered early")
+        finally:
+            client.close()
+        assert pod.calls == 5
+        assert sidecar.metric("equilibrium_requests_total", upstream="svc", code="200") == 5
+        assert sidecar.metric("equilibrium_requests_total", code="upstream-reset") == 0
     finally:
         assert sidecar.stop() == 0, sidecar.output()
         pod.stop()
