@@ -13,7 +13,9 @@ from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is r
 - ``bare``: a relay of protocol callbacks alone (``httptools`` both ways, one upstream
   connection per app connection, no task or future per request): what uvloop and the kernel
   cost, the floor of any Python relay;
-- ``haproxy``: HAProxy ``leastconn`` (``nbthread 1``), when installed.
+- ``haproxy``: HAProxy ``leastconn`` (``nbthread 1``), when installed;
+- ``baseline`` (with ``--baseline DIR``): the sidecar of another checkout (say, ``git
+  worktree add DIR HEAD~1``), so a change is measured against the code before it in one run.
 
 ``--opcodes`` instead counts the CPython bytecode instructions each request executes in the
 sidecar and in the plumbing (``sys.settrace`` with opcode events, at 100 req/s): a measure of
@@ -24,6 +26,7 @@ Needs nginx (and haproxy for its row). Loopback only; every load is bounded by `
 
     python scripts/request_cost.py --rate 500 --seconds 10 --rounds 2
     python scripts/request_cost.py --opcodes
+    python scripts/request_cost.py --relays sidecar,baseline,haproxy --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -225,8 +228,17 @@ class OpcodeCounter:
 
 # ---------------------------------------------------------------- the driver
 
-async def child(*args: str, cpu: int | None = None, **kw: Any) -> asyncio.subprocess.Process:
+BASELINE: Path | None = None  # --baseline: the checkout whose sidecar is the baseline relay
+
+
+async def child(*args: str, cpu: int | None = None, checkout: Path | None = None,
+                **kw: Any) -> asyncio.subprocess.Process:
+    """This script in a role; ``checkout``: that checkout's copy, importing its code."""
     argv = [sys.executable, __file__, *args]
+    if checkout is not None:
+        argv[1] = str(checkout / "scripts" / Path(__file__).name)
+        kw["env"] = {**os.environ, "PYTHONPATH": str(checkout)}
+        kw["cwd"] = str(checkout)
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
     return await asyncio.create_subprocess_exec(*argv, **kw)
@@ -264,14 +276,16 @@ async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool
                             peer.stop)
             continue
         trace = ["--trace", str(logs / f"opcodes.{name}")] if opcodes else []
-        if name == "sidecar":
+        if name in ("sidecar", "baseline"):
             role = ["--sidecar", *sidecar_argv(  # after "python -m equilibrium"
                 "cost", f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}",
                 {"backend": [backend]})[3:]]
         else:
             role = ["--serve", name, str(port), backend]
+        checkout = BASELINE if name == "baseline" else None
         with open(logs / f"{name}.log", "w") as log_file:
-            proc = await child(*trace, *role, cpu=proxy_cpu, stderr=log_file)
+            proc = await child(*trace, *role, cpu=proxy_cpu, checkout=checkout,
+                               stderr=log_file)
 
         async def stop(proc: asyncio.subprocess.Process = proc) -> None:
             proc.terminate()
@@ -373,6 +387,8 @@ def main() -> int:
     p.add_argument("--opcodes", action="store_true",
                    help="count bytecode instructions per request instead (sidecar, plumbing)")
     p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="another checkout, whose sidecar is the relay named baseline")
     # the child processes' roles
     p.add_argument("--generate", nargs=3, metavar=("PORT", "RATE", "SECONDS"),
                    help=argparse.SUPPRESS)
@@ -402,9 +418,16 @@ def main() -> int:
         sys.argv = ["equilibrium", *args.sidecar]
         return int(equilibrium_main() or 0)
     names = [n.strip() for n in args.relays.split(",") if n.strip()]
-    unknown = set(names) - {"sidecar", "plumbing", "bare", "haproxy"}
+    unknown = set(names) - {"sidecar", "plumbing", "bare", "haproxy", "baseline"}
     if unknown:
         p.error(f"unknown relay(s): {', '.join(sorted(unknown))}")
+    if ("baseline" in names) != (args.baseline is not None):
+        p.error("the baseline relay and --baseline DIR go together")
+    if args.baseline is not None:
+        global BASELINE
+        BASELINE = args.baseline.resolve()
+        if not (BASELINE / "scripts" / Path(__file__).name).exists():
+            p.error(f"{BASELINE} is not a checkout with {Path(__file__).name}")
     if shutil.which("nginx") is None:
         print("needs nginx (the static backend)", file=sys.stderr)
         return 2
@@ -412,8 +435,8 @@ def main() -> int:
         names.remove("haproxy")
         print("haproxy is not installed: its row is skipped", file=sys.stderr)
     if args.opcodes:
-        asyncio.run(measure_opcodes([n for n in names if n in ("sidecar", "plumbing")],
-                                    args.top))
+        asyncio.run(measure_opcodes(
+            [n for n in names if n in ("sidecar", "plumbing", "baseline")], args.top))
         return 0
     if not (0 < args.rate <= 5000 and 0 < args.seconds <= 120 and 1 <= args.rounds <= 10):
         p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
