@@ -266,7 +266,7 @@ async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool
                        proxy_cpu: int | None) -> dict[str, tuple[int, int, Any]]:
     """name -> (pid, port, stop); each relay pinned to ``proxy_cpu``."""
     relays: dict[str, tuple[int, int, Any]] = {}
-    for name in names:
+    for name in dict.fromkeys(names):  # once each: a name may repeat in the turn order
         port = free_port()
         if name == "haproxy":
             peer = await peers.PeerProxy.start(peers.PEERS[0], [backend], logs)
@@ -383,7 +383,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds a turn (10)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of turns (2)")
     p.add_argument("--relays", default="sidecar,plumbing,bare,haproxy",
-                   help="which relays, in turn order (default: all four)")
+                   help="which relays, in turn order; a name may repeat (default: all four)")
     p.add_argument("--opcodes", action="store_true",
                    help="count bytecode instructions per request instead (sidecar, plumbing)")
     p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
