@@ -112,6 +112,11 @@ class Exchange(RequestHead, Protocol):
         """Cut the app's connection (a body that broke off half-way)."""
         ...
 
+    def reader_moving(self) -> bool:
+        """While a write of the answer waits: whether the reader took some of it since the
+        wait began or since last asked (a slow reader, not a stalled one)."""
+        ...
+
     async def answer(self, answer: Answer) -> None:
         """Send a whole small response (head and body in one write)."""
         ...
@@ -188,6 +193,9 @@ class AiohttpExchange:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+    def reader_moving(self) -> bool:
+        return False  # aiohttp's writer does not say (it serves only failed upgrades here)
 
     async def answer(self, answer: Answer) -> None:
         response = self.response = web_response(answer)

@@ -332,6 +332,7 @@ async def relay_answer(
         watchdog.push()
         await exchange.start_response(upstream.status, upstream.reason, headers)
         if not bodiless:
+            watchdog.moving = exchange.reader_moving
             content = upstream.content
             while chunk := await content.readany():
                 await exchange.write(chunk)

@@ -3,9 +3,11 @@
 Owns :class:`Watchdog`, the replacement on the request path for an ``asyncio.timeout`` per
 step (upload, wait for the answer's head, each chunk of the body): a step "pushes" the
 deadline by moving a number forward (no new timer, no cancelled handle). Past its deadline
-the watchdog cancels the request's task. The code awaiting sees ``CancelledError`` and asks
-:meth:`Watchdog.took_back` whether the watchdog caused it (then it is a timeout, and the
-cancellation is taken back) or someone else (a drain deadline).
+the watchdog cancels the request's task, unless its ``moving`` says there was progress no
+push saw (an answer's reader that takes it slowly: ``H1Connection.reader_moving``). The code
+awaiting sees ``CancelledError`` and asks :meth:`Watchdog.took_back` whether the watchdog
+caused it (then it is a timeout, and the cancellation is taken back) or someone else (a
+drain deadline).
 
 The deadlines of all the watchdogs of a loop sit in one heap (:class:`_Sweeper`) behind one
 ``loop.call_at`` handle armed at the earliest: starting and stopping a watchdog costs a heap
@@ -24,6 +26,7 @@ import asyncio
 import heapq
 import itertools
 import weakref
+from collections.abc import Callable
 
 # the heap is rebuilt without stopped entries once it holds this many and most are stopped
 _COMPACT_AT = 1024
@@ -32,7 +35,7 @@ _COMPACT_AT = 1024
 class Watchdog:
     """Cancels the current task once ``idle`` seconds pass without a :meth:`push`."""
 
-    __slots__ = ("_loop", "_sweeper", "_task", "_when", "expired", "idle", "stopped")
+    __slots__ = ("_loop", "_sweeper", "_task", "_when", "expired", "idle", "moving", "stopped")
 
     def __init__(self, idle: float) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -42,6 +45,9 @@ class Watchdog:
         self.idle = idle
         self.expired = False
         self.stopped = False
+        # asked once the deadline passed: True if there was progress after all (a reader
+        # taking an answer slowly, which does not wake the writer each time)
+        self.moving: Callable[[], bool] | None = None
         self._when = loop.time() + idle
         self._sweeper = _Sweeper.of(loop)
         self._sweeper.add(self, self._when)
@@ -133,6 +139,11 @@ class _Sweeper:
                     self.stopped -= 1
                 continue
             if watchdog._when > now:  # pushed since: back in at its new deadline
+                heapq.heappush(heap, (watchdog._when, next(self._seq), watchdog))
+                continue
+            moving = watchdog.moving
+            if moving is not None and moving():  # progress no push saw: a stall bound more
+                watchdog._when = now + watchdog.idle
                 heapq.heappush(heap, (watchdog._when, next(self._seq), watchdog))
                 continue
             watchdog.stopped = True  # fired: out of the heap until took_back() re-adds it

@@ -43,8 +43,11 @@ import asyncio
 import collections
 import contextlib
 import enum
+import fcntl
 import http
 import logging
+import struct
+import termios
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
@@ -198,6 +201,10 @@ class H1Exchange:
     def abort(self) -> None:
         self._conn.abort()
 
+    def reader_moving(self) -> bool:
+        """See :meth:`H1Connection.reader_moving`."""
+        return self._conn.reader_moving()
+
     def _keep(self) -> bool:
         return self.keep_alive and not self._conn.closing
 
@@ -337,6 +344,7 @@ class H1Connection(asyncio.Protocol):
         self._lingering = False  # refused: our answer is out, the rest is read and dropped
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._untaken_mark: int | None = None  # untaken() as the current drain began
         self._reading_paused = False
         # the request being parsed
         self._in_head = False
@@ -459,7 +467,35 @@ class H1Connection(asyncio.Protocol):
             raise ConnectionResetError("the app closed its connection")
         waiter = self.loop.create_future()
         self._drain_waiters.append(waiter)
+        self._untaken_mark = self.untaken()
         await waiter
+
+    def untaken(self) -> int | None:
+        """Bytes written to this connection that its reader has not taken yet: the
+        transport's buffer and the kernel's send queue (``SIOCOUTQ``); None if unknown."""
+        transport = self.transport
+        if transport is None:
+            return None
+        try:
+            fd = transport.get_extra_info("socket").fileno()
+            queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            return int(transport.get_write_buffer_size()) + queued
+        except (AttributeError, OSError, RuntimeError, ValueError):
+            return None
+
+    def reader_moving(self) -> bool:
+        """While a write waits for the reader: whether it took some of what was written
+        since the wait began (or since last asked). A reader that takes a little at a time
+        wakes the writer only once the kernel has room for a good part of its buffer,
+        which can take longer than a stall bound: this tells that reader from one that
+        stopped."""
+        if not self._drain_waiters:
+            return False
+        mark, now = self._untaken_mark, self.untaken()
+        if now is None:
+            return False
+        self._untaken_mark = now
+        return mark is not None and now < mark
 
     # ------------------------------------------------------------ llhttp callbacks
 

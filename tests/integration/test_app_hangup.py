@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 
 import aiohttp
 import pytest
@@ -181,6 +182,80 @@ async def test_an_app_that_goes_silent_mid_answer_is_the_apps_error() -> None:
         writer.close()
     finally:
         release.set()
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()
+
+
+async def _read_slowly(port: int, host: str, size: int) -> int:
+    """A reader on a small receive buffer that takes 32 KiB every 30 ms (about 1 MB/s, far
+    slower than the sidecar writes): the kernel wakes the sidecar's writes only once a good
+    part of its send buffer is free, seconds apart. Returns the body bytes received."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        got = 0
+        deadline = time.monotonic() + 30
+        while got < size and time.monotonic() < deadline:
+            data = await reader.read(32768)
+            if not data:
+                break
+            got += len(data)
+            await asyncio.sleep(0.03)
+        return got
+    finally:
+        writer.close()
+
+
+def _big_app(size: int):  # type: ignore[no-untyped-def]
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                writer.write(b"b" * 65536)
+                await writer.drain()
+        writer.close()
+    return big
+
+
+@pytest.mark.parametrize("extra", [[], ["--transparent"]], ids=["uvloop", "transparent"])
+async def test_a_slow_steady_reader_gets_the_whole_answer_at_the_inbound_sidecar(
+        extra: list[str]) -> None:
+    # A stall bound of 0.5 s and a reader that takes a little at a time: before, the
+    # sidecar's write waited longer than the bound for the kernel's room, it counted the
+    # reader as stalled and cut it (the reader saw the answer end short, once the kernel's
+    # queue ran out).
+    size = 4 * 1024 * 1024
+    app, sidecar, port = await _inbound_in_front_of(_big_app(size), "0.5", extra)
+    requests = "equilibrium_inbound_requests_total"
+    try:
+        assert await _read_slowly(port, "app", size) == size
+        await eventually(lambda: sidecar.metric(requests, outcome="admitted") == 1,
+                         "the answer counted whole")
+        assert sidecar.metric(requests, outcome="caller-stalled") == 0
+    finally:
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()
+
+
+async def test_a_slow_steady_app_gets_the_whole_answer_at_the_outbound_sidecar() -> None:
+    size = 4 * 1024 * 1024
+    app = await asyncio.start_server(_big_app(size), LOOPBACK, 0)
+    sidecar = await async_start_sidecar(
+        {"svc": [f"http://{LOOPBACK}:{app.sockets[0].getsockname()[1]}"]},
+        extra_args=["--request-timeout", "0.5"])
+    try:
+        assert await _read_slowly(sidecar.outbound_port, "svc", size) == size
+        assert sidecar.metric("equilibrium_errors_total", upstream="svc") == 0
+    finally:
         await async_stop(sidecar)
         app.close()
         await app.wait_closed()

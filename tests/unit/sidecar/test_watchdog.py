@@ -1,0 +1,57 @@
+"""The request watchdog: a stall bound that pushes cheaply, and asks before it cuts."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.watchdog import Watchdog
+
+
+async def _guarded(idle: float, work: float, moving: list[bool] | None = None,
+                   pushes: int = 0) -> tuple[bool, int]:
+    """Run ``work`` seconds of waiting under a watchdog; (timed out?, times moving asked)."""
+    asked = 0
+
+    async def guarded() -> bool:
+        nonlocal asked
+        watchdog = Watchdog(idle)
+        if moving is not None:
+            def ask() -> bool:
+                nonlocal asked
+                asked += 1
+                return moving.pop(0) if moving else False
+            watchdog.moving = ask
+        try:
+            for _ in range(pushes + 1):
+                await asyncio.sleep(work / (pushes + 1))
+                watchdog.push()
+            return False
+        except asyncio.CancelledError:
+            if not watchdog.took_back():
+                raise
+            return True
+        finally:
+            watchdog.stop()
+
+    return await guarded(), asked
+
+
+async def test_a_stall_past_the_bound_is_cut() -> None:
+    assert await _guarded(0.05, 0.5) == (True, 0)
+
+
+async def test_pushes_within_the_bound_keep_it() -> None:
+    assert await _guarded(0.1, 0.4, pushes=9) == (False, 0)
+
+
+async def test_progress_no_push_saw_keeps_it_as_long_as_it_lasts() -> None:
+    # moving says "yes" twice, then "no": the cut comes a bound later each time
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    timed_out, asked = await _guarded(0.05, 1.0, moving=[True, True, False])
+    assert timed_out and asked == 3
+    assert loop.time() - started >= 0.15  # three bounds: never sooner
+
+
+async def test_moving_is_not_asked_while_pushes_come() -> None:
+    assert await _guarded(0.1, 0.3, moving=[], pushes=9) == (False, 0)
