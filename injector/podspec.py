@@ -28,6 +28,14 @@ Json = dict[str, Any]
 IMAGE_ENTRYPOINT = "/opt/equilibrium/bin/equilibrium"
 """The image's ``equilibrium`` command (the Dockerfile's ENTRYPOINT): exec hooks name it."""
 POST_START_TIMEOUT = 60  # seconds the app's start waits for the sidecar at most
+# The pod's stop, within its terminationGracePeriodSeconds (after which the kubelet kills
+# what still runs): the sidecar's preStop delay, then its drain (sidecar.config's default,
+# shortened to what is left of the period, a second kept for the exit itself), of which at
+# least DRAIN_ROOM seconds are kept however long a delay is asked for.
+DEFAULT_GRACE_PERIOD = 30.0  # Kubernetes' default terminationGracePeriodSeconds
+SIDECAR_DRAIN = 20.0  # sidecar.config.DEFAULT_DRAIN_TIMEOUT
+DRAIN_ROOM = 5.0
+EXIT_ROOM = 1.0
 
 # ``equilibrium.io/ipv6`` -> the flags of ``equilibrium init`` (auto is its default: no flag).
 IPV6_INIT_FLAGS: dict[Ipv6Mode, tuple[str, ...]] = {
@@ -48,6 +56,28 @@ class PodMeshSettings:
     discovery: bool = True  # watch Services/EndpointSlices (needs the pod's API token)
     ipv6: Ipv6Mode = DEFAULT_IPV6  # IPv6 interception by the init container
     app_prestop_seconds: float = 0.0  # the app's own preStop wait, which the sidecar outlasts
+    grace_seconds: float = DEFAULT_GRACE_PERIOD  # the pod's terminationGracePeriodSeconds
+
+
+@dataclass(frozen=True, slots=True)
+class StopTimes:
+    """The ordered sidecar's stop (:func:`stop_times`)."""
+
+    delay: float  # its preStop hook's wait (0: no hook)
+    drain: float  # its --drain-timeout
+    wanted: float  # the delay the app's stop asks for (more than ``delay`` when cut)
+
+
+def stop_times(config: InjectorConfig, settings: PodMeshSettings) -> StopTimes:
+    """The sidecar's preStop delay (the injector's ``shutdown_delay`` after the app's own
+    preStop wait) and its drain, fitted into the pod's grace period: the delay is cut to
+    leave :data:`DRAIN_ROOM` seconds, the drain to end a second before the kubelet's kill."""
+    wanted = (min(config.shutdown_delay + settings.app_prestop_seconds, MAX_SHUTDOWN_DELAY)
+              if config.shutdown_delay > 0 and not config.native_sidecar else 0.0)
+    grace = settings.grace_seconds
+    delay = min(wanted, max(0.0, grace - DRAIN_ROOM - EXIT_ROOM))
+    drain = min(SIDECAR_DRAIN, max(EXIT_ROOM, grace - delay - EXIT_ROOM))
+    return StopTimes(delay, drain, wanted)
 
 
 def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
@@ -69,6 +99,7 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
             "--id", "$(POD_NAME)",
             "--strategy", settings.strategy,
             *mesh_flags,
+            *_drain_flag(config, settings),
         ],
         "env": [
             _field_env("POD_NAME", "metadata.name"),
@@ -123,12 +154,17 @@ def _ordered(config: InjectorConfig, settings: PodMeshSettings) -> Json:
     lifecycle: Json = {"postStart": {"exec": {"command": [
         *hook, "post-start", "--admin", f"127.0.0.1:{config.admin_port}",
         "--timeout", str(POST_START_TIMEOUT)]}}}
-    delay = min(config.shutdown_delay + settings.app_prestop_seconds, MAX_SHUTDOWN_DELAY) \
-        if config.shutdown_delay > 0 else 0.0
+    delay = stop_times(config, settings).delay
     if delay > 0:
         lifecycle["preStop"] = {"exec": {"command": [
             *hook, "pre-stop", "--seconds", f"{delay:g}"]}}
     return {"lifecycle": lifecycle}
+
+
+def _drain_flag(config: InjectorConfig, settings: PodMeshSettings) -> list[str]:
+    """``--drain-timeout`` when the sidecar's default drain would outlast the grace period."""
+    drain = stop_times(config, settings).drain
+    return [] if drain >= SIDECAR_DRAIN else ["--drain-timeout", f"{drain:g}"]
 
 
 def _native_sidecar(config: InjectorConfig) -> Json:

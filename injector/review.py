@@ -32,7 +32,15 @@ from typing import Any, Literal, NotRequired, TypedDict
 from injector import config as names
 from injector.config import AnnotationError, InjectorConfig
 from injector.jsonpatch import PatchOperation, append_items, set_entries
-from injector.podspec import PodMeshSettings, init_container, sidecar_container
+from injector.podspec import (
+    DEFAULT_GRACE_PERIOD,
+    DRAIN_ROOM,
+    EXIT_ROOM,
+    PodMeshSettings,
+    init_container,
+    sidecar_container,
+    stop_times,
+)
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
@@ -276,10 +284,23 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
                         "the sidecar stops accepting once its own delay is over, maybe before "
                         "that hook ends (raise the injector's --shutdown-delay, or use "
                         "--native-sidecar)")
-    return PodMeshSettings(strategy=strategy, app_port=app_port,
-                           exclude_outbound_ports=outbound,
-                           exclude_inbound_ports=inbound + others, discovery=discovery,
-                           ipv6=ipv6, app_prestop_seconds=app_stop)
+    grace = spec.get("terminationGracePeriodSeconds")
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        grace = DEFAULT_GRACE_PERIOD  # absent (the default), or not what the API server sends
+    settings = PodMeshSettings(strategy=strategy, app_port=app_port,
+                               exclude_outbound_ports=outbound,
+                               exclude_inbound_ports=inbound + others, discovery=discovery,
+                               ipv6=ipv6, app_prestop_seconds=app_stop,
+                               grace_seconds=float(grace))
+    stop = stop_times(config, settings)
+    if stop.delay < stop.wanted:
+        warnings.append(
+            f"terminationGracePeriodSeconds {grace:g} is too short for the sidecar to outlast "
+            f"the app's stop ({app_stop:g} s of its own preStop wait, then "
+            f"{config.shutdown_delay:g} s): its delay is cut to {stop.delay:g} s and its "
+            f"drain to {stop.drain:g} s; raise terminationGracePeriodSeconds to at least "
+            f"{stop.wanted + DRAIN_ROOM + EXIT_ROOM:g}")
+    return settings
 
 
 _SLEEPS = frozenset({"sleep", "/bin/sleep", "/usr/bin/sleep"})

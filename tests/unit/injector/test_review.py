@@ -160,6 +160,37 @@ def test_the_sidecar_outlasts_the_apps_own_prestop_wait(hook: dict[str, Any],
     assert container(patched, "app")["lifecycle"] == {"preStop": hook}  # the app's untouched
 
 
+@pytest.mark.parametrize(("grace", "app_wait", "delay", "drain", "warned"), [
+    (None, None, "5", None, False),  # the defaults fit: 5 s, then a drain of up to 20 s
+    (30, 15, "20", "9", False),  # the delay fits; the drain ends a second before the kill
+    (10, 15, "4", "5", True),  # the delay is cut to keep 5 s for the drain
+    (3, None, None, "2", True),  # no room for a delay at all: no hook
+    (0, None, None, "1", True),
+])
+def test_the_sidecars_stop_fits_the_pods_grace_period(grace: int | None, app_wait: int | None,
+                                                       delay: str | None, drain: str | None,
+                                                       warned: bool) -> None:
+    # past terminationGracePeriodSeconds the kubelet kills what still runs: the sidecar's
+    # delay and drain are fitted into it, and a delay cut short is said
+    pod = make_pod(INJECT)
+    if grace is not None:
+        pod["spec"]["terminationGracePeriodSeconds"] = grace
+    if app_wait is not None:
+        pod["spec"]["containers"][0]["lifecycle"] = {"preStop": {"sleep": {"seconds": app_wait}}}
+    verdict = decide(make_review(pod), CONFIG)
+    assert verdict.outcome is Outcome.INJECTED
+    patched = apply_patch(pod, [dict(op) for op in verdict.patch])
+    assert_valid(patched)
+    sidecar = container(patched, "equilibrium-sidecar")
+    stop = sidecar["lifecycle"].get("preStop")
+    assert (stop["exec"]["command"][-1] if stop else None) == delay
+    args = sidecar["args"]
+    assert (arg_after(args, "--drain-timeout") if "--drain-timeout" in args else None) == drain
+    assert build_parser(args).parse_args(args).func is not None  # the sidecar's CLI takes it
+    warnings = verdict.response["response"].get("warnings", [])
+    assert any("terminationGracePeriodSeconds" in w for w in warnings) == warned
+
+
 @pytest.mark.parametrize("command", [[["sleep"], "15"], ["sleep", {"n": 1}], ["sleep"],
                                      ["sh", "-c", "sleep 1; curl x"], ["sleep", "-5"],
                                      ["sleep", "nan"], "sleep 15", None])
