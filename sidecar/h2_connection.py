@@ -152,6 +152,7 @@ class H2Connection(asyncio.Protocol):
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None,
             validate_outbound_headers=False, normalize_outbound_headers=False)
+        self.client_side = client_side
         self.conn = self.new_state_machine(config)
         self.conn.state_machine = _GracefulGoaway()
         self.transport: asyncio.Transport | None = None
@@ -231,11 +232,12 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             if (stream := self.streams.pop(event.stream_id, None)) is not None:
                 stream.reset_code = event.error_code
-                if not (stream.ended and event.error_code == ErrorCodes.NO_ERROR):
+                if not (self.client_side and stream.ended
+                        and event.error_code == ErrorCodes.NO_ERROR):
                     stream.discard()
-                # else the peer sent all it had, then asked us to stop sending (RFC 9113
-                # §8.1, a server's complete answer before the request ended): what it sent
-                # stays readable, and reading raises only after the inbox runs dry
+                # else a server sent its whole answer, then asked us to stop sending the
+                # request (RFC 9113 §8.1): the answer stays readable, and reading raises
+                # only after the inbox runs dry
                 stream._gone(StreamGone(event.error_code, f"stream reset ({event.error_code!r})"))
                 self.stream_closed(stream)
         elif isinstance(event, h2.events.WindowUpdated):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -289,8 +290,9 @@ class H2ServerConnection(H2Connection):
             self.streams[event.stream_id] = stream
             self.idle.clear()
             self._disarm_idle_timer()
-            self.tasks[event.stream_id] = asyncio.get_running_loop().create_task(
-                self._serve(stream))
+            task = asyncio.get_running_loop().create_task(self._serve(stream))
+            self.tasks[event.stream_id] = task
+            task.add_done_callback(functools.partial(self._served, stream))
 
     def _refuse_oversized(self, event: h2.events.RequestReceived, size: int) -> None:
         """A header block over the announced SETTINGS_MAX_HEADER_LIST_SIZE: answered 431
@@ -319,13 +321,18 @@ class H2ServerConnection(H2Connection):
         except Exception:
             log.exception("HTTP/2 stream %d from %s failed", stream.id, self.peer())
             stream.reset(ErrorCodes.INTERNAL_ERROR)
-        finally:
-            self.tasks.pop(stream.id, None)
-            if not self.tasks:
-                self.idle.set()
-                self._arm_idle_timer()
-                if self.draining or self.goaway_received is not None:
-                    self.close()
+
+    def _served(self, stream: ServerStream, task: asyncio.Task[None]) -> None:
+        """A stream's task ended, also one cancelled before it started (the app reset the
+        stream in the same read that opened it), whose ``_serve`` never ran."""
+        stream.discard()  # what nobody read gives its credit back
+        if self.tasks.get(stream.id) is task:
+            del self.tasks[stream.id]
+        if not self.tasks:
+            self.idle.set()
+            self._arm_idle_timer()
+            if self.draining or self.goaway_received is not None:
+                self.close()
 
     def stream_closed(self, stream: H2Stream) -> None:
         # The app reset the stream or the connection is gone: stop its request.

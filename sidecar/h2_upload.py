@@ -164,6 +164,11 @@ async def pump_upload(stream: ServerStream, upstream: ClientStream, upload: H2Up
                 async with asyncio.timeout_at(by):
                     kind, payload, size = await stream.read()
             except TimeoutError:
+                if upstream.closed is not None:
+                    # the app's side is closed already: it answered and declined the rest
+                    # (RST_STREAM NO_ERROR, its answer still being relayed), or it is gone
+                    # and the relay says so; either way no late upload of the caller's
+                    return
                 deadline.failure = UploadFailure.TIMEOUT
                 upstream.reset(ErrorCodes.CANCEL)
                 return
