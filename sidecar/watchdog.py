@@ -25,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import weakref
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 # the heap is rebuilt without stopped entries once it holds this many and most are stopped
 _COMPACT_AT = 1024
@@ -141,8 +144,8 @@ class _Sweeper:
             if watchdog._when > now:  # pushed since: back in at its new deadline
                 heapq.heappush(heap, (watchdog._when, next(self._seq), watchdog))
                 continue
-            moving = watchdog.moving
-            if moving is not None and moving():  # progress no push saw: a stall bound more
+            if watchdog.moving is not None and _still_moving(watchdog.moving):
+                # progress no push saw: a stall bound more
                 watchdog._when = now + watchdog.idle
                 heapq.heappush(heap, (watchdog._when, next(self._seq), watchdog))
                 continue
@@ -150,6 +153,15 @@ class _Sweeper:
             watchdog._expire()
         if heap:
             self._arm(heap[0][0])
+
+
+def _still_moving(moving: Callable[[], bool]) -> bool:
+    """Ask a watchdog's hook; one that fails says no (the sweeper's timer must go on)."""
+    try:
+        return moving()
+    except Exception:
+        log.exception("a request's progress check failed; the request is cut as stalled")
+        return False
 
 
 _sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = (

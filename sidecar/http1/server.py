@@ -67,6 +67,9 @@ DEFAULT_MAX_HEAD = 64 * 1024  # bytes of request line and headers
 BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before reading pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
 LINGER = 2.0  # seconds a refused connection is read (and dropped) after our error answer
+# bytes a reader must take per stall bound while a write waits for it, to count as moving
+# (H1Connection.reader_moving): about 4 KB/s at the default bound of 15 s
+READER_MIN_TAKEN = 64 * 1024
 
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -484,18 +487,20 @@ class H1Connection(asyncio.Protocol):
             return None
 
     def reader_moving(self) -> bool:
-        """While a write waits for the reader: whether it took some of what was written
-        since the wait began (or since last asked). A reader that takes a little at a time
-        wakes the writer only once the kernel has room for a good part of its buffer,
-        which can take longer than a stall bound: this tells that reader from one that
-        stopped."""
+        """While a write waits for the reader: whether it took at least
+        :data:`READER_MIN_TAKEN` bytes of what was written since the wait began (or since
+        last asked). A reader that takes a little at a time wakes the writer only once the
+        kernel has room for a good part of its buffer, which can take longer than a stall
+        bound: this tells that reader from one that stopped, or that takes so little (a
+        trickle holding the connection, and an app's slot behind it) that it might as well
+        have."""
         if not self._drain_waiters:
             return False
         mark, now = self._untaken_mark, self.untaken()
-        if now is None:
+        if now is None or mark is None or mark - now < READER_MIN_TAKEN:
             return False
         self._untaken_mark = now
-        return mark is not None and now < mark
+        return True
 
     # ------------------------------------------------------------ llhttp callbacks
 

@@ -187,27 +187,33 @@ async def test_an_app_that_goes_silent_mid_answer_is_the_apps_error() -> None:
         await app.wait_closed()
 
 
-async def _read_slowly(port: int, host: str, size: int) -> int:
-    """A reader on a small receive buffer that takes 32 KiB every 30 ms (about 1 MB/s, far
-    slower than the sidecar writes): the kernel wakes the sidecar's writes only once a good
-    part of its send buffer is free, seconds apart. Returns the body bytes received."""
+async def _read_slowly(port: int, host: str, size: int, step: int = 32768,
+                       pause: float = 0.03, within: float = 30.0, rcvbuf: int = 16384) -> int:
+    """A reader on a small receive buffer that takes ``step`` bytes every ``pause`` seconds
+    (by default about 1 MB/s, far slower than the sidecar writes): the kernel wakes the
+    sidecar's writes only once a good part of its send buffer is free, seconds apart.
+    Returns the body bytes received (until the end, a cut, or ``within`` seconds)."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, port))
-    reader, writer = await asyncio.open_connection(sock=sock)
+    # a small buffer: the stream reads from the socket only as fast as it is read
+    reader, writer = await asyncio.open_connection(sock=sock, limit=step)
     try:
         writer.write(b"GET /big HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         got = 0
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + within
         while got < size and time.monotonic() < deadline:
-            data = await reader.read(32768)
+            try:
+                data = await reader.read(step)
+            except ConnectionError:
+                break
             if not data:
                 break
             got += len(data)
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(pause)
         return got
     finally:
         writer.close()
@@ -255,6 +261,28 @@ async def test_a_slow_steady_app_gets_the_whole_answer_at_the_outbound_sidecar()
     try:
         assert await _read_slowly(sidecar.outbound_port, "svc", size) == size
         assert sidecar.metric("equilibrium_errors_total", upstream="svc") == 0
+    finally:
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()
+
+
+async def test_a_trickle_reader_is_still_cut_at_the_inbound_sidecar() -> None:
+    # 1 KiB every 50 ms (20 KB/s) against a stall bound of 0.5 s: under the 64 KiB a bound
+    # a reader must take to count as moving, so it is a stall (it would otherwise hold the
+    # app's slot as long as it liked)
+    size = 64 * 1024 * 1024
+    app, sidecar, port = await _inbound_in_front_of(_big_app(size), "0.5")
+    requests = "equilibrium_inbound_requests_total"
+    try:
+        reading = asyncio.create_task(_read_slowly(port, "app", size, step=1024, pause=0.05,
+                                                   within=20, rcvbuf=4096))
+        await eventually(lambda: sidecar.metric(requests, outcome="caller-stalled") == 1,
+                         "the trickle counted as a stall", timeout=10)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        assert sidecar.metric(requests, outcome="admitted") == 0
     finally:
         await async_stop(sidecar)
         app.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sidecar.watchdog import Watchdog
 
@@ -55,3 +56,25 @@ async def test_progress_no_push_saw_keeps_it_as_long_as_it_lasts() -> None:
 
 async def test_moving_is_not_asked_while_pushes_come() -> None:
     assert await _guarded(0.1, 0.3, moving=[], pushes=9) == (False, 0)
+
+
+async def test_a_failing_progress_check_cuts_its_request_and_spares_the_others() -> None:
+    # the check runs in the loop's one sweeper timer: an exception there must not stop the
+    # timer for every other request
+    def broken() -> bool:
+        raise TypeError("hook failed")
+
+    async def guarded(idle: float, hook: Callable[[], bool] | None) -> bool:
+        watchdog = Watchdog(idle)
+        watchdog.moving = hook
+        try:
+            await asyncio.sleep(2.0)
+            return False
+        except asyncio.CancelledError:
+            if not watchdog.took_back():
+                raise
+            return True
+        finally:
+            watchdog.stop()
+
+    assert await asyncio.gather(guarded(0.05, broken), guarded(0.2, None)) == [True, True]
