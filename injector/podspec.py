@@ -69,13 +69,20 @@ class StopTimes:
 
 
 def stop_times(config: InjectorConfig, settings: PodMeshSettings) -> StopTimes:
-    """The sidecar's preStop delay (the injector's ``shutdown_delay`` after the app's own
-    preStop wait) and its drain, fitted into the pod's grace period: the delay is cut to
-    leave :data:`DRAIN_ROOM` seconds, the drain to end a second before the kubelet's kill."""
-    wanted = (min(config.shutdown_delay + settings.app_prestop_seconds, MAX_SHUTDOWN_DELAY)
-              if config.shutdown_delay > 0 and not config.native_sidecar else 0.0)
+    """An ordinary sidecar container's preStop delay (the injector's ``shutdown_delay``
+    after the app's own preStop wait) and its drain, fitted into the pod's grace period:
+    the delay is cut to leave :data:`DRAIN_ROOM` seconds, but never to end before the app's
+    own wait does (the app would make its last calls to a sidecar that stopped accepting),
+    and the drain to end a second before the kubelet's kill. A native sidecar has neither
+    (the kubelet stops it after the app exited: its drain comes after the app's stop)."""
+    if config.native_sidecar:
+        return StopTimes(0.0, SIDECAR_DRAIN, 0.0)
     grace = settings.grace_seconds
-    delay = min(wanted, max(0.0, grace - DRAIN_ROOM - EXIT_ROOM))
+    delay = wanted = 0.0
+    if config.shutdown_delay > 0:
+        wanted = min(config.shutdown_delay + settings.app_prestop_seconds, MAX_SHUTDOWN_DELAY)
+        delay = max(min(wanted, grace - DRAIN_ROOM - EXIT_ROOM),
+                    min(settings.app_prestop_seconds, grace), 0.0)
     drain = min(SIDECAR_DRAIN, max(EXIT_ROOM, grace - delay - EXIT_ROOM))
     return StopTimes(delay, drain, wanted)
 

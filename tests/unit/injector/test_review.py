@@ -163,7 +163,9 @@ def test_the_sidecar_outlasts_the_apps_own_prestop_wait(hook: dict[str, Any],
 @pytest.mark.parametrize(("grace", "app_wait", "delay", "drain", "warned"), [
     (None, None, "5", None, False),  # the defaults fit: 5 s, then a drain of up to 20 s
     (30, 15, "20", "9", False),  # the delay fits; the drain ends a second before the kill
-    (10, 15, "4", "5", True),  # the delay is cut to keep 5 s for the drain
+    (12, 2, "6", "5", True),  # the delay is cut to keep 5 s for the drain
+    (30, 25, "25", "4", True),  # but never to end before the app's own wait does
+    (10, 15, "10", "1", True),  # a wait past the grace period: both are killed at its end
     (3, None, None, "2", True),  # no room for a delay at all: no hook
     (0, None, None, "1", True),
 ])
@@ -189,6 +191,20 @@ def test_the_sidecars_stop_fits_the_pods_grace_period(grace: int | None, app_wai
     assert build_parser(args).parse_args(args).func is not None  # the sidecar's CLI takes it
     warnings = verdict.response["response"].get("warnings", [])
     assert any("terminationGracePeriodSeconds" in w for w in warnings) == warned
+
+
+def test_a_native_sidecars_drain_is_left_alone() -> None:
+    # the kubelet stops a native sidecar only after the app exited: no hook, and its drain
+    # is not the app's to fit
+    pod = make_pod(INJECT)
+    pod["spec"]["terminationGracePeriodSeconds"] = 5
+    config = InjectorConfig(image="equilibrium:test", native_sidecar=True)
+    verdict = decide(make_review(pod), config)
+    patched = apply_patch(pod, [dict(op) for op in verdict.patch])
+    [sidecar] = [c for c in patched["spec"]["initContainers"]
+                 if c["name"] == "equilibrium-sidecar"]
+    assert "--drain-timeout" not in sidecar["args"] and "lifecycle" not in sidecar
+    assert "warnings" not in verdict.response["response"]
 
 
 @pytest.mark.parametrize("command", [[["sleep"], "15"], ["sleep", {"n": 1}], ["sleep"],
