@@ -8,6 +8,8 @@ these pin the edge cases that are awkward to produce on the wire.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.forward import (
@@ -118,3 +120,22 @@ def test_the_last_chunk_carries_trailers_as_they_came() -> None:
 def test_the_last_chunk_refuses_a_line_break(value: str) -> None:
     with pytest.raises(TrailerError):
         last_chunk([("X-A", value)])
+
+
+_NAMES = st.sampled_from([b"Server", b"ETag", b"Connection", b"connection", b"Keep-Alive",
+                          b"Via", b"VIA", b"X-GT-Price", b"x_gt_congestion", b"X-A", b"x-a",
+                          b"Transfer-Encoding", b"Trailer", b"Content-Length", b"Set-Cookie"])
+_VALUES = st.sampled_from([b"keep-alive", b" Keep-Alive ", b"close", b"close, X-A", b"X-A",
+                           b"1.0 a", b"v=1;level=0.5", b"\xff\xfe", b"", b"a, b"])
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=12))
+def test_the_answers_fields_from_the_wire_follow_the_general_rule(
+        fields: list[tuple[bytes, bytes]]) -> None:
+    from sidecar.forward import response_headers_from_wire
+    from sidecar.http1.client_connection import _decode
+
+    out, game = response_headers_from_wire(fields, "1.1 me")
+    want_out, want_game = response_headers_to_app(_decode(fields), "1.1 me")
+    assert list(out.items()) == list(want_out.items())
+    assert game == want_game

@@ -16,6 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -765,3 +767,34 @@ def test_a_source_address_of_the_other_family_is_not_bound() -> None:
     assert local_address("fd00::5", "::1") == ("fd00::5", 0)
     assert local_address("fd00::5", "10.0.0.1") is None
     assert local_address("127.0.0.2", "users.default.svc") == ("127.0.0.2", 0)
+
+
+def _framing_by_the_book(status: int, fields: list[tuple[bytes, bytes]]
+                         ) -> tuple[bool, float | None]:
+    """RFC 9112 §6.3 and Keep-Alive's timeout, field by field: what _framing must give."""
+    until_eof = status not in (204, 304)
+    announced = None
+    for name, value in fields:
+        lower = name.lower()
+        chunked = lower == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked")
+        if lower == b"content-length" or chunked:
+            until_eof = False
+        elif lower == b"keep-alive":
+            for part in value.split(b","):
+                key, _, number = part.partition(b"=")
+                number = number.strip()
+                if key.strip().lower() == b"timeout" and number.isdigit() and len(number) < 10:
+                    announced = float(number)
+    return until_eof, announced
+
+
+@given(st.sampled_from([200, 204, 304, 404]), st.lists(st.tuples(
+    st.sampled_from([b"Content-Length", b"content-length", b"Transfer-Encoding",
+                     b"TRANSFER-ENCODING", b"Keep-Alive", b"keep-alive", b"Server", b"X-A"]),
+    st.sampled_from([b"5", b"chunked", b"gzip, Chunked ", b"gzip", b"timeout=5",
+                     b"timeout=2, max=100", b" TimeOut = 7", b"timeout=x", b""])), max_size=6))
+def test_the_answers_framing_is_read_as_the_rfc_says(
+        status: int, fields: list[tuple[bytes, bytes]]) -> None:
+    from sidecar.http1.client_connection import _framing
+
+    assert _framing(status, fields) == _framing_by_the_book(status, fields)
