@@ -38,6 +38,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -300,7 +301,8 @@ async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool
     return relays
 
 
-async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str]) -> None:
+async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str],
+                      sample: bool = False) -> None:
     logs = Path(tempfile.mkdtemp(prefix="equilibrium-request-cost-"))
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
@@ -317,15 +319,51 @@ async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str]
             for name in names:
                 pid, port, _ = relays[name]
                 await load(port, rate, 2.0, load_cpu)  # warm-up, not measured
+                sampler = await start_sampler(pid, logs / f"perf.{name}.{round_}", seconds) \
+                    if sample else None
                 before = peers.tree_cpu_seconds(pid)
                 result = await load(port, rate, seconds, load_cpu)
                 used = peers.tree_cpu_seconds(pid) - before
                 print(f"| {round_} | {name} | {used / (rate * seconds) * 1e6:.0f} µs | "
                       f"{result} |", flush=True)
+                if sampler is not None:
+                    await sampler.wait()
     finally:
         for _, _, stop in relays.values():
             await stop()
         await backend.stop()
+    if sample:
+        report_samples(logs, names, rounds)
+
+
+async def start_sampler(pid: int, path: Path, seconds: float) -> asyncio.subprocess.Process:
+    """``perf record`` of the relay's process for the turn: the kernel's CPU clock at 999 Hz
+    (the only event these VMs give: no hardware counters), by shared object."""
+    return await asyncio.create_subprocess_exec(
+        "perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-p", str(pid),
+        "-o", str(path), "--", "sleep", f"{seconds:g}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+def report_samples(logs: Path, names: list[str], rounds: int) -> None:
+    """Each relay's samples by shared object (all its turns together), as shares."""
+    for name in dict.fromkeys(names):
+        counts: collections.Counter[str] = collections.Counter()
+        for round_ in range(1, rounds + 1):
+            data = logs / f"perf.{name}.{round_}"
+            if not data.exists():
+                continue
+            out = subprocess.run(
+                ["perf", "report", "-i", str(data), "--stdio", "--sort", "dso", "-F",
+                 "sample,dso", "--no-children"], capture_output=True, text=True, check=False)
+            for line in out.stdout.splitlines():
+                parts = line.split(None, 1)
+                if len(parts) == 2 and parts[0].isdigit():
+                    counts[parts[1].strip()] += int(parts[0])
+        total = sum(counts.values()) or 1
+        print(f"\n{name}: {total} samples (cpu-clock, 999 Hz)\n| where | share |\n| --- | ---: |")
+        for dso, n in counts.most_common(12):
+            print(f"| `{dso}` | {100 * n / total:.1f} % |")
 
 
 async def measure_opcodes(names: list[str], top: int) -> None:
@@ -387,6 +425,8 @@ def main() -> int:
     p.add_argument("--opcodes", action="store_true",
                    help="count bytecode instructions per request instead (sidecar, plumbing)")
     p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
+    p.add_argument("--sample", action="store_true",
+                   help="also sample each turn with perf record, and report by shared object")
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="another checkout, whose sidecar is the relay named baseline")
     # the child processes' roles
@@ -440,7 +480,9 @@ def main() -> int:
         return 0
     if not (0 < args.rate <= 5000 and 0 < args.seconds <= 120 and 1 <= args.rounds <= 10):
         p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
-    asyncio.run(measure_cpu(args.rate, args.seconds, args.rounds, names))
+    if args.sample and shutil.which("perf") is None:
+        p.error("--sample needs perf (Debian's linux-perf)")
+    asyncio.run(measure_cpu(args.rate, args.seconds, args.rounds, names, args.sample))
     return 0
 
 
