@@ -263,10 +263,14 @@ async def until_listening(port: int) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool,
-                       proxy_cpu: int | None) -> dict[str, tuple[int, int, Any]]:
-    """name -> (pid, port, stop); each relay pinned to ``proxy_cpu``."""
-    relays: dict[str, tuple[int, int, Any]] = {}
+class RelayFailed(Exception):
+    """A relay did not start listening: what its log says is in the message."""
+
+
+async def start_relays(relays: dict[str, tuple[int, int, Any]], names: list[str],
+                       backend: str, logs: Path, opcodes: bool, proxy_cpu: int | None) -> None:
+    """Fills ``relays`` (name -> (pid, port, stop)) as each starts, so that the caller stops
+    those that did even when a later one fails; each relay pinned to ``proxy_cpu``."""
     for name in dict.fromkeys(names):  # once each: a name may repeat in the turn order
         port = free_port()
         if name == "haproxy":
@@ -289,7 +293,10 @@ async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool
                                stderr=log_file)
 
         async def stop(proc: asyncio.subprocess.Process = proc) -> None:
-            proc.terminate()
+            if proc.returncode is not None:
+                return
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 10)
             except TimeoutError:
@@ -297,8 +304,13 @@ async def start_relays(names: list[str], backend: str, logs: Path, opcodes: bool
                 await proc.wait()
 
         relays[name] = (proc.pid, port, stop)
-        await until_listening(port)
-    return relays
+        try:
+            await until_listening(port)
+        except RuntimeError:
+            tail = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise RelayFailed(f"the {name} relay did not start (its log, "
+                              f"{logs / f'{name}.log'}, ends: {' | '.join(tail) or 'empty'})"
+                              ) from None
 
 
 async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str],
@@ -311,47 +323,50 @@ async def measure_cpu(rate: float, seconds: float, rounds: int, names: list[str]
     try:
         if load_cpu is not None:
             backend.pin([load_cpu])
-        relays = await start_relays(names, backend.url.rstrip("/"), logs, False, proxy_cpu)
+        await start_relays(relays, names, backend.url.rstrip("/"), logs, False, proxy_cpu)
         print(f"{rate:g} req/s over {CONNECTIONS} connections, {seconds:g} s a turn; relays "
               f"on CPU {proxy_cpu}, generator and nginx on CPU {load_cpu}; logs in {logs}")
         print("| round | relay | CPU per request | load |\n| ---: | --- | ---: | --- |")
+        turn = 0  # the sample files' numbers: a name may have several turns a round
         for round_ in range(1, rounds + 1):
             for name in names:
                 pid, port, _ = relays[name]
                 await load(port, rate, 2.0, load_cpu)  # warm-up, not measured
-                sampler = await start_sampler(pid, logs / f"perf.{name}.{round_}", seconds) \
+                turn += 1
+                sampler = await start_sampler(pid, logs / f"perf.{name}.{turn}", seconds) \
                     if sample else None
                 before = peers.tree_cpu_seconds(pid)
                 result = await load(port, rate, seconds, load_cpu)
                 used = peers.tree_cpu_seconds(pid) - before
                 print(f"| {round_} | {name} | {used / (rate * seconds) * 1e6:.0f} µs | "
                       f"{result} |", flush=True)
-                if sampler is not None:
-                    await sampler.wait()
+                if sampler is not None and await sampler.wait() != 0:
+                    print(f"perf record failed for {name} (turn {turn}): see "
+                          f"{logs / f'perf.{name}.{turn}.log'}", file=sys.stderr)
     finally:
         for _, _, stop in relays.values():
             await stop()
         await backend.stop()
     if sample:
-        report_samples(logs, names, rounds)
+        report_samples(logs, names)
 
 
 async def start_sampler(pid: int, path: Path, seconds: float) -> asyncio.subprocess.Process:
     """``perf record`` of the relay's process for the turn: the kernel's CPU clock at 999 Hz
     (the only event these VMs give: no hardware counters), by shared object."""
-    return await asyncio.create_subprocess_exec(
-        "perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-p", str(pid),
-        "-o", str(path), "--", "sleep", f"{seconds:g}",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    with open(path.with_name(path.name + ".log"), "w") as log:
+        return await asyncio.create_subprocess_exec(
+            "perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-p", str(pid),
+            "-o", str(path), "--", "sleep", f"{seconds:g}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=log)
 
 
-def report_samples(logs: Path, names: list[str], rounds: int) -> None:
+def report_samples(logs: Path, names: list[str]) -> None:
     """Each relay's samples by shared object (all its turns together), as shares."""
     for name in dict.fromkeys(names):
         counts: collections.Counter[str] = collections.Counter()
-        for round_ in range(1, rounds + 1):
-            data = logs / f"perf.{name}.{round_}"
-            if not data.exists():
+        for data in sorted(logs.glob(f"perf.{name}.*")):
+            if data.suffix == ".log":
                 continue
             out = subprocess.run(
                 ["perf", "report", "-i", str(data), "--stdio", "--sort", "dso", "-F",
@@ -371,7 +386,7 @@ async def measure_opcodes(names: list[str], top: int) -> None:
     backend = await peers.PeerProxy.start(None, [], logs, name="static-backend")
     relays: dict[str, tuple[int, int, Any]] = {}
     try:
-        relays = await start_relays(names, backend.url.rstrip("/"), logs, True, None)
+        await start_relays(relays, names, backend.url.rstrip("/"), logs, True, None)
         for name in names:
             pid, port, _ = relays[name]
             await load(port, 200.0, 2.0, None)  # warm-up: connections, caches, first tick
@@ -458,6 +473,12 @@ def main() -> int:
         sys.argv = ["equilibrium", *args.sidecar]
         return int(equilibrium_main() or 0)
     names = [n.strip() for n in args.relays.split(",") if n.strip()]
+    if not names:
+        p.error("--relays names no relay")
+    if args.opcodes and args.sample:
+        p.error("--sample samples the CPU turns; --opcodes counts instructions instead")
+    if args.opcodes and not set(names) & {"sidecar", "plumbing", "baseline"}:
+        p.error("--opcodes counts in sidecar, plumbing or baseline: name one in --relays")
     unknown = set(names) - {"sidecar", "plumbing", "bare", "haproxy", "baseline"}
     if unknown:
         p.error(f"unknown relay(s): {', '.join(sorted(unknown))}")
@@ -472,17 +493,28 @@ def main() -> int:
         print("needs nginx (the static backend)", file=sys.stderr)
         return 2
     if "haproxy" in names and shutil.which("haproxy") is None:
-        names.remove("haproxy")
+        names = [name for name in names if name != "haproxy"]
         print("haproxy is not installed: its row is skipped", file=sys.stderr)
-    if args.opcodes:
-        asyncio.run(measure_opcodes(
-            [n for n in names if n in ("sidecar", "plumbing", "baseline")], args.top))
-        return 0
-    if not (0 < args.rate <= 5000 and 0 < args.seconds <= 120 and 1 <= args.rounds <= 10):
-        p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
-    if args.sample and shutil.which("perf") is None:
-        p.error("--sample needs perf (Debian's linux-perf)")
-    asyncio.run(measure_cpu(args.rate, args.seconds, args.rounds, names, args.sample))
+    if not names:
+        print("no relay left to measure", file=sys.stderr)
+        return 2
+    try:
+        if args.opcodes:
+            asyncio.run(measure_opcodes(
+                [n for n in names if n in ("sidecar", "plumbing", "baseline")], args.top))
+            return 0
+        if not (0 < args.rate <= 5000 and 0 < args.seconds <= 120 and 1 <= args.rounds <= 10):
+            p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
+        if args.sample and shutil.which("perf") is None:
+            p.error("--sample needs perf (Debian's linux-perf)")
+        if args.sample and os.geteuid() != 0:
+            print("note: not root, so perf may drop the kernel's samples (see "
+                  "/proc/sys/kernel/perf_event_paranoid): the kernel's share would read low",
+                  file=sys.stderr)
+        asyncio.run(measure_cpu(args.rate, args.seconds, args.rounds, names, args.sample))
+    except RelayFailed as exc:
+        print(f"request_cost: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
