@@ -113,8 +113,9 @@ class Exchange(RequestHead, Protocol):
         ...
 
     def reader_moving(self) -> bool:
-        """While a write of the answer waits: whether the reader took some of it since the
-        wait began or since last asked (a slow reader, not a stalled one)."""
+        """While a write of the answer waits: whether the reader took enough of it since the
+        wait began or since last asked to count as a slow reader, not a stalled one (the
+        listener's floor: ``sidecar.http1.server.READER_MIN_TAKEN``)."""
         ...
 
     async def answer(self, answer: Answer) -> None:
