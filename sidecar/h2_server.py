@@ -227,7 +227,9 @@ class H2ServerConnection(H2Connection):
     # ------------------------------------------------------------ defences
 
     def _arm_idle_timer(self) -> None:
-        if self.limits.idle_timeout > 0 and self.idle_timer is None:
+        # not once the connection is lost: the timer would keep it (and what it holds) for
+        # the whole idle timeout, for nothing
+        if self.limits.idle_timeout > 0 and self.idle_timer is None and self.transport:
             self.idle_timer = self.loop.call_later(self.limits.idle_timeout, self._idle_expired)
 
     def _disarm_idle_timer(self) -> None:

@@ -85,3 +85,41 @@ async def test_a_request_reset_in_the_read_that_opened_it_leaks_nothing() -> Non
         pumping.cancel()
         writer.close()
         server.close()
+
+
+async def test_a_lost_connection_arms_no_idle_timer() -> None:
+    # its last stream's task ends after the connection is gone: the idle timer it would arm
+    # kept the dead connection (and what it holds) for the whole idle timeout
+    started = asyncio.Event()
+
+    async def handler(stream: ServerStream) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    connections: list[H2ServerConnection] = []
+
+    def factory() -> H2ServerConnection:
+        connections.append(H2ServerConnection(handler))
+        return connections[-1]
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", server.sockets[0].getsockname()[1])
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                  header_encoding=None))
+    client.initiate_connection()
+    client.send_headers(client.get_next_available_stream_id(),
+                        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                         (b":authority", b"svc")], end_stream=True)
+    writer.write(client.data_to_send())
+    try:
+        await asyncio.wait_for(started.wait(), 5)
+        writer.close()
+        [conn] = connections
+        async with asyncio.timeout(5):
+            while conn.tasks or conn.transport is not None:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # the last task's done callback
+        assert conn.idle_timer is None
+    finally:
+        server.close()
