@@ -129,17 +129,7 @@ async def _inbound_in_front_of(handle, request_timeout: str,  # type: ignore[no-
 async def test_a_caller_that_stops_reading_is_its_own_doing_at_the_inbound_sidecar(
         extra: list[str]) -> None:
     size = 64 * 1024 * 1024  # far more than the socket buffers on both sides hold
-
-    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        with contextlib.suppress(ConnectionError):
-            for _ in range(size // 65536):
-                writer.write(b"b" * 65536)
-                await writer.drain()
-        writer.close()
-
-    app, sidecar, port = await _inbound_in_front_of(big, "0.5", extra)
+    app, sidecar, port = await _inbound_in_front_of(_big_app(size), "0.5", extra)
     requests = "equilibrium_inbound_requests_total"
     try:
         reader, writer = await asyncio.open_connection(LOOPBACK, port)

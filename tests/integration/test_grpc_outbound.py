@@ -9,6 +9,7 @@ and after.
 
 from __future__ import annotations
 
+import abc
 import json
 import signal
 import socket
@@ -672,7 +673,7 @@ def test_grpc_timeout_is_enforced_by_the_sidecar(mesh: Mesh) -> None:
         client.close()
 
 
-class RawPod:
+class RawPod(abc.ABC):
     """An h2c server on a raw socket, answering each stream as :meth:`on_event` says."""
 
     def __init__(self) -> None:
@@ -713,8 +714,10 @@ class RawPod:
                     self.on_event(conn, event)
                 sock.sendall(conn.data_to_send())
 
+    @abc.abstractmethod
     def on_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
-        raise NotImplementedError
+        """What the pod does with one event of its connection (frames it sends go out after
+        the read's events)."""
 
     def stop(self) -> None:
         self.stopped = True

@@ -8,33 +8,38 @@ from collections.abc import Callable
 from sidecar.watchdog import Watchdog
 
 
+async def _run(idle: float, work: float, hook: Callable[[], bool] | None = None,
+               pushes: int = 0) -> bool:
+    """``work`` seconds of waiting under a watchdog (``pushes`` times pushed on the way,
+    ``hook`` its progress check); whether it timed out."""
+    watchdog = Watchdog(idle)
+    watchdog.moving = hook
+    try:
+        for _ in range(pushes + 1):
+            await asyncio.sleep(work / (pushes + 1))
+            watchdog.push()
+        return False
+    except asyncio.CancelledError:
+        if not watchdog.took_back():
+            raise
+        return True
+    finally:
+        watchdog.stop()
+
+
 async def _guarded(idle: float, work: float, moving: list[bool] | None = None,
                    pushes: int = 0) -> tuple[bool, int]:
-    """Run ``work`` seconds of waiting under a watchdog; (timed out?, times moving asked)."""
+    """:func:`_run` with a check that answers ``moving`` in turn (then no); (timed out?,
+    times the check was asked)."""
     asked = 0
 
-    async def guarded() -> bool:
+    def ask() -> bool:
         nonlocal asked
-        watchdog = Watchdog(idle)
-        if moving is not None:
-            def ask() -> bool:
-                nonlocal asked
-                asked += 1
-                return moving.pop(0) if moving else False
-            watchdog.moving = ask
-        try:
-            for _ in range(pushes + 1):
-                await asyncio.sleep(work / (pushes + 1))
-                watchdog.push()
-            return False
-        except asyncio.CancelledError:
-            if not watchdog.took_back():
-                raise
-            return True
-        finally:
-            watchdog.stop()
+        asked += 1
+        return moving.pop(0) if moving else False
 
-    return await guarded(), asked
+    timed_out = await _run(idle, work, ask if moving is not None else None, pushes)
+    return timed_out, asked
 
 
 async def test_a_stall_past_the_bound_is_cut() -> None:
@@ -64,17 +69,4 @@ async def test_a_failing_progress_check_cuts_its_request_and_spares_the_others()
     def broken() -> bool:
         raise TypeError("hook failed")
 
-    async def guarded(idle: float, hook: Callable[[], bool] | None) -> bool:
-        watchdog = Watchdog(idle)
-        watchdog.moving = hook
-        try:
-            await asyncio.sleep(2.0)
-            return False
-        except asyncio.CancelledError:
-            if not watchdog.took_back():
-                raise
-            return True
-        finally:
-            watchdog.stop()
-
-    assert await asyncio.gather(guarded(0.05, broken), guarded(0.2, None)) == [True, True]
+    assert await asyncio.gather(_run(0.05, 2.0, broken), _run(0.2, 2.0)) == [True, True]
