@@ -1,6 +1,6 @@
 """Where a proxied request's CPU goes: the sidecar against its own plumbing and a bare relay.
 
-Four HTTP/1.1 relays in front of one static nginx backend, each pinned to CPU 0 and driven in
+HTTP/1.1 relays in front of one static nginx backend, each pinned to CPU 0 and driven in
 turn by the same open-loop load (``--rate`` requests a second over 4 keep-alive connections,
 from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is read from
 ``/proc`` (user + system, the relay's process tree) over a fixed number of requests:
@@ -10,6 +10,10 @@ from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is r
   answer relay (:func:`sidecar.forward.relay_answer`), with a handler that only forwards: no
   routing, policy, phases, metrics or retries. What the request path costs before the mesh
   does anything;
+- ``lean``: the bare relay's shape (below) doing the sidecar's own per-request work with the
+  sidecar's own objects (its upstream table and ticked policy, phases, header rules and
+  metrics, called as the outbound proxy calls them): what a request path rebuilt on
+  callbacks would cost if the mesh's work per request stayed as it is;
 - ``bare``: a relay of protocol callbacks alone (``httptools`` both ways, one upstream
   connection per app connection, no task or future per request): what uvloop and the kernel
   cost, the floor of any Python relay;
@@ -18,9 +22,9 @@ from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is r
   worktree add DIR HEAD~1``), so a change is measured against the code before it in one run.
 
 ``--opcodes`` instead counts the CPython bytecode instructions each request executes in the
-sidecar and in the plumbing (``sys.settrace`` with opcode events, at 100 req/s): a measure of
-the interpreter's work per request that does not depend on the machine's speed or noise, by
-function. Pure Python only (compiled modules run no bytecode).
+sidecar, the plumbing or the lean relay (``sys.settrace`` with opcode events, at 100 req/s):
+a measure of the interpreter's work per request that does not depend on the machine's speed
+or noise, by function. Pure Python only (compiled modules run no bytecode).
 
 Needs nginx (and haproxy for its row). Loopback only; every load is bounded by ``--seconds``.
 
@@ -35,6 +39,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -185,6 +190,139 @@ async def serve_bare(port: int, backend: str) -> None:
                        + b"".join(self.head) + b"Via: 1.1 bare\r\n\r\n")
             if self.upstream is None:
                 self.waiting.append(request)
+            else:
+                self.upstream.transport.write(request)
+
+    await loop.create_server(App, "127.0.0.1", port)
+    await asyncio.Event().wait()
+
+
+async def serve_lean(port: int, backend: str) -> None:
+    """The bare relay's shape (protocol callbacks, no task, future, exchange or watchdog per
+    request) doing the sidecar's own per-request work, with the sidecar's own objects: its
+    upstream table and policy (ticked as the sidecar ticks it), phases, header rules and
+    metrics, called in the order :class:`sidecar.outbound.OutboundProxy` calls them. What a
+    rebuilt request path would cost if the mesh's work per request stayed as it is."""
+    import httptools
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from sidecar.cli import CONFIG_OPTIONS, add_options, flags_from_args
+    from sidecar.config import ConfigSource
+    from sidecar.forward import request_headers_to_upstream, response_headers_from_wire
+    from sidecar.outbound import upstream_name
+    from sidecar.phases import RequestContext
+    from sidecar.runner import SidecarRunner
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, CONFIG_OPTIONS)
+    argv = sidecar_argv("cost", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
+                        {"backend": [backend]})[4:]
+    source = ConfigSource.from_sources(flags_from_args(parser.parse_args(argv)))
+    runner = SidecarRunner(source, source.load())
+    proxy, table, clock = runner.proxy, runner.table, runner.clock
+    phases, metrics, via, rng = proxy.phases, proxy.metrics, proxy.via, proxy.rng
+    table.apply(runner.config.upstreams, clock())
+    loop = asyncio.get_running_loop()
+    tasks = {loop.create_task(runner._tick_loop())}  # learning, as in the sidecar
+    gc.collect()
+    gc.freeze()  # as the sidecar does once it is ready
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, app: App) -> None:
+            self.app, self.parser = app, httptools.HttpResponseParser(self)
+            self.fields: list[tuple[bytes, bytes]] = []
+            self.body: list[bytes] = []
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.fields = []
+            self.body = []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.fields.append((name, value))
+
+        def on_body(self, data: bytes) -> None:
+            self.body.append(data)
+
+        def on_message_complete(self) -> None:
+            app = self.app
+            ctx, sent = app.ctx, app.sent
+            status = self.parser.get_status_code()
+            headers, game = response_headers_from_wire(self.fields, via)
+            proxy._observe_head(ctx, status, phases.response_signals(ctx, game), sent)
+            phases.response_filter(ctx, headers)
+            head = "\r\n".join([f"HTTP/1.1 {status} OK",
+                                 *[f"{k}: {v}" for k, v in headers.items()]])
+            app.transport.write(head.encode("utf-8", "surrogateescape") + b"\r\n\r\n"
+                                + b"".join(self.body))
+            assert ctx.group is not None
+            metrics.request_in_flight(ctx.group.name, -1)
+            phases.logging(ctx, clock())
+
+    class App(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport, self.parser = transport, httptools.HttpRequestParser(self)
+            self.upstream: Upstream | None = None
+            self.waiting: list[bytes] = []
+            self.remote = transport.get_extra_info("peername")[0]
+
+        async def connect(self, endpoint: str) -> None:
+            host, _, port = endpoint.split("//", 1)[1].rstrip("/").rpartition(":")
+            _, self.upstream = await loop.create_connection(
+                lambda: Upstream(self), host, int(port))
+            for request in self.waiting:
+                self.upstream.transport.write(request)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.fields: list[tuple[bytes, bytes]] = []
+
+        def on_url(self, url: bytes) -> None:
+            self.url = url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.fields.append((name, value))
+
+        def on_message_complete(self) -> None:
+            received = CIMultiDictProxy(CIMultiDict([
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in self.fields]))
+            method = self.parser.get_method().decode("ascii")
+            authority = received.get("Host", "")
+            ctx = self.ctx = RequestContext(started=clock(), method=method,
+                                            target=self.url.decode("latin-1"),
+                                            authority=authority)
+            ctx.upstream = upstream_name(authority)
+            group = ctx.group = table.get(ctx.upstream)
+            assert group is not None
+            metrics.request_in_flight(group.name, 1)
+            assert phases.request_check(received, ctx) is None
+            base, _ = request_headers_to_upstream(received, client_ip=self.remote,
+                                                  proto="http", via=via)
+            base["Host"] = authority
+            now = clock()
+            group.budget.deposit(now)
+            endpoint = ctx.endpoint = phases.upstream_pick(ctx, rng, now)
+            assert endpoint is not None
+            ctx.tried.append(endpoint)
+            headers = CIMultiDict(base)
+            phases.upstream_request_filter(ctx, headers)
+            self.sent = clock()
+            group.policy.on_start(endpoint, self.sent)
+            head = "\r\n".join([f"{method} {ctx.target} HTTP/1.1",
+                                 *[f"{k}: {v}" for k, v in headers.items()]])
+            request = head.encode("utf-8", "surrogateescape") + b"\r\n\r\n"
+            if self.upstream is None:
+                self.waiting.append(request)
+                if len(self.waiting) == 1:
+                    tasks.add(loop.create_task(self.connect(endpoint)))
             else:
                 self.upstream.transport.write(request)
 
@@ -438,7 +576,7 @@ def main() -> int:
     p.add_argument("--relays", default="sidecar,plumbing,bare,haproxy",
                    help="which relays, in turn order; a name may repeat (default: all four)")
     p.add_argument("--opcodes", action="store_true",
-                   help="count bytecode instructions per request instead (sidecar, plumbing)")
+                   help="count bytecode instructions per request instead (sidecar, plumbing, lean)")
     p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
     p.add_argument("--sample", action="store_true",
                    help="also sample each turn with perf record, and report by shared object")
@@ -462,7 +600,7 @@ def main() -> int:
         import uvloop
 
         kind, listen, backend = args.serve
-        serve = serve_plumbing if kind == "plumbing" else serve_bare
+        serve = {"plumbing": serve_plumbing, "lean": serve_lean}.get(kind, serve_bare)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends quietly
         with contextlib.suppress(KeyboardInterrupt):
             uvloop.run(serve(int(listen), backend))
@@ -477,9 +615,9 @@ def main() -> int:
         p.error("--relays names no relay")
     if args.opcodes and args.sample:
         p.error("--sample samples the CPU turns; --opcodes counts instructions instead")
-    if args.opcodes and not set(names) & {"sidecar", "plumbing", "baseline"}:
-        p.error("--opcodes counts in sidecar, plumbing or baseline: name one in --relays")
-    unknown = set(names) - {"sidecar", "plumbing", "bare", "haproxy", "baseline"}
+    if args.opcodes and not set(names) & {"sidecar", "plumbing", "lean", "baseline"}:
+        p.error("--opcodes counts in sidecar, plumbing, lean or baseline: name one in --relays")
+    unknown = set(names) - {"sidecar", "plumbing", "lean", "bare", "haproxy", "baseline"}
     if unknown:
         p.error(f"unknown relay(s): {', '.join(sorted(unknown))}")
     if ("baseline" in names) != (args.baseline is not None):
@@ -501,7 +639,7 @@ def main() -> int:
     try:
         if args.opcodes:
             asyncio.run(measure_opcodes(
-                [n for n in names if n in ("sidecar", "plumbing", "baseline")], args.top))
+                [n for n in names if n in ("sidecar", "plumbing", "lean", "baseline")], args.top))
             return 0
         if not (0 < args.rate <= 5000 and 0 < args.seconds <= 120 and 1 <= args.rounds <= 10):
             p.error("--rate in (0, 5000], --seconds in (0, 120], --rounds in [1, 10]")
