@@ -209,11 +209,13 @@ class SidecarSignaling:
             summary = self._summary(group, policy, now, wall)
             if summary is not None:
                 summaries.append((group.name, sign_summary(summary, self.settings.key)))
-                self.metrics.summaries.labels(group.name).inc()
         newest = await self.store.exchange(
             summaries, [(group.name, self.sidecar) for group, _ in groups])
         for exc in newest.append_errors.values():
             self._key_error(exc)
+        for name, _ in summaries:  # counted once appended: not when Redis refused them
+            if name not in newest.append_errors:
+                self.metrics.summaries.labels(name).inc()
         for (group, policy), entry in zip(groups, newest, strict=True):
             if isinstance(entry, KeyTypeError):
                 policy.stop_following()  # this upstream only: its stream cannot be read

@@ -174,6 +174,7 @@ class SignalerService:
                                       config.probe_budget)
         self._last_discovery = -math.inf
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
+        self._redis_failure_told = False  # the current outage was logged
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -190,6 +191,7 @@ class SignalerService:
                     await self.run_epoch()
                     if not self.health.redis_ok:
                         log.info("signaler %s: Redis reachable", self.config.signer)
+                    self._redis_failure_told = False
                     self.health.redis_ok = True
                     self.metrics.redis_up.set(1)
                     backoff.reset()
@@ -214,9 +216,10 @@ class SignalerService:
         await self.store.close()
 
     def _redis_failed(self, exc: BaseException) -> None:
-        if self.health.redis_ok or not self.health.started:
+        if self.health.redis_ok or not self._redis_failure_told:  # once per outage
             log.warning("signaler %s: Redis unreachable (%s); retrying with backoff",
                         self.config.signer, exc or type(exc).__name__)
+            self._redis_failure_told = True
         self.health.redis_ok = False
         self.metrics.redis_up.set(0)
         self.metrics.redis_errors.labels(error_kind(exc)).inc()

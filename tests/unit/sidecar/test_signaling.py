@@ -150,6 +150,9 @@ async def test_a_wrong_typed_recommendation_key_stops_only_its_own_upstream() ->
     errors = metrics.registry.get_sample_value(
         "equilibrium_signaling_key_errors_total", {"upstream": "orders", "key": "recs"})
     assert errors == 1
+    for name in ("orders", "payments"):  # both summaries were appended
+        assert metrics.registry.get_sample_value(
+            "equilibrium_signaling_summaries_published_total", {"upstream": name}) == 1, name
     for name, following in (("orders", False), ("payments", True)):
         group = table.get(name)
         assert group is not None
@@ -191,3 +194,7 @@ async def test_a_redis_never_reached_is_logged_once_at_the_first_failure(
             await task
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("signaling: cannot reach Redis")
+    # nothing reached Redis, so nothing counts as published (it counted each one it tried)
+    assert not [sample for family in metrics.registry.collect()
+                if family.name == "equilibrium_signaling_summaries_published"
+                for sample in family.samples if sample.name.endswith("_total")]

@@ -8,6 +8,7 @@ No Redis here: the service talks to the in-memory signal store
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
@@ -147,6 +148,33 @@ async def test_readiness_stays_down_while_redis_is_down_between_discoveries() ->
     assert svc.metrics.registry.get_sample_value("equilibrium_signaler_redis_up") == 0
     epochs = svc.metrics.registry.get_sample_value("equilibrium_signaler_epochs_total")
     assert epochs is not None and epochs >= 5
+
+
+async def test_a_redis_unreachable_from_the_start_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A signaler whose Redis never answered used to log nothing at all: the failure was
+    # logged only on a change from reachable, and "started" was set before the first epoch.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}"
+    svc = SignalerService(
+        SignalerConfig(redis_url=url, signer="sig-a", key=KEY, epoch=0.05, redis_timeout=0.2,
+                       backoff_max=0.05, discover_every=0.05),
+        store=RedisSignalStore(url, 0.2), clock=time.time)
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="signaler.service")
+    task = asyncio.create_task(svc.run(stop))
+    try:
+        await asyncio.sleep(0.6)  # several failed epochs
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    told = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
+    failures = svc.metrics.registry.get_sample_value(
+        "equilibrium_signaler_redis_errors_total", {"kind": "ConnectionError"})
+    assert failures is not None and failures >= 2
 
 
 async def test_an_epoch_with_nothing_to_serve_is_ready_when_the_store_answers() -> None:
