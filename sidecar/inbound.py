@@ -354,7 +354,11 @@ class InboundProxy:
                 return
             body = upload_rest(upload, exchange.content, deadline)
         try:
-            admission = await self.policing.admit(verdict, policed, now)
+            try:
+                admission = await self.policing.admit(verdict, policed, now)
+            except asyncio.CancelledError:  # its place in the queue went back (policing)
+                self._hung_up(exchange, verdict)
+                raise
             if isinstance(admission, Refusal):
                 await exchange.answer(self._reply(verdict, admission))
                 return
@@ -407,6 +411,7 @@ class InboundProxy:
                     ))
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
+                        self._hung_up(exchange, verdict)  # the slot goes back (finally)
                         raise
                     raise TimeoutError from None  # the watchdog's: a stall
             except (TransportError, TimeoutError) as exc:
@@ -437,6 +442,12 @@ class InboundProxy:
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
                 self.probes.record(now, now - started)
+
+    def _hung_up(self, exchange: Exchange, verdict: Verdict) -> None:
+        """Cancelled before the answer began: when the caller's connection is gone (it
+        reset), that is the caller's doing, counted; its request to the app is cut."""
+        if exchange.client_gone():
+            self.metrics.requests.labels(verdict.label, InboundOutcome.CALLER_HUNG_UP).inc()
 
     async def _relay(self, exchange: Exchange, verdict: Verdict,
                      upstream: UpstreamResponse, watchdog: Watchdog) -> bool:

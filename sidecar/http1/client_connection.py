@@ -20,6 +20,9 @@ must not pick or pool connections (:mod:`sidecar.http1.client` does), retry, tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, cast
@@ -232,6 +235,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.reading_paused:  # the last bytes of the body went over the mark
                 self.resume_reading()
             self.pool.put(self)
+        elif self._head is not None:  # abandoned before its answer came
+            self.reset()
         else:
             self.abort()
 
@@ -239,6 +244,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Cut with a TCP reset rather than a FIN: the request is abandoned, not ended (a
+        FIN reads as a half-close, after which a server may still answer; an inbound
+        sidecar cancels the request on a reset and frees its app's slot)."""
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.abort()
 
     def _fail(self, exc: BaseException) -> None:
         """The exchange broke: whoever waits for it hears ``exc``; the connection is cut."""

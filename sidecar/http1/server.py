@@ -32,9 +32,12 @@ served here: once the requests before it are answered, the connection is handed 
 ``fallback()`` (aiohttp's own HTTP/1.1 protocol) together with the request's head, rebuilt
 from what was parsed, and every byte read after it, so :mod:`sidecar.websocket` serves it.
 
-An app that hangs up is not the request's failure: its handler is not cancelled, its next
-write raises ``ConnectionResetError``, and the handler decides what that means. This module
-does not route, forward or know about upstreams.
+An app that hangs up is not the request's failure. Once its answer has begun, its handler is
+not cancelled: its next write raises ``ConnectionResetError``, and the handler decides what
+that means. Before that (the socket reset while the answer is still awaited, its body all
+received), the handler is cancelled: nobody is left to read the answer, and the upstream
+attempt should stop holding its endpoint. A half-close is no hang-up: the request is
+answered. This module does not route, forward or know about upstreams.
 """
 
 from __future__ import annotations
@@ -445,6 +448,13 @@ class H1Connection(asyncio.Protocol):
         gone = ConnectionResetError("the app closed its connection")
         if self._receiving is not None:
             self._receiving.content.fail(gone)
+        active, task = self._active, self._task
+        if (active is not None and active is not self._receiving and not active.started
+                and task is not None and not task.done()):
+            # the socket is gone (a reset) before the answer began: nobody will read it, so
+            # the request in flight is cancelled (its upstream attempt with it), as Envoy and
+            # nginx do. A half-close is no hang-up (eof_received): that request is answered
+            task.cancel()
         self._queue.clear()
         self._release_worker()
         for waiter in self._drain_waiters:

@@ -277,3 +277,62 @@ async def test_a_trickle_reader_is_still_cut_at_the_inbound_sidecar() -> None:
         await async_stop(sidecar)
         app.close()
         await app.wait_closed()
+
+
+async def test_a_caller_resetting_before_its_answer_cancels_the_request_hop_by_hop() -> None:
+    # A caller that resets while its answer is still being made (a client's timeout, a hedge
+    # that lost): the outbound sidecar cancels the attempt and resets its upstream
+    # connection, the inbound sidecar then cancels its own and frees the app's slot, and the
+    # app sees its connection go. Before, both hops held on until the app answered (8 s in
+    # the stranger's test), the slot taken all along.
+    seen: list[str] = []
+    gone = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b" ", 2)[1].decode())
+        if head.startswith(b"GET /slow"):
+            try:  # the answer would take 20 s; a close or a reset ends the wait
+                ended = await asyncio.wait_for(reader.read(1), 20) == b""
+            except ConnectionError:
+                ended = True
+            except TimeoutError:
+                ended = False
+            if ended:
+                gone.set()
+                writer.close()
+                return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    app, inbound, inbound_port = await _inbound_in_front_of(slow, "30")
+    outbound = await async_start_sidecar({"svc": [f"http://{LOOPBACK}:{inbound_port}"]},
+                                         sidecar_id="reset-out")
+    try:
+        _, writer = await asyncio.open_connection(LOOPBACK, outbound.outbound_port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
+        await writer.drain()
+        await eventually(lambda: seen == ["/slow"], "the request reached the app")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+        await asyncio.wait_for(gone.wait(), 10)  # the app saw its connection go
+        await eventually(lambda: outbound.metric("equilibrium_errors_total", upstream="svc",
+                                                 reason="app-hung-up") == 1,
+                         "the hang-up counted at the caller's sidecar")
+        await eventually(lambda: inbound.metric("equilibrium_inbound_requests_total",
+                                                outcome="caller-hung-up") == 1,
+                         "the hang-up counted at the app's sidecar")
+        [view] = outbound.state()["upstreams"]["svc"]["endpoints"]
+        assert view["failures"] == 0 and view["in_flight"] == 0  # nobody's failure
+        assert inbound.metric("equilibrium_inbound_requests_total", outcome="app-error") == 0
+        async with aiohttp.ClientSession() as client, client.get(
+            f"{outbound.outbound_url}/next", headers={"Host": "svc"}
+        ) as resp:
+            assert (resp.status, await resp.text()) == (200, "ok")
+    finally:
+        await async_stop(outbound)
+        await async_stop(inbound)
+        app.close()
+        await app.wait_closed()
