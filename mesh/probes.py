@@ -142,6 +142,10 @@ class ProbeRates:
             raise ValueError("jitter must be in [0, 1)")
 
 
+REFUSED_WAIT_MAX = 30.0
+"""Seconds between probes, at most, of an endpoint whose answers are not probe answers."""
+
+
 class ProbeSchedule:
     """When each endpoint is next due for a probe.
 
@@ -153,11 +157,13 @@ class ProbeSchedule:
     def __init__(self, rates: ProbeRates | None = None) -> None:
         self.rates = rates or ProbeRates()
         self._next: dict[str, float] = {}
+        self._refused: dict[str, int] = {}  # endpoint -> probes refused in a row
 
     def sync(self, endpoints: Iterable[str], now: float, rng: random.Random) -> None:
         wanted = set(endpoints)
         for gone in set(self._next) - wanted:
             del self._next[gone]
+            self._refused.pop(gone, None)
         for endpoint in sorted(wanted - set(self._next)):
             self._next[endpoint] = now + rng.random() / self.rates.idle
 
@@ -178,13 +184,32 @@ class ProbeSchedule:
         explored with user requests again."""
         busy_set = set(busy)
         latest = now + (1.0 + self.rates.jitter) / self.rates.idle  # the longest idle interval
+        refused = self._refused
         for endpoint, at in self._next.items():
-            if at > latest and endpoint not in busy_set:
+            if at > latest and endpoint not in busy_set and endpoint not in refused:
                 self._next[endpoint] = latest
         ready = sorted(e for e, at in self._next.items() if at <= now)
         for endpoint in ready:
             self._next[endpoint] = now + self.interval(endpoint in busy_set, rng)
         return ready
+
+    def refused(self, endpoint: str, now: float, rng: random.Random) -> None:
+        """``endpoint`` answered a probe with something other than a probe answer (no
+        sidecar in front of it, or one that cannot sign): its next probe waits twice as long
+        as the last, up to :data:`REFUSED_WAIT_MAX` (jittered), until it answers one. A
+        catch-all app outside the mesh is then asked a few times a minute, not a few times
+        a second. An endpoint that does not answer at all is not slowed: it may be a pod on
+        its way back, and its probes are how it is readmitted in seconds."""
+        if endpoint not in self._next:
+            return
+        n = self._refused[endpoint] = self._refused.get(endpoint, 0) + 1
+        wait = min(REFUSED_WAIT_MAX, 2.0 ** n / self.rates.idle)
+        jitter = self.rates.jitter
+        self._next[endpoint] = now + wait * (1.0 - jitter + 2.0 * jitter * rng.random())
+
+    def answered(self, endpoint: str) -> None:
+        """``endpoint`` answered a probe as a sidecar does: back to the usual rate."""
+        self._refused.pop(endpoint, None)
 
     def next_at(self) -> float | None:
         """The earliest time any endpoint is due (None: no endpoint)."""

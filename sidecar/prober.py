@@ -30,6 +30,7 @@ from collections.abc import Callable
 import aiohttp
 from yarl import URL
 
+from mesh.notices import NoticeThrottle
 from mesh.probes import ProbeRates, ProbeSchedule
 from sidecar.membership import MeshMembership
 from sidecar.metrics import ProberMetrics
@@ -48,6 +49,8 @@ BUSY_WEIGHT = 0.02
 """An endpoint with at least this routing weight carries this caller's traffic (probed at the
 busy rate: its responses report congestion anyway)."""
 MAX_ANSWER_BYTES = 1024
+REFUSED_NOTICE_INTERVAL = 60.0
+"""Seconds between two log lines about one endpoint's refused probe answers."""
 
 
 class Prober:
@@ -76,6 +79,7 @@ class Prober:
         self.clock = clock
         self.wall_clock = wall_clock
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._notices = NoticeThrottle(REFUSED_NOTICE_INTERVAL)
         self.sent = 0
 
     def _endpoints(self) -> tuple[dict[str, list[str]], set[str]]:
@@ -158,13 +162,19 @@ class Prober:
         done = self.clock()
         if status != 200:
             self._count(upstreams, "not-meshed")
+            self.schedule.refused(endpoint, done, self.rng)
             return
         try:
             report = parse_answer(body.decode("ascii", "replace"), self.mesh_key, nonce)
         except WireError as exc:
             self._count(upstreams, str(exc.reason))
-            log.info("probe %s: answer refused: %s", endpoint, exc)
+            self.schedule.refused(endpoint, done, self.rng)
+            held = self._notices.due((endpoint, str(exc.reason)), done)
+            if held is not None:  # once a minute per endpoint and reason, not per probe
+                log.info("probe %s: answer refused: %s%s", endpoint, exc,
+                         f" ({held} more since the last report)" if held else "")
             return
+        self.schedule.answered(endpoint)
         self.metrics.duration.observe(done - started)
         self._count(upstreams, "ok")
         for name in upstreams:

@@ -12,7 +12,7 @@ import pytest
 from mesh.estimators import EndpointStats
 from mesh.herd import HerdGuard
 from mesh.policies import RegretMatchingPolicy, make_policy
-from mesh.probes import LatencyWindow, ProbeRates, ProbeReport, ProbeSchedule
+from mesh.probes import REFUSED_WAIT_MAX, LatencyWindow, ProbeRates, ProbeReport, ProbeSchedule
 from mesh.profiles import get_profile
 
 
@@ -121,6 +121,39 @@ def test_an_endpoint_dropped_from_the_traffic_is_probed_at_the_idle_rate_at_once
     before = [x for x in probed["a"][1:] if x < 10.0]
     assert max(b - a for a, b in pairwise(before)) > 2.0  # while busy, at the busy rate
     assert max(b - a for a, b in pairwise(probed["b"][1:])) >= 1.0  # "b" still busy
+
+
+def test_an_endpoint_whose_answers_are_no_probe_answers_is_asked_ever_more_rarely() -> None:
+    """Refused answers (an app without a sidecar answering 200) double the wait, up to 30 s,
+    and are not brought forward as idle; one real answer restores the usual rate. A
+    silent endpoint is not slowed (its probes readmit a pod on its way back)."""
+    schedule = ProbeSchedule(ProbeRates(idle=4.0, busy=0.5, jitter=0.0))
+    rng = random.Random(2)
+    schedule.sync(["plain", "meshed"], 0.0, rng)
+    probed: dict[str, list[float]] = {"plain": [], "meshed": []}
+    t = 0.0
+    while t < 120.0:
+        for endpoint in schedule.due(t, busy=set(), rng=rng):
+            probed[endpoint].append(t)
+            if endpoint == "plain":
+                schedule.refused(endpoint, t, rng)
+            else:
+                schedule.answered(endpoint)
+        t = round(t + 0.01, 2)
+    gaps = [round(b - a, 2) for a, b in pairwise(probed["plain"])]
+    assert gaps[:6] == pytest.approx([0.5, 1.0, 2.0, 4.0, 8.0, 16.0], abs=0.011)  # 2^n / 4 s
+    assert max(gaps) == pytest.approx(REFUSED_WAIT_MAX, abs=0.011)
+    assert len(probed["plain"]) < 12
+    assert len(probed["meshed"]) >= 470  # four a second throughout
+    schedule.answered("plain")  # it got a sidecar: the usual rate again
+    t0 = t
+    while t < t0 + 31.0:
+        for endpoint in schedule.due(t, busy=set(), rng=rng):
+            probed[endpoint].append(t)
+        t = round(t + 0.01, 2)
+    assert len([x for x in probed["plain"] if x > t0 + 30.0]) >= 3
+    schedule.refused("gone", 0.0, rng)  # not in the set: ignored
+    assert "gone" not in schedule._next
 
 
 def test_jitter_spreads_intervals_and_sync_follows_the_endpoint_set() -> None:

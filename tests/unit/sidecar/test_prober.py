@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mesh.probes import ProbeRates
 from mesh.profiles import get_profile
 from sidecar.membership import MeshMembership
 from sidecar.metrics import ProberMetrics
@@ -31,3 +40,42 @@ def test_a_probe_is_sent_with_the_host_its_identity_is_bound_to() -> None:
     assert _authority("http://127.0.0.1:8080") == "127.0.0.1:8080"
     assert _authority("http://[::1]:9000/") == "[::1]:9000"
     assert _authority("http://pod-1") == "pod-1"
+
+
+async def test_a_catch_all_app_outside_the_mesh_is_probed_less_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The stranger's finding: a plain app that answers 200 to any path, configured as a
+    # static upstream with a mesh key set, was probed four times a second for ever and every
+    # answer logged a line. Its answers are not probe answers: it is now asked ever more
+    # rarely (up to every 30 s) and logged once a minute; a real inbound sidecar's answers
+    # keep an endpoint at the usual rate (mesh.probes' tests).
+    asked: list[float] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        asked.append(time.monotonic())
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    table = UpstreamTable("equilibrium", get_profile("balanced"))
+    table.apply({"static": [f"http://127.0.0.1:{port}"]}, 0.0)
+    registry = CollectorRegistry()
+    prober = Prober(table, caller_id="caller-1", mesh_key=KEY, metrics=ProberMetrics(registry),
+                    rates=ProbeRates(idle=8.0, busy=8.0), rng=random.Random(5))
+    caplog.set_level(logging.INFO, logger="sidecar.prober")
+    task = asyncio.create_task(prober.run())
+    try:
+        await asyncio.sleep(3.0)  # 24 probes at 8 a second; backed off: 1/8, 2/8, 4/8 s...
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()
+    assert 2 <= len(asked) <= 8, asked
+    refused = [r for r in caplog.records if "answer refused" in r.getMessage()]
+    assert len(refused) == 1
