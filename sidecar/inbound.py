@@ -570,7 +570,9 @@ class InboundProxy:
         answer = self._answer(verdict, 408 if timeout else 400,
                               ErrorReason.UPLOAD_TIMEOUT if timeout
                               else ErrorReason.UPLOAD_ABANDONED, message, {})
-        await exchange.refuse_body(answer if timeout else None)
+        # abandoned: written only if the caller can still read it (it half-closed, or its
+        # body broke its framing: sidecar.http1.server)
+        await exchange.refuse_body(answer)
 
     # ------------------------------------------------------------ answers
 

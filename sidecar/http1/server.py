@@ -19,8 +19,11 @@ connection closed (``equilibrium_listener_timeouts{phase="http1_header"}``); a k
 connection idle for ``idle_timeout`` is closed (``{phase="http1_idle"}``); a head larger
 than ``max_head`` bytes is answered 431, a malformed request 400, both closing the
 connection (``equilibrium_http1_rejected_requests{reason}``); a request body's trailer
-section (or chunk framing between body bytes) over ``max_head`` bytes cuts the request
-(``{reason="trailers-too-large"}``); an answer given before its request's body ended is
+section (or chunk framing between body bytes) over ``max_head`` bytes, or a body that is
+not valid chunked framing, ends the request's body (``{reason="trailers-too-large"}``,
+``{reason="malformed"}``): its handler reads a :class:`BrokenBody` and may still answer
+(400), the rest is dropped, and the connection closes after; an answer given before its
+request's body ended is
 followed by a linger (the rest read and dropped, then the close). The
 connection cap is the site's. The timers are one ``loop.call_at`` handle per connection, moved
 rather than re-created: a request whose head arrives in one read costs no timer operation.
@@ -91,6 +94,12 @@ class H1Limits:
 class TrailersTooLarge(Exception):
     """A chunked request body's trailer section over ``max_head`` bytes (raised in the
     parser's callback, so parsing stops there)."""
+
+
+class BrokenBody(ConnectionError):
+    """A request body that broke its framing mid-way (a bad chunk size, endless chunk
+    extensions or trailers): to its reader, the app gave up on it (a ConnectionError, as
+    when it hangs up), though it may still read an answer."""
 
 
 class Framing(enum.Enum):
@@ -348,6 +357,7 @@ class H1Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.closing = False  # answer what is in flight, then close
         self._lingering = False  # refused: our answer is out, the rest is read and dropped
+        self._broken = False  # a request body broke its framing: the rest is dropped
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._untaken_mark: int | None = None  # untaken() as the current drain began
@@ -389,8 +399,8 @@ class H1Connection(asyncio.Protocol):
         self._arm("idle", self.limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return  # refused: what the app still sends is read and dropped
+        if self._lingering or self._broken:
+            return  # refused, or not HTTP any more: what the app still sends is dropped
         upgrade = self._upgrade
         if upgrade is not None:  # bytes after an upgrade's head, until its turn comes
             if upgrade.method == "CONNECT" or self.fallback is None:
@@ -801,7 +811,17 @@ class H1Connection(asyncio.Protocol):
         if self.metrics is not None:
             self.metrics.http1_rejected.labels(reason).inc()
         self._in_head = False
-        if self._active is not None:  # an answer in progress would be garbled: just cut
+        active = self._active
+        if active is not None and active is self._receiving and not active.started:
+            # the body being received broke its framing: its handler is told (it answers,
+            # 400, which the app can still read), what follows is dropped, and the
+            # connection lingers and closes after that answer (_finished)
+            self._receiving = None
+            self._broken = True
+            active.keep_alive = False
+            active.content.fail(BrokenBody(f"the request body broke its framing ({reason})"))
+            return
+        if active is not None:  # an answer in progress would be garbled: just cut
             self.abort()
             return
         self._write_error(status, reason)

@@ -336,3 +336,35 @@ async def test_a_caller_resetting_before_its_answer_cancels_the_request_hop_by_h
         await async_stop(inbound)
         app.close()
         await app.wait_closed()
+
+
+async def test_a_caller_whose_chunked_body_breaks_its_framing_is_answered_400_inbound() -> None:
+    # The stranger's finding: a chunk size of "zz" mid-body closed the caller's connection
+    # without an answer. The caller can still read, so it is told (as the outbound side
+    # tells its app), and the connection closes after.
+    async def reads_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.read()  # never answers: the body never ends well
+        writer.close()
+
+    app, sidecar, port = await _inbound_in_front_of(reads_all, "5")
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"zz\r\nbad\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b'"reason": "upload-abandoned"' in body
+        assert sidecar.metric("equilibrium_inbound_requests_total",
+                              outcome="upload-abandoned") == 1
+        assert sidecar.metric("equilibrium_inbound_http1_rejected_requests_total",
+                              reason="malformed") == 1
+        writer.close()
+    finally:
+        await async_stop(sidecar)
+        app.close()
+        await app.wait_closed()

@@ -148,8 +148,12 @@ async def test_an_app_garbling_its_chunks_mid_upload_charges_nobody(rig: Rig) ->
                  b"5\r\nhello\r\n")
     await writer.drain()
     await asyncio.sleep(0.1)  # the attempt is under way
-    writer.write(b"zz\r\nbad\r\n")  # not a chunk size: the listener cuts the app
-    await asyncio.wait_for(reader.read(), 5)
+    writer.write(b"zz\r\nbad\r\n")  # not a chunk size: the body is broken
+    answer = await asyncio.wait_for(reader.read(), 5)
+    head, _, body = answer.partition(b"\r\n\r\n")  # told so (it used to be cut unanswered)
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower()
+    assert json.loads(body)["reason"] == "app-hung-up"
+    assert b"broke its framing" in body
     await _settled(rig)
     assert rig.learned() == before
     assert rig.sample("equilibrium_errors_total", upstream="users", reason="app-hung-up") == 1

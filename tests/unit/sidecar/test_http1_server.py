@@ -21,7 +21,8 @@ from aiohttp import web
 
 from mesh.profiles import get_profile
 from sidecar.h2_site import OutboundSite
-from sidecar.http1.server import BODY_HIGH_WATER, H1Limits
+from sidecar.http1.client_connection import RequestBodyFailed
+from sidecar.http1.server import BODY_HIGH_WATER, BrokenBody, H1Limits
 from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
@@ -379,9 +380,9 @@ async def test_an_oversized_trailer_section_cuts_the_request_and_is_counted(
         if request.body is not None:
             try:
                 bodies.append(b"".join([chunk async for chunk in request.body]))
-            except BaseException as exc:  # the request is cut: cancelled
+            except BrokenBody as exc:  # as the real transport says it (H1Transport)
                 bodies.append(exc)
-                raise
+                raise RequestBodyFailed(f"the request body failed: {exc!r}") from exc
         return await hello(request)
 
     rig = await listener(reading, limits=H1Limits(max_head=8192))
@@ -394,15 +395,16 @@ async def test_an_oversized_trailer_section_cuts_the_request_and_is_counted(
         await asyncio.sleep(0.02)
     writer.write(b"0\r\n" + b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 500) for i in range(20))
                  + b"\r\n")
-    assert await closed(reader)
+    answer = await asyncio.wait_for(reader.read(), 5)  # the answer, then the close
+    assert answer.startswith(b"HTTP/1.1 400") and b"app-hung-up" in answer
     assert rig.sample("equilibrium_http1_rejected_requests_total",
                       reason="trailers-too-large") == 1
     for _ in range(100):
         if bodies:
             break
         await asyncio.sleep(0.02)
-    # the request is cut (its upload cancelled): never a whole body upstream
-    assert len(bodies) == 1 and isinstance(bodies[0], asyncio.CancelledError)
+    # the request's body is broken: never a whole body upstream
+    assert len(bodies) == 1 and isinstance(bodies[0], BrokenBody)
     writer.close()
 
 
@@ -417,22 +419,27 @@ async def test_an_endless_line_between_body_bytes_is_cut_at_the_head_limit(
     the body's last byte instead, so neither memory nor parsing time grows without bound."""
     async def reading(request: UpstreamRequest) -> MemoryResponse:
         if request.body is not None:
-            async for _ in request.body:
-                pass
+            try:
+                async for _ in request.body:
+                    pass
+            except BrokenBody as exc:  # as the real transport says it (H1Transport)
+                raise RequestBodyFailed(f"the request body failed: {exc!r}") from exc
         return await hello(request)
 
     rig = await listener(reading, limits=H1Limits(max_head=8192))
     reader, writer = await rig.connect()
     writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"3\r\nabc\r\n" + tail)
+    answered = asyncio.ensure_future(reader.read())  # the answer, until the close
     sent = 0
     with contextlib.suppress(ConnectionError):
-        while sent < 1024 * 1024 and not reader.at_eof():  # at most 1 MiB, in 4 KiB pieces
+        while sent < 1024 * 1024 and not answered.done():  # at most 1 MiB, in 4 KiB pieces
             writer.write(b"a" * 4096)
             await writer.drain()
             sent += 4096
             await asyncio.sleep(0)
-    assert await closed(reader)
+    answer = await asyncio.wait_for(answered, 5)
+    assert answer.startswith(b"HTTP/1.1 400") and b"app-hung-up" in answer
     assert sent < 512 * 1024  # cut long before the bound of this loop
     assert rig.sample("equilibrium_http1_rejected_requests_total",
                       reason="trailers-too-large") == 1
