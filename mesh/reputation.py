@@ -59,8 +59,11 @@ Per caller, with ``s`` its fair share (``capacity / active callers``; times
   flood took from this pod.
 - **Norm / verdict.** A request is *cooperative* (``v = 1``) unless (a) the rate norm applies
   (the app is congested, ``congestion >= congestion_threshold``, or the caller is being
-  punished) and ``x' > max(rate_floor, rate_tolerance * m)``; or (b) ``y > retry_ratio *
-  (x - y) + retry_floor`` (a retry budget of 20 % plus a floor, as in Linkerd and Finagle).
+  punished; and another caller is active: a verified caller alone crowds nobody out, and
+  what the app cannot take is the limiter's to shed; the anonymous bucket, any number of
+  unknown callers, keeps the norm alone) and ``x' > max(rate_floor, rate_tolerance * m)``;
+  or (b) ``y > retry_ratio * (x - y) + retry_floor`` (a retry budget of 20 % plus a floor,
+  as in Linkerd and Finagle).
 - **The norm's share** ``m`` is demand-aware: the *water level* of the max-min fair allocation
   of ``capacity`` among the active callers' current rates (water-filling: callers asking less
   than an equal split keep what they ask, the rest is split equally among the others;
@@ -703,7 +706,11 @@ class ReputationBook:
             state.retries.add(now)
         rate, retry_rate = state.rate.rate(now), state.retries.rate(now)
         judged = state.judged_rate(now)
-        norm_applies = self.congested or state.ladder.phase is Phase.PUNISHED
+        # the rate norm shares the app among callers: a verified caller alone has nobody to
+        # crowd out (its excess is the limiter's to shed, not a defection to punish); the
+        # anonymous bucket stands for any number of unknown callers and keeps its norm
+        norm_applies = (self.congested or state.ladder.phase is Phase.PUNISHED) and (
+            caller == ANONYMOUS or self.active_callers(now) > 1)
         norm = self.norm_share(caller, now) if norm_applies else 0.0
         over_share = norm_applies and judged > max(p.rate_floor, p.rate_tolerance * norm)
         over_retry_budget = retry_rate > p.retry_ratio * (rate - retry_rate) + p.retry_floor

@@ -362,6 +362,7 @@ def test_a_long_hold_under_congestion_counts_as_the_requests_it_displaced() -> N
     arrive(gate, "chat", 0.0)  # its stream holds the only slot
     waiter = queued(arrive(gate, "chat", 0.0))  # congested: someone waits
     rate_before = gate.book.standing("chat", 30.0)
+    assert isinstance(gate.police("other", 0.0, 29.0), Pass)  # someone it crowds out
     woken = gate.charge_hold("chat", 30.0, 30.0)
     after = gate.book.standing("chat", 30.0)
     assert rate_before is not None and after is not None

@@ -212,6 +212,34 @@ def test_heavy_caller_is_not_policed_while_the_app_has_spare_capacity() -> None:
     assert sum(d.admitted for d in decisions[-200:]) <= 12  # throttled to 10/s (+ rounding)
 
 
+def test_a_caller_alone_at_a_congested_app_is_not_punished_for_its_rate() -> None:
+    """The stranger's finding: the only caller of an app whose limit had collapsed (its
+    latency jumped 1000-fold) was punished and then backed off by its own sidecar, though it
+    crowded nobody out. The rate norm shares an app among callers: alone, a caller's excess is
+    the limiter's to shed. A second caller makes the same flood a defection again."""
+    def flood(others: bool) -> Phase:
+        book = ReputationBook(PolicingParams(capacity=10.0))
+        now, worst = 0.0, Phase.GOOD
+        while now < 20.0:  # 100 req/s at an app of 10/s, congested throughout
+            book.update_load(now, congestion=1.0, capacity=10.0)
+            phase = book.admit("only", now).phase
+            if others and round(now * 100) % 50 == 0:
+                book.admit("other", now)
+            worst = phase if phase is not Phase.GOOD else worst
+            now += 0.01
+        return worst
+
+    assert flood(others=False) is Phase.GOOD
+    assert flood(others=True) is Phase.PUNISHED
+    # the anonymous bucket stands for any number of callers: its norm holds even alone
+    book = ReputationBook(PolicingParams(capacity=10.0))
+    punished = False
+    for k in range(2000):
+        book.update_load(k / 100, congestion=1.0, capacity=10.0)
+        punished |= book.admit(ANONYMOUS, k / 100).phase is Phase.PUNISHED
+    assert punished
+
+
 def test_retry_storm_is_a_defection_even_without_congestion() -> None:
     book = ReputationBook()
     book.update_load(0.0, congestion=0.0, capacity=1000.0)
@@ -435,6 +463,8 @@ def test_an_admitted_request_of_a_punished_caller_carries_the_time_left() -> Non
     book.update_load(0.0, congestion=1.0, capacity=10.0)
     now = 0.0
     while book.admit("flood", now).phase is not Phase.PUNISHED:  # 1,000 req/s of a 10/s app
+        if round(now * 1000) % 500 == 0:
+            book.admit("other", now)  # a second caller, which the flood crowds out
         now += 0.001
         assert now < 60.0
     now += 1.0  # a second into the punishment the throttle lets a request through
@@ -586,6 +616,7 @@ def test_time_held_is_never_discounted_by_a_declaration() -> None:
         t = k / 10
         book.update_load(t, 1.0, 30.0)
         book.admit("slow", t, demand=0.5)
+        book.admit("other", t)  # a second caller, which the holder crowds out
         decision = book.charge("slow", t + 0.01, 10.0)  # each request held 10 requests' time
     assert decision.judged_rate > 80.0
     assert decision.level >= 1
