@@ -34,7 +34,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -584,7 +584,11 @@ class SidecarRunner:
             log.warning("config reload: %s changed; %s on restart, the running value stays "
                         "until then", ", ".join(waiting),
                         "takes effect" if len(waiting) == 1 else "they take effect")
+        before = self.config.upstreams
         added, removed = self.table.apply(new.upstreams, self.clock())
+        moved = [f"{name} {_endpoint_change(before[name], endpoints)}"
+                 for name, endpoints in sorted(new.upstreams.items())
+                 if name in before and list(before[name]) != list(endpoints)]
         for name in removed:
             self.metrics.outbound.forget_upstream(name)
         # Only the upstreams change live; every other setting (listeners, policy, inbound,
@@ -593,10 +597,11 @@ class SidecarRunner:
                                           sources=new.sources)
         self.metrics.config_reloads.labels("applied").inc()
         log.info(
-            "config reloaded: upstreams %s (added %s, removed %s)",
+            "config reloaded: upstreams %s (added %s, removed %s; endpoints changed: %s)",
             ", ".join(self.table.names()) or "(none)",
             ", ".join(sorted(added)) or "none",
             ", ".join(sorted(removed)) or "none",
+            "; ".join(moved) or "none",
         )
         if self.discovery is not None:  # the config may have released a name discovery wants
             try:
@@ -604,6 +609,13 @@ class SidecarRunner:
             except Exception:
                 log.exception("discovery: applying the routes again after a reload failed")
         return True
+
+
+def _endpoint_change(before: Sequence[str], after: Sequence[str]) -> str:
+    """``+new -gone`` endpoints of one upstream (or ``reordered``), for the reload's log."""
+    gone = [e for e in before if e not in after]
+    new = [e for e in after if e not in before]
+    return " ".join([*(f"+{e}" for e in new), *(f"-{e}" for e in gone)]) or "reordered"
 
 
 LIVE_SETTINGS = frozenset({"upstreams", "sources", "config_file"})

@@ -74,3 +74,22 @@ def test_a_reload_names_every_changed_setting_it_does_not_apply(
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.startswith("config reload: max_attempts, hedge changed; they take effect "
                               "on restart")
+
+
+def test_a_reload_logs_the_endpoints_it_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The stranger's finding: removing an endpoint logged "(added none, removed none)", which
+    # counts upstreams, as if nothing had changed.
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}, {EPS[1]}]\n")
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[1]}, {EPS[2]}]\n")
+    caplog.set_level(logging.INFO, logger="sidecar.runner")
+    assert runner.reload()
+    [line] = [r.getMessage() for r in caplog.records if "config reloaded" in r.getMessage()]
+    assert line.endswith(f"(added none, removed none; endpoints changed: orders +{EPS[2]} "
+                         f"-{EPS[0]})")
