@@ -87,6 +87,7 @@ def test_a_reload_logs_the_endpoints_it_changed(
     config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}, {EPS[1]}]\n")
     source = ConfigSource.from_sources({"config": str(config_file)}, env={})
     runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    runner.table.apply(runner.config.upstreams, 0.0)  # as run() does at start
     config_file.write_text(f"upstreams:\n  orders: [{EPS[1]}, {EPS[2]}]\n")
     caplog.set_level(logging.INFO, logger="sidecar.runner")
     assert runner.reload()
