@@ -170,6 +170,14 @@ def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
         task.result().close()
 
 
+def _attempts(ctx: RequestContext) -> list[str]:
+    """Why each failed attempt of the request failed, in order (for its error answer)."""
+    found = ctx.extra.get("failed_attempts")
+    if not isinstance(found, list):
+        found = ctx.extra["failed_attempts"] = []
+    return found
+
+
 def may_retry(method: str, has_body: bool) -> bool:
     """Whether a failed attempt of this request may be sent again (see the module docstring)."""
     return method in RETRYABLE_METHODS and not has_body
@@ -445,9 +453,11 @@ class OutboundProxy:
             watchdog.stop()
         # the first attempt either returned or recorded why it failed
         assert failure is not None
+        tried = _attempts(ctx)
+        why = "; ".join(tried) if len(tried) > 1 else failure.detail  # each, not the last only
         return self._error(
             ctx, failure.status, failure.reason,
-            f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure.detail}",
+            f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {why}",
         )
 
     async def _race(
@@ -585,6 +595,7 @@ class OutboundProxy:
         group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
         self.metrics.forwarded(group.name, endpoint, failure.reason, None)
         log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail)
+        _attempts(ctx).append(f"{endpoint}: {failure.detail}")
         return failure
 
     def _observe_head(
@@ -631,8 +642,9 @@ class OutboundProxy:
         self.metrics.refused.labels(ctx.upstream_label, refused).inc()
         log.debug("%s %s: attempt %d refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
                   attempt + 1, refused)
-        return AttemptFailure(ErrorReason.UPSTREAM_REFUSED, 503, True,
-                              f"{ctx.endpoint} refused it before its app saw it ({refused})")
+        detail = f"{ctx.endpoint} refused it before its app saw it ({refused})"
+        _attempts(ctx).append(detail)
+        return AttemptFailure(ErrorReason.UPSTREAM_REFUSED, 503, True, detail)
 
     async def _relay_response(
         self,

@@ -318,6 +318,21 @@ async def test_a_get_that_could_not_connect_is_retried_elsewhere(outbound: MakeR
     assert rig.sample("equilibrium_retries_total", upstream="users") == 1
 
 
+async def test_an_error_after_several_attempts_says_why_each_failed(outbound: MakeRig) -> None:
+    # The stranger's finding: the answer named only the last attempt's failure, so a first
+    # attempt refused for a reason worth knowing (an overloaded pod) was lost from it.
+    async def respond(request: UpstreamRequest, n: int) -> MemoryResponse:
+        raise ConnectTimeout(f"attempt {n} took too long")
+
+    rig = await outbound(respond)
+    async with rig.client.get("/", headers={"Host": "users"}) as resp:
+        answer = await resp.json()
+    assert resp.status == 502 and len(rig.upstreams.seen) >= 2
+    for n, request in enumerate(rig.upstreams.seen, 1):
+        endpoint = str(request.url).removesuffix("/")
+        assert f"{endpoint}: attempt {n} took too long" in answer["error"], answer
+
+
 @pytest.mark.parametrize("failure", [ConnectTimeout("slow"), UpstreamReset("reset")])
 async def test_failures_before_the_head_are_retried_for_idempotent_requests(
     outbound: MakeRig, failure: TransportError
