@@ -183,6 +183,7 @@ class _Call:
         base = self.base_headers()
         group.budget.deposit(proxy.clock())
         failure = ""
+        failed: list[str] = []  # why each attempt that could not connect failed
         # A refusal (REFUSED_STREAM: not processed, the endpoint's stream limit) is sent again
         # without spending an attempt, up to MAX_REFUSALS times, after a short pause that lets
         # the endpoint release its streams; each re-send is a retry and spends the retry
@@ -216,6 +217,7 @@ class _Call:
             except (H2ConnectError, TimeoutError) as exc:
                 reason = "connect-error" if isinstance(exc, H2ConnectError) else "connect-timeout"
                 failure = f"{reason}: {exc}" if str(exc) else reason
+                failed.append(f"{endpoint}: {failure}")
                 self.outcome(sent, None, False, reason)
                 log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure)
                 if _deadline_passed(deadline, limit if isinstance(exc, TimeoutError) else None,
@@ -259,9 +261,10 @@ class _Call:
             return await self.error(
                 503, UPSTREAM_REFUSED, f"upstream {group.name!r}: {len(ctx.tried)} endpoint(s) "
                 "refused it before their app saw it")
+        why = "; ".join(failed) if len(failed) > 1 else failure  # each, not the last only
         return await self.error(
             503, "connect-error",
-            f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {failure}")
+            f"upstream {group.name!r} failed after {len(ctx.tried)} attempt(s): {why}")
 
     def base_headers(self) -> Headers:
         """The app's request headers as sent upstream: X-GT-* stripped (counted), Via added;

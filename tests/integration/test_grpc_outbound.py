@@ -323,6 +323,25 @@ def test_a_pod_that_goes_down_gets_no_more_calls() -> None:
             pod.stop()
 
 
+def test_a_call_no_pod_could_take_names_why_each_attempt_failed() -> None:
+    pods = [start_pod(name) for name in ("pod-a", "pod-b")]
+    sidecar = start_sidecar({"svc": [p.url for p in pods]}, sidecar_id="sc-grpc-all-down")
+    try:
+        for pod in pods:
+            pod.stop()
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}",
+                                   options=[("grpc.default_authority", "svc")]) as channel, \
+                pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = err.value.details() or ""
+        assert "failed after 2 attempt(s)" in details, details
+        for pod in pods:  # each attempt's endpoint and failure, not the last one only
+            assert f"{pod.url}: connect-error" in details, details
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+
+
 def test_a_pod_that_dies_mid_stream_fails_that_call_only() -> None:
     pods = [start_pod(name) for name in ("pod-a", "pod-b")]
     sidecar = start_sidecar({"svc": [p.url for p in pods]}, sidecar_id="sc-grpc-midstream")
