@@ -236,3 +236,9 @@ class AiohttpExchange:
         # only what the sidecar's own server hands over, and in-process use)
         assert self.response is not None
         await self.response.write_eof()
+
+
+def body_failed(exchange: Exchange) -> bool:
+    """Whether the request's body is already known not to arrive whole (it broke its
+    chunked framing, or the app left mid-body): then no attempt should carry it anywhere."""
+    return bool(getattr(exchange.content, "failed", False))

@@ -208,7 +208,8 @@ class OutboundSite(web.BaseSite):
                 return guards.wrap(server())
 
         h1 = H1Connection(self._http1, limits=self._h1_limits, metrics=self._metrics,
-                          fallback=fallback, on_close=h1_closed)
+                          fallback=fallback, on_close=h1_closed,
+                          hangup_cancels=guards is None)  # the inbound's slot stays held
         self._shared.http1.add(h1)
         return h1
 

@@ -72,6 +72,7 @@ from sidecar.exchange import (
     Answer,
     Exchange,
     ReceivedBody,
+    body_failed,
     json_answer,
     web_response,
 )
@@ -354,13 +355,19 @@ class InboundProxy:
                 return
             body = upload_rest(upload, exchange.content, deadline)
         try:
-            try:
-                admission = await self.policing.admit(verdict, policed, now)
-            except asyncio.CancelledError:  # its place in the queue went back (policing)
-                self._hung_up(exchange, verdict)
-                raise
+            admission = await self.policing.admit(verdict, policed, now)
             if isinstance(admission, Refusal):
                 await exchange.answer(self._reply(verdict, admission))
+                return
+            if exchange.client_gone() or body_failed(exchange):
+                # the caller left while queued, or its body broke its framing there: the
+                # slot goes back before the app sees anything
+                self._deliver(self.gate.finish(self.clock()))
+                if exchange.client_gone():
+                    self.metrics.requests.labels(verdict.label,
+                                                 InboundOutcome.CALLER_HUNG_UP).inc()
+                else:
+                    await self._upload_failed(exchange, verdict, UploadFailure.ABANDONED)
                 return
             await self._forward(exchange, verdict, tracked=True, body=body, upload=deadline)
         finally:
@@ -411,7 +418,6 @@ class InboundProxy:
                     ))
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
-                        self._hung_up(exchange, verdict)  # the slot goes back (finally)
                         raise
                     raise TimeoutError from None  # the watchdog's: a stall
             except (TransportError, TimeoutError) as exc:
@@ -442,12 +448,6 @@ class InboundProxy:
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
                 self.probes.record(now, now - started)
-
-    def _hung_up(self, exchange: Exchange, verdict: Verdict) -> None:
-        """Cancelled before the answer began: when the caller's connection is gone (it
-        reset), that is the caller's doing, counted; its request to the app is cut."""
-        if exchange.client_gone():
-            self.metrics.requests.labels(verdict.label, InboundOutcome.CALLER_HUNG_UP).inc()
 
     async def _relay(self, exchange: Exchange, verdict: Verdict,
                      upstream: UpstreamResponse, watchdog: Watchdog) -> bool:

@@ -105,9 +105,9 @@ class InboundOutcome(StrEnum):
     """429: the caller already has ``websocket_max_per_caller`` WebSockets open."""
     CALLER_HUNG_UP = "caller-hung-up"
     """The caller closed its connection before the app's answer was written back (the app
-    answered; nothing is charged to it and nothing is logged as an error), or reset it
-    while waiting for a slot or for the app's answer (the request is cancelled: its place
-    in the queue or its slot goes back at once, and the app's connection is reset)."""
+    answered; nothing is charged to it and nothing is logged as an error; the slot was held
+    until then), or left while queued (the slot goes back as soon as the request gets it;
+    the app never sees it)."""
     CALLER_STALLED = "caller-stalled"
     """The app's answer did not move for ``request_timeout`` because the caller was not
     taking it (stopped reading, or reads more slowly than the socket's buffers let the

@@ -58,7 +58,14 @@ from mesh.hedging import HedgePlan, Hedger, may_hedge
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile
 from sidecar.errors import UNREACHED, ErrorReason, HeaderDrop
-from sidecar.exchange import AiohttpExchange, Answer, Exchange, RequestHead, json_answer
+from sidecar.exchange import (
+    AiohttpExchange,
+    Answer,
+    Exchange,
+    RequestHead,
+    body_failed,
+    json_answer,
+)
 from sidecar.forward import (
     BodyReader,
     has_passed,
@@ -365,6 +372,10 @@ class OutboundProxy:
         watchdog = Watchdog(self.profile.request_timeout)
         try:
             for attempt in range(self.max_attempts):
+                if has_body and body_failed(exchange):  # broke before this attempt began
+                    return self._error(ctx, 400, ErrorReason.APP_HUNG_UP,
+                                       "the request body did not arrive whole (it broke off "
+                                       "before it could be sent)")
                 now = self.clock()
                 ctx.attempt = attempt
                 endpoint = self.phases.upstream_pick(ctx, self.rng, now)
@@ -529,8 +540,12 @@ class OutboundProxy:
                 done = set()
         except asyncio.CancelledError:
             if not watchdog.took_back():
-                # the listener cut the app (bad framing after the request): nobody's failure
-                self._drop(ctx, racers, "void" if app_gone() else "charged")
+                # the app reset (or the listener cut it): nobody's failure, counted as the
+                # unhedged path counts it
+                gone = app_gone()
+                self._drop(ctx, racers, "void" if gone else "charged")
+                if gone:
+                    self.metrics.errors.labels(ctx.upstream_label, ErrorReason.APP_HUNG_UP).inc()
                 raise
             return self._drop(ctx, racers, "timed-out") or failure or classify(TimeoutError())
         except BaseException:

@@ -49,6 +49,10 @@ BUSY_WEIGHT = 0.02
 """An endpoint with at least this routing weight carries this caller's traffic (probed at the
 busy rate: its responses report congestion anyway)."""
 MAX_ANSWER_BYTES = 1024
+TRANSIENT = frozenset({429, 503})
+"""Statuses that say "not now" rather than "no sidecar here": the probe schedule is kept
+(an inbound sidecar answers 429 above its probe budget; backing off from it would leave this
+caller without fresh answers while the others take the budget)."""
 REFUSED_NOTICE_INTERVAL = 60.0
 """Seconds between two log lines about one endpoint's refused probe answers."""
 
@@ -162,7 +166,8 @@ class Prober:
         done = self.clock()
         if status != 200:
             self._count(upstreams, "not-meshed")
-            self.schedule.refused(endpoint, done, self.rng)
+            if status not in TRANSIENT:  # a sidecar over its probe budget is no stranger
+                self.schedule.refused(endpoint, done, self.rng)
             return
         try:
             report = parse_answer(body.decode("ascii", "replace"), self.mesh_key, nonce)

@@ -73,6 +73,9 @@ class Watchdog:
         self.expired = False
         task = self._task
         if task is not None:
+            if task.cancelling() > 1:  # someone else cancelled it too (an app's reset in the
+                task.uncancel()  # same loop pass): theirs stands, the stall is moot
+                return False
             task.uncancel()
         self._when = self._loop.time() + self.idle  # guards what the caller does next
         self.stopped = False

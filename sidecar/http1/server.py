@@ -38,9 +38,11 @@ from what was parsed, and every byte read after it, so :mod:`sidecar.websocket` 
 An app that hangs up is not the request's failure. Once its answer has begun, its handler is
 not cancelled: its next write raises ``ConnectionResetError``, and the handler decides what
 that means. Before that (the socket reset while the answer is still awaited, its body all
-received), the handler is cancelled: nobody is left to read the answer, and the upstream
-attempt should stop holding its endpoint. A half-close is no hang-up: the request is
-answered. This module does not route, forward or know about upstreams.
+received), the outbound listener's handler is cancelled: nobody is left to read the answer,
+and the upstream attempt should stop holding its endpoint (``hangup_cancels``; the inbound
+listener lets its request run, so the app's slot is held as long as the app works on it). A
+half-close is no hang-up: the request is answered. This module does not route, forward or
+know about upstreams.
 """
 
 from __future__ import annotations
@@ -134,6 +136,12 @@ class RequestBody:
     def received(self) -> bool:
         """The whole body has arrived (read or not)."""
         return self._eof
+
+    @property
+    def failed(self) -> bool:
+        """The body will not arrive whole (it broke its framing, or the app left mid-way),
+        whether or not a reader has met that yet."""
+        return self._exc is not None
 
     def at_eof(self) -> bool:
         """The body has ended and all of it was read."""
@@ -345,8 +353,14 @@ class H1Connection(asyncio.Protocol):
         metrics: H2Metrics | None = None,
         fallback: Callable[[], asyncio.Protocol] | None = None,
         on_close: Callable[[H1Connection], None] | None = None,
+        hangup_cancels: bool = True,
     ) -> None:
         self.handler = handler
+        # a reset before the answer began cancels the request (the outbound listener); the
+        # inbound listener keeps it running, so the app's slot stays held until the app is
+        # done: a reset does not stop the app's work, and a slot given back early would let
+        # a caller that resets put any number of requests on the app
+        self.hangup_cancels = hangup_cancels
         self.limits = limits or H1Limits()
         self.metrics = metrics
         self.fallback = fallback
@@ -459,8 +473,8 @@ class H1Connection(asyncio.Protocol):
         if self._receiving is not None:
             self._receiving.content.fail(gone)
         active, task = self._active, self._task
-        if (active is not None and active is not self._receiving and not active.started
-                and task is not None and not task.done()):
+        if (self.hangup_cancels and active is not None and active is not self._receiving
+                and not active.started and task is not None and not task.done()):
             # the socket is gone (a reset) before the answer began: nobody will read it, so
             # the request in flight is cancelled (its upstream attempt with it), as Envoy and
             # nginx do. A half-close is no hang-up (eof_received): that request is answered

@@ -11,11 +11,13 @@ import contextlib
 import socket
 import struct
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.integration.inbound_support import write_config
 from tests.integration.procs import (
     LOOPBACK,
     async_start_sidecar,
@@ -279,31 +281,25 @@ async def test_a_trickle_reader_is_still_cut_at_the_inbound_sidecar() -> None:
         await app.wait_closed()
 
 
-async def test_a_caller_resetting_before_its_answer_cancels_the_request_hop_by_hop() -> None:
-    # A caller that resets while its answer is still being made (a client's timeout, a hedge
-    # that lost): the outbound sidecar cancels the attempt and resets its upstream
-    # connection, the inbound sidecar then cancels its own and frees the app's slot, and the
-    # app sees its connection go. Before, both hops held on until the app answered (8 s in
-    # the stranger's test), the slot taken all along.
+async def test_a_caller_resetting_before_its_answer_frees_its_sidecar_at_once() -> None:
+    # A caller that resets while its answer is still being made (a client's timeout): the
+    # outbound sidecar cancels the attempt at once (the endpoint is no longer counted busy
+    # there) and resets its upstream connection; the inbound sidecar sees the reset but keeps
+    # the app's slot until the app is done (a reset does not stop an app's work), then drops
+    # the answer, counted. Before, the outbound side held on until the app answered.
+    release = asyncio.Event()
+    answered = asyncio.Event()
     seen: list[str] = []
-    gone = asyncio.Event()
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         seen.append(head.split(b" ", 2)[1].decode())
         if head.startswith(b"GET /slow"):
-            try:  # the answer would take 20 s; a close or a reset ends the wait
-                ended = await asyncio.wait_for(reader.read(1), 20) == b""
-            except ConnectionError:
-                ended = True
-            except TimeoutError:
-                ended = False
-            if ended:
-                gone.set()
-                writer.close()
-                return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+            await asyncio.wait_for(release.wait(), 20)
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        answered.set()
         writer.close()
 
     app, inbound, inbound_port = await _inbound_in_front_of(slow, "30")
@@ -317,21 +313,24 @@ async def test_a_caller_resetting_before_its_answer_cancels_the_request_hop_by_h
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.close()
-        await asyncio.wait_for(gone.wait(), 10)  # the app saw its connection go
         await eventually(lambda: outbound.metric("equilibrium_errors_total", upstream="svc",
                                                  reason="app-hung-up") == 1,
                          "the hang-up counted at the caller's sidecar")
+        [view] = outbound.state()["upstreams"]["svc"]["endpoints"]
+        assert view["failures"] == 0 and view["in_flight"] == 0  # freed, nobody's failure
+        assert not answered.is_set()  # all this while the app still works on it
+        release.set()
+        await asyncio.wait_for(answered.wait(), 10)
         await eventually(lambda: inbound.metric("equilibrium_inbound_requests_total",
                                                 outcome="caller-hung-up") == 1,
-                         "the hang-up counted at the app's sidecar")
-        [view] = outbound.state()["upstreams"]["svc"]["endpoints"]
-        assert view["failures"] == 0 and view["in_flight"] == 0  # nobody's failure
+                         "the dropped answer counted at the app's sidecar")
         assert inbound.metric("equilibrium_inbound_requests_total", outcome="app-error") == 0
         async with aiohttp.ClientSession() as client, client.get(
             f"{outbound.outbound_url}/next", headers={"Host": "svc"}
         ) as resp:
             assert (resp.status, await resp.text()) == (200, "ok")
     finally:
+        release.set()
         await async_stop(outbound)
         await async_stop(inbound)
         app.close()
@@ -368,3 +367,112 @@ async def test_a_caller_whose_chunked_body_breaks_its_framing_is_answered_400_in
         await async_stop(sidecar)
         app.close()
         await app.wait_closed()
+
+
+async def test_a_caller_resetting_at_the_inbound_sidecar_cannot_get_past_its_limit(
+        tmp_path: Path) -> None:
+    # The review's finding: giving the app's slot back when the caller reset let a caller
+    # that resets put any number of requests on an app that (like most) does not stop work
+    # when its connection goes. The slot stays held until the app is done; a request reset
+    # while still queued never reaches the app.
+    busy, peak, seen = 0, 0, []
+    arrived: asyncio.Queue[None] = asyncio.Queue()
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal busy, peak
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            seen.append(head.split(b" ", 2)[1].decode())
+            busy += 1
+            peak = max(peak, busy)
+            arrived.put_nowait(None)
+            await asyncio.sleep(1.0)  # the work, whatever happens to the connection
+            busy -= 1
+            try:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            except ConnectionError:
+                return
+
+    def reset(writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    limit_one = {"max_wait": 10, "concurrency": {"initial_limit": 1, "min_limit": 1,
+                                                 "max_limit": 1, "probe_limit": 1}}
+    server = await asyncio.start_server(app, LOOPBACK, 0)
+    port = free_port()
+    sidecar = await async_start_sidecar(
+        {}, sidecar_id="limit-in", config_file=write_config(tmp_path / "p.json", limit_one),
+        extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                    "--app", f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"])
+    outcomes = "equilibrium_inbound_requests_total"
+    try:
+        _, first = await asyncio.open_connection(LOOPBACK, port)
+        first.write(b"GET /first HTTP/1.1\r\nHost: app\r\n\r\n")
+        await asyncio.wait_for(arrived.get(), 5)  # the app works on it
+        _, queued = await asyncio.open_connection(LOOPBACK, port)
+        queued.write(b"GET /queued HTTP/1.1\r\nHost: app\r\n\r\n")
+        await queued.drain()
+        await asyncio.sleep(0.2)  # it waits for the slot
+        reset(first)
+        reset(queued)
+        async with aiohttp.ClientSession() as client, client.get(
+            f"http://{LOOPBACK}:{port}/third", headers={"Host": "app"}
+        ) as resp:
+            assert (resp.status, await resp.text()) == (200, "ok")
+        assert peak == 1 and seen == ["/first", "/third"], (peak, seen)
+        await eventually(lambda: sidecar.metric(outcomes, outcome="caller-hung-up") == 2,
+                         "both hang-ups counted")
+    finally:
+        await async_stop(sidecar)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_body_that_breaks_while_queued_never_reaches_the_app(tmp_path: Path) -> None:
+    # The review's finding: an upload whose framing broke while it waited for a slot still
+    # took the slot and went to the app once one freed. It is answered 400 there instead.
+    seen: list[str] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b" ", 2)[1].decode())
+        await asyncio.sleep(1.0 if head.startswith(b"GET /hold") else 0.0)
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    queue_one = {"max_wait": 5, "upload_buffer": 16,
+                 "concurrency": {"initial_limit": 1, "min_limit": 1, "max_limit": 1,
+                                 "probe_limit": 1}}
+    server = await asyncio.start_server(app, LOOPBACK, 0)
+    port = free_port()
+    sidecar = await async_start_sidecar(
+        {}, sidecar_id="queued-in", config_file=write_config(tmp_path / "p.json", queue_one),
+        extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                    "--app", f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"])
+    try:
+        _, holder = await asyncio.open_connection(LOOPBACK, port)
+        holder.write(b"GET /hold HTTP/1.1\r\nHost: app\r\n\r\n")
+        await eventually(lambda: seen == ["/hold"], "the slot is taken")
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"40\r\n" + b"x" * 64 + b"\r\n")
+        await asyncio.sleep(0.2)  # past its upload buffer: it waits for the slot
+        writer.write(b"zz\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 400") and b"upload-abandoned" in answer, answer
+        await asyncio.sleep(0.2)
+        assert seen == ["/hold"]  # the broken upload never reached the app
+        holder.close()
+        writer.close()
+    finally:
+        await async_stop(sidecar)
+        server.close()
+        await server.wait_closed()

@@ -254,7 +254,9 @@ async def test_forged_or_unsigned_probe_answers_change_nothing(tmp_path: Path) -
             before = slow.methods["GET"] - forger.answers
             await asyncio.sleep(6.0)
             explored = slow.methods["GET"] - forger.answers - before
-        assert forger.answers > 10
+        # refused answers are asked for ever more rarely (0.5 s, 1 s, 2 s, ... up to 30 s
+        # between probes), where four a second went on for ever before
+        assert 3 <= forger.answers <= 8, forger.answers
         # still explored with user requests at the floor: the forged answers did not cover it
         assert explored >= 1
         assert weights(caller)[slow.url] > 0.0

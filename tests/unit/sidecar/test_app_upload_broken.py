@@ -39,6 +39,7 @@ class Rig:
     table: UpstreamTable
     upstream: str
     bodies: list[bytes]
+    heads: list[str]  # every request the upstream began to receive
 
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -74,8 +75,10 @@ async def _no_h2(stream: object) -> None:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     bodies: list[bytes] = []
+    heads: list[str] = []
 
     async def echo(request: web.Request) -> web.Response:
+        heads.append(request.path)
         body = await request.read()
         bodies.append(body)
         return web.Response(body=body)
@@ -99,7 +102,7 @@ async def rig() -> AsyncIterator[Rig]:
                         max_connections=100, http1=proxy.serve)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield Rig(port, metrics, table, endpoint, bodies)
+    yield Rig(port, metrics, table, endpoint, bodies, heads)
     await runner.cleanup()
     await transport.close()
     await upstream.close()
@@ -158,6 +161,21 @@ async def test_an_app_garbling_its_chunks_mid_upload_charges_nobody(rig: Rig) ->
     assert rig.learned() == before
     assert rig.sample("equilibrium_errors_total", upstream="users", reason="app-hung-up") == 1
     assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
+    writer.close()
+
+
+async def test_a_body_broken_before_the_attempt_is_never_sent(rig: Rig) -> None:
+    # The review's finding: framing that broke in the same read as the head still went out
+    # as an attempt (head and the first chunk upstream, then a cut). It is answered at once.
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\nzz\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 400") and b"app-hung-up" in answer
+    attempts = [sample for family in rig.metrics.registry.collect()
+                if family.name == "equilibrium_requests"
+                for sample in family.samples if sample.name.endswith("_total")]
+    assert attempts == [] and rig.heads == []  # no attempt was made
     writer.close()
 
 

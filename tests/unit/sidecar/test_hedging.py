@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import socket
+import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,7 +30,8 @@ from mesh.policies import RoundRobin
 from mesh.policy import Outcome
 from mesh.profiles import StrategyProfile, get_profile
 from mesh.retry import RetryBudget
-from sidecar.metrics import SidecarMetrics
+from sidecar.h2_site import OutboundSite
+from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
 from sidecar.upstreams import UpstreamTable
@@ -201,3 +204,56 @@ async def test_hedging_is_off_unless_asked(rig: MakeRig) -> None:
     r = await rig(slow=0.1, hedge=False)
     assert await get(r) == (200, SLOW)
     assert r.network.seen[(FAST, "GET")] == 0 and r.hedges("sent") == 0
+
+
+async def _no_h2(stream: object) -> None:
+    raise AssertionError("no HTTP/2 here")
+
+
+@pytest.mark.parametrize("hedge", [False, True], ids=["plain", "hedged"])
+async def test_an_app_resetting_mid_race_is_its_hang_up_hedged_or_not(hedge: bool) -> None:
+    # The review's finding: the hedged race's cancellation recorded nothing, where the plain
+    # attempt counts app-hung-up; both racers are cancelled, neither charged.
+    profile = dataclasses.replace(get_profile("balanced"), request_timeout=5.0)
+    table = UpstreamTable("round-robin", profile)
+    table.apply({"users": (SLOW, FAST)}, 0.0)
+    group = table.get("users")
+    assert group is not None
+    policy = PlannedPolicy(profile, 0.05)
+    group.policy = policy
+    group.set_endpoints((SLOW, FAST), 0.0)
+    network = Network({SLOW: 5.0, FAST: 5.0})
+    metrics = SidecarMetrics()
+    proxy = OutboundProxy(sidecar_id="unit-sidecar", table=table, profile=profile,
+                          metrics=metrics.outbound, rng=random.Random(7),
+                          transport=MemoryTransport(network), hedge=hedge)
+    runner = web.AppRunner(proxy.make_app(), access_log=None)
+    await runner.setup()
+    site = OutboundSite(runner, "127.0.0.1", 0, handler=_no_h2,
+                        metrics=H2Metrics(metrics.registry), drain_timeout=1.0,
+                        http1=proxy.serve)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: users\r\n\r\n")
+        await writer.drain()
+        for _ in range(100):  # the race is on (both racers out) when hedging
+            if len(network.seen) == (2 if hedge else 1):
+                break
+            await asyncio.sleep(0.01)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.close()
+        for _ in range(100):
+            if metrics.registry.get_sample_value(
+                    "equilibrium_errors_total",
+                    {"upstream": "users", "reason": "app-hung-up"}):
+                break
+            await asyncio.sleep(0.01)
+        assert metrics.registry.get_sample_value(
+            "equilibrium_errors_total", {"upstream": "users", "reason": "app-hung-up"}) == 1
+        assert set(network.cancelled) == ({FAST, SLOW} if hedge else {SLOW})
+        assert policy.stats[SLOW].failures == 0 and policy.stats[FAST].failures == 0
+    finally:
+        await runner.cleanup()

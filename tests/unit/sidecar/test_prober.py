@@ -79,3 +79,35 @@ async def test_a_catch_all_app_outside_the_mesh_is_probed_less_and_logged_once(
     assert 2 <= len(asked) <= 8, asked
     refused = [r for r in caplog.records if "answer refused" in r.getMessage()]
     assert len(refused) == 1
+
+
+async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
+    # The review's finding: a real inbound sidecar answers 429 above its probe budget; a
+    # caller that backed off from it for up to 30 s would lose its fresh answers while the
+    # others kept the budget. "Not now" keeps the usual rate.
+    asked: list[float] = []
+
+    async def busy(request: web.Request) -> web.Response:
+        asked.append(time.monotonic())
+        return web.Response(status=429, text="too many probes")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", busy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    table = UpstreamTable("equilibrium", get_profile("balanced"))
+    table.apply({"static": [f"http://127.0.0.1:{port}"]}, 0.0)
+    prober = Prober(table, caller_id="caller-1", mesh_key=KEY,
+                    metrics=ProberMetrics(CollectorRegistry()),
+                    rates=ProbeRates(idle=8.0, busy=8.0), rng=random.Random(5))
+    task = asyncio.create_task(prober.run())
+    try:
+        await asyncio.sleep(2.0)  # 16 probes at 8 a second
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runner.cleanup()
+    assert len(asked) >= 10, asked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from sidecar.watchdog import Watchdog
@@ -70,3 +71,35 @@ async def test_a_failing_progress_check_cuts_its_request_and_spares_the_others()
         raise TypeError("hook failed")
 
     assert await asyncio.gather(_run(0.05, 2.0, broken), _run(0.2, 2.0)) == [True, True]
+
+
+async def test_a_cancellation_of_someone_else_in_the_same_pass_is_not_taken_back() -> None:
+    # The review's finding: the stall bound and an app's reset (the listener cancels the
+    # request) in one loop pass: took_back() said "the watchdog's", so the reset was handled
+    # as a stall (charged to the endpoint) and the other cancellation left pending.
+    outcome: list[str] = []
+    box: dict[str, Watchdog] = {}
+
+    async def handler() -> None:
+        watchdog = box["wd"] = Watchdog(10)
+        try:
+            await asyncio.sleep(10)  # waiting for the answer
+        except asyncio.CancelledError:
+            if not watchdog.took_back():
+                outcome.append("cancelled")
+                raise
+            outcome.append("stall")
+        finally:
+            watchdog.stop()
+
+    task = asyncio.create_task(handler())
+    await asyncio.sleep(0.01)
+
+    def same_pass() -> None:
+        box["wd"]._expire()  # the sweeper's timer
+        task.cancel()  # the listener, for the app's reset
+
+    asyncio.get_running_loop().call_soon(same_pass)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert outcome == ["cancelled"] and task.cancelled()
