@@ -86,6 +86,7 @@ from sidecar.forward import (
     response_headers_to_app,
 )
 from sidecar.http1.client import H1Transport
+from sidecar.http1.server import H1Exchange
 from sidecar.inbound_policing import (
     OTHER,
     InboundOutcome,
@@ -355,7 +356,19 @@ class InboundProxy:
                 return
             body = upload_rest(upload, exchange.content, deadline)
         try:
-            admission = await self.policing.admit(verdict, policed, now)
+            h1 = exchange if isinstance(exchange, H1Exchange) else None
+            if h1 is not None:  # a reset while queued leaves the queue at once (policing)
+                h1.hangup_cancels = True
+            try:
+                admission = await self.policing.admit(verdict, policed, now)
+            except asyncio.CancelledError:
+                if h1 is not None and h1.hung_up:  # the caller's reset, not a drain
+                    self.metrics.requests.labels(verdict.label,
+                                                 InboundOutcome.CALLER_HUNG_UP).inc()
+                raise
+            finally:
+                if h1 is not None:  # admitted: the request runs on, its slot held, until
+                    h1.hangup_cancels = None  # the app is done (the listener's rule)
             if isinstance(admission, Refusal):
                 await exchange.answer(self._reply(verdict, admission))
                 return

@@ -626,7 +626,8 @@ class ProberMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.probes = Counter(
             "equilibrium_probes", "Probes sent, by upstream and result (ok, no-answer, "
-            "not-meshed, or why the answer was refused: bad-signature, stale, malformed, ...)",
+            "not-meshed, busy: its sidecar is over its probe budget, or why the answer was "
+            "refused: bad-signature, stale, malformed, ...)",
             ["upstream", "result"], registry=registry)
         self.duration = Histogram(
             "equilibrium_probe_duration_seconds", "Time from sending a probe to its answer",

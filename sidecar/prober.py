@@ -49,10 +49,6 @@ BUSY_WEIGHT = 0.02
 """An endpoint with at least this routing weight carries this caller's traffic (probed at the
 busy rate: its responses report congestion anyway)."""
 MAX_ANSWER_BYTES = 1024
-TRANSIENT = frozenset({429, 503})
-"""Statuses that say "not now" rather than "no sidecar here": the probe schedule is kept
-(an inbound sidecar answers 429 above its probe budget; backing off from it would leave this
-caller without fresh answers while the others take the budget)."""
 REFUSED_NOTICE_INTERVAL = 60.0
 """Seconds between two log lines about one endpoint's refused probe answers."""
 
@@ -164,10 +160,12 @@ class Prober:
             log.debug("probe %s: no answer: %r", endpoint, exc)
             return
         done = self.clock()
+        if status == 429:  # a sidecar over its probe budget: not now, the usual rate
+            self._count(upstreams, "busy")
+            return
         if status != 200:
             self._count(upstreams, "not-meshed")
-            if status not in TRANSIENT:  # a sidecar over its probe budget is no stranger
-                self.schedule.refused(endpoint, done, self.rng)
+            self.schedule.refused(endpoint, done, self.rng)
             return
         try:
             report = parse_answer(body.decode("ascii", "replace"), self.mesh_key, nonce)

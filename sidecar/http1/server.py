@@ -191,8 +191,9 @@ class RequestBody:
 class H1Exchange:
     """One request on an :class:`H1Connection` and its response (an ``Exchange``)."""
 
-    __slots__ = ("_conn", "_framing", "_head", "body_exists", "content", "done", "headers",
-                 "keep_alive", "method", "raw_path", "remote", "started", "version")
+    __slots__ = ("_conn", "_framing", "_head", "body_exists", "content", "done",
+                 "hangup_cancels", "headers", "hung_up", "keep_alive", "method", "raw_path",
+                 "remote", "started", "version")
 
     scheme = "http"
 
@@ -210,6 +211,10 @@ class H1Exchange:
         self.content = RequestBody(conn, expect_continue)
         self.started = False  # a response head was produced
         self.done = False  # the response ended
+        # whether the app's reset cancels this request (None: the connection's rule); the
+        # inbound handler asks for it while the request waits for a slot
+        self.hangup_cancels: bool | None = None
+        self.hung_up = False  # it was cancelled because the app's socket was lost
         self._head = b""  # a response head not written yet
         self._framing = Framing.NONE
 
@@ -473,8 +478,9 @@ class H1Connection(asyncio.Protocol):
         if self._receiving is not None:
             self._receiving.content.fail(gone)
         active, task = self._active, self._task
-        if (self.hangup_cancels and active is not None and active is not self._receiving
+        if (active is not None and self._cancels(active) and active is not self._receiving
                 and not active.started and task is not None and not task.done()):
+            active.hung_up = True
             # the socket is gone (a reset) before the answer began: nobody will read it, so
             # the request in flight is cancelled (its upstream attempt with it), as Envoy and
             # nginx do. A half-close is no hang-up (eof_received): that request is answered
@@ -488,6 +494,12 @@ class H1Connection(asyncio.Protocol):
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close(self)
+
+    def _cancels(self, exchange: H1Exchange) -> bool:
+        """Whether losing the socket cancels ``exchange`` (its own rule, else the
+        connection's)."""
+        own = exchange.hangup_cancels
+        return self.hangup_cancels if own is None else own
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -836,6 +848,15 @@ class H1Connection(asyncio.Protocol):
             active.content.fail(BrokenBody(f"the request body broke its framing ({reason})"))
             return
         if active is not None:  # an answer in progress would be garbled: just cut
+            if not self._cancels(active):
+                # the request runs on (the inbound listener: its app slot is held until the
+                # app is done, so bad bytes after a request cannot free it early)
+                self._broken = True
+                self._phase = None
+                self._cancel_timer()
+                if self.transport is not None:
+                    self.transport.abort()
+                return
             self.abort()
             return
         self._write_error(status, reason)

@@ -389,7 +389,7 @@ async def test_a_caller_resetting_at_the_inbound_sidecar_cannot_get_past_its_lim
             busy += 1
             peak = max(peak, busy)
             arrived.put_nowait(None)
-            await asyncio.sleep(1.0)  # the work, whatever happens to the connection
+            await asyncio.sleep(2.0)  # the work, whatever happens to the connection
             busy -= 1
             try:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -418,9 +418,19 @@ async def test_a_caller_resetting_at_the_inbound_sidecar_cannot_get_past_its_lim
         _, queued = await asyncio.open_connection(LOOPBACK, port)
         queued.write(b"GET /queued HTTP/1.1\r\nHost: app\r\n\r\n")
         await queued.drain()
-        await asyncio.sleep(0.2)  # it waits for the slot
+        await eventually(lambda: sidecar.metric("equilibrium_inbound_queue_length") == 1,
+                         "it waits for the slot")
+        reset(queued)  # a reset while queued leaves the queue at once
+        await eventually(lambda: sidecar.metric("equilibrium_inbound_queue_length") == 0,
+                         "the queue place given back")
+        assert sidecar.metric(outcomes, outcome="caller-hung-up") == 1
+        assert busy == 1 and seen == ["/first"]  # while the first is still worked on
+        # bad bytes after the request in progress (the second review's way round a reset)
+        # cut the connection but do not free the slot either
+        first.write(b"GET /x HTTP/1.1\r\nno colon here\r\n\r\n")
+        await first.drain()
+        await asyncio.sleep(0.1)
         reset(first)
-        reset(queued)
         async with aiohttp.ClientSession() as client, client.get(
             f"http://{LOOPBACK}:{port}/third", headers={"Host": "app"}
         ) as resp:

@@ -99,8 +99,8 @@ async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
     port = runner.addresses[0][1]
     table = UpstreamTable("equilibrium", get_profile("balanced"))
     table.apply({"static": [f"http://127.0.0.1:{port}"]}, 0.0)
-    prober = Prober(table, caller_id="caller-1", mesh_key=KEY,
-                    metrics=ProberMetrics(CollectorRegistry()),
+    registry = CollectorRegistry()
+    prober = Prober(table, caller_id="caller-1", mesh_key=KEY, metrics=ProberMetrics(registry),
                     rates=ProbeRates(idle=8.0, busy=8.0), rng=random.Random(5))
     task = asyncio.create_task(prober.run())
     try:
@@ -111,3 +111,6 @@ async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
             await task
         await runner.cleanup()
     assert len(asked) >= 10, asked
+    busy = registry.get_sample_value("equilibrium_probes_total",
+                                     {"upstream": "static", "result": "busy"})
+    assert busy is not None and busy >= 10  # told apart from a server without a sidecar
