@@ -248,7 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
     def reset(self) -> None:
         """Cut with a TCP reset rather than a FIN: the request is abandoned, not ended (a
         FIN reads as a half-close, after which a server may still answer; an inbound
-        sidecar cancels the request on a reset and frees its app's slot)."""
+        sidecar takes a reset request out of its queue, or drops the app's answer to it)."""
         transport = self.transport
         if transport is not None:
             sock = transport.get_extra_info("socket")

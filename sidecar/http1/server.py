@@ -40,8 +40,9 @@ not cancelled: its next write raises ``ConnectionResetError``, and the handler d
 that means. Before that (the socket reset while the answer is still awaited, its body all
 received), the outbound listener's handler is cancelled: nobody is left to read the answer,
 and the upstream attempt should stop holding its endpoint (``hangup_cancels``; the inbound
-listener lets its request run, so the app's slot is held as long as the app works on it). A
-half-close is no hang-up: the request is answered. This module does not route, forward or
+listener cancels only a request still waiting for its slot, and lets an admitted one run, so
+the app's slot is held as long as the app works on it). A half-close is no hang-up: the
+request is answered. This module does not route, forward or
 know about upstreams.
 """
 
