@@ -378,6 +378,7 @@ class H1Connection(asyncio.Protocol):
         self.closing = False  # answer what is in flight, then close
         self._lingering = False  # refused: our answer is out, the rest is read and dropped
         self._broken = False  # a request body broke its framing: the rest is dropped
+        self._cut = False  # abort() cut it (a drain's deadline, ...): no hang-up of the app's
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._untaken_mark: int | None = None  # untaken() as the current drain began
@@ -479,8 +480,9 @@ class H1Connection(asyncio.Protocol):
         if self._receiving is not None:
             self._receiving.content.fail(gone)
         active, task = self._active, self._task
-        if (active is not None and self._cancels(active) and active is not self._receiving
-                and not active.started and task is not None and not task.done()):
+        if (active is not None and not self._cut and self._cancels(active)
+                and active is not self._receiving and not active.started
+                and task is not None and not task.done()):
             active.hung_up = True
             # the socket is gone (a reset) before the answer began: nobody will read it, so
             # the request in flight is cancelled (its upstream attempt with it), as Envoy and
@@ -907,6 +909,7 @@ class H1Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Cut the connection now; the request in flight is cancelled."""
+        self._cut = True
         task = self._task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
