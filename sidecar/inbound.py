@@ -372,11 +372,12 @@ class InboundProxy:
             if isinstance(admission, Refusal):
                 await exchange.answer(self._reply(verdict, admission))
                 return
-            if exchange.client_gone() or body_failed(exchange):
+            gone = exchange.client_gone()
+            if gone or body_failed(exchange):
                 # the caller left while queued, or its body broke its framing there: the
                 # slot goes back before the app sees anything
                 self._deliver(self.gate.finish(self.clock()))
-                if exchange.client_gone():
+                if gone:
                     self.metrics.requests.labels(verdict.label,
                                                  InboundOutcome.CALLER_HUNG_UP).inc()
                 else:

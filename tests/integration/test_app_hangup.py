@@ -59,9 +59,7 @@ async def test_an_app_hanging_up_mid_body_is_not_the_endpoints_failure() -> None
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert len(await reader.readexactly(1000)) == 1000
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.close()
+        _reset(writer)
 
         await eventually(lambda: sidecar.metric(errors, upstream="svc", reason="app-hung-up"),
                          "the hang-up counted")
@@ -114,15 +112,35 @@ async def test_an_app_cutting_its_own_answer_short_is_counted_at_its_inbound_sid
         await app.wait_closed()
 
 
-async def _inbound_in_front_of(handle, request_timeout: str,  # type: ignore[no-untyped-def]
-                               extra: list[str] | None = None):
+async def _inbound_in_front_of(handle, request_timeout: str | None,  # type: ignore[no-untyped-def]
+                               extra: list[str] | None = None, *,
+                               policing: dict[str, object] | None = None,
+                               tmp_path: Path | None = None):
+    """An inbound sidecar in front of an app served by ``handle``; ``policing``: its
+    settings, written to a config file under ``tmp_path``."""
     app = await asyncio.start_server(handle, LOOPBACK, 0)
     inbound_port = free_port()
-    sidecar = await async_start_sidecar({}, sidecar_id="stall-in", extra_args=[
+    timeout = ["--request-timeout", request_timeout] if request_timeout is not None else []
+    config = None
+    if policing is not None:
+        assert tmp_path is not None
+        config = write_config(tmp_path / "policing.json", policing)
+    sidecar = await async_start_sidecar({}, sidecar_id="stall-in", config_file=config, extra_args=[
         "--inbound", f"{LOOPBACK}:{inbound_port}",
         "--app", f"http://{LOOPBACK}:{app.sockets[0].getsockname()[1]}",
-        "--request-timeout", request_timeout, *(extra or [])])
+        *timeout, *(extra or [])])
     return app, sidecar, inbound_port
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a client's abort does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+LIMIT_ONE = {"initial_limit": 1, "min_limit": 1, "max_limit": 1, "probe_limit": 1}
+"""An inbound concurrency limit pinned at one request."""
 
 
 # --transparent: as injected pods run it, on asyncio's loop (uvloop otherwise), whose abort
@@ -310,9 +328,7 @@ async def test_a_caller_resetting_before_its_answer_frees_its_sidecar_at_once() 
         writer.write(b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
         await writer.drain()
         await eventually(lambda: seen == ["/slow"], "the request reached the app")
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.close()
+        _reset(writer)
         await eventually(lambda: outbound.metric("equilibrium_errors_total", upstream="svc",
                                                  reason="app-hung-up") == 1,
                          "the hang-up counted at the caller's sidecar")
@@ -397,19 +413,8 @@ async def test_a_caller_resetting_at_the_inbound_sidecar_cannot_get_past_its_lim
             except ConnectionError:
                 return
 
-    def reset(writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.close()
-
-    limit_one = {"max_wait": 10, "concurrency": {"initial_limit": 1, "min_limit": 1,
-                                                 "max_limit": 1, "probe_limit": 1}}
-    server = await asyncio.start_server(app, LOOPBACK, 0)
-    port = free_port()
-    sidecar = await async_start_sidecar(
-        {}, sidecar_id="limit-in", config_file=write_config(tmp_path / "p.json", limit_one),
-        extra_args=["--inbound", f"{LOOPBACK}:{port}",
-                    "--app", f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"])
+    server, sidecar, port = await _inbound_in_front_of(
+        app, None, policing={"max_wait": 10, "concurrency": LIMIT_ONE}, tmp_path=tmp_path)
     outcomes = "equilibrium_inbound_requests_total"
     try:
         _, first = await asyncio.open_connection(LOOPBACK, port)
@@ -420,7 +425,7 @@ async def test_a_caller_resetting_at_the_inbound_sidecar_cannot_get_past_its_lim
         await queued.drain()
         await eventually(lambda: sidecar.metric("equilibrium_inbound_queue_length") == 1,
                          "it waits for the slot")
-        reset(queued)  # a reset while queued leaves the queue at once
+        _reset(queued)  # a reset while queued leaves the queue at once
         await eventually(lambda: sidecar.metric("equilibrium_inbound_queue_length") == 0,
                          "the queue place given back")
         assert sidecar.metric(outcomes, outcome="caller-hung-up") == 1
@@ -430,7 +435,7 @@ async def test_a_caller_resetting_at_the_inbound_sidecar_cannot_get_past_its_lim
         first.write(b"GET /x HTTP/1.1\r\nno colon here\r\n\r\n")
         await first.drain()
         await asyncio.sleep(0.1)
-        reset(first)
+        _reset(first)
         async with aiohttp.ClientSession() as client, client.get(
             f"http://{LOOPBACK}:{port}/third", headers={"Host": "app"}
         ) as resp:
@@ -458,15 +463,9 @@ async def test_a_body_that_breaks_while_queued_never_reaches_the_app(tmp_path: P
             await writer.drain()
         writer.close()
 
-    queue_one = {"max_wait": 5, "upload_buffer": 16,
-                 "concurrency": {"initial_limit": 1, "min_limit": 1, "max_limit": 1,
-                                 "probe_limit": 1}}
-    server = await asyncio.start_server(app, LOOPBACK, 0)
-    port = free_port()
-    sidecar = await async_start_sidecar(
-        {}, sidecar_id="queued-in", config_file=write_config(tmp_path / "p.json", queue_one),
-        extra_args=["--inbound", f"{LOOPBACK}:{port}",
-                    "--app", f"http://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"])
+    server, sidecar, port = await _inbound_in_front_of(
+        app, None, policing={"max_wait": 5, "upload_buffer": 16, "concurrency": LIMIT_ONE},
+        tmp_path=tmp_path)
     try:
         _, holder = await asyncio.open_connection(LOOPBACK, port)
         holder.write(b"GET /hold HTTP/1.1\r\nHost: app\r\n\r\n")

@@ -42,57 +42,18 @@ def test_a_probe_is_sent_with_the_host_its_identity_is_bound_to() -> None:
     assert _authority("http://pod-1") == "pod-1"
 
 
-async def test_a_catch_all_app_outside_the_mesh_is_probed_less_and_logged_once(
-        caplog: pytest.LogCaptureFixture) -> None:
-    # The stranger's finding: a plain app that answers 200 to any path, configured as a
-    # static upstream with a mesh key set, was probed four times a second for ever and every
-    # answer logged a line. Its answers are not probe answers: it is now asked ever more
-    # rarely (up to every 30 s) and logged once a minute; a real inbound sidecar's answers
-    # keep an endpoint at the usual rate (mesh.probes' tests).
+async def _probe_for(seconds: float, status: int, text: str
+                    ) -> tuple[list[float], CollectorRegistry]:
+    """A prober at 8 probes a second against one endpoint that answers every path with
+    ``status`` and ``text``, for ``seconds``: when each probe came, and the metrics."""
     asked: list[float] = []
 
-    async def anything(request: web.Request) -> web.Response:
+    async def answer(request: web.Request) -> web.Response:
         asked.append(time.monotonic())
-        return web.Response(text="hello")
+        return web.Response(status=status, text=text)
 
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", anything)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    table = UpstreamTable("equilibrium", get_profile("balanced"))
-    table.apply({"static": [f"http://127.0.0.1:{port}"]}, 0.0)
-    registry = CollectorRegistry()
-    prober = Prober(table, caller_id="caller-1", mesh_key=KEY, metrics=ProberMetrics(registry),
-                    rates=ProbeRates(idle=8.0, busy=8.0), rng=random.Random(5))
-    caplog.set_level(logging.INFO, logger="sidecar.prober")
-    task = asyncio.create_task(prober.run())
-    try:
-        await asyncio.sleep(3.0)  # 24 probes at 8 a second; backed off: 1/8, 2/8, 4/8 s...
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await runner.cleanup()
-    assert 2 <= len(asked) <= 8, asked
-    refused = [r for r in caplog.records if "answer refused" in r.getMessage()]
-    assert len(refused) == 1
-
-
-async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
-    # The review's finding: a real inbound sidecar answers 429 above its probe budget; a
-    # caller that backed off from it for up to 30 s would lose its fresh answers while the
-    # others kept the budget. "Not now" keeps the usual rate.
-    asked: list[float] = []
-
-    async def busy(request: web.Request) -> web.Response:
-        asked.append(time.monotonic())
-        return web.Response(status=429, text="too many probes")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", busy)
+    app.router.add_route("*", "/{tail:.*}", answer)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -104,12 +65,35 @@ async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
                     rates=ProbeRates(idle=8.0, busy=8.0), rng=random.Random(5))
     task = asyncio.create_task(prober.run())
     try:
-        await asyncio.sleep(2.0)  # 16 probes at 8 a second
+        await asyncio.sleep(seconds)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await runner.cleanup()
+    return asked, registry
+
+
+async def test_a_catch_all_app_outside_the_mesh_is_probed_less_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The stranger's finding: a plain app that answers 200 to any path, configured as a
+    # static upstream with a mesh key set, was probed four times a second for ever and every
+    # answer logged a line. Its answers are not probe answers: it is now asked ever more
+    # rarely (up to every 30 s) and logged once a minute; a real inbound sidecar's answers
+    # keep an endpoint at the usual rate (mesh.probes' tests).
+    caplog.set_level(logging.INFO, logger="sidecar.prober")
+    # 24 probes at 8 a second; backed off: 1/8, 2/8, 4/8 s...
+    asked, _ = await _probe_for(3.0, 200, "hello")
+    assert 2 <= len(asked) <= 8, asked
+    refused = [r for r in caplog.records if "answer refused" in r.getMessage()]
+    assert len(refused) == 1
+
+
+async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
+    # The review's finding: a real inbound sidecar answers 429 above its probe budget; a
+    # caller that backed off from it for up to 30 s would lose its fresh answers while the
+    # others kept the budget. "Not now" keeps the usual rate.
+    asked, registry = await _probe_for(2.0, 429, "too many probes")  # 16 at 8 a second
     assert len(asked) >= 10, asked
     busy = registry.get_sample_value("equilibrium_probes_total",
                                      {"upstream": "static", "result": "busy"})

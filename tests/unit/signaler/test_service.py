@@ -120,19 +120,25 @@ async def test_a_plan_that_cannot_be_solved_is_counted_and_publishes_nothing() -
     assert "failing" in (svc.status["orders"].last_error or "")
 
 
+def _against_a_dead_redis(discover_every: float) -> SignalerService:
+    """A signaler whose store is the real Redis client, against a loopback port nothing
+    listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}"
+    return SignalerService(
+        SignalerConfig(redis_url=url, signer="sig-a", key=KEY, epoch=0.05, redis_timeout=0.2,
+                       backoff_max=0.05, discover_every=discover_every),
+        store=RedisSignalStore(url, 0.2), clock=time.time)
+
+
 async def test_readiness_stays_down_while_redis_is_down_between_discoveries() -> None:
     # A fresh mesh: no upstream configured, none discovered yet. The epochs between two
     # discoveries have no key to touch; they used to count as "Redis reachable", so /readyz
     # flipped to ready against a Redis that does not answer. The store is the real Redis
     # client, against a loopback port nothing listens on.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"redis://127.0.0.1:{port}"
-    svc = SignalerService(
-        SignalerConfig(redis_url=url, signer="sig-a", key=KEY, epoch=0.05, redis_timeout=0.2,
-                       backoff_max=0.05, discover_every=10.0),
-        store=RedisSignalStore(url, 0.2), clock=time.time)
+    svc = _against_a_dead_redis(discover_every=10.0)
     stop = asyncio.Event()
     task = asyncio.create_task(svc.run(stop))
     seen: set[str | None] = set()
@@ -154,14 +160,7 @@ async def test_a_redis_unreachable_from_the_start_is_logged_once(
         caplog: pytest.LogCaptureFixture) -> None:
     # A signaler whose Redis never answered used to log nothing at all: the failure was
     # logged only on a change from reachable, and "started" was set before the first epoch.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"redis://127.0.0.1:{port}"
-    svc = SignalerService(
-        SignalerConfig(redis_url=url, signer="sig-a", key=KEY, epoch=0.05, redis_timeout=0.2,
-                       backoff_max=0.05, discover_every=0.05),
-        store=RedisSignalStore(url, 0.2), clock=time.time)
+    svc = _against_a_dead_redis(discover_every=0.05)
     stop = asyncio.Event()
     caplog.set_level(logging.WARNING, logger="signaler.service")
     task = asyncio.create_task(svc.run(stop))
