@@ -120,11 +120,19 @@ class H2Stream:
         if size:
             self._conn.acknowledge(self.id, size)
 
-    def discard(self) -> None:
-        """Drop what is still unread, giving its credit back (a reset or abandoned stream)."""
-        size = sum(n for kind, _, n in self._inbox if kind == "data")
+    def discard(self) -> Headers | None:
+        """Drop what is still unread, giving its credit back (a reset or abandoned stream);
+        the trailers among it, if any, are returned: a proxy still counts what they held
+        (the peer sent them, though nobody will relay them)."""
+        size, trailers = 0, None
+        for kind, payload, n in self._inbox:
+            if kind == "data":
+                size += n
+            elif kind == "trailers":
+                trailers = payload
         self._inbox.clear()
         self.ack(size)
+        return trailers
 
     # ------------------------------------------------------------ outbound
 

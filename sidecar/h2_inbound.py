@@ -110,7 +110,10 @@ class H2Inbound:
             call.done()
             if not stream.ended and stream.closed is None:
                 stream.reset(ErrorCodes.NO_ERROR)  # answered before the caller finished
-            stream.discard()  # a body nobody read still gives its credit back
+            # a body nobody read still gives its credit back; trailers that came after the
+            # app answered are not relayed, but their game headers are counted all the same
+            if (unread := stream.discard()) is not None:
+                call.caller_trailers(unread)
 
 
 class _Call:
@@ -186,7 +189,8 @@ class _Call:
                                            + settings.upload_timeout)
             self.framing = GrpcFraming() if self.is_grpc else None
             upload = await receive_stream_upload(stream, self.deadline, settings.upload_buffer,
-                                                 owner.proxy.upload_memory, self.framing)
+                                                 owner.proxy.upload_memory, self.framing,
+                                                 self.caller_trailers)
             if self.deadline.failure is not None:
                 return await self.upload_failed(verdict)
             admitted = await policing.admit(verdict, policed, now)

@@ -135,7 +135,10 @@ class H2Outbound:
                 self.metrics.request_in_flight(ctx.group.name, -1)
             if not stream.ended and stream.closed is None:
                 stream.reset(ErrorCodes.NO_ERROR)  # answered before the app finished sending
-            stream.discard()  # a body nobody read still gives its credit back
+            # a body nobody read still gives its credit back; trailers that came after the
+            # answer are not relayed, but their game headers are counted all the same
+            if (unread := stream.discard()) is not None:
+                call.without_game_headers(unread)
             self.phases.logging(ctx, self.clock())
 
 

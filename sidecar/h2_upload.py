@@ -99,11 +99,15 @@ class H2Upload:
 
 async def receive_stream_upload(stream: ServerStream, deadline: UploadDeadline,
                                 buffer_limit: int, memory: UploadMemory | None,
-                                framing: GrpcFraming | None) -> H2Upload:
+                                framing: GrpcFraming | None,
+                                trailers: Callable[[Headers], Headers] | None = None,
+                                ) -> H2Upload:
     """Read ``stream``'s request side until it ends, ``buffer_limit`` bytes, the shared
     ``memory`` is spent or (``framing``: a gRPC call) a complete message with nothing more
     arrived yet; record a miss of the deadline or a client gone in ``deadline.failure``
-    (the caller checks it). Buffered bytes are recorded in ``deadline.held``."""
+    (the caller checks it). Buffered bytes are recorded in ``deadline.held``; ``trailers``
+    filters a trailer section as it is buffered (the game headers out, counted even if the
+    app answers before they are relayed)."""
     upload = H2Upload()
     loop = asyncio.get_running_loop()
     size = 0
@@ -115,6 +119,8 @@ async def receive_stream_upload(stream: ServerStream, deadline: UploadDeadline,
                     break  # a streaming call: the rest may wait for the app's answer
                 kind, payload, flow = await stream.read()
                 if kind != "data":
+                    if kind == "trailers" and trailers is not None:
+                        payload = trailers(payload)
                     upload.items.append((kind, payload))
                     upload.complete = True
                     return upload
@@ -142,14 +148,14 @@ async def pump_upload(stream: ServerStream, upstream: ClientStream, upload: H2Up
     as it arrives, acknowledged to the client only once the app's connection took it. A
     body (or, for gRPC, a message) that misses its deadline is recorded in
     ``deadline.failure`` and the app's stream is cancelled (the relay sees that and answers
-    the caller). ``trailers`` filters the trailer section (the game headers out)."""
+    the caller). ``trailers`` filters a trailer section that arrives now (the game headers
+    out; one buffered in ``upload`` was filtered as it was buffered)."""
     try:
         for kind, payload in upload.items:
             if kind == "data":
                 await upstream.send_data(payload)
-            elif kind == "trailers":
-                upstream.send_headers(trailers(payload) if trailers else payload,
-                                      end_stream=True)
+            elif kind == "trailers":  # filtered as they were buffered
+                upstream.send_headers(payload, end_stream=True)
             else:
                 upstream.end()
         if upload.complete:

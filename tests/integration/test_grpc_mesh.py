@@ -28,7 +28,12 @@ import pytest
 from h2.errors import ErrorCodes
 
 from tests.integration.procs import LOOPBACK, SidecarProcess, free_port, start_sidecar
-from tests.integration.test_grpc_outbound import RawH2, _grpc_frame
+from tests.integration.test_grpc_outbound import (
+    ClosedWindowEarlyAnswerPod,
+    RawH2,
+    _grpc_frame,
+    send_with_trailers,
+)
 from wire.identity import BoundRequest, new_nonce, sign_identity
 
 SERVICE = "test.Echo"  # the name RawH2 calls
@@ -350,10 +355,8 @@ def test_a_callers_request_trailers_reach_the_app_without_game_headers(mesh: Mes
     client = RawH2(mesh.inbound_port)
     try:
         call = client.start_call("Echo", extra=((b"x-gt-identity", identity.encode()),))
-        client.send(call, _grpc_frame(b"x"), end=False)
-        client.conn.send_headers(call, [(b"x-gt-bid", b"v=1;amount=9"), (b"x-kept", b"1")],
-                                 end_stream=True)
-        client.flush()
+        send_with_trailers(client, call, _grpc_frame(b"x"),
+                           [(b"x-gt-bid", b"v=1;amount=9"), (b"x-kept", b"1")])
         client.pump(lambda: client.ended(call))
         assert client.status(call) == 0
         assert client.body(call)[5:] == b"x"
@@ -361,6 +364,34 @@ def test_a_callers_request_trailers_reach_the_app_without_game_headers(mesh: Mes
         client.close()
     assert mesh.inbound_metric("equilibrium_inbound_stripped_headers_total",
                                source="in-trailers") == before + 1
+
+
+@pytest.mark.parametrize("mode", ["equilibrium", "off"])
+def test_trailers_an_early_answer_left_unrelayed_still_count_at_the_inbound(
+        mode: str, tmp_path: Path) -> None:
+    """The app answered before it took the body (a pod with a closed window): the caller's
+    trailers never reach it, but their game headers are counted, whether the sidecar had
+    buffered them before the slot (policing on) or relays them as they come (off)."""
+    pod = ClosedWindowEarlyAnswerPod()
+    config = tmp_path / "policing.json"
+    config.write_text(json.dumps({"policing": {"mode": mode}}))
+    port = free_port()
+    inbound = start_sidecar({}, sidecar_id="app-sidecar-early", config_file=config,
+                            extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                        "--app", f"http://{LOOPBACK}:{pod.port}"])
+    client = RawH2(port)
+    try:
+        for _ in range(3):
+            call = client.start_call("Echo", flush=False)
+            send_with_trailers(client, call, _grpc_frame(b"x"), [(b"x-gt-bid", b"v=1")])
+            client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
+            assert client.status(call) == 0, inbound.output()[-2000:]
+        assert inbound.metric("equilibrium_inbound_stripped_headers_total",
+                              source="in-trailers") == 3
+    finally:
+        client.close()
+        assert inbound.stop() == 0, inbound.output()
+        pod.stop()
 
 
 def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:

@@ -460,7 +460,8 @@ class RawH2:
         self.sock.sendall(self.conn.data_to_send())
 
     def start_call(self, method: str, authority: str = "svc",
-                   extra: tuple[tuple[bytes, bytes], ...] = ()) -> int:
+                   extra: tuple[tuple[bytes, bytes], ...] = (), *, flush: bool = True) -> int:
+        """Open a call (its head sent at once unless ``flush`` is False)."""
         stream_id = self.conn.get_next_available_stream_id()
         self.conn.send_headers(stream_id, [
             (b":method", b"POST"), (b":scheme", b"http"),
@@ -468,7 +469,8 @@ class RawH2:
             (b":authority", authority.encode()), (b"content-type", b"application/grpc"),
             (b"te", b"trailers"), *extra,
         ])
-        self.flush()
+        if flush:
+            self.flush()
         self.events[stream_id] = []
         return stream_id
 
@@ -571,10 +573,9 @@ def test_the_apps_request_trailers_lose_their_game_headers_counted(mesh: Mesh) -
     client = RawH2(mesh.port)
     try:
         call = client.start_call("Unary")
-        client.send(call, _grpc_frame(b"with trailers"), end=False)
-        client.conn.send_headers(call, [(b"x-gt-bid", b"v=1;amount=9"), (b"x-gt-made-up", b"1"),
-                                        (b"x-kept", b"yes")], end_stream=True)
-        client.flush()
+        send_with_trailers(client, call, _grpc_frame(b"with trailers"),
+                           [(b"x-gt-bid", b"v=1;amount=9"), (b"x-gt-made-up", b"1"),
+                            (b"x-kept", b"yes")])
         client.pump(lambda: client.ended(call))
         assert client.status(call) == 0
         assert client.body(call)[5:].endswith(b"|with trailers")
@@ -582,6 +583,33 @@ def test_the_apps_request_trailers_lose_their_game_headers_counted(mesh: Mesh) -
         client.close()
     for name, value in before.items():
         assert count(name) == value + 1, name
+
+
+def test_trailers_left_unrelayed_by_an_early_answer_still_have_their_game_headers_counted(
+        ) -> None:
+    """A pod that answers before it took the body: the call's trailers never go upstream
+    (the answer ended first), but the game headers the app put in them are counted as
+    always."""
+    pod = ClosedWindowEarlyAnswerPod()
+    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
+                            sidecar_id="sc-grpc-early-trailers")
+    try:
+        client = RawH2(sidecar.outbound_port)
+        try:
+            for _ in range(3):
+                call = client.start_call("Unary", flush=False)
+                send_with_trailers(client, call, _grpc_frame(b"not taken"),
+                                   [(b"x-gt-bid", b"v=1;amount=9")])
+                client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
+                assert client.status(call) == 0
+                assert client.body(call) == _grpc_frame(b"answered early")
+        finally:
+            client.close()
+        assert sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Bid",
+                              reason="from-app") == 3
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
 
 
 def test_goaway_lets_the_call_in_flight_finish(mesh: Mesh) -> None:
@@ -693,7 +721,10 @@ def test_grpc_timeout_is_enforced_by_the_sidecar(mesh: Mesh) -> None:
 
 
 class RawPod(abc.ABC):
-    """An h2c server on a raw socket, answering each stream as :meth:`on_event` says."""
+    """An h2c server on a raw socket, answering each stream as :meth:`on_event` says;
+    ``window``: the stream flow-control window it announces (None: h2's default)."""
+
+    window: int | None = None
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -716,6 +747,8 @@ class RawPod(abc.ABC):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None))
         conn.initiate_connection()
+        if self.window is not None:
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.window})
         sock.sendall(conn.data_to_send())
         sock.settimeout(0.2)
         with sock:
@@ -767,6 +800,23 @@ class EarlyAnswerPod(RawPod):
             conn.send_data(event.stream_id, _grpc_frame(b"answered early"))
             conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
             conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
+
+
+class ClosedWindowEarlyAnswerPod(EarlyAnswerPod):
+    """Answers early, and takes no request body meanwhile (a stream window of 0): what its
+    caller sent after the head is still unread at the proxy when the answer has ended."""
+
+    window = 0
+
+
+def send_with_trailers(client: RawH2, call: int, payload: bytes,
+                       trailers: list[tuple[bytes, bytes]]) -> None:
+    """One message and the trailer section that ends the call, in one write with anything
+    not yet sent (a head opened with ``flush=False`` reaches the sidecar with them, before
+    any answer)."""
+    client.conn.send_data(call, payload)
+    client.conn.send_headers(call, trailers, end_stream=True)
+    client.flush()
 
 
 def test_a_pod_refusing_calls_it_read_multiplies_them_only_within_the_retry_budget() -> None:
