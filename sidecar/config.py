@@ -431,8 +431,11 @@ def _parse_choice(value: Any, what: str, names: Sequence[str]) -> str:
 # ---------------------------------------------------------------- layers
 
 
-def read_file(path: Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file (JSON is YAML; ``.json`` files are parsed strictly)."""
+def read_file(path: Path, *, empty_ok: bool = True) -> dict[str, Any]:
+    """Read a YAML or JSON config file (JSON is YAML; ``.json`` files are parsed strictly).
+    ``empty_ok`` False: a file with no document (empty, blanks or comments only) is an
+    error, as on a reload, where it is far likelier a file caught mid-write (an editor, a
+    ConfigMap sync) than a wish to drop every upstream."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -448,6 +451,9 @@ def read_file(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"config file {str(path)!r}: nested too deeply") from None
     if data is None:
+        if not empty_ok:
+            raise ConfigError(f"config file {str(path)!r} is empty (caught while being "
+                              "written?); an intended empty config says so: upstreams: {}")
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
@@ -561,12 +567,15 @@ class ConfigSource:
         given = {k: v for k, v in flags.items() if k != "config" and v not in (None, [], ())}
         return cls(given, environ, Path(path) if path else None)
 
-    def load(self) -> SidecarConfig:
+    def load(self, *, reload: bool = False) -> SidecarConfig:
+        """The config from its layers; ``reload``: re-read for a running sidecar (an empty
+        file is then refused, :func:`read_file`)."""
         merged: dict[str, Any] = {}
         sources: dict[str, str] = {}
         layers: list[tuple[str, Mapping[str, Any]]] = []
         if self.config_file is not None:
-            layers.append((f"config file {str(self.config_file)!r}", read_file(self.config_file)))
+            layers.append((f"config file {str(self.config_file)!r}",
+                           read_file(self.config_file, empty_ok=not reload)))
         layers.append(("environment", read_env(self.env)))
         layers.append(("command line", self.flags))
         for layer, raw in layers:

@@ -573,7 +573,7 @@ class SidecarRunner:
             return False
         self._remember_mtime()
         try:
-            new = self.source.load()
+            new = self.source.load(reload=True)
         except ConfigError as exc:
             self.metrics.config_reloads.labels("rejected").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)

@@ -43,7 +43,7 @@ def test_an_unexpected_reload_error_is_counted_and_the_next_edit_still_applies(
     runner = SidecarRunner(source, source.load(), mesh_key=KEY)
 
     class Broken:
-        def load(self) -> None:
+        def load(self, **_: object) -> None:
             raise RecursionError("a bug met while reading the file")
 
     runner.source = Broken()  # type: ignore[assignment]
@@ -94,3 +94,24 @@ def test_a_reload_logs_the_endpoints_it_changed(
     [line] = [r.getMessage() for r in caplog.records if "config reloaded" in r.getMessage()]
     assert line.endswith(f"(added none, removed none; endpoints changed: orders +{EPS[2]} "
                          f"-{EPS[0]})")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# being rewritten\n"])
+def test_a_reload_refuses_a_config_file_with_nothing_in_it(tmp_path: Path, text: str) -> None:
+    """The stranger's finding: a file caught empty mid-write (an editor, a ConfigMap sync)
+    was applied, and every upstream went. It is refused, and an empty config said in so
+    many words still applies."""
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n")
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    config_file.write_text(text)
+    assert runner.reload() is False
+    assert runner.config.upstreams["orders"] == (EPS[0],)
+    assert runner.metrics.registry.get_sample_value(
+        "equilibrium_config_reloads_total", {"result": "rejected"}) == 1
+    config_file.write_text("upstreams: {}\n")
+    assert runner.reload() is True
+    assert runner.config.upstreams == {}
