@@ -39,7 +39,7 @@ from sidecar.upstreams import UpstreamTable
 from wire.errors import WireError
 from wire.headers import IDENTITY
 from wire.identity import BoundRequest, new_nonce, sign_identity
-from wire.probe import PROBE, PROBE_PATH, format_request, parse_answer
+from wire.probe import PROBE, PROBE_PATH, format_request, is_answer_shaped, parse_answer
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,18 @@ class Prober:
         if status == 429:  # a sidecar over its probe budget: not now, the usual rate
             self._count(upstreams, "busy")
             return
-        if status != 200:
+        text = body.decode("ascii", "replace")
+        if status != 200 or not is_answer_shaped(text):  # no sidecar answered it
             self._count(upstreams, "not-meshed")
             self.schedule.refused(endpoint, done, self.rng)
+            if status == 200 and (held := self._notices.due((endpoint, "not-meshed"),
+                                                            done)) is not None:
+                log.info("probe %s: answered by something that is not a sidecar (an app "
+                         "outside the mesh that answers every path?)%s", endpoint,
+                         f" ({held} more since the last report)" if held else "")
             return
         try:
-            report = parse_answer(body.decode("ascii", "replace"), self.mesh_key, nonce)
+            report = parse_answer(text, self.mesh_key, nonce)
         except WireError as exc:
             self._count(upstreams, str(exc.reason))
             self.schedule.refused(endpoint, done, self.rng)

@@ -123,6 +123,13 @@ def _decimal(name: str, text: str, high: float) -> float:
     return value
 
 
+def is_answer_shaped(text: str) -> bool:
+    """Whether ``text`` is shaped like a probe answer of some version (``v=...;``): an app
+    outside the mesh that answers every path (an echo, a catch-all page) answers the probe
+    path too, and what it says is no sidecar's answer at all, not a wrong one."""
+    return text.lstrip().startswith("v=")
+
+
 def parse_answer(text: str, keys: bytes | Sequence[bytes], nonce: str) -> ProbeReport:
     """Check a probe answer against the mesh key(s) and the nonce that was sent; the report,
     or :class:`WireError` (see the module docstring). Shape is checked before the MAC, the

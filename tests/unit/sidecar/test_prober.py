@@ -83,10 +83,22 @@ async def test_a_catch_all_app_outside_the_mesh_is_probed_less_and_logged_once(
     # keep an endpoint at the usual rate (mesh.probes' tests).
     caplog.set_level(logging.INFO, logger="sidecar.prober")
     # 24 probes at 8 a second; backed off: 1/8, 2/8, 4/8 s...
-    asked, _ = await _probe_for(3.0, 200, "hello")
+    # Its answer is an echo of the request (the probe's signed identity in it): counted
+    # not-meshed, which it is, not as a probe answer of another version.
+    asked, registry = await _probe_for(3.0, 200, '{"headers": {"X-GT-Identity": '
+                                                 '"v=2;id=caller-1;sig=abc"}}')
     assert 2 <= len(asked) <= 8, asked
-    refused = [r for r in caplog.records if "answer refused" in r.getMessage()]
-    assert len(refused) == 1
+    told = [r for r in caplog.records if "not a sidecar" in r.getMessage()]
+    assert len(told) == 1
+    assert registry.get_sample_value("equilibrium_probes_total",
+                                     {"upstream": "static", "result": "not-meshed"}) == len(asked)
+
+
+async def test_a_probe_answer_of_another_version_is_told_apart_from_no_sidecar() -> None:
+    asked, registry = await _probe_for(1.0, 200, "v=9;nonce=x;sig=" + "A" * 43)
+    assert asked
+    assert registry.get_sample_value("equilibrium_probes_total",
+                                     {"upstream": "static", "result": "version"}) == len(asked)
 
 
 async def test_a_sidecar_over_its_probe_budget_is_not_backed_off_from() -> None:
