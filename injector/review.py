@@ -262,7 +262,8 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
     if app_port in reserved:
         raise AnnotationError(f"app port {app_port} collides with the sidecar's ports "
                               f"{sorted(reserved)}")
-    taken = sorted(reserved.intersection(declared))
+    bound = _declared_tcp_ports(spec, sidecars=True)  # the app's and its native sidecars'
+    taken = sorted(reserved.intersection(bound))
     if taken:  # the app and the sidecar share the network namespace: one could not bind
         raise AnnotationError(f"container port {taken[0]} collides with the sidecar's ports "
                               f"{sorted(reserved)}")
@@ -272,7 +273,7 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
     _check_runs_apart(spec)
     # Other declared ports (metrics, admin, gRPC...) bypass the sidecar: it forwards to one port.
     excluded = set(inbound)
-    others = tuple(p for p in declared if p != app_port and p not in excluded)
+    others = tuple(p for p in bound if p != app_port and p not in excluded)
     discovery = spec.get("automountServiceAccountToken") is not False
     if not discovery:
         warnings.append("automountServiceAccountToken is false: the sidecar cannot watch "
@@ -355,9 +356,19 @@ def _seconds(value: Any) -> float | None:
     return seconds if 0 <= seconds <= names.MAX_SHUTDOWN_DELAY else None
 
 
-def _declared_tcp_ports(spec: dict[str, Any]) -> list[int]:
+def _native_sidecars(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod's own native sidecars: init containers with ``restartPolicy: Always``, which
+    keep running beside the app, in its network namespace, once the rules exist."""
+    return [c for c in spec.get("initContainers") or []
+            if isinstance(c, dict) and c.get("restartPolicy") == "Always"]
+
+
+def _declared_tcp_ports(spec: dict[str, Any], *, sidecars: bool = False) -> list[int]:
+    """The TCP ports the app's containers declare, in order (``sidecars``: then those of the
+    pod's native sidecars, which bind in the same network namespace)."""
     ports: dict[int, None] = {}  # in order, each once (a dict: linear in the ports declared)
-    for container in spec["containers"]:
+    containers = [*spec["containers"], *(_native_sidecars(spec) if sidecars else [])]
+    for container in containers:
         declared = container.get("ports")
         for port in declared if isinstance(declared, list) else []:
             number = port.get("containerPort") if isinstance(port, dict) else None
@@ -376,8 +387,9 @@ def _check_runs_apart(spec: dict[str, Any]) -> None:
                               "pods are meshed")
     contexts = [("the pod", spec.get("securityContext"))]
     contexts += [(f"container {str(c.get('name'))[:64]!r}", c.get("securityContext"))
-                 for c in spec["containers"] if isinstance(c, dict)]  # the app's init
-    # containers run before the rules exist: their id does not matter
+                 for c in [*spec["containers"], *_native_sidecars(spec)]
+                 if isinstance(c, dict)]  # the app's other init containers run before the
+    # rules exist, and end: their id does not matter; a native sidecar runs on beside the app
     for who, context in contexts:
         if not isinstance(context, dict):
             continue

@@ -521,6 +521,30 @@ def test_a_container_running_as_the_sidecars_group_is_left_alone() -> None:
     assert decide(make_review(pod), CONFIG).outcome is Outcome.INJECTED
 
 
+SHIPPER = {"name": "log-shipper", "image": "shipper:1", "restartPolicy": "Always"}
+
+
+def test_the_pods_own_native_sidecars_are_checked_like_its_containers() -> None:
+    # The stranger's finding: a native sidecar (an init container that runs on beside the
+    # app) binding 15020, or running as the sidecar's uid, was injected without a word.
+    for shipper, says in (
+            ({**SHIPPER, "ports": [{"containerPort": 15020}]}, "container port 15020 collides"),
+            ({**SHIPPER, "securityContext": {"runAsUser": 1337}},
+             "container 'log-shipper' sets runAsUser: 1337")):
+        verdict = decide(make_review(make_pod(INJECT, init_containers=[shipper])), CONFIG)
+        assert verdict.outcome is Outcome.INVALID_ANNOTATION
+        assert says in verdict.response["response"]["warnings"][0]
+
+
+def test_a_native_sidecars_ports_bypass_the_sidecar_and_are_never_the_app_port() -> None:
+    shipper = {**SHIPPER, "ports": [{"containerPort": 9102}]}
+    _, patched = inject(make_pod(INJECT, ports=(8080,), init_containers=[shipper]))
+    assert arg_after(container(patched, "equilibrium-sidecar")["args"],
+                     "--app") == "http://127.0.0.1:8080"
+    assert arg_after(container(patched, "equilibrium-init", init=True)["args"],
+                     "--exclude-inbound-ports") == "15020,9102"
+
+
 def test_port_lists_are_capped_and_read_in_linear_time() -> None:
     many = ",".join(str(p) for p in range(20000, 21024))  # 1,024: the cap
     _, patched = inject(make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": many}))
