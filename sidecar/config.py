@@ -271,6 +271,9 @@ def parse_endpoint(url: str, upstream: str) -> str:
         raise ConfigError(
             f"upstream {upstream!r}: endpoint {url!r} must be scheme://host[:port] only"
         )
+    if port == 0:
+        raise ConfigError(f"upstream {upstream!r}: endpoint {url!r}: port 0 cannot be "
+                          "connected to")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     default_port = 443 if parts.scheme == "https" else 80
     return f"{parts.scheme}://{host}:{port if port is not None else default_port}"
@@ -321,7 +324,11 @@ def parse_upstream_flag(spec: str) -> tuple[str, tuple[str, ...]]:
     if not sep:
         raise ConfigError(f"--upstream: expected NAME=URL[,URL...], got {spec!r}")
     clean = parse_upstream_name(name)
-    return clean, parse_endpoints(clean, urls)
+    endpoints = parse_endpoints(clean, urls)
+    if not endpoints:
+        raise ConfigError(f"--upstream {spec!r}: no endpoint URL after '=' "
+                          "(expected NAME=URL[,URL...])")
+    return clean, endpoints
 
 
 def parse_upstreams_env(value: str) -> dict[str, tuple[str, ...]]:
@@ -547,6 +554,23 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
     return out
 
 
+_ANY_HOST = ("0.0.0.0", "::", "")
+
+
+def _check_listeners_apart(listeners: Mapping[str, ListenAddress]) -> None:
+    """Two listeners of one sidecar on one port (the same host, or either on every
+    address) could never both bind: said as a setting that cannot work, before any binds."""
+    seen: list[tuple[str, ListenAddress]] = []
+    for name, address in listeners.items():
+        for other, taken in seen:
+            if address.port and address.port == taken.port and (
+                    address.host == taken.host or address.host in _ANY_HOST
+                    or taken.host in _ANY_HOST):
+                raise ConfigError(f"{name} {address} and {other} {taken} are on one port: "
+                                  "each listener needs its own")
+        seen.append((name, address))
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigSource:
     """The inputs of a config (flags, environment, file path); ``load()`` re-reads the file.
@@ -587,6 +611,10 @@ class ConfigSource:
                     merged["external_upstreams"] = frozenset()
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
+        _check_listeners_apart({
+            "outbound": merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
+            "admin": merged.get("admin") or parse_listen(DEFAULT_ADMIN),
+            **({"inbound": merged["inbound"]} if merged.get("inbound") else {})})
         discovery = parse_discovery(
             merged.get("discovery", False), merged.get("kube_api", ""),
             merged.get("kube_token_file", ""), merged.get("discovery_namespaces", ""), self.env,

@@ -154,6 +154,16 @@ def test_config_file_path_may_come_from_the_environment(tmp_path: Path) -> None:
         ({}, {"EQUILIBRIUM_RETRY_BUDGET_RATIO": "-0.1"}, None, "retry_budget_ratio: must be"),
         ({"retry_budget_ratio": "11"}, {}, None, "retry_budget_ratio: at most 10"),
         ({}, {}, "retry_budget_min_per_s: lots\n", "retry_budget_min_per_s: expected"),
+        # a stranger's findings: each started, and could never work
+        ({"upstreams": ["users="]}, {}, None, "no endpoint URL after '='"),
+        ({}, {"EQUILIBRIUM_UPSTREAMS": "a=;b=http://x"}, None, "no endpoint URL after '='"),
+        ({"upstreams": ["users=http://127.0.0.1:0"]}, {}, None, "port 0 cannot be connected"),
+        ({}, {}, "upstreams: {a: ['http://x:0']}\n", "port 0 cannot be connected"),
+        ({"outbound": "127.0.0.1:15401", "admin": "127.0.0.1:15401"}, {}, None,
+         "admin 127.0.0.1:15401 and outbound 127.0.0.1:15401 are on one port"),
+        ({"outbound": "0.0.0.0:15401", "admin": "127.0.0.1:15401"}, {}, None, "on one port"),
+        ({"inbound": "[::]:15000", "app": "http://127.0.0.1:8080"}, {}, None,
+         "inbound [::]:15000 and admin 127.0.0.1:15000 are on one port"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_setting_named(
@@ -256,3 +266,9 @@ def test_a_bad_mesh_declaration_is_a_config_error(tmp_path: Path, spec: dict[str
     path.write_text(json.dumps({"upstreams": {"payments": spec}}))
     with pytest.raises(ConfigError, match="payments"):
         ConfigSource.from_sources({"config": str(path)}, env={}).load()
+
+
+def test_listeners_on_other_hosts_may_share_a_port() -> None:
+    config = ConfigSource.from_sources(
+        {"outbound": "127.0.0.1:15401", "admin": "127.0.0.2:15401"}, env={}).load()
+    assert (config.outbound.port, config.admin.port) == (15401, 15401)
