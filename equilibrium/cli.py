@@ -123,7 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except BrokenPipeError:  # `equilibrium init --dry-run | head`: the reader had enough
+        # (Python's own advice: send the rest of the output nowhere, so that flushing
+        # stdout at exit raises nothing more, and exit non-zero as a cut pipe does)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

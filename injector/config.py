@@ -97,7 +97,8 @@ MAX_LISTED_PORTS: Final = 1024
 """Ports one annotation may list: each becomes an iptables rule (per address family)."""
 
 
-def parse_port_list(source: str, value: str) -> tuple[int, ...]:
+def parse_port_list(source: str, value: str, *, expected: str = "a comma list of integers "
+                    "1-65535, e.g. \"5432,6379\"") -> tuple[int, ...]:
     """Parse ``"80, 443"`` into ``(80, 443)``: a comma list of TCP ports 1..65535, no duplicates.
 
     ``""`` (or only spaces) means no ports. Raises ``AnnotationError`` naming ``source`` (e.g.
@@ -116,8 +117,7 @@ def parse_port_list(source: str, value: str) -> tuple[int, ...]:
         port = ascii_uint(item, max_digits=5)
         if port is None or not 1 <= port <= 65535:
             raise AnnotationError(
-                f"{source}={shown!r}: {item[:8]!r} is not a port (expected a comma "
-                "list of integers 1-65535, e.g. \"5432,6379\")"
+                f"{source}={shown!r}: {item[:8]!r} is not a port (expected {expected})"
             )
         if port in seen:
             raise AnnotationError(f"{source}={shown!r}: port {item} is repeated")
@@ -153,7 +153,8 @@ def parse_ipv6(value: str | None) -> Ipv6Mode:
 
 def parse_app_port(value: str) -> int:
     """Validate ``equilibrium.io/app-port``: one TCP port."""
-    ports = parse_port_list(f"annotation {APP_PORT}", value)
+    ports = parse_port_list(f"annotation {APP_PORT}", value,
+                            expected="one integer 1-65535, e.g. \"8080\"")
     if len(ports) != 1:
         raise AnnotationError(f"annotation {APP_PORT}={value!r}: expected exactly one port")
     return ports[0]

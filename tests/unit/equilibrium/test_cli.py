@@ -36,3 +36,18 @@ def test_an_unknown_option_is_told_by_the_parser_it_was_given_to(
     unknown = " ".join(word for word in argv if word.startswith("-"))
     assert f"{prog}: error: unrecognized arguments: {unknown}" in err
     assert err.startswith(f"usage: {prog} ")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly() -> None:
+    # The stranger's finding: `equilibrium init --dry-run | head -1` printed a traceback
+    # about half the time. A reader that closes the pipe at once is the same case, always.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "equilibrium", "init", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # nothing will be read
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -451,6 +451,16 @@ def test_malformed_port_lists_are_rejected_by_name(annotation: str, value: str) 
     assert "patch" not in verdict.response["response"]
 
 
+def test_a_bad_app_port_says_one_port_is_expected() -> None:
+    # The stranger's finding: it said "expected a comma list of integers", which the
+    # annotation is not.
+    verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/app-port": "http"})),
+                     CONFIG)
+    warning = verdict.response["response"]["warnings"][0]
+    assert "'http' is not a port (expected one integer 1-65535" in warning
+    assert "comma list" not in warning
+
+
 def test_excluded_ports_reach_the_init_container() -> None:
     pod = make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": "5432, 6379",
                     "equilibrium.io/exclude-inbound-ports": "9000"})
