@@ -36,6 +36,7 @@ class SignalerHealth:
     started: bool = False
     redis_ok: bool = False
     stopping: bool = False
+    refused: str | None = None  # what Redis refused last (wire.store.refusal), until it serves
 
     @property
     def ready(self) -> bool:
@@ -48,6 +49,8 @@ class SignalerHealth:
             return "stopping"
         if not self.started:
             return "starting"
+        if self.refused is not None:
+            return f"redis-refused-{self.refused}"  # a setting to fix: user, password, ACL
         return None if self.redis_ok else "redis-unreachable"
 
 

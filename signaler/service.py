@@ -75,10 +75,21 @@ from signaler.roster import (
 from signaler.solution import SolverError
 from wire.errors import Reason, WireError
 from wire.recommendation import Recommendation, sign_recommendations
-from wire.store import KeyTypeError, SignalStore, StoreError, StreamEntry, error_kind
+from wire.store import (
+    KeyTypeError,
+    SignalStore,
+    StoreError,
+    StreamEntry,
+    error_kind,
+    refusal,
+)
 from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 
 log = logging.getLogger(__name__)
+
+SERVED_AFTER_REFUSAL = 5
+"""Epochs in a row Redis must serve after it refused the signaler (its user, password or ACL)
+before the signaler says it is served again and reads as ready."""
 
 MAX_OBJECTIVE = 1e12
 
@@ -175,6 +186,7 @@ class SignalerService:
         self._last_discovery = -math.inf
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
         self._redis_failure_told = False  # the current outage was logged
+        self._served_since_refusal = 0  # epochs run since Redis last refused (a setting)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -189,11 +201,7 @@ class SignalerService:
                 started = loop.time()
                 try:
                     await self.run_epoch()
-                    if not self.health.redis_ok:
-                        log.info("signaler %s: Redis reachable", self.config.signer)
-                    self._redis_failure_told = False
-                    self.health.redis_ok = True
-                    self.metrics.redis_up.set(1)
+                    self._redis_served()
                     backoff.reset()
                     wait = started + self.config.epoch - loop.time()
                 except (StoreError, OSError, TimeoutError) as exc:
@@ -215,8 +223,32 @@ class SignalerService:
         """Close the store's connections (the store reconnects if used again)."""
         await self.store.close()
 
+    def _redis_served(self) -> None:
+        """An epoch ran with Redis. After a refusal, only a few in a row say it is fixed: an
+        epoch may run without the command refused (the scan for new streams is not in
+        every epoch), and a signaler whose ACL lacks it must not read as ready between."""
+        if self.health.refused is not None:
+            self._served_since_refusal += 1
+            if self._served_since_refusal < SERVED_AFTER_REFUSAL:
+                return
+            log.info("signaler %s: Redis serves it again", self.config.signer)
+            self.health.refused = None
+        elif not self.health.redis_ok:
+            log.info("signaler %s: Redis reachable", self.config.signer)
+        self._redis_failure_told = False
+        self.health.redis_ok = True
+        self.metrics.redis_up.set(1)
+
     def _redis_failed(self, exc: BaseException) -> None:
-        if self.health.redis_ok or not self._redis_failure_told:  # once per outage
+        refused = refusal(exc)
+        self._served_since_refusal = 0
+        if refused is not None:
+            if self.health.refused != refused:  # once, until Redis serves it again
+                log.warning("signaler %s: Redis refused it (%s: %s); check the user and "
+                            "password in --redis and that user's ACL (docs/signaling.md); "
+                            "retrying with backoff", self.config.signer, refused, exc)
+            self.health.refused = refused
+        elif self.health.redis_ok or not self._redis_failure_told:  # once per outage
             log.warning("signaler %s: Redis unreachable (%s); retrying with backoff",
                         self.config.signer, exc or type(exc).__name__)
             self._redis_failure_told = True

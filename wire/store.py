@@ -106,6 +106,25 @@ def error_kind(exc: BaseException) -> str:
     return exc.kind if isinstance(exc, StoreError) else type(exc).__name__
 
 
+_AUTH_KINDS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError")
+_AUTH_TEXTS = ("NOAUTH", "WRONGPASS", "invalid username-password",
+               "HELLO must be called with the client already authenticated")
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What Redis refused, when ``exc`` says it answered but would not serve this client:
+    ``"authentication"`` (no user and password, or wrong ones) or ``"permissions"`` (its
+    ACL user may not run a command); None for any other failure (unreachable, slow, ...).
+    Both are settings to fix, not an outage to wait out."""
+    kind, text = error_kind(exc), str(exc)
+    if kind in _AUTH_KINDS or any(t in text for t in _AUTH_TEXTS):
+        return "authentication"
+    if kind == "NoPermissionError" or text.startswith("NOPERM") \
+            or "no permissions to run" in text:
+        return "permissions"
+    return None
+
+
 def upstream_of_summary_stream(key: str) -> str | None:
     """The upstream whose summary stream ``key`` is, or None for any other key."""
     match = _UPSTREAM_IN_KEY.match(key)

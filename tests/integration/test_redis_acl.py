@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 import redis
@@ -141,3 +141,76 @@ async def test_a_batch_of_recommendations_as_the_signaler_user_after_a_script_fl
     finally:
         admin.close()
         await store.close()
+
+
+async def test_a_signaler_given_the_sidecars_user_says_redis_refused_it_until_fixed(
+    redis_server: RedisHandle, users: dict[str, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stranger's finding: given the sidecar's credentials, the signaler logged "Redis
+    unreachable" and "Redis reachable" by turns (the scan it may not run is not in every
+    epoch) and read as ready between. It now says once that Redis refused it, and why,
+    reads as not ready with that reason, and once the user may run what it needs (the
+    ACL fixed live), says so once and is ready."""
+    import asyncio
+    import logging
+
+    svc = SignalerService(
+        SignalerConfig(redis_url=users["sidecar"], signer="sig-acl", key=KEY, epoch=0.05,
+                       redis_timeout=1.0, backoff_max=0.05, discover_every=0.2),
+        store=RedisSignalStore(users["sidecar"], 1.0), clock=time.time)
+    caplog.set_level(logging.INFO, logger="signaler.service")
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop))
+    try:
+        seen: set[str | None] = set()
+        for _ in range(60):  # 1.2 s: several discoveries, and epochs without one between
+            await asyncio.sleep(0.02)
+            if svc.health.started:
+                seen.add(svc.health.not_ready)
+        assert seen == {"redis-refused-permissions"}
+        admin = redis_server.client()  # the sidecar's user may now do what a signaler does
+        try:
+            password = urlsplit(users["sidecar"]).password
+            assert password is not None
+            admin.execute_command("ACL", "SETUSER", SIDECAR_USER,
+                                  *acl_rules("signaler", password))
+        finally:
+            admin.close()
+        for _ in range(200):
+            if svc.health.ready:
+                break
+            await asyncio.sleep(0.02)
+        assert svc.health.ready
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    lines = [r.getMessage() for r in caplog.records]
+    refused = [m for m in lines if "Redis refused it (permissions" in m]
+    assert len(refused) == 1, lines
+    assert "ACL" in refused[0]
+    assert not [m for m in lines if "Redis unreachable" in m or "Redis reachable" in m], lines
+    assert len([m for m in lines if "Redis serves it again" in m]) == 1
+
+
+async def test_a_signaler_without_the_password_says_redis_wants_one(
+    redis_server: RedisHandle, users: dict[str, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import logging
+
+    bare = f"redis://{redis_server.host}:{redis_server.port}/0"
+    svc = SignalerService(
+        SignalerConfig(redis_url=bare, signer="sig-noauth", key=KEY, epoch=0.05,
+                       redis_timeout=1.0, backoff_max=0.05, discover_every=0.2),
+        store=RedisSignalStore(bare, 1.0), clock=time.time)
+    caplog.set_level(logging.WARNING, logger="signaler.service")
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.run(stop))
+    try:
+        await asyncio.sleep(0.5)
+        assert svc.health.not_ready == "redis-refused-authentication"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "Redis refused it (authentication" in line
