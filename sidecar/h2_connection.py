@@ -74,8 +74,8 @@ class StreamGone(Exception):
 class H2Stream:
     """One stream's inbound side (an inbox of events) and its sending side."""
 
-    __slots__ = ("_conn", "_inbox", "_more", "closed", "ended", "id", "local_ended",
-                 "reset_code", "window")
+    __slots__ = ("_conn", "_inbox", "_more", "closed", "ended", "head_sent", "id",
+                 "local_ended", "reset_code", "window")
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
         self._conn = conn
@@ -85,6 +85,7 @@ class H2Stream:
         self.window = asyncio.Event()  # set when the peer may have given send credit
         self.ended = False  # the peer finished its side (END_STREAM seen)
         self.local_ended = False  # we finished ours
+        self.head_sent = False  # we sent a header block on it (an answer began, or a request)
         self.reset_code: int | None = None
         self.closed: StreamGone | None = None
 
@@ -305,6 +306,7 @@ class H2Connection(asyncio.Protocol):
             self.conn.send_headers(stream.id, headers, end_stream=end_stream)
         except H2_ERRORS as exc:
             raise StreamGone(None, f"cannot send headers: {exc}") from exc
+        stream.head_sent = True
         self.flush()
         if end_stream:
             stream.local_ended = True

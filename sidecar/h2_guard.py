@@ -6,7 +6,8 @@ them one connection carries (:class:`FloodGuard`), with the documented defaults
 (:data:`DEFAULT_BUDGETS`). The kinds are the floods of RFC 9113 §10.5 (SETTINGS, PING, empty
 DATA frames) and the "rapid reset" pattern of CVE-2023-44487 (a client that opens streams and
 resets them before they are answered, so each costs the server work and never counts against
-SETTINGS_MAX_CONCURRENT_STREAMS), and frames that cost the sidecar work for nothing in return:
+SETTINGS_MAX_CONCURRENT_STREAMS: an allowance earned by the calls answered, as Envoy counts
+it, below), and frames that cost the sidecar work for nothing in return:
 frames a server ignores (undefined types, which RFC 9113 §5.5 says to ignore, ALTSVC,
 ORIGIN: a token bucket), and PRIORITY and
 WINDOW_UPDATE frames, which a client sends in proportion to what it does, so their allowance
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-RAPID_RESET = "rapid_reset"  # the app reset a stream whose answer had not ended
+RAPID_RESET = "rapid_reset"  # the peer reset a young stream whose answer had not begun
 PING = "ping"
 SETTINGS = "settings"
 EMPTY_DATA = "empty_data"  # a DATA frame with no payload and no END_STREAM
@@ -30,8 +31,8 @@ UNKNOWN_FRAME = "unknown_frame"  # a frame a server ignores: undefined types, AL
 PRIORITY = "priority"  # a PRIORITY frame
 WINDOW_UPDATE = "window_update"  # a WINDOW_UPDATE frame, for a stream or the connection
 KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME, PRIORITY, WINDOW_UPDATE)
-TIMED_KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME)  # token buckets
-EARNED_KINDS = (PRIORITY, WINDOW_UPDATE)  # allowances that grow with the connection's work
+TIMED_KINDS = (PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME)  # token buckets
+EARNED_KINDS = (PRIORITY, WINDOW_UPDATE, RAPID_RESET)  # allowances that grow with its work
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,6 @@ class Budget:
 # A gRPC client cancels calls (deadlines, hedging) and pings for keep-alive, but not hundreds a
 # second on one connection; an attack sends thousands.
 DEFAULT_BUDGETS: Mapping[str, Budget] = {
-    RAPID_RESET: Budget(rate=50.0, burst=200.0),
     PING: Budget(rate=10.0, burst=50.0),
     SETTINGS: Budget(rate=10.0, burst=50.0),
     EMPTY_DATA: Budget(rate=20.0, burst=100.0),
@@ -77,7 +77,20 @@ class Allowance:
 DEFAULT_ALLOWANCES: Mapping[str, Allowance] = {
     PRIORITY: Allowance(base=100, per_unit=100),  # units: streams served
     WINDOW_UPDATE: Allowance(base=100, per_unit=10),  # units: those, and DATA frames sent
+    RAPID_RESET: Allowance(base=500, per_unit=1),  # units: streams answered to the end
 }
+"""Rapid reset as Envoy counts it (``premature_reset_total_stream_count`` 500, a premature
+reset being one within ``premature_reset_min_stream_lifetime`` 1 s): what makes the pattern
+an attack is resets that outnumber the calls a connection lets finish, since each frees its
+stream's place under SETTINGS_MAX_CONCURRENT_STREAMS at once; resets at some rate are what
+deadlines and cancellations are. So a connection may reset 500 young streams before any
+answer began, and one more per call answered to its end: a peer sidecar's pooled connection
+relays every one of its apps' cancellations (a deadline burst, hedging's losers) beside
+their completed calls, which is not a flood."""
+
+PREMATURE_LIFETIME = 1.0
+"""Seconds: a stream reset by the peer when younger than this, before its answer began,
+counts as a rapid reset (Envoy's default lifetime)."""
 
 
 class FrameBudget:

@@ -47,6 +47,7 @@ from sidecar.h2_guard import (
     DEFAULT_BUDGETS,
     EMPTY_DATA,
     PING,
+    PREMATURE_LIFETIME,
     PRIORITY,
     RAPID_RESET,
     SETTINGS,
@@ -140,11 +141,13 @@ class _RefusingH2(h2.connection.H2Connection):
 class ServerStream(H2Stream):
     """A request stream: its request head, and its response side."""
 
-    __slots__ = ("request",)
+    __slots__ = ("opened_at", "request")
 
-    def __init__(self, conn: H2Connection, stream_id: int, request: Headers) -> None:
+    def __init__(self, conn: H2Connection, stream_id: int, request: Headers,
+                 opened_at: float = 0.0) -> None:
         super().__init__(conn, stream_id)
         self.request = request
+        self.opened_at = opened_at  # loop time
 
     def header(self, name: bytes) -> bytes | None:
         return next((value for key, value in self.request if key == name), None)
@@ -249,7 +252,11 @@ class H2ServerConnection(H2Connection):
 
     def _flood_kind(self, event: h2.events.Event) -> str | None:
         if isinstance(event, h2.events.StreamReset):
-            return RAPID_RESET if event.remote_reset and event.stream_id in self.tasks else None
+            stream = self.streams.get(event.stream_id)
+            premature = (isinstance(stream, ServerStream) and not stream.head_sent
+                         and self.loop.time() - stream.opened_at < PREMATURE_LIFETIME)
+            return RAPID_RESET if (event.remote_reset and event.stream_id in self.tasks
+                                   and premature) else None
         if isinstance(event, h2.events.PingReceived):
             return PING
         if isinstance(event, h2.events.RemoteSettingsChanged):
@@ -288,7 +295,8 @@ class H2ServerConnection(H2Connection):
             if size > MAX_HEADER_LIST:
                 self._refuse_oversized(event, size)
                 return
-            stream = ServerStream(self, event.stream_id, list(event.headers))
+            stream = ServerStream(self, event.stream_id, list(event.headers),
+                                  self.loop.time())
             self.streams[event.stream_id] = stream
             self.idle.clear()
             self._disarm_idle_timer()
@@ -328,6 +336,8 @@ class H2ServerConnection(H2Connection):
         """A stream's task ended, also one cancelled before it started (the app reset the
         stream in the same read that opened it), whose ``_serve`` never ran."""
         stream.discard()  # what nobody read gives its credit back
+        if stream.local_ended and stream.reset_code is None:  # answered to its end: each
+            self.guard.earn(RAPID_RESET)  # such call allows one more reset (h2_guard)
         if self.tasks.get(stream.id) is task:
             del self.tasks[stream.id]
         if not self.tasks:

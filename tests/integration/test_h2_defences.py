@@ -208,6 +208,37 @@ def test_a_flood_gets_goaway_enhance_your_calm(guarded: Guarded, kind: str, floo
     assert guarded.metric("equilibrium_h2_flood_goaways_total", kind=kind) == goaways + 1
 
 
+def test_cancellations_beside_calls_answered_are_no_flood_however_fast(
+        guarded: Guarded) -> None:
+    """A helper's finding: a peer sidecar's pooled connection relays every one of its apps'
+    cancellations (a burst of missed deadlines) beside their finished calls, and the rapid-
+    reset budget (200, then 50/s) ended it, failing every other app's calls on it. Resets
+    count now as Envoy counts them: 500, and one more per call answered to its end. 700
+    young streams reset in about two seconds beside 700 calls answered: no GOAWAY; then
+    resets alone: the 501st ends the connection."""
+    goaways = guarded.metric("equilibrium_h2_flood_goaways_total", kind="rapid_reset")
+    client = settled(RawH2(guarded.port))
+    try:
+        for _ in range(700):
+            cancelled = client.start_call("Slow", flush=False)
+            client.conn.reset_stream(cancelled, ErrorCodes.CANCEL)
+            call = client.start_call("Unary", flush=False)
+            client.send(call, _grpc_frame(b"on"), end=True)
+            client.pump(lambda c=call: client.ended(c))  # type: ignore[misc]
+            assert client.status(call) == 0, client.terminated
+        assert client.terminated is None
+        assert guarded.metric("equilibrium_h2_flood_goaways_total",
+                              kind="rapid_reset") == goaways
+        _rapid_reset(client)  # 1,000 resets, no call answered
+        client.flush()
+        client.pump(lambda: client.closed)
+        assert client.terminated is not None
+        assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        client.close()
+    assert guarded.metric("equilibrium_h2_flood_goaways_total", kind="rapid_reset") == goaways + 1
+
+
 def test_within_the_budgets_nothing_happens(guarded: Guarded) -> None:
     client = settled(RawH2(guarded.port))
     try:

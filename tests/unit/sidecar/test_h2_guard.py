@@ -12,6 +12,7 @@ from sidecar.h2_guard import (
     PING,
     PRIORITY,
     RAPID_RESET,
+    SETTINGS,
     TIMED_KINDS,
     WINDOW_UPDATE,
     Allowance,
@@ -49,11 +50,11 @@ def test_a_clock_going_back_gives_nothing() -> None:
 
 
 def test_kinds_are_counted_apart() -> None:
-    guard = FloodGuard(0.0, {PING: Budget(rate=0.0, burst=2), RAPID_RESET: Budget(0.0, 1)})
+    guard = FloodGuard(0.0, {PING: Budget(rate=0.0, burst=2), SETTINGS: Budget(0.0, 1)})
     assert guard.spend(PING, 0.0) and guard.spend(PING, 0.0)
     assert not guard.spend(PING, 0.0)
-    assert guard.spend(RAPID_RESET, 0.0)
-    assert not guard.spend(RAPID_RESET, 0.0)
+    assert guard.spend(SETTINGS, 0.0)
+    assert not guard.spend(SETTINGS, 0.0)
     assert guard.spend("unknown", 0.0)  # no budget: not limited
 
 
@@ -62,7 +63,18 @@ def test_the_defaults_cover_every_kind() -> None:
     assert set(DEFAULT_ALLOWANCES) == set(EARNED_KINDS)
     assert set(TIMED_KINDS) | set(EARNED_KINDS) == set(KINDS)
     guard = FloodGuard(0.0)
-    assert sum(guard.spend(RAPID_RESET, 0.0) for _ in range(1000)) == 200
+    assert sum(guard.spend(RAPID_RESET, 0.0) for _ in range(1000)) == 500
+
+
+def test_rapid_resets_are_allowed_as_many_as_the_calls_answered_plus_500() -> None:
+    # A peer sidecar's pooled connection relays its apps' cancellations (a deadline burst,
+    # hedging's losers) beside their finished calls: not a flood however fast they come,
+    # while resets that outnumber the calls let finish (the CVE-2023-44487 pattern) are.
+    guard = FloodGuard(0.0)
+    for _ in range(2000):  # a call answered, a call cancelled, one after the other
+        guard.earn(RAPID_RESET)
+        assert guard.spend(RAPID_RESET, 0.0)
+    assert sum(guard.spend(RAPID_RESET, 0.0) for _ in range(1000)) == 500
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(-1.0, 5.0), (1.0, 0.5)])
