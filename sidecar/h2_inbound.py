@@ -64,6 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ANSWER_STREAMING_AFTER = 1.0
+"""Seconds after the app's answer head that a gRPC call still answering gives its slot back
+and goes on as a long-lived exchange (:meth:`_Call.answer_outlived_slot`): a unary call has
+ended well before, a server-streaming one has not."""
+
 _EXHAUSTED = frozenset({RejectReason.PUNISHED, RejectReason.QUEUE_FULL,
                         RejectReason.QUEUE_TIMEOUT, ErrorReason.LOCAL_RATE_LIMITED})
 
@@ -127,9 +132,9 @@ class _Call:
     time such a stream held its slot while its client still sent is charged to the caller
     (:meth:`charge_hold`)."""
 
-    __slots__ = ("admitted_at", "answered", "counted", "cut", "deadline", "framing", "holding",
-                 "is_grpc", "long_lived", "owner", "stream", "streaming", "timer", "upstream",
-                 "verdict")
+    __slots__ = ("admitted_at", "answered", "counted", "cut", "deadline", "first_at",
+                 "framing", "head_at", "holding", "is_grpc", "long_lived", "owner", "started",
+                 "stream", "streaming", "timer", "upstream", "verdict")
 
     def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
         self.owner = owner
@@ -147,6 +152,9 @@ class _Call:
         self.upstream: ClientStream | None = None
         self.streaming: H2Upload | None = None  # a call that took its slot still sending
         self.admitted_at = 0.0
+        self.started = 0.0  # when it was forwarded to the app (proxy clock)
+        self.head_at: float | None = None  # when the app's answer head came
+        self.first_at: float | None = None  # when its first response message came (gRPC)
 
     def done(self) -> None:
         """The stream's task ended (answered, failed or cancelled): a caller that went away
@@ -252,6 +260,7 @@ class _Call:
         head_by = head_by if deadline is None else min(head_by, deadline)
         policing.in_flight += 1
         self.holding = tracked
+        self.started = started
         if tracked and upload is not None and not upload.complete:
             self.streaming = upload
             self.admitted_at = started
@@ -336,12 +345,15 @@ class _Call:
             self.answered = True
             if trailers_only:
                 return clock(), True
+            self.head_at = clock()
+            if self.holding and self.is_grpc and self.timer is None:
+                self.timer = loop.call_later(ANSWER_STREAMING_AFTER, self.answer_outlived_slot)
             async with asyncio.timeout_at(deadline):
                 while True:
                     kind, payload, size = await upstream.read()
                     if kind == "data":
                         if first is None and self.is_grpc:
-                            first = clock()
+                            first = self.first_at = clock()
                         try:
                             await stream.send_data(payload)
                         finally:  # passed on or dropped: either way the app gets credit
@@ -444,7 +456,11 @@ class _Call:
         exchange of its caller, or, past the caller's cap of those, is ended."""
         self.timer = None
         verdict, stream, owner = self.verdict, self.stream, self.owner
-        if not self.holding or verdict is None or stream.ended or stream.closed is not None:
+        if not self.holding or verdict is None or stream.closed is not None:
+            return
+        if stream.ended:  # the request side ended meanwhile: only a streaming answer may
+            if self.head_at is not None:  # outlive the slot
+                self.answer_outlived_slot()
             return
         self.holding = False
         self.charge_hold(owner.proxy.clock() - self.admitted_at)
@@ -459,6 +475,24 @@ class _Call:
                         f"{verdict.caller!r} already has {cap} long-lived streams open")
         if self.upstream is not None and self.upstream.closed is None:
             self.upstream.reset(ErrorCodes.CANCEL)
+
+    def answer_outlived_slot(self) -> None:
+        """:data:`ANSWER_STREAMING_AFTER` after the app's answer began, a gRPC call's answer
+        still streams (a server-streaming call: a watch, a feed): the slot goes back to the
+        gate, with the time to the first response message as the RTT it learns, and the call
+        goes on as a long-lived exchange of its caller, so streams cannot take the app's
+        concurrency from its short calls. Past the caller's cap of those it keeps its slot,
+        as before (it is not cut: its answer is under way)."""
+        self.timer = None
+        verdict, stream, owner = self.verdict, self.stream, self.owner
+        if not self.holding or verdict is None or stream.local_ended \
+                or stream.closed is not None or self.head_at is None:
+            return
+        if not owner.proxy.open_long_lived(verdict.caller):
+            return
+        self.holding = False
+        self.long_lived = True
+        owner.policing.finish((self.first_at or self.head_at) - self.started)
 
     # ------------------------------------------------------------ the sidecar's own answers
 

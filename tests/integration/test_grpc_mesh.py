@@ -242,6 +242,21 @@ def test_oversized_header_block_is_refused_alone(mesh: Mesh) -> None:
         client.close()
 
 
+def test_server_streams_longer_than_the_queue_wait_do_not_starve_each_other(
+        mesh: Mesh) -> None:
+    """A helper's finding: each server-streaming call held its slot for its whole length, so
+    with the app's limit taken by streams longer than the queue's wait (2 s), the next ones
+    were refused though the app was idle. A call whose answer still streams a second after
+    it began gives its slot back and goes on as a long-lived exchange of its caller: twice
+    the limit of 3-second streams at once all arrive whole."""
+    with mesh.channel("polite") as channel:
+        ticks = channel.unary_stream(f"/{SERVICE}/Ticks")
+        streams = [ticks(b"150", timeout=20) for _ in range(2 * LIMIT)]
+        got = [list(stream) for stream in streams]
+    assert [len(messages) for messages in got] == [150] * (2 * LIMIT)
+    assert mesh.inbound_metric("equilibrium_inbound_concurrency_limit") == LIMIT
+
+
 def test_caller_reset_at_the_inbound_side_leaves_other_streams(mesh: Mesh) -> None:
     client = RawH2(mesh.inbound_port)
     try:
