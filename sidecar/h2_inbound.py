@@ -201,7 +201,11 @@ class _Call:
                                                  self.caller_trailers)
             if self.deadline.failure is not None:
                 return await self.upload_failed(verdict)
-            admitted = await policing.admit(verdict, policed, now)
+            try:
+                admitted = await policing.admit(verdict, policed, now)
+            except asyncio.CancelledError:
+                self.count_caller_gone(verdict)  # reset (or hung up) while queued
+                raise
             if isinstance(admitted, Refusal):
                 return await self.reply(verdict, admitted)
         await self.forward(verdict, tracked=policed is not None, upload=upload)
@@ -310,6 +314,8 @@ class _Call:
                 self.owner.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
                 self.owner.metrics.app_latency.observe(now - started)
                 proxy.probes.record(now, (first if first is not None else now) - started)
+            else:
+                self.count_caller_gone(verdict)
 
     async def relay(self, verdict: Verdict, upstream: ClientStream, head_by: float,
                     deadline: float | None) -> tuple[float | None, bool]:
@@ -475,6 +481,17 @@ class _Call:
                         f"{verdict.caller!r} already has {cap} long-lived streams open")
         if self.upstream is not None and self.upstream.closed is None:
             self.upstream.reset(ErrorCodes.CANCEL)
+
+    def count_caller_gone(self, verdict: Verdict) -> None:
+        """A call that ended because its caller reset its stream or hung up (not cut by the
+        sidecar) is counted ``caller-hung-up``, as on HTTP/1.1; other endings count their
+        own outcome where they happen."""
+        stream = self.stream
+        if self.cut or stream.closed is None:
+            return
+        if stream.reset_code is not None or stream.peer_host() is None:
+            self.owner.metrics.requests.labels(verdict.label,
+                                               InboundOutcome.CALLER_HUNG_UP).inc()
 
     def answer_outlived_slot(self) -> None:
         """:data:`ANSWER_STREAMING_AFTER` after the app's answer began, a gRPC call's answer
