@@ -372,7 +372,7 @@ class _Call:
                     else:
                         stream.end()
                         return first, True
-        except StreamGone:
+        except StreamGone as exc:
             if stream.closed is not None or self.cut:
                 return first, False  # the caller reset or hung up (its doing), or was cut off
             if self.upload_missed():
@@ -380,8 +380,8 @@ class _Call:
                 return first, False
             self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             self.owner.proxy.app_failed_notice("answer-cut", "stream broke mid-answer")
-            if self.is_grpc and not stream.local_ended:
-                stream.send_headers([(b"grpc-status", b"%d" % grpc.UNAVAILABLE),
+            if self.is_grpc and not stream.local_ended:  # as gRPC maps the app's reset
+                stream.send_headers([(b"grpc-status", b"%d" % grpc.status_of_reset(exc.code)),
                                      (b"grpc-message", b"the app's stream broke")], True)
             else:
                 stream.reset(ErrorCodes.INTERNAL_ERROR)

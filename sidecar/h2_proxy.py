@@ -181,7 +181,10 @@ class _Call:
         if self.is_grpc and (raw := stream.header(b"grpc-timeout")) is not None:
             timeout = grpc.parse_timeout(raw)
             if timeout is None:
-                return await self.error(400, "bad-grpc-timeout", "malformed grpc-timeout")
+                # the call's own error, the same on every attempt: not a status a client
+                # retries (INTERNAL, as gRPC servers answer a malformed grpc-timeout)
+                return await self.error(400, "bad-grpc-timeout", "malformed grpc-timeout",
+                                        grpc.INTERNAL)
             deadline = loop.time() + timeout
         base = self.base_headers()
         group.budget.deposit(proxy.clock())
@@ -339,8 +342,10 @@ class _Call:
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
                     return None
-                self.outcome(sent, None, False, "upstream-reset")
-                await self.error(502, "upstream-reset", f"before the answer: {exc}")
+                self.outcome(sent, None, False, "upstream-reset",
+                             grpc.status_of_reset(exc.code) if self.is_grpc else None)
+                await self.error(502, "upstream-reset", f"before the answer: {exc}",
+                                 grpc.status_of_reset(exc.code), counted=True)
                 return None
             head, congestion = self.response_headers(head, ctx.game_response_headers)
             refusal = ctx.game_response_headers.get(REFUSED_KEY) if resend_refused else None
@@ -395,7 +400,7 @@ class _Call:
         except StreamGone as exc:
             if stream.closed is not None:  # the app's side went away: its doing
                 recorded = True
-                self.cancelled(sent, first)
+                self.cancelled(sent, first, deadline)
                 return None
             recorded = True
             if _deadline_due(deadline, loop.time()) and self.is_grpc and not stream.local_ended:
@@ -404,11 +409,13 @@ class _Call:
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
                                                      "deadline exceeded in the sidecar"), True)
                 return None
-            self.outcome(sent, first, False, "upstream-reset", answered=self.answered)
+            broke = grpc.status_of_reset(exc.code)  # what gRPC makes of the endpoint's reset
+            self.outcome(sent, first, False, "upstream-reset", broke if self.is_grpc else None,
+                         answered=self.answered)
             log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)
             if self.is_grpc and not stream.local_ended:
-                stream.send_headers([(b"grpc-status", b"%d" % grpc.UNAVAILABLE),
-                                     (b"grpc-message", b"upstream stream reset")], True)
+                stream.send_headers(_status_trailers(broke, f"upstream stream reset: {exc}"),
+                                    True)
             else:
                 stream.reset(ErrorCodes.INTERNAL_ERROR)
             return None
@@ -423,7 +430,7 @@ class _Call:
         except asyncio.CancelledError:
             if not recorded:
                 recorded = True
-                self.cancelled(sent, first)
+                self.cancelled(sent, first, deadline)
             raise
         finally:
             if not pump.done():
@@ -495,8 +502,8 @@ class _Call:
         if self.is_grpc:
             ok = status is not None and (not grpc.counts_against_endpoint(status)
                                          or self.caller_punished(status))
-            if status is None:
-                status = grpc.UNKNOWN  # ended without a grpc-status: the call failed
+            if status is None:  # ended without a grpc-status: the call failed, with what
+                status = grpc.status_of_http(http_status)  # its gRPC client will report
         else:
             ok = http_status < 500
         self.outcome(sent, first, ok, str(http_status), status, congestion, answered=True)
@@ -528,8 +535,19 @@ class _Call:
         if not ok:
             self.ctx.error_reason = self.ctx.error_reason or code
 
-    def cancelled(self, sent: float, first: float | None) -> None:
-        """The app reset the stream: not the endpoint's failure."""
+    def cancelled(self, sent: float, first: float | None,
+                  deadline: float | None = None) -> None:
+        """The app reset the stream: not the endpoint's failure, unless the call's
+        ``deadline`` was due: that reset is the app's gRPC client giving up at its deadline,
+        a moment before this sidecar's own timer, and the call is the endpoint's
+        DEADLINE_EXCEEDED whichever timer fired first (it was charged only when the
+        sidecar's did)."""
+        if _deadline_due(deadline, asyncio.get_running_loop().time()):
+            self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
+                         answered=self.answered)
+            self.proxy.metrics.errors.labels(self.ctx.upstream_label,
+                                             "deadline-exceeded").inc()
+            return
         proxy, group, endpoint = self.proxy, self.ctx.group, self.ctx.endpoint
         assert group is not None and endpoint is not None
         now = proxy.clock()
@@ -571,15 +589,20 @@ class _Call:
                              (b"content-length", b"%d" % len(body)), *extra])
         await stream.send_data(body, end_stream=True)
 
-    async def error(self, status: int, reason: str, message: str) -> None:
+    async def error(self, status: int, reason: str, message: str,
+                    grpc_status: int = grpc.UNAVAILABLE, *, counted: bool = False) -> None:
+        """The sidecar's own answer: ``grpc_status`` (trailers-only) to a gRPC caller, else
+        JSON with ``status``; ``counted``: the call's gRPC status is in the metrics already
+        (an endpoint's, through :meth:`outcome`)."""
         ctx = self.ctx
         ctx.status, ctx.error_reason = status, reason
         self.proxy.metrics.errors.labels(ctx.upstream_label, reason).inc()
         if self.is_grpc:
-            self.proxy.h2_metrics.grpc_calls.labels(ctx.upstream_label, "",
-                                                   str(grpc.UNAVAILABLE)).inc()
+            if not counted:
+                self.proxy.h2_metrics.grpc_calls.labels(ctx.upstream_label, "",
+                                                       str(grpc_status)).inc()
             self.stream.send_headers(grpc.trailers_only(
-                grpc.UNAVAILABLE, f"{reason}: {message}",
+                grpc_status, f"{reason}: {message}",
                 [(b"via", self.proxy.via)]), end_stream=True)
         else:
             await self._json(status, reason, message)

@@ -16,13 +16,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 OK = 0
+CANCELLED = 1
 UNKNOWN = 2
 INVALID_ARGUMENT = 3
 DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
+PERMISSION_DENIED = 7
 RESOURCE_EXHAUSTED = 8
+UNIMPLEMENTED = 12
 INTERNAL = 13
 UNAVAILABLE = 14
+UNAUTHENTICATED = 16
+LAST_CODE = UNAUTHENTICATED  # the codes gRPC defines are 0..16
+
+# A call ended by RST_STREAM, as gRPC's PROTOCOL-HTTP2 ("Errors") maps the HTTP/2 error code
+# to the status its client reports; any other code is INTERNAL. A lost connection (no code)
+# is UNAVAILABLE.
+_RESET_STATUS = {7: UNAVAILABLE, 8: CANCELLED, 11: RESOURCE_EXHAUSTED, 12: PERMISSION_DENIED}
+# An answer with no grpc-status, as gRPC's "HTTP to gRPC Status Code Mapping" reads its HTTP
+# status (what the caller's gRPC client reports); any other status is UNKNOWN.
+_HTTP_STATUS = {400: INTERNAL, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED,
+                404: UNIMPLEMENTED, 429: UNAVAILABLE, 502: UNAVAILABLE, 503: UNAVAILABLE,
+                504: UNAVAILABLE}
 
 # Statuses that say the endpoint could not serve the call (it was down, overloaded, too slow,
 # or broke); every other status (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, ...) is the
@@ -74,12 +89,28 @@ def format_timeout(seconds: float) -> bytes:
 
 
 def status_of(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The ``grpc-status`` in a header block, None when absent or not a number."""
+    """The ``grpc-status`` in a header block, None when absent or not a number; a number
+    gRPC does not define reads as UNKNOWN, as its clients read it (and a metric's label
+    stays one of 17)."""
     for name, value in headers:
         if name == b"grpc-status":
             text = value.strip()
-            return int(text) if text.isdigit() and len(text) <= 3 else None
+            if not (text.isdigit() and len(text) <= 3):
+                return None
+            code = int(text)
+            return code if code <= LAST_CODE else UNKNOWN
     return None
+
+
+def status_of_reset(code: int | None) -> int:
+    """The status a call cut by RST_STREAM(``code``) ends with (None: the connection was
+    lost)."""
+    return UNAVAILABLE if code is None else _RESET_STATUS.get(code, INTERNAL)
+
+
+def status_of_http(http_status: int) -> int:
+    """The status of an answer that carries no ``grpc-status``, by its HTTP status."""
+    return _HTTP_STATUS.get(http_status, UNKNOWN)
 
 
 def encode_message(message: str) -> bytes:

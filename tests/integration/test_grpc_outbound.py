@@ -277,6 +277,42 @@ def test_deadline_exceeded(mesh: Mesh) -> None:
         assert slow(b"0.01", timeout=5) == b"slept"  # the channel is fine afterwards
 
 
+def test_a_call_past_its_deadline_is_the_endpoints_whichever_timer_fires_first(
+        mesh: Mesh) -> None:
+    # A helper's finding: of calls past their deadline at a hung pod, some were charged
+    # (the sidecar's timer fired first) and some were not (the client's cancel came first,
+    # taken for the app's own doing): about 60 % of the blame, at random.
+    def charged() -> float:
+        return mesh.sidecar.metric("equilibrium_grpc_calls_total", upstream="errs",
+                                   endpoint=mesh.errs.url, grpc_status="4")
+    before = charged()
+    cancelled = mesh.sidecar.metric("equilibrium_h2_streams_cancelled_total", upstream="errs")
+    with mesh.channel("errs") as channel:
+        slow = channel.unary_unary(f"/{SERVICE}/Slow")
+        for _ in range(10):
+            with pytest.raises(grpc.RpcError) as err:
+                slow(b"3", timeout=0.2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: charged() == before + 10, "every missed deadline charged")
+    assert mesh.sidecar.metric("equilibrium_h2_streams_cancelled_total",
+                               upstream="errs") == cancelled
+
+
+@pytest.mark.parametrize("value", [b"abc", b"-5S", b"1.5S", b"123456789012S"])
+def test_a_malformed_grpc_timeout_is_internal_not_a_status_to_retry(
+        mesh: Mesh, value: bytes) -> None:
+    # A helper's finding: it was UNAVAILABLE, which clients retry, for a call that fails
+    # the same way every time.
+    client = RawH2(mesh.port)
+    try:
+        call = client.start_call("Unary", extra=((b"grpc-timeout", value),))
+        client.send(call, _grpc_frame(b"x"), end=True)
+        client.pump(lambda: client.ended(call))
+        assert client.status(call) == 13
+    finally:
+        client.close()
+
+
 def test_sidecar_errors_are_trailers_only_unavailable(mesh: Mesh) -> None:
     with mesh.channel("no-such-service") as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=5)
@@ -800,6 +836,66 @@ class EarlyAnswerPod(RawPod):
             conn.send_data(event.stream_id, _grpc_frame(b"answered early"))
             conn.send_headers(event.stream_id, [(b"grpc-status", b"0")], end_stream=True)
             conn.reset_stream(event.stream_id, ErrorCodes.NO_ERROR)
+
+
+class ScriptedAnswerPod(RawPod):
+    """Answers each call as ``answer`` says, once its request has ended: ``("reset", code)``
+    a head and a message, then RST_STREAM(code); ``("status", n)`` a whole answer whose
+    trailers say grpc-status n; ``("http", n)`` a bare HTTP status n, no grpc-status."""
+
+    def __init__(self, answer: tuple[str, int]) -> None:
+        self.answer = answer
+        super().__init__()
+
+    def on_event(self, conn: h2.connection.H2Connection, event: h2.events.Event) -> None:
+        if not isinstance(event, h2.events.StreamEnded):
+            return
+        kind, n = self.answer
+        sid = event.stream_id
+        if kind == "http":
+            conn.send_headers(sid, [(b":status", b"%d" % n)], end_stream=True)
+            return
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        conn.send_data(sid, _grpc_frame(b"partial"))
+        if kind == "reset":
+            conn.reset_stream(sid, n)
+        else:
+            conn.send_headers(sid, [(b"grpc-status", b"%d" % n)], end_stream=True)
+
+
+@pytest.mark.parametrize(("answer", "client_sees", "counted"), [
+    (("reset", ErrorCodes.INTERNAL_ERROR), 13, "13"),
+    (("reset", ErrorCodes.CANCEL), 1, "1"),
+    (("reset", ErrorCodes.ENHANCE_YOUR_CALM), 8, "8"),
+    (("reset", ErrorCodes.REFUSED_STREAM), 14, "14"),
+    (("status", 99), 99, "2"),  # relayed as sent; a code gRPC does not define is UNKNOWN
+    (("http", 503), None, "14"),  # no grpc-status: what the client's gRPC library reports
+], ids=["internal-error", "cancel", "enhance-your-calm", "refused-mid-answer", "status-99",
+        "http-503"])
+def test_an_endpoints_failure_reads_as_grpc_maps_it(
+        answer: tuple[str, int], client_sees: int | None, counted: str) -> None:
+    # A helper's finding: every reset code became UNAVAILABLE (the status clients retry, for
+    # a call the app had processed), an app's grpc-status 99 became a label value (labels
+    # without bound), and an HTTP 503 was counted 2 while the client saw 14. gRPC's
+    # PROTOCOL-HTTP2 maps each.
+    pod = ScriptedAnswerPod(answer)
+    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
+                            sidecar_id="sc-grpc-mapped", extra_args=["--max-attempts", "1"])
+    try:
+        client = RawH2(sidecar.outbound_port)
+        try:
+            call = client.start_call("Unary")
+            client.send(call, _grpc_frame(b"x"), end=True)
+            client.pump(lambda: client.ended(call))
+            assert client.status(call) == client_sees
+        finally:
+            client.close()
+        assert sidecar.metric("equilibrium_grpc_calls_total", upstream="svc",
+                              endpoint=f"http://127.0.0.1:{pod.port}",
+                              grpc_status=counted) == 1
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
 
 
 class ClosedWindowEarlyAnswerPod(EarlyAnswerPod):
