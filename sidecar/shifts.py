@@ -34,7 +34,8 @@ SHUNNED = 0.25  # of the fair share: below it (for DWELL), traffic was shifted o
 RESTORED = 0.5  # of the fair share: above it (for DWELL), the endpoint is in rotation
 DWELL = 10.0  # seconds a share must stay past a mark before a line says it crossed
 FLOOR_MARGIN = 0.05  # of the fair share: how near the cap's floor counts as held at it
-WINDOW = 10.0  # seconds of requests and failures a line reports
+WINDOW = DWELL + 10.0  # seconds of requests and failures a line reports: back past the
+# dwell to what moved the share (a line comes DWELL after the crossing)
 DECIDING_POLICY = "equilibrium"  # the policy whose weights are its routing decision (the
 # baselines' are the shares they happened to send, noisy at low rates)
 
@@ -84,7 +85,9 @@ class ShiftLog:
             del seen[gone]
         usable = snapshot.usable if snapshot.usable is not None else len(views)
         fair = 1.0 / max(usable, 1)
-        floor = max(0.0, 1.0 - self.cap * (usable - 1))  # what the cap leaves the others
+        # what the cap leaves the others (a lone usable endpoint is held at no floor: it
+        # has all the traffic there is, and nowhere to shift it off to)
+        floor = max(0.0, 1.0 - self.cap * (usable - 1)) if usable > 1 else 0.0
         low = max(SHUNNED * fair, floor + FLOOR_MARGIN * fair)
         high = max(RESTORED * fair, (low + fair) / 2) if floor > 0 else RESTORED * fair
         finite = [v.latency_estimate for v in views

@@ -36,8 +36,8 @@ def test_an_endpoint_shifted_off_and_back_is_logged_once_each_way() -> None:
     slow = {A: 0.33, B: 0.33, C: 0.33, D: 0.01}
     [line] = run(log, snap(slow, latency={D: 0.512}, counts={D: (40, 3)}), 6, DWELL + 5)
     assert line == (f"upstream svc: traffic shifted off {D} (share 1.0% of 4 usable endpoints; "
-                    "latency estimate 512 ms, best 10 ms; 0 failures in 0 requests in the "
-                    "last 10 s)")
+                    "latency estimate 512 ms, best 10 ms; 3 failures in 40 requests in the "
+                    "last 20 s)")  # the counts before the fall, a dwell ago
     hover = {A: 0.30, B: 0.30, C: 0.30, D: 0.10}  # between the two marks: nothing
     assert run(log, snap(hover), 30, 30) == []
     [back] = run(log, snap({A: 0.26, B: 0.26, C: 0.26, D: 0.22}), 70, DWELL + 5)
@@ -61,13 +61,40 @@ def test_failures_are_those_of_the_last_window() -> None:
     for t in range(12, 12 + int(DWELL) + 1):
         lines += log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1200, 520)}), t)
     [line] = lines
-    assert "0 failures in 0 requests in the last 10 s" in line  # nothing new since t = 12
+    # the window reaches back past the dwell (the line comes DWELL s after the fall) to the
+    # sample at 5 s, not to the old spell at 0
+    assert "20 failures in 100 requests in the last 20 s" in line
     log = ShiftLog()
     log.observe("svc", snap(even, counts={B: (1000, 500)}), 0.0)
     log.observe("svc", snap(even, counts={B: (1100, 500)}), 5.0)
     log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1150, 510)}), 6.0)
-    [line] = log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1200, 520)}), 16.0)
-    assert "10 failures in 50 requests in the last 10 s" in line  # since the sample at 6 s
+    lines = []
+    for t in range(16, 40):  # a quiet spell after the shift: only recent counts are said
+        lines += log.observe("svc", snap({A: 0.95, B: 0.05}, counts={B: (1200, 520)}), t)
+    [line] = lines
+    assert "20 failures in 200 requests in the last 20 s" in line  # since the sample at 0
+
+
+def test_the_failures_that_shifted_traffic_off_are_in_its_line() -> None:
+    # A helper's finding: an endpoint ejected for its failures was said to have "0
+    # failures in 0 requests in the last 10 s": the line comes a dwell after the fall, and
+    # the failures that caused it were older than the window.
+    log = ShiftLog()
+    log.observe("svc", snap({A: 0.5, B: 0.5}, counts={B: (100, 0)}), 0.0)
+    log.observe("svc", snap({A: 1.0, B: 0.0}, counts={B: (112, 12)}, usable=1), 1.0)
+    lines = run(log, snap({A: 1.0, B: 0.0}, counts={B: (112, 12)}, usable=1), 2, DWELL + 2)
+    [line] = lines
+    assert line.startswith(f"upstream svc: traffic shifted off {B} ")
+    assert "12 failures in 12 requests in the last 20 s" in line
+
+
+def test_the_one_usable_endpoint_left_is_not_said_to_be_shifted_off() -> None:
+    # A helper's finding: with one pod ejected and one left, the line named the healthy
+    # pod carrying all the traffic ("share 100.0% of 1 usable endpoints").
+    log = ShiftLog()
+    run(log, snap({A: 0.5, B: 0.5}), 0, 2)
+    lines = run(log, snap({A: 1.0, B: 0.0}, usable=1), 3, 3 * DWELL)
+    assert [line.split()[5] for line in lines] == [B]
 
 
 def test_an_endpoint_added_later_ramps_in_without_a_line() -> None:
