@@ -137,6 +137,12 @@ class DemoPhase:
         """Always called at the end (after the sidecars stopped), also after errors and Ctrl-C."""
 
 
+NOT_READMITTED = ("not within the run (no probe reaches the demo's pods, which have no inbound "
+                  "sidecar: only the few exploration requests see a pod heal, and the "
+                  "signaler's plan waits about a minute more; try --duration 120 "
+                  "--recover-at 15)")
+
+
 class RecoveryPhase(DemoPhase):
     """The bad pod recovers at ``at`` seconds: is it re-admitted gradually, without a herd?"""
 
@@ -173,7 +179,7 @@ class RecoveryPhase(DemoPhase):
             "recovered at (s)": self.at,
             "bad pod share after recovery": after,
             f"re-admitted to half its fair traffic ({half_fair:.0%}) after (s)":
-                "not within the run" if back is None else round(back, 1),
+                NOT_READMITTED if back is None else round(back, 1),
             "largest 1 s share after recovery (fair share "
             f"{1 / cfg.pods:.0%})": peak,
         }
