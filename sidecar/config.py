@@ -324,11 +324,7 @@ def parse_upstream_flag(spec: str) -> tuple[str, tuple[str, ...]]:
     if not sep:
         raise ConfigError(f"--upstream: expected NAME=URL[,URL...], got {spec!r}")
     clean = parse_upstream_name(name)
-    endpoints = parse_endpoints(clean, urls)
-    if not endpoints:
-        raise ConfigError(f"--upstream {spec!r}: no endpoint URL after '=' "
-                          "(expected NAME=URL[,URL...])")
-    return clean, endpoints
+    return clean, parse_endpoints(clean, urls)  # NAME= (none yet): warned of, answered 503
 
 
 def parse_upstreams_env(value: str) -> dict[str, tuple[str, ...]]:

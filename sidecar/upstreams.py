@@ -119,5 +119,10 @@ class UpstreamTable:
             if group.endpoints != tuple(endpoints) or group.snapshot is None:
                 group.set_endpoints(endpoints, now)
                 group.tick(now)  # observers see the new set at once
-                log.info("upstream %s endpoints: %s", name, ", ".join(endpoints) or "(none)")
+                if endpoints or source != "config":  # discovery: a Service scaled to 0
+                    log.info("upstream %s endpoints: %s", name,
+                             ", ".join(endpoints) or "(none)")
+                else:  # configured so (NAME= on the command line, an empty list in a file)
+                    log.warning("upstream %s has no endpoint: its requests are answered 503 "
+                                "no-endpoint until one is configured", name)
         return added, removed

@@ -3,6 +3,10 @@ name, and what an endpoint update keeps."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from mesh.profiles import get_profile
 from sidecar.upstreams import UpstreamTable
 
@@ -43,3 +47,16 @@ def test_endpoint_updates_keep_the_group_and_learned_state_of_staying_endpoints(
     same = t.get("users.default.80")
     assert same is group and same.policy is policy  # a request holding it keeps working
     assert same.endpoints == ("http://10.0.0.2:80", "http://10.0.0.3:80")
+
+
+def test_a_configured_upstream_without_endpoints_is_warned_of(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A stranger's finding: `--upstream orders=` started with an INFO line "endpoints:
+    # (none)" (it is how an upstream answered 503 no-endpoint is configured, so it stays
+    # valid): said as a warning; discovery's empty Service (scaled to 0) stays INFO.
+    caplog.set_level(logging.INFO, logger="sidecar.upstreams")
+    t = table()
+    t.apply({"orders": []}, 0.0)
+    t.apply({"users.default.80": []}, 0.0, source="discovery")
+    said = {(r.levelno, r.getMessage().split()[1]) for r in caplog.records}
+    assert said == {(logging.WARNING, "orders"), (logging.INFO, "users.default.80")}
