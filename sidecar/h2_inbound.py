@@ -65,9 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ANSWER_STREAMING_AFTER = 1.0
-"""Seconds after the app's answer head that a gRPC call still answering gives its slot back
-and goes on as a long-lived exchange (:meth:`_Call.answer_outlived_slot`): a unary call has
-ended well before, a server-streaming one has not."""
+"""Seconds after its first response message that a gRPC call still answering gives its slot
+back and goes on as a long-lived exchange (:meth:`_Call.answer_outlived_slot`): a unary call
+has ended well before (its message is its answer), a server-streaming one has not."""
 
 _EXHAUSTED = frozenset({RejectReason.PUNISHED, RejectReason.QUEUE_FULL,
                         RejectReason.QUEUE_TIMEOUT, ErrorReason.LOCAL_RATE_LIMITED})
@@ -352,14 +352,15 @@ class _Call:
             if trailers_only:
                 return clock(), True
             self.head_at = clock()
-            if self.holding and self.is_grpc and self.timer is None:
-                self.timer = loop.call_later(ANSWER_STREAMING_AFTER, self.answer_outlived_slot)
             async with asyncio.timeout_at(deadline):
                 while True:
                     kind, payload, size = await upstream.read()
                     if kind == "data":
                         if first is None and self.is_grpc:
                             first = self.first_at = clock()
+                            if self.holding and self.timer is None:  # a stream, or done soon?
+                                self.timer = loop.call_later(ANSWER_STREAMING_AFTER,
+                                                             self.answer_outlived_slot)
                         try:
                             await stream.send_data(payload)
                         finally:  # passed on or dropped: either way the app gets credit
@@ -372,7 +373,7 @@ class _Call:
                     else:
                         stream.end()
                         return first, True
-        except StreamGone as exc:
+        except StreamGone:
             if stream.closed is not None or self.cut:
                 return first, False  # the caller reset or hung up (its doing), or was cut off
             if self.upload_missed():
@@ -381,7 +382,8 @@ class _Call:
             self.owner.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             self.owner.proxy.app_failed_notice("answer-cut", "stream broke mid-answer")
             if self.is_grpc and not stream.local_ended:  # as gRPC maps the app's reset
-                stream.send_headers([(b"grpc-status", b"%d" % grpc.status_of_reset(exc.code)),
+                code = upstream.reset_code  # None: the sidecar's own reset, or a lost socket
+                stream.send_headers([(b"grpc-status", b"%d" % grpc.status_of_reset(code)),
                                      (b"grpc-message", b"the app's stream broke")], True)
             else:
                 stream.reset(ErrorCodes.INTERNAL_ERROR)
@@ -465,7 +467,7 @@ class _Call:
         if not self.holding or verdict is None or stream.closed is not None:
             return
         if stream.ended:  # the request side ended meanwhile: only a streaming answer may
-            if self.head_at is not None:  # outlive the slot
+            if self.first_at is not None:  # outlive the slot
                 self.answer_outlived_slot()
             return
         self.holding = False
@@ -489,27 +491,32 @@ class _Call:
         stream = self.stream
         if self.cut or stream.closed is None:
             return
+        if self.deadline is not None and not self.counted \
+                and upload_open(stream, self.framing):
+            return  # left mid-upload: an abandoned upload, counted as such by done()
         if stream.reset_code is not None or stream.peer_host() is None:
             self.owner.metrics.requests.labels(verdict.label,
                                                InboundOutcome.CALLER_HUNG_UP).inc()
 
     def answer_outlived_slot(self) -> None:
-        """:data:`ANSWER_STREAMING_AFTER` after the app's answer began, a gRPC call's answer
-        still streams (a server-streaming call: a watch, a feed): the slot goes back to the
-        gate, with the time to the first response message as the RTT it learns, and the call
+        """:data:`ANSWER_STREAMING_AFTER` after the first response message, a gRPC call's
+        answer still streams (a server-streaming call: a watch, a feed): the slot goes back
+        to the gate, with the time to that first message as the RTT it learns, and the call
         goes on as a long-lived exchange of its caller, so streams cannot take the app's
         concurrency from its short calls. Past the caller's cap of those it keeps its slot,
-        as before (it is not cut: its answer is under way)."""
+        as before (it is not cut: its answer is under way). A call that has sent its head
+        but no message yet (a unary handler that sends its metadata first, then works) is
+        still working: it keeps its slot."""
         self.timer = None
         verdict, stream, owner = self.verdict, self.stream, self.owner
         if not self.holding or verdict is None or stream.local_ended \
-                or stream.closed is not None or self.head_at is None:
+                or stream.closed is not None or self.first_at is None:
             return
         if not owner.proxy.open_long_lived(verdict.caller):
             return
         self.holding = False
         self.long_lived = True
-        owner.policing.finish((self.first_at or self.head_at) - self.started)
+        owner.policing.finish(self.first_at - self.started)
 
     # ------------------------------------------------------------ the sidecar's own answers
 

@@ -342,10 +342,12 @@ class _Call:
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
                     return None
+                broke = grpc.status_of_reset(upstream.reset_code)  # None: the sidecar's
+                # own reset (an oversized head) or a lost connection: UNAVAILABLE
                 self.outcome(sent, None, False, "upstream-reset",
-                             grpc.status_of_reset(exc.code) if self.is_grpc else None)
-                await self.error(502, "upstream-reset", f"before the answer: {exc}",
-                                 grpc.status_of_reset(exc.code), counted=True)
+                             broke if self.is_grpc else None)
+                await self.error(502, "upstream-reset", f"before the answer: {exc}", broke,
+                                 counted=True)
                 return None
             head, congestion = self.response_headers(head, ctx.game_response_headers)
             refusal = ctx.game_response_headers.get(REFUSED_KEY) if resend_refused else None
@@ -409,7 +411,8 @@ class _Call:
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
                                                      "deadline exceeded in the sidecar"), True)
                 return None
-            broke = grpc.status_of_reset(exc.code)  # what gRPC makes of the endpoint's reset
+            broke = grpc.status_of_reset(upstream.reset_code)  # the endpoint's reset as
+            # gRPC reads it (None: the sidecar's own reset or a lost connection)
             self.outcome(sent, first, False, "upstream-reset", broke if self.is_grpc else None,
                          answered=self.answered)
             log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)

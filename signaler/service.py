@@ -88,8 +88,9 @@ from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 log = logging.getLogger(__name__)
 
 SERVED_AFTER_REFUSAL = 5
-"""Epochs in a row Redis must serve after it refused the signaler (its user, password or ACL)
-before the signaler says it is served again and reads as ready."""
+"""Epochs in a row Redis must serve after it refused the signaler (its user, password or ACL),
+over two ``discover_every`` at least, before the signaler says it is served again and reads
+as ready."""
 
 MAX_OBJECTIVE = 1e12
 
@@ -187,6 +188,7 @@ class SignalerService:
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
         self._redis_failure_told = False  # the current outage was logged
         self._served_since_refusal = 0  # epochs run since Redis last refused (a setting)
+        self._refused_at = -math.inf  # when it last failed (loop time)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -224,12 +226,15 @@ class SignalerService:
         await self.store.close()
 
     def _redis_served(self) -> None:
-        """An epoch ran with Redis. After a refusal, only a few in a row say it is fixed: an
-        epoch may run without the command refused (the scan for new streams is not in
-        every epoch), and a signaler whose ACL lacks it must not read as ready between."""
+        """An epoch ran with Redis. After a refusal, only a few in a row, over two scans for
+        new streams at least, say it is fixed: an epoch may run without the command refused
+        (the scan is every ``discover_every``, not every epoch), and a signaler whose ACL
+        lacks it must not read as ready between."""
         if self.health.refused is not None:
             self._served_since_refusal += 1
-            if self._served_since_refusal < SERVED_AFTER_REFUSAL:
+            quiet = asyncio.get_running_loop().time() - self._refused_at
+            if (self._served_since_refusal < SERVED_AFTER_REFUSAL
+                    or quiet < 2 * self.config.discover_every):  # two scans at least
                 return
             log.info("signaler %s: Redis serves it again", self.config.signer)
             self.health.refused = None
@@ -242,6 +247,7 @@ class SignalerService:
     def _redis_failed(self, exc: BaseException) -> None:
         refused = refusal(exc)
         self._served_since_refusal = 0
+        self._refused_at = asyncio.get_running_loop().time()
         if refused is not None:
             if self.health.refused != refused:  # once, until Redis serves it again
                 log.warning("signaler %s: Redis refused it (%s: %s); check the user and "

@@ -103,8 +103,8 @@ def status_of(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
 
 
 def status_of_reset(code: int | None) -> int:
-    """The status a call cut by RST_STREAM(``code``) ends with (None: the connection was
-    lost)."""
+    """The status a call cut by the peer's RST_STREAM(``code``) ends with (None: no reset
+    from the peer: the connection was lost, or the sidecar reset the stream itself)."""
     return UNAVAILABLE if code is None else _RESET_STATUS.get(code, INTERNAL)
 
 

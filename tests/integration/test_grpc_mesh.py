@@ -68,6 +68,39 @@ def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
     return b"slept"
 
 
+class _AtOnce:
+    """How many calls of a handler run at once, and the most there were."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *_: object) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+HEAD_FIRST = _AtOnce()
+
+
+def _head_first(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """A unary handler that sends its metadata at once, then works (gRPC servers allow it)."""
+    context.send_initial_metadata((("x-started", "1"),))
+    with HEAD_FIRST:
+        time.sleep(float(request.decode()))
+    return b"worked"
+
+
+def _collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    """A client-streaming handler: every request message, joined, once the caller ends."""
+    return b"|".join(requests)
+
+
 def _ticks(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
     for i in range(int(request.decode())):
         if not context.is_active():
@@ -84,6 +117,8 @@ def start_app() -> tuple[grpc.Server, int]:
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "Ticks": grpc.unary_stream_rpc_method_handler(_ticks),
+        "HeadFirst": grpc.unary_unary_rpc_method_handler(_head_first),
+        "Collect": grpc.stream_unary_rpc_method_handler(_collect),
     }),))
     port = server.add_insecure_port(f"{LOOPBACK}:0")
     server.start()
@@ -238,6 +273,35 @@ def test_calls_their_caller_cancels_are_counted_caller_hung_up(mesh: Mesh) -> No
     wait_idle(mesh)
 
 
+def test_a_caller_that_resets_mid_message_is_counted_once_as_an_abandoned_upload(
+        mesh: Mesh) -> None:
+    """The review's finding: a call whose caller reset it in the middle of a request message,
+    after it was forwarded, was counted both caller-hung-up and upload-abandoned."""
+    def outcome(name: str) -> float:
+        return mesh.inbound_metric("equilibrium_inbound_requests_total", caller="anonymous",
+                                   outcome=name)
+    before = {name: outcome(name) for name in ("caller-hung-up", "upload-abandoned")}
+    client = RawH2(mesh.inbound_port)
+    try:
+        call = client.start_call("Collect")
+        client.send(call, _grpc_frame(b"whole"), end=False)
+        time.sleep(0.3)  # forwarded to the app meanwhile (a whole message, nothing more)
+        client.send(call, _grpc_frame(b"cut short")[:7], end=False)
+        time.sleep(0.1)
+        client.conn.reset_stream(call, ErrorCodes.CANCEL)
+        client.flush()
+        deadline = time.monotonic() + 5
+        while outcome("upload-abandoned") < before["upload-abandoned"] + 1:
+            assert time.monotonic() < deadline, "the abandoned upload was not counted"
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        client.close()
+    assert outcome("caller-hung-up") == before["caller-hung-up"]
+    assert outcome("upload-abandoned") == before["upload-abandoned"] + 1
+    wait_idle(mesh)
+
+
 def wait_idle(mesh: Mesh) -> None:
     """The inbound side's in-flight gauge (refreshed every 0.5 s) comes back to 0: no call
     holds a slot any more."""
@@ -275,6 +339,20 @@ def test_server_streams_longer_than_the_queue_wait_do_not_starve_each_other(
         got = [list(stream) for stream in streams]
     assert [len(messages) for messages in got] == [150] * (2 * LIMIT)
     assert mesh.inbound_metric("equilibrium_inbound_concurrency_limit") == LIMIT
+
+
+def test_a_unary_call_that_sends_its_head_first_keeps_its_slot_while_it_works(
+        mesh: Mesh) -> None:
+    """The review's finding: the first version gave the slot back a second after the
+    answer's head, so a unary handler that sends its metadata first and then works lost it,
+    and the app ran every such call at once. A call gives its slot back only once its first
+    response message has come and more may follow."""
+    HEAD_FIRST.most = 0
+    with mesh.channel("polite") as channel:
+        call = _unary(channel, "HeadFirst")
+        futures_ = [call.future(b"1.5", timeout=20) for _ in range(2 * LIMIT)]
+        assert [f.result() for f in futures_] == [b"worked"] * (2 * LIMIT)
+    assert HEAD_FIRST.most <= LIMIT
 
 
 def test_caller_reset_at_the_inbound_side_leaves_other_streams(mesh: Mesh) -> None:

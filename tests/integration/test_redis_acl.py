@@ -155,15 +155,17 @@ async def test_a_signaler_given_the_sidecars_user_says_redis_refused_it_until_fi
     import logging
 
     svc = SignalerService(
-        SignalerConfig(redis_url=users["sidecar"], signer="sig-acl", key=KEY, epoch=0.05,
-                       redis_timeout=1.0, backoff_max=0.05, discover_every=0.2),
+        # ten epochs between two scans (the review's point: with five, "served again" came
+        # between every two scans)
+        SignalerConfig(redis_url=users["sidecar"], signer="sig-acl", key=KEY, epoch=0.02,
+                       redis_timeout=1.0, backoff_max=0.02, discover_every=0.2),
         store=RedisSignalStore(users["sidecar"], 1.0), clock=time.time)
     caplog.set_level(logging.INFO, logger="signaler.service")
     stop = asyncio.Event()
     task = asyncio.create_task(svc.run(stop))
     try:
         seen: set[str | None] = set()
-        for _ in range(60):  # 1.2 s: several discoveries, and epochs without one between
+        for _ in range(100):  # 2 s: several discoveries, and epochs without one between
             await asyncio.sleep(0.02)
             if svc.health.started:
                 seen.add(svc.health.not_ready)
