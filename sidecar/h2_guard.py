@@ -31,7 +31,7 @@ UNKNOWN_FRAME = "unknown_frame"  # a frame a server ignores: undefined types, AL
 PRIORITY = "priority"  # a PRIORITY frame
 WINDOW_UPDATE = "window_update"  # a WINDOW_UPDATE frame, for a stream or the connection
 KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME, PRIORITY, WINDOW_UPDATE)
-TIMED_KINDS = (RAPID_RESET, PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME)  # token buckets
+TIMED_KINDS = (PING, SETTINGS, EMPTY_DATA, UNKNOWN_FRAME)  # token buckets
 EARNED_KINDS = (PRIORITY, WINDOW_UPDATE, RAPID_RESET)  # allowances that grow with its work
 
 
@@ -50,8 +50,6 @@ class Budget:
 # A gRPC client cancels calls (deadlines, hedging) and pings for keep-alive, but not hundreds a
 # second on one connection; an attack sends thousands.
 DEFAULT_BUDGETS: Mapping[str, Budget] = {
-    # beside its allowance (below): a ceiling on the rate, which calls answered cannot lift
-    RAPID_RESET: Budget(rate=500.0, burst=1000.0),
     PING: Budget(rate=10.0, burst=50.0),
     SETTINGS: Budget(rate=10.0, burst=50.0),
     EMPTY_DATA: Budget(rate=20.0, burst=100.0),
@@ -88,10 +86,12 @@ stream's place under SETTINGS_MAX_CONCURRENT_STREAMS at once; resets at some rat
 deadlines and cancellations are. So a connection may reset 500 young streams before any
 answer began, and one more per call answered to its end: a peer sidecar's pooled connection
 relays every one of its apps' cancellations (a deadline burst, hedging's losers) beside
-their completed calls, which is not a flood. A client could earn its resets with calls as
-cheap as an UNIMPLEMENTED answer, so a token bucket bounds their rate as well (500 a second,
-1,000 at once: ten times the old bucket, and orders of magnitude below the attack's rates);
-a reset must pass both."""
+their completed calls, which is not a flood. There is no ceiling on the rate, as Envoy has
+none: one (tried at 500 a second, 1,000 at once) ended a pooled connection carrying an
+ordinary deadline burst of a busy caller, and every call on it. A client can earn its resets
+with calls as cheap as an UNIMPLEMENTED answer; each costs it a whole round trip through the
+sidecar, so such a client resets no faster than it gets calls answered, the concurrency limit
+of SETTINGS_MAX_CONCURRENT_STREAMS back in force on half its streams."""
 
 PREMATURE_LIFETIME = 1.0
 """Seconds: a stream reset by the peer when younger than this, before its answer began,

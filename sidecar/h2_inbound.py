@@ -132,9 +132,9 @@ class _Call:
     time such a stream held its slot while its client still sent is charged to the caller
     (:meth:`charge_hold`)."""
 
-    __slots__ = ("admitted_at", "answered", "counted", "cut", "deadline", "first_at",
-                 "framing", "head_at", "holding", "is_grpc", "long_lived", "owner", "started",
-                 "stream", "streaming", "timer", "upstream", "verdict")
+    __slots__ = ("admitted_at", "answer_timer", "answered", "counted", "cut", "deadline",
+                 "first_at", "framing", "head_at", "holding", "is_grpc", "long_lived", "owner",
+                 "started", "stream", "streaming", "timer", "upstream", "verdict")
 
     def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
         self.owner = owner
@@ -148,7 +148,8 @@ class _Call:
         self.holding = False  # the stream holds an app slot
         self.long_lived = False  # counted as a long-lived exchange of its caller
         self.cut = False  # ended by the sidecar: over the caller's long-lived cap
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # a call still sending: outlived_slot
+        self.answer_timer: asyncio.TimerHandle | None = None  # its answer: answer_outlived_slot
         self.upstream: ClientStream | None = None
         self.streaming: H2Upload | None = None  # a call that took its slot still sending
         self.admitted_at = 0.0
@@ -161,9 +162,7 @@ class _Call:
         with its body (or gRPC message) half-sent abandoned an upload; buffers and the
         long-lived count are given back."""
         stream, deadline, verdict = self.stream, self.deadline, self.verdict
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.cancel_timers()
         if (deadline is not None and verdict is not None and not self.counted
                 and deadline.failure is None and upload_open(stream, self.framing)
                 and (stream.reset_code is not None or stream.peer_host() is None)):
@@ -300,9 +299,7 @@ class _Call:
         finally:
             policing.in_flight -= 1
             now = proxy.clock()
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self.cancel_timers()
             if self.holding:  # the slot goes back to the gate (with the RTT if the app answered)
                 self.holding = False
                 if self.streaming is not None:  # the time its client still sent: its cost
@@ -352,15 +349,21 @@ class _Call:
             if trailers_only:
                 return clock(), True
             self.head_at = clock()
+            if self.holding and self.is_grpc:  # no message yet: a unary call at work, or a
+                # watch waiting for a change (alike on the wire): a bound, not a second
+                self.answer_timer = loop.call_later(
+                    self.owner.proxy.settings.upload_timeout, self.answer_outlived_slot)
             async with asyncio.timeout_at(deadline):
                 while True:
                     kind, payload, size = await upstream.read()
                     if kind == "data":
                         if first is None and self.is_grpc:
                             first = self.first_at = clock()
-                            if self.holding and self.timer is None:  # a stream, or done soon?
-                                self.timer = loop.call_later(ANSWER_STREAMING_AFTER,
-                                                             self.answer_outlived_slot)
+                            if self.holding:  # a stream, or done in a moment?
+                                if self.answer_timer is not None:
+                                    self.answer_timer.cancel()
+                                self.answer_timer = loop.call_later(
+                                    ANSWER_STREAMING_AFTER, self.answer_outlived_slot)
                         try:
                             await stream.send_data(payload)
                         finally:  # passed on or dropped: either way the app gets credit
@@ -466,10 +469,8 @@ class _Call:
         verdict, stream, owner = self.verdict, self.stream, self.owner
         if not self.holding or verdict is None or stream.closed is not None:
             return
-        if stream.ended:  # the request side ended meanwhile: only a streaming answer may
-            if self.first_at is not None:  # outlive the slot
-                self.answer_outlived_slot()
-            return
+        if stream.ended:  # the request side ended meanwhile: only the answer may outlive
+            return  # the slot now (answer_outlived_slot, its own timer)
         self.holding = False
         self.charge_hold(owner.proxy.clock() - self.admitted_at)
         owner.policing.finish(None)
@@ -499,24 +500,31 @@ class _Call:
                                                InboundOutcome.CALLER_HUNG_UP).inc()
 
     def answer_outlived_slot(self) -> None:
-        """:data:`ANSWER_STREAMING_AFTER` after the first response message, a gRPC call's
-        answer still streams (a server-streaming call: a watch, a feed): the slot goes back
-        to the gate, with the time to that first message as the RTT it learns, and the call
-        goes on as a long-lived exchange of its caller, so streams cannot take the app's
-        concurrency from its short calls. Past the caller's cap of those it keeps its slot,
-        as before (it is not cut: its answer is under way). A call that has sent its head
-        but no message yet (a unary handler that sends its metadata first, then works) is
-        still working: it keeps its slot."""
-        self.timer = None
+        """A gRPC call's answer still goes on :data:`ANSWER_STREAMING_AFTER` after its first
+        response message (a server-streaming call: a watch, a feed), or ``upload_timeout``
+        after its head with no message yet (a unary handler that sent its metadata first
+        and still works, or a watch that did and waits for a change: the two look alike,
+        hence the longer bound): the slot goes back to the gate, with the time to that first
+        message (or the head) as the RTT it learns, and the call goes on as a long-lived
+        exchange of its caller, so streams cannot take the app's concurrency from its short
+        calls. Past the caller's cap of those it keeps its slot, as before (it is not cut:
+        its answer is under way)."""
+        self.answer_timer = None
         verdict, stream, owner = self.verdict, self.stream, self.owner
         if not self.holding or verdict is None or stream.local_ended \
-                or stream.closed is not None or self.first_at is None:
+                or stream.closed is not None or self.head_at is None:
             return
         if not owner.proxy.open_long_lived(verdict.caller):
             return
         self.holding = False
         self.long_lived = True
-        owner.policing.finish(self.first_at - self.started)
+        owner.policing.finish((self.first_at or self.head_at) - self.started)
+
+    def cancel_timers(self) -> None:
+        for timer in (self.timer, self.answer_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.answer_timer = None
 
     # ------------------------------------------------------------ the sidecar's own answers
 

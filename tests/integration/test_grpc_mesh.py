@@ -96,6 +96,16 @@ def _head_first(request: bytes, context: grpc.ServicerContext) -> bytes:
     return b"worked"
 
 
+def _watch_meta(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    """A watch that sends its metadata at once, then waits for a change (``request``
+    seconds) before its first message."""
+    context.send_initial_metadata((("x-watching", "1"),))
+    end = time.monotonic() + float(request.decode())
+    while time.monotonic() < end and context.is_active():
+        time.sleep(0.01)
+    yield b"changed"
+
+
 def _collect(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     """A client-streaming handler: every request message, joined, once the caller ends."""
     return b"|".join(requests)
@@ -119,6 +129,7 @@ def start_app() -> tuple[grpc.Server, int]:
         "Ticks": grpc.unary_stream_rpc_method_handler(_ticks),
         "HeadFirst": grpc.unary_unary_rpc_method_handler(_head_first),
         "Collect": grpc.stream_unary_rpc_method_handler(_collect),
+        "WatchMeta": grpc.unary_stream_rpc_method_handler(_watch_meta),
     }),))
     port = server.add_insecure_port(f"{LOOPBACK}:0")
     server.start()
@@ -353,6 +364,35 @@ def test_a_unary_call_that_sends_its_head_first_keeps_its_slot_while_it_works(
         futures_ = [call.future(b"1.5", timeout=20) for _ in range(2 * LIMIT)]
         assert [f.result() for f in futures_] == [b"worked"] * (2 * LIMIT)
     assert HEAD_FIRST.most <= LIMIT
+
+
+def test_a_watch_that_sent_only_its_metadata_gives_its_slot_back_after_the_upload_timeout(
+        tmp_path: Path) -> None:
+    """The second review's finding: with the slot given back only after a first message, a
+    watch that sends its metadata at once and waits for a change held its slot until then,
+    and such watches took the app's whole limit. After ``upload_timeout`` with no message
+    it goes on as a long-lived exchange (a unary call that sent its metadata first and works
+    looks the same: the bound is that much longer than a second)."""
+    config = tmp_path / "policing.json"
+    config.write_text(json.dumps({"policing": {
+        "upload_timeout": 1, "max_wait": 2,
+        "concurrency": {"initial_limit": 2, "min_limit": 2, "max_limit": 2}}}))
+    app, app_port = start_app()
+    port = free_port()
+    inbound = start_sidecar({}, sidecar_id="app-sidecar-watch", config_file=config,
+                            extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                        "--app", f"http://{LOOPBACK}:{app_port}"])
+    try:
+        with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+            watch = channel.unary_stream(f"/{SERVICE}/WatchMeta")
+            # more than the whole limit (the gate allows 3 with these settings)
+            watches = [watch(b"4", timeout=20) for _ in range(4)]
+            time.sleep(0.3)
+            assert _unary(channel, "Echo")(b"meanwhile", timeout=10) == b"meanwhile"
+            assert [list(w) for w in watches] == [[b"changed"]] * 4
+    finally:
+        assert inbound.stop() == 0, inbound.output()
+        app.stop(0).wait(5)
 
 
 def test_caller_reset_at_the_inbound_side_leaves_other_streams(mesh: Mesh) -> None:
