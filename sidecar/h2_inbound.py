@@ -20,11 +20,14 @@ answer), with ``grpc-message`` naming the reason and the signals beside it; a JS
 the HTTP/1.1 path's otherwise. A ``grpc-timeout`` bounds the wait for the app (then
 DEADLINE_EXCEEDED).
 
-The slot is held until the app's answer ended; the RTT the limiter learns is the time to the
-first response message (or the trailers) for gRPC, so a long stream is not a slow app, and
-the whole exchange otherwise. A caller that resets its stream (or hangs up) is its own doing:
-the app's stream is cancelled, the slot goes back without an RTT, nothing is counted against
-the app, and the connection to the app stays for the other streams.
+The slot is held until the app's answer ended, or, for a gRPC answer that goes on streaming
+(a second after its first message, or ``upload_timeout`` after a head with no message), until
+then: the call goes on as a long-lived exchange of its caller; the RTT the limiter learns is
+the time to the first response message (or the trailers) for gRPC, so a long stream is not a
+slow app, and the whole exchange otherwise. A caller that resets its stream (or hangs up) is
+its own doing: the app's stream is cancelled, the slot goes back without an RTT, nothing is
+counted against the app (the call is counted ``caller-hung-up``), and the connection to the
+app stays for the other streams.
 
 It does not decide who is admitted (:mod:`sidecar.inbound_policing`, :mod:`mesh.admission`)
 nor parse the connection (:mod:`sidecar.h2_server`).
