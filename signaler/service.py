@@ -251,8 +251,9 @@ class SignalerService:
         if refused is not None:
             if self.health.refused != refused:  # once, until Redis serves it again
                 log.warning("signaler %s: Redis refused it (%s: %s); check the user and "
-                            "password in --redis and that user's ACL (docs/protocol.md, wire/acl.py); "
-                            "retrying with backoff", self.config.signer, refused, exc)
+                            "password in --redis and that user's ACL (docs/protocol.md, "
+                            "wire/acl.py); retrying with backoff", self.config.signer, refused,
+                            exc)
             self.health.refused = refused
         elif self.health.redis_ok or not self._redis_failure_told:  # once per outage
             log.warning("signaler %s: Redis unreachable (%s); retrying with backoff",
