@@ -124,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()  # a reader that left shows here, not as exit 120 at shutdown
+        return code
     except BrokenPipeError:  # `equilibrium init --dry-run | head`: the reader had enough
         # (Python's own advice: send the rest of the output nowhere, so that flushing
         # stdout at exit raises nothing more, and exit non-zero as a cut pipe does)
