@@ -16,6 +16,8 @@ with the reason and how to provide what is missing (pytest's ``-ra`` summary lis
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 from collections.abc import Callable
@@ -47,6 +49,22 @@ def _on_path(tool: str) -> Callable[[], bool]:
     return lambda: shutil.which(tool) is not None
 
 
+def _loads(library: str, soname: str) -> Callable[[], bool]:
+    """Whether the shared library loads (by the name ldconfig knows, else its soname: with
+    /sbin off PATH, ``find_library`` finds nothing)."""
+    def present() -> bool:
+        for name in (ctypes.util.find_library(library), soname):
+            if name is None:
+                continue
+            try:
+                ctypes.CDLL(name)
+            except OSError:
+                continue
+            return True
+        return False
+    return present
+
+
 _IPTABLES = "apt-get install -y iptables (brings ip6tables)"
 _PROMETHEUS = "apt-get install -y prometheus"
 
@@ -63,6 +81,8 @@ NEEDS: dict[str, Need] = {
     "chromium": Need(lambda: find_chromium() is not None, CHROMIUM,
                      "apt-get install -y chromium"),
     "h2load": Need(_on_path("h2load"), PEERS, "apt-get install -y nghttp2-client"),
+    "libnghttp2": Need(_loads("nghttp2", "libnghttp2.so.14"), PEERS,
+                       "apt-get install -y libnghttp2-14 (libcurl and nghttp2-client bring it)"),
     "docker": Need(_on_path("docker"), DOCKER,
                    "apt-get install -y docker.io, then scripts/ci/docker-up.sh"),
     "docker-compose": Need(_on_path("docker-compose"), DOCKER,
