@@ -10,6 +10,7 @@ and after.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import signal
 import socket
@@ -17,7 +18,7 @@ import struct
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -627,25 +628,16 @@ def test_trailers_left_unrelayed_by_an_early_answer_still_have_their_game_header
     (the answer ended first), but the game headers the app put in them are counted as
     always."""
     pod = ClosedWindowEarlyAnswerPod()
-    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
-                            sidecar_id="sc-grpc-early-trailers")
-    try:
-        client = RawH2(sidecar.outbound_port)
-        try:
-            for _ in range(3):
-                call = client.start_call("Unary", flush=False)
-                send_with_trailers(client, call, _grpc_frame(b"not taken"),
-                                   [(b"x-gt-bid", b"v=1;amount=9")])
-                client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
-                assert client.status(call) == 0
-                assert client.body(call) == _grpc_frame(b"answered early")
-        finally:
-            client.close()
+    with sidecar_before(pod, "sc-grpc-early-trailers") as (sidecar, client):
+        for _ in range(3):
+            call = client.start_call("Unary", flush=False)
+            send_with_trailers(client, call, _grpc_frame(b"not taken"),
+                               [(b"x-gt-bid", b"v=1;amount=9")])
+            client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
+            assert client.status(call) == 0
+            assert client.body(call) == _grpc_frame(b"answered early")
         assert sidecar.metric("equilibrium_rejected_headers_total", header="X-GT-Bid",
                               reason="from-app") == 3
-    finally:
-        assert sidecar.stop() == 0, sidecar.output()
-        pod.stop()
 
 
 def test_goaway_lets_the_call_in_flight_finish(mesh: Mesh) -> None:
@@ -812,6 +804,28 @@ class RawPod(abc.ABC):
         self.pool.shutdown(wait=True)
         self.server.close()
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def sidecar_before(pod: RawPod, sidecar_id: str,
+                   extra_args: Sequence[str] = ()) -> Iterator[tuple[SidecarProcess, RawH2]]:
+    """A sidecar whose upstream ``svc`` is ``pod`` alone, and a raw client on its outbound
+    listener; afterwards the client is closed, the sidecar must stop cleanly, the pod stops."""
+    sidecar = start_sidecar({"svc": [pod.url]}, sidecar_id=sidecar_id,
+                            extra_args=list(extra_args))
+    try:
+        client = RawH2(sidecar.outbound_port)
+        try:
+            yield sidecar, client
+        finally:
+            client.close()
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
+
 
 class LyingPod(RawPod):
     """Reads each call whole, counts it, then resets it REFUSED_STREAM ("not processed"): a
@@ -879,23 +893,14 @@ def test_an_endpoints_failure_reads_as_grpc_maps_it(
     # without bound), and an HTTP 503 was counted 2 while the client saw 14. gRPC's
     # PROTOCOL-HTTP2 maps each.
     pod = ScriptedAnswerPod(answer)
-    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
-                            sidecar_id="sc-grpc-mapped", extra_args=["--max-attempts", "1"])
-    try:
-        client = RawH2(sidecar.outbound_port)
-        try:
-            call = client.start_call("Unary")
-            client.send(call, _grpc_frame(b"x"), end=True)
-            client.pump(lambda: client.ended(call))
-            assert client.status(call) == client_sees
-        finally:
-            client.close()
+    with sidecar_before(pod, "sc-grpc-mapped", ["--max-attempts", "1"]) as (sidecar, client):
+        call = client.start_call("Unary")
+        client.send(call, _grpc_frame(b"x"), end=True)
+        client.pump(lambda: client.ended(call))
+        assert client.status(call) == client_sees
         assert sidecar.metric("equilibrium_grpc_calls_total", upstream="svc",
-                              endpoint=f"http://127.0.0.1:{pod.port}",
+                              endpoint=pod.url,
                               grpc_status=counted) == 1
-    finally:
-        assert sidecar.stop() == 0, sidecar.output()
-        pod.stop()
 
 
 class ClosedWindowEarlyAnswerPod(EarlyAnswerPod):
@@ -919,50 +924,31 @@ def test_a_pod_refusing_calls_it_read_multiplies_them_only_within_the_retry_budg
     # A refusal is re-sent (it says "not processed"), but every re-send is a retry paid from
     # the budget: with room for 2 retries, 3 calls reach the lying pod 5 times, not 27.
     pod = LyingPod()
-    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
-                            sidecar_id="sc-grpc-liar",
-                            extra_args=["--retry-budget-ratio", "0",
-                                        "--retry-budget-min-per-s", "0.2"])
-    try:
-        client = RawH2(sidecar.outbound_port)
-        try:
-            for _ in range(3):
-                stream_id = client.start_call("Unary")
-                client.send(stream_id, _grpc_frame(b"pay me once"), end=True)
-                client.pump(lambda sid=stream_id: client.ended(sid))  # type: ignore[misc]
-                reset = [e for e in client.events[stream_id]
-                         if isinstance(e, h2.events.StreamReset)]
-                assert [e.error_code for e in reset] == [ErrorCodes.REFUSED_STREAM]
-        finally:
-            client.close()
+    budget = ["--retry-budget-ratio", "0", "--retry-budget-min-per-s", "0.2"]
+    with sidecar_before(pod, "sc-grpc-liar", budget) as (sidecar, client):
+        for _ in range(3):
+            stream_id = client.start_call("Unary")
+            client.send(stream_id, _grpc_frame(b"pay me once"), end=True)
+            client.pump(lambda sid=stream_id: client.ended(sid))  # type: ignore[misc]
+            reset = [e for e in client.events[stream_id]
+                     if isinstance(e, h2.events.StreamReset)]
+            assert [e.error_code for e in reset] == [ErrorCodes.REFUSED_STREAM]
         assert pod.calls == 5
         assert sidecar.metric("equilibrium_retries_total", upstream="svc") == 2
         assert sidecar.metric("equilibrium_retry_budget_exhausted_total", upstream="svc") == 3
-    finally:
-        assert sidecar.stop() == 0, sidecar.output()
-        pod.stop()
 
 
 def test_a_complete_answer_then_a_no_error_reset_is_relayed_whole() -> None:
     # The reset says only "stop sending": the answer and trailers before it are the call's,
     # an OK the caller gets whole and the endpoint is credited with (not "upstream-reset").
     pod = EarlyAnswerPod()
-    sidecar = start_sidecar({"svc": [f"http://127.0.0.1:{pod.port}"]},
-                            sidecar_id="sc-grpc-early")
-    try:
-        client = RawH2(sidecar.outbound_port)
-        try:
-            for _ in range(5):
-                call = client.start_call("Unary")
-                client.send(call, _grpc_frame(b"more to come"), end=False)
-                client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
-                assert client.status(call) == 0
-                assert client.body(call) == _grpc_frame(b"answered early")
-        finally:
-            client.close()
+    with sidecar_before(pod, "sc-grpc-early") as (sidecar, client):
+        for _ in range(5):
+            call = client.start_call("Unary")
+            client.send(call, _grpc_frame(b"more to come"), end=False)
+            client.pump(lambda sid=call: client.ended(sid))  # type: ignore[misc]
+            assert client.status(call) == 0
+            assert client.body(call) == _grpc_frame(b"answered early")
         assert pod.calls == 5
         assert sidecar.metric("equilibrium_requests_total", upstream="svc", code="200") == 5
         assert sidecar.metric("equilibrium_requests_total", code="upstream-reset") == 0
-    finally:
-        assert sidecar.stop() == 0, sidecar.output()
-        pod.stop()
