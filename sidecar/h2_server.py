@@ -32,6 +32,7 @@ import h2.events
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
+from sidecar import nghttp2
 from sidecar.h2_connection import (
     H2_ERRORS,
     HEADER_LIST_HARD_LIMIT,
@@ -196,6 +197,30 @@ class H2ServerConnection(H2Connection):
         machine.stream_opened = self._stream_opened
         return machine
 
+    def configure_engine(self, engine: nghttp2.NgConnection) -> None:
+        engine.frame_budget = self._frame_over_budget
+        engine.reset_budget = self._reset_over_budget
+        engine.stream_opened = self._stream_opened
+
+    def _frame_over_budget(self, frame_type: int) -> str | None:
+        """(libnghttp2) The kind a frame just begun is over the budget of, if any."""
+        kind = _counted_kind(frame_type)
+        return kind if kind is not None and not self._frame_within_budget(kind) else None
+
+    def _reset_over_budget(self, stream_id: int, opened_now: bool) -> str | None:
+        """(libnghttp2) A RST_STREAM counted as it is read, before the library's own limit on
+        resets sees it (``dispatch`` counts them for ``h2``). A stream opened in the same
+        read is not served yet (its request is dispatched after the read): premature."""
+        if (opened_now or self._premature_reset(stream_id)) \
+                and not self.guard.spend(RAPID_RESET, self.loop.time()):
+            return RAPID_RESET
+        return None
+
+    def _refused(self, _stream_id: int) -> None:
+        """A stream opened past SETTINGS_MAX_CONCURRENT_STREAMS, refused (REFUSED_STREAM)."""
+        if self.metrics is not None:
+            self.metrics.refused_streams.inc()
+
     def _stream_opened(self) -> None:
         # a stream served (not one refused beyond the limit: that costs nothing) earns its
         # own PRIORITY and WINDOW_UPDATE frames
@@ -207,16 +232,32 @@ class H2ServerConnection(H2Connection):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        kind = self.refusing.flooded
-        if kind is not None and self.transport is not None and not self.transport.is_closing():
+        kind = self.conn.flooded
+        if kind is not None and not self.ending:
             self._flooded(kind)
+        elif self.engine == "nghttp2" and self.conn.library_goaway is not None \
+                and not self.draining:
+            self._library_goaway(self.conn.library_goaway)
+
+    def _library_goaway(self, code: int) -> None:
+        """libnghttp2 sent GOAWAY by itself: its own limit on resets (CVE-2023-44487; in
+        Debian's 1.52, 1,000 at once, then 33 a second), which can come before ours
+        (h2_guard's allowance grows with the calls answered). The GOAWAY is graceful: the
+        calls in flight finish, then the connection closes; the peer opens another."""
+        if self.metrics is not None:
+            self.metrics.flood_goaways.labels(RAPID_RESET).inc()
+        log.warning("HTTP/2 connection from %s: the HTTP/2 library's own limit on stream "
+                    "resets sent GOAWAY (code %d); the calls in flight finish", self.peer(), code)
+        self.draining = True
+        if not self.tasks:
+            self.close()
 
     def _flooded(self, kind: str) -> None:
         if self.metrics is not None:
             self.metrics.flood_goaways.labels(kind).inc()
         log.warning("HTTP/2 connection from %s over its %s budget: GOAWAY ENHANCE_YOUR_CALM",
                     self.peer(), kind)
-        self.close(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.close(ErrorCodes.ENHANCE_YOUR_CALM, linger=True)
 
     @property
     def refusing(self) -> _RefusingH2:
@@ -252,11 +293,10 @@ class H2ServerConnection(H2Connection):
 
     def _flood_kind(self, event: h2.events.Event) -> str | None:
         if isinstance(event, h2.events.StreamReset):
-            stream = self.streams.get(event.stream_id)
-            premature = (isinstance(stream, ServerStream) and not stream.head_sent
-                         and self.loop.time() - stream.opened_at < PREMATURE_LIFETIME)
-            return RAPID_RESET if (event.remote_reset and event.stream_id in self.tasks
-                                   and premature) else None
+            if self.engine != "h2":
+                return None  # counted as it was read (_reset_over_budget)
+            return RAPID_RESET if (event.remote_reset
+                                   and self._premature_reset(event.stream_id)) else None
         if isinstance(event, h2.events.PingReceived):
             return PING
         if isinstance(event, h2.events.RemoteSettingsChanged):
@@ -265,8 +305,16 @@ class H2ServerConnection(H2Connection):
             return EMPTY_DATA if not event.data and event.stream_ended is None else None
         return None  # PRIORITY, WINDOW_UPDATE and ignored frames: counted as frames
 
+    def _premature_reset(self, stream_id: int) -> bool:
+        """Whether the peer's reset of this stream is premature: a request being served,
+        younger than PREMATURE_LIFETIME, whose answer had not begun (sidecar/h2_guard.py)."""
+        stream = self.streams.get(stream_id)
+        return (isinstance(stream, ServerStream) and stream_id in self.tasks
+                and not stream.head_sent
+                and self.loop.time() - stream.opened_at < PREMATURE_LIFETIME)
+
     def dispatch(self, event: h2.events.Event) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.ending:
             return  # ended (e.g. by a flood) while the rest of the read was in the queue
         kind = self._flood_kind(event)
         if kind is not None and not self.guard.spend(kind, self.loop.time()):
@@ -281,10 +329,10 @@ class H2ServerConnection(H2Connection):
 
     def other_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            if event.stream_id in self.refusing.over_limit:  # past SETTINGS_MAX_CONCURRENT_STREAMS
-                self.refusing.over_limit.discard(event.stream_id)
-                if self.metrics is not None:
-                    self.metrics.refused_streams.inc()
+            over_limit: set[int] = self.conn.over_limit
+            if event.stream_id in over_limit:  # past SETTINGS_MAX_CONCURRENT_STREAMS
+                over_limit.discard(event.stream_id)
+                self._refused(event.stream_id)
                 with contextlib.suppress(*H2_ERRORS):
                     self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                 return
@@ -348,7 +396,7 @@ class H2ServerConnection(H2Connection):
 
     def stream_closed(self, stream: H2Stream) -> None:
         # The app reset the stream or the connection is gone: stop its request.
-        if stream.reset_code is not None or self.transport is None:
+        if stream.reset_code is not None or self.ending:
             task = self.tasks.get(stream.id)
             if task is not None and not task.done():
                 task.cancel()

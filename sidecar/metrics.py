@@ -282,6 +282,12 @@ class SidecarMetrics:
             registry=r,
         )
         self.draining = Gauge("equilibrium_draining", "1 while draining on shutdown", registry=r)
+        self.h2_engine = Gauge(
+            "equilibrium_h2_engine",
+            "1 for the HTTP/2 engine of this sidecar's connections: nghttp2 (libnghttp2, the "
+            "default where it loads) or h2 (pure Python); EQUILIBRIUM_H2_ENGINE chooses",
+            ["engine", "version"], registry=r,
+        )
         self.malformed_requests = Counter(
             "equilibrium_malformed_requests",
             "HTTP/1.1 requests a listener refused as unparseable (answered 400 and closed), "
@@ -532,7 +538,8 @@ class H2Metrics:
             "equilibrium_h2_flood_goaways",
             "HTTP/2 app connections ended with GOAWAY(ENHANCE_YOUR_CALM), by the budget they "
             "ran out of (rapid_reset, ping, settings, empty_data, unknown_frame, priority, "
-            "window_update)",
+            "window_update); rapid_reset also counts libnghttp2's own limit on resets "
+            "(a graceful GOAWAY)",
             ["kind"], registry=registry,
         )
         self.refused_streams = Counter(
@@ -587,7 +594,8 @@ class InboundListenerMetrics(H2Metrics):
             "listener; logged once per interval)", **scope)
         self.flood_goaways = Counter(
             "h2_flood_goaways", "HTTP/2 caller connections ended with "
-            "GOAWAY(ENHANCE_YOUR_CALM), by the budget they ran out of", ["kind"], **scope)
+            "GOAWAY(ENHANCE_YOUR_CALM), by the budget they ran out of (rapid_reset also "
+            "counts libnghttp2's own limit on resets, a graceful GOAWAY)", ["kind"], **scope)
         self.refused_streams = Counter(
             "h2_refused_streams", "HTTP/2 streams refused (REFUSED_STREAM) for exceeding the "
             "announced SETTINGS_MAX_CONCURRENT_STREAMS", **scope)

@@ -38,11 +38,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import h2
 from aiohttp import web
 
 from mesh.errors import ConfigError
 from mesh.profiles import StrategyProfile, get_profile
-from sidecar import log_guard, outbound
+from sidecar import log_guard, nghttp2, outbound
 from sidecar.admin import Readiness, debug_state, inbound_json, make_admin_app
 from sidecar.config import ConfigSource, ListenAddress, SidecarConfig
 from sidecar.discovery import Discovery
@@ -132,8 +133,15 @@ class SidecarRunner:
         self.config = config
         self.clock = clock
         signaling = signaling_settings(config, mesh_key)  # ConfigError before anything is built
+        try:
+            self.h2_engine = nghttp2.engine()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.profile = effective_profile(config)
         self.metrics = SidecarMetrics()
+        self.metrics.h2_engine.labels(
+            self.h2_engine,
+            nghttp2.version() if self.h2_engine == "nghttp2" else h2.__version__).set(1)
         self.table = UpstreamTable(config.policy, self.profile)
         self._shifts = ShiftLog(cap=self.profile.herd.cap)  # routing shifts as log lines
         self.readiness = Readiness()
@@ -414,7 +422,7 @@ class SidecarRunner:
             gc.freeze()
             self.readiness.started = True
             log.info(
-                "sidecar %s ready: %s; upstreams: %s; request path %s",
+                "sidecar %s ready: %s; upstreams: %s; request path %s; HTTP/2 engine %s",
                 self.config.id,
                 ", ".join(
                     f"{lst.name}={lst.address.host}:{lst.bound_port}" for lst in self._listeners
@@ -422,6 +430,8 @@ class SidecarRunner:
                 ", ".join(self.table.names()) or "(none)",
                 "compiled (mypyc)" if not (outbound.__file__ or "").endswith(".py")
                 else "pure Python",
+                f"libnghttp2 {nghttp2.version()}" if self.h2_engine == "nghttp2"
+                else "h2 (pure Python)",
             )
             await self._stop.wait()
             await self._drain()

@@ -35,8 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _PROXY_VARS = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
-_KEPT = frozenset({"EQUILIBRIUM_REDIS_SERVER"})
-"""``EQUILIBRIUM_*`` variables that say where a tool lives rather than how to behave."""
+_KEPT = frozenset({"EQUILIBRIUM_REDIS_SERVER", "EQUILIBRIUM_H2_ENGINE"})
+"""``EQUILIBRIUM_*`` variables that say where a tool lives rather than how to behave, and the
+HTTP/2 engine a test run exercises (CI runs the HTTP/2 tests once on each)."""
 
 T = TypeVar("T")
 

@@ -37,7 +37,8 @@ BASE_TAG="${BASE_TAG:-equilibrium-base:bookworm}"
 CACHE_DIR="${CACHE_DIR:-/var/cache/equilibrium-image}"
 PYTHON="${PYTHON:-python3}"
 SUITE=bookworm
-PACKAGES="python3,python3-venv,iptables"
+# libnghttp2-14: the sidecar's HTTP/2 engine (sidecar/nghttp2.py; without it, pure-Python h2)
+PACKAGES="python3,python3-venv,iptables,libnghttp2-14"
 BASE_PY="3.11"   # bookworm's python3
 WHEELHOUSE_REL="build/wheelhouse"
 export DOCKER_HOST="${DOCKER_HOST:-unix:///run/docker.sock}"
@@ -65,7 +66,9 @@ build_base() {
             || true)"
     fi
     mirror="${mirror:-http://deb.debian.org/debian}"
-    local tarball="${CACHE_DIR}/rootfs-${SUITE}.tar"
+    # named by the package list, so a changed list makes a new rootfs
+    local tarball
+    tarball="${CACHE_DIR}/rootfs-${SUITE}-$(printf %s "${PACKAGES}" | md5sum | cut -c1-8).tar"
     mkdir -p "${CACHE_DIR}"
     if [ ! -s "${tarball}" ] || [ "${FORCE_BASE:-0}" = "1" ]; then
         local rootfs
@@ -86,7 +89,13 @@ build_base() {
         --change 'CMD ["/usr/bin/python3"]' "${tarball}" "${BASE_TAG}" >/dev/null
 }
 
-if [ "${FORCE_BASE:-0}" = "1" ] || ! docker image inspect "${BASE_TAG}" >/dev/null 2>&1; then
+# a base made before libnghttp2 joined the package list is made again
+base_current() {
+    docker image inspect "${BASE_TAG}" >/dev/null 2>&1 \
+        && docker run --rm --network none "${BASE_TAG}" sh -c 'ls /usr/lib/*/libnghttp2.so.14' \
+            >/dev/null 2>&1
+}
+if [ "${FORCE_BASE:-0}" = "1" ] || ! base_current; then
     build_base
 else
     log "base ${BASE_TAG} present"

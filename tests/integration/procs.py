@@ -213,6 +213,10 @@ class SidecarProcess(EquilibriumProcess):
         """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
         return metric_value(self.metrics_text(), name, **labels)
 
+    def h2_engine(self) -> str:
+        """The sidecar's HTTP/2 engine, as it says (``nghttp2`` or ``h2``)."""
+        return "nghttp2" if self.metric("equilibrium_h2_engine", engine="nghttp2") else "h2"
+
 
 def start_sidecar(
     upstreams: Mapping[str, Sequence[str]] | None = None,

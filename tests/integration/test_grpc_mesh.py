@@ -36,6 +36,8 @@ from tests.integration.test_grpc_outbound import (
 )
 from wire.identity import BoundRequest, new_nonce, sign_identity
 
+pytestmark = pytest.mark.http2  # run again on the other engine by make test
+
 SERVICE = "test.Echo"  # the name RawH2 calls
 MIB = 1024 * 1024
 MESH_KEY = "grpc-mesh-test-key-0123456789abcdef0123"
@@ -322,10 +324,13 @@ def wait_idle(mesh: Mesh) -> None:
         time.sleep(0.05)
 
 
+BIG_BLOCK = ((b"x-big-1", b"b" * 50_000), (b"x-big-2", b"b" * 50_000))  # 100 KB, two fields
+
+
 def test_oversized_header_block_is_refused_alone(mesh: Mesh) -> None:
     client = RawH2(mesh.inbound_port)
     try:
-        first = client.start_call("Echo", extra=((b"x-big", b"b" * 100_000),))
+        first = client.start_call("Echo", extra=BIG_BLOCK)
         client.send(first, _grpc_frame(b"x"), end=True)
         second = client.start_call("Echo")
         client.send(second, _grpc_frame(b"fine"), end=True)
@@ -335,6 +340,28 @@ def test_oversized_header_block_is_refused_alone(mesh: Mesh) -> None:
         assert client.terminated is None and not client.closed
     finally:
         client.close()
+
+
+def test_a_header_field_over_64_kib_is_refused_alone_or_ends_the_connection_by_engine(
+        mesh: Mesh) -> None:
+    """One field over 64 KiB: ``h2`` decodes it (up to its 1 MiB limit) and the stream is
+    refused alone; libnghttp2's decoder has a fixed limit of 64 KiB a field and ends the
+    connection (COMPRESSION_ERROR), as servers built on it do (docs/grpc.md). Either way the
+    sidecar goes on serving others."""
+    client = RawH2(mesh.inbound_port)
+    try:
+        call = client.start_call("Echo", extra=((b"x-big", b"b" * 100_000),), flush=False)
+        client.send(call, _grpc_frame(b"x"), end=True)  # one write
+        client.pump(lambda: client.ended(call) or client.closed)
+        if mesh.inbound.h2_engine() == "nghttp2":
+            assert client.terminated is not None
+            assert client.terminated.error_code == ErrorCodes.COMPRESSION_ERROR
+        else:
+            assert client.status(call) == 8 and client.terminated is None
+    finally:
+        client.close()
+    with mesh.channel("polite") as channel:
+        assert _unary(channel, "Echo")(b"after", timeout=5) == b"after"
 
 
 def test_server_streams_longer_than_the_queue_wait_do_not_starve_each_other(
@@ -569,7 +596,8 @@ def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:
 
 class _BigHeaderBackend(socketserver.BaseRequestHandler):
     """An h2c endpoint (the ``h2`` library's server side) whose answer to ``/big`` carries a
-    100 KB header block (over the 64 KiB the sidecar announces); other paths answer ``ok``."""
+    100 KB header block in two fields (over the 64 KiB the sidecar announces); other paths
+    answer ``ok``."""
 
     connections = 0
 
@@ -583,7 +611,7 @@ class _BigHeaderBackend(socketserver.BaseRequestHandler):
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
                     big = dict(event.headers)[b":path"] == b"/big"
-                    extra = [(b"x-big", b"b" * 100_000)] if big else []
+                    extra = list(BIG_BLOCK) if big else []
                     conn.send_headers(event.stream_id, [(b":status", b"200"), *extra])
                     conn.send_data(event.stream_id, b"ok", end_stream=True)
             self.request.sendall(conn.data_to_send())

@@ -32,6 +32,8 @@ from h2.settings import SettingCodes
 
 from tests.integration.procs import SidecarProcess, dead_endpoint, start_sidecar
 
+pytestmark = pytest.mark.http2  # run again on the other engine by make test
+
 SERVICE = "test.Echo"
 MIB = 1024 * 1024
 

@@ -34,7 +34,7 @@ from h2.errors import ErrorCodes
 from tests.integration.procs import LOOPBACK, SidecarProcess, free_port, start_sidecar
 from tests.integration.test_grpc_outbound import RawH2, _grpc_frame
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.http2]
 
 SERVICE = "test.Echo"  # the name RawH2 calls
 MESH_KEY = "h2-slow-callers-test-key-0123456789abcdef"

@@ -199,6 +199,9 @@ def test_sidecar_from_the_image_answers_healthz(image: str, container_names: lis
     assert wait_http(f"http://127.0.0.1:{port}/healthz", None, name)
     metrics = wait_http(f"http://127.0.0.1:{port}/metrics", None, name)
     assert b"# TYPE" in metrics
+    # The image carries libnghttp2: the sidecar's HTTP/2 runs on it, not on pure-Python h2.
+    assert re.search(rb'^equilibrium_h2_engine\{engine="nghttp2",version="1\.\d+\.\d+"\} 1\.0$',
+                     metrics, re.M), metrics
     # The dashboard's page and script are package data the image carries.
     page = wait_http(f"http://127.0.0.1:{port}/dashboard", None, name)
     assert b'src="dashboard/dashboard.js"' in page

@@ -26,16 +26,14 @@ def script() -> ModuleType:
 
 
 def test_the_h2_library_answers_every_call(script: ModuleType) -> None:
-    pair = script.H2Pair()
+    pair = script.Pair()
     assert script.measure(pair.call, 50) > 0
     assert pair.call() == (b"200", script.MESSAGE, b"0")
 
 
-def test_libnghttp2_through_ctypes_answers_every_call(script: ModuleType) -> None:
+def test_the_sidecars_libnghttp2_binding_answers_every_call(script: ModuleType) -> None:
     require("libnghttp2")  # skipped with its reason on a machine without it; CI has it
-    lib = script._library()
-    assert lib is not None
-    pair = script.NgPair(lib)
+    pair = script.Pair(script.ng_connection)
     assert script.measure(pair.call, 50) > 0
     assert pair.call() == (b"200", script.MESSAGE, b"0")
 

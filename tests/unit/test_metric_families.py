@@ -39,6 +39,7 @@ equilibrium_draining gauge -
 equilibrium_errors counter upstream,reason
 equilibrium_flapping gauge upstream
 equilibrium_grpc_calls counter upstream,endpoint,grpc_status
+equilibrium_h2_engine gauge engine,version
 equilibrium_h2_flood_goaways counter kind
 equilibrium_h2_oversized_header_blocks counter -
 equilibrium_h2_refused_streams counter -

@@ -12,6 +12,10 @@ hits all alike; the CPU of each proxy (its process tree, from ``/proc``) over it
 divided by the calls it completed is its CPU per call, reported as a ratio to HAProxy's (the
 issue's target: at most 2×).
 
+Where the sidecar's HTTP/2 engine is libnghttp2 (the default where the library loads,
+:mod:`sidecar.nghttp2`), a second sidecar on the pure-Python ``h2`` engine
+(``EQUILIBRIUM_H2_ENGINE=h2``) is measured beside it, as the mode ``sidecar-h2``.
+
 It measures the HTTP/2 path only (``proxy-overhead`` is HTTP/1.1's) and starts no other load
 generator. Without ``h2load`` it reports nothing but a note; without HAProxy, the sidecar
 alone.
@@ -35,6 +39,7 @@ from equilibrium.lab.bench.report import ms
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.processes import cpu_pressure_stall, cpu_seconds, free_port
 from equilibrium.lab.sidecars import Sidecar
+from sidecar import nghttp2
 
 UPSTREAM = "backend"
 SERVICE = "bench.Pod"
@@ -175,12 +180,28 @@ class H2Overhead(Scenario):
                                           policy=args.policies[0], strategy=args.strategy,
                                           extra=args.sidecar_arg,
                                           stderr_path=str(ctx.logs / "sidecar.log"))
+            sidecars = [sidecar]
             try:
                 targets: dict[str, tuple[str, str | None, Any]] = {
                     "direct": (pod_url, None, lambda: 0.0),
                     "sidecar": (sidecar.outbound_url, UPSTREAM,
                                 lambda: cpu_seconds(sidecar.child.pid)),
                 }
+                engine = _engine()
+                params["sidecar_h2_engine"] = engine
+                if engine == "nghttp2":  # the pure-Python engine beside it
+                    pure = await Sidecar.start(
+                        "h2-overhead-h2", {UPSTREAM: [pod_url]}, policy=args.policies[0],
+                        strategy=args.strategy, extra=args.sidecar_arg,
+                        env={nghttp2.ENGINE_VARIABLE: "h2"},
+                        stderr_path=str(ctx.logs / "sidecar-h2.log"))
+                    sidecars.append(pure)
+                    targets["sidecar-h2"] = (pure.outbound_url, UPSTREAM,
+                                             lambda: cpu_seconds(pure.child.pid))
+                    totals["sidecar-h2"] = _Totals()
+                else:
+                    notes.append(f"the sidecar's HTTP/2 engine is {engine}: libnghttp2 "
+                                 f"({nghttp2.SONAME}) does not load here or was not chosen")
                 if peers.installed("haproxy"):
                     haproxy = await start_haproxy(pod_url, ctx.logs)
                     running.append(haproxy)
@@ -209,7 +230,8 @@ class H2Overhead(Scenario):
             finally:
                 for peer in running:
                     await peer.stop()
-                await sidecar.stop()
+                for each in sidecars:
+                    await each.stop()
         finally:
             server.stop(0)
         elapsed = loop.time() - started
@@ -240,7 +262,14 @@ class H2Overhead(Scenario):
                 ["target", "measured", "verdict"],
                 [["CPU per unary gRPC call ≤ 2× HAProxy's", f"{ratio:.2f}×",
                   "met" if ratio <= 2 else "missed"]]))
+        if "sidecar-h2" in totals and reference is not None:
+            tables[-1].rows.append([
+                "(the same, the sidecar on pure-Python h2)",
+                f"{totals['sidecar-h2'].cpu_per_call() / ref_cpu:.2f}×", "–"])
         notes += [
+            f"sidecar: its HTTP/2 engine is {params['sidecar_h2_engine']}"
+            + ("; sidecar-h2: the same on pure-Python h2 (EQUILIBRIUM_H2_ENGINE=h2)"
+               if "sidecar-h2" in totals else "") + ".",
             "Every mode gets the same h2load schedule and the same pod; h2load's own time per "
             "call includes waiting for a CPU on a busy machine.",
             f"Share of the run in which some task waited for a CPU (Linux PSI): "
@@ -252,6 +281,14 @@ class H2Overhead(Scenario):
                   "cpu_ratio_to_haproxy": ratio, "cpu_pressure": pressure},
             notes=notes,
         )
+
+
+def _engine() -> str:
+    """The HTTP/2 engine a sidecar started here gets (the bench's environment decides)."""
+    try:
+        return nghttp2.engine()
+    except ValueError:
+        return "h2"
 
 
 class _Totals:

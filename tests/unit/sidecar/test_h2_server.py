@@ -7,9 +7,12 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 from h2.settings import SettingCodes
 
 from sidecar.h2_server import _RefusingH2
+
+pytestmark = pytest.mark.http2  # run again on the other engine by make test
 
 
 class _Greedy(h2.connection.H2Connection):

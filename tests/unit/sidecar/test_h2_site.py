@@ -14,6 +14,8 @@ from sidecar.exchange import Exchange
 from sidecar.h2_site import PREFACE, outbound_site, sniff_preface
 from sidecar.metrics import H2Metrics
 
+pytestmark = pytest.mark.http2  # run again on the other engine by make test
+
 
 def test_the_whole_preface_is_http2() -> None:
     assert sniff_preface(PREFACE) is True
