@@ -118,7 +118,13 @@ from sidecar.upload import (
     upload_rest,
 )
 from sidecar.watchdog import Watchdog
-from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
+from sidecar.websocket import (
+    accept_like,
+    is_websocket,
+    oversized_counter,
+    refused_upgrade_answer,
+    relay_websocket,
+)
 from wire.identity import BoundRequest
 
 log = logging.getLogger(__name__)
@@ -554,6 +560,13 @@ class InboundProxy:
                 upstream = await self._dialer.open_websocket(UpstreamRequest(
                     request.method, URL(self.app_url + request.raw_path, encoded=True), headers))
         except HandshakeRefused as exc:
+            if exc.headers is not None:  # the app's answer goes back as it came
+                answer, _ = refused_upgrade_answer(exc.status, exc.headers, exc.body,
+                                                   self.via)
+                response = web_response(answer)
+                self._signal_headers(response.headers, verdict)
+                self.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
+                return response
             self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
             return web_response(self._answer(
                 verdict, 502, ErrorReason.WEBSOCKET_HANDSHAKE_FAILED,

@@ -94,7 +94,13 @@ from sidecar.transport import (
 )
 from sidecar.upstreams import UpstreamTable
 from sidecar.watchdog import Watchdog
-from sidecar.websocket import accept_like, is_websocket, oversized_counter, relay_websocket
+from sidecar.websocket import (
+    accept_like,
+    is_websocket,
+    oversized_counter,
+    refused_upgrade_answer,
+    relay_websocket,
+)
 from wire.errors import WireError
 from wire.headers import CONGESTION, REFUSED, header_label, parse_congestion
 
@@ -748,7 +754,12 @@ class OutboundProxy:
                     ctx.method, URL(endpoint + ctx.target, encoded=True), headers
                 ))
         except HandshakeRefused as exc:
-            done = self.clock()
+            if exc.headers is not None:  # its answer goes back as it came (not followed)
+                answer, game = refused_upgrade_answer(exc.status, exc.headers, exc.body,
+                                                      self.via)
+                self._observe_head(ctx, exc.status, game, sent)
+                return answer
+            done = self.clock()  # a 101 with a wrong handshake
             group.policy.on_outcome(
                 Outcome(endpoint, done - sent, exc.status < 500, done, answered=False))
             return self._error(

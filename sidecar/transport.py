@@ -28,9 +28,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -104,6 +105,38 @@ class WebSocketDialer(Protocol):
         ...
 
 
+UPGRADE_ANSWER_MAX = 64 * 1024  # bytes of a refused upgrade's body relayed (more: none)
+
+
+async def _answer_refused_upgrades(
+    request: aiohttp.ClientRequest,
+    handler: Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]],
+) -> aiohttp.ClientResponse:
+    """A WebSocket handshake the upstream answers with anything but 101 is raised here as
+    :class:`HandshakeRefused`, with the answer: before aiohttp's ``ws_connect`` would follow
+    a redirect to wherever it points (it has no switch for that), and so that the caller gets
+    the answer, not a 502."""
+    response = await handler(request)
+    if response.status == 101 or hdrs.UPGRADE not in request.headers:
+        return response
+    chunks: list[bytes] = []
+    size, broken = 0, False
+    try:
+        while size <= UPGRADE_ANSWER_MAX and not response.content.at_eof():
+            chunk = await response.content.read(UPGRADE_ANSWER_MAX + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (aiohttp.ClientError, OSError):
+        broken = True
+    finally:
+        response.release()
+    # not whole (broken off, or longer than the limit): the head alone
+    body = b"" if broken or size > UPGRADE_ANSWER_MAX else b"".join(chunks)
+    raise HandshakeRefused(response.status, response.headers, body)
+
+
 # ---------------------------------------------------------------- failures
 
 
@@ -139,11 +172,16 @@ class UpstreamReset(TransportError):
 
 
 class HandshakeRefused(TransportError):
-    """The upstream answered a WebSocket upgrade with ``status`` instead of 101."""
+    """The upstream answered a WebSocket upgrade with ``status`` instead of 101: its answer
+    (``headers``, and ``body`` when it came whole within :data:`UPGRADE_ANSWER_MAX`) goes
+    back to the caller as it is, as nginx, HAProxy and Envoy relay it (a 401 with its
+    ``WWW-Authenticate``, a redirect the client may follow, ...)."""
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"upgrade refused with {status}")
+    def __init__(self, status: int, headers: Any = None, body: bytes = b"") -> None:
+        super().__init__(f"upstream answered the upgrade with {status}")
         self.status = status
+        self.headers = headers  # the answer's header map (None when unknown)
+        self.body = body
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +265,7 @@ class AiohttpTransport:
         if self._session is not None:
             return
         session = aiohttp.ClientSession(
+            middlewares=(_answer_refused_upgrades,),
             connector=aiohttp.TCPConnector(
                 limit=0, keepalive_timeout=self.keepalive_timeout, ttl_dns_cache=10,
                 # one connector for every endpoint: bound to the source whatever the target
@@ -283,7 +322,7 @@ class AiohttpTransport:
                 max_msg_size=self.websocket_max_message,  # larger: closed with 1009
                 autoclose=False,
             )
-        except aiohttp.WSServerHandshakeError as exc:
+        except aiohttp.WSServerHandshakeError as exc:  # a 101 whose handshake is wrong
             raise HandshakeRefused(exc.status) from exc
         except (aiohttp.ClientError, OSError) as exc:
             error = from_aiohttp(exc)

@@ -26,7 +26,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.forward import connection_tokens
+from sidecar.exchange import TEXT_TYPE, Answer
+from sidecar.forward import connection_tokens, response_headers_to_app
 
 # the caller's handshake with this hop; the upstream dial makes its own (key, accept, version)
 WS_HANDSHAKE_HEADERS = (
@@ -138,3 +139,17 @@ async def bridge_websockets(a: WSLike, b: WSLike,
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, aiohttp.ClientError):
                 await task
+
+
+def refused_upgrade_answer(
+    status: int, headers: Mapping[str, str], body: bytes, via: str
+) -> tuple[Answer, dict[str, str]]:
+    """An upstream's answer to an upgrade it refused, as it goes back to the caller (nginx,
+    HAProxy and Envoy relay it: a 401 with its challenge, a redirect for the client to
+    follow), and the ``X-GT-*`` headers taken out of it. Hop-by-hop fields go, ``Via`` gets
+    this hop; the length is the body's as relayed."""
+    kept, game = response_headers_to_app(CIMultiDictProxy(CIMultiDict(headers)), via)
+    content_type = kept.pop("Content-Type", "")
+    for name in ("Content-Length", "Transfer-Encoding"):
+        kept.popall(name, None)
+    return Answer(status, body, kept, content_type or TEXT_TYPE), game

@@ -58,6 +58,11 @@ async def app_handler(request: web.Request, seen: list[dict[str, str]],
         return web.json_response({"len": len(body), "ok": body == PAYLOAD, "headers": headers},
                                  headers={"X-GT-Price": "123", "Connection": "X-Hop",
                                           "X-Hop": "1"})
+    if request.path == "/ws-auth":  # an upgrade refused: its answer must reach the caller
+        return web.json_response({"error": "no token"}, status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="ws"'})
+    if request.path == "/ws-moved":  # a redirect the sidecars must relay, never follow
+        raise web.HTTPFound("/ws")
     if request.path == "/ws":
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -149,6 +154,29 @@ async def test_websocket_through_both_sidecars(setup: Setup) -> None:
     assert not any(k.startswith("x-gt-") for k in handshake)
     assert setup.server.metric("equilibrium_inbound_requests_total", caller="coop-a",
                                outcome="admitted") >= 1
+
+
+UPGRADE = {"Host": "svc", "Connection": "Upgrade", "Upgrade": "websocket",
+           "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+async def test_a_refused_upgrade_reaches_the_caller_as_the_app_answered_it(setup: Setup) -> None:
+    """A helper's finding: a 401 to an upgrade became a bare 502 at both sidecars, and a
+    302 was followed by the sidecar itself, to wherever it pointed (a request from the pod's
+    own address to any host). Both go back as the app answered, as nginx and Envoy do."""
+    handshakes = sum(1 for h in setup.seen if h.get("upgrade") == "websocket")
+    async with aiohttp.ClientSession() as client:
+        refused = await fetch(client, "GET", setup.coop.outbound_url + "/ws-auth",
+                              headers=UPGRADE)
+        moved = await fetch(client, "GET", setup.coop.outbound_url + "/ws-moved",
+                            headers=UPGRADE, allow_redirects=False)
+    assert refused.status == 401 and refused.json() == {"error": "no token"}
+    assert refused.headers["WWW-Authenticate"] == 'Bearer realm="ws"'
+    assert refused.headers["Via"] == "1.1 app-sidecar, 1.1 coop-a"
+    assert moved.status == 302 and moved.headers["Location"] == "/ws"
+    # the app saw the two handshakes it answered, and no third one at /ws
+    assert [h.get("upgrade") for h in setup.seen].count("websocket") == handshakes + 2
+    assert setup.seen[-1]["host"] == "svc"
 
 
 async def test_signals_on_every_response_and_unsigned_headers_ignored(setup: Setup) -> None:
