@@ -107,6 +107,10 @@ from wire.headers import CONGESTION, REFUSED, header_label, parse_congestion
 log = logging.getLogger(__name__)
 
 NEVER_CONNECTED = UNREACHED
+REPLAY_MAX = 64 * 1024
+"""Bytes of a request body kept while it is sent, so that the whole request can go to another
+endpoint when the first one's sidecar refuses it, signed, before its app saw it (as Envoy
+buffers a body it may retry). A larger body's refusal goes back to the app (503)."""
 """Attempt failures after which no upstream can have seen the request: a retry of it is
 not a re-send (no ``X-GT-Retry`` for it, :meth:`sidecar.phases.ProxyPhases.
 upstream_request_filter`), although the caller's own retry budget still pays for it."""
@@ -147,15 +151,22 @@ class _Upload:
     generator.) ``trailers``: the body's trailer fields that may be relayed, once it has
     ended (what the upstream client writes after the last chunk)."""
 
-    __slots__ = ("_content", "_on_dropped", "_watchdog", "read", "waiting")
+    __slots__ = ("_content", "_kept_size", "_on_dropped", "_replay", "_watchdog", "kept",
+                 "read", "waiting")
 
     def __init__(self, content: BodyReader, watchdog: Watchdog,
-                 on_dropped: Callable[[list[str]], None]) -> None:
+                 on_dropped: Callable[[list[str]], None],
+                 replay: list[bytes] | None = None) -> None:
         self._content = content
         self._watchdog = watchdog
         self._on_dropped = on_dropped
         self.read = False  # asked for a chunk: this body can no longer go elsewhere
         self.waiting = False  # waiting for the app's next chunk (a stall now is the app's)
+        # what went out of it, kept while it fits REPLAY_MAX (None past it): the whole body
+        # can go to another endpoint after a signed refusal (the app never saw it)
+        self.kept: list[bytes] | None = []
+        self._kept_size = 0
+        self._replay = list(replay or ())  # the body read for an earlier attempt, sent first
 
     @property
     def trailers(self) -> list[tuple[str, str]] | None:
@@ -165,15 +176,49 @@ class _Upload:
         return self
 
     async def __anext__(self) -> bytes:
-        self.read = self.waiting = True
+        self.read = True
+        if self._replay:
+            chunk = self._replay.pop(0)
+        else:
+            chunk = await self._next()
+            if not chunk:
+                raise StopAsyncIteration
+        self._watchdog.push()
+        self._keep(chunk)
+        return chunk
+
+    async def _next(self) -> bytes:
+        self.waiting = True
         try:
-            chunk = await self._content.readany()
+            return await self._content.readany()
         finally:
             self.waiting = False
-        if not chunk:
-            raise StopAsyncIteration
-        self._watchdog.push()
-        return chunk
+
+    def _keep(self, chunk: bytes) -> None:
+        if self.kept is not None:
+            self._kept_size += len(chunk)
+            if self._kept_size > REPLAY_MAX:
+                self.kept = None
+            else:
+                self.kept.append(chunk)
+
+    async def whole_for_replay(self) -> list[bytes] | None:
+        """The whole body, to send to another endpoint after a signed refusal: what went out
+        and what the app still sends, while it fits REPLAY_MAX; None when it does not, or
+        the app's body broke off. (Only once the attempt's writer is stopped.)"""
+        for chunk in self._replay:  # read for an earlier attempt, not yet sent in this one
+            self._keep(chunk)
+        self._replay = []
+        try:
+            while self.kept is not None:
+                chunk = await self._next()
+                if not chunk:
+                    break
+                self._watchdog.push()
+                self._keep(chunk)
+        except Exception:  # the app's body broke: not to be sent anywhere
+            return None
+        return self.kept
 
 
 def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
@@ -376,6 +421,7 @@ class OutboundProxy:
         # request_timeout bounds each stall: the upload, the wait for the answer after the
         # last byte sent, each chunk of the answer's body (one timer for all of it)
         watchdog = Watchdog(self.profile.request_timeout)
+        replay: list[bytes] | None = None  # the body, whole, after a signed refusal
         try:
             for attempt in range(self.max_attempts):
                 if has_body and body_failed(exchange):  # broke before this attempt began
@@ -417,8 +463,8 @@ class OutboundProxy:
                     ctx.endpoint = endpoint
                     await self._relay_response(exchange, ctx, upstream, sent, watchdog)
                     return None
-                upload = _Upload(exchange.content, watchdog, self._app_headers_dropped) \
-                    if has_body else None
+                upload = _Upload(exchange.content, watchdog, self._app_headers_dropped,
+                                 replay) if has_body else None
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers, upload))
@@ -456,13 +502,21 @@ class OutboundProxy:
                     self._charge(ctx, endpoint, sent)
                     raise
                 head = None
-                if upstream.status == 503 and retryable and attempt + 1 < self.max_attempts:
+                # A refusal signed by the endpoint's sidecar proves its app never saw the
+                # request: it goes elsewhere whatever its method, its body with it (kept while
+                # it was sent, the rest read now) when that fits REPLAY_MAX.
+                if upstream.status == 503 and attempt + 1 < self.max_attempts and (
+                        upload is None or upload.kept is not None):
                     head = self._answer_head(ctx, upstream)
                     refused = head[1].get(REFUSED_KEY)
                     if refused is not None:
                         failure = await self._refused(ctx, upstream, sent, attempt, refused,
                                                       head[1])
                         ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # the app never saw it
+                        if upload is not None:
+                            replay = await upload.whole_for_replay()
+                            if replay is None:
+                                break  # too large to keep, or broken: the refusal it is
                         continue
                 await self._relay_response(exchange, ctx, upstream, sent, watchdog, head)
                 return None

@@ -4,8 +4,10 @@
 Endpoint ``A`` is an inbound sidecar in front of a slow app (1 s per request) with its limit
 pinned to one slot and a short ``max_wait``: requests that find the slot taken are refused
 ``503 queue-timeout`` with a signed ``X-GT-Refused``. Endpoint ``B`` is a fast plain backend.
-The caller's sidecar must send refused GETs on to ``B``, never send a POST again, relay the
-refusal when no endpoint is left, and ignore an ``X-GT-Refused`` it cannot verify. Over HTTP/2
+The caller's sidecar must send refused requests on to ``B`` whatever their method (a refusal
+signed by A's sidecar proves A's app never saw the request; a body goes with it when it fits
+the 64 KiB kept for that), answer its own 503 ``upstream-refused`` when no endpoint is left,
+and ignore an ``X-GT-Refused`` it cannot verify. Over HTTP/2
 gRPC calls refused by A go on to B as well (their bodies are kept for a re-send). Every
 request reaches exactly one app: the backends count what they served.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 
 from tests.integration.inbound_support import MESH_KEY, write_config
 from tests.integration.procs import (
@@ -63,7 +66,7 @@ async def _burst(session: aiohttp.ClientSession, caller: SidecarProcess, count: 
 
 
 @pytest.mark.slow
-async def test_refused_attempts_go_to_another_endpoint_once_and_never_for_a_post(
+async def test_refused_attempts_go_to_another_endpoint_once_whatever_their_method(
     tmp_path: Path,
 ) -> None:
     slow = await start_backend("slow", latency=1.0)
@@ -95,19 +98,26 @@ async def test_refused_attempts_go_to_another_endpoint_once_and_never_for_a_post
             assert served(slow) + served(fast) == 12
             served_by_a = served(slow)
 
-            # 2. A alone: one POST is served, the others are refused and relayed as they
-            # came (never sent again); GETs with no endpoint left get the caller sidecar's own
-            # 503 upstream-refused
+            # 2. A alone: one POST is served, the others are refused, and with no endpoint
+            # left get the caller sidecar's own 503 upstream-refused (never sent to A again);
+            # GETs alike
             posts = await _burst(session, one, 3, method="POST")
             assert sorted(status for status, _ in posts) == [200, 503, 503]
             assert {doc.get("reason") for status, doc in posts if status == 503} == {
-                "queue-timeout"}
+                "upstream-refused"}
             assert served(slow, "POST") == 1
             gets = await _burst(session, one, 3)
             assert sorted(status for status, _ in gets) == [200, 503, 503]
             assert {doc.get("reason") for status, doc in gets if status == 503} == {
                 "upstream-refused"}
             assert served(slow) == served_by_a + 2
+
+            # 2b. POSTs with a body over A and B: the refused ones go on to B, body and all;
+            # every one answered 200 and served once
+            before = served(slow, "POST") + served(fast, "POST")
+            posts = await _burst(session, two, 12, method="POST")
+            assert [status for status, _ in posts] == [200] * 12, posts
+            assert served(slow, "POST") + served(fast, "POST") == before + 12
 
             # 3. a plain server's X-GT-Refused does not verify: its 503 is the answer
             before = served(fast)
@@ -125,6 +135,52 @@ async def test_refused_attempts_go_to_another_endpoint_once_and_never_for_a_post
             p.cleanup()
         for backend in (slow, fast, liar):
             await backend.stop()
+
+
+async def test_an_app_down_behind_a_live_sidecar_loses_no_post(tmp_path: Path) -> None:
+    """A helper's finding: with A's app down (its sidecar up, answering 503 app-unreachable,
+    signed), POSTs reached the caller as 503 though B was up and A's app had never seen
+    them: only idempotent bodiless requests were sent on. Now every refused request goes to
+    B, its body with it; a body over the 64 KiB kept gets the refusal (a 503), and nothing is
+    ever served twice."""
+    async def length(request: web.Request) -> web.Response:  # the body as it arrived
+        return web.Response(text=str(len(await request.read())))
+
+    fast = await start_backend("fast", handler=length)
+    dead_app = f"http://{LOOPBACK}:{free_port()}"  # nothing listens there
+    port = free_port()
+    a_url = f"http://{LOOPBACK}:{port}"
+    procs: list[SidecarProcess] = []
+    try:
+        procs = list(await asyncio.gather(
+            async_start_sidecar({}, sidecar_id="a-in", env=KEY_ENV,
+                                extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                            "--app", dead_app]),
+            async_start_sidecar({"svc": [a_url, fast.url]}, sidecar_id="two", env=KEY_ENV)))
+        _, two = procs
+        async with aiohttp.ClientSession() as session:
+            async def post(i: int, size: int) -> int:
+                async with session.post(two.outbound_url + f"/r{i}", data=b"p" * size,
+                                        headers={"Host": "svc"}) as resp:
+                    body = await resp.read()
+                    if resp.status == 200:
+                        assert body == str(size).encode()  # the body arrived whole
+                    return resp.status
+
+            small = await asyncio.gather(*(post(i, 1000) for i in range(20)))
+            assert small == [200] * 20
+            assert served(fast, "POST") == 20
+            big = await asyncio.gather(*(post(100 + i, 100_000) for i in range(10)))
+        assert set(big) <= {200, 503}
+        assert served(fast, "POST") == 20 + big.count(200)  # none sent twice
+        assert await asyncio.to_thread(
+            two.metric, "equilibrium_upstream_refused_total", upstream="svc",
+            reason="app-unreachable") > 0
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
+        for p in procs:
+            p.cleanup()
+        await fast.stop()
 
 
 SERVICE = "test.Work"
