@@ -57,6 +57,9 @@ class _MeasuredPolicy(ABC):
         self._gap = 0.0
         self._regret_view = np.zeros(0)
         self._tick_estimates = np.zeros(0)  # the last tick's latency estimates
+        # recommended endpoints this sidecar's own evidence held back at the last tick
+        # (RegretMatchingPolicy._checked; for /debug/state)
+        self.overruled: list[str] = []
         # the last conditional regret matrix (an array no one writes to; listed by snapshot())
         self._regret_matrix: np.ndarray = np.zeros((0, 0))
         self._usable: int | None = None  # set by policies that eject (None: all usable)
@@ -190,6 +193,7 @@ class _MeasuredPolicy(ABC):
                 in_flight=self.stats[e].in_flight,
                 requests=self.stats[e].requests,
                 failures=self.stats[e].failures,
+                overruled=e in self.overruled,
             )
             for i, e in enumerate(self.endpoints)
         ]
@@ -511,13 +515,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             live[i] = now >= s.ejected_until and not s.draining(now)
         return live
 
-    def _target(self, now: float) -> np.ndarray:
+    def _target(self, now: float, estimates: np.ndarray | None = None) -> np.ndarray:
         rec = self._recommendation
+        self.overruled = []
         if rec is not None and now < rec[1]:
             weights, _ = rec
             target = np.array([weights.get(e, 0.0) for e in self.endpoints])
             if target.sum() > 0:
                 self._following = True
+                if estimates is not None and estimates.shape == target.shape:
+                    target = self._checked(target, estimates, now)
                 return target
         if rec is not None and now >= rec[1]:
             self._recommendation = None
@@ -537,7 +544,41 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         live = self._live(now)
         self._usable = int(live.sum())
         covered = np.array([self.stats[e].probe_covered(now) for e in self.endpoints])
-        return self.profile.herd.shape(self._target(now), self._weights, dt, live, covered)
+        return self.profile.herd.shape(self._target(now, estimates), self._weights, dt, live,
+                                       covered)
+
+    def _checked(self, target: np.ndarray, estimates: np.ndarray, now: float) -> np.ndarray:
+        """A recommendation checked against this sidecar's own evidence: an endpoint it
+        measured (or had a probe answer from) in the last few seconds at over
+        :data:`CONTRADICTED` times the best endpoint's latency (and 2 ms more) gets no more
+        than the sidecar's own strategy gives it. The signaler plans from summaries up to
+        an epoch old and fits curves to them; a pod that turned bad since, or one nobody
+        sent traffic to for a while (so its fit forgot it was bad), must not get a share
+        that this sidecar sees is wrong: following the plan is a caller's best response only
+        while its own signal does not contradict it. ``overruled`` lists them (for
+        /debug/state)."""
+        overruled: list[str] = []
+        fresh = np.array([now - (s := self.stats[e]).last_outcome_at <= EVIDENCE_FRESH
+                          or s.probe_covered(now) for e in self.endpoints])
+        if fresh.any():
+            best = float(estimates[fresh].min())
+            bad = fresh & (estimates > CONTRADICTED * best) & (estimates > best + 0.002)
+            if bad.any():
+                own = self.regret.strategy(self.profile.regret_mode)
+                if own.shape == target.shape:
+                    target = np.where(bad, np.minimum(target, own), target)
+                    overruled = [e for e, b in zip(self.endpoints, bad.tolist(), strict=True)
+                                 if b]
+        self.overruled = overruled
+        return target
+
+
+CONTRADICTED = 4.0
+"""How many times the best endpoint's latency estimate an endpoint's must be (and 2 ms more)
+for a sidecar's own evidence to hold back the share a recommendation gives it."""
+EVIDENCE_FRESH = 5.0
+"""Seconds an endpoint's last outcome (or a fresh probe answer) counts as evidence against a
+recommendation."""
 
 
 POLICIES: dict[str, Callable[[StrategyProfile], _MeasuredPolicy]] = {

@@ -72,6 +72,7 @@ class EndpointView:
     in_flight: int
     requests: int
     failures: int
+    overruled: bool = False  # a recommendation's share held back by own evidence
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
                           "converged": bool, "following": bool,
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
-                                         "in_flight": int, "requests": int, "failures": int}]}},
+                                         "in_flight": int, "requests": int, "failures": int,
+                                         "overruled": bool}]}},
      "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
          "in_flight": int, "congestion": float, "congested": bool,
@@ -120,6 +121,7 @@ def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str
                 "in_flight": int(view.in_flight),
                 "requests": int(view.requests),
                 "failures": int(view.failures),
+                "overruled": bool(view.overruled),
             }
             for view in snapshot.endpoints
         ],
