@@ -63,6 +63,7 @@ class _MeasuredPolicy(ABC):
         # the last conditional regret matrix (an array no one writes to; listed by snapshot())
         self._regret_matrix: np.ndarray = np.zeros((0, 0))
         self._usable: int | None = None  # set by policies that eject (None: all usable)
+        self._usable_mask: list[bool] = []  # which were usable at the last tick (likewise)
 
     # -- endpoint set -------------------------------------------------------------------
     def set_endpoints(self, endpoints: Sequence[str], now: float) -> None:
@@ -194,6 +195,7 @@ class _MeasuredPolicy(ABC):
                 requests=self.stats[e].requests,
                 failures=self.stats[e].failures,
                 overruled=e in self.overruled,
+                usable=self._usable_mask[i] if i < len(self._usable_mask) else True,
             )
             for i, e in enumerate(self.endpoints)
         ]
@@ -543,6 +545,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return np.zeros(0)
         live = self._live(now)
         self._usable = int(live.sum())
+        self._usable_mask = live.tolist()
         covered = np.array([self.stats[e].probe_covered(now) for e in self.endpoints])
         return self.profile.herd.shape(self._target(now, estimates), self._weights, dt, live,
                                        covered)

@@ -73,6 +73,7 @@ class EndpointView:
     requests: int
     failures: int
     overruled: bool = False  # a recommendation's share held back by own evidence
+    usable: bool = True  # not ejected nor draining (as of the last tick)
 
 
 @dataclass(frozen=True, slots=True)

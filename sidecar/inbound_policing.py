@@ -487,6 +487,7 @@ class InboundPolicing:
             case RejectReason.QUEUE_FULL, True:
                 return "pushed out of a full queue by a higher bid"
             case RejectReason.QUEUE_TIMEOUT, _:
-                return (f"no slot at the app within {self.gate.max_wait:g} s "
-                        "(overloaded; a higher bid is served first)")
+                return (f"no slot at the app within {self.gate.max_wait:g} s: every request "
+                        "it may take at once was still in progress (an app that is "
+                        "overloaded, slow or not answering); the app never saw this one")
         return "the sidecar is shutting down"

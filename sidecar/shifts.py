@@ -114,13 +114,13 @@ class ShiftLog:
                     f"upstream {upstream}: traffic shifted off {view.endpoint} (share "
                     f"{share:.1%} of {usable} usable endpoints"
                     f"{', as far as the anti-herd cap allows' if floor >= SHUNNED * fair else ''}; "
-                    f"{_why(view, best, requests, failures, snapshot, out_of_use)})")
+                    f"{_why(view, best, requests, failures, snapshot)})")
             elif state.shunned and state.crossed(share > high, now):
                 state.shunned, state.crossing_since = False, None
                 lines.append(
                     f"upstream {upstream}: {view.endpoint} back in rotation (share "
                     f"{share:.1%} of {usable} usable endpoints; "
-                    f"{_why(view, best, requests, failures, snapshot, out_of_use)})")
+                    f"{_why(view, best, requests, failures, snapshot)})")
         return lines
 
     def keep(self, upstreams: set[str]) -> None:
@@ -134,10 +134,10 @@ def _ms(seconds: float) -> str:
 
 
 def _why(view: EndpointView, best: float, requests: int, failures: int,
-         snapshot: PolicySnapshot, out_of_use: int) -> str:
+         snapshot: PolicySnapshot) -> str:
     parts = [f"latency estimate {_ms(view.latency_estimate)}, best {_ms(best)}",
              f"{failures} failures in {requests} requests in the last {WINDOW:g} s"]
-    if out_of_use and view.weight == 0.0:
+    if not view.usable:  # this endpoint's own state, not another one's
         parts.append("out of use (ejected or draining)")
     if snapshot.following:
         parts.append("following the signaler's plan")

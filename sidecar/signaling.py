@@ -134,6 +134,7 @@ class SidecarSignaling:
         self.rng = rng or random.Random()
         self.connected = False
         self._ever_failed = False  # the first failure is logged even with no connection yet
+        self._was_following: dict[str, bool] = {}  # per upstream, at the last round
         self._builders: dict[str, SummaryBuilder] = {}
         self._followed: dict[str, _Followed] = {}
         # per upstream, the policy told to wait for its first signal and its wait's machine
@@ -187,10 +188,26 @@ class SidecarSignaling:
         await self.store.close()  # a fresh connection next time, not a half-dead one
 
     def _export_following(self) -> None:
+        """The following gauge of each upstream, and a log line when it changes: the
+        signaler stopping (recommendations expire) or coming back shows in the log, as Redis
+        does, not only in a gauge."""
         for group in self.table:
             snap = group.snapshot
-            self.metrics.following.labels(group.name).set(
-                1 if snap is not None and snap.following else 0)
+            following = snap is not None and snap.following
+            self.metrics.following.labels(group.name).set(1 if following else 0)
+            was = self._was_following.get(group.name)
+            if was is None and not following:
+                continue  # not yet following, at the start: nothing to say
+            self._was_following[group.name] = following
+            if was == following:
+                continue
+            if following:
+                log.info("signaling: upstream %s follows the signaler's plan%s", group.name,
+                         "" if was is None else " again")
+            else:
+                log.warning("signaling: upstream %s has no fresh recommendation (the signaler "
+                            "stopped, or cannot be heard): routing by local regret matching",
+                            group.name)
 
     def _groups(self) -> list[tuple[UpstreamGroup, FollowingPolicy]]:
         """Upstreams whose policy takes part (the baselines neither report nor follow)."""

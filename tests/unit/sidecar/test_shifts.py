@@ -12,10 +12,13 @@ A, B, C, D = (f"http://10.0.0.{i}:80" for i in range(1, 5))
 
 def snap(weights: dict[str, float], *, latency: dict[str, float] | None = None,
          counts: dict[str, tuple[int, int]] | None = None, policy: str = "equilibrium",
-         usable: int | None = None, following: bool = False) -> PolicySnapshot:
+         usable: int | None = None, following: bool = False,
+         out: tuple[str, ...] = ()) -> PolicySnapshot:
+    """``out``: the endpoints ejected or draining (``usable`` counts the others)."""
     latency = latency or {}
     counts = counts or {}
-    views = [EndpointView(e, w, latency.get(e, 0.010), 0.0, 0, *counts.get(e, (0, 0)))
+    views = [EndpointView(e, w, latency.get(e, 0.010), 0.0, 0, *counts.get(e, (0, 0)),
+                          usable=e not in out)
              for e, w in weights.items()]
     return PolicySnapshot(policy, weights, views, usable=usable, following=following)
 
@@ -111,12 +114,26 @@ def test_an_endpoint_out_of_use_is_said_to_be() -> None:
     log = ShiftLog()
     run(log, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
     # two of four ejected or draining: out of the usable count, share nothing
-    lines = run(log, snap({A: 0.8, B: 0.2, C: 0.0, D: 0.0}, usable=2), 3, DWELL + 2)
+    lines = run(log, snap({A: 0.8, B: 0.2, C: 0.0, D: 0.0}, usable=2, out=(C, D)), 3,
+                DWELL + 2)
     assert [line.split()[5] for line in lines] == [C, D]
     assert all("of 2 usable endpoints" in line and "out of use (ejected or draining)" in line
                for line in lines)
-    [line] = run(log, snap({A: 0.9, B: 0.1, C: 0.0, D: 0.0}, usable=2), 20, DWELL + 2)
+    [line] = run(log, snap({A: 0.9, B: 0.1, C: 0.0, D: 0.0}, usable=2, out=(C, D)), 20,
+                 DWELL + 2)
     assert f"shifted off {B} (share 10.0% of 2 usable" in line and "out of use" not in line
+
+
+def test_a_pod_shifted_off_for_its_latency_is_not_said_to_be_out_of_use() -> None:
+    # A helper's finding: the line of a pod moved off for its latency alone said "out of
+    # use (ejected or draining)" because another pod was ejected and its weight was 0.
+    log = ShiftLog()
+    run(log, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
+    lines = run(log, snap({A: 0.5, B: 0.5, C: 0.0, D: 0.0}, usable=3, out=(D,),
+                          latency={C: 0.5}), 3, DWELL + 2)
+    by_pod = {line.split()[5]: line for line in lines}
+    assert "out of use" not in by_pod[C] and "latency estimate 500 ms" in by_pod[C]
+    assert "out of use (ejected or draining)" in by_pod[D]
 
 
 def test_no_lines_for_a_lone_endpoint_or_the_baselines() -> None:

@@ -107,6 +107,35 @@ def test_recommendation_expiry_is_translated_to_the_sidecar_clock() -> None:
     assert not group.snapshot.following
 
 
+def test_following_stopping_and_coming_back_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # A helper's finding: sidecars logged nothing when the signaler died or came back; only
+    # a gauge changed.
+    table, metrics = routed_group()
+    group = table.get("orders")
+    assert group is not None
+    sig = signaling(table, metrics)
+    caplog.set_level(logging.INFO, logger="sidecar.signaling")
+    group.tick(10.0)
+    sig._export_following()  # not following yet at the start: nothing to say
+    assert sig.consider(group, b"1-0", sign_recommendation(rec(expires_at=NOW + 2), KEY))
+    group.tick(10.5)
+    sig._export_following()
+    group.tick(12.5)  # the recommendation expired: the signaler said nothing since
+    sig._export_following()
+    sig._export_following()  # said once
+    assert sig.consider(group, b"2-0", sign_recommendation(rec(epoch=51, expires_at=NOW + 5),
+                                                            KEY))
+    group.tick(13.0)
+    sig._export_following()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "signaling: upstream orders follows the signaler's plan",
+        "signaling: upstream orders has no fresh recommendation (the signaler stopped, or "
+        "cannot be heard): routing by local regret matching",
+        "signaling: upstream orders follows the signaler's plan again",
+    ]
+
+
 def test_protocol_ids_are_sanitised() -> None:
     assert protocol_id("pod-a") == "pod-a"
     assert protocol_id("pod a/b:c") == "pod-a-b-c"
