@@ -75,6 +75,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may wait for its
 DEFAULT_MAX_HEAD = 64 * 1024  # bytes of request line and headers
 BODY_HIGH_WATER = 256 * 1024  # request body bytes buffered before reading pauses
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered before reading pauses
+_AFTER_CLOSE = "Data after `Connection: close`"  # llhttp's HPE_CLOSED_CONNECTION
 LINGER = 2.0  # seconds a refused connection is read (and dropped) after our error answer
 # bytes a reader must take per stall bound while a write waits for it, to count as moving
 # (H1Connection.reader_moving): about 4 KB/s at the default bound of 15 s
@@ -378,6 +379,7 @@ class H1Connection(asyncio.Protocol):
         self.closing = False  # answer what is in flight, then close
         self._lingering = False  # refused: our answer is out, the rest is read and dropped
         self._broken = False  # a request body broke its framing: the rest is dropped
+        self._after_close = False  # bytes came after a request that asked to close: dropped
         self._cut = False  # abort() cut it (a drain's deadline, ...): no hang-up of the app's
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -387,6 +389,7 @@ class H1Connection(asyncio.Protocol):
         self._in_head = False
         self._head_size = 0  # bytes of the head parsed so far
         self._head_raw = 0  # bytes read while the head was incomplete (a long line in parts)
+        self._begun = 0  # requests begun on this connection (a read may begin several)
         self._head_too_large = False
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
@@ -420,8 +423,8 @@ class H1Connection(asyncio.Protocol):
         self._arm("idle", self.limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering or self._broken:
-            return  # refused, or not HTTP any more: what the app still sends is dropped
+        if self._lingering or self._broken or self._after_close:
+            return  # refused, not HTTP any more, or after a close: what still comes is dropped
         upgrade = self._upgrade
         if upgrade is not None:  # bytes after an upgrade's head, until its turn comes
             if upgrade.method == "CONNECT" or self.fallback is None:
@@ -430,6 +433,7 @@ class H1Connection(asyncio.Protocol):
             self._update_reading()  # past max_head: paused until the hand-over
             return
         was_in_head = self._in_head
+        begun = self._begun
         receiving = self._receiving
         if receiving is not None:
             self._since_body += len(data)
@@ -446,6 +450,15 @@ class H1Connection(asyncio.Protocol):
             self._reject(400, "malformed")
             return
         except httptools.HttpParserError as exc:
+            if str(exc).startswith(_AFTER_CLOSE):
+                # A request asked to close (Connection: close, or HTTP/1.0 without
+                # keep-alive) and more bytes followed it: it and the requests before it are
+                # answered, the rest is not processed (RFC 9112 §9.6), and the connection
+                # lingers after the last answer so that no reset destroys it
+                self._after_close = True
+                if self._active is None and not self._queue:
+                    self._linger()
+                return
             if self._head_too_large:
                 self._reject(431, "head-too-large")
             else:
@@ -453,7 +466,9 @@ class H1Connection(asyncio.Protocol):
                 self._reject(400, "malformed")
             return
         if self._in_head:
-            if was_in_head:  # the whole read belongs to this head
+            # the whole read belongs to this head when it was under way before the read and
+            # no request began in it (pipelined requests before it are not this head's)
+            if was_in_head and self._begun == begun:
                 self._head_raw += len(data)
             if self._head_raw > self.limits.max_head:
                 self._head_too_large = True
@@ -554,6 +569,7 @@ class H1Connection(asyncio.Protocol):
     # ------------------------------------------------------------ llhttp callbacks
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self._in_head = True
         self._head_size = 0
         self._head_raw = 0
@@ -714,8 +730,12 @@ class H1Connection(asyncio.Protocol):
             return
         if not (exchange.done and exchange.keep_alive and exchange.content.received):
             # an answer cut short, or a body still on its way that nobody will read: the
-            # connection is not at a request boundary
-            self.close()
+            # connection is not at a request boundary (or the request asked to close, and
+            # bytes after it were dropped unread: lingering, so no reset destroys the answer)
+            if self._after_close:
+                self._linger()
+            else:
+                self.close()
             return
         self._start_next()
 

@@ -304,6 +304,43 @@ async def test_pipelined_requests_are_answered_in_order(listener: MakeListener) 
     writer.close()
 
 
+async def test_deep_pipelining_by_a_reading_client_is_answered_whole(
+        listener: MakeListener) -> None:
+    # A helper's finding: past 16 requests parsed ahead, reading pauses; the next read held
+    # many whole requests and the start of one more, and all of its bytes were counted as
+    # that last head's (the previous read had ended inside a head): over 64 KiB, 431, reset.
+    rig = await listener()
+    reader, writer = await rig.connect()
+    count = 20000  # 620 KB of requests in one write (reads of 256 KiB end inside a head)
+    writer.write(GET * count)
+    answers = [await read_response(reader) for _ in range(count)]
+    assert [status for status, _, _ in answers] == [200] * count
+    assert rig.sample("equilibrium_http1_rejected_requests_total",
+                      reason="head-too-large") == 0
+    writer.close()
+
+
+@pytest.mark.parametrize("ask_close", [
+    b"GET /a HTTP/1.1\r\nHost: users\r\nConnection: close\r\n\r\n",
+    b"GET /a HTTP/1.0\r\nHost: users\r\n\r\n",
+])
+async def test_bytes_after_a_request_that_asked_to_close_lose_nothing_before_it(
+        listener: MakeListener, ask_close: bytes) -> None:
+    # A helper's finding: any byte after a request asking to close (Connection: close, or
+    # HTTP/1.0) in the same read made llhttp fail, and the connection was cut with no
+    # answer at all, the valid requests before it lost too. They are answered; what follows
+    # the close is not processed (RFC 9112 §9.6).
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(GET + ask_close + GET + b"garbage")
+    first = await read_response(reader)
+    second = await read_response(reader)
+    assert first[0] == 200 and second[0] == 200
+    assert await closed(reader)
+    assert [r.url.path for r in rig.seen] == ["/x", "/a"]
+    assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 0
+
+
 async def test_chunked_request_and_response_bodies(listener: MakeListener) -> None:
     async def stream_back(request: UpstreamRequest) -> MemoryResponse:
         if request.body is None:
