@@ -73,7 +73,7 @@ from sidecar.phases import ProxyPhases
 from sidecar.prober import Prober
 from sidecar.shifts import ShiftLog
 from sidecar.signaling import SidecarSignaling, signaling_settings
-from sidecar.transparent import transparent_outbound
+from sidecar.transparent import PASSTHROUGH_CONNECT_TIMEOUT, transparent_outbound
 from sidecar.upstreams import UpstreamTable
 from wire.redis_store import RedisSignalStore
 from wire.signing import MESH_SECRET_ENV
@@ -164,7 +164,8 @@ class SidecarRunner:
         if config.transparent:
             transparent = transparent_outbound(
                 self.table, TransparentMetrics(self.metrics.registry),
-                connect_timeout=self.profile.connect_timeout,
+                connect_timeout=max(self.profile.connect_timeout,
+                                    PASSTHROUGH_CONNECT_TIMEOUT),
                 drain_timeout=config.drain_timeout,
                 lookup=self.discovery.route if self.discovery is not None else None,
                 fallback=pinned, header_timeout=config.listener.header_timeout,

@@ -56,6 +56,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -79,6 +80,10 @@ log = logging.getLogger(__name__)
 DestinationLookup = Callable[[str, int], tuple[str, str] | None]
 HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")
 SNIFF_BYTES = 8  # "OPTIONS " is the longest method + space
+PASSTHROUGH_CONNECT_TIMEOUT = 10.0
+"""The least a pass-through connection waits to reach its original destination (Envoy's and
+Istio's default connect timeout). Unlike an HTTP request, it has no other endpoint to go to,
+and the app would have waited for its own connect: a lost SYN is resent after 1 s."""
 DEFAULT_SNIFF_TIMEOUT = 0.2
 
 
@@ -475,12 +480,15 @@ class _RelaySide(asyncio.Protocol):
             await loop.create_connection(lambda: upstream, sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
-            reason = (PassthroughFailure.TIMEOUT if isinstance(exc, TimeoutError)
-                      else PassthroughFailure.UNREACHABLE)
+            timeout = isinstance(exc, TimeoutError)
+            reason = PassthroughFailure.TIMEOUT if timeout else PassthroughFailure.UNREACHABLE
             self.site._metrics.passthrough_failures.labels(reason).inc()
-            log.info("pass-through to %s:%d failed: %s", host, port, exc or reason)
+            why = (f"no connection within {self.site._connect_timeout:g} s" if timeout
+                   else exc.strerror or str(exc) or type(exc).__name__)
+            log.info("pass-through to %s:%d failed: %s (%s); the app's connection is reset",
+                     host, port, why, reason)
             self.peer = None
-            self.abort()
+            self.reset()  # what the app would have seen without the sidecar: not a clean end
             return
         except BaseException:
             sock.close()
@@ -548,6 +556,16 @@ class _RelaySide(asyncio.Protocol):
             self.transport.abort()
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.abort()
+
+    def reset(self) -> None:
+        """Cut this side with a TCP reset (SO_LINGER 0), not a FIN: a connection that never
+        reached its destination must not read as one the destination ended cleanly."""
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.abort()
 
 
 def _canonical_ip(host: str) -> str:
