@@ -29,6 +29,7 @@ from mesh.probes import ProbeReport
 DEFAULT_RTT = 0.030  # Linkerd's default RTT estimate for an endpoint never measured (seconds)
 DEFAULT_DECAY = 10.0  # Linkerd's peak-EWMA decay time constant (seconds)
 MAX_LATENCY = 3600.0  # any observation above this is clamped: nothing real takes an hour
+STALL_MIN = 0.05  # seconds without an answer before a stall counts (EndpointStats.censor_stall)
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 
@@ -125,6 +126,7 @@ class EndpointStats:
     ejected_until: float = -math.inf
     ejections: int = 0
     last_outcome_at: float = -math.inf
+    busy_since: float = -math.inf  # when the in-flight count last rose from 0
     # The last verified probe answer, when it came, and this caller's in-flight count then.
     probe: ProbeReport | None = None
     probed_at: float = -math.inf
@@ -146,8 +148,36 @@ class EndpointStats:
         latency = min(latency, MAX_LATENCY)
         return latency if ok else max(latency, self.failure_penalty)
 
-    def start(self) -> None:
+    def start(self, now: float = -math.inf) -> None:
+        if self.in_flight <= 0:
+            self.busy_since = now
         self.in_flight += 1
+
+    def stalled_for(self, now: float) -> float:
+        """How long the endpoint has held requests without answering any: since its last
+        outcome, or since it got its oldest request in flight if later; 0 with nothing in
+        flight. An endpoint that accepts requests and never answers (a hung pod) shows no
+        latency until they time out; this is a lower bound on what each of them costs
+        (they are censored observations, still running), which the policy's tick takes as
+        the endpoint's latency where it says more than the estimate."""
+        if self.in_flight <= 0:
+            return 0.0
+        return max(0.0, now - max(self.busy_since, self.last_outcome_at))
+
+    def censor_stall(self, now: float) -> float:
+        """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer
+        than :data:`STALL_MIN` and twice its latency estimate, the stall counts as one
+        observation of this tick (a lower bound on its pending requests' latency, as a
+        hedge's loser counts: censored), so that regret matching sees a hung pod before its
+        requests time out. Returns the stall (0 when not counted)."""
+        stall = self.stalled_for(now)
+        known = self.latency.value or 0.0
+        if stall <= STALL_MIN or stall <= 2.0 * known:
+            return 0.0
+        stall = min(stall, MAX_LATENCY)
+        self.tick_count += 1
+        self.tick_cost_sum += stall
+        return stall
 
     def finish(self, latency: float, ok: bool, now: float,
                congestion: float | None = None, censored: bool = False,

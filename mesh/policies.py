@@ -110,7 +110,7 @@ class _MeasuredPolicy(ABC):
     def on_start(self, endpoint: str, now: float) -> None:
         stats = self.stats.get(endpoint)
         if stats is not None:
-            stats.start()
+            stats.start(now)
 
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
@@ -155,7 +155,11 @@ class _MeasuredPolicy(ABC):
         taken = [stats[e].take_tick() for e in self.endpoints]
         counts = np.array([n for n, _ in taken], dtype=float)
         means = np.array([m for _, m in taken], dtype=float)
-        estimates = self._tick_estimates = self._estimates()
+        estimates = self._estimates()
+        if estimates.size:  # a hung endpoint: what its pending requests have cost so far
+            stalled = np.array([stats[e].stalled_for(now) for e in self.endpoints])
+            estimates = np.maximum(estimates, stalled)
+        self._tick_estimates = estimates
         weights = self._next_weights(counts, means, estimates, dt, now)
         self._publish(weights)
         if estimates.size:
@@ -353,6 +357,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         return self._hedges.get(endpoint)
 
     def tick(self, now: float) -> None:
+        for e in self.endpoints:  # a hung endpoint's pending requests, as what they cost so far
+            self.stats[e].censor_stall(now)
         super().tick(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
             order = self._pacer.order

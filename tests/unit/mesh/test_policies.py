@@ -218,6 +218,58 @@ def test_a_recommendation_its_own_evidence_contradicts_is_held_back() -> None:
     assert max(healthy) - min(healthy) < 0.05  # the plan's even split among the others
 
 
+def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
+          seconds: float = 20.0, hang_at: float = 10.0) -> list[float]:
+    """Per second after ``hang_at``: the share of requests sent to ``hung``, whose requests
+    from then on are never answered (accepted, no answer, no timeout yet)."""
+    rng = random.Random(1)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick, shares = 0.0, tick, []
+    sent = [0, 0]
+    while now < seconds:
+        e = policy.pick(rng, now)
+        assert e is not None
+        policy.on_start(e, now)
+        stuck = e == hung and now >= hang_at
+        if not stuck:
+            took = latency * (1.0 + 0.3 * rng.random())
+            policy.on_outcome(Outcome(e, took, True, now + took))
+        if now >= hang_at:
+            sent[0] += 1
+            sent[1] += stuck
+        now += 1.0 / rps
+        if now >= next_tick:
+            policy.tick(now)
+            next_tick += tick
+        if now >= hang_at and sent[0] >= rps:
+            shares.append(sent[1] / sent[0])
+            sent = [0, 0]
+    return shares
+
+
+def test_a_hung_pod_loses_its_traffic_before_its_requests_time_out() -> None:
+    """A helper's finding: a pod that accepts requests and never answers kept its whole
+    share until the first timeouts came back (2 s at its sidecar's queue, 15 s at the
+    app): nothing was learned from requests still running. Now a stall (requests held with
+    no answer for over 50 ms and twice the estimate) counts at each tick as a censored
+    observation of what they cost so far: under 10 % in the second second and 3 % from
+    the third on (25 % before, to the end)."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:4], 0.0)
+    shares = _hang(p, hung=ENDPOINTS[1], latency=0.005)
+    assert shares[0] < 0.25
+    assert shares[1] < 0.10 and max(shares[2:]) < 0.03
+
+
+def test_slow_answers_are_no_stall() -> None:
+    # four alike pods answering in 100-130 ms: in flight all the time, never stalled
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:4], 0.0)
+    _hang(p, hung=None, latency=0.1, rps=50, seconds=20.0)
+    weights = list(p.snapshot().weights.values())
+    assert max(weights) - min(weights) < 0.1
+
+
 outcomes = st.lists(
     st.tuples(st.integers(0, 3), st.floats(allow_nan=True, allow_infinity=True),
               st.booleans(), st.one_of(st.none(), st.floats())),
