@@ -12,7 +12,7 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int,
-                                         "overruled": bool}]}},
+                                         "overruled": bool, "usable": bool}]}},
      "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
          "in_flight": int, "congestion": float, "congested": bool,
@@ -122,6 +122,7 @@ def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str
                 "requests": int(view.requests),
                 "failures": int(view.failures),
                 "overruled": bool(view.overruled),
+                "usable": bool(view.usable),
             }
             for view in snapshot.endpoints
         ],
