@@ -328,7 +328,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(MalformedResponse("the upstream switched protocols unasked (101)"))
         except httptools.HttpParserError as exc:
-            self._fail(MalformedResponse(f"malformed response: {exc}"))
+            cause = exc.__context__  # raised in a callback: its own words
+            self._fail(cause if isinstance(cause, MalformedResponse)
+                       else MalformedResponse(f"malformed response: {exc}"))
         if self._head is not None:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
@@ -404,6 +406,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if status < 100:  # no such status (RFC 9110 §15): a broken answer, not an interim one
+            raise MalformedResponse(f"status {status} in the answer's status line")
         if status < 200:  # 100 Continue, 103 Early Hints, ...: the answer is still to come
             self._interim = True
             return

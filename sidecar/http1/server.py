@@ -100,6 +100,18 @@ class TrailersTooLarge(Exception):
     parser's callback, so parsing stops there)."""
 
 
+class HeadRefused(Exception):
+    """A request head the listener refuses with ``status`` and ``reason`` (raised in the
+    parser's callback, so parsing stops there): a second ``Host`` (RFC 9112 §3.2: 400), a
+    version other than HTTP/1.0 and 1.1 (505, as nginx answers HTTP/2.0 or HTTP/0.9 on a
+    line that llhttp reads)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class BrokenBody(ConnectionError):
     """A request body that broke its framing mid-way (a bad chunk size, endless chunk
     extensions or trailers): to its reader, the app gave up on it (a ConnectionError, as
@@ -443,8 +455,12 @@ class H1Connection(asyncio.Protocol):
             self._on_upgrade(data[exc.args[0]:] if exc.args else b"")
             return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, TrailersTooLarge):
+            cause = exc.__context__
+            if isinstance(cause, TrailersTooLarge):
                 self._reject(431, "trailers-too-large")
+                return
+            if isinstance(cause, HeadRefused):
+                self._reject(cause.status, cause.reason)
                 return
             log.exception("HTTP/1.1 connection from %s: parser callback failed", self.remote)
             self._reject(400, "malformed")
@@ -602,7 +618,11 @@ class H1Connection(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method().decode("ascii", "replace")
         version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise HeadRefused(505, "version-not-supported")
         headers = _decode(self._raw_headers)
+        if len(headers.getall("Host", ())) > 1:
+            raise HeadRefused(400, "malformed")
         chunked = "Transfer-Encoding" in headers
         length = headers.get("Content-Length")
         body_exists = chunked or (length is not None and length.strip() != "0")

@@ -582,6 +582,9 @@ async def test_an_answer_finished_after_the_transport_closed_is_not_pooled(
     b"HTTP/1.1 2OO OK\r\n\r\n",
     b"SSH-2.0-OpenSSH_9.2\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    # no such status: at once (it was taken for an interim answer, and the request waited
+    # for its timeout: a helper's finding)
+    b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\nok",
 ])
 async def test_a_malformed_answer_is_a_protocol_error(raw: MakeRaw, transport: H1Transport,
                                                      garbage: bytes) -> None:

@@ -230,7 +230,9 @@ async def test_an_oversized_head_gets_431_whether_sent_at_once_or_in_parts(
     b"POST / HTTP/1.1\r\nHost: users\r\nContent-Length: abc\r\n\r\n",
     b"POST / HTTP/1.1\r\nHost: users\r\nContent-Length: 3\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-], ids=["no-colon", "garbage", "bad-length", "length-and-chunked"])
+    # RFC 9112 §3.2; the first Host won before (a helper's finding), as nginx refuses it
+    b"GET / HTTP/1.1\r\nHost: users\r\nHost: other\r\n\r\n",
+], ids=["no-colon", "garbage", "bad-length", "length-and-chunked", "two-hosts"])
 async def test_a_malformed_request_gets_400_with_its_reason_and_is_counted(
     listener: MakeListener, request_bytes: bytes,
 ) -> None:
@@ -242,6 +244,24 @@ async def test_a_malformed_request_gets_400_with_its_reason_and_is_counted(
     assert json.loads(body) == {"error": "Bad Request", "reason": "malformed"}
     assert await closed(reader)
     assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
+    assert rig.seen == []
+    writer.close()
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_a_version_other_than_1_0_and_1_1_gets_505(
+    listener: MakeListener, version: bytes,
+) -> None:
+    # llhttp reads these lines; they were served as HTTP/1.1 (a helper's finding)
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(b"GET / " + version + b"\r\nHost: users\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 505
+    assert json.loads(body)["reason"] == "version-not-supported"
+    assert await closed(reader)
+    assert rig.sample("equilibrium_http1_rejected_requests_total",
+                      reason="version-not-supported") == 1
     assert rig.seen == []
     writer.close()
 
