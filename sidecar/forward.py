@@ -3,11 +3,11 @@
 Owns what a proxy must change on the way through (RFC 9110 §7.6): hop-by-hop headers are
 removed (§7.6.1: ``Connection`` and every header it names, ``Keep-Alive``,
 ``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, and the
-proxy-auth pair meant for this hop), ``Via`` is appended (§7.6.3), ``X-Forwarded-For`` /
-``X-Forwarded-Proto`` are appended; every other end-to-end header (``traceparent``,
-``Content-Encoding``, cookies, …) passes untouched and in order. Game headers (``X-GT-*``)
-are never passed between the app and the network unvalidated: the functions here strip them
-and report what they stripped; the caller counts it.
+proxy-auth pair meant for this hop), ``Via`` (§7.6.3) and ``X-Forwarded-For`` are appended,
+``X-Forwarded-Proto`` is set (kept as the first proxy set it); every other end-to-end header
+(``traceparent``, ``Content-Encoding``, cookies, …) passes untouched and in order. Game
+headers (``X-GT-*``) are never passed between the app and the network unvalidated: the
+functions here strip them and report what they stripped; the caller counts it.
 
 An answer is relayed chunk by chunk (:func:`relay_answer`), each chunk pushing the request's
 watchdog, so memory stays bounded by the socket buffers whatever the body size, and no read
@@ -193,8 +193,11 @@ def request_headers_to_upstream(
     if client_ip:
         xff = taken.get("x-forwarded-for")
         add("X-Forwarded-For", ", ".join([*xff, client_ip]) if xff else client_ip)
+    # the scheme the original client used, as the first proxy set it (a list of schemes
+    # reads differently to every framework); this hop's when none did, as Envoy does for a
+    # trusted (internal) source
     xfp = taken.get("x-forwarded-proto")
-    add("X-Forwarded-Proto", ", ".join([*xfp, proto]) if xfp else proto)
+    add("X-Forwarded-Proto", xfp[0].split(",")[0].strip() or proto if xfp else proto)
     return out, stripped
 
 

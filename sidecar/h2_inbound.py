@@ -216,14 +216,16 @@ class _Call:
 
     def app_headers(self) -> Headers:
         """The caller's request as the app gets it: ``X-GT-*`` stripped, Via and
-        X-Forwarded-For/-Proto added (several fields of one name are one list in HTTP/2)."""
+        X-Forwarded-For added (several fields of one name are one list in HTTP/2), and
+        X-Forwarded-Proto when no earlier hop set it."""
         stream = self.stream
         out: Headers = [(name, value) for name, value in stream.request
                         if not is_gt_header(name.decode("latin-1"))]
         out.append((b"via", self.owner.via))
         if (host := stream.peer_host()) is not None:
             out.append((b"x-forwarded-for", host.encode("latin-1")))
-        out.append((b"x-forwarded-proto", b"http"))
+        if not any(name == b"x-forwarded-proto" for name, _ in out):  # kept as first set
+            out.append((b"x-forwarded-proto", b"http"))
         return out
 
     def _stripped(self, headers: Headers, source: HeaderDrop) -> Headers:

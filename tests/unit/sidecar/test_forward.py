@@ -57,6 +57,16 @@ def test_forwarded_headers_merge_existing_lines() -> None:
     assert stripped == []
 
 
+def test_x_forwarded_proto_keeps_the_scheme_the_first_proxy_set() -> None:
+    # it was appended to ("https, http"), which frameworks read differently (a helper's
+    # finding): kept as the first hop set it, as Envoy does for a trusted source
+    for sent, expected in (("https", "https"), ("https, http", "https"), (None, "http")):
+        headers = frozen(*([("X-Forwarded-Proto", sent)] if sent else []))
+        out, _ = request_headers_to_upstream(headers, client_ip="127.0.0.1", proto="http",
+                                             via="1.1 me")
+        assert out.getall("X-Forwarded-Proto") == [expected]
+
+
 def test_response_game_headers_are_consumed_with_their_values() -> None:
     out, game = response_headers_to_app(
         frozen(("X-GT-Congestion", "v=1;level=0.5"), ("ETag", '"x"')), via="1.1 me"
