@@ -531,7 +531,8 @@ class H2Metrics:
             "equilibrium_http1_rejected_requests",
             "HTTP/1.1 requests the outbound listener refused before routing, closing the "
             "connection, by reason (malformed: 400; head-too-large, trailers-too-large: 431; "
-            "connect-not-supported: 501; version-not-supported: 505)",
+            "connect-not-supported, transfer-coding-not-supported: 501; "
+            "version-not-supported: 505)",
             ["reason"], registry=registry,
         )
         self.flood_goaways = Counter(
@@ -588,7 +589,8 @@ class InboundListenerMetrics(H2Metrics):
         self.http1_rejected = Counter(
             "http1_rejected_requests", "HTTP/1.1 requests the inbound listener refused before "
             "policing, closing the connection, by reason (malformed: 400; head-too-large, "
-            "trailers-too-large: 431; connect-not-supported: 501; version-not-supported: 505)",
+            "trailers-too-large: 431; connect-not-supported, transfer-coding-not-supported: 501; "
+            "version-not-supported: 505)",
             ["reason"], **scope)
         self.accept_errors = Counter(
             "accept_errors", "accept() failures for lack of file descriptors or memory (any "

@@ -44,6 +44,11 @@ MAX_HEAD = 64 * 1024
 KEEPALIVE_MARGIN = 1.0
 
 
+def _codings(value: bytes) -> list[bytes]:
+    """A Transfer-Encoding value's codings, lower-cased (RFC 9112 §6.1)."""
+    return [c.strip().lower() for c in value.split(b",") if c.strip()]
+
+
 class MalformedResponse(TransportError):
     """The upstream's bytes are not an HTTP/1.1 answer (or an answer nobody asked for)."""
 
@@ -415,6 +420,11 @@ class UpstreamConnection(asyncio.Protocol):
         head = self._head
         if head is None or head.done():  # an answer after the caller gave up on this one
             raise MalformedResponse("an answer nobody waits for")
+        for name, value in self._fields:
+            if name.lower() == b"transfer-encoding" and _codings(value) != [b"chunked"]:
+                # the body would be relayed re-chunked without its other coding: corrupt
+                raise MalformedResponse(
+                    f"transfer coding {value.decode('latin-1')!r} is not relayed")
         self._head = None
         fields = self._fields
         response = H1Response(self, status, self._reason.decode("latin-1") or None, fields)

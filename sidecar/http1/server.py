@@ -104,7 +104,7 @@ class HeadRefused(Exception):
     """A request head the listener refuses with ``status`` and ``reason`` (raised in the
     parser's callback, so parsing stops there): a second ``Host`` (RFC 9112 §3.2: 400), a
     version other than HTTP/1.0 and 1.1 (505, as nginx answers HTTP/2.0 or HTTP/0.9 on a
-    line that llhttp reads)."""
+    line that llhttp reads), a transfer coding other than ``chunked`` (501)."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -623,6 +623,11 @@ class H1Connection(asyncio.Protocol):
         headers = _decode(self._raw_headers)
         if len(headers.getall("Host", ())) > 1:
             raise HeadRefused(400, "malformed")
+        if (coding := headers.get("Transfer-Encoding")) is not None \
+                and coding.strip().lower() != "chunked":
+            # another coding (gzip, chunked) would reach the upstream re-chunked without it:
+            # refused, as nginx does
+            raise HeadRefused(501, "transfer-coding-not-supported")
         chunked = "Transfer-Encoding" in headers
         length = headers.get("Content-Length")
         body_exists = chunked or (length is not None and length.strip() != "0")

@@ -585,6 +585,8 @@ async def test_an_answer_finished_after_the_transport_closed_is_not_pooled(
     # no such status: at once (it was taken for an interim answer, and the request waited
     # for its timeout: a helper's finding)
     b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\nok",
+    # a coding besides chunked: relayed re-chunked without it, the body was corrupt
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
 ])
 async def test_a_malformed_answer_is_a_protocol_error(raw: MakeRaw, transport: H1Transport,
                                                      garbage: bytes) -> None:

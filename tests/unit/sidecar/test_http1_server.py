@@ -248,6 +248,19 @@ async def test_a_malformed_request_gets_400_with_its_reason_and_is_counted(
     writer.close()
 
 
+async def test_a_transfer_coding_besides_chunked_is_refused_501(
+        listener: MakeListener) -> None:
+    # "gzip, chunked" reached the upstream re-chunked without its gzip (a helper's finding)
+    rig = await listener()
+    reader, writer = await rig.connect()
+    writer.write(b"POST / HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                 b"2\r\nzz\r\n0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 501 and json.loads(body)["reason"] == "transfer-coding-not-supported"
+    assert rig.seen == []
+    writer.close()
+
+
 @pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
 async def test_a_version_other_than_1_0_and_1_1_gets_505(
     listener: MakeListener, version: bytes,
