@@ -514,7 +514,15 @@ class OutboundProxy:
                                                       head[1])
                         ctx.extra[UNSENT] = unsent_attempts(ctx) + 1  # the app never saw it
                         if upload is not None:
-                            replay = await upload.whole_for_replay()
+                            try:
+                                replay = await upload.whole_for_replay()
+                            except asyncio.CancelledError:
+                                if not watchdog.took_back():
+                                    raise
+                                # the app stalled the rest of its body: as on a first attempt
+                                return self._error(ctx, 408, ErrorReason.UPLOAD_TIMEOUT,
+                                                   "the request body stalled: nothing came "
+                                                   f"for {self.profile.request_timeout:g} s")
                             if replay is None:
                                 break  # too large to keep, or broken: the refusal it is
                         continue

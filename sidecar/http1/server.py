@@ -189,11 +189,14 @@ class RequestBody:
                 return b""
             if self._exc is not None:
                 raise self._exc
-            self._waiter = self._conn.loop.create_future()
+            waiter = self._waiter = self._conn.loop.create_future()
             try:
-                await self._waiter
+                await waiter
             finally:
-                self._waiter = None
+                # only its own: a reader cancelled here (an upload writer stopped for a
+                # replay) must not take away the waiter of the one reading after it
+                if self._waiter is waiter:
+                    self._waiter = None
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()

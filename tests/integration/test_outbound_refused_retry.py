@@ -152,8 +152,11 @@ async def test_an_app_down_behind_a_live_sidecar_loses_no_post(tmp_path: Path) -
     a_url = f"http://{LOOPBACK}:{port}"
     procs: list[SidecarProcess] = []
     try:
+        # A's sidecar buffers at most 500 bytes of a body before it sends it on, so it
+        # refuses a longer one while the app is still sending it
+        config = write_config(tmp_path / "a.json", {"upload_buffer": 500})
         procs = list(await asyncio.gather(
-            async_start_sidecar({}, sidecar_id="a-in", env=KEY_ENV,
+            async_start_sidecar({}, sidecar_id="a-in", env=KEY_ENV, config_file=config,
                                 extra_args=["--inbound", f"{LOOPBACK}:{port}",
                                             "--app", dead_app]),
             async_start_sidecar({"svc": [a_url, fast.url]}, sidecar_id="two", env=KEY_ENV)))
@@ -170,9 +173,26 @@ async def test_an_app_down_behind_a_live_sidecar_loses_no_post(tmp_path: Path) -
             small = await asyncio.gather(*(post(i, 1000) for i in range(20)))
             assert small == [200] * 20
             assert served(fast, "POST") == 20
+
+            # the review's finding: a body still arriving when A refused it hung the replay
+            # until the request timed out (the stopped upload took the replay's wake-up)
+            async def halves(i: int) -> int:
+                reader, writer = await asyncio.open_connection(LOOPBACK, two.outbound_port)
+                writer.write(b"POST /r%d HTTP/1.1\r\nHost: svc\r\nContent-Length: 2000\r\n"
+                             b"Connection: close\r\n\r\n" % (200 + i) + b"h" * 1000)
+                await asyncio.sleep(0.3)
+                writer.write(b"h" * 1000)
+                async with asyncio.timeout(5):
+                    answer = await reader.read()
+                writer.close()
+                assert answer.endswith(b"\r\n\r\n2000"), answer[-200:]
+                return int(answer.split(b" ", 2)[1])
+
+            assert await asyncio.gather(*(halves(i) for i in range(6))) == [200] * 6
+            assert served(fast, "POST") == 26
             big = await asyncio.gather(*(post(100 + i, 100_000) for i in range(10)))
         assert set(big) <= {200, 503}
-        assert served(fast, "POST") == 20 + big.count(200)  # none sent twice
+        assert served(fast, "POST") == 26 + big.count(200)  # none sent twice
         assert await asyncio.to_thread(
             two.metric, "equilibrium_upstream_refused_total", upstream="svc",
             reason="app-unreachable") > 0

@@ -22,7 +22,7 @@ from aiohttp import web
 from mesh.profiles import get_profile
 from sidecar.h2_site import OutboundSite
 from sidecar.http1.client_connection import RequestBodyFailed
-from sidecar.http1.server import BODY_HIGH_WATER, BrokenBody, H1Limits
+from sidecar.http1.server import BODY_HIGH_WATER, BrokenBody, H1Limits, RequestBody
 from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
@@ -335,6 +335,38 @@ async def test_pipelined_requests_are_answered_in_order(listener: MakeListener) 
     bodies = [(await read_response(reader))[2] for _ in range(3)]
     assert bodies == [b"0", b"1", b"2"]
     writer.close()
+
+
+class _Conn:
+    """What a request body asks of its connection."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def send_continue(self) -> None:
+        pass
+
+    def body_consumed(self) -> None:
+        pass
+
+
+async def test_a_reader_cancelled_while_waiting_leaves_the_next_one_its_wake_up() -> None:
+    # The review's finding: an upload writer stopped (cancelled) while it waited for the
+    # app's body, just as the replay of a refused request began reading the same body,
+    # cleared the replay's waiter on its way out; the rest of the body woke nobody, and the
+    # request hung until its timeout, unanswered.
+    body = RequestBody(_Conn(), False)  # type: ignore[arg-type]
+    writer = asyncio.create_task(body.readany())
+    await asyncio.sleep(0)
+
+    async def replay() -> bytes:
+        writer.cancel()
+        return await body.readany()
+
+    reading = asyncio.create_task(replay())
+    await asyncio.sleep(0.01)
+    body.feed(b"rest")
+    assert await asyncio.wait_for(reading, 1) == b"rest"
 
 
 async def test_deep_pipelining_by_a_reading_client_is_answered_whole(
