@@ -126,7 +126,11 @@ class EndpointStats:
     ejected_until: float = -math.inf
     ejections: int = 0
     last_outcome_at: float = -math.inf
-    busy_since: float = -math.inf  # when the in-flight count last rose from 0
+    # requests sent here since its last outcome, and when the second of them was sent
+    # (inf: fewer than two since)
+    sent_since_outcome: int = 0
+    waiting_since: float = math.inf
+    stall_counted: float = 0.0  # the stall censor_stall counted at this tick (0: none)
     # The last verified probe answer, when it came, and this caller's in-flight count then.
     probe: ProbeReport | None = None
     probed_at: float = -math.inf
@@ -149,20 +153,22 @@ class EndpointStats:
         return latency if ok else max(latency, self.failure_penalty)
 
     def start(self, now: float = -math.inf) -> None:
-        if self.in_flight <= 0:
-            self.busy_since = now
+        self.sent_since_outcome += 1
+        if self.sent_since_outcome == 2:
+            self.waiting_since = now
         self.in_flight += 1
 
     def stalled_for(self, now: float) -> float:
-        """How long the endpoint has held requests without answering any: since its last
-        outcome, or since it got its oldest request in flight if later; 0 with nothing in
-        flight. An endpoint that accepts requests and never answers (a hung pod) shows no
-        latency until they time out; this is a lower bound on what each of them costs
-        (they are censored observations, still running), which the policy's tick takes as
-        the endpoint's latency where it says more than the estimate."""
-        if self.in_flight <= 0:
+        """How long the endpoint has left unanswered two requests sent to it since its last
+        outcome: the age of the second of them; 0 with fewer. An endpoint that accepts
+        requests and never answers (a hung pod) shows no latency until they time out; this
+        is a lower bound on what they cost (censored observations, still running), which the
+        policy's tick takes as the endpoint's latency where it says more than the estimate.
+        One request alone is no stall, however long (a long poll, a stream: nothing tells it
+        from a hang), and neither is a request sent before the last outcome."""
+        if self.in_flight <= 0 or self.waiting_since == math.inf:
             return 0.0
-        return max(0.0, now - max(self.busy_since, self.last_outcome_at))
+        return max(0.0, now - self.waiting_since)
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer
@@ -173,8 +179,9 @@ class EndpointStats:
         stall = self.stalled_for(now)
         known = self.latency.value or 0.0
         if stall <= STALL_MIN or stall <= 2.0 * known:
+            self.stall_counted = 0.0
             return 0.0
-        stall = min(stall, MAX_LATENCY)
+        stall = self.stall_counted = min(stall, MAX_LATENCY)
         self.tick_count += 1
         self.tick_cost_sum += stall
         return stall
@@ -191,6 +198,8 @@ class EndpointStats:
         ``void``: the attempt says nothing about the endpoint (:class:`mesh.policy.Outcome`):
         it only leaves the in-flight count, and nothing is charged."""
         self.in_flight = max(0, self.in_flight - 1)
+        if self.in_flight == 0:
+            self.sent_since_outcome, self.waiting_since = 0, math.inf
         if void:
             return 0.0
         cost = self.charged_latency(latency, ok)
@@ -211,6 +220,8 @@ class EndpointStats:
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)
+        # it answers: only what is sent from now on can stall
+        self.sent_since_outcome, self.waiting_since = 0, math.inf
         if congestion is not None and math.isfinite(congestion):
             self.congestion = 0.5 * self.congestion + 0.5 * min(1.0, max(0.0, congestion))
         self.tick_count += 1

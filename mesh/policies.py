@@ -156,8 +156,8 @@ class _MeasuredPolicy(ABC):
         counts = np.array([n for n, _ in taken], dtype=float)
         means = np.array([m for _, m in taken], dtype=float)
         estimates = self._estimates()
-        if estimates.size:  # a hung endpoint: what its pending requests have cost so far
-            stalled = np.array([stats[e].stalled_for(now) for e in self.endpoints])
+        if estimates.size:  # a hung endpoint: what its stall cost so far (censor_stall)
+            stalled = np.array([stats[e].stall_counted for e in self.endpoints])
             estimates = np.maximum(estimates, stalled)
         self._tick_estimates = estimates
         weights = self._next_weights(counts, means, estimates, dt, now)

@@ -261,6 +261,36 @@ def test_a_hung_pod_loses_its_traffic_before_its_requests_time_out() -> None:
     assert shares[1] < 0.10 and max(shares[2:]) < 0.03
 
 
+@pytest.mark.parametrize("rps", [2, 10, 50])
+def test_one_long_request_beside_answered_ones_is_no_stall(rps: int) -> None:
+    """The review's finding: with one long request in flight at a pod (a long poll, a
+    stream), the gaps between its other answers counted as a stall at low rates, and the
+    healthy pod was starved for as long as the long request lasted (0–4 % of 25 %). Only
+    what was sent since the pod's last answer can stall."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:4], 0.0)
+    rng = random.Random(3)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick = 0.0, tick
+    counts = dict.fromkeys(ENDPOINTS[:4], 0)
+    long_started = False
+    while now < 40.0:
+        if not long_started and now >= 5.0:
+            p.on_start(ENDPOINTS[1], now)  # answered 20 s later
+            long_started = True
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        p.on_outcome(Outcome(e, 0.02, True, now + 0.02))
+        if 8.0 <= now < 25.0:
+            counts[e] += 1
+        now += 1.0 / rps
+        if now >= next_tick:
+            p.tick(now)
+            next_tick += tick
+    assert counts[ENDPOINTS[1]] / sum(counts.values()) > 0.15
+
+
 def test_slow_answers_are_no_stall() -> None:
     # four alike pods answering in 100-130 ms: in flight all the time, never stalled
     p = make_policy("equilibrium", get_profile("balanced"))
