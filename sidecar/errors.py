@@ -108,3 +108,11 @@ UNREACHED = frozenset({ErrorReason.CONNECT_ERROR, ErrorReason.CONNECT_TIMEOUT})
 """Failures to reach an upstream (or the app) after which it cannot have seen the request.
 The inbound listener answers them with a signed refusal (``app-unreachable``), which the
 caller's sidecar may send to another endpoint."""
+
+
+class BrokenBody(ConnectionError):
+    """A request body that broke its framing mid-way (a bad chunk size, endless chunk
+    extensions or trailers): to its reader, the app gave up on it (a ConnectionError, as
+    when it hangs up), though it may still read an answer. (Here, not in the compiled
+    :mod:`sidecar.http1.server` that raises it: mypyc cannot compile a subclass of a
+    built-in exception other than ``Exception``.)"""

@@ -64,6 +64,7 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.errors import BrokenBody
 from sidecar.exchange import Answer
 from sidecar.http1.trailers import last_chunk
 from sidecar.metrics import H2Metrics
@@ -110,12 +111,6 @@ class HeadRefused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-class BrokenBody(ConnectionError):
-    """A request body that broke its framing mid-way (a bad chunk size, endless chunk
-    extensions or trailers): to its reader, the app gave up on it (a ConnectionError, as
-    when it hangs up), though it may still read an answer."""
 
 
 class Framing(enum.Enum):

@@ -22,7 +22,13 @@ from aiohttp import web
 from mesh.profiles import get_profile
 from sidecar.h2_site import OutboundSite
 from sidecar.http1.client_connection import RequestBodyFailed
-from sidecar.http1.server import BODY_HIGH_WATER, BrokenBody, H1Limits, RequestBody
+from sidecar.http1.server import (
+    BODY_HIGH_WATER,
+    BrokenBody,
+    H1Connection,
+    H1Limits,
+    RequestBody,
+)
 from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
@@ -337,25 +343,15 @@ async def test_pipelined_requests_are_answered_in_order(listener: MakeListener) 
     writer.close()
 
 
-class _Conn:
-    """What a request body asks of its connection."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-
-    def send_continue(self) -> None:
-        pass
-
-    def body_consumed(self) -> None:
-        pass
-
-
 async def test_a_reader_cancelled_while_waiting_leaves_the_next_one_its_wake_up() -> None:
     # The review's finding: an upload writer stopped (cancelled) while it waited for the
     # app's body, just as the replay of a refused request began reading the same body,
     # cleared the replay's waiter on its way out; the rest of the body woke nobody, and the
     # request hung until its timeout, unanswered.
-    body = RequestBody(_Conn(), False)  # type: ignore[arg-type]
+    async def unused(exchange: object) -> None:
+        raise AssertionError("no request here")
+
+    body = RequestBody(H1Connection(unused), False)  # a connection never connected
     writer = asyncio.create_task(body.readany())
     await asyncio.sleep(0)
 
