@@ -318,6 +318,9 @@ class H2Connection(asyncio.Protocol):
         if data and not self.ending:
             assert self.transport is not None
             self.transport.write(data)
+        if self.engine == "nghttp2":  # streams the library closed while it sent (see
+            for event in self.conn.take_events():  # NgConnection.take_events)
+                self.dispatch(event)
 
     def peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None

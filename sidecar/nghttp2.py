@@ -41,7 +41,7 @@ import itertools
 import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import h2.errors
 import h2.events
@@ -72,6 +72,7 @@ SETTINGS_MAX_FRAME_SIZE = 0x5
 SETTINGS_ENABLE_PUSH = 0x2
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 SETTINGS_INITIAL_WINDOW = 0x4
+MAX_SEND_HEADER_BLOCK = 1024 * 1024  # as h2's decoding limit (h2_connection.HEADER_LIST_HARD_LIMIT)
 
 _vp, _sz, _i32, _u32, _u8 = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_uint32,
                              ctypes.c_uint8)
@@ -174,6 +175,7 @@ def _load() -> Any:
         "nghttp2_option_set_peer_max_concurrent_streams": (None, [_vp, _u32]),
         "nghttp2_option_set_no_closed_streams": (None, [_vp, ctypes.c_int]),
         "nghttp2_option_set_user_recv_extension_type": (None, [_vp, _u8]),
+        "nghttp2_option_set_max_send_header_block_length": (None, [_vp, _sz]),
         "nghttp2_session_client_new2": (ctypes.c_int, [pp, _vp, _vp, _vp]),
         "nghttp2_session_server_new2": (ctypes.c_int, [pp, _vp, _vp, _vp]),
         "nghttp2_session_del": (None, [_vp]),
@@ -238,6 +240,10 @@ def _option(lib: Any) -> int:
         lib.nghttp2_option_set_no_auto_window_update(option, 1)
         lib.nghttp2_option_set_peer_max_concurrent_streams(option, 100)
         lib.nghttp2_option_set_no_closed_streams(option, 1)
+        # a header block the sidecar accepted (up to its list limit) plus the fields it adds
+        # goes out in CONTINUATION frames, as with h2: the library's default refuses to
+        # send more than 64 KiB and drops the stream's frames
+        lib.nghttp2_option_set_max_send_header_block_length(option, MAX_SEND_HEADER_BLOCK)
         for kind in range(CONTINUATION + 1, 256):
             lib.nghttp2_option_set_user_recv_extension_type(option, kind)
         _OPTION = int(option.value or 0)
@@ -319,6 +325,17 @@ class _RemoteSettings:
         m = self._machine
         return int(m._lib.nghttp2_session_get_remote_settings(m._session,
                                                                SETTINGS_MAX_FRAME_SIZE))
+
+
+def _goaway_code(data: bytes) -> int | None:
+    """The error code of the last GOAWAY among the frames of ``data``, if any."""
+    i, code = 0, None
+    while i + 9 <= len(data):
+        length = int.from_bytes(data[i:i + 3], "big")
+        if data[i + 3] == GOAWAY and length >= 8:
+            code = int.from_bytes(data[i + 13:i + 17], "big")
+        i += 9 + length
+    return code
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
@@ -458,8 +475,9 @@ class NgConnection:
     # ------------------------------------------------------------ receiving
 
     def receive_data(self, data: bytes) -> list[h2.events.Event]:
+        """The events of ``data``, after those that sending raised since the last read
+        (:meth:`take_events`: a stream the library closed while sending)."""
         lib = self._lib
-        self._events = events = cast(list[h2.events.Event], [])
         self._opened_now.clear()
         if self._our_ack_due:
             data = self._take_our_ack(data)
@@ -469,22 +487,36 @@ class NgConnection:
             raise error
         if rv < 0:
             if self.flooded:
-                return events  # the owner ends the connection
+                return self.take_events()  # the owner ends the connection
             if rv == ERR_BAD_CLIENT_MAGIC:
                 raise h2.exceptions.ProtocolError("invalid HTTP/2 preface")
             raise h2.exceptions.ProtocolError(self.error_message or self._strerror(rv))
         # What the library sends in answer (SETTINGS and PING acknowledgements, a GOAWAY
-        # after a connection error) is taken now: a connection error shows only as the
-        # library wanting no more to read once its GOAWAY is out.
-        self._pending += self._mem_send()
-        if self._resets_read:
-            self._resets_read = False
-            if not self.goaway_sent and (code := self._goaway_code()) is not None:
+        # after a connection error) is taken now: the library says nothing else of a
+        # connection error than the GOAWAY it queues for it.
+        sent = self._mem_send()
+        self._pending += sent
+        resets, self._resets_read = self._resets_read, False
+        code = _goaway_code(sent) if sent else None
+        if code:  # a GOAWAY with an error, from the library (ours are flushed when made)
+            wants = lib.nghttp2_session_want_read(self._session)
+            if resets and code == h2.errors.ErrorCodes.INTERNAL_ERROR \
+                    and (wants or not self._known):
+                # its own limit on resets: graceful, the calls in flight go on
                 self.goaway_sent = True
                 self.library_goaway = code
-        if not (self.goaway_sent or self.goaway_received) \
+            else:  # a connection error: the session is over, whatever GOAWAY came before
+                raise h2.exceptions.ProtocolError(self._ended_why(code))
+        elif not (self.goaway_sent or self.goaway_received) \
                 and not lib.nghttp2_session_want_read(self._session):
-            raise h2.exceptions.ProtocolError(self._ended_why())
+            raise h2.exceptions.ProtocolError(self._ended_why(None))
+        return self.take_events()
+
+    def take_events(self) -> list[h2.events.Event]:
+        """The events raised since they were last taken. Reading returns them; the owner
+        also takes them after sending, where the library may close a stream (a header block
+        it cannot send, a provider that failed), so that the stream's reader hears of it."""
+        events, self._events = self._events, []
         return events
 
     def _take_our_ack(self, data: bytes) -> bytes:
@@ -520,19 +552,8 @@ class NgConnection:
             self._scan_skip = length
         return b"".join(out)
 
-    def _goaway_code(self) -> int | None:
-        """The error code of the GOAWAY among the frames the library just queued, if any."""
-        data, i = self._pending, 0
-        while i + 9 <= len(data):
-            length = int.from_bytes(data[i:i + 3], "big")
-            if data[i + 3] == GOAWAY and length >= 8:
-                return int.from_bytes(data[i + 13:i + 17], "big")
-            i += 9 + length
-        return None
-
-    def _ended_why(self) -> str:
-        """Why the library ended the connection, from the GOAWAY it queued."""
-        code = self._goaway_code()
+    def _ended_why(self, code: int | None) -> str:
+        """Why the library ended the connection, from the GOAWAY it queued (``code``)."""
         if code is None:
             return self.error_message or "the HTTP/2 engine ended the connection"
         try:
@@ -557,8 +578,6 @@ class NgConnection:
         if head.cat == HCAT_REQUEST and not self.client_side:
             if len(self._open_inbound) >= self._max_inbound:
                 self.over_limit.add(sid)  # the owner refuses it (REFUSED_STREAM)
-            elif self.stream_opened is not None:
-                self.stream_opened()
             self._open_inbound.add(sid)
         return 0
 
@@ -632,6 +651,10 @@ class NgConnection:
             event = h2.events.RequestReceived(stream_id=sid, headers=fields)
             self._known.add(sid)
             self._opened_now.add(sid)
+            # a request the library accepted, within the limit, earns its frames' allowance
+            # (not a malformed one, which the library resets by itself: free to the peer)
+            if sid not in self.over_limit and self.stream_opened is not None:
+                self.stream_opened()
         elif self.client_side and sid not in self._answered:
             status = next((value for name, value in fields if name == b":status"), b"")
             if status[:1] == b"1":
@@ -669,9 +692,14 @@ class NgConnection:
 
     def _on_stream_close(self, sid: int, code: int) -> int:
         self._open_inbound.discard(sid)
+        self.over_limit.discard(sid)
         self._answered.discard(sid)
         self._heads.pop(sid, None)
-        self._chunks.pop(sid, None)
+        chunks = self._chunks.pop(sid, None)
+        if chunks:  # a DATA frame cut off by the close: never handed on, its credit back
+            size = sum(len(c) for c in chunks)
+            self._received -= size
+            self._lib.nghttp2_session_consume_connection(self._session, size)
         self._drop(sid)
         if sid in self._known:
             self._known.discard(sid)

@@ -300,3 +300,110 @@ def test_an_unknown_engine_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(nghttp2.ENGINE_VARIABLE, "quic")
     with pytest.raises(ValueError, match="EQUILIBRIUM_H2_ENGINE='quic': choose one of auto"):
         nghttp2.engine()
+
+
+# ---------------------------------------------------------------- the review's findings
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (len(payload).to_bytes(3, "big") + bytes((kind, flags))
+            + stream_id.to_bytes(4, "big") + payload)
+
+
+def test_a_data_frame_cut_off_by_a_reset_gives_its_credit_back() -> None:
+    # Half a DATA frame read, the stream reset, the rest read: the half handed to nobody
+    # kept its connection credit, and about a thousand such cancellations stalled every
+    # stream of the connection for good.
+    pair = Pair(ng_client=False)
+    ng, peer = pair.ng, pair.peer
+    for _ in range(30):
+        sid = peer.get_next_available_stream_id()
+        peer.send_headers(sid, REQUEST)
+        pair.pump()
+        peer.send_data(sid, b"x" * min(16000, peer.local_flow_control_window(sid)))
+        wire = peer.data_to_send()
+        events = ng.receive_data(wire[:len(wire) // 2])
+        ng.reset_stream(sid, ErrorCodes.CANCEL)
+        peer.receive_data(ng.data_to_send())
+        events += ng.receive_data(wire[len(wire) // 2:])
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                ng.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        pair.pump()
+    assert ng.unacknowledged() == 0
+    # given back in bulk (a WINDOW_UPDATE once half the window is used): never drained
+    assert peer.outbound_flow_control_window >= 16_000
+
+
+def test_a_connection_error_after_a_graceful_goaway_still_ends_the_connection() -> None:
+    pair = Pair(ng_client=False)
+    ng, peer = pair.ng, pair.peer
+    sid = peer.get_next_available_stream_id()
+    peer.send_headers(sid, REQUEST)
+    pair.pump()
+    ng.close_connection(0, last_stream_id=sid)  # draining: the call in flight goes on
+    pair.pump()
+    with pytest.raises(h2.exceptions.ProtocolError, match="PROTOCOL_ERROR"):
+        ng.receive_data(_frame(0x0, 0, 0, b"x"))  # DATA on stream 0
+
+
+def test_a_connection_error_in_a_read_with_resets_is_not_the_reset_limit() -> None:
+    pair = Pair(ng_client=False)
+    ng, peer = pair.ng, pair.peer
+    first, second = (peer.get_next_available_stream_id(), None)
+    peer.send_headers(first, REQUEST)
+    second = peer.get_next_available_stream_id()
+    peer.send_headers(second, REQUEST)
+    pair.pump()
+    with pytest.raises(h2.exceptions.ProtocolError, match="PROTOCOL_ERROR"):
+        ng.receive_data(_frame(0x3, 0, first, (8).to_bytes(4, "big"))
+                        + _frame(0x0, 0, 0, b"x"))
+    assert ng.library_goaway is None
+
+
+def test_a_malformed_request_earns_no_allowance() -> None:
+    # the library resets a malformed request by itself (free to the peer): it must not earn
+    # the PRIORITY and WINDOW_UPDATE frames a served stream earns
+    pair = Pair(ng_client=False)
+    ng, peer = pair.ng, pair.peer
+    opened: list[int] = []
+    ng.stream_opened = lambda: opened.append(1)
+    peer.config.validate_outbound_headers = False
+    peer.config.normalize_outbound_headers = False
+    for _ in range(5):
+        peer.send_headers(peer.get_next_available_stream_id(), [*REQUEST, (b"Bad", b"x")],
+                          end_stream=True)
+    peer.send_headers(peer.get_next_available_stream_id(), REQUEST, end_stream=True)
+    pair.pump()
+    assert len(opened) == 1
+
+
+def test_a_header_block_over_64_kib_that_was_accepted_goes_out() -> None:
+    # the library refused to send blocks over 64 KiB and dropped the stream's frames
+    # silently: a request at the list limit plus the sidecar's own fields never left
+    pair = Pair(ng_client=True)
+    ng = pair.ng
+    pair.peer.decoder.max_header_list_size = 1 << 20  # (the sidecar's own h2 decodes as much)
+    sid = ng.get_next_available_stream_id()
+    big = [*REQUEST, (b"x-big-1", b"b" * 40_000), (b"x-big-2", b"b" * 26_000),
+           (b"via", b"1.1 sidecar")]
+    ng.send_headers(sid, big, end_stream=True)
+    pair.pump()
+    [request] = pair.of(pair.peer_events, h2.events.RequestReceived)
+    assert dict(request.headers)[b"x-big-2"] == b"b" * 26_000
+
+
+def test_streams_refused_past_the_limit_are_forgotten_when_they_close() -> None:
+    pair = Pair(ng_client=False, max_streams=1)
+    ng, peer = pair.ng, pair.peer
+    peer.__class__ = _Greedy
+    held = peer.get_next_available_stream_id()
+    peer.send_headers(held, REQUEST)  # the one slot, held
+    pair.pump()
+    peer.config.validate_outbound_headers = False
+    peer.config.normalize_outbound_headers = False
+    for _ in range(50):  # past the limit, and malformed: the library resets each itself
+        peer.send_headers(peer.get_next_available_stream_id(), [*REQUEST, (b"Bad", b"x")],
+                          end_stream=True)
+    pair.pump()
+    assert ng.over_limit == set()
