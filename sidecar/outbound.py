@@ -107,13 +107,13 @@ from wire.headers import CONGESTION, REFUSED, header_label, parse_congestion
 log = logging.getLogger(__name__)
 
 NEVER_CONNECTED = UNREACHED
+"""Attempt failures after which no upstream can have seen the request: a retry of it is
+not a re-send (no ``X-GT-Retry`` for it, :meth:`sidecar.phases.ProxyPhases.
+upstream_request_filter`), although the caller's own retry budget still pays for it."""
 REPLAY_MAX = 64 * 1024
 """Bytes of a request body kept while it is sent, so that the whole request can go to another
 endpoint when the first one's sidecar refuses it, signed, before its app saw it (as Envoy
 buffers a body it may retry). A larger body's refusal goes back to the app (503)."""
-"""Attempt failures after which no upstream can have seen the request: a retry of it is
-not a re-send (no ``X-GT-Retry`` for it, :meth:`sidecar.phases.ProxyPhases.
-upstream_request_filter`), although the caller's own retry budget still pays for it."""
 
 CONGESTION_KEY = CONGESTION.lower()
 REFUSED_KEY = REFUSED.lower()
