@@ -112,8 +112,11 @@ async def test_a_failing_view_keeps_the_last_frame_and_the_listener_answers(
         assert resp.status == 200
         assert (await resp.json())["seq"] == last
     source.fail = False
-    await asyncio.sleep(0.15)
-    assert feed.seq > last
+    # the sampler slows down on a busy machine (it takes at most 5 % of the loop): wait for
+    # the next frame rather than a fixed time (a fixed 0.15 s failed once in CI)
+    async with asyncio.timeout(5):
+        while feed.seq <= last:
+            await asyncio.sleep(0.05)
 
 
 async def test_streams_are_bounded_and_end_when_the_app_shuts_down(
