@@ -367,7 +367,6 @@ class NgConnection:
         self._answered: set[int] = set()  # client: streams whose final response head came
         self._open_inbound: set[int] = set()  # server: streams the peer opened, not closed
         self._opened_now: set[int] = set()  # requests received in the read being handled
-        self._highest_inbound = 0
         # A server's SETTINGS_MAX_CONCURRENT_STREAMS goes out in a SETTINGS frame of its own
         # that the library never learns of: it ends the connection when a peer exceeds the
         # limit it knows (RFC 9113 §5.1.2 asks a stream error), where the sidecar refuses the
@@ -448,11 +447,10 @@ class NgConnection:
         self._check(self._lib.nghttp2_submit_settings(self._session, 0, entries,
                                                       len(new_settings)))
 
-    def increment_flow_control_window(self, increment: int,
-                                      stream_id: int | None = None) -> None:
+    def increment_flow_control_window(self, increment: int) -> None:
+        """Widen the connection's receive window (the only one the sidecar widens; h2's
+        method also takes a stream)."""
         lib = self._lib
-        if stream_id:
-            raise NotImplementedError("only the connection's window is widened")
         size = lib.nghttp2_session_get_local_window_size(self._session) + increment
         self._check(lib.nghttp2_session_set_local_window_size(self._session, 0, 0, size))
 

@@ -56,7 +56,6 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -73,6 +72,7 @@ from sidecar.http1.server import Handler as H1Handler
 from sidecar.local_callers import PeerCheck
 from sidecar.metrics import H2Metrics, TransparentMetrics
 from sidecar.original_dst import Address, redirected_to
+from sidecar.transport import reset_on_close
 
 log = logging.getLogger(__name__)
 
@@ -560,11 +560,7 @@ class _RelaySide(asyncio.Protocol):
     def reset(self) -> None:
         """Cut this side with a TCP reset (SO_LINGER 0), not a FIN: a connection that never
         reached its destination must not read as one the destination ended cleanly."""
-        transport = self.transport
-        if transport is not None:
-            sock = transport.get_extra_info("socket")
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close(self.transport)
         self.abort()
 
 

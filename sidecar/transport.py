@@ -25,7 +25,10 @@ retry, bound a request's time, or change headers: those are the listeners'
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
+import struct
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -153,6 +156,16 @@ def local_address(source: str | None, host: str) -> tuple[str, int] | None:
     except ValueError:
         return (source, 0)
     return (source, 0) if target.version == ipaddress.ip_address(source).version else None
+
+
+def reset_on_close(transport: Any) -> None:
+    """Make closing ``transport`` send a TCP reset (SO_LINGER 0) rather than a FIN: the
+    connection is abandoned, not ended (a FIN reads as the peer's clean end)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 class TransportError(Exception):

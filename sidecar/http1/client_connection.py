@@ -20,9 +20,6 @@ must not pick or pool connections (:mod:`sidecar.http1.client` does), retry, tim
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import struct
 from collections import deque
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, cast
@@ -31,7 +28,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.http1.trailers import last_chunk
-from sidecar.transport import TransportError, UpstreamReset
+from sidecar.transport import TransportError, UpstreamReset, reset_on_close
 
 if TYPE_CHECKING:
     from sidecar.http1.client import EndpointPool
@@ -254,11 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Cut with a TCP reset rather than a FIN: the request is abandoned, not ended (a
         FIN reads as a half-close, after which a server may still answer; an inbound
         sidecar takes a reset request out of its queue, or drops the app's answer to it)."""
-        transport = self.transport
-        if transport is not None:
-            sock = transport.get_extra_info("socket")
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close(self.transport)
         self.abort()
 
     def _fail(self, exc: BaseException) -> None:

@@ -626,7 +626,7 @@ class H1Connection(asyncio.Protocol):
             # another coding (gzip, chunked) would reach the upstream re-chunked without it:
             # refused, as nginx does
             raise HeadRefused(501, "transfer-coding-not-supported")
-        chunked = "Transfer-Encoding" in headers
+        chunked = coding is not None  # (only "chunked" is let through above)
         length = headers.get("Content-Length")
         body_exists = chunked or (length is not None and length.strip() != "0")
         expect = (body_exists and version == "1.1"

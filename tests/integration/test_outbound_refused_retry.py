@@ -50,6 +50,13 @@ def served(backend: Backend, method: str | None = None) -> int:
                if r.path.startswith("/r") and (method is None or r.method == method))
 
 
+async def _stop(procs: list[SidecarProcess]) -> None:
+    """Stop the sidecars (at once) and remove what they left."""
+    await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
+    for p in procs:
+        p.cleanup()
+
+
 async def _burst(session: aiohttp.ClientSession, caller: SidecarProcess, count: int,
                  method: str = "GET") -> list[tuple[int, dict[str, object]]]:
     async def one(i: int) -> tuple[int, dict[str, object]]:
@@ -130,9 +137,7 @@ async def test_refused_attempts_go_to_another_endpoint_once_whatever_their_metho
                 lied_to.metric, "equilibrium_caller_bad_signals_total",
                 header="x-gt-signals") > 0
     finally:
-        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
-        for p in procs:
-            p.cleanup()
+        await _stop(procs)
         for backend in (slow, fast, liar):
             await backend.stop()
 
@@ -197,9 +202,7 @@ async def test_an_app_down_behind_a_live_sidecar_loses_no_post(tmp_path: Path) -
             two.metric, "equilibrium_upstream_refused_total", upstream="svc",
             reason="app-unreachable") > 0
     finally:
-        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
-        for p in procs:
-            p.cleanup()
+        await _stop(procs)
         await fast.stop()
 
 
@@ -305,8 +308,6 @@ async def test_a_dead_app_behind_a_live_sidecar_costs_the_caller_no_error() -> N
             grpc_two.metric, "equilibrium_upstream_refused_total", upstream="svc",
             reason="app-unreachable") > 0
     finally:
-        await asyncio.gather(*(asyncio.to_thread(p.stop, 5.0) for p in procs))
-        for p in procs:
-            p.cleanup()
+        await _stop(procs)
         await fast.stop()
         grpc_fast.stop(0).wait(5)

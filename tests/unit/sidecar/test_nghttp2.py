@@ -54,6 +54,24 @@ class Pair:
             if data := self.ng.data_to_send():
                 self.peer_events += self.peer.receive_data(data)
 
+    def request(self, headers: list[tuple[bytes, bytes]] | None = None, *,
+                end_stream: bool = False, pump: bool = True) -> int:
+        """The peer opens a request stream (``REQUEST`` unless ``headers``), sent at once
+        unless ``pump`` is False; its id."""
+        sid = self.peer.get_next_available_stream_id()
+        self.peer.send_headers(sid, headers or REQUEST, end_stream=end_stream)
+        if pump:
+            self.pump()
+        return sid
+
+    def malformed(self, count: int) -> None:
+        """The peer sends ``count`` requests with an upper-case field name (malformed:
+        the library resets each itself), not yet sent."""
+        self.peer.config.validate_outbound_headers = False
+        self.peer.config.normalize_outbound_headers = False
+        for _ in range(count):
+            self.request([*REQUEST, (b"Bad", b"x")], end_stream=True, pump=False)
+
     def of(self, events: list[h2.events.Event], kind: type) -> list:  # type: ignore[type-arg]
         return [e for e in events if isinstance(e, kind)]
 
@@ -85,8 +103,7 @@ def test_a_call_out_and_its_answer_in_with_trailers() -> None:
 def test_a_call_in_and_its_answer_out_trailers_after_the_whole_body() -> None:
     pair = Pair(ng_client=False)
     ng, peer = pair.ng, pair.peer
-    sid = peer.get_next_available_stream_id()
-    peer.send_headers(sid, REQUEST)
+    sid = pair.request(pump=False)
     peer.send_data(sid, b"x" * 10, end_stream=True)
     pair.pump()
     request = pair.of(pair.ng_events, h2.events.RequestReceived)[0]
@@ -117,8 +134,7 @@ def test_a_call_in_and_its_answer_out_trailers_after_the_whole_body() -> None:
 def test_credit_goes_back_only_when_the_sidecar_acknowledges() -> None:
     pair = Pair(ng_client=False)
     ng, peer = pair.ng, pair.peer
-    sid = peer.get_next_available_stream_id()
-    peer.send_headers(sid, REQUEST)
+    sid = pair.request(pump=False)
     window = peer.local_flow_control_window(sid)
     for start in range(0, window, 16384):
         peer.send_data(sid, b"z" * min(16384, window - start))
@@ -135,10 +151,8 @@ def test_an_answer_then_a_no_error_reset_loses_nothing() -> None:
     # RFC 9113 §8.1: answered whole before the request ended, then RST_STREAM(NO_ERROR). The
     # library drops a stream's frames not yet sent when RST_STREAM is submitted: sent first.
     pair = Pair(ng_client=False)
-    ng, peer = pair.ng, pair.peer
-    sid = peer.get_next_available_stream_id()
-    peer.send_headers(sid, REQUEST)
-    pair.pump()
+    ng = pair.ng
+    sid = pair.request()
     ng.send_headers(sid, [(b":status", b"200")])
     ng.send_data(sid, b"answer")
     ng.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
@@ -152,10 +166,8 @@ def test_an_answer_then_a_no_error_reset_loses_nothing() -> None:
 
 def test_a_reset_mid_body_sends_no_end_stream() -> None:
     pair = Pair(ng_client=False)
-    ng, peer = pair.ng, pair.peer
-    sid = peer.get_next_available_stream_id()
-    peer.send_headers(sid, REQUEST, end_stream=True)
-    pair.pump()
+    ng = pair.ng
+    sid = pair.request(end_stream=True)
     ng.send_headers(sid, [(b":status", b"200")])
     ng.send_data(sid, b"part")
     ng.reset_stream(sid, ErrorCodes.CANCEL)
@@ -282,7 +294,7 @@ def test_an_exception_in_a_hook_comes_out_of_the_read() -> None:
         raise LookupError("the hook's own")
 
     pair.ng.stream_opened = broken
-    pair.peer.send_headers(pair.peer.get_next_available_stream_id(), REQUEST, end_stream=True)
+    pair.request(end_stream=True, pump=False)
     with pytest.raises(LookupError, match="the hook's own"):
         pair.ng.receive_data(pair.peer.data_to_send())
 
@@ -317,9 +329,7 @@ def test_a_data_frame_cut_off_by_a_reset_gives_its_credit_back() -> None:
     pair = Pair(ng_client=False)
     ng, peer = pair.ng, pair.peer
     for _ in range(30):
-        sid = peer.get_next_available_stream_id()
-        peer.send_headers(sid, REQUEST)
-        pair.pump()
+        sid = pair.request()
         peer.send_data(sid, b"x" * min(16000, peer.local_flow_control_window(sid)))
         wire = peer.data_to_send()
         events = ng.receive_data(wire[:len(wire) // 2])
@@ -337,10 +347,8 @@ def test_a_data_frame_cut_off_by_a_reset_gives_its_credit_back() -> None:
 
 def test_a_connection_error_after_a_graceful_goaway_still_ends_the_connection() -> None:
     pair = Pair(ng_client=False)
-    ng, peer = pair.ng, pair.peer
-    sid = peer.get_next_available_stream_id()
-    peer.send_headers(sid, REQUEST)
-    pair.pump()
+    ng = pair.ng
+    sid = pair.request()
     ng.close_connection(0, last_stream_id=sid)  # draining: the call in flight goes on
     pair.pump()
     with pytest.raises(h2.exceptions.ProtocolError, match="PROTOCOL_ERROR"):
@@ -349,12 +357,9 @@ def test_a_connection_error_after_a_graceful_goaway_still_ends_the_connection() 
 
 def test_a_connection_error_in_a_read_with_resets_is_not_the_reset_limit() -> None:
     pair = Pair(ng_client=False)
-    ng, peer = pair.ng, pair.peer
-    first, second = (peer.get_next_available_stream_id(), None)
-    peer.send_headers(first, REQUEST)
-    second = peer.get_next_available_stream_id()
-    peer.send_headers(second, REQUEST)
-    pair.pump()
+    ng = pair.ng
+    first = pair.request(pump=False)
+    pair.request()  # a second stream, still open
     with pytest.raises(h2.exceptions.ProtocolError, match="PROTOCOL_ERROR"):
         ng.receive_data(_frame(0x3, 0, first, (8).to_bytes(4, "big"))
                         + _frame(0x0, 0, 0, b"x"))
@@ -365,16 +370,11 @@ def test_a_malformed_request_earns_no_allowance() -> None:
     # the library resets a malformed request by itself (free to the peer): it must not earn
     # the PRIORITY and WINDOW_UPDATE frames a served stream earns
     pair = Pair(ng_client=False)
-    ng, peer = pair.ng, pair.peer
+    ng = pair.ng
     opened: list[int] = []
     ng.stream_opened = lambda: opened.append(1)
-    peer.config.validate_outbound_headers = False
-    peer.config.normalize_outbound_headers = False
-    for _ in range(5):
-        peer.send_headers(peer.get_next_available_stream_id(), [*REQUEST, (b"Bad", b"x")],
-                          end_stream=True)
-    peer.send_headers(peer.get_next_available_stream_id(), REQUEST, end_stream=True)
-    pair.pump()
+    pair.malformed(5)
+    pair.request(end_stream=True)
     assert len(opened) == 1
 
 
@@ -400,10 +400,6 @@ def test_streams_refused_past_the_limit_are_forgotten_when_they_close() -> None:
     held = peer.get_next_available_stream_id()
     peer.send_headers(held, REQUEST)  # the one slot, held
     pair.pump()
-    peer.config.validate_outbound_headers = False
-    peer.config.normalize_outbound_headers = False
-    for _ in range(50):  # past the limit, and malformed: the library resets each itself
-        peer.send_headers(peer.get_next_available_stream_id(), [*REQUEST, (b"Bad", b"x")],
-                          end_stream=True)
+    pair.malformed(50)  # past the limit, and malformed: the library resets each itself
     pair.pump()
     assert ng.over_limit == set()
