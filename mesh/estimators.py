@@ -125,6 +125,12 @@ class EndpointStats:
     congestion: float = 0.0
     ejected_until: float = -math.inf
     ejections: int = 0
+    # A failure of a request sent before ``fresh_from`` is what the last ejection was for
+    # (finish()): it is set when an ejection begins, and moved to the sending of the first
+    # request that succeeds after it (``readmitting`` until then), which starts the latency
+    # estimates afresh.
+    fresh_from: float = -math.inf
+    readmitting: bool = False
     last_outcome_at: float = -math.inf
     # requests sent here since its last outcome, and when the second of them was sent
     # (inf: fewer than two since)
@@ -212,11 +218,28 @@ class EndpointStats:
                 self.tick_count += 1
                 self.tick_cost_sum += cost
             return cost
+        sent = now - latency if 0.0 <= latency <= MAX_LATENCY else now
+        if not ok and sent < self.fresh_from:
+            # What the last ejection was for: requests sent to a hung pod time out long after
+            # it was ejected (15 s by default) and after it may have healed; counted, they
+            # would eject it again for twice as long, or undo its re-admission.
+            self.failures += 1
+            return cost
         if ok:
             self.consecutive_failures = 0
         else:
             self.failures += 1
             self.consecutive_failures += 1
+        if ok and self.readmitting and sent >= self.fresh_from:
+            # Re-admitted: the penalties that ejected it describe the failing pod, which the
+            # ejection has answered; kept, they would hold a healed pod at the exploration
+            # floor for tens of seconds while its few answers averaged them away. Envoy's
+            # outlier detection and Linkerd's failure accrual likewise return a pod whole
+            # after its ejection or probation request; the anti-herd ramp governs how fast
+            # traffic comes back. What was sent before this request is history from now on.
+            self.readmitting, self.fresh_from = False, sent
+            self.latency.value = None
+            self.peak.estimate = cost
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)

@@ -516,6 +516,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             s = self.stats[e]
             if s.consecutive_failures >= p.eject_after_failures:
                 s.ejected_until = now + p.eject_base * 2 ** min(s.ejections, 3)
+                s.fresh_from, s.readmitting = now, True
                 s.ejections += 1
                 s.consecutive_failures = 0
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:

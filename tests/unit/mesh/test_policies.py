@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 
 import numpy as np
@@ -259,6 +260,66 @@ def test_a_hung_pod_loses_its_traffic_before_its_requests_time_out() -> None:
     shares = _hang(p, hung=ENDPOINTS[1], latency=0.005)
     assert shares[0] < 0.25
     assert shares[1] < 0.10 and max(shares[2:]) < 0.03
+
+
+def _hang_then_heal(timeout: float, heal_at: float, seconds: float = 70.0,
+                    hang_at: float = 10.0, rps: int = 200) -> dict[int, float]:
+    """Per whole second: the share of requests sent to pod 1 of four, which accepts and
+    never answers from ``hang_at`` to ``heal_at`` (each such request fails ``timeout`` s
+    after it was sent, as the sidecar's request timeout ends it) and answers in 5 ms
+    otherwise."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    pods = ENDPOINTS[:4]
+    p.set_endpoints(pods, 0.0)
+    rng = random.Random(1)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick = 0.0, tick
+    pending: list[tuple[float, str, float, bool]] = []
+    sent: dict[int, list[int]] = {}
+    while now < seconds:
+        while pending and pending[0][0] <= now:
+            at, e, took, ok = heapq.heappop(pending)
+            p.on_outcome(Outcome(e, took, ok, at))
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        if e == pods[1] and hang_at <= now < heal_at:
+            heapq.heappush(pending, (now + timeout, e, timeout, False))
+        else:
+            took = 0.005 * (1.0 + 0.3 * rng.random())
+            heapq.heappush(pending, (now + took, e, took, True))
+        counts = sent.setdefault(int(now), [0, 0])
+        counts[0] += 1
+        counts[1] += e == pods[1]
+        now += 1.0 / rps
+        if now >= next_tick:
+            p.tick(now)
+            next_tick += tick
+    return {second: n[1] / n[0] for second, n in sent.items()}
+
+
+@pytest.mark.parametrize(("timeout", "heal_at", "back_by"),
+                         [(2.0, 25.0, 29), (15.0, 25.0, 40), (15.0, 40.0, 44)])
+def test_a_healed_pod_is_readmitted_once_its_ejection_ends(
+        timeout: float, heal_at: float, back_by: int) -> None:
+    """A helper's finding: a pod that hung for seconds stayed out 30-76 s after it healed.
+    Its requests sent during the hang timed out in bursts long after it was ejected and
+    ejected it again, for twice as long each time (80 s after a 15 s hang here), and once
+    back, their penalties held it at the exploration floor while a few answers averaged
+    them away. Now a failure of a request sent before the ejection began counts for
+    nothing more, and the first answer after it starts the estimates afresh: the pod is
+    back near its fair share (25 %) within seconds of the later of its healing and its one
+    ejection's end (10 s), and stays there."""
+    shares = _hang_then_heal(timeout, heal_at)
+    assert max(shares[s] for s in range(int(heal_at) - 10, int(heal_at))) < 0.05
+    assert min(shares[s] for s in range(back_by, 70)) > 0.18
+
+
+@pytest.mark.parametrize("timeout", [2.0, 15.0])
+def test_a_pod_that_stays_hung_stays_out(timeout: float) -> None:
+    shares = _hang_then_heal(timeout, heal_at=float("inf"))
+    assert max(shares[s] for s in range(13, 70)) < 0.05
+    assert sum(shares[s] for s in range(13, 70)) / 57 < 0.01
 
 
 @pytest.mark.parametrize("rps", [2, 10, 50])
