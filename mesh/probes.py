@@ -12,6 +12,9 @@ This module owns the pure parts, all with the clock and the random generator pas
   draining.
 - :class:`LatencyWindow` — the inbound side's record of its app's recent latencies, from which
   a report is made (bounded in time and in samples).
+- :class:`AwaitedAnswers` — the requests at the app still waiting for their answer's head, so
+  that an app that stopped answering (a hung pod) shows in the report at once, before any of
+  them times out, instead of with the latencies it had before.
 - :class:`ProbeSchedule` — the caller's timetable: when each endpoint is next probed, jittered,
   a few times a second for an endpoint this caller does not use, less often for one that
   carries its traffic (its responses report through ``X-GT-Congestion`` anyway).
@@ -118,6 +121,61 @@ class LatencyWindow:
 
 def _rank(ordered: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+STALL_MIN = 0.05
+"""Seconds a stall must last before a report shows it (as the caller's own stall detection,
+:data:`mesh.estimators.STALL_MIN`)."""
+
+
+class AwaitedAnswers:
+    """The requests the inbound side sent its app that have no answer head yet, in the order
+    they were sent. A :class:`LatencyWindow` learns only from requests that finished: an app
+    that accepts requests and never answers (a hung pod) adds nothing to it, and for up to its
+    ``max_age`` the report went on showing the latencies from before the hang while requests
+    piled up at the app (a helper measured 10 s of healthy answers from a hung pod, and callers
+    raised its share meanwhile). The *stall* is the age of the second-oldest request still
+    waiting: one alone is no stall, however long (a long poll looks the same), as on the
+    caller's side (:meth:`mesh.estimators.EndpointStats.stalled_for`). :meth:`fold` makes it a
+    lower bound on the latency the report states. Pure; ``now`` is passed in."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, float] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def sent(self, now: float) -> int:
+        """A request went to the app at ``now``; the key to pass to :meth:`answered`."""
+        key = self._next
+        self._next += 1
+        self._sent[key] = now
+        return key
+
+    def answered(self, key: int) -> None:
+        """The request's answer head came, or it ended without one (idempotent)."""
+        self._sent.pop(key, None)
+
+    def stall(self, now: float) -> float:
+        """The age of the second-oldest request still waiting (0 with fewer than two)."""
+        if len(self._sent) < 2:
+            return 0.0
+        waiting = iter(self._sent.values())
+        next(waiting)
+        return max(0.0, now - next(waiting))
+
+    def fold(self, now: float, summary: tuple[float, float, float, int]
+             ) -> tuple[float, float, float, int]:
+        """``summary`` (mean, median, p90, count of a :class:`LatencyWindow`) with the stall
+        as a lower bound on each latency, when it is over :data:`STALL_MIN` and twice the
+        window's p90 (slow answers are no stall); the count is then at least the requests
+        waiting."""
+        mean, p50, p90, n = summary
+        stall = self.stall(now)
+        if stall <= STALL_MIN or (n and stall <= 2.0 * p90):
+            return summary
+        return max(mean, stall), max(p50, stall), max(p90, stall), max(n, len(self._sent))
 
 
 @dataclass(frozen=True, slots=True)

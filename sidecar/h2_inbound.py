@@ -137,7 +137,7 @@ class _Call:
 
     __slots__ = ("admitted_at", "answer_timer", "answered", "counted", "cut", "deadline",
                  "first_at", "framing", "head_at", "holding", "is_grpc", "long_lived", "owner",
-                 "started", "stream", "streaming", "timer", "upstream", "verdict")
+                 "started", "stream", "streaming", "timer", "upstream", "verdict", "waiting")
 
     def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
         self.owner = owner
@@ -159,6 +159,7 @@ class _Call:
         self.started = 0.0  # when it was forwarded to the app (proxy clock)
         self.head_at: float | None = None  # when the app's answer head came
         self.first_at: float | None = None  # when its first response message came (gRPC)
+        self.waiting = -1  # its key in the probe answers' AwaitedAnswers while at the app
 
     def done(self) -> None:
         """The stream's task ended (answered, failed or cancelled): a caller that went away
@@ -267,6 +268,7 @@ class _Call:
         head_by = loop.time() + proxy.request_timeout
         head_by = head_by if deadline is None else min(head_by, deadline)
         policing.in_flight += 1
+        self.waiting = proxy.probes.awaited.sent(started)
         self.holding = tracked
         self.started = started
         if tracked and upload is not None and not upload.complete:
@@ -303,6 +305,7 @@ class _Call:
                 upstream.discard()
         finally:
             policing.in_flight -= 1
+            proxy.probes.awaited.answered(self.waiting)
             now = proxy.clock()
             self.cancel_timers()
             if self.holding:  # the slot goes back to the gate (with the RTT if the app answered)
@@ -347,6 +350,7 @@ class _Call:
                 return None, False
             await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
             return None, False
+        self.owner.proxy.probes.awaited.answered(self.waiting)
         trailers_only = upstream.head_ended
         try:
             stream.send_headers(self.answer_headers(head, verdict), end_stream=trailers_only)

@@ -429,6 +429,8 @@ class InboundProxy:
         started = self.clock()
         finished_ok = False
         self.in_flight += 1
+        awaited = self.probes.awaited
+        waiting = awaited.sent(started)
         try:
             try:
                 try:
@@ -436,6 +438,7 @@ class InboundProxy:
                         exchange.method, URL(self.app_url + exchange.raw_path, encoded=True),
                         headers, upload_body,
                     ))
+                    awaited.answered(waiting)
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
                         raise
@@ -462,6 +465,7 @@ class InboundProxy:
         finally:
             watchdog.stop()
             self.in_flight -= 1
+            awaited.answered(waiting)
             now = self.clock()
             if tracked:  # the slot goes back to the gate (with the RTT if it finished)
                 self._deliver(self.gate.finish(now, now - started if finished_ok else None))

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import aiohttp
 
-from mesh.probes import LatencyWindow, ProbeReport
+from mesh.probes import AwaitedAnswers, LatencyWindow, ProbeReport
 from sidecar.exchange import TEXT_TYPE, Answer, RequestHead, json_answer
 from sidecar.metrics import ProbeAnswerMetrics
 from wire.errors import Reason, WireError
@@ -108,6 +108,8 @@ class ProbeResponder:
         self.draining: Callable[[], bool] = lambda: False
         self.served_at: float | None = None
         """When the app last finished a request of a caller (the idle check's own excluded)."""
+        self.awaited = AwaitedAnswers()
+        """Callers' requests at the app with no answer head yet (the listeners keep it)."""
         self._tokens, self._tokens_at = ANSWER_BURST, clock()
 
     def record(self, now: float, latency: float) -> None:
@@ -117,7 +119,7 @@ class ProbeResponder:
         self.served_at = now
 
     def report(self, now: float) -> ProbeReport:
-        mean, p50, p90, n = self.window.summary(now)
+        mean, p50, p90, n = self.awaited.fold(now, self.window.summary(now))
         congestion, limit = self.app.probe_load()
         return ProbeReport(in_flight=self.app.in_flight, mean=mean, p50=p50, p90=p90,
                            samples=n, congestion=congestion, limit=limit,

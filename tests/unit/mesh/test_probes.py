@@ -12,7 +12,14 @@ import pytest
 from mesh.estimators import EndpointStats
 from mesh.herd import HerdGuard
 from mesh.policies import RegretMatchingPolicy, make_policy
-from mesh.probes import REFUSED_WAIT_MAX, LatencyWindow, ProbeRates, ProbeReport, ProbeSchedule
+from mesh.probes import (
+    REFUSED_WAIT_MAX,
+    AwaitedAnswers,
+    LatencyWindow,
+    ProbeRates,
+    ProbeReport,
+    ProbeSchedule,
+)
 from mesh.profiles import get_profile
 
 
@@ -88,6 +95,43 @@ def test_an_idle_half_slow_pod_does_not_look_healthy_after_eight_lucky_checks() 
 
 
 # ------------------------------------------------------------------ the caller's timetable
+
+def test_requests_waiting_at_a_hung_app_show_in_the_summary_before_they_time_out() -> None:
+    """A helper's finding: a hung pod's probe answers showed its latencies from before the
+    hang (12 ms, 16 samples) for 10 s while 20 requests piled up at it, and callers raised
+    its share. The second-oldest request still waiting is now a lower bound on them."""
+    window, awaited = LatencyWindow(), AwaitedAnswers()
+    for i in range(16):
+        window.add(9.0 + i * 0.05, 0.012)
+    keys = [awaited.sent(10.0 + i * 0.05) for i in range(20)]  # the hang begins at 10 s
+    assert awaited.fold(10.01, window.summary(10.01)) == window.summary(10.01)
+    mean, p50, p90, n = awaited.fold(12.0, window.summary(12.0))
+    assert mean == p50 == p90 == pytest.approx(1.95) and n == 20
+    for key in keys:  # they time out: nothing waits any more
+        awaited.answered(key)
+    assert len(awaited) == 0 and awaited.stall(30.0) == 0.0
+
+
+def test_one_long_request_or_slow_answers_are_no_stall() -> None:
+    window, awaited = LatencyWindow(), AwaitedAnswers()
+    awaited.sent(0.0)  # a long poll: alone, however long
+    assert awaited.stall(100.0) == 0.0
+    for i in range(16):
+        window.add(99.0 + i * 0.01, 0.5)  # an app answering in 500 ms
+    awaited.sent(99.5)  # answered at 100.0: in flight for half a second, as they all are
+    assert awaited.fold(100.0, window.summary(100.0)) == window.summary(100.0)
+    first, second = awaited.sent(100.0), awaited.sent(100.1)
+    awaited.answered(first)
+    awaited.answered(first)  # idempotent
+    assert awaited.stall(100.9) == pytest.approx(1.4)  # the long poll and the 99.5 one wait
+    awaited.answered(second)
+    # an idle app (no samples) waiting on two requests for over 50 ms
+    assert AwaitedAnswers().fold(1.0, (0.0, 0.0, 0.0, 0)) == (0.0, 0.0, 0.0, 0)
+    idle = AwaitedAnswers()
+    idle.sent(0.0)
+    idle.sent(0.1)
+    assert idle.fold(0.2, (0.0, 0.0, 0.0, 0)) == pytest.approx((0.1, 0.1, 0.1, 2))
+
 
 def test_idle_endpoints_are_probed_four_times_a_second_busy_ones_once() -> None:
     schedule = ProbeSchedule(ProbeRates(idle=4.0, busy=1.0, jitter=0.0))

@@ -69,6 +69,16 @@ def test_a_mesh_caller_gets_a_signed_answer_of_the_window_and_the_load() -> None
     assert abs(report.mean - 0.020) < 1e-9
 
 
+def test_an_answer_states_the_stall_of_requests_waiting_at_the_app() -> None:
+    r = responder()
+    for latency in (0.010, 0.020, 0.030):
+        r.record(4.0, latency)
+    r.awaited.sent(2.0)
+    r.awaited.sent(3.0)  # the clock stands at 5.0: two requests unanswered for 2 s and more
+    report = parse_answer(r.answer(probe(signed())).body.decode(), KEY, NONCE)
+    assert (report.mean, report.p50, report.p90, report.samples) == (2.0, 2.0, 2.0, 3)
+
+
 def test_strangers_bad_probes_and_floods_get_no_answer() -> None:
     assert responder(key=None).answer(probe(signed())).status == 404  # cannot sign
     r = responder()
