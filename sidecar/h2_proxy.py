@@ -66,7 +66,14 @@ from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
 from wire.errors import WireError
-from wire.headers import CONGESTION, REPUTATION, header_label, is_gt_header, parse_congestion
+from wire.headers import (
+    CONGESTION,
+    REFUSALS,
+    REPUTATION,
+    header_label,
+    is_gt_header,
+    parse_congestion,
+)
 from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
@@ -298,7 +305,9 @@ class _Call:
         when the call ended here (answered, or answered with an error), else why it may be
         sent again: ``"refused-stream"`` (the endpoint refused the stream unprocessed) or,
         with ``resend_refused``, :data:`UPSTREAM_REFUSED` (its sidecar refused it unprocessed,
-        signed); either only while what went up is still at hand."""
+        signed); either only while what went up is still at hand. A signed
+        :data:`wire.headers.APP_RESET` (an HTTP/1.1 app's connection broke before it answered)
+        is relayed: a call is sent again only when it never reached an app."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
         pump = loop.create_task(pump_request(stream, upstream, self.replay,
@@ -351,7 +360,7 @@ class _Call:
                 return None
             head, congestion = self.response_headers(head, ctx.game_response_headers)
             refusal = ctx.game_response_headers.get(REFUSED_KEY) if resend_refused else None
-            if refusal is not None:
+            if refusal is not None and refusal in REFUSALS:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump

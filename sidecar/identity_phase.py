@@ -71,10 +71,10 @@ from wire.headers import (
     DEMAND,
     IDENTITY,
     PRICE,
-    REFUSALS,
     REFUSED,
     REPUTATION,
     SIGNALS,
+    SIGNED_REFUSED,
     is_gt_header,
 )
 from wire.identity import CALLER_ID_PATTERN, BoundRequest, new_nonce, sign_identity
@@ -274,7 +274,7 @@ class CallerPhases(ProxyPhases):
         if ctx.endpoint and self.membership.prove(ctx.endpoint):
             log.info("%s %s: a sidecar of the mesh (signed answer)", ctx.upstream, ctx.endpoint)
         believed = {CONGESTION.lower(): signals.congestion} if signals.congestion else {}
-        if signals.refused in REFUSALS:  # about this attempt (its challenge), whoever we were
+        if signals.refused in SIGNED_REFUSED:  # about this attempt (its challenge), whoever we were
             believed[REFUSED.lower()] = signals.refused
         if verdict.caller == self.caller_id and ctx.extra.get("identity_sent"):
             believed.update({name: value for name, value in zip(

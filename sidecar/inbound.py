@@ -61,7 +61,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from mesh.admission import RejectReason, Woken
+from mesh.admission import Woken
 from mesh.auction import AuctionSnapshot
 from mesh.concurrency import ConcurrencySnapshot
 from mesh.notices import NoticeThrottle
@@ -125,6 +125,7 @@ from sidecar.websocket import (
     refused_upgrade_answer,
     relay_websocket,
 )
+from wire.headers import APP_RESET
 from wire.identity import BoundRequest
 
 log = logging.getLogger(__name__)
@@ -454,9 +455,13 @@ class InboundProxy:
                     # so the caller's sidecar may send it to another endpoint
                     await exchange.answer(self._reply(verdict, app_unreachable(failure.detail)))
                     return
+                # a connection that broke before any answer: signed as such, so that the
+                # caller's sidecar may send an idempotent request elsewhere, as it would
+                # had its own connection to the app broken (wire.headers.APP_RESET)
                 await exchange.answer(self._answer(
                     verdict, failure.status, failure.reason,
-                    f"the app did not answer: {failure.detail}", {}))
+                    f"the app did not answer: {failure.detail}", {},
+                    refused=APP_RESET if failure.nothing_received else None))
                 return
             try:
                 finished_ok = await self._relay(exchange, verdict, upstream, watchdog)
@@ -608,7 +613,7 @@ class InboundProxy:
     # ------------------------------------------------------------ answers
 
     def _signal_headers(self, headers: CIMultiDict[str], verdict: Verdict,
-                        refused: RejectReason | None = None) -> None:
+                        refused: str | None = None) -> None:
         headers.update(self.policing.signal_headers(verdict, refused))
 
     def _reply(self, verdict: Verdict, refusal: Refusal) -> Answer:
@@ -624,7 +629,7 @@ class InboundProxy:
         extra: dict[str, Any],
         headers: dict[str, str] | None = None,
         *,
-        refused: RejectReason | None = None,
+        refused: str | None = None,
     ) -> Answer:
         out: CIMultiDict[str] = CIMultiDict(headers or {})
         out["Via"] = self.via

@@ -54,11 +54,11 @@ from wire.headers import (
     DEMAND,
     IDENTITY,
     PRICE,
-    REFUSALS,
     REFUSED,
     REPUTATION,
     RETRY,
     SIGNALS,
+    SIGNED_REFUSED,
     format_congestion,
     is_gt_header,
     parse_retry,
@@ -430,12 +430,13 @@ class InboundPolicing:
 
     # ------------------------------------------------------------ answers
 
-    def signal_headers(self, verdict: Verdict, refused: RejectReason | None = None
+    def signal_headers(self, verdict: Verdict, refused: str | None = None
                        ) -> dict[str, str]:
         """``X-GT-Congestion``, ``X-GT-Reputation`` and (admitted) ``X-GT-Price``; and
         ``X-GT-Refused`` when the gate sent the request away before the app saw it
-        (``refused``: its reason; not for a punishment, which another endpoint must not
-        undo); none in the baseline modes."""
+        (``refused``: its reason, a :class:`RejectReason`; not for a punishment, which
+        another endpoint must not undo) or the app's connection broke before it answered
+        (:data:`wire.headers.APP_RESET`); none in the baseline modes."""
         if not self.game:
             return {}
         limiter = self.gate.limiter
@@ -454,8 +455,8 @@ class InboundPolicing:
             )
         if verdict.price is not None:
             out[PRICE] = format_price(verdict.price)
-        if refused is not None and refused.value in REFUSALS:
-            out[REFUSED] = refused.value
+        if refused is not None and refused in SIGNED_REFUSED:
+            out[REFUSED] = str(refused)
         if verdict.answered is not None and self.mesh_key is not None:
             signed = sign_signals(self.mesh_key, verdict.answered, verdict.caller, SignedSignals(
                 out.get(CONGESTION), out.get(REPUTATION), out.get(PRICE), out.get(REFUSED)))

@@ -111,8 +111,10 @@ class OutboundMetrics:
         self.refused = Counter(
             "equilibrium_upstream_refused",
             "Attempts an endpoint's sidecar refused before its app saw them (signed "
-            "X-GT-Refused: queue-full, queue-timeout, shutting-down), by reason; the request "
-            "may go to another endpoint",
+            "X-GT-Refused: queue-full, queue-timeout, shutting-down, app-unreachable), or "
+            "whose app's connection broke before an answer (app-reset), by reason; the request "
+            "may go to another endpoint (after app-reset, only an idempotent one without a "
+            "body)",
             ["upstream", "reason"],
             registry=r,
         )

@@ -102,7 +102,7 @@ from sidecar.websocket import (
     relay_websocket,
 )
 from wire.errors import WireError
-from wire.headers import CONGESTION, REFUSED, header_label, parse_congestion
+from wire.headers import APP_RESET, CONGESTION, REFUSED, header_label, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -526,6 +526,14 @@ class OutboundProxy:
                             if replay is None:
                                 break  # too large to keep, or broken: the refusal it is
                         continue
+                # The endpoint's sidecar signed that its app's connection broke before any
+                # answer: sent again only as after a reset of this sidecar's own connection
+                if upstream.status == 502 and retryable and attempt + 1 < self.max_attempts:
+                    head = self._answer_head(ctx, upstream)
+                    if head[1].get(REFUSED_KEY) == APP_RESET:
+                        failure = await self._refused(ctx, upstream, sent, attempt, APP_RESET,
+                                                      head[1])
+                        continue
                 await self._relay_response(exchange, ctx, upstream, sent, watchdog, head)
                 return None
         finally:
@@ -713,9 +721,10 @@ class OutboundProxy:
 
     async def _refused(self, ctx: RequestContext, upstream: UpstreamResponse, sent: float,
                        attempt: int, refused: str, game: dict[str, str]) -> AttemptFailure:
-        """An endpoint's sidecar refused the attempt before its app saw it: the policy learns
-        it as a failure of that endpoint, the answer is read and dropped (the connection
-        stays in the pool if it ends soon), and the request may go to another endpoint."""
+        """An endpoint's sidecar refused the attempt before its app saw it, or said its app's
+        connection broke before an answer (``APP_RESET``): the policy learns it as a failure
+        of that endpoint, the answer is read and dropped (the connection stays in the pool if
+        it ends soon), and the request may go to another endpoint."""
         self._observe_head(ctx, upstream.status, game, sent)
         try:
             if not await drain(upstream.content):
@@ -725,6 +734,10 @@ class OutboundProxy:
         self.metrics.refused.labels(ctx.upstream_label, refused).inc()
         log.debug("%s %s: attempt %d refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
                   attempt + 1, refused)
+        if refused == APP_RESET:
+            detail = f"{ctx.endpoint}: its app's connection broke before an answer"
+            _attempts(ctx).append(detail)
+            return AttemptFailure(ErrorReason.UPSTREAM_RESET, 502, True, detail)
         detail = f"{ctx.endpoint} refused it before its app saw it ({refused})"
         _attempts(ctx).append(detail)
         return AttemptFailure(ErrorReason.UPSTREAM_REFUSED, 503, True, detail)

@@ -73,6 +73,15 @@ def header_label(name: str) -> str:
 REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down", "app-unreachable"})
 """The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""
 
+APP_RESET = "app-reset"
+"""The value of ``X-GT-Refused`` on an answer (502) whose app's connection broke before any
+answer came. Unlike :data:`REFUSALS` it proves nothing of what the app saw: a caller's sidecar
+sends the request again only where it would after its own connection to a pod broke that way
+(an idempotent request without a body, within the retry budget)."""
+
+SIGNED_REFUSED = REFUSALS | {APP_RESET}
+"""Every value ``X-GT-Refused`` may carry, signed."""
+
 VERSION = "1"
 """Version of the ``v=``-headers (Congestion, Reputation; Identity and Probe have their own)."""
 MAX_HEADER_LENGTH = 512

@@ -15,11 +15,12 @@ Wire format (version 1)::
 
 ``X-GT-Refused: <reason>`` (``queue-full``, ``queue-timeout``, ``shutting-down``,
 ``app-unreachable``) is on an answer only when the callee's sidecar sent the request away
-*before the app saw it*; its
-``|refused=<reason>`` is in the MAC input only then, so answers without it sign exactly as
-before. Signed, it tells the caller's sidecar that the request may be sent to another endpoint
-(:mod:`sidecar.outbound`); an app's own 503, or a refusal from outside the mesh, never carries
-a valid one.
+*before the app saw it*, and ``X-GT-Refused: app-reset`` on its 502 when the app's connection
+broke before any answer (:data:`wire.headers.APP_RESET`); its ``|refused=<reason>`` is in the
+MAC input only then, so answers without it sign exactly as before. Signed, it tells the
+caller's sidecar that the request may be sent to another endpoint (:mod:`sidecar.outbound`;
+after ``app-reset`` only an idempotent one without a body); an app's own 503 or 502, or a
+refusal from outside the mesh, never carries a valid one.
 
 ``<caller>`` is who the callee's sidecar took the caller for (a verified id, or
 ``anonymous``); an absent signal is written ``-`` in the MAC input; values are the header

@@ -15,6 +15,7 @@ request reaches exactly one app: the backends count what they served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from concurrent import futures
@@ -311,3 +312,55 @@ async def test_a_dead_app_behind_a_live_sidecar_costs_the_caller_no_error() -> N
         await _stop(procs)
         await fast.stop()
         grpc_fast.stop(0).wait(5)
+
+
+async def test_an_app_that_breaks_its_connection_behind_its_sidecar_costs_a_get_nothing(
+) -> None:
+    """A helper's finding: behind its inbound sidecar, an app that closed its connection
+    before answering reached the caller as its sidecar's ``502 upstream-reset``, relayed,
+    where the same app reached directly costs a GET nothing (the caller's sidecar sends it
+    elsewhere). The inbound answer now signs ``X-GT-Refused: app-reset``: the caller's
+    sidecar sends an idempotent request without a body on to B, and relays the 502 of
+    anything else (the app may have seen it: a POST is never sent twice)."""
+    seen: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            seen.append(await reader.readuntil(b"\r\n\r\n"))  # the head, then nothing
+        writer.close()
+
+    closer = await asyncio.start_server(hang_up, LOOPBACK, 0)
+    closer_url = f"http://{LOOPBACK}:{closer.sockets[0].getsockname()[1]}"
+    fast = await start_backend("fast")
+    port = free_port()
+    a_url = f"http://{LOOPBACK}:{port}"
+    procs: list[SidecarProcess] = []
+    try:
+        procs = list(await asyncio.gather(
+            async_start_sidecar({}, sidecar_id="a-in", env=KEY_ENV,
+                                extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                            "--app", closer_url]),
+            async_start_sidecar({"svc": [a_url, fast.url]}, sidecar_id="two", env=KEY_ENV,
+                                policy="round-robin")))
+        _, two = procs
+        async with aiohttp.ClientSession() as session:
+            answers = [(await _burst(session, two, 1))[0] for _ in range(10)]
+            assert [status for status, _ in answers] == [200] * 10, answers
+            assert served(fast) == 10
+            reset = await asyncio.to_thread(
+                two.metric, "equilibrium_upstream_refused_total", upstream="svc",
+                reason="app-reset")
+            assert reset >= 4  # round-robin: every other request went to A first
+            assert await asyncio.to_thread(
+                two.metric, "equilibrium_retries_total", upstream="svc") == reset
+            gets_at_a = len(seen)
+            assert gets_at_a == reset
+            posts = [(await _burst(session, two, 1, method="POST"))[0] for _ in range(6)]
+        at_a = [doc for status, doc in posts if status != 200]
+        assert at_a and all(doc.get("reason") == "upstream-reset" for doc in at_a), posts
+        assert len(seen) - gets_at_a == len(at_a)  # each POST reached one app, once
+        assert served(fast, "POST") == len(posts) - len(at_a)
+    finally:
+        await _stop(procs)
+        await fast.stop()
+        closer.close()
