@@ -457,9 +457,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         """Queue-aware choice inside the shares (:mod:`mesh.pacing`), given the endpoint
         ``drawn`` at random from the weights.
 
-        An endpoint kept at its exploration floor, or whose last request failed, keeps that
-        random draw: it gets its share and never more (paced by cost, a pod refusing
-        connections fails fast, and the pacer would owe it a burst of its window). Any other
+        An endpoint kept at its exploration floor, or whose last request failed, or back from
+        an ejection without an answer yet (``readmitting``), keeps that random draw: it gets
+        its share and never more (paced by cost, a pod refusing connections fails fast, a pod
+        back from an ejection is passed over while its cost holds the timeouts, and the pacer
+        would owe either a burst of its window). Any other
         draw is handed to the pacer, which sends the request, among those endpoints, where it
         should finish first (:meth:`EndpointStats.finish_cost`: peak-EWMA x (own + callee's
         other requests in flight + 1), failures charged the penalty) within ``window``
@@ -483,10 +485,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         pacer.set_strategy(weights.tolist(), self._pacing_mask())
 
     def _pacing_mask(self) -> list[bool]:
-        """Per endpoint, whether the pacer may choose it: above its exploration floor and
-        not failing (its last request did not fail)."""
+        """Per endpoint, whether the pacer may choose it: above its exploration floor, not
+        failing (its last request did not fail) and not waiting for its first answer after
+        an ejection (until then the next tick's strategy leaves it out of the sampled
+        pacer)."""
         stats = self.stats
-        return [p and stats[e].consecutive_failures == 0
+        return [p and stats[e].consecutive_failures == 0 and not stats[e].readmitting
                 for p, e in zip(self._paced, self.endpoints, strict=True)]
 
     def _sampled_pick(self, pacer: SampledPacer, drawn: int) -> int:
@@ -494,10 +498,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         O(log k): the costs are kept in order as requests start and end
         (:class:`mesh.pacing.SampledPacer`, its :class:`~mesh.pacing.CostOrder`)."""
         stats, endpoints, paced = self.stats, self.endpoints, self._paced
-        if not paced[drawn] or stats[endpoints[drawn]].consecutive_failures:
+        if not paced[drawn] or stats[endpoints[drawn]].consecutive_failures \
+                or stats[endpoints[drawn]].readmitting:
             return drawn
         chosen = pacer.choose(
-            lambda i: paced[i] and stats[endpoints[i]].consecutive_failures == 0, drawn)
+            lambda i: paced[i] and stats[endpoints[i]].consecutive_failures == 0
+            and not stats[endpoints[i]].readmitting, drawn)
         return drawn if chosen is None else chosen
 
     def _used(self, weights: np.ndarray) -> np.ndarray:
