@@ -297,6 +297,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
         self._recent = RecentLatencies()
         self._hedges: dict[str, HedgePlan] = {}
+        # an endpoint whose ejection ended, to be sent the next request (see tick())
+        self._probation: int | None = None
 
     def on_start(self, endpoint: str, now: float) -> None:
         super().on_start(endpoint, now)
@@ -360,6 +362,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         for e in self.endpoints:  # a hung endpoint's pending requests, as what they cost so far
             self.stats[e].censor_stall(now)
         super().tick(now)
+        self._probation = self._probation_due(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
             order = self._pacer.order
             order.reset(self._current_keys(order.keys, now))
@@ -375,6 +378,20 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self._tick_estimates.tolist(),  # the tick's own: nothing changed them since
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
+
+    def _probation_due(self, now: float) -> int | None:
+        """An endpoint whose ejection has ended and that has not answered since (nothing in
+        flight there, no fresh probe answer speaking for it, not draining): the next request
+        goes there, one per tick at most, as Linkerd's failure accrual sends one request when
+        its backoff ends. Otherwise only the exploration floor would find out whether it
+        healed: at a low rate, seconds of waiting for a floor request (0.5 % of 60 req/s is
+        one every 3 s), during which the healed pod served nobody."""
+        for i, e in enumerate(self.endpoints):
+            s = self.stats[e]
+            if s.readmitting and now >= s.ejected_until and s.in_flight == 0 \
+                    and not s.probe_covered(now) and not s.draining(now):
+                return i
+        return None
 
     def take_epoch(self) -> dict[str, EpochWindow]:
         """What each endpoint did since the previous call (:class:`mesh.policy.FollowingPolicy`)."""
@@ -437,6 +454,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         endpoints, cumulative = self.endpoints, self._cumulative
         if not endpoints:
             return None
+        probation = self._probation
+        if probation is not None:
+            self._probation = None
+            if probation < len(endpoints) and endpoints[probation] not in exclude:
+                return endpoints[probation]
         if not exclude and cumulative and cumulative[-1] > 0:
             i = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]),
                     len(endpoints) - 1)

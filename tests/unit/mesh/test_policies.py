@@ -379,6 +379,38 @@ def test_a_pod_back_from_its_ejection_is_not_sent_a_burst_by_its_callers() -> No
         assert sum(t for _, t in last) / sum(s for s, _ in last) > 0.2  # back (fair: 1/3)
 
 
+def test_a_pod_whose_ejection_ends_is_sent_the_next_request_not_left_to_the_floor() -> None:
+    """A helper's finding: at low rates a pod came back 11 s after its ejection ended, the
+    time the exploration floor took to send it one request (0.5 % of 10 req/s is one every
+    20 s). As Linkerd's failure accrual sends one request when its backoff ends, the next
+    request after an ejection ends goes to the pod (one a tick while none is in flight)."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    pods = ENDPOINTS[:4]
+    p.set_endpoints(pods, 0.0)
+    rng = random.Random(5)
+    for i in range(5):  # five failures in a row: ejected at the next tick, for 10 s
+        p.on_start(pods[0], 0.1 * i)
+        p.on_outcome(Outcome(pods[0], 0.001, False, 0.1 * i + 0.001))
+    p.tick(1.0)
+    stats = p.stats[pods[0]]  # type: ignore[attr-defined]
+    assert stats.ejected_until == pytest.approx(11.0) and stats.readmitting
+    now, sent, first = 1.0, [], None
+    while now < 30.0:  # 4 req/s, the pod healthy again
+        now += 0.25
+        if int(now * 2) != int((now - 0.25) * 2):
+            p.tick(now)
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
+        sent.append((now, e))
+        if e == pods[0] and first is None:
+            first = now
+    assert first is not None and 11.0 <= first <= 11.75
+    late = [e for t, e in sent if t >= 20.0]
+    assert late.count(pods[0]) / len(late) > 0.15  # back near its fair share (25 %)
+
+
 @pytest.mark.parametrize("timeout", [2.0, 15.0])
 def test_a_pod_that_stays_hung_stays_out(timeout: float) -> None:
     shares = _hang_then_heal(timeout, heal_at=float("inf"))
