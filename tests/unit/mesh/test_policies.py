@@ -392,7 +392,7 @@ def test_a_pod_whose_ejection_ends_is_sent_the_next_request_not_left_to_the_floo
         p.on_start(pods[0], 0.1 * i)
         p.on_outcome(Outcome(pods[0], 0.001, False, 0.1 * i + 0.001))
     p.tick(1.0)
-    stats = p.stats[pods[0]]  # type: ignore[attr-defined]
+    stats = p.stats[pods[0]]
     assert stats.ejected_until == pytest.approx(11.0) and stats.readmitting
     now, sent, first = 1.0, [], None
     while now < 30.0:  # 4 req/s, the pod healthy again
