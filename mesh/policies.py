@@ -200,6 +200,7 @@ class _MeasuredPolicy(ABC):
                 failures=self.stats[e].failures,
                 overruled=e in self.overruled,
                 usable=self._usable_mask[i] if i < len(self._usable_mask) else True,
+                stalled=self.stats[e].stall_counted,
             )
             for i, e in enumerate(self.endpoints)
         ]

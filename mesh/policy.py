@@ -74,6 +74,7 @@ class EndpointView:
     failures: int
     overruled: bool = False  # a recommendation's share held back by own evidence
     usable: bool = True  # not ejected nor draining (as of the last tick)
+    stalled: float = 0.0  # seconds its unanswered requests waited, counted at the last tick
 
 
 @dataclass(frozen=True, slots=True)

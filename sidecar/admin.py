@@ -12,7 +12,8 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int,
-                                         "overruled": bool, "usable": bool}]}},
+                                         "overruled": bool, "usable": bool,
+                                         "stalled": float}]}},
      "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
          "in_flight": int, "congestion": float, "congested": bool,
@@ -123,6 +124,7 @@ def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str
                 "failures": int(view.failures),
                 "overruled": bool(view.overruled),
                 "usable": bool(view.usable),
+                "stalled": _num(view.stalled),
             }
             for view in snapshot.endpoints
         ],

@@ -137,6 +137,9 @@ def _why(view: EndpointView, best: float, requests: int, failures: int,
          snapshot: PolicySnapshot) -> str:
     parts = [f"latency estimate {_ms(view.latency_estimate)}, best {_ms(best)}",
              f"{failures} failures in {requests} requests in the last {WINDOW:g} s"]
+    if view.stalled > 0:  # a hung pod: no latency yet, requests waiting
+        parts.append(f"{view.in_flight} requests in flight, unanswered for "
+                     f"{_ms(view.stalled)}")
     if not view.usable:  # this endpoint's own state, not another one's
         parts.append("out of use (ejected or draining)")
     if snapshot.following:
