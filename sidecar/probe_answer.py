@@ -53,6 +53,12 @@ ANSWER_BURST = 100.0
 IDLE_AFTER = 0.5
 CHECK_INTERVAL = 0.125
 """Seconds between idle checks: 16 samples (the window's floor) in about 2 s."""
+FAILED_CHECK = 1.0
+"""Seconds a failed idle check (a 5xx, no answer) counts as, at least: what a caller's sidecar
+charges a failed request (the profiles' ``failure_penalty``). It was the check's whole time
+budget, 15 s: an app failing half its checks quickly read as a latency of 10 s in the answers,
+the callers' estimates and their logs, which points an operator at a slow pod, not a failing
+one."""
 
 
 class ProbeResult(StrEnum):
@@ -192,5 +198,5 @@ class ProbeResponder:
                 self.metrics.app_checks.labels("ok" if ok else "failed").inc()
                 if ok:
                     self.window.add(now, now - started)
-                else:  # a failing app looks as slow as the check's whole budget
-                    self.window.add(now, max(timeout, now - started))
+                else:  # charged as a caller's sidecar charges a failed request
+                    self.window.add(now, max(FAILED_CHECK, now - started))

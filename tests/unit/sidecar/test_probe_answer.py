@@ -11,7 +11,13 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.metrics import ProbeAnswerMetrics
 from sidecar.policing_config import parse_policing
-from sidecar.probe_answer import CHECK_INTERVAL, IDLE_AFTER, ProbeResponder, is_probe
+from sidecar.probe_answer import (
+    CHECK_INTERVAL,
+    FAILED_CHECK,
+    IDLE_AFTER,
+    ProbeResponder,
+    is_probe,
+)
 from wire.identity import BoundRequest, new_nonce, sign_identity
 from wire.probe import PROBE, PROBE_PATH, format_request, parse_answer
 
@@ -161,6 +167,37 @@ async def test_the_idle_check_comes_every_check_interval_and_stops_while_callers
         assert [t for t in checks if t > busy_at + 0.05] == []
         await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)  # idle again: checked again
         assert checks[-1] > busy_at + 0.8
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+
+
+async def test_a_failed_idle_check_counts_as_a_failure_not_as_the_whole_time_budget() -> None:
+    """A helper's finding: an app failing half its checks at once read as a latency of 10 s
+    (each failed check counted as the 15 s budget), in the answers and in the callers' logs.
+    A failed check is now charged as a caller charges a failure: at least 1 s."""
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=503, text="no")
+
+    app = web.Application()
+    app.router.add_get("/healthz", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    loop = asyncio.get_running_loop()
+    unused = App()
+    unused.in_flight = 0
+    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
+                       max_skew=30.0, clock=loop.time)
+    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 15.0))
+    try:
+        await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)
+        mean, p50, p90, n = r.window.summary(loop.time())
+        assert n >= 2 and p50 == p90 == FAILED_CHECK == 1.0 and mean == 1.0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
