@@ -30,6 +30,8 @@ DEFAULT_RTT = 0.030  # Linkerd's default RTT estimate for an endpoint never meas
 DEFAULT_DECAY = 10.0  # Linkerd's peak-EWMA decay time constant (seconds)
 MAX_LATENCY = 3600.0  # any observation above this is clamped: nothing real takes an hour
 STALL_MIN = 0.05  # seconds without an answer before a stall counts (EndpointStats.censor_stall)
+STALL_EJECT = 1.0  # seconds of a stall (and 10x the estimate) that eject a hung endpoint
+STALL_EJECTION = 5.0  # seconds a hung endpoint stays ejected (each time: never doubled)
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 
@@ -175,6 +177,15 @@ class EndpointStats:
         if self.in_flight <= 0 or self.waiting_since == math.inf:
             return 0.0
         return max(0.0, now - self.waiting_since)
+
+    def stalling(self, now: float) -> bool:
+        """Whether the endpoint is stalled (:meth:`stalled_for`) longer than
+        :data:`STALL_MIN` and twice its latency estimate: the test of :meth:`censor_stall`,
+        asked per request."""
+        if self.waiting_since == math.inf or self.in_flight <= 0:
+            return False
+        stall = now - self.waiting_since
+        return stall > STALL_MIN and stall > 2.0 * (self.latency.value or 0.0)
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mesh.estimators import EndpointStats, EpochWindow, EpochWindows
+from mesh.estimators import STALL_EJECT, STALL_EJECTION, EndpointStats, EpochWindow, EpochWindows
 from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import EXACT_PACING_ENDPOINTS, CreditPacer, SampledPacer
@@ -381,15 +381,17 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         )
 
     def _probation_due(self, now: float) -> int | None:
-        """An endpoint whose ejection has ended and that has not answered since (nothing in
-        flight there, no fresh probe answer speaking for it, not draining): the next request
+        """An endpoint whose ejection has ended and that has not answered since (nothing sent
+        there since its last outcome or the ejection's start, which leaves out the requests
+        of the hang it still holds; no fresh probe answer speaking for it; not draining): the
+        next request
         goes there, one per tick at most, as Linkerd's failure accrual sends one request when
         its backoff ends. Otherwise only the exploration floor would find out whether it
         healed: at a low rate, seconds of waiting for a floor request (0.5 % of 60 req/s is
         one every 3 s), during which the healed pod served nobody."""
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
-            if s.readmitting and now >= s.ejected_until and s.in_flight == 0 \
+            if s.readmitting and now >= s.ejected_until and s.sent_since_outcome == 0 \
                     and not s.probe_covered(now) and not s.draining(now):
                 return i
         return None
@@ -466,7 +468,15 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             if self._pacer is not None and len(self._paced) == len(endpoints):
                 i = self._paced_pick(i, now) if isinstance(self._pacer, CreditPacer) \
                     else self._sampled_pick(self._pacer, i)
-            return endpoints[i]
+            chosen = endpoints[i]
+            if self.stats[chosen].stalling(now) and len(endpoints) > 1:
+                # It holds requests it has not answered, longer than a stall: a hung pod
+                # until its weight falls at the next tick. What is sent there now waits
+                # for the request timeout (a helper counted 20 such 504s a hang, where
+                # HAProxy's leastconn, seeing the connections pile up, lost 1 to 5): this
+                # request goes elsewhere by the weights of the others.
+                return self.pick(rng, now, frozenset((chosen,))) or chosen
+            return chosen
         weights = self._weights
         pool = [(e, float(weights[i])) for i, e in enumerate(endpoints)
                 if e not in exclude and i < weights.shape[0]]
@@ -539,14 +549,26 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         return used if used.any() else weights > 0
 
     def _live(self, now: float) -> np.ndarray:
+        """Which endpoints may be used at ``now`` (not ejected nor draining); ejects those
+        that failed ``eject_after_failures`` times in a row or are hung (module docstring)."""
         live = np.ones(len(self.endpoints), dtype=bool)
         p = self.profile
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
-            if s.consecutive_failures >= p.eject_after_failures:
-                s.ejected_until = now + p.eject_base * 2 ** min(s.ejections, 3)
+            failing = s.consecutive_failures >= p.eject_after_failures
+            if failing or s.stalled_for(now) > max(STALL_EJECT, 10.0 * (s.latency.value or 0.0)):
+                # Failing; or hung: requests held unanswered for over a second and ten times
+                # its latency (no slow pod waits that long; the pick already sends nothing
+                # there while it stalls), ejected for STALL_EJECTION, not doubled: the requests
+                # it holds time out later (and only then would they have counted), and each
+                # look at whether it healed costs the one or two requests that stall again.
+                s.ejected_until = now + (p.eject_base * 2 ** min(s.ejections, 3) if failing
+                                         else STALL_EJECTION)
                 s.fresh_from, s.readmitting = now, True
-                s.ejections += 1
+                # what it still holds is what the ejection was for: only what is sent after
+                # it can stall, and the probation request goes while nothing new is out
+                s.sent_since_outcome, s.waiting_since = 0, math.inf
+                s.ejections += failing
                 s.consecutive_failures = 0
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:
                 s.ejections = 0  # healthy long enough: next ejection starts short again

@@ -79,10 +79,11 @@ def test_credit_survives_a_resize_of_the_endpoints_that_stay() -> None:
     assert sum(p.credit) == pytest.approx(0.0)
 
 
-def _drive(policy: RegretMatchingPolicy, seconds: float, rps: int, stuck: str | None,
+def _drive(policy: RegretMatchingPolicy, seconds: float, rps: int, busy: str | None,
            seed: int = 3) -> dict[str, int]:
-    """Requests at ``rps``; each finishes after 5 ms except on ``stuck``, which holds every
-    request until the end (its in-flight count only grows)."""
+    """Requests at ``rps``; each finishes after 5 ms except on ``busy``, where each takes
+    15 ms (three times as long: under the 4x that lets a sidecar's own evidence overrule a
+    recommendation), so it always holds more of them in flight."""
     rng = random.Random(seed)
     counts: dict[str, int] = {}
     pending: list[tuple[float, str]] = []
@@ -94,8 +95,7 @@ def _drive(policy: RegretMatchingPolicy, seconds: float, rps: int, stuck: str | 
         e = policy.pick(rng, now)
         assert e is not None
         policy.on_start(e, now)
-        if e != stuck:
-            pending.append((now + 0.005, e))
+        pending.append((now + (0.015 if e == busy else 0.005), e))
         counts[e] = counts.get(e, 0) + 1
         now += 1.0 / rps
         if now >= next_tick:
@@ -116,8 +116,8 @@ def _following(profile_window: float) -> RegretMatchingPolicy:
 
 
 def test_following_keeps_the_recommended_split_while_pacing_requests() -> None:
-    paced = _drive(_following(4.0), 20.0, 200, stuck="a")
-    # "a" never answers, so it is always the busier one; pacing still sends it its half
+    paced = _drive(_following(4.0), 20.0, 200, busy="a")
+    # "a" answers slower, so it is always the busier one; pacing still sends it its half
     assert paced["a"] == pytest.approx(paced["b"], abs=12)
 
 

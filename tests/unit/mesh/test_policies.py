@@ -255,12 +255,16 @@ def test_a_hung_pod_loses_its_traffic_before_its_requests_time_out() -> None:
     app): nothing was learned from requests still running. Now a stall (requests held with
     no answer for over 50 ms and twice the estimate) counts at each tick as a censored
     observation of what they cost so far: under 10 % in the second second and 3 % from
-    the third on (25 % before, to the end)."""
+    the third on (25 % before, to the end). And since what was sent in the first second still
+    waited for its timeout (a second helper counted 20 such 504s a hang, where HAProxy's
+    leastconn lost 1 to 5), a pick no longer sends a request to a pod while it stalls, and a
+    stall of a second ejects it: 2 % in the first second (17 % before), then nothing but
+    the look every 5 s at whether it healed."""
     p = make_policy("equilibrium", get_profile("balanced"))
     p.set_endpoints(ENDPOINTS[:4], 0.0)
     shares = _hang(p, hung=ENDPOINTS[1], latency=0.005)
-    assert shares[0] < 0.25
-    assert shares[1] < 0.10 and max(shares[2:]) < 0.03
+    assert shares[0] < 0.05
+    assert max(shares[1:]) < 0.02
 
 
 def _hang_then_heal(timeout: float, heal_at: float, seconds: float = 70.0,
@@ -300,7 +304,7 @@ def _hang_then_heal(timeout: float, heal_at: float, seconds: float = 70.0,
 
 
 @pytest.mark.parametrize(("timeout", "heal_at", "back_by"),
-                         [(2.0, 25.0, 29), (15.0, 25.0, 40), (15.0, 40.0, 44)])
+                         [(2.0, 25.0, 32), (15.0, 25.0, 32), (15.0, 40.0, 46)])
 def test_a_healed_pod_is_readmitted_once_its_ejection_ends(
         timeout: float, heal_at: float, back_by: int) -> None:
     """A helper's finding: a pod that hung for seconds stayed out 30-76 s after it healed.
@@ -308,9 +312,10 @@ def test_a_healed_pod_is_readmitted_once_its_ejection_ends(
     ejected it again, for twice as long each time (80 s after a 15 s hang here), and once
     back, their penalties held it at the exploration floor while a few answers averaged
     them away. Now a failure of a request sent before the ejection began counts for
-    nothing more, and the first answer after it starts the estimates afresh: the pod is
-    back near its fair share (25 %) within seconds of the later of its healing and its one
-    ejection's end (10 s), and stays there."""
+    nothing more, and the first answer after it starts the estimates afresh. A pod that
+    hangs is ejected once it has held requests for a second (for 5 s at a time, not
+    doubled; when it ends one request goes to it): it is back near its fair share (25 %)
+    within 7 s of its healing whatever the timeout, and stays there."""
     shares = _hang_then_heal(timeout, heal_at)
     assert max(shares[s] for s in range(int(heal_at) - 10, int(heal_at))) < 0.05
     assert min(shares[s] for s in range(back_by, 70)) > 0.18
