@@ -181,11 +181,20 @@ class EndpointStats:
     def stalling(self, now: float) -> bool:
         """Whether the endpoint is stalled (:meth:`stalled_for`) longer than
         :data:`STALL_MIN` and twice its latency estimate: the test of :meth:`censor_stall`,
-        asked per request."""
-        if self.waiting_since == math.inf or self.in_flight <= 0:
+        asked per request; never for an endpoint not measured yet (its first requests may
+        be long polls: their own latency is what it takes to know)."""
+        known = self.latency.value
+        if known is None or self.waiting_since == math.inf or self.in_flight <= 0:
             return False
         stall = now - self.waiting_since
-        return stall > STALL_MIN and stall > 2.0 * (self.latency.value or 0.0)
+        return stall > STALL_MIN and stall > 2.0 * known
+
+    def hung(self, now: float) -> bool:
+        """Whether the endpoint has stalled for over :data:`STALL_EJECT` and ten times its
+        (known) latency estimate: a pod that accepts requests and answers none (a slow pod
+        never waits that long; a service of long polls has their length as its estimate)."""
+        known = self.latency.value
+        return known is not None and self.stalled_for(now) > max(STALL_EJECT, 10.0 * known)
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mesh.estimators import STALL_EJECT, STALL_EJECTION, EndpointStats, EpochWindow, EpochWindows
+from mesh.estimators import STALL_EJECTION, EndpointStats, EpochWindow, EpochWindows
 from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import EXACT_PACING_ENDPOINTS, CreditPacer, SampledPacer
@@ -556,7 +556,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
             failing = s.consecutive_failures >= p.eject_after_failures
-            if failing or s.stalled_for(now) > max(STALL_EJECT, 10.0 * (s.latency.value or 0.0)):
+            if failing or s.hung(now):
                 # Failing; or hung: requests held unanswered for over a second and ten times
                 # its latency (no slow pod waits that long; the pick already sends nothing
                 # there while it stalls), ejected for STALL_EJECTION, not doubled: the requests

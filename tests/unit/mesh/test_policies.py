@@ -416,6 +416,28 @@ def test_a_pod_whose_ejection_ends_is_sent_the_next_request_not_left_to_the_floo
     assert late.count(pods[0]) / len(late) > 0.15  # back near its fair share (25 %)
 
 
+def test_long_polls_are_no_hang() -> None:
+    """Two long polls held at a pod (a watch API), on a pod never measured before and on one
+    whose requests are all long polls, neither eject it nor turn requests away from it:
+    only a pod known to answer quickly can be seen to hang."""
+    for known in (None, 30.0):
+        p = make_policy("equilibrium", get_profile("balanced"))
+        p.set_endpoints(ENDPOINTS[:2], 0.0)
+        if known is not None:
+            for e in ENDPOINTS[:2]:
+                p.on_start(e, 0.0)
+                p.on_outcome(Outcome(e, known, True, known))
+        start = 40.0
+        for _ in range(2):
+            p.on_start(ENDPOINTS[0], start)
+        rng = random.Random(2)
+        for t in (41.0, 45.0, 50.0):
+            p.tick(start + t - 40.0)
+            assert p.stats[ENDPOINTS[0]].ejected_until < start
+        picks = [p.pick(rng, 50.0) for _ in range(200)]
+        assert picks.count(ENDPOINTS[0]) > 20, known  # (its weight falls: a stall counts)
+
+
 @pytest.mark.parametrize("timeout", [2.0, 15.0])
 def test_a_pod_that_stays_hung_stays_out(timeout: float) -> None:
     shares = _hang_then_heal(timeout, heal_at=float("inf"))
