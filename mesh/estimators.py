@@ -180,14 +180,14 @@ class EndpointStats:
 
     def stalling(self, now: float) -> bool:
         """Whether the endpoint is stalled (:meth:`stalled_for`) longer than
-        :data:`STALL_MIN` and twice its latency estimate: the test of :meth:`censor_stall`,
-        asked per request; never for an endpoint not measured yet (its first requests may
-        be long polls: their own latency is what it takes to know)."""
-        known = self.latency.value
-        if known is None or self.waiting_since == math.inf or self.in_flight <= 0:
+        :data:`STALL_MIN` and twice its latency estimate (0 while it has none): the test of
+        :meth:`censor_stall`, asked per request. A pod hung from its start, never measured,
+        is turned away from as well; long polls held at a fresh pod only send the next
+        requests elsewhere while they wait (:meth:`hung`, which ejects, needs an estimate)."""
+        if self.waiting_since == math.inf or self.in_flight <= 0:
             return False
         stall = now - self.waiting_since
-        return stall > STALL_MIN and stall > 2.0 * known
+        return stall > STALL_MIN and stall > 2.0 * (self.latency.value or 0.0)
 
     def hung(self, now: float) -> bool:
         """Whether the endpoint has stalled for over :data:`STALL_EJECT` and ten times its
@@ -214,7 +214,7 @@ class EndpointStats:
 
     def finish(self, latency: float, ok: bool, now: float,
                congestion: float | None = None, censored: bool = False,
-               void: bool = False) -> float:
+               void: bool = False, sent_at: float | None = None) -> float:
         """Record one finished request; returns the cost charged.
 
         ``censored``: the request was cancelled after ``latency`` seconds (it lost a hedge
@@ -222,7 +222,8 @@ class EndpointStats:
         is no failure, and it is learned only where it says more than the estimate already
         does (above the mean EWMA): it can make an endpoint look slower, never faster.
         ``void``: the attempt says nothing about the endpoint (:class:`mesh.policy.Outcome`):
-        it only leaves the in-flight count, and nothing is charged."""
+        it only leaves the in-flight count, and nothing is charged. ``sent_at``: when the
+        request was sent, if not ``now - latency``."""
         self.in_flight = max(0, self.in_flight - 1)
         if self.in_flight == 0:
             self.sent_since_outcome, self.waiting_since = 0, math.inf
@@ -238,7 +239,10 @@ class EndpointStats:
                 self.tick_count += 1
                 self.tick_cost_sum += cost
             return cost
-        sent = now - latency if 0.0 <= latency <= MAX_LATENCY else now
+        if sent_at is not None and math.isfinite(sent_at):
+            sent = sent_at
+        else:
+            sent = now - latency if 0.0 <= latency <= MAX_LATENCY else now
         if not ok and sent < self.fresh_from:
             # What the last ejection was for: requests sent to a hung pod time out long after
             # it was ejected (15 s by default) and after it may have healed; counted, they

@@ -117,7 +117,7 @@ class _MeasuredPolicy(ABC):
         if stats is None:
             return
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
-                     outcome.censored, outcome.void)
+                     outcome.censored, outcome.void, outcome.sent_at)
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 
@@ -299,7 +299,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._recent = RecentLatencies()
         self._hedges: dict[str, HedgePlan] = {}
         # an endpoint whose ejection ended, to be sent the next request (see tick())
-        self._probation: int | None = None
+        self._probation: str | None = None
 
     def on_start(self, endpoint: str, now: float) -> None:
         super().on_start(endpoint, now)
@@ -380,7 +380,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
 
-    def _probation_due(self, now: float) -> int | None:
+    def _probation_due(self, now: float) -> str | None:
         """An endpoint whose ejection has ended and that has not answered since (nothing sent
         there since its last outcome or the ejection's start, which leaves out the requests
         of the hang it still holds; no fresh probe answer speaking for it; not draining): the
@@ -389,11 +389,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         its backoff ends. Otherwise only the exploration floor would find out whether it
         healed: at a low rate, seconds of waiting for a floor request (0.5 % of 60 req/s is
         one every 3 s), during which the healed pod served nobody."""
-        for i, e in enumerate(self.endpoints):
+        for e in self.endpoints:
             s = self.stats[e]
             if s.readmitting and now >= s.ejected_until and s.sent_since_outcome == 0 \
                     and not s.probe_covered(now) and not s.draining(now):
-                return i
+                return e
         return None
 
     def take_epoch(self) -> dict[str, EpochWindow]:
@@ -402,6 +402,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def _on_resize(self, keep: list[int | None], new: list[str]) -> None:
         super()._on_resize(keep, new)
+        self._probation = None  # named again at the next tick, if still due
         self.regret.resize(keep)
         if self._pacer is not None:
             sampled = len(new) > EXACT_PACING_ENDPOINTS
@@ -460,8 +461,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         probation = self._probation
         if probation is not None:
             self._probation = None
-            if probation < len(endpoints) and endpoints[probation] not in exclude:
-                return endpoints[probation]
+            if probation not in exclude and self.stats[probation].ejected_until <= now:
+                return probation
         if not exclude and cumulative and cumulative[-1] > 0:
             i = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]),
                     len(endpoints) - 1)

@@ -44,6 +44,8 @@ class Outcome:
     own upload broke off or stalled, or the app reset the stream): only its in-flight count
     goes back; no latency, success or failure is learned, so an app cannot push traffic
     away from an endpoint, or towards one, by breaking its own requests.
+    ``sent_at``: when the attempt was sent, where ``now - latency`` is not it (an HTTP/2
+    call's latency runs to its first message, ``now`` is its end); None: ``now - latency``.
     """
 
     endpoint: str
@@ -54,6 +56,7 @@ class Outcome:
     answered: bool | None = None
     censored: bool = False
     void: bool = False
+    sent_at: float | None = None
 
     @property
     def got_answer(self) -> bool:

@@ -540,7 +540,7 @@ class _Call:
         now = proxy.clock()
         latency = (first if first is not None else now) - sent
         group.policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion,
-                                        answered=answered))
+                                        answered=answered, sent_at=sent))
         proxy.metrics.forwarded(group.name, endpoint, code, latency if answered else None)
         if status is not None:
             proxy.h2_metrics.grpc_calls.labels(group.name, endpoint, str(status)).inc()

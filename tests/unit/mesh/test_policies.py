@@ -418,8 +418,9 @@ def test_a_pod_whose_ejection_ends_is_sent_the_next_request_not_left_to_the_floo
 
 def test_long_polls_are_no_hang() -> None:
     """Two long polls held at a pod (a watch API), on a pod never measured before and on one
-    whose requests are all long polls, neither eject it nor turn requests away from it:
-    only a pod known to answer quickly can be seen to hang."""
+    whose requests are all long polls, do not eject it: only a pod known to answer quickly
+    can be seen to hang. (At a fresh pod they send the next requests elsewhere while they
+    wait; a service of long polls keeps its share.)"""
     for known in (None, 30.0):
         p = make_policy("equilibrium", get_profile("balanced"))
         p.set_endpoints(ENDPOINTS[:2], 0.0)
@@ -434,8 +435,53 @@ def test_long_polls_are_no_hang() -> None:
         for t in (41.0, 45.0, 50.0):
             p.tick(start + t - 40.0)
             assert p.stats[ENDPOINTS[0]].ejected_until < start
-        picks = [p.pick(rng, 50.0) for _ in range(200)]
-        assert picks.count(ENDPOINTS[0]) > 20, known  # (its weight falls: a stall counts)
+        if known is not None:
+            picks = [p.pick(rng, 50.0) for _ in range(200)]
+            assert picks.count(ENDPOINTS[0]) > 20  # (its weight falls: a stall counts)
+
+
+def test_an_http2_call_sent_before_an_ejection_is_what_the_ejection_was_for() -> None:
+    """The review's finding: an HTTP/2 call's latency runs to its first message while its
+    outcome comes at its end, so ``now - latency`` put streams sent before an ejection after
+    it, and their later failures ejected the pod again for twice as long. The sidecar now
+    says when the call was sent."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    pods = ENDPOINTS[:3]
+    p.set_endpoints(pods, 0.0)
+    for _ in range(10):
+        p.on_start(pods[1], 1.0)
+    for _ in range(5):
+        p.on_outcome(Outcome(pods[1], 0.01, False, 2.0, sent_at=1.0))
+    p.tick(2.0)
+    stats = p.stats[pods[1]]
+    assert stats.ejections == 1 and stats.ejected_until == pytest.approx(12.0)
+    for _ in range(5):  # the other five streams of t=1 fail at t=9, first message at 1.01
+        p.on_outcome(Outcome(pods[1], 0.01, False, 9.0, sent_at=1.0))
+    p.tick(9.0)
+    assert stats.ejections == 1 and stats.ejected_until == pytest.approx(12.0)
+    assert stats.consecutive_failures == 0
+
+
+def test_the_look_after_an_ejection_goes_to_its_pod_even_when_the_endpoints_change() -> None:
+    """The review's finding: the pod due a look was kept as an index, and a change of the
+    endpoint set between the tick and the pick sent it to whichever pod took that place (an
+    ejected one in the review's run). It is kept by name, and dropped on a change."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    a, b, c, d = ENDPOINTS[:4]
+    p.set_endpoints([a, b, c, d], 0.0)
+    for pod, at in ((c, 0.0), (d, 10.0)):
+        for i in range(5):
+            p.on_start(pod, at + 0.1 * i)
+            p.on_outcome(Outcome(pod, 0.001, False, at + 0.1 * i + 0.001))
+        p.tick(at + 1.0)
+    assert p.stats[c].ejected_until == pytest.approx(11.0)
+    assert p.stats[d].ejected_until == pytest.approx(21.0)
+    p.tick(11.01)  # c's ejection is over: the look is due at c
+    p.set_endpoints([a, c, d], 11.01)  # b leaves: d would sit at c's old index
+    picked = p.pick(random.Random(1), 11.01)
+    assert picked != d
+    p.tick(11.5)
+    assert p.pick(random.Random(1), 11.5) == c
 
 
 @pytest.mark.parametrize("timeout", [2.0, 15.0])
