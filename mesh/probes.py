@@ -134,14 +134,17 @@ class AwaitedAnswers:
     that accepts requests and never answers (a hung pod) adds nothing to it, and for up to its
     ``max_age`` the report went on showing the latencies from before the hang while requests
     piled up at the app (a helper measured 10 s of healthy answers from a hung pod, and callers
-    raised its share meanwhile). The *stall* is the age of the second-oldest request still
-    waiting: one alone is no stall, however long (a long poll looks the same), as on the
-    caller's side (:meth:`mesh.estimators.EndpointStats.stalled_for`). :meth:`fold` makes it a
-    lower bound on the latency the report states. Pure; ``now`` is passed in."""
+    raised its share meanwhile). The *stall* is the age of the second request still waiting
+    among those sent since the app's last answer head: one alone is no stall, however long,
+    and an app that answers others meanwhile is not stalled, whatever long polls or slow
+    uploads it holds, as on the caller's side
+    (:meth:`mesh.estimators.EndpointStats.stalled_for`). :meth:`fold` makes it a lower bound
+    on the latency the report states. Pure; ``now`` is passed in."""
 
     def __init__(self) -> None:
         self._sent: dict[int, float] = {}
         self._next = 0
+        self._answered_at = -math.inf  # when the app last sent an answer head
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -153,17 +156,27 @@ class AwaitedAnswers:
         self._sent[key] = now
         return key
 
-    def answered(self, key: int) -> None:
-        """The request's answer head came, or it ended without one (idempotent)."""
+    def answered(self, key: int, now: float) -> None:
+        """The request's answer head came at ``now``: what was sent before it is no stall."""
+        if self._sent.pop(key, None) is not None:
+            self._answered_at = max(self._answered_at, now)
+
+    def ended(self, key: int) -> None:
+        """The request ended, answered or not (idempotent)."""
         self._sent.pop(key, None)
 
     def stall(self, now: float) -> float:
-        """The age of the second-oldest request still waiting (0 with fewer than two)."""
-        if len(self._sent) < 2:
-            return 0.0
-        waiting = iter(self._sent.values())
-        next(waiting)
-        return max(0.0, now - next(waiting))
+        """The age of the second request still waiting among those sent since the app's last
+        answer head (0 with fewer than two)."""
+        since, second = self._answered_at, None
+        seen = 0
+        for sent in self._sent.values():  # in the order sent
+            if sent >= since:
+                seen += 1
+                if seen == 2:
+                    second = sent
+                    break
+        return 0.0 if second is None else max(0.0, now - second)
 
     def fold(self, now: float, summary: tuple[float, float, float, int]
              ) -> tuple[float, float, float, int]:

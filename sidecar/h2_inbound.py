@@ -305,7 +305,7 @@ class _Call:
                 upstream.discard()
         finally:
             policing.in_flight -= 1
-            proxy.probes.awaited.answered(self.waiting)
+            proxy.probes.awaited.ended(self.waiting)
             now = proxy.clock()
             self.cancel_timers()
             if self.holding:  # the slot goes back to the gate (with the RTT if the app answered)
@@ -350,7 +350,7 @@ class _Call:
                 return None, False
             await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
             return None, False
-        self.owner.proxy.probes.awaited.answered(self.waiting)
+        self.owner.proxy.probes.awaited.answered(self.waiting, clock())
         trailers_only = upstream.head_ended
         try:
             stream.send_headers(self.answer_headers(head, verdict), end_stream=trailers_only)

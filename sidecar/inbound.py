@@ -439,7 +439,7 @@ class InboundProxy:
                         exchange.method, URL(self.app_url + exchange.raw_path, encoded=True),
                         headers, upload_body,
                     ))
-                    awaited.answered(waiting)
+                    awaited.answered(waiting, self.clock())
                 except asyncio.CancelledError:
                     if not watchdog.took_back():
                         raise
@@ -470,7 +470,7 @@ class InboundProxy:
         finally:
             watchdog.stop()
             self.in_flight -= 1
-            awaited.answered(waiting)
+            awaited.ended(waiting)
             now = self.clock()
             if tracked:  # the slot goes back to the gate (with the RTT if it finished)
                 self._deliver(self.gate.finish(now, now - started if finished_ok else None))

@@ -108,23 +108,39 @@ def test_requests_waiting_at_a_hung_app_show_in_the_summary_before_they_time_out
     mean, p50, p90, n = awaited.fold(12.0, window.summary(12.0))
     assert mean == p50 == p90 == pytest.approx(1.95) and n == 20
     for key in keys:  # they time out: nothing waits any more
-        awaited.answered(key)
+        awaited.ended(key)
     assert len(awaited) == 0 and awaited.stall(30.0) == 0.0
 
 
-def test_one_long_request_or_slow_answers_are_no_stall() -> None:
+def test_long_requests_beside_answered_ones_or_slow_answers_are_no_stall() -> None:
+    """One long request alone is no stall; nor are two (long polls, slow uploads) while the
+    app answers others (the review's finding: two long polls made a pod answering every other
+    request in 4 ms read 4 s, and it was never readmitted); nor are slow answers."""
     window, awaited = LatencyWindow(), AwaitedAnswers()
     awaited.sent(0.0)  # a long poll: alone, however long
     assert awaited.stall(100.0) == 0.0
+    awaited.sent(1.0)  # a second one: with nothing answered since, a stall
+    assert awaited.stall(100.0) == pytest.approx(99.0)
+    quick = awaited.sent(99.9)
+    awaited.answered(quick, 99.904)  # the app answers others: they no longer count
+    assert awaited.stall(100.0) == 0.0
     for i in range(16):
-        window.add(99.0 + i * 0.01, 0.5)  # an app answering in 500 ms
-    awaited.sent(99.5)  # answered at 100.0: in flight for half a second, as they all are
-    assert awaited.fold(100.0, window.summary(100.0)) == window.summary(100.0)
-    first, second = awaited.sent(100.0), awaited.sent(100.1)
-    awaited.answered(first)
-    awaited.answered(first)  # idempotent
-    assert awaited.stall(100.9) == pytest.approx(1.4)  # the long poll and the 99.5 one wait
-    awaited.answered(second)
+        window.add(99.0 + i * 0.01, 0.004)
+    summary = window.summary(100.0)
+    assert awaited.fold(100.0, summary) == summary
+    first, second = awaited.sent(100.0), awaited.sent(100.1)  # sent after that answer
+    assert awaited.stall(100.9) == pytest.approx(0.8)
+    awaited.answered(first, 101.0)
+    awaited.ended(first)  # idempotent, and no answer
+    assert awaited.stall(101.5) == 0.0
+    awaited.ended(second)
+    slow = LatencyWindow()
+    for i in range(16):
+        slow.add(99.0 + i * 0.01, 0.5)  # an app answering in 500 ms
+    busy = AwaitedAnswers()
+    busy.sent(99.5)
+    busy.sent(99.6)  # both in flight for about as long as they all are
+    assert busy.fold(100.0, slow.summary(100.0)) == slow.summary(100.0)
     # an idle app (no samples) waiting on two requests for over 50 ms
     assert AwaitedAnswers().fold(1.0, (0.0, 0.0, 0.0, 0)) == (0.0, 0.0, 0.0, 0)
     idle = AwaitedAnswers()
