@@ -189,11 +189,13 @@ class EndpointStats:
         stall = now - self.waiting_since
         return stall > STALL_MIN and stall > 2.0 * (self.latency.value or 0.0)
 
-    def hung(self, now: float) -> bool:
+    def hung(self, now: float, others: float | None = None) -> bool:
         """Whether the endpoint has stalled for over :data:`STALL_EJECT` and ten times its
-        (known) latency estimate: a pod that accepts requests and answers none (a slow pod
-        never waits that long; a service of long polls has their length as its estimate)."""
-        known = self.latency.value
+        latency estimate, or, never measured, ten times ``others`` (the best estimate of the
+        upstream's other endpoints): a pod that accepts requests and answers none (a slow
+        pod never waits that long; a service of long polls has their length as its
+        estimate; with nothing known anywhere, nothing is hung)."""
+        known = self.latency.value if self.latency.value is not None else others
         return known is not None and self.stalled_for(now) > max(STALL_EJECT, 10.0 * known)
 
     def censor_stall(self, now: float) -> float:

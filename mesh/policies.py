@@ -554,10 +554,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         that failed ``eject_after_failures`` times in a row or are hung (module docstring)."""
         live = np.ones(len(self.endpoints), dtype=bool)
         p = self.profile
+        known = [v for e in self.endpoints if (v := self.stats[e].latency.value) is not None]
+        best = min(known) if known else None
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
             failing = s.consecutive_failures >= p.eject_after_failures
-            if failing or s.hung(now):
+            if failing or s.hung(now, best):
                 # Failing; or hung: requests held unanswered for over a second and ten times
                 # its latency (no slow pod waits that long; the pick already sends nothing
                 # there while it stalls), ejected for STALL_EJECTION, not doubled: the requests
