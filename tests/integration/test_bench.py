@@ -136,6 +136,23 @@ def test_recovery_reports_the_heal_for_the_mesh_and_the_oracle(tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_recovery_from_a_hang_costs_few_requests_and_the_pod_comes_back(tmp_path: Path) -> None:
+    """--recovery-fault hang: the pod accepts requests and answers none until it heals
+    (each would take 30 s; the sidecars give up after 2 s here). The sidecars stop sending
+    there as soon as its requests stall, and take it back once it heals."""
+    proc = _run(["--scenario", "recovery", "--recovery-fault", "hang", "--duration", "20",
+                 "--clients", "2", "--policies", "equilibrium",
+                 "--sidecar-arg=--request-timeout=2", "--out", "results"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "recovery.json").read_text())
+    assert doc["parameters"]["fault"] == "hang" and doc["parameters"]["bad_delay_s"] == 30.0
+    m = doc["data"]["contenders"]["equilibrium"]
+    assert m["bad_share_before"] == 0.0
+    assert 0 < m["errors"] <= 30  # 44 before the sidecars turned away from a stall
+    assert m["time_to_fair"] is not None  # back to 80 % of its fair share within the run
+
+
+@pytest.mark.slow
 def test_probe_cost_counts_the_probes_of_a_loaded_sidecar(tmp_path: Path) -> None:
     proc = _run(["--scenario", "probe-cost", "--duration", "4", "--rate", "100", "--out",
                  "results", "--probe-cost-py-spy", str(tmp_path / "no-py-spy")], tmp_path)

@@ -2,8 +2,10 @@
 
 Three pods of one service on loopback (``--recovery-pods``); the last adds 500 ms to half of
 its requests until ``--recovery-heal-at`` of the run, when the fleet's control endpoint heals
-it. Several client sidecars send the same open-loop load. Contenders, one after another on the
-same pods (fleet reset, same seed):
+it (``--recovery-fault hang``: it answers none of them, each taking 30 s, past the sidecars'
+15 s request timeout, as a pod that accepts requests and never answers; those still held
+when it heals stay held). Several client sidecars send the same open-loop load. Contenders,
+one after another on the same pods (fleet reset, same seed):
 
 - with every pod behind its own inbound sidecar (mesh key, idle check
   ``policing.app_check_path: /``): ``equilibrium+probes`` — the mesh case, the clients'
@@ -45,6 +47,10 @@ UPSTREAM = "demo"
 CONTENDERS = (*mesh_pods.MESH_GROUP, *mesh_pods.DIRECT_GROUP)
 DEFAULT_CONTENDERS = CONTENDERS
 RECOVERY_WINDOW = 10.0
+FAULTS: dict[str, dict[str, float]] = {
+    "slow": {"bad_delay": 0.5, "bad_fraction": 0.5},  # the seed's bad pod
+    "hang": {"bad_delay": 30.0, "bad_fraction": 1.0},  # accepts, answers nothing in time
+}
 
 
 class Recovery(Scenario):
@@ -59,6 +65,9 @@ class Recovery(Scenario):
         group.add_argument("--recovery-pods", type=int, default=3, help="pods (3)")
         group.add_argument("--recovery-heal-at", type=float, default=0.5,
                            help="when the bad pod heals, as a share of the run (0.5)")
+        group.add_argument("--recovery-fault", choices=sorted(FAULTS), default="slow",
+                           help="what ails the bad pod until it heals: slow (500 ms on half "
+                                "its requests, the default) or hang (no answer within 30 s)")
 
     async def run(self, ctx: BenchContext) -> ScenarioResult:
         args = ctx.args
@@ -72,7 +81,9 @@ class Recovery(Scenario):
         heal_at = args.duration * args.recovery_heal_at
         bad = pods - 1
         names = [f"pod-{i}" for i in range(pods)]
-        params = {"pods": pods, "bad_pod": names[bad], "bad_delay_s": 0.5, "bad_fraction": 0.5,
+        fault = FAULTS[args.recovery_fault]
+        params = {"pods": pods, "bad_pod": names[bad], "fault": args.recovery_fault,
+                  "bad_delay_s": fault["bad_delay"], "bad_fraction": fault["bad_fraction"],
                   "heal_at_s": heal_at, "clients": args.clients, "rate_per_client": args.rate,
                   "duration_per_contender_s": args.duration, "order": " → ".join(args.policies),
                   "seed": args.seed}
@@ -101,7 +112,8 @@ class Recovery(Scenario):
                        heal_at: float) -> dict[str, Any]:
         args = ctx.args
         await fleet.reset(seed=args.seed)
-        await fleet.control(bad, bad=True)  # it healed in the previous contender's run
+        # it healed in the previous contender's run
+        await fleet.control(bad, bad=True, **FAULTS[args.recovery_fault])
         policy, urls, inbound, env = await mesh_pods.setup(ctx, contender, fleet.urls, [bad])
         try:
             clients = await start_sidecars(
