@@ -166,6 +166,12 @@ class EndpointStats:
             self.waiting_since = now
         self.in_flight += 1
 
+    def answered(self, now: float) -> None:
+        """An answer head came (an HTTP/2 call's, whose outcome comes at its end): only what
+        is sent from now on can stall. A pod serving long streams answered them; counted as
+        unanswered until they ended, two of them made it look hung (a helper's finding)."""
+        self.sent_since_outcome, self.waiting_since = 0, math.inf
+
     def stalled_for(self, now: float) -> float:
         """How long the endpoint has left unanswered two requests sent to it since its last
         outcome: the age of the second of them; 0 with fewer. An endpoint that accepts

@@ -121,6 +121,11 @@ class _MeasuredPolicy(ABC):
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 
+    def on_answer(self, endpoint: str, now: float) -> None:
+        stats = self.stats.get(endpoint)
+        if stats is not None:
+            stats.answered(now)
+
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         """A verified probe answer about ``endpoint`` (:meth:`EndpointStats.observe_probe`);
         the baselines keep it only for observers, ``equilibrium`` learns from it."""

@@ -118,6 +118,10 @@ class Policy(Protocol):
     def on_outcome(self, outcome: Outcome) -> None:
         """A request finished (successfully or not)."""
 
+    def on_answer(self, endpoint: str, now: float) -> None:
+        """The answer head of a request to ``endpoint`` came at ``now``, ahead of its
+        outcome (an HTTP/2 call's outcome comes at its end): the endpoint is answering."""
+
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         """A verified probe answer about ``endpoint`` arrived at ``now``."""
 

@@ -372,6 +372,10 @@ class _Call:
                               refusal)
                     return UPSTREAM_REFUSED
                 # too much of the request went up to send it again: relayed as it came
+            # it answers (a stream's outcome comes at its end): what is sent there from now
+            # on may stall, not what it already answered
+            assert ctx.group is not None and ctx.endpoint is not None
+            ctx.group.policy.on_answer(ctx.endpoint, proxy.clock())
             head = self.response_filter(head)
             ctx.status = http_status = _http_status(head)
             trailers_only = upstream.head_ended

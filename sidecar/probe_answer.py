@@ -117,6 +117,7 @@ class ProbeResponder:
         self.awaited = AwaitedAnswers()
         """Callers' requests at the app with no answer head yet (the listeners keep it)."""
         self._tokens, self._tokens_at = ANSWER_BURST, clock()
+        self._check_unusable = False  # the idle check got no HTTP/1.1 answer (logged once)
 
     def record(self, now: float, latency: float) -> None:
         """The app finished a caller's request in ``latency`` seconds (called by the
@@ -187,16 +188,28 @@ class ProbeResponder:
                                           and self.clock() - last < IDLE_AFTER):
                     continue
                 started = self.clock()
+                spoke = True  # the app answered HTTP/1.1, or said nothing at all
                 try:
                     async with session.get(url, allow_redirects=False) as response:
                         await response.read()
                         ok = response.status < 500
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    ok = False
+                except (aiohttp.ClientConnectorError, TimeoutError) as exc:
+                    ok = False  # not listening, or hung: the app's failure
                     log.debug("app check %s failed: %r", url, exc)
+                except (aiohttp.ClientError, OSError) as exc:
+                    # it hung up on an HTTP/1.1 request or answered something else (a gRPC
+                    # app speaks HTTP/2 only): the check says nothing of the app, and
+                    # charged as a failure it made a healthy pod look slow (a helper's
+                    # finding); said once
+                    ok, spoke = False, False
+                    if not self._check_unusable:
+                        self._check_unusable = True
+                        log.warning("app check %s gets no HTTP/1.1 answer from the app (%r): "
+                                    "its checks are not counted in probe answers (a gRPC "
+                                    "app? docs/protocol.md, 'Idle check')", url, exc)
                 now = self.clock()
                 self.metrics.app_checks.labels("ok" if ok else "failed").inc()
                 if ok:
                     self.window.add(now, now - started)
-                else:  # charged as a caller's sidecar charges a failed request
+                elif spoke:  # charged as a caller's sidecar charges a failed request
                     self.window.add(now, max(FAILED_CHECK, now - started))

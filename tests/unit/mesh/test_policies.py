@@ -433,6 +433,26 @@ def test_a_pod_hung_from_its_start_is_judged_by_the_others_latency() -> None:
     assert p.stats[ENDPOINTS[0]].ejected_until == pytest.approx(6.5)
 
 
+def test_streams_that_were_answered_are_no_hang() -> None:
+    """A helper's finding: a healthy pod holding two gRPC streams (their outcome comes at
+    their end, 30 s later) looked stalled for seconds and lost its traffic. Their answer
+    heads came: the pod is answering, and only what is sent after them can stall."""
+    for heads in (True, False):
+        p = make_policy("equilibrium", get_profile("balanced"))
+        p.set_endpoints(ENDPOINTS[:2], 0.0)
+        for e in ENDPOINTS[:2]:
+            p.on_start(e, 0.0)
+            p.on_outcome(Outcome(e, 0.005, True, 0.005))
+        for _ in range(2):
+            p.on_start(ENDPOINTS[0], 1.0)
+            if heads:
+                p.on_answer(ENDPOINTS[0], 1.01)
+        p.tick(3.0)
+        stats = p.stats[ENDPOINTS[0]]
+        assert (stats.ejected_until < 3.0) == heads
+        assert not stats.stalling(3.0)  # (ejected, it holds nothing new either)
+
+
 def test_long_polls_are_no_hang() -> None:
     """Two long polls held at a pod (a watch API), on a pod never measured before and on one
     whose requests are all long polls, do not eject it: only a pod known to answer quickly

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry
@@ -202,3 +204,36 @@ async def test_a_failed_idle_check_counts_as_a_failure_not_as_the_whole_time_bud
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
+
+
+async def test_an_app_that_speaks_no_http1_is_not_charged_for_the_checks(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A helper's finding: behind its inbound sidecar, a gRPC app (HTTP/2 only) failed every
+    HTTP/1.1 idle check; each counted as 1 s and made the healed pod look slow, so callers
+    never took it back. A check the app hangs up on says nothing of it: not recorded, said
+    once in the log."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00")  # HTTP/2 bytes, not a status line
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    unused = App()
+    unused.in_flight = 0
+    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
+                       max_skew=30.0, clock=loop.time)
+    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 15.0))
+    try:
+        with caplog.at_level("WARNING", logger="sidecar.probe_answer"):
+            await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)
+        assert r.window.summary(loop.time())[3] == 0
+        warned = [rec for rec in caplog.records if "gets no HTTP/1.1 answer" in rec.message]
+        assert len(warned) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
