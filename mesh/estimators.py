@@ -32,6 +32,7 @@ MAX_LATENCY = 3600.0  # any observation above this is clamped: nothing real take
 STALL_MIN = 0.05  # seconds without an answer before a stall counts (EndpointStats.censor_stall)
 STALL_EJECT = 1.0  # seconds of a stall (and 10x the estimate) that eject a hung endpoint
 STALL_EJECTION = 5.0  # seconds a hung endpoint stays ejected (each time: never doubled)
+STALL_EJECT_UNMEASURED = 5.0  # STALL_EJECT for an endpoint that never answered
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 
@@ -197,12 +198,18 @@ class EndpointStats:
 
     def hung(self, now: float, others: float | None = None) -> bool:
         """Whether the endpoint has stalled for over :data:`STALL_EJECT` and ten times its
-        latency estimate, or, never measured, ten times ``others`` (the best estimate of the
-        upstream's other endpoints): a pod that accepts requests and answers none (a slow
-        pod never waits that long; a service of long polls has their length as its
-        estimate; with nothing known anywhere, nothing is hung)."""
-        known = self.latency.value if self.latency.value is not None else others
-        return known is not None and self.stalled_for(now) > max(STALL_EJECT, 10.0 * known)
+        latency estimate, or, never measured, for over :data:`STALL_EJECT_UNMEASURED` and ten
+        times ``others`` (the best estimate of the upstream's other endpoints): a pod that
+        accepts requests and answers none (a slow pod never waits that long; a service of
+        long polls has their length as its estimate; with nothing known anywhere, nothing is
+        hung). A pod never measured may be slow rather than hung (1.5 s where the others take
+        3 ms, in the hedging test), hence the longer wait; meanwhile :meth:`stalling` keeps
+        requests away from it all the same."""
+        known = self.latency.value
+        least = STALL_EJECT
+        if known is None:
+            known, least = others, STALL_EJECT_UNMEASURED
+        return known is not None and self.stalled_for(now) > max(least, 10.0 * known)
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer
