@@ -140,7 +140,7 @@ def test_recovery_from_a_hang_costs_few_requests_and_the_pod_comes_back(tmp_path
     """--recovery-fault hang: the pod accepts requests and answers none until it heals
     (each would take 30 s; the sidecars give up after 2 s here). The sidecars stop sending
     there as soon as its requests stall, and take it back once it heals."""
-    proc = _run(["--scenario", "recovery", "--recovery-fault", "hang", "--duration", "20",
+    proc = _run(["--scenario", "recovery", "--recovery-fault", "hang", "--duration", "30",
                  "--clients", "2", "--policies", "equilibrium",
                  "--sidecar-arg=--request-timeout=2", "--out", "results"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
