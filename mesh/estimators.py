@@ -190,7 +190,8 @@ class EndpointStats:
         :data:`STALL_MIN` and twice its latency estimate (0 while it has none): the test of
         :meth:`censor_stall`, asked per request. A pod hung from its start, never measured,
         is turned away from as well; long polls held at a fresh pod only send the next
-        requests elsewhere while they wait (:meth:`hung`, which ejects, needs an estimate)."""
+        requests elsewhere while they wait (:meth:`hung`, which ejects, needs an estimate,
+        its own or the other pods', and waits longer without its own)."""
         if self.waiting_since == math.inf or self.in_flight <= 0:
             return False
         stall = now - self.waiting_since

@@ -389,11 +389,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         """An endpoint whose ejection has ended and that has not answered since (nothing sent
         there since its last outcome or the ejection's start, which leaves out the requests
         of the hang it still holds; no fresh probe answer speaking for it; not draining): the
-        next request
-        goes there, one per tick at most, as Linkerd's failure accrual sends one request when
-        its backoff ends. Otherwise only the exploration floor would find out whether it
-        healed: at a low rate, seconds of waiting for a floor request (0.5 % of 60 req/s is
-        one every 3 s), during which the healed pod served nobody."""
+        next request goes there, one per tick at most, as Linkerd's failure accrual sends one
+        request when its backoff ends. Otherwise only the exploration floor would find out
+        whether it healed: at a low rate, seconds of waiting for a floor request (0.5 % of
+        60 req/s is one every 3 s), during which the healed pod served nobody."""
         for e in self.endpoints:
             s = self.stats[e]
             if s.readmitting and now >= s.ejected_until and s.sent_since_outcome == 0 \
