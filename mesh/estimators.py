@@ -139,6 +139,9 @@ class EndpointStats:
     # (inf: fewer than two since)
     sent_since_outcome: int = 0
     waiting_since: float = math.inf
+    # when the third of them was sent (inf: fewer): a stall that turns requests away and
+    # ejects must hold one request more than the two long polls a healthy pod may hold
+    confirmed_since: float = math.inf
     stall_counted: float = 0.0  # the stall censor_stall counted at this tick (0: none)
     # The last verified probe answer, when it came, and this caller's in-flight count then.
     probe: ProbeReport | None = None
@@ -165,13 +168,20 @@ class EndpointStats:
         self.sent_since_outcome += 1
         if self.sent_since_outcome == 2:
             self.waiting_since = now
+        elif self.sent_since_outcome == 3:
+            self.confirmed_since = now
         self.in_flight += 1
+
+    def restart_stall(self) -> None:
+        """Only what is sent from now on can stall (an answer came, or an ejection began)."""
+        self.sent_since_outcome = 0
+        self.waiting_since = self.confirmed_since = math.inf
 
     def answered(self, now: float) -> None:
         """An answer head came (an HTTP/2 call's, whose outcome comes at its end): only what
         is sent from now on can stall. A pod serving long streams answered them; counted as
         unanswered until they ended, two of them made it look hung (a helper's finding)."""
-        self.sent_since_outcome, self.waiting_since = 0, math.inf
+        self.restart_stall()
 
     def stalled_for(self, now: float) -> float:
         """How long the endpoint has left unanswered two requests sent to it since its last
@@ -186,21 +196,24 @@ class EndpointStats:
         return max(0.0, now - self.waiting_since)
 
     def stalling(self, now: float) -> bool:
-        """Whether the endpoint is stalled (:meth:`stalled_for`) longer than
-        :data:`STALL_MIN` and twice its latency estimate (0 while it has none): the test of
-        :meth:`censor_stall`, asked per request. A pod hung from its start, never measured,
-        is turned away from as well; long polls held at a fresh pod only send the next
-        requests elsewhere while they wait (:meth:`hung`, which ejects, needs an estimate,
-        its own or the other pods', and waits longer without its own)."""
-        if self.waiting_since == math.inf or self.in_flight <= 0:
+        """Whether the endpoint holds three requests sent since its last answer and the third
+        has waited over :data:`STALL_MIN` and twice its latency estimate (0 while it has
+        none): then a pick sends it nothing more. Three, not the two of :meth:`stalled_for`:
+        a healthy pod may hold two long polls, and while it is turned away from, nothing it
+        would answer at once could show it healthy (a review's finding: with two long polls
+        sent back to back, a healthy pod was turned away from, then ejected). A pod hung from
+        its start, never measured, is turned away from as well (:meth:`hung`, which ejects,
+        needs an estimate, its own or the other pods', and waits longer without its own)."""
+        if self.confirmed_since == math.inf or self.in_flight <= 0:
             return False
-        stall = now - self.waiting_since
+        stall = now - self.confirmed_since
         return stall > STALL_MIN and stall > 2.0 * (self.latency.value or 0.0)
 
     def hung(self, now: float, others: float | None = None) -> bool:
-        """Whether the endpoint has stalled for over :data:`STALL_EJECT` and ten times its
-        latency estimate, or, never measured, for over :data:`STALL_EJECT_UNMEASURED` and ten
-        times ``others`` (the best estimate of the upstream's other endpoints): a pod that
+        """Whether the endpoint's stall (three requests, as :meth:`stalling`) has lasted over
+        :data:`STALL_EJECT` and ten times its latency estimate, or, never measured, over
+        :data:`STALL_EJECT_UNMEASURED` and ten times ``others`` (the best estimate of the
+        upstream's other endpoints): a pod that
         accepts requests and answers none (a slow pod never waits that long; a service of
         long polls has their length as its estimate; with nothing known anywhere, nothing is
         hung). A pod never measured may be slow rather than hung (1.5 s where the others take
@@ -210,7 +223,9 @@ class EndpointStats:
         least = STALL_EJECT
         if known is None:
             known, least = others, STALL_EJECT_UNMEASURED
-        return known is not None and self.stalled_for(now) > max(least, 10.0 * known)
+        if known is None or self.confirmed_since == math.inf or self.in_flight <= 0:
+            return False
+        return now - self.confirmed_since > max(least, 10.0 * known)
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer
@@ -242,7 +257,7 @@ class EndpointStats:
         request was sent, if not ``now - latency``."""
         self.in_flight = max(0, self.in_flight - 1)
         if self.in_flight == 0:
-            self.sent_since_outcome, self.waiting_since = 0, math.inf
+            self.restart_stall()
         if void:
             return 0.0
         cost = self.charged_latency(latency, ok)
@@ -284,7 +299,7 @@ class EndpointStats:
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)
         # it answers: only what is sent from now on can stall
-        self.sent_since_outcome, self.waiting_since = 0, math.inf
+        self.restart_stall()
         if congestion is not None and math.isfinite(congestion):
             self.congestion = 0.5 * self.congestion + 0.5 * min(1.0, max(0.0, congestion))
         self.tick_count += 1

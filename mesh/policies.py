@@ -479,8 +479,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 # until its weight falls at the next tick. What is sent there now waits
                 # for the request timeout (a helper counted 20 such 504s a hang, where
                 # HAProxy's leastconn, seeing the connections pile up, lost 1 to 5): this
-                # request goes elsewhere by the weights of the others.
-                return self.pick(rng, now, frozenset((chosen,))) or chosen
+                # request goes elsewhere by the weights of the others, never to one without
+                # weight (ejected, draining: a review's finding), else it stays.
+                return self._elsewhere(rng, i) or chosen
             return chosen
         weights = self._weights
         pool = [(e, float(weights[i])) for i, e in enumerate(endpoints)
@@ -490,6 +491,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return rng.choices([e for e, _ in positive], [w for _, w in positive])[0]
         rest = [e for e in endpoints if e not in exclude]
         return rng.choice(rest) if rest else None
+
+    def _elsewhere(self, rng: random.Random, i: int) -> str | None:
+        """An endpoint other than the ``i``-th, drawn by weight among those with one; None
+        if there is none."""
+        weights, endpoints = self._weights, self.endpoints
+        others = [(e, float(weights[j])) for j, e in enumerate(endpoints)
+                  if j != i and j < weights.shape[0] and weights[j] > 0]
+        if not others:
+            return None
+        return rng.choices([e for e, _ in others], [w for _, w in others])[0]
 
     def _paced_pick(self, drawn: int, now: float) -> int:
         """Queue-aware choice inside the shares (:mod:`mesh.pacing`), given the endpoint
@@ -574,7 +585,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 s.fresh_from, s.readmitting = now, True
                 # what it still holds is what the ejection was for: only what is sent after
                 # it can stall, and the probation request goes while nothing new is out
-                s.sent_since_outcome, s.waiting_since = 0, math.inf
+                s.restart_stall()
                 s.ejections += failing
                 s.consecutive_failures = 0
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:

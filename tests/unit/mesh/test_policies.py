@@ -426,8 +426,8 @@ def test_a_pod_hung_from_its_start_is_judged_by_the_others_latency() -> None:
     for e in ENDPOINTS[1:3]:
         p.on_start(e, 0.0)
         p.on_outcome(Outcome(e, 0.005, True, 0.005))
-    p.on_start(ENDPOINTS[0], 0.1)
-    p.on_start(ENDPOINTS[0], 0.2)
+    for at in (0.1, 0.2, 0.2):
+        p.on_start(ENDPOINTS[0], at)
     p.tick(5.0)
     assert p.stats[ENDPOINTS[0]].ejected_until < 1.0  # held 4.8 s: not yet
     p.tick(5.5)
@@ -444,7 +444,7 @@ def test_streams_that_were_answered_are_no_hang() -> None:
         for e in ENDPOINTS[:2]:
             p.on_start(e, 0.0)
             p.on_outcome(Outcome(e, 0.005, True, 0.005))
-        for _ in range(2):
+        for _ in range(3):  # (three: two alone never eject, answered or not)
             p.on_start(ENDPOINTS[0], 1.0)
             if heads:
                 p.on_answer(ENDPOINTS[0], 1.01)
@@ -452,6 +452,58 @@ def test_streams_that_were_answered_are_no_hang() -> None:
         stats = p.stats[ENDPOINTS[0]]
         assert (stats.ejected_until < 3.0) == heads
         assert not stats.stalling(3.0)  # (ejected, it holds nothing new either)
+
+
+def test_two_long_polls_beside_quick_answers_turn_nothing_away() -> None:
+    """The second review's finding: two long polls sent back to back to a healthy pod made
+    it "stall"; the pick then sent it nothing, so no quick answer could show it healthy, and
+    after a second it was ejected (1 request in 7 s against 350 to each other pod). A stall
+    that turns requests away and ejects now holds three requests: the next one is sent, and
+    answered at once."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    pods = ENDPOINTS[:3]
+    p.set_endpoints(pods, 0.0)
+    rng = random.Random(4)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick = 0.0, tick
+    counts = dict.fromkeys(pods, 0)
+    polls = 0
+    while now < 12.0:
+        if now >= 5.0 and polls < 2:  # two 30 s long polls to pod 0
+            p.on_start(pods[0], now)
+            polls += 1
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
+        if now >= 5.0:
+            counts[e] += 1
+        now += 0.01
+        if now >= next_tick:
+            p.tick(now)
+            next_tick += tick
+    assert p.stats[pods[0]].ejected_until < 5.0
+    assert counts[pods[0]] / sum(counts.values()) > 0.2
+
+
+def test_a_stalling_pod_sends_nothing_to_a_pod_without_weight() -> None:
+    """The second review's finding: when the pod a pick landed on was stalling and every
+    other pod had no weight (ejected), the draw again took one of those: every request went
+    to the ejected pod. It now stays with the pick."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    a, b = ENDPOINTS[:2]
+    p.set_endpoints([a, b], 0.0)
+    for i in range(5):  # a ejected
+        p.on_start(a, 0.1 * i)
+        p.on_outcome(Outcome(a, 0.001, False, 0.1 * i + 0.001))
+    p.on_start(b, 0.0)
+    p.on_outcome(Outcome(b, 0.005, True, 0.005))
+    p.tick(1.0)
+    for _ in range(3):  # b holds three requests, unanswered for a second
+        p.on_start(b, 1.0)
+    assert p.stats[b].stalling(2.0)
+    rng = random.Random(3)
+    assert {p.pick(rng, 2.0) for _ in range(200)} == {b}
 
 
 def test_long_polls_are_no_hang() -> None:
