@@ -29,6 +29,7 @@ import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +169,9 @@ class AwaitedAnswers:
     def stall(self, now: float) -> float:
         """The age of the second request still waiting among those sent since the app's last
         answer head (0 with fewer than two)."""
-        since, second = self._answered_at, None
-        seen = 0
-        for sent in self._sent.values():  # in the order sent
-            if sent >= since:
-                seen += 1
-                if seen == 2:
-                    second = sent
-                    break
+        since = self._answered_at
+        waiting = (sent for sent in self._sent.values() if sent >= since)  # in the order sent
+        second = next(islice(waiting, 1, None), None)
         return 0.0 if second is None else max(0.0, now - second)
 
     def fold(self, now: float, summary: tuple[float, float, float, int]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -131,6 +132,34 @@ def test_an_identity_for_another_request_or_used_twice_gets_no_answer() -> None:
     assert r.answer(probe(identity)).status == 403  # replayed
 
 
+async def _health_app(health: Callable[[web.Request], Awaitable[web.Response]]
+                      ) -> tuple[web.AppRunner, int]:
+    """An app on loopback answering ``GET /healthz`` with ``health``: its runner and port."""
+    app = web.Application()
+    app.router.add_get("/healthz", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+@contextlib.asynccontextmanager
+async def _checking(port: int, timeout: float) -> AsyncIterator[ProbeResponder]:
+    """A responder whose app has nothing in flight (only the checks measure it), its idle
+    check of ``http://127.0.0.1:PORT/healthz`` running while the block does."""
+    unused = App()
+    unused.in_flight = 0
+    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
+                       max_skew=30.0, clock=asyncio.get_running_loop().time)
+    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", timeout))
+    try:
+        yield r
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_the_idle_check_comes_every_check_interval_and_stops_while_callers_are_served(
 ) -> None:
     """An idle app is checked every CHECK_INTERVAL (the checks' own samples do not make it
@@ -142,36 +171,24 @@ async def test_the_idle_check_comes_every_check_interval_and_stops_while_callers
         checks.append(asyncio.get_running_loop().time())
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_get("/healthz", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await _health_app(health)
     loop = asyncio.get_running_loop()
-    unused = App()
-    unused.in_flight = 0  # nothing at the app: only the checks measure it
-    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
-                       max_skew=30.0, clock=loop.time)
-    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 1.0))
     try:
-        await asyncio.sleep(1.5)
-        idle = len(checks)
-        # at least twice what one check per IDLE_AFTER would give (3 in 1.5 s)
-        assert idle >= 2 * 1.5 / IDLE_AFTER, f"{idle} checks in 1.5 s"
-        assert r.window.summary(loop.time())[3] == idle  # each recorded, all within 2 s
-        assert r.served_at is None  # the checks are not callers' requests
-        busy_at = loop.time()
-        for _ in range(8):  # callers' requests every 0.1 s: the app is busy, no check
-            r.record(loop.time(), 0.01)
-            await asyncio.sleep(0.1)
-        assert [t for t in checks if t > busy_at + 0.05] == []
-        await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)  # idle again: checked again
-        assert checks[-1] > busy_at + 0.8
+        async with _checking(port, 1.0) as r:
+            await asyncio.sleep(1.5)
+            idle = len(checks)
+            # at least twice what one check per IDLE_AFTER would give (3 in 1.5 s)
+            assert idle >= 2 * 1.5 / IDLE_AFTER, f"{idle} checks in 1.5 s"
+            assert r.window.summary(loop.time())[3] == idle  # each recorded, all within 2 s
+            assert r.served_at is None  # the checks are not callers' requests
+            busy_at = loop.time()
+            for _ in range(8):  # callers' requests every 0.1 s: the app is busy, no check
+                r.record(loop.time(), 0.01)
+                await asyncio.sleep(0.1)
+            assert [t for t in checks if t > busy_at + 0.05] == []
+            await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)  # idle again: checked again
+            assert checks[-1] > busy_at + 0.8
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
 
 
@@ -183,26 +200,13 @@ async def test_a_failed_idle_check_counts_as_a_failure_not_as_the_whole_time_bud
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=503, text="no")
 
-    app = web.Application()
-    app.router.add_get("/healthz", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    loop = asyncio.get_running_loop()
-    unused = App()
-    unused.in_flight = 0
-    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
-                       max_skew=30.0, clock=loop.time)
-    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 15.0))
+    runner, port = await _health_app(health)
     try:
-        await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)
-        mean, p50, p90, n = r.window.summary(loop.time())
-        assert n >= 2 and p50 == p90 == FAILED_CHECK == 1.0 and mean == 1.0
+        async with _checking(port, 15.0) as r:
+            await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)
+            mean, p50, p90, n = r.window.summary(asyncio.get_running_loop().time())
+            assert n >= 2 and p50 == p90 == FAILED_CHECK == 1.0 and mean == 1.0
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
 
 
@@ -220,20 +224,12 @@ async def test_an_app_that_speaks_no_http1_is_not_charged_for_the_checks(
         writer.close()
 
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    unused = App()
-    unused.in_flight = 0
-    r = ProbeResponder(unused, mesh_key=KEY, metrics=ProbeAnswerMetrics(CollectorRegistry()),
-                       max_skew=30.0, clock=loop.time)
-    task = asyncio.create_task(r.check_app(f"http://127.0.0.1:{port}", "/healthz", 15.0))
     try:
-        with caplog.at_level("WARNING", logger="sidecar.probe_answer"):
-            await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)
-        assert r.window.summary(loop.time())[3] == 0
-        warned = [rec for rec in caplog.records if "gets no HTTP/1.1 answer" in rec.message]
-        assert len(warned) == 1
+        async with _checking(server.sockets[0].getsockname()[1], 15.0) as r:
+            with caplog.at_level("WARNING", logger="sidecar.probe_answer"):
+                await asyncio.sleep(IDLE_AFTER + 4 * CHECK_INTERVAL)
+            assert r.window.summary(asyncio.get_running_loop().time())[3] == 0
+            warned = [rec for rec in caplog.records if "gets no HTTP/1.1 answer" in rec.message]
+            assert len(warned) == 1
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         server.close()
