@@ -32,7 +32,8 @@ MAX_LATENCY = 3600.0  # any observation above this is clamped: nothing real take
 STALL_MIN = 0.05  # seconds without an answer before a stall counts (EndpointStats.censor_stall)
 STALL_EJECT = 1.0  # seconds of a stall (and 10x the estimate) that eject a hung endpoint
 STALL_EJECTION = 5.0  # seconds a hung endpoint stays ejected (each time: never doubled)
-STALL_EJECT_UNMEASURED = 5.0  # STALL_EJECT for an endpoint that never answered
+STALL_EJECT_UNMEASURED = 2.0  # STALL_EJECT for an endpoint that never answered
+ANSWER_WEIGHT = 0.25  # weight of each answer's latency in EndpointStats.answer_latency
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 
@@ -142,7 +143,15 @@ class EndpointStats:
     # when the third of them was sent (inf: fewer): a stall that turns requests away and
     # ejects must hold one request more than the two long polls a healthy pod may hold
     confirmed_since: float = math.inf
+    first_since: float = math.inf  # when the first of them was sent (inf: none)
     stall_counted: float = 0.0  # the stall censor_stall counted at this tick (0: none)
+    # The mean of the latencies of answers it gave (exponential, ANSWER_WEIGHT), None before
+    # the first: what a stall is measured against. Not the latency estimate, which also
+    # takes lower bounds (stalls, rescued and hedged requests, a probe answer's window that
+    # folds in what its app holds): measured against those, a hung pod's stall grows its own
+    # yardstick, and after a first ejection it was never judged hung again (its requests
+    # timed out instead).
+    answer_latency: float | None = None
     # The last verified probe answer, when it came, and this caller's in-flight count then.
     probe: ProbeReport | None = None
     probed_at: float = -math.inf
@@ -166,7 +175,9 @@ class EndpointStats:
 
     def start(self, now: float = -math.inf) -> None:
         self.sent_since_outcome += 1
-        if self.sent_since_outcome == 2:
+        if self.sent_since_outcome == 1:
+            self.first_since = now
+        elif self.sent_since_outcome == 2:
             self.waiting_since = now
         elif self.sent_since_outcome == 3:
             self.confirmed_since = now
@@ -175,7 +186,7 @@ class EndpointStats:
     def restart_stall(self) -> None:
         """Only what is sent from now on can stall (an answer came, or an ejection began)."""
         self.sent_since_outcome = 0
-        self.waiting_since = self.confirmed_since = math.inf
+        self.first_since = self.waiting_since = self.confirmed_since = math.inf
 
     def answered(self, now: float) -> None:
         """An answer head came (an HTTP/2 call's, whose outcome comes at its end): only what
@@ -197,35 +208,43 @@ class EndpointStats:
 
     def stalling(self, now: float) -> bool:
         """Whether the endpoint holds three requests sent since its last answer and the third
-        has waited over :data:`STALL_MIN` and twice its latency estimate (0 while it has
-        none): then a pick sends it nothing more. Three, not the two of :meth:`stalled_for`:
-        a healthy pod may hold two long polls, and while it is turned away from, nothing it
-        would answer at once could show it healthy (a review's finding: with two long polls
-        sent back to back, a healthy pod was turned away from, then ejected). A pod hung from
+        has waited over :data:`STALL_MIN` and twice the latency of its answers
+        (:attr:`answer_latency`, 0 while it has none): then a pick sends it nothing more.
+        Three, not the two of :meth:`stalled_for`: a healthy pod may hold two long polls,
+        and while it is turned away from, nothing it would answer at once could show it
+        healthy (a review's finding: with two long polls sent back to back, a healthy pod
+        was turned away from, then ejected). A pod hung from
         its start, never measured, is turned away from as well (:meth:`hung`, which ejects,
         needs an estimate, its own or the other pods', and waits longer without its own)."""
         if self.confirmed_since == math.inf or self.in_flight <= 0:
             return False
         stall = now - self.confirmed_since
-        return stall > STALL_MIN and stall > 2.0 * (self.latency.value or 0.0)
+        return stall > STALL_MIN and stall > 2.0 * (self.answer_latency or 0.0)
 
     def hung(self, now: float, others: float | None = None) -> bool:
         """Whether the endpoint's stall (three requests, as :meth:`stalling`) has lasted over
-        :data:`STALL_EJECT` and ten times its latency estimate, or, never measured, over
-        :data:`STALL_EJECT_UNMEASURED` and ten times ``others`` (the best estimate of the
-        upstream's other endpoints): a pod that
+        :data:`STALL_EJECT` and ten times the latency of its answers, or, with no answer
+        yet, over :data:`STALL_EJECT_UNMEASURED` and ten times ``others`` (the best estimate of
+        the upstream's other endpoints). Back from an ejection and not answering since, it is
+        as hung as before: :data:`STALL_EJECT` (and ten times what it is measured against)
+        on the first request it holds. A pod that
         accepts requests and answers none (a slow pod never waits that long; a service of
         long polls has their length as its estimate; with nothing known anywhere, nothing is
         hung). A pod never measured may be slow rather than hung (1.5 s where the others take
         3 ms, in the hedging test), hence the longer wait; meanwhile :meth:`stalling` keeps
         requests away from it all the same."""
-        known = self.latency.value
+        known = self.answer_latency
         least = STALL_EJECT
+        # back from an ejection with no answer yet: as hung as before, on one held request
+        # (at a low rate a third may take seconds to come)
+        since = self.first_since if self.readmitting else self.confirmed_since
         if known is None:
-            known, least = others, STALL_EJECT_UNMEASURED
-        if known is None or self.confirmed_since == math.inf or self.in_flight <= 0:
+            known = others
+            if not self.readmitting:
+                least = STALL_EJECT_UNMEASURED
+        if known is None or since == math.inf or self.in_flight <= 0:
             return False
-        return now - self.confirmed_since > max(least, 10.0 * known)
+        return now - since > max(least, 10.0 * known)
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer
@@ -245,7 +264,8 @@ class EndpointStats:
 
     def finish(self, latency: float, ok: bool, now: float,
                congestion: float | None = None, censored: bool = False,
-               void: bool = False, sent_at: float | None = None) -> float:
+               void: bool = False, sent_at: float | None = None,
+               answered: bool = True) -> float:
         """Record one finished request; returns the cost charged.
 
         ``censored``: the request was cancelled after ``latency`` seconds (it lost a hedge
@@ -254,7 +274,8 @@ class EndpointStats:
         does (above the mean EWMA): it can make an endpoint look slower, never faster.
         ``void``: the attempt says nothing about the endpoint (:class:`mesh.policy.Outcome`):
         it only leaves the in-flight count, and nothing is charged. ``sent_at``: when the
-        request was sent, if not ``now - latency``."""
+        request was sent, if not ``now - latency``. ``answered``: a response head came (no
+        answer: a success of a kind that says nothing of how fast it answers)."""
         self.in_flight = max(0, self.in_flight - 1)
         if self.in_flight == 0:
             self.restart_stall()
@@ -285,7 +306,7 @@ class EndpointStats:
         else:
             self.failures += 1
             self.consecutive_failures += 1
-        if ok and self.readmitting and sent >= self.fresh_from:
+        if ok and answered and self.readmitting and sent >= self.fresh_from:
             # Re-admitted: the penalties that ejected it describe the failing pod, which the
             # ejection has answered; kept, they would hold a healed pod at the exploration
             # floor for tens of seconds while its few answers averaged them away. Envoy's
@@ -293,8 +314,11 @@ class EndpointStats:
             # after its ejection or probation request; the anti-herd ramp governs how fast
             # traffic comes back. What was sent before this request is history from now on.
             self.readmitting, self.fresh_from = False, sent
-            self.latency.value = None
+            self.latency.value = self.answer_latency = None
             self.peak.estimate = cost
+        if ok and answered:
+            self.answer_latency = cost if self.answer_latency is None else (
+                self.answer_latency + ANSWER_WEIGHT * (cost - self.answer_latency))
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)

@@ -22,6 +22,13 @@ This module owns the pure parts, with the clock passed in:
 
 Whether the budget allows a hedge, the racing and the cancelling are the proxy's
 (``sidecar/outbound.py``); a hedge spends from the same retry budget as a retry.
+
+The same idempotent requests may also be *rescued* (:class:`Rescuer`): a request still waiting
+at an endpoint when the policy ejects it (it failed in a row, or it holds requests it does not
+answer: a hung pod) is given up there and sent to another endpoint, as a retry after a per-try
+timeout is in Envoy (``per_try_timeout``), except that the try's end is the ejection, which the
+policy decides from what the endpoint does, not a fixed time. Without it, what a hung pod holds
+waits for the request timeout (15 s by default) and fails.
 """
 
 from __future__ import annotations
@@ -66,6 +73,17 @@ class Hedger(Protocol):
     def hedge_plan(self, endpoint: str) -> HedgePlan | None:
         """The plan for a request picked to ``endpoint``; None: not an exploratory pick (or
         nothing to hedge with)."""
+
+
+@runtime_checkable
+class Rescuer(Protocol):
+    """A policy that says when requests waiting at an endpoint should go elsewhere
+    (``equilibrium``)."""
+
+    def rescue_before(self, endpoint: str, now: float) -> float | None:
+        """A time such that the bodiless idempotent requests sent to ``endpoint`` before it
+        and still unanswered at ``now`` should be given up there and sent elsewhere (the
+        endpoint was ejected then); None: none should."""
 
 
 def plan_hedges(

@@ -117,7 +117,7 @@ class _MeasuredPolicy(ABC):
         if stats is None:
             return
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
-                     outcome.censored, outcome.void, outcome.sent_at)
+                     outcome.censored, outcome.void, outcome.sent_at, outcome.got_answer)
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 
@@ -363,6 +363,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         """The hedge for a request picked to ``endpoint`` when only the exploration floor
         holds it (:mod:`mesh.hedging`; rebuilt by :meth:`tick`); None otherwise."""
         return self._hedges.get(endpoint)
+
+    def rescue_before(self, endpoint: str, now: float) -> float | None:
+        """While ``endpoint`` is ejected, the time its ejection began: what was sent to it
+        before then and is still unanswered (held by a hung pod, or at a pod failing in a
+        row) may be sent elsewhere (:class:`mesh.hedging.Rescuer`). None otherwise, and for
+        an endpoint this policy does not know."""
+        stats = self.stats.get(endpoint)
+        if stats is None or stats.ejected_until <= now:
+            return None
+        return stats.fresh_from
 
     def tick(self, now: float) -> None:
         for e in self.endpoints:  # a hung endpoint's pending requests, as what they cost so far

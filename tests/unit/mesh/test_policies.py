@@ -374,11 +374,13 @@ def test_a_pod_back_from_its_ejection_is_not_sent_a_burst_by_its_callers() -> No
     it its whole window, then, its first answer starting its estimates afresh, ran it the
     window ahead as well. Until that first answer it is now drawn at random by its weight,
     as a pod at its exploration floor is: no credit owed, no burst. Ten seeds, the largest
-    quarter-second share after its return: at most 53 % (a fair share is 33 %; 40-93 %,
-    half of them over 55 %, before)."""
+    quarter-second share in the 10 s after the hang ends (it is ejected as hung, and back
+    from 14.5-16.75 s): at most 47 % (a fair share is 33 %; 40-93 %, half of them over 55 %,
+    before). Later quarters are the steady state's sampling noise (up to 60 % with no hang
+    at all; 15 requests a quarter from three callers), not a return's burst."""
     for seed in range(1, 11):
         quarters = _return_through_probes(seed)
-        after = [to_pod / sent for q, (sent, to_pod) in quarters.items() if q >= 80]
+        after = [to_pod / sent for q, (sent, to_pod) in quarters.items() if 56 <= q < 96]
         assert max(after) <= 0.55, (seed, max(after))
         last = [quarters[q] for q in range(120, 160)]
         assert sum(t for _, t in last) / sum(s for s, _ in last) > 0.2  # back (fair: 1/3)
@@ -418,9 +420,11 @@ def test_a_pod_whose_ejection_ends_is_sent_the_next_request_not_left_to_the_floo
 
 def test_a_pod_hung_from_its_start_is_judged_by_the_others_latency() -> None:
     """A pod that never answered has no estimate of its own: held requests eject it once
-    they wait ten times the other pods' best estimate and 5 s (it may be slow, not hung: the
+    they wait ten times the other pods' best estimate and 2 s (it may be slow, not hung: the
     hedging test's 1.5 s pod was ejected with 1 s), as a bench run with a pod hung from the
-    start needed (it came back only through the exploration floor)."""
+    start needed (it came back only through the exploration floor). Not the 5 s it was: what
+    the pod holds is rescued when it is ejected (sidecar/rescue.py), and at 5 s a client's
+    own 5 s timeout came first (the bench's load generator counted 19 such failures)."""
     p = make_policy("equilibrium", get_profile("balanced"))
     p.set_endpoints(ENDPOINTS[:3], 0.0)
     for e in ENDPOINTS[1:3]:
@@ -428,10 +432,10 @@ def test_a_pod_hung_from_its_start_is_judged_by_the_others_latency() -> None:
         p.on_outcome(Outcome(e, 0.005, True, 0.005))
     for at in (0.1, 0.2, 0.2):
         p.on_start(ENDPOINTS[0], at)
-    p.tick(5.0)
-    assert p.stats[ENDPOINTS[0]].ejected_until < 1.0  # held 4.8 s: not yet
-    p.tick(5.5)
-    assert p.stats[ENDPOINTS[0]].ejected_until == pytest.approx(10.5)
+    p.tick(2.1)
+    assert p.stats[ENDPOINTS[0]].ejected_until < 1.0  # held 1.9 s: not yet
+    p.tick(2.5)
+    assert p.stats[ENDPOINTS[0]].ejected_until == pytest.approx(7.5)
 
 
 def test_streams_that_were_answered_are_no_hang() -> None:
@@ -667,3 +671,103 @@ def test_the_snapshot_counts_the_endpoints_the_policy_may_send_to() -> None:
     policy.tick(0.5)
     assert policy.snapshot().usable == 2
     assert make_policy("round-robin", profile).snapshot().usable is None  # never ejects
+
+
+def test_what_an_ejected_pod_holds_may_be_rescued_and_nothing_else() -> None:
+    """``rescue_before`` (mesh.hedging.Rescuer): None while the pod is in use; once it is
+    ejected as hung, the time the ejection began (what was sent before it and is still
+    unanswered may go elsewhere); None again once the ejection is over."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    for e in ENDPOINTS[:3]:
+        p.on_start(e, 0.0)
+        p.on_outcome(Outcome(e, 0.005, True, 0.005))
+    for at in (0.1, 0.11, 0.12):
+        p.on_start(ENDPOINTS[0], at)
+    p.tick(0.5)
+    assert p.rescue_before(ENDPOINTS[0], 0.5) is None  # stalling, not hung yet
+    assert p.rescue_before(ENDPOINTS[1], 0.5) is None
+    p.tick(1.5)  # held 1.38 s without an answer: hung, ejected
+    assert p.stats[ENDPOINTS[0]].ejected_until > 1.5
+    assert p.rescue_before(ENDPOINTS[0], 1.6) == pytest.approx(1.5)
+    assert p.rescue_before(ENDPOINTS[1], 1.6) is None
+    assert p.rescue_before("http://127.0.0.1:1", 1.6) is None  # unknown
+    assert p.rescue_before(ENDPOINTS[0], p.stats[ENDPOINTS[0]].ejected_until) is None
+
+
+def _measured_then_hung(p: Policy, pods: list[str], at: float) -> None:
+    """Every pod answers in 5 ms; then pods[0] takes three requests at ``at`` and answers
+    none of them."""
+    p.set_endpoints(pods, 0.0)
+    for e in pods:
+        p.on_start(e, 0.0)
+        p.on_outcome(Outcome(e, 0.005, True, 0.005))
+    for k in range(3):
+        p.on_start(pods[0], at + 0.01 * k)
+
+
+def test_a_hung_pod_is_judged_by_its_answers_not_by_what_its_probes_say_it_holds() -> None:
+    """Behind an inbound sidecar a hung pod's probe answers fold in its stall (mesh.probes),
+    which became its latency estimate; measured against that, its stall never reached ten
+    times its estimate: it was never ejected and what it held timed out (the bench's hang
+    with probes, 49 failed requests). The stall is measured against its answers' latency."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    pods = ENDPOINTS[:3]
+    _measured_then_hung(p, pods, 1.0)
+    for t in (1.5, 2.0, 2.5):
+        p.on_probe(pods[0], ProbeReport(in_flight=3, mean=t - 1.0, p50=t - 1.0, p90=t - 1.0,
+                                        samples=16, congestion=0.5, limit=20,
+                                        draining=False), t)
+    p.tick(2.6)
+    assert p.stats[pods[0]].latency.value == pytest.approx(1.5)  # what the probes said
+    assert p.stats[pods[0]].ejected_until > 2.6  # hung all the same
+    assert p.rescue_before(pods[0], 2.7) == pytest.approx(2.6)
+
+
+def test_a_pod_still_hung_after_its_ejection_is_ejected_again_soon() -> None:
+    """What an ejected pod held is rescued (observed censored: at least the time it waited),
+    which raised its latency estimate to seconds; back from its ejection and still hung, it
+    was never judged hung again and what it held next timed out. Back without an answer, it
+    is judged as hung as before: a second stall of 1 s ejects it again."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    pods = ENDPOINTS[:3]
+    _measured_then_hung(p, pods, 1.0)
+    p.tick(2.5)
+    stats = p.stats[pods[0]]
+    first_end = stats.ejected_until
+    assert first_end > 2.5
+    for k in range(3):  # rescued: given up after 1.5 s
+        p.on_outcome(Outcome(pods[0], 1.5, True, 2.5, answered=False, censored=True,
+                             sent_at=1.0 + 0.01 * k))
+    # ten times the estimate is over 5 s; its answers took 5 ms
+    assert (stats.latency.value or 0.0) > 0.5 and stats.answer_latency == pytest.approx(0.005)
+    for k in range(3):  # back, and it holds what it is sent again
+        p.on_start(pods[0], first_end + 0.1 * k)
+    p.tick(first_end + 1.0)
+    assert stats.ejected_until <= first_end + 1.0  # 0.8 s: not yet
+    p.tick(first_end + 1.5)
+    assert stats.ejected_until > first_end + 1.5
+
+
+def test_a_pod_back_from_a_hang_that_holds_its_first_request_is_out_again() -> None:
+    """At a low rate a pod back from its ejection is sent one request (the look when the
+    ejection ends) and, at its floor, a third comes seconds later: waiting for three held
+    requests, the look (and the next) waited 4-8.5 s in the bench's hang before a rescue.
+    Back without an answer, the first request it holds for a second ejects it again."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    pods = ENDPOINTS[:3]
+    _measured_then_hung(p, pods, 1.0)
+    p.tick(2.5)
+    stats = p.stats[pods[0]]
+    end = stats.ejected_until
+    assert end > 2.5 and stats.readmitting
+    p.on_start(pods[0], end)  # the look
+    p.tick(end + 0.9)
+    assert stats.ejected_until == end
+    p.tick(end + 1.1)
+    assert stats.ejected_until > end + 1.1
+    assert p.rescue_before(pods[0], end + 1.2) == pytest.approx(end + 1.1)
