@@ -124,6 +124,14 @@ class OutboundMetrics:
             ["upstream"],
             registry=r,
         )
+        self.rescues = Counter(
+            "equilibrium_rescued",
+            "Bodiless idempotent requests given up at an endpoint that was ejected while it "
+            "held them (hung, or failing in a row) and sent to another endpoint "
+            "(sidecar/rescue.py); each is counted as a retry too",
+            ["upstream"],
+            registry=r,
+        )
         self.hedges = Counter(
             "equilibrium_hedges",
             "Hedged exploration (mesh.hedging): sent = a request to an explored endpoint also "

@@ -36,6 +36,12 @@ the retry budget; the first response head wins and the other racer is cancelled 
 connection closed) and observed as censored, not as a failure. Only heads race, so nothing has
 reached the app from the loser.
 
+Rescue (:mod:`sidecar.rescue`; on unless ``--no-rescue``): a request the retry rule allows to
+be sent again, still waiting for its answer's head at an endpoint the policy ejected since it
+was sent (a hung pod holds what it was sent), is given up there after the policy's tick and
+sent to another endpoint as a retry, its withdrawal from the retry budget made before it is
+given up; the given-up attempt is observed as censored.
+
 An app that hangs up while its answer's body is being relayed is the app's doing: it is
 counted as ``app-hung-up`` (not ``body-relay-failed``), the endpoint is not charged, and the
 rest of the body is drained (bounded) so that the upstream connection stays in the pool.
@@ -81,6 +87,7 @@ from sidecar.http1.client import H1Transport
 from sidecar.http1.client_connection import RequestBodyFailed
 from sidecar.metrics import OutboundMetrics
 from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
+from sidecar.rescue import Held, RescueBoard
 from sidecar.transport import (
     BODY_READ_ERRORS,
     AttemptFailure,
@@ -92,7 +99,7 @@ from sidecar.transport import (
     WebSocketDialer,
     classify,
 )
-from sidecar.upstreams import UpstreamTable
+from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from sidecar.watchdog import Watchdog
 from sidecar.websocket import (
     accept_like,
@@ -299,9 +306,15 @@ class OutboundProxy:
         transport: Transport | None = None,
         hedge: bool = False,
         source_address: str | None = None,
+        rescue: bool = True,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.hedge = hedge  # hedged exploration (module docstring, "Hedging")
+        # requests held by an endpoint ejected meanwhile go elsewhere (module docstring,
+        # "Rescue"); RescueBoard.sweep runs after each policy tick (sidecar.runner)
+        self.rescue: RescueBoard | None = RescueBoard(
+            max_attempts, clock, on_rescue=self._count_rescue,
+            on_budget_exhausted=self._count_rescue_declined) if rescue else None
         self.table = table
         self.profile = profile
         self.metrics = metrics
@@ -322,6 +335,13 @@ class OutboundProxy:
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self._oversized = oversized_counter(metrics.registry, "outbound")  # 1009 closes
+
+    def _count_rescue(self, group: UpstreamGroup, held: Held) -> None:
+        self.metrics.rescues.labels(group.name).inc()
+        self.metrics.retries.labels(group.name).inc()
+
+    def _count_rescue_declined(self, group: UpstreamGroup) -> None:
+        self.metrics.retry_budget_exhausted.labels(group.name).inc()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -422,6 +442,8 @@ class OutboundProxy:
         # last byte sent, each chunk of the answer's body (one timer for all of it)
         watchdog = Watchdog(self.profile.request_timeout)
         replay: list[bytes] | None = None  # the body, whole, after a signed refusal
+        rescue = self.rescue if retryable else None
+        prepaid = False  # this attempt's retry was withdrawn from the budget by a rescue
         try:
             for attempt in range(self.max_attempts):
                 if has_body and body_failed(exchange):  # broke before this attempt began
@@ -438,11 +460,12 @@ class OutboundProxy:
                             f"upstream {group.name!r} has no endpoint to use",
                         )
                     break  # every endpoint was tried
-                if attempt > 0:
+                if attempt > 0 and not prepaid:
                     if not group.budget.try_withdraw(now):
                         self.metrics.retry_budget_exhausted.labels(group.name).inc()
                         break
                     self.metrics.retries.labels(group.name).inc()
+                prepaid = False
                 ctx.endpoint = endpoint
                 ctx.tried.append(endpoint)
                 headers = CIMultiDict(base_headers)
@@ -465,10 +488,17 @@ class OutboundProxy:
                     return None
                 upload = _Upload(exchange.content, watchdog, self._app_headers_dropped,
                                  replay) if has_body else None
+                held = rescue.hold(group, ctx, endpoint, sent) if rescue is not None else None
                 try:
                     upstream = await self.transport.handle_request(UpstreamRequest(
                         ctx.method, URL(endpoint + ctx.target, encoded=True), headers, upload))
                 except asyncio.CancelledError:
+                    if held is not None and held.took_back():
+                        # its endpoint was ejected while it held it (sidecar/rescue.py): sent
+                        # elsewhere, the retry paid for by the sweep
+                        failure = self._rescued(ctx, endpoint, sent)
+                        prepaid = True
+                        continue
                     if not watchdog.took_back():
                         if exchange.client_gone():  # the listener cut the app (bad framing)
                             self._app_left(ctx, endpoint, sent)
@@ -501,6 +531,9 @@ class OutboundProxy:
                 except BaseException:
                     self._charge(ctx, endpoint, sent)
                     raise
+                finally:
+                    if held is not None and rescue is not None:
+                        rescue.release(group, held)
                 head = None
                 # A refusal signed by the endpoint's sidecar proves its app never saw the
                 # request: it goes elsewhere whatever its method, its body with it (kept while
@@ -658,6 +691,22 @@ class OutboundProxy:
         ctx.group.policy.on_outcome(
             Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
         self.metrics.hedges.labels(ctx.group.name, "cancelled").inc()
+
+    def _rescued(self, ctx: RequestContext, endpoint: str, sent: float) -> AttemptFailure:
+        """An attempt given up at an endpoint ejected while it held it (:mod:`sidecar.rescue`):
+        observed as censored (its latency is at least the time it waited; no failure of its
+        own: the ejection already counted what the endpoint did), and the request goes to
+        another endpoint; the failure returned stands if none can take it."""
+        assert ctx.group is not None
+        done = self.clock()
+        ctx.group.policy.on_outcome(
+            Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
+        detail = (f"{endpoint}: ejected while it held the request ({done - sent:.2f} s "
+                  "without an answer)")
+        _attempts(ctx).append(detail)
+        log.debug("%s %s: attempt %d rescued: %s", ctx.group.name, endpoint, ctx.attempt + 1,
+                  detail)
+        return AttemptFailure(ErrorReason.UPSTREAM_TIMEOUT, 504, False, detail)
 
     def _charge(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """An attempt cut off by something else than a failure still counts as one."""

@@ -197,6 +197,7 @@ class SidecarRunner:
             clock=clock,
             hedge=config.hedge,
             source_address=config.source_address,
+            rescue=config.rescue,
         )
         if config.hedge:
             log.info("hedged exploration on: exploratory picks of bodiless idempotent requests "
@@ -534,6 +535,8 @@ class SidecarRunner:
             for group in self.table:
                 try:
                     snapshot = group.tick(now)
+                    if self.proxy.rescue is not None:  # what its ejected endpoints hold
+                        self.proxy.rescue.sweep(group, now)
                     shifts = self._shifts.observe(group.name, snapshot, now)
                 except Exception:  # a policy bug must not stop routing of the others
                     log.exception("policy tick failed for upstream %s", group.name)

@@ -168,11 +168,14 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
                  "flapping {{upstream}}"),
                 (f"avg by (upstream) (equilibrium_converged{{{OUTBOUND}}})",
                  "converged {{upstream}}")], max_value=1),
-        _panel("Retries, exhausted budget, sidecar errors",
-               "Retries sent, retries refused by the budget, and requests the sidecar "
+        _panel("Retries, rescues, exhausted budget, sidecar errors",
+               "Retries sent (rescues among them: requests an ejected pod held, sent "
+               "elsewhere), retries refused by the budget, and requests the sidecar "
                "answered itself with an error.",
                [(_rate("equilibrium_retries_total", OUTBOUND, "upstream"),
                  "retries {{upstream}}"),
+                (_rate("equilibrium_rescued_total", OUTBOUND, "upstream"),
+                 "rescued {{upstream}}"),
                 (_rate("equilibrium_retry_budget_exhausted_total", OUTBOUND, "upstream"),
                  "budget exhausted {{upstream}}"),
                 (_rate("equilibrium_errors_total", OUTBOUND, "upstream, reason"),

@@ -148,7 +148,9 @@ def test_recovery_from_a_hang_costs_few_requests_and_the_pod_comes_back(tmp_path
     assert doc["parameters"]["fault"] == "hang" and doc["parameters"]["bad_delay_s"] == 30.0
     m = doc["data"]["contenders"]["equilibrium"]
     assert m["bad_share_before"] == 0.0
-    assert 0 < m["errors"] <= 30  # 44 before the sidecars turned away from a stall
+    # 44 before the sidecars turned away from a stall; what the pod holds when it is ejected
+    # is rescued (sent elsewhere), what times out first (2 s here) fails
+    assert m["errors"] <= 30
     # back within the run (to 80 % of its fair share in 2 of 3 runs on this machine: with
     # 2 s timeouts it is ejected by its failures, which the few requests still reaching it
     # add up to at their own pace)

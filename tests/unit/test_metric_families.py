@@ -96,6 +96,7 @@ equilibrium_regret gauge upstream,endpoint
 equilibrium_rejected_headers counter header,reason
 equilibrium_request_duration_seconds histogram upstream,endpoint
 equilibrium_requests counter upstream,endpoint,code
+equilibrium_rescued counter upstream
 equilibrium_retries counter upstream
 equilibrium_retry_budget_exhausted counter upstream
 equilibrium_route_weight gauge upstream,endpoint
