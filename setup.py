@@ -35,6 +35,7 @@ COMPILED: dict[str, list[str]] = {
         "sidecar/phases.py",
         "sidecar/identity_phase.py",
         "sidecar/watchdog.py",
+        "sidecar/rescue.py",
         "sidecar/metrics.py",
     ],
     # the routing core: what every sidecar runs per request and per tick, and what the
