@@ -328,8 +328,13 @@ class _Call:
                     self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
                     return None
-                self.outcome(sent, None, False, "timeout")
-                await self.error(504, "timeout", "upstream sent no answer in time")
+                # the endpoint has the call: DEADLINE_EXCEEDED, which gRPC allows for an
+                # operation that may have completed, not UNAVAILABLE, which clients (and
+                # their retry policies) take for "not processed, try again"
+                self.outcome(sent, None, False, "timeout",
+                             grpc.DEADLINE_EXCEEDED if self.is_grpc else None)
+                await self.error(504, "timeout", "upstream sent no answer in time",
+                                 grpc.DEADLINE_EXCEEDED, counted=True)
                 return None
             except StreamGone as exc:
                 recorded = True

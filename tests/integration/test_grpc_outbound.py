@@ -316,6 +316,28 @@ def test_a_malformed_grpc_timeout_is_internal_not_a_status_to_retry(
         client.close()
 
 
+def test_a_call_the_pod_had_past_the_request_timeout_is_deadline_exceeded() -> None:
+    """A unary call without a deadline that reaches the sidecar's request timeout was
+    answered UNAVAILABLE, the status gRPC clients and their retry policies take for "never
+    processed, try again", though the pod had it (a helper's finding). It is
+    DEADLINE_EXCEEDED, which gRPC says may come for an operation that completed."""
+    pod = start_pod("pod-slow")
+    sidecar = start_sidecar({"svc": [pod.url]}, sidecar_id="sc-grpc-timeout",
+                            extra_args=["--request-timeout", "0.5"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}", options=[
+                ("grpc.default_authority", "svc")]) as channel, \
+                pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(f"/{SERVICE}/Slow")(b"3")  # no deadline of its own
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "timeout" in err.value.details()
+        assert sidecar.metric("equilibrium_errors_total", upstream="svc",
+                              reason="timeout") == 1
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
+
+
 def test_sidecar_errors_are_trailers_only_unavailable(mesh: Mesh) -> None:
     with mesh.channel("no-such-service") as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=5)
