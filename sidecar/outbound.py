@@ -488,10 +488,12 @@ class OutboundProxy:
                     return None
                 upload = _Upload(exchange.content, watchdog, self._app_headers_dropped,
                                  replay) if has_body else None
+                request = UpstreamRequest(
+                    ctx.method, URL(endpoint + ctx.target, encoded=True), headers, upload)
                 held = rescue.hold(group, ctx, endpoint, sent) if rescue is not None else None
                 try:
-                    upstream = await self.transport.handle_request(UpstreamRequest(
-                        ctx.method, URL(endpoint + ctx.target, encoded=True), headers, upload))
+                    upstream = await (self.transport.handle_request(request) if held is None
+                                      else self._held_request(request, group, held))
                 except asyncio.CancelledError:
                     if held is not None and held.took_back():
                         # its endpoint was ejected while it held it (sidecar/rescue.py): sent
@@ -531,9 +533,6 @@ class OutboundProxy:
                 except BaseException:
                     self._charge(ctx, endpoint, sent)
                     raise
-                finally:
-                    if held is not None and rescue is not None:
-                        rescue.release(group, held)
                 head = None
                 # A refusal signed by the endpoint's sidecar proves its app never saw the
                 # request: it goes elsewhere whatever its method, its body with it (kept while
@@ -691,6 +690,17 @@ class OutboundProxy:
         ctx.group.policy.on_outcome(
             Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
         self.metrics.hedges.labels(ctx.group.name, "cancelled").inc()
+
+    async def _held_request(self, request: UpstreamRequest, group: UpstreamGroup,
+                            held: Held) -> UpstreamResponse:
+        """Send ``request`` while it is rescuable (:mod:`sidecar.rescue`): released once its
+        answer's head came, or it failed or was cancelled. (Its own function: mypyc compiles
+        no ``continue`` inside a ``try``/``finally``, which the attempt loop has.)"""
+        try:
+            return await self.transport.handle_request(request)
+        finally:
+            assert self.rescue is not None
+            self.rescue.release(group, held)
 
     def _rescued(self, ctx: RequestContext, endpoint: str, sent: float) -> AttemptFailure:
         """An attempt given up at an endpoint ejected while it held it (:mod:`sidecar.rescue`):
