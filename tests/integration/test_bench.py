@@ -133,6 +133,7 @@ def test_recovery_reports_the_heal_for_the_mesh_and_the_oracle(tmp_path: Path) -
     assert mesh["largest_share"] <= 0.8 + 0.1  # the 80 % cap, with 1 s sampling noise
     md = (tmp_path / "results" / "recovery.md").read_text()
     assert "| equilibrium+probes |" in md and "to 80 % of fair share" in md
+    assert "failed / requests" in md and f"| 0 / {mesh['requests']} |" in md
 
 
 @pytest.mark.slow

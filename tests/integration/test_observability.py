@@ -103,7 +103,8 @@ async def drive_until_following(sidecar: SidecarProcess) -> int:
                          f"{sidecar.output()[-2000:]}")
 
 
-QUIET_PANELS = {"Retries, rescues, exhausted budget, sidecar errors", "Callers backing off (outbound)"}
+QUIET_PANELS = {"Retries, rescues, exhausted budget, sidecar errors",
+                "Callers backing off (outbound)"}
 """Panels with no series while nothing fails and nobody is punished (counters never touched)."""
 RECORDED_PRESENT = (
     "namespace_upstream:equilibrium_requests:rate5m",

@@ -17,7 +17,8 @@ one after another on the same pods (fleet reset, same seed):
   floor unhedged, as before issue 12; ``peak-ewma``; ``oracle`` — ``equilibrium`` given only
   the good pods (what routing could do knowing it).
 
-Reported per contender: p99 and p99.9 before the heal (the slow-pod story), the bad pod's share
+Reported per contender: the requests that failed (a 5xx, or none within the load generator's
+timeout) of all sent, p99 and p99.9 before the heal (the slow-pod story), the bad pod's share
 then, the time from the heal until the healed pod's share of a 1 s window reaches 80 % of a
 fair share, the largest share any pod got in any 1 s window after the heal (the herd), the
 largest number of requests in flight at the healed pod (sampled every 0.5 s), p99 during the 10
@@ -154,7 +155,8 @@ class Recovery(Scenario):
         rows = []
         for name, m in results.items():
             rows.append([
-                name, ms(m["p99_before"]), ms(m["p999_before"]), pct(m["bad_share_before"]),
+                name, f"{m['errors']} / {m['requests']}", ms(m["p99_before"]),
+                ms(m["p999_before"]), pct(m["bad_share_before"]),
                 secs(m["time_to_fair"]) if m["time_to_fair"] is not None or not m["oracle"]
                 else "–",
                 pct(m["largest_share"]), str(m["queue_max"]), ms(m["p99_recovery"]),
@@ -165,7 +167,8 @@ class Recovery(Scenario):
             ])
         return Table(
             title="recovery: before the heal, and the 10 s after it",
-            columns=["contender", "p99 before", "p99.9 before", "bad share before",
+            columns=["contender", "failed / requests", "p99 before", "p99.9 before",
+                     "bad share before",
                      "to 80 % of fair share", "largest share after", "max in flight at healed",
                      "p99 recovery", "p99 steady", "recovery / steady", "probes/s/sidecar",
                      "hedges sent / won"],
