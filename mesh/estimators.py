@@ -33,7 +33,7 @@ STALL_MIN = 0.05  # seconds without an answer before a stall counts (EndpointSta
 STALL_EJECT = 1.0  # seconds of a stall (and 10x the estimate) that eject a hung endpoint
 STALL_EJECTION = 5.0  # seconds a hung endpoint stays ejected (each time: never doubled)
 STALL_EJECT_UNMEASURED = 2.0  # STALL_EJECT for an endpoint that never answered
-ANSWER_WEIGHT = 0.25  # weight of each answer's latency in EndpointStats.answer_latency
+ANSWER_DECAY = 10.0  # seconds: how fast EndpointStats.answer_latency forgets a slow answer
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 
@@ -143,15 +143,23 @@ class EndpointStats:
     # when the third of them was sent (inf: fewer): a stall that turns requests away and
     # ejects must hold one request more than the two long polls a healthy pod may hold
     confirmed_since: float = math.inf
-    first_since: float = math.inf  # when the first of them was sent (inf: none)
     stall_counted: float = 0.0  # the stall censor_stall counted at this tick (0: none)
-    # The mean of the latencies of answers it gave (exponential, ANSWER_WEIGHT), None before
-    # the first: what a stall is measured against. Not the latency estimate, which also
-    # takes lower bounds (stalls, rescued and hedged requests, a probe answer's window that
-    # folds in what its app holds): measured against those, a hung pod's stall grows its own
-    # yardstick, and after a first ejection it was never judged hung again (its requests
-    # timed out instead).
-    answer_latency: float | None = None
+    # The latencies of the answers it gave, as a peak EWMA decaying over ANSWER_DECAY (None
+    # before the first): what a stall is measured against (answer_latency()). Not the latency
+    # estimate, which also takes lower bounds (stalls, rescued and hedged requests, a probe
+    # answer's window that folds in what its app holds): measured against those, a hung pod's
+    # stall grew its own yardstick and it was never judged hung again. A peak, not a mean:
+    # a service whose answers include long polls has their length as its yardstick, however
+    # many quick answers come between (a review's finding: with a mean, three long polls
+    # held in a row ejected healthy pods over and over).
+    answers: PeakEwma | None = None
+    # hang ejections in a row (none for 20 s: back to 0; RegretMatchingPolicy._live): each
+    # doubles the stall the next one needs (at most 16x, past the 15 s request timeout), so
+    # that what a pod slow rather than hung, or serving long polls not yet seen, is sent is
+    # at last let answer and teach its yardstick: what it held at each ejection was rescued
+    # (sidecar/rescue.py), and nothing would teach it otherwise (a review's finding: a 3 s
+    # pod was ejected every 6.5 s for good, long-poll pods one after the other)
+    stall_ejections: int = 0
     # The last verified probe answer, when it came, and this caller's in-flight count then.
     probe: ProbeReport | None = None
     probed_at: float = -math.inf
@@ -175,9 +183,7 @@ class EndpointStats:
 
     def start(self, now: float = -math.inf) -> None:
         self.sent_since_outcome += 1
-        if self.sent_since_outcome == 1:
-            self.first_since = now
-        elif self.sent_since_outcome == 2:
+        if self.sent_since_outcome == 2:
             self.waiting_since = now
         elif self.sent_since_outcome == 3:
             self.confirmed_since = now
@@ -186,7 +192,7 @@ class EndpointStats:
     def restart_stall(self) -> None:
         """Only what is sent from now on can stall (an answer came, or an ejection began)."""
         self.sent_since_outcome = 0
-        self.first_since = self.waiting_since = self.confirmed_since = math.inf
+        self.waiting_since = self.confirmed_since = math.inf
 
     def answered(self, now: float) -> None:
         """An answer head came (an HTTP/2 call's, whose outcome comes at its end): only what
@@ -206,6 +212,10 @@ class EndpointStats:
             return 0.0
         return max(0.0, now - self.waiting_since)
 
+    def answer_latency(self, now: float) -> float | None:
+        """What its answers took (:attr:`answers`: their peak, decaying), None before any."""
+        return None if self.answers is None else self.answers.value(now)
+
     def stalling(self, now: float) -> bool:
         """Whether the endpoint holds three requests sent since its last answer and the third
         has waited over :data:`STALL_MIN` and twice the latency of its answers
@@ -219,32 +229,31 @@ class EndpointStats:
         if self.confirmed_since == math.inf or self.in_flight <= 0:
             return False
         stall = now - self.confirmed_since
-        return stall > STALL_MIN and stall > 2.0 * (self.answer_latency or 0.0)
+        return stall > STALL_MIN and stall > 2.0 * (self.answer_latency(now) or 0.0)
 
     def hung(self, now: float, others: float | None = None) -> bool:
         """Whether the endpoint's stall (three requests, as :meth:`stalling`) has lasted over
-        :data:`STALL_EJECT` and ten times the latency of its answers, or, with no answer
-        yet, over :data:`STALL_EJECT_UNMEASURED` and ten times ``others`` (the best estimate of
-        the upstream's other endpoints). Back from an ejection and not answering since, it is
-        as hung as before: :data:`STALL_EJECT` (and ten times what it is measured against)
-        on the first request it holds. A pod that
-        accepts requests and answers none (a slow pod never waits that long; a service of
-        long polls has their length as its estimate; with nothing known anywhere, nothing is
-        hung). A pod never measured may be slow rather than hung (1.5 s where the others take
+        :data:`STALL_EJECT`, ten times what its answers take (:meth:`answer_latency`) and
+        ten times ``others`` (the best latency estimate of the upstream's endpoints), or,
+        with no answer yet, over :data:`STALL_EJECT_UNMEASURED` and ten times ``others``;
+        each hang ejection in a row doubles that (:attr:`stall_ejections`, at most 16x). A
+        pod that accepts requests and answers none: a slow pod never waits that
+        long (one slower than that is ejected once, then let answer), a service of long polls
+        has their length as its yardstick, and when every pod stalls (a shared database
+        slows down) the others' estimates, which take their stalls, rise with it: none is
+        hung, and nothing is re-sent to pods as slow as it (a review's finding: rescues added
+        12 % to the load of a slowed-down service). With nothing known anywhere, nothing is
+        hung. A pod never measured may be slow rather than hung (1.5 s where the others take
         3 ms, in the hedging test), hence the longer wait; meanwhile :meth:`stalling` keeps
         requests away from it all the same."""
-        known = self.answer_latency
+        known = self.answer_latency(now)
         least = STALL_EJECT
-        # back from an ejection with no answer yet: as hung as before, on one held request
-        # (at a low rate a third may take seconds to come)
-        since = self.first_since if self.readmitting else self.confirmed_since
         if known is None:
-            known = others
-            if not self.readmitting:
-                least = STALL_EJECT_UNMEASURED
-        if known is None or since == math.inf or self.in_flight <= 0:
+            known, least = others, STALL_EJECT_UNMEASURED
+        if known is None or self.confirmed_since == math.inf or self.in_flight <= 0:
             return False
-        return now - since > max(least, 10.0 * known)
+        bound = max(least, 10.0 * known, 10.0 * (others or 0.0))
+        return now - self.confirmed_since > bound * float(2 ** min(self.stall_ejections, 4))
 
     def censor_stall(self, now: float) -> float:
         """At a policy tick: when the endpoint has been stalled (:meth:`stalled_for`) longer
@@ -314,11 +323,14 @@ class EndpointStats:
             # after its ejection or probation request; the anti-herd ramp governs how fast
             # traffic comes back. What was sent before this request is history from now on.
             self.readmitting, self.fresh_from = False, sent
-            self.latency.value = self.answer_latency = None
+            self.latency.value = None
+            self.answers = None
             self.peak.estimate = cost
         if ok and answered:
-            self.answer_latency = cost if self.answer_latency is None else (
-                self.answer_latency + ANSWER_WEIGHT * (cost - self.answer_latency))
+            if self.answers is None:
+                self.answers = PeakEwma(now, ANSWER_DECAY, cost)
+            else:
+                self.answers.update(cost, now)
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)

@@ -579,7 +579,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         that failed ``eject_after_failures`` times in a row or are hung (module docstring)."""
         live = np.ones(len(self.endpoints), dtype=bool)
         p = self.profile
-        known = [v for e in self.endpoints if (v := self.stats[e].latency.value) is not None]
+        # the best any endpoint does now: its estimate, or what it has left unanswered if
+        # that is longer (when every pod stalls at once, none is hung: see EndpointStats.hung)
+        known = [max(v, self.stats[e].stalled_for(now)) for e in self.endpoints
+                 if (v := self.stats[e].latency.value) is not None]
         best = min(known) if known else None
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
@@ -592,6 +595,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 # look at whether it healed costs the one or two requests that stall again.
                 s.ejected_until = now + (p.eject_base * 2 ** min(s.ejections, 3) if failing
                                          else STALL_EJECTION)
+                s.stall_ejections += not failing
                 s.fresh_from, s.readmitting = now, True
                 # what it still holds is what the ejection was for: only what is sent after
                 # it can stall, and the probation request goes while nothing new is out
@@ -600,6 +604,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 s.consecutive_failures = 0
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:
                 s.ejections = 0  # healthy long enough: next ejection starts short again
+            if s.stall_ejections and now > s.ejected_until + 4 * STALL_EJECTION:
+                s.stall_ejections = 0  # likewise for the stall the next hang needs
             live[i] = now >= s.ejected_until and not s.draining(now)
         return live
 

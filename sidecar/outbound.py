@@ -313,8 +313,8 @@ class OutboundProxy:
         # requests held by an endpoint ejected meanwhile go elsewhere (module docstring,
         # "Rescue"); RescueBoard.sweep runs after each policy tick (sidecar.runner)
         self.rescue: RescueBoard | None = RescueBoard(
-            max_attempts, clock, on_rescue=self._count_rescue,
-            on_budget_exhausted=self._count_rescue_declined) if rescue else None
+            max_attempts, clock, on_budget_exhausted=self._count_rescue_declined
+        ) if rescue else None
         self.table = table
         self.profile = profile
         self.metrics = metrics
@@ -335,10 +335,6 @@ class OutboundProxy:
         self.transport = transport
         self._dialer = transport if isinstance(transport, WebSocketDialer) else None
         self._oversized = oversized_counter(metrics.registry, "outbound")  # 1009 closes
-
-    def _count_rescue(self, group: UpstreamGroup, held: Held) -> None:
-        self.metrics.rescues.labels(group.name).inc()
-        self.metrics.retries.labels(group.name).inc()
 
     def _count_rescue_declined(self, group: UpstreamGroup) -> None:
         self.metrics.retry_budget_exhausted.labels(group.name).inc()
@@ -711,6 +707,10 @@ class OutboundProxy:
         done = self.clock()
         ctx.group.policy.on_outcome(
             Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
+        # counted here, not by the sweep: the watchdog, the app hanging up or a drain may
+        # have cancelled the task in the same loop pass, and theirs stands (Held.took_back)
+        self.metrics.rescues.labels(ctx.group.name).inc()
+        self.metrics.retries.labels(ctx.group.name).inc()
         detail = (f"{endpoint}: ejected while it held the request ({done - sent:.2f} s "
                   "without an answer)")
         _attempts(ctx).append(detail)

@@ -63,11 +63,9 @@ class RescueBoard:
     """The attempts held per upstream and endpoint; see the module docstring."""
 
     def __init__(self, max_attempts: int, clock: Callable[[], float],
-                 on_rescue: Callable[[UpstreamGroup, Held], None] | None = None,
                  on_budget_exhausted: Callable[[UpstreamGroup], None] | None = None) -> None:
         self.max_attempts = max_attempts
         self.clock = clock
-        self.on_rescue = on_rescue
         self.on_budget_exhausted = on_budget_exhausted
         # upstream name -> endpoint -> held attempts (a dict as an ordered set: oldest first)
         self._held: dict[str, dict[str, dict[Held, None]]] = {}
@@ -131,10 +129,8 @@ class RescueBoard:
                     continue  # it waits; a later sweep may find the budget refilled
                 held.rescued = True
                 waiting.pop(held, None)
-                held.task.cancel()
+                held.task.cancel()  # counted where the request path takes it back
                 rescued += 1
-                if self.on_rescue is not None:
-                    self.on_rescue(group, held)
             if not waiting:
                 by_endpoint.pop(endpoint, None)
         if not by_endpoint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -304,7 +305,7 @@ def _hang_then_heal(timeout: float, heal_at: float, seconds: float = 70.0,
 
 
 @pytest.mark.parametrize(("timeout", "heal_at", "back_by"),
-                         [(2.0, 25.0, 32), (15.0, 25.0, 32), (15.0, 40.0, 46)])
+                         [(2.0, 25.0, 35), (15.0, 25.0, 35), (15.0, 40.0, 50)])
 def test_a_healed_pod_is_readmitted_once_its_ejection_ends(
         timeout: float, heal_at: float, back_by: int) -> None:
     """A helper's finding: a pod that hung for seconds stayed out 30-76 s after it healed.
@@ -315,7 +316,9 @@ def test_a_healed_pod_is_readmitted_once_its_ejection_ends(
     nothing more, and the first answer after it starts the estimates afresh. A pod that
     hangs is ejected once it has held requests for a second (for 5 s at a time, not
     doubled; when it ends one request goes to it): it is back near its fair share (25 %)
-    within 7 s of its healing whatever the timeout, and stays there."""
+    within 10 s of its healing whatever the timeout (issue 12's bound), and stays there.
+    (7 s before each hang ejection in a row doubled the stall the next needs, which a pod
+    slow rather than hung needs to be let answer: 8-10 s since.)"""
     shares = _hang_then_heal(timeout, heal_at)
     assert max(shares[s] for s in range(int(heal_at) - 10, int(heal_at))) < 0.05
     assert min(shares[s] for s in range(back_by, 70)) > 0.18
@@ -729,8 +732,9 @@ def test_a_hung_pod_is_judged_by_its_answers_not_by_what_its_probes_say_it_holds
 def test_a_pod_still_hung_after_its_ejection_is_ejected_again_soon() -> None:
     """What an ejected pod held is rescued (observed censored: at least the time it waited),
     which raised its latency estimate to seconds; back from its ejection and still hung, it
-    was never judged hung again and what it held next timed out. Back without an answer, it
-    is judged as hung as before: a second stall of 1 s ejects it again."""
+    was never judged hung again and what it held next timed out. Its answers are the
+    yardstick: a second stall ejects it again, after twice the first's (2 s; a pod slow
+    rather than hung is let answer once)."""
     p = make_policy("equilibrium", get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
     pods = ENDPOINTS[:3]
@@ -743,31 +747,111 @@ def test_a_pod_still_hung_after_its_ejection_is_ejected_again_soon() -> None:
         p.on_outcome(Outcome(pods[0], 1.5, True, 2.5, answered=False, censored=True,
                              sent_at=1.0 + 0.01 * k))
     # ten times the estimate is over 5 s; its answers took 5 ms
-    assert (stats.latency.value or 0.0) > 0.5 and stats.answer_latency == pytest.approx(0.005)
+    answers = stats.answer_latency(2.5)
+    assert (stats.latency.value or 0.0) > 0.5 and answers is not None and answers < 0.006
     for k in range(3):  # back, and it holds what it is sent again
         p.on_start(pods[0], first_end + 0.1 * k)
-    p.tick(first_end + 1.0)
-    assert stats.ejected_until <= first_end + 1.0  # 0.8 s: not yet
-    p.tick(first_end + 1.5)
-    assert stats.ejected_until > first_end + 1.5
+    p.tick(first_end + 2.0)
+    assert stats.ejected_until == first_end  # 1.8 s: not yet (the second needs 2 s)
+    p.tick(first_end + 2.5)
+    assert stats.ejected_until > first_end + 2.5
 
 
-def test_a_pod_back_from_a_hang_that_holds_its_first_request_is_out_again() -> None:
-    """At a low rate a pod back from its ejection is sent one request (the look when the
-    ejection ends) and, at its floor, a third comes seconds later: waiting for three held
-    requests, the look (and the next) waited 4-8.5 s in the bench's hang before a rescue.
-    Back without an answer, the first request it holds for a second ejects it again."""
+def _run_pods(latency: Callable[[str, float, random.Random], float], rescue: bool,
+              rps: int = 20, seconds: float = 60.0, seed: int = 1,
+              ejected_at: list[float] | None = None) -> tuple[list[int], int]:
+    """Three pods; each request takes ``latency(pod, sent, rng)`` and succeeds. With
+    ``rescue``, after each tick what an ejected pod holds is given up (observed censored) and
+    sent to another pod, as the sidecar does (sidecar/rescue.py). Returns each pod's hang
+    ejections and the requests rescued."""
+    pods = ENDPOINTS[:3]
     p = make_policy("equilibrium", get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
-    pods = ENDPOINTS[:3]
-    _measured_then_hung(p, pods, 1.0)
-    p.tick(2.5)
-    stats = p.stats[pods[0]]
-    end = stats.ejected_until
-    assert end > 2.5 and stats.readmitting
-    p.on_start(pods[0], end)  # the look
-    p.tick(end + 0.9)
-    assert stats.ejected_until == end
-    p.tick(end + 1.1)
-    assert stats.ejected_until > end + 1.1
-    assert p.rescue_before(pods[0], end + 1.2) == pytest.approx(end + 1.1)
+    p.set_endpoints(pods, 0.0)
+    rng = random.Random(seed)
+    tick = get_profile("balanced").tick_interval
+    next_tick = tick
+    pending: list[tuple[float, int]] = []
+    live: dict[int, tuple[str, float, int]] = {}  # id -> (pod, sent, attempts)
+    ids = iter(range(10**9))
+    ejected = dict.fromkeys(pods, 0)
+    was = dict.fromkeys(pods, False)
+    rescued = 0
+
+    def send(pod: str, at: float, attempts: int = 1) -> None:
+        p.on_start(pod, at)
+        i = next(ids)
+        live[i] = (pod, at, attempts)
+        heapq.heappush(pending, (at + latency(pod, at, rng), i))
+
+    now = 0.0
+    while now < seconds:
+        while pending and pending[0][0] <= now:
+            at, i = heapq.heappop(pending)
+            if i in live:
+                pod, sent, _ = live.pop(i)
+                p.on_outcome(Outcome(pod, at - sent, True, at, sent_at=sent))
+        while now >= next_tick:
+            p.tick(next_tick)
+            for pod in pods:
+                out = p.stats[pod].ejected_until > next_tick
+                ejected[pod] += out and not was[pod]
+                if out and not was[pod] and ejected_at is not None:
+                    ejected_at.append(next_tick)
+                was[pod] = out
+                before = p.rescue_before(pod, next_tick) if rescue else None
+                for i, (held, sent, attempts) in list(live.items()):
+                    if before is not None and held == pod and sent < before and attempts < 3:
+                        del live[i]
+                        rescued += 1
+                        p.on_outcome(Outcome(pod, next_tick - sent, True, next_tick,
+                                             answered=False, censored=True, sent_at=sent))
+                        other = p.pick(rng, next_tick, frozenset({pod}))
+                        assert other is not None
+                        send(other, next_tick, attempts + 1)
+            next_tick += tick
+        pod = p.pick(rng, now)
+        assert pod is not None
+        send(pod, now)
+        now += 1.0 / rps
+    return [ejected[pod] for pod in pods], rescued
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_long_polls_beside_quick_answers_are_learned_not_ejected_for_good(share: float) -> None:
+    """A review's finding: judged by the mean of its answers, which quick ones pull down to
+    tens of milliseconds, a pod holding three long polls in a row was hung, and with rescue
+    the polls went to the other pods, which were then ejected in turn, for good (136
+    ejections and 3,111 re-sent polls in 5 x 120 s at half long polls): rescued, no poll
+    was ever answered to teach what they take. The peak of its answers is the yardstick,
+    and each hang ejection in a row doubles the stall the next needs: until the first polls
+    are answered (10 s) a pod may be ejected a few times, then never. Healthy pods, 10 s
+    long polls, 120 s: at most 3 ejections each, none after the first 40 s."""
+    for seed in (1, 2, 3):
+        late: list[float] = []
+        ejections, rescued = _run_pods(
+            lambda pod, at, rng: 10.0 if rng.random() < share else 0.02 * (1 + rng.random()),
+            rescue=True, seed=seed, seconds=120.0, ejected_at=late)
+        assert max(ejections) <= 3 and rescued < 150, (seed, ejections, rescued)
+        assert all(at < 40.0 for at in late), (seed, late)
+
+
+def test_a_slow_pod_is_ejected_a_few_times_then_let_answer() -> None:
+    """A review's finding: a pod that turned 3 s slow (not hung) was ejected as hung, what it
+    held was rescued, so no answer of it ever came to teach its yardstick, and it was
+    ejected again every 6.5 s for good. Each hang ejection in a row doubles the stall the
+    next needs (1, 2, 4 s), which its 3 s answers come within."""
+    ejections, rescued = _run_pods(
+        lambda pod, at, rng: 3.0 if pod == ENDPOINTS[0] and at >= 10.0 else 0.02,
+        rescue=True, rps=100)
+    assert ejections[0] <= 3 and ejections[1:] == [0, 0], ejections
+    assert rescued > 0
+
+
+def test_when_every_pod_stalls_none_is_hung() -> None:
+    """A review's finding: when every pod turns 3 s slow at once (a shared database), each
+    was hung by its own yardstick, and rescue re-sent what they held to pods as slow (12 %
+    more load, p99 3.0 -> 5.7 s). The others stall as well: none is hung."""
+    ejections, rescued = _run_pods(
+        lambda pod, at, rng: 3.0 if at >= 10.0 else 0.02, rescue=True)
+    assert ejections == [0, 0, 0] and rescued == 0
