@@ -134,11 +134,11 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
            "answers no probe (GET/HEAD/OPTIONS, or PUT/DELETE, never with a body) is also sent "
            "to the best endpoint if no answer came by that one's recent p90; the first answer "
            "wins; spends from the retry budget (env {env}=1)"),
-    Option("no_rescue", switch=True,
-           help="keep requests where they are when their endpoint is ejected: by default a "
-           "GET/HEAD/OPTIONS (or PUT/DELETE without a body) still waiting at an endpoint the "
-           "policy ejects (hung, or failing in a row) is sent to another, as a retry within "
-           "the retry budget (env {env}=1)"),
+    Option("rescue", switch=True,
+           help="rescue: a GET/HEAD/OPTIONS (or PUT/DELETE without a body) still waiting at an "
+           "endpoint the policy ejects (hung, or failing in a row) is sent to another, as a "
+           "retry within the retry budget, instead of waiting for its timeout; not for "
+           "services of long polls (env {env}=1)"),
     Option("transparent", switch=True,
            help="route connections redirected by `equilibrium init` by their original "
            "destination (env {env}=1)"),

@@ -27,7 +27,7 @@ Config file shape (YAML or JSON, every key optional)::
     retry_budget_min_per_s: 10  #   ... plus this many a second (default: the profile's)
     source_address: 10.0.0.5    # connections to endpoints leave from this IP (default: any)
     hedge: false                # hedged exploration of endpoints that answer no probe
-    no_rescue: false            # true: what an ejected endpoint holds waits for its timeout
+    rescue: false               # true: GETs an ejected endpoint holds go to another one
     upstreams:
       users: [http://10.0.0.1:8080, http://10.0.0.2:8080]
       orders: http://10.0.1.1:8080,http://10.0.1.2:8080
@@ -109,7 +109,7 @@ ENV_VARS: dict[str, str] = {
     "max_connections": "EQUILIBRIUM_MAX_CONNECTIONS",
     "transparent": "EQUILIBRIUM_TRANSPARENT",
     "hedge": "EQUILIBRIUM_HEDGE",
-    "no_rescue": "EQUILIBRIUM_NO_RESCUE",
+    "rescue": "EQUILIBRIUM_RESCUE",
     "discovery": "EQUILIBRIUM_DISCOVERY",
     "discovery_namespaces": "EQUILIBRIUM_DISCOVERY_NAMESPACES",
     "kube_api": "EQUILIBRIUM_KUBE_API",
@@ -121,7 +121,7 @@ FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",
         "max_attempts", "request_timeout", "connect_timeout", "source_address", "hedge",
-        "no_rescue",
+        "rescue",
         "retry_budget_ratio", "retry_budget_min_per_s",
         "inbound", "app", "mesh_secret_file", "policing",  # sidecar.policing_config
         "redis", "signaling_epoch",  # sidecar.signaling
@@ -209,7 +209,7 @@ class SidecarConfig:
     policing: PolicingSettings = field(default_factory=PolicingSettings)
     transparent: bool = False  # route redirected connections by their original destination
     hedge: bool = False  # hedge exploratory picks of bodiless idempotent requests (mesh.hedging)
-    rescue: bool = True  # requests held by an endpoint ejected meanwhile go elsewhere
+    rescue: bool = False  # requests held by an endpoint ejected meanwhile go elsewhere
     discovery: DiscoverySettings | None = None  # None: no Kubernetes discovery
     config_file: Path | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # setting -> layer it came from
@@ -545,7 +545,7 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                     raise ConfigError(f"{key}: at most 10 retries per request, got {value!r}")
             elif key == "source_address":
                 out[key] = _parse_source_address(value)
-            elif key in ("transparent", "discovery", "hedge", "no_rescue"):
+            elif key in ("transparent", "discovery", "hedge", "rescue"):
                 out[key] = _parse_switch(value)
             elif key in ("discovery_namespaces", "kube_api", "kube_token_file"):
                 out[key] = str(value).strip()
@@ -643,7 +643,7 @@ class ConfigSource:
             policing=merged.get("policing", PolicingSettings()),
             transparent=merged.get("transparent", False),
             hedge=merged.get("hedge", False),
-            rescue=not merged.get("no_rescue", False),
+            rescue=merged.get("rescue", False),
             discovery=discovery,
             config_file=self.config_file,
             sources=sources,

@@ -36,7 +36,7 @@ the retry budget; the first response head wins and the other racer is cancelled 
 connection closed) and observed as censored, not as a failure. Only heads race, so nothing has
 reached the app from the loser.
 
-Rescue (:mod:`sidecar.rescue`; on unless ``--no-rescue``): a request the retry rule allows to
+Rescue (:mod:`sidecar.rescue`; with ``--rescue``): a request the retry rule allows to
 be sent again, still waiting for its answer's head at an endpoint the policy ejected since it
 was sent (a hung pod holds what it was sent), is given up there after the policy's tick and
 sent to another endpoint as a retry, its withdrawal from the retry budget made before it is
@@ -306,7 +306,7 @@ class OutboundProxy:
         transport: Transport | None = None,
         hedge: bool = False,
         source_address: str | None = None,
-        rescue: bool = True,
+        rescue: bool = False,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.hedge = hedge  # hedged exploration (module docstring, "Hedging")

@@ -2,8 +2,8 @@
 nothing with a body or a non-idempotent method is ever sent twice (sidecar/rescue.py).
 
 Real aiohttp pods on loopback, one of which stops answering mid-run; the real sidecar process
-with its default policy (``equilibrium``), whose tick ejects the hung pod and rescues what it
-holds.
+with its default policy (``equilibrium``) and ``--rescue``, whose tick ejects the hung pod and
+rescues what it holds.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ async def test_what_a_hung_pod_holds_is_answered_elsewhere_and_posts_are_not_res
     pods = [await start_backend(f"pod-{i}") for i in range(2)]
     pods.append(await start_backend("pod-2", handler=hangs))
     sidecar = await async_start_sidecar({"svc": [p.url for p in pods]},
-                                        extra_args=["--request-timeout", "6"])
+                                        extra_args=["--request-timeout", "6", "--rescue"])
     answers: dict[str, int] = {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:

@@ -72,15 +72,15 @@ def test_hedging_is_off_unless_the_flag_or_the_environment_turns_it_on(tmp_path:
     assert load(["--config", str(config)], {}).hedge is True
 
 
-def test_rescue_is_on_unless_the_flag_the_environment_or_the_file_turns_it_off(
+def test_rescue_is_off_unless_the_flag_the_environment_or_the_file_turns_it_on(
         tmp_path: Path) -> None:
-    assert load([], {}).rescue is True
-    assert load(["--no-rescue"], {}).rescue is False
-    assert load([], {"EQUILIBRIUM_NO_RESCUE": "1"}).rescue is False
-    assert load([], {"EQUILIBRIUM_NO_RESCUE": "off"}).rescue is True
+    assert load([], {}).rescue is False
+    assert load(["--rescue"], {}).rescue is True
+    assert load([], {"EQUILIBRIUM_RESCUE": "1"}).rescue is True
+    assert load([], {"EQUILIBRIUM_RESCUE": "off"}).rescue is False
     config = tmp_path / "sidecar.json"
-    config.write_text('{"no_rescue": true}')
-    assert load(["--config", str(config)], {}).rescue is False
+    config.write_text('{"rescue": true}')
+    assert load(["--config", str(config)], {}).rescue is True
 
 
 def test_kube_options_keep_their_flags_and_environment_names() -> None:

@@ -118,7 +118,7 @@ async def rig() -> AsyncIterator[MakeRig]:
 
     async def make(endpoints: tuple[str, ...] = (HUNG, OK), timeout: float = 5.0,
                    budget: RetryBudget | None = None, max_attempts: int = 3,
-                   rescue: bool = True) -> Rig:
+                   rescue: bool = True) -> Rig:  # the proxy's default is off
         profile = dataclasses.replace(get_profile("balanced"), request_timeout=timeout)
         table = UpstreamTable("round-robin", profile)
         table.apply({"users": endpoints}, 0.0)
