@@ -313,8 +313,7 @@ class OutboundProxy:
         # requests held by an endpoint ejected meanwhile go elsewhere (module docstring,
         # "Rescue"); RescueBoard.sweep runs after each policy tick (sidecar.runner)
         self.rescue: RescueBoard | None = RescueBoard(
-            max_attempts, clock, on_budget_exhausted=self._count_rescue_declined
-        ) if rescue else None
+            max_attempts, on_budget_exhausted=self._count_rescue_declined) if rescue else None
         self.table = table
         self.profile = profile
         self.metrics = metrics

@@ -6,7 +6,8 @@ nothing more goes there; but what it already holds would wait for the request ti
 by default) and fail, which is what a hang cost before: a helper counted 20 such 504s per
 hang from one sidecar. Envoy answers it with a per-try timeout and a retry; here the try ends
 when the policy ejects the endpoint (:class:`mesh.hedging.Rescuer`), which it decides from
-what the endpoint does rather than from a fixed time.
+what the endpoint does rather than from a fixed time. Off by default (``--rescue``): on a
+service of long polls it re-sends polls a healthy pod holds (docs/routing.md, "Rescue").
 
 :class:`RescueBoard` owns the bookkeeping, off the request path except for one dict insert
 and delete per request: the outbound listener holds a :class:`Held` for each attempt of a
@@ -62,10 +63,9 @@ class Held:
 class RescueBoard:
     """The attempts held per upstream and endpoint; see the module docstring."""
 
-    def __init__(self, max_attempts: int, clock: Callable[[], float],
+    def __init__(self, max_attempts: int,
                  on_budget_exhausted: Callable[[UpstreamGroup], None] | None = None) -> None:
         self.max_attempts = max_attempts
-        self.clock = clock
         self.on_budget_exhausted = on_budget_exhausted
         # upstream name -> endpoint -> held attempts (a dict as an ordered set: oldest first)
         self._held: dict[str, dict[str, dict[Held, None]]] = {}

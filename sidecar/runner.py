@@ -199,6 +199,9 @@ class SidecarRunner:
             source_address=config.source_address,
             rescue=config.rescue,
         )
+        if config.rescue:
+            log.info("rescue on: bodiless idempotent requests an ejected endpoint holds are sent "
+                     "to another, as retries (HTTP/1.1; not for services of long polls)")
         if config.hedge:
             log.info("hedged exploration on: exploratory picks of bodiless idempotent requests "
                      "race the best endpoint after its p90 (HTTP/1.1)")
