@@ -218,8 +218,8 @@ class EndpointStats:
 
     def stalling(self, now: float) -> bool:
         """Whether the endpoint holds three requests sent since its last answer and the third
-        has waited over :data:`STALL_MIN` and twice the latency of its answers
-        (:attr:`answer_latency`, 0 while it has none): then a pick sends it nothing more.
+        has waited over :data:`STALL_MIN` and twice what its answers take
+        (:meth:`answer_latency`, 0 while it has none): then a pick sends it nothing more.
         Three, not the two of :meth:`stalled_for`: a healthy pod may hold two long polls,
         and while it is turned away from, nothing it would answer at once could show it
         healthy (a review's finding: with two long polls sent back to back, a healthy pod
@@ -234,15 +234,16 @@ class EndpointStats:
     def hung(self, now: float, others: float | None = None) -> bool:
         """Whether the endpoint's stall (three requests, as :meth:`stalling`) has lasted over
         :data:`STALL_EJECT`, ten times what its answers take (:meth:`answer_latency`) and
-        ten times ``others`` (the best latency estimate of the upstream's endpoints), or,
+        ten times ``others`` (the best any of the upstream's endpoints does now), or,
         with no answer yet, over :data:`STALL_EJECT_UNMEASURED` and ten times ``others``;
         each hang ejection in a row doubles that (:attr:`stall_ejections`, at most 16x). A
-        pod that accepts requests and answers none: a slow pod never waits that
-        long (one slower than that is ejected once, then let answer), a service of long polls
-        has their length as its yardstick, and when every pod stalls (a shared database
-        slows down) the others' estimates, which take their stalls, rise with it: none is
-        hung, and nothing is re-sent to pods as slow as it (a review's finding: rescues added
-        12 % to the load of a slowed-down service). With nothing known anywhere, nothing is
+        pod that accepts requests and answers none: a slow pod never waits that long (one
+        slower than that is ejected a few times, each needing twice the stall, then let
+        answer), a service of long polls has their length as its yardstick, and when every
+        pod stalls (a shared database slows down) ``others`` counts what each pod has left
+        unanswered (RegretMatchingPolicy._live) and rises with it: none is hung, and nothing
+        is re-sent to pods as slow as it (a review's finding: rescues added 12 % to the load
+        of a slowed-down service). With nothing known anywhere, nothing is
         hung. A pod never measured may be slow rather than hung (1.5 s where the others take
         3 ms, in the hedging test), hence the longer wait; meanwhile :meth:`stalling` keeps
         requests away from it all the same."""
