@@ -16,9 +16,8 @@ import dataclasses
 import random
 import socket
 import struct
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -33,8 +32,9 @@ from mesh.retry import RetryBudget
 from sidecar.h2_site import OutboundSite
 from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
-from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
+from sidecar.transport import MemoryTransport
 from sidecar.upstreams import UpstreamTable
+from tests.unit.sidecar.memory_upstreams import Network, serve
 
 SLOW, FAST = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
 
@@ -64,26 +64,6 @@ class PlannedPolicy:
     def on_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
         self.inner.on_outcome(outcome)
-
-
-@dataclass
-class Network:
-    delays: dict[str, float]
-    seen: Counter[tuple[str, str]] = field(default_factory=Counter)
-    bodies: list[bytes] = field(default_factory=list)
-    cancelled: list[str] = field(default_factory=list)
-
-    async def __call__(self, request: UpstreamRequest) -> MemoryResponse:
-        endpoint = f"{request.url.scheme}://{request.url.raw_authority}"
-        self.seen[(endpoint, request.method)] += 1
-        if request.body is not None:
-            self.bodies.append(b"".join([chunk async for chunk in request.body]))
-        try:
-            await asyncio.sleep(self.delays[endpoint])
-        except asyncio.CancelledError:
-            self.cancelled.append(endpoint)
-            raise
-        return MemoryResponse(200, {"X-Backend": endpoint}, endpoint.encode())
 
 
 @dataclass
@@ -123,14 +103,7 @@ async def rig() -> AsyncIterator[MakeRig]:
         proxy = OutboundProxy(sidecar_id="unit-sidecar", table=table, profile=profile,
                               metrics=metrics.outbound, rng=random.Random(7),
                               transport=MemoryTransport(network), hedge=hedge)
-        runner = web.AppRunner(proxy.make_app(), access_log=None)
-        await runner.setup()
-        closers.append(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
-        closers.insert(0, client.close)
+        client = await serve(proxy, closers)
         return Rig(proxy, policy, network, client, metrics)
 
     yield make

@@ -16,12 +16,11 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from mesh.policies import RoundRobin
 from mesh.policy import Outcome
@@ -29,8 +28,9 @@ from mesh.profiles import StrategyProfile, get_profile
 from mesh.retry import RetryBudget
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import OutboundProxy
-from sidecar.transport import MemoryResponse, MemoryTransport, UpstreamRequest
+from sidecar.transport import MemoryTransport
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
+from tests.unit.sidecar.memory_upstreams import Network, serve
 
 HUNG, OK = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
 
@@ -58,27 +58,6 @@ class EjectingPolicy:
     def on_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
         self.inner.on_outcome(outcome)
-
-
-@dataclass
-class Network:
-    """HUNG never answers (until the test ends); OK answers at once."""
-
-    seen: Counter[tuple[str, str]] = field(default_factory=Counter)
-    cancelled: list[str] = field(default_factory=list)
-
-    async def __call__(self, request: UpstreamRequest) -> MemoryResponse:
-        endpoint = f"{request.url.scheme}://{request.url.raw_authority}"
-        self.seen[(endpoint, request.method)] += 1
-        if request.body is not None:
-            b"".join([chunk async for chunk in request.body])
-        if endpoint == HUNG:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                self.cancelled.append(endpoint)
-                raise
-        return MemoryResponse(200, {"X-Backend": endpoint}, endpoint.encode())
 
 
 @dataclass
@@ -129,20 +108,13 @@ async def rig() -> AsyncIterator[MakeRig]:
         group.set_endpoints(endpoints, 0.0)
         if budget is not None:
             group.budget = budget
-        network = Network()
+        network = Network({HUNG: 3600.0, OK: 0.0})  # HUNG never answers (within a test)
         metrics = SidecarMetrics()
         proxy = OutboundProxy(sidecar_id="unit-sidecar", table=table, profile=profile,
                               metrics=metrics.outbound, rng=random.Random(7),
                               transport=MemoryTransport(network), max_attempts=max_attempts,
                               rescue=rescue)
-        runner = web.AppRunner(proxy.make_app(), access_log=None)
-        await runner.setup()
-        closers.append(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
-        closers.insert(0, client.close)
+        client = await serve(proxy, closers)
         return Rig(proxy, group, policy, network, client, metrics)
 
     yield make
