@@ -23,9 +23,10 @@ The steps of one request
    its deadline or is abandoned is reported with :meth:`AdmissionGate.defect` instead of an
    offer: it counts against its caller (:meth:`ReputationBook.defect`).
 3. The request's end: :meth:`AdmissionGate.finish` when an admitted request leaves its slot
-   (with its RTT if it finished, the limiter learns from it), :meth:`AdmissionGate.withdraw`
-   when a waiter's client goes away, :meth:`AdmissionGate.time_out` when a waiter's own timer
-   runs out (``max_wait`` after it queued), :meth:`AdmissionGate.close` at shutdown.
+   (with its RTT if it finished, the limiter learns from it; pass its :attr:`Admit.slot`),
+   :meth:`AdmissionGate.withdraw` when a waiter's client goes away,
+   :meth:`AdmissionGate.time_out` when a waiter's own timer runs out (``max_wait`` after it
+   queued), :meth:`AdmissionGate.close` at shutdown.
 
 A step may also decide the fate of *other* requests that are waiting (a slot freed, an
 eviction, a punishment): those decisions come back in the step's ``woken`` tuple (or as the
@@ -67,6 +68,14 @@ The rules
   ``queue-timeout``. :meth:`AdmissionGate.time_out` is the waiter's own deadline (the sidecar
   calls it from a per-request timer); :meth:`AdmissionGate.expire` applies the same rule to
   every waiter at once for a driver that only has a clock (a simulator, a test).
+- **Long requests.** An admitted request at least
+  :meth:`~mesh.concurrency.AdaptiveConcurrencyLimit.long_after` old, when the app has since
+  answered a request admitted after it, is a long poll, a watch or a stream, not a queue:
+  it leaves the limiter's count (:meth:`~mesh.concurrency.AdaptiveConcurrencyLimit.park`,
+  the module's *Long requests*) and its slot serves others; at most
+  ``max_long_per_caller`` of one caller's requests are parked (the rest keep their slots,
+  as the listeners' cap on a caller's long-lived exchanges). Checked when a request asks
+  for a slot or one frees, oldest first.
 - **Load.** After every offer, release and withdrawal the book learns the app's congestion
   (``in_flight / limit``, and 1 while anyone waits) and capacity (configured, or the
   limiter's Little's-law estimate ``limit / sampleRTT``), which set the fair shares.
@@ -79,7 +88,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from mesh.auction import Admission, Queued, SecondPriceAuction
@@ -119,6 +128,8 @@ class Admit:
     waited: float
     woken: tuple[Admit | Reject, ...] = ()
     """Other waiters this step decided (always empty on a woken decision itself)."""
+    slot: int = field(default=0, compare=False)
+    """The slot it holds, to pass to :meth:`AdmissionGate.finish` (a handle: not compared)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +186,12 @@ Woken = Admit | Reject
 
 
 @dataclass(slots=True)
+class _Held:
+    caller: str
+    start: float
+
+
+@dataclass(slots=True)
 class _Waiting:
     caller: str
     deadline: float
@@ -197,6 +214,7 @@ class AdmissionGate:
         auction: SecondPriceAuction | None = None,
         max_wait: float = 2.0,
         capacity: float | None = None,
+        max_long_per_caller: int | None = None,
     ) -> None:
         if not (math.isfinite(max_wait) and max_wait >= 0):
             raise ValueError(f"max_wait must be finite and >= 0, got {max_wait!r}")
@@ -212,6 +230,19 @@ class AdmissionGate:
         self._waiting: dict[str, _Waiting] = {}
         self._queued_by: dict[str, set[str]] = {}
         self._ids = itertools.count(1)
+        # Invariant: _held holds the admitted requests the limiter counts in flight (oldest
+        # first), _parked those it parked as long, by slot; _parked_by counts the latter per
+        # caller. _answered is the latest start of an admitted request that was answered.
+        self.max_long_per_caller = max_long_per_caller
+        self._slots = itertools.count(1)
+        self._held: dict[int, _Held] = {}
+        self._parked: dict[int, str] = {}
+        self._parked_by: dict[str, int] = {}
+        self._answered = -math.inf
+        self._scout: int | None = None  # a slot parked before any later one was answered
+        self._scout_start = -math.inf
+        self.parked_total = 0
+        """Requests parked as long since the start (a counter)."""
 
     # --- observers ------------------------------------------------------------------------
 
@@ -281,6 +312,7 @@ class AdmissionGate:
         """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``)."""
         request_id = f"r{next(self._ids)}"
         lim = self.limiter
+        self._park_long(now)
         slot = lim.on_start(now)  # the direct path: a free slot
         if slot and self.auction.queue_length:
             lim.on_abandon(now)  # others wait: the slot goes to the best bid via release
@@ -288,7 +320,7 @@ class AdmissionGate:
         outcome = self.auction.offer(request_id, passed.caller, passed.bid, now, slot)
         self._update_load(now)
         if isinstance(outcome, Admission):
-            return _admit(outcome)
+            return self._admit(outcome, now)
         if not isinstance(outcome, Queued):
             return Reject(request_id, passed.caller, RejectReason.QUEUE_FULL, 1, queued=False)
         woken: list[Woken] = []
@@ -320,6 +352,8 @@ class AdmissionGate:
         """Hand every free slot to the best waiters (each pays the highest losing bid)."""
         lim, auction = self.limiter, self.auction
         admitted: list[Admit] = []
+        if auction.queue_length:
+            self._park_long(now)
         while auction.queue_length:
             # take the slots first: on_start may begin a minRTT probe and refuse one that
             # available() reported free, and the auction must not admit more than were taken
@@ -335,19 +369,42 @@ class AdmissionGate:
                 if self._forget(admission.request_id) is None:
                     lim.on_abandon(now)  # not a waiter of this gate: the slot is free again
                 else:
-                    admitted.append(_admit(admission))
+                    admitted.append(self._admit(admission, now))
         self._update_load(now)
         return tuple(admitted)
 
-    def finish(self, now: float, rtt: float | None = None) -> tuple[Admit, ...]:
-        """An admitted request left its slot: after ``rtt`` seconds if the app answered it in
-        full (the limiter learns from it), None if it ended without a usable RTT (its client
-        left, the app failed). The freed slot goes to the best waiter."""
+    def finish(self, now: float, rtt: float | None = None, slot: int = 0
+               ) -> tuple[Admit, ...]:
+        """An admitted request left its slot (``slot``: its :attr:`Admit.slot`; 0: the oldest
+        admitted): after ``rtt`` seconds if the app answered it in full (the limiter learns
+        from it, unless it was parked as long), None if it ended without a usable RTT (its
+        client left, the app failed). The freed slot goes to the best waiter."""
+        caller = self._parked.pop(slot, None)
+        if caller is not None:
+            if slot == self._scout:
+                self._scout = None
+            left = self._parked_by[caller] - 1
+            if left:
+                self._parked_by[caller] = left
+            else:
+                del self._parked_by[caller]
+            self.limiter.on_parked_end()
+            return self.release(now)
+        held = self._held.pop(slot, None)
+        if held is None and self._held:  # an unknown slot: counted as the oldest one
+            held = self._held.pop(next(iter(self._held)))
         if rtt is None:
             self.limiter.on_abandon(now)
         else:
             self.limiter.on_finish(rtt, now)
+            if held is not None and held.start > self._answered:
+                self._answered = held.start
         return self.release(now)
+
+    @property
+    def long_running(self) -> int:
+        """Admitted requests parked as long, now."""
+        return len(self._parked)
 
     def withdraw(self, request_id: str, now: float) -> bool:
         """A waiter's client went away; False if the request was not waiting (then, if it had
@@ -421,13 +478,53 @@ class AdmissionGate:
                 del self._queued_by[waiting.caller]
         return waiting.caller
 
+    def _admit(self, admission: Admission, now: float) -> Admit:
+        slot = next(self._slots)
+        self._held[slot] = _Held(admission.caller, now)
+        return Admit(admission.request_id, admission.caller, admission.bid, admission.price,
+                     admission.waited, slot=slot)
+
+    def _park_long(self, now: float) -> None:
+        """Park every admitted request that turned out long (*Long requests*): oldest first,
+        up to the first that is too young or that no later admission has overtaken (no
+        younger one can be either). When none is overtaken and the slots are full of
+        requests that old (long polls took every slot, or the few of a minRTT probe), the
+        oldest is parked as a *scout*: its slot lets one more request through, whose answer
+        tells long requests from a stuck app; no second scout until a later request is
+        answered or the scout ends, so a hung app is sent at most one extra request."""
+        held = self._held
+        if not held:
+            return
+        lim = self.limiter
+        old = now - lim.long_after()
+        oldest_slot = next(iter(held))
+        if held[oldest_slot].start >= old:  # the common case: nothing to look at
+            return
+        if self._scout is not None and self._scout_start < self._answered:
+            self._scout = None  # overtaken: a long request after all
+        cutoff = min(old, self._answered)
+        cap = self.max_long_per_caller if self.max_long_per_caller is not None else math.inf
+        by = self._parked_by
+        parked: list[int] = []
+        for slot, request in held.items():
+            if request.start >= cutoff:
+                break
+            if by.get(request.caller, 0) < cap:
+                by[request.caller] = by.get(request.caller, 0) + 1
+                parked.append(slot)
+        if not parked and self._scout is None and lim.in_flight >= lim.limit:
+            caller = held[oldest_slot].caller
+            if by.get(caller, 0) < cap:
+                by[caller] = by.get(caller, 0) + 1
+                parked.append(oldest_slot)
+                self._scout, self._scout_start = oldest_slot, held[oldest_slot].start
+        for slot in parked:
+            self._parked[slot] = held.pop(slot).caller
+            lim.park()
+        self.parked_total += len(parked)
+
     def _update_load(self, now: float) -> None:
         self.book.update_load(now, self.congestion(), self.capacity())
-
-
-def _admit(admission: Admission) -> Admit:
-    return Admit(admission.request_id, admission.caller, admission.bid, admission.price,
-                 admission.waited)
 
 
 def _arrival(request_id: str) -> int:

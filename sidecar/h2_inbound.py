@@ -137,7 +137,8 @@ class _Call:
 
     __slots__ = ("admitted_at", "answer_timer", "answered", "counted", "cut", "deadline",
                  "first_at", "framing", "head_at", "holding", "is_grpc", "long_lived", "owner",
-                 "started", "stream", "streaming", "timer", "upstream", "verdict", "waiting")
+                 "slot", "started", "stream", "streaming", "timer", "upstream", "verdict",
+                 "waiting")
 
     def __init__(self, owner: H2Inbound, stream: ServerStream) -> None:
         self.owner = owner
@@ -160,6 +161,7 @@ class _Call:
         self.head_at: float | None = None  # when the app's answer head came
         self.first_at: float | None = None  # when its first response message came (gRPC)
         self.waiting = -1  # its key in the probe answers' AwaitedAnswers while at the app
+        self.slot = 0  # the app slot the gate gave it (mesh.admission.Admit.slot)
 
     def done(self) -> None:
         """The stream's task ended (answered, failed or cancelled): a caller that went away
@@ -211,6 +213,7 @@ class _Call:
                 raise
             if isinstance(admitted, Refusal):
                 return await self.reply(verdict, admitted)
+            self.slot = admitted.slot
         await self.forward(verdict, tracked=policed is not None, upload=upload)
 
     # ------------------------------------------------------------ to the app and back
@@ -314,7 +317,7 @@ class _Call:
                     ended = self.streaming.ended_at
                     self.charge_hold((ended if ended is not None else now) - self.admitted_at)
                 policing.finish(((first if first is not None else now) - started)
-                                if finished else None)
+                                if finished else None, self.slot)
             if finished:
                 self.owner.metrics.requests.labels(verdict.label, InboundOutcome.ADMITTED).inc()
                 self.owner.metrics.app_latency.observe(now - started)
@@ -482,7 +485,7 @@ class _Call:
             return  # the slot now (answer_outlived_slot, its own timer)
         self.holding = False
         self.charge_hold(owner.proxy.clock() - self.admitted_at)
-        owner.policing.finish(None)
+        owner.policing.finish(None, self.slot)
         if owner.proxy.open_long_lived(verdict.caller):
             self.long_lived = True
             return
@@ -527,7 +530,7 @@ class _Call:
             return
         self.holding = False
         self.long_lived = True
-        owner.policing.finish((self.first_at or self.head_at) - self.started)
+        owner.policing.finish((self.first_at or self.head_at) - self.started, self.slot)
 
     def cancel_timers(self) -> None:
         for timer in (self.timer, self.answer_timer):

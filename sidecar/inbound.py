@@ -199,6 +199,7 @@ class InboundProxy:
         self.clock = clock
         self.wall_clock = wall_clock
         self._notices = NoticeThrottle(APP_NOTICE_INTERVAL)
+        self._parked_seen = 0  # the gate's parked_total already in the metric
         self._own_transport: H1Transport | None = None
         if transport is None:
             transport = self._own_transport = H1Transport(connect_timeout=connect_timeout)
@@ -290,6 +291,11 @@ class InboundProxy:
         m.queue_length.set(self.auction.queue_length)
         m.limit.set(self.limiter.limit)
         m.in_flight.set(self.in_flight)
+        m.long_running.set(self.gate.long_running)
+        parked = self.gate.parked_total
+        if parked > self._parked_seen:
+            m.parked.inc(parked - self._parked_seen)
+            self._parked_seen = parked
         m.congestion.set(self._congestion())
         m.capacity.set(self.capacity())
 
@@ -383,14 +389,15 @@ class InboundProxy:
             if gone or body_failed(exchange):
                 # the caller left while queued, or its body broke its framing there: the
                 # slot goes back before the app sees anything
-                self._deliver(self.gate.finish(self.clock()))
+                self._deliver(self.gate.finish(self.clock(), slot=admission.slot))
                 if gone:
                     self.metrics.requests.labels(verdict.label,
                                                  InboundOutcome.CALLER_HUNG_UP).inc()
                 else:
                     await self._upload_failed(exchange, verdict, UploadFailure.ABANDONED)
                 return
-            await self._forward(exchange, verdict, tracked=True, body=body, upload=deadline)
+            await self._forward(exchange, verdict, tracked=True, body=body, upload=deadline,
+                                slot=admission.slot)
         finally:
             release(deadline, self.upload_memory)
 
@@ -411,8 +418,10 @@ class InboundProxy:
     async def _forward(
         self, exchange: Exchange, verdict: Verdict, *, tracked: bool,
         body: AsyncIterable[bytes] | None = None, upload: UploadDeadline | None = None,
+        slot: int = 0,
     ) -> None:
-        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot.
+        """Send to the app and stream its answer back; ``tracked`` holds a limiter slot
+        (``slot``, :attr:`mesh.admission.Admit.slot`).
         ``body``: the request body as received (:mod:`sidecar.upload`, under the ``upload``
         deadline); None: streamed from the client as it comes. A chunked body's trailer
         fields go on to the app after it, and the app's back to the caller."""
@@ -473,7 +482,8 @@ class InboundProxy:
             awaited.ended(waiting)
             now = self.clock()
             if tracked:  # the slot goes back to the gate (with the RTT if it finished)
-                self._deliver(self.gate.finish(now, now - started if finished_ok else None))
+                self._deliver(self.gate.finish(now, now - started if finished_ok else None,
+                                               slot))
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
                 self.probes.record(now, now - started)

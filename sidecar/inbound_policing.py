@@ -241,6 +241,7 @@ class InboundPolicing:
             limiter=AdaptiveConcurrencyLimit(settings.concurrency),
             auction=SecondPriceAuction(settings.auction),
             max_wait=settings.max_wait, capacity=settings.capacity,
+            max_long_per_caller=settings.websocket_max_per_caller,
         )
         self.bucket = LocalRateLimit(settings.token_bucket_rate, settings.token_bucket_burst,
                                      clock())
@@ -405,24 +406,26 @@ class InboundPolicing:
             if future is not None and not future.done():
                 future.set_result(outcome)
             elif isinstance(outcome, Admit):  # its client is gone: the slot is free again
-                self.deliver(self.gate.finish(self.clock()))
+                self.deliver(self.gate.finish(self.clock(), slot=outcome.slot))
 
     def _leave(self, queued: Queue, future: asyncio.Future[Woken]) -> None:
         """A waiter's client went away: its place in the queue, or the slot it was just
         given, goes back to the gate."""
         now = self.clock()
         self._waiting.pop(queued.request_id, None)
-        if future.done() and not future.cancelled() and isinstance(future.result(), Admit):
-            self.deliver(self.gate.finish(now))  # admitted just now: give the slot back
+        result = future.result() if future.done() and not future.cancelled() else None
+        if isinstance(result, Admit):  # admitted just now: give the slot back
+            self.deliver(self.gate.finish(now, slot=result.slot))
         else:
             self.gate.withdraw(queued.request_id, now)
             future.cancel()
 
     # ------------------------------------------------------------ after the app
 
-    def finish(self, rtt: float | None) -> None:
-        """An admitted request left its slot (``rtt``: the app's time when it answered)."""
-        self.deliver(self.gate.finish(self.clock(), rtt))
+    def finish(self, rtt: float | None, slot: int) -> None:
+        """An admitted request left its slot (``rtt``: the app's time when it answered;
+        ``slot``: its :attr:`~mesh.admission.Admit.slot`)."""
+        self.deliver(self.gate.finish(self.clock(), rtt, slot))
 
     def close(self) -> None:
         """Shutdown: every waiter is sent away."""

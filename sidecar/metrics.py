@@ -370,6 +370,11 @@ class InboundMetrics:
         # the app's load
         self.limit = gauge("concurrency_limit", "Adaptive concurrency limit of the app")
         self.in_flight = gauge("in_flight", "Requests at the app through this listener")
+        self.long_running = gauge(
+            "long_running", "Admitted requests parked as long (a long poll, a watch, a stream: "
+            "older than the limiter's long_after and overtaken by a later one), outside the "
+            "concurrency limit")
+        self.parked = counter("long_requests", "Requests parked as long since the start")
         self.congestion = gauge("congestion", "Congestion level sent as X-GT-Congestion")
         self.capacity = gauge("capacity_estimate",
                               "App capacity in requests/s used for fair shares")

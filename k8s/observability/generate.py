@@ -250,12 +250,15 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
                [(_gauge("min", "equilibrium_inbound_caller_reputation", SIDECAR, "caller"),
                  "{{caller}}")], max_value=1),
         _panel("Adaptive concurrency limit",
-               "The limit of requests at the app, the requests there, and those waiting in "
-               "the bid queue.",
+               "The limit of requests at the app, the requests there, those of them parked "
+               "as long (long polls, watches: outside the limit), and those waiting in the "
+               "bid queue.",
                [(_gauge("max", "equilibrium_inbound_concurrency_limit", SIDECAR, "pod"),
                  "limit {{pod}}"),
                 (_gauge("max", "equilibrium_inbound_in_flight", SIDECAR, "pod"),
                  "in flight {{pod}}"),
+                (_gauge("max", "equilibrium_inbound_long_running", SIDECAR, "pod"),
+                 "long {{pod}}"),
                 (_gauge("max", "equilibrium_inbound_queue_length", SIDECAR, "pod"),
                  "queued {{pod}}")]),
         _panel("Auction price",

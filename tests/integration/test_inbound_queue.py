@@ -54,8 +54,10 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     overrides = getattr(request, "param", {})
     settings = parse_policing({
         "max_wait": 1.5,
+        # long_after: these requests wait for the test, never long by the app's nature (a
+        # held slot would otherwise be parked as a scout after 1 s: test_long_requests.py)
         "concurrency": {"initial_limit": 1, "min_limit": 1, "max_limit": 1, "probe_limit": 1,
-                        "probe_samples": 1},
+                        "probe_samples": 1, "long_after": 60},
         "auction": {"max_queue": 2},
         **overrides,
     })

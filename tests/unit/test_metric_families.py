@@ -69,6 +69,8 @@ equilibrium_inbound_h2_refused_streams counter -
 equilibrium_inbound_http1_rejected_requests counter reason
 equilibrium_inbound_in_flight gauge -
 equilibrium_inbound_listener_timeouts counter phase
+equilibrium_inbound_long_requests counter -
+equilibrium_inbound_long_running gauge -
 equilibrium_inbound_mesh_key_configured gauge -
 equilibrium_inbound_price_paid counter caller
 equilibrium_inbound_probes counter result

@@ -1,0 +1,95 @@
+"""Long polls behind an inbound sidecar do not take the app's slots from its quick requests
+(mesh.admission, *Long requests*): a real sidecar process in front of a real app whose
+``/poll`` answers only when the test says so, with the concurrency limit fixed at 4."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.integration.inbound_support import write_config
+from tests.integration.procs import (
+    LOOPBACK,
+    async_start_sidecar,
+    async_stop,
+    free_port,
+    start_backend,
+)
+
+LIMIT = 4
+POLICING = {
+    "max_wait": 1.0,
+    "concurrency": {"initial_limit": LIMIT, "min_limit": 1, "max_limit": LIMIT,
+                    "probe_limit": LIMIT, "probe_samples": 2, "long_after": 0.3},
+}
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> None:
+    answer = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path == "/poll":
+            await answer.wait()
+        return web.Response(text=request.path)
+
+    app = await start_backend("app", handler=handle)
+    port = free_port()
+    inbound = await async_start_sidecar(
+        {}, sidecar_id="app-sidecar",
+        config_file=write_config(tmp_path / "policing.json", POLICING),
+        extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
+    url = f"http://{LOOPBACK}:{port}"
+    polls: list[asyncio.Task[int]] = []
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def get(path: str) -> int:
+                async with session.get(url + path) as response:
+                    await response.read()
+                    return response.status
+
+            for _ in range(4):  # the limiter's first probe
+                assert await get("/quick") == 200
+            # twice the limit of long polls, each followed by a quick request (which
+            # overtakes it): a service whose clients watch for changes
+            for _ in range(2 * LIMIT):
+                polls.append(asyncio.create_task(get("/poll")))
+                await asyncio.sleep(0.35)
+                assert await get("/quick") == 200
+            statuses = [await get("/quick") for _ in range(20)]
+            assert statuses == [200] * 20, statuses
+            assert not any(poll.done() for poll in polls)  # all still open meanwhile
+            async def gauge(name: str, wanted: Callable[[float], bool]) -> float:
+                """The metric once it is as wanted (the gauges refresh every 0.5 s)."""
+                for _ in range(50):
+                    async with session.get(f"{inbound.admin_url}/metrics") as response:
+                        value = metric(await response.text(), name)
+                    if wanted(value):
+                        break
+                    await asyncio.sleep(0.1)
+                return value
+
+            # at most LIMIT - 1 of the polls still count: the rest were parked as long
+            assert await gauge("equilibrium_inbound_long_running",
+                               lambda v: v >= LIMIT + 1) >= LIMIT + 1
+            assert await gauge("equilibrium_inbound_long_requests_total",
+                               lambda v: v >= LIMIT + 1) >= LIMIT + 1
+            answer.set()
+            assert await asyncio.gather(*polls) == [200] * (2 * LIMIT)
+            assert await gauge("equilibrium_inbound_long_running", lambda v: v == 0) == 0
+    finally:
+        answer.set()
+        for poll in polls:
+            poll.cancel()
+        await async_stop(inbound)
+        await app.stop()
