@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from mesh.auction import Admission, Queued, SecondPriceAuction
@@ -343,8 +343,7 @@ class AdmissionGate:
             else:
                 woken.append(admit)
         if own is not None:
-            return Admit(own.request_id, own.caller, own.bid, own.price, own.waited,
-                         tuple(woken))
+            return replace(own, woken=tuple(woken))
         return Queue(request_id, passed.caller, outcome.bid, self.auction.queue_length,
                      deadline, tuple(woken))
 
@@ -373,12 +372,18 @@ class AdmissionGate:
         self._update_load(now)
         return tuple(admitted)
 
-    def finish(self, now: float, rtt: float | None = None, slot: int = 0
-               ) -> tuple[Admit, ...]:
+    def finish(self, now: float, rtt: float | None = None, slot: int = 0,
+               overtakes: bool = True) -> tuple[Admit, ...]:
         """An admitted request left its slot (``slot``: its :attr:`Admit.slot`; 0: the oldest
-        admitted): after ``rtt`` seconds if the app answered it in full (the limiter learns
+        admitted, for a driver that keeps no slots; a slot already finished: nothing
+        happens): after ``rtt`` seconds if the app answered it in full (the limiter learns
         from it, unless it was parked as long), None if it ended without a usable RTT (its
-        client left, the app failed). The freed slot goes to the best waiter."""
+        client left, the app failed). ``overtakes``: the answer may show the requests
+        admitted before it to be long (False for an error answer: an app that sheds load
+        with quick 503s has not served anything around its slow requests). The freed slot
+        goes to the best waiter."""
+        if slot and slot not in self._held and slot not in self._parked:
+            return ()
         caller = self._parked.pop(slot, None)
         if caller is not None:
             if slot == self._scout:
@@ -397,7 +402,7 @@ class AdmissionGate:
             self.limiter.on_abandon(now)
         else:
             self.limiter.on_finish(rtt, now)
-            if held is not None and held.start > self._answered:
+            if overtakes and held is not None and held.start > self._answered:
                 self._answered = held.start
         return self.release(now)
 
@@ -487,11 +492,14 @@ class AdmissionGate:
     def _park_long(self, now: float) -> None:
         """Park every admitted request that turned out long (*Long requests*): oldest first,
         up to the first that is too young or that no later admission has overtaken (no
-        younger one can be either). When none is overtaken and the slots are full of
-        requests that old (long polls took every slot, or the few of a minRTT probe), the
+        younger one can be either). When none is overtaken, the slots are full and the
+        oldest is that old (long polls took every slot, or the few of a minRTT probe), the
         oldest is parked as a *scout*: its slot lets one more request through, whose answer
         tells long requests from a stuck app; no second scout until a later request is
-        answered or the scout ends, so a hung app is sent at most one extra request."""
+        answered or the scout ends, so a hung app is sent at most one extra request at a
+        time. Nothing is parked while the app queues (the limiter's standing RTT is past
+        its tolerance: slow requests are then work waiting, not long polls, however they
+        are overtaken by a many-worker app) or ``long_max`` are parked."""
         held = self._held
         if not held:
             return
@@ -500,6 +508,9 @@ class AdmissionGate:
         oldest_slot = next(iter(held))
         if held[oldest_slot].start >= old:  # the common case: nothing to look at
             return
+        room = lim.params.long_max - len(self._parked)
+        if room <= 0 or lim.queueing():
+            return
         if self._scout is not None and self._scout_start < self._answered:
             self._scout = None  # overtaken: a long request after all
         cutoff = min(old, self._answered)
@@ -507,7 +518,7 @@ class AdmissionGate:
         by = self._parked_by
         parked: list[int] = []
         for slot, request in held.items():
-            if request.start >= cutoff:
+            if request.start >= cutoff or len(parked) >= room:
                 break
             if by.get(request.caller, 0) < cap:
                 by[request.caller] = by.get(request.caller, 0) + 1

@@ -102,8 +102,14 @@ class ConcurrencyParams:
     max_window_samples: int = 1000
     long_after: float = 1.0
     """Seconds before a request may count as long (see *Long requests*; inf: never)."""
-    long_factor: float = 10.0
-    """... and this many times the standing RTT (sampleRTT, else minRTT)."""
+    long_max: int = 256
+    """Requests parked as long at once, at most (the rest keep their slots): an app whose
+    server holds a thread per request should set its spare threads."""
+    long_factor: float = 50.0
+    """... and this many times the standing RTT (sampleRTT, else minRTT). The standing RTT is
+    a low percentile: an exponential service time's 10th percentile is 0.105 x its mean, so
+    at 10 x a third of an app's ordinary requests would pass for long (and, overtaken, leave
+    the count); at 50 x, 0.5 %."""
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.min_limit <= self.initial_limit <= self.max_limit:
@@ -116,8 +122,8 @@ class ConcurrencyParams:
             raise ValueError("sample counts and probe_limit must be at least 1")
         if not 0 < self.percentile <= 1:
             raise ValueError("percentile must be in (0, 1]")
-        if not self.long_after > 0 or not self.long_factor > 0:
-            raise ValueError("need long_after > 0 and long_factor > 0")
+        if not self.long_after > 0 or not self.long_factor > 0 or self.long_max < 0:
+            raise ValueError("need long_after > 0, long_factor > 0 and long_max >= 0")
 
 
 class AdaptiveConcurrencyLimit:
@@ -184,16 +190,25 @@ class AdaptiveConcurrencyLimit:
         ``long_factor`` times the standing RTT (sampleRTT, else minRTT), whichever is more.
         During a minRTT probe only the factor, on the least RTT known (minRTT and the probe's
         samples so far): the probe's few slots are the app's only ones, and a long poll in
-        one would stall every other request for ``long_after``; nothing queues there, so
-        the floor's caution is not needed."""
+        one would stall every other request for ``long_after`` (a quarter of it as a floor
+        took the quick requests' p99 from 9 to 163 ms in ``benchmarks/long_polls.py``). An
+        app's ordinary slow answers (300 ms among 2 ms ones) may then be parked during the
+        probe: more of them run at once meanwhile, though a review's simulation found the
+        probe's minRTT unchanged (``long_after`` inf: never, in a probe too)."""
         p = self.params
-        if self._probe_start is not None:
+        if self._probe_start is not None and math.isfinite(p.long_after):
             known = self._probe_rtts if self._min_rtt is None else [self._min_rtt,
                                                                      *self._probe_rtts]
             if known:
                 return p.long_factor * min(known)
         rtt = self._sample_rtt if self._sample_rtt is not None else self._min_rtt
         return max(p.long_after, p.long_factor * (rtt or 0.0))
+
+    def queueing(self) -> bool:
+        """Whether the last window's standing RTT was past the tolerance over minRTT (the
+        app queues: the gradient is below 1)."""
+        return (self._sample_rtt is not None and self._min_rtt is not None
+                and self._sample_rtt > (1.0 + self.params.tolerance) * self._min_rtt)
 
     def park(self) -> None:
         """An admitted request turned out long: it leaves the in-flight count (its slot is

@@ -437,7 +437,7 @@ class InboundProxy:
             upload_body = _Upload(body, exchange.content, watchdog,
                                   self._caller_trailers_dropped)
         started = self.clock()
-        finished_ok = False
+        finished_ok = served = False
         self.in_flight += 1
         awaited = self.probes.awaited
         waiting = awaited.sent(started)
@@ -472,6 +472,7 @@ class InboundProxy:
                     f"the app did not answer: {failure.detail}", {},
                     refused=APP_RESET if failure.nothing_received else None))
                 return
+            served = upstream.status < 500  # an error answer overtakes nobody (the gate)
             try:
                 finished_ok = await self._relay(exchange, verdict, upstream, watchdog)
             finally:
@@ -483,7 +484,7 @@ class InboundProxy:
             now = self.clock()
             if tracked:  # the slot goes back to the gate (with the RTT if it finished)
                 self._deliver(self.gate.finish(now, now - started if finished_ok else None,
-                                               slot))
+                                               slot, overtakes=served))
             if finished_ok:
                 self.metrics.app_latency.observe(now - started)
                 self.probes.record(now, now - started)

@@ -118,10 +118,12 @@ def test_long_after_follows_the_standing_rtt_and_the_probe() -> None:
     limiter = AdaptiveConcurrencyLimit(params)
     assert limiter.long_after() == 1.0  # nothing known: the floor
     assert limiter.on_start(0.0) and limiter.probing
-    limiter.on_finish(0.02, 0.02)
-    assert limiter.long_after() == pytest.approx(0.2)  # in a probe: 10 x the least RTT known
-    assert limiter.on_start(0.02)
-    limiter.on_finish(0.03, 0.05)
+    limiter.on_finish(0.05, 0.05)
+    assert limiter.long_after() == pytest.approx(0.5)  # in a probe: 10 x the least known
+    limiter._probe_rtts = [0.05, 0.02]
+    assert limiter.long_after() == pytest.approx(0.2)
+    assert limiter.on_start(0.05)
+    limiter.on_finish(0.03, 0.08)
     assert not limiter.probing and limiter.min_rtt == 0.02
     assert limiter.long_after() == 1.0  # out of the probe: the floor first
     limiter._sample_rtt = 0.5
@@ -158,3 +160,83 @@ def test_an_unknown_slot_ends_the_oldest_counted() -> None:
 def test_long_params_are_validated(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="long_after"):
         ConcurrencyParams(**bad)
+
+
+def test_long_after_inf_is_never_also_in_a_probe() -> None:
+    limiter = AdaptiveConcurrencyLimit(ConcurrencyParams(long_after=math.inf))
+    assert limiter.on_start(0.0) and limiter.probing
+    limiter.on_finish(0.01, 0.01)
+    assert limiter.long_after() == math.inf
+
+
+def test_an_admit_handed_to_its_own_offer_keeps_its_slot() -> None:
+    """The review's finding: a newcomer admitted by the release its own offer ran (someone
+    waited, and parking freed a slot) came back with slot 0, and its end finished another
+    request's slot."""
+    g = gate()
+    polls = [admit(g, "watcher", 1.0) for _ in range(2)]
+    quick = admit(g, "client", 1.1)
+    g.finish(1.11, 0.01, quick.slot)
+    admit(g, "client", 1.2)
+    waiter = offer(g, "client", 1.3)  # bids 0
+    assert isinstance(waiter, Queue)
+    passed = g.police("late", 5.0, 2.5)
+    assert isinstance(passed, Pass)
+    # the polls are parked: two slots free in this offer's release, and the higher bid
+    # takes one of them, after the waiter's
+    own = g.offer(passed, 2.5)
+    assert isinstance(own, Admit) and own.slot != 0, own
+    assert [w.request_id for w in own.woken] == [waiter.request_id]
+    in_flight = g.limiter.in_flight
+    g.finish(2.6, 0.1, own.slot)
+    assert g.limiter.in_flight == in_flight - 1
+    g.finish(2.7, 0.1, own.slot)  # finished twice: nothing more
+    assert g.limiter.in_flight == in_flight - 1
+    for poll in polls:
+        g.finish(9.0, 8.0, poll.slot)
+    assert g.long_running == 0
+
+
+def test_long_max_caps_what_is_parked() -> None:
+    params = ConcurrencyParams(initial_limit=4, min_limit=1, max_limit=4, probe_limit=4,
+                               probe_samples=1, long_max=2)
+    g = AdmissionGate(limiter=AdaptiveConcurrencyLimit(params))
+    first = admit(g, "w", 0.0)
+    g.finish(0.01, 0.01, first.slot)
+    polls = [admit(g, f"w{i}", 1.0) for i in range(3)]
+    quick = admit(g, "c", 1.1)
+    g.finish(1.11, 0.01, quick.slot)
+    admit(g, "c", 2.5)
+    assert g.long_running == 2 and g.limiter.in_flight == 2
+    g.finish(3.0, 2.0, polls[0].slot)
+    admit(g, "c", 3.0)  # room again: the third poll is parked
+    assert g.long_running == 2
+
+
+def test_nothing_is_parked_while_the_app_queues() -> None:
+    """A many-worker app overtakes its slow requests all the time; while its standing RTT
+    says it queues, they are work waiting, not long polls (the review's finding)."""
+    g = gate()
+    slow = [admit(g, "c", 1.0) for _ in range(2)]
+    quick = admit(g, "c", 1.1)
+    g.limiter._sample_rtt = 0.5  # minRTT 10 ms: far past the tolerance
+    g.finish(1.2, 0.1, quick.slot)
+    admit(g, "c", 2.5)
+    assert g.long_running == 0 and g.limiter.in_flight == 3
+    g.limiter._sample_rtt = 0.011  # no queueing: they may be parked
+    admit(g, "c", 2.6)
+    assert g.long_running == 2
+    for request in slow:
+        g.finish(3.0, 2.0, request.slot)
+
+
+def test_an_error_answer_overtakes_nobody() -> None:
+    """An app that sheds load with quick 503s has served nothing around its slow requests."""
+    g = gate()
+    slow = [admit(g, "c", 1.0) for _ in range(2)]
+    failed = admit(g, "c", 1.1)
+    g.finish(1.11, 0.01, failed.slot, overtakes=False)
+    admit(g, "c", 2.5)
+    assert g.long_running == 0
+    for request in slow:
+        g.finish(3.0, 2.0, request.slot)
