@@ -191,6 +191,7 @@ def inbound_json(snap: InboundSnapshot | None) -> dict[str, Any] | None:
             "estimated_limit": round(_num(lim.estimated_limit), 3),
             "in_flight": int(lim.in_flight),
             "probing": bool(lim.probing),
+            "long_running": int(lim.long_running),
             "min_rtt": _opt(lim.min_rtt),
             "sample_rtt": _opt(lim.sample_rtt),
             "capacity_estimate": _opt(lim.capacity_estimate),

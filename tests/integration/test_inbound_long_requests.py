@@ -84,6 +84,11 @@ async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> N
                                lambda v: v >= LIMIT + 1) >= LIMIT + 1
             assert await gauge("equilibrium_inbound_long_requests_total",
                                lambda v: v >= LIMIT + 1) >= LIMIT + 1
+            async with session.get(f"{inbound.admin_url}/debug/state") as response:
+                state = await response.json()
+            concurrency = state["inbound"]["concurrency"]
+            assert concurrency["long_running"] >= LIMIT + 1, concurrency
+            assert concurrency["in_flight"] < LIMIT, concurrency
             answer.set()
             assert await asyncio.gather(*polls) == [200] * (2 * LIMIT)
             assert await gauge("equilibrium_inbound_long_running", lambda v: v == 0) == 0
