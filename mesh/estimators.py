@@ -36,6 +36,19 @@ STALL_EJECT_UNMEASURED = 2.0  # STALL_EJECT for an endpoint that never answered
 ANSWER_DECAY = 10.0  # seconds: how fast EndpointStats.answer_latency forgets a slow answer
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
+# A long answer (EndpointStats.long_answer): at least LONG_AFTER seconds and LONG_FACTOR x the
+# least standing latency (a 10th percentile of answers) of the upstream's endpoints, at an
+# endpoint whose own standing latency is within LONG_QUICK x that: a long poll or a watch,
+# the request's nature rather than the endpoint's speed, when another endpoint gave one too
+# in the last LONG_RECENT s.
+LONG_AFTER = 1.0
+LONG_FACTOR = 50.0
+LONG_QUICK = 10.0
+LONG_RECENT = 30.0
+LONG_HOLD = 5.0  # seconds a long answer no other endpoint matched yet waits to be learned
+LONG_HELD_MAX = 16  # such answers held per endpoint, at most (beyond: learned at once)
+STANDING_QUANTILE = 0.1
+STANDING_STEP = 0.3  # the standing latency's step down in log space per faster answer
 
 
 def _decay_weight(dt: float, tau: float) -> float:
@@ -160,6 +173,15 @@ class EndpointStats:
     # (sidecar/rescue.py), and nothing would teach it otherwise (a review's finding: a 3 s
     # pod was ejected every 6.5 s for good, long-poll pods one after the other)
     stall_ejections: int = 0
+    # Its last long answer: see long_answer.
+    long_at: float = -math.inf  # its last long answer (long_answer)
+    answered_sent: float = -math.inf  # when the latest request it answered was sent
+    # long answers no other endpoint matched yet: (when, latency), learned after LONG_HOLD
+    # unless one does meanwhile (RegretMatchingPolicy.tick)
+    held_long: list[tuple[float, float]] = field(default_factory=list)
+    # A low quantile (STANDING_QUANTILE) of its answers' latencies, tracked in log space:
+    # the yardstick of a long answer, which long answers themselves barely move (None: none)
+    standing: float | None = None
     # The last verified probe answer, when it came, and this caller's in-flight count then.
     probe: ProbeReport | None = None
     probed_at: float = -math.inf
@@ -328,6 +350,7 @@ class EndpointStats:
             self.answers = None
             self.peak.estimate = cost
         if ok and answered:
+            self.answered_sent = max(self.answered_sent, sent)
             if self.answers is None:
                 self.answers = PeakEwma(now, ANSWER_DECAY, cost)
             else:
@@ -342,6 +365,89 @@ class EndpointStats:
         self.tick_count += 1
         self.tick_cost_sum += cost
         return cost
+
+    def long_answer(self, latency: float, now: float, standing: float | None = None,
+                    sent_at: float | None = None) -> bool:
+        """An answer came after ``latency`` s: whether it is *long*: at least
+        :data:`LONG_AFTER` and :data:`LONG_FACTOR` x ``standing`` (the least standing latency
+        of the upstream's endpoints; else this one's), at an endpoint whose own standing
+        latency is within :data:`LONG_QUICK` x that (its quick requests are as quick as the
+        others': a long poll or a watch that waited at a pod that answers the rest at once,
+        where a pod slow at everything, or at a fifth of everything, has a slow standing
+        latency and its answers are learned). The standing latency (:attr:`standing`) is a
+        low quantile of the answers, which long answers barely move (the latency estimate
+        would not do: with it the first long poll learned made every later one look
+        ordinary); it learns from every call. The inbound side parks the same requests
+        outside its concurrency limit (:mod:`mesh.admission`, *Long requests*)."""
+        own = self.standing
+        if standing is None:
+            standing = own
+        sent = sent_at if sent_at is not None and math.isfinite(sent_at) else now - latency
+        long = (standing is not None and own is not None and latency >= LONG_AFTER
+                and latency >= LONG_FACTOR * standing and own <= LONG_QUICK * standing
+                and self.answered_sent > sent)
+        if long:
+            self.long_at = max(self.long_at, now)
+        if latency > 0.0 and math.isfinite(latency):
+            # stochastic quantile tracking: down by STANDING_STEP (not past the answer) on a
+            # faster answer, up by q / (1 - q) of that on a slower one: at rest where a
+            # q-share is faster; an answer LONG_QUICK x faster is taken at once (a pod whose
+            # first answer was a long poll had a standing latency of seconds for as many
+            # quick answers as it took to step down, and its long polls were learned)
+            if own is None or latency * LONG_QUICK < own:
+                self.standing = latency  # the first, or one so much faster that it says more
+            elif latency < own:
+                self.standing = max(latency, own * math.exp(-STANDING_STEP))
+            else:
+                self.standing = own * math.exp(
+                    STANDING_STEP * STANDING_QUANTILE / (1.0 - STANDING_QUANTILE))
+        return long
+
+    def finish_long(self, latency: float, now: float) -> None:
+        """Record a long answer that is the request's nature (:meth:`long_answer`, and the
+        endpoint gives no more of them than the others): a success that teaches the latency
+        estimates nothing (a long poll's length is not the pod's speed: learned, it moved a
+        third of the traffic between healthy pods every few seconds), but the yardstick of a
+        stall (:attr:`answers`) takes it, so a service of long polls is not judged hung."""
+        self.in_flight = max(0, self.in_flight - 1)
+        self.requests += 1
+        self.consecutive_failures = 0
+        cost = min(latency, MAX_LATENCY)
+        self.answered_sent = max(self.answered_sent, now - latency)
+        if self.answers is None:
+            self.answers = PeakEwma(now, ANSWER_DECAY, cost)
+        else:
+            self.answers.update(cost, now)
+        self.last_outcome_at = max(self.last_outcome_at, now)
+        self.restart_stall()
+
+    def hold_long(self, latency: float, now: float) -> None:
+        """A long answer (:meth:`long_answer`) no other endpoint has matched yet, in the first
+        :data:`LONG_HOLD` s after the upstream's first long answer: held
+        (:meth:`learn_held`) for the time the other pods' first long polls take to come back
+        after a start; past :data:`LONG_HELD_MAX` held, the oldest is learned at once."""
+        self.held_long.append((now, min(latency, MAX_LATENCY)))
+        if len(self.held_long) > LONG_HELD_MAX:
+            _, oldest = self.held_long.pop(0)
+            self.learn(oldest, now)
+
+    def learn_held(self, now: float, matched: bool) -> None:
+        """The held long answers: forgotten if another endpoint gave a long answer
+        (``matched``: the request's nature), else learned as latencies once
+        :data:`LONG_HOLD` old (a pod slow at a share of its requests)."""
+        if matched:
+            self.held_long.clear()
+            return
+        while self.held_long and now - self.held_long[0][0] >= LONG_HOLD:
+            _, latency = self.held_long.pop(0)
+            self.learn(latency, now)
+
+    def learn(self, latency: float, now: float) -> None:
+        """A latency observed apart from :meth:`finish` (a long answer learned after all)."""
+        self.latency.update(latency, now)
+        self.peak.update(latency, now)
+        self.tick_count += 1
+        self.tick_cost_sum += latency
 
     def observe_probe(self, report: ProbeReport, now: float) -> None:
         """A verified probe answer. While this caller's own requests measure the endpoint

@@ -31,7 +31,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from mesh.estimators import STALL_EJECTION, EndpointStats, EpochWindow, EpochWindows
+from mesh.estimators import (
+    LONG_AFTER,
+    LONG_HOLD,
+    LONG_RECENT,
+    MAX_LATENCY,
+    STALL_EJECTION,
+    EndpointStats,
+    EpochWindow,
+    EpochWindows,
+)
 from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import EXACT_PACING_ENDPOINTS, CreditPacer, SampledPacer
@@ -298,6 +307,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._pacer: CreditPacer | SampledPacer | None = (
             CreditPacer(window=profile.pacing_window) if profile.pacing_window > 0 else None)
         self._index: dict[str, int] = {}
+        self._first_long: float | None = None  # the first answer of LONG_AFTER (on_outcome)
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
         self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
         # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
@@ -313,6 +323,22 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
+        if self._first_long is None and outcome.ok and outcome.latency >= LONG_AFTER:
+            self._first_long = outcome.now
+        if stats is not None and self._long(stats, outcome):
+            now = outcome.now
+            stats.finish_long(outcome.latency, now)
+            # the hedges' p90 keeps it: a hedge after a quick p90 would send long polls twice
+            self._recent.add(outcome.endpoint, now, outcome.latency)
+            assert self._first_long is not None
+            if not self._matched(outcome.endpoint, now):
+                if now - self._first_long < LONG_HOLD:  # the other pods' may be on their way
+                    stats.hold_long(outcome.latency, now)
+                else:
+                    stats.learn(min(outcome.latency, MAX_LATENCY), now)
+            if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
+                del self.stats[outcome.endpoint]
+            return
         failing = stats is not None and stats.consecutive_failures > 0
         if stats is not None and not outcome.void:
             self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok,
@@ -324,6 +350,29 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self._reorder(outcome.endpoint, outcome.now)
             if stats is not None and (stats.consecutive_failures > 0) != failing:
                 self._sampled_strategy(self._pacer)  # the pacer's share of it moves
+
+    def _long(self, stats: EndpointStats, outcome: Outcome) -> bool:
+        """Whether an answer is long (:meth:`EndpointStats.long_answer`): a long poll or a
+        watch, by the request's nature, when another endpoint gives such answers too
+        (:meth:`_matched`: long polls reach every pod; in the first ``LONG_HOLD`` s after the
+        first answer that took ``LONG_AFTER``, one not matched yet is held that long, the
+        time the others' take to come back after a start); a pod that alone answers
+        requests seconds late, around quick answers, is slow, and its long answers are
+        learned (docs/routing.md, "Long polls"). A long
+        answer teaches the latency estimates, the regret and the epoch's summary nothing (the
+        hedges' p90 takes it); a pod being re-admitted learns from it as from any answer."""
+        if not (outcome.ok and outcome.got_answer) or outcome.censored or outcome.void:
+            return False
+        standing = [v for e in self.endpoints if (v := self.stats[e].standing) is not None]
+        return stats.long_answer(outcome.latency, outcome.now, min(standing) if standing
+                                 else None, outcome.sent_at) and not stats.readmitting
+
+    def _matched(self, endpoint: str, now: float) -> bool:
+        """Whether another endpoint gave a long answer in the last ``LONG_RECENT`` s (or
+        ``endpoint`` is the only one: where it goes does not matter)."""
+        since = now - LONG_RECENT
+        return len(self.endpoints) == 1 or any(
+            self.stats[e].long_at >= since for e in self.endpoints if e != endpoint)
 
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         super().on_probe(endpoint, report, now)
@@ -376,7 +425,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def tick(self, now: float) -> None:
         for e in self.endpoints:  # a hung endpoint's pending requests, as what they cost so far
-            self.stats[e].censor_stall(now)
+            stats = self.stats[e]
+            stats.censor_stall(now)
+            if stats.held_long:  # long answers no other pod had matched
+                stats.learn_held(now, self._matched(e, now))
         super().tick(now)
         self._probation = self._probation_due(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
@@ -580,9 +632,13 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         live = np.ones(len(self.endpoints), dtype=bool)
         p = self.profile
         # the best any endpoint does now: its estimate, or what it has left unanswered if
-        # that is longer (when every pod stalls at once, none is hung: see EndpointStats.hung)
-        known = [max(v, self.stats[e].stalled_for(now)) for e in self.endpoints
-                 if (v := self.stats[e].latency.value) is not None]
+        # that is longer (when every pod stalls at once, none is hung: see EndpointStats.hung),
+        # or the peak of its answers, long ones included (which the estimate leaves out:
+        # docs/routing.md, "Long polls"; in a service of long polls their length is the
+        # yardstick of every pod)
+        known = [max(v, s.stalled_for(now), s.answer_latency(now) or 0.0)
+                 for e in self.endpoints
+                 if (v := (s := self.stats[e]).latency.value) is not None]
         best = min(known) if known else None
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
