@@ -75,7 +75,9 @@ The rules
   the module's *Long requests*) and its slot serves others; at most
   ``max_long_per_caller`` of one caller's requests are parked (the rest keep their slots,
   as the listeners' cap on a caller's long-lived exchanges). Checked when a request asks
-  for a slot or one frees, oldest first.
+  for a slot or one frees, oldest first. A request the operator declared long (a watch's
+  path, an event stream: :meth:`AdmissionGate.offer` ``long``) is admitted parked at once,
+  within the same caps.
 - **Load.** After every offer, release and withdrawal the book learns the app's congestion
   (``in_flight / limit``, and 1 while anyone waits) and capacity (configured, or the
   limiter's Little's-law estimate ``limit / sampleRTT``), which set the fair shares.
@@ -308,10 +310,21 @@ class AdmissionGate:
             return self._flush(caller, now)
         return ()
 
-    def offer(self, passed: Pass, now: float) -> Admit | Queue | Reject:
-        """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``)."""
+    def offer(self, passed: Pass, now: float, *, long: bool = False
+              ) -> Admit | Queue | Reject:
+        """A policed request asks for a slot (pass the :class:`Pass` of the same ``now``).
+        ``long``: the operator declared it long (a watch's path, an event stream): admitted
+        at once outside the limit, as a parked request is, while the caps of those allow
+        (*Long requests*); otherwise it asks for a slot like any request."""
         request_id = f"r{next(self._ids)}"
         lim = self.limiter
+        if long and self._may_park(passed.caller):
+            slot = next(self._slots)
+            self._parked[slot] = passed.caller
+            self._parked_by[passed.caller] = self._parked_by.get(passed.caller, 0) + 1
+            lim.on_long_start()
+            self.parked_total += 1
+            return Admit(request_id, passed.caller, passed.bid, 0.0, 0.0, slot=slot)
         self._park_long(now)
         slot = lim.on_start(now)  # the direct path: a free slot
         if slot and self.auction.queue_length:
@@ -488,6 +501,11 @@ class AdmissionGate:
         self._held[slot] = _Held(admission.caller, now)
         return Admit(admission.request_id, admission.caller, admission.bid, admission.price,
                      admission.waited, slot=slot)
+
+    def _may_park(self, caller: str) -> bool:
+        cap = self.max_long_per_caller
+        return (len(self._parked) < self.limiter.params.long_max
+                and (cap is None or self._parked_by.get(caller, 0) < cap))
 
     def _park_long(self, now: float) -> None:
         """Park every admitted request that turned out long (*Long requests*): oldest first,

@@ -217,6 +217,11 @@ class AdaptiveConcurrencyLimit:
             self._in_flight -= 1
             self._long += 1
 
+    def on_long_start(self) -> None:
+        """A request admitted outside the limit from the start (declared long by the
+        operator): counted with the parked ones; it ends with :meth:`on_parked_end`."""
+        self._long += 1
+
     def on_parked_end(self) -> None:
         """A request taken out with :meth:`park` ended: its RTT says nothing about queueing
         (it was long by its nature), so nothing is learned."""

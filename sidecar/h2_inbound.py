@@ -207,7 +207,9 @@ class _Call:
             if self.deadline.failure is not None:
                 return await self.upload_failed(verdict)
             try:
-                admitted = await policing.admit(verdict, policed, now)
+                accept = stream.header(b"accept")
+                admitted = await policing.admit(verdict, policed, now, long=policing.declared_long(
+                    bound.target, accept.decode("latin-1") if accept is not None else None))
             except asyncio.CancelledError:
                 self.count_caller_gone(verdict)  # reset (or hung up) while queued
                 raise

@@ -357,14 +357,25 @@ class InboundPolicing:
             return verdict, self.refuse(verdict, policed)
         return verdict, policed
 
-    async def admit(self, verdict: Verdict, policed: Pass, now: float) -> Admit | Refusal:
+    def declared_long(self, path: str, accept: str | None) -> bool:
+        """Whether the operator declared this request long: its path starts with one of
+        ``long_paths``, or it accepts ``text/event-stream`` (``long_event_stream``)."""
+        settings = self.settings
+        if settings.long_event_stream and accept is not None \
+                and "text/event-stream" in accept.lower():
+            return True
+        return any(path.startswith(prefix) for prefix in settings.long_paths)
+
+    async def admit(self, verdict: Verdict, policed: Pass, now: float, *,
+                    long: bool = False) -> Admit | Refusal:
         """A slot now, or a place in the bid queue until one frees up
         (:meth:`AdmissionGate.offer`); a waiter's future is answered by whichever step of the
         gate frees a slot for it or sends it away. An admitted request holds its slot until
-        :meth:`finish`."""
+        :meth:`finish`. ``long``: declared long (:meth:`declared_long`), admitted outside
+        the limit while its caps allow."""
         if policed.voided:
             self.metrics.voided_bids.inc()
-        admitted = await self._wait_for_slot(verdict, policed, now)
+        admitted = await self._wait_for_slot(verdict, policed, now, long)
         if isinstance(admitted, Admit):
             verdict.price = admitted.price
             self.metrics.price.set(admitted.price)
@@ -374,8 +385,8 @@ class InboundPolicing:
         return admitted
 
     async def _wait_for_slot(self, verdict: Verdict, policed: Pass,
-                             now: float) -> Admit | Refusal:
-        offered = self.gate.offer(policed, now)
+                             now: float, long: bool) -> Admit | Refusal:
+        offered = self.gate.offer(policed, now, long=long)
         self.deliver(offered.woken)
         if isinstance(offered, Admit):
             return offered

@@ -29,6 +29,9 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       websocket_max_message: 1048576    # bytes of one WebSocket message (larger: close 1009)
       websocket_max_per_caller: 64      # WebSockets open per caller (more: 429)
       app_check_path: null          # e.g. /healthz: GET it when the app is idle, for probes
+      long_paths: []                # path prefixes of long requests (watches, long polls,
+                                    # gRPC streams: /pkg.Svc/Watch): admitted outside the limit
+      long_event_stream: true       # so are requests that accept text/event-stream (SSE)
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
       ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
@@ -87,6 +90,8 @@ class PolicingSettings:
     websocket_max_message: int = DEFAULT_MAX_MESSAGE
     websocket_max_per_caller: int = DEFAULT_MAX_PER_CALLER
     app_check_path: str | None = None  # sidecar.probe_answer's idle check (None: off)
+    long_paths: tuple[str, ...] = ()  # declared long requests (docs/policing.md, "Congestion")
+    long_event_stream: bool = True
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
     reputation: PolicingParams = field(default_factory=PolicingParams)
@@ -99,7 +104,8 @@ _TOP_KEYS = frozenset(
     {"mode", "capacity", "max_wait", "identity_max_skew", "max_caller_labels", "debug_callers",
      "default_bid", "upload_timeout", "upload_buffer", "upload_memory", "header_timeout",
      "keepalive_timeout", "max_connections", "max_connections_per_source", "websocket_max_message",
-     "websocket_max_per_caller", "app_check_path", *_SECTIONS}
+     "websocket_max_per_caller", "app_check_path", "long_paths", "long_event_stream",
+     *_SECTIONS}
 )
 
 
@@ -118,6 +124,15 @@ def parse_app_url(value: Any) -> str:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     default_port = 443 if parts.scheme == "https" else 80
     return f"{parts.scheme}://{host}:{port if port is not None else default_port}"
+
+
+MAX_LONG_PATHS = 64
+
+
+def _is_path(value: Any) -> bool:
+    """An absolute request path of printable ASCII, at most 256 characters."""
+    return (isinstance(value, str) and value.startswith("/") and len(value) <= 256
+            and value.isascii() and not any(c.isspace() for c in value))
 
 
 def _number(value: Any, what: str, *, integer: bool = False, low: float = 0.0) -> float:
@@ -192,13 +207,21 @@ def parse_policing(raw: Any) -> PolicingSettings:
     if default_bid > MAX_BID:
         raise ValueError(f"policing.default_bid: must be at most {MAX_BID:g}")
     check = get("app_check_path")
-    if check is not None and (not isinstance(check, str) or not check.startswith("/")
-                              or len(check) > 256 or not check.isascii()
-                              or any(c.isspace() for c in check)):
+    if check is not None and not _is_path(check):
         raise ValueError("policing.app_check_path: expected a path such as /healthz")
+    long_paths = get("long_paths", [])
+    if not isinstance(long_paths, list) or len(long_paths) > MAX_LONG_PATHS or not all(
+            _is_path(p) for p in long_paths):
+        raise ValueError(f"policing.long_paths: expected a list of at most {MAX_LONG_PATHS} "
+                         "path prefixes such as /watch or /pkg.Service/Watch")
+    event_stream = get("long_event_stream", True)
+    if not isinstance(event_stream, bool):
+        raise ValueError("policing.long_event_stream: expected true or false")
     settings = PolicingSettings(
         mode=mode,
         app_check_path=check,
+        long_paths=tuple(long_paths),
+        long_event_stream=event_stream,
         capacity=capacity,
         max_wait=_number(get("max_wait", 2.0), "policing.max_wait", low=0.001),
         identity_max_skew=_number(get("identity_max_skew", 30.0), "policing.identity_max_skew",

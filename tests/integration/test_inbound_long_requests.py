@@ -98,3 +98,51 @@ async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> N
             poll.cancel()
         await async_stop(inbound)
         await app.stop()
+
+
+async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
+        tmp_path: Path) -> None:
+    """A stranger's finding: a reconnect storm (more watches at once than the limit, before
+    any is overtaken) locked quick requests out until the first watch ended. Watches the
+    operator declared (their path, or an event stream) take no slot."""
+    answer = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path in ("/watch/things", "/events"):
+            await answer.wait()
+        return web.Response(text=request.path)
+
+    app = await start_backend("app", handler=handle)
+    port = free_port()
+    inbound = await async_start_sidecar(
+        {}, sidecar_id="app-sidecar",
+        config_file=write_config(tmp_path / "policing.json",
+                                 {**POLICING, "long_paths": ["/watch/"]}),
+        extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
+    url = f"http://{LOOPBACK}:{port}"
+    storm: list[asyncio.Task[int]] = []
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def get(path: str, headers: dict[str, str] | None = None) -> int:
+                async with session.get(url + path, headers=headers) as response:
+                    await response.read()
+                    return response.status
+
+            storm = [asyncio.create_task(get("/watch/things")) for _ in range(3 * LIMIT)]
+            storm += [asyncio.create_task(get("/events", {"Accept": "text/event-stream"}))
+                      for _ in range(LIMIT)]
+            await asyncio.sleep(0.5)
+            statuses = [await get("/quick") for _ in range(20)]
+            assert statuses == [200] * 20, statuses
+            assert not any(task.done() for task in storm)
+            async with session.get(f"{inbound.admin_url}/debug/state") as response:
+                concurrency = (await response.json())["inbound"]["concurrency"]
+            assert concurrency["long_running"] == 4 * LIMIT, concurrency
+            answer.set()
+            assert await asyncio.gather(*storm) == [200] * (4 * LIMIT)
+    finally:
+        answer.set()
+        for task in storm:
+            task.cancel()
+        await async_stop(inbound)
+        await app.stop()

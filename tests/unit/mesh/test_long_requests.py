@@ -240,3 +240,22 @@ def test_an_error_answer_overtakes_nobody() -> None:
     assert g.long_running == 0
     for request in slow:
         g.finish(3.0, 2.0, request.slot)
+
+
+def test_a_declared_long_request_is_admitted_outside_the_limit_within_the_caps() -> None:
+    """A reconnect storm (a stranger's finding): more watches at once than the limit took
+    every slot before any could be overtaken, and quick requests were refused until the
+    first watch ended. Declared long (its path, an event stream), a watch takes no slot."""
+    g = gate(limit=2, max_long_per_caller=3)
+    for _ in range(2):
+        admit(g, "client", 1.0)  # the limit is full
+    passed = g.police("watcher", 0.0, 1.0)
+    assert isinstance(passed, Pass)
+    watches = [g.offer(passed, 1.0, long=True) for _ in range(3)]
+    assert all(isinstance(w, Admit) and w.slot for w in watches)
+    assert g.long_running == 3 and g.limiter.long_running == 3 and g.limiter.in_flight == 2
+    assert isinstance(g.offer(passed, 1.0, long=True), Queue)  # past its cap: a slot, or wait
+    first = watches[0]
+    assert isinstance(first, Admit)
+    g.finish(1.5, 0.5, first.slot)
+    assert g.long_running == 2 and g.limiter.long_running == 2

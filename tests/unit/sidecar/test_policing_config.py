@@ -107,3 +107,14 @@ def test_the_inbound_defences_are_settings() -> None:
         with pytest.raises(ValueError):
             parse_policing(bad)
     assert parse_policing({"upload_memory": 0}).upload_memory == 0  # 0: nothing buffered
+
+
+def test_declared_long_requests_are_paths_and_event_streams() -> None:
+    settings = parse_policing({"long_paths": ["/watch", "/pkg.Svc/Watch"]})
+    assert settings.long_paths == ("/watch", "/pkg.Svc/Watch") and settings.long_event_stream
+    assert not parse_policing({"long_event_stream": False}).long_event_stream
+    for bad in ({"long_paths": "/watch"}, {"long_paths": ["watch"]}, {"long_paths": [5]},
+                {"long_paths": ["/a b"]}, {"long_paths": ["/x"] * 65},
+                {"long_event_stream": "yes"}):
+        with pytest.raises(ValueError, match="long_"):
+            parse_policing(bad)
