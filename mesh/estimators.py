@@ -297,7 +297,7 @@ class EndpointStats:
     def finish(self, latency: float, ok: bool, now: float,
                congestion: float | None = None, censored: bool = False,
                void: bool = False, sent_at: float | None = None,
-               answered: bool = True) -> float:
+               answered: bool = True, shed: bool = False) -> float:
         """Record one finished request; returns the cost charged.
 
         ``censored``: the request was cancelled after ``latency`` seconds (it lost a hedge
@@ -307,7 +307,9 @@ class EndpointStats:
         ``void``: the attempt says nothing about the endpoint (:class:`mesh.policy.Outcome`):
         it only leaves the in-flight count, and nothing is charged. ``sent_at``: when the
         request was sent, if not ``now - latency``. ``answered``: a response head came (no
-        answer: a success of a kind that says nothing of how fast it answers)."""
+        answer: a success of a kind that says nothing of how fast it answers). ``shed``: a
+        failure that counts in the cost but not in the failures in a row that eject
+        (:class:`mesh.policy.Outcome`)."""
         self.in_flight = max(0, self.in_flight - 1)
         if self.in_flight == 0:
             self.restart_stall()
@@ -337,7 +339,7 @@ class EndpointStats:
             self.consecutive_failures = 0
         else:
             self.failures += 1
-            self.consecutive_failures += 1
+            self.consecutive_failures += not shed
         if ok and answered and self.readmitting and sent >= self.fresh_from:
             # Re-admitted: the penalties that ejected it describe the failing pod, which the
             # ejection has answered; kept, they would hold a healed pod at the exploration

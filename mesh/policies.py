@@ -126,7 +126,8 @@ class _MeasuredPolicy(ABC):
         if stats is None:
             return
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
-                     outcome.censored, outcome.void, outcome.sent_at, outcome.got_answer)
+                     outcome.censored, outcome.void, outcome.sent_at, outcome.got_answer,
+                     outcome.shed)
         if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 

@@ -46,6 +46,10 @@ class Outcome:
     away from an endpoint, or towards one, by breaking its own requests.
     ``sent_at``: when the attempt was sent, where ``now - latency`` is not it (an HTTP/2
     call's latency runs to its first message, ``now`` is its end); None: ``now - latency``.
+    ``shed``: the endpoint's sidecar refused it for load before its app saw it (signed
+    ``X-GT-Refused`` ``queue-full`` or ``queue-timeout``): a failure in the endpoint's cost,
+    never one towards an ejection (every pod shedding a reconnect storm was ejected, and the
+    callers' weights stayed at 0 for 20 s after the storm had passed).
     """
 
     endpoint: str
@@ -57,6 +61,7 @@ class Outcome:
     censored: bool = False
     void: bool = False
     sent_at: float | None = None
+    shed: bool = False
 
     @property
     def got_answer(self) -> bool:

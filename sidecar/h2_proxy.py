@@ -70,6 +70,7 @@ from wire.headers import (
     CONGESTION,
     REFUSALS,
     REPUTATION,
+    SHED,
     header_label,
     is_gt_header,
     parse_congestion,
@@ -371,7 +372,8 @@ class _Call:
                     await pump
                 if self.replay.complete:  # dropped here (the stream is cancelled below)
                     recorded = True
-                    self.outcome(sent, None, False, UPSTREAM_REFUSED, congestion=congestion)
+                    self.outcome(sent, None, False, UPSTREAM_REFUSED, congestion=congestion,
+                                 shed=refusal in SHED)
                     proxy.metrics.refused.labels(ctx.upstream_label, refusal).inc()
                     log.debug("%s %s: refused unprocessed (%s)", ctx.upstream, ctx.endpoint,
                               refusal)
@@ -542,14 +544,14 @@ class _Call:
 
     def outcome(self, sent: float, first: float | None, ok: bool, code: str,
                 status: int | None = None, congestion: float | None = None,
-                answered: bool = False) -> None:
+                answered: bool = False, shed: bool = False) -> None:
         """Tell the policy and the metrics how the attempt ended (once per attempt)."""
         proxy, group, endpoint = self.proxy, self.ctx.group, self.ctx.endpoint
         assert group is not None and endpoint is not None
         now = proxy.clock()
         latency = (first if first is not None else now) - sent
         group.policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion,
-                                        answered=answered, sent_at=sent))
+                                        answered=answered, sent_at=sent, shed=shed))
         proxy.metrics.forwarded(group.name, endpoint, code, latency if answered else None)
         if status is not None:
             proxy.h2_metrics.grpc_calls.labels(group.name, endpoint, str(status)).inc()

@@ -26,7 +26,9 @@ A POST (or any request with a body) is never re-sent; it goes to another endpoin
 no connection could be had to the first (connect error or timeout: nothing left the
 sidecar, not a byte of the body was read; HAProxy's redispatch), under the same limits. A
 refused attempt is observed by the policy as a failure of that
-endpoint; its retry carries no ``X-GT-Retry`` (nothing was re-sent to an app). On the last
+endpoint (a refusal for load, ``queue-full`` or ``queue-timeout``, as a failure in its cost
+that never ejects it: :class:`mesh.policy.Outcome` ``shed``); its retry carries no
+``X-GT-Retry`` (nothing was re-sent to an app). On the last
 attempt a refusal is relayed as it came.
 
 Hedging (``--hedge``; :mod:`mesh.hedging` decides which picks and the delay): a request the
@@ -109,7 +111,7 @@ from sidecar.websocket import (
     relay_websocket,
 )
 from wire.errors import WireError
-from wire.headers import APP_RESET, CONGESTION, REFUSED, header_label, parse_congestion
+from wire.headers import APP_RESET, CONGESTION, REFUSED, SHED, header_label, parse_congestion
 
 log = logging.getLogger(__name__)
 
@@ -748,7 +750,8 @@ class OutboundProxy:
         return failure
 
     def _observe_head(
-        self, ctx: RequestContext, status: int, game: dict[str, str], sent: float
+        self, ctx: RequestContext, status: int, game: dict[str, str], sent: float,
+        shed: bool = False,
     ) -> None:
         group, endpoint = ctx.group, ctx.endpoint
         assert group is not None and endpoint is not None
@@ -764,7 +767,8 @@ class OutboundProxy:
                 self.metrics.rejected_headers.labels(CONGESTION, HeaderDrop.MALFORMED).inc()
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(
-            Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True))
+            Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True,
+                    shed=shed))
         self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
 
     def _answer_head(
@@ -783,7 +787,7 @@ class OutboundProxy:
         connection broke before an answer (``APP_RESET``): the policy learns it as a failure
         of that endpoint, the answer is read and dropped (the connection stays in the pool if
         it ends soon), and the request may go to another endpoint."""
-        self._observe_head(ctx, upstream.status, game, sent)
+        self._observe_head(ctx, upstream.status, game, sent, shed=refused in SHED)
         try:
             if not await drain(upstream.content):
                 upstream.close()

@@ -73,6 +73,10 @@ def header_label(name: str) -> str:
 REFUSALS = frozenset({"queue-full", "queue-timeout", "shutting-down", "app-unreachable"})
 """The values of ``X-GT-Refused``: refusals that prove the app never saw the request."""
 
+SHED = frozenset({"queue-full", "queue-timeout"})
+"""The refusals for load (the app is busy, not broken): a caller's sidecar counts them in the
+endpoint's cost, never towards an ejection (:class:`mesh.policy.Outcome` ``shed``)."""
+
 APP_RESET = "app-reset"
 """The value of ``X-GT-Refused`` on an answer (502) whose app's connection broke before any
 answer came. Unlike :data:`REFUSALS` it proves nothing of what the app saw: a caller's sidecar

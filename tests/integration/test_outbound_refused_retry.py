@@ -120,6 +120,17 @@ async def test_refused_attempts_go_to_another_endpoint_once_whatever_their_metho
                 "upstream-refused"}
             assert served(slow) == served_by_a + 2
 
+            # 2a. seven refusals in a row for load (queue-timeout) do not eject A: the app is
+            # busy, not broken (a stranger's storm ejected every pod, and the callers' weights
+            # stayed 0 for 20 s after it); they count in its cost
+            gets = await _burst(session, one, 8)
+            assert sorted(status for status, _ in gets) == [200] + [503] * 7
+            await asyncio.sleep(0.3)  # a policy tick
+            state = await asyncio.to_thread(one.state)
+            (view,) = state["upstreams"]["svc"]["endpoints"]
+            assert view["usable"] and view["failures"] >= 7, view
+            assert served(slow) == served_by_a + 3
+
             # 2b. POSTs with a body over A and B: the refused ones go on to B, body and all;
             # every one answered 200 and served once
             before = served(slow, "POST") + served(fast, "POST")

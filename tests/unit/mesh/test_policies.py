@@ -173,6 +173,26 @@ def test_consecutive_failures_eject_an_endpoint() -> None:
     assert all(p.pick(rng, 0.6) != ENDPOINTS[0] for _ in range(200))
 
 
+def test_refusals_for_load_cost_an_endpoint_its_share_but_never_eject_it() -> None:
+    """A stranger's finding: in a reconnect storm every pod's sidecar shed requests
+    (queue-timeout), the callers ejected every pod, and their weights stayed at 0 for 20 s
+    after the storm. A shed request is a failure in the cost, not in the failures in a row."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    for i in range(20):
+        for e in ENDPOINTS[:3]:
+            p.on_start(e, i * 0.05)
+            shed = e == ENDPOINTS[0]
+            p.on_outcome(Outcome(e, 0.001 if shed else 0.01, not shed, i * 0.05 + 0.01,
+                                 congestion=1.0 if shed else 0.1, shed=shed))
+        p.tick(i * 0.05 + 0.02)
+    stats = p.stats[ENDPOINTS[0]]
+    assert stats.failures == 20 and stats.consecutive_failures == 0
+    assert stats.ejected_until < 1.0
+    weights = p.snapshot().weights
+    assert 0.0 < weights[ENDPOINTS[0]] < weights[ENDPOINTS[1]]
+
+
 def test_endpoint_set_changes_keep_state_and_ramp_new_endpoints() -> None:
     p = make_policy("equilibrium", get_profile("balanced"))
     p.set_endpoints(ENDPOINTS[:4], 0.0)
