@@ -79,7 +79,10 @@ async def test_a_64_mb_message_closes_its_websocket_with_1009_without_buffering(
             await ws.send_str("hello")
             assert (await ws.receive(timeout=5)).data == "hello"
         async with client.ws_connect(rig.url + "/ws", max_msg_size=0) as ws:
-            await ws.send_bytes(b"x" * (2 * 1024 * 1024))  # past the 1 MiB limit
+            # past the 1 MiB limit; the sidecar may close and reset before the client has
+            # sent it all (CI, 2026-12-06: "Connection lost" in send_bytes)
+            with contextlib.suppress(ConnectionError):
+                await ws.send_bytes(b"x" * (2 * 1024 * 1024))
             msg = await ws.receive(timeout=10)
             # closed with 1009, which the client sees unless the reset of the rest of its
             # 2 MiB comes first (1006: seen once in CI, 2026-12-05); either way the sidecar
