@@ -339,7 +339,9 @@ class EndpointStats:
             self.consecutive_failures = 0
         else:
             self.failures += 1
-            self.consecutive_failures += not shed
+            # shed counts once the endpoint was ejected for something else: its probation
+            # requests refused for load would otherwise be sent one a tick for good
+            self.consecutive_failures += not shed or self.readmitting
         if ok and answered and self.readmitting and sent >= self.fresh_from:
             # Re-admitted: the penalties that ejected it describe the failing pod, which the
             # ejection has answered; kept, they would hold a healed pod at the exploration

@@ -209,7 +209,8 @@ class _Call:
             try:
                 accept = stream.header(b"accept")
                 admitted = await policing.admit(verdict, policed, now, long=policing.declared_long(
-                    bound.target, accept.decode("latin-1") if accept is not None else None))
+                    bound.method, bound.target,
+                    accept.decode("latin-1") if accept is not None else None))
             except asyncio.CancelledError:
                 self.count_caller_gone(verdict)  # reset (or hung up) while queued
                 raise

@@ -529,7 +529,11 @@ class _Call:
                 status = grpc.status_of_http(http_status)  # its gRPC client will report
         else:
             ok = http_status < 500
-        self.outcome(sent, first, ok, str(http_status), status, congestion, answered=True)
+        # a refusal for load relayed as it came (the last attempt, or a request not kept
+        # whole) is shed all the same (the signals here are the ones that verified)
+        shed = not ok and self.ctx.game_response_headers.get(REFUSED_KEY) in SHED
+        self.outcome(sent, first, ok, str(http_status), status, congestion, answered=True,
+                     shed=shed)
 
     def caller_punished(self, status: int) -> bool:
         """RESOURCE_EXHAUSTED because the upstream's inbound side punishes this caller (its

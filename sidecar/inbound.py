@@ -375,7 +375,7 @@ class InboundProxy:
             try:
                 admission = await self.policing.admit(
                     verdict, policed, now, long=self.policing.declared_long(
-                        exchange.raw_path, exchange.headers.get("Accept")))
+                        exchange.method, exchange.raw_path, exchange.headers.get("Accept")))
             except asyncio.CancelledError:
                 if h1 is not None and h1.hung_up:  # the caller's reset, not a drain
                     self.metrics.requests.labels(verdict.label,

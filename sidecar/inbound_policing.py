@@ -357,14 +357,22 @@ class InboundPolicing:
             return verdict, self.refuse(verdict, policed)
         return verdict, policed
 
-    def declared_long(self, path: str, accept: str | None) -> bool:
-        """Whether the operator declared this request long: its path starts with one of
-        ``long_paths``, or it accepts ``text/event-stream`` (``long_event_stream``)."""
+    def declared_long(self, method: str, target: str, accept: str | None) -> bool:
+        """Whether the operator declared this request long: its path is one of
+        ``long_paths`` or below one (whole segments: ``/watch`` is not ``/watchdog``; a path
+        with ``.`` or ``..`` segments never is), or, with ``long_event_stream``, it is a GET
+        that accepts ``text/event-stream``."""
         settings = self.settings
-        if settings.long_event_stream and accept is not None \
+        if settings.long_event_stream and method == "GET" and accept is not None \
                 and "text/event-stream" in accept.lower():
             return True
-        return any(path.startswith(prefix) for prefix in settings.long_paths)
+        if not settings.long_paths:
+            return False
+        path = target.split("?", 1)[0]
+        if "/." in path:  # /./ or /../ (or a dot file): not a path to trust a prefix of
+            return False
+        return any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
+                   for prefix in settings.long_paths)
 
     async def admit(self, verdict: Verdict, policed: Pass, now: float, *,
                     long: bool = False) -> Admit | Refusal:

@@ -815,7 +815,10 @@ class OutboundProxy:
     ) -> None:
         try:
             headers, game = head if head is not None else self._answer_head(ctx, upstream)
-            self._observe_head(ctx, upstream.status, game, sent)
+            # a refusal for load relayed as it came (the last attempt, or a body not kept)
+            # is shed all the same: game holds only the signals that verified
+            self._observe_head(ctx, upstream.status, game, sent,
+                               shed=upstream.status == 503 and game.get(REFUSED_KEY) in SHED)
             self.phases.response_filter(ctx, headers)
             try:
                 await relay_answer(exchange, upstream, headers,

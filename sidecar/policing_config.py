@@ -31,7 +31,7 @@ Config file shape (every key optional; the numbers shown are the defaults)::
       app_check_path: null          # e.g. /healthz: GET it when the app is idle, for probes
       long_paths: []                # path prefixes of long requests (watches, long polls,
                                     # gRPC streams: /pkg.Svc/Watch): admitted outside the limit
-      long_event_stream: true       # so are requests that accept text/event-stream (SSE)
+      long_event_stream: false      # so are GETs that accept text/event-stream (SSE)
       token_bucket: {rate: 100, burst: 100}      # mode token-bucket (Envoy local rate limit)
       reputation: {rate_tolerance: 1.5, ...}     # mesh.reputation.PolicingParams fields
       ladder: {base_punishment: 10, ...}         # mesh.reputation.LadderRules fields
@@ -91,7 +91,7 @@ class PolicingSettings:
     websocket_max_per_caller: int = DEFAULT_MAX_PER_CALLER
     app_check_path: str | None = None  # sidecar.probe_answer's idle check (None: off)
     long_paths: tuple[str, ...] = ()  # declared long requests (docs/policing.md, "Congestion")
-    long_event_stream: bool = True
+    long_event_stream: bool = False
     token_bucket_rate: float = 100.0
     token_bucket_burst: float = 100.0
     reputation: PolicingParams = field(default_factory=PolicingParams)
@@ -214,7 +214,7 @@ def parse_policing(raw: Any) -> PolicingSettings:
             _is_path(p) for p in long_paths):
         raise ValueError(f"policing.long_paths: expected a list of at most {MAX_LONG_PATHS} "
                          "path prefixes such as /watch or /pkg.Service/Watch")
-    event_stream = get("long_event_stream", True)
+    event_stream = get("long_event_stream", False)
     if not isinstance(event_stream, bool):
         raise ValueError("policing.long_event_stream: expected true or false")
     settings = PolicingSettings(

@@ -117,7 +117,8 @@ async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
     inbound = await async_start_sidecar(
         {}, sidecar_id="app-sidecar",
         config_file=write_config(tmp_path / "policing.json",
-                                 {**POLICING, "long_paths": ["/watch/"]}),
+                                 {**POLICING, "long_paths": ["/watch"],
+                                  "long_event_stream": True}),
         extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
     url = f"http://{LOOPBACK}:{port}"
     storm: list[asyncio.Task[int]] = []

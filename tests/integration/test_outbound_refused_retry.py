@@ -93,8 +93,10 @@ async def test_refused_attempts_go_to_another_endpoint_once_whatever_their_metho
             async_start_sidecar({"svc": [a_url, fast.url]}, sidecar_id="two", env=KEY_ENV),
             async_start_sidecar({"svc": [a_url]}, sidecar_id="one", env=KEY_ENV),
             async_start_sidecar({"svc": [liar.url, fast.url]}, sidecar_id="lied-to",
-                                env=KEY_ENV)))
-        _, two, one, lied_to = procs
+                                env=KEY_ENV),
+            async_start_sidecar({"svc": [a_url]}, sidecar_id="once", env=KEY_ENV,
+                                extra_args=["--max-attempts", "1"])))
+        _, two, one, lied_to, once = procs
         async with aiohttp.ClientSession() as session:
             # 1. GETs over A and B: every one answered 200, each served by exactly one app
             answers = await _burst(session, two, 12)
@@ -130,6 +132,16 @@ async def test_refused_attempts_go_to_another_endpoint_once_whatever_their_metho
             (view,) = state["upstreams"]["svc"]["endpoints"]
             assert view["usable"] and view["failures"] >= 7, view
             assert served(slow) == served_by_a + 3
+            # ... nor when they are relayed as they came (one attempt: no other to try)
+            gets = await _burst(session, once, 8)
+            assert sorted(status for status, _ in gets) == [200] + [503] * 7
+            assert {doc.get("reason") for status, doc in gets if status == 503} == {
+                "queue-timeout"}
+            await asyncio.sleep(0.3)
+            state = await asyncio.to_thread(once.state)
+            (view,) = state["upstreams"]["svc"]["endpoints"]
+            assert view["usable"] and view["failures"] >= 7, view
+            assert served(slow) == served_by_a + 4
 
             # 2b. POSTs with a body over A and B: the refused ones go on to B, body and all;
             # every one answered 200 and served once

@@ -193,6 +193,31 @@ def test_refusals_for_load_cost_an_endpoint_its_share_but_never_eject_it() -> No
     assert 0.0 < weights[ENDPOINTS[0]] < weights[ENDPOINTS[1]]
 
 
+def test_an_ejected_endpoint_whose_probation_is_refused_for_load_is_ejected_again() -> None:
+    """A review's finding: shed failures never counted, so a pod ejected for failing whose
+    sidecar then refused everything for load got a probation request every tick for good."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    for i in range(6):
+        p.on_start(ENDPOINTS[0], i * 0.01)
+        p.on_outcome(Outcome(ENDPOINTS[0], 0.001, False, i * 0.01))
+    p.tick(0.5)
+    stats = p.stats[ENDPOINTS[0]]
+    first_until = stats.ejected_until
+    assert stats.readmitting and first_until > 0.5
+    now, probations = first_until, 0
+    while now < first_until + 30.0 and stats.ejected_until <= now:
+        p.tick(now)
+        rng = random.Random(0)
+        if p.pick(rng, now) == ENDPOINTS[0]:
+            probations += 1
+            p.on_start(ENDPOINTS[0], now)
+            p.on_outcome(Outcome(ENDPOINTS[0], 2.0, False, now + 2.0, congestion=1.0,
+                                 shed=True))
+        now += 0.5
+    assert stats.ejected_until > now and probations <= get_profile("balanced").eject_after_failures
+
+
 def test_endpoint_set_changes_keep_state_and_ramp_new_endpoints() -> None:
     p = make_policy("equilibrium", get_profile("balanced"))
     p.set_endpoints(ENDPOINTS[:4], 0.0)

@@ -111,10 +111,36 @@ def test_the_inbound_defences_are_settings() -> None:
 
 def test_declared_long_requests_are_paths_and_event_streams() -> None:
     settings = parse_policing({"long_paths": ["/watch", "/pkg.Svc/Watch"]})
-    assert settings.long_paths == ("/watch", "/pkg.Svc/Watch") and settings.long_event_stream
-    assert not parse_policing({"long_event_stream": False}).long_event_stream
+    assert settings.long_paths == ("/watch", "/pkg.Svc/Watch")
+    assert not settings.long_event_stream  # off unless asked: any caller may send the header
+    assert parse_policing({"long_event_stream": True}).long_event_stream
     for bad in ({"long_paths": "/watch"}, {"long_paths": ["watch"]}, {"long_paths": [5]},
                 {"long_paths": ["/a b"]}, {"long_paths": ["/x"] * 65},
                 {"long_event_stream": "yes"}):
         with pytest.raises(ValueError, match="long_"):
             parse_policing(bad)
+
+
+def test_declared_long_matches_whole_segments_gets_for_event_streams_and_no_dot_paths() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.inbound_policing import InboundPolicing
+    from sidecar.metrics import InboundMetrics
+
+    policing = InboundPolicing(
+        settings=parse_policing({"long_paths": ["/watch", "/pkg.Svc/Watch"],
+                                 "long_event_stream": True}),
+        metrics=InboundMetrics(CollectorRegistry()), mesh_key=None)
+    sse = "text/html, text/event-stream"
+    assert policing.declared_long("GET", "/watch", None)
+    assert policing.declared_long("GET", "/watch/pods?rv=5", None)
+    assert policing.declared_long("POST", "/pkg.Svc/Watch", None)
+    assert not policing.declared_long("GET", "/watchdog/expensive", None)
+    assert not policing.declared_long("GET", "/watch/../api/report", None)
+    assert not policing.declared_long("GET", "/api/report?x=/watch", None)
+    assert policing.declared_long("GET", "/feed", sse)
+    assert not policing.declared_long("POST", "/feed", sse)  # a body: not an event stream
+    off = InboundPolicing(settings=parse_policing({}), metrics=InboundMetrics(
+        CollectorRegistry()), mesh_key=None)
+    assert not off.declared_long("GET", "/feed", sse) and not off.declared_long(
+        "GET", "/watch", None)
