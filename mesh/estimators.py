@@ -37,14 +37,21 @@ ANSWER_DECAY = 10.0  # seconds: how fast EndpointStats.answer_latency forgets a 
 PROBE_FRESH = 2.0  # seconds a probe answer counts as what the endpoint is like now
 OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the latency estimate
 # A long answer (EndpointStats.long_answer): at least LONG_AFTER seconds and LONG_FACTOR x the
-# least standing latency (a 10th percentile of answers) of the upstream's endpoints, at an
-# endpoint whose own standing latency is within LONG_QUICK x that: a long poll or a watch,
-# the request's nature rather than the endpoint's speed, when another endpoint gave one too
-# in the last LONG_RECENT s.
+# median standing latency (a 10th percentile of answers) of the upstream's endpoints, at an
+# endpoint whose own standing latency is within LONG_QUICK x that, overtaken (the upstream
+# answered a request sent after it first): a long poll or a watch, the request's nature
+# rather than the endpoint's speed, when the others give them at a like rate (their median
+# share of long answers per request sent, over LONG_RECENT s, at least LONG_MIN_SHARE, and
+# this endpoint's within LONG_RATIO x that plus LONG_MARGIN).
 LONG_AFTER = 1.0
 LONG_FACTOR = 50.0
 LONG_QUICK = 10.0
 LONG_RECENT = 30.0
+LONG_MIN_SHARE = 0.02
+LONG_MIN_ANSWERS = 10.0  # answers (weighted by age) an endpoint's share needs to count
+LONG_YOUNG_COUNT = 3.0  # long answers elsewhere that match one while shares are young
+LONG_RATIO = 1.5
+LONG_MARGIN = 0.05
 LONG_HOLD = 5.0  # seconds a long answer no other endpoint matched yet waits to be learned
 LONG_HELD_MAX = 16  # such answers held per endpoint, at most (beyond: learned at once)
 STANDING_QUANTILE = 0.1
@@ -173,9 +180,12 @@ class EndpointStats:
     # (sidecar/rescue.py), and nothing would teach it otherwise (a review's finding: a 3 s
     # pod was ejected every 6.5 s for good, long-poll pods one after the other)
     stall_ejections: int = 0
-    # Its last long answer: see long_answer.
-    long_at: float = -math.inf  # its last long answer (long_answer)
-    answered_sent: float = -math.inf  # when the latest request it answered was sent
+    # its answers and the long ones among them, each weighted by the age of its sending
+    # (decaying over LONG_RECENT s: long_share), and its last long answer
+    long_count: float = 0.0
+    answer_count: float = 0.0
+    counted_at: float = -math.inf
+    long_at: float = -math.inf
     # long answers no other endpoint matched yet: (when, latency), learned after LONG_HOLD
     # unless one does meanwhile (RegretMatchingPolicy.tick)
     held_long: list[tuple[float, float]] = field(default_factory=list)
@@ -354,7 +364,6 @@ class EndpointStats:
             self.answers = None
             self.peak.estimate = cost
         if ok and answered:
-            self.answered_sent = max(self.answered_sent, sent)
             if self.answers is None:
                 self.answers = PeakEwma(now, ANSWER_DECAY, cost)
             else:
@@ -370,42 +379,61 @@ class EndpointStats:
         self.tick_cost_sum += cost
         return cost
 
-    def long_answer(self, latency: float, now: float, standing: float | None = None,
-                    sent_at: float | None = None) -> bool:
+    def long_answer(self, latency: float, now: float, standing: float | None,
+                    overtaken: bool, sent: float | None = None) -> bool:
         """An answer came after ``latency`` s: whether it is *long*: at least
-        :data:`LONG_AFTER` and :data:`LONG_FACTOR` x ``standing`` (the least standing latency
-        of the upstream's endpoints; else this one's), at an endpoint whose own standing
-        latency is within :data:`LONG_QUICK` x that (its quick requests are as quick as the
-        others': a long poll or a watch that waited at a pod that answers the rest at once,
-        where a pod slow at everything, or at a fifth of everything, has a slow standing
-        latency and its answers are learned). The standing latency (:attr:`standing`) is a
-        low quantile of the answers, which long answers barely move (the latency estimate
-        would not do: with it the first long poll learned made every later one look
-        ordinary); it learns from every call. The inbound side parks the same requests
-        outside its concurrency limit (:mod:`mesh.admission`, *Long requests*)."""
+        :data:`LONG_AFTER` and :data:`LONG_FACTOR` x ``standing`` (the median standing
+        latency of the upstream's endpoints), at an endpoint whose own standing latency is
+        within :data:`LONG_QUICK` x that (its quick requests are as quick as the others': a
+        pod slow at everything is learned as slow), and ``overtaken`` (the upstream answered
+        a request sent after it first: a pod or service that got slower all at once
+        overtakes nobody). The standing latency (:attr:`standing`) is a low quantile of the
+        answers, which long answers barely move (the latency estimate would not do: with
+        it the first long poll learned made every later one look ordinary); it learns from
+        every call. A long answer counts in :meth:`long_share`. The inbound side parks the
+        same requests outside its concurrency limit (:mod:`mesh.admission`)."""
         own = self.standing
-        if standing is None:
-            standing = own
-        sent = sent_at if sent_at is not None and math.isfinite(sent_at) else now - latency
-        long = (standing is not None and own is not None and latency >= LONG_AFTER
-                and latency >= LONG_FACTOR * standing and own <= LONG_QUICK * standing
-                and self.answered_sent > sent)
-        if long:
-            self.long_at = max(self.long_at, now)
-        if latency > 0.0 and math.isfinite(latency):
+        finite = math.isfinite(latency) and latency > 0.0
+        long = (finite and overtaken and standing is not None and own is not None
+                and latency >= LONG_AFTER and latency >= LONG_FACTOR * standing
+                and own <= LONG_QUICK * standing)
+        if finite:
+            # counted as of its sending: a pod that is sent less now (it was ejected, or
+            # shifted off) does not look longer for its old polls coming back
+            self._decay(now)
+            at = sent if sent is not None and math.isfinite(sent) else now - latency
+            weight = math.exp(min(0.0, at - now) / LONG_RECENT)
+            self.answer_count += weight
+            if long:
+                self.long_count += weight
+                self.long_at = max(self.long_at, now)
+        if finite:
             # stochastic quantile tracking: down by STANDING_STEP (not past the answer) on a
             # faster answer, up by q / (1 - q) of that on a slower one: at rest where a
-            # q-share is faster; an answer LONG_QUICK x faster is taken at once (a pod whose
-            # first answer was a long poll had a standing latency of seconds for as many
-            # quick answers as it took to step down, and its long polls were learned)
-            if own is None or latency * LONG_QUICK < own:
-                self.standing = latency  # the first, or one so much faster that it says more
+            # q-share is faster; while it stands at a second or more (its first answers were
+            # long polls), a tenfold faster answer is taken at once
+            if own is None or (own >= LONG_AFTER and latency * LONG_QUICK < own):
+                self.standing = latency
             elif latency < own:
                 self.standing = max(latency, own * math.exp(-STANDING_STEP))
             else:
                 self.standing = own * math.exp(
                     STANDING_STEP * STANDING_QUANTILE / (1.0 - STANDING_QUANTILE))
         return long
+
+    def long_share(self, now: float) -> float:
+        """The share of its answers that were long, each weighted by the age of its sending
+        (decaying over :data:`LONG_RECENT` s)."""
+        self._decay(now)
+        return self.long_count / max(1.0, self.answer_count)
+
+    def _decay(self, now: float) -> None:
+        if now > self.counted_at:
+            if math.isfinite(self.counted_at):
+                keep = math.exp((self.counted_at - now) / LONG_RECENT)
+                self.long_count *= keep
+                self.answer_count *= keep
+            self.counted_at = now
 
     def finish_long(self, latency: float, now: float) -> None:
         """Record a long answer that is the request's nature (:meth:`long_answer`, and the
@@ -417,7 +445,6 @@ class EndpointStats:
         self.requests += 1
         self.consecutive_failures = 0
         cost = min(latency, MAX_LATENCY)
-        self.answered_sent = max(self.answered_sent, now - latency)
         if self.answers is None:
             self.answers = PeakEwma(now, ANSWER_DECAY, cost)
         else:

@@ -34,7 +34,12 @@ import numpy as np
 from mesh.estimators import (
     LONG_AFTER,
     LONG_HOLD,
+    LONG_MARGIN,
+    LONG_MIN_ANSWERS,
+    LONG_MIN_SHARE,
+    LONG_RATIO,
     LONG_RECENT,
+    LONG_YOUNG_COUNT,
     MAX_LATENCY,
     STALL_EJECTION,
     EndpointStats,
@@ -309,6 +314,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             CreditPacer(window=profile.pacing_window) if profile.pacing_window > 0 else None)
         self._index: dict[str, int] = {}
         self._first_long: float | None = None  # the first answer of LONG_AFTER (on_outcome)
+        self._answered_sent = -math.inf  # the latest sending of a request answered (_long)
+        self._standing: float | None = None  # the median standing latency at the last tick
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
         self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
         # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
@@ -324,18 +331,21 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
-        if self._first_long is None and outcome.ok and outcome.latency >= LONG_AFTER:
+        answered = outcome.ok and outcome.got_answer and not outcome.censored \
+            and not outcome.void
+        if answered and self._first_long is None and outcome.latency >= LONG_AFTER:
             self._first_long = outcome.now
-        if stats is not None and self._long(stats, outcome):
+        if stats is not None and answered and self._long(stats, outcome):
             now = outcome.now
             stats.finish_long(outcome.latency, now)
             # the hedges' p90 keeps it: a hedge after a quick p90 would send long polls twice
             self._recent.add(outcome.endpoint, now, outcome.latency)
-            assert self._first_long is not None
             if not self._matched(outcome.endpoint, now):
+                assert self._first_long is not None
                 if now - self._first_long < LONG_HOLD:  # the other pods' may be on their way
                     stats.hold_long(outcome.latency, now)
                 else:
+                    self._epoch.observe(outcome.endpoint, outcome.latency, True, True)
                     stats.learn(min(outcome.latency, MAX_LATENCY), now)
             if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
                 del self.stats[outcome.endpoint]
@@ -353,27 +363,52 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 self._sampled_strategy(self._pacer)  # the pacer's share of it moves
 
     def _long(self, stats: EndpointStats, outcome: Outcome) -> bool:
-        """Whether an answer is long (:meth:`EndpointStats.long_answer`): a long poll or a
-        watch, by the request's nature, when another endpoint gives such answers too
-        (:meth:`_matched`: long polls reach every pod; in the first ``LONG_HOLD`` s after the
-        first answer that took ``LONG_AFTER``, one not matched yet is held that long, the
-        time the others' take to come back after a start); a pod that alone answers
-        requests seconds late, around quick answers, is slow, and its long answers are
-        learned (docs/routing.md, "Long polls"). A long
-        answer teaches the latency estimates, the regret and the epoch's summary nothing (the
-        hedges' p90 takes it); a pod being re-admitted learns from it as from any answer."""
-        if not (outcome.ok and outcome.got_answer) or outcome.censored or outcome.void:
-            return False
-        standing = [v for e in self.endpoints if (v := self.stats[e].standing) is not None]
-        return stats.long_answer(outcome.latency, outcome.now, min(standing) if standing
-                                 else None, outcome.sent_at) and not stats.readmitting
+        """Whether an answer is long (:meth:`EndpointStats.long_answer`, against the
+        upstream's median standing latency as of the last tick, and overtaken if the upstream
+        answered a request sent after it first): a long poll or a watch, by the request's
+        nature, when the other endpoints give such answers at a like rate (:meth:`_matched`;
+        in the first ``LONG_HOLD`` s after the first answer that took ``LONG_AFTER``, one
+        not matched yet is held that long, the time the others' take to come back after a
+        start). Otherwise it is learned: a pod that alone answers requests seconds late is
+        slow (docs/routing.md, "Long polls"). A long answer teaches the latency estimates,
+        the regret and the epoch's summary nothing (the hedges' p90 takes it), nor does it
+        re-admit an ejected pod: taken as its first answer, a long poll's length was the
+        fresh estimate that starved a healthy pod for good."""
+        latency, now = outcome.latency, outcome.now
+        sent = outcome.sent_at if outcome.sent_at is not None else now - latency
+        overtaken = self._answered_sent > sent
+        if sent > self._answered_sent:
+            self._answered_sent = sent
+        return stats.long_answer(latency, now, self._standing, overtaken, sent)
 
     def _matched(self, endpoint: str, now: float) -> bool:
-        """Whether another endpoint gave a long answer in the last ``LONG_RECENT`` s (or
-        ``endpoint`` is the only one: where it goes does not matter)."""
-        since = now - LONG_RECENT
-        return len(self.endpoints) == 1 or any(
-            self.stats[e].long_at >= since for e in self.endpoints if e != endpoint)
+        """Whether the other endpoints give long answers at a like rate: the least
+        :meth:`EndpointStats.long_share` among those with ``LONG_MIN_ANSWERS`` answers at
+        least ``LONG_MIN_SHARE`` (long polls, not a rare slow answer; the least, so that two
+        pods slow alike do not vouch for each other), and ``endpoint``'s within
+        ``LONG_RATIO`` x that plus ``LONG_MARGIN`` (a pod slow at a share of its requests
+        gives more). In the first ``LONG_RECENT`` s after the first answer that took
+        ``LONG_AFTER``, or with no other endpoint answering enough to count: more than half
+        of the others (of those answering enough, if any) gave a long answer in that time,
+        ``LONG_YOUNG_COUNT`` in all at least.
+        True for the only endpoint: where it goes does not matter."""
+        rest = [self.stats[e] for e in self.endpoints if e != endpoint]
+        if not rest:
+            return True
+        counted = [s.long_share(now) for s in rest if s.answer_count >= LONG_MIN_ANSWERS]
+        if not counted or (self._first_long is not None
+                           and now - self._first_long < LONG_RECENT):
+            # young (the others' first polls may still be out, and their shares count only
+            # what came back), or no other with answers enough: a few long answers elsewhere
+            # (a rare slow answer is not a service of long polls) will do
+            since = now - LONG_RECENT
+            pool = [s for s in rest if s.answer_count >= LONG_MIN_ANSWERS] or rest
+            giving = [s for s in pool if s.long_at >= since]
+            return 2 * len(giving) > len(pool) and \
+                sum(s.long_count for s in giving) >= LONG_YOUNG_COUNT
+        usual = min(counted)
+        return usual >= LONG_MIN_SHARE and \
+            self.stats[endpoint].long_share(now) <= LONG_RATIO * usual + LONG_MARGIN
 
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         super().on_probe(endpoint, report, now)
@@ -430,6 +465,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             stats.censor_stall(now)
             if stats.held_long:  # long answers no other pod had matched
                 stats.learn_held(now, self._matched(e, now))
+        standing = [v for e in self.endpoints if (v := self.stats[e].standing) is not None]
+        self._standing = statistics.median(standing) if standing else None
         super().tick(now)
         self._probation = self._probation_due(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
@@ -635,9 +672,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # the best any endpoint does now: its estimate, or what it has left unanswered if
         # that is longer (when every pod stalls at once, none is hung: see EndpointStats.hung),
         # or the peak of its answers, long ones included (which the estimate leaves out:
-        # docs/routing.md, "Long polls"; in a service of long polls their length is the
-        # yardstick of every pod)
-        known = [max(v, s.stalled_for(now), s.answer_latency(now) or 0.0)
+        # docs/routing.md, "Long polls"), weighted by its share of long answers (what they
+        # added to the estimate when it learned them)
+        known = [max(v, s.stalled_for(now), s.long_share(now) * (s.answer_latency(now) or 0.0))
                  for e in self.endpoints
                  if (v := (s := self.stats[e]).latency.value) is not None]
         best = min(known) if known else None
