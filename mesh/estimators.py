@@ -40,9 +40,10 @@ OWN_QUIET = 1.0  # seconds without an own outcome after which probes inform the 
 # median standing latency (a 10th percentile of answers) of the upstream's endpoints, at an
 # endpoint whose own standing latency is within LONG_QUICK x that, overtaken (the upstream
 # answered a request sent after it first): a long poll or a watch, the request's nature
-# rather than the endpoint's speed, when the others give them at a like rate (their median
-# share of long answers per request sent, over LONG_RECENT s, at least LONG_MIN_SHARE, and
-# this endpoint's within LONG_RATIO x that plus LONG_MARGIN).
+# rather than the endpoint's speed, when the others give them at a like rate (the least share
+# of long answers, over LONG_RECENT s, among the others with LONG_MIN_ANSWERS, at least
+# LONG_MIN_SHARE, and this endpoint's within LONG_RATIO x that plus LONG_MARGIN; while young,
+# LONG_YOUNG_COUNT of them from more than half of the others: RegretMatchingPolicy._matched).
 LONG_AFTER = 1.0
 LONG_FACTOR = 50.0
 LONG_QUICK = 10.0
@@ -407,7 +408,6 @@ class EndpointStats:
             if long:
                 self.long_count += weight
                 self.long_at = max(self.long_at, now)
-        if finite:
             # stochastic quantile tracking: down by STANDING_STEP (not past the answer) on a
             # faster answer, up by q / (1 - q) of that on a slower one: at rest where a
             # q-share is faster; while it stands at a second or more (its first answers were
@@ -436,11 +436,11 @@ class EndpointStats:
             self.counted_at = now
 
     def finish_long(self, latency: float, now: float) -> None:
-        """Record a long answer that is the request's nature (:meth:`long_answer`, and the
-        endpoint gives no more of them than the others): a success that teaches the latency
-        estimates nothing (a long poll's length is not the pod's speed: learned, it moved a
-        third of the traffic between healthy pods every few seconds), but the yardstick of a
-        stall (:attr:`answers`) takes it, so a service of long polls is not judged hung."""
+        """Record a long answer (:meth:`long_answer`): a success that teaches the latency
+        estimates nothing, unless it is learned after all (:meth:`learn`): a long poll's
+        length is not the pod's speed (learned, it moved traffic between healthy pods for
+        good); the yardstick of a stall (:attr:`answers`) takes it, so that a service of
+        long polls is not judged hung."""
         self.in_flight = max(0, self.in_flight - 1)
         self.requests += 1
         self.consecutive_failures = 0
@@ -453,8 +453,8 @@ class EndpointStats:
         self.restart_stall()
 
     def hold_long(self, latency: float, now: float) -> None:
-        """A long answer (:meth:`long_answer`) no other endpoint has matched yet, in the first
-        :data:`LONG_HOLD` s after the upstream's first long answer: held
+        """A long answer (:meth:`long_answer`) the other endpoints have not matched yet, in the
+        first :data:`LONG_HOLD` s after the upstream's first answer of a second: held
         (:meth:`learn_held`) for the time the other pods' first long polls take to come back
         after a start; past :data:`LONG_HELD_MAX` held, the oldest is learned at once."""
         self.held_long.append((now, min(latency, MAX_LATENCY)))
@@ -463,7 +463,7 @@ class EndpointStats:
             self.learn(oldest, now)
 
     def learn_held(self, now: float, matched: bool) -> None:
-        """The held long answers: forgotten if another endpoint gave a long answer
+        """The held long answers: forgotten if the other endpoints match them now
         (``matched``: the request's nature), else learned as latencies once
         :data:`LONG_HOLD` old (a pod slow at a share of its requests)."""
         if matched:
