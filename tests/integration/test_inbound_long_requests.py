@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -14,6 +15,8 @@ from aiohttp import web
 from tests.integration.inbound_support import write_config
 from tests.integration.procs import (
     LOOPBACK,
+    Backend,
+    SidecarProcess,
     async_start_sidecar,
     async_stop,
     free_port,
@@ -35,11 +38,14 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> None:
+async def app_behind_sidecar(tmp_path: Path, waiting: set[str], policing: dict[str, Any]
+                             ) -> tuple[Backend, SidecarProcess, str, asyncio.Event]:
+    """An app whose ``waiting`` paths answer once the event is set, the rest at once, behind
+    a real inbound sidecar process; the sidecar's inbound URL."""
     answer = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
-        if request.path == "/poll":
+        if request.path in waiting:
             await answer.wait()
         return web.Response(text=request.path)
 
@@ -47,9 +53,13 @@ async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> N
     port = free_port()
     inbound = await async_start_sidecar(
         {}, sidecar_id="app-sidecar",
-        config_file=write_config(tmp_path / "policing.json", POLICING),
+        config_file=write_config(tmp_path / "policing.json", policing),
         extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
-    url = f"http://{LOOPBACK}:{port}"
+    return app, inbound, f"http://{LOOPBACK}:{port}", answer
+
+
+async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> None:
+    app, inbound, url, answer = await app_behind_sidecar(tmp_path, {"/poll"}, POLICING)
     polls: list[asyncio.Task[int]] = []
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -105,22 +115,9 @@ async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
     """A stranger's finding: a reconnect storm (more watches at once than the limit, before
     any is overtaken) locked quick requests out until the first watch ended. Watches the
     operator declared (their path, or an event stream) take no slot."""
-    answer = asyncio.Event()
-
-    async def handle(request: web.Request) -> web.Response:
-        if request.path in ("/watch/things", "/events"):
-            await answer.wait()
-        return web.Response(text=request.path)
-
-    app = await start_backend("app", handler=handle)
-    port = free_port()
-    inbound = await async_start_sidecar(
-        {}, sidecar_id="app-sidecar",
-        config_file=write_config(tmp_path / "policing.json",
-                                 {**POLICING, "long_paths": ["/watch"],
-                                  "long_event_stream": True}),
-        extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
-    url = f"http://{LOOPBACK}:{port}"
+    app, inbound, url, answer = await app_behind_sidecar(
+        tmp_path, {"/watch/things", "/events"},
+        {**POLICING, "long_paths": ["/watch"], "long_event_stream": True})
     storm: list[asyncio.Task[int]] = []
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
