@@ -207,10 +207,13 @@ class _Call:
             if self.deadline.failure is not None:
                 return await self.upload_failed(verdict)
             try:
-                accept = stream.header(b"accept")
-                admitted = await policing.admit(verdict, policed, now, long=policing.declared_long(
-                    bound.method, bound.target,
-                    accept.decode("latin-1") if accept is not None else None))
+                long = False
+                if policing.declares_long:
+                    accept = stream.header(b"accept")
+                    long = policing.declared_long(
+                        bound.method, bound.target,
+                        accept.decode("latin-1") if accept is not None else None)
+                admitted = await policing.admit(verdict, policed, now, long=long)
             except asyncio.CancelledError:
                 self.count_caller_gone(verdict)  # reset (or hung up) while queued
                 raise

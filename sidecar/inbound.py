@@ -373,8 +373,9 @@ class InboundProxy:
             if h1 is not None:  # a reset while queued leaves the queue at once (policing)
                 h1.hangup_cancels = True
             try:
-                admission = await self.policing.admit(
-                    verdict, policed, now, long=self.policing.declared_long(
+                policing = self.policing
+                admission = await policing.admit(
+                    verdict, policed, now, long=policing.declares_long and policing.declared_long(
                         exchange.method, exchange.raw_path, exchange.headers.get("Accept")))
             except asyncio.CancelledError:
                 if h1 is not None and h1.hung_up:  # the caller's reset, not a drain

@@ -248,6 +248,8 @@ class InboundPolicing:
         self.nonces = NonceBook(settings.identity_max_skew)  # identities are single-use
         self._waiting: dict[str, asyncio.Future[Woken]] = {}  # request id -> its waiter
         self.in_flight = 0  # requests at the app through this listener (both protocols)
+        # whether declared_long can say yes (else the listeners skip its header lookup)
+        self.declares_long = bool(settings.long_paths) or settings.long_event_stream
 
     @property
     def game(self) -> bool:

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ from aiohttp import web
 from tests.integration.inbound_support import write_config
 from tests.integration.procs import (
     LOOPBACK,
-    Backend,
     SidecarProcess,
     async_start_sidecar,
     async_stop,
@@ -38,10 +38,12 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
+@contextlib.asynccontextmanager
 async def app_behind_sidecar(tmp_path: Path, waiting: set[str], policing: dict[str, Any]
-                             ) -> tuple[Backend, SidecarProcess, str, asyncio.Event]:
+                             ) -> AsyncIterator[tuple[SidecarProcess, str, asyncio.Event]]:
     """An app whose ``waiting`` paths answer once the event is set, the rest at once, behind
-    a real inbound sidecar process; the sidecar's inbound URL."""
+    a real inbound sidecar process: the sidecar, its inbound URL and the event (set, and
+    both stopped, on the way out)."""
     answer = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
@@ -51,18 +53,25 @@ async def app_behind_sidecar(tmp_path: Path, waiting: set[str], policing: dict[s
 
     app = await start_backend("app", handler=handle)
     port = free_port()
-    inbound = await async_start_sidecar(
-        {}, sidecar_id="app-sidecar",
-        config_file=write_config(tmp_path / "policing.json", policing),
-        extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
-    return app, inbound, f"http://{LOOPBACK}:{port}", answer
+    try:
+        inbound = await async_start_sidecar(
+            {}, sidecar_id="app-sidecar",
+            config_file=write_config(tmp_path / "policing.json", policing),
+            extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
+        try:
+            yield inbound, f"http://{LOOPBACK}:{port}", answer
+        finally:
+            answer.set()
+            await async_stop(inbound)
+    finally:
+        await app.stop()
 
 
 async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> None:
-    app, inbound, url, answer = await app_behind_sidecar(tmp_path, {"/poll"}, POLICING)
     polls: list[asyncio.Task[int]] = []
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with app_behind_sidecar(tmp_path, {"/poll"}, POLICING) as (inbound, url, answer), \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        try:
             async def get(path: str) -> int:
                 async with session.get(url + path) as response:
                     await response.read()
@@ -102,12 +111,9 @@ async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> N
             answer.set()
             assert await asyncio.gather(*polls) == [200] * (2 * LIMIT)
             assert await gauge("equilibrium_inbound_long_running", lambda v: v == 0) == 0
-    finally:
-        answer.set()
-        for poll in polls:
-            poll.cancel()
-        await async_stop(inbound)
-        await app.stop()
+        finally:
+            for poll in polls:
+                poll.cancel()
 
 
 async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
@@ -115,12 +121,12 @@ async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
     """A stranger's finding: a reconnect storm (more watches at once than the limit, before
     any is overtaken) locked quick requests out until the first watch ended. Watches the
     operator declared (their path, or an event stream) take no slot."""
-    app, inbound, url, answer = await app_behind_sidecar(
-        tmp_path, {"/watch/things", "/events"},
-        {**POLICING, "long_paths": ["/watch"], "long_event_stream": True})
     storm: list[asyncio.Task[int]] = []
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    declared = {**POLICING, "long_paths": ["/watch"], "long_event_stream": True}
+    async with app_behind_sidecar(tmp_path, {"/watch/things", "/events"}, declared) as (
+            inbound, url, answer), \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        try:
             async def get(path: str, headers: dict[str, str] | None = None) -> int:
                 async with session.get(url + path, headers=headers) as response:
                     await response.read()
@@ -138,9 +144,6 @@ async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
             assert concurrency["long_running"] == 4 * LIMIT, concurrency
             answer.set()
             assert await asyncio.gather(*storm) == [200] * (4 * LIMIT)
-    finally:
-        answer.set()
-        for task in storm:
-            task.cancel()
-        await async_stop(inbound)
-        await app.stop()
+        finally:
+            for task in storm:
+                task.cancel()

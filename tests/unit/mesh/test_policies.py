@@ -161,13 +161,21 @@ def test_pick_respects_exclude_and_reports_none_when_nothing_is_left() -> None:
         assert p.pick(rng, 0.0, frozenset(ENDPOINTS[:2])) is None
 
 
-def test_consecutive_failures_eject_an_endpoint() -> None:
+def ejected_first_endpoint() -> RegretMatchingPolicy:
+    """An ``equilibrium`` policy over three endpoints whose first failed six times in a row
+    (ejected by the tick at 0.5 s)."""
     p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
     p.set_endpoints(ENDPOINTS[:3], 0.0)
     for i in range(6):
         p.on_start(ENDPOINTS[0], i * 0.01)
         p.on_outcome(Outcome(ENDPOINTS[0], 0.001, False, i * 0.01))
     p.tick(0.5)
+    return p
+
+
+def test_consecutive_failures_eject_an_endpoint() -> None:
+    p = ejected_first_endpoint()
     assert p.snapshot().weights[ENDPOINTS[0]] == 0.0
     rng = random.Random(0)
     assert all(p.pick(rng, 0.6) != ENDPOINTS[0] for _ in range(200))
@@ -196,12 +204,7 @@ def test_refusals_for_load_cost_an_endpoint_its_share_but_never_eject_it() -> No
 def test_an_ejected_endpoint_whose_probation_is_refused_for_load_is_ejected_again() -> None:
     """A review's finding: shed failures never counted, so a pod ejected for failing whose
     sidecar then refused everything for load got a probation request every tick for good."""
-    p = make_policy("equilibrium", get_profile("balanced"))
-    p.set_endpoints(ENDPOINTS[:3], 0.0)
-    for i in range(6):
-        p.on_start(ENDPOINTS[0], i * 0.01)
-        p.on_outcome(Outcome(ENDPOINTS[0], 0.001, False, i * 0.01))
-    p.tick(0.5)
+    p = ejected_first_endpoint()
     stats = p.stats[ENDPOINTS[0]]
     first_until = stats.ejected_until
     assert stats.readmitting and first_until > 0.5
