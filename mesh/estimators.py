@@ -57,6 +57,10 @@ LONG_HOLD = 5.0  # seconds a long answer no other endpoint matched yet waits to 
 LONG_HELD_MAX = 16  # such answers held per endpoint, at most (beyond: learned at once)
 STANDING_QUANTILE = 0.1
 STANDING_STEP = 0.3  # the standing latency's step down in log space per faster answer
+# the standing latency's factors down (a faster answer) and up (a slower one): at rest where
+# a STANDING_QUANTILE share of answers is faster
+_STANDING_DOWN = math.exp(-STANDING_STEP)
+_STANDING_UP = math.exp(STANDING_STEP * STANDING_QUANTILE / (1.0 - STANDING_QUANTILE))
 
 
 def _decay_weight(dt: float, tau: float) -> float:
@@ -90,7 +94,8 @@ class Ewma:
         if self.value is None:
             self.value = sample
         else:
-            step = 1.0 - _decay_weight(now - self.updated_at, self.tau)
+            dt, tau = now - self.updated_at, self.tau  # _decay_weight, inline (per answer)
+            step = 1.0 - (1.0 if dt <= 0.0 else math.exp(-dt / tau) if tau > 0.0 else 0.0)
             step = min(max(step, self.min_step), self.max_step)
             self.value = self.value * (1.0 - step) + sample * step
         self.updated_at = max(self.updated_at, now)
@@ -128,7 +133,12 @@ class PeakEwma:
         self.updated_at = max(self.updated_at, now)
 
     def value(self, now: float) -> float:
-        return self.estimate * _decay_weight(now - self.updated_at, self.decay)
+        # estimate x _decay_weight(now - updated_at, decay), inline: read several times a
+        # request (each endpoint's cost at a pick)
+        dt = now - self.updated_at
+        if dt <= 0.0:
+            return self.estimate
+        return self.estimate * (math.exp(-dt / self.decay) if self.decay > 0.0 else 0.0)
 
     def cost(self, now: float, pending: int) -> float:
         """Linkerd's load: RTT estimate x (pending requests + 1)."""
@@ -280,11 +290,13 @@ class EndpointStats:
         hung. A pod never measured may be slow rather than hung (1.5 s where the others take
         3 ms, in the hedging test), hence the longer wait; meanwhile :meth:`stalling` keeps
         requests away from it all the same."""
+        if self.confirmed_since == math.inf or self.in_flight <= 0:
+            return False
         known = self.answer_latency(now)
         least = STALL_EJECT
         if known is None:
             known, least = others, STALL_EJECT_UNMEASURED
-        if known is None or self.confirmed_since == math.inf or self.in_flight <= 0:
+        if known is None:
             return False
         bound = max(least, 10.0 * known, 10.0 * (others or 0.0))
         return now - self.confirmed_since > bound * float(2 ** min(self.stall_ejections, 4))
@@ -415,10 +427,9 @@ class EndpointStats:
             if own is None or (own >= LONG_AFTER and latency * LONG_QUICK < own):
                 self.standing = latency
             elif latency < own:
-                self.standing = max(latency, own * math.exp(-STANDING_STEP))
+                self.standing = max(latency, own * _STANDING_DOWN)
             else:
-                self.standing = own * math.exp(
-                    STANDING_STEP * STANDING_QUANTILE / (1.0 - STANDING_QUANTILE))
+                self.standing = own * _STANDING_UP
         return long
 
     def long_share(self, now: float) -> float:

@@ -63,6 +63,7 @@ class _MeasuredPolicy(ABC):
     def __init__(self, profile: StrategyProfile) -> None:
         self.profile = profile
         self.endpoints: list[str] = []
+        self._members: frozenset[str] = frozenset()  # the endpoints, for membership tests
         self.stats: dict[str, EndpointStats] = {}
         self._weights = np.zeros(0)
         self._cumulative: list[float] = []
@@ -99,6 +100,7 @@ class _MeasuredPolicy(ABC):
         keep = [old_index.get(e) for e in new]
         self._on_resize(keep, new)
         self.endpoints = new
+        self._members = frozenset(new)
         self._publish(self._initial_weights(keep))
 
     def _on_resize(self, keep: list[int | None], new: list[str]) -> None:
@@ -133,7 +135,7 @@ class _MeasuredPolicy(ABC):
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
                      outcome.censored, outcome.void, outcome.sent_at, outcome.got_answer,
                      outcome.shed)
-        if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
+        if outcome.endpoint not in self._members and stats.in_flight == 0:
             del self.stats[outcome.endpoint]  # removed while in flight: forget it now
 
     def on_answer(self, endpoint: str, now: float) -> None:
@@ -323,16 +325,21 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._hedges: dict[str, HedgePlan] = {}
         # an endpoint whose ejection ended, to be sent the next request (see tick())
         self._probation: str | None = None
+        self._covered: list[bool] = []  # which endpoints probes covered at the last tick
 
     def on_start(self, endpoint: str, now: float) -> None:
-        super().on_start(endpoint, now)
-        if isinstance(self._pacer, SampledPacer):
-            self._reorder(endpoint, now)
+        stats = self.stats.get(endpoint)
+        if stats is None:
+            return
+        stats.start(now)
+        pacer = self._pacer
+        if isinstance(pacer, SampledPacer) and (i := self._index.get(endpoint)) is not None:
+            pacer.order.update(i, self._cost_key(stats, now))
 
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
-        answered = outcome.ok and outcome.got_answer and not outcome.censored \
-            and not outcome.void
+        heard = outcome.got_answer and not outcome.censored  # a whole answer came
+        answered = outcome.ok and heard and not outcome.void
         if answered and self._first_long is None and outcome.latency >= LONG_AFTER:
             self._first_long = outcome.now
         if stats is not None and answered and self._long(stats, outcome):
@@ -347,20 +354,21 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 else:
                     self._epoch.observe(outcome.endpoint, outcome.latency, True, True)
                     stats.learn(min(outcome.latency, MAX_LATENCY), now)
-            if outcome.endpoint not in self.endpoints and stats.in_flight == 0:
+            if outcome.endpoint not in self._members and stats.in_flight == 0:
                 del self.stats[outcome.endpoint]
             return
         failing = stats is not None and stats.consecutive_failures > 0
         if stats is not None and not outcome.void:
-            self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok,
-                                outcome.got_answer and not outcome.censored)
-            if outcome.ok and outcome.got_answer and not outcome.censored:
+            self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok, heard)
+            if outcome.ok and heard:
                 self._recent.add(outcome.endpoint, outcome.now, outcome.latency)
         super().on_outcome(outcome)
-        if isinstance(self._pacer, SampledPacer):
-            self._reorder(outcome.endpoint, outcome.now)
-            if stats is not None and (stats.consecutive_failures > 0) != failing:
-                self._sampled_strategy(self._pacer)  # the pacer's share of it moves
+        pacer = self._pacer
+        if isinstance(pacer, SampledPacer) and stats is not None:
+            if (i := self._index.get(outcome.endpoint)) is not None:
+                pacer.order.update(i, self._cost_key(stats, outcome.now))
+            if (stats.consecutive_failures > 0) != failing:
+                self._sampled_strategy(pacer)  # the pacer's share of it moves
 
     def _long(self, stats: EndpointStats, outcome: Outcome) -> bool:
         """Whether an answer is long (:meth:`EndpointStats.long_answer`, against the
@@ -480,8 +488,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._hedges = plan_hedges(
             self.endpoints, self._weights.tolist(),
             min(herd.explore_floor, herd.explore_budget / n),
-            [self.stats[e].probe_covered(now) for e in self.endpoints],
-            self._tick_estimates.tolist(),  # the tick's own: nothing changed them since
+            self._covered,  # the tick's own, as the estimates: nothing changed them since
+            self._tick_estimates.tolist(),
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
 
@@ -674,9 +682,13 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # or the peak of its answers, long ones included (which the estimate leaves out:
         # docs/routing.md, "Long polls"), weighted by its share of long answers (what they
         # added to the estimate when it learned them)
-        known = [max(v, s.stalled_for(now), s.long_share(now) * (s.answer_latency(now) or 0.0))
-                 for e in self.endpoints
-                 if (v := (s := self.stats[e]).latency.value) is not None]
+        known = []
+        for e in self.endpoints:
+            s = self.stats[e]
+            if (v := s.latency.value) is not None:
+                share = s.long_share(now)  # (the answers' peak is read only where it counts)
+                known.append(max(v, s.stalled_for(now),
+                                 share * (s.answer_latency(now) or 0.0) if share else 0.0))
         best = min(known) if known else None
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
@@ -732,9 +744,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         live = self._live(now)
         self._usable = int(live.sum())
         self._usable_mask = live.tolist()
-        covered = np.array([self.stats[e].probe_covered(now) for e in self.endpoints])
+        self._covered = [self.stats[e].probe_covered(now) for e in self.endpoints]
         return self.profile.herd.shape(self._target(now, estimates), self._weights, dt, live,
-                                       covered)
+                                       np.array(self._covered))
 
     def _checked(self, target: np.ndarray, estimates: np.ndarray, now: float) -> np.ndarray:
         """A recommendation checked against this sidecar's own evidence: an endpoint it
@@ -747,8 +759,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         while its own signal does not contradict it. ``overruled`` lists them (for
         /debug/state)."""
         overruled: list[str] = []
-        fresh = np.array([now - (s := self.stats[e]).last_outcome_at <= EVIDENCE_FRESH
-                          or s.probe_covered(now) for e in self.endpoints])
+        covered = self._covered  # this tick's, set before the target is asked for
+        fresh = np.array([now - self.stats[e].last_outcome_at <= EVIDENCE_FRESH or covered[i]
+                          for i, e in enumerate(self.endpoints)])
         if fresh.any():
             best = float(estimates[fresh].min())
             bad = fresh & (estimates > CONTRADICTED * best) & (estimates > best + 0.002)

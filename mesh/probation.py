@@ -88,6 +88,9 @@ class Paced:
     wait: float = 0.0
 
 
+_FREE = Paced(True, SelfStanding.FREE)  # the answer to nearly every request, made once
+
+
 class SelfProbation:
     """One upstream's back-off and probation, as the calling sidecar enforces them."""
 
@@ -128,7 +131,7 @@ class SelfProbation:
         """May a request be sent now? Takes a token on probation when it may."""
         standing = self.standing(now)
         if standing is SelfStanding.FREE:
-            return Paced(True, standing)
+            return _FREE
         if standing is SelfStanding.BACKING_OFF:
             return Paced(False, standing, self.until - now)
         rate = self.allowed_rate(now)
