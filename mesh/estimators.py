@@ -207,6 +207,9 @@ class EndpointStats:
     probe: ProbeReport | None = None
     probed_at: float = -math.inf
     own_at_probe: int = 0
+    # declared long requests in flight here (start(long=True)): counted apart from in_flight,
+    # for they take none of the pod's capacity and are no stall (finish_declared)
+    long_in_flight: int = 0
     # Accumulators for the current tick (consumed by regret matching, then reset).
     tick_count: int = 0
     tick_cost_sum: float = 0.0
@@ -224,7 +227,10 @@ class EndpointStats:
         latency = min(latency, MAX_LATENCY)
         return latency if ok else max(latency, self.failure_penalty)
 
-    def start(self, now: float = -math.inf) -> None:
+    def start(self, now: float = -math.inf, long: bool = False) -> None:
+        if long:  # a declared long request: see finish_declared
+            self.long_in_flight += 1
+            return
         self.sent_since_outcome += 1
         if self.sent_since_outcome == 2:
             self.waiting_since = now
@@ -462,6 +468,25 @@ class EndpointStats:
             self.answers.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)
         self.restart_stall()
+
+    def finish_declared(self, ok: bool, now: float, void: bool = False,
+                        sent_at: float | None = None, shed: bool = False) -> None:
+        """The end of a declared long request (:class:`mesh.policy.Outcome` ``long``: a
+        long poll or watch its upstream's ``long_paths`` name). An answer, however long,
+        teaches nothing of the endpoint's speed, nor is it the yardstick of a stall (that of
+        the quick requests stays theirs) or a re-admission; it only shows the endpoint
+        answers (``consecutive_failures`` back to 0). A failure is one as any other, charged
+        the failure penalty, not the time the request was held (:meth:`finish`)."""
+        self.long_in_flight = max(0, self.long_in_flight - 1)
+        if void:
+            return
+        if ok:
+            self.requests += 1
+            self.consecutive_failures = 0
+            return
+        self.in_flight += 1  # finish() takes one out: the failure is charged as any other
+        self.finish(0.0, False, now, sent_at=now if sent_at is None else sent_at,
+                    answered=False, shed=shed)
 
     def hold_long(self, latency: float, now: float) -> None:
         """A long answer (:meth:`long_answer`) the other endpoints have not matched yet, in the

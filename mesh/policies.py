@@ -123,14 +123,18 @@ class _MeasuredPolicy(ABC):
         self._cumulative = list(accumulate(float(x) for x in weights))
 
     # -- request path ---------------------------------------------------------------------
-    def on_start(self, endpoint: str, now: float) -> None:
+    def on_start(self, endpoint: str, now: float, long: bool = False) -> None:
         stats = self.stats.get(endpoint)
         if stats is not None:
-            stats.start(now)
+            stats.start(now, long)
 
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
         if stats is None:
+            return
+        if outcome.long:
+            stats.finish_declared(outcome.ok, outcome.now, outcome.void or outcome.censored,
+                                  outcome.sent_at, outcome.shed)
             return
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
                      outcome.censored, outcome.void, outcome.sent_at, outcome.got_answer,
@@ -327,11 +331,13 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._probation: str | None = None
         self._covered: list[bool] = []  # which endpoints probes covered at the last tick
 
-    def on_start(self, endpoint: str, now: float) -> None:
+    def on_start(self, endpoint: str, now: float, long: bool = False) -> None:
         stats = self.stats.get(endpoint)
         if stats is None:
             return
-        stats.start(now)
+        stats.start(now, long)
+        if long:
+            return  # nothing the pacer's cost counts changed
         pacer = self._pacer
         if isinstance(pacer, SampledPacer) and (i := self._index.get(endpoint)) is not None:
             pacer.order.update(i, self._cost_key(stats, now))
@@ -339,7 +345,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
         heard = outcome.got_answer and not outcome.censored  # a whole answer came
-        answered = outcome.ok and heard and not outcome.void
+        answered = outcome.ok and heard and not outcome.void and not outcome.long
         if answered and self._first_long is None and outcome.latency >= LONG_AFTER:
             self._first_long = outcome.now
         if stats is not None and answered and self._long(stats, outcome):
@@ -358,7 +364,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 del self.stats[outcome.endpoint]
             return
         failing = stats is not None and stats.consecutive_failures > 0
-        if stats is not None and not outcome.void:
+        if outcome.long and stats is not None and not (outcome.ok or outcome.void
+                                                       or outcome.censored):
+            self._epoch.observe(outcome.endpoint, 0.0, False, False)  # a failure, no latency
+        elif stats is not None and not outcome.void and not outcome.long:
             self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok, heard)
             if outcome.ok and heard:
                 self._recent.add(outcome.endpoint, outcome.now, outcome.latency)

@@ -50,10 +50,14 @@ class Outcome:
     ``X-GT-Refused`` ``queue-full`` or ``queue-timeout``): a failure in the endpoint's cost,
     never one towards an ejection (every pod shedding a reconnect storm was ejected, and the
     callers' weights stayed at 0 for 20 s after the storm had passed).
+    ``long``: a declared long request (a long poll or watch its upstream's ``long_paths``
+    name, started with ``on_start(..., long=True)``): how long its answer took is the
+    request's, not the endpoint's, so an answer teaches nothing; a failure counts as any
+    other, charged the failure penalty, not its length (docs/routing.md, "Long polls").
 
     One is made for every attempt, on the request path; nothing changes it after. Not a
     frozen dataclass for that reason alone: a frozen one's ``__init__`` sets each of its ten
-    fields through ``object.__setattr__``, 82 bytecode instructions against 32
+    fields through ``object.__setattr__``, 82 bytecode instructions against 32 (for ten)
     (``scripts/request_cost.py --opcodes``).
     """
 
@@ -67,6 +71,7 @@ class Outcome:
     void: bool = False
     sent_at: float | None = None
     shed: bool = False
+    long: bool = False
 
     @property
     def got_answer(self) -> bool:
@@ -122,8 +127,9 @@ class Policy(Protocol):
     ) -> str | None:
         """Choose an endpoint for one request, never one in ``exclude``; None if none is left."""
 
-    def on_start(self, endpoint: str, now: float) -> None:
-        """A request to ``endpoint`` was sent."""
+    def on_start(self, endpoint: str, now: float, long: bool = False) -> None:
+        """A request to ``endpoint`` was sent (``long``: a declared long request, whose
+        outcome will say so: it holds no capacity and is no stall)."""
 
     def on_outcome(self, outcome: Outcome) -> None:
         """A request finished (successfully or not)."""

@@ -34,6 +34,10 @@ Config file shape (YAML or JSON, every key optional)::
       payments:                 # an upstream outside the mesh: no identity, no game headers
         endpoints: [https://api.example.com]
         mesh: false             #   (default true; sidecar.membership)
+      config:
+        endpoints: [http://10.0.2.1:8080, http://10.0.2.2:8080]
+        long_paths: [/v1/watch] # long polls: their answers' time is not learned of the pods
+                                #   (sidecar.long_paths; docs/routing.md, "Long polls")
     inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
     app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
     mesh_secret_file: /etc/equilibrium/mesh.key
@@ -72,6 +76,7 @@ from mesh.profiles import get_profile
 from sidecar.discovery import KubeCredentials, credentials_from_flags
 from sidecar.h2_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS
 from sidecar.h2_site import DEFAULT_MAX_CONNECTIONS, DEFAULT_SNIFF_TIMEOUT
+from sidecar.long_paths import parse_long_paths
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
 from wire.numerals import ascii_decimal, ascii_uint
@@ -191,6 +196,8 @@ class SidecarConfig:
     admin: ListenAddress
     upstreams: Mapping[str, tuple[str, ...]]
     external_upstreams: frozenset[str] = frozenset()  # declared ``mesh: false``
+    # upstream -> path prefixes of its declared long requests (sidecar.long_paths)
+    long_paths: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     strategy: str = DEFAULT_STRATEGY
     policy: str = DEFAULT_POLICY
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
@@ -353,10 +360,10 @@ def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
         if name in out:
             raise ConfigError(f"upstream {name!r} given twice")
         if isinstance(endpoints, Mapping):
-            unknown = set(map(str, endpoints)) - {"endpoints", "mesh"}
+            unknown = set(map(str, endpoints)) - {"endpoints", "mesh", "long_paths"}
             if unknown:
                 raise ConfigError(f"upstream {name!r}: unknown key(s) {sorted(unknown)}; "
-                                  "known: endpoints, mesh")
+                                  "known: endpoints, mesh, long_paths")
             endpoints = endpoints.get("endpoints")
         out[name] = parse_endpoints(name, endpoints)
     return out
@@ -374,6 +381,22 @@ def parse_external_upstreams(value: Any) -> frozenset[str]:
             if not mesh:
                 out.add(parse_upstream_name(str(raw_name)))
     return frozenset(out)
+
+
+def parse_upstream_long_paths(value: Any) -> dict[str, tuple[str, ...]]:
+    """The path prefixes of declared long requests (long polls, watches) of a file's
+    upstreams (``long_paths``; :mod:`sidecar.long_paths`), by upstream name."""
+    out: dict[str, tuple[str, ...]] = {}
+    for raw_name, spec in value.items():
+        if isinstance(spec, Mapping) and "long_paths" in spec:
+            name = parse_upstream_name(str(raw_name))
+            try:
+                paths = parse_long_paths(spec["long_paths"], f"upstream {name!r}: long_paths")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if paths:
+                out[name] = paths
+    return out
 
 
 def _shown(value: Any) -> str:
@@ -522,6 +545,7 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                 else:
                     out[key] = parse_upstreams_mapping(value)
                     out["external_upstreams"] = parse_external_upstreams(value)
+                    out["long_paths"] = parse_upstream_long_paths(value)
             elif key == "strategy":
                 name = _parse_choice(value, "strategy", PROFILE_NAMES)
                 get_profile(name)
@@ -607,8 +631,9 @@ class ConfigSource:
                 # listener limits merge key by key (the environment sets them one by one)
                 merged[key] = {**merged.get(key, {}), **value} if key == "listener" else value
                 sources[key] = layer
-                if key == "upstreams":  # a layer's upstreams come with its mesh declarations
+                if key == "upstreams":  # a layer's upstreams come with their declarations
                     merged["external_upstreams"] = frozenset()
+                    merged["long_paths"] = {}
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
         _check_listeners_apart({
@@ -625,6 +650,7 @@ class ConfigSource:
             admin=merged.get("admin") or parse_listen(DEFAULT_ADMIN),
             upstreams=merged.get("upstreams", {}),
             external_upstreams=merged.get("external_upstreams", frozenset()),
+            long_paths=merged.get("long_paths", {}),
             strategy=merged.get("strategy", DEFAULT_STRATEGY),
             policy=merged.get("policy", DEFAULT_POLICY),
             drain_timeout=merged.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT),

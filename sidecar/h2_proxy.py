@@ -60,6 +60,7 @@ from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
+from sidecar.long_paths import under_long_path
 from sidecar.metrics import H2Metrics, OutboundMetrics
 from sidecar.outbound import REFUSED_KEY, upstream_name
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
@@ -101,6 +102,7 @@ class H2Outbound:
         upstreams: H2Upstreams | None = None,
         h2_metrics: H2Metrics | None = None,
         source_address: str | None = None,
+        long_paths: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
         self.table = table
@@ -112,6 +114,9 @@ class H2Outbound:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.clock = clock
+        # an upstream's declared long requests, by its name (sidecar.long_paths), as
+        # sidecar.outbound's: their answers' time teaches the policy nothing
+        self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
         self.via = f"2 {sidecar_id}".encode()
         self.upstreams = upstreams or H2Upstreams(connect_timeout=connect_timeout,
                                                   source_address=source_address)
@@ -195,6 +200,7 @@ class _Call:
                                         grpc.INTERNAL)
             deadline = loop.time() + timeout
         base = self.base_headers()
+        ctx.long = under_long_path(ctx.target, proxy.long_paths(group.name))
         group.budget.deposit(proxy.clock())
         failure = ""
         failed: list[str] = []  # why each attempt that could not connect failed
@@ -223,7 +229,7 @@ class _Call:
             ctx.game_response_headers.clear()  # what this attempt's answer says, only
             headers = self.attempt_headers(base, deadline, loop.time())
             sent = proxy.clock()
-            group.policy.on_start(endpoint, sent)
+            group.policy.on_start(endpoint, sent, ctx.long)
             try:
                 limit = loop.time() + proxy.request_timeout
                 async with asyncio.timeout_at(limit if deadline is None else min(limit, deadline)):
@@ -555,7 +561,8 @@ class _Call:
         now = proxy.clock()
         latency = (first if first is not None else now) - sent
         group.policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion,
-                                        answered=answered, sent_at=sent, shed=shed))
+                                        answered=answered, sent_at=sent, shed=shed,
+                                        long=self.ctx.long))
         proxy.metrics.forwarded(group.name, endpoint, code, latency if answered else None)
         if status is not None:
             proxy.h2_metrics.grpc_calls.labels(group.name, endpoint, str(status)).inc()
@@ -580,7 +587,7 @@ class _Call:
         now = proxy.clock()
         latency = (first if first is not None else now) - sent
         group.policy.on_outcome(Outcome(endpoint, latency, True, now, answered=False,
-                                        void=True))
+                                        void=True, long=self.ctx.long))
         proxy.h2_metrics.streams_cancelled.labels(group.name).inc()
         self.ctx.error_reason = "cancelled-by-app"
 

@@ -42,6 +42,7 @@ from mesh.auction import SecondPriceAuction
 from mesh.concurrency import AdaptiveConcurrencyLimit
 from mesh.reputation import ANONYMOUS, Decision, Phase, ReputationBook
 from sidecar.errors import ErrorReason, HeaderDrop
+from sidecar.long_paths import under_long_path
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from wire.bid import format_price, parse_bid
@@ -368,13 +369,7 @@ class InboundPolicing:
         if settings.long_event_stream and method == "GET" and accept is not None \
                 and "text/event-stream" in accept.lower():
             return True
-        if not settings.long_paths:
-            return False
-        path = target.split("?", 1)[0]
-        if "/." in path:  # /./ or /../ (or a dot file): not a path to trust a prefix of
-            return False
-        return any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
-                   for prefix in settings.long_paths)
+        return under_long_path(target, settings.long_paths)
 
     async def admit(self, verdict: Verdict, policed: Pass, now: float, *,
                     long: bool = False) -> Admit | Refusal:

@@ -44,6 +44,11 @@ was sent (a hung pod holds what it was sent), is given up there after the policy
 sent to another endpoint as a retry, its withdrawal from the retry budget made before it is
 given up; the given-up attempt is observed as censored.
 
+Long polls: a request on one of its upstream's declared ``long_paths`` (:mod:`sidecar.long_paths`)
+is started and ended as such with the policy (``on_start(..., long=True)``, ``Outcome.long``):
+its answer's time teaches nothing of the endpoint (docs/routing.md, "Long polls"), its
+failures count as any other's; it is never hedged.
+
 An app that hangs up while its answer's body is being relayed is the app's doing: it is
 counted as ``app-hung-up`` (not ``body-relay-failed``), the endpoint is not charged, and the
 rest of the body is drained (bounded) so that the upstream connection stays in the pool.
@@ -87,6 +92,7 @@ from sidecar.forward import (
 )
 from sidecar.http1.client import H1Transport
 from sidecar.http1.client_connection import RequestBodyFailed
+from sidecar.long_paths import under_long_path
 from sidecar.metrics import OutboundMetrics
 from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
 from sidecar.rescue import Held, RescueBoard
@@ -309,8 +315,12 @@ class OutboundProxy:
         hedge: bool = False,
         source_address: str | None = None,
         rescue: bool = False,
+        long_paths: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
+        # an upstream's declared long requests, by its name (sidecar.long_paths): their
+        # answers' time teaches the policy nothing (module docstring, "Long polls")
+        self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
         self.hedge = hedge  # hedged exploration (module docstring, "Hedging")
         # requests held by an endpoint ejected meanwhile go elsewhere (module docstring,
         # "Rescue"); RescueBoard.sweep runs after each policy tick (sidecar.runner)
@@ -431,8 +441,9 @@ class OutboundProxy:
         assert group is not None
         has_body = exchange.body_exists
         retryable = may_retry(ctx.method, has_body)
+        ctx.long = under_long_path(ctx.target, self.long_paths(group.name))
         hedger = group.policy if self.hedge and may_hedge(ctx.method, has_body) \
-            and isinstance(group.policy, Hedger) else None
+            and not ctx.long and isinstance(group.policy, Hedger) else None
         group.budget.deposit(self.clock())
         failure: AttemptFailure | None = None
         # request_timeout bounds each stall: the upload, the wait for the answer after the
@@ -468,7 +479,7 @@ class OutboundProxy:
                 headers = CIMultiDict(base_headers)
                 self.phases.upstream_request_filter(ctx, headers)
                 sent = self.clock()
-                group.policy.on_start(endpoint, sent)
+                group.policy.on_start(endpoint, sent, ctx.long)
                 watchdog.push()
                 plan = hedger.hedge_plan(endpoint) if hedger is not None else None
                 if plan is not None and plan.backup not in ctx.tried:
@@ -706,8 +717,8 @@ class OutboundProxy:
         another endpoint; the failure returned stands if none can take it."""
         assert ctx.group is not None
         done = self.clock()
-        ctx.group.policy.on_outcome(
-            Outcome(endpoint, done - sent, True, done, answered=False, censored=True))
+        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, True, done, answered=False,
+                                            censored=True, long=ctx.long))
         # counted here, not by the sweep: the watchdog, the app hanging up or a drain may
         # have cancelled the task in the same loop pass, and theirs stands (Held.took_back)
         self.metrics.rescues.labels(ctx.group.name).inc()
@@ -723,7 +734,7 @@ class OutboundProxy:
         """An attempt cut off by something else than a failure still counts as one."""
         assert ctx.group is not None
         done = self.clock()
-        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
+        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, False, done, long=ctx.long))
 
     def _app_left(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """The app's side of the attempt broke (its upload ended short, broke off or stalled,
@@ -732,8 +743,8 @@ class OutboundProxy:
         resets)."""
         assert ctx.group is not None
         done = self.clock()
-        ctx.group.policy.on_outcome(
-            Outcome(endpoint, done - sent, True, done, answered=False, void=True))
+        ctx.group.policy.on_outcome(Outcome(endpoint, done - sent, True, done, answered=False,
+                                            void=True, long=ctx.long))
         ctx.error_reason = ErrorReason.APP_HUNG_UP
         log.debug("%s %s: the app's request broke off mid-body", ctx.upstream, endpoint)
 
@@ -743,7 +754,7 @@ class OutboundProxy:
         assert group is not None
         failure = classify(exc)
         done = self.clock()
-        group.policy.on_outcome(Outcome(endpoint, done - sent, False, done))
+        group.policy.on_outcome(Outcome(endpoint, done - sent, False, done, long=ctx.long))
         self.metrics.forwarded(group.name, endpoint, failure.reason, None)
         log.debug("%s %s: attempt %d: %s", group.name, endpoint, attempt + 1, failure.detail)
         _attempts(ctx).append(f"{endpoint}: {failure.detail}")
@@ -768,7 +779,7 @@ class OutboundProxy:
                 log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
         group.policy.on_outcome(
             Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True,
-                    shed=shed))
+                    shed=shed, long=ctx.long))
         self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
 
     def _answer_head(

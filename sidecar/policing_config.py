@@ -61,6 +61,7 @@ from sidecar.inbound_site import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_SOURCE,
 )
+from sidecar.long_paths import is_path, parse_long_paths
 from sidecar.upload import DEFAULT_UPLOAD_BUFFER, DEFAULT_UPLOAD_MEMORY, DEFAULT_UPLOAD_TIMEOUT
 from sidecar.websocket import DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PER_CALLER
 from wire.bid import MAX_BID
@@ -124,15 +125,6 @@ def parse_app_url(value: Any) -> str:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     default_port = 443 if parts.scheme == "https" else 80
     return f"{parts.scheme}://{host}:{port if port is not None else default_port}"
-
-
-MAX_LONG_PATHS = 64
-
-
-def _is_path(value: Any) -> bool:
-    """An absolute request path of printable ASCII, at most 256 characters."""
-    return (isinstance(value, str) and value.startswith("/") and len(value) <= 256
-            and value.isascii() and not any(c.isspace() for c in value))
 
 
 def _number(value: Any, what: str, *, integer: bool = False, low: float = 0.0) -> float:
@@ -207,20 +199,16 @@ def parse_policing(raw: Any) -> PolicingSettings:
     if default_bid > MAX_BID:
         raise ValueError(f"policing.default_bid: must be at most {MAX_BID:g}")
     check = get("app_check_path")
-    if check is not None and not _is_path(check):
+    if check is not None and not is_path(check):
         raise ValueError("policing.app_check_path: expected a path such as /healthz")
-    long_paths = get("long_paths", [])
-    if not isinstance(long_paths, list) or len(long_paths) > MAX_LONG_PATHS or not all(
-            _is_path(p) for p in long_paths):
-        raise ValueError(f"policing.long_paths: expected a list of at most {MAX_LONG_PATHS} "
-                         "path prefixes such as /watch or /pkg.Service/Watch")
+    long_paths = parse_long_paths(get("long_paths", []), "policing.long_paths")
     event_stream = get("long_event_stream", False)
     if not isinstance(event_stream, bool):
         raise ValueError("policing.long_event_stream: expected true or false")
     settings = PolicingSettings(
         mode=mode,
         app_check_path=check,
-        long_paths=tuple(long_paths),
+        long_paths=long_paths,
         long_event_stream=event_stream,
         capacity=capacity,
         max_wait=_number(get("max_wait", 2.0), "policing.max_wait", low=0.001),

@@ -198,6 +198,7 @@ class SidecarRunner:
             hedge=config.hedge,
             source_address=config.source_address,
             rescue=config.rescue,
+            long_paths=lambda name: self.config.long_paths.get(name, ()),
         )
         if config.rescue:
             log.info("rescue on: bodiless idempotent requests an ejected endpoint holds are sent "
@@ -219,6 +220,7 @@ class SidecarRunner:
             rng=self.proxy.rng,
             clock=clock,
             source_address=config.source_address,
+            long_paths=self.proxy.long_paths,
         )
         limits = config.listener
         h2_limits = H2Limits(max_streams=limits.max_streams, idle_timeout=limits.idle_timeout)
@@ -611,7 +613,7 @@ class SidecarRunner:
         # Only the upstreams change live; every other setting (listeners, policy, inbound,
         # redis, the drain timeout the listeners were built with, ...) is kept as started.
         self.config = dataclasses.replace(self.config, upstreams=new.upstreams,
-                                          sources=new.sources)
+                                          long_paths=new.long_paths, sources=new.sources)
         self.metrics.config_reloads.labels("applied").inc()
         log.info(
             "config reloaded: upstreams %s (added %s, removed %s; endpoints changed: %s)",
@@ -635,7 +637,7 @@ def _endpoint_change(before: Sequence[str], after: Sequence[str]) -> str:
     return " ".join([*(f"+{e}" for e in new), *(f"-{e}" for e in gone)]) or "reordered"
 
 
-LIVE_SETTINGS = frozenset({"upstreams", "sources", "config_file"})
+LIVE_SETTINGS = frozenset({"upstreams", "long_paths", "sources", "config_file"})
 """What a reload applies (``sources`` and ``config_file`` describe where settings came
 from); any other setting that changed is named in a warning and waits for a restart."""
 

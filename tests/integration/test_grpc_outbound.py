@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import h2.config
@@ -278,6 +279,37 @@ def test_deadline_exceeded(mesh: Mesh) -> None:
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 2.0
         assert slow(b"0.01", timeout=5) == b"slept"  # the channel is fine afterwards
+
+
+def test_a_declared_long_method_is_not_learned_of_its_pod(mesh: Mesh, tmp_path: Path) -> None:
+    """An upstream's ``long_paths`` on the HTTP/2 path: a 1.5-s call of a method declared
+    long, among quick ones, leaves the latency estimate of the pod that answered it as
+    quick as the others' also once the 5 s a first long answer is held have passed
+    (undeclared, it is then learned: docs/routing.md, "Long polls")."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("upstreams:\n  lp:\n"
+                      f"    endpoints: [{', '.join(p.url for p in mesh.pods)}]\n"
+                      f"    long_paths: [/{SERVICE}/Slow]\n")
+    sidecar = start_sidecar(config_file=config, sidecar_id="sc-grpc-long")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}",
+                                        options=[("grpc.default_authority", "lp")])
+        with channel:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+            slow = channel.unary_unary(f"/{SERVICE}/Slow").future(b"1.5", timeout=10)
+            deadline, ended = time.monotonic() + 20.0, False
+            while time.monotonic() < deadline:  # bounded: at most 20 calls a second, 20 s
+                unary(b"x", timeout=5)
+                time.sleep(0.05)
+                if not ended and slow.done():  # until just past the 5 s it would be held
+                    deadline, ended = min(deadline, time.monotonic() + 5.7), True
+            assert slow.result() == b"slept"
+        views = sidecar.state()["upstreams"]["lp"]["endpoints"]
+        # (undeclared, learned: the pod that answered it at 0.10 s, the others at 1 ms)
+        assert max(v["latency_estimate"] for v in views) < 0.05, views
+        assert min(v["weight"] for v in views) > 0.2, views
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
 
 
 def test_a_call_past_its_deadline_is_the_endpoints_whichever_timer_fires_first(

@@ -201,3 +201,96 @@ def test_a_long_answer_the_others_matched_is_forgotten() -> None:
     p.tick(5.2)
     assert not a.held_long and a.latency.value == before
     assert b.latency.value == before
+
+
+# -- declared long requests (an upstream's long_paths: Outcome.long) -----------------------
+
+def watch_shares(declared: bool, seconds: float = 100.0, rps: float = 50.0,
+                 watch: float = 30.0) -> list[dict[str, float]]:
+    """A caller with one long poll of ``watch`` s always open (sent again when answered)
+    beside ``rps`` quick requests: each pod's share of the quick ones per 10-s window."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(PODS, 0.0)
+    rng = random.Random(3)
+    tick = get_profile("balanced").tick_interval
+    next_tick, now = tick, 0.0
+    pending: list[tuple[float, int, str, float, bool]] = []
+    counts: dict[int, dict[str, int]] = {}
+    i, poll_due = 0, 0.5
+    while now < seconds:
+        while pending and pending[0][0] <= now:
+            at, _, pod, sent, is_poll = heapq.heappop(pending)
+            p.on_outcome(Outcome(pod, at - sent, True, at, sent_at=sent,
+                                 long=is_poll and declared))
+            if is_poll:
+                poll_due = at
+        while now >= next_tick:
+            p.tick(next_tick)
+            next_tick += tick
+        if now >= poll_due:
+            pod = p.pick(rng, now)
+            assert pod is not None
+            p.on_start(pod, now, long=declared)
+            i += 1
+            heapq.heappush(pending, (now + watch, i, pod, now, True))
+            poll_due = math.inf
+        pod = p.pick(rng, now)
+        assert pod is not None
+        p.on_start(pod, now)
+        i += 1
+        heapq.heappush(pending, (now + quick(rng), i, pod, now, False))
+        counts.setdefault(int(now // 10), dict.fromkeys(PODS, 0))[pod] += 1
+        now += 1.0 / rps
+    return [{pod: c[pod] / sum(c.values()) for pod in PODS} for _, c in sorted(counts.items())]
+
+
+def test_one_declared_long_poll_per_caller_moves_no_traffic() -> None:
+    """One long poll a caller keeps open is too rare to be matched (under 2 % of answers):
+    undeclared, the pod that answered it is learned as taking seconds and kept at its floor
+    for about a minute after each (the first assertion: the case the declaration is for);
+    declared, every pod keeps its third."""
+    undeclared = watch_shares(False)
+    assert min(w[pod] for w in undeclared[4:] for pod in PODS) < 0.05, undeclared
+    declared = watch_shares(True)
+    assert all(0.28 <= w[pod] <= 0.39 for w in declared for pod in PODS), declared
+
+
+def test_declared_long_requests_held_are_no_stall() -> None:
+    """Three long polls held at a pod that answers nothing else would be a hang (three
+    requests unanswered): declared, the pod is neither turned away from nor ejected."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(PODS, 0.0)
+    for _ in range(3):
+        p.on_start(PODS[0], 0.0, long=True)
+    for t in range(1, 41):
+        p.tick(t * 0.5)
+    stats = p.stats[PODS[0]]
+    assert not stats.stalling(20.0) and not stats.hung(20.0, 0.003)
+    assert stats.ejected_until < 20.0 and stats.in_flight == 0 and stats.long_in_flight == 3
+    view = {v.endpoint: v for v in p.snapshot().endpoints}
+    assert view[PODS[0]].usable and view[PODS[0]].weight > 0.2
+
+
+def test_a_declared_long_answer_teaches_nothing_and_a_failure_counts() -> None:
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(PODS, 0.0)
+    stats = p.stats[PODS[0]]
+    for k in range(20):
+        p.on_start(PODS[0], k * 0.1)
+        p.on_outcome(Outcome(PODS[0], 0.003, True, k * 0.1 + 0.003))
+    known, answers = stats.latency.value, stats.answer_latency(2.0)
+    p.on_start(PODS[0], 2.0, long=True)
+    p.on_outcome(Outcome(PODS[0], 30.0, True, 32.0, sent_at=2.0, answered=True, long=True))
+    assert stats.latency.value == known and stats.answer_latency(2.0) == answers
+    assert stats.long_count == 0.0 and stats.long_in_flight == 0
+    assert stats.requests == 21 and stats.failures == 0
+    # a declared long request that fails is a failure, charged the penalty, not its length
+    p.on_start(PODS[0], 40.0, long=True)
+    p.on_outcome(Outcome(PODS[0], 25.0, False, 65.0, sent_at=40.0, long=True))
+    assert stats.failures == 1 and stats.consecutive_failures == 1
+    assert stats.latency.value is not None and known is not None
+    assert known < stats.latency.value <= stats.failure_penalty
+    assert stats.in_flight == 0 and stats.long_in_flight == 0
+    # the epoch's summary counts the failure, with no latency
+    window = p.take_epoch()[PODS[0]]
+    assert (window.failures, window.answered) == (1, 20)

@@ -266,6 +266,36 @@ def test_a_bad_mesh_declaration_is_a_config_error(tmp_path: Path, spec: dict[str
         ConfigSource.from_sources({"config": str(path)}, env={}).load()
 
 
+def test_an_upstream_may_declare_its_long_requests(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("upstreams:\n"
+                    "  config:\n"
+                    "    endpoints: [http://10.0.2.1:8080]\n"
+                    "    long_paths: [/v1/watch, /pkg.Config/Watch]\n"
+                    "  users: [http://10.0.0.1:8080]\n")
+    config = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    assert config.long_paths == {"config": ("/v1/watch", "/pkg.Config/Watch")}
+    assert config.upstreams["config"] == ("http://10.0.2.1:8080",)
+    # upstreams from a higher layer come with their own (empty) declarations
+    flags = ConfigSource.from_sources({"config": str(path), "upstreams": ["config=http://x:1"]},
+                                      env={}).load()
+    assert flags.long_paths == {}
+
+
+@pytest.mark.parametrize(("paths", "message"), [
+    ("watch", "long_paths: expected a list"),
+    ("[watch]", "long_paths: expected a list"),
+    ("[/a b]", "long_paths: expected a list"),
+    ("[" + ", ".join(f"/p{i}" for i in range(65)) + "]", "at most 64"),
+])
+def test_bad_long_paths_are_config_errors(tmp_path: Path, paths: str, message: str) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(f"upstreams:\n  config:\n    endpoints: [http://10.0.2.1:8080]\n"
+                    f"    long_paths: {paths}\n")
+    with pytest.raises(ConfigError, match=f"upstream 'config': .*{message}"):
+        ConfigSource.from_sources({"config": str(path)}, env={}).load()
+
+
 def test_listeners_on_other_hosts_may_share_a_port() -> None:
     config = ConfigSource.from_sources(
         {"outbound": "127.0.0.1:15401", "admin": "127.0.0.2:15401"}, env={}).load()

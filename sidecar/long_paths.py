@@ -1,0 +1,47 @@
+"""Declared long requests: the path prefixes an operator names as long polls and watches.
+
+A long poll's answer comes when something happens or its wait runs out, seconds later: that
+time is the request's, not the server's. Both listeners can be told which requests are such:
+the inbound side keeps them out of the app's concurrency limit (``policing.long_paths``,
+docs/policing.md, "Congestion"), the outbound side keeps their length out of what it learns
+of the upstream's endpoints (an upstream's ``long_paths``, docs/routing.md, "Long polls").
+Both match the same way, here: a request's path (its query left out) is one of the prefixes
+or below one by whole segments (``/watch`` covers ``/watch/pods``, not ``/watchdog``), and a
+path with ``.`` or ``..`` segments (or a dot file) never matches, for an app may resolve it
+to somewhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_LONG_PATHS = 64
+"""Prefixes one declaration may list."""
+
+
+def is_path(value: Any) -> bool:
+    """An absolute request path of printable ASCII, at most 256 characters."""
+    return (isinstance(value, str) and value.startswith("/") and len(value) <= 256
+            and value.isascii() and not any(c.isspace() for c in value))
+
+
+def parse_long_paths(value: Any, what: str) -> tuple[str, ...]:
+    """A list of at most :data:`MAX_LONG_PATHS` paths (:func:`is_path`); ValueError naming
+    ``what`` otherwise."""
+    if not isinstance(value, list) or len(value) > MAX_LONG_PATHS or not all(
+            is_path(p) for p in value):
+        raise ValueError(f"{what}: expected a list of at most {MAX_LONG_PATHS} path prefixes "
+                         "such as /watch or /pkg.Service/Watch")
+    return tuple(value)
+
+
+def under_long_path(target: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a request target's path is one of ``prefixes`` or below one (module
+    docstring)."""
+    if not prefixes:
+        return False
+    path = target.split("?", 1)[0]
+    if "/." in path:  # /./ or /../ (or a dot file): not a path to trust a prefix of
+        return False
+    return any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
+               for prefix in prefixes)
