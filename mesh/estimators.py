@@ -470,13 +470,15 @@ class EndpointStats:
         self.restart_stall()
 
     def finish_declared(self, ok: bool, now: float, void: bool = False,
-                        sent_at: float | None = None, shed: bool = False) -> None:
+                        sent_at: float = math.nan, shed: bool = False) -> None:
         """The end of a declared long request (:class:`mesh.policy.Outcome` ``long``: a
         long poll or watch its upstream's ``long_paths`` name). An answer, however long,
         teaches nothing of the endpoint's speed, nor is it the yardstick of a stall (that of
         the quick requests stays theirs) or a re-admission; it only shows the endpoint
         answers (``consecutive_failures`` back to 0). A failure is one as any other, charged
-        the failure penalty, not the time the request was held (:meth:`finish`)."""
+        the failure penalty, not the time the request was held (:meth:`finish`; one sent,
+        at ``sent_at``, before the endpoint's last ejection began is what that ejection was
+        for, as there)."""
         self.long_in_flight = max(0, self.long_in_flight - 1)
         if void:
             return
@@ -485,8 +487,7 @@ class EndpointStats:
             self.consecutive_failures = 0
             return
         self.in_flight += 1  # finish() takes one out: the failure is charged as any other
-        self.finish(0.0, False, now, sent_at=now if sent_at is None else sent_at,
-                    answered=False, shed=shed)
+        self.finish(0.0, False, now, sent_at=sent_at, answered=False, shed=shed)
 
     def hold_long(self, latency: float, now: float) -> None:
         """A long answer (:meth:`long_answer`) the other endpoints have not matched yet, in the

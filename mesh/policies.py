@@ -133,8 +133,9 @@ class _MeasuredPolicy(ABC):
         if stats is None:
             return
         if outcome.long:
+            sent = outcome.now - outcome.latency if outcome.sent_at is None else outcome.sent_at
             stats.finish_declared(outcome.ok, outcome.now, outcome.void or outcome.censored,
-                                  outcome.sent_at, outcome.shed)
+                                  sent, outcome.shed)
             return
         stats.finish(outcome.latency, outcome.ok, outcome.now, outcome.congestion,
                      outcome.censored, outcome.void, outcome.sent_at, outcome.got_answer,

@@ -294,3 +294,9 @@ def test_a_declared_long_answer_teaches_nothing_and_a_failure_counts() -> None:
     # the epoch's summary counts the failure, with no latency
     window = p.take_epoch()[PODS[0]]
     assert (window.failures, window.answered) == (1, 20)
+    # one sent before the endpoint's last ejection began, failing after it, is what the
+    # ejection was for (as any request): not a failure in a row again
+    stats.fresh_from, stats.consecutive_failures = 70.0, 0
+    p.on_start(PODS[0], 66.0, long=True)
+    p.on_outcome(Outcome(PODS[0], 14.0, False, 80.0, long=True))  # sent at 80 - 14 = 66
+    assert stats.failures == 2 and stats.consecutive_failures == 0
