@@ -228,6 +228,7 @@ class _MeasuredPolicy(ABC):
                 overruled=e in self.overruled,
                 usable=self._usable_mask[i] if i < len(self._usable_mask) else True,
                 stalled=self.stats[e].stall_counted,
+                long_in_flight=self.stats[e].long_in_flight,
             )
             for i, e in enumerate(self.endpoints)
         ]

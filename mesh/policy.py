@@ -93,6 +93,7 @@ class EndpointView:
     overruled: bool = False  # a recommendation's share held back by own evidence
     usable: bool = True  # not ejected nor draining (as of the last tick)
     stalled: float = 0.0  # seconds its unanswered requests waited, counted at the last tick
+    long_in_flight: int = 0  # declared long requests waiting there (apart from in_flight)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int,
                                          "overruled": bool, "usable": bool,
-                                         "stalled": float}]}},
+                                         "stalled": float, "long_in_flight": int}]}},
      "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
          "in_flight": int, "congestion": float, "congested": bool,
@@ -125,6 +125,7 @@ def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str
                 "overruled": bool(view.overruled),
                 "usable": bool(view.usable),
                 "stalled": _num(view.stalled),
+                "long_in_flight": int(view.long_in_flight),
             }
             for view in snapshot.endpoints
         ],

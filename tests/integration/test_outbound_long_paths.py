@@ -34,10 +34,12 @@ def _watch_route(name: str) -> web.RouteDef:
     return web.get("/watch/pods", watch)
 
 
-async def _drive(sidecar: SidecarProcess) -> tuple[str, dict[str, float], dict[str, float]]:
+async def _drive(sidecar: SidecarProcess
+                 ) -> tuple[str, dict[str, float], dict[str, float], int]:
     """One long poll and quick requests around it, until ``AFTER`` s after its answer (at
-    most 20 s); the pod that answered the poll, and each endpoint's latency estimate and
-    weight then."""
+    most 20 s); the pod that answered the poll, each endpoint's latency estimate and
+    weight then, and the declared long requests ``/debug/state`` showed waiting 1.5 s into
+    the poll."""
     url = sidecar.outbound_url
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(headers={"Host": "svc"}) as client:
@@ -52,15 +54,19 @@ async def _drive(sidecar: SidecarProcess) -> tuple[str, dict[str, float], dict[s
                 await resp.read()
 
         polled = asyncio.create_task(poll())
-        stop = loop.time() + 20.0
+        start = loop.time()
+        stop, waiting = start + 20.0, None
         while loop.time() < stop:
             await asyncio.gather(quick(), asyncio.sleep(1.0 / QUICK_RATE))
+            if waiting is None and loop.time() > start + 1.5:  # a tick since it was sent
+                views = (await asyncio.to_thread(sidecar.state))["upstreams"]["svc"]
+                waiting = sum(v["long_in_flight"] for v in views["endpoints"])
             if polled.done():
                 stop = min(stop, polled.result()[1] + AFTER)
         pod, _ = await polled
     views = sidecar.state()["upstreams"]["svc"]["endpoints"]
     return (pod, {v["endpoint"]: v["latency_estimate"] for v in views},
-            {v["endpoint"]: v["weight"] for v in views})
+            {v["endpoint"]: v["weight"] for v in views}, waiting or 0)
 
 
 async def test_a_declared_long_poll_is_not_learned_of_its_pod(tmp_path: Path) -> None:
@@ -76,7 +82,7 @@ async def test_a_declared_long_poll_is_not_learned_of_its_pod(tmp_path: Path) ->
         plain.write_text(f"upstreams:\n  svc: [{urls}]\n")
         for path, name in ((declared, "declared"), (plain, "plain")):
             sidecars.append(await async_start_sidecar(config_file=path, sidecar_id=name))
-        (_, est_d, w_d), (pod_p, est_p, w_p) = await asyncio.gather(
+        (_, est_d, w_d, waiting_d), (pod_p, est_p, w_p, waiting_p) = await asyncio.gather(
             _drive(sidecars[0]), _drive(sidecars[1]))
     finally:
         for sidecar in sidecars:
@@ -88,6 +94,8 @@ async def test_a_declared_long_poll_is_not_learned_of_its_pod(tmp_path: Path) ->
     # and its pod is losing its weight to the others
     assert est_p[polled] > 0.06, (est_p, w_p)
     assert w_p[polled] < min(w for e, w in w_p.items() if e != polled), (est_p, w_p)
-    # declared: every pod as quick as before, none has lost its share
+    # declared: shown waiting apart from the in-flight requests; every pod as quick as
+    # before, none has lost its share
+    assert (waiting_d, waiting_p) == (1, 0)
     assert max(est_d.values()) < 0.05, est_d
     assert min(w_d.values()) > 0.2, w_d

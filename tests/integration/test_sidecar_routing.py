@@ -100,7 +100,7 @@ async def test_absolute_form_http_proxy_setting_and_debug_state() -> None:
             for ep in upstream["endpoints"]:
                 assert set(ep) == {"endpoint", "weight", "latency_estimate", "regret",
                                    "in_flight", "requests", "failures", "overruled", "usable",
-                                   "stalled"}
+                                   "stalled", "long_in_flight"}
                 assert ep["usable"] is True and ep["overruled"] is False and ep["stalled"] == 0
             assert abs(sum(e["weight"] for e in upstream["endpoints"]) - 1.0) < 1e-6
         finally:
