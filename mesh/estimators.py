@@ -210,6 +210,10 @@ class EndpointStats:
     # declared long requests in flight here (start(long=True)): counted apart from in_flight,
     # for they take none of the pod's capacity and are no stall (finish_declared)
     long_in_flight: int = 0
+    # when the declared long request sent here as its probation request after an ejection
+    # was sent, while it is out (-inf: none): no other probation request goes meanwhile
+    # (RegretMatchingPolicy._probation_due), though no stall counts it
+    long_probation_sent: float = -math.inf
     # Accumulators for the current tick (consumed by regret matching, then reset).
     tick_count: int = 0
     tick_cost_sum: float = 0.0
@@ -480,6 +484,8 @@ class EndpointStats:
         at ``sent_at``, before the endpoint's last ejection began is what that ejection was
         for, as there)."""
         self.long_in_flight = max(0, self.long_in_flight - 1)
+        if abs(sent_at - self.long_probation_sent) < 1e-6:  # the probation request ended:
+            self.long_probation_sent = -math.inf  # the next may go
         if void:
             return
         if ok:
@@ -522,7 +528,9 @@ class EndpointStats:
         (an outcome within :data:`OWN_QUIET`), they stay the latency estimate and the answer
         adds only the callee's load; otherwise the answer's window mean (already an average
         over the responder's window) becomes the estimate, and its congestion level too."""
-        self.probe, self.probed_at, self.own_at_probe = report, now, self.in_flight
+        # (the callee counts every request at its app, this caller's declared long ones too)
+        self.probe, self.probed_at = report, now
+        self.own_at_probe = self.in_flight + self.long_in_flight
         if now - self.last_outcome_at < OWN_QUIET:
             return
         if report.has_latency:

@@ -332,13 +332,17 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # an endpoint whose ejection ended, to be sent the next request (see tick())
         self._probation: str | None = None
         self._covered: list[bool] = []  # which endpoints probes covered at the last tick
+        self._probation_sent: str | None = None  # the last pick's probation endpoint
 
     def on_start(self, endpoint: str, now: float, long: bool = False) -> None:
         stats = self.stats.get(endpoint)
         if stats is None:
             return
         stats.start(now, long)
+        probation, self._probation_sent = self._probation_sent, None
         if long:
+            if probation == endpoint:  # the probation request is a declared one: while it
+                stats.long_probation_sent = now  # is out, no other (_probation_due)
             return  # nothing the pacer's cost counts changed
         pacer = self._pacer
         if isinstance(pacer, SampledPacer) and (i := self._index.get(endpoint)) is not None:
@@ -366,9 +370,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 del self.stats[outcome.endpoint]
             return
         failing = stats is not None and stats.consecutive_failures > 0
-        if outcome.long and stats is not None and not (outcome.ok or outcome.void
-                                                       or outcome.censored):
-            self._epoch.observe(outcome.endpoint, 0.0, False, False)  # a failure, no latency
+        if outcome.long and stats is not None and not (outcome.void or outcome.censored):
+            # a request, no latency: its failures count in the summary's share, and so must
+            # the answers (the signaler charges the penalty by failures / requests)
+            self._epoch.observe(outcome.endpoint, 0.0, outcome.ok, False)
         elif stats is not None and not outcome.void and not outcome.long:
             self._epoch.observe(outcome.endpoint, outcome.latency, outcome.ok, heard)
             if outcome.ok and heard:
@@ -511,11 +516,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         next request goes there, one per tick at most, as Linkerd's failure accrual sends one
         request when its backoff ends. Otherwise only the exploration floor would find out
         whether it healed: at a low rate, seconds of waiting for a floor request (0.5 % of
-        60 req/s is one every 3 s), during which the healed pod served nobody."""
+        60 req/s is one every 3 s), during which the healed pod served nobody. A declared
+        long request sent as the probation request re-admits nothing when it is answered
+        (its answer says nothing of the pod's speed); while it is out no other goes, and
+        once it ended the next request goes (a review's finding: named again at every tick,
+        the pod took every declared request of an upstream of watches, for good)."""
         for e in self.endpoints:
             s = self.stats[e]
             if s.readmitting and now >= s.ejected_until and s.sent_since_outcome == 0 \
-                    and not s.probe_covered(now) and not s.draining(now):
+                    and s.long_probation_sent == -math.inf and not s.probe_covered(now) \
+                    and not s.draining(now):
                 return e
         return None
 
@@ -585,6 +595,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if probation is not None:
             self._probation = None
             if probation not in exclude and self.stats[probation].ejected_until <= now:
+                self._probation_sent = probation  # (on_start: a declared one?)
                 return probation
         if not exclude and cumulative and cumulative[-1] > 0:
             i = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]),
@@ -714,6 +725,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                                          else STALL_EJECTION)
                 s.stall_ejections += not failing
                 s.fresh_from, s.readmitting = now, True
+                s.long_probation_sent = -math.inf
                 # what it still holds is what the ejection was for: only what is sent after
                 # it can stall, and the probation request goes while nothing new is out
                 s.restart_stall()

@@ -38,6 +38,8 @@ Config file shape (YAML or JSON, every key optional)::
         endpoints: [http://10.0.2.1:8080, http://10.0.2.2:8080]
         long_paths: [/v1/watch] # long polls: their answers' time is not learned of the pods
                                 #   (sidecar.long_paths; docs/routing.md, "Long polls")
+      users.default.8080:       # without endpoints: a declaration for a discovered upstream
+        long_paths: [/watch]
     inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
     app: http://127.0.0.1:8080  #   sidecar.policing_config for these and ``policing:``)
     mesh_secret_file: /etc/equilibrium/mesh.key
@@ -364,6 +366,8 @@ def parse_upstreams_mapping(value: Any) -> dict[str, tuple[str, ...]]:
             if unknown:
                 raise ConfigError(f"upstream {name!r}: unknown key(s) {sorted(unknown)}; "
                                   "known: endpoints, mesh, long_paths")
+            if "endpoints" not in endpoints and "long_paths" in endpoints:
+                continue  # a declaration for an upstream discovery finds: no group of its own
             endpoints = endpoints.get("endpoints")
         out[name] = parse_endpoints(name, endpoints)
     return out

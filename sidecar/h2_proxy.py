@@ -388,7 +388,8 @@ class _Call:
             # it answers (a stream's outcome comes at its end): what is sent there from now
             # on may stall, not what it already answered
             assert ctx.group is not None and ctx.endpoint is not None
-            ctx.group.policy.on_answer(ctx.endpoint, proxy.clock())
+            if not ctx.long:  # (a declared long call's answer is no stall's end, as on 1.1)
+                ctx.group.policy.on_answer(ctx.endpoint, proxy.clock())
             head = self.response_filter(head)
             ctx.status = http_status = _http_status(head)
             trailers_only = upstream.head_ended
@@ -560,9 +561,12 @@ class _Call:
         assert group is not None and endpoint is not None
         now = proxy.clock()
         latency = (first if first is not None else now) - sent
-        group.policy.on_outcome(Outcome(endpoint, latency, ok, now, congestion,
+        # a declared long call (a watch) that ran to its deadline ended as such calls do:
+        # nothing learned, no failure (a review's finding: five ejected a healthy pod)
+        void = self.ctx.long and status == grpc.DEADLINE_EXCEEDED
+        group.policy.on_outcome(Outcome(endpoint, latency, ok or void, now, congestion,
                                         answered=answered, sent_at=sent, shed=shed,
-                                        long=self.ctx.long))
+                                        void=void, long=self.ctx.long))
         proxy.metrics.forwarded(group.name, endpoint, code, latency if answered else None)
         if status is not None:
             proxy.h2_metrics.grpc_calls.labels(group.name, endpoint, str(status)).inc()

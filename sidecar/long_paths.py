@@ -7,8 +7,8 @@ docs/policing.md, "Congestion"), the outbound side keeps their length out of wha
 of the upstream's endpoints (an upstream's ``long_paths``, docs/routing.md, "Long polls").
 Both match the same way, here: a request's path (its query left out) is one of the prefixes
 or below one by whole segments (``/watch`` covers ``/watch/pods``, not ``/watchdog``), and a
-path with ``.`` or ``..`` segments (or a dot file) never matches, for an app may resolve it
-to somewhere else.
+path with ``.`` or ``..`` segments (or a dot file), also percent-encoded (``%2e``), never
+matches, for an app may resolve it to somewhere else.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def under_long_path(target: str, prefixes: tuple[str, ...]) -> bool:
     if not prefixes:
         return False
     path = target.split("?", 1)[0]
-    if "/." in path:  # /./ or /../ (or a dot file): not a path to trust a prefix of
-        return False
+    if "/." in path or "%2e" in path.lower():  # /./, /../, a dot file, or one encoded:
+        return False  # not a path to trust a prefix of
     return any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
                for prefix in prefixes)

@@ -13,6 +13,7 @@ import pytest
 from mesh.estimators import LONG_HOLD, EndpointStats
 from mesh.policies import RegretMatchingPolicy, make_policy
 from mesh.policy import Outcome
+from mesh.probes import ProbeReport
 from mesh.profiles import get_profile
 
 PODS = ["http://a", "http://b", "http://c"]
@@ -300,3 +301,48 @@ def test_a_declared_long_answer_teaches_nothing_and_a_failure_counts() -> None:
     p.on_start(PODS[0], 66.0, long=True)
     p.on_outcome(Outcome(PODS[0], 14.0, False, 80.0, long=True))  # sent at 80 - 14 = 66
     assert stats.failures == 2 and stats.consecutive_failures == 0
+
+
+def test_a_pod_back_from_an_ejection_does_not_take_every_declared_request() -> None:
+    """A review's finding: a declared request sent as a re-admitted pod's probation request
+    re-admits nothing, so the pod was named for probation again at every tick and took the
+    first request after each, every declared request of an upstream of watches, for good."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    p.set_endpoints(PODS, 0.0)
+    tick = get_profile("balanced").tick_interval
+    rng = random.Random(5)
+    for k in range(5):  # five declared failures in a row at pod a: ejected
+        p.on_start(PODS[0], 0.1 * k, long=True)
+        p.on_outcome(Outcome(PODS[0], 0.01, False, 0.1 * k + 0.01, long=True))
+    pending: list[tuple[float, int, str]] = []
+    sent: dict[str, int] = dict.fromkeys(PODS, 0)
+    now, next_tick, i = 1.0, 1.0, 0
+    while now < 200.0:  # one declared request a second, each answered after 20 s
+        while pending and pending[0][0] <= now:
+            at, _, pod = heapq.heappop(pending)
+            p.on_outcome(Outcome(pod, 20.0, True, at, sent_at=at - 20.0, long=True))
+        while next_tick <= now:
+            p.tick(next_tick)
+            next_tick += tick
+        pod = p.pick(rng, now)
+        assert pod is not None
+        p.on_start(pod, now, long=True)
+        i += 1
+        heapq.heappush(pending, (now + 20.0, i, pod))
+        if now >= 30.0:
+            sent[pod] += 1
+        now += 1.0
+    assert sent[PODS[0]] < 0.5 * sum(sent.values()), sent  # (before: every one of them)
+    assert min(sent.values()) > 0.15 * sum(sent.values()), sent
+
+
+def test_a_probe_counts_the_callers_declared_requests_as_its_own() -> None:
+    """The callee's inbound side counts every request at its app, this caller's declared
+    long polls too: they are not other callers' load (a review's finding)."""
+    stats = EndpointStats.new("http://a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
+    for _ in range(4):
+        stats.start(0.0, long=True)
+    stats.observe_probe(ProbeReport(in_flight=4, mean=0.003, p50=0.003, p90=0.004,
+                                    samples=20, congestion=0.0, limit=100,
+                                    draining=False), 0.5)
+    assert stats.others_in_flight(0.6) == 0

@@ -282,6 +282,20 @@ def test_an_upstream_may_declare_its_long_requests(tmp_path: Path) -> None:
     assert flags.long_paths == {}
 
 
+def test_long_paths_alone_declare_for_an_upstream_found_elsewhere(tmp_path: Path) -> None:
+    """Without endpoints, an entry only declares (for a group discovery names, such as
+    ``users.default.8080``): it makes no upstream of its own, which would win over the
+    discovered one with no endpoint (a review's finding: every call answered 503)."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("upstreams:\n"
+                    "  users.default.8080:\n"
+                    "    long_paths: [/watch]\n"
+                    "  orders: [http://10.0.0.2:8080]\n")
+    config = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    assert set(config.upstreams) == {"orders"}
+    assert config.long_paths == {"users.default.8080": ("/watch",)}
+
+
 @pytest.mark.parametrize(("paths", "message"), [
     ("watch", "long_paths: expected a list"),
     ("[watch]", "long_paths: expected a list"),

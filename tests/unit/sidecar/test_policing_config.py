@@ -137,6 +137,9 @@ def test_declared_long_matches_whole_segments_gets_for_event_streams_and_no_dot_
     assert policing.declared_long("POST", "/pkg.Svc/Watch", None)
     assert not policing.declared_long("GET", "/watchdog/expensive", None)
     assert not policing.declared_long("GET", "/watch/../api/report", None)
+    # percent-encoded dot segments too (a review's finding: yarl and apps decode them)
+    assert not policing.declared_long("GET", "/watch/%2e%2e/api/report", None)
+    assert not policing.declared_long("GET", "/watch/%2E%2E/%2e%2E/admin", None)
     assert not policing.declared_long("GET", "/api/report?x=/watch", None)
     assert policing.declared_long("GET", "/feed", sse)
     assert not policing.declared_long("POST", "/feed", sse)  # a body: not an event stream
