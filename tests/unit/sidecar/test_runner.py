@@ -76,6 +76,21 @@ def test_a_reload_names_every_changed_setting_it_does_not_apply(
                               "on restart")
 
 
+def test_a_reload_applies_the_upstreams_long_paths_to_both_listeners(tmp_path: Path) -> None:
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n")
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    assert runner.proxy.long_paths("orders") == () and runner.h2.long_paths("orders") == ()
+    config_file.write_text(
+        f"upstreams:\n  orders:\n    endpoints: [{EPS[0]}]\n    long_paths: [/watch]\n")
+    assert runner.reload()
+    assert runner.proxy.long_paths("orders") == ("/watch",)
+    assert runner.h2.long_paths("orders") == ("/watch",)
+
+
 def test_a_reload_logs_the_endpoints_it_changed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
