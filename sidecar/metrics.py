@@ -463,6 +463,11 @@ class DiscoveryMetrics:
             "equilibrium_discovery_rejected_objects",
             "API objects skipped because they were malformed", ["resource"], registry=registry,
         )
+        self.rejected_annotations = Counter(
+            "equilibrium_discovery_rejected_annotations",
+            "Services whose equilibrium.io/long-paths annotation was ignored as malformed "
+            "(their routes stand)", registry=registry,
+        )
         self.applied = Counter(
             "equilibrium_discovery_updates", "Routing table updates applied from discovery",
             registry=registry,

@@ -198,7 +198,7 @@ class SidecarRunner:
             hedge=config.hedge,
             source_address=config.source_address,
             rescue=config.rescue,
-            long_paths=lambda name: self.config.long_paths.get(name, ()),
+            long_paths=self._long_paths,
         )
         if config.rescue:
             log.info("rescue on: bodiless idempotent requests an ejected endpoint holds are sent "
@@ -319,6 +319,14 @@ class SidecarRunner:
             await serve(exchange)
         finally:
             self._in_flight_tasks.discard(task)
+
+    def _long_paths(self, upstream: str) -> tuple[str, ...]:
+        """An upstream's declared long requests (sidecar.long_paths): the config file's for
+        it, else, for a discovered one, its Service's ``equilibrium.io/long-paths``."""
+        declared = self.config.long_paths.get(upstream)
+        if declared is None and self.discovery is not None:
+            return self.discovery.long_paths(upstream)
+        return declared or ()
 
     def _build_discovery(self) -> Discovery | None:
         settings = self.config.discovery

@@ -6,8 +6,9 @@ and skips) and ``build_routes``, which turns the current objects into ``Routes``
 group per Service port (``NAME.NAMESPACE.PORT``) with its ready endpoints as URLs, the Host
 aliases of each Service's primary port (``svc`` in the sidecar's own namespace, ``svc.ns``,
 ``svc.ns.svc``, ``svc.ns.svc.cluster.local`` and the cluster IP), the cluster IP:port -> group
-map that transparent interception routes by, and each port's protocol (``port_protocol``:
-HTTP, opaque TCP, or unknown = sniffed). No I/O: nothing here talks to the API server or
+map that transparent interception routes by, each port's protocol (``port_protocol``:
+HTTP, opaque TCP, or unknown = sniffed), and each group's declared long requests (the
+Service's ``equilibrium.io/long-paths`` annotation). No I/O: nothing here talks to the API server or
 touches the routing table.
 """
 
@@ -18,10 +19,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.long_paths import parse_long_paths
 from wire.numerals import ascii_uint
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+LONG_PATHS_ANNOTATION = "equilibrium.io/long-paths"
+"""A Service's declared long requests (comma-separated path prefixes, :mod:`sidecar.long_paths`):
+its callers' sidecars learn nothing of a pod from how long they took (docs/routing.md,
+"Long polls")."""
 
 
 class MalformedObject(ValueError):
@@ -43,6 +49,8 @@ class ServiceInfo:
     name: str
     cluster_ips: tuple[str, ...]  # empty for headless and ExternalName services
     ports: tuple[ServicePort, ...]  # TCP only
+    long_paths: tuple[str, ...] = ()  # LONG_PATHS_ANNOTATION's prefixes
+    bad_annotation: str = ""  # why LONG_PATHS_ANNOTATION was ignored ("": it was not)
 
     @property
     def primary(self) -> ServicePort | None:
@@ -76,6 +84,8 @@ class Routes:
     protocols: Mapping[str, str] = field(default_factory=dict)  # group -> http|opaque|unknown
     # (Host name or cluster IP, port) -> group, for every port: `users:9090` -> users...9090
     authorities: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    # group -> its Service's declared long requests (LONG_PATHS_ANNOTATION), where it has any
+    long_paths: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -142,6 +152,22 @@ def _scheme(port: Mapping[str, Any]) -> str:
         else "http"
 
 
+def _long_paths(obj: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
+    """The Service's :data:`LONG_PATHS_ANNOTATION` prefixes, and why it was ignored ("": it
+    was not). A bad annotation costs the declaration, never the Service's routes."""
+    annotations = obj["metadata"].get("annotations") or {}
+    raw = annotations.get(LONG_PATHS_ANNOTATION) if isinstance(annotations, Mapping) else None
+    if raw is None:
+        return (), ""
+    if not isinstance(raw, str):
+        return (), f"{LONG_PATHS_ANNOTATION}: not a string"
+    try:
+        return parse_long_paths([p.strip() for p in raw.split(",") if p.strip()],
+                                LONG_PATHS_ANNOTATION), ""
+    except ValueError as exc:
+        return (), str(exc)
+
+
 def parse_service(obj: Mapping[str, Any]) -> ServiceInfo:
     namespace, name = object_key(obj)
     what = f"service {namespace}/{name}"
@@ -168,7 +194,8 @@ def parse_service(obj: Mapping[str, Any]) -> ServiceInfo:
             raise MalformedObject(f"{what}: port name {port_name!r} is not a string")
         ports.append(ServicePort(port_name, _port_number(raw.get("port"), what), _scheme(raw),
                                  port_protocol(raw)))
-    return ServiceInfo(namespace, name, ips, tuple(ports))
+    long_paths, bad = _long_paths(obj)
+    return ServiceInfo(namespace, name, ips, tuple(ports), long_paths, bad)
 
 
 def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSliceInfo | None:
@@ -264,6 +291,7 @@ def build_routes(
     destinations: dict[tuple[str, int], str] = {}
     protocols: dict[str, str] = {}
     authorities: dict[tuple[str, int], str] = {}
+    long_paths: dict[str, tuple[str, ...]] = {}
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         service_slices = by_service.get((svc.namespace, svc.name), [])
         for port in svc.ports:
@@ -279,6 +307,8 @@ def build_routes(
             group = group_name(svc, port)
             upstreams[group] = tuple(sorted(set(ready or serving)))
             protocols[group] = port.protocol
+            if svc.long_paths:
+                long_paths[group] = svc.long_paths
             for ip in svc.cluster_ips:
                 destinations[(ip, port.port)] = group
         primary = svc.primary
@@ -292,5 +322,5 @@ def build_routes(
             aliases[alias.lower()] = group_name(svc, primary)
             for port in svc.ports:
                 authorities[(alias.lower(), port.port)] = group_name(svc, port)
-    return Routes(upstreams, aliases, destinations, protocols, authorities)
+    return Routes(upstreams, aliases, destinations, protocols, authorities, long_paths)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from sidecar.discovery.model import (
 )
 from sidecar.discovery.watch import ResourceWatch
 from sidecar.metrics import DiscoveryMetrics
+
+log = logging.getLogger(__name__)
 
 APPLY_SETTLE_S = 0.02  # coalesce a burst of events into one table update
 
@@ -71,6 +74,7 @@ class Discovery:
         self.cluster_domain = cluster_domain
         self.metrics = metrics
         self.routes = Routes()
+        self._reported: set[tuple[str, str, str]] = set()  # bad annotations logged
         self._dirty = asyncio.Event()
         self.watches: list[ResourceWatch] = []
 
@@ -82,6 +86,11 @@ class Discovery:
         """(group, protocol) of a connection to ``host:port``, or None if it is no Service."""
         group = self.routes.destinations.get((host, port))
         return (group, self.routes.protocols.get(group, "unknown")) if group else None
+
+    def long_paths(self, group: str) -> tuple[str, ...]:
+        """The declared long requests of a discovered group (its Service's
+        ``equilibrium.io/long-paths``); () for none."""
+        return self.routes.long_paths.get(group, ())
 
     def upstream_for_authority(self, authority: str) -> str | None:
         """The group a request's ``Host`` (or absolute-form authority) names, port included:
@@ -152,4 +161,11 @@ class Discovery:
         self.routes = routes
         self.metrics.applied.inc()
         self.metrics.services.set(len(services))
+        for svc in services:  # told once per Service and reason, not at every apply
+            key = (svc.namespace, svc.name, svc.bad_annotation)
+            if svc.bad_annotation and key not in self._reported:
+                self._reported.add(key)
+                self.metrics.rejected_annotations.inc()
+                log.warning("service %s/%s: ignored its annotation %s (its routes stand)",
+                            svc.namespace, svc.name, svc.bad_annotation)
         return routes

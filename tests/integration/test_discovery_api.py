@@ -201,6 +201,28 @@ async def test_malformed_objects_and_lines_are_counted_and_skipped(
                 "recovered after the bad line", timeout=10)
 
 
+async def test_a_services_long_paths_annotation_reaches_its_groups(
+    api: KubeApiServer, running: Running
+) -> None:
+    annotated = service("users", "default", "10.96.0.10", [("http", 80), ("metrics", 9090)])
+    annotated["metadata"]["annotations"] = {"equilibrium.io/long-paths": "/watch,/v1/poll"}
+    api.put("services", annotated)
+    await until(lambda: running.discovery.long_paths(USERS) == ("/watch", "/v1/poll"),
+                "the annotation read")
+    assert running.discovery.long_paths("users.default.9090") == ("/watch", "/v1/poll")
+    # a bad one costs the declaration, not the routes, and is told once
+    annotated["metadata"]["annotations"] = {"equilibrium.io/long-paths": "watch"}
+    api.put("services", annotated)
+    await until(lambda: running.discovery.long_paths(USERS) == (), "the bad one ignored")
+    await until(lambda: running.metric(
+        "equilibrium_discovery_rejected_annotations_total") == 1, "the bad one counted")
+    assert running.endpoints() == ("http://10.0.0.1:8080", "http://10.0.0.2:8080")
+    api.put("endpointslices", endpoint_slice(
+        "users-a", "default", "users", [("http", 8080)], ["10.0.0.3"]))
+    await until(lambda: running.endpoints() == ("http://10.0.0.3:8080",), "later changes")
+    assert running.metric("equilibrium_discovery_rejected_annotations_total") == 1
+
+
 async def test_namespaced_watches_need_only_role_bindings(
     api: KubeApiServer, token_path: Path
 ) -> None:
@@ -272,6 +294,9 @@ async def test_sidecar_routes_by_service_name_from_discovery(
 
     pod0 = await start_backend("pod-0", routes=[web.get("/slow", slow)])
     pod1 = await start_backend("pod-1")
+    annotated = service("users", "default", "10.96.0.10", [("http", 80), ("metrics", 9090)])
+    annotated["metadata"]["annotations"] = {"equilibrium.io/long-paths": "/slow"}
+    api.put("services", annotated)
     api.put("endpointslices", endpoint_slice(
         "users-a", "default", "users", [("http", pod0.port), ("metrics", pod1.port)],
         ["127.0.0.1"]))
@@ -303,6 +328,14 @@ async def test_sidecar_routes_by_service_name_from_discovery(
             in_flight = asyncio.create_task(fetch(
                 client, "GET", sidecar.outbound_url + "/slow", headers={"Host": "users"}))
             await until(lambda: pod0.methods["GET"] >= 5, "slow request reached pod-0")
+
+            def waiting() -> int:  # the Service's annotation declared /slow long
+                state = sidecar.state()["upstreams"].get(USERS, {})
+                return sum(e["long_in_flight"] for e in state.get("endpoints", []))
+
+            async with asyncio.timeout(5):
+                while await asyncio.to_thread(waiting) != 1:
+                    await asyncio.sleep(0.05)
             api.put("endpointslices", endpoint_slice(
                 "users-a", "default", "users", [("http", pod1.port)], ["127.0.0.1"]))
 

@@ -30,6 +30,7 @@ equilibrium_config_reloads counter result
 equilibrium_converged gauge upstream
 equilibrium_discovery_errors counter resource,kind
 equilibrium_discovery_events counter resource,type
+equilibrium_discovery_rejected_annotations counter -
 equilibrium_discovery_rejected_objects counter resource
 equilibrium_discovery_relists counter resource,reason
 equilibrium_discovery_services gauge -

@@ -231,3 +231,23 @@ def test_routes_carry_each_groups_protocol() -> None:
     routes = routes_for([obj], [])
     assert routes.protocols == {"users.default.80": "http", "users.default.5432": "opaque",
                                 "users.default.81": "unknown"}
+
+
+def test_a_services_long_paths_annotation_declares_its_groups_long_requests() -> None:
+    obj = users_service()
+    obj["metadata"]["annotations"] = {"equilibrium.io/long-paths": " /watch, /v1/poll ,"}
+    info = parse_service(obj)
+    assert (info.long_paths, info.bad_annotation) == (("/watch", "/v1/poll"), "")
+    routes = routes_for([obj, service("orders", "default", "10.96.0.11", [("http", 80)])], [])
+    assert routes.long_paths == {"users.default.80": ("/watch", "/v1/poll"),
+                                 "users.default.9090": ("/watch", "/v1/poll")}
+
+
+@pytest.mark.parametrize("value", ["watch", "/a b", 5, ",".join(f"/p{i}" for i in range(65))])
+def test_a_bad_long_paths_annotation_costs_the_declaration_not_the_routes(value: Any) -> None:
+    obj = users_service()
+    obj["metadata"]["annotations"] = {"equilibrium.io/long-paths": value}
+    info = parse_service(obj)
+    assert info.long_paths == () and "equilibrium.io/long-paths" in info.bad_annotation
+    routes = routes_for([obj], [])
+    assert "users.default.80" in routes.upstreams and routes.long_paths == {}
