@@ -344,9 +344,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             if probation == endpoint:  # the probation request is a declared one: while it
                 stats.long_probation_sent = now  # is out, no other (_probation_due)
             return  # nothing the pacer's cost counts changed
-        pacer = self._pacer
-        if isinstance(pacer, SampledPacer) and (i := self._index.get(endpoint)) is not None:
-            pacer.order.update(i, self._cost_key(stats, now))
+        self._reorder(endpoint, stats, now)
 
     def on_outcome(self, outcome: Outcome) -> None:
         stats = self.stats.get(outcome.endpoint)
@@ -379,11 +377,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             if outcome.ok and heard:
                 self._recent.add(outcome.endpoint, outcome.now, outcome.latency)
         super().on_outcome(outcome)
-        pacer = self._pacer
-        if isinstance(pacer, SampledPacer) and stats is not None:
-            if (i := self._index.get(outcome.endpoint)) is not None:
-                pacer.order.update(i, self._cost_key(stats, outcome.now))
-            if (stats.consecutive_failures > 0) != failing:
+        if stats is not None:
+            self._reorder(outcome.endpoint, stats, outcome.now)
+            pacer = self._pacer
+            if isinstance(pacer, SampledPacer) and (stats.consecutive_failures > 0) != failing:
                 self._sampled_strategy(pacer)  # the pacer's share of it moves
 
     def _long(self, stats: EndpointStats, outcome: Outcome) -> bool:
@@ -436,8 +433,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         super().on_probe(endpoint, report, now)
-        if isinstance(self._pacer, SampledPacer):
-            self._reorder(endpoint, now)
+        if (stats := self.stats.get(endpoint)) is not None:
+            self._reorder(endpoint, stats, now)
 
     @staticmethod
     def _cost_key(stats: EndpointStats, now: float | None) -> float:
@@ -462,11 +459,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         return [keys[i] if (s := stats[e]).probe is None else self._cost_key(s, now)
                 for i, e in enumerate(endpoints)]
 
-    def _reorder(self, endpoint: str, now: float | None) -> None:
-        i = self._index.get(endpoint)
-        stats = self.stats.get(endpoint)
-        if i is not None and stats is not None and isinstance(self._pacer, SampledPacer):
-            self._pacer.order.update(i, self._cost_key(stats, now))
+    def _reorder(self, endpoint: str, stats: EndpointStats, now: float | None) -> None:
+        """Keep ``endpoint``'s key in the sampled pacer's cost order current (its ``stats``
+        just changed); nothing for the exact pacer, which reads every cost at a pick."""
+        pacer = self._pacer
+        if isinstance(pacer, SampledPacer) and (i := self._index.get(endpoint)) is not None:
+            pacer.order.update(i, self._cost_key(stats, now))
 
     def hedge_plan(self, endpoint: str) -> HedgePlan | None:
         """The hedge for a request picked to ``endpoint`` when only the exploration floor
