@@ -13,6 +13,7 @@ from typing import Final, Literal
 # The names only: mesh.profiles would import numpy into every init container (via this module).
 from mesh.errors import ConfigError
 from mesh.profile_names import PROFILE_NAMES
+from wire.long_paths import parse_long_path_list
 from wire.numerals import ascii_uint
 
 # ---- the annotation / label contract -----------------------------------------------------------
@@ -22,6 +23,7 @@ EXCLUDE_OUTBOUND_PORTS: Final = "equilibrium.io/exclude-outbound-ports"  # "5432
 EXCLUDE_INBOUND_PORTS: Final = "equilibrium.io/exclude-inbound-ports"  # "9090"
 APP_PORT: Final = "equilibrium.io/app-port"  # port the inbound listener forwards to
 IPV6: Final = "equilibrium.io/ipv6"  # one of IPV6_MODES: IPv6 interception by the init container
+LONG_PATHS: Final = "equilibrium.io/long-paths"  # "/watch,/v1/poll": the app's long requests
 STATUS: Final = "equilibrium.io/status"  # written by the injector: "injected"
 STATUS_INJECTED: Final = "injected"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
@@ -158,3 +160,17 @@ def parse_app_port(value: str) -> int:
     if len(ports) != 1:
         raise AnnotationError(f"annotation {APP_PORT}={value!r}: expected exactly one port")
     return ports[0]
+
+
+def parse_long_paths(value: str | None) -> tuple[str, ...]:
+    """Validate ``equilibrium.io/long-paths`` (wire.long_paths' comma form); absent: none.
+
+    The pod's sidecar keeps these requests out of its app's concurrency limit (its
+    ``--inbound-long-paths``); the same annotation on a Service tells the callers' sidecars
+    (docs/kubernetes.md, "Annotations")."""
+    if value is None:
+        return ()
+    try:
+        return parse_long_path_list(value, f"annotation {LONG_PATHS}")
+    except ValueError as exc:
+        raise AnnotationError(str(exc)) from None

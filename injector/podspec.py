@@ -57,6 +57,7 @@ class PodMeshSettings:
     ipv6: Ipv6Mode = DEFAULT_IPV6  # IPv6 interception by the init container
     app_prestop_seconds: float = 0.0  # the app's own preStop wait, which the sidecar outlasts
     grace_seconds: float = DEFAULT_GRACE_PERIOD  # the pod's terminationGracePeriodSeconds
+    long_paths: tuple[str, ...] = ()  # the app's declared long requests (--inbound-long-paths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
     # Redirected connections are routed by their original destination (--transparent), and
     # a Service's cluster IP maps to its endpoints through the Kubernetes API (--discovery).
     mesh_flags = ["--transparent", *(["--discovery"] if settings.discovery else [])]
+    if settings.long_paths:  # the pod's equilibrium.io/long-paths, for its inbound listener
+        mesh_flags += ["--inbound-long-paths", ",".join(settings.long_paths)]
     return {
         "name": SIDECAR_NAME,
         "image": config.image,

@@ -14,9 +14,9 @@ Decisions, in order (each is counted by the server under ``Outcome``):
 3. Not a CREATE, a pod already injected, a ``hostNetwork`` pod, or no injection asked for
    → allowed, no patch.
 4. An annotation the injector cannot honour exactly (unknown strategy or IPv6 mode, bad port
-   list) → allowed **without injection**, with a warning naming the annotation and the
-   accepted values: the pod runs as it would without the mesh rather than with settings
-   nobody asked for.
+   list, malformed long-request paths) → allowed **without injection**, with a warning naming
+   the annotation and the accepted values: the pod runs as it would without the mesh rather
+   than with settings nobody asked for.
 5. Otherwise → allowed with a JSONPatch adding the init container, the sidecar and the
    ``equilibrium.io/status: injected`` annotation.
 """
@@ -245,6 +245,7 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
                    warnings: list[str], config: InjectorConfig) -> PodMeshSettings:
     strategy = names.parse_strategy(annotations.get(names.STRATEGY))
     ipv6 = names.parse_ipv6(annotations.get(names.IPV6))
+    long_paths = names.parse_long_paths(annotations.get(names.LONG_PATHS))
     outbound = names.parse_port_list(f"annotation {names.EXCLUDE_OUTBOUND_PORTS}",
                                      annotations.get(names.EXCLUDE_OUTBOUND_PORTS, ""))
     inbound = names.parse_port_list(f"annotation {names.EXCLUDE_INBOUND_PORTS}",
@@ -292,7 +293,7 @@ def _mesh_settings(annotations: dict[str, str], spec: dict[str, Any],
                                exclude_outbound_ports=outbound,
                                exclude_inbound_ports=inbound + others, discovery=discovery,
                                ipv6=ipv6, app_prestop_seconds=app_stop,
-                               grace_seconds=float(grace))
+                               grace_seconds=float(grace), long_paths=long_paths)
     stop = stop_times(config, settings)
     if stop.delay < stop.wanted:
         warnings.append(

@@ -36,7 +36,8 @@ precedence: flags > environment > config file > defaults.
 environment: EQUILIBRIUM_OUTBOUND, EQUILIBRIUM_ADMIN, EQUILIBRIUM_UPSTREAMS="a=url,url;b=url",
   EQUILIBRIUM_STRATEGY, EQUILIBRIUM_POLICY, EQUILIBRIUM_ID, EQUILIBRIUM_DRAIN_TIMEOUT,
   EQUILIBRIUM_MAX_ATTEMPTS, EQUILIBRIUM_REQUEST_TIMEOUT, EQUILIBRIUM_CONNECT_TIMEOUT,
-  EQUILIBRIUM_CONFIG, EQUILIBRIUM_INBOUND, EQUILIBRIUM_APP, EQUILIBRIUM_MESH_SECRET_FILE,
+  EQUILIBRIUM_CONFIG, EQUILIBRIUM_INBOUND, EQUILIBRIUM_APP, EQUILIBRIUM_INBOUND_LONG_PATHS,
+  EQUILIBRIUM_MESH_SECRET_FILE,
   EQUILIBRIUM_MESH_SECRET (the mesh key itself; wins over the file), EQUILIBRIUM_TRANSPARENT,
   EQUILIBRIUM_DISCOVERY, EQUILIBRIUM_DISCOVERY_NAMESPACES, EQUILIBRIUM_KUBE_API,
   EQUILIBRIUM_KUBE_TOKEN_FILE (docs/interception.md).
@@ -122,6 +123,9 @@ CONFIG_OPTIONS: tuple[Option, ...] = (
     Option("inbound", "inbound listener in front of the local app (policing, congestion, bids)",
            "HOST:PORT"),
     Option("app", "the local app behind --inbound", "URL"),
+    Option("inbound_long_paths", "--inbound: path prefixes of the app's long requests (long "
+           "polls, watches), kept out of its concurrency limit; replaces the config file's "
+           "policing.long_paths (env {env})", "PATH[,PATH...]"),
     Option("mesh_secret_file",
            "mesh key for signed caller identities (or env EQUILIBRIUM_MESH_SECRET)", "FILE"),
     Option("redis", "join the signaling plane: publish regret summaries, follow the signaler's "

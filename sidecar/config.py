@@ -37,7 +37,7 @@ Config file shape (YAML or JSON, every key optional)::
       config:
         endpoints: [http://10.0.2.1:8080, http://10.0.2.2:8080]
         long_paths: [/v1/watch] # long polls: their answers' time is not learned of the pods
-                                #   (sidecar.long_paths; docs/routing.md, "Long polls")
+                                #   (wire.long_paths; docs/routing.md, "Long polls")
       users.default.8080:       # without endpoints: a declaration for a discovered upstream
         long_paths: [/watch]
     inbound: 0.0.0.0:15006      # listener in front of the app; needs app (see
@@ -63,7 +63,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,9 +78,9 @@ from mesh.profiles import get_profile
 from sidecar.discovery import KubeCredentials, credentials_from_flags
 from sidecar.h2_server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS
 from sidecar.h2_site import DEFAULT_MAX_CONNECTIONS, DEFAULT_SNIFF_TIMEOUT
-from sidecar.long_paths import parse_long_paths
 from sidecar.policing_config import PolicingSettings, parse_app_url, parse_policing
 from wire.keys import check_redis_url
+from wire.long_paths import parse_long_path_list, parse_long_paths
 from wire.numerals import ascii_decimal, ascii_uint
 
 DEFAULT_OUTBOUND = "127.0.0.1:15001"
@@ -107,6 +107,7 @@ ENV_VARS: dict[str, str] = {
     "config": "EQUILIBRIUM_CONFIG",
     "inbound": "EQUILIBRIUM_INBOUND",
     "app": "EQUILIBRIUM_APP",
+    "inbound_long_paths": "EQUILIBRIUM_INBOUND_LONG_PATHS",
     "mesh_secret_file": "EQUILIBRIUM_MESH_SECRET_FILE",
     "redis": "EQUILIBRIUM_REDIS_URL",
     "signaling_epoch": "EQUILIBRIUM_SIGNALING_EPOCH",
@@ -198,7 +199,7 @@ class SidecarConfig:
     admin: ListenAddress
     upstreams: Mapping[str, tuple[str, ...]]
     external_upstreams: frozenset[str] = frozenset()  # declared ``mesh: false``
-    # upstream -> path prefixes of its declared long requests (sidecar.long_paths)
+    # upstream -> path prefixes of its declared long requests (wire.long_paths)
     long_paths: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     strategy: str = DEFAULT_STRATEGY
     policy: str = DEFAULT_POLICY
@@ -389,7 +390,7 @@ def parse_external_upstreams(value: Any) -> frozenset[str]:
 
 def parse_upstream_long_paths(value: Any) -> dict[str, tuple[str, ...]]:
     """The path prefixes of declared long requests (long polls, watches) of a file's
-    upstreams (``long_paths``; :mod:`sidecar.long_paths`), by upstream name."""
+    upstreams (``long_paths``; :mod:`wire.long_paths`), by upstream name."""
     out: dict[str, tuple[str, ...]] = {}
     for raw_name, spec in value.items():
         if isinstance(spec, Mapping) and "long_paths" in spec:
@@ -520,6 +521,11 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
                     out[key] = parse_app_url(value) if key == "app" else parse_policing(value)
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+            elif key == "inbound_long_paths":  # policing.long_paths, for an injected sidecar
+                try:
+                    out[key] = parse_long_path_list(str(value), "inbound_long_paths")
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
             elif key == "redis":
                 out[key] = parse_redis_url(value)
             elif key == "signaling_epoch":
@@ -599,6 +605,16 @@ def _check_listeners_apart(listeners: Mapping[str, ListenAddress]) -> None:
         seen.append((name, address))
 
 
+def _policing(merged: Mapping[str, Any]) -> PolicingSettings:
+    """The ``policing:`` settings, with ``--inbound-long-paths`` (or its environment variable)
+    in place of the file's ``long_paths`` when given: the one policing setting a sidecar
+    without a config file (an injected one) is given, from its pod's annotation."""
+    policing: PolicingSettings = merged.get("policing", PolicingSettings())
+    if "inbound_long_paths" in merged:
+        policing = replace(policing, long_paths=merged["inbound_long_paths"])
+    return policing
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigSource:
     """The inputs of a config (flags, environment, file path); ``load()`` re-reads the file.
@@ -640,6 +656,9 @@ class ConfigSource:
                     merged["long_paths"] = {}
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
+        if "inbound_long_paths" in merged and merged.get("inbound") is None:
+            raise ConfigError("inbound_long_paths declares the app's long requests: it needs "
+                              "--inbound HOST:PORT --app URL")
         _check_listeners_apart({
             "outbound": merged.get("outbound") or parse_listen(DEFAULT_OUTBOUND),
             "admin": merged.get("admin") or parse_listen(DEFAULT_ADMIN),
@@ -670,7 +689,7 @@ class ConfigSource:
             redis=merged.get("redis"),
             signaling_epoch=merged.get("signaling_epoch", 1.0),
             listener=ListenerLimits(**merged.get("listener", {})),
-            policing=merged.get("policing", PolicingSettings()),
+            policing=_policing(merged),
             transparent=merged.get("transparent", False),
             hedge=merged.get("hedge", False),
             rescue=merged.get("rescue", False),

@@ -60,7 +60,6 @@ from sidecar.errors import ErrorReason, HeaderDrop
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
-from sidecar.long_paths import under_long_path
 from sidecar.metrics import H2Metrics, OutboundMetrics
 from sidecar.outbound import REFUSED_KEY, upstream_name
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
@@ -76,6 +75,7 @@ from wire.headers import (
     is_gt_header,
     parse_congestion,
 )
+from wire.long_paths import under_long_path
 from wire.standing import parse_standing
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class H2Outbound:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.clock = clock
-        # an upstream's declared long requests, by its name (sidecar.long_paths), as
+        # an upstream's declared long requests, by its name (wire.long_paths), as
         # sidecar.outbound's: their answers' time teaches the policy nothing
         self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
         self.via = f"2 {sidecar_id}".encode()

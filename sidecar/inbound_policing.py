@@ -42,7 +42,6 @@ from mesh.auction import SecondPriceAuction
 from mesh.concurrency import AdaptiveConcurrencyLimit
 from mesh.reputation import ANONYMOUS, Decision, Phase, ReputationBook
 from sidecar.errors import ErrorReason, HeaderDrop
-from sidecar.long_paths import under_long_path
 from sidecar.metrics import InboundMetrics
 from sidecar.policing_config import PolicingSettings
 from wire.bid import format_price, parse_bid
@@ -65,6 +64,7 @@ from wire.headers import (
     parse_retry,
 )
 from wire.identity import BoundRequest, IdentityRejection, VerifiedIdentity, verify_identity
+from wire.long_paths import under_long_path
 from wire.nonces import NonceBook
 from wire.signals import AnsweredRequest, SignedSignals, sign_signals
 from wire.standing import format_standing

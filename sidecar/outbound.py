@@ -44,7 +44,7 @@ was sent (a hung pod holds what it was sent), is given up there after the policy
 sent to another endpoint as a retry, its withdrawal from the retry budget made before it is
 given up; the given-up attempt is observed as censored.
 
-Long polls: a request on one of its upstream's declared ``long_paths`` (:mod:`sidecar.long_paths`)
+Long polls: a request on one of its upstream's declared ``long_paths`` (:mod:`wire.long_paths`)
 is started and ended as such with the policy (``on_start(..., long=True)``, ``Outcome.long``):
 its answer's time teaches nothing of the endpoint (docs/routing.md, "Long polls"), its
 failures count as any other's; it is never hedged.
@@ -92,7 +92,6 @@ from sidecar.forward import (
 )
 from sidecar.http1.client import H1Transport
 from sidecar.http1.client_connection import RequestBodyFailed
-from sidecar.long_paths import under_long_path
 from sidecar.metrics import OutboundMetrics
 from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
 from sidecar.rescue import Held, RescueBoard
@@ -118,6 +117,7 @@ from sidecar.websocket import (
 )
 from wire.errors import WireError
 from wire.headers import APP_RESET, CONGESTION, REFUSED, SHED, header_label, parse_congestion
+from wire.long_paths import under_long_path
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class OutboundProxy:
         long_paths: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.sidecar_id = sidecar_id
-        # an upstream's declared long requests, by its name (sidecar.long_paths): their
+        # an upstream's declared long requests, by its name (wire.long_paths): their
         # answers' time teaches the policy nothing (module docstring, "Long polls")
         self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
         self.hedge = hedge  # hedged exploration (module docstring, "Hedging")

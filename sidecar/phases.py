@@ -49,7 +49,7 @@ class RequestContext:
     error_reason: str | None = None
     game_response_headers: dict[str, str] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)  # for overriding phases
-    long: bool = False  # a declared long request of its upstream (sidecar.long_paths)
+    long: bool = False  # a declared long request of its upstream (wire.long_paths)
 
     @property
     def upstream_label(self) -> str:

@@ -61,10 +61,10 @@ from sidecar.inbound_site import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PER_SOURCE,
 )
-from sidecar.long_paths import is_path, parse_long_paths
 from sidecar.upload import DEFAULT_UPLOAD_BUFFER, DEFAULT_UPLOAD_MEMORY, DEFAULT_UPLOAD_TIMEOUT
 from sidecar.websocket import DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PER_CALLER
 from wire.bid import MAX_BID
+from wire.long_paths import is_path, parse_long_paths
 from wire.numerals import ascii_decimal
 
 MODES = ("equilibrium", "token-bucket", "off")

@@ -321,7 +321,7 @@ class SidecarRunner:
             self._in_flight_tasks.discard(task)
 
     def _long_paths(self, upstream: str) -> tuple[str, ...]:
-        """An upstream's declared long requests (sidecar.long_paths): the config file's for
+        """An upstream's declared long requests (wire.long_paths): the config file's for
         it, else, for a discovered one, its Service's ``equilibrium.io/long-paths``."""
         declared = self.config.long_paths.get(upstream)
         if declared is None and self.discovery is not None:

@@ -19,13 +19,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.long_paths import parse_long_paths
+from wire.long_paths import parse_long_path_list
 from wire.numerals import ascii_uint
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 LONG_PATHS_ANNOTATION = "equilibrium.io/long-paths"
-"""A Service's declared long requests (comma-separated path prefixes, :mod:`sidecar.long_paths`):
+"""A Service's declared long requests (comma-separated path prefixes, :mod:`wire.long_paths`):
 its callers' sidecars learn nothing of a pod from how long they took (docs/routing.md,
 "Long polls")."""
 
@@ -162,8 +162,7 @@ def _long_paths(obj: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
     if not isinstance(raw, str):
         return (), f"{LONG_PATHS_ANNOTATION}: not a string"
     try:
-        return parse_long_paths([p.strip() for p in raw.split(",") if p.strip()],
-                                LONG_PATHS_ANNOTATION), ""
+        return parse_long_path_list(raw, LONG_PATHS_ANNOTATION), ""
     except ValueError as exc:
         return (), str(exc)
 

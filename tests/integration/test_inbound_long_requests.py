@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.integration.inbound_support import write_config
@@ -39,7 +40,8 @@ def metric(text: str, name: str) -> float:
 
 
 @contextlib.asynccontextmanager
-async def app_behind_sidecar(tmp_path: Path, waiting: set[str], policing: dict[str, Any]
+async def app_behind_sidecar(tmp_path: Path, waiting: set[str], policing: dict[str, Any],
+                             flags: tuple[str, ...] = (),
                              ) -> AsyncIterator[tuple[SidecarProcess, str, asyncio.Event]]:
     """An app whose ``waiting`` paths answer once the event is set, the rest at once, behind
     a real inbound sidecar process: the sidecar, its inbound URL and the event (set, and
@@ -57,7 +59,7 @@ async def app_behind_sidecar(tmp_path: Path, waiting: set[str], policing: dict[s
         inbound = await async_start_sidecar(
             {}, sidecar_id="app-sidecar",
             config_file=write_config(tmp_path / "policing.json", policing),
-            extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url])
+            extra_args=["--inbound", f"{LOOPBACK}:{port}", "--app", app.url, *flags])
         try:
             yield inbound, f"http://{LOOPBACK}:{port}", answer
         finally:
@@ -116,14 +118,22 @@ async def test_long_polls_leave_the_slots_to_quick_requests(tmp_path: Path) -> N
                 poll.cancel()
 
 
+@pytest.mark.parametrize("declared_by", ["config-file", "flag"])
 async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
-        tmp_path: Path) -> None:
+        tmp_path: Path, declared_by: str) -> None:
     """A stranger's finding: a reconnect storm (more watches at once than the limit, before
     any is overtaken) locked quick requests out until the first watch ended. Watches the
-    operator declared (their path, or an event stream) take no slot."""
+    operator declared (their path, or an event stream) take no slot. The path is declared
+    in the config file's ``policing.long_paths`` or, as the injector passes a pod's
+    ``equilibrium.io/long-paths`` annotation, by ``--inbound-long-paths``."""
     storm: list[asyncio.Task[int]] = []
-    declared = {**POLICING, "long_paths": ["/watch"], "long_event_stream": True}
-    async with app_behind_sidecar(tmp_path, {"/watch/things", "/events"}, declared) as (
+    declared: dict[str, Any] = {**POLICING, "long_event_stream": True}
+    flags: tuple[str, ...] = ()
+    if declared_by == "flag":
+        flags = ("--inbound-long-paths", "/v1/other,/watch")
+    else:
+        declared["long_paths"] = ["/watch"]
+    async with app_behind_sidecar(tmp_path, {"/watch/things", "/events"}, declared, flags) as (
             inbound, url, answer), \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         try:

@@ -20,6 +20,8 @@ from injector.config import IPV6_MODES, STRATEGY_PROFILES, InjectorConfig
 from injector.podspec import IMAGE_ENTRYPOINT
 from injector.review import MalformedReview, Outcome, decide, review
 from mesh.profiles import PROFILES
+from sidecar.cli import flags_from_args
+from sidecar.config import ConfigSource
 from tests.injector_support import (
     apply_patch,
     assert_valid,
@@ -352,6 +354,37 @@ def test_ipv6_annotation_reaches_the_init_container_as_its_flag(
     _, default = inject(make_pod({**INJECT, "equilibrium.io/exclude-outbound-ports": "5432"}))
     assert (container(patched, "equilibrium-sidecar")
             == container(default, "equilibrium-sidecar"))
+
+
+def test_long_paths_annotation_reaches_the_sidecars_inbound_policing(tmp_path: Path) -> None:
+    """The pod's ``equilibrium.io/long-paths`` becomes its sidecar's --inbound-long-paths,
+    which the real sidecar command line reads back as its inbound ``policing.long_paths``."""
+    _, patched = inject(make_pod({**INJECT,
+                                  "equilibrium.io/long-paths": "/watch, /pkg.Config/Watch"}))
+    assert_valid(patched)
+    args = container(patched, "equilibrium-sidecar")["args"]
+    assert arg_after(args, "--inbound-long-paths") == "/watch,/pkg.Config/Watch"
+    flags = flags_from_args(build_parser(args).parse_args(args))
+    (tmp_path / "token").write_text("t")  # what the pod's service account mounts
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
+           "EQUILIBRIUM_KUBE_TOKEN_FILE": str(tmp_path / "token")}
+    config = ConfigSource.from_sources(flags, env=env).load()
+    assert config.policing.long_paths == ("/watch", "/pkg.Config/Watch")
+    _, plain = inject(make_pod(INJECT))
+    assert "--inbound-long-paths" not in container(plain, "equilibrium-sidecar")["args"]
+
+
+@pytest.mark.parametrize("value", ["watch", "/a b,/c", "/ok,relative",
+                                   ",".join(f"/p{i}" for i in range(65))])
+def test_malformed_long_paths_admit_the_pod_uninjected_with_a_clear_warning(value: str) -> None:
+    verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/long-paths": value})),
+                     CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+    response = verdict.response["response"]
+    assert response["allowed"] is True and "patch" not in response
+    (warning,) = response["warnings"]
+    assert "annotation equilibrium.io/long-paths" in warning
+    assert "path prefixes such as /watch" in warning and "not injected" in warning
 
 
 def test_ipv6_modes_are_the_documented_three() -> None:

@@ -310,6 +310,37 @@ def test_bad_long_paths_are_config_errors(tmp_path: Path, paths: str, message: s
         ConfigSource.from_sources({"config": str(path)}, env={}).load()
 
 
+INBOUND = {"inbound": "127.0.0.1:15406", "app": "http://127.0.0.1:8080"}
+
+
+def test_inbound_long_paths_replace_the_files_policing_long_paths(tmp_path: Path) -> None:
+    """``--inbound-long-paths`` (an injected sidecar's only policing setting: its pod's
+    annotation) replaces ``policing.long_paths`` of the file and keeps the file's others."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("policing:\n  long_paths: [/old]\n  max_wait: 3\n")
+    file_only = ConfigSource.from_sources({**INBOUND, "config": str(path)}, env={}).load()
+    assert file_only.policing.long_paths == ("/old",)
+    flag = ConfigSource.from_sources(
+        {**INBOUND, "config": str(path), "inbound_long_paths": " /watch, /pkg.Config/Watch "},
+        env={"EQUILIBRIUM_INBOUND_LONG_PATHS": "/env"}).load()
+    assert flag.policing.long_paths == ("/watch", "/pkg.Config/Watch")
+    assert flag.policing.max_wait == 3.0
+    env = ConfigSource.from_sources({**INBOUND}, env={"EQUILIBRIUM_INBOUND_LONG_PATHS": "/env"})
+    assert env.load().policing.long_paths == ("/env",)
+    assert ConfigSource.from_sources({**INBOUND}, env={}).load().policing.long_paths == ()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({**INBOUND, "inbound_long_paths": "watch"}, "inbound_long_paths: expected a list"),
+    ({**INBOUND, "inbound_long_paths": "/a b"}, "inbound_long_paths: expected a list"),
+    ({**INBOUND, "inbound_long_paths": ",".join(f"/p{i}" for i in range(65))}, "at most 64"),
+    ({"inbound_long_paths": "/watch"}, "needs --inbound"),
+])
+def test_bad_inbound_long_paths_are_config_errors(flags: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ConfigSource.from_sources(flags, env={}).load()
+
+
 def test_listeners_on_other_hosts_may_share_a_port() -> None:
     config = ConfigSource.from_sources(
         {"outbound": "127.0.0.1:15401", "admin": "127.0.0.2:15401"}, env={}).load()

@@ -5,10 +5,13 @@ time is the request's, not the server's. Both listeners can be told which reques
 the inbound side keeps them out of the app's concurrency limit (``policing.long_paths``,
 docs/policing.md, "Congestion"), the outbound side keeps their length out of what it learns
 of the upstream's endpoints (an upstream's ``long_paths``, docs/routing.md, "Long polls").
-Both match the same way, here: a request's path (its query left out) is one of the prefixes
-or below one by whole segments (``/watch`` covers ``/watch/pods``, not ``/watchdog``), and a
-path with ``.`` or ``..`` segments (or a dot file), also percent-encoded (``%2e``), never
-matches, for an app may resolve it to somewhere else.
+In Kubernetes both are an annotation ``equilibrium.io/long-paths`` in the comma form
+(:func:`parse_long_path_list`): a Service's, read by its callers' discovery, and a pod's, which
+the injector passes to the pod's sidecar as ``--inbound-long-paths``. Both sides match the
+same way, here: a request's path (its query left out) is one of the prefixes or below one by
+whole segments (``/watch`` covers ``/watch/pods``, not ``/watchdog``), and a path with ``.``
+or ``..`` segments (or a dot file), also percent-encoded (``%2e``), never matches, for an app
+may resolve it to somewhere else.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ def parse_long_paths(value: Any, what: str) -> tuple[str, ...]:
         raise ValueError(f"{what}: expected a list of at most {MAX_LONG_PATHS} path prefixes "
                          "such as /watch or /pkg.Service/Watch")
     return tuple(value)
+
+
+def parse_long_path_list(text: str, what: str) -> tuple[str, ...]:
+    """The comma form (``"/watch, /v1/poll"``) of an annotation, flag or environment variable:
+    :func:`parse_long_paths` of its items, blanks left out; ValueError naming ``what``."""
+    return parse_long_paths([p.strip() for p in text.split(",") if p.strip()], what)
 
 
 def under_long_path(target: str, prefixes: tuple[str, ...]) -> bool:
