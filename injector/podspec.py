@@ -88,6 +88,13 @@ def stop_times(config: InjectorConfig, settings: PodMeshSettings) -> StopTimes:
     return StopTimes(delay, drain, wanted)
 
 
+def kube_literal(arg: str) -> str:
+    """``arg`` as a container argument the kubelet passes on unchanged: it expands
+    ``$(NAME)`` to the container's variable (the mesh key among them) and ``$$`` to ``$``,
+    so a user's ``$`` is written ``$$``."""
+    return arg.replace("$", "$$")
+
+
 def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json:
     """The proxy container: runs as the sidecar UID so its own traffic is not intercepted."""
     res = config.resources
@@ -95,7 +102,7 @@ def sidecar_container(config: InjectorConfig, settings: PodMeshSettings) -> Json
     # a Service's cluster IP maps to its endpoints through the Kubernetes API (--discovery).
     mesh_flags = ["--transparent", *(["--discovery"] if settings.discovery else [])]
     if settings.long_paths:  # the pod's equilibrium.io/long-paths, for its inbound listener
-        mesh_flags += ["--inbound-long-paths", ",".join(settings.long_paths)]
+        mesh_flags += ["--inbound-long-paths", kube_literal(",".join(settings.long_paths))]
     return {
         "name": SIDECAR_NAME,
         "image": config.image,

@@ -193,6 +193,7 @@ def inbound_json(snap: InboundSnapshot | None) -> dict[str, Any] | None:
             "in_flight": int(lim.in_flight),
             "probing": bool(lim.probing),
             "long_running": int(lim.long_running),
+            "long_paths": list(snap.long_paths),  # declared (policing.long_paths)
             "min_rtt": _opt(lim.min_rtt),
             "sample_rtt": _opt(lim.sample_rtt),
             "capacity_estimate": _opt(lim.capacity_estimate),

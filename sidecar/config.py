@@ -656,7 +656,7 @@ class ConfigSource:
                     merged["long_paths"] = {}
         if (merged.get("inbound") is None) != (merged.get("app") is None):
             raise ConfigError("inbound and app go together: --inbound HOST:PORT --app URL")
-        if "inbound_long_paths" in merged and merged.get("inbound") is None:
+        if merged.get("inbound_long_paths") and merged.get("inbound") is None:
             raise ConfigError("inbound_long_paths declares the app's long requests: it needs "
                               "--inbound HOST:PORT --app URL")
         _check_listeners_apart({

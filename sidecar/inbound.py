@@ -158,6 +158,7 @@ class InboundSnapshot:
     book: BookSnapshot
     concurrency: ConcurrencySnapshot
     auction: AuctionSnapshot
+    long_paths: tuple[str, ...] = ()  # the declared long requests (policing.long_paths)
 
     def wall(self, at: float) -> float:
         """The wall-clock time (Unix seconds) of policing time ``at``."""
@@ -311,6 +312,7 @@ class InboundProxy:
             congestion=self._congestion(), capacity=self.capacity(), book=book,
             concurrency=self.limiter.snapshot(),
             auction=self.auction.snapshot(now, (s.caller for s in book.callers)),
+            long_paths=self.settings.long_paths,
         )
 
     # ------------------------------------------------------------ load

@@ -360,8 +360,9 @@ class SidecarRunner:
         if mesh_key is None:
             log.warning("inbound %s: no mesh key, so no caller identity can be verified: every "
                         "caller is policed as 'anonymous' (the strictest bucket)", config.inbound)
-        log.info("inbound %s -> app %s, policing mode %s", config.inbound, config.app,
-                 config.policing.mode)
+        log.info("inbound %s -> app %s, policing mode %s, declared long requests: %s",
+                 config.inbound, config.app, config.policing.mode,
+                 ", ".join(config.policing.long_paths) or "none")
         return inbound
 
     def _inbound_site(self, inbound: InboundProxy, metrics: InboundListenerMetrics,

@@ -28,13 +28,33 @@ def is_path(value: Any) -> bool:
             and value.isascii() and not any(c.isspace() for c in value))
 
 
+def prefix_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a declared prefix, or None: it must be a path (:func:`is_path`)
+    that some request can be below (:func:`under_long_path` matches no target with a dot
+    segment, and a target's query is left out) and not the root, which would declare every
+    request long."""
+    if not is_path(value):
+        return "not an absolute path of printable ASCII without spaces, 256 characters at most"
+    if not value.rstrip("/"):
+        return "the root would declare every request long"
+    if "?" in value or "#" in value:
+        return "a prefix is a path, without a query or a fragment"
+    if "/." in value or "%2e" in value.lower():
+        return "a path with dot segments (also as %2e) is never matched"
+    return None
+
+
 def parse_long_paths(value: Any, what: str) -> tuple[str, ...]:
-    """A list of at most :data:`MAX_LONG_PATHS` paths (:func:`is_path`); ValueError naming
-    ``what`` otherwise."""
-    if not isinstance(value, list) or len(value) > MAX_LONG_PATHS or not all(
-            is_path(p) for p in value):
-        raise ValueError(f"{what}: expected a list of at most {MAX_LONG_PATHS} path prefixes "
-                         "such as /watch or /pkg.Service/Watch")
+    """A list of at most :data:`MAX_LONG_PATHS` prefixes (:func:`prefix_problem`); ValueError
+    naming ``what`` and the first bad one otherwise."""
+    expected = (f"{what}: expected a list of at most {MAX_LONG_PATHS} path prefixes such as "
+                "/watch or /pkg.Service/Watch")
+    if not isinstance(value, list) or len(value) > MAX_LONG_PATHS:
+        raise ValueError(expected)
+    for item in value:
+        if (problem := prefix_problem(item)) is not None:
+            shown = repr(item) if len(repr(item)) <= 80 else repr(item)[:77] + "..."
+            raise ValueError(f"{expected}; {shown}: {problem}")
     return tuple(value)
 
 

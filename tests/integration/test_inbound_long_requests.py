@@ -152,6 +152,8 @@ async def test_a_storm_of_declared_watches_leaves_the_slots_to_quick_requests(
             async with session.get(f"{inbound.admin_url}/debug/state") as response:
                 concurrency = (await response.json())["inbound"]["concurrency"]
             assert concurrency["long_running"] == 4 * LIMIT, concurrency
+            assert concurrency["long_paths"] == (  # the declaration in force
+                ["/v1/other", "/watch"] if declared_by == "flag" else ["/watch"])
             answer.set()
             assert await asyncio.gather(*storm) == [200] * (4 * LIMIT)
         finally:

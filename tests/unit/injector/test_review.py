@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -374,8 +375,31 @@ def test_long_paths_annotation_reaches_the_sidecars_inbound_policing(tmp_path: P
     assert "--inbound-long-paths" not in container(plain, "equilibrium-sidecar")["args"]
 
 
-@pytest.mark.parametrize("value", ["watch", "/a b,/c", "/ok,relative",
-                                   ",".join(f"/p{i}" for i in range(65))])
+def kube_expand(arg: str, env: dict[str, str]) -> str:
+    """What the kubelet passes for a container argument: ``$(NAME)`` replaced by the
+    container's variable of that name (left as it is when there is none), ``$$`` by ``$``."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+                  arg)
+
+
+@pytest.mark.parametrize("value", ["/x/$(EQUILIBRIUM_MESH_SECRET)", "/a$$b,/c$",
+                                   "/" + "a" * 240 + "$(POD_NAME)"])
+def test_a_dollar_in_long_paths_reaches_the_sidecar_as_written(value: str) -> None:
+    """The kubelet expands ``$(VAR)`` in a container's arguments (the mesh key is one of the
+    sidecar's variables) and ``$$`` to ``$``: what the pod declared arrives unchanged,
+    never a secret on the command line nor a path grown past what the injector checked
+    (a reviewer's finding)."""
+    _, patched = inject(make_pod({**INJECT, "equilibrium.io/long-paths": value}))
+    args = container(patched, "equilibrium-sidecar")["args"]
+    env = {"EQUILIBRIUM_MESH_SECRET": "s3cret", "POD_NAME": "web-7f9c-abcde" * 2}
+    passed = kube_expand(arg_after(args, "--inbound-long-paths"), env)
+    assert passed == ",".join(p.strip() for p in value.split(","))
+    assert "s3cret" not in passed
+
+
+@pytest.mark.parametrize("value", ["watch", "/a b,/c", "/ok,relative", "/", "/w?x=1",
+                                   "/a/../b", ",".join(f"/p{i}" for i in range(65))])
 def test_malformed_long_paths_admit_the_pod_uninjected_with_a_clear_warning(value: str) -> None:
     verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/long-paths": value})),
                      CONFIG)

@@ -328,6 +328,9 @@ def test_inbound_long_paths_replace_the_files_policing_long_paths(tmp_path: Path
     env = ConfigSource.from_sources({**INBOUND}, env={"EQUILIBRIUM_INBOUND_LONG_PATHS": "/env"})
     assert env.load().policing.long_paths == ("/env",)
     assert ConfigSource.from_sources({**INBOUND}, env={}).load().policing.long_paths == ()
+    # declaring none asks for no inbound listener (an empty flag, a shared environment's ",")
+    assert ConfigSource.from_sources({"inbound_long_paths": ""},
+                                     env={}).load().policing.long_paths == ()
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -335,6 +338,7 @@ def test_inbound_long_paths_replace_the_files_policing_long_paths(tmp_path: Path
     ({**INBOUND, "inbound_long_paths": "/a b"}, "inbound_long_paths: expected a list"),
     ({**INBOUND, "inbound_long_paths": ",".join(f"/p{i}" for i in range(65))}, "at most 64"),
     ({"inbound_long_paths": "/watch"}, "needs --inbound"),
+    ({**INBOUND, "inbound_long_paths": "/"}, "every request long"),
 ])
 def test_bad_inbound_long_paths_are_config_errors(flags: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
