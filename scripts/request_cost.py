@@ -24,12 +24,16 @@ from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is r
 ``--opcodes`` instead counts the CPython bytecode instructions each request executes in the
 sidecar, the plumbing or the lean relay (``sys.settrace`` with opcode events, at 100 req/s):
 a measure of the interpreter's work per request that does not depend on the machine's speed
-or noise, by function. Pure Python only (compiled modules run no bytecode).
+or noise, by function. Pure Python only (compiled modules run no bytecode). With ``--grpc``
+it counts them per unary gRPC call through the sidecar instead (``h2load``, h2c both sides,
+to the ``h2-overhead`` benchmark's grpcio pod; the sidecar's HTTP/2 engine as it loads, or
+as ``EQUILIBRIUM_H2_ENGINE`` says).
 
 Needs nginx (and haproxy for its row). Loopback only; every load is bounded by ``--seconds``.
 
     python scripts/request_cost.py --rate 500 --seconds 10 --rounds 2
     python scripts/request_cost.py --opcodes
+    python scripts/request_cost.py --opcodes --grpc
     python scripts/request_cost.py --relays sidecar,baseline,haproxy --baseline /tmp/before
 """
 
@@ -43,6 +47,7 @@ import gc
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -545,6 +550,49 @@ async def measure_opcodes(names: list[str], top: int) -> None:
         await backend.stop()
 
 
+async def measure_grpc_opcodes(top: int) -> None:
+    """:func:`measure_opcodes` for unary gRPC calls (module docstring, ``--grpc``)."""
+    from equilibrium.lab.bench import h2_overhead
+
+    logs = Path(tempfile.mkdtemp(prefix="equilibrium-request-cost-"))
+    server, pod_port = h2_overhead.start_pod()
+    body = logs / "call.bin"
+    body.write_bytes(struct.pack(">BI", 0, len(h2_overhead.MESSAGE)) + h2_overhead.MESSAGE)
+    port = free_port()
+    argv = sidecar_argv("cost", f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}",
+                        {h2_overhead.UPSTREAM: [f"http://127.0.0.1:{pod_port}"]})[3:]
+    trace = logs / "opcodes.sidecar"
+    with open(logs / "sidecar.log", "w") as log_file:
+        proc = await child("--trace", str(trace), "--sidecar", *argv, stderr=log_file)
+    try:
+        await until_listening(port)
+        url = f"http://127.0.0.1:{port}"
+        calls = int(TRACED_RATE * TRACED_SECONDS)
+
+        async def load(n: int, rate: float) -> str:
+            result = await h2_overhead.run_h2load(
+                url, calls=n, clients=CONNECTIONS, streams=16, rate=rate, body=body,
+                authority=h2_overhead.UPSTREAM)
+            return (f"{result.succeeded} of {result.requests} answered, mean "
+                    f"{result.mean * 1e3:.2f} ms")
+
+        await load(calls, 200.0)  # warm-up: connections, caches, first tick
+        os.kill(proc.pid, signal.SIGUSR1)
+        await asyncio.sleep(0.5)
+        result = await load(calls, TRACED_RATE)
+        await asyncio.sleep(0.5)
+        os.kill(proc.pid, signal.SIGUSR2)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if trace.exists() and trace.stat().st_size:
+                break
+        report_opcodes("sidecar, unary gRPC calls", trace, calls, result, top)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        server.stop(0)
+
+
 def report_opcodes(name: str, path: Path, requests: int, result: str, top: int) -> None:
     rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()]
     total = sum(int(n) for n, _ in rows)
@@ -577,6 +625,8 @@ def main() -> int:
                    help="which relays, in turn order; a name may repeat (default: all four)")
     p.add_argument("--opcodes", action="store_true",
                    help="count bytecode instructions per request instead (sidecar, plumbing, lean)")
+    p.add_argument("--grpc", action="store_true",
+                   help="with --opcodes: per unary gRPC call through the sidecar (needs h2load)")
     p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
     p.add_argument("--sample", action="store_true",
                    help="also sample each turn with perf record, and report by shared object")
@@ -610,6 +660,14 @@ def main() -> int:
 
         sys.argv = ["equilibrium", *args.sidecar]
         return int(equilibrium_main() or 0)
+    if args.grpc:
+        if not args.opcodes:
+            p.error("--grpc counts instructions: it goes with --opcodes")
+        if shutil.which("h2load") is None:
+            print("needs h2load (apt-get install -y nghttp2-client)", file=sys.stderr)
+            return 2
+        asyncio.run(measure_grpc_opcodes(args.top))
+        return 0
     names = [n.strip() for n in args.relays.split(",") if n.strip()]
     if not names:
         p.error("--relays names no relay")

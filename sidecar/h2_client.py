@@ -155,18 +155,25 @@ class H2Pool:
         self._connecting = 0
         self._slot = asyncio.Event()
 
+    def open_ready(self, headers: Headers, end_stream: bool) -> ClientStream | None:
+        """A new stream carrying ``headers`` on a connection with room now, or None (nothing
+        sent): :meth:`open_stream` without waiting, and so without a timeout to arm."""
+        for conn in self.connections:
+            if conn.usable and conn.room() > 0:
+                try:
+                    return conn.open_stream(headers, end_stream)
+                except H2_ERRORS as exc:  # e.g. the stream ids ran out
+                    log.info("%s:%d: cannot open a stream: %s", self.host, self.port, exc)
+                    self.forget(conn)
+                    conn.close()
+        return None
+
     async def open_stream(self, headers: Headers, end_stream: bool) -> ClientStream:
         """A new stream carrying ``headers`` on a connection with room; raises
         :class:`H2ConnectError` when no connection could be had (nothing sent)."""
         while True:
-            for conn in self.connections:
-                if conn.usable and conn.room() > 0:
-                    try:
-                        return conn.open_stream(headers, end_stream)
-                    except H2_ERRORS as exc:  # e.g. the stream ids ran out
-                        log.info("%s:%d: cannot open a stream: %s", self.host, self.port, exc)
-                        self.forget(conn)
-                        conn.close()
+            if (stream := self.open_ready(headers, end_stream)) is not None:
+                return stream
             if len(self.connections) + self._connecting < self.max_connections:
                 conn = await self._connect()
                 if conn.room() > 0:

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any, cast
 
 import h2.config
@@ -51,7 +52,8 @@ HEADER_LIST_HARD_LIMIT = 1024 * 1024
 def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
     """A header block's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2):
     each field's name and value plus 32 octets."""
-    return sum(len(name) + len(value) + 32 for name, value in headers)
+    fields = headers if isinstance(headers, list) else list(headers)
+    return sum(map(len, chain.from_iterable(fields))) + 32 * len(fields)
 
 
 class _GracefulGoaway(H2ConnectionStateMachine):
@@ -187,6 +189,7 @@ class H2Connection(asyncio.Protocol):
         self.goaway_received: int | None = None  # the peer's last stream id, once it sent GOAWAY
         self.lost = asyncio.Event()  # set when the socket is closed
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's, once made
         self.lingering = False  # ended with an error: GOAWAY sent, reading what still comes
 
     def new_state_machine(self, config: h2.config.H2Configuration) -> h2.connection.H2Connection:
@@ -202,6 +205,7 @@ class H2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.prepare()
@@ -310,7 +314,7 @@ class H2Connection(asyncio.Protocol):
         streams of this connection produce in one turn go out in one write."""
         if not self._flush_scheduled and self.transport is not None:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_now)
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush_now)
 
     def flush_now(self) -> None:
         self._flush_scheduled = False

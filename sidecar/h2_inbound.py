@@ -59,7 +59,7 @@ from sidecar.h2_upload import (
 from sidecar.inbound_policing import InboundOutcome, Refusal, Verdict, app_unreachable
 from sidecar.upload import UploadDeadline, UploadFailure, release
 from wire import grpc_status as grpc
-from wire.headers import is_gt_header
+from wire.headers import is_gt_field
 from wire.identity import BoundRequest
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ class _Call:
         X-Forwarded-Proto when no earlier hop set it."""
         stream = self.stream
         out: Headers = [(name, value) for name, value in stream.request
-                        if not is_gt_header(name.decode("latin-1"))]
+                        if not is_gt_field(name)]
         out.append((b"via", self.owner.via))
         if (host := stream.peer_host()) is not None:
             out.append((b"x-forwarded-for", host.encode("latin-1")))
@@ -241,7 +241,7 @@ class _Call:
     def _stripped(self, headers: Headers, source: HeaderDrop) -> Headers:
         """``headers`` without ``X-GT-*``, counted once per block under ``source``."""
         out: Headers = [(name, value) for name, value in headers
-                        if not is_gt_header(name.decode("latin-1"))]
+                        if not is_gt_field(name)]
         if len(out) != len(headers):
             self.owner.metrics.stripped.labels(source).inc()
         return out

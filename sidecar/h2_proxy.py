@@ -72,7 +72,7 @@ from wire.headers import (
     REPUTATION,
     SHED,
     header_label,
-    is_gt_header,
+    is_gt_field,
     parse_congestion,
 )
 from wire.long_paths import under_long_path
@@ -177,8 +177,9 @@ class _Call:
             return await self.error(400, "no-host", "request has no :authority")
         ctx.upstream = (ctx.upstream or proxy.authority_pin(ctx.authority)
                         or upstream_name(ctx.authority))
-        if any(value.strip() == proxy.via for name, value in stream.request if name == b"via"
-               for value in value.split(b",")):
+        if stream.header(b"via") is not None and any(
+                value.strip() == proxy.via for name, value in stream.request if name == b"via"
+                for value in value.split(b",")):
             return await self.error(508, "loop-detected", "request already passed this sidecar")
         group = proxy.table.get(ctx.upstream)
         if group is None:
@@ -232,8 +233,14 @@ class _Call:
             group.policy.on_start(endpoint, sent, ctx.long)
             try:
                 limit = loop.time() + proxy.request_timeout
-                async with asyncio.timeout_at(limit if deadline is None else min(limit, deadline)):
-                    upstream = await proxy.upstreams.pool(endpoint).open_stream(headers, False)
+                pool = proxy.upstreams.pool(endpoint)
+                ready = pool.open_ready(headers, False)  # a connection with room: no wait
+                if ready is not None:
+                    upstream = ready
+                else:
+                    async with asyncio.timeout_at(limit if deadline is None
+                                                  else min(limit, deadline)):
+                        upstream = await pool.open_stream(headers, False)
             except (H2ConnectError, TimeoutError) as exc:
                 reason = "connect-error" if isinstance(exc, H2ConnectError) else "connect-timeout"
                 failure = f"{reason}: {exc}" if str(exc) else reason
@@ -403,7 +410,8 @@ class _Call:
                 recorded = True
                 self.finish(sent, first, http_status, status, congestion)
                 return None
-            async with asyncio.timeout_at(deadline):
+            async with (asyncio.timeout_at(deadline) if deadline is not None
+                        else _NO_DEADLINE):
                 while True:
                     kind, payload, size = await upstream.read()
                     if kind == "data":
@@ -476,8 +484,8 @@ class _Call:
         under a label of a bounded set (:func:`~wire.headers.header_label`)."""
         out: Headers = []
         for name, value in headers:
-            if is_gt_header(text := name.decode("latin-1")):
-                self.proxy.metrics.rejected_headers.labels(header_label(text),
+            if is_gt_field(name):
+                self.proxy.metrics.rejected_headers.labels(header_label(name.decode("latin-1")),
                                                            HeaderDrop.FROM_APP).inc()
             else:
                 out.append((name, value))
@@ -493,7 +501,7 @@ class _Call:
         congestion: float | None = None
         received: dict[str, str] = {}
         for name, value in headers:
-            if not is_gt_header(name.decode("latin-1")):
+            if not is_gt_field(name):
                 out.append((name, value))
             else:
                 received[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -737,6 +745,9 @@ def _http_status(headers: Headers) -> int:
     return 502
 
 
+_NO_DEADLINE = contextlib.nullcontext()
+"""The relay of an answer without a gRPC deadline: no timer to arm (the stall's is the
+request timeout, until the answer's head)."""
 UPSTREAM_REFUSED: str = ErrorReason.UPSTREAM_REFUSED
 """An endpoint's sidecar refused the call before its app saw it (and, as the error, every
 endpoint tried did)."""

@@ -146,16 +146,21 @@ class _RefusingH2(h2.connection.H2Connection):
 class ServerStream(H2Stream):
     """A request stream: its request head, and its response side."""
 
-    __slots__ = ("opened_at", "request")
+    __slots__ = ("_index", "opened_at", "request")
 
     def __init__(self, conn: H2Connection, stream_id: int, request: Headers,
                  opened_at: float = 0.0) -> None:
         super().__init__(conn, stream_id)
         self.request = request
         self.opened_at = opened_at  # loop time
+        self._index: dict[bytes, bytes] | None = None  # name -> first value (header())
 
     def header(self, name: bytes) -> bytes | None:
-        return next((value for key, value in self.request if key == name), None)
+        """The value of the request's first field named ``name``."""
+        index = self._index
+        if index is None:  # built once, on the first look (a proxied call makes several)
+            index = self._index = dict(reversed(self.request))
+        return index.get(name)
 
     def peer_host(self) -> str | None:
         """The client's address (no port), None once the connection is gone."""

@@ -269,28 +269,56 @@ def version() -> str | None:
 
 # ---------------------------------------------------------------- callbacks (one set a process)
 
-_machines: weakref.WeakValueDictionary[int, NgConnection] = weakref.WeakValueDictionary()
+# A session's user data -> its connection, weakly (a plain dict of references, removed by
+# the session's finalizer: a WeakValueDictionary's Python-level get was a twentieth of the
+# instructions of a proxied gRPC call, a callback per header of every block)
+_machines: dict[int, weakref.ref[NgConnection]] = {}
 _keys = itertools.count(1)
+# ctypes.string_at without its Python wrapper (one call per header name and value)
+_string_at: Callable[[int, int], bytes] = getattr(ctypes, "_string_at", ctypes.string_at)
 
 
 def _guarded(name: str, method: Callable[..., int]) -> Callable[..., int]:
     """A callback that finds its connection by the session's user data and never lets an
     exception through the C library (ctypes would print and go on): the first one is kept and
-    raised when the library returns."""
+    raised when the library returns. The frequent shape (session, frame, user data: a frame
+    begun, a header block begun, a frame received) without the general one's argument
+    tuples."""
+
+    def failed(machine: NgConnection, exc: BaseException) -> int:
+        if machine._error is None:
+            machine._error = exc
+        return ERR_CALLBACK_FAILURE
+
+    def on_frame(_session: int, frame: int, key: int) -> int:
+        ref = _machines.get(key)
+        machine = ref() if ref is not None else None
+        if machine is None:
+            return ERR_CALLBACK_FAILURE
+        try:
+            return method(machine, frame)
+        except BaseException as exc:  # raised again by the caller of the library
+            return failed(machine, exc)
 
     def callback(*args: Any) -> int:
-        machine = _machines.get(args[-1])
+        ref = _machines.get(args[-1])
+        machine = ref() if ref is not None else None
         if machine is None:
             return ERR_CALLBACK_FAILURE
         try:
             return method(machine, *args[1:-1])
         except BaseException as exc:  # raised again by the caller of the library
-            if machine._error is None:
-                machine._error = exc
-            return ERR_CALLBACK_FAILURE
+            return failed(machine, exc)
 
-    callback.__name__ = name
-    return callback
+    chosen = on_frame if method.__code__.co_argcount == 2 else callback
+    chosen.__name__ = name
+    return chosen
+
+
+def _release(lib: Any, session: int | None, key: int) -> None:
+    """A connection's end (its finalizer): the library's session freed, its key forgotten."""
+    _machines.pop(key, None)
+    lib.nghttp2_session_del(session)
 
 
 class _Outgoing:
@@ -360,6 +388,7 @@ class NgConnection:
         self._error: BaseException | None = None
         self._events: list[h2.events.Event] = []
         self._heads: dict[int, Headers] = {}
+        self._block: Headers = []  # the fields of the header block being read
         self._chunks: dict[int, list[bytes]] = {}
         self._sending: dict[int, _Outgoing] = {}
         self._queued = 0  # bytes in every _Outgoing
@@ -412,8 +441,8 @@ class NgConnection:
         if rv != 0:
             raise MemoryError(f"nghttp2 session not created: {self._strerror(rv)}")
         self._session = session.value
-        _machines[self._key] = self
-        weakref.finalize(self, lib.nghttp2_session_del, self._session)
+        _machines[self._key] = weakref.ref(self)
+        weakref.finalize(self, _release, lib, self._session, self._key)
 
     def _strerror(self, code: int) -> str:
         text = self._lib.nghttp2_strerror(code)
@@ -572,27 +601,22 @@ class NgConnection:
     def _on_begin_headers(self, frame: int) -> int:
         head = _HeadersFrame.from_address(frame)
         sid = head.hd.stream_id
-        self._heads[sid] = []
+        # A header block comes whole, its frames together (RFC 9113 §4.3): its fields, one
+        # callback each, go to the list of the block begun last.
+        self._heads[sid] = self._block = []
         if head.cat == HCAT_REQUEST and not self.client_side:
             if len(self._open_inbound) >= self._max_inbound:
                 self.over_limit.add(sid)  # the owner refuses it (REFUSED_STREAM)
             self._open_inbound.add(sid)
         return 0
 
-    def _on_header(self, frame: int, name: int, namelen: int, value: int, valuelen: int,
-                   _flags: int) -> int:
-        sid = _FrameHd.from_address(frame).stream_id
-        self._heads[sid].append((ctypes.string_at(name, namelen),
-                                 ctypes.string_at(value, valuelen)))
-        return 0
-
     def _on_data_chunk(self, _flags: int, sid: int, data: int, length: int) -> int:
         self._received += length
         chunks = self._chunks.get(sid)
         if chunks is None:
-            self._chunks[sid] = [ctypes.string_at(data, length)]
+            self._chunks[sid] = [_string_at(data, length)]
         else:
-            chunks.append(ctypes.string_at(data, length))
+            chunks.append(_string_at(data, length))
         return 0
 
     def _on_frame_recv(self, frame: int) -> int:
@@ -726,7 +750,7 @@ class NgConnection:
             n = lib.nghttp2_session_mem_send(session, ctypes.byref(data))
             if n <= 0:
                 break
-            parts.append(ctypes.string_at(data.value or 0, n))
+            parts.append(_string_at(data.value or 0, n))
         error, self._error = self._error, None
         if error is not None:
             raise error
@@ -872,11 +896,29 @@ class NgConnection:
                                                     int(error_code), data or None, len(data)))
 
 
+def _on_header(_session: int, _frame: int, name: int, namelen: int, value: int,
+               valuelen: int, _flags: int, key: int) -> int:
+    """The callback of each field of a header block, the most frequent one (two dozen in a
+    proxied unary call): :func:`_guarded`'s rule, and the field added to the block begun last
+    (:meth:`NgConnection._on_begin_headers`), without a method call."""
+    ref = _machines.get(key)
+    machine = ref() if ref is not None else None
+    if machine is None:
+        return ERR_CALLBACK_FAILURE
+    try:
+        machine._block.append((_string_at(name, namelen), _string_at(value, valuelen)))
+    except BaseException as exc:  # raised again by the caller of the library
+        if machine._error is None:
+            machine._error = exc
+        return ERR_CALLBACK_FAILURE
+    return 0
+
+
 _THUNKS = {
     "on_begin_frame": _ON_BEGIN_FRAME(_guarded("on_begin_frame", NgConnection._on_begin_frame)),
     "on_begin_headers": _ON_FRAME(_guarded("on_begin_headers",
                                            NgConnection._on_begin_headers)),
-    "on_header": _ON_HEADER(_guarded("on_header", NgConnection._on_header)),
+    "on_header": _ON_HEADER(_on_header),
     "on_frame_recv": _ON_FRAME(_guarded("on_frame_recv", NgConnection._on_frame_recv)),
     "on_data_chunk_recv": _ON_DATA(_guarded("on_data_chunk_recv",
                                             NgConnection._on_data_chunk)),

@@ -185,6 +185,15 @@ def is_gt_header(name: str) -> bool:
     return name[:len(GT_PREFIX)].replace("_", "-").lower() == GT_PREFIX
 
 
+_X = (b"x", b"X")
+
+
+def is_gt_field(name: bytes) -> bool:
+    """:func:`is_gt_header` of a field name as HTTP/2 carries it (bytes): the first byte
+    alone decides for nearly every field, without decoding it."""
+    return name[:1] in _X and is_gt_header(name.decode("latin-1"))
+
+
 def strip_gt_headers(headers: MutableMapping[str, Any]) -> list[str]:
     """Remove every game header (:func:`is_gt_header`: any case, ``_`` for ``-``, every
     occurrence); return the names removed."""
