@@ -46,7 +46,7 @@ LINGER = 2.0  # seconds a connection ended for an error still reads (and drops) 
 # stream alone; blocks are decoded at all (keeping HPACK in step) up to the hard limit, past
 # which h2 ends the connection.
 MAX_HEADER_LIST = 64 * 1024
-HEADER_LIST_HARD_LIMIT = 1024 * 1024
+HEADER_LIST_HARD_LIMIT = nghttp2.HEADER_BLOCK_LIMIT  # 1 MiB, on either engine
 
 
 def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:

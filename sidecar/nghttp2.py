@@ -274,6 +274,12 @@ def version() -> str | None:
 # instructions of a proxied gRPC call, a callback per header of every block)
 _machines: dict[int, weakref.ref[NgConnection]] = {}
 _keys = itertools.count(1)
+HEADER_BLOCK_LIMIT = 1024 * 1024
+"""The decoded size of one received header block (RFC 9113 §6.5.2's count: each field's name
+and value plus 32) past which the connection ends, as ``h2``'s decoder ends it: HPACK lets a
+peer send a field repeated for a byte or two each, so the limit is on what is decoded, as it
+is decoded (``sidecar.h2_connection.HEADER_LIST_HARD_LIMIT``; a block over the 64 KiB
+announced is refused alone, after it was read)."""
 # ctypes.string_at without its Python wrapper (one call per header name and value)
 _string_at: Callable[[int, int], bytes] = getattr(ctypes, "_string_at", ctypes.string_at)
 
@@ -389,6 +395,7 @@ class NgConnection:
         self._events: list[h2.events.Event] = []
         self._heads: dict[int, Headers] = {}
         self._block: Headers = []  # the fields of the header block being read
+        self._block_size = 0  # their size (HEADER_BLOCK_LIMIT)
         self._chunks: dict[int, list[bytes]] = {}
         self._sending: dict[int, _Outgoing] = {}
         self._queued = 0  # bytes in every _Outgoing
@@ -604,6 +611,7 @@ class NgConnection:
         # A header block comes whole, its frames together (RFC 9113 §4.3): its fields, one
         # callback each, go to the list of the block begun last.
         self._heads[sid] = self._block = []
+        self._block_size = 0
         if head.cat == HCAT_REQUEST and not self.client_side:
             if len(self._open_inbound) >= self._max_inbound:
                 self.over_limit.add(sid)  # the owner refuses it (REFUSED_STREAM)
@@ -668,6 +676,7 @@ class NgConnection:
 
     def _headers_received(self, head: Any, sid: int, flags: int) -> None:
         fields = self._heads.pop(sid, [])
+        self._block = []  # handed on: not kept until the next block (a reviewer's finding)
         event: Any
         if head.cat == HCAT_REQUEST:
             event = h2.events.RequestReceived(stream_id=sid, headers=fields)
@@ -716,7 +725,8 @@ class NgConnection:
         self._open_inbound.discard(sid)
         self.over_limit.discard(sid)
         self._answered.discard(sid)
-        self._heads.pop(sid, None)
+        if self._heads.pop(sid, None) is self._block:  # a block cut off by the close
+            self._block = []
         chunks = self._chunks.pop(sid, None)
         if chunks:  # a DATA frame cut off by the close: never handed on, its credit back
             size = sum(len(c) for c in chunks)
@@ -904,6 +914,13 @@ def _on_header(_session: int, _frame: int, name: int, namelen: int, value: int,
     ref = _machines.get(key)
     machine = ref() if ref is not None else None
     if machine is None:
+        return ERR_CALLBACK_FAILURE
+    size = machine._block_size + namelen + valuelen + 32
+    machine._block_size = size
+    if size > HEADER_BLOCK_LIMIT:
+        if machine._error is None:
+            machine._error = h2.exceptions.ProtocolError(
+                f"a header block decodes to over {HEADER_BLOCK_LIMIT} bytes")
         return ERR_CALLBACK_FAILURE
     try:
         machine._block.append((_string_at(name, namelen), _string_at(value, valuelen)))

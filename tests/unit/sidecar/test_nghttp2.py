@@ -404,3 +404,35 @@ def test_streams_refused_past_the_limit_are_forgotten_when_they_close() -> None:
     pair.malformed(50)  # past the limit, and malformed: the library resets each itself
     pair.pump()
     assert ng.over_limit == set()
+
+
+def test_a_header_block_is_not_kept_once_handed_on() -> None:
+    """The fields of the block begun last are collected in one list: once the block is
+    handed on (or its stream closed mid-block) the connection keeps none of them. A
+    reviewer's finding: an idle connection held its last block, which HPACK lets a peer
+    make large for a few bytes on the wire (2,000 repeats of a 4,000-byte field in 5.5 kB)."""
+    pair = Pair(ng_client=False)
+    padded = [*REQUEST, *[(b"x-pad", b"v" * 4000)] * 50]
+    sid = pair.request(padded, end_stream=True)
+    (got,) = pair.of(pair.ng_events, h2.events.RequestReceived)
+    assert got.stream_id == sid and len(got.headers) == len(padded)
+    assert pair.ng._block == [] and pair.ng._heads == {}
+    # a block whose stream is reset before it ends: nothing of it is kept either
+    pair.peer.config.validate_outbound_headers = False
+    pair.peer.config.normalize_outbound_headers = False
+    pair.request([*REQUEST, (b"Bad", b"x")], end_stream=True)
+    assert pair.ng._block == [] and pair.ng._heads == {}
+
+
+def test_a_header_block_past_the_hard_limit_ends_the_connection_as_it_is_decoded() -> None:
+    """As ``h2``'s decoder does (HEADER_LIST_HARD_LIMIT): HPACK lets a peer repeat a field for
+    a byte or two each, so what a block decodes to is bounded while it is decoded, not
+    after (a reviewer's finding: 2,000 repeats of a 4,000-byte field decoded whole)."""
+    pair = Pair(ng_client=False)
+    huge = [*REQUEST, *[(b"x-pad", b"v" * 4000)] * 400]  # 1.6 MB decoded
+    pair.peer.send_headers(pair.peer.get_next_available_stream_id(), huge, end_stream=True)
+    wire = pair.peer.data_to_send()
+    assert len(wire) < 64 * 1024  # HPACK: the repeats cost next to nothing on the wire
+    with pytest.raises(h2.exceptions.ProtocolError, match="over 1048576 bytes"):
+        pair.ng.receive_data(wire)
+    assert sum(len(n) + len(v) + 32 for n, v in pair.ng._block) <= nghttp2.HEADER_BLOCK_LIMIT
