@@ -123,6 +123,22 @@ class H2Stream:
         """Whether :meth:`read` has an item already (it would not wait)."""
         return bool(self._inbox)
 
+    def take_whole(self, room: int) -> list[tuple[str, Any, int]] | None:
+        """Everything :meth:`read` would still return, taken out of the inbox, if the peer's
+        side has all come (its last item is its end or its trailers) and its DATA holds at
+        most ``room`` bytes; else None, nothing taken."""
+        inbox = self._inbox
+        if not inbox or inbox[-1][0] == "data" or sum(
+                len(payload) for kind, payload, _ in inbox if kind == "data") > room:
+            return None
+        items = list(inbox)
+        inbox.clear()
+        return items
+
+    def put_back(self, items: list[tuple[str, Any, int]]) -> None:
+        """Items :meth:`take_whole` took and nobody read: unread again, first in line."""
+        self._inbox.extendleft(reversed(items))
+
     def ack(self, size: int) -> None:
         """``size`` flow-controlled bytes were passed on (or dropped): give the peer that much
         credit. Also after the stream closed: the connection's window must get its share."""
@@ -150,6 +166,14 @@ class H2Stream:
 
     async def send_data(self, data: bytes, end_stream: bool = False) -> None:
         await self._conn.send_data(self, data, end_stream)
+
+    def send_framed(self, data: bytes, end_stream: bool = False) -> None:
+        self._conn.send_framed(self, data, end_stream)
+
+    def window_now(self) -> int | None:
+        """The bytes this stream may send now without waiting, or None when the socket is
+        full (:meth:`H2Connection.send_data` would wait for it)."""
+        return self._conn.window_now(self)
 
     def end(self) -> None:
         self._conn.send_data_now(self, b"", True)
@@ -387,6 +411,27 @@ class H2Connection(asyncio.Protocol):
             self.send_data_now(stream, bytes(view[:size]), end_stream and last)
             view = view[size:]
             if last:
+                return
+
+    def window_now(self, stream: H2Stream) -> int | None:
+        """:meth:`H2Stream.window_now`."""
+        self._check(stream)
+        if not self._writable.is_set():
+            return None
+        try:
+            return int(self.conn.local_flow_control_window(stream.id))
+        except H2_ERRORS as exc:
+            raise StreamGone(None, f"stream closed: {exc}") from exc
+
+    def send_framed(self, stream: H2Stream, data: bytes, end_stream: bool) -> None:
+        """:meth:`send_data` without waiting, for a caller that saw :meth:`window_now` take
+        it all: ``data`` queued now, in frames of the peer's size."""
+        frame = max(1, int(self.conn.max_outbound_frame_size))
+        view = memoryview(data)
+        while True:
+            chunk, view = view[:frame], view[frame:]
+            self.send_data_now(stream, bytes(chunk), end_stream and not view)
+            if not view:
                 return
 
     def _wake_starved(self) -> None:

@@ -47,7 +47,7 @@ from mesh.admission import RejectReason
 from sidecar.errors import UNREACHED, ErrorReason, HeaderDrop
 from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
-from sidecar.h2_proxy import pump_request
+from sidecar.h2_proxy import pump_at_once, pump_request
 from sidecar.h2_server import ServerStream
 from sidecar.h2_upload import (
     GrpcFraming,
@@ -286,9 +286,14 @@ class _Call:
             self.timer = loop.call_later(proxy.settings.upload_timeout, self.outlived_slot)
         try:
             try:
-                async with asyncio.timeout_at(head_by):
-                    upstream = await owner.upstreams.pool(owner.app).open_stream(
-                        self.app_headers(), False)
+                pool = owner.upstreams.pool(owner.app)
+                headers = self.app_headers()
+                ready = pool.open_ready(headers, False)  # a connection with room: no wait
+                if ready is not None:
+                    upstream = ready
+                else:
+                    async with asyncio.timeout_at(head_by):
+                        upstream = await pool.open_stream(headers, False)
             except (H2ConnectError, TimeoutError) as exc:
                 reason = (ErrorReason.CONNECT_ERROR if isinstance(exc, H2ConnectError)
                           else ErrorReason.CONNECT_TIMEOUT)
@@ -296,9 +301,11 @@ class _Call:
             except StreamGone as exc:
                 return await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
             self.upstream = upstream
+            pump: asyncio.Task[None] | None = None
             if upload is None or self.deadline is None:
-                pump = loop.create_task(pump_request(stream, upstream,
-                                                     trailers=self.caller_trailers))
+                if not pump_at_once(stream, upstream, None, self.caller_trailers):
+                    pump = loop.create_task(pump_request(stream, upstream,
+                                                         trailers=self.caller_trailers))
             else:
                 pump = loop.create_task(pump_upload(stream, upstream, upload, self.deadline,
                                                     self.framing,
@@ -307,7 +314,7 @@ class _Call:
             try:
                 first, finished = await self.relay(verdict, upstream, head_by, deadline)
             finally:
-                if not pump.done():
+                if pump is not None and not pump.done():
                     pump.cancel()
                 if upstream.closed is None:
                     upstream.reset(ErrorCodes.CANCEL)  # the caller went away: so does the call

@@ -324,8 +324,9 @@ class _Call:
         is relayed: a call is sent again only when it never reached an app."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(pump_request(stream, upstream, self.replay,
-                                             self.without_game_headers))
+        pump = None if pump_at_once(stream, upstream, self.replay, self.without_game_headers) \
+            else loop.create_task(pump_request(stream, upstream, self.replay,
+                                               self.without_game_headers))
         first: float | None = None  # when the answer's first message (or trailers) came
         recorded = False
         status: int | None = None  # grpc-status
@@ -356,9 +357,7 @@ class _Call:
                     # Not processed (RFC 9113 §8.7; or above the last stream of a GOAWAY):
                     # sent again if what went up is still at hand, else the app is told so.
                     self.outcome(sent, None, False, "refused-stream")
-                    pump.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pump
+                    await _stopped(pump)
                     if self.replay.complete:
                         return "refused-stream"
                     ctx.error_reason = "refused-stream"
@@ -380,9 +379,7 @@ class _Call:
             head, congestion = self.response_headers(head, ctx.game_response_headers)
             refusal = ctx.game_response_headers.get(REFUSED_KEY) if resend_refused else None
             if refusal is not None and refusal in REFUSALS:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
+                await _stopped(pump)
                 if self.replay.complete:  # dropped here (the stream is cancelled below)
                     recorded = True
                     self.outcome(sent, None, False, UPSTREAM_REFUSED, congestion=congestion,
@@ -471,7 +468,7 @@ class _Call:
                 self.cancelled(sent, first, deadline)
             raise
         finally:
-            if not pump.done():
+            if pump is not None and not pump.done():
                 pump.cancel()
             if upstream.closed is None:
                 upstream.reset(ErrorCodes.CANCEL)
@@ -683,6 +680,54 @@ class _Replay:
                 self.items.clear()
                 return
         self.items.append((kind, payload))
+
+
+async def _stopped(pump: asyncio.Task[None] | None) -> None:
+    """The request's pump stopped (None: it finished at once, :func:`pump_at_once`)."""
+    if pump is not None:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+
+
+def pump_at_once(stream: ServerStream, upstream: ClientStream, replay: _Replay | None,
+                 trailers: Callable[[Headers], Headers] | None = None) -> bool:
+    """:func:`pump_request`'s work done now, without a task, when none of it would wait (a
+    unary call's message and end came with its head): nothing to send again from an earlier
+    attempt, the app's whole request already read, and the upstream's socket and window
+    taking all of its body. True once done; False, nothing taken, for the task to do it."""
+    if replay is not None and replay.items:
+        return False
+    try:
+        window = upstream.window_now()
+    except StreamGone:
+        return False  # the task meets it, as before
+    items = None if window is None else stream.take_whole(window)
+    if items is None:
+        return False
+    for i, (kind, payload, size) in enumerate(items):
+        try:
+            if kind == "trailers" and trailers is not None:
+                payload = trailers(payload)
+            if replay is not None:
+                replay.add(kind, payload)
+            if kind == "data":
+                try:
+                    upstream.send_framed(payload)
+                finally:  # passed on or dropped: either way the app gets its credit back
+                    stream.ack(size)
+                continue
+            # the trailers or the end: the request ends here (the end item that follows the
+            # trailers, which carried END_STREAM, stays unread, as the task leaves it)
+            if kind == "trailers":
+                upstream.send_headers(payload, end_stream=True)
+            else:
+                upstream.end()
+        except StreamGone:  # either side went away: the exchange sees it and answers
+            pass
+        stream.put_back(items[i + 1:])  # what was not read stays, as the task leaves it
+        return True
+    return True
 
 
 async def pump_request(stream: ServerStream, upstream: ClientStream,
