@@ -301,17 +301,16 @@ class _Call:
             except StreamGone as exc:
                 return await self.app_failed(verdict, 502, ErrorReason.UPSTREAM_RESET, str(exc))
             self.upstream = upstream
-            pump: asyncio.Task[None] | None = None
-            if upload is None or self.deadline is None:
-                if not pump_at_once(stream, upstream, None, self.caller_trailers):
+            pump: asyncio.Task[None] | None = None  # None: it went up at once
+            try:
+                if upload is not None and self.deadline is not None:
+                    pump = loop.create_task(pump_upload(stream, upstream, upload, self.deadline,
+                                                        self.framing,
+                                                        proxy.settings.upload_timeout,
+                                                        proxy.clock, self.caller_trailers))
+                elif not pump_at_once(stream, upstream, None, self.caller_trailers):
                     pump = loop.create_task(pump_request(stream, upstream,
                                                          trailers=self.caller_trailers))
-            else:
-                pump = loop.create_task(pump_upload(stream, upstream, upload, self.deadline,
-                                                    self.framing,
-                                                    proxy.settings.upload_timeout,
-                                                    proxy.clock, self.caller_trailers))
-            try:
                 first, finished = await self.relay(verdict, upstream, head_by, deadline)
             finally:
                 if pump is not None and not pump.done():

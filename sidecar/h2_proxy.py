@@ -324,14 +324,15 @@ class _Call:
         is relayed: a call is sent again only when it never reached an app."""
         proxy, ctx, stream = self.proxy, self.ctx, self.stream
         loop = asyncio.get_running_loop()
-        pump = None if pump_at_once(stream, upstream, self.replay, self.without_game_headers) \
-            else loop.create_task(pump_request(stream, upstream, self.replay,
-                                               self.without_game_headers))
+        pump: asyncio.Task[None] | None = None  # None: none, or it went up at once
         first: float | None = None  # when the answer's first message (or trailers) came
         recorded = False
         status: int | None = None  # grpc-status
         congestion: float | None = None
         try:
+            if not pump_at_once(stream, upstream, self.replay, self.without_game_headers):
+                pump = loop.create_task(pump_request(stream, upstream, self.replay,
+                                                     self.without_game_headers))
             try:
                 limit = loop.time() + proxy.request_timeout
                 async with asyncio.timeout_at(limit if deadline is None
@@ -690,6 +691,17 @@ async def _stopped(pump: asyncio.Task[None] | None) -> None:
             await pump
 
 
+def _taken(kind: str, payload: Any, replay: _Replay | None,
+           trailers: Callable[[Headers], Headers] | None) -> Any:
+    """An item of the app's request as it goes up (its trailers filtered), kept for a
+    second attempt."""
+    if kind == "trailers" and trailers is not None:
+        payload = trailers(payload)
+    if replay is not None:
+        replay.add(kind, payload)
+    return payload
+
+
 def pump_at_once(stream: ServerStream, upstream: ClientStream, replay: _Replay | None,
                  trailers: Callable[[Headers], Headers] | None = None) -> bool:
     """:func:`pump_request`'s work done now, without a task, when none of it would wait (a
@@ -707,10 +719,7 @@ def pump_at_once(stream: ServerStream, upstream: ClientStream, replay: _Replay |
         return False
     for i, (kind, payload, size) in enumerate(items):
         try:
-            if kind == "trailers" and trailers is not None:
-                payload = trailers(payload)
-            if replay is not None:
-                replay.add(kind, payload)
+            payload = _taken(kind, payload, replay, trailers)
             if kind == "data":
                 try:
                     upstream.send_framed(payload)
@@ -748,10 +757,7 @@ async def pump_request(stream: ServerStream, upstream: ClientStream,
                 return
         while True:
             kind, payload, size = await stream.read()
-            if kind == "trailers" and trailers is not None:
-                payload = trailers(payload)
-            if replay is not None:
-                replay.add(kind, payload)
+            payload = _taken(kind, payload, replay, trailers)
             if kind == "data":
                 try:
                     await upstream.send_data(payload)

@@ -398,19 +398,6 @@ def test_a_dollar_in_long_paths_reaches_the_sidecar_as_written(value: str) -> No
     assert "s3cret" not in passed
 
 
-@pytest.mark.parametrize("value", ["watch", "/a b,/c", "/ok,relative", "/", "/w?x=1",
-                                   "/a/../b", ",".join(f"/p{i}" for i in range(65))])
-def test_malformed_long_paths_admit_the_pod_uninjected_with_a_clear_warning(value: str) -> None:
-    verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/long-paths": value})),
-                     CONFIG)
-    assert verdict.outcome is Outcome.INVALID_ANNOTATION
-    response = verdict.response["response"]
-    assert response["allowed"] is True and "patch" not in response
-    (warning,) = response["warnings"]
-    assert "annotation equilibrium.io/long-paths" in warning
-    assert "path prefixes such as /watch" in warning and "not injected" in warning
-
-
 def test_ipv6_modes_are_the_documented_three() -> None:
     assert IPV6_MODES == ("auto", "required", "off")
 
@@ -474,16 +461,29 @@ def test_updates_are_left_alone() -> None:
 
 
 # ---- annotations the injector cannot honour ---------------------------------------------------
-def test_unknown_strategy_admits_the_pod_uninjected_with_a_clear_warning() -> None:
-    verdict = decide(make_review(make_pod({**INJECT, "equilibrium.io/strategy": "greedy"})),
-                     CONFIG)
-    assert verdict.outcome is Outcome.INVALID_ANNOTATION
+def uninjected_warning(annotations: dict[str, str]) -> str:
+    """The one warning of a pod admitted unchanged for an annotation it cannot honour."""
+    verdict = decide(make_review(make_pod({**INJECT, **annotations})), CONFIG)
+    assert verdict.outcome is Outcome.INVALID_ANNOTATION  # counted as "invalid_annotation"
     response = verdict.response["response"]
     assert response["allowed"] is True and "patch" not in response
     (warning,) = response["warnings"]
+    assert "not injected" in warning
+    return str(warning)
+
+
+def test_unknown_strategy_admits_the_pod_uninjected_with_a_clear_warning() -> None:
+    warning = uninjected_warning({"equilibrium.io/strategy": "greedy"})
     assert "equilibrium.io/strategy='greedy'" in warning
     assert all(name in warning for name in STRATEGY_PROFILES)
-    assert "not injected" in warning
+
+
+@pytest.mark.parametrize("value", ["watch", "/a b,/c", "/ok,relative", "/", "/w?x=1",
+                                   "/a/../b", ",".join(f"/p{i}" for i in range(65))])
+def test_malformed_long_paths_admit_the_pod_uninjected_with_a_clear_warning(value: str) -> None:
+    warning = uninjected_warning({"equilibrium.io/long-paths": value})
+    assert "annotation equilibrium.io/long-paths" in warning
+    assert "path prefixes such as /watch" in warning
 
 
 @pytest.mark.parametrize("value", ["", "true", "on", "dual-stack", "Required", " off", "OFF"])
