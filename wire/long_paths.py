@@ -23,9 +23,9 @@ MAX_LONG_PATHS = 64
 
 
 def is_path(value: Any) -> bool:
-    """An absolute request path of printable ASCII, at most 256 characters."""
+    """An absolute request path of printable ASCII without spaces, at most 256 characters."""
     return (isinstance(value, str) and value.startswith("/") and len(value) <= 256
-            and value.isascii() and not any(c.isspace() for c in value))
+            and value.isascii() and value.isprintable() and " " not in value)
 
 
 def prefix_problem(value: Any) -> str | None:

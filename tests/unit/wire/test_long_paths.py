@@ -25,6 +25,9 @@ def test_the_comma_form_trims_and_leaves_blanks_out() -> None:
 @pytest.mark.parametrize(("value", "problem"), [
     ("watch", "not an absolute path"),
     ("/a b", "not an absolute path"),
+    ("/a\tb", "not an absolute path"),
+    ("/a\x01b", "not an absolute path"),
+    ("/a\x7fb", "not an absolute path"),
     ("/wätch", "not an absolute path"),
     ("/" + "a" * 256, "not an absolute path"),
     ("/", "the root would declare every request long"),
