@@ -13,7 +13,7 @@ from typing import Final, Literal
 # The names only: mesh.profiles would import numpy into every init container (via this module).
 from mesh.errors import ConfigError
 from mesh.profile_names import PROFILE_NAMES
-from wire.long_paths import parse_long_path_list
+from wire.long_paths import ANNOTATION, parse_long_path_list
 from wire.numerals import ascii_uint
 
 # ---- the annotation / label contract -----------------------------------------------------------
@@ -23,7 +23,7 @@ EXCLUDE_OUTBOUND_PORTS: Final = "equilibrium.io/exclude-outbound-ports"  # "5432
 EXCLUDE_INBOUND_PORTS: Final = "equilibrium.io/exclude-inbound-ports"  # "9090"
 APP_PORT: Final = "equilibrium.io/app-port"  # port the inbound listener forwards to
 IPV6: Final = "equilibrium.io/ipv6"  # one of IPV6_MODES: IPv6 interception by the init container
-LONG_PATHS: Final = "equilibrium.io/long-paths"  # "/watch,/v1/poll": the app's long requests
+LONG_PATHS: Final = ANNOTATION  # "/watch,/v1/poll": the app's long requests (wire.long_paths)
 STATUS: Final = "equilibrium.io/status"  # written by the injector: "injected"
 STATUS_INJECTED: Final = "injected"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"

@@ -291,11 +291,6 @@ def _guarded(name: str, method: Callable[..., int]) -> Callable[..., int]:
     begun, a header block begun, a frame received) without the general one's argument
     tuples."""
 
-    def failed(machine: NgConnection, exc: BaseException) -> int:
-        if machine._error is None:
-            machine._error = exc
-        return ERR_CALLBACK_FAILURE
-
     def on_frame(_session: int, frame: int, key: int) -> int:
         ref = _machines.get(key)
         machine = ref() if ref is not None else None
@@ -304,7 +299,7 @@ def _guarded(name: str, method: Callable[..., int]) -> Callable[..., int]:
         try:
             return method(machine, frame)
         except BaseException as exc:  # raised again by the caller of the library
-            return failed(machine, exc)
+            return _failed(machine, exc)
 
     def callback(*args: Any) -> int:
         ref = _machines.get(args[-1])
@@ -314,11 +309,18 @@ def _guarded(name: str, method: Callable[..., int]) -> Callable[..., int]:
         try:
             return method(machine, *args[1:-1])
         except BaseException as exc:  # raised again by the caller of the library
-            return failed(machine, exc)
+            return _failed(machine, exc)
 
     chosen = on_frame if method.__code__.co_argcount == 2 else callback
     chosen.__name__ = name
     return chosen
+
+
+def _failed(machine: NgConnection, exc: BaseException) -> int:
+    """A callback's error: the first one is kept, to be raised when the library returns."""
+    if machine._error is None:
+        machine._error = exc
+    return ERR_CALLBACK_FAILURE
 
 
 def _release(lib: Any, session: int | None, key: int) -> None:
@@ -918,16 +920,12 @@ def _on_header(_session: int, _frame: int, name: int, namelen: int, value: int,
     size = machine._block_size + namelen + valuelen + 32
     machine._block_size = size
     if size > HEADER_BLOCK_LIMIT:
-        if machine._error is None:
-            machine._error = h2.exceptions.ProtocolError(
-                f"a header block decodes to over {HEADER_BLOCK_LIMIT} bytes")
-        return ERR_CALLBACK_FAILURE
+        return _failed(machine, h2.exceptions.ProtocolError(
+            f"a header block decodes to over {HEADER_BLOCK_LIMIT} bytes"))
     try:
         machine._block.append((_string_at(name, namelen), _string_at(value, valuelen)))
     except BaseException as exc:  # raised again by the caller of the library
-        if machine._error is None:
-            machine._error = exc
-        return ERR_CALLBACK_FAILURE
+        return _failed(machine, exc)
     return 0
 
 

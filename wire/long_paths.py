@@ -20,6 +20,9 @@ from typing import Any
 
 MAX_LONG_PATHS = 64
 """Prefixes one declaration may list."""
+ANNOTATION = "equilibrium.io/long-paths"
+"""The Kubernetes annotation of a declaration in the comma form, on a Service (for its
+callers) or on a pod (for its own sidecar)."""
 
 
 def is_path(value: Any) -> bool:

@@ -19,12 +19,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wire.long_paths import parse_long_path_list
+from wire.long_paths import ANNOTATION, parse_long_path_list
 from wire.numerals import ascii_uint
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
-LONG_PATHS_ANNOTATION = "equilibrium.io/long-paths"
+LONG_PATHS_ANNOTATION = ANNOTATION
 """A Service's declared long requests (comma-separated path prefixes, :mod:`wire.long_paths`):
 its callers' sidecars learn nothing of a pod from how long they took (docs/routing.md,
 "Long polls")."""
