@@ -380,7 +380,7 @@ class SidecarRunner:
             sniff_timeout=limits.header_timeout, max_connections=limits.max_connections,
             http1=self._serve_inbound_http1,
             http1_limits=H1Limits(header_timeout=guards.limits.header_timeout,
-                                  idle_timeout=guards.limits.idle_timeout),
+                                  idle_timeout=guards.limits.idle_timeout, require_host=True),
             guards=guards)
 
     async def _check_app(self) -> None:
@@ -619,17 +619,23 @@ class SidecarRunner:
                  if name in before and list(before[name]) != list(endpoints)]
         for name in removed:
             self.metrics.outbound.forget_upstream(name)
-        # Only the upstreams change live; every other setting (listeners, policy, inbound,
-        # redis, the drain timeout the listeners were built with, ...) is kept as started.
-        self.config = dataclasses.replace(self.config, upstreams=new.upstreams,
-                                          long_paths=new.long_paths, sources=new.sources)
+        # Only the upstreams change live, with what the file declares of them (outside the
+        # mesh, long requests: sidecar.membership reads the running config at each request);
+        # every other setting (listeners, policy, inbound, redis, the drain timeout the
+        # listeners were built with, ...) is kept as started.
+        self.config = dataclasses.replace(
+            self.config, upstreams=new.upstreams, external_upstreams=new.external_upstreams,
+            long_paths=new.long_paths, sources=new.sources)
         self.metrics.config_reloads.labels("applied").inc()
+        origin = new.sources.get("upstreams")
         log.info(
-            "config reloaded: upstreams %s (added %s, removed %s; endpoints changed: %s)",
+            "config reloaded: upstreams %s (added %s, removed %s; endpoints changed: %s)%s",
             ", ".join(self.table.names()) or "(none)",
             ", ".join(sorted(added)) or "none",
             ", ".join(sorted(removed)) or "none",
             "; ".join(moved) or "none",
+            f"; they come from the {origin}, which overrides the config file's"
+            if origin in ("environment", "command line") else "",
         )
         if self.discovery is not None:  # the config may have released a name discovery wants
             try:
@@ -646,7 +652,8 @@ def _endpoint_change(before: Sequence[str], after: Sequence[str]) -> str:
     return " ".join([*(f"+{e}" for e in new), *(f"-{e}" for e in gone)]) or "reordered"
 
 
-LIVE_SETTINGS = frozenset({"upstreams", "long_paths", "sources", "config_file"})
+LIVE_SETTINGS = frozenset({"upstreams", "external_upstreams", "long_paths", "sources",
+                           "config_file"})
 """What a reload applies (``sources`` and ``config_file`` describe where settings came
 from); any other setting that changed is named in a warning and waits for a restart."""
 

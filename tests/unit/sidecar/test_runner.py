@@ -111,6 +111,52 @@ def test_a_reload_logs_the_endpoints_it_changed(
                          f"-{EPS[0]})")
 
 
+def test_a_reload_applies_which_upstreams_are_outside_the_mesh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The stranger's finding: an upstream added by a reload as `mesh: false` was still sent
+    # the signed identity, bids and probes until a restart (the reload applied the upstreams
+    # but not their declaration, and warned that it would wait for a restart).
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n")
+    source = ConfigSource.from_sources({"config": str(config_file)}, env={})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    assert runner.prober is not None
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n"
+                           f"  ext:\n    endpoints: [{EPS[1]}]\n    mesh: false\n")
+    caplog.set_level(logging.WARNING, logger="sidecar.runner")
+    assert runner.reload()
+    assert runner.config.external_upstreams == {"ext"}
+    assert runner.prober.membership.external("ext")
+    assert not runner.prober.membership.external("orders")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n  ext: [{EPS[1]}]\n")
+    assert runner.reload()
+    assert not runner.prober.membership.external("ext")  # in the mesh again
+
+
+def test_a_reload_says_where_its_upstreams_come_from_when_not_from_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The stranger's finding: with EQUILIBRIUM_UPSTREAMS set, an upstream added to the file
+    # was "reloaded" and stayed unknown, and nothing said why.
+    from sidecar.runner import SidecarRunner
+
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n")
+    source = ConfigSource.from_sources(
+        {"config": str(config_file)}, env={"EQUILIBRIUM_UPSTREAMS": f"orders={EPS[1]}"})
+    runner = SidecarRunner(source, source.load(), mesh_key=KEY)
+    config_file.write_text(f"upstreams:\n  orders: [{EPS[0]}]\n  users: [{EPS[2]}]\n")
+    caplog.set_level(logging.INFO, logger="sidecar.runner")
+    assert runner.reload()
+    assert set(runner.config.upstreams) == {"orders"}
+    [line] = [r.getMessage() for r in caplog.records if "config reloaded" in r.getMessage()]
+    assert line.endswith("they come from the environment, which overrides the config file's")
+
+
 @pytest.mark.parametrize("text", ["", "\n  \n", "# being rewritten\n"])
 def test_a_reload_refuses_a_config_file_with_nothing_in_it(tmp_path: Path, text: str) -> None:
     """The stranger's finding: a file caught empty mid-write (an editor, a ConfigMap sync)
