@@ -124,6 +124,7 @@ ENV_VARS: dict[str, str] = {
     "kube_token_file": "EQUILIBRIUM_KUBE_TOKEN_FILE",
 }
 TRUE = frozenset({"1", "true", "yes", "on"})
+FALSE = frozenset({"0", "false", "no", "off"})
 """Values of a switch's environment variable that turn it on (anything else: off)."""
 FILE_KEYS = frozenset(
     {
@@ -451,9 +452,16 @@ def _parse_int(value: Any, what: str, low: int, high: int) -> int:
     return number
 
 
-def _parse_switch(value: Any) -> bool:
-    """A switch: True from its flag, or its environment variable read as a boolean."""
-    return value is True or str(value).strip().lower() in TRUE
+def _parse_switch(value: Any, what: str) -> bool:
+    """A switch: a boolean (its flag, the file's true/false) or a word read as one (its
+    environment variable: 1/true/yes/on, 0/false/no/off); anything else is refused, not
+    read as off (a stranger's `hedge: ture` turned hedging off without a word)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE or text in FALSE:
+        return text in TRUE
+    raise ConfigError(f"{what}: must be true or false, got {_shown(value)}")
 
 
 def _parse_choice(value: Any, what: str, names: Sequence[str]) -> str:
@@ -580,7 +588,7 @@ def _validate_layer(raw: Mapping[str, Any], layer: str) -> dict[str, Any]:
             elif key == "source_address":
                 out[key] = _parse_source_address(value)
             elif key in ("transparent", "discovery", "hedge", "rescue"):
-                out[key] = _parse_switch(value)
+                out[key] = _parse_switch(value, key)
             elif key in ("discovery_namespaces", "kube_api", "kube_token_file"):
                 out[key] = str(value).strip()
     except ConfigError as exc:

@@ -177,9 +177,14 @@ def parse_policing(raw: Any) -> PolicingSettings:
                 f"policing: unknown key {key!r}; known: {', '.join(sorted(_TOP_KEYS))}"
             )
     get = {str(k).replace("-", "_"): v for k, v in raw.items()}.get
-    mode = str(get("mode", "equilibrium")).strip()
+    given = get("mode", "equilibrium")
+    # YAML 1.1 reads an unquoted `off` (and `no`, `false`) as false: the mode the docs write
+    # as `mode: off` arrives as a boolean
+    mode = "off" if given is False else str(given).strip()
     if mode not in MODES:
-        raise ValueError(f"policing.mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
+        hint = (" (an unquoted on/yes/true reads as a YAML boolean)" if given is True else "")
+        raise ValueError(f"policing.mode: unknown {mode!r}{hint}; choose one of "
+                         f"{', '.join(MODES)}")
     capacity_raw = get("capacity", "auto")
     capacity = (None if str(capacity_raw).strip() == "auto"
                 else _number(capacity_raw, "policing.capacity", low=1e-9))

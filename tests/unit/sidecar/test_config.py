@@ -349,3 +349,20 @@ def test_listeners_on_other_hosts_may_share_a_port() -> None:
     config = ConfigSource.from_sources(
         {"outbound": "127.0.0.1:15401", "admin": "127.0.0.2:15401"}, env={}).load()
     assert (config.outbound.port, config.admin.port) == (15401, 15401)
+
+
+@pytest.mark.parametrize("key", ["hedge", "rescue"])
+def test_a_switch_that_is_neither_true_nor_false_is_refused(tmp_path: Path, key: str) -> None:
+    # The stranger's finding: `hedge: ture` (or `rescue: enabled`) was read as off, silently
+    path = tmp_path / "c.yaml"
+    for bad in ("ture", "enabled", "[1]"):
+        path.write_text(f"{key}: {bad}\n")
+        with pytest.raises(ConfigError, match=f"{key}: must be true or false"):
+            ConfigSource.from_sources({"config": str(path)}, env={}).load()
+    for good, on in (("true", True), ("false", False), ("on", True), ("no", False)):
+        path.write_text(f"{key}: {good}\n")
+        loaded = ConfigSource.from_sources({"config": str(path)}, env={}).load()
+        assert getattr(loaded, key) is on
+    env = {f"EQUILIBRIUM_{key.upper()}": "sometimes"}
+    with pytest.raises(ConfigError, match=f"environment: {key}: must be true or false"):
+        ConfigSource.from_sources({}, env=env).load()

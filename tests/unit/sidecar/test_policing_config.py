@@ -94,6 +94,18 @@ def test_config_layers_carry_the_inbound_settings(tmp_path: Path) -> None:
         bad.load()
 
 
+@pytest.mark.parametrize("written", ["off", "Off", "no", "false"])
+def test_an_unquoted_off_is_the_off_mode(tmp_path: Path, written: str) -> None:
+    # The stranger's finding: `mode: off`, as the docs write it, is a YAML boolean, and was
+    # refused as "unknown 'False'"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"policing:\n  mode: {written}\n")
+    assert ConfigSource.from_sources({"config": str(path)}, env={}).load().policing.mode == "off"
+    path.write_text("policing:\n  mode: on\n")
+    with pytest.raises(ConfigError, match="reads as a YAML boolean"):
+        ConfigSource.from_sources({"config": str(path)}, env={}).load()
+
+
 def test_the_inbound_defences_are_settings() -> None:
     settings = parse_policing({"upload_timeout": 5, "upload_buffer": 1024, "header_timeout": 2,
                                "keepalive_timeout": 0, "max_connections": 10,
