@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -170,10 +169,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_options(parser, CONFIG_OPTIONS)
-    parser.add_argument(
-        "--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
+    logs.add_level_option(parser)
     logs.add_option(parser)
     parser.set_defaults(func=main)
 

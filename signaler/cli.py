@@ -70,8 +70,7 @@ def register(subparsers: Any) -> None:
                         help="lease time-to-live in epochs: how soon a standby takes over (3)")
     parser.add_argument("--seed", metavar="N", default=None,
                         help="seed of the configuration sampling (default: random)")
-    parser.add_argument("--log-level", default=os.environ.get("EQUILIBRIUM_LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    logs.add_level_option(parser)
     logs.add_option(parser)
     parser.set_defaults(func=main)
 

@@ -19,6 +19,8 @@ from typing import Final, TextIO
 
 FORMATS: Final = ("plain", "json")
 ENV: Final = "EQUILIBRIUM_LOG_FORMAT"
+LEVEL_ENV: Final = "EQUILIBRIUM_LOG_LEVEL"
+LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 PLAIN: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -57,14 +59,29 @@ def configure(level: str | int, log_format: str, *, plain: str = PLAIN,
 
 def start(program: str, level: str | int, log_format: str, *, plain: str = PLAIN) -> bool:
     """:func:`configure` for a command (``program``: its name in the message): False, the
-    reason printed on stderr, for a format that is none of :data:`FORMATS` (one from the
-    environment: argparse checks only flags)."""
+    reason printed on stderr, for a level that is none of :data:`LEVELS` or a format that is
+    none of :data:`FORMATS` (from the environment: argparse checks only flags)."""
+    if isinstance(level, str):
+        if level.strip().upper() not in LEVELS:
+            print(f"{program}: {LEVEL_ENV}: log level must be one of {', '.join(LEVELS)}, "
+                  f"got {level!r}", file=sys.stderr)
+            return False
+        level = level.strip().upper()
     try:
         configure(level, log_format, plain=plain)
     except ValueError as exc:
         print(f"{program}: {ENV}: {exc}", file=sys.stderr)
         return False
     return True
+
+
+def add_level_option(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` (any case; its default from :data:`LEVEL_ENV`, checked by
+    :func:`start`), for a service's command."""
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LEVELS,
+        default=os.environ.get(LEVEL_ENV, "INFO"),
+        help=f"the least severe lines written; env {LEVEL_ENV} (default INFO)")
 
 
 def current() -> str:

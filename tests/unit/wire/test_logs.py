@@ -58,3 +58,27 @@ def test_plain_lines_are_the_default_format(root: logging.Logger) -> None:
 def test_an_unknown_format_is_refused(root: logging.Logger) -> None:
     with pytest.raises(ValueError, match="plain, json"):
         logs.configure("INFO", "xml")
+
+
+def test_a_bad_level_from_the_environment_is_named_as_such(
+        root: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
+    # The stranger's finding: EQUILIBRIUM_LOG_LEVEL=verbose was reported as a bad
+    # EQUILIBRIUM_LOG_FORMAT, and a lower-case `debug` was refused
+    assert not logs.start("equilibrium sidecar", "verbose", "plain")
+    err = capsys.readouterr().err
+    assert err.startswith("equilibrium sidecar: EQUILIBRIUM_LOG_LEVEL: log level must be one")
+    assert logs.start("equilibrium sidecar", "debug", "plain")
+    assert root.level == logging.DEBUG
+    assert not logs.start("equilibrium sidecar", "INFO", "xml")
+    assert capsys.readouterr().err.startswith("equilibrium sidecar: EQUILIBRIUM_LOG_FORMAT:")
+
+
+def test_the_level_option_takes_any_case_and_its_default_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    monkeypatch.setenv(logs.LEVEL_ENV, "warning")
+    parser = argparse.ArgumentParser()
+    logs.add_level_option(parser)
+    assert parser.parse_args([]).log_level == "WARNING"
+    assert parser.parse_args(["--log-level", "debug"]).log_level == "DEBUG"
