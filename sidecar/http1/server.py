@@ -94,6 +94,10 @@ class H1Limits:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0: never
     max_head: int = DEFAULT_MAX_HEAD
+    #: an HTTP/1.1 request without Host is refused 400 (RFC 9112 §3.2): the inbound
+    #: listener's rule; the outbound one answers its own `no-host` (it routes by Host, and
+    #: takes a proxy's absolute-form target without one)
+    require_host: bool = False
 
 
 class TrailersTooLarge(Exception):
@@ -619,13 +623,18 @@ class H1Connection(asyncio.Protocol):
         if version not in ("1.1", "1.0"):
             raise HeadRefused(505, "version-not-supported")
         headers = _decode(self._raw_headers)
-        if len(headers.getall("Host", ())) > 1:
+        hosts = len(headers.getall("Host", ()))
+        if hosts > 1 or (hosts == 0 and version == "1.1" and self.limits.require_host):
             raise HeadRefused(400, "malformed")
         if (coding := headers.get("Transfer-Encoding")) is not None \
                 and coding.strip().lower() != "chunked":
             # another coding (gzip, chunked) would reach the upstream re-chunked without it:
             # refused, as nginx does
             raise HeadRefused(501, "transfer-coding-not-supported")
+        if coding is not None and version == "1.0":
+            # RFC 9112 §6.1: faulty framing (a request-smuggling pattern: an HTTP/1.0 peer
+            # on the way would read the body by its Content-Length, or to the end)
+            raise HeadRefused(400, "malformed")
         chunked = coding is not None  # (only "chunked" is let through above)
         length = headers.get("Content-Length")
         body_exists = chunked or (length is not None and length.strip() != "0")

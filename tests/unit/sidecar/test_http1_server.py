@@ -238,7 +238,11 @@ async def test_an_oversized_head_gets_431_whether_sent_at_once_or_in_parts(
     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     # RFC 9112 §3.2; the first Host won before (a helper's finding), as nginx refuses it
     b"GET / HTTP/1.1\r\nHost: users\r\nHost: other\r\n\r\n",
-], ids=["no-colon", "garbage", "bad-length", "length-and-chunked", "two-hosts"])
+    # RFC 9112 §6.1: chunked in HTTP/1.0 is faulty framing (it was forwarded: the stranger's
+    # finding)
+    b"POST / HTTP/1.0\r\nHost: users\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+], ids=["no-colon", "garbage", "bad-length", "length-and-chunked", "two-hosts",
+        "chunked-in-http-1.0"])
 async def test_a_malformed_request_gets_400_with_its_reason_and_is_counted(
     listener: MakeListener, request_bytes: bytes,
 ) -> None:
@@ -252,6 +256,31 @@ async def test_a_malformed_request_gets_400_with_its_reason_and_is_counted(
     assert rig.sample("equilibrium_http1_rejected_requests_total", reason="malformed") == 1
     assert rig.seen == []
     writer.close()
+
+
+async def test_a_listener_that_requires_host_refuses_an_http11_request_without_one(
+        listener: MakeListener) -> None:
+    # RFC 9112 §3.2: the inbound listener's rule (it forwarded such a request and made up a
+    # Host: the stranger's finding); the outbound listener answers its own `no-host`
+    strict = await listener(limits=H1Limits(require_host=True))
+    reader, writer = await strict.connect()
+    writer.write(b"GET /x HTTP/1.1\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert (status, json.loads(body)["reason"]) == (400, "malformed")
+    assert await closed(reader)
+    writer.close()
+    reader, writer = await strict.connect()
+    writer.write(b"GET /x HTTP/1.0\r\n\r\n")  # HTTP/1.0 needs no Host: routed (and refused
+    status, _, body = await read_response(reader)  # by the outbound proxy, for want of one)
+    assert (status, json.loads(body)["reason"]) == (400, "no-host")
+    writer.close()
+    lenient = await listener()
+    reader, writer = await lenient.connect()
+    writer.write(b"GET /x HTTP/1.1\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert (status, json.loads(body)["reason"]) == (400, "no-host")
+    writer.close()
+    assert strict.seen == [] and lenient.seen == []
 
 
 async def test_a_transfer_coding_besides_chunked_is_refused_501(
