@@ -300,8 +300,10 @@ class SidecarMetrics:
         )
         self.malformed_requests = Counter(
             "equilibrium_malformed_requests",
-            "HTTP/1.1 requests a listener refused as unparseable (answered 400 and closed), "
-            "by kind (sidecar.log_guard)", ["kind"], registry=r,
+            "HTTP/1.1 requests a listener on aiohttp (the admin listener) refused as "
+            "unparseable (answered 400 and closed), by kind (sidecar.log_guard); the outbound "
+            "and inbound listeners count theirs in *http1_rejected_requests", ["kind"],
+            registry=r,
         )
 
     def render(self) -> bytes:
