@@ -160,6 +160,10 @@ class EndpointStats:
     congestion: float = 0.0
     ejected_until: float = -math.inf
     ejections: int = 0
+    # ejections since the endpoint was added, for failures and for hanging (never reset:
+    # the metrics and the log read them; ``ejections``/``stall_ejections`` count in a row)
+    failure_ejections_total: int = 0
+    hang_ejections_total: int = 0
     # A failure of a request sent before ``fresh_from`` is what the last ejection was for
     # (finish()): it is set when an ejection begins, and moved to the sending of the first
     # request that succeeds after it (``readmitting`` until then), which starts the latency

@@ -229,6 +229,8 @@ class _MeasuredPolicy(ABC):
                 usable=self._usable_mask[i] if i < len(self._usable_mask) else True,
                 stalled=self.stats[e].stall_counted,
                 long_in_flight=self.stats[e].long_in_flight,
+                ejected=(self.stats[e].failure_ejections_total,
+                         self.stats[e].hang_ejections_total),
             )
             for i, e in enumerate(self.endpoints)
         ]
@@ -722,6 +724,10 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 s.ejected_until = now + (p.eject_base * 2 ** min(s.ejections, 3) if failing
                                          else STALL_EJECTION)
                 s.stall_ejections += not failing
+                if failing:
+                    s.failure_ejections_total += 1
+                else:
+                    s.hang_ejections_total += 1
                 s.fresh_from, s.readmitting = now, True
                 s.long_probation_sent = -math.inf
                 # what it still holds is what the ejection was for: only what is sent after

@@ -94,6 +94,7 @@ class EndpointView:
     usable: bool = True  # not ejected nor draining (as of the last tick)
     stalled: float = 0.0  # seconds its unanswered requests waited, counted at the last tick
     long_in_flight: int = 0  # declared long requests waiting there (apart from in_flight)
+    ejected: tuple[int, int] = (0, 0)  # ejections so far: for failures, for hanging
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,6 +164,14 @@ class OutboundMetrics:
             "equilibrium_latency_estimate_seconds", "The policy's latency estimate per endpoint",
             ["upstream", "endpoint"], registry=r,
         )
+        self.ejections = Counter(
+            "equilibrium_endpoint_ejections",
+            "Endpoints taken out of use by the policy, by reason (failures: its requests "
+            "failed in a row, out for 10 s doubling; hung: it left requests unanswered, out "
+            "for 5 s); counted at the policy's tick",
+            ["upstream", "endpoint", "reason"], registry=r,
+        )
+        self._ejected: dict[tuple[str, str], tuple[int, int]] = {}
         self.nash_gap = Gauge(
             "equilibrium_nash_gap", "Wardrop/Nash gap of the current routing", ["upstream"],
             registry=r,
@@ -222,6 +230,14 @@ class OutboundMetrics:
             self.route_weight.labels(upstream, view.endpoint).set(view.weight)
             self.regret.labels(upstream, view.endpoint).set(view.regret)
             self.latency_estimate.labels(upstream, view.endpoint).set(view.latency_estimate)
+            key = (upstream, view.endpoint)
+            before = self._ejected.get(key, (0, 0))
+            if view.ejected != before:
+                for reason, now_, then in zip(("failures", "hung"), view.ejected, before,
+                                              strict=True):
+                    if now_ > then:
+                        self.ejections.labels(upstream, view.endpoint, reason).inc(now_ - then)
+                self._ejected[key] = view.ejected
         for gone in self._endpoint_labels.get(upstream, set()) - seen:
             self._remove_endpoint(upstream, gone)
         self._endpoint_labels[upstream] = seen
@@ -237,6 +253,10 @@ class OutboundMetrics:
         for gauge in (self.route_weight, self.regret, self.latency_estimate):
             with contextlib.suppress(KeyError):
                 gauge.remove(upstream, endpoint)
+        self._ejected.pop((upstream, endpoint), None)
+        for reason in ("failures", "hung"):
+            with contextlib.suppress(KeyError):
+                self.ejections.remove(upstream, endpoint, reason)
 
 
 class CallerMetrics:

@@ -17,7 +17,8 @@ before it was ever in rotation. Each line says why, from the snapshot: the endpo
 latency estimate against the best one's, its failures among its requests of the last
 :data:`WINDOW` seconds, whether it is out of use (ejected or draining: its share is nothing
 and it does not count among the usable endpoints), and whether the signaler's plan was
-being followed.
+being followed. An ejection (failures in a row, or a hang) is said at once, whatever the
+shares: a hang's is over in seconds, before any share could stay past a mark for the dwell.
 
 Pure bookkeeping: :class:`ShiftLog` returns the lines; the runner logs them (INFO).
 """
@@ -46,6 +47,7 @@ class _Seen:
     shunned: bool = False  # a "shifted off" line was the last said
     crossing_since: float | None = None  # when the share went past the mark it is heading to
     counts: deque[tuple[float, int, int]] = field(default_factory=deque)  # (at, requests, fails)
+    ejected: tuple[int, int] = (0, 0)  # its ejections (failures, hung) at the last snapshot
 
     def recent(self, view: EndpointView, now: float) -> tuple[int, int]:
         """Requests and failures of the last WINDOW seconds (counts are cumulative)."""
@@ -101,6 +103,16 @@ class ShiftLog:
                 # one added later ramps in from nothing (not "shifted off")
                 state = seen[view.endpoint] = _Seen(in_rotation=first)
             requests, failures = state.recent(view, now)
+            if view.ejected != state.ejected:  # said at once: a short ejection (a hang's
+                # 5 s) is over before any share could stay past a mark for the dwell
+                failing = view.ejected[0] > state.ejected[0]
+                hung = view.ejected[1] > state.ejected[1]
+                state.ejected = view.ejected
+                if failing or hung:
+                    why = ("its requests failed in a row" if failing
+                           else "hung: it left requests unanswered")
+                    lines.append(f"upstream {upstream}: {view.endpoint} ejected ({why}; "
+                                 f"{_why(view, best, requests, failures, snapshot)})")
             if usable < 2 and out_of_use == 0:  # a lone endpoint has nowhere to shift to
                 state.crossing_since = None
                 continue

@@ -83,6 +83,7 @@ equilibrium_inbound_slow_uploads counter caller,outcome
 equilibrium_inbound_stripped_headers counter source
 equilibrium_inbound_voided_bids counter -
 equilibrium_latency_estimate_seconds gauge upstream,endpoint
+equilibrium_endpoint_ejections counter upstream,endpoint,reason
 equilibrium_listener_timeouts counter phase
 equilibrium_malformed_requests counter kind
 equilibrium_nash_gap gauge upstream

@@ -194,3 +194,48 @@ def test_with_two_endpoints_the_caps_floor_is_as_far_as_traffic_goes() -> None:
     run(many, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
     [line] = run(many, snap({A: 0.33, B: 0.33, C: 0.33, D: 0.01}), 3, DWELL + 2)
     assert "anti-herd" not in line
+
+
+def test_an_ejection_is_said_at_once_however_short() -> None:
+    # The stranger's finding: a hung pod ejected for 5 s left no line (the shares' lines
+    # need a 10 s dwell) and no metric; only its requests' timeouts showed, 15 s later.
+    log = ShiftLog()
+    run(log, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
+
+    def ejected(counts: tuple[int, int]) -> PolicySnapshot:
+        views = [EndpointView(e, 0.0 if e == D else 1 / 3, 0.012, 0.0, 3 if e == D else 0,
+                              100, 0, usable=e != D, stalled=1.5 if e == D else 0.0,
+                              ejected=counts if e == D else (0, 0))
+                 for e in (A, B, C, D)]
+        return PolicySnapshot("equilibrium", {v.endpoint: v.weight for v in views}, views,
+                              usable=3)
+
+    [line] = log.observe("svc", ejected((0, 1)), 3)
+    assert line.startswith(f"upstream svc: {D} ejected (hung: it left requests unanswered; ")
+    assert log.observe("svc", ejected((0, 1)), 4) == []  # once
+    [line] = log.observe("svc", ejected((1, 1)), 5)
+    assert line.startswith(f"upstream svc: {D} ejected (its requests failed in a row; ")
+
+
+def test_ejections_are_counted_by_reason_from_the_snapshots() -> None:
+    from sidecar.metrics import SidecarMetrics
+
+    metrics = SidecarMetrics()
+
+    def seen(counts: tuple[int, int]) -> None:
+        views = [EndpointView(A, 1.0, 0.01, 0.0, 0, 10, 0, ejected=counts)]
+        metrics.outbound.observe_snapshot("svc", PolicySnapshot("equilibrium", {A: 1.0}, views))
+
+    def count(reason: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "equilibrium_endpoint_ejections_total",
+            {"upstream": "svc", "endpoint": A, "reason": reason})
+
+    seen((0, 0))
+    assert count("hung") is None
+    seen((0, 2))
+    seen((1, 2))
+    seen((1, 2))
+    assert (count("failures"), count("hung")) == (1.0, 2.0)
+    metrics.outbound.forget_upstream("svc")
+    assert count("hung") is None
