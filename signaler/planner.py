@@ -13,7 +13,13 @@ docs/signaling.md, "How the plan is made"; the herding runs behind them: docs/be
    sum over sidecars of rate x share there; latency = the request-weighted mean plus
    ``failure_penalty`` x the failure rate. ``d + 1/(mu - load)`` (:mod:`signaler.latency_model`)
    is fitted over the last ``history`` observations with the previous fit as prior; an endpoint
-   never observed borrows the others' median model.
+   never observed borrows the others' median model. An endpoint that no request reached for
+   ``forget_after`` seconds while others were observed is forgotten (history and fit) and
+   planned as one never observed: what was learned of it is that old, and nothing newer will
+   come while the plan keeps it out (the sidecars' probes, not requests, explore it). Each
+   sidecar still holds the plan against its own evidence (:mod:`mesh.policies`, a
+   recommendation contradicted by fresh outcomes or probe answers is overruled), and its
+   ramp governs how fast traffic comes back.
 2. Trust region (:meth:`UpstreamView.capacity_cap`, :func:`capped`). ``mu`` is capped at
    ``capacity_headroom`` x the busiest load seen (at least an even share of the demand), and
    never below ``x + 1/l`` for that busiest observation (load ``x``, latency ``l``), so the cap
@@ -65,6 +71,9 @@ from signaler.tokens import quantise_demand, sample_configuration, steady_deal
 from wire.summary import RegretSummary
 
 DEFAULT_HISTORY = 60
+#: Epochs without an observation of an endpoint (while others are observed) after which its
+#: history and fit are forgotten (rule 1).
+DEFAULT_FORGET_EPOCHS = 10
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 1.5
 DEFAULT_STABILITY = 0.02
@@ -99,6 +108,8 @@ class UpstreamView:
     freshness: float
     history: int = DEFAULT_HISTORY
     failure_penalty: float = DEFAULT_FAILURE_PENALTY
+    #: seconds without an observation after which an endpoint is forgotten (rule 1)
+    forget_after: float = float(DEFAULT_FORGET_EPOCHS)
     latest: dict[str, RegretSummary] = field(default_factory=dict)
     observations: dict[str, deque[Observation]] = field(default_factory=dict)
     models: dict[str, LatencyModel] = field(default_factory=dict)
@@ -108,6 +119,8 @@ class UpstreamView:
     #: (now, number of changes to ``latest``) -> the fresh summaries then (one sort per epoch)
     _fresh: tuple[float, int, list[RegretSummary]] | None = None
     _changes: int = 0
+    #: when each endpoint with a history was last observed
+    _observed_at: dict[str, float] = field(default_factory=dict)
 
     def offer(self, summary: RegretSummary) -> bool:
         """Keep ``summary`` if it is the sidecar's newest; True if it was kept."""
@@ -179,7 +192,18 @@ class UpstreamView:
         for endpoint, weight in count.items():
             series = self.observations.setdefault(endpoint, deque(maxlen=self.history))
             series.append(Observation(load[endpoint], latency_sum[endpoint] / weight, weight))
+            self._observed_at[endpoint] = now
             self._refit(endpoint)
+        if count:
+            self._forget_unobserved(now)
+
+    def _forget_unobserved(self, now: float) -> None:
+        """Forget the endpoints not observed for ``forget_after`` seconds (rule 1)."""
+        for endpoint, at in list(self._observed_at.items()):
+            if now - at > self.forget_after:
+                del self._observed_at[endpoint]
+                self.observations.pop(endpoint, None)
+                self.models.pop(endpoint, None)
 
     def _refit(self, endpoint: str) -> None:
         series = self.observations[endpoint]

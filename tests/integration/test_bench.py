@@ -121,18 +121,22 @@ def test_signaler_scale_measures_the_signaler_against_publishing_sidecars(tmp_pa
 
 @pytest.mark.slow
 def test_recovery_reports_the_heal_for_the_mesh_and_the_oracle(tmp_path: Path) -> None:
+    # the mesh as deployed: probes, and the callers following a signaler the run starts
     proc = _run(["--scenario", "recovery", "--duration", "16", "--clients", "2", "--policies",
-                 "equilibrium+probes,oracle", "--out", "results"], tmp_path)
+                 "equilibrium-ce+probes,oracle", "--out", "results"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting the signaling plane" in proc.stdout + proc.stderr
     doc = json.loads((tmp_path / "results" / "recovery.json").read_text())
-    mesh, oracle = (doc["data"]["contenders"][name] for name in ("equilibrium+probes", "oracle"))
+    mesh, oracle = (doc["data"]["contenders"][name]
+                    for name in ("equilibrium-ce+probes", "oracle"))
     assert mesh["probes_per_s"] > 0 and mesh["errors"] == 0 and oracle["errors"] == 0
     assert mesh["healed_share_series"]  # windows after the heal were measured
     assert oracle["time_to_fair"] is None  # the oracle never routes to the bad pod
     assert oracle["bad_share_before"] == 0.0
     assert mesh["largest_share"] <= 0.8 + 0.1  # the 80 % cap, with 1 s sampling noise
     md = (tmp_path / "results" / "recovery.md").read_text()
-    assert "| equilibrium+probes |" in md and "to 80 % of fair share" in md
+    assert "| equilibrium-ce+probes |" in md and "to 80 % of fair share" in md
+    assert "targets (issue 12) for equilibrium-ce+probes" in md
     assert "failed / requests" in md and f"| 0 / {mesh['requests']} |" in md
 
 

@@ -11,7 +11,9 @@ With the pods behind inbound sidecars (the mesh case: every request crosses a se
 - ``peak-ewma+sidecars`` — Linkerd's balancer in front of the same inbound sidecars (it
   ignores probes): the like-for-like baseline of the mesh case;
 - ``oracle+sidecars`` — ``equilibrium`` given only the good pods, each behind its inbound
-  sidecar as in ``equilibrium+probes``: the like-for-like reference (the same extra hop).
+  sidecar as in ``equilibrium+probes``: the like-for-like reference (the same extra hop);
+- ``equilibrium-ce+probes`` — ``equilibrium+probes`` with the client sidecars following a
+  signaler (the caller starts it, :data:`SIGNALED`): the whole mesh as deployed.
 
 With the pods reached directly (nothing answers a probe):
 
@@ -31,15 +33,20 @@ from collections.abc import Sequence
 from equilibrium.lab.bench.scenarios import BenchContext
 from equilibrium.lab.processes import free_port
 from equilibrium.lab.sidecars import Sidecar
+from equilibrium.lab.signaling_plane import SignalingPlane
 
 PROBES = "equilibrium+probes"
+CE_PROBES = "equilibrium-ce+probes"
 ORACLE = "oracle"
 MESH_ORACLE = "oracle+sidecars"
 MESH_PEAK = "peak-ewma+sidecars"
 HEDGING = "equilibrium+hedging"
-PSEUDO = (PROBES, ORACLE, MESH_ORACLE, MESH_PEAK, HEDGING)
-MESH_GROUP = (PROBES, MESH_PEAK, MESH_ORACLE)
+PSEUDO = (PROBES, ORACLE, MESH_ORACLE, MESH_PEAK, HEDGING, CE_PROBES)
+MESH_GROUP = (PROBES, MESH_PEAK, MESH_ORACLE, CE_PROBES)
 """The contenders whose pods are behind inbound sidecars."""
+SIGNALED = (CE_PROBES,)
+"""The contenders whose client sidecars follow a signaler (its plane keyed with
+:data:`MESH_KEY`, so that the probes and the signals share the mesh key)."""
 DIRECT_GROUP = (HEDGING, "equilibrium", "peak-ewma", ORACLE)
 """The contenders that reach the pods directly."""
 MESH_KEY = "bench-mesh-key-for-probes-0123456789abcdef"
@@ -51,9 +58,13 @@ def client_id(contender: str, index: int) -> str:
 
 
 async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
-                bad: Sequence[int]) -> tuple[str, list[str], list[Sidecar], dict[str, str] | None]:
+                bad: Sequence[int], plane: SignalingPlane | None = None,
+                ) -> tuple[str, list[str], list[Sidecar], dict[str, str] | None]:
     """(the policy the client sidecars run, the URLs they route to, the inbound sidecars to
-    stop afterwards, the environment of the client sidecars)."""
+    stop afterwards, the environment of the client sidecars). A contender of
+    :data:`SIGNALED` joins ``plane`` (ValueError without one)."""
+    if contender in SIGNALED and plane is None:
+        raise ValueError(f"{contender} needs a signaling plane (keyed with mesh_pods.MESH_KEY)")
     if contender == ORACLE:
         return "equilibrium", [u for i, u in enumerate(pod_urls) if i not in bad], [], None
     if contender == HEDGING:
@@ -63,6 +74,11 @@ async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
     if contender == MESH_ORACLE:
         pod_urls = [u for i, u in enumerate(pod_urls) if i not in bad]
     env = {"EQUILIBRIUM_MESH_SECRET": MESH_KEY}
+    if contender in SIGNALED and plane is not None:
+        env = {**env, **plane.sidecar_env(),
+               "EQUILIBRIUM_SIGNALING_EPOCH": repr(float(plane.epoch))}
+        if env["EQUILIBRIUM_MESH_SECRET"] != MESH_KEY:
+            raise ValueError(f"{contender}: the signaling plane must be keyed with MESH_KEY")
     config = ctx.logs / "inbound.json"
     config.write_text(json.dumps({"policing": {"mode": "off", "app_check_path": "/"}}))
     started: list[Sidecar] = []

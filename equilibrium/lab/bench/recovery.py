@@ -12,6 +12,8 @@ one after another on the same pods (fleet reset, same seed):
   sidecars probe the pods (docs/protocol.md, "Probes"), so nothing explores the bad pod with
   user requests; ``peak-ewma+sidecars`` — Linkerd's balancer through the same hop;
   ``oracle+sidecars`` — ``equilibrium`` given only the good pods, through the same hop;
+  ``equilibrium-ce+probes`` — the mesh as deployed: ``equilibrium+probes`` with the client
+  sidecars following a signaler (embedded Redis, started once for the run when named);
 - with the pods reached directly (nothing answers a probe): ``equilibrium+hedging`` — the
   exploration floor, hedged (docs/routing.md, "Hedged exploration"); ``equilibrium`` — the
   floor unhedged, as before issue 12; ``peak-ewma``; ``oracle`` — ``equilibrium`` given only
@@ -38,11 +40,13 @@ import aiohttp
 from equilibrium.lab import analysis
 from equilibrium.lab.bench import mesh_pods
 from equilibrium.lab.bench.harness import LoadResult, LoadTarget, drive_load
+from equilibrium.lab.bench.herding import CONTROL_NICE
 from equilibrium.lab.bench.report import ms, pct, secs
 from equilibrium.lab.bench.scenarios import BenchContext, Scenario, ScenarioResult, Table
 from equilibrium.lab.fleet import Fleet
 from equilibrium.lab.loadgen import percentile
 from equilibrium.lab.sidecars import Sidecar, start_sidecars
+from equilibrium.lab.signaling_plane import SignalingPlane
 
 UPSTREAM = "demo"
 CONTENDERS = (*mesh_pods.MESH_GROUP, *mesh_pods.DIRECT_GROUP)
@@ -91,17 +95,25 @@ class Recovery(Scenario):
         fleet = await Fleet.start(["--pods", str(pods), "--bad", str(bad), "--seed",
                                    str(args.seed)], stderr_path=str(ctx.logs / "fleet.log"))
         results: dict[str, dict[str, Any]] = {}
+        plane: SignalingPlane | None = None
         try:
+            if set(args.policies) & set(mesh_pods.SIGNALED):
+                ctx.say("starting the signaling plane (embedded Redis, signaler)")
+                plane = SignalingPlane(ctx.logs, mesh_key=mesh_pods.MESH_KEY,
+                                       nice=CONTROL_NICE)
+                await plane.start()
             for step, contender in enumerate(args.policies, start=1):
                 ctx.say(f"[{step}/{len(args.policies)}] {contender}: {args.clients} clients × "
                         f"{args.rate:g} req/s for {args.duration:g} s, {names[bad]} heals at "
                         f"{heal_at:g} s")
-                m = await self._one_run(ctx, fleet, contender, bad, heal_at)
+                m = await self._one_run(ctx, fleet, contender, bad, heal_at, plane)
                 results[contender] = m
                 ctx.say(f"    {contender}: to fair share {secs(m['time_to_fair'])}, largest "
                         f"share {pct(m['largest_share'])}, p99 recovery "
                         f"{ms(m['p99_recovery'])} vs steady {ms(m['p99_steady'])}")
         finally:
+            if plane is not None:
+                await plane.stop()
             await fleet.stop()
         return ScenarioResult(
             parameters=params, tables=[self._table(results), *self._targets(results)],
@@ -110,12 +122,13 @@ class Recovery(Scenario):
         )
 
     async def _one_run(self, ctx: BenchContext, fleet: Fleet, contender: str, bad: int,
-                       heal_at: float) -> dict[str, Any]:
+                       heal_at: float, plane: SignalingPlane | None) -> dict[str, Any]:
         args = ctx.args
         await fleet.reset(seed=args.seed)
         # it healed in the previous contender's run
         await fleet.control(bad, bad=True, **FAULTS[args.recovery_fault])
-        policy, urls, inbound, env = await mesh_pods.setup(ctx, contender, fleet.urls, [bad])
+        policy, urls, inbound, env = await mesh_pods.setup(ctx, contender, fleet.urls, [bad],
+                                                               plane)
         try:
             clients = await start_sidecars(
                 [mesh_pods.client_id(contender, c) for c in range(args.clients)],
@@ -183,6 +196,7 @@ class Recovery(Scenario):
         tables = []
         for subject, oracle_name, peak_name in (
                 (mesh_pods.PROBES, mesh_pods.MESH_ORACLE, mesh_pods.MESH_PEAK),
+                (mesh_pods.CE_PROBES, mesh_pods.MESH_ORACLE, mesh_pods.MESH_PEAK),
                 (mesh_pods.HEDGING, mesh_pods.ORACLE, "peak-ewma")):
             m = results.get(subject)
             if m is None:
