@@ -125,7 +125,8 @@ ENV_VARS: dict[str, str] = {
 }
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"0", "false", "no", "off"})
-"""Values of a switch's environment variable that turn it on (anything else: off)."""
+"""Words a switch's value may be (its environment variable, or a quoted word in the file):
+on, or off; anything else is refused (_parse_switch)."""
 FILE_KEYS = frozenset(
     {
         "id", "outbound", "admin", "upstreams", "strategy", "policy", "drain_timeout",

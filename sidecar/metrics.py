@@ -231,7 +231,7 @@ class OutboundMetrics:
             self.regret.labels(upstream, view.endpoint).set(view.regret)
             self.latency_estimate.labels(upstream, view.endpoint).set(view.latency_estimate)
             key = (upstream, view.endpoint)
-            before = self._ejected.get(key, (0, 0))
+            before = self._ejected.setdefault(key, view.ejected)  # first seen: the baseline
             if view.ejected != before:
                 for reason, now_, then in zip(("failures", "hung"), view.ejected, before,
                                               strict=True):

@@ -100,8 +100,10 @@ class ShiftLog:
         for view in views:
             state = seen.get(view.endpoint)
             if state is None:  # at the upstream's start every endpoint is in rotation;
-                # one added later ramps in from nothing (not "shifted off")
-                state = seen[view.endpoint] = _Seen(in_rotation=first)
+                # one added later ramps in from nothing (not "shifted off"); its ejections
+                # so far are not news (one removed and added back keeps its stats while it
+                # still has requests in flight: a review's finding)
+                state = seen[view.endpoint] = _Seen(in_rotation=first, ejected=view.ejected)
             requests, failures = state.recent(view, now)
             if view.ejected != state.ejected:  # said at once: a short ejection (a hang's
                 # 5 s) is over before any share could stay past a mark for the dwell

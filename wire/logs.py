@@ -20,7 +20,9 @@ from typing import Final, TextIO
 FORMATS: Final = ("plain", "json")
 ENV: Final = "EQUILIBRIUM_LOG_FORMAT"
 LEVEL_ENV: Final = "EQUILIBRIUM_LOG_LEVEL"
-LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""The levels ``--log-level`` offers; the environment may also use ``logging``'s other names
+for them (WARN, FATAL), as before it was checked."""
 PLAIN: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -62,11 +64,12 @@ def start(program: str, level: str | int, log_format: str, *, plain: str = PLAIN
     reason printed on stderr, for a level that is none of :data:`LEVELS` or a format that is
     none of :data:`FORMATS` (from the environment: argparse checks only flags)."""
     if isinstance(level, str):
-        if level.strip().upper() not in LEVELS:
+        name = level.strip().upper()
+        if not isinstance(logging.getLevelNamesMapping().get(name), int) or name == "NOTSET":
             print(f"{program}: {LEVEL_ENV}: log level must be one of {', '.join(LEVELS)}, "
                   f"got {level!r}", file=sys.stderr)
             return False
-        level = level.strip().upper()
+        level = name
     try:
         configure(level, log_format, plain=plain)
     except ValueError as exc:
@@ -80,7 +83,7 @@ def add_level_option(parser: argparse.ArgumentParser) -> None:
     :func:`start`), for a service's command."""
     parser.add_argument(
         "--log-level", type=str.upper, choices=LEVELS,
-        default=os.environ.get(LEVEL_ENV, "INFO"),
+        default=os.environ.get(LEVEL_ENV, "").strip() or "INFO",  # empty: unset
         help=f"the least severe lines written; env {LEVEL_ENV} (default INFO)")
 
 

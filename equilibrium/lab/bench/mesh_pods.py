@@ -74,10 +74,11 @@ async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
     if contender == MESH_ORACLE:
         pod_urls = [u for i, u in enumerate(pod_urls) if i not in bad]
     env = {"EQUILIBRIUM_MESH_SECRET": MESH_KEY}
+    callers = env  # the client sidecars' environment; the inbound ones never join a plane
     if contender in SIGNALED and plane is not None:
-        env = {**env, **plane.sidecar_env(),
-               "EQUILIBRIUM_SIGNALING_EPOCH": repr(float(plane.epoch))}
-        if env["EQUILIBRIUM_MESH_SECRET"] != MESH_KEY:
+        callers = {**env, **plane.sidecar_env(),
+                   "EQUILIBRIUM_SIGNALING_EPOCH": repr(float(plane.epoch))}
+        if callers["EQUILIBRIUM_MESH_SECRET"] != MESH_KEY:
             raise ValueError(f"{contender}: the signaling plane must be keyed with MESH_KEY")
     config = ctx.logs / "inbound.json"
     config.write_text(json.dumps({"policing": {"mode": "off", "app_check_path": "/"}}))
@@ -95,4 +96,4 @@ async def setup(ctx: BenchContext, contender: str, pod_urls: Sequence[str],
         for s in started:
             await s.stop()
         raise
-    return ("peak-ewma" if contender == MESH_PEAK else "equilibrium"), urls, started, env
+    return ("peak-ewma" if contender == MESH_PEAK else "equilibrium"), urls, started, callers

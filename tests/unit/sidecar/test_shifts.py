@@ -215,6 +215,9 @@ def test_an_ejection_is_said_at_once_however_short() -> None:
     assert log.observe("svc", ejected((0, 1)), 4) == []  # once
     [line] = log.observe("svc", ejected((1, 1)), 5)
     assert line.startswith(f"upstream svc: {D} ejected (its requests failed in a row; ")
+    log.keep(set())  # the upstream removed, and added back with the same stats: no news
+    run(log, snap({A: 0.25, B: 0.25, C: 0.25}), 6, 1)
+    assert log.observe("svc", ejected((1, 1)), 8) == []
 
 
 def test_ejections_are_counted_by_reason_from_the_snapshots() -> None:
@@ -239,3 +242,7 @@ def test_ejections_are_counted_by_reason_from_the_snapshots() -> None:
     assert (count("failures"), count("hung")) == (1.0, 2.0)
     metrics.outbound.forget_upstream("svc")
     assert count("hung") is None
+    seen((1, 2))  # seen again with the same stats (a review's finding): no count twice
+    assert count("hung") is None
+    seen((1, 3))
+    assert count("hung") == 1.0

@@ -69,6 +69,8 @@ def test_a_bad_level_from_the_environment_is_named_as_such(
     assert err.startswith("equilibrium sidecar: EQUILIBRIUM_LOG_LEVEL: log level must be one")
     assert logs.start("equilibrium sidecar", "debug", "plain")
     assert root.level == logging.DEBUG
+    assert logs.start("equilibrium sidecar", "WARN", "plain")  # logging's names, as before
+    assert root.level == logging.WARNING
     assert not logs.start("equilibrium sidecar", "INFO", "xml")
     assert capsys.readouterr().err.startswith("equilibrium sidecar: EQUILIBRIUM_LOG_FORMAT:")
 
@@ -82,3 +84,7 @@ def test_the_level_option_takes_any_case_and_its_default_from_the_environment(
     logs.add_level_option(parser)
     assert parser.parse_args([]).log_level == "WARNING"
     assert parser.parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+    monkeypatch.setenv(logs.LEVEL_ENV, " ")  # empty counts as unset
+    parser = argparse.ArgumentParser()
+    logs.add_level_option(parser)
+    assert parser.parse_args([]).log_level == "INFO"
