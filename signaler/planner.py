@@ -13,13 +13,19 @@ docs/signaling.md, "How the plan is made"; the herding runs behind them: docs/be
    sum over sidecars of rate x share there; latency = the request-weighted mean plus
    ``failure_penalty`` x the failure rate. ``d + 1/(mu - load)`` (:mod:`signaler.latency_model`)
    is fitted over the last ``history`` observations with the previous fit as prior; an endpoint
-   never observed borrows the others' median model. An endpoint that no request reached for
-   ``forget_after`` seconds while others were observed is forgotten (history and fit) and
+   never observed borrows the others' median model. An endpoint that no request reached in
+   ``forget_epochs`` epochs in which others were observed is forgotten (history and fit) and
    planned as one never observed: what was learned of it is that old, and nothing newer will
    come while the plan keeps it out (the sidecars' probes, not requests, explore it). Each
    sidecar still holds the plan against its own evidence (:mod:`mesh.policies`, a
    recommendation contradicted by fresh outcomes or probe answers is overruled), and its
-   ramp governs how fast traffic comes back.
+   ramp governs how fast traffic comes back. Each time it is forgotten again without having
+   been observed for ``forget_epochs`` epochs in a row since (used, not just looked at), the
+   wait doubles (at most 16x): a pod still slow, whose callers have no probes to hold it
+   back, is tried less and less often. When an endpoint's latest observations (at least
+   :data:`CHANGED_EPOCHS`, with :data:`CHANGED_REQUESTS` requests) are each
+   :data:`CHANGED_FACTOR` times faster than its fit at their loads, it changed (a pod that
+   healed): the history before them is dropped and the fit starts again from them.
 2. Trust region (:meth:`UpstreamView.capacity_cap`, :func:`capped`). ``mu`` is capped at
    ``capacity_headroom`` x the busiest load seen (at least an even share of the demand), and
    never below ``x + 1/l`` for that busiest observation (load ``x``, latency ``l``), so the cap
@@ -54,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -72,8 +79,15 @@ from wire.summary import RegretSummary
 
 DEFAULT_HISTORY = 60
 #: Epochs without an observation of an endpoint (while others are observed) after which its
-#: history and fit are forgotten (rule 1).
+#: history and fit are forgotten (rule 1); doubled for each time it was forgotten again since
+#: it was last used, up to 2**MAX_FORGET_DOUBLINGS times.
 DEFAULT_FORGET_EPOCHS = 10
+MAX_FORGET_DOUBLINGS = 4
+#: Observations in a row, each this many times faster than the fit, after which the history
+#: before them is dropped (rule 1: the endpoint changed, say a pod healed).
+CHANGED_EPOCHS = 5
+CHANGED_REQUESTS = 20
+CHANGED_FACTOR = 3.0
 DEFAULT_FAILURE_PENALTY = 1.0
 DEFAULT_CAPACITY_HEADROOM = 1.5
 DEFAULT_STABILITY = 0.02
@@ -108,8 +122,8 @@ class UpstreamView:
     freshness: float
     history: int = DEFAULT_HISTORY
     failure_penalty: float = DEFAULT_FAILURE_PENALTY
-    #: seconds without an observation after which an endpoint is forgotten (rule 1)
-    forget_after: float = float(DEFAULT_FORGET_EPOCHS)
+    #: epochs with observations, none of an endpoint, after which it is forgotten (rule 1)
+    forget_epochs: int = DEFAULT_FORGET_EPOCHS
     latest: dict[str, RegretSummary] = field(default_factory=dict)
     observations: dict[str, deque[Observation]] = field(default_factory=dict)
     models: dict[str, LatencyModel] = field(default_factory=dict)
@@ -119,8 +133,10 @@ class UpstreamView:
     #: (now, number of changes to ``latest``) -> the fresh summaries then (one sort per epoch)
     _fresh: tuple[float, int, list[RegretSummary]] | None = None
     _changes: int = 0
-    #: when each endpoint with a history was last observed
-    _observed_at: dict[str, float] = field(default_factory=dict)
+    #: for each endpoint with a history: epochs in a row (with observations) it was missing
+    #: from (< 0: -epochs in a row it was in); times it was forgotten since it was last used
+    _missed: dict[str, int] = field(default_factory=dict)
+    _forgotten: dict[str, int] = field(default_factory=dict)
 
     def offer(self, summary: RegretSummary) -> bool:
         """Keep ``summary`` if it is the sidecar's newest; True if it was kept."""
@@ -192,18 +208,59 @@ class UpstreamView:
         for endpoint, weight in count.items():
             series = self.observations.setdefault(endpoint, deque(maxlen=self.history))
             series.append(Observation(load[endpoint], latency_sum[endpoint] / weight, weight))
-            self._observed_at[endpoint] = now
+            self._if_it_changed(endpoint, series)
             self._refit(endpoint)
         if count:
-            self._forget_unobserved(now)
+            self._forget_unobserved(count, now)
 
-    def _forget_unobserved(self, now: float) -> None:
-        """Forget the endpoints not observed for ``forget_after`` seconds (rule 1)."""
-        for endpoint, at in list(self._observed_at.items()):
-            if now - at > self.forget_after:
-                del self._observed_at[endpoint]
-                self.observations.pop(endpoint, None)
+    def _if_it_changed(self, endpoint: str, series: deque[Observation]) -> None:
+        """Rule 1: when the latest observations of ``endpoint``, at least
+        :data:`CHANGED_EPOCHS` of them holding :data:`CHANGED_REQUESTS` requests or more,
+        were each :data:`CHANGED_FACTOR` times faster than its fit says it is at their
+        loads, it is not the endpoint its history describes (a pod that healed): only they
+        are kept, and the fit starts from them without the old one as its prior. (The
+        requests: a pod slow on half of its requests, reached a request or two an epoch, has
+        a run of fast epochs now and then.)"""
+        model = self.models.get(endpoint)
+        if model is None or len(series) <= CHANGED_EPOCHS:
+            return
+        taken = requests = 0.0
+        for o in reversed(series):
+            if o.latency * CHANGED_FACTOR >= float(model.latency(o.load)):
+                return
+            taken += 1
+            requests += o.weight
+            if taken >= CHANGED_EPOCHS and requests >= CHANGED_REQUESTS:
+                break
+        else:
+            return  # the whole history is that fast: nothing older to drop
+        if taken < len(series):
+            recent = list(itertools.islice(series, len(series) - int(taken), None))
+            series.clear()
+            series.extend(recent)
+            del self.models[endpoint]
+
+    def _forget_unobserved(self, observed: Mapping[str, float], now: float) -> None:
+        """An epoch with observations (of the endpoints in ``observed``): forget the endpoints
+        missing from more than ``forget_epochs`` of them in a row, doubled for each time they
+        were forgotten since they were last used (rule 1)."""
+        missed, forgotten = self._missed, self._forgotten
+        for endpoint in list(self.observations):
+            if endpoint in observed:
+                run = missed[endpoint] = min(missed.get(endpoint, 0), 0) - 1
+                if -run >= self.forget_epochs:
+                    forgotten.pop(endpoint, None)  # used: the next wait starts short again
+                continue
+            run = missed[endpoint] = max(missed.get(endpoint, 0), 0) + 1
+            times = forgotten.get(endpoint, 0)
+            if run > self.forget_epochs << min(times, MAX_FORGET_DOUBLINGS):
+                del self.observations[endpoint], missed[endpoint]
                 self.models.pop(endpoint, None)
+                forgotten[endpoint] = times + 1
+        if len(forgotten) > 64:  # bounded: those no sidecar lists any more go
+            listed = set(self.endpoints(now))
+            for endpoint in [e for e in forgotten if e not in listed]:
+                del forgotten[endpoint]
 
     def _refit(self, endpoint: str) -> None:
         series = self.observations[endpoint]

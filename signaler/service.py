@@ -65,7 +65,7 @@ from signaler.admin import SignalerHealth
 from signaler.leader import LeaseClient
 from signaler.lp import DEFAULT_MAX_CONFIGURATIONS
 from signaler.metrics import SignalerMetrics
-from signaler.planner import DEFAULT_FORGET_EPOCHS, NoDemand, Plan, UpstreamView, make_plan
+from signaler.planner import NoDemand, Plan, UpstreamView, make_plan
 from signaler.roster import (
     DEFAULT_FORGET_AFTER,
     DEFAULT_PROBE_BUDGET,
@@ -400,7 +400,6 @@ class SignalerService:
         if view is None:
             view = UpstreamView(
                 upstream, freshness=self.config.freshness_epochs * self.config.epoch,
-                forget_after=DEFAULT_FORGET_EPOCHS * self.config.epoch,
             )
             self.views[upstream] = view
         return view

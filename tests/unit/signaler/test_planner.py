@@ -170,7 +170,7 @@ def test_unknown_endpoint_borrows_the_median_model() -> None:
 def test_an_endpoint_no_request_reaches_is_forgotten_and_planned_as_unknown() -> None:
     # The bad pod is seen slow once; then the sidecars' probes cover it and no request goes
     # there: its fit would stay the slow one, and the plan would give it nothing for good.
-    view = UpstreamView("demo", freshness=5.0, forget_after=10.0)
+    view = UpstreamView("demo", freshness=5.0, forget_epochs=10)
     noise, rng = np.random.default_rng(3), np.random.default_rng(4)
     everywhere = dict.fromkeys(SIDECARS, (0.2,) * 5)
     covered = dict.fromkeys(SIDECARS, (0.25,) * 4 + (0.0,))
@@ -189,8 +189,110 @@ def test_an_endpoint_no_request_reaches_is_forgotten_and_planned_as_unknown() ->
     assert all(PODS[i] in view.models for i in range(4))
 
 
+def heal_and_report(view: UpstreamView, t: int, per_epoch: int,
+                    noise: np.random.Generator) -> None:
+    """One epoch after the bad pod (PODS[4]) healed: it answers in ~3 ms like the others, and
+    gets ``per_epoch`` of each sidecar's 50 requests (the exploration floor, say)."""
+    for sidecar in SIDECARS:
+        requests = (12, 12, 12, 12, per_epoch)
+        latency = tuple(max(0.003 + noise.normal(0.0, 0.0003), 0.0015) for _ in range(5))
+        view.offer(RegretSummary(
+            sidecar=sidecar, upstream="demo", epoch=t, sent_at=NOW + t, endpoints=PODS,
+            requests=requests, failures=(0,) * 5, latency_mean=latency,
+            latency_p50=latency, latency_p99=tuple(2 * x for x in latency),
+            in_flight=(0,) * 5, demand=50.0, weights=tuple(r / sum(requests) for r in requests),
+            regret=((0.0,) * 5,) * 5))
+
+
+def test_a_pod_seen_much_faster_than_its_history_drops_the_history() -> None:
+    # The demo without probes: the bad pod had its share at first (slow), then the floor's
+    # few requests; healed, its fit (60 epochs of history, the old fit as prior) kept it
+    # slow, and the plan kept it out for a minute and more.
+    view = UpstreamView("demo", freshness=5.0)
+    noise, rng = np.random.default_rng(3), np.random.default_rng(4)
+    for t in range(10):
+        report(view, t, dict.fromkeys(SIDECARS, (0.2,) * 5), noise)
+        view.observe(NOW + t)
+    slow = view.models[PODS[4]]
+    assert float(slow.latency(1.0)) > 0.1
+    for t in range(10, 14):  # four fast epochs: not yet enough to say it changed
+        heal_and_report(view, t, 2, noise)
+        view.observe(NOW + t)
+        assert len(view.observations[PODS[4]]) == t + 1
+    heal_and_report(view, 14, 2, noise)  # the fifth, and 30 requests in them
+    plan = make_plan(view, NOW + 14, TOKENS, rng)
+    assert len(view.observations[PODS[4]]) == 5  # the history before the change dropped
+    assert float(view.models[PODS[4]].latency(6.0)) < 0.01
+    assert plan.solution.marginal()[4] == pytest.approx(TOKENS / 5, abs=1.0)
+
+
+def test_a_few_fast_answers_are_no_change_until_they_are_enough() -> None:
+    # A pod slow on half of its requests, reached a request or two an epoch, has a run of
+    # fast epochs now and then: five epochs are not enough, twenty requests in them are.
+    view = UpstreamView("demo", freshness=5.0)
+    noise = np.random.default_rng(3)
+    for t in range(10):
+        report(view, t, dict.fromkeys(SIDECARS, (0.2,) * 5), noise)
+        view.observe(NOW + t)
+    for t in range(10, 16):  # 3 fast requests an epoch there: 18 in six epochs
+        heal_and_report(view, t, 1, noise)
+        view.observe(NOW + t)
+    assert len(view.observations[PODS[4]]) == 16  # kept whole
+    assert float(view.models[PODS[4]].latency(1.0)) > 0.01
+    heal_and_report(view, 16, 1, noise)  # 21
+    view.observe(NOW + 16)
+    assert len(view.observations[PODS[4]]) == 7
+
+
+def test_a_pod_forgotten_and_found_slow_again_is_forgotten_later_each_time() -> None:
+    # Without probes nothing holds a forgotten pod back that is still slow: each time it is
+    # planned again and found slow, the next try waits twice as long (a review's finding:
+    # every twelve epochs, for good).
+    view = UpstreamView("demo", freshness=5.0, forget_epochs=10)
+    noise, rng = np.random.default_rng(3), np.random.default_rng(4)
+    report(view, 0, dict.fromkeys(SIDECARS, (0.2,) * 5), noise)
+    covered = dict.fromkeys(SIDECARS, (0.25,) * 4 + (0.0,))
+    forgotten_at = []
+    for t in range(1, 160):
+        if PODS[4] in view.models:
+            report(view, t, covered, noise)
+        else:  # planned again as one never seen: tried, and slow
+            report(view, t, dict.fromkeys(SIDECARS, (0.2,) * 5), noise)
+        was = PODS[4] in view.models
+        make_plan(view, NOW + t, TOKENS, rng)
+        if was and PODS[4] not in view.models:
+            forgotten_at.append(t)
+    gaps = [b - a for a, b in itertools.pairwise(forgotten_at)]
+    assert gaps[:3] == [22, 42, 82], forgotten_at  # the try, then over 20, 40, 80 unseen
+
+
+def test_an_idle_spell_is_no_epoch_unobserved() -> None:
+    # A review's finding: counted in seconds, a pause in the traffic made the first busy
+    # epoch after it forget every endpoint it did not reach, a known-bad pod among them.
+    view = UpstreamView("demo", freshness=5.0, forget_epochs=10)
+    noise, rng = np.random.default_rng(3), np.random.default_rng(4)
+    report(view, 0, dict.fromkeys(SIDECARS, (0.2,) * 5), noise)
+    view.observe(NOW)
+    covered = dict.fromkeys(SIDECARS, (0.25,) * 4 + (0.0,))
+    for t in range(1, 4):
+        report(view, t, covered, noise)
+        view.observe(NOW + t)
+    for t in range(4, 30):  # idle
+        for sidecar in SIDECARS:
+            view.offer(RegretSummary(
+                sidecar=sidecar, upstream="demo", epoch=t, sent_at=NOW + t, endpoints=PODS,
+                requests=(0,) * 5, failures=(0,) * 5, latency_mean=(None,) * 5,
+                latency_p50=(None,) * 5, latency_p99=(None,) * 5, in_flight=(0,) * 5,
+                demand=0.0, weights=(0.2,) * 5, regret=((0.0,) * 5,) * 5))
+        view.observe(NOW + t)
+    report(view, 30, covered, noise)
+    plan = make_plan(view, NOW + 30, TOKENS, rng)
+    assert PODS[4] in view.models
+    assert plan.solution.marginal()[4] < 0.01
+
+
 def test_nothing_is_forgotten_while_no_request_goes_anywhere() -> None:
-    view = UpstreamView("demo", freshness=5.0, forget_after=10.0)
+    view = UpstreamView("demo", freshness=5.0, forget_epochs=10)
     noise = np.random.default_rng(3)
     report(view, 0, dict.fromkeys(SIDECARS, (0.2,) * 5), noise)
     view.observe(NOW)
