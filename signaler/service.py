@@ -399,7 +399,7 @@ class SignalerService:
         view = self.views.get(upstream)
         if view is None:
             view = UpstreamView(
-                upstream, freshness=self.config.freshness_epochs * self.config.epoch,
+                upstream, freshness=self.config.freshness_epochs * self.config.epoch
             )
             self.views[upstream] = view
         return view
