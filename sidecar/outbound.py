@@ -764,23 +764,33 @@ class OutboundProxy:
         self, ctx: RequestContext, status: int, game: dict[str, str], sent: float,
         shed: bool = False,
     ) -> None:
-        group, endpoint = ctx.group, ctx.endpoint
-        assert group is not None and endpoint is not None
+        """An answer whose head is all of it for the policy (a refusal read and dropped, an
+        upgrade): its outcome, now."""
         now = self.clock()
         ctx.status = status
         ctx.game_response_headers = game
-        congestion: float | None = None
-        raw = game.get(CONGESTION_KEY)
-        if raw is not None:
-            try:
-                congestion = parse_congestion(raw)
-            except WireError as exc:
-                self.metrics.rejected_headers.labels(CONGESTION, HeaderDrop.MALFORMED).inc()
-                log.info("%s %s: ignored %s: %s", group.name, endpoint, CONGESTION, exc)
+        self._observe(ctx, status < 500, str(status), sent, now - sent, now,
+                      self._congestion(ctx, game), shed)
+
+    def _observe(self, ctx: RequestContext, ok: bool, code: str, sent: float, latency: float,
+                 now: float, congestion: float | None, shed: bool) -> None:
+        group, endpoint = ctx.group, ctx.endpoint
+        assert group is not None and endpoint is not None
         group.policy.on_outcome(
-            Outcome(endpoint, now - sent, status < 500, now, congestion, answered=True,
+            Outcome(endpoint, latency, ok, now, congestion, answered=True, sent_at=sent,
                     shed=shed, long=ctx.long))
-        self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
+        self.metrics.forwarded(group.name, endpoint, code, latency)
+
+    def _congestion(self, ctx: RequestContext, game: dict[str, str]) -> float | None:
+        raw = game.get(CONGESTION_KEY)
+        if raw is None:
+            return None
+        try:
+            return parse_congestion(raw)
+        except WireError as exc:
+            self.metrics.rejected_headers.labels(CONGESTION, HeaderDrop.MALFORMED).inc()
+            log.info("%s %s: ignored %s: %s", ctx.upstream, ctx.endpoint, CONGESTION, exc)
+            return None
 
     def _answer_head(
         self, ctx: RequestContext, upstream: UpstreamResponse
@@ -824,21 +834,37 @@ class OutboundProxy:
         watchdog: Watchdog,
         head: tuple[CIMultiDict[str], dict[str, str]] | None = None,
     ) -> None:
+        """Relay an answer; its outcome is the policy's once the body is through (as an
+        HTTP/2 call's at its end), so that an answer the endpoint cuts mid-body is its
+        failure, not a success counted at the head. The latency learned runs to the head."""
+        status = upstream.status
+        answered_at = self.clock()
+        ok, code = status < 500, str(status)
+        congestion: float | None = None
+        shed = False
         try:
             headers, game = head if head is not None else self._answer_head(ctx, upstream)
+            ctx.status = status
+            ctx.game_response_headers = game
+            congestion = self._congestion(ctx, game)
             # a refusal for load relayed as it came (the last attempt, or a body not kept)
             # is shed all the same: game holds only the signals that verified
-            self._observe_head(ctx, upstream.status, game, sent,
-                               shed=upstream.status == 503 and game.get(REFUSED_KEY) in SHED)
+            shed = status == 503 and game.get(REFUSED_KEY) in SHED
+            if not ctx.long:  # it answers: only what is sent from now on can stall
+                assert ctx.group is not None and ctx.endpoint is not None
+                ctx.group.policy.on_answer(ctx.endpoint, answered_at)
             self.phases.response_filter(ctx, headers)
             try:
                 await relay_answer(exchange, upstream, headers,
-                                   bodiless=must_be_empty(ctx.method, upstream.status),
+                                   bodiless=must_be_empty(ctx.method, status),
                                    watchdog=watchdog, on_dropped=self._upstream_trailers_dropped)
             except RELAY_ERRORS as exc:  # a stall the watchdog cut among them (TimeoutError)
                 watchdog.stop()
-                await self._relay_failed(exchange, ctx, upstream, exc)
+                if await self._relay_failed(exchange, ctx, upstream, exc):
+                    ok, code = False, ErrorReason.BODY_RELAY_FAILED
         finally:
+            self._observe(ctx, ok, code, sent, answered_at - sent, self.clock(), congestion,
+                          shed)
             upstream.release()
 
     def _upstream_trailers_dropped(self, names: list[str]) -> None:
@@ -851,7 +877,9 @@ class OutboundProxy:
             self.metrics.rejected_headers.labels(header_label(name), HeaderDrop.FROM_APP).inc()
 
     async def _relay_failed(self, exchange: Exchange, ctx: RequestContext,
-                            upstream: UpstreamResponse, exc: BaseException) -> None:
+                            upstream: UpstreamResponse, exc: BaseException) -> bool:
+        """Close what a relay that failed mid-answer leaves; whether the endpoint failed it
+        (it broke off or stalled its answer) rather than the app (gone, or not reading)."""
         if exchange.client_gone():
             # the app's doing: the endpoint answered, nothing to charge it with
             reason = ErrorReason.APP_HUNG_UP
@@ -860,7 +888,7 @@ class OutboundProxy:
             log.debug("%s %s: the app hung up mid-body: %r", ctx.upstream, ctx.endpoint, exc)
             if not await drain(upstream.content):
                 upstream.close()
-            return
+            return False
         # The head may be out already: the only honest signal left is to cut the
         # connection (the app sees a truncated body, never a silently short one).
         if isinstance(exc, TimeoutError) and reader_stalled(exchange):
@@ -870,13 +898,14 @@ class OutboundProxy:
             upstream.close()
             exchange.abort()
             log.debug("%s %s: the app stopped reading the answer", ctx.upstream, ctx.endpoint)
-            return
+            return False
         reason = ErrorReason.BODY_RELAY_FAILED
         ctx.error_reason = reason
         self.metrics.errors.labels(ctx.upstream_label, reason).inc()
         upstream.close()
         exchange.abort()
         log.info("%s %s: body relay failed: %r", ctx.upstream, ctx.endpoint, exc)
+        return True
 
     # ------------------------------------------------------------ WebSocket
 

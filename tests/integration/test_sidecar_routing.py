@@ -27,6 +27,7 @@ from tests.integration.procs import (
     http_get,
     start_backend,
 )
+from tests.support import eventually
 
 
 async def test_host_header_routes_to_the_upstreams_endpoints() -> None:
@@ -199,9 +200,57 @@ async def test_timeouts_and_failed_bodies_never_hang() -> None:
                     await asyncio.sleep(0.1)
         assert sidecar.metric(metric, upstream="svc", reason="body-relay-failed") == 1
         assert sidecar.metric(metric, upstream="svc", reason="app-stalled") == 1
+        # the cut answer is the endpoint's failure, not a 200 (the upload's and the stalled
+        # reader's answers are; a stranger's finding)
+        requests = "equilibrium_requests_total"
+        assert sidecar.metric(requests, upstream="svc", code="body-relay-failed") == 1
+        await eventually(lambda: sidecar.metric(requests, upstream="svc", code="200") == 2,
+                         "the stalled reader's answer is counted once its relay ends")
         health = await asyncio.to_thread(http_get, f"{sidecar.admin_url}/healthz")
         assert health[0] == 200
     finally:
         assert await async_stop(sidecar) == 0
         await backend.stop()
         await slow.stop()
+
+
+async def test_an_endpoint_cutting_its_answers_short_is_charged_for_them() -> None:
+    # A stranger's finding: an answer the endpoint cut mid-body was counted as a 200 and
+    # learned as a success, so a pod that breaks every answer kept its share for good. Its
+    # outcome is now taken once the body is through: a failure, charged as one.
+    async def cutting(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 4096
+        await resp.prepare(request)
+        await resp.write(b"c" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    good = await start_backend("good")
+    cut = await start_backend("cut", handler=cutting)
+    sidecar = await async_start_sidecar({"svc": [good.url, cut.url]})
+    try:
+        broken = [0, 0]  # in the first 40 requests, in the last 40
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as client:
+            for i in range(80):  # over 4 s: the policy learns at its ticks (1 s)
+                await asyncio.sleep(0.05)
+                try:
+                    reply = await fetch(client, "GET", f"{sidecar.outbound_url}/{i}",
+                                        headers={"Host": "svc"})
+                    assert reply.status == 200 and reply.body == b"good"
+                except aiohttp.ClientPayloadError:
+                    broken[i >= 40] += 1
+        assert sum(broken) == cut.hits  # never re-sent: its head was relayed already
+        assert good.hits == 80 - sum(broken)
+        # counted as the endpoint's failures (ejected after five in a row, or weighed down
+        # by their penalty), the pod that breaks its answers is left; the code before counted
+        # them as 200s and kept sending it half of all requests (37 of 80)
+        assert broken[1] <= 4, broken
+        requests = "equilibrium_requests_total"
+        assert sidecar.metric(requests, endpoint=cut.url, code="body-relay-failed") == cut.hits
+        assert sidecar.metric(requests, endpoint=cut.url, code="200") == 0
+    finally:
+        assert await async_stop(sidecar) == 0
+        await good.stop()
+        await cut.stop()
