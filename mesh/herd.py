@@ -7,9 +7,15 @@ inside the probability simplex::
     lower_i <= w_i <= upper_i,   sum_i w_i = 1
 
 - **Cap** (default 0.8): no endpoint gets more than ``cap`` of the traffic, however good it
-  looks; the rest stays spread over the other endpoints, so a recovered pod is never handed
-  the whole load and the others keep being measured. (With a single endpoint the cap cannot
-  hold and the weight is 1.)
+  looks; the rest stays spread over the other *good* endpoints, so a recovered pod is never
+  handed the whole load and the others keep being measured. (With a single endpoint the cap
+  cannot hold and the weight is 1.) An endpoint the caller knows to be bad (``good`` False:
+  its latency estimate far above the best one's, or a recommendation of it overruled) takes
+  none of what the cap, the ramp or the rounding leaves over: it gets at most what the
+  smoothed target gives it, and its floor. Where that leaves no room, the good endpoints'
+  bounds give way in turn: first the rule that one the target wants less of does not grow,
+  then the ramp, then the cap itself (two pods, one of them bad: the good one takes all but
+  the floor, instead of the bad one being handed the fifth the cap set aside).
 - **Ramp** (gradual re-admission): a weight may grow by at most ``ramp_per_s`` per second. An
   endpoint that recovers, or joins, climbs back linearly instead of being stampeded — the
   slow-start that Envoy applies only to new hosts, applied here also to hosts that come back.
@@ -54,12 +60,14 @@ class HerdGuard:
             raise ValueError("smoothing must be in (0, 1]")
 
     def shape(self, target: np.ndarray, previous: np.ndarray, dt: float,
-              live: np.ndarray | None = None, covered: np.ndarray | None = None) -> np.ndarray:
+              live: np.ndarray | None = None, covered: np.ndarray | None = None,
+              good: np.ndarray | None = None) -> np.ndarray:
         """New weights from the learned ``target``, the ``previous`` weights and the time step.
 
         ``live[i]`` is False for ejected endpoints; ``covered[i]`` True for endpoints explored
-        by probes (no floor). Returns weights summing to 1 (or all zeros when no endpoint is
-        live).
+        by probes (no floor); ``good[i]`` False for endpoints known to be bad, which take no
+        leftover (module docstring; None: every live endpoint is good). Returns weights
+        summing to 1 (or all zeros when no endpoint is live).
         """
         t = _normalise(np.asarray(target, dtype=float))
         p = np.asarray(previous, dtype=float)
@@ -94,6 +102,20 @@ class HerdGuard:
                                if p.shape == t.shape else upper)
             if relaxed.sum() >= 1.0 - 1e-12:
                 upper = relaxed
+        if good is not None:
+            # known bad, and the target wants none of it: queued pods the target still
+            # spreads over (capacity-limited ones) keep taking their part of the leftover
+            bad = live & ~np.asarray(good, dtype=bool) & (t < floor)
+            if bad.any() and (fine := live & ~bad).any():
+                upper = np.where(bad, np.where(dropped, 0.0, np.maximum(
+                    lower, np.minimum(upper, goal))), upper)
+                if upper.sum() < 1.0:  # the good ones take the rest, their bounds relaxed
+                    ramped = np.minimum(cap, p + self.ramp_per_s * max(dt, 0.0)) \
+                        if p.shape == t.shape else np.full(k, cap)
+                    for bound in (ramped, np.full(k, cap), np.ones(k)):
+                        upper = np.where(fine, np.maximum(upper, bound), upper)
+                        if upper.sum() >= 1.0:
+                            break
         if upper.sum() < 1.0:
             # The endpoint set shrank faster than the ramp allows: keep only the cap.
             upper = np.where(live, cap, 0.0)

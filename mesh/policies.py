@@ -772,8 +772,32 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._usable = int(live.sum())
         self._usable_mask = live.tolist()
         self._covered = [self.stats[e].probe_covered(now) for e in self.endpoints]
-        return self.profile.herd.shape(self._target(now, estimates), self._weights, dt, live,
-                                       np.array(self._covered))
+        target = self._target(now, estimates)
+        return self.profile.herd.shape(target, self._weights, dt, live,
+                                       np.array(self._covered), self._good(estimates, live))
+
+    def _good(self, estimates: np.ndarray, live: np.ndarray) -> np.ndarray | None:
+        """The endpoints that may take what the herd guard's cap and ramp leave over
+        (:meth:`mesh.herd.HerdGuard.shape`): all but those whose latency estimate is over
+        :data:`CONTRADICTED` times the best live one's (and 2 ms more), and those whose
+        recommended share this sidecar's evidence overruled. The cap keeps the rest on the
+        other *good* pods (DESIGN.md, the thundering-herd defence); handed to a bad one, it
+        sent a fifth of the traffic to the slow pod of a two-pod service for good, and to a
+        slow pod the signaler's plan had given nothing."""
+        if estimates.shape != live.shape or not live.any():
+            return None
+        best = float(estimates[live].min())
+        if not self.overruled and not ((estimates > CONTRADICTED * best)
+                                       & (estimates > best + 0.002)).any():
+            return None
+        # judged by what the answers took, not by what a stall adds at this tick: a pod
+        # holding long polls is no bad pod (tests/unit/mesh/test_long_answers.py)
+        answers = self._estimates()
+        best = float(answers[live].min())
+        good = ~((answers > CONTRADICTED * best) & (answers > best + 0.002))
+        if self.overruled:
+            good &= np.array([e not in self.overruled for e in self.endpoints])
+        return None if good[live].all() else good
 
     def _checked(self, target: np.ndarray, estimates: np.ndarray, now: float) -> np.ndarray:
         """A recommendation checked against this sidecar's own evidence: an endpoint it

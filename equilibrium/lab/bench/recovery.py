@@ -315,6 +315,9 @@ def _measure(result: LoadResult, healed_pod: str, pods: int, heal: float,
         "hedges_sent": hedges[0],
         "hedges_won": hedges[1],
         "healed_share_series": [round(w.share(healed_pod), 4) for w in after],
+        # requests the bad pod got, second by second, before it healed: when they came
+        "bad_requests_series": [w.counts.get(healed_pod, 0) for w in wins
+                                if math.isnan(heal) or w.start < heal],
         "requests": len(records),
         "errors": sum(1 for r in records if not r.ok),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -112,3 +114,68 @@ def test_projection_matches_bisection_and_is_feasible(k: int, seed: int, bounds:
     assert w.sum() == pytest.approx(1.0, abs=1e-9)
     assert np.all(w >= lower - 1e-12) and np.all(w <= upper + 1e-12)
     assert np.allclose(w, _bisected(x, lower, upper), atol=1e-9)
+
+
+def test_the_cap_leftover_goes_to_good_endpoints_not_to_a_bad_one() -> None:
+    # The signaler's deal gives this caller all of endpoint 1; endpoint 2 is slow (its
+    # recommendation overruled, probes cover it) and endpoint 0 is fine. What the cap keeps
+    # off endpoint 1 goes to endpoint 0; before, the two shared it and the slow pod kept a
+    # tenth of this caller's traffic for good.
+    guard = HerdGuard(cap=0.8, smoothing=0.5, ramp_per_s=0.1)
+    target = np.array([0.0, 1.0, 0.0])
+    covered, good = np.array([True, True, True]), np.array([True, True, False])
+    w = np.array([0.102, 0.8, 0.098])  # where the code before settled (measured)
+    for _ in range(20):
+        w = guard.shape(target, w, 1.0, covered=covered, good=good)
+    assert w == pytest.approx([0.2, 0.8, 0.0], abs=1e-6)
+    stuck = np.array([0.102, 0.8, 0.098])
+    assert guard.shape(target, stuck, 1.0, covered=covered)[2] == pytest.approx(0.098)
+
+
+def test_two_pods_one_bad_the_good_one_takes_all_but_the_floor() -> None:
+    # The cap cannot keep a fifth "on other good pods" when there is none: it gives way
+    # rather than send the fifth to the bad pod (the simulator's slow-pod with two pods: a
+    # fifth of the requests to the slow pod and p99 509 ms before, 9 ms after).
+    guard = HerdGuard(cap=0.8, smoothing=0.5, ramp_per_s=0.1, explore_floor=0.005)
+    w = np.array([0.8, 0.2])
+    shares = []
+    for _ in range(12):
+        w = guard.shape(np.array([1.0, 0.0]), w, 1.0, good=np.array([True, False]))
+        shares.append(w[1])
+    assert w == pytest.approx([0.995, 0.005])
+    assert all(b <= a for a, b in itertools.pairwise(shares))  # down at the smoothing's pace
+    # unknown (good=None), or known good: the cap holds as before
+    assert guard.shape(np.array([1.0, 0.0]), np.array([0.8, 0.2]), 1.0)[0] == pytest.approx(0.8)
+    assert guard.shape(np.array([1.0, 0.0]), np.array([0.8, 0.2]), 1.0,
+                       good=np.array([True, True]))[0] == pytest.approx(0.8)
+
+
+def test_a_bad_endpoint_the_target_still_wants_is_shaped_as_before() -> None:
+    # capacity-limited pods: a queued one is slow now, but the target still spreads over it
+    guard = HerdGuard(cap=0.8, smoothing=0.5, ramp_per_s=0.1)
+    target, prev = np.array([0.5, 0.3, 0.2]), np.array([0.4, 0.3, 0.3])
+    assert guard.shape(target, prev, 1.0, good=np.array([True, True, False])) == \
+        pytest.approx(guard.shape(target, prev, 1.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(target=weights, seed_prev=st.integers(0, 2**32 - 1),
+       dt=st.floats(min_value=0.0, max_value=10.0), seed_good=st.integers(0, 2**32 - 1))
+def test_with_bad_endpoints_the_weights_stay_a_distribution_and_bad_ones_get_no_leftover(
+        target, seed_prev, dt, seed_good) -> None:
+    k = len(target)
+    rng = np.random.default_rng(seed_good)
+    good, covered = rng.random(k) < 0.6, rng.random(k) < 0.5
+    guard = HerdGuard(cap=0.8)
+    prev = guard.shape(np.random.default_rng(seed_prev).dirichlet(np.ones(k)),
+                       np.full(k, 1.0 / k), 1e6)
+    w = guard.shape(np.array(target), prev, dt, covered=covered, good=good)
+    assert np.all(np.isfinite(w)) and np.all(w >= -1e-12)
+    assert w.sum() == pytest.approx(1.0, abs=1e-9)
+    t = np.where(np.isfinite(target) & (np.array(target) > 0), target, 0.0)
+    t = t / t.sum() if t.sum() > 0 else np.full(k, 1.0 / k)
+    goal = prev + guard.smoothing * (t - prev)
+    floor = min(guard.explore_floor, guard.explore_budget / k)
+    for i in range(k):
+        if good.any() and not good[i] and t[i] < floor:
+            assert w[i] <= max(goal[i], floor) + 1e-9
