@@ -274,8 +274,9 @@ class _Call:
         if self.is_grpc and (raw := stream.header(b"grpc-timeout")) is not None:
             timeout = grpc.parse_timeout(raw)
             deadline = loop.time() + timeout if timeout is not None else None
-        head_by = loop.time() + proxy.request_timeout
-        head_by = head_by if deadline is None else min(head_by, deadline)
+        # the call's deadline, when it has one, bounds the wait for the app's answer; the
+        # request timeout, when it has none (as on the outbound side)
+        head_by = loop.time() + proxy.request_timeout if deadline is None else deadline
         policing.in_flight += 1
         self.waiting = proxy.probes.awaited.sent(started)
         self.holding = tracked

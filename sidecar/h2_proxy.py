@@ -334,9 +334,11 @@ class _Call:
                 pump = loop.create_task(pump_request(stream, upstream, self.replay,
                                                      self.without_game_headers))
             try:
-                limit = loop.time() + proxy.request_timeout
-                async with asyncio.timeout_at(limit if deadline is None
-                                              else min(limit, deadline)):
+                # the call's deadline, when it has one, is how long its answer may take (a
+                # caller's 60 s was cut at the request timeout's 15: a stranger's finding);
+                # the request timeout bounds the wait of a call without one
+                limit = loop.time() + proxy.request_timeout if deadline is None else deadline
+                async with asyncio.timeout_at(limit):
                     head = await upstream.head
             except TimeoutError:
                 recorded = True

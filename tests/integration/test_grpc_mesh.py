@@ -594,6 +594,26 @@ def test_sigterm_lets_an_admitted_call_finish_at_the_inbound_side() -> None:
         app.stop(0).wait(5)
 
 
+def test_a_call_with_a_deadline_may_outlast_the_inbound_request_timeout() -> None:
+    # as on the outbound side: the call's grpc-timeout, not the request timeout, bounds it
+    app, app_port = start_app()
+    port = free_port()
+    inbound = start_sidecar({}, sidecar_id="app-sidecar-deadline",
+                            extra_args=["--inbound", f"{LOOPBACK}:{port}",
+                                        "--app", f"http://{LOOPBACK}:{app_port}",
+                                        "--request-timeout", "0.5"])
+    try:
+        with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+            slow = _unary(channel, "Slow")
+            assert slow(b"1.2", timeout=10) == b"slept"
+            with pytest.raises(grpc.RpcError) as err:
+                slow(b"3", timeout=1.0)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        assert inbound.stop() == 0, inbound.output()
+        app.stop(0).wait(5)
+
+
 class _BigHeaderBackend(socketserver.BaseRequestHandler):
     """An h2c endpoint (the ``h2`` library's server side) whose answer to ``/big`` carries a
     100 KB header block in two fields (over the 64 KiB the sidecar announces); other paths

@@ -383,6 +383,26 @@ def test_a_call_the_pod_had_past_the_request_timeout_is_deadline_exceeded() -> N
         pod.stop()
 
 
+def test_a_call_with_a_deadline_may_outlast_the_request_timeout() -> None:
+    """A stranger's finding: a call whose grpc-timeout gave it 60 s was cut at the request
+    timeout (15 s) with DEADLINE_EXCEEDED and charged to its pod. Its deadline governs."""
+    pod = start_pod("pod-deadline")
+    sidecar = start_sidecar({"svc": [pod.url]}, sidecar_id="sc-grpc-deadline",
+                            extra_args=["--request-timeout", "0.5"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}", options=[
+                ("grpc.default_authority", "svc")]) as channel:
+            slow = channel.unary_unary(f"/{SERVICE}/Slow")
+            assert slow(b"1.2", timeout=10) == b"slept"
+            with pytest.raises(grpc.RpcError) as err:  # its own deadline still holds
+                slow(b"3", timeout=1.0)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert sidecar.metric("equilibrium_errors_total", upstream="svc", reason="timeout") == 0
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        pod.stop()
+
+
 def test_sidecar_errors_are_trailers_only_unavailable(mesh: Mesh) -> None:
     with mesh.channel("no-such-service") as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary(f"/{SERVICE}/Unary")(b"x", timeout=5)
