@@ -152,6 +152,12 @@ def _rows() -> list[tuple[str, list[dict[str, Any]]]]:
                "HTTP code, or the reason an attempt got no response (connect-error, ...).",
                [(_rate(req, OUTBOUND, "upstream, code"), "{{upstream}} {{code}}")],
                unit="reqps"),
+        _panel("gRPC calls per second by status",
+               "grpc-status of the calls forwarded over HTTP/2 (0 = OK; 14 UNAVAILABLE, "
+               "4 DEADLINE_EXCEEDED, 8 RESOURCE_EXHAUSTED, 13 INTERNAL and 2 UNKNOWN count "
+               "against the endpoint; the sidecar's own answers have endpoint \"\").",
+               [(_rate("equilibrium_grpc_calls_total", OUTBOUND, "upstream, grpc_status"),
+                 "{{upstream}} {{grpc_status}}")], unit="reqps"),
         _panel("Regret per endpoint",
                "Seconds of latency a request sent there is regretted (highest over sidecars).",
                [(_gauge("max", "equilibrium_regret", OUTBOUND, "upstream, endpoint"),

@@ -104,8 +104,9 @@ async def drive_until_following(sidecar: SidecarProcess) -> int:
 
 
 QUIET_PANELS = {"Retries, rescues, exhausted budget, sidecar errors",
-                "Callers backing off (outbound)"}
-"""Panels with no series while nothing fails and nobody is punished (counters never touched)."""
+                "Callers backing off (outbound)", "gRPC calls per second by status"}
+"""Panels with no series while nothing fails and nobody is punished (counters never touched),
+and the gRPC panel (this load is HTTP/1.1; rules_test.yml covers the gRPC rule)."""
 RECORDED_PRESENT = (
     "namespace_upstream:equilibrium_requests:rate5m",
     "namespace_upstream_endpoint:equilibrium_requests:rate5m",

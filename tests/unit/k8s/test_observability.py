@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from sidecar.metrics import InboundMetrics, SidecarMetrics, SignalingMetrics
+from sidecar.metrics import H2Metrics, InboundMetrics, SidecarMetrics, SignalingMetrics
 from signaler.metrics import SignalerMetrics
 from tests.observability_queries import (
     DASHBOARD,
@@ -39,8 +39,8 @@ def exported_labels() -> dict[str, set[str]]:
     """Every series name the sidecar and the signaler export -> its label names."""
     sidecar = SidecarMetrics()
     owners: list[Any] = [sidecar, sidecar.outbound, SignalingMetrics(sidecar.registry),
-                         InboundMetrics(sidecar.registry), sidecar.caller,
-                         SignalerMetrics()]
+                         InboundMetrics(sidecar.registry), H2Metrics(sidecar.registry),
+                         sidecar.caller, SignalerMetrics()]
     out: dict[str, set[str]] = {}
     for owner in owners:
         # dir(), not vars(): a holder compiled by mypyc (make compile) has no __dict__
