@@ -46,6 +46,14 @@ class ErrorReason(StrEnum):
     could take it (none left untried, the attempts or the retry budget spent)."""
     UPSTREAM_PROTOCOL_ERROR = "upstream-protocol-error"
     """502: any other failure of the attempt (an answer that is not valid HTTP/1.1, ...)."""
+    DEADLINE_EXCEEDED = "deadline-exceeded"
+    """504 (gRPC ``DEADLINE_EXCEEDED``): the call's ``grpc-timeout`` passed before it ended
+    (HTTP/2; charged to the endpoint when its attempt was out then)."""
+    BAD_GRPC_TIMEOUT = "bad-grpc-timeout"
+    """400 (gRPC ``INTERNAL``): a ``grpc-timeout`` that is not one (HTTP/2)."""
+    REFUSED_STREAM = "refused-stream"
+    """The endpoint refused the stream unprocessed (HTTP/2 ``REFUSED_STREAM``, or a GOAWAY
+    that left it out) and no attempt was left: relayed as such (HTTP/2)."""
     BODY_RELAY_FAILED = "body-relay-failed"
     """The response head was sent but its body broke off: the connection is cut (metric
     only: no body can be sent any more)."""

@@ -197,7 +197,7 @@ class _Call:
             if timeout is None:
                 # the call's own error, the same on every attempt: not a status a client
                 # retries (INTERNAL, as gRPC servers answer a malformed grpc-timeout)
-                return await self.error(400, "bad-grpc-timeout", "malformed grpc-timeout",
+                return await self.error(400, ErrorReason.BAD_GRPC_TIMEOUT, "malformed grpc-timeout",
                                         grpc.INTERNAL)
             deadline = loop.time() + timeout
         base = self.base_headers()
@@ -271,13 +271,13 @@ class _Call:
                 continue
             # refused unprocessed: another attempt, on any endpoint (this one too: a refusal
             # is the endpoint's stream limit, not its failure)
-            failure = "refused-stream"
+            failure = ErrorReason.REFUSED_STREAM
             ctx.tried.remove(endpoint)
             refusals, refused = refusals + 1, True
             if refusals > MAX_REFUSALS:
                 break
             await asyncio.sleep(REFUSAL_PAUSE * refusals)
-        if failure == "refused-stream":
+        if failure == ErrorReason.REFUSED_STREAM:
             ctx.error_reason = failure
             self.proxy.metrics.errors.labels(group.name, failure).inc()
             stream.reset(ErrorCodes.REFUSED_STREAM)  # the app may send it again
@@ -343,15 +343,17 @@ class _Call:
             except TimeoutError:
                 recorded = True
                 if _deadline_passed(deadline, limit, loop.time()):
-                    self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
+                    self.outcome(sent, None, False, ErrorReason.DEADLINE_EXCEEDED,
+                                 grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
                     return None
                 # the endpoint has the call: DEADLINE_EXCEEDED, which gRPC allows for an
                 # operation that may have completed, not UNAVAILABLE, which clients (and
                 # their retry policies) take for "not processed, try again"
-                self.outcome(sent, None, False, "timeout",
+                self.outcome(sent, None, False, ErrorReason.UPSTREAM_TIMEOUT,
                              grpc.DEADLINE_EXCEEDED if self.is_grpc else None)
-                await self.error(504, "timeout", "upstream sent no answer in time",
+                await self.error(504, ErrorReason.UPSTREAM_TIMEOUT,
+                                 "upstream sent no answer in time",
                                  grpc.DEADLINE_EXCEEDED, counted=True)
                 return None
             except StreamGone as exc:
@@ -359,17 +361,18 @@ class _Call:
                 if exc.code == ErrorCodes.REFUSED_STREAM and stream.closed is None:
                     # Not processed (RFC 9113 §8.7; or above the last stream of a GOAWAY):
                     # sent again if what went up is still at hand, else the app is told so.
-                    self.outcome(sent, None, False, "refused-stream")
+                    self.outcome(sent, None, False, ErrorReason.REFUSED_STREAM)
                     await _stopped(pump)
                     if self.replay.complete:
-                        return "refused-stream"
-                    ctx.error_reason = "refused-stream"
+                        return ErrorReason.REFUSED_STREAM
+                    ctx.error_reason = ErrorReason.REFUSED_STREAM
                     stream.reset(ErrorCodes.REFUSED_STREAM)
                     return None
                 if _deadline_due(deadline, loop.time()):
                     # the endpoint, told what was left of the deadline, gave up a moment
                     # before this sidecar's own timer: the call's deadline passed all the same
-                    self.outcome(sent, None, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED)
+                    self.outcome(sent, None, False, ErrorReason.DEADLINE_EXCEEDED,
+                                 grpc.DEADLINE_EXCEEDED)
                     await self.deadline_exceeded()
                     return None
                 broke = grpc.status_of_reset(upstream.reset_code)  # None: the sidecar's
@@ -441,7 +444,8 @@ class _Call:
                 return None
             recorded = True
             if _deadline_due(deadline, loop.time()) and self.is_grpc and not stream.local_ended:
-                self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
+                self.outcome(sent, first, False, ErrorReason.DEADLINE_EXCEEDED,
+                             grpc.DEADLINE_EXCEEDED,
                              answered=True)
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
                                                      "deadline exceeded in the sidecar"), True)
@@ -459,7 +463,7 @@ class _Call:
             return None
         except TimeoutError:  # the gRPC deadline passed while relaying
             recorded = True
-            self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
+            self.outcome(sent, first, False, ErrorReason.DEADLINE_EXCEEDED, grpc.DEADLINE_EXCEEDED,
                          answered=True)
             if stream.closed is None and not stream.local_ended:
                 stream.send_headers(_status_trailers(grpc.DEADLINE_EXCEEDED,
@@ -589,10 +593,10 @@ class _Call:
         DEADLINE_EXCEEDED whichever timer fired first (it was charged only when the
         sidecar's did)."""
         if _deadline_due(deadline, asyncio.get_running_loop().time()):
-            self.outcome(sent, first, False, "deadline-exceeded", grpc.DEADLINE_EXCEEDED,
+            self.outcome(sent, first, False, ErrorReason.DEADLINE_EXCEEDED, grpc.DEADLINE_EXCEEDED,
                          answered=self.answered)
             self.proxy.metrics.errors.labels(self.ctx.upstream_label,
-                                             "deadline-exceeded").inc()
+                                             ErrorReason.DEADLINE_EXCEEDED).inc()
             return
         proxy, group, endpoint = self.proxy, self.ctx.group, self.ctx.endpoint
         assert group is not None and endpoint is not None
@@ -606,13 +610,14 @@ class _Call:
     # ------------------------------------------------------------ the sidecar's own answers
 
     async def deadline_exceeded(self) -> None:
-        self.ctx.error_reason = "deadline-exceeded"
-        self.proxy.metrics.errors.labels(self.ctx.upstream_label, "deadline-exceeded").inc()
+        self.ctx.error_reason = ErrorReason.DEADLINE_EXCEEDED
+        self.proxy.metrics.errors.labels(self.ctx.upstream_label,
+                                         ErrorReason.DEADLINE_EXCEEDED).inc()
         if self.is_grpc:
             self.stream.send_headers(grpc.trailers_only(
                 grpc.DEADLINE_EXCEEDED, "deadline exceeded in the sidecar"), end_stream=True)
         else:
-            await self._json(504, "deadline-exceeded", "deadline exceeded")
+            await self._json(504, ErrorReason.DEADLINE_EXCEEDED, "deadline exceeded")
 
     async def early(self, answer: EarlyAnswer) -> None:
         """A ``request_check`` answer (back-off, bad bid): gRPC status or JSON."""

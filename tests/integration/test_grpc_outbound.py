@@ -377,7 +377,7 @@ def test_a_call_the_pod_had_past_the_request_timeout_is_deadline_exceeded() -> N
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "timeout" in err.value.details()
         assert sidecar.metric("equilibrium_errors_total", upstream="svc",
-                              reason="timeout") == 1
+                              reason="upstream-timeout") == 1
     finally:
         assert sidecar.stop() == 0, sidecar.output()
         pod.stop()
@@ -397,7 +397,8 @@ def test_a_call_with_a_deadline_may_outlast_the_request_timeout() -> None:
             with pytest.raises(grpc.RpcError) as err:  # its own deadline still holds
                 slow(b"3", timeout=1.0)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert sidecar.metric("equilibrium_errors_total", upstream="svc", reason="timeout") == 0
+        assert sidecar.metric("equilibrium_errors_total", upstream="svc",
+                              reason="upstream-timeout") == 0
     finally:
         assert sidecar.stop() == 0, sidecar.output()
         pod.stop()
