@@ -15,7 +15,9 @@ inside the probability simplex::
   smoothed target gives it, and its floor. Where that leaves no room, the good endpoints'
   bounds give way in turn: first the rule that one the target wants less of does not grow,
   then the ramp, then the cap itself (two pods, one of them bad: the good one takes all but
-  the floor, instead of the bad one being handed the fifth the cap set aside).
+  the floor, instead of the bad one being handed the fifth the cap set aside). A weight
+  above the cap comes back down at the ramp's pace, so that a pod that heals, or joins, is
+  not handed what it sheds in one tick.
 - **Ramp** (gradual re-admission): a weight may grow by at most ``ramp_per_s`` per second. An
   endpoint that recovers, or joins, climbs back linearly instead of being stampeded — the
   slow-start that Envoy applies only to new hosts, applied here also to hosts that come back.
@@ -66,8 +68,9 @@ class HerdGuard:
 
         ``live[i]`` is False for ejected endpoints; ``covered[i]`` True for endpoints explored
         by probes (no floor); ``good[i]`` False for endpoints known to be bad, which take no
-        leftover (module docstring; None: every live endpoint is good). Returns weights
-        summing to 1 (or all zeros when no endpoint is live).
+        leftover (module docstring; None: every live endpoint is good, and no weight is above
+        the cap because it gave way). Returns weights summing to 1 (or all zeros when no
+        endpoint is live).
         """
         t = _normalise(np.asarray(target, dtype=float))
         p = np.asarray(previous, dtype=float)
@@ -86,7 +89,8 @@ class HerdGuard:
                   else np.asarray(covered, dtype=bool) & live)
         lower = np.where(live & ~probed, floor, 0.0)
         cap = max(self.cap, 1.0 / n_live)
-        upper = np.where(live, np.minimum(cap, p + self.ramp_per_s * max(dt, 0.0)), 0.0)
+        step = self.ramp_per_s * max(dt, 0.0)
+        upper = np.where(live, np.minimum(cap, p + step), 0.0)
         if p.shape == t.shape:
             # An endpoint the target wants less of never grows, even when the ramp holds back
             # the endpoints it wants more of: the leftover stays where it was instead of being
@@ -102,21 +106,33 @@ class HerdGuard:
                                if p.shape == t.shape else upper)
             if relaxed.sum() >= 1.0 - 1e-12:
                 upper = relaxed
+        bad = np.zeros(k, dtype=bool)
         if good is not None:
+            fine = live & np.asarray(good, dtype=bool)
             # known bad, and the target wants none of it: queued pods the target still
             # spreads over (capacity-limited ones) keep taking their part of the leftover
-            bad = live & ~np.asarray(good, dtype=bool) & (t < floor)
-            if bad.any() and (fine := live & ~bad).any():
+            bad = live & ~fine & (t < floor)
+            if bad.any() and fine.any():
                 upper = np.where(bad, np.where(dropped, 0.0, np.maximum(
                     lower, np.minimum(upper, goal))), upper)
-                if upper.sum() < 1.0:  # the good ones take the rest, their bounds relaxed
-                    ramped = np.minimum(cap, p + self.ramp_per_s * max(dt, 0.0)) \
-                        if p.shape == t.shape else np.full(k, cap)
-                    for bound in (ramped, np.full(k, cap), np.ones(k)):
+                if upper.sum() < 1.0 - 1e-12:  # the good ones take the rest, bounds relaxed
+                    same = p.shape == t.shape
+                    bounds = [np.minimum(cap, p + step) if same else upper]
+                    if same:  # one above the cap sheds at the ramp's pace (below)
+                        bounds.append(np.where(p > cap, p - step, 0.0))
+                    for bound in (*bounds, np.full(k, cap), np.ones(k)):
                         upper = np.where(fine, np.maximum(upper, bound), upper)
-                        if upper.sum() >= 1.0:
+                        if upper.sum() >= 1.0 - 1e-12:
                             break
-        if upper.sum() < 1.0:
+        if upper.sum() < 1.0 - 1e-12 and good is not None and p.shape == t.shape:
+            # A weight above the cap because the cap gave way for bad pods (``good`` is given
+            # while it sheds) must go somewhere: first where the target wants less, within
+            # the ramp (the goal rule gives way before the ramp does); then it comes down
+            # only at the ramp's pace, so that a healed or new pod takes it no faster.
+            upper = np.maximum(upper, np.where(live & ~bad, np.minimum(cap, p + step), 0.0))
+            if upper.sum() < 1.0 - 1e-12:
+                upper = np.where(live & (p > cap), np.maximum(upper, p - step), upper)
+        if upper.sum() < 1.0 - 1e-12:
             # The endpoint set shrank faster than the ramp allows: keep only the cap.
             upper = np.where(live, cap, 0.0)
         return project_box_simplex(goal, lower, upper)

@@ -179,3 +179,16 @@ def test_with_bad_endpoints_the_weights_stay_a_distribution_and_bad_ones_get_no_
     for i in range(k):
         if good.any() and not good[i] and t[i] < floor:
             assert w[i] <= max(goal[i], floor) + 1e-9
+
+
+def test_only_good_endpoints_take_what_the_cap_gives_up() -> None:
+    # A review's finding: a pod judged bad that the target still wants was among those whose
+    # bounds gave way, and took 0.97 while two good pods sat at their floor.
+    guard = HerdGuard(cap=0.3, ramp_per_s=0.05, explore_floor=0.01, explore_budget=0.5,
+                      smoothing=1.0)
+    w = guard.shape(np.array([0.0, 0.007, 0.0, 0.739]), np.array([0.052, 0.005, 0.277, 0.666]),
+                    0.25, None, np.array([False, False, False, True]),
+                    good=np.array([True, False, True, False]))
+    assert w.sum() == pytest.approx(1.0)
+    assert w[3] <= 0.666 + 1e-9  # the bad, wanted pod does not grow
+    assert w[0] + w[2] >= 0.3
