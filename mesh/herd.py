@@ -10,7 +10,7 @@ inside the probability simplex::
   looks; the rest stays spread over the other *good* endpoints, so a recovered pod is never
   handed the whole load and the others keep being measured. (With a single endpoint the cap
   cannot hold and the weight is 1.) An endpoint the caller knows to be bad (``good`` False:
-  its latency estimate far above the best one's, or a recommendation of it overruled) takes
+  the policy passes those whose recommended share its own evidence overruled) takes
   none of what the cap, the ramp or the rounding leaves over: it gets at most what the
   smoothed target gives it, and its floor. Where that leaves no room, the good endpoints'
   bounds give way in turn: first the rule that one the target wants less of does not grow,

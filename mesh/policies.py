@@ -328,7 +328,6 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._standing: float | None = None  # the median standing latency at the last tick
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
         self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
-        self._bad: set[str] = set()  # judged bad by their answers at the last tick (_good)
         self._shedding = False  # a weight is above the cap, which gave way for bad pods
         # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
         self._recent = RecentLatencies()
@@ -775,7 +774,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._usable_mask = live.tolist()
         self._covered = [self.stats[e].probe_covered(now) for e in self.endpoints]
         target = self._target(now, estimates)
-        good = self._good(estimates, live)
+        good = self._good(live)
         weights = self.profile.herd.shape(target, self._weights, dt, live,
                                           np.array(self._covered), good)
         # above the cap because it gave way for bad pods: shed at the ramp's pace (herd.py)
@@ -783,35 +782,19 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self.profile.herd.cap, 1.0 / max(1, int(live.sum()))) + 1e-9
         return weights
 
-    def _good(self, estimates: np.ndarray, live: np.ndarray) -> np.ndarray | None:
+    def _good(self, live: np.ndarray) -> np.ndarray | None:
         """The endpoints that may take what the herd guard's cap and ramp leave over
-        (:meth:`mesh.herd.HerdGuard.shape`): all but those whose latency estimate is over
-        :data:`CONTRADICTED` times the best live one's (and 2 ms more), and those whose
-        recommended share this sidecar's evidence overruled. The cap keeps the rest on the
-        other *good* pods (DESIGN.md, the thundering-herd defence); handed to a bad one, it
-        sent a fifth of the traffic to the slow pod of a two-pod service for good, and to a
-        slow pod the signaler's plan had given nothing."""
-        if estimates.shape != live.shape or not live.any():
+        (:meth:`mesh.herd.HerdGuard.shape`): all but those whose recommended share this
+        sidecar's evidence overruled (:meth:`_checked`). The cap keeps the rest on the other
+        *good* pods (DESIGN.md, the thundering-herd defence); spread over all, it sent a
+        tenth of a caller's traffic to a slow pod the signaler's plan gave nothing, for as
+        long as the pod stayed slow. (Judging pods bad by their latency estimates as well
+        fixed the same for a two-pod service without a signaler, and was withdrawn: it
+        doubled the long polls rescued in the long-poll runs of the tests; docs/benchmarks.md,
+        session 32.) None while no endpoint is overruled and no weight sheds."""
+        if not self.overruled and not self._shedding:
             return None
-        best = float(estimates[live].min())
-        if not self.overruled and not self._bad and not self._shedding and not (
-                (estimates > CONTRADICTED * best) & (estimates > best + 0.002)).any():
-            return None
-        # judged by what the answers took, not by what a stall adds at this tick: a pod
-        # holding long polls is no bad pod (tests/unit/mesh/test_long_answers.py); bad once
-        # over CONTRADICTED x the best, good again only under RECOVERED x (a pod near the
-        # line would flip the cap on and off every few ticks); never measured: good
-        answers = self._estimates()
-        best = float(answers[live].min())
-        bad: set[str] = set()
-        for e, a in zip(self.endpoints, answers.tolist(), strict=True):
-            if self.stats[e].latency.value is None or a <= best + 0.002:
-                continue
-            if a > CONTRADICTED * best or (e in self._bad and a > RECOVERED * best):
-                bad.add(e)
-        self._bad = bad
-        bad |= set(self.overruled)
-        good = np.array([e not in bad for e in self.endpoints])
+        good = np.array([e not in self.overruled for e in self.endpoints])
         return None if good[live].all() and not self._shedding else good
 
     def _checked(self, target: np.ndarray, estimates: np.ndarray, now: float) -> np.ndarray:
@@ -844,9 +827,6 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 CONTRADICTED = 4.0
 """How many times the best endpoint's latency estimate an endpoint's must be (and 2 ms more)
 for a sidecar's own evidence to hold back the share a recommendation gives it."""
-RECOVERED = 2.0
-"""How many times the best endpoint's latency estimate an endpoint judged bad (over
-:data:`CONTRADICTED` times it) must come under to be judged good again (:meth:`_good`)."""
 EVIDENCE_FRESH = 5.0
 """Seconds an endpoint's last outcome (or a fresh probe answer) counts as evidence against a
 recommendation."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 import random
 from collections.abc import Callable
 
@@ -69,73 +68,6 @@ def test_equilibrium_moves_traffic_off_the_bad_pod(profile: str) -> None:
     snap = p.snapshot()
     assert snap.weights[BAD] < 0.03
     assert max(snap.weights.values()) <= get_profile(profile).herd.cap + 1e-9
-
-
-def test_two_pods_one_bad_the_cap_does_not_send_the_bad_one_a_fifth() -> None:
-    # The cap keeps the rest "on other good pods" (DESIGN.md): with two pods there is none,
-    # and it used to hand the bad pod a fifth of the traffic for good (p99 at its 500 ms).
-    p = make_policy("equilibrium", get_profile("balanced"))
-    p.set_endpoints([ENDPOINTS[0], BAD], 0.0)
-    simulate(p, 15.0)
-    later = simulate(p, 20.0, start=15.0, seed=2)
-    assert later[BAD] / sum(later.values()) < 0.02
-    assert p.snapshot().weights[BAD] == pytest.approx(0.005)  # the exploration floor
-
-
-def _two_pods(case: str, profile: str = "balanced",
-              seconds: float = 50.0) -> list[dict[str, float]]:
-    """Two pods, ``b`` slow (500 ms on half its requests: until 20 s when ``case`` is
-    "heal"); with "join" a third pod ``c`` joins at 20 s; with "near" b is always 6x slower
-    (exponential latencies, near the 4x line). The weights at each tick."""
-    a, b, c = "http://a", "http://b", "http://c"
-    prof = get_profile(profile)
-    p = make_policy("equilibrium", prof)
-    p.set_endpoints([a, b], 0.0)
-    rng, now, tick, weights = random.Random(1), 0.0, prof.tick_interval, []
-    next_tick = tick
-    while now < seconds:
-        if case == "join" and now >= 20.0 and c not in p.endpoints:
-            p.set_endpoints([a, b, c], now)
-        e = p.pick(rng, now)
-        assert e is not None
-        p.on_start(e, now)
-        if case == "near":
-            latency = rng.expovariate(1 / 0.006) * (6.0 if e == b else 1.0)
-        else:
-            slow = e == b and (case == "join" or now < 20.0) and rng.random() < 0.5
-            latency = 0.005 + rng.random() * 0.002 + (0.5 if slow else 0.0)
-        p.on_outcome(Outcome(e, latency, True, now + latency))
-        now += 1 / 200
-        if now >= next_tick:
-            p.tick(next_tick)
-            next_tick += tick
-            weights.append(dict(p.snapshot().weights))
-    return weights
-
-
-@pytest.mark.parametrize("case", ["heal", "join"])
-def test_a_healed_or_new_pod_beside_a_bad_one_is_still_ramped(case: str) -> None:
-    # A review's finding: with the cap given way for the bad pod (the good one at 0.995), a
-    # healed pod, or a new one, was handed the fifth the cap sets aside in one tick. What is
-    # above the cap comes down at the ramp's pace (10 pp/s: 5 pp a tick).
-    weights = _two_pods(case)
-    gainer = "http://b" if case == "heal" else "http://c"
-    rises = [w.get(gainer, 0.0) - v.get(gainer, 0.0) for v, w in itertools.pairwise(weights)]
-    assert max(rises) <= 0.05 + 1e-9
-    assert weights[-1][gainer] > 0.3  # and it does come back
-
-
-@pytest.mark.parametrize("profile", ["balanced", "conservative"])
-def test_a_pod_near_the_bad_line_does_not_flip_the_cap(profile: str) -> None:
-    # A review's finding: a pod 6x slower, around the 4x line, was judged bad and good by
-    # turns, its weight swinging between the floor and the cap's fifth (0.005 <-> 0.4 in the
-    # conservative profile). Judged good again only under 2x, it stays down; no tick moves a
-    # weight by more than the ramp allows up or the smoothing down.
-    weights = _two_pods("near", profile)[20:]
-    b = [w["http://b"] for w in weights]
-    assert max(abs(y - x) for x, y in itertools.pairwise(b)) < 0.15, b
-    if profile == "balanced":  # (the conservative one's slower learner still wants some b)
-        assert sum(b) / len(b) < 0.05, b
 
 
 def test_equilibrium_settles_without_flapping() -> None:
@@ -335,6 +267,25 @@ def test_a_recommendation_its_own_evidence_contradicts_is_held_back() -> None:
     assert [v.endpoint for v in snap.endpoints if v.overruled] == [BAD]
     healthy = [snap.weights[e] for e in ENDPOINTS if e != BAD]
     assert max(healthy) - min(healthy) < 0.05  # the plan's even split among the others
+
+
+def test_what_the_cap_keeps_off_a_recommended_pod_goes_to_a_good_one_not_the_overruled() -> None:
+    """The whole mesh slow for two minutes (docs/benchmarks.md, session 32): the signaler
+    dealt a caller all its tokens on one pod; the cap kept a fifth off it, and the fifth was
+    split between the other good pod and the slow one this caller's evidence overruled (a
+    tenth of its traffic, p99 at the slow pod's 500 ms). It goes to the good one."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    pods = [ENDPOINTS[0], ENDPOINTS[1], BAD]
+    p.set_endpoints(pods, 0.0)
+    p.follow({ENDPOINTS[1]: 1.0}, expires_at=1e9)
+    simulate(p, 20.0)
+    later = simulate(p, 10.0, start=20.0, seed=2)
+    snap = p.snapshot()
+    assert [v.endpoint for v in snap.endpoints if v.overruled] == [BAD]
+    assert snap.weights[ENDPOINTS[1]] == pytest.approx(0.8)
+    assert snap.weights[BAD] < 0.01 and later[BAD] / sum(later.values()) < 0.02
+    assert snap.weights[ENDPOINTS[0]] > 0.18
 
 
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
@@ -770,14 +721,8 @@ def test_any_observations_keep_weights_a_capped_distribution(events, name) -> No
     w = np.array(list(snap.weights.values()))
     assert np.all(np.isfinite(w))
     assert w.sum() == pytest.approx(1.0, abs=1e-6)
-    if name == "equilibrium" and w.max() > 0.8 + 1e-9:
-        # the cap gives way only where no other good endpoint could take the rest
-        top = max(snap.weights, key=lambda e: snap.weights[e])
-        usable = [v for v in snap.endpoints if v.usable]
-        best = min(v.latency_estimate for v in usable)
-        assert all(v.overruled or (v.latency_estimate > 4.0 * best
-                                   and v.latency_estimate > best + 0.002)
-                   for v in usable if v.endpoint != top)
+    if name == "equilibrium":
+        assert w.max() <= 0.8 + 1e-9
     assert np.isfinite(snap.nash_gap) and np.isfinite(snap.flapping)
     assert all(np.isfinite(v.latency_estimate) for v in snap.endpoints)
 
@@ -948,21 +893,14 @@ def test_long_polls_beside_quick_answers_are_learned_not_ejected_for_good(share:
     was ever answered to teach what they take. The peak of its answers is the yardstick,
     and each hang ejection in a row doubles the stall the next needs: until the first polls
     are answered (10 s) a pod may be ejected a few times, then never. Healthy pods, 10 s
-    long polls, 120 s, six seeds: none ejected after the first 40 s, at most 4 ejections
-    of a pod, 3 on average over the seeds, and on average fewer than 250 polls rescued
-    (the commit before the herd guard's good pods, 6b100ca, ran 1-3 of each, 31 ejections and
-    697 rescued in the six runs at half long polls; a single seed's bound had been met by
-    luck: its seed 5 rescued 284)."""
-    runs = []
-    for seed in range(1, 7):
+    long polls, 120 s: at most 3 ejections each, none after the first 40 s."""
+    for seed in (1, 2, 3):
         late: list[float] = []
         ejections, rescued = _run_pods(
             lambda pod, at, rng: 10.0 if rng.random() < share else 0.02 * (1 + rng.random()),
             rescue=True, seed=seed, seconds=120.0, ejected_at=late)
-        assert max(ejections) <= 4 and all(at < 40.0 for at in late), (seed, ejections, late)
-        runs.append((max(ejections), rescued))
-    assert sum(e for e, _ in runs) / len(runs) <= 3.0 and \
-        sum(r for _, r in runs) / len(runs) < 250, runs
+        assert max(ejections) <= 3 and rescued < 150, (seed, ejections, rescued)
+        assert all(at < 40.0 for at in late), (seed, late)
 
 
 def test_a_slow_pod_is_ejected_a_few_times_then_let_answer() -> None:
