@@ -145,7 +145,7 @@ def test_recovery_from_a_hang_costs_few_requests_and_the_pod_comes_back(tmp_path
     """--recovery-fault hang: the pod accepts requests and answers none until it heals
     (each would take 30 s; the sidecars give up after 2 s here). The sidecars stop sending
     there as soon as its requests stall, and take it back once it heals."""
-    proc = _run(["--scenario", "recovery", "--recovery-fault", "hang", "--duration", "30",
+    proc = _run(["--scenario", "recovery", "--recovery-fault", "hang", "--duration", "40",
                  "--clients", "2", "--policies", "equilibrium",
                  "--sidecar-arg=--request-timeout=2", "--out", "results"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,7 +158,8 @@ def test_recovery_from_a_hang_costs_few_requests_and_the_pod_comes_back(tmp_path
     assert m["errors"] <= 30
     # back within the run (to 80 % of its fair share in 2 of 3 runs on this machine: with
     # 2 s timeouts it is ejected by its failures, which the few requests still reaching it
-    # add up to at their own pace)
+    # add up to at their own pace; 20 s after the heal, not 15: in a loaded CI run an
+    # ejection's backoff outlasted 15 s, 2026-12-07)
     assert max(m["healed_share_series"]) > 0.1
 
 
