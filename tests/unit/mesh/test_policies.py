@@ -288,6 +288,68 @@ def test_what_the_cap_keeps_off_a_recommended_pod_goes_to_a_good_one_not_the_ove
     assert snap.weights[ENDPOINTS[0]] > 0.18
 
 
+def _two_pods(second: Callable[[float, random.Random], float], seconds: float,
+              rps: int = 100, seed: int = 1) -> tuple[RegretMatchingPolicy, list[float]]:
+    """Two pods, no signaler: the first answers in 5-7 ms, the second in ``second(sent,
+    rng)``. Returns the policy and the second pod's weight after each tick."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    quick, other = ENDPOINTS[0], ENDPOINTS[1]
+    p.set_endpoints([quick, other], 0.0)
+    rng = random.Random(seed)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick, weights = 0.0, tick, []
+    pending: list[tuple[float, int, str, float]] = []
+    n = 0
+    while now < seconds:
+        while pending and pending[0][0] <= now:
+            at, _, e, sent = heapq.heappop(pending)
+            p.on_outcome(Outcome(e, at - sent, True, at, sent_at=sent))
+        if now >= next_tick:
+            p.tick(now)
+            weights.append(p.snapshot().weights[other])
+            next_tick += tick
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        took = 0.005 + 0.002 * rng.random() if e == quick else second(now, rng)
+        n += 1
+        heapq.heappush(pending, (now + took, n, e, now))
+        now += 1.0 / rps
+    return p, weights
+
+
+def test_two_pods_one_slow_the_slow_one_gets_the_floor_not_the_caps_rest() -> None:
+    """Two replicas, one adding 500 ms to half its requests, no signaler (docs/benchmarks.md,
+    session 33): the cap kept a fifth of the traffic off the quick pod, and with no other
+    good pod the fifth went to the slow one for as long as it stayed slow (callers' p99 at
+    its 500 ms). Its answers are slow beside the quick one's: it keeps only the floor."""
+    _, weights = _two_pods(lambda at, rng: 0.005 + (0.5 if rng.random() < 0.5 else 0.0), 30.0)
+    tick = get_profile("balanced").tick_interval
+    settled = weights[int(10.0 / tick):]
+    assert max(settled) <= 0.01, max(settled)
+
+
+def test_a_pod_slower_but_not_bad_keeps_the_caps_rest() -> None:
+    """A pod three times slower (a bigger or busier replica, not a bad one) is not judged
+    slow: the cap still keeps a fifth on it, so that no pod takes the whole load."""
+    _, weights = _two_pods(lambda at, rng: 0.015 + 0.006 * rng.random(), 30.0)
+    assert weights[-1] == pytest.approx(0.2, abs=0.01)
+
+
+def test_a_pod_judged_slow_is_judged_good_again_only_well_under_the_line() -> None:
+    """Twelve times slower, then seven times (under the line, over the way back): still at
+    the floor, not swung to the cap's fifth and back; then twice as slow: the fifth again."""
+    def second(at: float, rng: random.Random) -> float:
+        base = 0.072 if at < 20.0 else 0.042 if at < 40.0 else 0.012
+        return base * (1.0 + 0.1 * (rng.random() - 0.5))
+
+    _, weights = _two_pods(second, 60.0)
+    tick = get_profile("balanced").tick_interval
+    assert max(weights[int(10.0 / tick):int(40.0 / tick)]) <= 0.01
+    assert weights[-1] == pytest.approx(0.2, abs=0.01)
+
+
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
           seconds: float = 20.0, hang_at: float = 10.0) -> list[float]:
     """Per second after ``hang_at``: the share of requests sent to ``hung``, whose requests
