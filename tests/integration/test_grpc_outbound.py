@@ -346,6 +346,37 @@ def test_a_call_past_its_deadline_is_the_endpoints_whichever_timer_fires_first(
                                upstream="errs") == cancelled
 
 
+def test_a_deadline_too_short_for_every_pod_is_charged_but_ejects_none() -> None:
+    """A helper's finding: a caller whose deadline no pod could meet had every pod ejected
+    (five missed deadlines in a row each), over and over: 52 ejections in 6 s. The missed
+    deadlines are charged to the pods (learned, counted), and eject nothing."""
+    pods = [start_pod(name) for name in ("pod-a", "pod-b")]
+    sidecar = start_sidecar({"svc": [p.url for p in pods]}, sidecar_id="sc-grpc-short")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}", options=[
+                ("grpc.default_authority", "svc")]) as channel:
+            slow = channel.unary_unary(f"/{SERVICE}/Slow")
+            for _ in range(24):
+                with pytest.raises(grpc.RpcError) as err:
+                    slow(b"0.3", timeout=0.05)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(1.0)  # a policy tick or two
+            assert slow(b"0", timeout=5) == b"slept"
+
+        def charged(pod: Pod) -> float:
+            return sidecar.metric("equilibrium_grpc_calls_total", upstream="svc",
+                                  endpoint=pod.url, grpc_status="4")
+        wait_for(lambda: sum(charged(p) for p in pods) == 24, "every missed deadline charged")
+        for pod in pods:
+            for reason in ("failures", "hung"):
+                assert sidecar.metric("equilibrium_endpoint_ejections_total", upstream="svc",
+                                      endpoint=pod.url, reason=reason) == 0, (pod.name, reason)
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        for pod in pods:
+            pod.stop()
+
+
 @pytest.mark.parametrize("value", [b"abc", b"-5S", b"1.5S", b"123456789012S"])
 def test_a_malformed_grpc_timeout_is_internal_not_a_status_to_retry(
         mesh: Mesh, value: bytes) -> None:
