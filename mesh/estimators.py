@@ -188,11 +188,12 @@ class EndpointStats:
     # many quick answers come between (a review's finding: with a mean, three long polls
     # held in a row ejected healthy pods over and over).
     answers: PeakEwma | None = None
-    # The mean of its whole answers alone (an EWMA with the latency estimate's time constant;
-    # None before the first): no stall, rescue, hedge or probe bound, no long answer, no
-    # failure. What judges a pod slow beside the others (RegretMatchingPolicy._good): the
-    # estimate would not do, for a healthy pod holding long polls carries their stall in it.
-    answered_mean: Ewma | None = None
+    # The mean cost of its own outcomes alone: whole answers, and failures at the penalty
+    # (an EWMA with the latency estimate's time constant; None before the first): no stall,
+    # rescue, hedge or probe bound, no long answer, no success without an answer. What
+    # judges a pod bad beside the others (RegretMatchingPolicy._good): the estimate would
+    # not do, for a healthy pod holding long polls carries their stalls and rescues in it.
+    outcome_mean: Ewma | None = None
     # hang ejections in a row (none for 20 s: back to 0; RegretMatchingPolicy._live): each
     # doubles the stall the next one needs (at most 16x, past the 15 s request timeout), so
     # that what a pod slow rather than hung, or serving long polls not yet seen, is sent is
@@ -393,14 +394,15 @@ class EndpointStats:
             # traffic comes back. What was sent before this request is history from now on.
             self.readmitting, self.fresh_from = False, sent
             self.latency.value = None
-            self.answers = self.answered_mean = None
+            self.answers = self.outcome_mean = None
             self.peak.estimate = cost
         if ok and answered:
             if self.answers is None:
                 self.answers = PeakEwma(now, ANSWER_DECAY, cost)
             else:
                 self.answers.update(cost, now)
-            self._answered(cost, now)
+        if answered or not ok:
+            self._own(cost, now)
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)
@@ -526,14 +528,14 @@ class EndpointStats:
             _, latency = self.held_long.pop(0)
             self.learn(latency, now)
 
-    def _answered(self, latency: float, now: float) -> None:
-        if self.answered_mean is None:
-            self.answered_mean = Ewma(self.latency.tau)
-        self.answered_mean.update(latency, now)
+    def _own(self, cost: float, now: float) -> None:
+        if self.outcome_mean is None:
+            self.outcome_mean = Ewma(self.latency.tau)
+        self.outcome_mean.update(cost, now)
 
     def learn(self, latency: float, now: float) -> None:
         """A latency observed apart from :meth:`finish` (a long answer learned after all)."""
-        self._answered(latency, now)
+        self._own(latency, now)
         self.latency.update(latency, now)
         self.peak.update(latency, now)
         self.tick_count += 1

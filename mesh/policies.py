@@ -75,6 +75,9 @@ class _MeasuredPolicy(ABC):
         # recommended endpoints this sidecar's own evidence held back at the last tick
         # (RegretMatchingPolicy._checked; for /debug/state)
         self.overruled: list[str] = []
+        # endpoints judged bad by their own outcomes at the last tick, kept from the herd
+        # guard's leftover (RegretMatchingPolicy._good; for /debug/state)
+        self.bad: set[str] = set()
         # the last conditional regret matrix (an array no one writes to; listed by snapshot())
         self._regret_matrix: np.ndarray = np.zeros((0, 0))
         self._usable: int | None = None  # set by policies that eject (None: all usable)
@@ -226,6 +229,7 @@ class _MeasuredPolicy(ABC):
                 requests=self.stats[e].requests,
                 failures=self.stats[e].failures,
                 overruled=e in self.overruled,
+                bad=e in self.bad,
                 usable=self._usable_mask[i] if i < len(self._usable_mask) else True,
                 stalled=self.stats[e].stall_counted,
                 long_in_flight=self.stats[e].long_in_flight,
@@ -329,7 +333,6 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._epoch = EpochWindows()  # what the signaling plane is told each epoch
         self._paced: list[bool] = []  # endpoints above their exploration floor (_paced_pick)
         self._shedding = False  # a weight is above the cap, which gave way for bad pods
-        self._slow: set[str] = set()  # judged slow by their answers at the last tick (_good)
         # hedged exploration (mesh.hedging): recent latencies, and the plans rebuilt per tick
         self._recent = RecentLatencies()
         self._hedges: dict[str, HedgePlan] = {}
@@ -786,11 +789,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def _good(self, live: np.ndarray) -> np.ndarray | None:
         """The endpoints that may take what the herd guard's cap and ramp leave over
         (:meth:`mesh.herd.HerdGuard.shape`): all but those whose recommended share this
-        sidecar's evidence overruled (:meth:`_checked`) and those whose answers are slow
-        beside the others' (the mean of their whole answers alone over :data:`SLOW` times
-        the quickest live pod's, and 2 ms more; judged so, good again only under
-        :data:`RECOVERED` times it). The cap keeps the rest on the other *good* pods
-        (DESIGN.md, the thundering-herd defence); spread over all, it sent a tenth of a
+        sidecar's evidence overruled (:meth:`_checked`) and those bad beside the others
+        (the mean cost of their own outcomes alone, answers and failures at the penalty,
+        :attr:`EndpointStats.outcome_mean`, over :data:`BAD_COST` times the best live
+        pod's and 2 ms more; judged so, good again only under :data:`RECOVERED` times it).
+        The cap keeps the rest on the other *good* pods (DESIGN.md, the thundering-herd
+        defence); spread over all, it sent a tenth of a
         caller's traffic to a slow pod the signaler's plan gave nothing, and a fifth of a
         two-pod service's traffic to its slow pod, for as long as the pod stayed slow.
         Judged by the latency estimates instead, healthy pods holding long polls (whose
@@ -799,19 +803,19 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         session 32). The herd guard keeps off the leftover only a bad pod the target wants
         less than the floor of. None while no endpoint is bad and no weight sheds."""
         means = {e: m.value for e, up in zip(self.endpoints, live.tolist(), strict=True)
-                 if up and (m := self.stats[e].answered_mean) is not None
+                 if up and (m := self.stats[e].outcome_mean) is not None
                  and m.value is not None}
-        slow: set[str] = set()
-        if len(means) > 1:
-            best = min(means.values())
+        bad: set[str] = set()
+        best = min(means.values()) if len(means) > 1 else math.inf
+        if best < self.profile.failure_penalty:  # beside a pod that answers: not all failing
             for e, v in means.items():
-                if v > best + 0.002 and (v > SLOW * best
-                                         or (e in self._slow and v > RECOVERED * best)):
-                    slow.add(e)
-        self._slow = slow
-        if not self.overruled and not slow and not self._shedding:
+                if v > best + 0.002 and (v > BAD_COST * best
+                                         or (e in self.bad and v > RECOVERED * best)):
+                    bad.add(e)
+        self.bad = bad
+        if not self.overruled and not bad and not self._shedding:
             return None
-        good = np.array([e not in self.overruled and e not in slow for e in self.endpoints])
+        good = np.array([e not in self.overruled and e not in bad for e in self.endpoints])
         return None if good[live].all() and not self._shedding else good
 
     def _checked(self, target: np.ndarray, estimates: np.ndarray, now: float) -> np.ndarray:
@@ -844,15 +848,15 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 CONTRADICTED = 4.0
 """How many times the best endpoint's latency estimate an endpoint's must be (and 2 ms more)
 for a sidecar's own evidence to hold back the share a recommendation gives it."""
-SLOW = 10.0
-"""How many times the quickest live endpoint's mean answer an endpoint's must be (and 2 ms
-more) for it to be judged slow, and kept from the herd guard's leftover (:meth:`_good`). Not
+BAD_COST = 10.0
+"""How many times the best live endpoint's mean outcome cost an endpoint's must be (and 2 ms
+more) for it to be judged bad, and kept from the herd guard's leftover (:meth:`_good`). Not
 :data:`CONTRADICTED`: a capacity-limited pod with four times the service time of a small
 quick one is no bad pod, and judged so it made the simulator's ``herding`` shares swing
 further (flapping over five seeds 12.0 -> 19.9 pp on average)."""
 RECOVERED = 5.0
-"""How many times the quickest mean answer an endpoint judged slow must come under to be
-judged good again (a pod near the :data:`SLOW` line would switch the cap on and off)."""
+"""How many times the best mean outcome cost an endpoint judged bad must come under to be
+judged good again (a pod near the :data:`BAD_COST` line would switch the cap on and off)."""
 EVIDENCE_FRESH = 5.0
 """Seconds an endpoint's last outcome (or a fresh probe answer) counts as evidence against a
 recommendation."""

@@ -91,6 +91,7 @@ class EndpointView:
     requests: int
     failures: int
     overruled: bool = False  # a recommendation's share held back by own evidence
+    bad: bool = False  # its own outcomes cost over 10x the best pod's: none of the cap's rest
     usable: bool = True  # not ejected nor draining (as of the last tick)
     stalled: float = 0.0  # seconds its unanswered requests waited, counted at the last tick
     long_in_flight: int = 0  # declared long requests waiting there (apart from in_flight)

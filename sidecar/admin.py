@@ -12,7 +12,7 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int,
-                                         "overruled": bool, "usable": bool,
+                                         "overruled": bool, "bad": bool, "usable": bool,
                                          "stalled": float, "long_in_flight": int}]}},
      "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
@@ -123,6 +123,7 @@ def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str
                 "requests": int(view.requests),
                 "failures": int(view.failures),
                 "overruled": bool(view.overruled),
+                "bad": bool(view.bad),
                 "usable": bool(view.usable),
                 "stalled": _num(view.stalled),
                 "long_in_flight": int(view.long_in_flight),

@@ -100,9 +100,10 @@ async def test_absolute_form_http_proxy_setting_and_debug_state() -> None:
             assert {e["endpoint"] for e in upstream["endpoints"]} == {p.url for p in pods}
             for ep in upstream["endpoints"]:
                 assert set(ep) == {"endpoint", "weight", "latency_estimate", "regret",
-                                   "in_flight", "requests", "failures", "overruled", "usable",
-                                   "stalled", "long_in_flight"}
+                                   "in_flight", "requests", "failures", "overruled", "bad",
+                                   "usable", "stalled", "long_in_flight"}
                 assert ep["usable"] is True and ep["overruled"] is False and ep["stalled"] == 0
+                assert ep["bad"] is False
             assert abs(sum(e["weight"] for e in upstream["endpoints"]) - 1.0) < 1e-6
         finally:
             await async_stop(sidecar)

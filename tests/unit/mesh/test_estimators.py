@@ -92,25 +92,28 @@ def test_a_fast_failing_endpoint_costs_at_least_the_penalty_until_it_answers() -
     assert s.finish_cost(20.0) == pytest.approx(1.0 * w + 0.004 * (1.0 - w))
 
 
-def test_the_mean_answer_takes_whole_answers_alone() -> None:
-    """What judges a pod slow beside the others (RegretMatchingPolicy._good): no failure, no
-    lower bound of a cancelled request, no answer-less success; what its latency estimate
-    takes besides answers stays out, and an ejection's re-admission starts it afresh."""
+def test_the_outcome_mean_takes_answers_and_failures_alone() -> None:
+    """What judges a pod bad beside the others (RegretMatchingPolicy._good): answers, and
+    failures at the penalty; no lower bound of a cancelled request, no success without an
+    answer, nothing void, while the latency estimate takes what it takes; an ejection's
+    re-admission starts it afresh."""
     s = EndpointStats.new("a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
-    assert s.answered_mean is None
+    assert s.outcome_mean is None
     s.start(0.0)
     s.finish(0.010, True, 0.010)
-    assert s.answered_mean is not None and s.answered_mean.value == pytest.approx(0.010)
-    for at, kwargs in ((0.1, {"ok": False}), (0.2, {"censored": True}),
-                       (0.3, {"answered": False}), (0.4, {"void": True})):
-        ok = kwargs.pop("ok", True)
+    assert s.outcome_mean is not None and s.outcome_mean.value == pytest.approx(0.010)
+    for at, kwargs in ((0.2, {"censored": True}), (0.3, {"answered": False}),
+                       (0.4, {"void": True})):
         s.start(at)
-        s.finish(2.0, ok, at + 2.0, **kwargs)
-    assert s.answered_mean.value == pytest.approx(0.010)
+        s.finish(2.0, True, at + 2.0, **kwargs)
+    assert s.outcome_mean.value == pytest.approx(0.010)
     assert s.latency.value is not None and s.latency.value > 0.1  # the estimate took them
-    s.learn(0.5, 3.0)  # a long answer learned after all is an answer
-    assert s.answered_mean.value > 0.1
+    s.start(2.5)
+    s.finish(0.001, False, 2.501)  # a quick failure: at the penalty
+    assert s.outcome_mean.value > 0.3
     s.fresh_from, s.readmitting = 4.0, True  # ejected at 4 s; the first answer after it
     s.start(4.5)
     s.finish(0.020, True, 4.52, sent_at=4.5)
-    assert s.answered_mean.value == pytest.approx(0.020)
+    assert s.outcome_mean.value == pytest.approx(0.020)
+    s.learn(0.5, 6.0)  # a long answer learned after all is an answer
+    assert s.outcome_mean.value > 0.1
