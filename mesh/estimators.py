@@ -190,10 +190,14 @@ class EndpointStats:
     answers: PeakEwma | None = None
     # The mean cost of its own outcomes alone: whole answers, and failures at the penalty
     # (an EWMA with the latency estimate's time constant; None before the first): no stall,
-    # rescue, hedge or probe bound, no long answer, no success without an answer. What
-    # judges a pod bad beside the others (RegretMatchingPolicy._good): the estimate would
-    # not do, for a healthy pod holding long polls carries their stalls and rescues in it.
+    # rescue or hedge bound, no long answer, no success without an answer; a probe answer's
+    # mean stands for it while this caller's own outcomes are quiet, as for the estimate
+    # (observe_probe). What judges a pod bad beside the others (RegretMatchingPolicy._good):
+    # the estimate would not do, for a healthy pod holding long polls carries their stalls
+    # and rescues in it.
     outcome_mean: Ewma | None = None
+    # when a call to it last ran out its caller's deadline (_MeasuredPolicy.missed_deadline)
+    deadline_missed_at: float = -math.inf
     # hang ejections in a row (none for 20 s: back to 0; RegretMatchingPolicy._live): each
     # doubles the stall the next one needs (at most 16x, past the 15 s request timeout), so
     # that what a pod slow rather than hung, or serving long polls not yet seen, is sent is
@@ -535,7 +539,6 @@ class EndpointStats:
 
     def learn(self, latency: float, now: float) -> None:
         """A latency observed apart from :meth:`finish` (a long answer learned after all)."""
-        self._own(latency, now)
         self.latency.update(latency, now)
         self.peak.update(latency, now)
         self.tick_count += 1
@@ -552,8 +555,15 @@ class EndpointStats:
         if now - self.last_outcome_at < OWN_QUIET:
             return
         if report.has_latency:
-            self.latency.value = min(report.mean, MAX_LATENCY)
+            self.latency.value = mean = min(report.mean, MAX_LATENCY)
             self.latency.updated_at = max(self.latency.updated_at, now)
+            # and for what judges it bad: a pod that healed while this caller sent it
+            # nothing was judged by its outcomes from before for good, and never took the
+            # share that would have brought it back (a recovery run: 0 % for 30 s)
+            if self.outcome_mean is None:
+                self.outcome_mean = Ewma(self.latency.tau)
+            self.outcome_mean.value = mean
+            self.outcome_mean.updated_at = max(self.outcome_mean.updated_at, now)
         if math.isfinite(report.congestion):
             self.congestion = min(1.0, max(0.0, report.congestion))
 

@@ -151,6 +151,20 @@ class _MeasuredPolicy(ABC):
         if stats is not None:
             stats.answered(now)
 
+    def missed_deadline(self, endpoint: str, now: float) -> bool:
+        """A call to ``endpoint`` ran out its caller's deadline at ``now``: whether another
+        endpoint missed one in the last :data:`DEADLINE_SHARED` seconds too. Then the miss is
+        a shed failure (charged: the pod is learned the slower for it; no failure in a row):
+        a deadline every pod misses is the caller's, and counted it ejected them all, over
+        and over (a helper's finding: 52 ejections in 6 s). One pod missing alone is failing
+        (hung, under deadlines too short for a stall to show) and is ejected as before."""
+        shared = any(now - s.deadline_missed_at <= DEADLINE_SHARED
+                     for e, s in self.stats.items() if e != endpoint)
+        stats = self.stats.get(endpoint)
+        if stats is not None:
+            stats.deadline_missed_at = max(stats.deadline_missed_at, now)
+        return shared
+
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         """A verified probe answer about ``endpoint`` (:meth:`EndpointStats.observe_probe`);
         the baselines keep it only for observers, ``equilibrium`` learns from it."""
@@ -778,7 +792,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._usable_mask = live.tolist()
         self._covered = [self.stats[e].probe_covered(now) for e in self.endpoints]
         target = self._target(now, estimates)
-        good = self._good(live)
+        good = self._good(live, now)
         weights = self.profile.herd.shape(target, self._weights, dt, live,
                                           np.array(self._covered), good)
         # above the cap because it gave way for bad pods: shed at the ramp's pace (herd.py)
@@ -786,17 +800,20 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self.profile.herd.cap, 1.0 / max(1, int(live.sum()))) + 1e-9
         return weights
 
-    def _good(self, live: np.ndarray) -> np.ndarray | None:
+    def _good(self, live: np.ndarray, now: float) -> np.ndarray | None:
         """The endpoints that may take what the herd guard's cap and ramp leave over
         (:meth:`mesh.herd.HerdGuard.shape`): all but those whose recommended share this
         sidecar's evidence overruled (:meth:`_checked`) and those bad beside the others
         (the mean cost of their own outcomes alone, answers and failures at the penalty,
         :attr:`EndpointStats.outcome_mean`, over :data:`BAD_COST` times the best live
-        pod's and 2 ms more; judged so, good again only under :data:`RECOVERED` times it).
+        pod's and 2 ms more; judged so, good again only under :data:`RECOVERED` times it;
+        none while some pod gave a long answer in the last ``LONG_RECENT`` s: a long-poll
+        service's first polls, answered before they could be told long, and the long ones
+        learned while the other pods' lagged, made healthy pods bad, a review's finding).
         The cap keeps the rest on the other *good* pods (DESIGN.md, the thundering-herd
-        defence); spread over all, it sent a tenth of a
-        caller's traffic to a slow pod the signaler's plan gave nothing, and a fifth of a
-        two-pod service's traffic to its slow pod, for as long as the pod stayed slow.
+        defence); spread over all, it sent a tenth of a caller's traffic to a slow pod the
+        signaler's plan gave nothing, and a fifth of a two-pod service's traffic to its slow
+        pod, for as long as the pod stayed slow.
         Judged by the latency estimates instead, healthy pods holding long polls (whose
         estimates carry the stalls and rescues of the polls they hold) were bad, and the
         long polls rescued doubled in the long-poll runs of the tests (docs/benchmarks.md,
@@ -807,6 +824,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                  and m.value is not None}
         bad: set[str] = set()
         best = min(means.values()) if len(means) > 1 else math.inf
+        if any(now - self.stats[e].long_at < LONG_RECENT for e in self.endpoints):
+            best = math.inf  # long polls: no judging (above)
+        # (a pod ejected meanwhile comes back judged afresh, against BAD_COST again)
         if best < self.profile.failure_penalty:  # beside a pod that answers: not all failing
             for e, v in means.items():
                 if v > best + 0.002 and (v > BAD_COST * best
@@ -857,6 +877,9 @@ further (flapping over five seeds 12.0 -> 19.9 pp on average)."""
 RECOVERED = 5.0
 """How many times the best mean outcome cost an endpoint judged bad must come under to be
 judged good again (a pod near the :data:`BAD_COST` line would switch the cap on and off)."""
+DEADLINE_SHARED = 5.0
+"""Seconds within which another endpoint's missed caller deadline makes one a shed failure
+(:meth:`_MeasuredPolicy.missed_deadline`)."""
 EVIDENCE_FRESH = 5.0
 """Seconds an endpoint's last outcome (or a fresh probe answer) counts as evidence against a
 recommendation."""

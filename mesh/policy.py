@@ -144,6 +144,11 @@ class Policy(Protocol):
     def on_probe(self, endpoint: str, report: ProbeReport, now: float) -> None:
         """A verified probe answer about ``endpoint`` arrived at ``now``."""
 
+    def missed_deadline(self, endpoint: str, now: float) -> bool:
+        """A call to ``endpoint`` ran out its caller's deadline at ``now`` (its outcome
+        follows): whether another endpoint missed one lately too, so that this one is a
+        shed failure, charged but none in a row towards an ejection."""
+
     def tick(self, now: float) -> None:
         """Off the request path: rebuild the routing snapshot from what was learned."""
 

@@ -15,8 +15,9 @@ statuses are the application's answer. The latency the policy learns is the time
 first response message (or the trailers): the whole call for a unary one, without the length
 of a stream. ``grpc-timeout`` is the call's deadline: when it passes the upstream stream is
 cancelled and the app gets DEADLINE_EXCEEDED; upstream, the header carries what is left of it.
-A call that ran out its caller's deadline is charged to its endpoint but is no failure in a
-row that ejects it (a deadline too short for every pod ejected them all).
+A call that ran out its caller's deadline is charged to its endpoint; while other endpoints
+miss deadlines too it is no failure in a row that ejects it (a deadline too short for every
+pod ejected them all).
 Errors the sidecar itself answers are trailers-only ``grpc-status: 14`` (UNAVAILABLE) with a
 ``grpc-message`` for a gRPC caller, a JSON body otherwise.
 
@@ -579,14 +580,11 @@ class _Call:
         # a declared long call (a watch) that ran to its deadline ended as such calls do:
         # nothing learned, no failure (a review's finding: five ejected a healthy pod)
         void = self.ctx.long and status == grpc.DEADLINE_EXCEEDED
-        if status == grpc.DEADLINE_EXCEEDED and _deadline_due(
+        if not void and status == grpc.DEADLINE_EXCEEDED and _deadline_due(
                 self.deadline, asyncio.get_running_loop().time()):
-            # The caller's deadline ran out (whoever's timer fired): charged to the endpoint,
-            # which is learned the slower for it, but no failure in a row that ejects. A
-            # deadline tells the caller's patience as much as the pod's speed: one too short
-            # for every pod ejected them all, over and over (a helper's finding: 52 ejections
-            # in 6 s). A pod hung past deadlines of a second or more is ejected by its stall.
-            shed = True
+            # the caller's deadline ran out (whoever's timer fired): shed, when other pods
+            # miss it too (a deadline too short for every pod ejected them all)
+            shed = group.policy.missed_deadline(endpoint, now) or shed
         group.policy.on_outcome(Outcome(endpoint, latency, ok or void, now, congestion,
                                         answered=answered, sent_at=sent, shed=shed,
                                         void=void, long=self.ctx.long))

@@ -42,8 +42,11 @@ MIB = 1024 * 1024
 # ---------------------------------------------------------------- the pods
 
 
-def _unary(pod: str):  # type: ignore[no-untyped-def]
+def _unary(pod: str, delay: float = 0.0):  # type: ignore[no-untyped-def]
     def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        end = time.monotonic() + delay
+        while time.monotonic() < end and context.is_active():
+            time.sleep(0.01)
         meta = dict(context.invocation_metadata())
         if "x-echo" in meta:
             context.send_initial_metadata((("x-echoed", meta["x-echo"]), ("x-pod", pod)))
@@ -104,11 +107,11 @@ class Pod:
         self.server.stop(0).wait(5)
 
 
-def start_pod(name: str, max_streams: int | None = None) -> Pod:
+def start_pod(name: str, max_streams: int | None = None, delay: float = 0.0) -> Pod:
     options = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        "Unary": grpc.unary_unary_rpc_method_handler(_unary(name)),
+        "Unary": grpc.unary_unary_rpc_method_handler(_unary(name, delay)),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream),
@@ -375,6 +378,31 @@ def test_a_deadline_too_short_for_every_pod_is_charged_but_ejects_none() -> None
         assert sidecar.stop() == 0, sidecar.output()
         for pod in pods:
             pod.stop()
+
+
+def test_a_pod_alone_missing_short_deadlines_is_ejected() -> None:
+    """A review's finding: with every missed deadline shed, a pod that answers nothing in
+    time under 100 ms deadlines was never ejected (each miss ended the wait a stall is
+    measured by) and kept failing its floor's share of calls for good. Missing them alone
+    while the other pod answers, it is ejected as before."""
+    quick, stuck = start_pod("pod-a"), start_pod("pod-b", delay=1.0)
+    sidecar = start_sidecar({"svc": [quick.url, stuck.url]}, sidecar_id="sc-grpc-alone")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.outbound_port}", options=[
+                ("grpc.default_authority", "svc")]) as channel:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+            for _ in range(60):  # bounded: 60 calls, each at most 0.1 s
+                try:
+                    unary(b"x", timeout=0.1)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: sidecar.metric("equilibrium_endpoint_ejections_total", upstream="svc",
+                                        endpoint=stuck.url, reason="failures") >= 1,
+                 "the pod missing deadlines alone ejected")
+    finally:
+        assert sidecar.stop() == 0, sidecar.output()
+        quick.stop()
+        stuck.stop()
 
 
 @pytest.mark.parametrize("value", [b"abc", b"-5S", b"1.5S", b"123456789012S"])

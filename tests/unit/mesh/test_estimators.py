@@ -7,6 +7,7 @@ import math
 import pytest
 
 from mesh.estimators import DEFAULT_RTT, EndpointStats, Ewma, PeakEwma
+from mesh.probes import ProbeReport
 
 
 def test_ewma_first_sample_then_time_weighted_within_bounds() -> None:
@@ -115,5 +116,23 @@ def test_the_outcome_mean_takes_answers_and_failures_alone() -> None:
     s.start(4.5)
     s.finish(0.020, True, 4.52, sent_at=4.5)
     assert s.outcome_mean.value == pytest.approx(0.020)
-    s.learn(0.5, 6.0)  # a long answer learned after all is an answer
-    assert s.outcome_mean.value > 0.1
+    s.learn(5.0, 6.0)  # a long answer learned after all: not what judges a pod bad (a
+    assert s.outcome_mean.value == pytest.approx(0.020)  # healthy one's, when others lag)
+
+
+def test_a_probe_answer_stands_for_the_outcome_mean_while_own_outcomes_are_quiet() -> None:
+    """A pod judged bad by its outcomes, then healed while this caller sent it nothing: its
+    probe answers say so (a recovery run of the whole mesh kept a healed pod at 0 % for the
+    30 s after its heal, judged by the outcomes of before)."""
+    s = EndpointStats.new("a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
+    s.start(0.0)
+    s.finish(0.5, True, 0.5)
+    healed = ProbeReport(in_flight=0, mean=0.004, p50=0.004, p90=0.005, samples=40,
+                         congestion=0.0, limit=10, draining=False)
+    s.observe_probe(healed, 0.8)  # its own outcome 0.3 s ago: it stands
+    assert s.outcome_mean is not None and s.outcome_mean.value == pytest.approx(0.5)
+    s.observe_probe(healed, 5.0)
+    assert s.outcome_mean.value == pytest.approx(0.004)
+    fresh = EndpointStats.new("b", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
+    fresh.observe_probe(healed, 5.0)  # never sent to: the probe's word
+    assert fresh.outcome_mean is not None and fresh.outcome_mean.value == pytest.approx(0.004)

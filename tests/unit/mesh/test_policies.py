@@ -378,6 +378,49 @@ def test_two_pods_one_failing_without_ejection_gets_the_floor() -> None:
     assert max(weights[int(5.0 / tick):]) <= 0.01, weights
 
 
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_missed_deadline_is_shed_only_when_other_pods_miss_them_too(name: str) -> None:
+    """A deadline every pod misses is the caller's: no failure in a row (a helper's finding:
+    52 ejections in 6 s); one pod missing alone is failing, hung under deadlines too short
+    for a stall to show: counted, ejected."""
+    p = make_policy(name, get_profile("balanced"))
+    a, b, c = ENDPOINTS[:3]
+    p.set_endpoints([a, b, c], 0.0)
+    assert not p.missed_deadline(a, 1.0)  # the first: nobody else missed one
+    assert p.missed_deadline(b, 2.0) and p.missed_deadline(a, 3.0)  # both miss: shed
+    assert p.missed_deadline(a, 6.9)  # b's at 2 s is 4.9 s old
+    assert not p.missed_deadline(a, 7.1)  # and now 5.1 s: a alone misses
+    q = make_policy(name, get_profile("balanced"))
+    q.set_endpoints([a, b], 0.0)
+    q.missed_deadline(b, 1.0)
+    q.set_endpoints([a], 1.5)  # b is gone: its misses with it
+    assert not q.missed_deadline(a, 2.0)
+
+
+def test_a_pod_alone_missing_short_deadlines_is_ejected() -> None:
+    """A review's finding: with every missed deadline shed, a pod hung under 0.1 s deadlines
+    was never ejected (each miss ended the wait a stall is measured by) and kept its floor's
+    share of failed calls for good. Missing them alone, it is ejected as before."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    quick, hung = ENDPOINTS[0], ENDPOINTS[1]
+    p.set_endpoints([quick, hung], 0.0)
+    rng = random.Random(1)
+    now, ejected = 0.0, False
+    while now < 10.0 and not ejected:
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        if e == quick:
+            p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
+        else:
+            shed = p.missed_deadline(e, now + 0.1)
+            p.on_outcome(Outcome(e, 0.1, False, now + 0.1, shed=shed))
+        now += 0.01
+        p.tick(now)
+        ejected = p.stats[hung].ejected_until > now
+    assert ejected
+
+
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
           seconds: float = 20.0, hang_at: float = 10.0) -> list[float]:
     """Per second after ``hang_at``: the share of requests sent to ``hung``, whose requests
