@@ -231,6 +231,10 @@ class EndpointStats:
     # Accumulators for the current tick (consumed by regret matching, then reset).
     tick_count: int = 0
     tick_cost_sum: float = 0.0
+    # the tick's own outcomes (answers, failures), folded into outcome_mean at the tick:
+    # two additions on the request path instead of an EWMA step
+    own_count: int = 0
+    own_cost_sum: float = 0.0
 
     @classmethod
     def new(cls, endpoint: str, *, now: float, tau: float, decay: float,
@@ -399,6 +403,7 @@ class EndpointStats:
             self.readmitting, self.fresh_from = False, sent
             self.latency.value = None
             self.answers = self.outcome_mean = None
+            self.own_count, self.own_cost_sum = 0, 0.0
             self.peak.estimate = cost
         if ok and answered:
             if self.answers is None:
@@ -406,7 +411,8 @@ class EndpointStats:
             else:
                 self.answers.update(cost, now)
         if answered or not ok:
-            self._own(cost, now)
+            self.own_count += 1
+            self.own_cost_sum += cost
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)
@@ -532,11 +538,6 @@ class EndpointStats:
             _, latency = self.held_long.pop(0)
             self.learn(latency, now)
 
-    def _own(self, cost: float, now: float) -> None:
-        if self.outcome_mean is None:
-            self.outcome_mean = Ewma(self.latency.tau)
-        self.outcome_mean.update(cost, now)
-
     def learn(self, latency: float, now: float) -> None:
         """A latency observed apart from :meth:`finish` (a long answer learned after all)."""
         self.latency.update(latency, now)
@@ -564,6 +565,7 @@ class EndpointStats:
                 self.outcome_mean = Ewma(self.latency.tau)
             self.outcome_mean.value = mean
             self.outcome_mean.updated_at = max(self.outcome_mean.updated_at, now)
+            self.own_count, self.own_cost_sum = 0, 0.0
         if math.isfinite(report.congestion):
             self.congestion = min(1.0, max(0.0, report.congestion))
 
@@ -605,10 +607,16 @@ class EndpointStats:
         base = fallback if self.latency.value is None else self.latency.value
         return base * (1.0 + self.congestion)
 
-    def take_tick(self) -> tuple[int, float]:
-        """Return (requests, mean cost) observed since the last tick, and reset."""
+    def take_tick(self, now: float) -> tuple[int, float]:
+        """Return (requests, mean cost) observed since the last tick, and reset; the tick's
+        own outcomes go into :attr:`outcome_mean` (their mean, one step at ``now``)."""
         n, total = self.tick_count, self.tick_cost_sum
         self.tick_count, self.tick_cost_sum = 0, 0.0
+        if self.own_count:
+            if self.outcome_mean is None:
+                self.outcome_mean = Ewma(self.latency.tau)
+            self.outcome_mean.update(self.own_cost_sum / self.own_count, now)
+            self.own_count, self.own_cost_sum = 0, 0.0
         return n, (total / n if n else 0.0)
 
 

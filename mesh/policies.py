@@ -196,7 +196,7 @@ class _MeasuredPolicy(ABC):
         dt = 0.0 if self._last_tick is None else max(0.0, now - self._last_tick)
         self._last_tick = now
         stats = self.stats
-        taken = [stats[e].take_tick() for e in self.endpoints]
+        taken = [stats[e].take_tick(now) for e in self.endpoints]
         counts = np.array([n for n, _ in taken], dtype=float)
         means = np.array([m for _, m in taken], dtype=float)
         estimates = self._estimates()

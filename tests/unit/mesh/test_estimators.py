@@ -69,9 +69,9 @@ def test_congestion_inflates_the_estimate_and_is_clamped() -> None:
     s.finish(0.01, True, 0.0, congestion=5.0)
     assert 0.0 < s.congestion <= 1.0
     assert s.latency_estimate(0.03) > 0.01
-    n, mean = s.take_tick()
+    n, mean = s.take_tick(0.5)
     assert n == 1 and mean == pytest.approx(0.01)
-    assert s.take_tick() == (0, 0.0)
+    assert s.take_tick(1.0) == (0, 0.0)
 
 
 def test_a_fast_failing_endpoint_costs_at_least_the_penalty_until_it_answers() -> None:
@@ -97,27 +97,37 @@ def test_the_outcome_mean_takes_answers_and_failures_alone() -> None:
     """What judges a pod bad beside the others (RegretMatchingPolicy._good): answers, and
     failures at the penalty; no lower bound of a cancelled request, no success without an
     answer, nothing void, while the latency estimate takes what it takes; an ejection's
-    re-admission starts it afresh."""
+    re-admission starts it afresh. Folded at each tick: the tick's mean, one step."""
     s = EndpointStats.new("a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
     assert s.outcome_mean is None
     s.start(0.0)
     s.finish(0.010, True, 0.010)
-    assert s.outcome_mean is not None and s.outcome_mean.value == pytest.approx(0.010)
-    for at, kwargs in ((0.2, {"censored": True}), (0.3, {"answered": False}),
-                       (0.4, {"void": True})):
+    s.start(0.0)
+    s.finish(0.030, True, 0.030)
+    assert s.outcome_mean is None  # not before the tick
+    s.take_tick(0.5)
+    assert s.outcome_mean is not None and s.outcome_mean.value == pytest.approx(0.020)
+    for at, kwargs in ((0.6, {"censored": True}), (0.7, {"answered": False}),
+                       (0.8, {"void": True})):
         s.start(at)
         s.finish(2.0, True, at + 2.0, **kwargs)
-    assert s.outcome_mean.value == pytest.approx(0.010)
+    s.take_tick(3.0)
+    assert s.outcome_mean.value == pytest.approx(0.020)
     assert s.latency.value is not None and s.latency.value > 0.1  # the estimate took them
-    s.start(2.5)
-    s.finish(0.001, False, 2.501)  # a quick failure: at the penalty
+    s.start(3.1)
+    s.finish(0.001, False, 3.101)  # a quick failure: at the penalty
+    s.take_tick(3.5)
     assert s.outcome_mean.value > 0.3
+    s.start(3.6)
+    s.finish(0.001, False, 3.601)  # not folded before the ejection: history
     s.fresh_from, s.readmitting = 4.0, True  # ejected at 4 s; the first answer after it
     s.start(4.5)
     s.finish(0.020, True, 4.52, sent_at=4.5)
+    s.take_tick(5.0)
     assert s.outcome_mean.value == pytest.approx(0.020)
     s.learn(5.0, 6.0)  # a long answer learned after all: not what judges a pod bad (a
-    assert s.outcome_mean.value == pytest.approx(0.020)  # healthy one's, when others lag)
+    s.take_tick(6.5)  # healthy one's, when others lag)
+    assert s.outcome_mean.value == pytest.approx(0.020)
 
 
 def test_a_probe_answer_stands_for_the_outcome_mean_while_own_outcomes_are_quiet() -> None:
@@ -127,6 +137,7 @@ def test_a_probe_answer_stands_for_the_outcome_mean_while_own_outcomes_are_quiet
     s = EndpointStats.new("a", now=0.0, tau=1.0, decay=10.0, failure_penalty=1.0)
     s.start(0.0)
     s.finish(0.5, True, 0.5)
+    s.take_tick(0.5)
     healed = ProbeReport(in_flight=0, mean=0.004, p50=0.004, p90=0.005, samples=40,
                          congestion=0.0, limit=10, draining=False)
     s.observe_probe(healed, 0.8)  # its own outcome 0.3 s ago: it stands
