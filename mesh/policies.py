@@ -623,7 +623,13 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 i = self._paced_pick(i, now) if isinstance(self._pacer, CreditPacer) \
                     else self._sampled_pick(self._pacer, i)
             chosen = endpoints[i]
-            if self.stats[chosen].stalling(now) and len(endpoints) > 1:
+            stats = self.stats[chosen]
+            if stats.consecutive_failures and stats.failing(self.profile.eject_after_failures) \
+                    and len(endpoints) > 1:
+                # failing enough to be ejected at the next tick: what is sent there until
+                # then fails too (a stranger counted 18 failures before an ejection "at 5")
+                return self._elsewhere(rng, i) or chosen
+            if stats.stalling(now) and len(endpoints) > 1:
                 # It holds requests it has not answered, longer than a stall: a hung pod
                 # until its weight falls at the next tick. What is sent there now waits
                 # for the request timeout (a helper counted 20 such 504s a hang, where
@@ -733,7 +739,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         best = min(known) if known else None
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
-            failing = s.consecutive_failures >= p.eject_after_failures
+            failing = s.failing(p.eject_after_failures)
             if failing or s.hung(now, best):
                 # Failing; or hung: requests held unanswered for over a second and ten times
                 # its latency (no slow pod waits that long; the pick already sends nothing

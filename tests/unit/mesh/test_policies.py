@@ -421,6 +421,52 @@ def test_a_pod_alone_missing_short_deadlines_is_ejected() -> None:
     assert ejected
 
 
+def _failing_pod(seconds: float, rps: int = 100) -> tuple[RegretMatchingPolicy, list[float]]:
+    """Two pods at ``rps``, the second answering every request with a failure at once; ticks
+    as the sidecar's. Returns the policy and when each failure came."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    quick, broken = ENDPOINTS[0], ENDPOINTS[1]
+    p.set_endpoints([quick, broken], 0.0)
+    rng = random.Random(1)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick, failed = 0.0, tick, []
+    while now < seconds:
+        if now >= next_tick:
+            p.tick(now)
+            next_tick += tick
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        if e == quick:
+            p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
+        else:
+            p.on_outcome(Outcome(e, 0.001, False, now + 0.001))
+            failed.append(now)
+        now += 1.0 / rps
+    return p, failed
+
+
+def test_a_failing_pod_gets_no_more_requests_than_eject_it() -> None:
+    """A stranger's finding: 18 failures reached the client before a pod failing everything
+    was ejected "after 5 in a row" (the ejection waits for the tick). Once it failed enough,
+    a pick sends elsewhere."""
+    p, failed = _failing_pod(0.6)
+    assert p.stats[ENDPOINTS[1]].ejected_until > 0.6
+    assert len(failed) <= get_profile("balanced").eject_after_failures
+
+
+def test_a_failed_probation_request_ejects_again_at_once() -> None:
+    """A stranger's finding: each time an ejection of a pod still failing ended, five more
+    user requests failed there (one a tick) before it went back. Its probation request
+    failing is enough, as with Linkerd's failure accrual."""
+    p, failed = _failing_pod(60.0)
+    first = get_profile("balanced").eject_after_failures
+    rechecks = p.stats[ENDPOINTS[1]].failure_ejections_total - 1
+    assert rechecks >= 2
+    assert len(failed) - first <= rechecks  # one failed request a re-check
+
+
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
           seconds: float = 20.0, hang_at: float = 10.0) -> list[float]:
     """Per second after ``hang_at``: the share of requests sent to ``hung``, whose requests
