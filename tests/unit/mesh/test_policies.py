@@ -350,31 +350,44 @@ def test_a_pod_judged_slow_is_judged_good_again_only_well_under_the_line() -> No
     assert weights[-1] == pytest.approx(0.2, abs=0.01)
 
 
-def test_two_pods_one_failing_without_ejection_gets_the_floor() -> None:
-    """Failures that eject nothing (missed deadlines of the callers, refusals for load) are
-    the pod's cost all the same: beside a pod that answers, one that fails them all is bad
-    and keeps only the floor, not the cap's fifth."""
+def _beside_a_quick_pod(other: Callable[[RegretMatchingPolicy, str, float], Outcome],
+                        seconds: float, rps: int = 100
+                        ) -> tuple[RegretMatchingPolicy, list[float], list[float]]:
+    """Two pods at ``rps``, ticks as the sidecar's: the first answers in 5 ms, the second
+    as ``other(policy, endpoint, sent)`` says, at once. Returns the policy, the second pod's
+    weight after each tick and when each request to it was sent."""
     p = make_policy("equilibrium", get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
-    quick, failing = ENDPOINTS[0], ENDPOINTS[1]
-    p.set_endpoints([quick, failing], 0.0)
+    quick, second = ENDPOINTS[0], ENDPOINTS[1]
+    p.set_endpoints([quick, second], 0.0)
     rng = random.Random(1)
     tick = get_profile("balanced").tick_interval
-    now, next_tick, weights = 0.0, tick, []
-    while now < 20.0:
+    now, next_tick, weights, sent = 0.0, tick, [], []
+    while now < seconds:
+        if now >= next_tick:
+            p.tick(now)
+            weights.append(p.snapshot().weights[second])
+            next_tick += tick
         e = p.pick(rng, now)
         assert e is not None
         p.on_start(e, now)
         if e == quick:
             p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
         else:
-            p.on_outcome(Outcome(e, 0.05, False, now + 0.05, shed=True))
-        now += 0.01
-        if now >= next_tick:
-            p.tick(now)
-            weights.append(p.snapshot().weights[failing])
-            next_tick += tick
-    assert p.stats[failing].ejected_until < 0  # never ejected: only its cost tells
+            p.on_outcome(other(p, e, now))
+            sent.append(now)
+        now += 1.0 / rps
+    return p, weights, sent
+
+
+def test_two_pods_one_failing_without_ejection_gets_the_floor() -> None:
+    """Failures that eject nothing (missed deadlines of the callers, refusals for load) are
+    the pod's cost all the same: beside a pod that answers, one that fails them all is bad
+    and keeps only the floor, not the cap's fifth."""
+    p, weights, _ = _beside_a_quick_pod(
+        lambda p, e, at: Outcome(e, 0.05, False, at + 0.05, shed=True), 20.0)
+    assert p.stats[ENDPOINTS[1]].ejected_until < 0  # never ejected: only its cost tells
+    tick = get_profile("balanced").tick_interval
     assert max(weights[int(5.0 / tick):]) <= 0.01, weights
 
 
@@ -401,49 +414,18 @@ def test_a_pod_alone_missing_short_deadlines_is_ejected() -> None:
     """A review's finding: with every missed deadline shed, a pod hung under 0.1 s deadlines
     was never ejected (each miss ended the wait a stall is measured by) and kept its floor's
     share of failed calls for good. Missing them alone, it is ejected as before."""
-    p = make_policy("equilibrium", get_profile("balanced"))
-    quick, hung = ENDPOINTS[0], ENDPOINTS[1]
-    p.set_endpoints([quick, hung], 0.0)
-    rng = random.Random(1)
-    now, ejected = 0.0, False
-    while now < 10.0 and not ejected:
-        e = p.pick(rng, now)
-        assert e is not None
-        p.on_start(e, now)
-        if e == quick:
-            p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
-        else:
-            shed = p.missed_deadline(e, now + 0.1)
-            p.on_outcome(Outcome(e, 0.1, False, now + 0.1, shed=shed))
-        now += 0.01
-        p.tick(now)
-        ejected = p.stats[hung].ejected_until > now
-    assert ejected
+    def missed(p: RegretMatchingPolicy, e: str, at: float) -> Outcome:
+        return Outcome(e, 0.1, False, at + 0.1, shed=p.missed_deadline(e, at + 0.1))
+
+    p, _, _ = _beside_a_quick_pod(missed, 10.0)
+    assert p.stats[ENDPOINTS[1]].failure_ejections_total >= 1
 
 
-def _failing_pod(seconds: float, rps: int = 100) -> tuple[RegretMatchingPolicy, list[float]]:
-    """Two pods at ``rps``, the second answering every request with a failure at once; ticks
-    as the sidecar's. Returns the policy and when each failure came."""
-    p = make_policy("equilibrium", get_profile("balanced"))
-    assert isinstance(p, RegretMatchingPolicy)
-    quick, broken = ENDPOINTS[0], ENDPOINTS[1]
-    p.set_endpoints([quick, broken], 0.0)
-    rng = random.Random(1)
-    tick = get_profile("balanced").tick_interval
-    now, next_tick, failed = 0.0, tick, []
-    while now < seconds:
-        if now >= next_tick:
-            p.tick(now)
-            next_tick += tick
-        e = p.pick(rng, now)
-        assert e is not None
-        p.on_start(e, now)
-        if e == quick:
-            p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
-        else:
-            p.on_outcome(Outcome(e, 0.001, False, now + 0.001))
-            failed.append(now)
-        now += 1.0 / rps
+def _failing_pod(seconds: float) -> tuple[RegretMatchingPolicy, list[float]]:
+    """Two pods at 100 requests/s, the second failing every request at once: the policy and
+    when each failure came."""
+    p, _, failed = _beside_a_quick_pod(
+        lambda p, e, at: Outcome(e, 0.001, False, at + 0.001), seconds)
     return p, failed
 
 
