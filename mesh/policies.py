@@ -624,14 +624,14 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                     else self._sampled_pick(self._pacer, i)
             chosen = endpoints[i]
             stats = self.stats[chosen]
-            if stats.consecutive_failures and stats.failing(self.profile.eject_after_failures) \
-                    and len(endpoints) > 1:
-                # failing enough to be ejected at the next tick: what is sent there until
-                # then fails too (a stranger counted 18 failures before an ejection "at 5")
-                return self._elsewhere(rng, i) or chosen
-            if stats.stalling(now) and len(endpoints) > 1:
-                # It holds requests it has not answered, longer than a stall: a hung pod
-                # until its weight falls at the next tick. What is sent there now waits
+            if len(endpoints) > 1 and (
+                    (stats.consecutive_failures
+                     and stats.failing(self.profile.eject_after_failures))
+                    or stats.stalling(now)):
+                # Failing enough to be ejected at the next tick (what is sent there until
+                # then fails too: a stranger counted 18 failures before an ejection "at
+                # 5"), or holding requests it has not answered, longer than a stall: a hung
+                # pod until its weight falls at the next tick. What is sent there now waits
                 # for the request timeout (a helper counted 20 such 504s a hang, where
                 # HAProxy's leastconn, seeing the connections pile up, lost 1 to 5): this
                 # request goes elsewhere by the weights of the others, never to one without

@@ -288,34 +288,53 @@ def test_what_the_cap_keeps_off_a_recommended_pod_goes_to_a_good_one_not_the_ove
     assert snap.weights[ENDPOINTS[0]] > 0.18
 
 
-def _two_pods(second: Callable[[float, random.Random], float], seconds: float,
-              rps: int = 100, seed: int = 1) -> tuple[RegretMatchingPolicy, list[float]]:
-    """Two pods, no signaler: the first answers in 5-7 ms, the second in ``second(sent,
-    rng)``. Returns the policy and the second pod's weight after each tick."""
+def _beside_a_quick_pod(
+        other: Callable[[RegretMatchingPolicy, str, float, random.Random], Outcome],
+        seconds: float, rps: int = 100) -> tuple[RegretMatchingPolicy, list[float], list[float]]:
+    """Two pods at ``rps``, no signaler, ticks as the sidecar's: the first answers in 5-7 ms,
+    the second as ``other(policy, endpoint, sent, rng)`` says (told at the outcome's
+    ``now``). Returns the policy, the second pod's weight after each tick and when each
+    request to it was sent."""
     p = make_policy("equilibrium", get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
-    quick, other = ENDPOINTS[0], ENDPOINTS[1]
-    p.set_endpoints([quick, other], 0.0)
-    rng = random.Random(seed)
+    quick, second = ENDPOINTS[0], ENDPOINTS[1]
+    p.set_endpoints([quick, second], 0.0)
+    rng = random.Random(1)
     tick = get_profile("balanced").tick_interval
-    now, next_tick, weights = 0.0, tick, []
-    pending: list[tuple[float, int, str, float]] = []
+    now, next_tick, weights, sent = 0.0, tick, [], []
+    pending: list[tuple[float, int, Outcome]] = []
     n = 0
     while now < seconds:
         while pending and pending[0][0] <= now:
-            at, _, e, sent = heapq.heappop(pending)
-            p.on_outcome(Outcome(e, at - sent, True, at, sent_at=sent))
+            p.on_outcome(heapq.heappop(pending)[2])
         if now >= next_tick:
             p.tick(now)
-            weights.append(p.snapshot().weights[other])
+            weights.append(p.snapshot().weights[second])
             next_tick += tick
         e = p.pick(rng, now)
         assert e is not None
         p.on_start(e, now)
-        took = 0.005 + 0.002 * rng.random() if e == quick else second(now, rng)
+        if e == quick:
+            took = 0.005 + 0.002 * rng.random()
+            outcome = Outcome(e, took, True, now + took, sent_at=now)
+        else:
+            outcome = other(p, e, now, rng)
+            sent.append(now)
         n += 1
-        heapq.heappush(pending, (now + took, n, e, now))
+        heapq.heappush(pending, (outcome.now, n, outcome))
         now += 1.0 / rps
+    return p, weights, sent
+
+
+def _two_pods(second: Callable[[float, random.Random], float],
+              seconds: float) -> tuple[RegretMatchingPolicy, list[float]]:
+    """Two pods, the second answering in ``second(sent, rng)`` (:func:`_beside_a_quick_pod`):
+    the policy and the second pod's weight after each tick."""
+    def answer(p: RegretMatchingPolicy, e: str, at: float, rng: random.Random) -> Outcome:
+        took = second(at, rng)
+        return Outcome(e, took, True, at + took, sent_at=at)
+
+    p, weights, _ = _beside_a_quick_pod(answer, seconds)
     return p, weights
 
 
@@ -350,42 +369,12 @@ def test_a_pod_judged_slow_is_judged_good_again_only_well_under_the_line() -> No
     assert weights[-1] == pytest.approx(0.2, abs=0.01)
 
 
-def _beside_a_quick_pod(other: Callable[[RegretMatchingPolicy, str, float], Outcome],
-                        seconds: float, rps: int = 100
-                        ) -> tuple[RegretMatchingPolicy, list[float], list[float]]:
-    """Two pods at ``rps``, ticks as the sidecar's: the first answers in 5 ms, the second
-    as ``other(policy, endpoint, sent)`` says, at once. Returns the policy, the second pod's
-    weight after each tick and when each request to it was sent."""
-    p = make_policy("equilibrium", get_profile("balanced"))
-    assert isinstance(p, RegretMatchingPolicy)
-    quick, second = ENDPOINTS[0], ENDPOINTS[1]
-    p.set_endpoints([quick, second], 0.0)
-    rng = random.Random(1)
-    tick = get_profile("balanced").tick_interval
-    now, next_tick, weights, sent = 0.0, tick, [], []
-    while now < seconds:
-        if now >= next_tick:
-            p.tick(now)
-            weights.append(p.snapshot().weights[second])
-            next_tick += tick
-        e = p.pick(rng, now)
-        assert e is not None
-        p.on_start(e, now)
-        if e == quick:
-            p.on_outcome(Outcome(e, 0.005, True, now + 0.005))
-        else:
-            p.on_outcome(other(p, e, now))
-            sent.append(now)
-        now += 1.0 / rps
-    return p, weights, sent
-
-
 def test_two_pods_one_failing_without_ejection_gets_the_floor() -> None:
     """Failures that eject nothing (missed deadlines of the callers, refusals for load) are
     the pod's cost all the same: beside a pod that answers, one that fails them all is bad
     and keeps only the floor, not the cap's fifth."""
     p, weights, _ = _beside_a_quick_pod(
-        lambda p, e, at: Outcome(e, 0.05, False, at + 0.05, shed=True), 20.0)
+        lambda p, e, at, rng: Outcome(e, 0.05, False, at + 0.05, shed=True), 20.0)
     assert p.stats[ENDPOINTS[1]].ejected_until < 0  # never ejected: only its cost tells
     tick = get_profile("balanced").tick_interval
     assert max(weights[int(5.0 / tick):]) <= 0.01, weights
@@ -414,7 +403,7 @@ def test_a_pod_alone_missing_short_deadlines_is_ejected() -> None:
     """A review's finding: with every missed deadline shed, a pod hung under 0.1 s deadlines
     was never ejected (each miss ended the wait a stall is measured by) and kept its floor's
     share of failed calls for good. Missing them alone, it is ejected as before."""
-    def missed(p: RegretMatchingPolicy, e: str, at: float) -> Outcome:
+    def missed(p: RegretMatchingPolicy, e: str, at: float, rng: random.Random) -> Outcome:
         return Outcome(e, 0.1, False, at + 0.1, shed=p.missed_deadline(e, at + 0.1))
 
     p, _, _ = _beside_a_quick_pod(missed, 10.0)
@@ -425,7 +414,7 @@ def _failing_pod(seconds: float) -> tuple[RegretMatchingPolicy, list[float]]:
     """Two pods at 100 requests/s, the second failing every request at once: the policy and
     when each failure came."""
     p, _, failed = _beside_a_quick_pod(
-        lambda p, e, at: Outcome(e, 0.001, False, at + 0.001), seconds)
+        lambda p, e, at, rng: Outcome(e, 0.001, False, at + 0.001), seconds)
     return p, failed
 
 
