@@ -288,13 +288,11 @@ class EndpointStats:
         return None if self.answers is None else self.answers.value(now)
 
     def failing(self, after: int) -> bool:
-        """Whether it failed enough to be ejected: ``after`` times in a row, or once while
-        it is being re-admitted (an ejection ended, no answer since): its probation request
-        failed, and it goes back at once with the next backoff, as Linkerd's failure
-        accrual does, instead of spending ``after`` more requests, one a tick (a stranger
-        counted five failed calls at the end of each ejection)."""
-        n = self.consecutive_failures
-        return n >= after or (n > 0 and self.readmitting)
+        """Whether it failed enough to be ejected: ``after`` times in a row. (Once, while it
+        was being re-admitted, was tried and withdrawn: a hung pod whose probation request
+        timed out went straight into the failures' doubling backoff, and a pod healed
+        mid-ejection stayed out past the end of a 40 s run.)"""
+        return self.consecutive_failures >= after
 
     def stalling(self, now: float) -> bool:
         """Whether the endpoint holds three requests sent since its last answer and the third

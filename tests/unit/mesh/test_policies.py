@@ -427,17 +427,6 @@ def test_a_failing_pod_gets_no_more_requests_than_eject_it() -> None:
     assert len(failed) <= get_profile("balanced").eject_after_failures
 
 
-def test_a_failed_probation_request_ejects_again_at_once() -> None:
-    """A stranger's finding: each time an ejection of a pod still failing ended, five more
-    user requests failed there (one a tick) before it went back. Its probation request
-    failing is enough, as with Linkerd's failure accrual."""
-    p, failed = _failing_pod(60.0)
-    first = get_profile("balanced").eject_after_failures
-    rechecks = p.stats[ENDPOINTS[1]].failure_ejections_total - 1
-    assert rechecks >= 2
-    assert len(failed) - first <= rechecks  # one failed request a re-check
-
-
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
           seconds: float = 20.0, hang_at: float = 10.0) -> list[float]:
     """Per second after ``hang_at``: the share of requests sent to ``hung``, whose requests
