@@ -170,6 +170,15 @@ class EndpointStats:
     # estimates afresh.
     fresh_from: float = -math.inf
     readmitting: bool = False
+    # After an ejection for failures, a request that failed quickly (an error answer, a reset
+    # or refused connection, in under STALL_EJECT) before any success: the pod is out again
+    # at once with the next backoff, as Linkerd's failure accrual sends it back after a
+    # failed probation request, instead of spending ``eject_after_failures`` more requests
+    # one a tick (a stranger counted five failed calls at the end of each ejection). Not
+    # after an ejection for hanging, nor for a request that timed out: that is a hang's, and
+    # taken as a failure it sent a hung pod healed mid-ejection into the doubling backoff,
+    # out past the end of a 40 s run (tests/integration/test_bench.py, 2 of 5 runs).
+    probation_failed: bool = False
     last_outcome_at: float = -math.inf
     # requests sent here since its last outcome, and when the second of them was sent
     # (inf: fewer than two since)
@@ -288,11 +297,9 @@ class EndpointStats:
         return None if self.answers is None else self.answers.value(now)
 
     def failing(self, after: int) -> bool:
-        """Whether it failed enough to be ejected: ``after`` times in a row. (Once, while it
-        was being re-admitted, was tried and withdrawn: a hung pod whose probation request
-        timed out went straight into the failures' doubling backoff, and a pod healed
-        mid-ejection stayed out past the end of a 40 s run.)"""
-        return self.consecutive_failures >= after
+        """Whether it failed enough to be ejected: ``after`` times in a row, or its probation
+        request after an ejection for failures failed quickly (:attr:`probation_failed`)."""
+        return self.consecutive_failures >= after or self.probation_failed
 
     def stalling(self, now: float) -> bool:
         """Whether the endpoint holds three requests sent since its last answer and the third
@@ -400,6 +407,8 @@ class EndpointStats:
             # shed counts once the endpoint was ejected for something else: its probation
             # requests refused for load would otherwise be sent one a tick for good
             self.consecutive_failures += not shed or self.readmitting
+            if self.readmitting and self.ejections and latency < STALL_EJECT:
+                self.probation_failed = True
         if ok and answered and self.readmitting and sent >= self.fresh_from:
             # Re-admitted: the penalties that ejected it describe the failing pod, which the
             # ejection has answered; kept, they would hold a healed pod at the exploration
@@ -407,7 +416,7 @@ class EndpointStats:
             # outlier detection and Linkerd's failure accrual likewise return a pod whole
             # after its ejection or probation request; the anti-herd ramp governs how fast
             # traffic comes back. What was sent before this request is history from now on.
-            self.readmitting, self.fresh_from = False, sent
+            self.readmitting, self.fresh_from, self.probation_failed = False, sent, False
             self.latency.value = None
             self.answers = self.outcome_mean = None
             self.own_count, self.own_cost_sum = 0, 0.0

@@ -759,7 +759,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 # it can stall, and the probation request goes while nothing new is out
                 s.restart_stall()
                 s.ejections += failing
-                s.consecutive_failures = 0
+                s.consecutive_failures, s.probation_failed = 0, False
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:
                 s.ejections = 0  # healthy long enough: next ejection starts short again
             if s.stall_ejections and now > s.ejected_until + 4 * STALL_EJECTION:

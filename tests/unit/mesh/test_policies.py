@@ -427,6 +427,37 @@ def test_a_failing_pod_gets_no_more_requests_than_eject_it() -> None:
     assert len(failed) <= get_profile("balanced").eject_after_failures
 
 
+def test_a_failed_probation_request_ejects_again_at_once() -> None:
+    """A stranger's finding: each time an ejection of a pod still failing ended, five more
+    user requests failed there (one a tick) before it went back. Its probation request
+    failing is enough, as with Linkerd's failure accrual."""
+    p, failed = _failing_pod(60.0)
+    first = get_profile("balanced").eject_after_failures
+    rechecks = p.stats[ENDPOINTS[1]].failure_ejections_total - 1
+    assert rechecks >= 2
+    assert len(failed) - first <= rechecks  # one failed request a re-check
+
+
+def test_only_a_quick_failure_after_a_failure_ejection_ejects_again_at_once() -> None:
+    """What withdrew that rule once (a CI run's hang-recovery bench): a hung pod's probation
+    request that times out is the hang's; taken as a failure, it sent a pod healed
+    mid-ejection into the failures' doubling backoff. After an ejection for hanging, or for
+    a request that timed out, a failed probation request is one failure in a row."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(list(ENDPOINTS[:2]), 0.0)
+    s = p.stats[ENDPOINTS[1]]
+    after = get_profile("balanced").eject_after_failures
+    for failure_ejections, took, failing in ((0, 0.001, False), (1, 2.0, False),
+                                             (1, 0.001, True)):
+        # as RegretMatchingPolicy._live leaves it when the ejection ends at 10 s
+        s.ejections, s.readmitting, s.fresh_from = failure_ejections, True, 5.0
+        s.consecutive_failures, s.probation_failed = 0, False
+        p.on_start(ENDPOINTS[1], 10.0)
+        p.on_outcome(Outcome(ENDPOINTS[1], took, False, 10.0 + took, sent_at=10.0))
+        assert s.consecutive_failures == 1 and s.failing(after) is failing
+
+
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
           seconds: float = 20.0, hang_at: float = 10.0) -> list[float]:
     """Per second after ``hang_at``: the share of requests sent to ``hung``, whose requests
