@@ -6,8 +6,10 @@ to learn whether it healed is to send it user requests: the exploration floor of
 sets the p99.9. Hedging bounds that price, after Dean & Barroso, "The Tail at Scale" (CACM
 2013, "hedged requests"): if the explored endpoint has not answered by the *best* endpoint's
 current p90, the same request is sent to the best endpoint as well and the first answer wins;
-the other is cancelled. The explored endpoint's observation is then censored (its latency is
-at least the time it was given), which is still evidence that it is slow.
+the other is cancelled, except that an explored endpoint that lost runs on a while so that
+its whole latency is learned (the proxy's, ``sidecar/outbound.py``): censored at the race's
+bound, a pod slow on half its requests taught only its quick half and looked healthy. A
+cancelled racer's observation is censored (its latency is at least the time it was given).
 
 This module owns the pure parts, with the clock passed in:
 

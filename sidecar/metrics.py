@@ -136,7 +136,9 @@ class OutboundMetrics:
             "equilibrium_hedges",
             "Hedged exploration (mesh.hedging): sent = a request to an explored endpoint also "
             "sent to the best one, won = the backup answered first, cancelled = a racer "
-            "cancelled because the other answered first, budget-exhausted = a hedge not sent "
+            "cancelled because the other answered first, ran-on = an explored endpoint that "
+            "lost left to run on (up to 2 s) so that its latency is learned, "
+            "budget-exhausted = a hedge not sent "
             "because the retry budget was empty",
             ["upstream", "result"],
             registry=r,

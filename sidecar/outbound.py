@@ -36,7 +36,12 @@ policy sent to an endpoint only to explore it, if bodiless and idempotent, is se
 endpoint as well once the explored one has not answered by the best one's recent p90, within
 the retry budget; the first response head wins and the other racer is cancelled (its
 connection closed) and observed as censored, not as a failure. Only heads race, so nothing has
-reached the app from the loser.
+reached the app from the loser. An explored endpoint that lost runs on, though, until its head
+comes or ``run_on`` seconds (2) from its sending, one at a time per endpoint, and its answer
+(read as far as its head, then closed) or that lower bound is what the policy learns: a pod
+slow on half its requests lost every race on that half and, censored below its estimate, was
+learned only from its quick half, which made it look healthy twice a minute (a stranger's
+finding). Its answer reaches nobody; it is counted as ``ran-on``, not ``cancelled``.
 
 Rescue (:mod:`sidecar.rescue`; with ``--rescue``): a request the retry rule allows to
 be sent again, still waiting for its answer's head at an endpoint the policy ejected since it
@@ -236,6 +241,9 @@ class _Upload:
         return self.kept
 
 
+RUN_ON = 2.0  # seconds from its sending an explored hedge loser runs on to show its latency
+
+
 def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
     """Done callback of a cancelled hedge racer: close an answer that arrived anyway (and
     retrieve a failure, which nobody waits for)."""
@@ -316,8 +324,13 @@ class OutboundProxy:
         source_address: str | None = None,
         rescue: bool = False,
         long_paths: Callable[[str], tuple[str, ...]] | None = None,
+        run_on: float = RUN_ON,
     ) -> None:
         self.sidecar_id = sidecar_id
+        # how long an explored hedge loser runs on, and the one running on per endpoint
+        # (module docstring, "Hedging")
+        self.run_on = run_on
+        self._running_on: dict[str, asyncio.Future[None]] = {}
         # an upstream's declared long requests, by its name (wire.long_paths): their
         # answers' time teaches the policy nothing (module docstring, "Long polls")
         self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
@@ -357,6 +370,8 @@ class OutboundProxy:
             await self._own_transport.start()
 
     async def close(self) -> None:
+        for running in list(self._running_on.values()):
+            running.cancel()
         if self._own_transport is not None:
             await self._own_transport.close()
 
@@ -648,6 +663,7 @@ class OutboundProxy:
                             self._censored(ctx, racer, at)
                     if win_endpoint != endpoint:
                         self.metrics.hedges.labels(group.name, "won").inc()
+                        self._run_on(group, racers, endpoint)
                     self._drop(ctx, racers, "censored")
                     return win_endpoint, win_sent, winner.result()
                 if not pending:
@@ -690,6 +706,52 @@ class OutboundProxy:
                 failure = self._attempt_failed(ctx, racer, at, ctx.attempt, TimeoutError())
         racers.clear()
         return failure
+
+    def _run_on(self, group: UpstreamGroup,
+                racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]],
+                explored: str) -> None:
+        """Take the ``explored`` endpoint's racer, which lost, out of ``racers`` and let it
+        run on (:meth:`_learn`), unless one of that endpoint already does."""
+        if explored in self._running_on or self.run_on <= 0:
+            return
+        task = next((t for t, (e, _) in racers.items() if e == explored), None)
+        if task is None:
+            return
+        _, sent = racers.pop(task)
+        self.metrics.hedges.labels(group.name, "ran-on").inc()
+        self._running_on[explored] = asyncio.ensure_future(
+            self._learn(group, explored, task, sent))
+
+    async def _learn(self, group: UpstreamGroup, endpoint: str,
+                     task: asyncio.Future[UpstreamResponse], sent: float) -> None:
+        """Wait for a hedge loser running on until ``run_on`` from its sending; the policy
+        learns its answer (the head's status and time; the answer is closed unread), its
+        failure, or, at the bound, that it took at least that long (censored)."""
+        try:
+            await asyncio.wait({task}, timeout=max(0.0, sent + self.run_on - self.clock()))
+        except asyncio.CancelledError:  # the sidecar is closing: nothing learned
+            task.cancel()
+            task.add_done_callback(_close_answer)
+            raise
+        finally:
+            self._running_on.pop(endpoint, None)
+        now = self.clock()
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_close_answer)
+            group.policy.on_outcome(Outcome(endpoint, now - sent, True, now, answered=False,
+                                            censored=True))
+            return
+        exc = task.exception()
+        if exc is not None:  # a failure of the endpoint, as any attempt's
+            group.policy.on_outcome(Outcome(endpoint, now - sent, False, now))
+            self.metrics.forwarded(group.name, endpoint, classify(exc).reason, None)
+            return
+        answer = task.result()
+        answer.close()
+        group.policy.on_outcome(Outcome(endpoint, now - sent, answer.status < 500, now,
+                                        answered=True, sent_at=sent))
+        self.metrics.forwarded(group.name, endpoint, str(answer.status), now - sent)
 
     def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """A racer that lost a hedge: its latency is at least the time it was given."""

@@ -3,7 +3,9 @@
 The app talks HTTP to a real :class:`OutboundProxy` on loopback; the upstreams are a
 :class:`MemoryTransport` handler whose endpoints answer after set delays, so the race's rules
 are checked deterministically: the backup goes out only after the delay and within the retry
-budget, the first head wins, the loser is cancelled and observed as censored, never for a body.
+budget, the first head wins, the explored loser runs on (one at a time per endpoint, up to
+``run_on``) to show its latency and the rest are cancelled and observed as censored, never
+for a body.
 Which picks are exploratory is the policy's (tests/unit/mesh/test_hedging.py); here a round-robin
 policy with a fixed plan for one endpoint stands in for it. The process test
 (tests/integration/test_hedging.py) checks the same over real sockets with the real policy.
@@ -34,6 +36,7 @@ from sidecar.metrics import H2Metrics, SidecarMetrics
 from sidecar.outbound import OutboundProxy
 from sidecar.transport import MemoryTransport
 from sidecar.upstreams import UpstreamTable
+from tests.support import eventually
 from tests.unit.sidecar.memory_upstreams import Network, serve
 
 SLOW, FAST = "http://10.0.0.1:8080", "http://10.0.0.2:8080"
@@ -87,7 +90,8 @@ async def rig() -> AsyncIterator[MakeRig]:
     closers: list[Callable[[], Awaitable[object]]] = []
 
     async def make(slow: float = 0.5, fast: float = 0.0, delay: float = 0.02,
-                   hedge: bool = True, budget: RetryBudget | None = None) -> Rig:
+                   hedge: bool = True, budget: RetryBudget | None = None,
+                   run_on: float = 0.1) -> Rig:
         profile = dataclasses.replace(get_profile("balanced"), request_timeout=5.0)
         table = UpstreamTable("round-robin", profile)
         table.apply({"users": (SLOW, FAST)}, 0.0)
@@ -102,7 +106,8 @@ async def rig() -> AsyncIterator[MakeRig]:
         metrics = SidecarMetrics()
         proxy = OutboundProxy(sidecar_id="unit-sidecar", table=table, profile=profile,
                               metrics=metrics.outbound, rng=random.Random(7),
-                              transport=MemoryTransport(network), hedge=hedge)
+                              transport=MemoryTransport(network), hedge=hedge,
+                              run_on=run_on)
         client = await serve(proxy, closers)
         return Rig(proxy, policy, network, client, metrics)
 
@@ -116,19 +121,46 @@ async def get(rig: Rig, method: str = "GET", data: bytes | None = None) -> tuple
         return resp.status, resp.headers.get("X-Backend", "")
 
 
-async def test_a_slow_explored_get_is_answered_by_the_backup_and_the_loser_cancelled(
+async def test_a_slow_explored_get_is_answered_by_the_backup_and_the_loser_cut_later(
         rig: MakeRig) -> None:
-    r = await rig(slow=5.0)
+    r = await rig(slow=5.0, run_on=0.1)
     assert await get(r) == (200, FAST)
     assert r.network.seen[(SLOW, "GET")] == 1 and r.network.seen[(FAST, "GET")] == 1
-    await asyncio.sleep(0)
-    assert r.network.cancelled == [SLOW]
-    assert (r.hedges("sent"), r.hedges("won"), r.hedges("cancelled")) == (1, 1, 1)
+    # the explored loser runs on (one a time per endpoint) to show how slow it is, then is
+    # cut off at run_on from its sending and learned as that lower bound
+    assert (r.hedges("sent"), r.hedges("won"), r.hedges("ran-on")) == (1, 1, 1)
+    await eventually(lambda: r.network.cancelled == [SLOW], "the loser cut at run_on")
+    assert r.hedges("cancelled") == 0
     slow = [o for o in r.policy.outcomes if o.endpoint == SLOW]
     assert len(slow) == 1 and slow[0].censored and slow[0].ok  # no failure of the pod
-    assert slow[0].latency >= 0.02  # at least the hedge delay
+    assert slow[0].latency >= 0.1  # at least run_on
     assert r.policy.stats[SLOW].in_flight == 0 and r.policy.stats[FAST].in_flight == 0
     assert r.policy.stats[SLOW].failures == 0
+
+
+async def test_an_explored_loser_that_answers_while_it_runs_on_teaches_its_latency(
+        rig: MakeRig) -> None:
+    """A stranger's finding: a pod slow on half its requests lost each race on that half,
+    was learned only as the race's lower bound (below its estimate: nothing) and from its
+    quick half, and looked healthy twice a minute. Its loser's whole latency is learned."""
+    r = await rig(slow=0.3, run_on=2.0)
+    assert await get(r) == (200, FAST)
+    await eventually(lambda: any(o.endpoint == SLOW for o in r.policy.outcomes),
+                     "the loser's answer learned")
+    slow = [o for o in r.policy.outcomes if o.endpoint == SLOW]
+    assert len(slow) == 1 and slow[0].answered and not slow[0].censored and slow[0].ok
+    assert slow[0].latency >= 0.3
+    assert r.network.cancelled == [] and r.hedges("cancelled") == 0
+
+
+async def test_one_loser_runs_on_per_endpoint_the_others_are_cancelled(rig: MakeRig) -> None:
+    r = await rig(slow=5.0, run_on=1.0)
+    answers = await asyncio.gather(*(get(r) for _ in range(3)))
+    assert answers == [(200, FAST)] * 3
+    assert (r.hedges("ran-on"), r.hedges("cancelled")) == (1, 2)
+    assert sorted(r.network.cancelled) == [SLOW, SLOW]
+    await r.proxy.close()  # a loser running on is cut when the sidecar closes
+    await eventually(lambda: r.network.cancelled == [SLOW] * 3, "cut at close")
 
 
 async def test_an_explored_endpoint_that_answers_in_time_is_not_hedged(rig: MakeRig) -> None:
