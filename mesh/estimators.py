@@ -170,15 +170,20 @@ class EndpointStats:
     # estimates afresh.
     fresh_from: float = -math.inf
     readmitting: bool = False
-    # After an ejection for failures, a request that failed quickly (an error answer, a reset
-    # or refused connection, in under STALL_EJECT) before any success: the pod is out again
-    # at once with the next backoff, as Linkerd's failure accrual sends it back after a
-    # failed probation request, instead of spending ``eject_after_failures`` more requests
-    # one a tick (a stranger counted five failed calls at the end of each ejection). Not
-    # after an ejection for hanging, nor for a request that timed out: that is a hang's, and
-    # taken as a failure it sent a hung pod healed mid-ejection into the doubling backoff,
-    # out past the end of a 40 s run (tests/integration/test_bench.py, 2 of 5 runs).
+    # After an ejection for failures (``ejected_for_failures``: the last ejection's kind), a
+    # request that failed quickly (an error answer, a reset or refused connection, in under
+    # ``quick_failure``: STALL_EJECT, or half the request timeout if that is shorter) before
+    # any success: the pod is out again at once with the next backoff, as Linkerd's failure
+    # accrual sends it back after a failed probation request, instead of spending
+    # ``eject_after_failures`` more requests one a tick (a stranger counted five failed calls
+    # at the end of each ejection). Not after an ejection for hanging, nor for a request that
+    # timed out: that is a hang's, and taken as a failure it sent a hung pod healed
+    # mid-ejection into the doubling backoff, out past the end of a 40 s run
+    # (tests/integration/test_bench.py, 2 of 5 runs). Nor for a refusal for load (``shed``):
+    # a busy pod's sidecar turning the request away is no failure in a row.
     probation_failed: bool = False
+    ejected_for_failures: bool = False
+    quick_failure: float = STALL_EJECT
     last_outcome_at: float = -math.inf
     # requests sent here since its last outcome, and when the second of them was sent
     # (inf: fewer than two since)
@@ -247,9 +252,12 @@ class EndpointStats:
 
     @classmethod
     def new(cls, endpoint: str, *, now: float, tau: float, decay: float,
-            failure_penalty: float, default_rtt: float = DEFAULT_RTT) -> EndpointStats:
+            failure_penalty: float, default_rtt: float = DEFAULT_RTT,
+            request_timeout: float = math.inf) -> EndpointStats:
         """Stats of an endpoint created at ``now`` (the peak EWMA's decay clock starts then)."""
-        return cls(endpoint, Ewma(tau), PeakEwma(now, decay, default_rtt), failure_penalty)
+        stats = cls(endpoint, Ewma(tau), PeakEwma(now, decay, default_rtt), failure_penalty)
+        stats.quick_failure = min(STALL_EJECT, 0.5 * request_timeout)
+        return stats
 
     def charged_latency(self, latency: float, ok: bool) -> float:
         """The cost an outcome is charged: its latency, or at least the penalty on failure."""
@@ -407,7 +415,8 @@ class EndpointStats:
             # shed counts once the endpoint was ejected for something else: its probation
             # requests refused for load would otherwise be sent one a tick for good
             self.consecutive_failures += not shed or self.readmitting
-            if self.readmitting and self.ejections and latency < STALL_EJECT:
+            if self.readmitting and self.ejected_for_failures and not shed \
+                    and latency < self.quick_failure:
                 self.probation_failed = True
         if ok and answered and self.readmitting and sent >= self.fresh_from:
             # Re-admitted: the penalties that ejected it describe the failing pod, which the

@@ -96,6 +96,7 @@ class _MeasuredPolicy(ABC):
                     decay=self.profile.peak_ewma_decay,
                     failure_penalty=self.profile.failure_penalty,
                     default_rtt=self.profile.default_rtt,
+                    request_timeout=self.profile.request_timeout,
                 )
         for e in list(self.stats):
             if e not in new and self.stats[e].in_flight == 0:
@@ -753,7 +754,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                     s.failure_ejections_total += 1
                 else:
                     s.hang_ejections_total += 1
-                s.fresh_from, s.readmitting = now, True
+                s.fresh_from, s.readmitting, s.ejected_for_failures = now, True, failing
                 s.long_probation_sent = -math.inf
                 # what it still holds is what the ejection was for: only what is sent after
                 # it can stall, and the probation request goes while nothing new is out

@@ -66,6 +66,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -244,6 +245,17 @@ class _Upload:
 RUN_ON = 2.0  # seconds from its sending an explored hedge loser runs on to show its latency
 
 
+@dataclass(slots=True)
+class _RunningOn:
+    """An explored hedge loser running on (:meth:`OutboundProxy._run_on`)."""
+
+    group: UpstreamGroup
+    endpoint: str
+    sent: float
+    racer: asyncio.Future[UpstreamResponse]
+    learning: asyncio.Future[None]
+
+
 def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
     """Done callback of a cancelled hedge racer: close an answer that arrived anyway (and
     retrieve a failure, which nobody waits for)."""
@@ -330,7 +342,7 @@ class OutboundProxy:
         # how long an explored hedge loser runs on, and the one running on per endpoint
         # (module docstring, "Hedging")
         self.run_on = run_on
-        self._running_on: dict[str, asyncio.Future[None]] = {}
+        self._running_on: dict[tuple[str, str], _RunningOn] = {}
         # an upstream's declared long requests, by its name (wire.long_paths): their
         # answers' time teaches the policy nothing (module docstring, "Long polls")
         self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
@@ -370,8 +382,14 @@ class OutboundProxy:
             await self._own_transport.start()
 
     async def close(self) -> None:
-        for running in list(self._running_on.values()):
-            running.cancel()
+        now = self.clock()
+        for running in self._running_on.values():  # nothing learned from them
+            running.learning.cancel()
+            running.racer.cancel()
+            running.racer.add_done_callback(_close_answer)
+            running.group.policy.on_outcome(Outcome(running.endpoint, now - running.sent, True,
+                                                    now, answered=False, void=True))
+        self._running_on.clear()
         if self._own_transport is not None:
             await self._own_transport.close()
 
@@ -663,7 +681,7 @@ class OutboundProxy:
                             self._censored(ctx, racer, at)
                     if win_endpoint != endpoint:
                         self.metrics.hedges.labels(group.name, "won").inc()
-                        self._run_on(group, racers, endpoint)
+                        self._run_on(ctx, racers, endpoint)
                     self._drop(ctx, racers, "censored")
                     return win_endpoint, win_sent, winner.result()
                 if not pending:
@@ -707,51 +725,66 @@ class OutboundProxy:
         racers.clear()
         return failure
 
-    def _run_on(self, group: UpstreamGroup,
+    def _run_on(self, ctx: RequestContext,
                 racers: dict[asyncio.Future[UpstreamResponse], tuple[str, float]],
                 explored: str) -> None:
         """Take the ``explored`` endpoint's racer, which lost, out of ``racers`` and let it
         run on (:meth:`_learn`), unless one of that endpoint already does."""
-        if explored in self._running_on or self.run_on <= 0:
+        group = ctx.group
+        assert group is not None
+        key = (group.name, explored)
+        if key in self._running_on or self.run_on <= 0:
             return
-        task = next((t for t, (e, _) in racers.items() if e == explored), None)
-        if task is None:
+        racer = next((t for t, (e, _) in racers.items() if e == explored), None)
+        if racer is None:
             return
-        _, sent = racers.pop(task)
+        _, sent = racers.pop(racer)
         self.metrics.hedges.labels(group.name, "ran-on").inc()
-        self._running_on[explored] = asyncio.ensure_future(
-            self._learn(group, explored, task, sent))
+        # its answer's signals are the explored endpoint's (checked against the request's
+        # challenge, in extra); a context of its own, for the request's goes on
+        loser = RequestContext(started=ctx.started, method=ctx.method, target=ctx.target,
+                               authority=ctx.authority, upstream=ctx.upstream, group=group,
+                               endpoint=explored, attempt=ctx.attempt, extra=dict(ctx.extra),
+                               long=ctx.long)
+        learning = asyncio.ensure_future(self._learn(loser, racer, sent))
+        self._running_on[key] = _RunningOn(group, explored, sent, racer, learning)
 
-    async def _learn(self, group: UpstreamGroup, endpoint: str,
-                     task: asyncio.Future[UpstreamResponse], sent: float) -> None:
-        """Wait for a hedge loser running on until ``run_on`` from its sending; the policy
-        learns its answer (the head's status and time; the answer is closed unread), its
-        failure, or, at the bound, that it took at least that long (censored)."""
+    async def _learn(self, ctx: RequestContext, racer: asyncio.Future[UpstreamResponse],
+                     sent: float) -> None:
+        """Wait for a hedge loser running on until ``run_on`` from its sending (the request
+        timeout, if shorter); the policy learns its answer (the head's status, time and
+        verified signals; the answer is closed unread), its failure, or, at the bound, that
+        it took at least that long (censored). :meth:`close` cuts it short."""
+        group, endpoint = ctx.group, ctx.endpoint
+        assert group is not None and endpoint is not None
+        bound = min(self.run_on, self.profile.request_timeout)
         try:
-            await asyncio.wait({task}, timeout=max(0.0, sent + self.run_on - self.clock()))
-        except asyncio.CancelledError:  # the sidecar is closing: nothing learned
-            task.cancel()
-            task.add_done_callback(_close_answer)
-            raise
+            await asyncio.wait({racer}, timeout=max(0.0, sent + bound - self.clock()))
         finally:
-            self._running_on.pop(endpoint, None)
+            self._running_on.pop((group.name, endpoint), None)
         now = self.clock()
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(_close_answer)
+        if not racer.done():
+            racer.cancel()
+            racer.add_done_callback(_close_answer)
             group.policy.on_outcome(Outcome(endpoint, now - sent, True, now, answered=False,
                                             censored=True))
             return
-        exc = task.exception()
+        exc = racer.exception()
         if exc is not None:  # a failure of the endpoint, as any attempt's
             group.policy.on_outcome(Outcome(endpoint, now - sent, False, now))
             self.metrics.forwarded(group.name, endpoint, classify(exc).reason, None)
             return
-        answer = task.result()
-        answer.close()
-        group.policy.on_outcome(Outcome(endpoint, now - sent, answer.status < 500, now,
-                                        answered=True, sent_at=sent))
-        self.metrics.forwarded(group.name, endpoint, str(answer.status), now - sent)
+        answer = racer.result()
+        try:
+            _, game = self._answer_head(ctx, answer)
+        finally:
+            answer.close()
+        status = answer.status
+        shed = status == 503 and game.get(REFUSED_KEY) in SHED  # as _relay_response reads it
+        group.policy.on_outcome(Outcome(endpoint, now - sent, status < 500, now,
+                                        self._congestion(ctx, game), answered=True,
+                                        sent_at=sent, shed=shed))
+        self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
 
     def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """A racer that lost a hedge: its latency is at least the time it was given."""

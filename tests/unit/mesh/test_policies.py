@@ -442,20 +442,26 @@ def test_only_a_quick_failure_after_a_failure_ejection_ejects_again_at_once() ->
     """What withdrew that rule once (a CI run's hang-recovery bench): a hung pod's probation
     request that times out is the hang's; taken as a failure, it sent a pod healed
     mid-ejection into the failures' doubling backoff. After an ejection for hanging, or for
-    a request that timed out, a failed probation request is one failure in a row."""
+    a request that timed out or was refused for load, a failed probation request is one
+    failure in a row."""
     p = make_policy("equilibrium", get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
     p.set_endpoints(list(ENDPOINTS[:2]), 0.0)
     s = p.stats[ENDPOINTS[1]]
     after = get_profile("balanced").eject_after_failures
-    for failure_ejections, took, failing in ((0, 0.001, False), (1, 2.0, False),
-                                             (1, 0.001, True)):
+    # (the last ejection for failures, failure ejections in a row, latency, shed, failing);
+    # a hang ejection after a failure ejection leaves ``ejections`` at 1 (a review's finding)
+    for for_failures, in_a_row, took, shed, failing in (
+            (False, 0, 0.001, False, False), (False, 1, 0.001, False, False),
+            (True, 1, 2.0, False, False), (True, 1, 0.001, True, False),
+            (True, 1, 0.001, False, True)):
         # as RegretMatchingPolicy._live leaves it when the ejection ends at 10 s
-        s.ejections, s.readmitting, s.fresh_from = failure_ejections, True, 5.0
+        s.ejections, s.ejected_for_failures = in_a_row, for_failures
+        s.readmitting, s.fresh_from = True, 5.0
         s.consecutive_failures, s.probation_failed = 0, False
         p.on_start(ENDPOINTS[1], 10.0)
-        p.on_outcome(Outcome(ENDPOINTS[1], took, False, 10.0 + took, sent_at=10.0))
-        assert s.consecutive_failures == 1 and s.failing(after) is failing
+        p.on_outcome(Outcome(ENDPOINTS[1], took, False, 10.0 + took, sent_at=10.0, shed=shed))
+        assert s.failing(after) is failing, (for_failures, in_a_row, took, shed)
 
 
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,

@@ -161,6 +161,9 @@ async def test_one_loser_runs_on_per_endpoint_the_others_are_cancelled(rig: Make
     assert sorted(r.network.cancelled) == [SLOW, SLOW]
     await r.proxy.close()  # a loser running on is cut when the sidecar closes
     await eventually(lambda: r.network.cancelled == [SLOW] * 3, "cut at close")
+    # every attempt started got its one outcome: nothing left in flight (a review's finding)
+    assert r.policy.stats[SLOW].in_flight == 0
+    assert [o.void for o in r.policy.outcomes if o.endpoint == SLOW].count(True) == 1
 
 
 async def test_an_explored_endpoint_that_answers_in_time_is_not_hedged(rig: MakeRig) -> None:
