@@ -210,6 +210,9 @@ class EndpointStats:
     # the estimate would not do, for a healthy pod holding long polls carries their stalls
     # and rescues in it.
     outcome_mean: Ewma | None = None
+    # the mean of its own outcomes in the last tick (inf: none came): a quick one from a pod
+    # whose estimate is still high asks for another look (RegretMatchingPolicy._confirmation_due)
+    tick_own_mean: float = math.inf
     # when a call to it last ran out its caller's deadline (_MeasuredPolicy.missed_deadline)
     deadline_missed_at: float = -math.inf
     # hang ejections in a row (none for 20 s: back to 0; RegretMatchingPolicy._live): each
@@ -640,8 +643,11 @@ class EndpointStats:
         if self.own_count:
             if self.outcome_mean is None:
                 self.outcome_mean = Ewma(self.latency.tau)
-            self.outcome_mean.update(self.own_cost_sum / self.own_count, now)
+            self.tick_own_mean = self.own_cost_sum / self.own_count
+            self.outcome_mean.update(self.tick_own_mean, now)
             self.own_count, self.own_cost_sum = 0, 0.0
+        else:
+            self.tick_own_mean = math.inf
         return n, (total / n if n else 0.0)
 
 

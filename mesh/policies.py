@@ -46,7 +46,7 @@ from mesh.estimators import (
     EpochWindow,
     EpochWindows,
 )
-from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
+from mesh.hedging import EXPLORED_FACTOR, HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import EXACT_PACING_ENDPOINTS, CreditPacer, SampledPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
@@ -547,6 +547,43 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                     and s.long_probation_sent == -math.inf and not s.probe_covered(now) \
                     and not s.draining(now):
                 return e
+        return self._confirmation_due(now)
+
+    def _confirmation_due(self, now: float) -> str | None:
+        """With hedged exploration (``profile.hedged``), an endpoint held back (under half an
+        equal share) whose own outcomes in the last tick were quick (their mean under a
+        :data:`CONFIRM` th of its latency estimate, and within twice the best endpoint's
+        estimate and 2 ms): the next request goes there too, one per tick while none is in
+        flight there. A pod that healed is otherwise learned from the floor's requests
+        alone, each pulling its estimate down a third of the way (``Ewma.max_step``, which
+        keeps one lucky answer of a pod slow on half its requests from clearing it): a
+        stranger measured a healed pod of three back after about 30 s without probes. A pod
+        slow on part of its requests ends the run of looks with its first slow answer, but
+        each run costs its slow answers: unhedged, the simulator's ``slow-pod`` sent the
+        bad pod half as much again (steady 0.48 -> 0.76 %), so only where the proxy hedges
+        the looks. Not for an endpoint probes cover (they look at it), draining, ejected,
+        or with nothing learned yet."""
+        weights, estimates = self._weights, self._tick_estimates
+        n = len(self.endpoints)
+        if not self.profile.hedged or n < 2 or weights.shape[0] != n \
+                or estimates.shape[0] != n:
+            return None
+        herd = self.profile.herd
+        used = weights > EXPLORED_FACTOR * min(herd.explore_floor, herd.explore_budget / n)
+        if not used.any():
+            return None
+        best = float(estimates[used].min())
+        small = 0.5 / n  # under half an equal share: held back by its estimate
+        for i, e in enumerate(self.endpoints):
+            s = self.stats[e]
+            quick = s.tick_own_mean
+            if quick == math.inf or not 0.0 < weights[i] < small \
+                    or s.sent_since_outcome or (v := s.latency.value) is None:
+                continue
+            if quick * CONFIRM <= v and quick <= 2.0 * best + 0.002 \
+                    and now >= s.ejected_until and not s.probe_covered(now) \
+                    and not s.draining(now):
+                return e
         return None
 
     def take_epoch(self) -> dict[str, EpochWindow]:
@@ -884,6 +921,10 @@ further (flapping over five seeds 12.0 -> 19.9 pp on average)."""
 RECOVERED = 5.0
 """How many times the best mean outcome cost an endpoint judged bad must come under to be
 judged good again (a pod near the :data:`BAD_COST` line would switch the cap on and off)."""
+CONFIRM = 1.25
+"""How many times its own last outcomes' mean an endpoint's latency estimate must be for a
+quick answer of a pod held back (under half an equal share) to ask for another look
+(:meth:`RegretMatchingPolicy._confirmation_due`)."""
 DEADLINE_SHARED = 5.0
 """Seconds within which another endpoint's missed caller deadline makes one a shed failure
 (:meth:`_MeasuredPolicy.missed_deadline`)."""

@@ -47,6 +47,10 @@ class StrategyProfile:
     retry_budget_ratio: float = 0.2
     retry_budget_min_per_s: float = 10.0
     max_retries: int = 2
+    # the proxy hedges exploratory picks (--hedge, mesh.hedging): a look at a pod held back
+    # costs its caller little, so a quick answer of one gets the next request at once
+    # (RegretMatchingPolicy._confirmation_due)
+    hedged: bool = False
     # stability checks
     stability_window: float = 5.0
 

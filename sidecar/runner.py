@@ -107,6 +107,8 @@ def effective_profile(config: SidecarConfig) -> StrategyProfile:
                      "retry_budget_min_per_s")
         if getattr(config, name) is not None
     }
+    if config.hedge:
+        overrides["hedged"] = True
     return dataclasses.replace(profile, **overrides) if overrides else profile
 
 

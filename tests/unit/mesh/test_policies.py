@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from collections.abc import Callable
@@ -462,6 +463,68 @@ def test_only_a_quick_failure_after_a_failure_ejection_ejects_again_at_once() ->
         p.on_start(ENDPOINTS[1], 10.0)
         p.on_outcome(Outcome(ENDPOINTS[1], took, False, 10.0 + took, sent_at=10.0, shed=shed))
         assert s.failing(after) is failing, (for_failures, in_a_row, took, shed)
+
+
+def _third_pod(third: Callable[[float, random.Random], float], seconds: float,
+               rps: int = 100, hedged: bool = True) -> tuple[list[float], int]:
+    """Three pods at ``rps``, no signaler: two answer in 5-7 ms, the third in
+    ``third(sent, rng)``; the proxy hedging exploratory picks (``hedged``). Returns the
+    third's weight after each tick and the requests it was sent."""
+    pods = ENDPOINTS[:3]
+    p = make_policy("equilibrium", dataclasses.replace(get_profile("balanced"), hedged=hedged))
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(pods, 0.0)
+    rng = random.Random(1)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick, weights, sent, n = 0.0, tick, [], 0, 0
+    pending: list[tuple[float, int, Outcome]] = []
+    while now < seconds:
+        while pending and pending[0][0] <= now:
+            p.on_outcome(heapq.heappop(pending)[2])
+        if now >= next_tick:
+            p.tick(now)
+            weights.append(p.snapshot().weights[pods[2]])
+            next_tick += tick
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        took = third(now, rng) if e == pods[2] else 0.005 + 0.002 * rng.random()
+        sent += e == pods[2]
+        n += 1
+        heapq.heappush(pending, (now + took, n, Outcome(e, took, True, now + took, sent_at=now)))
+        now += 1.0 / rps
+    return weights, sent
+
+
+def _half_slow(sent: float, rng: random.Random) -> float:
+    return 0.5 if rng.random() < 0.5 else 0.005 + 0.002 * rng.random()
+
+
+def test_a_healed_pod_without_probes_gets_another_look_after_each_quick_answer() -> None:
+    """A stranger's finding: without probes a healed pod of three came back after about
+    30 s, its estimate falling a third of the way per floor request. Where the proxy hedges
+    exploration, a quick answer from a pod its estimate holds back gets the next look at
+    once (one a tick), so it is back to 80 % of its fair share within 15 s of healing (about
+    27 s before)."""
+    tick = get_profile("balanced").tick_interval
+    def healed_at_30(at: float, rng: random.Random) -> float:
+        return _half_slow(at, rng) if at < 30.0 else 0.005 + 0.002 * rng.random()
+
+    weights, _ = _third_pod(healed_at_30, 50.0)
+    assert max(weights[int(20.0 / tick):int(30.0 / tick)]) < 0.02  # held back while slow
+    assert max(weights[int(30.0 / tick):int(45.0 / tick)]) >= 0.8 / 3
+    # unhedged, each look would cost the caller a slow pod's answers: none (the floor's pace)
+    weights, _ = _third_pod(healed_at_30, 50.0, hedged=False)
+    assert max(weights[int(30.0 / tick):int(45.0 / tick)]) < 0.02
+
+
+def test_a_pod_slow_on_half_its_requests_stays_held_with_the_looks() -> None:
+    """The looks end at a slow answer: a pod slow on half its requests is sent a little
+    more than its floor, never its share."""
+    tick = get_profile("balanced").tick_interval
+    weights, sent = _third_pod(_half_slow, 60.0)
+    assert max(weights[int(10.0 / tick):]) < 0.02
+    assert sent < 0.02 * 100 * 60
 
 
 def _hang(policy: Policy, *, hung: str | None, latency: float, rps: int = 200,
