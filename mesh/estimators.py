@@ -213,6 +213,7 @@ class EndpointStats:
     # the mean of its own outcomes in the last tick (inf: none came): a quick one from a pod
     # whose estimate is still high asks for another look (RegretMatchingPolicy._confirmation_due)
     tick_own_mean: float = math.inf
+    failed_at: float = -math.inf  # its last failure (of a request sent since its last ejection)
     # when a call to it last ran out its caller's deadline (_MeasuredPolicy.missed_deadline)
     deadline_missed_at: float = -math.inf
     # hang ejections in a row (none for 20 s: back to 0; RegretMatchingPolicy._live): each
@@ -415,6 +416,7 @@ class EndpointStats:
             self.consecutive_failures = 0
         else:
             self.failures += 1
+            self.failed_at = now
             # shed counts once the endpoint was ejected for something else: its probation
             # requests refused for load would otherwise be sent one a tick for good
             self.consecutive_failures += not shed or self.readmitting

@@ -512,22 +512,19 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         standing = [v for e in self.endpoints if (v := self.stats[e].standing) is not None]
         self._standing = statistics.median(standing) if standing else None
         super().tick(now)
-        self._probation = self._probation_due(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
             order = self._pacer.order
             order.reset(self._current_keys(order.keys, now))
         herd, n = self.profile.herd, len(self.endpoints)
         self._recent.forget(self.endpoints)
-        if n < 2:
-            self._hedges = {}
-            return
-        self._hedges = plan_hedges(
+        self._hedges = {} if n < 2 else plan_hedges(
             self.endpoints, self._weights.tolist(),
             min(herd.explore_floor, herd.explore_budget / n),
             self._covered,  # the tick's own, as the estimates: nothing changed them since
             self._tick_estimates.tolist(),
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
+        self._probation = self._probation_due(now)  # (a look needs the tick's hedge plans)
 
     def _probation_due(self, now: float) -> str | None:
         """An endpoint whose ejection has ended and that has not answered since (nothing sent
@@ -550,19 +547,24 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         return self._confirmation_due(now)
 
     def _confirmation_due(self, now: float) -> str | None:
-        """With hedged exploration (``profile.hedged``), an endpoint held back (under half an
-        equal share) whose own outcomes in the last tick were quick (their mean under a
-        :data:`CONFIRM` th of its latency estimate, and within twice the best endpoint's
-        estimate and 2 ms): the next request goes there too, one per tick while none is in
-        flight there. A pod that healed is otherwise learned from the floor's requests
-        alone, each pulling its estimate down a third of the way (``Ewma.max_step``, which
-        keeps one lucky answer of a pod slow on half its requests from clearing it): a
-        stranger measured a healed pod of three back after about 30 s without probes. A pod
-        slow on part of its requests ends the run of looks with its first slow answer, but
-        each run costs its slow answers: unhedged, the simulator's ``slow-pod`` sent the
-        bad pod half as much again (steady 0.48 -> 0.76 %), so only where the proxy hedges
-        the looks. Not for an endpoint probes cover (they look at it), draining, ejected,
-        or with nothing learned yet."""
+        """With hedged exploration (``profile.hedged``), an endpoint held back (under half
+        an equal share; no probe covers it) whose own outcomes in the last tick were quick
+        (their mean under a :data:`CONFIRM` th of its latency estimate, and within twice the
+        best used endpoint's estimate and 2 ms): the next request goes there too, one per
+        tick while none is in flight there. A pod that healed is otherwise learned from the
+        floor's requests alone, each pulling its estimate down a third of the way
+        (``Ewma.max_step``, which keeps one lucky answer of a pod slow on half its requests
+        from clearing it): a stranger measured a healed pod of three back after about 30 s
+        without probes. A pod slow on part of its requests ends the run of looks with its
+        first slow answer, but each run costs its slow answers: unhedged, the simulator's
+        ``slow-pod`` sent the bad pod half as much again (steady 0.48 -> 0.76 %), so only
+        where the proxy hedges the looks at a pod the floor holds. Above the floor they are
+        not hedged (its estimate has come down by then); limited to the pods the hedge plans
+        cover, the looks stopped there and the recovery bench's healed pod stayed out for
+        the run again. Not for an endpoint that failed in the last :data:`EVIDENCE_FRESH` s
+        (a fast error answer wins a hedge race), nor, while following the signaler, for one
+        whose share this sidecar's evidence did not overrule (the plan's share is the
+        plan's); none while one is in flight there (a review's findings)."""
         weights, estimates = self._weights, self._tick_estimates
         n = len(self.endpoints)
         if not self.profile.hedged or n < 2 or weights.shape[0] != n \
@@ -574,15 +576,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return None
         best = float(estimates[used].min())
         small = 0.5 / n  # under half an equal share: held back by its estimate
-        for i, e in enumerate(self.endpoints):
+        for e, w in zip(self.endpoints, weights.tolist(), strict=True):
             s = self.stats[e]
             quick = s.tick_own_mean
-            if quick == math.inf or not 0.0 < weights[i] < small \
-                    or s.sent_since_outcome or (v := s.latency.value) is None:
+            if quick == math.inf or not 0.0 < w < small or s.in_flight \
+                    or (v := s.latency.value) is None:
                 continue
             if quick * CONFIRM <= v and quick <= 2.0 * best + 0.002 \
-                    and now >= s.ejected_until and not s.probe_covered(now) \
-                    and not s.draining(now):
+                    and now - s.failed_at > EVIDENCE_FRESH and now >= s.ejected_until \
+                    and not s.probe_covered(now) and not s.draining(now) \
+                    and (not self._following or e in self.overruled):
                 return e
         return None
 
