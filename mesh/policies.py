@@ -524,7 +524,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             self._tick_estimates.tolist(),
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
-        self._probation = self._probation_due(now)  # (a look needs the tick's hedge plans)
+        self._probation = self._probation_due(now)
 
     def _probation_due(self, now: float) -> str | None:
         """An endpoint whose ejection has ended and that has not answered since (nothing sent
