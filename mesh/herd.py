@@ -61,6 +61,11 @@ class HerdGuard:
         if not 0.0 < self.smoothing <= 1.0:
             raise ValueError("smoothing must be in (0, 1]")
 
+    def floor(self, n: int) -> float:
+        """Each endpoint's exploration floor among ``n`` (at least 1): ``explore_floor``,
+        or less where ``n`` of them would pass ``explore_budget``."""
+        return min(self.explore_floor, self.explore_budget / max(1, n))
+
     def shape(self, target: np.ndarray, previous: np.ndarray, dt: float,
               live: np.ndarray | None = None, covered: np.ndarray | None = None,
               good: np.ndarray | None = None) -> np.ndarray:
@@ -84,7 +89,7 @@ class HerdGuard:
         t = np.where(live, t, 0.0)
         t = _normalise(t) if t.sum() > 0 else live / n_live
         goal = p + self.smoothing * (t - p) if p.shape == t.shape and p.sum() > 0 else t
-        floor = min(self.explore_floor, self.explore_budget / n_live)
+        floor = self.floor(n_live)
         probed = (np.zeros(k, dtype=bool) if covered is None
                   else np.asarray(covered, dtype=bool) & live)
         lower = np.where(live & ~probed, floor, 0.0)

@@ -46,7 +46,7 @@ from mesh.estimators import (
     EpochWindow,
     EpochWindows,
 )
-from mesh.hedging import EXPLORED_FACTOR, HedgePlan, RecentLatencies, plan_hedges
+from mesh.hedging import HedgePlan, RecentLatencies, plan_hedges
 from mesh.nash import StabilityMonitor, wardrop_gap
 from mesh.pacing import EXACT_PACING_ENDPOINTS, CreditPacer, SampledPacer
 from mesh.policy import EndpointView, Outcome, PolicySnapshot
@@ -512,19 +512,22 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         standing = [v for e in self.endpoints if (v := self.stats[e].standing) is not None]
         self._standing = statistics.median(standing) if standing else None
         super().tick(now)
+        self._probation = self._probation_due(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
             order = self._pacer.order
             order.reset(self._current_keys(order.keys, now))
-        herd, n = self.profile.herd, len(self.endpoints)
+        n = len(self.endpoints)
         self._recent.forget(self.endpoints)
-        self._hedges = {} if n < 2 else plan_hedges(
+        if n < 2:
+            self._hedges = {}
+            return
+        self._hedges = plan_hedges(
             self.endpoints, self._weights.tolist(),
-            min(herd.explore_floor, herd.explore_budget / n),
+            self.profile.herd.floor(n),
             self._covered,  # the tick's own, as the estimates: nothing changed them since
             self._tick_estimates.tolist(),
             lambda i: self._recent.p90(self.endpoints[i], now),
         )
-        self._probation = self._probation_due(now)
 
     def _probation_due(self, now: float) -> str | None:
         """An endpoint whose ejection has ended and that has not answered since (nothing sent
@@ -570,11 +573,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not self.profile.hedged or n < 2 or weights.shape[0] != n \
                 or estimates.shape[0] != n:
             return None
-        herd = self.profile.herd
-        used = weights > EXPLORED_FACTOR * min(herd.explore_floor, herd.explore_budget / n)
-        if not used.any():
-            return None
-        best = float(estimates[used].min())
+        best = float(estimates[self._used(weights)].min())
         small = 0.5 / n  # under half an equal share: held back by its estimate
         for e, w in zip(self.endpoints, weights.tolist(), strict=True):
             s = self.stats[e]
@@ -611,8 +610,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
     def _publish(self, weights: np.ndarray) -> None:
         super()._publish(weights)
         if self._pacer is not None and weights.size:
-            herd = self.profile.herd
-            floor = min(herd.explore_floor, herd.explore_budget / weights.shape[0])
+            floor = self.profile.herd.floor(weights.shape[0])
             self._paced = (weights > 1.5 * floor).tolist()
             if isinstance(self._pacer, SampledPacer):
                 self._sampled_strategy(self._pacer)
@@ -755,9 +753,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         """Endpoints used by choice: those kept only at the exploration floor are being
         re-checked, not used, and do not count towards the Wardrop gap (a deliberate, bounded
         probe of a bad pod is not a disequilibrium)."""
-        herd = self.profile.herd
-        floor = min(herd.explore_floor, herd.explore_budget / max(1, weights.shape[0]))
-        used = weights > 1.5 * floor
+        used = weights > 1.5 * self.profile.herd.floor(weights.shape[0])
         return used if used.any() else weights > 0
 
     def _live(self, now: float) -> np.ndarray:

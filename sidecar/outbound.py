@@ -256,6 +256,12 @@ class _RunningOn:
     learning: asyncio.Future[None]
 
 
+def _shed(status: int, game: dict[str, str]) -> bool:
+    """Whether an answer is a refusal for load its endpoint's sidecar signed (``game`` holds
+    only the signals that verified): a failure that ejects nothing."""
+    return status == 503 and game.get(REFUSED_KEY) in SHED
+
+
 def _close_answer(task: asyncio.Future[UpstreamResponse]) -> None:
     """Done callback of a cancelled hedge racer: close an answer that arrived anyway (and
     retrieve a failure, which nobody waits for)."""
@@ -780,11 +786,8 @@ class OutboundProxy:
         finally:
             answer.close()
         status = answer.status
-        shed = status == 503 and game.get(REFUSED_KEY) in SHED  # as _relay_response reads it
-        group.policy.on_outcome(Outcome(endpoint, now - sent, status < 500, now,
-                                        self._congestion(ctx, game), answered=True,
-                                        sent_at=sent, shed=shed))
-        self.metrics.forwarded(group.name, endpoint, str(status), now - sent)
+        self._observe(ctx, status < 500, str(status), sent, now - sent, now,
+                      self._congestion(ctx, game), _shed(status, game))
 
     def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """A racer that lost a hedge: its latency is at least the time it was given."""
@@ -944,7 +947,7 @@ class OutboundProxy:
             congestion = self._congestion(ctx, game)
             # a refusal for load relayed as it came (the last attempt, or a body not kept)
             # is shed all the same: game holds only the signals that verified
-            shed = status == 503 and game.get(REFUSED_KEY) in SHED
+            shed = _shed(status, game)
             if not ctx.long:  # it answers: only what is sent from now on can stall
                 assert ctx.group is not None and ctx.endpoint is not None
                 ctx.group.policy.on_answer(ctx.endpoint, answered_at)

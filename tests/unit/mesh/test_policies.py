@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mesh.policies import POLICY_NAMES, RegretMatchingPolicy, make_policy
 from mesh.policy import Outcome, Policy
 from mesh.probes import ProbeReport
-from mesh.profiles import PROFILE_NAMES, get_profile
+from mesh.profiles import PROFILE_NAMES, StrategyProfile, get_profile
 
 ENDPOINTS = [f"http://127.0.0.1:{8000 + i}" for i in range(5)]
 BAD = ENDPOINTS[4]
@@ -291,15 +291,17 @@ def test_what_the_cap_keeps_off_a_recommended_pod_goes_to_a_good_one_not_the_ove
 
 def _beside_a_quick_pod(
         other: Callable[[RegretMatchingPolicy, str, float, random.Random], Outcome],
-        seconds: float, rps: int = 100) -> tuple[RegretMatchingPolicy, list[float], list[float]]:
-    """Two pods at ``rps``, no signaler, ticks as the sidecar's: the first answers in 5-7 ms,
-    the second as ``other(policy, endpoint, sent, rng)`` says (told at the outcome's
-    ``now``). Returns the policy, the second pod's weight after each tick and when each
-    request to it was sent."""
-    p = make_policy("equilibrium", get_profile("balanced"))
+        seconds: float, rps: int = 100, quick: int = 1,
+        profile: StrategyProfile | None = None,
+) -> tuple[RegretMatchingPolicy, list[float], list[float]]:
+    """``quick`` + 1 pods at ``rps``, no signaler, ticks as the sidecar's: the first
+    ``quick`` answer in 5-7 ms, the last as ``other(policy, endpoint, sent, rng)`` says
+    (told at the outcome's ``now``). Returns the policy, the last pod's weight after each
+    tick and when each request to it was sent."""
+    p = make_policy("equilibrium", profile or get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
-    quick, second = ENDPOINTS[0], ENDPOINTS[1]
-    p.set_endpoints([quick, second], 0.0)
+    second = ENDPOINTS[quick]
+    p.set_endpoints(ENDPOINTS[:quick + 1], 0.0)
     rng = random.Random(1)
     tick = get_profile("balanced").tick_interval
     now, next_tick, weights, sent = 0.0, tick, [], []
@@ -315,7 +317,7 @@ def _beside_a_quick_pod(
         e = p.pick(rng, now)
         assert e is not None
         p.on_start(e, now)
-        if e == quick:
+        if e != second:
             took = 0.005 + 0.002 * rng.random()
             outcome = Outcome(e, took, True, now + took, sent_at=now)
         else:
@@ -469,34 +471,17 @@ def _third_pod(third: Callable[[float, random.Random], float], seconds: float,
                rps: int = 100, hedged: bool = True,
                fails: Callable[[random.Random], bool] | None = None
                ) -> tuple[list[float], int]:
-    """Three pods at ``rps``, no signaler: two answer in 5-7 ms, the third in
-    ``third(sent, rng)``; the proxy hedging exploratory picks (``hedged``). Returns the
-    third's weight after each tick and the requests it was sent."""
-    pods = ENDPOINTS[:3]
-    p = make_policy("equilibrium", dataclasses.replace(get_profile("balanced"), hedged=hedged))
-    assert isinstance(p, RegretMatchingPolicy)
-    p.set_endpoints(pods, 0.0)
-    rng = random.Random(1)
-    tick = get_profile("balanced").tick_interval
-    now, next_tick, weights, sent, n = 0.0, tick, [], 0, 0
-    pending: list[tuple[float, int, Outcome]] = []
-    while now < seconds:
-        while pending and pending[0][0] <= now:
-            p.on_outcome(heapq.heappop(pending)[2])
-        if now >= next_tick:
-            p.tick(now)
-            weights.append(p.snapshot().weights[pods[2]])
-            next_tick += tick
-        e = p.pick(rng, now)
-        assert e is not None
-        p.on_start(e, now)
-        took = third(now, rng) if e == pods[2] else 0.005 + 0.002 * rng.random()
-        ok = not (e == pods[2] and fails is not None and fails(rng))
-        sent += e == pods[2]
-        n += 1
-        heapq.heappush(pending, (now + took, n, Outcome(e, took, ok, now + took, sent_at=now)))
-        now += 1.0 / rps
-    return weights, sent
+    """Three pods (:func:`_beside_a_quick_pod`): two answer in 5-7 ms, the third in
+    ``third(sent, rng)``, failing where ``fails(rng)``; the proxy hedging exploratory picks
+    (``hedged``). Returns the third's weight after each tick and the requests it was sent."""
+    def answer(p: RegretMatchingPolicy, e: str, at: float, rng: random.Random) -> Outcome:
+        took = third(at, rng)
+        ok = fails is None or not fails(rng)
+        return Outcome(e, took, ok, at + took, sent_at=at)
+
+    profile = dataclasses.replace(get_profile("balanced"), hedged=hedged)
+    _, weights, sent = _beside_a_quick_pod(answer, seconds, rps, quick=2, profile=profile)
+    return weights, len(sent)
 
 
 def _half_slow(sent: float, rng: random.Random) -> float:
