@@ -171,17 +171,20 @@ class EndpointStats:
     fresh_from: float = -math.inf
     readmitting: bool = False
     # After an ejection for failures (``ejected_for_failures``: the last ejection's kind), a
-    # request that failed quickly (an error answer, a reset or refused connection, in under
-    # ``quick_failure``: STALL_EJECT, or half the request timeout if that is shorter) before
-    # any success: the pod is out again at once with the next backoff, as Linkerd's failure
-    # accrual sends it back after a failed probation request, instead of spending
+    # request that failed before any success: the pod is out again at once, as Linkerd's
+    # failure accrual sends it back after a failed probation request, instead of spending
     # ``eject_after_failures`` more requests one a tick (a stranger counted five failed calls
-    # at the end of each ejection). Not after an ejection for hanging, nor for a request that
-    # timed out: that is a hang's, and taken as a failure it sent a hung pod healed
-    # mid-ejection into the doubling backoff, out past the end of a 40 s run
-    # (tests/integration/test_bench.py, 2 of 5 runs). Nor for a refusal for load (``shed``):
-    # a busy pod's sidecar turning the request away is no failure in a row.
+    # at the end of each ejection). Failed quickly (an error answer, a reset or refused
+    # connection, in under ``quick_failure``: STALL_EJECT, or half the request timeout if
+    # that is shorter): ``probation_failed``, out with the next doubling backoff. Failed
+    # slowly (timed out): ``probation_hung``, out as a hung pod is, for STALL_EJECTION, not
+    # doubled: a hung pod's timeouts in a row ended in the doubling backoff, the fifth often
+    # of a request sent before the pod healed, and kept a pod healed at 20 s out past the
+    # end of a 40 s run (tests/integration/test_bench.py, a CI run of 2026-12-07). Neither
+    # after an ejection for hanging, nor for a refusal for load (``shed``): a busy pod's
+    # sidecar turning the request away is no failure in a row.
     probation_failed: bool = False
+    probation_hung: bool = False
     ejected_for_failures: bool = False
     quick_failure: float = STALL_EJECT
     last_outcome_at: float = -math.inf
@@ -310,7 +313,8 @@ class EndpointStats:
 
     def failing(self, after: int) -> bool:
         """Whether it failed enough to be ejected: ``after`` times in a row, or its probation
-        request after an ejection for failures failed quickly (:attr:`probation_failed`)."""
+        request after an ejection for failures failed quickly (:attr:`probation_failed`);
+        one that failed slowly ejects it as hung (:attr:`probation_hung`)."""
         return self.consecutive_failures >= after or self.probation_failed
 
     def stalling(self, now: float) -> bool:
@@ -420,9 +424,11 @@ class EndpointStats:
             # shed counts once the endpoint was ejected for something else: its probation
             # requests refused for load would otherwise be sent one a tick for good
             self.consecutive_failures += not shed or self.readmitting
-            if self.readmitting and self.ejected_for_failures and not shed \
-                    and latency < self.quick_failure:
-                self.probation_failed = True
+            if self.readmitting and self.ejected_for_failures and not shed:
+                if latency < self.quick_failure:
+                    self.probation_failed = True
+                else:
+                    self.probation_hung = True
         if ok and answered and self.readmitting and sent >= self.fresh_from:
             # Re-admitted: the penalties that ejected it describe the failing pod, which the
             # ejection has answered; kept, they would hold a healed pod at the exploration
@@ -430,7 +436,8 @@ class EndpointStats:
             # outlier detection and Linkerd's failure accrual likewise return a pod whole
             # after its ejection or probation request; the anti-herd ramp governs how fast
             # traffic comes back. What was sent before this request is history from now on.
-            self.readmitting, self.fresh_from, self.probation_failed = False, sent, False
+            self.readmitting, self.fresh_from = False, sent
+            self.probation_failed = self.probation_hung = False
             self.latency.value = None
             self.answers = self.outcome_mean = None
             self.own_count, self.own_cost_sum = 0, 0.0

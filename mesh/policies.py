@@ -665,11 +665,13 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             stats = self.stats[chosen]
             if len(endpoints) > 1 and (
                     (stats.consecutive_failures
-                     and stats.failing(self.profile.eject_after_failures))
+                     and (stats.failing(self.profile.eject_after_failures)
+                          or stats.probation_hung))
                     or stats.stalling(now)):
                 # Failing enough to be ejected at the next tick (what is sent there until
                 # then fails too: a stranger counted 18 failures before an ejection "at
-                # 5"), or holding requests it has not answered, longer than a stall: a hung
+                # 5"; after a probation request that timed out, a second one did), or
+                # holding requests it has not answered, longer than a stall: a hung
                 # pod until its weight falls at the next tick. What is sent there now waits
                 # for the request timeout (a helper counted 20 such 504s a hang, where
                 # HAProxy's leastconn, seeing the connections pile up, lost 1 to 5): this
@@ -777,7 +779,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         for i, e in enumerate(self.endpoints):
             s = self.stats[e]
             failing = s.failing(p.eject_after_failures)
-            if failing or s.hung(now, best):
+            # a probation request after an ejection for failures that timed out: as hung
+            hung_probation = s.probation_hung and not failing
+            if failing or hung_probation or s.hung(now, best):
                 # Failing; or hung: requests held unanswered for over a second and ten times
                 # its latency (no slow pod waits that long; the pick already sends nothing
                 # there while it stalls), ejected for STALL_EJECTION, not doubled: the requests
@@ -785,18 +789,20 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 # look at whether it healed costs the one or two requests that stall again.
                 s.ejected_until = now + (p.eject_base * 2 ** min(s.ejections, 3) if failing
                                          else STALL_EJECTION)
-                s.stall_ejections += not failing
+                s.stall_ejections += not failing and not hung_probation
                 if failing:
                     s.failure_ejections_total += 1
                 else:
                     s.hang_ejections_total += 1
-                s.fresh_from, s.readmitting, s.ejected_for_failures = now, True, failing
+                s.fresh_from, s.readmitting = now, True
+                s.ejected_for_failures = failing or hung_probation
                 s.long_probation_sent = -math.inf
                 # what it still holds is what the ejection was for: only what is sent after
                 # it can stall, and the probation request goes while nothing new is out
                 s.restart_stall()
                 s.ejections += failing
-                s.consecutive_failures, s.probation_failed = 0, False
+                s.consecutive_failures = 0
+                s.probation_failed = s.probation_hung = False
             elif s.ejections and now > s.ejected_until + 4 * p.eject_base:
                 s.ejections = 0  # healthy long enough: next ejection starts short again
             if s.stall_ejections and now > s.ejected_until + 4 * STALL_EJECTION:

@@ -156,11 +156,12 @@ def test_recovery_from_a_hang_costs_few_requests_and_the_pod_comes_back(tmp_path
     # 44 before the sidecars turned away from a stall; what the pod holds when it is ejected
     # is rescued (sent elsewhere), what times out first (2 s here) fails
     assert m["errors"] <= 30
-    # back within the run (to 80 % of its fair share in 2 of 3 runs on this machine: with
-    # 2 s timeouts it is ejected by its failures, which the few requests still reaching it
-    # add up to at their own pace; 20 s after the heal, not 15: in a loaded CI run an
-    # ejection's backoff outlasted 15 s, 2026-12-07)
-    assert max(m["healed_share_series"]) > 0.1
+    # back to 80 % of its fair share within the run's 20 s after the heal (8-12 s in six
+    # runs, two at a time beside a busy loop, on this machine). With 2 s timeouts it is
+    # ejected for its failures, then re-checked by one request at a time; one that times
+    # out ejects it as hung (5 s, not doubled). Before, five timeouts in a row did, with
+    # the doubled backoff (20 s): a CI run of 2026-12-07 kept the healed pod out to the end
+    assert m["time_to_fair"] is not None, m["healed_share_series"]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import random
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.estimators import STALL_EJECTION
 from mesh.policies import POLICY_NAMES, RegretMatchingPolicy, make_policy
 from mesh.policy import Outcome, Policy
 from mesh.probes import ProbeReport
@@ -444,27 +446,61 @@ def test_a_failed_probation_request_ejects_again_at_once() -> None:
 def test_only_a_quick_failure_after_a_failure_ejection_ejects_again_at_once() -> None:
     """What withdrew that rule once (a CI run's hang-recovery bench): a hung pod's probation
     request that times out is the hang's; taken as a failure, it sent a pod healed
-    mid-ejection into the failures' doubling backoff. After an ejection for hanging, or for
-    a request that timed out or was refused for load, a failed probation request is one
-    failure in a row."""
+    mid-ejection into the failures' doubling backoff. After an ejection for failures, a
+    probation request that timed out marks the pod hung (ejected as one, below); after an
+    ejection for hanging, or for a request refused for load, a failed probation request is
+    one failure in a row."""
     p = make_policy("equilibrium", get_profile("balanced"))
     assert isinstance(p, RegretMatchingPolicy)
     p.set_endpoints(list(ENDPOINTS[:2]), 0.0)
     s = p.stats[ENDPOINTS[1]]
     after = get_profile("balanced").eject_after_failures
-    # (the last ejection for failures, failure ejections in a row, latency, shed, failing);
-    # a hang ejection after a failure ejection leaves ``ejections`` at 1 (a review's finding)
-    for for_failures, in_a_row, took, shed, failing in (
-            (False, 0, 0.001, False, False), (False, 1, 0.001, False, False),
-            (True, 1, 2.0, False, False), (True, 1, 0.001, True, False),
-            (True, 1, 0.001, False, True)):
+    # (the last ejection for failures, failure ejections in a row, latency, shed, failing,
+    # hung); a hang ejection after a failure ejection leaves ``ejections`` at 1 (a review's
+    # finding)
+    for for_failures, in_a_row, took, shed, failing, hung in (
+            (False, 0, 0.001, False, False, False), (False, 1, 0.001, False, False, False),
+            (False, 1, 2.0, False, False, False),
+            (True, 1, 2.0, False, False, True), (True, 1, 0.001, True, False, False),
+            (True, 1, 0.001, False, True, False)):
         # as RegretMatchingPolicy._live leaves it when the ejection ends at 10 s
         s.ejections, s.ejected_for_failures = in_a_row, for_failures
         s.readmitting, s.fresh_from = True, 5.0
-        s.consecutive_failures, s.probation_failed = 0, False
+        s.consecutive_failures = 0
+        s.probation_failed = s.probation_hung = False
         p.on_start(ENDPOINTS[1], 10.0)
         p.on_outcome(Outcome(ENDPOINTS[1], took, False, 10.0 + took, sent_at=10.0, shed=shed))
         assert s.failing(after) is failing, (for_failures, in_a_row, took, shed)
+        assert s.probation_hung is hung, (for_failures, in_a_row, took, shed)
+
+
+def test_a_pod_that_times_out_is_rechecked_as_a_hung_pod_and_back_soon_after_it_heals() -> None:
+    """A CI run's finding: a pod whose requests all timed out (2 s) for 20 s, ejected for
+    failures, was checked after each ejection with five requests that timed out one after
+    the other, the fifth often sent before the pod healed and failing after it: out for the
+    doubled backoff (20 s), past the end of the run. A probation request that times out
+    ejects it again at once as a hung pod (5 s, not doubled): one failed request a re-check,
+    and the pod back within a timeout, an ejection and a ramp of healing whenever it heals."""
+    tick = get_profile("balanced").tick_interval
+    for heal in range(13, 28):
+        def hung_until_heal(p: RegretMatchingPolicy, e: str, at: float,
+                            rng: random.Random, heal: float = heal) -> Outcome:
+            if at < heal:
+                return Outcome(e, 2.0, False, at + 2.0, sent_at=at)
+            took = 0.005 + 0.002 * rng.random()
+            return Outcome(e, took, True, at + took, sent_at=at)
+
+        p, weights, sent = _beside_a_quick_pod(hung_until_heal, heal + 15.0)
+        s = p.stats[ENDPOINTS[1]]
+        assert s.failure_ejections_total == 1, heal  # the five in a row at the start, once
+        # then one timed-out request a re-check (the last may be sent before the heal and
+        # fail after the healed pod's first answer: the ejection is over by then)
+        assert sum(3.0 < at < heal for at in sent) <= s.hang_ejections_total + 1, heal
+        # back (0.3 of the weight: 3 s at the anti-herd ramp) within 2 s of a timeout, 5 s of
+        # a hang ejection and two ticks of the ramp; it was out past the end of the run
+        back = next(((i + 1) * tick - heal for i, w in enumerate(weights)
+                     if (i + 1) * tick > heal and w > 0.3), math.inf)
+        assert back <= 2.0 + STALL_EJECTION + 2 * tick + 3.0, (heal, back)
 
 
 def _third_pod(third: Callable[[float, random.Random], float], seconds: float,
