@@ -124,10 +124,13 @@ class ShiftLog:
                 continue
             if not state.shunned and state.crossed(share < low, now):
                 state.shunned, state.crossing_since = True, None
+                # held at the cap's floor, above the usual mark (not one ejected, with
+                # nothing: a stranger read "share 0.0% ..., as far as the cap allows")
+                held = view.usable and share >= SHUNNED * fair
                 lines.append(
                     f"upstream {upstream}: traffic shifted off {view.endpoint} (share "
                     f"{share:.1%} of {usable} usable endpoints"
-                    f"{', as far as the anti-herd cap allows' if floor >= SHUNNED * fair else ''}; "
+                    f"{', as far as the anti-herd cap allows' if held else ''}; "
                     f"{_why(view, best, requests, failures, snapshot)})")
             elif state.shunned and state.crossed(share > high, now):
                 state.shunned, state.crossing_since = False, None

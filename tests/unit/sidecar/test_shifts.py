@@ -194,6 +194,12 @@ def test_with_two_endpoints_the_caps_floor_is_as_far_as_traffic_goes() -> None:
     run(many, snap({A: 0.25, B: 0.25, C: 0.25, D: 0.25}), 0, 2)
     [line] = run(many, snap({A: 0.33, B: 0.33, C: 0.33, D: 0.01}), 3, DWELL + 2)
     assert "anti-herd" not in line
+    # two usable beside one ejected: the ejected one's nothing is no cap's doing
+    out = ShiftLog(cap=0.8)
+    run(out, snap({A: 0.34, B: 0.33, C: 0.33}), 0, 2)
+    [line] = run(out, snap({A: 0.5, B: 0.5, C: 0.0}, usable=2, out=(C,)), 3, DWELL + 2)
+    assert f"shifted off {C} (share 0.0% of 2 usable endpoints;" in line, line
+    assert "anti-herd" not in line and "out of use" in line
 
 
 def test_an_ejection_is_said_at_once_however_short() -> None:
