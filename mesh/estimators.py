@@ -171,20 +171,24 @@ class EndpointStats:
     fresh_from: float = -math.inf
     readmitting: bool = False
     # After an ejection for failures (``ejected_for_failures``: the last ejection's kind), a
-    # request that failed before any success: the pod is out again at once, as Linkerd's
-    # failure accrual sends it back after a failed probation request, instead of spending
-    # ``eject_after_failures`` more requests one a tick (a stranger counted five failed calls
-    # at the end of each ejection). Failed quickly (an error answer, a reset or refused
-    # connection, in under ``quick_failure``: STALL_EJECT, or half the request timeout if
-    # that is shorter): ``probation_failed``, out with the next doubling backoff. Failed
-    # slowly (timed out): ``probation_hung``, out as a hung pod is, for STALL_EJECTION, not
-    # doubled: a hung pod's timeouts in a row ended in the doubling backoff, the fifth often
-    # of a request sent before the pod healed, and kept a pod healed at 20 s out past the
-    # end of a 40 s run (tests/integration/test_bench.py, a CI run of 2026-12-07). Neither
-    # after an ejection for hanging, nor for a refusal for load (``shed``): a busy pod's
-    # sidecar turning the request away is no failure in a row.
+    # probation request (sent once the ejection was over) that failed before any success:
+    # the pod is out again at once, as Linkerd's failure accrual sends it back after a
+    # failed probation request, instead of spending ``eject_after_failures`` more requests
+    # one a tick (a stranger counted five failed calls at the end of each ejection). An
+    # error answer, or no answer in under ``quick_failure`` (a reset or refused connection;
+    # STALL_EJECT, or half the request timeout if that is shorter): ``probation_failed``,
+    # out with the next doubling backoff. No answer in longer (it timed out):
+    # ``probation_hung``, out as a hung pod is, for STALL_EJECTION, doubled from the fourth
+    # such ejection in a row (``hung_probations``: 5, 5, 5, 10, then 20 s): a hung pod's
+    # timeouts in a row ended in the failures' doubling backoff, the fifth often of a
+    # request sent before the pod healed, and kept a pod healed at 20 s out past the end of
+    # a 40 s run (tests/integration/test_bench.py, a CI run of 2026-12-07); never doubled, a
+    # pod dead for good cost a failed request every 7 s (a review's finding). Neither after an
+    # ejection for hanging, nor for a refusal for load (``shed``): a busy pod's sidecar
+    # turning the request away is no failure in a row.
     probation_failed: bool = False
     probation_hung: bool = False
+    hung_probations: int = 0
     ejected_for_failures: bool = False
     quick_failure: float = STALL_EJECT
     last_outcome_at: float = -math.inf
@@ -424,8 +428,9 @@ class EndpointStats:
             # shed counts once the endpoint was ejected for something else: its probation
             # requests refused for load would otherwise be sent one a tick for good
             self.consecutive_failures += not shed or self.readmitting
-            if self.readmitting and self.ejected_for_failures and not shed:
-                if latency < self.quick_failure:
+            if self.readmitting and self.ejected_for_failures and not shed \
+                    and sent >= self.ejected_until:  # (not one sent in the ejection)
+                if answered or latency < self.quick_failure:
                     self.probation_failed = True
                 else:
                     self.probation_hung = True
@@ -438,6 +443,7 @@ class EndpointStats:
             # traffic comes back. What was sent before this request is history from now on.
             self.readmitting, self.fresh_from = False, sent
             self.probation_failed = self.probation_hung = False
+            self.hung_probations = 0
             self.latency.value = None
             self.answers = self.outcome_mean = None
             self.own_count, self.own_cost_sum = 0, 0.0

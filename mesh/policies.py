@@ -667,10 +667,13 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                     (stats.consecutive_failures
                      and (stats.failing(self.profile.eject_after_failures)
                           or stats.probation_hung))
+                    or (stats.readmitting and stats.sent_since_outcome)
                     or stats.stalling(now)):
                 # Failing enough to be ejected at the next tick (what is sent there until
                 # then fails too: a stranger counted 18 failures before an ejection "at
-                # 5"; after a probation request that timed out, a second one did), or
+                # 5"; after a probation request that timed out, a second one did); its
+                # probation request after an ejection not answered yet (the floor's draws
+                # sent one to three more to a pod still hung: a review's finding); or
                 # holding requests it has not answered, longer than a stall: a hung
                 # pod until its weight falls at the next tick. What is sent there now waits
                 # for the request timeout (a helper counted 20 such 504s a hang, where
@@ -787,8 +790,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 # there while it stalls), ejected for STALL_EJECTION, not doubled: the requests
                 # it holds time out later (and only then would they have counted), and each
                 # look at whether it healed costs the one or two requests that stall again.
-                s.ejected_until = now + (p.eject_base * 2 ** min(s.ejections, 3) if failing
-                                         else STALL_EJECTION)
+                s.ejected_until = now + (
+                    p.eject_base * 2 ** min(s.ejections, 3) if failing
+                    else STALL_EJECTION * 2 ** min(max(0, s.hung_probations - 2), 2)
+                    if hung_probation else STALL_EJECTION)
+                s.hung_probations += hung_probation
                 s.stall_ejections += not failing and not hung_probation
                 if failing:
                     s.failure_ejections_total += 1
