@@ -170,7 +170,8 @@ class OutboundMetrics:
             "equilibrium_endpoint_ejections",
             "Endpoints taken out of use by the policy, by reason (failures: its requests "
             "failed in a row, out for 10 s doubling; hung: it left requests unanswered, out "
-            "for 5 s); counted at the policy's tick",
+            "for 5 s, longer when its re-checks time out again and again); counted at the "
+            "policy's tick",
             ["upstream", "endpoint", "reason"], registry=r,
         )
         self._ejected: dict[tuple[str, str], tuple[int, int]] = {}
