@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -231,26 +232,44 @@ def start_sidecar(
     outbound_port: int | None = None,
     admin_port: int | None = None,
 ) -> SidecarProcess:
-    """Start ``equilibrium sidecar`` on loopback (free ports unless given); wait for /readyz."""
-    outbound, admin = outbound_port or free_port(), admin_port or free_port()
-    args = ["sidecar", "--outbound", f"{LOOPBACK}:{outbound}", "--admin", f"{LOOPBACK}:{admin}"]
-    for name, urls in (upstreams or {}).items():
-        args += ["--upstream", f"{name}={','.join(urls)}"]
-    for flag, value in (
-        ("--policy", policy), ("--strategy", strategy), ("--id", sidecar_id),
-        ("--config", str(config_file) if config_file else None),
-    ):
-        if value is not None:
-            args += [flag, value]
-    args += list(extra_args)
-    proc = start_equilibrium(*args, env=env)
-    sidecar = SidecarProcess(proc.args, proc.popen, proc.log_path, outbound, admin)
-    try:
-        wait_ready(f"{sidecar.admin_url}/readyz", sidecar, timeout)
-    except BaseException:
-        sidecar.stop(timeout=2)
-        raise
-    return sidecar
+    """Start ``equilibrium sidecar`` on loopback (free ports unless given); wait for /readyz.
+
+    Free ports are free when chosen, not when the sidecar binds them: a process of another
+    test worker may take one meanwhile (seen: the readiness probe answered by a gRPC pod's
+    HTTP/2 server). Then the sidecar is started again on other ports, twice at most."""
+    attempts = 1 if outbound_port or admin_port else 3
+    for attempt in range(attempts):
+        outbound, admin = outbound_port or free_port(), admin_port or free_port()
+        args = ["sidecar", "--outbound", f"{LOOPBACK}:{outbound}",
+                "--admin", f"{LOOPBACK}:{admin}"]
+        for name, urls in (upstreams or {}).items():
+            args += ["--upstream", f"{name}={','.join(urls)}"]
+        for flag, value in (
+            ("--policy", policy), ("--strategy", strategy), ("--id", sidecar_id),
+            ("--config", str(config_file) if config_file else None),
+        ):
+            if value is not None:
+                args += [flag, value]
+        args += list(extra_args)
+        proc = start_equilibrium(*args, env=env)
+        sidecar = SidecarProcess(proc.args, proc.popen, proc.log_path, outbound, admin)
+        try:
+            wait_ready(f"{sidecar.admin_url}/readyz", sidecar, timeout)
+        except BaseException as exc:
+            sidecar.stop(timeout=2)
+            if attempt + 1 < attempts and _port_taken(exc):
+                sidecar.cleanup()
+                continue
+            raise
+        return sidecar
+    raise AssertionError("unreachable")
+
+
+def _port_taken(exc: BaseException) -> bool:
+    """Whether a sidecar failed to start because another process had one of its ports: it
+    could not bind, or something else answered its admin port (not in HTTP/1.1)."""
+    return isinstance(exc, http.client.HTTPException) or (
+        isinstance(exc, RuntimeError) and "address already in use" in str(exc).lower())
 
 
 async def async_start_sidecar(
