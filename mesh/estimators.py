@@ -171,7 +171,8 @@ class EndpointStats:
     fresh_from: float = -math.inf
     readmitting: bool = False
     # After an ejection for failures (``ejected_for_failures``: the last ejection's kind), a
-    # probation request (sent once the ejection was over) that failed before any success:
+    # probation request (sent once the ejection was over: what failed while it was out
+    # is ignored, as what was sent before it) that failed before any success:
     # the pod is out again at once, as Linkerd's failure accrual sends it back after a
     # failed probation request, instead of spending ``eject_after_failures`` more requests
     # one a tick (a stranger counted five failed calls at the end of each ejection). An
@@ -189,6 +190,9 @@ class EndpointStats:
     probation_failed: bool = False
     probation_hung: bool = False
     hung_probations: int = 0
+    # whether its last outcome was a failure, whenever the request was sent: a last resort
+    # (every endpoint ejected) goes to those whose last request did not fail
+    failed_last: bool = False
     ejected_for_failures: bool = False
     quick_failure: float = STALL_EJECT
     last_outcome_at: float = -math.inf
@@ -414,10 +418,15 @@ class EndpointStats:
             sent = sent_at
         else:
             sent = now - latency if 0.0 <= latency <= MAX_LATENCY else now
-        if not ok and sent < self.fresh_from:
+        self.failed_last = not ok
+        if not ok and (sent < self.fresh_from or sent < self.ejected_until):
             # What the last ejection was for: requests sent to a hung pod time out long after
             # it was ejected (15 s by default) and after it may have healed; counted, they
-            # would eject it again for twice as long, or undo its re-admission.
+            # would eject it again for twice as long, or undo its re-admission. Nor what a
+            # last resort sent it while it was out (every pod ejected, or a retry with every
+            # other tried): counted, they ejected it again when its ejection ended, healed or
+            # not, without a probation request (a stranger's finding: healthy pods out for
+            # 40 s); its probation request decides, or a success meanwhile (below).
             self.failures += 1
             return cost
         if ok:
@@ -428,8 +437,7 @@ class EndpointStats:
             # shed counts once the endpoint was ejected for something else: its probation
             # requests refused for load would otherwise be sent one a tick for good
             self.consecutive_failures += not shed or self.readmitting
-            if self.readmitting and self.ejected_for_failures and not shed \
-                    and sent >= self.ejected_until:  # (not one sent in the ejection)
+            if self.readmitting and self.ejected_for_failures and not shed:
                 if answered or latency < self.quick_failure:
                     self.probation_failed = True
                 else:
@@ -444,6 +452,8 @@ class EndpointStats:
             self.readmitting, self.fresh_from = False, sent
             self.probation_failed = self.probation_hung = False
             self.hung_probations = 0
+            # answered while still ejected (a last resort sent it a request): it is back
+            self.ejected_until = min(self.ejected_until, now)
             self.latency.value = None
             self.answers = self.outcome_mean = None
             self.own_count, self.own_cost_sum = 0, 0.0

@@ -689,7 +689,16 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if positive:
             return rng.choices([e for e, _ in positive], [w for _, w in positive])[0]
         rest = [e for e in endpoints if e not in exclude]
-        return rng.choice(rest) if rest else None
+        if not rest:
+            return None
+        # a last resort (every endpoint ejected or draining, or a retry with every endpoint
+        # with a weight tried): those whose last request did not fail and that hold none
+        # unanswered, as Envoy's panic mode routes to every host but preferring the ones
+        # that answer (drawn evenly among all, a pod still failing took a third of the
+        # traffic for 40 s after the others healed: a stranger's finding)
+        calm = [e for e in rest
+                if not self.stats[e].failed_last and not self.stats[e].stalling(now)]
+        return rng.choice(calm or rest)
 
     def _elsewhere(self, rng: random.Random, i: int) -> str | None:
         """An endpoint other than the ``i``-th, drawn by weight among those with one; None
@@ -784,7 +793,11 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             failing = s.failing(p.eject_after_failures)
             # a probation request after an ejection for failures that timed out: as hung
             hung_probation = s.probation_hung and not failing
-            if failing or hung_probation or s.hung(now, best):
+            # not again while it is out: what a last resort sends it meanwhile (every pod
+            # ejected, or a retry with every other tried) re-ejected it each tick, the
+            # backoff doubling to 80 s, healthy pods with it (a stranger's finding); what it
+            # failed meanwhile ejects it again when this ejection ends
+            if (failing or hung_probation or s.hung(now, best)) and now >= s.ejected_until:
                 # Failing; or hung: requests held unanswered for over a second and ten times
                 # its latency (no slow pod waits that long; the pick already sends nothing
                 # there while it stalls), ejected for STALL_EJECTION, not doubled: the requests

@@ -75,6 +75,7 @@ class ShiftLog:
 
     cap: float = 1.0
     _seen: dict[str, dict[str, _Seen]] = field(default_factory=dict)
+    _none_usable: set[str] = field(default_factory=set)  # upstreams said to have none
 
     def observe(self, upstream: str, snapshot: PolicySnapshot, now: float) -> list[str]:
         """The lines for what changed since the last snapshot of ``upstream``."""
@@ -115,9 +116,9 @@ class ShiftLog:
                            else "hung: it left requests unanswered")
                     lines.append(f"upstream {upstream}: {view.endpoint} ejected ({why}; "
                                  f"{_why(view, best, requests, failures, snapshot)})")
-            if usable < 2 and out_of_use == 0:  # a lone endpoint has nowhere to shift to
-                state.crossing_since = None
-                continue
+            if (usable < 2 and out_of_use == 0) or usable == 0:  # a lone endpoint has nowhere
+                state.crossing_since = None  # to shift to; with none usable, shares say
+                continue  # nothing (a last resort routes: the line below says so)
             share = view.weight
             if not state.in_rotation:
                 state.in_rotation = share >= high
@@ -138,12 +139,24 @@ class ShiftLog:
                     f"upstream {upstream}: {view.endpoint} back in rotation (share "
                     f"{share:.1%} of {usable} usable endpoints; "
                     f"{_why(view, best, requests, failures, snapshot)})")
+        if views and (usable == 0) != (upstream in self._none_usable):
+            if usable == 0:
+                self._none_usable.add(upstream)
+                lines.append(
+                    f"upstream {upstream}: every endpoint is out of use (ejected or draining): "
+                    "each request goes, as a last resort, to one whose last request did not "
+                    "fail, until one is back")
+            else:
+                self._none_usable.discard(upstream)
+                lines.append(f"upstream {upstream}: {usable} of {len(views)} endpoints usable "
+                             "again")
         return lines
 
     def keep(self, upstreams: set[str]) -> None:
         """Forget the upstreams not in ``upstreams`` (removed by a reload or discovery)."""
         for gone in set(self._seen) - upstreams:
             del self._seen[gone]
+        self._none_usable &= upstreams
 
 
 def _ms(seconds: float) -> str:

@@ -534,6 +534,48 @@ def test_a_pod_that_stays_hung_is_rechecked_less_and_less_often() -> None:
     assert p.stats[ENDPOINTS[1]].hung_probations >= 10
 
 
+def test_with_every_pod_ejected_the_last_resort_goes_to_those_that_answer() -> None:
+    """A stranger's finding: with one pod failing for good and the two others failing for
+    1.5 s, all three were ejected, and a pick drew evenly among them: 1,353 failed requests
+    in the next 40 s, all from the pod still failing, which was ejected again each tick (83
+    times) while it took a third of the traffic; what the healed pods failed in the mean
+    time ejected them again with the doubled backoff (usable 40 s after they healed). Now
+    the last resort goes to pods whose last request did not fail, what a pod failed while
+    out counts towards no ejection, and a success ends its ejection."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    endpoints = list(ENDPOINTS[:3])
+    p.set_endpoints(endpoints, 0.0)
+    rng = random.Random(1)
+    tick = get_profile("balanced").tick_interval
+    now, next_tick, n = 0.0, tick, 0
+    pending: list[tuple[float, int, Outcome]] = []
+    failed_after, usable_at = 0, math.inf
+    while now < 40.0:
+        while pending and pending[0][0] <= now:
+            p.on_outcome(heapq.heappop(pending)[2])
+        if now >= next_tick:
+            p.tick(now)
+            next_tick += tick
+            views = p.snapshot().endpoints
+            if usable_at == math.inf and now > 11.5 \
+                    and all(v.usable for v in views if v.endpoint != endpoints[0]):
+                usable_at = now
+        e = p.pick(rng, now)
+        assert e is not None
+        p.on_start(e, now)
+        ok = not ((e == endpoints[0] and now >= 3.0) or (e != endpoints[0] and 10.0 <= now < 11.5))
+        failed_after += not ok and now >= 11.5
+        took = 0.005 + 0.002 * rng.random()
+        n += 1
+        heapq.heappush(pending, (now + took, n, Outcome(e, took, ok, now + took, sent_at=now)))
+        now += 0.01
+    assert failed_after <= 5, failed_after
+    assert p.stats[endpoints[0]].failure_ejections_total <= 5
+    # the healed pods: one back at its first answer, the other when its 10 s ejection ends
+    assert usable_at <= 10.0 + 1.0 + get_profile("balanced").eject_base + 1.0, usable_at
+
+
 def test_an_answer_after_a_timed_out_probation_request_readmits_the_pod() -> None:
     """A success sent after the timed-out probation request and answered before the tick
     ejects the pod (a request the tick had not yet kept from it): it healed, and it stays."""

@@ -252,3 +252,16 @@ def test_ejections_are_counted_by_reason_from_the_snapshots() -> None:
     assert count("hung") is None
     seen((1, 3))
     assert count("hung") == 1.0
+
+
+def test_every_endpoint_out_of_use_is_said_once_and_its_end_too() -> None:
+    """A stranger's finding: with every pod ejected, each read "traffic shifted off ...
+    (share 0.0% of 0 usable endpoints)" while a last resort spread the traffic."""
+    log = ShiftLog(cap=0.8)
+    run(log, snap({A: 0.34, B: 0.33, C: 0.33}), 0, 2)
+    lines = run(log, snap({A: 0.0, B: 0.0, C: 0.0}, usable=0, out=(A, B, C)), 3, DWELL + 2)
+    assert lines == ["upstream svc: every endpoint is out of use (ejected or draining): each "
+                     "request goes, as a last resort, to one whose last request did not fail, "
+                     "until one is back"]
+    [back] = run(log, snap({A: 0.0, B: 1.0, C: 0.0}, usable=1, out=(A, C)), 20, 1)
+    assert back == "upstream svc: 1 of 3 endpoints usable again"
