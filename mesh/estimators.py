@@ -429,6 +429,20 @@ class EndpointStats:
             # 40 s); its probation request decides, or a success meanwhile (below).
             self.failures += 1
             return cost
+        if ok and sent < self.fresh_from:
+            # A late answer of a request sent before the last ejection: what it was for (a
+            # pod paused, by SIGSTOP or a long GC, answers what it held seconds late). Learned
+            # as latency, it held the re-admitted pod at the floor for 30 s while its new
+            # answers took 4 ms (a stranger's finding). It still teaches a hang's yardstick
+            # (``answers``): a pod slow rather than hung shows so by such answers.
+            if answered:
+                if self.answers is None:
+                    self.answers = PeakEwma(now, ANSWER_DECAY, cost)
+                else:
+                    self.answers.update(cost, now)
+            self.last_outcome_at = max(self.last_outcome_at, now)
+            self.restart_stall()
+            return cost
         if ok:
             self.consecutive_failures = 0
         else:

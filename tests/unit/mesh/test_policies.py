@@ -576,6 +576,27 @@ def test_with_every_pod_ejected_the_last_resort_goes_to_those_that_answer() -> N
     assert usable_at <= 10.0 + 1.0 + get_profile("balanced").eject_base + 1.0, usable_at
 
 
+def test_a_late_answer_of_a_request_sent_before_the_ejection_is_not_its_latency() -> None:
+    """A stranger's finding: a pod paused (SIGSTOP) answered what it held 5-13 s late once
+    it went on; learned as latency, that held the re-admitted pod at the floor for 30 s
+    while its new answers took 4 ms. What was sent before the ejection is what the ejection
+    was for: its late answers teach only a hang's yardstick (how long its answers take)."""
+    p = make_policy("equilibrium", get_profile("balanced"))
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(list(ENDPOINTS[:2]), 0.0)
+    s = p.stats[ENDPOINTS[1]]
+    p.on_start(ENDPOINTS[1], 5.0)  # held when the pod paused
+    s.readmitting, s.fresh_from, s.ejected_until = True, 6.0, 11.0  # ejected at 6 s
+    p.on_start(ENDPOINTS[1], 11.0)  # its probation request, answered at once
+    p.on_outcome(Outcome(ENDPOINTS[1], 0.004, True, 11.004, sent_at=11.0))
+    assert not s.readmitting
+    known = s.latency.value
+    assert known is not None and known < 0.01
+    p.on_outcome(Outcome(ENDPOINTS[1], 6.5, True, 11.5, sent_at=5.0))  # the held one
+    assert s.latency.value == known
+    assert (s.answer_latency(11.5) or 0.0) >= 6.5  # the yardstick learns it
+
+
 def test_an_answer_after_a_timed_out_probation_request_readmits_the_pod() -> None:
     """A success sent after the timed-out probation request and answered before the tick
     ejects the pod (a request the tick had not yet kept from it): it healed, and it stays."""
