@@ -64,6 +64,7 @@ from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
 from sidecar.metrics import H2Metrics, OutboundMetrics
+from sidecar.notice_log import NoticeLog
 from sidecar.outbound import REFUSED_KEY, upstream_name
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
@@ -117,6 +118,7 @@ class H2Outbound:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.clock = clock
+        self.notices = NoticeLog(log, clock)
         # an upstream's declared long requests, by its name (wire.long_paths), as
         # sidecar.outbound's: their answers' time teaches the policy nothing
         self.long_paths: Callable[[str], tuple[str, ...]] = long_paths or (lambda name: ())
@@ -458,7 +460,9 @@ class _Call:
             # gRPC reads it (None: the sidecar's own reset or a lost connection)
             self.outcome(sent, first, False, "upstream-reset", broke if self.is_grpc else None,
                          answered=self.answered)
-            log.info("%s %s: upstream stream broke: %s", ctx.upstream, ctx.endpoint, exc)
+            self.proxy.notices.notice((ctx.upstream, ctx.endpoint, "upstream-reset"),
+                                      f"{ctx.upstream} {ctx.endpoint}: upstream stream broke: "
+                                      f"{exc}")
             if self.is_grpc and not stream.local_ended:
                 stream.send_headers(_status_trailers(broke, f"upstream stream reset: {exc}"),
                                     True)

@@ -99,6 +99,7 @@ from sidecar.forward import (
 from sidecar.http1.client import H1Transport
 from sidecar.http1.client_connection import RequestBodyFailed
 from sidecar.metrics import OutboundMetrics
+from sidecar.notice_log import NoticeLog
 from sidecar.phases import UNSENT, ProxyPhases, RequestContext, unsent_attempts
 from sidecar.rescue import Held, RescueBoard
 from sidecar.transport import (
@@ -364,6 +365,7 @@ class OutboundProxy:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.clock = clock
+        self._notices = NoticeLog(log, clock)
         self.via = f"1.1 {sidecar_id}"
         # The upstream a request's connection is bound to regardless of Host, or None (Host
         # routing): the original destination (sidecar.transparent) or a discovered authority.
@@ -887,7 +889,8 @@ class OutboundProxy:
             return parse_congestion(raw)
         except WireError as exc:
             self.metrics.rejected_headers.labels(CONGESTION, HeaderDrop.MALFORMED).inc()
-            log.info("%s %s: ignored %s: %s", ctx.upstream, ctx.endpoint, CONGESTION, exc)
+            self._notices.notice((ctx.upstream, ctx.endpoint, CONGESTION),
+                                 f"{ctx.upstream} {ctx.endpoint}: ignored {CONGESTION}: {exc}")
             return None
 
     def _answer_head(
@@ -1002,7 +1005,8 @@ class OutboundProxy:
         self.metrics.errors.labels(ctx.upstream_label, reason).inc()
         upstream.close()
         exchange.abort()
-        log.info("%s %s: body relay failed: %r", ctx.upstream, ctx.endpoint, exc)
+        self._notices.notice((ctx.upstream, ctx.endpoint, reason),
+                             f"{ctx.upstream} {ctx.endpoint}: body relay failed: {exc!r}")
         return True
 
     # ------------------------------------------------------------ WebSocket
