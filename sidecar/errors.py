@@ -57,6 +57,11 @@ class ErrorReason(StrEnum):
     BODY_RELAY_FAILED = "body-relay-failed"
     """The response head was sent but its body broke off: the connection is cut (metric
     only: no body can be sent any more)."""
+    RESCUED = "rescued"
+    """An attempt given up at an endpoint ejected while it held it, and sent to another
+    (``--rescue``, :mod:`sidecar.rescue`): counted in ``equilibrium_requests{code}`` of the
+    endpoint it was given up at, where nothing else would show what that endpoint held
+    (metric only: the request goes on elsewhere)."""
     APP_HUNG_UP = "app-hung-up"
     """The app closed its connection while the response body was being relayed: the app's
     doing, not the endpoint's (metric only; the upstream connection is kept if the rest of the

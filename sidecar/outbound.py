@@ -823,6 +823,8 @@ class OutboundProxy:
         # have cancelled the task in the same loop pass, and theirs stands (Held.took_back)
         self.metrics.rescues.labels(ctx.group.name).inc()
         self.metrics.retries.labels(ctx.group.name).inc()
+        # what the endpoint held, in its own series (a stranger found it in none)
+        self.metrics.forwarded(ctx.group.name, endpoint, ErrorReason.RESCUED, None)
         detail = (f"{endpoint}: ejected while it held the request ({done - sent:.2f} s "
                   "without an answer)")
         _attempts(ctx).append(detail)

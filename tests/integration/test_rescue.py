@@ -59,6 +59,9 @@ async def test_what_a_hung_pod_holds_is_answered_elsewhere_and_posts_are_not_res
         # each GET the hung pod held was sent once more, to another pod
         assert all(seen[path] == 2 for path in held_gets)
         assert sidecar.metric("equilibrium_rescued_total", upstream="svc") == len(held_gets)
+        # and each is in the hung pod's own series (a stranger found it in none)
+        assert sidecar.metric("equilibrium_requests_total", upstream="svc",
+                              endpoint=pods[2].url, code="rescued") == len(held_gets)
         # a POST is never sent twice: the ones the hung pod held timed out
         posts = [path for path in answers if path.startswith("/post/")]
         assert all(seen[path] == 1 for path in posts)
