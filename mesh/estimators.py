@@ -190,8 +190,9 @@ class EndpointStats:
     probation_failed: bool = False
     probation_hung: bool = False
     hung_probations: int = 0
-    # whether its last outcome was a failure, whenever the request was sent: a last resort
-    # (every endpoint ejected) goes to those whose last request did not fail
+    # whether its last outcome was a failure (of a request sent since its last ejection
+    # began, refusals for load apart): a last resort (every endpoint ejected) goes first to
+    # those whose last request did not fail
     failed_last: bool = False
     ejected_for_failures: bool = False
     quick_failure: float = STALL_EJECT
@@ -418,7 +419,8 @@ class EndpointStats:
             sent = sent_at
         else:
             sent = now - latency if 0.0 <= latency <= MAX_LATENCY else now
-        self.failed_last = not ok
+        if sent >= self.fresh_from:  # (what was sent before an ejection tells nothing now)
+            self.failed_last = not ok and not shed
         if not ok and (sent < self.fresh_from or sent < self.ejected_until):
             # What the last ejection was for: requests sent to a hung pod time out long after
             # it was ejected (15 s by default) and after it may have healed; counted, they
@@ -553,7 +555,7 @@ class EndpointStats:
         long polls is not judged hung."""
         self.in_flight = max(0, self.in_flight - 1)
         self.requests += 1
-        self.consecutive_failures = 0
+        self.consecutive_failures, self.failed_last = 0, False
         cost = min(latency, MAX_LATENCY)
         if self.answers is None:
             self.answers = PeakEwma(now, ANSWER_DECAY, cost)
@@ -579,7 +581,7 @@ class EndpointStats:
             return
         if ok:
             self.requests += 1
-            self.consecutive_failures = 0
+            self.consecutive_failures, self.failed_last = 0, False
             return
         self.in_flight += 1  # finish() takes one out: the failure is charged as any other
         self.finish(0.0, False, now, sent_at=sent_at, answered=False, shed=shed)

@@ -353,6 +353,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         self._hedges: dict[str, HedgePlan] = {}
         # an endpoint whose ejection ended, to be sent the next request (see tick())
         self._probation: str | None = None
+        self._looked_past = -math.inf  # when a stalling pick last looked past it
         self._covered: list[bool] = []  # which endpoints probes covered at the last tick
         self._probation_sent: str | None = None  # the last pick's probation endpoint
 
@@ -680,7 +681,8 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 # HAProxy's leastconn, seeing the connections pile up, lost 1 to 5): this
                 # request goes elsewhere by the weights of the others, never to one without
                 # weight (ejected, draining: a review's finding), else it stays.
-                return self._elsewhere(rng, i) or chosen
+                return self._elsewhere(rng, i) or self._look_past(
+                    rng, now, chosen, exclude) or chosen
             return chosen
         weights = self._weights
         pool = [(e, float(weights[i])) for i, e in enumerate(endpoints)
@@ -692,13 +694,52 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         if not rest:
             return None
         # a last resort (every endpoint ejected or draining, or a retry with every endpoint
-        # with a weight tried): those whose last request did not fail and that hold none
-        # unanswered, as Envoy's panic mode routes to every host but preferring the ones
-        # that answer (drawn evenly among all, a pod still failing took a third of the
-        # traffic for 40 s after the others healed: a stranger's finding)
-        calm = [e for e in rest
-                if not self.stats[e].failed_last and not self.stats[e].stalling(now)]
-        return rng.choice(calm or rest)
+        # with a weight tried): drawn evenly among the best by (whether it holds requests:
+        # stalling, or re-admitting with one out, as a pod ejected for hanging is; whether
+        # its last request failed), as Envoy's panic mode routes to every host, but here
+        # preferring the ones that answer (drawn evenly among all, a pod still failing took
+        # a third of the traffic for 40 s after the others healed: a stranger's finding;
+        # a pod just ejected for hanging, whose held requests had not failed yet, took
+        # every request: a review's)
+        return self._last_resort(rng, now, rest)
+
+    def _last_resort(self, rng: random.Random, now: float, candidates: list[str],
+                     beat: tuple[bool, bool] | None = None) -> str | None:
+        """One of ``candidates`` (every endpoint may be among them, ejected ones too) drawn
+        evenly among the best by :meth:`_resort_rank`; None if none ranks better than
+        ``beat`` (the rank of the endpoint a pick would otherwise keep: one stalling, with no
+        endpoint with a weight left; a review found a hung pod taking every request for 5 s
+        while two healed pods stayed ejected, nothing sent there to end it)."""
+        if not candidates:
+            return None
+        ranks = [self._resort_rank(e, now) for e in candidates]
+        best = min(ranks)
+        if beat is not None and not best < beat:
+            return None
+        return rng.choice([e for e, rank in zip(candidates, ranks, strict=True) if rank == best])
+
+    def _look_past(self, rng: random.Random, now: float, chosen: str,
+                   exclude: frozenset[str]) -> str | None:
+        """The pick landed on ``chosen``, which stalls or fails, and no other endpoint has a
+        weight: one request a tick goes to an endpoint ejected for failures that ranks
+        better (:meth:`_resort_rank`: it holds nothing unanswered; not one ejected for
+        hanging, which may be a pod of long polls), whose success ends its ejection;
+        the rest stay with ``chosen`` (every request to a pod ejected for failing fast would
+        fail: a review's finding; none, and a hung pod took every request for 5 s while two
+        healed pods stayed ejected: another's)."""
+        if now - self._looked_past < self.profile.tick_interval:
+            return None
+        found = self._last_resort(
+            rng, now, [e for e in self.endpoints if e != chosen and e not in exclude
+                       and self.stats[e].ejected_for_failures],
+            self._resort_rank(chosen, now))
+        if found is not None:
+            self._looked_past = now
+        return found
+
+    def _resort_rank(self, endpoint: str, now: float) -> tuple[bool, bool]:
+        s = self.stats[endpoint]
+        return (s.stalling(now) or (s.readmitting and s.in_flight > 0)), s.failed_last
 
     def _elsewhere(self, rng: random.Random, i: int) -> str | None:
         """An endpoint other than the ``i``-th, drawn by weight among those with one; None
@@ -795,8 +836,9 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             hung_probation = s.probation_hung and not failing
             # not again while it is out: what a last resort sends it meanwhile (every pod
             # ejected, or a retry with every other tried) re-ejected it each tick, the
-            # backoff doubling to 80 s, healthy pods with it (a stranger's finding); what it
-            # failed meanwhile ejects it again when this ejection ends
+            # backoff doubling to 80 s, healthy pods with it (a stranger's finding); those
+            # failures count towards nothing (EndpointStats.finish): its probation request
+            # decides when this ejection ends
             if (failing or hung_probation or s.hung(now, best)) and now >= s.ejected_until:
                 # Failing; or hung: requests held unanswered for over a second and ten times
                 # its latency (no slow pod waits that long; the pick already sends nothing

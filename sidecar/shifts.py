@@ -139,13 +139,14 @@ class ShiftLog:
                     f"upstream {upstream}: {view.endpoint} back in rotation (share "
                     f"{share:.1%} of {usable} usable endpoints; "
                     f"{_why(view, best, requests, failures, snapshot)})")
-        if views and (usable == 0) != (upstream in self._none_usable):
+        if len(views) > 1 and (usable == 0) != (upstream in self._none_usable):
             if usable == 0:
                 self._none_usable.add(upstream)
                 lines.append(
                     f"upstream {upstream}: every endpoint is out of use (ejected or draining): "
-                    "each request goes, as a last resort, to one whose last request did not "
-                    "fail, until one is back")
+                    "as a last resort each request goes to one that holds no request "
+                    "unanswered and whose last request did not fail, if any, until one is "
+                    "back")
             else:
                 self._none_usable.discard(upstream)
                 lines.append(f"upstream {upstream}: {usable} of {len(views)} endpoints usable "

@@ -260,8 +260,12 @@ def test_every_endpoint_out_of_use_is_said_once_and_its_end_too() -> None:
     log = ShiftLog(cap=0.8)
     run(log, snap({A: 0.34, B: 0.33, C: 0.33}), 0, 2)
     lines = run(log, snap({A: 0.0, B: 0.0, C: 0.0}, usable=0, out=(A, B, C)), 3, DWELL + 2)
-    assert lines == ["upstream svc: every endpoint is out of use (ejected or draining): each "
-                     "request goes, as a last resort, to one whose last request did not fail, "
-                     "until one is back"]
+    assert lines == ["upstream svc: every endpoint is out of use (ejected or draining): as a "
+                     "last resort each request goes to one that holds no request unanswered "
+                     "and whose last request did not fail, if any, until one is back"]
     [back] = run(log, snap({A: 0.0, B: 1.0, C: 0.0}, usable=1, out=(A, C)), 20, 1)
     assert back == "upstream svc: 1 of 3 endpoints usable again"
+    # a lone endpoint's ejection is said by its own line: nothing more
+    alone = ShiftLog(cap=0.8)
+    run(alone, snap({A: 1.0}), 0, 2)
+    assert run(alone, snap({A: 0.0}, usable=0, out=(A,)), 3, 2) == []
