@@ -438,10 +438,7 @@ class EndpointStats:
             # answers took 4 ms (a stranger's finding). It still teaches a hang's yardstick
             # (``answers``): a pod slow rather than hung shows so by such answers.
             if answered:
-                if self.answers is None:
-                    self.answers = PeakEwma(now, ANSWER_DECAY, cost)
-                else:
-                    self.answers.update(cost, now)
+                self._learn_answer(cost, now)
             self.last_outcome_at = max(self.last_outcome_at, now)
             self.restart_stall()
             return cost
@@ -475,10 +472,7 @@ class EndpointStats:
             self.own_count, self.own_cost_sum = 0, 0.0
             self.peak.estimate = cost
         if ok and answered:
-            if self.answers is None:
-                self.answers = PeakEwma(now, ANSWER_DECAY, cost)
-            else:
-                self.answers.update(cost, now)
+            self._learn_answer(cost, now)
         if answered or not ok:
             self.own_count += 1
             self.own_cost_sum += cost
@@ -547,6 +541,13 @@ class EndpointStats:
                 self.answer_count *= keep
             self.counted_at = now
 
+    def _learn_answer(self, cost: float, now: float) -> None:
+        """An answer took ``cost``: the yardstick of a hang (:attr:`answers`) learns it."""
+        if self.answers is None:
+            self.answers = PeakEwma(now, ANSWER_DECAY, cost)
+        else:
+            self.answers.update(cost, now)
+
     def finish_long(self, latency: float, now: float) -> None:
         """Record a long answer (:meth:`long_answer`): a success that teaches the latency
         estimates nothing, unless it is learned after all (:meth:`learn`): a long poll's
@@ -557,10 +558,7 @@ class EndpointStats:
         self.requests += 1
         self.consecutive_failures, self.failed_last = 0, False
         cost = min(latency, MAX_LATENCY)
-        if self.answers is None:
-            self.answers = PeakEwma(now, ANSWER_DECAY, cost)
-        else:
-            self.answers.update(cost, now)
+        self._learn_answer(cost, now)
         self.last_outcome_at = max(self.last_outcome_at, now)
         self.restart_stall()
 

@@ -64,7 +64,6 @@ from yarl import URL
 from mesh.admission import Woken
 from mesh.auction import AuctionSnapshot
 from mesh.concurrency import ConcurrencySnapshot
-from mesh.notices import NoticeThrottle
 from mesh.reputation import BookSnapshot
 from sidecar.errors import UNREACHED, ErrorReason, HeaderDrop
 from sidecar.exchange import (
@@ -96,6 +95,7 @@ from sidecar.inbound_policing import (
     app_unreachable,
 )
 from sidecar.metrics import InboundMetrics, ProbeAnswerMetrics
+from sidecar.notice_log import NoticeLog
 from sidecar.policing_config import PolicingSettings
 from sidecar.probe_answer import ProbeResponder, is_probe
 from sidecar.transport import (
@@ -199,7 +199,8 @@ class InboundProxy:
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.wall_clock = wall_clock
-        self._notices = NoticeThrottle(APP_NOTICE_INTERVAL)
+        self._notices = NoticeLog(log, clock, APP_NOTICE_INTERVAL,
+                                  level=logging.WARNING)
         self._parked_seen = 0  # the gate's parked_total already in the metric
         self._own_transport: H1Transport | None = None
         if transport is None:
@@ -413,10 +414,7 @@ class InboundProxy:
     def app_failed_notice(self, reason: str, detail: str) -> None:
         """Log an app failure, at most once per :data:`APP_NOTICE_INTERVAL` for each kind: a
         dead app fails every request, and a line each would bury everything else."""
-        held = self._notices.due(("app", reason), self.clock())
-        if held is not None:
-            log.warning("app %s: %s%s", self.app_url, detail,
-                        f" ({held} more like it since the last report)" if held else "")
+        self._notices.notice(("app", reason), f"app {self.app_url}: {detail}")
 
     # ------------------------------------------------------------ forwarding
 

@@ -18,15 +18,16 @@ UPSTREAM_NOTICE_INTERVAL = 10.0  # seconds between two lines of one kind of fail
 
 
 class NoticeLog:
-    """``notice(key, message)``: log ``message`` at INFO unless ``key`` was logged lately."""
+    """``notice(key, message)``: log ``message`` at ``level`` unless ``key`` was logged
+    lately."""
 
     def __init__(self, logger: logging.Logger, clock: Callable[[], float],
-                 interval: float = UPSTREAM_NOTICE_INTERVAL) -> None:
-        self._log, self._clock = logger, clock
+                 interval: float = UPSTREAM_NOTICE_INTERVAL, level: int = logging.INFO) -> None:
+        self._log, self._clock, self._level = logger, clock, level
         self._throttle = NoticeThrottle(interval)
 
     def notice(self, key: Hashable, message: str) -> None:
         held = self._throttle.due(key, self._clock())
         if held is not None:
-            self._log.info("%s%s", message,
-                           f" ({held} more like it since the last report)" if held else "")
+            self._log.log(self._level, "%s%s", message,
+                          f" ({held} more like it since the last report)" if held else "")
