@@ -24,10 +24,10 @@ from a generator pinned to CPU 1), for ``--rounds`` rounds; CPU per request is r
 ``--opcodes`` instead counts the CPython bytecode instructions each request executes in the
 sidecar, the plumbing or the lean relay (``sys.settrace`` with opcode events, at 100 req/s):
 a measure of the interpreter's work per request that does not depend on the machine's speed
-or noise, by function. Pure Python only (compiled modules run no bytecode). With ``--grpc``
-it counts them per unary gRPC call through the sidecar instead (``h2load``, h2c both sides,
-to the ``h2-overhead`` benchmark's grpcio pod; the sidecar's HTTP/2 engine as it loads, or
-as ``EQUILIBRIUM_H2_ENGINE`` says).
+or noise, by function (``--lines``: by source line). Pure Python only (compiled modules run
+no bytecode). With ``--grpc`` it counts them per unary gRPC call through the sidecar instead
+(``h2load``, h2c both sides, to the ``h2-overhead`` benchmark's grpcio pod; the sidecar's
+HTTP/2 engine as it loads, or as ``EQUILIBRIUM_H2_ENGINE`` says).
 
 Needs nginx (and haproxy for its row). Loopback only; every load is bounded by ``--seconds``.
 
@@ -337,18 +337,27 @@ async def serve_lean(port: int, backend: str) -> None:
 
 # ---------------------------------------------------------------- opcode counting
 
-class OpcodeCounter:
-    """Counts the bytecode instructions run in this thread, by function, between
-    ``SIGUSR1`` (start) and ``SIGUSR2`` (stop, and write ``path``)."""
+_BY_LINE = "REQUEST_COST_BY_LINE"  # --lines, as the traced child process sees it
 
-    def __init__(self, path: str) -> None:
+
+class OpcodeCounter:
+    """Counts the bytecode instructions run in this thread, by function (or by source line),
+    between ``SIGUSR1`` (start) and ``SIGUSR2`` (stop, and write ``path``)."""
+
+    def __init__(self, path: str, lines: bool = False) -> None:
         self.path = path
         self.counts: collections.Counter[Any] = collections.Counter()
+        self._local = self._by_line if lines else self._by_function
 
-    def _local(self, frame: Any, event: str, arg: Any) -> Any:
+    def _by_function(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "opcode":
-            self.counts[frame.f_code] += 1
-        return self._local
+            self.counts[frame.f_code, 0] += 1
+        return self._by_function
+
+    def _by_line(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            self.counts[frame.f_code, frame.f_lineno] += 1
+        return self._by_line
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
@@ -361,8 +370,8 @@ class OpcodeCounter:
     def stop(self, *_: Any) -> None:
         sys.settrace(None)
         with open(self.path, "w") as out:
-            for code, n in self.counts.most_common():
-                where = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+            for (code, line), n in self.counts.most_common():
+                where = f"{code.co_filename}:{line or code.co_firstlineno}({code.co_name})"
                 out.write(f"{n}\t{where}\n")
 
     def install(self) -> None:
@@ -604,7 +613,8 @@ def report_opcodes(name: str, path: Path, requests: int, result: str, top: int) 
     print("| file | per request |\n| --- | ---: |")
     for file, count in by_file.most_common(top):
         print(f"| `{file}` | {count / requests:,.0f} |")
-    print("| function | per request |\n| --- | ---: |")
+    print(f"| {'line' if os.environ.get(_BY_LINE) == '1' else 'function'} | per request |\n"
+          "| --- | ---: |")
     for n, where in rows[:top]:
         print(f"| `{short(where)}` | {int(n) / requests:,.1f} |")
 
@@ -628,6 +638,8 @@ def main() -> int:
     p.add_argument("--grpc", action="store_true",
                    help="with --opcodes: per unary gRPC call through the sidecar (needs h2load)")
     p.add_argument("--top", type=int, default=25, help="rows of the opcode tables (25)")
+    p.add_argument("--lines", action="store_true",
+                   help="with --opcodes: count by source line instead of by function")
     p.add_argument("--sample", action="store_true",
                    help="also sample each turn with perf record, and report by shared object")
     p.add_argument("--baseline", type=Path, metavar="DIR",
@@ -641,7 +653,7 @@ def main() -> int:
     p.add_argument("--sidecar", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trace:
-        OpcodeCounter(args.trace).install()
+        OpcodeCounter(args.trace, os.environ.get(_BY_LINE) == "1").install()
     if args.generate:
         target, rate, seconds = args.generate
         print(asyncio.run(generate(int(target), float(rate), float(seconds))))
@@ -660,6 +672,10 @@ def main() -> int:
 
         sys.argv = ["equilibrium", *args.sidecar]
         return int(equilibrium_main() or 0)
+    if args.lines:
+        if not args.opcodes:
+            p.error("--lines counts instructions: it goes with --opcodes")
+        os.environ[_BY_LINE] = "1"  # the traced children inherit it
     if args.grpc:
         if not args.opcodes:
             p.error("--grpc counts instructions: it goes with --opcodes")
