@@ -91,15 +91,25 @@ class Ewma:
     max_step: float = 1.0 / 3.0
 
     def update(self, sample: float, now: float) -> float:
-        if self.value is None:
-            self.value = sample
+        # (per answer: _decay_weight and the clamp inline, no min/max calls)
+        value, dt = self.value, now - self.updated_at
+        if value is None:
+            value = sample
         else:
-            dt, tau = now - self.updated_at, self.tau  # _decay_weight, inline (per answer)
-            step = 1.0 - (1.0 if dt <= 0.0 else math.exp(-dt / tau) if tau > 0.0 else 0.0)
-            step = min(max(step, self.min_step), self.max_step)
-            self.value = self.value * (1.0 - step) + sample * step
-        self.updated_at = max(self.updated_at, now)
-        return self.value
+            if dt <= 0.0:
+                step = 0.0
+            else:
+                tau = self.tau
+                step = 1.0 - math.exp(-dt / tau) if tau > 0.0 else 1.0
+            if step < self.min_step:
+                step = self.min_step
+            elif step > self.max_step:
+                step = self.max_step
+            value = value * (1.0 - step) + sample * step
+        self.value = value
+        if dt > 0.0:
+            self.updated_at = now
+        return value
 
 
 @dataclass(slots=True)
@@ -125,12 +135,15 @@ class PeakEwma:
     estimate: float = DEFAULT_RTT
 
     def update(self, rtt: float, now: float) -> None:
-        if rtt > self.estimate:
+        estimate, dt = self.estimate, now - self.updated_at
+        if rtt > estimate:
             self.estimate = rtt
-        else:
-            w = _decay_weight(now - self.updated_at, self.decay)
-            self.estimate = self.estimate * w + rtt * (1.0 - w)
-        self.updated_at = max(self.updated_at, now)
+        elif dt > 0.0:  # (_decay_weight, inline: per answer, twice; at dt <= 0 its
+            decay = self.decay  # weight is 1: the estimate stays)
+            w = math.exp(-dt / decay) if decay > 0.0 else 0.0
+            self.estimate = estimate * w + rtt * (1.0 - w)
+        if dt > 0.0:
+            self.updated_at = now
 
     def value(self, now: float) -> float:
         # estimate x _decay_weight(now - updated_at, decay), inline: read several times a
@@ -374,6 +387,9 @@ class EndpointStats:
         observation of this tick (a lower bound on its pending requests' latency, as a
         hedge's loser counts: censored), so that regret matching sees a hung pod before its
         requests time out. Returns the stall (0 when not counted)."""
+        if self.in_flight <= 0 or self.waiting_since == math.inf:  # (every tick: most
+            self.stall_counted = 0.0  # endpoints hold nothing unanswered)
+            return 0.0
         stall = self.stalled_for(now)
         known = self.latency.value or 0.0
         if stall <= STALL_MIN or stall <= 2.0 * known:
@@ -400,14 +416,19 @@ class EndpointStats:
         answer: a success of a kind that says nothing of how fast it answers). ``shed``: a
         failure that counts in the cost but not in the failures in a row that eject
         (:class:`mesh.policy.Outcome`)."""
-        self.in_flight = max(0, self.in_flight - 1)
-        if self.in_flight == 0:
-            self.restart_stall()
+        in_flight = self.in_flight - 1
+        self.in_flight = in_flight = in_flight if in_flight > 0 else 0
+        # (with nothing left in flight only what is sent from now on can stall: the paths
+        # that return early say so here, the rest at their end)
         if void:
+            if in_flight == 0:
+                self.restart_stall()
             return 0.0
         cost = self.charged_latency(latency, ok)
         self.requests += 1
         if censored:
+            if in_flight == 0:
+                self.restart_stall()
             known = self.latency.value
             if known is None or cost > known:
                 self.latency.update(cost, now)
@@ -430,6 +451,8 @@ class EndpointStats:
             # not, without a probation request (a stranger's finding: healthy pods out for
             # 40 s); its probation request decides, or a success meanwhile (below).
             self.failures += 1
+            if in_flight == 0:
+                self.restart_stall()
             return cost
         if ok and sent < self.fresh_from:
             # A late answer of a request sent before the last ejection: what it was for (a
@@ -471,16 +494,24 @@ class EndpointStats:
             self.answers = self.outcome_mean = None
             self.own_count, self.own_cost_sum = 0, 0.0
             self.peak.estimate = cost
-        if ok and answered:
-            self._learn_answer(cost, now)
-        if answered or not ok:
+        if answered:
+            if ok:  # (_learn_answer, inline: per answer)
+                if (answers := self.answers) is None:
+                    self.answers = PeakEwma(now, ANSWER_DECAY, cost)
+                else:
+                    answers.update(cost, now)
+            self.own_count += 1
+            self.own_cost_sum += cost
+        elif not ok:
             self.own_count += 1
             self.own_cost_sum += cost
         self.latency.update(cost, now)
         self.peak.update(cost, now)
-        self.last_outcome_at = max(self.last_outcome_at, now)
-        # it answers: only what is sent from now on can stall
-        self.restart_stall()
+        if now > self.last_outcome_at:
+            self.last_outcome_at = now
+        # it answers: only what is sent from now on can stall (restart_stall, inline)
+        self.sent_since_outcome = 0
+        self.waiting_since = self.confirmed_since = math.inf
         if congestion is not None and math.isfinite(congestion):
             self.congestion = 0.5 * self.congestion + 0.5 * min(1.0, max(0.0, congestion))
         self.tick_count += 1
@@ -508,9 +539,15 @@ class EndpointStats:
         if finite:
             # counted as of its sending: a pod that is sent less now (it was ejected, or
             # shifted off) does not look longer for its old polls coming back
-            self._decay(now)
+            counted_at = self.counted_at
+            if now > counted_at:  # (_decay, inline: per answer)
+                if math.isfinite(counted_at):
+                    keep = math.exp((counted_at - now) / LONG_RECENT)
+                    self.long_count *= keep
+                    self.answer_count *= keep
+                self.counted_at = now
             at = sent if sent is not None and math.isfinite(sent) else now - latency
-            weight = math.exp(min(0.0, at - now) / LONG_RECENT)
+            weight = math.exp((at - now if at < now else 0.0) / LONG_RECENT)
             self.answer_count += weight
             if long:
                 self.long_count += weight
@@ -526,6 +563,29 @@ class EndpointStats:
             else:
                 self.standing = own * _STANDING_UP
         return long
+
+    def doing_now(self, now: float) -> float | None:
+        """What it does now, as a hang is judged against the best of an upstream's endpoints
+        (RegretMatchingPolicy._live; None before its first latency): its estimate, or what it
+        has left unanswered if that is longer (:meth:`stalled_for`), or the peak of its
+        answers, long ones included (which the estimate leaves out), weighted by its
+        :meth:`long_share` (what they added to the estimate when it learned them). Read for
+        every endpoint at every tick: the three inline."""
+        v = self.latency.value
+        if v is None:
+            return None
+        if now > self.counted_at:  # (_decay)
+            if math.isfinite(self.counted_at):
+                keep = math.exp((self.counted_at - now) / LONG_RECENT)
+                self.long_count *= keep
+                self.answer_count *= keep
+            self.counted_at = now
+        answers = self.answer_count
+        share = self.long_count / (answers if answers > 1.0 else 1.0)  # (long_share)
+        stall = 0.0 if self.in_flight <= 0 or self.waiting_since == math.inf \
+            else max(0.0, now - self.waiting_since)  # (stalled_for)
+        # (the answers' peak is read only where it counts)
+        return max(v, stall, share * (self.answer_latency(now) or 0.0) if share else 0.0)
 
     def long_share(self, now: float) -> float:
         """The share of its answers that were long, each weighted by the age of its sending

@@ -124,7 +124,7 @@ class _MeasuredPolicy(ABC):
     def _publish(self, weights: np.ndarray) -> None:
         """Swap in a new routing snapshot (weights and their cumulative sums) whole."""
         self._weights = weights
-        self._cumulative = list(accumulate(float(x) for x in weights))
+        self._cumulative = list(accumulate(weights.tolist()))
 
     # -- request path ---------------------------------------------------------------------
     def on_start(self, endpoint: str, now: float, long: bool = False) -> None:
@@ -821,17 +821,12 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         # or the peak of its answers, long ones included (which the estimate leaves out:
         # docs/routing.md, "Long polls"), weighted by its share of long answers (what they
         # added to the estimate when it learned them)
-        known = []
-        for e in self.endpoints:
-            s = self.stats[e]
-            if (v := s.latency.value) is not None:
-                share = s.long_share(now)  # (the answers' peak is read only where it counts)
-                known.append(max(v, s.stalled_for(now),
-                                 share * (s.answer_latency(now) or 0.0) if share else 0.0))
+        stats = [self.stats[e] for e in self.endpoints]
+        known = [v for s in stats if (v := s.doing_now(now)) is not None]
         best = min(known) if known else None
-        for i, e in enumerate(self.endpoints):
-            s = self.stats[e]
-            failing = s.failing(p.eject_after_failures)
+        after = p.eject_after_failures
+        for i, s in enumerate(stats):
+            failing = s.failing(after)
             # a probation request after an ejection for failures that timed out: as hung
             hung_probation = s.probation_hung and not failing
             # not again while it is out: what a last resort sends it meanwhile (every pod
@@ -868,7 +863,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 s.ejections = 0  # healthy long enough: next ejection starts short again
             if s.stall_ejections and now > s.ejected_until + 4 * STALL_EJECTION:
                 s.stall_ejections = 0  # likewise for the stall the next hang needs
-            live[i] = now >= s.ejected_until and not s.draining(now)
+            live[i] = now >= s.ejected_until and (s.probe is None or not s.draining(now))
         return live
 
     def _target(self, now: float, estimates: np.ndarray | None = None) -> np.ndarray:

@@ -210,7 +210,9 @@ def response_headers_to_app(
     return out, dict(game)
 
 
-_names: dict[bytes, str] = {}  # header names as received on the wire -> str (bounded)
+# header names as received on the wire -> (the name as str, lower-cased, its kind): the
+# verdict of _classify, kept per spelling in bytes (bounded as _kinds)
+_wire_names: dict[bytes, tuple[str, str, int]] = {}
 
 
 def response_headers_from_wire(
@@ -220,19 +222,19 @@ def response_headers_from_wire(
     latin-1, values UTF-8 with undecodable bytes kept as surrogates, as
     :mod:`sidecar.http1.client_connection` decodes them), without building the answer's own
     header map first."""
-    names = _names
-    kinds = _kinds
+    names = _wire_names
     pairs: list[tuple[str, str]] = []
     game: list[tuple[str, str]] = []
     vias: list[str] = []
     for raw_name, raw_value in fields:
-        key = names.get(raw_name)
-        if key is None:
+        known = names.get(raw_name)
+        if known is None:
             key = raw_name.decode("latin-1")
+            known = (key, *(_kinds.get(key) or _classify(key)))
             if len(names) < _KIND_CACHE_SIZE and len(key) <= _KIND_NAME_MAX:
-                names[raw_name] = key
+                names[raw_name] = known
+        key, lower, kind = known
         value = raw_value.decode("utf-8", "surrogateescape")
-        lower, kind = kinds.get(key) or _classify(key)
         if kind == _PASS:
             if lower == "via":
                 vias.append(value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Iterable
 
 import aiohttp
 
@@ -206,29 +207,28 @@ def request_head(request: UpstreamRequest, pool: EndpointPool) -> tuple[bytes, i
     """The request head's bytes, and the body's length (None: chunked, or no body)."""
     headers = request.headers
     url = request.url
-    lines = [f"{request.method} {url.raw_path_qs or '/'} HTTP/1.1\r\n"]
+    fields: Iterable[tuple[str, str]] = headers.items()
     if "Transfer-Encoding" in headers:  # the framing is this transport's
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()
+        fields = [(name, value) for name, value in fields
                   if name.lower() != "transfer-encoding"]
-    else:
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    # (each field "name: value" by str.join, in C: no bytecode per field)
+    lines = [f"{request.method} {url.raw_path_qs or '/'} HTTP/1.1", *map(": ".join, fields)]
     if "Host" not in headers:
         default_port = url.port == 80 or url.port is None
         lines.append(f"Host: {pool.host if ':' not in pool.host else f'[{pool.host}]'}"
-                     f"{'' if default_port else f':{pool.port}'}\r\n")
+                     f"{'' if default_port else f':{pool.port}'}")
     length: int | None = None
     if request.body is not None:
         given = headers.get("Content-Length")
         if given is None:
-            lines.append("Transfer-Encoding: chunked\r\n")
+            lines.append("Transfer-Encoding: chunked")
         elif given.isdigit() and given.isascii():
             length = int(given)
         else:
             raise TransportError(f"the request's Content-Length {given[:32]!r} is not a number")
-    lines.append("\r\n")
-    head = "".join(lines)
+    head = "\r\n".join(lines) + "\r\n\r\n"
     # a field value with a line break in it would smuggle a header or a request in
-    breaks = len(lines)
+    breaks = len(lines) + 1
     if head.count("\n") != breaks or head.count("\r") != breaks:
         raise TransportError("a request header has a line break in it")
     return head.encode("utf-8", "surrogateescape"), length

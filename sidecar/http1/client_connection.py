@@ -413,20 +413,15 @@ class UpstreamConnection(asyncio.Protocol):
         head = self._head
         if head is None or head.done():  # an answer after the caller gave up on this one
             raise MalformedResponse("an answer nobody waits for")
-        for name, value in self._fields:
-            if name.lower() == b"transfer-encoding" and _codings(value) != [b"chunked"]:
-                # the body would be relayed re-chunked without its other coding: corrupt
-                raise MalformedResponse(
-                    f"transfer coding {value.decode('latin-1')!r} is not relayed")
-        self._head = None
         fields = self._fields
+        until_eof, announced = _framing(status, fields, relayed=True)
+        self._head = None
         response = H1Response(self, status, self._reason.decode("latin-1") or None, fields)
         self._response = response
         self.reusable = parser.should_keep_alive()
         self._in_trailers = True
         self._trailers = []
         self._trailer_bytes = 0
-        until_eof, announced = _framing(status, fields)
         if announced is not None:
             self.idle_limit = announced - KEEPALIVE_MARGIN
             if self.idle_limit <= 0:
@@ -461,9 +456,13 @@ class UpstreamConnection(asyncio.Protocol):
         response._end()
 
 
-def _framing(status: int, fields: list[tuple[bytes, bytes]]) -> tuple[bool, float | None]:
+def _framing(status: int, fields: list[tuple[bytes, bytes]],
+             relayed: bool = False) -> tuple[bool, float | None]:
     """Whether an answer's body ends only with the connection (RFC 9112 §6.3 item 8), and the
-    idle timeout the upstream announced in ``Keep-Alive: timeout=N`` (RFC 2068 §19.7.1.1)."""
+    idle timeout the upstream announced in ``Keep-Alive: timeout=N`` (RFC 2068 §19.7.1.1).
+    ``relayed``: the answer is to be relayed, so a transfer coding other than chunked alone
+    raises :class:`MalformedResponse` (the body would go on re-chunked without its other
+    coding: corrupt); checked in the same pass over the fields."""
     until_eof = status not in (204, 304)
     announced: float | None = None
     for name, value in fields:
@@ -471,6 +470,9 @@ def _framing(status: int, fields: list[tuple[bytes, bytes]]) -> tuple[bool, floa
         if lower == b"content-length":
             until_eof = False
         elif lower == b"transfer-encoding":
+            if relayed and _codings(value) != [b"chunked"]:
+                raise MalformedResponse(
+                    f"transfer coding {value.decode('latin-1')!r} is not relayed")
             if value.lower().rstrip().endswith(b"chunked"):
                 until_eof = False
         elif lower == b"keep-alive":
