@@ -456,6 +456,15 @@ class UpstreamConnection(asyncio.Protocol):
         response._end()
 
 
+# The fields _framing reads, by name as spelled on the wire (a table of the short spellings
+# seen, bounded: a flood of made-up names fills it once, then they are lower-cased each time).
+_OTHER, _LENGTH, _CODING, _KEEP_ALIVE = range(4)
+_FRAMING_FIELDS = {b"content-length": _LENGTH, b"transfer-encoding": _CODING,
+                   b"keep-alive": _KEEP_ALIVE}
+_FRAMING_CACHE_SIZE = 1024
+_framing_kinds: dict[bytes, int] = {}
+
+
 def _framing(status: int, fields: list[tuple[bytes, bytes]],
              relayed: bool = False) -> tuple[bool, float | None]:
     """Whether an answer's body ends only with the connection (RFC 9112 §6.3 item 8), and the
@@ -465,17 +474,24 @@ def _framing(status: int, fields: list[tuple[bytes, bytes]],
     coding: corrupt); checked in the same pass over the fields."""
     until_eof = status not in (204, 304)
     announced: float | None = None
+    kinds = _framing_kinds
     for name, value in fields:
-        lower = name.lower()
-        if lower == b"content-length":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _FRAMING_FIELDS.get(name.lower(), _OTHER)
+            if len(kinds) < _FRAMING_CACHE_SIZE and len(name) <= 64:
+                kinds[name] = kind
+        if kind == _OTHER:
+            continue
+        if kind == _LENGTH:
             until_eof = False
-        elif lower == b"transfer-encoding":
+        elif kind == _CODING:
             if relayed and _codings(value) != [b"chunked"]:
                 raise MalformedResponse(
                     f"transfer coding {value.decode('latin-1')!r} is not relayed")
             if value.lower().rstrip().endswith(b"chunked"):
                 until_eof = False
-        elif lower == b"keep-alive":
+        else:  # Keep-Alive
             for part in value.split(b","):
                 key, _, number = part.partition(b"=")
                 number = number.strip()
