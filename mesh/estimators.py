@@ -238,6 +238,10 @@ class EndpointStats:
     # the mean of its own outcomes in the last tick (inf: none came): a quick one from a pod
     # whose estimate is still high asks for another look (RegretMatchingPolicy._confirmation_due)
     tick_own_mean: float = math.inf
+    # ticks in a row whose own outcomes were quick while it was held back, and the sum of
+    # their means (RegretMatchingPolicy._confirmation_due)
+    quick_run: int = 0
+    quick_run_sum: float = 0.0
     failed_at: float = -math.inf  # its last failure (of a request sent since its last ejection)
     # when a call to it last ran out its caller's deadline (_MeasuredPolicy.missed_deadline)
     deadline_missed_at: float = -math.inf
@@ -310,6 +314,17 @@ class EndpointStats:
         """Only what is sent from now on can stall (an answer came, or an ejection began)."""
         self.sent_since_outcome = 0
         self.waiting_since = self.confirmed_since = math.inf
+
+    def trust_quick_run(self) -> None:
+        """Its quick run's mean becomes its estimates (the mean EWMA, the peak, the mean of
+        its own outcomes), as a re-admission starts them afresh."""
+        mean = self.quick_run_sum / max(1, self.quick_run)
+        if self.latency.value is not None:
+            self.latency.value = min(self.latency.value, mean)
+        if self.outcome_mean is not None and self.outcome_mean.value is not None:
+            self.outcome_mean.value = min(self.outcome_mean.value, mean)
+        self.peak.estimate = min(self.peak.estimate, mean)
+        self.quick_run, self.quick_run_sum = 0, 0.0
 
     def answered(self, now: float) -> None:
         """An answer head came (an HTTP/2 call's, whose outcome comes at its end): only what

@@ -568,7 +568,15 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         the run again. Not for an endpoint that failed in the last :data:`EVIDENCE_FRESH` s
         (a fast error answer wins a hedge race), nor, while following the signaler, for one
         whose share this sidecar's evidence did not overrule (the plan's share is the
-        plan's); none while one is in flight there (a review's findings)."""
+        plan's); none while one is in flight there (a review's findings).
+
+        The looks alone took about a dozen quick answers to bring a healed pod's estimate
+        down (each pulls it a fifth of the way at a tick apart), some 13 s after the heal
+        before its ramp began. After :data:`QUICK_RUN` ticks in a row whose own outcomes
+        were quick so (the looks', the floor's), the pod's estimates are its quick run's
+        mean (:meth:`EndpointStats.trust_quick_run`), as a re-admission after an ejection
+        starts them afresh: a pod slow on half its requests gives seven quick answers in a
+        row once in 128 runs, and its first slow answer after that ends the trust."""
         weights, estimates = self._weights, self._tick_estimates
         n = len(self.endpoints)
         if not self.profile.hedged or n < 2 or weights.shape[0] != n \
@@ -576,18 +584,26 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return None
         best = float(estimates[self._used(weights)].min())
         small = 0.5 / n  # under half an equal share: held back by its estimate
+        found = None
         for e, w in zip(self.endpoints, weights.tolist(), strict=True):
             s = self.stats[e]
             quick = s.tick_own_mean
-            if quick == math.inf or not 0.0 < w < small or s.in_flight \
+            if quick == math.inf or not 0.0 < w < small \
                     or (v := s.latency.value) is None:
                 continue
             if quick * CONFIRM <= v and quick <= 2.0 * best + 0.002 \
                     and now - s.failed_at > EVIDENCE_FRESH and now >= s.ejected_until \
                     and not s.probe_covered(now) and not s.draining(now) \
                     and (not self._following or e in self.overruled):
-                return e
-        return None
+                s.quick_run += 1
+                s.quick_run_sum += quick
+                if s.quick_run >= QUICK_RUN:
+                    s.trust_quick_run()
+                if found is None and not s.in_flight:
+                    found = e
+            else:
+                s.quick_run, s.quick_run_sum = 0, 0.0
+        return found
 
     def take_epoch(self) -> dict[str, EpochWindow]:
         """What each endpoint did since the previous call (:class:`mesh.policy.FollowingPolicy`)."""
@@ -986,6 +1002,9 @@ CONFIRM = 1.25
 """How many times its own last outcomes' mean an endpoint's latency estimate must be for a
 quick answer of a pod held back (under half an equal share) to ask for another look
 (:meth:`RegretMatchingPolicy._confirmation_due`)."""
+QUICK_RUN = 7
+"""Ticks in a row whose own outcomes were quick (:meth:`RegretMatchingPolicy._confirmation_due`)
+after which a held-back endpoint's estimates are its quick run's mean."""
 DEADLINE_SHARED = 5.0
 """Seconds within which another endpoint's missed caller deadline makes one a shed failure
 (:meth:`_MeasuredPolicy.missed_deadline`)."""

@@ -699,7 +699,8 @@ def test_a_healed_pod_without_probes_gets_another_look_after_each_quick_answer()
     30 s, its estimate falling a third of the way per floor request. Where the proxy hedges
     exploration, a quick answer from a pod its estimate holds back gets the next look at
     once (one a tick), so it is back to 80 % of its fair share within 20 s of healing (about
-    27 s before; 14 s in this run)."""
+    27 s before; 14 s in this run with the looks alone, 8 s with the quick run's trust:
+    the next test)."""
     tick = get_profile("balanced").tick_interval
     def healed_at_30(at: float, rng: random.Random) -> float:
         return _half_slow(at, rng) if at < 30.0 else 0.005 + 0.002 * rng.random()
@@ -710,6 +711,56 @@ def test_a_healed_pod_without_probes_gets_another_look_after_each_quick_answer()
     # unhedged, each look would cost the caller a slow pod's answers: none (the floor's pace)
     weights, _ = _third_pod(healed_at_30, 50.0, hedged=False)
     assert max(weights[int(30.0 / tick):int(50.0 / tick)]) < 0.02
+
+
+def test_a_run_of_quick_looks_brings_a_healed_pod_back_within_10_s() -> None:
+    """Issue 12's recovery bound without probes, where the proxy hedges: after
+    ``QUICK_RUN`` ticks in a row of quick answers (the looks' and the floor's) a held-back
+    pod's estimates are its quick run's mean, and the herd guard's ramp brings it back from
+    there. Each look alone pulled the estimate down a fifth of the way, so it took about a
+    dozen of them (back at about 43.5 s before, 13.5 s after the heal)."""
+    tick = get_profile("balanced").tick_interval
+    def healed_at_30(at: float, rng: random.Random) -> float:
+        return _half_slow(at, rng) if at < 30.0 else 0.005 + 0.002 * rng.random()
+
+    weights, _ = _third_pod(healed_at_30, 50.0)
+    assert max(weights[int(20.0 / tick):int(30.0 / tick)]) < 0.02
+    assert max(weights[int(30.0 / tick):int(40.0 / tick)]) >= 0.8 / 3
+
+
+def _held_back(quick_means: list[float]) -> tuple[RegretMatchingPolicy, list[float]]:
+    """Three endpoints, the third held back at the floor with a 250 ms estimate; each of
+    ``quick_means`` is the mean of its own outcomes in one tick, as the tick's
+    :meth:`RegretMatchingPolicy._confirmation_due` sees it. Returns the policy and the
+    third's estimate after each."""
+    profile = dataclasses.replace(get_profile("balanced"), hedged=True)
+    p = make_policy("equilibrium", profile)
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    p._weights = np.array([0.495, 0.495, 0.01])
+    p._tick_estimates = np.array([0.006, 0.006, 0.25])
+    s = p.stats[ENDPOINTS[2]]
+    s.latency.value = 0.25
+    estimates = []
+    for i, mean in enumerate(quick_means):
+        s.tick_own_mean = mean
+        p._confirmation_due(10.0 + 0.5 * i)
+        estimates.append(s.latency.value)
+    return p, estimates
+
+
+def test_a_quick_run_becomes_the_estimate_and_a_slow_answer_ends_it() -> None:
+    """Hand-computed: six quick ticks leave the estimate alone; the seventh makes it their
+    mean. A tick whose answers include a slow one (its mean is not quick) starts the count
+    again; a tick without an answer of its own neither counts nor ends it."""
+    from mesh.policies import QUICK_RUN
+    assert QUICK_RUN == 7
+    run = [0.005, 0.006, 0.007, 0.005, 0.006, 0.007]
+    _, estimates = _held_back([*run, 0.008])
+    assert estimates[:6] == [0.25] * 6
+    assert estimates[6] == pytest.approx(sum([*run, 0.008]) / 7)
+    _, estimates = _held_back([*run, 0.2525, *run, math.inf, 0.006])
+    assert estimates == [0.25] * 14 + [pytest.approx((sum(run) + 0.006) / 7)]
 
 
 def test_a_pod_failing_half_its_requests_at_once_gets_no_looks() -> None:
