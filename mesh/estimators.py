@@ -238,6 +238,7 @@ class EndpointStats:
     # the mean of its own outcomes in the last tick (inf: none came): a quick one from a pod
     # whose estimate is still high asks for another look (RegretMatchingPolicy._confirmation_due)
     tick_own_mean: float = math.inf
+    last_sent: float = -math.inf  # when a request (not a declared long one) was last sent
     # ticks in a row whose own outcomes were quick while it was held back, and the sum of
     # their means (RegretMatchingPolicy._confirmation_due)
     quick_run: int = 0
@@ -304,6 +305,7 @@ class EndpointStats:
             self.long_in_flight += 1
             return
         self.sent_since_outcome += 1
+        self.last_sent = now
         if self.sent_since_outcome == 2:
             self.waiting_since = now
         elif self.sent_since_outcome == 3:

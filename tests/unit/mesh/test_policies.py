@@ -763,6 +763,30 @@ def test_a_quick_run_becomes_the_estimate_and_a_slow_answer_ends_it() -> None:
     assert estimates == [0.25] * 14 + [pytest.approx((sum(run) + 0.006) / 7)]
 
 
+def test_a_held_back_pod_sent_nothing_for_its_floors_gap_gets_the_next_request() -> None:
+    """Hand-computed: at 50 requests a second a pod at 1 % has a mean gap of 2 s between
+    its requests. Sent nothing for longer (and no answer of its own in the tick), it is
+    named for the next request; not sooner, nor while one is in flight there or after a
+    failure in the last 30 s."""
+    p, _ = _held_back([])
+    s = p.stats[ENDPOINTS[2]]
+    s.tick_own_mean, s.last_sent = math.inf, 10.0
+    tick = p.profile.tick_interval
+
+    def due(now: float) -> str | None:
+        p._tick_picks = int(50 * tick)
+        return p._confirmation_due(now)
+
+    assert due(11.9) is None
+    assert due(12.1) == ENDPOINTS[2]
+    s.in_flight = 1
+    assert due(12.1) is None
+    s.in_flight, s.failed_at = 0, 8.0
+    assert due(12.1) is None
+    assert due(37.9) is None
+    assert due(38.1) == ENDPOINTS[2]
+
+
 def test_a_pod_failing_half_its_requests_at_once_gets_no_looks() -> None:
     """A review's finding: its quick successes asked for looks, half of which failed (a
     fast error answer wins a hedge race). A failure in the last 5 s holds the looks back:
