@@ -771,10 +771,9 @@ def test_a_held_back_pod_sent_nothing_for_its_floors_gap_gets_the_next_request()
     p, _ = _held_back([])
     s = p.stats[ENDPOINTS[2]]
     s.tick_own_mean, s.last_sent = math.inf, 10.0
-    tick = p.profile.tick_interval
 
     def due(now: float) -> str | None:
-        p._tick_picks = int(50 * tick)
+        p._pick_rate = 50.0
         return p._confirmation_due(now)
 
     assert due(11.9) is None
