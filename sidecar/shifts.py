@@ -6,19 +6,22 @@ policies here do not eject; they move weight. So the lines come from the weights
 tick's snapshot. An endpoint is *in rotation* once its share reaches :data:`RESTORED` of its
 fair share (one over the usable endpoints); one in rotation whose share stays below
 :data:`SHUNNED` of it for :data:`DWELL` seconds is *shifted off*, and one shifted off whose
-share stays above :data:`RESTORED` of it for as long is *back*. The gap between the marks
-and the dwell keep a share that wanders with the noise of near-equal pods from logging
-(the policy's own weights do wander). The anti-herd cap keeps every endpoint above a floor
-when there are few (with two, and a cap of 80 %, the other keeps 20 %): an endpoint held at
-that floor has had its traffic shifted off as far as the cap allows, so the low mark is
-never below just above the floor, and the high mark stays above it. An endpoint new to the
-upstream (a scale-up, a reload) ramps in from nothing and is not said to be shifted off
-before it was ever in rotation. Each line says why, from the snapshot: the endpoint's
-latency estimate against the best one's, its failures among its requests of the last
-:data:`WINDOW` seconds, whether it is out of use (ejected or draining: its share is nothing
-and it does not count among the usable endpoints), and whether the signaler's plan was
-being followed. An ejection (failures in a row, or a hang) is said at once, whatever the
-shares: a hang's is over in seconds, before any share could stay past a mark for the dwell.
+share stays above :data:`RESTORED` of it for as long is *back*; each line says how long ago
+the share crossed its mark (the dwell: the line comes that much later, and an operator
+reading "back in rotation" must not take its time for the return's, a stranger's finding).
+The gap between the marks and the dwell keep a share that wanders with the noise of
+near-equal pods from logging (the policy's own weights do wander). The anti-herd cap keeps
+every endpoint above a floor when there are few (with two, and a cap of 80 %, the other
+keeps 20 %): an endpoint held at that floor has had its traffic shifted off as far as the
+cap allows, so the low mark is never below just above the floor, and the high mark stays
+above it. An endpoint new to the upstream (a scale-up, a reload) ramps in from nothing and
+is not said to be shifted off before it was ever in rotation. Each line says why, from the
+snapshot: the endpoint's latency estimate against the best one's, its failures among its
+requests of the last :data:`WINDOW` seconds, whether it is out of use (ejected or draining:
+its share is nothing and it does not count among the usable endpoints), and whether the
+signaler's plan was being followed. An ejection (failures in a row, or a hang) is said at
+once, whatever the shares: a hang's is over in seconds, before any share could stay past a
+mark for the dwell.
 
 Pure bookkeeping: :class:`ShiftLog` returns the lines; the runner logs them (INFO).
 """
@@ -123,20 +126,23 @@ class ShiftLog:
             if not state.in_rotation:
                 state.in_rotation = share >= high
                 continue
+            since = state.crossing_since
             if not state.shunned and state.crossed(share < low, now):
                 state.shunned, state.crossing_since = True, None
                 # held at the cap's floor, above the usual mark (not one ejected, with
                 # nothing: a stranger read "share 0.0% ..., as far as the cap allows")
                 held = view.usable and share >= SHUNNED * fair
                 lines.append(
-                    f"upstream {upstream}: traffic shifted off {view.endpoint} (share "
+                    f"upstream {upstream}: traffic shifted off {view.endpoint}"
+                    f"{_ago(now, since)} (share "
                     f"{share:.1%} of {usable} usable endpoints"
                     f"{', as far as the anti-herd cap allows' if held else ''}; "
                     f"{_why(view, best, requests, failures, snapshot)})")
             elif state.shunned and state.crossed(share > high, now):
                 state.shunned, state.crossing_since = False, None
                 lines.append(
-                    f"upstream {upstream}: {view.endpoint} back in rotation (share "
+                    f"upstream {upstream}: {view.endpoint} back in rotation"
+                    f"{_ago(now, since)} (share "
                     f"{share:.1%} of {usable} usable endpoints; "
                     f"{_why(view, best, requests, failures, snapshot)})")
         if len(views) > 1 and (usable == 0) != (upstream in self._none_usable):
@@ -158,6 +164,11 @@ class ShiftLog:
         for gone in set(self._seen) - upstreams:
             del self._seen[gone]
         self._none_usable &= upstreams
+
+
+def _ago(now: float, since: float | None) -> str:
+    """When the share crossed the mark, which the line says a dwell later: " 10 s ago"."""
+    return "" if since is None else f" {now - since:.0f} s ago"
 
 
 def _ms(seconds: float) -> str:

@@ -64,7 +64,7 @@ async def test_slow_pod_receives_clearly_less_traffic_with_the_equilibrium_polic
                 if shifted or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
-            assert len(shifted) == 1 and f"shifted off {slow.url} (" in shifted[0], shifted
+            assert len(shifted) == 1 and f"shifted off {slow.url} " in shifted[0], shifted
             assert "INFO sidecar.runner: upstream svc:" in shifted[0]
         finally:
             await async_stop(sidecar)

@@ -38,13 +38,16 @@ def test_an_endpoint_shifted_off_and_back_is_logged_once_each_way() -> None:
     assert run(log, snap(even), 0, 5) == []
     slow = {A: 0.33, B: 0.33, C: 0.33, D: 0.01}
     [line] = run(log, snap(slow, latency={D: 0.512}, counts={D: (40, 3)}), 6, DWELL + 5)
-    assert line == (f"upstream svc: traffic shifted off {D} (share 1.0% of 4 usable endpoints; "
+    assert line == (f"upstream svc: traffic shifted off {D} 10 s ago (share 1.0% of 4 usable "
+                    "endpoints; "
                     "latency estimate 512 ms, best 10 ms; 3 failures in 40 requests in the "
                     "last 20 s)")  # the counts before the fall, a dwell ago
     hover = {A: 0.30, B: 0.30, C: 0.30, D: 0.10}  # between the two marks: nothing
     assert run(log, snap(hover), 30, 30) == []
     [back] = run(log, snap({A: 0.26, B: 0.26, C: 0.26, D: 0.22}), 70, DWELL + 5)
-    assert back.startswith(f"upstream svc: {D} back in rotation (share 22.0% of 4 usable")
+    # the time of the line is a dwell after the crossing: the line says so
+    assert back.startswith(f"upstream svc: {D} back in rotation 10 s ago (share 22.0% of 4 "
+                           "usable")
 
 
 def test_a_dip_shorter_than_the_dwell_says_nothing() -> None:
@@ -121,7 +124,7 @@ def test_an_endpoint_out_of_use_is_said_to_be() -> None:
                for line in lines)
     [line] = run(log, snap({A: 0.9, B: 0.1, C: 0.0, D: 0.0}, usable=2, out=(C, D)), 20,
                  DWELL + 2)
-    assert f"shifted off {B} (share 10.0% of 2 usable" in line and "out of use" not in line
+    assert f"shifted off {B} 10 s ago (share 10.0% of 2 usable" in line and "out of use" not in line
 
 
 def test_a_pod_shifted_off_for_its_latency_is_not_said_to_be_out_of_use() -> None:
@@ -181,11 +184,11 @@ def test_with_two_endpoints_the_caps_floor_is_as_far_as_traffic_goes() -> None:
     log = ShiftLog(cap=0.8)
     run(log, snap({A: 0.5, B: 0.5}), 0, 2)
     [line] = run(log, snap({A: 0.8, B: 0.2}, latency={B: 0.5}), 3, DWELL + 2)
-    assert f"shifted off {B} (share 20.0% of 2 usable endpoints, as far as the anti-herd " \
-           "cap allows;" in line
+    assert f"shifted off {B} 10 s ago (share 20.0% of 2 usable endpoints, as far as the " \
+           "anti-herd cap allows;" in line
     assert run(log, snap({A: 0.7, B: 0.3}), 20, DWELL + 2) == []  # under the high mark
     [back] = run(log, snap({A: 0.55, B: 0.45}), 40, DWELL + 2)
-    assert back.startswith(f"upstream svc: {B} back in rotation (share 45.0%")
+    assert back.startswith(f"upstream svc: {B} back in rotation 10 s ago (share 45.0%")
     # the same shares with no cap, or with many endpoints, keep the quarter-of-fair mark
     free = ShiftLog()
     run(free, snap({A: 0.5, B: 0.5}), 0, 2)
@@ -198,7 +201,7 @@ def test_with_two_endpoints_the_caps_floor_is_as_far_as_traffic_goes() -> None:
     out = ShiftLog(cap=0.8)
     run(out, snap({A: 0.34, B: 0.33, C: 0.33}), 0, 2)
     [line] = run(out, snap({A: 0.5, B: 0.5, C: 0.0}, usable=2, out=(C,)), 3, DWELL + 2)
-    assert f"shifted off {C} (share 0.0% of 2 usable endpoints;" in line, line
+    assert f"shifted off {C} 10 s ago (share 0.0% of 2 usable endpoints;" in line, line
     assert "anti-herd" not in line and "out of use" in line
 
 
