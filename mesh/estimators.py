@@ -243,6 +243,9 @@ class EndpointStats:
     # their means (RegretMatchingPolicy._confirmation_due)
     quick_run: int = 0
     quick_run_sum: float = 0.0
+    trusted_at: float = -math.inf  # its last trust (trust_quick_run), until a slow tick
+    trust_raises: int = 0  # how many of its trusts a slow tick broke soon after (in a row)
+    trust_broken_at: float = -math.inf  # when the last of them was broken
     failed_at: float = -math.inf  # its last failure (of a request sent since its last ejection)
     # when a call to it last ran out its caller's deadline (_MeasuredPolicy.missed_deadline)
     deadline_missed_at: float = -math.inf
@@ -303,6 +306,7 @@ class EndpointStats:
     def start(self, now: float = -math.inf, long: bool = False) -> None:
         if long:  # a declared long request: see finish_declared
             self.long_in_flight += 1
+            self.last_sent = now  # (a request all the same: RegretMatchingPolicy's floor)
             return
         self.sent_since_outcome += 1
         self.last_sent = now
@@ -317,9 +321,10 @@ class EndpointStats:
         self.sent_since_outcome = 0
         self.waiting_since = self.confirmed_since = math.inf
 
-    def trust_quick_run(self) -> None:
+    def trust_quick_run(self, now: float) -> None:
         """Its quick run's mean becomes its estimates (the mean EWMA, the peak, the mean of
         its own outcomes), as a re-admission starts them afresh."""
+        self.trusted_at = now
         mean = self.quick_run_sum / max(1, self.quick_run)
         if self.latency.value is not None:
             self.latency.value = min(self.latency.value, mean)
@@ -503,6 +508,7 @@ class EndpointStats:
             # after its ejection or probation request; the anti-herd ramp governs how fast
             # traffic comes back. What was sent before this request is history from now on.
             self.readmitting, self.fresh_from = False, sent
+            self.quick_run, self.quick_run_sum = 0, 0.0
             self.probation_failed = self.probation_hung = False
             self.hung_probations = 0
             # answered while still ejected (a last resort sent it a request): it is back

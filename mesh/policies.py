@@ -520,6 +520,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
         standing = [v for e in self.endpoints if (v := self.stats[e].standing) is not None]
         self._standing = statistics.median(standing) if standing else None
         super().tick(now)
+        self._count_quick_runs(now)
         self._probation = self._probation_due(now)
         if isinstance(self._pacer, SampledPacer):  # a probe's count goes stale with time
             order = self._pacer.order
@@ -579,50 +580,95 @@ class RegretMatchingPolicy(_MeasuredPolicy):
 
         The looks alone took about a dozen quick answers to bring a healed pod's estimate
         down (each pulls it a fifth of the way at a tick apart), some 13 s after the heal
-        before its ramp began. After :data:`QUICK_RUN` ticks in a row whose own outcomes
-        were quick so (the looks', the floor's), the pod's estimates are its quick run's
-        mean (:meth:`EndpointStats.trust_quick_run`), as a re-admission after an ejection
-        starts them afresh: a pod slow on half its requests gives seven quick answers in a
-        row once in 128 runs, and its first slow answer after that ends the trust. And the
-        floor's requests are drawn at random, so a sidecar could send a healed pod nothing for
-        many times their mean gap: with no answer of its own in the tick, a held-back pod
-        sent nothing for :data:`FLOOR_DUE` times that gap gets the next request too (with
-        the looks' conditions, but no failure in the last :data:`FLOOR_DUE_CLEAN` s)."""
+        before its ramp began: a run of quick ticks is trusted (:meth:`_count_quick_runs`).
+        And the floor's requests are drawn at random, so a sidecar could send a healed pod
+        nothing for many times their mean gap: with no answer of its own in the tick, a
+        held-back pod sent nothing for :data:`FLOOR_DUE` times that gap gets the next
+        request (with the looks' conditions, but no failure in the last
+        :data:`FLOOR_DUE_CLEAN` s); a look, which a quick answer asked for, goes first."""
+        held = self._held_back()
+        if held is None:
+            return None
+        best, small = held
+        look = due = None
+        rate = self._pick_rate
+        for e, w in zip(self.endpoints, self._weights.tolist(), strict=True):
+            s = self.stats[e]
+            if not 0.0 < w < small or (v := s.latency.value) is None or s.in_flight \
+                    or not self._may_look(e, s, now):
+                continue
+            quick = s.tick_own_mean
+            if quick == math.inf:
+                if due is None and rate > 0.0 and now - s.last_sent > FLOOR_DUE / (w * rate) \
+                        and now - s.failed_at > FLOOR_DUE_CLEAN:
+                    due = e
+            elif look is None and quick * CONFIRM <= v and quick <= 2.0 * best + 0.002 \
+                    and now - s.failed_at > EVIDENCE_FRESH:
+                look = e
+        return look or due  # (a look, which a quick answer asked for, first)
+
+    def _held_back(self) -> tuple[float, float] | None:
+        """With hedged exploration and two endpoints or more: the best used endpoint's
+        estimate at the last tick and the share under which an endpoint is held back (half
+        an equal share); None otherwise."""
         weights, estimates = self._weights, self._tick_estimates
         n = len(self.endpoints)
         if not self.profile.hedged or n < 2 or weights.shape[0] != n \
                 or estimates.shape[0] != n:
             return None
-        best = float(estimates[self._used(weights)].min())
-        small = 0.5 / n  # under half an equal share: held back by its estimate
-        found = None
-        rate = self._pick_rate
-        for e, w in zip(self.endpoints, weights.tolist(), strict=True):
+        return float(estimates[self._used(weights)].min()), 0.5 / n
+
+    def _may_look(self, endpoint: str, s: EndpointStats, now: float) -> bool:
+        """Whether a look, a due request or a quick run may go to ``endpoint``: not
+        ejected, no probe speaks for it, not draining, and while following the signaler,
+        only where this sidecar's evidence overruled its share (the plan's is the plan's)."""
+        return now >= s.ejected_until and not s.probe_covered(now) and not s.draining(now) \
+            and (not self._following or endpoint in self.overruled)
+
+    def _count_quick_runs(self, now: float) -> None:
+        """At every tick, with hedged exploration: each endpoint's run of quick ticks. A
+        tick is slow when its own outcomes' mean is over twice the best used endpoint's
+        estimate and 2 ms, when the endpoint failed in the last :data:`EVIDENCE_FRESH` s, or
+        while a long answer no other pod matched is held (answers of seconds are no outcome
+        of a tick: they are learned after ``LONG_HOLD``); a slow tick ends the run, whatever
+        the endpoint's share. A quick tick of a held-back endpoint (:meth:`_may_look`) whose
+        mean is also under a :data:`CONFIRM` th of its estimate adds to its run; a tick
+        without an outcome of its own leaves it. After :data:`QUICK_RUN` ticks, its estimates
+        are the run's mean (:meth:`EndpointStats.trust_quick_run`). A slow tick, or an
+        estimate slow again, within :data:`TRUST_KEPT` s of a trust broke it, and the run the
+        next trust needs is :data:`TRUST_RAISE` times longer (at most :data:`TRUST_RAISES`
+        times; forgiven after :data:`TRUST_FORGIVEN` s without such a break): a pod slow on a
+        tenth of its requests gives seven quick ticks in a row half the time, and each trust
+        sent it unhedged requests until its next slow answer (a review's finding: with a 3 s
+        tail, 2.5 times the slow answers of the code without the trust; now 1.26 times)."""
+        held = self._held_back()
+        if held is None:
+            return
+        best, small = held
+        limit = 2.0 * best + 0.002
+        for e, w in zip(self.endpoints, self._weights.tolist(), strict=True):
             s = self.stats[e]
-            quick = s.tick_own_mean
-            if not 0.0 < w < small or (v := s.latency.value) is None:
+            if s.trust_raises and now - s.trust_broken_at > TRUST_FORGIVEN:
+                s.trust_raises = 0
+            quick, v = s.tick_own_mean, s.latency.value
+            # slow: a slow or failed tick, or a long answer no other pod matched, held (an
+            # answer of seconds is no outcome of the tick: it is learned after LONG_HOLD)
+            slow = (quick != math.inf and quick > limit) or bool(s.held_long) \
+                or now - s.failed_at <= EVIDENCE_FRESH
+            if now - s.trusted_at <= TRUST_KEPT and (slow or (v is not None and v > limit)):
+                s.trust_raises = min(s.trust_raises + 1, TRUST_RAISES)
+                s.trusted_at, s.trust_broken_at = -math.inf, now
+            if slow:
+                s.quick_run, s.quick_run_sum = 0, 0.0
                 continue
             if quick == math.inf:
-                if found is None and not s.in_flight and rate > 0.0 \
-                        and now - s.last_sent > FLOOR_DUE / (w * rate) \
-                        and now - s.failed_at > FLOOR_DUE_CLEAN and now >= s.ejected_until \
-                        and not s.probe_covered(now) and not s.draining(now) \
-                        and (not self._following or e in self.overruled):
-                    found = e
                 continue
-            if quick * CONFIRM <= v and quick <= 2.0 * best + 0.002 \
-                    and now - s.failed_at > EVIDENCE_FRESH and now >= s.ejected_until \
-                    and not s.probe_covered(now) and not s.draining(now) \
-                    and (not self._following or e in self.overruled):
+            if 0.0 < w < small and v is not None \
+                    and quick * CONFIRM <= v and self._may_look(e, s, now):
                 s.quick_run += 1
                 s.quick_run_sum += quick
-                if s.quick_run >= QUICK_RUN:
-                    s.trust_quick_run()
-                if found is None and not s.in_flight:
-                    found = e
-            else:
-                s.quick_run, s.quick_run_sum = 0, 0.0
-        return found
+                if s.quick_run >= QUICK_RUN * TRUST_RAISE ** s.trust_raises:
+                    s.trust_quick_run(now)
 
     def take_epoch(self) -> dict[str, EpochWindow]:
         """What each endpoint did since the previous call (:class:`mesh.policy.FollowingPolicy`)."""
@@ -886,6 +932,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 else:
                     s.hang_ejections_total += 1
                 s.fresh_from, s.readmitting = now, True
+                s.quick_run, s.quick_run_sum = 0, 0.0
                 s.ejected_for_failures = failing or hung_probation
                 s.long_probation_sent = -math.inf
                 # what it still holds is what the ejection was for: only what is sent after
@@ -1029,6 +1076,14 @@ sidecar of four sent a healed pod nothing for 14 s. Pure core, 50 requests/s, tw
 back to 80 % of its fair share a median 7.5 s after healing, 10.5 s at most (8.75 and 25 s
 without; 8.25 and 14.5 with 2, 8.5 and 12 with 1.5); a pod slow on half its requests was sent
 a fifth more (55.8 requests a minute against 45.8; 51.8 with 1.5, 46 with 2), each hedged."""
+TRUST_KEPT = 120.0
+"""Seconds after a trust (:data:`QUICK_RUN`) within which a slow tick breaks it."""
+TRUST_RAISE = 4
+"""How many times longer a broken trust makes the run the next one needs."""
+TRUST_RAISES = 4
+"""How many times at most (a run of 7 x 4^4 ticks: none, in practice)."""
+TRUST_FORGIVEN = 300.0
+"""Seconds without a broken trust after which the run a trust needs is :data:`QUICK_RUN`."""
 FLOOR_DUE_CLEAN = 30.0
 """Seconds without a failure a held-back endpoint needs for a request due by
 :data:`FLOOR_DUE`: held back for its failures, it comes back by its floor's draws alone (a

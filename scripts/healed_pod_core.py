@@ -71,10 +71,10 @@ def run(third: Third, seconds: float, seed: int, hedged: bool,
     return weights, sent, slow
 
 
-def slow_on(share: float, until: float = float("inf")) -> Third:
+def slow_on(share: float, until: float = float("inf"), slow: float = 0.5) -> Third:
     def took(at: float, rng: random.Random) -> float:
         if at < until and rng.random() < share:
-            return 0.5
+            return slow
         return 0.005 + 0.002 * rng.random()
     return took
 
@@ -93,10 +93,12 @@ def main() -> int:
         back.append(round(at - 30.0, 2) if at is not None else float("inf"))
     print(f"healed at 30 s, back to 80 % of its fair share (s after): {back}")
     print(f"  median {statistics.median(back):.2f} s, worst {max(back):.2f} s")
-    for share, seconds in ((0.5, 60.0), (0.1, 120.0), (0.25, 120.0)):
-        counts = [run(slow_on(share), seconds, seed, hedged, args.rate)[1:]
+    for share, seconds, slow in ((0.5, 60.0, 0.5), (0.1, 120.0, 0.5), (0.25, 120.0, 0.5),
+                                 (0.1, 120.0, 3.0)):
+        counts = [run(slow_on(share, slow=slow), seconds, seed, hedged, args.rate)[1:]
                   for seed in range(1, 6)]
-        print(f"slow on {share:.0%} for {seconds:.0f} s, seeds 1-5 (sent, slow): {counts}; "
+        print(f"{slow:g} s slow on {share:.0%} for {seconds:.0f} s, seeds 1-5 (sent, slow): "
+              f"{counts}; "
               f"mean {statistics.mean(c[0] for c in counts):.1f} sent, "
               f"{statistics.mean(c[1] for c in counts):.1f} slow")
     return 0

@@ -728,23 +728,28 @@ def test_a_run_of_quick_looks_brings_a_healed_pod_back_within_10_s() -> None:
     assert max(weights[int(30.0 / tick):int(40.0 / tick)]) >= 0.8 / 3
 
 
-def _held_back(quick_means: list[float]) -> tuple[RegretMatchingPolicy, list[float]]:
+def _held_back_pod(quick_means: list[float], start: float = 10.0,
+                   policy: RegretMatchingPolicy | None = None
+                   ) -> tuple[RegretMatchingPolicy, list[float]]:
     """Three endpoints, the third held back at the floor with a 250 ms estimate; each of
     ``quick_means`` is the mean of its own outcomes in one tick, as the tick's
-    :meth:`RegretMatchingPolicy._confirmation_due` sees it. Returns the policy and the
-    third's estimate after each."""
-    profile = dataclasses.replace(get_profile("balanced"), hedged=True)
-    p = make_policy("equilibrium", profile)
-    assert isinstance(p, RegretMatchingPolicy)
-    p.set_endpoints(ENDPOINTS[:3], 0.0)
-    p._weights = np.array([0.495, 0.495, 0.01])
-    p._tick_estimates = np.array([0.006, 0.006, 0.25])
+    :meth:`RegretMatchingPolicy._count_quick_runs` sees it. Returns the policy and the
+    third's estimate after each (ticks 0.5 s apart from ``start``; ``policy``: go on with
+    this one, as it stands)."""
+    if policy is None:
+        profile = dataclasses.replace(get_profile("balanced"), hedged=True)
+        policy = make_policy("equilibrium", profile)
+        assert isinstance(policy, RegretMatchingPolicy)
+        policy.set_endpoints(ENDPOINTS[:3], 0.0)
+        policy._weights = np.array([0.495, 0.495, 0.01])
+        policy._tick_estimates = np.array([0.006, 0.006, 0.25])
+        policy.stats[ENDPOINTS[2]].latency.value = 0.25
+    p = policy
     s = p.stats[ENDPOINTS[2]]
-    s.latency.value = 0.25
     estimates = []
     for i, mean in enumerate(quick_means):
         s.tick_own_mean = mean
-        p._confirmation_due(10.0 + 0.5 * i)
+        p._count_quick_runs(start + 0.5 * i)
         estimates.append(s.latency.value)
     return p, estimates
 
@@ -756,11 +761,60 @@ def test_a_quick_run_becomes_the_estimate_and_a_slow_answer_ends_it() -> None:
     from mesh.policies import QUICK_RUN
     assert QUICK_RUN == 7
     run = [0.005, 0.006, 0.007, 0.005, 0.006, 0.007]
-    _, estimates = _held_back([*run, 0.008])
+    _, estimates = _held_back_pod([*run, 0.008])
     assert estimates[:6] == [0.25] * 6
     assert estimates[6] == pytest.approx(sum([*run, 0.008]) / 7)
-    _, estimates = _held_back([*run, 0.2525, *run, math.inf, 0.006])
+    p, estimates = _held_back_pod([*run, 0.2525, *run, math.inf, 0.006])
     assert estimates == [0.25] * 14 + [pytest.approx((sum(run) + 0.006) / 7)]
+    s = p.stats[ENDPOINTS[2]]  # all its estimates start from the run, and a run again
+    assert s.outcome_mean is None or s.outcome_mean.value == estimates[-1]
+    assert s.peak.estimate == pytest.approx(estimates[-1])
+    assert s.quick_run == 0 and s.trusted_at == 10.0 + 0.5 * 14
+
+
+def test_a_trust_a_slow_tick_breaks_soon_after_makes_the_next_run_four_times_longer() -> None:
+    """A review's finding: a pod slow on a tenth of its requests (3 s each) gave seven quick
+    ticks in a row half the time, and each trust sent it unhedged requests until the next
+    slow answer: 2.5 times the slow answers. A slow tick within 120 s of a trust breaks it,
+    and the next trust needs 28 ticks, then 112; after 300 s without a break, 7 again."""
+    quick = [0.006] * 7
+    p, estimates = _held_back_pod(quick)
+    assert estimates[-1] == pytest.approx(0.006)
+    s = p.stats[ENDPOINTS[2]]
+    _held_back_pod([0.006, 3.0], start=20.0, policy=p)  # a slow answer 10 s later
+    assert s.trust_raises == 1 and s.trust_broken_at == 20.5
+    s.latency.value = 0.25  # held back again
+    _, estimates = _held_back_pod([0.006] * 27, start=21.0, policy=p)
+    assert estimates[-1] == 0.25  # not yet
+    _, estimates = _held_back_pod([0.006], start=34.5, policy=p)
+    assert estimates[-1] == pytest.approx(0.006)  # the 28th
+    _held_back_pod([3.0], start=100.0, policy=p)
+    assert s.trust_raises == 2
+    s.latency.value = 0.25
+    _, estimates = _held_back_pod([0.006] * 7, start=401.0, policy=p)  # forgiven
+    assert s.trust_raises == 0 and estimates[-1] == pytest.approx(0.006)
+    # an estimate gone slow again (answers of seconds are learned apart from the ticks)
+    s.latency.value = 0.25
+    p._count_quick_runs(420.0)
+    assert s.trust_raises == 1
+
+
+def test_a_held_long_answer_or_an_ejection_ends_a_quick_run() -> None:
+    """A long answer no other pod matched is held apart from the tick's outcomes: it is a
+    slow tick all the same (the 3 s tail of the review's finding). An ejection starts the
+    run again (a review's finding: a partial run outlived ejections and re-admissions)."""
+    p, _ = _held_back_pod([0.006] * 6)
+    s = p.stats[ENDPOINTS[2]]
+    assert s.quick_run == 6
+    s.held_long.append((13.0, 3.0))
+    _held_back_pod([0.006], start=13.5, policy=p)
+    assert s.quick_run == 0
+    s.held_long.clear()
+    _held_back_pod([0.006] * 6, start=14.0, policy=p)  # (its estimate still 250 ms)
+    assert s.quick_run == 6
+    s.consecutive_failures = p.profile.eject_after_failures
+    p._live(17.5)
+    assert s.quick_run == 0 and s.ejected_until > 17.5
 
 
 def test_a_held_back_pod_sent_nothing_for_its_floors_gap_gets_the_next_request() -> None:
@@ -768,7 +822,7 @@ def test_a_held_back_pod_sent_nothing_for_its_floors_gap_gets_the_next_request()
     its requests. Sent nothing for longer (and no answer of its own in the tick), it is
     named for the next request; not sooner, nor while one is in flight there or after a
     failure in the last 30 s."""
-    p, _ = _held_back([])
+    p, _ = _held_back_pod([])
     s = p.stats[ENDPOINTS[2]]
     s.tick_own_mean, s.last_sent = math.inf, 10.0
 
@@ -784,6 +838,35 @@ def test_a_held_back_pod_sent_nothing_for_its_floors_gap_gets_the_next_request()
     assert due(12.1) is None
     assert due(37.9) is None
     assert due(38.1) == ENDPOINTS[2]
+    s.ejected_until = 40.0
+    assert due(38.1) is None
+    s.ejected_until = -math.inf
+    p._weights = np.array([0.4, 0.4, 0.2])  # above half an equal share: not held back
+    assert due(38.1) is None
+    p._weights = np.array([0.495, 0.495, 0.01])
+    # a look, which a quick answer asked for, goes before a due request
+    p.set_endpoints(ENDPOINTS[:4], 38.0)
+    p._weights = np.array([0.49, 0.49, 0.01, 0.01])
+    p._tick_estimates = np.array([0.006, 0.006, 0.25, 0.25])
+    look = p.stats[ENDPOINTS[3]]
+    look.latency.value, look.tick_own_mean = 0.25, 0.006
+    assert due(38.1) == ENDPOINTS[3]
+
+
+def test_the_floors_due_request_counts_declared_long_ones_and_reads_the_request_rate() -> None:
+    """A review's finding: a declared long request (a watch) left the pod's last request
+    unchanged, and it was named again at every tick. And the rate is what the policy
+    started between its last two ticks."""
+    p = make_policy("equilibrium", dataclasses.replace(get_profile("balanced"), hedged=True))
+    assert isinstance(p, RegretMatchingPolicy)
+    p.set_endpoints(ENDPOINTS[:3], 0.0)
+    p.tick(1.0)
+    for i in range(25):
+        p.on_start(ENDPOINTS[i % 3], 1.0 + 0.02 * i)
+    p.tick(1.5)
+    assert p._pick_rate == pytest.approx(50.0)
+    p.on_start(ENDPOINTS[2], 2.0, long=True)
+    assert p.stats[ENDPOINTS[2]].last_sent == 2.0
 
 
 def test_a_pod_failing_half_its_requests_at_once_gets_no_looks() -> None:
