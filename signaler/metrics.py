@@ -40,6 +40,13 @@ class SignalerMetrics:
             "Stream entries rejected (acknowledged, not applied), by protocol reason",
             ["upstream", "reason"], registry=r,
         )
+        self.probes_rejected = Counter(
+            "equilibrium_signaler_probes_rejected",
+            "Discovery probes that found summaries on an upstream's stream, none valid (so the "
+            "upstream is not served), by the newest rejected entry's protocol reason (no "
+            "upstream label: anyone who may append summaries can make up upstreams)",
+            ["reason"], registry=r,
+        )
         self.entries_reclaimed = Counter(
             "equilibrium_signaler_entries_reclaimed",
             "Pending summary entries taken over with XAUTOCLAIM (left by a crashed consumer)",

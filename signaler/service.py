@@ -87,6 +87,18 @@ from wire.summary import DEFAULT_SUMMARY_SKEW, RegretSummary, verify_summary
 
 log = logging.getLogger(__name__)
 
+# what usually makes the sidecars' summaries fail verification here (the operator's next step)
+_REJECTION_CAUSES = {
+    Reason.BAD_SIGNATURE: "a mesh key that differs from the sidecars' (the Secret behind "
+                          "EQUILIBRIUM_MESH_SECRET, or a rotation half done)",
+    Reason.UNSIGNED: "sidecars running without the mesh key",
+    Reason.EXPIRED: "sidecars that publish less often than this signaler's freshness "
+                    "window (their --signaling-epoch longer than its --epoch), or clocks "
+                    "apart",
+    Reason.NOT_YET_VALID: "clocks apart (sidecars ahead of this signaler)",
+    Reason.FUTURE: "clocks apart (sidecars ahead of this signaler)",
+}
+
 SERVED_AFTER_REFUSAL = 5
 """Epochs in a row Redis must serve after it refused the signaler (its user, password or ACL),
 over two ``discover_every`` at least, before the signaler says it is served again and reads
@@ -180,6 +192,7 @@ class SignalerService:
         self.store = store
         self._lease = LeaseClient(store, config.signer, config.lease_epochs * config.epoch)
         self._notices = NoticeThrottle(60.0)
+        self._rejections = NoticeThrottle(60.0)  # rejected summaries, per upstream and reason
         self._conflicts: set[str] = set()  # upstreams led by another live replica with our id
         self._configured: set[str] = set(config.upstreams)
         self._roster = UpstreamRoster(config.forget_after, config.probe_every,
@@ -366,15 +379,24 @@ class SignalerService:
     async def _probe(self, upstream: str, now: float) -> None:
         """Does ``upstream``'s stream end with a valid, fresh summary? (one bounded read)"""
         valid = False
+        rejected: WireError | None = None  # the newest entry's, when none is valid
         try:
             for entry in await self.store.newest_summaries(upstream, self.config.probe_entries):
-                with contextlib.suppress(WireError):
-                    if entry.fields is not None and \
-                            self.verify(entry.fields, now).upstream == upstream:
+                if entry.fields is None:
+                    continue
+                try:
+                    if self.verify(entry.fields, now).upstream == upstream:
                         valid = True
                         break
+                except WireError as exc:
+                    rejected = rejected or exc
         except KeyTypeError:
             log.debug("signaler: candidate %s has a wrong-typed summary key", upstream)
+        if not valid and rejected is not None:
+            # the sidecars publish, and none of it verifies: a mesh key that differs from the
+            # sidecars' was silent here (a stranger's finding), every sidecar on its own
+            self.metrics.probes_rejected.labels(rejected.reason).inc()
+            self._rejected_notice(upstream, rejected, per_upstream=False)
         was_active = upstream in self._roster.active
         self._roster.probed(upstream, valid, now)
         if valid and not was_active:
@@ -481,6 +503,24 @@ class SignalerService:
         self._applied(upstream, int(applied), now)
         return applied
 
+    def _rejected_notice(self, upstream: str, exc: WireError, per_upstream: bool = True) -> None:
+        """A WARNING for summaries rejected on ``upstream``, once a minute per upstream and
+        reason (``per_upstream`` False: per reason, for the streams discovery probes, which
+        anyone who may append summaries can make up), with how many more since and the
+        usual cause; the metrics count each."""
+        if exc.reason in (Reason.DELETED, Reason.WRONG_UPSTREAM):
+            log.debug("rejected summary entry on %s: %s", upstream, exc)
+            return
+        key = (upstream if per_upstream else None, exc.reason)
+        held = self._rejections.due(key, self.clock())
+        if held is None:
+            return
+        cause = _REJECTION_CAUSES.get(exc.reason, "a sidecar of another version, or "
+                                                  "something else writing to the stream")
+        log.warning("signaler %s: rejected summaries on %s: %s (%s)%s; usually %s",
+                    self.config.signer, upstream, exc.reason, exc,
+                    f", {held} more since the last report" if held else "", cause)
+
     def _applied(self, upstream: str, count: int, now: float) -> None:
         """``count`` valid summaries for ``upstream`` arrived at ``now`` (counted in bulk)."""
         if count:
@@ -501,7 +541,7 @@ class SignalerService:
                 )
         except WireError as exc:
             self.metrics.entries_rejected.labels(upstream, exc.reason).inc()
-            log.debug("rejected summary entry on %s: %s", upstream, exc)
+            self._rejected_notice(upstream, exc)
             return False
         self._view(upstream).offer(summary)
         return True

@@ -366,7 +366,8 @@ def test_promtool_unit_tests_fail_on_a_wrong_expectation(tmp_path: Path) -> None
 @pytest.mark.parametrize("alert", ["EquilibriumSidecarNotFollowing",
                                    "EquilibriumRecommendationsForged",
                                    "EquilibriumEndpointStarved",
-                                   "EquilibriumSignalerSolveNearEpoch"])
+                                   "EquilibriumSignalerSolveNearEpoch",
+                                   "EquilibriumSignalerRejectsSummaries"])
 def test_rules_test_makes_alerts_fire(alert: str) -> None:
     spec = yaml.safe_load(RULES_TEST.read_text())
     fired = {case["alertname"] for test in spec["tests"] for case in test.get("alert_rule_test", [])

@@ -191,3 +191,23 @@ async def test_an_epoch_with_nothing_to_serve_is_ready_when_the_store_answers() 
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_stream_of_summaries_none_valid_is_counted_and_said(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger's finding: with a mesh key that differs from the sidecars', the signaler
+    never served their upstream and said nothing (its probe dropped what failed to verify),
+    and no alert could fire. The probe counts it by the newest entry's reason, and a
+    WARNING names the usual cause, once a minute."""
+    svc = service()
+    store = svc.store
+    assert isinstance(store, MemorySignalStore)
+    await store.exchange([("orders", signed(summary(), OTHER_KEY))] * 3, [])
+    with caplog.at_level(logging.WARNING, logger="signaler.service"):
+        await svc._probe("orders", NOW)
+        await svc._probe("orders", NOW + 1.0)  # within the minute: counted, not said again
+    assert "orders" not in svc._roster.active
+    assert svc.metrics.registry.get_sample_value(
+        "equilibrium_signaler_probes_rejected_total", {"reason": "bad-signature"}) == 2
+    [line] = [r.getMessage() for r in caplog.records if "rejected summaries" in r.getMessage()]
+    assert "on orders: bad-signature" in line and "mesh key" in line, line
