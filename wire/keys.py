@@ -10,6 +10,7 @@ Pure: builds strings, talks to nobody. A name that could not be a key raises
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from wire.entries import check_name
 
@@ -38,13 +39,43 @@ REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 def check_redis_url(value: object) -> str:
     """``value`` stripped, if it is a ``redis://[user:password@]host:port[/db]``, ``rediss://``
-    (TLS) or ``unix://`` URL; ``ValueError`` otherwise. The message names only the scheme:
-    the URL may carry the Redis password."""
+    (TLS) or ``unix://`` URL that redis-py will read as written; ``ValueError`` otherwise.
+    The message never quotes the URL, which may carry the Redis password: it names the
+    scheme, or the part that is wrong. A port that is not a number, a database (the path)
+    that is not one (redis-py reads it as database 0), a query parameter redis-py refuses,
+    or TLS settings on a plain ``redis://`` URL were found only at the first connection,
+    then logged with a traceback at every retry, the password in it when a ``/`` in the
+    password made it read as the port (a stranger's finding)."""
     text = str(value).strip()
     scheme = next((s for s in REDIS_URL_SCHEMES if text.startswith(s)), None)
     if scheme is None or len(text) <= len(scheme):
         got = text.partition("://")[0] if "://" in text else "no scheme"
         raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {got}")
+    try:
+        parts = urlsplit(text)
+        port, host = parts.port, parts.hostname
+    except ValueError:
+        raise ValueError(
+            "the Redis URL's host or port cannot be read: the port must be a number from 1 "
+            "to 65535, and a '/', '?', '#' or '@' in the user name or password must be "
+            "percent-encoded (%2F, %3F, %23, %40)") from None
+    if scheme != "unix://":
+        if not host:
+            raise ValueError("the Redis URL names no host")
+        path = unquote(parts.path)
+        if path not in ("", "/") and not (path[1:].isdigit() and path[1:].isascii()):
+            raise ValueError("the Redis URL's path must be a database number (/0, /1, ...)")
+        if port == 0:
+            raise ValueError("the Redis URL's port must be a number from 1 to 65535")
+    query = parse_qs(parts.query)
+    if scheme != "rediss://" and any(name.startswith("ssl") for name in query):
+        raise ValueError("TLS settings (ssl_*) in the Redis URL need a rediss:// URL")
+    from redis.connection import parse_url  # (the sidecar's init container never gets here)
+
+    try:
+        parse_url(text)  # type: ignore[no-untyped-call]
+    except ValueError as exc:  # its messages name a query parameter, never the URL
+        raise ValueError(f"the Redis URL: {exc}") from None
     return text
 
 

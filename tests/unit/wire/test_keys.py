@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from wire.errors import Reason, WireError
-from wire.keys import fence_key, leader_key, recommendation_stream, summary_stream
+from wire.keys import (
+    check_redis_url,
+    fence_key,
+    leader_key,
+    recommendation_stream,
+    summary_stream,
+)
 
 
 def test_keys_share_one_cluster_hash_slot_per_upstream() -> None:
@@ -22,3 +28,35 @@ def test_bad_names_never_become_keys(name: str) -> None:
     assert err.value.reason is Reason.MALFORMED
     with pytest.raises(WireError):
         recommendation_stream("orders", name)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379", "redis://127.0.0.1:6379/0", "redis://:p%2Fw@127.0.0.1:6379/3",
+    "redis://user:pass@redis.mesh.svc:6379", "rediss://redis:6380?ssl_cert_reqs=required",
+    "redis://[::1]:6379", "unix:///run/redis.sock", "redis://127.0.0.1?socket_timeout=2.5",
+])
+def test_a_redis_url_redis_py_reads_as_written_is_taken(url: str) -> None:
+    assert check_redis_url(f"  {url} ") == url
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://127.0.0.1:6379", "got http"),
+    ("redis://127.0.0.1:notaport", "port"),
+    ("redis://127.0.0.1:70000", "port"),
+    ("redis://127.0.0.1:0", "port"),
+    ("redis://[::1", "port"),
+    ("redis://:S3cretPassw0rd/xyz@127.0.0.1:6379", "percent-encoded"),
+    ("redis://127.0.0.1:6379/abc", "database number"),
+    ("redis://127.0.0.1:6379?socket_timeout=abc", "socket_timeout"),
+    ("redis://127.0.0.1:6379?ssl_ca_certs=/ca.pem", "rediss://"),
+    ("redis://:6379", "no host"),
+])
+def test_a_redis_url_redis_py_would_misread_is_refused_without_quoting_it(
+        url: str, says: str) -> None:
+    """A stranger's finding: such URLs failed only at the first connection, with a
+    traceback at every retry, and the password in it when a '/' in it made it the port."""
+    with pytest.raises(ValueError) as caught:
+        check_redis_url(url)
+    message = str(caught.value)
+    assert says in message, message
+    assert "S3cret" not in message and "notaport" not in message and "abc" not in message
