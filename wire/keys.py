@@ -16,6 +16,7 @@ from wire.entries import check_name
 
 __all__ = [
     "RECOMMENDATION_MAXLEN",
+    "RECOMMENDATION_TTL_MS",
     "REDIS_URL_SCHEMES",
     "SIGNALER_GROUP",
     "SUMMARY_MAXLEN",
@@ -33,6 +34,11 @@ SUMMARY_MAXLEN = 10_000
 """``XADD ... MAXLEN ~`` bound of a summary stream (a few minutes of a large fleet)."""
 RECOMMENDATION_MAXLEN = 16
 """``XADD ... MAXLEN ~`` bound of one sidecar's recommendation stream (only the last matters)."""
+
+RECOMMENDATION_TTL_MS = 600_000
+"""The time to live of a sidecar's recommendation stream, renewed by each recommendation: the
+stream of a sidecar that is gone (a pod of a rollout) expires 10 minutes after its last one
+(each stayed for good, and the signaler's SCAN walked them all: a stranger's finding)."""
 
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 

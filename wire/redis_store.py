@@ -29,6 +29,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from wire.keys import (
     RECOMMENDATION_MAXLEN,
+    RECOMMENDATION_TTL_MS,
     SIGNALER_GROUP,
     SUMMARY_MAXLEN,
     fence_key,
@@ -278,7 +279,8 @@ class RedisSignalStore:
             values += [fields[name] for name in own_names]
         args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN, len(names), *names,
                            *("" if j in own else first[name] for j, name in enumerate(names)),
-                           len(own), *(j + 1 for j in own), msgspec.msgpack.encode(values)]
+                           len(own), *(j + 1 for j in own), msgspec.msgpack.encode(values),
+                           RECOMMENDATION_TTL_MS]
         keys = [leader_key(upstream), *(recommendation_stream(upstream, sidecar)
                                         for sidecar, _ in batch)]
         async with _redis_errors():
@@ -317,7 +319,8 @@ class RedisSignalStore:
             for attempt in range(2):
                 async with client.pipeline(transaction=False) as pipe:
                     for sidecar, fields in batch:
-                        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
+                        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN,
+                                           RECOMMENDATION_TTL_MS]
                         for name, value in fields.items():
                             args += [name, value]
                         pipe.evalsha(script.sha, 2, leader_key(upstream),
@@ -341,7 +344,7 @@ class RedisSignalStore:
     async def publish_recommendation(
         self, upstream: str, sidecar: str, holder: str, token: int, fields: Fields
     ) -> str | None:
-        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN]
+        args: list[Any] = [holder, token, RECOMMENDATION_MAXLEN, RECOMMENDATION_TTL_MS]
         for name, value in fields.items():
             args += [name, value]
         async with _redis_errors(recommendation_stream(upstream, sidecar)):

@@ -8,6 +8,7 @@ from tests.redis_fixture import RedisHandle
 from wire.errors import Reason, WireError
 from wire.keys import (
     RECOMMENDATION_MAXLEN,
+    RECOMMENDATION_TTL_MS,
     SIGNALER_GROUP,
     SUMMARY_MAXLEN,
     fence_key,
@@ -75,7 +76,8 @@ def test_lease_fencing_and_fenced_publish(redis_server_session: RedisHandle) -> 
 
     def fenced_xadd(holder: str, token: int, rec: Recommendation) -> bytes | None:
         flat = [x for kv in sign_recommendation(rec, KEY).items() for x in kv]
-        return publish(keys=[leader, stream], args=[holder, token, RECOMMENDATION_MAXLEN, *flat])
+        return publish(keys=[leader, stream],
+                       args=[holder, token, RECOMMENDATION_MAXLEN, RECOMMENDATION_TTL_MS, *flat])
 
     a_token = acquire(keys=[leader, fence], args=["signaler-a", 60_000])
     assert a_token == 1
@@ -121,7 +123,8 @@ def test_recommendation_stream_is_trimmed(redis_server_session: RedisHandle) -> 
     flat = [x for kv in sign_recommendation(_rec(upstream, "sc-1", token, "s"), KEY).items()
             for x in kv]
     for _ in range(500):
-        publish(keys=[leader, stream], args=["s", token, RECOMMENDATION_MAXLEN, *flat])
+        publish(keys=[leader, stream],
+                args=["s", token, RECOMMENDATION_MAXLEN, RECOMMENDATION_TTL_MS, *flat])
     # MAXLEN ~ trims whole macro-nodes (stream-node-max-entries, 100 by default): a loose bound
     assert r.xlen(stream) <= RECOMMENDATION_MAXLEN + 100
     latest = r.xrevrange(stream, count=1)[0][1]

@@ -17,10 +17,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
 from signaler.service import SignalerConfig, SignalerService
 from tests.redis_fixture import RedisHandle
-from wire.keys import fence_key, recommendation_stream, summary_stream
+from wire.keys import (
+    RECOMMENDATION_TTL_MS,
+    fence_key,
+    recommendation_stream,
+    summary_stream,
+)
 from wire.memory_store import MemorySignalStore
 from wire.recommendation import verify_recommendation
 from wire.redis_store import RedisSignalStore
@@ -133,6 +139,34 @@ async def test_recommendation_streams_stay_short_and_keep_the_newest(store: Sign
                                                   {"n": str(n)})
     newest = await store.exchange([], [(upstream, "sc-1")])
     assert newest[0] is not None and newest[0].fields == {b"n": b"299"}
+
+
+async def test_a_recommendation_stream_expires_unless_recommended_again(
+        request: pytest.FixtureRequest) -> None:
+    """A stranger's finding: each sidecar's recommendation stream stayed in Redis for good
+    after the sidecar was gone (one per pod of every rollout, which the signaler's SCAN
+    walks). Each append, single or batched, sets its time to live again."""
+    store = make_store("redis", request)
+    server: RedisHandle = request.getfixturevalue("redis_server_session")
+    client = aioredis.from_url(server.url)
+    try:
+        upstream = fresh_upstream()
+        token = await store.acquire_lease(upstream, "sig-a", 60_000)
+        assert await store.publish_recommendation(upstream, "sc-1", "sig-a", token, {"n": "1"})
+        assert await store.publish_recommendations(
+            upstream, "sig-a", token, [("sc-2", {"n": "2"}), ("sc-3", {"n": "3"})])
+        await store.publish_recommendations(  # different fields: one script call each
+            upstream, "sig-a", token, [("sc-4", {"n": "4"}), ("sc-5", {"m": "5"})])
+        for sidecar in ("sc-1", "sc-2", "sc-3", "sc-4", "sc-5"):
+            ttl = await client.pttl(recommendation_stream(upstream, sidecar))
+            assert 0 < ttl <= RECOMMENDATION_TTL_MS, (sidecar, ttl)
+        # fenced off: nothing appended, no stream made
+        assert await store.publish_recommendations(
+            upstream, "sig-b", token, [("sc-6", {"n": "6"})]) == [None]
+        assert await client.exists(recommendation_stream(upstream, "sc-6")) == 0
+    finally:
+        await client.aclose()
+        await store.close()
 
 
 # ------------------------------------------------------------------ the consumer group

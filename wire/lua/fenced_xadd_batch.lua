@@ -6,7 +6,9 @@
 -- ARGV[5+2f] = v, how many fields each entry gives, ARGV[6+2f..5+2f+v] = their positions (1..f),
 -- ARGV[6+2f+v] = the values the entries give, v per entry, entry after entry in the order of
 -- KEYS, as one MessagePack array of strings (one argument, not v per entry: packing thousands of
--- arguments was most of a signaler's cost of publishing an epoch to 1,000 sidecars).
+-- arguments was most of a signaler's cost of publishing an epoch to 1,000 sidecars),
+-- ARGV[7+2f+v] = the streams' time to live in ms (renewed by each append: the stream of a
+-- sidecar that is gone expires).
 -- Returns false when fenced off (nothing appended); else per entry its id, or '!' and the error
 -- of that stream alone (a key of the wrong type: the other entries are still appended).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ' ' .. ARGV[2] then
@@ -33,6 +35,7 @@ for n = 2, #KEYS do
   if type(reply) == 'table' and reply.err then
     out[n - 1] = '!' .. reply.err
   else
+    redis.call('PEXPIRE', KEYS[n], ARGV[7 + 2 * f + v])
     out[n - 1] = reply
   end
 end
