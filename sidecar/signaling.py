@@ -134,7 +134,10 @@ class SidecarSignaling:
         self.rng = rng or random.Random()
         self.connected = False
         self._ever_failed = False  # the first failure is logged even with no connection yet
-        self._was_following: dict[str, bool] = {}  # per upstream, at the last round
+        # per upstream, what the log said last ("following", or "lost": no fresh plan while
+        # busy), and since when its summaries have reported demand (None: the last did not)
+        self._told: dict[str, str] = {}
+        self._busy_since: dict[str, float | None] = {}
         self._builders: dict[str, SummaryBuilder] = {}
         self._followed: dict[str, _Followed] = {}
         # per upstream, the policy told to wait for its first signal and its wait's machine
@@ -190,24 +193,35 @@ class SidecarSignaling:
     def _export_following(self) -> None:
         """The following gauge of each upstream, and a log line when it changes: the
         signaler stopping (recommendations expire) or coming back shows in the log, as Redis
-        does, not only in a gauge."""
+        does, not only in a gauge. A caller that sends the upstream nothing gets no plan (the
+        signaler plans for the demand sidecars report), so its recommendation expires while
+        it is idle: no fault, and nothing is said, neither then nor when it follows again;
+        only a caller with traffic for :meth:`_busy`'s grace and no plan is warned about (a
+        stranger's finding: a request every 7 s made a WARNING blaming the signaler, and an
+        INFO line back, at each of them)."""
         for group in self.table:
             snap = group.snapshot
             following = snap is not None and snap.following
             self.metrics.following.labels(group.name).set(1 if following else 0)
-            was = self._was_following.get(group.name)
-            if was is None and not following:
-                continue  # not yet following, at the start: nothing to say
-            self._was_following[group.name] = following
-            if was == following:
-                continue
+            told = self._told.get(group.name)  # None: nothing said yet
             if following:
-                log.info("signaling: upstream %s follows the signaler's plan%s", group.name,
-                         "" if was is None else " again")
-            else:
+                if told != "following":
+                    log.info("signaling: upstream %s follows the signaler's plan%s",
+                             group.name, "" if told is None else " again")
+                    self._told[group.name] = "following"
+            elif told == "following" and self._busy(group.name):
                 log.warning("signaling: upstream %s has no fresh recommendation (the signaler "
                             "stopped, or cannot be heard): routing by local regret matching",
                             group.name)
+                self._told[group.name] = "lost"
+
+    def _busy(self, upstream: str) -> bool:
+        """Whether this sidecar's summaries of ``upstream`` have reported demand for long
+        enough that the signaler should plan for it: the first recommendation's wait and two
+        epochs more."""
+        since = self._busy_since.get(upstream)
+        grace = (self.settings.first_signal_epochs + 2.0) * self.settings.epoch
+        return since is not None and self.clock() - since >= grace
 
     def _groups(self) -> list[tuple[UpstreamGroup, FollowingPolicy]]:
         """Upstreams whose policy takes part (the baselines neither report nor follow)."""
@@ -226,6 +240,10 @@ class SidecarSignaling:
             summary = self._summary(group, policy, now, wall)
             if summary is not None:
                 summaries.append((group.name, sign_summary(summary, self.settings.key)))
+            if summary is None or summary.demand <= 0.0:
+                self._busy_since[group.name] = None
+            elif self._busy_since.get(group.name) is None:
+                self._busy_since[group.name] = now
         newest = await self.store.exchange(
             summaries, [(group.name, self.sidecar) for group, _ in groups])
         for exc in newest.append_errors.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from dataclasses import replace
@@ -120,6 +121,7 @@ def test_following_stopping_and_coming_back_is_logged(caplog: pytest.LogCaptureF
     assert sig.consider(group, b"1-0", sign_recommendation(rec(expires_at=NOW + 2), KEY))
     group.tick(10.5)
     sig._export_following()
+    sig._busy_since["orders"] = -math.inf  # its summaries report demand all along
     group.tick(12.5)  # the recommendation expired: the signaler said nothing since
     sig._export_following()
     sig._export_following()  # said once
@@ -136,6 +138,39 @@ def test_following_stopping_and_coming_back_is_logged(caplog: pytest.LogCaptureF
         "cannot be heard): routing by local regret matching",
         "signaling: upstream orders follows the signaler's plan again",
     ]
+
+
+def test_a_caller_idle_when_its_plan_expires_is_not_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger's finding: one request every 7 s made a WARNING blaming the signaler and
+    an INFO line back at each of them. The signaler plans for the demand sidecars report:
+    an idle caller's plan expires, which is no fault. Warned only once it has reported
+    demand for the first recommendation's wait and two epochs more without a plan."""
+    table, metrics = routed_group()
+    group = table.get("orders")
+    assert group is not None
+    sig = signaling(table, metrics)
+    caplog.set_level(logging.INFO, logger="sidecar.signaling")
+    assert sig.consider(group, b"1-0", sign_recommendation(rec(expires_at=NOW + 2), KEY))
+    group.tick(10.5)
+    sig._export_following()
+    group.tick(12.5)  # expired while idle
+    sig._export_following()
+    assert sig.consider(group, b"2-0", sign_recommendation(rec(epoch=51, expires_at=NOW + 5),
+                                                            KEY))
+    group.tick(13.0)
+    sig._export_following()
+    said = [r.getMessage() for r in caplog.records if r.name == "sidecar.signaling"]
+    assert said == ["signaling: upstream orders follows the signaler's plan"]
+    group.tick(16.0)  # expired again, now with traffic that just began: within the grace
+    sig._busy_since["orders"] = sig.clock() - 1.0
+    sig._export_following()
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 0
+    sig._busy_since["orders"] = sig.clock() - 60.0  # busy for a minute: the signaler is gone
+    sig._export_following()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "signaling: upstream orders has no fresh recommendation (the signaler stopped, or "
+        "cannot be heard): routing by local regret matching"]
 
 
 def test_protocol_ids_are_sanitised() -> None:
