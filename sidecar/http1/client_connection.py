@@ -190,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._method = ""
         self._got_bytes = False
         self._head_bytes = 0
+        self._feeding = 0  # the bytes of the read being parsed
         self._trailer_bytes = 0
         self._in_trailers = False
         self._interim = False
@@ -321,6 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self._got_bytes = True
+        self._feeding = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -414,6 +416,12 @@ class UpstreamConnection(asyncio.Protocol):
         if head is None or head.done():  # an answer after the caller gave up on this one
             raise MalformedResponse("an answer nobody waits for")
         fields = self._fields
+        if self._head_bytes + self._feeding > MAX_HEAD and \
+                len(self._reason) + sum(len(n) + len(v) + 4 for n, v in fields) > MAX_HEAD:
+            # a head that ends in the bytes of this read, past the cap with them (counted
+            # in data_received only while the head is still to come, heads up to twice the
+            # cap went through: a stranger's finding)
+            raise MalformedResponse(f"the answer's head is over {MAX_HEAD} bytes")
         until_eof, announced = _framing(status, fields, relayed=True)
         self._head = None
         response = H1Response(self, status, self._reason.decode("latin-1") or None, fields)

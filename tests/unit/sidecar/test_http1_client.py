@@ -612,6 +612,27 @@ async def test_an_endless_head_is_refused(raw: MakeRaw, transport: H1Transport) 
         await transport.handle_request(get(server.url + "/"))
 
 
+@pytest.mark.parametrize("reads", [1, 2])
+async def test_a_head_over_the_cap_that_ends_is_refused(raw: MakeRaw, transport: H1Transport,
+                                                        reads: int) -> None:
+    """A stranger's finding: a 100 KB head that ended in the read that took it past the
+    64 KiB cap was relayed (counted only while the head was still to come)."""
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 100_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+
+    async def script(server: RawServer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, n: int) -> None:
+        await server.head(reader)
+        cut = len(head) // reads
+        for part in (head[:cut], head[cut:]) if reads == 2 else (head,):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    server = await raw(script)
+    with pytest.raises(MalformedResponse, match="head is over"):
+        await transport.handle_request(get(server.url + "/"))
+
+
 async def test_a_head_cut_half_way_is_not_a_clean_reset(
     raw: MakeRaw, transport: H1Transport,
 ) -> None:
