@@ -286,7 +286,7 @@ def may_retry(method: str, has_body: bool) -> bool:
 def split_target(request: RequestHead | web.BaseRequest) -> tuple[str | None, str]:
     """(authority, origin-form target) of a request in origin- or absolute-form."""
     raw = request.raw_path
-    if not raw.startswith("/") and "://" in raw:
+    if not raw.startswith("/") and raw[:7].lower() == "http://":
         url = URL(raw, encoded=True)
         authority = url.raw_host or ""
         if url.explicit_port:
@@ -439,6 +439,12 @@ class OutboundProxy:
         if not ctx.authority:
             return self._error(ctx, 400, ErrorReason.NO_HOST,
                                "request has neither Host nor absolute URL")
+        if "://" in ctx.target[:16]:  # absolute-form of another scheme: https:// would go
+            # out in plain text (the sidecar originates no TLS; a stranger's finding)
+            return self._error(ctx, 400, ErrorReason.BAD_TARGET,
+                               f"only http:// absolute targets are proxied, not "
+                               f"{ctx.target.partition('://')[0][:8]!r}:// (the sidecar does "
+                               "not originate TLS)")
         if not ctx.target.startswith("/"):  # `*` (asterisk-form), `host:port`, garbage
             return self._error(ctx, 400, ErrorReason.BAD_TARGET,
                                f"request target {ctx.target[:64]!r} is neither a path nor an "

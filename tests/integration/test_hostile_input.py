@@ -128,6 +128,27 @@ async def test_a_target_that_is_not_a_path_gets_400_on_the_inbound_listener(
     assert "Traceback" not in setup.inbound.output()
 
 
+@pytest.mark.parametrize("target", [b"https://svc/abs", b"HTTPS://svc:443/abs", b"ftp://svc/x"])
+async def test_an_absolute_target_of_another_scheme_gets_400_on_the_outbound_listener(
+        setup: Setup, target: bytes) -> None:
+    """A stranger's finding: ``GET https://svc/abs`` went to the endpoint in plain text (the
+    scheme was dropped). The sidecar originates no TLS: refused, and the pod sees nothing."""
+    hits = setup.upstream.hits
+    reader, writer = await asyncio.open_connection(LOOPBACK, int(
+        setup.caller.outbound_url.rsplit(":", 1)[1]))
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"bad-target"' in body and b"not originate TLS" in body, body
+    assert setup.upstream.hits == hits
+
+
 async def test_underscore_game_headers_are_stripped_in_both_directions(setup: Setup) -> None:
     """``X_GT_Identity`` and ``X-GT_Price`` reach a WSGI app as ``HTTP_X_GT_*``: the app's
     request must not carry them to the upstream, the upstream's answer must not carry them
