@@ -45,6 +45,11 @@ class H2ConnectError(Exception):
     """No connection to the endpoint could be had: nothing of the request was sent."""
 
 
+class H2NotSpoken(H2ConnectError):
+    """The endpoint answered the HTTP/2 preface in HTTP/1.x: it does not speak h2c. No fault
+    of the endpoint for its HTTP/1.1 callers: the upstream cannot take HTTP/2 calls."""
+
+
 class ClientStream(H2Stream):
     """A request stream the sidecar opened; the response head arrives in ``head``."""
 
@@ -69,6 +74,12 @@ class H2ClientConnection(H2Connection):
         super().__init__(client_side=True)
         self.pool = pool
         self.settings_seen = asyncio.Event()  # the endpoint's first SETTINGS arrived
+        self.speaks_http1 = False  # it answered the preface with an HTTP/1.x status line
+
+    def data_received(self, data: bytes) -> None:
+        if not self.settings_seen.is_set() and data[:7] == b"HTTP/1.":
+            self.speaks_http1 = True
+        super().data_received(data)
 
     def new_state_machine(self, config: h2.config.H2Configuration) -> h2.connection.H2Connection:
         machine = h2.connection.H2Connection(config=config)
@@ -201,7 +212,14 @@ class H2Pool:
                     lost.cancel()
                     settings.cancel()
                 if not conn.settings_seen.is_set():
+                    if conn.speaks_http1:
+                        raise H2NotSpoken(f"{self.host}:{self.port} answered the HTTP/2 "
+                                          "preface in HTTP/1.1: it does not speak h2c")
                     raise ConnectionResetError("closed before its SETTINGS")
+        except H2NotSpoken:
+            if conn is not None:
+                conn.close()
+            raise
         except (OSError, TimeoutError) as exc:
             if conn is not None:
                 conn.close()

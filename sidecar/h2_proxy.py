@@ -60,7 +60,7 @@ from multidict import CIMultiDict
 
 from mesh.policy import Outcome
 from sidecar.errors import ErrorReason, HeaderDrop
-from sidecar.h2_client import ClientStream, H2ConnectError, H2Upstreams
+from sidecar.h2_client import ClientStream, H2ConnectError, H2NotSpoken, H2Upstreams
 from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
 from sidecar.metrics import H2Metrics, OutboundMetrics
@@ -247,6 +247,14 @@ class _Call:
                     async with asyncio.timeout_at(limit if deadline is None
                                                   else min(limit, deadline)):
                         upstream = await pool.open_stream(headers, False)
+            except H2NotSpoken as exc:
+                # the upstream speaks HTTP/1.1: no endpoint of it is to blame (charged, a few
+                # h2c calls ejected every healthy pod of its HTTP/1.1 callers: a stranger's
+                # finding), and another endpoint would answer the same
+                self.void(sent)
+                return await self.error(502, ErrorReason.UPSTREAM_PROTOCOL_ERROR,
+                                        f"upstream {group.name!r}: {exc} (HTTP/2 calls "
+                                        "need endpoints that speak h2c)")
             except (H2ConnectError, TimeoutError) as exc:
                 reason = "connect-error" if isinstance(exc, H2ConnectError) else "connect-timeout"
                 failure = f"{reason}: {exc}" if str(exc) else reason
@@ -597,6 +605,14 @@ class _Call:
             proxy.h2_metrics.grpc_calls.labels(group.name, endpoint, str(status)).inc()
         if not ok:
             self.ctx.error_reason = self.ctx.error_reason or code
+
+    def void(self, sent: float) -> None:
+        """The attempt says nothing about the endpoint: only its in-flight count goes back."""
+        proxy, group, endpoint = self.proxy, self.ctx.group, self.ctx.endpoint
+        assert group is not None and endpoint is not None
+        now = proxy.clock()
+        group.policy.on_outcome(Outcome(endpoint, now - sent, True, now, answered=False,
+                                        void=True, long=self.ctx.long))
 
     def cancelled(self, sent: float, first: float | None,
                   deadline: float | None = None) -> None:
