@@ -65,7 +65,7 @@ from sidecar.h2_connection import Headers, StreamGone
 from sidecar.h2_server import ServerStream
 from sidecar.metrics import H2Metrics, OutboundMetrics
 from sidecar.notice_log import NoticeLog
-from sidecar.outbound import REFUSED_KEY, upstream_name
+from sidecar.outbound import REFUSED_KEY, shown, upstream_name
 from sidecar.phases import EarlyAnswer, ProxyPhases, RequestContext
 from sidecar.upstreams import UpstreamTable
 from wire import grpc_status as grpc
@@ -190,7 +190,8 @@ class _Call:
         group = proxy.table.get(ctx.upstream)
         if group is None:
             return await self.error(
-                404, "unknown-upstream", f"no upstream named {ctx.upstream!r} is configured")
+                404, "unknown-upstream",
+                f"no upstream named {shown(ctx.upstream)!r} is configured")
         ctx.group = group
         proxy.metrics.request_in_flight(group.name, 1)
         early = proxy.phases.request_check(_RequestHeaders(stream.request), ctx)

@@ -295,6 +295,14 @@ def split_target(request: RequestHead | web.BaseRequest) -> tuple[str | None, st
     return request.headers.get("Host"), raw
 
 
+def shown(name: str | None, limit: int = 128) -> str | None:
+    """A name the app sent (a Host), as an error answer quotes it: at most ``limit``
+    characters (a 5 KB Host was echoed twice in a 404: a stranger's finding)."""
+    if name is None or len(name) <= limit:
+        return name
+    return f"{name[:limit]}... ({len(name)} characters)"
+
+
 _NAMES_KEPT = 1024  # authorities whose upstream name is remembered (a bounded table)
 _names: dict[str, str] = {}
 
@@ -457,7 +465,7 @@ class OutboundProxy:
         if group is None:
             return self._error(
                 ctx, 404, ErrorReason.UNKNOWN_UPSTREAM,
-                f"no upstream named {ctx.upstream!r} is configured",
+                f"no upstream named {shown(ctx.upstream)!r} is configured",
             )
         ctx.group = group
         self.metrics.request_in_flight(group.name, 1)
@@ -1077,7 +1085,7 @@ class OutboundProxy:
             {
                 "error": message,
                 "reason": reason,
-                "upstream": ctx.upstream,
+                "upstream": shown(ctx.upstream),
                 "sidecar": self.sidecar_id,
             },
             {"Via": self.via},

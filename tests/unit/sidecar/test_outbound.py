@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sidecar.outbound import drain, may_retry, upstream_name
+from sidecar.outbound import drain, may_retry, shown, upstream_name
 from sidecar.transport import MemoryBody, UpstreamReset
 
 
@@ -76,3 +76,10 @@ async def test_drain_gives_up_on_a_stalled_body_after_its_timeout() -> None:
         yield b"never"
 
     assert await drain(MemoryBody(stalled()), timeout=0.05) is False
+
+
+def test_an_error_answer_quotes_a_long_host_cut_short() -> None:
+    """A stranger's finding: a 5 KB bogus Host was echoed twice in the 404's body."""
+    assert shown("svc") == "svc" and shown(None) is None
+    quoted = shown("h" * 5000)
+    assert quoted is not None and len(quoted) < 160 and quoted.endswith("(5000 characters)")
