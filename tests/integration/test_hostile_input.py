@@ -108,19 +108,25 @@ async def test_non_ascii_or_huge_numbers_from_an_upstream_are_ignored_and_counte
     assert "Traceback" not in setup.caller.output()
 
 
-@pytest.mark.parametrize("target", [b"http://example.com/x", b"https://[::1]:8080/admin?x=1"])
-async def test_a_target_that_is_not_a_path_gets_400_on_the_inbound_listener(
-        setup: Setup, target: bytes) -> None:
-    reader, writer = await asyncio.open_connection(LOOPBACK, setup.inbound_port)
+async def raw_get(port: int, target: bytes, host: bytes) -> tuple[bytes, bytes]:
+    """``GET target`` as written, on a connection of its own: the answer's head and body."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
     try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: app\r\n"
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
                      b"Connection: close\r\n\r\n")
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), timeout=10)
     finally:
         writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+    return head, body
+
+
+@pytest.mark.parametrize("target", [b"http://example.com/x", b"https://[::1]:8080/admin?x=1"])
+async def test_a_target_that_is_not_a_path_gets_400_on_the_inbound_listener(
+        setup: Setup, target: bytes) -> None:
+    head, body = await raw_get(setup.inbound_port, target, b"app")
+    assert head.startswith(b"HTTP/1.1 400"), head[:200]
     assert b'"bad-target"' in body
     assert setup.app.hits == 0
     assert metric_value(setup.inbound.metrics_text(), "equilibrium_inbound_requests_total",
@@ -134,17 +140,8 @@ async def test_an_absolute_target_of_another_scheme_gets_400_on_the_outbound_lis
     """A stranger's finding: ``GET https://svc/abs`` went to the endpoint in plain text (the
     scheme was dropped). The sidecar originates no TLS: refused, and the pod sees nothing."""
     hits = setup.upstream.hits
-    reader, writer = await asyncio.open_connection(LOOPBACK, int(
-        setup.caller.outbound_url.rsplit(":", 1)[1]))
-    try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: svc\r\n"
-                     b"Connection: close\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+    head, body = await raw_get(setup.caller.outbound_port, target, b"svc")
+    assert head.startswith(b"HTTP/1.1 400"), head[:200]
     assert b'"bad-target"' in body and b"not originate TLS" in body, body
     assert setup.upstream.hits == hits
 
