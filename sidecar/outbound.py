@@ -447,8 +447,9 @@ class OutboundProxy:
         if not ctx.authority:
             return self._error(ctx, 400, ErrorReason.NO_HOST,
                                "request has neither Host nor absolute URL")
-        if "://" in ctx.target[:16]:  # absolute-form of another scheme: https:// would go
-            # out in plain text (the sidecar originates no TLS; a stranger's finding)
+        if not ctx.target.startswith("/") and "://" in ctx.target[:16]:  # absolute-form of
+            # another scheme: https:// would go out in plain text (the sidecar originates no
+            # TLS; a stranger's finding)
             return self._error(ctx, 400, ErrorReason.BAD_TARGET,
                                f"only http:// absolute targets are proxied, not "
                                f"{ctx.target.partition('://')[0][:8]!r}:// (the sidecar does "

@@ -144,6 +144,10 @@ async def test_an_absolute_target_of_another_scheme_gets_400_on_the_outbound_lis
     assert head.startswith(b"HTTP/1.1 400"), head[:200]
     assert b'"bad-target"' in body and b"not originate TLS" in body, body
     assert setup.upstream.hits == hits
+    # a path whose query holds such a URL is a path
+    head, _ = await raw_get(setup.caller.outbound_port, b"/x?u=https://a.example/", b"svc")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    assert setup.upstream.hits == hits + 1
 
 
 async def test_underscore_game_headers_are_stripped_in_both_directions(setup: Setup) -> None:
