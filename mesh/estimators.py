@@ -91,7 +91,7 @@ class Ewma:
     max_step: float = 1.0 / 3.0
 
     def update(self, sample: float, now: float) -> float:
-        # (per answer: _decay_weight and the clamp inline, no min/max calls)
+        # (per answer: the decay weight and the clamp inline, no min/max calls)
         value, dt = self.value, now - self.updated_at
         if value is None:
             value = sample
@@ -135,14 +135,12 @@ class PeakEwma:
     estimate: float = DEFAULT_RTT
 
     def update(self, rtt: float, now: float) -> None:
-        estimate, dt = self.estimate, now - self.updated_at
-        if rtt > estimate:
+        if rtt > self.estimate:
             self.estimate = rtt
-        elif dt > 0.0:  # (_decay_weight, inline: per answer, twice; at dt <= 0 its
-            decay = self.decay  # weight is 1: the estimate stays)
-            w = math.exp(-dt / decay) if decay > 0.0 else 0.0
-            self.estimate = estimate * w + rtt * (1.0 - w)
-        if dt > 0.0:
+        else:
+            w = _decay_weight(now - self.updated_at, self.decay)
+            self.estimate = self.estimate * w + rtt * (1.0 - w)
+        if now > self.updated_at:
             self.updated_at = now
 
     def value(self, now: float) -> float:
@@ -517,24 +515,16 @@ class EndpointStats:
             self.answers = self.outcome_mean = None
             self.own_count, self.own_cost_sum = 0, 0.0
             self.peak.estimate = cost
-        if answered:
-            if ok:  # (_learn_answer, inline: per answer)
-                if (answers := self.answers) is None:
-                    self.answers = PeakEwma(now, ANSWER_DECAY, cost)
-                else:
-                    answers.update(cost, now)
-            self.own_count += 1
-            self.own_cost_sum += cost
-        elif not ok:
+        if ok and answered:
+            self._learn_answer(cost, now)
+        if answered or not ok:
             self.own_count += 1
             self.own_cost_sum += cost
         self.latency.update(cost, now)
         self.peak.update(cost, now)
         if now > self.last_outcome_at:
             self.last_outcome_at = now
-        # it answers: only what is sent from now on can stall (restart_stall, inline)
-        self.sent_since_outcome = 0
-        self.waiting_since = self.confirmed_since = math.inf
+        self.restart_stall()  # it answers: only what is sent from now on can stall
         if congestion is not None and math.isfinite(congestion):
             self.congestion = 0.5 * self.congestion + 0.5 * min(1.0, max(0.0, congestion))
         self.tick_count += 1
@@ -562,13 +552,7 @@ class EndpointStats:
         if finite:
             # counted as of its sending: a pod that is sent less now (it was ejected, or
             # shifted off) does not look longer for its old polls coming back
-            counted_at = self.counted_at
-            if now > counted_at:  # (_decay, inline: per answer)
-                if math.isfinite(counted_at):
-                    keep = math.exp((counted_at - now) / LONG_RECENT)
-                    self.long_count *= keep
-                    self.answer_count *= keep
-                self.counted_at = now
+            self._decay(now)
             at = sent if sent is not None and math.isfinite(sent) else now - latency
             weight = math.exp((at - now if at < now else 0.0) / LONG_RECENT)
             self.answer_count += weight
@@ -592,23 +576,14 @@ class EndpointStats:
         (RegretMatchingPolicy._live; None before its first latency): its estimate, or what it
         has left unanswered if that is longer (:meth:`stalled_for`), or the peak of its
         answers, long ones included (which the estimate leaves out), weighted by its
-        :meth:`long_share` (what they added to the estimate when it learned them). Read for
-        every endpoint at every tick: the three inline."""
+        :meth:`long_share` (what they added to the estimate when it learned them)."""
         v = self.latency.value
         if v is None:
             return None
-        if now > self.counted_at:  # (_decay)
-            if math.isfinite(self.counted_at):
-                keep = math.exp((self.counted_at - now) / LONG_RECENT)
-                self.long_count *= keep
-                self.answer_count *= keep
-            self.counted_at = now
-        answers = self.answer_count
-        share = self.long_count / (answers if answers > 1.0 else 1.0)  # (long_share)
-        stall = 0.0 if self.in_flight <= 0 or self.waiting_since == math.inf \
-            else max(0.0, now - self.waiting_since)  # (stalled_for)
+        share = self.long_share(now)
         # (the answers' peak is read only where it counts)
-        return max(v, stall, share * (self.answer_latency(now) or 0.0) if share else 0.0)
+        return max(v, self.stalled_for(now),
+                   share * (self.answer_latency(now) or 0.0) if share else 0.0)
 
     def long_share(self, now: float) -> float:
         """The share of its answers that were long, each weighted by the age of its sending

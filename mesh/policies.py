@@ -591,21 +591,31 @@ class RegretMatchingPolicy(_MeasuredPolicy):
             return None
         best, small = held
         look = due = None
-        rate = self._pick_rate
+        rate, limit = self._pick_rate, 2.0 * best + 0.002
         for e, w in zip(self.endpoints, self._weights.tolist(), strict=True):
             s = self.stats[e]
-            if not 0.0 < w < small or (v := s.latency.value) is None or s.in_flight \
-                    or not self._may_look(e, s, now):
+            if s.in_flight:
                 continue
-            quick = s.tick_own_mean
-            if quick == math.inf:
-                if due is None and rate > 0.0 and now - s.last_sent > FLOOR_DUE / (w * rate) \
-                        and now - s.failed_at > FLOOR_DUE_CLEAN:
+            if s.tick_own_mean == math.inf:
+                if due is None and 0.0 < w < small and s.latency.value is not None \
+                        and rate > 0.0 and now - s.last_sent > FLOOR_DUE / (w * rate) \
+                        and now - s.failed_at > FLOOR_DUE_CLEAN and self._may_look(e, s, now):
                     due = e
-            elif look is None and quick * CONFIRM <= v and quick <= 2.0 * best + 0.002 \
-                    and now - s.failed_at > EVIDENCE_FRESH:
+            elif look is None and self._quick_held_back(e, s, w, limit, small, now):
                 look = e
         return look or due  # (a look, which a quick answer asked for, first)
+
+    def _quick_held_back(self, endpoint: str, s: EndpointStats, weight: float, limit: float,
+                         small: float, now: float) -> bool:
+        """Whether ``endpoint``, held back (its ``weight`` under ``small``), gave quick own
+        outcomes in the last tick: their mean within ``limit`` (twice the best used
+        endpoint's estimate and 2 ms) and under a :data:`CONFIRM` th of its estimate, no
+        failure in the last :data:`EVIDENCE_FRESH` s, and a look may go there
+        (:meth:`_may_look`): what asks for a look and adds to a quick run."""
+        quick, v = s.tick_own_mean, s.latency.value
+        return 0.0 < weight < small and v is not None and quick <= limit \
+            and quick * CONFIRM <= v and now - s.failed_at > EVIDENCE_FRESH \
+            and self._may_look(endpoint, s, now)
 
     def _held_back(self) -> tuple[float, float] | None:
         """With hedged exploration and two endpoints or more: the best used endpoint's
@@ -663,8 +673,7 @@ class RegretMatchingPolicy(_MeasuredPolicy):
                 continue
             if quick == math.inf:
                 continue
-            if 0.0 < w < small and v is not None \
-                    and quick * CONFIRM <= v and self._may_look(e, s, now):
+            if self._quick_held_back(e, s, w, limit, small, now):
                 s.quick_run += 1
                 s.quick_run_sum += quick
                 if s.quick_run >= QUICK_RUN * TRUST_RAISE ** s.trust_raises:

@@ -109,15 +109,8 @@ class SelfProbation:
 
     def delivered(self, now: float) -> None:
         """The upstream answered one request (not a refusal)."""
-        at = self._at  # (delivered_count, inline: once an answer)
-        if at == -math.inf:
-            self._count = 1.0
-        else:
-            dt = now - at
-            self._count = self._count * math.exp(-(dt if dt > 0.0 else 0.0)
-                                                 / self.rules.rate_tau) + 1.0
-        if now > at:
-            self._at = now
+        self._count = self.delivered_count(now) + 1.0
+        self._at = max(self._at, now)
 
     def punish(self, now: float, until: float, level: int) -> bool:
         """The upstream says this caller is punished until ``until`` at ``level``; True if

@@ -30,16 +30,8 @@ class RetryBudget:
 
     def deposit(self, now: float) -> None:
         """One original (not retried) request was sent."""
-        at = self._at  # (_decay, inline: once a request)
-        if at is not None and now > at:
-            w = math.exp(-(now - at) / self.window)
-            self._requests = self._requests * w + 1.0
-            self._retries *= w
-            self._at = now
-        else:
-            if at is None:
-                self._at = now
-            self._requests += 1.0
+        self._decay(now)
+        self._requests += 1.0
 
     def try_withdraw(self, now: float) -> bool:
         """May one retry be sent now? Counts it if so."""
