@@ -255,6 +255,7 @@ def start_sidecar(
         sidecar = SidecarProcess(proc.args, proc.popen, proc.log_path, outbound, admin)
         try:
             wait_ready(f"{sidecar.admin_url}/readyz", sidecar, timeout)
+            _outbound_listens(sidecar)
         except BaseException as exc:
             sidecar.stop(timeout=2)
             if attempt + 1 < attempts and _port_taken(exc):
@@ -265,10 +266,32 @@ def start_sidecar(
     raise AssertionError("unreachable")
 
 
+class _NotOurs(RuntimeError):
+    """The admin port answered ready, but the sidecar's outbound port refuses connections:
+    another process (a sidecar of another test worker) answered on that admin port."""
+
+
+def _outbound_listens(sidecar: SidecarProcess, within: float = 2.0) -> None:
+    """A ready sidecar has bound its outbound listener; if it refuses connections for
+    ``within`` seconds, the readiness was another process's (:class:`_NotOurs`: a CI run saw
+    a test's first connection refused, and its sidecar killed while still starting)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            socket.create_connection((LOOPBACK, sidecar.outbound_port), timeout=1.0).close()
+            return
+        except ConnectionRefusedError:
+            if time.monotonic() >= deadline:
+                raise _NotOurs(f"port {sidecar.outbound_port} refuses connections after the "
+                               f"admin port {sidecar.admin_port} answered ready") from None
+            time.sleep(0.05)
+
+
 def _port_taken(exc: BaseException) -> bool:
     """Whether a sidecar failed to start because another process had one of its ports: it
-    could not bind, or something else answered its admin port (not in HTTP/1.1)."""
-    return isinstance(exc, http.client.HTTPException) or (
+    could not bind, or something else answered its admin port (not in HTTP/1.1, or while
+    this sidecar's outbound port refused connections)."""
+    return isinstance(exc, http.client.HTTPException | _NotOurs) or (
         isinstance(exc, RuntimeError) and "address already in use" in str(exc).lower())
 
 
