@@ -27,6 +27,7 @@ from equilibrium.lab.simulate import metrics
 from equilibrium.lab.simulate.engine import CE_POLICY, Knobs, RunResult, simulate
 from equilibrium.lab.simulate.optimum import benchmarks
 from equilibrium.lab.simulate.scenarios import DEFAULT_POLICIES, SCENARIOS, Setup, Sizes, build
+from equilibrium.lab.simulate.windowed import simulate_windowed
 from mesh.policies import POLICY_NAMES
 from mesh.profile_names import PROFILE_NAMES
 
@@ -101,6 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "policy, retry budget and signaling); each keeps its own arrivals. "
                         "1 (default): a sidecar per client. Larger: the same load in less "
                         "memory and CPU, at a fidelity docs/simulate.md measures")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes that run the sidecars (1, the default: the event engine in "
+                        "this process; 2 on a 2-core machine for large runs). The records are "
+                        "the same for any number (docs/simulate.md); equilibrium-ce always "
+                        "runs in one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, default=None,
                    help="also write simulate-<scenario>.json/.md and plots here")
@@ -143,7 +149,10 @@ def run(args: argparse.Namespace, progress: Any = None) -> tuple[dict[str, Any],
                       f"{knobs.cohort})" if knobs.cohort > 1 else "")
             progress(f"simulating {policy}: {setup.sidecars} sidecars{shared} x "
                      f"{len(setup.pods)} pods x {setup.total:g} s")
-        runs[policy] = simulate(setup, policy, args.seed, knobs)
+        if args.workers > 1 and policy != CE_POLICY:
+            runs[policy] = simulate_windowed(setup, policy, args.seed, knobs, args.workers)
+        else:
+            runs[policy] = simulate(setup, policy, args.seed, knobs)
     return report(args, setup, knobs, runs), setup, runs
 
 
@@ -213,6 +222,7 @@ def report(args: argparse.Namespace, setup: Setup, knobs: Knobs,
         "policies": per_policy,
         "wall": {"seconds": {p: r.wall_seconds for p, r in runs.items()},
                  "cpu_seconds": {p: r.cpu_seconds for p, r in runs.items()},
+                 "workers": args.workers,
                  "machine": machine_info()},
     }
 
@@ -322,6 +332,10 @@ def main(args: argparse.Namespace) -> int:
         policies_of(args)
     except ValueError as exc:
         print(f"equilibrium simulate: {exc}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.network <= 0:
+        print("equilibrium simulate: --workers above 1 needs --network above 0 (the delay is "
+              "the window in which the sidecars run apart)", file=sys.stderr)
         return 2
 
     def say(text: str) -> None:

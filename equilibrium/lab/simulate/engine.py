@@ -42,6 +42,7 @@ import itertools
 import random
 import time
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,17 +349,15 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
                      time.process_time() - cpu_started, result_sidecars, plane_state, retries)
 
 
-def _sidecar_states(sidecars: dict[int, SimSidecar]) -> dict[str, Any]:
-    """The sidecars' own view at the end: Wardrop gap, flapping, converged, following."""
+def sidecar_states(states: Iterable[tuple[int, float, float, bool, bool]]) -> dict[str, Any]:
+    """The sidecars' own view at the end, from each one's (index, Wardrop gap, flapping,
+    converged, following) in index order: Wardrop gap, flapping, converged, following."""
     gaps, flaps, converged, following = [], [], 0, 0
-    for sc in sidecars.values():
-        snap = sc.group.snapshot
-        if snap is None:
-            continue
-        gaps.append(snap.nash_gap)
-        flaps.append(snap.flapping)
-        converged += int(snap.converged)
-        following += int(snap.following)
+    for _, gap, flapping, is_converged, is_following in states:
+        gaps.append(gap)
+        flaps.append(flapping)
+        converged += int(is_converged)
+        following += int(is_following)
     n = len(gaps)
     return {
         "count": n,
@@ -368,3 +367,10 @@ def _sidecar_states(sidecars: dict[int, SimSidecar]) -> dict[str, Any]:
         "converged": converged,
         "following": following,
     }
+
+
+def _sidecar_states(sidecars: dict[int, SimSidecar]) -> dict[str, Any]:
+    """The sidecars' own view at the end: Wardrop gap, flapping, converged, following."""
+    return sidecar_states(
+        (c, snap.nash_gap, snap.flapping, snap.converged, snap.following)
+        for c, sc in sidecars.items() if (snap := sc.group.snapshot) is not None)

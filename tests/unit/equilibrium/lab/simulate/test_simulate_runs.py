@@ -178,7 +178,7 @@ def test_the_recorded_command_gives_back_every_option() -> None:
              "--jitter", "0.001", "--epoch", "0.5", "--tokens", "8", "--cohort", "3",
              "--seed", "9", "--policies", "equilibrium,peak-ewma"]
     args = parser.parse_args(given)
-    assert set(cli.RECORDED) | {"scenario", "seed", "policies", "json", "out"} \
+    assert set(cli.RECORDED) | {"scenario", "seed", "policies", "json", "out", "workers"} \
         == set(vars(args))  # a new option must be recorded (or listed here)
     command = " ".join(shlex.quote(a) for a in cli.recorded_argv(args))
     assert vars(parser.parse_args(shlex.split(command))) == vars(args)

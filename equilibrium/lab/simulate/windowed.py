@@ -1,0 +1,513 @@
+"""The same run on several cores: sidecars in worker processes, pods in one, in time windows.
+
+Owns :func:`simulate_windowed`, the engine behind ``equilibrium simulate --workers N``. The
+event engine (:mod:`equilibrium.lab.simulate.engine`) runs a fleet on one core; at 1,000
+sidecars x 100 pods nearly all of its time is the sidecars' own work (each policy's pick,
+observation and tick), which is independent from one sidecar to the next. Sidecars only meet
+at the pods, and a request takes one ``network`` delay to get there and one to come back: that
+delay is the *lookahead* of conservative parallel discrete-event simulation (Chandy & Misra
+1979, "Distributed simulation: a case study in design and verification of distributed
+programs"; Fujimoto 1990, "Parallel discrete event simulation", CACM 33(10)). Time is cut into
+windows a little shorter than the delay:
+
+1. each worker process owns the sidecars ``c % N == w`` (``c`` a sidecar's index, or its
+   cohort's) and handles, in time order, every event of theirs in the window: arrivals (the
+   client's schedule, as in the event engine), the responses and refusals the coordinator
+   delivered for the window, ticks and the timeline's sidecar changes; each attempt it sends
+   reaches its pod one delay later, so after the window;
+2. the coordinator (the calling process) owns the pods: it takes every attempt sent in the
+   window, in the order (arrival at the pod, client, attempt), and serves each pod's arrivals
+   in time order exactly as the event engine's pods do (FIFO servers, the bad delay, a pod
+   gone refuses); every response it makes reaches its sidecar at least one delay later, so
+   in a window not yet handed out. It keeps each worker two windows ahead (the responses of
+   window k + 2 are all known once the attempts of window k are in), so the workers compute
+   while it serves the pods, and a fast worker may run a window ahead of a slow one.
+
+Nothing a sidecar decides depends on another sidecar's events of the same window, and the
+pods see every attempt in a fixed order, so the records are the same for every number of
+workers (``--workers 1`` and ``--workers 2`` print the same JSON, a test holds it). They are
+not those of the event engine, which breaks the ties of one instant by a sequence shared by
+the whole fleet and draws the pods' service times at other moments: the same model, other
+draws (a test holds the two to the same shares and latencies within sampling noise).
+
+``equilibrium-ce`` is not supported here: its signaler reads every sidecar's summary in one
+store each epoch (the event engine runs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import heapq
+import itertools
+import multiprocessing
+import random
+import time
+from array import array
+from typing import Any
+
+import numpy as np
+
+from equilibrium.lab.simulate.engine import (
+    CE_POLICY,
+    LONG_RUN_COLLECTOR,
+    Knobs,
+    Records,
+    RunResult,
+    endpoint_id,
+    sidecar_states,
+)
+from equilibrium.lab.simulate.pods import Pod
+from equilibrium.lab.simulate.scenarios import Setup
+from equilibrium.lab.simulate.sidecar import SimSidecar
+from mesh.profiles import get_profile
+
+#: the window is this much shorter than the network delay, so that a response made at a
+#: window's first instant lands in a later window whatever the rounding of the sums of times
+WINDOW_MARGIN = 1e-6
+
+# what the coordinator hands a worker (time, kind, payload)
+RESPONSE, REFUSED, DISCOVER, LISTED, JOIN, LEAVE = range(6)
+DEFAULT_KNOBS = Knobs()
+# a worker's own events
+_ARRIVE, _TICK, _DELIVERED = range(3)
+# the pods' events in the coordinator
+_POD_IN, _POD_DONE, _CHANGE = range(3)
+
+
+def _owner(index: int, cohort: int, workers: int) -> int:
+    return (index // cohort) % workers
+
+
+def _sidecar_timeline(setup: Setup, knobs: Knobs, workers: int,
+                      ) -> list[list[tuple[float, int, Any]]]:
+    """What each worker is told along the run besides responses: sidecars joining and leaving,
+    the endpoint set a sidecar joining gets (changed when a pod leaves or joins) and,
+    ``discovery_delay`` later, the new set for every sidecar there. All of it follows from the
+    scenario alone, so it is worked out before the run."""
+    told: list[list[tuple[float, int, Any]]] = [[] for _ in range(workers)]
+    endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
+    listed = [endpoints[i] for i in range(len(setup.pods)) if i not in setup.absent]
+    clients = list(range(setup.sidecars))
+    next_index = setup.sidecars
+    for at, what, arg in sorted(setup.changes, key=lambda c: c[0]):
+        t = setup.warmup + at
+        if what in ("pod-leave", "pod-join"):
+            if what == "pod-join":
+                listed.append(endpoints[arg])
+            else:
+                listed.remove(endpoints[arg])
+            for w in range(workers):  # a sidecar that joins from now on starts with it
+                told[w].append((t, LISTED, tuple(listed)))
+                told[w].append((t + knobs.discovery_delay, DISCOVER, tuple(listed)))
+        elif what == "sidecars-leave":
+            for index in sorted(clients)[:arg]:
+                clients.remove(index)
+                told[_owner(index, knobs.cohort, workers)].append((t, LEAVE, index))
+        elif what == "sidecars-join":
+            for _ in range(arg):
+                clients.append(next_index)
+                told[_owner(next_index, knobs.cohort, workers)].append((t, JOIN, next_index))
+                next_index += 1
+    return told
+
+
+class _Fleet:
+    """One worker's sidecars and clients: the event engine's sidecar half."""
+
+    def __init__(self, setup: Setup, policy: str, seed: int, knobs: Knobs, worker: int,
+                 workers: int, observed: bool) -> None:
+        self.setup, self.seed, self.knobs = setup, seed, knobs
+        self.worker, self.workers = worker, workers
+        self.observed = observed
+        self.profile = get_profile(knobs.strategy)
+        self.policy = policy
+        self.tick_interval = self.profile.tick_interval
+        self.gap = 1.0 / setup.rate
+        self.poisson = knobs.arrivals == "poisson"
+        endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
+        self.index_of = {e: i for i, e in enumerate(endpoints)}
+        self.listed = [endpoints[i] for i in range(len(setup.pods)) if i not in setup.absent]
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = itertools.count()
+        self.learners: dict[int, SimSidecar] = {}
+        self.members: dict[int, int] = {}
+        self.sidecars: dict[int, SimSidecar] = {}
+        self.arrival_rngs: dict[int, random.Random] = {}
+        self.inflight: dict[int, list[Any]] = {}
+        self.rid = itertools.count()
+        self.sent: list[tuple[float, int, int, int]] = []
+        self.records = Records()
+        self.retries = 0
+        self.events = 0
+        for index in range(setup.sidecars):
+            if _owner(index, knobs.cohort, workers) == worker:
+                self.join(index, 0.0)
+
+    def join(self, index: int, at: float) -> None:
+        phase = random.Random(f"{self.seed}:phase:{index}")
+        self.arrival_rngs[index] = phase
+        heapq.heappush(self.heap, (at + phase.random() * self.gap, next(self.seq), _ARRIVE,
+                                   index))
+        c = index // self.knobs.cohort
+        sc = self.learners.get(c)
+        if sc is None:
+            rng = random.Random(f"{self.seed}:sidecar:{c}")
+            sc = self.learners[c] = SimSidecar(c, f"sim-{c:05d}", self.policy, self.profile,
+                                               self.listed, rng, at, observed=self.observed)
+            self.members[c] = 0
+            heapq.heappush(self.heap, (at + phase.random() * self.tick_interval,
+                                       next(self.seq), _TICK, sc))
+        self.members[c] += 1
+        self.sidecars[index] = sc
+
+    def leave(self, index: int) -> None:
+        c = index // self.knobs.cohort
+        del self.sidecars[index]
+        self.members[c] -= 1
+        if not self.members[c]:
+            del self.learners[c], self.members[c]
+
+    def attempt(self, index: int, sc: SimSidecar, t: float, intended: float,
+                tried: tuple[str, ...]) -> None:
+        endpoint = sc.route(t, tried)
+        if endpoint is None:
+            self.record(intended, t, -1, 0, index)
+            return
+        j = self.index_of[endpoint]
+        rid = next(self.rid)
+        self.inflight[rid] = [index, j, intended, t, tried, endpoint, sc]
+        self.sent.append((t + self.knobs.network, index, rid, j))
+
+    def record(self, intended: float, t: float, pod: int, ok: int, index: int) -> None:
+        rec = self.records
+        rec.intended.append(intended)
+        rec.latency.append(t - intended + self.knobs.overhead)
+        rec.pod.append(pod)
+        rec.ok.append(ok)
+        rec.sidecar.append(index)
+
+    def window(self, until: float, told: list[tuple[float, int, Any]],
+               ) -> tuple[list[tuple[float, int, int, int]], int]:
+        """Handle every event before ``until``; the attempts sent and the requests still in
+        flight."""
+        heap, push, pop = self.heap, heapq.heappush, heapq.heappop
+        seq = self.seq
+        for t, kind, payload in told:
+            push(heap, (t, next(seq), _DELIVERED, (kind, payload)))
+        end = self.setup.total
+        gap, rate, poisson = self.gap, self.setup.rate, self.poisson
+        learners, sidecars, inflight = self.learners, self.sidecars, self.inflight
+        events = 0
+        while heap and heap[0][0] < until:
+            t, _, kind, data = pop(heap)
+            if kind == _ARRIVE:
+                if t > end:
+                    continue
+                events += 1
+                sc = sidecars.get(data)
+                if sc is None:
+                    continue
+                rng = self.arrival_rngs[data]
+                push(heap, (t + (rng.expovariate(rate) if poisson else gap), next(seq),
+                            _ARRIVE, data))
+                self.attempt(data, sc, t, t, ())
+            elif kind == _TICK:
+                if t > end:
+                    continue
+                events += 1
+                if learners.get(data.index) is data:
+                    data.tick(t)
+                    push(heap, (t + self.tick_interval, next(seq), _TICK, data))
+            else:
+                what, payload = data
+                if what == RESPONSE:
+                    events += 1
+                    index, j, intended, sent, _, endpoint, sc = inflight.pop(payload)
+                    if learners.get(sc.index) is not sc:
+                        continue
+                    sc.answered(endpoint, sent, t)
+                    if index in sidecars:
+                        self.record(intended, t, j, 1, index)
+                elif what == REFUSED:
+                    events += 1
+                    index, j, intended, sent, tried, endpoint, sc = inflight.pop(payload)
+                    if learners.get(sc.index) is not sc:
+                        continue
+                    sc.refused(endpoint, sent, t)
+                    if index not in sidecars:
+                        continue
+                    tried = (*tried, endpoint)
+                    if sc.may_retry(tried):
+                        self.retries += 1
+                        self.attempt(index, sc, t, intended, tried)
+                    else:
+                        self.record(intended, t, -1, 0, index)
+                elif what == LISTED:
+                    self.listed = list(payload)
+                elif what == DISCOVER:
+                    for sc in learners.values():
+                        sc.set_endpoints(payload, t)
+                elif what == JOIN:
+                    self.join(payload, t)
+                elif what == LEAVE:
+                    self.leave(payload)
+        self.events += events
+        sent, self.sent = self.sent, []
+        return sent, len(inflight)
+
+    def finish(self) -> dict[str, Any]:
+        for sc in self.learners.values():
+            sc.finish()
+        states = []
+        for c, sc in self.learners.items():
+            snap = sc.group.snapshot
+            if snap is not None:
+                states.append((c, snap.nash_gap, snap.flapping, snap.converged, snap.following))
+        return {"records": columns(self.records),
+                "states": states, "retries": self.retries, "events": self.events,
+                "cpu": time.process_time()}
+
+
+def _work(conn: Any, setup: Setup, policy: str, seed: int, knobs: Knobs, worker: int,
+          workers: int, observed: bool, inherited: tuple[Any, ...]) -> None:
+    """A worker process: windows until told to finish (``None``). ``inherited``: the
+    coordinator's ends of the pipes, which the fork copied: closed, so that each worker hears
+    EOF when the coordinator closes its end."""
+    for end in inherited:
+        end.close()
+    gc.set_threshold(*LONG_RUN_COLLECTOR)
+    try:
+        fleet = _Fleet(setup, policy, seed, knobs, worker, workers, observed)
+        conn.send(("ready",))
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return  # the coordinator stopped (its own error, or an interrupt)
+            if message is None:
+                break
+            conn.send(fleet.window(*message))
+        conn.send(fleet.finish())
+    except Exception as exc:  # the coordinator must hear of it, not wait for ever
+        with contextlib.suppress(OSError):
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        conn.close()
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process stopped with an error (its message says which)."""
+
+
+def _receive(conn: Any) -> Any:
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise WorkerFailed("a simulator worker exited without a word") from None
+    if isinstance(message, tuple) and message and message[0] == "failed":
+        raise WorkerFailed(f"a simulator worker failed: {message[1]}")
+    return message
+
+
+def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAULT_KNOBS,
+                      workers: int = 2, observed: bool = False) -> RunResult:
+    """Run ``setup`` with every sidecar on ``policy``, the sidecars in ``workers`` processes
+    (see the module docstring); the same records for every number of workers."""
+    if policy == CE_POLICY:
+        raise ValueError(f"{CE_POLICY} runs on the event engine only (no --workers): its "
+                         "signaler reads every sidecar's summary in one store")
+    if knobs.network <= 0:
+        raise ValueError("--workers needs a network delay above 0: it is the window in which "
+                         "sidecars do not hear from each other")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    names = [f"pod-{i}" for i in range(len(setup.pods))]
+    pods = [Pod(names[i], spec, random.Random(f"{seed}:pod:{i}"))
+            for i, spec in enumerate(setup.pods)]
+    for i in setup.absent:
+        pods[i].up = False
+    changing = {c[2] for c in setup.changes if c[1] in ("heal", "pod-leave", "pod-join")}
+    for i, pod in enumerate(pods):
+        if pod.spec.servers is not None and not pod.spec.bad \
+                and pod.spec.distribution != "constant" \
+                and i not in changing and i not in setup.absent:  # as the event engine
+            pod.start_direct()
+    net = knobs.network
+    width = net * (1.0 - WINDOW_MARGIN)
+    noise = random.Random(f"{seed}:jitter").expovariate if knobs.jitter > 0 else None
+    jitter_rate = 1.0 / knobs.jitter if knobs.jitter > 0 else 0.0
+
+    # each worker's deliveries, as a heap of (time, sequence, kind, payload)
+    outboxes: list[list[tuple[float, int, int, Any]]] = [[] for _ in range(workers)]
+    out_seq = itertools.count()
+    for w, told in enumerate(_sidecar_timeline(setup, knobs, workers)):
+        for t, kind, payload in told:
+            heapq.heappush(outboxes[w], (t, next(out_seq), kind, payload))
+    pod_heap: list[tuple[float, int, int, Any]] = []
+    pod_seq = itertools.count()
+    for change in setup.changes:
+        if change[1] in ("heal", "pod-leave", "pod-join"):
+            heapq.heappush(pod_heap, (setup.warmup + change[0], next(pod_seq), _CHANGE, change))
+    handed_out = 0.0  # every delivery before this has been handed to its worker
+
+    def deliver(w: int, t: float, kind: int, rid: int) -> None:
+        if t < handed_out:
+            raise AssertionError(f"a delivery at {t} after the window up to {handed_out} was "
+                                 "handed out: the window is longer than the lookahead")
+        heapq.heappush(outboxes[w], (t, next(out_seq), kind, rid))
+
+    def back(t: float) -> float:
+        return t + net + (noise(jitter_rate) if noise is not None else 0.0)
+
+    pod_events = 0
+
+    def serve(until: float) -> None:
+        """The pods' events before ``until``, in time order."""
+        nonlocal pod_events
+        push, pop = heapq.heappush, heapq.heappop
+        while pod_heap and pod_heap[0][0] < until:
+            t, _, kind, data = pop(pod_heap)
+            if kind == _POD_IN:
+                w, rid, j = data
+                pod = pods[j]
+                # the event engine sends straight to a pod whose answer is known on arrival
+                if not (pod.direct or (pod.up and pod.spec.servers is None)):
+                    pod_events += 1
+                if not pod.up:
+                    deliver(w, t + net, REFUSED, rid)
+                elif pod.direct:
+                    deliver(w, back(pod.departure(t)), RESPONSE, rid)
+                elif pod.spec.servers is None:
+                    service = pod.draw_service() + pod.draw_extra()  # summed first, as there
+                    deliver(w, back(t + service), RESPONSE, rid)
+                elif pod.busy < pod.spec.servers:
+                    pod.busy += 1
+                    push(pod_heap, (t + pod.draw_service(), next(pod_seq), _POD_DONE, data))
+                else:
+                    pod.queue.append(data)
+            elif kind == _POD_DONE:
+                pod_events += 1
+                w, rid, j = data
+                pod = pods[j]
+                pod.busy -= 1
+                deliver(w, back(t + pod.draw_extra()), RESPONSE, rid)
+                servers = pod.spec.servers
+                while pod.queue and (servers is None or pod.busy < servers):
+                    pod.busy += 1
+                    push(pod_heap, (t + pod.draw_service(), next(pod_seq), _POD_DONE,
+                                    pod.queue.popleft()))
+            else:
+                _, what, arg = data
+                pod_events += t <= setup.total
+                if what == "heal":
+                    pods[arg].change(pods[arg].spec.healed())
+                else:
+                    pods[arg].up = what == "pod-join"
+
+    def take(w: int, until: float) -> list[tuple[float, int, Any]]:
+        box, taken = outboxes[w], []
+        while box and box[0][0] < until:
+            t, _, kind, payload = heapq.heappop(box)
+            taken.append((t, kind, payload))
+        return taken
+
+    context = multiprocessing.get_context("fork")
+    conns, procs = [], []
+    for w in range(workers):
+        mine, theirs = context.Pipe()
+        proc = context.Process(target=_work, name=f"simulate-worker-{w}", daemon=True,
+                               args=(theirs, setup, policy, seed, knobs, w, workers, observed,
+                                     (*conns, mine)))
+        proc.start()
+        theirs.close()
+        conns.append(mine)
+        procs.append(proc)
+    try:
+        for conn in conns:
+            _receive(conn)  # ready
+        end = setup.total
+
+        def hand_out(k: int) -> None:
+            """Window ``k``, [k w, (k + 1) w), to every worker with its deliveries."""
+            nonlocal handed_out
+            until = (k + 1) * width
+            for w, conn in enumerate(conns):
+                conn.send((until, take(w, until)))
+            handed_out = until
+
+        # Two windows ahead: the deliveries of window k + 2 come from pod events before
+        # (k + 2) w - delay, which are before (k + 1) w, so they are all made once the
+        # attempts of window k are in and the pods served up to (k + 2) w. A worker never
+        # waits for the pods, and a fast one may run a window ahead of a slow one.
+        hand_out(0)
+        hand_out(1)
+        k = 0
+        while True:
+            replies = [_receive(c) for c in conns]  # window k's attempts
+            sent = sorted(a for w, r in enumerate(replies) for a in _tagged(r[0], w))
+            for t, _, rid, j, w in sent:
+                heapq.heappush(pod_heap, (t, next(pod_seq), _POD_IN, (w, rid, j)))
+            serve((k + 2) * width)  # every attempt arriving before then is in
+            if (k + 1) * width > end and not any(r[1] for r in replies) and not pod_heap:
+                # nothing in flight: window k + 1, handed out, can only be empty
+                if any(_receive(c)[0] for c in conns):
+                    raise AssertionError("a worker sent an attempt after the end")
+                break
+            hand_out(k + 2)
+            k += 1
+        for conn in conns:
+            conn.send(None)
+        finals = [_receive(c) for c in conns]
+    finally:
+        for conn in conns:  # a worker still waiting for a window hears EOF and stops
+            conn.close()
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    records = merged([f["records"] for f in finals])
+    states = sorted(s for f in finals for s in f["states"])
+    cpu = time.process_time() - cpu_started + sum(f["cpu"] for f in finals)
+    # as the event engine counts them: one event a change of the timeline, one a discovery
+    timeline = sum(setup.warmup + at <= setup.total for at, what, _ in setup.changes
+                   if what.startswith("sidecars-"))
+    timeline += sum(setup.warmup + at + knobs.discovery_delay <= setup.total
+                    for at, what, _ in setup.changes if what.startswith("pod-"))
+    events = pod_events + timeline + sum(f["events"] for f in finals)
+    return RunResult(policy, records, names, events,
+                     time.perf_counter() - started, cpu, sidecar_states(states), None,
+                     sum(f["retries"] for f in finals))
+
+
+def _tagged(sent: list[tuple[float, int, int, int]], worker: int,
+            ) -> list[tuple[float, int, int, int, int]]:
+    return [(t, index, rid, j, worker) for t, index, rid, j in sent]
+
+
+def columns(rec: Records) -> tuple[bytes, ...]:
+    """A run's records as the bytes of their columns (what a worker hands back)."""
+    return (rec.intended.tobytes(), rec.latency.tobytes(), rec.pod.tobytes(), rec.ok.tobytes(),
+            rec.sidecar.tobytes())
+
+
+def merged(parts: list[tuple[bytes, ...]]) -> Records:
+    """The workers' records (:func:`columns`) in one canonical order (intended start, client,
+    latency), so that the same run split over any number of workers gives the same arrays
+    (and the event engine's records, put in that order, the same again)."""
+    intended = np.concatenate([np.frombuffer(p[0], dtype=np.float64) for p in parts])
+    latency = np.concatenate([np.frombuffer(p[1], dtype=np.float64) for p in parts])
+    pod = np.concatenate([np.frombuffer(p[2], dtype=np.int32) for p in parts])
+    ok = np.concatenate([np.frombuffer(p[3], dtype=np.int8) for p in parts])
+    sidecar = np.concatenate([np.frombuffer(p[4], dtype=np.int32) for p in parts])
+    order = np.lexsort((latency, sidecar, intended))
+    rec = Records()
+    rec.intended = array("d", intended[order].tobytes())
+    rec.latency = array("d", latency[order].tobytes())
+    rec.pod = array("i", pod[order].tobytes())
+    rec.ok = array("b", ok[order].tobytes())
+    rec.sidecar = array("i", sidecar[order].tobytes())
+    return rec
