@@ -23,12 +23,14 @@ windows a little shorter than the delay:
    window k + 2 are all known once the attempts of window k are in), so the workers compute
    while it serves the pods, and a fast worker may run a window ahead of a slow one.
 
-Nothing a sidecar decides depends on another sidecar's events of the same window, and the
-pods see every attempt in a fixed order, so the records are the same for every number of
-workers (``--workers 1`` and ``--workers 2`` print the same JSON, a test holds it). They are
-not those of the event engine, which breaks the ties of one instant by a sequence shared by
-the whole fleet and draws the pods' service times at other moments: the same model, other
-draws (a test holds the two to the same shares and latencies within sampling noise).
+Nothing a sidecar decides depends on another sidecar's events of the same window; each
+sidecar sees its own events in the event engine's order, and the pods see the attempts in the
+order of their arrival and draw their service times in that order, as the event engine does
+(it draws a pod's at the attempt's sending or arrival, one delay apart for every attempt).
+So the records, the event count, the retries and the sidecars' states are the event engine's,
+bit for bit, whatever the number of workers (tests hold it on every scenario, with cohorts,
+jitter, Poisson arrivals, constant service times and another delay; records are put in one
+canonical order, :func:`merged`).
 
 ``equilibrium-ce`` is not supported here: its signaler reads every sidecar's summary in one
 store each epoch (the event engine runs it).
@@ -168,6 +170,10 @@ class _Fleet:
         if not self.members[c]:
             del self.learners[c], self.members[c]
 
+    def alive(self, sc: SimSidecar) -> bool:
+        """Whether ``sc`` is still there (its cohort's last client did not leave)."""
+        return self.learners.get(sc.index) is sc
+
     def attempt(self, index: int, sc: SimSidecar, t: float, intended: float,
                 tried: tuple[str, ...]) -> None:
         endpoint = sc.route(t, tried)
@@ -205,18 +211,18 @@ class _Fleet:
                 if t > end:
                     continue
                 events += 1
-                sc = sidecars.get(data)
-                if sc is None:
+                client = sidecars.get(data)
+                if client is None:
                     continue
                 rng = self.arrival_rngs[data]
                 push(heap, (t + (rng.expovariate(rate) if poisson else gap), next(seq),
                             _ARRIVE, data))
-                self.attempt(data, sc, t, t, ())
+                self.attempt(data, client, t, t, ())
             elif kind == _TICK:
                 if t > end:
                     continue
                 events += 1
-                if learners.get(data.index) is data:
+                if self.alive(data):
                     data.tick(t)
                     push(heap, (t + self.tick_interval, next(seq), _TICK, data))
             else:
@@ -224,7 +230,7 @@ class _Fleet:
                 if what == RESPONSE:
                     events += 1
                     index, j, intended, sent, _, endpoint, sc = inflight.pop(payload)
-                    if learners.get(sc.index) is not sc:
+                    if not self.alive(sc):
                         continue
                     sc.answered(endpoint, sent, t)
                     if index in sidecars:
@@ -232,7 +238,7 @@ class _Fleet:
                 elif what == REFUSED:
                     events += 1
                     index, j, intended, sent, tried, endpoint, sc = inflight.pop(payload)
-                    if learners.get(sc.index) is not sc:
+                    if not self.alive(sc):
                         continue
                     sc.refused(endpoint, sent, t)
                     if index not in sidecars:
@@ -299,6 +305,15 @@ def _work(conn: Any, setup: Setup, policy: str, seed: int, knobs: Knobs, worker:
 
 class WorkerFailed(RuntimeError):
     """A worker process stopped with an error (its message says which)."""
+
+
+def _send(conn: Any, message: Any) -> None:
+    """Hand a worker ``message``; a worker gone stops the run with what it said last."""
+    try:
+        conn.send(message)
+    except OSError:  # its end is closed: it failed (and said why) or was killed
+        while True:
+            _receive(conn)  # raises WorkerFailed with its own message, or at EOF
 
 
 def _receive(conn: Any) -> Any:
@@ -415,7 +430,8 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
         return taken
 
     context = multiprocessing.get_context("fork")
-    conns, procs = [], []
+    conns: list[Any] = []
+    procs: list[Any] = []
     for w in range(workers):
         mine, theirs = context.Pipe()
         proc = context.Process(target=_work, name=f"simulate-worker-{w}", daemon=True,
@@ -435,7 +451,7 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
             nonlocal handed_out
             until = (k + 1) * width
             for w, conn in enumerate(conns):
-                conn.send((until, take(w, until)))
+                _send(conn, (until, take(w, until)))
             handed_out = until
 
         # Two windows ahead: the deliveries of window k + 2 come from pod events before
@@ -459,7 +475,7 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
             hand_out(k + 2)
             k += 1
         for conn in conns:
-            conn.send(None)
+            _send(conn, None)
         finals = [_receive(c) for c in conns]
     finally:
         for conn in conns:  # a worker still waiting for a window hears EOF and stops

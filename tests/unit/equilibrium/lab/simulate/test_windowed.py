@@ -61,7 +61,8 @@ def test_sidecars_joining_before_discovery_start_with_the_new_endpoint_set() -> 
                                     (2.4, "sidecars-join", 3), (2.5, "sidecars-leave", 2)))
     serial = simulate(setup, "equilibrium", 5, Knobs())
     assert_same_run(serial, simulate_windowed(setup, "equilibrium", 5, Knobs(), workers=2))
-    joined = {i: [] for i in range(6, 9)}  # the sidecars that joined between the two times
+    # the sidecars that joined between the pod's arrival and its discovery
+    joined: dict[int, list[int]] = {i: [] for i in range(6, 9)}
     for sidecar, pod, intended in zip(serial.records.sidecar, serial.records.pod,
                                       serial.records.intended, strict=True):
         if sidecar in joined and intended < 2.0 + 1.0:  # before the others hear of it
