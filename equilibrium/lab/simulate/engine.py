@@ -42,7 +42,7 @@ import itertools
 import random
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,42 @@ def endpoint_id(index: int) -> str:
     return f"http://pod-{index}.sim:8080"
 
 
+def make_pods(setup: Setup, seed: int, direct: bool = True) -> tuple[list[Pod], frozenset[int]]:
+    """The run's pods, each with its own random stream, and which are answered without events
+    of their own: a pod with servers that is never bad, never heals, leaves or joins, and whose
+    service times are not constant computes each departure on arrival (``direct``;
+    :meth:`Pod.start_direct`), and a pod without a server limit that never changes is
+    answered when the attempt is sent (the indices returned). Not with constant service
+    times: there responses tie with other events to the instant, and the order of a tie
+    follows when the response was scheduled."""
+    pods = [Pod(f"pod-{i}", spec, random.Random(f"{seed}:pod:{i}"))
+            for i, spec in enumerate(setup.pods)]
+    for i in setup.absent:
+        pods[i].up = False
+    changing = {change[2] for change in setup.changes
+                if change[1] in ("heal", "pod-leave", "pod-join")} | set(setup.absent)
+    for i, pod in enumerate(pods):
+        if direct and pod.spec.servers is not None and not pod.spec.bad \
+                and pod.spec.distribution != "constant" and i not in changing:
+            pod.start_direct()  # its requests leave when computed, not by events
+    instant = frozenset(i for i, pod in enumerate(pods)
+                        if pod.spec.servers is None and i not in changing)
+    return pods, instant
+
+
+def response_delay(seed: int, pods: int, knobs: Knobs) -> Callable[[float, int], float]:
+    """When a response leaving pod ``j`` at ``t`` reaches the sidecar: one network delay,
+    and with ``--jitter`` an exponential extra drawn from the pod's own stream (so that each
+    pod's draws go in the order of its own responses, however the engine interleaves the
+    pods)."""
+    net = knobs.network
+    if knobs.jitter <= 0:
+        return lambda t, j: t + net
+    rate = 1.0 / knobs.jitter
+    draws = [random.Random(f"{seed}:jitter:{j}").expovariate for j in range(pods)]
+    return lambda t, j: t + net + draws[j](rate)
+
+
 def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
              max_events: int = 2_000_000_000, observed: bool = False,
              direct: bool = True) -> RunResult:
@@ -140,19 +176,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     names = [f"pod-{i}" for i in range(len(setup.pods))]
     endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
     index_of = {e: i for i, e in enumerate(endpoints)}
-    pods = [Pod(names[i], spec, random.Random(f"{seed}:pod:{i}"))
-            for i, spec in enumerate(setup.pods)]
-    for i in setup.absent:
-        pods[i].up = False
-    changing = {change[2] for change in setup.changes
-                if change[1] in ("heal", "pod-leave", "pod-join")}
-    for i, pod in enumerate(pods):
-        # Not with constant service times: there responses tie with other events to the
-        # instant, and the order of a tie follows when the response was scheduled
-        if direct and pod.spec.servers is not None and not pod.spec.bad \
-                and pod.spec.distribution != "constant" \
-                and i not in changing and i not in setup.absent:
-            pod.start_direct()  # its requests leave when computed, not by events
+    pods, instant = make_pods(setup, seed, direct)
     listed = [endpoints[i] for i in range(len(pods)) if i not in setup.absent]
 
     now = 0.0
@@ -215,12 +239,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     r_intended, r_latency, r_pod = rec.intended.append, rec.latency.append, rec.pod.append
     r_ok, r_sidecar = rec.ok.append, rec.sidecar.append
     net, overhead, end = knobs.network, knobs.overhead, setup.total
-    noise = random.Random(f"{seed}:jitter").expovariate if knobs.jitter > 0 else None
-    jitter_rate = 1.0 / knobs.jitter if knobs.jitter > 0 else 0.0
-
-    def back(t: float) -> float:
-        """When a response leaving the pod at ``t`` reaches the sidecar."""
-        return t + net + (noise(jitter_rate) if noise is not None else 0.0)
+    back = response_delay(seed, len(pods), knobs)
     retries = 0
     events = 0
 
@@ -235,10 +254,10 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
         pod = pods[j]
         req = [index, j, intended, t, tried, endpoint, sc]
         if pod.direct:
-            push(heap, (back(pod.departure(t + net)), next(seq), RESPONSE, req))
-        elif pod.spec.servers is None and pod.up:
+            push(heap, (back(pod.departure(t + net), j), next(seq), RESPONSE, req))
+        elif j in instant and pod.up:
             service = pod.draw_service() + pod.draw_extra()
-            push(heap, (back(t + net + service), next(seq), RESPONSE, req))
+            push(heap, (back(t + net + service, j), next(seq), RESPONSE, req))
         else:
             push(heap, (t + net, next(seq), POD_IN, req))
 
@@ -274,7 +293,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
                     push(heap, (t + net, next(seq), REFUSED, data))
                 elif pod.spec.servers is None:
                     service = pod.draw_service() + pod.draw_extra()
-                    push(heap, (back(t + service), next(seq), RESPONSE, data))
+                    push(heap, (back(t + service, data[1]), next(seq), RESPONSE, data))
                 elif pod.busy < pod.spec.servers:
                     pod.busy += 1
                     push(heap, (t + pod.draw_service(), next(seq), POD_DONE, data))
@@ -283,7 +302,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
             elif kind == POD_DONE:
                 pod = pods[data[1]]
                 pod.busy -= 1
-                push(heap, (back(t + pod.draw_extra()), next(seq), RESPONSE, data))
+                push(heap, (back(t + pod.draw_extra(), data[1]), next(seq), RESPONSE, data))
                 servers = pod.spec.servers
                 while pod.queue and (servers is None or pod.busy < servers):
                     pod.busy += 1

@@ -23,14 +23,18 @@ windows a little shorter than the delay:
    window k + 2 are all known once the attempts of window k are in), so the workers compute
    while it serves the pods, and a fast worker may run a window ahead of a slow one.
 
-Nothing a sidecar decides depends on another sidecar's events of the same window; each
-sidecar sees its own events in the event engine's order, and the pods see the attempts in the
-order of their arrival and draw their service times in that order, as the event engine does
-(it draws a pod's at the attempt's sending or arrival, one delay apart for every attempt).
-So the records, the event count, the retries and the sidecars' states are the event engine's,
-bit for bit, whatever the number of workers (tests hold it on every scenario, with cohorts,
-jitter, Poisson arrivals, constant service times and another delay; records are put in one
-canonical order, :func:`merged`).
+Nothing a sidecar decides depends on another sidecar's events of the same window. Events of
+one instant keep the event engine's order: its sequence numbers follow when each event was
+scheduled, so every event here carries that time (a response computed as its attempt is
+sent, :data:`AT_SENDING`, takes the attempt's) and, within one step, an arrival schedules
+the next arrival before its response, as there. The pods see the attempts in the order of
+their arrival and draw their service times, and their jitter
+(:func:`equilibrium.lab.simulate.engine.response_delay`: each pod its own stream), in the
+order of their own arrivals and completions, as the event engine does. So the records, the
+event count, the retries and the sidecars' states are the event engine's, bit for bit,
+whatever the number of workers (tests hold it on every scenario, with cohorts, jitter,
+Poisson arrivals, constant service times, long delays and changes after the end; records are
+put in one canonical order, :func:`merged`).
 
 ``equilibrium-ce`` is not supported here: its signaler reads every sidecar's summary in one
 store each epoch (the event engine runs it).
@@ -43,7 +47,9 @@ import gc
 import heapq
 import itertools
 import multiprocessing
+import queue
 import random
+import threading
 import time
 from array import array
 from typing import Any
@@ -57,9 +63,10 @@ from equilibrium.lab.simulate.engine import (
     Records,
     RunResult,
     endpoint_id,
+    make_pods,
+    response_delay,
     sidecar_states,
 )
-from equilibrium.lab.simulate.pods import Pod
 from equilibrium.lab.simulate.scenarios import Setup
 from equilibrium.lab.simulate.sidecar import SimSidecar
 from mesh.profiles import get_profile
@@ -68,8 +75,10 @@ from mesh.profiles import get_profile
 #: window's first instant lands in a later window whatever the rounding of the sums of times
 WINDOW_MARGIN = 1e-6
 
-# what the coordinator hands a worker (time, kind, payload)
+# what the coordinator hands a worker: (time, kind, payload, when it was scheduled)
 RESPONSE, REFUSED, DISCOVER, LISTED, JOIN, LEAVE = range(6)
+#: "when it was scheduled" of a response the event engine schedules as the attempt is sent
+AT_SENDING = -1.0
 DEFAULT_KNOBS = Knobs()
 # a worker's own events
 _ARRIVE, _TICK, _DELIVERED = range(3)
@@ -82,34 +91,41 @@ def _owner(index: int, cohort: int, workers: int) -> int:
 
 
 def _sidecar_timeline(setup: Setup, knobs: Knobs, workers: int,
-                      ) -> list[list[tuple[float, int, Any]]]:
+                      ) -> list[list[tuple[float, int, Any, float]]]:
     """What each worker is told along the run besides responses: sidecars joining and leaving,
     the endpoint set a sidecar joining gets (changed when a pod leaves or joins) and,
     ``discovery_delay`` later, the new set for every sidecar there. All of it follows from the
-    scenario alone, so it is worked out before the run."""
-    told: list[list[tuple[float, int, Any]]] = [[] for _ in range(workers)]
+    scenario alone, so it is worked out before the run. Nothing after the end, which the event
+    engine skips too."""
+    told: list[list[tuple[float, int, Any, float]]] = [[] for _ in range(workers)]
+    end = setup.total
     endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
     listed = [endpoints[i] for i in range(len(setup.pods)) if i not in setup.absent]
     clients = list(range(setup.sidecars))
     next_index = setup.sidecars
     for at, what, arg in sorted(setup.changes, key=lambda c: c[0]):
         t = setup.warmup + at
+        if t > end:
+            continue
         if what in ("pod-leave", "pod-join"):
             if what == "pod-join":
                 listed.append(endpoints[arg])
             else:
                 listed.remove(endpoints[arg])
+            found = t + knobs.discovery_delay
             for w in range(workers):  # a sidecar that joins from now on starts with it
-                told[w].append((t, LISTED, tuple(listed)))
-                told[w].append((t + knobs.discovery_delay, DISCOVER, tuple(listed)))
+                told[w].append((t, LISTED, tuple(listed), 0.0))
+                if found <= end:  # (the change's own event was scheduled at the start)
+                    told[w].append((found, DISCOVER, tuple(listed), t))
         elif what == "sidecars-leave":
             for index in sorted(clients)[:arg]:
                 clients.remove(index)
-                told[_owner(index, knobs.cohort, workers)].append((t, LEAVE, index))
+                told[_owner(index, knobs.cohort, workers)].append((t, LEAVE, index, 0.0))
         elif what == "sidecars-join":
             for _ in range(arg):
                 clients.append(next_index)
-                told[_owner(next_index, knobs.cohort, workers)].append((t, JOIN, next_index))
+                told[_owner(next_index, knobs.cohort, workers)].append(
+                    (t, JOIN, next_index, 0.0))
                 next_index += 1
     return told
 
@@ -130,7 +146,10 @@ class _Fleet:
         endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
         self.index_of = {e: i for i, e in enumerate(endpoints)}
         self.listed = [endpoints[i] for i in range(len(setup.pods)) if i not in setup.absent]
-        self.heap: list[tuple[float, int, int, Any]] = []
+        # (time, when scheduled, 0 for its own and 1 for a delivery, sequence, kind, data):
+        # among events of the same instant, the event engine's order (its sequence follows
+        # when each was scheduled, and a step schedules the next arrival before a response)
+        self.heap: list[tuple[float, float, int, int, int, Any]] = []
         self.seq = itertools.count()
         self.learners: dict[int, SimSidecar] = {}
         self.members: dict[int, int] = {}
@@ -138,7 +157,7 @@ class _Fleet:
         self.arrival_rngs: dict[int, random.Random] = {}
         self.inflight: dict[int, list[Any]] = {}
         self.rid = itertools.count()
-        self.sent: list[tuple[float, int, int, int]] = []
+        self.sent: list[tuple[float, int, int, int, float]] = []
         self.records = Records()
         self.retries = 0
         self.events = 0
@@ -149,8 +168,8 @@ class _Fleet:
     def join(self, index: int, at: float) -> None:
         phase = random.Random(f"{self.seed}:phase:{index}")
         self.arrival_rngs[index] = phase
-        heapq.heappush(self.heap, (at + phase.random() * self.gap, next(self.seq), _ARRIVE,
-                                   index))
+        heapq.heappush(self.heap, (at + phase.random() * self.gap, at, 0, next(self.seq),
+                                   _ARRIVE, index))
         c = index // self.knobs.cohort
         sc = self.learners.get(c)
         if sc is None:
@@ -158,7 +177,7 @@ class _Fleet:
             sc = self.learners[c] = SimSidecar(c, f"sim-{c:05d}", self.policy, self.profile,
                                                self.listed, rng, at, observed=self.observed)
             self.members[c] = 0
-            heapq.heappush(self.heap, (at + phase.random() * self.tick_interval,
+            heapq.heappush(self.heap, (at + phase.random() * self.tick_interval, at, 0,
                                        next(self.seq), _TICK, sc))
         self.members[c] += 1
         self.sidecars[index] = sc
@@ -183,7 +202,7 @@ class _Fleet:
         j = self.index_of[endpoint]
         rid = next(self.rid)
         self.inflight[rid] = [index, j, intended, t, tried, endpoint, sc]
-        self.sent.append((t + self.knobs.network, index, rid, j))
+        self.sent.append((t + self.knobs.network, index, rid, j, t))
 
     def record(self, intended: float, t: float, pod: int, ok: int, index: int) -> None:
         rec = self.records
@@ -193,20 +212,22 @@ class _Fleet:
         rec.ok.append(ok)
         rec.sidecar.append(index)
 
-    def window(self, until: float, told: list[tuple[float, int, Any]],
-               ) -> tuple[list[tuple[float, int, int, int]], int]:
+    def window(self, until: float, told: list[tuple[float, int, Any, float]],
+               ) -> tuple[list[tuple[float, int, int, int, float]], int]:
         """Handle every event before ``until``; the attempts sent and the requests still in
         flight."""
         heap, push, pop = self.heap, heapq.heappush, heapq.heappop
-        seq = self.seq
-        for t, kind, payload in told:
-            push(heap, (t, next(seq), _DELIVERED, (kind, payload)))
+        seq, inflight = self.seq, self.inflight
+        for t, kind, payload, scheduled in told:
+            if scheduled == AT_SENDING:
+                scheduled = inflight[payload][3]
+            push(heap, (t, scheduled, 1, next(seq), _DELIVERED, (kind, payload)))
         end = self.setup.total
         gap, rate, poisson = self.gap, self.setup.rate, self.poisson
-        learners, sidecars, inflight = self.learners, self.sidecars, self.inflight
+        learners, sidecars = self.learners, self.sidecars
         events = 0
         while heap and heap[0][0] < until:
-            t, _, kind, data = pop(heap)
+            t, _, _, _, kind, data = pop(heap)
             if kind == _ARRIVE:
                 if t > end:
                     continue
@@ -215,7 +236,7 @@ class _Fleet:
                 if client is None:
                     continue
                 rng = self.arrival_rngs[data]
-                push(heap, (t + (rng.expovariate(rate) if poisson else gap), next(seq),
+                push(heap, (t + (rng.expovariate(rate) if poisson else gap), t, 0, next(seq),
                             _ARRIVE, data))
                 self.attempt(data, client, t, t, ())
             elif kind == _TICK:
@@ -224,7 +245,7 @@ class _Fleet:
                 events += 1
                 if self.alive(data):
                     data.tick(t)
-                    push(heap, (t + self.tick_interval, next(seq), _TICK, data))
+                    push(heap, (t + self.tick_interval, t, 0, next(seq), _TICK, data))
             else:
                 what, payload = data
                 if what == RESPONSE:
@@ -275,26 +296,46 @@ class _Fleet:
                 "cpu": time.process_time()}
 
 
+_GONE = object()
+
+
 def _work(conn: Any, setup: Setup, policy: str, seed: int, knobs: Knobs, worker: int,
           workers: int, observed: bool, inherited: tuple[Any, ...]) -> None:
     """A worker process: windows until told to finish (``None``). ``inherited``: the
     coordinator's ends of the pipes, which the fork copied: closed, so that each worker hears
-    EOF when the coordinator closes its end."""
+    EOF when the coordinator closes its end. A thread reads the pipe all the time: the
+    coordinator may be sending window k + 2 while the worker sends what it did in window
+    k + 1, and with both directions' buffers full neither would ever finish (a review's
+    finding, with windows of 20,000 attempts)."""
     for end in inherited:
         end.close()
     gc.set_threshold(*LONG_RUN_COLLECTOR)
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                message = conn.recv()
+                inbox.put(message)
+                if message is None:
+                    return
+        except (EOFError, OSError):
+            inbox.put(_GONE)
+
     try:
         fleet = _Fleet(setup, policy, seed, knobs, worker, workers, observed)
+        threading.Thread(target=read, name="simulate-inbox", daemon=True).start()
         conn.send(("ready",))
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:
+            message = inbox.get()
+            if message is _GONE:
                 return  # the coordinator stopped (its own error, or an interrupt)
             if message is None:
                 break
             conn.send(fleet.window(*message))
         conn.send(fleet.finish())
+    except (KeyboardInterrupt, BrokenPipeError, ConnectionResetError):
+        return  # interrupted, or the coordinator is gone: it has its own error to tell
     except Exception as exc:  # the coordinator must hear of it, not wait for ever
         with contextlib.suppress(OSError):
             conn.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -319,8 +360,8 @@ def _send(conn: Any, message: Any) -> None:
 def _receive(conn: Any) -> Any:
     try:
         message = conn.recv()
-    except EOFError:
-        raise WorkerFailed("a simulator worker exited without a word") from None
+    except (EOFError, OSError) as exc:
+        raise WorkerFailed(f"a simulator worker exited without a word ({exc!r})") from None
     if isinstance(message, tuple) and message and message[0] == "failed":
         raise WorkerFailed(f"a simulator worker failed: {message[1]}")
     return message
@@ -338,69 +379,63 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
                          "sidecars do not hear from each other")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError("--workers needs the fork start method (Linux): run without it here")
     started, cpu_started = time.perf_counter(), time.process_time()
     names = [f"pod-{i}" for i in range(len(setup.pods))]
-    pods = [Pod(names[i], spec, random.Random(f"{seed}:pod:{i}"))
-            for i, spec in enumerate(setup.pods)]
-    for i in setup.absent:
-        pods[i].up = False
-    changing = {c[2] for c in setup.changes if c[1] in ("heal", "pod-leave", "pod-join")}
-    for i, pod in enumerate(pods):
-        if pod.spec.servers is not None and not pod.spec.bad \
-                and pod.spec.distribution != "constant" \
-                and i not in changing and i not in setup.absent:  # as the event engine
-            pod.start_direct()
+    pods, instant = make_pods(setup, seed)
+    back = response_delay(seed, len(pods), knobs)
     net = knobs.network
     width = net * (1.0 - WINDOW_MARGIN)
-    noise = random.Random(f"{seed}:jitter").expovariate if knobs.jitter > 0 else None
-    jitter_rate = 1.0 / knobs.jitter if knobs.jitter > 0 else 0.0
 
-    # each worker's deliveries, as a heap of (time, sequence, kind, payload)
-    outboxes: list[list[tuple[float, int, int, Any]]] = [[] for _ in range(workers)]
+    # each worker's deliveries: a heap of (time, sequence, kind, payload, when scheduled)
+    outboxes: list[list[tuple[float, int, int, Any, float]]] = [[] for _ in range(workers)]
     out_seq = itertools.count()
     for w, told in enumerate(_sidecar_timeline(setup, knobs, workers)):
-        for t, kind, payload in told:
-            heapq.heappush(outboxes[w], (t, next(out_seq), kind, payload))
-    pod_heap: list[tuple[float, int, int, Any]] = []
+        for t, kind, payload, scheduled in told:
+            heapq.heappush(outboxes[w], (t, next(out_seq), kind, payload, scheduled))
+    # the pods' events: (time, when scheduled, sequence, kind, data), the event engine's order
+    pod_heap: list[tuple[float, float, int, int, Any]] = []
     pod_seq = itertools.count()
     for change in setup.changes:
-        if change[1] in ("heal", "pod-leave", "pod-join"):
-            heapq.heappush(pod_heap, (setup.warmup + change[0], next(pod_seq), _CHANGE, change))
+        at = setup.warmup + change[0]
+        if change[1] in ("heal", "pod-leave", "pod-join") and at <= setup.total:
+            heapq.heappush(pod_heap, (at, 0.0, next(pod_seq), _CHANGE, change))
     handed_out = 0.0  # every delivery before this has been handed to its worker
 
-    def deliver(w: int, t: float, kind: int, rid: int) -> None:
+    def deliver(w: int, t: float, kind: int, rid: int, scheduled: float) -> None:
         if t < handed_out:
             raise AssertionError(f"a delivery at {t} after the window up to {handed_out} was "
                                  "handed out: the window is longer than the lookahead")
-        heapq.heappush(outboxes[w], (t, next(out_seq), kind, rid))
-
-    def back(t: float) -> float:
-        return t + net + (noise(jitter_rate) if noise is not None else 0.0)
+        heapq.heappush(outboxes[w], (t, next(out_seq), kind, rid, scheduled))
 
     pod_events = 0
 
     def serve(until: float) -> None:
-        """The pods' events before ``until``, in time order."""
+        """The pods' events before ``until``, in the event engine's order."""
         nonlocal pod_events
         push, pop = heapq.heappush, heapq.heappop
         while pod_heap and pod_heap[0][0] < until:
-            t, _, kind, data = pop(pod_heap)
+            t, _, _, kind, data = pop(pod_heap)
             if kind == _POD_IN:
                 w, rid, j = data
                 pod = pods[j]
-                # the event engine sends straight to a pod whose answer is known on arrival
-                if not (pod.direct or (pod.up and pod.spec.servers is None)):
-                    pod_events += 1
-                if not pod.up:
-                    deliver(w, t + net, REFUSED, rid)
-                elif pod.direct:
-                    deliver(w, back(pod.departure(t)), RESPONSE, rid)
-                elif pod.spec.servers is None:
+                if pod.direct:  # the event engine computes these as the attempt is sent
+                    deliver(w, back(pod.departure(t), j), RESPONSE, rid, AT_SENDING)
+                    continue
+                if j in instant and pod.up:
                     service = pod.draw_service() + pod.draw_extra()  # summed first, as there
-                    deliver(w, back(t + service), RESPONSE, rid)
+                    deliver(w, back(t + service, j), RESPONSE, rid, AT_SENDING)
+                    continue
+                pod_events += 1  # the event engine's arrival at the pod
+                if not pod.up:
+                    deliver(w, t + net, REFUSED, rid, t)
+                elif pod.spec.servers is None:
+                    service = pod.draw_service() + pod.draw_extra()
+                    deliver(w, back(t + service, j), RESPONSE, rid, t)
                 elif pod.busy < pod.spec.servers:
                     pod.busy += 1
-                    push(pod_heap, (t + pod.draw_service(), next(pod_seq), _POD_DONE, data))
+                    push(pod_heap, (t + pod.draw_service(), t, next(pod_seq), _POD_DONE, data))
                 else:
                     pod.queue.append(data)
             elif kind == _POD_DONE:
@@ -408,25 +443,25 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
                 w, rid, j = data
                 pod = pods[j]
                 pod.busy -= 1
-                deliver(w, back(t + pod.draw_extra()), RESPONSE, rid)
+                deliver(w, back(t + pod.draw_extra(), j), RESPONSE, rid, t)
                 servers = pod.spec.servers
                 while pod.queue and (servers is None or pod.busy < servers):
                     pod.busy += 1
-                    push(pod_heap, (t + pod.draw_service(), next(pod_seq), _POD_DONE,
+                    push(pod_heap, (t + pod.draw_service(), t, next(pod_seq), _POD_DONE,
                                     pod.queue.popleft()))
             else:
                 _, what, arg = data
-                pod_events += t <= setup.total
+                pod_events += 1
                 if what == "heal":
                     pods[arg].change(pods[arg].spec.healed())
                 else:
                     pods[arg].up = what == "pod-join"
 
-    def take(w: int, until: float) -> list[tuple[float, int, Any]]:
+    def take(w: int, until: float) -> list[tuple[float, int, Any, float]]:
         box, taken = outboxes[w], []
         while box and box[0][0] < until:
-            t, _, kind, payload = heapq.heappop(box)
-            taken.append((t, kind, payload))
+            t, _, kind, payload, scheduled = heapq.heappop(box)
+            taken.append((t, kind, payload, scheduled))
         return taken
 
     context = multiprocessing.get_context("fork")
@@ -464,8 +499,8 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
         while True:
             replies = [_receive(c) for c in conns]  # window k's attempts
             sent = sorted(a for w, r in enumerate(replies) for a in _tagged(r[0], w))
-            for t, _, rid, j, w in sent:
-                heapq.heappush(pod_heap, (t, next(pod_seq), _POD_IN, (w, rid, j)))
+            for t, _, rid, j, sent_at, w in sent:
+                heapq.heappush(pod_heap, (t, sent_at, next(pod_seq), _POD_IN, (w, rid, j)))
             serve((k + 2) * width)  # every attempt arriving before then is in
             if (k + 1) * width > end and not any(r[1] for r in replies) and not pod_heap:
                 # nothing in flight: window k + 1, handed out, can only be empty
@@ -490,7 +525,7 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
     cpu = time.process_time() - cpu_started + sum(f["cpu"] for f in finals)
     # as the event engine counts them: one event a change of the timeline, one a discovery
     timeline = sum(setup.warmup + at <= setup.total for at, what, _ in setup.changes
-                   if what.startswith("sidecars-"))
+                   if what.startswith("sidecars-"))  # (the pods' own: counted by serve)
     timeline += sum(setup.warmup + at + knobs.discovery_delay <= setup.total
                     for at, what, _ in setup.changes if what.startswith("pod-"))
     events = pod_events + timeline + sum(f["events"] for f in finals)
@@ -499,9 +534,9 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
                      sum(f["retries"] for f in finals))
 
 
-def _tagged(sent: list[tuple[float, int, int, int]], worker: int,
-            ) -> list[tuple[float, int, int, int, int]]:
-    return [(t, index, rid, j, worker) for t, index, rid, j in sent]
+def _tagged(sent: list[tuple[float, int, int, int, float]], worker: int,
+            ) -> list[tuple[float, int, int, int, float, int]]:
+    return [(*attempt, worker) for attempt in sent]
 
 
 def columns(rec: Records) -> tuple[bytes, ...]:

@@ -4,6 +4,7 @@ the event engine, request for request, whatever the number of worker processes."
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -40,6 +41,12 @@ CASES = [
     ("herding", Sizes(6, 4, None, 6.0), Knobs(jitter=0.002, arrivals="poisson")),
     ("recovery", Sizes(4, 5, None, 8.0), Knobs(network=0.0005)),
     ("churn", Sizes(6, 4, None, 8.0, "constant"), Knobs()),  # ties to the instant
+    # pods on events and pods answered as the attempt is sent, both drawing jitter
+    ("recovery", Sizes(4, 5, None, 6.0), Knobs(jitter=0.002)),
+    ("churn", Sizes(6, 4, None, 6.0), Knobs(jitter=0.002)),
+    # a response and the next arrival of one client at the same instant (a review's finding)
+    ("herding", Sizes(3, 4, 50.0, 2.0, "constant"), Knobs(network=0.03)),
+    ("churn", Sizes(4, 4, 200.0, 2.0, "constant"), Knobs(network=0.01)),
 ]
 
 
@@ -70,6 +77,36 @@ def test_sidecars_joining_before_discovery_start_with_the_new_endpoint_set() -> 
     assert any(4 in pods for pods in joined.values())  # they use the pod that joined
 
 
+def test_the_timeline_and_the_pods_without_queues_as_the_event_engine_has_them() -> None:
+    """Changes after the end are skipped, as the event engine skips them; a pod without a
+    server limit that leaves, joins or heals is answered by events in both engines (a
+    review's findings: each gave other records)."""
+    churn = build("churn", Sizes(6, 4, None, 4.0))
+    for changes, knobs in [
+        (((1.0, "pod-leave", 0), (4.0005, "sidecars-leave", 3)), Knobs()),
+        (((3.999, "pod-leave", 1),), Knobs(discovery_delay=0.0015)),
+        (((1.0, "pod-leave", 0), (2.0, "pod-join", 4), (14.0, "pod-leave", 2)), Knobs()),
+    ]:
+        setup = replace(churn, changes=changes)
+        assert_same_run(simulate(setup, "equilibrium", 1, knobs),
+                        simulate_windowed(setup, "equilibrium", 1, knobs, workers=2))
+    slow = build("slow-pod", Sizes(12, 5, None, 3.0))
+    for changes, seed in [(((1.0003, "pod-leave", 0),), 1), (((1.0, "heal", 4),), 2)]:
+        setup = replace(slow, changes=changes)
+        assert_same_run(simulate(setup, "round-robin", seed, Knobs()),
+                        simulate_windowed(setup, "round-robin", seed, Knobs(), workers=2))
+
+
+def test_windows_of_many_attempts_do_not_fill_the_pipes_both_ways() -> None:
+    """40 clients at 5,000 requests a second and a delay of 0.2 s: some 20,000 attempts a
+    worker a window. The coordinator sending window k + 2 while a worker sends window k + 1
+    deadlocked with both pipe buffers full (a review's finding)."""
+    setup = build("slow-pod", Sizes(40, 5, 5000.0, 0.5))
+    knobs = Knobs(network=0.2)
+    assert_same_run(simulate(setup, "round-robin", 1, knobs),
+                    simulate_windowed(setup, "round-robin", 1, knobs, workers=2))
+
+
 def test_the_number_of_workers_changes_nothing_but_the_time() -> None:
     setup = build("churn", Sizes(7, 5, None, 10.0))
     one = simulate_windowed(setup, "equilibrium", 4, Knobs(), workers=1)
@@ -96,6 +133,17 @@ def test_a_worker_that_fails_stops_the_run_with_its_error(
     monkeypatch.setattr(sim_sidecar.SimSidecar, "route", broken)  # inherited by the fork
     setup = build("herding", Sizes(2, 4, None, 2.0))
     with pytest.raises(WorkerFailed, match="RuntimeError: routing broke"):
+        simulate_windowed(setup, "equilibrium", 1, Knobs(), workers=2)
+
+
+def test_a_worker_that_dies_without_a_word_stops_the_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def killed(self: object, now: float, tried: tuple[str, ...] = ()) -> str | None:
+        os._exit(9)  # as if killed: no message, no clean-up
+
+    monkeypatch.setattr(sim_sidecar.SimSidecar, "route", killed)
+    setup = build("herding", Sizes(2, 4, None, 2.0))
+    with pytest.raises(WorkerFailed, match="exited without a word"):
         simulate_windowed(setup, "equilibrium", 1, Knobs(), workers=2)
 
 
