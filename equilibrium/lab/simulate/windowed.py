@@ -248,18 +248,15 @@ class _Fleet:
                     push(heap, (t + self.tick_interval, t, 0, next(seq), _TICK, data))
             else:
                 what, payload = data
-                if what == RESPONSE:
-                    events += 1
-                    index, j, intended, sent, _, endpoint, sc = inflight.pop(payload)
-                    if not self.alive(sc):
-                        continue
-                    sc.answered(endpoint, sent, t)
-                    if index in sidecars:
-                        self.record(intended, t, j, 1, index)
-                elif what == REFUSED:
+                if what in (RESPONSE, REFUSED):
                     events += 1
                     index, j, intended, sent, tried, endpoint, sc = inflight.pop(payload)
                     if not self.alive(sc):
+                        continue
+                    if what == RESPONSE:
+                        sc.answered(endpoint, sent, t)
+                        if index in sidecars:
+                            self.record(intended, t, j, 1, index)
                         continue
                     sc.refused(endpoint, sent, t)
                     if index not in sidecars:
