@@ -36,6 +36,7 @@ from aiohttp import web
 
 from equilibrium.lab.processes import free_port
 from tests.support import REPO_ROOT, child_env, metric_value
+from wire.probe import PROBE_PATH
 
 LOOPBACK = "127.0.0.1"
 
@@ -336,6 +337,11 @@ class Backend:
     @property
     def hits(self) -> int:
         return sum(self.methods.values())
+
+    @property
+    def app_hits(self) -> int:
+        """The requests callers sent, the sidecars' own probes apart."""
+        return sum(r.path != PROBE_PATH for r in self.seen)
 
     @property
     def url(self) -> str:

@@ -26,7 +26,6 @@ from tests.integration.procs import (
     start_backend,
 )
 from tests.support import metric_value
-from wire.probe import PROBE_PATH
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -140,18 +139,15 @@ async def test_an_absolute_target_of_another_scheme_gets_400_on_the_outbound_lis
         setup: Setup, target: bytes) -> None:
     """A stranger's finding: ``GET https://svc/abs`` went to the endpoint in plain text (the
     scheme was dropped). The sidecar originates no TLS: refused, and the pod sees nothing."""
-    def hits() -> int:  # the app's requests at the pod (the sidecar's probes apart)
-        return sum(r.path != PROBE_PATH for r in setup.upstream.seen)
-
-    before = hits()
+    before = setup.upstream.app_hits
     head, body = await raw_get(setup.caller.outbound_port, target, b"svc")
     assert head.startswith(b"HTTP/1.1 400"), head[:200]
     assert b'"bad-target"' in body and b"not originate TLS" in body, body
-    assert hits() == before
+    assert setup.upstream.app_hits == before
     # a path whose query holds such a URL is a path
     head, _ = await raw_get(setup.caller.outbound_port, b"/x?u=https://a.example/", b"svc")
     assert head.startswith(b"HTTP/1.1 200"), head[:200]
-    assert hits() == before + 1
+    assert setup.upstream.app_hits == before + 1
 
 
 async def test_underscore_game_headers_are_stripped_in_both_directions(setup: Setup) -> None:

@@ -157,10 +157,11 @@ async def heal(pod: Pod) -> None:
 async def heal_and_watch(pods: list[Pod], callers: list[SidecarProcess],
                          enough: float | None = None) -> tuple[
         float, float, list[list[dict[str, float]]]]:
-    """Heal the slow pod (the last), then look each second until it has 80 % of a fair share
-    of the user requests of the last three seconds, counted at the pods (a caller following
-    a signaler holds a private share, not a fair one), or :data:`READMIT_BOUND` passed: (that
-    share, the seconds it took, the callers' weights at each look)."""
+    """Heal the slow pod (the last), then look each second until it has ``enough`` (80 % of a
+    fair share unless given) of the user requests of the last three seconds, counted at the
+    pods (a caller following a signaler holds a private share, not a fair one), or
+    :data:`READMIT_BOUND` passed: (that share, the seconds it took, the callers' weights at
+    each look)."""
     await heal(pods[-1])
     healed_at = time.monotonic()
     seen: list[list[dict[str, float]]] = []

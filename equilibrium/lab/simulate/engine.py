@@ -123,6 +123,12 @@ def endpoint_id(index: int) -> str:
     return f"http://pod-{index}.sim:8080"
 
 
+def endpoints_of(setup: Setup) -> tuple[list[str], list[str]]:
+    """Every pod's endpoint (by index), and those listed at the start (not absent)."""
+    endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
+    return endpoints, [e for i, e in enumerate(endpoints) if i not in setup.absent]
+
+
 def make_pods(setup: Setup, seed: int, direct: bool = True) -> tuple[list[Pod], frozenset[int]]:
     """The run's pods, each with its own random stream, and which are answered without events
     of their own: a pod with servers that is never bad, never heals, leaves or joins, and whose
@@ -173,11 +179,9 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     base_policy = "equilibrium" if policy == CE_POLICY else policy
     profile: StrategyProfile = get_profile(knobs.strategy)
     tick_interval = profile.tick_interval
-    names = [f"pod-{i}" for i in range(len(setup.pods))]
-    endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
+    endpoints, listed = endpoints_of(setup)
     index_of = {e: i for i, e in enumerate(endpoints)}
     pods, instant = make_pods(setup, seed, direct)
-    listed = [endpoints[i] for i in range(len(pods)) if i not in setup.absent]
 
     now = 0.0
 
@@ -364,7 +368,7 @@ def simulate(setup: Setup, policy: str, seed: int, knobs: Knobs = Knobs(),
     if plane is not None:
         plane_state = {**plane.state(), "following_at_end": plane.following()}
         plane.close()
-    return RunResult(policy, rec, names, events, time.perf_counter() - started,
+    return RunResult(policy, rec, [pod.name for pod in pods], events, time.perf_counter() - started,
                      time.process_time() - cpu_started, result_sidecars, plane_state, retries)
 
 

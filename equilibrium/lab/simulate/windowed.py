@@ -62,7 +62,7 @@ from equilibrium.lab.simulate.engine import (
     Knobs,
     Records,
     RunResult,
-    endpoint_id,
+    endpoints_of,
     make_pods,
     response_delay,
     sidecar_states,
@@ -99,8 +99,7 @@ def _sidecar_timeline(setup: Setup, knobs: Knobs, workers: int,
     engine skips too."""
     told: list[list[tuple[float, int, Any, float]]] = [[] for _ in range(workers)]
     end = setup.total
-    endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
-    listed = [endpoints[i] for i in range(len(setup.pods)) if i not in setup.absent]
+    endpoints, listed = endpoints_of(setup)
     clients = list(range(setup.sidecars))
     next_index = setup.sidecars
     for at, what, arg in sorted(setup.changes, key=lambda c: c[0]):
@@ -143,9 +142,8 @@ class _Fleet:
         self.tick_interval = self.profile.tick_interval
         self.gap = 1.0 / setup.rate
         self.poisson = knobs.arrivals == "poisson"
-        endpoints = [endpoint_id(i) for i in range(len(setup.pods))]
+        endpoints, self.listed = endpoints_of(setup)
         self.index_of = {e: i for i, e in enumerate(endpoints)}
-        self.listed = [endpoints[i] for i in range(len(setup.pods)) if i not in setup.absent]
         # (time, when scheduled, 0 for its own and 1 for a delivery, sequence, kind, data):
         # among events of the same instant, the event engine's order (its sequence follows
         # when each was scheduled, and a step schedules the next arrival before a response)
@@ -379,7 +377,6 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
     if "fork" not in multiprocessing.get_all_start_methods():
         raise ValueError("--workers needs the fork start method (Linux): run without it here")
     started, cpu_started = time.perf_counter(), time.process_time()
-    names = [f"pod-{i}" for i in range(len(setup.pods))]
     pods, instant = make_pods(setup, seed)
     back = response_delay(seed, len(pods), knobs)
     net = knobs.network
@@ -526,7 +523,7 @@ def simulate_windowed(setup: Setup, policy: str, seed: int, knobs: Knobs = DEFAU
     timeline += sum(setup.warmup + at + knobs.discovery_delay <= setup.total
                     for at, what, _ in setup.changes if what.startswith("pod-"))
     events = pod_events + timeline + sum(f["events"] for f in finals)
-    return RunResult(policy, records, names, events,
+    return RunResult(policy, records, [pod.name for pod in pods], events,
                      time.perf_counter() - started, cpu, sidecar_states(states), None,
                      sum(f["retries"] for f in finals))
 
