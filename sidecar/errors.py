@@ -56,7 +56,9 @@ class ErrorReason(StrEnum):
     that left it out) and no attempt was left: relayed as such (HTTP/2)."""
     BODY_RELAY_FAILED = "body-relay-failed"
     """The response head was sent but its body broke off: the connection is cut (metric
-    only: no body can be sent any more)."""
+    only: no body can be sent any more). A body that breaks or stalls before its first byte
+    was relayed (the head waits to share a write with it) is answered instead: 502
+    ``upstream-protocol-error`` or 504 ``upstream-timeout``."""
     RESCUED = "rescued"
     """An attempt given up at an endpoint ejected while it held it, and sent to another
     (``--rescue``, :mod:`sidecar.rescue`): counted in ``equilibrium_requests{code}`` of the

@@ -118,8 +118,15 @@ class Exchange(RequestHead, Protocol):
         listener's floor: ``sidecar.http1.server.READER_MIN_TAKEN``)."""
         ...
 
+    def head_unsent(self) -> bool:
+        """Whether a response was begun (:meth:`start_response`) and nothing of it has been
+        written yet: :meth:`answer` may still replace it (an upstream's answer that broke
+        off before its first byte could be relayed)."""
+        ...
+
     async def answer(self, answer: Answer) -> None:
-        """Send a whole small response (head and body in one write)."""
+        """Send a whole small response (head and body in one write), also in place of one
+        begun and not sent yet (:meth:`head_unsent`)."""
         ...
 
     async def refuse_body(self, answer: Answer | None) -> None:
@@ -197,6 +204,9 @@ class AiohttpExchange:
 
     def reader_moving(self) -> bool:
         return False  # aiohttp's writer does not say (it serves only failed upgrades here)
+
+    def head_unsent(self) -> bool:
+        return False  # aiohttp writes the head as the response is prepared
 
     async def answer(self, answer: Answer) -> None:
         response = self.response = web_response(answer)

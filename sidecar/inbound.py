@@ -507,9 +507,25 @@ class InboundProxy:
                                bodiless=must_be_empty(exchange.method, upstream.status),
                                watchdog=watchdog, on_dropped=self._app_trailers_dropped)
         except BODY_READ_ERRORS as exc:  # a stall the watchdog cut among them (TimeoutError)
+            stalled = isinstance(exc, TimeoutError)
+            if exchange.head_unsent():
+                # nothing of the answer has reached the caller: it is told by an error
+                # answer instead of a cut connection (not signed as a refusal: the app did
+                # see the request, so nobody may send it again)
+                upstream.close()
+                self.metrics.requests.labels(verdict.label, InboundOutcome.APP_ERROR).inc()
+                detail = ("the app sent its answer's head, then nothing more within the "
+                          "request timeout" if stalled else
+                          f"the app's answer broke off before any of it was sent: {exc!r}")
+                self.app_failed_notice("answer-stalled" if stalled else "answer-cut", detail)
+                await exchange.answer(self._answer(
+                    verdict, 504 if stalled else 502,
+                    ErrorReason.UPSTREAM_TIMEOUT if stalled
+                    else ErrorReason.UPSTREAM_PROTOCOL_ERROR, detail[:300], {}))
+                return False
             # whose stall it was, asked before the abort (asyncio's abort drops the queue)
-            caller_stalled = isinstance(exc, TimeoutError) and reader_stalled(exchange)
-            # the head may be out: cut the caller's connection (a truncated answer, never a
+            caller_stalled = stalled and reader_stalled(exchange)
+            # the head is out: cut the caller's connection (a truncated answer, never a
             # silently short one)
             upstream.close()
             exchange.abort()

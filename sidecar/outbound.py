@@ -978,8 +978,9 @@ class OutboundProxy:
                                    watchdog=watchdog, on_dropped=self._upstream_trailers_dropped)
             except RELAY_ERRORS as exc:  # a stall the watchdog cut among them (TimeoutError)
                 watchdog.stop()
-                if await self._relay_failed(exchange, ctx, upstream, exc):
-                    ok, code = False, ErrorReason.BODY_RELAY_FAILED
+                charged = await self._relay_failed(exchange, ctx, upstream, exc)
+                if charged is not None:
+                    ok, code = False, charged
         finally:
             self._observe(ctx, ok, code, sent, answered_at - sent, self.clock(), congestion,
                           shed)
@@ -995,9 +996,10 @@ class OutboundProxy:
             self.metrics.rejected_headers.labels(header_label(name), HeaderDrop.FROM_APP).inc()
 
     async def _relay_failed(self, exchange: Exchange, ctx: RequestContext,
-                            upstream: UpstreamResponse, exc: BaseException) -> bool:
-        """Close what a relay that failed mid-answer leaves; whether the endpoint failed it
-        (it broke off or stalled its answer) rather than the app (gone, or not reading)."""
+                            upstream: UpstreamResponse, exc: BaseException) -> ErrorReason | None:
+        """Close what a relay that failed mid-answer leaves; the reason to charge the
+        endpoint with when it failed it (it broke off or stalled its answer), None when the
+        app did (gone, or not reading)."""
         if exchange.client_gone():
             # the app's doing: the endpoint answered, nothing to charge it with
             reason = ErrorReason.APP_HUNG_UP
@@ -1006,9 +1008,24 @@ class OutboundProxy:
             log.debug("%s %s: the app hung up mid-body: %r", ctx.upstream, ctx.endpoint, exc)
             if not await drain(upstream.content):
                 upstream.close()
-            return False
-        # The head may be out already: the only honest signal left is to cut the
-        # connection (the app sees a truncated body, never a silently short one).
+            return None
+        if exchange.head_unsent():
+            # Nothing of the answer has reached the app (its head waits to share a write
+            # with the first chunk): the app can still be told, by an error answer in place
+            # of the endpoint's, instead of a cut connection (a stranger's finding).
+            upstream.close()
+            stalled = isinstance(exc, TimeoutError)
+            reason = ErrorReason.UPSTREAM_TIMEOUT if stalled \
+                else ErrorReason.UPSTREAM_PROTOCOL_ERROR
+            detail = (f"{ctx.endpoint} sent its answer's head, then " +
+                      ("nothing more within the request timeout" if stalled
+                       else f"a body that could not be read ({shown(repr(exc))})"))
+            await exchange.answer(self._error(ctx, 504 if stalled else 502, reason, detail))
+            self._notices.notice((ctx.upstream, ctx.endpoint, reason),
+                                 f"{ctx.upstream}: {detail}")
+            return reason
+        # The head is out: the only honest signal left is to cut the connection (the app
+        # sees a truncated body, never a silently short one).
         if isinstance(exc, TimeoutError) and reader_stalled(exchange):
             # the app stopped reading: its doing (the answer it had was the endpoint's)
             ctx.error_reason = ErrorReason.APP_STALLED
@@ -1016,7 +1033,7 @@ class OutboundProxy:
             upstream.close()
             exchange.abort()
             log.debug("%s %s: the app stopped reading the answer", ctx.upstream, ctx.endpoint)
-            return False
+            return None
         reason = ErrorReason.BODY_RELAY_FAILED
         ctx.error_reason = reason
         self.metrics.errors.labels(ctx.upstream_label, reason).inc()
@@ -1024,7 +1041,7 @@ class OutboundProxy:
         exchange.abort()
         self._notices.notice((ctx.upstream, ctx.endpoint, reason),
                              f"{ctx.upstream} {ctx.endpoint}: body relay failed: {exc!r}")
-        return True
+        return reason
 
     # ------------------------------------------------------------ WebSocket
 

@@ -252,8 +252,12 @@ class H1Exchange:
     def _keep(self) -> bool:
         return self.keep_alive and not self._conn.closing
 
+    def head_unsent(self) -> bool:
+        return bool(self._head)
+
     async def answer(self, answer: Answer) -> None:
         self.started = True
+        self._head, self._framing = b"", Framing.NONE  # replaces one begun and not sent
         # a body still on its way is not read for the sidecar's own answer: the connection
         # ends after it (_finished), and the answer says so
         keep = self.keep_alive = self._keep() and self.content.received
