@@ -108,6 +108,12 @@ class SignalerMetrics:
             "equilibrium_signaler_sidecars", "Sidecars with a fresh summary", ["upstream"],
             registry=r,
         )
+        self.shared_sidecar_ids = Gauge(
+            "equilibrium_signaler_shared_sidecar_ids",
+            "Sidecar ids under which two processes publish summaries (two sidecars started "
+            "with one --id: their traffic is planned as one caller's)", ["upstream"],
+            registry=r,
+        )
         self.leader = Gauge(
             "equilibrium_signaler_leader", "1 while this replica leads the upstream",
             ["upstream"], registry=r,

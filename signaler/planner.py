@@ -108,6 +108,23 @@ class NoDemand(Exception):
     """Nothing to plan: no fresh summary reports traffic (not an error, nothing is published)."""
 
 
+#: Clashes within the freshness window that make a sidecar id shared
+#: (:meth:`UpstreamView.shared_ids`): two writers clash every epoch; a sidecar restarted
+#: within an epoch, a clock stepped back, or a round retried after a Redis timeout that had
+#: appended its summary, once each
+SHARED_ID_CLASHES = 3
+
+
+def two_writers(a: RegretSummary, b: RegretSummary) -> bool:
+    """Whether two summaries of one sidecar id cannot both come from one process. A sidecar
+    publishes once an epoch, numbered by its own clock (``wall // epoch``), at least an
+    epoch apart: two sent at different times in the same epoch, or in epochs ordered against
+    their sending times, had two writers (the same entry read twice has one ``sent_at``)."""
+    if a.sent_at == b.sent_at:
+        return False
+    return a.epoch == b.epoch or (a.epoch < b.epoch) != (a.sent_at < b.sent_at)
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     load: float
@@ -138,12 +155,20 @@ class UpstreamView:
     #: from (< 0: -epochs in a row it was in); times it was forgotten since it was last used
     _missed: dict[str, int] = field(default_factory=dict)
     _forgotten: dict[str, int] = field(default_factory=dict)
+    #: for each sidecar id, when (the later ``sent_at``) two of its summaries could not have
+    #: come from one process (:func:`two_writers`): the newest few
+    _clashes: dict[str, deque[float]] = field(default_factory=dict)
 
     def offer(self, summary: RegretSummary) -> bool:
         """Keep ``summary`` if it is the sidecar's newest; True if it was kept."""
         if summary.upstream != self.upstream:
             raise ValueError(f"summary for {summary.upstream!r} offered to {self.upstream!r}")
         current = self.latest.get(summary.sidecar)
+        if current is not None and two_writers(current, summary):
+            clashes = self._clashes.get(summary.sidecar)
+            if clashes is None:
+                clashes = self._clashes[summary.sidecar] = deque(maxlen=SHARED_ID_CLASHES)
+            clashes.append(max(current.sent_at, summary.sent_at))
         if current is not None and (summary.sent_at, summary.epoch) <= (
             current.sent_at, current.epoch
         ):
@@ -153,6 +178,22 @@ class UpstreamView:
         self._dirty = True
         self._changes += 1
         return True
+
+    def shared_ids(self, now: float) -> list[str]:
+        """Sidecar ids under which two processes publish: ids with
+        :data:`SHARED_ID_CLASHES` clashes (:func:`two_writers`) within ``freshness`` seconds
+        of ``now``. A clash now and then is a sidecar restarted within an epoch, or a clock
+        stepped back; two sidecars under one id clash every epoch (freshness is several
+        epochs). Older clashes are forgotten here."""
+        shared: list[str] = []
+        for sidecar, clashes in list(self._clashes.items()):
+            while clashes and now - clashes[0] > self.freshness:
+                clashes.popleft()
+            if not clashes:
+                del self._clashes[sidecar]
+            elif len(clashes) >= SHARED_ID_CLASHES:
+                shared.append(sidecar)
+        return sorted(shared)
 
     def fresh(self, now: float) -> list[RegretSummary]:
         """Summaries sent within ``freshness`` seconds of ``now``, by sidecar id; older ones

@@ -546,6 +546,17 @@ class SignalerService:
         self._view(upstream).offer(summary)
         return True
 
+    def _shared_ids(self, upstream: str, shared: list[str], now: float) -> None:
+        """The gauge of ``upstream``'s shared sidecar ids, and a WARNING naming them once a
+        minute while there are any."""
+        self.metrics.shared_sidecar_ids.labels(upstream).set(len(shared))
+        if shared and self._notices.due(("shared-ids", upstream), now) is not None:
+            log.warning("signaler %s: upstream %s: two processes publish summaries under the "
+                        "sidecar id(s) %s (of one epoch, or in epochs against their clocks): "
+                        "two sidecars started with one --id (each needs its own; the pod's "
+                        "name by default), planned as one caller and following one plan",
+                        self.config.signer, upstream, ", ".join(shared[:10]))
+
     # ------------------------------------------------------------------ planning
 
     async def _plan_and_publish(self, upstream: str) -> None:
@@ -553,6 +564,7 @@ class SignalerService:
         status = self.status[upstream]
         now = self.clock()
         self.metrics.sidecars.labels(upstream).set(len(view.fresh(now)))
+        self._shared_ids(upstream, view.shared_ids(now), now)
         self.metrics.ce_gap.labels(upstream, "sidecars").set(view.regret_gap(now))
         started = time.perf_counter()
         try:

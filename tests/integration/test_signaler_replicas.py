@@ -4,12 +4,21 @@ and its metrics, and takes over only after the first is gone and its lease expir
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import signal
 import time
 
 from equilibrium.lab.processes import free_port
-from tests.integration.procs import LOOPBACK, http_get, start_equilibrium
+from tests.integration.procs import (
+    LOOPBACK,
+    EquilibriumProcess,
+    async_start_sidecar,
+    async_stop,
+    dead_endpoint,
+    http_get,
+    start_equilibrium,
+)
 from tests.redis_fixture import RedisHandle
 from tests.signaling_samples import signed
 from tests.support import eventually, metric_value
@@ -121,3 +130,44 @@ async def test_sighup_is_logged_and_ignored_and_sigterm_hands_the_lease_over(
         assert client.get(leader_key(UPSTREAM)) is None  # handed over, not left to expire
     finally:
         proc.stop()
+
+
+async def test_two_sidecars_started_with_one_id_are_named_by_the_signaler(
+    redis_server: RedisHandle,
+) -> None:
+    # A stranger's finding: two sidecars started with the same --id wrote one stream of
+    # summaries and read one plan, and nothing said so. The signaler sees it (two summaries
+    # of one epoch under one id, every epoch) and names the id in a gauge and its log.
+    env = {"EQUILIBRIUM_MESH_SECRET": secrets.token_hex(32)}
+    admin = f"{LOOPBACK}:{free_port()}"
+    epoch = "0.25"
+    endpoints = [dead_endpoint(), dead_endpoint()]
+    procs: list[EquilibriumProcess] = []
+    try:
+        procs.append(await asyncio.to_thread(
+            start_equilibrium, "signaler", "--redis", redis_server.url, "--epoch", epoch,
+            "--id", "sig", "--admin", admin, "--upstream", UPSTREAM,
+            env=env, ready_url=f"http://{admin}/readyz", timeout=60))
+        sidecars = await asyncio.gather(*(
+            async_start_sidecar({UPSTREAM: endpoints}, sidecar_id=name, env=env,
+                                extra_args=["--redis", redis_server.url,
+                                            "--signaling-epoch", epoch])
+            for name in ("twin", "twin", "solo")))
+        procs.extend(sidecars)
+        signaler = procs[0]
+        shared = "equilibrium_signaler_shared_sidecar_ids"
+        await eventually(lambda: metric(admin, shared, upstream=UPSTREAM) == 1,
+                         "the signaler names the shared id", timeout=30, interval=0.25,
+                         context=signaler.output)
+        await eventually(lambda: "the sidecar id(s) twin (" in signaler.output(),
+                         "and logs it", timeout=10, interval=0.25, context=signaler.output)
+        assert "solo" not in signaler.output()
+        assert metric(admin, "equilibrium_signaler_sidecars", upstream=UPSTREAM) == 2
+        # one twin goes: within the freshness window (5 epochs) nobody shares an id
+        assert await async_stop(sidecars[1]) == 0
+        await eventually(lambda: metric(admin, shared, upstream=UPSTREAM) == 0,
+                         "the shared id is forgotten", timeout=30, interval=0.25,
+                         context=signaler.output)
+    finally:
+        for proc in procs:
+            await async_stop(proc)

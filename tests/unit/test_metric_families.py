@@ -129,6 +129,7 @@ equilibrium_signaler_cpu_seconds counter phase
 equilibrium_signaler_epochs counter -
 equilibrium_signaler_fence gauge upstream
 equilibrium_signaler_id_conflicts gauge -
+equilibrium_signaler_shared_sidecar_ids gauge upstream
 equilibrium_signaler_key_errors counter upstream,key
 equilibrium_signaler_leader gauge upstream
 equilibrium_signaler_lp_constraints gauge upstream

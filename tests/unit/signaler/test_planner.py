@@ -26,6 +26,7 @@ from signaler.planner import (
     pool_indifferent,
     sidecar_weights,
     still_apportions,
+    two_writers,
 )
 from tests.signaling_samples import BAD, EPS, KEY, NOW, summary
 from wire.recommendation import Recommendation, sign_recommendation, verify_recommendation
@@ -137,6 +138,33 @@ def test_view_keeps_only_each_sidecars_newest_summary() -> None:
     assert [s.sidecar for s in view.fresh(NOW + 5.5)] == ["sc-1"]
     with pytest.raises(ValueError, match="offered"):
         view.offer(summary(upstream="payments"))
+
+
+def test_two_writers_are_told_from_one_by_epochs_and_sending_times() -> None:
+    one = summary(epoch=100, sent_at=NOW + 0.3)
+    assert not two_writers(one, one)  # the same entry read twice
+    assert not two_writers(one, summary(epoch=101, sent_at=NOW + 1.3))  # the next epoch
+    assert not two_writers(summary(epoch=101, sent_at=NOW + 1.3), one)  # offered late
+    assert two_writers(one, summary(epoch=100, sent_at=NOW + 0.7))  # one epoch, two times
+    assert two_writers(one, summary(epoch=99, sent_at=NOW + 0.9))  # against the clock
+    assert two_writers(one, summary(epoch=101, sent_at=NOW + 0.2))
+
+
+def test_a_sidecar_id_two_processes_publish_under_is_named_and_a_restart_is_not() -> None:
+    view = UpstreamView("orders", freshness=5.0)
+    for k in range(6):  # "twin": two processes, a third of an epoch apart; "solo": one
+        for phase in (0.2, 0.5):
+            view.offer(summary("twin", epoch=100 + k, sent_at=NOW + k + phase))
+        view.offer(summary("solo", epoch=100 + k, sent_at=NOW + k + 0.4))
+    assert view.shared_ids(NOW + 6) == ["twin"]
+    # "solo" restarts within an epoch (one clash), and once more four epochs later
+    view.offer(summary("solo", epoch=105, sent_at=NOW + 5.9))
+    assert view.shared_ids(NOW + 6) == ["twin"]
+    view.offer(summary("solo", epoch=109, sent_at=NOW + 9.4))
+    view.offer(summary("solo", epoch=109, sent_at=NOW + 9.8))
+    assert view.shared_ids(NOW + 10) == []  # "twin" stopped at NOW + 5.5; "solo": two
+    assert view.shared_ids(NOW + 11) == [] and view._clashes.keys() == {"solo"}
+    assert view.shared_ids(NOW + 20) == [] and not view._clashes
 
 
 def test_observations_add_load_over_sidecars_and_charge_failures() -> None:
