@@ -427,6 +427,13 @@ class SignalingMetrics:
             "1 while the upstream's routing follows a signaler recommendation, 0 while it "
             "falls back to local regret matching", ["upstream"], registry=r,
         )
+        self.unplanned = Gauge(
+            "equilibrium_signaling_unplanned",
+            "1 while the upstream has no fresh recommendation although this sidecar's "
+            "summaries have reported demand long enough to get one (the first "
+            "recommendation's wait and two epochs); 0 while it follows one, is idle, or sends "
+            "too rarely to be planned for", ["upstream"], registry=r,
+        )
         self.summaries = Counter(
             "equilibrium_signaling_summaries_published", "Regret summaries appended",
             ["upstream"], registry=r,

@@ -203,13 +203,15 @@ class SidecarSignaling:
             snap = group.snapshot
             following = snap is not None and snap.following
             self.metrics.following.labels(group.name).set(1 if following else 0)
+            busy = self._busy(group.name)
+            self.metrics.unplanned.labels(group.name).set(0 if following or not busy else 1)
             told = self._told.get(group.name)  # None: nothing said yet
             if following:
                 if told != "following":
                     log.info("signaling: upstream %s follows the signaler's plan%s",
                              group.name, "" if told is None else " again")
                     self._told[group.name] = "following"
-            elif told == "following" and self._busy(group.name):
+            elif told == "following" and busy:
                 log.warning("signaling: upstream %s has no fresh recommendation (the signaler "
                             "stopped, or cannot be heard): routing by local regret matching",
                             group.name)

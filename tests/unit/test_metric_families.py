@@ -107,6 +107,7 @@ equilibrium_route_weight gauge upstream,endpoint
 equilibrium_signaling_connected gauge -
 equilibrium_signaling_fallbacks counter -
 equilibrium_signaling_following gauge upstream
+equilibrium_signaling_unplanned gauge upstream
 equilibrium_signaling_key_errors counter upstream,key
 equilibrium_signaling_recommendations_accepted counter upstream
 equilibrium_signaling_recommendations_rejected counter upstream,reason

@@ -162,15 +162,28 @@ def test_a_caller_idle_when_its_plan_expires_is_not_warned_about(
     sig._export_following()
     said = [r.getMessage() for r in caplog.records if r.name == "sidecar.signaling"]
     assert said == ["signaling: upstream orders follows the signaler's plan"]
+
+    def unplanned() -> float | None:  # what the EquilibriumSidecarNotFollowing alert reads
+        return metrics.registry.get_sample_value("equilibrium_signaling_unplanned",
+                                                 {"upstream": "orders"})
+
+    assert unplanned() == 0
     group.tick(16.0)  # expired again, now with traffic that just began: within the grace
     sig._busy_since["orders"] = sig.clock() - 1.0
     sig._export_following()
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 0
+    assert unplanned() == 0
     sig._busy_since["orders"] = sig.clock() - 60.0  # busy for a minute: the signaler is gone
     sig._export_following()
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "signaling: upstream orders has no fresh recommendation (the signaler stopped, or "
         "cannot be heard): routing by local regret matching"]
+    assert unplanned() == 1
+    assert sig.consider(group, b"3-0", sign_recommendation(rec(epoch=52, expires_at=NOW + 9),
+                                                            KEY))
+    group.tick(16.5)
+    sig._export_following()
+    assert unplanned() == 0  # following again
 
 
 def test_protocol_ids_are_sanitised() -> None:
