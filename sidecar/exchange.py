@@ -32,9 +32,23 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.forward import BodyReader
+from wire.signals import normal_ip
 
 JSON_TYPE = "application/json; charset=utf-8"
 TEXT_TYPE = "text/plain; charset=utf-8"
+
+
+def socket_ip(transport: object, which: str) -> str:
+    """The IP address of a transport's ``"sockname"`` or ``"peername"``, as
+    :func:`wire.signals.normal_ip` writes it; "" when it has none (closed, not a socket)."""
+    get = getattr(transport, "get_extra_info", None)
+    if get is None:
+        return ""
+    try:
+        address = get(which)
+    except Exception:  # a closed transport's socket
+        return ""
+    return normal_ip(address[0]) if isinstance(address, tuple) and address else ""
 
 
 @dataclass(slots=True)
@@ -106,6 +120,10 @@ class Exchange(RequestHead, Protocol):
 
     def client_gone(self) -> bool:
         """Whether the app's connection is closed (or closing after a failed write)."""
+        ...
+
+    def local_ip(self) -> str:
+        """The address the client reached this listener at (:func:`socket_ip`; "" unknown)."""
         ...
 
     def abort(self) -> None:
@@ -207,6 +225,9 @@ class AiohttpExchange:
 
     def head_unsent(self) -> bool:
         return False  # aiohttp writes the head as the response is prepared
+
+    def local_ip(self) -> str:
+        return socket_ip(self.request.transport, "sockname")
 
     async def answer(self, answer: Answer) -> None:
         response = self.response = web_response(answer)

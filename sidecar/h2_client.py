@@ -23,6 +23,7 @@ import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
 
+from sidecar.exchange import socket_ip
 from sidecar.h2_connection import (
     H2_ERRORS,
     HEADER_LIST_HARD_LIMIT,
@@ -60,6 +61,14 @@ class ClientStream(H2Stream):
         self.head: asyncio.Future[Headers] = asyncio.get_running_loop().create_future()
         self.head_ended = False  # the head carried END_STREAM: a trailers-only answer
 
+    def peer_ip(self) -> str:
+        """The endpoint's address as connected to ("" unknown): what its sidecar's signed
+        signals must say it was reached at (:mod:`wire.signals`)."""
+        conn = self._conn
+        if isinstance(conn, H2ClientConnection):
+            return conn.peer_ip()
+        return socket_ip(conn.transport, "peername")
+
     def _gone(self, exc: StreamGone) -> None:
         super()._gone(exc)
         if not self.head.done():
@@ -75,6 +84,15 @@ class H2ClientConnection(H2Connection):
         self.pool = pool
         self.settings_seen = asyncio.Event()  # the endpoint's first SETTINGS arrived
         self.speaks_http1 = False  # it answered the preface with an HTTP/1.x status line
+        self._peer: str | None = None  # peer_ip(), once asked
+
+    def peer_ip(self) -> str:
+        """The endpoint's address as connected to (:func:`sidecar.exchange.socket_ip`; ""
+        unknown): one system call per connection, on first use."""
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = socket_ip(self.transport, "peername")
+        return peer
 
     def data_received(self, data: bytes) -> None:
         if not self.settings_seen.is_set() and data[:7] == b"HTTP/1.":

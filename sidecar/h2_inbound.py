@@ -191,7 +191,7 @@ class _Call:
         bound = BoundRequest((stream.header(b":method") or b"").decode("latin-1"),
                              authority.decode("latin-1"),
                              (stream.header(b":path") or b"").decode("latin-1"))
-        verdict, policed = policing.police(headers, bound, now)
+        verdict, policed = policing.police(headers, bound, now, stream.local_ip())
         self.verdict = verdict
         if isinstance(policed, Refusal):
             return await self.reply(verdict, policed)

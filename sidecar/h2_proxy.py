@@ -397,6 +397,7 @@ class _Call:
                 await self.error(502, "upstream-reset", f"before the answer: {exc}", broke,
                                  counted=True)
                 return None
+            ctx.extra["peer"] = upstream.peer_ip()  # what signed signals must say (wire.signals)
             head, congestion = self.response_headers(head, ctx.game_response_headers)
             refusal = ctx.game_response_headers.get(REFUSED_KEY) if resend_refused else None
             if refusal is not None and refusal in REFUSALS:

@@ -33,6 +33,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from sidecar import nghttp2
+from sidecar.exchange import socket_ip
 from sidecar.h2_connection import (
     H2_ERRORS,
     HEADER_LIST_HARD_LIMIT,
@@ -168,6 +169,13 @@ class ServerStream(H2Stream):
         peer = transport.get_extra_info("peername") if transport is not None else None
         return str(peer[0]) if peer else None
 
+    def local_ip(self) -> str:
+        """The address the client reached this listener at ("" unknown)."""
+        conn = self._conn
+        if isinstance(conn, H2ServerConnection):
+            return conn.local_ip()
+        return socket_ip(conn.transport, "sockname")
+
 
 Handler = Callable[[ServerStream], Awaitable[None]]
 
@@ -196,6 +204,15 @@ class H2ServerConnection(H2Connection):
         self.draining = False
         self.idle = asyncio.Event()  # set whenever no request is in flight
         self.idle.set()
+        self._local: str | None = None  # local_ip(), once asked
+
+    def local_ip(self) -> str:
+        """The address the peer reached this listener at (:func:`sidecar.exchange.socket_ip`;
+        "" unknown): one system call per connection, on first use."""
+        local = self._local
+        if local is None:
+            local = self._local = socket_ip(self.transport, "sockname")
+        return local
 
     def new_state_machine(self, config: h2.config.H2Configuration) -> _RefusingH2:
         machine = _RefusingH2(config=config)

@@ -271,11 +271,20 @@ class CallerPhases(ProxyPhases):
             log.info("%s %s: ignored the answer's %s: %s", ctx.upstream, ctx.endpoint,
                      "/".join(sent), verdict.reason)
             return {}
-        if ctx.endpoint and self.membership.prove(ctx.endpoint):
+        # signed by a sidecar reached where this attempt went (not relayed by a third party
+        # that passed our challenge on: a stranger's finding), wire.signals
+        here = verdict.at != "" and verdict.at == ctx.extra.get("peer")
+        if here and ctx.endpoint and self.membership.prove(ctx.endpoint):
             log.info("%s %s: a sidecar of the mesh (signed answer)", ctx.upstream, ctx.endpoint)
         believed = {CONGESTION.lower(): signals.congestion} if signals.congestion else {}
-        if signals.refused in SIGNED_REFUSED:  # about this attempt (its challenge), whoever we were
-            believed[REFUSED.lower()] = signals.refused
+        if signals.refused in SIGNED_REFUSED:  # about this attempt (its challenge), whoever
+            if here:  # we were: another endpoint may have it (a POST too)
+                believed[REFUSED.lower()] = signals.refused
+            else:
+                self.metrics.bad_signals.labels(SIGNALS.lower(), Reason.ELSEWHERE).inc()
+                log.info("%s %s: ignored the answer's %s: signed %s", ctx.upstream,
+                         ctx.endpoint, REFUSED, f"at {verdict.at}, not where it was sent"
+                         if verdict.at else "by an older sidecar, at no address")
         if verdict.caller == self.caller_id and ctx.extra.get("identity_sent"):
             believed.update({name: value for name, value in zip(
                 names[1:3], (signals.reputation, signals.price), strict=True) if value})

@@ -347,7 +347,8 @@ class InboundProxy:
         now = self.clock()
         bound = BoundRequest(exchange.method, exchange.headers.get("Host", ""),
                              exchange.raw_path)
-        verdict, policed = self.policing.police(exchange.headers, bound, now)
+        verdict, policed = self.policing.police(exchange.headers, bound, now,
+                                                exchange.local_ip())
         if isinstance(policed, Refusal):
             await exchange.answer(self._reply(verdict, policed))
             return

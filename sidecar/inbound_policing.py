@@ -317,20 +317,21 @@ class InboundPolicing:
         return True
 
     def police(
-        self, headers: HeaderView, request: BoundRequest, now: float
+        self, headers: HeaderView, request: BoundRequest, now: float, at: str = ""
     ) -> tuple[Verdict, Pass | Refusal | None]:
         """Identity, target, bid and the gate's judgement of the caller: :class:`Pass` (go on
         to :meth:`admit`), a :class:`Refusal`, or None (a baseline mode: forward without a
         slot). ``request``: its method, ``Host`` (HTTP/1.1) or ``:authority`` (HTTP/2) and
         target, which the identity must be bound to and the answer's signals are signed
-        over."""
+        over; ``at``: the address the caller reached this sidecar at (its connection's local
+        address, :func:`wire.signals.normal_ip`), which the signals are signed with too."""
         target = request.target
         identity = self._verified(headers, request)
         caller = ANONYMOUS if identity is None else identity.caller
         verdict = Verdict(caller, self.labels.of(caller))
         challenge = headers.get(CHALLENGE)
         if challenge and self.mesh_key is not None:
-            verdict.answered = AnsweredRequest(challenge, request.method, target)
+            verdict.answered = AnsweredRequest(challenge, request.method, target, at)
         if not target.startswith("/"):  # the app is a server, not a proxy
             self.metrics.requests.labels(verdict.label, InboundOutcome.BAD_TARGET).inc()
             return verdict, Refusal(400, ErrorReason.BAD_TARGET,

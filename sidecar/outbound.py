@@ -927,6 +927,8 @@ class OutboundProxy:
         fields = getattr(upstream, "wire_fields", None)  # sidecar.http1's: the raw fields
         headers, game = (response_headers_from_wire(fields, self.via) if fields is not None
                          else response_headers_to_app(upstream.headers, self.via))
+        if game:  # where the answer came from: what signed signals must say (wire.signals)
+            ctx.extra["peer"] = getattr(upstream, "peer_ip", "")
         return headers, self.phases.response_signals(ctx, game)
 
     async def _refused(self, ctx: RequestContext, upstream: UpstreamResponse, sent: float,

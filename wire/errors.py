@@ -60,6 +60,10 @@ class Reason(StrEnum):
     WRONG_CALLER = "wrong-caller"
     """Signed response signals about another caller than the reader (relayed by a third
     party)."""
+    ELSEWHERE = "elsewhere"
+    """Signed response signals of a sidecar reached at another address than the one the
+    reader sent to (relayed by a third party), or that do not say where (an older sidecar):
+    a refusal among them is not acted on, nor is the answer a proof of mesh membership."""
     # recommendations against what the reader expects
     WRONG_UPSTREAM = "wrong-upstream"
     WRONG_SIDECAR = "wrong-sidecar"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.exchange import socket_ip
 from sidecar.http1.trailers import last_chunk
 from sidecar.transport import TransportError, UpstreamReset, reset_on_close
 
@@ -91,6 +92,14 @@ class H1Response:
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def peer_ip(self) -> str:
+        """The address this answer came from (its connection's peer; "" once released):
+        what the answering sidecar's signed signals must say it was reached at
+        (:mod:`wire.signals`)."""
+        conn = self._conn
+        return conn.peer_ip() if conn is not None else ""
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -185,6 +194,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self._parser = httptools.HttpResponseParser(self)
         self._renew_parser = False
+        self._peer: str | None = None  # peer_ip(), once asked
         self._head: asyncio.Future[H1Response] | None = None
         self._response: H1Response | None = None
         self._method = ""
@@ -201,6 +211,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._writer: asyncio.Task[None] | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+
+    def peer_ip(self) -> str:
+        """The endpoint's address as connected to (:func:`sidecar.exchange.socket_ip`;
+        "" unknown): one system call per connection, on first use."""
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = socket_ip(self.transport, "peername")
+        return peer
 
     @property
     def usable(self) -> bool:

@@ -65,7 +65,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import BrokenBody
-from sidecar.exchange import Answer
+from sidecar.exchange import Answer, socket_ip
 from sidecar.http1.trailers import last_chunk
 from sidecar.metrics import H2Metrics
 
@@ -255,6 +255,9 @@ class H1Exchange:
     def head_unsent(self) -> bool:
         return bool(self._head)
 
+    def local_ip(self) -> str:
+        return self._conn.local_ip()
+
     async def answer(self, answer: Answer) -> None:
         self.started = True
         self._head, self._framing = b"", Framing.NONE  # replaces one begun and not sent
@@ -394,6 +397,7 @@ class H1Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
+        self._local: str | None = None  # local_ip(), once asked
         self.parser = httptools.HttpRequestParser(self)
         self.closing = False  # answer what is in flight, then close
         self._lingering = False  # refused: our answer is out, the rest is read and dropped
@@ -440,6 +444,14 @@ class H1Connection(asyncio.Protocol):
         if isinstance(peer, tuple | list) and peer:
             self.remote = str(peer[0])
         self._arm("idle", self.limits.idle_timeout)
+
+    def local_ip(self) -> str:
+        """The address the peer reached this listener at (:func:`sidecar.exchange.socket_ip`;
+        "" unknown): one system call per connection, on first use."""
+        local = self._local
+        if local is None:
+            local = self._local = socket_ip(self.transport, "sockname")
+        return local
 
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._broken or self._after_close:

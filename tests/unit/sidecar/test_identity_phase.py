@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from mesh.profiles import get_profile
 from mesh.reputation import Phase
@@ -27,6 +28,7 @@ from wire.headers import (
     DEMAND,
     IDENTITY,
     PRICE,
+    REFUSED,
     REPUTATION,
     RETRY,
     SIGNALS,
@@ -119,14 +121,21 @@ async def test_an_endpoint_outside_the_mesh_gets_no_identity_bid_or_retry_mark(u
 
 def signed_answer(ctx: RequestContext, caller: str, *, congestion: str | None = None,
                   reputation: str | None = None, price: str | None = None,
-                  key: bytes = KEY) -> dict[str, str]:
-    signals = SignedSignals(congestion, reputation, price)
+                  refused: str | None = None, key: bytes = KEY,
+                  at: str | None = None) -> dict[str, str]:
+    """An answer's game headers signed by a sidecar reached ``at`` (default: where the
+    attempt in ``ctx`` went, its endpoint's host, as the outbound listener notes it)."""
+    signals = SignedSignals(congestion, reputation, price, refused)
     game = {name.lower(): value for name, value in
-            ((CONGESTION, congestion), (REPUTATION, reputation), (PRICE, price)) if value}
+            ((CONGESTION, congestion), (REPUTATION, reputation), (PRICE, price),
+             (REFUSED, refused)) if value}
     challenge = ctx.extra["challenge"]
     assert isinstance(challenge, str)
-    signed = sign_signals(key, AnsweredRequest(challenge, ctx.method, ctx.target), caller,
-                          signals)
+    assert ctx.endpoint is not None
+    ctx.extra["peer"] = URL(ctx.endpoint).host or ""
+    signed = sign_signals(key, AnsweredRequest(challenge, ctx.method, ctx.target,
+                                               ctx.extra["peer"] if at is None else at),
+                          caller, signals)
     assert signed is not None
     game[SIGNALS.lower()] = signed
     return game
@@ -164,6 +173,29 @@ def test_only_signals_signed_for_this_request_and_this_caller_are_believed() -> 
     assert phases.response_signals(ctx, about_other) == {CONGESTION.lower(): "v=1;level=1"}
     assert bad.labels("x-gt-signals", "wrong-caller")._value.get() == 1
     assert phases.backing_off("users", 1000.0) == 0.0
+
+
+@pytest.mark.parametrize("at", ["10.0.0.9", ""])
+def test_a_refusal_or_proof_signed_elsewhere_is_not_acted_on(at: str) -> None:
+    """A stranger's finding: a server outside the mesh passed a caller's challenge on to a
+    meshed pod and relayed its signed refusal back; the caller sent the POST again to
+    another endpoint (it ran twice), and the relay passed for a member of the mesh. A
+    signed answer says where its sidecar was reached (``at``); signed elsewhere ("10.0.0.9",
+    not the endpoint's 10.0.0.4), or by an older sidecar that does not say (""), its
+    refusal is dropped and it proves nothing. Its congestion is still read."""
+    phases, _ = make_phases()
+    ctx = ctx_for("found")
+    sent(phases, ctx)
+    game = signed_answer(ctx, "anonymous", congestion="v=1;level=0.5",
+                         refused="app-unreachable", at=at)
+    assert phases.response_signals(ctx, game) == {CONGESTION.lower(): "v=1;level=0.5"}
+    assert ctx.endpoint not in phases.membership
+    assert phases.metrics.bad_signals.labels("x-gt-signals", "elsewhere")._value.get() == 1
+    # signed where the attempt went: believed, and a proof
+    sent(phases, ctx)
+    game = signed_answer(ctx, "anonymous", refused="app-unreachable")
+    assert phases.response_signals(ctx, game) == {REFUSED.lower(): "app-unreachable"}
+    assert ctx.endpoint in phases.membership
 
 
 async def test_default_bid_and_retry_mark_come_from_the_inner_phases() -> None:

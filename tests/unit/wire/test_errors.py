@@ -20,7 +20,7 @@ def test_reasons_are_the_documented_metric_labels() -> None:
         "deleted",
     }
     headers = {"too-long", "out-of-range", "missing", "unsupported-version", "future",
-               "replayed", "wrong-caller"}
+               "replayed", "wrong-caller", "elsewhere"}
     bids = {"nan", "infinite", "negative", "too-large"}
     mesh_key = {"no-key", "weak-key", "unreadable"}
     assert {r.value for r in Reason} == stream_entries | headers | bids | mesh_key

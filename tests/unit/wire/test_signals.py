@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from wire.errors import Reason
 from wire.identity import new_nonce
-from wire.signals import AnsweredRequest, SignedSignals, sign_signals, verify_signals
+from wire.signals import (
+    AnsweredRequest,
+    SignalsVerdict,
+    SignedSignals,
+    normal_ip,
+    sign_signals,
+    verify_signals,
+)
 
 KEY = b"signals-unit-test-key-0123456789"
 CHALLENGE = new_nonce(b"0123456789ab")
@@ -28,6 +35,41 @@ def test_the_mac_covers_challenge_caller_request_and_every_value() -> None:
     assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
     verdict = verify_signals(header, KEY, ANSWERED, SIGNALS)
     assert verdict.authentic and verdict.caller == "orders"
+
+
+def test_version_2_signs_where_the_sidecar_was_reached_and_tells_it() -> None:
+    """A stranger's finding: a third party passed a caller's challenge on to a meshed pod and
+    relayed its signed refusal back. The signer's address is in the MAC input and in the
+    header; changed, it does not verify, and the verdict says it for the caller to compare
+    with where it sent the request."""
+    answered = AnsweredRequest(CHALLENGE, "GET", "/users/7", "10.1.2.3")
+    header = sign_signals(KEY, answered, "orders", SIGNALS)
+    assert header is not None and header.startswith("v=2;caller=orders;at=10.1.2.3;sig=")
+    message = (f"X-GT-Signals|v=2|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
+               "v=1;score=1.000;level=0;phase=good|-|at=10.1.2.3").encode()
+    expected = hmac.new(KEY, message, hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+    verdict = verify_signals(header, KEY, ANSWERED, SIGNALS)  # the caller's copy: no at
+    assert verdict.authentic and (verdict.caller, verdict.at) == ("orders", "10.1.2.3")
+    moved = header.replace("at=10.1.2.3", "at=10.1.2.4")
+    assert verify_signals(moved, KEY, ANSWERED, SIGNALS).reason is Reason.BAD_SIGNATURE
+    for bad in ("at=10.1.2", "at=", "at=::ffff:10.1.2.3", "where=10.1.2.3"):
+        assert verify_signals(header.replace("at=10.1.2.3", bad), KEY, ANSWERED,
+                              SIGNALS).reason is Reason.MALFORMED
+    # version 1 (an older sidecar): verifies, at no address
+    old = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
+    assert old is not None and old.startswith("v=1;")
+    assert verify_signals(old, KEY, ANSWERED, SIGNALS) == SignalsVerdict(None, "orders", "")
+    assert verify_signals("v=3;caller=orders;sig=x", KEY, ANSWERED,
+                          SIGNALS).reason is Reason.UNSUPPORTED_VERSION
+
+
+def test_addresses_are_compared_in_one_spelling() -> None:
+    assert normal_ip("10.0.0.5") == normal_ip("::ffff:10.0.0.5") == "10.0.0.5"
+    assert normal_ip("FE80::1%eth0") == "fe80::1"
+    assert normal_ip("2001:db8:0:0::1") == "2001:db8::1"
+    for bad in ("", "pod-a", "10.0.0", None, 7, "1" * 80):
+        assert normal_ip(bad) == ""
 
 
 def test_anything_changed_is_a_bad_signature() -> None:
