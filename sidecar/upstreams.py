@@ -57,6 +57,10 @@ class UpstreamGroup:
         return min(snapshot.usable, len(self.endpoints))
 
 
+LOGGED_ENDPOINTS = 20
+"""Endpoints a change of an upstream's set names in its log line (the rest are counted)."""
+
+
 class UpstreamTable:
     """NAME -> UpstreamGroup, all groups built with the same policy name and profile."""
 
@@ -120,8 +124,10 @@ class UpstreamTable:
                 group.set_endpoints(endpoints, now)
                 group.tick(now)  # observers see the new set at once
                 if endpoints or source != "config":  # discovery: a Service scaled to 0
-                    log.info("upstream %s endpoints: %s", name,
-                             ", ".join(endpoints) or "(none)")
+                    shown = ", ".join(endpoints[:LOGGED_ENDPOINTS]) or "(none)"
+                    if len(endpoints) > LOGGED_ENDPOINTS:  # 130 KB a change at 5,000
+                        shown += f" and {len(endpoints) - LOGGED_ENDPOINTS} more"
+                    log.info("upstream %s endpoints: %s", name, shown)
                 else:  # configured so (NAME= on the command line, an empty list in a file)
                     log.warning("upstream %s has no endpoint: its requests are answered 503 "
                                 "no-endpoint until one is configured", name)

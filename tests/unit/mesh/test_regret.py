@@ -158,6 +158,49 @@ def test_resize_keeps_regrets_of_surviving_endpoints() -> None:
     assert np.all(rr.conditional[2] == 0)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 7), st.data())
+def test_resize_moves_every_kept_entry_to_its_new_place(k: int, data: st.DataObject) -> None:
+    """The fancy-indexed copy is the entry-by-entry definition: keep[new] = old or None."""
+    rng = np.random.default_rng(k)
+    rr = RoutingRegret(k, memory=5.0)
+    rr.conditional, rr.unconditional = rng.normal(size=(k, k)), rng.normal(size=k)
+    rr._per_play, rr._freq = rng.normal(size=(k, k)), rng.random(k)
+    before = (rr.conditional.copy(), rr.unconditional.copy(), rr._per_play.copy(),
+              rr._freq.copy())
+    olds = data.draw(st.permutations(range(k)))
+    keep: list[int | None] = [data.draw(st.sampled_from([o, None])) for o in olds]
+    keep += [None] * data.draw(st.integers(0, 2))
+    rr.resize(keep)
+    for a, oa in enumerate(keep):
+        assert rr.unconditional[a] == (before[1][oa] if oa is not None else 0.0)
+        assert rr._freq[a] == (before[3][oa] if oa is not None else 0.0)
+        for b, ob in enumerate(keep):
+            both = oa is not None and ob is not None
+            assert rr.conditional[a, b] == (before[0][oa, ob] if both else 0.0)
+            assert rr._per_play[a, b] == (before[2][oa, ob] if both else 0.0)
+
+
+def test_an_unchanged_regret_state_is_not_solved_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stranger's finding: a large Service nobody called stalled the sidecar, its tick
+    solving a k x k system (O(k^3)) for the same rates again and again."""
+    rr = RoutingRegret(3, memory=5.0)
+    costs = np.array([0.01, 0.02, 0.5])
+    rr.update(np.array([10.0, 10.0, 10.0]), costs, costs, dt=0.5)
+    solves = []
+    solve = np.linalg.solve
+    monkeypatch.setattr(np.linalg, "solve", lambda a, b: solves.append(1) or solve(a, b))
+    first = rr.strategy("conditional")
+    rr.update(np.zeros(3), costs, costs, dt=0.5)  # nothing played: the same rates
+    again = rr.strategy("conditional")
+    assert len(solves) == 1 and np.array_equal(first, again)
+    again[0] = 7.0  # the caller's copy
+    assert np.array_equal(rr.strategy("conditional"), first)
+    rr.update(np.array([10.0, 0.0, 0.0]), costs, costs * 2, dt=0.5)  # new estimates
+    rr.strategy("conditional")
+    assert len(solves) == 2
+
+
 _LATENCIES = st.lists(st.sampled_from([0.0, 5e-324, 1e-9, 0.001, 0.0095, 0.01, 0.0104, 0.5,
                                        3600.0, 1e300, np.inf, -0.002, np.nan]),
                       min_size=1, max_size=6)
