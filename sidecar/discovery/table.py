@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.discovery.client import KubeClient, KubeCredentials
+from sidecar.discovery.client import WATCH_IDLE_S, KubeClient, KubeCredentials
 from sidecar.discovery.model import (
     DEFAULT_CLUSTER_DOMAIN,
     Routes,
@@ -64,8 +64,10 @@ class Discovery:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+        watch_idle: float = WATCH_IDLE_S,
     ) -> None:
         self.credentials = credentials
+        self.watch_idle = watch_idle  # a silent watch is resumed after this (client.py)
         self.table = table
         self.namespaces = namespaces
         self.on_removed = on_removed  # e.g. drop a removed group's metric labels
@@ -107,7 +109,7 @@ class Discovery:
         self._dirty.set()
 
     async def run(self) -> None:
-        async with KubeClient(self.credentials) as client:
+        async with KubeClient(self.credentials, self.watch_idle) as client:
             parsers = {"services": parse_service, "endpointslices": parse_endpoint_slice}
             self.watches = [
                 ResourceWatch(client, resource, collection_path(resource, namespace), parse,

@@ -141,6 +141,7 @@ class KubeApiServer:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced at each change
     _raw: dict[str, list[bytes]] = field(default_factory=dict)
     _cut: int = 0  # bumped to end every open watch
+    _frozen: int = 0  # watches opened before this count of freezes send nothing more
     _runner: web.AppRunner | None = None
 
     @property
@@ -182,6 +183,13 @@ class KubeApiServer:
     def cut_watches(self) -> None:
         """End every open watch stream (as an API server restart or timeout would)."""
         self._cut += 1
+        self._notify()
+
+    def freeze_watches(self) -> None:
+        """Every open watch goes silent and stays open, whatever changes (a black-holed
+        connection: a dead node or a NAT that dropped its state); watches opened after
+        this are served."""
+        self._frozen += 1
         self._notify()
 
     def inject(self, resource: str, raw: bytes) -> None:
@@ -296,7 +304,7 @@ class KubeApiServer:
         await response.prepare(request)
         if self.empty_watches:
             return response
-        cut = self._cut
+        cut, frozen = self._cut, self._frozen
         sent = since
         named = _field_name(params)
         raw_seen = len(self._raw.get(resource, []))
@@ -304,6 +312,8 @@ class KubeApiServer:
             async with asyncio.timeout(timeout):
                 while True:
                     changed = self._changed  # set by any change made from here on
+                    if self._frozen != frozen:  # black-holed: silent until the timeout
+                        await asyncio.sleep(timeout)
                     for version, event_type, obj in list(coll.history):
                         if (namespace is not None
                                 and obj["metadata"].get("namespace") != namespace) or (

@@ -166,6 +166,35 @@ async def test_a_cut_watch_resumes_from_the_last_version_without_relisting(
     assert api.count("endpointslices", "list") == lists
 
 
+async def test_a_silent_watch_is_given_up_and_resumed(api: KubeApiServer,
+                                                      token_path: Path) -> None:
+    """A stranger's finding: a black-holed connection to the API server (a dead node, a NAT
+    that dropped its state) kept a watch open and silent, and the endpoints of before for
+    5.5 minutes. A watch silent for ``watch_idle`` (90 s by default; 1 s here) is resumed."""
+    table = UpstreamTable("equilibrium", get_profile("balanced"))
+    registry = CollectorRegistry()
+    discovery = Discovery(KubeCredentials(api.url, token_path, namespace="default"), table,
+                          metrics=DiscoveryMetrics(registry), rng=random.Random(1),
+                          watch_idle=1.0)
+    task = asyncio.create_task(discovery.run())
+    try:
+        await until(lambda: table.get(USERS) is not None, "first sync")
+        watches = api.count("endpointslices", "watch")
+        api.freeze_watches()
+        api.put("endpointslices", endpoint_slice(
+            "users-a", "default", "users", [("http", 8080)], ["10.0.0.9"]))
+        group = table.get(USERS)
+        assert group is not None and group.endpoints != ("http://10.0.0.9:8080",)
+        await until(lambda: group.endpoints == ("http://10.0.0.9:8080",),
+                    "the change, from a new watch", timeout=15.0)
+        assert api.count("endpointslices", "watch") > watches
+        assert api.count("endpointslices", "list") == 1  # resumed, not relisted
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_watches_that_end_at_once_back_off_instead_of_spinning(
     api: KubeApiServer, running: Running
 ) -> None:
