@@ -38,11 +38,10 @@ the retry budget; the first response head wins and the other racer is cancelled 
 connection closed) and observed as censored, not as a failure. Only heads race, so nothing has
 reached the app from the loser. An explored endpoint that lost runs on, though, until its head
 comes or ``run_on`` seconds (2) from its sending, one at a time per endpoint, and its answer
-(its head; the body is drained, so the connection stays pooled) or that lower bound is what
-the policy learns: a pod slow on half its requests lost every race on that half and,
-censored below its estimate, was learned only from its quick half, which made it look
-healthy twice a minute (a stranger's finding). Its answer reaches nobody; it is counted as
-``ran-on``, not ``cancelled``.
+(read as far as its head, then closed) or that lower bound is what the policy learns: a pod
+slow on half its requests lost every race on that half and, censored below its estimate, was
+learned only from its quick half, which made it look healthy twice a minute (a stranger's
+finding). Its answer reaches nobody; it is counted as ``ran-on``, not ``cancelled``.
 
 Rescue (:mod:`sidecar.rescue`; with ``--rescue``): a request the retry rule allows to
 be sent again, still waiting for its answer's head at an endpoint the policy ejected since it
@@ -777,10 +776,8 @@ class OutboundProxy:
                      sent: float) -> None:
         """Wait for a hedge loser running on until ``run_on`` from its sending (the request
         timeout, if shorter); the policy learns its answer (the head's status, time and
-        verified signals), its failure, or, at the bound, that
-        it took at least that long (censored). The answer's body is then read and dropped
-        (:func:`drain`'s bounds) so that its connection goes back to the pool, as after an app
-        that hung up. :meth:`close` cuts it short."""
+        verified signals; the answer is closed unread), its failure, or, at the bound, that
+        it took at least that long (censored). :meth:`close` cuts it short."""
         group, endpoint = ctx.group, ctx.endpoint
         assert group is not None and endpoint is not None
         bound = min(self.run_on, self.profile.request_timeout)
@@ -801,19 +798,13 @@ class OutboundProxy:
             self.metrics.forwarded(group.name, endpoint, classify(exc).reason, None)
             return
         answer = racer.result()
-        kept = False
         try:
             _, game = self._answer_head(ctx, answer)
-            status = answer.status
-            self._observe(ctx, status < 500, str(status), sent, now - sent, now,
-                          self._congestion(ctx, game), _shed(status, game))
-            # nobody reads its body: drained (bounded), so its connection stays pooled
-            kept = await drain(answer.content)
         finally:
-            if kept:
-                answer.release()
-            else:
-                answer.close()
+            answer.close()
+        status = answer.status
+        self._observe(ctx, status < 500, str(status), sent, now - sent, now,
+                      self._congestion(ctx, game), _shed(status, game))
 
     def _censored(self, ctx: RequestContext, endpoint: str, sent: float) -> None:
         """A racer that lost a hedge: its latency is at least the time it was given."""

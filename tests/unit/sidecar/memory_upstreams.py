@@ -23,14 +23,12 @@ from sidecar.transport import MemoryResponse, UpstreamRequest
 class Network:
     """Each endpoint answers 200 after ``delays[endpoint]`` seconds, naming itself in
     ``X-Backend``; ``seen`` counts (endpoint, method), ``bodies`` keeps the request bodies,
-    ``cancelled`` the endpoints whose request was cancelled while it waited, ``answers`` the
-    answers given (each says whether it was released or closed)."""
+    ``cancelled`` the endpoints whose request was cancelled while it waited."""
 
     delays: dict[str, float]
     seen: Counter[tuple[str, str]] = field(default_factory=Counter)
     bodies: list[bytes] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
-    answers: list[MemoryResponse] = field(default_factory=list)
 
     async def __call__(self, request: UpstreamRequest) -> MemoryResponse:
         endpoint = f"{request.url.scheme}://{request.url.raw_authority}"
@@ -42,9 +40,7 @@ class Network:
         except asyncio.CancelledError:
             self.cancelled.append(endpoint)
             raise
-        answer = MemoryResponse(200, {"X-Backend": endpoint}, endpoint.encode())
-        self.answers.append(answer)
-        return answer
+        return MemoryResponse(200, {"X-Backend": endpoint}, endpoint.encode())
 
 
 async def serve(proxy: OutboundProxy,

@@ -151,10 +151,6 @@ async def test_an_explored_loser_that_answers_while_it_runs_on_teaches_its_laten
     assert len(slow) == 1 and slow[0].answered and not slow[0].censored and slow[0].ok
     assert slow[0].latency >= 0.3
     assert r.network.cancelled == [] and r.hedges("cancelled") == 0
-    # its body read and dropped: the connection goes back to the pool, not closed
-    loser = next(a for a in r.network.answers if a.headers["X-Backend"] == SLOW)
-    await eventually(lambda: loser.released, "the loser's answer released")
-    assert not loser.closed
 
 
 async def test_one_loser_runs_on_per_endpoint_the_others_are_cancelled(rig: MakeRig) -> None:
