@@ -137,8 +137,18 @@ class HerdGuard:
             upper = np.maximum(upper, np.where(live & ~bad, np.minimum(cap, p + step), 0.0))
             if upper.sum() < 1.0 - 1e-12:
                 upper = np.where(live & (p > cap), np.maximum(upper, p - step), upper)
+        if upper.sum() < 1.0 - 1e-12 and p.shape == t.shape:
+            # The endpoints live now held less than the ramp lets them take in one step (one
+            # with a large weight was ejected): each may take its part of what is gone, in
+            # proportion to what it had (as a set change renormalises), within the cap, so
+            # a pod that just joined or came back is not handed the lot in one tick (a
+            # stranger's finding: a new pod from 0.10 to 0.49 in a tick when an old one died)
+            held = float(np.where(live, p, 0.0).sum())
+            if held > 0.0:
+                share = np.where(live, np.minimum(cap, np.maximum(upper, p / held)), 0.0)
+                upper = np.maximum(upper, share)
         if upper.sum() < 1.0 - 1e-12:
-            # The endpoint set shrank faster than the ramp allows: keep only the cap.
+            # still short (the cap binds, or nothing was held): keep only the cap
             upper = np.where(live, cap, 0.0)
         return project_box_simplex(goal, lower, upper)
 

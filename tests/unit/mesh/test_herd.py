@@ -31,6 +31,25 @@ def test_recovered_endpoint_is_readmitted_gradually() -> None:
     assert history[-1] == pytest.approx(0.505, abs=1e-6)
 
 
+def test_an_ejection_does_not_hand_a_ramping_pod_the_lot() -> None:
+    """A stranger's finding (a rollout, the old pod killed before its EndpointSlice said so):
+    a new pod 2 s into its ramp went from 0.10 to 0.49 in one tick when an old pod was
+    ejected, the ramp dropped for everyone ("keep only the cap"). What the ejected pod held
+    goes to the others in proportion to what they had; the new pod keeps its ramp."""
+    guard = HerdGuard(cap=0.8, ramp_per_s=0.1, smoothing=0.5)
+    prev = np.array([0.30, 0.30, 0.30, 0.10])
+    target = np.array([0.10, 0.10, 0.10, 0.70])  # the learned target favours the new pod
+    calm = guard.shape(target, prev, 0.5)
+    ejected = guard.shape(target, prev, 0.5, live=np.array([False, True, True, True]))
+    assert calm[3] == pytest.approx(0.15) and ejected[3] == pytest.approx(0.15)
+    assert ejected[0] == 0.0 and ejected.sum() == pytest.approx(1.0)
+    assert ejected[1] == pytest.approx(0.425) and ejected[2] == pytest.approx(0.425)
+    # when the others cannot hold it under the cap, the cap is all that is left
+    squeezed = guard.shape(np.array([0.0, 0.1, 0.9]), np.array([0.88, 0.02, 0.10]), 0.5,
+                           live=np.array([False, True, True]))
+    assert squeezed.max() <= 0.8 + 1e-9 and squeezed.sum() == pytest.approx(1.0)
+
+
 def test_exploration_floor_keeps_a_bad_endpoint_measured_but_small() -> None:
     guard = HerdGuard(explore_floor=0.005, smoothing=1.0)
     w = guard.shape(np.array([0.5, 0.5, 0.0]), np.array([0.45, 0.45, 0.1]), dt=0.5)
