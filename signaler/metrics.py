@@ -40,6 +40,13 @@ class SignalerMetrics:
             "Stream entries rejected (acknowledged, not applied), by protocol reason",
             ["upstream", "reason"], registry=r,
         )
+        self.streams_repaired = Counter(
+            "equilibrium_signaler_streams_repaired",
+            "Summary streams deleted because their last id lay in the future (planted by an "
+            "append with an id of its own; at the largest id every sidecar's append fails), "
+            "started again by the sidecars' next summaries (no upstream label: anyone who may "
+            "append summaries can make up upstreams)", registry=r,
+        )
         self.probes_rejected = Counter(
             "equilibrium_signaler_probes_rejected",
             "Discovery probes that found summaries on an upstream's stream, none valid (so the "

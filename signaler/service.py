@@ -198,6 +198,8 @@ class SignalerService:
         self._roster = UpstreamRoster(config.forget_after, config.probe_every,
                                       config.probe_budget)
         self._last_discovery = -math.inf
+        self._repair_checked: dict[str, float] = {}  # upstream -> when its stream was looked at
+        self._may_repair = True  # False once the store said no (an ACL without XINFO STREAM)
         self._state: dict[str, Any] = {"id": config.signer, "upstreams": {}}
         self._redis_failure_told = False  # the current outage was logged
         self._served_since_refusal = 0  # epochs run since Redis last refused (a setting)
@@ -334,8 +336,35 @@ class SignalerService:
         if transition == "elected":
             log.info("signaler %s leads %s (fence %d)", self.config.signer, upstream, token)
             await self._take_over(upstream)
+        await self._repair(upstream, now)
         await self._consume(upstream)
         await self._plan_and_publish(upstream)
+
+    async def _repair(self, upstream: str, now: float) -> None:
+        """Delete ``upstream``'s summary stream if an append with an id of its own planted a
+        last id in the future (``XADD ... MAXLEN 0 <largest id>`` with a sidecar's credentials
+        stopped every sidecar's summaries of that upstream for good: a stranger's finding);
+        looked at once per ``discover_every`` per upstream."""
+        if not self._may_repair \
+                or now - self._repair_checked.get(upstream, -math.inf) < self.config.discover_every:
+            return
+        self._repair_checked[upstream] = now
+        try:
+            repaired = await self.store.repair_summaries(upstream, now)
+        except StoreError as exc:
+            if "NOPERM" not in str(exc) and "no permissions" not in str(exc):
+                raise
+            self._may_repair = False
+            log.warning("signaler %s: its Redis user may not run XINFO STREAM, so summary "
+                        "streams planted with an id from the future are not repaired; add "
+                        "+xinfo|stream to its ACL (wire/acl.py)", self.config.signer)
+            return
+        if repaired:
+            self.metrics.streams_repaired.inc()
+            log.warning("signaler %s: deleted the summary stream of %s: its last id lay in the "
+                        "future, which only an append with an id of its own puts there (at the "
+                        "largest id, every sidecar's append fails); the sidecars' next "
+                        "summaries start it again", self.config.signer, upstream)
 
     async def _check_id_conflict(self, upstream: str, now: float) -> None:
         """Standing by: is the leader another live replica started with this one's id?"""
@@ -372,12 +401,17 @@ class SignalerService:
         if now - self._last_discovery < self.config.discover_every:
             return False
         self._last_discovery = now
-        for upstream in self._roster.discovered(await self.store.upstreams(), now):
+        found = await self.store.upstreams()
+        for gone in [u for u in self._repair_checked if u not in found]:
+            del self._repair_checked[gone]  # (bounded by what SCAN finds)
+        for upstream in self._roster.discovered(found, now):
             await self._probe(upstream, now)
         return True
 
     async def _probe(self, upstream: str, now: float) -> None:
         """Does ``upstream``'s stream end with a valid, fresh summary? (one bounded read)"""
+        with contextlib.suppress(KeyTypeError):  # a wrong-typed key: the read below says so
+            await self._repair(upstream, now)  # a planted id: no summary would ever come
         valid = False
         rejected: WireError | None = None  # the newest entry's, when none is valid
         try:
@@ -412,6 +446,7 @@ class SignalerService:
         self._lease.leadership.lose(upstream)
         self.views.pop(upstream, None)
         self.status.pop(upstream, None)
+        self._repair_checked.pop(upstream, None)
         self._conflicts.discard(upstream)
         self.metrics.forget_upstream(upstream)
         log.info("signaler %s: forgot upstream %s (no valid summary for %gs)",

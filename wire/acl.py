@@ -55,7 +55,8 @@ SIDECAR_RULES: tuple[str, ...] = (
 SIGNALER_RULES: tuple[str, ...] = (
     "resetkeys", "resetchannels", "-@all", *_CONNECT,
     "+scan", "+xgroup|create", "+xreadgroup", "+xautoclaim", "+xack", "+xrevrange", "+xadd",
-    "+evalsha", "+eval", "+script|load", "+get", "+set", "+pexpire", "+incr", "+del",
+    "+xinfo|stream", "+evalsha", "+eval", "+script|load", "+get", "+set", "+pexpire", "+incr",
+    "+del",
     "~eq:*",
 )
 """The signaler's rules: its commands on the plane's keys only."""

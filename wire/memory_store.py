@@ -27,6 +27,7 @@ from wire.keys import (
     summary_stream,
 )
 from wire.store import (
+    FUTURE_ID_SLACK,
     Exchanged,
     Fields,
     KeyTypeError,
@@ -170,6 +171,15 @@ class MemorySignalStore:
 
     async def newest_summaries(self, upstream: str, count: int) -> list[StreamEntry]:
         return self._newest(summary_stream(upstream), count)
+
+    async def repair_summaries(self, upstream: str, now: float) -> bool:
+        key = summary_stream(upstream)
+        self._check_stream(key)
+        stream = self._streams.get(key)
+        if stream is None or stream.last_id[0] <= (now + FUTURE_ID_SLACK) * 1000:
+            return False
+        del self._streams[key]
+        return True
 
     async def read_summaries(
         self, upstream: str, consumer: str, count: int

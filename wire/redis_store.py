@@ -44,6 +44,7 @@ from wire.lease import (
     LEASE_RELEASE_LUA,
 )
 from wire.store import (
+    FUTURE_ID_SLACK,
     Exchanged,
     Fields,
     KeyTypeError,
@@ -198,6 +199,23 @@ class RedisSignalStore:
         async with _redis_errors(summary_stream(upstream)):
             newest: Any = await self._client().xrevrange(summary_stream(upstream), count=count)
         return [_entry(e) for e in newest]
+
+    async def repair_summaries(self, upstream: str, now: float) -> bool:
+        key = summary_stream(upstream)
+        async with _redis_errors(key):
+            try:
+                info: Any = await self._client().xinfo_stream(key)
+            except ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    return False
+                raise
+        last = info.get("last-generated-id", info.get(b"last-generated-id", b"0-0"))
+        last_ms = _text(last).partition("-")[0]
+        if not last_ms.isdigit() or int(last_ms) <= (now + FUTURE_ID_SLACK) * 1000:
+            return False
+        async with _redis_errors(key):
+            await self._client().delete(key)
+        return True
 
     async def read_summaries(
         self, upstream: str, consumer: str, count: int

@@ -53,6 +53,13 @@ RawFields = Mapping[bytes | str, bytes | str]
 _UPSTREAM_IN_KEY = re.compile(r"^eq:\{([A-Za-z0-9][A-Za-z0-9._-]{0,127})\}:summaries$")
 
 
+FUTURE_ID_SLACK = 100 * 365.25 * 86400.0
+"""How far past the reader's clock a summary stream's last id may lie before
+:meth:`SignalStore.repair_summaries` takes it for planted: a century, beyond any clock's
+error (a test's clock set a year back included), and short of the largest id (year
+584,556,019) and of any id close enough to it to exhaust the stream."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
     """One stream entry: its id and fields (None for an entry trimmed away while pending)."""
@@ -166,6 +173,16 @@ class SignalStore(Protocol):
 
     async def newest_summaries(self, upstream: str, count: int) -> list[StreamEntry]:
         """Up to ``count`` of the newest summary entries, newest first (no group involved)."""
+        ...
+
+    async def repair_summaries(self, upstream: str, now: float) -> bool:
+        """Delete ``upstream``'s summary stream if its last id lies more than
+        :data:`FUTURE_ID_SLACK` seconds past ``now`` (unix time): only an append with an id
+        of its own choosing puts it there (``XADD`` with an explicit id; at the largest there
+        is, every sidecar's append fails for good), and the sidecars' next appends start the
+        stream again. True if it was deleted; False for a stream that is fine or missing.
+        :class:`StoreError` when the store may not look (an older ACL without
+        ``XINFO STREAM``)."""
         ...
 
     async def read_summaries(

@@ -112,6 +112,35 @@ async def test_exchange_appends_summaries_and_reads_the_newest_recommendation(
     assert got[1] == StreamEntry(second, {b"n": b"2"})
 
 
+async def test_a_summary_stream_with_a_last_id_from_the_future_is_repaired(
+    store: SignalStore,
+) -> None:
+    """Only a stream whose last id lies a century past the reader's clock is deleted (a
+    planted id: at the largest, every sidecar's append fails); one of today's is left."""
+    upstream = fresh_upstream()
+    now = time.time()
+    assert not await store.repair_summaries(upstream, now)  # none: nothing to do
+    await publish(store, upstream, "sc-1")
+    assert not await store.repair_summaries(upstream, now)
+    assert len(await store.newest_summaries(upstream, 10)) == 1
+    key = summary_stream(upstream)
+    if isinstance(store, MemorySignalStore):  # its appends are numbered by its clock only
+        store._streams[key].last_id = (2**64 - 1, 2**64 - 1)
+    else:
+        assert isinstance(store, RedisSignalStore)
+        client = aioredis.Redis.from_url(store.url)
+        try:
+            await client.execute_command("XADD", key, "MAXLEN", "0",
+                                         "18446744073709551615-18446744073709551615", "v", "2")
+        finally:
+            await client.aclose()
+    assert await store.repair_summaries(upstream, now)
+    assert await store.newest_summaries(upstream, 10) == []
+    await publish(store, upstream, "sc-2")  # appends start it again
+    assert sidecars_of(await store.newest_summaries(upstream, 10)) == ["sc-2"]
+    assert not await store.repair_summaries(upstream, now)
+
+
 async def test_a_batch_of_recommendations_is_fenced_like_one(store: SignalStore) -> None:
     upstream = fresh_upstream()
     token = await store.acquire_lease(upstream, "sig-a", 60_000)

@@ -11,6 +11,7 @@ and falling back when Redis goes away.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -117,6 +118,42 @@ async def test_summaries_are_consumed_acknowledged_and_answered(
             assert rec.fence == fence and rec.signer == "sig-a"
             assert rec.weight_map()[EPS[2]] == 0.0  # nothing to the slow endpoint
         assert not sync_client.exists(recommendation_stream(UPSTREAM, "sc-9"))
+    finally:
+        await svc.close()
+
+
+async def test_a_summary_stream_planted_with_the_largest_id_is_repaired(
+    redis_server: RedisHandle, sync_client: redis.Redis
+) -> None:
+    """A stranger's finding: with a sidecar's credentials, ``XADD <stream> MAXLEN 0
+    18446744073709551615-18446744073709551615 ...`` made every sidecar's append of that
+    upstream's summaries fail for good (EXHAUSTED), and nothing repaired it. The signaler
+    deletes a summary stream whose last id lies in the future; the next summaries start it
+    again and are planned with. (The signaler's clock is the real one here: Redis numbers
+    the entries it appends by its own.)"""
+    clock = Clock(time.time())
+    svc = make_service(redis_server, "sig-a", clock)
+    stream = summary_stream(UPSTREAM)
+    try:
+        await svc.run_epoch()
+        sync_client.execute_command("XADD", stream, "MAXLEN", "0",
+                                    "18446744073709551615-18446744073709551615", "v", "2")
+        with pytest.raises(redis.ResponseError, match="exhausted"):
+            sync_client.xadd(stream, signed(summary("sc-1", clock.now), KEY))
+        clock.now += svc.config.discover_every + 1  # looked at once per discover_every
+        await svc.run_epoch()
+        assert sample(svc, "equilibrium_signaler_streams_repaired_total") == 1
+        clock.now += 1
+        sync_client.xadd(stream, signed(summary("sc-1", clock.now), KEY))  # the next summary
+        await svc.run_epoch()
+        assert sample(svc, "equilibrium_signaler_summaries_consumed_total",
+                      upstream=UPSTREAM) == 1
+        assert sync_client.xrevrange(recommendation_stream(UPSTREAM, "sc-1"), count=1)
+        # a stream of today's ids is left alone
+        clock.now += svc.config.discover_every + 1
+        await svc.run_epoch()
+        assert sample(svc, "equilibrium_signaler_streams_repaired_total") == 1
+        assert sync_client.exists(stream)
     finally:
         await svc.close()
 

@@ -125,6 +125,7 @@ equilibrium_signaler_consume_deferred counter upstream
 equilibrium_signaler_entries_reclaimed counter upstream
 equilibrium_signaler_entries_rejected counter upstream,reason
 equilibrium_signaler_probes_rejected counter reason
+equilibrium_signaler_streams_repaired counter -
 equilibrium_signaler_epoch_errors counter kind
 equilibrium_signaler_cpu_seconds counter phase
 equilibrium_signaler_epochs counter -
