@@ -143,6 +143,16 @@ async def test_malformed_review_with_uid_is_allowed_with_a_warning(webhook: Webh
     assert "no spec" in answer["response"]["warnings"][0]
 
 
+async def test_a_huge_uid_is_answered_whole_and_logged_cut(webhook: Webhook) -> None:
+    """A stranger's finding: a client-chosen 500 KB uid made a log line as long. The answer
+    must echo it (the API server matches by it); the log line is cut."""
+    uid = "u" * 40_000
+    status, answer = await post(webhook, make_review(make_pod({}), uid=uid))
+    assert status == 200 and answer["response"]["uid"] == uid
+    lines = [line for line in webhook.proc.output().splitlines() if "review uid=" in line]
+    assert lines and "(40000 characters)" in lines[-1] and len(lines[-1]) < 400
+
+
 async def test_oversized_body_is_refused(webhook: Webhook) -> None:
     pod = make_pod({"equilibrium.io/inject": "true", "filler": "x" * MAX_BODY})
     status, answer = await post(webhook, make_review(pod))
