@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.regret import (
+    UNIFORM_CHECK_FROM,
     RegretMatcher,
     RoutingRegret,
     stationary_strategy,
@@ -199,6 +200,29 @@ def test_an_unchanged_regret_state_is_not_solved_again(monkeypatch: pytest.Monke
     rr.update(np.array([10.0, 0.0, 0.0]), costs, costs * 2, dt=0.5)  # new estimates
     rr.strategy("conditional")
     assert len(solves) == 2
+
+
+def test_a_large_upstream_with_even_rates_is_uniform_without_a_solve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a change of a large upstream's set nothing is known of it (every switch at the
+    same rate): its strategy is uniform, given without the O(k^3) solve; below
+    UNIFORM_CHECK_FROM endpoints the solve answers as before, to the last bit."""
+    solves = []
+    solve = np.linalg.solve
+    monkeypatch.setattr(np.linalg, "solve", lambda a, b: solves.append(1) or solve(a, b))
+    for k, solved in ((UNIFORM_CHECK_FROM + 1, 0), (UNIFORM_CHECK_FROM, 1)):
+        rr = RoutingRegret(k, memory=5.0)
+        same = np.full(k, 0.01)
+        rr.update(np.zeros(k), same, same, dt=0.5)
+        q = rr.strategy("conditional")
+        assert len(solves) == solved and q.sum() == pytest.approx(1.0)
+        if not solved:
+            assert np.array_equal(q, np.full(k, 1.0 / k))
+    rr = RoutingRegret(UNIFORM_CHECK_FROM + 1, memory=5.0)  # one endpoint slower: solved
+    costs = np.full(rr.k, 0.01)
+    costs[0] = 0.5
+    rr.update(np.full(rr.k, 5.0), costs, costs, dt=0.5)
+    assert rr.strategy("conditional")[0] < 1.0 / rr.k and len(solves) == 2
 
 
 _LATENCIES = st.lists(st.sampled_from([0.0, 5e-324, 1e-9, 0.001, 0.0095, 0.01, 0.0104, 0.5,
