@@ -8,12 +8,14 @@ shape of ``/debug/state`` (the demo and the benchmark parse it)::
 
     {"id": str, "strategy": str, "policy": str, "draining": bool,
      "upstreams": {NAME: {"policy": str, "nash_gap": float, "ce_gap": float, "flapping": float,
-                          "converged": bool, "following": bool,
+                          "converged": bool, "following": bool, "dormant": bool,
                           "endpoints": [{"endpoint": url, "weight": float,
                                          "latency_estimate": float, "regret": float,
                                          "in_flight": int, "requests": int, "failures": int,
                                          "overruled": bool, "bad": bool, "usable": bool,
                                          "stalled": float, "long_in_flight": int}]}},
+                         # dormant (a discovered upstream before its first request): its
+                         # endpoints with weight 0 and no statistics
      "inbound": null | {                 # null (or absent): no --inbound listener
          "mode": str, "app": url, "mesh_key": bool,
          "in_flight": int, "congestion": float, "congested": bool,
@@ -99,14 +101,23 @@ def ce_gap(matrix: Any) -> float:
                default=0.0) if matrix else 0.0
 
 
-def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str) -> dict[str, Any]:
-    if snapshot is None:
+def snapshot_json(snapshot: PolicySnapshot | None, policy_name: str,
+                  dormant: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """An upstream's part of ``/debug/state``; ``dormant``: the endpoints of a group that is
+    dormant (:mod:`sidecar.upstreams`), listed without statistics."""
+    if snapshot is None or dormant is not None:
         return {
             "policy": policy_name, "nash_gap": 0.0, "ce_gap": 0.0, "flapping": 0.0,
-            "converged": False,
-            "following": False, "endpoints": [],
+            "converged": False, "following": False, "dormant": dormant is not None,
+            "endpoints": [
+                {"endpoint": e, "weight": 0.0, "latency_estimate": 0.0, "regret": 0.0,
+                 "in_flight": 0, "requests": 0, "failures": 0, "overruled": False,
+                 "bad": False, "usable": True, "stalled": 0.0, "long_in_flight": 0}
+                for e in dormant or ()
+            ],
         }
     return {
+        "dormant": False,
         "policy": snapshot.policy,
         "nash_gap": _num(snapshot.nash_gap),
         "ce_gap": max(ce_gap(snapshot.regret_matrix), 0.0),
@@ -142,7 +153,8 @@ def debug_state(
         "policy": policy,
         "draining": draining,
         "upstreams": {
-            group.name: snapshot_json(group.snapshot, policy)
+            group.name: snapshot_json(group.snapshot, policy,
+                                      group.endpoints if group.dormant else None)
             for group in sorted(table, key=lambda g: g.name)
         },
     }

@@ -87,6 +87,8 @@ class Prober:
         owners: dict[str, list[str]] = {}
         busy: set[str] = set()
         for group in self.table:
+            if group.dormant:  # no request routes there yet: nothing to probe for
+                continue
             for endpoint in group.endpoints:
                 owners.setdefault(endpoint, []).append(group.name)
             snapshot = group.snapshot

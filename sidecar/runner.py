@@ -549,6 +549,8 @@ class SidecarRunner:
             await asyncio.sleep(interval)
             now = self.clock()
             for group in self.table:
+                if group.dormant:  # nobody asked for it yet: nothing to learn
+                    continue
                 try:
                     snapshot = group.tick(now)
                     if self.proxy.rescue is not None:  # what its ejected endpoints hold

@@ -200,6 +200,8 @@ class SidecarSignaling:
         stranger's finding: a request every 7 s made a WARNING blaming the signaler, and an
         INFO line back, at each of them)."""
         for group in self.table:
+            if group.dormant:  # a discovered upstream nobody called yet: no series
+                continue
             snap = group.snapshot
             following = snap is not None and snap.following
             self.metrics.following.labels(group.name).set(1 if following else 0)
@@ -228,7 +230,7 @@ class SidecarSignaling:
     def _groups(self) -> list[tuple[UpstreamGroup, FollowingPolicy]]:
         """Upstreams whose policy takes part (the baselines neither report nor follow)."""
         return [(g, g.policy) for g in self.table
-                if isinstance(g.policy, FollowingPolicy) and g.endpoints]
+                if isinstance(g.policy, FollowingPolicy) and g.endpoints and not g.dormant]
 
     async def run_round(self) -> None:
         """One epoch: publish every upstream's summary and read its newest recommendation."""

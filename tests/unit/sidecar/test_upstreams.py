@@ -60,3 +60,31 @@ def test_a_configured_upstream_without_endpoints_is_warned_of(
     t.apply({"users.default.80": []}, 0.0, source="discovery")
     said = {(r.levelno, r.getMessage().split()[1]) for r in caplog.records}
     assert said == {(logging.WARNING, "orders"), (logging.INFO, "users.default.80")}
+
+
+def test_a_discovered_group_is_dormant_until_its_first_request() -> None:
+    """A stranger's finding: discovery makes a group for every Service port of the namespace,
+    and a Service of thousands of endpoints nobody called stalled the sidecar (its policy's
+    state grows with its endpoints squared). A discovered group keeps its endpoints only;
+    its policy gets them at the group's first ``get`` (a request), then ticks as any."""
+    clock = [5.0]
+    t = UpstreamTable("equilibrium", get_profile("balanced"), clock=lambda: clock[0])
+    big = [f"http://10.1.{j // 250}.{j % 250 + 1}:8080" for j in range(3000)]
+    t.apply({"big.default.80": big, "users.default.80": ["http://10.0.0.1:80"]}, 0.0,
+            source="discovery")
+    t.apply({"static": ["http://127.0.0.1:1"]}, 0.0)
+    groups = {g.name: g for g in t}
+    assert [n for n, g in groups.items() if g.dormant] == ["big.default.80", "users.default.80"]
+    assert groups["static"].snapshot is not None  # a configured one is live at once
+    big_group = groups["big.default.80"]
+    assert big_group.endpoints == tuple(big) and not big_group.policy.endpoints
+    assert big_group.snapshot is None
+    t.apply({"big.default.80": big[1:], "users.default.80": ["http://10.0.0.2:80"]}, 1.0,
+            source="discovery")  # changes of a dormant set: kept, nothing else
+    assert not big_group.policy.endpoints and big_group.endpoints == tuple(big[1:])
+    users = t.get("users.default.80")  # the first request
+    assert users is not None and not users.dormant
+    assert tuple(users.policy.endpoints) == ("http://10.0.0.2:80",)
+    assert users.snapshot is not None
+    assert users.snapshot.weights == {"http://10.0.0.2:80": 1.0}
+    assert big_group.dormant  # the other one still is
