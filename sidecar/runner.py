@@ -144,7 +144,7 @@ class SidecarRunner:
         self.metrics.h2_engine.labels(
             self.h2_engine,
             nghttp2.version() if self.h2_engine == "nghttp2" else h2.__version__).set(1)
-        self.table = UpstreamTable(config.policy, self.profile)
+        self.table = UpstreamTable(config.policy, self.profile, clock=clock)
         self._shifts = ShiftLog(cap=self.profile.herd.cap)  # routing shifts as log lines
         self.readiness = Readiness()
         self._listeners: list[Listener] = []
