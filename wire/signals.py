@@ -133,8 +133,10 @@ def sign_signals(key: bytes, answered: AnsweredRequest, caller: str,
     carried no usable challenge (nothing to bind to)."""
     if not NONCE_PATTERN.fullmatch(answered.challenge) or not CALLER_ID_PATTERN.fullmatch(caller):
         return None
+    if answered.at and normal_ip(answered.at) != answered.at:  # (not an address: unbound)
+        answered = AnsweredRequest(answered.challenge, answered.method, answered.target)
     sig = mac(key, _message(answered, caller, signals))
-    if answered.at and normal_ip(answered.at) == answered.at:
+    if answered.at:
         return f"{SIGNALS_VERSION};caller={caller};at={answered.at};sig={sig}"
     return f"{UNBOUND_VERSION};caller={caller};sig={sig}"
 

@@ -56,6 +56,11 @@ def test_version_2_signs_where_the_sidecar_was_reached_and_tells_it() -> None:
     for bad in ("at=10.1.2", "at=", "at=::ffff:10.1.2.3", "where=10.1.2.3"):
         assert verify_signals(header.replace("at=10.1.2.3", bad), KEY, ANSWERED,
                               SIGNALS).reason is Reason.MALFORMED
+    # an address that is none is left out (unbound), never a signature that cannot verify
+    odd = sign_signals(KEY, AnsweredRequest(CHALLENGE, "GET", "/users/7", "pod-a"), "orders",
+                       SIGNALS)
+    assert odd is not None and odd.startswith("v=1;")
+    assert verify_signals(odd, KEY, ANSWERED, SIGNALS).authentic
     # version 1 (an older sidecar): verifies, at no address
     old = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
     assert old is not None and old.startswith("v=1;")
