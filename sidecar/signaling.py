@@ -60,6 +60,7 @@ from sidecar.metrics import SignalingMetrics
 from sidecar.upstreams import UpstreamGroup, UpstreamTable
 from wire.entries import MAX_SECONDS
 from wire.errors import WireError
+from wire.keys import unverified_tls
 from wire.recommendation import verify_recommendation
 from wire.store import Fields, KeyTypeError, SignalStore, StoreError, error_kind
 from wire.summary import RegretSummary, sign_summary
@@ -348,6 +349,8 @@ def signaling_settings(config: SidecarConfig, mesh_key: bytes | None) -> Signali
             "redis is set but there is no mesh key to verify recommendations with: set "
             "EQUILIBRIUM_MESH_SECRET or mesh_secret_file (signaling refuses to run unsigned)"
         )
+    if (weak := unverified_tls(url)) is not None:
+        log.warning("signaling: the Redis URL's TLS verifies nothing (%s)", weak)
     epoch = config.signaling_epoch
     # Reconnect attempts are cheap: retry within a few epochs, at most every 5 s.
     return SignalingSettings(redis_url=url, key=mesh_key, epoch=epoch,

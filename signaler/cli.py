@@ -24,7 +24,7 @@ from mesh.address import AddressError, parse_host_port
 from mesh.errors import ConfigError
 from wire import logs
 from wire.errors import WireError
-from wire.keys import check_redis_url
+from wire.keys import check_redis_url, unverified_tls
 from wire.signing import MESH_SECRET_ENV, read_mesh_key
 
 DEFAULT_ADMIN = "127.0.0.1:15020"
@@ -104,6 +104,9 @@ def build_config(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
         check_redis_url(args.redis)
     except ValueError as exc:
         raise ConfigError(f"--redis: {exc}") from None
+    if (weak := unverified_tls(args.redis)) is not None:
+        logging.getLogger(__name__).warning(
+            "signaler: the --redis URL's TLS verifies nothing (%s)", weak)
     try:
         key = read_mesh_key(os.environ, args.mesh_secret_file, required=True)
     except WireError as exc:

@@ -26,6 +26,7 @@ __all__ = [
     "leader_key",
     "recommendation_stream",
     "summary_stream",
+    "unverified_tls",
 ]
 
 SIGNALER_GROUP = "eq-signalers"
@@ -83,6 +84,26 @@ def check_redis_url(value: object) -> str:
     except ValueError as exc:  # its messages name a query parameter, never the URL
         raise ValueError(f"the Redis URL: {exc}") from None
     return text
+
+
+def unverified_tls(url: str) -> str | None:
+    """Why a ``rediss://`` URL (checked by :func:`check_redis_url`) does not verify the
+    server it talks to, else None: ``ssl_cert_reqs=none`` or ``optional`` (any certificate,
+    or none, is taken), ``ssl_check_hostname=false`` (any name is). TLS that verifies nothing
+    stops a passive eavesdropper only; it was accepted without a word (a stranger's
+    finding). The text names the parameter, never the URL."""
+    if not url.startswith("rediss://"):
+        return None
+    query = {name.lower(): values[-1].strip().lower()
+             for name, values in parse_qs(urlsplit(url).query).items() if values}
+    reqs = query.get("ssl_cert_reqs")
+    if reqs in ("none", "optional", "cert_none", "cert_optional"):
+        return (f"ssl_cert_reqs={reqs}: the Redis server's certificate is not verified, so "
+                "anyone on the path can pose as Redis")
+    if query.get("ssl_check_hostname") in ("false", "0", "no", "off"):
+        return ("ssl_check_hostname=false: any certificate the CA signed passes for the "
+                "Redis server")
+    return None
 
 
 def summary_stream(upstream: str) -> str:

@@ -11,6 +11,7 @@ from wire.keys import (
     leader_key,
     recommendation_stream,
     summary_stream,
+    unverified_tls,
 )
 
 
@@ -60,3 +61,19 @@ def test_a_redis_url_redis_py_would_misread_is_refused_without_quoting_it(
     message = str(caught.value)
     assert says in message, message
     assert "S3cret" not in message and "notaport" not in message and "abc" not in message
+
+
+@pytest.mark.parametrize(("url", "said"), [
+    ("rediss://eq-sidecar:pw@redis:6380/0", None),
+    ("rediss://redis:6380?ssl_ca_certs=/etc/ca.pem", None),
+    ("redis://redis:6379", None),
+    ("rediss://redis:6380?ssl_cert_reqs=none", "ssl_cert_reqs=none"),
+    ("rediss://redis:6380?ssl_cert_reqs=OPTIONAL", "ssl_cert_reqs=optional"),
+    ("rediss://redis:6380?ssl_check_hostname=false", "ssl_check_hostname=false"),
+])
+def test_tls_that_verifies_nothing_is_named(url: str, said: str | None) -> None:
+    """A stranger's finding: ``?ssl_cert_reqs=none`` was taken without a word."""
+    assert check_redis_url(url) == url
+    weak = unverified_tls(url)
+    assert (weak is None) if said is None else (weak is not None and weak.startswith(said))
+    assert weak is None or "pw" not in weak
