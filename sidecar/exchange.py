@@ -51,6 +51,22 @@ def socket_ip(transport: object, which: str) -> str:
     return normal_ip(address[0]) if isinstance(address, tuple) and address else ""
 
 
+class SocketIps:
+    """A connection's addresses (:func:`socket_ip`), each read from its socket once, on first
+    use: ``"sockname"`` (where it was reached) or ``"peername"`` (whom it talks to)."""
+
+    __slots__ = ("_ips",)
+
+    def __init__(self) -> None:
+        self._ips: dict[str, str] = {}
+
+    def of(self, transport: object, which: str) -> str:
+        ip = self._ips.get(which)
+        if ip is None:
+            ip = self._ips[which] = socket_ip(transport, which)
+        return ip
+
+
 @dataclass(slots=True)
 class Answer:
     """A whole response the sidecar writes itself (an error, an early answer of a phase)."""

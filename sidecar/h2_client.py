@@ -23,7 +23,7 @@ import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
 
-from sidecar.exchange import socket_ip
+from sidecar.exchange import SocketIps, socket_ip
 from sidecar.h2_connection import (
     H2_ERRORS,
     HEADER_LIST_HARD_LIMIT,
@@ -84,15 +84,11 @@ class H2ClientConnection(H2Connection):
         self.pool = pool
         self.settings_seen = asyncio.Event()  # the endpoint's first SETTINGS arrived
         self.speaks_http1 = False  # it answered the preface with an HTTP/1.x status line
-        self._peer: str | None = None  # peer_ip(), once asked
+        self._ips = SocketIps()  # peer_ip()
 
     def peer_ip(self) -> str:
-        """The endpoint's address as connected to (:func:`sidecar.exchange.socket_ip`; ""
-        unknown): one system call per connection, on first use."""
-        peer = self._peer
-        if peer is None:
-            peer = self._peer = socket_ip(self.transport, "peername")
-        return peer
+        """The endpoint's address as connected to ("" unknown; read once)."""
+        return self._ips.of(self.transport, "peername")
 
     def data_received(self, data: bytes) -> None:
         if not self.settings_seen.is_set() and data[:7] == b"HTTP/1.":

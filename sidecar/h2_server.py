@@ -33,7 +33,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from sidecar import nghttp2
-from sidecar.exchange import socket_ip
+from sidecar.exchange import SocketIps, socket_ip
 from sidecar.h2_connection import (
     H2_ERRORS,
     HEADER_LIST_HARD_LIMIT,
@@ -204,15 +204,11 @@ class H2ServerConnection(H2Connection):
         self.draining = False
         self.idle = asyncio.Event()  # set whenever no request is in flight
         self.idle.set()
-        self._local: str | None = None  # local_ip(), once asked
+        self._ips = SocketIps()  # local_ip()
 
     def local_ip(self) -> str:
-        """The address the peer reached this listener at (:func:`sidecar.exchange.socket_ip`;
-        "" unknown): one system call per connection, on first use."""
-        local = self._local
-        if local is None:
-            local = self._local = socket_ip(self.transport, "sockname")
-        return local
+        """The address the peer reached this listener at ("" unknown; read once)."""
+        return self._ips.of(self.transport, "sockname")
 
     def new_state_machine(self, config: h2.config.H2Configuration) -> _RefusingH2:
         machine = _RefusingH2(config=config)

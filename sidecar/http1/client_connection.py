@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.exchange import socket_ip
+from sidecar.exchange import SocketIps
 from sidecar.http1.trailers import last_chunk
 from sidecar.transport import TransportError, UpstreamReset, reset_on_close
 
@@ -194,7 +194,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         self._parser = httptools.HttpResponseParser(self)
         self._renew_parser = False
-        self._peer: str | None = None  # peer_ip(), once asked
+        self._ips = SocketIps()  # peer_ip()
         self._head: asyncio.Future[H1Response] | None = None
         self._response: H1Response | None = None
         self._method = ""
@@ -213,12 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
 
     def peer_ip(self) -> str:
-        """The endpoint's address as connected to (:func:`sidecar.exchange.socket_ip`;
-        "" unknown): one system call per connection, on first use."""
-        peer = self._peer
-        if peer is None:
-            peer = self._peer = socket_ip(self.transport, "peername")
-        return peer
+        """The endpoint's address as connected to ("" unknown; read once)."""
+        return self._ips.of(self.transport, "peername")
 
     @property
     def usable(self) -> bool:

@@ -65,7 +65,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import BrokenBody
-from sidecar.exchange import Answer, socket_ip
+from sidecar.exchange import Answer, SocketIps
 from sidecar.http1.trailers import last_chunk
 from sidecar.metrics import H2Metrics
 
@@ -397,7 +397,7 @@ class H1Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
-        self._local: str | None = None  # local_ip(), once asked
+        self._ips = SocketIps()  # local_ip()
         self.parser = httptools.HttpRequestParser(self)
         self.closing = False  # answer what is in flight, then close
         self._lingering = False  # refused: our answer is out, the rest is read and dropped
@@ -446,12 +446,8 @@ class H1Connection(asyncio.Protocol):
         self._arm("idle", self.limits.idle_timeout)
 
     def local_ip(self) -> str:
-        """The address the peer reached this listener at (:func:`sidecar.exchange.socket_ip`;
-        "" unknown): one system call per connection, on first use."""
-        local = self._local
-        if local is None:
-            local = self._local = socket_ip(self.transport, "sockname")
-        return local
+        """The address the peer reached this listener at ("" unknown; read once)."""
+        return self._ips.of(self.transport, "sockname")
 
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._broken or self._after_close:

@@ -27,10 +27,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -439,6 +439,35 @@ class ResetServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+RawEndpointT = TypeVar("RawEndpointT", bound="RawEndpoint")
+
+
+class RawEndpoint:
+    """An HTTP endpoint on raw loopback sockets, so the bytes it writes are exactly those a
+    test chose: a subclass's ``serve`` handles each connection; started by
+    :func:`raw_endpoint`."""
+
+    server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def raw_endpoint(app: RawEndpointT) -> AsyncIterator[RawEndpointT]:
+    """``app`` listening on a free loopback port until the block ends."""
+    app.server = await asyncio.start_server(app.serve, LOOPBACK, 0)
+    try:
+        yield app
+    finally:
+        app.server.close()
 
 
 def dead_endpoint() -> str:

@@ -13,11 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.integration.inbound_support import UPSTREAM, mesh, write_config
-from tests.integration.procs import LOOPBACK, async_start_sidecar, async_stop
+from tests.integration.procs import (
+    LOOPBACK,
+    RawEndpoint,
+    async_start_sidecar,
+    async_stop,
+    raw_endpoint,
+)
 
 ANSWERS = {
     # the head, then a chunk size that is not hexadecimal (and the connection held open)
@@ -31,12 +36,11 @@ ANSWERS = {
 }
 
 
-class Endpoint:
+class Endpoint(RawEndpoint):
     """Answers each request by its path (:data:`ANSWERS`); keeps a broken answer's
     connection open, as a stuck or buggy server would."""
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
         self.paths: list[bytes] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -52,20 +56,9 @@ class Endpoint:
                     break
         writer.close()
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
 
-
-@contextlib.asynccontextmanager
-async def endpoint() -> AsyncIterator[Endpoint]:
-    app = Endpoint()
-    app.server = await asyncio.start_server(app.serve, LOOPBACK, 0)
-    try:
-        yield app
-    finally:
-        app.server.close()
+def endpoint() -> contextlib.AbstractAsyncContextManager[Endpoint]:
+    return raw_endpoint(Endpoint())
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

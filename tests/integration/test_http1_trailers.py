@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.integration.inbound_support import UPSTREAM, mesh, write_config
-from tests.integration.procs import LOOPBACK, async_start_sidecar, async_stop
+from tests.integration.procs import (
+    LOOPBACK,
+    RawEndpoint,
+    async_start_sidecar,
+    async_stop,
+    raw_endpoint,
+)
 
 
 async def read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bytes, list[str]]:
@@ -31,13 +36,12 @@ async def read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bytes, list
     return head, body, trailers
 
 
-class Endpoint:
+class Endpoint(RawEndpoint):
     """A raw HTTP/1.1 endpoint: reads chunked requests, answers each with a chunked body and
     trailer fields (one to relay, two that must not be)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[bytes, bytes, list[str]]] = []
-        self.server: asyncio.Server | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -52,20 +56,9 @@ class Endpoint:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
 
-
-@contextlib.asynccontextmanager
-async def endpoint() -> AsyncIterator[Endpoint]:
-    app = Endpoint()
-    app.server = await asyncio.start_server(app.serve, LOOPBACK, 0)
-    try:
-        yield app
-    finally:
-        app.server.close()
+def endpoint() -> contextlib.AbstractAsyncContextManager[Endpoint]:
+    return raw_endpoint(Endpoint())
 
 
 async def exchange_twice(port: int, app: Endpoint) -> None:

@@ -26,13 +26,18 @@ ANSWERED = AnsweredRequest(CHALLENGE, "GET", "/users/7")
 SIGNALS = SignedSignals("v=1;level=0.500", "v=1;score=1.000;level=0;phase=good", None)
 
 
+def signed_as(header: str | None, message: str) -> bool:
+    """Whether ``header``'s MAC is HMAC-SHA256 of ``message`` under :data:`KEY`."""
+    assert header is not None
+    expected = hmac.new(KEY, message.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+
+
 def test_the_mac_covers_challenge_caller_request_and_every_value() -> None:
     header = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
     assert header is not None and header.startswith("v=1;caller=orders;sig=")
-    message = (f"X-GT-Signals|v=1|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
-               "v=1;score=1.000;level=0;phase=good|-").encode()
-    expected = hmac.new(KEY, message, hashlib.sha256).digest()
-    assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+    assert signed_as(header, f"X-GT-Signals|v=1|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
+                              "v=1;score=1.000;level=0;phase=good|-")
     verdict = verify_signals(header, KEY, ANSWERED, SIGNALS)
     assert verdict.authentic and verdict.caller == "orders"
 
@@ -45,10 +50,8 @@ def test_version_2_signs_where_the_sidecar_was_reached_and_tells_it() -> None:
     answered = AnsweredRequest(CHALLENGE, "GET", "/users/7", "10.1.2.3")
     header = sign_signals(KEY, answered, "orders", SIGNALS)
     assert header is not None and header.startswith("v=2;caller=orders;at=10.1.2.3;sig=")
-    message = (f"X-GT-Signals|v=2|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
-               "v=1;score=1.000;level=0;phase=good|-|at=10.1.2.3").encode()
-    expected = hmac.new(KEY, message, hashlib.sha256).digest()
-    assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+    assert signed_as(header, f"X-GT-Signals|v=2|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
+                              "v=1;score=1.000;level=0;phase=good|-|at=10.1.2.3")
     verdict = verify_signals(header, KEY, ANSWERED, SIGNALS)  # the caller's copy: no at
     assert verdict.authentic and (verdict.caller, verdict.at) == ("orders", "10.1.2.3")
     moved = header.replace("at=10.1.2.3", "at=10.1.2.4")
@@ -100,11 +103,8 @@ def test_a_refusal_is_signed_only_when_present_and_cannot_be_added_or_removed() 
     signature (an app's own 503 cannot pass for a refusal by its sidecar)."""
     refused = SignedSignals(SIGNALS.congestion, SIGNALS.reputation, None, "queue-timeout")
     header = sign_signals(KEY, ANSWERED, "orders", refused)
-    message = (f"X-GT-Signals|v=1|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
-               "v=1;score=1.000;level=0;phase=good|-|refused=queue-timeout").encode()
-    expected = hmac.new(KEY, message, hashlib.sha256).digest()
-    assert header is not None
-    assert base64.urlsafe_b64decode(header.rsplit("=", 1)[1] + "=") == expected
+    assert signed_as(header, f"X-GT-Signals|v=1|{CHALLENGE}|orders|GET|/users/7|v=1;level=0.500|"
+                              "v=1;score=1.000;level=0;phase=good|-|refused=queue-timeout")
     assert verify_signals(header, KEY, ANSWERED, refused).authentic
     plain = sign_signals(KEY, ANSWERED, "orders", SIGNALS)
     for signed, signals in (
