@@ -12,6 +12,7 @@ blocking but short, or use the ``async_*`` wrappers) or from sync code (the demo
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import http.client
@@ -444,15 +445,16 @@ class ResetServer:
 RawEndpointT = TypeVar("RawEndpointT", bound="RawEndpoint")
 
 
-class RawEndpoint:
+class RawEndpoint(abc.ABC):
     """An HTTP endpoint on raw loopback sockets, so the bytes it writes are exactly those a
     test chose: a subclass's ``serve`` handles each connection; started by
     :func:`raw_endpoint`."""
 
     server: asyncio.Server | None = None
 
+    @abc.abstractmethod
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        """Handle one connection (each subclass writes its own bytes)."""
 
     @property
     def url(self) -> str:
